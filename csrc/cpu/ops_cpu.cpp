@@ -1,0 +1,103 @@
+// Torch glue for the CPU kernels: argument checks, output allocation and
+// at::parallel_for over rows.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include "../native_checks.h"
+#include "logprobs.h"
+
+namespace rlhf_kernels {
+namespace {
+
+// Rows per parallel task: enough work (>= ~64k elements) to amortise a task.
+int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(vocab, 1)); }
+
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, const F& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}, float{}); break;
+    case at::kDouble: f(double{}, double{}); break;
+    case at::kBFloat16: f(bf16_t{}, float{}); break;
+    case at::kHalf: f(fp16_t{}, float{}); break;
+    default: TORCH_CHECK_VALUE(false, "logits: unsupported dtype ", dtype);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
+    const at::Tensor& logits, const at::Tensor& labels, int64_t inner_rows, int64_t outer_stride,
+    int64_t inner_stride, double inv_temperature, int64_t ignore_index, bool compute_entropy) {
+  const RowLayout layout{inner_rows, outer_stride, inner_stride};
+  const int64_t n_rows = checked_rows(logits, labels, layout);
+  const int64_t vocab = logits.size(-1);
+  const auto out_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = logits.options().dtype(out_dtype);
+  at::Tensor logp = at::empty({n_rows}, opts);
+  at::Tensor lse = at::empty({n_rows}, opts);
+  at::Tensor entropy = at::empty({compute_entropy ? n_rows : 0}, opts);
+  dispatch_dtype(logits.scalar_type(), [&](auto scalar, auto acc) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    const auto* data = reinterpret_cast<const scalar_t*>(logits.const_data_ptr());
+    const int64_t* label_data = labels.const_data_ptr<int64_t>();
+    acc_t* logp_data = logp.mutable_data_ptr<acc_t>();
+    acc_t* lse_data = lse.mutable_data_ptr<acc_t>();
+    acc_t* entropy_data = compute_entropy ? entropy.mutable_data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, n_rows, grain_rows(vocab), [&](int64_t begin, int64_t end) {
+      cpu::logprobs_fwd_rows<scalar_t, acc_t>(data, layout, label_data, vocab,
+                                              static_cast<acc_t>(inv_temperature), ignore_index,
+                                              logp_data, entropy_data, lse_data, begin, end);
+    });
+  });
+  return {logp, entropy, lse};
+}
+
+void logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+                      const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                      const std::optional<at::Tensor>& entropy, const at::Tensor& grad_logits,
+                      int64_t inner_rows, int64_t in_outer_stride, int64_t in_inner_stride,
+                      int64_t out_outer_stride, int64_t out_inner_stride, double inv_temperature,
+                      int64_t ignore_index) {
+  const RowLayout in_layout{inner_rows, in_outer_stride, in_inner_stride};
+  const RowLayout out_layout{inner_rows, out_outer_stride, out_inner_stride};
+  const int64_t n_rows = checked_rows(logits, labels, in_layout);
+  checked_rows(grad_logits, labels, out_layout);
+  const int64_t vocab = logits.size(-1);
+  TORCH_CHECK_VALUE(grad_logits.scalar_type() == logits.scalar_type(),
+                    "grad_logits: dtype must match logits");
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto check_row_tensor = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_VALUE(t.numel() == n_rows && t.is_contiguous() && t.scalar_type() == acc_dtype,
+                      name, ": expected a contiguous (N,) tensor of the accumulation dtype");
+  };
+  check_row_tensor(grad_logp, "grad_logp");
+  check_row_tensor(lse, "lse");
+  if (grad_entropy) check_row_tensor(*grad_entropy, "grad_entropy");
+  if (entropy) check_row_tensor(*entropy, "entropy");
+  dispatch_dtype(logits.scalar_type(), [&](auto scalar, auto acc) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    const auto* data = reinterpret_cast<const scalar_t*>(logits.const_data_ptr());
+    auto* out = reinterpret_cast<scalar_t*>(grad_logits.data_ptr());
+    const acc_t* g = grad_logp.const_data_ptr<acc_t>();
+    const acc_t* g_entropy = grad_entropy ? grad_entropy->const_data_ptr<acc_t>() : nullptr;
+    const acc_t* entropy_data = entropy ? entropy->const_data_ptr<acc_t>() : nullptr;
+    const acc_t* lse_data = lse.const_data_ptr<acc_t>();
+    const int64_t* label_data = labels.const_data_ptr<int64_t>();
+    at::parallel_for(0, n_rows, grain_rows(vocab), [&](int64_t begin, int64_t end) {
+      cpu::logprobs_bwd_rows<scalar_t, acc_t>(g, g_entropy, data, in_layout, label_data,
+                                              lse_data, entropy_data, vocab,
+                                              static_cast<acc_t>(inv_temperature), ignore_index,
+                                              out, out_layout, begin, end);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
+  m.impl("logprobs_fwd_native", &logprobs_fwd_cpu);
+  m.impl("logprobs_bwd_native", &logprobs_bwd_cpu);
+}
+
+}  // namespace rlhf_kernels

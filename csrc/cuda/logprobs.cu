@@ -1,0 +1,307 @@
+// Fused log-probability / entropy of sampled tokens, CUDA.
+// One thread block per row streams the row once with 16-byte loads and keeps,
+// per thread, the online-softmax state (m, s, t) of Milakov & Gimelshein
+// (2018): s = sum exp(x - m), t = sum exp(x - m) * (x - m); entropy is then
+// log(s) - t / s. Thread states merge by warp shuffles, then across warps.
+// The backward reads the row once more and writes the gradient once.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cfloat>
+#include <cmath>
+#include <type_traits>
+
+#include "logprobs.cuh"
+
+namespace rlhf_kernels::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kVecBytes = 16;
+// exp underflows below this; clamping keeps 0 * (-inf) out of t.
+constexpr float kMinExpArg = -87.3f;
+
+template <typename T>
+__device__ __forceinline__ float to_acc(T x) {
+  return static_cast<float>(x);
+}
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(float x);
+template <>
+__device__ __forceinline__ float from_acc<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+__device__ __forceinline__ double from_acc_d(double x) { return x; }
+
+__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
+__device__ __forceinline__ double fast_exp(double x) { return exp(x); }
+__device__ __forceinline__ float fast_log(float x) { return __logf(x); }
+__device__ __forceinline__ double fast_log(double x) { return log(x); }
+
+template <typename acc_t>
+struct SoftmaxState {
+  acc_t m, s, t;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t lowest() {
+  return std::is_same_v<acc_t, float> ? -FLT_MAX : -DBL_MAX;
+}
+
+// (m1, s1, t1) + (m2, s2, t2) with both sums re-expressed at the larger max.
+// An empty state (s = 0) contributes nothing, even with m = -inf.
+template <typename acc_t>
+__device__ __forceinline__ SoftmaxState<acc_t> merge(SoftmaxState<acc_t> a,
+                                                     SoftmaxState<acc_t> b) {
+  const acc_t m = a.m > b.m ? a.m : b.m;
+  const acc_t da = a.m - m, db = b.m - m;
+  const acc_t ea = a.s > 0 ? fast_exp(da) : acc_t(0);
+  const acc_t eb = b.s > 0 ? fast_exp(db) : acc_t(0);
+  SoftmaxState<acc_t> r;
+  r.m = m;
+  r.s = ea * a.s + eb * b.s;
+  r.t = (a.s > 0 ? ea * (a.t + da * a.s) : acc_t(0)) + (b.s > 0 ? eb * (b.t + db * b.s) : acc_t(0));
+  return r;
+}
+
+// Add n values (already scaled by 1/T) to a thread's state.
+template <typename acc_t, int N>
+__device__ __forceinline__ void accumulate(SoftmaxState<acc_t>& st, const acc_t (&x)[N]) {
+  acc_t local = x[0];
+#pragma unroll
+  for (int k = 1; k < N; ++k) local = x[k] > local ? x[k] : local;
+  if (local > st.m) {
+    const acc_t d = st.m - local, a = fast_exp(d);
+    st.t = st.s > 0 ? a * (st.t + d * st.s) : acc_t(0);
+    st.s = a * st.s;
+    st.m = local;
+  }
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    acc_t y = x[k] - st.m;
+    y = y > acc_t(kMinExpArg) ? y : acc_t(kMinExpArg);
+    const acc_t e = fast_exp(y);
+    st.s += e;
+    st.t += e * y;
+  }
+}
+
+template <typename acc_t>
+__device__ SoftmaxState<acc_t> block_merge(SoftmaxState<acc_t> st) {
+  __shared__ SoftmaxState<acc_t> partial[kWarps];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    SoftmaxState<acc_t> other;
+    other.m = __shfl_xor_sync(0xffffffffu, st.m, offset);
+    other.s = __shfl_xor_sync(0xffffffffu, st.s, offset);
+    other.t = __shfl_xor_sync(0xffffffffu, st.t, offset);
+    st = merge(st, other);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) partial[warp] = st;
+  __syncthreads();
+  st = partial[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) st = merge(st, partial[w]);
+  return st;
+}
+
+template <typename scalar_t>
+struct alignas(kVecBytes) Pack {
+  static constexpr int kSize = kVecBytes / sizeof(scalar_t);
+  scalar_t v[kSize];
+};
+
+// Elements before the first 16-byte boundary of a row (rows of a strided or
+// odd-V tensor start at any element).
+template <typename scalar_t>
+__device__ __forceinline__ int64_t aligned_head(const scalar_t* row, int64_t vocab) {
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
+  int64_t head = static_cast<int64_t>(((kVecBytes - (addr % kVecBytes)) % kVecBytes) / sizeof(scalar_t));
+  if (addr % sizeof(scalar_t) != 0) head = vocab;  // never: torch aligns elements
+  return head < vocab ? head : vocab;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+logprobs_fwd_kernel(const scalar_t* __restrict__ logits, RowLayout layout,
+                    const int64_t* __restrict__ labels, int64_t vocab, acc_t inv_temperature,
+                    int64_t ignore_index, acc_t* __restrict__ logp, acc_t* __restrict__ entropy,
+                    acc_t* __restrict__ lse) {
+  constexpr int kPack = Pack<scalar_t>::kSize;
+  const int64_t row_index = blockIdx.x;
+  const scalar_t* row = logits + layout.offset(row_index);
+  SoftmaxState<acc_t> st{lowest<acc_t>(), acc_t(0), acc_t(0)};
+
+  const int64_t head = aligned_head(row, vocab);
+  const int64_t n_packs = (vocab - head) / kPack;
+  const int64_t body_end = head + n_packs * kPack;
+  // Scalar head and tail, then the 16-byte body.
+  for (int64_t j = threadIdx.x; j < head + (vocab - body_end); j += kThreads) {
+    const int64_t col = j < head ? j : body_end + (j - head);
+    acc_t x[1] = {to_acc(row[col]) * inv_temperature};
+    accumulate(st, x);
+  }
+  const Pack<scalar_t>* packs = reinterpret_cast<const Pack<scalar_t>*>(row + head);
+  for (int64_t p = threadIdx.x; p < n_packs; p += kThreads) {
+    const Pack<scalar_t> pack = packs[p];
+    acc_t x[kPack];
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) x[k] = to_acc(pack.v[k]) * inv_temperature;
+    accumulate(st, x);
+  }
+  st = block_merge(st);
+
+  if (threadIdx.x == 0) {
+    const acc_t log_s = fast_log(st.s);
+    const acc_t row_lse = st.m + log_s;
+    lse[row_index] = row_lse;
+    const int64_t label = labels[row_index];
+    if (label == ignore_index) {
+      logp[row_index] = 0;
+      if (entropy) entropy[row_index] = 0;
+    } else {
+      // An out-of-range label is never read: NaN marks it.
+      logp[row_index] = (label >= 0 && label < vocab)
+                            ? to_acc(row[label]) * inv_temperature - row_lse
+                            : acc_t(NAN);
+      if (entropy) entropy[row_index] = log_s - st.t / st.s;
+    }
+  }
+}
+
+// dlogits = inv_T * (g * (onehot(label) - p) - g_entropy * p * (log p + H)).
+template <typename scalar_t, typename acc_t, bool kVectorized>
+__global__ void __launch_bounds__(kThreads)
+logprobs_bwd_kernel(const acc_t* __restrict__ grad_logp, const acc_t* __restrict__ grad_entropy,
+                    const scalar_t* logits, RowLayout in_layout,
+                    const int64_t* __restrict__ labels, const acc_t* __restrict__ lse,
+                    const acc_t* __restrict__ entropy, int64_t vocab, acc_t inv_temperature,
+                    int64_t ignore_index, scalar_t* grad_logits, RowLayout out_layout) {
+  constexpr int kPack = kVectorized ? Pack<scalar_t>::kSize : 1;
+  const int64_t row_index = blockIdx.x;
+  // No __restrict__ on logits / grad_logits: they alias in the in-place case.
+  const scalar_t* row = logits + in_layout.offset(row_index);
+  scalar_t* out_row = grad_logits + out_layout.offset(row_index);
+  const int64_t label = labels[row_index];
+  const bool ignored = label == ignore_index;
+  const bool bad_label = !ignored && !(label >= 0 && label < vocab);
+  const acc_t g = ignored ? acc_t(0) : grad_logp[row_index];
+  const acc_t g_entropy = (ignored || grad_entropy == nullptr) ? acc_t(0) : grad_entropy[row_index];
+  const acc_t row_lse = lse[row_index];
+  const acc_t row_entropy = entropy ? entropy[row_index] : acc_t(0);
+  const acc_t fill = bad_label ? acc_t(NAN) : acc_t(0);
+  const bool zero_row = ignored || bad_label;
+
+  auto grad_at = [&](acc_t xv, int64_t col) -> acc_t {
+    if (zero_row) return fill;
+    acc_t y = xv * inv_temperature - row_lse;
+    y = y > acc_t(kMinExpArg) ? y : acc_t(kMinExpArg);
+    const acc_t p = fast_exp(y);
+    acc_t d = -inv_temperature * p * (g + g_entropy * (y + row_entropy));
+    if (col == label) d += inv_temperature * g;
+    return d;
+  };
+  auto store = [](scalar_t* dst, acc_t v) {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      *dst = from_acc_d(v);
+    } else {
+      *dst = from_acc<scalar_t>(v);
+    }
+  };
+
+  const int64_t head = kVectorized ? aligned_head(row, vocab) : vocab;
+  const int64_t n_packs = (vocab - head) / kPack;
+  const int64_t body_end = head + n_packs * kPack;
+  for (int64_t j = threadIdx.x; j < head + (vocab - body_end); j += kThreads) {
+    const int64_t col = j < head ? j : body_end + (j - head);
+    store(out_row + col, grad_at(to_acc(row[col]), col));
+  }
+  if constexpr (kVectorized) {
+    const Pack<scalar_t>* in_packs = reinterpret_cast<const Pack<scalar_t>*>(row + head);
+    Pack<scalar_t>* out_packs = reinterpret_cast<Pack<scalar_t>*>(out_row + head);
+    for (int64_t p = threadIdx.x; p < n_packs; p += kThreads) {
+      const Pack<scalar_t> pack = in_packs[p];
+      Pack<scalar_t> out;
+#pragma unroll
+      for (int k = 0; k < kPack; ++k) {
+        const int64_t col = head + p * kPack + k;
+        store(&out.v[k], grad_at(to_acc(pack.v[k]), col));
+      }
+      out_packs[p] = out;
+    }
+  }
+}
+
+bool rows_aligned(const void* base, RowLayout layout, int64_t n_rows, size_t elem) {
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(base);
+  const bool strides_ok = n_rows <= 1 || ((layout.inner_stride * elem) % kVecBytes == 0 &&
+                                          (layout.outer_stride * elem) % kVecBytes == 0);
+  return addr % kVecBytes == 0 && strides_ok;
+}
+
+}  // namespace
+
+template <typename scalar_t, typename acc_t>
+cudaError_t launch_logprobs_fwd(const scalar_t* logits, RowLayout layout, const int64_t* labels,
+                                int64_t n_rows, int64_t vocab, acc_t inv_temperature,
+                                int64_t ignore_index, acc_t* logp, acc_t* entropy, acc_t* lse,
+                                cudaStream_t stream) {
+  if (n_rows == 0) return cudaSuccess;
+  logprobs_fwd_kernel<scalar_t, acc_t><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
+      logits, layout, labels, vocab, inv_temperature, ignore_index, logp, entropy, lse);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t, typename acc_t>
+cudaError_t launch_logprobs_bwd(const acc_t* grad_logp, const acc_t* grad_entropy,
+                                const scalar_t* logits, RowLayout in_layout,
+                                const int64_t* labels, const acc_t* lse, const acc_t* entropy,
+                                int64_t n_rows, int64_t vocab, acc_t inv_temperature,
+                                int64_t ignore_index, scalar_t* grad_logits,
+                                RowLayout out_layout, cudaStream_t stream) {
+  if (n_rows == 0) return cudaSuccess;
+  // The 16-byte path needs input and output rows to share their alignment.
+  const bool vectorized = rows_aligned(logits, in_layout, n_rows, sizeof(scalar_t)) &&
+                          rows_aligned(grad_logits, out_layout, n_rows, sizeof(scalar_t));
+  const unsigned blocks = static_cast<unsigned>(n_rows);
+  if (vectorized) {
+    logprobs_bwd_kernel<scalar_t, acc_t, true><<<blocks, kThreads, 0, stream>>>(
+        grad_logp, grad_entropy, logits, in_layout, labels, lse, entropy, vocab, inv_temperature,
+        ignore_index, grad_logits, out_layout);
+  } else {
+    logprobs_bwd_kernel<scalar_t, acc_t, false><<<blocks, kThreads, 0, stream>>>(
+        grad_logp, grad_entropy, logits, in_layout, labels, lse, entropy, vocab, inv_temperature,
+        ignore_index, grad_logits, out_layout);
+  }
+  return cudaGetLastError();
+}
+
+#define RLHF_INSTANTIATE(scalar_t, acc_t)                                                       \
+  template cudaError_t launch_logprobs_fwd<scalar_t, acc_t>(                                   \
+      const scalar_t*, RowLayout, const int64_t*, int64_t, int64_t, acc_t, int64_t, acc_t*,    \
+      acc_t*, acc_t*, cudaStream_t);                                                           \
+  template cudaError_t launch_logprobs_bwd<scalar_t, acc_t>(                                   \
+      const acc_t*, const acc_t*, const scalar_t*, RowLayout, const int64_t*, const acc_t*,    \
+      const acc_t*, int64_t, int64_t, acc_t, int64_t, scalar_t*, RowLayout, cudaStream_t);
+
+RLHF_INSTANTIATE(float, float)
+RLHF_INSTANTIATE(__half, float)
+RLHF_INSTANTIATE(__nv_bfloat16, float)
+RLHF_INSTANTIATE(double, double)
+#undef RLHF_INSTANTIATE
+
+}  // namespace rlhf_kernels::cuda

@@ -1,0 +1,95 @@
+// Torch glue for the CUDA kernels: checks, allocation, stream and device guard.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include "../native_checks.h"
+#include "logprobs.cuh"
+
+namespace rlhf_kernels {
+namespace {
+
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, const F& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}, float{}); break;
+    case at::kDouble: f(double{}, double{}); break;
+    case at::kBFloat16: f(__nv_bfloat16{}, float{}); break;
+    case at::kHalf: f(__half{}, float{}); break;
+    default: TORCH_CHECK_VALUE(false, "logits: unsupported dtype ", dtype);
+  }
+}
+
+void check_launch(cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "rlhf_kernels CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
+    const at::Tensor& logits, const at::Tensor& labels, int64_t inner_rows, int64_t outer_stride,
+    int64_t inner_stride, double inv_temperature, int64_t ignore_index, bool compute_entropy) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const RowLayout layout{inner_rows, outer_stride, inner_stride};
+  const int64_t n_rows = checked_rows(logits, labels, layout);
+  const auto out_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = logits.options().dtype(out_dtype);
+  at::Tensor logp = at::empty({n_rows}, opts);
+  at::Tensor lse = at::empty({n_rows}, opts);
+  at::Tensor entropy = at::empty({compute_entropy ? n_rows : 0}, opts);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_dtype(logits.scalar_type(), [&](auto scalar, auto acc) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    check_launch(cuda::launch_logprobs_fwd<scalar_t, acc_t>(
+        reinterpret_cast<const scalar_t*>(logits.const_data_ptr()), layout,
+        labels.const_data_ptr<int64_t>(), n_rows, logits.size(-1),
+        static_cast<acc_t>(inv_temperature), ignore_index, logp.mutable_data_ptr<acc_t>(),
+        compute_entropy ? entropy.mutable_data_ptr<acc_t>() : nullptr,
+        lse.mutable_data_ptr<acc_t>(), stream));
+  });
+  return {logp, entropy, lse};
+}
+
+void logprobs_bwd_cuda(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+                       const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                       const std::optional<at::Tensor>& entropy, const at::Tensor& grad_logits,
+                       int64_t inner_rows, int64_t in_outer_stride, int64_t in_inner_stride,
+                       int64_t out_outer_stride, int64_t out_inner_stride, double inv_temperature,
+                       int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const RowLayout in_layout{inner_rows, in_outer_stride, in_inner_stride};
+  const RowLayout out_layout{inner_rows, out_outer_stride, out_inner_stride};
+  const int64_t n_rows = checked_rows(logits, labels, in_layout);
+  checked_rows(grad_logits, labels, out_layout);
+  TORCH_CHECK_VALUE(grad_logits.scalar_type() == logits.scalar_type(),
+                    "grad_logits: dtype must match logits");
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const at::Tensor* t : {&grad_logp, &lse}) {
+    TORCH_CHECK_VALUE(t->numel() == n_rows && t->is_contiguous() && t->scalar_type() == acc_dtype,
+                      "grad_logp/lse: expected contiguous (N,) tensors of the accumulation dtype");
+  }
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_dtype(logits.scalar_type(), [&](auto scalar, auto acc) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    check_launch(cuda::launch_logprobs_bwd<scalar_t, acc_t>(
+        grad_logp.const_data_ptr<acc_t>(),
+        grad_entropy ? grad_entropy->const_data_ptr<acc_t>() : nullptr,
+        reinterpret_cast<const scalar_t*>(logits.const_data_ptr()), in_layout,
+        labels.const_data_ptr<int64_t>(), lse.const_data_ptr<acc_t>(),
+        entropy ? entropy->const_data_ptr<acc_t>() : nullptr, n_rows, logits.size(-1),
+        static_cast<acc_t>(inv_temperature), ignore_index,
+        reinterpret_cast<scalar_t*>(grad_logits.data_ptr()), out_layout, stream));
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
+  m.impl("logprobs_fwd_native", &logprobs_fwd_cuda);
+  m.impl("logprobs_bwd_native", &logprobs_bwd_cuda);
+}
+
+}  // namespace rlhf_kernels

@@ -1,0 +1,31 @@
+// Every native schema of the rlhf_kernels namespace, in one place. The device
+// implementations register in csrc/cpu/ops_cpu.cpp and csrc/cuda/ops_cuda.cpp;
+// the public ops (autograd, fake kernels, backend choice) are Python custom
+// ops in rlhf_kernels/ops/, which call these.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing rlhf_kernels._C loads this library and so runs the registrations.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(rlhf_kernels, m) {
+  // logits (..., V) read in place through the row layout (inner_rows,
+  // outer_stride, inner_stride); labels (N,) int64. Returns logp, entropy
+  // (empty unless compute_entropy) and lse, each (N,) float32 (float64 for
+  // float64 logits).
+  m.def(
+      "logprobs_fwd_native(Tensor logits, Tensor labels, int inner_rows, int outer_stride, "
+      "int inner_stride, float inv_temperature, int ignore_index, bool compute_entropy) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Writes the logits gradient into grad_logits (which may be logits itself).
+  m.def(
+      "logprobs_bwd_native(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, "
+      "Tensor labels, Tensor lse, Tensor? entropy, Tensor(a!) grad_logits, int inner_rows, "
+      "int in_outer_stride, int in_inner_stride, int out_outer_stride, int out_inner_stride, "
+      "float inv_temperature, int ignore_index) -> ()");
+}

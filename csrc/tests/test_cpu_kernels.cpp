@@ -1,0 +1,158 @@
+// Standalone check of the CPU kernels against a double-precision reference
+// written from the formulas (no torch). Run by ctest.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "../cpu/logprobs.h"
+
+using rlhf_kernels::RowLayout;
+using rlhf_kernels::bf16_t;
+using rlhf_kernels::fp16_t;
+
+namespace {
+
+int failures = 0;
+
+void expect_close(double got, double want, double atol, double rtol, const char* what, int64_t row) {
+  const bool ok = (std::isnan(want) && std::isnan(got)) ||
+                  std::fabs(got - want) <= atol + rtol * std::fabs(want);
+  if (!ok) {
+    std::printf("FAIL %s row %lld: got %.9g want %.9g\n", what, static_cast<long long>(row), got,
+                want);
+    ++failures;
+  }
+}
+
+struct Reference {
+  std::vector<double> logp, entropy, lse, grad;
+};
+
+// Reference from the formulas: p = softmax(x / T), logp = log p[label],
+// entropy = -sum p log p, and the gradient of g * logp + gh * entropy.
+Reference reference(const std::vector<double>& x, int64_t rows, int64_t vocab,
+                    const std::vector<int64_t>& labels, double temperature, int64_t ignore_index,
+                    const std::vector<double>& g, const std::vector<double>& gh) {
+  Reference ref;
+  ref.grad.assign(rows * vocab, 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    double m = -INFINITY;
+    for (int64_t j = 0; j < vocab; ++j) m = std::fmax(m, x[r * vocab + j] / temperature);
+    double s = 0;
+    for (int64_t j = 0; j < vocab; ++j) s += std::exp(x[r * vocab + j] / temperature - m);
+    const double lse = m + std::log(s);
+    double h = 0;
+    for (int64_t j = 0; j < vocab; ++j) {
+      const double lp = x[r * vocab + j] / temperature - lse;
+      h -= std::exp(lp) * lp;
+    }
+    const int64_t label = labels[r];
+    const bool ignored = label == ignore_index;
+    ref.lse.push_back(lse);
+    ref.logp.push_back(ignored ? 0.0 : x[r * vocab + label] / temperature - lse);
+    ref.entropy.push_back(ignored ? 0.0 : h);
+    for (int64_t j = 0; j < vocab && !ignored; ++j) {
+      const double lp = x[r * vocab + j] / temperature - lse, p = std::exp(lp);
+      double d = g[r] * ((j == label) - p) - gh[r] * p * (lp + h);
+      ref.grad[r * vocab + j] = d / temperature;
+    }
+  }
+  return ref;
+}
+
+template <typename scalar_t>
+void check_dtype(const char* name, double atol, double rtol, int64_t rows, int64_t vocab,
+                 double temperature, std::mt19937& gen) {
+  // Rows live with a padded stride (as in a logits[:, :-1] slice) so the
+  // strided layout is exercised too.
+  const int64_t stride = vocab + 3;
+  std::normal_distribution<double> normal(0.0, 3.0);
+  std::uniform_int_distribution<int64_t> pick(0, vocab - 1);
+  std::vector<scalar_t> data(rows * stride);
+  std::vector<double> x(rows * vocab);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < vocab; ++j) {
+      scalar_t v = rlhf_kernels::from_float<scalar_t>(static_cast<float>(normal(gen)));
+      data[r * stride + j] = v;
+      x[r * vocab + j] = rlhf_kernels::to_float(v);
+    }
+  const int64_t ignore_index = -100;
+  std::vector<int64_t> labels(rows);
+  std::vector<double> g(rows), gh(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    labels[r] = (r % 5 == 3) ? ignore_index : pick(gen);
+    g[r] = normal(gen);
+    gh[r] = normal(gen);
+  }
+  const Reference ref = reference(x, rows, vocab, labels, temperature, ignore_index, g, gh);
+
+  const RowLayout in_layout{rows, 0, stride};
+  std::vector<float> logp(rows), entropy(rows), lse(rows);
+  rlhf_kernels::cpu::logprobs_fwd_rows<scalar_t, float>(
+      data.data(), in_layout, labels.data(), vocab, static_cast<float>(1.0 / temperature),
+      ignore_index, logp.data(), entropy.data(), lse.data(), 0, rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    expect_close(logp[r], ref.logp[r], 1e-4, 1e-4, name, r);
+    expect_close(entropy[r], ref.entropy[r], 1e-4, 1e-4, name, r);
+  }
+
+  std::vector<float> gf(g.begin(), g.end()), ghf(gh.begin(), gh.end());
+  std::vector<scalar_t> grad(rows * vocab);
+  rlhf_kernels::cpu::logprobs_bwd_rows<scalar_t, float>(
+      gf.data(), ghf.data(), data.data(), in_layout, labels.data(), lse.data(), entropy.data(),
+      vocab, static_cast<float>(1.0 / temperature), ignore_index, grad.data(),
+      RowLayout{rows, 0, vocab}, 0, rows);
+  // In place: the gradient overwrites the strided logits buffer.
+  rlhf_kernels::cpu::logprobs_bwd_rows<scalar_t, float>(
+      gf.data(), ghf.data(), data.data(), in_layout, labels.data(), lse.data(), entropy.data(),
+      vocab, static_cast<float>(1.0 / temperature), ignore_index, data.data(), in_layout, 0,
+      rows);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < vocab; ++j) {
+      expect_close(rlhf_kernels::to_float(grad[r * vocab + j]), ref.grad[r * vocab + j], atol,
+                   rtol, name, r);
+      expect_close(rlhf_kernels::to_float(data[r * stride + j]), ref.grad[r * vocab + j], atol,
+                   rtol, name, r);
+    }
+}
+
+void check_bad_label_and_extremes() {
+  // |x| up to 1e4 and a -inf logit: finite results; a label out of range: NaN.
+  const int64_t vocab = 37;
+  std::vector<float> x(2 * vocab);
+  for (int64_t j = 0; j < vocab; ++j) {
+    x[j] = (j % 2 ? 1e4f : -1e4f) + j;
+    x[vocab + j] = static_cast<float>(j);
+  }
+  x[5] = -INFINITY;
+  std::vector<int64_t> labels{1, vocab};
+  std::vector<float> logp(2), entropy(2), lse(2);
+  rlhf_kernels::cpu::logprobs_fwd_rows<float, float>(x.data(), RowLayout{2, 0, vocab},
+                                                     labels.data(), vocab, 1.f, -100, logp.data(),
+                                                     entropy.data(), lse.data(), 0, 2);
+  if (!std::isfinite(logp[0]) || !std::isfinite(entropy[0]) || !std::isnan(logp[1])) {
+    std::printf("FAIL extremes: logp %g entropy %g bad-label logp %g\n", logp[0], entropy[0],
+                logp[1]);
+    ++failures;
+  }
+  // The odd positions hold 1e4 + j, the largest at j = 35; label 1 is 34 below
+  // it and the even positions (-1e4 + j) vanish.
+  double sum = 0;
+  for (int k = 0; k <= 17; ++k) sum += std::exp(-2.0 * k);
+  expect_close(logp[0], -34.0 - std::log(sum), 1e-3, 1e-4, "extreme logp", 0);
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 gen(1234);
+  check_dtype<float>("float32", 1e-6, 1e-4, 7, 4099, 1.0, gen);
+  check_dtype<float>("float32 T=0.7", 1e-6, 1e-4, 5, 123, 0.7, gen);
+  check_dtype<bf16_t>("bfloat16", 1e-2, 1e-2, 5, 2053, 1.3, gen);
+  check_dtype<fp16_t>("float16", 1e-3, 1e-2, 5, 777, 1.0, gen);
+  check_bad_label_and_extremes();
+  std::printf("%d failures\n", failures);
+  return failures == 0 ? 0 : 1;
+}

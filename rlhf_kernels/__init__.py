@@ -1,0 +1,18 @@
+"""rlhf_kernels: fused Triton, CUDA and C++ kernels for PPO training of language models.
+
+Importing this package never initialises CUDA and works without a GPU, without
+Triton and without the compiled extension (the reference backend then runs).
+"""
+
+from . import reference
+from ._backend import BACKENDS, available_backends
+from .ops.logprobs import logprobs_from_logits
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "logprobs_from_logits",
+    "reference",
+]

@@ -1,0 +1,122 @@
+"""Which kernel implementation runs an op: discovery and the dispatch rule.
+
+CUDA tensors take the CUDA or the Triton kernel (per op, whichever measured
+faster; see ``GPU_PREFERENCE``), CPU tensors take the C++ kernel, and the
+plain-PyTorch reference runs wherever neither is built. ``backend=`` on an op,
+or the environment variable ``RLHF_KERNELS_BACKEND``, forces one.
+
+Nothing here initialises CUDA at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+ENV_BACKEND = "RLHF_KERNELS_BACKEND"
+ENV_CHECK = "RLHF_KERNELS_CHECK"
+
+# Default GPU kernel per op when both are built. Not yet measured on a GPU
+# (no GPU was available when these ops were written): the hand-written CUDA
+# kernels are the default until benchmarks/bench_*.py on an H100-class GPU say
+# otherwise; docs/performance.md records the measurements.
+GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "logprobs": ("cuda", "triton"),
+}
+
+
+@functools.cache
+def native_extension_loaded() -> bool:
+    """True when the compiled extension ``rlhf_kernels._C`` imports."""
+    try:
+        from rlhf_kernels import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def native_cuda_built() -> bool:
+    """True when the extension was compiled with its CUDA kernels."""
+    return native_extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "rlhf_kernels::logprobs_fwd_native", "CUDA"
+    )
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreter() -> bool:
+    """Triton kernels run on CPU tensors only under TRITON_INTERPRET=1."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def checks_enabled() -> bool:
+    """RLHF_KERNELS_CHECK=1 adds synchronising input checks on GPU tensors."""
+    return os.environ.get(ENV_CHECK, "0") == "1"
+
+
+def available_backends() -> list[str]:
+    """The backends this install can run, best first.
+
+    ``"reference"`` is always there; ``"cpu"`` needs the built extension;
+    ``"cuda"`` needs the extension built with CUDA kernels and a visible GPU;
+    ``"triton"`` needs Triton and a GPU (or ``TRITON_INTERPRET=1``).
+    """
+    names = []
+    gpu = torch.cuda.is_available()
+    if triton_installed() and (gpu or triton_interpreter()):
+        names.append("triton")
+    if native_cuda_built() and gpu:
+        names.append("cuda")
+    if native_extension_loaded():
+        names.append("cpu")
+    names.append("reference")
+    return names
+
+
+def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
+    """The backend that runs ``op`` on tensors of ``device``.
+
+    Raises ValueError for an unknown name or a backend that cannot run there.
+    """
+    requested = backend if backend is not None else os.environ.get(ENV_BACKEND) or None
+    source = "backend" if backend is not None else ENV_BACKEND
+    if requested is not None and requested not in BACKENDS:
+        raise ValueError(f"{source}: unknown backend {requested!r}; expected one of {BACKENDS}")
+    if device.type == "cuda":
+        if requested is None:
+            for name in GPU_PREFERENCE[op]:
+                if name == "cuda" and native_cuda_built():
+                    return name
+                if name == "triton" and triton_installed():
+                    return name
+            return "reference"
+        if requested == "cpu":
+            raise ValueError(f"{source}: 'cpu' cannot run CUDA tensors")
+        if requested == "cuda" and not native_cuda_built():
+            raise ValueError(f"{source}: 'cuda' requested but rlhf_kernels._C has no CUDA kernels")
+        if requested == "triton" and not triton_installed():
+            raise ValueError(f"{source}: 'triton' requested but Triton is not installed")
+        return requested
+    if device.type == "cpu":
+        if requested is None:
+            return "cpu" if native_extension_loaded() else "reference"
+        if requested == "cuda":
+            raise ValueError(f"{source}: 'cuda' cannot run CPU tensors")
+        if requested == "cpu" and not native_extension_loaded():
+            raise ValueError(f"{source}: 'cpu' requested but rlhf_kernels._C is not built")
+        if requested == "triton" and not (triton_installed() and triton_interpreter()):
+            raise ValueError(
+                f"{source}: 'triton' on CPU tensors needs Triton and TRITON_INTERPRET=1"
+            )
+        return requested
+    if requested not in (None, "reference"):
+        raise ValueError(f"{source}: only 'reference' runs on {device.type} tensors")
+    return "reference"

@@ -1,0 +1,414 @@
+"""logprobs_from_logits: log-probabilities of the sampled tokens, and entropy,
+from (..., V) logits in one pass, with a one-pass backward.
+
+Forward: online softmax (Milakov & Gimelshein, 2018) with a third running sum
+t = sum exp(x - m) * (x - m), so that lse = m + log s and
+entropy = log s - t / s come out of the same single read of the logits.
+Backward: d logits = (g * (onehot(label) - p) - g_H * p * (log p + H)) / T,
+one read of the logits and one write of the gradient (optionally in place).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._backend import checks_enabled, resolve_backend, triton_installed
+from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_positive, check_same_device, check_tensor
+
+if triton_installed():
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - exercised only where Triton is absent
+    triton = None
+
+# exp underflows below this; clamping keeps 0 * (-inf) out of the sums.
+_MIN_EXP_ARG = -87.3
+
+
+if triton is not None:
+
+    @triton.jit
+    def _logprobs_fwd_kernel(
+        logits_ptr, labels_ptr, logp_ptr, entropy_ptr, lse_ptr,
+        inner_rows, outer_stride, inner_stride, vocab, inv_temperature, ignore_index,
+        COMPUTE_ENTROPY: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        # Online softmax with running (m, s, t), one program per row.
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + (row // inner_rows) * outer_stride + (row % inner_rows) * inner_stride
+        # A finite "empty" max keeps (m_old - m_new) * s finite when s = 0.
+        m = tl.full((), -3.0e38, ACC_DTYPE)
+        s = tl.zeros((), ACC_DTYPE)
+        t = tl.zeros((), ACC_DTYPE)
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            in_row = cols < vocab
+            x = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
+            x = x * inv_temperature
+            new_m = tl.maximum(m, tl.max(x, axis=0))
+            delta = m - new_m
+            alpha = tl.exp(delta)
+            y = tl.maximum(x - new_m, _MIN_EXP_ARG)
+            e = tl.where(in_row, tl.exp(y), 0.0)
+            t = alpha * (t + delta * s) + tl.sum(e * y, axis=0)
+            s = alpha * s + tl.sum(e, axis=0)
+            m = new_m
+        log_s = tl.log(s)
+        lse = m + log_s
+        tl.store(lse_ptr + row, lse)
+        label = tl.load(labels_ptr + row)
+        ignored = label == ignore_index
+        in_range = (label >= 0) & (label < vocab)
+        # An out-of-range label is never read: NaN marks it.
+        x_label = tl.load(row_ptr + tl.where(in_range, label, 0)).to(ACC_DTYPE) * inv_temperature
+        logp = tl.where(in_range, x_label - lse, float("nan"))
+        tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
+        if COMPUTE_ENTROPY:
+            tl.store(entropy_ptr + row, tl.where(ignored, 0.0, log_s - t / s))
+
+    @triton.jit
+    def _logprobs_bwd_kernel(
+        grad_logp_ptr, grad_entropy_ptr, logits_ptr, labels_ptr, lse_ptr, entropy_ptr, grad_ptr,
+        inner_rows, in_outer_stride, in_inner_stride, out_outer_stride, out_inner_stride,
+        vocab, inv_temperature, ignore_index,
+        HAS_ENTROPY_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        # d logits = inv_T * (g * (onehot - p) - g_H * p * (log p + H)), one pass.
+        row = tl.program_id(0).to(tl.int64)
+        outer = row // inner_rows
+        inner = row % inner_rows
+        row_ptr = logits_ptr + outer * in_outer_stride + inner * in_inner_stride
+        out_ptr = grad_ptr + outer * out_outer_stride + inner * out_inner_stride
+        label = tl.load(labels_ptr + row)
+        ignored = label == ignore_index
+        bad_label = (label != ignore_index) & ((label < 0) | (label >= vocab))
+        g = tl.where(ignored, 0.0, tl.load(grad_logp_ptr + row).to(ACC_DTYPE))
+        if HAS_ENTROPY_GRAD:
+            g_entropy = tl.where(ignored, 0.0, tl.load(grad_entropy_ptr + row).to(ACC_DTYPE))
+            row_entropy = tl.load(entropy_ptr + row).to(ACC_DTYPE)
+        else:
+            g_entropy = tl.zeros((), ACC_DTYPE)
+            row_entropy = tl.zeros((), ACC_DTYPE)
+        lse = tl.load(lse_ptr + row).to(ACC_DTYPE)
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            in_row = cols < vocab
+            x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE) * inv_temperature
+            y = tl.maximum(x - lse, _MIN_EXP_ARG)
+            p = tl.exp(y)
+            grad = -inv_temperature * p * (g + g_entropy * (y + row_entropy))
+            grad = grad + tl.where(cols == label, inv_temperature * g, 0.0)
+            grad = tl.where(ignored, 0.0, grad)
+            grad = tl.where(bad_label, float("nan"), grad)
+            tl.store(out_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+def _triton_block(vocab: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_V, num_warps). The interpreter favours big blocks (fewer Python
+    loop steps); on a GPU 4096-wide chunks keep 16 warps busy on 16-byte loads."""
+    if device.type != "cuda":
+        return min(triton.next_power_of_2(vocab), 8192), 4
+    block = min(triton.next_power_of_2(vocab), 4096)
+    return block, (16 if block >= 4096 else max(1, min(8, block // 256)))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_layout(logits: Tensor) -> tuple[Tensor, int, int, int]:
+    """Describe the rows of (..., V) logits as (B, T) strided rows:
+    returns (tensor, inner_rows, outer_stride, inner_stride). Leading dims that
+    collapse to at most two strided dims (any slice of a (B, T, V) tensor) are
+    read in place; anything else, or a non-contiguous last dim, is copied."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    dims: list[list[int]] = []
+    for size, stride in zip(logits.shape[:-1], logits.stride()[:-1]):
+        if size == 1:
+            continue
+        if dims and dims[-1][1] == size * stride:
+            dims[-1] = [dims[-1][0] * size, stride]
+        else:
+            dims.append([size, stride])
+    if not dims:
+        return logits, 1, 0, 0
+    if len(dims) == 1:
+        return logits, dims[0][0], 0, dims[0][1]
+    if len(dims) == 2:
+        return logits, dims[1][0], dims[0][1], dims[1][1]
+    logits = logits.contiguous()
+    return logits, max(1, logits.numel() // logits.shape[-1]), 0, logits.shape[-1]
+
+
+def _check_labels_in_range(labels: Tensor, vocab: int, ignore_index: int) -> None:
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(f"labels: value {first} is outside [0, {vocab}) and is not ignore_index")
+
+
+# --- forward / backward per backend -------------------------------------------------
+
+
+def _fwd_native(logits, labels, inv_temperature, ignore_index, compute_entropy):
+    tensor, inner_rows, outer, inner = _row_layout(logits)
+    return torch.ops.rlhf_kernels.logprobs_fwd_native(
+        tensor, labels, inner_rows, outer, inner, inv_temperature, ignore_index, compute_entropy
+    )
+
+
+def _fwd_triton(logits, labels, inv_temperature, ignore_index, compute_entropy):
+    tensor, inner_rows, outer, inner = _row_layout(logits)
+    n_rows, vocab = labels.numel(), logits.shape[-1]
+    acc = _acc_dtype(logits.dtype)
+    logp = torch.empty(n_rows, dtype=acc, device=logits.device)
+    lse = torch.empty(n_rows, dtype=acc, device=logits.device)
+    entropy = torch.empty(n_rows if compute_entropy else 0, dtype=acc, device=logits.device)
+    if n_rows > 0:
+        block, warps = _triton_block(vocab, logits.device)
+        _logprobs_fwd_kernel[(n_rows,)](
+            tensor, labels, logp, entropy if compute_entropy else logp, lse,
+            inner_rows, outer, inner, vocab, inv_temperature, ignore_index,
+            COMPUTE_ENTROPY=compute_entropy, ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
+            BLOCK_V=block, num_warps=warps,
+        )
+    return logp, entropy, lse
+
+
+def _fwd_reference(logits, labels, inv_temperature, ignore_index, compute_entropy):
+    x = logits.to(_acc_dtype(logits.dtype)).reshape(-1, logits.shape[-1])
+    out = reference.logprobs_from_logits(
+        x, labels, temperature=1.0 / inv_temperature, ignore_index=ignore_index,
+        return_entropy=compute_entropy,
+    )
+    logp, entropy = out if compute_entropy else (out, x.new_empty(0))
+    lse = torch.logsumexp(x * inv_temperature, dim=-1)
+    return logp, entropy, lse
+
+
+_FORWARD = {"cpu": _fwd_native, "cuda": _fwd_native, "triton": _fwd_triton, "reference": _fwd_reference}
+
+
+def _bwd_native(grad_logp, grad_entropy, logits, labels, lse, entropy, out, inv_temperature, ignore_index):
+    tensor, inner_rows, in_outer, in_inner = _row_layout(logits)
+    _, out_inner_rows, out_outer, out_inner = _row_layout(out)
+    assert out_inner_rows == inner_rows or labels.numel() <= 1
+    torch.ops.rlhf_kernels.logprobs_bwd_native(
+        grad_logp, grad_entropy, tensor, labels, lse, entropy, out, inner_rows,
+        in_outer, in_inner, out_outer, out_inner, inv_temperature, ignore_index,
+    )
+
+
+def _bwd_triton(grad_logp, grad_entropy, logits, labels, lse, entropy, out, inv_temperature, ignore_index):
+    tensor, inner_rows, in_outer, in_inner = _row_layout(logits)
+    _, _, out_outer, out_inner = _row_layout(out)
+    n_rows, vocab = labels.numel(), logits.shape[-1]
+    if n_rows == 0:
+        return
+    block, warps = _triton_block(vocab, logits.device)
+    has_entropy_grad = grad_entropy is not None
+    _logprobs_bwd_kernel[(n_rows,)](
+        grad_logp, grad_entropy if has_entropy_grad else grad_logp, tensor, labels, lse,
+        entropy if has_entropy_grad else lse, out,
+        inner_rows, in_outer, in_inner, out_outer, out_inner, vocab, inv_temperature, ignore_index,
+        HAS_ENTROPY_GRAD=has_entropy_grad,
+        ACC_DTYPE=tl.float64 if logits.dtype == torch.float64 else tl.float32,
+        BLOCK_V=block, num_warps=warps,
+    )
+
+
+def _bwd_reference(grad_logp, grad_entropy, logits, labels, lse, entropy, out, inv_temperature, ignore_index):
+    grad = reference.logprobs_grad(
+        grad_logp, grad_entropy, logits.reshape(-1, logits.shape[-1]), labels,
+        temperature=1.0 / inv_temperature, ignore_index=ignore_index,
+    )
+    out.copy_(grad.view(out.shape))
+
+
+_BACKWARD = {"cpu": _bwd_native, "cuda": _bwd_native, "triton": _bwd_triton, "reference": _bwd_reference}
+
+
+def _flat_labels(labels: Tensor) -> Tensor:
+    return labels.reshape(-1).to(torch.int64).contiguous()
+
+
+def _validate_labels(logits: Tensor, labels: Tensor, ignore_index: int) -> None:
+    # Always on CPU (no sync involved); on GPU only when RLHF_KERNELS_CHECK=1,
+    # since it synchronises. Without it a bad label gives NaN, never a bad read.
+    if labels.device.type == "cpu" or checks_enabled():
+        _check_labels_in_range(labels, logits.shape[-1], ignore_index)
+
+
+# --- custom ops ---------------------------------------------------------------------
+
+
+@torch.library.custom_op("rlhf_kernels::logprobs_fwd", mutates_args=())
+def _logprobs_fwd(
+    logits: Tensor, labels: Tensor, temperature: float, ignore_index: int,
+    compute_entropy: bool, inplace_backward: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _validate_labels(logits, labels, ignore_index)
+    flat = _flat_labels(labels)
+    logp, entropy, lse = _FORWARD[backend](logits, flat, 1.0 / temperature, ignore_index, compute_entropy)
+    entropy = entropy.view(labels.shape) if compute_entropy else entropy
+    return logp.view(labels.shape), entropy, lse
+
+
+@_logprobs_fwd.register_fake
+def _(logits, labels, temperature, ignore_index, compute_entropy, inplace_backward, backend):
+    acc = _acc_dtype(logits.dtype)
+    logp = logits.new_empty(labels.shape, dtype=acc)
+    entropy = logits.new_empty(labels.shape if compute_entropy else (0,), dtype=acc)
+    lse = logits.new_empty((labels.numel(),), dtype=acc)
+    return logp, entropy, lse
+
+
+def _backward_args(grad_logp, grad_entropy, labels, lse, entropy):
+    acc = lse.dtype
+    grad_logp = grad_logp.reshape(-1).to(acc).contiguous()
+    if grad_entropy is not None:
+        grad_entropy = grad_entropy.reshape(-1).to(acc).contiguous()
+        entropy = entropy.reshape(-1)
+    return grad_logp, grad_entropy, _flat_labels(labels), entropy
+
+
+@torch.library.custom_op("rlhf_kernels::logprobs_bwd", mutates_args=())
+def _logprobs_bwd(
+    grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, labels: Tensor,
+    lse: Tensor, entropy: Optional[Tensor], temperature: float, ignore_index: int, backend: str,
+) -> Tensor:
+    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad_logp, grad_entropy, flat, entropy = _backward_args(grad_logp, grad_entropy, labels, lse, entropy)
+    _BACKWARD[backend](grad_logp, grad_entropy, logits, flat, lse, entropy, grad_logits,
+                       1.0 / temperature, ignore_index)
+    return grad_logits
+
+
+@_logprobs_bwd.register_fake
+def _(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, backend):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.custom_op("rlhf_kernels::logprobs_bwd_inplace", mutates_args=("logits",))
+def _logprobs_bwd_inplace(
+    grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, labels: Tensor,
+    lse: Tensor, entropy: Optional[Tensor], temperature: float, ignore_index: int, backend: str,
+) -> None:
+    grad_logp, grad_entropy, flat, entropy = _backward_args(grad_logp, grad_entropy, labels, lse, entropy)
+    tensor, *_ = _row_layout(logits)
+    if tensor is logits:
+        _BACKWARD[backend](grad_logp, grad_entropy, logits, flat, lse, entropy, logits,
+                           1.0 / temperature, ignore_index)
+    else:  # a layout the kernels cannot address in place: compute, then copy back
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        _BACKWARD[backend](grad_logp, grad_entropy, logits, flat, lse, entropy, grad,
+                           1.0 / temperature, ignore_index)
+        logits.copy_(grad)
+
+
+@_logprobs_bwd_inplace.register_fake
+def _(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, backend):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, ignore_index, compute_entropy, inplace_backward, backend = inputs
+    _, entropy, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(logits, labels, lse, entropy if compute_entropy else None)
+    ctx.params = (temperature, ignore_index, compute_entropy, inplace_backward, backend)
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    temperature, ignore_index, compute_entropy, inplace_backward, backend = ctx.params
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 7
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(lse)
+    if not compute_entropy:
+        grad_entropy = None
+    elif grad_entropy is None:
+        grad_entropy = torch.zeros_like(lse)
+    args = (grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, backend)
+    if inplace_backward:
+        torch.ops.rlhf_kernels.logprobs_bwd_inplace(*args)
+        grad_logits = logits
+    else:
+        grad_logits = torch.ops.rlhf_kernels.logprobs_bwd(*args)
+    return grad_logits, None, None, None, None, None, None
+
+
+_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- public function ----------------------------------------------------------------
+
+
+def logprobs_from_logits(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    inplace_backward: bool = False,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probabilities of ``labels`` under ``softmax(logits / temperature)``.
+
+    ``logp = log_softmax(logits / T)[..., label]`` and, with ``return_entropy``,
+    ``entropy = -sum(p * log p)`` for ``p = softmax(logits / T)``. Both are
+    differentiable with respect to ``logits``; positions whose label equals
+    ``ignore_index`` give 0 and a zero gradient. The forward reads the logits
+    once and allocates nothing of size (N, V); the backward writes the logits
+    gradient in one pass.
+
+    Args:
+        logits: (..., V) float32 | bfloat16 | float16 (float64 for gradcheck);
+            any leading shape. Rows may be strided: a slice such as
+            ``logits[:, :-1]`` is read in place, not copied.
+        labels: (...) int64 | int32, the sampled token ids, in [0, V) or
+            ``ignore_index``. On CPU an id out of range raises ValueError; on a
+            GPU it gives NaN (never an out-of-bounds read) unless
+            ``RLHF_KERNELS_CHECK=1``, which checks and raises (synchronising).
+        temperature: > 0, the sampling temperature the logits are divided by.
+        ignore_index: label value that marks positions to skip.
+        return_entropy: also return the entropy of each position.
+        inplace_backward: write the logits gradient into the logits buffer
+            instead of a new tensor (saves one (N, V) allocation). The logits
+            are consumed: do not use them after backward.
+        backend: "triton" | "cuda" | "cpu" | "reference" to force one;
+            default: ``RLHF_KERNELS_BACKEND``, else the best for the device.
+
+    Returns:
+        logp: (...) float32 (float64 for float64 logits); with
+        ``return_entropy``, the tuple (logp, entropy), entropy likewise.
+    """
+    check_tensor("logits", logits, FLOAT_DTYPES)
+    check_tensor("labels", labels, INDEX_DTYPES)
+    check_same_device(logits=logits, labels=labels)
+    if logits.dim() < 1:
+        raise ValueError("logits: expected shape (..., V) with at least one dimension")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits: the vocabulary dimension V must be > 0")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels: shape {tuple(labels.shape)} does not match logits.shape[:-1] "
+            f"{tuple(logits.shape[:-1])}"
+        )
+    temperature = check_positive("temperature", temperature)
+    chosen = resolve_backend(backend, logits.device, "logprobs")
+    logp, entropy, _ = torch.ops.rlhf_kernels.logprobs_fwd(
+        logits, labels, temperature, int(ignore_index), bool(return_entropy),
+        bool(inplace_backward), chosen,
+    )
+    return (logp, entropy) if return_entropy else logp
+
+
+__all__ = ["logprobs_from_logits"]
