@@ -33,20 +33,23 @@ def _extensions():
         not skip_cuda and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     )
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17", "-Wno-psabi"]
+    # -fopenmp: at::parallel_for is an inline OpenMP loop in torch's headers,
+    # serial unless the extension itself is compiled with OpenMP.
+    cxx_flags = ["-O3", "-std=c++17", "-Wno-psabi", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     if not with_cuda:
         return [
             cpp_extension.CppExtension(
                 "rlhf_kernels._C", sources, include_dirs=include_dirs,
-                extra_compile_args={"cxx": cxx_flags},
+                extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
             )
         ]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     return [
         cpp_extension.CUDAExtension(
-            "rlhf_kernels._C", sources, include_dirs=include_dirs,
+            "rlhf_kernels._C", sources, include_dirs=include_dirs, extra_link_args=link_flags,
             extra_compile_args={
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],

@@ -10,8 +10,6 @@ Nothing here initialises CUDA at import time.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 
 import torch
@@ -29,27 +27,43 @@ GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
 }
 
 
-@functools.cache
-def native_extension_loaded() -> bool:
-    """True when the compiled extension ``rlhf_kernels._C`` imports."""
+def _import_native() -> bool:
     try:
-        from rlhf_kernels import _C  # noqa: F401
+        from rlhf_kernels import _C  # noqa: F401  (loading it registers the native ops)
     except ImportError:
         return False
     return True
 
 
-@functools.cache
+# Probed once at import (cheap, and none of it initialises CUDA); plain booleans
+# so that torch.compile traces the dispatch rule without guards on caches.
+_NATIVE = _import_native()
+_NATIVE_CUDA = _NATIVE and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "rlhf_kernels::logprobs_fwd_native", "CUDA"
+)
+def _import_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_TRITON = _import_triton()
+
+
+def native_extension_loaded() -> bool:
+    """True when the compiled extension ``rlhf_kernels._C`` imports."""
+    return _NATIVE
+
+
 def native_cuda_built() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
-    return native_extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "rlhf_kernels::logprobs_fwd_native", "CUDA"
-    )
+    return _NATIVE_CUDA
 
 
-@functools.cache
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def triton_interpreter() -> bool:

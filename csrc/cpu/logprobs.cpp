@@ -8,69 +8,52 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
-
-#include "vec.h"
 
 namespace rlhf_kernels::cpu {
 namespace {
 
 constexpr int64_t kChunk = 2048;
-using vec::kLanes;
+// exp underflows below this (same constant as vec.h).
+constexpr float kMinExpArg = -87.3f;
 
-RLHF_TARGET_CLONES
-float chunk_max(const float* x, int64_t n) {
-  vec::f32x8 acc = vec::broadcast(-std::numeric_limits<float>::infinity());
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) acc = vec::vmax(acc, vec::load(x + i));
-  float m = vec::hmax(acc);
-  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
-}
+namespace baseline {
+#include "logprobs_chunks.inc"
+}  // namespace baseline
 
-// s += sum e, t += sum e * y with y = x * inv_temperature - shift, e = exp(y).
-RLHF_TARGET_CLONES
-void chunk_sum(const float* x, int64_t n, float inv_temperature, float shift, float* s,
-               float* t) {
-  const vec::f32x8 scale = vec::broadcast(inv_temperature);
-  const vec::f32x8 lo = vec::broadcast(vec::kMinExpArg);
-  vec::f32x8 s_acc{}, t_acc{};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    vec::f32x8 y = vec::vmax(vec::load(x + i) * scale - shift, lo);
-    vec::f32x8 e = vec::exp(y);
-    s_acc += e;
-    t_acc += e * y;
-  }
-  float s_sum = vec::hsum(s_acc), t_sum = vec::hsum(t_acc);
-  for (; i < n; ++i) {
-    float y = std::max(x[i] * inv_temperature - shift, vec::kMinExpArg);
-    float e = std::exp(y);
-    s_sum += e;
-    t_sum += e * y;
-  }
-  *s += s_sum;
-  *t += t_sum;
-}
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RLHF_HAVE_AVX2_COPY 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "logprobs_chunks.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
 
-// out = -inv_temperature * p * (g + g_entropy * (y + entropy)), y = x/T - lse.
-RLHF_TARGET_CLONES
-void chunk_grad(const float* x, int64_t n, float inv_temperature, float lse, float entropy,
-                float g, float g_entropy, float* out) {
-  const vec::f32x8 scale = vec::broadcast(inv_temperature);
-  const vec::f32x8 lo = vec::broadcast(vec::kMinExpArg);
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    vec::f32x8 y = vec::vmax(vec::load(x + i) * scale - lse, lo);
-    vec::f32x8 p = vec::exp(y);
-    vec::store(out + i, -inv_temperature * p * (g + g_entropy * (y + entropy)));
-  }
-  for (; i < n; ++i) {
-    float y = std::max(x[i] * inv_temperature - lse, vec::kMinExpArg);
-    float p = std::exp(y);
-    out[i] = -inv_temperature * p * (g + g_entropy * (y + entropy));
-  }
+// The inner loops for this CPU, chosen once. RLHF_KERNELS_CPU_ISA=baseline
+// forces the portable copy (the tests run both).
+struct ChunkKernels {
+  float (*max)(const float*, int64_t);
+  void (*sum)(const float*, int64_t, float, float, float*, float*);
+  void (*grad)(const float*, int64_t, float, float, float, float, float, float*);
+};
+
+const ChunkKernels& chunk_kernels() {
+  static const ChunkKernels kernels = [] {
+#ifdef RLHF_HAVE_AVX2_COPY
+    const char* isa = std::getenv("RLHF_KERNELS_CPU_ISA");
+    const bool forced_baseline = isa != nullptr && std::strcmp(isa, "baseline") == 0;
+    if (!forced_baseline && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return ChunkKernels{avx2::chunk_max, avx2::chunk_sum, avx2::chunk_grad};
+#endif
+    return ChunkKernels{baseline::chunk_max, baseline::chunk_sum, baseline::chunk_grad};
+  }();
+  return kernels;
 }
 
 // Pointer to n floats of row[begin:begin+n]: the row itself for float input,
@@ -97,13 +80,14 @@ void fwd_rows_f32(const scalar_t* logits, RowLayout layout, const int64_t* label
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const float neg_inf = -std::numeric_limits<float>::infinity();
   alignas(64) float buffer[kChunk];
+  const ChunkKernels& kernels = chunk_kernels();
   for (int64_t r = row_begin; r < row_end; ++r) {
     const scalar_t* row = logits + layout.offset(r);
     float m = neg_inf, s = 0.f, t = 0.f;
     for (int64_t c = 0; c < vocab; c += kChunk) {
       const int64_t n = std::min(kChunk, vocab - c);
       const float* x = as_float(row + c, n, buffer);
-      const float chunk_m = chunk_max(x, n) * inv_temperature;
+      const float chunk_m = kernels.max(x, n) * inv_temperature;
       if (chunk_m > m) {
         if (s > 0.f) {
           // Rescale (s, t) from shift m to shift chunk_m.
@@ -113,7 +97,7 @@ void fwd_rows_f32(const scalar_t* logits, RowLayout layout, const int64_t* label
         }
         m = chunk_m;
       }
-      if (m != neg_inf) chunk_sum(x, n, inv_temperature, m, &s, &t);
+      if (m != neg_inf) kernels.sum(x, n, inv_temperature, m, &s, &t);
     }
     const float log_s = std::log(s);
     const float row_lse = m + log_s;
@@ -170,6 +154,7 @@ void bwd_rows_f32(const float* grad_logp, const float* grad_entropy, const scala
                   int64_t row_begin, int64_t row_end) {
   alignas(64) float in_buffer[kChunk];
   alignas(64) float out_buffer[kChunk];
+  const ChunkKernels& kernels = chunk_kernels();
   for (int64_t r = row_begin; r < row_end; ++r) {
     const scalar_t* row = logits + in_layout.offset(r);
     scalar_t* out_row = grad_logits + out_layout.offset(r);
@@ -188,7 +173,7 @@ void bwd_rows_f32(const float* grad_logp, const float* grad_entropy, const scala
         std::fill(out, out + n, fill);
       } else {
         const float* x = as_float(row + c, n, in_buffer);
-        chunk_grad(x, n, inv_temperature, lse[r], row_entropy, g, g_entropy, out);
+        kernels.grad(x, n, inv_temperature, lse[r], row_entropy, g, g_entropy, out);
         if (label >= c && label < c + n) out[label - c] += inv_temperature * g;
       }
       if constexpr (!std::is_same_v<scalar_t, float>) {

@@ -1,23 +1,16 @@
-// Eight-lane float vectors on GCC/Clang vector extensions: portable C++ that
-// the compiler lowers to SSE, AVX2 or AVX-512, plus a vector exp. Hot loops are
-// compiled twice (AVX2+FMA and baseline x86-64) and picked at load time.
-#pragma once
+// Eight-lane float vectors on GCC/Clang vector extensions, plus a vector exp.
+// Portable C++ that the compiler lowers to SSE, AVX2 or AVX-512 depending on
+// the target in force where this file is included: logprobs.cpp includes it
+// (through logprobs_chunks.inc) once for baseline x86-64 and once under
+// `#pragma GCC target("avx2,fma")`, each inside its own namespace, and picks
+// one at run time. No include guard, no namespace and no std headers here on
+// purpose: the includer provides them.
 
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(RLHF_NO_TARGET_CLONES)
-#define RLHF_TARGET_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define RLHF_TARGET_CLONES
-#endif
-
-// Helpers are always inlined into the (cloned) loops that call them, so that
-// the AVX2 clone keeps its vectors in registers.
+// Helpers are always inlined into the loops that call them, so the AVX2 copy
+// keeps its vectors in registers.
 #define RLHF_VEC_INLINE inline __attribute__((always_inline))
 
-namespace rlhf_kernels::cpu::vec {
+namespace vec {
 
 constexpr int kLanes = 8;
 typedef float f32x8 __attribute__((vector_size(32)));
@@ -77,4 +70,6 @@ RLHF_VEC_INLINE f32x8 exp(f32x8 x) {
   return p * scale;
 }
 
-}  // namespace rlhf_kernels::cpu::vec
+}  // namespace vec
+
+#undef RLHF_VEC_INLINE

@@ -138,9 +138,9 @@ def _row_layout(logits: Tensor) -> tuple[Tensor, int, int, int]:
     if not dims:
         return logits, 1, 0, 0
     if len(dims) == 1:
-        return logits, dims[0][0], 0, dims[0][1]
+        return logits, max(1, dims[0][0]), 0, dims[0][1]
     if len(dims) == 2:
-        return logits, dims[1][0], dims[0][1], dims[1][1]
+        return logits, max(1, dims[1][0]), dims[0][1], dims[1][1]
     logits = logits.contiguous()
     return logits, max(1, logits.numel() // logits.shape[-1]), 0, logits.shape[-1]
 
@@ -194,10 +194,19 @@ def _fwd_reference(logits, labels, inv_temperature, ignore_index, compute_entrop
 _FORWARD = {"cpu": _fwd_native, "cuda": _fwd_native, "triton": _fwd_triton, "reference": _fwd_reference}
 
 
-def _bwd_native(grad_logp, grad_entropy, logits, labels, lse, entropy, out, inv_temperature, ignore_index):
+def _layouts(logits: Tensor, out: Tensor) -> tuple[Tensor, int, int, int, int, int]:
+    """Row layouts of the input and of the gradient buffer, with one inner_rows:
+    the buffer is either the logits themselves (in place) or contiguous."""
     tensor, inner_rows, in_outer, in_inner = _row_layout(logits)
-    _, out_inner_rows, out_outer, out_inner = _row_layout(out)
-    assert out_inner_rows == inner_rows or labels.numel() <= 1
+    if out is tensor:
+        return tensor, inner_rows, in_outer, in_inner, in_outer, in_inner
+    assert out.is_contiguous()
+    vocab = logits.shape[-1]
+    return tensor, inner_rows, in_outer, in_inner, inner_rows * vocab, vocab
+
+
+def _bwd_native(grad_logp, grad_entropy, logits, labels, lse, entropy, out, inv_temperature, ignore_index):
+    tensor, inner_rows, in_outer, in_inner, out_outer, out_inner = _layouts(logits, out)
     torch.ops.rlhf_kernels.logprobs_bwd_native(
         grad_logp, grad_entropy, tensor, labels, lse, entropy, out, inner_rows,
         in_outer, in_inner, out_outer, out_inner, inv_temperature, ignore_index,
@@ -205,8 +214,7 @@ def _bwd_native(grad_logp, grad_entropy, logits, labels, lse, entropy, out, inv_
 
 
 def _bwd_triton(grad_logp, grad_entropy, logits, labels, lse, entropy, out, inv_temperature, ignore_index):
-    tensor, inner_rows, in_outer, in_inner = _row_layout(logits)
-    _, _, out_outer, out_inner = _row_layout(out)
+    tensor, inner_rows, in_outer, in_inner, out_outer, out_inner = _layouts(logits, out)
     n_rows, vocab = labels.numel(), logits.shape[-1]
     if n_rows == 0:
         return

@@ -1,0 +1,52 @@
+"""Test configuration: Triton runs in its interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before any @triton.jit function is defined, so
+this file sets it before rlhf_kernels is imported anywhere.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import rlhf_kernels  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backends_for(device: str) -> list[str]:
+    """Every backend that can run tensors of `device` on this machine."""
+    names = rlhf_kernels.available_backends()
+    if device == "cpu":
+        return [b for b in names if b in ("cpu", "reference") or (b == "triton" and os.environ.get("TRITON_INTERPRET") == "1")]
+    return [b for b in names if b in ("cuda", "triton", "reference")]
+
+
+DEVICE_BACKENDS = [(d, b) for d in DEVICES for b in backends_for(d)]
+
+
+def pytest_generate_tests(metafunc):
+    if "device_backend" in metafunc.fixturenames:
+        metafunc.parametrize("device_backend", DEVICE_BACKENDS, ids=[f"{d}-{b}" for d, b in DEVICE_BACKENDS])
+
+
+@pytest.fixture
+def poison_uninitialized():
+    """Fill every torch.empty with NaN while the test runs, so an output element
+    a kernel forgets to write shows up as NaN."""
+    import torch.utils.deterministic as det
+
+    old_mode = torch.are_deterministic_algorithms_enabled()
+    old_fill = det.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old_mode)
+    det.fill_uninitialized_memory = old_fill
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

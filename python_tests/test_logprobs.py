@@ -1,0 +1,354 @@
+"""logprobs_from_logits against the float64 reference on every backend present."""
+
+import os
+
+import pytest
+import torch
+
+import rlhf_kernels
+from rlhf_kernels import reference
+from rlhf_kernels.ops import logprobs as lp_ops
+
+from conftest import gpu
+from helpers import assert_close_to_reference, assert_no_worse_than_torch
+
+SHAPES = [
+    (5, 123),  # odd N and V: tails everywhere
+    (3, 32003),  # V not a multiple of any block or vector width
+    (2, 151936),  # a real vocabulary (Qwen2), small N
+    (2, 3, 77),  # (B, T, V) leading shape
+]
+
+
+def _inputs(shape, dtype, device, scale=3.0, ignore_some=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+    labels = torch.randint(0, shape[-1], shape[:-1], generator=gen).to(device)
+    if ignore_some and labels.numel() > 1:
+        labels.view(-1)[1] = -100
+    return logits, labels
+
+
+def _ref64(logits, labels, temperature=1.0, ignore_index=-100):
+    return reference.logprobs_from_logits(
+        logits.double(), labels, temperature=temperature, ignore_index=ignore_index, return_entropy=True
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_forward_float32(device_backend, shape, temperature):
+    device, backend = device_backend
+    logits, labels = _inputs(shape, torch.float32, device)
+    logp, ent = rlhf_kernels.logprobs_from_logits(
+        logits, labels, temperature=temperature, return_entropy=True, backend=backend
+    )
+    assert logp.dtype == ent.dtype == torch.float32 and logp.shape == labels.shape
+    want_logp, want_ent = _ref64(logits, labels, temperature)
+    assert_close_to_reference(logp, want_logp, torch.float32)
+    assert_close_to_reference(ent, want_ent, torch.float32)
+    assert logp.view(-1)[1] == 0 and ent.view(-1)[1] == 0  # ignored position
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(5, 123), (3, 32003)], ids=str)
+def test_low_precision_no_worse_than_torch(device_backend, dtype, shape):
+    device, backend = device_backend
+    logits, labels = _inputs(shape, dtype, device)
+    logits.requires_grad_(True)
+    logp, ent = rlhf_kernels.logprobs_from_logits(logits, labels, return_entropy=True, backend=backend)
+    (logp.sum() + 0.5 * ent.sum()).backward()
+    grad = logits.grad.clone()
+
+    x64 = logits.detach().double().requires_grad_(True)
+    want_logp, want_ent = reference.logprobs_from_logits(x64, labels, return_entropy=True)
+    (want_logp.sum() + 0.5 * want_ent.sum()).backward()
+
+    x_lp = logits.detach().clone().requires_grad_(True)
+    torch_logp, torch_ent = reference.logprobs_from_logits(x_lp, labels, return_entropy=True, upcast=False)
+    (torch_logp.float().sum() + 0.5 * torch_ent.float().sum()).backward()
+
+    assert_no_worse_than_torch(logp, want_logp, torch_logp)
+    assert_no_worse_than_torch(ent, want_ent, torch_ent)
+    assert grad.dtype == dtype
+    assert_no_worse_than_torch(grad, x64.grad, x_lp.grad)
+
+
+@pytest.mark.parametrize("shape", [(5, 123), (3, 32003), (2, 3, 77)], ids=str)
+def test_gradient_matches_float64(device_backend, shape):
+    device, backend = device_backend
+    logits, labels = _inputs(shape, torch.float32, device)
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(labels.shape, generator=gen).to(device)
+    gh = torch.randn(labels.shape, generator=gen).to(device)
+    x = logits.clone().requires_grad_(True)
+    logp, ent = rlhf_kernels.logprobs_from_logits(x, labels, temperature=0.8, return_entropy=True, backend=backend)
+    ((logp * g).sum() + (ent * gh).sum()).backward()
+
+    x64 = logits.double().requires_grad_(True)
+    r_logp, r_ent = reference.logprobs_from_logits(x64, labels, temperature=0.8, return_entropy=True)
+    ((r_logp * g.double()).sum() + (r_ent * gh.double()).sum()).backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-6, rtol=1e-4)
+    # The ignored position has an exactly zero gradient row.
+    assert torch.all(x.grad.reshape(-1, shape[-1])[1] == 0)
+
+
+def test_logp_only_gradient(device_backend):
+    device, backend = device_backend
+    logits, labels = _inputs((4, 301), torch.float32, device)
+    x = logits.clone().requires_grad_(True)
+    rlhf_kernels.logprobs_from_logits(x, labels, backend=backend).sum().backward()
+    x64 = logits.double().requires_grad_(True)
+    reference.logprobs_from_logits(x64, labels).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_strided_rows_read_in_place(device_backend):
+    """logits[:, :-1] of a (B, T, V) tensor is addressed, not copied."""
+    device, backend = device_backend
+    full, _ = _inputs((3, 9, 250), torch.float32, device)
+    labels = torch.randint(0, 250, (3, 8), device=device)
+    sliced = full[:, :-1]
+    assert not sliced.is_contiguous()
+    tensor, inner_rows, outer, inner = lp_ops._row_layout(sliced)
+    assert tensor is sliced and (inner_rows, outer, inner) == (8, 9 * 250, 250)
+
+    x = sliced.detach().clone().requires_grad_(False)
+    base = full.clone().requires_grad_(True)
+    logp, ent = rlhf_kernels.logprobs_from_logits(base[:, :-1], labels, return_entropy=True, backend=backend)
+    (logp.sum() + ent.sum()).backward()
+    want_logp, want_ent = _ref64(x, labels)
+    assert_close_to_reference(logp, want_logp, torch.float32)
+    assert_close_to_reference(ent, want_ent, torch.float32)
+    x64 = x.double().requires_grad_(True)
+    r_logp, r_ent = reference.logprobs_from_logits(x64, labels, return_entropy=True)
+    (r_logp.sum() + r_ent.sum()).backward()
+    torch.testing.assert_close(base.grad[:, :-1].double(), x64.grad, atol=1e-6, rtol=1e-4)
+    assert torch.all(base.grad[:, -1] == 0)
+
+
+def test_non_collapsible_layout_and_transposed_rows(device_backend):
+    """Three strided leading dims (copied) and a non-contiguous V (copied) still work."""
+    device, backend = device_backend
+    full, _ = _inputs((2, 3, 5, 40), torch.float32, device)
+    x = full[:, :2, :4]  # three leading dims that do not merge
+    labels = torch.randint(0, 40, x.shape[:-1], device=device)
+    got = rlhf_kernels.logprobs_from_logits(x, labels, backend=backend)
+    assert_close_to_reference(got, _ref64(x, labels)[0], torch.float32)
+    xt = full.reshape(30, 40).t()  # (40, 30): V has stride 40
+    labels_t = torch.randint(0, 30, (40,), device=device)
+    got_t = rlhf_kernels.logprobs_from_logits(xt, labels_t, backend=backend)
+    assert_close_to_reference(got_t, _ref64(xt, labels_t)[0], torch.float32)
+
+
+def test_all_ignored_rows_and_int32_labels(device_backend):
+    device, backend = device_backend
+    logits, labels = _inputs((6, 55), torch.float32, device)
+    labels = labels.to(torch.int32)
+    labels[2:4] = 7
+    labels[:2] = -1
+    x = logits.clone().requires_grad_(True)
+    logp, ent = rlhf_kernels.logprobs_from_logits(
+        x, labels, ignore_index=-1, return_entropy=True, backend=backend
+    )
+    (logp.sum() + ent.sum()).backward()
+    assert torch.all(logp[:2] == 0) and torch.all(ent[:2] == 0)
+    assert torch.all(x.grad[:2] == 0)
+    want_logp, want_ent = _ref64(logits, labels, ignore_index=-1)
+    assert_close_to_reference(logp, want_logp, torch.float32)
+    assert_close_to_reference(ent, want_ent, torch.float32)
+
+    every = torch.full((3, 50), -100, device=device)
+    x2 = torch.randn(3, 50, 31, device=device, requires_grad=True)
+    logp2, ent2 = rlhf_kernels.logprobs_from_logits(x2, every, return_entropy=True, backend=backend)
+    (logp2.sum() + ent2.sum()).backward()
+    assert torch.all(logp2 == 0) and torch.all(ent2 == 0) and torch.all(x2.grad == 0)
+
+
+def test_large_magnitude_and_masked_vocab(device_backend):
+    """|x| up to 1e4 and -inf entries (a masked vocabulary) stay finite."""
+    device, backend = device_backend
+    gen = torch.Generator().manual_seed(3)
+    logits = ((torch.rand(4, 1000, generator=gen) * 2 - 1) * 1e4).to(device)
+    logits[1, 10:900] = float("-inf")
+    labels = torch.tensor([3, 5, 999, 0], device=device)
+    x = logits.clone().requires_grad_(True)
+    logp, ent = rlhf_kernels.logprobs_from_logits(x, labels, return_entropy=True, backend=backend)
+    (logp.sum() + ent.sum()).backward()
+    assert torch.isfinite(logp).all() and torch.isfinite(ent).all() and torch.isfinite(x.grad).all()
+    want_logp, want_ent = _ref64(logits, labels)
+    torch.testing.assert_close(logp.double(), want_logp, atol=1e-3, rtol=1e-6)
+    torch.testing.assert_close(ent.double(), want_ent, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward(device_backend, dtype):
+    device, backend = device_backend
+    logits, labels = _inputs((2, 7, 301), dtype, device)
+    g = torch.randn(labels.shape, device=device)
+    expected = torch.empty(0)
+    grads = {}
+    for inplace in (False, True):
+        leaf = logits.clone().requires_grad_(True)
+        work = leaf * 1  # a non-leaf buffer, as the output of an lm_head
+        work.retain_grad()
+        logp, ent = rlhf_kernels.logprobs_from_logits(
+            work[:, :-1], labels[:, :-1], return_entropy=True, inplace_backward=inplace, backend=backend
+        )
+        ((logp * g[:, :-1]).sum() + ent.sum()).backward()
+        grads[inplace] = (leaf.grad, work)
+    expected = grads[False][0]
+    got, buffer = grads[True]
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    # The gradient was written into the logits buffer itself.
+    torch.testing.assert_close(buffer.detach()[:, :-1], expected[:, :-1], atol=0, rtol=0)
+
+
+def test_every_output_written(device_backend, poison_uninitialized):
+    device, backend = device_backend
+    logits, labels = _inputs((7, 129), torch.float32, device)
+    x = logits.clone().requires_grad_(True)
+    logp, ent = rlhf_kernels.logprobs_from_logits(x, labels, return_entropy=True, backend=backend)
+    (logp.sum() + ent.sum()).backward()
+    assert torch.isfinite(logp).all() and torch.isfinite(ent).all() and torch.isfinite(x.grad).all()
+
+
+def test_empty_batch(device_backend):
+    device, backend = device_backend
+    x = torch.randn(0, 17, device=device, requires_grad=True)
+    labels = torch.zeros(0, dtype=torch.long, device=device)
+    logp, ent = rlhf_kernels.logprobs_from_logits(x, labels, return_entropy=True, backend=backend)
+    assert logp.shape == (0,) and ent.shape == (0,)
+    (logp.sum() + ent.sum()).backward()
+    assert x.grad.shape == (0, 17)
+
+
+def test_gradcheck_float64(device_backend):
+    device, backend = device_backend
+    logits, labels = _inputs((3, 4, 11), torch.float64, device)
+    x = logits.clone().requires_grad_(True)
+
+    def f(inp):
+        return rlhf_kernels.logprobs_from_logits(inp, labels, temperature=1.3, return_entropy=True, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6)
+
+
+def test_opcheck(device_backend):
+    device, backend = device_backend
+    logits, labels = _inputs((4, 33), torch.float32, device)
+    logits.requires_grad_(True)
+    for entropy in (False, True):
+        torch.library.opcheck(
+            torch.ops.rlhf_kernels.logprobs_fwd.default,
+            (logits, labels, 0.9, -100, entropy, False, backend),
+        )
+    lse = torch.logsumexp(logits.detach() / 0.9, -1)
+    ent = reference.logprobs_from_logits(logits.detach(), labels, temperature=0.9, return_entropy=True)[1]
+    g = torch.randn(4, device=device)
+    torch.library.opcheck(
+        torch.ops.rlhf_kernels.logprobs_bwd.default,
+        (g, g.clone(), logits.detach(), labels, lse, ent, 0.9, -100, backend),
+    )
+    torch.library.opcheck(
+        torch.ops.rlhf_kernels.logprobs_bwd_inplace.default,
+        (g, None, logits.detach().clone(), labels, lse, None, 0.9, -100, backend),
+    )
+
+
+def test_torch_compile_fullgraph(device_backend):
+    device, backend = device_backend
+    torch._dynamo.reset()
+    logits, labels = _inputs((3, 5, 64), torch.float32, device)
+
+    def loss_fn(x, lab):
+        logp, ent = rlhf_kernels.logprobs_from_logits(
+            x, lab, temperature=0.9, return_entropy=True, backend=backend
+        )
+        return (logp * 2.0).sum() - 0.01 * ent.sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    x1 = logits.clone().requires_grad_(True)
+    out = compiled(x1, labels)
+    out.backward()
+    x2 = logits.clone().requires_grad_(True)
+    want = loss_fn(x2, labels)
+    want.backward()
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda d: (torch.randn(4, 10, device=d), torch.zeros(5, dtype=torch.long, device=d)), "labels: shape"),
+        (lambda d: (torch.randint(0, 3, (4, 10), device=d), torch.zeros(4, dtype=torch.long, device=d)), "logits: dtype"),
+        (lambda d: (torch.randn(4, 10, device=d), torch.zeros(4, device=d)), "labels: dtype"),
+        (lambda d: (torch.randn(4, 0, device=d), torch.zeros(4, dtype=torch.long, device=d)), "V must be > 0"),
+        (lambda d: (torch.randn(4, 10, device=d), torch.zeros(4, dtype=torch.long, device="meta")), "one device"),
+        (lambda d: ([[0.0] * 10] * 4, torch.zeros(4, dtype=torch.long, device=d)), "logits: expected a torch.Tensor"),
+        (lambda d: (torch.randn(4, 10, device=d), torch.tensor([0, 10, 1, 2], device=d)), "labels: value 10"),
+        (lambda d: (torch.randn(4, 10, device=d), torch.tensor([0, -5, 1, 2], device=d)), "labels: value -5"),
+    ],
+)
+def test_bad_inputs(make, match):
+    logits, labels = make("cpu")
+    with pytest.raises(ValueError, match=match):
+        rlhf_kernels.logprobs_from_logits(logits, labels)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_temperature(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        rlhf_kernels.logprobs_from_logits(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), temperature=temperature)
+
+
+def test_bad_backend_names(monkeypatch):
+    x, labels = torch.randn(2, 5), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="backend: unknown backend 'tpu'"):
+        rlhf_kernels.logprobs_from_logits(x, labels, backend="tpu")
+    with pytest.raises(ValueError, match="'cuda' cannot run CPU tensors"):
+        rlhf_kernels.logprobs_from_logits(x, labels, backend="cuda")
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "nope")
+    with pytest.raises(ValueError, match="RLHF_KERNELS_BACKEND: unknown backend"):
+        rlhf_kernels.logprobs_from_logits(x, labels)
+
+
+def test_env_forces_backend(monkeypatch):
+    calls = []
+    original = lp_ops._FORWARD["reference"]
+    monkeypatch.setitem(lp_ops._FORWARD, "reference", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+    rlhf_kernels.logprobs_from_logits(torch.randn(2, 5), torch.zeros(2, dtype=torch.long))
+    assert calls == [1]
+
+
+@gpu
+def test_gpu_out_of_range_label_gives_nan_and_check_raises(monkeypatch):
+    for backend in ("cuda", "triton"):
+        if backend not in rlhf_kernels.available_backends():
+            continue
+        x = torch.randn(3, 1000, device="cuda")
+        labels = torch.tensor([1, 1000, -7], device="cuda")
+        logp = rlhf_kernels.logprobs_from_logits(x, labels, backend=backend)
+        assert torch.isfinite(logp[0]) and torch.isnan(logp[1]) and torch.isnan(logp[2])
+        monkeypatch.setenv("RLHF_KERNELS_CHECK", "1")
+        with pytest.raises(ValueError, match="labels: value"):
+            rlhf_kernels.logprobs_from_logits(x, labels, backend=backend)
+        monkeypatch.delenv("RLHF_KERNELS_CHECK")
+
+
+@gpu
+def test_gpu_backends_agree_on_real_vocab():
+    logits, labels = _inputs((64, 151936), torch.bfloat16, "cuda")
+    want_logp, want_ent = _ref64(logits, labels)
+    for backend in ("cuda", "triton"):
+        if backend in rlhf_kernels.available_backends():
+            logp, ent = rlhf_kernels.logprobs_from_logits(logits, labels, return_entropy=True, backend=backend)
+            torch.testing.assert_close(logp.double(), want_logp, atol=2e-4, rtol=1e-5)
+            torch.testing.assert_close(ent.double(), want_ent, atol=2e-4, rtol=1e-5)
+
+
+def test_triton_interpreter_env_is_set_for_cpu_runs():
+    if not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,52 @@
+"""Package-level behaviour: lean import, backend discovery."""
+
+import subprocess
+import sys
+
+import torch
+
+import rlhf_kernels
+
+BLOCK_IMPORTS = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "triton" or name.startswith("triton.") or name == "rlhf_kernels._C":
+            raise ImportError("blocked for the test: " + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def _run(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_import_without_triton_extension_or_gpu_uses_reference():
+    out = _run(
+        BLOCK_IMPORTS
+        + """
+import torch, rlhf_kernels
+print(rlhf_kernels.available_backends())
+x = torch.randn(3, 7); y = torch.tensor([1, 2, 3])
+ref = rlhf_kernels.reference.logprobs_from_logits(x, y)
+assert torch.allclose(rlhf_kernels.logprobs_from_logits(x, y), ref)
+print(torch.cuda.is_initialized())
+"""
+    )
+    assert out.splitlines() == ["['reference']", "False"]
+
+
+def test_import_does_not_initialise_cuda():
+    assert _run("import torch, rlhf_kernels; print(torch.cuda.is_initialized())") == "False"
+
+
+def test_available_backends_lists_what_is_built():
+    names = rlhf_kernels.available_backends()
+    assert names[-1] == "reference"
+    assert set(names) <= set(rlhf_kernels.BACKENDS)
+    # CI and every development machine build the C++ extension.
+    assert "cpu" in names
+    if torch.cuda.is_available():
+        assert "triton" in names
