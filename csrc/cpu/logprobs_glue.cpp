@@ -4,7 +4,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
-#include "../native_checks.h"
+#include "../glue.h"
 #include "logprobs.h"
 
 namespace rlhf_kernels {
@@ -13,29 +13,17 @@ namespace {
 // Rows per parallel task: enough work (>= ~64k elements) to amortise a task.
 int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(vocab, 1)); }
 
-template <typename F>
-void dispatch_dtype(at::ScalarType dtype, const F& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}, float{}); break;
-    case at::kDouble: f(double{}, double{}); break;
-    case at::kBFloat16: f(bf16_t{}, float{}); break;
-    case at::kHalf: f(fp16_t{}, float{}); break;
-    default: TORCH_CHECK_VALUE(false, "logits: unsupported dtype ", dtype);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& labels, int64_t inner_rows, int64_t outer_stride,
     int64_t inner_stride, double inv_temperature, int64_t ignore_index, bool compute_entropy) {
   const RowLayout layout{inner_rows, outer_stride, inner_stride};
   const int64_t n_rows = checked_rows(logits, labels, layout);
   const int64_t vocab = logits.size(-1);
-  const auto out_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = logits.options().dtype(out_dtype);
+  const auto opts = logits.options().dtype(acc_dtype_for(logits));
   at::Tensor logp = at::empty({n_rows}, opts);
   at::Tensor lse = at::empty({n_rows}, opts);
   at::Tensor entropy = at::empty({compute_entropy ? n_rows : 0}, opts);
-  dispatch_dtype(logits.scalar_type(), [&](auto scalar, auto acc) {
+  dispatch_float_dtype<bf16_t, fp16_t>(logits.scalar_type(), "logits", [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
     const auto* data = reinterpret_cast<const scalar_t*>(logits.const_data_ptr());
@@ -60,21 +48,10 @@ void logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at::Tenso
                       int64_t ignore_index) {
   const RowLayout in_layout{inner_rows, in_outer_stride, in_inner_stride};
   const RowLayout out_layout{inner_rows, out_outer_stride, out_inner_stride};
-  const int64_t n_rows = checked_rows(logits, labels, in_layout);
-  checked_rows(grad_logits, labels, out_layout);
+  const int64_t n_rows = check_logprobs_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy,
+                                            grad_logits, in_layout, out_layout);
   const int64_t vocab = logits.size(-1);
-  TORCH_CHECK_VALUE(grad_logits.scalar_type() == logits.scalar_type(),
-                    "grad_logits: dtype must match logits");
-  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto check_row_tensor = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK_VALUE(t.numel() == n_rows && t.is_contiguous() && t.scalar_type() == acc_dtype,
-                      name, ": expected a contiguous (N,) tensor of the accumulation dtype");
-  };
-  check_row_tensor(grad_logp, "grad_logp");
-  check_row_tensor(lse, "lse");
-  if (grad_entropy) check_row_tensor(*grad_entropy, "grad_entropy");
-  if (entropy) check_row_tensor(*entropy, "entropy");
-  dispatch_dtype(logits.scalar_type(), [&](auto scalar, auto acc) {
+  dispatch_float_dtype<bf16_t, fp16_t>(logits.scalar_type(), "logits", [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
     const auto* data = reinterpret_cast<const scalar_t*>(logits.const_data_ptr());

@@ -1,27 +1,16 @@
 // Torch glue for the CUDA kernels: checks, allocation, stream and device guard.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
-#include "../native_checks.h"
+#include "../glue.h"
 #include "logprobs.cuh"
 
 namespace rlhf_kernels {
 namespace {
-
-template <typename F>
-void dispatch_dtype(at::ScalarType dtype, const F& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}, float{}); break;
-    case at::kDouble: f(double{}, double{}); break;
-    case at::kBFloat16: f(__nv_bfloat16{}, float{}); break;
-    case at::kHalf: f(__half{}, float{}); break;
-    default: TORCH_CHECK_VALUE(false, "logits: unsupported dtype ", dtype);
-  }
-}
 
 void check_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "rlhf_kernels CUDA launch failed: ", cudaGetErrorString(err));
@@ -33,13 +22,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
   const c10::cuda::CUDAGuard guard(logits.device());
   const RowLayout layout{inner_rows, outer_stride, inner_stride};
   const int64_t n_rows = checked_rows(logits, labels, layout);
-  const auto out_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = logits.options().dtype(out_dtype);
+  const auto opts = logits.options().dtype(acc_dtype_for(logits));
   at::Tensor logp = at::empty({n_rows}, opts);
   at::Tensor lse = at::empty({n_rows}, opts);
   at::Tensor entropy = at::empty({compute_entropy ? n_rows : 0}, opts);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_dtype(logits.scalar_type(), [&](auto scalar, auto acc) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float_dtype<__nv_bfloat16, __half>(logits.scalar_type(), "logits", [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
     check_launch(cuda::launch_logprobs_fwd<scalar_t, acc_t>(
@@ -61,17 +49,10 @@ void logprobs_bwd_cuda(const at::Tensor& grad_logp, const std::optional<at::Tens
   const c10::cuda::CUDAGuard guard(logits.device());
   const RowLayout in_layout{inner_rows, in_outer_stride, in_inner_stride};
   const RowLayout out_layout{inner_rows, out_outer_stride, out_inner_stride};
-  const int64_t n_rows = checked_rows(logits, labels, in_layout);
-  checked_rows(grad_logits, labels, out_layout);
-  TORCH_CHECK_VALUE(grad_logits.scalar_type() == logits.scalar_type(),
-                    "grad_logits: dtype must match logits");
-  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  for (const at::Tensor* t : {&grad_logp, &lse}) {
-    TORCH_CHECK_VALUE(t->numel() == n_rows && t->is_contiguous() && t->scalar_type() == acc_dtype,
-                      "grad_logp/lse: expected contiguous (N,) tensors of the accumulation dtype");
-  }
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_dtype(logits.scalar_type(), [&](auto scalar, auto acc) {
+  const int64_t n_rows = check_logprobs_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy,
+                                            grad_logits, in_layout, out_layout);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float_dtype<__nv_bfloat16, __half>(logits.scalar_type(), "logits", [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
     check_launch(cuda::launch_logprobs_bwd<scalar_t, acc_t>(

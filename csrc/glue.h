@@ -1,0 +1,81 @@
+// Shared by the torch glue of the native ops (csrc/cpu/*_glue.cpp and
+// csrc/cuda/*_glue.cpp): argument checks and the dtype dispatch.
+#pragma once
+
+#include <torch/types.h>
+
+#include "rlhf_kernels/common.h"
+
+namespace rlhf_kernels {
+
+// Calls f(scalar_t{}, acc_t{}) for the logits dtype; the 16-bit types are the
+// device's own (bf16_t / fp16_t on CPU, __nv_bfloat16 / __half on CUDA).
+template <typename bf16_type, typename fp16_type, typename F>
+void dispatch_float_dtype(at::ScalarType dtype, const char* name, const F& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}, float{}); break;
+    case at::kDouble: f(double{}, double{}); break;
+    case at::kBFloat16: f(bf16_type{}, float{}); break;
+    case at::kHalf: f(fp16_type{}, float{}); break;
+    default: TORCH_CHECK_VALUE(false, name, ": unsupported dtype ", dtype);
+  }
+}
+
+// A contiguous (n,) tensor of `dtype`, as every per-row input of a kernel is.
+inline void check_row_tensor(const at::Tensor& t, int64_t n, at::ScalarType dtype,
+                             const char* name) {
+  TORCH_CHECK_VALUE(t.numel() == n && t.is_contiguous() && t.scalar_type() == dtype, name,
+                    ": expected a contiguous (", n, ",) tensor of dtype ", dtype);
+}
+
+inline int64_t checked_rows(const at::Tensor& logits, const at::Tensor& labels,
+                            RowLayout layout) {
+  TORCH_CHECK_VALUE(logits.dim() >= 1 && logits.stride(-1) == 1,
+                    "logits: the last dimension must be contiguous");
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.scalar_type() == at::kLong &&
+                        labels.is_contiguous(),
+                    "labels: expected a contiguous (N,) int64 tensor");
+  TORCH_CHECK_VALUE(layout.inner_rows >= 1, "inner_rows must be >= 1");
+  const int64_t n_rows = labels.numel();
+  const int64_t vocab = logits.size(-1);
+  TORCH_CHECK_VALUE(vocab >= 1, "logits: the vocabulary dimension V must be >= 1");
+  if (n_rows > 0) {
+    // The layout must stay inside the tensor's storage.
+    // With non-negative strides the farthest row is the last one, or the last
+    // row of the previous (complete) outer block.
+    int64_t span = layout.offset(n_rows - 1) + vocab;
+    const int64_t last_block_start = ((n_rows - 1) / layout.inner_rows) * layout.inner_rows;
+    if (last_block_start > 0) span = std::max(span, layout.offset(last_block_start - 1) + vocab);
+    const int64_t available =
+        static_cast<int64_t>(logits.storage().nbytes() / logits.element_size()) -
+        logits.storage_offset();
+    TORCH_CHECK_VALUE(layout.outer_stride >= 0 && layout.inner_stride >= 0 && span <= available,
+                      "logits: row layout reaches outside the tensor's storage");
+  }
+  return n_rows;
+}
+
+inline at::ScalarType acc_dtype_for(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Checks of logprobs_bwd_native's arguments; returns the number of rows.
+inline int64_t check_logprobs_bwd(const at::Tensor& grad_logp,
+                                  const std::optional<at::Tensor>& grad_entropy,
+                                  const at::Tensor& logits, const at::Tensor& labels,
+                                  const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                                  const at::Tensor& grad_logits, RowLayout in_layout,
+                                  RowLayout out_layout) {
+  const int64_t n_rows = checked_rows(logits, labels, in_layout);
+  checked_rows(grad_logits, labels, out_layout);
+  TORCH_CHECK_VALUE(grad_logits.scalar_type() == logits.scalar_type(),
+                    "grad_logits: dtype must match logits");
+  const at::ScalarType acc = acc_dtype_for(logits);
+  check_row_tensor(grad_logp, n_rows, acc, "grad_logp");
+  check_row_tensor(lse, n_rows, acc, "lse");
+  if (grad_entropy) check_row_tensor(*grad_entropy, n_rows, acc, "grad_entropy");
+  if (entropy) check_row_tensor(*entropy, n_rows, acc, "entropy");
+  return n_rows;
+}
+
+}  // namespace rlhf_kernels
