@@ -1,0 +1,205 @@
+"""Shared benchmark machinery: timing, memory, bandwidth, environment, JSON lines.
+
+GPU timings use ``triton.testing.do_bench`` (median and 20/80 quantiles);
+CPU timings a warmed-up loop of ``time.perf_counter`` with the same quantiles.
+Every result is appended as one JSON line to ``benchmarks/results/<device>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {cpu} x{torch.get_num_threads()} threads"
+
+
+def device_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "git_commit": commit,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, setup: Callable[[], object] | None = None,
+            min_runs: int = 5, max_seconds: float = 2.0) -> Timing:
+    """Time fn(). `setup` runs before each call, outside the timed region
+    (e.g. to clone a buffer that an in-place kernel overwrites)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        if setup is None:
+            ms = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        else:
+            # do_bench cannot exclude setup; time with events per call instead.
+            times = []
+            for _ in range(3):
+                setup(); fn()
+            torch.cuda.synchronize()
+            for _ in range(max(min_runs, 20)):
+                setup()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(); fn(); end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            ms = _quantiles(times)
+        return Timing(*ms)
+    if setup is not None:
+        setup()
+    fn()  # warm-up
+    times: list[float] = []
+    deadline = time.perf_counter() + max_seconds
+    while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < 50):
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return Timing(*_quantiles(times))
+
+
+def _quantiles(times: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(times)
+    q = statistics.quantiles(ordered, n=10, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 9
+    return statistics.median(ordered), q[1], q[7]
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device copy bandwidth, counting bytes read plus bytes written."""
+    nbytes = nbytes if device.type == "cuda" else nbytes // 4
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    timing = time_fn(lambda: dst.copy_(src), device)
+    return 2 * nbytes / (timing.median_ms * 1e-3) / 1e9
+
+
+def peak_memory_gpu(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated by fn() above what was allocated before it."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+@dataclass
+class Result:
+    op: str
+    provider: str
+    mode: str
+    shape: list[int]
+    dtype: str
+    timing: Timing
+    min_bytes: int
+    copy_gbps: float
+    peak_mem_bytes: int | None = None
+    input_bytes: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def gbps(self) -> float:
+        return self.min_bytes / (self.timing.median_ms * 1e-3) / 1e9
+
+    def record(self, env: dict) -> dict:
+        row = dict(env)
+        row.update(
+            op=self.op, provider=self.provider, mode=self.mode, shape=self.shape, dtype=self.dtype,
+            **asdict(self.timing), min_bytes=self.min_bytes, gbps=round(self.gbps, 2),
+            copy_gbps=round(self.copy_gbps, 2), frac_copy_bw=round(self.gbps / self.copy_gbps, 3),
+            peak_mem_bytes=self.peak_mem_bytes,
+            peak_mem_over_input=(round(self.peak_mem_bytes / self.input_bytes, 3)
+                                 if self.peak_mem_bytes is not None and self.input_bytes else None),
+            **self.extra,
+        )
+        return row
+
+
+def write_results(rows: list[dict], env: dict, out_dir: Path = RESULTS_DIR) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{device_slug(env['device'])}.jsonl"
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def print_table(rows: list[dict], file=sys.stdout) -> None:
+    if not rows:
+        return
+    cols = ["op", "mode", "shape", "dtype", "provider", "median_ms", "gbps", "frac_copy_bw", "peak_mem_over_input"]
+    text = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)), file=file)
+    for t in text:
+        print("  ".join(v.ljust(w) for v, w in zip(t, widths)), file=file)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if v < 100 else f"{v:.1f}"
+    if isinstance(v, list):
+        return "x".join(str(x) for x in v)
+    return "-" if v is None else str(v)
+
+
+def progress(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def is_quick() -> bool:
+    return os.environ.get("RLHF_BENCH_QUICK", "0") == "1"
