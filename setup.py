@@ -33,9 +33,10 @@ def _extensions():
         not skip_cuda and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     )
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # The C++ standard is left to torch (C++17 or C++20 by version).
     # -fopenmp: at::parallel_for is an inline OpenMP loop in torch's headers,
     # serial unless the extension itself is compiled with OpenMP.
-    cxx_flags = ["-O3", "-std=c++17", "-Wno-psabi", "-fopenmp"]
+    cxx_flags = ["-O3", "-Wno-psabi", "-fopenmp"]
     link_flags = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     if not with_cuda:
@@ -52,7 +53,7 @@ def _extensions():
             "rlhf_kernels._C", sources, include_dirs=include_dirs, extra_link_args=link_flags,
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
             },
         )
     ]
