@@ -443,7 +443,7 @@ def _scaled_token_grad(grad: Tensor, weights: Tensor, grad_loss: Tensor, shape) 
     """grad_output * w_b * dl/dx, back in the tokens' shape."""
     seqs = weights.shape[0]
     scale = (weights * grad_loss).unsqueeze(-1)
-    return (grad.view(seqs, -1) * scale).view(shape)
+    return (grad.view(seqs, shape[-1]) * scale).view(shape)
 
 
 def _policy_setup_context(ctx, inputs, output):
@@ -552,12 +552,12 @@ def _from_logits_backward(ctx, grad_loss, _gs, _gg, _gw, _glse, _gent):
     if not ctx.needs_input_grad[0]:
         return (None,) * 19
     scale = (weights * grad_loss).unsqueeze(-1)  # (B, 1)
-    seqs = weights.shape[0]
-    grad_logp = (grad.view(seqs, -1) * scale).reshape(-1)
+    seqs, seq_len = weights.shape[0], labels.shape[-1]
+    grad_logp = (grad.view(seqs, seq_len) * scale).reshape(-1)
     grad_entropy = None
     if entropy_coef != 0.0:
         # d loss / d entropy = -entropy_coef * w_b on valid tokens.
-        grad_entropy = torch.where(mask.reshape(seqs, -1), -entropy_coef * scale, 0.0)
+        grad_entropy = torch.where(mask.reshape(seqs, seq_len), -entropy_coef * scale, 0.0)
         grad_entropy = grad_entropy.reshape(-1).to(grad_logp.dtype)
     args = (grad_logp, grad_entropy, logits, labels, lse, entropy if grad_entropy is not None else None,
             temperature, -100, backend)
