@@ -4,7 +4,10 @@
 
 #include <torch/types.h>
 
+#include <initializer_list>
+
 #include "rlhf_kernels/common.h"
+#include "rlhf_kernels/ppo_math.h"
 
 namespace rlhf_kernels {
 
@@ -76,6 +79,40 @@ inline int64_t check_logprobs_bwd(const at::Tensor& grad_logp,
   if (grad_entropy) check_row_tensor(*grad_entropy, n_rows, acc, "grad_entropy");
   if (entropy) check_row_tensor(*entropy, n_rows, acc, "entropy");
   return n_rows;
+}
+
+
+// The (B, T) token tensors of the PPO loss kernels, flattened to (B * T,).
+struct PpoShape {
+  int64_t seqs;
+  int64_t seq_len;
+  int64_t numel() const { return seqs * seq_len; }
+};
+
+// Checks of the PPO kernels' token inputs: `first` and `others` contiguous
+// (N,) tensors of one floating dtype, mask a contiguous (N,) bool tensor, and
+// N a multiple of seq_len. Returns (B, T).
+inline PpoShape check_ppo_inputs(const at::Tensor& first,
+                                 std::initializer_list<const at::Tensor*> others,
+                                 const at::Tensor& mask, int64_t seq_len,
+                                 std::initializer_list<const char*> names) {
+  TORCH_CHECK_VALUE(first.dim() == 1 && first.is_contiguous(),
+                    "expected contiguous (N,) token tensors");
+  TORCH_CHECK_VALUE(first.scalar_type() == at::kFloat || first.scalar_type() == at::kDouble,
+                    "token tensors must be float32 or float64");
+  const int64_t n = first.numel();
+  TORCH_CHECK_VALUE(seq_len >= 0 && (seq_len == 0 ? n == 0 : n % seq_len == 0),
+                    "seq_len: ", seq_len, " does not divide ", n, " tokens");
+  auto name = names.begin();
+  for (const at::Tensor* t : others) check_row_tensor(*t, n, first.scalar_type(), *name++);
+  check_row_tensor(mask, n, at::kBool, "mask");
+  TORCH_CHECK(first.device() == mask.device(), "mask: must be on the device of the inputs");
+  return PpoShape{seq_len == 0 ? 0 : n / seq_len, seq_len};
+}
+
+// A bool tensor's bytes (0 or 1), as the kernels read masks.
+inline const uint8_t* mask_data(const at::Tensor& mask) {
+  return reinterpret_cast<const uint8_t*>(mask.const_data_ptr());
 }
 
 }  // namespace rlhf_kernels

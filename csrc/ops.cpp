@@ -28,4 +28,20 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "Tensor labels, Tensor lse, Tensor? entropy, Tensor(a!) grad_logits, int inner_rows, "
       "int in_outer_stride, int in_inner_stride, int out_outer_stride, int out_inner_stride, "
       "float inv_temperature, int ignore_index) -> ()");
+  // Fused PPO policy loss, one pass over the tokens. Token tensors (N,) =
+  // (B * T,) contiguous, float32 or float64; mask (N,) bool. ratio_low /
+  // ratio_high = 1 -+ clip; dual_clip <= 0 turns the dual clip off;
+  // kl_estimator -1 (none), 0 k1, 1 abs, 2 k2, 3 k3 (needs ref_logp); entropy
+  // only adds to the statistics. Returns grad (N,) = d(token loss + kl_coef *
+  // kl) / d logp, 0 on masked tokens (empty unless need_grad), and the
+  // per-sequence statistics (B, 9) (columns: rlhf_kernels/ppo_math.h PolicyStat).
+  m.def(
+      "ppo_policy_fwd_native(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
+      "Tensor? ref_logp, Tensor? entropy, int seq_len, float ratio_low, float ratio_high, "
+      "float dual_clip, float kl_coef, int kl_estimator, bool need_grad) -> (Tensor, Tensor)");
+  // Clipped value loss: grad (N,) = d(0.5 * max(...)) / d values, and (B, 3)
+  // per-sequence statistics (ValueStat).
+  m.def(
+      "ppo_value_fwd_native(Tensor values, Tensor old_values, Tensor returns, Tensor mask, "
+      "int seq_len, float clip, bool need_grad) -> (Tensor, Tensor)");
 }

@@ -7,6 +7,7 @@ Triton and without the compiled extension (the reference backend then runs).
 from . import reference
 from ._backend import BACKENDS, available_backends
 from .ops.logprobs import logprobs_from_logits
+from .ops.ppo_loss import ppo_loss_from_logits, ppo_policy_loss, ppo_value_loss
 
 __version__ = "0.1.0"
 
@@ -14,5 +15,8 @@ __all__ = [
     "BACKENDS",
     "available_backends",
     "logprobs_from_logits",
+    "ppo_loss_from_logits",
+    "ppo_policy_loss",
+    "ppo_value_loss",
     "reference",
 ]

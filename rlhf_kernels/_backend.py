@@ -24,6 +24,9 @@ ENV_CHECK = "RLHF_KERNELS_CHECK"
 # otherwise; docs/performance.md records the measurements.
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "logprobs": ("cuda", "triton"),
+    "ppo_policy_loss": ("cuda", "triton"),
+    "ppo_value_loss": ("cuda", "triton"),
+    "ppo_loss_from_logits": ("cuda", "triton"),
 }
 
 

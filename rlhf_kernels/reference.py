@@ -87,3 +87,209 @@ def logprobs_grad(
     bad = ~ignored & ~in_range
     grad = torch.where(bad.unsqueeze(-1), torch.full_like(grad, float("nan")), grad)
     return (grad / temperature).to(logits.dtype)
+
+
+# --- PPO losses ---------------------------------------------------------------------
+
+AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
+
+
+def agg_loss(
+    loss_mat: Tensor,
+    mask: Tensor,
+    agg: str,
+    *,
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+) -> Tensor:
+    """Aggregate a (..., T) per-token loss over the valid tokens of ``mask``.
+
+    ``token-mean``: sum / (``num_tokens`` or the number of valid tokens);
+    ``token-sum``: sum; ``seq-mean-token-sum``: mean over sequences of the
+    per-sequence sums; ``seq-mean-token-mean``: mean over sequences of the
+    per-sequence means; ``seq-mean-token-sum-norm``: seq-mean-token-sum / T.
+    The sequence means run over the sequences with at least one valid token
+    (``num_seqs`` overrides that count). No valid token gives 0. Masked
+    positions are selected away (``where``), so NaN there never leaks.
+    """
+    mask = mask.to(torch.bool)
+    values = torch.where(mask, loss_mat, torch.zeros_like(loss_mat))
+    if agg == "token-mean":
+        denom = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
+        return values.sum() / denom
+    if agg == "token-sum":
+        return values.sum()
+    seq_sum = values.sum(-1)
+    counts = mask.sum(-1)
+    seqs = num_seqs if num_seqs is not None else (counts > 0).sum().clamp(min=1)
+    if agg == "seq-mean-token-sum":
+        return seq_sum.sum() / seqs
+    if agg == "seq-mean-token-mean":
+        return (seq_sum / counts.clamp(min=1)).sum() / seqs
+    if agg == "seq-mean-token-sum-norm":
+        return seq_sum.sum() / seqs / loss_mat.shape[-1]
+    raise ValueError(f"agg: unknown mode {agg!r}; expected one of {AGG_MODES}")
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    x = torch.where(mask, x, torch.zeros_like(x))
+    return x.sum() / mask.sum().clamp(min=1)
+
+
+def _masked_extreme(x: Tensor, mask: Tensor, largest: bool) -> Tensor:
+    # 0 when no token is valid (never +-inf or NaN).
+    if x.numel() == 0:
+        return x.new_zeros(())
+    fill = float("-inf") if largest else float("inf")
+    x = torch.where(mask, x, torch.full_like(x, fill))
+    extreme = x.amax() if largest else x.amin()
+    return torch.where(mask.any(), extreme, torch.zeros_like(extreme))
+
+
+def ppo_policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    upcast: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The clipped PPO surrogate, eagerly, as verl/OpenRLHF compute it:
+
+    ``ratio = exp(clamp(logp - old_logp, -20, 20))``, ``l1 = -A * ratio``,
+    ``l2 = -A * clamp(ratio, 1 - clip_low, 1 + clip_high)``, ``l = max(l1, l2)``;
+    with ``dual_clip = c``, tokens with A < 0 take ``min(l, -c * A)``; the loss is
+    ``agg_loss(l, mask, agg)``. Returns (loss, stats) with stats clipfrac
+    (l2 > l1), clipfrac_lower (dual clip active), approx_kl (masked mean of
+    old_logp - logp), ratio_max and ratio_min over valid tokens.
+    """
+    dtype = _compute_dtype(logp.dtype, upcast)
+    logp, old_logp, advantages = logp.to(dtype), old_logp.to(dtype), advantages.to(dtype)
+    mask = mask.to(torch.bool)
+    clip_high = clip_low if clip_high is None else clip_high
+    log_ratio = torch.clamp(logp - old_logp, min=-20.0, max=20.0)
+    ratio = torch.exp(log_ratio)
+    loss1 = -advantages * ratio
+    loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    clipped_loss = torch.maximum(loss1, loss2)
+    clipfrac = _masked_mean((loss2 > loss1).to(dtype), mask)
+    if dual_clip is not None:
+        loss3 = -advantages * dual_clip
+        negative = advantages < 0
+        clipfrac_lower = _masked_mean(((clipped_loss > loss3) & negative).to(dtype), mask)
+        token_loss = torch.where(negative, torch.minimum(clipped_loss, loss3), clipped_loss)
+    else:
+        clipfrac_lower = clipfrac.new_zeros(())
+        token_loss = clipped_loss
+    loss = agg_loss(token_loss, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)
+    ratio = ratio.detach()
+    stats = {
+        "clipfrac": clipfrac.detach(),
+        "clipfrac_lower": clipfrac_lower.detach(),
+        "approx_kl": _masked_mean((old_logp - logp).detach(), mask),
+        "ratio_max": _masked_extreme(ratio, mask, largest=True),
+        "ratio_min": _masked_extreme(ratio, mask, largest=False),
+    }
+    return loss, stats
+
+
+def ppo_value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    *,
+    clip: float = 0.2,
+    agg: str = "token-mean",
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    upcast: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss, eagerly (verl ``compute_value_loss``):
+    ``v_clipped = old_values + clamp(values - old_values, -clip, clip)``,
+    ``0.5 * agg(max((values - R)^2, (v_clipped - R)^2))``; stats vf_clipfrac
+    (share of valid tokens where the clipped error is the larger)."""
+    dtype = _compute_dtype(values.dtype, upcast)
+    values, old_values, returns = values.to(dtype), old_values.to(dtype), returns.to(dtype)
+    mask = mask.to(torch.bool)
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    loss1 = (values - returns) ** 2
+    loss2 = (clipped - returns) ** 2
+    token_loss = torch.maximum(loss1, loss2)
+    loss = 0.5 * agg_loss(token_loss, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)
+    stats = {"vf_clipfrac": _masked_mean((loss2 > loss1).to(dtype), mask)}
+    return loss, stats
+
+
+KL_ESTIMATORS = ("k1", "abs", "k2", "mse", "k3", "low_var_kl")
+
+
+def ppo_kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token KL penalty estimators (the formulas of issue 3's ``kl_penalty``,
+    private to the PPO loss until that op lands): k1 = logp - ref; abs = |k1|;
+    k2 / mse = 0.5 * k1^2; k3 / low_var_kl = exp(d) - d - 1 with
+    d = clamp(ref - logp, -20, 20), the result clamped to [-10, 10]."""
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "abs":
+        return (logp - ref_logp).abs()
+    if estimator in ("k2", "mse"):
+        return 0.5 * (logp - ref_logp).square()
+    if estimator in ("k3", "low_var_kl"):
+        d = torch.clamp(ref_logp - logp, min=-20.0, max=20.0)
+        return torch.clamp(torch.exp(d) - d - 1, min=-10.0, max=10.0)
+    raise ValueError(f"kl_estimator: unknown estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+
+
+def ppo_loss_from_logits(
+    logits: Tensor,
+    labels: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    ref_logp: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    upcast: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The composition ``logprobs_from_logits`` -> ``ppo_policy_loss``
+    + ``kl_coef * agg(ppo_kl_penalty(logp, ref_logp))`` - ``entropy_coef * agg(entropy)``.
+    stats add pg_loss, kl (the aggregated penalty, 0 without ref_logp) and entropy."""
+    logp, entropy = logprobs_from_logits(
+        logits, labels, temperature=temperature, return_entropy=True, upcast=upcast
+    )
+    pg_loss, stats = ppo_policy_loss(
+        logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+        dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, upcast=upcast,
+    )
+    aggregate = lambda x: agg_loss(x, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)  # noqa: E731
+    entropy_agg = aggregate(entropy)
+    loss = pg_loss - entropy_coef * entropy_agg
+    if ref_logp is not None:
+        kl = aggregate(ppo_kl_penalty(logp, ref_logp.to(logp.dtype), kl_estimator))
+        loss = loss + kl_coef * kl
+    else:
+        kl = pg_loss.new_zeros(())
+    stats.update(pg_loss=pg_loss.detach(), kl=kl.detach(), entropy=entropy_agg.detach())
+    return loss, stats

@@ -1,0 +1,212 @@
+"""Benchmark the fused PPO losses against the eager formulation (verl / OpenRLHF,
+``rlhf_kernels.reference``), ``torch.compile`` of that reference, and Liger's
+``triton_grpo_loss`` where installed (GPU only).
+
+    python benchmarks/bench_losses.py            # full shapes (1M tokens; N = 8192, V = 152064 on GPU)
+    python benchmarks/bench_losses.py --quick    # tiny shapes, a smoke run
+
+Forward and forward+backward are timed separately; each result is appended as
+one JSON line under benchmarks/results/ (or --out-dir) and printed as a table.
+Minimal bytes: the token losses read 3 float32 tensors and the mask and (with
+backward) write one float32 gradient; the loss from logits reads the logits
+once forward, and once more plus one gradient write backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    RESULTS_DIR, Result, copy_bandwidth_gbps, environment, is_quick, peak_memory_gpu, print_table,
+    progress, time_fn, write_results,
+)
+
+import rlhf_kernels  # noqa: E402
+from rlhf_kernels import reference  # noqa: E402
+
+POLICY_KW = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, agg="token-mean")
+LOGITS_KW = dict(temperature=0.9, clip_low=0.2, clip_high=0.4, agg="token-mean", kl_coef=0.04, kl_estimator="k3")
+
+
+def _token_inputs(shape, device):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    logp = (-torch.rand(shape, generator=gen) * 3).to(device)
+    old = (logp.cpu() + torch.randn(shape, generator=gen) * 0.3).to(device)
+    adv = torch.randn(shape, generator=gen).to(device)
+    mask = (torch.rand(shape, generator=gen) > 0.1).to(device)
+    return logp, old, adv, mask
+
+
+def _logits_inputs(shape, dtype, device):
+    B, T, V = shape
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    # T + 1 positions, as an LM emits; the loss reads logits[:, :-1] in place.
+    logits = (torch.randn(B, T + 1, V, generator=gen) * 2).to(dtype).to(device)
+    labels = torch.randint(0, V, (B, T), generator=gen).to(device)
+    old = (-torch.rand(B, T, generator=gen) * 5 - 8).to(device)
+    ref = old + 0.1
+    adv = torch.randn(B, T, generator=gen).to(device)
+    mask = (torch.rand(B, T, generator=gen) > 0.1).to(device)
+    return logits, labels, old, ref, adv, mask
+
+
+def _backends(device: torch.device, quick: bool) -> list[str]:
+    names = [b for b in rlhf_kernels.available_backends() if b != "reference"]
+    if device.type == "cpu":
+        # The Triton interpreter is a correctness tool: only in the smoke run.
+        names = [b for b in names if b == "cpu" or (quick and b == "triton")]
+    else:
+        names = [b for b in names if b in ("cuda", "triton")]
+    return names
+
+
+def _timed(fn, device, leaves):
+    """(fwd timing, fwd+bwd timing) of fn() -> loss."""
+    def forward():
+        with torch.no_grad():
+            fn()
+
+    def setup():
+        for leaf in leaves:
+            leaf.grad = None
+
+    def forward_backward():
+        fn().backward()
+
+    return time_fn(forward, device), time_fn(forward_backward, device, setup=setup)
+
+
+def bench_token_losses(device, quick, compile_ref, copy_gbps):
+    shapes = [(4, 64)] if quick else [(1024, 1024)]  # 1M tokens
+    rows = []
+    for shape in shapes:
+        logp, old, adv, mask = _token_inputs(shape, device)
+        n = logp.numel()
+        for op in ("ppo_policy_loss", "ppo_value_loss"):
+            leaf = logp.clone().requires_grad_(True)
+            if op == "ppo_policy_loss":
+                eager = lambda: reference.ppo_policy_loss(leaf, old, adv, mask, **POLICY_KW)[0]  # noqa: E731
+                ours = lambda b: (lambda: rlhf_kernels.ppo_policy_loss(leaf, old, adv, mask, backend=b, **POLICY_KW)[0])  # noqa: E731
+            else:
+                eager = lambda: reference.ppo_value_loss(leaf, old, adv, mask, clip=0.2)[0]  # noqa: E731
+                ours = lambda b: (lambda: rlhf_kernels.ppo_value_loss(leaf, old, adv, mask, clip=0.2, backend=b)[0])  # noqa: E731
+            providers = {"eager": eager}
+            if compile_ref:
+                providers["torch.compile"] = torch.compile(eager)
+            for backend in _backends(device, quick):
+                providers[f"rlhf_kernels:{backend}"] = ours(backend)
+            for provider, fn in providers.items():
+                progress(f"{op} {shape} {provider}")
+                fwd, fwd_bwd = _timed(fn, device, [leaf])
+                for mode, timing, nbytes in (("fwd", fwd, 13 * n), ("fwd+bwd", fwd_bwd, 17 * n)):
+                    rows.append(Result(op, provider, mode, list(shape), "float32", timing, nbytes, copy_gbps))
+    return rows
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    return triton_grpo_loss
+
+
+def bench_loss_from_logits(device, quick, compile_ref, copy_gbps):
+    if quick:
+        configs = [((2, 8, 128), torch.float32)]
+    elif device.type == "cuda":
+        configs = [((1, 8192, 152064), torch.bfloat16)]
+    else:
+        configs = [((1, 512, 32000), torch.float32)]
+    rows = []
+    for shape, dtype in configs:
+        logits, labels, old, ref, adv, mask = _logits_inputs(shape, dtype, device)
+        leaf = logits.clone().requires_grad_(True)
+        n_bytes = shape[0] * shape[1] * shape[2] * logits.element_size()
+
+        def eager():
+            return reference.ppo_loss_from_logits(leaf[:, :-1], labels, old, adv, mask, ref_logp=ref, **LOGITS_KW)[0]
+
+        providers = {"eager": eager}
+        if compile_ref:
+            providers["torch.compile"] = torch.compile(eager)
+        for backend in _backends(device, quick):
+            providers[f"rlhf_kernels:{backend}"] = (
+                lambda b: lambda: rlhf_kernels.ppo_loss_from_logits(
+                    leaf[:, :-1], labels, old, adv, mask, ref_logp=ref, backend=b, **LOGITS_KW)[0]
+            )(backend)
+        liger = _liger() if device.type == "cuda" else None
+        if liger is not None:
+            def liger_fn():
+                out = liger(leaf, old, ref, labels, adv, mask, temperature=LOGITS_KW["temperature"],
+                            beta=LOGITS_KW["kl_coef"], eps_low=0.2, eps_high=0.4, inplace=False)
+                loss = out[0] if isinstance(out, tuple) else out
+                if loss.dim() > 0:  # per-token losses in older Liger versions
+                    loss = (loss * mask).sum() / mask.sum().clamp(min=1)
+                return loss
+            providers["liger:triton_grpo_loss"] = liger_fn
+        for provider, fn in providers.items():
+            progress(f"ppo_loss_from_logits {shape} {provider}")
+            fwd, fwd_bwd = _timed(fn, device, [leaf])
+            peak = None
+            if device.type == "cuda":
+                peak = peak_memory_gpu(lambda: fn().backward(), device)
+                leaf.grad = None
+            for mode, timing, nbytes in (("fwd", fwd, n_bytes), ("fwd+bwd", fwd_bwd, 3 * n_bytes)):
+                rows.append(Result("ppo_loss_from_logits", provider, mode, list(shape), str(dtype).replace("torch.", ""),
+                                   timing, nbytes, copy_gbps, peak_mem_bytes=peak if mode == "fwd+bwd" else None,
+                                   input_bytes=n_bytes))
+    return rows
+
+
+def _speedups(rows: list[dict]) -> None:
+    """Adds speedup_vs_eager to each row (same op, mode, shape)."""
+    eager = {(r["op"], r["mode"], tuple(r["shape"])): r["median_ms"] for r in rows if r["provider"] == "eager"}
+    for r in rows:
+        base = eager.get((r["op"], r["mode"], tuple(r["shape"])))
+        r["speedup_vs_eager"] = round(base / r["median_ms"], 2) if base and r["median_ms"] > 0 else None
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke run)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip torch.compile of the reference (always skipped with --quick: compile time)")
+    parser.add_argument("--ops", default="tokens,logits", help="comma list of: tokens, logits")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (a shared machine times more steadily with 1)")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    quick = args.quick or is_quick()
+    device = torch.device(args.device)
+    compile_ref = not (args.no_compile or quick)
+    env = environment(device)
+    copy_gbps = copy_bandwidth_gbps(device, nbytes=(1 << 22) if quick else (1 << 30))
+    results: list[Result] = []
+    ops = set(args.ops.split(","))
+    if "tokens" in ops:
+        results += bench_token_losses(device, quick, compile_ref, copy_gbps)
+    if "logits" in ops:
+        results += bench_loss_from_logits(device, quick, compile_ref, copy_gbps)
+    rows = [r.record(env) for r in results]
+    _speedups(rows)
+    path = write_results(rows, env, args.out_dir)
+    print_table(rows)
+    for r in rows:
+        if r["speedup_vs_eager"] is not None and r["provider"] != "eager":
+            print(f"{r['op']:22s} {r['mode']:8s} {r['provider']:24s} {r['median_ms']:9.3f} ms  x{r['speedup_vs_eager']}")
+    print(f"results appended to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

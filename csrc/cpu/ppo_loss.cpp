@@ -1,0 +1,155 @@
+// CPU kernels of the fused PPO losses. The per-token math lives in
+// rlhf_kernels/ppo_math.h, shared with the CUDA kernels; float sequences run
+// 8 tokens at a time through ppo_loss_vec.inc (baseline and AVX2 copies,
+// chosen at run time like the logprobs kernels), their tails and double
+// through the scalar policy_token / value_token.
+#include "ppo_loss.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+namespace rlhf_kernels::cpu {
+namespace {
+
+namespace baseline {
+#include "ppo_loss_vec.inc"
+}  // namespace baseline
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RLHF_HAVE_AVX2_PPO 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "ppo_loss_vec.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+struct VecKernels {
+  void (*policy)(const float*, const float*, const float*, const uint8_t*, const float*,
+                 const float*, int64_t, const PolicyParams<float>&, float*, float*);
+  void (*value)(const float*, const float*, const float*, const uint8_t*, int64_t, float, float*,
+                float*);
+};
+
+const VecKernels& vec_kernels() {
+  static const VecKernels kernels = [] {
+#ifdef RLHF_HAVE_AVX2_PPO
+    const char* isa = std::getenv("RLHF_KERNELS_CPU_ISA");
+    const bool forced_baseline = isa != nullptr && std::strcmp(isa, "baseline") == 0;
+    if (!forced_baseline && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return VecKernels{avx2::policy_tokens, avx2::value_tokens};
+#endif
+    return VecKernels{baseline::policy_tokens, baseline::value_tokens};
+  }();
+  return kernels;
+}
+
+// Tokens [t_begin, t_end) of the sequence starting at `base`, one at a time.
+template <typename acc_t>
+void policy_scalar(const acc_t* logp, const acc_t* old_logp, const acc_t* advantages,
+                   const uint8_t* mask, const acc_t* ref_logp, const acc_t* entropy,
+                   const PolicyParams<acc_t>& p, acc_t* grad, int64_t base, int64_t t_begin,
+                   int64_t t_end, acc_t* sums) {
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t i = base + t;
+    if (!mask[i]) {
+      if (grad) grad[i] = acc_t(0);
+      continue;
+    }
+    const acc_t ref = ref_logp ? ref_logp[i] : acc_t(0);
+    const PolicyToken<acc_t> tok = policy_token<acc_t>(logp[i], old_logp[i], advantages[i], ref, p);
+    if (grad) grad[i] = tok.grad;
+    sums[kPgLossSum] += tok.loss;
+    sums[kValidCount] += acc_t(1);
+    sums[kClipCount] += tok.clipped ? acc_t(1) : acc_t(0);
+    sums[kDualClipCount] += tok.dual ? acc_t(1) : acc_t(0);
+    sums[kApproxKlSum] += old_logp[i] - logp[i];
+    sums[kRatioMax] = tok.ratio > sums[kRatioMax] ? tok.ratio : sums[kRatioMax];
+    sums[kRatioMin] = tok.ratio < sums[kRatioMin] ? tok.ratio : sums[kRatioMin];
+    sums[kKlPenaltySum] += tok.kl;
+    if (entropy) sums[kEntropySum] += entropy[i];
+  }
+}
+
+template <typename acc_t>
+void value_scalar(const acc_t* values, const acc_t* old_values, const acc_t* returns,
+                  const uint8_t* mask, acc_t clip, acc_t* grad, int64_t base, int64_t t_begin,
+                  int64_t t_end, acc_t* sums) {
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t i = base + t;
+    if (!mask[i]) {
+      if (grad) grad[i] = acc_t(0);
+      continue;
+    }
+    const ValueToken<acc_t> tok = value_token<acc_t>(values[i], old_values[i], returns[i], clip);
+    if (grad) grad[i] = tok.grad;
+    sums[kVfLossSum] += tok.loss;
+    sums[kVfValidCount] += acc_t(1);
+    sums[kVfClipCount] += tok.clipped ? acc_t(1) : acc_t(0);
+  }
+}
+
+}  // namespace
+
+template <typename acc_t>
+void ppo_policy_rows(const acc_t* logp, const acc_t* old_logp, const acc_t* advantages,
+                     const uint8_t* mask, const acc_t* ref_logp, const acc_t* entropy,
+                     int64_t seq_len, const PolicyParams<acc_t>& p, acc_t* grad,
+                     acc_t* seq_stats, int64_t seq_begin, int64_t seq_end) {
+  PolicyParams<acc_t> params = p;
+  if (ref_logp == nullptr) params.kl_estimator = kKlNone;
+  const acc_t* ref = params.kl_estimator == kKlNone ? nullptr : ref_logp;
+  for (int64_t seq = seq_begin; seq < seq_end; ++seq) {
+    const int64_t base = seq * seq_len;
+    acc_t* sums = seq_stats + seq * kPolicyStats;
+    for (int k = 0; k < kPolicyStats; ++k) sums[k] = acc_t(0);
+    sums[kRatioMax] = -std::numeric_limits<acc_t>::infinity();
+    sums[kRatioMin] = std::numeric_limits<acc_t>::infinity();
+    int64_t vectorised = 0;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      vectorised = seq_len - seq_len % 8;
+      vec_kernels().policy(logp + base, old_logp + base, advantages + base, mask + base,
+                           ref ? ref + base : nullptr, entropy ? entropy + base : nullptr,
+                           vectorised, params, grad ? grad + base : nullptr, sums);
+    }
+    policy_scalar<acc_t>(logp, old_logp, advantages, mask, ref, entropy, params, grad, base,
+                         vectorised, seq_len, sums);
+  }
+}
+
+template <typename acc_t>
+void ppo_value_rows(const acc_t* values, const acc_t* old_values, const acc_t* returns,
+                    const uint8_t* mask, int64_t seq_len, acc_t clip, acc_t* grad,
+                    acc_t* seq_stats, int64_t seq_begin, int64_t seq_end) {
+  for (int64_t seq = seq_begin; seq < seq_end; ++seq) {
+    const int64_t base = seq * seq_len;
+    acc_t* sums = seq_stats + seq * kValueStats;
+    for (int k = 0; k < kValueStats; ++k) sums[k] = acc_t(0);
+    int64_t vectorised = 0;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      vectorised = seq_len - seq_len % 8;
+      vec_kernels().value(values + base, old_values + base, returns + base, mask + base,
+                          vectorised, clip, grad ? grad + base : nullptr, sums);
+    }
+    value_scalar<acc_t>(values, old_values, returns, mask, clip, grad, base, vectorised, seq_len,
+                        sums);
+  }
+}
+
+#define RLHF_INSTANTIATE(acc_t)                                                                  \
+  template void ppo_policy_rows<acc_t>(const acc_t*, const acc_t*, const acc_t*, const uint8_t*, \
+                                       const acc_t*, const acc_t*, int64_t,                      \
+                                       const PolicyParams<acc_t>&, acc_t*, acc_t*, int64_t,      \
+                                       int64_t);                                                 \
+  template void ppo_value_rows<acc_t>(const acc_t*, const acc_t*, const acc_t*, const uint8_t*,  \
+                                      int64_t, acc_t, acc_t*, acc_t*, int64_t, int64_t);
+RLHF_INSTANTIATE(float)
+RLHF_INSTANTIATE(double)
+#undef RLHF_INSTANTIATE
+
+}  // namespace rlhf_kernels::cpu

@@ -1,0 +1,162 @@
+// Fused PPO losses, CUDA: one thread block per 1024-token chunk of a
+// sequence. Each thread evaluates the per-token loss and its derivative
+// (rlhf_kernels/ppo_math.h, shared with the CPU kernels), writes the
+// derivative, and the block reduces its partial statistics by warp shuffles
+// then across warps (one write of kPolicyStats values per block).
+#include <cmath>
+
+#include "ppo_loss.cuh"
+
+namespace rlhf_kernels::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+enum class Reduce { kSum, kMax, kMin };
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t combine(acc_t a, acc_t b, Reduce op) {
+  switch (op) {
+    case Reduce::kMax: return a > b ? a : b;
+    case Reduce::kMin: return a < b ? a : b;
+    default: return a + b;
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t identity(Reduce op) {
+  return op == Reduce::kMax ? acc_t(-INFINITY) : (op == Reduce::kMin ? acc_t(INFINITY) : acc_t(0));
+}
+
+// Block-wide reduction of K values per thread; thread 0 writes them to out.
+template <typename acc_t, int K>
+__device__ __forceinline__ void block_reduce_store(acc_t (&v)[K], const Reduce (&ops)[K], acc_t* out) {
+  __shared__ acc_t shared[K][kWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1)
+      v[k] = combine(v[k], __shfl_xor_sync(0xffffffffu, v[k], offset), ops[k]);
+    if (lane == 0) shared[k][warp] = v[k];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      acc_t x = lane < kWarps ? shared[k][lane] : identity<acc_t>(ops[k]);
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1)
+        x = combine(x, __shfl_xor_sync(0xffffffffu, x, offset), ops[k]);
+      if (lane == 0) out[k] = x;
+    }
+  }
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    ppo_policy_fwd_kernel(const acc_t* __restrict__ logp, const acc_t* __restrict__ old_logp,
+                          const acc_t* __restrict__ advantages, const uint8_t* __restrict__ mask,
+                          const acc_t* __restrict__ ref_logp, const acc_t* __restrict__ entropy,
+                          int64_t seq_len, int64_t chunks, PolicyParams<acc_t> params,
+                          acc_t* __restrict__ grad, acc_t* __restrict__ partial) {
+  const int64_t block = blockIdx.x;
+  const int64_t seq = block / chunks;
+  const int64_t start = (block % chunks) * kPpoChunk;
+  const int64_t end = start + kPpoChunk < seq_len ? start + kPpoChunk : seq_len;
+  acc_t v[kPolicyStats] = {0, 0, 0, 0, 0, acc_t(-INFINITY), acc_t(INFINITY), 0, 0};
+  for (int64_t t = start + threadIdx.x; t < end; t += kThreads) {
+    const int64_t i = seq * seq_len + t;
+    if (!mask[i]) {
+      if (grad) grad[i] = acc_t(0);
+      continue;
+    }
+    const acc_t lp = logp[i], old = old_logp[i];
+    const PolicyToken<acc_t> tok =
+        policy_token<acc_t>(lp, old, advantages[i], ref_logp ? ref_logp[i] : acc_t(0), params);
+    if (grad) grad[i] = tok.grad;
+    v[kPgLossSum] += tok.loss;
+    v[kValidCount] += acc_t(1);
+    v[kClipCount] += tok.clipped ? acc_t(1) : acc_t(0);
+    v[kDualClipCount] += tok.dual ? acc_t(1) : acc_t(0);
+    v[kApproxKlSum] += old - lp;
+    v[kRatioMax] = tok.ratio > v[kRatioMax] ? tok.ratio : v[kRatioMax];
+    v[kRatioMin] = tok.ratio < v[kRatioMin] ? tok.ratio : v[kRatioMin];
+    v[kKlPenaltySum] += tok.kl;
+    if (entropy) v[kEntropySum] += entropy[i];
+  }
+  constexpr Reduce ops[kPolicyStats] = {Reduce::kSum, Reduce::kSum, Reduce::kSum,
+                                        Reduce::kSum, Reduce::kSum, Reduce::kMax,
+                                        Reduce::kMin, Reduce::kSum, Reduce::kSum};
+  block_reduce_store<acc_t, kPolicyStats>(v, ops, partial + block * kPolicyStats);
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    ppo_value_fwd_kernel(const acc_t* __restrict__ values, const acc_t* __restrict__ old_values,
+                         const acc_t* __restrict__ returns, const uint8_t* __restrict__ mask,
+                         int64_t seq_len, int64_t chunks, acc_t clip, acc_t* __restrict__ grad,
+                         acc_t* __restrict__ partial) {
+  const int64_t block = blockIdx.x;
+  const int64_t seq = block / chunks;
+  const int64_t start = (block % chunks) * kPpoChunk;
+  const int64_t end = start + kPpoChunk < seq_len ? start + kPpoChunk : seq_len;
+  acc_t v[kValueStats] = {0, 0, 0};
+  for (int64_t t = start + threadIdx.x; t < end; t += kThreads) {
+    const int64_t i = seq * seq_len + t;
+    if (!mask[i]) {
+      if (grad) grad[i] = acc_t(0);
+      continue;
+    }
+    const ValueToken<acc_t> tok = value_token<acc_t>(values[i], old_values[i], returns[i], clip);
+    if (grad) grad[i] = tok.grad;
+    v[kVfLossSum] += tok.loss;
+    v[kVfValidCount] += acc_t(1);
+    v[kVfClipCount] += tok.clipped ? acc_t(1) : acc_t(0);
+  }
+  constexpr Reduce ops[kValueStats] = {Reduce::kSum, Reduce::kSum, Reduce::kSum};
+  block_reduce_store<acc_t, kValueStats>(v, ops, partial + block * kValueStats);
+}
+
+}  // namespace
+
+template <typename acc_t>
+cudaError_t launch_ppo_policy_fwd(const acc_t* logp, const acc_t* old_logp, const acc_t* advantages,
+                                  const uint8_t* mask, const acc_t* ref_logp, const acc_t* entropy,
+                                  int64_t seqs, int64_t seq_len, PolicyParams<acc_t> params,
+                                  acc_t* grad, acc_t* partial, cudaStream_t stream) {
+  const int64_t chunks = ppo_chunks(seq_len);
+  const int64_t blocks = seqs * chunks;
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  ppo_policy_fwd_kernel<acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      logp, old_logp, advantages, mask, ref_logp, entropy, seq_len, chunks, params, grad, partial);
+  return cudaGetLastError();
+}
+
+template <typename acc_t>
+cudaError_t launch_ppo_value_fwd(const acc_t* values, const acc_t* old_values, const acc_t* returns,
+                                 const uint8_t* mask, int64_t seqs, int64_t seq_len, acc_t clip,
+                                 acc_t* grad, acc_t* partial, cudaStream_t stream) {
+  const int64_t chunks = ppo_chunks(seq_len);
+  const int64_t blocks = seqs * chunks;
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  ppo_value_fwd_kernel<acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      values, old_values, returns, mask, seq_len, chunks, clip, grad, partial);
+  return cudaGetLastError();
+}
+
+#define RLHF_INSTANTIATE(acc_t)                                                                   \
+  template cudaError_t launch_ppo_policy_fwd<acc_t>(                                              \
+      const acc_t*, const acc_t*, const acc_t*, const uint8_t*, const acc_t*, const acc_t*,       \
+      int64_t, int64_t, PolicyParams<acc_t>, acc_t*, acc_t*, cudaStream_t);                       \
+  template cudaError_t launch_ppo_value_fwd<acc_t>(const acc_t*, const acc_t*, const acc_t*,      \
+                                                   const uint8_t*, int64_t, int64_t, acc_t,       \
+                                                   acc_t*, acc_t*, cudaStream_t);
+RLHF_INSTANTIATE(float)
+RLHF_INSTANTIATE(double)
+#undef RLHF_INSTANTIATE
+
+}  // namespace rlhf_kernels::cuda

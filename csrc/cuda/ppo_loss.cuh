@@ -1,0 +1,35 @@
+// Host launchers of the CUDA PPO loss kernels: raw pointers, no torch.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "rlhf_kernels/ppo_math.h"
+
+namespace rlhf_kernels::cuda {
+
+// Tokens per thread block; a sequence of T tokens spans ppo_chunks(T) blocks.
+constexpr int64_t kPpoChunk = 1024;
+inline int64_t ppo_chunks(int64_t seq_len) {
+  return seq_len <= 0 ? 1 : (seq_len + kPpoChunk - 1) / kPpoChunk;
+}
+
+// acc_t: float or double. Token tensors (seqs * seq_len,) contiguous; mask 1
+// byte per token. Semantics as rlhf_kernels::cpu::ppo_policy_rows, except
+// that statistics come per chunk: partial (seqs, ppo_chunks(seq_len),
+// kPolicyStats), summed (max / min for the ratio columns) by the caller.
+// ref_logp, entropy and grad may be null.
+template <typename acc_t>
+cudaError_t launch_ppo_policy_fwd(const acc_t* logp, const acc_t* old_logp, const acc_t* advantages,
+                                  const uint8_t* mask, const acc_t* ref_logp, const acc_t* entropy,
+                                  int64_t seqs, int64_t seq_len, PolicyParams<acc_t> params,
+                                  acc_t* grad, acc_t* partial, cudaStream_t stream);
+
+// partial: (seqs, ppo_chunks(seq_len), kValueStats). grad may be null.
+template <typename acc_t>
+cudaError_t launch_ppo_value_fwd(const acc_t* values, const acc_t* old_values, const acc_t* returns,
+                                 const uint8_t* mask, int64_t seqs, int64_t seq_len, acc_t clip,
+                                 acc_t* grad, acc_t* partial, cudaStream_t stream);
+
+}  // namespace rlhf_kernels::cuda

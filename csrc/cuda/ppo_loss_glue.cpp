@@ -1,0 +1,92 @@
+// Torch glue for the CUDA PPO loss kernels: checks, allocation, stream and
+// device guard, and the (cheap, O(B * chunks)) reduction of per-chunk partials.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include "../glue.h"
+#include "ppo_loss.cuh"
+
+namespace rlhf_kernels {
+namespace {
+
+void check_ppo_launch(cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "rlhf_kernels CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+// (B, C, K) per-chunk partials -> (B, K): sums, max / min for the ratio columns.
+at::Tensor reduce_partials(const at::Tensor& partial, int64_t max_col, int64_t min_col) {
+  if (partial.size(1) == 1) return partial.select(1, 0).contiguous();
+  at::Tensor stats = partial.sum(1);
+  if (max_col >= 0) {
+    stats.select(1, max_col).copy_(std::get<0>(partial.select(2, max_col).max(1)));
+    stats.select(1, min_col).copy_(std::get<0>(partial.select(2, min_col).min(1)));
+  }
+  return stats;
+}
+
+std::tuple<at::Tensor, at::Tensor> ppo_policy_fwd_cuda(
+    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
+    const std::optional<at::Tensor>& entropy, int64_t seq_len, double ratio_low, double ratio_high,
+    double dual_clip, double kl_coef, int64_t kl_estimator, bool need_grad) {
+  const c10::cuda::CUDAGuard guard(logp.device());
+  const PpoShape shape = check_ppo_inputs(logp, {&old_logp, &advantages}, mask, seq_len,
+                                          {"old_logp", "advantages"});
+  const at::ScalarType acc = logp.scalar_type();
+  if (ref_logp) check_row_tensor(*ref_logp, shape.numel(), acc, "ref_logp");
+  if (entropy) check_row_tensor(*entropy, shape.numel(), acc, "entropy");
+  TORCH_CHECK_VALUE(kl_estimator >= kKlNone && kl_estimator <= kKlK3, "kl_estimator: bad code ", kl_estimator);
+  TORCH_CHECK_VALUE(kl_estimator == kKlNone || ref_logp, "ref_logp: required with a KL estimator");
+  at::Tensor grad = at::empty({need_grad ? shape.numel() : 0}, logp.options());
+  const int64_t chunks = cuda::ppo_chunks(seq_len);
+  at::Tensor partial = at::empty({shape.seqs, chunks, kPolicyStats}, logp.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(acc, "ppo_policy_fwd_cuda", [&] {
+    using acc_t = scalar_t;
+    PolicyParams<acc_t> params{static_cast<acc_t>(ratio_low), static_cast<acc_t>(ratio_high),
+                               static_cast<acc_t>(dual_clip), dual_clip > 0,
+                               static_cast<int>(kl_estimator), static_cast<acc_t>(kl_coef)};
+    check_ppo_launch(cuda::launch_ppo_policy_fwd<acc_t>(
+        logp.const_data_ptr<acc_t>(), old_logp.const_data_ptr<acc_t>(),
+        advantages.const_data_ptr<acc_t>(), mask_data(mask),
+        ref_logp ? ref_logp->const_data_ptr<acc_t>() : nullptr,
+        entropy ? entropy->const_data_ptr<acc_t>() : nullptr, shape.seqs, seq_len, params,
+        need_grad ? grad.mutable_data_ptr<acc_t>() : nullptr, partial.mutable_data_ptr<acc_t>(),
+        stream));
+  });
+  return {grad, reduce_partials(partial, kRatioMax, kRatioMin)};
+}
+
+std::tuple<at::Tensor, at::Tensor> ppo_value_fwd_cuda(const at::Tensor& values,
+                                                      const at::Tensor& old_values,
+                                                      const at::Tensor& returns,
+                                                      const at::Tensor& mask, int64_t seq_len,
+                                                      double clip, bool need_grad) {
+  const c10::cuda::CUDAGuard guard(values.device());
+  const PpoShape shape = check_ppo_inputs(values, {&old_values, &returns}, mask, seq_len,
+                                          {"old_values", "returns"});
+  at::Tensor grad = at::empty({need_grad ? shape.numel() : 0}, values.options());
+  const int64_t chunks = cuda::ppo_chunks(seq_len);
+  at::Tensor partial = at::empty({shape.seqs, chunks, kValueStats}, values.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "ppo_value_fwd_cuda", [&] {
+    using acc_t = scalar_t;
+    check_ppo_launch(cuda::launch_ppo_value_fwd<acc_t>(
+        values.const_data_ptr<acc_t>(), old_values.const_data_ptr<acc_t>(),
+        returns.const_data_ptr<acc_t>(), mask_data(mask), shape.seqs, seq_len,
+        static_cast<acc_t>(clip), need_grad ? grad.mutable_data_ptr<acc_t>() : nullptr,
+        partial.mutable_data_ptr<acc_t>(), stream));
+  });
+  return {grad, reduce_partials(partial, -1, -1)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
+  m.impl("ppo_policy_fwd_native", &ppo_policy_fwd_cuda);
+  m.impl("ppo_value_fwd_native", &ppo_value_fwd_cuda);
+}
+
+}  // namespace rlhf_kernels

@@ -1,0 +1,192 @@
+// Per-token PPO loss terms and their derivatives, shared by the CPU and CUDA
+// kernels (host and device), torch-free. Every branch reproduces the gradient
+// torch autograd gives the eager reference (rlhf_kernels/reference.py):
+//   clamp(x, lo, hi): derivative 1 on the closed interval [lo, hi], else 0;
+//   maximum / minimum: at a tie each argument gets half the gradient;
+//   where(c, a, b): the selected branch only.
+// So inside the clip range (where clamp returns the ratio itself and l1 == l2
+// exactly) the derivative is 0.5 * (dl1 + dl2) = dl1, as in autograd.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "rlhf_kernels/common.h"
+
+namespace rlhf_kernels {
+
+// Columns of the per-sequence statistics the policy kernels write, (B, 9).
+enum PolicyStat : int {
+  kPgLossSum = 0,   // sum of the per-token surrogate l over valid tokens
+  kValidCount,      // number of valid tokens
+  kClipCount,       // tokens with l2 > l1
+  kDualClipCount,   // tokens where the dual clip is active
+  kApproxKlSum,     // sum of old_logp - logp
+  kRatioMax,        // -inf when no valid token
+  kRatioMin,        // +inf when no valid token
+  kKlPenaltySum,    // sum of the KL penalty (0 without ref_logp)
+  kEntropySum,      // sum of the entropy (0 without entropy)
+  kPolicyStats
+};
+
+// Columns of the per-sequence statistics of the value loss, (B, 3).
+enum ValueStat : int { kVfLossSum = 0, kVfValidCount, kVfClipCount, kValueStats };
+
+// KL estimators, the codes of the kl_estimator argument (-1: no KL term).
+enum KlEstimator : int { kKlNone = -1, kKlK1 = 0, kKlAbs = 1, kKlK2 = 2, kKlK3 = 3 };
+
+template <typename acc_t>
+struct PolicyParams {
+  acc_t ratio_low;     // 1 - clip_low
+  acc_t ratio_high;    // 1 + clip_high
+  acc_t dual_clip;     // c > 1, used when has_dual_clip
+  bool has_dual_clip;
+  int kl_estimator;    // KlEstimator
+  acc_t kl_coef;
+};
+
+RLHF_HOST_DEVICE inline float ppo_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+RLHF_HOST_DEVICE inline double ppo_exp(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+template <typename acc_t>
+struct PolicyToken {
+  acc_t loss;      // the surrogate l (dual clip applied)
+  acc_t grad;      // d(l + kl_coef * kl) / d logp
+  acc_t ratio;
+  acc_t kl;        // KL penalty (0 without an estimator)
+  bool clipped;    // l2 > l1
+  bool dual;       // dual clip active
+};
+
+// One valid token. PPO (Schulman et al., 2017) with the dual clip of Ye et al.
+// (2020): ratio = exp(clamp(logp - old, -20, 20)), l = max(-A r, -A clamp(r, lo, hi)),
+// A < 0: min(l, -c A).
+template <typename acc_t>
+RLHF_HOST_DEVICE inline PolicyToken<acc_t> policy_token(acc_t logp, acc_t old_logp, acc_t adv,
+                                                        acc_t ref_logp,
+                                                        const PolicyParams<acc_t>& p) {
+  PolicyToken<acc_t> out;
+  const acc_t diff = logp - old_logp;
+  const acc_t log_ratio = diff < acc_t(-20) ? acc_t(-20) : (diff > acc_t(20) ? acc_t(20) : diff);
+  const acc_t d_log_ratio = (diff >= acc_t(-20) && diff <= acc_t(20)) ? acc_t(1) : acc_t(0);
+  const acc_t ratio = ppo_exp(log_ratio);
+  const acc_t neg_adv = -adv;
+  const acc_t clamped = ratio < p.ratio_low ? p.ratio_low : (ratio > p.ratio_high ? p.ratio_high : ratio);
+  const bool in_range = ratio >= p.ratio_low && ratio <= p.ratio_high;
+  const acc_t loss1 = neg_adv * ratio;
+  const acc_t loss2 = neg_adv * clamped;
+  const acc_t dloss1 = neg_adv;  // d / d ratio
+  const acc_t dloss2 = in_range ? neg_adv : acc_t(0);
+  acc_t loss, dloss;
+  out.clipped = loss2 > loss1;
+  if (loss1 > loss2) {
+    loss = loss1;
+    dloss = dloss1;
+  } else if (loss2 > loss1) {
+    loss = loss2;
+    dloss = dloss2;
+  } else {
+    loss = loss1;
+    dloss = acc_t(0.5) * (dloss1 + dloss2);
+  }
+  out.dual = false;
+  if (p.has_dual_clip && adv < acc_t(0)) {
+    const acc_t loss3 = neg_adv * p.dual_clip;
+    if (loss > loss3) {
+      out.dual = true;
+      loss = loss3;
+      dloss = acc_t(0);
+    } else if (loss == loss3) {
+      dloss = acc_t(0.5) * dloss;
+    }
+  }
+  out.loss = loss;
+  out.ratio = ratio;
+  acc_t grad = dloss * ratio * d_log_ratio;
+  acc_t kl = acc_t(0), dkl = acc_t(0);
+  switch (p.kl_estimator) {
+    case kKlK1:
+      kl = logp - ref_logp;
+      dkl = acc_t(1);
+      break;
+    case kKlAbs: {
+      const acc_t k1 = logp - ref_logp;
+      kl = k1 < acc_t(0) ? -k1 : k1;
+      dkl = k1 > acc_t(0) ? acc_t(1) : (k1 < acc_t(0) ? acc_t(-1) : acc_t(0));
+      break;
+    }
+    case kKlK2: {
+      const acc_t k1 = logp - ref_logp;
+      kl = acc_t(0.5) * (k1 * k1);
+      dkl = k1;
+      break;
+    }
+    case kKlK3: {
+      // Schulman's k3 (low_var_kl): exp(d) - d - 1, d = ref - logp.
+      const acc_t d_raw = ref_logp - logp;
+      const acc_t d = d_raw < acc_t(-20) ? acc_t(-20) : (d_raw > acc_t(20) ? acc_t(20) : d_raw);
+      const acc_t e = ppo_exp(d);
+      const acc_t k = e - d - acc_t(1);
+      kl = k < acc_t(-10) ? acc_t(-10) : (k > acc_t(10) ? acc_t(10) : k);
+      const bool pass = d_raw >= acc_t(-20) && d_raw <= acc_t(20) && k >= acc_t(-10) && k <= acc_t(10);
+      dkl = pass ? acc_t(1) - e : acc_t(0);
+      break;
+    }
+    default:
+      break;
+  }
+  out.kl = kl;
+  if (p.kl_estimator != kKlNone) grad += p.kl_coef * dkl;
+  out.grad = grad;
+  return out;
+}
+
+template <typename acc_t>
+struct ValueToken {
+  acc_t loss;  // 0.5 * max((v - R)^2, (v_clipped - R)^2)
+  acc_t grad;  // d loss / d values
+  bool clipped;
+};
+
+template <typename acc_t>
+RLHF_HOST_DEVICE inline ValueToken<acc_t> value_token(acc_t values, acc_t old_values,
+                                                      acc_t returns, acc_t clip) {
+  const acc_t diff = values - old_values;
+  const acc_t clamped = diff < -clip ? -clip : (diff > clip ? clip : diff);
+  const bool in_range = diff >= -clip && diff <= clip;
+  const acc_t err1 = values - returns;
+  const acc_t err2 = (old_values + clamped) - returns;
+  const acc_t loss1 = err1 * err1;
+  const acc_t loss2 = err2 * err2;
+  const acc_t dloss1 = acc_t(2) * err1;
+  const acc_t dloss2 = in_range ? acc_t(2) * err2 : acc_t(0);
+  ValueToken<acc_t> out;
+  out.clipped = loss2 > loss1;
+  if (loss1 > loss2) {
+    out.loss = loss1;
+    out.grad = dloss1;
+  } else if (loss2 > loss1) {
+    out.loss = loss2;
+    out.grad = dloss2;
+  } else {
+    out.loss = loss1;
+    out.grad = acc_t(0.5) * (dloss1 + dloss2);
+  }
+  out.loss = acc_t(0.5) * out.loss;
+  out.grad = acc_t(0.5) * out.grad;
+  return out;
+}
+
+}  // namespace rlhf_kernels

@@ -1,0 +1,171 @@
+// Standalone check of the CPU PPO loss kernels against a double-precision
+// reference written from the formulas (no torch). Run by ctest.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "../cpu/ppo_loss.h"
+
+using namespace rlhf_kernels;
+
+namespace {
+
+int failures = 0;
+
+void expect_close(double got, double want, double atol, double rtol, const char* what, int64_t i) {
+  const bool ok = std::fabs(got - want) <= atol + rtol * std::fabs(want);
+  if (!ok) {
+    std::printf("FAIL %s [%lld]: got %.12g want %.12g\n", what, static_cast<long long>(i), got, want);
+    ++failures;
+  }
+}
+
+double clampd(double x, double lo, double hi) { return std::min(std::max(x, lo), hi); }
+
+// Per-token reference: loss and derivative by central differences away from
+// kinks (the inputs keep every ratio and KL argument off the clip boundaries),
+// so the check does not reuse the kernels' own derivative formulas.
+double policy_loss_ref(double lp, double old, double a, double ref, double lo, double hi, double c,
+                       int est, double kl_coef, bool* clipped, bool* dual, double* kl_out) {
+  const double ratio = std::exp(clampd(lp - old, -20, 20));
+  const double l1 = -a * ratio, l2 = -a * clampd(ratio, lo, hi);
+  double l = std::max(l1, l2);
+  if (clipped) *clipped = l2 > l1;
+  if (dual) *dual = false;
+  if (c > 0 && a < 0) {
+    if (dual) *dual = l > -a * c;
+    l = std::min(l, -a * c);
+  }
+  double kl = 0;
+  if (est == kKlK1) kl = lp - ref;
+  if (est == kKlAbs) kl = std::fabs(lp - ref);
+  if (est == kKlK2) kl = 0.5 * (lp - ref) * (lp - ref);
+  if (est == kKlK3) {
+    const double d = clampd(ref - lp, -20, 20);
+    kl = clampd(std::exp(d) - d - 1, -10, 10);
+  }
+  if (kl_out) *kl_out = kl;
+  return l + kl_coef * kl;
+}
+
+template <typename acc_t>
+void check_policy(const char* name, double atol, double rtol, int est, double dual_clip,
+                  std::mt19937& gen) {
+  const int64_t seqs = 5, seq_len = 97;
+  const int64_t n = seqs * seq_len;
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<acc_t> logp(n), old(n), adv(n), ref(n), entropy(n);
+  std::vector<uint8_t> mask(n);
+  for (int64_t i = 0; i < n; ++i) {
+    logp[i] = static_cast<acc_t>(-std::fabs(normal(gen)) - 0.1);
+    old[i] = static_cast<acc_t>(logp[i] + 0.6 * normal(gen));
+    adv[i] = static_cast<acc_t>(normal(gen));
+    ref[i] = static_cast<acc_t>(logp[i] + 0.5 * normal(gen));
+    entropy[i] = static_cast<acc_t>(std::fabs(normal(gen)));
+    mask[i] = (i % 7 != 2) && (i / seq_len != 3);  // sequence 3 fully masked
+  }
+  const double lo = 0.8, hi = 1.28, kl_coef = 0.1;
+  PolicyParams<acc_t> p{static_cast<acc_t>(lo), static_cast<acc_t>(hi), static_cast<acc_t>(dual_clip),
+                        dual_clip > 0, est, static_cast<acc_t>(kl_coef)};
+  std::vector<acc_t> grad(n), stats(seqs * kPolicyStats);
+  cpu::ppo_policy_rows<acc_t>(logp.data(), old.data(), adv.data(), mask.data(),
+                              est == kKlNone ? nullptr : ref.data(), entropy.data(), seq_len, p,
+                              grad.data(), stats.data(), 0, seqs);
+  for (int64_t s = 0; s < seqs; ++s) {
+    double sums[kPolicyStats] = {0, 0, 0, 0, 0, -INFINITY, INFINITY, 0, 0};
+    for (int64_t t = 0; t < seq_len; ++t) {
+      const int64_t i = s * seq_len + t;
+      if (!mask[i]) {
+        expect_close(grad[i], 0.0, 0, 0, "masked grad", i);
+        continue;
+      }
+      bool clipped, dual;
+      double kl;
+      const double total = policy_loss_ref(logp[i], old[i], adv[i], ref[i], lo, hi, dual_clip, est,
+                                           kl_coef, &clipped, &dual, &kl);
+      const double h = 1e-6;
+      const double dfd = (policy_loss_ref(double(logp[i]) + h, old[i], adv[i], ref[i], lo, hi, dual_clip, est, kl_coef, nullptr, nullptr, nullptr) -
+                          policy_loss_ref(double(logp[i]) - h, old[i], adv[i], ref[i], lo, hi, dual_clip, est, kl_coef, nullptr, nullptr, nullptr)) / (2 * h);
+      expect_close(grad[i], dfd, atol * 10, rtol * 10, name, i);
+      const double ratio = std::exp(clampd(double(logp[i]) - old[i], -20, 20));
+      sums[kPgLossSum] += total - kl_coef * kl;
+      sums[kValidCount] += 1;
+      sums[kClipCount] += clipped;
+      sums[kDualClipCount] += dual;
+      sums[kApproxKlSum] += double(old[i]) - logp[i];
+      sums[kRatioMax] = std::max(sums[kRatioMax], ratio);
+      sums[kRatioMin] = std::min(sums[kRatioMin], ratio);
+      sums[kKlPenaltySum] += kl;
+      sums[kEntropySum] += entropy[i];
+    }
+    for (int k = 0; k < kPolicyStats; ++k) {
+      const double got = stats[s * kPolicyStats + k];
+      if (std::isinf(sums[k])) {
+        if (got != sums[k]) {
+          std::printf("FAIL %s stat %d seq %lld: got %g want %g\n", name, k, static_cast<long long>(s), got, sums[k]);
+          ++failures;
+        }
+      } else {
+        expect_close(got, sums[k], atol * seq_len, rtol, name, s * kPolicyStats + k);
+      }
+    }
+  }
+}
+
+template <typename acc_t>
+void check_value(const char* name, double atol, double rtol, std::mt19937& gen) {
+  const int64_t seqs = 4, seq_len = 61, n = seqs * seq_len;
+  const double clip = 0.2;
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<acc_t> values(n), old(n), returns(n);
+  std::vector<uint8_t> mask(n);
+  for (int64_t i = 0; i < n; ++i) {
+    values[i] = static_cast<acc_t>(normal(gen));
+    old[i] = static_cast<acc_t>(values[i] + 0.4 * normal(gen));
+    returns[i] = static_cast<acc_t>(normal(gen));
+    mask[i] = i % 5 != 1;
+  }
+  std::vector<acc_t> grad(n), stats(seqs * kValueStats);
+  cpu::ppo_value_rows<acc_t>(values.data(), old.data(), returns.data(), mask.data(), seq_len,
+                             static_cast<acc_t>(clip), grad.data(), stats.data(), 0, seqs);
+  auto loss = [&](double v, double o, double r) {
+    const double vc = o + clampd(v - o, -clip, clip);
+    return 0.5 * std::max((v - r) * (v - r), (vc - r) * (vc - r));
+  };
+  for (int64_t s = 0; s < seqs; ++s) {
+    double sum = 0, count = 0, clipped = 0;
+    for (int64_t t = 0; t < seq_len; ++t) {
+      const int64_t i = s * seq_len + t;
+      if (!mask[i]) {
+        expect_close(grad[i], 0.0, 0, 0, "masked value grad", i);
+        continue;
+      }
+      const double v = values[i], o = old[i], r = returns[i], h = 1e-6;
+      sum += loss(v, o, r);
+      count += 1;
+      const double vc = o + clampd(v - o, -clip, clip);
+      clipped += (vc - r) * (vc - r) > (v - r) * (v - r);
+      expect_close(grad[i], (loss(v + h, o, r) - loss(v - h, o, r)) / (2 * h), atol * 10, rtol * 10, name, i);
+    }
+    expect_close(stats[s * kValueStats + kVfLossSum], sum, atol * seq_len, rtol, name, s);
+    expect_close(stats[s * kValueStats + kVfValidCount], count, 0, 0, name, s);
+    expect_close(stats[s * kValueStats + kVfClipCount], clipped, 0, 0, name, s);
+  }
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 gen(4321);
+  for (int est : {kKlNone, kKlK1, kKlAbs, kKlK2, kKlK3}) {
+    check_policy<double>("policy double", 1e-8, 1e-7, est, 3.0, gen);
+    check_policy<float>("policy float", 1e-5, 1e-4, est, 0.0, gen);
+    check_policy<float>("policy float dual", 1e-5, 1e-4, est, 2.0, gen);
+  }
+  check_value<double>("value double", 1e-8, 1e-7, gen);
+  check_value<float>("value float", 1e-5, 1e-4, gen);
+  std::printf("%d failures\n", failures);
+  return failures == 0 ? 0 : 1;
+}

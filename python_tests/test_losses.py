@@ -1,0 +1,505 @@
+"""ppo_policy_loss, ppo_value_loss and ppo_loss_from_logits against float64
+references written from the formulas (rlhf_kernels.reference), on every backend
+present, gradients included."""
+
+import pytest
+import torch
+
+import rlhf_kernels
+from rlhf_kernels import reference
+from rlhf_kernels.ops import ppo_loss as ppo_ops
+
+from conftest import gpu
+from helpers import assert_no_worse_than_torch
+
+AGGS = reference.AGG_MODES
+# (clip_low, clip_high, dual_clip): symmetric; asymmetric (DAPO clip-higher) with dual clip.
+CLIPS = [(0.2, None, None), (0.2, 0.28, 3.0)]
+# float32 kernels against float64 on the same inputs: loss and gradient.
+F32 = dict(atol=1e-6, rtol=1e-5)
+
+
+def _tokens(shape, device, seed=0, dtype=torch.float32, scale=1.0):
+    """Fresh random (logp, old_logp, advantages, mask). Log-ratios of scale ~1
+    put most ratios far outside [0.8, 1.28]; a few beyond +-20 hit the log-ratio
+    clamp; row 1 is fully masked and masked slots hold NaN (never read)."""
+    gen = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(shape, generator=gen, dtype=torch.float64) * 3
+    old = logp + torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    adv = torch.randn(shape, generator=gen, dtype=torch.float64)
+    mask = torch.rand(shape, generator=gen) > 0.25
+    flat_old = old.view(-1)
+    if flat_old.numel() > 8:
+        flat_old[3] = logp.view(-1)[3] - 25.0  # log-ratio clamped at +20
+        flat_old[5] = logp.view(-1)[5] + 23.0  # log-ratio clamped at -20
+        mask.view(-1)[3] = mask.view(-1)[5] = True
+    if len(shape) == 2 and shape[0] > 1:
+        mask[1] = False
+    logp = torch.where(mask, logp, torch.full_like(logp, float("nan")))
+    to = lambda x: x.to(dtype).to(device)  # noqa: E731
+    return to(logp), to(old), to(adv), mask.to(device)
+
+
+def _check_stats(got, want, atol=1e-6, rtol=1e-5):
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dim() == 0 and isinstance(got[name], torch.Tensor), name
+        torch.testing.assert_close(got[name].double(), want[name].double(), atol=atol, rtol=rtol, msg=name)
+
+
+# --- policy loss --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("clip", CLIPS, ids=["symmetric", "asym-dual"])
+def test_policy_loss_matches_float64(device_backend, agg, clip):
+    device, backend = device_backend
+    clip_low, clip_high, dual = clip
+    logp, old, adv, mask = _tokens((5, 123), device)  # odd T: partial chunks everywhere
+    kwargs = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual, agg=agg)
+    x = logp.clone().requires_grad_(True)
+    loss, stats = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, backend=backend, **kwargs)
+    loss.backward()
+    assert loss.dim() == 0 and loss.dtype == torch.float32 and torch.isfinite(loss)
+
+    x64 = logp.double().requires_grad_(True)
+    want, want_stats = reference.ppo_policy_loss(x64, old.double(), adv.double(), mask, **kwargs)
+    want.backward()
+    torch.testing.assert_close(loss.double(), want.detach(), **F32)
+    grad = torch.where(mask, x.grad, 0.0)
+    torch.testing.assert_close(grad.double(), torch.where(mask, x64.grad, 0.0), **F32)
+    assert torch.all(x.grad[~mask] == 0)  # no gradient to masked (NaN) slots
+    _check_stats(stats, want_stats)
+    # The test data really exercises what it claims to.
+    assert 0.1 < stats["clipfrac"] < 0.9 and stats["ratio_max"] > 1e8
+    if dual is not None:
+        assert stats["clipfrac_lower"] > 0.05
+
+
+def test_policy_clipfrac_asymmetric_differs():
+    """clip_high really is used: a wider upper clip clips fewer tokens."""
+    logp, old, adv, mask = _tokens((4, 200), "cpu", seed=3, scale=0.15)
+    _, sym = rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, clip_low=0.1)
+    _, asym = rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, clip_low=0.1, clip_high=0.4)
+    assert asym["clipfrac"] < sym["clipfrac"]
+
+
+def test_policy_ties_follow_autograd(device_backend):
+    """Ties of max / min and clamp boundaries, in float64, give exactly the
+    gradient torch autograd gives the reference (half to each side of a tie,
+    clamp inclusive)."""
+    device, backend = device_backend
+    logp = torch.tensor([[-1.0, -2.0, -3.0, 20.0, -20.5, -0.5, -4.0, -1.0]], dtype=torch.float64)
+    old = torch.tensor([[-1.0, -2.0, -3.0, 0.0, -0.5, -0.5, -4.0, -1.0 - 2.0]], dtype=torch.float64)
+    # ratio 1 (l1 == l2), A = 0 (l1 == l2 == l3 = 0), log-ratio exactly +20 and -20,
+    # negative advantage at ratio 1; the last token: ratio e^2 with A < 0 and
+    # dual clip c = e^2 computed the same way as the kernels do (a dual tie).
+    adv = torch.tensor([[0.7, 0.0, -0.3, 1.0, -1.0, -2.0, 0.0, -1.5]], dtype=torch.float64)
+    mask = torch.ones_like(adv, dtype=torch.bool)
+    dual = float(torch.exp(torch.tensor(2.0, dtype=torch.float64)))
+    for kwargs in (dict(), dict(dual_clip=dual)):
+        x = logp.clone().to(device).requires_grad_(True)
+        loss, _ = rlhf_kernels.ppo_policy_loss(x, old.to(device), adv.to(device), mask.to(device),
+                                               agg="token-sum", backend=backend, **kwargs)
+        loss.backward()
+        x64 = logp.clone().requires_grad_(True)
+        want, _ = reference.ppo_policy_loss(x64, old, adv, mask, agg="token-sum", **kwargs)
+        want.backward()
+        torch.testing.assert_close(loss.cpu(), want.detach(), atol=1e-12, rtol=0)
+        torch.testing.assert_close(x.grad.cpu(), x64.grad, atol=1e-12, rtol=0)
+    assert x64.grad[0, -1] == pytest.approx(0.5 * 1.5 * dual)  # the dual tie halves
+
+
+def test_policy_gradcheck_float64(device_backend):
+    device, backend = device_backend
+    logp, old, adv, mask = _tokens((3, 17), device, dtype=torch.float64, seed=5, scale=0.3)
+    logp = torch.where(mask, logp, 0.0)
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        def f(inp):
+            return rlhf_kernels.ppo_policy_loss(inp, old, adv, mask, clip_high=0.3, dual_clip=2.0,
+                                                agg=agg, backend=backend)[0]
+        assert torch.autograd.gradcheck(f, (logp.clone().requires_grad_(True),), eps=1e-7, atol=1e-7)
+
+
+def test_policy_num_tokens_and_num_seqs(device_backend):
+    device, backend = device_backend
+    logp, old, adv, mask = _tokens((4, 31), device, seed=7)
+    for agg, kw in (("token-mean", dict(num_tokens=1000)), ("seq-mean-token-sum", dict(num_seqs=16)),
+                    ("seq-mean-token-mean", dict(num_seqs=9)), ("seq-mean-token-sum-norm", dict(num_seqs=5))):
+        x = logp.clone().requires_grad_(True)
+        loss, _ = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, agg=agg, backend=backend, **kw)
+        loss.backward()
+        x64 = logp.double().requires_grad_(True)
+        want, _ = reference.ppo_policy_loss(x64, old.double(), adv.double(), mask, agg=agg, **kw)
+        want.backward()
+        torch.testing.assert_close(loss.double(), want.detach(), **F32)
+        torch.testing.assert_close(torch.where(mask, x.grad, 0.0).double(), torch.where(mask, x64.grad, 0.0), **F32)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_no_valid_token_gives_zero(device_backend, agg):
+    device, backend = device_backend
+    logp = torch.full((3, 10), float("nan"), device=device, requires_grad=True)
+    mask = torch.zeros(3, 10, dtype=torch.bool, device=device)
+    nan = torch.full((3, 10), float("nan"), device=device)
+    loss, stats = rlhf_kernels.ppo_policy_loss(logp, nan, nan, mask, agg=agg, dual_clip=3.0, backend=backend)
+    loss.backward()
+    assert loss.item() == 0 and torch.all(logp.grad == 0)
+    assert all(v.item() == 0 for v in stats.values())
+    values = torch.full((3, 10), float("nan"), device=device, requires_grad=True)
+    vloss, vstats = rlhf_kernels.ppo_value_loss(values, nan, nan, mask, agg=agg, backend=backend)
+    vloss.backward()
+    assert vloss.item() == 0 and torch.all(values.grad == 0) and vstats["vf_clipfrac"].item() == 0
+
+
+def test_empty_batch_and_length_one(device_backend):
+    device, backend = device_backend
+    for shape in ((0, 7), (4, 0)):
+        x = torch.randn(shape, device=device, requires_grad=True)
+        mask = torch.ones(shape, dtype=torch.bool, device=device)
+        loss, stats = rlhf_kernels.ppo_policy_loss(x, x.detach(), x.detach(), mask, agg="seq-mean-token-mean", backend=backend)
+        loss.backward()
+        assert loss.item() == 0 and x.grad.shape == shape and stats["ratio_max"].item() == 0
+    x = torch.randn(0, 4, 10, device=device, requires_grad=True)
+    z = torch.zeros(0, 4, device=device)
+    loss, _ = rlhf_kernels.ppo_loss_from_logits(x, z.long(), z, z, z.bool(), entropy_coef=0.1, backend=backend)
+    loss.backward()
+    assert loss.item() == 0 and x.grad.shape == (0, 4, 10)
+    logp, old, adv, mask = _tokens((6, 1), device, seed=2)  # length-1 sequences
+    got, _ = rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, agg="seq-mean-token-mean", backend=backend)
+    want, _ = reference.ppo_policy_loss(logp.double(), old.double(), adv.double(), mask, agg="seq-mean-token-mean")
+    torch.testing.assert_close(got.double(), want, **F32)
+
+
+def test_every_output_written(device_backend, poison_uninitialized):
+    device, backend = device_backend
+    logp, old, adv, mask = _tokens((3, 70), device, seed=4)
+    x = logp.clone().requires_grad_(True)
+    loss, stats = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, agg="seq-mean-token-mean", backend=backend)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(v) for v in stats.values())
+    v = torch.where(mask, logp, 0.0).requires_grad_(True)
+    vloss, vstats = rlhf_kernels.ppo_value_loss(v, old, adv, mask, backend=backend)
+    vloss.backward()
+    assert torch.isfinite(vloss) and torch.isfinite(v.grad).all() and torch.isfinite(vstats["vf_clipfrac"])
+
+
+def test_bf16_inputs_no_worse_than_torch(device_backend):
+    device, backend = device_backend
+    logp, old, adv, mask = _tokens((4, 100), device, seed=8, dtype=torch.bfloat16, scale=0.3)
+    logp = torch.where(mask, logp, 0.0)
+    x = logp.clone().requires_grad_(True)
+    loss, _ = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, agg="seq-mean-token-mean", backend=backend)
+    loss.backward()
+    assert x.grad.dtype == torch.bfloat16
+    x64 = logp.double().requires_grad_(True)
+    want, _ = reference.ppo_policy_loss(x64, old, adv, mask, agg="seq-mean-token-mean")
+    want.backward()
+    xb = logp.clone().requires_grad_(True)
+    torch_bf16, _ = reference.ppo_policy_loss(xb, old, adv, mask, agg="seq-mean-token-mean", upcast=False)
+    torch_bf16.backward()
+    assert_no_worse_than_torch(loss, want, torch_bf16)
+    assert_no_worse_than_torch(x.grad, x64.grad, xb.grad)
+
+
+# --- value loss ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_value_loss_matches_float64(device_backend, agg):
+    device, backend = device_backend
+    gen = torch.Generator().manual_seed(11)
+    values = torch.randn(5, 123, generator=gen)
+    old = values + torch.randn(5, 123, generator=gen) * 0.4  # about half outside clip 0.2
+    returns = torch.randn(5, 123, generator=gen)
+    mask = torch.rand(5, 123, generator=gen) > 0.25
+    mask[2] = False
+    values, old, returns, mask = (t.to(device) for t in (values, old, returns, mask))
+    v = values.clone().requires_grad_(True)
+    loss, stats = rlhf_kernels.ppo_value_loss(v, old, returns, mask, clip=0.2, agg=agg, backend=backend)
+    loss.backward()
+    v64 = values.double().requires_grad_(True)
+    want, want_stats = reference.ppo_value_loss(v64, old.double(), returns.double(), mask, clip=0.2, agg=agg)
+    want.backward()
+    torch.testing.assert_close(loss.double(), want.detach(), **F32)
+    torch.testing.assert_close(v.grad.double(), torch.where(mask, v64.grad, 0.0), **F32)
+    _check_stats(stats, want_stats)
+    assert 0.1 < stats["vf_clipfrac"] < 0.9
+
+
+def test_value_gradcheck_float64(device_backend):
+    device, backend = device_backend
+    gen = torch.Generator().manual_seed(12)
+    values, old, returns = (torch.randn(3, 13, generator=gen, dtype=torch.float64).to(device) for _ in range(3))
+    mask = (torch.rand(3, 13, generator=gen) > 0.2).to(device)
+
+    def f(inp):
+        return rlhf_kernels.ppo_value_loss(inp, old, returns, mask, clip=0.5, agg="seq-mean-token-mean", backend=backend)[0]
+
+    assert torch.autograd.gradcheck(f, (values.clone().requires_grad_(True),), eps=1e-7, atol=1e-7)
+
+
+# --- loss from logits ---------------------------------------------------------------------
+
+
+def _logits_inputs(shape, device, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    B, T, V = shape
+    logits = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2).to(dtype).to(device)
+    labels = torch.randint(0, V, (B, T), generator=gen).to(device)
+    with torch.no_grad():
+        logp = reference.logprobs_from_logits(logits.double(), labels)
+    old = (logp + torch.randn(B, T, generator=gen, dtype=torch.float64).to(device) * 0.5).float()
+    ref = (logp + torch.randn(B, T, generator=gen, dtype=torch.float64).to(device) * 0.5).float()
+    adv = torch.randn(B, T, generator=gen).to(device)
+    mask = (torch.rand(B, T, generator=gen) > 0.2).to(device)
+    mask[0, -1] = False
+    labels[0, -1] = -100  # ignored label on a masked slot
+    return logits, labels, old, adv, mask, ref
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(clip_high=0.28, dual_clip=3.0, agg="seq-mean-token-mean", ref_logp=True, kl_coef=0.1,
+             kl_estimator="k3", entropy_coef=0.01, temperature=0.7),
+        dict(agg="seq-mean-token-sum-norm", ref_logp=True, kl_coef=0.05, kl_estimator="k1", entropy_coef=0.02),
+        dict(agg="token-sum", ref_logp=True, kl_coef=0.2, kl_estimator="abs"),
+        dict(agg="seq-mean-token-sum", ref_logp=True, kl_coef=0.3, kl_estimator="mse", dual_clip=2.0),
+    ],
+    ids=["defaults", "k3-entropy-dual-T0.7", "k1-norm", "abs-sum", "k2-dual"],
+)
+def test_loss_from_logits_matches_float64_composition(device_backend, kwargs):
+    device, backend = device_backend
+    logits, labels, old, adv, mask, ref = _logits_inputs((3, 7, 301), device)
+    kwargs = dict(kwargs)
+    if kwargs.pop("ref_logp", False):
+        kwargs["ref_logp"] = ref
+    x = logits.clone().requires_grad_(True)
+    loss, stats = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, backend=backend, **kwargs)
+    loss.backward()
+    x64 = logits.double().requires_grad_(True)
+    want, want_stats = reference.ppo_loss_from_logits(x64, labels, old.double(), adv.double(), mask, **kwargs)
+    want.backward()
+    torch.testing.assert_close(loss.double(), want.detach(), **F32)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-6, rtol=1e-4)
+    _check_stats(stats, want_stats, atol=1e-5, rtol=1e-5)
+    assert torch.all(x.grad[~mask] == 0)
+
+
+def test_loss_from_logits_strided_and_inplace(device_backend):
+    """logits[:, :-1] read in place; with inplace_backward the gradient lands in
+    the logits buffer and equals the out-of-place one."""
+    device, backend = device_backend
+    full, labels, old, adv, mask, ref = _logits_inputs((2, 9, 130), device, seed=3)
+    labels, old, adv, mask, ref = (t[:, :-1] for t in (labels, old, adv, mask, ref))
+    kwargs = dict(ref_logp=ref, kl_coef=0.1, entropy_coef=0.01, agg="seq-mean-token-mean", backend=backend)
+    grads = {}
+    for inplace in (False, True):
+        leaf = full.clone().requires_grad_(True)
+        work = leaf * 1
+        loss, _ = rlhf_kernels.ppo_loss_from_logits(work[:, :-1], labels, old, adv, mask,
+                                                    inplace_backward=inplace, **kwargs)
+        loss.backward()
+        grads[inplace] = (leaf.grad, work)
+    torch.testing.assert_close(grads[True][0], grads[False][0], atol=0, rtol=0)
+    torch.testing.assert_close(grads[True][1].detach()[:, :-1], grads[False][0][:, :-1], atol=0, rtol=0)
+    x64 = full[:, :-1].double().requires_grad_(True)
+    kwargs.pop("backend")
+    want, _ = reference.ppo_loss_from_logits(x64, labels, old.double(), adv.double(), mask, **kwargs)
+    want.backward()
+    torch.testing.assert_close(grads[False][0][:, :-1].double(), x64.grad, atol=1e-6, rtol=1e-4)
+    assert torch.all(grads[False][0][:, -1] == 0)
+
+
+def test_loss_from_logits_bf16_no_worse_than_torch(device_backend):
+    device, backend = device_backend
+    logits, labels, old, adv, mask, ref = _logits_inputs((2, 6, 1001), device, dtype=torch.bfloat16, seed=6)
+    kwargs = dict(ref_logp=ref, kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0)
+    x = logits.clone().requires_grad_(True)
+    loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, backend=backend, **kwargs)
+    loss.backward()
+    assert x.grad.dtype == torch.bfloat16
+    x64 = logits.double().requires_grad_(True)
+    want, _ = reference.ppo_loss_from_logits(x64, labels, old.double(), adv.double(), mask, **kwargs)
+    want.backward()
+    xb = logits.clone().requires_grad_(True)
+    torch_bf16, _ = reference.ppo_loss_from_logits(xb, labels, old, adv, mask, upcast=False, **kwargs)
+    torch_bf16.backward()
+    assert_no_worse_than_torch(loss, want, torch_bf16)
+    assert_no_worse_than_torch(x.grad, x64.grad, xb.grad)
+
+
+def test_loss_from_logits_gradcheck_float64(device_backend):
+    device, backend = device_backend
+    logits, labels, old, adv, mask, ref = _logits_inputs((2, 3, 11), device, dtype=torch.float64, seed=9)
+    old, adv, ref = old.double(), adv.double(), ref.double()
+
+    def f(inp):
+        return rlhf_kernels.ppo_loss_from_logits(
+            inp, labels, old, adv, mask, temperature=1.3, clip_high=0.3, dual_clip=3.0, ref_logp=ref,
+            kl_coef=0.2, entropy_coef=0.05, agg="seq-mean-token-mean", backend=backend,
+        )[0]
+
+    assert torch.autograd.gradcheck(f, (logits.clone().requires_grad_(True),), eps=1e-6, atol=1e-6)
+
+
+def test_loss_from_logits_all_masked(device_backend):
+    device, backend = device_backend
+    logits, labels, old, adv, mask, ref = _logits_inputs((2, 4, 50), device, seed=10)
+    mask = torch.zeros_like(mask)
+    x = logits.clone().requires_grad_(True)
+    loss, stats = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logp=ref, kl_coef=0.1,
+                                                    entropy_coef=0.1, agg="seq-mean-token-mean", backend=backend)
+    loss.backward()
+    assert loss.item() == 0 and torch.all(x.grad == 0) and all(v.item() == 0 for v in stats.values())
+
+
+# --- registration, compile, bad inputs ----------------------------------------------------
+
+
+def test_opcheck(device_backend):
+    device, backend = device_backend
+    logp, old, adv, mask = _tokens((3, 20), device, seed=13, scale=0.3)
+    logp = torch.where(mask, logp, 0.0).requires_grad_(True)
+    for agg, num_tokens in (("token-mean", None), ("seq-mean-token-mean", None), ("token-mean", 50.0)):
+        torch.library.opcheck(
+            torch.ops.rlhf_kernels.ppo_policy_loss_fwd.default,
+            (logp, old, adv, mask, 0.8, 1.28, 3.0, agg, num_tokens, None, True, backend),
+        )
+        torch.library.opcheck(
+            torch.ops.rlhf_kernels.ppo_value_loss_fwd.default,
+            (logp, old, adv, mask, 0.2, agg, num_tokens, None, True, backend),
+        )
+    logits, labels, old, adv, mask, ref = _logits_inputs((2, 3, 40), device, seed=14)
+    logits.requires_grad_(True)
+    torch.library.opcheck(
+        torch.ops.rlhf_kernels.ppo_loss_from_logits_fwd.default,
+        (logits, labels, old, adv, mask, ref, 0.9, 0.8, 1.2, 0.0, "token-mean", None, None, 0.1, 3, 0.01,
+         False, True, backend),
+    )
+
+
+def test_torch_compile_fullgraph(device_backend):
+    device, backend = device_backend
+    torch._dynamo.reset()
+    logp, old, adv, mask = _tokens((3, 40), device, seed=15, scale=0.3)
+    logp = torch.where(mask, logp, 0.0)
+    logits, labels, lold, ladv, lmask, ref = _logits_inputs((2, 5, 64), device, seed=16)
+
+    def step(x, v, z):
+        pg, pg_stats = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, clip_high=0.28, dual_clip=3.0,
+                                                    agg="seq-mean-token-mean", backend=backend)
+        vf, vf_stats = rlhf_kernels.ppo_value_loss(v, old, adv, mask, clip=0.2, backend=backend)
+        fl, fl_stats = rlhf_kernels.ppo_loss_from_logits(z, labels, lold, ladv, lmask, ref_logp=ref, kl_coef=0.1,
+                                                         entropy_coef=0.01, temperature=0.9, backend=backend)
+        return pg + 0.5 * vf + fl, pg_stats["clipfrac"] + vf_stats["vf_clipfrac"] + fl_stats["kl"]
+
+    compiled = torch.compile(step, fullgraph=True)
+    inputs = [logp.clone().requires_grad_(True), logp.clone().requires_grad_(True), logits.clone().requires_grad_(True)]
+    out, stat = compiled(*inputs)
+    out.backward()
+    eager_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    want, want_stat = step(*eager_inputs)
+    want.backward()
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(stat, want_stat)
+    for got, exp in zip(inputs, eager_inputs):
+        torch.testing.assert_close(got.grad, exp.grad)
+
+
+def _ok():
+    return torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 5), torch.ones(2, 5, dtype=torch.bool)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(old_logp=torch.randn(2, 4)), "old_logp: shape"),
+        (dict(advantages=torch.randn(5, 2)), "advantages: shape"),
+        (dict(mask=torch.ones(2, 6, dtype=torch.bool)), "mask: shape"),
+        (dict(logp=torch.tensor(1.0)), "logp: expected shape"),
+        (dict(logp=torch.zeros(2, 5, dtype=torch.long)), "logp: dtype"),
+        (dict(clip_low=0.0), "clip_low"),
+        (dict(clip_low=-0.1), "clip_low"),
+        (dict(clip_high=0.0), "clip_high"),
+        (dict(clip_high=float("nan")), "clip_high"),
+        (dict(dual_clip=1.0), "dual_clip"),
+        (dict(dual_clip=0.5), "dual_clip"),
+        (dict(agg="mean"), "agg: unknown mode"),
+        (dict(num_tokens=0), "num_tokens"),
+        (dict(num_seqs=-1), "num_seqs"),
+        (dict(backend="tpu"), "backend: unknown"),
+    ],
+)
+def test_policy_bad_inputs(change, match):
+    logp, old, adv, mask = _ok()
+    args = dict(logp=logp, old_logp=old, advantages=adv, mask=mask)
+    kwargs = {k: v for k, v in change.items() if k not in args}
+    args.update({k: v for k, v in change.items() if k in args})
+    with pytest.raises(ValueError, match=match):
+        rlhf_kernels.ppo_policy_loss(args["logp"], args["old_logp"], args["advantages"], args["mask"], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda v, o, r, m: rlhf_kernels.ppo_value_loss(v, o, r[:, :3], m), "returns: shape"),
+        (lambda v, o, r, m: rlhf_kernels.ppo_value_loss(v, o, r, m, clip=0.0), "clip"),
+        (lambda v, o, r, m: rlhf_kernels.ppo_value_loss(v, o, r, m, clip=-1.0), "clip"),
+        (lambda v, o, r, m: rlhf_kernels.ppo_value_loss(v, o, r, m, agg="sum"), "agg: unknown mode"),
+        (lambda v, o, r, m: rlhf_kernels.ppo_value_loss(v, [0.0], r, m), "old_values: expected a torch.Tensor"),
+    ],
+)
+def test_value_bad_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(*_ok())
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(labels=torch.zeros(2, 4, dtype=torch.long)), "labels: shape"),
+        (dict(labels=torch.full((2, 3), 17)), "labels: value 17"),
+        (dict(old_logp=torch.randn(3, 2)), "old_logp: shape"),
+        (dict(logits=torch.randn(2, 3, 0)), "V must be > 0"),
+        (dict(logits=torch.randn(6)), "logits: expected shape"),
+        (dict(ref_logp=torch.randn(2, 2)), "ref_logp: shape"),
+        (dict(kl_estimator="k9"), "kl_estimator"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(dual_clip=1.0), "dual_clip"),
+        (dict(clip_low=0.0), "clip_low"),
+        (dict(agg="nope"), "agg: unknown mode"),
+        (dict(kl_coef=float("inf")), "kl_coef"),
+    ],
+)
+def test_from_logits_bad_inputs(change, match):
+    args = dict(logits=torch.randn(2, 3, 10), labels=torch.zeros(2, 3, dtype=torch.long),
+                old_logp=torch.randn(2, 3), advantages=torch.randn(2, 3), mask=torch.ones(2, 3, dtype=torch.bool))
+    pos = {k: change.get(k, v) for k, v in args.items()}
+    kwargs = {k: v for k, v in change.items() if k not in args}
+    with pytest.raises(ValueError, match=match):
+        rlhf_kernels.ppo_loss_from_logits(*pos.values(), **kwargs)
+
+
+def test_env_forces_backend(monkeypatch):
+    calls = []
+    original = ppo_ops._POLICY["reference"]
+    monkeypatch.setitem(ppo_ops._POLICY, "reference", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+    logp, old, adv, mask = _ok()
+    rlhf_kernels.ppo_policy_loss(logp, old, adv, mask)
+    assert calls == [1]
+
+
+@gpu
+def test_gpu_backends_agree_large():
+    logp, old, adv, mask = _tokens((64, 4096), "cuda", seed=17)
+    want, want_stats = reference.ppo_policy_loss(logp.double(), old.double(), adv.double(), mask, dual_clip=3.0)
+    for backend in ("cuda", "triton"):
+        if backend in rlhf_kernels.available_backends():
+            got, stats = rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, dual_clip=3.0, backend=backend)
+            torch.testing.assert_close(got.double(), want, **F32)
+            _check_stats(stats, want_stats)

@@ -1,0 +1,834 @@
+"""Fused PPO losses: the clipped policy loss, the clipped value loss, and the
+policy loss (with KL penalty and entropy bonus) straight from the logits.
+
+Every loss here is ``sum_b w_b * sum_t mask * l(token)`` for per-sequence
+weights ``w_b`` fixed by the aggregation mode (see ``_aggregation_weights``).
+So one pass over the tokens gives both the per-sequence sums and the
+derivative of each token's loss; the weights follow from the per-sequence
+counts, and the backward is ``grad_output * w_b * dl/dx`` (one multiply), the
+gradient having been produced during the forward pass (as the fused
+cross-entropy kernels of Liger / Apple's CCE do).
+
+Tie convention: the per-token derivative reproduces torch autograd of the
+eager reference (``rlhf_kernels.reference``): clamp passes the gradient on the
+closed interval [lo, hi]; at a tie of max / min each side gets half. See
+``csrc/include/rlhf_kernels/ppo_math.h``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._backend import resolve_backend, triton_installed
+from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_positive, check_same_device, check_tensor
+from . import logprobs as _lp
+
+if triton_installed():
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - exercised only where Triton is absent
+    triton = None
+
+# Columns of the per-sequence statistics (csrc/include/rlhf_kernels/ppo_math.h).
+PG_SUM, COUNT, CLIP, DUAL, APPROX_KL, RATIO_MAX, RATIO_MIN, KL_SUM, ENTROPY_SUM = range(9)
+N_POLICY_STATS = 9
+VF_SUM, VF_COUNT, VF_CLIP = range(3)
+N_VALUE_STATS = 3
+
+AGG_MODES = reference.AGG_MODES
+# Codes of the kernels' kl_estimator argument; -1: no KL term.
+KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
+POLICY_STAT_NAMES = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_max", "ratio_min")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _clamp(x, lo, hi):
+        # where-based, to match the C++ (x < lo ? lo : x > hi ? hi : x) bit for bit.
+        return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+
+    @triton.jit
+    def _scalar(hi, lo, ACC_DTYPE: tl.constexpr):
+        # Python floats reach a compiled kernel as fp32: an fp32 pair (hi, lo)
+        # carries a float64 argument to ~2^-48.
+        return (tl.zeros((), ACC_DTYPE) + hi) + lo
+
+    @triton.jit
+    def _ppo_policy_fwd_kernel(
+        logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, entropy_ptr, grad_ptr, partial_ptr,
+        seq_len, n_chunks, low_hi, low_lo, high_hi, high_lo, dual_hi, dual_lo, kl_coef_hi, kl_coef_lo,
+        HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+        NEED_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # PPO-clip (Schulman et al., 2017) + dual clip (Ye et al., 2020) per token;
+        # one program per (sequence, chunk) writes dl/dlogp and 9 partial sums.
+        seq = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1)
+        ratio_low = _scalar(low_hi, low_lo, ACC_DTYPE)
+        ratio_high = _scalar(high_hi, high_lo, ACC_DTYPE)
+        t = chunk * BLOCK + tl.arange(0, BLOCK)
+        in_seq = t < seq_len
+        offs = seq * seq_len + t
+        valid = (tl.load(mask_ptr + offs, mask=in_seq, other=0) != 0) & in_seq
+        logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+        old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+        adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+        diff = logp - old
+        log_ratio = _clamp(diff, -20.0, 20.0)
+        d_log_ratio = tl.where((diff >= -20.0) & (diff <= 20.0), 1.0, 0.0)
+        ratio = tl.exp(log_ratio)
+        neg_adv = -adv
+        loss1 = neg_adv * ratio
+        loss2 = neg_adv * _clamp(ratio, ratio_low, ratio_high)
+        dloss2 = tl.where((ratio >= ratio_low) & (ratio <= ratio_high), neg_adv, 0.0)
+        clipped = loss2 > loss1
+        loss = tl.where(clipped, loss2, loss1)
+        dloss = tl.where(loss1 > loss2, neg_adv, tl.where(clipped, dloss2, 0.5 * (neg_adv + dloss2)))
+        if HAS_DUAL:
+            loss3 = neg_adv * _scalar(dual_hi, dual_lo, ACC_DTYPE)
+            negative = adv < 0.0
+            dual = negative & (loss > loss3)
+            dloss = tl.where(dual, 0.0, tl.where(negative & (loss == loss3), 0.5 * dloss, dloss))
+            loss = tl.where(dual, loss3, loss)
+        else:
+            dual = valid & False
+        grad = dloss * ratio * d_log_ratio
+        kl = tl.zeros((BLOCK,), ACC_DTYPE)
+        if KL_ESTIMATOR >= 0:
+            ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+            k1 = logp - ref
+            if KL_ESTIMATOR == 0:
+                kl = k1
+                dkl = tl.full((BLOCK,), 1.0, ACC_DTYPE)
+            elif KL_ESTIMATOR == 1:
+                kl = tl.where(k1 < 0.0, -k1, k1)
+                dkl = tl.where(k1 > 0.0, 1.0, tl.where(k1 < 0.0, -1.0, 0.0))
+            elif KL_ESTIMATOR == 2:
+                kl = 0.5 * (k1 * k1)
+                dkl = k1
+            else:
+                # k3 (low_var_kl): exp(d) - d - 1, d = clamp(ref - logp, -20, 20), into [-10, 10].
+                d_raw = ref - logp
+                d = _clamp(d_raw, -20.0, 20.0)
+                e = tl.exp(d)
+                k = e - d - 1.0
+                kl = _clamp(k, -10.0, 10.0)
+                passes = (d_raw >= -20.0) & (d_raw <= 20.0) & (k >= -10.0) & (k <= 10.0)
+                dkl = tl.where(passes, 1.0 - e, 0.0)
+            grad = grad + _scalar(kl_coef_hi, kl_coef_lo, ACC_DTYPE) * dkl
+        if NEED_GRAD:
+            tl.store(grad_ptr + offs, tl.where(valid, grad, 0.0), mask=in_seq)
+        out = partial_ptr + (seq * n_chunks + chunk) * 9
+        tl.store(out + 0, tl.sum(tl.where(valid, loss, 0.0), axis=0))
+        tl.store(out + 1, tl.sum(valid.to(ACC_DTYPE), axis=0))
+        tl.store(out + 2, tl.sum((valid & clipped).to(ACC_DTYPE), axis=0))
+        tl.store(out + 3, tl.sum((valid & dual).to(ACC_DTYPE), axis=0))
+        tl.store(out + 4, tl.sum(tl.where(valid, old - logp, 0.0), axis=0))
+        tl.store(out + 5, tl.max(tl.where(valid, ratio, float("-inf")), axis=0))
+        tl.store(out + 6, tl.min(tl.where(valid, ratio, float("inf")), axis=0))
+        tl.store(out + 7, tl.sum(tl.where(valid, kl, 0.0), axis=0))
+        if HAS_ENTROPY:
+            entropy = tl.load(entropy_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+            tl.store(out + 8, tl.sum(tl.where(valid, entropy, 0.0), axis=0))
+        else:
+            tl.store(out + 8, tl.sum(tl.zeros((BLOCK,), ACC_DTYPE), axis=0))
+
+    @triton.jit
+    def _ppo_value_fwd_kernel(
+        values_ptr, old_ptr, returns_ptr, mask_ptr, grad_ptr, partial_ptr,
+        seq_len, n_chunks, clip_hi, clip_lo,
+        NEED_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # 0.5 * max((v - R)^2, (old + clamp(v - old, -c, c) - R)^2) per token.
+        seq = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1)
+        clip = _scalar(clip_hi, clip_lo, ACC_DTYPE)
+        t = chunk * BLOCK + tl.arange(0, BLOCK)
+        in_seq = t < seq_len
+        offs = seq * seq_len + t
+        valid = (tl.load(mask_ptr + offs, mask=in_seq, other=0) != 0) & in_seq
+        values = tl.load(values_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+        old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+        returns = tl.load(returns_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+        diff = values - old
+        err1 = values - returns
+        err2 = (old + _clamp(diff, -clip, clip)) - returns
+        loss1 = err1 * err1
+        loss2 = err2 * err2
+        dloss1 = 2.0 * err1
+        dloss2 = tl.where((diff >= -clip) & (diff <= clip), 2.0 * err2, 0.0)
+        clipped = loss2 > loss1
+        loss = 0.5 * tl.where(clipped, loss2, loss1)
+        grad = 0.5 * tl.where(loss1 > loss2, dloss1, tl.where(clipped, dloss2, 0.5 * (dloss1 + dloss2)))
+        if NEED_GRAD:
+            tl.store(grad_ptr + offs, tl.where(valid, grad, 0.0), mask=in_seq)
+        out = partial_ptr + (seq * n_chunks + chunk) * 3
+        tl.store(out + 0, tl.sum(tl.where(valid, loss, 0.0), axis=0))
+        tl.store(out + 1, tl.sum(valid.to(ACC_DTYPE), axis=0))
+        tl.store(out + 2, tl.sum((valid & clipped).to(ACC_DTYPE), axis=0))
+
+
+def _split(x: float) -> tuple[float, float]:
+    """x as an fp32 pair (hi, lo) with hi + lo = x to ~2^-48 relative."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    return hi, x - hi
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _token_block(seq_len: int, device: torch.device) -> int:
+    # The interpreter favours few, wide programs; a GPU many 1024-wide ones.
+    cap = 4096 if device.type != "cuda" else 1024
+    return max(16, min(triton.next_power_of_2(max(seq_len, 1)), cap))
+
+
+def _reduce_partials(partial: Tensor, max_col: int | None, min_col: int | None) -> Tensor:
+    """(B, C, K) chunk partials -> (B, K): sums, with max / min for the ratio columns."""
+    stats = partial.sum(1)
+    if max_col is not None:
+        stats[:, max_col] = partial[:, :, max_col].amax(1)
+        stats[:, min_col] = partial[:, :, min_col].amin(1)
+    return stats
+
+
+# --- per-token kernels per backend ----------------------------------------------------
+# Each takes flat (N,) = (B * T,) token tensors of one float dtype and a bool
+# mask, and returns (grad (N,) or empty, seq_stats (B, K)).
+
+
+def _policy_native(logp, old_logp, adv, mask, ref_logp, entropy, seq_len, ratio_low, ratio_high,
+                   dual_clip, kl_coef, kl_code, need_grad):
+    return torch.ops.rlhf_kernels.ppo_policy_fwd_native(
+        logp, old_logp, adv, mask, ref_logp, entropy, seq_len, ratio_low, ratio_high,
+        dual_clip, kl_coef, kl_code, need_grad,
+    )
+
+
+def _policy_triton(logp, old_logp, adv, mask, ref_logp, entropy, seq_len, ratio_low, ratio_high,
+                   dual_clip, kl_coef, kl_code, need_grad):
+    n = logp.numel()
+    seqs = n // seq_len if seq_len > 0 else 0
+    block = _token_block(seq_len, logp.device)
+    chunks = max(1, triton.cdiv(seq_len, block))
+    grad = torch.empty(n if need_grad else 0, dtype=logp.dtype, device=logp.device)
+    partial = torch.empty((seqs, chunks, N_POLICY_STATS), dtype=logp.dtype, device=logp.device)
+    if seqs > 0:
+        _ppo_policy_fwd_kernel[(seqs, chunks)](
+            logp, old_logp, adv, mask.view(torch.uint8),
+            ref_logp if ref_logp is not None else logp, entropy if entropy is not None else logp,
+            grad if need_grad else logp, partial, seq_len, chunks,
+            *_split(ratio_low), *_split(ratio_high), *_split(dual_clip), *_split(kl_coef),
+            HAS_DUAL=dual_clip > 0, KL_ESTIMATOR=kl_code, HAS_ENTROPY=entropy is not None,
+            NEED_GRAD=need_grad, ACC_DTYPE=_tl_acc(logp.dtype), BLOCK=block,
+        )
+    return grad, _reduce_partials(partial, RATIO_MAX, RATIO_MIN)
+
+
+def _clamp_t(x: Tensor, lo, hi) -> Tensor:
+    return torch.where(x < lo, lo, torch.where(x > hi, hi, x))
+
+
+def _policy_torch(logp, old_logp, adv, mask, ref_logp, entropy, seq_len, ratio_low, ratio_high,
+                  dual_clip, kl_coef, kl_code, need_grad):
+    """The kernels' closed form in plain torch ops (the "reference" backend)."""
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    half = 0.5
+    diff = logp - old_logp
+    ratio = torch.exp(_clamp_t(diff, -20.0, 20.0))
+    d_log_ratio = ((diff >= -20.0) & (diff <= 20.0)).to(logp.dtype)
+    neg_adv = -adv
+    loss1 = neg_adv * ratio
+    loss2 = neg_adv * _clamp_t(ratio, ratio_low, ratio_high)
+    dloss2 = torch.where((ratio >= ratio_low) & (ratio <= ratio_high), neg_adv, zero)
+    clipped = loss2 > loss1
+    loss = torch.where(clipped, loss2, loss1)
+    dloss = torch.where(loss1 > loss2, neg_adv, torch.where(clipped, dloss2, half * (neg_adv + dloss2)))
+    dual = torch.zeros_like(mask)
+    if dual_clip > 0:
+        loss3 = neg_adv * dual_clip
+        negative = adv < 0
+        dual = negative & (loss > loss3)
+        dloss = torch.where(dual, zero, torch.where(negative & (loss == loss3), half * dloss, dloss))
+        loss = torch.where(dual, loss3, loss)
+    grad = dloss * ratio * d_log_ratio
+    kl = torch.zeros_like(logp)
+    if kl_code >= 0:
+        k1 = logp - ref_logp
+        if kl_code == 0:
+            kl, dkl = k1, torch.ones_like(k1)
+        elif kl_code == 1:
+            kl, dkl = k1.abs(), torch.sign(k1)
+        elif kl_code == 2:
+            kl, dkl = half * (k1 * k1), k1
+        else:
+            d_raw = ref_logp - logp
+            d = _clamp_t(d_raw, -20.0, 20.0)
+            e = torch.exp(d)
+            k = e - d - 1.0
+            kl = _clamp_t(k, -10.0, 10.0)
+            passes = (d_raw >= -20.0) & (d_raw <= 20.0) & (k >= -10.0) & (k <= 10.0)
+            dkl = torch.where(passes, 1.0 - e, zero)
+        grad = grad + kl_coef * dkl
+    seqs = logp.numel() // seq_len if seq_len > 0 else 0
+
+    def per_seq(x: Tensor) -> Tensor:
+        return torch.where(mask, x, zero).view(seqs, seq_len).sum(-1)
+
+    inf = torch.tensor(float("inf"), dtype=logp.dtype, device=logp.device)
+    ratio_seq = ratio.view(seqs, seq_len)
+    mask_seq = mask.view(seqs, seq_len)
+    columns = [
+        per_seq(loss), per_seq(torch.ones_like(loss)), per_seq(clipped.to(logp.dtype)),
+        per_seq(dual.to(logp.dtype)), per_seq(old_logp - logp),
+        torch.where(mask_seq, ratio_seq, -inf).amax(-1) if seq_len > 0 else zero.expand(seqs),
+        torch.where(mask_seq, ratio_seq, inf).amin(-1) if seq_len > 0 else zero.expand(seqs),
+        per_seq(kl), per_seq(entropy) if entropy is not None else zero.expand(seqs),
+    ]
+    grad = torch.where(mask, grad, zero) if need_grad else logp.new_empty(0)
+    return grad, torch.stack(columns, dim=-1)
+
+
+_POLICY = {"cpu": _policy_native, "cuda": _policy_native, "triton": _policy_triton, "reference": _policy_torch}
+
+
+def _value_native(values, old_values, returns, mask, seq_len, clip, need_grad):
+    return torch.ops.rlhf_kernels.ppo_value_fwd_native(values, old_values, returns, mask, seq_len, clip, need_grad)
+
+
+def _value_triton(values, old_values, returns, mask, seq_len, clip, need_grad):
+    n = values.numel()
+    seqs = n // seq_len if seq_len > 0 else 0
+    block = _token_block(seq_len, values.device)
+    chunks = max(1, triton.cdiv(seq_len, block))
+    grad = torch.empty(n if need_grad else 0, dtype=values.dtype, device=values.device)
+    partial = torch.empty((seqs, chunks, N_VALUE_STATS), dtype=values.dtype, device=values.device)
+    if seqs > 0:
+        _ppo_value_fwd_kernel[(seqs, chunks)](
+            values, old_values, returns, mask.view(torch.uint8), grad if need_grad else values,
+            partial, seq_len, chunks, *_split(clip),
+            NEED_GRAD=need_grad, ACC_DTYPE=_tl_acc(values.dtype), BLOCK=block,
+        )
+    return grad, _reduce_partials(partial, None, None)
+
+
+def _value_torch(values, old_values, returns, mask, seq_len, clip, need_grad):
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    diff = values - old_values
+    err1 = values - returns
+    err2 = (old_values + _clamp_t(diff, -clip, clip)) - returns
+    loss1, loss2 = err1 * err1, err2 * err2
+    dloss1 = 2.0 * err1
+    dloss2 = torch.where((diff >= -clip) & (diff <= clip), 2.0 * err2, zero)
+    clipped = loss2 > loss1
+    loss = 0.5 * torch.where(clipped, loss2, loss1)
+    grad = 0.5 * torch.where(loss1 > loss2, dloss1, torch.where(clipped, dloss2, 0.5 * (dloss1 + dloss2)))
+    seqs = values.numel() // seq_len if seq_len > 0 else 0
+
+    def per_seq(x: Tensor) -> Tensor:
+        return torch.where(mask, x, zero).view(seqs, seq_len).sum(-1)
+
+    stats = torch.stack([per_seq(loss), per_seq(torch.ones_like(loss)), per_seq(clipped.to(values.dtype))], -1)
+    return (torch.where(mask, grad, zero) if need_grad else values.new_empty(0)), stats
+
+
+_VALUE = {"cpu": _value_native, "cuda": _value_native, "triton": _value_triton, "reference": _value_torch}
+
+
+# --- aggregation ------------------------------------------------------------------------
+
+
+def _aggregation_weights(counts: Tensor, seq_len: int, agg: str, num_tokens: Optional[float],
+                         num_seqs: Optional[float]) -> Tensor:
+    """w_b with loss = sum_b w_b * (sum of the valid token losses of sequence b).
+
+    token-mean: 1 / (num_tokens or valid tokens); token-sum: 1;
+    seq-mean-token-sum: 1 / S; seq-mean-token-mean: 1 / (S * valid_b);
+    seq-mean-token-sum-norm: 1 / (S * T), with S = num_seqs or the number of
+    sequences with a valid token. Every count is clamped to >= 1, so a batch
+    without a valid token gives 0, never NaN."""
+    ones = torch.ones_like(counts)
+    if agg == "token-mean":
+        denom = num_tokens if num_tokens is not None else counts.sum().clamp(min=1)
+        return ones / denom
+    if agg == "token-sum":
+        return ones
+    seqs = num_seqs if num_seqs is not None else (counts > 0).sum().to(counts.dtype).clamp(min=1)
+    if agg == "seq-mean-token-sum":
+        return ones / seqs
+    if agg == "seq-mean-token-mean":
+        return 1.0 / (counts.clamp(min=1) * seqs)
+    if agg == "seq-mean-token-sum-norm":
+        return ones / (seqs * seq_len)
+    raise ValueError(f"agg: unknown mode {agg!r}; expected one of {AGG_MODES}")
+
+
+def _policy_stats(seq_stats: Tensor) -> Tensor:
+    """(5,) clipfrac, clipfrac_lower, approx_kl, ratio_max, ratio_min."""
+    counts = seq_stats[:, COUNT]
+    total = counts.sum()
+    denom = total.clamp(min=1)
+    any_valid = total > 0
+    zero = torch.zeros((), dtype=seq_stats.dtype, device=seq_stats.device)
+    if seq_stats.shape[0] == 0:
+        ratio_max = ratio_min = zero
+    else:
+        ratio_max = torch.where(any_valid, seq_stats[:, RATIO_MAX].amax(), zero)
+        ratio_min = torch.where(any_valid, seq_stats[:, RATIO_MIN].amin(), zero)
+    return torch.stack([
+        seq_stats[:, CLIP].sum() / denom, seq_stats[:, DUAL].sum() / denom,
+        seq_stats[:, APPROX_KL].sum() / denom, ratio_max, ratio_min,
+    ])
+
+
+def _token_view(x: Tensor) -> Tensor:
+    return x.reshape(-1)
+
+
+def _seq_len(shape) -> int:
+    return int(shape[-1])
+
+
+def _num_seqs(shape) -> int:
+    return math.prod(shape[:-1])
+
+
+def _run_tokens(table, backend: str, shape, n_stats: int, like: Tensor, need_grad: bool, *args):
+    """table[backend](*args), or, without any token, the statistics of B empty
+    sequences (zero counts; ratio max / min at -inf / +inf) without a launch."""
+    if like.numel() == 0:
+        stats = like.new_zeros((_num_seqs(shape), n_stats))
+        if n_stats == N_POLICY_STATS:
+            stats[:, RATIO_MAX] = float("-inf")
+            stats[:, RATIO_MIN] = float("inf")
+        return like.new_empty(0), stats
+    return table[backend](*args)
+
+
+# --- custom ops ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("rlhf_kernels::ppo_policy_loss_fwd", mutates_args=())
+def _ppo_policy_loss_fwd(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, ratio_low: float,
+    ratio_high: float, dual_clip: float, agg: str, num_tokens: Optional[float],
+    num_seqs: Optional[float], need_grad: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    seq_len = _seq_len(logp.shape)
+    grad, seq_stats = _run_tokens(
+        _POLICY, backend, logp.shape, N_POLICY_STATS, logp, need_grad, _token_view(logp), _token_view(old_logp), _token_view(advantages), _token_view(mask),
+        None, None, seq_len, ratio_low, ratio_high, dual_clip, 0.0, -1, need_grad,
+    )
+    weights = _aggregation_weights(seq_stats[:, COUNT], seq_len, agg, num_tokens, num_seqs)
+    loss = (weights * seq_stats[:, PG_SUM]).sum()
+    return loss, _policy_stats(seq_stats), grad, weights
+
+
+@_ppo_policy_loss_fwd.register_fake
+def _(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip, agg, num_tokens,
+      num_seqs, need_grad, backend):
+    seqs = _num_seqs(logp.shape)
+    return (logp.new_empty(()), logp.new_empty((5,)), logp.new_empty((logp.numel() if need_grad else 0,)),
+            logp.new_empty((seqs,)))
+
+
+def _scaled_token_grad(grad: Tensor, weights: Tensor, grad_loss: Tensor, shape) -> Tensor:
+    """grad_output * w_b * dl/dx, back in the tokens' shape."""
+    seqs = weights.shape[0]
+    scale = (weights * grad_loss).unsqueeze(-1)
+    return (grad.view(seqs, shape[-1]) * scale).view(shape)
+
+
+def _policy_setup_context(ctx, inputs, output):
+    ctx.shape = inputs[0].shape
+    _, _, grad, weights = output
+    ctx.save_for_backward(grad, weights)
+
+
+def _policy_backward(ctx, grad_loss, _grad_stats, _grad_grad, _grad_weights):
+    grad, weights = ctx.saved_tensors
+    grad_logp = None
+    if ctx.needs_input_grad[0]:
+        grad_logp = _scaled_token_grad(grad, weights, grad_loss, ctx.shape)
+    return (grad_logp,) + (None,) * 11
+
+
+_ppo_policy_loss_fwd.register_autograd(_policy_backward, setup_context=_policy_setup_context)
+
+
+@torch.library.custom_op("rlhf_kernels::ppo_value_loss_fwd", mutates_args=())
+def _ppo_value_loss_fwd(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float, agg: str,
+    num_tokens: Optional[float], num_seqs: Optional[float], need_grad: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    seq_len = _seq_len(values.shape)
+    grad, seq_stats = _run_tokens(
+        _VALUE, backend, values.shape, N_VALUE_STATS, values, need_grad, _token_view(values), _token_view(old_values), _token_view(returns), _token_view(mask),
+        seq_len, clip, need_grad,
+    )
+    counts = seq_stats[:, VF_COUNT]
+    weights = _aggregation_weights(counts, seq_len, agg, num_tokens, num_seqs)
+    loss = (weights * seq_stats[:, VF_SUM]).sum()
+    clipfrac = seq_stats[:, VF_CLIP].sum() / counts.sum().clamp(min=1)
+    return loss, clipfrac.reshape(1), grad, weights
+
+
+@_ppo_value_loss_fwd.register_fake
+def _(values, old_values, returns, mask, clip, agg, num_tokens, num_seqs, need_grad, backend):
+    seqs = _num_seqs(values.shape)
+    return (values.new_empty(()), values.new_empty((1,)),
+            values.new_empty((values.numel() if need_grad else 0,)), values.new_empty((seqs,)))
+
+
+def _value_backward(ctx, grad_loss, _grad_stats, _grad_grad, _grad_weights):
+    grad, weights = ctx.saved_tensors
+    grad_values = None
+    if ctx.needs_input_grad[0]:
+        grad_values = _scaled_token_grad(grad, weights, grad_loss, ctx.shape)
+    return (grad_values,) + (None,) * 9
+
+
+_ppo_value_loss_fwd.register_autograd(_value_backward, setup_context=_policy_setup_context)
+
+
+@torch.library.custom_op("rlhf_kernels::ppo_loss_from_logits_fwd", mutates_args=())
+def _ppo_loss_from_logits_fwd(
+    logits: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+    ref_logp: Optional[Tensor], temperature: float, ratio_low: float, ratio_high: float,
+    dual_clip: float, agg: str, num_tokens: Optional[float], num_seqs: Optional[float],
+    kl_coef: float, kl_code: int, entropy_coef: float, inplace_backward: bool, need_grad: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # One read of the logits: logp, entropy and lse per row.
+    _lp._validate_labels(logits, labels, -100)
+    logp, entropy, lse = _lp._FORWARD[backend](
+        logits, _lp._flat_labels(labels), 1.0 / temperature, -100, True
+    )
+    seq_len = _seq_len(labels.shape)
+    # Then one pass over the tokens: ratio, clip, KL, sums and dL/dlogp.
+    grad, seq_stats = _run_tokens(
+        _POLICY, backend, labels.shape, N_POLICY_STATS, logp, need_grad, logp, _token_view(old_logp), _token_view(advantages), _token_view(mask),
+        _token_view(ref_logp) if ref_logp is not None else None, entropy, seq_len,
+        ratio_low, ratio_high, dual_clip, kl_coef, kl_code, need_grad,
+    )
+    weights = _aggregation_weights(seq_stats[:, COUNT], seq_len, agg, num_tokens, num_seqs)
+    pg_loss = (weights * seq_stats[:, PG_SUM]).sum()
+    kl = (weights * seq_stats[:, KL_SUM]).sum()
+    entropy_agg = (weights * seq_stats[:, ENTROPY_SUM]).sum()
+    loss = pg_loss + kl_coef * kl - entropy_coef * entropy_agg
+    stats = torch.cat([_policy_stats(seq_stats), torch.stack([pg_loss, kl, entropy_agg])])
+    return loss, stats, grad, weights, lse, entropy
+
+
+@_ppo_loss_from_logits_fwd.register_fake
+def _(logits, labels, old_logp, advantages, mask, ref_logp, temperature, ratio_low, ratio_high,
+      dual_clip, agg, num_tokens, num_seqs, kl_coef, kl_code, entropy_coef, inplace_backward,
+      need_grad, backend):
+    acc = _lp._acc_dtype(logits.dtype)
+    n = labels.numel()
+    seqs = _num_seqs(labels.shape)
+    new = lambda *shape: logits.new_empty(shape, dtype=acc)  # noqa: E731
+    return new(), new(8), new(n if need_grad else 0), new(seqs), new(n), new(n)
+
+
+def _from_logits_setup_context(ctx, inputs, output):
+    logits, labels, _, _, mask = inputs[:5]
+    temperature, entropy_coef, inplace_backward, backend = inputs[6], inputs[15], inputs[16], inputs[18]
+    _, _, grad, weights, lse, entropy = output
+    ctx.save_for_backward(logits, labels, mask, grad, weights, lse, entropy)
+    ctx.params = (temperature, entropy_coef, inplace_backward, backend)
+
+
+def _from_logits_backward(ctx, grad_loss, _gs, _gg, _gw, _glse, _gent):
+    logits, labels, mask, grad, weights, lse, entropy = ctx.saved_tensors
+    temperature, entropy_coef, inplace_backward, backend = ctx.params
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 19
+    scale = (weights * grad_loss).unsqueeze(-1)  # (B, 1)
+    seqs, seq_len = weights.shape[0], labels.shape[-1]
+    grad_logp = (grad.view(seqs, seq_len) * scale).reshape(-1)
+    grad_entropy = None
+    if entropy_coef != 0.0:
+        # d loss / d entropy = -entropy_coef * w_b on valid tokens.
+        grad_entropy = torch.where(mask.reshape(seqs, seq_len), -entropy_coef * scale, 0.0)
+        grad_entropy = grad_entropy.reshape(-1).to(grad_logp.dtype)
+    args = (grad_logp, grad_entropy, logits, labels, lse, entropy if grad_entropy is not None else None,
+            temperature, -100, backend)
+    # One more pass over the logits writes their gradient.
+    if inplace_backward:
+        torch.ops.rlhf_kernels.logprobs_bwd_inplace(*args)
+        grad_logits = logits
+    else:
+        grad_logits = torch.ops.rlhf_kernels.logprobs_bwd(*args)
+    return (grad_logits,) + (None,) * 18
+
+
+_ppo_loss_from_logits_fwd.register_autograd(_from_logits_backward, setup_context=_from_logits_setup_context)
+
+
+# --- public functions -------------------------------------------------------------------
+
+
+def _check_float(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: must be a finite number, got {value}")
+    return value
+
+
+def _check_clip(clip_low: float, clip_high: float | None, dual_clip: float | None) -> tuple[float, float, float]:
+    clip_low = check_positive("clip_low", clip_low)
+    clip_high = clip_low if clip_high is None else check_positive("clip_high", clip_high)
+    if dual_clip is None:
+        dual = 0.0
+    else:
+        dual = _check_float("dual_clip", dual_clip)
+        if dual <= 1.0:
+            raise ValueError(f"dual_clip: must be > 1 (or None), got {dual}")
+    return 1.0 - clip_low, 1.0 + clip_high, dual
+
+
+def _check_agg(agg: str, num_tokens, num_seqs) -> tuple[Optional[float], Optional[float]]:
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg: unknown mode {agg!r}; expected one of {AGG_MODES}")
+    num_tokens = None if num_tokens is None else check_positive("num_tokens", num_tokens)
+    num_seqs = None if num_seqs is None else check_positive("num_seqs", num_seqs)
+    return num_tokens, num_seqs
+
+
+def _check_tokens(shape_name: str, shape, **tensors: Tensor) -> None:
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not match {shape_name} {tuple(shape)}")
+
+
+def _check_mask(mask: Tensor) -> Tensor:
+    check_tensor("mask", mask)
+    if mask.is_complex():
+        raise ValueError("mask: complex masks are not supported")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _prepare(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.to(dtype).contiguous()
+
+
+def ppo_policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped PPO policy loss (Schulman et al., 2017), fused in one pass.
+
+    ``ratio = exp(clamp(logp - old_logp, -20, 20))``, ``l1 = -A * ratio``,
+    ``l2 = -A * clamp(ratio, 1 - clip_low, 1 + clip_high)``, ``l = max(l1, l2)``;
+    with ``dual_clip = c`` (Ye et al., 2020) tokens with A < 0 take
+    ``min(l, -c * A)``. ``loss = agg(l)`` over the valid tokens of ``mask``.
+
+    Args:
+        logp: (B, T) float32 | float64 (bf16 / fp16 are upcast to float32):
+            log-probabilities under the current policy; differentiable.
+        old_logp, advantages: (B, T), same; not differentiated.
+        mask: (B, T) bool (or any dtype; nonzero = valid token).
+        clip_low, clip_high: > 0; the ratio is clipped to
+            [1 - clip_low, 1 + clip_high]; clip_high defaults to clip_low.
+        dual_clip: None or c > 1.
+        agg: "token-mean" | "token-sum" | "seq-mean-token-sum" |
+            "seq-mean-token-mean" | "seq-mean-token-sum-norm" (seq-mean-token-sum / T).
+        num_tokens: token-mean denominator instead of the number of valid
+            tokens (global normalisation under data parallelism).
+        num_seqs: the number of sequences the seq-mean modes divide by,
+            instead of the number with >= 1 valid token.
+        backend: "triton" | "cuda" | "cpu" | "reference"; default by device.
+
+    Returns:
+        (loss, stats): loss a 0-dim float32 (float64) tensor, 0 when no token is
+        valid; stats 0-dim tensors (no host synchronisation): clipfrac (share of
+        valid tokens with l2 > l1), clipfrac_lower (dual clip active),
+        approx_kl (mean of old_logp - logp), ratio_max, ratio_min (0 when no
+        token is valid).
+
+    The gradient follows torch autograd of ``reference.ppo_policy_loss``,
+    including its tie rules (half the gradient to each side of max / min at
+    a tie; clamp passes it on the closed interval).
+    """
+    check_tensor("logp", logp, FLOAT_DTYPES)
+    check_tensor("old_logp", old_logp, FLOAT_DTYPES)
+    check_tensor("advantages", advantages, FLOAT_DTYPES)
+    mask = _check_mask(mask)
+    check_same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
+    if logp.dim() < 1:
+        raise ValueError("logp: expected shape (B, T) (or (..., T)), got a 0-dim tensor")
+    _check_tokens("logp", logp.shape, old_logp=old_logp, advantages=advantages, mask=mask)
+    ratio_low, ratio_high, dual = _check_clip(clip_low, clip_high, dual_clip)
+    num_tokens, num_seqs = _check_agg(agg, num_tokens, num_seqs)
+    chosen = resolve_backend(backend, logp.device, "ppo_policy_loss")
+    dtype = _compute_dtype(logp, old_logp, advantages)
+    loss, stats, _, _ = torch.ops.rlhf_kernels.ppo_policy_loss_fwd(
+        _prepare(logp, dtype), _prepare(old_logp.detach(), dtype), _prepare(advantages.detach(), dtype),
+        mask.contiguous(), ratio_low, ratio_high, dual, agg, num_tokens, num_seqs,
+        bool(logp.requires_grad and torch.is_grad_enabled()), chosen,
+    )
+    stats = stats.detach()
+    return loss, {name: stats[i] for i, name in enumerate(POLICY_STAT_NAMES)}
+
+
+def ppo_value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    *,
+    clip: float = 0.2,
+    agg: str = "token-mean",
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss, fused in one pass:
+    ``v_clipped = old_values + clamp(values - old_values, -clip, clip)``,
+    ``loss = 0.5 * agg(max((values - R)^2, (v_clipped - R)^2))``.
+
+    Args:
+        values: (B, T) float32 | float64 (bf16 / fp16 upcast): the critic's
+            predictions; differentiable.
+        old_values, returns: (B, T), same; not differentiated.
+        mask: (B, T) bool (nonzero = valid).
+        clip: > 0.
+        agg, num_tokens, num_seqs: as in ``ppo_policy_loss``.
+
+    Returns:
+        (loss, stats): 0-dim loss (0 without valid tokens); stats
+        ``vf_clipfrac``, the share of valid tokens where the clipped error is
+        the larger one.
+    """
+    check_tensor("values", values, FLOAT_DTYPES)
+    check_tensor("old_values", old_values, FLOAT_DTYPES)
+    check_tensor("returns", returns, FLOAT_DTYPES)
+    mask = _check_mask(mask)
+    check_same_device(values=values, old_values=old_values, returns=returns, mask=mask)
+    if values.dim() < 1:
+        raise ValueError("values: expected shape (B, T) (or (..., T)), got a 0-dim tensor")
+    _check_tokens("values", values.shape, old_values=old_values, returns=returns, mask=mask)
+    clip = check_positive("clip", clip)
+    num_tokens, num_seqs = _check_agg(agg, num_tokens, num_seqs)
+    chosen = resolve_backend(backend, values.device, "ppo_value_loss")
+    dtype = _compute_dtype(values, old_values, returns)
+    loss, stats, _, _ = torch.ops.rlhf_kernels.ppo_value_loss_fwd(
+        _prepare(values, dtype), _prepare(old_values.detach(), dtype), _prepare(returns.detach(), dtype),
+        mask.contiguous(), clip, agg, num_tokens, num_seqs,
+        bool(values.requires_grad and torch.is_grad_enabled()), chosen,
+    )
+    return loss, {"vf_clipfrac": stats.detach()[0]}
+
+
+def ppo_loss_from_logits(
+    logits: Tensor,
+    labels: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    ref_logp: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    inplace_backward: bool = False,
+    backend: str | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO policy loss straight from the logits, with KL penalty and entropy bonus:
+
+    ``logp, H = logprobs_from_logits(logits / temperature, labels)``;
+    ``loss = ppo_policy_loss(logp, ...) + kl_coef * agg(kl(logp, ref_logp))
+    - entropy_coef * agg(H)``. The forward reads the logits once (logp,
+    entropy and lse per row), a per-token pass computes the rest and dL/dlogp;
+    the backward reads the logits once more and writes their gradient. Extra
+    memory O(B * T), never (B * T, V).
+
+    Args:
+        logits: (B, T, V) float32 | bfloat16 | float16 (float64 for gradcheck);
+            strided rows (``logits[:, :-1]``) are read in place.
+        labels: (B, T) int64 | int32, the sampled tokens (``-100``: ignored,
+            logp = entropy = 0 there).
+        old_logp, advantages, mask: (B, T) as in ``ppo_policy_loss``.
+        ref_logp: (B, T) float, the reference policy's logp; adds the KL
+            penalty with ``kl_coef`` (estimator "k1" | "abs" | "k2" | "mse" |
+            "k3" | "low_var_kl").
+        entropy_coef: weight of the entropy bonus (subtracted).
+        inplace_backward: write the logits gradient into the logits buffer.
+        Others: as in ``ppo_policy_loss``.
+
+    Returns:
+        (loss, stats): the 0-dim loss (float32; float64 for float64 logits) and
+        0-dim stats: the ``ppo_policy_loss`` stats plus pg_loss (the policy
+        term), kl (aggregated penalty, 0 without ref_logp) and entropy
+        (aggregated).
+    """
+    check_tensor("logits", logits, FLOAT_DTYPES)
+    check_tensor("labels", labels, INDEX_DTYPES)
+    check_tensor("old_logp", old_logp, FLOAT_DTYPES)
+    check_tensor("advantages", advantages, FLOAT_DTYPES)
+    mask = _check_mask(mask)
+    if ref_logp is not None:
+        check_tensor("ref_logp", ref_logp, FLOAT_DTYPES)
+    check_same_device(logits=logits, labels=labels, old_logp=old_logp, advantages=advantages,
+                      mask=mask, ref_logp=ref_logp)
+    if logits.dim() < 2:
+        raise ValueError("logits: expected shape (B, T, V) (or (..., T, V))")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits: the vocabulary dimension V must be > 0")
+    tokens = logits.shape[:-1]
+    _check_tokens("logits.shape[:-1]", tokens, labels=labels, old_logp=old_logp,
+                  advantages=advantages, mask=mask)
+    if ref_logp is not None:
+        _check_tokens("logits.shape[:-1]", tokens, ref_logp=ref_logp)
+    temperature = check_positive("temperature", temperature)
+    ratio_low, ratio_high, dual = _check_clip(clip_low, clip_high, dual_clip)
+    num_tokens, num_seqs = _check_agg(agg, num_tokens, num_seqs)
+    kl_coef = _check_float("kl_coef", kl_coef)
+    entropy_coef = _check_float("entropy_coef", entropy_coef)
+    if kl_estimator not in KL_CODES:
+        raise ValueError(f"kl_estimator: unknown estimator {kl_estimator!r}; expected one of {tuple(KL_CODES)}")
+    kl_code = KL_CODES[kl_estimator] if ref_logp is not None else -1
+    chosen = resolve_backend(backend, logits.device, "ppo_loss_from_logits")
+    acc = _lp._acc_dtype(logits.dtype)
+    loss, stats, _, _, _, _ = torch.ops.rlhf_kernels.ppo_loss_from_logits_fwd(
+        logits, labels, _prepare(old_logp.detach(), acc), _prepare(advantages.detach(), acc),
+        mask.contiguous(), None if ref_logp is None else _prepare(ref_logp.detach(), acc),
+        temperature, ratio_low, ratio_high, dual, agg, num_tokens, num_seqs, kl_coef, kl_code,
+        entropy_coef, bool(inplace_backward), bool(logits.requires_grad and torch.is_grad_enabled()),
+        chosen,
+    )
+    stats = stats.detach()
+    names = POLICY_STAT_NAMES + ("pg_loss", "kl", "entropy")
+    return loss, {name: stats[i] for i, name in enumerate(names)}
+
+
+__all__ = ["ppo_policy_loss", "ppo_value_loss", "ppo_loss_from_logits"]
