@@ -178,7 +178,8 @@ def write_results(rows: list[dict], env: dict, out_dir: Path = RESULTS_DIR) -> P
     return path
 
 
-def print_table(rows: list[dict], file=sys.stdout) -> None:
+def print_table(rows: list[dict], file=None) -> None:
+    file = file or sys.stdout  # looked up per call: stdout may have been replaced
     if not rows:
         return
     cols = ["op", "mode", "shape", "dtype", "provider", "median_ms", "gbps", "frac_copy_bw", "peak_mem_over_input"]
