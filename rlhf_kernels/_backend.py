@@ -24,6 +24,7 @@ ENV_CHECK = "RLHF_KERNELS_CHECK"
 # otherwise; docs/performance.md records the measurements.
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "logprobs": ("cuda", "triton"),
+    "advantages": ("cuda", "triton"),
 }
 
 
