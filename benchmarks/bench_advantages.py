@@ -12,7 +12,7 @@ Providers, per op (``ppo_advantages``: KL + shaping + GAE + whitening;
   - ``verl``: ``verl.trainer.ppo.core_algos.compute_gae_advantage_return`` where
     verl is importable (compute_gae only: it has no fused shaping).
 
-Usage: python benchmarks/bench_advantages.py [--quick] [--device cuda] [--out-dir DIR]
+Usage: python benchmarks/bench_advantages.py [--quick] [--device cuda] [--threads N] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -123,7 +123,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--compile-max-t", type=int, default=128,
                         help="torch.compile of the unrolled loop only up to this T (compile time grows with T)")
     parser.add_argument("--ops", default="ppo_advantages,compute_gae")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for CPU runs (on a shared machine, 1 avoids OpenMP "
+                             "barriers waiting on a descheduled thread)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     quick = args.quick or is_quick()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
