@@ -328,6 +328,22 @@ def test_ppo_advantages_matches_float64(device_backend, estimator, shape, poison
         assert t.dim() == 0
 
 
+def test_ppo_advantages_tensor_kl_coef_matches_float(device_backend):
+    """A 0-dim tensor kl_coef (read by the kernel on the device) gives what the float gives."""
+    device, backend = device_backend
+    shape = (3, 19)
+    mask = _mask_with_holes(shape, seed=45)
+    scores, logp, ref, values = (t.to(device) for t in _ppo_inputs(shape, seed=45))
+    kw = dict(estimator="k1", gamma=0.99, lam=0.9, backend=backend)
+    a = rlhf_kernels.ppo_advantages(scores, logp, ref, values, mask.to(device), kl_coef=0.07, **kw)
+    b = rlhf_kernels.ppo_advantages(scores, logp, ref, values, mask.to(device),
+                                    kl_coef=torch.tensor(0.07, dtype=torch.float64, device=device), **kw)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+    c = rlhf_kernels.ppo_advantages(scores, logp, ref, values, mask.to(device), kl_coef=0.5, **kw)
+    assert not torch.allclose(a.token_rewards, c.token_rewards)
+
+
 def test_ppo_advantages_packed_equals_padded(device_backend):
     device, backend = device_backend
     shape = (6, 33)
