@@ -116,3 +116,52 @@ inline const uint8_t* mask_data(const at::Tensor& mask) {
 }
 
 }  // namespace rlhf_kernels
+
+namespace rlhf_kernels {
+
+// Checks of advantages_native's arguments (CPU and CUDA glue). Returns
+// (num_seqs, seq_len); seq_len is 0 for the packed layout.
+inline std::pair<int64_t, int64_t> check_advantages(
+    const at::Tensor& values, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& cu_seqlens, const std::optional<at::Tensor>& token_rewards,
+    const std::optional<at::Tensor>& scores, const std::optional<at::Tensor>& logp,
+    const std::optional<at::Tensor>& ref_logp, const std::optional<at::Tensor>& kl_coef_scale,
+    int64_t estimator) {
+  TORCH_CHECK_VALUE(values.is_contiguous(), "values: must be contiguous");
+  int64_t num_seqs, seq_len = 0;
+  if (cu_seqlens) {
+    TORCH_CHECK_VALUE(values.dim() == 1, "values: expected (total,) with cu_seqlens");
+    TORCH_CHECK_VALUE(cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 1 &&
+                          cu_seqlens->scalar_type() == at::kInt && cu_seqlens->is_contiguous(),
+                      "cu_seqlens: expected a contiguous (B + 1,) int32 tensor");
+    num_seqs = cu_seqlens->numel() - 1;
+  } else {
+    TORCH_CHECK_VALUE(values.dim() == 2, "values: expected (B, T) without cu_seqlens");
+    num_seqs = values.size(0);
+    seq_len = values.size(1);
+  }
+  const int64_t n = values.numel();
+  if (mask) check_row_tensor(*mask, n, at::kBool, "mask");
+  TORCH_CHECK_VALUE(estimator >= 0 && estimator <= 3, "estimator: must be in [0, 3]");
+  if (token_rewards) {
+    check_row_tensor(*token_rewards, n, values.scalar_type(), "token_rewards");
+  } else {
+    TORCH_CHECK_VALUE(scores && logp && ref_logp,
+                      "advantages_native: needs token_rewards, or scores, logp and ref_logp");
+    check_row_tensor(*scores, num_seqs, acc_dtype_for(values), "scores");
+    check_row_tensor(*logp, n, values.scalar_type(), "logp");
+    check_row_tensor(*ref_logp, n, values.scalar_type(), "ref_logp");
+    if (kl_coef_scale) check_row_tensor(*kl_coef_scale, 1, acc_dtype_for(values), "kl_coef_scale");
+  }
+  return {num_seqs, seq_len};
+}
+
+inline void check_kl_inputs(const at::Tensor& logp, const at::Tensor& ref_logp, int64_t estimator) {
+  TORCH_CHECK_VALUE(logp.is_contiguous() && ref_logp.is_contiguous(),
+                    "logp, ref_logp: must be contiguous");
+  TORCH_CHECK_VALUE(logp.sizes() == ref_logp.sizes() && logp.scalar_type() == ref_logp.scalar_type(),
+                    "ref_logp: shape and dtype must match logp");
+  TORCH_CHECK_VALUE(estimator >= 0 && estimator <= 3, "estimator: must be in [0, 3]");
+}
+
+}  // namespace rlhf_kernels

@@ -6,17 +6,31 @@ Triton and without the compiled extension (the reference backend then runs).
 
 from . import reference
 from ._backend import BACKENDS, available_backends
+from .ops.advantages import (
+    AdaptiveKLController,
+    PPOAdvantages,
+    compute_gae,
+    group_advantages,
+    kl_penalty,
+    ppo_advantages,
+)
 from .ops.logprobs import logprobs_from_logits
 from .ops.ppo_loss import ppo_loss_from_logits, ppo_policy_loss, ppo_value_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveKLController",
     "BACKENDS",
+    "PPOAdvantages",
     "available_backends",
+    "compute_gae",
+    "group_advantages",
+    "kl_penalty",
     "logprobs_from_logits",
     "ppo_loss_from_logits",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "ppo_advantages",
     "reference",
 ]

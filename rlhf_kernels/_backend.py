@@ -27,6 +27,7 @@ GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "ppo_policy_loss": ("cuda", "triton"),
     "ppo_value_loss": ("cuda", "triton"),
     "ppo_loss_from_logits": ("cuda", "triton"),
+    "advantages": ("cuda", "triton"),
 }
 
 

@@ -233,26 +233,6 @@ def ppo_value_loss(
     return loss, stats
 
 
-KL_ESTIMATORS = ("k1", "abs", "k2", "mse", "k3", "low_var_kl")
-
-
-def ppo_kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
-    """Per-token KL penalty estimators (the formulas of issue 3's ``kl_penalty``,
-    private to the PPO loss until that op lands): k1 = logp - ref; abs = |k1|;
-    k2 / mse = 0.5 * k1^2; k3 / low_var_kl = exp(d) - d - 1 with
-    d = clamp(ref - logp, -20, 20), the result clamped to [-10, 10]."""
-    if estimator == "k1":
-        return logp - ref_logp
-    if estimator == "abs":
-        return (logp - ref_logp).abs()
-    if estimator in ("k2", "mse"):
-        return 0.5 * (logp - ref_logp).square()
-    if estimator in ("k3", "low_var_kl"):
-        d = torch.clamp(ref_logp - logp, min=-20.0, max=20.0)
-        return torch.clamp(torch.exp(d) - d - 1, min=-10.0, max=10.0)
-    raise ValueError(f"kl_estimator: unknown estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
-
-
 def ppo_loss_from_logits(
     logits: Tensor,
     labels: Tensor,
@@ -274,7 +254,7 @@ def ppo_loss_from_logits(
     upcast: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The composition ``logprobs_from_logits`` -> ``ppo_policy_loss``
-    + ``kl_coef * agg(ppo_kl_penalty(logp, ref_logp))`` - ``entropy_coef * agg(entropy)``.
+    + ``kl_coef * agg(kl_penalty(logp, ref_logp))`` - ``entropy_coef * agg(entropy)``.
     stats add pg_loss, kl (the aggregated penalty, 0 without ref_logp) and entropy."""
     logp, entropy = logprobs_from_logits(
         logits, labels, temperature=temperature, return_entropy=True, upcast=upcast
@@ -287,9 +267,216 @@ def ppo_loss_from_logits(
     entropy_agg = aggregate(entropy)
     loss = pg_loss - entropy_coef * entropy_agg
     if ref_logp is not None:
-        kl = aggregate(ppo_kl_penalty(logp, ref_logp.to(logp.dtype), kl_estimator))
+        kl = aggregate(kl_penalty(logp, ref_logp.to(logp.dtype), kl_estimator, upcast=upcast))
         loss = loss + kl_coef * kl
     else:
         kl = pg_loss.new_zeros(())
     stats.update(pg_loss=pg_loss.detach(), kl=kl.detach(), entropy=entropy_agg.detach())
     return loss, stats
+
+# --- KL penalty, reward shaping, GAE, whitening, group advantages ----------------
+
+KL_ESTIMATORS = ("k1", "abs", "k2", "mse", "k3", "low_var_kl")
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k1", *, upcast: bool = True) -> Tensor:
+    """Per-token KL estimate between the policy and the reference policy
+    (Schulman, "Approximating KL divergence", 2020), as in verl ``kl_penalty``:
+    ``k1 = logp - ref``; ``abs = |k1|``; ``k2 = mse = k1^2 / 2``;
+    ``k3 = low_var_kl = exp(x) - x - 1`` with ``x = clamp(ref - logp, -20, 20)``
+    and the result clamped to [-10, 10]. Differentiable through autograd."""
+    dtype = _compute_dtype(torch.promote_types(logp.dtype, ref_logp.dtype), upcast)
+    logp, ref_logp = logp.to(dtype), ref_logp.to(dtype)
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "abs":
+        return (logp - ref_logp).abs()
+    if estimator in ("k2", "mse"):
+        return 0.5 * (logp - ref_logp).square()
+    if estimator in ("k3", "low_var_kl"):
+        x = torch.clamp(ref_logp - logp, min=-20.0, max=20.0)
+        return torch.clamp(torch.exp(x) - x - 1.0, min=-10.0, max=10.0)
+    raise ValueError(f"estimator: unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+
+
+def kl_penalty_grad(logp: Tensor, ref_logp: Tensor, estimator: str = "k1") -> Tensor:
+    """Closed-form ``d kl / d logp`` of ``kl_penalty`` (``d kl / d ref`` is its
+    negative), with torch's conventions at the clamps and at 0 for abs."""
+    d = logp - ref_logp
+    if estimator == "k1":
+        return torch.ones_like(d)
+    if estimator == "abs":
+        return torch.sign(d)
+    if estimator in ("k2", "mse"):
+        return d
+    x = ref_logp - logp
+    e = torch.exp(x)
+    live = (x >= -20.0) & (x <= 20.0) & (e - x - 1.0 <= 10.0)
+    return torch.where(live, 1.0 - e, torch.zeros_like(e))
+
+
+def shape_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """``token_rewards = -kl_coef * kl`` on valid tokens plus ``scores[b]`` at the
+    last valid token of row b; 0 at masked positions. (B, T) padded layout; a
+    row with no valid token gets nothing (its score is dropped)."""
+    mask = mask.bool()
+    rewards = torch.where(mask, -kl_coef * kl, torch.zeros_like(kl))
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, positions, torch.full_like(positions, -1)).amax(-1)
+    has_any = last >= 0
+    at_last = (positions == last.unsqueeze(-1)) & has_any.unsqueeze(-1)
+    return rewards + torch.where(at_last, scores.to(rewards.dtype).unsqueeze(-1), torch.zeros_like(rewards))
+
+
+def gae_loop(token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """GAE (Schulman et al., 2016) by the explicit reverse loop over time that
+    TRL and verl run, vectorised over the batch, (B, T) padded:
+    ``delta_t = r_t + gamma * V_next - V_t``, ``A_t = delta_t + gamma * lam * A_next``,
+    where V_next and A_next belong to the next *valid* position (0 after the
+    end): a masked position carries both through unchanged. Returns the
+    unwhitened advantages and ``returns = A + V``, both 0 at masked positions."""
+    mask = mask.bool()
+    next_value = torch.zeros_like(values[:, 0])
+    running = torch.zeros_like(values[:, 0])
+    advantages = torch.zeros_like(values)
+    for t in reversed(range(values.shape[1])):
+        valid = mask[:, t]
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        new_running = delta + gamma * lam * running
+        running = torch.where(valid, new_running, running)
+        next_value = torch.where(valid, values[:, t], next_value)
+        advantages[:, t] = torch.where(valid, new_running, torch.zeros_like(new_running))
+    returns = torch.where(mask, advantages + values, torch.zeros_like(values))
+    return advantages, returns
+
+
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """``(x - mean) * rsqrt(var + eps)`` over the valid positions, unbiased
+    variance; 0 at masked positions. With fewer than two valid positions the
+    variance is taken as 0 (so one valid token whitens to 0, none gives all 0)."""
+    mask = mask.bool()
+    count = mask.sum()
+    total = torch.where(mask, x, torch.zeros_like(x)).sum()
+    mean = total / count.clamp(min=1)
+    centred = torch.where(mask, x - mean, torch.zeros_like(x))
+    var = centred.square().sum() / (count - 1).clamp(min=1)
+    var = torch.where(count > 1, var, torch.zeros_like(var))
+    return torch.where(mask, (x - mean) * torch.rsqrt(var + eps), torch.zeros_like(x))
+
+
+def _packed_to_padded(x: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
+    bounds = [int(v) for v in cu_seqlens.tolist()]
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    width = max(lengths, default=0)
+    out = x.new_zeros(len(lengths), max(width, 1))
+    valid = torch.zeros(len(lengths), max(width, 1), dtype=torch.bool, device=x.device)
+    for b, (s, n) in enumerate(zip(bounds[:-1], lengths)):
+        out[b, :n] = x[s : s + n]
+        valid[b, :n] = True
+    return out, valid
+
+
+def _padded_to_packed(x: Tensor, cu_seqlens: Tensor) -> Tensor:
+    bounds = [int(v) for v in cu_seqlens.tolist()]
+    parts = [x[b, : e - s] for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    return torch.cat(parts) if parts else x.new_zeros(0)
+
+
+def compute_gae(
+    token_rewards: Tensor,
+    values: Tensor,
+    mask: Tensor | None,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten: bool = True,
+    cu_seqlens: Tensor | None = None,
+    upcast: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """GAE by the Python loop (``gae_loop``) then ``masked_whiten``; padded
+    (B, T) with ``mask``, or packed (total,) with ``cu_seqlens`` (B + 1 offsets).
+    Returns (advantages, returns)."""
+    dtype = _compute_dtype(torch.promote_types(token_rewards.dtype, values.dtype), upcast)
+    token_rewards, values = token_rewards.to(dtype), values.to(dtype)
+    if mask is None:
+        mask = torch.ones(values.shape, dtype=torch.bool, device=values.device)
+    mask = mask.bool()
+    if cu_seqlens is None:
+        adv, ret = gae_loop(token_rewards, values, mask, gamma, lam)
+    else:
+        r2, valid = _packed_to_padded(token_rewards, cu_seqlens)
+        v2, _ = _packed_to_padded(values, cu_seqlens)
+        m2, _ = _packed_to_padded(mask.to(dtype), cu_seqlens)
+        a2, t2 = gae_loop(r2, v2, valid & m2.bool(), gamma, lam)
+        adv, ret = _padded_to_packed(a2, cu_seqlens), _padded_to_packed(t2, cu_seqlens)
+    if whiten:
+        adv = masked_whiten(adv, mask)
+    return adv, ret
+
+
+def ppo_advantages(
+    scores: Tensor,
+    logp: Tensor,
+    ref_logp: Tensor,
+    values: Tensor,
+    mask: Tensor | None,
+    *,
+    kl_coef: float,
+    estimator: str = "k1",
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten: bool = True,
+    cu_seqlens: Tensor | None = None,
+    upcast: bool = True,
+) -> dict[str, Tensor]:
+    """KL penalty, reward shaping, GAE and whitening unfused, as in TRL/verl.
+    Returns a dict with advantages, returns, token_rewards and kl."""
+    dtype = _compute_dtype(torch.promote_types(torch.promote_types(logp.dtype, ref_logp.dtype), values.dtype), upcast)
+    if mask is None:
+        mask = torch.ones(values.shape, dtype=torch.bool, device=values.device)
+    mask = mask.bool()
+    kl = kl_penalty(logp.to(dtype), ref_logp.to(dtype), estimator, upcast=upcast)
+    kl = torch.where(mask, kl, torch.zeros_like(kl))
+    if cu_seqlens is None:
+        rewards = shape_rewards(scores.to(dtype), kl, mask, kl_coef)
+    else:
+        kl2, valid = _packed_to_padded(kl, cu_seqlens)
+        m2, _ = _packed_to_padded(mask.to(dtype), cu_seqlens)
+        rewards = _padded_to_packed(shape_rewards(scores.to(dtype), kl2, valid & m2.bool(), kl_coef), cu_seqlens)
+    adv, ret = compute_gae(rewards, values.to(dtype), mask, gamma=gamma, lam=lam, whiten=whiten,
+                           cu_seqlens=cu_seqlens, upcast=upcast)
+    return {"advantages": adv, "returns": ret, "token_rewards": rewards, "kl": kl}
+
+
+def group_advantages(
+    scores: Tensor,
+    group_size: int | None = None,
+    group_ids: Tensor | None = None,
+    *,
+    mode: str = "grpo",
+    eps: float = 1e-6,
+) -> Tensor:
+    """Outcome advantages within groups of responses to one prompt, by an
+    explicit loop over groups: ``grpo`` = (s - mean_g) / (std_g + eps) with the
+    unbiased std (DeepSeekMath, 2024); ``dr_grpo`` = s - mean_g (Liu et al.,
+    2025); ``rloo`` = s - mean of the other members (Ahmadian et al., 2024).
+    A group of one gets advantage 0 in every mode (its std is taken as 0 and it
+    has no other members)."""
+    if group_ids is None:
+        group_ids = torch.arange(scores.shape[0], device=scores.device) // group_size
+    out = torch.zeros_like(scores)
+    for g in torch.unique(group_ids).tolist():
+        idx = (group_ids == g).nonzero().squeeze(-1)
+        s = scores[idx]
+        n = s.numel()
+        mean = s.mean()
+        if mode == "grpo":
+            std = s.std(unbiased=True) if n > 1 else torch.zeros_like(mean)
+            out[idx] = (s - mean) / (std + eps)
+        elif mode == "dr_grpo":
+            out[idx] = s - mean
+        elif mode == "rloo":
+            out[idx] = s - (s.sum() - s) / (n - 1) if n > 1 else torch.zeros_like(s)
+        else:
+            raise ValueError(f"mode: unknown mode {mode!r}")
+    return out

@@ -1,0 +1,122 @@
+// Torch glue for the CPU advantage kernels: checks, allocation and
+// at::parallel_for over elements (KL) or sequences (GAE).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include "../glue.h"
+#include "advantages.h"
+
+namespace rlhf_kernels {
+namespace {
+
+constexpr int64_t kElementGrain = 32768;
+
+at::Tensor kl_penalty_fwd_cpu(const at::Tensor& logp, const at::Tensor& ref_logp, int64_t estimator) {
+  check_kl_inputs(logp, ref_logp, estimator);
+  at::Tensor kl = at::empty(logp.sizes(), logp.options().dtype(acc_dtype_for(logp)));
+  dispatch_float_dtype<bf16_t, fp16_t>(logp.scalar_type(), "logp", [&](auto scalar, auto acc) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    const auto* x = reinterpret_cast<const scalar_t*>(logp.const_data_ptr());
+    const auto* y = reinterpret_cast<const scalar_t*>(ref_logp.const_data_ptr());
+    acc_t* out = kl.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, logp.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
+      cpu::kl_penalty_fwd_range<scalar_t, acc_t>(x, y, static_cast<int>(estimator), out, begin, end);
+    });
+  });
+  return kl;
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_penalty_bwd_cpu(const at::Tensor& grad, const at::Tensor& logp,
+                                                      const at::Tensor& ref_logp, int64_t estimator) {
+  check_kl_inputs(logp, ref_logp, estimator);
+  check_row_tensor(grad, logp.numel(), acc_dtype_for(logp), "grad");
+  at::Tensor grad_logp = at::empty(logp.sizes(), logp.options());
+  at::Tensor grad_ref = at::empty(logp.sizes(), logp.options());
+  dispatch_float_dtype<bf16_t, fp16_t>(logp.scalar_type(), "logp", [&](auto scalar, auto acc) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    const auto* x = reinterpret_cast<const scalar_t*>(logp.const_data_ptr());
+    const auto* y = reinterpret_cast<const scalar_t*>(ref_logp.const_data_ptr());
+    const acc_t* g = grad.const_data_ptr<acc_t>();
+    auto* gx = reinterpret_cast<scalar_t*>(grad_logp.data_ptr());
+    auto* gy = reinterpret_cast<scalar_t*>(grad_ref.data_ptr());
+    at::parallel_for(0, logp.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
+      cpu::kl_penalty_bwd_range<scalar_t, acc_t>(g, x, y, static_cast<int>(estimator), gx, gy,
+                                                 begin, end);
+    });
+  });
+  return {grad_logp, grad_ref};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> advantages_cpu(
+    const at::Tensor& values, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& cu_seqlens, const std::optional<at::Tensor>& token_rewards,
+    const std::optional<at::Tensor>& scores, const std::optional<at::Tensor>& logp,
+    const std::optional<at::Tensor>& ref_logp, const std::optional<at::Tensor>& kl_coef_scale,
+    double kl_coef, int64_t estimator, double gamma,
+    double lam) {
+  const auto [num_seqs, seq_len] = check_advantages(values, mask, cu_seqlens, token_rewards, scores,
+                                                    logp, ref_logp, kl_coef_scale, estimator);
+  const bool shaping = !token_rewards.has_value();
+  const auto opts = values.options().dtype(acc_dtype_for(values));
+  at::Tensor advantages = at::empty(values.sizes(), opts);
+  at::Tensor returns = at::empty(values.sizes(), opts);
+  at::Tensor rewards_out = at::empty(shaping ? values.sizes() : at::IntArrayRef{0}, opts);
+  at::Tensor kl_out = at::empty(shaping ? values.sizes() : at::IntArrayRef{0}, opts);
+  at::Tensor stats = at::empty({num_seqs, kAdvantageStats}, values.options().dtype(at::kDouble));
+  if (cu_seqlens && num_seqs > 0) {
+    // The kernel trusts the offsets: they must stay inside the tensors.
+    const int32_t* cu = cu_seqlens->const_data_ptr<int32_t>();
+    TORCH_CHECK_VALUE(cu[0] >= 0 && cu[num_seqs] <= values.numel(),
+                      "cu_seqlens: offsets outside [0, total]");
+    for (int64_t b = 0; b < num_seqs; ++b)
+      TORCH_CHECK_VALUE(cu[b] <= cu[b + 1], "cu_seqlens: offsets must be non-decreasing");
+  }
+  dispatch_float_dtype<bf16_t, fp16_t>(values.scalar_type(), "values", [&](auto scalar, auto acc) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    auto ptr = [](const std::optional<at::Tensor>& t) {
+      return t ? reinterpret_cast<const scalar_t*>(t->const_data_ptr()) : nullptr;
+    };
+    AdvantagesArgs<scalar_t, acc_t> args{};
+    args.values = reinterpret_cast<const scalar_t*>(values.const_data_ptr());
+    args.mask = mask ? reinterpret_cast<const uint8_t*>(mask->const_data_ptr()) : nullptr;
+    args.cu_seqlens = cu_seqlens ? cu_seqlens->const_data_ptr<int32_t>() : nullptr;
+    args.seq_len = seq_len;
+    args.num_seqs = num_seqs;
+    args.token_rewards = ptr(token_rewards);
+    args.scores = shaping ? scores->const_data_ptr<acc_t>() : nullptr;
+    args.logp = ptr(logp);
+    args.ref_logp = ptr(ref_logp);
+    args.kl_coef_scale = kl_coef_scale ? kl_coef_scale->const_data_ptr<acc_t>() : nullptr;
+    args.kl_coef = static_cast<acc_t>(kl_coef);
+    args.estimator = static_cast<int>(estimator);
+    args.gamma = static_cast<acc_t>(gamma);
+    args.lam = static_cast<acc_t>(lam);
+    args.advantages = advantages.mutable_data_ptr<acc_t>();
+    args.returns = returns.mutable_data_ptr<acc_t>();
+    args.token_rewards_out = shaping ? rewards_out.mutable_data_ptr<acc_t>() : nullptr;
+    args.kl_out = shaping ? kl_out.mutable_data_ptr<acc_t>() : nullptr;
+    args.stats = stats.mutable_data_ptr<double>();
+    // Sequences per task: about 16k positions of work each.
+    const int64_t per_seq = cu_seqlens ? std::max<int64_t>(1, values.numel() / std::max<int64_t>(num_seqs, 1))
+                                       : std::max<int64_t>(1, seq_len);
+    const int64_t grain = std::max<int64_t>(1, 16384 / per_seq);
+    at::parallel_for(0, num_seqs, grain, [&](int64_t begin, int64_t end) {
+      cpu::advantages_seqs<scalar_t, acc_t>(args, begin, end);
+    });
+  });
+  return {advantages, returns, rewards_out, kl_out, stats};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
+  m.impl("kl_penalty_fwd_native", &kl_penalty_fwd_cpu);
+  m.impl("kl_penalty_bwd_native", &kl_penalty_bwd_cpu);
+  m.impl("advantages_native", &advantages_cpu);
+}
+
+}  // namespace rlhf_kernels

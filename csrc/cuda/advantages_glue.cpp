@@ -1,0 +1,114 @@
+// Torch glue for the CUDA advantage kernels: checks, allocation, stream and
+// device guard. The packed offsets are not read here (that would synchronise):
+// the Python op checks them on request (RLHF_KERNELS_CHECK=1) and the kernel
+// clamps them, so a bad cu_seqlens never reads out of bounds.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include "../glue.h"
+#include "advantages.cuh"
+
+namespace rlhf_kernels {
+namespace {
+
+void check_advantages_launch(cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "rlhf_kernels CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+at::Tensor kl_penalty_fwd_cuda(const at::Tensor& logp, const at::Tensor& ref_logp, int64_t estimator) {
+  const c10::cuda::CUDAGuard guard(logp.device());
+  check_kl_inputs(logp, ref_logp, estimator);
+  at::Tensor kl = at::empty(logp.sizes(), logp.options().dtype(acc_dtype_for(logp)));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float_dtype<__nv_bfloat16, __half>(logp.scalar_type(), "logp", [&](auto scalar, auto acc) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    check_advantages_launch(cuda::launch_kl_penalty_fwd<scalar_t, acc_t>(
+        reinterpret_cast<const scalar_t*>(logp.const_data_ptr()),
+        reinterpret_cast<const scalar_t*>(ref_logp.const_data_ptr()), static_cast<int>(estimator),
+        kl.mutable_data_ptr<acc_t>(), logp.numel(), stream));
+  });
+  return kl;
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_penalty_bwd_cuda(const at::Tensor& grad, const at::Tensor& logp,
+                                                       const at::Tensor& ref_logp, int64_t estimator) {
+  const c10::cuda::CUDAGuard guard(logp.device());
+  check_kl_inputs(logp, ref_logp, estimator);
+  check_row_tensor(grad, logp.numel(), acc_dtype_for(logp), "grad");
+  at::Tensor grad_logp = at::empty(logp.sizes(), logp.options());
+  at::Tensor grad_ref = at::empty(logp.sizes(), logp.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float_dtype<__nv_bfloat16, __half>(logp.scalar_type(), "logp", [&](auto scalar, auto acc) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    check_advantages_launch(cuda::launch_kl_penalty_bwd<scalar_t, acc_t>(
+        grad.const_data_ptr<acc_t>(), reinterpret_cast<const scalar_t*>(logp.const_data_ptr()),
+        reinterpret_cast<const scalar_t*>(ref_logp.const_data_ptr()), static_cast<int>(estimator),
+        reinterpret_cast<scalar_t*>(grad_logp.data_ptr()),
+        reinterpret_cast<scalar_t*>(grad_ref.data_ptr()), logp.numel(), stream));
+  });
+  return {grad_logp, grad_ref};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> advantages_cuda(
+    const at::Tensor& values, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& cu_seqlens, const std::optional<at::Tensor>& token_rewards,
+    const std::optional<at::Tensor>& scores, const std::optional<at::Tensor>& logp,
+    const std::optional<at::Tensor>& ref_logp, const std::optional<at::Tensor>& kl_coef_scale,
+    double kl_coef, int64_t estimator, double gamma, double lam) {
+  const c10::cuda::CUDAGuard guard(values.device());
+  const auto [num_seqs, seq_len] = check_advantages(values, mask, cu_seqlens, token_rewards, scores,
+                                                    logp, ref_logp, kl_coef_scale, estimator);
+  const bool shaping = !token_rewards.has_value();
+  const auto opts = values.options().dtype(acc_dtype_for(values));
+  at::Tensor advantages = at::empty(values.sizes(), opts);
+  at::Tensor returns = at::empty(values.sizes(), opts);
+  at::Tensor rewards_out = at::empty(shaping ? values.sizes() : at::IntArrayRef{0}, opts);
+  at::Tensor kl_out = at::empty(shaping ? values.sizes() : at::IntArrayRef{0}, opts);
+  at::Tensor stats = at::empty({num_seqs, kAdvantageStats}, values.options().dtype(at::kDouble));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float_dtype<__nv_bfloat16, __half>(values.scalar_type(), "values", [&](auto scalar, auto acc) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    auto ptr = [](const std::optional<at::Tensor>& t) {
+      return t ? reinterpret_cast<const scalar_t*>(t->const_data_ptr()) : nullptr;
+    };
+    AdvantagesArgs<scalar_t, acc_t> args{};
+    args.values = reinterpret_cast<const scalar_t*>(values.const_data_ptr());
+    args.mask = mask ? reinterpret_cast<const uint8_t*>(mask->const_data_ptr()) : nullptr;
+    args.cu_seqlens = cu_seqlens ? cu_seqlens->const_data_ptr<int32_t>() : nullptr;
+    args.seq_len = seq_len;
+    args.num_seqs = num_seqs;
+    args.token_rewards = ptr(token_rewards);
+    args.scores = shaping ? scores->const_data_ptr<acc_t>() : nullptr;
+    args.logp = ptr(logp);
+    args.ref_logp = ptr(ref_logp);
+    args.kl_coef_scale = kl_coef_scale ? kl_coef_scale->const_data_ptr<acc_t>() : nullptr;
+    args.kl_coef = static_cast<acc_t>(kl_coef);
+    args.estimator = static_cast<int>(estimator);
+    args.gamma = static_cast<acc_t>(gamma);
+    args.lam = static_cast<acc_t>(lam);
+    args.advantages = advantages.mutable_data_ptr<acc_t>();
+    args.returns = returns.mutable_data_ptr<acc_t>();
+    args.token_rewards_out = shaping ? rewards_out.mutable_data_ptr<acc_t>() : nullptr;
+    args.kl_out = shaping ? kl_out.mutable_data_ptr<acc_t>() : nullptr;
+    args.stats = stats.mutable_data_ptr<double>();
+    check_advantages_launch(cuda::launch_advantages<scalar_t, acc_t>(args, values.numel(), stream));
+  });
+  return {advantages, returns, rewards_out, kl_out, stats};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
+  m.impl("kl_penalty_fwd_native", &kl_penalty_fwd_cuda);
+  m.impl("kl_penalty_bwd_native", &kl_penalty_bwd_cuda);
+  m.impl("advantages_native", &advantages_cuda);
+}
+
+}  // namespace rlhf_kernels

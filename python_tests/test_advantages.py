@@ -1,0 +1,667 @@
+"""KL penalty, shaping, GAE, whitening, group advantages and the KL controller
+against float64 references written from the formulas, on every backend present."""
+
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+
+import rlhf_kernels
+from rlhf_kernels import reference
+
+from conftest import gpu
+
+ESTIMATORS = ["k1", "abs", "k2", "mse", "k3", "low_var_kl"]
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _mask_with_holes(shape, seed, p_valid=0.75):
+    """Random holes (multi-turn tool outputs), right padding of random length,
+    one all-masked row and one length-1 row when there are enough rows."""
+    gen = _gen(seed)
+    B, T = shape
+    mask = torch.rand(shape, generator=gen) < p_valid
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    mask &= torch.arange(T) < lengths[:, None]
+    if B >= 3:
+        mask[1] = False  # all masked
+        mask[2] = False
+        mask[2, 0] = True  # length 1
+    return mask
+
+
+def _inputs(shape, dtype, seed=0):
+    gen = _gen(seed)
+    rewards = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    values = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    return rewards, values
+
+
+def _loop64(rewards, values, mask, gamma, lam, whiten):
+    """The float64 reference: the explicit reverse loop, then masked whitening."""
+    adv, ret = reference.gae_loop(rewards.double(), values.double(), mask.bool(), gamma, lam)
+    if whiten:
+        adv = reference.masked_whiten(adv, mask)
+    return adv, ret
+
+
+def _scalar_loop64(rewards, values, mask, gamma, lam):
+    """An independent scalar loop per sequence, straight from the formulas."""
+    B, T = values.shape
+    adv = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        next_value, running = 0.0, 0.0
+        for t in reversed(range(T)):
+            if not mask[b, t]:
+                continue
+            delta = float(rewards[b, t]) + gamma * next_value - float(values[b, t])
+            running = delta + gamma * lam * running
+            next_value = float(values[b, t])
+            adv[b, t] = running
+    ret = torch.where(mask, adv + values.double(), torch.zeros_like(adv))
+    return adv, ret
+
+
+def _close(got, want, atol=2e-5, rtol=2e-5):
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
+
+
+# --- references agree with each other -----------------------------------------------
+
+
+def test_vectorised_loop_matches_scalar_loop():
+    mask = _mask_with_holes((5, 37), seed=1)
+    rewards, values = _inputs((5, 37), torch.float64, seed=1)
+    a1, r1 = reference.gae_loop(rewards, values, mask, 0.99, 0.9)
+    a2, r2 = _scalar_loop64(rewards, values, mask, 0.99, 0.9)
+    torch.testing.assert_close(a1, a2, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(r1, r2, atol=1e-12, rtol=1e-12)
+
+
+# --- KL penalty ------------------------------------------------------------------------
+
+
+def _kl64(logp, ref, estimator):
+    d = logp.double() - ref.double()
+    if estimator == "k1":
+        return d
+    if estimator == "abs":
+        return d.abs()
+    if estimator in ("k2", "mse"):
+        return 0.5 * d * d
+    x = (-d).clamp(-20, 20)
+    return (x.exp() - x - 1).clamp(-10, 10)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("shape", [(5, 37), (4133,)], ids=str)  # odd sizes; not a block multiple
+def test_kl_penalty_forward_and_grad(device_backend, estimator, shape):
+    device, backend = device_backend
+    gen = _gen(3)
+    logp = (torch.randn(shape, generator=gen) * 3).to(device)
+    ref = (torch.randn(shape, generator=gen) * 3).to(device)
+    logp.view(-1)[:2] = torch.tensor([30.0, -30.0])  # the k3 clamps
+    x, y = logp.clone().requires_grad_(True), ref.clone().requires_grad_(True)
+    kl = rlhf_kernels.kl_penalty(x, y, estimator=estimator, backend=backend)
+    assert kl.dtype == torch.float32 and kl.shape == logp.shape
+    _close(kl, _kl64(logp, ref, estimator), atol=1e-5, rtol=1e-5)
+    g = torch.randn(shape, generator=gen).to(device)
+    (kl * g).sum().backward()
+    x64, y64 = logp.double().requires_grad_(True), ref.double().requires_grad_(True)
+    (_kl64(x64, y64, estimator) * g.double()).sum().backward()
+    _close(x.grad, x64.grad, atol=1e-5, rtol=1e-5)
+    _close(y.grad, y64.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "abs", "k2", "k3"])
+def test_kl_penalty_gradcheck_float64(device_backend, estimator):
+    device, backend = device_backend
+    gen = _gen(4)
+    logp = torch.randn(3, 7, generator=gen, dtype=torch.float64).to(device).requires_grad_(True)
+    ref = torch.randn(3, 7, generator=gen, dtype=torch.float64).to(device).requires_grad_(True)
+
+    def f(a, b):
+        return rlhf_kernels.kl_penalty(a, b, estimator=estimator, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (logp, ref), eps=1e-6, atol=1e-6)
+
+
+def test_kl_penalty_bf16_grad_dtype(device_backend):
+    device, backend = device_backend
+    gen = _gen(5)
+    logp = torch.randn(4, 9, generator=gen).to(torch.bfloat16).to(device).requires_grad_(True)
+    ref = torch.randn(4, 9, generator=gen).to(torch.bfloat16).to(device).requires_grad_(True)
+    kl = rlhf_kernels.kl_penalty(logp, ref, estimator="k3", backend=backend)
+    kl.sum().backward()
+    assert kl.dtype == torch.float32 and logp.grad.dtype == ref.grad.dtype == torch.bfloat16
+    _close(kl, _kl64(logp.detach(), ref.detach(), "k3"), atol=1e-5, rtol=1e-5)
+
+
+# --- GAE -----------------------------------------------------------------------------
+
+# (B, T): odd T, T not a power of two, a single step, a block and a half.
+GAE_SHAPES = [(6, 37), (3, 1), (4, 1500)]
+
+
+@pytest.mark.parametrize("shape", GAE_SHAPES, ids=str)
+@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.99, 0.9), (0.0, 0.5), (1.0, 0.0)])
+def test_gae_padded_matches_float64_loop(device_backend, shape, gamma, lam, poison_uninitialized):
+    device, backend = device_backend
+    mask = _mask_with_holes(shape, seed=shape[1])
+    rewards, values = _inputs(shape, torch.float32, seed=7)
+    adv, ret = rlhf_kernels.compute_gae(rewards.to(device), values.to(device), mask.to(device),
+                                        gamma=gamma, lam=lam, whiten=False, backend=backend)
+    want_adv, want_ret = _scalar_loop64(rewards, values, mask, gamma, lam) if shape[1] < 100 else \
+        _loop64(rewards, values, mask, gamma, lam, whiten=False)
+    assert adv.dtype == ret.dtype == torch.float32
+    _close(adv.cpu(), want_adv, atol=1e-4, rtol=1e-5)
+    _close(ret.cpu(), want_ret, atol=1e-4, rtol=1e-5)
+    assert torch.all(adv.cpu()[~mask] == 0) and torch.all(ret.cpu()[~mask] == 0)
+
+
+def test_gae_long_sequence_gamma_lam_one_float32(device_backend):
+    """T = 8192, gamma = lam = 1: A_t is a sum of up to 8192 terms; float32
+    must stay within a few ulps of the float64 loop at that magnitude."""
+    device, backend = device_backend
+    shape = (2, 8192)
+    mask = _mask_with_holes(shape, seed=11, p_valid=0.9)
+    mask[0] = torch.rand(8192, generator=_gen(12)) < 0.9  # long row with holes, no right padding
+    rewards, values = _inputs(shape, torch.float32, seed=11)
+    rewards = rewards + 0.3  # a drift, so the sums grow to O(1e3)
+    adv, ret = rlhf_kernels.compute_gae(rewards.to(device), values.to(device), mask.to(device),
+                                        gamma=1.0, lam=1.0, whiten=False, backend=backend)
+    want_adv, want_ret = _loop64(rewards, values, mask, 1.0, 1.0, whiten=False)
+    scale = want_adv.abs().max().item()
+    assert scale > 500
+    _close(adv.cpu(), want_adv, atol=3e-6 * scale, rtol=0)
+    _close(ret.cpu(), want_ret, atol=3e-6 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_gae_dtypes(device_backend, dtype):
+    device, backend = device_backend
+    shape = (5, 53)
+    mask = _mask_with_holes(shape, seed=2)
+    rewards, values = _inputs(shape, dtype, seed=2)
+    adv, ret = rlhf_kernels.compute_gae(rewards.to(device), values.to(device), mask.to(device),
+                                        gamma=0.99, lam=0.95, whiten=True, backend=backend)
+    assert adv.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # Same rounded inputs, float64 arithmetic: float32 accumulation is far
+    # tighter than any error of bf16/fp16 arithmetic.
+    want_adv, want_ret = _loop64(rewards, values, mask, 0.99, 0.95, whiten=True)
+    if dtype == torch.float64 and backend != "triton":
+        tol = 1e-10
+    else:  # Triton passes gamma and lam as float32 scalars
+        tol = 1e-5
+    _close(adv.cpu(), want_adv, atol=tol, rtol=tol)
+    _close(ret.cpu(), want_ret, atol=tol, rtol=tol)
+
+
+def _pack(x, mask):
+    """Padded (B, T) rows truncated at their lengths (last valid + 1) -> packed."""
+    lengths = [int(torch.nonzero(row).max()) + 1 if row.any() else 0 for row in mask]
+    parts = [x[b, :n] for b, n in enumerate(lengths)]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+    return torch.cat(parts), cu, lengths
+
+
+def test_packed_equals_padded(device_backend):
+    device, backend = device_backend
+    shape = (7, 45)
+    mask = _mask_with_holes(shape, seed=5)
+    rewards, values = _inputs(shape, torch.float32, seed=5)
+    padded = rlhf_kernels.compute_gae(rewards.to(device), values.to(device), mask.to(device),
+                                      gamma=0.99, lam=0.95, whiten=True, backend=backend)
+    r_p, cu, lengths = _pack(rewards, mask)
+    v_p, _, _ = _pack(values, mask)
+    m_p, _, _ = _pack(mask, mask)
+    packed = rlhf_kernels.compute_gae(r_p.to(device), v_p.to(device), m_p.to(device), gamma=0.99,
+                                      lam=0.95, whiten=True, cu_seqlens=cu.to(device), backend=backend)
+    for got_p, got_pad in zip(packed, padded):
+        want = torch.cat([got_pad.cpu()[b, :n] for b, n in enumerate(lengths)])
+        torch.testing.assert_close(got_p.cpu(), want, atol=2e-6, rtol=2e-6)
+    # And against the float64 loop directly.
+    want_adv, _ = _loop64(rewards, values, mask, 0.99, 0.95, whiten=True)
+    _close(packed[0].cpu(), torch.cat([want_adv[b, :n] for b, n in enumerate(lengths)]))
+
+
+def test_packed_empty_sequences_and_no_mask(device_backend):
+    device, backend = device_backend
+    cu = torch.tensor([0, 3, 3, 10, 11], dtype=torch.int32)  # an empty sequence, a length-1 one
+    rewards, values = _inputs((1, 11), torch.float32, seed=9)
+    rewards, values = rewards[0], values[0]
+    adv, ret = rlhf_kernels.compute_gae(rewards.to(device), values.to(device), None, gamma=0.9, lam=0.8,
+                                        whiten=False, cu_seqlens=cu.to(device), backend=backend)
+    want_adv, want_ret = reference.compute_gae(rewards.double(), values.double(), None, gamma=0.9, lam=0.8,
+                                               whiten=False, cu_seqlens=cu)
+    _close(adv.cpu(), want_adv)
+    _close(ret.cpu(), want_ret)
+    # The length-1 sequence: A = r - V.
+    assert abs(float(adv[10]) - float(rewards[10] - values[10])) < 1e-6
+
+
+@pytest.mark.parametrize("n_valid", [0, 1, 2])
+def test_whitening_edge_cases(device_backend, n_valid):
+    device, backend = device_backend
+    shape = (3, 8)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask.view(-1)[torch.tensor([5, 17][:n_valid], dtype=torch.long)] = True
+    rewards, values = _inputs(shape, torch.float32, seed=n_valid)
+    adv, ret = rlhf_kernels.compute_gae(rewards.to(device), values.to(device), mask.to(device),
+                                        whiten=True, backend=backend)
+    assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+    want_adv, want_ret = _loop64(rewards, values, mask, 1.0, 0.95, whiten=True)
+    _close(adv.cpu(), want_adv)
+    _close(ret.cpu(), want_ret)
+    if n_valid < 2:
+        assert torch.all(adv == 0)  # one token whitens to 0, none gives all 0
+    else:
+        assert torch.allclose(adv.cpu()[mask].abs(), torch.full((2,), 1 / math.sqrt(2)), atol=1e-5)
+
+
+def test_whitening_statistics_unbiased(device_backend):
+    device, backend = device_backend
+    shape = (4, 29)
+    mask = _mask_with_holes(shape, seed=21)
+    rewards, values = _inputs(shape, torch.float32, seed=21)
+    adv, _ = rlhf_kernels.compute_gae(rewards.to(device), values.to(device), mask.to(device), whiten=True,
+                                      backend=backend)
+    valid = adv.cpu()[mask].double()
+    assert abs(valid.mean().item()) < 1e-6
+    assert abs(valid.var(unbiased=True).item() - 1) < 1e-5
+
+
+# --- fused PPO advantages -------------------------------------------------------------------
+
+
+def _ppo_inputs(shape, seed, dtype=torch.float32):
+    gen = _gen(seed)
+    logp = (-torch.rand(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    ref = (-torch.rand(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    values = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    scores = torch.randn(shape[0], generator=gen, dtype=torch.float64).to(dtype)
+    return scores, logp, ref, values
+
+
+def _ppo64(scores, logp, ref, values, mask, kl_coef, estimator, gamma, lam, whiten):
+    """From the formulas, in float64: kl, shaping, loop, whitening."""
+    kl = torch.where(mask, _kl64(logp, ref, estimator), torch.zeros(mask.shape, dtype=torch.float64))
+    rewards = -kl_coef * kl
+    for b in range(mask.shape[0]):
+        idx = torch.nonzero(mask[b])
+        if len(idx):
+            rewards[b, int(idx.max())] += float(scores[b])
+    adv, ret = _loop64(rewards, values, mask, gamma, lam, whiten)
+    return adv, ret, rewards, kl
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+@pytest.mark.parametrize("shape", [(5, 41), (3, 700)], ids=str)
+def test_ppo_advantages_matches_float64(device_backend, estimator, shape, poison_uninitialized):
+    device, backend = device_backend
+    mask = _mask_with_holes(shape, seed=31)
+    scores, logp, ref, values = _ppo_inputs(shape, seed=31)
+    out = rlhf_kernels.ppo_advantages(
+        scores.to(device), logp.to(device), ref.to(device), values.to(device), mask.to(device),
+        kl_coef=0.05, estimator=estimator, gamma=0.99, lam=0.95, whiten=True, backend=backend,
+    )
+    want_adv, want_ret, want_rew, want_kl = _ppo64(scores, logp, ref, values, mask, 0.05, estimator,
+                                                   0.99, 0.95, True)
+    _close(out.kl.cpu(), want_kl)
+    _close(out.token_rewards.cpu(), want_rew)
+    _close(out.advantages.cpu(), want_adv, atol=5e-5)
+    _close(out.returns.cpu(), want_ret, atol=5e-5)
+    n = mask.sum()
+    assert out.num_tokens.item() == n.item()
+    torch.testing.assert_close(out.kl_mean.cpu(), want_kl.sum() / n)
+    torch.testing.assert_close(out.kl_sum_mean.cpu(), want_kl.sum() / shape[0])
+    torch.testing.assert_close(out.score_mean.cpu().float(), scores.double().mean().float())
+    raw, _ = _loop64(want_rew, values, mask, 0.99, 0.95, whiten=False)
+    torch.testing.assert_close(out.advantage_mean.cpu(), raw[mask].mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.advantage_std.cpu(), raw[mask].std(), atol=1e-5, rtol=1e-5)
+    for t in (out.kl_mean, out.score_mean, out.advantage_mean, out.advantage_std, out.num_tokens):
+        assert t.dim() == 0
+
+
+def test_ppo_advantages_tensor_kl_coef_matches_float(device_backend):
+    """A 0-dim tensor kl_coef (read by the kernel on the device) gives what the float gives."""
+    device, backend = device_backend
+    shape = (3, 19)
+    mask = _mask_with_holes(shape, seed=45)
+    scores, logp, ref, values = (t.to(device) for t in _ppo_inputs(shape, seed=45))
+    kw = dict(estimator="k1", gamma=0.99, lam=0.9, backend=backend)
+    a = rlhf_kernels.ppo_advantages(scores, logp, ref, values, mask.to(device), kl_coef=0.07, **kw)
+    b = rlhf_kernels.ppo_advantages(scores, logp, ref, values, mask.to(device),
+                                    kl_coef=torch.tensor(0.07, dtype=torch.float64, device=device), **kw)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+    c = rlhf_kernels.ppo_advantages(scores, logp, ref, values, mask.to(device), kl_coef=0.5, **kw)
+    assert not torch.allclose(a.token_rewards, c.token_rewards)
+
+
+def test_ppo_advantages_packed_equals_padded(device_backend):
+    device, backend = device_backend
+    shape = (6, 33)
+    mask = _mask_with_holes(shape, seed=41)
+    scores, logp, ref, values = _ppo_inputs(shape, seed=41)
+    kw = dict(kl_coef=0.1, estimator="k2", gamma=1.0, lam=0.9, whiten=True, backend=backend)
+    padded = rlhf_kernels.ppo_advantages(scores.to(device), logp.to(device), ref.to(device),
+                                         values.to(device), mask.to(device), **kw)
+    lp, cu, lengths = _pack(logp, mask)
+    packed = rlhf_kernels.ppo_advantages(
+        scores.to(device), lp.to(device), _pack(ref, mask)[0].to(device), _pack(values, mask)[0].to(device),
+        _pack(mask, mask)[0].to(device), cu_seqlens=cu.to(device), **kw,
+    )
+    for name in ("advantages", "returns", "token_rewards", "kl"):
+        want = torch.cat([getattr(padded, name).cpu()[b, :n] for b, n in enumerate(lengths)])
+        torch.testing.assert_close(getattr(packed, name).cpu(), want, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(packed.kl_mean, padded.kl_mean)
+
+
+def test_ppo_advantages_bf16_inputs(device_backend):
+    device, backend = device_backend
+    shape = (4, 50)
+    mask = _mask_with_holes(shape, seed=51)
+    scores, logp, ref, values = _ppo_inputs(shape, seed=51, dtype=torch.bfloat16)
+    out = rlhf_kernels.ppo_advantages(scores.to(device), logp.to(device), ref.to(device), values.to(device),
+                                      mask.to(device), kl_coef=0.2, estimator="abs", backend=backend)
+    assert out.advantages.dtype == torch.float32
+    want_adv, want_ret, want_rew, _ = _ppo64(scores, logp, ref, values, mask, 0.2, "abs", 1.0, 0.95, True)
+    _close(out.advantages.cpu(), want_adv, atol=5e-5)
+    _close(out.returns.cpu(), want_ret, atol=5e-5)
+    _close(out.token_rewards.cpu(), want_rew)
+
+
+# --- group advantages ------------------------------------------------------------------------
+
+
+def _group64(scores, groups, mode, eps):
+    out = torch.zeros(len(scores), dtype=torch.float64)
+    for g in set(groups):
+        idx = [i for i, x in enumerate(groups) if x == g]
+        s = [float(scores[i]) for i in idx]
+        n = len(s)
+        mean = sum(s) / n
+        std = math.sqrt(sum((x - mean) ** 2 for x in s) / (n - 1)) if n > 1 else 0.0
+        for i, x in zip(idx, s):
+            if mode == "grpo":
+                out[i] = (x - mean) / (std + eps)
+            elif mode == "dr_grpo":
+                out[i] = x - mean
+            else:
+                out[i] = x - (sum(s) - x) / (n - 1) if n > 1 else 0.0
+    return out
+
+
+@pytest.mark.parametrize("mode", ["grpo", "dr_grpo", "rloo"])
+@pytest.mark.parametrize("group_size", [1, 2, 4])
+def test_group_advantages_fixed_size(mode, group_size):
+    scores = torch.randn(12, generator=_gen(group_size))
+    got = rlhf_kernels.group_advantages(scores, group_size, mode=mode)
+    want = _group64(scores, [i // group_size for i in range(12)], mode, 1e-6)
+    _close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(got).all()
+    if group_size == 1:
+        assert torch.all(got == 0)
+    if group_size == 2 and mode == "grpo":
+        torch.testing.assert_close(got.abs(), torch.full((12,), 1 / math.sqrt(2)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.double(), reference.group_advantages(scores, group_size, mode=mode).double(),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["grpo", "dr_grpo", "rloo"])
+def test_group_advantages_ids_unsorted_mixed_sizes(mode):
+    ids = torch.tensor([7, 3, 7, 100, 3, 7, -2, 3, 3, 100])  # groups of 3, 4, 2, 1
+    scores = torch.randn(10, generator=_gen(8), dtype=torch.float64)
+    got = rlhf_kernels.group_advantages(scores, group_ids=ids, mode=mode)
+    _close(got, _group64(scores, ids.tolist(), mode, 1e-6), atol=1e-10, rtol=1e-10)
+    assert got[6] == 0  # the group of one
+    # Equal scores in a group: grpo gives 0, not NaN.
+    flat = rlhf_kernels.group_advantages(torch.ones(4), 2, mode=mode)
+    assert torch.all(flat == 0)
+
+
+def test_group_advantages_compiles():
+    torch._dynamo.reset()
+    f = torch.compile(lambda s, g: rlhf_kernels.group_advantages(s, group_ids=g, mode="grpo"), fullgraph=True)
+    s, g = torch.randn(8), torch.tensor([0, 1, 0, 1, 2, 2, 2, 3])
+    torch.testing.assert_close(f(s, g), rlhf_kernels.group_advantages(s, group_ids=g))
+
+
+# --- adaptive KL controller ------------------------------------------------------------------
+
+
+def test_adaptive_kl_controller_float_and_tensor():
+    ctl = rlhf_kernels.AdaptiveKLController(0.2, target=6.0, horizon=10000)
+    ctl.update(9.0, n_steps=256)  # err = clip(0.5) = 0.2
+    assert math.isclose(ctl.value, 0.2 * (1 + 0.2 * 256 / 10000))
+    ctl.update(5.7, n_steps=256)  # err = -0.05
+    want = 0.2 * (1 + 0.2 * 256 / 10000) * (1 - 0.05 * 256 / 10000)
+    assert math.isclose(ctl.value, want, rel_tol=1e-12)
+    ctl.update(torch.tensor(0.0, dtype=torch.float64), n_steps=100)  # err = -0.2, as a tensor
+    assert isinstance(ctl.value, torch.Tensor) and ctl.value.dim() == 0
+    want *= 1 - 0.2 * 100 / 10000
+    assert math.isclose(ctl.value.item(), want, rel_tol=1e-12)
+    state = ctl.state_dict()
+    other = rlhf_kernels.AdaptiveKLController(1.0, target=1.0, horizon=1.0)
+    other.load_state_dict(state)
+    assert math.isclose(other.value.item(), want) and other.target == 6.0 and other.horizon == 10000
+    ctl.update(torch.tensor(12.0, dtype=torch.float64), n_steps=100)
+    assert math.isclose(other.value.item(), want)  # the checkpoint was a copy
+
+
+def test_adaptive_kl_controller_feeds_ppo_advantages():
+    ctl = rlhf_kernels.AdaptiveKLController(0.1, target=0.01, horizon=100)
+    scores, logp, ref, values = _ppo_inputs((2, 9), seed=3)
+    out = rlhf_kernels.ppo_advantages(scores, logp, ref, values, None, kl_coef=ctl.value)
+    ctl.update(out.kl_sum_mean, n_steps=2)
+    assert isinstance(ctl.value, torch.Tensor)
+    out2 = rlhf_kernels.ppo_advantages(scores, logp, ref, values, None, kl_coef=ctl.value)
+    want = _ppo64(scores, logp, ref, values, torch.ones(2, 9, dtype=torch.bool), float(ctl.value), "k1",
+                  1.0, 0.95, True)[2]
+    _close(out2.token_rewards, want)
+
+
+def test_adaptive_kl_controller_bad_args():
+    with pytest.raises(ValueError, match="target"):
+        rlhf_kernels.AdaptiveKLController(0.1, target=0.0, horizon=10)
+    with pytest.raises(ValueError, match="horizon"):
+        rlhf_kernels.AdaptiveKLController(0.1, target=1.0, horizon=-1)
+    with pytest.raises(ValueError, match="current_kl"):
+        rlhf_kernels.AdaptiveKLController(0.1, 1.0, 10).update(torch.ones(2), 1)
+
+
+# --- opcheck, torch.compile ------------------------------------------------------------------
+
+
+def test_opcheck(device_backend):
+    device, backend = device_backend
+    shape = (3, 10)
+    mask = _mask_with_holes(shape, seed=61).to(device)
+    scores, logp, ref, values = (t.to(device) for t in _ppo_inputs(shape, seed=61))
+    rewards = torch.randn(shape).to(device)
+    op = torch.ops.rlhf_kernels.advantages.default
+    torch.library.opcheck(op, (values, mask, None, rewards, None, None, None, None, 0.0, 0, 0.99, 0.95, backend))
+    torch.library.opcheck(op, (values, None, None, None, scores, logp, ref, None, 0.1, 3, 1.0, 0.9, backend))
+    coef = torch.tensor([0.3], device=device)  # a device-side kl_coef multiplier
+    torch.library.opcheck(op, (values, mask, None, None, scores, logp, ref, coef, 0.1, 0, 1.0, 0.9, backend))
+    cu = torch.tensor([0, 4, 4, 9], dtype=torch.int32, device=device)
+    torch.library.opcheck(op, (values.view(-1)[:9], None, cu, rewards.view(-1)[:9], None, None, None, None, 0.0,
+                               0, 0.9, 0.9, backend))
+    x = logp.clone().requires_grad_(True)
+    y = ref.clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.rlhf_kernels.kl_penalty_fwd.default, (x, y, 3, backend))
+    torch.library.opcheck(torch.ops.rlhf_kernels.kl_penalty_bwd.default,
+                          (torch.randn(shape, device=device), logp, ref, 2, backend))
+
+
+def test_torch_compile_fullgraph(device_backend):
+    device, backend = device_backend
+    torch._dynamo.reset()
+    shape = (4, 12)
+    mask = _mask_with_holes(shape, seed=71).to(device)
+    scores, logp, ref, values = (t.to(device) for t in _ppo_inputs(shape, seed=71))
+
+    def step(scores, logp, ref, values, mask):
+        out = rlhf_kernels.ppo_advantages(scores, logp, ref, values, mask, kl_coef=0.05, estimator="k3",
+                                          gamma=0.99, lam=0.95, backend=backend)
+        adv, ret = rlhf_kernels.compute_gae(out.token_rewards, values, mask, backend=backend)
+        kl = rlhf_kernels.kl_penalty(logp, ref, estimator="k2", backend=backend)
+        return out.advantages, out.kl_mean, adv, ret, kl.sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    got = compiled(scores, logp, ref, values, mask)
+    want = step(scores, logp, ref, values, mask)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+    def kl_loss(a, b):
+        return rlhf_kernels.kl_penalty(a, b, estimator="k3", backend=backend).mean()
+
+    x1, x2 = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
+    torch.compile(kl_loss, fullgraph=True)(x1, ref).backward()
+    kl_loss(x2, ref).backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+# --- bad inputs ----------------------------------------------------------------------------
+
+
+def _bad_gae(**over):
+    kw = dict(token_rewards=torch.randn(2, 5), values=torch.randn(2, 5), mask=torch.ones(2, 5, dtype=torch.bool))
+    kw.update(over)
+    return lambda: rlhf_kernels.compute_gae(kw.pop("token_rewards"), kw.pop("values"), kw.pop("mask"), **kw)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (_bad_gae(token_rewards=torch.randn(2, 6)), "token_rewards: shape"),
+        (_bad_gae(mask=torch.ones(2, 4, dtype=torch.bool)), "mask: shape"),
+        (_bad_gae(values=torch.randn(10), token_rewards=torch.randn(10), mask=None), r"values: expected shape \(B, T\)"),
+        (_bad_gae(token_rewards=torch.zeros(2, 5, dtype=torch.long)), "token_rewards: dtype"),
+        (_bad_gae(gamma=1.5), "gamma"),
+        (_bad_gae(gamma=-0.1), "gamma"),
+        (_bad_gae(lam=float("nan")), "lam"),
+        (_bad_gae(lam=2.0), "lam"),
+        (_bad_gae(cu_seqlens=torch.tensor([0, 5, 10], dtype=torch.int32)), r"values: expected shape \(total,\)"),
+        (_bad_gae(values=torch.randn(10), token_rewards=torch.randn(10), mask=None,
+                  cu_seqlens=torch.tensor([0, 6, 4, 10], dtype=torch.int32)), "cu_seqlens: offsets must be non-decreasing"),
+        (_bad_gae(values=torch.randn(10), token_rewards=torch.randn(10), mask=None,
+                  cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32)), "cu_seqlens: must end at the total"),
+        (_bad_gae(values=torch.randn(10), token_rewards=torch.randn(10), mask=None,
+                  cu_seqlens=torch.tensor([1, 4, 10], dtype=torch.int32)), "cu_seqlens: must start at 0"),
+        (_bad_gae(values=torch.randn(10), token_rewards=torch.randn(10), mask=None,
+                  cu_seqlens=torch.tensor([0, 4, 10])), "cu_seqlens: dtype"),
+        (_bad_gae(backend="tpu"), "backend: unknown backend"),
+        (lambda: rlhf_kernels.kl_penalty(torch.randn(3), torch.randn(4)), "ref_logp: shape"),
+        (lambda: rlhf_kernels.kl_penalty(torch.randn(3), torch.randn(3), estimator="k9"), "estimator"),
+        (lambda: rlhf_kernels.ppo_advantages(torch.randn(3), torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 5),
+                                             None, kl_coef=0.1), "scores: shape"),
+        (lambda: rlhf_kernels.ppo_advantages(torch.randn(2), torch.randn(2, 5), torch.randn(2, 4), torch.randn(2, 5),
+                                             None, kl_coef=0.1), "ref_logp: shape"),
+        (lambda: rlhf_kernels.ppo_advantages(torch.randn(2), torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 5),
+                                             None, kl_coef=-1.0), "kl_coef"),
+        (lambda: rlhf_kernels.group_advantages(torch.randn(6), 4), "group_size"),
+        (lambda: rlhf_kernels.group_advantages(torch.randn(6)), "exactly one"),
+        (lambda: rlhf_kernels.group_advantages(torch.randn(6), 2, mode="ppo"), "mode"),
+        (lambda: rlhf_kernels.group_advantages(torch.randn(6), group_ids=torch.zeros(5, dtype=torch.long)), "group_ids: shape"),
+    ],
+)
+def test_bad_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# --- distributed whitening ---------------------------------------------------------------------
+
+
+def _dist_worker(rank, world, init_file, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        shape = (3, 17)
+        mask = _mask_with_holes(shape, seed=100 + rank)
+        scores, logp, ref, values = _ppo_inputs(shape, seed=100 + rank)
+        rewards, _ = _inputs(shape, torch.float32, seed=100 + rank)
+        adv, ret = rlhf_kernels.compute_gae(rewards, values, mask, whiten=True, process_group=dist.group.WORLD)
+        out = rlhf_kernels.ppo_advantages(scores, logp, ref, values, mask, kl_coef=0.1, process_group=dist.group.WORLD)
+        results[rank] = (adv, ret, out.advantages, out.kl_mean, out.score_mean)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_process_group_whitening_is_global():
+    import torch.multiprocessing as mp
+
+    world = 2
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = mp.Manager()
+        results = manager.dict()
+        mp.spawn(_dist_worker, args=(world, os.path.join(tmp, "init"), results), nprocs=world, join=True)
+        results = dict(results)
+    masks, raw_adv, ppo_raw = [], [], []
+    kl_all, scores_all = [], []
+    for rank in range(world):
+        shape = (3, 17)
+        mask = _mask_with_holes(shape, seed=100 + rank)
+        scores, logp, ref, values = _ppo_inputs(shape, seed=100 + rank)
+        rewards, _ = _inputs(shape, torch.float32, seed=100 + rank)
+        masks.append(mask)
+        raw_adv.append(_loop64(rewards, values, mask, 1.0, 0.95, whiten=False)[0])
+        a, _, _, kl = _ppo64(scores, logp, ref, values, mask, 0.1, "k1", 1.0, 0.95, whiten=False)
+        ppo_raw.append(a)
+        kl_all.append(kl[mask])
+        scores_all.append(scores.double())
+    mask_all = torch.cat(masks)
+    want_gae = reference.masked_whiten(torch.cat(raw_adv), mask_all).split(3)
+    want_ppo = reference.masked_whiten(torch.cat(ppo_raw), mask_all).split(3)
+    for rank in range(world):
+        adv, ret, ppo_adv, kl_mean, score_mean = results[rank]
+        _close(adv, want_gae[rank])
+        _close(ppo_adv, want_ppo[rank], atol=5e-5)
+        torch.testing.assert_close(kl_mean, torch.cat(kl_all).mean())
+        torch.testing.assert_close(score_mean, torch.cat(scores_all).mean())
+    # Local whitening would differ: the test can tell.
+    local = reference.masked_whiten(raw_adv[0], masks[0])
+    assert not torch.allclose(local, want_gae[0], atol=1e-3)
+
+
+def test_triton_scan_order_is_reverse_time():
+    """A reward only at t = 0 must not reach later positions; one at the end
+    reaches every earlier position (catches a scan running the wrong way)."""
+    for backend in rlhf_kernels.available_backends():
+        rewards = torch.zeros(1, 20)
+        rewards[0, -1] = 1.0
+        values = torch.zeros(1, 20)
+        adv, _ = rlhf_kernels.compute_gae(rewards, values, None, gamma=1.0, lam=0.5, whiten=False, backend=backend)
+        torch.testing.assert_close(adv[0], 0.5 ** torch.arange(19, -1, -1.0))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_backends_real_shapes(dtype):
+    """The issue's GPU shape (B = 512, T = 2048) and a long one (T = 8192), with
+    holes, on every GPU backend, against the float64 loop."""
+    for shape in [(512, 2048), (8, 8192)]:
+        mask = _mask_with_holes(shape, seed=shape[1])
+        scores, logp, ref, values = _ppo_inputs(shape, seed=shape[1], dtype=dtype)
+        want_adv, want_ret, want_rew, want_kl = _ppo64(scores, logp, ref, values, mask, 0.05, "k3", 1.0, 1.0, True)
+        for backend in ("cuda", "triton"):
+            if backend not in rlhf_kernels.available_backends():
+                continue
+            out = rlhf_kernels.ppo_advantages(
+                scores.cuda(), logp.cuda(), ref.cuda(), values.cuda(), mask.cuda(), kl_coef=0.05,
+                estimator="k3", gamma=1.0, lam=1.0, backend=backend,
+            )
+            _close(out.kl.cpu(), want_kl)
+            _close(out.token_rewards.cpu(), want_rew)
+            _close(out.advantages.cpu(), want_adv, atol=1e-4)
+            scale = want_ret.abs().max().item()
+            _close(out.returns.cpu(), want_ret, atol=3e-6 * scale + 1e-5)

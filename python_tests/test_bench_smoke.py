@@ -1,0 +1,23 @@
+"""Smoke tests of the benchmark scripts: they run end to end on tiny shapes
+and write JSON lines (to a temporary directory, never benchmarks/results)."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+
+def test_bench_advantages_quick(tmp_path):
+    import bench_advantages
+
+    rows = bench_advantages.main(["--quick", "--device", "cpu", "--out-dir", str(tmp_path)])
+    providers = {(r["op"], r["provider"]) for r in rows}
+    for op in ("ppo_advantages", "compute_gae"):
+        assert (op, "python_loop") in providers and (op, "torch_compile_ref") in providers
+        assert (op, "rlhf_kernels-cpu") in providers
+    files = list(tmp_path.glob("*.jsonl"))
+    assert len(files) == 1
+    lines = [json.loads(line) for line in files[0].read_text().splitlines()]
+    assert len(lines) == len(rows)
+    assert all(line["median_ms"] > 0 and line["speedup_vs_loop"] > 0 for line in lines)

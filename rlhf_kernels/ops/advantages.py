@@ -1,0 +1,824 @@
+"""PPO advantages: KL penalty, reward shaping, GAE, whitening, group advantages
+and the adaptive KL controller.
+
+GAE (Schulman et al., 2016) is the affine recurrence A_t = c_t + gamma * lam * A_{t+1}
+over the valid tokens. The kernels scan it in the variable carried between
+valid positions, W_t = gamma * lam * A_t + gamma * V_t, which obeys
+W_t = a_t * W_{t+1} + b_t with (a_t, b_t) = (gamma * lam, gamma * lam * c_t + gamma * V_t)
+at a valid position and the identity (1, 0) at a masked one (a hole carries the
+next value and the running advantage through). Then A_t = r_t - V_t + W_{t+1}.
+Affine maps compose associatively, (a1, b1) o (a2, b2) = (a1 * a2, a1 * b2 + b1),
+so the Triton and CUDA kernels run a reverse parallel scan over time, chunk by
+chunk with a carry; the C++ kernel runs the plain reverse loop per sequence.
+One launch produces advantages, returns, the shaped rewards and the per-sequence
+partial sums (count, sum A, sum A^2, sum kl); whitening is a second,
+elementwise pass over those sums (all-reduced in one collective across ranks).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._backend import checks_enabled, resolve_backend, triton_installed
+from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
+
+if triton_installed():
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - exercised only where Triton is absent
+    triton = None
+
+# Estimator codes shared with csrc/include/rlhf_kernels/advantages.h.
+_ESTIMATORS = {"k1": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
+_ESTIMATOR_NAMES = {0: "k1", 1: "abs", 2: "k2", 3: "k3"}
+_WHITEN_EPS = 1e-8
+_N_STATS = 4  # per sequence: valid count, sum A, sum A^2, sum kl
+
+
+if triton is not None:
+
+    @triton.jit
+    def _kl_value(logp, ref, ESTIMATOR: tl.constexpr):
+        # k1, |k1|, k1^2 / 2, or exp(x) - x - 1 with x = clamp(ref - logp) (Schulman, 2020).
+        d = logp - ref
+        if ESTIMATOR == 0:
+            kl = d
+        elif ESTIMATOR == 1:
+            kl = tl.abs(d)
+        elif ESTIMATOR == 2:
+            kl = 0.5 * d * d
+        else:
+            x = tl.minimum(tl.maximum(ref - logp, -20.0), 20.0)
+            kl = tl.minimum(tl.maximum(tl.exp(x) - x - 1.0, -10.0), 10.0)
+        return kl
+
+    @triton.jit
+    def _kl_fwd_kernel(logp_ptr, ref_ptr, kl_ptr, n, ESTIMATOR: tl.constexpr,
+                       ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < n
+        logp = tl.load(logp_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
+        ref = tl.load(ref_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
+        tl.store(kl_ptr + offs, _kl_value(logp, ref, ESTIMATOR), mask=inside)
+
+    @triton.jit
+    def _kl_bwd_kernel(grad_ptr, logp_ptr, ref_ptr, grad_logp_ptr, grad_ref_ptr, n,
+                       ESTIMATOR: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+        # d kl / d logp; d kl / d ref is its negative.
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < n
+        g = tl.load(grad_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
+        logp = tl.load(logp_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
+        ref = tl.load(ref_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
+        d = logp - ref
+        if ESTIMATOR == 0:
+            dk = tl.full(d.shape, 1.0, ACC_DTYPE)
+        elif ESTIMATOR == 1:
+            dk = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)).to(ACC_DTYPE)
+        elif ESTIMATOR == 2:
+            dk = d
+        else:
+            x = ref - logp
+            e = tl.exp(x)
+            live = (x >= -20.0) & (x <= 20.0) & (e - x - 1.0 <= 10.0)
+            dk = tl.where(live, 1.0 - e, 0.0).to(ACC_DTYPE)
+        out = g * dk
+        ty = grad_logp_ptr.dtype.element_ty
+        tl.store(grad_logp_ptr + offs, out.to(ty), mask=inside)
+        tl.store(grad_ref_ptr + offs, (-out).to(ty), mask=inside)
+
+    @triton.jit
+    def _affine_combine(a1, b1, a2, b2):
+        # Scanning in order of decreasing time: the later map (a2, b2) applies after.
+        return a1 * a2, a2 * b1 + b2
+
+    @triton.jit
+    def _token_reward(pos, valid, seq, last, rewards_ptr, scores_ptr, logp_ptr, ref_ptr, kl_coef,
+                      SHAPING: tl.constexpr, ESTIMATOR: tl.constexpr, ACC_DTYPE: tl.constexpr):
+        if SHAPING:
+            logp = tl.load(logp_ptr + pos, mask=valid, other=0.0).to(ACC_DTYPE)
+            ref = tl.load(ref_ptr + pos, mask=valid, other=0.0).to(ACC_DTYPE)
+            kl = tl.where(valid, _kl_value(logp, ref, ESTIMATOR), 0.0)
+            score = tl.load(scores_ptr + seq).to(ACC_DTYPE)
+            reward = tl.where(valid, -kl_coef * kl + tl.where(pos == last, score, 0.0), 0.0)
+        else:
+            reward = tl.load(rewards_ptr + pos, mask=valid, other=0.0).to(ACC_DTYPE)
+            kl = reward
+        return reward, kl
+
+    @triton.jit
+    def _advantages_kernel(
+        values_ptr, mask_ptr, cu_ptr, rewards_ptr, scores_ptr, logp_ptr, ref_ptr, kl_scale_ptr,
+        adv_ptr, ret_ptr, rewards_out_ptr, kl_out_ptr, stats_ptr,
+        seq_len, total, kl_coef, gamma, lam,
+        PACKED: tl.constexpr, HAS_MASK: tl.constexpr, SHAPING: tl.constexpr, HAS_KL_SCALE: tl.constexpr,
+        ESTIMATOR: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # One program per sequence; chunks of BLOCK positions from the end, each
+        # loaded in decreasing time order so that a forward associative_scan is
+        # the reverse-time scan of W_t = a_t * W_{t+1} + b_t (module docstring).
+        seq = tl.program_id(0)
+        if PACKED:
+            # Clamped: a bad cu_seqlens on a GPU (unchecked) never reads out of bounds.
+            start = tl.minimum(tl.maximum(tl.load(cu_ptr + seq).to(tl.int64), 0), total)
+            end = tl.minimum(tl.maximum(tl.load(cu_ptr + seq + 1).to(tl.int64), start), total)
+        else:
+            start = seq.to(tl.int64) * seq_len
+            end = start + seq_len
+        ks = tl.arange(0, BLOCK)
+        gamma_lam = gamma * lam
+        if HAS_KL_SCALE:
+            kl_coef = kl_coef * tl.load(kl_scale_ptr)
+        last = end - 1
+        if SHAPING and HAS_MASK:
+            last = start - 1
+            for chunk_start in range(start, end, BLOCK):
+                pos = chunk_start + ks
+                valid = (pos < end) & (tl.load(mask_ptr + pos, mask=pos < end, other=0) != 0)
+                last = tl.maximum(last, tl.max(tl.where(valid, pos, start - 1), axis=0))
+        carry = tl.zeros((), ACC_DTYPE)
+        count = tl.zeros((), tl.float64)
+        adv_sum = tl.zeros((), tl.float64)
+        adv_sq = tl.zeros((), tl.float64)
+        kl_sum = tl.zeros((), tl.float64)
+        n_chunks = tl.cdiv(end - start, BLOCK)
+        for chunk in range(0, n_chunks):
+            pos = end - 1 - chunk * BLOCK - ks
+            inside = pos >= start
+            nxt = pos + 1
+            nxt_inside = inside & (nxt < end)
+            if HAS_MASK:
+                valid = inside & (tl.load(mask_ptr + pos, mask=inside, other=0) != 0)
+                nxt_valid = nxt_inside & (tl.load(mask_ptr + nxt, mask=nxt_inside, other=0) != 0)
+            else:
+                valid = inside
+                nxt_valid = nxt_inside
+            value = tl.load(values_ptr + pos, mask=valid, other=0.0).to(ACC_DTYPE)
+            reward, kl = _token_reward(pos, valid, seq, last, rewards_ptr, scores_ptr, logp_ptr,
+                                       ref_ptr, kl_coef, SHAPING, ESTIMATOR, ACC_DTYPE)
+            nxt_value = tl.load(values_ptr + nxt, mask=nxt_valid, other=0.0).to(ACC_DTYPE)
+            nxt_reward, _ = _token_reward(nxt, nxt_valid, seq, last, rewards_ptr, scores_ptr,
+                                          logp_ptr, ref_ptr, kl_coef, SHAPING, ESTIMATOR, ACC_DTYPE)
+            a = tl.where(nxt_valid, gamma_lam, 1.0).to(ACC_DTYPE)
+            b = tl.where(nxt_valid, gamma_lam * (nxt_reward - nxt_value) + gamma * nxt_value, 0.0)
+            b = b.to(ACC_DTYPE)
+            scan_a, scan_b = tl.associative_scan((a, b), 0, _affine_combine)
+            w_next = scan_a * carry + scan_b  # W_{t+1}
+            adv = tl.where(valid, reward - value + w_next, 0.0).to(ACC_DTYPE)
+            ret = tl.where(valid, adv + value, 0.0).to(ACC_DTYPE)
+            tl.store(adv_ptr + pos, adv, mask=inside)
+            tl.store(ret_ptr + pos, ret, mask=inside)
+            if SHAPING:
+                tl.store(rewards_out_ptr + pos, reward, mask=inside)
+                tl.store(kl_out_ptr + pos, kl, mask=inside)
+                kl_sum += tl.sum(kl.to(tl.float64), axis=0)
+            carry = tl.sum(tl.where(ks == BLOCK - 1, w_next, 0.0), axis=0).to(ACC_DTYPE)
+            count += tl.sum(valid.to(tl.float64), axis=0)
+            adv64 = adv.to(tl.float64)
+            adv_sum += tl.sum(adv64, axis=0)
+            adv_sq += tl.sum(adv64 * adv64, axis=0)
+        tl.store(stats_ptr + seq * 4 + 0, count)
+        tl.store(stats_ptr + seq * 4 + 1, adv_sum)
+        tl.store(stats_ptr + seq * 4 + 2, adv_sq)
+        tl.store(stats_ptr + seq * 4 + 3, kl_sum)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _elem_block(device: torch.device) -> int:
+    # The interpreter favours big blocks (fewer Python steps).
+    return 4096 if device.type != "cuda" else 1024
+
+
+# --- KL penalty: forward / backward per backend -----------------------------------
+
+
+def _kl_fwd_native(logp, ref_logp, estimator):
+    return torch.ops.rlhf_kernels.kl_penalty_fwd_native(logp, ref_logp, estimator)
+
+
+def _kl_fwd_triton(logp, ref_logp, estimator):
+    kl = torch.empty(logp.shape, dtype=_acc_dtype(logp.dtype), device=logp.device)
+    n = logp.numel()
+    if n > 0:
+        block = _elem_block(logp.device)
+        _kl_fwd_kernel[(triton.cdiv(n, block),)](
+            logp, ref_logp, kl, n, ESTIMATOR=estimator, ACC_DTYPE=_tl_acc(logp.dtype), BLOCK=block
+        )
+    return kl
+
+
+def _kl_fwd_reference(logp, ref_logp, estimator):
+    return reference.kl_penalty(logp, ref_logp, _ESTIMATOR_NAMES[estimator])
+
+
+def _kl_bwd_native(grad, logp, ref_logp, estimator):
+    return torch.ops.rlhf_kernels.kl_penalty_bwd_native(grad, logp, ref_logp, estimator)
+
+
+def _kl_bwd_triton(grad, logp, ref_logp, estimator):
+    grad_logp = torch.empty_like(logp)
+    grad_ref = torch.empty_like(ref_logp)
+    n = logp.numel()
+    if n > 0:
+        block = _elem_block(logp.device)
+        _kl_bwd_kernel[(triton.cdiv(n, block),)](
+            grad, logp, ref_logp, grad_logp, grad_ref, n,
+            ESTIMATOR=estimator, ACC_DTYPE=_tl_acc(logp.dtype), BLOCK=block,
+        )
+    return grad_logp, grad_ref
+
+
+def _kl_bwd_reference(grad, logp, ref_logp, estimator):
+    d = grad * reference.kl_penalty_grad(logp.to(grad.dtype), ref_logp.to(grad.dtype), _ESTIMATOR_NAMES[estimator])
+    return d.to(logp.dtype), (-d).to(ref_logp.dtype)
+
+
+_KL_FORWARD = {"cpu": _kl_fwd_native, "cuda": _kl_fwd_native, "triton": _kl_fwd_triton,
+               "reference": _kl_fwd_reference}
+_KL_BACKWARD = {"cpu": _kl_bwd_native, "cuda": _kl_bwd_native, "triton": _kl_bwd_triton,
+                "reference": _kl_bwd_reference}
+
+
+@torch.library.custom_op("rlhf_kernels::kl_penalty_fwd", mutates_args=())
+def _kl_penalty_fwd(logp: Tensor, ref_logp: Tensor, estimator: int, backend: str) -> Tensor:
+    return _KL_FORWARD[backend](logp.contiguous(), ref_logp.contiguous(), estimator)
+
+
+@_kl_penalty_fwd.register_fake
+def _(logp, ref_logp, estimator, backend):
+    return logp.new_empty(logp.shape, dtype=_acc_dtype(logp.dtype))
+
+
+@torch.library.custom_op("rlhf_kernels::kl_penalty_bwd", mutates_args=())
+def _kl_penalty_bwd(grad: Tensor, logp: Tensor, ref_logp: Tensor, estimator: int,
+                    backend: str) -> tuple[Tensor, Tensor]:
+    grad = grad.to(_acc_dtype(logp.dtype)).contiguous()
+    return _KL_BACKWARD[backend](grad, logp.contiguous(), ref_logp.contiguous(), estimator)
+
+
+@_kl_penalty_bwd.register_fake
+def _(grad, logp, ref_logp, estimator, backend):
+    return logp.new_empty(logp.shape), ref_logp.new_empty(ref_logp.shape)
+
+
+def _kl_setup_context(ctx, inputs, output):
+    logp, ref_logp, estimator, backend = inputs
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        ctx.save_for_backward(logp, ref_logp)
+    ctx.params = (estimator, backend)
+
+
+def _kl_backward(ctx, grad):
+    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        return None, None, None, None
+    logp, ref_logp = ctx.saved_tensors
+    estimator, backend = ctx.params
+    grad_logp, grad_ref = torch.ops.rlhf_kernels.kl_penalty_bwd(grad, logp, ref_logp, estimator, backend)
+    return (grad_logp if ctx.needs_input_grad[0] else None,
+            grad_ref if ctx.needs_input_grad[1] else None, None, None)
+
+
+_kl_penalty_fwd.register_autograd(_kl_backward, setup_context=_kl_setup_context)
+
+
+# --- fused shaping + GAE: per backend ---------------------------------------------
+
+
+def _adv_native(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, kl_coef_scale, kl_coef,
+                estimator, gamma, lam):
+    return torch.ops.rlhf_kernels.advantages_native(
+        values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, kl_coef_scale, kl_coef, estimator,
+        gamma, lam,
+    )
+
+
+def _adv_triton(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, kl_coef_scale, kl_coef,
+                estimator, gamma, lam):
+    acc = _acc_dtype(values.dtype)
+    device = values.device
+    shaping = token_rewards is None
+    num_seqs = values.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    seq_len = values.shape[1] if cu_seqlens is None else 0
+    advantages = torch.empty(values.shape, dtype=acc, device=device)
+    returns = torch.empty(values.shape, dtype=acc, device=device)
+    rewards_out = torch.empty(values.shape if shaping else (0,), dtype=acc, device=device)
+    kl_out = torch.empty(values.shape if shaping else (0,), dtype=acc, device=device)
+    stats = torch.empty((num_seqs, _N_STATS), dtype=torch.float64, device=device)
+    if num_seqs > 0:
+        longest = seq_len if cu_seqlens is None else values.numel()
+        block = max(16, min(1024, triton.next_power_of_2(max(longest, 1))))
+        mask_u8 = mask.view(torch.uint8) if mask is not None else values
+        dummy = values
+        _advantages_kernel[(num_seqs,)](
+            values, mask_u8, cu_seqlens if cu_seqlens is not None else stats,
+            token_rewards if token_rewards is not None else dummy,
+            scores if scores is not None else stats, logp if logp is not None else dummy,
+            ref_logp if ref_logp is not None else dummy,
+            kl_coef_scale if kl_coef_scale is not None else stats,
+            advantages, returns, rewards_out if shaping else advantages, kl_out if shaping else advantages,
+            stats, seq_len, values.numel(), kl_coef, gamma, lam,
+            PACKED=cu_seqlens is not None, HAS_MASK=mask is not None, SHAPING=shaping,
+            HAS_KL_SCALE=kl_coef_scale is not None,
+            ESTIMATOR=estimator, ACC_DTYPE=_tl_acc(values.dtype), BLOCK=block,
+            num_warps=4 if block <= 512 else 8,
+        )
+    return advantages, returns, rewards_out, kl_out, stats
+
+
+def _adv_reference(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, kl_coef_scale, kl_coef,
+                   estimator, gamma, lam):
+    acc = _acc_dtype(values.dtype)
+    full_mask = mask if mask is not None else torch.ones(values.shape, dtype=torch.bool, device=values.device)
+    empty = values.new_empty((0,), dtype=acc)
+    if token_rewards is None:
+        if kl_coef_scale is not None:  # the reference reads the scale on the host
+            kl_coef = kl_coef * float(kl_coef_scale[0])
+        out = reference.ppo_advantages(
+            scores, logp, ref_logp, values, full_mask, kl_coef=kl_coef,
+            estimator=_ESTIMATOR_NAMES[estimator], gamma=gamma, lam=lam, whiten=False,
+            cu_seqlens=cu_seqlens,
+        )
+        adv, ret, rewards, kl = out["advantages"], out["returns"], out["token_rewards"], out["kl"]
+    else:
+        adv, ret = reference.compute_gae(token_rewards, values, full_mask, gamma=gamma, lam=lam,
+                                         whiten=False, cu_seqlens=cu_seqlens)
+        rewards, kl = empty, empty.clone()
+    # Per-sequence partial sums, as the kernels produce them.
+    adv64 = adv.double()
+    if cu_seqlens is None:
+        per_seq = [full_mask.double().sum(-1), adv64.sum(-1), adv64.square().sum(-1),
+                   kl.double().sum(-1) if kl.numel() else adv64.new_zeros(values.shape[0])]
+    else:
+        seq_ids = torch.repeat_interleave(
+            torch.arange(cu_seqlens.numel() - 1, device=values.device), cu_seqlens.diff().long(),
+            output_size=values.numel(),
+        )
+        n_seq = cu_seqlens.numel() - 1
+
+        def seg(x):
+            return adv64.new_zeros(n_seq).index_add_(0, seq_ids, x)
+
+        per_seq = [seg(full_mask.double()), seg(adv64), seg(adv64.square()),
+                   seg(kl.double()) if kl.numel() else adv64.new_zeros(n_seq)]
+    stats = torch.stack(per_seq, dim=-1)
+    return adv.to(acc), ret.to(acc), rewards.to(acc), kl.to(acc), stats
+
+
+_ADVANTAGES = {"cpu": _adv_native, "cuda": _adv_native, "triton": _adv_triton, "reference": _adv_reference}
+
+
+@torch.library.custom_op("rlhf_kernels::advantages", mutates_args=())
+def _advantages(
+    values: Tensor, mask: Optional[Tensor], cu_seqlens: Optional[Tensor], token_rewards: Optional[Tensor],
+    scores: Optional[Tensor], logp: Optional[Tensor], ref_logp: Optional[Tensor],
+    kl_coef_scale: Optional[Tensor], kl_coef: float, estimator: int, gamma: float, lam: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _ADVANTAGES[backend](values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp,
+                                kl_coef_scale, kl_coef, estimator, gamma, lam)
+
+
+@_advantages.register_fake
+def _(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, kl_coef_scale, kl_coef, estimator,
+      gamma, lam, backend):
+    acc = _acc_dtype(values.dtype)
+    shaped = values.shape if token_rewards is None else (0,)
+    num_seqs = values.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return (values.new_empty(values.shape, dtype=acc), values.new_empty(values.shape, dtype=acc),
+            values.new_empty(shaped, dtype=acc), values.new_empty(shaped, dtype=acc),
+            values.new_empty((num_seqs, _N_STATS), dtype=torch.float64))
+
+
+# --- validation and whitening -------------------------------------------------------
+
+
+def _check_unit_interval(name: str, value: float) -> float:
+    value = float(value)
+    if not (0.0 <= value <= 1.0):  # NaN fails too
+        raise ValueError(f"{name}: must be in [0, 1], got {value}")
+    return value
+
+
+def _check_estimator(estimator: str) -> int:
+    if estimator not in _ESTIMATORS:
+        raise ValueError(f"estimator: unknown KL estimator {estimator!r}; expected one of {tuple(_ESTIMATORS)}")
+    return _ESTIMATORS[estimator]
+
+
+def _check_cu_seqlens(cu_seqlens: Tensor, total: int) -> None:
+    check_tensor("cu_seqlens", cu_seqlens, (torch.int32,))
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens: expected a (B + 1,) int32 tensor, got shape {tuple(cu_seqlens.shape)}")
+    # Reading the offsets synchronises: always on CPU, on a GPU only with
+    # RLHF_KERNELS_CHECK=1 (the kernels clamp the offsets, so never a bad read).
+    if cu_seqlens.device.type == "cpu" or checks_enabled():
+        offsets = cu_seqlens.to("cpu", torch.int64)
+        if int(offsets[0]) != 0:
+            raise ValueError(f"cu_seqlens: must start at 0, got {int(offsets[0])}")
+        if bool((offsets.diff() < 0).any()):
+            raise ValueError("cu_seqlens: offsets must be non-decreasing")
+        if int(offsets[-1]) != total:
+            raise ValueError(f"cu_seqlens: must end at the total number of tokens {total}, got {int(offsets[-1])}")
+
+
+def _prepare_layout(name: str, ref: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None) -> Tensor | None:
+    """Checks the layout of the per-token tensors; returns the mask as a
+    contiguous bool tensor (or None)."""
+    if cu_seqlens is None:
+        if ref.dim() != 2:
+            raise ValueError(f"{name}: expected shape (B, T) (or (total,) with cu_seqlens), got {tuple(ref.shape)}")
+    else:
+        if ref.dim() != 1:
+            raise ValueError(f"{name}: expected shape (total,) with cu_seqlens, got {tuple(ref.shape)}")
+        _check_cu_seqlens(cu_seqlens, ref.shape[0])
+    if mask is None:
+        return None
+    check_tensor("mask", mask)
+    if tuple(mask.shape) != tuple(ref.shape):
+        raise ValueError(f"mask: shape {tuple(mask.shape)} does not match {name} {tuple(ref.shape)}")
+    return (mask if mask.dtype == torch.bool else mask != 0).contiguous()
+
+
+def _check_same_shape(ref_name: str, ref: Tensor, **tensors: Tensor) -> None:
+    for name, t in tensors.items():
+        check_tensor(name, t, FLOAT_DTYPES)
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not match {ref_name} {tuple(ref.shape)}")
+
+
+def _common_dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _reduce_stats(stats: Tensor, extra: list[Tensor], process_group) -> Tensor:
+    """Sum the per-sequence partials (plus extra 0-dim float64 sums) into one
+    tensor; with a process group, all-reduce that one tensor (one collective)."""
+    totals = stats.sum(0)
+    if extra:
+        totals = torch.cat([totals, torch.stack(extra)])
+    if process_group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=process_group)
+    return totals
+
+
+def _moments(count: Tensor, total: Tensor, total_sq: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased variance from (count, sum, sum of squares), float64;
+    with fewer than two values the variance is 0 (no NaN)."""
+    mean = total / count.clamp(min=1)
+    var = (total_sq - total * mean) / (count - 1).clamp(min=1)
+    var = torch.where(count > 1, var.clamp(min=0), torch.zeros_like(var))
+    return mean, var
+
+
+def _whiten(advantages: Tensor, mask: Tensor | None, mean: Tensor, var: Tensor) -> Tensor:
+    dtype = advantages.dtype
+    whitened = (advantages - mean.to(dtype)) * torch.rsqrt(var + _WHITEN_EPS).to(dtype)
+    if mask is None:
+        return whitened
+    return torch.where(mask, whitened, torch.zeros_like(whitened))
+
+
+# --- public functions ---------------------------------------------------------------
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, *, estimator: str = "k1", backend: str | None = None) -> Tensor:
+    """Per-token KL estimate between the policy and the reference policy
+    (Schulman, "Approximating KL divergence", 2020), differentiable in both.
+
+    ``k1`` = logp - ref; ``abs`` = |k1|; ``k2`` / ``mse`` = k1^2 / 2;
+    ``k3`` / ``low_var_kl`` = exp(x) - x - 1 with x = clamp(ref - logp, -20, 20)
+    and the result clamped to [-10, 10] (verl's ``low_var_kl``).
+
+    Args:
+        logp: (...) float32 | bfloat16 | float16 | float64, policy log-probs.
+        ref_logp: (...) like ``logp``, reference log-probs (dtypes are promoted).
+        estimator: "k1" | "abs" | "k2" | "mse" | "k3" | "low_var_kl".
+        backend: "triton" | "cuda" | "cpu" | "reference"; default by device.
+
+    Returns:
+        kl: (...) float32 (float64 for float64 inputs). The gradients flow to
+        ``logp`` and ``ref_logp`` in their own dtypes.
+    """
+    check_tensor("logp", logp, FLOAT_DTYPES)
+    check_tensor("ref_logp", ref_logp, FLOAT_DTYPES)
+    check_same_device(logp=logp, ref_logp=ref_logp)
+    if tuple(ref_logp.shape) != tuple(logp.shape):
+        raise ValueError(f"ref_logp: shape {tuple(ref_logp.shape)} does not match logp {tuple(logp.shape)}")
+    code = _check_estimator(estimator)
+    dtype = _common_dtype(logp, ref_logp)
+    chosen = resolve_backend(backend, logp.device, "advantages")
+    return torch.ops.rlhf_kernels.kl_penalty_fwd(logp.to(dtype), ref_logp.to(dtype), code, chosen)
+
+
+def compute_gae(
+    token_rewards: Tensor,
+    values: Tensor,
+    mask: Tensor | None,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten: bool = True,
+    cu_seqlens: Tensor | None = None,
+    process_group=None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al., 2016) in one kernel launch.
+
+    ``delta_t = r_t + gamma * V_next - V_t``, ``A_t = delta_t + gamma * lam * A_next``,
+    with V_next / A_next those of the next valid position (0 past the end): a
+    masked position (a hole, e.g. a tool output in a multi-turn rollout)
+    carries both through unchanged and its own reward is ignored.
+    ``returns = A + V``. With ``whiten``, ``A <- (A - mean) * rsqrt(var + 1e-8)``
+    over the valid tokens with the unbiased variance (taken as 0 with fewer than
+    two valid tokens, so one valid token whitens to 0 and none gives all 0);
+    with ``process_group`` the (count, sum, sum of squares) are all-reduced in
+    one collective, so the whitening is global over the data-parallel ranks.
+    Outputs are 0 at masked positions and carry no gradient.
+
+    Args:
+        token_rewards: (B, T) padded, or (total,) packed with ``cu_seqlens``;
+            float32 | bfloat16 | float16 | float64 (float32 accumulation).
+        values: like ``token_rewards``, the critic's values.
+        mask: like ``token_rewards``, bool (or 0/1), True at valid tokens; None: all valid.
+        gamma, lam: discount and GAE lambda, in [0, 1].
+        cu_seqlens: (B + 1,) int32 offsets of the packed sequences, from 0 to total.
+        process_group: a torch.distributed group to whiten over, or None.
+        backend: "triton" | "cuda" | "cpu" | "reference"; default by device.
+
+    Returns:
+        (advantages, returns), each like ``values``, float32 (float64 for float64 inputs).
+    """
+    check_tensor("token_rewards", token_rewards, FLOAT_DTYPES)
+    check_tensor("values", values, FLOAT_DTYPES)
+    check_same_device(token_rewards=token_rewards, values=values, mask=mask, cu_seqlens=cu_seqlens)
+    mask = _prepare_layout("values", values, mask, cu_seqlens)
+    _check_same_shape("values", values, token_rewards=token_rewards)
+    gamma = _check_unit_interval("gamma", gamma)
+    lam = _check_unit_interval("lam", lam)
+    chosen = resolve_backend(backend, values.device, "advantages")
+    dtype = _common_dtype(token_rewards, values)
+    advantages, returns, _, _, stats = torch.ops.rlhf_kernels.advantages(
+        values.detach().to(dtype).contiguous(), mask, cu_seqlens, token_rewards.detach().to(dtype).contiguous(),
+        None, None, None, None, 0.0, 0, gamma, lam, chosen,
+    )
+    if whiten:
+        totals = _reduce_stats(stats, [], process_group)
+        mean, var = _moments(totals[0], totals[1], totals[2])
+        advantages = _whiten(advantages, mask, mean, var)
+    return advantages, returns
+
+
+class PPOAdvantages(NamedTuple):
+    """Outputs of ``ppo_advantages``. Per token (like ``values``): advantages
+    (whitened if asked), returns, token_rewards, kl (0 at masked positions).
+    0-dim float64 tensors, global over ``process_group`` when given:
+    kl_mean (mean kl per valid token), kl_sum_mean (mean over sequences of the
+    summed kl, TRL's "objective/kl"), score_mean, advantage_mean and
+    advantage_std (before whitening, unbiased), num_tokens (valid tokens)."""
+
+    advantages: Tensor
+    returns: Tensor
+    token_rewards: Tensor
+    kl: Tensor
+    kl_mean: Tensor
+    kl_sum_mean: Tensor
+    score_mean: Tensor
+    advantage_mean: Tensor
+    advantage_std: Tensor
+    num_tokens: Tensor
+
+
+def ppo_advantages(
+    scores: Tensor,
+    logp: Tensor,
+    ref_logp: Tensor,
+    values: Tensor,
+    mask: Tensor | None,
+    *,
+    kl_coef: float | Tensor,
+    estimator: str = "k1",
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten: bool = True,
+    cu_seqlens: Tensor | None = None,
+    process_group=None,
+    backend: str | None = None,
+) -> PPOAdvantages:
+    """KL penalty + reward shaping + GAE + returns in one kernel launch, then whitening.
+
+    ``kl = kl_penalty(logp, ref_logp, estimator)`` on valid tokens;
+    ``token_rewards = -kl_coef * kl`` on valid tokens plus ``scores[b]`` at the
+    last valid token of sequence b (a sequence with no valid token drops its
+    score); then GAE, returns and whitening exactly as ``compute_gae``. Nothing
+    here is differentiable (these are PPO targets).
+
+    Args:
+        scores: (B,) any float dtype, the sequence-level reward-model scores.
+        logp, ref_logp, values: (B, T) padded, or (total,) packed with
+            ``cu_seqlens``; float32 | bfloat16 | float16 | float64.
+        mask: like ``values``, bool (or 0/1); None: every token valid.
+        kl_coef: float >= 0, or a 0-dim tensor (e.g. ``AdaptiveKLController.value``)
+            that the kernel reads on the device, without a host synchronisation.
+        estimator, gamma, lam, whiten, cu_seqlens, process_group, backend: as in
+            ``kl_penalty`` and ``compute_gae``.
+
+    Returns:
+        PPOAdvantages (see there).
+    """
+    check_tensor("scores", scores, FLOAT_DTYPES)
+    check_tensor("logp", logp, FLOAT_DTYPES)
+    check_tensor("ref_logp", ref_logp, FLOAT_DTYPES)
+    check_tensor("values", values, FLOAT_DTYPES)
+    check_same_device(scores=scores, logp=logp, ref_logp=ref_logp, values=values, mask=mask,
+                      cu_seqlens=cu_seqlens)
+    mask = _prepare_layout("values", values, mask, cu_seqlens)
+    _check_same_shape("values", values, logp=logp, ref_logp=ref_logp)
+    num_seqs = values.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if tuple(scores.shape) != (num_seqs,):
+        raise ValueError(f"scores: shape {tuple(scores.shape)} does not match the number of sequences ({num_seqs},)")
+    kl_coef_scale = None
+    if isinstance(kl_coef, Tensor):
+        # Read on the device by the kernel: no host synchronisation.
+        if kl_coef.numel() != 1:
+            raise ValueError(f"kl_coef: expected a float or a 0-dim tensor, got shape {tuple(kl_coef.shape)}")
+        check_tensor("kl_coef", kl_coef, FLOAT_DTYPES)
+        kl_coef_scale, kl_coef = kl_coef.detach().reshape(1), 1.0
+    kl_coef = float(kl_coef)
+    if not (math.isfinite(kl_coef) and kl_coef >= 0):
+        raise ValueError(f"kl_coef: must be a finite number >= 0, got {kl_coef}")
+    code = _check_estimator(estimator)
+    gamma = _check_unit_interval("gamma", gamma)
+    lam = _check_unit_interval("lam", lam)
+    chosen = resolve_backend(backend, values.device, "advantages")
+    dtype = _common_dtype(logp, ref_logp, values)
+    acc = _acc_dtype(dtype)
+    scores_acc = scores.detach().to(acc).contiguous()
+    if kl_coef_scale is not None:
+        kl_coef_scale = kl_coef_scale.to(device=values.device, dtype=acc)
+    advantages, returns, token_rewards, kl, stats = torch.ops.rlhf_kernels.advantages(
+        values.detach().to(dtype).contiguous(), mask, cu_seqlens, None, scores_acc,
+        logp.detach().to(dtype).contiguous(), ref_logp.detach().to(dtype).contiguous(),
+        kl_coef_scale, kl_coef, code, gamma, lam, chosen,
+    )
+    extra = [scores_acc.double().sum(), torch.full((), float(num_seqs), dtype=torch.float64, device=values.device)]
+    totals = _reduce_stats(stats, extra, process_group)
+    count, adv_sum, adv_sq, kl_sum, score_sum, seqs = totals.unbind(0)
+    mean, var = _moments(count, adv_sum, adv_sq)
+    if whiten:
+        advantages = _whiten(advantages, mask, mean, var)
+    return PPOAdvantages(
+        advantages=advantages, returns=returns, token_rewards=token_rewards, kl=kl,
+        kl_mean=kl_sum / count.clamp(min=1), kl_sum_mean=kl_sum / seqs.clamp(min=1),
+        score_mean=score_sum / seqs.clamp(min=1), advantage_mean=mean, advantage_std=var.sqrt(),
+        num_tokens=count,
+    )
+
+
+_GROUP_MODES = ("grpo", "dr_grpo", "rloo")
+
+
+def group_advantages(
+    scores: Tensor,
+    group_size: int | None = None,
+    group_ids: Tensor | None = None,
+    *,
+    mode: str = "grpo",
+    eps: float = 1e-6,
+) -> Tensor:
+    """Outcome advantages within groups of responses to the same prompt.
+
+    ``grpo`` = (s - mean_g) / (std_g + eps), unbiased std (Shao et al., 2024);
+    ``dr_grpo`` = s - mean_g (Liu et al., 2025); ``rloo`` = s - mean of the
+    other members = n / (n - 1) * (s - mean_g) (Ahmadian et al., 2024).
+    A group of one gets 0 in every mode (its std is taken as 0 and it has no
+    other members); a group of two gets +-1/sqrt(2) (grpo, unless equal) or
+    +-(s1 - s2) (rloo). Plain PyTorch segment sums (B scores are tiny): no
+    kernel and no host synchronisation, so it compiles into the caller's graph.
+
+    Args:
+        scores: (B,) float, one score per response.
+        group_size: responses per prompt, consecutive; B must be a multiple.
+        group_ids: (B,) integer group of each response (any values, any order);
+            give exactly one of group_size and group_ids.
+        mode: "grpo" | "dr_grpo" | "rloo".
+        eps: added to the std in grpo.
+
+    Returns:
+        (B,) advantages, in the scores' dtype (float32 for 16-bit scores).
+    """
+    check_tensor("scores", scores, FLOAT_DTYPES)
+    if scores.dim() != 1:
+        raise ValueError(f"scores: expected shape (B,), got {tuple(scores.shape)}")
+    if mode not in _GROUP_MODES:
+        raise ValueError(f"mode: unknown mode {mode!r}; expected one of {_GROUP_MODES}")
+    eps = float(eps)
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps: must be a finite number >= 0, got {eps}")
+    n = scores.shape[0]
+    if (group_size is None) == (group_ids is None):
+        raise ValueError("group_size, group_ids: give exactly one of them")
+    if group_ids is None:
+        if int(group_size) < 1 or n % int(group_size) != 0:
+            raise ValueError(f"group_size: must be >= 1 and divide the batch size {n}, got {group_size}")
+        dense = torch.arange(n, device=scores.device) // int(group_size)
+    else:
+        check_tensor("group_ids", group_ids, (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8))
+        check_same_device(scores=scores, group_ids=group_ids)
+        if tuple(group_ids.shape) != (n,):
+            raise ValueError(f"group_ids: shape {tuple(group_ids.shape)} does not match scores ({n},)")
+        # Dense ids in [0, n) without torch.unique (whose output size syncs).
+        ordered, order = torch.sort(group_ids.long(), stable=True)
+        starts = torch.ones_like(ordered, dtype=torch.long)
+        starts[1:] = (ordered[1:] != ordered[:-1]).long()
+        dense = torch.empty_like(order).scatter_(0, order, torch.cumsum(starts, 0) - 1)
+    s = scores.to(_acc_dtype(scores.dtype) if scores.dtype != torch.float64 else torch.float64)
+    count = s.new_zeros(n).index_add_(0, dense, torch.ones_like(s))
+    mean = s.new_zeros(n).index_add_(0, dense, s) / count.clamp(min=1)
+    centred = s - mean[dense]
+    n_g = count[dense]
+    if mode == "dr_grpo":
+        out = centred
+    elif mode == "rloo":
+        out = torch.where(n_g > 1, centred * n_g / (n_g - 1).clamp(min=1), torch.zeros_like(s))
+    else:
+        m2 = s.new_zeros(n).index_add_(0, dense, centred.square())
+        std = torch.sqrt(m2 / (count - 1).clamp(min=1))[dense]
+        std = torch.where(n_g > 1, std, torch.zeros_like(std))
+        out = centred / (std + eps)
+    return out.to(scores.dtype) if scores.dtype in (torch.float32, torch.float64) else out
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al., 2019, "Fine-Tuning Language
+    Models from Human Preferences"): ``err = clip(kl / target - 1, -0.2, 0.2)``,
+    ``coef *= 1 + err * n_steps / horizon``.
+
+    ``update`` takes a float or a 0-dim tensor (e.g. ``PPOAdvantages.kl_sum_mean``
+    on the GPU); with a tensor the coefficient becomes a 0-dim tensor on its
+    device and nothing synchronises. ``value`` is the current coefficient
+    (float or 0-dim tensor); ``state_dict`` / ``load_state_dict`` checkpoint it.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        for name, v in (("init_kl_coef", init_kl_coef), ("target", target), ("horizon", horizon)):
+            if not isinstance(v, Tensor) and not (math.isfinite(float(v)) and float(v) >= 0):
+                raise ValueError(f"{name}: must be a finite number >= 0, got {v}")
+        if float(target) <= 0:
+            raise ValueError(f"target: must be > 0, got {target}")
+        if float(horizon) <= 0:
+            raise ValueError(f"horizon: must be > 0, got {horizon}")
+        self.value: float | Tensor = init_kl_coef if isinstance(init_kl_coef, Tensor) else float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float | Tensor, n_steps: int | float) -> float | Tensor:
+        if isinstance(current_kl, Tensor):
+            if current_kl.dim() != 0:
+                raise ValueError(f"current_kl: expected a 0-dim tensor or a float, got shape {tuple(current_kl.shape)}")
+            err = torch.clamp(current_kl.detach() / self.target - 1.0, -0.2, 0.2)
+            mult = 1.0 + err * (float(n_steps) / self.horizon)
+            if isinstance(self.value, Tensor):
+                self.value = self.value.to(device=mult.device, dtype=torch.promote_types(self.value.dtype, mult.dtype)) * mult
+            else:
+                self.value = mult * self.value
+        else:
+            err = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+            mult = 1.0 + err * float(n_steps) / self.horizon
+            self.value = self.value * mult
+        return self.value
+
+    def state_dict(self) -> dict:
+        value = self.value.detach().clone() if isinstance(self.value, Tensor) else self.value
+        return {"value": value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        value = state["value"]
+        self.value = value.detach().clone() if isinstance(value, Tensor) else float(value)
+        self.target = float(state["target"])
+        self.horizon = float(state["horizon"])
+
+
+__all__ = [
+    "AdaptiveKLController",
+    "PPOAdvantages",
+    "compute_gae",
+    "group_advantages",
+    "kl_penalty",
+    "ppo_advantages",
+]
