@@ -1,5 +1,8 @@
 """The ``rlhf-kernels`` command.
 
+    rlhf-kernels train [--config FILE] [--model PATH] [--reward-model PATH]
+                       [--device cpu|cuda] [--backend NAME] [--out DIR] [--resume]
+                                                          SFT -> reward model -> PPO (the main job)
     rlhf-kernels bench [--quick] [--only logprobs,...]   microbenchmarks of the present device
     rlhf-kernels info                                     what this install has
 """
@@ -49,6 +52,24 @@ def bench(args: argparse.Namespace) -> int:
     return 0 if ran else 1
 
 
+def train(args: argparse.Namespace) -> int:
+    from .trainer.config import ConfigError, TrainConfig, load_config
+
+    try:
+        cfg = load_config(args.config) if args.config else TrainConfig()
+        for name in ("model", "reward_model", "device", "backend", "out"):
+            value = getattr(args, name)
+            if value is not None:
+                setattr(cfg, name, value)
+        from .trainer import pipeline
+
+        summary = pipeline.run(cfg, resume=args.resume)
+    except (ConfigError, ValueError) as exc:
+        print(f"rlhf-kernels train: {exc}", file=sys.stderr)
+        return 2
+    return 130 if summary.get("interrupted") else 0
+
+
 def info(_: argparse.Namespace) -> int:
     import torch
 
@@ -70,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p_bench.add_argument("--out-dir", default=None, help="where JSON lines go (default benchmarks/results)")
     p_bench.set_defaults(func=bench)
+    p_train = sub.add_parser("train", help="SFT -> reward model -> PPO on the embedded task (the main job)")
+    p_train.add_argument("--config", default=None, help="JSON file with TrainConfig fields")
+    p_train.add_argument("--model", default=None, help="local path of a causal LM (default: the embedded tiny Llama)")
+    p_train.add_argument("--reward-model", dest="reward_model", default=None, help="local path of the reward model's trunk")
+    p_train.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    p_train.add_argument("--backend", default=None, help="triton | cuda | cpu | reference (default: best per device)")
+    p_train.add_argument("--out", default=None, help="output directory (default: runs/default)")
+    p_train.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p_train.set_defaults(func=train)
     p_info = sub.add_parser("info", help="print the backends this install has")
     p_info.set_defaults(func=info)
     args = parser.parse_args(argv)

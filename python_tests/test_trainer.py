@@ -1,0 +1,225 @@
+"""The PPO trainer on a tiny model (CPU): losses, parity with the reference
+backend, PPO-ptx, checkpoint/resume, DDP on gloo, and the main job's claim."""
+
+import copy
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf_kernels.trainer import pipeline
+from rlhf_kernels.trainer.config import (
+    ConfigError, OptimConfig, PPOConfig, RewardConfig, SFTConfig, TrainConfig, load_config, to_dict,
+)
+from rlhf_kernels.trainer.data import encode_prompts, encode_responses, make_batch
+from rlhf_kernels.trainer.models import ScalarHeadModel, tiny_llama
+from rlhf_kernels.trainer.ppo import PPOTrainer
+from rlhf_kernels.trainer.reward import pairwise_loss
+from rlhf_kernels.trainer.sft import SFTTrainer
+from rlhf_kernels.trainer.task import DigitTask, build_tokenizer
+
+TIMING_KEYS = ("time", "tokens_per_s")
+
+
+def tiny_config(out: Path, iterations: int = 4, **ppo) -> TrainConfig:
+    cfg = TrainConfig(out=str(out))
+    cfg.model_config.hidden_size = 32
+    cfg.sft = SFTConfig(steps=30, batch_size=32)
+    cfg.reward = RewardConfig(steps=10, prompts_per_batch=8)
+    cfg.ppo = PPOConfig(iterations=iterations, rollout_batch_size=16, mini_batch_size=8, grad_accum_steps=2,
+                        checkpoint_every=2, eval_prompts=32, **ppo)
+    return cfg
+
+
+def _parts(seed=0):
+    tok = build_tokenizer()
+    policy = tiny_llama(len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, hidden_size=32, seed=seed)
+    return tok, policy
+
+
+def _ppo_trainer(backend=None, seed=0, **cfg):
+    torch.manual_seed(seed)
+    tok, policy = _parts(seed)
+    task = DigitTask()
+    value = ScalarHeadModel.from_causal_lm(policy)
+    ppo_cfg = PPOConfig(rollout_batch_size=8, mini_batch_size=4, grad_accum_steps=2, ppo_epochs=1, **cfg)
+    return PPOTrainer(
+        policy, copy.deepcopy(policy), value, tok, ppo_cfg,
+        prompt_sampler=lambda n, rng: [task.prompt_text(d) for d in task.sample_digits(n, rng)],
+        reward_fn=task.true_scores,
+        ptx_sampler=lambda n, rng: [task.sft_example(rng) for _ in range(n)],
+        backend=backend,
+    ), task
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if not any(k.startswith(t) for t in TIMING_KEYS)} for r in rows]
+
+
+def test_reward_loss_on_hand_made_rankings():
+    rewards = torch.tensor([[2.0, 1.0, -1.0], [0.0, 0.5, 0.2]])
+    loss, accuracy = pairwise_loss(rewards)
+    # pairs (0,1), (0,2), (1,2) per prompt, winner first
+    diffs = [1.0, 3.0, 2.0, -0.5, -0.2, 0.3]
+    want = sum(-math.log(1 / (1 + math.exp(-d))) for d in diffs) / 6
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert accuracy.item() == pytest.approx(4 / 6)
+
+
+def test_sft_loss_is_response_only_nll():
+    tok, policy = _parts()
+    trainer = SFTTrainer(policy, tok, SFTConfig(steps=1), verbose=False)
+    prompts, responses = ["1 2 3 =", "4 ="], ["2 3 4", "5"]
+    got = trainer.loss(prompts, responses)
+    # By hand: log_softmax over the full forward, response tokens (+ EOS) only.
+    p_ids, p_mask = encode_prompts(tok, prompts)
+    r_ids, r_mask = encode_responses(tok, responses, [True, True])
+    batch = make_batch(p_ids, p_mask, r_ids, r_mask)
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits.double()
+    logp = torch.log_softmax(logits[:, batch.prompt_len - 1 : -1], -1)
+    token_logp = logp.gather(-1, r_ids.unsqueeze(-1)).squeeze(-1)
+    want = -(token_logp * r_mask).sum() / r_mask.sum()
+    assert got.item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_ppo_iterations_on_tiny_model_change_the_policy():
+    trainer, _ = _ppo_trainer(ptx_coef=0.1)
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    for _ in range(2):
+        m = trainer.step()
+        for key in ("reward", "kl", "kl_coef", "policy_loss", "value_loss", "clipfrac", "entropy",
+                    "response_length", "tokens_per_s", "ptx_loss", "time_rollout_s", "time_update_s"):
+            assert key in m and math.isfinite(m[key]), key
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
+
+
+def test_reference_backend_gives_the_same_first_iteration():
+    metrics = {}
+    for backend in ("reference", None):
+        trainer, _ = _ppo_trainer(backend=backend, seed=3, entropy_coef=0.01)
+        metrics[backend] = _strip([trainer.step()])[0]
+    ref, ker = metrics["reference"], metrics[None]
+    assert ref.keys() == ker.keys()
+    for key in ref:
+        assert ker[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), key
+
+
+def test_ptx_term_is_coef_times_mean_nll():
+    trainer, task = _ppo_trainer(ptx_coef=0.5)
+    trainer.data_rng = random.Random(7)
+    got = trainer._ptx_loss()
+    rng = random.Random(7)
+    examples = [task.sft_example(rng) for _ in range(trainer.config.ptx_batch_size)]
+    p_ids, p_mask = encode_prompts(trainer.tokenizer, [p for p, _ in examples])
+    r_ids, r_mask = encode_responses(trainer.tokenizer, [r for _, r in examples], [True] * len(examples))
+    batch = make_batch(p_ids, p_mask, r_ids, r_mask)
+    ids, attn = batch.input_ids, batch.attention_mask
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    logits = trainer.policy(input_ids=ids, attention_mask=attn, position_ids=pos).logits.double()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    mask = attn[:, 1:].double()
+    want = -0.5 * (logp * mask).sum() / mask.sum()
+    assert got.item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def _run_cli(args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "rlhf_kernels.cli", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_checkpoint_on_sigint_and_resume_gives_the_same_metrics(tmp_path):
+    cfg = tiny_config(tmp_path / "unused", iterations=6)
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(to_dict(cfg)))
+    full = _run_cli(["--config", str(cfg_file), "--out", str(tmp_path / "full")])
+    out, _ = full.communicate(timeout=600)
+    assert full.returncode == 0, out
+
+    proc = _run_cli(["--config", str(cfg_file), "--out", str(tmp_path / "cut")])
+    metrics = tmp_path / "cut" / "ppo" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 130, out  # stopped early, with a checkpoint
+    assert (tmp_path / "cut" / "ppo" / "checkpoint.pt").exists()
+    resumed = _run_cli(["--config", str(cfg_file), "--out", str(tmp_path / "cut"), "--resume"])
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+
+    def rows(name):
+        return _strip([json.loads(l) for l in (tmp_path / name / "ppo" / "metrics.jsonl").read_text().splitlines()])
+
+    a, b = rows("full"), rows("cut")
+    assert len(a) == len(b) == 6
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), (ra["iteration"], k)
+
+
+def test_ddp_two_processes_on_gloo(tmp_path):
+    cfg = tiny_config(tmp_path / "ddp", iterations=2)
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(to_dict(cfg)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "rlhf_kernels.cli", "train", "--config", str(cfg_file)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["iterations"] == 2
+    rows = [json.loads(l) for l in (tmp_path / "ddp" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    # Global statistics: tokens counted over both ranks (16 rollouts each).
+    assert all(r["tokens"] >= 2 * 16 for r in rows)
+
+
+def test_main_job_improves_true_score_at_reduced_size(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "main"))
+    cfg.sft.steps = 200
+    cfg.reward.steps = 100
+    cfg.ppo.iterations = 20
+    cfg.ppo.eval_prompts = 128
+    summary = pipeline.run(cfg, verbose=False)
+    assert summary["ppo_true_score"] > summary["sft_true_score"] + 0.05, summary
+    assert 0 <= summary["kl_to_sft"] < 10, summary
+    assert (tmp_path / "main" / "ppo" / "curves.png").exists()
+
+
+def test_bad_configurations_stop_at_start(tmp_path):
+    cfg = tiny_config(tmp_path / "bad")
+    cfg.model = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="--model"):
+        pipeline.run(cfg)
+    cfg = tiny_config(tmp_path / "bad")
+    cfg.ppo.mini_batch_size = 5
+    with pytest.raises(ConfigError, match="multiple of mini_batch_size"):
+        pipeline.run(cfg)
+    # A tokenizer without a pad token.
+    tok, policy = _parts()
+    model_dir = tmp_path / "model"
+    policy.save_pretrained(model_dir)
+    tok.pad_token = None
+    tok.save_pretrained(model_dir)
+    cfg = tiny_config(tmp_path / "bad")
+    cfg.model = str(model_dir)
+    with pytest.raises(ValueError, match="no pad token"):
+        pipeline.run(cfg)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text(json.dumps({"ppo": {"itertions": 3}}))
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(bad_json)

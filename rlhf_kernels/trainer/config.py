@@ -1,0 +1,177 @@
+"""Configuration dataclasses of the trainers and of the `rlhf-kernels train` pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+LOSS_AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, found at start-up."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # "cosine" | "linear" | "constant"
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning: next-token loss on the response tokens only."""
+
+    steps: int = 300
+    batch_size: int = 64
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=20))
+    seed: int = 0
+    log_every: int = 50
+
+
+@dataclass
+class RewardConfig:
+    """Reward model on ranked comparisons: K responses per prompt give all
+    K-choose-2 pairs, loss -mean(log sigmoid(r_w - r_l))."""
+
+    steps: int = 150
+    prompts_per_batch: int = 16
+    responses_per_prompt: int = 4
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
+    seed: int = 1
+    log_every: int = 50
+
+
+@dataclass
+class PPOConfig:
+    """PPO with a per-token KL penalty to the reference (SFT) policy, GAE, a
+    separate critic and the pretraining mix (PPO-ptx)."""
+
+    iterations: int = 40
+    rollout_batch_size: int = 64  # prompts per iteration (per process)
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    ppo_epochs: int = 2
+    mini_batch_size: int = 32  # sequences per optimiser step (per process)
+    grad_accum_steps: int = 2  # micro-batches per mini-batch
+    policy_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, schedule="constant"))
+    value_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, schedule="constant"))
+    clip_low: float = 0.2
+    clip_high: Optional[float] = None
+    dual_clip: Optional[float] = None
+    value_clip: float = 0.2
+    vf_coef: float = 1.0
+    entropy_coef: float = 0.0
+    loss_agg: str = "token-mean"
+    fused_loss: bool = True  # ppo_loss_from_logits, else logprobs_from_logits + ppo_policy_loss
+    init_kl_coef: float = 0.05
+    target_kl: Optional[float] = 1.0  # None: a fixed coefficient
+    kl_horizon: int = 2000
+    kl_estimator: str = "k1"
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    ptx_coef: float = 0.0
+    ptx_batch_size: int = 16
+    seed: int = 2
+    log_every: int = 1
+    checkpoint_every: int = 10
+    eval_prompts: int = 256
+
+
+@dataclass
+class ModelConfig:
+    """The embedded default model: a small Llama built from a config."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    seed: int = 0
+
+
+@dataclass
+class TaskConfig:
+    num_digits: int = 5
+    demo_accuracy: float = 0.7
+
+
+@dataclass
+class TrainConfig:
+    """The whole `rlhf-kernels train` pipeline: SFT -> reward model -> PPO."""
+
+    out: str = "runs/default"
+    device: str = "cpu"
+    backend: Optional[str] = None  # None: the best per device; "reference": eager PyTorch everywhere
+    model: Optional[str] = None  # local path of a causal LM; default: the embedded tiny Llama
+    reward_model: Optional[str] = None  # local path of a causal LM trunk for the reward model
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+
+def _from_dict(cls, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _from_dict(type(default), value, f"{where}.{name}")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """A TrainConfig from a JSON file (nested sections as in the dataclasses);
+    keys left out keep their defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not valid JSON: {exc}") from exc
+    return _from_dict(TrainConfig, data, "config")
+
+
+def to_dict(config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
+    """Stop at start-up on a configuration that cannot run."""
+    if cfg.rollout_batch_size <= 0 or cfg.mini_batch_size <= 0 or cfg.grad_accum_steps <= 0:
+        raise ConfigError("ppo: rollout_batch_size, mini_batch_size and grad_accum_steps must be > 0")
+    if cfg.rollout_batch_size % cfg.mini_batch_size:
+        raise ConfigError(
+            f"ppo: rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of "
+            f"mini_batch_size ({cfg.mini_batch_size})"
+        )
+    if cfg.mini_batch_size % cfg.grad_accum_steps:
+        raise ConfigError(
+            f"ppo: mini_batch_size ({cfg.mini_batch_size}) must be a multiple of "
+            f"grad_accum_steps ({cfg.grad_accum_steps})"
+        )
+    if cfg.loss_agg not in LOSS_AGGREGATIONS:
+        raise ConfigError(f"ppo.loss_agg: unknown {cfg.loss_agg!r}; expected one of {LOSS_AGGREGATIONS}")
+    if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
+        raise ConfigError("ppo: gamma and lam must lie in [0, 1]")
+    if cfg.temperature <= 0:
+        raise ConfigError("ppo.temperature must be > 0")
+    if cfg.max_new_tokens <= 0 or cfg.iterations < 0:
+        raise ConfigError("ppo: max_new_tokens must be > 0 and iterations >= 0")
+    if world_size < 1:
+        raise ConfigError("world size must be >= 1")

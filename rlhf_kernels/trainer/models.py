@@ -1,0 +1,95 @@
+"""Models of the pipeline: the policy (any causal LM), and the reward and value
+models (a causal LM trunk with a scalar head)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from torch import Tensor, nn
+
+
+def tiny_llama(vocab_size: int, *, pad_token_id: int, bos_token_id: int, eos_token_id: int,
+               hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+               max_positions: int = 64, seed: int = 0):
+    """A small Llama-style causal LM built from a config (random initialisation,
+    nothing downloaded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions, pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id, eos_token_id=eos_token_id, tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def load_causal_lm(path: str):
+    """A causal LM from a local directory (never downloads)."""
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isdir(path):
+        raise ValueError(f"model path {path!r} is not a directory")
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+
+
+class ScalarHeadModel(nn.Module):
+    """A causal LM trunk with a linear head giving one scalar per position:
+    the reward model reads it at the last valid token, the critic everywhere."""
+
+    def __init__(self, trunk: nn.Module, hidden_size: int):
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_causal_lm(cls, lm: nn.Module) -> "ScalarHeadModel":
+        """Copy of the LM's trunk (InstructGPT starts the reward model from the
+        SFT model) with a fresh scalar head."""
+        return cls(copy.deepcopy(lm.base_model), lm.config.hidden_size)
+
+    @property
+    def config(self):
+        return self.trunk.config
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L) float32 scalars."""
+        from .data import position_ids
+
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+
+def last_valid_index(attention_mask: Tensor) -> Tensor:
+    """(B,) index of the last position whose mask is 1 (right-padded or not)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values.clamp_min(0)
+
+
+def sequence_scores(model: ScalarHeadModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B,) the scalar at each sequence's last valid token."""
+    values = model(input_ids, attention_mask)
+    return values.gather(1, last_valid_index(attention_mask).unsqueeze(1)).squeeze(1)
+
+
+def response_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
+    """(B, R, V) logits predicting the response tokens input_ids[:, prompt_len:],
+    computed for the last R + 1 positions only when the model supports
+    ``logits_to_keep``; a strided view, read in place by the kernels."""
+    from .data import position_ids
+
+    response_len = input_ids.shape[1] - prompt_len
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                  use_cache=False)
+    try:
+        logits = model(**kwargs, logits_to_keep=response_len + 1).logits
+    except TypeError:  # a model without logits_to_keep
+        logits = model(**kwargs).logits
+    return logits[:, -(response_len + 1) : -1]

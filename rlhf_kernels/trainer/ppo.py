@@ -1,0 +1,351 @@
+"""PPO for language models with a per-token KL penalty to a frozen reference
+policy and the pretraining mix (InstructGPT's PPO-ptx), on transformers models.
+
+One iteration: sample prompts -> generate responses -> no-grad passes for the
+rollout log-probs, reference log-probs and values (`logprobs_from_logits`) ->
+scores (reward model or a Python function) -> KL shaping + GAE + whitening
+(`ppo_advantages`) and the adaptive KL coefficient -> `ppo_epochs` over shuffled
+mini-batches with gradient accumulation: the clipped policy loss straight from
+the logits (`ppo_loss_from_logits`), the clipped value loss (`ppo_value_loss`),
+the entropy bonus and `ptx_coef * mean(log pi(x))` on pretraining batches;
+gradient clipping, AdamW and a learning-rate schedule.
+
+Data parallel: under torchrun the policy and critic are wrapped in DDP, and
+loss normalisation (global valid-token counts) and advantage whitening
+(`process_group`) are global across ranks.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ..ops.logprobs import logprobs_from_logits
+from ..ops.advantages import AdaptiveKLController, ppo_advantages
+from ..ops.ppo_loss import ppo_loss_from_logits, ppo_policy_loss, ppo_value_loss
+from .config import PPOConfig, validate_ppo
+from .data import (
+    IGNORE_INDEX, Batch, decode_responses, encode_prompts, encode_responses, make_batch,
+    response_mask_from_generation,
+)
+from .models import ScalarHeadModel, response_logits, sequence_scores
+from .utils import (
+    Timer, all_reduce_mean, all_reduce_sum, make_optimizer, process_group, rng_state, set_rng_state,
+)
+
+# (prompt texts, response texts, stopped flags) -> (B,) scores
+RewardFn = Callable[[list[str], list[str], list[bool]], Tensor]
+
+
+@dataclass
+class Rollout:
+    batch: Batch
+    prompts: list[str]
+    responses: list[str]
+    stopped: list[bool]
+    old_logp: Tensor  # (B, R) rollout policy log-probs
+    ref_logp: Tensor  # (B, R)
+    old_values: Tensor  # (B, R)
+    scores: Tensor  # (B,)
+    advantages: Tensor  # (B, R)
+    returns: Tensor  # (B, R)
+    stats: dict
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, DDP) else model
+
+
+class PPOTrainer:
+    """PPO with a separate critic.
+
+    Args:
+        policy: causal LM being trained. ref_policy: frozen copy (the SFT model).
+        value_model: ScalarHeadModel critic. tokenizer: with pad and eos tokens.
+        prompt_sampler: ``(n, rng) -> list of prompt texts``.
+        reward_model / reward_fn: one of them gives the scores.
+        ptx_sampler: ``(n, rng) -> list of (prompt, response)`` pretraining texts,
+            used when ``config.ptx_coef > 0``.
+        backend: forwarded to every op (``"reference"``: eager PyTorch).
+    """
+
+    def __init__(self, policy, ref_policy, value_model: ScalarHeadModel, tokenizer, config: PPOConfig, *,
+                 prompt_sampler: Callable[[int, random.Random], list[str]],
+                 reward_model: Optional[ScalarHeadModel] = None, reward_fn: Optional[RewardFn] = None,
+                 ptx_sampler: Optional[Callable[[int, random.Random], list[tuple[str, str]]]] = None,
+                 device: str = "cpu", backend: Optional[str] = None, rank: int = 0, world_size: int = 1):
+        validate_ppo(config, world_size)
+        if (reward_model is None) == (reward_fn is None):
+            raise ValueError("give exactly one of reward_model and reward_fn")
+        if config.ptx_coef > 0 and ptx_sampler is None:
+            raise ValueError("ptx_coef > 0 needs a ptx_sampler (pretraining batches)")
+        self.config = config
+        self.device = torch.device(device)
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.rank, self.world_size = rank, world_size
+        self.prompt_sampler, self.ptx_sampler = prompt_sampler, ptx_sampler
+        self.reward_model, self.reward_fn = reward_model, reward_fn
+        self.policy = policy.to(self.device)
+        self.value_model = value_model.to(self.device)
+        self.ref_policy = ref_policy.to(self.device).eval().requires_grad_(False)
+        if reward_model is not None:
+            self.reward_model = reward_model.to(self.device).eval().requires_grad_(False)
+        if world_size > 1:
+            self.policy = DDP(self.policy)
+            self.value_model = DDP(self.value_model)
+        steps = config.iterations * config.ppo_epochs * (config.rollout_batch_size // config.mini_batch_size)
+        self.policy_opt, self.policy_sched = make_optimizer(self.policy.parameters(), config.policy_optim, steps)
+        self.value_opt, self.value_sched = make_optimizer(self.value_model.parameters(), config.value_optim, steps)
+        self.kl_ctl = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon) \
+            if config.target_kl is not None else None
+        # Each rank draws its own prompts; the stream's state is checkpointed.
+        self.data_rng = random.Random(config.seed * 1000 + rank)
+        self.iteration = 0
+        self.timer = Timer()
+
+    # --- rollout -------------------------------------------------------------------
+
+    @property
+    def kl_coef(self) -> float | Tensor:
+        return self.kl_ctl.value if self.kl_ctl is not None else self.config.init_kl_coef
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, temperature: float | None = None, greedy: bool = False) -> tuple[Batch, list[str], list[bool]]:
+        """Sample responses: (batch of prompt + response, response texts, stopped)."""
+        cfg = self.config
+        model = _unwrap(self.policy)
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts)
+        prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
+        was_training = model.training
+        model.eval()
+        out = model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=not greedy,
+            temperature=temperature or cfg.temperature, top_k=0, top_p=1.0,
+            max_new_tokens=cfg.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        model.train(was_training)
+        responses = out[:, prompt_ids.shape[1]:]
+        response_mask, stopped = response_mask_from_generation(responses, self.tokenizer.eos_token_id)
+        responses = torch.where(response_mask.bool(), responses, self.tokenizer.pad_token_id)
+        batch = make_batch(prompt_ids, prompt_mask, responses, response_mask)
+        texts = decode_responses(self.tokenizer, responses.cpu(), response_mask.cpu())
+        return batch, texts, stopped.tolist()
+
+    @torch.no_grad()
+    def _logprobs(self, model, batch: Batch) -> Tensor:
+        logits = response_logits(model, batch.input_ids, batch.attention_mask, batch.prompt_len)
+        return logprobs_from_logits(logits, batch.response_labels, temperature=self.config.temperature,
+                                    backend=self.backend)
+
+    @torch.no_grad()
+    def _values(self, batch: Batch) -> Tensor:
+        values = _unwrap(self.value_model)(batch.input_ids, batch.attention_mask)
+        # The value of the state before each response token.
+        return values[:, batch.prompt_len - 1 : -1] * batch.response_mask
+
+    @torch.no_grad()
+    def score(self, batch: Batch, prompts: list[str], responses: list[str], stopped: list[bool]) -> Tensor:
+        if self.reward_fn is not None:
+            return self.reward_fn(prompts, responses, stopped).to(self.device, torch.float32)
+        return sequence_scores(self.reward_model, batch.input_ids, batch.attention_mask)
+
+    @torch.no_grad()
+    def rollout(self) -> Rollout:
+        cfg = self.config
+        with self.timer.phase("rollout", self.device):
+            prompts = self.prompt_sampler(cfg.rollout_batch_size, self.data_rng)
+            batch, responses, stopped = self.generate(prompts)
+            old_logp = self._logprobs(_unwrap(self.policy), batch)
+            ref_logp = self._logprobs(self.ref_policy, batch)
+            old_values = self._values(batch)
+        with self.timer.phase("scoring", self.device):
+            scores = self.score(batch, prompts, responses, stopped)
+        with self.timer.phase("advantages", self.device):
+            adv = ppo_advantages(
+                scores, old_logp, ref_logp, old_values, batch.response_mask, kl_coef=self.kl_coef,
+                estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages,
+                process_group=process_group(), backend=self.backend,
+            )
+        kl_coef_used = float(self.kl_coef)
+        if self.kl_ctl is not None:
+            self.kl_ctl.update(adv.kl_sum_mean, cfg.rollout_batch_size * self.world_size)
+        lengths = batch.response_mask.sum(1)
+        stats = {
+            "reward": all_reduce_mean(scores.mean()),
+            "kl": adv.kl_sum_mean,
+            "kl_coef": kl_coef_used,
+            "response_length": all_reduce_mean(lengths.mean()),
+            "stopped_frac": all_reduce_mean(torch.tensor(sum(stopped) / len(stopped))),
+            "tokens": all_reduce_sum(lengths.sum()),
+        }
+        return Rollout(batch, prompts, responses, stopped, old_logp, ref_logp, old_values, scores,
+                       adv.advantages, adv.returns, stats)
+
+    # --- update --------------------------------------------------------------------
+
+    def _ptx_loss(self) -> Tensor:
+        """-ptx_coef * mean log pi(x) over the tokens of a pretraining batch."""
+        cfg = self.config
+        examples = self.ptx_sampler(cfg.ptx_batch_size, self.data_rng)
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [p for p, _ in examples])
+        resp_ids, resp_mask = encode_responses(self.tokenizer, [r for _, r in examples], [True] * len(examples))
+        batch = make_batch(prompt_ids, prompt_mask, resp_ids, resp_mask).to(self.device)
+        # Every real token after the first is predicted (prompt and response alike).
+        ids, attn = batch.input_ids, batch.attention_mask
+        logits = response_logits(_unwrap(self.policy), ids, attn, prompt_len=1)
+        labels = torch.where(attn[:, 1:].bool(), ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
+        logp = logprobs_from_logits(logits, labels, backend=self.backend)
+        mask = attn[:, 1:].float()
+        return -cfg.ptx_coef * (logp * mask).sum() / mask.sum().clamp_min(1)
+
+    def _micro_step(self, r: Rollout, idx: Tensor, num_tokens: float, num_seqs: float, with_ptx: bool) -> dict:
+        cfg = self.config
+        batch = r.batch.select(idx)
+        mask = batch.response_mask
+        # DDP averages gradients over ranks; the losses are normalised by global
+        # counts, so scale by the world size to get their gradient sum.
+        scale = float(self.world_size)
+        logits = response_logits(self.policy, batch.input_ids, batch.attention_mask, batch.prompt_len)
+        common = dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.loss_agg,
+                      num_tokens=num_tokens, num_seqs=num_seqs, backend=self.backend)
+        if cfg.fused_loss:
+            pg_loss, pg_stats = ppo_loss_from_logits(
+                logits, batch.response_labels, r.old_logp[idx], r.advantages[idx], mask,
+                temperature=cfg.temperature, entropy_coef=cfg.entropy_coef, inplace_backward=True, **common,
+            )
+        else:
+            logp, entropy = logprobs_from_logits(logits, batch.response_labels, temperature=cfg.temperature,
+                                                 return_entropy=True, backend=self.backend)
+            pg_loss, pg_stats = ppo_policy_loss(logp, r.old_logp[idx], r.advantages[idx], mask, **common)
+            if cfg.entropy_coef:  # the bonus as a token mean over the global count
+                pg_loss = pg_loss - cfg.entropy_coef * (entropy * mask).sum() / num_tokens
+            pg_stats = dict(pg_stats, entropy=(entropy.detach() * mask).sum() / mask.sum().clamp_min(1))
+        total = pg_loss * scale
+        stats = {}
+        if with_ptx:
+            # Through the unwrapped model: one backward (and one gradient
+            # all-reduce) covers both terms; DDP's average of the local ptx
+            # means is the global mean.
+            ptx = self._ptx_loss()
+            total = total + ptx
+            stats["ptx_loss"] = ptx.detach()
+        total.backward()
+        values = self.value_model(batch.input_ids, batch.attention_mask)[:, batch.prompt_len - 1 : -1]
+        vf_loss, vf_stats = ppo_value_loss(values, r.old_values[idx], r.returns[idx], mask, clip=cfg.value_clip,
+                                           agg=cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                                           backend=self.backend)
+        (cfg.vf_coef * vf_loss * scale).backward()
+        stats.update(policy_loss=pg_loss.detach(), value_loss=vf_loss.detach())
+        stats.update({k: v.detach() for k, v in pg_stats.items()})
+        stats.update({k: v.detach() for k, v in vf_stats.items()})
+        return stats
+
+    def update(self, r: Rollout) -> dict:
+        """ppo_epochs passes over the rollout in shuffled mini-batches, one
+        optimiser step each, accumulating gradients over micro-batches."""
+        cfg = self.config
+        n = r.batch.input_ids.shape[0]
+        micro = cfg.mini_batch_size // cfg.grad_accum_steps
+        shuffle = torch.Generator().manual_seed(self.data_rng.randrange(2**62))
+        # Losses add up over the micro-batches of a step; statistics average.
+        summed = {"policy_loss", "value_loss", "ptx_loss"}
+        totals: dict[str, float] = {}
+        steps = 0
+        self.policy.train()
+        self.value_model.train()
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(n, generator=shuffle).to(self.device)
+            for start in range(0, n, cfg.mini_batch_size):
+                mb = perm[start : start + cfg.mini_batch_size]
+                # Global normalisers of this optimiser step (over micro-batches and ranks).
+                num_tokens = float(all_reduce_sum(r.batch.response_mask[mb].sum()))
+                num_seqs = float(all_reduce_sum((r.batch.response_mask[mb].sum(1) > 0).sum().float()))
+                for k in range(cfg.grad_accum_steps):
+                    idx = mb[k * micro : (k + 1) * micro]
+                    last = k == cfg.grad_accum_steps - 1
+                    with self._maybe_no_sync(not last):
+                        stats = self._micro_step(r, idx, num_tokens, num_seqs, with_ptx=cfg.ptx_coef > 0 and k == 0)
+                    for key, v in stats.items():
+                        weight = 1.0 if key in summed else 1.0 / cfg.grad_accum_steps
+                        totals[key] = totals.get(key, 0.0) + float(v) * weight
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.policy_optim.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), cfg.value_optim.max_grad_norm)
+                totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm)
+                for opt, sched in ((self.policy_opt, self.policy_sched), (self.value_opt, self.value_sched)):
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                steps += 1
+        return {k: v / steps for k, v in totals.items()}
+
+    def _maybe_no_sync(self, skip_sync: bool):
+        """DDP's no_sync on both models for all but the last micro-batch."""
+        from contextlib import ExitStack
+
+        stack = ExitStack()
+        if skip_sync and self.world_size > 1:
+            stack.enter_context(self.policy.no_sync())
+            stack.enter_context(self.value_model.no_sync())
+        return stack
+
+    # --- driver --------------------------------------------------------------------
+
+    def step(self) -> dict:
+        start = time.perf_counter()
+        r = self.rollout()
+        with self.timer.phase("update", self.device):
+            update_stats = self.update(r)
+        elapsed = time.perf_counter() - start
+        stats = {k: float(v) for k, v in r.stats.items()}
+        metrics = {"iteration": self.iteration, **stats, **update_stats,
+                   "tokens_per_s": stats["tokens"] / elapsed, "time_s": elapsed,
+                   **{f"time_{k}_s": v for k, v in self.timer.pop().items()},
+                   "lr": self.policy_sched.get_last_lr()[0]}
+        self.iteration += 1
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, prompts: list[str], true_score: Callable[[list[str], list[str], list[bool]], Tensor],
+                 seed: int = 1234) -> dict:
+        """Mean true score of sampled responses on `prompts`, and the KL to the
+        reference policy (mean over sequences of the summed k1 estimate)."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            batch, texts, stopped = self.generate(prompts)
+        logp = self._logprobs(_unwrap(self.policy), batch)
+        ref = self._logprobs(self.ref_policy, batch)
+        kl = ((logp - ref) * batch.response_mask).sum(1).mean()
+        return {"true_score": float(true_score(prompts, texts, stopped).mean()), "kl_to_ref": float(kl)}
+
+    def state_dict(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "policy": _unwrap(self.policy).state_dict(),
+            "value_model": _unwrap(self.value_model).state_dict(),
+            "policy_opt": self.policy_opt.state_dict(), "value_opt": self.value_opt.state_dict(),
+            "policy_sched": self.policy_sched.state_dict(), "value_sched": self.value_sched.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl is not None else None,
+            "data_rng": self.data_rng.getstate(),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = state["iteration"]
+        _unwrap(self.policy).load_state_dict(state["policy"])
+        _unwrap(self.value_model).load_state_dict(state["value_model"])
+        self.policy_opt.load_state_dict(state["policy_opt"])
+        self.value_opt.load_state_dict(state["value_opt"])
+        self.policy_sched.load_state_dict(state["policy_sched"])
+        self.value_sched.load_state_dict(state["value_sched"])
+        if self.kl_ctl is not None and state["kl_ctl"] is not None:
+            self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.data_rng.setstate(state["data_rng"])
+        set_rng_state(state["rng"])

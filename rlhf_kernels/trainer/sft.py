@@ -1,0 +1,69 @@
+"""Supervised fine-tuning: next-token loss on the response tokens only."""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import torch
+
+from ..ops.logprobs import logprobs_from_logits
+from .config import SFTConfig
+from .data import encode_prompts, encode_responses, make_batch
+from .models import response_logits
+from .utils import MetricsLogger, make_optimizer, progress_bar
+
+
+class SFTTrainer:
+    """Trains a causal LM on (prompt, response) text pairs; the loss is the mean
+    negative log-likelihood of the response tokens (and the EOS that ends them),
+    computed by `logprobs_from_logits`."""
+
+    def __init__(self, model, tokenizer, config: SFTConfig, *, device: str = "cpu",
+                 backend: str | None = None, logger: MetricsLogger | None = None, verbose: bool = True,
+                 should_stop: Callable[[], bool] | None = None):
+        self.model = model.to(device)
+        self.tokenizer = tokenizer
+        self.config = config
+        self.device = torch.device(device)
+        self.backend = backend
+        self.logger = logger
+        self.verbose = verbose
+        self.should_stop = should_stop or (lambda: False)
+        self.optimizer, self.scheduler = make_optimizer(model.parameters(), config.optim, config.steps)
+
+    def loss(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts)
+        resp_ids, resp_mask = encode_responses(self.tokenizer, responses, [True] * len(responses))
+        batch = make_batch(prompt_ids, prompt_mask, resp_ids, resp_mask).to(self.device)
+        logits = response_logits(self.model, batch.input_ids, batch.attention_mask, batch.prompt_len)
+        logp = logprobs_from_logits(logits, batch.response_labels, backend=self.backend)
+        return -(logp * batch.response_mask).sum() / batch.response_mask.sum().clamp_min(1)
+
+    def train(self, sample: Callable[[random.Random], tuple[str, str]]) -> list[dict]:
+        """Runs config.steps steps on examples drawn by `sample(rng)`."""
+        cfg = self.config
+        rng = random.Random(cfg.seed)
+        self.model.train()
+        history = []
+        bar = progress_bar(cfg.steps, "sft", self.verbose)
+        for step in range(cfg.steps):
+            if self.should_stop():
+                break
+            examples = [sample(rng) for _ in range(cfg.batch_size)]
+            loss = self.loss([p for p, _ in examples], [r for _, r in examples])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            record = {"stage": "sft", "step": step, "loss": float(loss.detach())}
+            history.append(record)
+            if self.logger is not None:
+                self.logger.log(record)
+            bar.update()
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.close()
+        self.model.eval()
+        return history
