@@ -244,7 +244,9 @@ class PPOTrainer:
                                            backend=self.backend)
         (cfg.vf_coef * vf_loss * scale).backward()
         stats.update(policy_loss=pg_loss.detach(), value_loss=vf_loss.detach())
-        stats.update({k: v.detach() for k, v in pg_stats.items()})
+        # The loss's own "kl" (its KL term, unused here: the KL penalty is in the
+        # rewards) must not shadow the rollout's KL.
+        stats.update({("kl_loss" if k == "kl" else k): v.detach() for k, v in pg_stats.items()})
         stats.update({k: v.detach() for k, v in vf_stats.items()})
         return stats
 

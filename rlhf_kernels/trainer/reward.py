@@ -68,13 +68,13 @@ class RewardTrainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
-            record = {"stage": "reward", "step": step, "loss": float(loss), "pair_accuracy": float(accuracy)}
+            record = {"stage": "reward", "step": step, "loss": float(loss.detach()), "pair_accuracy": float(accuracy)}
             history.append(record)
             if self.logger is not None:
                 self.logger.log(record)
             bar.update()
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(accuracy):.2f}")
+                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['pair_accuracy']:.2f}")
         bar.close()
         self.model.eval()
         return history

@@ -63,7 +63,7 @@ class SFTTrainer:
                 self.logger.log(record)
             bar.update()
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
         bar.close()
         self.model.eval()
         return history
