@@ -77,6 +77,7 @@ setup(
     extras_require={
         "triton": ["triton"],
         "test": ["pytest", "hypothesis", "pytest-benchmark"],
+        "train": ["transformers>=4.46", "matplotlib", "tqdm"],
     },
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),

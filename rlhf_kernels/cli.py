@@ -14,7 +14,7 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("logprobs", "advantages", "losses")
+BENCHMARKS = ("logprobs", "advantages", "losses", "trainer")
 
 
 def _benchmarks_dir() -> Path:

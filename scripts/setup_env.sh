@@ -23,6 +23,10 @@ have hypothesis || pip_install hypothesis
 have pytest_benchmark || pip_install pytest-benchmark
 # Triton: the GPU kernels, and (TRITON_INTERPRET=1) their CPU test path.
 have triton || pip_install triton==3.9.0
+# The trainer: transformers (no torch requirement of its own), plots, progress bars.
+have transformers || pip_install transformers==5.23.0
+have matplotlib || pip_install matplotlib
+have tqdm || pip_install tqdm
 
 if [ "${RLHF_KERNELS_SKIP_INSTALL:-0}" != "1" ]; then
   echo "[setup] building rlhf_kernels (MAX_JOBS=${MAX_JOBS:-2})"
