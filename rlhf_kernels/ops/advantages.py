@@ -34,7 +34,8 @@ else:  # pragma: no cover - exercised only where Triton is absent
     triton = None
 
 # Estimator codes shared with csrc/include/rlhf_kernels/advantages.h.
-_ESTIMATORS = {"k1": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
+# KL estimator name -> kernel code (csrc/include/rlhf_kernels/kl.h KlEstimator).
+KL_ESTIMATOR_CODES = {"k1": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
 _ESTIMATOR_NAMES = {0: "k1", 1: "abs", 2: "k2", 3: "k3"}
 _WHITEN_EPS = 1e-8
 _N_STATS = 4  # per sequence: valid count, sum A, sum A^2, sum kl
@@ -410,10 +411,11 @@ def _check_unit_interval(name: str, value: float) -> float:
     return value
 
 
-def _check_estimator(estimator: str) -> int:
-    if estimator not in _ESTIMATORS:
-        raise ValueError(f"estimator: unknown KL estimator {estimator!r}; expected one of {tuple(_ESTIMATORS)}")
-    return _ESTIMATORS[estimator]
+def _check_estimator(estimator: str, name: str = "estimator") -> int:
+    """The kernel code of a KL estimator name; ValueError naming the argument."""
+    if estimator not in KL_ESTIMATOR_CODES:
+        raise ValueError(f"{name}: unknown KL estimator {estimator!r}; expected one of {tuple(KL_ESTIMATOR_CODES)}")
+    return KL_ESTIMATOR_CODES[estimator]
 
 
 def _check_cu_seqlens(cu_seqlens: Tensor, total: int) -> None:

@@ -27,6 +27,7 @@ from .. import reference
 from .._backend import resolve_backend, triton_installed
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_positive, check_same_device, check_tensor
 from . import logprobs as _lp
+from .advantages import _check_estimator
 
 if triton_installed():
     import triton
@@ -41,8 +42,6 @@ VF_SUM, VF_COUNT, VF_CLIP = range(3)
 N_VALUE_STATS = 3
 
 AGG_MODES = reference.AGG_MODES
-# Codes of the kernels' kl_estimator argument; -1: no KL term.
-KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
 POLICY_STAT_NAMES = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_max", "ratio_min")
 
 
@@ -814,9 +813,9 @@ def ppo_loss_from_logits(
     num_tokens, num_seqs = _check_agg(agg, num_tokens, num_seqs)
     kl_coef = _check_float("kl_coef", kl_coef)
     entropy_coef = _check_float("entropy_coef", entropy_coef)
-    if kl_estimator not in KL_CODES:
-        raise ValueError(f"kl_estimator: unknown estimator {kl_estimator!r}; expected one of {tuple(KL_CODES)}")
-    kl_code = KL_CODES[kl_estimator] if ref_logp is not None else -1
+    kl_code = _check_estimator(kl_estimator, "kl_estimator")
+    if ref_logp is None:
+        kl_code = -1  # no KL term
     chosen = resolve_backend(backend, logits.device, "ppo_loss_from_logits")
     acc = _lp._acc_dtype(logits.dtype)
     loss, stats, _, _, _, _ = torch.ops.rlhf_kernels.ppo_loss_from_logits_fwd(

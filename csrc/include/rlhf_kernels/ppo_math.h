@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "rlhf_kernels/common.h"
+#include "rlhf_kernels/kl.h"
 
 namespace rlhf_kernels {
 
@@ -31,9 +32,6 @@ enum PolicyStat : int {
 
 // Columns of the per-sequence statistics of the value loss, (B, 3).
 enum ValueStat : int { kVfLossSum = 0, kVfValidCount, kVfClipCount, kValueStats };
-
-// KL estimators, the codes of the kl_estimator argument (-1: no KL term).
-enum KlEstimator : int { kKlNone = -1, kKlK1 = 0, kKlAbs = 1, kKlK2 = 2, kKlK3 = 3 };
 
 template <typename acc_t>
 struct PolicyParams {
@@ -116,36 +114,9 @@ RLHF_HOST_DEVICE inline PolicyToken<acc_t> policy_token(acc_t logp, acc_t old_lo
   out.ratio = ratio;
   acc_t grad = dloss * ratio * d_log_ratio;
   acc_t kl = acc_t(0), dkl = acc_t(0);
-  switch (p.kl_estimator) {
-    case kKlK1:
-      kl = logp - ref_logp;
-      dkl = acc_t(1);
-      break;
-    case kKlAbs: {
-      const acc_t k1 = logp - ref_logp;
-      kl = k1 < acc_t(0) ? -k1 : k1;
-      dkl = k1 > acc_t(0) ? acc_t(1) : (k1 < acc_t(0) ? acc_t(-1) : acc_t(0));
-      break;
-    }
-    case kKlK2: {
-      const acc_t k1 = logp - ref_logp;
-      kl = acc_t(0.5) * (k1 * k1);
-      dkl = k1;
-      break;
-    }
-    case kKlK3: {
-      // Schulman's k3 (low_var_kl): exp(d) - d - 1, d = ref - logp.
-      const acc_t d_raw = ref_logp - logp;
-      const acc_t d = d_raw < acc_t(-20) ? acc_t(-20) : (d_raw > acc_t(20) ? acc_t(20) : d_raw);
-      const acc_t e = ppo_exp(d);
-      const acc_t k = e - d - acc_t(1);
-      kl = k < acc_t(-10) ? acc_t(-10) : (k > acc_t(10) ? acc_t(10) : k);
-      const bool pass = d_raw >= acc_t(-20) && d_raw <= acc_t(20) && k >= acc_t(-10) && k <= acc_t(10);
-      dkl = pass ? acc_t(1) - e : acc_t(0);
-      break;
-    }
-    default:
-      break;
+  if (p.kl_estimator != kKlNone) {
+    kl = kl_value(logp, ref_logp, p.kl_estimator);
+    dkl = kl_grad_logp(logp, ref_logp, p.kl_estimator);
   }
   out.kl = kl;
   if (p.kl_estimator != kKlNone) grad += p.kl_coef * dkl;
