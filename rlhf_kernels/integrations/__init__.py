@@ -94,37 +94,42 @@ class Patcher:
                     raise FrameworkNotInstalledError(
                         f"cannot import {target.module} from {self.distribution} {version}: {exc}; nothing was patched"
                     ) from exc
-                if not hasattr(module, target.name):
+                owner, _, attr = target.name.rpartition(".")
+                holder = module
+                for part in owner.split(".") if owner else ():
+                    holder = getattr(holder, part, None)
+                if holder is None or attr not in vars(holder):
                     raise UntestedVersionError(
                         f"{self.distribution} {version} has no {target.module}.{target.name}; nothing was patched"
                     )
-                originals.append((target, getattr(module, target.name)))
+                originals.append((target, vars(holder)[attr], holder, attr))
             for consumer in self.consumers:
                 with contextlib.suppress(Exception):
                     importlib.import_module(consumer)
             swaps = {}
-            for target, original in originals:
+            for target, original, holder, attr in originals:
                 replacement = target.make(original)
                 replacement.__wrapped_original__ = original
                 swaps[id(original)] = (original, replacement)
-            for module in self._framework_modules():
-                for name, value in list(vars(module).items()):
-                    hit = swaps.get(id(value))
-                    if hit is not None and hit[0] is value:
-                        self._saved.append((module, name, value))
-                        setattr(module, name, hit[1])
+                if isinstance(holder, type):  # a method: the class is its one lookup
+                    self._saved.append((holder, attr, original))
+                    setattr(holder, attr, replacement)
+            for namespace, name, value in self._lookups():
+                hit = swaps.get(id(value))
+                if hit is not None and hit[0] is value:
+                    self._saved.append((namespace, name, value))
+                    _set(namespace, name, hit[1])
             self._replacements = {id(r): (o, r) for o, r in swaps.values()}
 
     def unpatch(self) -> None:
         with self._lock:
-            for module, name, original in reversed(self._saved):
-                setattr(module, name, original)
+            for namespace, name, original in reversed(self._saved):
+                _set(namespace, name, original)
             # Modules imported after patch() bound the replacements: restore those too.
-            for module in self._framework_modules():
-                for name, value in list(vars(module).items()):
-                    hit = self._replacements.get(id(value))
-                    if hit is not None and hit[1] is value:
-                        setattr(module, name, hit[0])
+            for namespace, name, value in self._lookups():
+                hit = self._replacements.get(id(value))
+                if hit is not None and hit[1] is value:
+                    _set(namespace, name, hit[0])
             self._saved.clear()
             self._replacements = {}
 
@@ -138,10 +143,38 @@ class Patcher:
 
     def patched_names(self) -> list[str]:
         """``module.attribute`` of every lookup currently patched."""
-        return [f"{module.__name__}.{name}" for module, name, _ in self._saved]
+        return [f"{_describe(namespace)}.{name}" if isinstance(name, str) else f"{_describe(namespace)}[{name!r}]"
+                for namespace, name, _ in self._saved]
 
-    def _framework_modules(self):
+    def _lookups(self):
+        """(namespace, key, value) of every module attribute of the framework,
+        and of every entry of a dict held in one: registries such as verl's
+        ``POLICY_LOSS_REGISTRY`` hold the functions the trainers call by name."""
         prefix = self.framework + "."
-        for name, module in list(sys.modules.items()):
-            if module is not None and (name == self.framework or name.startswith(prefix)):
-                yield module
+        for modname, module in list(sys.modules.items()):
+            if module is None or not (modname == self.framework or modname.startswith(prefix)):
+                continue
+            for name, value in list(vars(module).items()):
+                yield module, name, value
+                if isinstance(value, dict):
+                    for key, entry in list(value.items()):
+                        yield value, key, entry
+
+
+def _set(namespace, name, value) -> None:
+    if isinstance(namespace, dict):
+        namespace[name] = value
+    else:
+        setattr(namespace, name, value)
+
+
+def _describe(namespace) -> str:
+    if isinstance(namespace, type):
+        return f"{namespace.__module__}.{namespace.__qualname__}"
+    if isinstance(namespace, dict):
+        for modname, module in list(sys.modules.items()):
+            for name, value in list(vars(module).items() if module is not None else ()):
+                if value is namespace:
+                    return f"{modname}.{name}"
+        return "<dict>"
+    return namespace.__name__
