@@ -307,3 +307,163 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+# -------------------------------------------------------------------- verl
+
+@pytest.fixture(scope="module")
+def verl_mods():
+    core = _require("verl.trainer.ppo.core_algos", "verl")
+    functional = _require("verl.utils.torch_functional", "verl")
+    from rlhf_kernels.integrations import verl as rk_verl
+
+    return core, functional, rk_verl
+
+
+def _verl_adapter(rk_verl, name):
+    for target in rk_verl._patcher.targets:
+        if target.name == name:
+            module = importlib.import_module(target.module)
+            return getattr(module, name), target.make(getattr(module, name))
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verl_logprobs_and_entropy(verl_mods, dtype):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(10)
+    logits = (3 * torch.randn(3, 6, 211, generator=gen)).to(dtype)
+    labels = torch.randint(0, 211, (3, 6), generator=gen)
+    compare = _compare if dtype == torch.float32 else _compare_bf16
+    original, ours = _verl_adapter(rk_verl, "logprobs_from_logits")
+    compare(lambda x: original(x, labels), lambda x: ours(x, labels), [logits])
+    original, ours = _verl_adapter(rk_verl, "entropy_from_logits")
+    compare(original, ours, [logits])
+
+
+@pytest.mark.parametrize("name", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "k3+", "low_var_kl+"])
+def test_verl_kl_penalty(verl_mods, name):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(11)
+    logp = -3 * torch.rand(4, 9, generator=gen)
+    ref = logp + torch.randn(4, 9, generator=gen)
+    ref[0, :3] = logp[0, :3] + torch.tensor([30.0, -30.0, 0.0])  # the clamps
+    original, ours = _verl_adapter(rk_verl, "kl_penalty")
+    _compare(lambda a, b: original(a, b, name), lambda a, b: ours(a, b, name), [logp, ref])
+    with pytest.raises(NotImplementedError):
+        ours(logp, ref, "full")
+
+
+def test_verl_gae(verl_mods):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(12)
+    rewards = torch.randn(5, 11, generator=gen)
+    values = torch.randn(5, 11, generator=gen)
+    mask = _mask_with_holes(5, 11, gen).long()
+    original, ours = _verl_adapter(rk_verl, "compute_gae_advantage_return")
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.8)]:
+        _assert_close(ours(rewards, values, mask, gamma, lam), original(rewards, values, mask, gamma, lam))
+    one = torch.zeros_like(mask)
+    one[2, 4] = 1
+    for m in (one, torch.zeros_like(mask)):  # verl's whitening refuses fewer than two tokens; so do we
+        with pytest.raises(ValueError):
+            original(rewards, values, m, 1.0, 0.95)
+        with pytest.raises(ValueError):
+            ours(rewards, values, m, 1.0, 0.95)
+
+
+@pytest.mark.parametrize("name", ["compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_verl_outcome_advantages(verl_mods, name, norm):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(13)
+    # groups of 4, 3, 1 (a singleton) and 2 with equal scores, ids as verl passes them (uuid strings), shuffled
+    ids = np.array(["a"] * 4 + ["b"] * 3 + ["c"] + ["d"] * 2, dtype=object)
+    order = torch.randperm(len(ids), generator=gen).numpy()
+    ids = ids[order]
+    rewards = torch.zeros(len(ids), 6)
+    rewards[:, -1] = torch.randn(len(ids), generator=gen)
+    rewards[ids == "d", -1] = 0.5
+    mask = _mask_with_holes(len(ids), 6, gen).long()
+    original, ours = _verl_adapter(rk_verl, name)
+    kw = {"norm_adv_by_std_in_grpo": norm} if "grpo" in name else {}
+    _assert_close(ours(rewards, mask, ids, **kw), original(rewards, mask, ids, **kw))
+
+
+class _ActorConfig(SimpleNamespace):
+    def get(self, key, default=None):
+        return getattr(self, key, default)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+                                 "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("batch_info", [{}, {"dp_size": 2, "batch_num_tokens": 50, "global_batch_size": 9,
+                                             "loss_scale_factor": 16}])
+def test_verl_policy_loss(verl_mods, agg, batch_info):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(14)
+    old = -2 * torch.rand(4, 10, generator=gen)
+    new = old + 0.4 * torch.randn(4, 10, generator=gen)
+    new[0, 0] = old[0, 0] + 25.0  # the log-ratio clamp
+    adv = torch.randn(4, 10, generator=gen)
+    mask = _mask_with_holes(4, 10, gen).long()
+    config = _ActorConfig(clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                          global_batch_info=batch_info)
+    original, ours = _verl_adapter(rk_verl, "compute_policy_loss_vanilla")
+    # gradients w.r.t. log_prob only: old_log_prob and advantages are data (verl detaches them; ours takes no gradient)
+    _compare(lambda n: original(old, n, adv, mask, agg, config), lambda n: ours(old, n, adv, mask, agg, config), [new])
+    # a fully masked micro-batch: verl divides by 0 (NaN), and so do we
+    empty = torch.zeros_like(mask)
+    if not batch_info and agg != "token-sum":
+        assert torch.isnan(ours(old, new, adv, empty, agg, config)[0])
+    _assert_close(ours(old, new, adv, empty, agg, config), original(old, new, adv, empty, agg, config))
+    weights = torch.rand(4, 10, generator=gen)  # rollout correction: verl's own code
+    _assert_close(ours(old, new, adv, mask, agg, config, weights), original(old, new, adv, mask, agg, config, weights))
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_verl_value_loss(verl_mods, agg):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(15)
+    values = torch.randn(4, 10, generator=gen)
+    vpreds = values + 0.5 * torch.randn(4, 10, generator=gen)
+    returns = torch.randn(4, 10, generator=gen)
+    mask = _mask_with_holes(4, 10, gen)
+    original, ours = _verl_adapter(rk_verl, "compute_value_loss")
+    for kw in ({}, {"dp_size": 2, "batch_num_tokens": 30, "global_batch_size": 8, "loss_scale_factor": 4}):
+        # gradients w.r.t. vpreds only: returns and old values are targets
+        _compare(lambda v: original(v, returns, values, mask, 0.2, agg, **kw),
+                 lambda v: ours(v, returns, values, mask, 0.2, agg, **kw), [vpreds])
+
+
+def test_verl_patch_swaps_registries_and_trainer_lookups(verl_mods):
+    core, functional, rk_verl = verl_mods
+    losses = _require("verl.workers.utils.losses", "verl")
+    names = ["compute_policy_loss_vanilla", "compute_value_loss", "kl_penalty", "compute_gae_advantage_return",
+             "compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage"]
+    originals = {n: getattr(core, n) for n in names}
+    logprobs = functional.logprobs_from_logits
+    with rk_verl.patched():
+        for n in names:
+            assert getattr(core, n).__wrapped_original__ is originals[n]
+        assert core.get_policy_loss_fn("vanilla") is core.compute_policy_loss_vanilla
+        assert core.get_adv_estimator_fn("grpo") is core.compute_grpo_outcome_advantage
+        assert core.get_adv_estimator_fn("rloo") is core.compute_rloo_outcome_advantage
+        assert core.get_adv_estimator_fn("gae") is core.compute_gae_advantage_return
+        assert losses.compute_value_loss is core.compute_value_loss and losses.kl_penalty is core.kl_penalty
+        assert functional.logprobs_from_logits is not logprobs
+    for n in names:
+        assert getattr(core, n) is originals[n]
+    assert core.get_policy_loss_fn("vanilla") is originals["compute_policy_loss_vanilla"]
+    assert core.get_adv_estimator_fn("grpo") is originals["compute_grpo_outcome_advantage"]
+    assert losses.compute_value_loss is originals["compute_value_loss"]
+    assert functional.logprobs_from_logits is logprobs
+
+
+def test_verl_unknown_version_refuses(verl_mods, monkeypatch):
+    core, _, rk_verl = verl_mods
+    before = core.kl_penalty
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.1.0")
+    with pytest.raises(UntestedVersionError, match=r"verl 0\.1\.0 is not a tested version"):
+        rk_verl.patch()
+    assert core.kl_penalty is before

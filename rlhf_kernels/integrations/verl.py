@@ -221,6 +221,8 @@ def _make_policy_loss(original):
         mask = response_mask.bool()
         num_tokens, num_seqs, scale, count = _agg_args(mask, loss_agg_mode, **config.global_batch_info)
         # verl semantics: the dual clip is always on (clip_ratio_c, default 3).
+        # Ours differentiates log_prob only; old_log_prob and advantages are data
+        # (verl's trainers pass them detached).
         loss, stats = rlhf_kernels.ppo_policy_loss(
             log_prob, old_log_prob, advantages, mask, clip_low=clip_low, clip_high=clip_high,
             dual_clip=clip_ratio_c, agg=loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs,
@@ -249,6 +251,7 @@ def _make_value_loss(original):
         num_tokens, num_seqs, scale, count = _agg_args(
             mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
         )
+        # Ours differentiates vpreds only; returns and the old values are targets.
         loss, stats = rlhf_kernels.ppo_value_loss(
             vpreds, values, returns, mask, clip=cliprange_value, agg=loss_agg_mode,
             num_tokens=num_tokens, num_seqs=num_seqs,
