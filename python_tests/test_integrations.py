@@ -467,3 +467,125 @@ def test_verl_unknown_version_refuses(verl_mods, monkeypatch):
     with pytest.raises(UntestedVersionError, match=r"verl 0\.1\.0 is not a tested version"):
         rk_verl.patch()
     assert core.kl_penalty is before
+
+
+# ---------------------------------------------------------------- OpenRLHF
+
+def _openrlhf_source(rel: str):
+    """OpenRLHF's installed source file, or skip naming what is missing."""
+    try:
+        dist = importlib.metadata.distribution("openrlhf")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("openrlhf is not installed")
+    path = dist.locate_file(f"openrlhf/{rel}")
+    if not path.exists():
+        pytest.skip(f"openrlhf has no {rel}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def openrlhf_utils():
+    """``openrlhf.models.utils`` as installed. The package itself imports
+    flash-attn (CUDA only) and DeepSpeed, so it is loaded from its file, with
+    ``deepspeed`` stubbed (only ``set_z3_leaf_modules`` uses it) and without
+    flash-attn (its ImportError path is OpenRLHF's CPU fallback)."""
+    path = _openrlhf_source("models/utils.py")
+    saved = sys.modules.get("deepspeed")
+    sys.modules.setdefault("deepspeed", types.ModuleType("deepspeed"))
+    try:
+        spec = importlib.util.spec_from_file_location("_openrlhf_models_utils", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            sys.modules.pop("deepspeed", None)
+    return module
+
+
+def _openrlhf_adapter(name):
+    from rlhf_kernels.integrations import openrlhf as rk_openrlhf
+
+    for target in rk_openrlhf._patcher.targets:
+        if target.name.rpartition(".")[2] == name:
+            return target.make(None)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_openrlhf_log_probs_from_logits(openrlhf_utils, dtype, temperature):
+    gen = torch.Generator().manual_seed(20)
+    logits = (3 * torch.randn(3, 7, 157, generator=gen)).to(dtype)
+    labels = torch.randint(0, 157, (3, 7), generator=gen)
+    ours = _openrlhf_adapter("log_probs_from_logits")
+    # the in-place division by the temperature happens on a non-leaf copy
+    original = lambda x: openrlhf_utils.log_probs_from_logits(x * 1, labels, temperature)  # noqa: E731
+    patched = lambda x: ours(x * 1, labels, temperature)  # noqa: E731
+    (_compare if dtype == torch.float32 else _compare_bf16)(original, patched, [logits])
+    mine, theirs = logits.clone(), logits.clone()
+    ours(mine, labels, temperature)
+    openrlhf_utils.log_probs_from_logits(theirs, labels, temperature)
+    assert torch.equal(mine, theirs)  # OpenRLHF divides the caller's logits in place; so do we
+
+
+def test_openrlhf_compute_entropy(openrlhf_utils):
+    logits = 3 * torch.randn(2, 5, 129, generator=torch.Generator().manual_seed(21))
+    original = getattr(openrlhf_utils.compute_entropy, "_torchdynamo_orig_callable", openrlhf_utils.compute_entropy)
+    _compare(original, _openrlhf_adapter("compute_entropy"), [logits])
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_openrlhf_compute_approx_kl(openrlhf_utils, estimator, unbiased, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openrlhf.models.utils", openrlhf_utils)  # KL_IS_WEIGHT_CLIP
+    gen = torch.Generator().manual_seed(22)
+    logp = -3 * torch.rand(4, 8, generator=gen)
+    base = logp + torch.randn(4, 8, generator=gen)
+    old = logp + 0.1 * torch.randn(4, 8, generator=gen)
+    base[0, :3] = logp[0, :3] - torch.tensor([30.0, -30.0, 12.0])  # the clamps
+    ours = _openrlhf_adapter("compute_approx_kl")
+    kw = dict(kl_estimator=estimator, unbiased_gradient=unbiased)
+    _compare(lambda a, b: openrlhf_utils.compute_approx_kl(a, b, old, **kw), lambda a, b: ours(a, b, old, **kw),
+             [logp, base])
+    with pytest.raises(ValueError, match="Unknown kl_estimator"):
+        ours(logp, base, kl_estimator="k4")
+
+
+def test_openrlhf_gae():
+    """``get_advantages_and_returns`` as installed (the method's own source;
+    its module imports Ray and the vLLM engine)."""
+    path = _openrlhf_source("trainer/ppo_utils/experience_maker.py")
+    tree = ast.parse(path.read_text())
+    method = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "get_advantages_and_returns")
+    namespace = {"torch": torch, "Tuple": tuple}
+    exec(compile(ast.Module(body=[method], type_ignores=[]), str(path), "exec"), namespace)
+    original = namespace["get_advantages_and_returns"]
+    ours = _openrlhf_adapter("get_advantages_and_returns")
+    gen = torch.Generator().manual_seed(23)
+    values, rewards = torch.randn(5, 12, generator=gen), torch.randn(5, 12, generator=gen)
+    mask = _mask_with_holes(5, 12, gen)
+    for m in (mask, mask.long(), None):
+        for gamma, lam in [(1.0, 0.95), (0.99, 0.9)]:
+            _assert_close(ours(None, values, rewards, m, gamma, lam), original(None, values, rewards, m, gamma, lam))
+
+
+def test_openrlhf_patch_refuses_cleanly_where_it_cannot_import():
+    """Where ``openrlhf.models`` does not import (no flash-attn / DeepSpeed, as
+    on CPU), patch() raises and patches nothing; where it does, it patches."""
+    from rlhf_kernels.integrations import openrlhf as rk_openrlhf
+
+    try:
+        importlib.import_module("openrlhf.models.utils")
+        importlib.import_module("openrlhf.trainer.ppo_utils.experience_maker")
+    except Exception:
+        with pytest.raises(FrameworkNotInstalledError):
+            rk_openrlhf.patch()
+        assert not rk_openrlhf.patched_names()
+        return
+    import openrlhf.models.utils as utils
+
+    before = utils.compute_approx_kl
+    with rk_openrlhf.patched():
+        assert utils.compute_approx_kl.__wrapped_original__ is before
+        assert sys.modules["openrlhf.models.actor"].log_probs_from_logits is utils.log_probs_from_logits
+    assert utils.compute_approx_kl is before
