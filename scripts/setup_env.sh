@@ -28,6 +28,29 @@ have transformers || pip_install transformers==5.23.0
 have matplotlib || pip_install matplotlib
 have tqdm || pip_install tqdm
 
+# The peer frameworks that python_tests/test_integrations.py patches, pinned to
+# the versions rlhf_kernels.integrations is tested with. Each goes in with
+# --no-deps plus only what its patched modules import, under a constraint that
+# keeps torch at 2.13.0 (their own requirements would pull flash-attn,
+# DeepSpeed, vLLM or a CUDA torch). About 30 s with a warm cache. Offline and
+# absent, the install is skipped and only that framework's tests skip.
+integration_constraints=$(mktemp)
+echo "torch==2.13.0" >"$integration_constraints"
+integration_install() {
+  pip_install -c "$integration_constraints" "$@" \
+    || echo "[setup] could not install $* (offline?): those integration tests will skip"
+}
+have trl || { integration_install accelerate==1.15.0 datasets==5.2.0 \
+  && integration_install --no-deps trl==1.16.0; }
+have verl || { integration_install ray==2.60.0 hydra-core==1.3.8 codetiming==1.4.0 cloudpickle==2.1.0 \
+    importlib_metadata==10.2.0 orjson==3.8.3 \
+  && integration_install --no-deps verl==0.9.1 tensordict==0.10.0 pyvers==0.1.0 peft==0.21.2 torchdata==0.11.0; }
+# OpenRLHF's package imports flash-attn (CUDA only) and DeepSpeed: only its
+# source is installed; the tests load the patched functions from it.
+"$PY" -c "import importlib.metadata as m; m.version('openrlhf')" >/dev/null 2>&1 \
+  || integration_install --no-deps openrlhf==0.11.2
+rm -f "$integration_constraints"
+
 if [ "${RLHF_KERNELS_SKIP_INSTALL:-0}" != "1" ]; then
   echo "[setup] building rlhf_kernels (MAX_JOBS=${MAX_JOBS:-2})"
   MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install --disable-pip-version-check -q \

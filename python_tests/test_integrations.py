@@ -1,0 +1,591 @@
+"""The TRL, verl and OpenRLHF integrations, against the installed frameworks.
+
+For each patched function: the framework's original and our adapter give the
+same outputs and gradients (random inputs, masks with holes, all-masked rows,
+bf16 where the framework takes it); patch() swaps every lookup the trainers
+use and unpatch() restores identity; an untested version is refused before
+anything is patched. A framework that is not installed skips only its tests.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.metadata
+import importlib.util
+import sys
+import types
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import rlhf_kernels
+from rlhf_kernels.integrations import FrameworkNotInstalledError, Patcher, UntestedVersionError, _Target
+
+
+def _require(module: str, framework: str):
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a broken optional dependency
+        pytest.skip(f"{framework} is not importable here ({module}: {type(exc).__name__}: {exc})")
+
+
+# ---------------------------------------------------------------- helpers
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
+
+
+def _run(fn, inputs, kwargs=None, grad_seed=0):
+    """fn's outputs and the gradients of a random projection of its floating outputs."""
+    leaves = _leaves(*inputs)
+    out = fn(*leaves, **(kwargs or {}))
+    outs = [o for o in (out if isinstance(out, tuple) else (out,)) if isinstance(o, torch.Tensor)]
+    gen = torch.Generator().manual_seed(grad_seed)
+    total = sum((o.float() * torch.randn(o.shape, generator=gen)).sum() for o in outs if o.requires_grad)
+    grads = [None] * len(leaves)
+    if isinstance(total, torch.Tensor):
+        wrt = [(i, x) for i, x in enumerate(leaves) if x.requires_grad]
+        got = torch.autograd.grad(total, [x for _, x in wrt], allow_unused=True)
+        for (i, _), g in zip(wrt, got):
+            grads[i] = g
+    return out, grads
+
+
+def _assert_close(ours, theirs, atol=1e-5, rtol=1e-5):
+    if isinstance(theirs, tuple):
+        assert isinstance(ours, tuple) and len(ours) == len(theirs)
+        for a, b in zip(ours, theirs):
+            _assert_close(a, b, atol, rtol)
+        return
+    if theirs is None or not isinstance(theirs, torch.Tensor):
+        if isinstance(theirs, float):
+            assert ours == pytest.approx(theirs, abs=atol, rel=rtol, nan_ok=True)
+        else:
+            assert ours is None if theirs is None else ours == theirs
+        return
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    torch.testing.assert_close(ours.float(), theirs.float(), atol=atol, rtol=rtol, equal_nan=True)
+
+
+def _compare(original, patched, inputs, kwargs=None, atol=1e-5, rtol=1e-5):
+    """Same outputs and input gradients (float32 / float64 inputs)."""
+    theirs, g_theirs = _run(original, inputs, kwargs)
+    ours, g_ours = _run(patched, inputs, kwargs)
+    _assert_close(ours, theirs, atol, rtol)
+    for a, b in zip(g_ours, g_theirs):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol)
+
+
+def _compare_bf16(original, patched, inputs, kwargs=None):
+    """bf16: our error against the float64 original is at most twice the
+    framework's own bf16 error (the style guide's rule), output and gradients."""
+    exact, g_exact = _run(original, [t.double() if t.is_floating_point() else t for t in inputs], kwargs)
+    theirs, g_theirs = _run(original, inputs, kwargs)
+    ours, g_ours = _run(patched, inputs, kwargs)
+    pick = (lambda o: o[0]) if isinstance(exact, tuple) else (lambda o: o)
+    assert pick(ours).dtype == pick(theirs).dtype
+    err = lambda a, b: (a.double() - b.double()).abs().max().item()  # noqa: E731
+    assert err(pick(ours), pick(exact)) <= 2 * err(pick(theirs), pick(exact)) + 1e-6
+    for a, b, e in zip(g_ours, g_theirs, g_exact):
+        if e is not None:
+            assert err(a, e) <= 2 * err(b, e) + 1e-6
+
+
+def _mask_with_holes(batch, seq, gen):
+    """Right padding of random length, a hole inside row 0, row 1 fully masked."""
+    lengths = torch.randint(2, seq + 1, (batch,), generator=gen)
+    mask = torch.arange(seq)[None, :] < lengths[:, None]
+    mask[0, : seq] = True
+    mask[0, 1:3] = False
+    mask[1] = False
+    return mask
+
+
+# ------------------------------------------------------------------ generic
+
+def test_not_installed_refuses_cleanly():
+    p = Patcher("no_such_framework_xyz", "no-such-framework-xyz", frozenset({"1.0"}), [])
+    with pytest.raises(FrameworkNotInstalledError, match="no-such-framework-xyz is not installed"):
+        p.patch()
+
+
+def test_missing_target_patches_nothing(monkeypatch):
+    pytest.importorskip("torch.nn.functional")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.0")
+    fake = types.ModuleType("fakefw")
+    fake.f = lambda: 1
+    monkeypatch.setitem(sys.modules, "fakefw", fake)
+    original = fake.f
+    p = Patcher("fakefw", "fakefw", frozenset({"1.0"}),
+                [_Target("fakefw", "f", lambda o: (lambda: 2)), _Target("fakefw", "g", lambda o: o)])
+    with pytest.raises(UntestedVersionError, match="has no fakefw.g"):
+        p.patch()
+    assert fake.f is original and not p.is_patched
+
+
+# --------------------------------------------------------------------- TRL
+
+@pytest.fixture(scope="module")
+def trl_mods():
+    utils = _require("trl.trainer.utils", "trl")
+    from rlhf_kernels.integrations import trl as rk_trl
+
+    return utils, rk_trl
+
+
+def _trl_adapter(rk_trl, name):
+    utils = sys.modules["trl.trainer.utils"]
+    for target in rk_trl._patcher.targets:
+        if target.name == name:
+            return target.make(getattr(utils, name) if hasattr(utils, name) else None)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_trl_selective_log_softmax(trl_mods, dtype, temperature, use_mask):
+    utils, rk_trl = trl_mods
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(4, 7, 37, generator=gen)).to(dtype)  # odd vocabulary
+    index = torch.randint(0, 37, (4, 7), generator=gen)
+    mask = _mask_with_holes(4, 7, gen) if use_mask else None
+    ours = _trl_adapter(rk_trl, "selective_log_softmax")
+    _compare(lambda x: utils.selective_log_softmax(x, index, temperature, mask),
+             lambda x: ours(x, index, temperature, mask), [logits])
+
+
+def test_trl_selective_log_softmax_bf16_and_topk(trl_mods):
+    utils, rk_trl = trl_mods
+    gen = torch.Generator().manual_seed(1)
+    logits = (4 * torch.randn(3, 5, 1000, generator=gen)).bfloat16()
+    index = torch.randint(0, 1000, (3, 5), generator=gen)
+    ours = _trl_adapter(rk_trl, "selective_log_softmax")
+    _compare_bf16(lambda x: utils.selective_log_softmax(x, index), lambda x: ours(x, index), [logits])
+    topk = torch.randint(0, 1000, (3, 5, 4), generator=gen)  # (..., K): TRL's own code
+    _compare(lambda x: utils.selective_log_softmax(x, topk), lambda x: ours(x, topk), [logits.float()])
+    with pytest.raises(ValueError, match="temperature"):
+        ours(logits, index, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trl_entropy_from_logits(trl_mods, dtype):
+    utils, rk_trl = trl_mods
+    logits = (3 * torch.randn(2, 9, 301, generator=torch.Generator().manual_seed(2))).to(dtype)
+    ours = _trl_adapter(rk_trl, "entropy_from_logits")
+    if dtype == torch.float32:
+        _compare(utils.entropy_from_logits, ours, [logits])
+    else:
+        _compare_bf16(utils.entropy_from_logits, ours, [logits])
+
+
+@pytest.mark.parametrize("entropy_requires_grad", [True, False])
+def test_trl_selective_log_softmax_and_entropy(trl_mods, entropy_requires_grad):
+    utils, rk_trl = trl_mods
+    gen = torch.Generator().manual_seed(3)
+    logits = 2 * torch.randn(4, 6, 53, generator=gen)
+    index = torch.randint(0, 53, (4, 6), generator=gen)
+    mask = _mask_with_holes(4, 6, gen)
+    ours = _trl_adapter(rk_trl, "selective_log_softmax_and_entropy")
+    kw = dict(entropy_requires_grad=entropy_requires_grad, temperature=0.9, row_mask=mask)
+    _compare(lambda x: utils.selective_log_softmax_and_entropy(x, index, **kw), lambda x: ours(x, index, **kw),
+             [logits])
+    _, entropy = ours(logits.requires_grad_(), index, **kw)
+    assert entropy.requires_grad == entropy_requires_grad
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("extra", [{}, {"final_logit_softcapping": 5.0, "logit_scale": 0.5}])
+@pytest.mark.parametrize("outputs", [("log_probs",), ("log_probs", "entropy")])
+def test_trl_fused_lm_head(trl_mods, monkeypatch, bias, extra, outputs):
+    chunked = _require("trl.kernels.chunked_logprob", "trl")
+    _, rk_trl = trl_mods
+    monkeypatch.setattr(rk_trl, "_LM_HEAD_CHUNK_BYTES", 4 * 97 * 5)  # 5 rows a chunk: several chunks
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(23, 16, generator=gen)
+    weight = torch.randn(97, 16, generator=gen) / 4
+    b = torch.randn(97, generator=gen) if bias else None
+    targets = torch.randint(0, 97, (23,), generator=gen)
+    ours = rk_trl._make_chunked_logprob(chunked.ChunkedLogProbFunction)
+    args = lambda h, w, *bb: (h, w, bb[0] if bb else None, targets, 0.8, 32,  # noqa: E731
+                              extra.get("final_logit_softcapping"), extra.get("logit_scale", 1.0), outputs)
+    inputs = [hidden, weight] + ([b] if bias else [])
+    _compare(lambda *x: chunked.ChunkedLogProbFunction.apply(*args(*x)), lambda *x: ours.apply(*args(*x)),
+             inputs, atol=2e-5, rtol=2e-5)
+    # statistics our op does not compute: TRL's own function
+    both = ("log_probs", "entropy", "is_top1")
+    theirs = chunked.ChunkedLogProbFunction.apply(hidden, weight, b, targets, 1.0, 32, None, 1.0, both)
+    mine = ours.apply(hidden, weight, b, targets, 1.0, 32, None, 1.0, both)
+    assert torch.equal(theirs[4], mine[4])
+
+
+def test_trl_patch_swaps_trainer_lookups_and_unpatch_restores(trl_mods):
+    utils, rk_trl = trl_mods
+    grpo = _require("trl.trainer.grpo_trainer", "trl")
+    cpo = _require("trl.experimental.cpo.cpo_trainer", "trl")
+    tpo = _require("trl.experimental.tpo.tpo_trainer", "trl")
+    import trl.kernels as trl_kernels
+
+    originals = (utils.selective_log_softmax, utils.entropy_from_logits,
+                 utils.selective_log_softmax_and_entropy, utils._ChunkedLogProbFunction)
+    with rk_trl.patched():
+        assert utils.selective_log_softmax is not originals[0]
+        assert utils.selective_log_softmax.__wrapped_original__ is originals[0]
+        assert cpo.selective_log_softmax is utils.selective_log_softmax
+        assert tpo.selective_log_softmax_and_entropy is utils.selective_log_softmax_and_entropy
+        assert utils.entropy_from_logits is not originals[1]
+        # the GRPO / RLOO trainers' fused LM head looks this up at call time
+        assert utils._ChunkedLogProbFunction is trl_kernels.ChunkedLogProbFunction is not originals[3]
+        assert "trl.trainer.utils._ChunkedLogProbFunction" in rk_trl.patched_names()
+        assert grpo.add_fused_lm_head is utils.add_fused_lm_head
+    assert (utils.selective_log_softmax, utils.entropy_from_logits,
+            utils.selective_log_softmax_and_entropy, utils._ChunkedLogProbFunction) == originals
+    assert cpo.selective_log_softmax is originals[0] and trl_kernels.ChunkedLogProbFunction is originals[3]
+
+
+def test_trl_unknown_version_refuses(trl_mods, monkeypatch):
+    utils, rk_trl = trl_mods
+    before = utils.selective_log_softmax
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.1")
+    with pytest.raises(UntestedVersionError, match=r"trl 0\.0\.1 is not a tested version"):
+        rk_trl.patch()
+    assert utils.selective_log_softmax is before and not rk_trl.patched_names()
+
+
+def test_trl_grpo_end_to_end(trl_mods, tmp_path, monkeypatch):
+    """Three GRPO steps of a tiny random Llama on CPU, patched and unpatched:
+    same losses, KL, entropies and gradient norms, and our op really ran."""
+    _require("trl.trainer.grpo_trainer", "trl")
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlhf_kernels.trainer.models import tiny_llama
+    from rlhf_kernels.trainer.task import DigitTask, build_tokenizer
+
+    _, rk_trl = trl_mods
+    calls = []
+    real = rlhf_kernels.logprobs_from_logits
+    monkeypatch.setattr(rlhf_kernels, "logprobs_from_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(patch: bool):
+        tok = build_tokenizer()
+        model = tiny_llama(len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id, hidden_size=32, num_layers=1, num_heads=2)
+        path = tmp_path / "model"
+        model.save_pretrained(path)  # a local path, so the reference model loads without the hub
+        prompts = [DigitTask.prompt_text(d) for d in ([1, 2, 3], [4, 5, 6])] * 4
+        args = GRPOConfig(
+            output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
+            max_completion_length=6, max_steps=3, learning_rate=1e-2, logging_steps=1, report_to=[],
+            seed=0, use_cpu=True, save_strategy="no", beta=0.04, disable_tqdm=True,
+        )
+        trainer = GRPOTrainer(model=str(path), reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+                              args=args, train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok)
+        with rk_trl.patched() if patch else _nullcontext():
+            trainer.train()
+        return [h for h in trainer.state.log_history if "loss" in h]
+
+    plain = run(False)
+    assert not calls
+    patched = run(True)
+    assert calls, "the patched trainer never called logprobs_from_logits"
+    assert len(plain) == len(patched) == 3
+    for a, b in zip(plain, patched):
+        for key in ("loss", "kl", "entropy", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -------------------------------------------------------------------- verl
+
+@pytest.fixture(scope="module")
+def verl_mods():
+    core = _require("verl.trainer.ppo.core_algos", "verl")
+    functional = _require("verl.utils.torch_functional", "verl")
+    from rlhf_kernels.integrations import verl as rk_verl
+
+    return core, functional, rk_verl
+
+
+def _verl_adapter(rk_verl, name):
+    for target in rk_verl._patcher.targets:
+        if target.name == name:
+            module = importlib.import_module(target.module)
+            return getattr(module, name), target.make(getattr(module, name))
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verl_logprobs_and_entropy(verl_mods, dtype):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(10)
+    logits = (3 * torch.randn(3, 6, 211, generator=gen)).to(dtype)
+    labels = torch.randint(0, 211, (3, 6), generator=gen)
+    compare = _compare if dtype == torch.float32 else _compare_bf16
+    original, ours = _verl_adapter(rk_verl, "logprobs_from_logits")
+    compare(lambda x: original(x, labels), lambda x: ours(x, labels), [logits])
+    original, ours = _verl_adapter(rk_verl, "entropy_from_logits")
+    compare(original, ours, [logits])
+
+
+@pytest.mark.parametrize("name", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "k3+", "low_var_kl+"])
+def test_verl_kl_penalty(verl_mods, name):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(11)
+    logp = -3 * torch.rand(4, 9, generator=gen)
+    ref = logp + torch.randn(4, 9, generator=gen)
+    ref[0, :3] = logp[0, :3] + torch.tensor([30.0, -30.0, 0.0])  # the clamps
+    original, ours = _verl_adapter(rk_verl, "kl_penalty")
+    _compare(lambda a, b: original(a, b, name), lambda a, b: ours(a, b, name), [logp, ref])
+    with pytest.raises(NotImplementedError):
+        ours(logp, ref, "full")
+
+
+def test_verl_gae(verl_mods):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(12)
+    rewards = torch.randn(5, 11, generator=gen)
+    values = torch.randn(5, 11, generator=gen)
+    mask = _mask_with_holes(5, 11, gen).long()
+    original, ours = _verl_adapter(rk_verl, "compute_gae_advantage_return")
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.8)]:
+        _assert_close(ours(rewards, values, mask, gamma, lam), original(rewards, values, mask, gamma, lam))
+    one = torch.zeros_like(mask)
+    one[2, 4] = 1
+    for m in (one, torch.zeros_like(mask)):  # verl's whitening refuses fewer than two tokens; so do we
+        with pytest.raises(ValueError):
+            original(rewards, values, m, 1.0, 0.95)
+        with pytest.raises(ValueError):
+            ours(rewards, values, m, 1.0, 0.95)
+
+
+@pytest.mark.parametrize("name", ["compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_verl_outcome_advantages(verl_mods, name, norm):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(13)
+    # groups of 4, 3, 1 (a singleton) and 2 with equal scores, ids as verl passes them (uuid strings), shuffled
+    ids = np.array(["a"] * 4 + ["b"] * 3 + ["c"] + ["d"] * 2, dtype=object)
+    order = torch.randperm(len(ids), generator=gen).numpy()
+    ids = ids[order]
+    rewards = torch.zeros(len(ids), 6)
+    rewards[:, -1] = torch.randn(len(ids), generator=gen)
+    rewards[ids == "d", -1] = 0.5
+    mask = _mask_with_holes(len(ids), 6, gen).long()
+    original, ours = _verl_adapter(rk_verl, name)
+    kw = {"norm_adv_by_std_in_grpo": norm} if "grpo" in name else {}
+    _assert_close(ours(rewards, mask, ids, **kw), original(rewards, mask, ids, **kw))
+
+
+class _ActorConfig(SimpleNamespace):
+    def get(self, key, default=None):
+        return getattr(self, key, default)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+                                 "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("batch_info", [{}, {"dp_size": 2, "batch_num_tokens": 50, "global_batch_size": 9,
+                                             "loss_scale_factor": 16}])
+def test_verl_policy_loss(verl_mods, agg, batch_info):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(14)
+    old = -2 * torch.rand(4, 10, generator=gen)
+    new = old + 0.4 * torch.randn(4, 10, generator=gen)
+    new[0, 0] = old[0, 0] + 25.0  # the log-ratio clamp
+    adv = torch.randn(4, 10, generator=gen)
+    mask = _mask_with_holes(4, 10, gen).long()
+    config = _ActorConfig(clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                          global_batch_info=batch_info)
+    original, ours = _verl_adapter(rk_verl, "compute_policy_loss_vanilla")
+    # gradients w.r.t. log_prob only: old_log_prob and advantages are data (verl detaches them; ours takes no gradient)
+    _compare(lambda n: original(old, n, adv, mask, agg, config), lambda n: ours(old, n, adv, mask, agg, config), [new])
+    # a fully masked micro-batch: verl divides by 0 (NaN), and so do we
+    empty = torch.zeros_like(mask)
+    if not batch_info and agg != "token-sum":
+        assert torch.isnan(ours(old, new, adv, empty, agg, config)[0])
+    _assert_close(ours(old, new, adv, empty, agg, config), original(old, new, adv, empty, agg, config))
+    weights = torch.rand(4, 10, generator=gen)  # rollout correction: verl's own code
+    _assert_close(ours(old, new, adv, mask, agg, config, weights), original(old, new, adv, mask, agg, config, weights))
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_verl_value_loss(verl_mods, agg):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(15)
+    values = torch.randn(4, 10, generator=gen)
+    vpreds = values + 0.5 * torch.randn(4, 10, generator=gen)
+    returns = torch.randn(4, 10, generator=gen)
+    mask = _mask_with_holes(4, 10, gen)
+    original, ours = _verl_adapter(rk_verl, "compute_value_loss")
+    for kw in ({}, {"dp_size": 2, "batch_num_tokens": 30, "global_batch_size": 8, "loss_scale_factor": 4}):
+        # gradients w.r.t. vpreds only: returns and old values are targets
+        _compare(lambda v: original(v, returns, values, mask, 0.2, agg, **kw),
+                 lambda v: ours(v, returns, values, mask, 0.2, agg, **kw), [vpreds])
+
+
+def test_verl_patch_swaps_registries_and_trainer_lookups(verl_mods):
+    core, functional, rk_verl = verl_mods
+    losses = _require("verl.workers.utils.losses", "verl")
+    names = ["compute_policy_loss_vanilla", "compute_value_loss", "kl_penalty", "compute_gae_advantage_return",
+             "compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage"]
+    originals = {n: getattr(core, n) for n in names}
+    logprobs = functional.logprobs_from_logits
+    with rk_verl.patched():
+        for n in names:
+            assert getattr(core, n).__wrapped_original__ is originals[n]
+        assert core.get_policy_loss_fn("vanilla") is core.compute_policy_loss_vanilla
+        assert core.get_adv_estimator_fn("grpo") is core.compute_grpo_outcome_advantage
+        assert core.get_adv_estimator_fn("rloo") is core.compute_rloo_outcome_advantage
+        assert core.get_adv_estimator_fn("gae") is core.compute_gae_advantage_return
+        assert losses.compute_value_loss is core.compute_value_loss and losses.kl_penalty is core.kl_penalty
+        assert functional.logprobs_from_logits is not logprobs
+    for n in names:
+        assert getattr(core, n) is originals[n]
+    assert core.get_policy_loss_fn("vanilla") is originals["compute_policy_loss_vanilla"]
+    assert core.get_adv_estimator_fn("grpo") is originals["compute_grpo_outcome_advantage"]
+    assert losses.compute_value_loss is originals["compute_value_loss"]
+    assert functional.logprobs_from_logits is logprobs
+
+
+def test_verl_unknown_version_refuses(verl_mods, monkeypatch):
+    core, _, rk_verl = verl_mods
+    before = core.kl_penalty
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.1.0")
+    with pytest.raises(UntestedVersionError, match=r"verl 0\.1\.0 is not a tested version"):
+        rk_verl.patch()
+    assert core.kl_penalty is before
+
+
+# ---------------------------------------------------------------- OpenRLHF
+
+def _openrlhf_source(rel: str):
+    """OpenRLHF's installed source file, or skip naming what is missing."""
+    try:
+        dist = importlib.metadata.distribution("openrlhf")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("openrlhf is not installed")
+    path = dist.locate_file(f"openrlhf/{rel}")
+    if not path.exists():
+        pytest.skip(f"openrlhf has no {rel}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def openrlhf_utils():
+    """``openrlhf.models.utils`` as installed. The package itself imports
+    flash-attn (CUDA only) and DeepSpeed, so it is loaded from its file, with
+    ``deepspeed`` stubbed (only ``set_z3_leaf_modules`` uses it) and without
+    flash-attn (its ImportError path is OpenRLHF's CPU fallback)."""
+    path = _openrlhf_source("models/utils.py")
+    saved = sys.modules.get("deepspeed")
+    sys.modules.setdefault("deepspeed", types.ModuleType("deepspeed"))
+    try:
+        spec = importlib.util.spec_from_file_location("_openrlhf_models_utils", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            sys.modules.pop("deepspeed", None)
+    return module
+
+
+def _openrlhf_adapter(name):
+    from rlhf_kernels.integrations import openrlhf as rk_openrlhf
+
+    for target in rk_openrlhf._patcher.targets:
+        if target.name.rpartition(".")[2] == name:
+            return target.make(None)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_openrlhf_log_probs_from_logits(openrlhf_utils, dtype, temperature):
+    gen = torch.Generator().manual_seed(20)
+    logits = (3 * torch.randn(3, 7, 157, generator=gen)).to(dtype)
+    labels = torch.randint(0, 157, (3, 7), generator=gen)
+    ours = _openrlhf_adapter("log_probs_from_logits")
+    # the in-place division by the temperature happens on a non-leaf copy
+    original = lambda x: openrlhf_utils.log_probs_from_logits(x * 1, labels, temperature)  # noqa: E731
+    patched = lambda x: ours(x * 1, labels, temperature)  # noqa: E731
+    (_compare if dtype == torch.float32 else _compare_bf16)(original, patched, [logits])
+    mine, theirs = logits.clone(), logits.clone()
+    ours(mine, labels, temperature)
+    openrlhf_utils.log_probs_from_logits(theirs, labels, temperature)
+    assert torch.equal(mine, theirs)  # OpenRLHF divides the caller's logits in place; so do we
+
+
+def test_openrlhf_compute_entropy(openrlhf_utils):
+    logits = 3 * torch.randn(2, 5, 129, generator=torch.Generator().manual_seed(21))
+    original = getattr(openrlhf_utils.compute_entropy, "_torchdynamo_orig_callable", openrlhf_utils.compute_entropy)
+    _compare(original, _openrlhf_adapter("compute_entropy"), [logits])
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_openrlhf_compute_approx_kl(openrlhf_utils, estimator, unbiased, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openrlhf.models.utils", openrlhf_utils)  # KL_IS_WEIGHT_CLIP
+    gen = torch.Generator().manual_seed(22)
+    logp = -3 * torch.rand(4, 8, generator=gen)
+    base = logp + torch.randn(4, 8, generator=gen)
+    old = logp + 0.1 * torch.randn(4, 8, generator=gen)
+    base[0, :3] = logp[0, :3] - torch.tensor([30.0, -30.0, 12.0])  # the clamps
+    ours = _openrlhf_adapter("compute_approx_kl")
+    kw = dict(kl_estimator=estimator, unbiased_gradient=unbiased)
+    _compare(lambda a, b: openrlhf_utils.compute_approx_kl(a, b, old, **kw), lambda a, b: ours(a, b, old, **kw),
+             [logp, base])
+    with pytest.raises(ValueError, match="Unknown kl_estimator"):
+        ours(logp, base, kl_estimator="k4")
+
+
+def test_openrlhf_gae():
+    """``get_advantages_and_returns`` as installed (the method's own source;
+    its module imports Ray and the vLLM engine)."""
+    path = _openrlhf_source("trainer/ppo_utils/experience_maker.py")
+    tree = ast.parse(path.read_text())
+    method = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "get_advantages_and_returns")
+    namespace = {"torch": torch, "Tuple": tuple}
+    exec(compile(ast.Module(body=[method], type_ignores=[]), str(path), "exec"), namespace)
+    original = namespace["get_advantages_and_returns"]
+    ours = _openrlhf_adapter("get_advantages_and_returns")
+    gen = torch.Generator().manual_seed(23)
+    values, rewards = torch.randn(5, 12, generator=gen), torch.randn(5, 12, generator=gen)
+    mask = _mask_with_holes(5, 12, gen)
+    for m in (mask, mask.long(), None):
+        for gamma, lam in [(1.0, 0.95), (0.99, 0.9)]:
+            _assert_close(ours(None, values, rewards, m, gamma, lam), original(None, values, rewards, m, gamma, lam))
+
+
+def test_openrlhf_patch_refuses_cleanly_where_it_cannot_import():
+    """Where ``openrlhf.models`` does not import (no flash-attn / DeepSpeed, as
+    on CPU), patch() raises and patches nothing; where it does, it patches."""
+    from rlhf_kernels.integrations import openrlhf as rk_openrlhf
+
+    try:
+        importlib.import_module("openrlhf.models.utils")
+        importlib.import_module("openrlhf.trainer.ppo_utils.experience_maker")
+    except Exception:
+        with pytest.raises(FrameworkNotInstalledError):
+            rk_openrlhf.patch()
+        assert not rk_openrlhf.patched_names()
+        return
+    import openrlhf.models.utils as utils
+
+    before = utils.compute_approx_kl
+    with rk_openrlhf.patched():
+        assert utils.compute_approx_kl.__wrapped_original__ is before
+        assert sys.modules["openrlhf.models.actor"].log_probs_from_logits is utils.log_probs_from_logits
+    assert utils.compute_approx_kl is before

@@ -1,0 +1,294 @@
+"""verl on rlhf_kernels: ``rlhf_kernels.integrations.verl.patch()``.
+
+Replaces, in ``verl.utils.torch_functional`` / ``verl.trainer.ppo.core_algos``,
+in the advantage-estimator and policy-loss registries the trainers look them
+up in, and wherever verl's modules imported them:
+
+- ``logprobs_from_logits``, ``entropy_from_logits`` -> ``logprobs_from_logits``;
+- ``kl_penalty`` -> ``kl_penalty``;
+- ``compute_gae_advantage_return`` -> ``compute_gae``;
+- ``compute_grpo_outcome_advantage``, ``compute_rloo_outcome_advantage``
+  (registry names "grpo", "rloo") -> ``group_advantages``;
+- ``compute_policy_loss_vanilla`` (registry name "vanilla") -> ``ppo_policy_loss``;
+- ``compute_value_loss`` -> ``ppo_value_loss``.
+
+``agg_loss`` is not replaced: it is a handful of masked sums with no kernel of
+ours behind it; the two losses above fuse their aggregation instead.
+
+The adapters keep verl's semantics; each "verl semantics" comment marks a
+place where they differ from ours.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import rlhf_kernels
+
+from . import Patcher, _Target
+
+TESTED_VERSIONS = frozenset({"0.9.1"})
+
+_FUNCTIONAL = "verl.utils.torch_functional"
+_CORE = "verl.trainer.ppo.core_algos"
+
+
+def _float_dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _make_logprobs_from_logits(original):
+    def logprobs_from_logits(logits, labels, inplace_backward=True):
+        import verl.utils.torch_functional as verl_F
+
+        # verl semantics: the flash-attn cross-entropy path (float32 output, logits
+        # consumed by an in-place backward) where verl would take it; else
+        # log_softmax + gather in the logits' dtype.
+        flash = verl_F.FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE and __import__("os").environ.get(
+            "VERL_DISABLE_FLASH_ATTN_CE", "0"
+        ) != "1"
+        logp = rlhf_kernels.logprobs_from_logits(
+            logits, labels, ignore_index=torch.iinfo(torch.int64).min,
+            inplace_backward=bool(flash and inplace_backward),
+        )
+        return logp if flash else logp.to(logits.dtype)
+
+    return logprobs_from_logits
+
+
+def _make_entropy_from_logits(original):
+    def entropy_from_logits(logits: Tensor) -> Tensor:
+        labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+        _, entropy = rlhf_kernels.logprobs_from_logits(logits, labels, return_entropy=True)
+        return entropy.to(logits.dtype)  # verl semantics: the logits' dtype
+
+    return entropy_from_logits
+
+
+_KL_NAMES = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+
+
+def _make_kl_penalty(original):
+    def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty) -> Tensor:
+        base = kl_penalty[:-1] if kl_penalty.endswith("+") else kl_penalty
+        if base not in _KL_NAMES:
+            return original(logprob, ref_logprob, kl_penalty)  # "full" and unknown names raise there
+        out_dtype = _float_dtype(logprob, ref_logprob)
+        forward = rlhf_kernels.kl_penalty(logprob, ref_logprob, estimator=_KL_NAMES[base]).to(out_dtype)
+        if not kl_penalty.endswith("+") or base in ("mse", "k2"):
+            return forward
+        # verl semantics: "k1+" / "k3+" take the value of k1 / k3 and the gradient of k2
+        # (straight-through), for an unbiased KL gradient.
+        backward = 0.5 * (logprob - ref_logprob).square()
+        return backward - backward.detach() + forward.detach()
+
+    return kl_penalty
+
+
+def _next_valid_fill(full: Tensor, mask: Tensor) -> Tensor:
+    """Each masked position takes the value at the next valid position of its
+    row (0 past the last one); valid positions keep theirs."""
+    seq_len = full.shape[-1]
+    positions = torch.arange(seq_len, device=full.device).expand_as(full)
+    next_valid = torch.where(mask, positions, seq_len).flip(-1).cummin(-1).values.flip(-1)
+    padded = torch.cat([full, full.new_zeros(full.shape[:-1] + (1,))], dim=-1)
+    return padded.gather(-1, next_valid)
+
+
+def _make_compute_gae(original):
+    def compute_gae_advantage_return(token_level_rewards, values, response_mask, gamma, lam):
+        import verl.utils.torch_functional as verl_F
+
+        with torch.no_grad():
+            mask = response_mask.bool()
+            advantages, _ = rlhf_kernels.compute_gae(
+                token_level_rewards, values, mask, gamma=float(gamma), lam=float(lam), whiten=False
+            )
+            # verl semantics: a masked position (after EOS, or an observation token
+            # inside a multi-turn response) holds the advantage carried from the next
+            # valid position, not 0, and its return is that plus its own value.
+            advantages = _next_valid_fill(advantages, mask).to(_float_dtype(token_level_rewards, values))
+            returns = advantages + values
+            # verl semantics: whitened over the valid tokens (unbiased variance; it
+            # raises for fewer than two), applied to every position.
+            advantages = verl_F.masked_whiten(advantages, response_mask)
+        return advantages, returns
+
+    return compute_gae_advantage_return
+
+
+def _group_inverse(index, device) -> Tensor:
+    return torch.from_numpy(np.unique(np.asarray(index), return_inverse=True)[1].reshape(-1)).to(device)
+
+
+def _make_grpo(original):
+    def compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
+                                       norm_adv_by_std_in_grpo=True, config=None):
+        with torch.no_grad():
+            scores = token_level_rewards.sum(dim=-1)
+            groups = _group_inverse(index, scores.device)
+            mode = "grpo" if norm_adv_by_std_in_grpo else "dr_grpo"
+            adv = rlhf_kernels.group_advantages(scores, group_ids=groups, mode=mode, eps=epsilon).to(scores.dtype)
+            # verl semantics: a group of one has mean 0 and std 1, so it keeps its
+            # score (divided by 1 + eps); ours gives it 0.
+            alone = torch.bincount(groups)[groups] == 1
+            kept = scores / (1.0 + epsilon) if norm_adv_by_std_in_grpo else scores
+            adv = torch.where(alone, kept, adv)
+            adv = adv.unsqueeze(-1) * response_mask
+        return adv, adv
+
+    return compute_grpo_outcome_advantage
+
+
+def _make_rloo(original):
+    def compute_rloo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
+                                       config=None, **kwargs):
+        with torch.no_grad():
+            scores = token_level_rewards.sum(dim=-1)
+            groups = _group_inverse(index, scores.device)
+            adv = rlhf_kernels.group_advantages(scores, group_ids=groups, mode="rloo").to(scores.dtype)
+            # verl semantics: a group of one keeps its raw score; ours gives it 0.
+            adv = torch.where(torch.bincount(groups)[groups] == 1, scores, adv)
+            adv = adv.unsqueeze(-1) * response_mask
+        return adv, adv
+
+    return compute_rloo_outcome_advantage
+
+
+_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
+
+
+def _agg_args(mask: Tensor, agg: str, dp_size=1, batch_num_tokens=None, global_batch_size=None,
+              loss_scale_factor=None):
+    """Our (num_tokens, num_seqs) and the factor and NaN guard that turn our
+    aggregate into verl's ``agg_loss``: verl multiplies by dp_size, divides
+    seq-mean-token-sum-norm by loss_scale_factor (default T, as ours), and
+    divides by a count of 0 (NaN) where ours returns 0."""
+    if dp_size > 1 and agg == "token-mean" and batch_num_tokens is None:
+        raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
+    if dp_size > 1 and agg.startswith("seq-mean") and global_batch_size is None:
+        raise ValueError("global_batch_size is required when dp_size > 1")
+    scale = float(dp_size)
+    if agg == "seq-mean-token-sum-norm" and loss_scale_factor is not None:
+        scale *= mask.shape[-1] / float(loss_scale_factor)
+    num_tokens = float(batch_num_tokens) if batch_num_tokens is not None and agg == "token-mean" else None
+    num_seqs = float(global_batch_size) if global_batch_size is not None and agg.startswith("seq-mean") else None
+    if agg == "token-mean":
+        count = mask.sum() if num_tokens is None else torch.tensor(num_tokens)
+    elif agg.startswith("seq-mean"):
+        count = (mask.sum(-1) > 0).sum() if num_seqs is None else torch.tensor(num_seqs)
+    else:
+        count = None
+    # our kernels reject a count of 0; verl then divides by it
+    if num_tokens == 0.0 or num_seqs == 0.0:
+        num_tokens = num_seqs = None
+    return num_tokens, num_seqs, scale, count
+
+
+def _finish(loss: Tensor, scale: float, count, dtype) -> Tensor:
+    loss = loss * scale if scale != 1.0 else loss
+    if count is not None:
+        loss = torch.where(count.to(loss.device) > 0, loss, loss.new_tensor(float("nan")))
+    return loss.to(dtype)
+
+
+def _make_policy_loss(original):
+    def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                    config=None, rollout_is_weights=None):
+        # Cases our kernel does not express go to verl's own code: per-token
+        # weights (rollout correction, or a float mask that weights tokens).
+        if (config is None or rollout_is_weights is not None or response_mask.is_floating_point()
+                or loss_agg_mode not in _AGG_MODES):
+            return original(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                            rollout_is_weights)
+        import verl.utils.torch_functional as verl_F
+        from verl.trainer.config import AlgoConfig
+
+        assert not isinstance(config, AlgoConfig)
+        clip_ratio = config.clip_ratio
+        clip_low = config.clip_ratio_low if config.clip_ratio_low is not None else clip_ratio
+        clip_high = config.clip_ratio_high if config.clip_ratio_high is not None else clip_ratio
+        clip_ratio_c = config.get("clip_ratio_c", 3.0)
+        assert clip_ratio_c > 1.0, (
+            "The lower bound of the clip_ratio_c for dual-clip PPO should be greater than 1.0,"
+            + f" but get the value: {clip_ratio_c}."
+        )
+        mask = response_mask.bool()
+        num_tokens, num_seqs, scale, count = _agg_args(mask, loss_agg_mode, **config.global_batch_info)
+        # verl semantics: the dual clip is always on (clip_ratio_c, default 3).
+        # Ours differentiates log_prob only; old_log_prob and advantages are data
+        # (verl's trainers pass them detached).
+        loss, stats = rlhf_kernels.ppo_policy_loss(
+            log_prob, old_log_prob, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+            dual_clip=clip_ratio_c, agg=loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs,
+        )
+        loss = _finish(loss, scale, count, _float_dtype(old_log_prob, log_prob, advantages))
+        # verl semantics: ppo_kl is the masked mean of the clamped log-ratio (ours is unclamped).
+        with torch.no_grad():
+            ppo_kl = verl_F.masked_mean(-torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0), response_mask)
+        metrics = {
+            "actor/pg_clipfrac": stats["clipfrac"].item(),
+            "actor/ppo_kl": ppo_kl.item(),
+            "actor/pg_clipfrac_lower": stats["clipfrac_lower"].item(),
+        }
+        return loss, metrics
+
+    return compute_policy_loss_vanilla
+
+
+def _make_value_loss(original):
+    def compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode="token-mean",
+                           dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
+        if response_mask.is_floating_point() or loss_agg_mode not in _AGG_MODES or not cliprange_value > 0:
+            return original(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode, dp_size,
+                            batch_num_tokens, global_batch_size, loss_scale_factor)
+        mask = response_mask.bool()
+        num_tokens, num_seqs, scale, count = _agg_args(
+            mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+        )
+        # Ours differentiates vpreds only; returns and the old values are targets.
+        loss, stats = rlhf_kernels.ppo_value_loss(
+            vpreds, values, returns, mask, clip=cliprange_value, agg=loss_agg_mode,
+            num_tokens=num_tokens, num_seqs=num_seqs,
+        )
+        loss = _finish(loss, scale, count, _float_dtype(vpreds, returns, values))
+        return loss, stats["vf_clipfrac"].to(torch.float32)
+
+    return compute_value_loss
+
+
+_patcher = Patcher(
+    framework="verl",
+    distribution="verl",
+    tested_versions=TESTED_VERSIONS,
+    targets=[
+        _Target(_FUNCTIONAL, "logprobs_from_logits", _make_logprobs_from_logits),
+        _Target(_FUNCTIONAL, "entropy_from_logits", _make_entropy_from_logits),
+        _Target(_CORE, "kl_penalty", _make_kl_penalty),
+        _Target(_CORE, "compute_gae_advantage_return", _make_compute_gae),
+        _Target(_CORE, "compute_grpo_outcome_advantage", _make_grpo),
+        _Target(_CORE, "compute_rloo_outcome_advantage", _make_rloo),
+        _Target(_CORE, "compute_policy_loss_vanilla", _make_policy_loss),
+        _Target(_CORE, "compute_value_loss", _make_value_loss),
+    ],
+    consumers=(
+        "verl.workers.utils.losses",
+        "verl.trainer.ppo.ray_trainer",
+        "verl.trainer.ppo.rollout_corr_helper",
+        "verl.trainer.ppo.metric_utils",
+        "verl.workers.engine.fsdp.transformer_impl",
+        "verl.workers.rollout.hf_rollout",
+        "verl.models.transformers.dense_common",
+    ),
+)
+
+patch = _patcher.patch
+unpatch = _patcher.unpatch
+patched = _patcher.patched
+patched_names = _patcher.patched_names
+version = _patcher.version
