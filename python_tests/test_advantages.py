@@ -665,3 +665,24 @@ def test_gpu_backends_real_shapes(dtype):
             _close(out.advantages.cpu(), want_adv, atol=1e-4)
             scale = want_ret.abs().max().item()
             _close(out.returns.cpu(), want_ret, atol=3e-6 * scale + 1e-5)
+
+
+def test_float64_gamma_lam_kl_coef_keep_float64_precision(device_backend):
+    """Found by the property tests: the Triton kernel took gamma, lam and kl_coef
+    as fp32 kernel arguments, so float64 inputs came back with ~1e-9 relative
+    error. They now travel as fp32 (hi, lo) pairs."""
+    device, backend = device_backend
+    gen = _gen(7)
+    logp = -torch.rand(2, 9, generator=gen, dtype=torch.float64)
+    ref = logp + torch.randn(2, 9, generator=gen, dtype=torch.float64) * 0.3
+    values = torch.randn(2, 9, generator=gen, dtype=torch.float64)
+    scores = torch.randn(2, generator=gen, dtype=torch.float64)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    gamma, lam, kl_coef = 1.0, 0.1582076003319344, 0.1234567890123
+    out = rlhf_kernels.ppo_advantages(scores.to(device), logp.to(device), ref.to(device), values.to(device),
+                                      mask.to(device), kl_coef=kl_coef, gamma=gamma, lam=lam, whiten=False,
+                                      backend=backend)
+    want = reference.ppo_advantages(scores, logp, ref, values, mask, kl_coef=kl_coef, gamma=gamma, lam=lam,
+                                    whiten=False)
+    for name in ("advantages", "returns", "token_rewards"):
+        torch.testing.assert_close(getattr(out, name).cpu(), want[name], atol=1e-13, rtol=1e-13, msg=name)

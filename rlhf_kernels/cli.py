@@ -4,6 +4,7 @@
                        [--device cpu|cuda] [--backend NAME] [--out DIR] [--resume]
                                                           SFT -> reward model -> PPO (the main job)
     rlhf-kernels bench [--quick] [--only logprobs,...]   microbenchmarks of the present device
+                       [--pytest]                         CPU: through pytest-benchmark instead
     rlhf-kernels info                                     what this install has
 """
 
@@ -35,6 +36,8 @@ def bench(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise SystemExit(f"--only: unknown benchmark(s) {unknown}; choose from {BENCHMARKS}")
+    if args.pytest:
+        return _bench_pytest(bench_dir, names, args)
     ran = 0
     for name in names:
         if not (bench_dir / f"bench_{name}.py").exists():
@@ -50,6 +53,29 @@ def bench(args: argparse.Namespace) -> int:
         module.main(argv)
         ran += 1
     return 0 if ran else 1
+
+
+PYTEST_TESTS = {"logprobs": "test_logprobs", "advantages": "test_advantages", "losses": "test_token_losses"}
+
+
+def _bench_pytest(bench_dir: Path, names: list[str], args: argparse.Namespace) -> int:
+    """CPU timings via ``pytest benchmarks/ --benchmark-only`` (benchmarks/test_bench_cpu.py),
+    in a fresh process; the same JSON lines as the scripts."""
+    import os
+    import subprocess
+
+    if (args.device or "cpu") != "cpu":
+        raise SystemExit("--pytest: the pytest-benchmark layer times the CPU only; GPUs use the scripts")
+    cmd = [sys.executable, "-m", "pytest", str(bench_dir / "test_bench_cpu.py"), "--benchmark-only", "-q",
+           "-p", "no:cacheprovider", "-k", " or ".join(PYTEST_TESTS[n] for n in names)]
+    if args.out_dir:
+        cmd += ["--bench-out-dir", args.out_dir]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(bench_dir.parent), env.get("PYTHONPATH")) if p)
+    if args.quick:
+        env["RLHF_BENCH_QUICK"] = "1"
+    print(f"[bench] {' '.join(cmd)}", file=sys.stderr, flush=True)
+    return subprocess.run(cmd, env=env, cwd=str(bench_dir.parent)).returncode
 
 
 def train(args: argparse.Namespace) -> int:
@@ -90,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--only", default="", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     p_bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p_bench.add_argument("--out-dir", default=None, help="where JSON lines go (default benchmarks/results)")
+    p_bench.add_argument("--pytest", action="store_true",
+                         help="CPU only: time through pytest-benchmark (pytest benchmarks/ --benchmark-only)")
     p_bench.set_defaults(func=bench)
     p_train = sub.add_parser("train", help="SFT -> reward model -> PPO on the embedded task (the main job)")
     p_train.add_argument("--config", default=None, help="JSON file with TrainConfig fields")

@@ -116,7 +116,7 @@ if triton is not None:
     def _advantages_kernel(
         values_ptr, mask_ptr, cu_ptr, rewards_ptr, scores_ptr, logp_ptr, ref_ptr, kl_scale_ptr,
         adv_ptr, ret_ptr, rewards_out_ptr, kl_out_ptr, stats_ptr,
-        seq_len, total, kl_coef, gamma, lam,
+        seq_len, total, kl_coef_hi, kl_coef_lo, gamma_hi, gamma_lo, lam_hi, lam_lo,
         PACKED: tl.constexpr, HAS_MASK: tl.constexpr, SHAPING: tl.constexpr, HAS_KL_SCALE: tl.constexpr,
         ESTIMATOR: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
     ):
@@ -132,6 +132,10 @@ if triton is not None:
             start = seq.to(tl.int64) * seq_len
             end = start + seq_len
         ks = tl.arange(0, BLOCK)
+        # Python floats reach a kernel as fp32: (hi, lo) pairs keep float64 inputs float64-exact.
+        gamma = (tl.zeros((), ACC_DTYPE) + gamma_hi) + gamma_lo
+        lam = (tl.zeros((), ACC_DTYPE) + lam_hi) + lam_lo
+        kl_coef = (tl.zeros((), ACC_DTYPE) + kl_coef_hi) + kl_coef_lo
         gamma_lam = gamma * lam
         if HAS_KL_SCALE:
             kl_coef = kl_coef * tl.load(kl_scale_ptr)
@@ -191,6 +195,12 @@ if triton is not None:
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _split(x: float) -> tuple[float, float]:
+    """x as an fp32 pair (hi, lo) with hi + lo = x to ~2^-48 relative."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    return hi, float(x) - hi
 
 
 def _tl_acc(dtype: torch.dtype):
@@ -329,7 +339,7 @@ def _adv_triton(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp,
             ref_logp if ref_logp is not None else dummy,
             kl_coef_scale if kl_coef_scale is not None else stats,
             advantages, returns, rewards_out if shaping else advantages, kl_out if shaping else advantages,
-            stats, seq_len, values.numel(), kl_coef, gamma, lam,
+            stats, seq_len, values.numel(), *_split(kl_coef), *_split(gamma), *_split(lam),
             PACKED=cu_seqlens is not None, HAS_MASK=mask is not None, SHAPING=shaping,
             HAS_KL_SCALE=kl_coef_scale is not None,
             ESTIMATOR=estimator, ACC_DTYPE=_tl_acc(values.dtype), BLOCK=block,
