@@ -159,8 +159,8 @@ class Result:
         row = dict(env)
         row.update(
             op=self.op, provider=self.provider, mode=self.mode, shape=self.shape, dtype=self.dtype,
-            **asdict(self.timing), min_bytes=self.min_bytes, gbps=round(self.gbps, 2),
-            copy_gbps=round(self.copy_gbps, 2), frac_copy_bw=round(self.gbps / self.copy_gbps, 3),
+            **asdict(self.timing), min_bytes=self.min_bytes, gbps=self.gbps,
+            copy_gbps=self.copy_gbps, frac_copy_bw=self.gbps / self.copy_gbps,
             peak_mem_bytes=self.peak_mem_bytes,
             peak_mem_over_input=(round(self.peak_mem_bytes / self.input_bytes, 3)
                                  if self.peak_mem_bytes is not None and self.input_bytes else None),
