@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -157,24 +156,19 @@ def cpu_peak_memory(provider: str, n: int, v: int, mode: str) -> int | None:
     """Extra resident memory of one call, measured in a fresh process (the
     high-water mark after the call minus the resident size before it)."""
     code = f"""
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-import bench_logprobs as b
+import bench_logprobs as b, common
 dev = torch.device('cpu')
 fn = b.providers(dev)[{provider!r}]
 x = torch.randn({n}, {v}); y = torch.randint(0, {v}, ({n},))
 x.add_(0)
-def rss():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-before_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-before = rss()
+before = max(common.rss_bytes(), common.peak_rss_bytes())
 if {mode!r} == 'fwd_bwd':
     x.requires_grad_(True); lp, e = fn(x, y, True); torch.autograd.backward([lp, e], [torch.ones_like(lp)] * 2)
 else:
     with torch.no_grad(): fn(x, y, {mode!r} != 'fwd_logp')
-after_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(max(0, after_peak - max(before, before_peak)))
+print(max(0, common.peak_rss_bytes() - before))
 """
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)

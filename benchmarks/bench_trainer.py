@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -84,16 +83,15 @@ def run_one(backend: str | None, device: str, iterations: int, quick: bool) -> d
     trainer.step()  # warm-up (allocator, kernels, compile caches)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base_rss = common.peak_rss_bytes() if device == "cpu" else None
     per_phase: dict[str, list[float]] = {p: [] for p in PHASES}
     for _ in range(iterations):
         metrics = trainer.step()
         for p in PHASES:
             per_phase[p].append(metrics[f"time_{p}_s"] * 1e3)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else common.peak_rss_bytes()
     return {"phases_ms": {p: statistics.median(v) for p, v in per_phase.items()}, "peak_mem_bytes": peak,
-            "base_rss_bytes": base_rss if device == "cpu" else None}
+            "base_rss_bytes": base_rss}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

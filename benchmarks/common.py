@@ -137,6 +137,26 @@ def peak_memory_gpu(fn: Callable[[], object], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - base
 
 
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now."""
+    return _proc_status_bytes("VmRSS")
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's resident set. Not ru_maxrss: Linux
+    carries a parent's resident size at fork into its child's ru_maxrss, which
+    would hide a child's own peak below its parent's."""
+    return _proc_status_bytes("VmHWM")
+
+
 @dataclass
 class Result:
     op: str

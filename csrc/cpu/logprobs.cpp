@@ -6,6 +6,8 @@
 // and the sum, so DRAM sees each logit once.
 #include "logprobs.h"
 
+#include "isa.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -25,18 +27,23 @@ namespace baseline {
 #include "logprobs_chunks.inc"
 }  // namespace baseline
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RLHF_HAVE_AVX2_COPY 1
+#ifdef RLHF_HAVE_X86_COPIES
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 #include "logprobs_chunks.inc"
 }  // namespace avx2
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,fma")
+#define RLHF_VEC_BYTES 64
+namespace avx512 {
+#include "logprobs_chunks.inc"
+}  // namespace avx512
+#pragma GCC pop_options
 #endif
 
-// The inner loops for this CPU, chosen once. RLHF_KERNELS_CPU_ISA=baseline
-// forces the portable copy (the tests run both).
+// The inner loops for this CPU, chosen once (isa.h).
 struct ChunkKernels {
   float (*max)(const float*, int64_t);
   void (*sum)(const float*, int64_t, float, float, float*, float*);
@@ -45,11 +52,12 @@ struct ChunkKernels {
 
 const ChunkKernels& chunk_kernels() {
   static const ChunkKernels kernels = [] {
-#ifdef RLHF_HAVE_AVX2_COPY
-    const char* isa = std::getenv("RLHF_KERNELS_CPU_ISA");
-    const bool forced_baseline = isa != nullptr && std::strcmp(isa, "baseline") == 0;
-    if (!forced_baseline && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return ChunkKernels{avx2::chunk_max, avx2::chunk_sum, avx2::chunk_grad};
+#ifdef RLHF_HAVE_X86_COPIES
+    switch (cpu_isa()) {
+      case Isa::kAvx512: return ChunkKernels{avx512::chunk_max, avx512::chunk_sum, avx512::chunk_grad};
+      case Isa::kAvx2: return ChunkKernels{avx2::chunk_max, avx2::chunk_sum, avx2::chunk_grad};
+      default: break;
+    }
 #endif
     return ChunkKernels{baseline::chunk_max, baseline::chunk_sum, baseline::chunk_grad};
   }();

@@ -1,9 +1,11 @@
 // CPU kernels of the fused PPO losses. The per-token math lives in
 // rlhf_kernels/ppo_math.h, shared with the CUDA kernels; float sequences run
-// 8 tokens at a time through ppo_loss_vec.inc (baseline and AVX2 copies,
+// 8 or 16 tokens at a time through ppo_loss_vec.inc (baseline, AVX2 and AVX-512 copies,
 // chosen at run time like the logprobs kernels), their tails and double
 // through the scalar policy_token / value_token.
 #include "ppo_loss.h"
+
+#include "isa.h"
 
 #include <algorithm>
 #include <cmath>
@@ -19,32 +21,41 @@ namespace baseline {
 #include "ppo_loss_vec.inc"
 }  // namespace baseline
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RLHF_HAVE_AVX2_PPO 1
+#ifdef RLHF_HAVE_X86_COPIES
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 #include "ppo_loss_vec.inc"
 }  // namespace avx2
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,fma")
+#define RLHF_VEC_BYTES 64
+namespace avx512 {
+#include "ppo_loss_vec.inc"
+}  // namespace avx512
+#pragma GCC pop_options
 #endif
 
+// The vector loops for this CPU, chosen once (isa.h); `lanes` tokens a step.
 struct VecKernels {
   void (*policy)(const float*, const float*, const float*, const uint8_t*, const float*,
                  const float*, int64_t, const PolicyParams<float>&, float*, float*);
   void (*value)(const float*, const float*, const float*, const uint8_t*, int64_t, float, float*,
                 float*);
+  int64_t lanes;
 };
 
 const VecKernels& vec_kernels() {
   static const VecKernels kernels = [] {
-#ifdef RLHF_HAVE_AVX2_PPO
-    const char* isa = std::getenv("RLHF_KERNELS_CPU_ISA");
-    const bool forced_baseline = isa != nullptr && std::strcmp(isa, "baseline") == 0;
-    if (!forced_baseline && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return VecKernels{avx2::policy_tokens, avx2::value_tokens};
+#ifdef RLHF_HAVE_X86_COPIES
+    switch (cpu_isa()) {
+      case Isa::kAvx512: return VecKernels{avx512::policy_tokens, avx512::value_tokens, avx512::vec::kLanes};
+      case Isa::kAvx2: return VecKernels{avx2::policy_tokens, avx2::value_tokens, avx2::vec::kLanes};
+      default: break;
+    }
 #endif
-    return VecKernels{baseline::policy_tokens, baseline::value_tokens};
+    return VecKernels{baseline::policy_tokens, baseline::value_tokens, baseline::vec::kLanes};
   }();
   return kernels;
 }
@@ -112,7 +123,7 @@ void ppo_policy_rows(const acc_t* logp, const acc_t* old_logp, const acc_t* adva
     sums[kRatioMin] = std::numeric_limits<acc_t>::infinity();
     int64_t vectorised = 0;
     if constexpr (std::is_same_v<acc_t, float>) {
-      vectorised = seq_len - seq_len % 8;
+      vectorised = seq_len - seq_len % vec_kernels().lanes;
       vec_kernels().policy(logp + base, old_logp + base, advantages + base, mask + base,
                            ref ? ref + base : nullptr, entropy ? entropy + base : nullptr,
                            vectorised, params, grad ? grad + base : nullptr, sums);
@@ -132,7 +143,7 @@ void ppo_value_rows(const acc_t* values, const acc_t* old_values, const acc_t* r
     for (int k = 0; k < kValueStats; ++k) sums[k] = acc_t(0);
     int64_t vectorised = 0;
     if constexpr (std::is_same_v<acc_t, float>) {
-      vectorised = seq_len - seq_len % 8;
+      vectorised = seq_len - seq_len % vec_kernels().lanes;
       vec_kernels().value(values + base, old_values + base, returns + base, mask + base,
                           vectorised, clip, grad ? grad + base : nullptr, sums);
     }
