@@ -103,7 +103,7 @@ def process_group():
 
 
 class MetricsLogger:
-    """One JSON line per step to `path`, and a short line on the console."""
+    """One JSON line per step to `path` (the console gets the progress bar)."""
 
     def __init__(self, path: Path, enabled: bool = True, resume: bool = False):
         self.path = path
@@ -113,7 +113,7 @@ class MetricsLogger:
             if not resume and path.exists():
                 path.unlink()
 
-    def log(self, metrics: dict[str, Any], console_keys: Iterable[str] = ()) -> None:
+    def log(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         clean = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
