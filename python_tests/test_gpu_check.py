@@ -22,9 +22,11 @@ def test_gpu_check_parses_and_dry_run_lists_every_stage():
     assert "--no-build-isolation" in out and "--tool racecheck" in out and "TRITON_INTERPRET" not in out
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
-def test_gpu_check_is_shellcheck_clean():
-    subprocess.run(["shellcheck", str(SCRIPT)], check=True)
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (scripts/setup_env.sh installs it)")
+def test_shell_scripts_are_shellcheck_clean():
+    root = SCRIPT.parent.parent
+    scripts = [SCRIPT, root / ".ci" / "run", *sorted((root / "scripts").glob("*.sh"))]
+    subprocess.run(["shellcheck", *map(str, scripts)], check=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

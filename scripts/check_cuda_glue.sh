@@ -14,11 +14,11 @@ if [ -z "$cuda_inc" ]; then echo "[glue check] no CUDA headers, skipped"; exit 0
 stub=$(mktemp -d)
 mkdir -p "$stub/c10/cuda/impl"
 printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$stub/c10/cuda/impl/cuda_cmake_macros.h"
-torch_inc=$("$PY" -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))")
+mapfile -t torch_inc < <("$PY" -c "from torch.utils.cpp_extension import include_paths; print('\n'.join('-I' + p for p in include_paths()))")
 py_inc=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 for f in csrc/cuda/*_glue.cpp; do
   # The stub goes last: a CUDA build of torch has the real header and wins.
-  g++ -std=c++20 -fsyntax-only -Icsrc/include -Icsrc $torch_inc -I"$cuda_inc" -I"$py_inc" -I"$stub" "$f"
+  g++ -std=c++20 -fsyntax-only -Icsrc/include -Icsrc "${torch_inc[@]}" -I"$cuda_inc" -I"$py_inc" -I"$stub" "$f"
   echo "[glue check] $f OK"
 done
 rm -rf "$stub"

