@@ -23,25 +23,8 @@ constexpr int64_t kChunk = 2048;
 // exp underflows below this (same constant as vec.h).
 constexpr float kMinExpArg = -87.3f;
 
-namespace baseline {
-#include "logprobs_chunks.inc"
-}  // namespace baseline
-
-#ifdef RLHF_HAVE_X86_COPIES
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "logprobs_chunks.inc"
-}  // namespace avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,fma")
-#define RLHF_VEC_BYTES 64
-namespace avx512 {
-#include "logprobs_chunks.inc"
-}  // namespace avx512
-#pragma GCC pop_options
-#endif
+#define RLHF_ISA_LOOPS "logprobs_chunks.inc"
+#include "isa_copies.inc"
 
 // The inner loops for this CPU, chosen once (isa.h).
 struct ChunkKernels {

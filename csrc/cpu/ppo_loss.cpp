@@ -17,25 +17,8 @@
 namespace rlhf_kernels::cpu {
 namespace {
 
-namespace baseline {
-#include "ppo_loss_vec.inc"
-}  // namespace baseline
-
-#ifdef RLHF_HAVE_X86_COPIES
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "ppo_loss_vec.inc"
-}  // namespace avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,fma")
-#define RLHF_VEC_BYTES 64
-namespace avx512 {
-#include "ppo_loss_vec.inc"
-}  // namespace avx512
-#pragma GCC pop_options
-#endif
+#define RLHF_ISA_LOOPS "ppo_loss_vec.inc"
+#include "isa_copies.inc"
 
 // The vector loops for this CPU, chosen once (isa.h); `lanes` tokens a step.
 struct VecKernels {

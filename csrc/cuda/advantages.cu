@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 
 #include "advantages.cuh"
+#include "convert.cuh"
 
 namespace rlhf_kernels::cuda {
 namespace {
@@ -21,31 +22,6 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kItems = 4;
 constexpr int kChunk = kThreads * kItems;
 constexpr unsigned kFullMask = 0xffffffffu;
-
-template <typename T>
-__device__ __forceinline__ float to_acc(T x) {
-  return static_cast<float>(x);
-}
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(float x) {
-  return static_cast<T>(x);
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <typename T>
-__device__ __forceinline__ T from_acc(double x) {
-  return static_cast<T>(x);
-}
 
 template <typename scalar_t, typename acc_t>
 __global__ void kl_fwd_kernel(const scalar_t* __restrict__ logp, const scalar_t* __restrict__ ref,

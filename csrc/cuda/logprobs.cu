@@ -11,6 +11,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "convert.cuh"
 #include "logprobs.cuh"
 
 namespace rlhf_kernels::cuda {
@@ -21,30 +22,6 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kVecBytes = 16;
 // exp underflows below this; clamping keeps 0 * (-inf) out of t.
 constexpr float kMinExpArg = -87.3f;
-
-template <typename T>
-__device__ __forceinline__ float to_acc(T x) {
-  return static_cast<float>(x);
-}
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(float x);
-template <>
-__device__ __forceinline__ float from_acc<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-__device__ __forceinline__ double from_acc_d(double x) { return x; }
 
 __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
 __device__ __forceinline__ double fast_exp(double x) { return exp(x); }
@@ -215,13 +192,7 @@ logprobs_bwd_kernel(const acc_t* __restrict__ grad_logp, const acc_t* __restrict
     if (col == label) d += inv_temperature * g;
     return d;
   };
-  auto store = [](scalar_t* dst, acc_t v) {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      *dst = from_acc_d(v);
-    } else {
-      *dst = from_acc<scalar_t>(v);
-    }
-  };
+  auto store = [](scalar_t* dst, acc_t v) { *dst = from_acc<scalar_t>(v); };
 
   const int64_t head = kVectorized ? aligned_head(row, vocab) : vocab;
   const int64_t n_packs = (vocab - head) / kPack;
