@@ -64,43 +64,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> advantage
   const c10::cuda::CUDAGuard guard(values.device());
   const auto [num_seqs, seq_len] = check_advantages(values, mask, cu_seqlens, token_rewards, scores,
                                                     logp, ref_logp, kl_coef_scale, estimator);
-  const bool shaping = !token_rewards.has_value();
-  const auto opts = values.options().dtype(acc_dtype_for(values));
-  at::Tensor advantages = at::empty(values.sizes(), opts);
-  at::Tensor returns = at::empty(values.sizes(), opts);
-  at::Tensor rewards_out = at::empty(shaping ? values.sizes() : at::IntArrayRef{0}, opts);
-  at::Tensor kl_out = at::empty(shaping ? values.sizes() : at::IntArrayRef{0}, opts);
-  at::Tensor stats = at::empty({num_seqs, kAdvantageStats}, values.options().dtype(at::kDouble));
+  AdvantagesOutputs out = alloc_advantages_outputs(values, num_seqs, !token_rewards.has_value());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_dtype<__nv_bfloat16, __half>(values.scalar_type(), "values", [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
-    auto ptr = [](const std::optional<at::Tensor>& t) {
-      return t ? reinterpret_cast<const scalar_t*>(t->const_data_ptr()) : nullptr;
-    };
-    AdvantagesArgs<scalar_t, acc_t> args{};
-    args.values = reinterpret_cast<const scalar_t*>(values.const_data_ptr());
-    args.mask = mask ? reinterpret_cast<const uint8_t*>(mask->const_data_ptr()) : nullptr;
-    args.cu_seqlens = cu_seqlens ? cu_seqlens->const_data_ptr<int32_t>() : nullptr;
-    args.seq_len = seq_len;
-    args.num_seqs = num_seqs;
-    args.token_rewards = ptr(token_rewards);
-    args.scores = shaping ? scores->const_data_ptr<acc_t>() : nullptr;
-    args.logp = ptr(logp);
-    args.ref_logp = ptr(ref_logp);
-    args.kl_coef_scale = kl_coef_scale ? kl_coef_scale->const_data_ptr<acc_t>() : nullptr;
-    args.kl_coef = static_cast<acc_t>(kl_coef);
-    args.estimator = static_cast<int>(estimator);
-    args.gamma = static_cast<acc_t>(gamma);
-    args.lam = static_cast<acc_t>(lam);
-    args.advantages = advantages.mutable_data_ptr<acc_t>();
-    args.returns = returns.mutable_data_ptr<acc_t>();
-    args.token_rewards_out = shaping ? rewards_out.mutable_data_ptr<acc_t>() : nullptr;
-    args.kl_out = shaping ? kl_out.mutable_data_ptr<acc_t>() : nullptr;
-    args.stats = stats.mutable_data_ptr<double>();
+    const auto args = advantages_args<scalar_t, acc_t>(values, mask, cu_seqlens, token_rewards, scores,
+                                                       logp, ref_logp, kl_coef_scale, kl_coef, estimator,
+                                                       gamma, lam, seq_len, num_seqs, out);
     check_advantages_launch(cuda::launch_advantages<scalar_t, acc_t>(args, values.numel(), stream));
   });
-  return {advantages, returns, rewards_out, kl_out, stats};
+  return {out.advantages, out.returns, out.token_rewards, out.kl, out.stats};
 }
 
 }  // namespace
