@@ -5,6 +5,7 @@
 #include <torch/types.h>
 
 #include <initializer_list>
+#include <vector>
 
 #include "rlhf_kernels/common.h"
 #include "rlhf_kernels/advantages.h"
@@ -175,7 +176,8 @@ struct AdvantagesOutputs {
 inline AdvantagesOutputs alloc_advantages_outputs(const at::Tensor& values, int64_t num_seqs,
                                                   bool shaping) {
   const auto opts = values.options().dtype(acc_dtype_for(values));
-  const auto shaped = shaping ? values.sizes() : at::IntArrayRef{0};
+  // An owning copy of the sizes: an IntArrayRef of a braced list would dangle.
+  const std::vector<int64_t> shaped = shaping ? values.sizes().vec() : std::vector<int64_t>{0};
   return {at::empty(values.sizes(), opts), at::empty(values.sizes(), opts), at::empty(shaped, opts),
           at::empty(shaped, opts),
           at::empty({num_seqs, kAdvantageStats}, values.options().dtype(at::kDouble))};
