@@ -180,6 +180,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, verbose: bool = True) -> dict
         "iterations": trainer.iteration,
         "world_size": world,
         "backend": cfg.backend or "auto",
+        "device": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
         "outputs": str(out.resolve()),
     }
     if main_process:
