@@ -436,11 +436,74 @@ def test_verl_value_loss(verl_mods, agg):
                  lambda v: ours(v, returns, values, mask, 0.2, agg, **kw), [vpreds])
 
 
+_VERL_AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+_VERL_BATCH_INFOS = [{}, {"dp_size": 2, "batch_num_tokens": 50, "global_batch_size": 9},
+                     {"dp_size": 4, "batch_num_tokens": 37, "global_batch_size": 6, "loss_scale_factor": 16},
+                     {"loss_scale_factor": 3}]
+
+
+@pytest.mark.parametrize("agg", _VERL_AGG_MODES)
+@pytest.mark.parametrize("batch_info", _VERL_BATCH_INFOS)
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.long])
+def test_verl_agg_loss(verl_mods, agg, batch_info, mask_dtype):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(16)
+    loss_mat = torch.randn(5, 11, generator=gen)
+    mask = _mask_with_holes(5, 11, gen).to(mask_dtype)
+    original, ours = _verl_adapter(rk_verl, "agg_loss")
+    call = lambda fn: (lambda x: fn(x, mask, agg, **batch_info))  # noqa: E731
+    _compare(call(original), call(ours), [loss_mat])
+    _compare(call(original), call(ours), [loss_mat.double()], atol=1e-12, rtol=1e-12)
+    # bf16: token modes stay bf16, seq-mean modes come out float32 (verl's float32 sequence mask)
+    _compare_bf16(call(original), call(ours), [(3 * loss_mat).bfloat16()])
+    # a fully masked micro-batch: verl's 0 / 0 (NaN) without global counts, gradients 0
+    empty = torch.zeros_like(mask)
+    empty_call = lambda fn: (lambda x: fn(x, empty, agg, **batch_info))  # noqa: E731
+    _compare(empty_call(original), empty_call(ours), [loss_mat])
+    if not batch_info.get("batch_num_tokens") and agg != "token-sum":
+        assert torch.isnan(ours(loss_mat, empty, agg, **batch_info))
+
+
+@pytest.mark.parametrize("agg", _VERL_AGG_MODES)
+def test_verl_agg_loss_nonfinite_outside_mask(verl_mods, agg):
+    """verl selects masked tokens away in the token modes but multiplies by the
+    mask in the seq-mean modes (NaN leaks into the loss, not the gradients)."""
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(17)
+    loss_mat = torch.randn(4, 9, generator=gen)
+    mask = _mask_with_holes(4, 9, gen)
+    loss_mat[0, 1] = float("nan")  # a hole of a sequence with valid tokens
+    loss_mat[1, 3] = float("inf")  # the fully masked sequence
+    original, ours = _verl_adapter(rk_verl, "agg_loss")
+    _compare(lambda x: original(x, mask, agg), lambda x: ours(x, mask, agg), [loss_mat])
+    assert torch.isnan(ours(loss_mat, mask, agg)) == agg.startswith("seq-mean")
+
+
+def test_verl_agg_loss_falls_back_to_verl(verl_mods):
+    """Per-token float weights, tensor global counts, unknown modes, missing
+    global counts with dp_size > 1: verl's own code (or its error)."""
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(18)
+    loss_mat = torch.randn(3, 7, generator=gen)
+    weights = torch.rand(3, 7, generator=gen)
+    original, ours = _verl_adapter(rk_verl, "agg_loss")
+    for agg in _VERL_AGG_MODES:
+        _compare(lambda x: original(x, weights, agg), lambda x: ours(x, weights, agg), [loss_mat])
+        kw = {"dp_size": 2, "batch_num_tokens": torch.tensor(9), "global_batch_size": torch.tensor(3)}
+        mask = weights > 0.3
+        _compare(lambda x: original(x, mask, agg, **kw), lambda x: ours(x, mask, agg, **kw), [loss_mat])
+        if agg != "token-sum":
+            with pytest.raises(ValueError, match="required when dp_size > 1"):
+                ours(loss_mat, mask, agg, dp_size=2)
+    with pytest.raises(ValueError, match="Invalid loss_agg_mode"):
+        ours(loss_mat, weights > 0.5, "seq-sum")
+
+
 def test_verl_patch_swaps_registries_and_trainer_lookups(verl_mods):
     core, functional, rk_verl = verl_mods
     losses = _require("verl.workers.utils.losses", "verl")
     names = ["compute_policy_loss_vanilla", "compute_value_loss", "kl_penalty", "compute_gae_advantage_return",
-             "compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage"]
+             "compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage", "agg_loss"]
     originals = {n: getattr(core, n) for n in names}
     logprobs = functional.logprobs_from_logits
     with rk_verl.patched():
@@ -451,12 +514,13 @@ def test_verl_patch_swaps_registries_and_trainer_lookups(verl_mods):
         assert core.get_adv_estimator_fn("rloo") is core.compute_rloo_outcome_advantage
         assert core.get_adv_estimator_fn("gae") is core.compute_gae_advantage_return
         assert losses.compute_value_loss is core.compute_value_loss and losses.kl_penalty is core.kl_penalty
+        assert losses.agg_loss is core.agg_loss and "verl.workers.utils.losses.agg_loss" in rk_verl.patched_names()
         assert functional.logprobs_from_logits is not logprobs
     for n in names:
         assert getattr(core, n) is originals[n]
     assert core.get_policy_loss_fn("vanilla") is originals["compute_policy_loss_vanilla"]
     assert core.get_adv_estimator_fn("grpo") is originals["compute_grpo_outcome_advantage"]
-    assert losses.compute_value_loss is originals["compute_value_loss"]
+    assert losses.compute_value_loss is originals["compute_value_loss"] and losses.agg_loss is originals["agg_loss"]
     assert functional.logprobs_from_logits is logprobs
 
 
