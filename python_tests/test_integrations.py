@@ -553,10 +553,10 @@ def _openrlhf_source(rel: str):
 
 @pytest.fixture(scope="module")
 def openrlhf_utils():
-    """``openrlhf.models.utils`` as installed. The package itself imports
-    flash-attn (CUDA only) and DeepSpeed, so it is loaded from its file, with
-    ``deepspeed`` stubbed (only ``set_z3_leaf_modules`` uses it) and without
-    flash-attn (its ImportError path is OpenRLHF's CPU fallback)."""
+    """``openrlhf.models.utils`` as installed, loaded from its file (these
+    tests need neither DeepSpeed nor the flash-attn stand-in): ``deepspeed``
+    is stubbed if absent (only ``set_z3_leaf_modules`` uses it), flash-attn is
+    absent (its ImportError path is OpenRLHF's CPU fallback)."""
     path = _openrlhf_source("models/utils.py")
     saved = sys.modules.get("deepspeed")
     sys.modules.setdefault("deepspeed", types.ModuleType("deepspeed"))
@@ -686,10 +686,10 @@ def openrlhf_real():
         pytest.skip("deepspeed is not installed (scripts/setup_env.sh installs it)")
     before = set(sys.modules)
     stubs = {}
+    real = {top for top in ("flash_attn", "vllm") if top in sys.modules or importlib.util.find_spec(top)}
     for name, names in _OPENRLHF_STUBS.items():
-        if name.split(".")[0] in sys.modules and name not in stubs and sys.modules.get(name) is not None \
-                and getattr(sys.modules[name], "__file__", None):
-            continue  # the real package is installed and imported: use it
+        if name.split(".")[0] in real:
+            continue  # installed (a GPU machine): the real package
         stubs[name] = sys.modules[name] = _test_only_stub(name, names)
         parent, _, child = name.rpartition(".")
         if parent in stubs:
