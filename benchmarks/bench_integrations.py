@@ -1,5 +1,6 @@
 """Patched vs unpatched framework functions, wall clock on the current device
-(CPU here): median of 9 calls after one warm-up. Needs trl and verl installed.
+(CPU here): median of 9 calls after one warm-up. Needs trl and verl installed;
+OpenRLHF's losses are timed only where openrlhf.models imports (flash-attn).
 
     PYTHONPATH=. python benchmarks/bench_integrations.py
 
@@ -44,3 +45,29 @@ def pl(f):
         n=(old+0.1*torch.randn(Bg,Tg)).requires_grad_(); l,_=f(old,n,adv,m,"token-mean",cfg); l.backward()
     return g
 pair("verl vanilla policy loss fwd+bwd", lambda: core.compute_policy_loss_vanilla, pl)
+def al(f):
+    def g():
+        x=torch.randn(Bg,Tg).requires_grad_(); f(x,m,"seq-mean-token-mean").backward()
+    return g
+pair("verl agg_loss seq-mean-token-mean fwd+bwd", lambda: core.agg_loss, al)
+# OpenRLHF's losses, where openrlhf.models imports (it needs flash-attn: a GPU machine).
+try:
+    import rlhf_kernels.integrations.openrlhf as ro, openrlhf.models.loss as ol
+except Exception as exc:
+    print(f"OpenRLHF PolicyLoss / ValueLoss: skipped (openrlhf.models does not import here: {exc})")
+else:
+    def pair_o(name, make):
+        a=bench(make()); ro.patch(); b=bench(make()); ro.unpatch()
+        print(f"{name}: {a:.1f} ms -> {b:.1f} ms ({a/b:.1f}x)", flush=True)
+    def opl():
+        loss=ol.PolicyLoss(dual_clip=3.0)
+        def g():
+            n=(old+0.1*torch.randn(Bg,Tg)).requires_grad_(); loss(n,old,adv,m)[0].backward()
+        return g
+    def ovl():
+        loss=ol.ValueLoss(clip_eps=0.2)
+        def g():
+            x=(old+0.1*torch.randn(Bg,Tg)).requires_grad_(); loss(x,old,adv,m).backward()
+        return g
+    pair_o("OpenRLHF PolicyLoss fwd+bwd", opl)
+    pair_o("OpenRLHF ValueLoss fwd+bwd", ovl)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import sys
@@ -82,12 +83,15 @@ def _compare(original, patched, inputs, kwargs=None, atol=1e-5, rtol=1e-5):
             torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol)
 
 
-def _compare_bf16(original, patched, inputs, kwargs=None):
+def _compare_bf16(original, patched, inputs, kwargs=None, data=()):
     """bf16: our error against the float64 original is at most twice the
-    framework's own bf16 error (the style guide's rule), output and gradients."""
-    exact, g_exact = _run(original, [t.double() if t.is_floating_point() else t for t in inputs], kwargs)
-    theirs, g_theirs = _run(original, inputs, kwargs)
-    ours, g_ours = _run(patched, inputs, kwargs)
+    framework's own bf16 error (the style guide's rule), output and gradients.
+    ``data``: further positional arguments that take no gradient (float64 too
+    in the exact run)."""
+    up = lambda ts: [t.double() if t.is_floating_point() else t for t in ts]  # noqa: E731
+    exact, g_exact = _run(lambda *x: original(*x, *up(data)), up(inputs), kwargs)
+    theirs, g_theirs = _run(lambda *x: original(*x, *data), inputs, kwargs)
+    ours, g_ours = _run(lambda *x: patched(*x, *data), inputs, kwargs)
     pick = (lambda o: o[0]) if isinstance(exact, tuple) else (lambda o: o)
     assert pick(ours).dtype == pick(theirs).dtype
     err = lambda a, b: (a.double() - b.double()).abs().max().item()  # noqa: E731
@@ -436,11 +440,74 @@ def test_verl_value_loss(verl_mods, agg):
                  lambda v: ours(v, returns, values, mask, 0.2, agg, **kw), [vpreds])
 
 
+_VERL_AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+_VERL_BATCH_INFOS = [{}, {"dp_size": 2, "batch_num_tokens": 50, "global_batch_size": 9},
+                     {"dp_size": 4, "batch_num_tokens": 37, "global_batch_size": 6, "loss_scale_factor": 16},
+                     {"loss_scale_factor": 3}]
+
+
+@pytest.mark.parametrize("agg", _VERL_AGG_MODES)
+@pytest.mark.parametrize("batch_info", _VERL_BATCH_INFOS)
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.long])
+def test_verl_agg_loss(verl_mods, agg, batch_info, mask_dtype):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(16)
+    loss_mat = torch.randn(5, 11, generator=gen)
+    mask = _mask_with_holes(5, 11, gen).to(mask_dtype)
+    original, ours = _verl_adapter(rk_verl, "agg_loss")
+    call = lambda fn: (lambda x: fn(x, mask, agg, **batch_info))  # noqa: E731
+    _compare(call(original), call(ours), [loss_mat])
+    _compare(call(original), call(ours), [loss_mat.double()], atol=1e-7, rtol=1e-7)
+    # bf16: token modes stay bf16, seq-mean modes come out float32 (verl's float32 sequence mask)
+    _compare_bf16(call(original), call(ours), [(3 * loss_mat).bfloat16()])
+    # a fully masked micro-batch: verl's 0 / 0 (NaN) without global counts, gradients 0
+    empty = torch.zeros_like(mask)
+    empty_call = lambda fn: (lambda x: fn(x, empty, agg, **batch_info))  # noqa: E731
+    _compare(empty_call(original), empty_call(ours), [loss_mat])
+    if not batch_info.get("batch_num_tokens") and agg != "token-sum":
+        assert torch.isnan(ours(loss_mat, empty, agg, **batch_info))
+
+
+@pytest.mark.parametrize("agg", _VERL_AGG_MODES)
+def test_verl_agg_loss_nonfinite_outside_mask(verl_mods, agg):
+    """verl selects masked tokens away in the token modes but multiplies by the
+    mask in the seq-mean modes (NaN leaks into the loss, not the gradients)."""
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(17)
+    loss_mat = torch.randn(4, 9, generator=gen)
+    mask = _mask_with_holes(4, 9, gen)
+    loss_mat[0, 1] = float("nan")  # a hole of a sequence with valid tokens
+    loss_mat[1, 3] = float("inf")  # the fully masked sequence
+    original, ours = _verl_adapter(rk_verl, "agg_loss")
+    _compare(lambda x: original(x, mask, agg), lambda x: ours(x, mask, agg), [loss_mat])
+    assert torch.isnan(ours(loss_mat, mask, agg)) == agg.startswith("seq-mean")
+
+
+def test_verl_agg_loss_falls_back_to_verl(verl_mods):
+    """Per-token float weights, tensor global counts, unknown modes, missing
+    global counts with dp_size > 1: verl's own code (or its error)."""
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(18)
+    loss_mat = torch.randn(3, 7, generator=gen)
+    weights = torch.rand(3, 7, generator=gen)
+    original, ours = _verl_adapter(rk_verl, "agg_loss")
+    for agg in _VERL_AGG_MODES:
+        _compare(lambda x: original(x, weights, agg), lambda x: ours(x, weights, agg), [loss_mat])
+        kw = {"dp_size": 2, "batch_num_tokens": torch.tensor(9), "global_batch_size": torch.tensor(3)}
+        mask = weights > 0.3
+        _compare(lambda x: original(x, mask, agg, **kw), lambda x: ours(x, mask, agg, **kw), [loss_mat])
+        if agg != "token-sum":
+            with pytest.raises(ValueError, match="required when dp_size > 1"):
+                ours(loss_mat, mask, agg, dp_size=2)
+    with pytest.raises(ValueError, match="Invalid loss_agg_mode"):
+        ours(loss_mat, weights > 0.5, "seq-sum")
+
+
 def test_verl_patch_swaps_registries_and_trainer_lookups(verl_mods):
     core, functional, rk_verl = verl_mods
     losses = _require("verl.workers.utils.losses", "verl")
     names = ["compute_policy_loss_vanilla", "compute_value_loss", "kl_penalty", "compute_gae_advantage_return",
-             "compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage"]
+             "compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage", "agg_loss"]
     originals = {n: getattr(core, n) for n in names}
     logprobs = functional.logprobs_from_logits
     with rk_verl.patched():
@@ -451,12 +518,13 @@ def test_verl_patch_swaps_registries_and_trainer_lookups(verl_mods):
         assert core.get_adv_estimator_fn("rloo") is core.compute_rloo_outcome_advantage
         assert core.get_adv_estimator_fn("gae") is core.compute_gae_advantage_return
         assert losses.compute_value_loss is core.compute_value_loss and losses.kl_penalty is core.kl_penalty
+        assert losses.agg_loss is core.agg_loss and "verl.workers.utils.losses.agg_loss" in rk_verl.patched_names()
         assert functional.logprobs_from_logits is not logprobs
     for n in names:
         assert getattr(core, n) is originals[n]
     assert core.get_policy_loss_fn("vanilla") is originals["compute_policy_loss_vanilla"]
     assert core.get_adv_estimator_fn("grpo") is originals["compute_grpo_outcome_advantage"]
-    assert losses.compute_value_loss is originals["compute_value_loss"]
+    assert losses.compute_value_loss is originals["compute_value_loss"] and losses.agg_loss is originals["agg_loss"]
     assert functional.logprobs_from_logits is logprobs
 
 
@@ -485,10 +553,10 @@ def _openrlhf_source(rel: str):
 
 @pytest.fixture(scope="module")
 def openrlhf_utils():
-    """``openrlhf.models.utils`` as installed. The package itself imports
-    flash-attn (CUDA only) and DeepSpeed, so it is loaded from its file, with
-    ``deepspeed`` stubbed (only ``set_z3_leaf_modules`` uses it) and without
-    flash-attn (its ImportError path is OpenRLHF's CPU fallback)."""
+    """``openrlhf.models.utils`` as installed, loaded from its file (these
+    tests need neither DeepSpeed nor the flash-attn stand-in): ``deepspeed``
+    is stubbed if absent (only ``set_z3_leaf_modules`` uses it), flash-attn is
+    absent (its ImportError path is OpenRLHF's CPU fallback)."""
     path = _openrlhf_source("models/utils.py")
     saved = sys.modules.get("deepspeed")
     sys.modules.setdefault("deepspeed", types.ModuleType("deepspeed"))
@@ -502,11 +570,16 @@ def openrlhf_utils():
     return module
 
 
-def _openrlhf_adapter(name):
+def _openrlhf_adapter(name, owner=""):
     from rlhf_kernels.integrations import openrlhf as rk_openrlhf
 
     for target in rk_openrlhf._patcher.targets:
-        if target.name.rpartition(".")[2] == name:
+        target_owner, _, attr = target.name.rpartition(".")
+        if attr == name and (not owner or target_owner == owner):
+            if owner:  # a method: its fallback is the class's own (unpatched) method
+                cls = getattr(sys.modules[target.module], owner)
+                original = cls.__dict__[name]
+                return target.make(getattr(original, "__wrapped_original__", original))
             return target.make(None)
     raise KeyError(name)
 
@@ -569,23 +642,268 @@ def test_openrlhf_gae():
             _assert_close(ours(None, values, rewards, m, gamma, lam), original(None, values, rewards, m, gamma, lam))
 
 
-def test_openrlhf_patch_refuses_cleanly_where_it_cannot_import():
-    """Where ``openrlhf.models`` does not import (no flash-attn / DeepSpeed, as
-    on CPU), patch() raises and patches nothing; where it does, it patches."""
+# OpenRLHF's modules themselves. openrlhf.models imports DeepSpeed (installed by
+# setup_env.sh; it imports on CPU) and flash-attn (CUDA only, no CPU install);
+# its Ray trainer modules import vLLM (a GPU inference engine that pins its own
+# torch). The two are replaced, in these tests only, by stand-ins that have
+# just the names OpenRLHF imports at module level; each raises if called, and
+# neither is ever reached by the code under test (OpenRLHF's CPU paths: its
+# log-prob helper falls back when flash_attn.ops does not import).
+_OPENRLHF_STUBS = {
+    "flash_attn": {},
+    "flash_attn.bert_padding": {"index_first_axis": None, "pad_input": None, "rearrange": None, "unpad_input": None},
+    "flash_attn.utils": {},
+    "flash_attn.utils.distributed": {"all_gather": None},
+    "vllm": {"SamplingParams": None, "AsyncEngineArgs": None, "AsyncLLMEngine": None},
+    "vllm.inputs": {"TokensPrompt": None},
+    "vllm.utils": {"random_uuid": None},
+}
+_OPENRLHF_MODULES = ("openrlhf.models", "openrlhf.models.loss", "openrlhf.models.utils", "openrlhf.models.actor",
+                     "openrlhf.trainer.ray.ppo_actor", "openrlhf.trainer.ray.ppo_critic",
+                     "openrlhf.trainer.ppo_utils.experience_maker")
+
+
+def _test_only_stub(name: str, names: dict) -> types.ModuleType:
+    def unavailable(*args, **kwargs):
+        raise NotImplementedError(f"{name} is a test-only stand-in (python_tests/test_integrations.py)")
+
+    module = types.ModuleType(name)
+    # A spec without a file or version: transformers' availability checks see
+    # the package as not installed (as on a machine without it).
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    for attr in names:
+        setattr(module, attr, unavailable)
+    return module
+
+
+@pytest.fixture(scope="module")
+def openrlhf_real():
+    """OpenRLHF's real packages (models, loss, trainer modules), imported with
+    the flash-attn / vLLM stand-ins; on teardown the stand-ins and every
+    openrlhf module imported here leave sys.modules."""
+    _openrlhf_source("models/loss.py")
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (scripts/setup_env.sh installs it)")
+    before = set(sys.modules)
+    stubs = {}
+    real = {top for top in ("flash_attn", "vllm") if top in sys.modules or importlib.util.find_spec(top)}
+    for name, names in _OPENRLHF_STUBS.items():
+        if name.split(".")[0] in real:
+            continue  # installed (a GPU machine): the real package
+        stubs[name] = sys.modules[name] = _test_only_stub(name, names)
+        parent, _, child = name.rpartition(".")
+        if parent in stubs:
+            setattr(stubs[parent], child, stubs[name])
+    try:
+        modules = {name: importlib.import_module(name) for name in _OPENRLHF_MODULES}
+    except Exception as exc:
+        _drop_modules(before, stubs)
+        pytest.skip(f"openrlhf does not import here: {type(exc).__name__}: {exc}")
+    yield modules
+    _drop_modules(before, stubs)
+
+
+def _drop_modules(before, stubs):
+    for name in list(sys.modules):
+        if name not in before and (name.split(".")[0] == "openrlhf" or name in stubs):
+            del sys.modules[name]
+    for name, module in stubs.items():
+        if sys.modules.get(name) is module:
+            del sys.modules[name]
+
+
+def _compare_empty(original, patched, inputs, nan):
+    """No valid token. Without global counts OpenRLHF's masked means are 0 / 0:
+    the loss (and clip_ratio, ppo_kl) NaN, as ours; its gradients are then NaN
+    too, except where a clamp or max happens to stop them, while ours are 0 (a
+    documented difference). With global counts both are 0 / N, equal."""
+    theirs, g_theirs = _run(original, inputs)
+    ours, g_ours = _run(patched, inputs)
+    _assert_close(ours, theirs)
+    first = ours[0] if isinstance(ours, tuple) else ours
+    assert bool(torch.isnan(first)) == nan
+    for a, b in zip(g_ours, g_theirs):
+        if nan:
+            assert (b.isnan() | (b == 0)).all()
+            # ours are 0; a case OpenRLHF's own code computes (the fallbacks) is its NaN
+            assert not a.any() or torch.equal(a.isnan(), b.isnan())
+        else:
+            torch.testing.assert_close(a, b)
+
+
+def _policy_inputs(gen, batch=5, seq=12, dtype=torch.float32):
+    old = -2 * torch.rand(batch, seq, generator=gen)
+    new = old + 0.4 * torch.randn(batch, seq, generator=gen)
+    new[0, 0] = old[0, 0] + 25.0  # the log-ratio clamp
+    new[2, 1] = old[2, 1] - 25.0
+    adv = torch.randn(batch, seq, generator=gen)
+    return new.to(dtype), old.to(dtype), adv.to(dtype)
+
+
+_OPENRLHF_BATCH_INFOS = [{}, {"dp_size": 2, "batch_num_tokens": 30, "global_batch_size": 7},
+                         {"dp_size": 4, "batch_num_tokens": 11.0, "global_batch_size": 3.0}]
+
+
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+@pytest.mark.parametrize("token_level_loss", [True, False])
+@pytest.mark.parametrize("batch_info", _OPENRLHF_BATCH_INFOS)
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.long])
+def test_openrlhf_policy_loss(openrlhf_real, dual_clip, token_level_loss, batch_info, mask_dtype):
+    loss_mod = openrlhf_real["openrlhf.models.loss"]
+    module = loss_mod.PolicyLoss(clip_eps_low=0.15, clip_eps_high=0.28, dual_clip=dual_clip,
+                                 token_level_loss=token_level_loss)
+    original = loss_mod.PolicyLoss.forward
+    original = getattr(original, "__wrapped_original__", original)
+    ours = _openrlhf_adapter("forward", "PolicyLoss")
+    gen = torch.Generator().manual_seed(24)
+    new, old, adv = _policy_inputs(gen)
+    mask = _mask_with_holes(5, 12, gen).to(mask_dtype)
+    # gradients w.r.t. log_probs: old log-probs and advantages are data (OpenRLHF's trainer detaches them)
+    call = lambda fn, m=mask, o=old, a=adv: (lambda x: fn(module, x, o, a, m, **batch_info))  # noqa: E731
+    _compare(call(original), call(ours), [new])
+    double = dict(o=old.double(), a=adv.double())
+    _compare(call(original, **double), call(ours, **double), [new.double()], atol=1e-7, rtol=1e-7)
+    bf16 = [t.bfloat16() for t in (new, old, adv)]
+    data_call = lambda fn: (lambda x, o, a: fn(module, x, o, a, mask, **batch_info))  # noqa: E731
+    _compare_bf16(data_call(original), data_call(ours), [bf16[0]], data=bf16[1:])
+    empty = torch.zeros_like(mask)
+    _compare_empty(call(original, m=empty), call(ours, m=empty), [new], nan=not batch_info)
+
+
+def test_openrlhf_policy_loss_falls_back_to_openrlhf(openrlhf_real):
+    """GSPO, the IS correction, weighting masks, no mask and a gradient w.r.t.
+    the advantages: OpenRLHF's own code."""
+    loss_mod = openrlhf_real["openrlhf.models.loss"]
+    original = loss_mod.PolicyLoss.forward
+    original = getattr(original, "__wrapped_original__", original)
+    ours = _openrlhf_adapter("forward", "PolicyLoss")
+    gen = torch.Generator().manual_seed(25)
+    new, old, adv = _policy_inputs(gen)
+    mask = _mask_with_holes(5, 12, gen)
+    mask[1, 0] = True  # GSPO's per-sequence ratio divides by the count
+    rollout = old + 0.05 * torch.randn(5, 12, generator=gen)
+    cases = [
+        (loss_mod.PolicyLoss(policy_loss_type="gspo"), mask, {}),
+        (loss_mod.PolicyLoss(is_correction_level="token", is_correction_mode="clip"), mask,
+         {"rollout_log_probs": rollout}),
+        (loss_mod.PolicyLoss(is_correction_level="seq"), mask, {"rollout_log_probs": rollout}),
+        (loss_mod.PolicyLoss(), torch.rand(5, 12, generator=gen), {}),
+        (loss_mod.PolicyLoss(dual_clip=2.0), None, {}),
+        (loss_mod.PolicyLoss(), mask, {"batch_num_tokens": torch.tensor(20), "dp_size": 2}),
+    ]
+    for module, m, kw in cases:
+        _compare(lambda x: original(module, x, old, adv, m, **kw), lambda x: ours(module, x, old, adv, m, **kw),
+                 [new])
+    module = loss_mod.PolicyLoss()
+    _compare(lambda x, a: original(module, x, old, a, mask), lambda x, a: ours(module, x, old, a, mask), [new, adv])
+
+
+@pytest.mark.parametrize("token_level_loss", [True, False])
+@pytest.mark.parametrize("batch_info", _OPENRLHF_BATCH_INFOS)
+@pytest.mark.parametrize("clip_eps", [0.2, None])
+def test_openrlhf_value_loss(openrlhf_real, token_level_loss, batch_info, clip_eps):
+    loss_mod = openrlhf_real["openrlhf.models.loss"]
+    module = loss_mod.ValueLoss(clip_eps=clip_eps, token_level_loss=token_level_loss)
+    original = loss_mod.ValueLoss.forward
+    original = getattr(original, "__wrapped_original__", original)
+    ours = _openrlhf_adapter("forward", "ValueLoss")
+    gen = torch.Generator().manual_seed(26)
+    values = torch.randn(5, 12, generator=gen)
+    vpreds = values + 0.5 * torch.randn(5, 12, generator=gen)
+    returns = torch.randn(5, 12, generator=gen)
+    mask = _mask_with_holes(5, 12, gen)
+    call = lambda fn, m=mask, o=values, r=returns: (lambda v: fn(module, v, o, r, m, **batch_info))  # noqa: E731
+    # gradients w.r.t. the predictions: old values and returns are targets
+    _compare(call(original), call(ours), [vpreds])
+    double = dict(m=mask.long(), o=values.double(), r=returns.double())
+    _compare(call(original, **double), call(ours, **double), [vpreds.double()], atol=1e-7, rtol=1e-7)
+    bf16 = [t.bfloat16() for t in (vpreds, values, returns)]
+    data_call = lambda fn: (lambda v, o, r: fn(module, v, o, r, mask, **batch_info))  # noqa: E731
+    _compare_bf16(data_call(original), data_call(ours), [bf16[0]], data=bf16[1:])
+    empty = torch.zeros_like(mask)
+    _compare_empty(call(original, m=empty), call(ours, m=empty), [vpreds], nan=not batch_info)
+
+
+def test_openrlhf_patch_swaps_trainer_lookups_and_unpatch_restores(openrlhf_real):
+    """The real patch(): every lookup in OpenRLHF's actor, PPO actor, critic and
+    experience maker is swapped, the loss modules' forward is ours, outputs
+    equal OpenRLHF's, and unpatch() restores identity."""
     from rlhf_kernels.integrations import openrlhf as rk_openrlhf
 
-    try:
-        importlib.import_module("openrlhf.models.utils")
-        importlib.import_module("openrlhf.trainer.ppo_utils.experience_maker")
-    except Exception:
-        with pytest.raises(FrameworkNotInstalledError):
-            rk_openrlhf.patch()
-        assert not rk_openrlhf.patched_names()
-        return
-    import openrlhf.models.utils as utils
+    utils = openrlhf_real["openrlhf.models.utils"]
+    loss_mod = openrlhf_real["openrlhf.models.loss"]
+    actor = openrlhf_real["openrlhf.models.actor"]
+    ppo_actor = openrlhf_real["openrlhf.trainer.ray.ppo_actor"]
+    maker = openrlhf_real["openrlhf.trainer.ppo_utils.experience_maker"]
+    names = ("log_probs_from_logits", "compute_entropy", "compute_approx_kl")
+    originals = {n: getattr(utils, n) for n in names}
+    forwards = (loss_mod.PolicyLoss.forward, loss_mod.ValueLoss.forward)
+    gae = maker.RemoteExperienceMaker.get_advantages_and_returns
 
-    before = utils.compute_approx_kl
+    gen = torch.Generator().manual_seed(27)
+    new, old, adv = _policy_inputs(gen)
+    mask = _mask_with_holes(5, 12, gen)
+    logits = 3 * torch.randn(5, 12, 67, generator=gen)
+    labels = torch.randint(0, 67, (5, 12), generator=gen)
+    policy_loss, value_loss = loss_mod.PolicyLoss(dual_clip=3.0), loss_mod.ValueLoss(clip_eps=0.2)
+
+    def outputs():
+        return (policy_loss(new, old, adv, mask), value_loss(new, old, adv, mask),
+                actor.log_probs_from_logits(logits.clone(), labels, 0.7),
+                ppo_actor.compute_approx_kl(new, old, kl_estimator="k3"),
+                maker.compute_approx_kl(new, old, kl_estimator="k2"),
+                maker.RemoteExperienceMaker.get_advantages_and_returns(None, old, adv, mask, 0.99, 0.95))
+
+    expected = outputs()
     with rk_openrlhf.patched():
-        assert utils.compute_approx_kl.__wrapped_original__ is before
-        assert sys.modules["openrlhf.models.actor"].log_probs_from_logits is utils.log_probs_from_logits
-    assert utils.compute_approx_kl is before
+        for n in names:
+            assert getattr(utils, n).__wrapped_original__ is originals[n]
+        assert actor.log_probs_from_logits is utils.log_probs_from_logits
+        assert actor.compute_entropy is utils.compute_entropy
+        assert ppo_actor.compute_approx_kl is maker.compute_approx_kl is utils.compute_approx_kl
+        assert ppo_actor.PolicyLoss.forward.__wrapped_original__ is forwards[0]
+        assert openrlhf_real["openrlhf.trainer.ray.ppo_critic"].ValueLoss.forward.__wrapped_original__ is forwards[1]
+        assert maker.RemoteExperienceMaker.get_advantages_and_returns.__wrapped_original__ is gae
+        assert "openrlhf.models.loss.PolicyLoss.forward" in rk_openrlhf.patched_names()
+        assert "openrlhf.trainer.ray.ppo_actor.compute_approx_kl" in rk_openrlhf.patched_names()
+        got = outputs()
+    _assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for n in names:
+        assert getattr(utils, n) is originals[n] and getattr(actor, n, originals[n]) is originals[n]
+    assert ppo_actor.compute_approx_kl is maker.compute_approx_kl is originals["compute_approx_kl"]
+    assert (loss_mod.PolicyLoss.forward, loss_mod.ValueLoss.forward) == forwards
+    assert maker.RemoteExperienceMaker.get_advantages_and_returns is gae
+    assert not rk_openrlhf.patched_names()
+
+
+def test_openrlhf_unknown_version_refuses(openrlhf_real, monkeypatch):
+    from rlhf_kernels.integrations import openrlhf as rk_openrlhf
+
+    utils = openrlhf_real["openrlhf.models.utils"]
+    before = (utils.compute_approx_kl, openrlhf_real["openrlhf.models.loss"].PolicyLoss.forward)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.9.0")
+    with pytest.raises(UntestedVersionError, match=r"openrlhf 0\.9\.0 is not a tested version"):
+        rk_openrlhf.patch()
+    assert (utils.compute_approx_kl, openrlhf_real["openrlhf.models.loss"].PolicyLoss.forward) == before
+
+
+def test_openrlhf_patch_refuses_cleanly_where_it_cannot_import():
+    """Where openrlhf.models does not import (here: flash-attn made unimportable,
+    as on a CPU machine without the stand-in), patch() raises and patches
+    nothing. In a fresh interpreter, so this process's modules stay as they are."""
+    _openrlhf_source("models/utils.py")
+    code = (
+        "import sys; sys.modules['flash_attn'] = None\n"
+        "from rlhf_kernels.integrations import FrameworkNotInstalledError\n"
+        "from rlhf_kernels.integrations import openrlhf as rk\n"
+        "try:\n    rk.patch()\nexcept FrameworkNotInstalledError as e:\n"
+        "    assert 'nothing was patched' in str(e), e\n    assert not rk.patched_names()\n    print('REFUSED')\n"
+        "else:\n    print('PATCHED')\n"
+    )
+    import os
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "REFUSED"

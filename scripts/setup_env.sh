@@ -50,10 +50,19 @@ have trl || { integration_install accelerate==1.15.0 datasets==5.2.0 \
 have verl || { integration_install ray==2.60.0 hydra-core==1.3.8 codetiming==1.4.0 cloudpickle==2.1.0 \
     importlib_metadata==10.2.0 orjson==3.8.3 \
   && integration_install --no-deps verl==0.9.1 tensordict==0.10.0 pyvers==0.1.0 peft==0.21.2 torchdata==0.11.0; }
-# OpenRLHF's package imports flash-attn (CUDA only) and DeepSpeed: only its
-# source is installed; the tests load the patched functions from it.
+# OpenRLHF: --no-deps, plus what its patched modules import: DeepSpeed (an
+# sdist; DS_BUILD_OPS=0 compiles no op and --no-build-isolation builds it
+# against the torch present; it imports on CPU), pylatexenc (openrlhf.utils)
+# and aiohttp (its agent executor). flash-attn (CUDA only) and vLLM (pins its
+# own torch) are not installed: the tests stand in for the names OpenRLHF
+# imports from them.
 "$PY" -c "import importlib.metadata as m; m.version('openrlhf')" >/dev/null 2>&1 \
   || integration_install --no-deps openrlhf==0.11.2
+have deepspeed || { integration_install einops==0.8.2 hjson==3.1.0 py-cpuinfo==9.0.0 msgpack==1.2.4 \
+    psutil==7.2.2 pydantic==2.13.4 \
+  && DS_BUILD_OPS=0 integration_install --no-deps --no-build-isolation deepspeed==0.19.8; }
+have pylatexenc || integration_install --no-deps pylatexenc==2.11
+have aiohttp || integration_install aiohttp==3.13.3
 rm -f "$integration_constraints"
 
 if [ "${RLHF_KERNELS_SKIP_INSTALL:-0}" != "1" ]; then

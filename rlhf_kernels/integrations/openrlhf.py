@@ -5,15 +5,20 @@ imported them (the actor, the PPO actor, the experience maker):
 
 - ``log_probs_from_logits``, ``compute_entropy`` -> ``logprobs_from_logits``;
 - ``compute_approx_kl`` -> ``kl_penalty``;
-- ``RemoteExperienceMaker.get_advantages_and_returns`` (its GAE) -> ``compute_gae``.
+- ``RemoteExperienceMaker.get_advantages_and_returns`` (its GAE) -> ``compute_gae``;
+- ``PolicyLoss.forward`` (the PPO actor's loss; the class is what the PPO
+  actor instantiates, so its method is the one lookup) -> ``ppo_policy_loss``;
+- ``ValueLoss.forward`` (the critic's loss) -> ``ppo_value_loss``.
 
-Not replaced: the ``PolicyLoss`` and ``ValueLoss`` modules (classes with
-many loss variants; left for a later change).
+The loss variants our kernels do not compute stay OpenRLHF's own code:
+GSPO, the train/rollout importance-sampling correction, an unclipped value
+loss, floating (weighting) masks, no mask, and inputs other than the first
+that require a gradient.
 
-OpenRLHF 0.11.2 imports flash-attn (CUDA only) and DeepSpeed from
-``openrlhf.models``, so ``patch()`` works only where those import (a GPU
-machine with OpenRLHF's own install); the adapters' arithmetic is tested on
-CPU against OpenRLHF's source with those two imports stubbed out.
+``patch()`` imports ``openrlhf.models``, which imports DeepSpeed (installs
+and imports on CPU) and flash-attn (CUDA only), and the Ray trainer modules,
+which import vLLM: it works where OpenRLHF's own install does. The tests run
+it on CPU with a test-only stand-in for flash-attn and vLLM.
 """
 
 from __future__ import annotations
@@ -92,6 +97,106 @@ def _make_gae(original):
     return get_advantages_and_returns
 
 
+def _dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _aggregation(mask: Tensor, token_level_loss: bool, dp_size, batch_num_tokens, global_batch_size):
+    """Our (agg, num_tokens, num_seqs, scale) for OpenRLHF's ``aggregate_loss``,
+    or None where it is not ours to compute (zero or tensor-valued counts)."""
+    given = batch_num_tokens if token_level_loss else global_batch_size
+    if given is not None and (isinstance(given, Tensor) or given == 0):
+        return None
+    # OpenRLHF semantics: token-level is token-mean, sample-level is
+    # seq-mean-token-mean; the global count replaces the local one, and dp_size
+    # multiplies only when a global count is given.
+    agg = "token-mean" if token_level_loss else "seq-mean-token-mean"
+    scale = float(dp_size) if given is not None else 1.0
+    return agg, (float(given) if token_level_loss and given is not None else None), \
+        (float(given) if not token_level_loss and given is not None else None), scale
+
+
+def _nan_if_empty(x: Tensor, mask: Tensor, token_level_loss: bool, given) -> Tensor:
+    """OpenRLHF semantics: masked means divide by the local count, so no valid
+    token (or sequence) gives 0 / 0 = NaN where ours gives 0. Difference: its
+    gradients are then NaN too (except where a clamp stops them); ours are 0."""
+    if given is not None:
+        return x
+    return torch.where(mask.any(), x, x.new_tensor(float("nan")))
+
+
+def _make_policy_loss_forward(original):
+    def forward(self, log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, action_mask=None,
+                rollout_log_probs=None, dp_size: int = 1, batch_num_tokens=None, global_batch_size=None):
+        args = (log_probs, old_log_probs, advantages, action_mask, rollout_log_probs, dp_size, batch_num_tokens,
+                global_batch_size)
+        # OpenRLHF's own code for what our kernel does not compute: GSPO, the
+        # IS correction, no mask or a weighting (floating) mask, and gradients
+        # w.r.t. old_log_probs / advantages (ours treats them as data, as
+        # OpenRLHF's trainer passes them).
+        if (self.policy_loss_type != "ppo" or self.is_correction_level != "off" or action_mask is None
+                or action_mask.is_floating_point() or old_log_probs.requires_grad or advantages.requires_grad
+                or log_probs.shape != action_mask.shape):
+            return original(self, *args)
+        agg = _aggregation(action_mask, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size)
+        if agg is None:
+            return original(self, *args)
+        mode, num_tokens, num_seqs, scale = agg
+        mask = action_mask.bool()
+        # OpenRLHF semantics = ours: ratio = exp(clamp(log-ratio, -20, 20)),
+        # loss max(-A r, -A clip(r)), dual clip min(., -c A) for A < 0.
+        # Difference: OpenRLHF multiplies by the mask, so a non-finite value at a
+        # masked position makes its loss NaN; ours selects it away.
+        loss, stats = rlhf_kernels.ppo_policy_loss(
+            log_probs, old_log_probs, advantages, mask, clip_low=self.clip_eps_low, clip_high=self.clip_eps_high,
+            dual_clip=self.dual_clip, agg=mode, num_tokens=num_tokens, num_seqs=num_seqs,
+        )
+        given = batch_num_tokens if self.token_level_loss else global_batch_size
+        loss = loss * scale if scale != 1.0 else loss
+        loss = _nan_if_empty(loss, mask, self.token_level_loss, given)
+        # OpenRLHF semantics: the loss in the inputs' dtype at token level; its
+        # sample-level per-sequence means are float32 (a float32 divisor).
+        dtype = _dtype(log_probs, old_log_probs, advantages)
+        loss = loss.to(dtype if self.token_level_loss else torch.promote_types(dtype, torch.float32))
+        # clip_ratio (share with l2 > l1) and ppo_kl (mean of the unclamped
+        # old - new log-ratio) are our clipfrac / approx_kl; NaN without a token.
+        clip_ratio = _nan_if_empty(stats["clipfrac"], mask, True, None).to(torch.float32)
+        ppo_kl = _nan_if_empty(stats["approx_kl"], mask, True, None).to(_dtype(log_probs, old_log_probs))
+        return loss, clip_ratio, ppo_kl, None, None
+
+    return forward
+
+
+def _make_value_loss_forward(original):
+    def forward(self, values: Tensor, old_values: Tensor, returns: Tensor, action_mask=None, dp_size: int = 1,
+                batch_num_tokens=None, global_batch_size=None):
+        args = (values, old_values, returns, action_mask, dp_size, batch_num_tokens, global_batch_size)
+        # OpenRLHF's own code: no clip (plain squared error), no mask or a
+        # weighting mask, gradients w.r.t. old_values / returns.
+        if (self.clip_eps is None or not self.clip_eps > 0 or action_mask is None
+                or action_mask.is_floating_point() or old_values.requires_grad or returns.requires_grad
+                or values.shape != action_mask.shape):
+            return original(self, *args)
+        agg = _aggregation(action_mask, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size)
+        if agg is None:
+            return original(self, *args)
+        mode, num_tokens, num_seqs, scale = agg
+        mask = action_mask.bool()
+        # OpenRLHF semantics = ours: 0.5 * agg(max((v - R)^2, (v_clip - R)^2)).
+        loss, _ = rlhf_kernels.ppo_value_loss(values, old_values, returns, mask, clip=self.clip_eps, agg=mode,
+                                              num_tokens=num_tokens, num_seqs=num_seqs)
+        given = batch_num_tokens if self.token_level_loss else global_batch_size
+        loss = loss * scale if scale != 1.0 else loss
+        loss = _nan_if_empty(loss, mask, self.token_level_loss, given)
+        dtype = _dtype(values, old_values, returns)
+        return loss.to(dtype if self.token_level_loss else torch.promote_types(dtype, torch.float32))
+
+    return forward
+
+
 _patcher = Patcher(
     framework="openrlhf",
     distribution="openrlhf",
@@ -102,11 +207,14 @@ _patcher = Patcher(
         _Target("openrlhf.models.utils", "compute_approx_kl", _make_compute_approx_kl),
         _Target("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker.get_advantages_and_returns",
                 _make_gae),
+        _Target("openrlhf.models.loss", "PolicyLoss.forward", _make_policy_loss_forward),
+        _Target("openrlhf.models.loss", "ValueLoss.forward", _make_value_loss_forward),
     ],
     consumers=(
         "openrlhf.models.actor",
         "openrlhf.trainer.ray.ppo_actor",
         "openrlhf.trainer.ppo_utils.experience_maker",
+        "openrlhf.trainer.ray.ppo_critic",
     ),
 )
 

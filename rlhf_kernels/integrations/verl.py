@@ -10,10 +10,11 @@ up in, and wherever verl's modules imported them:
 - ``compute_grpo_outcome_advantage``, ``compute_rloo_outcome_advantage``
   (registry names "grpo", "rloo") -> ``group_advantages``;
 - ``compute_policy_loss_vanilla`` (registry name "vanilla") -> ``ppo_policy_loss``;
-- ``compute_value_loss`` -> ``ppo_value_loss``.
-
-``agg_loss`` is not replaced: it is a handful of masked sums with no kernel of
-ours behind it; the two losses above fuse their aggregation instead.
+- ``compute_value_loss`` -> ``ppo_value_loss``;
+- ``agg_loss`` (which verl's other policy losses, its entropy and KL losses
+  and its trainers' metrics call) -> the aggregation of our losses
+  (``rlhf_kernels.reference.agg_loss``, the same weights the fused kernels
+  apply), with verl's dp_size / global-count normalisation around it.
 
 The adapters keep verl's semantics; each "verl semantics" comment marks a
 place where they differ from ours.
@@ -262,6 +263,48 @@ def _make_value_loss(original):
     return compute_value_loss
 
 
+def _make_agg_loss(original):
+    from rlhf_kernels.reference import agg_loss as our_agg_loss
+
+    def agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
+                 loss_scale_factor=None):
+        # Cases our aggregation does not express go to verl's own code: a floating
+        # mask (per-token weights), unknown modes (verl raises), tensor-valued or zero
+        # global counts (verl divides by them as given), nested / broadcast shapes.
+        # An integer mask is taken as 0/1, as verl's response masks are.
+        counts_given = (batch_num_tokens, global_batch_size, loss_scale_factor)
+        if (loss_agg_mode not in _AGG_MODES or not isinstance(loss_mat, Tensor) or not loss_mat.is_floating_point()
+                or loss_mat.is_nested or loss_mask.is_nested or loss_mask.is_floating_point()
+                or loss_mat.dim() == 0 or loss_mat.shape != loss_mask.shape
+                or any(isinstance(c, Tensor) or c == 0 for c in counts_given if c is not None)):
+            return original(loss_mat, loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
+                            loss_scale_factor)
+        mask = loss_mask.bool()
+        num_tokens, num_seqs, scale, count = _agg_args(
+            mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+        )
+        seq_mode = loss_agg_mode.startswith("seq-mean")
+        # verl semantics: the token modes keep the loss's dtype; the seq-mean modes
+        # weight the sequences by a float32 mask, so bf16 / fp16 come out float32.
+        out_dtype = torch.promote_types(loss_mat.dtype, torch.float32) if seq_mode else loss_mat.dtype
+        work = loss_mat.float() if loss_mat.dtype in (torch.bfloat16, torch.float16) else loss_mat
+        loss = our_agg_loss(work, mask, loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs)
+        if seq_mode:
+            # verl semantics: the seq-mean modes multiply by the mask (the token modes
+            # select), so inf / NaN at a masked position of a sequence with a valid
+            # token makes the loss NaN; its gradients stay finite, as here (detached).
+            with torch.no_grad():
+                # 0, or NaN where a masked token is not finite (x * 0)
+                leak = torch.where(mask.any(-1), (loss_mat * 0).masked_fill(mask, 0).sum(-1), 0)
+                leak = leak.sum().to(loss.dtype)
+            loss = loss + leak
+        # verl semantics: times dp_size, and 0 / 0 = NaN for a micro-batch without a
+        # valid token (ours returns 0).
+        return _finish(loss, scale, count, out_dtype)
+
+    return agg_loss
+
+
 _patcher = Patcher(
     framework="verl",
     distribution="verl",
@@ -275,9 +318,13 @@ _patcher = Patcher(
         _Target(_CORE, "compute_rloo_outcome_advantage", _make_rloo),
         _Target(_CORE, "compute_policy_loss_vanilla", _make_policy_loss),
         _Target(_CORE, "compute_value_loss", _make_value_loss),
+        _Target(_CORE, "agg_loss", _make_agg_loss),
     ],
     consumers=(
         "verl.workers.utils.losses",
+        "verl.trainer.distillation.losses",
+        "verl.trainer.ppo.v1.trainer_base",
+        "verl.experimental.separation.ray_trainer",
         "verl.trainer.ppo.ray_trainer",
         "verl.trainer.ppo.rollout_corr_helper",
         "verl.trainer.ppo.metric_utils",
