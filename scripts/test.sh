@@ -4,5 +4,5 @@
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh
+bash scripts/setup_env.sh --test
 exec "${PYTHON:-python3}" -m pytest python_tests -q "$@"
