@@ -165,6 +165,22 @@ inline void check_kl_inputs(const at::Tensor& logp, const at::Tensor& ref_logp, 
                     "ref_logp: shape and dtype must match logp");
   TORCH_CHECK_VALUE(estimator >= 0 && estimator <= 3, "estimator: must be in [0, 3]");
 }
+// Checks of ppo_policy_fwd_native's arguments (both devices).
+inline PpoShape check_ppo_policy_inputs(const at::Tensor& logp, const at::Tensor& old_logp,
+                                        const at::Tensor& advantages, const at::Tensor& mask,
+                                        const std::optional<at::Tensor>& ref_logp,
+                                        const std::optional<at::Tensor>& entropy, int64_t seq_len,
+                                        int64_t kl_estimator) {
+  const PpoShape shape = check_ppo_inputs(logp, {&old_logp, &advantages}, mask, seq_len,
+                                          {"old_logp", "advantages"});
+  const at::ScalarType acc = logp.scalar_type();
+  if (ref_logp) check_row_tensor(*ref_logp, shape.numel(), acc, "ref_logp");
+  if (entropy) check_row_tensor(*entropy, shape.numel(), acc, "entropy");
+  TORCH_CHECK_VALUE(kl_estimator >= kKlNone && kl_estimator <= kKlK3, "kl_estimator: bad code ", kl_estimator);
+  TORCH_CHECK_VALUE(kl_estimator == kKlNone || ref_logp, "ref_logp: required with a KL estimator");
+  return shape;
+}
+
 
 // Outputs of advantages_native (both devices): advantages, returns, the shaped
 // rewards and the KL (empty without shaping), and the (B, kAdvantageStats)

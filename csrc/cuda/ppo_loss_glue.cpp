@@ -32,13 +32,9 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_fwd_cuda(
     const std::optional<at::Tensor>& entropy, int64_t seq_len, double ratio_low, double ratio_high,
     double dual_clip, double kl_coef, int64_t kl_estimator, bool need_grad) {
   const c10::cuda::CUDAGuard guard(logp.device());
-  const PpoShape shape = check_ppo_inputs(logp, {&old_logp, &advantages}, mask, seq_len,
-                                          {"old_logp", "advantages"});
+  const PpoShape shape = check_ppo_policy_inputs(logp, old_logp, advantages, mask, ref_logp, entropy,
+                                                 seq_len, kl_estimator);
   const at::ScalarType acc = logp.scalar_type();
-  if (ref_logp) check_row_tensor(*ref_logp, shape.numel(), acc, "ref_logp");
-  if (entropy) check_row_tensor(*entropy, shape.numel(), acc, "entropy");
-  TORCH_CHECK_VALUE(kl_estimator >= kKlNone && kl_estimator <= kKlK3, "kl_estimator: bad code ", kl_estimator);
-  TORCH_CHECK_VALUE(kl_estimator == kKlNone || ref_logp, "ref_logp: required with a KL estimator");
   at::Tensor grad = at::empty({need_grad ? shape.numel() : 0}, logp.options());
   const int64_t chunks = cuda::ppo_chunks(seq_len);
   at::Tensor partial = at::empty({shape.seqs, chunks, kPolicyStats}, logp.options());
