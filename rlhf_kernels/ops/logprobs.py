@@ -26,7 +26,7 @@ else:  # pragma: no cover - exercised only where Triton is absent
     triton = None
 
 # exp underflows below this; clamping keeps 0 * (-inf) out of the sums.
-_MIN_EXP_ARG = -87.3
+_MIN_EXP_ARG = tl.constexpr(-87.3) if triton is not None else -87.3
 
 
 if triton is not None:
