@@ -84,6 +84,28 @@ inline int64_t check_logprobs_bwd(const at::Tensor& grad_logp,
 }
 
 
+// Per-row inputs of ppo_logits_grad_native, and the PolicyParams they imply.
+inline PolicyParams<double> check_ppo_logits_grad(
+    int64_t n_rows, at::ScalarType acc, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const at::Tensor& row_weight, const std::optional<at::Tensor>& ref_logp, double ratio_low,
+    double ratio_high, double dual_clip, double kl_coef, int64_t kl_estimator) {
+  check_row_tensor(old_logp, n_rows, acc, "old_logp");
+  check_row_tensor(advantages, n_rows, acc, "advantages");
+  check_row_tensor(row_weight, n_rows, acc, "row_weight");
+  if (ref_logp) check_row_tensor(*ref_logp, n_rows, acc, "ref_logp");
+  TORCH_CHECK_VALUE(kl_estimator >= kKlNone && kl_estimator <= kKlK3, "kl_estimator: bad code ", kl_estimator);
+  TORCH_CHECK_VALUE(kl_estimator == kKlNone || ref_logp, "ref_logp: required with a KL estimator");
+  return PolicyParams<double>{ratio_low, ratio_high, dual_clip, dual_clip > 0,
+                              static_cast<int>(kl_estimator), kl_coef};
+}
+
+template <typename acc_t>
+PolicyParams<acc_t> cast_params(const PolicyParams<double>& p) {
+  return PolicyParams<acc_t>{static_cast<acc_t>(p.ratio_low), static_cast<acc_t>(p.ratio_high),
+                             static_cast<acc_t>(p.dual_clip), p.has_dual_clip, p.kl_estimator,
+                             static_cast<acc_t>(p.kl_coef)};
+}
+
 // The (B, T) token tensors of the PPO loss kernels, flattened to (B * T,).
 struct PpoShape {
   int64_t seqs;

@@ -28,6 +28,20 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "Tensor labels, Tensor lse, Tensor? entropy, Tensor(a!) grad_logits, int inner_rows, "
       "int in_outer_stride, int in_inner_stride, int out_outer_stride, int out_inner_stride, "
       "float inv_temperature, int ignore_index) -> ()");
+  // ppo_loss_from_logits with its gradient in the same pass: per row, the
+  // forward of logprobs_fwd_native (with entropy), then the token's
+  // g = row_weight * d(policy loss + kl_coef * kl)/d logp (PPO terms as in
+  // ppo_policy_fwd_native; row_weight is the aggregation weight, 0 on masked
+  // tokens) and g_entropy = -entropy_coef * row_weight, then the row's
+  // gradient as logprobs_bwd_native writes it, while the row is still cached.
+  // Per-row tensors (N,) in the accumulation dtype. Returns logp, entropy, lse.
+  m.def(
+      "ppo_logits_grad_native(Tensor logits, Tensor labels, Tensor old_logp, Tensor advantages, "
+      "Tensor row_weight, Tensor? ref_logp, Tensor(a!) grad_logits, int inner_rows, "
+      "int in_outer_stride, int in_inner_stride, int out_outer_stride, int out_inner_stride, "
+      "float inv_temperature, int ignore_index, float ratio_low, float ratio_high, "
+      "float dual_clip, float kl_coef, int kl_estimator, float entropy_coef) "
+      "-> (Tensor, Tensor, Tensor)");
   // Fused PPO policy loss, one pass over the tokens. Token tensors (N,) =
   // (B * T,) contiguous, float32 or float64; mask (N,) bool. ratio_low /
   // ratio_high = 1 -+ clip; dual_clip <= 0 turns the dual clip off;

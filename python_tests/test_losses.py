@@ -314,6 +314,30 @@ def test_loss_from_logits_strided_and_inplace(device_backend):
     assert torch.all(grads[False][0][:, -1] == 0)
 
 
+def test_loss_from_logits_upstream_gradient_scales_the_forward_gradient(device_backend):
+    """The logits gradient is written during the forward for a unit upstream
+    gradient: a scaled loss (gradient accumulation) and a sum with another term
+    and a second backward through a retained graph must still be exact."""
+    device, backend = device_backend
+    logits, labels, old, adv, mask, ref = _logits_inputs((2, 5, 67), device, seed=9)
+    kwargs = dict(ref_logp=ref, kl_coef=0.1, entropy_coef=0.01)
+    x64 = logits.double().requires_grad_(True)
+    want, _ = reference.ppo_loss_from_logits(x64, labels, old.double(), adv.double(), mask, **kwargs)
+    (want_grad,) = torch.autograd.grad(want, x64)
+    x = logits.clone().requires_grad_(True)
+    loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, backend=backend, **kwargs)
+    (0.25 * loss + x.square().sum()).backward(retain_graph=True)
+    torch.testing.assert_close(x.grad.double(), 0.25 * want_grad + 2 * logits.double(), atol=1e-6, rtol=1e-4)
+    x.grad = None
+    loss.backward(retain_graph=True)  # upstream gradient exactly 1: the forward's buffer as it is
+    torch.testing.assert_close(x.grad.double(), want_grad, atol=1e-6, rtol=1e-4)
+    (g,) = torch.autograd.grad(loss * 3, x)  # and once more, scaled
+    torch.testing.assert_close(g.double(), 3 * want_grad, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # no gradient wanted: forward only, same loss
+        again, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, backend=backend, **kwargs)
+    torch.testing.assert_close(again, loss.detach(), atol=0, rtol=0)
+
+
 def test_loss_from_logits_bf16_no_worse_than_torch(device_backend):
     device, backend = device_backend
     logits, labels, old, adv, mask, ref = _logits_inputs((2, 6, 1001), device, dtype=torch.bfloat16, seed=6)

@@ -497,6 +497,48 @@ def _value_backward(ctx, grad_loss, _grad_stats, _grad_grad, _grad_weights):
 _ppo_value_loss_fwd.register_autograd(_value_backward, setup_context=_policy_setup_context)
 
 
+# --- the logits gradient during the forward ---------------------------------------------
+# When a gradient is needed (and the logits are not to be overwritten), each row
+# of logits is read once for logp / entropy / lse, its token's dL/dlogp follows
+# from the PPO formula (the aggregation weights depend on the mask only), and the
+# row's gradient is written straight away, while the row is still in cache: one
+# read and one write of the logits in all, where a separate backward would read
+# them again. grad_logits (contiguous, the logits' dtype) is written in place.
+
+
+def _logits_grad_native(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inv_temperature,
+                        ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef):
+    tensor, inner_rows, in_outer, in_inner, out_outer, out_inner = _lp._layouts(logits, grad_logits)
+    return torch.ops.rlhf_kernels.ppo_logits_grad_native(
+        tensor, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inner_rows, in_outer, in_inner,
+        out_outer, out_inner, inv_temperature, -100, ratio_low, ratio_high, dual_clip, kl_coef, kl_code,
+        entropy_coef,
+    )
+
+
+def _logits_grad_composed(backend):
+    """Forward, token pass, backward as three steps: the reference backend, and
+    the CUDA and Triton backends until they have a fused kernel (three passes
+    over the logits, as a separate backward would make)."""
+    def run(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inv_temperature,
+            ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef):
+        logp, entropy, lse = _lp._FORWARD[backend](logits, labels, inv_temperature, -100, True)
+        valid = row_weight != 0
+        grad, _ = _POLICY[backend](logp, old_logp, adv, valid, ref_logp, None, max(1, logp.numel()),
+                                   ratio_low, ratio_high, dual_clip, kl_coef, kl_code, True)
+        grad_logp = grad * row_weight
+        grad_entropy = (-entropy_coef * row_weight) if entropy_coef != 0.0 else None
+        _lp._BACKWARD[backend](grad_logp, grad_entropy, logits, labels, lse,
+                               entropy if grad_entropy is not None else None, grad_logits,
+                               inv_temperature, -100)
+        return logp, entropy, lse
+    return run
+
+
+_LOGITS_GRAD = {"cpu": _logits_grad_native, "cuda": _logits_grad_composed("cuda"),
+                "triton": _logits_grad_composed("triton"), "reference": _logits_grad_composed("reference")}
+
+
 @torch.library.custom_op("rlhf_kernels::ppo_loss_from_logits_fwd", mutates_args=())
 def _ppo_loss_from_logits_fwd(
     logits: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
@@ -504,26 +546,44 @@ def _ppo_loss_from_logits_fwd(
     dual_clip: float, agg: str, num_tokens: Optional[float], num_seqs: Optional[float],
     kl_coef: float, kl_code: int, entropy_coef: float, inplace_backward: bool, need_grad: bool,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    # One read of the logits: logp, entropy and lse per row.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     _lp._validate_labels(logits, labels, -100)
-    logp, entropy, lse = _lp._FORWARD[backend](
-        logits, _lp._flat_labels(labels), 1.0 / temperature, -100, True
-    )
+    flat_labels = _lp._flat_labels(labels)
     seq_len = _seq_len(labels.shape)
-    # Then one pass over the tokens: ratio, clip, KL, sums and dL/dlogp.
-    grad, seq_stats = _run_tokens(
-        _POLICY, backend, labels.shape, N_POLICY_STATS, logp, need_grad, logp, _token_view(old_logp), _token_view(advantages), _token_view(mask),
-        _token_view(ref_logp) if ref_logp is not None else None, entropy, seq_len,
-        ratio_low, ratio_high, dual_clip, kl_coef, kl_code, need_grad,
-    )
-    weights = _aggregation_weights(seq_stats[:, COUNT], seq_len, agg, num_tokens, num_seqs)
+    seqs = _num_seqs(labels.shape)
+    token_mask = _token_view(mask)
+    tokens = (_token_view(old_logp), _token_view(advantages), token_mask,
+              _token_view(ref_logp) if ref_logp is not None else None)
+    grad_logits = logits.new_empty(0)
+    if need_grad and not inplace_backward:
+        # The gradient now (for a unit upstream gradient), in the same pass.
+        counts = token_mask.view(seqs, seq_len).sum(-1).to(old_logp.dtype)
+        weights = _aggregation_weights(counts, seq_len, agg, num_tokens, num_seqs)
+        row_weight = torch.where(token_mask.view(seqs, seq_len), weights.unsqueeze(-1), 0.0).reshape(-1)
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        logp, entropy, lse = _LOGITS_GRAD[backend](
+            logits, flat_labels, tokens[0], tokens[1], row_weight.contiguous(), tokens[3], grad_logits,
+            1.0 / temperature, ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef,
+        )
+        grad, seq_stats = _run_tokens(
+            _POLICY, backend, labels.shape, N_POLICY_STATS, logp, False, logp, tokens[0], tokens[1], token_mask,
+            tokens[3], entropy, seq_len, ratio_low, ratio_high, dual_clip, kl_coef, kl_code, False,
+        )
+    else:
+        # One read of the logits: logp, entropy and lse per row.
+        logp, entropy, lse = _lp._FORWARD[backend](logits, flat_labels, 1.0 / temperature, -100, True)
+        # Then one pass over the tokens: ratio, clip, KL, sums and dL/dlogp.
+        grad, seq_stats = _run_tokens(
+            _POLICY, backend, labels.shape, N_POLICY_STATS, logp, need_grad, logp, tokens[0], tokens[1], token_mask,
+            tokens[3], entropy, seq_len, ratio_low, ratio_high, dual_clip, kl_coef, kl_code, need_grad,
+        )
+        weights = _aggregation_weights(seq_stats[:, COUNT], seq_len, agg, num_tokens, num_seqs)
     pg_loss = (weights * seq_stats[:, PG_SUM]).sum()
     kl = (weights * seq_stats[:, KL_SUM]).sum()
     entropy_agg = (weights * seq_stats[:, ENTROPY_SUM]).sum()
     loss = pg_loss + kl_coef * kl - entropy_coef * entropy_agg
     stats = torch.cat([_policy_stats(seq_stats), torch.stack([pg_loss, kl, entropy_agg])])
-    return loss, stats, grad, weights, lse, entropy
+    return loss, stats, grad, weights, lse, entropy, grad_logits
 
 
 @_ppo_loss_from_logits_fwd.register_fake
@@ -534,22 +594,52 @@ def _(logits, labels, old_logp, advantages, mask, ref_logp, temperature, ratio_l
     n = labels.numel()
     seqs = _num_seqs(labels.shape)
     new = lambda *shape: logits.new_empty(shape, dtype=acc)  # noqa: E731
-    return new(), new(8), new(n if need_grad else 0), new(seqs), new(n), new(n)
+    fused = need_grad and not inplace_backward
+    grad_logits = logits.new_empty(logits.shape if fused else (0,))
+    return new(), new(8), new(0 if fused or not need_grad else n), new(seqs), new(n), new(n), grad_logits
+
+
+def _tracing(t: Tensor) -> bool:
+    """True while a graph is traced (torch.compile, AOT autograd, make_fx): t
+    has no value to branch on."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return (torch.compiler.is_compiling() or isinstance(t, (FakeTensor, FunctionalTensor))
+            or get_proxy_mode() is not None)
 
 
 def _from_logits_setup_context(ctx, inputs, output):
     logits, labels, _, _, mask = inputs[:5]
     temperature, entropy_coef, inplace_backward, backend = inputs[6], inputs[15], inputs[16], inputs[18]
-    _, _, grad, weights, lse, entropy = output
-    ctx.save_for_backward(logits, labels, mask, grad, weights, lse, entropy)
+    _, _, grad, weights, lse, entropy, grad_logits = output
+    ctx.fused = inputs[17] and not inplace_backward  # need_grad: the gradient came with the forward
+    if ctx.fused:
+        # Only the gradient is kept, not the logits. (A leaf logits tensor gets
+        # a copy of it in .grad, since the buffer stays saved for a possible
+        # second backward; logits from a model's head pass it on as it is.)
+        ctx.save_for_backward(grad_logits)
+        # No (N, V) zeros for the outputs that get no gradient.
+        ctx.set_materialize_grads(False)
+    else:
+        ctx.save_for_backward(logits, labels, mask, grad, weights, lse, entropy)
     ctx.params = (temperature, entropy_coef, inplace_backward, backend)
 
 
-def _from_logits_backward(ctx, grad_loss, _gs, _gg, _gw, _glse, _gent):
+def _from_logits_backward(ctx, grad_loss, _gs, _gg, _gw, _glse, _gent, _ggl):
+    if not ctx.needs_input_grad[0] or grad_loss is None:  # None: only if grads are not materialised
+        return (None,) * 19
+    if ctx.fused:
+        (grad_logits,) = ctx.saved_tensors
+        # Written for a unit upstream gradient: scaled only when it is not 1 (a
+        # check that synchronises once, eagerly; compiled graphs always scale,
+        # since they cannot branch on a value).
+        if _tracing(grad_loss) or not bool(grad_loss == 1):
+            grad_logits = grad_logits * grad_loss.to(grad_logits.dtype)
+        return (grad_logits,) + (None,) * 18
     logits, labels, mask, grad, weights, lse, entropy = ctx.saved_tensors
     temperature, entropy_coef, inplace_backward, backend = ctx.params
-    if not ctx.needs_input_grad[0]:
-        return (None,) * 19
     scale = (weights * grad_loss).unsqueeze(-1)  # (B, 1)
     seqs, seq_len = weights.shape[0], labels.shape[-1]
     grad_logp = (grad.view(seqs, seq_len) * scale).reshape(-1)
@@ -818,7 +908,7 @@ def ppo_loss_from_logits(
         kl_code = -1  # no KL term
     chosen = resolve_backend(backend, logits.device, "ppo_loss_from_logits")
     acc = _lp._acc_dtype(logits.dtype)
-    loss, stats, _, _, _, _ = torch.ops.rlhf_kernels.ppo_loss_from_logits_fwd(
+    loss, stats, _, _, _, _, _ = torch.ops.rlhf_kernels.ppo_loss_from_logits_fwd(
         logits, labels, _prepare(old_logp.detach(), acc), _prepare(advantages.detach(), acc),
         mask.contiguous(), None if ref_logp is None else _prepare(ref_logp.detach(), acc),
         temperature, ratio_low, ratio_high, dual, agg, num_tokens, num_seqs, kl_coef, kl_code,
