@@ -8,35 +8,44 @@
 #
 #   bash benchmarks/gpu_check.sh              # everything
 #   bash benchmarks/gpu_check.sh --dry-run    # print the stages and their time limits
+#   bash benchmarks/gpu_check.sh --only build,tests   # some stages (build must have passed
+#                                             # in this checkout for the others to run)
 #   GPU_CHECK_LOGS=DIR                        # where the logs go (default: gpu_check_logs/<date>)
+#   GPU_CHECK_<STAGE>_S=N                     # another time limit for a stage (e.g. GPU_CHECK_BENCH_S=300)
+#   OUT=DIR                                   # also pack logs, results and report into DIR/gpu_check.tgz
 set -u
 set -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 2
 DRY_RUN=0
-for arg in "$@"; do
-    case "$arg" in
+ONLY=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
         --dry-run) DRY_RUN=1 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
-        *) echo "gpu_check.sh: unknown argument $arg" >&2; exit 2 ;;
+        --only) ONLY=",${2:?--only needs a list of stages},"; shift ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
     esac
+    shift
 done
 
 LOGS="${GPU_CHECK_LOGS:-$ROOT/gpu_check_logs/$(date -u +%Y%m%dT%H%M%SZ)}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
 export MAX_JOBS="${MAX_JOBS:-8}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0a}"
 unset TRITON_INTERPRET  # real Triton, never the interpreter
 
-# name | seconds | command  (seconds sum to 570: under 10 minutes with the summary)
+# name | seconds | command  (seconds sum to 540: under 10 minutes with the
+# summary, and each stage's --kill-after). The memcheck runs without torch's
+# caching allocator, so an overrun of a tensor is outside any allocation.
 STAGES=(
-    "build|150|$PY -m pip install --no-build-isolation --no-deps --no-index -e ."
-    "tests|180|$PY -m pytest python_tests -q -x -p no:cacheprovider"
-    "memcheck|60|compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/sanitizer_cases.py --device cuda"
+    "build|110|$PY -m pip install --no-build-isolation --no-deps --no-index -e ."
+    "tests|200|$PY -m pytest python_tests -q -rfE --maxfail=50 -p no:cacheprovider"
+    "memcheck|60|env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/sanitizer_cases.py --device cuda"
     "racecheck|60|compute-sanitizer --tool racecheck --error-exitcode 1 $PY benchmarks/sanitizer_cases.py --device cuda"
-    "bench|110|$PY -m rlhf_kernels.cli bench --device cuda"
-    "report|10|$PY benchmarks/report.py"
+    "bench|90|$PY -m rlhf_kernels.cli bench --device cuda"
+    "report|20|$PY benchmarks/report.py"
 )
 
 declare -A STATUS=()
@@ -44,14 +53,19 @@ declare -A SECONDS_TAKEN=()
 names=()
 
 run_stage() {
-    local name="$1" limit="$2" cmd="$3" log="$LOGS/$1.log" start rc
+    local name="$1" limit="$2" cmd="$3" log="$LOGS/$1.log" start rc override
+    override="GPU_CHECK_${name^^}_S"
+    limit="${!override:-$limit}"
+    if [[ -n "$ONLY" && "$ONLY" != *",$name,"* ]]; then
+        return 0
+    fi
     names+=("$name")
     if [[ $DRY_RUN -eq 1 ]]; then
         printf '%-10s %4ss  %s\n' "$name" "$limit" "$cmd"
         STATUS[$name]="dry-run"
         return 0
     fi
-    if [[ "$name" != build && "${STATUS[build]:-}" != pass ]]; then
+    if [[ "$name" != build && "${STATUS[build]:-}" != pass && ( -z "$ONLY" || "$ONLY" == *",build,"* ) ]]; then
         STATUS[$name]="skipped (no build)"
         return 0
     fi
@@ -65,8 +79,12 @@ run_stage() {
     timeout --kill-after=10 "$limit" $cmd >"$log" 2>&1
     rc=$?
     SECONDS_TAKEN[$name]=$(( $(date +%s) - start ))
+    if [[ "$name" == build && $rc -eq 0 ]] && ! $PY -c "from rlhf_kernels import _backend as b; assert b.native_cuda_built()" >>"$log" 2>&1; then
+        rc=4  # built, but without the CUDA kernels (no CUDA toolkit found?)
+    fi
     case $rc in
         0) STATUS[$name]="pass" ;;
+        4) STATUS[$name]="FAIL (built without the CUDA kernels)" ;;
         124|137) STATUS[$name]="FAIL (timed out after ${limit}s)" ;;
         *) STATUS[$name]="FAIL (exit $rc)" ;;
     esac
@@ -107,10 +125,17 @@ for name in "${names[@]}"; do
     [[ "${STATUS[$name]}" == pass ]] || failed=1
 done
 echo "---------------------------------------------------"
-[[ -f "$LOGS/tests.log" ]] && tail -n 1 "$LOGS/tests.log"
+if [[ -f "$LOGS/tests.log" ]]; then
+    grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" | head -n 60
+    tail -n 1 "$LOGS/tests.log"
+fi
 for tool in memcheck racecheck; do
     [[ -f "$LOGS/$tool.log" ]] && grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS/$tool.log" | tail -n 1 | sed "s/^/$tool: /"
 done
 echo "logs: $LOGS"
+if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
+    tar czf "$OUT/gpu_check.tgz" -C "$ROOT" "${LOGS#"$ROOT"/}" benchmarks/results docs/performance.md docs/img 2>/dev/null \
+        && echo "packed: $OUT/gpu_check.tgz"
+fi
 echo "results: benchmarks/results/*.jsonl; report: docs/performance.md (commit both)"
 exit $failed

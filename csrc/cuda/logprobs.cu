@@ -232,6 +232,7 @@ cudaError_t launch_logprobs_fwd(const scalar_t* logits, RowLayout layout, const 
                                 int64_t ignore_index, acc_t* logp, acc_t* entropy, acc_t* lse,
                                 cudaStream_t stream) {
   if (n_rows == 0) return cudaSuccess;
+  if (n_rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // one block per row
   logprobs_fwd_kernel<scalar_t, acc_t><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
       logits, layout, labels, vocab, inv_temperature, ignore_index, logp, entropy, lse);
   return cudaGetLastError();
@@ -245,6 +246,7 @@ cudaError_t launch_logprobs_bwd(const acc_t* grad_logp, const acc_t* grad_entrop
                                 int64_t ignore_index, scalar_t* grad_logits,
                                 RowLayout out_layout, cudaStream_t stream) {
   if (n_rows == 0) return cudaSuccess;
+  if (n_rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   // The 16-byte path needs input and output rows to share their alignment.
   const bool vectorized = rows_aligned(logits, in_layout, n_rows, sizeof(scalar_t)) &&
                           rows_aligned(grad_logits, out_layout, n_rows, sizeof(scalar_t));
