@@ -15,6 +15,31 @@ import pytest  # noqa: E402
 
 import rlhf_kernels  # noqa: E402
 
+def _launch_floats_as_fp32():
+    """A compiled Triton kernel receives every Python float argument as fp32;
+    the interpreter passes the Python float itself. Round them here as the
+    compiled launcher does, so that the interpreter tests see the arguments a
+    GPU run sees (a float64 kernel must not rely on an fp32 argument)."""
+    import struct
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    def f32(v):
+        return struct.unpack("f", struct.pack("f", v))[0]
+
+    original = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        args = tuple(f32(a) if type(a) is float else a for a in args)
+        return original(self, *args, **kwargs)
+
+    InterpretedFunction.run = run
+
+
+if os.environ.get("TRITON_INTERPRET") == "1" and rlhf_kernels._backend.triton_installed():
+    _launch_floats_as_fp32()
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

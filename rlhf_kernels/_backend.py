@@ -138,3 +138,20 @@ def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
     if requested not in (None, "reference"):
         raise ValueError(f"{source}: only 'reference' runs on {device.type} tensors")
     return "reference"
+
+
+def f64_parts(x: float) -> tuple[float, float, float]:
+    """x as three fp32 values with hi + (mid + lo) == x exactly in float64.
+
+    A compiled Triton kernel receives every Python float as fp32; float64
+    kernels rebuild their scalar arguments from these parts (an fp32 pair is
+    not enough: its low part is itself rounded to fp32)."""
+    import struct
+
+    def f32(v: float) -> float:
+        return struct.unpack("f", struct.pack("f", v))[0]
+
+    x = float(x)
+    hi = f32(x)
+    mid = f32(x - hi)
+    return hi, mid, f32(x - hi - mid)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import checks_enabled, resolve_backend, triton_installed
+from .._backend import checks_enabled, f64_parts, resolve_backend, triton_installed
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
 
 if triton_installed():
@@ -116,7 +116,8 @@ if triton is not None:
     def _advantages_kernel(
         values_ptr, mask_ptr, cu_ptr, rewards_ptr, scores_ptr, logp_ptr, ref_ptr, kl_scale_ptr,
         adv_ptr, ret_ptr, rewards_out_ptr, kl_out_ptr, stats_ptr,
-        seq_len, total, kl_coef_hi, kl_coef_lo, gamma_hi, gamma_lo, lam_hi, lam_lo,
+        seq_len, total, kl_coef_hi, kl_coef_mid, kl_coef_lo, gamma_hi, gamma_mid, gamma_lo,
+        lam_hi, lam_mid, lam_lo,
         PACKED: tl.constexpr, HAS_MASK: tl.constexpr, SHAPING: tl.constexpr, HAS_KL_SCALE: tl.constexpr,
         ESTIMATOR: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
     ):
@@ -132,10 +133,12 @@ if triton is not None:
             start = seq.to(tl.int64) * seq_len
             end = start + seq_len
         ks = tl.arange(0, BLOCK)
-        # Python floats reach a kernel as fp32: (hi, lo) pairs keep float64 inputs float64-exact.
-        gamma = (tl.zeros((), ACC_DTYPE) + gamma_hi) + gamma_lo
-        lam = (tl.zeros((), ACC_DTYPE) + lam_hi) + lam_lo
-        kl_coef = (tl.zeros((), ACC_DTYPE) + kl_coef_hi) + kl_coef_lo
+        # Python floats reach a kernel as fp32: three fp32 parts (_backend.f64_parts)
+        # keep float64 inputs exact.
+        zero = tl.zeros((), ACC_DTYPE)
+        gamma = (zero + gamma_hi) + ((zero + gamma_mid) + gamma_lo)
+        lam = (zero + lam_hi) + ((zero + lam_mid) + lam_lo)
+        kl_coef = (zero + kl_coef_hi) + ((zero + kl_coef_mid) + kl_coef_lo)
         gamma_lam = gamma * lam
         if HAS_KL_SCALE:
             kl_coef = kl_coef * tl.load(kl_scale_ptr)
@@ -196,11 +199,6 @@ if triton is not None:
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
-
-def _split(x: float) -> tuple[float, float]:
-    """x as an fp32 pair (hi, lo) with hi + lo = x to ~2^-48 relative."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(x) - hi
 
 
 def _tl_acc(dtype: torch.dtype):
@@ -339,7 +337,7 @@ def _adv_triton(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp,
             ref_logp if ref_logp is not None else dummy,
             kl_coef_scale if kl_coef_scale is not None else stats,
             advantages, returns, rewards_out if shaping else advantages, kl_out if shaping else advantages,
-            stats, seq_len, values.numel(), *_split(kl_coef), *_split(gamma), *_split(lam),
+            stats, seq_len, values.numel(), *f64_parts(kl_coef), *f64_parts(gamma), *f64_parts(lam),
             PACKED=cu_seqlens is not None, HAS_MASK=mask is not None, SHAPING=shaping,
             HAS_KL_SCALE=kl_coef_scale is not None,
             ESTIMATOR=estimator, ACC_DTYPE=_tl_acc(values.dtype), BLOCK=block,

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import checks_enabled, resolve_backend, triton_installed
+from .._backend import checks_enabled, f64_parts, resolve_backend, triton_installed
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_positive, check_same_device, check_tensor
 
 if triton_installed():
@@ -32,11 +32,18 @@ _MIN_EXP_ARG = tl.constexpr(-87.3) if triton is not None else -87.3
 if triton is not None:
 
     @triton.jit
+    def _f64(hi, mid, lo, ACC_DTYPE: tl.constexpr):
+        # A float argument from its fp32 parts (_backend.f64_parts): exact in float64.
+        zero = tl.zeros((), ACC_DTYPE)
+        return (zero + hi) + ((zero + mid) + lo)
+
+    @triton.jit
     def _logprobs_fwd_kernel(
         logits_ptr, labels_ptr, logp_ptr, entropy_ptr, lse_ptr,
-        inner_rows, outer_stride, inner_stride, vocab, inv_temperature, ignore_index,
+        inner_rows, outer_stride, inner_stride, vocab, inv_t_hi, inv_t_mid, inv_t_lo, ignore_index,
         COMPUTE_ENTROPY: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
+        inv_temperature = _f64(inv_t_hi, inv_t_mid, inv_t_lo, ACC_DTYPE)
         # Online softmax with running (m, s, t), one program per row.
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + (row // inner_rows) * outer_stride + (row % inner_rows) * inner_stride
@@ -74,9 +81,10 @@ if triton is not None:
     def _logprobs_bwd_kernel(
         grad_logp_ptr, grad_entropy_ptr, logits_ptr, labels_ptr, lse_ptr, entropy_ptr, grad_ptr,
         inner_rows, in_outer_stride, in_inner_stride, out_outer_stride, out_inner_stride,
-        vocab, inv_temperature, ignore_index,
+        vocab, inv_t_hi, inv_t_mid, inv_t_lo, ignore_index,
         HAS_ENTROPY_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
+        inv_temperature = _f64(inv_t_hi, inv_t_mid, inv_t_lo, ACC_DTYPE)
         # d logits = inv_T * (g * (onehot - p) - g_H * p * (log p + H)), one pass.
         row = tl.program_id(0).to(tl.int64)
         outer = row // inner_rows
@@ -173,7 +181,7 @@ def _fwd_triton(logits, labels, inv_temperature, ignore_index, compute_entropy):
         block, warps = _triton_block(vocab, logits.device)
         _logprobs_fwd_kernel[(n_rows,)](
             tensor, labels, logp, entropy if compute_entropy else logp, lse,
-            inner_rows, outer, inner, vocab, inv_temperature, ignore_index,
+            inner_rows, outer, inner, vocab, *f64_parts(inv_temperature), ignore_index,
             COMPUTE_ENTROPY=compute_entropy, ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
             BLOCK_V=block, num_warps=warps,
         )
@@ -223,7 +231,7 @@ def _bwd_triton(grad_logp, grad_entropy, logits, labels, lse, entropy, out, inv_
     _logprobs_bwd_kernel[(n_rows,)](
         grad_logp, grad_entropy if has_entropy_grad else grad_logp, tensor, labels, lse,
         entropy if has_entropy_grad else lse, out,
-        inner_rows, in_outer, in_inner, out_outer, out_inner, vocab, inv_temperature, ignore_index,
+        inner_rows, in_outer, in_inner, out_outer, out_inner, vocab, *f64_parts(inv_temperature), ignore_index,
         HAS_ENTROPY_GRAD=has_entropy_grad,
         ACC_DTYPE=tl.float64 if logits.dtype == torch.float64 else tl.float32,
         BLOCK_V=block, num_warps=warps,

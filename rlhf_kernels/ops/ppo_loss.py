@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import resolve_backend, triton_installed
+from .._backend import f64_parts, resolve_backend, triton_installed
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_positive, check_same_device, check_tensor
 from . import logprobs as _lp
 from .advantages import _check_estimator
@@ -53,15 +53,16 @@ if triton is not None:
         return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
 
     @triton.jit
-    def _scalar(hi, lo, ACC_DTYPE: tl.constexpr):
-        # Python floats reach a compiled kernel as fp32: an fp32 pair (hi, lo)
-        # carries a float64 argument to ~2^-48.
-        return (tl.zeros((), ACC_DTYPE) + hi) + lo
+    def _scalar(hi, mid, lo, ACC_DTYPE: tl.constexpr):
+        # Python floats reach a compiled kernel as fp32: three fp32 parts
+        # (_backend.f64_parts) carry a float64 argument exactly.
+        return (tl.zeros((), ACC_DTYPE) + hi) + ((tl.zeros((), ACC_DTYPE) + mid) + lo)
 
     @triton.jit
     def _ppo_policy_fwd_kernel(
         logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, entropy_ptr, grad_ptr, partial_ptr,
-        seq_len, n_chunks, low_hi, low_lo, high_hi, high_lo, dual_hi, dual_lo, kl_coef_hi, kl_coef_lo,
+        seq_len, n_chunks, low_hi, low_mid, low_lo, high_hi, high_mid, high_lo, dual_hi, dual_mid, dual_lo,
+        kl_coef_hi, kl_coef_mid, kl_coef_lo,
         HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_ENTROPY: tl.constexpr,
         NEED_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
     ):
@@ -69,8 +70,8 @@ if triton is not None:
         # one program per (sequence, chunk) writes dl/dlogp and 9 partial sums.
         seq = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
-        ratio_low = _scalar(low_hi, low_lo, ACC_DTYPE)
-        ratio_high = _scalar(high_hi, high_lo, ACC_DTYPE)
+        ratio_low = _scalar(low_hi, low_mid, low_lo, ACC_DTYPE)
+        ratio_high = _scalar(high_hi, high_mid, high_lo, ACC_DTYPE)
         t = chunk * BLOCK + tl.arange(0, BLOCK)
         in_seq = t < seq_len
         offs = seq * seq_len + t
@@ -90,7 +91,7 @@ if triton is not None:
         loss = tl.where(clipped, loss2, loss1)
         dloss = tl.where(loss1 > loss2, neg_adv, tl.where(clipped, dloss2, 0.5 * (neg_adv + dloss2)))
         if HAS_DUAL:
-            loss3 = neg_adv * _scalar(dual_hi, dual_lo, ACC_DTYPE)
+            loss3 = neg_adv * _scalar(dual_hi, dual_mid, dual_lo, ACC_DTYPE)
             negative = adv < 0.0
             dual = negative & (loss > loss3)
             dloss = tl.where(dual, 0.0, tl.where(negative & (loss == loss3), 0.5 * dloss, dloss))
@@ -120,7 +121,7 @@ if triton is not None:
                 kl = _clamp(k, -10.0, 10.0)
                 passes = (d_raw >= -20.0) & (d_raw <= 20.0) & (k >= -10.0) & (k <= 10.0)
                 dkl = tl.where(passes, 1.0 - e, 0.0)
-            grad = grad + _scalar(kl_coef_hi, kl_coef_lo, ACC_DTYPE) * dkl
+            grad = grad + _scalar(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE) * dkl
         if NEED_GRAD:
             tl.store(grad_ptr + offs, tl.where(valid, grad, 0.0), mask=in_seq)
         out = partial_ptr + (seq * n_chunks + chunk) * 9
@@ -141,13 +142,13 @@ if triton is not None:
     @triton.jit
     def _ppo_value_fwd_kernel(
         values_ptr, old_ptr, returns_ptr, mask_ptr, grad_ptr, partial_ptr,
-        seq_len, n_chunks, clip_hi, clip_lo,
+        seq_len, n_chunks, clip_hi, clip_mid, clip_lo,
         NEED_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # 0.5 * max((v - R)^2, (old + clamp(v - old, -c, c) - R)^2) per token.
         seq = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
-        clip = _scalar(clip_hi, clip_lo, ACC_DTYPE)
+        clip = _scalar(clip_hi, clip_mid, clip_lo, ACC_DTYPE)
         t = chunk * BLOCK + tl.arange(0, BLOCK)
         in_seq = t < seq_len
         offs = seq * seq_len + t
@@ -172,11 +173,6 @@ if triton is not None:
         tl.store(out + 1, tl.sum(valid.to(ACC_DTYPE), axis=0))
         tl.store(out + 2, tl.sum((valid & clipped).to(ACC_DTYPE), axis=0))
 
-
-def _split(x: float) -> tuple[float, float]:
-    """x as an fp32 pair (hi, lo) with hi + lo = x to ~2^-48 relative."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, x - hi
 
 
 def _tl_acc(dtype: torch.dtype):
@@ -224,7 +220,7 @@ def _policy_triton(logp, old_logp, adv, mask, ref_logp, entropy, seq_len, ratio_
             logp, old_logp, adv, mask.view(torch.uint8),
             ref_logp if ref_logp is not None else logp, entropy if entropy is not None else logp,
             grad if need_grad else logp, partial, seq_len, chunks,
-            *_split(ratio_low), *_split(ratio_high), *_split(dual_clip), *_split(kl_coef),
+            *f64_parts(ratio_low), *f64_parts(ratio_high), *f64_parts(dual_clip), *f64_parts(kl_coef),
             HAS_DUAL=dual_clip > 0, KL_ESTIMATOR=kl_code, HAS_ENTROPY=entropy is not None,
             NEED_GRAD=need_grad, ACC_DTYPE=_tl_acc(logp.dtype), BLOCK=block,
         )
@@ -312,7 +308,7 @@ def _value_triton(values, old_values, returns, mask, seq_len, clip, need_grad):
     if seqs > 0:
         _ppo_value_fwd_kernel[(seqs, chunks)](
             values, old_values, returns, mask.view(torch.uint8), grad if need_grad else values,
-            partial, seq_len, chunks, *_split(clip),
+            partial, seq_len, chunks, *f64_parts(clip),
             NEED_GRAD=need_grad, ACC_DTYPE=_tl_acc(values.dtype), BLOCK=block,
         )
     return grad, _reduce_partials(partial, None, None)
