@@ -155,3 +155,22 @@ def f64_parts(x: float) -> tuple[float, float, float]:
     hi = f32(x)
     mid = f32(x - hi)
     return hi, mid, f32(x - hi - mid)
+
+
+def on_tensor_device(fn):
+    """Run a Triton launcher with its first tensor argument's GPU as the current
+    device (Triton launches on the current device, which need not be the
+    tensors' one)."""
+    import functools
+
+    import torch
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is None or first.device.type != "cuda":
+            return fn(*args, **kwargs)
+        with torch.cuda.device(first.device):
+            return fn(*args, **kwargs)
+
+    return wrapper

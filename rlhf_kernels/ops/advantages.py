@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import checks_enabled, f64_parts, resolve_backend, triton_installed
+from .._backend import checks_enabled, f64_parts, on_tensor_device, resolve_backend, triton_installed
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
 
 if triton_installed():
@@ -217,6 +217,7 @@ def _kl_fwd_native(logp, ref_logp, estimator):
     return torch.ops.rlhf_kernels.kl_penalty_fwd_native(logp, ref_logp, estimator)
 
 
+@on_tensor_device
 def _kl_fwd_triton(logp, ref_logp, estimator):
     kl = torch.empty(logp.shape, dtype=_acc_dtype(logp.dtype), device=logp.device)
     n = logp.numel()
@@ -236,6 +237,7 @@ def _kl_bwd_native(grad, logp, ref_logp, estimator):
     return torch.ops.rlhf_kernels.kl_penalty_bwd_native(grad, logp, ref_logp, estimator)
 
 
+@on_tensor_device
 def _kl_bwd_triton(grad, logp, ref_logp, estimator):
     grad_logp = torch.empty_like(logp)
     grad_ref = torch.empty_like(ref_logp)
@@ -313,6 +315,7 @@ def _adv_native(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp,
     )
 
 
+@on_tensor_device
 def _adv_triton(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, kl_coef_scale, kl_coef,
                 estimator, gamma, lam):
     acc = _acc_dtype(values.dtype)

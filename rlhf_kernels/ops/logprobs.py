@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import checks_enabled, f64_parts, resolve_backend, triton_installed
+from .._backend import checks_enabled, f64_parts, on_tensor_device, resolve_backend, triton_installed
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_positive, check_same_device, check_tensor
 
 if triton_installed():
@@ -170,6 +170,7 @@ def _fwd_native(logits, labels, inv_temperature, ignore_index, compute_entropy):
     )
 
 
+@on_tensor_device
 def _fwd_triton(logits, labels, inv_temperature, ignore_index, compute_entropy):
     tensor, inner_rows, outer, inner = _row_layout(logits)
     n_rows, vocab = labels.numel(), logits.shape[-1]
@@ -221,6 +222,7 @@ def _bwd_native(grad_logp, grad_entropy, logits, labels, lse, entropy, out, inv_
     )
 
 
+@on_tensor_device
 def _bwd_triton(grad_logp, grad_entropy, logits, labels, lse, entropy, out, inv_temperature, ignore_index):
     tensor, inner_rows, in_outer, in_inner, out_outer, out_inner = _layouts(logits, out)
     n_rows, vocab = labels.numel(), logits.shape[-1]

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import f64_parts, resolve_backend, triton_installed
+from .._backend import f64_parts, on_tensor_device, resolve_backend, triton_installed
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_positive, check_same_device, check_tensor
 from . import logprobs as _lp
 from .advantages import _check_estimator
@@ -207,6 +207,7 @@ def _policy_native(logp, old_logp, adv, mask, ref_logp, entropy, seq_len, ratio_
     )
 
 
+@on_tensor_device
 def _policy_triton(logp, old_logp, adv, mask, ref_logp, entropy, seq_len, ratio_low, ratio_high,
                    dual_clip, kl_coef, kl_code, need_grad):
     n = logp.numel()
@@ -298,6 +299,7 @@ def _value_native(values, old_values, returns, mask, seq_len, clip, need_grad):
     return torch.ops.rlhf_kernels.ppo_value_fwd_native(values, old_values, returns, mask, seq_len, clip, need_grad)
 
 
+@on_tensor_device
 def _value_triton(values, old_values, returns, mask, seq_len, clip, need_grad):
     n = values.numel()
     seqs = n // seq_len if seq_len > 0 else 0
