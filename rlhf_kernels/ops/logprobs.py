@@ -38,15 +38,9 @@ if triton is not None:
         return (zero + hi) + ((zero + mid) + lo)
 
     @triton.jit
-    def _logprobs_fwd_kernel(
-        logits_ptr, labels_ptr, logp_ptr, entropy_ptr, lse_ptr,
-        inner_rows, outer_stride, inner_stride, vocab, inv_t_hi, inv_t_mid, inv_t_lo, ignore_index,
-        COMPUTE_ENTROPY: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
-    ):
-        inv_temperature = _f64(inv_t_hi, inv_t_mid, inv_t_lo, ACC_DTYPE)
-        # Online softmax with running (m, s, t), one program per row.
-        row = tl.program_id(0).to(tl.int64)
-        row_ptr = logits_ptr + (row // inner_rows) * outer_stride + (row % inner_rows) * inner_stride
+    def _row_softmax(row_ptr, vocab, inv_temperature, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr):
+        """One read of a row: online softmax with running (m, s, t); returns
+        (lse, log s, entropy) of x = row * inv_temperature."""
         # A finite "empty" max keeps (m_old - m_new) * s finite when s = 0.
         m = tl.full((), -3.0e38, ACC_DTYPE)
         s = tl.zeros((), ACC_DTYPE)
@@ -65,43 +59,24 @@ if triton is not None:
             s = alpha * s + tl.sum(e, axis=0)
             m = new_m
         log_s = tl.log(s)
-        lse = m + log_s
-        tl.store(lse_ptr + row, lse)
-        label = tl.load(labels_ptr + row)
-        ignored = label == ignore_index
-        in_range = (label >= 0) & (label < vocab)
-        # An out-of-range label is never read: NaN marks it.
-        x_label = tl.load(row_ptr + tl.where(in_range, label, 0)).to(ACC_DTYPE) * inv_temperature
-        logp = tl.where(in_range, x_label - lse, float("nan"))
-        tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
-        if COMPUTE_ENTROPY:
-            tl.store(entropy_ptr + row, tl.where(ignored, 0.0, log_s - t / s))
+        return m + log_s, log_s, log_s - t / s
 
     @triton.jit
-    def _logprobs_bwd_kernel(
-        grad_logp_ptr, grad_entropy_ptr, logits_ptr, labels_ptr, lse_ptr, entropy_ptr, grad_ptr,
-        inner_rows, in_outer_stride, in_inner_stride, out_outer_stride, out_inner_stride,
-        vocab, inv_t_hi, inv_t_mid, inv_t_lo, ignore_index,
-        HAS_ENTROPY_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
-    ):
-        inv_temperature = _f64(inv_t_hi, inv_t_mid, inv_t_lo, ACC_DTYPE)
-        # d logits = inv_T * (g * (onehot - p) - g_H * p * (log p + H)), one pass.
-        row = tl.program_id(0).to(tl.int64)
-        outer = row // inner_rows
-        inner = row % inner_rows
-        row_ptr = logits_ptr + outer * in_outer_stride + inner * in_inner_stride
-        out_ptr = grad_ptr + outer * out_outer_stride + inner * out_inner_stride
-        label = tl.load(labels_ptr + row)
+    def _label_logp(row_ptr, label, vocab, lse, inv_temperature, ACC_DTYPE: tl.constexpr):
+        # An out-of-range label is never read: NaN marks it.
+        in_range = (label >= 0) & (label < vocab)
+        x_label = tl.load(row_ptr + tl.where(in_range, label, 0)).to(ACC_DTYPE) * inv_temperature
+        return tl.where(in_range, x_label - lse, float("nan"))
+
+    @triton.jit
+    def _row_grad(row_ptr, out_ptr, vocab, label, ignore_index, g, g_entropy, row_entropy, lse,
+                  inv_temperature, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr):
+        """One read of a row and one write of its gradient:
+        d x = inv_T * (g * (onehot - p) - g_H * p * (log p + H))."""
         ignored = label == ignore_index
         bad_label = (label != ignore_index) & ((label < 0) | (label >= vocab))
-        g = tl.where(ignored, 0.0, tl.load(grad_logp_ptr + row).to(ACC_DTYPE))
-        if HAS_ENTROPY_GRAD:
-            g_entropy = tl.where(ignored, 0.0, tl.load(grad_entropy_ptr + row).to(ACC_DTYPE))
-            row_entropy = tl.load(entropy_ptr + row).to(ACC_DTYPE)
-        else:
-            g_entropy = tl.zeros((), ACC_DTYPE)
-            row_entropy = tl.zeros((), ACC_DTYPE)
-        lse = tl.load(lse_ptr + row).to(ACC_DTYPE)
+        g = tl.where(ignored, 0.0, g)
+        g_entropy = tl.where(ignored, 0.0, g_entropy)
         for start in range(0, vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             in_row = cols < vocab
@@ -112,7 +87,51 @@ if triton is not None:
             grad = grad + tl.where(cols == label, inv_temperature * g, 0.0)
             grad = tl.where(ignored, 0.0, grad)
             grad = tl.where(bad_label, float("nan"), grad)
-            tl.store(out_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+            tl.store(out_ptr + cols, grad.to(out_ptr.dtype.element_ty), mask=in_row)
+
+    @triton.jit
+    def _logprobs_fwd_kernel(
+        logits_ptr, labels_ptr, logp_ptr, entropy_ptr, lse_ptr,
+        inner_rows, outer_stride, inner_stride, vocab, inv_t_hi, inv_t_mid, inv_t_lo, ignore_index,
+        COMPUTE_ENTROPY: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        # One program per row.
+        inv_temperature = _f64(inv_t_hi, inv_t_mid, inv_t_lo, ACC_DTYPE)
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + (row // inner_rows) * outer_stride + (row % inner_rows) * inner_stride
+        lse, log_s, entropy = _row_softmax(row_ptr, vocab, inv_temperature, ACC_DTYPE, BLOCK_V)
+        tl.store(lse_ptr + row, lse)
+        label = tl.load(labels_ptr + row)
+        ignored = label == ignore_index
+        logp = _label_logp(row_ptr, label, vocab, lse, inv_temperature, ACC_DTYPE)
+        tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
+        if COMPUTE_ENTROPY:
+            tl.store(entropy_ptr + row, tl.where(ignored, 0.0, entropy))
+
+    @triton.jit
+    def _logprobs_bwd_kernel(
+        grad_logp_ptr, grad_entropy_ptr, logits_ptr, labels_ptr, lse_ptr, entropy_ptr, grad_ptr,
+        inner_rows, in_outer_stride, in_inner_stride, out_outer_stride, out_inner_stride,
+        vocab, inv_t_hi, inv_t_mid, inv_t_lo, ignore_index,
+        HAS_ENTROPY_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        inv_temperature = _f64(inv_t_hi, inv_t_mid, inv_t_lo, ACC_DTYPE)
+        row = tl.program_id(0).to(tl.int64)
+        outer = row // inner_rows
+        inner = row % inner_rows
+        row_ptr = logits_ptr + outer * in_outer_stride + inner * in_inner_stride
+        out_ptr = grad_ptr + outer * out_outer_stride + inner * out_inner_stride
+        label = tl.load(labels_ptr + row)
+        g = tl.load(grad_logp_ptr + row).to(ACC_DTYPE)
+        if HAS_ENTROPY_GRAD:
+            g_entropy = tl.load(grad_entropy_ptr + row).to(ACC_DTYPE)
+            row_entropy = tl.load(entropy_ptr + row).to(ACC_DTYPE)
+        else:
+            g_entropy = tl.zeros((), ACC_DTYPE)
+            row_entropy = tl.zeros((), ACC_DTYPE)
+        lse = tl.load(lse_ptr + row).to(ACC_DTYPE)
+        _row_grad(row_ptr, out_ptr, vocab, label, ignore_index, g, g_entropy, row_entropy, lse,
+                  inv_temperature, ACC_DTYPE, BLOCK_V)
 
 
 def _triton_block(vocab: int, device: torch.device) -> tuple[int, int]:

@@ -46,6 +46,7 @@ POLICY_STAT_NAMES = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_max", "ra
 
 
 if triton is not None:
+    from .logprobs import _f64, _label_logp, _row_grad, _row_softmax
 
     @triton.jit
     def _clamp(x, lo, hi):
@@ -57,6 +58,56 @@ if triton is not None:
         # Python floats reach a compiled kernel as fp32: three fp32 parts
         # (_backend.f64_parts) carry a float64 argument exactly.
         return (tl.zeros((), ACC_DTYPE) + hi) + ((tl.zeros((), ACC_DTYPE) + mid) + lo)
+
+    @triton.jit
+    def _policy_terms(logp, old, adv, ref, ratio_low, ratio_high, dual_c, kl_coef,
+                      HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr):
+        """PPO-clip (Schulman et al., 2017) + dual clip (Ye et al., 2020) per token
+        (rlhf_kernels/ppo_math.h): (loss, d(loss + kl_coef * kl)/d logp, clipped,
+        dual active, ratio, kl), for a block of tokens or a single one."""
+        diff = logp - old
+        log_ratio = _clamp(diff, -20.0, 20.0)
+        d_log_ratio = tl.where((diff >= -20.0) & (diff <= 20.0), 1.0, 0.0)
+        ratio = tl.exp(log_ratio)
+        neg_adv = -adv
+        loss1 = neg_adv * ratio
+        loss2 = neg_adv * _clamp(ratio, ratio_low, ratio_high)
+        dloss2 = tl.where((ratio >= ratio_low) & (ratio <= ratio_high), neg_adv, 0.0)
+        clipped = loss2 > loss1
+        loss = tl.where(clipped, loss2, loss1)
+        dloss = tl.where(loss1 > loss2, neg_adv, tl.where(clipped, dloss2, 0.5 * (neg_adv + dloss2)))
+        if HAS_DUAL:
+            loss3 = neg_adv * dual_c
+            negative = adv < 0.0
+            dual = negative & (loss > loss3)
+            dloss = tl.where(dual, 0.0, tl.where(negative & (loss == loss3), 0.5 * dloss, dloss))
+            loss = tl.where(dual, loss3, loss)
+        else:
+            dual = clipped & False
+        grad = dloss * ratio * d_log_ratio
+        kl = tl.zeros_like(ratio)
+        if KL_ESTIMATOR >= 0:
+            k1 = logp - ref
+            if KL_ESTIMATOR == 0:
+                kl = k1
+                dkl = tl.zeros_like(ratio) + 1.0
+            elif KL_ESTIMATOR == 1:
+                kl = tl.where(k1 < 0.0, -k1, k1)
+                dkl = tl.where(k1 > 0.0, 1.0, tl.where(k1 < 0.0, -1.0, 0.0))
+            elif KL_ESTIMATOR == 2:
+                kl = 0.5 * (k1 * k1)
+                dkl = k1
+            else:
+                # k3 (low_var_kl): exp(d) - d - 1, d = clamp(ref - logp, -20, 20), into [-10, 10].
+                d_raw = ref - logp
+                d = _clamp(d_raw, -20.0, 20.0)
+                e = tl.exp(d)
+                k = e - d - 1.0
+                kl = _clamp(k, -10.0, 10.0)
+                passes = (d_raw >= -20.0) & (d_raw <= 20.0) & (k >= -10.0) & (k <= 10.0)
+                dkl = tl.where(passes, 1.0 - e, 0.0)
+            grad = grad + kl_coef * dkl
+        return loss, grad, clipped, dual, ratio, kl
 
     @triton.jit
     def _ppo_policy_fwd_kernel(
@@ -79,49 +130,14 @@ if triton is not None:
         logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
         old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
         adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
-        diff = logp - old
-        log_ratio = _clamp(diff, -20.0, 20.0)
-        d_log_ratio = tl.where((diff >= -20.0) & (diff <= 20.0), 1.0, 0.0)
-        ratio = tl.exp(log_ratio)
-        neg_adv = -adv
-        loss1 = neg_adv * ratio
-        loss2 = neg_adv * _clamp(ratio, ratio_low, ratio_high)
-        dloss2 = tl.where((ratio >= ratio_low) & (ratio <= ratio_high), neg_adv, 0.0)
-        clipped = loss2 > loss1
-        loss = tl.where(clipped, loss2, loss1)
-        dloss = tl.where(loss1 > loss2, neg_adv, tl.where(clipped, dloss2, 0.5 * (neg_adv + dloss2)))
-        if HAS_DUAL:
-            loss3 = neg_adv * _scalar(dual_hi, dual_mid, dual_lo, ACC_DTYPE)
-            negative = adv < 0.0
-            dual = negative & (loss > loss3)
-            dloss = tl.where(dual, 0.0, tl.where(negative & (loss == loss3), 0.5 * dloss, dloss))
-            loss = tl.where(dual, loss3, loss)
-        else:
-            dual = valid & False
-        grad = dloss * ratio * d_log_ratio
-        kl = tl.zeros((BLOCK,), ACC_DTYPE)
         if KL_ESTIMATOR >= 0:
             ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
-            k1 = logp - ref
-            if KL_ESTIMATOR == 0:
-                kl = k1
-                dkl = tl.full((BLOCK,), 1.0, ACC_DTYPE)
-            elif KL_ESTIMATOR == 1:
-                kl = tl.where(k1 < 0.0, -k1, k1)
-                dkl = tl.where(k1 > 0.0, 1.0, tl.where(k1 < 0.0, -1.0, 0.0))
-            elif KL_ESTIMATOR == 2:
-                kl = 0.5 * (k1 * k1)
-                dkl = k1
-            else:
-                # k3 (low_var_kl): exp(d) - d - 1, d = clamp(ref - logp, -20, 20), into [-10, 10].
-                d_raw = ref - logp
-                d = _clamp(d_raw, -20.0, 20.0)
-                e = tl.exp(d)
-                k = e - d - 1.0
-                kl = _clamp(k, -10.0, 10.0)
-                passes = (d_raw >= -20.0) & (d_raw <= 20.0) & (k >= -10.0) & (k <= 10.0)
-                dkl = tl.where(passes, 1.0 - e, 0.0)
-            grad = grad + _scalar(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE) * dkl
+        else:
+            ref = logp
+        loss, grad, clipped, dual, ratio, kl = _policy_terms(
+            logp, old, adv, ref, ratio_low, ratio_high, _scalar(dual_hi, dual_mid, dual_lo, ACC_DTYPE),
+            _scalar(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE), HAS_DUAL, KL_ESTIMATOR,
+        )
         if NEED_GRAD:
             tl.store(grad_ptr + offs, tl.where(valid, grad, 0.0), mask=in_seq)
         out = partial_ptr + (seq * n_chunks + chunk) * 9
@@ -138,6 +154,53 @@ if triton is not None:
             tl.store(out + 8, tl.sum(tl.where(valid, entropy, 0.0), axis=0))
         else:
             tl.store(out + 8, tl.sum(tl.zeros((BLOCK,), ACC_DTYPE), axis=0))
+
+    @triton.jit
+    def _ppo_logits_grad_kernel(
+        logits_ptr, labels_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, grad_ptr, logp_ptr, entropy_ptr,
+        lse_ptr, inner_rows, in_outer_stride, in_inner_stride, out_outer_stride, out_inner_stride, vocab,
+        inv_t_hi, inv_t_mid, inv_t_lo, ignore_index, low_hi, low_mid, low_lo, high_hi, high_mid, high_lo,
+        dual_hi, dual_mid, dual_lo, kl_coef_hi, kl_coef_mid, kl_coef_lo, ent_hi, ent_mid, ent_lo,
+        HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+        ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        # ppo_loss_from_logits with the gradient in the same program, one per
+        # row: the row's softmax (one read), its token's weighted dL/dlogp, then
+        # the row's gradient (the row again, from cache, and one write).
+        inv_temperature = _f64(inv_t_hi, inv_t_mid, inv_t_lo, ACC_DTYPE)
+        row = tl.program_id(0).to(tl.int64)
+        outer = row // inner_rows
+        inner = row % inner_rows
+        row_ptr = logits_ptr + outer * in_outer_stride + inner * in_inner_stride
+        out_ptr = grad_ptr + outer * out_outer_stride + inner * out_inner_stride
+        lse, log_s, entropy = _row_softmax(row_ptr, vocab, inv_temperature, ACC_DTYPE, BLOCK_V)
+        label = tl.load(labels_ptr + row)
+        ignored = label == ignore_index
+        logp = tl.where(ignored, 0.0, _label_logp(row_ptr, label, vocab, lse, inv_temperature, ACC_DTYPE))
+        entropy = tl.where(ignored, 0.0, entropy)
+        tl.store(lse_ptr + row, lse)
+        tl.store(logp_ptr + row, logp)
+        tl.store(entropy_ptr + row, entropy)
+        weight = tl.load(weight_ptr + row).to(ACC_DTYPE)
+        valid = weight != 0.0
+        old = tl.load(old_ptr + row).to(ACC_DTYPE)
+        adv = tl.load(adv_ptr + row).to(ACC_DTYPE)
+        if KL_ESTIMATOR >= 0:
+            ref = tl.load(ref_ptr + row).to(ACC_DTYPE)
+        else:
+            ref = logp
+        _, tok_grad, _, _, _, _ = _policy_terms(
+            logp, old, adv, ref, _scalar(low_hi, low_mid, low_lo, ACC_DTYPE),
+            _scalar(high_hi, high_mid, high_lo, ACC_DTYPE), _scalar(dual_hi, dual_mid, dual_lo, ACC_DTYPE),
+            _scalar(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE), HAS_DUAL, KL_ESTIMATOR,
+        )
+        g = tl.where(valid, weight * tok_grad, 0.0)
+        if HAS_ENTROPY_GRAD:
+            g_entropy = tl.where(valid, -_scalar(ent_hi, ent_mid, ent_lo, ACC_DTYPE) * weight, 0.0)
+        else:
+            g_entropy = tl.zeros((), ACC_DTYPE)
+        _row_grad(row_ptr, out_ptr, vocab, label, ignore_index, g, g_entropy, entropy, lse,
+                  inv_temperature, ACC_DTYPE, BLOCK_V)
 
     @triton.jit
     def _ppo_value_fwd_kernel(
@@ -516,8 +579,8 @@ def _logits_grad_native(logits, labels, old_logp, adv, row_weight, ref_logp, gra
 
 def _logits_grad_composed(backend):
     """Forward, token pass, backward as three steps: the reference backend, and
-    the CUDA and Triton backends until they have a fused kernel (three passes
-    over the logits, as a separate backward would make)."""
+    the CUDA backend until it has a fused kernel (three passes over the logits,
+    as a separate backward would make)."""
     def run(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inv_temperature,
             ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef):
         logp, entropy, lse = _lp._FORWARD[backend](logits, labels, inv_temperature, -100, True)
@@ -533,8 +596,28 @@ def _logits_grad_composed(backend):
     return run
 
 
+@on_tensor_device
+def _logits_grad_triton(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inv_temperature,
+                        ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef):
+    tensor, inner_rows, in_outer, in_inner, out_outer, out_inner = _lp._layouts(logits, grad_logits)
+    n_rows, vocab = labels.numel(), logits.shape[-1]
+    acc = _lp._acc_dtype(logits.dtype)
+    logp, entropy, lse = (torch.empty(n_rows, dtype=acc, device=logits.device) for _ in range(3))
+    if n_rows > 0:
+        block, warps = _lp._triton_block(vocab, logits.device)
+        _ppo_logits_grad_kernel[(n_rows,)](
+            tensor, labels, old_logp, adv, row_weight, ref_logp if ref_logp is not None else old_logp,
+            grad_logits, logp, entropy, lse, inner_rows, in_outer, in_inner, out_outer, out_inner, vocab,
+            *f64_parts(inv_temperature), -100, *f64_parts(ratio_low), *f64_parts(ratio_high),
+            *f64_parts(dual_clip), *f64_parts(kl_coef), *f64_parts(entropy_coef),
+            HAS_DUAL=dual_clip > 0, KL_ESTIMATOR=kl_code, HAS_ENTROPY_GRAD=entropy_coef != 0.0,
+            ACC_DTYPE=_tl_acc(logits.dtype), BLOCK_V=block, num_warps=warps,
+        )
+    return logp, entropy, lse
+
+
 _LOGITS_GRAD = {"cpu": _logits_grad_native, "cuda": _logits_grad_composed("cuda"),
-                "triton": _logits_grad_composed("triton"), "reference": _logits_grad_composed("reference")}
+                "triton": _logits_grad_triton, "reference": _logits_grad_composed("reference")}
 
 
 @torch.library.custom_op("rlhf_kernels::ppo_loss_from_logits_fwd", mutates_args=())
