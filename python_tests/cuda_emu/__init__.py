@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .build import build, compiler_available  # noqa: F401
+from .build import CXX, build, compiler_available  # noqa: F401
 
 GUARD = 64  # poisoned elements before and after each tensor (a multiple of 16 bytes)
 TAGS = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -160,7 +160,9 @@ class Emulator:
             raise EmulatedLaunchError(f"cudaError {rc}: {message}")
 
     def set_schedule(self, mode: int, seed: int = 0) -> None:
-        """0: resume a block's fibers by thread index; 1: reversed; 2: shuffled (seeded)."""
+        """Order of resuming a block's fibers: round robin by thread index (0),
+        reversed (1), shuffled per block (2, seeded); or always the first
+        runnable fiber by thread index (3) or reversed (4): a warp runs ahead."""
         self.lib.cuda_emu_set_schedule(mode, seed)
 
     def ppo_chunks(self, seq_len: int) -> int:

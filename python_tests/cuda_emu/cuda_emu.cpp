@@ -72,7 +72,7 @@ std::vector<std::pair<void*, unsigned long long>> shared_touched;
 cudaError_t last_error = cudaSuccess;
 std::string error_message;  // the latest failure, until taken
 std::string failure;        // set inside a block: stop it
-int schedule_mode = 0;      // 0 forward, 1 reverse, 2 shuffled per block
+int schedule_mode = 0;      // see cuda_emu_set_schedule
 unsigned long long schedule_seed = 0x9e3779b97f4a7c15ull;
 
 void fiber_main() {
@@ -264,18 +264,25 @@ void run_block(const dim3& block, std::vector<int>& order) {
   for (int w = 0; w < kMaxWarps; ++w) warp_waiting[w] = 0;
   sync_waiting = 0;
   order.resize(block_threads);
-  for (int i = 0; i < block_threads; ++i) order[i] = schedule_mode == 1 ? block_threads - 1 - i : i;
+  const bool reversed = schedule_mode == 1 || schedule_mode == 4;
+  for (int i = 0; i < block_threads; ++i) order[i] = reversed ? block_threads - 1 - i : i;
   if (schedule_mode == 2) {
     for (int i = block_threads - 1; i > 0; --i) {
       std::swap(order[i], order[static_cast<int>(next_random() % static_cast<unsigned>(i + 1))]);
     }
   }
+  // Round robin gives every runnable fiber a turn per pass; the priority
+  // orders (3, 4) always resume the first runnable fiber of the order, so a
+  // warp released from a barrier runs ahead of the others as far as it can,
+  // which exposes a missing __syncthreads before shared memory is reused.
+  const bool priority = schedule_mode >= 3;
   int exited = 0;
   while (exited < block_threads) {
     bool ran = false;
     for (int i : order) {
       Fiber& f = fibers[i];
       if (f.state != State::kRunnable) continue;
+      if (priority && ran) break;  // rescan from the first
       ran = true;
       resume(f);
       if (!failure.empty()) return;
@@ -397,6 +404,111 @@ cudaError_t run_grid(const char* kernel, const char* caller, dim3 grid, dim3 blo
 
 }  // namespace cuda_emu
 
+// --- UB found by the compiler's instrumentation ----------------------------------------
+// The kernels are compiled with -fsanitize=alignment,null,bounds,... (build.py)
+// against these handlers instead of libubsan: a misaligned 16-byte load (a
+// "misaligned address" fault on a GPU), a null dereference, an index past a
+// fixed-size array or a signed overflow inside a kernel stops the launch like
+// the UB above; outside a kernel it is reported after the call.
+namespace {
+
+struct SourceLocation {
+  const char* file;
+  std::uint32_t line;
+  std::uint32_t column;
+};
+struct TypeDescriptor {
+  std::uint16_t kind;
+  std::uint16_t info;
+  char name[1];
+};
+struct TypeMismatchData {
+  SourceLocation loc;
+  const TypeDescriptor* type;
+  unsigned char log_alignment;
+  unsigned char type_check_kind;
+};
+
+[[gnu::noinline]] void report_ub(const SourceLocation* loc, const std::string& what, bool fatal) {
+  const std::string message = what + " at " + (loc && loc->file ? loc->file : "?") + ":" +
+                              std::to_string(loc ? loc->line : 0);
+  if (cuda_emu::in_launch && cuda_emu::current != nullptr) {
+    cuda_emu::fail(message + " in " + cuda_emu::thread_name(*cuda_emu::current));
+    cuda_emu::block_current();  // never resumed: the launch stops
+  }
+  if (cuda_emu::error_message.empty()) cuda_emu::error_message = message;
+  if (fatal) {
+    std::fprintf(stderr, "cuda_emu: %s\n", message.c_str());
+    std::abort();
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+void __ubsan_handle_type_mismatch_v1(TypeMismatchData* data, std::uintptr_t pointer) {
+  char buf[256];
+  const std::uintptr_t alignment = std::uintptr_t(1) << data->log_alignment;
+  if (pointer == 0) {
+    std::snprintf(buf, sizeof(buf), "null pointer access of type %s", data->type->name);
+  } else if (pointer & (alignment - 1)) {
+    std::snprintf(buf, sizeof(buf), "misaligned access of type %s at %#lx (needs %lu-byte alignment)",
+                  data->type->name, static_cast<unsigned long>(pointer),
+                  static_cast<unsigned long>(alignment));
+  } else {
+    std::snprintf(buf, sizeof(buf), "invalid access of type %s at %#lx", data->type->name,
+                  static_cast<unsigned long>(pointer));
+  }
+  report_ub(&data->loc, buf, false);
+}
+void __ubsan_handle_out_of_bounds(SourceLocation* loc, void*) {
+  report_ub(loc, "index out of bounds of a fixed-size array", false);
+}
+void __ubsan_handle_add_overflow(SourceLocation* loc, void*, void*) {
+  report_ub(loc, "signed integer overflow (+)", false);
+}
+void __ubsan_handle_sub_overflow(SourceLocation* loc, void*, void*) {
+  report_ub(loc, "signed integer overflow (-)", false);
+}
+void __ubsan_handle_mul_overflow(SourceLocation* loc, void*, void*) {
+  report_ub(loc, "signed integer overflow (*)", false);
+}
+void __ubsan_handle_negate_overflow(SourceLocation* loc, void*) {
+  report_ub(loc, "signed integer overflow (negation)", false);
+}
+void __ubsan_handle_divrem_overflow(SourceLocation* loc, void*, void*) {
+  report_ub(loc, "integer division overflow or by zero", false);
+}
+void __ubsan_handle_shift_out_of_bounds(SourceLocation* loc, void*, void*) {
+  report_ub(loc, "shift out of bounds", false);
+}
+void __ubsan_handle_load_invalid_value(SourceLocation* loc, void*) {
+  report_ub(loc, "load of an invalid bool or enum value", false);
+}
+void __ubsan_handle_float_cast_overflow(SourceLocation* loc, void*) {
+  report_ub(loc, "float to integer conversion out of range", false);
+}
+void __ubsan_handle_pointer_overflow(SourceLocation* loc, void*, void*) {
+  report_ub(loc, "pointer arithmetic overflow", false);
+}
+void __ubsan_handle_vla_bound_not_positive(SourceLocation* loc, void*) {
+  report_ub(loc, "variable-length array bound not positive", false);
+}
+void __ubsan_handle_invalid_builtin(SourceLocation* loc) {
+  report_ub(loc, "invalid argument to a builtin", false);
+}
+[[noreturn]] void __ubsan_handle_builtin_unreachable(SourceLocation* loc) {
+  report_ub(loc, "__builtin_unreachable reached", true);
+  std::abort();
+}
+[[noreturn]] void __ubsan_handle_missing_return(SourceLocation* loc) {
+  report_ub(loc, "end of a value-returning function reached", true);
+  std::abort();
+}
+
+}  // extern "C"
+
 cudaError_t cudaGetLastError() {
   const cudaError_t e = cuda_emu::last_error;
   cuda_emu::last_error = cudaSuccess;
@@ -426,8 +538,9 @@ const char* cuda_emu_take_error() {
   return taken.c_str();
 }
 
-// Order in which a block's runnable fibers are resumed: 0 by thread index,
-// 1 reversed, 2 a fresh random permutation per block (seeded).
+// Order in which a block's runnable fibers are resumed: round robin by thread
+// index (0), reversed (1), or over a fresh random permutation per block (2,
+// seeded); or always the first runnable by thread index (3) or reversed (4).
 void cuda_emu_set_schedule(int mode, unsigned long long seed) {
   cuda_emu::schedule_mode = mode;
   cuda_emu::schedule_seed = seed ? seed : 0x9e3779b97f4a7c15ull;

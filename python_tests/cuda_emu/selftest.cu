@@ -83,6 +83,23 @@ __global__ void missing_barrier_kernel(float* out) {
   out[threadIdx.x] = values[blockDim.x - 1 - threadIdx.x];
 }
 
+// A 16-byte load from an address 4 bytes past a 16-byte boundary.
+struct alignas(16) Vec4 {
+  float v[4];
+};
+__global__ void misaligned_load_kernel(const float* in, float* out) {
+  const Vec4 pack = reinterpret_cast<const Vec4*>(in + 1)[threadIdx.x];
+  out[threadIdx.x] = pack.v[0];
+}
+
+// 64 threads index a shared array of 32.
+__global__ void shared_out_of_bounds_kernel(float* out) {
+  __shared__ float values[32];
+  values[threadIdx.x] = 1.0f;
+  __syncthreads();
+  out[threadIdx.x] = values[0];
+}
+
 // Records the index built-ins.
 __global__ void index_kernel(int* out) {
   const int block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
@@ -116,6 +133,8 @@ int emu_selftest_bad(int which, float* out, int arg) {
     case 7: shared_poison_kernel<<<0, 256>>>(out, arg); break;    // grid 0
     case 8: shared_poison_kernel<<<1, 2048>>>(out, arg); break;   // block > 1024
     case 9: exit_before_shuffle_kernel<<<1, 48>>>(out, 100); break;  // partial warp, full mask
+    case 10: misaligned_load_kernel<<<1, 32>>>(out, out + 256); break;
+    case 11: shared_out_of_bounds_kernel<<<1, 64>>>(out); break;
     default: return -1;
   }
   return cudaGetLastError();
