@@ -89,13 +89,13 @@ class Arena:
     """Tensors placed inside poisoned buffers, checked after a launch."""
 
     def __init__(self):
-        self._items: list[tuple[Tensor, Tensor, Tensor, str]] = []
+        self._items: list[tuple[Tensor, Tensor, str]] = []
 
     def _buffer(self, shape, stride, dtype, shift: int, name: str) -> Tensor:
         assert all(s >= 0 for s in stride)
         buf = torch.full((_span(shape, stride) + 2 * GUARD + shift,), _poison(dtype), dtype=dtype)
         view = buf.as_strided(tuple(shape), tuple(stride), GUARD + shift)
-        self._items.append((buf, view, buf.clone(), name))
+        self._items.append((buf, view, name))
         return view
 
     def place(self, t: Optional[Tensor], name: str, shift: int = 0) -> Optional[Tensor]:
@@ -112,14 +112,21 @@ class Arena:
 
     def check(self) -> None:
         """Every element outside every placed view still holds its poison."""
-        for buf, view, before, name in self._items:
-            index = torch.arange(buf.numel()).as_strided(view.shape, view.stride(), view.storage_offset())
-            outside = torch.ones(buf.numel(), dtype=torch.bool)
-            outside[index.reshape(-1)] = False
-            changed = (_bits(buf) != _bits(before)) & outside
-            if bool(changed.any()):
-                where = changed.nonzero().reshape(-1)[:8].tolist()
-                raise AssertionError(f"{name}: the kernel wrote outside the tensor, at buffer elements {where}")
+        for buf, view, name in self._items:
+            poison = _bits(torch.tensor([_poison(buf.dtype)], dtype=buf.dtype))
+            start = view.storage_offset()
+            if view.is_contiguous():
+                outside = torch.cat([_bits(buf[:start]), _bits(buf[start + view.numel():])])
+                changed = (outside != poison).nonzero().reshape(-1)
+                changed = torch.where(changed < start, changed, changed + view.numel())
+            else:
+                index = torch.arange(buf.numel()).as_strided(view.shape, view.stride(), start)
+                is_outside = torch.ones(buf.numel(), dtype=torch.bool)
+                is_outside[index.reshape(-1)] = False
+                changed = ((_bits(buf) != poison) & is_outside).nonzero().reshape(-1)
+            if changed.numel():
+                raise AssertionError(f"{name}: the kernel wrote outside the tensor, at buffer elements "
+                                     f"{changed[:8].tolist()} (the tensor spans {start}..)")
 
 
 def _ptr(x):

@@ -85,7 +85,7 @@ def rewrite(source: str, filename: str) -> str:
 
 def _inputs() -> list[Path]:
     files = sorted(CUDA_DIR.glob("*.cu")) + sorted(CUDA_DIR.glob("*.cuh")) + sorted(INCLUDE_DIR.rglob("*.h"))
-    files += sorted(p for p in HERE.iterdir() if p.suffix in (".h", ".cpp", ".cu", ".py"))
+    files += sorted(p for p in HERE.iterdir() if p.suffix in (".h", ".cpp", ".cu") or p.name == "build.py")
     return files
 
 
@@ -102,6 +102,14 @@ def cache_key() -> str:
 
 def compiler_available() -> bool:
     return shutil.which(CXX) is not None
+
+
+def _prune(cache_dir: Path, keep: int) -> None:
+    """Remove all but the `keep` newest libraries (every source edit makes one)."""
+    libraries = sorted(cache_dir.glob("cuda_emu_*.so"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in libraries[keep:]:
+        for path in (old, old.with_suffix(".warnings.txt")):
+            path.unlink(missing_ok=True)
 
 
 def build(cache_dir: Path) -> Path:
@@ -147,6 +155,7 @@ def build(cache_dir: Path) -> Path:
         (work / "warnings.txt").write_text(warnings)
         os.replace(tmp_so, target)  # atomic: concurrent sessions see all or nothing
         shutil.copy(work / "warnings.txt", target.with_suffix(".warnings.txt"))
+        _prune(cache_dir, keep=4)
         return target
     finally:
         shutil.rmtree(work, ignore_errors=True)
