@@ -12,7 +12,10 @@
 // UB that a GPU would punish stops the launch with a message naming the
 // kernel: a full-mask shuffle while a lane of the warp has exited or waits
 // elsewhere, lanes of one shuffle at different call sites, a block whose
-// threads do not all reach the same __syncthreads, an invalid launch shape.
+// threads do not all reach the same __syncthreads, an invalid launch shape;
+// and, through the -fsanitize checks build.py compiles in (handlers in
+// cuda_emu.cpp), a misaligned vector load, a null dereference, an index past
+// a fixed-size array, a signed overflow.
 #pragma once
 
 // Every system header the kernels use, before __CUDACC__ is defined below.
