@@ -232,7 +232,9 @@ cudaError_t launch_logprobs_fwd(const scalar_t* logits, RowLayout layout, const 
                                 int64_t ignore_index, acc_t* logp, acc_t* entropy, acc_t* lse,
                                 cudaStream_t stream) {
   if (n_rows == 0) return cudaSuccess;
-  if (n_rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // one block per row
+  // One block per row, and grid.x is at most 2^31 - 1: refuse more rows
+  // rather than let the cast to unsigned wrap (2^32 + 1 rows would run 1 block).
+  if (n_rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   logprobs_fwd_kernel<scalar_t, acc_t><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
       logits, layout, labels, vocab, inv_temperature, ignore_index, logp, entropy, lse);
   return cudaGetLastError();
@@ -246,7 +248,7 @@ cudaError_t launch_logprobs_bwd(const acc_t* grad_logp, const acc_t* grad_entrop
                                 int64_t ignore_index, scalar_t* grad_logits,
                                 RowLayout out_layout, cudaStream_t stream) {
   if (n_rows == 0) return cudaSuccess;
-  if (n_rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  if (n_rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // as in the forward
   // The 16-byte path needs input and output rows to share their alignment.
   const bool vectorized = rows_aligned(logits, in_layout, n_rows, sizeof(scalar_t)) &&
                           rows_aligned(grad_logits, out_layout, n_rows, sizeof(scalar_t));

@@ -1,0 +1,150 @@
+// C ABI over the host launchers of csrc/cuda/*.cuh, one function per launcher
+// and storage type, called by python_tests/cuda_emu/__init__.py through
+// ctypes. Each builds its arguments exactly as csrc/cuda/*_glue.cpp does
+// (RowLayout, AdvantagesArgs, PolicyParams) and returns the launcher's
+// cudaError_t.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "advantages.cuh"
+#include "logprobs.cuh"
+#include "ppo_loss.cuh"
+
+using rlhf_kernels::AdvantagesArgs;
+using rlhf_kernels::PolicyParams;
+using rlhf_kernels::RowLayout;
+namespace kernels = rlhf_kernels::cuda;
+
+#define EMU_FLOAT_TYPES(X)     \
+  X(f32, float, float)         \
+  X(f64, double, double)       \
+  X(f16, __half, float)        \
+  X(bf16, __nv_bfloat16, float)
+
+#define EMU_LOGPROBS_AND_ADVANTAGES(tag, scalar_t, acc_t)                                        \
+  int emu_logprobs_fwd_##tag(const void* logits, int64_t inner_rows, int64_t outer_stride,      \
+                             int64_t inner_stride, const int64_t* labels, int64_t n_rows,       \
+                             int64_t vocab, double inv_temperature, int64_t ignore_index,       \
+                             void* logp, void* entropy, void* lse) {                            \
+    return kernels::launch_logprobs_fwd<scalar_t, acc_t>(                                        \
+        static_cast<const scalar_t*>(logits), RowLayout{inner_rows, outer_stride, inner_stride}, \
+        labels, n_rows, vocab, static_cast<acc_t>(inv_temperature), ignore_index,                \
+        static_cast<acc_t*>(logp), static_cast<acc_t*>(entropy), static_cast<acc_t*>(lse),       \
+        nullptr);                                                                                \
+  }                                                                                              \
+  int emu_logprobs_bwd_##tag(const void* grad_logp, const void* grad_entropy, const void* logits, \
+                             int64_t inner_rows, int64_t in_outer_stride, int64_t in_inner_stride, \
+                             const int64_t* labels, const void* lse, const void* entropy,       \
+                             int64_t n_rows, int64_t vocab, double inv_temperature,             \
+                             int64_t ignore_index, void* grad_logits, int64_t out_outer_stride, \
+                             int64_t out_inner_stride) {                                        \
+    return kernels::launch_logprobs_bwd<scalar_t, acc_t>(                                        \
+        static_cast<const acc_t*>(grad_logp), static_cast<const acc_t*>(grad_entropy),          \
+        static_cast<const scalar_t*>(logits),                                                    \
+        RowLayout{inner_rows, in_outer_stride, in_inner_stride}, labels,                         \
+        static_cast<const acc_t*>(lse), static_cast<const acc_t*>(entropy), n_rows, vocab,       \
+        static_cast<acc_t>(inv_temperature), ignore_index, static_cast<scalar_t*>(grad_logits),  \
+        RowLayout{inner_rows, out_outer_stride, out_inner_stride}, nullptr);                     \
+  }                                                                                              \
+  int emu_kl_penalty_fwd_##tag(const void* logp, const void* ref, int estimator, void* kl,      \
+                               int64_t n) {                                                     \
+    return kernels::launch_kl_penalty_fwd<scalar_t, acc_t>(static_cast<const scalar_t*>(logp),   \
+                                                           static_cast<const scalar_t*>(ref),    \
+                                                           estimator, static_cast<acc_t*>(kl),   \
+                                                           n, nullptr);                          \
+  }                                                                                              \
+  int emu_kl_penalty_bwd_##tag(const void* grad, const void* logp, const void* ref, int estimator, \
+                               void* grad_logp, void* grad_ref, int64_t n) {                    \
+    return kernels::launch_kl_penalty_bwd<scalar_t, acc_t>(                                      \
+        static_cast<const acc_t*>(grad), static_cast<const scalar_t*>(logp),                     \
+        static_cast<const scalar_t*>(ref), estimator, static_cast<scalar_t*>(grad_logp),         \
+        static_cast<scalar_t*>(grad_ref), n, nullptr);                                           \
+  }                                                                                              \
+  int emu_advantages_##tag(const void* values, const uint8_t* mask, const int32_t* cu_seqlens,  \
+                           int64_t seq_len, int64_t num_seqs, const void* token_rewards,        \
+                           const void* scores, const void* logp, const void* ref_logp,          \
+                           const void* kl_coef_scale, double kl_coef, int estimator,            \
+                           double gamma, double lam, void* advantages, void* returns,           \
+                           void* token_rewards_out, void* kl_out, double* stats,                \
+                           int64_t total_tokens) {                                              \
+    AdvantagesArgs<scalar_t, acc_t> args{};                                                      \
+    args.values = static_cast<const scalar_t*>(values);                                          \
+    args.mask = mask;                                                                            \
+    args.cu_seqlens = cu_seqlens;                                                                \
+    args.seq_len = seq_len;                                                                      \
+    args.num_seqs = num_seqs;                                                                    \
+    args.token_rewards = static_cast<const scalar_t*>(token_rewards);                            \
+    args.scores = static_cast<const acc_t*>(scores);                                             \
+    args.logp = static_cast<const scalar_t*>(logp);                                              \
+    args.ref_logp = static_cast<const scalar_t*>(ref_logp);                                      \
+    args.kl_coef_scale = static_cast<const acc_t*>(kl_coef_scale);                               \
+    args.kl_coef = static_cast<acc_t>(kl_coef);                                                  \
+    args.estimator = estimator;                                                                  \
+    args.gamma = static_cast<acc_t>(gamma);                                                      \
+    args.lam = static_cast<acc_t>(lam);                                                          \
+    args.advantages = static_cast<acc_t*>(advantages);                                           \
+    args.returns = static_cast<acc_t*>(returns);                                                 \
+    args.token_rewards_out = static_cast<acc_t*>(token_rewards_out);                             \
+    args.kl_out = static_cast<acc_t*>(kl_out);                                                   \
+    args.stats = stats;                                                                          \
+    return kernels::launch_advantages<scalar_t, acc_t>(args, total_tokens, nullptr);             \
+  }
+
+#define EMU_PPO(tag, acc_t)                                                                      \
+  int emu_ppo_policy_fwd_##tag(const void* logp, const void* old_logp, const void* advantages,  \
+                               const uint8_t* mask, const void* ref_logp, const void* entropy,  \
+                               int64_t seqs, int64_t seq_len, double ratio_low,                 \
+                               double ratio_high, double dual_clip, double kl_coef,             \
+                               int kl_estimator, void* grad, void* partial) {                   \
+    const PolicyParams<acc_t> params{static_cast<acc_t>(ratio_low),                             \
+                                     static_cast<acc_t>(ratio_high),                            \
+                                     static_cast<acc_t>(dual_clip), dual_clip > 0, kl_estimator, \
+                                     static_cast<acc_t>(kl_coef)};                              \
+    return kernels::launch_ppo_policy_fwd<acc_t>(                                                \
+        static_cast<const acc_t*>(logp), static_cast<const acc_t*>(old_logp),                    \
+        static_cast<const acc_t*>(advantages), mask, static_cast<const acc_t*>(ref_logp),        \
+        static_cast<const acc_t*>(entropy), seqs, seq_len, params, static_cast<acc_t*>(grad),    \
+        static_cast<acc_t*>(partial), nullptr);                                                  \
+  }                                                                                              \
+  int emu_ppo_value_fwd_##tag(const void* values, const void* old_values, const void* returns,  \
+                              const uint8_t* mask, int64_t seqs, int64_t seq_len, double clip,  \
+                              void* grad, void* partial) {                                      \
+    return kernels::launch_ppo_value_fwd<acc_t>(                                                 \
+        static_cast<const acc_t*>(values), static_cast<const acc_t*>(old_values),                \
+        static_cast<const acc_t*>(returns), mask, seqs, seq_len, static_cast<acc_t>(clip),       \
+        static_cast<acc_t*>(grad), static_cast<acc_t*>(partial), nullptr);                       \
+  }
+
+extern "C" {
+
+EMU_FLOAT_TYPES(EMU_LOGPROBS_AND_ADVANTAGES)
+EMU_PPO(f32, float)
+EMU_PPO(f64, double)
+
+int64_t emu_ppo_chunks(int64_t seq_len) { return kernels::ppo_chunks(seq_len); }
+
+// The emulated 16-bit conversions, checked bit for bit against torch's.
+void emu_float_to_half(const float* in, uint16_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = __float2half_rn(in[i]).__x;
+}
+void emu_half_to_float(const uint16_t* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    __half h;
+    h.__x = in[i];
+    out[i] = __half2float(h);
+  }
+}
+void emu_float_to_bf16(const float* in, uint16_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = __float2bfloat16_rn(in[i]).__x;
+}
+void emu_bf16_to_float(const uint16_t* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    __nv_bfloat16 b;
+    b.__x = in[i];
+    out[i] = __bfloat162float(b);
+  }
+}
+
+}  // extern "C"

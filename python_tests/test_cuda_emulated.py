@@ -1,0 +1,692 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU under the emulation of
+python_tests/cuda_emu, against the float64 references.
+
+No GPU is needed: g++ builds the .cu files against shim headers, the threads of
+a block run as fibers with real barriers and warp shuffles, and every tensor a
+kernel sees sits in a poisoned buffer (see cuda_emu/__init__.py). So the
+kernels' logic is checked here: indexing, strided and misaligned rows, the
+16-byte head / body / tail split, the shuffle reductions, the affine reverse
+scan of GAE across chunks and warps, packed offsets, masks with holes, and the
+statistics. What the emulation cannot check: timing, memory coalescing,
+races beyond the orders it tries, and the exact rounding of the GPU's
+approximate exp / log units and FMA contraction.
+"""
+
+import ctypes
+import math
+
+import pytest
+import torch
+
+import cuda_emu
+from cuda_emu import EmulatedLaunchError, Emulator
+from helpers import TOLERANCES
+from rlhf_kernels import reference
+from rlhf_kernels.ops import advantages as adv_ops
+from rlhf_kernels.ops import logprobs as lp_ops
+from rlhf_kernels.ops import ppo_loss as ppo_ops
+
+ESTIMATORS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
+F32 = dict(atol=1e-6, rtol=1e-5)
+# Relative spacing of the 16-bit types: a gradient rounded once from float32 is
+# within one unit of the float64 value rounded to that type.
+ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+@pytest.fixture(scope="session")
+def emu(request, tmp_path_factory):
+    if not cuda_emu.compiler_available():
+        pytest.skip(f"no C++ compiler ({cuda_emu.CXX} not found): the emulated CUDA kernels cannot be built")
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        cache_dir = cache.mkdir("cuda_emu")
+    else:  # -p no:cacheprovider: pytest's per-user temporary root outlives the session
+        cache_dir = tmp_path_factory.getbasetemp().parent / "cuda_emu_cache"
+    # A compile error raises here: every test of this file then fails.
+    emulator = Emulator(cuda_emu.build(cache_dir))
+    emulator.set_schedule(0)
+    return emulator
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# --- the emulation itself ------------------------------------------------------------
+
+
+def test_half_and_bfloat16_conversions_match_torch(emu):
+    """float <-> __half / __nv_bfloat16 are bit-compatible with torch's storage."""
+    gen = _gen(0)
+    x = torch.cat([
+        torch.randn(20000, generator=gen) * 10.0 ** torch.randint(-9, 6, (20000,), generator=gen),
+        torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e6, -1e6, 6e-8, 2.0**-25, 3 * 2.0**-26,
+                      2.0**-24 * 1.5, 2.0**-14 * (1 - 2**-11), float("inf"), float("-inf"), 3e38]),
+        # Ties at the rounding point of both types.
+        (torch.randint(-2**14, 2**14, (4000,), generator=gen) * 2 + 1).float() * 2.0**-11,
+        torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-11, 1 + 3 * 2**-11]),
+    ])
+    for dtype, to_name, from_name in ((torch.float16, "emu_float_to_half", "emu_half_to_float"),
+                                      (torch.bfloat16, "emu_float_to_bf16", "emu_bf16_to_float")):
+        got = emu.convert(to_name, x, torch.int16)
+        want = x.to(dtype).view(torch.int16)
+        assert torch.equal(got, want), dtype
+        every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
+        back = emu.convert(from_name, every, torch.float32)
+        torch.testing.assert_close(back, every.view(dtype).float(), rtol=0, atol=0, equal_nan=True)
+    nan = emu.convert("emu_float_to_half", torch.tensor([float("nan")]), torch.int16)
+    assert torch.isnan(nan.view(torch.float16)).all()
+
+
+def _cuda_shuffle(values, kind, arg, width):
+    """CUDA's documented semantics, lane by lane."""
+    out = values.clone()
+    for t in range(values.numel()):
+        lane, base = t % 32, t - t % 32
+        first = lane - lane % width
+        if kind == 0:
+            src = first + arg % width
+        elif kind == 1:
+            src = lane - arg if lane - arg >= first else lane
+        elif kind == 2:
+            src = lane + arg if lane + arg < first + width else lane
+        else:
+            src = lane ^ arg if (lane ^ arg) < first + width else lane
+        out[t] = values[base + src]
+    return out
+
+
+@pytest.mark.parametrize("kind,arg,width", [
+    (0, 5, 32), (0, 37, 32), (0, 3, 8),  # idx (37 wraps mod 32)
+    (1, 1, 32), (1, 16, 32), (1, 3, 8),  # up: low lanes keep their own value
+    (2, 1, 32), (2, 16, 32), (2, 5, 8),  # down: high lanes keep their own value
+    (3, 1, 32), (3, 16, 32), (3, 3, 8), (3, 12, 8),  # xor (12 ^ lane leaves a group of 8)
+])
+def test_shuffles_follow_cuda_semantics(emu, kind, arg, width):
+    values = torch.randn(96, generator=_gen(kind * 100 + arg))
+    out = torch.empty(96)
+    emu.call("emu_selftest_shuffle", values, out, 96, kind, arg, width)
+    torch.testing.assert_close(out, _cuda_shuffle(values, kind, arg, width), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("which,arg,match", [
+    (0, 5, "thread 5 .* has exited"),
+    (1, 3, "not every thread of the block reaches the same __syncthreads"),
+    (2, 0, "__syncthreads at different call sites"),
+    (3, 0, "lanes of one warp at different shuffles"),
+    (4, 0, "divergent warp 0"),
+    (7, 0, "cudaError 9: .*invalid configuration grid \\(0, 1, 1\\)"),
+    (8, 0, "cudaError 9: .*block \\(2048, 1, 1\\)"),
+    (9, 0, "mask names lanes that do not exist"),
+    (10, 0, "misaligned access of type .*Vec4.*needs 16-byte alignment"),
+    (11, 0, "index out of bounds .*selftest.cu:.* thread 32 "),
+], ids=["exited-lane", "early-exit-sync", "split-sync", "divergent-shuffle", "shuffle-vs-sync",
+        "grid-0", "block-2048", "partial-warp-full-mask", "misaligned-16-byte-load", "shared-index-out-of-bounds"])
+def test_emulator_refuses_ub_and_bad_launches(emu, which, arg, match):
+    out = torch.zeros(4096)
+    with pytest.raises(EmulatedLaunchError, match=match):
+        emu.call("emu_selftest_bad", which, out, arg)
+    # The next launch runs normally (the fibers stopped mid-kernel start afresh).
+    values = torch.randn(64, generator=_gen(1))
+    emu.call("emu_selftest_shuffle", values, out, 64, 3, 1, 32)
+    torch.testing.assert_close(out[:64], _cuda_shuffle(values, 3, 1, 32))
+
+
+def test_shared_memory_is_poisoned_in_every_block(emu):
+    out = torch.zeros(3 * 256)
+    emu.call("emu_selftest_bad", 5, out, 7)  # thread 7 never writes its element
+    out = out.view(3, 256)
+    assert torch.isnan(out[:, 6]).all()
+    others = torch.cat([out[:, :6], out[:, 7:]], dim=1)
+    assert torch.equal(others, torch.arange(3.0)[:, None].expand_as(others))
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2, 3, 4])
+def test_a_missing_barrier_shows_in_every_order(emu, mode):
+    out = torch.zeros(256)
+    emu.set_schedule(mode, seed=5)
+    try:
+        emu.call("emu_selftest_bad", 6, out, 0)
+    finally:
+        emu.set_schedule(0)
+    assert torch.isnan(out).any()
+
+
+def test_index_builtins(emu):
+    grid, block = (3, 2, 2), (8, 4, 2)
+    n_blocks, n_threads = math.prod(grid), math.prod(block)
+    out = torch.full((n_blocks * n_threads * 4,), -1, dtype=torch.int32)
+    emu.call("emu_selftest_index", out, *grid, *block)
+    out = out.view(n_blocks, n_threads, 4)
+    assert torch.equal(out[..., 0], torch.arange(n_blocks, dtype=torch.int32)[:, None].expand(-1, n_threads))
+    assert torch.equal(out[..., 1], torch.arange(n_threads, dtype=torch.int32).expand(n_blocks, -1))
+    assert (out[..., 2] == n_threads).all() and (out[..., 3] == n_blocks).all()
+
+
+# --- logprobs ----------------------------------------------------------------------------
+
+
+def _logits(shape, dtype, seed, scale=3.0):
+    return (torch.randn(shape, generator=_gen(seed), dtype=torch.float64) * scale).to(dtype)
+
+
+def _labels(shape, vocab, seed, ignore_index=-100):
+    labels = torch.randint(0, vocab, shape, generator=_gen(seed + 1))
+    if labels.numel() > 2:
+        labels.view(-1)[1] = ignore_index
+    return labels
+
+
+def _layout_input(layout, rows, vocab, dtype, seed):
+    """(logits view, labels) for a named row layout."""
+    if layout == "contiguous":
+        logits = _logits((rows, vocab), dtype, seed)
+    elif layout == "strided":  # logits[:, :-1] of (B, T + 1, V): rows start anywhere
+        logits = _logits((2, rows // 2 + 1, vocab), dtype, seed)[:, :-1]
+    elif layout == "gapped":  # (B, T, V) with one element between batches: inner stride V, outer T * V + 1
+        T = rows // 2
+        logits = _logits((2, T * vocab + 1), dtype, seed)[:, :-1].unflatten(1, (T, vocab))
+    else:
+        raise ValueError(layout)
+    return logits, _labels(logits.shape[:-1], vocab, seed)
+
+
+def _emulated_forward(emu, logits, labels, temperature=1.0, ignore_index=-100, compute_entropy=True, shift=0):
+    tensor, inner_rows, outer, inner = lp_ops._row_layout(logits)
+    assert tensor is logits  # read in place, as the op does
+    return emu.logprobs_fwd(tensor, labels.reshape(-1).contiguous(), inner_rows, outer, inner, 1.0 / temperature,
+                            ignore_index, compute_entropy, shift=shift)
+
+
+# Vocabularies: 1; below one 16-byte pack of fp16 (5); odd and below the 256
+# threads (37, 123); just above them (300); several 16-byte packs per thread
+# with a tail (4099).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("vocab", [1, 5, 37, 123, 300, 4099])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_logprobs_forward(emu, dtype, vocab, layout):
+    logits, labels = _layout_input(layout, 6, vocab, dtype, seed=vocab)
+    temperature = 0.7 if vocab % 2 else 1.0
+    # Base misaligned by one element for some cases, so the first row has a head too.
+    logp, entropy, lse = _emulated_forward(emu, logits, labels, temperature, shift=vocab % 3)
+    x64 = logits.double()
+    want_logp, want_entropy = reference.logprobs_from_logits(x64, labels, temperature=temperature,
+                                                             return_entropy=True)
+    want_lse = torch.logsumexp(x64 / temperature, dim=-1).reshape(-1)
+    acc = cuda_emu.acc_dtype(dtype)
+    assert logp.dtype == entropy.dtype == lse.dtype == acc
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(logp.double(), want_logp.reshape(-1), atol=tol[0], rtol=tol[1])
+    torch.testing.assert_close(entropy.double(), want_entropy.reshape(-1), atol=tol[0], rtol=tol[1])
+    torch.testing.assert_close(lse.double(), want_lse, atol=tol[0], rtol=tol[1])
+    assert logp[1] == 0 and entropy[1] == 0  # the ignored row
+
+
+def test_logprobs_forward_labels_and_extremes(emu):
+    """ignore_index -1, a label outside [0, V) (NaN), large logits and -inf entries."""
+    logits = _logits((5, 1000), torch.float32, seed=3)
+    logits[0] *= 3000.0
+    logits[2, 10:900] = float("-inf")
+    labels = torch.tensor([5, -1, 999, 1000, 0])
+    logp, entropy, lse = _emulated_forward(emu, logits, labels, ignore_index=-1)
+    want_logp, want_entropy = reference.logprobs_from_logits(logits.double(), labels, ignore_index=-1,
+                                                             return_entropy=True)
+    assert logp[1] == 0 and entropy[1] == 0
+    assert torch.isnan(logp[3]) and torch.isnan(want_logp[3])
+    torch.testing.assert_close(logp.double(), want_logp, atol=1e-3, rtol=1e-6, equal_nan=True)
+    torch.testing.assert_close(entropy.double()[[0, 2, 4]], want_entropy[[0, 2, 4]], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(logits.double(), -1), atol=1e-3, rtol=1e-6)
+
+
+def _vectorized(logits, shift, out_shift, inplace):
+    """Which backward path the launcher picks (rows_aligned of logprobs.cu)."""
+    _, inner_rows, outer, inner = lp_ops._row_layout(logits)
+    n_rows, elem = logits.numel() // logits.shape[-1], logits.element_size()
+
+    def aligned(shift_, outer_, inner_):
+        strides_ok = n_rows <= 1 or ((inner_ * elem) % 16 == 0 and (outer_ * elem) % 16 == 0)
+        return (shift_ * elem) % 16 == 0 and strides_ok
+
+    out_layout = (outer, inner) if inplace else (inner_rows * logits.shape[-1], logits.shape[-1])
+    return aligned(shift, outer, inner) and aligned(shift if inplace else out_shift, *out_layout)
+
+
+# (rows, V, layout, shift, out_shift), each named by the path it takes:
+BACKWARD_CASES = {
+    "vectorized-contiguous": (6, 128, "contiguous", 0, 0),
+    "vectorized-one-row-odd-V": (1, 301, "contiguous", 0, 0),  # one row: head 0, a tail
+    "vectorized-strided": (6, 256, "strided", 0, 0),  # strides are 16-byte multiples
+    "scalar-odd-V": (6, 123, "contiguous", 0, 0),
+    "scalar-strided-odd-V": (6, 77, "strided", 0, 0),
+    # Two rows whose input and output offsets differ modulo 16 bytes (2V vs V).
+    "scalar-two-rows-strided": (2, 77, "strided", 0, 0),
+    "scalar-outer-stride-misaligned": (6, 128, "gapped", 0, 0),  # inner stride aligned, outer not
+    "scalar-misaligned-input": (4, 128, "contiguous", 1, 0),
+    "scalar-misaligned-output": (4, 128, "contiguous", 0, 3),
+    "scalar-large-V": (2, 4099, "contiguous", 0, 0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", list(BACKWARD_CASES))
+@pytest.mark.parametrize("with_entropy", [True, False], ids=["entropy", "logp-only"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["new", "inplace"])
+def test_logprobs_backward(emu, dtype, case, with_entropy, inplace):
+    rows, vocab, layout, shift, out_shift = BACKWARD_CASES[case]
+    if inplace and out_shift:
+        pytest.skip("in place, the output is the input")
+    logits, labels = _layout_input(layout, rows, vocab, dtype, seed=rows * vocab)
+    if not inplace:  # in place, in and out share offsets: some scalar cases align (float64)
+        assert _vectorized(logits, shift, out_shift, inplace) == case.startswith("vectorized")
+    temperature = 0.8
+    logp, entropy, lse = _emulated_forward(emu, logits, labels, temperature, compute_entropy=with_entropy,
+                                           shift=shift)
+    gen = _gen(7)
+    acc = cuda_emu.acc_dtype(dtype)
+    g = torch.randn(labels.shape, generator=gen, dtype=acc)
+    gh = torch.randn(labels.shape, generator=gen, dtype=acc) if with_entropy else None
+
+    tensor, inner_rows, outer, inner = lp_ops._row_layout(logits)
+    out_layout = (outer, inner) if inplace else (inner_rows * vocab, vocab)
+    flat_labels = labels.reshape(-1).contiguous()
+    grad = emu.logprobs_bwd(g.reshape(-1), gh.reshape(-1) if with_entropy else None, tensor, flat_labels, lse,
+                            entropy if with_entropy else None, inner_rows, outer, inner, *out_layout,
+                            1.0 / temperature, -100, inplace=inplace, shift=shift, out_shift=out_shift)
+    assert grad.dtype == dtype and grad.shape == logits.shape
+
+    x64 = logits.double().requires_grad_(True)
+    r_logp, r_entropy = reference.logprobs_from_logits(x64, labels, temperature=temperature, return_entropy=True)
+    loss = (r_logp * g.double()).sum()
+    if with_entropy:
+        loss = loss + (r_entropy * gh.double()).sum()
+    loss.backward()
+    want = x64.grad
+    if dtype in ULP:
+        torch.testing.assert_close(grad.double(), want, atol=1e-7, rtol=2 * ULP[dtype])
+    elif dtype == torch.float64:
+        torch.testing.assert_close(grad, want, atol=1e-12, rtol=1e-10)
+    else:
+        torch.testing.assert_close(grad.double(), want, atol=1e-7, rtol=1e-4)
+    if rows > 2:
+        assert torch.all(grad.reshape(-1, vocab)[1] == 0)  # the ignored row
+
+
+def test_logprobs_backward_bad_label_row_is_nan(emu):
+    logits = _logits((3, 40), torch.float32, seed=9)
+    labels = torch.tensor([3, 40, -100])
+    logp, entropy, lse = _emulated_forward(emu, logits, labels)
+    grad = emu.logprobs_bwd(torch.ones(3), torch.ones(3), logits, labels, lse, entropy, 3, 0, 40, 0, 40,
+                            1.0, -100)
+    want = reference.logprobs_grad(torch.ones(3).double(), torch.ones(3).double(), logits.double(), labels,
+                                   temperature=1.0, ignore_index=-100)
+    assert torch.isnan(grad[1]).all() and torch.all(grad[2] == 0)
+    torch.testing.assert_close(grad[0].double(), want[0], **F32)
+
+
+# --- KL penalty --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_kl_penalty(emu, estimator, dtype):
+    gen = _gen(3)
+    n = 4133  # 17 blocks, the last one partial
+    logp = (torch.randn(n, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    ref = (torch.randn(n, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    logp[:2] = torch.tensor([30.0, -30.0])  # the k3 clamps
+    logp[2] = ref[2]  # abs at 0
+    code = ESTIMATORS[estimator]
+    kl = emu.kl_penalty_fwd(logp, ref, code)
+    want = reference.kl_penalty(logp.double(), ref.double(), estimator)
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kl.double(), want, **tol)
+
+    g = torch.randn(n, generator=gen, dtype=cuda_emu.acc_dtype(dtype))
+    grad_logp, grad_ref = emu.kl_penalty_bwd(g, logp, ref, code)
+    want_grad = (g.double() * reference.kl_penalty_grad(logp.double(), ref.double(), estimator))
+    assert grad_logp.dtype == grad_ref.dtype == dtype
+    if dtype == torch.bfloat16:
+        tol = dict(atol=1e-6, rtol=2 * ULP[dtype])
+    torch.testing.assert_close(grad_logp.double(), want_grad, **tol)
+    torch.testing.assert_close(grad_ref.double(), -want_grad, **tol)
+
+
+def test_kl_penalty_grid_stride_loop(emu):
+    """More elements than the capped grid has threads (65536 blocks of 256):
+    the first 1000 threads take a second element."""
+    n = 65536 * 256 + 1000
+    gen = _gen(8)
+    logp = (torch.randn(n, generator=gen) * 2).to(torch.bfloat16)
+    ref = (torch.randn(n, generator=gen) * 2).to(torch.bfloat16)
+    kl = emu.kl_penalty_fwd(logp, ref, ESTIMATORS["k3"])
+    torch.testing.assert_close(kl.double(), reference.kl_penalty(logp.double(), ref.double(), "k3"),
+                               atol=1e-5, rtol=1e-5)
+    g = torch.randn(n, generator=gen)
+    grad_logp, grad_ref = emu.kl_penalty_bwd(g, logp, ref, ESTIMATORS["k3"])
+    want = (g.double() * reference.kl_penalty_grad(logp.double(), ref.double(), "k3")).to(torch.bfloat16)
+    # Rounded once from float32: equal to the float64 value rounded, or one unit off.
+    assert (grad_logp.float() - want.float()).abs().le(want.float().abs() * 2**-7 + 1e-30).all()
+    assert torch.equal(grad_ref.view(torch.int16), (-grad_logp).view(torch.int16))
+
+
+# --- fused shaping + GAE ---------------------------------------------------------------
+
+
+def _mask_with_holes(shape, seed, p_valid=0.8):
+    """Random holes, right padding, an all-masked row and a one-token row."""
+    gen = _gen(seed)
+    B, T = shape
+    mask = torch.rand(shape, generator=gen) < p_valid
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    lengths[0] = T  # one row runs to the end
+    mask &= torch.arange(T) < lengths[:, None]
+    if B >= 3:
+        mask[1] = False
+        mask[2] = False
+        mask[2, min(T - 1, 1)] = True
+    return mask
+
+
+def _advantage_inputs(shape, dtype, seed, shaping):
+    gen = _gen(seed)
+    values = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    inputs = dict(values=values, token_rewards=None, scores=None, logp=None, ref_logp=None)
+    if shaping:
+        B = shape[0] if len(shape) == 2 else None
+        inputs["logp"] = (-torch.rand(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+        inputs["ref_logp"] = (inputs["logp"].double() + torch.randn(shape, generator=gen) * 0.5).to(dtype)
+        inputs["scores"] = torch.randn(B if B is not None else 1, generator=gen,
+                                       dtype=torch.float64).to(cuda_emu.acc_dtype(dtype))
+    else:
+        inputs["token_rewards"] = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    return inputs
+
+
+def _check_advantages(got, want, dtype, long_sequences):
+    names = ("advantages", "returns", "token_rewards", "kl")
+    acc = cuda_emu.acc_dtype(dtype)
+    if dtype == torch.float64:
+        tol = dict(atol=1e-10, rtol=1e-10)
+    else:
+        # A float32 scan over thousands of steps drifts a little more.
+        tol = dict(atol=2e-4, rtol=2e-5) if long_sequences else dict(atol=2e-5, rtol=2e-5)
+    for name, g, w in zip(names, got[:4], want[:4]):
+        assert g.dtype == acc, name
+        torch.testing.assert_close(g.double(), w.double(), msg=name, **tol)
+    stats_tol = dict(atol=1e-9, rtol=1e-9) if dtype == torch.float64 else dict(atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(got[4], want[4], **stats_tol)
+
+
+def _reference_advantages(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, kl_coef_scale,
+                          kl_coef, estimator, gamma, lam):
+    """The "reference" backend of the op, in float64 on the same (rounded) inputs."""
+    d = lambda t: t.double() if t is not None else None  # noqa: E731
+    return adv_ops._adv_reference(d(values), mask, cu_seqlens, d(token_rewards), d(scores), d(logp),
+                                  d(ref_logp), d(kl_coef_scale), kl_coef, estimator, gamma, lam)
+
+
+# (B, T): odd T; exactly one 1024-position chunk; one past it; several chunks
+# with a partial one (T = 2500); length 1.
+@pytest.mark.parametrize("shape", [(5, 37), (2, 1024), (2, 1025), (3, 2500), (4, 1)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+# gamma = lam = 1 (common in RLHF) keeps the product of the affine maps at 1,
+# so the W carried from one chunk into the next must be right in full.
+@pytest.mark.parametrize("mode,gamma,lam", [("rewards", 0.99, 0.95), ("rewards-nomask", 1.0, 1.0),
+                                            ("shaped-k1", 1.0, 1.0), ("shaped-k3-scale", 0.99, 0.95)],
+                         ids=["rewards", "rewards-nomask-lam1", "shaped-k1-lam1", "shaped-k3-scale"])
+def test_advantages_padded(emu, shape, dtype, mode, gamma, lam):
+    shaping = mode.startswith("shaped")
+    inputs = _advantage_inputs(shape, dtype, seed=shape[1], shaping=shaping)
+    mask = None if mode == "rewards-nomask" else _mask_with_holes(shape, seed=shape[1])
+    estimator = 3 if "k3" in mode else 0
+    scale = torch.tensor([0.7], dtype=cuda_emu.acc_dtype(dtype)) if "scale" in mode else None
+    args = (inputs["values"], mask, None, inputs["token_rewards"], inputs["scores"], inputs["logp"],
+            inputs["ref_logp"], scale, 0.05, estimator, gamma, lam)
+    got = emu.advantages(*args)
+    want = _reference_advantages(*args)
+    _check_advantages(got, want, dtype, long_sequences=shape[1] > 1000)
+    if mask is not None:
+        assert torch.all(got[0][~mask] == 0) and torch.all(got[1][~mask] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+@pytest.mark.parametrize("shaping", [False, True], ids=["rewards", "shaped"])
+@pytest.mark.parametrize("with_mask", [False, True], ids=["nomask", "mask"])
+def test_advantages_packed(emu, dtype, shaping, with_mask):
+    gamma, lam = (1.0, 1.0) if with_mask else (1.0, 0.9)
+    # Empty sequences (first, middle and last), one token, a sequence over two
+    # chunks (1500) and one that ends exactly on a chunk boundary (1024).
+    lengths = [0, 5, 0, 1, 1500, 37, 1024, 0]
+    cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    total = int(cu_seqlens[-1])
+    inputs = _advantage_inputs((total,), dtype, seed=11, shaping=shaping)
+    if shaping:
+        inputs["scores"] = torch.randn(len(lengths), generator=_gen(12), dtype=cuda_emu.acc_dtype(dtype))
+    mask = None
+    if with_mask:
+        mask = torch.rand(total, generator=_gen(13)) < 0.8
+        start_of_long = int(cu_seqlens[4])
+        mask[start_of_long + 1400:start_of_long + 1500] = False  # the last valid token is not the last one
+    args = (inputs["values"], mask, cu_seqlens, inputs["token_rewards"], inputs["scores"], inputs["logp"],
+            inputs["ref_logp"], None, 0.1, 2, gamma, lam)
+    got = emu.advantages(*args)
+    want = _reference_advantages(*args)
+    _check_advantages(got, want, dtype, long_sequences=True)
+    assert torch.all(got[4][[0, 2, 7]] == 0)  # empty sequences: zero statistics
+
+
+# --- PPO losses --------------------------------------------------------------------------
+
+
+def _tokens(shape, dtype, seed, scale):
+    """(logp, old_logp, advantages, mask, ref_logp, entropy). Log-ratios of
+    scale 0.3 put ratios on both sides of the clip range, a fifth of scale 1.5
+    reach the dual clip; two log-ratios hit the +-20 clamp;
+    row 1 is fully masked; masked slots of logp hold NaN (never read)."""
+    gen = _gen(seed)
+    logp = -torch.rand(shape, generator=gen, dtype=torch.float64) * 3
+    wide = torch.rand(shape, generator=gen) < 0.2  # log-ratios of scale 1.5: dual clips
+    old = logp + torch.randn(shape, generator=gen, dtype=torch.float64) * torch.where(wide, 1.5, scale)
+    adv = torch.randn(shape, generator=gen, dtype=torch.float64)
+    mask = torch.rand(shape, generator=gen) > 0.25
+    ref = logp + torch.randn(shape, generator=gen, dtype=torch.float64) * 0.5
+    entropy = torch.rand(shape, generator=gen, dtype=torch.float64) * 4
+    flat_old = old.view(-1)
+    if flat_old.numel() > 8:
+        flat_old[3] = logp.view(-1)[3] - 25.0
+        flat_old[5] = logp.view(-1)[5] + 23.0
+        mask.view(-1)[3] = mask.view(-1)[5] = True
+    if shape[0] > 1:
+        mask[1] = False
+    logp = torch.where(mask, logp, torch.full_like(logp, float("nan")))
+    return tuple(t.to(dtype) for t in (logp, old, adv)) + (mask,) + tuple(t.to(dtype) for t in (ref, entropy))
+
+
+def _policy_reference(logp, old, adv, mask, ref, entropy, clip_low, clip_high, dual_clip, kl_coef, estimator):
+    """Per-sequence statistics and per-token gradient from rlhf_kernels.reference,
+    one sequence at a time, in float64."""
+    B = logp.shape[0]
+    rows = []
+    for b in range(B):
+        m = mask[b]
+        x = logp[b].double().where(m, torch.zeros(())).requires_grad_(True)
+        loss, stats = reference.ppo_policy_loss(x, old[b].double(), adv[b].double(), m, clip_low=clip_low,
+                                                clip_high=clip_high, dual_clip=dual_clip, agg="token-sum")
+        count = float(m.sum())
+        kl = torch.zeros(())
+        if estimator is not None:
+            kl_tok = reference.kl_penalty(x, ref[b].double(), estimator)
+            kl = torch.where(m, kl_tok, torch.zeros(())).sum()
+        (loss + kl_coef * kl).backward()
+        ratio_max = stats["ratio_max"].item() if count else -math.inf
+        ratio_min = stats["ratio_min"].item() if count else math.inf
+        ent = torch.where(m, entropy[b].double(), torch.zeros(())).sum() if entropy is not None else 0.0
+        rows.append(([loss.item(), count, stats["clipfrac"].item() * count, stats["clipfrac_lower"].item() * count,
+                      stats["approx_kl"].item() * count, ratio_max, ratio_min, kl.item(), float(ent)],
+                     torch.where(m, x.grad, torch.zeros(()))))
+    stats = torch.tensor([r[0] for r in rows], dtype=torch.float64)
+    grad = torch.stack([r[1] for r in rows])
+    return grad, stats
+
+
+POLICY_PARAMS = {
+    # (clip_low, clip_high, dual_clip, kl estimator or None, kl_coef, with entropy)
+    "symmetric": (0.2, 0.2, None, None, 0.0, False),
+    "asym-dual": (0.2, 0.28, 3.0, None, 0.0, True),
+    "kl-k1": (0.2, 0.2, None, "k1", 0.1, False),
+    "kl-abs-dual": (0.1, 0.3, 2.0, "abs", 0.05, True),
+    "kl-k2": (0.2, 0.2, None, "k2", 0.2, True),
+    "kl-k3": (0.2, 0.28, 3.0, "k3", 0.1, True),
+}
+
+
+# T: odd; one 1024-token chunk exactly; several chunks with a partial one; 1.
+@pytest.mark.parametrize("seq_len", [37, 1024, 2500, 1])
+@pytest.mark.parametrize("params", list(POLICY_PARAMS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_ppo_policy(emu, seq_len, params, dtype):
+    clip_low, clip_high, dual_clip, estimator, kl_coef, with_entropy = POLICY_PARAMS[params]
+    if seq_len == 1 and params not in ("symmetric", "kl-k3"):
+        pytest.skip("length 1: two parameter sets are enough")
+    B = 3
+    logp, old, adv, mask, ref, entropy = _tokens((B, seq_len), dtype, seed=seq_len, scale=0.3)
+    if not with_entropy:
+        entropy = None
+    if estimator is None:
+        ref = None
+    flat = lambda t: t.reshape(-1) if t is not None else None  # noqa: E731
+    grad, stats = emu.ppo_policy_fwd(
+        flat(logp), flat(old), flat(adv), flat(mask), flat(ref), flat(entropy), seq_len, 1.0 - clip_low,
+        1.0 + clip_high, dual_clip if dual_clip is not None else 0.0, kl_coef,
+        ESTIMATORS[estimator] if estimator is not None else -1, True,
+    )
+    want_grad, want_stats = _policy_reference(logp, old, adv, mask, ref, entropy, clip_low, clip_high,
+                                              dual_clip, kl_coef, estimator)
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else F32
+    torch.testing.assert_close(grad.double().view(B, seq_len), want_grad, **tol)
+    assert torch.all(grad.view(B, seq_len)[~mask] == 0)
+    stats_tol = dict(atol=1e-9, rtol=1e-9) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(stats.double(), want_stats, **stats_tol)
+    if seq_len > 100:  # the data exercises what it claims to
+        assert 0 < want_stats[:, 2].sum() < want_stats[:, 1].sum()
+        if dual_clip is not None:
+            assert want_stats[:, 3].sum() > 0
+
+    # Without a gradient buffer the statistics are the same.
+    no_grad, stats2 = emu.ppo_policy_fwd(
+        flat(logp), flat(old), flat(adv), flat(mask), flat(ref), flat(entropy), seq_len, 1.0 - clip_low,
+        1.0 + clip_high, dual_clip if dual_clip is not None else 0.0, kl_coef,
+        ESTIMATORS[estimator] if estimator is not None else -1, False,
+    )
+    assert no_grad.numel() == 0 and torch.equal(stats2, stats)
+
+
+@pytest.mark.parametrize("seq_len", [37, 2500, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("clip", [0.2, 1e6], ids=["clip", "no-clip"])
+def test_ppo_value(emu, seq_len, dtype, clip):
+    gen = _gen(seq_len)
+    B = 3
+    values = torch.randn(B, seq_len, generator=gen, dtype=torch.float64)
+    old = values + torch.randn(B, seq_len, generator=gen, dtype=torch.float64) * 0.4
+    returns = torch.randn(B, seq_len, generator=gen, dtype=torch.float64)
+    mask = torch.rand(B, seq_len, generator=gen) > 0.25
+    mask[1] = False
+    values, old, returns = (t.to(dtype) for t in (values, old, returns))
+    grad, stats = emu.ppo_value_fwd(values.reshape(-1), old.reshape(-1), returns.reshape(-1), mask.reshape(-1),
+                                    seq_len, clip, True)
+    want_stats, want_grad = [], []
+    for b in range(B):
+        v = values[b].double().requires_grad_(True)
+        loss, s = reference.ppo_value_loss(v, old[b].double(), returns[b].double(), mask[b], clip=clip,
+                                           agg="token-sum")
+        loss.backward()
+        count = float(mask[b].sum())
+        want_stats.append([loss.item(), count, s["vf_clipfrac"].item() * count])
+        want_grad.append(torch.where(mask[b], v.grad, torch.zeros(())))
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else F32
+    torch.testing.assert_close(grad.double().view(B, seq_len), torch.stack(want_grad), **tol)
+    want_stats = torch.tensor(want_stats, dtype=torch.float64)
+    if dtype == torch.float32:
+        # Inside the clip range l2 == l1 in exact arithmetic, but in float32
+        # old + (v - old) need not round back to v: whether such a token counts
+        # as clipped is decided by float32 rounding. Count it as the reference
+        # backend's closed form does in float32.
+        _, f32_stats = ppo_ops._value_torch(values.reshape(-1), old.reshape(-1), returns.reshape(-1),
+                                            mask.reshape(-1), seq_len, clip, False)
+        want_stats[:, 2] = f32_stats[:, 2].double()
+    stats_tol = dict(atol=1e-9, rtol=1e-9) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(stats.double(), want_stats, **stats_tol)
+
+
+def test_ppo_partials_per_chunk(emu):
+    """The raw per-chunk partials: one row per 1024 tokens, empty chunks of a
+    fully masked sequence give ratio max / min at -inf / +inf."""
+    seq_len = 2500
+    logp, old, adv, mask, _, _ = _tokens((2, seq_len), torch.float32, seed=1, scale=0.3)
+    _, partial = emu.ppo_policy_fwd(logp.reshape(-1), old.reshape(-1), adv.reshape(-1), mask.reshape(-1), None,
+                                    None, seq_len, 0.8, 1.2, 0.0, 0.0, -1, False, raw_partials=True)
+    assert partial.shape == (2, 3, 9)
+    counts = torch.stack([mask[:, i * 1024:(i + 1) * 1024].sum(-1) for i in range(3)], dim=-1)
+    assert torch.equal(partial[:, :, 1], counts.float())
+    assert torch.all(partial[1, :, 5] == -math.inf) and torch.all(partial[1, :, 6] == math.inf)
+
+
+# --- launches the launchers refuse, and thread order -----------------------------------
+
+
+def test_oversized_grids_are_refused_before_launch(emu):
+    """More than 2^31 - 1 blocks: the launchers return
+    cudaErrorInvalidConfiguration without launching (null data is never read)."""
+    with pytest.raises(EmulatedLaunchError, match="cudaError 9"):
+        emu.call("emu_ppo_policy_fwd_f32", None, None, None, None, None, None, 2**31, 1, 0.8, 1.2, 0.0, 0.0,
+                 -1, None, None)
+    with pytest.raises(EmulatedLaunchError, match="cudaError 9"):
+        emu.call("emu_ppo_value_fwd_f64", None, None, None, None, 2**30, 4096, 0.2, None, None)
+    for tag in ("f32", "bf16"):
+        # 2^32 + 1 rows: a launch of static_cast<unsigned>(n_rows) = 1 block would be wrong.
+        with pytest.raises(EmulatedLaunchError, match="cudaError 9"):
+            emu.call(f"emu_logprobs_fwd_{tag}", None, 1, 0, 1, None, 2**32 + 1, 1, 1.0, -100, None, None, None)
+        with pytest.raises(EmulatedLaunchError, match="cudaError 9"):
+            emu.call(f"emu_logprobs_bwd_{tag}", None, None, None, 1, 0, 1, None, None, None, 2**32 + 1, 1, 1.0,
+                     -100, None, 0, 1)
+    with pytest.raises(EmulatedLaunchError, match="cudaError 9"):
+        emu.call("emu_advantages_f32", None, None, None, 1, 2**31, None, None, None, None, None, 0.0, 0, 1.0,
+                 1.0, None, None, None, None, None, 2**31)
+
+
+@pytest.mark.parametrize("mode", [1, 2, 3, 4], ids=["reversed", "shuffled", "run-ahead", "run-ahead-reversed"])
+def test_results_do_not_depend_on_thread_order(emu, mode):
+    """Reductions and scans are fixed trees: any resume order of the fibers gives
+    bit-identical results. A data race would make them differ (or NaN): the
+    run-ahead orders let one warp race through barriers and shuffles before
+    the others move, as a GPU may."""
+    logits, labels = _layout_input("strided", 4, 301, torch.bfloat16, seed=2)
+    adv_inputs = _advantage_inputs((2, 2500), torch.float32, seed=3, shaping=True)
+    adv_args = (adv_inputs["values"], _mask_with_holes((2, 2500), 3), None, None, adv_inputs["scores"],
+                adv_inputs["logp"], adv_inputs["ref_logp"], None, 0.1, 3, 0.99, 0.95)
+    logp, old, adv, mask, ref, entropy = _tokens((2, 2100), torch.float32, seed=4, scale=0.3)
+    ppo_args = (logp.reshape(-1), old.reshape(-1), adv.reshape(-1), mask.reshape(-1), ref.reshape(-1),
+                entropy.reshape(-1), 2100, 0.8, 1.28, 3.0, 0.1, 3, True)
+
+    def run():
+        fwd = _emulated_forward(emu, logits, labels)
+        return fwd + emu.advantages(*adv_args) + emu.ppo_policy_fwd(*ppo_args)
+
+    expected = run()
+    emu.set_schedule(mode, seed=123)
+    try:
+        got = run()
+    finally:
+        emu.set_schedule(0)
+    for g, e in zip(got, expected):
+        assert torch.equal(g.view(-1).view(torch.uint8), e.view(-1).view(torch.uint8))
+
+
+def test_ctypes_library_has_every_launcher(emu):
+    for tag in ("f32", "f64", "f16", "bf16"):
+        for op in ("logprobs_fwd", "logprobs_bwd", "kl_penalty_fwd", "kl_penalty_bwd", "advantages"):
+            assert isinstance(getattr(emu.lib, f"emu_{op}_{tag}"), ctypes._CFuncPtr)
+    for tag in ("f32", "f64"):
+        for op in ("ppo_policy_fwd", "ppo_value_fwd"):
+            assert isinstance(getattr(emu.lib, f"emu_{op}_{tag}"), ctypes._CFuncPtr)
