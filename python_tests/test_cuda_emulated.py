@@ -325,6 +325,72 @@ def test_logprobs_backward_bad_label_row_is_nan(emu):
     torch.testing.assert_close(grad[0].double(), want[0], **F32)
 
 
+# --- ppo_loss_from_logits with its gradient in the forward ---------------------------------
+
+LOGITS_GRAD_PARAMS = {
+    "defaults": dict(),
+    "k3-entropy-dual-T0.7": dict(clip_high=0.28, dual_clip=3.0, agg="seq-mean-token-mean", kl_estimator="k3",
+                                 kl_coef=0.1, entropy_coef=0.01, temperature=0.7),
+    "abs-sum": dict(agg="token-sum", kl_estimator="abs", kl_coef=0.2),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("params", list(LOGITS_GRAD_PARAMS))
+@pytest.mark.parametrize("layout", ["contiguous", "shifted"])
+def test_ppo_logits_grad(emu, dtype, params, layout):
+    """The fused kernel's logp, entropy and logits gradient against autograd
+    through the float64 reference loss (vectorised rows, and the strided
+    logits[:, :-1] rows a trainer passes)."""
+    kwargs = dict(LOGITS_GRAD_PARAMS[params])
+    B, T, V = 3, 6, 523 if layout == "shifted" else 512
+    full = _logits((B, T + 1, V), dtype, seed=V + T, scale=2.0)
+    logits = full[:, :-1] if layout == "shifted" else full[:, :T]
+    gen = _gen(5)
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    labels[0, 2] = -100
+    acc = cuda_emu.acc_dtype(dtype)
+    with torch.no_grad():
+        logp64 = reference.logprobs_from_logits(logits.double(), labels.clamp(min=0))
+    old = (logp64 + torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.4).to(acc)
+    ref = (logp64 + torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.4).to(acc)
+    adv = torch.randn(B, T, generator=gen, dtype=torch.float64).to(acc)
+    mask = torch.rand(B, T, generator=gen) > 0.25
+    mask[2] = False  # a sequence without a valid token
+    mask[0, 0] = True
+    estimator = kwargs.pop("kl_estimator", None)
+    kl_code = -1 if estimator is None else ppo_ops._check_estimator(estimator, "kl_estimator")
+    temperature = kwargs.get("temperature", 1.0)
+    ratio_low, ratio_high, dual = ppo_ops._check_clip(kwargs.get("clip_low", 0.2), kwargs.get("clip_high"),
+                                                      kwargs.get("dual_clip"))
+    agg = kwargs.get("agg", "token-mean")
+    weights = ppo_ops._aggregation_weights(mask.sum(-1).to(acc), T, agg, None, None)
+    row_weight = torch.where(mask, weights.unsqueeze(-1), 0.0).reshape(-1)
+
+    tensor, inner_rows, outer, inner = lp_ops._row_layout(logits)
+    logp, entropy, lse, grad = emu.ppo_logits_grad(
+        tensor, labels.reshape(-1).contiguous(), old.reshape(-1), adv.reshape(-1), row_weight,
+        ref.reshape(-1) if kl_code >= 0 else None, inner_rows, outer, inner, 1.0 / temperature, -100,
+        ratio_low, ratio_high, dual, kwargs.get("kl_coef", 0.0), kl_code, kwargs.get("entropy_coef", 0.0),
+    )
+
+    x64 = logits.double().requires_grad_(True)
+    ref_kwargs = dict(kwargs)
+    if kl_code >= 0:
+        ref_kwargs.update(ref_logp=ref.double(), kl_estimator=estimator)
+    want, _ = reference.ppo_loss_from_logits(x64, labels, old.double(), adv.double(), mask, **ref_kwargs)
+    want.backward()
+    r_logp, r_entropy = reference.logprobs_from_logits(logits.double(), labels, temperature=temperature,
+                                                       return_entropy=True)
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logp.double().view(B, T), r_logp, **tol)
+    torch.testing.assert_close(entropy.double().view(B, T), r_entropy, **tol)
+    gtol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(
+        atol=1e-6, rtol=2 * ULP.get(dtype, 1e-5))
+    torch.testing.assert_close(grad.double(), x64.grad, **gtol)
+    assert torch.all(grad[~mask] == 0) and torch.all(grad[0, 2] == 0)
+
+
 # --- KL penalty --------------------------------------------------------------------------
 
 
@@ -688,7 +754,8 @@ def test_results_do_not_depend_on_thread_order(emu, mode):
 
 def test_ctypes_library_has_every_launcher(emu):
     for tag in ("f32", "f64", "f16", "bf16"):
-        for op in ("logprobs_fwd", "logprobs_bwd", "kl_penalty_fwd", "kl_penalty_bwd", "advantages"):
+        for op in ("logprobs_fwd", "logprobs_bwd", "ppo_logits_grad", "kl_penalty_fwd", "kl_penalty_bwd",
+                   "advantages"):
             assert isinstance(getattr(emu.lib, f"emu_{op}_{tag}"), ctypes._CFuncPtr)
     for tag in ("f32", "f64"):
         for op in ("ppo_policy_fwd", "ppo_value_fwd"):

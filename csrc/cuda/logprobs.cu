@@ -112,17 +112,12 @@ __device__ __forceinline__ int64_t aligned_head(const scalar_t* row, int64_t voc
   return head < vocab ? head : vocab;
 }
 
+// One read of a row by the whole block: the merged (m, s, t) of x = row * inv_T.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-logprobs_fwd_kernel(const scalar_t* __restrict__ logits, RowLayout layout,
-                    const int64_t* __restrict__ labels, int64_t vocab, acc_t inv_temperature,
-                    int64_t ignore_index, acc_t* __restrict__ logp, acc_t* __restrict__ entropy,
-                    acc_t* __restrict__ lse) {
+__device__ SoftmaxState<acc_t> row_softmax_state(const scalar_t* row, int64_t vocab,
+                                                 acc_t inv_temperature) {
   constexpr int kPack = Pack<scalar_t>::kSize;
-  const int64_t row_index = blockIdx.x;
-  const scalar_t* row = logits + layout.offset(row_index);
   SoftmaxState<acc_t> st{lowest<acc_t>(), acc_t(0), acc_t(0)};
-
   const int64_t head = aligned_head(row, vocab);
   const int64_t n_packs = (vocab - head) / kPack;
   const int64_t body_end = head + n_packs * kPack;
@@ -140,46 +135,58 @@ logprobs_fwd_kernel(const scalar_t* __restrict__ logits, RowLayout layout,
     for (int k = 0; k < kPack; ++k) x[k] = to_acc(pack.v[k]) * inv_temperature;
     accumulate(st, x);
   }
-  st = block_merge(st);
+  return block_merge(st);
+}
 
-  if (threadIdx.x == 0) {
-    const acc_t log_s = fast_log(st.s);
-    const acc_t row_lse = st.m + log_s;
-    lse[row_index] = row_lse;
-    const int64_t label = labels[row_index];
-    if (label == ignore_index) {
-      logp[row_index] = 0;
-      if (entropy) entropy[row_index] = 0;
-    } else {
-      // An out-of-range label is never read: NaN marks it.
-      logp[row_index] = (label >= 0 && label < vocab)
-                            ? to_acc(row[label]) * inv_temperature - row_lse
-                            : acc_t(NAN);
-      if (entropy) entropy[row_index] = log_s - st.t / st.s;
-    }
+// logp of the label (0 if ignored, NaN if out of range: never read) and
+// entropy (0 if ignored) from a row's merged state; also returns lse.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void row_outputs(const SoftmaxState<acc_t>& st, const scalar_t* row,
+                                            int64_t label, int64_t vocab, acc_t inv_temperature,
+                                            int64_t ignore_index, acc_t* logp, acc_t* entropy,
+                                            acc_t* lse) {
+  const acc_t log_s = fast_log(st.s);
+  *lse = st.m + log_s;
+  if (label == ignore_index) {
+    *logp = 0;
+    *entropy = 0;
+  } else {
+    *logp = (label >= 0 && label < vocab) ? to_acc(row[label]) * inv_temperature - *lse : acc_t(NAN);
+    *entropy = log_s - st.t / st.s;
   }
 }
 
-// dlogits = inv_T * (g * (onehot(label) - p) - g_entropy * p * (log p + H)).
-template <typename scalar_t, typename acc_t, bool kVectorized>
+template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-logprobs_bwd_kernel(const acc_t* __restrict__ grad_logp, const acc_t* __restrict__ grad_entropy,
-                    const scalar_t* logits, RowLayout in_layout,
-                    const int64_t* __restrict__ labels, const acc_t* __restrict__ lse,
-                    const acc_t* __restrict__ entropy, int64_t vocab, acc_t inv_temperature,
-                    int64_t ignore_index, scalar_t* grad_logits, RowLayout out_layout) {
-  constexpr int kPack = kVectorized ? Pack<scalar_t>::kSize : 1;
+logprobs_fwd_kernel(const scalar_t* __restrict__ logits, RowLayout layout,
+                    const int64_t* __restrict__ labels, int64_t vocab, acc_t inv_temperature,
+                    int64_t ignore_index, acc_t* __restrict__ logp, acc_t* __restrict__ entropy,
+                    acc_t* __restrict__ lse) {
   const int64_t row_index = blockIdx.x;
-  // No __restrict__ on logits / grad_logits: they alias in the in-place case.
-  const scalar_t* row = logits + in_layout.offset(row_index);
-  scalar_t* out_row = grad_logits + out_layout.offset(row_index);
-  const int64_t label = labels[row_index];
+  const scalar_t* row = logits + layout.offset(row_index);
+  const SoftmaxState<acc_t> st = row_softmax_state(row, vocab, inv_temperature);
+  if (threadIdx.x == 0) {
+    acc_t row_logp, row_entropy, row_lse;
+    row_outputs(st, row, labels[row_index], vocab, inv_temperature, ignore_index, &row_logp,
+                &row_entropy, &row_lse);
+    lse[row_index] = row_lse;
+    logp[row_index] = row_logp;
+    if (entropy) entropy[row_index] = row_entropy;
+  }
+}
+
+// One read of a row and one write of its gradient, by the whole block:
+// dlogits = inv_T * (g * (onehot(label) - p) - g_entropy * p * (log p + H)).
+// No __restrict__ on row / out_row: they alias in the in-place case.
+template <typename scalar_t, typename acc_t, bool kVectorized>
+__device__ __forceinline__ void write_row_grad(const scalar_t* row, scalar_t* out_row, int64_t vocab,
+                                               int64_t label, int64_t ignore_index, acc_t g,
+                                               acc_t g_entropy, acc_t row_lse, acc_t row_entropy,
+                                               acc_t inv_temperature) {
+  constexpr int kPack = kVectorized ? Pack<scalar_t>::kSize : 1;
   const bool ignored = label == ignore_index;
   const bool bad_label = !ignored && !(label >= 0 && label < vocab);
-  const acc_t g = ignored ? acc_t(0) : grad_logp[row_index];
-  const acc_t g_entropy = (ignored || grad_entropy == nullptr) ? acc_t(0) : grad_entropy[row_index];
-  const acc_t row_lse = lse[row_index];
-  const acc_t row_entropy = entropy ? entropy[row_index] : acc_t(0);
+  if (ignored) g = g_entropy = acc_t(0);
   const acc_t fill = bad_label ? acc_t(NAN) : acc_t(0);
   const bool zero_row = ignored || bad_label;
 
@@ -215,6 +222,60 @@ logprobs_bwd_kernel(const acc_t* __restrict__ grad_logp, const acc_t* __restrict
       out_packs[p] = out;
     }
   }
+}
+
+template <typename scalar_t, typename acc_t, bool kVectorized>
+__global__ void __launch_bounds__(kThreads)
+logprobs_bwd_kernel(const acc_t* __restrict__ grad_logp, const acc_t* __restrict__ grad_entropy,
+                    const scalar_t* logits, RowLayout in_layout,
+                    const int64_t* __restrict__ labels, const acc_t* __restrict__ lse,
+                    const acc_t* __restrict__ entropy, int64_t vocab, acc_t inv_temperature,
+                    int64_t ignore_index, scalar_t* grad_logits, RowLayout out_layout) {
+  const int64_t row_index = blockIdx.x;
+  const int64_t label = labels[row_index];
+  const bool ignored = label == ignore_index;
+  const acc_t g = ignored ? acc_t(0) : grad_logp[row_index];
+  const acc_t g_entropy = (ignored || grad_entropy == nullptr) ? acc_t(0) : grad_entropy[row_index];
+  write_row_grad<scalar_t, acc_t, kVectorized>(
+      logits + in_layout.offset(row_index), grad_logits + out_layout.offset(row_index), vocab, label,
+      ignore_index, g, g_entropy, lse[row_index], entropy ? entropy[row_index] : acc_t(0),
+      inv_temperature);
+}
+
+// ppo_loss_from_logits with the gradient in the same block, one per row: the
+// row's softmax (one read), its token's weighted PPO derivative
+// (rlhf_kernels/ppo_math.h, as every thread computes it), then the row's
+// gradient: a second read that finds the row in L2, and one write.
+template <typename scalar_t, typename acc_t, bool kVectorized>
+__global__ void __launch_bounds__(kThreads)
+ppo_logits_grad_kernel(const scalar_t* logits, RowLayout in_layout,
+                       const int64_t* __restrict__ labels, const acc_t* __restrict__ old_logp,
+                       const acc_t* __restrict__ advantages, const acc_t* __restrict__ row_weight,
+                       const acc_t* __restrict__ ref_logp, int64_t vocab, acc_t inv_temperature,
+                       int64_t ignore_index, PolicyParams<acc_t> params, acc_t entropy_coef,
+                       acc_t* __restrict__ logp, acc_t* __restrict__ entropy,
+                       acc_t* __restrict__ lse, scalar_t* grad_logits, RowLayout out_layout) {
+  const int64_t row_index = blockIdx.x;
+  const scalar_t* row = logits + in_layout.offset(row_index);
+  const int64_t label = labels[row_index];
+  const SoftmaxState<acc_t> st = row_softmax_state(row, vocab, inv_temperature);
+  acc_t row_logp, row_entropy, row_lse;
+  row_outputs(st, row, label, vocab, inv_temperature, ignore_index, &row_logp, &row_entropy, &row_lse);
+  if (threadIdx.x == 0) {
+    logp[row_index] = row_logp;
+    entropy[row_index] = row_entropy;
+    lse[row_index] = row_lse;
+  }
+  const acc_t w = row_weight[row_index];
+  acc_t g = 0, g_entropy = 0;
+  if (w != acc_t(0)) {  // a valid token
+    const acc_t ref = ref_logp ? ref_logp[row_index] : acc_t(0);
+    g = w * policy_token<acc_t>(row_logp, old_logp[row_index], advantages[row_index], ref, params).grad;
+    g_entropy = -entropy_coef * w;
+  }
+  write_row_grad<scalar_t, acc_t, kVectorized>(row, grad_logits + out_layout.offset(row_index), vocab,
+                                               label, ignore_index, g, g_entropy, row_lse,
+                                               row_entropy, inv_temperature);
 }
 
 bool rows_aligned(const void* base, RowLayout layout, int64_t n_rows, size_t elem) {
@@ -265,13 +326,44 @@ cudaError_t launch_logprobs_bwd(const acc_t* grad_logp, const acc_t* grad_entrop
   return cudaGetLastError();
 }
 
+template <typename scalar_t, typename acc_t>
+cudaError_t launch_ppo_logits_grad(const scalar_t* logits, RowLayout in_layout, const int64_t* labels,
+                                   const acc_t* old_logp, const acc_t* advantages,
+                                   const acc_t* row_weight, const acc_t* ref_logp, int64_t n_rows,
+                                   int64_t vocab, acc_t inv_temperature, int64_t ignore_index,
+                                   PolicyParams<acc_t> params, acc_t entropy_coef, acc_t* logp,
+                                   acc_t* entropy, acc_t* lse, scalar_t* grad_logits,
+                                   RowLayout out_layout, cudaStream_t stream) {
+  if (n_rows == 0) return cudaSuccess;
+  if (n_rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // one block per row
+  const bool vectorized = rows_aligned(logits, in_layout, n_rows, sizeof(scalar_t)) &&
+                          rows_aligned(grad_logits, out_layout, n_rows, sizeof(scalar_t));
+  const unsigned blocks = static_cast<unsigned>(n_rows);
+  if (vectorized) {
+    ppo_logits_grad_kernel<scalar_t, acc_t, true><<<blocks, kThreads, 0, stream>>>(
+        logits, in_layout, labels, old_logp, advantages, row_weight, ref_logp, vocab,
+        inv_temperature, ignore_index, params, entropy_coef, logp, entropy, lse, grad_logits,
+        out_layout);
+  } else {
+    ppo_logits_grad_kernel<scalar_t, acc_t, false><<<blocks, kThreads, 0, stream>>>(
+        logits, in_layout, labels, old_logp, advantages, row_weight, ref_logp, vocab,
+        inv_temperature, ignore_index, params, entropy_coef, logp, entropy, lse, grad_logits,
+        out_layout);
+  }
+  return cudaGetLastError();
+}
+
 #define RLHF_INSTANTIATE(scalar_t, acc_t)                                                       \
   template cudaError_t launch_logprobs_fwd<scalar_t, acc_t>(                                   \
       const scalar_t*, RowLayout, const int64_t*, int64_t, int64_t, acc_t, int64_t, acc_t*,    \
       acc_t*, acc_t*, cudaStream_t);                                                           \
   template cudaError_t launch_logprobs_bwd<scalar_t, acc_t>(                                   \
       const acc_t*, const acc_t*, const scalar_t*, RowLayout, const int64_t*, const acc_t*,    \
-      const acc_t*, int64_t, int64_t, acc_t, int64_t, scalar_t*, RowLayout, cudaStream_t);
+      const acc_t*, int64_t, int64_t, acc_t, int64_t, scalar_t*, RowLayout, cudaStream_t);     \
+  template cudaError_t launch_ppo_logits_grad<scalar_t, acc_t>(                                \
+      const scalar_t*, RowLayout, const int64_t*, const acc_t*, const acc_t*, const acc_t*,    \
+      const acc_t*, int64_t, int64_t, acc_t, int64_t, PolicyParams<acc_t>, acc_t, acc_t*,      \
+      acc_t*, acc_t*, scalar_t*, RowLayout, cudaStream_t);
 
 RLHF_INSTANTIATE(float, float)
 RLHF_INSTANTIATE(__half, float)

@@ -32,6 +32,7 @@ _BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 _SIGNATURES = {
     "emu_logprobs_fwd": "p i64 i64 i64 p i64 i64 d i64 p p p",
     "emu_logprobs_bwd": "p p p i64 i64 i64 p p p i64 i64 d i64 p i64 i64",
+    "emu_ppo_logits_grad": "p i64 i64 i64 p p p p p i64 i64 d i64 d d d d i32 d p p p p i64 i64",
     "emu_kl_penalty_fwd": "p p i32 p i64",
     "emu_kl_penalty_bwd": "p p p i32 p p i64",
     "emu_advantages": "p p p i64 i64 p p p p p d i32 d d p p p p p i64",
@@ -223,6 +224,28 @@ class Emulator:
                   out_outer_stride, out_inner_stride)
         arena.check()
         return out
+
+    def ppo_logits_grad(self, logits, labels, old_logp, advantages, row_weight, ref_logp, inner_rows,
+                        outer_stride, inner_stride, inv_temperature, ignore_index, ratio_low, ratio_high,
+                        dual_clip, kl_coef, kl_estimator, entropy_coef, *, shift=0, out_shift=0):
+        """As ppo_logits_grad_native with a new contiguous gradient buffer:
+        (logp, entropy, lse, grad_logits)."""
+        arena = Arena()
+        x = arena.place(logits, "logits", shift)
+        out = arena.empty(logits.shape, logits.dtype, "grad_logits", out_shift)
+        n_rows, vocab = labels.numel(), logits.shape[-1]
+        acc = acc_dtype(logits.dtype)
+        logp, entropy, lse = (arena.empty((n_rows,), acc, name) for name in ("logp", "entropy", "lse"))
+        # The output's row layout: contiguous rows of the flattened leading dims.
+        out_outer, out_inner = inner_rows * vocab, vocab
+        self.call(f"emu_ppo_logits_grad_{TAGS[logits.dtype]}", x, inner_rows, outer_stride, inner_stride,
+                  arena.place(labels, "labels"), arena.place(old_logp, "old_logp"),
+                  arena.place(advantages, "advantages"), arena.place(row_weight, "row_weight"),
+                  arena.place(ref_logp, "ref_logp"), n_rows, vocab, inv_temperature, ignore_index,
+                  ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator, entropy_coef, logp, entropy, lse,
+                  out, out_outer, out_inner)
+        arena.check()
+        return logp, entropy, lse, out
 
     # --- KL penalty and advantages (csrc/cuda/advantages_glue.cpp) ------------------------
 

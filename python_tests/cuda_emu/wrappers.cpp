@@ -48,6 +48,28 @@ namespace kernels = rlhf_kernels::cuda;
         static_cast<acc_t>(inv_temperature), ignore_index, static_cast<scalar_t*>(grad_logits),  \
         RowLayout{inner_rows, out_outer_stride, out_inner_stride}, nullptr);                     \
   }                                                                                              \
+  int emu_ppo_logits_grad_##tag(const void* logits, int64_t inner_rows, int64_t in_outer_stride, \
+                                int64_t in_inner_stride, const int64_t* labels,                 \
+                                const void* old_logp, const void* advantages,                   \
+                                const void* row_weight, const void* ref_logp, int64_t n_rows,   \
+                                int64_t vocab, double inv_temperature, int64_t ignore_index,    \
+                                double ratio_low, double ratio_high, double dual_clip,          \
+                                double kl_coef, int kl_estimator, double entropy_coef,          \
+                                void* logp, void* entropy, void* lse, void* grad_logits,        \
+                                int64_t out_outer_stride, int64_t out_inner_stride) {           \
+    const PolicyParams<acc_t> params{static_cast<acc_t>(ratio_low),                             \
+                                     static_cast<acc_t>(ratio_high),                            \
+                                     static_cast<acc_t>(dual_clip), dual_clip > 0, kl_estimator, \
+                                     static_cast<acc_t>(kl_coef)};                              \
+    return kernels::launch_ppo_logits_grad<scalar_t, acc_t>(                                     \
+        static_cast<const scalar_t*>(logits), RowLayout{inner_rows, in_outer_stride, in_inner_stride}, \
+        labels, static_cast<const acc_t*>(old_logp), static_cast<const acc_t*>(advantages),     \
+        static_cast<const acc_t*>(row_weight), static_cast<const acc_t*>(ref_logp), n_rows, vocab, \
+        static_cast<acc_t>(inv_temperature), ignore_index, params,                               \
+        static_cast<acc_t>(entropy_coef), static_cast<acc_t*>(logp), static_cast<acc_t*>(entropy), \
+        static_cast<acc_t*>(lse), static_cast<scalar_t*>(grad_logits),                          \
+        RowLayout{inner_rows, out_outer_stride, out_inner_stride}, nullptr);                     \
+  }                                                                                              \
   int emu_kl_penalty_fwd_##tag(const void* logp, const void* ref, int estimator, void* kl,      \
                                int64_t n) {                                                     \
     return kernels::launch_kl_penalty_fwd<scalar_t, acc_t>(static_cast<const scalar_t*>(logp),   \

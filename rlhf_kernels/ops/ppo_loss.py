@@ -578,9 +578,7 @@ def _logits_grad_native(logits, labels, old_logp, adv, row_weight, ref_logp, gra
 
 
 def _logits_grad_composed(backend):
-    """Forward, token pass, backward as three steps: the reference backend, and
-    the CUDA backend until it has a fused kernel (three passes over the logits,
-    as a separate backward would make)."""
+    """Forward, token pass, backward as three steps (the reference backend)."""
     def run(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inv_temperature,
             ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef):
         logp, entropy, lse = _lp._FORWARD[backend](logits, labels, inv_temperature, -100, True)
@@ -616,7 +614,7 @@ def _logits_grad_triton(logits, labels, old_logp, adv, row_weight, ref_logp, gra
     return logp, entropy, lse
 
 
-_LOGITS_GRAD = {"cpu": _logits_grad_native, "cuda": _logits_grad_composed("cuda"),
+_LOGITS_GRAD = {"cpu": _logits_grad_native, "cuda": _logits_grad_native,
                 "triton": _logits_grad_triton, "reference": _logits_grad_composed("reference")}
 
 
