@@ -276,6 +276,35 @@ def _mib(b):
     return "-" if b is None else f"{b / 2**20:.1f} MiB"
 
 
+# Datasheet HBM peaks (not measured here): what the byte counts of the GPU goals
+# allow at best. Measured copy bandwidth is typically 85-92% of these.
+PEAK_TBPS = {"H100 SXM (HBM3)": 3.35, "H200 (HBM3e)": 4.8}
+LOGITS_BYTES = 8192 * 152064 * 2  # N = 8192, V = 152064, bf16
+BOUNDS = [
+    ("logprobs forward, logp + entropy (one read)", 1 * LOGITS_BYTES, 0.9),
+    ("logprobs forward + backward (read; read + write)", 3 * LOGITS_BYTES, 2.0),
+    ("ppo_loss_from_logits forward + backward, gradient in the forward (read + write; "
+     "the row's second read from L2)", 2 * LOGITS_BYTES, 2.0),
+    ("ppo_loss_from_logits with inplace_backward (read; read + write)", 3 * LOGITS_BYTES, 2.0),
+]
+
+
+def render_bounds() -> list[str]:
+    out = ["## Bandwidth bounds of the GPU goals", "",
+           "Minimal HBM traffic of each goal's case divided by the datasheet peak bandwidth: no kernel can "
+           "beat these. A goal below its bound cannot be met by that data flow on that device.", "",
+           "| case | bytes | goal | " + " | ".join(f"bound on {k}" for k in PEAK_TBPS) + " |",
+           "| --- | ---: | ---: | " + " | ".join("---:" for _ in PEAK_TBPS) + " |"]
+    for name, nbytes, goal_ms in BOUNDS:
+        cells = []
+        for tbps in PEAK_TBPS.values():
+            ms = nbytes / (tbps * 1e12) * 1e3
+            cells.append(f"{ms:.2f} ms" + (" (goal out of reach)" if ms > goal_ms else ""))
+        out.append(f"| {name} | {nbytes / 1e9:.2f} GB | {goal_ms:g} ms | " + " | ".join(cells) + " |")
+    out.append("")
+    return out
+
+
 def render(rows: list[dict], problems: list[str], img_names: dict[str, list[str]], source: str) -> str:
     devices = sorted({r["device"] for r in rows})
     gpus = [d for d in devices if is_gpu(d)]
@@ -306,6 +335,7 @@ def render(rows: list[dict], problems: list[str], img_names: dict[str, list[str]
         where = "H100-class GPU" if goal.gpu else "CPU"
         out.append(f"| #{goal.issue} | {where}: {goal.text} | **{status}** | {detail} |")
     out.append("")
+    out += render_bounds()
     for device in devices:
         drows = [r for r in rows if r["device"] == device]
         first = drows[0]

@@ -935,10 +935,15 @@ def ppo_loss_from_logits(
 
     ``logp, H = logprobs_from_logits(logits / temperature, labels)``;
     ``loss = ppo_policy_loss(logp, ...) + kl_coef * agg(kl(logp, ref_logp))
-    - entropy_coef * agg(H)``. The forward reads the logits once (logp,
-    entropy and lse per row), a per-token pass computes the rest and dL/dlogp;
-    the backward reads the logits once more and writes their gradient. Extra
-    memory O(B * T), never (B * T, V).
+    - entropy_coef * agg(H)``. The loss is a sum of per-token terms whose
+    weights depend on the mask only, so when a gradient is wanted it is
+    produced in the forward: each row of logits is read once for logp, entropy
+    and lse, its token's dL/dlogp follows, and the row's gradient is written
+    while the row is still in cache (one read and one write of the logits in
+    all); the backward only hands that buffer on (scaling it, one more pass,
+    when the upstream gradient is not exactly 1). Without a gradient (no_grad,
+    or logits that do not require one) it is one read. Extra memory O(B * T)
+    besides the (B, T, V) gradient itself.
 
     Args:
         logits: (B, T, V) float32 | bfloat16 | float16 (float64 for gradcheck);
@@ -950,7 +955,10 @@ def ppo_loss_from_logits(
             penalty with ``kl_coef`` (estimator "k1" | "abs" | "k2" | "mse" |
             "k3" | "low_var_kl").
         entropy_coef: weight of the entropy bonus (subtracted).
-        inplace_backward: write the logits gradient into the logits buffer.
+        inplace_backward: write the logits gradient into the logits buffer
+            (no (B, T, V) gradient buffer; the logits are consumed by the
+            backward): three passes over the logits, as the gradient is then
+            written in the backward.
         Others: as in ``ppo_policy_loss``.
 
     Returns:
