@@ -18,6 +18,7 @@ op's input (the shifted-logits view), so no slice backward is timed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -67,6 +68,9 @@ def _backends(device: torch.device, quick: bool) -> list[str]:
     else:
         names = [b for b in names if b in ("cuda", "triton")]
     return names
+
+
+ROWS_ENV = "RLHF_KERNELS_ROWS_IN_FLIGHT"
 
 
 def _timed(fn, device, leaves, grad_of=None):
@@ -145,11 +149,19 @@ def bench_loss_from_logits(device, quick, compile_ref, copy_gbps):
         providers = {"eager": eager}
         if compile_ref:
             providers["torch.compile"] = torch.compile(eager)
+        rows_env = {}  # provider -> RLHF_KERNELS_ROWS_IN_FLIGHT while it is timed
         for backend in _backends(device, quick):
-            providers[f"rlhf_kernels:{backend}"] = (
-                lambda b: lambda: rlhf_kernels.ppo_loss_from_logits(
-                    inp, labels, old, adv, mask, ref_logp=ref, backend=b, **LOGITS_KW)[0]
-            )(backend)
+            fn = (lambda b: lambda: rlhf_kernels.ppo_loss_from_logits(
+                inp, labels, old, adv, mask, ref_logp=ref, backend=b, **LOGITS_KW)[0])(backend)
+            providers[f"rlhf_kernels:{backend}"] = fn
+            if device.type == "cuda" and not quick:
+                # The rows in flight of the fused kernels (their second read of a
+                # row should hit L2): the default's prediction against a sweep.
+                sms = torch.cuda.get_device_properties(device).multi_processor_count
+                for rows in (sms, 2 * sms, 4 * sms, shape[0] * (shape[1] - 1)):
+                    name = f"rlhf_kernels:{backend}@rows={rows}"
+                    providers[name] = fn
+                    rows_env[name] = str(rows)
         liger = _liger() if device.type == "cuda" else None
         if liger is not None:
             def liger_fn():
@@ -163,10 +175,19 @@ def bench_loss_from_logits(device, quick, compile_ref, copy_gbps):
         for provider, fn in providers.items():
             progress(f"ppo_loss_from_logits {shape} {provider}")
             wrt = leaf if provider.startswith("liger") else inp
-            fwd, fwd_bwd = _timed(fn, device, [leaf], grad_of=wrt)
-            peak = None
-            if device.type == "cuda":
-                peak = peak_memory_gpu(lambda: torch.autograd.grad(fn(), wrt), device)
+            saved = os.environ.get(ROWS_ENV)
+            if provider in rows_env:
+                os.environ[ROWS_ENV] = rows_env[provider]
+            try:
+                fwd, fwd_bwd = _timed(fn, device, [leaf], grad_of=wrt)
+                peak = None
+                if device.type == "cuda":
+                    peak = peak_memory_gpu(lambda: torch.autograd.grad(fn(), wrt), device)
+            finally:
+                if saved is None:
+                    os.environ.pop(ROWS_ENV, None)
+                else:
+                    os.environ[ROWS_ENV] = saved
             for mode, timing, nbytes in (("fwd", fwd, n_bytes), ("fwd+bwd", fwd_bwd, 2 * n_bytes)):
                 rows.append(Result("ppo_loss_from_logits", provider, mode, list(shape), str(dtype).replace("torch.", ""),
                                    timing, nbytes, copy_gbps, peak_mem_bytes=peak if mode == "fwd+bwd" else None,

@@ -34,14 +34,16 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // ppo_policy_fwd_native; row_weight is the aggregation weight, 0 on masked
   // tokens) and g_entropy = -entropy_coef * row_weight, then the row's
   // gradient as logprobs_bwd_native writes it, while the row is still cached.
-  // Per-row tensors (N,) in the accumulation dtype. Returns logp, entropy, lse.
+  // Per-row tensors (N,) in the accumulation dtype. At most max_rows_in_flight
+  // rows are worked on at once on a GPU (<= 0: no bound), so that a row is
+  // still in L2 for its second read. Returns logp, entropy, lse.
   m.def(
       "ppo_logits_grad_native(Tensor logits, Tensor labels, Tensor old_logp, Tensor advantages, "
       "Tensor row_weight, Tensor? ref_logp, Tensor(a!) grad_logits, int inner_rows, "
       "int in_outer_stride, int in_inner_stride, int out_outer_stride, int out_inner_stride, "
       "float inv_temperature, int ignore_index, float ratio_low, float ratio_high, "
-      "float dual_clip, float kl_coef, int kl_estimator, float entropy_coef) "
-      "-> (Tensor, Tensor, Tensor)");
+      "float dual_clip, float kl_coef, int kl_estimator, float entropy_coef, "
+      "int max_rows_in_flight) -> (Tensor, Tensor, Tensor)");
   // Fused PPO policy loss, one pass over the tokens. Token tensors (N,) =
   // (B * T,) contiguous, float32 or float64; mask (N,) bool. ratio_low /
   // ratio_high = 1 -+ clip; dual_clip <= 0 turns the dual clip off;

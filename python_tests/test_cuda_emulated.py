@@ -337,11 +337,11 @@ LOGITS_GRAD_PARAMS = {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("params", list(LOGITS_GRAD_PARAMS))
-@pytest.mark.parametrize("layout", ["contiguous", "shifted"])
-def test_ppo_logits_grad(emu, dtype, params, layout):
+@pytest.mark.parametrize("layout,max_blocks", [("contiguous", 0), ("shifted", 0), ("shifted", 4)])
+def test_ppo_logits_grad(emu, dtype, params, layout, max_blocks):
     """The fused kernel's logp, entropy and logits gradient against autograd
-    through the float64 reference loss (vectorised rows, and the strided
-    logits[:, :-1] rows a trainer passes)."""
+    through the float64 reference loss (vectorised rows, the strided
+    logits[:, :-1] rows a trainer passes, and fewer blocks than rows)."""
     kwargs = dict(LOGITS_GRAD_PARAMS[params])
     B, T, V = 3, 6, 523 if layout == "shifted" else 512
     full = _logits((B, T + 1, V), dtype, seed=V + T, scale=2.0)
@@ -372,6 +372,7 @@ def test_ppo_logits_grad(emu, dtype, params, layout):
         tensor, labels.reshape(-1).contiguous(), old.reshape(-1), adv.reshape(-1), row_weight,
         ref.reshape(-1) if kl_code >= 0 else None, inner_rows, outer, inner, 1.0 / temperature, -100,
         ratio_low, ratio_high, dual, kwargs.get("kl_coef", 0.0), kl_code, kwargs.get("entropy_coef", 0.0),
+        max_blocks=max_blocks,
     )
 
     x64 = logits.double().requires_grad_(True)

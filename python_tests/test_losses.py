@@ -338,6 +338,28 @@ def test_loss_from_logits_upstream_gradient_scales_the_forward_gradient(device_b
     torch.testing.assert_close(again, loss.detach(), atol=0, rtol=0)
 
 
+def test_loss_from_logits_fewer_rows_in_flight_than_rows(device_backend, monkeypatch):
+    """The fused GPU kernels take rows in a grid-stride loop when the rows in
+    flight are bounded (RLHF_KERNELS_ROWS_IN_FLIGHT): same result."""
+    device, backend = device_backend
+    logits, labels, old, adv, mask, ref = _logits_inputs((2, 5, 67), device, seed=11)
+    kwargs = dict(ref_logp=ref, kl_coef=0.1, entropy_coef=0.01, backend=backend)
+    grads = []
+    for rows in ("0", "3"):
+        monkeypatch.setenv("RLHF_KERNELS_ROWS_IN_FLIGHT", rows)
+        x = logits.clone().requires_grad_(True)
+        loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, **kwargs)
+        loss.backward()
+        grads.append((loss.detach(), x.grad))
+    torch.testing.assert_close(grads[1], grads[0], atol=0, rtol=0)
+
+
+def test_rows_in_flight_policy():
+    from rlhf_kernels.ops.ppo_loss import _rows_in_flight
+
+    assert _rows_in_flight(8192, 304128, torch.device("cpu")) == 0  # no bound off the GPU
+
+
 def test_loss_from_logits_bf16_no_worse_than_torch(device_backend):
     device, backend = device_backend
     logits, labels, old, adv, mask, ref = _logits_inputs((2, 6, 1001), device, dtype=torch.bfloat16, seed=6)

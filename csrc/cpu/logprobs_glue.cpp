@@ -77,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cpu(
     int64_t in_outer_stride, int64_t in_inner_stride, int64_t out_outer_stride,
     int64_t out_inner_stride, double inv_temperature, int64_t ignore_index, double ratio_low,
     double ratio_high, double dual_clip, double kl_coef, int64_t kl_estimator,
-    double entropy_coef) {
+    double entropy_coef, int64_t /*max_rows_in_flight: rows are cached per thread*/) {
   const RowLayout in_layout{inner_rows, in_outer_stride, in_inner_stride};
   const RowLayout out_layout{inner_rows, out_outer_stride, out_inner_stride};
   const int64_t n_rows = checked_rows(logits, labels, in_layout);

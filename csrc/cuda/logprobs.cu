@@ -251,31 +251,36 @@ __global__ void __launch_bounds__(kThreads)
 ppo_logits_grad_kernel(const scalar_t* logits, RowLayout in_layout,
                        const int64_t* __restrict__ labels, const acc_t* __restrict__ old_logp,
                        const acc_t* __restrict__ advantages, const acc_t* __restrict__ row_weight,
-                       const acc_t* __restrict__ ref_logp, int64_t vocab, acc_t inv_temperature,
-                       int64_t ignore_index, PolicyParams<acc_t> params, acc_t entropy_coef,
-                       acc_t* __restrict__ logp, acc_t* __restrict__ entropy,
+                       const acc_t* __restrict__ ref_logp, int64_t n_rows, int64_t vocab,
+                       acc_t inv_temperature, int64_t ignore_index, PolicyParams<acc_t> params,
+                       acc_t entropy_coef, acc_t* __restrict__ logp, acc_t* __restrict__ entropy,
                        acc_t* __restrict__ lse, scalar_t* grad_logits, RowLayout out_layout) {
-  const int64_t row_index = blockIdx.x;
-  const scalar_t* row = logits + in_layout.offset(row_index);
-  const int64_t label = labels[row_index];
-  const SoftmaxState<acc_t> st = row_softmax_state(row, vocab, inv_temperature);
-  acc_t row_logp, row_entropy, row_lse;
-  row_outputs(st, row, label, vocab, inv_temperature, ignore_index, &row_logp, &row_entropy, &row_lse);
-  if (threadIdx.x == 0) {
-    logp[row_index] = row_logp;
-    entropy[row_index] = row_entropy;
-    lse[row_index] = row_lse;
+  // Rows in a grid-stride loop: the grid size bounds the rows in flight, and
+  // so the bytes between a row's first read and its second (which should hit L2).
+  for (int64_t row_index = blockIdx.x; row_index < n_rows; row_index += gridDim.x) {
+    const scalar_t* row = logits + in_layout.offset(row_index);
+    const int64_t label = labels[row_index];
+    const SoftmaxState<acc_t> st = row_softmax_state(row, vocab, inv_temperature);
+    acc_t row_logp, row_entropy, row_lse;
+    row_outputs(st, row, label, vocab, inv_temperature, ignore_index, &row_logp, &row_entropy,
+                &row_lse);
+    if (threadIdx.x == 0) {
+      logp[row_index] = row_logp;
+      entropy[row_index] = row_entropy;
+      lse[row_index] = row_lse;
+    }
+    const acc_t w = row_weight[row_index];
+    acc_t g = 0, g_entropy = 0;
+    if (w != acc_t(0)) {  // a valid token
+      const acc_t ref = ref_logp ? ref_logp[row_index] : acc_t(0);
+      g = w * policy_token<acc_t>(row_logp, old_logp[row_index], advantages[row_index], ref, params).grad;
+      g_entropy = -entropy_coef * w;
+    }
+    write_row_grad<scalar_t, acc_t, kVectorized>(row, grad_logits + out_layout.offset(row_index), vocab,
+                                                 label, ignore_index, g, g_entropy, row_lse,
+                                                 row_entropy, inv_temperature);
+    __syncthreads();  // block_merge's shared partials are rewritten by the next row
   }
-  const acc_t w = row_weight[row_index];
-  acc_t g = 0, g_entropy = 0;
-  if (w != acc_t(0)) {  // a valid token
-    const acc_t ref = ref_logp ? ref_logp[row_index] : acc_t(0);
-    g = w * policy_token<acc_t>(row_logp, old_logp[row_index], advantages[row_index], ref, params).grad;
-    g_entropy = -entropy_coef * w;
-  }
-  write_row_grad<scalar_t, acc_t, kVectorized>(row, grad_logits + out_layout.offset(row_index), vocab,
-                                               label, ignore_index, g, g_entropy, row_lse,
-                                               row_entropy, inv_temperature);
 }
 
 bool rows_aligned(const void* base, RowLayout layout, int64_t n_rows, size_t elem) {
@@ -333,20 +338,21 @@ cudaError_t launch_ppo_logits_grad(const scalar_t* logits, RowLayout in_layout, 
                                    int64_t vocab, acc_t inv_temperature, int64_t ignore_index,
                                    PolicyParams<acc_t> params, acc_t entropy_coef, acc_t* logp,
                                    acc_t* entropy, acc_t* lse, scalar_t* grad_logits,
-                                   RowLayout out_layout, cudaStream_t stream) {
+                                   RowLayout out_layout, int64_t max_blocks, cudaStream_t stream) {
   if (n_rows == 0) return cudaSuccess;
-  if (n_rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // one block per row
+  const int64_t grid = max_blocks > 0 && max_blocks < n_rows ? max_blocks : n_rows;
+  if (grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   const bool vectorized = rows_aligned(logits, in_layout, n_rows, sizeof(scalar_t)) &&
                           rows_aligned(grad_logits, out_layout, n_rows, sizeof(scalar_t));
-  const unsigned blocks = static_cast<unsigned>(n_rows);
+  const unsigned blocks = static_cast<unsigned>(grid);
   if (vectorized) {
     ppo_logits_grad_kernel<scalar_t, acc_t, true><<<blocks, kThreads, 0, stream>>>(
-        logits, in_layout, labels, old_logp, advantages, row_weight, ref_logp, vocab,
+        logits, in_layout, labels, old_logp, advantages, row_weight, ref_logp, n_rows, vocab,
         inv_temperature, ignore_index, params, entropy_coef, logp, entropy, lse, grad_logits,
         out_layout);
   } else {
     ppo_logits_grad_kernel<scalar_t, acc_t, false><<<blocks, kThreads, 0, stream>>>(
-        logits, in_layout, labels, old_logp, advantages, row_weight, ref_logp, vocab,
+        logits, in_layout, labels, old_logp, advantages, row_weight, ref_logp, n_rows, vocab,
         inv_temperature, ignore_index, params, entropy_coef, logp, entropy, lse, grad_logits,
         out_layout);
   }
@@ -363,7 +369,7 @@ cudaError_t launch_ppo_logits_grad(const scalar_t* logits, RowLayout in_layout, 
   template cudaError_t launch_ppo_logits_grad<scalar_t, acc_t>(                                \
       const scalar_t*, RowLayout, const int64_t*, const acc_t*, const acc_t*, const acc_t*,    \
       const acc_t*, int64_t, int64_t, acc_t, int64_t, PolicyParams<acc_t>, acc_t, acc_t*,      \
-      acc_t*, acc_t*, scalar_t*, RowLayout, cudaStream_t);
+      acc_t*, acc_t*, scalar_t*, RowLayout, int64_t, cudaStream_t);
 
 RLHF_INSTANTIATE(float, float)
 RLHF_INSTANTIATE(__half, float)

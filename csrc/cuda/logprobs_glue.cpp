@@ -73,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cuda(
     int64_t in_outer_stride, int64_t in_inner_stride, int64_t out_outer_stride,
     int64_t out_inner_stride, double inv_temperature, int64_t ignore_index, double ratio_low,
     double ratio_high, double dual_clip, double kl_coef, int64_t kl_estimator,
-    double entropy_coef) {
+    double entropy_coef, int64_t max_rows_in_flight) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const RowLayout in_layout{inner_rows, in_outer_stride, in_inner_stride};
   const RowLayout out_layout{inner_rows, out_outer_stride, out_inner_stride};
@@ -100,7 +100,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cuda(
         static_cast<acc_t>(inv_temperature), ignore_index, cast_params<acc_t>(params),
         static_cast<acc_t>(entropy_coef), logp.mutable_data_ptr<acc_t>(),
         entropy.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(),
-        reinterpret_cast<scalar_t*>(grad_logits.data_ptr()), out_layout, stream));
+        reinterpret_cast<scalar_t*>(grad_logits.data_ptr()), out_layout, max_rows_in_flight,
+        stream));
   });
   return {logp, entropy, lse};
 }

@@ -32,7 +32,7 @@ _BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 _SIGNATURES = {
     "emu_logprobs_fwd": "p i64 i64 i64 p i64 i64 d i64 p p p",
     "emu_logprobs_bwd": "p p p i64 i64 i64 p p p i64 i64 d i64 p i64 i64",
-    "emu_ppo_logits_grad": "p i64 i64 i64 p p p p p i64 i64 d i64 d d d d i32 d p p p p i64 i64",
+    "emu_ppo_logits_grad": "p i64 i64 i64 p p p p p i64 i64 d i64 d d d d i32 d p p p p i64 i64 i64",
     "emu_kl_penalty_fwd": "p p i32 p i64",
     "emu_kl_penalty_bwd": "p p p i32 p p i64",
     "emu_advantages": "p p p i64 i64 p p p p p d i32 d d p p p p p i64",
@@ -227,7 +227,8 @@ class Emulator:
 
     def ppo_logits_grad(self, logits, labels, old_logp, advantages, row_weight, ref_logp, inner_rows,
                         outer_stride, inner_stride, inv_temperature, ignore_index, ratio_low, ratio_high,
-                        dual_clip, kl_coef, kl_estimator, entropy_coef, *, shift=0, out_shift=0):
+                        dual_clip, kl_coef, kl_estimator, entropy_coef, *, shift=0, out_shift=0,
+                        max_blocks=0):
         """As ppo_logits_grad_native with a new contiguous gradient buffer:
         (logp, entropy, lse, grad_logits)."""
         arena = Arena()
@@ -243,7 +244,7 @@ class Emulator:
                   arena.place(advantages, "advantages"), arena.place(row_weight, "row_weight"),
                   arena.place(ref_logp, "ref_logp"), n_rows, vocab, inv_temperature, ignore_index,
                   ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator, entropy_coef, logp, entropy, lse,
-                  out, out_outer, out_inner)
+                  out, out_outer, out_inner, max_blocks)
         arena.check()
         return logp, entropy, lse, out
 

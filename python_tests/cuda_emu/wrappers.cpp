@@ -56,7 +56,8 @@ namespace kernels = rlhf_kernels::cuda;
                                 double ratio_low, double ratio_high, double dual_clip,          \
                                 double kl_coef, int kl_estimator, double entropy_coef,          \
                                 void* logp, void* entropy, void* lse, void* grad_logits,        \
-                                int64_t out_outer_stride, int64_t out_inner_stride) {           \
+                                int64_t out_outer_stride, int64_t out_inner_stride,             \
+                                int64_t max_blocks) {                                           \
     const PolicyParams<acc_t> params{static_cast<acc_t>(ratio_low),                             \
                                      static_cast<acc_t>(ratio_high),                            \
                                      static_cast<acc_t>(dual_clip), dual_clip > 0, kl_estimator, \
@@ -68,7 +69,7 @@ namespace kernels = rlhf_kernels::cuda;
         static_cast<acc_t>(inv_temperature), ignore_index, params,                               \
         static_cast<acc_t>(entropy_coef), static_cast<acc_t*>(logp), static_cast<acc_t*>(entropy), \
         static_cast<acc_t*>(lse), static_cast<scalar_t*>(grad_logits),                          \
-        RowLayout{inner_rows, out_outer_stride, out_inner_stride}, nullptr);                     \
+        RowLayout{inner_rows, out_outer_stride, out_inner_stride}, max_blocks, nullptr);         \
   }                                                                                              \
   int emu_kl_penalty_fwd_##tag(const void* logp, const void* ref, int estimator, void* kl,      \
                                int64_t n) {                                                     \

@@ -18,6 +18,7 @@ closed interval [lo, hi]; at a tie of max / min each side gets half. See
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -158,49 +159,51 @@ if triton is not None:
     @triton.jit
     def _ppo_logits_grad_kernel(
         logits_ptr, labels_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, grad_ptr, logp_ptr, entropy_ptr,
-        lse_ptr, inner_rows, in_outer_stride, in_inner_stride, out_outer_stride, out_inner_stride, vocab,
+        lse_ptr, n_rows, inner_rows, in_outer_stride, in_inner_stride, out_outer_stride, out_inner_stride, vocab,
         inv_t_hi, inv_t_mid, inv_t_lo, ignore_index, low_hi, low_mid, low_lo, high_hi, high_mid, high_lo,
         dual_hi, dual_mid, dual_lo, kl_coef_hi, kl_coef_mid, kl_coef_lo, ent_hi, ent_mid, ent_lo,
         HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
         ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
-        # ppo_loss_from_logits with the gradient in the same program, one per
+        # ppo_loss_from_logits with the gradient in the same program, row by
         # row: the row's softmax (one read), its token's weighted dL/dlogp, then
         # the row's gradient (the row again, from cache, and one write).
         inv_temperature = _f64(inv_t_hi, inv_t_mid, inv_t_lo, ACC_DTYPE)
-        row = tl.program_id(0).to(tl.int64)
-        outer = row // inner_rows
-        inner = row % inner_rows
-        row_ptr = logits_ptr + outer * in_outer_stride + inner * in_inner_stride
-        out_ptr = grad_ptr + outer * out_outer_stride + inner * out_inner_stride
-        lse, log_s, entropy = _row_softmax(row_ptr, vocab, inv_temperature, ACC_DTYPE, BLOCK_V)
-        label = tl.load(labels_ptr + row)
-        ignored = label == ignore_index
-        logp = tl.where(ignored, 0.0, _label_logp(row_ptr, label, vocab, lse, inv_temperature, ACC_DTYPE))
-        entropy = tl.where(ignored, 0.0, entropy)
-        tl.store(lse_ptr + row, lse)
-        tl.store(logp_ptr + row, logp)
-        tl.store(entropy_ptr + row, entropy)
-        weight = tl.load(weight_ptr + row).to(ACC_DTYPE)
-        valid = weight != 0.0
-        old = tl.load(old_ptr + row).to(ACC_DTYPE)
-        adv = tl.load(adv_ptr + row).to(ACC_DTYPE)
-        if KL_ESTIMATOR >= 0:
-            ref = tl.load(ref_ptr + row).to(ACC_DTYPE)
-        else:
-            ref = logp
-        _, tok_grad, _, _, _, _ = _policy_terms(
-            logp, old, adv, ref, _scalar(low_hi, low_mid, low_lo, ACC_DTYPE),
-            _scalar(high_hi, high_mid, high_lo, ACC_DTYPE), _scalar(dual_hi, dual_mid, dual_lo, ACC_DTYPE),
-            _scalar(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE), HAS_DUAL, KL_ESTIMATOR,
-        )
-        g = tl.where(valid, weight * tok_grad, 0.0)
-        if HAS_ENTROPY_GRAD:
-            g_entropy = tl.where(valid, -_scalar(ent_hi, ent_mid, ent_lo, ACC_DTYPE) * weight, 0.0)
-        else:
-            g_entropy = tl.zeros((), ACC_DTYPE)
-        _row_grad(row_ptr, out_ptr, vocab, label, ignore_index, g, g_entropy, entropy, lse,
-                  inv_temperature, ACC_DTYPE, BLOCK_V)
+        # Rows in a grid-stride loop: the grid bounds the rows in flight (see _rows_in_flight).
+        for row_index in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            row = row_index + tl.zeros((), tl.int64)  # int64 offsets
+            outer = row // inner_rows
+            inner = row % inner_rows
+            row_ptr = logits_ptr + outer * in_outer_stride + inner * in_inner_stride
+            out_ptr = grad_ptr + outer * out_outer_stride + inner * out_inner_stride
+            lse, log_s, entropy = _row_softmax(row_ptr, vocab, inv_temperature, ACC_DTYPE, BLOCK_V)
+            label = tl.load(labels_ptr + row)
+            ignored = label == ignore_index
+            logp = tl.where(ignored, 0.0, _label_logp(row_ptr, label, vocab, lse, inv_temperature, ACC_DTYPE))
+            entropy = tl.where(ignored, 0.0, entropy)
+            tl.store(lse_ptr + row, lse)
+            tl.store(logp_ptr + row, logp)
+            tl.store(entropy_ptr + row, entropy)
+            weight = tl.load(weight_ptr + row).to(ACC_DTYPE)
+            valid = weight != 0.0
+            old = tl.load(old_ptr + row).to(ACC_DTYPE)
+            adv = tl.load(adv_ptr + row).to(ACC_DTYPE)
+            if KL_ESTIMATOR >= 0:
+                ref = tl.load(ref_ptr + row).to(ACC_DTYPE)
+            else:
+                ref = logp
+            _, tok_grad, _, _, _, _ = _policy_terms(
+                logp, old, adv, ref, _scalar(low_hi, low_mid, low_lo, ACC_DTYPE),
+                _scalar(high_hi, high_mid, high_lo, ACC_DTYPE), _scalar(dual_hi, dual_mid, dual_lo, ACC_DTYPE),
+                _scalar(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE), HAS_DUAL, KL_ESTIMATOR,
+            )
+            g = tl.where(valid, weight * tok_grad, 0.0)
+            if HAS_ENTROPY_GRAD:
+                g_entropy = tl.where(valid, -_scalar(ent_hi, ent_mid, ent_lo, ACC_DTYPE) * weight, 0.0)
+            else:
+                g_entropy = tl.zeros((), ACC_DTYPE)
+            _row_grad(row_ptr, out_ptr, vocab, label, ignore_index, g, g_entropy, entropy, lse,
+                      inv_temperature, ACC_DTYPE, BLOCK_V)
 
     @triton.jit
     def _ppo_value_fwd_kernel(
@@ -567,13 +570,32 @@ _ppo_value_loss_fwd.register_autograd(_value_backward, setup_context=_policy_set
 # them again. grad_logits (contiguous, the logits' dtype) is written in place.
 
 
+def _rows_in_flight(n_rows: int, row_bytes: int, device: torch.device) -> int:
+    """How many rows the fused GPU kernels work on at once (0: all). Between a
+    row's first read and its second, the other rows in flight stream through
+    L2: keeping their bytes to about half of L2 lets the second read hit it,
+    but at least one row per SM keeps every SM busy. A prediction, to be
+    measured (benchmarks/bench_losses.py sweeps it; RLHF_KERNELS_ROWS_IN_FLIGHT
+    overrides it)."""
+    override = os.environ.get("RLHF_KERNELS_ROWS_IN_FLIGHT")
+    if override is not None:
+        return max(0, int(override))
+    if device.type != "cuda":
+        return 0
+    props = torch.cuda.get_device_properties(device)
+    l2_bytes = getattr(props, "L2_cache_size", 0) or 50 * 2**20
+    rows = max(props.multi_processor_count, (l2_bytes // 2) // max(row_bytes, 1))
+    return 0 if rows >= n_rows else int(rows)
+
+
 def _logits_grad_native(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inv_temperature,
                         ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef):
     tensor, inner_rows, in_outer, in_inner, out_outer, out_inner = _lp._layouts(logits, grad_logits)
+    row_bytes = logits.shape[-1] * logits.element_size()
     return torch.ops.rlhf_kernels.ppo_logits_grad_native(
         tensor, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inner_rows, in_outer, in_inner,
         out_outer, out_inner, inv_temperature, -100, ratio_low, ratio_high, dual_clip, kl_coef, kl_code,
-        entropy_coef,
+        entropy_coef, _rows_in_flight(labels.numel(), row_bytes, logits.device),
     )
 
 
@@ -603,9 +625,10 @@ def _logits_grad_triton(logits, labels, old_logp, adv, row_weight, ref_logp, gra
     logp, entropy, lse = (torch.empty(n_rows, dtype=acc, device=logits.device) for _ in range(3))
     if n_rows > 0:
         block, warps = _lp._triton_block(vocab, logits.device)
-        _ppo_logits_grad_kernel[(n_rows,)](
+        grid = _rows_in_flight(n_rows, vocab * logits.element_size(), logits.device) or n_rows
+        _ppo_logits_grad_kernel[(grid,)](
             tensor, labels, old_logp, adv, row_weight, ref_logp if ref_logp is not None else old_logp,
-            grad_logits, logp, entropy, lse, inner_rows, in_outer, in_inner, out_outer, out_inner, vocab,
+            grad_logits, logp, entropy, lse, n_rows, inner_rows, in_outer, in_inner, out_outer, out_inner, vocab,
             *f64_parts(inv_temperature), -100, *f64_parts(ratio_low), *f64_parts(ratio_high),
             *f64_parts(dual_clip), *f64_parts(kl_coef), *f64_parts(entropy_coef),
             HAS_DUAL=dual_clip > 0, KL_ESTIMATOR=kl_code, HAS_ENTROPY_GRAD=entropy_coef != 0.0,
