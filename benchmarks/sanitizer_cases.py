@@ -106,7 +106,7 @@ def cases(device: torch.device, backend: str):
                 vloss.backward()
         return run
 
-    def loss_from_logits(shape, dtype):
+    def loss_from_logits(shape, dtype, inplace=False):
         def run():
             b, t, v = shape
             full = (torch.randn(b, t + 1, v, generator=gen) * 2).to(dtype)
@@ -116,7 +116,7 @@ def cases(device: torch.device, backend: str):
             leaf = dev(full).requires_grad_(True)
             loss, _ = rlhf_kernels.ppo_loss_from_logits(
                 leaf[:, :-1], dev(labels), dev(old), dev(adv), dev(mask), ref_logp=dev(old + 0.1), kl_coef=0.1,
-                entropy_coef=0.01, temperature=0.9, backend=backend)
+                entropy_coef=0.01, temperature=0.9, inplace_backward=inplace, backend=backend)
             loss.backward()
         return run
 
@@ -134,6 +134,7 @@ def cases(device: torch.device, backend: str):
         ("policy/value loss 1x1", token_losses((1, 1))),
         ("loss from logits 2x5x1003 strided", loss_from_logits((2, 5, 1003), torch.float32)),
         ("loss from logits 1x3x32003 bf16 strided", loss_from_logits((1, 3, 32003), low)),
+        ("loss from logits 2x4x517 in-place backward", loss_from_logits((2, 4, 517), torch.float32, True)),
     ]
 
 

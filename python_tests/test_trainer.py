@@ -115,6 +115,18 @@ def test_reference_backend_gives_the_same_first_iteration():
         assert ker[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), key
 
 
+def test_logits_gradient_in_the_forward_gives_the_same_update():
+    """logits_grad_inplace=False (the gradient written during the forward into
+    its own buffer) trains exactly like the default in-place backward."""
+    params = {}
+    for inplace in (True, False):
+        trainer, _ = _ppo_trainer(seed=5, entropy_coef=0.01, ptx_coef=0.1, logits_grad_inplace=inplace)
+        trainer.step()
+        params[inplace] = [p.detach().clone() for p in trainer.policy.parameters()]
+    for a, b in zip(params[True], params[False]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_ptx_term_is_coef_times_mean_nll():
     trainer, task = _ppo_trainer(ptx_coef=0.5)
     trainer.data_rng = random.Random(7)

@@ -70,6 +70,10 @@ class PPOConfig:
     entropy_coef: float = 0.0
     loss_agg: str = "token-mean"
     fused_loss: bool = True  # ppo_loss_from_logits, else logprobs_from_logits + ppo_policy_loss
+    # With fused_loss: the logits gradient written into the logits in the
+    # backward (no (B, T, V) gradient buffer; three passes over the logits), or
+    # into a new buffer during the forward (one read and one write).
+    logits_grad_inplace: bool = True
     init_kl_coef: float = 0.05
     target_kl: Optional[float] = 1.0  # None: a fixed coefficient
     kl_horizon: int = 2000

@@ -219,7 +219,8 @@ class PPOTrainer:
         if cfg.fused_loss:
             pg_loss, pg_stats = ppo_loss_from_logits(
                 logits, batch.response_labels, r.old_logp[idx], r.advantages[idx], mask,
-                temperature=cfg.temperature, entropy_coef=cfg.entropy_coef, inplace_backward=True, **common,
+                temperature=cfg.temperature, entropy_coef=cfg.entropy_coef,
+                inplace_backward=cfg.logits_grad_inplace, **common,
             )
         else:
             logp, entropy = logprobs_from_logits(logits, batch.response_labels, temperature=cfg.temperature,
