@@ -36,12 +36,12 @@ export MAX_JOBS="${MAX_JOBS:-8}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0a}"
 unset TRITON_INTERPRET  # real Triton, never the interpreter
 
-# name | seconds | command  (seconds sum to 540: under 10 minutes with the
+# name | seconds | command  (seconds sum to 530: under 10 minutes with the
 # summary, and each stage's --kill-after). The memcheck runs without torch's
 # caching allocator, so an overrun of a tensor is outside any allocation.
 STAGES=(
     "build|110|$PY -m pip install --no-build-isolation --no-deps --no-index -e ."
-    "tests|200|$PY -m pytest python_tests -q -rfE --maxfail=50 -p no:cacheprovider"
+    "tests|190|$PY -m pytest python_tests -q -rfE --maxfail=50 -p no:cacheprovider"
     "memcheck|60|env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/sanitizer_cases.py --device cuda"
     "racecheck|60|compute-sanitizer --tool racecheck --error-exitcode 1 $PY benchmarks/sanitizer_cases.py --device cuda"
     "bench|90|$PY -m rlhf_kernels.cli bench --device cuda"

@@ -14,6 +14,7 @@ values), so a wrong answer still fails the run.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -106,7 +107,7 @@ def cases(device: torch.device, backend: str):
                 vloss.backward()
         return run
 
-    def loss_from_logits(shape, dtype, inplace=False):
+    def loss_from_logits(shape, dtype, inplace=False, rows_in_flight=None):
         def run():
             b, t, v = shape
             full = (torch.randn(b, t + 1, v, generator=gen) * 2).to(dtype)
@@ -114,10 +115,15 @@ def cases(device: torch.device, backend: str):
             old = -torch.rand(b, t, generator=gen) * 5 - 5
             adv, mask = torch.randn(b, t, generator=gen), torch.rand(b, t, generator=gen) > 0.2
             leaf = dev(full).requires_grad_(True)
-            loss, _ = rlhf_kernels.ppo_loss_from_logits(
-                leaf[:, :-1], dev(labels), dev(old), dev(adv), dev(mask), ref_logp=dev(old + 0.1), kl_coef=0.1,
-                entropy_coef=0.01, temperature=0.9, inplace_backward=inplace, backend=backend)
-            loss.backward()
+            if rows_in_flight is not None:  # blocks that take several rows in turn
+                os.environ["RLHF_KERNELS_ROWS_IN_FLIGHT"] = str(rows_in_flight)
+            try:
+                loss, _ = rlhf_kernels.ppo_loss_from_logits(
+                    leaf[:, :-1], dev(labels), dev(old), dev(adv), dev(mask), ref_logp=dev(old + 0.1),
+                    kl_coef=0.1, entropy_coef=0.01, temperature=0.9, inplace_backward=inplace, backend=backend)
+                loss.backward()
+            finally:
+                os.environ.pop("RLHF_KERNELS_ROWS_IN_FLIGHT", None)
         return run
 
     low = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -135,6 +141,7 @@ def cases(device: torch.device, backend: str):
         ("loss from logits 2x5x1003 strided", loss_from_logits((2, 5, 1003), torch.float32)),
         ("loss from logits 1x3x32003 bf16 strided", loss_from_logits((1, 3, 32003), low)),
         ("loss from logits 2x4x517 in-place backward", loss_from_logits((2, 4, 517), torch.float32, True)),
+        ("loss from logits 3x5x700, 2 rows in flight", loss_from_logits((3, 5, 700), torch.float32, False, 2)),
     ]
 
 

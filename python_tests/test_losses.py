@@ -338,6 +338,34 @@ def test_loss_from_logits_upstream_gradient_scales_the_forward_gradient(device_b
     torch.testing.assert_close(again, loss.detach(), atol=0, rtol=0)
 
 
+def test_loss_from_logits_float16_with_a_grad_scaler_sized_upstream_gradient(device_backend):
+    """float16 logits: the gradient must not be rounded to float16 before the
+    upstream scale (GradScaler's 65536) is applied, or it is inf / NaN or
+    underflows: it is then written in the backward, scaled."""
+    device, backend = device_backend
+    logits, labels, old, adv, mask, ref = _logits_inputs((2, 8, 301), device, dtype=torch.float16, seed=12)
+    x = logits.clone().requires_grad_(True)
+    # A global token count (data parallel) makes the unscaled gradient ~1e-9:
+    # below float16's range until it is scaled.
+    kwargs = dict(num_tokens=1e5)
+    loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, backend=backend, **kwargs)
+    (loss * 65536.0).backward()
+    x64 = logits.double().requires_grad_(True)
+    want, _ = reference.ppo_loss_from_logits(x64, labels, old.double(), adv.double(), mask, **kwargs)
+    (want * 65536.0).backward()
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=2e-3)
+
+
+def test_loss_from_logits_no_double_backward(device_backend):
+    device, backend = device_backend
+    logits, labels, old, adv, mask, _ = _logits_inputs((2, 3, 41), device, seed=13)
+    x = logits.clone().requires_grad_(True)
+    loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, backend=backend)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
 def test_loss_from_logits_fewer_rows_in_flight_than_rows(device_backend, monkeypatch):
     """The fused GPU kernels take rows in a grid-stride loop when the rows in
     flight are bounded (RLHF_KERNELS_ROWS_IN_FLIGHT): same result."""

@@ -225,6 +225,9 @@ def _cases():
             F.ppo_loss_from_logits(logits, labels, old, adv, mask, ref_logp=ref, kl_coef=0.1,
                                    kl_estimator=est, entropy_coef=0.01, backend="triton")[0].backward()
         F.ppo_loss_from_logits(logits, labels, old, adv, mask, backend="triton")[0].backward()
+        F.ppo_loss_from_logits(logits, labels, old, adv, mask, dual_clip=3.0, inplace_backward=True,
+                               backend="triton")[0].backward()
+        F.ppo_loss_from_logits(logits, labels, old, adv, mask, dual_clip=3.0, backend="triton")[0].backward()
 
 
 def main(argv=None) -> int:

@@ -579,7 +579,10 @@ def _rows_in_flight(n_rows: int, row_bytes: int, device: torch.device) -> int:
     overrides it)."""
     override = os.environ.get("RLHF_KERNELS_ROWS_IN_FLIGHT")
     if override is not None:
-        return max(0, int(override))
+        try:
+            return max(0, int(override))
+        except ValueError:
+            raise ValueError(f"RLHF_KERNELS_ROWS_IN_FLIGHT: expected an integer, got {override!r}") from None
     if device.type != "cuda":
         return 0
     props = torch.cuda.get_device_properties(device)
@@ -657,7 +660,7 @@ def _ppo_loss_from_logits_fwd(
     tokens = (_token_view(old_logp), _token_view(advantages), token_mask,
               _token_view(ref_logp) if ref_logp is not None else None)
     grad_logits = logits.new_empty(0)
-    if need_grad and not inplace_backward:
+    if _grad_in_forward(logits.dtype, need_grad, inplace_backward):
         # The gradient now (for a unit upstream gradient), in the same pass.
         counts = token_mask.view(seqs, seq_len).sum(-1).to(old_logp.dtype)
         weights = _aggregation_weights(counts, seq_len, agg, num_tokens, num_seqs)
@@ -696,9 +699,17 @@ def _(logits, labels, old_logp, advantages, mask, ref_logp, temperature, ratio_l
     n = labels.numel()
     seqs = _num_seqs(labels.shape)
     new = lambda *shape: logits.new_empty(shape, dtype=acc)  # noqa: E731
-    fused = need_grad and not inplace_backward
+    fused = _grad_in_forward(logits.dtype, need_grad, inplace_backward)
     grad_logits = logits.new_empty(logits.shape if fused else (0,))
     return new(), new(8), new(0 if fused or not need_grad else n), new(seqs), new(n), new(n), grad_logits
+
+
+def _grad_in_forward(dtype: torch.dtype, need_grad: bool, inplace_backward: bool) -> bool:
+    """Whether ppo_loss_from_logits writes the logits gradient in its forward:
+    when one is needed and the logits are not to be overwritten, and not for
+    float16, whose gradient must be scaled (GradScaler) before it is rounded
+    to float16, or small values underflow."""
+    return need_grad and not inplace_backward and dtype != torch.float16
 
 
 def _tracing(t: Tensor) -> bool:
@@ -716,11 +727,12 @@ def _from_logits_setup_context(ctx, inputs, output):
     logits, labels, _, _, mask = inputs[:5]
     temperature, entropy_coef, inplace_backward, backend = inputs[6], inputs[15], inputs[16], inputs[18]
     _, _, grad, weights, lse, entropy, grad_logits = output
-    ctx.fused = inputs[17] and not inplace_backward  # need_grad: the gradient came with the forward
+    ctx.fused = _grad_in_forward(logits.dtype, inputs[17], inplace_backward)  # inputs[17]: need_grad
     if ctx.fused:
-        # Only the gradient is kept, not the logits. (A leaf logits tensor gets
-        # a copy of it in .grad, since the buffer stays saved for a possible
-        # second backward; logits from a model's head pass it on as it is.)
+        # Only the gradient is kept, not the logits. The backward hands this
+        # buffer on as it is (a leaf's .grad may become this very buffer: with
+        # retain_graph, editing that .grad in place makes a later backward
+        # through the graph raise, as for any saved tensor modified in place).
         ctx.save_for_backward(grad_logits)
         # No (N, V) zeros for the outputs that get no gradient.
         ctx.set_materialize_grads(False)
@@ -737,8 +749,18 @@ def _from_logits_backward(ctx, grad_loss, _gs, _gg, _gw, _glse, _gent, _ggl):
         # Written for a unit upstream gradient: scaled only when it is not 1 (a
         # check that synchronises once, eagerly; compiled graphs always scale,
         # since they cannot branch on a value).
-        if _tracing(grad_loss) or not bool(grad_loss == 1):
-            grad_logits = grad_logits * grad_loss.to(grad_logits.dtype)
+        if torch.is_grad_enabled() and not _tracing(grad_loss):
+            raise RuntimeError(
+                "ppo_loss_from_logits: no double backward (create_graph=True): its logits gradient is "
+                "computed in the forward, not by differentiable ops"
+            )
+        # The product in float32, rounded once (a bf16 scale would bias it).
+        if _tracing(grad_loss):
+            grad_logits = (grad_logits.float() * grad_loss.float()).to(grad_logits.dtype)
+        else:
+            scale = float(grad_loss)  # the one host synchronisation of this backward
+            if scale != 1.0:
+                grad_logits = grad_logits.mul(scale)
         return (grad_logits,) + (None,) * 18
     logits, labels, mask, grad, weights, lse, entropy = ctx.saved_tensors
     temperature, entropy_coef, inplace_backward, backend = ctx.params
@@ -966,7 +988,10 @@ def ppo_loss_from_logits(
     all); the backward only hands that buffer on (scaling it, one more pass,
     when the upstream gradient is not exactly 1). Without a gradient (no_grad,
     or logits that do not require one) it is one read. Extra memory O(B * T)
-    besides the (B, T, V) gradient itself.
+    besides the (B, T, V) gradient itself. float16 logits (and
+    ``inplace_backward``) take the gradient in the backward instead, after
+    the upstream scale (GradScaler's), so that it does not underflow. No
+    double backward (``create_graph=True``).
 
     Args:
         logits: (B, T, V) float32 | bfloat16 | float16 (float64 for gradcheck);
