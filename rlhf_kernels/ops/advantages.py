@@ -42,6 +42,7 @@ _N_STATS = 4  # per sequence: valid count, sum A, sum A^2, sum kl
 
 
 if triton is not None:
+    from .logprobs import _f64
 
     @triton.jit
     def _kl_value(logp, ref, ESTIMATOR: tl.constexpr):
@@ -135,10 +136,9 @@ if triton is not None:
         ks = tl.arange(0, BLOCK)
         # Python floats reach a kernel as fp32: three fp32 parts (_backend.f64_parts)
         # keep float64 inputs exact.
-        zero = tl.zeros((), ACC_DTYPE)
-        gamma = (zero + gamma_hi) + ((zero + gamma_mid) + gamma_lo)
-        lam = (zero + lam_hi) + ((zero + lam_mid) + lam_lo)
-        kl_coef = (zero + kl_coef_hi) + ((zero + kl_coef_mid) + kl_coef_lo)
+        gamma = _f64(gamma_hi, gamma_mid, gamma_lo, ACC_DTYPE)
+        lam = _f64(lam_hi, lam_mid, lam_lo, ACC_DTYPE)
+        kl_coef = _f64(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE)
         gamma_lam = gamma * lam
         if HAS_KL_SCALE:
             kl_coef = kl_coef * tl.load(kl_scale_ptr)

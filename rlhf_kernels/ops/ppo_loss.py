@@ -55,12 +55,6 @@ if triton is not None:
         return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
 
     @triton.jit
-    def _scalar(hi, mid, lo, ACC_DTYPE: tl.constexpr):
-        # Python floats reach a compiled kernel as fp32: three fp32 parts
-        # (_backend.f64_parts) carry a float64 argument exactly.
-        return (tl.zeros((), ACC_DTYPE) + hi) + ((tl.zeros((), ACC_DTYPE) + mid) + lo)
-
-    @triton.jit
     def _policy_terms(logp, old, adv, ref, ratio_low, ratio_high, dual_c, kl_coef,
                       HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr):
         """PPO-clip (Schulman et al., 2017) + dual clip (Ye et al., 2020) per token
@@ -122,8 +116,8 @@ if triton is not None:
         # one program per (sequence, chunk) writes dl/dlogp and 9 partial sums.
         seq = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
-        ratio_low = _scalar(low_hi, low_mid, low_lo, ACC_DTYPE)
-        ratio_high = _scalar(high_hi, high_mid, high_lo, ACC_DTYPE)
+        ratio_low = _f64(low_hi, low_mid, low_lo, ACC_DTYPE)
+        ratio_high = _f64(high_hi, high_mid, high_lo, ACC_DTYPE)
         t = chunk * BLOCK + tl.arange(0, BLOCK)
         in_seq = t < seq_len
         offs = seq * seq_len + t
@@ -136,8 +130,8 @@ if triton is not None:
         else:
             ref = logp
         loss, grad, clipped, dual, ratio, kl = _policy_terms(
-            logp, old, adv, ref, ratio_low, ratio_high, _scalar(dual_hi, dual_mid, dual_lo, ACC_DTYPE),
-            _scalar(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE), HAS_DUAL, KL_ESTIMATOR,
+            logp, old, adv, ref, ratio_low, ratio_high, _f64(dual_hi, dual_mid, dual_lo, ACC_DTYPE),
+            _f64(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE), HAS_DUAL, KL_ESTIMATOR,
         )
         if NEED_GRAD:
             tl.store(grad_ptr + offs, tl.where(valid, grad, 0.0), mask=in_seq)
@@ -193,13 +187,13 @@ if triton is not None:
             else:
                 ref = logp
             _, tok_grad, _, _, _, _ = _policy_terms(
-                logp, old, adv, ref, _scalar(low_hi, low_mid, low_lo, ACC_DTYPE),
-                _scalar(high_hi, high_mid, high_lo, ACC_DTYPE), _scalar(dual_hi, dual_mid, dual_lo, ACC_DTYPE),
-                _scalar(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE), HAS_DUAL, KL_ESTIMATOR,
+                logp, old, adv, ref, _f64(low_hi, low_mid, low_lo, ACC_DTYPE),
+                _f64(high_hi, high_mid, high_lo, ACC_DTYPE), _f64(dual_hi, dual_mid, dual_lo, ACC_DTYPE),
+                _f64(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE), HAS_DUAL, KL_ESTIMATOR,
             )
             g = tl.where(valid, weight * tok_grad, 0.0)
             if HAS_ENTROPY_GRAD:
-                g_entropy = tl.where(valid, -_scalar(ent_hi, ent_mid, ent_lo, ACC_DTYPE) * weight, 0.0)
+                g_entropy = tl.where(valid, -_f64(ent_hi, ent_mid, ent_lo, ACC_DTYPE) * weight, 0.0)
             else:
                 g_entropy = tl.zeros((), ACC_DTYPE)
             _row_grad(row_ptr, out_ptr, vocab, label, ignore_index, g, g_entropy, entropy, lse,
@@ -214,7 +208,7 @@ if triton is not None:
         # 0.5 * max((v - R)^2, (old + clamp(v - old, -c, c) - R)^2) per token.
         seq = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
-        clip = _scalar(clip_hi, clip_mid, clip_lo, ACC_DTYPE)
+        clip = _f64(clip_hi, clip_mid, clip_lo, ACC_DTYPE)
         t = chunk * BLOCK + tl.arange(0, BLOCK)
         in_seq = t < seq_len
         offs = seq * seq_len + t
