@@ -64,6 +64,18 @@ inline at::ScalarType acc_dtype_for(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The logits and the buffer their gradient goes to (same dtype, each inside
+// its storage by its layout); returns the number of rows.
+inline int64_t checked_grad_rows(const at::Tensor& logits, const at::Tensor& labels,
+                                 const at::Tensor& grad_logits, RowLayout in_layout,
+                                 RowLayout out_layout) {
+  const int64_t n_rows = checked_rows(logits, labels, in_layout);
+  checked_rows(grad_logits, labels, out_layout);
+  TORCH_CHECK_VALUE(grad_logits.scalar_type() == logits.scalar_type(),
+                    "grad_logits: dtype must match logits");
+  return n_rows;
+}
+
 // Checks of logprobs_bwd_native's arguments; returns the number of rows.
 inline int64_t check_logprobs_bwd(const at::Tensor& grad_logp,
                                   const std::optional<at::Tensor>& grad_entropy,
@@ -71,10 +83,7 @@ inline int64_t check_logprobs_bwd(const at::Tensor& grad_logp,
                                   const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
                                   const at::Tensor& grad_logits, RowLayout in_layout,
                                   RowLayout out_layout) {
-  const int64_t n_rows = checked_rows(logits, labels, in_layout);
-  checked_rows(grad_logits, labels, out_layout);
-  TORCH_CHECK_VALUE(grad_logits.scalar_type() == logits.scalar_type(),
-                    "grad_logits: dtype must match logits");
+  const int64_t n_rows = checked_grad_rows(logits, labels, grad_logits, in_layout, out_layout);
   const at::ScalarType acc = acc_dtype_for(logits);
   check_row_tensor(grad_logp, n_rows, acc, "grad_logp");
   check_row_tensor(lse, n_rows, acc, "lse");
@@ -84,19 +93,29 @@ inline int64_t check_logprobs_bwd(const at::Tensor& grad_logp,
 }
 
 
-// Per-row inputs of ppo_logits_grad_native, and the PolicyParams they imply.
-inline PolicyParams<double> check_ppo_logits_grad(
-    int64_t n_rows, at::ScalarType acc, const at::Tensor& old_logp, const at::Tensor& advantages,
-    const at::Tensor& row_weight, const std::optional<at::Tensor>& ref_logp, double ratio_low,
-    double ratio_high, double dual_clip, double kl_coef, int64_t kl_estimator) {
+// Checks of ppo_logits_grad_native's arguments (both devices): the number of
+// rows and the PolicyParams they imply.
+struct PpoLogitsGradArgs {
+  int64_t n_rows;
+  PolicyParams<double> params;
+};
+
+inline PpoLogitsGradArgs check_ppo_logits_grad(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& grad_logits,
+    RowLayout in_layout, RowLayout out_layout, const at::Tensor& old_logp,
+    const at::Tensor& advantages, const at::Tensor& row_weight,
+    const std::optional<at::Tensor>& ref_logp, double ratio_low, double ratio_high,
+    double dual_clip, double kl_coef, int64_t kl_estimator) {
+  const int64_t n_rows = checked_grad_rows(logits, labels, grad_logits, in_layout, out_layout);
+  const at::ScalarType acc = acc_dtype_for(logits);
   check_row_tensor(old_logp, n_rows, acc, "old_logp");
   check_row_tensor(advantages, n_rows, acc, "advantages");
   check_row_tensor(row_weight, n_rows, acc, "row_weight");
   if (ref_logp) check_row_tensor(*ref_logp, n_rows, acc, "ref_logp");
   TORCH_CHECK_VALUE(kl_estimator >= kKlNone && kl_estimator <= kKlK3, "kl_estimator: bad code ", kl_estimator);
   TORCH_CHECK_VALUE(kl_estimator == kKlNone || ref_logp, "ref_logp: required with a KL estimator");
-  return PolicyParams<double>{ratio_low, ratio_high, dual_clip, dual_clip > 0,
-                              static_cast<int>(kl_estimator), kl_coef};
+  return {n_rows, PolicyParams<double>{ratio_low, ratio_high, dual_clip, dual_clip > 0,
+                                       static_cast<int>(kl_estimator), kl_coef}};
 }
 
 template <typename acc_t>

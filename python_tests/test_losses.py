@@ -577,3 +577,27 @@ def test_gpu_backends_agree_large():
             got, stats = rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, dual_clip=3.0, backend=backend)
             torch.testing.assert_close(got.double(), want, **F32)
             _check_stats(stats, want_stats)
+
+
+@pytest.mark.skipif("cpu" not in rlhf_kernels.available_backends(), reason="the C++ extension is not built")
+def test_native_logits_grad_op_checks_its_arguments():
+    logits = torch.randn(4, 10)
+    labels = torch.randint(0, 10, (4,))
+    tok = torch.zeros(4)
+    grad = torch.empty_like(logits)
+    op = torch.ops.rlhf_kernels.ppo_logits_grad_native
+    args = [logits, labels, tok, tok, tok, None, grad, 4, 0, 10, 0, 10, 1.0, -100, 0.8, 1.2, 0.0, 0.0, -1, 0.0, 0]
+    logp, entropy, lse = op(*args)
+    assert logp.shape == entropy.shape == lse.shape == (4,)
+    bad = list(args)
+    bad[2] = torch.zeros(3)
+    with pytest.raises(ValueError, match="old_logp"):
+        op(*bad)
+    bad = list(args)
+    bad[18] = 3  # k3 without ref_logp
+    with pytest.raises(ValueError, match="ref_logp"):
+        op(*bad)
+    bad = list(args)
+    bad[6] = torch.empty(4, 10, dtype=torch.float64)
+    with pytest.raises(ValueError, match="grad_logits"):
+        op(*bad)

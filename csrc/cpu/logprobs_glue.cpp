@@ -80,14 +80,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cpu(
     double entropy_coef, int64_t /*max_rows_in_flight: rows are cached per thread*/) {
   const RowLayout in_layout{inner_rows, in_outer_stride, in_inner_stride};
   const RowLayout out_layout{inner_rows, out_outer_stride, out_inner_stride};
-  const int64_t n_rows = checked_rows(logits, labels, in_layout);
-  checked_rows(grad_logits, labels, out_layout);
-  TORCH_CHECK_VALUE(grad_logits.scalar_type() == logits.scalar_type(),
-                    "grad_logits: dtype must match logits");
+  const PpoLogitsGradArgs checked = check_ppo_logits_grad(
+      logits, labels, grad_logits, in_layout, out_layout, old_logp, advantages, row_weight, ref_logp,
+      ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator);
+  const int64_t n_rows = checked.n_rows;
   const at::ScalarType acc = acc_dtype_for(logits);
-  const PolicyParams<double> params = check_ppo_logits_grad(
-      n_rows, acc, old_logp, advantages, row_weight, ref_logp, ratio_low, ratio_high, dual_clip,
-      kl_coef, kl_estimator);
   const int64_t vocab = logits.size(-1);
   const auto opts = logits.options().dtype(acc);
   at::Tensor logp = at::empty({n_rows}, opts), entropy = at::empty({n_rows}, opts);
@@ -106,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cpu(
     acc_t *logp_d = logp.mutable_data_ptr<acc_t>(), *entropy_d = entropy.mutable_data_ptr<acc_t>();
     acc_t *lse_d = lse.mutable_data_ptr<acc_t>(), *g_d = g.mutable_data_ptr<acc_t>();
     acc_t* g_entropy_d = g_entropy.mutable_data_ptr<acc_t>();
-    const PolicyParams<acc_t> p = cast_params<acc_t>(params);
+    const PolicyParams<acc_t> p = cast_params<acc_t>(checked.params);
     const auto inv_t = static_cast<acc_t>(inv_temperature);
     const auto entropy_c = static_cast<acc_t>(entropy_coef);
     at::parallel_for(0, n_rows, grain_rows(vocab), [&](int64_t begin, int64_t end) {
@@ -121,7 +118,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cpu(
           g_entropy_d[r] = -entropy_c * w;
         }
         // The row again, from cache, for its gradient.
-        cpu::logprobs_bwd_rows<scalar_t, acc_t>(g_d, entropy_c != acc_t(0) ? g_entropy_d : nullptr, data, in_layout, label_data,
+        const acc_t* g_entropy_arg = entropy_c != acc_t(0) ? g_entropy_d : nullptr;
+        cpu::logprobs_bwd_rows<scalar_t, acc_t>(g_d, g_entropy_arg, data, in_layout, label_data,
                                                 lse_d, entropy_d, vocab, inv_t, ignore_index, out,
                                                 out_layout, r, r + 1);
       }

@@ -77,14 +77,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cuda(
   const c10::cuda::CUDAGuard guard(logits.device());
   const RowLayout in_layout{inner_rows, in_outer_stride, in_inner_stride};
   const RowLayout out_layout{inner_rows, out_outer_stride, out_inner_stride};
-  const int64_t n_rows = checked_rows(logits, labels, in_layout);
-  checked_rows(grad_logits, labels, out_layout);
-  TORCH_CHECK_VALUE(grad_logits.scalar_type() == logits.scalar_type(),
-                    "grad_logits: dtype must match logits");
+  const PpoLogitsGradArgs checked = check_ppo_logits_grad(
+      logits, labels, grad_logits, in_layout, out_layout, old_logp, advantages, row_weight, ref_logp,
+      ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator);
+  const int64_t n_rows = checked.n_rows;
   const at::ScalarType acc = acc_dtype_for(logits);
-  const PolicyParams<double> params = check_ppo_logits_grad(
-      n_rows, acc, old_logp, advantages, row_weight, ref_logp, ratio_low, ratio_high, dual_clip,
-      kl_coef, kl_estimator);
   const auto opts = logits.options().dtype(acc);
   at::Tensor logp = at::empty({n_rows}, opts), entropy = at::empty({n_rows}, opts);
   at::Tensor lse = at::empty({n_rows}, opts);
@@ -97,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cuda(
         labels.const_data_ptr<int64_t>(), old_logp.const_data_ptr<acc_t>(),
         advantages.const_data_ptr<acc_t>(), row_weight.const_data_ptr<acc_t>(),
         ref_logp ? ref_logp->const_data_ptr<acc_t>() : nullptr, n_rows, logits.size(-1),
-        static_cast<acc_t>(inv_temperature), ignore_index, cast_params<acc_t>(params),
+        static_cast<acc_t>(inv_temperature), ignore_index, cast_params<acc_t>(checked.params),
         static_cast<acc_t>(entropy_coef), logp.mutable_data_ptr<acc_t>(),
         entropy.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(),
         reinterpret_cast<scalar_t*>(grad_logits.data_ptr()), out_layout, max_rows_in_flight,
