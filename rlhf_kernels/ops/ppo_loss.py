@@ -596,21 +596,19 @@ def _logits_grad_native(logits, labels, old_logp, adv, row_weight, ref_logp, gra
     )
 
 
-def _logits_grad_composed(backend):
-    """Forward, token pass, backward as three steps (the reference backend)."""
-    def run(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inv_temperature,
-            ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef):
-        logp, entropy, lse = _lp._FORWARD[backend](logits, labels, inv_temperature, -100, True)
-        valid = row_weight != 0
-        grad, _ = _POLICY[backend](logp, old_logp, adv, valid, ref_logp, None, max(1, logp.numel()),
+def _logits_grad_reference(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inv_temperature,
+                           ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef):
+    """Forward, token pass, backward as three steps, in plain torch."""
+    logp, entropy, lse = _lp._FORWARD["reference"](logits, labels, inv_temperature, -100, True)
+    valid = row_weight != 0
+    grad, _ = _POLICY["reference"](logp, old_logp, adv, valid, ref_logp, None, max(1, logp.numel()),
                                    ratio_low, ratio_high, dual_clip, kl_coef, kl_code, True)
-        grad_logp = grad * row_weight
-        grad_entropy = (-entropy_coef * row_weight) if entropy_coef != 0.0 else None
-        _lp._BACKWARD[backend](grad_logp, grad_entropy, logits, labels, lse,
+    grad_logp = grad * row_weight
+    grad_entropy = (-entropy_coef * row_weight) if entropy_coef != 0.0 else None
+    _lp._BACKWARD["reference"](grad_logp, grad_entropy, logits, labels, lse,
                                entropy if grad_entropy is not None else None, grad_logits,
                                inv_temperature, -100)
-        return logp, entropy, lse
-    return run
+    return logp, entropy, lse
 
 
 @on_tensor_device
@@ -635,7 +633,7 @@ def _logits_grad_triton(logits, labels, old_logp, adv, row_weight, ref_logp, gra
 
 
 _LOGITS_GRAD = {"cpu": _logits_grad_native, "cuda": _logits_grad_native,
-                "triton": _logits_grad_triton, "reference": _logits_grad_composed("reference")}
+                "triton": _logits_grad_triton, "reference": _logits_grad_reference}
 
 
 @torch.library.custom_op("rlhf_kernels::ppo_loss_from_logits_fwd", mutates_args=())
@@ -654,7 +652,8 @@ def _ppo_loss_from_logits_fwd(
     tokens = (_token_view(old_logp), _token_view(advantages), token_mask,
               _token_view(ref_logp) if ref_logp is not None else None)
     grad_logits = logits.new_empty(0)
-    if _grad_in_forward(logits.dtype, need_grad, inplace_backward):
+    fused = _grad_in_forward(logits.dtype, need_grad, inplace_backward)
+    if fused:
         # The gradient now (for a unit upstream gradient), in the same pass.
         counts = token_mask.view(seqs, seq_len).sum(-1).to(old_logp.dtype)
         weights = _aggregation_weights(counts, seq_len, agg, num_tokens, num_seqs)
@@ -664,18 +663,17 @@ def _ppo_loss_from_logits_fwd(
             logits, flat_labels, tokens[0], tokens[1], row_weight.contiguous(), tokens[3], grad_logits,
             1.0 / temperature, ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef,
         )
-        grad, seq_stats = _run_tokens(
-            _POLICY, backend, labels.shape, N_POLICY_STATS, logp, False, logp, tokens[0], tokens[1], token_mask,
-            tokens[3], entropy, seq_len, ratio_low, ratio_high, dual_clip, kl_coef, kl_code, False,
-        )
     else:
         # One read of the logits: logp, entropy and lse per row.
         logp, entropy, lse = _lp._FORWARD[backend](logits, flat_labels, 1.0 / temperature, -100, True)
-        # Then one pass over the tokens: ratio, clip, KL, sums and dL/dlogp.
-        grad, seq_stats = _run_tokens(
-            _POLICY, backend, labels.shape, N_POLICY_STATS, logp, need_grad, logp, tokens[0], tokens[1], token_mask,
-            tokens[3], entropy, seq_len, ratio_low, ratio_high, dual_clip, kl_coef, kl_code, need_grad,
-        )
+    # Then one pass over the tokens: ratio, clip, KL, sums (and dL/dlogp, unless
+    # the logits gradient is already written).
+    token_grad = need_grad and not fused
+    grad, seq_stats = _run_tokens(
+        _POLICY, backend, labels.shape, N_POLICY_STATS, logp, token_grad, logp, tokens[0], tokens[1], token_mask,
+        tokens[3], entropy, seq_len, ratio_low, ratio_high, dual_clip, kl_coef, kl_code, token_grad,
+    )
+    if not fused:
         weights = _aggregation_weights(seq_stats[:, COUNT], seq_len, agg, num_tokens, num_seqs)
     pg_loss = (weights * seq_stats[:, PG_SUM]).sum()
     kl = (weights * seq_stats[:, KL_SUM]).sum()
