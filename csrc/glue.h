@@ -125,6 +125,26 @@ PolicyParams<acc_t> cast_params(const PolicyParams<double>& p) {
                              static_cast<acc_t>(p.kl_coef)};
 }
 
+// PolicyParams from the ops' double arguments.
+template <typename acc_t>
+PolicyParams<acc_t> policy_params(double ratio_low, double ratio_high, double dual_clip,
+                                  int64_t kl_estimator, double kl_coef) {
+  return cast_params<acc_t>(PolicyParams<double>{ratio_low, ratio_high, dual_clip, dual_clip > 0,
+                                                 static_cast<int>(kl_estimator), kl_coef});
+}
+
+// (B, C, K) per-chunk partials of the PPO token kernels -> (B, K): sums, max /
+// min for the ratio columns (max_col < 0: none).
+inline at::Tensor reduce_partials(const at::Tensor& partial, int64_t max_col, int64_t min_col) {
+  if (partial.size(1) == 1) return partial.select(1, 0).contiguous();
+  at::Tensor stats = partial.sum(1);
+  if (max_col >= 0) {
+    stats.select(1, max_col).copy_(std::get<0>(partial.select(2, max_col).max(1)));
+    stats.select(1, min_col).copy_(std::get<0>(partial.select(2, min_col).min(1)));
+  }
+  return stats;
+}
+
 // The (B, T) token tensors of the PPO loss kernels, flattened to (B * T,).
 struct PpoShape {
   int64_t seqs;

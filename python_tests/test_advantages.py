@@ -119,6 +119,16 @@ def test_kl_penalty_forward_and_grad(device_backend, estimator, shape):
 
 
 @pytest.mark.parametrize("estimator", ["k1", "abs", "k2", "k3"])
+def test_kl_penalty_nan_stays_nan(device_backend, estimator):
+    """A NaN log-prob gives a NaN penalty (as the eager formula), never a clamped number."""
+    device, backend = device_backend
+    logp = torch.tensor([-1.0, float("nan"), -2.0, -0.5], device=device)
+    ref = torch.tensor([-1.5, -1.0, float("nan"), -0.5], device=device)
+    kl = rlhf_kernels.kl_penalty(logp, ref, estimator=estimator, backend=backend).cpu()
+    assert torch.isnan(kl[1:3]).all() and torch.isfinite(kl[[0, 3]]).all()
+
+
+@pytest.mark.parametrize("estimator", ["k1", "abs", "k2", "k3"])
 def test_kl_penalty_gradcheck_float64(device_backend, estimator):
     device, backend = device_backend
     gen = _gen(4)

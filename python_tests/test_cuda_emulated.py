@@ -238,6 +238,27 @@ def test_logprobs_forward_labels_and_extremes(emu):
     torch.testing.assert_close(lse.double(), torch.logsumexp(logits.double(), -1), atol=1e-3, rtol=1e-6)
 
 
+def test_logprobs_forward_signs_and_nan_rows(emu):
+    """Peaked rows at temperature 0.7 (label = argmax): logp <= 0 and entropy >= 0
+    exactly; a NaN logit, whichever thread holds it, makes its row NaN through the
+    warp and block merges, and only its row."""
+    gen = torch.Generator().manual_seed(31)
+    logits = torch.randn(8, 4099, generator=gen) * 3
+    logits[:, 5] = torch.rand(8, generator=gen) * 40 + 20
+    for row, col in ((2, 0), (3, 2000), (4, 4098)):
+        logits[row, col] = float("nan")
+    labels = torch.full((8,), 5)
+    logp, entropy, _ = _emulated_forward(emu, logits, labels, temperature=0.7)
+    bad = torch.zeros(8, dtype=torch.bool)
+    bad[[2, 3, 4]] = True
+    assert torch.isnan(logp[bad]).all() and torch.isnan(entropy[bad]).all()
+    assert (logp[~bad] <= 0).all() and (entropy[~bad] >= 0).all()
+    want_logp, want_entropy = reference.logprobs_from_logits(logits[~bad].double(), labels[~bad], temperature=0.7,
+                                                             return_entropy=True)
+    torch.testing.assert_close(logp[~bad].double(), want_logp, atol=2e-6, rtol=0)
+    torch.testing.assert_close(entropy[~bad].double(), want_entropy, atol=2e-6, rtol=1e-4)
+
+
 def _vectorized(logits, shift, out_shift, inplace):
     """Which backward path the launcher picks (rows_aligned of logprobs.cu)."""
     _, inner_rows, outer, inner = lp_ops._row_layout(logits)

@@ -181,6 +181,41 @@ def test_large_magnitude_and_masked_vocab(device_backend):
     torch.testing.assert_close(ent.double(), want_ent, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+def test_logp_never_positive_entropy_never_negative(device_backend, temperature):
+    """Peaked rows, label = argmax: logp is within rounding of 0 and must not
+    cross it, nor the entropy go below 0, at any temperature. (Subtracting the
+    max of x / T with a fused multiply-add gave logp up to +7.6e-6 here.)"""
+    device, backend = device_backend
+    gen = torch.Generator().manual_seed(21)
+    rows = 512 if backend == "triton" and device == "cpu" else 4096
+    logits = torch.randn(rows, 64, generator=gen) * 3
+    logits[:, 5] = torch.rand(rows, generator=gen) * 40 + 20
+    labels = torch.full((rows,), 5)
+    for dtype in (torch.float32, torch.bfloat16):
+        logp, ent = rlhf_kernels.logprobs_from_logits(logits.to(device, dtype), labels.to(device),
+                                                      temperature=temperature, return_entropy=True, backend=backend)
+        assert torch.all(logp <= 0) and torch.all(ent >= 0)
+        want_logp, want_ent = _ref64(logits.to(dtype), labels, temperature=temperature)
+        torch.testing.assert_close(logp.double().cpu(), want_logp, atol=2e-6, rtol=0)
+        torch.testing.assert_close(ent.double().cpu(), want_ent, atol=2e-6, rtol=1e-4)
+
+
+def test_nan_logit_gives_nan_row(device_backend):
+    """A NaN logit makes its row's logp and entropy NaN (as torch), and only its row."""
+    device, backend = device_backend
+    gen = torch.Generator().manual_seed(22)
+    logits = torch.randn(6, 300, generator=gen)
+    for row, col in ((1, 0), (2, 7), (3, 299), (4, 150)):
+        logits[row, col] = float("nan")
+    labels = torch.tensor([1, 2, 3, 4, 5, 6])
+    logp, ent = rlhf_kernels.logprobs_from_logits(logits.to(device), labels.to(device), temperature=0.7,
+                                                  return_entropy=True, backend=backend)
+    bad = torch.tensor([False, True, True, True, True, False])
+    assert torch.isnan(logp.cpu()[bad]).all() and torch.isnan(ent.cpu()[bad]).all()
+    assert torch.isfinite(logp.cpu()[~bad]).all() and torch.isfinite(ent.cpu()[~bad]).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inplace_backward(device_backend, dtype):
     device, backend = device_backend

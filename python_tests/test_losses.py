@@ -110,6 +110,24 @@ def test_policy_ties_follow_autograd(device_backend):
     assert x64.grad[0, -1] == pytest.approx(0.5 * 1.5 * dual)  # the dual tie halves
 
 
+def test_policy_and_value_nan_token_gives_nan_loss(device_backend):
+    """A NaN in a valid token makes the loss NaN (a diverged run must show), on every
+    backend; NaN in masked tokens is never read."""
+    device, backend = device_backend
+    logp, old, adv, mask = _tokens((3, 40), device, seed=9)
+    valid = mask.nonzero()[0].tolist()
+    for name in ("logp", "old", "adv"):
+        ins = {"logp": logp.clone(), "old": old.clone(), "adv": adv.clone()}
+        ins[name][valid[0], valid[1]] = float("nan")
+        loss, _ = rlhf_kernels.ppo_policy_loss(ins["logp"], ins["old"], ins["adv"], mask, backend=backend)
+        assert torch.isnan(loss), name
+    values = torch.where(mask, torch.randn(3, 40, device=device), float("nan"))
+    values[valid[0], valid[1]] = float("nan")
+    loss, _ = rlhf_kernels.ppo_value_loss(values, torch.zeros_like(values), torch.zeros_like(values), mask,
+                                          backend=backend)
+    assert torch.isnan(loss)
+
+
 def test_policy_gradcheck_float64(device_backend):
     device, backend = device_backend
     logp, old, adv, mask = _tokens((3, 17), device, dtype=torch.float64, seed=5, scale=0.3)
@@ -226,6 +244,53 @@ def test_value_loss_matches_float64(device_backend, agg):
     torch.testing.assert_close(v.grad.double(), torch.where(mask, v64.grad, 0.0), **F32)
     _check_stats(stats, want_stats)
     assert 0.1 < stats["vf_clipfrac"] < 0.9
+
+
+def test_value_in_range_is_never_clipped(device_backend):
+    """|values - old| <= clip is a tie in exact arithmetic (v_clipped == values):
+    no token may count as clipped, in float32 as in float64 (the rounded
+    old + (values - old) differs from values in some tokens)."""
+    device, backend = device_backend
+    gen = torch.Generator().manual_seed(13)
+    for dtype in (torch.float32, torch.float64):
+        values = torch.randn(4, 1500, generator=gen, dtype=dtype) * 3
+        old = values + (torch.rand(4, 1500, generator=gen, dtype=dtype) - 0.5) * 0.39  # |diff| < 0.2
+        returns = torch.randn(4, 1500, generator=gen, dtype=dtype) * 3
+        assert ((old + (values - old)) != values).any()  # the rounding the kernels must not count
+        mask = torch.ones(4, 1500, dtype=torch.bool)
+        v = values.to(device).requires_grad_(True)
+        loss, stats = rlhf_kernels.ppo_value_loss(v, old.to(device), returns.to(device), mask.to(device),
+                                                  clip=0.2, backend=backend)
+        loss.backward()
+        assert stats["vf_clipfrac"].item() == 0.0
+        torch.testing.assert_close(v.grad.cpu(), (values - returns) / values.numel(), atol=1e-7, rtol=1e-6)
+
+
+def test_long_packed_sequence_sums_stay_accurate(device_backend):
+    """One 1-D sequence of 4M tokens: the per-token kernels sum in chunks, so the
+    float32 loss and statistics keep float32 accuracy instead of drifting with
+    the sequence length (a running float32 sum over 4M tokens is off by ~1e-4)."""
+    device, backend = device_backend
+    if backend == "triton" and device == "cpu":
+        pytest.skip("4M tokens are too many for the Triton interpreter; the chunking is the same code as below")
+    n = 1 << 22
+    gen = torch.Generator().manual_seed(14)
+    values = torch.rand(n, generator=gen) + 1.0
+    old = values + (torch.rand(n, generator=gen) - 0.5)
+    returns = values + 0.3
+    mask = torch.ones(n, dtype=torch.bool)
+    logp = -torch.rand(n, generator=gen)
+    old_logp = logp + (torch.rand(n, generator=gen) - 0.5) * 0.1
+    adv = torch.rand(n, generator=gen) + 0.5
+    to = lambda *ts: [t.to(device) for t in ts]  # noqa: E731
+    loss, stats = rlhf_kernels.ppo_value_loss(*to(values, old, returns, mask), clip=0.2, backend=backend)
+    want, want_stats = reference.ppo_value_loss(values.double(), old.double(), returns.double(), mask, clip=0.2)
+    torch.testing.assert_close(loss.double().cpu(), want, atol=0, rtol=2e-6)
+    torch.testing.assert_close(stats["vf_clipfrac"].double().cpu(), want_stats["vf_clipfrac"], atol=0, rtol=2e-6)
+    ploss, pstats = rlhf_kernels.ppo_policy_loss(*to(logp, old_logp, adv, mask), backend=backend)
+    pwant, pwant_stats = reference.ppo_policy_loss(logp.double(), old_logp.double(), adv.double(), mask)
+    torch.testing.assert_close(ploss.double().cpu(), pwant, atol=0, rtol=2e-6)
+    torch.testing.assert_close(pstats["approx_kl"].double().cpu(), pwant_stats["approx_kl"], atol=1e-9, rtol=2e-5)
 
 
 def test_value_gradcheck_float64(device_backend):

@@ -71,3 +71,6 @@ def test_f64_parts_are_fp32_and_rebuild_float64_exactly():
         hi, mid, lo = f64_parts(v)
         assert (f32(hi), f32(mid), f32(lo)) == (hi, mid, lo)
         assert hi + (mid + lo) == v
+    # Beyond fp32: an infinity, not inf + (-inf + nan) = NaN (clip_high=1e39 means "no upper clip").
+    assert f64_parts(1e39) == (math.inf, 0.0, 0.0) and f64_parts(-1e39) == (-math.inf, 0.0, 0.0)
+    assert f64_parts(math.inf) == (math.inf, 0.0, 0.0)

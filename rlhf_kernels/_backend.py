@@ -145,7 +145,8 @@ def f64_parts(x: float) -> tuple[float, float, float]:
 
     A compiled Triton kernel receives every Python float as fp32; float64
     kernels rebuild their scalar arguments from these parts (an fp32 pair is
-    not enough: its low part is itself rounded to fp32)."""
+    not enough: its low part is itself rounded to fp32). Beyond the fp32
+    range x comes back as an infinity (hi = +-inf, mid = lo = 0), never NaN."""
     import struct
 
     def f32(v: float) -> float:
@@ -153,6 +154,8 @@ def f64_parts(x: float) -> tuple[float, float, float]:
 
     x = float(x)
     hi = f32(x)
+    if hi in (float("inf"), float("-inf")):  # beyond the fp32 range (or infinite): infinite
+        return hi, 0.0, 0.0
     mid = f32(x - hi)
     return hi, mid, f32(x - hi - mid)
 

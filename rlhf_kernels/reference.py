@@ -47,8 +47,8 @@ def logprobs_from_logits(
     if not return_entropy:
         return logp
     probs = log_probs.exp()
-    # p * log p with p = 0 (a -inf logit) is 0, not NaN.
-    plogp = torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs))
+    # p * log p with p = 0 (a -inf logit) is 0, not NaN; a NaN logit stays NaN.
+    plogp = torch.where(probs == 0, torch.zeros_like(probs), probs * log_probs)
     entropy = -plogp.sum(-1)
     entropy = torch.where(ignored, torch.zeros_like(entropy), entropy)
     return logp, entropy
@@ -77,10 +77,10 @@ def logprobs_grad(
     g = torch.where(ignored, torch.zeros_like(grad_logp), grad_logp).to(x.dtype).unsqueeze(-1)
     grad = -g * probs
     if grad_entropy is not None:
-        entropy = -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(-1)
+        entropy = -torch.where(probs == 0, torch.zeros_like(probs), probs * log_probs).sum(-1)
         gh = torch.where(ignored, torch.zeros_like(grad_entropy), grad_entropy).to(x.dtype)
         grad = grad - gh.unsqueeze(-1) * torch.where(
-            probs > 0, probs * (log_probs + entropy.unsqueeze(-1)), torch.zeros_like(probs)
+            probs == 0, torch.zeros_like(probs), probs * (log_probs + entropy.unsqueeze(-1))
         )
     safe = torch.where(in_range, labels, torch.zeros_like(labels)).unsqueeze(-1)
     grad = grad.scatter_add(-1, safe, torch.where(in_range.unsqueeze(-1), g, torch.zeros_like(g)))
@@ -220,11 +220,15 @@ def ppo_value_loss(
     """Clipped value loss, eagerly (verl ``compute_value_loss``):
     ``v_clipped = old_values + clamp(values - old_values, -clip, clip)``,
     ``0.5 * agg(max((values - R)^2, (v_clipped - R)^2))``; stats vf_clipfrac
-    (share of valid tokens where the clipped error is the larger)."""
+    (share of valid tokens where the clipped error is the larger). Inside the
+    clip range v_clipped is taken as ``values`` itself, its exact value: the
+    rounded ``old + (values - old)`` would make ties look clipped."""
     dtype = _compute_dtype(values.dtype, upcast)
     values, old_values, returns = values.to(dtype), old_values.to(dtype), returns.to(dtype)
     mask = mask.to(torch.bool)
-    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    diff = values - old_values
+    in_range = (diff >= -clip) & (diff <= clip)
+    clipped = torch.where(in_range, values, old_values + torch.clamp(diff, -clip, clip))
     loss1 = (values - returns) ** 2
     loss2 = (clipped - returns) ** 2
     token_loss = torch.maximum(loss1, loss2)

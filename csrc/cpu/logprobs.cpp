@@ -63,6 +63,14 @@ const float* as_float(const scalar_t* row, int64_t n, float* buffer) {
 
 bool label_in_range(int64_t label, int64_t vocab) { return label >= 0 && label < vocab; }
 
+// log s for s = sum exp(y) >= 1 (the max logit has y = 0): never below 0, so
+// that logp = y_label - log s <= 0 and entropy = log s - t / s >= 0. NaN stays.
+template <typename acc_t>
+acc_t log_sum(acc_t s) {
+  const acc_t log_s = std::log(s);
+  return log_s < acc_t(0) ? acc_t(0) : log_s;
+}
+
 // Vectorised float-accumulating forward for float, bf16 and fp16 logits.
 template <typename scalar_t>
 void fwd_rows_f32(const scalar_t* logits, RowLayout layout, const int64_t* labels,
@@ -74,15 +82,24 @@ void fwd_rows_f32(const scalar_t* logits, RowLayout layout, const int64_t* label
   const ChunkKernels& kernels = chunk_kernels();
   for (int64_t r = row_begin; r < row_end; ++r) {
     const scalar_t* row = logits + layout.offset(r);
+    // m: the running max of the raw logits; y = (x - m) * inv_T <= 0 exactly
+    // (x * inv_T - m * inv_T could be contracted to a fused multiply-add and
+    // exceed 0 at the max, giving logp > 0 at temperatures other than 1).
     float m = neg_inf, s = 0.f, t = 0.f;
     for (int64_t c = 0; c < vocab; c += kChunk) {
       const int64_t n = std::min(kChunk, vocab - c);
       const float* x = as_float(row + c, n, buffer);
-      const float chunk_m = kernels.max(x, n) * inv_temperature;
+      const float chunk_m = kernels.max(x, n);
+      if (chunk_m != chunk_m) {  // a NaN logit: NaN outputs, as torch gives
+        m = s = t = std::numeric_limits<float>::quiet_NaN();
+        break;
+      }
       if (chunk_m > m) {
         if (s > 0.f) {
           // Rescale (s, t) from shift m to shift chunk_m.
-          const float d = m - chunk_m, a = std::exp(d);
+          float d = (m - chunk_m) * inv_temperature;
+          d = d < kMinExpArg ? kMinExpArg : d;
+          const float a = std::exp(d);
           t = a * (t + d * s);
           s = a * s;
         }
@@ -90,17 +107,15 @@ void fwd_rows_f32(const scalar_t* logits, RowLayout layout, const int64_t* label
       }
       if (m != neg_inf) kernels.sum(x, n, inv_temperature, m, &s, &t);
     }
-    const float log_s = std::log(s);
-    const float row_lse = m + log_s;
-    lse[r] = row_lse;
+    const float log_s = log_sum(s);
+    lse[r] = m * inv_temperature + log_s;
     const int64_t label = labels[r];
     if (label == ignore_index) {
       logp[r] = 0.f;
       if (entropy) entropy[r] = 0.f;
     } else {
-      logp[r] = label_in_range(label, vocab)
-                    ? to_float(row[label]) * inv_temperature - row_lse
-                    : nan;
+      logp[r] = label_in_range(label, vocab) ? (to_float(row[label]) - m) * inv_temperature - log_s
+                                             : nan;
       if (entropy) entropy[r] = log_s - t / s;
     }
   }
@@ -115,23 +130,24 @@ void fwd_rows_scalar(const scalar_t* logits, RowLayout layout, const int64_t* la
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   for (int64_t r = row_begin; r < row_end; ++r) {
     const scalar_t* row = logits + layout.offset(r);
+    // Shifted by the raw max, as fwd_rows_f32.
     acc_t m = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t j = 0; j < vocab; ++j) m = std::max<acc_t>(m, to_float(row[j]) * inv_temperature);
+    for (int64_t j = 0; j < vocab; ++j) m = std::max<acc_t>(m, to_float(row[j]));
     acc_t s = 0, t = 0;
     for (int64_t j = 0; j < vocab; ++j) {
-      const acc_t y = to_float(row[j]) * inv_temperature - m;
+      const acc_t y = (to_float(row[j]) - m) * inv_temperature;
       const acc_t e = std::exp(y);
       s += e;
-      if (e > 0) t += e * y;
+      if (e > 0 || e != e) t += e * y;
     }
-    const acc_t log_s = std::log(s);
-    lse[r] = m + log_s;
+    const acc_t log_s = log_sum(s);
+    lse[r] = m * inv_temperature + log_s;
     const int64_t label = labels[r];
     if (label == ignore_index) {
       logp[r] = 0;
       if (entropy) entropy[r] = 0;
     } else {
-      logp[r] = label_in_range(label, vocab) ? to_float(row[label]) * inv_temperature - lse[r] : nan;
+      logp[r] = label_in_range(label, vocab) ? (to_float(row[label]) - m) * inv_temperature - log_s : nan;
       if (entropy) entropy[r] = log_s - t / s;
     }
   }
@@ -196,7 +212,8 @@ void bwd_rows_scalar(const acc_t* grad_logp, const acc_t* grad_entropy, const sc
       }
       const acc_t y = to_float(row[j]) * inv_temperature - lse[r];
       const acc_t p = std::exp(y);
-      acc_t grad = p > 0 ? -inv_temperature * p * (g + g_entropy * (y + row_entropy)) : acc_t(0);
+      // p == 0 (y = -inf) would give 0 * inf; a NaN p stays NaN.
+      acc_t grad = p != 0 ? -inv_temperature * p * (g + g_entropy * (y + row_entropy)) : acc_t(0);
       if (j == label) grad += inv_temperature * g;
       out_row[j] = grad;
     }

@@ -88,60 +88,73 @@ void value_scalar(const acc_t* values, const acc_t* old_values, const acc_t* ret
   }
 }
 
+// The token range [t_begin, t_end) of work item `item` (see ppo_policy_chunks).
+struct ChunkRange {
+  int64_t base, t_begin, t_end;
+};
+inline ChunkRange chunk_range(int64_t item, int64_t seq_len) {
+  const int64_t chunks = ppo_chunks(seq_len);
+  const int64_t t_begin = (item % chunks) * kPpoChunk;
+  return {(item / chunks) * seq_len, t_begin, std::min(t_begin + kPpoChunk, seq_len)};
+}
+
 }  // namespace
 
 template <typename acc_t>
-void ppo_policy_rows(const acc_t* logp, const acc_t* old_logp, const acc_t* advantages,
-                     const uint8_t* mask, const acc_t* ref_logp, const acc_t* entropy,
-                     int64_t seq_len, const PolicyParams<acc_t>& p, acc_t* grad,
-                     acc_t* seq_stats, int64_t seq_begin, int64_t seq_end) {
+void ppo_policy_chunks(const acc_t* logp, const acc_t* old_logp, const acc_t* advantages,
+                       const uint8_t* mask, const acc_t* ref_logp, const acc_t* entropy,
+                       int64_t seq_len, const PolicyParams<acc_t>& p, acc_t* grad,
+                       acc_t* partial, int64_t item_begin, int64_t item_end) {
   PolicyParams<acc_t> params = p;
   if (ref_logp == nullptr) params.kl_estimator = kKlNone;
   const acc_t* ref = params.kl_estimator == kKlNone ? nullptr : ref_logp;
-  for (int64_t seq = seq_begin; seq < seq_end; ++seq) {
-    const int64_t base = seq * seq_len;
-    acc_t* sums = seq_stats + seq * kPolicyStats;
+  for (int64_t item = item_begin; item < item_end; ++item) {
+    const ChunkRange r = chunk_range(item, seq_len);
+    acc_t* sums = partial + item * kPolicyStats;
     for (int k = 0; k < kPolicyStats; ++k) sums[k] = acc_t(0);
     sums[kRatioMax] = -std::numeric_limits<acc_t>::infinity();
     sums[kRatioMin] = std::numeric_limits<acc_t>::infinity();
-    int64_t vectorised = 0;
+    int64_t t = r.t_begin;
     if constexpr (std::is_same_v<acc_t, float>) {
-      vectorised = seq_len - seq_len % vec_kernels().lanes;
-      vec_kernels().policy(logp + base, old_logp + base, advantages + base, mask + base,
-                           ref ? ref + base : nullptr, entropy ? entropy + base : nullptr,
-                           vectorised, params, grad ? grad + base : nullptr, sums);
+      const int64_t n = (r.t_end - r.t_begin) - (r.t_end - r.t_begin) % vec_kernels().lanes;
+      const int64_t i = r.base + r.t_begin;
+      vec_kernels().policy(logp + i, old_logp + i, advantages + i, mask + i,
+                           ref ? ref + i : nullptr, entropy ? entropy + i : nullptr, n, params,
+                           grad ? grad + i : nullptr, sums);
+      t += n;
     }
-    policy_scalar<acc_t>(logp, old_logp, advantages, mask, ref, entropy, params, grad, base,
-                         vectorised, seq_len, sums);
+    policy_scalar<acc_t>(logp, old_logp, advantages, mask, ref, entropy, params, grad, r.base, t,
+                         r.t_end, sums);
   }
 }
 
 template <typename acc_t>
-void ppo_value_rows(const acc_t* values, const acc_t* old_values, const acc_t* returns,
-                    const uint8_t* mask, int64_t seq_len, acc_t clip, acc_t* grad,
-                    acc_t* seq_stats, int64_t seq_begin, int64_t seq_end) {
-  for (int64_t seq = seq_begin; seq < seq_end; ++seq) {
-    const int64_t base = seq * seq_len;
-    acc_t* sums = seq_stats + seq * kValueStats;
+void ppo_value_chunks(const acc_t* values, const acc_t* old_values, const acc_t* returns,
+                      const uint8_t* mask, int64_t seq_len, acc_t clip, acc_t* grad,
+                      acc_t* partial, int64_t item_begin, int64_t item_end) {
+  for (int64_t item = item_begin; item < item_end; ++item) {
+    const ChunkRange r = chunk_range(item, seq_len);
+    acc_t* sums = partial + item * kValueStats;
     for (int k = 0; k < kValueStats; ++k) sums[k] = acc_t(0);
-    int64_t vectorised = 0;
+    int64_t t = r.t_begin;
     if constexpr (std::is_same_v<acc_t, float>) {
-      vectorised = seq_len - seq_len % vec_kernels().lanes;
-      vec_kernels().value(values + base, old_values + base, returns + base, mask + base,
-                          vectorised, clip, grad ? grad + base : nullptr, sums);
+      const int64_t n = (r.t_end - r.t_begin) - (r.t_end - r.t_begin) % vec_kernels().lanes;
+      const int64_t i = r.base + r.t_begin;
+      vec_kernels().value(values + i, old_values + i, returns + i, mask + i, n, clip,
+                          grad ? grad + i : nullptr, sums);
+      t += n;
     }
-    value_scalar<acc_t>(values, old_values, returns, mask, clip, grad, base, vectorised, seq_len,
-                        sums);
+    value_scalar<acc_t>(values, old_values, returns, mask, clip, grad, r.base, t, r.t_end, sums);
   }
 }
 
 #define RLHF_INSTANTIATE(acc_t)                                                                  \
-  template void ppo_policy_rows<acc_t>(const acc_t*, const acc_t*, const acc_t*, const uint8_t*, \
-                                       const acc_t*, const acc_t*, int64_t,                      \
-                                       const PolicyParams<acc_t>&, acc_t*, acc_t*, int64_t,      \
-                                       int64_t);                                                 \
-  template void ppo_value_rows<acc_t>(const acc_t*, const acc_t*, const acc_t*, const uint8_t*,  \
-                                      int64_t, acc_t, acc_t*, acc_t*, int64_t, int64_t);
+  template void ppo_policy_chunks<acc_t>(const acc_t*, const acc_t*, const acc_t*,              \
+                                         const uint8_t*, const acc_t*, const acc_t*, int64_t,    \
+                                         const PolicyParams<acc_t>&, acc_t*, acc_t*, int64_t,    \
+                                         int64_t);                                               \
+  template void ppo_value_chunks<acc_t>(const acc_t*, const acc_t*, const acc_t*, const uint8_t*, \
+                                        int64_t, acc_t, acc_t*, acc_t*, int64_t, int64_t);
 RLHF_INSTANTIATE(float)
 RLHF_INSTANTIATE(double)
 #undef RLHF_INSTANTIATE

@@ -1,10 +1,10 @@
 // CPU kernels of the fused PPO losses: plain C++ over raw pointers, one call
-// per range of sequences so that the caller chooses the threading.
+// per range of token chunks so that the caller chooses the threading.
 //
 // Inputs are (B, T) row-major, contiguous, of the accumulation type acc_t
 // (float, or double for gradcheck); mask is 1 byte per token (nonzero: valid).
 // One pass per token writes the gradient coefficient (the derivative of the
-// token's loss, 0 on masked tokens) and accumulates per-sequence sums; the
+// token's loss, 0 on masked tokens) and accumulates per-chunk sums; the
 // aggregation weights, which depend on the totals, are applied afterwards.
 #pragma once
 
@@ -14,18 +14,21 @@
 
 namespace rlhf_kernels::cpu {
 
-// Sequences [seq_begin, seq_end). ref_logp (with p.kl_estimator != kKlNone),
-// entropy and grad may be null. seq_stats: (B, kPolicyStats), see PolicyStat.
+// Work items [item_begin, item_end) of the seqs * ppo_chunks(seq_len) chunks
+// (ppo_math.h); item i is chunk i % chunks of sequence i / chunks. ref_logp
+// (with p.kl_estimator != kKlNone), entropy and grad may be null.
+// partial: (seqs, ppo_chunks(seq_len), kPolicyStats), see PolicyStat; the
+// caller sums it over chunks (max / min for the ratio columns).
 template <typename acc_t>
-void ppo_policy_rows(const acc_t* logp, const acc_t* old_logp, const acc_t* advantages,
-                     const uint8_t* mask, const acc_t* ref_logp, const acc_t* entropy,
-                     int64_t seq_len, const PolicyParams<acc_t>& p, acc_t* grad,
-                     acc_t* seq_stats, int64_t seq_begin, int64_t seq_end);
+void ppo_policy_chunks(const acc_t* logp, const acc_t* old_logp, const acc_t* advantages,
+                       const uint8_t* mask, const acc_t* ref_logp, const acc_t* entropy,
+                       int64_t seq_len, const PolicyParams<acc_t>& p, acc_t* grad,
+                       acc_t* partial, int64_t item_begin, int64_t item_end);
 
-// seq_stats: (B, kValueStats), see ValueStat. grad may be null.
+// partial: (seqs, ppo_chunks(seq_len), kValueStats), see ValueStat. grad may be null.
 template <typename acc_t>
-void ppo_value_rows(const acc_t* values, const acc_t* old_values, const acc_t* returns,
-                    const uint8_t* mask, int64_t seq_len, acc_t clip, acc_t* grad,
-                    acc_t* seq_stats, int64_t seq_begin, int64_t seq_end);
+void ppo_value_chunks(const acc_t* values, const acc_t* old_values, const acc_t* returns,
+                      const uint8_t* mask, int64_t seq_len, acc_t clip, acc_t* grad,
+                      acc_t* partial, int64_t item_begin, int64_t item_end);
 
 }  // namespace rlhf_kernels::cpu

@@ -1,5 +1,5 @@
-// Torch glue for the CPU PPO loss kernels: checks, allocation and
-// at::parallel_for over sequences.
+// Torch glue for the CPU PPO loss kernels: checks, allocation, at::parallel_for
+// over the token chunks, and the reduction of per-chunk partials (glue.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -10,8 +10,8 @@
 namespace rlhf_kernels {
 namespace {
 
-// Sequences per parallel task: ~16k tokens amortise a task.
-int64_t grain_seqs(int64_t seq_len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(seq_len, 1)); }
+// Chunks per parallel task: ~16k tokens amortise a task.
+constexpr int64_t kGrainChunks = 16384 / kPpoChunk;
 
 std::tuple<at::Tensor, at::Tensor> ppo_policy_fwd_cpu(
     const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
@@ -22,23 +22,23 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_fwd_cpu(
                                                  seq_len, kl_estimator);
   const at::ScalarType acc = logp.scalar_type();
   at::Tensor grad = at::empty({need_grad ? shape.numel() : 0}, logp.options());
-  at::Tensor seq_stats = at::empty({shape.seqs, kPolicyStats}, logp.options());
+  const int64_t chunks = ppo_chunks(seq_len);
+  at::Tensor partial = at::empty({shape.seqs, chunks, kPolicyStats}, logp.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "ppo_policy_fwd_cpu", [&] {
     using acc_t = scalar_t;
-    PolicyParams<acc_t> params{static_cast<acc_t>(ratio_low), static_cast<acc_t>(ratio_high),
-                               static_cast<acc_t>(dual_clip), dual_clip > 0,
-                               static_cast<int>(kl_estimator), static_cast<acc_t>(kl_coef)};
+    const auto params =
+        policy_params<acc_t>(ratio_low, ratio_high, dual_clip, kl_estimator, kl_coef);
     const acc_t* ref_data = ref_logp ? ref_logp->const_data_ptr<acc_t>() : nullptr;
     const acc_t* entropy_data = entropy ? entropy->const_data_ptr<acc_t>() : nullptr;
     acc_t* grad_data = need_grad ? grad.mutable_data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, shape.seqs, grain_seqs(seq_len), [&](int64_t begin, int64_t end) {
-      cpu::ppo_policy_rows<acc_t>(
+    at::parallel_for(0, shape.seqs * chunks, kGrainChunks, [&](int64_t begin, int64_t end) {
+      cpu::ppo_policy_chunks<acc_t>(
           logp.const_data_ptr<acc_t>(), old_logp.const_data_ptr<acc_t>(),
           advantages.const_data_ptr<acc_t>(), mask_data(mask), ref_data, entropy_data, seq_len,
-          params, grad_data, seq_stats.mutable_data_ptr<acc_t>(), begin, end);
+          params, grad_data, partial.mutable_data_ptr<acc_t>(), begin, end);
     });
   });
-  return {grad, seq_stats};
+  return {grad, reduce_partials(partial, kRatioMax, kRatioMin)};
 }
 
 std::tuple<at::Tensor, at::Tensor> ppo_value_fwd_cpu(const at::Tensor& values,
@@ -49,18 +49,20 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_fwd_cpu(const at::Tensor& values,
   const PpoShape shape = check_ppo_inputs(values, {&old_values, &returns}, mask, seq_len,
                                           {"old_values", "returns"});
   at::Tensor grad = at::empty({need_grad ? shape.numel() : 0}, values.options());
-  at::Tensor seq_stats = at::empty({shape.seqs, kValueStats}, values.options());
+  const int64_t chunks = ppo_chunks(seq_len);
+  at::Tensor partial = at::empty({shape.seqs, chunks, kValueStats}, values.options());
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "ppo_value_fwd_cpu", [&] {
     using acc_t = scalar_t;
     acc_t* grad_data = need_grad ? grad.mutable_data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, shape.seqs, grain_seqs(seq_len), [&](int64_t begin, int64_t end) {
-      cpu::ppo_value_rows<acc_t>(values.const_data_ptr<acc_t>(), old_values.const_data_ptr<acc_t>(),
-                                 returns.const_data_ptr<acc_t>(), mask_data(mask), seq_len,
-                                 static_cast<acc_t>(clip), grad_data,
-                                 seq_stats.mutable_data_ptr<acc_t>(), begin, end);
+    at::parallel_for(0, shape.seqs * chunks, kGrainChunks, [&](int64_t begin, int64_t end) {
+      cpu::ppo_value_chunks<acc_t>(values.const_data_ptr<acc_t>(),
+                                   old_values.const_data_ptr<acc_t>(),
+                                   returns.const_data_ptr<acc_t>(), mask_data(mask), seq_len,
+                                   static_cast<acc_t>(clip), grad_data,
+                                   partial.mutable_data_ptr<acc_t>(), begin, end);
     });
   });
-  return {grad, seq_stats};
+  return {grad, reduce_partials(partial, -1, -1)};
 }
 
 }  // namespace

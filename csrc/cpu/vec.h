@@ -37,6 +37,8 @@ RLHF_VEC_INLINE fvec broadcast(float x) { return fvec{} + x; }
 
 RLHF_VEC_INLINE fvec vmax(fvec a, fvec b) { return a > b ? a : b; }
 RLHF_VEC_INLINE fvec vmin(fvec a, fvec b) { return a < b ? a : b; }
+// max(a, lo) that keeps a NaN in a (vmax(a, lo) would drop it).
+RLHF_VEC_INLINE fvec clamp_low(fvec a, fvec lo) { return a < lo ? lo : a; }
 
 RLHF_VEC_INLINE float hmax(fvec v) {
   float m = v[0];
@@ -51,9 +53,10 @@ RLHF_VEC_INLINE float hsum(fvec v) {
 }
 
 // Cephes expf: exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2,
-// exp(r) by a degree-6 polynomial; relative error ~2 ulp.
+// exp(r) by a degree-6 polynomial; relative error ~2 ulp. exp(NaN) is NaN.
 RLHF_VEC_INLINE fvec exp(fvec x) {
-  x = vmin(vmax(x, broadcast(kMinExpArg)), broadcast(kMaxExpArg));
+  x = clamp_low(x, broadcast(kMinExpArg));
+  x = x > kMaxExpArg ? broadcast(kMaxExpArg) : x;
   fvec fx = x * 1.44269504088896341f + 0.5f;
   fvec n = __builtin_convertvector(__builtin_convertvector(fx, ivec), fvec);
   // Truncation rounds toward zero; floor needs one step down for negatives.

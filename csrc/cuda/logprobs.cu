@@ -1,8 +1,12 @@
 // Fused log-probability / entropy of sampled tokens, CUDA.
 // One thread block per row streams the row once with 16-byte loads and keeps,
 // per thread, the online-softmax state (m, s, t) of Milakov & Gimelshein
-// (2018): s = sum exp(x - m), t = sum exp(x - m) * (x - m); entropy is then
-// log(s) - t / s. Thread states merge by warp shuffles, then across warps.
+// (2018) over the raw logits x: with y = (x - m) * inv_T, s = sum exp(y),
+// t = sum exp(y) * y; logp = (x_label - m) * inv_T - log s, entropy =
+// log(s) - t / s, lse = m * inv_T + log s. Shifting the raw x keeps y <= 0
+// exactly (x * inv_T - m could become a fused multiply-add and exceed 0 at the
+// max), so s >= 1, logp <= 0 and entropy >= 0 at any temperature. Thread
+// states merge by warp shuffles, then across warps.
 // The backward reads the row once more and writes the gradient once.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -23,6 +27,12 @@ constexpr int kVecBytes = 16;
 // exp underflows below this; clamping keeps 0 * (-inf) out of t.
 constexpr float kMinExpArg = -87.3f;
 
+// max(y, kMinExpArg), keeping NaN.
+template <typename acc_t>
+__device__ __forceinline__ acc_t clamp_exp_arg(acc_t y) {
+  return y < acc_t(kMinExpArg) ? acc_t(kMinExpArg) : y;
+}
+
 __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
 __device__ __forceinline__ double fast_exp(double x) { return exp(x); }
 __device__ __forceinline__ float fast_log(float x) { return __logf(x); }
@@ -39,37 +49,39 @@ __device__ __forceinline__ acc_t lowest() {
 }
 
 // (m1, s1, t1) + (m2, s2, t2) with both sums re-expressed at the larger max.
-// An empty state (s = 0) contributes nothing, even with m = -inf.
+// An empty state (s = 0) contributes nothing, even with m = -inf; a NaN one
+// (a NaN logit) makes the result NaN.
 template <typename acc_t>
-__device__ __forceinline__ SoftmaxState<acc_t> merge(SoftmaxState<acc_t> a,
-                                                     SoftmaxState<acc_t> b) {
+__device__ __forceinline__ SoftmaxState<acc_t> merge(SoftmaxState<acc_t> a, SoftmaxState<acc_t> b,
+                                                     acc_t inv_temperature) {
   const acc_t m = a.m > b.m ? a.m : b.m;
-  const acc_t da = a.m - m, db = b.m - m;
-  const acc_t ea = a.s > 0 ? fast_exp(da) : acc_t(0);
-  const acc_t eb = b.s > 0 ? fast_exp(db) : acc_t(0);
+  const acc_t da = clamp_exp_arg((a.m - m) * inv_temperature);
+  const acc_t db = clamp_exp_arg((b.m - m) * inv_temperature);
+  const acc_t ea = a.s != 0 ? fast_exp(da) : acc_t(0);
+  const acc_t eb = b.s != 0 ? fast_exp(db) : acc_t(0);
   SoftmaxState<acc_t> r;
   r.m = m;
   r.s = ea * a.s + eb * b.s;
-  r.t = (a.s > 0 ? ea * (a.t + da * a.s) : acc_t(0)) + (b.s > 0 ? eb * (b.t + db * b.s) : acc_t(0));
+  r.t = (a.s != 0 ? ea * (a.t + da * a.s) : acc_t(0)) + (b.s != 0 ? eb * (b.t + db * b.s) : acc_t(0));
   return r;
 }
 
-// Add n values (already scaled by 1/T) to a thread's state.
+// Add n raw logits to a thread's state.
 template <typename acc_t, int N>
-__device__ __forceinline__ void accumulate(SoftmaxState<acc_t>& st, const acc_t (&x)[N]) {
+__device__ __forceinline__ void accumulate(SoftmaxState<acc_t>& st, const acc_t (&x)[N],
+                                           acc_t inv_temperature) {
   acc_t local = x[0];
 #pragma unroll
   for (int k = 1; k < N; ++k) local = x[k] > local ? x[k] : local;
   if (local > st.m) {
-    const acc_t d = st.m - local, a = fast_exp(d);
-    st.t = st.s > 0 ? a * (st.t + d * st.s) : acc_t(0);
+    const acc_t d = clamp_exp_arg((st.m - local) * inv_temperature), a = fast_exp(d);
+    st.t = st.s != 0 ? a * (st.t + d * st.s) : acc_t(0);
     st.s = a * st.s;
     st.m = local;
   }
 #pragma unroll
   for (int k = 0; k < N; ++k) {
-    acc_t y = x[k] - st.m;
-    y = y > acc_t(kMinExpArg) ? y : acc_t(kMinExpArg);
+    const acc_t y = clamp_exp_arg((x[k] - st.m) * inv_temperature);
     const acc_t e = fast_exp(y);
     st.s += e;
     st.t += e * y;
@@ -77,7 +89,7 @@ __device__ __forceinline__ void accumulate(SoftmaxState<acc_t>& st, const acc_t 
 }
 
 template <typename acc_t>
-__device__ SoftmaxState<acc_t> block_merge(SoftmaxState<acc_t> st) {
+__device__ SoftmaxState<acc_t> block_merge(SoftmaxState<acc_t> st, acc_t inv_temperature) {
   __shared__ SoftmaxState<acc_t> partial[kWarps];
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
@@ -85,14 +97,14 @@ __device__ SoftmaxState<acc_t> block_merge(SoftmaxState<acc_t> st) {
     other.m = __shfl_xor_sync(0xffffffffu, st.m, offset);
     other.s = __shfl_xor_sync(0xffffffffu, st.s, offset);
     other.t = __shfl_xor_sync(0xffffffffu, st.t, offset);
-    st = merge(st, other);
+    st = merge(st, other, inv_temperature);
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) partial[warp] = st;
   __syncthreads();
   st = partial[0];
 #pragma unroll
-  for (int w = 1; w < kWarps; ++w) st = merge(st, partial[w]);
+  for (int w = 1; w < kWarps; ++w) st = merge(st, partial[w], inv_temperature);
   return st;
 }
 
@@ -112,7 +124,7 @@ __device__ __forceinline__ int64_t aligned_head(const scalar_t* row, int64_t voc
   return head < vocab ? head : vocab;
 }
 
-// One read of a row by the whole block: the merged (m, s, t) of x = row * inv_T.
+// One read of a row by the whole block: its merged (m, s, t).
 template <typename scalar_t, typename acc_t>
 __device__ SoftmaxState<acc_t> row_softmax_state(const scalar_t* row, int64_t vocab,
                                                  acc_t inv_temperature) {
@@ -124,18 +136,18 @@ __device__ SoftmaxState<acc_t> row_softmax_state(const scalar_t* row, int64_t vo
   // Scalar head and tail, then the 16-byte body.
   for (int64_t j = threadIdx.x; j < head + (vocab - body_end); j += kThreads) {
     const int64_t col = j < head ? j : body_end + (j - head);
-    acc_t x[1] = {to_acc(row[col]) * inv_temperature};
-    accumulate(st, x);
+    acc_t x[1] = {to_acc(row[col])};
+    accumulate(st, x, inv_temperature);
   }
   const Pack<scalar_t>* packs = reinterpret_cast<const Pack<scalar_t>*>(row + head);
   for (int64_t p = threadIdx.x; p < n_packs; p += kThreads) {
     const Pack<scalar_t> pack = packs[p];
     acc_t x[kPack];
 #pragma unroll
-    for (int k = 0; k < kPack; ++k) x[k] = to_acc(pack.v[k]) * inv_temperature;
-    accumulate(st, x);
+    for (int k = 0; k < kPack; ++k) x[k] = to_acc(pack.v[k]);
+    accumulate(st, x, inv_temperature);
   }
-  return block_merge(st);
+  return block_merge(st, inv_temperature);
 }
 
 // logp of the label (0 if ignored, NaN if out of range: never read) and
@@ -145,13 +157,16 @@ __device__ __forceinline__ void row_outputs(const SoftmaxState<acc_t>& st, const
                                             int64_t label, int64_t vocab, acc_t inv_temperature,
                                             int64_t ignore_index, acc_t* logp, acc_t* entropy,
                                             acc_t* lse) {
-  const acc_t log_s = fast_log(st.s);
-  *lse = st.m + log_s;
+  // s >= 1: an approximate log must not go below 0 (logp <= 0, entropy >= 0).
+  acc_t log_s = fast_log(st.s);
+  log_s = log_s < acc_t(0) ? acc_t(0) : log_s;
+  *lse = st.m * inv_temperature + log_s;
   if (label == ignore_index) {
     *logp = 0;
     *entropy = 0;
   } else {
-    *logp = (label >= 0 && label < vocab) ? to_acc(row[label]) * inv_temperature - *lse : acc_t(NAN);
+    *logp = (label >= 0 && label < vocab) ? (to_acc(row[label]) - st.m) * inv_temperature - log_s
+                                          : acc_t(NAN);
     *entropy = log_s - st.t / st.s;
   }
 }
@@ -192,8 +207,7 @@ __device__ __forceinline__ void write_row_grad(const scalar_t* row, scalar_t* ou
 
   auto grad_at = [&](acc_t xv, int64_t col) -> acc_t {
     if (zero_row) return fill;
-    acc_t y = xv * inv_temperature - row_lse;
-    y = y > acc_t(kMinExpArg) ? y : acc_t(kMinExpArg);
+    const acc_t y = clamp_exp_arg(xv * inv_temperature - row_lse);
     const acc_t p = fast_exp(y);
     acc_t d = -inv_temperature * p * (g + g_entropy * (y + row_entropy));
     if (col == label) d += inv_temperature * g;

@@ -9,11 +9,9 @@
 
 namespace rlhf_kernels::cuda {
 
-// Tokens per thread block; a sequence of T tokens spans ppo_chunks(T) blocks.
-constexpr int64_t kPpoChunk = 1024;
-inline int64_t ppo_chunks(int64_t seq_len) {
-  return seq_len <= 0 ? 1 : (seq_len + kPpoChunk - 1) / kPpoChunk;
-}
+// A sequence of T tokens spans ppo_chunks(T) thread blocks (ppo_math.h).
+using ::rlhf_kernels::kPpoChunk;
+using ::rlhf_kernels::ppo_chunks;
 
 // acc_t: float or double. Token tensors (seqs * seq_len,) contiguous; mask 1
 // byte per token. Semantics as rlhf_kernels::cpu::ppo_policy_rows, except

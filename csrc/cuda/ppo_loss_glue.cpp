@@ -1,5 +1,6 @@
 // Torch glue for the CUDA PPO loss kernels: checks, allocation, stream and
-// device guard, and the (cheap, O(B * chunks)) reduction of per-chunk partials.
+// device guard, and the (cheap, O(B * chunks)) reduction of per-chunk partials
+// (glue.h).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -15,17 +16,6 @@ void check_ppo_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "rlhf_kernels CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-// (B, C, K) per-chunk partials -> (B, K): sums, max / min for the ratio columns.
-at::Tensor reduce_partials(const at::Tensor& partial, int64_t max_col, int64_t min_col) {
-  if (partial.size(1) == 1) return partial.select(1, 0).contiguous();
-  at::Tensor stats = partial.sum(1);
-  if (max_col >= 0) {
-    stats.select(1, max_col).copy_(std::get<0>(partial.select(2, max_col).max(1)));
-    stats.select(1, min_col).copy_(std::get<0>(partial.select(2, min_col).min(1)));
-  }
-  return stats;
-}
-
 std::tuple<at::Tensor, at::Tensor> ppo_policy_fwd_cuda(
     const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
     const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
@@ -36,14 +26,13 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_fwd_cuda(
                                                  seq_len, kl_estimator);
   const at::ScalarType acc = logp.scalar_type();
   at::Tensor grad = at::empty({need_grad ? shape.numel() : 0}, logp.options());
-  const int64_t chunks = cuda::ppo_chunks(seq_len);
+  const int64_t chunks = ppo_chunks(seq_len);
   at::Tensor partial = at::empty({shape.seqs, chunks, kPolicyStats}, logp.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(acc, "ppo_policy_fwd_cuda", [&] {
     using acc_t = scalar_t;
-    PolicyParams<acc_t> params{static_cast<acc_t>(ratio_low), static_cast<acc_t>(ratio_high),
-                               static_cast<acc_t>(dual_clip), dual_clip > 0,
-                               static_cast<int>(kl_estimator), static_cast<acc_t>(kl_coef)};
+    const auto params =
+        policy_params<acc_t>(ratio_low, ratio_high, dual_clip, kl_estimator, kl_coef);
     check_ppo_launch(cuda::launch_ppo_policy_fwd<acc_t>(
         logp.const_data_ptr<acc_t>(), old_logp.const_data_ptr<acc_t>(),
         advantages.const_data_ptr<acc_t>(), mask_data(mask),
@@ -64,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_fwd_cuda(const at::Tensor& values,
   const PpoShape shape = check_ppo_inputs(values, {&old_values, &returns}, mask, seq_len,
                                           {"old_values", "returns"});
   at::Tensor grad = at::empty({need_grad ? shape.numel() : 0}, values.options());
-  const int64_t chunks = cuda::ppo_chunks(seq_len);
+  const int64_t chunks = ppo_chunks(seq_len);
   at::Tensor partial = at::empty({shape.seqs, chunks, kValueStats}, values.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "ppo_value_fwd_cuda", [&] {

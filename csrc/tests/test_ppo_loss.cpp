@@ -24,6 +24,25 @@ void expect_close(double got, double want, double atol, double rtol, const char*
 
 double clampd(double x, double lo, double hi) { return std::min(std::max(x, lo), hi); }
 
+// (seqs, chunks, K) per-chunk partials -> (seqs, K), as the glue reduces them:
+// sums, max / min in the columns max_col / min_col (-1: none).
+template <typename acc_t>
+std::vector<double> reduce_chunks(const std::vector<acc_t>& partial, int64_t seqs, int64_t chunks,
+                                  int k, int max_col, int min_col) {
+  std::vector<double> stats(seqs * k, 0.0);
+  for (int64_t s = 0; s < seqs; ++s) {
+    for (int j = 0; j < k; ++j) {
+      double v = j == max_col ? -INFINITY : (j == min_col ? INFINITY : 0.0);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const double x = partial[(s * chunks + c) * k + j];
+        v = j == max_col ? std::max(v, x) : (j == min_col ? std::min(v, x) : v + x);
+      }
+      stats[s * k + j] = v;
+    }
+  }
+  return stats;
+}
+
 // Per-token reference: loss and derivative by central differences away from
 // kinks (the inputs keep every ratio and KL argument off the clip boundaries),
 // so the check does not reuse the kernels' own derivative formulas.
@@ -53,8 +72,9 @@ double policy_loss_ref(double lp, double old, double a, double ref, double lo, d
 template <typename acc_t>
 void check_policy(const char* name, double atol, double rtol, int est, double dual_clip,
                   std::mt19937& gen) {
-  const int64_t seqs = 5, seq_len = 97;
-  const int64_t n = seqs * seq_len;
+  // Two chunks per sequence (kPpoChunk = 1024), the second with a scalar tail.
+  const int64_t seqs = 5, seq_len = 1100;
+  const int64_t n = seqs * seq_len, chunks = ppo_chunks(seq_len);
   std::normal_distribution<double> normal(0.0, 1.0);
   std::vector<acc_t> logp(n), old(n), adv(n), ref(n), entropy(n);
   std::vector<uint8_t> mask(n);
@@ -69,10 +89,12 @@ void check_policy(const char* name, double atol, double rtol, int est, double du
   const double lo = 0.8, hi = 1.28, kl_coef = 0.1;
   PolicyParams<acc_t> p{static_cast<acc_t>(lo), static_cast<acc_t>(hi), static_cast<acc_t>(dual_clip),
                         dual_clip > 0, est, static_cast<acc_t>(kl_coef)};
-  std::vector<acc_t> grad(n), stats(seqs * kPolicyStats);
-  cpu::ppo_policy_rows<acc_t>(logp.data(), old.data(), adv.data(), mask.data(),
-                              est == kKlNone ? nullptr : ref.data(), entropy.data(), seq_len, p,
-                              grad.data(), stats.data(), 0, seqs);
+  std::vector<acc_t> grad(n), partial(seqs * chunks * kPolicyStats);
+  cpu::ppo_policy_chunks<acc_t>(logp.data(), old.data(), adv.data(), mask.data(),
+                                est == kKlNone ? nullptr : ref.data(), entropy.data(), seq_len, p,
+                                grad.data(), partial.data(), 0, seqs * chunks);
+  const std::vector<double> stats =
+      reduce_chunks(partial, seqs, chunks, kPolicyStats, kRatioMax, kRatioMin);
   for (int64_t s = 0; s < seqs; ++s) {
     double sums[kPolicyStats] = {0, 0, 0, 0, 0, -INFINITY, INFINITY, 0, 0};
     for (int64_t t = 0; t < seq_len; ++t) {
@@ -116,7 +138,7 @@ void check_policy(const char* name, double atol, double rtol, int est, double du
 
 template <typename acc_t>
 void check_value(const char* name, double atol, double rtol, std::mt19937& gen) {
-  const int64_t seqs = 4, seq_len = 61, n = seqs * seq_len;
+  const int64_t seqs = 4, seq_len = 2061, n = seqs * seq_len, chunks = ppo_chunks(seq_len);
   const double clip = 0.2;
   std::normal_distribution<double> normal(0.0, 1.0);
   std::vector<acc_t> values(n), old(n), returns(n);
@@ -127,11 +149,17 @@ void check_value(const char* name, double atol, double rtol, std::mt19937& gen) 
     returns[i] = static_cast<acc_t>(normal(gen));
     mask[i] = i % 5 != 1;
   }
-  std::vector<acc_t> grad(n), stats(seqs * kValueStats);
-  cpu::ppo_value_rows<acc_t>(values.data(), old.data(), returns.data(), mask.data(), seq_len,
-                             static_cast<acc_t>(clip), grad.data(), stats.data(), 0, seqs);
+  std::vector<acc_t> grad(n), partial(seqs * chunks * kValueStats);
+  cpu::ppo_value_chunks<acc_t>(values.data(), old.data(), returns.data(), mask.data(), seq_len,
+                               static_cast<acc_t>(clip), grad.data(), partial.data(), 0,
+                               seqs * chunks);
+  const std::vector<double> stats = reduce_chunks(partial, seqs, chunks, kValueStats, -1, -1);
+  // v_clipped in exact arithmetic: v itself inside the clip range.
+  auto clipped_value = [&](double v, double o) {
+    return std::fabs(v - o) <= clip ? v : o + clampd(v - o, -clip, clip);
+  };
   auto loss = [&](double v, double o, double r) {
-    const double vc = o + clampd(v - o, -clip, clip);
+    const double vc = clipped_value(v, o);
     return 0.5 * std::max((v - r) * (v - r), (vc - r) * (vc - r));
   };
   for (int64_t s = 0; s < seqs; ++s) {
@@ -145,7 +173,7 @@ void check_value(const char* name, double atol, double rtol, std::mt19937& gen) 
       const double v = values[i], o = old[i], r = returns[i], h = 1e-6;
       sum += loss(v, o, r);
       count += 1;
-      const double vc = o + clampd(v - o, -clip, clip);
+      const double vc = clipped_value(v, o);
       clipped += (vc - r) * (vc - r) > (v - r) * (v - r);
       expect_close(grad[i], (loss(v + h, o, r) - loss(v - h, o, r)) / (2 * h), atol * 10, rtol * 10, name, i);
     }

@@ -42,7 +42,7 @@ _N_STATS = 4  # per sequence: valid count, sum A, sum A^2, sum kl
 
 
 if triton is not None:
-    from .logprobs import _f64
+    from .logprobs import _clamp, _f64
 
     @triton.jit
     def _kl_value(logp, ref, ESTIMATOR: tl.constexpr):
@@ -55,8 +55,8 @@ if triton is not None:
         elif ESTIMATOR == 2:
             kl = 0.5 * d * d
         else:
-            x = tl.minimum(tl.maximum(ref - logp, -20.0), 20.0)
-            kl = tl.minimum(tl.maximum(tl.exp(x) - x - 1.0, -10.0), 10.0)
+            x = _clamp(ref - logp, -20.0, 20.0)
+            kl = _clamp(tl.exp(x) - x - 1.0, -10.0, 10.0)
         return kl
 
     @triton.jit

@@ -38,10 +38,24 @@ if triton is not None:
         return (zero + hi) + ((zero + mid) + lo)
 
     @triton.jit
+    def _clamp(x, lo, hi):
+        # where-based, to match the C++ (x < lo ? lo : x > hi ? hi : x) bit for bit;
+        # keeps NaN (tl.minimum / tl.maximum would drop it).
+        return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+
+    @triton.jit
+    def _clamp_exp_arg(y):
+        # max(y, _MIN_EXP_ARG), keeping NaN.
+        return tl.where(y < _MIN_EXP_ARG, _MIN_EXP_ARG, y)
+
+    @triton.jit
     def _row_softmax(row_ptr, vocab, inv_temperature, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr):
-        """One read of a row: online softmax with running (m, s, t); returns
-        (lse, log s, entropy) of x = row * inv_temperature."""
-        # A finite "empty" max keeps (m_old - m_new) * s finite when s = 0.
+        """One read of a row: online softmax with running (m, s, t) over the raw
+        logits x, y = (x - m) * inv_T; returns (m, log s, entropy). logp =
+        (x_label - m) * inv_T - log s and lse = m * inv_T + log s. Shifting the raw
+        x keeps y <= 0 exactly (no fused multiply-add of x * inv_T - m), so s >= 1
+        and logp <= 0, entropy >= 0 at any temperature."""
+        # A finite "empty" max keeps the rescale finite when s = 0.
         m = tl.full((), -3.0e38, ACC_DTYPE)
         s = tl.zeros((), ACC_DTYPE)
         t = tl.zeros((), ACC_DTYPE)
@@ -49,24 +63,24 @@ if triton is not None:
             cols = start + tl.arange(0, BLOCK_V)
             in_row = cols < vocab
             x = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
-            x = x * inv_temperature
             new_m = tl.maximum(m, tl.max(x, axis=0))
-            delta = m - new_m
+            delta = _clamp_exp_arg((m - new_m) * inv_temperature)
             alpha = tl.exp(delta)
-            y = tl.maximum(x - new_m, _MIN_EXP_ARG)
+            y = _clamp_exp_arg((x - new_m) * inv_temperature)
             e = tl.where(in_row, tl.exp(y), 0.0)
             t = alpha * (t + delta * s) + tl.sum(e * y, axis=0)
             s = alpha * s + tl.sum(e, axis=0)
             m = new_m
         log_s = tl.log(s)
-        return m + log_s, log_s, log_s - t / s
+        log_s = tl.where(log_s < 0.0, 0.0, log_s)  # s >= 1; an approximate log must not say less
+        return m, log_s, log_s - t / s
 
     @triton.jit
-    def _label_logp(row_ptr, label, vocab, lse, inv_temperature, ACC_DTYPE: tl.constexpr):
+    def _label_logp(row_ptr, label, vocab, m, log_s, inv_temperature, ACC_DTYPE: tl.constexpr):
         # An out-of-range label is never read: NaN marks it.
         in_range = (label >= 0) & (label < vocab)
-        x_label = tl.load(row_ptr + tl.where(in_range, label, 0)).to(ACC_DTYPE) * inv_temperature
-        return tl.where(in_range, x_label - lse, float("nan"))
+        x_label = tl.load(row_ptr + tl.where(in_range, label, 0)).to(ACC_DTYPE)
+        return tl.where(in_range, (x_label - m) * inv_temperature - log_s, float("nan"))
 
     @triton.jit
     def _row_grad(row_ptr, out_ptr, vocab, label, ignore_index, g, g_entropy, row_entropy, lse,
@@ -81,7 +95,7 @@ if triton is not None:
             cols = start + tl.arange(0, BLOCK_V)
             in_row = cols < vocab
             x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE) * inv_temperature
-            y = tl.maximum(x - lse, _MIN_EXP_ARG)
+            y = _clamp_exp_arg(x - lse)
             p = tl.exp(y)
             grad = -inv_temperature * p * (g + g_entropy * (y + row_entropy))
             grad = grad + tl.where(cols == label, inv_temperature * g, 0.0)
@@ -99,11 +113,11 @@ if triton is not None:
         inv_temperature = _f64(inv_t_hi, inv_t_mid, inv_t_lo, ACC_DTYPE)
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + (row // inner_rows) * outer_stride + (row % inner_rows) * inner_stride
-        lse, log_s, entropy = _row_softmax(row_ptr, vocab, inv_temperature, ACC_DTYPE, BLOCK_V)
-        tl.store(lse_ptr + row, lse)
+        m, log_s, entropy = _row_softmax(row_ptr, vocab, inv_temperature, ACC_DTYPE, BLOCK_V)
+        tl.store(lse_ptr + row, m * inv_temperature + log_s)
         label = tl.load(labels_ptr + row)
         ignored = label == ignore_index
-        logp = _label_logp(row_ptr, label, vocab, lse, inv_temperature, ACC_DTYPE)
+        logp = _label_logp(row_ptr, label, vocab, m, log_s, inv_temperature, ACC_DTYPE)
         tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
         if COMPUTE_ENTROPY:
             tl.store(entropy_ptr + row, tl.where(ignored, 0.0, entropy))

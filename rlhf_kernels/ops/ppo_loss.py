@@ -47,12 +47,7 @@ POLICY_STAT_NAMES = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_max", "ra
 
 
 if triton is not None:
-    from .logprobs import _f64, _label_logp, _row_grad, _row_softmax
-
-    @triton.jit
-    def _clamp(x, lo, hi):
-        # where-based, to match the C++ (x < lo ? lo : x > hi ? hi : x) bit for bit.
-        return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+    from .logprobs import _clamp, _f64, _label_logp, _row_grad, _row_softmax
 
     @triton.jit
     def _policy_terms(logp, old, adv, ref, ratio_low, ratio_high, dual_c, kl_coef,
@@ -114,8 +109,10 @@ if triton is not None:
     ):
         # PPO-clip (Schulman et al., 2017) + dual clip (Ye et al., 2020) per token;
         # one program per (sequence, chunk) writes dl/dlogp and 9 partial sums.
-        seq = tl.program_id(0).to(tl.int64)
-        chunk = tl.program_id(1)
+        # A flat grid: axis 0 takes 2^31 - 1 programs, axes 1 and 2 only 65535.
+        item = tl.program_id(0).to(tl.int64)
+        seq = item // n_chunks
+        chunk = item % n_chunks
         ratio_low = _f64(low_hi, low_mid, low_lo, ACC_DTYPE)
         ratio_high = _f64(high_hi, high_mid, high_lo, ACC_DTYPE)
         t = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -135,7 +132,7 @@ if triton is not None:
         )
         if NEED_GRAD:
             tl.store(grad_ptr + offs, tl.where(valid, grad, 0.0), mask=in_seq)
-        out = partial_ptr + (seq * n_chunks + chunk) * 9
+        out = partial_ptr + item * 9
         tl.store(out + 0, tl.sum(tl.where(valid, loss, 0.0), axis=0))
         tl.store(out + 1, tl.sum(valid.to(ACC_DTYPE), axis=0))
         tl.store(out + 2, tl.sum((valid & clipped).to(ACC_DTYPE), axis=0))
@@ -170,10 +167,11 @@ if triton is not None:
             inner = row % inner_rows
             row_ptr = logits_ptr + outer * in_outer_stride + inner * in_inner_stride
             out_ptr = grad_ptr + outer * out_outer_stride + inner * out_inner_stride
-            lse, log_s, entropy = _row_softmax(row_ptr, vocab, inv_temperature, ACC_DTYPE, BLOCK_V)
+            m, log_s, entropy = _row_softmax(row_ptr, vocab, inv_temperature, ACC_DTYPE, BLOCK_V)
+            lse = m * inv_temperature + log_s
             label = tl.load(labels_ptr + row)
             ignored = label == ignore_index
-            logp = tl.where(ignored, 0.0, _label_logp(row_ptr, label, vocab, lse, inv_temperature, ACC_DTYPE))
+            logp = tl.where(ignored, 0.0, _label_logp(row_ptr, label, vocab, m, log_s, inv_temperature, ACC_DTYPE))
             entropy = tl.where(ignored, 0.0, entropy)
             tl.store(lse_ptr + row, lse)
             tl.store(logp_ptr + row, logp)
@@ -205,9 +203,11 @@ if triton is not None:
         seq_len, n_chunks, clip_hi, clip_mid, clip_lo,
         NEED_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        # 0.5 * max((v - R)^2, (old + clamp(v - old, -c, c) - R)^2) per token.
-        seq = tl.program_id(0).to(tl.int64)
-        chunk = tl.program_id(1)
+        # 0.5 * max((v - R)^2, (v_clipped - R)^2) per token; v_clipped = old +
+        # clamp(v - old, -c, c), exactly v in range. Flat grid as above.
+        item = tl.program_id(0).to(tl.int64)
+        seq = item // n_chunks
+        chunk = item % n_chunks
         clip = _f64(clip_hi, clip_mid, clip_lo, ACC_DTYPE)
         t = chunk * BLOCK + tl.arange(0, BLOCK)
         in_seq = t < seq_len
@@ -217,18 +217,19 @@ if triton is not None:
         old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
         returns = tl.load(returns_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
         diff = values - old
+        in_range = (diff >= -clip) & (diff <= clip)
         err1 = values - returns
-        err2 = (old + _clamp(diff, -clip, clip)) - returns
+        err2 = tl.where(in_range, err1, (old + _clamp(diff, -clip, clip)) - returns)
         loss1 = err1 * err1
         loss2 = err2 * err2
         dloss1 = 2.0 * err1
-        dloss2 = tl.where((diff >= -clip) & (diff <= clip), 2.0 * err2, 0.0)
+        dloss2 = tl.where(in_range, 2.0 * err2, 0.0)
         clipped = loss2 > loss1
         loss = 0.5 * tl.where(clipped, loss2, loss1)
         grad = 0.5 * tl.where(loss1 > loss2, dloss1, tl.where(clipped, dloss2, 0.5 * (dloss1 + dloss2)))
         if NEED_GRAD:
             tl.store(grad_ptr + offs, tl.where(valid, grad, 0.0), mask=in_seq)
-        out = partial_ptr + (seq * n_chunks + chunk) * 3
+        out = partial_ptr + item * 3
         tl.store(out + 0, tl.sum(tl.where(valid, loss, 0.0), axis=0))
         tl.store(out + 1, tl.sum(valid.to(ACC_DTYPE), axis=0))
         tl.store(out + 2, tl.sum((valid & clipped).to(ACC_DTYPE), axis=0))
@@ -277,7 +278,7 @@ def _policy_triton(logp, old_logp, adv, mask, ref_logp, entropy, seq_len, ratio_
     grad = torch.empty(n if need_grad else 0, dtype=logp.dtype, device=logp.device)
     partial = torch.empty((seqs, chunks, N_POLICY_STATS), dtype=logp.dtype, device=logp.device)
     if seqs > 0:
-        _ppo_policy_fwd_kernel[(seqs, chunks)](
+        _ppo_policy_fwd_kernel[(seqs * chunks,)](
             logp, old_logp, adv, mask.view(torch.uint8),
             ref_logp if ref_logp is not None else logp, entropy if entropy is not None else logp,
             grad if need_grad else logp, partial, seq_len, chunks,
@@ -368,7 +369,7 @@ def _value_triton(values, old_values, returns, mask, seq_len, clip, need_grad):
     grad = torch.empty(n if need_grad else 0, dtype=values.dtype, device=values.device)
     partial = torch.empty((seqs, chunks, N_VALUE_STATS), dtype=values.dtype, device=values.device)
     if seqs > 0:
-        _ppo_value_fwd_kernel[(seqs, chunks)](
+        _ppo_value_fwd_kernel[(seqs * chunks,)](
             values, old_values, returns, mask.view(torch.uint8), grad if need_grad else values,
             partial, seq_len, chunks, *f64_parts(clip),
             NEED_GRAD=need_grad, ACC_DTYPE=_tl_acc(values.dtype), BLOCK=block,
@@ -379,11 +380,12 @@ def _value_triton(values, old_values, returns, mask, seq_len, clip, need_grad):
 def _value_torch(values, old_values, returns, mask, seq_len, clip, need_grad):
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     diff = values - old_values
+    in_range = (diff >= -clip) & (diff <= clip)
     err1 = values - returns
-    err2 = (old_values + _clamp_t(diff, -clip, clip)) - returns
+    err2 = torch.where(in_range, err1, (old_values + _clamp_t(diff, -clip, clip)) - returns)
     loss1, loss2 = err1 * err1, err2 * err2
     dloss1 = 2.0 * err1
-    dloss2 = torch.where((diff >= -clip) & (diff <= clip), 2.0 * err2, zero)
+    dloss2 = torch.where(in_range, 2.0 * err2, zero)
     clipped = loss2 > loss1
     loss = 0.5 * torch.where(clipped, loss2, loss1)
     grad = 0.5 * torch.where(loss1 > loss2, dloss1, torch.where(clipped, dloss2, 0.5 * (dloss1 + dloss2)))
@@ -912,7 +914,9 @@ def ppo_value_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss, fused in one pass:
     ``v_clipped = old_values + clamp(values - old_values, -clip, clip)``,
-    ``loss = 0.5 * agg(max((values - R)^2, (v_clipped - R)^2))``.
+    ``loss = 0.5 * agg(max((values - R)^2, (v_clipped - R)^2))``. Inside the
+    clip range v_clipped is ``values`` exactly (its rounded sum would count
+    spurious clips in ``vf_clipfrac``).
 
     Args:
         values: (B, T) float32 | float64 (bf16 / fp16 upcast): the critic's

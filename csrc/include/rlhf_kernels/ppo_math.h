@@ -33,6 +33,17 @@ enum PolicyStat : int {
 // Columns of the per-sequence statistics of the value loss, (B, 3).
 enum ValueStat : int { kVfLossSum = 0, kVfValidCount, kVfClipCount, kValueStats };
 
+// Tokens per work item (CUDA thread block, CPU task) of the per-token kernels:
+// a sequence of T tokens spans ppo_chunks(T) items, each writing one row of
+// partial statistics (summed, max / min for the ratio columns, afterwards), so
+// that no sum runs over more than kPpoChunk tokens in the accumulation type and
+// one long (packed) sequence is still split across threads. A multiple of every
+// CPU vector width.
+constexpr int64_t kPpoChunk = 1024;
+RLHF_HOST_DEVICE inline int64_t ppo_chunks(int64_t seq_len) {
+  return seq_len <= 0 ? 1 : (seq_len + kPpoChunk - 1) / kPpoChunk;
+}
+
 template <typename acc_t>
 struct PolicyParams {
   acc_t ratio_low;     // 1 - clip_low
@@ -135,10 +146,11 @@ template <typename acc_t>
 RLHF_HOST_DEVICE inline ValueToken<acc_t> value_token(acc_t values, acc_t old_values,
                                                       acc_t returns, acc_t clip) {
   const acc_t diff = values - old_values;
-  const acc_t clamped = diff < -clip ? -clip : (diff > clip ? clip : diff);
   const bool in_range = diff >= -clip && diff <= clip;
   const acc_t err1 = values - returns;
-  const acc_t err2 = (old_values + clamped) - returns;
+  // In range v_clipped is `values` itself (old + (values - old) would round
+  // to a neighbour and count a spurious clip): a tie, as in exact arithmetic.
+  const acc_t err2 = in_range ? err1 : (old_values + (diff < -clip ? -clip : clip)) - returns;
   const acc_t loss1 = err1 * err1;
   const acc_t loss2 = err2 * err2;
   const acc_t dloss1 = acc_t(2) * err1;
