@@ -53,10 +53,10 @@ RLHF_VEC_INLINE float hsum(fvec v) {
 }
 
 // Cephes expf: exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2,
-// exp(r) by a degree-6 polynomial; relative error ~2 ulp. exp(NaN) is NaN.
-RLHF_VEC_INLINE fvec exp(fvec x) {
-  x = clamp_low(x, broadcast(kMinExpArg));
-  x = x > kMaxExpArg ? broadcast(kMaxExpArg) : x;
+// exp(r) by a degree-6 polynomial; relative error ~2 ulp. For x already in
+// [kMinExpArg, kMaxExpArg] (or NaN, which gives NaN): the softmax loops clamp
+// y <= 0 from below once and reuse it.
+RLHF_VEC_INLINE fvec exp_in_range(fvec x) {
   fvec fx = x * 1.44269504088896341f + 0.5f;
   fvec n = __builtin_convertvector(__builtin_convertvector(fx, ivec), fvec);
   // Truncation rounds toward zero; floor needs one step down for negatives.
@@ -74,6 +74,12 @@ RLHF_VEC_INLINE fvec exp(fvec x) {
   fvec scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
+}
+
+// exp(x) for any x; exp(NaN) is NaN.
+RLHF_VEC_INLINE fvec exp(fvec x) {
+  x = clamp_low(x, broadcast(kMinExpArg));
+  return exp_in_range(x > kMaxExpArg ? broadcast(kMaxExpArg) : x);
 }
 
 }  // namespace vec
