@@ -441,6 +441,18 @@ def test_kl_penalty(emu, estimator, dtype):
     torch.testing.assert_close(grad_ref.double(), -want_grad, **tol)
 
 
+def test_kl_penalty_k3_near_on_policy(emu):
+    """The CUDA k3 keeps float32 accuracy where exp(x) - x - 1 cancels (|x| << 1)."""
+    gen = _gen(5)
+    logp = -torch.rand(3000, generator=gen) * 3
+    ref = logp + torch.randn(3000, generator=gen) * 10.0 ** (torch.rand(3000, generator=gen) * 5.5 - 6)
+    kl = emu.kl_penalty_fwd(logp, ref, ESTIMATORS["k3"])
+    d = ref.double() - logp.double()
+    torch.testing.assert_close(kl.double(), torch.expm1(d) - d, atol=0, rtol=1e-6)
+    grad_logp, _ = emu.kl_penalty_bwd(torch.ones(3000), logp, ref, ESTIMATORS["k3"])
+    torch.testing.assert_close(grad_logp.double(), -torch.expm1(d), atol=0, rtol=1e-6)
+
+
 def test_kl_penalty_grid_stride_loop(emu):
     """More elements than the capped grid has threads (65536 blocks of 256):
     the first 1000 threads take a second element."""

@@ -47,7 +47,7 @@ POLICY_STAT_NAMES = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_max", "ra
 
 
 if triton is not None:
-    from .logprobs import _clamp, _f64, _label_logp, _row_grad, _row_softmax
+    from .logprobs import _clamp, _f64, _k3_terms, _label_logp, _row_grad, _row_softmax
 
     @triton.jit
     def _policy_terms(logp, old, adv, ref, ratio_low, ratio_high, dual_c, kl_coef,
@@ -90,12 +90,10 @@ if triton is not None:
             else:
                 # k3 (low_var_kl): exp(d) - d - 1, d = clamp(ref - logp, -20, 20), into [-10, 10].
                 d_raw = ref - logp
-                d = _clamp(d_raw, -20.0, 20.0)
-                e = tl.exp(d)
-                k = e - d - 1.0
+                k, expm1 = _k3_terms(_clamp(d_raw, -20.0, 20.0))
                 kl = _clamp(k, -10.0, 10.0)
                 passes = (d_raw >= -20.0) & (d_raw <= 20.0) & (k >= -10.0) & (k <= 10.0)
-                dkl = tl.where(passes, 1.0 - e, 0.0)
+                dkl = tl.where(passes, -expm1, 0.0)
             grad = grad + kl_coef * dkl
         return loss, grad, clipped, dual, ratio, kl
 
