@@ -20,7 +20,7 @@ from rlhf_kernels.trainer import pipeline
 from rlhf_kernels.trainer.config import (
     ConfigError, OptimConfig, PPOConfig, RewardConfig, SFTConfig, TrainConfig, load_config, to_dict,
 )
-from rlhf_kernels.trainer.data import encode_prompts, encode_responses, make_batch
+from rlhf_kernels.trainer.data import IGNORE_INDEX, encode_prompts, encode_responses, lm_targets, make_batch
 from rlhf_kernels.trainer.models import ScalarHeadModel, tiny_llama
 from rlhf_kernels.trainer.ppo import PPOTrainer
 from rlhf_kernels.trainer.reward import pairwise_loss
@@ -140,9 +140,54 @@ def test_ptx_term_is_coef_times_mean_nll():
     pos = (attn.cumsum(-1) - 1).clamp_min(0)
     logits = trainer.policy(input_ids=ids, attention_mask=attn, position_ids=pos).logits.double()
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    mask = attn[:, 1:].double()
+    mask = (attn[:, 1:] * attn[:, :-1]).double()
     want = -0.5 * (logp * mask).sum() / mask.sum()
     assert got.item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_lm_targets_skip_left_padding():
+    """Position t predicts token t + 1 when both are real: a left-padded row's
+    first real token (<bos>) is not a target predicted from a pad position."""
+    ids = torch.tensor([[0, 0, 1, 5, 6], [1, 7, 8, 9, 2]])
+    attn = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    labels, mask = lm_targets(ids, attn)
+    assert labels.tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 5, 6], [7, 8, 9, 2]]
+    assert mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+
+
+def _with_attention_dropout(*models, p=0.5):
+    for model in models:
+        for m in model.modules():
+            if hasattr(m, "attention_dropout"):
+                m.attention_dropout = p
+
+
+def test_rollouts_never_use_dropout():
+    """With dropout in the models (attention 0.5), the rollout's old log-probs
+    and values are deterministic passes, after an update as before it; so are
+    the update's by default (dropout_in_update=False)."""
+    trainer, _ = _ppo_trainer(seed=4)
+    _with_attention_dropout(trainer.policy, trainer.value_model)
+    trainer.step()
+    r = trainer.rollout()
+    assert torch.equal(r.old_logp, trainer._logprobs(trainer.policy, r.batch))
+    assert torch.equal(r.old_values, trainer._values(r.batch))
+    trainer.update(r)
+    assert not trainer.policy.training and not trainer.value_model.training
+    trainer.config.dropout_in_update = True
+    trainer.update(r)
+    assert trainer.policy.training and trainer.value_model.training
+
+
+def test_logged_entropy_is_the_same_fused_or_not():
+    """The fused loss's entropy is a share of the step's global token count: it
+    adds up over micro-batches (it was halved with grad_accum_steps=2)."""
+    logged = {}
+    for fused in (True, False):
+        trainer, _ = _ppo_trainer(seed=6, fused_loss=fused, entropy_coef=0.01)
+        logged[fused] = trainer.step()
+    for key in ("entropy", "policy_loss", "value_loss", "clipfrac"):
+        assert logged[True][key] == pytest.approx(logged[False][key], rel=1e-4, abs=1e-6), key
 
 
 def _run_cli(args, **kw):
@@ -198,6 +243,43 @@ def test_ddp_two_processes_on_gloo(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "ddp" / "ppo" / "metrics.jsonl").read_text().splitlines()]
     # Global statistics: tokens counted over both ranks (16 rollouts each).
     assert all(r["tokens"] >= 2 * 16 for r in rows)
+    # The checkpoint holds each rank's random streams (prompts, sampling noise), and they differ.
+    ranks = torch.load(tmp_path / "ddp" / "ppo" / "checkpoint.pt", weights_only=False)["trainer"]["rank_rng"]
+    assert len(ranks) == 2
+    assert ranks[0]["data_rng"] != ranks[1]["data_rng"]
+    assert not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])
+
+
+def _stop_and_reduce_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    from rlhf_kernels.trainer.ppo import _reduce_over_ranks
+    from rlhf_kernels.trainer.utils import StopRequested
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    stop = StopRequested()
+    first = stop.agreed()
+    stop.requested = rank == 1  # only rank 1 was signalled
+    second = stop.agreed()
+    stats = _reduce_over_ranks({"policy_loss": 1.0 + rank, "clipfrac": 0.1 * (rank + 1)}, {"policy_loss"}, world,
+                               "cpu")
+    torch.save({"first": first, "second": second, "stats": stats}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_stop_flag_and_logged_losses_agree_across_ranks(tmp_path):
+    """A signal on one rank stops every rank at the same step (else the others
+    block in the next collective); logged loss shares add up over ranks, the
+    other statistics average."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_stop_and_reduce_worker, args=(2, 29523, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert got["first"] is False and got["second"] is True
+        assert got["stats"]["policy_loss"] == pytest.approx(3.0)
+        assert got["stats"]["clipfrac"] == pytest.approx(0.15)
 
 
 def test_main_job_improves_true_score_at_reduced_size(tmp_path):
@@ -230,6 +312,11 @@ def test_bad_configurations_stop_at_start(tmp_path):
     cfg = tiny_config(tmp_path / "bad")
     cfg.model = str(model_dir)
     with pytest.raises(ValueError, match="no pad token"):
+        pipeline.run(cfg)
+    cfg = tiny_config(tmp_path / "bad")
+    cfg.task.num_digits = 2
+    cfg.ppo.eval_prompts = 60  # of 100 prompts: the training stream would never end
+    with pytest.raises(ConfigError, match="eval_prompts"):
         pipeline.run(cfg)
     bad_json = tmp_path / "bad.json"
     bad_json.write_text(json.dumps({"ppo": {"itertions": 3}}))

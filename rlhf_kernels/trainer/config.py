@@ -74,6 +74,9 @@ class PPOConfig:
     # backward (no (B, T, V) gradient buffer; three passes over the logits), or
     # into a new buffer during the forward (one read and one write).
     logits_grad_inplace: bool = True
+    # Dropout during the PPO update (rollouts and evaluation never use it).
+    # Off by default: the ratio is exactly 1 before the first optimiser step.
+    dropout_in_update: bool = False
     init_kl_coef: float = 0.05
     target_kl: Optional[float] = 1.0  # None: a fixed coefficient
     kl_horizon: int = 2000

@@ -114,6 +114,15 @@ def decode_responses(tokenizer, responses: Tensor, mask: Tensor) -> list[str]:
     return texts
 
 
+def lm_targets(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Next-token targets of a (left-padded) batch: (labels (B, L-1), mask (B, L-1)).
+    Position t predicts input_ids[t + 1] when both t and t + 1 are real tokens:
+    a row's first real token is never a target (nothing real precedes it)."""
+    predicted = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
+    labels = torch.where(predicted, input_ids[:, 1:], torch.full_like(input_ids[:, 1:], IGNORE_INDEX))
+    return labels, predicted.float()
+
+
 def position_ids(attention_mask: Tensor) -> Tensor:
     """Positions counted over real tokens only, so left padding does not shift them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)

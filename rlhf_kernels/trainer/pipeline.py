@@ -65,6 +65,9 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     for name in ("sft", "reward"):
         if getattr(cfg, name).steps < 0:
             raise ConfigError(f"{name}.steps must be >= 0")
+    if cfg.ppo.eval_prompts > 10 ** cfg.task.num_digits // 2:
+        raise ConfigError(f"ppo.eval_prompts: {cfg.ppo.eval_prompts} held-out prompts leave too few of the task's "
+                          f"{10 ** cfg.task.num_digits} for training (at most half)")
     if cfg.reward.responses_per_prompt < 2:
         raise ConfigError("reward.responses_per_prompt must be >= 2 (rankings need pairs)")
 
@@ -103,7 +106,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, verbose: bool = True) -> dict
     tokenizer, policy = _tokenizer_and_policy(cfg)
     device = cfg.device
 
-    stop = StopRequested()
+    stop = StopRequested(device)
     with stop.installed():
         # 1. Supervised fine-tuning (every rank runs the same deterministic stage).
         sft_path = out / "sft" / "policy.pt"
@@ -114,8 +117,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, verbose: bool = True) -> dict
             _log(f"SFT: {cfg.sft.steps} steps", rank)
             SFTTrainer(policy, tokenizer, cfg.sft, device=device, backend=cfg.backend, verbose=verbose,
                        logger=MetricsLogger(out / "sft" / "metrics.jsonl", main_process),
-                       should_stop=lambda: stop.requested).train(task.sft_example)
-            if stop.requested:
+                       should_stop=stop.agreed).train(task.sft_example)
+            if stop.agreed():  # on every rank (a collective)
                 return _interrupted(out, "SFT", rank)
             if main_process:
                 save_checkpoint(sft_path, policy.state_dict())
@@ -132,8 +135,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, verbose: bool = True) -> dict
             _log(f"reward model: {cfg.reward.steps} steps, {cfg.reward.responses_per_prompt} ranked responses per prompt", rank)
             RewardTrainer(reward_model, tokenizer, cfg.reward, device=device, verbose=verbose,
                           logger=MetricsLogger(out / "reward" / "metrics.jsonl", main_process),
-                          should_stop=lambda: stop.requested).train(task.ranked_example)
-            if stop.requested:
+                          should_stop=stop.agreed).train(task.ranked_example)
+            if stop.agreed():  # on every rank (a collective)
                 return _interrupted(out, "reward model", rank)
             if main_process:
                 save_checkpoint(rm_path, reward_model.state_dict())
@@ -164,9 +167,12 @@ def run(cfg: TrainConfig, *, resume: bool = False, verbose: bool = True) -> dict
             bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}",
                             clip=f"{record.get('clipfrac', 0.0):.2f}")
             done = trainer.iteration == cfg.ppo.iterations
-            if main_process and (stop.requested or done or trainer.iteration % cfg.ppo.checkpoint_every == 0):
-                save_checkpoint(ckpt_path, {"trainer": trainer.state_dict(), "config": to_dict(cfg)})
-            if stop.requested:
+            stop_now = stop.agreed()  # every rank stops at this step, or none
+            if stop_now or done or trainer.iteration % cfg.ppo.checkpoint_every == 0:
+                state = trainer.state_dict()  # on every rank: it gathers each rank's RNG state
+                if main_process:
+                    save_checkpoint(ckpt_path, {"trainer": state, "config": to_dict(cfg)})
+            if stop_now:
                 bar.close()
                 return _interrupted(out, f"PPO at iteration {trainer.iteration}", rank)
         bar.close()

@@ -31,12 +31,13 @@ from ..ops.advantages import AdaptiveKLController, ppo_advantages
 from ..ops.ppo_loss import ppo_loss_from_logits, ppo_policy_loss, ppo_value_loss
 from .config import PPOConfig, validate_ppo
 from .data import (
-    IGNORE_INDEX, Batch, decode_responses, encode_prompts, encode_responses, make_batch,
+    Batch, decode_responses, encode_prompts, encode_responses, lm_targets, make_batch,
     response_mask_from_generation,
 )
 from .models import ScalarHeadModel, response_logits, sequence_scores
 from .utils import (
-    Timer, all_reduce_mean, all_reduce_sum, make_optimizer, process_group, rng_state, set_rng_state,
+    Timer, all_gather_object, all_reduce_mean, all_reduce_sum, make_optimizer, process_group, rng_state,
+    set_rng_state,
 )
 
 # (prompt texts, response texts, stopped flags) -> (B,) scores
@@ -60,6 +61,18 @@ class Rollout:
 
 def _unwrap(model):
     return model.module if isinstance(model, DDP) else model
+
+
+def _reduce_over_ranks(stats: dict[str, float], shares: set[str], world_size: int, device) -> dict[str, float]:
+    """Each rank's update statistics -> global ones, in one all-reduce: the
+    `shares` (losses normalised by global counts: each rank holds its share)
+    add up over ranks; the other statistics average."""
+    if world_size == 1:
+        return stats
+    keys = sorted(stats)
+    packed = torch.tensor([stats[k] * (1.0 if k in shares else 1.0 / world_size) for k in keys],
+                          dtype=torch.float64, device=device)
+    return dict(zip(keys, all_reduce_sum(packed).tolist()))
 
 
 class PPOTrainer:
@@ -105,8 +118,11 @@ class PPOTrainer:
         self.value_opt, self.value_sched = make_optimizer(self.value_model.parameters(), config.value_optim, steps)
         self.kl_ctl = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon) \
             if config.target_kl is not None else None
-        # Each rank draws its own prompts; the stream's state is checkpointed.
+        # Each rank draws its own prompts and sampling noise (rank 0 keeps the
+        # single-process streams); their states are checkpointed per rank.
         self.data_rng = random.Random(config.seed * 1000 + rank)
+        if rank > 0:
+            torch.manual_seed(config.seed * 1000 + rank)
         self.iteration = 0
         self.timer = Timer()
 
@@ -157,9 +173,17 @@ class PPOTrainer:
             return self.reward_fn(prompts, responses, stopped).to(self.device, torch.float32)
         return sequence_scores(self.reward_model, batch.input_ids, batch.attention_mask)
 
+    def _eval_mode(self) -> None:
+        """Rollout and evaluation without dropout: the old log-probs and values
+        the update compares against, and the reference log-probs, all come from
+        deterministic passes."""
+        self.policy.eval()
+        self.value_model.eval()
+
     @torch.no_grad()
     def rollout(self) -> Rollout:
         cfg = self.config
+        self._eval_mode()
         with self.timer.phase("rollout", self.device):
             prompts = self.prompt_sampler(cfg.rollout_batch_size, self.data_rng)
             batch, responses, stopped = self.generate(prompts)
@@ -198,12 +222,11 @@ class PPOTrainer:
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [p for p, _ in examples])
         resp_ids, resp_mask = encode_responses(self.tokenizer, [r for _, r in examples], [True] * len(examples))
         batch = make_batch(prompt_ids, prompt_mask, resp_ids, resp_mask).to(self.device)
-        # Every real token after the first is predicted (prompt and response alike).
+        # Every real token after a row's first is predicted (prompt and response alike).
         ids, attn = batch.input_ids, batch.attention_mask
         logits = response_logits(_unwrap(self.policy), ids, attn, prompt_len=1)
-        labels = torch.where(attn[:, 1:].bool(), ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
+        labels, mask = lm_targets(ids, attn)
         logp = logprobs_from_logits(logits, labels, backend=self.backend)
-        mask = attn[:, 1:].float()
         return -cfg.ptx_coef * (logp * mask).sum() / mask.sum().clamp_min(1)
 
     def _micro_step(self, r: Rollout, idx: Tensor, num_tokens: float, num_seqs: float, with_ptx: bool) -> dict:
@@ -258,12 +281,18 @@ class PPOTrainer:
         n = r.batch.input_ids.shape[0]
         micro = cfg.mini_batch_size // cfg.grad_accum_steps
         shuffle = torch.Generator().manual_seed(self.data_rng.randrange(2**62))
-        # Losses add up over the micro-batches of a step; statistics average.
+        # Losses add up over the micro-batches of a step (they are normalised by
+        # the step's global counts; so are the fused loss's entropy and KL
+        # terms); statistics average.
         summed = {"policy_loss", "value_loss", "ptx_loss"}
+        if cfg.fused_loss:
+            summed |= {"entropy", "kl_loss"}
         totals: dict[str, float] = {}
         steps = 0
-        self.policy.train()
-        self.value_model.train()
+        # Dropout off by default (ratio exactly 1 before the first step, as TRL's
+        # disable_dropout); config.dropout_in_update turns it on.
+        self.policy.train(cfg.dropout_in_update)
+        self.value_model.train(cfg.dropout_in_update)
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(n, generator=shuffle).to(self.device)
             for start in range(0, n, cfg.mini_batch_size):
@@ -287,7 +316,9 @@ class PPOTrainer:
                     sched.step()
                     opt.zero_grad(set_to_none=True)
                 steps += 1
-        return {k: v / steps for k, v in totals.items()}
+        # ptx_loss is each rank's own mean: it averages over ranks.
+        return _reduce_over_ranks({k: v / steps for k, v in totals.items()}, summed - {"ptx_loss"},
+                                  self.world_size, self.device)
 
     def _maybe_no_sync(self, skip_sync: bool):
         """DDP's no_sync on both models for all but the last micro-batch."""
@@ -320,6 +351,7 @@ class PPOTrainer:
                  seed: int = 1234) -> dict:
         """Mean true score of sampled responses on `prompts`, and the KL to the
         reference policy (mean over sequences of the summed k1 estimate)."""
+        self._eval_mode()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
             batch, texts, stopped = self.generate(prompts)
@@ -336,8 +368,9 @@ class PPOTrainer:
             "policy_opt": self.policy_opt.state_dict(), "value_opt": self.value_opt.state_dict(),
             "policy_sched": self.policy_sched.state_dict(), "value_sched": self.value_sched.state_dict(),
             "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl is not None else None,
-            "data_rng": self.data_rng.getstate(),
-            "rng": rng_state(),
+            # Every rank's streams (prompts, sampling noise), by rank: a collective,
+            # so every rank calls state_dict; rank 0 writes it.
+            "rank_rng": all_gather_object({"data_rng": self.data_rng.getstate(), "rng": rng_state()}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -350,5 +383,9 @@ class PPOTrainer:
         self.value_sched.load_state_dict(state["value_sched"])
         if self.kl_ctl is not None and state["kl_ctl"] is not None:
             self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.data_rng.setstate(state["data_rng"])
-        set_rng_state(state["rng"])
+        saved = state["rank_rng"]
+        if len(saved) != self.world_size:
+            raise ValueError(f"checkpoint: written by {len(saved)} processes, resumed with {self.world_size}; "
+                             "resume with the same number of processes")
+        self.data_rng.setstate(saved[self.rank]["data_rng"])
+        set_rng_state(saved[self.rank]["rng"])

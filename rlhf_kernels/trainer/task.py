@@ -97,8 +97,11 @@ class DigitTask:
             stopped = True
             if rng.random() < 0.25:  # some stop early or run on, so the <eos> rule is learnt too
                 words = text.split()
-                text = " ".join(words[: rng.randrange(1, len(words))] if rng.random() < 0.5
-                                else words + [str(rng.randrange(10))])
+                if rng.random() < 0.5:
+                    text = " ".join(words[: rng.randrange(1, len(words))])
+                else:  # runs on: past its <eos>, or cut off by the length limit with none
+                    text = " ".join(words + [str(rng.randrange(10))])
+                    stopped = rng.random() < 0.5
             candidates.append((text, stopped))
         keyed = [(self.true_score(prompt, t, s) + 1e-6 * rng.random(), t, s) for t, s in candidates]
         keyed.sort(key=lambda x: -x[0])

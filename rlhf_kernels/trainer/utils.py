@@ -95,6 +95,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, by rank (a one-element list without a process group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
 def process_group():
     return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
 
@@ -157,9 +166,19 @@ class StopRequested:
     trainer saves a checkpoint and exits cleanly instead of losing the run. A
     second signal exits at once."""
 
-    def __init__(self):
+    def __init__(self, device: str = "cpu"):
         self.requested = False
+        self.device = device
         self._previous = {}
+
+    def agreed(self) -> bool:
+        """Whether any rank was signalled: the same answer on every rank (one
+        all-reduce), so that all stop at the same step boundary together."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _handler(self, signum, frame):
         if self.requested:
