@@ -271,9 +271,8 @@ def test_long_packed_sequence_sums_stay_accurate(device_backend):
     float32 loss and statistics keep float32 accuracy instead of drifting with
     the sequence length (a running float32 sum over 4M tokens is off by ~1e-4)."""
     device, backend = device_backend
-    if backend == "triton" and device == "cpu":
-        pytest.skip("4M tokens are too many for the Triton interpreter; the chunking is the same code as below")
-    n = 1 << 22
+    # 4M tokens; 64k (64 chunks) under the Triton interpreter, which is slow.
+    n = 1 << 16 if backend == "triton" and device == "cpu" else 1 << 22
     gen = torch.Generator().manual_seed(14)
     values = torch.rand(n, generator=gen) + 1.0
     old = values + (torch.rand(n, generator=gen) - 0.5)
