@@ -50,6 +50,18 @@ if triton is not None:
     from .logprobs import _clamp, _f64, _k3_terms, _label_logp, _row_grad, _row_softmax
 
     @triton.jit
+    def _chunk_tokens(mask_ptr, seq_len, n_chunks, BLOCK: tl.constexpr):
+        # This program's work item (a chunk of BLOCK tokens of one sequence) on a
+        # flat grid (axis 0 takes 2^31 - 1 programs, axes 1 and 2 only 65535):
+        # (item, token offsets, inside the sequence, valid = inside and unmasked).
+        item = tl.program_id(0).to(tl.int64)
+        t = (item % n_chunks) * BLOCK + tl.arange(0, BLOCK)
+        in_seq = t < seq_len
+        offs = (item // n_chunks) * seq_len + t
+        valid = (tl.load(mask_ptr + offs, mask=in_seq, other=0) != 0) & in_seq
+        return item, offs, in_seq, valid
+
+    @triton.jit
     def _policy_terms(logp, old, adv, ref, ratio_low, ratio_high, dual_c, kl_coef,
                       HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr):
         """PPO-clip (Schulman et al., 2017) + dual clip (Ye et al., 2020) per token
@@ -107,16 +119,9 @@ if triton is not None:
     ):
         # PPO-clip (Schulman et al., 2017) + dual clip (Ye et al., 2020) per token;
         # one program per (sequence, chunk) writes dl/dlogp and 9 partial sums.
-        # A flat grid: axis 0 takes 2^31 - 1 programs, axes 1 and 2 only 65535.
-        item = tl.program_id(0).to(tl.int64)
-        seq = item // n_chunks
-        chunk = item % n_chunks
+        item, offs, in_seq, valid = _chunk_tokens(mask_ptr, seq_len, n_chunks, BLOCK)
         ratio_low = _f64(low_hi, low_mid, low_lo, ACC_DTYPE)
         ratio_high = _f64(high_hi, high_mid, high_lo, ACC_DTYPE)
-        t = chunk * BLOCK + tl.arange(0, BLOCK)
-        in_seq = t < seq_len
-        offs = seq * seq_len + t
-        valid = (tl.load(mask_ptr + offs, mask=in_seq, other=0) != 0) & in_seq
         logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
         old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
         adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
@@ -202,15 +207,9 @@ if triton is not None:
         NEED_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # 0.5 * max((v - R)^2, (v_clipped - R)^2) per token; v_clipped = old +
-        # clamp(v - old, -c, c), exactly v in range. Flat grid as above.
-        item = tl.program_id(0).to(tl.int64)
-        seq = item // n_chunks
-        chunk = item % n_chunks
+        # clamp(v - old, -c, c), exactly v in range.
+        item, offs, in_seq, valid = _chunk_tokens(mask_ptr, seq_len, n_chunks, BLOCK)
         clip = _f64(clip_hi, clip_mid, clip_lo, ACC_DTYPE)
-        t = chunk * BLOCK + tl.arange(0, BLOCK)
-        in_seq = t < seq_len
-        offs = seq * seq_len + t
-        valid = (tl.load(mask_ptr + offs, mask=in_seq, other=0) != 0) & in_seq
         values = tl.load(values_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
         old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
         returns = tl.load(returns_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
