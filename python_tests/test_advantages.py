@@ -146,6 +146,15 @@ def test_kl_penalty_k3_near_on_policy_keeps_float32_accuracy(device_backend):
     kl.sum().backward()
     torch.testing.assert_close(kl.double().cpu(), exact, atol=0, rtol=1e-6)
     torch.testing.assert_close(x.grad.double().cpu(), -torch.expm1(d), atol=0, rtol=1e-6)
+    # float64 (gradcheck's dtype): accurate to ~1e-15 down to |x| = 1e-9, against the
+    # series sum_{k >= 2} x^k / k! (expm1(x) - x cancels too: 1e-7 relative at 1e-9).
+    d64 = torch.tensor([1e-9, -3e-7, 1e-6, 3e-4, -0.02, 0.1, 0.49, -0.6], dtype=torch.float64)
+    series = sum(d64**k / float(math.factorial(k)) for k in range(2, 30))
+    x64 = torch.zeros(8, dtype=torch.float64, device=device, requires_grad=True)
+    kl64 = rlhf_kernels.kl_penalty(x64, d64.to(device), estimator="k3", backend=backend)
+    kl64.sum().backward()
+    torch.testing.assert_close(kl64.detach().cpu(), series, atol=0, rtol=1e-13)
+    torch.testing.assert_close(x64.grad.cpu(), -torch.expm1(d64), atol=0, rtol=1e-13)
 
 
 @pytest.mark.parametrize("estimator", ["k1", "abs", "k2", "k3"])
@@ -154,8 +163,12 @@ def test_kl_penalty_nan_stays_nan(device_backend, estimator):
     device, backend = device_backend
     logp = torch.tensor([-1.0, float("nan"), -2.0, -0.5], device=device)
     ref = torch.tensor([-1.5, -1.0, float("nan"), -0.5], device=device)
-    kl = rlhf_kernels.kl_penalty(logp, ref, estimator=estimator, backend=backend).cpu()
-    assert torch.isnan(kl[1:3]).all() and torch.isfinite(kl[[0, 3]]).all()
+    x = logp.clone().requires_grad_(True)
+    kl = rlhf_kernels.kl_penalty(x, ref, estimator=estimator, backend=backend)
+    assert torch.isnan(kl.detach().cpu()[1:3]).all() and torch.isfinite(kl.detach().cpu()[[0, 3]]).all()
+    if estimator == "k3":  # its gradient at NaN is 0 on every backend, as torch.clamp's
+        kl.sum().backward()
+        assert torch.equal(x.grad.cpu()[1:3], torch.zeros(2))
 
 
 @pytest.mark.parametrize("estimator", ["k1", "abs", "k2", "k3"])
@@ -283,6 +296,22 @@ def test_packed_empty_sequences_and_no_mask(device_backend):
     _close(ret.cpu(), want_ret)
     # The length-1 sequence: A = r - V.
     assert abs(float(adv[10]) - float(rewards[10] - values[10])) < 1e-6
+    # A strided view of cu_seqlens reads the same offsets (it is made contiguous).
+    strided = torch.stack([cu, torch.full_like(cu, 99)], -1).reshape(-1)[::2]
+    assert not strided.is_contiguous() and torch.equal(strided, cu)
+    adv2, ret2 = rlhf_kernels.compute_gae(rewards.to(device), values.to(device), None, gamma=0.9, lam=0.8,
+                                          whiten=False, cu_seqlens=strided.to(device), backend=backend)
+    torch.testing.assert_close(adv2, adv, atol=0, rtol=0)
+
+
+def test_empty_time_dimension(device_backend):
+    """T = 0 (nothing generated): empty outputs and zero statistics, no error."""
+    device, backend = device_backend
+    z = torch.zeros(2, 0, device=device)
+    adv, ret = rlhf_kernels.compute_gae(z, z, None, backend=backend)
+    assert adv.shape == ret.shape == (2, 0)
+    out = rlhf_kernels.ppo_advantages(torch.zeros(2, device=device), z, z, z, z.bool(), kl_coef=0.1, backend=backend)
+    assert out.advantages.shape == (2, 0) and float(out.kl_mean) == 0 and float(out.num_tokens) == 0
 
 
 @pytest.mark.parametrize("n_valid", [0, 1, 2])
@@ -493,6 +522,17 @@ def test_adaptive_kl_controller_float_and_tensor():
     assert math.isclose(other.value.item(), want) and other.target == 6.0 and other.horizon == 10000
     ctl.update(torch.tensor(12.0, dtype=torch.float64), n_steps=100)
     assert math.isclose(other.value.item(), want)  # the checkpoint was a copy
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_adaptive_kl_controller_low_precision_kl(dtype):
+    """A bf16 / fp16 KL (exact in its dtype) must not round the multipliers: 100
+    updates give the float64 coefficient, not a drifted one (bf16 gave 0.414)."""
+    ctl = rlhf_kernels.AdaptiveKLController(0.2, target=6.0, horizon=10000)
+    for _ in range(100):
+        ctl.update(torch.tensor(10.0, dtype=dtype), n_steps=256)
+    want = 0.2 * (1 + 0.2 * 256 / 10000) ** 100
+    assert math.isclose(float(ctl.value), want, rel_tol=1e-12)
 
 
 def test_adaptive_kl_controller_feeds_ppo_advantages():

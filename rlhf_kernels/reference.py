@@ -326,6 +326,8 @@ def shape_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> T
     mask = mask.bool()
     rewards = torch.where(mask, -kl_coef * kl, torch.zeros_like(kl))
     positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    if mask.shape[-1] == 0:  # T = 0: nothing to place the score on (amax needs a nonempty dim)
+        return rewards
     last = torch.where(mask, positions, torch.full_like(positions, -1)).amax(-1)
     has_any = last >= 0
     at_last = (positions == last.unsqueeze(-1)) & has_any.unsqueeze(-1)
@@ -340,8 +342,8 @@ def gae_loop(token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, 
     end): a masked position carries both through unchanged. Returns the
     unwhitened advantages and ``returns = A + V``, both 0 at masked positions."""
     mask = mask.bool()
-    next_value = torch.zeros_like(values[:, 0])
-    running = torch.zeros_like(values[:, 0])
+    next_value = values.new_zeros(values.shape[0])
+    running = values.new_zeros(values.shape[0])
     advantages = torch.zeros_like(values)
     for t in reversed(range(values.shape[1])):
         valid = mask[:, t]

@@ -445,9 +445,10 @@ def _check_cu_seqlens(cu_seqlens: Tensor, total: int) -> None:
             raise ValueError(f"cu_seqlens: must end at the total number of tokens {total}, got {int(offsets[-1])}")
 
 
-def _prepare_layout(name: str, ref: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None) -> Tensor | None:
+def _prepare_layout(name: str, ref: Tensor, mask: Tensor | None,
+                    cu_seqlens: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """Checks the layout of the per-token tensors; returns the mask as a
-    contiguous bool tensor (or None)."""
+    contiguous bool tensor and cu_seqlens contiguous (each or None)."""
     if cu_seqlens is None:
         if ref.dim() != 2:
             raise ValueError(f"{name}: expected shape (B, T) (or (total,) with cu_seqlens), got {tuple(ref.shape)}")
@@ -455,12 +456,13 @@ def _prepare_layout(name: str, ref: Tensor, mask: Tensor | None, cu_seqlens: Ten
         if ref.dim() != 1:
             raise ValueError(f"{name}: expected shape (total,) with cu_seqlens, got {tuple(ref.shape)}")
         _check_cu_seqlens(cu_seqlens, ref.shape[0])
+        cu_seqlens = cu_seqlens.contiguous()  # the kernels read it with stride 1
     if mask is None:
-        return None
+        return None, cu_seqlens
     check_tensor("mask", mask)
     if tuple(mask.shape) != tuple(ref.shape):
         raise ValueError(f"mask: shape {tuple(mask.shape)} does not match {name} {tuple(ref.shape)}")
-    return (mask if mask.dtype == torch.bool else mask != 0).contiguous()
+    return (mask if mask.dtype == torch.bool else mask != 0).contiguous(), cu_seqlens
 
 
 def _check_same_shape(ref_name: str, ref: Tensor, **tensors: Tensor) -> None:
@@ -583,7 +585,7 @@ def compute_gae(
     check_tensor("token_rewards", token_rewards, FLOAT_DTYPES)
     check_tensor("values", values, FLOAT_DTYPES)
     check_same_device(token_rewards=token_rewards, values=values, mask=mask, cu_seqlens=cu_seqlens)
-    mask = _prepare_layout("values", values, mask, cu_seqlens)
+    mask, cu_seqlens = _prepare_layout("values", values, mask, cu_seqlens)
     _check_same_shape("values", values, token_rewards=token_rewards)
     gamma = _check_unit_interval("gamma", gamma)
     lam = _check_unit_interval("lam", lam)
@@ -663,7 +665,7 @@ def ppo_advantages(
     check_tensor("values", values, FLOAT_DTYPES)
     check_same_device(scores=scores, logp=logp, ref_logp=ref_logp, values=values, mask=mask,
                       cu_seqlens=cu_seqlens)
-    mask = _prepare_layout("values", values, mask, cu_seqlens)
+    mask, cu_seqlens = _prepare_layout("values", values, mask, cu_seqlens)
     _check_same_shape("values", values, logp=logp, ref_logp=ref_logp)
     num_seqs = values.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if tuple(scores.shape) != (num_seqs,):
@@ -807,7 +809,8 @@ class AdaptiveKLController:
         if isinstance(current_kl, Tensor):
             if current_kl.dim() != 0:
                 raise ValueError(f"current_kl: expected a 0-dim tensor or a float, got shape {tuple(current_kl.shape)}")
-            err = torch.clamp(current_kl.detach() / self.target - 1.0, -0.2, 0.2)
+            # In float64: a bf16 / fp16 KL would round every multiplier (1.00512 -> 1.0078).
+            err = torch.clamp(current_kl.detach().double() / self.target - 1.0, -0.2, 0.2)
             mult = 1.0 + err * (float(n_steps) / self.horizon)
             if isinstance(self.value, Tensor):
                 self.value = self.value.to(device=mult.device, dtype=torch.promote_types(self.value.dtype, mult.dtype)) * mult

@@ -46,25 +46,30 @@ if triton is not None:
     @triton.jit
     def _k3_terms(x):
         # (exp(x) - x - 1, exp(x) - 1) as k3_terms in csrc/include/rlhf_kernels/kl.h:
-        # in float32 the series x^2 (1/2! + ... + x^7/9!) for |x| < 1/2, where
-        # exp(x) - x - 1 would cancel to noise (k3 ~ x^2 / 2 near on-policy).
-        e = tl.exp(x)
+        # for |x| < 1/2 the series x^2 (1/2! + x/3! + ...), where exp(x) - x - 1
+        # would cancel to noise (k3 ~ x^2 / 2 near on-policy); to x^7/9! in
+        # float32, to x^14/16! in float64 (truncation below the unit roundoff).
+        p = tl.zeros_like(x) + (1.0 / 362880.0)
         if x.dtype == tl.float64:
-            k3 = e - x - 1.0
-            expm1 = e - 1.0
-        else:
-            p = x * (1.0 / 362880.0) + (1.0 / 40320.0)
-            p = p * x + (1.0 / 5040.0)
-            p = p * x + (1.0 / 720.0)
-            p = p * x + (1.0 / 120.0)
-            p = p * x + (1.0 / 24.0)
-            p = p * x + (1.0 / 6.0)
-            p = p * x + 0.5
-            series = x * x * p
-            small = (x > -0.5) & (x < 0.5)
-            k3 = tl.where(small, series, e - x - 1.0)
-            expm1 = tl.where(small, x + series, e - 1.0)
-        return k3, expm1
+            p = tl.zeros_like(x) + (1.0 / 20922789888000.0)
+            p = p * x + (1.0 / 1307674368000.0)
+            p = p * x + (1.0 / 87178291200.0)
+            p = p * x + (1.0 / 6227020800.0)
+            p = p * x + (1.0 / 479001600.0)
+            p = p * x + (1.0 / 39916800.0)
+            p = p * x + (1.0 / 3628800.0)
+            p = p * x + (1.0 / 362880.0)
+        p = p * x + (1.0 / 40320.0)
+        p = p * x + (1.0 / 5040.0)
+        p = p * x + (1.0 / 720.0)
+        p = p * x + (1.0 / 120.0)
+        p = p * x + (1.0 / 24.0)
+        p = p * x + (1.0 / 6.0)
+        p = p * x + 0.5
+        series = x * x * p
+        small = (x > -0.5) & (x < 0.5)
+        e = tl.exp(x)
+        return tl.where(small, series, e - x - 1.0), tl.where(small, x + series, e - 1.0)
 
     @triton.jit
     def _clamp_exp_arg(y):

@@ -22,29 +22,39 @@ struct K3Terms {
   T k3, expm1;
 };
 
-// float: k3 = x^2 (1/2! + x/3! + ... + x^7/9!) for |x| < 1/2 (truncation ~2e-9
-// relative), expm1 = x + k3; exp(x) - x - 1 beyond. NaN gives NaN.
-RLHF_HOST_DEVICE inline K3Terms<float> k3_terms(float x) {
-  if (x > -0.5f && x < 0.5f) {
-    float p = 1.f / 362880.f;
-    p = p * x + 1.f / 40320.f;
-    p = p * x + 1.f / 5040.f;
-    p = p * x + 1.f / 720.f;
-    p = p * x + 1.f / 120.f;
-    p = p * x + 1.f / 24.f;
-    p = p * x + 1.f / 6.f;
-    p = p * x + 0.5f;
-    const float k3 = x * x * p;
+// For |x| < 1/2: k3 = x^2 (1/2! + x/3! + ... + x^n/(n+2)!), n = 7 in float and
+// 14 in double (truncation below the unit roundoff), and expm1 = x + k3;
+// exp(x) - x - 1 beyond. (expm1(x) - x would cancel as well.) NaN gives NaN.
+RLHF_HOST_DEVICE inline float k3_series_tail(float) { return 1.f / 362880.f; }  // 1/9!
+RLHF_HOST_DEVICE inline double k3_series_tail(double x) {
+  double p = 1.0 / 20922789888000.0;  // 1/16!
+  p = p * x + 1.0 / 1307674368000.0;
+  p = p * x + 1.0 / 87178291200.0;
+  p = p * x + 1.0 / 6227020800.0;
+  p = p * x + 1.0 / 479001600.0;
+  p = p * x + 1.0 / 39916800.0;
+  p = p * x + 1.0 / 3628800.0;
+  return p * x + 1.0 / 362880.0;  // ... 1/9!
+}
+RLHF_HOST_DEVICE inline float k3_exp(float x) { return expf(x); }
+RLHF_HOST_DEVICE inline double k3_exp(double x) { return exp(x); }
+
+template <typename T>
+RLHF_HOST_DEVICE inline K3Terms<T> k3_terms(T x) {
+  if (x > T(-0.5) && x < T(0.5)) {
+    T p = k3_series_tail(x);
+    p = p * x + T(1) / T(40320);
+    p = p * x + T(1) / T(5040);
+    p = p * x + T(1) / T(720);
+    p = p * x + T(1) / T(120);
+    p = p * x + T(1) / T(24);
+    p = p * x + T(1) / T(6);
+    p = p * x + T(0.5);
+    const T k3 = x * x * p;
     return {k3, x + k3};
   }
-  const float e = expf(x);
-  return {e - x - 1.f, e - 1.f};
-}
-
-// double (gradcheck): expm1 is exact to an ulp and the rest cancels little.
-RLHF_HOST_DEVICE inline K3Terms<double> k3_terms(double x) {
-  const double em1 = expm1(x);
-  return {em1 - x, em1};
+  const T e = k3_exp(x);
+  return {e - x - T(1), e - T(1)};
 }
 
 // Per-token KL estimate (Schulman, 2020): k1 = logp - ref; abs = |k1|;
@@ -77,10 +87,11 @@ RLHF_HOST_DEVICE inline T kl_grad_logp(T logp, T ref, int estimator) {
     case kKlAbs: return d > T(0) ? T(1) : (d < T(0) ? T(-1) : T(0));
     case kKlK2: return d;
     default: {
+      // Written so that NaN gives 0, as torch.clamp's gradient (the reference).
       const T x = ref - logp;
-      if (x < T(-20) || x > T(20)) return T(0);
+      if (!(x >= T(-20) && x <= T(20))) return T(0);
       const K3Terms<T> k = k3_terms(x);
-      if (k.k3 > T(10)) return T(0);
+      if (!(k.k3 <= T(10))) return T(0);
       return -k.expm1;
     }
   }
