@@ -229,6 +229,63 @@ def test_trl_fused_lm_head(trl_mods, monkeypatch, bias, extra, outputs):
     assert torch.equal(theirs[4], mine[4])
 
 
+def test_trl_fused_lm_head_backward_regathers_a_sharded_head(trl_mods, monkeypatch):
+    """Under DeepSpeed ZeRO-3 the head's weight is an empty shard outside
+    maybe_gather_lm_head_ctx; TRL's backward enters it again, and so must ours
+    (simulated: the context fills the weight on entry and empties it on exit; the
+    head frozen, as the engine checks a parameter's gradient against its
+    partitioned shape, which real ZeRO-3 hooks handle)."""
+    import contextlib
+
+    chunked = _require("trl.kernels.chunked_logprob", "trl")
+    utils, rk_trl = trl_mods
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(11, 16, generator=gen)
+    full = torch.randn(97, 16, generator=gen) / 4
+    targets = torch.randint(0, 97, (11,), generator=gen)
+
+    @contextlib.contextmanager
+    def sharded(*params):
+        params = [p for p in params if p is not None]
+        for p in params:
+            p.data = full.clone()
+        try:
+            yield
+        finally:
+            for p in params:
+                p.data = torch.empty(0)
+
+    monkeypatch.setattr(utils, "maybe_gather_lm_head_ctx", sharded)
+    ours = rk_trl._make_chunked_logprob(chunked.ChunkedLogProbFunction)
+    grads = []
+    for fn in (chunked.ChunkedLogProbFunction, ours):
+        weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+        h = hidden.clone().requires_grad_(True)
+        with sharded(weight):  # the forward runs inside the caller's gather
+            logp, entropy, *_ = fn.apply(h, weight, None, targets, 1.0, 32, None, 1.0, ("log_probs", "entropy"))
+        (logp.sum() + entropy.sum()).backward()  # outside it
+        grads.append(h.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=2e-5, rtol=2e-5)
+
+
+def test_verl_patch_reaches_ray_workers_through_the_setup_hook(verl_mods):
+    """The README's recipe for verl's Ray workers (a patch() in the driver does
+    not reach them): Ray's worker_process_setup_hook runs it in every worker."""
+    ray = _require("ray", "verl")
+
+    def _patched_in_worker():  # local: sent to the worker by value
+        import verl.trainer.ppo.core_algos as core_algos
+
+        return hasattr(core_algos.agg_loss, "__wrapped_original__")
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": "rlhf_kernels.integrations.verl.patch"})
+    try:
+        assert ray.get(ray.remote(_patched_in_worker).remote())
+    finally:
+        ray.shutdown()
+
+
 def test_trl_patch_swaps_trainer_lookups_and_unpatch_restores(trl_mods):
     utils, rk_trl = trl_mods
     grpo = _require("trl.trainer.grpo_trainer", "trl")
@@ -438,6 +495,32 @@ def test_verl_value_loss(verl_mods, agg):
         # gradients w.r.t. vpreds only: returns and old values are targets
         _compare(lambda v: original(v, returns, values, mask, 0.2, agg, **kw),
                  lambda v: ours(v, returns, values, mask, 0.2, agg, **kw), [vpreds])
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_verl_losses_dtype_and_fallbacks(verl_mods, agg):
+    """bf16 inputs: verl's seq-mean losses are float32 (token-mean keeps bf16),
+    and ours match the dtype; a gradient wanted w.r.t. the advantages or the
+    returns, or a global count of 0, runs verl's own code."""
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(16)
+    old = -2 * torch.rand(4, 10, generator=gen)
+    new = old + 0.4 * torch.randn(4, 10, generator=gen)
+    adv = torch.randn(4, 10, generator=gen)
+    mask = _mask_with_holes(4, 10, gen).long()
+    config = _ActorConfig(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None, clip_ratio_c=3.0,
+                          global_batch_info={})
+    original, ours = _verl_adapter(rk_verl, "compute_policy_loss_vanilla")
+    bf = [t.bfloat16() for t in (old, new, adv)]
+    assert ours(*bf, mask, agg, config)[0].dtype == original(*bf, mask, agg, config)[0].dtype
+    _compare(lambda a: original(old, new, a, mask, agg, config), lambda a: ours(old, new, a, mask, agg, config),
+             [adv])
+    v_original, v_ours = _verl_adapter(rk_verl, "compute_value_loss")
+    assert v_ours(new.bfloat16(), adv.bfloat16(), old.bfloat16(), mask, 0.2, agg)[0].dtype == \
+        v_original(new.bfloat16(), adv.bfloat16(), old.bfloat16(), mask, 0.2, agg)[0].dtype
+    _compare(lambda r: v_original(new, r, old, mask, 0.2, agg), lambda r: v_ours(new, r, old, mask, 0.2, agg), [adv])
+    zero = {"dp_size": 2, "batch_num_tokens": 0, "global_batch_size": 0}
+    _assert_close(v_ours(new, adv, old, mask, 0.2, agg, **zero), v_original(new, adv, old, mask, 0.2, agg, **zero))
 
 
 _VERL_AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
@@ -740,8 +823,10 @@ def _policy_inputs(gen, batch=5, seq=12, dtype=torch.float32):
     return new.to(dtype), old.to(dtype), adv.to(dtype)
 
 
+# The last: as OpenRLHF's trainer passes them (get_loss_batch_info: 0-dim float32 tensors).
 _OPENRLHF_BATCH_INFOS = [{}, {"dp_size": 2, "batch_num_tokens": 30, "global_batch_size": 7},
-                         {"dp_size": 4, "batch_num_tokens": 11.0, "global_batch_size": 3.0}]
+                         {"dp_size": 4, "batch_num_tokens": 11.0, "global_batch_size": 3.0},
+                         {"dp_size": 2, "batch_num_tokens": torch.tensor(30.0), "global_batch_size": torch.tensor(7.0)}]
 
 
 @pytest.mark.parametrize("dual_clip", [None, 3.0])
@@ -789,7 +874,6 @@ def test_openrlhf_policy_loss_falls_back_to_openrlhf(openrlhf_real):
         (loss_mod.PolicyLoss(is_correction_level="seq"), mask, {"rollout_log_probs": rollout}),
         (loss_mod.PolicyLoss(), torch.rand(5, 12, generator=gen), {}),
         (loss_mod.PolicyLoss(dual_clip=2.0), None, {}),
-        (loss_mod.PolicyLoss(), mask, {"batch_num_tokens": torch.tensor(20), "dp_size": 2}),
     ]
     for module, m, kw in cases:
         _compare(lambda x: original(module, x, old, adv, m, **kw), lambda x: ours(module, x, old, adv, m, **kw),
@@ -822,6 +906,27 @@ def test_openrlhf_value_loss(openrlhf_real, token_level_loss, batch_info, clip_e
     _compare_bf16(data_call(original), data_call(ours), [bf16[0]], data=bf16[1:])
     empty = torch.zeros_like(mask)
     _compare_empty(call(original, m=empty), call(ours, m=empty), [vpreds], nan=not batch_info)
+
+
+def test_openrlhf_losses_run_ours_with_the_trainers_tensor_counts(openrlhf_real, monkeypatch):
+    """OpenRLHF's trainer always passes get_loss_batch_info's 0-dim float32 count
+    tensors: with them the patched losses must run our kernels (they fell back
+    to OpenRLHF's code before), without a host synchronisation."""
+    loss_mod = openrlhf_real["openrlhf.models.loss"]
+    calls = []
+    for name in ("ppo_policy_loss", "ppo_value_loss"):
+        real = getattr(rlhf_kernels, name)
+        monkeypatch.setattr(rlhf_kernels, name, lambda *a, _real=real, _n=name, **k: calls.append(_n) or _real(*a, **k))
+    gen = torch.Generator().manual_seed(27)
+    new, old, adv = _policy_inputs(gen)
+    mask = _mask_with_holes(5, 12, gen)
+    info = {"dp_size": 2, "batch_num_tokens": mask.sum().float(), "global_batch_size": torch.tensor(5.0)}
+    for token_level_loss in (True, False):
+        _openrlhf_adapter("forward", "PolicyLoss")(loss_mod.PolicyLoss(token_level_loss=token_level_loss), new, old,
+                                                   adv, mask, **info)
+        _openrlhf_adapter("forward", "ValueLoss")(loss_mod.ValueLoss(clip_eps=0.2, token_level_loss=token_level_loss),
+                                                  new, old, adv, mask, **info)
+    assert calls == ["ppo_policy_loss", "ppo_value_loss"] * 2
 
 
 def test_openrlhf_patch_swaps_trainer_lookups_and_unpatch_restores(openrlhf_real):

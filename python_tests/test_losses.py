@@ -155,6 +155,40 @@ def test_policy_num_tokens_and_num_seqs(device_backend):
 
 
 @pytest.mark.parametrize("agg", AGGS)
+def test_counts_as_device_tensors_equal_float_counts(device_backend, agg):
+    """Global counts given as 0-dim tensors (all-reduced on the GPU, as verl and
+    OpenRLHF pass them) give the float-count loss, gradient and aggregated stats,
+    for the three losses, without a host synchronisation (compiles fullgraph)."""
+    device, backend = device_backend
+    logp, old, adv, mask = _tokens((3, 23), device, seed=17)
+    counts = dict(num_tokens=57.0, num_seqs=5.0)
+    tensors = {k: torch.tensor(v, device=device) for k, v in counts.items()}
+    results = []
+    for kw in (counts, tensors):
+        x = logp.clone().requires_grad_(True)
+        p, _ = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, agg=agg, backend=backend, **kw)
+        v, _ = rlhf_kernels.ppo_value_loss(x, old, adv, mask, agg=agg, backend=backend, **kw)
+        (p + v).backward()
+        results.append((p.detach(), v.detach(), x.grad))
+    torch.testing.assert_close(results[1], results[0], atol=1e-7, rtol=1e-6)
+    logits, labels, lold, ladv, lmask, ref = _logits_inputs((2, 5, 37), device, seed=18)
+    outs = []
+    for kw in (counts, tensors):
+        x = logits.clone().requires_grad_(True)
+        loss, stats = rlhf_kernels.ppo_loss_from_logits(x, labels, lold, ladv, lmask, ref_logp=ref, kl_coef=0.1,
+                                                        entropy_coef=0.01, agg=agg, backend=backend, **kw)
+        loss.backward()
+        outs.append((loss.detach(), stats["pg_loss"], stats["kl"], stats["entropy"], x.grad))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-7, rtol=1e-6)
+    if agg == "token-mean" and backend != "triton":
+        compiled = torch.compile(lambda a, n: rlhf_kernels.ppo_policy_loss(a, old, adv, mask, num_tokens=n,
+                                                                           backend=backend)[0], fullgraph=True)
+        torch.testing.assert_close(compiled(logp, tensors["num_tokens"]), results[0][0], atol=1e-7, rtol=1e-6)
+    with pytest.raises(ValueError, match="num_tokens"):
+        rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, num_tokens=torch.ones(2, device=device), backend=backend)
+
+
+@pytest.mark.parametrize("agg", AGGS)
 def test_no_valid_token_gives_zero(device_backend, agg):
     device, backend = device_backend
     logp = torch.full((3, 10), float("nan"), device=device, requires_grad=True)

@@ -106,17 +106,27 @@ def _dtype(*tensors: Tensor) -> torch.dtype:
 
 def _aggregation(mask: Tensor, token_level_loss: bool, dp_size, batch_num_tokens, global_batch_size):
     """Our (agg, num_tokens, num_seqs, scale) for OpenRLHF's ``aggregate_loss``,
-    or None where it is not ours to compute (zero or tensor-valued counts)."""
+    or None where it is not ours to compute (a count of 0 or a multi-element one).
+    OpenRLHF's trainer passes its global counts as 0-dim float32 device tensors
+    (``get_loss_batch_info``): our losses divide by them on the device."""
     given = batch_num_tokens if token_level_loss else global_batch_size
-    if given is not None and (isinstance(given, Tensor) or given == 0):
+    if given is not None and (given.numel() != 1 if isinstance(given, Tensor) else given == 0):
         return None
     # OpenRLHF semantics: token-level is token-mean, sample-level is
     # seq-mean-token-mean; the global count replaces the local one, and dp_size
     # multiplies only when a global count is given.
     agg = "token-mean" if token_level_loss else "seq-mean-token-mean"
     scale = float(dp_size) if given is not None else 1.0
-    return agg, (float(given) if token_level_loss and given is not None else None), \
-        (float(given) if not token_level_loss and given is not None else None), scale
+    return agg, (given if token_level_loss else None), (None if token_level_loss else given), scale
+
+
+def _loss_dtype(dtype: torch.dtype, token_level_loss: bool, given) -> torch.dtype:
+    """OpenRLHF semantics: the inputs' dtype at token level, float32 at least for
+    its sample-level per-sequence means (a float32 divisor); a count given as a
+    tensor promotes with its dtype (it divides the sum)."""
+    if not token_level_loss:
+        dtype = torch.promote_types(dtype, torch.float32)
+    return torch.promote_types(dtype, given.dtype) if isinstance(given, Tensor) else dtype
 
 
 def _nan_if_empty(x: Tensor, mask: Tensor, token_level_loss: bool, given) -> Tensor:
@@ -157,10 +167,8 @@ def _make_policy_loss_forward(original):
         given = batch_num_tokens if self.token_level_loss else global_batch_size
         loss = loss * scale if scale != 1.0 else loss
         loss = _nan_if_empty(loss, mask, self.token_level_loss, given)
-        # OpenRLHF semantics: the loss in the inputs' dtype at token level; its
-        # sample-level per-sequence means are float32 (a float32 divisor).
         dtype = _dtype(log_probs, old_log_probs, advantages)
-        loss = loss.to(dtype if self.token_level_loss else torch.promote_types(dtype, torch.float32))
+        loss = loss.to(_loss_dtype(dtype, self.token_level_loss, given))
         # clip_ratio (share with l2 > l1) and ppo_kl (mean of the unclamped
         # old - new log-ratio) are our clipfrac / approx_kl; NaN without a token.
         clip_ratio = _nan_if_empty(stats["clipfrac"], mask, True, None).to(torch.float32)
@@ -192,7 +200,7 @@ def _make_value_loss_forward(original):
         loss = loss * scale if scale != 1.0 else loss
         loss = _nan_if_empty(loss, mask, self.token_level_loss, given)
         dtype = _dtype(values, old_values, returns)
-        return loss.to(dtype if self.token_level_loss else torch.promote_types(dtype, torch.float32))
+        return loss.to(_loss_dtype(dtype, self.token_level_loss, given))
 
     return forward
 

@@ -168,6 +168,16 @@ def _make_chunked_logprob(original):
 
         @staticmethod
         def backward(ctx, grad_logp, grad_entropy, *_):
+            # TRL semantics: a backward that recomputes from the head's weight
+            # enters maybe_gather_lm_head_ctx again (under DeepSpeed ZeRO-3 the
+            # weight is an empty shard outside it; elsewhere a null context).
+            from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+            with maybe_gather_lm_head_ctx(*ctx.saved_tensors[1:3]):
+                return ChunkedLogProbFunction._backward(ctx, grad_logp, grad_entropy)
+
+        @staticmethod
+        def _backward(ctx, grad_logp, grad_entropy):
             hidden, weight, bias, targets = ctx.saved_tensors
             compute_dtype, temperature, softcap, logit_scale, want_entropy = ctx.args
             need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]

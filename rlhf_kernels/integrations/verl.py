@@ -191,11 +191,18 @@ def _agg_args(mask: Tensor, agg: str, dp_size=1, batch_num_tokens=None, global_b
     return num_tokens, num_seqs, scale, count
 
 
-def _finish(loss: Tensor, scale: float, count, dtype) -> Tensor:
+def _zero_count(dp_size=1, batch_num_tokens=None, global_batch_size=None, **_) -> bool:
+    """A global count of 0 (verl divides by it: inf / NaN, as its own code gives)."""
+    return any(c is not None and not isinstance(c, Tensor) and c == 0 for c in (batch_num_tokens, global_batch_size))
+
+
+def _finish(loss: Tensor, scale: float, count, dtype, agg: str) -> Tensor:
     loss = loss * scale if scale != 1.0 else loss
     if count is not None:
         loss = torch.where(count.to(loss.device) > 0, loss, loss.new_tensor(float("nan")))
-    return loss.to(dtype)
+    # verl semantics: the seq-mean modes weight sequences by a float32 mask, so
+    # bf16 / fp16 inputs give a float32 loss; the token modes keep the dtype.
+    return loss.to(torch.promote_types(dtype, torch.float32) if agg.startswith("seq-mean") else dtype)
 
 
 def _make_policy_loss(original):
@@ -204,7 +211,8 @@ def _make_policy_loss(original):
         # Cases our kernel does not express go to verl's own code: per-token
         # weights (rollout correction, or a float mask that weights tokens).
         if (config is None or rollout_is_weights is not None or response_mask.is_floating_point()
-                or loss_agg_mode not in _AGG_MODES):
+                or loss_agg_mode not in _AGG_MODES or old_log_prob.requires_grad or advantages.requires_grad
+                or _zero_count(**config.global_batch_info)):
             return original(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                             rollout_is_weights)
         import verl.utils.torch_functional as verl_F
@@ -228,7 +236,7 @@ def _make_policy_loss(original):
             log_prob, old_log_prob, advantages, mask, clip_low=clip_low, clip_high=clip_high,
             dual_clip=clip_ratio_c, agg=loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs,
         )
-        loss = _finish(loss, scale, count, _float_dtype(old_log_prob, log_prob, advantages))
+        loss = _finish(loss, scale, count, _float_dtype(old_log_prob, log_prob, advantages), loss_agg_mode)
         # verl semantics: ppo_kl is the masked mean of the clamped log-ratio (ours is unclamped).
         with torch.no_grad():
             ppo_kl = verl_F.masked_mean(-torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0), response_mask)
@@ -245,7 +253,9 @@ def _make_policy_loss(original):
 def _make_value_loss(original):
     def compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode="token-mean",
                            dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
-        if response_mask.is_floating_point() or loss_agg_mode not in _AGG_MODES or not cliprange_value > 0:
+        if (response_mask.is_floating_point() or loss_agg_mode not in _AGG_MODES or not cliprange_value > 0
+                or returns.requires_grad or values.requires_grad
+                or _zero_count(batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)):
             return original(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode, dp_size,
                             batch_num_tokens, global_batch_size, loss_scale_factor)
         mask = response_mask.bool()
@@ -257,7 +267,7 @@ def _make_value_loss(original):
             vpreds, values, returns, mask, clip=cliprange_value, agg=loss_agg_mode,
             num_tokens=num_tokens, num_seqs=num_seqs,
         )
-        loss = _finish(loss, scale, count, _float_dtype(vpreds, returns, values))
+        loss = _finish(loss, scale, count, _float_dtype(vpreds, returns, values), loss_agg_mode)
         return loss, stats["vf_clipfrac"].to(torch.float32)
 
     return compute_value_loss
@@ -284,9 +294,6 @@ def _make_agg_loss(original):
             mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
         )
         seq_mode = loss_agg_mode.startswith("seq-mean")
-        # verl semantics: the token modes keep the loss's dtype; the seq-mean modes
-        # weight the sequences by a float32 mask, so bf16 / fp16 come out float32.
-        out_dtype = torch.promote_types(loss_mat.dtype, torch.float32) if seq_mode else loss_mat.dtype
         work = loss_mat.float() if loss_mat.dtype in (torch.bfloat16, torch.float16) else loss_mat
         loss = our_agg_loss(work, mask, loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs)
         if seq_mode:
@@ -300,7 +307,7 @@ def _make_agg_loss(original):
             loss = loss + leak
         # verl semantics: times dp_size, and 0 / 0 = NaN for a micro-batch without a
         # valid token (ours returns 0).
-        return _finish(loss, scale, count, out_dtype)
+        return _finish(loss, scale, count, loss_mat.dtype, loss_agg_mode)
 
     return agg_loss
 

@@ -799,12 +799,34 @@ def _check_clip(clip_low: float, clip_high: float | None, dual_clip: float | Non
     return 1.0 - clip_low, 1.0 + clip_high, dual
 
 
-def _check_agg(agg: str, num_tokens, num_seqs) -> tuple[Optional[float], Optional[float]]:
+def _check_agg(agg: str, num_tokens, num_seqs,
+               device: torch.device) -> tuple[Optional[float], Optional[float], Optional[Tensor]]:
+    """(num_tokens, num_seqs, divisor): float counts go to the kernels; a count
+    given as a 1-element tensor (a global count all-reduced on the GPU) is
+    replaced by 1 and returned as the divisor of the loss, so that nothing
+    synchronises with the host (it is then not checked for > 0). Only the count
+    the mode uses matters: num_tokens for token-mean, num_seqs for seq-mean-*."""
     if agg not in AGG_MODES:
         raise ValueError(f"agg: unknown mode {agg!r}; expected one of {AGG_MODES}")
-    num_tokens = None if num_tokens is None else check_positive("num_tokens", num_tokens)
-    num_seqs = None if num_seqs is None else check_positive("num_seqs", num_seqs)
-    return num_tokens, num_seqs
+    used = "num_tokens" if agg == "token-mean" else ("num_seqs" if agg.startswith("seq-mean") else None)
+    counts, divisor = {}, None
+    for name, value in (("num_tokens", num_tokens), ("num_seqs", num_seqs)):
+        if isinstance(value, Tensor):
+            if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+                raise ValueError(f"{name}: expected a number or a 1-element real tensor, got {value.dtype} "
+                                 f"of shape {tuple(value.shape)}")
+            if value.device not in (device, torch.device("cpu")):
+                raise ValueError(f"{name}: on {value.device}, the inputs on {device}")
+            counts[name] = None
+            if name == used:
+                counts[name], divisor = 1.0, value.detach().reshape(())
+        else:
+            counts[name] = None if value is None else check_positive(name, value)
+    return counts["num_tokens"], counts["num_seqs"], divisor
+
+
+def _divide(loss: Tensor, divisor: Optional[Tensor]) -> Tensor:
+    return loss if divisor is None else loss / divisor.to(loss.dtype)
 
 
 def _check_tokens(shape_name: str, shape, **tensors: Tensor) -> None:
@@ -862,7 +884,10 @@ def ppo_policy_loss(
         num_tokens: token-mean denominator instead of the number of valid
             tokens (global normalisation under data parallelism).
         num_seqs: the number of sequences the seq-mean modes divide by,
-            instead of the number with >= 1 valid token.
+            instead of the number with >= 1 valid token. Either count may be a
+            1-element tensor on the inputs' device (e.g. all-reduced there): it
+            then divides the loss on the device, with no host synchronisation
+            (and no check that it is > 0).
         backend: "triton" | "cuda" | "cpu" | "reference"; default by device.
 
     Returns:
@@ -885,7 +910,7 @@ def ppo_policy_loss(
         raise ValueError("logp: expected shape (B, T) (or (..., T)), got a 0-dim tensor")
     _check_tokens("logp", logp.shape, old_logp=old_logp, advantages=advantages, mask=mask)
     ratio_low, ratio_high, dual = _check_clip(clip_low, clip_high, dual_clip)
-    num_tokens, num_seqs = _check_agg(agg, num_tokens, num_seqs)
+    num_tokens, num_seqs, divisor = _check_agg(agg, num_tokens, num_seqs, logp.device)
     chosen = resolve_backend(backend, logp.device, "ppo_policy_loss")
     dtype = _compute_dtype(logp, old_logp, advantages)
     loss, stats, _, _ = torch.ops.rlhf_kernels.ppo_policy_loss_fwd(
@@ -894,7 +919,7 @@ def ppo_policy_loss(
         bool(logp.requires_grad and torch.is_grad_enabled()), chosen,
     )
     stats = stats.detach()
-    return loss, {name: stats[i] for i, name in enumerate(POLICY_STAT_NAMES)}
+    return _divide(loss, divisor), {name: stats[i] for i, name in enumerate(POLICY_STAT_NAMES)}
 
 
 def ppo_value_loss(
@@ -937,7 +962,7 @@ def ppo_value_loss(
         raise ValueError("values: expected shape (B, T) (or (..., T)), got a 0-dim tensor")
     _check_tokens("values", values.shape, old_values=old_values, returns=returns, mask=mask)
     clip = check_positive("clip", clip)
-    num_tokens, num_seqs = _check_agg(agg, num_tokens, num_seqs)
+    num_tokens, num_seqs, divisor = _check_agg(agg, num_tokens, num_seqs, values.device)
     chosen = resolve_backend(backend, values.device, "ppo_value_loss")
     dtype = _compute_dtype(values, old_values, returns)
     loss, stats, _, _ = torch.ops.rlhf_kernels.ppo_value_loss_fwd(
@@ -945,7 +970,7 @@ def ppo_value_loss(
         mask.contiguous(), clip, agg, num_tokens, num_seqs,
         bool(values.requires_grad and torch.is_grad_enabled()), chosen,
     )
-    return loss, {"vf_clipfrac": stats.detach()[0]}
+    return _divide(loss, divisor), {"vf_clipfrac": stats.detach()[0]}
 
 
 def ppo_loss_from_logits(
@@ -1028,7 +1053,7 @@ def ppo_loss_from_logits(
         _check_tokens("logits.shape[:-1]", tokens, ref_logp=ref_logp)
     temperature = check_positive("temperature", temperature)
     ratio_low, ratio_high, dual = _check_clip(clip_low, clip_high, dual_clip)
-    num_tokens, num_seqs = _check_agg(agg, num_tokens, num_seqs)
+    num_tokens, num_seqs, divisor = _check_agg(agg, num_tokens, num_seqs, logits.device)
     kl_coef = _check_float("kl_coef", kl_coef)
     entropy_coef = _check_float("entropy_coef", entropy_coef)
     kl_code = _check_estimator(kl_estimator, "kl_estimator")
@@ -1045,7 +1070,10 @@ def ppo_loss_from_logits(
     )
     stats = stats.detach()
     names = POLICY_STAT_NAMES + ("pg_loss", "kl", "entropy")
-    return loss, {name: stats[i] for i, name in enumerate(names)}
+    out = {name: stats[i] for i, name in enumerate(names)}
+    if divisor is not None:  # the aggregated terms are normalised like the loss
+        out.update({name: _divide(out[name], divisor) for name in ("pg_loss", "kl", "entropy")})
+    return _divide(loss, divisor), out
 
 
 __all__ = ["ppo_policy_loss", "ppo_value_loss", "ppo_loss_from_logits"]
