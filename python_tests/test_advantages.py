@@ -651,6 +651,11 @@ def _bad_gae(**over):
         (lambda: rlhf_kernels.group_advantages(torch.randn(6)), "exactly one"),
         (lambda: rlhf_kernels.group_advantages(torch.randn(6), 2, mode="ppo"), "mode"),
         (lambda: rlhf_kernels.group_advantages(torch.randn(6), group_ids=torch.zeros(5, dtype=torch.long)), "group_ids: shape"),
+        (lambda: rlhf_kernels.group_advantages(torch.randn(6), 1.5), "group_size: expected an integer"),
+        (lambda: rlhf_kernels.kl_penalty(torch.randn(3), torch.randn(3), estimator=["k1"]), "estimator"),
+        (lambda: rlhf_kernels.ppo_advantages(torch.randn(2), torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 5),
+                                             None, kl_coef=None), "kl_coef: expected a number"),
+        (lambda: rlhf_kernels.AdaptiveKLController(0.1, 1.0, 10).update(float("nan"), 1), "current_kl"),
     ],
 )
 def test_bad_inputs(call, match):

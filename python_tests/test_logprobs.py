@@ -332,6 +332,14 @@ def test_bad_inputs(make, match):
         rlhf_kernels.logprobs_from_logits(logits, labels)
 
 
+@pytest.mark.parametrize("ignore_index, match", [(1.5, "expected an integer"), (True, "expected an integer"),
+                                                 (2**70, "int64")])
+def test_bad_ignore_index(ignore_index, match):
+    """1.5 would silently ignore label 1; 2**70 does not fit the kernels' int64."""
+    with pytest.raises(ValueError, match=f"ignore_index: .*{match}"):
+        rlhf_kernels.logprobs_from_logits(torch.randn(2, 5), torch.ones(2, dtype=torch.long), ignore_index=ignore_index)
+
+
 @pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
 def test_bad_temperature(temperature):
     with pytest.raises(ValueError, match="temperature"):

@@ -456,12 +456,43 @@ def test_loss_from_logits_float16_with_a_grad_scaler_sized_upstream_gradient(dev
 
 
 def test_loss_from_logits_no_double_backward(device_backend):
+    """Every loss computes its gradient in the forward: a second derivative
+    (create_graph=True) is an error, never a silent 0."""
     device, backend = device_backend
     logits, labels, old, adv, mask, _ = _logits_inputs((2, 3, 41), device, seed=13)
     x = logits.clone().requires_grad_(True)
     loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, backend=backend)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(loss, x, create_graph=True)
+    logp, old, adv, mask = _tokens((2, 9), device, seed=14)
+    for loss_fn in (rlhf_kernels.ppo_policy_loss, rlhf_kernels.ppo_value_loss):
+        x = logp.clone().requires_grad_(True)
+        loss, _ = loss_fn(x, old, adv, mask, backend=backend)
+        with pytest.raises(RuntimeError, match=f"{loss_fn.__name__}: no double backward"):
+            torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_empty_time_axis_gives_zero_in_every_mode(device_backend):
+    """T = 0: every aggregation gives 0 (seq-mean-token-sum-norm divided by T = 0 gave NaN)."""
+    device, backend = device_backend
+    z = torch.zeros(3, 0, device=device)
+    for agg in AGGS:
+        for loss_fn in (rlhf_kernels.ppo_policy_loss, rlhf_kernels.ppo_value_loss):
+            loss, _ = loss_fn(z, z, z, z.bool(), agg=agg, backend=backend)
+            assert loss.item() == 0, (loss_fn.__name__, agg)
+        assert reference.ppo_policy_loss(z, z, z, z.bool(), agg=agg)[0].item() == 0
+
+
+def test_compiled_loss_with_a_changing_float_count():
+    """A float count that changes every step (a global token count) becomes a
+    symbolic float under torch.compile: the checks must take it (math.isfinite
+    could not), so one graph serves every step, fullgraph."""
+    logp, old, adv, mask = _tokens((2, 9), "cpu", seed=15)
+    compiled = torch.compile(lambda n, c: rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, num_tokens=n,
+                                                                       clip_low=c)[0], fullgraph=True)
+    for n, c in ((100.0, 0.2), (101.0, 0.25), (37.5, 0.3)):
+        want, _ = rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, num_tokens=n, clip_low=c)
+        torch.testing.assert_close(compiled(n, c), want)
 
 
 def test_loss_from_logits_fewer_rows_in_flight_than_rows(device_backend, monkeypatch):

@@ -38,8 +38,40 @@ def check_shape(name: str, tensor: Tensor, shape: tuple[int, ...] | torch.Size, 
         )
 
 
+def _as_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise ValueError(f"{name}: expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+# Comparisons instead of math.isfinite: under torch.compile a float argument
+# that changes between calls becomes a symbolic float, which math.isfinite
+# cannot take (a graph break, or an error with fullgraph=True).
 def check_positive(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
+    value = _as_float(name, value)
+    if not (value > 0 and value < math.inf):
         raise ValueError(f"{name}: must be a finite number > 0, got {value}")
     return value
+
+
+def check_nonnegative(name: str, value: float) -> float:
+    value = _as_float(name, value)
+    if not (value >= 0 and value < math.inf):
+        raise ValueError(f"{name}: must be a finite number >= 0, got {value}")
+    return value
+
+
+def check_finite(name: str, value: float) -> float:
+    value = _as_float(name, value)
+    if not (-math.inf < value < math.inf):
+        raise ValueError(f"{name}: must be a finite number, got {value}")
+    return value
+
+
+def check_int(name: str, value: object) -> int:
+    """A Python / numpy integer (not a bool, not a float that looks like one)."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    return int(value)

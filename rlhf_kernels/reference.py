@@ -133,7 +133,7 @@ def agg_loss(
     if agg == "seq-mean-token-mean":
         return (seq_sum / counts.clamp(min=1)).sum() / seqs
     if agg == "seq-mean-token-sum-norm":
-        return seq_sum.sum() / seqs / loss_mat.shape[-1]
+        return seq_sum.sum() / seqs / max(loss_mat.shape[-1], 1)  # T = 0: 0, not 0 / 0
     raise ValueError(f"agg: unknown mode {agg!r}; expected one of {AGG_MODES}")
 
 

@@ -17,7 +17,6 @@ elementwise pass over those sums (all-reduced in one collective across ranks).
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -25,7 +24,9 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import checks_enabled, f64_parts, on_tensor_device, resolve_backend, triton_installed
-from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
+from .._validation import (
+    FLOAT_DTYPES, check_finite, check_int, check_nonnegative, check_positive, check_same_device, check_tensor,
+)
 
 if triton_installed():
     import triton
@@ -416,15 +417,15 @@ def _(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, kl_coef_s
 
 
 def _check_unit_interval(name: str, value: float) -> float:
-    value = float(value)
-    if not (0.0 <= value <= 1.0):  # NaN fails too
+    value = check_finite(name, value)
+    if not (0.0 <= value <= 1.0):
         raise ValueError(f"{name}: must be in [0, 1], got {value}")
     return value
 
 
 def _check_estimator(estimator: str, name: str = "estimator") -> int:
     """The kernel code of a KL estimator name; ValueError naming the argument."""
-    if estimator not in KL_ESTIMATOR_CODES:
+    if not isinstance(estimator, str) or estimator not in KL_ESTIMATOR_CODES:
         raise ValueError(f"{name}: unknown KL estimator {estimator!r}; expected one of {tuple(KL_ESTIMATOR_CODES)}")
     return KL_ESTIMATOR_CODES[estimator]
 
@@ -677,9 +678,7 @@ def ppo_advantages(
             raise ValueError(f"kl_coef: expected a float or a 0-dim tensor, got shape {tuple(kl_coef.shape)}")
         check_tensor("kl_coef", kl_coef, FLOAT_DTYPES)
         kl_coef_scale, kl_coef = kl_coef.detach().reshape(1), 1.0
-    kl_coef = float(kl_coef)
-    if not (math.isfinite(kl_coef) and kl_coef >= 0):
-        raise ValueError(f"kl_coef: must be a finite number >= 0, got {kl_coef}")
+    kl_coef = check_nonnegative("kl_coef", kl_coef)
     code = _check_estimator(estimator)
     gamma = _check_unit_interval("gamma", gamma)
     lam = _check_unit_interval("lam", lam)
@@ -745,16 +744,15 @@ def group_advantages(
         raise ValueError(f"scores: expected shape (B,), got {tuple(scores.shape)}")
     if mode not in _GROUP_MODES:
         raise ValueError(f"mode: unknown mode {mode!r}; expected one of {_GROUP_MODES}")
-    eps = float(eps)
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps: must be a finite number >= 0, got {eps}")
+    eps = check_nonnegative("eps", eps)
     n = scores.shape[0]
     if (group_size is None) == (group_ids is None):
         raise ValueError("group_size, group_ids: give exactly one of them")
     if group_ids is None:
-        if int(group_size) < 1 or n % int(group_size) != 0:
+        group_size = check_int("group_size", group_size)
+        if group_size < 1 or n % group_size != 0:
             raise ValueError(f"group_size: must be >= 1 and divide the batch size {n}, got {group_size}")
-        dense = torch.arange(n, device=scores.device) // int(group_size)
+        dense = torch.arange(n, device=scores.device) // group_size
     else:
         check_tensor("group_ids", group_ids, (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8))
         check_same_device(scores=scores, group_ids=group_ids)
@@ -794,16 +792,10 @@ class AdaptiveKLController:
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float):
-        for name, v in (("init_kl_coef", init_kl_coef), ("target", target), ("horizon", horizon)):
-            if not isinstance(v, Tensor) and not (math.isfinite(float(v)) and float(v) >= 0):
-                raise ValueError(f"{name}: must be a finite number >= 0, got {v}")
-        if float(target) <= 0:
-            raise ValueError(f"target: must be > 0, got {target}")
-        if float(horizon) <= 0:
-            raise ValueError(f"horizon: must be > 0, got {horizon}")
-        self.value: float | Tensor = init_kl_coef if isinstance(init_kl_coef, Tensor) else float(init_kl_coef)
-        self.target = float(target)
-        self.horizon = float(horizon)
+        self.value: float | Tensor = (init_kl_coef if isinstance(init_kl_coef, Tensor)
+                                      else check_nonnegative("init_kl_coef", init_kl_coef))
+        self.target = check_positive("target", target)
+        self.horizon = check_positive("horizon", horizon)
 
     def update(self, current_kl: float | Tensor, n_steps: int | float) -> float | Tensor:
         if isinstance(current_kl, Tensor):
@@ -817,7 +809,8 @@ class AdaptiveKLController:
             else:
                 self.value = mult * self.value
         else:
-            err = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+            current_kl = check_finite("current_kl", current_kl)  # a NaN would stick in the coefficient
+            err = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
             mult = 1.0 + err * float(n_steps) / self.horizon
             self.value = self.value * mult
         return self.value

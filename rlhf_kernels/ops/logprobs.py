@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import checks_enabled, f64_parts, on_tensor_device, resolve_backend, triton_installed
-from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_positive, check_same_device, check_tensor
+from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_int, check_positive, check_same_device, check_tensor
 
 if triton_installed():
     import triton
@@ -482,9 +482,12 @@ def logprobs_from_logits(
             f"{tuple(logits.shape[:-1])}"
         )
     temperature = check_positive("temperature", temperature)
+    ignore_index = check_int("ignore_index", ignore_index)
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index: must fit in int64, got {ignore_index}")
     chosen = resolve_backend(backend, logits.device, "logprobs")
     logp, entropy, _ = torch.ops.rlhf_kernels.logprobs_fwd(
-        logits, labels, temperature, int(ignore_index), bool(return_entropy),
+        logits, labels, temperature, ignore_index, bool(return_entropy),
         bool(inplace_backward), chosen,
     )
     return (logp, entropy) if return_entropy else logp

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import f64_parts, on_tensor_device, resolve_backend, triton_installed
-from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_positive, check_same_device, check_tensor
+from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_finite, check_positive, check_same_device, check_tensor
 from . import logprobs as _lp
 from .advantages import _check_estimator
 
@@ -422,7 +422,7 @@ def _aggregation_weights(counts: Tensor, seq_len: int, agg: str, num_tokens: Opt
     if agg == "seq-mean-token-mean":
         return 1.0 / (counts.clamp(min=1) * seqs)
     if agg == "seq-mean-token-sum-norm":
-        return ones / (seqs * seq_len)
+        return ones / (seqs * max(seq_len, 1))  # T = 0: no token, a loss of 0
     raise ValueError(f"agg: unknown mode {agg!r}; expected one of {AGG_MODES}")
 
 
@@ -502,6 +502,14 @@ def _scaled_token_grad(grad: Tensor, weights: Tensor, grad_loss: Tensor, shape) 
     return (grad.view(seqs, shape[-1]) * scale).view(shape)
 
 
+def _no_double_backward(op: str, grad_loss: Tensor) -> None:
+    """The token / logits gradients are computed in the forward, not by
+    differentiable ops: a second derivative (create_graph=True) would be 0."""
+    if torch.is_grad_enabled() and not _tracing(grad_loss):
+        raise RuntimeError(f"{op}: no double backward (create_graph=True): its gradient is computed in the "
+                           "forward, not by differentiable ops")
+
+
 def _policy_setup_context(ctx, inputs, output):
     ctx.shape = inputs[0].shape
     _, _, grad, weights = output
@@ -512,6 +520,7 @@ def _policy_backward(ctx, grad_loss, _grad_stats, _grad_grad, _grad_weights):
     grad, weights = ctx.saved_tensors
     grad_logp = None
     if ctx.needs_input_grad[0]:
+        _no_double_backward("ppo_policy_loss", grad_loss)
         grad_logp = _scaled_token_grad(grad, weights, grad_loss, ctx.shape)
     return (grad_logp,) + (None,) * 11
 
@@ -547,6 +556,7 @@ def _value_backward(ctx, grad_loss, _grad_stats, _grad_grad, _grad_weights):
     grad, weights = ctx.saved_tensors
     grad_values = None
     if ctx.needs_input_grad[0]:
+        _no_double_backward("ppo_value_loss", grad_loss)
         grad_values = _scaled_token_grad(grad, weights, grad_loss, ctx.shape)
     return (grad_values,) + (None,) * 9
 
@@ -641,8 +651,11 @@ def _ppo_loss_from_logits_fwd(
     ref_logp: Optional[Tensor], temperature: float, ratio_low: float, ratio_high: float,
     dual_clip: float, agg: str, num_tokens: Optional[float], num_seqs: Optional[float],
     kl_coef: float, kl_code: int, entropy_coef: float, inplace_backward: bool, need_grad: bool,
-    backend: str,
+    backend: str, count: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # count: a global count given as a tensor (see _check_agg), divided into the
+    # weights on the device, so that the gradient written in the forward is the
+    # final one (an upstream gradient of 1: no scaling pass in the backward).
     _lp._validate_labels(logits, labels, -100)
     flat_labels = _lp._flat_labels(labels)
     seq_len = _seq_len(labels.shape)
@@ -655,7 +668,7 @@ def _ppo_loss_from_logits_fwd(
     if fused:
         # The gradient now (for a unit upstream gradient), in the same pass.
         counts = token_mask.view(seqs, seq_len).sum(-1).to(old_logp.dtype)
-        weights = _aggregation_weights(counts, seq_len, agg, num_tokens, num_seqs)
+        weights = _divide(_aggregation_weights(counts, seq_len, agg, num_tokens, num_seqs), count)
         row_weight = torch.where(token_mask.view(seqs, seq_len), weights.unsqueeze(-1), 0.0).reshape(-1)
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         logp, entropy, lse = _LOGITS_GRAD[backend](
@@ -673,7 +686,7 @@ def _ppo_loss_from_logits_fwd(
         tokens[3], entropy, seq_len, ratio_low, ratio_high, dual_clip, kl_coef, kl_code, token_grad,
     )
     if not fused:
-        weights = _aggregation_weights(seq_stats[:, COUNT], seq_len, agg, num_tokens, num_seqs)
+        weights = _divide(_aggregation_weights(seq_stats[:, COUNT], seq_len, agg, num_tokens, num_seqs), count)
     pg_loss = (weights * seq_stats[:, PG_SUM]).sum()
     kl = (weights * seq_stats[:, KL_SUM]).sum()
     entropy_agg = (weights * seq_stats[:, ENTROPY_SUM]).sum()
@@ -685,7 +698,7 @@ def _ppo_loss_from_logits_fwd(
 @_ppo_loss_from_logits_fwd.register_fake
 def _(logits, labels, old_logp, advantages, mask, ref_logp, temperature, ratio_low, ratio_high,
       dual_clip, agg, num_tokens, num_seqs, kl_coef, kl_code, entropy_coef, inplace_backward,
-      need_grad, backend):
+      need_grad, backend, count=None):
     acc = _lp._acc_dtype(logits.dtype)
     n = labels.numel()
     seqs = _num_seqs(labels.shape)
@@ -734,17 +747,13 @@ def _from_logits_setup_context(ctx, inputs, output):
 
 def _from_logits_backward(ctx, grad_loss, _gs, _gg, _gw, _glse, _gent, _ggl):
     if not ctx.needs_input_grad[0] or grad_loss is None:  # None: only if grads are not materialised
-        return (None,) * 19
+        return (None,) * 20
     if ctx.fused:
         (grad_logits,) = ctx.saved_tensors
         # Written for a unit upstream gradient: scaled only when it is not 1 (a
         # check that synchronises once, eagerly; compiled graphs always scale,
         # since they cannot branch on a value).
-        if torch.is_grad_enabled() and not _tracing(grad_loss):
-            raise RuntimeError(
-                "ppo_loss_from_logits: no double backward (create_graph=True): its logits gradient is "
-                "computed in the forward, not by differentiable ops"
-            )
+        _no_double_backward("ppo_loss_from_logits", grad_loss)
         # The product in float32, rounded once (a bf16 scale would bias it).
         if _tracing(grad_loss):
             grad_logits = (grad_logits.float() * grad_loss.float()).to(grad_logits.dtype)
@@ -752,7 +761,7 @@ def _from_logits_backward(ctx, grad_loss, _gs, _gg, _gw, _glse, _gent, _ggl):
             scale = float(grad_loss)  # the one host synchronisation of this backward
             if scale != 1.0:
                 grad_logits = grad_logits.mul(scale)
-        return (grad_logits,) + (None,) * 18
+        return (grad_logits,) + (None,) * 19
     logits, labels, mask, grad, weights, lse, entropy = ctx.saved_tensors
     temperature, entropy_coef, inplace_backward, backend = ctx.params
     scale = (weights * grad_loss).unsqueeze(-1)  # (B, 1)
@@ -771,7 +780,7 @@ def _from_logits_backward(ctx, grad_loss, _gs, _gg, _gw, _glse, _gent, _ggl):
         grad_logits = logits
     else:
         grad_logits = torch.ops.rlhf_kernels.logprobs_bwd(*args)
-    return (grad_logits,) + (None,) * 18
+    return (grad_logits,) + (None,) * 19
 
 
 _ppo_loss_from_logits_fwd.register_autograd(_from_logits_backward, setup_context=_from_logits_setup_context)
@@ -780,20 +789,13 @@ _ppo_loss_from_logits_fwd.register_autograd(_from_logits_backward, setup_context
 # --- public functions -------------------------------------------------------------------
 
 
-def _check_float(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: must be a finite number, got {value}")
-    return value
-
-
 def _check_clip(clip_low: float, clip_high: float | None, dual_clip: float | None) -> tuple[float, float, float]:
     clip_low = check_positive("clip_low", clip_low)
     clip_high = clip_low if clip_high is None else check_positive("clip_high", clip_high)
     if dual_clip is None:
         dual = 0.0
     else:
-        dual = _check_float("dual_clip", dual_clip)
+        dual = check_finite("dual_clip", dual_clip)
         if dual <= 1.0:
             raise ValueError(f"dual_clip: must be > 1 (or None), got {dual}")
     return 1.0 - clip_low, 1.0 + clip_high, dual
@@ -1054,8 +1056,8 @@ def ppo_loss_from_logits(
     temperature = check_positive("temperature", temperature)
     ratio_low, ratio_high, dual = _check_clip(clip_low, clip_high, dual_clip)
     num_tokens, num_seqs, divisor = _check_agg(agg, num_tokens, num_seqs, logits.device)
-    kl_coef = _check_float("kl_coef", kl_coef)
-    entropy_coef = _check_float("entropy_coef", entropy_coef)
+    kl_coef = check_finite("kl_coef", kl_coef)
+    entropy_coef = check_finite("entropy_coef", entropy_coef)
     kl_code = _check_estimator(kl_estimator, "kl_estimator")
     if ref_logp is None:
         kl_code = -1  # no KL term
@@ -1066,14 +1068,11 @@ def ppo_loss_from_logits(
         mask.contiguous(), None if ref_logp is None else _prepare(ref_logp.detach(), acc),
         temperature, ratio_low, ratio_high, dual, agg, num_tokens, num_seqs, kl_coef, kl_code,
         entropy_coef, bool(inplace_backward), bool(logits.requires_grad and torch.is_grad_enabled()),
-        chosen,
+        chosen, divisor,
     )
     stats = stats.detach()
     names = POLICY_STAT_NAMES + ("pg_loss", "kl", "entropy")
-    out = {name: stats[i] for i, name in enumerate(names)}
-    if divisor is not None:  # the aggregated terms are normalised like the loss
-        out.update({name: _divide(out[name], divisor) for name in ("pg_loss", "kl", "entropy")})
-    return _divide(loss, divisor), out
+    return loss, {name: stats[i] for i, name in enumerate(names)}
 
 
 __all__ = ["ppo_policy_loss", "ppo_value_loss", "ppo_loss_from_logits"]
