@@ -49,7 +49,6 @@ if triton is not None:
         # for |x| < 1/2 the series x^2 (1/2! + x/3! + ...), where exp(x) - x - 1
         # would cancel to noise (k3 ~ x^2 / 2 near on-policy); to x^7/9! in
         # float32, to x^14/16! in float64 (truncation below the unit roundoff).
-        p = tl.zeros_like(x) + (1.0 / 362880.0)
         if x.dtype == tl.float64:
             p = tl.zeros_like(x) + (1.0 / 20922789888000.0)
             p = p * x + (1.0 / 1307674368000.0)
@@ -59,6 +58,8 @@ if triton is not None:
             p = p * x + (1.0 / 39916800.0)
             p = p * x + (1.0 / 3628800.0)
             p = p * x + (1.0 / 362880.0)
+        else:
+            p = tl.zeros_like(x) + (1.0 / 362880.0)
         p = p * x + (1.0 / 40320.0)
         p = p * x + (1.0 / 5040.0)
         p = p * x + (1.0 / 720.0)

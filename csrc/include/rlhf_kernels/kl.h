@@ -36,8 +36,9 @@ RLHF_HOST_DEVICE inline double k3_series_tail(double x) {
   p = p * x + 1.0 / 3628800.0;
   return p * x + 1.0 / 362880.0;  // ... 1/9!
 }
-RLHF_HOST_DEVICE inline float k3_exp(float x) { return expf(x); }
-RLHF_HOST_DEVICE inline double k3_exp(double x) { return exp(x); }
+// exp in the accumulation type, host and device (also the PPO ratio's, ppo_math.h).
+RLHF_HOST_DEVICE inline float acc_exp(float x) { return expf(x); }
+RLHF_HOST_DEVICE inline double acc_exp(double x) { return exp(x); }
 
 template <typename T>
 RLHF_HOST_DEVICE inline K3Terms<T> k3_terms(T x) {
@@ -53,7 +54,7 @@ RLHF_HOST_DEVICE inline K3Terms<T> k3_terms(T x) {
     const T k3 = x * x * p;
     return {k3, x + k3};
   }
-  const T e = k3_exp(x);
+  const T e = acc_exp(x);
   return {e - x - T(1), e - T(1)};
 }
 

@@ -54,21 +54,6 @@ struct PolicyParams {
   acc_t kl_coef;
 };
 
-RLHF_HOST_DEVICE inline float ppo_exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return expf(x);
-#else
-  return std::exp(x);
-#endif
-}
-RLHF_HOST_DEVICE inline double ppo_exp(double x) {
-#if defined(__CUDA_ARCH__)
-  return ::exp(x);
-#else
-  return std::exp(x);
-#endif
-}
-
 template <typename acc_t>
 struct PolicyToken {
   acc_t loss;      // the surrogate l (dual clip applied)
@@ -90,7 +75,7 @@ RLHF_HOST_DEVICE inline PolicyToken<acc_t> policy_token(acc_t logp, acc_t old_lo
   const acc_t diff = logp - old_logp;
   const acc_t log_ratio = diff < acc_t(-20) ? acc_t(-20) : (diff > acc_t(20) ? acc_t(20) : diff);
   const acc_t d_log_ratio = (diff >= acc_t(-20) && diff <= acc_t(20)) ? acc_t(1) : acc_t(0);
-  const acc_t ratio = ppo_exp(log_ratio);
+  const acc_t ratio = acc_exp(log_ratio);
   const acc_t neg_adv = -adv;
   const acc_t clamped = ratio < p.ratio_low ? p.ratio_low : (ratio > p.ratio_high ? p.ratio_high : ratio);
   const bool in_range = ratio >= p.ratio_low && ratio <= p.ratio_high;
