@@ -1,0 +1,1 @@
+"""Benchmarks of rlhf_kernels: ``python -m benchmarks <name>`` (see __main__)."""
