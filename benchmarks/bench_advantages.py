@@ -12,7 +12,7 @@ Providers, per op (``ppo_advantages``: KL + shaping + GAE + whitening;
   - ``verl``: ``verl.trainer.ppo.core_algos.compute_gae_advantage_return`` where
     verl is importable (compute_gae only: it has no fused shaping).
 
-Usage: python benchmarks/bench_advantages.py [--quick] [--device cuda] [--threads N] [--out-dir DIR]
+Usage: python -m benchmarks.bench_advantages [--quick] [--device cuda] [--threads N] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from benchmarks.common import (
     RESULTS_DIR,
     Result,
     copy_bandwidth_gbps,

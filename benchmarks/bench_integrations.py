@@ -2,7 +2,7 @@
 (CPU here): median of 9 calls after one warm-up. Needs trl and verl installed;
 OpenRLHF's losses are timed only where openrlhf.models imports (flash-attn).
 
-    PYTHONPATH=. python benchmarks/bench_integrations.py
+    python -m benchmarks.bench_integrations
 
 A quick comparison for the README, not yet in the JSON-lines format of the
 other benchmarks.

@@ -6,8 +6,8 @@ of logp+entropy (and the in-place backward for ours). Minimal bytes: forward
 reads the logits once; forward+backward reads them twice and writes the
 gradient once (per-row outputs counted too).
 
-    python benchmarks/bench_logprobs.py            # shapes of the present device
-    python benchmarks/bench_logprobs.py --quick    # tiny shapes (smoke test)
+    python -m benchmarks.bench_logprobs            # shapes of the present device
+    python -m benchmarks.bench_logprobs --quick    # tiny shapes (smoke test)
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from benchmarks import common
 
 import rlhf_kernels  # noqa: E402
 from rlhf_kernels import reference  # noqa: E402
@@ -157,8 +156,8 @@ def cpu_peak_memory(provider: str, n: int, v: int, mode: str) -> int | None:
     high-water mark after the call minus the resident size before it)."""
     code = f"""
 import sys, torch
-sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-import bench_logprobs as b, common
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from benchmarks import bench_logprobs as b, common
 dev = torch.device('cpu')
 fn = b.providers(dev)[{provider!r}]
 x = torch.randn({n}, {v}); y = torch.randint(0, {v}, ({n},))

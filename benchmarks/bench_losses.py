@@ -2,8 +2,8 @@
 ``rlhf_kernels.reference``), ``torch.compile`` of that reference, and Liger's
 ``triton_grpo_loss`` where installed (GPU only).
 
-    python benchmarks/bench_losses.py            # full shapes (1M tokens; N = 8192, V = 152064 on GPU)
-    python benchmarks/bench_losses.py --quick    # tiny shapes, a smoke run
+    python -m benchmarks.bench_losses            # full shapes (1M tokens; N = 8192, V = 152064 on GPU)
+    python -m benchmarks.bench_losses --quick    # tiny shapes, a smoke run
 
 Forward and forward+backward are timed separately; each result is appended as
 one JSON line under benchmarks/results/ (or --out-dir) and printed as a table.
@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from benchmarks.common import (
     RESULTS_DIR, Result, copy_bandwidth_gbps, environment, is_quick, peak_memory_gpu, print_table,
     progress, time_fn, write_results,
 )

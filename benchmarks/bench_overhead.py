@@ -27,30 +27,34 @@ import torch
 import rlhf_kernels
 from rlhf_kernels import reference
 
-from .common import RESULTS_DIR, environment, progress, write_results
+from benchmarks.common import RESULTS_DIR, environment, progress, write_results
 
 POLICY_KW = dict(clip_low=0.2, clip_high=0.28, agg="token-mean")
 LOGITS_KW = dict(temperature=0.9, clip_low=0.2, clip_high=0.28, kl_coef=0.04, kl_estimator="k3",
                  entropy_coef=0.01)
 
 
-def per_call_us(fn: Callable[[], object], calls: int, repeats: int) -> float:
-    """Median over `repeats` of the mean time of one call in a loop of `calls`."""
+def per_call_us(fn: Callable[[], object], calls: int, repeats: int, device: torch.device) -> float:
+    """Median over `repeats` of the mean time of one call in a loop of `calls`
+    (on a GPU, until the last call's work is done)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(max(10, calls // 10)):
         fn()
     samples = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         for _ in range(calls):
             fn()
+        sync()
         samples.append((time.perf_counter() - start) / calls * 1e6)
     return statistics.median(samples)
 
 
-def _inputs(batch: int, seq: int, vocab: int) -> dict:
+def _inputs(batch: int, seq: int, vocab: int, device: torch.device) -> dict:
     gen = torch.Generator().manual_seed(0)
     logp = -torch.rand(batch, seq, generator=gen) * 3
-    return dict(
+    return {name: t.to(device) for name, t in dict(
         logits=torch.randn(batch, seq, vocab, generator=gen),
         labels=torch.randint(0, vocab, (batch, seq), generator=gen),
         logp=logp,
@@ -62,7 +66,7 @@ def _inputs(batch: int, seq: int, vocab: int) -> dict:
         rewards=torch.randn(batch, seq, generator=gen) * 0.1,
         scores=torch.randn(batch, generator=gen),
         mask=torch.rand(batch, seq, generator=gen) > 0.1,
-    )
+    ).items()}
 
 
 def cases(x: dict) -> list[tuple[str, str, Callable, Callable]]:
@@ -125,14 +129,15 @@ def cases(x: dict) -> list[tuple[str, str, Callable, Callable]]:
     return out
 
 
-def run(tokens: tuple[int, int], vocab: int, calls: int, repeats: int, only: str | None = None) -> list[dict]:
-    env = environment(torch.device("cpu"))
+def run(tokens: tuple[int, int], vocab: int, calls: int, repeats: int, device: torch.device,
+        only: str | None = None) -> list[dict]:
+    env = environment(device)
     rows = []
-    for op, mode, ours, eager in cases(_inputs(tokens[0], tokens[1], vocab)):
+    for op, mode, ours, eager in cases(_inputs(tokens[0], tokens[1], vocab, device)):
         if only and only not in op:
             continue
         progress(f"{op} {mode}")
-        times = {"ours": per_call_us(ours, calls, repeats), "eager": per_call_us(eager, calls, repeats)}
+        times = {"ours": per_call_us(ours, calls, repeats, device), "eager": per_call_us(eager, calls, repeats, device)}
         for provider, us in times.items():
             row = dict(env, op=op, mode=mode, provider=provider, shape=[*tokens, vocab], dtype="float32",
                        per_call_us=round(us, 2), benchmark="overhead")
@@ -156,6 +161,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", default="8x16", help="B x T")
     p.add_argument("--vocab", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--only", default=None, help="only ops whose name contains this")
@@ -166,7 +172,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     batch, seq = (int(s) for s in args.tokens.lower().split("x"))
     calls, repeats = (5, 2) if args.quick else (args.calls, args.repeats)
-    rows = run((batch, seq), args.vocab, calls, repeats, args.only)
+    rows = run((batch, seq), args.vocab, calls, repeats, torch.device(args.device), args.only)
     print_rows(rows)
     if not args.no_write and not args.quick:
         print(f"results appended to {write_results(rows, rows[0], Path(args.out_dir))}")

@@ -6,7 +6,7 @@ CPU: the tiny default model of `rlhf-kernels train`. GPU: a Qwen2-0.5B-shaped
 model built from a config (vocabulary 151936, random weights), batch 32,
 response length 512 (EOS suppressed so every response is full length).
 
-    python benchmarks/bench_trainer.py [--quick] [--device cuda]
+    python -m benchmarks.bench_trainer [--quick] [--device cuda]
 Each backend runs in a fresh process so that peak memory is its own.
 """
 
@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from benchmarks import common
 
 OP = "ppo_trainer"
 PHASES = ("rollout", "scoring", "advantages", "update")
@@ -113,10 +112,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = {}
     for name in ("reference", "kernels"):
         common.progress(f"trainer {name} on {device}")
-        cmd = [sys.executable, __file__, "--child", name, "--device", device, "--iterations", str(iterations)]
+        cmd = [sys.executable, "-m", "benchmarks.bench_trainer", "--child", name, "--device", device, "--iterations", str(iterations)]
         if quick:
             cmd.append("--quick")
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3000,
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3000, cwd=common.REPO_ROOT,
                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
         if out.returncode != 0:
             raise RuntimeError(f"bench_trainer child {name} failed:\n{out.stderr[-3000:]}")

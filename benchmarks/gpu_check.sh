@@ -42,10 +42,10 @@ unset TRITON_INTERPRET  # real Triton, never the interpreter
 STAGES=(
     "build|110|$PY -m pip install --no-build-isolation --no-deps --no-index -e ."
     "tests|190|$PY -m pytest python_tests -q -rfE --maxfail=50 -p no:cacheprovider"
-    "memcheck|60|env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/sanitizer_cases.py --device cuda"
-    "racecheck|60|compute-sanitizer --tool racecheck --error-exitcode 1 $PY benchmarks/sanitizer_cases.py --device cuda"
+    "memcheck|60|env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m benchmarks.sanitizer_cases --device cuda"
+    "racecheck|60|compute-sanitizer --tool racecheck --error-exitcode 1 $PY -m benchmarks.sanitizer_cases --device cuda"
     "bench|90|$PY -m rlhf_kernels.cli bench --device cuda"
-    "report|20|$PY benchmarks/report.py"
+    "report|20|$PY -m benchmarks.report"
 )
 
 declare -A STATUS=()
@@ -79,7 +79,7 @@ run_stage() {
     timeout --kill-after=10 "$limit" $cmd >"$log" 2>&1
     rc=$?
     SECONDS_TAKEN[$name]=$(( $(date +%s) - start ))
-    if [[ "$name" == build && $rc -eq 0 ]] && ! $PY -c "from rlhf_kernels import _backend as b; assert b.native_cuda_built()" >>"$log" 2>&1; then
+    if [[ "$name" == build && $rc -eq 0 ]] && ! $PY -c "from rlhf_kernels import _dispatch as b; assert b.native_cuda_built()" >>"$log" 2>&1; then
         rc=4  # built, but without the CUDA kernels (no CUDA toolkit found?)
     fi
     case $rc in

@@ -1,8 +1,8 @@
 """Every op once per case on small shapes: the driver compute-sanitizer runs under.
 
-    compute-sanitizer --tool memcheck  python benchmarks/sanitizer_cases.py             # CUDA kernels
-    compute-sanitizer --tool racecheck python benchmarks/sanitizer_cases.py
-    python benchmarks/sanitizer_cases.py --device cpu                                    # the C++ kernels
+    compute-sanitizer --tool memcheck  python -m benchmarks.sanitizer_cases             # CUDA kernels
+    compute-sanitizer --tool racecheck python -m benchmarks.sanitizer_cases
+    python -m benchmarks.sanitizer_cases --device cpu                                    # the C++ kernels
 
 Shapes are odd (tails in every block), rows are strided (``logits[:, :-1]``),
 masks have holes and all-masked rows, packed layouts have empty sequences;

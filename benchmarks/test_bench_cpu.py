@@ -10,10 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import bench_advantages
-import bench_logprobs
-import bench_losses
-import common
+from benchmarks import bench_advantages, bench_logprobs, bench_losses, common
 import rlhf_kernels
 from rlhf_kernels import reference
 

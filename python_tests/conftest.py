@@ -36,7 +36,7 @@ def _launch_floats_as_fp32():
     InterpretedFunction.run = run
 
 
-if os.environ.get("TRITON_INTERPRET") == "1" and rlhf_kernels._backend.triton_installed():
+if os.environ.get("TRITON_INTERPRET") == "1" and rlhf_kernels._dispatch.triton_installed():
     _launch_floats_as_fp32()
 
 

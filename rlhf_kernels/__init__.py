@@ -5,7 +5,7 @@ Triton and without the compiled extension (the reference backend then runs).
 """
 
 from . import reference
-from ._backend import BACKENDS, available_backends
+from ._dispatch import BACKENDS, available_backends
 from .ops.advantages import (
     AdaptiveKLController,
     PPOAdvantages,

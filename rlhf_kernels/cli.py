@@ -15,7 +15,7 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("logprobs", "advantages", "losses", "trainer")
+BENCHMARKS = ("logprobs", "advantages", "losses", "overhead", "trainer")
 
 
 def _benchmarks_dir() -> Path:
@@ -31,7 +31,7 @@ def _benchmarks_dir() -> Path:
 
 def bench(args: argparse.Namespace) -> int:
     bench_dir = _benchmarks_dir()
-    sys.path.insert(0, str(bench_dir))
+    sys.path.insert(0, str(bench_dir.parent))
     names = [n for n in (args.only.split(",") if args.only else BENCHMARKS) if n]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
@@ -43,7 +43,7 @@ def bench(args: argparse.Namespace) -> int:
         if not (bench_dir / f"bench_{name}.py").exists():
             print(f"[bench] {name}: not written yet, skipped", file=sys.stderr)
             continue
-        module = importlib.import_module(f"bench_{name}")
+        module = importlib.import_module(f"benchmarks.bench_{name}")
         argv = ["--quick"] if args.quick else []
         if args.device:
             argv += ["--device", args.device]

@@ -44,10 +44,10 @@ from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import rlhf_kernels  # noqa: E402
-from rlhf_kernels import _backend  # noqa: E402
-from rlhf_kernels.ops import advantages as _adv  # noqa: E402
-from rlhf_kernels.ops import logprobs as _lp  # noqa: E402
-from rlhf_kernels.ops import ppo_loss as _pl  # noqa: E402
+from rlhf_kernels import _dispatch  # noqa: E402
+from rlhf_kernels.triton import advantages as _adv  # noqa: E402
+from rlhf_kernels.triton import logprobs as _lp  # noqa: E402
+from rlhf_kernels.triton import ppo_loss as _pl  # noqa: E402
 
 KERNEL_MODULES = (_lp, _adv, _pl)
 
@@ -240,10 +240,10 @@ def main(argv=None) -> int:
 
     import tempfile
 
-    _backend.triton_interpreter = lambda: True  # let backend="triton" take CPU tensors
-    _lp._triton_block = _pretend_cuda(_lp._triton_block)
-    _adv._elem_block = (lambda f: lambda device: f(torch.device("cuda")))(_adv._elem_block)
-    _pl._token_block = _pretend_cuda(_pl._token_block)
+    _dispatch.triton_interpreter = lambda: True  # let backend="triton" take CPU tensors
+    _lp.block_config = _pretend_cuda(_lp.block_config)
+    _adv.elem_block = (lambda f: lambda device: f(torch.device("cuda")))(_adv.elem_block)
+    _pl.token_block = _pretend_cuda(_pl.token_block)
 
     expected = sorted(
         name for mod in KERNEL_MODULES for name, obj in vars(mod).items()

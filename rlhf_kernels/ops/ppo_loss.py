@@ -18,238 +18,25 @@ closed interval [lo, hi]; at a tie of max / min each side gets half. See
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import f64_parts, on_tensor_device, resolve_backend, triton_installed
+from .._dispatch import resolve_backend, triton_installed
+from .._launch import (
+    APPROX_KL, CLIP, COUNT, DUAL, ENTROPY_SUM, KL_SUM, N_POLICY_STATS, N_VALUE_STATS, PG_SUM, RATIO_MAX, RATIO_MIN,
+    VF_CLIP, VF_COUNT, VF_SUM, acc_dtype, layouts, rows_in_flight,
+)
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_finite, check_positive, check_same_device, check_tensor
+from ..eager import ppo_loss as _eager
 from . import logprobs as _lp
 from .advantages import _check_estimator
 
-if triton_installed():
-    import triton
-    import triton.language as tl
-else:  # pragma: no cover - exercised only where Triton is absent
-    triton = None
-
-# Columns of the per-sequence statistics (csrc/include/rlhf_kernels/ppo_math.h).
-PG_SUM, COUNT, CLIP, DUAL, APPROX_KL, RATIO_MAX, RATIO_MIN, KL_SUM, ENTROPY_SUM = range(9)
-N_POLICY_STATS = 9
-VF_SUM, VF_COUNT, VF_CLIP = range(3)
-N_VALUE_STATS = 3
 
 AGG_MODES = reference.AGG_MODES
 POLICY_STAT_NAMES = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_max", "ratio_min")
-
-
-if triton is not None:
-    from .logprobs import _clamp, _f64, _k3_terms, _label_logp, _row_grad, _row_softmax
-
-    @triton.jit
-    def _chunk_tokens(mask_ptr, seq_len, n_chunks, BLOCK: tl.constexpr):
-        # This program's work item (a chunk of BLOCK tokens of one sequence) on a
-        # flat grid (axis 0 takes 2^31 - 1 programs, axes 1 and 2 only 65535):
-        # (item, token offsets, inside the sequence, valid = inside and unmasked).
-        item = tl.program_id(0).to(tl.int64)
-        t = (item % n_chunks) * BLOCK + tl.arange(0, BLOCK)
-        in_seq = t < seq_len
-        offs = (item // n_chunks) * seq_len + t
-        valid = (tl.load(mask_ptr + offs, mask=in_seq, other=0) != 0) & in_seq
-        return item, offs, in_seq, valid
-
-    @triton.jit
-    def _policy_terms(logp, old, adv, ref, ratio_low, ratio_high, dual_c, kl_coef,
-                      HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr):
-        """PPO-clip (Schulman et al., 2017) + dual clip (Ye et al., 2020) per token
-        (rlhf_kernels/ppo_math.h): (loss, d(loss + kl_coef * kl)/d logp, clipped,
-        dual active, ratio, kl), for a block of tokens or a single one."""
-        diff = logp - old
-        log_ratio = _clamp(diff, -20.0, 20.0)
-        d_log_ratio = tl.where((diff >= -20.0) & (diff <= 20.0), 1.0, 0.0)
-        ratio = tl.exp(log_ratio)
-        neg_adv = -adv
-        loss1 = neg_adv * ratio
-        loss2 = neg_adv * _clamp(ratio, ratio_low, ratio_high)
-        dloss2 = tl.where((ratio >= ratio_low) & (ratio <= ratio_high), neg_adv, 0.0)
-        clipped = loss2 > loss1
-        loss = tl.where(clipped, loss2, loss1)
-        dloss = tl.where(loss1 > loss2, neg_adv, tl.where(clipped, dloss2, 0.5 * (neg_adv + dloss2)))
-        if HAS_DUAL:
-            loss3 = neg_adv * dual_c
-            negative = adv < 0.0
-            dual = negative & (loss > loss3)
-            dloss = tl.where(dual, 0.0, tl.where(negative & (loss == loss3), 0.5 * dloss, dloss))
-            loss = tl.where(dual, loss3, loss)
-        else:
-            dual = clipped & False
-        grad = dloss * ratio * d_log_ratio
-        kl = tl.zeros_like(ratio)
-        if KL_ESTIMATOR >= 0:
-            k1 = logp - ref
-            if KL_ESTIMATOR == 0:
-                kl = k1
-                dkl = tl.zeros_like(ratio) + 1.0
-            elif KL_ESTIMATOR == 1:
-                kl = tl.where(k1 < 0.0, -k1, k1)
-                dkl = tl.where(k1 > 0.0, 1.0, tl.where(k1 < 0.0, -1.0, 0.0))
-            elif KL_ESTIMATOR == 2:
-                kl = 0.5 * (k1 * k1)
-                dkl = k1
-            else:
-                # k3 (low_var_kl): exp(d) - d - 1, d = clamp(ref - logp, -20, 20), into [-10, 10].
-                d_raw = ref - logp
-                k, expm1 = _k3_terms(_clamp(d_raw, -20.0, 20.0))
-                kl = _clamp(k, -10.0, 10.0)
-                passes = (d_raw >= -20.0) & (d_raw <= 20.0) & (k >= -10.0) & (k <= 10.0)
-                dkl = tl.where(passes, -expm1, 0.0)
-            grad = grad + kl_coef * dkl
-        return loss, grad, clipped, dual, ratio, kl
-
-    @triton.jit
-    def _ppo_policy_fwd_kernel(
-        logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, entropy_ptr, grad_ptr, partial_ptr,
-        seq_len, n_chunks, low_hi, low_mid, low_lo, high_hi, high_mid, high_lo, dual_hi, dual_mid, dual_lo,
-        kl_coef_hi, kl_coef_mid, kl_coef_lo,
-        HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_ENTROPY: tl.constexpr,
-        NEED_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        # PPO-clip (Schulman et al., 2017) + dual clip (Ye et al., 2020) per token;
-        # one program per (sequence, chunk) writes dl/dlogp and 9 partial sums.
-        item, offs, in_seq, valid = _chunk_tokens(mask_ptr, seq_len, n_chunks, BLOCK)
-        ratio_low = _f64(low_hi, low_mid, low_lo, ACC_DTYPE)
-        ratio_high = _f64(high_hi, high_mid, high_lo, ACC_DTYPE)
-        logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
-        old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
-        adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
-        if KL_ESTIMATOR >= 0:
-            ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
-        else:
-            ref = logp
-        loss, grad, clipped, dual, ratio, kl = _policy_terms(
-            logp, old, adv, ref, ratio_low, ratio_high, _f64(dual_hi, dual_mid, dual_lo, ACC_DTYPE),
-            _f64(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE), HAS_DUAL, KL_ESTIMATOR,
-        )
-        if NEED_GRAD:
-            tl.store(grad_ptr + offs, tl.where(valid, grad, 0.0), mask=in_seq)
-        out = partial_ptr + item * 9
-        tl.store(out + 0, tl.sum(tl.where(valid, loss, 0.0), axis=0))
-        tl.store(out + 1, tl.sum(valid.to(ACC_DTYPE), axis=0))
-        tl.store(out + 2, tl.sum((valid & clipped).to(ACC_DTYPE), axis=0))
-        tl.store(out + 3, tl.sum((valid & dual).to(ACC_DTYPE), axis=0))
-        tl.store(out + 4, tl.sum(tl.where(valid, old - logp, 0.0), axis=0))
-        tl.store(out + 5, tl.max(tl.where(valid, ratio, float("-inf")), axis=0))
-        tl.store(out + 6, tl.min(tl.where(valid, ratio, float("inf")), axis=0))
-        tl.store(out + 7, tl.sum(tl.where(valid, kl, 0.0), axis=0))
-        if HAS_ENTROPY:
-            entropy = tl.load(entropy_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
-            tl.store(out + 8, tl.sum(tl.where(valid, entropy, 0.0), axis=0))
-        else:
-            tl.store(out + 8, tl.sum(tl.zeros((BLOCK,), ACC_DTYPE), axis=0))
-
-    @triton.jit
-    def _ppo_logits_grad_kernel(
-        logits_ptr, labels_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, grad_ptr, logp_ptr, entropy_ptr,
-        lse_ptr, n_rows, inner_rows, in_outer_stride, in_inner_stride, out_outer_stride, out_inner_stride, vocab,
-        inv_t_hi, inv_t_mid, inv_t_lo, ignore_index, low_hi, low_mid, low_lo, high_hi, high_mid, high_lo,
-        dual_hi, dual_mid, dual_lo, kl_coef_hi, kl_coef_mid, kl_coef_lo, ent_hi, ent_mid, ent_lo,
-        HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
-        ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
-    ):
-        # ppo_loss_from_logits with the gradient in the same program, row by
-        # row: the row's softmax (one read), its token's weighted dL/dlogp, then
-        # the row's gradient (the row again, from cache, and one write).
-        inv_temperature = _f64(inv_t_hi, inv_t_mid, inv_t_lo, ACC_DTYPE)
-        # Rows in a grid-stride loop: the grid bounds the rows in flight (see _rows_in_flight).
-        for row_index in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-            row = row_index + tl.zeros((), tl.int64)  # int64 offsets
-            outer = row // inner_rows
-            inner = row % inner_rows
-            row_ptr = logits_ptr + outer * in_outer_stride + inner * in_inner_stride
-            out_ptr = grad_ptr + outer * out_outer_stride + inner * out_inner_stride
-            m, log_s, entropy = _row_softmax(row_ptr, vocab, inv_temperature, ACC_DTYPE, BLOCK_V)
-            lse = m * inv_temperature + log_s
-            label = tl.load(labels_ptr + row)
-            ignored = label == ignore_index
-            logp = tl.where(ignored, 0.0, _label_logp(row_ptr, label, vocab, m, log_s, inv_temperature, ACC_DTYPE))
-            entropy = tl.where(ignored, 0.0, entropy)
-            tl.store(lse_ptr + row, lse)
-            tl.store(logp_ptr + row, logp)
-            tl.store(entropy_ptr + row, entropy)
-            weight = tl.load(weight_ptr + row).to(ACC_DTYPE)
-            valid = weight != 0.0
-            old = tl.load(old_ptr + row).to(ACC_DTYPE)
-            adv = tl.load(adv_ptr + row).to(ACC_DTYPE)
-            if KL_ESTIMATOR >= 0:
-                ref = tl.load(ref_ptr + row).to(ACC_DTYPE)
-            else:
-                ref = logp
-            _, tok_grad, _, _, _, _ = _policy_terms(
-                logp, old, adv, ref, _f64(low_hi, low_mid, low_lo, ACC_DTYPE),
-                _f64(high_hi, high_mid, high_lo, ACC_DTYPE), _f64(dual_hi, dual_mid, dual_lo, ACC_DTYPE),
-                _f64(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE), HAS_DUAL, KL_ESTIMATOR,
-            )
-            g = tl.where(valid, weight * tok_grad, 0.0)
-            if HAS_ENTROPY_GRAD:
-                g_entropy = tl.where(valid, -_f64(ent_hi, ent_mid, ent_lo, ACC_DTYPE) * weight, 0.0)
-            else:
-                g_entropy = tl.zeros((), ACC_DTYPE)
-            _row_grad(row_ptr, out_ptr, vocab, label, ignore_index, g, g_entropy, entropy, lse,
-                      inv_temperature, ACC_DTYPE, BLOCK_V)
-
-    @triton.jit
-    def _ppo_value_fwd_kernel(
-        values_ptr, old_ptr, returns_ptr, mask_ptr, grad_ptr, partial_ptr,
-        seq_len, n_chunks, clip_hi, clip_mid, clip_lo,
-        NEED_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        # 0.5 * max((v - R)^2, (v_clipped - R)^2) per token; v_clipped = old +
-        # clamp(v - old, -c, c), exactly v in range.
-        item, offs, in_seq, valid = _chunk_tokens(mask_ptr, seq_len, n_chunks, BLOCK)
-        clip = _f64(clip_hi, clip_mid, clip_lo, ACC_DTYPE)
-        values = tl.load(values_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
-        old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
-        returns = tl.load(returns_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
-        diff = values - old
-        in_range = (diff >= -clip) & (diff <= clip)
-        err1 = values - returns
-        err2 = tl.where(in_range, err1, (old + _clamp(diff, -clip, clip)) - returns)
-        loss1 = err1 * err1
-        loss2 = err2 * err2
-        dloss1 = 2.0 * err1
-        dloss2 = tl.where(in_range, 2.0 * err2, 0.0)
-        clipped = loss2 > loss1
-        loss = 0.5 * tl.where(clipped, loss2, loss1)
-        grad = 0.5 * tl.where(loss1 > loss2, dloss1, tl.where(clipped, dloss2, 0.5 * (dloss1 + dloss2)))
-        if NEED_GRAD:
-            tl.store(grad_ptr + offs, tl.where(valid, grad, 0.0), mask=in_seq)
-        out = partial_ptr + item * 3
-        tl.store(out + 0, tl.sum(tl.where(valid, loss, 0.0), axis=0))
-        tl.store(out + 1, tl.sum(valid.to(ACC_DTYPE), axis=0))
-        tl.store(out + 2, tl.sum((valid & clipped).to(ACC_DTYPE), axis=0))
-
-
-
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _token_block(seq_len: int, device: torch.device) -> int:
-    # The interpreter favours few, wide programs; a GPU many 1024-wide ones.
-    cap = 4096 if device.type != "cuda" else 1024
-    return max(16, min(triton.next_power_of_2(max(seq_len, 1)), cap))
-
-
-def _reduce_partials(partial: Tensor, max_col: int | None, min_col: int | None) -> Tensor:
-    """(B, C, K) chunk partials -> (B, K): sums, with max / min for the ratio columns."""
-    stats = partial.sum(1)
-    if max_col is not None:
-        stats[:, max_col] = partial[:, :, max_col].amax(1)
-        stats[:, min_col] = partial[:, :, min_col].amin(1)
-    return stats
 
 
 # --- per-token kernels per backend ----------------------------------------------------
@@ -265,137 +52,14 @@ def _policy_native(logp, old_logp, adv, mask, ref_logp, entropy, seq_len, ratio_
     )
 
 
-@on_tensor_device
-def _policy_triton(logp, old_logp, adv, mask, ref_logp, entropy, seq_len, ratio_low, ratio_high,
-                   dual_clip, kl_coef, kl_code, need_grad):
-    n = logp.numel()
-    seqs = n // seq_len if seq_len > 0 else 0
-    block = _token_block(seq_len, logp.device)
-    chunks = max(1, triton.cdiv(seq_len, block))
-    grad = torch.empty(n if need_grad else 0, dtype=logp.dtype, device=logp.device)
-    partial = torch.empty((seqs, chunks, N_POLICY_STATS), dtype=logp.dtype, device=logp.device)
-    if seqs > 0:
-        _ppo_policy_fwd_kernel[(seqs * chunks,)](
-            logp, old_logp, adv, mask.view(torch.uint8),
-            ref_logp if ref_logp is not None else logp, entropy if entropy is not None else logp,
-            grad if need_grad else logp, partial, seq_len, chunks,
-            *f64_parts(ratio_low), *f64_parts(ratio_high), *f64_parts(dual_clip), *f64_parts(kl_coef),
-            HAS_DUAL=dual_clip > 0, KL_ESTIMATOR=kl_code, HAS_ENTROPY=entropy is not None,
-            NEED_GRAD=need_grad, ACC_DTYPE=_tl_acc(logp.dtype), BLOCK=block,
-        )
-    return grad, _reduce_partials(partial, RATIO_MAX, RATIO_MIN)
-
-
-def _clamp_t(x: Tensor, lo, hi) -> Tensor:
-    return torch.where(x < lo, lo, torch.where(x > hi, hi, x))
-
-
-def _policy_torch(logp, old_logp, adv, mask, ref_logp, entropy, seq_len, ratio_low, ratio_high,
-                  dual_clip, kl_coef, kl_code, need_grad):
-    """The kernels' closed form in plain torch ops (the "reference" backend)."""
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    half = 0.5
-    diff = logp - old_logp
-    ratio = torch.exp(_clamp_t(diff, -20.0, 20.0))
-    d_log_ratio = ((diff >= -20.0) & (diff <= 20.0)).to(logp.dtype)
-    neg_adv = -adv
-    loss1 = neg_adv * ratio
-    loss2 = neg_adv * _clamp_t(ratio, ratio_low, ratio_high)
-    dloss2 = torch.where((ratio >= ratio_low) & (ratio <= ratio_high), neg_adv, zero)
-    clipped = loss2 > loss1
-    loss = torch.where(clipped, loss2, loss1)
-    dloss = torch.where(loss1 > loss2, neg_adv, torch.where(clipped, dloss2, half * (neg_adv + dloss2)))
-    dual = torch.zeros_like(mask)
-    if dual_clip > 0:
-        loss3 = neg_adv * dual_clip
-        negative = adv < 0
-        dual = negative & (loss > loss3)
-        dloss = torch.where(dual, zero, torch.where(negative & (loss == loss3), half * dloss, dloss))
-        loss = torch.where(dual, loss3, loss)
-    grad = dloss * ratio * d_log_ratio
-    kl = torch.zeros_like(logp)
-    if kl_code >= 0:
-        k1 = logp - ref_logp
-        if kl_code == 0:
-            kl, dkl = k1, torch.ones_like(k1)
-        elif kl_code == 1:
-            kl, dkl = k1.abs(), torch.sign(k1)
-        elif kl_code == 2:
-            kl, dkl = half * (k1 * k1), k1
-        else:
-            d_raw = ref_logp - logp
-            d = _clamp_t(d_raw, -20.0, 20.0)
-            e = torch.exp(d)
-            k = e - d - 1.0
-            kl = _clamp_t(k, -10.0, 10.0)
-            passes = (d_raw >= -20.0) & (d_raw <= 20.0) & (k >= -10.0) & (k <= 10.0)
-            dkl = torch.where(passes, 1.0 - e, zero)
-        grad = grad + kl_coef * dkl
-    seqs = logp.numel() // seq_len if seq_len > 0 else 0
-
-    def per_seq(x: Tensor) -> Tensor:
-        return torch.where(mask, x, zero).view(seqs, seq_len).sum(-1)
-
-    inf = torch.tensor(float("inf"), dtype=logp.dtype, device=logp.device)
-    ratio_seq = ratio.view(seqs, seq_len)
-    mask_seq = mask.view(seqs, seq_len)
-    columns = [
-        per_seq(loss), per_seq(torch.ones_like(loss)), per_seq(clipped.to(logp.dtype)),
-        per_seq(dual.to(logp.dtype)), per_seq(old_logp - logp),
-        torch.where(mask_seq, ratio_seq, -inf).amax(-1) if seq_len > 0 else zero.expand(seqs),
-        torch.where(mask_seq, ratio_seq, inf).amin(-1) if seq_len > 0 else zero.expand(seqs),
-        per_seq(kl), per_seq(entropy) if entropy is not None else zero.expand(seqs),
-    ]
-    grad = torch.where(mask, grad, zero) if need_grad else logp.new_empty(0)
-    return grad, torch.stack(columns, dim=-1)
-
-
-_POLICY = {"cpu": _policy_native, "cuda": _policy_native, "triton": _policy_triton, "reference": _policy_torch}
+_POLICY = {"cpu": _policy_native, "cuda": _policy_native, "reference": _eager.policy}
 
 
 def _value_native(values, old_values, returns, mask, seq_len, clip, need_grad):
     return torch.ops.rlhf_kernels.ppo_value_fwd_native(values, old_values, returns, mask, seq_len, clip, need_grad)
 
 
-@on_tensor_device
-def _value_triton(values, old_values, returns, mask, seq_len, clip, need_grad):
-    n = values.numel()
-    seqs = n // seq_len if seq_len > 0 else 0
-    block = _token_block(seq_len, values.device)
-    chunks = max(1, triton.cdiv(seq_len, block))
-    grad = torch.empty(n if need_grad else 0, dtype=values.dtype, device=values.device)
-    partial = torch.empty((seqs, chunks, N_VALUE_STATS), dtype=values.dtype, device=values.device)
-    if seqs > 0:
-        _ppo_value_fwd_kernel[(seqs * chunks,)](
-            values, old_values, returns, mask.view(torch.uint8), grad if need_grad else values,
-            partial, seq_len, chunks, *f64_parts(clip),
-            NEED_GRAD=need_grad, ACC_DTYPE=_tl_acc(values.dtype), BLOCK=block,
-        )
-    return grad, _reduce_partials(partial, None, None)
-
-
-def _value_torch(values, old_values, returns, mask, seq_len, clip, need_grad):
-    zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    diff = values - old_values
-    in_range = (diff >= -clip) & (diff <= clip)
-    err1 = values - returns
-    err2 = torch.where(in_range, err1, (old_values + _clamp_t(diff, -clip, clip)) - returns)
-    loss1, loss2 = err1 * err1, err2 * err2
-    dloss1 = 2.0 * err1
-    dloss2 = torch.where(in_range, 2.0 * err2, zero)
-    clipped = loss2 > loss1
-    loss = 0.5 * torch.where(clipped, loss2, loss1)
-    grad = 0.5 * torch.where(loss1 > loss2, dloss1, torch.where(clipped, dloss2, 0.5 * (dloss1 + dloss2)))
-    seqs = values.numel() // seq_len if seq_len > 0 else 0
-
-    def per_seq(x: Tensor) -> Tensor:
-        return torch.where(mask, x, zero).view(seqs, seq_len).sum(-1)
-
-    stats = torch.stack([per_seq(loss), per_seq(torch.ones_like(loss)), per_seq(clipped.to(values.dtype))], -1)
-    return (torch.where(mask, grad, zero) if need_grad else values.new_empty(0)), stats
-
-
-_VALUE = {"cpu": _value_native, "cuda": _value_native, "triton": _value_triton, "reference": _value_torch}
+_VALUE = {"cpu": _value_native, "cuda": _value_native, "reference": _eager.value}
 
 
 # --- aggregation ------------------------------------------------------------------------
@@ -573,76 +237,22 @@ _ppo_value_loss_fwd.register_autograd(_value_backward, setup_context=_policy_set
 # them again. grad_logits (contiguous, the logits' dtype) is written in place.
 
 
-def _rows_in_flight(n_rows: int, row_bytes: int, device: torch.device) -> int:
-    """How many rows the fused GPU kernels work on at once (0: all). Between a
-    row's first read and its second, the other rows in flight stream through
-    L2: keeping their bytes to about half of L2 lets the second read hit it,
-    but at least one row per SM keeps every SM busy. A prediction, to be
-    measured (benchmarks/bench_losses.py sweeps it; RLHF_KERNELS_ROWS_IN_FLIGHT
-    overrides it)."""
-    override = os.environ.get("RLHF_KERNELS_ROWS_IN_FLIGHT")
-    if override is not None:
-        try:
-            return max(0, int(override))
-        except ValueError:
-            raise ValueError(f"RLHF_KERNELS_ROWS_IN_FLIGHT: expected an integer, got {override!r}") from None
-    if device.type != "cuda":
-        return 0
-    props = torch.cuda.get_device_properties(device)
-    l2_bytes = getattr(props, "L2_cache_size", 0) or 50 * 2**20
-    rows = max(props.multi_processor_count, (l2_bytes // 2) // max(row_bytes, 1))
-    return 0 if rows >= n_rows else int(rows)
-
-
 def _logits_grad_native(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inv_temperature,
                         ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef):
-    tensor, inner_rows, in_outer, in_inner, out_outer, out_inner = _lp._layouts(logits, grad_logits)
+    tensor, inner_rows, in_outer, in_inner, out_outer, out_inner = layouts(logits, grad_logits)
     row_bytes = logits.shape[-1] * logits.element_size()
     return torch.ops.rlhf_kernels.ppo_logits_grad_native(
         tensor, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inner_rows, in_outer, in_inner,
         out_outer, out_inner, inv_temperature, -100, ratio_low, ratio_high, dual_clip, kl_coef, kl_code,
-        entropy_coef, _rows_in_flight(labels.numel(), row_bytes, logits.device),
+        entropy_coef, rows_in_flight(labels.numel(), row_bytes, logits.device),
     )
 
 
-def _logits_grad_reference(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inv_temperature,
-                           ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef):
-    """Forward, token pass, backward as three steps, in plain torch."""
-    logp, entropy, lse = _lp._FORWARD["reference"](logits, labels, inv_temperature, -100, True)
-    valid = row_weight != 0
-    grad, _ = _POLICY["reference"](logp, old_logp, adv, valid, ref_logp, None, max(1, logp.numel()),
-                                   ratio_low, ratio_high, dual_clip, kl_coef, kl_code, True)
-    grad_logp = grad * row_weight
-    grad_entropy = (-entropy_coef * row_weight) if entropy_coef != 0.0 else None
-    _lp._BACKWARD["reference"](grad_logp, grad_entropy, logits, labels, lse,
-                               entropy if grad_entropy is not None else None, grad_logits,
-                               inv_temperature, -100)
-    return logp, entropy, lse
+_LOGITS_GRAD = {"cpu": _logits_grad_native, "cuda": _logits_grad_native, "reference": _eager.logits_grad}
+if triton_installed():
+    from ..triton import ppo_loss as _triton
 
-
-@on_tensor_device
-def _logits_grad_triton(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inv_temperature,
-                        ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef):
-    tensor, inner_rows, in_outer, in_inner, out_outer, out_inner = _lp._layouts(logits, grad_logits)
-    n_rows, vocab = labels.numel(), logits.shape[-1]
-    acc = _lp._acc_dtype(logits.dtype)
-    logp, entropy, lse = (torch.empty(n_rows, dtype=acc, device=logits.device) for _ in range(3))
-    if n_rows > 0:
-        block, warps = _lp._triton_block(vocab, logits.device)
-        grid = _rows_in_flight(n_rows, vocab * logits.element_size(), logits.device) or n_rows
-        _ppo_logits_grad_kernel[(grid,)](
-            tensor, labels, old_logp, adv, row_weight, ref_logp if ref_logp is not None else old_logp,
-            grad_logits, logp, entropy, lse, n_rows, inner_rows, in_outer, in_inner, out_outer, out_inner, vocab,
-            *f64_parts(inv_temperature), -100, *f64_parts(ratio_low), *f64_parts(ratio_high),
-            *f64_parts(dual_clip), *f64_parts(kl_coef), *f64_parts(entropy_coef),
-            HAS_DUAL=dual_clip > 0, KL_ESTIMATOR=kl_code, HAS_ENTROPY_GRAD=entropy_coef != 0.0,
-            ACC_DTYPE=_tl_acc(logits.dtype), BLOCK_V=block, num_warps=warps,
-        )
-    return logp, entropy, lse
-
-
-_LOGITS_GRAD = {"cpu": _logits_grad_native, "cuda": _logits_grad_native,
-                "triton": _logits_grad_triton, "reference": _logits_grad_reference}
+    _POLICY["triton"], _VALUE["triton"], _LOGITS_GRAD["triton"] = _triton.policy, _triton.value, _triton.logits_grad
 
 
 @torch.library.custom_op("rlhf_kernels::ppo_loss_from_logits_fwd", mutates_args=())
@@ -699,7 +309,7 @@ def _ppo_loss_from_logits_fwd(
 def _(logits, labels, old_logp, advantages, mask, ref_logp, temperature, ratio_low, ratio_high,
       dual_clip, agg, num_tokens, num_seqs, kl_coef, kl_code, entropy_coef, inplace_backward,
       need_grad, backend, count=None):
-    acc = _lp._acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     n = labels.numel()
     seqs = _num_seqs(labels.shape)
     new = lambda *shape: logits.new_empty(shape, dtype=acc)  # noqa: E731
@@ -1062,7 +672,7 @@ def ppo_loss_from_logits(
     if ref_logp is None:
         kl_code = -1  # no KL term
     chosen = resolve_backend(backend, logits.device, "ppo_loss_from_logits")
-    acc = _lp._acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     loss, stats, _, _, _, _, _ = torch.ops.rlhf_kernels.ppo_loss_from_logits_fwd(
         logits, labels, _prepare(old_logp.detach(), acc), _prepare(advantages.detach(), acc),
         mask.contiguous(), None if ref_logp is None else _prepare(ref_logp.detach(), acc),

@@ -512,7 +512,7 @@ def test_loss_from_logits_fewer_rows_in_flight_than_rows(device_backend, monkeyp
 
 
 def test_rows_in_flight_policy():
-    from rlhf_kernels.ops.ppo_loss import _rows_in_flight
+    from rlhf_kernels._launch import rows_in_flight as _rows_in_flight
 
     assert _rows_in_flight(8192, 304128, torch.device("cpu")) == 0  # no bound off the GPU
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_kernels import _backend
+from rlhf_kernels import _dispatch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-@pytest.mark.skipif(not _backend.triton_installed(), reason="Triton is not installed")
+@pytest.mark.skipif(not _dispatch.triton_installed(), reason="Triton is not installed")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the test suite compiles and runs every kernel for real")
 def test_every_triton_kernel_compiles_for_sm90_and_sm80_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

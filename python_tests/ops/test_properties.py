@@ -9,7 +9,7 @@ case (the Triton interpreter on tiny shapes: it is slow).
 
 Determinism. By default (the ``ci`` profile) each property runs a fixed number
 of examples from a fixed seed, after replaying the committed example database
-``python_tests/.hypothesis_db`` read-only: the same cases on every run.
+``python_tests/ops/.hypothesis_db`` read-only: the same cases on every run.
 ``RLHF_PROPERTY_PROFILE=explore`` draws fresh random cases, ten times as many,
 and saves any failure into that database; commit it and CI replays the failure
 from then on.

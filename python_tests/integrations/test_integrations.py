@@ -748,7 +748,7 @@ _OPENRLHF_MODULES = ("openrlhf.models", "openrlhf.models.loss", "openrlhf.models
 
 def _test_only_stub(name: str, names: dict) -> types.ModuleType:
     def unavailable(*args, **kwargs):
-        raise NotImplementedError(f"{name} is a test-only stand-in (python_tests/test_integrations.py)")
+        raise NotImplementedError(f"{name} is a test-only stand-in (python_tests/integrations/test_integrations.py)")
 
     module = types.ModuleType(name)
     # A spec without a file or version: transformers' availability checks see

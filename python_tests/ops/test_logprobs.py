@@ -7,6 +7,7 @@ import torch
 
 import rlhf_kernels
 from rlhf_kernels import reference
+from rlhf_kernels._launch import row_layout
 from rlhf_kernels.ops import logprobs as lp_ops
 
 from conftest import gpu
@@ -110,7 +111,7 @@ def test_strided_rows_read_in_place(device_backend):
     labels = torch.randint(0, 250, (3, 8), device=device)
     sliced = full[:, :-1]
     assert not sliced.is_contiguous()
-    tensor, inner_rows, outer, inner = lp_ops._row_layout(sliced)
+    tensor, inner_rows, outer, inner = row_layout(sliced)
     assert tensor is sliced and (inner_rows, outer, inner) == (8, 9 * 250, 250)
 
     x = sliced.detach().clone().requires_grad_(False)

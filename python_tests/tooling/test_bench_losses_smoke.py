@@ -4,13 +4,13 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def test_bench_losses_quick(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT))
     try:
-        import bench_losses
+        from benchmarks import bench_losses
     finally:
         sys.path.pop(0)
     rows = bench_losses.main(["--quick", "--out-dir", str(tmp_path)])

@@ -5,11 +5,11 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 
 def test_bench_advantages_quick(tmp_path):
-    import bench_advantages
+    from benchmarks import bench_advantages
 
     rows = bench_advantages.main(["--quick", "--device", "cpu", "--out-dir", str(tmp_path)])
     providers = {(r["op"], r["provider"]) for r in rows}

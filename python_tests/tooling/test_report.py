@@ -4,9 +4,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-import report  # noqa: E402
+from benchmarks import report  # noqa: E402
 
 ENV_GPU = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.13.0", "triton": "3.9.0", "cuda": "12.8",
            "git_commit": "abc1234", "date": "2026-11-22T10:00:00+00:00", "copy_gbps": 3000.0}

@@ -59,7 +59,7 @@ def test_f64_parts_are_fp32_and_rebuild_float64_exactly():
     import random
     import struct
 
-    from rlhf_kernels._backend import f64_parts
+    from rlhf_kernels.triton._device import f64_parts
 
     def f32(v):
         return struct.unpack("f", struct.pack("f", v))[0]

@@ -22,8 +22,9 @@ import cuda_emu
 from cuda_emu import EmulatedLaunchError, Emulator
 from helpers import TOLERANCES
 from rlhf_kernels import reference
-from rlhf_kernels.ops import advantages as adv_ops
-from rlhf_kernels.ops import logprobs as lp_ops
+from rlhf_kernels._launch import row_layout
+from rlhf_kernels.eager import advantages as eager_adv
+from rlhf_kernels.eager import ppo_loss as eager_ppo
 from rlhf_kernels.ops import ppo_loss as ppo_ops
 
 ESTIMATORS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
@@ -192,7 +193,7 @@ def _layout_input(layout, rows, vocab, dtype, seed):
 
 
 def _emulated_forward(emu, logits, labels, temperature=1.0, ignore_index=-100, compute_entropy=True, shift=0):
-    tensor, inner_rows, outer, inner = lp_ops._row_layout(logits)
+    tensor, inner_rows, outer, inner = row_layout(logits)
     assert tensor is logits  # read in place, as the op does
     return emu.logprobs_fwd(tensor, labels.reshape(-1).contiguous(), inner_rows, outer, inner, 1.0 / temperature,
                             ignore_index, compute_entropy, shift=shift)
@@ -261,7 +262,7 @@ def test_logprobs_forward_signs_and_nan_rows(emu):
 
 def _vectorized(logits, shift, out_shift, inplace):
     """Which backward path the launcher picks (rows_aligned of logprobs.cu)."""
-    _, inner_rows, outer, inner = lp_ops._row_layout(logits)
+    _, inner_rows, outer, inner = row_layout(logits)
     n_rows, elem = logits.numel() // logits.shape[-1], logits.element_size()
 
     def aligned(shift_, outer_, inner_):
@@ -309,7 +310,7 @@ def test_logprobs_backward(emu, dtype, case, with_entropy, inplace):
     g = torch.randn(labels.shape, generator=gen, dtype=acc)
     gh = torch.randn(labels.shape, generator=gen, dtype=acc) if with_entropy else None
 
-    tensor, inner_rows, outer, inner = lp_ops._row_layout(logits)
+    tensor, inner_rows, outer, inner = row_layout(logits)
     out_layout = (outer, inner) if inplace else (inner_rows * vocab, vocab)
     flat_labels = labels.reshape(-1).contiguous()
     grad = emu.logprobs_bwd(g.reshape(-1), gh.reshape(-1) if with_entropy else None, tensor, flat_labels, lse,
@@ -388,7 +389,7 @@ def test_ppo_logits_grad(emu, dtype, params, layout, max_blocks):
     weights = ppo_ops._aggregation_weights(mask.sum(-1).to(acc), T, agg, None, None)
     row_weight = torch.where(mask, weights.unsqueeze(-1), 0.0).reshape(-1)
 
-    tensor, inner_rows, outer, inner = lp_ops._row_layout(logits)
+    tensor, inner_rows, outer, inner = row_layout(logits)
     logp, entropy, lse, grad = emu.ppo_logits_grad(
         tensor, labels.reshape(-1).contiguous(), old.reshape(-1), adv.reshape(-1), row_weight,
         ref.reshape(-1) if kl_code >= 0 else None, inner_rows, outer, inner, 1.0 / temperature, -100,
@@ -523,7 +524,7 @@ def _reference_advantages(values, mask, cu_seqlens, token_rewards, scores, logp,
                           kl_coef, estimator, gamma, lam):
     """The "reference" backend of the op, in float64 on the same (rounded) inputs."""
     d = lambda t: t.double() if t is not None else None  # noqa: E731
-    return adv_ops._adv_reference(d(values), mask, cu_seqlens, d(token_rewards), d(scores), d(logp),
+    return eager_adv.advantages(d(values), mask, cu_seqlens, d(token_rewards), d(scores), d(logp),
                                   d(ref_logp), d(kl_coef_scale), kl_coef, estimator, gamma, lam)
 
 
@@ -715,7 +716,7 @@ def test_ppo_value(emu, seq_len, dtype, clip):
         # old + (v - old) need not round back to v: whether such a token counts
         # as clipped is decided by float32 rounding. Count it as the reference
         # backend's closed form does in float32.
-        _, f32_stats = ppo_ops._value_torch(values.reshape(-1), old.reshape(-1), returns.reshape(-1),
+        _, f32_stats = eager_ppo.value(values.reshape(-1), old.reshape(-1), returns.reshape(-1),
                                             mask.reshape(-1), seq_len, clip, False)
         want_stats[:, 2] = f32_stats[:, 2].double()
     stats_tol = dict(atol=1e-9, rtol=1e-9) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-5)

@@ -1,0 +1,213 @@
+"""Triton kernels of the PPO losses: the per-token policy and value kernels
+(one program per chunk of a sequence, partial sums per chunk) and the
+from-logits kernel that writes the logits gradient in the forward."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+import triton
+import triton.language as tl
+
+from .._launch import N_POLICY_STATS, N_VALUE_STATS, RATIO_MAX, RATIO_MIN, acc_dtype, layouts, rows_in_flight
+from ._device import (
+    _chunk_tokens, _clamp, _f64, _label_logp, _policy_terms, _row_grad, _row_softmax, f64_parts, on_tensor_device,
+    tl_acc,
+)
+from . import logprobs as _logprobs
+
+@triton.jit
+def _ppo_policy_fwd_kernel(
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, entropy_ptr, grad_ptr, partial_ptr,
+    seq_len, n_chunks, low_hi, low_mid, low_lo, high_hi, high_mid, high_lo, dual_hi, dual_mid, dual_lo,
+    kl_coef_hi, kl_coef_mid, kl_coef_lo,
+    HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+    NEED_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # PPO-clip (Schulman et al., 2017) + dual clip (Ye et al., 2020) per token;
+    # one program per (sequence, chunk) writes dl/dlogp and 9 partial sums.
+    item, offs, in_seq, valid = _chunk_tokens(mask_ptr, seq_len, n_chunks, BLOCK)
+    ratio_low = _f64(low_hi, low_mid, low_lo, ACC_DTYPE)
+    ratio_high = _f64(high_hi, high_mid, high_lo, ACC_DTYPE)
+    logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+    old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+    adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+    if KL_ESTIMATOR >= 0:
+        ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+    else:
+        ref = logp
+    loss, grad, clipped, dual, ratio, kl = _policy_terms(
+        logp, old, adv, ref, ratio_low, ratio_high, _f64(dual_hi, dual_mid, dual_lo, ACC_DTYPE),
+        _f64(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE), HAS_DUAL, KL_ESTIMATOR,
+    )
+    if NEED_GRAD:
+        tl.store(grad_ptr + offs, tl.where(valid, grad, 0.0), mask=in_seq)
+    out = partial_ptr + item * 9
+    tl.store(out + 0, tl.sum(tl.where(valid, loss, 0.0), axis=0))
+    tl.store(out + 1, tl.sum(valid.to(ACC_DTYPE), axis=0))
+    tl.store(out + 2, tl.sum((valid & clipped).to(ACC_DTYPE), axis=0))
+    tl.store(out + 3, tl.sum((valid & dual).to(ACC_DTYPE), axis=0))
+    tl.store(out + 4, tl.sum(tl.where(valid, old - logp, 0.0), axis=0))
+    tl.store(out + 5, tl.max(tl.where(valid, ratio, float("-inf")), axis=0))
+    tl.store(out + 6, tl.min(tl.where(valid, ratio, float("inf")), axis=0))
+    tl.store(out + 7, tl.sum(tl.where(valid, kl, 0.0), axis=0))
+    if HAS_ENTROPY:
+        entropy = tl.load(entropy_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+        tl.store(out + 8, tl.sum(tl.where(valid, entropy, 0.0), axis=0))
+    else:
+        tl.store(out + 8, tl.sum(tl.zeros((BLOCK,), ACC_DTYPE), axis=0))
+
+@triton.jit
+def _ppo_logits_grad_kernel(
+    logits_ptr, labels_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, grad_ptr, logp_ptr, entropy_ptr,
+    lse_ptr, n_rows, inner_rows, in_outer_stride, in_inner_stride, out_outer_stride, out_inner_stride, vocab,
+    inv_t_hi, inv_t_mid, inv_t_lo, ignore_index, low_hi, low_mid, low_lo, high_hi, high_mid, high_lo,
+    dual_hi, dual_mid, dual_lo, kl_coef_hi, kl_coef_mid, kl_coef_lo, ent_hi, ent_mid, ent_lo,
+    HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # ppo_loss_from_logits with the gradient in the same program, row by
+    # row: the row's softmax (one read), its token's weighted dL/dlogp, then
+    # the row's gradient (the row again, from cache, and one write).
+    inv_temperature = _f64(inv_t_hi, inv_t_mid, inv_t_lo, ACC_DTYPE)
+    # Rows in a grid-stride loop: the grid bounds the rows in flight (see _rows_in_flight).
+    for row_index in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        row = row_index + tl.zeros((), tl.int64)  # int64 offsets
+        outer = row // inner_rows
+        inner = row % inner_rows
+        row_ptr = logits_ptr + outer * in_outer_stride + inner * in_inner_stride
+        out_ptr = grad_ptr + outer * out_outer_stride + inner * out_inner_stride
+        m, log_s, entropy = _row_softmax(row_ptr, vocab, inv_temperature, ACC_DTYPE, BLOCK_V)
+        lse = m * inv_temperature + log_s
+        label = tl.load(labels_ptr + row)
+        ignored = label == ignore_index
+        logp = tl.where(ignored, 0.0, _label_logp(row_ptr, label, vocab, m, log_s, inv_temperature, ACC_DTYPE))
+        entropy = tl.where(ignored, 0.0, entropy)
+        tl.store(lse_ptr + row, lse)
+        tl.store(logp_ptr + row, logp)
+        tl.store(entropy_ptr + row, entropy)
+        weight = tl.load(weight_ptr + row).to(ACC_DTYPE)
+        valid = weight != 0.0
+        old = tl.load(old_ptr + row).to(ACC_DTYPE)
+        adv = tl.load(adv_ptr + row).to(ACC_DTYPE)
+        if KL_ESTIMATOR >= 0:
+            ref = tl.load(ref_ptr + row).to(ACC_DTYPE)
+        else:
+            ref = logp
+        _, tok_grad, _, _, _, _ = _policy_terms(
+            logp, old, adv, ref, _f64(low_hi, low_mid, low_lo, ACC_DTYPE),
+            _f64(high_hi, high_mid, high_lo, ACC_DTYPE), _f64(dual_hi, dual_mid, dual_lo, ACC_DTYPE),
+            _f64(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE), HAS_DUAL, KL_ESTIMATOR,
+        )
+        g = tl.where(valid, weight * tok_grad, 0.0)
+        if HAS_ENTROPY_GRAD:
+            g_entropy = tl.where(valid, -_f64(ent_hi, ent_mid, ent_lo, ACC_DTYPE) * weight, 0.0)
+        else:
+            g_entropy = tl.zeros((), ACC_DTYPE)
+        _row_grad(row_ptr, out_ptr, vocab, label, ignore_index, g, g_entropy, entropy, lse,
+                  inv_temperature, ACC_DTYPE, BLOCK_V)
+
+@triton.jit
+def _ppo_value_fwd_kernel(
+    values_ptr, old_ptr, returns_ptr, mask_ptr, grad_ptr, partial_ptr,
+    seq_len, n_chunks, clip_hi, clip_mid, clip_lo,
+    NEED_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # 0.5 * max((v - R)^2, (v_clipped - R)^2) per token; v_clipped = old +
+    # clamp(v - old, -c, c), exactly v in range.
+    item, offs, in_seq, valid = _chunk_tokens(mask_ptr, seq_len, n_chunks, BLOCK)
+    clip = _f64(clip_hi, clip_mid, clip_lo, ACC_DTYPE)
+    values = tl.load(values_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+    old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+    returns = tl.load(returns_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+    diff = values - old
+    in_range = (diff >= -clip) & (diff <= clip)
+    err1 = values - returns
+    err2 = tl.where(in_range, err1, (old + _clamp(diff, -clip, clip)) - returns)
+    loss1 = err1 * err1
+    loss2 = err2 * err2
+    dloss1 = 2.0 * err1
+    dloss2 = tl.where(in_range, 2.0 * err2, 0.0)
+    clipped = loss2 > loss1
+    loss = 0.5 * tl.where(clipped, loss2, loss1)
+    grad = 0.5 * tl.where(loss1 > loss2, dloss1, tl.where(clipped, dloss2, 0.5 * (dloss1 + dloss2)))
+    if NEED_GRAD:
+        tl.store(grad_ptr + offs, tl.where(valid, grad, 0.0), mask=in_seq)
+    out = partial_ptr + item * 3
+    tl.store(out + 0, tl.sum(tl.where(valid, loss, 0.0), axis=0))
+    tl.store(out + 1, tl.sum(valid.to(ACC_DTYPE), axis=0))
+    tl.store(out + 2, tl.sum((valid & clipped).to(ACC_DTYPE), axis=0))
+
+
+def token_block(seq_len: int, device: torch.device) -> int:
+    # The interpreter favours few, wide programs; a GPU many 1024-wide ones.
+    cap = 4096 if device.type != "cuda" else 1024
+    return max(16, min(triton.next_power_of_2(max(seq_len, 1)), cap))
+
+
+def reduce_partials(partial: Tensor, max_col: int | None, min_col: int | None) -> Tensor:
+    """(B, C, K) chunk partials -> (B, K): sums, with max / min for the ratio columns."""
+    stats = partial.sum(1)
+    if max_col is not None:
+        stats[:, max_col] = partial[:, :, max_col].amax(1)
+        stats[:, min_col] = partial[:, :, min_col].amin(1)
+    return stats
+
+
+@on_tensor_device
+def policy(logp, old_logp, adv, mask, ref_logp, entropy, seq_len, ratio_low, ratio_high,
+                   dual_clip, kl_coef, kl_code, need_grad):
+    n = logp.numel()
+    seqs = n // seq_len if seq_len > 0 else 0
+    block = token_block(seq_len, logp.device)
+    chunks = max(1, triton.cdiv(seq_len, block))
+    grad = torch.empty(n if need_grad else 0, dtype=logp.dtype, device=logp.device)
+    partial = torch.empty((seqs, chunks, N_POLICY_STATS), dtype=logp.dtype, device=logp.device)
+    if seqs > 0:
+        _ppo_policy_fwd_kernel[(seqs * chunks,)](
+            logp, old_logp, adv, mask.view(torch.uint8),
+            ref_logp if ref_logp is not None else logp, entropy if entropy is not None else logp,
+            grad if need_grad else logp, partial, seq_len, chunks,
+            *f64_parts(ratio_low), *f64_parts(ratio_high), *f64_parts(dual_clip), *f64_parts(kl_coef),
+            HAS_DUAL=dual_clip > 0, KL_ESTIMATOR=kl_code, HAS_ENTROPY=entropy is not None,
+            NEED_GRAD=need_grad, ACC_DTYPE=tl_acc(logp.dtype), BLOCK=block,
+        )
+    return grad, reduce_partials(partial, RATIO_MAX, RATIO_MIN)
+
+
+@on_tensor_device
+def value(values, old_values, returns, mask, seq_len, clip, need_grad):
+    n = values.numel()
+    seqs = n // seq_len if seq_len > 0 else 0
+    block = token_block(seq_len, values.device)
+    chunks = max(1, triton.cdiv(seq_len, block))
+    grad = torch.empty(n if need_grad else 0, dtype=values.dtype, device=values.device)
+    partial = torch.empty((seqs, chunks, N_VALUE_STATS), dtype=values.dtype, device=values.device)
+    if seqs > 0:
+        _ppo_value_fwd_kernel[(seqs * chunks,)](
+            values, old_values, returns, mask.view(torch.uint8), grad if need_grad else values,
+            partial, seq_len, chunks, *f64_parts(clip),
+            NEED_GRAD=need_grad, ACC_DTYPE=tl_acc(values.dtype), BLOCK=block,
+        )
+    return grad, reduce_partials(partial, None, None)
+
+
+@on_tensor_device
+def logits_grad(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inv_temperature,
+                        ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef):
+    tensor, inner_rows, in_outer, in_inner, out_outer, out_inner = layouts(logits, grad_logits)
+    n_rows, vocab = labels.numel(), logits.shape[-1]
+    acc = acc_dtype(logits.dtype)
+    logp, entropy, lse = (torch.empty(n_rows, dtype=acc, device=logits.device) for _ in range(3))
+    if n_rows > 0:
+        block, warps = _logprobs.block_config(vocab, logits.device)
+        grid = rows_in_flight(n_rows, vocab * logits.element_size(), logits.device) or n_rows
+        _ppo_logits_grad_kernel[(grid,)](
+            tensor, labels, old_logp, adv, row_weight, ref_logp if ref_logp is not None else old_logp,
+            grad_logits, logp, entropy, lse, n_rows, inner_rows, in_outer, in_inner, out_outer, out_inner, vocab,
+            *f64_parts(inv_temperature), -100, *f64_parts(ratio_low), *f64_parts(ratio_high),
+            *f64_parts(dual_clip), *f64_parts(kl_coef), *f64_parts(entropy_coef),
+            HAS_DUAL=dual_clip > 0, KL_ESTIMATOR=kl_code, HAS_ENTROPY_GRAD=entropy_coef != 0.0,
+            ACC_DTYPE=tl_acc(logits.dtype), BLOCK_V=block, num_warps=warps,
+        )
+    return logp, entropy, lse
