@@ -9,6 +9,7 @@
 
 #include "rlhf_kernels/common.h"
 #include "rlhf_kernels/advantages.h"
+#include "rlhf_kernels/aggregation.h"
 #include "rlhf_kernels/ppo_math.h"
 
 namespace rlhf_kernels {
@@ -295,6 +296,111 @@ AdvantagesArgs<scalar_t, acc_t> advantages_args(
   args.kl_out = shaping ? out.kl.mutable_data_ptr<acc_t>() : nullptr;
   args.stats = out.stats.mutable_data_ptr<double>();
   return args;
+}
+
+}  // namespace rlhf_kernels
+
+namespace rlhf_kernels {
+
+// The token inputs of the public loss ops, (..., T) of any float dtype and a
+// mask of any dtype, as the kernels read them: contiguous (N,) tensors of the
+// computation dtype (float64 if any input is float64, else float32) and a bool
+// mask (nonzero = valid). The Python layer has checked shapes and devices.
+struct LossTokens {
+  std::vector<at::Tensor> values;  // in the order given
+  at::Tensor mask;
+  int64_t seqs;
+  int64_t seq_len;
+  at::TensorOptions options() const { return values[0].options(); }
+  int64_t numel() const { return seqs * seq_len; }
+};
+
+inline LossTokens loss_tokens(std::initializer_list<const at::Tensor*> values, const at::Tensor& mask) {
+  const at::Tensor& first = **values.begin();
+  bool f64 = false;
+  for (const at::Tensor* t : values) f64 = f64 || t->scalar_type() == at::kDouble;
+  const at::ScalarType dtype = f64 ? at::kDouble : at::kFloat;
+  LossTokens out;
+  for (const at::Tensor* t : values) out.values.push_back(t->to(dtype).reshape({-1}).contiguous());
+  out.mask = (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).reshape({-1}).contiguous();
+  TORCH_CHECK_VALUE(first.dim() >= 1, "expected token tensors of shape (..., T)");
+  out.seq_len = first.size(-1);
+  out.seqs = 1;
+  for (int64_t d = 0; d + 1 < first.dim(); ++d) out.seqs *= first.size(d);
+  return out;
+}
+
+inline AggParams agg_params(int64_t agg, std::optional<double> num_tokens, std::optional<double> num_seqs) {
+  TORCH_CHECK_VALUE(agg >= 0 && agg < kAggregations, "agg: bad code ", agg);
+  return AggParams{static_cast<int>(agg), num_tokens.value_or(0.0), num_seqs.value_or(0.0)};
+}
+
+// (B, 1, K) partials of B sequences without a token: zero sums, the ratio
+// extremes at -inf / +inf (max_col < 0: no extremes).
+inline at::Tensor empty_partials(int64_t seqs, int64_t n_stats, int64_t max_col, int64_t min_col,
+                                 const at::TensorOptions& options) {
+  at::Tensor partial = at::zeros({seqs, 1, n_stats}, options);
+  if (max_col >= 0) {
+    partial.select(2, max_col).fill_(-std::numeric_limits<double>::infinity());
+    partial.select(2, min_col).fill_(std::numeric_limits<double>::infinity());
+  }
+  return partial;
+}
+
+}  // namespace rlhf_kernels
+
+namespace rlhf_kernels {
+
+// aggregation.h's weights with ATen ops, on the device of `counts` (B,): the
+// GPU ops aggregate without a host synchronisation.
+inline at::Tensor aggregation_weights(const at::Tensor& counts, const at::Tensor& total,
+                                      const AggParams& agg, int64_t seq_len) {
+  const at::Tensor ones = at::ones_like(counts);
+  const at::Tensor seqs = agg.num_seqs > 0 ? at::full({}, agg.num_seqs, counts.options())
+                                           : counts.gt(0).sum().to(counts.scalar_type()).clamp_min(1);
+  switch (agg.mode) {
+    case kTokenMean:
+      return agg.num_tokens > 0 ? ones.div(agg.num_tokens) : ones.div(total.clamp_min(1));
+    case kTokenSum: return ones;
+    case kSeqMeanTokenSum: return ones.div(seqs);
+    case kSeqMeanTokenMean: return ones.div(counts.clamp_min(1).mul(seqs));
+    default: return ones.div(seqs.mul(static_cast<double>(std::max<int64_t>(seq_len, 1))));
+  }
+}
+
+// finalize_policy (aggregation.h) with ATen ops: (loss, stats (kPolicyOutStats,), weights).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_policy_aten(
+    const at::Tensor& partial, int64_t seq_len, const AggParams& agg, double kl_coef, double entropy_coef) {
+  const at::Tensor seq = partial.sum(1);  // (B, K)
+  const at::Tensor counts = seq.select(1, kValidCount);
+  const at::Tensor total = counts.sum();
+  const at::Tensor weights = aggregation_weights(counts, total, agg, seq_len);
+  const at::Tensor weighted = weights.unsqueeze(1).mul(seq).sum(0);  // (K,)
+  const at::Tensor pg = weighted.select(0, kPgLossSum), kl = weighted.select(0, kKlPenaltySum);
+  const at::Tensor entropy = weighted.select(0, kEntropySum);
+  const at::Tensor loss = pg.add(kl, kl_coef).sub(entropy, entropy_coef);
+  const at::Tensor denom = total.clamp_min(1);
+  const at::Tensor any = total.gt(0);
+  const at::Tensor zero = at::zeros({}, partial.options());
+  const at::Tensor ratio_max = partial.numel() ? partial.select(2, kRatioMax).amax() : zero;
+  const at::Tensor ratio_min = partial.numel() ? partial.select(2, kRatioMin).amin() : zero;
+  const at::Tensor stats = at::stack({seq.select(1, kClipCount).sum().div(denom),
+                                      seq.select(1, kDualClipCount).sum().div(denom),
+                                      seq.select(1, kApproxKlSum).sum().div(denom),
+                                      at::where(any, ratio_max, zero), at::where(any, ratio_min, zero), pg, kl,
+                                      entropy});
+  return {loss, stats, weights};
+}
+
+// finalize_value with ATen ops: (loss, vf_clipfrac (1,), weights).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_value_aten(const at::Tensor& partial,
+                                                                         int64_t seq_len, const AggParams& agg) {
+  const at::Tensor seq = partial.sum(1);
+  const at::Tensor counts = seq.select(1, kVfValidCount);
+  const at::Tensor total = counts.sum();
+  const at::Tensor weights = aggregation_weights(counts, total, agg, seq_len);
+  const at::Tensor loss = weights.mul(seq.select(1, kVfLossSum)).sum();
+  return {loss, seq.select(1, kVfClipCount).sum().div(total.clamp_min(1)).reshape({1}), weights};
 }
 
 }  // namespace rlhf_kernels

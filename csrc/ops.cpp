@@ -55,6 +55,21 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "ppo_policy_fwd_native(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
       "Tensor? ref_logp, Tensor? entropy, int seq_len, float ratio_low, float ratio_high, "
       "float dual_clip, float kl_coef, int kl_estimator, bool need_grad) -> (Tensor, Tensor)");
+  // The public PPO policy loss (rlhf_kernels.ppo_policy_loss), one crossing:
+  // token tensors (..., T) of any float dtype (computed in float32, float64 if
+  // any input is float64), mask of any dtype (nonzero = valid); agg the index
+  // of the mode in reference.AGG_MODES; num_tokens / num_seqs override the
+  // counts. Returns the 0-dim loss, stats (5,) (clipfrac, clipfrac_lower,
+  // approx_kl, ratio_max, ratio_min), grad (N,) = w_b * d l / d logp for a unit
+  // upstream gradient (empty unless need_grad) and the weights w_b (B,).
+  m.def(
+      "ppo_policy_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
+      "float ratio_low, float ratio_high, float dual_clip, int agg, float? num_tokens, "
+      "float? num_seqs, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The public clipped value loss, as ppo_policy_loss; stats (1,) vf_clipfrac.
+  m.def(
+      "ppo_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip, "
+      "int agg, float? num_tokens, float? num_seqs, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   // Clipped value loss: grad (N,) = d(0.5 * max(...)) / d values, and (B, 3)
   // per-sequence statistics (ValueStat).
   m.def(

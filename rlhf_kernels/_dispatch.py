@@ -1,9 +1,13 @@
-"""Which kernel implementation runs an op: discovery and the dispatch rule.
+"""Which kernel implementation runs an op: discovery, the dispatch rule and
+the one registry of implementations.
 
 CUDA tensors take the CUDA or the Triton kernel (per op, whichever measured
 faster; see ``GPU_PREFERENCE``), CPU tensors take the C++ kernel, and the
-plain-PyTorch reference runs wherever neither is built. ``backend=`` on an op,
-or the environment variable ``RLHF_KERNELS_BACKEND``, forces one.
+plain-PyTorch backend (``"reference"``, rlhf_kernels/eager) runs wherever
+neither is built. ``backend=`` on an op, or the environment variable
+``RLHF_KERNELS_BACKEND``, forces one. Each op module registers, per backend,
+one callable with the op's contract (``register``); the public function asks
+``implementation`` for the one to call.
 
 Nothing here initialises CUDA at import time.
 """
@@ -11,6 +15,7 @@ Nothing here initialises CUDA at import time.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 
@@ -28,6 +33,7 @@ GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "ppo_value_loss": ("cuda", "triton"),
     "ppo_loss_from_logits": ("cuda", "triton"),
     "advantages": ("cuda", "triton"),
+    "kl_penalty": ("cuda", "triton"),
 }
 
 
@@ -138,3 +144,20 @@ def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
     if requested not in (None, "reference"):
         raise ValueError(f"{source}: only 'reference' runs on {device.type} tensors")
     return "reference"
+
+
+# (op, backend) -> the callable with the op's contract. "cpu" and "cuda" hold
+# the same native op: the dispatcher picks its device kernel.
+_REGISTRY: dict[tuple[str, str], Callable] = {}
+
+
+def register(op: str, backends: tuple[str, ...], fn: Callable) -> Callable:
+    """Record `fn` as the implementation of `op` on each of `backends`."""
+    for name in backends:
+        _REGISTRY[op, name] = fn
+    return fn
+
+
+def implementation(op: str, backend: str | None, device: torch.device) -> Callable:
+    """The implementation of `op` that runs tensors of `device` (``resolve_backend``'s rule)."""
+    return _REGISTRY[op, resolve_backend(backend, device, op)]

@@ -13,7 +13,9 @@ namespace {
 // Chunks per parallel task: ~16k tokens amortise a task.
 constexpr int64_t kGrainChunks = 16384 / kPpoChunk;
 
-std::tuple<at::Tensor, at::Tensor> ppo_policy_fwd_cpu(
+// The token pass of the policy loss: grad (N,) (empty unless need_grad) and the
+// (B, chunks, kPolicyStats) partial sums.
+std::tuple<at::Tensor, at::Tensor> policy_partials(
     const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
     const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
     const std::optional<at::Tensor>& entropy, int64_t seq_len, double ratio_low, double ratio_high,
@@ -38,10 +40,62 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_fwd_cpu(
           params, grad_data, partial.mutable_data_ptr<acc_t>(), begin, end);
     });
   });
+  return {grad, partial};
+}
+
+std::tuple<at::Tensor, at::Tensor> ppo_policy_fwd_cpu(
+    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
+    const std::optional<at::Tensor>& entropy, int64_t seq_len, double ratio_low, double ratio_high,
+    double dual_clip, double kl_coef, int64_t kl_estimator, bool need_grad) {
+  auto [grad, partial] = policy_partials(logp, old_logp, advantages, mask, ref_logp, entropy, seq_len,
+                                         ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator, need_grad);
   return {grad, reduce_partials(partial, kRatioMax, kRatioMin)};
 }
 
-std::tuple<at::Tensor, at::Tensor> ppo_value_fwd_cpu(const at::Tensor& values,
+// grad (B, T) *= weights, rows in parallel.
+void scale_token_grad(at::Tensor& grad, const at::Tensor& weights, int64_t seq_len) {
+  if (grad.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "scale_token_grad", [&] {
+    at::parallel_for(0, weights.numel(), std::max<int64_t>(1, 16384 / std::max<int64_t>(seq_len, 1)),
+                     [&](int64_t begin, int64_t end) {
+                       scale_rows(grad.mutable_data_ptr<scalar_t>(), weights.const_data_ptr<scalar_t>(),
+                                  seq_len, begin, end);
+                     });
+  });
+}
+
+// The public op ppo_policy_loss (csrc/ops.cpp): the token pass, then the
+// aggregation of its partials (aggregation.h) on the host, one pass over B.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cpu(
+    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip, int64_t agg,
+    std::optional<double> num_tokens, std::optional<double> num_seqs, bool need_grad) {
+  const AggParams params = agg_params(agg, num_tokens, num_seqs);
+  const LossTokens tok = loss_tokens({&logp, &old_logp, &advantages}, mask);
+  at::Tensor grad, partial;
+  if (tok.numel() == 0) {
+    grad = at::empty({0}, tok.options());
+    partial = empty_partials(tok.seqs, kPolicyStats, kRatioMax, kRatioMin, tok.options());
+  } else {
+    std::tie(grad, partial) = policy_partials(tok.values[0], tok.values[1], tok.values[2], tok.mask,
+                                              std::nullopt, std::nullopt, tok.seq_len, ratio_low,
+                                              ratio_high, dual_clip, 0.0, kKlNone, need_grad);
+  }
+  at::Tensor loss = at::empty({}, tok.options());
+  at::Tensor stats = at::empty({kPolicyOutStats}, tok.options());
+  at::Tensor weights = at::empty({tok.seqs}, tok.options());
+  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "ppo_policy_loss_cpu", [&] {
+    finalize_policy<scalar_t>(partial.const_data_ptr<scalar_t>(), tok.seqs, partial.size(1), tok.seq_len,
+                              params, 0.0, 0.0, loss.mutable_data_ptr<scalar_t>(),
+                              stats.mutable_data_ptr<scalar_t>(), weights.mutable_data_ptr<scalar_t>());
+  });
+  scale_token_grad(grad, weights, tok.seq_len);
+  return {loss, stats.narrow(0, 0, kPgLossOut), grad, weights};
+}
+
+// The token pass of the value loss: grad (N,) and (B, chunks, kValueStats) partials.
+std::tuple<at::Tensor, at::Tensor> value_partials(const at::Tensor& values,
                                                      const at::Tensor& old_values,
                                                      const at::Tensor& returns,
                                                      const at::Tensor& mask, int64_t seq_len,
@@ -62,7 +116,42 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_fwd_cpu(const at::Tensor& values,
                                    partial.mutable_data_ptr<acc_t>(), begin, end);
     });
   });
+  return {grad, partial};
+}
+
+
+std::tuple<at::Tensor, at::Tensor> ppo_value_fwd_cpu(const at::Tensor& values, const at::Tensor& old_values,
+                                                     const at::Tensor& returns, const at::Tensor& mask,
+                                                     int64_t seq_len, double clip, bool need_grad) {
+  auto [grad, partial] = value_partials(values, old_values, returns, mask, seq_len, clip, need_grad);
   return {grad, reduce_partials(partial, -1, -1)};
+}
+
+// The public op ppo_value_loss: as ppo_policy_loss_cpu; stats (1,) vf_clipfrac.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_cpu(
+    const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
+    const at::Tensor& mask, double clip, int64_t agg, std::optional<double> num_tokens,
+    std::optional<double> num_seqs, bool need_grad) {
+  const AggParams params = agg_params(agg, num_tokens, num_seqs);
+  const LossTokens tok = loss_tokens({&values, &old_values, &returns}, mask);
+  at::Tensor grad, partial;
+  if (tok.numel() == 0) {
+    grad = at::empty({0}, tok.options());
+    partial = empty_partials(tok.seqs, kValueStats, -1, -1, tok.options());
+  } else {
+    std::tie(grad, partial) = value_partials(tok.values[0], tok.values[1], tok.values[2], tok.mask,
+                                             tok.seq_len, clip, need_grad);
+  }
+  at::Tensor loss = at::empty({}, tok.options());
+  at::Tensor stats = at::empty({1}, tok.options());
+  at::Tensor weights = at::empty({tok.seqs}, tok.options());
+  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "ppo_value_loss_cpu", [&] {
+    finalize_value<scalar_t>(partial.const_data_ptr<scalar_t>(), tok.seqs, partial.size(1), tok.seq_len,
+                             params, loss.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<scalar_t>(),
+                             weights.mutable_data_ptr<scalar_t>());
+  });
+  scale_token_grad(grad, weights, tok.seq_len);
+  return {loss, stats, grad, weights};
 }
 
 }  // namespace
@@ -70,6 +159,8 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_fwd_cpu(const at::Tensor& values,
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
   m.impl("ppo_policy_fwd_native", &ppo_policy_fwd_cpu);
   m.impl("ppo_value_fwd_native", &ppo_value_fwd_cpu);
+  m.impl("ppo_policy_loss", &ppo_policy_loss_cpu);
+  m.impl("ppo_value_loss", &ppo_value_loss_cpu);
 }
 
 }  // namespace rlhf_kernels

@@ -16,7 +16,8 @@ void check_ppo_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "rlhf_kernels CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-std::tuple<at::Tensor, at::Tensor> ppo_policy_fwd_cuda(
+// The token pass of the policy loss: grad (N,) and (B, chunks, kPolicyStats) partials.
+std::tuple<at::Tensor, at::Tensor> policy_partials(
     const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
     const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
     const std::optional<at::Tensor>& entropy, int64_t seq_len, double ratio_low, double ratio_high,
@@ -41,10 +42,11 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_fwd_cuda(
         need_grad ? grad.mutable_data_ptr<acc_t>() : nullptr, partial.mutable_data_ptr<acc_t>(),
         stream));
   });
-  return {grad, reduce_partials(partial, kRatioMax, kRatioMin)};
+  return {grad, partial};
 }
 
-std::tuple<at::Tensor, at::Tensor> ppo_value_fwd_cuda(const at::Tensor& values,
+// The token pass of the value loss: grad (N,) and (B, chunks, kValueStats) partials.
+std::tuple<at::Tensor, at::Tensor> value_partials(const at::Tensor& values,
                                                       const at::Tensor& old_values,
                                                       const at::Tensor& returns,
                                                       const at::Tensor& mask, int64_t seq_len,
@@ -64,7 +66,72 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_fwd_cuda(const at::Tensor& values,
         static_cast<acc_t>(clip), need_grad ? grad.mutable_data_ptr<acc_t>() : nullptr,
         partial.mutable_data_ptr<acc_t>(), stream));
   });
+  return {grad, partial};
+}
+
+std::tuple<at::Tensor, at::Tensor> ppo_policy_fwd_cuda(
+    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
+    const std::optional<at::Tensor>& entropy, int64_t seq_len, double ratio_low, double ratio_high,
+    double dual_clip, double kl_coef, int64_t kl_estimator, bool need_grad) {
+  auto [grad, partial] = policy_partials(logp, old_logp, advantages, mask, ref_logp, entropy, seq_len,
+                                         ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator, need_grad);
+  return {grad, reduce_partials(partial, kRatioMax, kRatioMin)};
+}
+
+std::tuple<at::Tensor, at::Tensor> ppo_value_fwd_cuda(const at::Tensor& values, const at::Tensor& old_values,
+                                                      const at::Tensor& returns, const at::Tensor& mask,
+                                                      int64_t seq_len, double clip, bool need_grad) {
+  auto [grad, partial] = value_partials(values, old_values, returns, mask, seq_len, clip, need_grad);
   return {grad, reduce_partials(partial, -1, -1)};
+}
+
+// grad (B, T) *= weights on the device (no-op without a gradient).
+void scale_token_grad(at::Tensor& grad, const at::Tensor& weights, int64_t seq_len) {
+  if (grad.numel() > 0) grad.view({weights.numel(), seq_len}).mul_(weights.unsqueeze(1));
+}
+
+// The public op ppo_policy_loss (csrc/ops.cpp): the token pass, then the
+// aggregation of its partials on the device (ATen ops: no host synchronisation).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cuda(
+    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip, int64_t agg,
+    std::optional<double> num_tokens, std::optional<double> num_seqs, bool need_grad) {
+  const c10::cuda::CUDAGuard guard(logp.device());
+  const AggParams params = agg_params(agg, num_tokens, num_seqs);
+  const LossTokens tok = loss_tokens({&logp, &old_logp, &advantages}, mask);
+  at::Tensor grad, partial;
+  if (tok.numel() == 0) {
+    grad = at::empty({0}, tok.options());
+    partial = empty_partials(tok.seqs, kPolicyStats, kRatioMax, kRatioMin, tok.options());
+  } else {
+    std::tie(grad, partial) = policy_partials(tok.values[0], tok.values[1], tok.values[2], tok.mask,
+                                              std::nullopt, std::nullopt, tok.seq_len, ratio_low,
+                                              ratio_high, dual_clip, 0.0, kKlNone, need_grad);
+  }
+  auto [loss, stats, weights] = finalize_policy_aten(partial, tok.seq_len, params, 0.0, 0.0);
+  scale_token_grad(grad, weights, tok.seq_len);
+  return {loss, stats.narrow(0, 0, kPgLossOut), grad, weights};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_cuda(
+    const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
+    const at::Tensor& mask, double clip, int64_t agg, std::optional<double> num_tokens,
+    std::optional<double> num_seqs, bool need_grad) {
+  const c10::cuda::CUDAGuard guard(values.device());
+  const AggParams params = agg_params(agg, num_tokens, num_seqs);
+  const LossTokens tok = loss_tokens({&values, &old_values, &returns}, mask);
+  at::Tensor grad, partial;
+  if (tok.numel() == 0) {
+    grad = at::empty({0}, tok.options());
+    partial = empty_partials(tok.seqs, kValueStats, -1, -1, tok.options());
+  } else {
+    std::tie(grad, partial) = value_partials(tok.values[0], tok.values[1], tok.values[2], tok.mask,
+                                             tok.seq_len, clip, need_grad);
+  }
+  auto [loss, stats, weights] = finalize_value_aten(partial, tok.seq_len, params);
+  scale_token_grad(grad, weights, tok.seq_len);
+  return {loss, stats, grad, weights};
 }
 
 }  // namespace
@@ -72,6 +139,8 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_fwd_cuda(const at::Tensor& values,
 TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
   m.impl("ppo_policy_fwd_native", &ppo_policy_fwd_cuda);
   m.impl("ppo_value_fwd_native", &ppo_value_fwd_cuda);
+  m.impl("ppo_policy_loss", &ppo_policy_loss_cuda);
+  m.impl("ppo_value_loss", &ppo_value_loss_cuda);
 }
 
 }  // namespace rlhf_kernels

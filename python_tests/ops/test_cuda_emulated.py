@@ -383,8 +383,9 @@ def test_ppo_logits_grad(emu, dtype, params, layout, max_blocks):
     estimator = kwargs.pop("kl_estimator", None)
     kl_code = -1 if estimator is None else ppo_ops._check_estimator(estimator, "kl_estimator")
     temperature = kwargs.get("temperature", 1.0)
-    ratio_low, ratio_high, dual = ppo_ops._check_clip(kwargs.get("clip_low", 0.2), kwargs.get("clip_high"),
-                                                      kwargs.get("dual_clip"))
+    clip_low, clip_high, dual = ppo_ops._check_clip(kwargs.get("clip_low", 0.2), kwargs.get("clip_high"),
+                                                    kwargs.get("dual_clip"))
+    ratio_low, ratio_high = 1.0 - clip_low, 1.0 + clip_high
     agg = kwargs.get("agg", "token-mean")
     weights = ppo_ops._aggregation_weights(mask.sum(-1).to(acc), T, agg, None, None)
     row_weight = torch.where(mask, weights.unsqueeze(-1), 0.0).reshape(-1)

@@ -7,6 +7,7 @@ import torch
 
 import rlhf_kernels
 from rlhf_kernels import reference
+from rlhf_kernels import _dispatch
 from rlhf_kernels.ops import ppo_loss as ppo_ops
 
 from conftest import gpu
@@ -456,8 +457,10 @@ def test_loss_from_logits_float16_with_a_grad_scaler_sized_upstream_gradient(dev
 
 
 def test_loss_from_logits_no_double_backward(device_backend):
-    """Every loss computes its gradient in the forward: a second derivative
-    (create_graph=True) is an error, never a silent 0."""
+    """Every kernel loss computes its gradient in the forward: a second
+    derivative (create_graph=True) is an error, never a silent 0. (The
+    reference backend's token losses are torch autograd: their second
+    derivative is the true one.)"""
     device, backend = device_backend
     logits, labels, old, adv, mask, _ = _logits_inputs((2, 3, 41), device, seed=13)
     x = logits.clone().requires_grad_(True)
@@ -468,6 +471,13 @@ def test_loss_from_logits_no_double_backward(device_backend):
     for loss_fn in (rlhf_kernels.ppo_policy_loss, rlhf_kernels.ppo_value_loss):
         x = logp.clone().requires_grad_(True)
         loss, _ = loss_fn(x, old, adv, mask, backend=backend)
+        if backend == "reference":
+            (g,) = torch.autograd.grad(loss, x, create_graph=True)
+            x64 = logp.double().requires_grad_(True)
+            ref_fn = getattr(reference, loss_fn.__name__)
+            (g64,) = torch.autograd.grad(ref_fn(x64, old.double(), adv.double(), mask)[0], x64, create_graph=True)
+            torch.testing.assert_close(torch.where(mask, g, 0.0).double(), torch.where(mask, g64, 0.0), **F32)
+            continue
         with pytest.raises(RuntimeError, match=f"{loss_fn.__name__}: no double backward"):
             torch.autograd.grad(loss, x, create_graph=True)
 
@@ -564,18 +574,20 @@ def test_loss_from_logits_all_masked(device_backend):
 
 
 def test_opcheck(device_backend):
+    """The registered ops themselves (schema, fake, autograd, AOT dispatch): the
+    native op for the cpu / cuda backends, its Triton twin for triton (the
+    reference backend is plain torch: no op)."""
     device, backend = device_backend
     logp, old, adv, mask = _tokens((3, 20), device, seed=13, scale=0.3)
     logp = torch.where(mask, logp, 0.0).requires_grad_(True)
-    for agg, num_tokens in (("token-mean", None), ("seq-mean-token-mean", None), ("token-mean", 50.0)):
-        torch.library.opcheck(
-            torch.ops.rlhf_kernels.ppo_policy_loss_fwd.default,
-            (logp, old, adv, mask, 0.8, 1.28, 3.0, agg, num_tokens, None, True, backend),
-        )
-        torch.library.opcheck(
-            torch.ops.rlhf_kernels.ppo_value_loss_fwd.default,
-            (logp, old, adv, mask, 0.2, agg, num_tokens, None, True, backend),
-        )
+    suffix = {"cpu": "", "cuda": "", "triton": "_triton"}.get(backend)
+    for agg, num_tokens in (("seq-mean-token-mean", None), ("token-mean", 50.0)) if suffix is not None else ():
+        code = reference.AGG_MODES.index(agg)
+        for float_mask in (mask, mask.float()):
+            torch.library.opcheck(getattr(torch.ops.rlhf_kernels, "ppo_policy_loss" + suffix).default,
+                                  (logp, old, adv, float_mask, 0.8, 1.28, 3.0, code, num_tokens, None, True))
+            torch.library.opcheck(getattr(torch.ops.rlhf_kernels, "ppo_value_loss" + suffix).default,
+                                  (logp, old, adv, float_mask, 0.2, code, num_tokens, None, True))
     logits, labels, old, adv, mask, ref = _logits_inputs((2, 3, 40), device, seed=14)
     logits.requires_grad_(True)
     torch.library.opcheck(
@@ -689,8 +701,9 @@ def test_from_logits_bad_inputs(change, match):
 
 def test_env_forces_backend(monkeypatch):
     calls = []
-    original = ppo_ops._POLICY["reference"]
-    monkeypatch.setitem(ppo_ops._POLICY, "reference", lambda *a: calls.append(1) or original(*a))
+    key = ("ppo_policy_loss", "reference")
+    original = _dispatch._REGISTRY[key]
+    monkeypatch.setitem(_dispatch._REGISTRY, key, lambda *a: calls.append(1) or original(*a))
     monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
     logp, old, adv, mask = _ok()
     rlhf_kernels.ppo_policy_loss(logp, old, adv, mask)

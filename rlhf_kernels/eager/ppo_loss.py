@@ -1,12 +1,43 @@
-"""The PPO losses' per-token passes in plain torch ops (the "reference"
-backend): the kernels' closed form, tie rules included."""
+"""The PPO losses in plain torch ops (the "reference" backend): the token
+losses are ``rlhf_kernels.reference`` itself, differentiated by torch autograd
+(the kernels' gradients are defined as that autograd, tie rules included);
+the from-logits path composes the kernels' closed form."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from .. import reference
 from . import logprobs as _logprobs
+
+_POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_max", "ratio_min")
+
+
+def _computed(mask: Tensor, *tensors: Tensor) -> list[Tensor]:
+    """The tensors in the computation dtype, masked positions set to 0: as in
+    the kernels, whatever a masked position holds (NaN) gets a zero gradient."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    valid = mask != 0
+    return [torch.where(valid, t.to(dtype), 0.0) for t in tensors]
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs):
+    """ppo_policy_loss's contract: (loss, stats (5,)); agg the index in AGG_MODES, dual_clip 0 for none."""
+    loss, stats = reference.ppo_policy_loss(
+        *_computed(mask, logp, old_logp, advantages), mask, clip_low=clip_low, clip_high=clip_high,
+        dual_clip=dual_clip or None, agg=reference.AGG_MODES[agg], num_tokens=num_tokens, num_seqs=num_seqs,
+    )
+    return loss, torch.stack([stats[name] for name in _POLICY_STATS])
+
+
+def value_loss(values, old_values, returns, mask, clip, agg, num_tokens, num_seqs):
+    """ppo_value_loss's contract: (loss, stats (1,) = vf_clipfrac)."""
+    loss, stats = reference.ppo_value_loss(
+        *_computed(mask, values, old_values, returns), mask, clip=clip, agg=reference.AGG_MODES[agg],
+        num_tokens=num_tokens, num_seqs=num_seqs,
+    )
+    return loss, stats["vf_clipfrac"].reshape(1)
 
 
 def _clamp_t(x: Tensor, lo, hi) -> Tensor:

@@ -18,13 +18,13 @@ closed interval [lo, hi]; at a tie of max / min each side gets half. See
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from .._dispatch import resolve_backend, triton_installed
+from .._dispatch import implementation, native_extension_loaded, register, resolve_backend, triton_installed
 from .._launch import (
     APPROX_KL, CLIP, COUNT, DUAL, ENTROPY_SUM, KL_SUM, N_POLICY_STATS, N_VALUE_STATS, PG_SUM, RATIO_MAX, RATIO_MIN,
     VF_CLIP, VF_COUNT, VF_SUM, acc_dtype, layouts, rows_in_flight,
@@ -32,6 +32,7 @@ from .._launch import (
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_finite, check_positive, check_same_device, check_tensor
 from ..eager import ppo_loss as _eager
 from . import logprobs as _lp
+from ._op import differentiable
 from .advantages import _check_estimator
 
 
@@ -135,35 +136,29 @@ def _run_tokens(table, backend: str, shape, n_stats: int, like: Tensor, need_gra
 # --- custom ops ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("rlhf_kernels::ppo_policy_loss_fwd", mutates_args=())
-def _ppo_policy_loss_fwd(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, ratio_low: float,
-    ratio_high: float, dual_clip: float, agg: str, num_tokens: Optional[float],
-    num_seqs: Optional[float], need_grad: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    seq_len = _seq_len(logp.shape)
-    grad, seq_stats = _run_tokens(
-        _POLICY, backend, logp.shape, N_POLICY_STATS, logp, need_grad, _token_view(logp), _token_view(old_logp), _token_view(advantages), _token_view(mask),
-        None, None, seq_len, ratio_low, ratio_high, dual_clip, 0.0, -1, need_grad,
-    )
-    weights = _aggregation_weights(seq_stats[:, COUNT], seq_len, agg, num_tokens, num_seqs)
-    loss = (weights * seq_stats[:, PG_SUM]).sum()
-    return loss, _policy_stats(seq_stats), grad, weights
+# --- the token losses: one op each, native (CPU / CUDA kernels of csrc) or Triton ----------
+# (loss, stats, grad, weights): grad = w_b * dl/dx for a unit upstream gradient,
+# produced in the forward; the backward only scales it by the upstream gradient.
 
 
-@_ppo_policy_loss_fwd.register_fake
-def _(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip, agg, num_tokens,
-      num_seqs, need_grad, backend):
-    seqs = _num_seqs(logp.shape)
-    return (logp.new_empty(()), logp.new_empty((5,)), logp.new_empty((logp.numel() if need_grad else 0,)),
-            logp.new_empty((seqs,)))
+def _token_loss_fake(n_stats: int) -> Callable:
+    """The fake of a token loss op whose stats have n_stats entries."""
+
+    def fake(x, y, z, mask, *args):
+        dtype = _compute_dtype(x, y, z)
+        need_grad = args[-1]
+        return (x.new_empty((), dtype=dtype), x.new_empty((n_stats,), dtype=dtype),
+                x.new_empty((x.numel() if need_grad else 0,), dtype=dtype),
+                x.new_empty((_num_seqs(x.shape),), dtype=dtype))
+
+    return fake
 
 
-def _scaled_token_grad(grad: Tensor, weights: Tensor, grad_loss: Tensor, shape) -> Tensor:
-    """grad_output * w_b * dl/dx, back in the tokens' shape."""
-    seqs = weights.shape[0]
-    scale = (weights * grad_loss).unsqueeze(-1)
-    return (grad.view(seqs, shape[-1]) * scale).view(shape)
+def _token_loss_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    if ctx.needs_input_grad[0]:
+        ctx.shape = inputs[0].shape
+        ctx.save_for_backward(output[2])
 
 
 def _no_double_backward(op: str, grad_loss: Tensor) -> None:
@@ -174,58 +169,106 @@ def _no_double_backward(op: str, grad_loss: Tensor) -> None:
                            "forward, not by differentiable ops")
 
 
-def _policy_setup_context(ctx, inputs, output):
-    ctx.shape = inputs[0].shape
-    _, _, grad, weights = output
-    ctx.save_for_backward(grad, weights)
+def _token_loss_backward(name: str) -> Callable:
+    """The backward of the token loss op `name`: its saved gradient times the upstream one."""
+
+    def backward(ctx, grad_loss, *_):
+        grads = [None] * len(ctx.needs_input_grad)
+        if ctx.needs_input_grad[0]:
+            _no_double_backward(name, grad_loss)
+            (grad,) = ctx.saved_tensors
+            grads[0] = (grad * grad_loss).view(ctx.shape)
+        return tuple(grads)
+
+    return backward
 
 
-def _policy_backward(ctx, grad_loss, _grad_stats, _grad_grad, _grad_weights):
-    grad, weights = ctx.saved_tensors
-    grad_logp = None
-    if ctx.needs_input_grad[0]:
-        _no_double_backward("ppo_policy_loss", grad_loss)
-        grad_logp = _scaled_token_grad(grad, weights, grad_loss, ctx.shape)
-    return (grad_logp,) + (None,) * 11
+def _tokens(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The token tensors as the Triton kernels read them: flat, contiguous, of
+    the computation dtype (the native ops do this in C++)."""
+    dtype = _compute_dtype(*tensors)
+    return tuple(t.to(dtype).reshape(-1).contiguous() for t in tensors)
 
 
-_ppo_policy_loss_fwd.register_autograd(_policy_backward, setup_context=_policy_setup_context)
+def _weights_and_grad(counts: Tensor, grad: Tensor, shape, agg: int, num_tokens, num_seqs):
+    weights = _aggregation_weights(counts, _seq_len(shape), AGG_MODES[agg], num_tokens, num_seqs)
+    if grad.numel():
+        grad = (grad.view(weights.shape[0], -1) * weights.unsqueeze(-1)).reshape(-1)
+    return weights, grad
 
 
-@torch.library.custom_op("rlhf_kernels::ppo_value_loss_fwd", mutates_args=())
-def _ppo_value_loss_fwd(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float, agg: str,
-    num_tokens: Optional[float], num_seqs: Optional[float], need_grad: bool, backend: str,
+@torch.library.custom_op("rlhf_kernels::ppo_policy_loss_triton", mutates_args=())
+def _ppo_policy_loss_triton(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, ratio_low: float,
+    ratio_high: float, dual_clip: float, agg: int, num_tokens: Optional[float],
+    num_seqs: Optional[float], need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    seq_len = _seq_len(values.shape)
+    tokens = _tokens(logp, old_logp, advantages)
     grad, seq_stats = _run_tokens(
-        _VALUE, backend, values.shape, N_VALUE_STATS, values, need_grad, _token_view(values), _token_view(old_values), _token_view(returns), _token_view(mask),
-        seq_len, clip, need_grad,
+        _POLICY, "triton", logp.shape, N_POLICY_STATS, tokens[0], need_grad, *tokens, _token_view(mask != 0),
+        None, None, _seq_len(logp.shape), ratio_low, ratio_high, dual_clip, 0.0, -1, need_grad,
+    )
+    weights, grad = _weights_and_grad(seq_stats[:, COUNT], grad, logp.shape, agg, num_tokens, num_seqs)
+    return (weights * seq_stats[:, PG_SUM]).sum(), _policy_stats(seq_stats), grad, weights
+
+
+@torch.library.custom_op("rlhf_kernels::ppo_value_loss_triton", mutates_args=())
+def _ppo_value_loss_triton(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float, agg: int,
+    num_tokens: Optional[float], num_seqs: Optional[float], need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    tokens = _tokens(values, old_values, returns)
+    grad, seq_stats = _run_tokens(
+        _VALUE, "triton", values.shape, N_VALUE_STATS, tokens[0], need_grad, *tokens, _token_view(mask != 0),
+        _seq_len(values.shape), clip, need_grad,
     )
     counts = seq_stats[:, VF_COUNT]
-    weights = _aggregation_weights(counts, seq_len, agg, num_tokens, num_seqs)
-    loss = (weights * seq_stats[:, VF_SUM]).sum()
+    weights, grad = _weights_and_grad(counts, grad, values.shape, agg, num_tokens, num_seqs)
     clipfrac = seq_stats[:, VF_CLIP].sum() / counts.sum().clamp(min=1)
-    return loss, clipfrac.reshape(1), grad, weights
+    return (weights * seq_stats[:, VF_SUM]).sum(), clipfrac.reshape(1), grad, weights
 
 
-@_ppo_value_loss_fwd.register_fake
-def _(values, old_values, returns, mask, clip, agg, num_tokens, num_seqs, need_grad, backend):
-    seqs = _num_seqs(values.shape)
-    return (values.new_empty(()), values.new_empty((1,)),
-            values.new_empty((values.numel() if need_grad else 0,)), values.new_empty((seqs,)))
+def _native_op(name: str):
+    return getattr(torch.ops.rlhf_kernels, name).default if native_extension_loaded() else None
 
 
-def _value_backward(ctx, grad_loss, _grad_stats, _grad_grad, _grad_weights):
-    grad, weights = ctx.saved_tensors
-    grad_values = None
-    if ctx.needs_input_grad[0]:
-        _no_double_backward("ppo_value_loss", grad_loss)
-        grad_values = _scaled_token_grad(grad, weights, grad_loss, ctx.shape)
-    return (grad_values,) + (None,) * 9
+def _token_loss_ops(name: str, n_stats: int) -> dict[str, Callable]:
+    """backend -> the differentiable caller of the `name` op (native and Triton)."""
+    callers = {}
+    for backends, op in ((("cpu", "cuda"), _native_op(name)),
+                         (("triton",), getattr(torch.ops.rlhf_kernels, name + "_triton").default)):
+        if op is not None:
+            torch.library.register_fake(op)(_token_loss_fake(n_stats))
+            caller = differentiable(op, _token_loss_setup_context, _token_loss_backward(name))
+            callers.update(dict.fromkeys(backends, caller))
+    return callers
 
 
-_ppo_value_loss_fwd.register_autograd(_value_backward, setup_context=_policy_setup_context)
+def _register_policy_loss(backends, caller):
+    def policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs):
+        need_grad = logp.requires_grad and torch.is_grad_enabled()
+        loss, stats, _, _ = caller(logp, old_logp, advantages, mask, 1.0 - clip_low, 1.0 + clip_high, dual_clip,
+                                   agg, num_tokens, num_seqs, need_grad)
+        return loss, stats
+
+    register("ppo_policy_loss", backends, policy_loss)
+
+
+def _register_value_loss(backends, caller):
+    def value_loss(values, old_values, returns, mask, clip, agg, num_tokens, num_seqs):
+        need_grad = values.requires_grad and torch.is_grad_enabled()
+        loss, stats, _, _ = caller(values, old_values, returns, mask, clip, agg, num_tokens, num_seqs, need_grad)
+        return loss, stats
+
+    register("ppo_value_loss", backends, value_loss)
+
+
+for _backend, _caller in _token_loss_ops("ppo_policy_loss", len(POLICY_STAT_NAMES)).items():
+    _register_policy_loss((_backend,), _caller)
+for _backend, _caller in _token_loss_ops("ppo_value_loss", 1).items():
+    _register_value_loss((_backend,), _caller)
+register("ppo_policy_loss", ("reference",), _eager.policy_loss)
+register("ppo_value_loss", ("reference",), _eager.value_loss)
 
 
 # --- the logits gradient during the forward ---------------------------------------------
@@ -408,12 +451,13 @@ def _check_clip(clip_low: float, clip_high: float | None, dual_clip: float | Non
         dual = check_finite("dual_clip", dual_clip)
         if dual <= 1.0:
             raise ValueError(f"dual_clip: must be > 1 (or None), got {dual}")
-    return 1.0 - clip_low, 1.0 + clip_high, dual
+    return clip_low, clip_high, dual
 
 
 def _check_agg(agg: str, num_tokens, num_seqs,
-               device: torch.device) -> tuple[Optional[float], Optional[float], Optional[Tensor]]:
-    """(num_tokens, num_seqs, divisor): float counts go to the kernels; a count
+               device: torch.device) -> tuple[int, Optional[float], Optional[float], Optional[Tensor]]:
+    """(agg code, num_tokens, num_seqs, divisor): the mode's index in
+    AGG_MODES; float counts go to the kernels; a count
     given as a 1-element tensor (a global count all-reduced on the GPU) is
     replaced by 1 and returned as the divisor of the loss, so that nothing
     synchronises with the host (it is then not checked for > 0). Only the count
@@ -434,7 +478,7 @@ def _check_agg(agg: str, num_tokens, num_seqs,
                 counts[name], divisor = 1.0, value.detach().reshape(())
         else:
             counts[name] = None if value is None else check_positive(name, value)
-    return counts["num_tokens"], counts["num_seqs"], divisor
+    return AGG_MODES.index(agg), counts["num_tokens"], counts["num_seqs"], divisor
 
 
 def _divide(loss: Tensor, divisor: Optional[Tensor]) -> Tensor:
@@ -448,6 +492,7 @@ def _check_tokens(shape_name: str, shape, **tensors: Tensor) -> None:
 
 
 def _check_mask(mask: Tensor) -> Tensor:
+    """mask of any real dtype (nonzero = valid), as a bool tensor."""
     check_tensor("mask", mask)
     if mask.is_complex():
         raise ValueError("mask: complex masks are not supported")
@@ -516,22 +561,17 @@ def ppo_policy_loss(
     check_tensor("logp", logp, FLOAT_DTYPES)
     check_tensor("old_logp", old_logp, FLOAT_DTYPES)
     check_tensor("advantages", advantages, FLOAT_DTYPES)
-    mask = _check_mask(mask)
+    _check_mask(mask)
     check_same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
     if logp.dim() < 1:
         raise ValueError("logp: expected shape (B, T) (or (..., T)), got a 0-dim tensor")
     _check_tokens("logp", logp.shape, old_logp=old_logp, advantages=advantages, mask=mask)
-    ratio_low, ratio_high, dual = _check_clip(clip_low, clip_high, dual_clip)
-    num_tokens, num_seqs, divisor = _check_agg(agg, num_tokens, num_seqs, logp.device)
-    chosen = resolve_backend(backend, logp.device, "ppo_policy_loss")
-    dtype = _compute_dtype(logp, old_logp, advantages)
-    loss, stats, _, _ = torch.ops.rlhf_kernels.ppo_policy_loss_fwd(
-        _prepare(logp, dtype), _prepare(old_logp.detach(), dtype), _prepare(advantages.detach(), dtype),
-        mask.contiguous(), ratio_low, ratio_high, dual, agg, num_tokens, num_seqs,
-        bool(logp.requires_grad and torch.is_grad_enabled()), chosen,
+    clip_low, clip_high, dual = _check_clip(clip_low, clip_high, dual_clip)
+    agg_code, num_tokens, num_seqs, divisor = _check_agg(agg, num_tokens, num_seqs, logp.device)
+    loss, stats = implementation("ppo_policy_loss", backend, logp.device)(
+        logp, old_logp.detach(), advantages.detach(), mask, clip_low, clip_high, dual, agg_code, num_tokens, num_seqs,
     )
-    stats = stats.detach()
-    return _divide(loss, divisor), {name: stats[i] for i, name in enumerate(POLICY_STAT_NAMES)}
+    return _divide(loss, divisor), dict(zip(POLICY_STAT_NAMES, stats.unbind()))
 
 
 def ppo_value_loss(
@@ -568,21 +608,17 @@ def ppo_value_loss(
     check_tensor("values", values, FLOAT_DTYPES)
     check_tensor("old_values", old_values, FLOAT_DTYPES)
     check_tensor("returns", returns, FLOAT_DTYPES)
-    mask = _check_mask(mask)
+    _check_mask(mask)
     check_same_device(values=values, old_values=old_values, returns=returns, mask=mask)
     if values.dim() < 1:
         raise ValueError("values: expected shape (B, T) (or (..., T)), got a 0-dim tensor")
     _check_tokens("values", values.shape, old_values=old_values, returns=returns, mask=mask)
     clip = check_positive("clip", clip)
-    num_tokens, num_seqs, divisor = _check_agg(agg, num_tokens, num_seqs, values.device)
-    chosen = resolve_backend(backend, values.device, "ppo_value_loss")
-    dtype = _compute_dtype(values, old_values, returns)
-    loss, stats, _, _ = torch.ops.rlhf_kernels.ppo_value_loss_fwd(
-        _prepare(values, dtype), _prepare(old_values.detach(), dtype), _prepare(returns.detach(), dtype),
-        mask.contiguous(), clip, agg, num_tokens, num_seqs,
-        bool(values.requires_grad and torch.is_grad_enabled()), chosen,
+    agg_code, num_tokens, num_seqs, divisor = _check_agg(agg, num_tokens, num_seqs, values.device)
+    loss, stats = implementation("ppo_value_loss", backend, values.device)(
+        values, old_values.detach(), returns.detach(), mask, clip, agg_code, num_tokens, num_seqs,
     )
-    return _divide(loss, divisor), {"vf_clipfrac": stats.detach()[0]}
+    return _divide(loss, divisor), {"vf_clipfrac": stats[0]}
 
 
 def ppo_loss_from_logits(
@@ -664,8 +700,9 @@ def ppo_loss_from_logits(
     if ref_logp is not None:
         _check_tokens("logits.shape[:-1]", tokens, ref_logp=ref_logp)
     temperature = check_positive("temperature", temperature)
-    ratio_low, ratio_high, dual = _check_clip(clip_low, clip_high, dual_clip)
-    num_tokens, num_seqs, divisor = _check_agg(agg, num_tokens, num_seqs, logits.device)
+    clip_low, clip_high, dual = _check_clip(clip_low, clip_high, dual_clip)
+    ratio_low, ratio_high = 1.0 - clip_low, 1.0 + clip_high
+    _, num_tokens, num_seqs, divisor = _check_agg(agg, num_tokens, num_seqs, logits.device)
     kl_coef = check_finite("kl_coef", kl_coef)
     entropy_coef = check_finite("entropy_coef", entropy_coef)
     kl_code = _check_estimator(kl_estimator, "kl_estimator")

@@ -1,0 +1,164 @@
+// The losses' aggregation, torch-free: from the per-chunk partial sums the PPO
+// token kernels write (ppo_math.h PolicyStat / ValueStat) to the loss, its
+// statistics and the per-sequence weights, in one pass over (B, chunks, K).
+//
+// Every loss is sum_b w_b * (sum of the valid token losses of sequence b), with
+// w_b fixed by the mode (rlhf_kernels.reference.agg_loss):
+//   token-mean               1 / (num_tokens or the valid tokens)
+//   token-sum                1
+//   seq-mean-token-sum       1 / S
+//   seq-mean-token-mean      1 / (S * valid_b)
+//   seq-mean-token-sum-norm  1 / (S * T)
+// S = num_seqs or the number of sequences with a valid token; every count is
+// taken >= 1, so a batch without a valid token gives 0, never NaN. Sums run in
+// double: B sequences of float32 partials lose nothing to the order.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "rlhf_kernels/common.h"
+#include "rlhf_kernels/ppo_math.h"
+
+namespace rlhf_kernels {
+
+// In the order of rlhf_kernels.reference.AGG_MODES.
+enum Aggregation : int {
+  kTokenMean = 0,
+  kTokenSum,
+  kSeqMeanTokenSum,
+  kSeqMeanTokenMean,
+  kSeqMeanTokenSumNorm,
+  kAggregations
+};
+
+struct AggParams {
+  int mode;           // Aggregation
+  double num_tokens;  // token-mean denominator; <= 0: the valid tokens
+  double num_seqs;    // S of the seq-mean modes; <= 0: the sequences with a valid token
+};
+
+// Columns of the policy statistics the ops return: POLICY_STAT_NAMES in
+// rlhf_kernels/ops/ppo_loss.py, then (from logits) pg_loss, kl, entropy.
+enum PolicyOutStat : int {
+  kClipFrac = 0,
+  kClipFracLower,
+  kApproxKl,
+  kRatioMaxOut,
+  kRatioMinOut,
+  kPgLossOut,
+  kKlOut,
+  kEntropyOut,
+  kPolicyOutStats
+};
+
+namespace detail {
+
+// max / min that keep a NaN once seen (as torch.amax / amin do).
+inline double nan_max(double a, double b) { return (b > a || b != b) && a == a ? b : a; }
+inline double nan_min(double a, double b) { return (b < a || b != b) && a == a ? b : a; }
+
+// Chunk-summed column `k` of sequence b.
+template <typename acc_t>
+double seq_sum(const acc_t* partial, int64_t b, int64_t chunks, int n_stats, int k) {
+  double s = 0;
+  for (int64_t c = 0; c < chunks; ++c) s += static_cast<double>(partial[(b * chunks + c) * n_stats + k]);
+  return s;
+}
+
+inline double seq_weight(const AggParams& agg, double count_b, double total, double nonempty,
+                         int64_t seq_len) {
+  const double seqs = agg.num_seqs > 0 ? agg.num_seqs : (nonempty > 1 ? nonempty : 1.0);
+  switch (agg.mode) {
+    case kTokenMean: return 1.0 / (agg.num_tokens > 0 ? agg.num_tokens : (total > 1 ? total : 1.0));
+    case kTokenSum: return 1.0;
+    case kSeqMeanTokenSum: return 1.0 / seqs;
+    case kSeqMeanTokenMean: return 1.0 / ((count_b > 1 ? count_b : 1.0) * seqs);
+    default: return 1.0 / (seqs * static_cast<double>(seq_len > 1 ? seq_len : 1));
+  }
+}
+
+}  // namespace detail
+
+// The policy loss from (B, chunks, kPolicyStats) partials: loss = pg + kl_coef
+// * kl - entropy_coef * entropy (each aggregated with the same weights), the
+// kPolicyOutStats statistics (ratio extremes 0 without a valid token) and
+// weights (B,).
+template <typename acc_t>
+void finalize_policy(const acc_t* partial, int64_t seqs, int64_t chunks, int64_t seq_len,
+                     const AggParams& agg, double kl_coef, double entropy_coef, acc_t* loss,
+                     acc_t* stats, acc_t* weights) {
+  double total = 0, nonempty = 0, clips = 0, duals = 0, approx_kl = 0;
+  double ratio_max = -std::numeric_limits<double>::infinity();
+  double ratio_min = std::numeric_limits<double>::infinity();
+  for (int64_t b = 0; b < seqs; ++b) {
+    const double count = detail::seq_sum(partial, b, chunks, kPolicyStats, kValidCount);
+    total += count;
+    nonempty += count > 0 ? 1 : 0;
+    clips += detail::seq_sum(partial, b, chunks, kPolicyStats, kClipCount);
+    duals += detail::seq_sum(partial, b, chunks, kPolicyStats, kDualClipCount);
+    approx_kl += detail::seq_sum(partial, b, chunks, kPolicyStats, kApproxKlSum);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const acc_t* row = partial + (b * chunks + c) * kPolicyStats;
+      ratio_max = detail::nan_max(ratio_max, static_cast<double>(row[kRatioMax]));
+      ratio_min = detail::nan_min(ratio_min, static_cast<double>(row[kRatioMin]));
+    }
+  }
+  double pg = 0, kl = 0, entropy = 0;
+  for (int64_t b = 0; b < seqs; ++b) {
+    const double count = detail::seq_sum(partial, b, chunks, kPolicyStats, kValidCount);
+    const double w = detail::seq_weight(agg, count, total, nonempty, seq_len);
+    weights[b] = static_cast<acc_t>(w);
+    pg += w * detail::seq_sum(partial, b, chunks, kPolicyStats, kPgLossSum);
+    kl += w * detail::seq_sum(partial, b, chunks, kPolicyStats, kKlPenaltySum);
+    entropy += w * detail::seq_sum(partial, b, chunks, kPolicyStats, kEntropySum);
+  }
+  const double denom = total > 1 ? total : 1.0;
+  const bool any = total > 0;
+  *loss = static_cast<acc_t>(pg + kl_coef * kl - entropy_coef * entropy);
+  stats[kClipFrac] = static_cast<acc_t>(clips / denom);
+  stats[kClipFracLower] = static_cast<acc_t>(duals / denom);
+  stats[kApproxKl] = static_cast<acc_t>(approx_kl / denom);
+  stats[kRatioMaxOut] = static_cast<acc_t>(any ? ratio_max : 0.0);
+  stats[kRatioMinOut] = static_cast<acc_t>(any ? ratio_min : 0.0);
+  stats[kPgLossOut] = static_cast<acc_t>(pg);
+  stats[kKlOut] = static_cast<acc_t>(kl);
+  stats[kEntropyOut] = static_cast<acc_t>(entropy);
+}
+
+// The value loss from (B, chunks, kValueStats) partials: loss, vf_clipfrac and
+// weights (B,).
+template <typename acc_t>
+void finalize_value(const acc_t* partial, int64_t seqs, int64_t chunks, int64_t seq_len,
+                    const AggParams& agg, acc_t* loss, acc_t* vf_clipfrac, acc_t* weights) {
+  double total = 0, nonempty = 0, clips = 0;
+  for (int64_t b = 0; b < seqs; ++b) {
+    const double count = detail::seq_sum(partial, b, chunks, kValueStats, kVfValidCount);
+    total += count;
+    nonempty += count > 0 ? 1 : 0;
+    clips += detail::seq_sum(partial, b, chunks, kValueStats, kVfClipCount);
+  }
+  double sum = 0;
+  for (int64_t b = 0; b < seqs; ++b) {
+    const double count = detail::seq_sum(partial, b, chunks, kValueStats, kVfValidCount);
+    const double w = detail::seq_weight(agg, count, total, nonempty, seq_len);
+    weights[b] = static_cast<acc_t>(w);
+    sum += w * detail::seq_sum(partial, b, chunks, kValueStats, kVfLossSum);
+  }
+  *loss = static_cast<acc_t>(sum);
+  *vf_clipfrac = static_cast<acc_t>(clips / (total > 1 ? total : 1.0));
+}
+
+// grad (B, T) *= weights[b], rows [b_begin, b_end): the token gradient for a
+// unit upstream gradient.
+template <typename acc_t>
+void scale_rows(acc_t* grad, const acc_t* weights, int64_t seq_len, int64_t b_begin, int64_t b_end) {
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    const acc_t w = weights[b];
+    acc_t* row = grad + b * seq_len;
+    for (int64_t t = 0; t < seq_len; ++t) row[t] *= w;
+  }
+}
+
+}  // namespace rlhf_kernels
