@@ -211,7 +211,7 @@ inline std::pair<int64_t, int64_t> check_advantages(
     check_row_tensor(*token_rewards, n, values.scalar_type(), "token_rewards");
   } else {
     TORCH_CHECK_VALUE(scores && logp && ref_logp,
-                      "advantages_native: needs token_rewards, or scores, logp and ref_logp");
+                      "advantages: needs token_rewards, or scores, logp and ref_logp");
     check_row_tensor(*scores, num_seqs, acc_dtype_for(values), "scores");
     check_row_tensor(*logp, n, values.scalar_type(), "logp");
     check_row_tensor(*ref_logp, n, values.scalar_type(), "ref_logp");

@@ -75,12 +75,13 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def(
       "ppo_value_fwd_native(Tensor values, Tensor old_values, Tensor returns, Tensor mask, "
       "int seq_len, float clip, bool need_grad) -> (Tensor, Tensor)");
-  // KL estimate per token (estimator: 0 k1, 1 abs, 2 k2, 3 k3); logp and ref_logp
-  // contiguous, same shape and dtype. Returns float32 (float64 for float64).
-  m.def("kl_penalty_fwd_native(Tensor logp, Tensor ref_logp, int estimator) -> Tensor");
+  // The public KL estimate per token (rlhf_kernels.kl_penalty; estimator: 0 k1,
+  // 1 abs, 2 k2, 3 k3); logp and ref_logp of one shape and dtype, any layout.
+  // Returns float32 (float64 for float64).
+  m.def("kl_penalty(Tensor logp, Tensor ref_logp, int estimator) -> Tensor");
   // (grad_logp, grad_ref_logp) in the inputs' dtype from the upstream gradient.
   m.def(
-      "kl_penalty_bwd_native(Tensor grad, Tensor logp, Tensor ref_logp, int estimator) "
+      "kl_penalty_backward(Tensor grad, Tensor logp, Tensor ref_logp, int estimator) "
       "-> (Tensor, Tensor)");
   // Fused KL + reward shaping + GAE in one pass. values (B, T) padded, or
   // (total,) packed with cu_seqlens (B + 1,) int32; mask bool like values or
@@ -90,7 +91,7 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // (both empty unless shaping), and stats (B, 4) float64: per sequence the
   // valid count, sum A, sum A^2 and sum kl, the partial sums for whitening.
   m.def(
-      "advantages_native(Tensor values, Tensor? mask, Tensor? cu_seqlens, "
+      "advantages(Tensor values, Tensor? mask, Tensor? cu_seqlens, "
       "Tensor? token_rewards, Tensor? scores, Tensor? logp, Tensor? ref_logp, "
       "Tensor? kl_coef_scale, float kl_coef, "
       "int estimator, float gamma, float lam) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");

@@ -12,7 +12,9 @@ namespace {
 
 constexpr int64_t kElementGrain = 32768;
 
-at::Tensor kl_penalty_fwd_cpu(const at::Tensor& logp, const at::Tensor& ref_logp, int64_t estimator) {
+// The public op kl_penalty (one crossing): any layouts of one dtype, read contiguous.
+at::Tensor kl_penalty_cpu(const at::Tensor& logp_in, const at::Tensor& ref_logp_in, int64_t estimator) {
+  const at::Tensor logp = logp_in.contiguous(), ref_logp = ref_logp_in.contiguous();
   check_kl_inputs(logp, ref_logp, estimator);
   at::Tensor kl = at::empty(logp.sizes(), logp.options().dtype(acc_dtype_for(logp)));
   dispatch_float_dtype<bf16_t, fp16_t>(logp.scalar_type(), "logp", [&](auto scalar, auto acc) {
@@ -28,8 +30,11 @@ at::Tensor kl_penalty_fwd_cpu(const at::Tensor& logp, const at::Tensor& ref_logp
   return kl;
 }
 
-std::tuple<at::Tensor, at::Tensor> kl_penalty_bwd_cpu(const at::Tensor& grad, const at::Tensor& logp,
-                                                      const at::Tensor& ref_logp, int64_t estimator) {
+// (grad_logp, grad_ref_logp) in the inputs' dtype; grad of any float dtype and layout.
+std::tuple<at::Tensor, at::Tensor> kl_penalty_backward_cpu(const at::Tensor& grad_in, const at::Tensor& logp_in,
+                                                      const at::Tensor& ref_logp_in, int64_t estimator) {
+  const at::Tensor logp = logp_in.contiguous(), ref_logp = ref_logp_in.contiguous();
+  const at::Tensor grad = grad_in.to(acc_dtype_for(logp)).contiguous();
   check_kl_inputs(logp, ref_logp, estimator);
   check_row_tensor(grad, logp.numel(), acc_dtype_for(logp), "grad");
   at::Tensor grad_logp = at::empty(logp.sizes(), logp.options());
@@ -88,9 +93,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> advantage
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
-  m.impl("kl_penalty_fwd_native", &kl_penalty_fwd_cpu);
-  m.impl("kl_penalty_bwd_native", &kl_penalty_bwd_cpu);
-  m.impl("advantages_native", &advantages_cpu);
+  m.impl("kl_penalty", &kl_penalty_cpu);
+  m.impl("kl_penalty_backward", &kl_penalty_backward_cpu);
+  m.impl("advantages", &advantages_cpu);
 }
 
 }  // namespace rlhf_kernels

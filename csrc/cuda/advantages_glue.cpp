@@ -19,7 +19,9 @@ void check_advantages_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "rlhf_kernels CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-at::Tensor kl_penalty_fwd_cuda(const at::Tensor& logp, const at::Tensor& ref_logp, int64_t estimator) {
+// The public op kl_penalty (one crossing): any layouts of one dtype, read contiguous.
+at::Tensor kl_penalty_cuda(const at::Tensor& logp_in, const at::Tensor& ref_logp_in, int64_t estimator) {
+  const at::Tensor logp = logp_in.contiguous(), ref_logp = ref_logp_in.contiguous();
   const c10::cuda::CUDAGuard guard(logp.device());
   check_kl_inputs(logp, ref_logp, estimator);
   at::Tensor kl = at::empty(logp.sizes(), logp.options().dtype(acc_dtype_for(logp)));
@@ -35,8 +37,11 @@ at::Tensor kl_penalty_fwd_cuda(const at::Tensor& logp, const at::Tensor& ref_log
   return kl;
 }
 
-std::tuple<at::Tensor, at::Tensor> kl_penalty_bwd_cuda(const at::Tensor& grad, const at::Tensor& logp,
-                                                       const at::Tensor& ref_logp, int64_t estimator) {
+// (grad_logp, grad_ref_logp) in the inputs' dtype; grad of any float dtype and layout.
+std::tuple<at::Tensor, at::Tensor> kl_penalty_backward_cuda(const at::Tensor& grad_in, const at::Tensor& logp_in,
+                                                       const at::Tensor& ref_logp_in, int64_t estimator) {
+  const at::Tensor logp = logp_in.contiguous(), ref_logp = ref_logp_in.contiguous();
+  const at::Tensor grad = grad_in.to(acc_dtype_for(logp)).contiguous();
   const c10::cuda::CUDAGuard guard(logp.device());
   check_kl_inputs(logp, ref_logp, estimator);
   check_row_tensor(grad, logp.numel(), acc_dtype_for(logp), "grad");
@@ -80,9 +85,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> advantage
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
-  m.impl("kl_penalty_fwd_native", &kl_penalty_fwd_cuda);
-  m.impl("kl_penalty_bwd_native", &kl_penalty_bwd_cuda);
-  m.impl("advantages_native", &advantages_cuda);
+  m.impl("kl_penalty", &kl_penalty_cuda);
+  m.impl("kl_penalty_backward", &kl_penalty_backward_cuda);
+  m.impl("advantages", &advantages_cuda);
 }
 
 }  // namespace rlhf_kernels

@@ -11,13 +11,10 @@ from .._launch import acc_dtype
 _ESTIMATOR_NAMES = {0: "k1", 1: "abs", 2: "k2", 3: "k3"}
 
 
-def kl_forward(logp, ref_logp, estimator):
-    return reference.kl_penalty(logp, ref_logp, _ESTIMATOR_NAMES[estimator])
-
-
-def kl_backward(grad, logp, ref_logp, estimator):
-    d = grad * reference.kl_penalty_grad(logp.to(grad.dtype), ref_logp.to(grad.dtype), _ESTIMATOR_NAMES[estimator])
-    return d.to(logp.dtype), (-d).to(ref_logp.dtype)
+def kl_penalty(logp, ref_logp, estimator):
+    """kl_penalty's contract: the reference formula in the accumulation dtype, under torch autograd."""
+    acc = acc_dtype(logp.dtype)
+    return reference.kl_penalty(logp.to(acc), ref_logp.to(acc), _ESTIMATOR_NAMES[estimator])
 
 
 def advantages(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, kl_coef_scale, kl_coef,

@@ -17,14 +17,15 @@ elementwise pass over those sums (all-reduced in one collective across ranks).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from .._dispatch import checks_enabled, resolve_backend, triton_installed
+from .._dispatch import checks_enabled, implementation, native_extension_loaded, register, triton_installed
 from .._launch import acc_dtype
 from ..eager import advantages as _eager
+from ._op import _below_autograd, differentiable
 from .._validation import (
     FLOAT_DTYPES, check_finite, check_int, check_nonnegative, check_positive, check_same_device, check_tensor,
 )
@@ -35,103 +36,104 @@ KL_ESTIMATOR_CODES = {"k1": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl
 _WHITEN_EPS = 1e-8
 _N_STATS = 4  # per sequence: valid count, sum A, sum A^2, sum kl
 
+if triton_installed():
+    from ..triton import advantages as _triton
 
 
-# --- KL penalty: forward / backward per backend -----------------------------------
+# --- KL penalty: one op each, native (csrc) or Triton; the reference backend is torch autograd ---
 
 
-def _kl_fwd_native(logp, ref_logp, estimator):
-    return torch.ops.rlhf_kernels.kl_penalty_fwd_native(logp, ref_logp, estimator)
-
-
-def _kl_bwd_native(grad, logp, ref_logp, estimator):
-    return torch.ops.rlhf_kernels.kl_penalty_bwd_native(grad, logp, ref_logp, estimator)
-
-
-_KL_FORWARD = {"cpu": _kl_fwd_native, "cuda": _kl_fwd_native, "reference": _eager.kl_forward}
-_KL_BACKWARD = {"cpu": _kl_bwd_native, "cuda": _kl_bwd_native, "reference": _eager.kl_backward}
-
-
-@torch.library.custom_op("rlhf_kernels::kl_penalty_fwd", mutates_args=())
-def _kl_penalty_fwd(logp: Tensor, ref_logp: Tensor, estimator: int, backend: str) -> Tensor:
-    return _KL_FORWARD[backend](logp.contiguous(), ref_logp.contiguous(), estimator)
-
-
-@_kl_penalty_fwd.register_fake
-def _(logp, ref_logp, estimator, backend):
+def _kl_fake(logp, ref_logp, estimator):
     return logp.new_empty(logp.shape, dtype=acc_dtype(logp.dtype))
 
 
-@torch.library.custom_op("rlhf_kernels::kl_penalty_bwd", mutates_args=())
-def _kl_penalty_bwd(grad: Tensor, logp: Tensor, ref_logp: Tensor, estimator: int,
-                    backend: str) -> tuple[Tensor, Tensor]:
-    grad = grad.to(acc_dtype(logp.dtype)).contiguous()
-    return _KL_BACKWARD[backend](grad, logp.contiguous(), ref_logp.contiguous(), estimator)
-
-
-@_kl_penalty_bwd.register_fake
-def _(grad, logp, ref_logp, estimator, backend):
+def _kl_backward_fake(grad, logp, ref_logp, estimator):
     return logp.new_empty(logp.shape), ref_logp.new_empty(ref_logp.shape)
 
 
 def _kl_setup_context(ctx, inputs, output):
-    logp, ref_logp, estimator, backend = inputs
+    logp, ref_logp, estimator = inputs
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
         ctx.save_for_backward(logp, ref_logp)
-    ctx.params = (estimator, backend)
+    ctx.estimator = estimator
 
 
-def _kl_backward(ctx, grad):
-    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-        return None, None, None, None
-    logp, ref_logp = ctx.saved_tensors
-    estimator, backend = ctx.params
-    grad_logp, grad_ref = torch.ops.rlhf_kernels.kl_penalty_bwd(grad, logp, ref_logp, estimator, backend)
-    return (grad_logp if ctx.needs_input_grad[0] else None,
-            grad_ref if ctx.needs_input_grad[1] else None, None, None)
+def _kl_backward_with(backward_op) -> Callable:
+    def backward(ctx, grad):
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None
+        logp, ref_logp = ctx.saved_tensors
+        grad_logp, grad_ref = backward_op(grad, logp, ref_logp, ctx.estimator)
+        return (grad_logp if ctx.needs_input_grad[0] else None,
+                grad_ref if ctx.needs_input_grad[1] else None, None)
+
+    return backward
 
 
-_kl_penalty_fwd.register_autograd(_kl_backward, setup_context=_kl_setup_context)
+@torch.library.custom_op("rlhf_kernels::kl_penalty_triton", mutates_args=())
+def _kl_penalty_triton(logp: Tensor, ref_logp: Tensor, estimator: int) -> Tensor:
+    return _triton.kl_forward(logp.contiguous(), ref_logp.contiguous(), estimator)
 
 
-# --- fused shaping + GAE: per backend ---------------------------------------------
+@torch.library.custom_op("rlhf_kernels::kl_penalty_triton_backward", mutates_args=())
+def _kl_penalty_triton_backward(grad: Tensor, logp: Tensor, ref_logp: Tensor, estimator: int) -> tuple[Tensor, Tensor]:
+    return _triton.kl_backward(grad.to(acc_dtype(logp.dtype)).contiguous(), logp.contiguous(), ref_logp.contiguous(),
+                               estimator)
 
 
-def _adv_native(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, kl_coef_scale, kl_coef,
-                estimator, gamma, lam):
-    return torch.ops.rlhf_kernels.advantages_native(
-        values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, kl_coef_scale, kl_coef, estimator,
-        gamma, lam,
-    )
+def _register_kl(backends: tuple[str, ...], op, backward_op) -> None:
+    torch.library.register_fake(op)(_kl_fake)
+    torch.library.register_fake(backward_op)(_kl_backward_fake)
+    register("kl_penalty", backends, differentiable(op, _kl_setup_context, _kl_backward_with(backward_op)))
 
 
-_ADVANTAGES = {"cpu": _adv_native, "cuda": _adv_native, "reference": _eager.advantages}
-if triton_installed():
-    from ..triton import advantages as _triton
-
-    _KL_FORWARD["triton"], _KL_BACKWARD["triton"] = _triton.kl_forward, _triton.kl_backward
-    _ADVANTAGES["triton"] = _triton.advantages
-
-
-@torch.library.custom_op("rlhf_kernels::advantages", mutates_args=())
-def _advantages(
-    values: Tensor, mask: Optional[Tensor], cu_seqlens: Optional[Tensor], token_rewards: Optional[Tensor],
-    scores: Optional[Tensor], logp: Optional[Tensor], ref_logp: Optional[Tensor],
-    kl_coef_scale: Optional[Tensor], kl_coef: float, estimator: int, gamma: float, lam: float, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _ADVANTAGES[backend](values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp,
-                                kl_coef_scale, kl_coef, estimator, gamma, lam)
+if native_extension_loaded():
+    _register_kl(("cpu", "cuda"), torch.ops.rlhf_kernels.kl_penalty.default,
+                 torch.ops.rlhf_kernels.kl_penalty_backward.default)
+_register_kl(("triton",), torch.ops.rlhf_kernels.kl_penalty_triton.default,
+             torch.ops.rlhf_kernels.kl_penalty_triton_backward.default)
+register("kl_penalty", ("reference",), _eager.kl_penalty)
 
 
-@_advantages.register_fake
-def _(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, kl_coef_scale, kl_coef, estimator,
-      gamma, lam, backend):
+# --- fused shaping + GAE: the native op (csrc advantages), its Triton twin, the eager composition ---
+
+
+def _advantages_fake(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, kl_coef_scale, kl_coef,
+                     estimator, gamma, lam):
     acc = acc_dtype(values.dtype)
     shaped = values.shape if token_rewards is None else (0,)
     num_seqs = values.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     return (values.new_empty(values.shape, dtype=acc), values.new_empty(values.shape, dtype=acc),
             values.new_empty(shaped, dtype=acc), values.new_empty(shaped, dtype=acc),
             values.new_empty((num_seqs, _N_STATS), dtype=torch.float64))
+
+
+@torch.library.custom_op("rlhf_kernels::advantages_triton", mutates_args=())
+def _advantages_triton(
+    values: Tensor, mask: Optional[Tensor], cu_seqlens: Optional[Tensor], token_rewards: Optional[Tensor],
+    scores: Optional[Tensor], logp: Optional[Tensor], ref_logp: Optional[Tensor],
+    kl_coef_scale: Optional[Tensor], kl_coef: float, estimator: int, gamma: float, lam: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _triton.advantages(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, kl_coef_scale,
+                              kl_coef, estimator, gamma, lam)
+
+
+def _register_advantages(backends: tuple[str, ...], op) -> None:
+    torch.library.register_fake(op)(_advantages_fake)
+
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        with _below_autograd():  # nothing here is differentiated
+            return op(*args)
+
+    register("advantages", backends, call)
+
+
+if native_extension_loaded():
+    _register_advantages(("cpu", "cuda"), torch.ops.rlhf_kernels.advantages.default)
+_register_advantages(("triton",), torch.ops.rlhf_kernels.advantages_triton.default)
+register("advantages", ("reference",), _eager.advantages)
 
 
 # --- validation and whitening -------------------------------------------------------
@@ -261,9 +263,10 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, *, estimator: str = "k1", backend
     if tuple(ref_logp.shape) != tuple(logp.shape):
         raise ValueError(f"ref_logp: shape {tuple(ref_logp.shape)} does not match logp {tuple(logp.shape)}")
     code = _check_estimator(estimator)
-    dtype = _common_dtype(logp, ref_logp)
-    chosen = resolve_backend(backend, logp.device, "advantages")
-    return torch.ops.rlhf_kernels.kl_penalty_fwd(logp.to(dtype), ref_logp.to(dtype), code, chosen)
+    if logp.dtype != ref_logp.dtype:
+        dtype = _common_dtype(logp, ref_logp)
+        logp, ref_logp = logp.to(dtype), ref_logp.to(dtype)
+    return implementation("kl_penalty", backend, logp.device)(logp, ref_logp, code)
 
 
 def compute_gae(
@@ -311,11 +314,10 @@ def compute_gae(
     _check_same_shape("values", values, token_rewards=token_rewards)
     gamma = _check_unit_interval("gamma", gamma)
     lam = _check_unit_interval("lam", lam)
-    chosen = resolve_backend(backend, values.device, "advantages")
     dtype = _common_dtype(token_rewards, values)
-    advantages, returns, _, _, stats = torch.ops.rlhf_kernels.advantages(
+    advantages, returns, _, _, stats = implementation("advantages", backend, values.device)(
         values.detach().to(dtype).contiguous(), mask, cu_seqlens, token_rewards.detach().to(dtype).contiguous(),
-        None, None, None, None, 0.0, 0, gamma, lam, chosen,
+        None, None, None, None, 0.0, 0, gamma, lam,
     )
     if whiten:
         totals = _reduce_stats(stats, [], process_group)
@@ -403,16 +405,15 @@ def ppo_advantages(
     code = _check_estimator(estimator)
     gamma = _check_unit_interval("gamma", gamma)
     lam = _check_unit_interval("lam", lam)
-    chosen = resolve_backend(backend, values.device, "advantages")
     dtype = _common_dtype(logp, ref_logp, values)
     acc = acc_dtype(dtype)
     scores_acc = scores.detach().to(acc).contiguous()
     if kl_coef_scale is not None:
         kl_coef_scale = kl_coef_scale.to(device=values.device, dtype=acc)
-    advantages, returns, token_rewards, kl, stats = torch.ops.rlhf_kernels.advantages(
+    advantages, returns, token_rewards, kl, stats = implementation("advantages", backend, values.device)(
         values.detach().to(dtype).contiguous(), mask, cu_seqlens, None, scores_acc,
         logp.detach().to(dtype).contiguous(), ref_logp.detach().to(dtype).contiguous(),
-        kl_coef_scale, kl_coef, code, gamma, lam, chosen,
+        kl_coef_scale, kl_coef, code, gamma, lam,
     )
     extra = [scores_acc.double().sum(), torch.full((), float(num_seqs), dtype=torch.float64, device=values.device)]
     totals = _reduce_stats(stats, extra, process_group)
