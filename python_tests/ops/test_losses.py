@@ -8,7 +8,6 @@ import torch
 import rlhf_kernels
 from rlhf_kernels import reference
 from rlhf_kernels import _dispatch
-from rlhf_kernels.ops import ppo_loss as ppo_ops
 
 from conftest import gpu
 from helpers import assert_no_worse_than_torch

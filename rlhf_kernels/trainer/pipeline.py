@@ -57,7 +57,7 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg.device}: no CUDA GPU is visible")
     if cfg.backend is not None:
-        from .._dispatch import BACKENDS
+        from .. import BACKENDS
 
         if cfg.backend not in BACKENDS:
             raise ConfigError(f"--backend: unknown {cfg.backend!r}; expected one of {BACKENDS}")

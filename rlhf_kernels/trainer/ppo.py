@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..ops.logprobs import logprobs_from_logits
-from ..ops.advantages import AdaptiveKLController, ppo_advantages
-from ..ops.ppo_loss import ppo_loss_from_logits, ppo_policy_loss, ppo_value_loss
+from .. import (
+    AdaptiveKLController, logprobs_from_logits, ppo_advantages, ppo_loss_from_logits, ppo_policy_loss, ppo_value_loss,
+)
 from .config import PPOConfig, validate_ppo
 from .data import (
     Batch, decode_responses, encode_prompts, encode_responses, lm_targets, make_batch,

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from ..ops.logprobs import logprobs_from_logits
+from .. import logprobs_from_logits
 from .config import SFTConfig
 from .data import encode_prompts, encode_responses, make_batch
 from .models import response_logits
