@@ -2,6 +2,7 @@
 // csrc/cuda/*_glue.cpp): argument checks and the dtype dispatch.
 #pragma once
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/types.h>
 
 #include <initializer_list>
@@ -351,56 +352,245 @@ inline at::Tensor empty_partials(int64_t seqs, int64_t n_stats, int64_t max_col,
 
 namespace rlhf_kernels {
 
-// aggregation.h's weights with ATen ops, on the device of `counts` (B,): the
-// GPU ops aggregate without a host synchronisation.
-inline at::Tensor aggregation_weights(const at::Tensor& counts, const at::Tensor& total,
-                                      const AggParams& agg, int64_t seq_len) {
-  const at::Tensor ones = at::ones_like(counts);
-  const at::Tensor seqs = agg.num_seqs > 0 ? at::full({}, agg.num_seqs, counts.options())
-                                           : counts.gt(0).sum().to(counts.scalar_type()).clamp_min(1);
+// aggregation.h's weights with ATen ops, on the device of `counts` (B,), in
+// double as the host loop computes them (so both give the same weights), then
+// in `dtype`, divided by `divisor` when given: no host synchronisation.
+inline at::Tensor aggregation_weights(const at::Tensor& counts, const AggParams& agg, int64_t seq_len,
+                                      at::ScalarType dtype, const std::optional<at::Tensor>& divisor) {
+  const at::Tensor c = counts.to(at::kDouble);
+  const at::Tensor ones = at::ones_like(c);
+  const at::Tensor seqs = agg.num_seqs > 0 ? at::full({}, agg.num_seqs, c.options())
+                                           : c.gt(0).sum().to(at::kDouble).clamp_min(1);
+  at::Tensor w;
   switch (agg.mode) {
-    case kTokenMean:
-      return agg.num_tokens > 0 ? ones.div(agg.num_tokens) : ones.div(total.clamp_min(1));
-    case kTokenSum: return ones;
-    case kSeqMeanTokenSum: return ones.div(seqs);
-    case kSeqMeanTokenMean: return ones.div(counts.clamp_min(1).mul(seqs));
-    default: return ones.div(seqs.mul(static_cast<double>(std::max<int64_t>(seq_len, 1))));
+    case kTokenMean: w = agg.num_tokens > 0 ? ones.div(agg.num_tokens) : ones.div(c.sum().clamp_min(1)); break;
+    case kTokenSum: w = ones; break;
+    case kSeqMeanTokenSum: w = ones.div(seqs); break;
+    case kSeqMeanTokenMean: w = ones.div(c.clamp_min(1).mul(seqs)); break;
+    default: w = ones.div(seqs.mul(static_cast<double>(std::max<int64_t>(seq_len, 1))));
   }
+  if (divisor) w = w.div(divisor->to(w.device(), at::kDouble));
+  return w.to(dtype);
 }
 
 // finalize_policy (aggregation.h) with ATen ops: (loss, stats (kPolicyOutStats,), weights).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_policy_aten(
-    const at::Tensor& partial, int64_t seq_len, const AggParams& agg, double kl_coef, double entropy_coef) {
-  const at::Tensor seq = partial.sum(1);  // (B, K)
+    const at::Tensor& partial, int64_t seq_len, const AggParams& agg, double kl_coef, double entropy_coef,
+    const std::optional<at::Tensor>& divisor) {
+  const at::Tensor seq = partial.to(at::kDouble).sum(1);  // (B, K)
   const at::Tensor counts = seq.select(1, kValidCount);
   const at::Tensor total = counts.sum();
-  const at::Tensor weights = aggregation_weights(counts, total, agg, seq_len);
+  const at::Tensor weights = aggregation_weights(counts, agg, seq_len, at::kDouble, divisor);
   const at::Tensor weighted = weights.unsqueeze(1).mul(seq).sum(0);  // (K,)
   const at::Tensor pg = weighted.select(0, kPgLossSum), kl = weighted.select(0, kKlPenaltySum);
   const at::Tensor entropy = weighted.select(0, kEntropySum);
   const at::Tensor loss = pg.add(kl, kl_coef).sub(entropy, entropy_coef);
   const at::Tensor denom = total.clamp_min(1);
   const at::Tensor any = total.gt(0);
-  const at::Tensor zero = at::zeros({}, partial.options());
-  const at::Tensor ratio_max = partial.numel() ? partial.select(2, kRatioMax).amax() : zero;
-  const at::Tensor ratio_min = partial.numel() ? partial.select(2, kRatioMin).amin() : zero;
+  const at::Tensor zero = at::zeros({}, seq.options());
+  const at::Tensor ratio_max = partial.numel() ? partial.select(2, kRatioMax).amax().to(at::kDouble) : zero;
+  const at::Tensor ratio_min = partial.numel() ? partial.select(2, kRatioMin).amin().to(at::kDouble) : zero;
   const at::Tensor stats = at::stack({seq.select(1, kClipCount).sum().div(denom),
                                       seq.select(1, kDualClipCount).sum().div(denom),
                                       seq.select(1, kApproxKlSum).sum().div(denom),
                                       at::where(any, ratio_max, zero), at::where(any, ratio_min, zero), pg, kl,
                                       entropy});
-  return {loss, stats, weights};
+  const at::ScalarType dtype = partial.scalar_type();
+  return {loss.to(dtype), stats.to(dtype), weights.to(dtype)};
 }
 
 // finalize_value with ATen ops: (loss, vf_clipfrac (1,), weights).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_value_aten(const at::Tensor& partial,
                                                                          int64_t seq_len, const AggParams& agg) {
-  const at::Tensor seq = partial.sum(1);
+  const at::Tensor seq = partial.to(at::kDouble).sum(1);
   const at::Tensor counts = seq.select(1, kVfValidCount);
-  const at::Tensor total = counts.sum();
-  const at::Tensor weights = aggregation_weights(counts, total, agg, seq_len);
+  const at::Tensor weights = aggregation_weights(counts, agg, seq_len, at::kDouble, std::nullopt);
   const at::Tensor loss = weights.mul(seq.select(1, kVfLossSum)).sum();
-  return {loss, seq.select(1, kVfClipCount).sum().div(total.clamp_min(1)).reshape({1}), weights};
+  const at::Tensor clipfrac = seq.select(1, kVfClipCount).sum().div(counts.sum().clamp_min(1)).reshape({1});
+  const at::ScalarType dtype = partial.scalar_type();
+  return {loss.to(dtype), clipfrac.to(dtype), weights.to(dtype)};
+}
+
+}  // namespace rlhf_kernels
+
+namespace rlhf_kernels {
+
+// The rows of (..., V) logits as the kernels address them (common.h
+// RowLayout): leading dims that collapse to at most two strided dims (any
+// slice of a (B, T, V) tensor, e.g. logits[:, :-1]) are read in place; any
+// other layout, or a non-contiguous last dim, is copied first.
+struct LogitsRows {
+  at::Tensor tensor;  // the logits, or their contiguous copy
+  RowLayout layout;
+};
+
+inline LogitsRows logits_rows(const at::Tensor& logits) {
+  at::Tensor t = logits.stride(-1) == 1 ? logits : logits.contiguous();
+  int64_t sizes[2], strides[2];
+  int dims = 0;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    const int64_t size = t.size(d), stride = t.stride(d);
+    if (size == 1) continue;
+    if (dims > 0 && strides[dims - 1] == size * stride) {
+      sizes[dims - 1] *= size;
+      strides[dims - 1] = stride;
+    } else if (dims < 2) {
+      sizes[dims] = size;
+      strides[dims++] = stride;
+    } else {
+      dims = 3;  // more than two strided dims: copy
+      break;
+    }
+  }
+  const int64_t vocab = t.size(-1);
+  if (dims == 0) return {t, RowLayout{1, 0, 0}};
+  if (dims == 1) return {t, RowLayout{std::max<int64_t>(1, sizes[0]), 0, strides[0]}};
+  if (dims == 2) return {t, RowLayout{std::max<int64_t>(1, sizes[1]), strides[0], strides[1]}};
+  t = t.contiguous();
+  return {t, RowLayout{std::max<int64_t>(1, t.numel() / std::max<int64_t>(vocab, 1)), 0, vocab}};
+}
+
+// The layout of a contiguous buffer of the logits' shape, with the same
+// inner_rows as `rows` (the kernels index both by one row number).
+inline RowLayout contiguous_rows(const LogitsRows& rows, int64_t vocab) {
+  return RowLayout{rows.layout.inner_rows, rows.layout.inner_rows * vocab, vocab};
+}
+
+}  // namespace rlhf_kernels
+
+namespace rlhf_kernels {
+
+// The inputs of the public ppo_loss_from_logits op as its kernels read them.
+struct FromLogitsInputs {
+  LogitsRows rows;
+  at::Tensor labels;  // (N,) int64
+  at::Tensor old_logp, advantages;
+  std::optional<at::Tensor> ref_logp;
+  at::Tensor mask;  // (N,) bool
+  int64_t seqs, seq_len;
+  bool fused;       // the logits gradient written in the forward (see fused_logits_grad)
+};
+
+// The gradient is written in the forward when one is wanted and the logits are
+// not to be overwritten, except for float16: its gradient must be scaled
+// (GradScaler) before it is rounded to float16, or small values underflow.
+inline bool fused_logits_grad(const at::Tensor& logits, bool need_grad, bool inplace_backward) {
+  return need_grad && !inplace_backward && logits.scalar_type() != at::kHalf;
+}
+
+inline FromLogitsInputs from_logits_inputs(const at::Tensor& logits, const at::Tensor& labels,
+                                           const at::Tensor& old_logp, const at::Tensor& advantages,
+                                           const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
+                                           bool inplace_backward, bool need_grad) {
+  const at::ScalarType acc = acc_dtype_for(logits);
+  auto flat = [&](const at::Tensor& t) { return t.to(acc).reshape({-1}).contiguous(); };
+  FromLogitsInputs in{logits_rows(logits), labels.reshape({-1}).to(at::kLong).contiguous(), flat(old_logp),
+                      flat(advantages), std::nullopt,
+                      (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).reshape({-1}).contiguous(),
+                      1, labels.size(-1), fused_logits_grad(logits, need_grad, inplace_backward)};
+  if (ref_logp) in.ref_logp = flat(*ref_logp);
+  for (int64_t d = 0; d + 1 < labels.dim(); ++d) in.seqs *= labels.size(d);
+  return in;
+}
+
+// The native row kernels of the logprobs op, through the dispatcher (CPU or CUDA by the tensors).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_rows_native(
+    const LogitsRows& rows, const at::Tensor& labels, double inv_temperature, int64_t ignore_index,
+    bool compute_entropy) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("rlhf_kernels::logprobs_fwd_native", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, double,
+                                 int64_t, bool)>();
+  return op.call(rows.tensor, labels, rows.layout.inner_rows, rows.layout.outer_stride, rows.layout.inner_stride,
+                 inv_temperature, ignore_index, compute_entropy);
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_native(
+    const FromLogitsInputs& in, const at::Tensor& row_weight, at::Tensor& grad_logits, double inv_temperature,
+    double ratio_low, double ratio_high, double dual_clip, double kl_coef, int64_t kl_estimator,
+    double entropy_coef, int64_t max_rows_in_flight) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("rlhf_kernels::ppo_logits_grad_native", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&, at::Tensor&, int64_t, int64_t, int64_t, int64_t, int64_t, double,
+              int64_t, double, double, double, double, int64_t, double, int64_t)>();
+  const RowLayout out = contiguous_rows(in.rows, in.rows.tensor.size(-1));
+  return op.call(in.rows.tensor, in.labels, in.old_logp, in.advantages, row_weight, in.ref_logp, grad_logits,
+                 in.rows.layout.inner_rows, in.rows.layout.outer_stride, in.rows.layout.inner_stride,
+                 out.outer_stride, out.inner_stride, inv_temperature, -100, ratio_low, ratio_high, dual_clip,
+                 kl_coef, kl_estimator, entropy_coef, max_rows_in_flight);
+}
+
+// Labels outside [0, V) that are not ignore_index: a ValueError naming them
+// (CPU tensors; on a GPU the kernels give NaN instead, never a bad read).
+inline void check_labels_in_range(const at::Tensor& labels, int64_t vocab, int64_t ignore_index) {
+  const int64_t* l = labels.const_data_ptr<int64_t>();
+  for (int64_t i = 0, n = labels.numel(); i < n; ++i) {
+    TORCH_CHECK_VALUE(l[i] == ignore_index || (l[i] >= 0 && l[i] < vocab), "labels: value ", l[i],
+                      " is outside [0, ", vocab, ") and is not ignore_index");
+  }
+}
+
+}  // namespace rlhf_kernels
+
+namespace rlhf_kernels {
+
+using FromLogitsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                     at::Tensor, at::Tensor>;
+
+// The public op ppo_loss_from_logits over a device's token pass and
+// finalisation (CPU: host loop, CUDA: ATen ops): one read of the logits (and,
+// with the gradient in the forward, one write of its gradient), then one pass
+// over the tokens and one over the sequences. Returns loss, stats
+// (kPolicyOutStats,), the token gradient w_b * dL/dlogp (unfused, with a
+// gradient wanted; else empty), the weights, row_max, log_sum, entropy (N,) and
+// the logits gradient (fused; else empty).
+//   partials(logp, old, adv, mask, ref, entropy, seq_len, lo, hi, dual, kl_coef, kl_code, need_grad)
+//     -> (grad, (B, chunks, kPolicyStats) partial)
+//   finalize(partial, seq_len, agg, kl_coef, entropy_coef, count) -> (loss, stats, weights)
+//   scale(grad, weights, seq_len): grad (B, T) *= weights
+template <typename Partials, typename Finalize, typename Scale>
+FromLogitsOutputs ppo_loss_from_logits_impl(
+    const at::Tensor& logits, const FromLogitsInputs& in, double temperature, double ratio_low, double ratio_high,
+    double dual_clip, const AggParams& agg, double kl_coef, int64_t kl_estimator, double entropy_coef,
+    bool need_grad, const std::optional<at::Tensor>& count, int64_t max_rows_in_flight, Partials&& partials,
+    Finalize&& finalize, Scale&& scale) {
+  const double inv_temperature = 1.0 / temperature;
+  const int64_t kl_code = in.ref_logp ? kl_estimator : kKlNone;
+  at::Tensor grad_logits = at::empty({0}, logits.options()), weights;
+  at::Tensor logp, entropy, row_max, log_sum;
+  if (in.fused) {
+    // The weights first (they depend on the mask only): the gradient written
+    // now is the final one for a unit upstream gradient.
+    const at::Tensor valid = in.mask.view({in.seqs, in.seq_len});
+    weights = aggregation_weights(valid.sum(-1), agg, in.seq_len, in.old_logp.scalar_type(), count);
+    const at::Tensor row_weight =
+        at::where(valid, weights.unsqueeze(1), at::zeros({}, weights.options())).reshape({-1}).contiguous();
+    grad_logits = at::empty(logits.sizes(), logits.options());
+    std::tie(logp, entropy, row_max, log_sum) =
+        ppo_logits_grad_native(in, row_weight, grad_logits, inv_temperature, ratio_low, ratio_high, dual_clip,
+                               kl_coef, kl_code, entropy_coef, max_rows_in_flight);
+  } else {
+    std::tie(logp, entropy, row_max, log_sum) = logprobs_rows_native(in.rows, in.labels, inv_temperature, -100, true);
+  }
+  const bool token_grad = need_grad && !in.fused;
+  at::Tensor grad, partial;
+  if (in.labels.numel() == 0) {
+    grad = at::empty({0}, in.old_logp.options());
+    partial = empty_partials(in.seqs, kPolicyStats, kRatioMax, kRatioMin, in.old_logp.options());
+  } else {
+    std::tie(grad, partial) = partials(logp, in.old_logp, in.advantages, in.mask, in.ref_logp, entropy, in.seq_len,
+                                       ratio_low, ratio_high, dual_clip, kl_coef, kl_code, token_grad);
+  }
+  auto [loss, stats, final_weights] = finalize(partial, in.seq_len, agg, kl_coef, entropy_coef, count);
+  if (!in.fused) {
+    weights = final_weights;
+    scale(grad, weights, in.seq_len);
+  }
+  return {loss, stats, grad, weights, row_max, log_sum, entropy, grad_logits};
 }
 
 }  // namespace rlhf_kernels

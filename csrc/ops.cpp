@@ -70,6 +70,25 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def(
       "ppo_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip, "
       "int agg, float? num_tokens, float? num_seqs, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The public ppo_loss_from_logits, one crossing: logits (..., T, V) read in
+  // place, labels (..., T) int64 | int32 (-100 ignored), token tensors like the
+  // labels, mask of any dtype; ratio_low / ratio_high = 1 -+ clip; agg the
+  // index in reference.AGG_MODES; kl_estimator -1 for none; count: a global
+  // count as a tensor dividing the weights on the device. With need_grad and
+  // neither inplace_backward nor float16 logits, the logits gradient is written
+  // in the forward (for a unit upstream gradient). Returns loss, stats (8,):
+  // the policy stats then pg_loss, kl, entropy; the token gradient (else),
+  // weights (B,), row_max, log_sum, entropy (N,) and the logits gradient.
+  m.def(
+      "ppo_loss_from_logits(Tensor logits, Tensor labels, Tensor old_logp, Tensor advantages, Tensor mask, "
+      "Tensor? ref_logp, float temperature, float ratio_low, float ratio_high, float dual_clip, int agg, "
+      "float? num_tokens, float? num_seqs, float kl_coef, int kl_estimator, float entropy_coef, "
+      "bool inplace_backward, bool need_grad, Tensor? count, int max_rows_in_flight) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // grad *= scale (a 1-element tensor, read on the device) unless scale == 1,
+  // the product in the accumulation dtype: the backward of a loss whose
+  // gradient was written in the forward, without a host synchronisation.
+  m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
   // Clipped value loss: grad (N,) = d(0.5 * max(...)) / d values, and (B, 3)
   // per-sequence statistics (ValueStat).
   m.def(

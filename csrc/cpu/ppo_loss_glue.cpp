@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cpu(
   at::Tensor weights = at::empty({tok.seqs}, tok.options());
   AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "ppo_policy_loss_cpu", [&] {
     finalize_policy<scalar_t>(partial.const_data_ptr<scalar_t>(), tok.seqs, partial.size(1), tok.seq_len,
-                              params, 0.0, 0.0, loss.mutable_data_ptr<scalar_t>(),
+                              params, 0.0, 0.0, 1.0, loss.mutable_data_ptr<scalar_t>(),
                               stats.mutable_data_ptr<scalar_t>(), weights.mutable_data_ptr<scalar_t>());
   });
   scale_token_grad(grad, weights, tok.seq_len);
@@ -154,6 +154,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_cpu(
   return {loss, stats, grad, weights};
 }
 
+// The public op ppo_loss_from_logits (csrc/ops.cpp; glue.h ppo_loss_from_logits_impl).
+FromLogitsOutputs ppo_loss_from_logits_cpu(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp, double temperature, double ratio_low,
+    double ratio_high, double dual_clip, int64_t agg, std::optional<double> num_tokens,
+    std::optional<double> num_seqs, double kl_coef, int64_t kl_estimator, double entropy_coef,
+    bool inplace_backward, bool need_grad, const std::optional<at::Tensor>& count, int64_t max_rows_in_flight) {
+  const AggParams params = agg_params(agg, num_tokens, num_seqs);
+  const FromLogitsInputs in =
+      from_logits_inputs(logits, labels, old_logp, advantages, mask, ref_logp, inplace_backward, need_grad);
+  check_labels_in_range(in.labels, logits.size(-1), -100);
+  auto finalize = [](const at::Tensor& partial, int64_t seq_len, const AggParams& a, double kl_c, double ent_c,
+                     const std::optional<at::Tensor>& divisor) {
+    const auto options = partial.options();
+    at::Tensor loss = at::empty({}, options), stats = at::empty({kPolicyOutStats}, options);
+    at::Tensor weights = at::empty({partial.size(0)}, options);
+    const double d = divisor ? divisor->item<double>() : 1.0;  // a CPU count: no device sync
+    AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "ppo_loss_from_logits_cpu", [&] {
+      finalize_policy<scalar_t>(partial.const_data_ptr<scalar_t>(), partial.size(0), partial.size(1), seq_len, a,
+                                kl_c, ent_c, d, loss.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<scalar_t>(),
+                                weights.mutable_data_ptr<scalar_t>());
+    });
+    return std::make_tuple(loss, stats, weights);
+  };
+  return ppo_loss_from_logits_impl(logits, in, temperature, ratio_low, ratio_high, dual_clip, params, kl_coef,
+                                   kl_estimator, entropy_coef, need_grad, count, max_rows_in_flight,
+                                   policy_partials, finalize, scale_token_grad);
+}
+
+// grad *= scale unless scale == 1 (a CPU tensor: reading it is no device sync),
+// the product in the accumulation dtype, rounded once.
+void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale) {
+  const double s = scale.item<double>();
+  if (s == 1.0) return;
+  if (grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble) {
+    grad.mul_(s);
+  } else {
+    grad.copy_(grad.to(at::kFloat).mul_(s));
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
@@ -161,6 +202,8 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
   m.impl("ppo_value_fwd_native", &ppo_value_fwd_cpu);
   m.impl("ppo_policy_loss", &ppo_policy_loss_cpu);
   m.impl("ppo_value_loss", &ppo_value_loss_cpu);
+  m.impl("scale_grad_", &scale_grad_cpu);
+  m.impl("ppo_loss_from_logits", &ppo_loss_from_logits_cpu);
 }
 
 }  // namespace rlhf_kernels

@@ -2,6 +2,8 @@
 // device guard, and the (cheap, O(B * chunks)) reduction of per-chunk partials
 // (glue.h).
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -109,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cuda(
                                               std::nullopt, std::nullopt, tok.seq_len, ratio_low,
                                               ratio_high, dual_clip, 0.0, kKlNone, need_grad);
   }
-  auto [loss, stats, weights] = finalize_policy_aten(partial, tok.seq_len, params, 0.0, 0.0);
+  auto [loss, stats, weights] = finalize_policy_aten(partial, tok.seq_len, params, 0.0, 0.0, std::nullopt);
   scale_token_grad(grad, weights, tok.seq_len);
   return {loss, stats.narrow(0, 0, kPgLossOut), grad, weights};
 }
@@ -134,6 +136,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_cuda(
   return {loss, stats, grad, weights};
 }
 
+// The public op ppo_loss_from_logits (csrc/ops.cpp; glue.h ppo_loss_from_logits_impl),
+// aggregated on the device without a host synchronisation.
+FromLogitsOutputs ppo_loss_from_logits_cuda(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp, double temperature, double ratio_low,
+    double ratio_high, double dual_clip, int64_t agg, std::optional<double> num_tokens,
+    std::optional<double> num_seqs, double kl_coef, int64_t kl_estimator, double entropy_coef,
+    bool inplace_backward, bool need_grad, const std::optional<at::Tensor>& count, int64_t max_rows_in_flight) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const AggParams params = agg_params(agg, num_tokens, num_seqs);
+  const FromLogitsInputs in =
+      from_logits_inputs(logits, labels, old_logp, advantages, mask, ref_logp, inplace_backward, need_grad);
+  return ppo_loss_from_logits_impl(logits, in, temperature, ratio_low, ratio_high, dual_clip, params, kl_coef,
+                                   kl_estimator, entropy_coef, need_grad, count, max_rows_in_flight,
+                                   policy_partials, finalize_policy_aten, scale_token_grad);
+}
+
+// grad *= scale unless scale == 1, read on the device (no host synchronisation).
+void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
+  const c10::cuda::CUDAGuard guard(grad.device());
+  TORCH_CHECK_VALUE(grad.is_contiguous(), "grad: must be contiguous");
+  const at::Tensor s = scale.to(grad.device(), acc_dtype_for(grad)).reshape({1}).contiguous();
+  dispatch_float_dtype<__nv_bfloat16, __half>(grad.scalar_type(), "grad", [&](auto scalar, auto acc) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    check_ppo_launch(cuda::launch_scale_unless_one<scalar_t, acc_t>(
+        reinterpret_cast<scalar_t*>(grad.data_ptr()), s.const_data_ptr<acc_t>(), grad.numel(),
+        c10::cuda::getCurrentCUDAStream()));
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
@@ -141,6 +174,8 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
   m.impl("ppo_value_fwd_native", &ppo_value_fwd_cuda);
   m.impl("ppo_policy_loss", &ppo_policy_loss_cuda);
   m.impl("ppo_value_loss", &ppo_value_loss_cuda);
+  m.impl("scale_grad_", &scale_grad_cuda);
+  m.impl("ppo_loss_from_logits", &ppo_loss_from_logits_cuda);
 }
 
 }  // namespace rlhf_kernels

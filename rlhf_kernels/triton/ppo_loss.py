@@ -211,3 +211,27 @@ def logits_grad(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits
             ACC_DTYPE=tl_acc(logits.dtype), BLOCK_V=block, num_warps=warps,
         )
     return logp, entropy, lse
+
+
+@triton.jit
+def _scale_unless_one_kernel(x_ptr, scale_ptr, n, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    # x *= scale in ACC_DTYPE, rounded once, unless scale == 1 (read on the
+    # device: the caller never synchronises); then nothing is touched.
+    # A grid-stride loop over a bounded grid: few programs to skip when scale == 1.
+    scale = tl.load(scale_ptr).to(ACC_DTYPE)
+    if scale != 1.0:
+        for start in range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK):
+            offs = start + tl.zeros((), tl.int64) + tl.arange(0, BLOCK)
+            inside = offs < n
+            x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
+            tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=inside)
+
+
+@on_tensor_device
+def scale_unless_one(x: Tensor, scale: Tensor) -> None:
+    n = x.numel()
+    if n > 0:
+        block = 4096 if x.device.type != "cuda" else 1024
+        _scale_unless_one_kernel[(min(triton.cdiv(n, block), 1024),)](
+            x, scale.reshape(1), n, ACC_DTYPE=tl_acc(x.dtype), BLOCK=block,
+        )

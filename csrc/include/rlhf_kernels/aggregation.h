@@ -84,11 +84,11 @@ inline double seq_weight(const AggParams& agg, double count_b, double total, dou
 // The policy loss from (B, chunks, kPolicyStats) partials: loss = pg + kl_coef
 // * kl - entropy_coef * entropy (each aggregated with the same weights), the
 // kPolicyOutStats statistics (ratio extremes 0 without a valid token) and
-// weights (B,).
+// weights (B,), each divided by `divisor` (a global count given as a tensor).
 template <typename acc_t>
 void finalize_policy(const acc_t* partial, int64_t seqs, int64_t chunks, int64_t seq_len,
-                     const AggParams& agg, double kl_coef, double entropy_coef, acc_t* loss,
-                     acc_t* stats, acc_t* weights) {
+                     const AggParams& agg, double kl_coef, double entropy_coef, double divisor,
+                     acc_t* loss, acc_t* stats, acc_t* weights) {
   double total = 0, nonempty = 0, clips = 0, duals = 0, approx_kl = 0;
   double ratio_max = -std::numeric_limits<double>::infinity();
   double ratio_min = std::numeric_limits<double>::infinity();
@@ -108,7 +108,7 @@ void finalize_policy(const acc_t* partial, int64_t seqs, int64_t chunks, int64_t
   double pg = 0, kl = 0, entropy = 0;
   for (int64_t b = 0; b < seqs; ++b) {
     const double count = detail::seq_sum(partial, b, chunks, kPolicyStats, kValidCount);
-    const double w = detail::seq_weight(agg, count, total, nonempty, seq_len);
+    const double w = detail::seq_weight(agg, count, total, nonempty, seq_len) / divisor;
     weights[b] = static_cast<acc_t>(w);
     pg += w * detail::seq_sum(partial, b, chunks, kPolicyStats, kPgLossSum);
     kl += w * detail::seq_sum(partial, b, chunks, kPolicyStats, kKlPenaltySum);
