@@ -716,8 +716,9 @@ def test_native_logits_grad_op_checks_its_arguments():
     grad = torch.empty_like(logits)
     op = torch.ops.rlhf_kernels.ppo_logits_grad_native
     args = [logits, labels, tok, tok, tok, None, grad, 4, 0, 10, 0, 10, 1.0, -100, 0.8, 1.2, 0.0, 0.0, -1, 0.0, 0]
-    logp, entropy, lse = op(*args)
-    assert logp.shape == entropy.shape == lse.shape == (4,)
+    logp, entropy, row_max, log_sum = op(*args)
+    assert logp.shape == entropy.shape == row_max.shape == log_sum.shape == (4,)
+    assert torch.equal(row_max, logits.amax(-1))
     bad = list(args)
     bad[2] = torch.zeros(3)
     with pytest.raises(ValueError, match="old_logp"):
