@@ -20,7 +20,7 @@ import torch
 
 import cuda_emu
 from cuda_emu import EmulatedLaunchError, Emulator
-from helpers import TOLERANCES
+from helpers import LARGE_LOGITS, TOLERANCES, assert_no_worse_than_torch, large_logits, probable_labels
 from rlhf_kernels import reference
 from rlhf_kernels._launch import row_layout
 from rlhf_kernels.eager import advantages as eager_adv
@@ -352,6 +352,37 @@ def test_logprobs_backward_bad_label_row_is_nan(emu):
     torch.testing.assert_close(grad[0].double(), want[0], **F32)
 
 
+@pytest.mark.parametrize("scale, temperature", LARGE_LOGITS.values(), ids=LARGE_LOGITS)
+@pytest.mark.parametrize("with_entropy", [False, True], ids=["logp", "logp+entropy"])
+@pytest.mark.parametrize("shift", [0, 1], ids=["vectorized", "scalar"])
+def test_logprobs_backward_at_large_logits_no_worse_than_torch(emu, scale, temperature, with_entropy, shift):
+    """|x| / T ~ 1e4: the gradient within 2x of eager float32 autograd's error
+    against float64 (p recomputed from the saved raw max and log-sum)."""
+    gen = _gen(41)
+    logits = large_logits(9, 1000, scale, temperature, gen)
+    labels = torch.randint(0, 1000, (9,), generator=gen)
+    labels[4] = -100
+    g = torch.randn(9, generator=gen)
+    gh = torch.randn(9, generator=gen) if with_entropy else None
+    _, entropy, row_max, log_sum = _emulated_forward(emu, logits, labels, temperature,
+                                                    compute_entropy=with_entropy, shift=shift)
+    grad = emu.logprobs_bwd(g, gh, logits, labels, row_max, log_sum, entropy if with_entropy else None, 9, 0,
+                            1000, 0, 1000, 1.0 / temperature, -100, shift=shift, out_shift=shift)
+
+    def autograd(x):
+        x = x.clone().requires_grad_(True)
+        r_logp, r_entropy = reference.logprobs_from_logits(x, labels, temperature=temperature,
+                                                           return_entropy=True, upcast=False)
+        loss = (r_logp.double() * g.double()).sum()
+        if with_entropy:
+            loss = loss + (r_entropy.double() * gh.double()).sum()
+        loss.backward()
+        return x.grad
+
+    assert_no_worse_than_torch(grad, autograd(logits.double()), autograd(logits))
+    assert torch.all(grad[4] == 0)
+
+
 # --- ppo_loss_from_logits with its gradient in the forward ---------------------------------
 
 LOGITS_GRAD_PARAMS = {
@@ -417,6 +448,39 @@ def test_ppo_logits_grad(emu, dtype, params, layout, max_blocks):
         atol=1e-6, rtol=2 * ULP.get(dtype, 1e-5))
     torch.testing.assert_close(grad.double(), x64.grad, **gtol)
     assert torch.all(grad[~mask] == 0) and torch.all(grad[0, 2] == 0)
+
+
+@pytest.mark.parametrize("scale, temperature", LARGE_LOGITS.values(), ids=LARGE_LOGITS)
+def test_ppo_logits_grad_at_large_logits_no_worse_than_torch(emu, scale, temperature):
+    """|x| / T ~ 1e4: the fused kernel's logits gradient within 2x of eager
+    float32 autograd's error (probable labels, as test_losses' twin)."""
+    gen = _gen(43)
+    B, T, V = 3, 3, 500
+    logits = large_logits(B * T, V, scale, temperature, gen)
+    logits, labels = logits.view(B, T, V), probable_labels(logits, gen).view(B, T)
+    with torch.no_grad():
+        logp64 = reference.logprobs_from_logits(logits.double(), labels, temperature=temperature)
+    old = (logp64 + torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.4).float()
+    ref = (logp64 + torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.4).float()
+    adv = torch.randn(B, T, generator=gen)
+    mask = torch.rand(B, T, generator=gen) > 0.2
+    row_weight = mask.float().reshape(-1)  # token-sum
+    ratio_low, ratio_high, dual = ppo_ops._check_clip(0.2, None, None)
+    *_, grad = emu.ppo_logits_grad(
+        logits, labels.reshape(-1).contiguous(), old.reshape(-1), adv.reshape(-1), row_weight, ref.reshape(-1),
+        B * T, 0, V, 1.0 / temperature, -100, ratio_low, ratio_high, dual, 0.1, ESTIMATORS["k3"], 0.1,
+    )
+
+    def autograd(x, **kwargs):
+        x = x.clone().requires_grad_(True)
+        loss, _ = reference.ppo_loss_from_logits(x, labels, old.to(x.dtype), adv.to(x.dtype), mask,
+                                                 ref_logp=ref.to(x.dtype), temperature=temperature,
+                                                 agg="token-sum", kl_coef=0.1, entropy_coef=0.1, **kwargs)
+        loss.backward()
+        return x.grad
+
+    assert_no_worse_than_torch(grad, autograd(logits.double()), autograd(logits, upcast=False))
+    assert torch.all(grad[~mask] == 0)
 
 
 # --- KL penalty --------------------------------------------------------------------------

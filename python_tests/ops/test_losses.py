@@ -10,7 +10,7 @@ from rlhf_kernels import reference
 from rlhf_kernels.ops import ppo_loss as ppo_ops
 
 from conftest import gpu
-from helpers import assert_no_worse_than_torch
+from helpers import LARGE_LOGITS, assert_no_worse_than_torch, large_logits, probable_labels
 
 AGGS = reference.AGG_MODES
 # (clip_low, clip_high, dual_clip): symmetric; asymmetric (DAPO clip-higher) with dual clip.
@@ -533,6 +533,45 @@ def test_loss_from_logits_bf16_no_worse_than_torch(device_backend):
     torch_bf16.backward()
     assert_no_worse_than_torch(loss, want, torch_bf16)
     assert_no_worse_than_torch(x.grad, x64.grad, xb.grad)
+
+
+@pytest.mark.parametrize("scale, temperature", LARGE_LOGITS.values(), ids=LARGE_LOGITS)
+@pytest.mark.parametrize("inplace", [False, True], ids=["fused", "inplace_backward"])
+def test_loss_from_logits_gradient_at_large_logits_no_worse_than_torch(device_backend, scale, temperature,
+                                                                       inplace):
+    """|x| / T ~ 1e4: the logits gradient, written in the forward (fused) or in
+    the backward (inplace_backward), within 2x of eager float32 autograd's
+    error. Probable labels, so that logp is O(1) and the float32 rounding of
+    the ratio exp(logp - old_logp) does not swamp the comparison."""
+    device, backend = device_backend
+    gen = torch.Generator().manual_seed(43)
+    B, T, V = 3, 3, 500
+    logits = large_logits(B * T, V, scale, temperature, gen)
+    logits, labels = logits.view(B, T, V), probable_labels(logits, gen).view(B, T)
+    with torch.no_grad():
+        logp = reference.logprobs_from_logits(logits.double(), labels, temperature=temperature)
+    old = (logp + torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.4).float()
+    ref = (logp + torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.4).float()
+    adv = torch.randn(B, T, generator=gen)
+    mask = torch.rand(B, T, generator=gen) > 0.2
+    kwargs = dict(temperature=temperature, agg="token-sum", ref_logp=ref, kl_coef=0.1, entropy_coef=0.1)
+
+    def grad_of(fn, x):
+        x = x.clone().requires_grad_(True)
+        loss, _ = fn(x * 1)  # a non-leaf buffer that inplace_backward may overwrite
+        loss.backward()
+        return x.grad.cpu()
+
+    on = lambda t: t.to(device)  # noqa: E731
+    got = grad_of(lambda x: rlhf_kernels.ppo_loss_from_logits(
+        x, on(labels), on(old), on(adv), on(mask), **dict(kwargs, ref_logp=on(ref)), inplace_backward=inplace,
+        backend=backend), on(logits))
+    want = grad_of(lambda x: reference.ppo_loss_from_logits(
+        x, labels, old.double(), adv.double(), mask, **dict(kwargs, ref_logp=ref.double())), logits.double())
+    eager = grad_of(lambda x: reference.ppo_loss_from_logits(
+        x, labels, old, adv, mask, upcast=False, **kwargs), logits)
+    assert_no_worse_than_torch(got, want, eager)
+    assert torch.all(got[~mask] == 0)
 
 
 def test_loss_from_logits_gradcheck_float64(device_backend):
