@@ -82,13 +82,15 @@ inline int64_t checked_grad_rows(const at::Tensor& logits, const at::Tensor& lab
 inline int64_t check_logprobs_bwd(const at::Tensor& grad_logp,
                                   const std::optional<at::Tensor>& grad_entropy,
                                   const at::Tensor& logits, const at::Tensor& labels,
-                                  const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                                  const at::Tensor& row_max, const at::Tensor& log_sum,
+                                  const std::optional<at::Tensor>& entropy,
                                   const at::Tensor& grad_logits, RowLayout in_layout,
                                   RowLayout out_layout) {
   const int64_t n_rows = checked_grad_rows(logits, labels, grad_logits, in_layout, out_layout);
   const at::ScalarType acc = acc_dtype_for(logits);
   check_row_tensor(grad_logp, n_rows, acc, "grad_logp");
-  check_row_tensor(lse, n_rows, acc, "lse");
+  check_row_tensor(row_max, n_rows, acc, "row_max");
+  check_row_tensor(log_sum, n_rows, acc, "log_sum");
   if (grad_entropy) check_row_tensor(*grad_entropy, n_rows, acc, "grad_entropy");
   if (entropy) check_row_tensor(*entropy, n_rows, acc, "entropy");
   return n_rows;

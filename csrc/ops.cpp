@@ -16,18 +16,21 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(rlhf_kernels, m) {
   // logits (..., V) read in place through the row layout (inner_rows,
   // outer_stride, inner_stride); labels (N,) int64. Returns logp, entropy
-  // (empty unless compute_entropy) and lse, each (N,) float32 (float64 for
-  // float64 logits).
+  // (empty unless compute_entropy), row_max (the max of the raw logits) and
+  // log_sum (log sum exp((x - row_max) / T)), each (N,) float32 (float64 for
+  // float64 logits): what the backward recomputes the softmax from.
   m.def(
       "logprobs_fwd_native(Tensor logits, Tensor labels, int inner_rows, int outer_stride, "
       "int inner_stride, float inv_temperature, int ignore_index, bool compute_entropy) "
-      "-> (Tensor, Tensor, Tensor)");
-  // Writes the logits gradient into grad_logits (which may be logits itself).
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Writes the logits gradient into grad_logits (which may be logits itself),
+  // with log p = (x - row_max) / T - log_sum (row_max and log_sum from the
+  // forward; never x / T - lse, which cancels at large |x| / T).
   m.def(
       "logprobs_bwd_native(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, "
-      "Tensor labels, Tensor lse, Tensor? entropy, Tensor(a!) grad_logits, int inner_rows, "
-      "int in_outer_stride, int in_inner_stride, int out_outer_stride, int out_inner_stride, "
-      "float inv_temperature, int ignore_index) -> ()");
+      "Tensor labels, Tensor row_max, Tensor log_sum, Tensor? entropy, Tensor(a!) grad_logits, "
+      "int inner_rows, int in_outer_stride, int in_inner_stride, int out_outer_stride, "
+      "int out_inner_stride, float inv_temperature, int ignore_index) -> ()");
   // ppo_loss_from_logits with its gradient in the same pass: per row, the
   // forward of logprobs_fwd_native (with entropy), then the token's
   // g = row_weight * d(policy loss + kl_coef * kl)/d logp (PPO terms as in
@@ -36,14 +39,14 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // gradient as logprobs_bwd_native writes it, while the row is still cached.
   // Per-row tensors (N,) in the accumulation dtype. At most max_rows_in_flight
   // rows are worked on at once on a GPU (<= 0: no bound), so that a row is
-  // still in L2 for its second read. Returns logp, entropy, lse.
+  // still in L2 for its second read. Returns logp, entropy, row_max, log_sum.
   m.def(
       "ppo_logits_grad_native(Tensor logits, Tensor labels, Tensor old_logp, Tensor advantages, "
       "Tensor row_weight, Tensor? ref_logp, Tensor(a!) grad_logits, int inner_rows, "
       "int in_outer_stride, int in_inner_stride, int out_outer_stride, int out_inner_stride, "
       "float inv_temperature, int ignore_index, float ratio_low, float ratio_high, "
       "float dual_clip, float kl_coef, int kl_estimator, float entropy_coef, "
-      "int max_rows_in_flight) -> (Tensor, Tensor, Tensor)");
+      "int max_rows_in_flight) -> (Tensor, Tensor, Tensor, Tensor)");
   // Fused PPO policy loss, one pass over the tokens. Token tensors (N,) =
   // (B * T,) contiguous, float32 or float64; mask (N,) bool. ratio_low /
   // ratio_high = 1 -+ clip; dual_clip <= 0 turns the dual clip off;

@@ -24,3 +24,31 @@ def assert_no_worse_than_torch(got, want64, torch_same_dtype, factor=2.0, floor=
     kernel_err = (got.double() - want64).abs().max().item()
     torch_err = (torch_same_dtype.double() - want64).abs().max().item()
     assert kernel_err <= factor * torch_err + floor, (kernel_err, torch_err)
+
+
+# (scale, temperature) pairs with |logits| / T ~ 1e4, where a softmax
+# recomputed as x / T - lse cancels (lse itself is rounded at ulp(1e4) / 2 ~
+# 5e-4): the magnitudes of the backward accuracy tests.
+LARGE_LOGITS = {"1e4-T1": (1e4, 1.0), "100-T0.01": (100.0, 0.01)}
+
+
+def large_logits(rows, vocab, scale, temperature, gen):
+    """float32 (rows, vocab) logits of magnitude `scale`, rows in turn: randn *
+    scale (a softmax all but one-hot); the same with 16 logits within a few T
+    of the row max (a peaked row); and scale + randn * 3T (every logit within a
+    few T of the others: a spread softmax)."""
+    x = torch.randn(rows, vocab, generator=gen, dtype=torch.float64) * scale
+    peaked = x[1::3]
+    peaked[:, :16] = peaked.amax(-1, keepdim=True) + torch.randn(peaked.shape[0], 16, generator=gen,
+                                                                 dtype=torch.float64) * 2 * temperature
+    x[2::3] = scale + torch.randn(x[2::3].shape, generator=gen, dtype=torch.float64) * 3 * temperature
+    return x.float()
+
+
+def probable_labels(logits, gen):
+    """Labels of large_logits rows with a probability that is not negligible
+    (so that logp is O(1)): the argmax of a one-hot row, else one of the first
+    16 columns."""
+    rows = logits.shape[0]
+    group = torch.randint(0, 16, (rows,), generator=gen)
+    return torch.where(torch.arange(rows) % 3 == 0, logits.argmax(-1), group)

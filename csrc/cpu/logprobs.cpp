@@ -30,7 +30,7 @@ constexpr float kMinExpArg = -87.3f;
 struct ChunkKernels {
   float (*max)(const float*, int64_t);
   void (*sum)(const float*, int64_t, float, float, float*, float*);
-  void (*grad)(const float*, int64_t, float, float, float, float, float, float*);
+  void (*grad)(const float*, int64_t, float, float, float, float, float, float, float*);
 };
 
 const ChunkKernels& chunk_kernels() {
@@ -66,7 +66,7 @@ bool label_in_range(int64_t label, int64_t vocab) { return label >= 0 && label <
 // log s for s = sum exp(y) >= 1 (the max logit has y = 0): never below 0, so
 // that logp = y_label - log s <= 0 and entropy = log s - t / s >= 0. NaN stays.
 template <typename acc_t>
-acc_t log_sum(acc_t s) {
+acc_t log_of_sum(acc_t s) {
   const acc_t log_s = std::log(s);
   return log_s < acc_t(0) ? acc_t(0) : log_s;
 }
@@ -75,7 +75,8 @@ acc_t log_sum(acc_t s) {
 template <typename scalar_t>
 void fwd_rows_f32(const scalar_t* logits, RowLayout layout, const int64_t* labels,
                   int64_t vocab, float inv_temperature, int64_t ignore_index, float* logp,
-                  float* entropy, float* lse, int64_t row_begin, int64_t row_end) {
+                  float* entropy, float* row_max, float* log_sum, int64_t row_begin,
+                  int64_t row_end) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const float neg_inf = -std::numeric_limits<float>::infinity();
   alignas(64) float buffer[kChunk];
@@ -107,8 +108,9 @@ void fwd_rows_f32(const scalar_t* logits, RowLayout layout, const int64_t* label
       }
       if (m != neg_inf) kernels.sum(x, n, inv_temperature, m, &s, &t);
     }
-    const float log_s = log_sum(s);
-    lse[r] = m * inv_temperature + log_s;
+    const float log_s = log_of_sum(s);
+    row_max[r] = m;
+    log_sum[r] = log_s;
     const int64_t label = labels[r];
     if (label == ignore_index) {
       logp[r] = 0.f;
@@ -126,7 +128,8 @@ void fwd_rows_f32(const scalar_t* logits, RowLayout layout, const int64_t* label
 template <typename scalar_t, typename acc_t>
 void fwd_rows_scalar(const scalar_t* logits, RowLayout layout, const int64_t* labels,
                      int64_t vocab, acc_t inv_temperature, int64_t ignore_index, acc_t* logp,
-                     acc_t* entropy, acc_t* lse, int64_t row_begin, int64_t row_end) {
+                     acc_t* entropy, acc_t* row_max, acc_t* log_sum, int64_t row_begin,
+                     int64_t row_end) {
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   for (int64_t r = row_begin; r < row_end; ++r) {
     const scalar_t* row = logits + layout.offset(r);
@@ -140,8 +143,9 @@ void fwd_rows_scalar(const scalar_t* logits, RowLayout layout, const int64_t* la
       s += e;
       if (e > 0 || e != e) t += e * y;
     }
-    const acc_t log_s = log_sum(s);
-    lse[r] = m * inv_temperature + log_s;
+    const acc_t log_s = log_of_sum(s);
+    row_max[r] = m;
+    log_sum[r] = log_s;
     const int64_t label = labels[r];
     if (label == ignore_index) {
       logp[r] = 0;
@@ -155,10 +159,10 @@ void fwd_rows_scalar(const scalar_t* logits, RowLayout layout, const int64_t* la
 
 template <typename scalar_t>
 void bwd_rows_f32(const float* grad_logp, const float* grad_entropy, const scalar_t* logits,
-                  RowLayout in_layout, const int64_t* labels, const float* lse,
-                  const float* entropy, int64_t vocab, float inv_temperature,
-                  int64_t ignore_index, scalar_t* grad_logits, RowLayout out_layout,
-                  int64_t row_begin, int64_t row_end) {
+                  RowLayout in_layout, const int64_t* labels, const float* row_max,
+                  const float* log_sum, const float* entropy, int64_t vocab,
+                  float inv_temperature, int64_t ignore_index, scalar_t* grad_logits,
+                  RowLayout out_layout, int64_t row_begin, int64_t row_end) {
   alignas(64) float in_buffer[kChunk];
   alignas(64) float out_buffer[kChunk];
   const ChunkKernels& kernels = chunk_kernels();
@@ -180,7 +184,8 @@ void bwd_rows_f32(const float* grad_logp, const float* grad_entropy, const scala
         std::fill(out, out + n, fill);
       } else {
         const float* x = as_float(row + c, n, in_buffer);
-        kernels.grad(x, n, inv_temperature, lse[r], row_entropy, g, g_entropy, out);
+        kernels.grad(x, n, inv_temperature, row_max[r], log_sum[r], row_entropy, g, g_entropy,
+                     out);
         if (label >= c && label < c + n) out[label - c] += inv_temperature * g;
       }
       if constexpr (!std::is_same_v<scalar_t, float>) {
@@ -192,10 +197,10 @@ void bwd_rows_f32(const float* grad_logp, const float* grad_entropy, const scala
 
 template <typename scalar_t, typename acc_t>
 void bwd_rows_scalar(const acc_t* grad_logp, const acc_t* grad_entropy, const scalar_t* logits,
-                     RowLayout in_layout, const int64_t* labels, const acc_t* lse,
-                     const acc_t* entropy, int64_t vocab, acc_t inv_temperature,
-                     int64_t ignore_index, scalar_t* grad_logits, RowLayout out_layout,
-                     int64_t row_begin, int64_t row_end) {
+                     RowLayout in_layout, const int64_t* labels, const acc_t* row_max,
+                     const acc_t* log_sum, const acc_t* entropy, int64_t vocab,
+                     acc_t inv_temperature, int64_t ignore_index, scalar_t* grad_logits,
+                     RowLayout out_layout, int64_t row_begin, int64_t row_end) {
   for (int64_t r = row_begin; r < row_end; ++r) {
     const scalar_t* row = logits + in_layout.offset(r);
     scalar_t* out_row = grad_logits + out_layout.offset(r);
@@ -210,7 +215,8 @@ void bwd_rows_scalar(const acc_t* grad_logp, const acc_t* grad_entropy, const sc
         out_row[j] = bad_label ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
         continue;
       }
-      const acc_t y = to_float(row[j]) * inv_temperature - lse[r];
+      // Shifted by the raw max first, as chunk_grad (logprobs_chunks.inc).
+      const acc_t y = (to_float(row[j]) - row_max[r]) * inv_temperature - log_sum[r];
       const acc_t p = std::exp(y);
       // p == 0 (y = -inf) would give 0 * inf; a NaN p stays NaN.
       acc_t grad = p != 0 ? -inv_temperature * p * (g + g_entropy * (y + row_entropy)) : acc_t(0);
@@ -225,39 +231,43 @@ void bwd_rows_scalar(const acc_t* grad_logp, const acc_t* grad_entropy, const sc
 template <typename scalar_t, typename acc_t>
 void logprobs_fwd_rows(const scalar_t* logits, RowLayout layout, const int64_t* labels,
                        int64_t vocab, acc_t inv_temperature, int64_t ignore_index,
-                       acc_t* logp, acc_t* entropy, acc_t* lse, int64_t row_begin,
-                       int64_t row_end) {
+                       acc_t* logp, acc_t* entropy, acc_t* row_max, acc_t* log_sum,
+                       int64_t row_begin, int64_t row_end) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    fwd_rows_f32(logits, layout, labels, vocab, inv_temperature, ignore_index, logp, entropy, lse,
-                 row_begin, row_end);
+    fwd_rows_f32(logits, layout, labels, vocab, inv_temperature, ignore_index, logp, entropy,
+                 row_max, log_sum, row_begin, row_end);
   } else {
     fwd_rows_scalar(logits, layout, labels, vocab, inv_temperature, ignore_index, logp, entropy,
-                    lse, row_begin, row_end);
+                    row_max, log_sum, row_begin, row_end);
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void logprobs_bwd_rows(const acc_t* grad_logp, const acc_t* grad_entropy,
                        const scalar_t* logits, RowLayout in_layout, const int64_t* labels,
-                       const acc_t* lse, const acc_t* entropy, int64_t vocab,
-                       acc_t inv_temperature, int64_t ignore_index, scalar_t* grad_logits,
-                       RowLayout out_layout, int64_t row_begin, int64_t row_end) {
+                       const acc_t* row_max, const acc_t* log_sum, const acc_t* entropy,
+                       int64_t vocab, acc_t inv_temperature, int64_t ignore_index,
+                       scalar_t* grad_logits, RowLayout out_layout, int64_t row_begin,
+                       int64_t row_end) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    bwd_rows_f32(grad_logp, grad_entropy, logits, in_layout, labels, lse, entropy, vocab,
-                 inv_temperature, ignore_index, grad_logits, out_layout, row_begin, row_end);
+    bwd_rows_f32(grad_logp, grad_entropy, logits, in_layout, labels, row_max, log_sum, entropy,
+                 vocab, inv_temperature, ignore_index, grad_logits, out_layout, row_begin,
+                 row_end);
   } else {
-    bwd_rows_scalar(grad_logp, grad_entropy, logits, in_layout, labels, lse, entropy, vocab,
-                    inv_temperature, ignore_index, grad_logits, out_layout, row_begin, row_end);
+    bwd_rows_scalar(grad_logp, grad_entropy, logits, in_layout, labels, row_max, log_sum, entropy,
+                    vocab, inv_temperature, ignore_index, grad_logits, out_layout, row_begin,
+                    row_end);
   }
 }
 
 #define RLHF_INSTANTIATE(scalar_t, acc_t)                                                       \
   template void logprobs_fwd_rows<scalar_t, acc_t>(const scalar_t*, RowLayout, const int64_t*, \
                                                    int64_t, acc_t, int64_t, acc_t*, acc_t*,    \
-                                                   acc_t*, int64_t, int64_t);                  \
+                                                   acc_t*, acc_t*, int64_t, int64_t);          \
   template void logprobs_bwd_rows<scalar_t, acc_t>(                                            \
       const acc_t*, const acc_t*, const scalar_t*, RowLayout, const int64_t*, const acc_t*,    \
-      const acc_t*, int64_t, acc_t, int64_t, scalar_t*, RowLayout, int64_t, int64_t);
+      const acc_t*, const acc_t*, int64_t, acc_t, int64_t, scalar_t*, RowLayout, int64_t,      \
+      int64_t);
 
 RLHF_INSTANTIATE(float, float)
 RLHF_INSTANTIATE(bf16_t, float)

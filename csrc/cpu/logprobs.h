@@ -9,28 +9,34 @@
 
 namespace rlhf_kernels::cpu {
 
-// Forward, rows [row_begin, row_end):
-//   x = logits[row] * inv_temperature
-//   lse = logsumexp(x); logp = x[label] - lse; entropy = lse - sum(softmax(x) * x)
-// Ignored rows (label == ignore_index) get logp = entropy = 0; a label outside
-// [0, vocab) gives logp = NaN and is never read. `entropy` may be null (not
-// computed). acc_t is float, or double for double logits.
+// Forward, rows [row_begin, row_end), x = logits[row]:
+//   row_max = max(x); y = (x - row_max) * inv_temperature; log_sum = log sum exp(y)
+//   logp = y[label] - log_sum; entropy = log_sum - sum(exp(y) * y) / sum(exp(y))
+// row_max is the raw max (not over T) and log_sum >= 0: the backward recomputes
+// log p = y - log_sum from them. Ignored rows (label == ignore_index) get
+// logp = entropy = 0; a label outside [0, vocab) gives logp = NaN and is never
+// read. `entropy` may be null (not computed). acc_t is float, or double for
+// double logits.
 template <typename scalar_t, typename acc_t>
 void logprobs_fwd_rows(const scalar_t* logits, RowLayout layout, const int64_t* labels,
                        int64_t vocab, acc_t inv_temperature, int64_t ignore_index,
-                       acc_t* logp, acc_t* entropy, acc_t* lse, int64_t row_begin,
-                       int64_t row_end);
+                       acc_t* logp, acc_t* entropy, acc_t* row_max, acc_t* log_sum,
+                       int64_t row_begin, int64_t row_end);
 
-// Backward, rows [row_begin, row_end), one pass over the row:
-//   p = softmax(x);  dlogits = inv_temperature * (g_logp * (onehot(label) - p)
+// Backward, rows [row_begin, row_end), one pass over the row, from the
+// forward's row_max and log_sum:
+//   log p = (x - row_max) * inv_temperature - log_sum, p = exp(log p)
+// (never x * inv_temperature - lse: see chunk_grad in logprobs_chunks.inc)
+//   dlogits = inv_temperature * (g_logp * (onehot(label) - p)
 //                                - g_entropy * p * (log p + entropy))
 // grad_entropy may be null. grad_logits may alias logits (same layout): each
 // element is read before it is written.
 template <typename scalar_t, typename acc_t>
 void logprobs_bwd_rows(const acc_t* grad_logp, const acc_t* grad_entropy,
                        const scalar_t* logits, RowLayout in_layout, const int64_t* labels,
-                       const acc_t* lse, const acc_t* entropy, int64_t vocab,
-                       acc_t inv_temperature, int64_t ignore_index, scalar_t* grad_logits,
-                       RowLayout out_layout, int64_t row_begin, int64_t row_end);
+                       const acc_t* row_max, const acc_t* log_sum, const acc_t* entropy,
+                       int64_t vocab, acc_t inv_temperature, int64_t ignore_index,
+                       scalar_t* grad_logits, RowLayout out_layout, int64_t row_begin,
+                       int64_t row_end);
 
 }  // namespace rlhf_kernels::cpu

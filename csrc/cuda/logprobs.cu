@@ -3,10 +3,10 @@
 // per thread, the online-softmax state (m, s, t) of Milakov & Gimelshein
 // (2018) over the raw logits x: with y = (x - m) * inv_T, s = sum exp(y),
 // t = sum exp(y) * y; logp = (x_label - m) * inv_T - log s, entropy =
-// log(s) - t / s, lse = m * inv_T + log s. Shifting the raw x keeps y <= 0
-// exactly (x * inv_T - m could become a fused multiply-add and exceed 0 at the
-// max), so s >= 1, logp <= 0 and entropy >= 0 at any temperature. Thread
-// states merge by warp shuffles, then across warps.
+// log(s) - t / s; m and log s are saved for the backward. Shifting the raw x
+// keeps y <= 0 exactly (x * inv_T - m could become a fused multiply-add and
+// exceed 0 at the max), so s >= 1, logp <= 0 and entropy >= 0 at any
+// temperature. Thread states merge by warp shuffles, then across warps.
 // The backward reads the row once more and writes the gradient once.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -151,16 +151,16 @@ __device__ SoftmaxState<acc_t> row_softmax_state(const scalar_t* row, int64_t vo
 }
 
 // logp of the label (0 if ignored, NaN if out of range: never read) and
-// entropy (0 if ignored) from a row's merged state; also returns lse.
+// entropy (0 if ignored) from a row's merged state; also returns log s.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void row_outputs(const SoftmaxState<acc_t>& st, const scalar_t* row,
                                             int64_t label, int64_t vocab, acc_t inv_temperature,
                                             int64_t ignore_index, acc_t* logp, acc_t* entropy,
-                                            acc_t* lse) {
+                                            acc_t* log_sum) {
   // s >= 1: an approximate log must not go below 0 (logp <= 0, entropy >= 0).
   acc_t log_s = fast_log(st.s);
   log_s = log_s < acc_t(0) ? acc_t(0) : log_s;
-  *lse = st.m * inv_temperature + log_s;
+  *log_sum = log_s;
   if (label == ignore_index) {
     *logp = 0;
     *entropy = 0;
@@ -176,38 +176,46 @@ __global__ void __launch_bounds__(kThreads)
 logprobs_fwd_kernel(const scalar_t* __restrict__ logits, RowLayout layout,
                     const int64_t* __restrict__ labels, int64_t vocab, acc_t inv_temperature,
                     int64_t ignore_index, acc_t* __restrict__ logp, acc_t* __restrict__ entropy,
-                    acc_t* __restrict__ lse) {
+                    acc_t* __restrict__ row_max, acc_t* __restrict__ log_sum) {
   const int64_t row_index = blockIdx.x;
   const scalar_t* row = logits + layout.offset(row_index);
   const SoftmaxState<acc_t> st = row_softmax_state(row, vocab, inv_temperature);
   if (threadIdx.x == 0) {
-    acc_t row_logp, row_entropy, row_lse;
+    acc_t row_logp, row_entropy, row_log_sum;
     row_outputs(st, row, labels[row_index], vocab, inv_temperature, ignore_index, &row_logp,
-                &row_entropy, &row_lse);
-    lse[row_index] = row_lse;
+                &row_entropy, &row_log_sum);
+    row_max[row_index] = st.m;
+    log_sum[row_index] = row_log_sum;
     logp[row_index] = row_logp;
     if (entropy) entropy[row_index] = row_entropy;
   }
 }
 
 // One read of a row and one write of its gradient, by the whole block:
-// dlogits = inv_T * (g * (onehot(label) - p) - g_entropy * p * (log p + H)).
+// dlogits = inv_T * (g * (onehot(label) - p) - g_entropy * p * (log p + H)),
+// log p = (x - m) * inv_T - log s from the row's raw max m and log s. The
+// shift comes first for float32 accuracy at any |x| / T: x - m is exact near
+// the max (Sterbenz: x within a factor 2 of m), else one rounding of a value
+// of size |x - m|. As x * inv_T - lse (lse = m * inv_T + log s) two values of
+// size |x| / T would cancel, each rounded by up to half its ulp: ~5e-4
+// absolute in log p at |x| / T ~ 1e4, and so relative in p.
 // No __restrict__ on row / out_row: they alias in the in-place case.
 template <typename scalar_t, typename acc_t, bool kVectorized>
 __device__ __forceinline__ void write_row_grad(const scalar_t* row, scalar_t* out_row, int64_t vocab,
                                                int64_t label, int64_t ignore_index, acc_t g,
-                                               acc_t g_entropy, acc_t row_lse, acc_t row_entropy,
-                                               acc_t inv_temperature) {
+                                               acc_t g_entropy, acc_t row_max, acc_t row_log_sum,
+                                               acc_t row_entropy, acc_t inv_temperature) {
   constexpr int kPack = kVectorized ? Pack<scalar_t>::kSize : 1;
   const bool ignored = label == ignore_index;
   const bool bad_label = !ignored && !(label >= 0 && label < vocab);
   if (ignored) g = g_entropy = acc_t(0);
-  const acc_t fill = bad_label ? acc_t(NAN) : acc_t(0);
   const bool zero_row = ignored || bad_label;
 
   auto grad_at = [&](acc_t xv, int64_t col) -> acc_t {
-    if (zero_row) return fill;
-    const acc_t y = clamp_exp_arg(xv * inv_temperature - row_lse);
+    // The fill is chosen here rather than held in a register: the float64
+    // fused kernel is at ptxas's 64-register budget on sm_90a (it spilled).
+    if (zero_row) return bad_label ? acc_t(NAN) : acc_t(0);
+    const acc_t y = clamp_exp_arg((xv - row_max) * inv_temperature - row_log_sum);
     const acc_t p = fast_exp(y);
     acc_t d = -inv_temperature * p * (g + g_entropy * (y + row_entropy));
     if (col == label) d += inv_temperature * g;
@@ -242,9 +250,10 @@ template <typename scalar_t, typename acc_t, bool kVectorized>
 __global__ void __launch_bounds__(kThreads)
 logprobs_bwd_kernel(const acc_t* __restrict__ grad_logp, const acc_t* __restrict__ grad_entropy,
                     const scalar_t* logits, RowLayout in_layout,
-                    const int64_t* __restrict__ labels, const acc_t* __restrict__ lse,
-                    const acc_t* __restrict__ entropy, int64_t vocab, acc_t inv_temperature,
-                    int64_t ignore_index, scalar_t* grad_logits, RowLayout out_layout) {
+                    const int64_t* __restrict__ labels, const acc_t* __restrict__ row_max,
+                    const acc_t* __restrict__ log_sum, const acc_t* __restrict__ entropy,
+                    int64_t vocab, acc_t inv_temperature, int64_t ignore_index,
+                    scalar_t* grad_logits, RowLayout out_layout) {
   const int64_t row_index = blockIdx.x;
   const int64_t label = labels[row_index];
   const bool ignored = label == ignore_index;
@@ -252,8 +261,8 @@ logprobs_bwd_kernel(const acc_t* __restrict__ grad_logp, const acc_t* __restrict
   const acc_t g_entropy = (ignored || grad_entropy == nullptr) ? acc_t(0) : grad_entropy[row_index];
   write_row_grad<scalar_t, acc_t, kVectorized>(
       logits + in_layout.offset(row_index), grad_logits + out_layout.offset(row_index), vocab, label,
-      ignore_index, g, g_entropy, lse[row_index], entropy ? entropy[row_index] : acc_t(0),
-      inv_temperature);
+      ignore_index, g, g_entropy, row_max[row_index], log_sum[row_index],
+      entropy ? entropy[row_index] : acc_t(0), inv_temperature);
 }
 
 // ppo_loss_from_logits with the gradient in the same block, one per row: the
@@ -268,20 +277,22 @@ ppo_logits_grad_kernel(const scalar_t* logits, RowLayout in_layout,
                        const acc_t* __restrict__ ref_logp, int64_t n_rows, int64_t vocab,
                        acc_t inv_temperature, int64_t ignore_index, PolicyParams<acc_t> params,
                        acc_t entropy_coef, acc_t* __restrict__ logp, acc_t* __restrict__ entropy,
-                       acc_t* __restrict__ lse, scalar_t* grad_logits, RowLayout out_layout) {
+                       acc_t* __restrict__ row_max, acc_t* __restrict__ log_sum,
+                       scalar_t* grad_logits, RowLayout out_layout) {
   // Rows in a grid-stride loop: the grid size bounds the rows in flight, and
   // so the bytes between a row's first read and its second (which should hit L2).
   for (int64_t row_index = blockIdx.x; row_index < n_rows; row_index += gridDim.x) {
     const scalar_t* row = logits + in_layout.offset(row_index);
     const int64_t label = labels[row_index];
     const SoftmaxState<acc_t> st = row_softmax_state(row, vocab, inv_temperature);
-    acc_t row_logp, row_entropy, row_lse;
+    acc_t row_logp, row_entropy, row_log_sum;
     row_outputs(st, row, label, vocab, inv_temperature, ignore_index, &row_logp, &row_entropy,
-                &row_lse);
+                &row_log_sum);
     if (threadIdx.x == 0) {
       logp[row_index] = row_logp;
       entropy[row_index] = row_entropy;
-      lse[row_index] = row_lse;
+      row_max[row_index] = st.m;
+      log_sum[row_index] = row_log_sum;
     }
     const acc_t w = row_weight[row_index];
     acc_t g = 0, g_entropy = 0;
@@ -291,8 +302,8 @@ ppo_logits_grad_kernel(const scalar_t* logits, RowLayout in_layout,
       g_entropy = -entropy_coef * w;
     }
     write_row_grad<scalar_t, acc_t, kVectorized>(row, grad_logits + out_layout.offset(row_index), vocab,
-                                                 label, ignore_index, g, g_entropy, row_lse,
-                                                 row_entropy, inv_temperature);
+                                                 label, ignore_index, g, g_entropy, st.m,
+                                                 row_log_sum, row_entropy, inv_temperature);
     __syncthreads();  // block_merge's shared partials are rewritten by the next row
   }
 }
@@ -309,23 +320,24 @@ bool rows_aligned(const void* base, RowLayout layout, int64_t n_rows, size_t ele
 template <typename scalar_t, typename acc_t>
 cudaError_t launch_logprobs_fwd(const scalar_t* logits, RowLayout layout, const int64_t* labels,
                                 int64_t n_rows, int64_t vocab, acc_t inv_temperature,
-                                int64_t ignore_index, acc_t* logp, acc_t* entropy, acc_t* lse,
-                                cudaStream_t stream) {
+                                int64_t ignore_index, acc_t* logp, acc_t* entropy, acc_t* row_max,
+                                acc_t* log_sum, cudaStream_t stream) {
   if (n_rows == 0) return cudaSuccess;
   // One block per row, and grid.x is at most 2^31 - 1: refuse more rows
   // rather than let the cast to unsigned wrap (2^32 + 1 rows would run 1 block).
   if (n_rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   logprobs_fwd_kernel<scalar_t, acc_t><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
-      logits, layout, labels, vocab, inv_temperature, ignore_index, logp, entropy, lse);
+      logits, layout, labels, vocab, inv_temperature, ignore_index, logp, entropy, row_max,
+      log_sum);
   return cudaGetLastError();
 }
 
 template <typename scalar_t, typename acc_t>
 cudaError_t launch_logprobs_bwd(const acc_t* grad_logp, const acc_t* grad_entropy,
                                 const scalar_t* logits, RowLayout in_layout,
-                                const int64_t* labels, const acc_t* lse, const acc_t* entropy,
-                                int64_t n_rows, int64_t vocab, acc_t inv_temperature,
-                                int64_t ignore_index, scalar_t* grad_logits,
+                                const int64_t* labels, const acc_t* row_max, const acc_t* log_sum,
+                                const acc_t* entropy, int64_t n_rows, int64_t vocab,
+                                acc_t inv_temperature, int64_t ignore_index, scalar_t* grad_logits,
                                 RowLayout out_layout, cudaStream_t stream) {
   if (n_rows == 0) return cudaSuccess;
   if (n_rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // as in the forward
@@ -335,12 +347,12 @@ cudaError_t launch_logprobs_bwd(const acc_t* grad_logp, const acc_t* grad_entrop
   const unsigned blocks = static_cast<unsigned>(n_rows);
   if (vectorized) {
     logprobs_bwd_kernel<scalar_t, acc_t, true><<<blocks, kThreads, 0, stream>>>(
-        grad_logp, grad_entropy, logits, in_layout, labels, lse, entropy, vocab, inv_temperature,
-        ignore_index, grad_logits, out_layout);
+        grad_logp, grad_entropy, logits, in_layout, labels, row_max, log_sum, entropy, vocab,
+        inv_temperature, ignore_index, grad_logits, out_layout);
   } else {
     logprobs_bwd_kernel<scalar_t, acc_t, false><<<blocks, kThreads, 0, stream>>>(
-        grad_logp, grad_entropy, logits, in_layout, labels, lse, entropy, vocab, inv_temperature,
-        ignore_index, grad_logits, out_layout);
+        grad_logp, grad_entropy, logits, in_layout, labels, row_max, log_sum, entropy, vocab,
+        inv_temperature, ignore_index, grad_logits, out_layout);
   }
   return cudaGetLastError();
 }
@@ -351,8 +363,9 @@ cudaError_t launch_ppo_logits_grad(const scalar_t* logits, RowLayout in_layout, 
                                    const acc_t* row_weight, const acc_t* ref_logp, int64_t n_rows,
                                    int64_t vocab, acc_t inv_temperature, int64_t ignore_index,
                                    PolicyParams<acc_t> params, acc_t entropy_coef, acc_t* logp,
-                                   acc_t* entropy, acc_t* lse, scalar_t* grad_logits,
-                                   RowLayout out_layout, int64_t max_blocks, cudaStream_t stream) {
+                                   acc_t* entropy, acc_t* row_max, acc_t* log_sum,
+                                   scalar_t* grad_logits, RowLayout out_layout, int64_t max_blocks,
+                                   cudaStream_t stream) {
   if (n_rows == 0) return cudaSuccess;
   const int64_t grid = max_blocks > 0 && max_blocks < n_rows ? max_blocks : n_rows;
   if (grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
@@ -362,13 +375,13 @@ cudaError_t launch_ppo_logits_grad(const scalar_t* logits, RowLayout in_layout, 
   if (vectorized) {
     ppo_logits_grad_kernel<scalar_t, acc_t, true><<<blocks, kThreads, 0, stream>>>(
         logits, in_layout, labels, old_logp, advantages, row_weight, ref_logp, n_rows, vocab,
-        inv_temperature, ignore_index, params, entropy_coef, logp, entropy, lse, grad_logits,
-        out_layout);
+        inv_temperature, ignore_index, params, entropy_coef, logp, entropy, row_max, log_sum,
+        grad_logits, out_layout);
   } else {
     ppo_logits_grad_kernel<scalar_t, acc_t, false><<<blocks, kThreads, 0, stream>>>(
         logits, in_layout, labels, old_logp, advantages, row_weight, ref_logp, n_rows, vocab,
-        inv_temperature, ignore_index, params, entropy_coef, logp, entropy, lse, grad_logits,
-        out_layout);
+        inv_temperature, ignore_index, params, entropy_coef, logp, entropy, row_max, log_sum,
+        grad_logits, out_layout);
   }
   return cudaGetLastError();
 }
@@ -376,14 +389,15 @@ cudaError_t launch_ppo_logits_grad(const scalar_t* logits, RowLayout in_layout, 
 #define RLHF_INSTANTIATE(scalar_t, acc_t)                                                       \
   template cudaError_t launch_logprobs_fwd<scalar_t, acc_t>(                                   \
       const scalar_t*, RowLayout, const int64_t*, int64_t, int64_t, acc_t, int64_t, acc_t*,    \
-      acc_t*, acc_t*, cudaStream_t);                                                           \
+      acc_t*, acc_t*, acc_t*, cudaStream_t);                                                   \
   template cudaError_t launch_logprobs_bwd<scalar_t, acc_t>(                                   \
       const acc_t*, const acc_t*, const scalar_t*, RowLayout, const int64_t*, const acc_t*,    \
-      const acc_t*, int64_t, int64_t, acc_t, int64_t, scalar_t*, RowLayout, cudaStream_t);     \
+      const acc_t*, const acc_t*, int64_t, int64_t, acc_t, int64_t, scalar_t*, RowLayout,      \
+      cudaStream_t);                                                                           \
   template cudaError_t launch_ppo_logits_grad<scalar_t, acc_t>(                                \
       const scalar_t*, RowLayout, const int64_t*, const acc_t*, const acc_t*, const acc_t*,    \
       const acc_t*, int64_t, int64_t, acc_t, int64_t, PolicyParams<acc_t>, acc_t, acc_t*,      \
-      acc_t*, acc_t*, scalar_t*, RowLayout, int64_t, cudaStream_t);
+      acc_t*, acc_t*, acc_t*, scalar_t*, RowLayout, int64_t, cudaStream_t);
 
 RLHF_INSTANTIATE(float, float)
 RLHF_INSTANTIATE(__half, float)

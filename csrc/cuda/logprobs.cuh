@@ -15,17 +15,17 @@ namespace rlhf_kernels::cuda {
 template <typename scalar_t, typename acc_t>
 cudaError_t launch_logprobs_fwd(const scalar_t* logits, RowLayout layout, const int64_t* labels,
                                 int64_t n_rows, int64_t vocab, acc_t inv_temperature,
-                                int64_t ignore_index, acc_t* logp, acc_t* entropy, acc_t* lse,
-                                cudaStream_t stream);
+                                int64_t ignore_index, acc_t* logp, acc_t* entropy, acc_t* row_max,
+                                acc_t* log_sum, cudaStream_t stream);
 
 // grad_entropy and entropy may be null; grad_logits may alias logits with the
 // same layout (in-place backward).
 template <typename scalar_t, typename acc_t>
 cudaError_t launch_logprobs_bwd(const acc_t* grad_logp, const acc_t* grad_entropy,
                                 const scalar_t* logits, RowLayout in_layout,
-                                const int64_t* labels, const acc_t* lse, const acc_t* entropy,
-                                int64_t n_rows, int64_t vocab, acc_t inv_temperature,
-                                int64_t ignore_index, scalar_t* grad_logits,
+                                const int64_t* labels, const acc_t* row_max, const acc_t* log_sum,
+                                const acc_t* entropy, int64_t n_rows, int64_t vocab,
+                                acc_t inv_temperature, int64_t ignore_index, scalar_t* grad_logits,
                                 RowLayout out_layout, cudaStream_t stream);
 
 // ppo_loss_from_logits's forward with its logits gradient; semantics of
@@ -37,7 +37,8 @@ cudaError_t launch_ppo_logits_grad(const scalar_t* logits, RowLayout in_layout, 
                                    const acc_t* row_weight, const acc_t* ref_logp, int64_t n_rows,
                                    int64_t vocab, acc_t inv_temperature, int64_t ignore_index,
                                    PolicyParams<acc_t> params, acc_t entropy_coef, acc_t* logp,
-                                   acc_t* entropy, acc_t* lse, scalar_t* grad_logits,
-                                   RowLayout out_layout, int64_t max_blocks, cudaStream_t stream);
+                                   acc_t* entropy, acc_t* row_max, acc_t* log_sum,
+                                   scalar_t* grad_logits, RowLayout out_layout, int64_t max_blocks,
+                                   cudaStream_t stream);
 
 }  // namespace rlhf_kernels::cuda

@@ -16,7 +16,7 @@ void check_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "rlhf_kernels CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& labels, int64_t inner_rows, int64_t outer_stride,
     int64_t inner_stride, double inv_temperature, int64_t ignore_index, bool compute_entropy) {
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -24,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
   const int64_t n_rows = checked_rows(logits, labels, layout);
   const auto opts = logits.options().dtype(acc_dtype_for(logits));
   at::Tensor logp = at::empty({n_rows}, opts);
-  at::Tensor lse = at::empty({n_rows}, opts);
+  at::Tensor row_max = at::empty({n_rows}, opts), log_sum = at::empty({n_rows}, opts);
   at::Tensor entropy = at::empty({compute_entropy ? n_rows : 0}, opts);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_dtype<__nv_bfloat16, __half>(logits.scalar_type(), "logits", [&](auto scalar, auto acc) {
@@ -35,13 +35,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
         labels.const_data_ptr<int64_t>(), n_rows, logits.size(-1),
         static_cast<acc_t>(inv_temperature), ignore_index, logp.mutable_data_ptr<acc_t>(),
         compute_entropy ? entropy.mutable_data_ptr<acc_t>() : nullptr,
-        lse.mutable_data_ptr<acc_t>(), stream));
+        row_max.mutable_data_ptr<acc_t>(), log_sum.mutable_data_ptr<acc_t>(), stream));
   });
-  return {logp, entropy, lse};
+  return {logp, entropy, row_max, log_sum};
 }
 
 void logprobs_bwd_cuda(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
-                       const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                       const at::Tensor& logits, const at::Tensor& labels,
+                       const at::Tensor& row_max, const at::Tensor& log_sum,
                        const std::optional<at::Tensor>& entropy, const at::Tensor& grad_logits,
                        int64_t inner_rows, int64_t in_outer_stride, int64_t in_inner_stride,
                        int64_t out_outer_stride, int64_t out_inner_stride, double inv_temperature,
@@ -49,8 +50,8 @@ void logprobs_bwd_cuda(const at::Tensor& grad_logp, const std::optional<at::Tens
   const c10::cuda::CUDAGuard guard(logits.device());
   const RowLayout in_layout{inner_rows, in_outer_stride, in_inner_stride};
   const RowLayout out_layout{inner_rows, out_outer_stride, out_inner_stride};
-  const int64_t n_rows = check_logprobs_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy,
-                                            grad_logits, in_layout, out_layout);
+  const int64_t n_rows = check_logprobs_bwd(grad_logp, grad_entropy, logits, labels, row_max,
+                                            log_sum, entropy, grad_logits, in_layout, out_layout);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_dtype<__nv_bfloat16, __half>(logits.scalar_type(), "logits", [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
@@ -59,14 +60,15 @@ void logprobs_bwd_cuda(const at::Tensor& grad_logp, const std::optional<at::Tens
         grad_logp.const_data_ptr<acc_t>(),
         grad_entropy ? grad_entropy->const_data_ptr<acc_t>() : nullptr,
         reinterpret_cast<const scalar_t*>(logits.const_data_ptr()), in_layout,
-        labels.const_data_ptr<int64_t>(), lse.const_data_ptr<acc_t>(),
-        entropy ? entropy->const_data_ptr<acc_t>() : nullptr, n_rows, logits.size(-1),
+        labels.const_data_ptr<int64_t>(), row_max.const_data_ptr<acc_t>(),
+        log_sum.const_data_ptr<acc_t>(), entropy ? entropy->const_data_ptr<acc_t>() : nullptr,
+        n_rows, logits.size(-1),
         static_cast<acc_t>(inv_temperature), ignore_index,
         reinterpret_cast<scalar_t*>(grad_logits.data_ptr()), out_layout, stream));
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cuda(
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp,
     const at::Tensor& advantages, const at::Tensor& row_weight,
     const std::optional<at::Tensor>& ref_logp, const at::Tensor& grad_logits, int64_t inner_rows,
@@ -84,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cuda(
   const at::ScalarType acc = acc_dtype_for(logits);
   const auto opts = logits.options().dtype(acc);
   at::Tensor logp = at::empty({n_rows}, opts), entropy = at::empty({n_rows}, opts);
-  at::Tensor lse = at::empty({n_rows}, opts);
+  at::Tensor row_max = at::empty({n_rows}, opts), log_sum = at::empty({n_rows}, opts);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_dtype<__nv_bfloat16, __half>(logits.scalar_type(), "logits", [&](auto scalar, auto acc_v) {
     using scalar_t = decltype(scalar);
@@ -96,11 +98,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cuda(
         ref_logp ? ref_logp->const_data_ptr<acc_t>() : nullptr, n_rows, logits.size(-1),
         static_cast<acc_t>(inv_temperature), ignore_index, cast_params<acc_t>(checked.params),
         static_cast<acc_t>(entropy_coef), logp.mutable_data_ptr<acc_t>(),
-        entropy.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(),
-        reinterpret_cast<scalar_t*>(grad_logits.data_ptr()), out_layout, max_rows_in_flight,
-        stream));
+        entropy.mutable_data_ptr<acc_t>(), row_max.mutable_data_ptr<acc_t>(),
+        log_sum.mutable_data_ptr<acc_t>(), reinterpret_cast<scalar_t*>(grad_logits.data_ptr()),
+        out_layout, max_rows_in_flight, stream));
   });
-  return {logp, entropy, lse};
+  return {logp, entropy, row_max, log_sum};
 }
 
 }  // namespace

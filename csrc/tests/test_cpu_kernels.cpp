@@ -27,7 +27,7 @@ void expect_close(double got, double want, double atol, double rtol, const char*
 }
 
 struct Reference {
-  std::vector<double> logp, entropy, lse, grad;
+  std::vector<double> logp, entropy, grad;
 };
 
 // Reference from the formulas: p = softmax(x / T), logp = log p[label],
@@ -50,7 +50,6 @@ Reference reference(const std::vector<double>& x, int64_t rows, int64_t vocab,
     }
     const int64_t label = labels[r];
     const bool ignored = label == ignore_index;
-    ref.lse.push_back(lse);
     ref.logp.push_back(ignored ? 0.0 : x[r * vocab + label] / temperature - lse);
     ref.entropy.push_back(ignored ? 0.0 : h);
     for (int64_t j = 0; j < vocab && !ignored; ++j) {
@@ -89,10 +88,10 @@ void check_dtype(const char* name, double atol, double rtol, int64_t rows, int64
   const Reference ref = reference(x, rows, vocab, labels, temperature, ignore_index, g, gh);
 
   const RowLayout in_layout{rows, 0, stride};
-  std::vector<float> logp(rows), entropy(rows), lse(rows);
+  std::vector<float> logp(rows), entropy(rows), row_max(rows), log_sum(rows);
   rlhf_kernels::cpu::logprobs_fwd_rows<scalar_t, float>(
       data.data(), in_layout, labels.data(), vocab, static_cast<float>(1.0 / temperature),
-      ignore_index, logp.data(), entropy.data(), lse.data(), 0, rows);
+      ignore_index, logp.data(), entropy.data(), row_max.data(), log_sum.data(), 0, rows);
   for (int64_t r = 0; r < rows; ++r) {
     expect_close(logp[r], ref.logp[r], 1e-4, 1e-4, name, r);
     expect_close(entropy[r], ref.entropy[r], 1e-4, 1e-4, name, r);
@@ -101,14 +100,14 @@ void check_dtype(const char* name, double atol, double rtol, int64_t rows, int64
   std::vector<float> gf(g.begin(), g.end()), ghf(gh.begin(), gh.end());
   std::vector<scalar_t> grad(rows * vocab);
   rlhf_kernels::cpu::logprobs_bwd_rows<scalar_t, float>(
-      gf.data(), ghf.data(), data.data(), in_layout, labels.data(), lse.data(), entropy.data(),
-      vocab, static_cast<float>(1.0 / temperature), ignore_index, grad.data(),
-      RowLayout{rows, 0, vocab}, 0, rows);
+      gf.data(), ghf.data(), data.data(), in_layout, labels.data(), row_max.data(),
+      log_sum.data(), entropy.data(), vocab, static_cast<float>(1.0 / temperature), ignore_index,
+      grad.data(), RowLayout{rows, 0, vocab}, 0, rows);
   // In place: the gradient overwrites the strided logits buffer.
   rlhf_kernels::cpu::logprobs_bwd_rows<scalar_t, float>(
-      gf.data(), ghf.data(), data.data(), in_layout, labels.data(), lse.data(), entropy.data(),
-      vocab, static_cast<float>(1.0 / temperature), ignore_index, data.data(), in_layout, 0,
-      rows);
+      gf.data(), ghf.data(), data.data(), in_layout, labels.data(), row_max.data(),
+      log_sum.data(), entropy.data(), vocab, static_cast<float>(1.0 / temperature), ignore_index,
+      data.data(), in_layout, 0, rows);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < vocab; ++j) {
       expect_close(rlhf_kernels::to_float(grad[r * vocab + j]), ref.grad[r * vocab + j], atol,
@@ -128,10 +127,11 @@ void check_bad_label_and_extremes() {
   }
   x[5] = -INFINITY;
   std::vector<int64_t> labels{1, vocab};
-  std::vector<float> logp(2), entropy(2), lse(2);
-  rlhf_kernels::cpu::logprobs_fwd_rows<float, float>(x.data(), RowLayout{2, 0, vocab},
-                                                     labels.data(), vocab, 1.f, -100, logp.data(),
-                                                     entropy.data(), lse.data(), 0, 2);
+  const RowLayout layout{2, 0, vocab};
+  std::vector<float> logp(2), entropy(2), row_max(2), log_sum(2);
+  rlhf_kernels::cpu::logprobs_fwd_rows<float, float>(x.data(), layout, labels.data(), vocab, 1.f,
+                                                     -100, logp.data(), entropy.data(),
+                                                     row_max.data(), log_sum.data(), 0, 2);
   if (!std::isfinite(logp[0]) || !std::isfinite(entropy[0]) || !std::isnan(logp[1])) {
     std::printf("FAIL extremes: logp %g entropy %g bad-label logp %g\n", logp[0], entropy[0],
                 logp[1]);
@@ -142,6 +142,17 @@ void check_bad_label_and_extremes() {
   double sum = 0;
   for (int k = 0; k <= 17; ++k) sum += std::exp(-2.0 * k);
   expect_close(logp[0], -34.0 - std::log(sum), 1e-3, 1e-4, "extreme logp", 0);
+  // Its logp gradient: p recomputed from the raw max and log-sum keeps float32
+  // accuracy at |x| ~ 1e4 (from x - lse, p[35] was 9e-5 off).
+  const std::vector<float> g{1.f, 1.f};
+  std::vector<float> grad(2 * vocab);
+  rlhf_kernels::cpu::logprobs_bwd_rows<float, float>(
+      g.data(), nullptr, x.data(), layout, labels.data(), row_max.data(), log_sum.data(), nullptr,
+      vocab, 1.f, -100, grad.data(), layout, 0, 1);
+  for (int64_t j = 0; j < vocab; ++j) {
+    const double p = j % 2 ? std::exp(static_cast<double>(j - 35)) / sum : 0.0;
+    expect_close(grad[j], (j == 1) - p, 1e-7, 1e-5, "extreme grad", 0);
+  }
 }
 
 }  // namespace

@@ -30,9 +30,9 @@ TAGS = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.
 _BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 _SIGNATURES = {
-    "emu_logprobs_fwd": "p i64 i64 i64 p i64 i64 d i64 p p p",
-    "emu_logprobs_bwd": "p p p i64 i64 i64 p p p i64 i64 d i64 p i64 i64",
-    "emu_ppo_logits_grad": "p i64 i64 i64 p p p p p i64 i64 d i64 d d d d i32 d p p p p i64 i64 i64",
+    "emu_logprobs_fwd": "p i64 i64 i64 p i64 i64 d i64 p p p p",
+    "emu_logprobs_bwd": "p p p i64 i64 i64 p p p p i64 i64 d i64 p i64 i64",
+    "emu_ppo_logits_grad": "p i64 i64 i64 p p p p p i64 i64 d i64 d d d d i32 d p p p p p i64 i64 i64",
     "emu_kl_penalty_fwd": "p p i32 p i64",
     "emu_kl_penalty_bwd": "p p p i32 p p i64",
     "emu_advantages": "p p p i64 i64 p p p p p d i32 d d p p p p p i64",
@@ -186,7 +186,7 @@ class Emulator:
 
     def logprobs_fwd(self, logits, labels, inner_rows, outer_stride, inner_stride, inv_temperature,
                      ignore_index, compute_entropy, *, shift=0):
-        """As logprobs_fwd_native: (logp, entropy or empty, lse). `logits` is the
+        """As logprobs_fwd_native: (logp, entropy or empty, row_max, log_sum). `logits` is the
         tensor the layout describes; it is placed `shift` elements off alignment."""
         arena = Arena()
         x = arena.place(logits, "logits", shift)
@@ -195,16 +195,17 @@ class Emulator:
         n_rows, vocab = labels.numel(), logits.shape[-1]
         acc = acc_dtype(logits.dtype)
         logp = arena.empty((n_rows,), acc, "logp")
-        lse = arena.empty((n_rows,), acc, "lse")
+        row_max = arena.empty((n_rows,), acc, "row_max")
+        log_sum = arena.empty((n_rows,), acc, "log_sum")
         entropy = arena.empty((n_rows if compute_entropy else 0,), acc, "entropy")
         self.call(f"emu_logprobs_fwd_{TAGS[logits.dtype]}", x, inner_rows, outer_stride, inner_stride,
                   labels, n_rows, vocab, inv_temperature, ignore_index, logp,
-                  entropy if compute_entropy else None, lse)
+                  entropy if compute_entropy else None, row_max, log_sum)
         arena.check()
-        return logp, entropy, lse
+        return logp, entropy, row_max, log_sum
 
-    def logprobs_bwd(self, grad_logp, grad_entropy, logits, labels, lse, entropy, inner_rows,
-                     in_outer_stride, in_inner_stride, out_outer_stride, out_inner_stride,
+    def logprobs_bwd(self, grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy,
+                     inner_rows, in_outer_stride, in_inner_stride, out_outer_stride, out_inner_stride,
                      inv_temperature, ignore_index, *, inplace=False, shift=0, out_shift=0):
         """As logprobs_bwd_native; returns grad_logits: a new contiguous tensor
         (placed `out_shift` elements off alignment), or with `inplace` the
@@ -219,9 +220,9 @@ class Emulator:
         n_rows, vocab = labels.numel(), logits.shape[-1]
         args = [arena.place(t, n) for t, n in ((grad_logp, "grad_logp"), (grad_entropy, "grad_entropy"))]
         self.call(f"emu_logprobs_bwd_{TAGS[logits.dtype]}", *args, x, inner_rows, in_outer_stride,
-                  in_inner_stride, arena.place(labels, "labels"), arena.place(lse, "lse"),
-                  arena.place(entropy, "entropy"), n_rows, vocab, inv_temperature, ignore_index, out,
-                  out_outer_stride, out_inner_stride)
+                  in_inner_stride, arena.place(labels, "labels"), arena.place(row_max, "row_max"),
+                  arena.place(log_sum, "log_sum"), arena.place(entropy, "entropy"), n_rows, vocab,
+                  inv_temperature, ignore_index, out, out_outer_stride, out_inner_stride)
         arena.check()
         return out
 
@@ -230,23 +231,24 @@ class Emulator:
                         dual_clip, kl_coef, kl_estimator, entropy_coef, *, shift=0, out_shift=0,
                         max_blocks=0):
         """As ppo_logits_grad_native with a new contiguous gradient buffer:
-        (logp, entropy, lse, grad_logits)."""
+        (logp, entropy, row_max, log_sum, grad_logits)."""
         arena = Arena()
         x = arena.place(logits, "logits", shift)
         out = arena.empty(logits.shape, logits.dtype, "grad_logits", out_shift)
         n_rows, vocab = labels.numel(), logits.shape[-1]
         acc = acc_dtype(logits.dtype)
-        logp, entropy, lse = (arena.empty((n_rows,), acc, name) for name in ("logp", "entropy", "lse"))
+        logp, entropy, row_max, log_sum = (arena.empty((n_rows,), acc, name)
+                                           for name in ("logp", "entropy", "row_max", "log_sum"))
         # The output's row layout: contiguous rows of the flattened leading dims.
         out_outer, out_inner = inner_rows * vocab, vocab
         self.call(f"emu_ppo_logits_grad_{TAGS[logits.dtype]}", x, inner_rows, outer_stride, inner_stride,
                   arena.place(labels, "labels"), arena.place(old_logp, "old_logp"),
                   arena.place(advantages, "advantages"), arena.place(row_weight, "row_weight"),
                   arena.place(ref_logp, "ref_logp"), n_rows, vocab, inv_temperature, ignore_index,
-                  ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator, entropy_coef, logp, entropy, lse,
-                  out, out_outer, out_inner, max_blocks)
+                  ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator, entropy_coef, logp, entropy,
+                  row_max, log_sum, out, out_outer, out_inner, max_blocks)
         arena.check()
-        return logp, entropy, lse, out
+        return logp, entropy, row_max, log_sum, out
 
     # --- KL penalty and advantages (csrc/cuda/advantages_glue.cpp) ------------------------
 

@@ -27,16 +27,17 @@ namespace kernels = rlhf_kernels::cuda;
   int emu_logprobs_fwd_##tag(const void* logits, int64_t inner_rows, int64_t outer_stride,      \
                              int64_t inner_stride, const int64_t* labels, int64_t n_rows,       \
                              int64_t vocab, double inv_temperature, int64_t ignore_index,       \
-                             void* logp, void* entropy, void* lse) {                            \
+                             void* logp, void* entropy, void* row_max, void* log_sum) {         \
     return kernels::launch_logprobs_fwd<scalar_t, acc_t>(                                        \
         static_cast<const scalar_t*>(logits), RowLayout{inner_rows, outer_stride, inner_stride}, \
         labels, n_rows, vocab, static_cast<acc_t>(inv_temperature), ignore_index,                \
-        static_cast<acc_t*>(logp), static_cast<acc_t*>(entropy), static_cast<acc_t*>(lse),       \
-        nullptr);                                                                                \
+        static_cast<acc_t*>(logp), static_cast<acc_t*>(entropy), static_cast<acc_t*>(row_max),   \
+        static_cast<acc_t*>(log_sum), nullptr);                                                  \
   }                                                                                              \
   int emu_logprobs_bwd_##tag(const void* grad_logp, const void* grad_entropy, const void* logits, \
                              int64_t inner_rows, int64_t in_outer_stride, int64_t in_inner_stride, \
-                             const int64_t* labels, const void* lse, const void* entropy,       \
+                             const int64_t* labels, const void* row_max, const void* log_sum,   \
+                             const void* entropy,                                               \
                              int64_t n_rows, int64_t vocab, double inv_temperature,             \
                              int64_t ignore_index, void* grad_logits, int64_t out_outer_stride, \
                              int64_t out_inner_stride) {                                        \
@@ -44,7 +45,8 @@ namespace kernels = rlhf_kernels::cuda;
         static_cast<const acc_t*>(grad_logp), static_cast<const acc_t*>(grad_entropy),          \
         static_cast<const scalar_t*>(logits),                                                    \
         RowLayout{inner_rows, in_outer_stride, in_inner_stride}, labels,                         \
-        static_cast<const acc_t*>(lse), static_cast<const acc_t*>(entropy), n_rows, vocab,       \
+        static_cast<const acc_t*>(row_max), static_cast<const acc_t*>(log_sum),                  \
+        static_cast<const acc_t*>(entropy), n_rows, vocab,                                       \
         static_cast<acc_t>(inv_temperature), ignore_index, static_cast<scalar_t*>(grad_logits),  \
         RowLayout{inner_rows, out_outer_stride, out_inner_stride}, nullptr);                     \
   }                                                                                              \
@@ -55,7 +57,8 @@ namespace kernels = rlhf_kernels::cuda;
                                 int64_t vocab, double inv_temperature, int64_t ignore_index,    \
                                 double ratio_low, double ratio_high, double dual_clip,          \
                                 double kl_coef, int kl_estimator, double entropy_coef,          \
-                                void* logp, void* entropy, void* lse, void* grad_logits,        \
+                                void* logp, void* entropy, void* row_max, void* log_sum,        \
+                                void* grad_logits,                                              \
                                 int64_t out_outer_stride, int64_t out_inner_stride,             \
                                 int64_t max_blocks) {                                           \
     const PolicyParams<acc_t> params{static_cast<acc_t>(ratio_low),                             \
@@ -68,7 +71,8 @@ namespace kernels = rlhf_kernels::cuda;
         static_cast<const acc_t*>(row_weight), static_cast<const acc_t*>(ref_logp), n_rows, vocab, \
         static_cast<acc_t>(inv_temperature), ignore_index, params,                               \
         static_cast<acc_t>(entropy_coef), static_cast<acc_t*>(logp), static_cast<acc_t*>(entropy), \
-        static_cast<acc_t*>(lse), static_cast<scalar_t*>(grad_logits),                          \
+        static_cast<acc_t*>(row_max), static_cast<acc_t*>(log_sum),                              \
+        static_cast<scalar_t*>(grad_logits),                                                     \
         RowLayout{inner_rows, out_outer_stride, out_inner_stride}, max_blocks, nullptr);         \
   }                                                                                              \
   int emu_kl_penalty_fwd_##tag(const void* logp, const void* ref, int estimator, void* kl,      \

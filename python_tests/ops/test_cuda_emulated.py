@@ -20,7 +20,7 @@ import torch
 
 import cuda_emu
 from cuda_emu import EmulatedLaunchError, Emulator
-from helpers import TOLERANCES
+from helpers import LARGE_LOGITS, TOLERANCES, assert_no_worse_than_torch, large_logits, probable_labels
 from rlhf_kernels import reference
 from rlhf_kernels._launch import row_layout
 from rlhf_kernels.eager import advantages as eager_adv
@@ -209,17 +209,19 @@ def test_logprobs_forward(emu, dtype, vocab, layout):
     logits, labels = _layout_input(layout, 6, vocab, dtype, seed=vocab)
     temperature = 0.7 if vocab % 2 else 1.0
     # Base misaligned by one element for some cases, so the first row has a head too.
-    logp, entropy, lse = _emulated_forward(emu, logits, labels, temperature, shift=vocab % 3)
+    logp, entropy, row_max, log_sum = _emulated_forward(emu, logits, labels, temperature, shift=vocab % 3)
     x64 = logits.double()
     want_logp, want_entropy = reference.logprobs_from_logits(x64, labels, temperature=temperature,
                                                              return_entropy=True)
-    want_lse = torch.logsumexp(x64 / temperature, dim=-1).reshape(-1)
+    want_max = x64.amax(-1, keepdim=True)
+    want_log_sum = torch.logsumexp((x64 - want_max) / temperature, dim=-1).reshape(-1)
     acc = cuda_emu.acc_dtype(dtype)
-    assert logp.dtype == entropy.dtype == lse.dtype == acc
+    assert logp.dtype == entropy.dtype == row_max.dtype == log_sum.dtype == acc
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(logp.double(), want_logp.reshape(-1), atol=tol[0], rtol=tol[1])
     torch.testing.assert_close(entropy.double(), want_entropy.reshape(-1), atol=tol[0], rtol=tol[1])
-    torch.testing.assert_close(lse.double(), want_lse, atol=tol[0], rtol=tol[1])
+    torch.testing.assert_close(row_max.double(), want_max.reshape(-1), atol=0, rtol=0)  # a logit, exactly
+    torch.testing.assert_close(log_sum.double(), want_log_sum, atol=tol[0], rtol=tol[1])
     assert logp[1] == 0 and entropy[1] == 0  # the ignored row
 
 
@@ -229,14 +231,16 @@ def test_logprobs_forward_labels_and_extremes(emu):
     logits[0] *= 3000.0
     logits[2, 10:900] = float("-inf")
     labels = torch.tensor([5, -1, 999, 1000, 0])
-    logp, entropy, lse = _emulated_forward(emu, logits, labels, ignore_index=-1)
+    logp, entropy, row_max, log_sum = _emulated_forward(emu, logits, labels, ignore_index=-1)
     want_logp, want_entropy = reference.logprobs_from_logits(logits.double(), labels, ignore_index=-1,
                                                              return_entropy=True)
     assert logp[1] == 0 and entropy[1] == 0
     assert torch.isnan(logp[3]) and torch.isnan(want_logp[3])
     torch.testing.assert_close(logp.double(), want_logp, atol=1e-3, rtol=1e-6, equal_nan=True)
     torch.testing.assert_close(entropy.double()[[0, 2, 4]], want_entropy[[0, 2, 4]], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(lse.double(), torch.logsumexp(logits.double(), -1), atol=1e-3, rtol=1e-6)
+    x64 = logits.double()
+    assert torch.equal(row_max.double(), x64.amax(-1))
+    torch.testing.assert_close(log_sum.double(), torch.logsumexp(x64 - x64.amax(-1, keepdim=True), -1), **F32)
 
 
 def test_logprobs_forward_signs_and_nan_rows(emu):
@@ -249,7 +253,7 @@ def test_logprobs_forward_signs_and_nan_rows(emu):
     for row, col in ((2, 0), (3, 2000), (4, 4098)):
         logits[row, col] = float("nan")
     labels = torch.full((8,), 5)
-    logp, entropy, _ = _emulated_forward(emu, logits, labels, temperature=0.7)
+    logp, entropy, _, _ = _emulated_forward(emu, logits, labels, temperature=0.7)
     bad = torch.zeros(8, dtype=torch.bool)
     bad[[2, 3, 4]] = True
     assert torch.isnan(logp[bad]).all() and torch.isnan(entropy[bad]).all()
@@ -303,8 +307,8 @@ def test_logprobs_backward(emu, dtype, case, with_entropy, inplace):
     if not inplace:  # in place, in and out share offsets: some scalar cases align (float64)
         assert _vectorized(logits, shift, out_shift, inplace) == case.startswith("vectorized")
     temperature = 0.8
-    logp, entropy, lse = _emulated_forward(emu, logits, labels, temperature, compute_entropy=with_entropy,
-                                           shift=shift)
+    logp, entropy, row_max, log_sum = _emulated_forward(emu, logits, labels, temperature,
+                                                       compute_entropy=with_entropy, shift=shift)
     gen = _gen(7)
     acc = cuda_emu.acc_dtype(dtype)
     g = torch.randn(labels.shape, generator=gen, dtype=acc)
@@ -313,9 +317,10 @@ def test_logprobs_backward(emu, dtype, case, with_entropy, inplace):
     tensor, inner_rows, outer, inner = row_layout(logits)
     out_layout = (outer, inner) if inplace else (inner_rows * vocab, vocab)
     flat_labels = labels.reshape(-1).contiguous()
-    grad = emu.logprobs_bwd(g.reshape(-1), gh.reshape(-1) if with_entropy else None, tensor, flat_labels, lse,
-                            entropy if with_entropy else None, inner_rows, outer, inner, *out_layout,
-                            1.0 / temperature, -100, inplace=inplace, shift=shift, out_shift=out_shift)
+    grad = emu.logprobs_bwd(g.reshape(-1), gh.reshape(-1) if with_entropy else None, tensor, flat_labels,
+                            row_max, log_sum, entropy if with_entropy else None, inner_rows, outer, inner,
+                            *out_layout, 1.0 / temperature, -100, inplace=inplace, shift=shift,
+                            out_shift=out_shift)
     assert grad.dtype == dtype and grad.shape == logits.shape
 
     x64 = logits.double().requires_grad_(True)
@@ -338,13 +343,44 @@ def test_logprobs_backward(emu, dtype, case, with_entropy, inplace):
 def test_logprobs_backward_bad_label_row_is_nan(emu):
     logits = _logits((3, 40), torch.float32, seed=9)
     labels = torch.tensor([3, 40, -100])
-    logp, entropy, lse = _emulated_forward(emu, logits, labels)
-    grad = emu.logprobs_bwd(torch.ones(3), torch.ones(3), logits, labels, lse, entropy, 3, 0, 40, 0, 40,
-                            1.0, -100)
+    logp, entropy, row_max, log_sum = _emulated_forward(emu, logits, labels)
+    grad = emu.logprobs_bwd(torch.ones(3), torch.ones(3), logits, labels, row_max, log_sum, entropy, 3, 0, 40,
+                            0, 40, 1.0, -100)
     want = reference.logprobs_grad(torch.ones(3).double(), torch.ones(3).double(), logits.double(), labels,
                                    temperature=1.0, ignore_index=-100)
     assert torch.isnan(grad[1]).all() and torch.all(grad[2] == 0)
     torch.testing.assert_close(grad[0].double(), want[0], **F32)
+
+
+@pytest.mark.parametrize("scale, temperature", LARGE_LOGITS.values(), ids=LARGE_LOGITS)
+@pytest.mark.parametrize("with_entropy", [False, True], ids=["logp", "logp+entropy"])
+@pytest.mark.parametrize("shift", [0, 1], ids=["vectorized", "scalar"])
+def test_logprobs_backward_at_large_logits_no_worse_than_torch(emu, scale, temperature, with_entropy, shift):
+    """|x| / T ~ 1e4: the gradient within 2x of eager float32 autograd's error
+    against float64 (p recomputed from the saved raw max and log-sum)."""
+    gen = _gen(41)
+    logits = large_logits(9, 1000, scale, temperature, gen)
+    labels = torch.randint(0, 1000, (9,), generator=gen)
+    labels[4] = -100
+    g = torch.randn(9, generator=gen)
+    gh = torch.randn(9, generator=gen) if with_entropy else None
+    _, entropy, row_max, log_sum = _emulated_forward(emu, logits, labels, temperature,
+                                                    compute_entropy=with_entropy, shift=shift)
+    grad = emu.logprobs_bwd(g, gh, logits, labels, row_max, log_sum, entropy if with_entropy else None, 9, 0,
+                            1000, 0, 1000, 1.0 / temperature, -100, shift=shift, out_shift=shift)
+
+    def autograd(x):
+        x = x.clone().requires_grad_(True)
+        r_logp, r_entropy = reference.logprobs_from_logits(x, labels, temperature=temperature,
+                                                           return_entropy=True, upcast=False)
+        loss = (r_logp.double() * g.double()).sum()
+        if with_entropy:
+            loss = loss + (r_entropy.double() * gh.double()).sum()
+        loss.backward()
+        return x.grad
+
+    assert_no_worse_than_torch(grad, autograd(logits.double()), autograd(logits))
+    assert torch.all(grad[4] == 0)
 
 
 # --- ppo_loss_from_logits with its gradient in the forward ---------------------------------
@@ -391,7 +427,7 @@ def test_ppo_logits_grad(emu, dtype, params, layout, max_blocks):
     row_weight = torch.where(mask, weights.unsqueeze(-1), 0.0).reshape(-1)
 
     tensor, inner_rows, outer, inner = row_layout(logits)
-    logp, entropy, lse, grad = emu.ppo_logits_grad(
+    logp, entropy, _, _, grad = emu.ppo_logits_grad(
         tensor, labels.reshape(-1).contiguous(), old.reshape(-1), adv.reshape(-1), row_weight,
         ref.reshape(-1) if kl_code >= 0 else None, inner_rows, outer, inner, 1.0 / temperature, -100,
         ratio_low, ratio_high, dual, kwargs.get("kl_coef", 0.0), kl_code, kwargs.get("entropy_coef", 0.0),
@@ -413,6 +449,39 @@ def test_ppo_logits_grad(emu, dtype, params, layout, max_blocks):
         atol=1e-6, rtol=2 * ULP.get(dtype, 1e-5))
     torch.testing.assert_close(grad.double(), x64.grad, **gtol)
     assert torch.all(grad[~mask] == 0) and torch.all(grad[0, 2] == 0)
+
+
+@pytest.mark.parametrize("scale, temperature", LARGE_LOGITS.values(), ids=LARGE_LOGITS)
+def test_ppo_logits_grad_at_large_logits_no_worse_than_torch(emu, scale, temperature):
+    """|x| / T ~ 1e4: the fused kernel's logits gradient within 2x of eager
+    float32 autograd's error (probable labels, as test_losses' twin)."""
+    gen = _gen(43)
+    B, T, V = 3, 3, 500
+    logits = large_logits(B * T, V, scale, temperature, gen)
+    logits, labels = logits.view(B, T, V), probable_labels(logits, gen).view(B, T)
+    with torch.no_grad():
+        logp64 = reference.logprobs_from_logits(logits.double(), labels, temperature=temperature)
+    old = (logp64 + torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.4).float()
+    ref = (logp64 + torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.4).float()
+    adv = torch.randn(B, T, generator=gen)
+    mask = torch.rand(B, T, generator=gen) > 0.2
+    row_weight = mask.float().reshape(-1)  # token-sum
+    ratio_low, ratio_high, dual = ppo_ops._check_clip(0.2, None, None)
+    *_, grad = emu.ppo_logits_grad(
+        logits, labels.reshape(-1).contiguous(), old.reshape(-1), adv.reshape(-1), row_weight, ref.reshape(-1),
+        B * T, 0, V, 1.0 / temperature, -100, ratio_low, ratio_high, dual, 0.1, ESTIMATORS["k3"], 0.1,
+    )
+
+    def autograd(x, **kwargs):
+        x = x.clone().requires_grad_(True)
+        loss, _ = reference.ppo_loss_from_logits(x, labels, old.to(x.dtype), adv.to(x.dtype), mask,
+                                                 ref_logp=ref.to(x.dtype), temperature=temperature,
+                                                 agg="token-sum", kl_coef=0.1, entropy_coef=0.1, **kwargs)
+        loss.backward()
+        return x.grad
+
+    assert_no_worse_than_torch(grad, autograd(logits.double()), autograd(logits, upcast=False))
+    assert torch.all(grad[~mask] == 0)
 
 
 # --- KL penalty --------------------------------------------------------------------------
@@ -751,10 +820,11 @@ def test_oversized_grids_are_refused_before_launch(emu):
     for tag in ("f32", "bf16"):
         # 2^32 + 1 rows: a launch of static_cast<unsigned>(n_rows) = 1 block would be wrong.
         with pytest.raises(EmulatedLaunchError, match="cudaError 9"):
-            emu.call(f"emu_logprobs_fwd_{tag}", None, 1, 0, 1, None, 2**32 + 1, 1, 1.0, -100, None, None, None)
+            emu.call(f"emu_logprobs_fwd_{tag}", None, 1, 0, 1, None, 2**32 + 1, 1, 1.0, -100, None, None, None,
+                     None)
         with pytest.raises(EmulatedLaunchError, match="cudaError 9"):
-            emu.call(f"emu_logprobs_bwd_{tag}", None, None, None, 1, 0, 1, None, None, None, 2**32 + 1, 1, 1.0,
-                     -100, None, 0, 1)
+            emu.call(f"emu_logprobs_bwd_{tag}", None, None, None, 1, 0, 1, None, None, None, None, 2**32 + 1, 1,
+                     1.0, -100, None, 0, 1)
     with pytest.raises(EmulatedLaunchError, match="cudaError 9"):
         emu.call("emu_advantages_f32", None, None, None, 1, 2**31, None, None, None, None, None, 0.0, 0, 1.0,
                  1.0, None, None, None, None, None, 2**31)

@@ -10,7 +10,7 @@ from rlhf_kernels import reference
 from rlhf_kernels import _dispatch
 
 from conftest import gpu
-from helpers import assert_no_worse_than_torch
+from helpers import LARGE_LOGITS, assert_no_worse_than_torch, large_logits, probable_labels
 
 AGGS = reference.AGG_MODES
 # (clip_low, clip_high, dual_clip): symmetric; asymmetric (DAPO clip-higher) with dual clip.
@@ -544,6 +544,45 @@ def test_loss_from_logits_bf16_no_worse_than_torch(device_backend):
     assert_no_worse_than_torch(x.grad, x64.grad, xb.grad)
 
 
+@pytest.mark.parametrize("scale, temperature", LARGE_LOGITS.values(), ids=LARGE_LOGITS)
+@pytest.mark.parametrize("inplace", [False, True], ids=["fused", "inplace_backward"])
+def test_loss_from_logits_gradient_at_large_logits_no_worse_than_torch(device_backend, scale, temperature,
+                                                                       inplace):
+    """|x| / T ~ 1e4: the logits gradient, written in the forward (fused) or in
+    the backward (inplace_backward), within 2x of eager float32 autograd's
+    error. Probable labels, so that logp is O(1) and the float32 rounding of
+    the ratio exp(logp - old_logp) does not swamp the comparison."""
+    device, backend = device_backend
+    gen = torch.Generator().manual_seed(43)
+    B, T, V = 3, 3, 500
+    logits = large_logits(B * T, V, scale, temperature, gen)
+    logits, labels = logits.view(B, T, V), probable_labels(logits, gen).view(B, T)
+    with torch.no_grad():
+        logp = reference.logprobs_from_logits(logits.double(), labels, temperature=temperature)
+    old = (logp + torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.4).float()
+    ref = (logp + torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.4).float()
+    adv = torch.randn(B, T, generator=gen)
+    mask = torch.rand(B, T, generator=gen) > 0.2
+    kwargs = dict(temperature=temperature, agg="token-sum", ref_logp=ref, kl_coef=0.1, entropy_coef=0.1)
+
+    def grad_of(fn, x):
+        x = x.clone().requires_grad_(True)
+        loss, _ = fn(x * 1)  # a non-leaf buffer that inplace_backward may overwrite
+        loss.backward()
+        return x.grad.cpu()
+
+    on = lambda t: t.to(device)  # noqa: E731
+    got = grad_of(lambda x: rlhf_kernels.ppo_loss_from_logits(
+        x, on(labels), on(old), on(adv), on(mask), **dict(kwargs, ref_logp=on(ref)), inplace_backward=inplace,
+        backend=backend), on(logits))
+    want = grad_of(lambda x: reference.ppo_loss_from_logits(
+        x, labels, old.double(), adv.double(), mask, **dict(kwargs, ref_logp=ref.double())), logits.double())
+    eager = grad_of(lambda x: reference.ppo_loss_from_logits(
+        x, labels, old, adv, mask, upcast=False, **kwargs), logits)
+    assert_no_worse_than_torch(got, want, eager)
+    assert torch.all(got[~mask] == 0)
+
+
 def test_loss_from_logits_gradcheck_float64(device_backend):
     device, backend = device_backend
     logits, labels, old, adv, mask, ref = _logits_inputs((2, 3, 11), device, dtype=torch.float64, seed=9)
@@ -728,8 +767,9 @@ def test_native_logits_grad_op_checks_its_arguments():
     grad = torch.empty_like(logits)
     op = torch.ops.rlhf_kernels.ppo_logits_grad_native
     args = [logits, labels, tok, tok, tok, None, grad, 4, 0, 10, 0, 10, 1.0, -100, 0.8, 1.2, 0.0, 0.0, -1, 0.0, 0]
-    logp, entropy, lse = op(*args)
-    assert logp.shape == entropy.shape == lse.shape == (4,)
+    logp, entropy, row_max, log_sum = op(*args)
+    assert logp.shape == entropy.shape == row_max.shape == log_sum.shape == (4,)
+    assert torch.equal(row_max, logits.amax(-1))
     bad = list(args)
     bad[2] = torch.zeros(3)
     with pytest.raises(ValueError, match="old_logp"):

@@ -128,13 +128,13 @@ def value(values, old_values, returns, mask, seq_len, clip, need_grad):
 def logits_grad(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inv_temperature,
                            ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef):
     """Forward, token pass, backward as three steps, in plain torch."""
-    logp, entropy, lse = _logprobs.forward(logits, labels, inv_temperature, -100, True)
+    logp, entropy, row_max, log_sum = _logprobs.forward(logits, labels, inv_temperature, -100, True)
     valid = row_weight != 0
     grad, _ = policy(logp, old_logp, adv, valid, ref_logp, None, max(1, logp.numel()),
                                    ratio_low, ratio_high, dual_clip, kl_coef, kl_code, True)
     grad_logp = grad * row_weight
     grad_entropy = (-entropy_coef * row_weight) if entropy_coef != 0.0 else None
-    _logprobs.backward(grad_logp, grad_entropy, logits, labels, lse,
+    _logprobs.backward(grad_logp, grad_entropy, logits, labels, row_max, log_sum,
                                entropy if grad_entropy is not None else None, grad_logits,
                                inv_temperature, -100)
-    return logp, entropy, lse
+    return logp, entropy, row_max, log_sum

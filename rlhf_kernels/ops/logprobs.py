@@ -1,11 +1,14 @@
 """logprobs_from_logits: log-probabilities of the sampled tokens, and entropy,
 from (..., V) logits in one pass, with a one-pass backward.
 
-Forward: online softmax (Milakov & Gimelshein, 2018) with a third running sum
-t = sum exp(x - m) * (x - m), so that lse = m + log s and
-entropy = log s - t / s come out of the same single read of the logits.
+Forward: online softmax (Milakov & Gimelshein, 2018) over y = (x - m) / T, m
+the running max of the raw logits, with a third running sum t = sum exp(y) * y,
+so that logp = y_label - log s and entropy = log s - t / s (s = sum exp(y))
+come out of the same single read of the logits.
 Backward: d logits = (g * (onehot(label) - p) - g_H * p * (log p + H)) / T,
-one read of the logits and one write of the gradient (optionally in place).
+one read of the logits and one write of the gradient (optionally in place),
+with log p = (x - m) / T - log s from the forward's m and log s (not
+x / T - lse, which cancels at large |x| / T).
 """
 
 
@@ -42,10 +45,11 @@ def _fwd_native(logits, labels, inv_temperature, ignore_index, compute_entropy):
 _FORWARD = {"cpu": _fwd_native, "cuda": _fwd_native, "reference": _eager.forward}
 
 
-def _bwd_native(grad_logp, grad_entropy, logits, labels, lse, entropy, out, inv_temperature, ignore_index):
+def _bwd_native(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, out, inv_temperature,
+                ignore_index):
     tensor, inner_rows, in_outer, in_inner, out_outer, out_inner = layouts(logits, out)
     torch.ops.rlhf_kernels.logprobs_bwd_native(
-        grad_logp, grad_entropy, tensor, labels, lse, entropy, out, inner_rows,
+        grad_logp, grad_entropy, tensor, labels, row_max, log_sum, entropy, out, inner_rows,
         in_outer, in_inner, out_outer, out_inner, inv_temperature, ignore_index,
     )
 
@@ -75,12 +79,13 @@ def _validate_labels(logits: Tensor, labels: Tensor, ignore_index: int) -> None:
 def _logprobs_fwd(
     logits: Tensor, labels: Tensor, temperature: float, ignore_index: int,
     compute_entropy: bool, inplace_backward: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _validate_labels(logits, labels, ignore_index)
     flat = _flat_labels(labels)
-    logp, entropy, lse = _FORWARD[backend](logits, flat, 1.0 / temperature, ignore_index, compute_entropy)
+    logp, entropy, row_max, log_sum = _FORWARD[backend](logits, flat, 1.0 / temperature, ignore_index,
+                                                        compute_entropy)
     entropy = entropy.view(labels.shape) if compute_entropy else entropy
-    return logp.view(labels.shape), entropy, lse
+    return logp.view(labels.shape), entropy, row_max, log_sum
 
 
 @_logprobs_fwd.register_fake
@@ -88,12 +93,13 @@ def _(logits, labels, temperature, ignore_index, compute_entropy, inplace_backwa
     acc = acc_dtype(logits.dtype)
     logp = logits.new_empty(labels.shape, dtype=acc)
     entropy = logits.new_empty(labels.shape if compute_entropy else (0,), dtype=acc)
-    lse = logits.new_empty((labels.numel(),), dtype=acc)
-    return logp, entropy, lse
+    row_max = logits.new_empty((labels.numel(),), dtype=acc)
+    log_sum = logits.new_empty((labels.numel(),), dtype=acc)
+    return logp, entropy, row_max, log_sum
 
 
-def _backward_args(grad_logp, grad_entropy, labels, lse, entropy):
-    acc = lse.dtype
+def _backward_args(grad_logp, grad_entropy, labels, row_max, entropy):
+    acc = row_max.dtype
     grad_logp = grad_logp.reshape(-1).to(acc).contiguous()
     if grad_entropy is not None:
         grad_entropy = grad_entropy.reshape(-1).to(acc).contiguous()
@@ -104,62 +110,65 @@ def _backward_args(grad_logp, grad_entropy, labels, lse, entropy):
 @torch.library.custom_op("rlhf_kernels::logprobs_bwd", mutates_args=())
 def _logprobs_bwd(
     grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, labels: Tensor,
-    lse: Tensor, entropy: Optional[Tensor], temperature: float, ignore_index: int, backend: str,
+    row_max: Tensor, log_sum: Tensor, entropy: Optional[Tensor], temperature: float, ignore_index: int,
+    backend: str,
 ) -> Tensor:
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    grad_logp, grad_entropy, flat, entropy = _backward_args(grad_logp, grad_entropy, labels, lse, entropy)
-    _BACKWARD[backend](grad_logp, grad_entropy, logits, flat, lse, entropy, grad_logits,
+    grad_logp, grad_entropy, flat, entropy = _backward_args(grad_logp, grad_entropy, labels, row_max, entropy)
+    _BACKWARD[backend](grad_logp, grad_entropy, logits, flat, row_max, log_sum, entropy, grad_logits,
                        1.0 / temperature, ignore_index)
     return grad_logits
 
 
 @_logprobs_bwd.register_fake
-def _(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, backend):
+def _(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature, ignore_index, backend):
     return logits.new_empty(logits.shape)
 
 
 @torch.library.custom_op("rlhf_kernels::logprobs_bwd_inplace", mutates_args=("logits",))
 def _logprobs_bwd_inplace(
     grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, labels: Tensor,
-    lse: Tensor, entropy: Optional[Tensor], temperature: float, ignore_index: int, backend: str,
+    row_max: Tensor, log_sum: Tensor, entropy: Optional[Tensor], temperature: float, ignore_index: int,
+    backend: str,
 ) -> None:
-    grad_logp, grad_entropy, flat, entropy = _backward_args(grad_logp, grad_entropy, labels, lse, entropy)
+    grad_logp, grad_entropy, flat, entropy = _backward_args(grad_logp, grad_entropy, labels, row_max, entropy)
     tensor, *_ = row_layout(logits)
     if tensor is logits:
-        _BACKWARD[backend](grad_logp, grad_entropy, logits, flat, lse, entropy, logits,
+        _BACKWARD[backend](grad_logp, grad_entropy, logits, flat, row_max, log_sum, entropy, logits,
                            1.0 / temperature, ignore_index)
     else:  # a layout the kernels cannot address in place: compute, then copy back
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        _BACKWARD[backend](grad_logp, grad_entropy, logits, flat, lse, entropy, grad,
+        _BACKWARD[backend](grad_logp, grad_entropy, logits, flat, row_max, log_sum, entropy, grad,
                            1.0 / temperature, ignore_index)
         logits.copy_(grad)
 
 
 @_logprobs_bwd_inplace.register_fake
-def _(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, backend):
+def _(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature, ignore_index, backend):
     return None
 
 
 def _setup_context(ctx, inputs, output):
     logits, labels, temperature, ignore_index, compute_entropy, inplace_backward, backend = inputs
-    _, entropy, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(logits, labels, lse, entropy if compute_entropy else None)
+    _, entropy, row_max, log_sum = output
+    ctx.mark_non_differentiable(row_max, log_sum)
+    ctx.save_for_backward(logits, labels, row_max, log_sum, entropy if compute_entropy else None)
     ctx.params = (temperature, ignore_index, compute_entropy, inplace_backward, backend)
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
-    logits, labels, lse, entropy = ctx.saved_tensors
+def _backward(ctx, grad_logp, grad_entropy, _grad_row_max, _grad_log_sum):
+    logits, labels, row_max, log_sum, entropy = ctx.saved_tensors
     temperature, ignore_index, compute_entropy, inplace_backward, backend = ctx.params
     if not ctx.needs_input_grad[0]:
         return (None,) * 7
     if grad_logp is None:
-        grad_logp = torch.zeros_like(lse)
+        grad_logp = torch.zeros_like(row_max)
     if not compute_entropy:
         grad_entropy = None
     elif grad_entropy is None:
-        grad_entropy = torch.zeros_like(lse)
-    args = (grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, backend)
+        grad_entropy = torch.zeros_like(row_max)
+    args = (grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature, ignore_index,
+            backend)
     if inplace_backward:
         torch.ops.rlhf_kernels.logprobs_bwd_inplace(*args)
         grad_logits = logits
@@ -231,7 +240,7 @@ def logprobs_from_logits(
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"ignore_index: must fit in int64, got {ignore_index}")
     chosen = resolve_backend(backend, logits.device, "logprobs")
-    logp, entropy, _ = torch.ops.rlhf_kernels.logprobs_fwd(
+    logp, entropy, _, _ = torch.ops.rlhf_kernels.logprobs_fwd(
         logits, labels, temperature, ignore_index, bool(return_entropy),
         bool(inplace_backward), chosen,
     )

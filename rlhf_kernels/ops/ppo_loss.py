@@ -273,11 +273,12 @@ register("ppo_value_loss", ("reference",), _eager.value_loss)
 
 # --- the logits gradient during the forward ---------------------------------------------
 # When a gradient is needed (and the logits are not to be overwritten), each row
-# of logits is read once for logp / entropy / lse, its token's dL/dlogp follows
-# from the PPO formula (the aggregation weights depend on the mask only), and the
-# row's gradient is written straight away, while the row is still in cache: one
-# read and one write of the logits in all, where a separate backward would read
-# them again. grad_logits (contiguous, the logits' dtype) is written in place.
+# of logits is read once for logp / entropy / its softmax (raw max and log-sum),
+# its token's dL/dlogp follows from the PPO formula (the aggregation weights
+# depend on the mask only), and the row's gradient is written straight away,
+# while the row is still in cache: one read and one write of the logits in all,
+# where a separate backward would read them again. grad_logits (contiguous, the
+# logits' dtype) is written in place.
 
 
 def _logits_grad_native(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inv_temperature,
@@ -305,7 +306,7 @@ def _ppo_loss_from_logits_fwd(
     dual_clip: float, agg: str, num_tokens: Optional[float], num_seqs: Optional[float],
     kl_coef: float, kl_code: int, entropy_coef: float, inplace_backward: bool, need_grad: bool,
     backend: str, count: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # count: a global count given as a tensor (see _check_agg), divided into the
     # weights on the device, so that the gradient written in the forward is the
     # final one (an upstream gradient of 1: no scaling pass in the backward).
@@ -324,13 +325,14 @@ def _ppo_loss_from_logits_fwd(
         weights = _divide(_aggregation_weights(counts, seq_len, agg, num_tokens, num_seqs), count)
         row_weight = torch.where(token_mask.view(seqs, seq_len), weights.unsqueeze(-1), 0.0).reshape(-1)
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        logp, entropy, lse = _LOGITS_GRAD[backend](
+        logp, entropy, row_max, log_sum = _LOGITS_GRAD[backend](
             logits, flat_labels, tokens[0], tokens[1], row_weight.contiguous(), tokens[3], grad_logits,
             1.0 / temperature, ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef,
         )
     else:
-        # One read of the logits: logp, entropy and lse per row.
-        logp, entropy, lse = _lp._FORWARD[backend](logits, flat_labels, 1.0 / temperature, -100, True)
+        # One read of the logits: logp, entropy, row_max and log_sum per row.
+        logp, entropy, row_max, log_sum = _lp._FORWARD[backend](logits, flat_labels, 1.0 / temperature, -100,
+                                                                True)
     # Then one pass over the tokens: ratio, clip, KL, sums (and dL/dlogp, unless
     # the logits gradient is already written).
     token_grad = need_grad and not fused
@@ -345,7 +347,7 @@ def _ppo_loss_from_logits_fwd(
     entropy_agg = (weights * seq_stats[:, ENTROPY_SUM]).sum()
     loss = pg_loss + kl_coef * kl - entropy_coef * entropy_agg
     stats = torch.cat([_policy_stats(seq_stats), torch.stack([pg_loss, kl, entropy_agg])])
-    return loss, stats, grad, weights, lse, entropy, grad_logits
+    return loss, stats, grad, weights, row_max, log_sum, entropy, grad_logits
 
 
 @_ppo_loss_from_logits_fwd.register_fake
@@ -358,7 +360,8 @@ def _(logits, labels, old_logp, advantages, mask, ref_logp, temperature, ratio_l
     new = lambda *shape: logits.new_empty(shape, dtype=acc)  # noqa: E731
     fused = _grad_in_forward(logits.dtype, need_grad, inplace_backward)
     grad_logits = logits.new_empty(logits.shape if fused else (0,))
-    return new(), new(8), new(0 if fused or not need_grad else n), new(seqs), new(n), new(n), grad_logits
+    return (new(), new(8), new(0 if fused or not need_grad else n), new(seqs), new(n), new(n), new(n),
+            grad_logits)
 
 
 def _grad_in_forward(dtype: torch.dtype, need_grad: bool, inplace_backward: bool) -> bool:
@@ -383,7 +386,7 @@ def _tracing(t: Tensor) -> bool:
 def _from_logits_setup_context(ctx, inputs, output):
     logits, labels, _, _, mask = inputs[:5]
     temperature, entropy_coef, inplace_backward, backend = inputs[6], inputs[15], inputs[16], inputs[18]
-    _, _, grad, weights, lse, entropy, grad_logits = output
+    _, _, grad, weights, row_max, log_sum, entropy, grad_logits = output
     ctx.fused = _grad_in_forward(logits.dtype, inputs[17], inplace_backward)  # inputs[17]: need_grad
     if ctx.fused:
         # Only the gradient is kept, not the logits. The backward hands this
@@ -394,11 +397,11 @@ def _from_logits_setup_context(ctx, inputs, output):
         # No (N, V) zeros for the outputs that get no gradient.
         ctx.set_materialize_grads(False)
     else:
-        ctx.save_for_backward(logits, labels, mask, grad, weights, lse, entropy)
+        ctx.save_for_backward(logits, labels, mask, grad, weights, row_max, log_sum, entropy)
     ctx.params = (temperature, entropy_coef, inplace_backward, backend)
 
 
-def _from_logits_backward(ctx, grad_loss, _gs, _gg, _gw, _glse, _gent, _ggl):
+def _from_logits_backward(ctx, grad_loss, _gs, _gg, _gw, _gmax, _glogsum, _gent, _ggl):
     if not ctx.needs_input_grad[0] or grad_loss is None:  # None: only if grads are not materialised
         return (None,) * 20
     if ctx.fused:
@@ -415,7 +418,7 @@ def _from_logits_backward(ctx, grad_loss, _gs, _gg, _gw, _glse, _gent, _ggl):
             if scale != 1.0:
                 grad_logits = grad_logits.mul(scale)
         return (grad_logits,) + (None,) * 19
-    logits, labels, mask, grad, weights, lse, entropy = ctx.saved_tensors
+    logits, labels, mask, grad, weights, row_max, log_sum, entropy = ctx.saved_tensors
     temperature, entropy_coef, inplace_backward, backend = ctx.params
     scale = (weights * grad_loss).unsqueeze(-1)  # (B, 1)
     seqs, seq_len = weights.shape[0], labels.shape[-1]
@@ -425,8 +428,8 @@ def _from_logits_backward(ctx, grad_loss, _gs, _gg, _gw, _glse, _gent, _ggl):
         # d loss / d entropy = -entropy_coef * w_b on valid tokens.
         grad_entropy = torch.where(mask.reshape(seqs, seq_len), -entropy_coef * scale, 0.0)
         grad_entropy = grad_entropy.reshape(-1).to(grad_logp.dtype)
-    args = (grad_logp, grad_entropy, logits, labels, lse, entropy if grad_entropy is not None else None,
-            temperature, -100, backend)
+    args = (grad_logp, grad_entropy, logits, labels, row_max, log_sum,
+            entropy if grad_entropy is not None else None, temperature, -100, backend)
     # One more pass over the logits writes their gradient.
     if inplace_backward:
         torch.ops.rlhf_kernels.logprobs_bwd_inplace(*args)
@@ -648,8 +651,8 @@ def ppo_loss_from_logits(
     ``loss = ppo_policy_loss(logp, ...) + kl_coef * agg(kl(logp, ref_logp))
     - entropy_coef * agg(H)``. The loss is a sum of per-token terms whose
     weights depend on the mask only, so when a gradient is wanted it is
-    produced in the forward: each row of logits is read once for logp, entropy
-    and lse, its token's dL/dlogp follows, and the row's gradient is written
+    produced in the forward: each row of logits is read once for logp and
+    entropy, its token's dL/dlogp follows, and the row's gradient is written
     while the row is still in cache (one read and one write of the logits in
     all); the backward only hands that buffer on (scaling it, one more pass,
     when the upstream gradient is not exactly 1). Without a gradient (no_grad,
@@ -710,7 +713,7 @@ def ppo_loss_from_logits(
         kl_code = -1  # no KL term
     chosen = resolve_backend(backend, logits.device, "ppo_loss_from_logits")
     acc = acc_dtype(logits.dtype)
-    loss, stats, _, _, _, _, _ = torch.ops.rlhf_kernels.ppo_loss_from_logits_fwd(
+    loss, stats, *_ = torch.ops.rlhf_kernels.ppo_loss_from_logits_fwd(
         logits, labels, _prepare(old_logp.detach(), acc), _prepare(advantages.detach(), acc),
         mask.contiguous(), None if ref_logp is None else _prepare(ref_logp.detach(), acc),
         temperature, ratio_low, ratio_high, dual, agg, num_tokens, num_seqs, kl_coef, kl_code,

@@ -104,9 +104,10 @@ def _clamp_exp_arg(y):
 def _row_softmax(row_ptr, vocab, inv_temperature, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr):
     """One read of a row: online softmax with running (m, s, t) over the raw
     logits x, y = (x - m) * inv_T; returns (m, log s, entropy). logp =
-    (x_label - m) * inv_T - log s and lse = m * inv_T + log s. Shifting the raw
-    x keeps y <= 0 exactly (no fused multiply-add of x * inv_T - m), so s >= 1
-    and logp <= 0, entropy >= 0 at any temperature."""
+    (x_label - m) * inv_T - log s, and the backward (_row_grad) recomputes p
+    from m and log s. Shifting the raw x keeps y <= 0 exactly (no fused
+    multiply-add of x * inv_T - m), so s >= 1 and logp <= 0, entropy >= 0 at
+    any temperature."""
     # A finite "empty" max keeps the rescale finite when s = 0.
     m = tl.full((), -3.0e38, ACC_DTYPE)
     s = tl.zeros((), ACC_DTYPE)
@@ -135,10 +136,16 @@ def _label_logp(row_ptr, label, vocab, m, log_s, inv_temperature, ACC_DTYPE: tl.
     return tl.where(in_range, (x_label - m) * inv_temperature - log_s, float("nan"))
 
 @triton.jit
-def _row_grad(row_ptr, out_ptr, vocab, label, ignore_index, g, g_entropy, row_entropy, lse,
+def _row_grad(row_ptr, out_ptr, vocab, label, ignore_index, g, g_entropy, row_entropy, m, log_s,
               inv_temperature, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr):
     """One read of a row and one write of its gradient:
-    d x = inv_T * (g * (onehot - p) - g_H * p * (log p + H))."""
+    d x = inv_T * (g * (onehot - p) - g_H * p * (log p + H)), with log p =
+    (x - m) * inv_T - log s from the row's raw max m and log s (_row_softmax).
+    The shift comes first for float32 accuracy at any |x| / T: x - m is exact
+    near the max (Sterbenz: x within a factor 2 of m), else one rounding of a
+    value of size |x - m|. As x * inv_T - lse (lse = m * inv_T + log s) two
+    values of size |x| / T would cancel, each rounded by up to half its ulp:
+    ~5e-4 absolute in log p at |x| / T ~ 1e4, and so relative in p."""
     ignored = label == ignore_index
     bad_label = (label != ignore_index) & ((label < 0) | (label >= vocab))
     g = tl.where(ignored, 0.0, g)
@@ -146,8 +153,8 @@ def _row_grad(row_ptr, out_ptr, vocab, label, ignore_index, g, g_entropy, row_en
     for start in range(0, vocab, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < vocab
-        x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE) * inv_temperature
-        y = _clamp_exp_arg(x - lse)
+        x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
+        y = _clamp_exp_arg((x - m) * inv_temperature - log_s)
         p = tl.exp(y)
         grad = -inv_temperature * p * (g + g_entropy * (y + row_entropy))
         grad = grad + tl.where(cols == label, inv_temperature * g, 0.0)

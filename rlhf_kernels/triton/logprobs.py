@@ -13,7 +13,7 @@ from ._device import _f64, _label_logp, _row_grad, _row_softmax, f64_parts, on_t
 
 @triton.jit
 def _logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, row_max_ptr, log_sum_ptr,
     inner_rows, outer_stride, inner_stride, vocab, inv_t_hi, inv_t_mid, inv_t_lo, ignore_index,
     COMPUTE_ENTROPY: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -22,7 +22,8 @@ def _logprobs_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + (row // inner_rows) * outer_stride + (row % inner_rows) * inner_stride
     m, log_s, entropy = _row_softmax(row_ptr, vocab, inv_temperature, ACC_DTYPE, BLOCK_V)
-    tl.store(lse_ptr + row, m * inv_temperature + log_s)
+    tl.store(row_max_ptr + row, m)
+    tl.store(log_sum_ptr + row, log_s)
     label = tl.load(labels_ptr + row)
     ignored = label == ignore_index
     logp = _label_logp(row_ptr, label, vocab, m, log_s, inv_temperature, ACC_DTYPE)
@@ -32,7 +33,7 @@ def _logprobs_fwd_kernel(
 
 @triton.jit
 def _logprobs_bwd_kernel(
-    grad_logp_ptr, grad_entropy_ptr, logits_ptr, labels_ptr, lse_ptr, entropy_ptr, grad_ptr,
+    grad_logp_ptr, grad_entropy_ptr, logits_ptr, labels_ptr, row_max_ptr, log_sum_ptr, entropy_ptr, grad_ptr,
     inner_rows, in_outer_stride, in_inner_stride, out_outer_stride, out_inner_stride,
     vocab, inv_t_hi, inv_t_mid, inv_t_lo, ignore_index,
     HAS_ENTROPY_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -51,8 +52,9 @@ def _logprobs_bwd_kernel(
     else:
         g_entropy = tl.zeros((), ACC_DTYPE)
         row_entropy = tl.zeros((), ACC_DTYPE)
-    lse = tl.load(lse_ptr + row).to(ACC_DTYPE)
-    _row_grad(row_ptr, out_ptr, vocab, label, ignore_index, g, g_entropy, row_entropy, lse,
+    m = tl.load(row_max_ptr + row).to(ACC_DTYPE)
+    log_s = tl.load(log_sum_ptr + row).to(ACC_DTYPE)
+    _row_grad(row_ptr, out_ptr, vocab, label, ignore_index, g, g_entropy, row_entropy, m, log_s,
               inv_temperature, ACC_DTYPE, BLOCK_V)
 
 
@@ -71,21 +73,23 @@ def forward(logits, labels, inv_temperature, ignore_index, compute_entropy):
     n_rows, vocab = labels.numel(), logits.shape[-1]
     acc = acc_dtype(logits.dtype)
     logp = torch.empty(n_rows, dtype=acc, device=logits.device)
-    lse = torch.empty(n_rows, dtype=acc, device=logits.device)
+    row_max = torch.empty(n_rows, dtype=acc, device=logits.device)
+    log_sum = torch.empty(n_rows, dtype=acc, device=logits.device)
     entropy = torch.empty(n_rows if compute_entropy else 0, dtype=acc, device=logits.device)
     if n_rows > 0:
         block, warps = block_config(vocab, logits.device)
         _logprobs_fwd_kernel[(n_rows,)](
-            tensor, labels, logp, entropy if compute_entropy else logp, lse,
+            tensor, labels, logp, entropy if compute_entropy else logp, row_max, log_sum,
             inner_rows, outer, inner, vocab, *f64_parts(inv_temperature), ignore_index,
             COMPUTE_ENTROPY=compute_entropy, ACC_DTYPE=tl_acc(acc),
             BLOCK_V=block, num_warps=warps,
         )
-    return logp, entropy, lse
+    return logp, entropy, row_max, log_sum
 
 
 @on_tensor_device
-def backward(grad_logp, grad_entropy, logits, labels, lse, entropy, out, inv_temperature, ignore_index):
+def backward(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, out, inv_temperature,
+             ignore_index):
     tensor, inner_rows, in_outer, in_inner, out_outer, out_inner = layouts(logits, out)
     n_rows, vocab = labels.numel(), logits.shape[-1]
     if n_rows == 0:
@@ -93,8 +97,8 @@ def backward(grad_logp, grad_entropy, logits, labels, lse, entropy, out, inv_tem
     block, warps = block_config(vocab, logits.device)
     has_entropy_grad = grad_entropy is not None
     _logprobs_bwd_kernel[(n_rows,)](
-        grad_logp, grad_entropy if has_entropy_grad else grad_logp, tensor, labels, lse,
-        entropy if has_entropy_grad else lse, out,
+        grad_logp, grad_entropy if has_entropy_grad else grad_logp, tensor, labels, row_max, log_sum,
+        entropy if has_entropy_grad else log_sum, out,
         inner_rows, in_outer, in_inner, out_outer, out_inner, vocab, *f64_parts(inv_temperature), ignore_index,
         HAS_ENTROPY_GRAD=has_entropy_grad,
         ACC_DTYPE=tl_acc(logits.dtype),

@@ -60,7 +60,8 @@ def _ppo_policy_fwd_kernel(
 @triton.jit
 def _ppo_logits_grad_kernel(
     logits_ptr, labels_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, grad_ptr, logp_ptr, entropy_ptr,
-    lse_ptr, n_rows, inner_rows, in_outer_stride, in_inner_stride, out_outer_stride, out_inner_stride, vocab,
+    row_max_ptr, log_sum_ptr, n_rows, inner_rows, in_outer_stride, in_inner_stride, out_outer_stride,
+    out_inner_stride, vocab,
     inv_t_hi, inv_t_mid, inv_t_lo, ignore_index, low_hi, low_mid, low_lo, high_hi, high_mid, high_lo,
     dual_hi, dual_mid, dual_lo, kl_coef_hi, kl_coef_mid, kl_coef_lo, ent_hi, ent_mid, ent_lo,
     HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
@@ -78,12 +79,12 @@ def _ppo_logits_grad_kernel(
         row_ptr = logits_ptr + outer * in_outer_stride + inner * in_inner_stride
         out_ptr = grad_ptr + outer * out_outer_stride + inner * out_inner_stride
         m, log_s, entropy = _row_softmax(row_ptr, vocab, inv_temperature, ACC_DTYPE, BLOCK_V)
-        lse = m * inv_temperature + log_s
         label = tl.load(labels_ptr + row)
         ignored = label == ignore_index
         logp = tl.where(ignored, 0.0, _label_logp(row_ptr, label, vocab, m, log_s, inv_temperature, ACC_DTYPE))
         entropy = tl.where(ignored, 0.0, entropy)
-        tl.store(lse_ptr + row, lse)
+        tl.store(row_max_ptr + row, m)
+        tl.store(log_sum_ptr + row, log_s)
         tl.store(logp_ptr + row, logp)
         tl.store(entropy_ptr + row, entropy)
         weight = tl.load(weight_ptr + row).to(ACC_DTYPE)
@@ -104,7 +105,7 @@ def _ppo_logits_grad_kernel(
             g_entropy = tl.where(valid, -_f64(ent_hi, ent_mid, ent_lo, ACC_DTYPE) * weight, 0.0)
         else:
             g_entropy = tl.zeros((), ACC_DTYPE)
-        _row_grad(row_ptr, out_ptr, vocab, label, ignore_index, g, g_entropy, entropy, lse,
+        _row_grad(row_ptr, out_ptr, vocab, label, ignore_index, g, g_entropy, entropy, m, log_s,
                   inv_temperature, ACC_DTYPE, BLOCK_V)
 
 @triton.jit
@@ -198,19 +199,20 @@ def logits_grad(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits
     tensor, inner_rows, in_outer, in_inner, out_outer, out_inner = layouts(logits, grad_logits)
     n_rows, vocab = labels.numel(), logits.shape[-1]
     acc = acc_dtype(logits.dtype)
-    logp, entropy, lse = (torch.empty(n_rows, dtype=acc, device=logits.device) for _ in range(3))
+    logp, entropy, row_max, log_sum = (torch.empty(n_rows, dtype=acc, device=logits.device) for _ in range(4))
     if n_rows > 0:
         block, warps = _logprobs.block_config(vocab, logits.device)
         grid = rows_in_flight(n_rows, vocab * logits.element_size(), logits.device) or n_rows
         _ppo_logits_grad_kernel[(grid,)](
             tensor, labels, old_logp, adv, row_weight, ref_logp if ref_logp is not None else old_logp,
-            grad_logits, logp, entropy, lse, n_rows, inner_rows, in_outer, in_inner, out_outer, out_inner, vocab,
+            grad_logits, logp, entropy, row_max, log_sum, n_rows, inner_rows, in_outer, in_inner, out_outer,
+            out_inner, vocab,
             *f64_parts(inv_temperature), -100, *f64_parts(ratio_low), *f64_parts(ratio_high),
             *f64_parts(dual_clip), *f64_parts(kl_coef), *f64_parts(entropy_coef),
             HAS_DUAL=dual_clip > 0, KL_ESTIMATOR=kl_code, HAS_ENTROPY_GRAD=entropy_coef != 0.0,
             ACC_DTYPE=tl_acc(logits.dtype), BLOCK_V=block, num_warps=warps,
         )
-    return logp, entropy, lse
+    return logp, entropy, row_max, log_sum
 
 
 @triton.jit
