@@ -137,18 +137,6 @@ PolicyParams<acc_t> policy_params(double ratio_low, double ratio_high, double du
                                                  static_cast<int>(kl_estimator), kl_coef});
 }
 
-// (B, C, K) per-chunk partials of the PPO token kernels -> (B, K): sums, max /
-// min for the ratio columns (max_col < 0: none).
-inline at::Tensor reduce_partials(const at::Tensor& partial, int64_t max_col, int64_t min_col) {
-  if (partial.size(1) == 1) return partial.select(1, 0).contiguous();
-  at::Tensor stats = partial.sum(1);
-  if (max_col >= 0) {
-    stats.select(1, max_col).copy_(std::get<0>(partial.select(2, max_col).max(1)));
-    stats.select(1, min_col).copy_(std::get<0>(partial.select(2, min_col).min(1)));
-  }
-  return stats;
-}
-
 // The (B, T) token tensors of the PPO loss kernels, flattened to (B * T,).
 struct PpoShape {
   int64_t seqs;
@@ -230,7 +218,7 @@ inline void check_kl_inputs(const at::Tensor& logp, const at::Tensor& ref_logp, 
                     "ref_logp: shape and dtype must match logp");
   TORCH_CHECK_VALUE(estimator >= 0 && estimator <= 3, "estimator: must be in [0, 3]");
 }
-// Checks of ppo_policy_fwd_native's arguments (both devices).
+// Checks of the policy token pass's arguments (both devices).
 inline PpoShape check_ppo_policy_inputs(const at::Tensor& logp, const at::Tensor& old_logp,
                                         const at::Tensor& advantages, const at::Tensor& mask,
                                         const std::optional<at::Tensor>& ref_logp,
@@ -509,7 +497,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_rows_
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_native(
-    const FromLogitsInputs& in, const at::Tensor& row_weight, at::Tensor& grad_logits, double inv_temperature,
+    const FromLogitsInputs& in, const at::Tensor& row_weight, const at::Tensor& grad_logits, double inv_temperature,
     double ratio_low, double ratio_high, double dual_clip, double kl_coef, int64_t kl_estimator,
     double entropy_coef, int64_t max_rows_in_flight) {
   static const auto op =
@@ -517,8 +505,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_logits_gra
           .findSchemaOrThrow("rlhf_kernels::ppo_logits_grad_native", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const std::optional<at::Tensor>&, at::Tensor&, int64_t, int64_t, int64_t, int64_t, int64_t, double,
-              int64_t, double, double, double, double, int64_t, double, int64_t)>();
+              const std::optional<at::Tensor>&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t, int64_t,
+              double, int64_t, double, double, double, double, int64_t, double, int64_t)>();
   const RowLayout out = contiguous_rows(in.rows, in.rows.tensor.size(-1));
   return op.call(in.rows.tensor, in.labels, in.old_logp, in.advantages, row_weight, in.ref_logp, grad_logits,
                  in.rows.layout.inner_rows, in.rows.layout.outer_stride, in.rows.layout.inner_stride,
@@ -593,6 +581,89 @@ FromLogitsOutputs ppo_loss_from_logits_impl(
     scale(grad, weights, in.seq_len);
   }
   return {loss, stats, grad, weights, row_max, log_sum, entropy, grad_logits};
+}
+
+}  // namespace rlhf_kernels
+
+namespace rlhf_kernels {
+
+// The public logprobs ops over a device's row kernels (the *_native ops'
+// implementations): the row layout and the labels as the kernels read them,
+// in C++, so that a call crosses the dispatcher once.
+//   fwd(logits, labels, inner_rows, outer, inner, inv_T, ignore_index, entropy) -> (logp, entropy, m, log s)
+//   bwd(g, g_H, logits, labels, m, log s, H, out, inner_rows, in_outer, in_inner, out_outer, out_inner, inv_T, ignore)
+using LogprobsFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
+    const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, double, int64_t, bool);
+using LogprobsBwd = void (*)(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const std::optional<at::Tensor>&, const at::Tensor&, int64_t, int64_t, int64_t,
+                             int64_t, int64_t, double, int64_t);
+
+inline at::Tensor flat_labels(const at::Tensor& labels) { return labels.reshape({-1}).to(at::kLong).contiguous(); }
+
+// logp and entropy (empty unless compute_entropy) shaped like labels, row_max and log_sum (N,).
+template <LogprobsFwd fwd>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_op(const at::Tensor& logits,
+                                                                       const at::Tensor& labels, double temperature,
+                                                                       int64_t ignore_index, bool compute_entropy,
+                                                                       bool /*inplace_backward: the backward's*/) {
+  const LogitsRows rows = logits_rows(logits);
+  const at::Tensor flat = flat_labels(labels);
+  if (logits.device().is_cpu()) check_labels_in_range(flat, logits.size(-1), ignore_index);
+  auto [logp, entropy, row_max, log_sum] =
+      fwd(rows.tensor, flat, rows.layout.inner_rows, rows.layout.outer_stride, rows.layout.inner_stride,
+          1.0 / temperature, ignore_index, compute_entropy);
+  return {logp.view(labels.sizes()), compute_entropy ? entropy.view(labels.sizes()) : entropy, row_max, log_sum};
+}
+
+// The upstream gradients as the kernels read them: (N,) contiguous, accumulation dtype.
+inline at::Tensor row_grad(const at::Tensor& g, at::ScalarType acc) { return g.reshape({-1}).to(acc).contiguous(); }
+
+template <LogprobsBwd bwd>
+void logprobs_backward_into(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+                            const LogitsRows& rows, const at::Tensor& labels, const at::Tensor& row_max,
+                            const at::Tensor& log_sum, const std::optional<at::Tensor>& entropy,
+                            const at::Tensor& out, RowLayout out_layout, double temperature, int64_t ignore_index) {
+  const at::ScalarType acc = row_max.scalar_type();
+  std::optional<at::Tensor> g_entropy, h;
+  if (grad_entropy) {
+    g_entropy = row_grad(*grad_entropy, acc);
+    h = entropy->reshape({-1});
+  }
+  bwd(row_grad(grad_logp, acc), g_entropy, rows.tensor, flat_labels(labels), row_max, log_sum, h, out,
+      rows.layout.inner_rows, rows.layout.outer_stride, rows.layout.inner_stride, out_layout.outer_stride,
+      out_layout.inner_stride, 1.0 / temperature, ignore_index);
+}
+
+// The logits gradient, a new (contiguous) tensor.
+template <LogprobsBwd bwd>
+at::Tensor logprobs_backward_op(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+                                const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& row_max,
+                                const at::Tensor& log_sum, const std::optional<at::Tensor>& entropy,
+                                double temperature, int64_t ignore_index) {
+  const LogitsRows rows = logits_rows(logits);
+  at::Tensor out = at::empty(logits.sizes(), logits.options());
+  logprobs_backward_into<bwd>(grad_logp, grad_entropy, rows, labels, row_max, log_sum, entropy, out,
+                              contiguous_rows(rows, logits.size(-1)), temperature, ignore_index);
+  return out;
+}
+
+// The logits gradient written over the logits (a layout the kernels cannot
+// address in place goes through a buffer, then is copied back).
+template <LogprobsBwd bwd>
+void logprobs_backward_inplace_op(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+                                  const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& row_max,
+                                  const at::Tensor& log_sum, const std::optional<at::Tensor>& entropy,
+                                  double temperature, int64_t ignore_index) {
+  const LogitsRows rows = logits_rows(logits);
+  if (rows.tensor.is_same(logits)) {
+    logprobs_backward_into<bwd>(grad_logp, grad_entropy, rows, labels, row_max, log_sum, entropy, logits,
+                                rows.layout, temperature, ignore_index);
+  } else {
+    at::Tensor grad = logprobs_backward_op<bwd>(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy,
+                                                temperature, ignore_index);
+    const_cast<at::Tensor&>(logits).copy_(grad);
+  }
 }
 
 }  // namespace rlhf_kernels

@@ -1,7 +1,9 @@
-// Every native schema of the rlhf_kernels namespace, in one place. The device
-// implementations register in csrc/cpu/ops_cpu.cpp and csrc/cuda/ops_cuda.cpp;
-// the public ops (autograd, fake kernels, backend choice) are Python custom
-// ops in rlhf_kernels/ops/, which call these.
+// Every native schema of the rlhf_kernels namespace, in one place. The CPU and
+// CUDA implementations register in csrc/cpu/*_glue.cpp and csrc/cuda/*_glue.cpp;
+// rlhf_kernels/ops/ registers the fake kernels and the autograd of the public
+// ops on these same ops (one dispatcher crossing per call). The *_native ops
+// are the row kernels the public ops are built from: rows addressed through an
+// explicit layout, labels and per-row tensors flat.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -14,8 +16,25 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(rlhf_kernels, m) {
-  // logits (..., V) read in place through the row layout (inner_rows,
-  // outer_stride, inner_stride); labels (N,) int64. Returns logp, entropy
+  // The public log-probabilities (rlhf_kernels.logprobs_from_logits), one
+  // crossing: logits (..., V) of any layout (strided rows read in place),
+  // labels (...) int64 | int32. Returns logp and entropy (empty unless
+  // compute_entropy) shaped like labels, and per row (N,) the raw max and the
+  // log-sum the backward recomputes the softmax from; all float32 (float64 for
+  // float64 logits). inplace_backward is for the autograd formula.
+  m.def(
+      "logprobs(Tensor logits, Tensor labels, float temperature, int ignore_index, bool compute_entropy, "
+      "bool inplace_backward) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The logits gradient of logprobs, a new tensor like logits.
+  m.def(
+      "logprobs_backward(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor labels, "
+      "Tensor row_max, Tensor log_sum, Tensor? entropy, float temperature, int ignore_index) -> Tensor");
+  // The same gradient written over the logits.
+  m.def(
+      "logprobs_backward_(Tensor grad_logp, Tensor? grad_entropy, Tensor(a!) logits, Tensor labels, "
+      "Tensor row_max, Tensor log_sum, Tensor? entropy, float temperature, int ignore_index) -> ()");
+  // The row kernels: logits (..., V) read in place through the row layout
+  // (inner_rows, outer_stride, inner_stride); labels (N,) int64. Returns logp, entropy
   // (empty unless compute_entropy), row_max (the max of the raw logits) and
   // log_sum (log sum exp((x - row_max) / T)), each (N,) float32 (float64 for
   // float64 logits): what the backward recomputes the softmax from.
@@ -34,7 +53,7 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // ppo_loss_from_logits with its gradient in the same pass: per row, the
   // forward of logprobs_fwd_native (with entropy), then the token's
   // g = row_weight * d(policy loss + kl_coef * kl)/d logp (PPO terms as in
-  // ppo_policy_fwd_native; row_weight is the aggregation weight, 0 on masked
+  // ppo_policy_loss; row_weight is the aggregation weight, 0 on masked
   // tokens) and g_entropy = -entropy_coef * row_weight, then the row's
   // gradient as logprobs_bwd_native writes it, while the row is still cached.
   // Per-row tensors (N,) in the accumulation dtype. At most max_rows_in_flight
@@ -47,17 +66,6 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "float inv_temperature, int ignore_index, float ratio_low, float ratio_high, "
       "float dual_clip, float kl_coef, int kl_estimator, float entropy_coef, "
       "int max_rows_in_flight) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Fused PPO policy loss, one pass over the tokens. Token tensors (N,) =
-  // (B * T,) contiguous, float32 or float64; mask (N,) bool. ratio_low /
-  // ratio_high = 1 -+ clip; dual_clip <= 0 turns the dual clip off;
-  // kl_estimator -1 (none), 0 k1, 1 abs, 2 k2, 3 k3 (needs ref_logp); entropy
-  // only adds to the statistics. Returns grad (N,) = d(token loss + kl_coef *
-  // kl) / d logp, 0 on masked tokens (empty unless need_grad), and the
-  // per-sequence statistics (B, 9) (columns: rlhf_kernels/ppo_math.h PolicyStat).
-  m.def(
-      "ppo_policy_fwd_native(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
-      "Tensor? ref_logp, Tensor? entropy, int seq_len, float ratio_low, float ratio_high, "
-      "float dual_clip, float kl_coef, int kl_estimator, bool need_grad) -> (Tensor, Tensor)");
   // The public PPO policy loss (rlhf_kernels.ppo_policy_loss), one crossing:
   // token tensors (..., T) of any float dtype (computed in float32, float64 if
   // any input is float64), mask of any dtype (nonzero = valid); agg the index
@@ -88,15 +96,11 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "float? num_tokens, float? num_seqs, float kl_coef, int kl_estimator, float entropy_coef, "
       "bool inplace_backward, bool need_grad, Tensor? count, int max_rows_in_flight) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // grad *= scale (a 1-element tensor, read on the device) unless scale == 1,
-  // the product in the accumulation dtype: the backward of a loss whose
-  // gradient was written in the forward, without a host synchronisation.
-  m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
-  // Clipped value loss: grad (N,) = d(0.5 * max(...)) / d values, and (B, 3)
-  // per-sequence statistics (ValueStat).
-  m.def(
-      "ppo_value_fwd_native(Tensor values, Tensor old_values, Tensor returns, Tensor mask, "
-      "int seq_len, float clip, bool need_grad) -> (Tensor, Tensor)");
+  // grad *= scale / applied (1-element tensors, read on the device) unless the
+  // factor is 1, the product in the accumulation dtype, then applied = scale:
+  // the backward of a loss whose gradient was written in the forward (applied:
+  // the scale already in it), without a host synchronisation.
+  m.def("scale_grad_(Tensor(a!) grad, Tensor(b!) applied, Tensor scale) -> ()");
   // The public KL estimate per token (rlhf_kernels.kl_penalty; estimator: 0 k1,
   // 1 abs, 2 k2, 3 k3); logp and ref_logp of one shape and dtype, any layout.
   // Returns float32 (float64 for float64).

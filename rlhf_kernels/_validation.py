@@ -75,3 +75,12 @@ def check_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name}: expected an integer, got {value!r}")
     return int(value)
+
+
+def check_labels_in_range(labels: Tensor, vocab: int, ignore_index: int) -> None:
+    """ValueError for a label outside [0, V) that is not ignore_index (it
+    synchronises on a GPU: there only with RLHF_KERNELS_CHECK=1)."""
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(f"labels: value {first} is outside [0, {vocab}) and is not ignore_index")

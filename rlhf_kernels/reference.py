@@ -48,7 +48,9 @@ def logprobs_from_logits(
         return logp
     probs = log_probs.exp()
     # p * log p with p = 0 (a -inf logit) is 0, not NaN; a NaN logit stays NaN.
-    plogp = torch.where(probs == 0, torch.zeros_like(probs), probs * log_probs)
+    # log p is replaced before the product, so that autograd never multiplies
+    # by -inf either (its gradient at such an entry is 0, not NaN).
+    plogp = probs * torch.where(probs == 0, torch.zeros_like(log_probs), log_probs)
     entropy = -plogp.sum(-1)
     entropy = torch.where(ignored, torch.zeros_like(entropy), entropy)
     return logp, entropy

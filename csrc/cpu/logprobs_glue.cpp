@@ -138,6 +138,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cpu(
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
   m.impl("logprobs_fwd_native", &logprobs_fwd_cpu);
+  m.impl("logprobs", &logprobs_op<&logprobs_fwd_cpu>);
+  m.impl("logprobs_backward", &logprobs_backward_op<&logprobs_bwd_cpu>);
+  m.impl("logprobs_backward_", &logprobs_backward_inplace_op<&logprobs_bwd_cpu>);
   m.impl("logprobs_bwd_native", &logprobs_bwd_cpu);
   m.impl("ppo_logits_grad_native", &ppo_logits_grad_cpu);
 }

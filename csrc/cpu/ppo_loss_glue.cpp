@@ -43,16 +43,6 @@ std::tuple<at::Tensor, at::Tensor> policy_partials(
   return {grad, partial};
 }
 
-std::tuple<at::Tensor, at::Tensor> ppo_policy_fwd_cpu(
-    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
-    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
-    const std::optional<at::Tensor>& entropy, int64_t seq_len, double ratio_low, double ratio_high,
-    double dual_clip, double kl_coef, int64_t kl_estimator, bool need_grad) {
-  auto [grad, partial] = policy_partials(logp, old_logp, advantages, mask, ref_logp, entropy, seq_len,
-                                         ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator, need_grad);
-  return {grad, reduce_partials(partial, kRatioMax, kRatioMin)};
-}
-
 // grad (B, T) *= weights, rows in parallel.
 void scale_token_grad(at::Tensor& grad, const at::Tensor& weights, int64_t seq_len) {
   if (grad.numel() == 0) return;
@@ -120,13 +110,6 @@ std::tuple<at::Tensor, at::Tensor> value_partials(const at::Tensor& values,
 }
 
 
-std::tuple<at::Tensor, at::Tensor> ppo_value_fwd_cpu(const at::Tensor& values, const at::Tensor& old_values,
-                                                     const at::Tensor& returns, const at::Tensor& mask,
-                                                     int64_t seq_len, double clip, bool need_grad) {
-  auto [grad, partial] = value_partials(values, old_values, returns, mask, seq_len, clip, need_grad);
-  return {grad, reduce_partials(partial, -1, -1)};
-}
-
 // The public op ppo_value_loss: as ppo_policy_loss_cpu; stats (1,) vf_clipfrac.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_cpu(
     const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
@@ -183,10 +166,14 @@ FromLogitsOutputs ppo_loss_from_logits_cpu(
                                    policy_partials, finalize, scale_token_grad);
 }
 
-// grad *= scale unless scale == 1 (a CPU tensor: reading it is no device sync),
-// the product in the accumulation dtype, rounded once.
-void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale) {
-  const double s = scale.item<double>();
+// grad *= scale / applied unless they are equal, then applied = scale (CPU
+// tensors: reading them is no device sync); the product in the accumulation
+// dtype, rounded once.
+void scale_grad_cpu(at::Tensor& grad, at::Tensor& applied, const at::Tensor& scale) {
+  check_row_tensor(applied, 1, acc_dtype_for(grad), "applied");
+  const at::Tensor factor = scale.to(applied.scalar_type()).reshape({1}).div(applied);
+  applied.copy_(scale.reshape({1}));
+  const double s = factor.item<double>();
   if (s == 1.0) return;
   if (grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble) {
     grad.mul_(s);
@@ -198,8 +185,6 @@ void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
-  m.impl("ppo_policy_fwd_native", &ppo_policy_fwd_cpu);
-  m.impl("ppo_value_fwd_native", &ppo_value_fwd_cpu);
   m.impl("ppo_policy_loss", &ppo_policy_loss_cpu);
   m.impl("ppo_value_loss", &ppo_value_loss_cpu);
   m.impl("scale_grad_", &scale_grad_cpu);

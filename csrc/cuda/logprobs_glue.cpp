@@ -109,6 +109,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cuda(
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
   m.impl("logprobs_fwd_native", &logprobs_fwd_cuda);
+  m.impl("logprobs", &logprobs_op<&logprobs_fwd_cuda>);
+  m.impl("logprobs_backward", &logprobs_backward_op<&logprobs_bwd_cuda>);
+  m.impl("logprobs_backward_", &logprobs_backward_inplace_op<&logprobs_bwd_cuda>);
   m.impl("logprobs_bwd_native", &logprobs_bwd_cuda);
   m.impl("ppo_logits_grad_native", &ppo_logits_grad_cuda);
 }

@@ -166,9 +166,10 @@ namespace rlhf_kernels::cuda {
 namespace {
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(256) scale_unless_one_kernel(scalar_t* x, const acc_t* scale, int64_t n) {
-  const acc_t s = *scale;
-  if (s == acc_t(1)) return;  // the usual case: one load per block, no pass over x
+__global__ void __launch_bounds__(256) scale_unless_one_kernel(scalar_t* x, const acc_t* scale,
+                                                                const acc_t* applied, int64_t n) {
+  const acc_t s = *scale / *applied;
+  if (s == acc_t(1)) return;  // the usual case: two loads per block, no pass over x
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     x[i] = from_acc<scalar_t>(to_acc(x[i]) * s);
@@ -178,19 +179,23 @@ __global__ void __launch_bounds__(256) scale_unless_one_kernel(scalar_t* x, cons
 }  // namespace
 
 template <typename scalar_t, typename acc_t>
-cudaError_t launch_scale_unless_one(scalar_t* x, const acc_t* scale, int64_t n, cudaStream_t stream) {
+cudaError_t launch_scale_unless_one(scalar_t* x, const acc_t* scale, const acc_t* applied, int64_t n,
+                                    cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   // A grid-stride loop over a bounded grid: few blocks to skip when scale == 1.
   const int64_t blocks = (n + 255) / 256;
   scale_unless_one_kernel<scalar_t, acc_t>
-      <<<static_cast<unsigned>(blocks < 1024 ? blocks : 1024), 256, 0, stream>>>(x, scale, n);
+      <<<static_cast<unsigned>(blocks < 1024 ? blocks : 1024), 256, 0, stream>>>(x, scale, applied, n);
   return cudaGetLastError();
 }
 
-template cudaError_t launch_scale_unless_one<float, float>(float*, const float*, int64_t, cudaStream_t);
-template cudaError_t launch_scale_unless_one<double, double>(double*, const double*, int64_t, cudaStream_t);
-template cudaError_t launch_scale_unless_one<__half, float>(__half*, const float*, int64_t, cudaStream_t);
-template cudaError_t launch_scale_unless_one<__nv_bfloat16, float>(__nv_bfloat16*, const float*, int64_t,
-                                                                   cudaStream_t);
+#define RLHF_INSTANTIATE(scalar_t, acc_t)                                                      \
+  template cudaError_t launch_scale_unless_one<scalar_t, acc_t>(scalar_t*, const acc_t*, const acc_t*, \
+                                                                int64_t, cudaStream_t);
+RLHF_INSTANTIATE(float, float)
+RLHF_INSTANTIATE(double, double)
+RLHF_INSTANTIATE(__half, float)
+RLHF_INSTANTIATE(__nv_bfloat16, float)
+#undef RLHF_INSTANTIATE
 
 }  // namespace rlhf_kernels::cuda

@@ -30,11 +30,14 @@ cudaError_t launch_ppo_value_fwd(const acc_t* values, const acc_t* old_values, c
                                  const uint8_t* mask, int64_t seqs, int64_t seq_len, acc_t clip,
                                  acc_t* grad, acc_t* partial, cudaStream_t stream);
 
-// x[i] = x[i] * scale[0] in acc_t, rounded once to scalar_t, unless scale[0]
-// == 1: then no element is touched. The scale is read on the device, so the
-// caller never synchronises (the backward of a loss whose gradient was written
-// in the forward for a unit upstream gradient: loss.backward() passes 1).
+// x[i] = x[i] * (scale[0] / applied[0]) in acc_t, rounded once to scalar_t,
+// unless the factor is 1: then no element is touched. Both are read on the
+// device, so the caller never synchronises (the backward of a loss whose
+// gradient was written in the forward for a unit upstream gradient, `applied`
+// the scale already in it: loss.backward() passes 1). The caller then sets
+// applied = scale (after the kernel: every block reads the old value).
 template <typename scalar_t, typename acc_t>
-cudaError_t launch_scale_unless_one(scalar_t* x, const acc_t* scale, int64_t n, cudaStream_t stream);
+cudaError_t launch_scale_unless_one(scalar_t* x, const acc_t* scale, const acc_t* applied, int64_t n,
+                                    cudaStream_t stream);
 
 }  // namespace rlhf_kernels::cuda

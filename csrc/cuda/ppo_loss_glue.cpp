@@ -71,23 +71,6 @@ std::tuple<at::Tensor, at::Tensor> value_partials(const at::Tensor& values,
   return {grad, partial};
 }
 
-std::tuple<at::Tensor, at::Tensor> ppo_policy_fwd_cuda(
-    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
-    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
-    const std::optional<at::Tensor>& entropy, int64_t seq_len, double ratio_low, double ratio_high,
-    double dual_clip, double kl_coef, int64_t kl_estimator, bool need_grad) {
-  auto [grad, partial] = policy_partials(logp, old_logp, advantages, mask, ref_logp, entropy, seq_len,
-                                         ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator, need_grad);
-  return {grad, reduce_partials(partial, kRatioMax, kRatioMin)};
-}
-
-std::tuple<at::Tensor, at::Tensor> ppo_value_fwd_cuda(const at::Tensor& values, const at::Tensor& old_values,
-                                                      const at::Tensor& returns, const at::Tensor& mask,
-                                                      int64_t seq_len, double clip, bool need_grad) {
-  auto [grad, partial] = value_partials(values, old_values, returns, mask, seq_len, clip, need_grad);
-  return {grad, reduce_partials(partial, -1, -1)};
-}
-
 // grad (B, T) *= weights on the device (no-op without a gradient).
 void scale_token_grad(at::Tensor& grad, const at::Tensor& weights, int64_t seq_len) {
   if (grad.numel() > 0) grad.view({weights.numel(), seq_len}).mul_(weights.unsqueeze(1));
@@ -153,25 +136,26 @@ FromLogitsOutputs ppo_loss_from_logits_cuda(
                                    policy_partials, finalize_policy_aten, scale_token_grad);
 }
 
-// grad *= scale unless scale == 1, read on the device (no host synchronisation).
-void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
+// grad *= scale / applied unless they are equal, then applied = scale; read on
+// the device (no host synchronisation).
+void scale_grad_cuda(at::Tensor& grad, at::Tensor& applied, const at::Tensor& scale) {
   const c10::cuda::CUDAGuard guard(grad.device());
   TORCH_CHECK_VALUE(grad.is_contiguous(), "grad: must be contiguous");
+  check_row_tensor(applied, 1, acc_dtype_for(grad), "applied");
   const at::Tensor s = scale.to(grad.device(), acc_dtype_for(grad)).reshape({1}).contiguous();
   dispatch_float_dtype<__nv_bfloat16, __half>(grad.scalar_type(), "grad", [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
     check_ppo_launch(cuda::launch_scale_unless_one<scalar_t, acc_t>(
-        reinterpret_cast<scalar_t*>(grad.data_ptr()), s.const_data_ptr<acc_t>(), grad.numel(),
-        c10::cuda::getCurrentCUDAStream()));
+        reinterpret_cast<scalar_t*>(grad.data_ptr()), s.const_data_ptr<acc_t>(), applied.const_data_ptr<acc_t>(),
+        grad.numel(), c10::cuda::getCurrentCUDAStream()));
   });
+  applied.copy_(s);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
-  m.impl("ppo_policy_fwd_native", &ppo_policy_fwd_cuda);
-  m.impl("ppo_value_fwd_native", &ppo_value_fwd_cuda);
   m.impl("ppo_policy_loss", &ppo_policy_loss_cuda);
   m.impl("ppo_value_loss", &ppo_value_loss_cuda);
   m.impl("scale_grad_", &scale_grad_cuda);

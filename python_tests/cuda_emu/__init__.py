@@ -312,7 +312,7 @@ class Emulator:
 
     def ppo_policy_fwd(self, logp, old_logp, advantages, mask, ref_logp, entropy, seq_len, ratio_low,
                        ratio_high, dual_clip, kl_coef, kl_estimator, need_grad, *, raw_partials=False):
-        """As ppo_policy_fwd_native: (grad or empty, (B, 9) stats)."""
+        """The policy token pass (csrc policy_partials, partials reduced): (grad or empty, (B, 9) stats)."""
         n = logp.numel()
         seqs = n // seq_len if seq_len > 0 else 0
         arena = Arena()
@@ -333,7 +333,7 @@ class Emulator:
 
     def ppo_value_fwd(self, values, old_values, returns, mask, seq_len, clip, need_grad, *,
                       raw_partials=False):
-        """As ppo_value_fwd_native: (grad or empty, (B, 3) stats)."""
+        """The value token pass (csrc value_partials, partials reduced): (grad or empty, (B, 3) stats)."""
         n = values.numel()
         seqs = n // seq_len if seq_len > 0 else 0
         arena = Arena()

@@ -24,7 +24,6 @@ from helpers import LARGE_LOGITS, TOLERANCES, assert_no_worse_than_torch, large_
 from rlhf_kernels import reference
 from rlhf_kernels._launch import row_layout
 from rlhf_kernels.eager import advantages as eager_adv
-from rlhf_kernels.eager import ppo_loss as eager_ppo
 from rlhf_kernels.ops import ppo_loss as ppo_ops
 
 ESTIMATORS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
@@ -466,7 +465,8 @@ def test_ppo_logits_grad_at_large_logits_no_worse_than_torch(emu, scale, tempera
     adv = torch.randn(B, T, generator=gen)
     mask = torch.rand(B, T, generator=gen) > 0.2
     row_weight = mask.float().reshape(-1)  # token-sum
-    ratio_low, ratio_high, dual = ppo_ops._check_clip(0.2, None, None)
+    clip_low, clip_high, dual = ppo_ops._check_clip(0.2, None, None)
+    ratio_low, ratio_high = 1.0 - clip_low, 1.0 + clip_high
     *_, grad = emu.ppo_logits_grad(
         logits, labels.reshape(-1).contiguous(), old.reshape(-1), adv.reshape(-1), row_weight, ref.reshape(-1),
         B * T, 0, V, 1.0 / temperature, -100, ratio_low, ratio_high, dual, 0.1, ESTIMATORS["k3"], 0.1,
@@ -785,10 +785,10 @@ def test_ppo_value(emu, seq_len, dtype, clip):
         # Inside the clip range l2 == l1 in exact arithmetic, but in float32
         # old + (v - old) need not round back to v: whether such a token counts
         # as clipped is decided by float32 rounding. Count it as the reference
-        # backend's closed form does in float32.
-        _, f32_stats = eager_ppo.value(values.reshape(-1), old.reshape(-1), returns.reshape(-1),
-                                            mask.reshape(-1), seq_len, clip, False)
-        want_stats[:, 2] = f32_stats[:, 2].double()
+        # does in float32.
+        for b in range(B):
+            _, s = reference.ppo_value_loss(values[b], old[b], returns[b], mask[b], clip=clip, agg="token-sum")
+            want_stats[b, 2] = s["vf_clipfrac"].double() * want_stats[b, 1]
     stats_tol = dict(atol=1e-9, rtol=1e-9) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(stats.double(), want_stats, **stats_tol)
 

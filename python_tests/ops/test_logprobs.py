@@ -7,8 +7,8 @@ import torch
 
 import rlhf_kernels
 from rlhf_kernels import reference
+from rlhf_kernels import _dispatch
 from rlhf_kernels._launch import row_layout
-from rlhf_kernels.ops import logprobs as lp_ops
 
 from conftest import gpu
 from helpers import LARGE_LOGITS, assert_close_to_reference, assert_no_worse_than_torch, large_logits
@@ -311,26 +311,29 @@ def test_gradcheck_float64(device_backend):
 
 
 def test_opcheck(device_backend):
+    """The registered ops themselves (schema, fake, autograd, AOT dispatch): the
+    native ops for the cpu / cuda backends, their Triton twins for triton (the
+    reference backend is plain torch: no op); strided and int32 inputs too."""
     device, backend = device_backend
+    suffix = {"cpu": "", "cuda": "", "triton": "_triton"}.get(backend)
+    if suffix is None:
+        return
+    ops = torch.ops.rlhf_kernels
+    forward = getattr(ops, "logprobs" + suffix).default
     logits, labels = _inputs((4, 33), torch.float32, device)
     logits.requires_grad_(True)
     for entropy in (False, True):
-        torch.library.opcheck(
-            torch.ops.rlhf_kernels.logprobs_fwd.default,
-            (logits, labels, 0.9, -100, entropy, False, backend),
-        )
-    row_max = logits.detach().amax(-1)
-    log_sum = torch.logsumexp((logits.detach() - row_max.unsqueeze(-1)) / 0.9, -1)
-    ent = reference.logprobs_from_logits(logits.detach(), labels, temperature=0.9, return_entropy=True)[1]
+        for inplace in (False, True):
+            torch.library.opcheck(forward, (logits, labels, 0.9, -100, entropy, inplace))
+    strided, labels3 = _inputs((2, 5, 33), torch.float32, device)
+    torch.library.opcheck(forward, (strided[:, :-1].requires_grad_(True), labels3[:, :-1].int(), 1.0, -100, True,
+                                    False))
+    _, ent, row_max, log_sum = forward(logits.detach(), labels, 0.9, -100, True, False)
     g = torch.randn(4, device=device)
-    torch.library.opcheck(
-        torch.ops.rlhf_kernels.logprobs_bwd.default,
-        (g, g.clone(), logits.detach(), labels, row_max, log_sum, ent, 0.9, -100, backend),
-    )
-    torch.library.opcheck(
-        torch.ops.rlhf_kernels.logprobs_bwd_inplace.default,
-        (g, None, logits.detach().clone(), labels, row_max, log_sum, None, 0.9, -100, backend),
-    )
+    torch.library.opcheck(getattr(ops, "logprobs" + suffix + "_backward").default,
+                          (g, g.clone(), logits.detach(), labels, row_max, log_sum, ent, 0.9, -100))
+    torch.library.opcheck(getattr(ops, "logprobs" + suffix + "_backward_").default,
+                          (g, None, logits.detach().clone(), labels, row_max, log_sum, None, 0.9, -100))
 
 
 def test_torch_compile_fullgraph(device_backend):
@@ -401,8 +404,9 @@ def test_bad_backend_names(monkeypatch):
 
 def test_env_forces_backend(monkeypatch):
     calls = []
-    original = lp_ops._FORWARD["reference"]
-    monkeypatch.setitem(lp_ops._FORWARD, "reference", lambda *a: calls.append(1) or original(*a))
+    key = ("logprobs", "reference")
+    original = _dispatch._REGISTRY[key]
+    monkeypatch.setitem(_dispatch._REGISTRY, key, lambda *a: calls.append(1) or original(*a))
     monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
     rlhf_kernels.logprobs_from_logits(torch.randn(2, 5), torch.zeros(2, dtype=torch.long))
     assert calls == [1]

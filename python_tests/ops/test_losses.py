@@ -464,8 +464,15 @@ def test_loss_from_logits_no_double_backward(device_backend):
     logits, labels, old, adv, mask, _ = _logits_inputs((2, 3, 41), device, seed=13)
     x = logits.clone().requires_grad_(True)
     loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, backend=backend)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(loss, x, create_graph=True)
+    if backend == "reference":
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        x64 = logits.double().requires_grad_(True)
+        want, _ = reference.ppo_loss_from_logits(x64, labels, old.double(), adv.double(), mask)
+        (g64,) = torch.autograd.grad(want, x64, create_graph=True)
+        torch.testing.assert_close(g.double(), g64, **F32)
+    else:
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(loss, x, create_graph=True)
     logp, old, adv, mask = _tokens((2, 9), device, seed=14)
     for loss_fn in (rlhf_kernels.ppo_policy_loss, rlhf_kernels.ppo_value_loss):
         x = logp.clone().requires_grad_(True)
@@ -626,13 +633,18 @@ def test_opcheck(device_backend):
                                   (logp, old, adv, float_mask, 0.8, 1.28, 3.0, code, num_tokens, None, True))
             torch.library.opcheck(getattr(torch.ops.rlhf_kernels, "ppo_value_loss" + suffix).default,
                                   (logp, old, adv, float_mask, 0.2, code, num_tokens, None, True))
+    if suffix is None:
+        return
     logits, labels, old, adv, mask, ref = _logits_inputs((2, 3, 40), device, seed=14)
     logits.requires_grad_(True)
-    torch.library.opcheck(
-        torch.ops.rlhf_kernels.ppo_loss_from_logits_fwd.default,
-        (logits, labels, old, adv, mask, ref, 0.9, 0.8, 1.2, 0.0, "token-mean", None, None, 0.1, 3, 0.01,
-         False, True, backend),
-    )
+    op = getattr(torch.ops.rlhf_kernels, "ppo_loss_from_logits" + suffix).default
+    for inplace, count in ((False, None), (True, None), (False, torch.tensor(7.0, device=device))):
+        torch.library.opcheck(op, (logits, labels, old, adv, mask.float(), ref, 0.9, 0.8, 1.2, 0.0, 0, None, None, 0.1,
+                                   3, 0.01, inplace, True, count, 0))
+    torch.library.opcheck(op, (logits, labels, old, adv, mask, None, 1.1, 0.8, 1.2, 3.0, 3, None, 4.0, 0.0, -1, 0.0,
+                               False, True, None, 0))
+    torch.library.opcheck(op, (logits.detach(), labels, old, adv, mask, None, 1.1, 0.8, 1.2, 3.0, 3, None, 4.0, 0.0,
+                               -1, 0.0, False, False, None, 0))
 
 
 def test_torch_compile_fullgraph(device_backend):

@@ -1,4 +1,5 @@
-"""logprobs_from_logits in plain torch ops (the "reference" backend)."""
+"""logprobs_from_logits in plain torch ops (the "reference" backend):
+``rlhf_kernels.reference`` under torch autograd, with the op's in-place backward."""
 
 from __future__ import annotations
 
@@ -6,27 +7,34 @@ import torch
 
 from .. import reference
 from .._launch import acc_dtype
+from .._validation import check_labels_in_range
 
 
-def forward(logits, labels, inv_temperature, ignore_index, compute_entropy):
-    x = logits.to(acc_dtype(logits.dtype)).reshape(-1, logits.shape[-1])
-    out = reference.logprobs_from_logits(
-        x, labels, temperature=1.0 / inv_temperature, ignore_index=ignore_index,
-        return_entropy=compute_entropy,
-    )
-    logp, entropy = out if compute_entropy else (out, x.new_empty(0))
-    row_max = x.amax(-1)
-    log_sum = torch.logsumexp((x - row_max.unsqueeze(-1)) * inv_temperature, dim=-1)
-    return logp, entropy, row_max, log_sum
+class _GradIntoInput(torch.autograd.Function):
+    """The identity, whose backward writes the incoming gradient over its
+    input's buffer and hands that buffer on (inplace_backward: the logits are
+    consumed, no second (N, V) buffer is kept)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        x.copy_(grad)
+        return x
 
 
-def backward(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, out, inv_temperature,
-             ignore_index):
-    # rlhf_kernels.reference's closed form, which recomputes the softmax with
-    # torch's log_softmax (row_max and log_sum go unused): this backend is the
-    # eager float32 accuracy the kernels are held to.
-    grad = reference.logprobs_grad(
-        grad_logp, grad_entropy, logits.reshape(-1, logits.shape[-1]), labels,
-        temperature=1.0 / inv_temperature, ignore_index=ignore_index,
-    )
-    out.copy_(grad.view(out.shape))
+def grad_into_input(x: torch.Tensor, inplace_backward: bool) -> torch.Tensor:
+    return _GradIntoInput.apply(x) if inplace_backward else x
+
+
+def logprobs(logits, labels, temperature, ignore_index, compute_entropy, inplace_backward):
+    """logprobs_from_logits' contract: (logp, entropy or empty), computed in float32 (float64 stays)."""
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():  # raising needs a value
+        check_labels_in_range(labels, logits.shape[-1], ignore_index)
+    out = reference.logprobs_from_logits(grad_into_input(logits, inplace_backward), labels, temperature=temperature,
+                                         ignore_index=ignore_index, return_entropy=compute_entropy)
+    return out if compute_entropy else (out, logits.new_empty(0, dtype=acc_dtype(logits.dtype)))

@@ -14,170 +14,133 @@ x / T - lse, which cancels at large |x| / T).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from .._dispatch import checks_enabled, resolve_backend, triton_installed
-from .._launch import acc_dtype, layouts, row_layout
-from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_int, check_positive, check_same_device, check_tensor
+from .._dispatch import checks_enabled, implementation, native_extension_loaded, register, triton_installed
+from .._launch import acc_dtype
+from .._validation import (
+    FLOAT_DTYPES, INDEX_DTYPES, check_int, check_labels_in_range, check_positive, check_same_device, check_tensor,
+)
 from ..eager import logprobs as _eager
+from ._op import differentiable
 
-
-def _check_labels_in_range(labels: Tensor, vocab: int, ignore_index: int) -> None:
-    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-    if bool(bad.any()):
-        first = labels[bad][0].item()
-        raise ValueError(f"labels: value {first} is outside [0, {vocab}) and is not ignore_index")
-
-
-# --- forward / backward per backend -------------------------------------------------
-
-
-def _fwd_native(logits, labels, inv_temperature, ignore_index, compute_entropy):
-    tensor, inner_rows, outer, inner = row_layout(logits)
-    return torch.ops.rlhf_kernels.logprobs_fwd_native(
-        tensor, labels, inner_rows, outer, inner, inv_temperature, ignore_index, compute_entropy
-    )
-
-
-_FORWARD = {"cpu": _fwd_native, "cuda": _fwd_native, "reference": _eager.forward}
-
-
-def _bwd_native(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, out, inv_temperature,
-                ignore_index):
-    tensor, inner_rows, in_outer, in_inner, out_outer, out_inner = layouts(logits, out)
-    torch.ops.rlhf_kernels.logprobs_bwd_native(
-        grad_logp, grad_entropy, tensor, labels, row_max, log_sum, entropy, out, inner_rows,
-        in_outer, in_inner, out_outer, out_inner, inv_temperature, ignore_index,
-    )
-
-
-_BACKWARD = {"cpu": _bwd_native, "cuda": _bwd_native, "reference": _eager.backward}
 if triton_installed():
     from ..triton import logprobs as _triton
 
-    _FORWARD["triton"], _BACKWARD["triton"] = _triton.forward, _triton.backward
+
+# --- the ops: native (csrc logprobs, logprobs_backward, logprobs_backward_) and their Triton twins ---
+# forward: (logp, entropy, row_max, log_sum); the backward recomputes the softmax
+# from row_max and log_sum and writes the logits gradient (into the logits with
+# inplace_backward).
 
 
-def _flat_labels(labels: Tensor) -> Tensor:
-    return labels.reshape(-1).to(torch.int64).contiguous()
-
-
-def _validate_labels(logits: Tensor, labels: Tensor, ignore_index: int) -> None:
-    # Always on CPU (no sync involved); on GPU only when RLHF_KERNELS_CHECK=1,
-    # since it synchronises. Without it a bad label gives NaN, never a bad read.
-    if labels.device.type == "cpu" or checks_enabled():
-        _check_labels_in_range(labels, logits.shape[-1], ignore_index)
-
-
-# --- custom ops ---------------------------------------------------------------------
-
-
-@torch.library.custom_op("rlhf_kernels::logprobs_fwd", mutates_args=())
-def _logprobs_fwd(
-    logits: Tensor, labels: Tensor, temperature: float, ignore_index: int,
-    compute_entropy: bool, inplace_backward: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _validate_labels(logits, labels, ignore_index)
-    flat = _flat_labels(labels)
-    logp, entropy, row_max, log_sum = _FORWARD[backend](logits, flat, 1.0 / temperature, ignore_index,
-                                                        compute_entropy)
-    entropy = entropy.view(labels.shape) if compute_entropy else entropy
-    return logp.view(labels.shape), entropy, row_max, log_sum
-
-
-@_logprobs_fwd.register_fake
-def _(logits, labels, temperature, ignore_index, compute_entropy, inplace_backward, backend):
+def _logprobs_fake(logits, labels, temperature, ignore_index, compute_entropy, inplace_backward):
     acc = acc_dtype(logits.dtype)
-    logp = logits.new_empty(labels.shape, dtype=acc)
-    entropy = logits.new_empty(labels.shape if compute_entropy else (0,), dtype=acc)
-    row_max = logits.new_empty((labels.numel(),), dtype=acc)
-    log_sum = logits.new_empty((labels.numel(),), dtype=acc)
-    return logp, entropy, row_max, log_sum
+    rows = (labels.numel(),)
+    return (logits.new_empty(labels.shape, dtype=acc),
+            logits.new_empty(labels.shape if compute_entropy else (0,), dtype=acc),
+            logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc))
 
 
-def _backward_args(grad_logp, grad_entropy, labels, row_max, entropy):
-    acc = row_max.dtype
-    grad_logp = grad_logp.reshape(-1).to(acc).contiguous()
-    if grad_entropy is not None:
-        grad_entropy = grad_entropy.reshape(-1).to(acc).contiguous()
-        entropy = entropy.reshape(-1)
-    return grad_logp, grad_entropy, _flat_labels(labels), entropy
-
-
-@torch.library.custom_op("rlhf_kernels::logprobs_bwd", mutates_args=())
-def _logprobs_bwd(
-    grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, labels: Tensor,
-    row_max: Tensor, log_sum: Tensor, entropy: Optional[Tensor], temperature: float, ignore_index: int,
-    backend: str,
-) -> Tensor:
-    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    grad_logp, grad_entropy, flat, entropy = _backward_args(grad_logp, grad_entropy, labels, row_max, entropy)
-    _BACKWARD[backend](grad_logp, grad_entropy, logits, flat, row_max, log_sum, entropy, grad_logits,
-                       1.0 / temperature, ignore_index)
-    return grad_logits
-
-
-@_logprobs_bwd.register_fake
-def _(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature, ignore_index, backend):
+def _backward_fake(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature, ignore_index):
     return logits.new_empty(logits.shape)
 
 
-@torch.library.custom_op("rlhf_kernels::logprobs_bwd_inplace", mutates_args=("logits",))
-def _logprobs_bwd_inplace(
-    grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, labels: Tensor,
-    row_max: Tensor, log_sum: Tensor, entropy: Optional[Tensor], temperature: float, ignore_index: int,
-    backend: str,
-) -> None:
-    grad_logp, grad_entropy, flat, entropy = _backward_args(grad_logp, grad_entropy, labels, row_max, entropy)
-    tensor, *_ = row_layout(logits)
-    if tensor is logits:
-        _BACKWARD[backend](grad_logp, grad_entropy, logits, flat, row_max, log_sum, entropy, logits,
-                           1.0 / temperature, ignore_index)
-    else:  # a layout the kernels cannot address in place: compute, then copy back
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        _BACKWARD[backend](grad_logp, grad_entropy, logits, flat, row_max, log_sum, entropy, grad,
-                           1.0 / temperature, ignore_index)
-        logits.copy_(grad)
-
-
-@_logprobs_bwd_inplace.register_fake
-def _(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature, ignore_index, backend):
+def _backward_inplace_fake(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature,
+                           ignore_index):
     return None
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, temperature, ignore_index, compute_entropy, inplace_backward, backend = inputs
+    logits, labels, temperature, ignore_index, compute_entropy, inplace_backward = inputs
     _, entropy, row_max, log_sum = output
     ctx.mark_non_differentiable(row_max, log_sum)
-    ctx.save_for_backward(logits, labels, row_max, log_sum, entropy if compute_entropy else None)
-    ctx.params = (temperature, ignore_index, compute_entropy, inplace_backward, backend)
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(logits, labels, row_max, log_sum, entropy if compute_entropy else None)
+        ctx.params = (temperature, ignore_index, compute_entropy, inplace_backward)
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_row_max, _grad_log_sum):
-    logits, labels, row_max, log_sum, entropy = ctx.saved_tensors
-    temperature, ignore_index, compute_entropy, inplace_backward, backend = ctx.params
-    if not ctx.needs_input_grad[0]:
-        return (None,) * 7
-    if grad_logp is None:
-        grad_logp = torch.zeros_like(row_max)
-    if not compute_entropy:
-        grad_entropy = None
-    elif grad_entropy is None:
-        grad_entropy = torch.zeros_like(row_max)
-    args = (grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature, ignore_index,
-            backend)
-    if inplace_backward:
-        torch.ops.rlhf_kernels.logprobs_bwd_inplace(*args)
-        grad_logits = logits
-    else:
-        grad_logits = torch.ops.rlhf_kernels.logprobs_bwd(*args)
-    return grad_logits, None, None, None, None, None, None
+def _backward_with(backward_op, backward_inplace_op) -> Callable:
+    def backward(ctx, grad_logp, grad_entropy, _grad_row_max, _grad_log_sum):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        logits, labels, row_max, log_sum, entropy = ctx.saved_tensors
+        temperature, ignore_index, compute_entropy, inplace_backward = ctx.params
+        args = (grad_logp, grad_entropy if compute_entropy else None, logits, labels, row_max, log_sum, entropy,
+                temperature, ignore_index)
+        if inplace_backward:
+            backward_inplace_op(*args)
+            return logits, None, None, None, None, None
+        return backward_op(*args), None, None, None, None, None
+
+    return backward
 
 
-_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
+@torch.library.custom_op("rlhf_kernels::logprobs_triton", mutates_args=())
+def _logprobs_triton(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, compute_entropy: bool,
+                     inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if labels.device.type == "cpu":  # the interpreter: as the native CPU op checks
+        check_labels_in_range(labels, logits.shape[-1], ignore_index)
+    flat = labels.reshape(-1).to(torch.int64).contiguous()
+    logp, entropy, row_max, log_sum = _triton.forward(logits, flat, 1.0 / temperature, ignore_index, compute_entropy)
+    return logp.view(labels.shape), entropy.view(labels.shape) if compute_entropy else entropy, row_max, log_sum
+
+
+def _triton_backward_into(out, grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature,
+                          ignore_index):
+    acc = row_max.dtype
+    if grad_entropy is not None:
+        grad_entropy, entropy = grad_entropy.reshape(-1).to(acc).contiguous(), entropy.reshape(-1)
+    _triton.backward(grad_logp.reshape(-1).to(acc).contiguous(), grad_entropy, logits,
+                     labels.reshape(-1).to(torch.int64).contiguous(), row_max, log_sum, entropy, out,
+                     1.0 / temperature, ignore_index)
+
+
+@torch.library.custom_op("rlhf_kernels::logprobs_triton_backward", mutates_args=())
+def _logprobs_triton_backward(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, labels: Tensor,
+                              row_max: Tensor, log_sum: Tensor, entropy: Optional[Tensor], temperature: float,
+                              ignore_index: int) -> Tensor:
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _triton_backward_into(out, grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature,
+                          ignore_index)
+    return out
+
+
+@torch.library.custom_op("rlhf_kernels::logprobs_triton_backward_", mutates_args=("logits",))
+def _logprobs_triton_backward_(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, labels: Tensor,
+                               row_max: Tensor, log_sum: Tensor, entropy: Optional[Tensor], temperature: float,
+                               ignore_index: int) -> None:
+    if _triton.addressable_in_place(logits):
+        _triton_backward_into(logits, grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy,
+                              temperature, ignore_index)
+    else:  # a layout the kernels cannot address in place: compute, then copy back
+        logits.copy_(_logprobs_triton_backward(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy,
+                                               temperature, ignore_index))
+
+
+def _register(backends: tuple[str, ...], op, backward_op, backward_inplace_op) -> None:
+    torch.library.register_fake(op)(_logprobs_fake)
+    torch.library.register_fake(backward_op)(_backward_fake)
+    torch.library.register_fake(backward_inplace_op)(_backward_inplace_fake)
+    caller = differentiable(op, _setup_context, _backward_with(backward_op, backward_inplace_op))
+
+    def logprobs(*args):
+        logp, entropy, _, _ = caller(*args)
+        return logp, entropy
+
+    register("logprobs", backends, logprobs)
+
+
+if native_extension_loaded():
+    _ops = torch.ops.rlhf_kernels
+    _register(("cpu", "cuda"), _ops.logprobs.default, _ops.logprobs_backward.default, _ops.logprobs_backward_.default)
+_register(("triton",), torch.ops.rlhf_kernels.logprobs_triton.default,
+          torch.ops.rlhf_kernels.logprobs_triton_backward.default,
+          torch.ops.rlhf_kernels.logprobs_triton_backward_.default)
+register("logprobs", ("reference",), _eager.logprobs)
 
 
 # --- public function ----------------------------------------------------------------
@@ -239,10 +202,10 @@ def logprobs_from_logits(
     ignore_index = check_int("ignore_index", ignore_index)
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"ignore_index: must fit in int64, got {ignore_index}")
-    chosen = resolve_backend(backend, logits.device, "logprobs")
-    logp, entropy, _, _ = torch.ops.rlhf_kernels.logprobs_fwd(
-        logits, labels, temperature, ignore_index, bool(return_entropy),
-        bool(inplace_backward), chosen,
+    if labels.is_cuda and checks_enabled():
+        check_labels_in_range(labels, logits.shape[-1], ignore_index)
+    logp, entropy = implementation("logprobs", backend, logits.device)(
+        logits, labels, temperature, ignore_index, bool(return_entropy), bool(inplace_backward),
     )
     return (logp, entropy) if return_entropy else logp
 

@@ -24,43 +24,24 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._dispatch import implementation, native_extension_loaded, register, resolve_backend, triton_installed
+from .._dispatch import checks_enabled, implementation, native_extension_loaded, register, triton_installed
 from .._launch import (
     APPROX_KL, CLIP, COUNT, DUAL, ENTROPY_SUM, KL_SUM, N_POLICY_STATS, N_VALUE_STATS, PG_SUM, RATIO_MAX, RATIO_MIN,
-    VF_CLIP, VF_COUNT, VF_SUM, acc_dtype, layouts, rows_in_flight,
+    VF_CLIP, VF_COUNT, VF_SUM, acc_dtype, rows_in_flight,
 )
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_finite, check_positive, check_same_device, check_tensor
+from .._validation import check_labels_in_range
 from ..eager import ppo_loss as _eager
-from . import logprobs as _lp
 from ._op import differentiable
+
+if triton_installed():
+    from ..triton import logprobs as _triton_logprobs
+    from ..triton import ppo_loss as _triton
 from .advantages import _check_estimator
 
 
 AGG_MODES = reference.AGG_MODES
 POLICY_STAT_NAMES = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_max", "ratio_min")
-
-
-# --- per-token kernels per backend ----------------------------------------------------
-# Each takes flat (N,) = (B * T,) token tensors of one float dtype and a bool
-# mask, and returns (grad (N,) or empty, seq_stats (B, K)).
-
-
-def _policy_native(logp, old_logp, adv, mask, ref_logp, entropy, seq_len, ratio_low, ratio_high,
-                   dual_clip, kl_coef, kl_code, need_grad):
-    return torch.ops.rlhf_kernels.ppo_policy_fwd_native(
-        logp, old_logp, adv, mask, ref_logp, entropy, seq_len, ratio_low, ratio_high,
-        dual_clip, kl_coef, kl_code, need_grad,
-    )
-
-
-_POLICY = {"cpu": _policy_native, "cuda": _policy_native, "reference": _eager.policy}
-
-
-def _value_native(values, old_values, returns, mask, seq_len, clip, need_grad):
-    return torch.ops.rlhf_kernels.ppo_value_fwd_native(values, old_values, returns, mask, seq_len, clip, need_grad)
-
-
-_VALUE = {"cpu": _value_native, "cuda": _value_native, "reference": _eager.value}
 
 
 # --- aggregation ------------------------------------------------------------------------
@@ -121,16 +102,17 @@ def _num_seqs(shape) -> int:
     return math.prod(shape[:-1])
 
 
-def _run_tokens(table, backend: str, shape, n_stats: int, like: Tensor, need_grad: bool, *args):
-    """table[backend](*args), or, without any token, the statistics of B empty
-    sequences (zero counts; ratio max / min at -inf / +inf) without a launch."""
+def _run_tokens(token_pass, shape, n_stats: int, like: Tensor, need_grad: bool, *args):
+    """token_pass(*args) (a Triton token kernel: (grad, seq_stats)), or, without
+    any token, the statistics of B empty sequences (zero counts; ratio max / min
+    at -inf / +inf) without a launch."""
     if like.numel() == 0:
         stats = like.new_zeros((_num_seqs(shape), n_stats))
         if n_stats == N_POLICY_STATS:
             stats[:, RATIO_MAX] = float("-inf")
             stats[:, RATIO_MIN] = float("inf")
         return like.new_empty(0), stats
-    return table[backend](*args)
+    return token_pass(*args)
 
 
 # --- custom ops ---------------------------------------------------------------------------
@@ -190,8 +172,10 @@ def _tokens(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.to(dtype).reshape(-1).contiguous() for t in tensors)
 
 
-def _weights_and_grad(counts: Tensor, grad: Tensor, shape, agg: int, num_tokens, num_seqs):
-    weights = _aggregation_weights(counts, _seq_len(shape), AGG_MODES[agg], num_tokens, num_seqs)
+def _weights_and_grad(counts: Tensor, grad: Tensor, shape, agg: int, num_tokens, num_seqs,
+                      count: Optional[Tensor] = None):
+    """The weights (divided by a tensor count) and the token gradient scaled by them."""
+    weights = _divide(_aggregation_weights(counts, _seq_len(shape), AGG_MODES[agg], num_tokens, num_seqs), count)
     if grad.numel():
         grad = (grad.view(weights.shape[0], -1) * weights.unsqueeze(-1)).reshape(-1)
     return weights, grad
@@ -205,7 +189,7 @@ def _ppo_policy_loss_triton(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     tokens = _tokens(logp, old_logp, advantages)
     grad, seq_stats = _run_tokens(
-        _POLICY, "triton", logp.shape, N_POLICY_STATS, tokens[0], need_grad, *tokens, _token_view(mask != 0),
+        _triton.policy, logp.shape, N_POLICY_STATS, tokens[0], need_grad, *tokens, _token_view(mask != 0),
         None, None, _seq_len(logp.shape), ratio_low, ratio_high, dual_clip, 0.0, -1, need_grad,
     )
     weights, grad = _weights_and_grad(seq_stats[:, COUNT], grad, logp.shape, agg, num_tokens, num_seqs)
@@ -219,7 +203,7 @@ def _ppo_value_loss_triton(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     tokens = _tokens(values, old_values, returns)
     grad, seq_stats = _run_tokens(
-        _VALUE, "triton", values.shape, N_VALUE_STATS, tokens[0], need_grad, *tokens, _token_view(mask != 0),
+        _triton.value, values.shape, N_VALUE_STATS, tokens[0], need_grad, *tokens, _token_view(mask != 0),
         _seq_len(values.shape), clip, need_grad,
     )
     counts = seq_stats[:, VF_COUNT]
@@ -271,105 +255,80 @@ register("ppo_policy_loss", ("reference",), _eager.policy_loss)
 register("ppo_value_loss", ("reference",), _eager.value_loss)
 
 
-# --- the logits gradient during the forward ---------------------------------------------
-# When a gradient is needed (and the logits are not to be overwritten), each row
-# of logits is read once for logp / entropy / its softmax (raw max and log-sum),
+# --- the loss from the logits: the native op, its Triton twin, the eager composition --------
+# With a gradient wanted (and the logits not to be overwritten), each row of
+# logits is read once for logp / entropy / its softmax (raw max and log-sum),
 # its token's dL/dlogp follows from the PPO formula (the aggregation weights
 # depend on the mask only), and the row's gradient is written straight away,
 # while the row is still in cache: one read and one write of the logits in all,
-# where a separate backward would read them again. grad_logits (contiguous, the
-# logits' dtype) is written in place.
-
-
-def _logits_grad_native(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inv_temperature,
-                        ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef):
-    tensor, inner_rows, in_outer, in_inner, out_outer, out_inner = layouts(logits, grad_logits)
-    row_bytes = logits.shape[-1] * logits.element_size()
-    return torch.ops.rlhf_kernels.ppo_logits_grad_native(
-        tensor, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inner_rows, in_outer, in_inner,
-        out_outer, out_inner, inv_temperature, -100, ratio_low, ratio_high, dual_clip, kl_coef, kl_code,
-        entropy_coef, rows_in_flight(labels.numel(), row_bytes, logits.device),
-    )
-
-
-_LOGITS_GRAD = {"cpu": _logits_grad_native, "cuda": _logits_grad_native, "reference": _eager.logits_grad}
-if triton_installed():
-    from ..triton import ppo_loss as _triton
-
-    _POLICY["triton"], _VALUE["triton"], _LOGITS_GRAD["triton"] = _triton.policy, _triton.value, _triton.logits_grad
-
-
-@torch.library.custom_op("rlhf_kernels::ppo_loss_from_logits_fwd", mutates_args=())
-def _ppo_loss_from_logits_fwd(
-    logits: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-    ref_logp: Optional[Tensor], temperature: float, ratio_low: float, ratio_high: float,
-    dual_clip: float, agg: str, num_tokens: Optional[float], num_seqs: Optional[float],
-    kl_coef: float, kl_code: int, entropy_coef: float, inplace_backward: bool, need_grad: bool,
-    backend: str, count: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    # count: a global count given as a tensor (see _check_agg), divided into the
-    # weights on the device, so that the gradient written in the forward is the
-    # final one (an upstream gradient of 1: no scaling pass in the backward).
-    _lp._validate_labels(logits, labels, -100)
-    flat_labels = _lp._flat_labels(labels)
-    seq_len = _seq_len(labels.shape)
-    seqs = _num_seqs(labels.shape)
-    token_mask = _token_view(mask)
-    tokens = (_token_view(old_logp), _token_view(advantages), token_mask,
-              _token_view(ref_logp) if ref_logp is not None else None)
-    grad_logits = logits.new_empty(0)
-    fused = _grad_in_forward(logits.dtype, need_grad, inplace_backward)
-    if fused:
-        # The gradient now (for a unit upstream gradient), in the same pass.
-        counts = token_mask.view(seqs, seq_len).sum(-1).to(old_logp.dtype)
-        weights = _divide(_aggregation_weights(counts, seq_len, agg, num_tokens, num_seqs), count)
-        row_weight = torch.where(token_mask.view(seqs, seq_len), weights.unsqueeze(-1), 0.0).reshape(-1)
-        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        logp, entropy, row_max, log_sum = _LOGITS_GRAD[backend](
-            logits, flat_labels, tokens[0], tokens[1], row_weight.contiguous(), tokens[3], grad_logits,
-            1.0 / temperature, ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef,
-        )
-    else:
-        # One read of the logits: logp, entropy, row_max and log_sum per row.
-        logp, entropy, row_max, log_sum = _lp._FORWARD[backend](logits, flat_labels, 1.0 / temperature, -100,
-                                                                True)
-    # Then one pass over the tokens: ratio, clip, KL, sums (and dL/dlogp, unless
-    # the logits gradient is already written).
-    token_grad = need_grad and not fused
-    grad, seq_stats = _run_tokens(
-        _POLICY, backend, labels.shape, N_POLICY_STATS, logp, token_grad, logp, tokens[0], tokens[1], token_mask,
-        tokens[3], entropy, seq_len, ratio_low, ratio_high, dual_clip, kl_coef, kl_code, token_grad,
-    )
-    if not fused:
-        weights = _divide(_aggregation_weights(seq_stats[:, COUNT], seq_len, agg, num_tokens, num_seqs), count)
-    pg_loss = (weights * seq_stats[:, PG_SUM]).sum()
-    kl = (weights * seq_stats[:, KL_SUM]).sum()
-    entropy_agg = (weights * seq_stats[:, ENTROPY_SUM]).sum()
-    loss = pg_loss + kl_coef * kl - entropy_coef * entropy_agg
-    stats = torch.cat([_policy_stats(seq_stats), torch.stack([pg_loss, kl, entropy_agg])])
-    return loss, stats, grad, weights, row_max, log_sum, entropy, grad_logits
-
-
-@_ppo_loss_from_logits_fwd.register_fake
-def _(logits, labels, old_logp, advantages, mask, ref_logp, temperature, ratio_low, ratio_high,
-      dual_clip, agg, num_tokens, num_seqs, kl_coef, kl_code, entropy_coef, inplace_backward,
-      need_grad, backend, count=None):
-    acc = acc_dtype(logits.dtype)
-    n = labels.numel()
-    seqs = _num_seqs(labels.shape)
-    new = lambda *shape: logits.new_empty(shape, dtype=acc)  # noqa: E731
-    fused = _grad_in_forward(logits.dtype, need_grad, inplace_backward)
-    grad_logits = logits.new_empty(logits.shape if fused else (0,))
-    return (new(), new(8), new(0 if fused or not need_grad else n), new(seqs), new(n), new(n), new(n),
-            grad_logits)
+# where a separate backward would read them again. The backward then only
+# scales that gradient by the upstream one, on the device, and only when it is
+# not 1 (scale_grad_): no host synchronisation.
 
 
 def _grad_in_forward(dtype: torch.dtype, need_grad: bool, inplace_backward: bool) -> bool:
     """Whether ppo_loss_from_logits writes the logits gradient in its forward:
     when one is needed and the logits are not to be overwritten, and not for
     float16, whose gradient must be scaled (GradScaler) before it is rounded
-    to float16, or small values underflow."""
+    to float16, or small values underflow (csrc/glue.h fused_logits_grad)."""
     return need_grad and not inplace_backward and dtype != torch.float16
+
+
+def _from_logits_fake(logits, labels, old_logp, advantages, mask, ref_logp, temperature, ratio_low, ratio_high,
+                      dual_clip, agg, num_tokens, num_seqs, kl_coef, kl_estimator, entropy_coef, inplace_backward,
+                      need_grad, count, max_rows_in_flight):
+    acc = acc_dtype(logits.dtype)
+    n = labels.numel()
+    new = lambda *shape: logits.new_empty(shape, dtype=acc)  # noqa: E731
+    fused = _grad_in_forward(logits.dtype, need_grad, inplace_backward)
+    return (new(), new(8), new(0 if fused or not need_grad else n), new(_num_seqs(labels.shape)), new(n), new(n),
+            new(n), logits.new_empty(logits.shape if fused else (0,)))
+
+
+@torch.library.custom_op("rlhf_kernels::ppo_loss_from_logits_triton", mutates_args=())
+def _ppo_loss_from_logits_triton(
+    logits: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, ref_logp: Optional[Tensor],
+    temperature: float, ratio_low: float, ratio_high: float, dual_clip: float, agg: int, num_tokens: Optional[float],
+    num_seqs: Optional[float], kl_coef: float, kl_estimator: int, entropy_coef: float, inplace_backward: bool,
+    need_grad: bool, count: Optional[Tensor], max_rows_in_flight: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The native op's composite (csrc/glue.h ppo_loss_from_logits_impl) over the Triton kernels."""
+    if labels.device.type == "cpu":  # the interpreter: as the native CPU op checks
+        check_labels_in_range(labels, logits.shape[-1], -100)
+    acc = acc_dtype(logits.dtype)
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    seq_len, seqs = _seq_len(labels.shape), _num_seqs(labels.shape)
+    token_mask = _token_view(mask != 0)
+    old, adv = (t.to(acc).reshape(-1).contiguous() for t in (old_logp, advantages))
+    ref = None if ref_logp is None else ref_logp.to(acc).reshape(-1).contiguous()
+    kl_code = kl_estimator if ref is not None else -1
+    agg_mode = AGG_MODES[agg]
+    grad_logits = logits.new_empty(0)
+    fused = _grad_in_forward(logits.dtype, need_grad, inplace_backward)
+    if fused:
+        counts = token_mask.view(seqs, seq_len).sum(-1).to(acc)
+        weights = _divide(_aggregation_weights(counts, seq_len, agg_mode, num_tokens, num_seqs), count)
+        row_weight = torch.where(token_mask.view(seqs, seq_len), weights.unsqueeze(-1), 0.0).reshape(-1)
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        logp, entropy, row_max, log_sum = _triton.logits_grad(
+            logits, flat_labels, old, adv, row_weight.contiguous(), ref, grad_logits, 1.0 / temperature,
+            ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef, max_rows_in_flight,
+        )
+    else:
+        logp, entropy, row_max, log_sum = _triton_logprobs.forward(logits, flat_labels, 1.0 / temperature, -100, True)
+    token_grad = need_grad and not fused
+    grad, seq_stats = _run_tokens(
+        _triton.policy, labels.shape, N_POLICY_STATS, logp, token_grad, logp, old, adv, token_mask, ref, entropy,
+        seq_len, ratio_low, ratio_high, dual_clip, kl_coef, kl_code, token_grad,
+    )
+    if not fused:
+        weights, grad = _weights_and_grad(seq_stats[:, COUNT], grad, labels.shape, agg, num_tokens, num_seqs, count)
+    pg_loss = (weights * seq_stats[:, PG_SUM]).sum()
+    kl = (weights * seq_stats[:, KL_SUM]).sum()
+    entropy_agg = (weights * seq_stats[:, ENTROPY_SUM]).sum()
+    loss = pg_loss + kl_coef * kl - entropy_coef * entropy_agg
+    stats = torch.cat([_policy_stats(seq_stats), torch.stack([pg_loss, kl, entropy_agg])])
+    return loss, stats, grad, weights, row_max, log_sum, entropy, grad_logits
 
 
 def _tracing(t: Tensor) -> bool:
@@ -385,61 +344,109 @@ def _tracing(t: Tensor) -> bool:
 
 def _from_logits_setup_context(ctx, inputs, output):
     logits, labels, _, _, mask = inputs[:5]
-    temperature, entropy_coef, inplace_backward, backend = inputs[6], inputs[15], inputs[16], inputs[18]
+    temperature, entropy_coef, inplace_backward, need_grad = inputs[6], inputs[15], inputs[16], inputs[17]
     _, _, grad, weights, row_max, log_sum, entropy, grad_logits = output
-    ctx.fused = _grad_in_forward(logits.dtype, inputs[17], inplace_backward)  # inputs[17]: need_grad
+    ctx.mark_non_differentiable(*output[1:])
+    if not ctx.needs_input_grad[0]:
+        return
+    ctx.fused = _grad_in_forward(logits.dtype, need_grad, inplace_backward)
     if ctx.fused:
-        # Only the gradient is kept, not the logits. The backward hands this
-        # buffer on as it is (a leaf's .grad may become this very buffer: with
-        # retain_graph, editing that .grad in place makes a later backward
-        # through the graph raise, as for any saved tensor modified in place).
-        ctx.save_for_backward(grad_logits)
-        # No (N, V) zeros for the outputs that get no gradient.
+        # Only the gradient is kept, not the logits. No (N, V) zeros for the
+        # outputs that get no gradient.
         ctx.set_materialize_grads(False)
+        ctx.traced = _tracing(grad_logits)
+        if ctx.traced:
+            ctx.save_for_backward(grad_logits)
+        else:
+            # Eagerly the backward scales this buffer in place, on the device,
+            # by the ratio of the upstream gradient to the one already in it
+            # (`applied`): a later backward through a retained graph rescales it
+            # again. Kept on ctx, not saved: the scaling must not count as a
+            # modification of a saved tensor.
+            ctx.grad_logits = grad_logits
+            ctx.applied = torch.ones(1, dtype=acc_dtype(logits.dtype), device=logits.device)
     else:
         ctx.save_for_backward(logits, labels, mask, grad, weights, row_max, log_sum, entropy)
-    ctx.params = (temperature, entropy_coef, inplace_backward, backend)
+    ctx.params = (temperature, entropy_coef, inplace_backward)
 
 
-def _from_logits_backward(ctx, grad_loss, _gs, _gg, _gw, _gmax, _glogsum, _gent, _ggl):
-    if not ctx.needs_input_grad[0] or grad_loss is None:  # None: only if grads are not materialised
-        return (None,) * 20
-    if ctx.fused:
-        (grad_logits,) = ctx.saved_tensors
-        # Written for a unit upstream gradient: scaled only when it is not 1 (a
-        # check that synchronises once, eagerly; compiled graphs always scale,
-        # since they cannot branch on a value).
+def _from_logits_backward_with(scale_grad_, backward_op, backward_inplace_op) -> Callable:
+    """The backward of a from-logits op over its backend's ops."""
+
+    def backward(ctx, grad_loss, *_):
+        grads = [None] * len(ctx.needs_input_grad)
+        if not ctx.needs_input_grad[0] or grad_loss is None:  # None: only if grads are not materialised
+            return tuple(grads)
         _no_double_backward("ppo_loss_from_logits", grad_loss)
-        # The product in float32, rounded once (a bf16 scale would bias it).
-        if _tracing(grad_loss):
-            grad_logits = (grad_logits.float() * grad_loss.float()).to(grad_logits.dtype)
+        if ctx.fused:
+            # Written for a unit upstream gradient: scaled in float32 (a bf16
+            # scale would bias it), rounded once; eagerly on the device and
+            # only when the upstream gradient is not the one already applied
+            # (loss.backward() passes 1: no pass at all). No host synchronisation.
+            if ctx.traced:
+                (grad_logits,) = ctx.saved_tensors
+                grads[0] = (grad_logits.float() * grad_loss.float()).to(grad_logits.dtype)
+            else:
+                scale_grad_(ctx.grad_logits, ctx.applied, grad_loss)
+                grads[0] = ctx.grad_logits
+            return tuple(grads)
+        logits, labels, mask, grad, weights, row_max, log_sum, entropy = ctx.saved_tensors
+        temperature, entropy_coef, inplace_backward = ctx.params
+        if grad.numel() != labels.numel():
+            raise RuntimeError("ppo_loss_from_logits: the op was called with need_grad=False, so it has no "
+                               "gradient for the logits")
+        seqs, seq_len = weights.shape[0], labels.shape[-1]
+        grad_logp = grad * grad_loss  # grad is w_b * dl/dlogp already
+        grad_entropy = None
+        if entropy_coef != 0.0:
+            # d loss / d entropy = -entropy_coef * w_b on valid tokens.
+            scale = (weights * grad_loss).unsqueeze(-1)
+            grad_entropy = torch.where(mask.reshape(seqs, seq_len) != 0, -entropy_coef * scale, 0.0).reshape(-1)
+        args = (grad_logp, grad_entropy, logits, labels, row_max, log_sum,
+                entropy if grad_entropy is not None else None, temperature, -100)
+        # One more pass over the logits writes their gradient.
+        if inplace_backward:
+            backward_inplace_op(*args)
+            grads[0] = logits
         else:
-            scale = float(grad_loss)  # the one host synchronisation of this backward
-            if scale != 1.0:
-                grad_logits = grad_logits.mul(scale)
-        return (grad_logits,) + (None,) * 19
-    logits, labels, mask, grad, weights, row_max, log_sum, entropy = ctx.saved_tensors
-    temperature, entropy_coef, inplace_backward, backend = ctx.params
-    scale = (weights * grad_loss).unsqueeze(-1)  # (B, 1)
-    seqs, seq_len = weights.shape[0], labels.shape[-1]
-    grad_logp = (grad.view(seqs, seq_len) * scale).reshape(-1)
-    grad_entropy = None
-    if entropy_coef != 0.0:
-        # d loss / d entropy = -entropy_coef * w_b on valid tokens.
-        grad_entropy = torch.where(mask.reshape(seqs, seq_len), -entropy_coef * scale, 0.0)
-        grad_entropy = grad_entropy.reshape(-1).to(grad_logp.dtype)
-    args = (grad_logp, grad_entropy, logits, labels, row_max, log_sum,
-            entropy if grad_entropy is not None else None, temperature, -100, backend)
-    # One more pass over the logits writes their gradient.
-    if inplace_backward:
-        torch.ops.rlhf_kernels.logprobs_bwd_inplace(*args)
-        grad_logits = logits
-    else:
-        grad_logits = torch.ops.rlhf_kernels.logprobs_bwd(*args)
-    return (grad_logits,) + (None,) * 19
+            grads[0] = backward_op(*args)
+        return tuple(grads)
+
+    return backward
 
 
-_ppo_loss_from_logits_fwd.register_autograd(_from_logits_backward, setup_context=_from_logits_setup_context)
+@torch.library.custom_op("rlhf_kernels::scale_grad_triton_", mutates_args=("grad", "applied"))
+def _scale_grad_triton_(grad: Tensor, applied: Tensor, scale: Tensor) -> None:
+    _triton.scale_unless_one(grad, applied, scale)
+
+
+@_scale_grad_triton_.register_fake
+def _(grad, applied, scale):
+    return None
+
+
+def _register_from_logits(backends: tuple[str, ...], op, scale_grad_, backward_op, backward_inplace_op) -> None:
+    torch.library.register_fake(op)(_from_logits_fake)
+    caller = differentiable(op, _from_logits_setup_context,
+                            _from_logits_backward_with(scale_grad_, backward_op, backward_inplace_op))
+
+    def from_logits(*args):
+        loss, stats, *_ = caller(*args)
+        return loss, stats
+
+    register("ppo_loss_from_logits", backends, from_logits)
+
+
+if native_extension_loaded():
+    _ops = torch.ops.rlhf_kernels
+    torch.library.register_fake(_ops.scale_grad_.default)(lambda grad, applied, scale: None)
+    _register_from_logits(("cpu", "cuda"), _ops.ppo_loss_from_logits.default, _ops.scale_grad_.default,
+                          _ops.logprobs_backward.default, _ops.logprobs_backward_.default)
+_register_from_logits(("triton",), torch.ops.rlhf_kernels.ppo_loss_from_logits_triton.default,
+                      torch.ops.rlhf_kernels.scale_grad_triton_.default,
+                      torch.ops.rlhf_kernels.logprobs_triton_backward.default,
+                      torch.ops.rlhf_kernels.logprobs_triton_backward_.default)
+register("ppo_loss_from_logits", ("reference",), _eager.ppo_loss_from_logits)
 
 
 # --- public functions -------------------------------------------------------------------
@@ -504,10 +511,6 @@ def _check_mask(mask: Tensor) -> Tensor:
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _prepare(x: Tensor, dtype: torch.dtype) -> Tensor:
-    return x.to(dtype).contiguous()
 
 
 def ppo_policy_loss(
@@ -688,7 +691,7 @@ def ppo_loss_from_logits(
     check_tensor("labels", labels, INDEX_DTYPES)
     check_tensor("old_logp", old_logp, FLOAT_DTYPES)
     check_tensor("advantages", advantages, FLOAT_DTYPES)
-    mask = _check_mask(mask)
+    _check_mask(mask)
     if ref_logp is not None:
         check_tensor("ref_logp", ref_logp, FLOAT_DTYPES)
     check_same_device(logits=logits, labels=labels, old_logp=old_logp, advantages=advantages,
@@ -702,27 +705,23 @@ def ppo_loss_from_logits(
                   advantages=advantages, mask=mask)
     if ref_logp is not None:
         _check_tokens("logits.shape[:-1]", tokens, ref_logp=ref_logp)
+        ref_logp = ref_logp.detach()
     temperature = check_positive("temperature", temperature)
     clip_low, clip_high, dual = _check_clip(clip_low, clip_high, dual_clip)
-    ratio_low, ratio_high = 1.0 - clip_low, 1.0 + clip_high
-    _, num_tokens, num_seqs, divisor = _check_agg(agg, num_tokens, num_seqs, logits.device)
+    agg_code, num_tokens, num_seqs, divisor = _check_agg(agg, num_tokens, num_seqs, logits.device)
     kl_coef = check_finite("kl_coef", kl_coef)
     entropy_coef = check_finite("entropy_coef", entropy_coef)
     kl_code = _check_estimator(kl_estimator, "kl_estimator")
-    if ref_logp is None:
-        kl_code = -1  # no KL term
-    chosen = resolve_backend(backend, logits.device, "ppo_loss_from_logits")
-    acc = acc_dtype(logits.dtype)
-    loss, stats, *_ = torch.ops.rlhf_kernels.ppo_loss_from_logits_fwd(
-        logits, labels, _prepare(old_logp.detach(), acc), _prepare(advantages.detach(), acc),
-        mask.contiguous(), None if ref_logp is None else _prepare(ref_logp.detach(), acc),
-        temperature, ratio_low, ratio_high, dual, agg, num_tokens, num_seqs, kl_coef, kl_code,
-        entropy_coef, bool(inplace_backward), bool(logits.requires_grad and torch.is_grad_enabled()),
-        chosen, divisor,
+    if labels.is_cuda and checks_enabled():
+        check_labels_in_range(labels, logits.shape[-1], -100)
+    need_grad = logits.requires_grad and torch.is_grad_enabled()
+    in_flight = rows_in_flight(labels.numel(), logits.shape[-1] * logits.element_size(), logits.device)
+    loss, stats = implementation("ppo_loss_from_logits", backend, logits.device)(
+        logits, labels, old_logp.detach(), advantages.detach(), mask, ref_logp, temperature, 1.0 - clip_low,
+        1.0 + clip_high, dual, agg_code, num_tokens, num_seqs, kl_coef, kl_code, entropy_coef,
+        bool(inplace_backward), need_grad, divisor, in_flight,
     )
-    stats = stats.detach()
-    names = POLICY_STAT_NAMES + ("pg_loss", "kl", "entropy")
-    return loss, {name: stats[i] for i, name in enumerate(names)}
+    return loss, dict(zip(POLICY_STAT_NAMES + ("pg_loss", "kl", "entropy"), stats.unbind()))
 
 
 __all__ = ["ppo_policy_loss", "ppo_value_loss", "ppo_loss_from_logits"]

@@ -67,6 +67,11 @@ def block_config(vocab: int, device: torch.device) -> tuple[int, int]:
     return block, (16 if block >= 4096 else max(1, min(8, block // 256)))
 
 
+def addressable_in_place(logits) -> bool:
+    """Whether the kernels can write the logits gradient over these logits."""
+    return row_layout(logits)[0] is logits
+
+
 @on_tensor_device
 def forward(logits, labels, inv_temperature, ignore_index, compute_entropy):
     tensor, inner_rows, outer, inner = row_layout(logits)

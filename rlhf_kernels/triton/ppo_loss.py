@@ -9,7 +9,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from .._launch import N_POLICY_STATS, N_VALUE_STATS, RATIO_MAX, RATIO_MIN, acc_dtype, layouts, rows_in_flight
+from .._launch import N_POLICY_STATS, N_VALUE_STATS, RATIO_MAX, RATIO_MIN, acc_dtype, layouts
 from ._device import (
     _chunk_tokens, _clamp, _f64, _label_logp, _policy_terms, _row_grad, _row_softmax, f64_parts, on_tensor_device,
     tl_acc,
@@ -195,14 +195,15 @@ def value(values, old_values, returns, mask, seq_len, clip, need_grad):
 
 @on_tensor_device
 def logits_grad(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inv_temperature,
-                        ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef):
+                ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef, max_rows_in_flight):
+    """The fused from-logits kernel; at most max_rows_in_flight rows at once (0: all)."""
     tensor, inner_rows, in_outer, in_inner, out_outer, out_inner = layouts(logits, grad_logits)
     n_rows, vocab = labels.numel(), logits.shape[-1]
     acc = acc_dtype(logits.dtype)
     logp, entropy, row_max, log_sum = (torch.empty(n_rows, dtype=acc, device=logits.device) for _ in range(4))
     if n_rows > 0:
         block, warps = _logprobs.block_config(vocab, logits.device)
-        grid = rows_in_flight(n_rows, vocab * logits.element_size(), logits.device) or n_rows
+        grid = min(max_rows_in_flight, n_rows) or n_rows
         _ppo_logits_grad_kernel[(grid,)](
             tensor, labels, old_logp, adv, row_weight, ref_logp if ref_logp is not None else old_logp,
             grad_logits, logp, entropy, row_max, log_sum, n_rows, inner_rows, in_outer, in_inner, out_outer,
@@ -216,11 +217,11 @@ def logits_grad(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits
 
 
 @triton.jit
-def _scale_unless_one_kernel(x_ptr, scale_ptr, n, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    # x *= scale in ACC_DTYPE, rounded once, unless scale == 1 (read on the
-    # device: the caller never synchronises); then nothing is touched.
-    # A grid-stride loop over a bounded grid: few programs to skip when scale == 1.
-    scale = tl.load(scale_ptr).to(ACC_DTYPE)
+def _scale_unless_one_kernel(x_ptr, scale_ptr, applied_ptr, n, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    # x *= scale / applied in ACC_DTYPE, rounded once, unless that is 1 (read on
+    # the device: the caller never synchronises); then nothing is touched.
+    # A grid-stride loop over a bounded grid: few programs to skip when it is 1.
+    scale = tl.load(scale_ptr).to(ACC_DTYPE) / tl.load(applied_ptr).to(ACC_DTYPE)
     if scale != 1.0:
         for start in range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK):
             offs = start + tl.zeros((), tl.int64) + tl.arange(0, BLOCK)
@@ -230,10 +231,13 @@ def _scale_unless_one_kernel(x_ptr, scale_ptr, n, ACC_DTYPE: tl.constexpr, BLOCK
 
 
 @on_tensor_device
-def scale_unless_one(x: Tensor, scale: Tensor) -> None:
+def scale_unless_one(x: Tensor, applied: Tensor, scale: Tensor) -> None:
+    """x *= scale / applied unless that is 1, then applied = scale (launch_scale_unless_one in csrc/cuda)."""
     n = x.numel()
+    scale = scale.to(applied.dtype).reshape(1)
     if n > 0:
         block = 4096 if x.device.type != "cuda" else 1024
         _scale_unless_one_kernel[(min(triton.cdiv(n, block), 1024),)](
-            x, scale.reshape(1), n, ACC_DTYPE=tl_acc(x.dtype), BLOCK=block,
+            x, scale, applied, n, ACC_DTYPE=tl_acc(x.dtype), BLOCK=block,
         )
+    applied.copy_(scale)
