@@ -88,7 +88,8 @@ RLHF_TOKEN_FN KlTerms<T> kl_terms(T logp, T ref, int estimator) {
     default: {
       const T x = ref - logp;
       const K3Terms<T> k = k3_terms(clamp_keep_nan(x, S(-20), S(20)));
-      const auto live = within(x, S(-20), S(20)) & within(k.k3, S(-10), S(10));
+      // k3 >= 0 (also in rounding): its lower clamp never acts.
+      const auto live = within(x, S(-20), S(20)) & (k.k3 <= S(10));
       return {clamp_keep_nan(k.k3, S(-10), S(10)), live ? -k.expm1 : T{}};
     }
   }
