@@ -1,8 +1,8 @@
-// CPU kernels of the fused PPO losses. The per-token math lives in
-// rlhf_kernels/ppo_math.h, shared with the CUDA kernels; float sequences run
-// 8 or 16 tokens at a time through ppo_loss_vec.inc (baseline, AVX2 and AVX-512 copies,
-// chosen at run time like the logprobs kernels), their tails and double
-// through the scalar policy_token / value_token.
+// CPU kernels of the fused PPO losses. The per-token math is policy_token /
+// value_token (rlhf_kernels/ppo_token_math.h), shared with the CUDA kernels;
+// float sequences run it on 8 or 16 tokens at a time through
+// ppo_loss_vec.inc (baseline, AVX2 and AVX-512 copies, chosen at run time like
+// the logprobs kernels), their tails and double on one token at a time here.
 #include "ppo_loss.h"
 
 #include "isa.h"

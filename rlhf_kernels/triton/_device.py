@@ -67,29 +67,24 @@ def _clamp(x, lo, hi):
     return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
 
 @triton.jit
+def _horner7(p, x, c1: tl.constexpr, c2: tl.constexpr, c3: tl.constexpr, c4: tl.constexpr,
+             c5: tl.constexpr, c6: tl.constexpr, c7: tl.constexpr):
+    # p x^7 + c1 x^6 + ... + c7 by Horner's rule (horner in kl_math.h).
+    return ((((((p * x + c1) * x + c2) * x + c3) * x + c4) * x + c5) * x + c6) * x + c7
+
+@triton.jit
 def _k3_terms(x):
-    # (exp(x) - x - 1, exp(x) - 1) as k3_terms in csrc/include/rlhf_kernels/kl.h:
+    # (exp(x) - x - 1, exp(x) - 1) as k3_terms in csrc/include/rlhf_kernels/kl_math.h:
     # for |x| < 1/2 the series x^2 (1/2! + x/3! + ...), where exp(x) - x - 1
     # would cancel to noise (k3 ~ x^2 / 2 near on-policy); to x^7/9! in
     # float32, to x^14/16! in float64 (truncation below the unit roundoff).
     if x.dtype == tl.float64:
-        p = tl.zeros_like(x) + (1.0 / 20922789888000.0)
-        p = p * x + (1.0 / 1307674368000.0)
-        p = p * x + (1.0 / 87178291200.0)
-        p = p * x + (1.0 / 6227020800.0)
-        p = p * x + (1.0 / 479001600.0)
-        p = p * x + (1.0 / 39916800.0)
-        p = p * x + (1.0 / 3628800.0)
-        p = p * x + (1.0 / 362880.0)
+        p = _horner7(tl.zeros_like(x) + (1.0 / 20922789888000.0), x, 1.0 / 1307674368000.0,
+                     1.0 / 87178291200.0, 1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0,
+                     1.0 / 3628800.0, 1.0 / 362880.0)
     else:
         p = tl.zeros_like(x) + (1.0 / 362880.0)
-    p = p * x + (1.0 / 40320.0)
-    p = p * x + (1.0 / 5040.0)
-    p = p * x + (1.0 / 720.0)
-    p = p * x + (1.0 / 120.0)
-    p = p * x + (1.0 / 24.0)
-    p = p * x + (1.0 / 6.0)
-    p = p * x + 0.5
+    p = _horner7(p, x, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5)
     series = x * x * p
     small = (x > -0.5) & (x < 0.5)
     e = tl.exp(x)
@@ -175,11 +170,38 @@ def _chunk_tokens(mask_ptr, seq_len, n_chunks, BLOCK: tl.constexpr):
     return item, offs, in_seq, valid
 
 @triton.jit
+def _kl_terms(logp, ref, ESTIMATOR: tl.constexpr):
+    """Per-token KL estimate (Schulman, 2020) and d kl / d logp (d kl / d ref is
+    its negative), as kl_terms in csrc/include/rlhf_kernels/kl_math.h: k1 =
+    logp - ref (ESTIMATOR 0), abs = |k1| (1), k2 = k1^2 / 2 (2), k3 = exp(x) -
+    x - 1, x = clamp(ref - logp, -20, 20), into [-10, 10] (3). At a clamp the
+    gradient is torch.clamp's (passes at the boundary, 0 beyond it and for
+    NaN); abs has 0 at 0."""
+    d = logp - ref
+    if ESTIMATOR == 0:
+        kl = d
+        dkl = tl.zeros_like(d) + 1.0
+    elif ESTIMATOR == 1:
+        kl = tl.where(d < 0.0, -d, d)
+        dkl = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0)).to(d.dtype)
+    elif ESTIMATOR == 2:
+        kl = 0.5 * (d * d)
+        dkl = d
+    else:
+        x = ref - logp
+        k, expm1 = _k3_terms(_clamp(x, -20.0, 20.0))
+        kl = _clamp(k, -10.0, 10.0)
+        live = (x >= -20.0) & (x <= 20.0) & (k <= 10.0)  # k3 >= 0: its lower clamp never acts
+        dkl = tl.where(live, -expm1, 0.0)
+    return kl, dkl
+
+@triton.jit
 def _policy_terms(logp, old, adv, ref, ratio_low, ratio_high, dual_c, kl_coef,
                   HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr):
     """PPO-clip (Schulman et al., 2017) + dual clip (Ye et al., 2020) per token
-    (rlhf_kernels/ppo_math.h): (loss, d(loss + kl_coef * kl)/d logp, clipped,
-    dual active, ratio, kl), for a block of tokens or a single one."""
+    (policy_token in csrc/include/rlhf_kernels/ppo_token_math.h, with its tie
+    rules): (loss, d(loss + kl_coef * kl)/d logp, clipped, dual active, ratio,
+    kl), for a block of tokens or a single one."""
     diff = logp - old
     log_ratio = _clamp(diff, -20.0, 20.0)
     d_log_ratio = tl.where((diff >= -20.0) & (diff <= 20.0), 1.0, 0.0)
@@ -202,22 +224,6 @@ def _policy_terms(logp, old, adv, ref, ratio_low, ratio_high, dual_c, kl_coef,
     grad = dloss * ratio * d_log_ratio
     kl = tl.zeros_like(ratio)
     if KL_ESTIMATOR >= 0:
-        k1 = logp - ref
-        if KL_ESTIMATOR == 0:
-            kl = k1
-            dkl = tl.zeros_like(ratio) + 1.0
-        elif KL_ESTIMATOR == 1:
-            kl = tl.where(k1 < 0.0, -k1, k1)
-            dkl = tl.where(k1 > 0.0, 1.0, tl.where(k1 < 0.0, -1.0, 0.0))
-        elif KL_ESTIMATOR == 2:
-            kl = 0.5 * (k1 * k1)
-            dkl = k1
-        else:
-            # k3 (low_var_kl): exp(d) - d - 1, d = clamp(ref - logp, -20, 20), into [-10, 10].
-            d_raw = ref - logp
-            k, expm1 = _k3_terms(_clamp(d_raw, -20.0, 20.0))
-            kl = _clamp(k, -10.0, 10.0)
-            passes = (d_raw >= -20.0) & (d_raw <= 20.0) & (k >= -10.0) & (k <= 10.0)
-            dkl = tl.where(passes, -expm1, 0.0)
+        kl, dkl = _kl_terms(logp, ref, KL_ESTIMATOR)
         grad = grad + kl_coef * dkl
     return loss, grad, clipped, dual, ratio, kl

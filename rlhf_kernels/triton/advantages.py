@@ -8,25 +8,10 @@ import triton
 import triton.language as tl
 
 from .._launch import acc_dtype
-from ._device import _clamp, _f64, _k3_terms, f64_parts, on_tensor_device, tl_acc
+from ._device import _f64, _kl_terms, f64_parts, on_tensor_device, tl_acc
 
 _N_STATS = 4  # per sequence: valid count, sum A, sum A^2, sum kl
 
-
-@triton.jit
-def _kl_value(logp, ref, ESTIMATOR: tl.constexpr):
-    # k1, |k1|, k1^2 / 2, or exp(x) - x - 1 with x = clamp(ref - logp) (Schulman, 2020).
-    d = logp - ref
-    if ESTIMATOR == 0:
-        kl = d
-    elif ESTIMATOR == 1:
-        kl = tl.abs(d)
-    elif ESTIMATOR == 2:
-        kl = 0.5 * d * d
-    else:
-        k3, _ = _k3_terms(_clamp(ref - logp, -20.0, 20.0))
-        kl = _clamp(k3, -10.0, 10.0)
-    return kl
 
 @triton.jit
 def _kl_fwd_kernel(logp_ptr, ref_ptr, kl_ptr, n, ESTIMATOR: tl.constexpr,
@@ -35,7 +20,8 @@ def _kl_fwd_kernel(logp_ptr, ref_ptr, kl_ptr, n, ESTIMATOR: tl.constexpr,
     inside = offs < n
     logp = tl.load(logp_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
     ref = tl.load(ref_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
-    tl.store(kl_ptr + offs, _kl_value(logp, ref, ESTIMATOR), mask=inside)
+    kl, _ = _kl_terms(logp, ref, ESTIMATOR)
+    tl.store(kl_ptr + offs, kl, mask=inside)
 
 @triton.jit
 def _kl_bwd_kernel(grad_ptr, logp_ptr, ref_ptr, grad_logp_ptr, grad_ref_ptr, n,
@@ -46,18 +32,7 @@ def _kl_bwd_kernel(grad_ptr, logp_ptr, ref_ptr, grad_logp_ptr, grad_ref_ptr, n,
     g = tl.load(grad_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
     logp = tl.load(logp_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
     ref = tl.load(ref_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
-    d = logp - ref
-    if ESTIMATOR == 0:
-        dk = tl.full(d.shape, 1.0, ACC_DTYPE)
-    elif ESTIMATOR == 1:
-        dk = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)).to(ACC_DTYPE)
-    elif ESTIMATOR == 2:
-        dk = d
-    else:
-        x = ref - logp
-        k3, expm1 = _k3_terms(x)
-        live = (x >= -20.0) & (x <= 20.0) & (k3 <= 10.0)
-        dk = tl.where(live, -expm1, 0.0).to(ACC_DTYPE)
+    _, dk = _kl_terms(logp, ref, ESTIMATOR)
     out = g * dk
     ty = grad_logp_ptr.dtype.element_ty
     tl.store(grad_logp_ptr + offs, out.to(ty), mask=inside)
@@ -74,7 +49,8 @@ def _token_reward(pos, valid, seq, last, rewards_ptr, scores_ptr, logp_ptr, ref_
     if SHAPING:
         logp = tl.load(logp_ptr + pos, mask=valid, other=0.0).to(ACC_DTYPE)
         ref = tl.load(ref_ptr + pos, mask=valid, other=0.0).to(ACC_DTYPE)
-        kl = tl.where(valid, _kl_value(logp, ref, ESTIMATOR), 0.0)
+        kl, _ = _kl_terms(logp, ref, ESTIMATOR)
+        kl = tl.where(valid, kl, 0.0)
         score = tl.load(scores_ptr + seq).to(ACC_DTYPE)
         reward = tl.where(valid, -kl_coef * kl + tl.where(pos == last, score, 0.0), 0.0)
     else:

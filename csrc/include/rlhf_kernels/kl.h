@@ -1,12 +1,21 @@
 // The per-token KL estimators of Schulman (2020), "Approximating KL
 // divergence", and their derivatives: one definition for every kernel that
 // needs them (kl_penalty, the fused shaping + GAE, the PPO losses), host and
-// device, torch-free.
+// device, torch-free. This header holds the types; the maths is in
+// kl_math.h, included below (and again by each copy of the CPU vector loops).
 #pragma once
 
 #include <math.h>
 
+#include <type_traits>
+#include <utility>
+
 #include "rlhf_kernels/common.h"
+
+// The per-token maths (kl_math.h, ppo_token_math.h) is always inlined: into
+// the CUDA kernels, the CPU scalar loops and, lane-wise, the CPU vector loops
+// (which must keep their vectors in registers).
+#define RLHF_TOKEN_FN RLHF_HOST_DEVICE inline __attribute__((always_inline))
 
 namespace rlhf_kernels {
 
@@ -14,88 +23,40 @@ namespace rlhf_kernels {
 // (KL_ESTIMATOR_CODES); kKlNone (-1) means "no KL term".
 enum KlEstimator : int { kKlNone = -1, kKlK1 = 0, kKlAbs = 1, kKlK2 = 2, kKlK3 = 3 };
 
-// k3 = exp(x) - x - 1 and its derivative exp(x) - 1, without their
-// cancellation near x = 0 (near on-policy k3 ~ x^2 / 2, and exp(x) - x - 1 in
-// float keeps only ~1e-7 of absolute accuracy: all noise at |x| ~ 1e-4).
+// The value types the per-token maths runs on: a scalar (float or double) or a
+// GCC vector of floats (csrc/cpu/vec.h). lane_t<T> is the type of one element
+// (T itself for a scalar), the type of the constants and parameters; mask_t<T>
+// what a comparison gives (bool, or an integer vector of 0 / -1).
+template <typename T, typename = void>
+struct LaneOf {
+  using type = T;
+};
+template <typename T>
+struct LaneOf<T, std::void_t<decltype(std::declval<T&>()[0])>> {
+  using type = std::remove_reference_t<decltype(std::declval<T&>()[0])>;
+};
+template <typename T>
+using lane_t = typename LaneOf<T>::type;
+template <typename T>
+using mask_t = decltype(std::declval<T>() < std::declval<T>());
+
+// k3 = exp(x) - x - 1 and its derivative exp(x) - 1 (k3_terms, kl_math.h).
 template <typename T>
 struct K3Terms {
   T k3, expm1;
 };
 
-// For |x| < 1/2: k3 = x^2 (1/2! + x/3! + ... + x^n/(n+2)!), n = 7 in float and
-// 14 in double (truncation below the unit roundoff), and expm1 = x + k3;
-// exp(x) - x - 1 beyond. (expm1(x) - x would cancel as well.) NaN gives NaN.
-RLHF_HOST_DEVICE inline float k3_series_tail(float) { return 1.f / 362880.f; }  // 1/9!
-RLHF_HOST_DEVICE inline double k3_series_tail(double x) {
-  double p = 1.0 / 20922789888000.0;  // 1/16!
-  p = p * x + 1.0 / 1307674368000.0;
-  p = p * x + 1.0 / 87178291200.0;
-  p = p * x + 1.0 / 6227020800.0;
-  p = p * x + 1.0 / 479001600.0;
-  p = p * x + 1.0 / 39916800.0;
-  p = p * x + 1.0 / 3628800.0;
-  return p * x + 1.0 / 362880.0;  // ... 1/9!
-}
-// exp in the accumulation type, host and device (also the PPO ratio's, ppo_math.h).
+// A KL estimate and its derivative d kl / d logp (kl_terms, kl_math.h).
+template <typename T>
+struct KlTerms {
+  T kl, dkl;
+};
+
+// exp in the accumulation type, host and device (also the PPO ratio's). The
+// CPU vector loops bring their own for their vectors (vec::exp).
 RLHF_HOST_DEVICE inline float acc_exp(float x) { return expf(x); }
 RLHF_HOST_DEVICE inline double acc_exp(double x) { return exp(x); }
 
-template <typename T>
-RLHF_HOST_DEVICE inline K3Terms<T> k3_terms(T x) {
-  if (x > T(-0.5) && x < T(0.5)) {
-    T p = k3_series_tail(x);
-    p = p * x + T(1) / T(40320);
-    p = p * x + T(1) / T(5040);
-    p = p * x + T(1) / T(720);
-    p = p * x + T(1) / T(120);
-    p = p * x + T(1) / T(24);
-    p = p * x + T(1) / T(6);
-    p = p * x + T(0.5);
-    const T k3 = x * x * p;
-    return {k3, x + k3};
-  }
-  const T e = acc_exp(x);
-  return {e - x - T(1), e - T(1)};
-}
-
-// Per-token KL estimate (Schulman, 2020): k1 = logp - ref; abs = |k1|;
-// k2 = k1^2 / 2; k3 = exp(x) - x - 1, x = clamp(ref - logp, -20, 20), result
-// clamped to [-10, 10] (computed by k3_terms). Comparisons are written so that
-// NaN propagates.
-template <typename T>
-RLHF_HOST_DEVICE inline T kl_value(T logp, T ref, int estimator) {
-  const T d = logp - ref;
-  switch (estimator) {
-    case kKlK1: return d;
-    case kKlAbs: return d < T(0) ? -d : d;
-    case kKlK2: return T(0.5) * d * d;
-    default: {
-      T x = ref - logp;
-      x = x < T(-20) ? T(-20) : (x > T(20) ? T(20) : x);
-      const T y = k3_terms(x).k3;
-      return y < T(-10) ? T(-10) : (y > T(10) ? T(10) : y);
-    }
-  }
-}
-
-// d kl / d logp; d kl / d ref is its negative. At a clamp the gradient is
-// that of torch.clamp (passes at the boundary, 0 beyond it); abs has 0 at 0.
-template <typename T>
-RLHF_HOST_DEVICE inline T kl_grad_logp(T logp, T ref, int estimator) {
-  const T d = logp - ref;
-  switch (estimator) {
-    case kKlK1: return T(1);
-    case kKlAbs: return d > T(0) ? T(1) : (d < T(0) ? T(-1) : T(0));
-    case kKlK2: return d;
-    default: {
-      // Written so that NaN gives 0, as torch.clamp's gradient (the reference).
-      const T x = ref - logp;
-      if (!(x >= T(-20) && x <= T(20))) return T(0);
-      const K3Terms<T> k = k3_terms(x);
-      if (!(k.k3 <= T(10))) return T(0);
-      return -k.expm1;
-    }
-  }
-}
+#include "rlhf_kernels/kl_math.h"
 
 }  // namespace rlhf_kernels
