@@ -137,22 +137,23 @@ def run(tokens: tuple[int, int], vocab: int, calls: int, repeats: int, device: t
         if only and only not in op:
             continue
         progress(f"{op} {mode}")
-        times = {"ours": per_call_us(ours, calls, repeats, device), "eager": per_call_us(eager, calls, repeats, device)}
+        times = {"rlhf_kernels": per_call_us(ours, calls, repeats, device),
+                 "eager": per_call_us(eager, calls, repeats, device)}
         for provider, us in times.items():
-            row = dict(env, op=op, mode=mode, provider=provider, shape=[*tokens, vocab], dtype="float32",
-                       per_call_us=round(us, 2), benchmark="overhead")
-            if provider == "ours":
+            row = dict(env, op=f"overhead:{op}", mode=mode, provider=provider, shape=[*tokens, vocab],
+                       dtype="float32", per_call_us=round(us, 2), median_ms=us / 1e3, threads=torch.get_num_threads())
+            if provider == "rlhf_kernels":
                 row["ratio_vs_eager"] = round(us / times["eager"], 3)
             rows.append(row)
     return rows
 
 
 def print_rows(rows: list[dict]) -> None:
-    ours = [r for r in rows if r["provider"] == "ours"]
+    ours = [r for r in rows if r["provider"] == "rlhf_kernels"]
     eager = {(r["op"], r["mode"]): r["per_call_us"] for r in rows if r["provider"] == "eager"}
     print(f"{'op':30s} {'mode':17s} {'ours us':>9s} {'eager us':>9s} {'ratio':>6s}")
     for r in ours:
-        print(f"{r['op']:30s} {r['mode']:17s} {r['per_call_us']:9.1f} {eager[(r['op'], r['mode'])]:9.1f} "
+        print(f"{r['op'][len('overhead:'):]:30s} {r['mode']:17s} {r['per_call_us']:9.1f} {eager[(r['op'], r['mode'])]:9.1f} "
               f"{r['ratio_vs_eager']:6.2f}")
 
 

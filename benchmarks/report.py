@@ -209,6 +209,19 @@ def _near_bandwidth(rows):
     return not below, ("below 85%: " + ", ".join(below)) if below else f"{checked} cases at >= 85%"
 
 
+def _overhead_at_most_eager(rows):
+    """Every op's per-call time at tiny shapes (bench_overhead) within its eager composition's."""
+    ours = [r for r in rows if r["op"].startswith(OVERHEAD) and is_ours(r["provider"])]
+    if not ours:
+        return None
+    worst = max(ours, key=lambda r: r["speedup"] and 1 / r["speedup"])
+    above = [f"{r['op'][len(OVERHEAD):]} {r['mode']}: {1 / r['speedup']:.2f}" for r in ours if r["speedup"] < 1]
+    detail = ("above 1: " + ", ".join(above)) if above else (
+        f"{len(ours)} cases, worst {worst['op'][len(OVERHEAD):]} {worst['mode']} at {1 / worst['speedup']:.2f}")
+    return not above, detail
+
+
+OVERHEAD = "overhead:"  # bench_overhead's rows: op = "overhead:<op>"
 LOGITS_GPU = (8192, 152064)
 GOALS = [
     Goal(2, "logprobs fwd logp+entropy, N=8192 V=152064 bf16, >= 85% of copy bandwidth", True,
@@ -245,6 +258,8 @@ GOALS = [
                  _speedup_goal("ppo_value_loss", "fwd+bwd", (1024, 1024), "float32", 3.0))),
     Goal(7, "every op ahead of every installed peer on each standard shape", True, _ahead_of_peers),
     Goal(7, "memory-bound ops within 15% of the memory-bandwidth limit", True, _near_bandwidth),
+    Goal(12, "every op at 8 x 16 tokens costs no more than its eager composition (ours / eager <= 1.0)", False,
+         _overhead_at_most_eager),
 ]
 
 

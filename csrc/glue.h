@@ -667,3 +667,51 @@ void logprobs_backward_inplace_op(const at::Tensor& grad_logp, const std::option
 }
 
 }  // namespace rlhf_kernels
+
+namespace rlhf_kernels {
+
+using LossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The public ppo_policy_loss over a device's token pass (as in
+// ppo_loss_from_logits_impl) and finalisation; returns loss, stats (5,), the
+// token gradient w_b * dl/dlogp (empty unless need_grad) and the weights.
+template <typename Partials, typename Finalize, typename Scale>
+LossOutputs ppo_policy_loss_impl(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                                 const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip,
+                                 const AggParams& agg, bool need_grad, Partials&& partials, Finalize&& finalize,
+                                 Scale&& scale) {
+  const LossTokens tok = loss_tokens({&logp, &old_logp, &advantages}, mask);
+  at::Tensor grad, partial;
+  if (tok.numel() > 0) {
+    std::tie(grad, partial) = partials(tok.values[0], tok.values[1], tok.values[2], tok.mask, std::nullopt,
+                                       std::nullopt, tok.seq_len, ratio_low, ratio_high, dual_clip, 0.0, kKlNone,
+                                       need_grad);
+  } else {
+    grad = at::empty({0}, tok.options());
+    partial = empty_partials(tok.seqs, kPolicyStats, kRatioMax, kRatioMin, tok.options());
+  }
+  auto [loss, stats, weights] = finalize(partial, tok.seq_len, agg, 0.0, 0.0, std::nullopt);
+  scale(grad, weights, tok.seq_len);
+  return {loss, stats.narrow(0, 0, kPgLossOut), grad, weights};
+}
+
+// The public ppo_value_loss, as ppo_policy_loss_impl; stats (1,) vf_clipfrac.
+template <typename Partials, typename Finalize, typename Scale>
+LossOutputs ppo_value_loss_impl(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
+                                const at::Tensor& mask, double clip, const AggParams& agg, bool need_grad,
+                                Partials&& partials, Finalize&& finalize, Scale&& scale) {
+  const LossTokens tok = loss_tokens({&values, &old_values, &returns}, mask);
+  at::Tensor grad, partial;
+  if (tok.numel() > 0) {
+    std::tie(grad, partial) = partials(tok.values[0], tok.values[1], tok.values[2], tok.mask, tok.seq_len, clip,
+                                       need_grad);
+  } else {
+    grad = at::empty({0}, tok.options());
+    partial = empty_partials(tok.seqs, kValueStats, -1, -1, tok.options());
+  }
+  auto [loss, stats, weights] = finalize(partial, tok.seq_len, agg);
+  scale(grad, weights, tok.seq_len);
+  return {loss, stats, grad, weights};
+}
+
+}  // namespace rlhf_kernels

@@ -55,33 +55,45 @@ void scale_token_grad(at::Tensor& grad, const at::Tensor& weights, int64_t seq_l
   });
 }
 
-// The public op ppo_policy_loss (csrc/ops.cpp): the token pass, then the
-// aggregation of its partials (aggregation.h) on the host, one pass over B.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cpu(
-    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
-    const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip, int64_t agg,
-    std::optional<double> num_tokens, std::optional<double> num_seqs, bool need_grad) {
-  const AggParams params = agg_params(agg, num_tokens, num_seqs);
-  const LossTokens tok = loss_tokens({&logp, &old_logp, &advantages}, mask);
-  at::Tensor grad, partial;
-  if (tok.numel() == 0) {
-    grad = at::empty({0}, tok.options());
-    partial = empty_partials(tok.seqs, kPolicyStats, kRatioMax, kRatioMin, tok.options());
-  } else {
-    std::tie(grad, partial) = policy_partials(tok.values[0], tok.values[1], tok.values[2], tok.mask,
-                                              std::nullopt, std::nullopt, tok.seq_len, ratio_low,
-                                              ratio_high, dual_clip, 0.0, kKlNone, need_grad);
-  }
-  at::Tensor loss = at::empty({}, tok.options());
-  at::Tensor stats = at::empty({kPolicyOutStats}, tok.options());
-  at::Tensor weights = at::empty({tok.seqs}, tok.options());
-  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "ppo_policy_loss_cpu", [&] {
-    finalize_policy<scalar_t>(partial.const_data_ptr<scalar_t>(), tok.seqs, partial.size(1), tok.seq_len,
-                              params, 0.0, 0.0, 1.0, loss.mutable_data_ptr<scalar_t>(),
+// The aggregation of the partials on the host (aggregation.h), one pass over B:
+// (loss, stats (kPolicyOutStats,), weights), divided by a CPU count tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_policy_host(const at::Tensor& partial, int64_t seq_len,
+                                                                    const AggParams& agg, double kl_coef,
+                                                                    double entropy_coef,
+                                                                    const std::optional<at::Tensor>& divisor) {
+  const auto options = partial.options();
+  at::Tensor loss = at::empty({}, options), stats = at::empty({kPolicyOutStats}, options);
+  at::Tensor weights = at::empty({partial.size(0)}, options);
+  const double d = divisor ? divisor->item<double>() : 1.0;  // a CPU count: no device sync
+  AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "finalize_policy_host", [&] {
+    finalize_policy<scalar_t>(partial.const_data_ptr<scalar_t>(), partial.size(0), partial.size(1), seq_len, agg,
+                              kl_coef, entropy_coef, d, loss.mutable_data_ptr<scalar_t>(),
                               stats.mutable_data_ptr<scalar_t>(), weights.mutable_data_ptr<scalar_t>());
   });
-  scale_token_grad(grad, weights, tok.seq_len);
-  return {loss, stats.narrow(0, 0, kPgLossOut), grad, weights};
+  return {loss, stats, weights};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_value_host(const at::Tensor& partial, int64_t seq_len,
+                                                                   const AggParams& agg) {
+  const auto options = partial.options();
+  at::Tensor loss = at::empty({}, options), stats = at::empty({1}, options);
+  at::Tensor weights = at::empty({partial.size(0)}, options);
+  AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "finalize_value_host", [&] {
+    finalize_value<scalar_t>(partial.const_data_ptr<scalar_t>(), partial.size(0), partial.size(1), seq_len, agg,
+                             loss.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<scalar_t>(),
+                             weights.mutable_data_ptr<scalar_t>());
+  });
+  return {loss, stats, weights};
+}
+
+// The public op ppo_policy_loss (csrc/ops.cpp; glue.h ppo_policy_loss_impl).
+LossOutputs ppo_policy_loss_cpu(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                                const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip,
+                                int64_t agg, std::optional<double> num_tokens, std::optional<double> num_seqs,
+                                bool need_grad) {
+  return ppo_policy_loss_impl(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip,
+                              agg_params(agg, num_tokens, num_seqs), need_grad, policy_partials,
+                              finalize_policy_host, scale_token_grad);
 }
 
 // The token pass of the value loss: grad (N,) and (B, chunks, kValueStats) partials.
@@ -110,31 +122,12 @@ std::tuple<at::Tensor, at::Tensor> value_partials(const at::Tensor& values,
 }
 
 
-// The public op ppo_value_loss: as ppo_policy_loss_cpu; stats (1,) vf_clipfrac.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_cpu(
-    const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
-    const at::Tensor& mask, double clip, int64_t agg, std::optional<double> num_tokens,
-    std::optional<double> num_seqs, bool need_grad) {
-  const AggParams params = agg_params(agg, num_tokens, num_seqs);
-  const LossTokens tok = loss_tokens({&values, &old_values, &returns}, mask);
-  at::Tensor grad, partial;
-  if (tok.numel() == 0) {
-    grad = at::empty({0}, tok.options());
-    partial = empty_partials(tok.seqs, kValueStats, -1, -1, tok.options());
-  } else {
-    std::tie(grad, partial) = value_partials(tok.values[0], tok.values[1], tok.values[2], tok.mask,
-                                             tok.seq_len, clip, need_grad);
-  }
-  at::Tensor loss = at::empty({}, tok.options());
-  at::Tensor stats = at::empty({1}, tok.options());
-  at::Tensor weights = at::empty({tok.seqs}, tok.options());
-  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "ppo_value_loss_cpu", [&] {
-    finalize_value<scalar_t>(partial.const_data_ptr<scalar_t>(), tok.seqs, partial.size(1), tok.seq_len,
-                             params, loss.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<scalar_t>(),
-                             weights.mutable_data_ptr<scalar_t>());
-  });
-  scale_token_grad(grad, weights, tok.seq_len);
-  return {loss, stats, grad, weights};
+// The public op ppo_value_loss (glue.h ppo_value_loss_impl).
+LossOutputs ppo_value_loss_cpu(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
+                               const at::Tensor& mask, double clip, int64_t agg, std::optional<double> num_tokens,
+                               std::optional<double> num_seqs, bool need_grad) {
+  return ppo_value_loss_impl(values, old_values, returns, mask, clip, agg_params(agg, num_tokens, num_seqs),
+                             need_grad, value_partials, finalize_value_host, scale_token_grad);
 }
 
 // The public op ppo_loss_from_logits (csrc/ops.cpp; glue.h ppo_loss_from_logits_impl).
@@ -148,22 +141,9 @@ FromLogitsOutputs ppo_loss_from_logits_cpu(
   const FromLogitsInputs in =
       from_logits_inputs(logits, labels, old_logp, advantages, mask, ref_logp, inplace_backward, need_grad);
   check_labels_in_range(in.labels, logits.size(-1), -100);
-  auto finalize = [](const at::Tensor& partial, int64_t seq_len, const AggParams& a, double kl_c, double ent_c,
-                     const std::optional<at::Tensor>& divisor) {
-    const auto options = partial.options();
-    at::Tensor loss = at::empty({}, options), stats = at::empty({kPolicyOutStats}, options);
-    at::Tensor weights = at::empty({partial.size(0)}, options);
-    const double d = divisor ? divisor->item<double>() : 1.0;  // a CPU count: no device sync
-    AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "ppo_loss_from_logits_cpu", [&] {
-      finalize_policy<scalar_t>(partial.const_data_ptr<scalar_t>(), partial.size(0), partial.size(1), seq_len, a,
-                                kl_c, ent_c, d, loss.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<scalar_t>(),
-                                weights.mutable_data_ptr<scalar_t>());
-    });
-    return std::make_tuple(loss, stats, weights);
-  };
   return ppo_loss_from_logits_impl(logits, in, temperature, ratio_low, ratio_high, dual_clip, params, kl_coef,
                                    kl_estimator, entropy_coef, need_grad, count, max_rows_in_flight,
-                                   policy_partials, finalize, scale_token_grad);
+                                   policy_partials, finalize_policy_host, scale_token_grad);
 }
 
 // grad *= scale / applied unless they are equal, then applied = scale (CPU

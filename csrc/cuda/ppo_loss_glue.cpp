@@ -76,47 +76,24 @@ void scale_token_grad(at::Tensor& grad, const at::Tensor& weights, int64_t seq_l
   if (grad.numel() > 0) grad.view({weights.numel(), seq_len}).mul_(weights.unsqueeze(1));
 }
 
-// The public op ppo_policy_loss (csrc/ops.cpp): the token pass, then the
-// aggregation of its partials on the device (ATen ops: no host synchronisation).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cuda(
-    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
-    const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip, int64_t agg,
-    std::optional<double> num_tokens, std::optional<double> num_seqs, bool need_grad) {
+// The public ops ppo_policy_loss and ppo_value_loss (glue.h *_impl), aggregated
+// on the device with ATen ops: no host synchronisation.
+LossOutputs ppo_policy_loss_cuda(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                                 const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip,
+                                 int64_t agg, std::optional<double> num_tokens, std::optional<double> num_seqs,
+                                 bool need_grad) {
   const c10::cuda::CUDAGuard guard(logp.device());
-  const AggParams params = agg_params(agg, num_tokens, num_seqs);
-  const LossTokens tok = loss_tokens({&logp, &old_logp, &advantages}, mask);
-  at::Tensor grad, partial;
-  if (tok.numel() == 0) {
-    grad = at::empty({0}, tok.options());
-    partial = empty_partials(tok.seqs, kPolicyStats, kRatioMax, kRatioMin, tok.options());
-  } else {
-    std::tie(grad, partial) = policy_partials(tok.values[0], tok.values[1], tok.values[2], tok.mask,
-                                              std::nullopt, std::nullopt, tok.seq_len, ratio_low,
-                                              ratio_high, dual_clip, 0.0, kKlNone, need_grad);
-  }
-  auto [loss, stats, weights] = finalize_policy_aten(partial, tok.seq_len, params, 0.0, 0.0, std::nullopt);
-  scale_token_grad(grad, weights, tok.seq_len);
-  return {loss, stats.narrow(0, 0, kPgLossOut), grad, weights};
+  return ppo_policy_loss_impl(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip,
+                              agg_params(agg, num_tokens, num_seqs), need_grad, policy_partials,
+                              finalize_policy_aten, scale_token_grad);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_cuda(
-    const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
-    const at::Tensor& mask, double clip, int64_t agg, std::optional<double> num_tokens,
-    std::optional<double> num_seqs, bool need_grad) {
+LossOutputs ppo_value_loss_cuda(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
+                                const at::Tensor& mask, double clip, int64_t agg, std::optional<double> num_tokens,
+                                std::optional<double> num_seqs, bool need_grad) {
   const c10::cuda::CUDAGuard guard(values.device());
-  const AggParams params = agg_params(agg, num_tokens, num_seqs);
-  const LossTokens tok = loss_tokens({&values, &old_values, &returns}, mask);
-  at::Tensor grad, partial;
-  if (tok.numel() == 0) {
-    grad = at::empty({0}, tok.options());
-    partial = empty_partials(tok.seqs, kValueStats, -1, -1, tok.options());
-  } else {
-    std::tie(grad, partial) = value_partials(tok.values[0], tok.values[1], tok.values[2], tok.mask,
-                                             tok.seq_len, clip, need_grad);
-  }
-  auto [loss, stats, weights] = finalize_value_aten(partial, tok.seq_len, params);
-  scale_token_grad(grad, weights, tok.seq_len);
-  return {loss, stats, grad, weights};
+  return ppo_value_loss_impl(values, old_values, returns, mask, clip, agg_params(agg, num_tokens, num_seqs),
+                             need_grad, value_partials, finalize_value_aten, scale_token_grad);
 }
 
 // The public op ppo_loss_from_logits (csrc/ops.cpp; glue.h ppo_loss_from_logits_impl),

@@ -34,6 +34,7 @@ _SIGNATURES = {
     "emu_logprobs_bwd": "p p p i64 i64 i64 p p p p i64 i64 d i64 p i64 i64",
     "emu_ppo_logits_grad": "p i64 i64 i64 p p p p p i64 i64 d i64 d d d d i32 d p p p p p i64 i64 i64",
     "emu_kl_penalty_fwd": "p p i32 p i64",
+    "emu_scale_unless_one": "p p p i64",
     "emu_kl_penalty_bwd": "p p p i32 p p i64",
     "emu_advantages": "p p p i64 i64 p p p p p d i32 d d p p p p p i64",
     "emu_ppo_policy_fwd": "p p p p p p i64 i64 d d d d i32 p p",
@@ -249,6 +250,17 @@ class Emulator:
                   row_max, log_sum, out, out_outer, out_inner, max_blocks)
         arena.check()
         return logp, entropy, row_max, log_sum, out
+
+    def scale_unless_one(self, x, scale: float, applied: float):
+        """As launch_scale_unless_one: x * (scale / applied) in the accumulation
+        dtype, x untouched when that is 1; returns the placed (modified) copy."""
+        arena = Arena()
+        acc = acc_dtype(x.dtype)
+        out = arena.place(x, "x")
+        self.call(f"emu_scale_unless_one_{TAGS[x.dtype]}", out, arena.place(torch.tensor([scale], dtype=acc), "scale"),
+                  arena.place(torch.tensor([applied], dtype=acc), "applied"), x.numel())
+        arena.check()
+        return out
 
     # --- KL penalty and advantages (csrc/cuda/advantages_glue.cpp) ------------------------
 

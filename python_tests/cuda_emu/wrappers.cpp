@@ -75,6 +75,11 @@ namespace kernels = rlhf_kernels::cuda;
         static_cast<scalar_t*>(grad_logits),                                                     \
         RowLayout{inner_rows, out_outer_stride, out_inner_stride}, max_blocks, nullptr);         \
   }                                                                                              \
+  int emu_scale_unless_one_##tag(void* x, const void* scale, const void* applied, int64_t n) {   \
+    return kernels::launch_scale_unless_one<scalar_t, acc_t>(                                    \
+        static_cast<scalar_t*>(x), static_cast<const acc_t*>(scale),                             \
+        static_cast<const acc_t*>(applied), n, nullptr);                                         \
+  }                                                                                              \
   int emu_kl_penalty_fwd_##tag(const void* logp, const void* ref, int estimator, void* kl,      \
                                int64_t n) {                                                     \
     return kernels::launch_kl_penalty_fwd<scalar_t, acc_t>(static_cast<const scalar_t*>(logp),   \

@@ -487,6 +487,26 @@ def test_ppo_logits_grad_at_large_logits_no_worse_than_torch(emu, scale, tempera
 # --- KL penalty --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_scale_unless_one(emu, dtype):
+    """The fused loss's backward scale (launch_scale_unless_one): x * (scale /
+    applied) rounded once from the accumulation dtype, every element of a grid
+    that strides (more elements than 1024 blocks x 256 threads), and x left as
+    it is, bit for bit, when the factor is 1 (NaN included)."""
+    gen = _gen(11)
+    n = 1024 * 256 + 4133
+    x = (torch.randn(n, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    x[:3] = torch.tensor([float("nan"), float("inf"), -0.0])
+    acc = cuda_emu.acc_dtype(dtype)
+    for scale, applied in ((0.25, 1.0), (3.0, 0.25), (1.7, 1.7), (1.0, 1.0)):
+        got = emu.scale_unless_one(x, scale, applied)
+        factor = torch.tensor(scale, dtype=acc) / torch.tensor(applied, dtype=acc)
+        if factor == 1:
+            assert torch.equal(got.view(torch.uint8), x.view(torch.uint8)), (scale, applied)
+        else:
+            torch.testing.assert_close(got, (x.to(acc) * factor).to(dtype), atol=0, rtol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("estimator", list(ESTIMATORS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_kl_penalty(emu, estimator, dtype):

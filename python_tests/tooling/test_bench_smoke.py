@@ -21,3 +21,19 @@ def test_bench_advantages_quick(tmp_path):
     lines = [json.loads(line) for line in files[0].read_text().splitlines()]
     assert len(lines) == len(rows)
     assert all(line["median_ms"] > 0 and line["speedup_vs_loop"] > 0 for line in lines)
+
+
+def test_bench_overhead_writes_every_op_with_its_ratio(tmp_path, capsys):
+    from benchmarks import bench_overhead, report
+
+    assert bench_overhead.main(["--calls", "3", "--repeats", "1", "--out-dir", str(tmp_path)]) == 0
+    lines = [json.loads(line) for f in tmp_path.glob("*.jsonl") for line in f.read_text().splitlines()]
+    ours = {(r["op"], r["mode"]): r for r in lines if r["provider"] == "rlhf_kernels"}
+    eager = {(r["op"], r["mode"]): r for r in lines if r["provider"] == "eager"}
+    assert set(ours) == set(eager) and len(ours) == 15
+    for key, row in ours.items():
+        assert row["median_ms"] > 0 and row["ratio_vs_eager"] == round(row["per_call_us"] / eager[key]["per_call_us"], 3)
+    rows = report.latest(lines)
+    met_detail = report._overhead_at_most_eager(rows)
+    assert met_detail is not None and "cases" in met_detail[1] or "above 1" in met_detail[1]
+    assert "ratio" in capsys.readouterr().out
