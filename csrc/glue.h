@@ -535,19 +535,19 @@ using FromLogitsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Ten
 // finalisation (CPU: host loop, CUDA: ATen ops): one read of the logits (and,
 // with the gradient in the forward, one write of its gradient), then one pass
 // over the tokens and one over the sequences. Returns loss, stats
-// (kPolicyOutStats,), the token gradient w_b * dL/dlogp (unfused, with a
-// gradient wanted; else empty), the weights, row_max, log_sum, entropy (N,) and
-// the logits gradient (fused; else empty).
+// (kPolicyOutStats,), the token gradient dl/dlogp (0 on masked tokens;
+// unfused, with a gradient wanted; else empty), the weights w_b (the backward
+// scales by them), row_max, log_sum, entropy (N,) and the logits gradient
+// (fused; else empty).
 //   partials(logp, old, adv, mask, ref, entropy, seq_len, lo, hi, dual, kl_coef, kl_code, need_grad)
 //     -> (grad, (B, chunks, kPolicyStats) partial)
 //   finalize(partial, seq_len, agg, kl_coef, entropy_coef, count) -> (loss, stats, weights)
-//   scale(grad, weights, seq_len): grad (B, T) *= weights
-template <typename Partials, typename Finalize, typename Scale>
+template <typename Partials, typename Finalize>
 FromLogitsOutputs ppo_loss_from_logits_impl(
     const at::Tensor& logits, const FromLogitsInputs& in, double temperature, double ratio_low, double ratio_high,
     double dual_clip, const AggParams& agg, double kl_coef, int64_t kl_estimator, double entropy_coef,
     bool need_grad, const std::optional<at::Tensor>& count, int64_t max_rows_in_flight, Partials&& partials,
-    Finalize&& finalize, Scale&& scale) {
+    Finalize&& finalize) {
   const double inv_temperature = 1.0 / temperature;
   const int64_t kl_code = in.ref_logp ? kl_estimator : kKlNone;
   at::Tensor grad_logits = at::empty({0}, logits.options()), weights;
@@ -576,10 +576,7 @@ FromLogitsOutputs ppo_loss_from_logits_impl(
                                        ratio_low, ratio_high, dual_clip, kl_coef, kl_code, token_grad);
   }
   auto [loss, stats, final_weights] = finalize(partial, in.seq_len, agg, kl_coef, entropy_coef, count);
-  if (!in.fused) {
-    weights = final_weights;
-    scale(grad, weights, in.seq_len);
-  }
+  if (!in.fused) weights = final_weights;
   return {loss, stats, grad, weights, row_max, log_sum, entropy, grad_logits};
 }
 
@@ -674,12 +671,12 @@ using LossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The public ppo_policy_loss over a device's token pass (as in
 // ppo_loss_from_logits_impl) and finalisation; returns loss, stats (5,), the
-// token gradient w_b * dl/dlogp (empty unless need_grad) and the weights.
-template <typename Partials, typename Finalize, typename Scale>
+// token gradient dl/dlogp (0 on masked tokens; empty unless need_grad) and the
+// weights w_b: the backward's gradient is w_b * dl/dlogp * upstream, one pass.
+template <typename Partials, typename Finalize>
 LossOutputs ppo_policy_loss_impl(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
                                  const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip,
-                                 const AggParams& agg, bool need_grad, Partials&& partials, Finalize&& finalize,
-                                 Scale&& scale) {
+                                 const AggParams& agg, bool need_grad, Partials&& partials, Finalize&& finalize) {
   const LossTokens tok = loss_tokens({&logp, &old_logp, &advantages}, mask);
   at::Tensor grad, partial;
   if (tok.numel() > 0) {
@@ -691,15 +688,14 @@ LossOutputs ppo_policy_loss_impl(const at::Tensor& logp, const at::Tensor& old_l
     partial = empty_partials(tok.seqs, kPolicyStats, kRatioMax, kRatioMin, tok.options());
   }
   auto [loss, stats, weights] = finalize(partial, tok.seq_len, agg, 0.0, 0.0, std::nullopt);
-  scale(grad, weights, tok.seq_len);
   return {loss, stats.narrow(0, 0, kPgLossOut), grad, weights};
 }
 
 // The public ppo_value_loss, as ppo_policy_loss_impl; stats (1,) vf_clipfrac.
-template <typename Partials, typename Finalize, typename Scale>
+template <typename Partials, typename Finalize>
 LossOutputs ppo_value_loss_impl(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
                                 const at::Tensor& mask, double clip, const AggParams& agg, bool need_grad,
-                                Partials&& partials, Finalize&& finalize, Scale&& scale) {
+                                Partials&& partials, Finalize&& finalize) {
   const LossTokens tok = loss_tokens({&values, &old_values, &returns}, mask);
   at::Tensor grad, partial;
   if (tok.numel() > 0) {
@@ -710,7 +706,6 @@ LossOutputs ppo_value_loss_impl(const at::Tensor& values, const at::Tensor& old_
     partial = empty_partials(tok.seqs, kValueStats, -1, -1, tok.options());
   }
   auto [loss, stats, weights] = finalize(partial, tok.seq_len, agg);
-  scale(grad, weights, tok.seq_len);
   return {loss, stats, grad, weights};
 }
 

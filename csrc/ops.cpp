@@ -71,8 +71,9 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // any input is float64), mask of any dtype (nonzero = valid); agg the index
   // of the mode in reference.AGG_MODES; num_tokens / num_seqs override the
   // counts. Returns the 0-dim loss, stats (5,) (clipfrac, clipfrac_lower,
-  // approx_kl, ratio_max, ratio_min), grad (N,) = w_b * d l / d logp for a unit
-  // upstream gradient (empty unless need_grad) and the weights w_b (B,).
+  // approx_kl, ratio_max, ratio_min), grad (N,) = d l / d logp (0 on masked
+  // tokens; empty unless need_grad) and the weights w_b (B,): the gradient is
+  // w_b * grad * the upstream gradient.
   m.def(
       "ppo_policy_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
       "float ratio_low, float ratio_high, float dual_clip, int agg, float? num_tokens, "
@@ -90,6 +91,7 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // in the forward (for a unit upstream gradient). Returns loss, stats (8,):
   // the policy stats then pg_loss, kl, entropy; the token gradient (else),
   // weights (B,), row_max, log_sum, entropy (N,) and the logits gradient.
+  // (The token gradient d l / d logp is unscaled, as in ppo_policy_loss.)
   m.def(
       "ppo_loss_from_logits(Tensor logits, Tensor labels, Tensor old_logp, Tensor advantages, Tensor mask, "
       "Tensor? ref_logp, float temperature, float ratio_low, float ratio_high, float dual_clip, int agg, "

@@ -5,8 +5,16 @@ this file sets it before rlhf_kernels is imported anywhere.
 """
 
 import os
+import tempfile
 
-import torch
+# A fresh torch.compile cache per session: graphs cached by an earlier build,
+# whose ops had other schemas, must not be replayed against this one.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _INDUCTOR_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="rlhf-kernels-inductor-")
+else:
+    _INDUCTOR_CACHE = None
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -75,3 +83,10 @@ def poison_uninitialized():
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def pytest_unconfigure(config):
+    if _INDUCTOR_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_INDUCTOR_CACHE, ignore_errors=True)

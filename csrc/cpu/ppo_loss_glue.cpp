@@ -43,18 +43,6 @@ std::tuple<at::Tensor, at::Tensor> policy_partials(
   return {grad, partial};
 }
 
-// grad (B, T) *= weights, rows in parallel.
-void scale_token_grad(at::Tensor& grad, const at::Tensor& weights, int64_t seq_len) {
-  if (grad.numel() == 0) return;
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "scale_token_grad", [&] {
-    at::parallel_for(0, weights.numel(), std::max<int64_t>(1, 16384 / std::max<int64_t>(seq_len, 1)),
-                     [&](int64_t begin, int64_t end) {
-                       scale_rows(grad.mutable_data_ptr<scalar_t>(), weights.const_data_ptr<scalar_t>(),
-                                  seq_len, begin, end);
-                     });
-  });
-}
-
 // The aggregation of the partials on the host (aggregation.h), one pass over B:
 // (loss, stats (kPolicyOutStats,), weights), divided by a CPU count tensor.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_policy_host(const at::Tensor& partial, int64_t seq_len,
@@ -93,7 +81,7 @@ LossOutputs ppo_policy_loss_cpu(const at::Tensor& logp, const at::Tensor& old_lo
                                 bool need_grad) {
   return ppo_policy_loss_impl(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip,
                               agg_params(agg, num_tokens, num_seqs), need_grad, policy_partials,
-                              finalize_policy_host, scale_token_grad);
+                              finalize_policy_host);
 }
 
 // The token pass of the value loss: grad (N,) and (B, chunks, kValueStats) partials.
@@ -127,7 +115,7 @@ LossOutputs ppo_value_loss_cpu(const at::Tensor& values, const at::Tensor& old_v
                                const at::Tensor& mask, double clip, int64_t agg, std::optional<double> num_tokens,
                                std::optional<double> num_seqs, bool need_grad) {
   return ppo_value_loss_impl(values, old_values, returns, mask, clip, agg_params(agg, num_tokens, num_seqs),
-                             need_grad, value_partials, finalize_value_host, scale_token_grad);
+                             need_grad, value_partials, finalize_value_host);
 }
 
 // The public op ppo_loss_from_logits (csrc/ops.cpp; glue.h ppo_loss_from_logits_impl).
@@ -143,7 +131,7 @@ FromLogitsOutputs ppo_loss_from_logits_cpu(
   check_labels_in_range(in.labels, logits.size(-1), -100);
   return ppo_loss_from_logits_impl(logits, in, temperature, ratio_low, ratio_high, dual_clip, params, kl_coef,
                                    kl_estimator, entropy_coef, need_grad, count, max_rows_in_flight,
-                                   policy_partials, finalize_policy_host, scale_token_grad);
+                                   policy_partials, finalize_policy_host);
 }
 
 // grad *= scale / applied unless they are equal, then applied = scale (CPU

@@ -71,11 +71,6 @@ std::tuple<at::Tensor, at::Tensor> value_partials(const at::Tensor& values,
   return {grad, partial};
 }
 
-// grad (B, T) *= weights on the device (no-op without a gradient).
-void scale_token_grad(at::Tensor& grad, const at::Tensor& weights, int64_t seq_len) {
-  if (grad.numel() > 0) grad.view({weights.numel(), seq_len}).mul_(weights.unsqueeze(1));
-}
-
 // The public ops ppo_policy_loss and ppo_value_loss (glue.h *_impl), aggregated
 // on the device with ATen ops: no host synchronisation.
 LossOutputs ppo_policy_loss_cuda(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
@@ -85,7 +80,7 @@ LossOutputs ppo_policy_loss_cuda(const at::Tensor& logp, const at::Tensor& old_l
   const c10::cuda::CUDAGuard guard(logp.device());
   return ppo_policy_loss_impl(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip,
                               agg_params(agg, num_tokens, num_seqs), need_grad, policy_partials,
-                              finalize_policy_aten, scale_token_grad);
+                              finalize_policy_aten);
 }
 
 LossOutputs ppo_value_loss_cuda(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
@@ -93,7 +88,7 @@ LossOutputs ppo_value_loss_cuda(const at::Tensor& values, const at::Tensor& old_
                                 std::optional<double> num_seqs, bool need_grad) {
   const c10::cuda::CUDAGuard guard(values.device());
   return ppo_value_loss_impl(values, old_values, returns, mask, clip, agg_params(agg, num_tokens, num_seqs),
-                             need_grad, value_partials, finalize_value_aten, scale_token_grad);
+                             need_grad, value_partials, finalize_value_aten);
 }
 
 // The public op ppo_loss_from_logits (csrc/ops.cpp; glue.h ppo_loss_from_logits_impl),
@@ -110,7 +105,7 @@ FromLogitsOutputs ppo_loss_from_logits_cuda(
       from_logits_inputs(logits, labels, old_logp, advantages, mask, ref_logp, inplace_backward, need_grad);
   return ppo_loss_from_logits_impl(logits, in, temperature, ratio_low, ratio_high, dual_clip, params, kl_coef,
                                    kl_estimator, entropy_coef, need_grad, count, max_rows_in_flight,
-                                   policy_partials, finalize_policy_aten, scale_token_grad);
+                                   policy_partials, finalize_policy_aten);
 }
 
 // grad *= scale / applied unless they are equal, then applied = scale; read on

@@ -119,8 +119,8 @@ def _run_tokens(token_pass, shape, n_stats: int, like: Tensor, need_grad: bool, 
 
 
 # --- the token losses: one op each, native (CPU / CUDA kernels of csrc) or Triton ----------
-# (loss, stats, grad, weights): grad = w_b * dl/dx for a unit upstream gradient,
-# produced in the forward; the backward only scales it by the upstream gradient.
+# (loss, stats, grad, weights): grad = dl/dx (0 on masked tokens), produced in
+# the forward; the backward is w_b * grad * the upstream gradient, one pass.
 
 
 def _token_loss_fake(n_stats: int) -> Callable:
@@ -140,7 +140,12 @@ def _token_loss_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
     if ctx.needs_input_grad[0]:
         ctx.shape = inputs[0].shape
-        ctx.save_for_backward(output[2])
+        ctx.save_for_backward(output[2], output[3])
+
+
+def _scaled_token_grad(grad: Tensor, weights: Tensor, grad_loss: Tensor, shape) -> Tensor:
+    """grad_output * w_b * dl/dx, in the tokens' shape: one pass."""
+    return (grad.view(weights.shape[0], shape[-1]) * (weights * grad_loss).unsqueeze(-1)).view(shape)
 
 
 def _no_double_backward(op: str, grad_loss: Tensor) -> None:
@@ -158,8 +163,8 @@ def _token_loss_backward(name: str) -> Callable:
         grads = [None] * len(ctx.needs_input_grad)
         if ctx.needs_input_grad[0]:
             _no_double_backward(name, grad_loss)
-            (grad,) = ctx.saved_tensors
-            grads[0] = (grad * grad_loss).view(ctx.shape)
+            grad, weights = ctx.saved_tensors
+            grads[0] = _scaled_token_grad(grad, weights, grad_loss, ctx.shape)
         return tuple(grads)
 
     return backward
@@ -172,13 +177,9 @@ def _tokens(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.to(dtype).reshape(-1).contiguous() for t in tensors)
 
 
-def _weights_and_grad(counts: Tensor, grad: Tensor, shape, agg: int, num_tokens, num_seqs,
-                      count: Optional[Tensor] = None):
-    """The weights (divided by a tensor count) and the token gradient scaled by them."""
-    weights = _divide(_aggregation_weights(counts, _seq_len(shape), AGG_MODES[agg], num_tokens, num_seqs), count)
-    if grad.numel():
-        grad = (grad.view(weights.shape[0], -1) * weights.unsqueeze(-1)).reshape(-1)
-    return weights, grad
+def _weights(counts: Tensor, shape, agg: int, num_tokens, num_seqs, count: Optional[Tensor] = None) -> Tensor:
+    """The aggregation weights w_b, divided by a count given as a tensor."""
+    return _divide(_aggregation_weights(counts, _seq_len(shape), AGG_MODES[agg], num_tokens, num_seqs), count)
 
 
 @torch.library.custom_op("rlhf_kernels::ppo_policy_loss_triton", mutates_args=())
@@ -192,7 +193,7 @@ def _ppo_policy_loss_triton(
         _triton.policy, logp.shape, N_POLICY_STATS, tokens[0], need_grad, *tokens, _token_view(mask != 0),
         None, None, _seq_len(logp.shape), ratio_low, ratio_high, dual_clip, 0.0, -1, need_grad,
     )
-    weights, grad = _weights_and_grad(seq_stats[:, COUNT], grad, logp.shape, agg, num_tokens, num_seqs)
+    weights = _weights(seq_stats[:, COUNT], logp.shape, agg, num_tokens, num_seqs)
     return (weights * seq_stats[:, PG_SUM]).sum(), _policy_stats(seq_stats), grad, weights
 
 
@@ -207,7 +208,7 @@ def _ppo_value_loss_triton(
         _seq_len(values.shape), clip, need_grad,
     )
     counts = seq_stats[:, VF_COUNT]
-    weights, grad = _weights_and_grad(counts, grad, values.shape, agg, num_tokens, num_seqs)
+    weights = _weights(counts, values.shape, agg, num_tokens, num_seqs)
     clipfrac = seq_stats[:, VF_CLIP].sum() / counts.sum().clamp(min=1)
     return (weights * seq_stats[:, VF_SUM]).sum(), clipfrac.reshape(1), grad, weights
 
@@ -322,7 +323,7 @@ def _ppo_loss_from_logits_triton(
         seq_len, ratio_low, ratio_high, dual_clip, kl_coef, kl_code, token_grad,
     )
     if not fused:
-        weights, grad = _weights_and_grad(seq_stats[:, COUNT], grad, labels.shape, agg, num_tokens, num_seqs, count)
+        weights = _weights(seq_stats[:, COUNT], labels.shape, agg, num_tokens, num_seqs, count)
     pg_loss = (weights * seq_stats[:, PG_SUM]).sum()
     kl = (weights * seq_stats[:, KL_SUM]).sum()
     entropy_agg = (weights * seq_stats[:, ENTROPY_SUM]).sum()
@@ -396,11 +397,11 @@ def _from_logits_backward_with(scale_grad_, backward_op, backward_inplace_op) ->
             raise RuntimeError("ppo_loss_from_logits: the op was called with need_grad=False, so it has no "
                                "gradient for the logits")
         seqs, seq_len = weights.shape[0], labels.shape[-1]
-        grad_logp = grad * grad_loss  # grad is w_b * dl/dlogp already
+        scale = (weights * grad_loss).unsqueeze(-1)  # (B, 1)
+        grad_logp = (grad.view(seqs, seq_len) * scale).reshape(-1)
         grad_entropy = None
         if entropy_coef != 0.0:
             # d loss / d entropy = -entropy_coef * w_b on valid tokens.
-            scale = (weights * grad_loss).unsqueeze(-1)
             grad_entropy = torch.where(mask.reshape(seqs, seq_len) != 0, -entropy_coef * scale, 0.0).reshape(-1)
         args = (grad_logp, grad_entropy, logits, labels, row_max, log_sum,
                 entropy if grad_entropy is not None else None, temperature, -100)
