@@ -94,6 +94,11 @@ def cases(x: dict) -> list[tuple[str, str, Callable, Callable]]:
          lambda: rk.logprobs_from_logits(lg, lb), lambda: reference.logprobs_from_logits(lg, lb),
          lambda: rk.logprobs_from_logits(lg_leaf, lb).sum().backward(),
          lambda: reference.logprobs_from_logits(lg_leaf, lb).sum().backward())
+    # TRL's selective_log_softmax as written (no ignore_index, NaN or label checks): the bare minimum.
+    both("logprobs_from_logits(vs log_softmax+gather)",
+         lambda: rk.logprobs_from_logits(lg, lb), lambda: torch.log_softmax(lg, -1).gather(-1, lb[..., None]),
+         lambda: rk.logprobs_from_logits(lg_leaf, lb).sum().backward(),
+         lambda: torch.log_softmax(lg_leaf, -1).gather(-1, lb[..., None]).sum().backward())
     both("logprobs_from_logits+entropy",
          lambda: rk.logprobs_from_logits(lg, lb, return_entropy=True),
          lambda: reference.logprobs_from_logits(lg, lb, return_entropy=True),
@@ -151,9 +156,9 @@ def run(tokens: tuple[int, int], vocab: int, calls: int, repeats: int, device: t
 def print_rows(rows: list[dict]) -> None:
     ours = [r for r in rows if r["provider"] == "rlhf_kernels"]
     eager = {(r["op"], r["mode"]): r["per_call_us"] for r in rows if r["provider"] == "eager"}
-    print(f"{'op':30s} {'mode':17s} {'ours us':>9s} {'eager us':>9s} {'ratio':>6s}")
+    print(f"{'op':44s} {'mode':17s} {'ours us':>9s} {'eager us':>9s} {'ratio':>6s}")
     for r in ours:
-        print(f"{r['op'][len('overhead:'):]:30s} {r['mode']:17s} {r['per_call_us']:9.1f} {eager[(r['op'], r['mode'])]:9.1f} "
+        print(f"{r['op'][len('overhead:'):]:44s} {r['mode']:17s} {r['per_call_us']:9.1f} {eager[(r['op'], r['mode'])]:9.1f} "
               f"{r['ratio_vs_eager']:6.2f}")
 
 

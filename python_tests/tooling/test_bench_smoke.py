@@ -30,7 +30,7 @@ def test_bench_overhead_writes_every_op_with_its_ratio(tmp_path, capsys):
     lines = [json.loads(line) for f in tmp_path.glob("*.jsonl") for line in f.read_text().splitlines()]
     ours = {(r["op"], r["mode"]): r for r in lines if r["provider"] == "rlhf_kernels"}
     eager = {(r["op"], r["mode"]): r for r in lines if r["provider"] == "eager"}
-    assert set(ours) == set(eager) and len(ours) == 15
+    assert set(ours) == set(eager) and len(ours) == 17
     for key, row in ours.items():
         assert row["median_ms"] > 0 and row["ratio_vs_eager"] == round(row["per_call_us"] / eager[key]["per_call_us"], 3)
     rows = report.latest(lines)
