@@ -32,8 +32,8 @@ def test_bench_overhead_writes_every_op_with_its_ratio(tmp_path, capsys):
     eager = {(r["op"], r["mode"]): r for r in lines if r["provider"] == "eager"}
     assert set(ours) == set(eager) and len(ours) == 17
     for key, row in ours.items():
-        assert row["median_ms"] > 0 and row["ratio_vs_eager"] == round(row["per_call_us"] / eager[key]["per_call_us"], 3)
-    rows = report.latest(lines)
-    met_detail = report._overhead_at_most_eager(rows)
-    assert met_detail is not None and "cases" in met_detail[1] or "above 1" in met_detail[1]
+        assert row["median_ms"] > 0
+        assert abs(row["ratio_vs_eager"] - row["per_call_us"] / eager[key]["per_call_us"]) < 2e-3
+    met, detail = report._overhead_at_most_eager(report.latest(lines))
+    assert ("above 1" in detail) == (not met)
     assert "ratio" in capsys.readouterr().out
