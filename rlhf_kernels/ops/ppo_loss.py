@@ -2,7 +2,8 @@
 policy loss (with KL penalty and entropy bonus) straight from the logits.
 
 Every loss here is ``sum_b w_b * sum_t mask * l(token)`` for per-sequence
-weights ``w_b`` fixed by the aggregation mode (see ``_aggregation_weights``).
+weights ``w_b`` fixed by the aggregation mode (csrc/include/rlhf_kernels/
+aggregation.h; ``_aggregation_weights`` for the Triton twins).
 So one pass over the tokens gives both the per-sequence sums and the
 derivative of each token's loss; the weights follow from the per-sequence
 counts, and the backward is ``grad_output * w_b * dl/dx`` (one multiply), the
@@ -12,7 +13,7 @@ cross-entropy kernels of Liger / Apple's CCE do).
 Tie convention: the per-token derivative reproduces torch autograd of the
 eager reference (``rlhf_kernels.reference``): clamp passes the gradient on the
 closed interval [lo, hi]; at a tie of max / min each side gets half. See
-``csrc/include/rlhf_kernels/ppo_math.h``.
+``csrc/include/rlhf_kernels/ppo_token_math.h``.
 """
 
 from __future__ import annotations
@@ -29,15 +30,16 @@ from .._launch import (
     APPROX_KL, CLIP, COUNT, DUAL, ENTROPY_SUM, KL_SUM, N_POLICY_STATS, N_VALUE_STATS, PG_SUM, RATIO_MAX, RATIO_MIN,
     VF_CLIP, VF_COUNT, VF_SUM, acc_dtype, rows_in_flight,
 )
-from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_finite, check_positive, check_same_device, check_tensor
-from .._validation import check_labels_in_range
+from .._validation import (
+    FLOAT_DTYPES, INDEX_DTYPES, check_finite, check_labels_in_range, check_positive, check_same_device, check_tensor,
+)
 from ..eager import ppo_loss as _eager
 from ._op import differentiable
+from .advantages import _check_estimator
 
 if triton_installed():
     from ..triton import logprobs as _triton_logprobs
     from ..triton import ppo_loss as _triton
-from .advantages import _check_estimator
 
 
 AGG_MODES = reference.AGG_MODES
