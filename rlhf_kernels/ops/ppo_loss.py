@@ -346,8 +346,9 @@ def _tracing(t: Tensor) -> bool:
 
 
 def _from_logits_setup_context(ctx, inputs, output):
-    logits, labels, _, _, mask = inputs[:5]
-    temperature, entropy_coef, inplace_backward, need_grad = inputs[6], inputs[15], inputs[16], inputs[17]
+    (logits, labels, _old_logp, _advantages, mask, _ref_logp, temperature, _ratio_low, _ratio_high, _dual_clip, _agg,
+     _num_tokens, _num_seqs, _kl_coef, _kl_estimator, entropy_coef, inplace_backward, need_grad, _count,
+     _max_rows_in_flight) = inputs
     _, _, grad, weights, row_max, log_sum, entropy, grad_logits = output
     ctx.mark_non_differentiable(*output[1:])
     if not ctx.needs_input_grad[0]:
