@@ -155,15 +155,22 @@ def reduce_partials(partial: Tensor, max_col: int | None, min_col: int | None) -
     return stats
 
 
+def _token_outputs(x, seq_len: int, n_stats: int, need_grad: bool):
+    """(seqs, chunks, block, grad, partial) of a token kernel over x (B * T,):
+    one program per BLOCK tokens of a sequence, one row of partial sums each."""
+    n = x.numel()
+    seqs = n // seq_len if seq_len > 0 else 0
+    block = token_block(seq_len, x.device)
+    chunks = max(1, triton.cdiv(seq_len, block))
+    grad = torch.empty(n if need_grad else 0, dtype=x.dtype, device=x.device)
+    partial = torch.empty((seqs, chunks, n_stats), dtype=x.dtype, device=x.device)
+    return seqs, chunks, block, grad, partial
+
+
 @on_tensor_device
 def policy(logp, old_logp, adv, mask, ref_logp, entropy, seq_len, ratio_low, ratio_high,
-                   dual_clip, kl_coef, kl_code, need_grad):
-    n = logp.numel()
-    seqs = n // seq_len if seq_len > 0 else 0
-    block = token_block(seq_len, logp.device)
-    chunks = max(1, triton.cdiv(seq_len, block))
-    grad = torch.empty(n if need_grad else 0, dtype=logp.dtype, device=logp.device)
-    partial = torch.empty((seqs, chunks, N_POLICY_STATS), dtype=logp.dtype, device=logp.device)
+           dual_clip, kl_coef, kl_code, need_grad):
+    seqs, chunks, block, grad, partial = _token_outputs(logp, seq_len, N_POLICY_STATS, need_grad)
     if seqs > 0:
         _ppo_policy_fwd_kernel[(seqs * chunks,)](
             logp, old_logp, adv, mask.view(torch.uint8),
@@ -178,12 +185,7 @@ def policy(logp, old_logp, adv, mask, ref_logp, entropy, seq_len, ratio_low, rat
 
 @on_tensor_device
 def value(values, old_values, returns, mask, seq_len, clip, need_grad):
-    n = values.numel()
-    seqs = n // seq_len if seq_len > 0 else 0
-    block = token_block(seq_len, values.device)
-    chunks = max(1, triton.cdiv(seq_len, block))
-    grad = torch.empty(n if need_grad else 0, dtype=values.dtype, device=values.device)
-    partial = torch.empty((seqs, chunks, N_VALUE_STATS), dtype=values.dtype, device=values.device)
+    seqs, chunks, block, grad, partial = _token_outputs(values, seq_len, N_VALUE_STATS, need_grad)
     if seqs > 0:
         _ppo_value_fwd_kernel[(seqs * chunks,)](
             values, old_values, returns, mask.view(torch.uint8), grad if need_grad else values,
