@@ -8,13 +8,13 @@ import torch
 from .. import reference
 from .._launch import acc_dtype
 
-_ESTIMATOR_NAMES = {0: "k1", 1: "abs", 2: "k2", 3: "k3"}
+ESTIMATOR_NAMES = {0: "k1", 1: "abs", 2: "k2", 3: "k3"}  # kernel code -> reference name
 
 
 def kl_penalty(logp, ref_logp, estimator):
     """kl_penalty's contract: the reference formula in the accumulation dtype, under torch autograd."""
     acc = acc_dtype(logp.dtype)
-    return reference.kl_penalty(logp.to(acc), ref_logp.to(acc), _ESTIMATOR_NAMES[estimator])
+    return reference.kl_penalty(logp.to(acc), ref_logp.to(acc), ESTIMATOR_NAMES[estimator])
 
 
 def advantages(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, kl_coef_scale, kl_coef,
@@ -27,7 +27,7 @@ def advantages(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, 
             kl_coef = kl_coef * float(kl_coef_scale[0])
         out = reference.ppo_advantages(
             scores, logp, ref_logp, values, full_mask, kl_coef=kl_coef,
-            estimator=_ESTIMATOR_NAMES[estimator], gamma=gamma, lam=lam, whiten=False,
+            estimator=ESTIMATOR_NAMES[estimator], gamma=gamma, lam=lam, whiten=False,
             cu_seqlens=cu_seqlens,
         )
         adv, ret, rewards, kl = out["advantages"], out["returns"], out["token_rewards"], out["kl"]

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .. import reference
 from .._validation import check_labels_in_range
+from .advantages import ESTIMATOR_NAMES
 from .logprobs import grad_into_input
 
 _POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_max", "ratio_min")
@@ -47,14 +48,13 @@ def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, ref_logp, t
     and its aggregated terms (a global count given as a tensor)."""
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():  # raising needs a value
         check_labels_in_range(labels, logits.shape[-1], -100)
-    names = {0: "k1", 1: "abs", 2: "k2", 3: "k3"}
     tensors = _computed(mask, old_logp, advantages, *(() if ref_logp is None else (ref_logp,)))
     loss, stats = reference.ppo_loss_from_logits(
         grad_into_input(logits, inplace_backward), labels, tensors[0], tensors[1], mask, temperature=temperature,
         clip_low=1.0 - ratio_low, clip_high=ratio_high - 1.0, dual_clip=dual_clip or None,
         agg=reference.AGG_MODES[agg], num_tokens=num_tokens, num_seqs=num_seqs,
         ref_logp=tensors[2] if ref_logp is not None else None, kl_coef=kl_coef,
-        kl_estimator=names.get(kl_estimator, "k3"), entropy_coef=entropy_coef,
+        kl_estimator=ESTIMATOR_NAMES.get(kl_estimator, "k3"), entropy_coef=entropy_coef,
     )
     stats = torch.stack([stats[name] for name in _POLICY_STATS + ("pg_loss", "kl", "entropy")])
     if count is not None:

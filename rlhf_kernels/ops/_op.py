@@ -21,6 +21,19 @@ from torch import Tensor
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 
 
+def undifferentiated(op) -> Callable:
+    """The caller of an op whose outputs are never differentiated: the op below
+    the autograd key in eager mode, the op as is while compiling."""
+
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        with _below_autograd():
+            return op(*args)
+
+    return call
+
+
 def differentiable(op, setup_context: Callable, backward: Callable) -> Callable:
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
@@ -37,14 +50,12 @@ def differentiable(op, setup_context: Callable, backward: Callable) -> Callable:
             return backward(ctx, *grads)
 
     apply = Function.apply
+    below = undifferentiated(op)
 
     def call(*args):
-        if torch.compiler.is_compiling():
-            return op(*args)
-        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args) \
+                and not torch.compiler.is_compiling():
             return apply(*args)
-        with _below_autograd():
-            return op(*args)
+        return below(*args)
 
-    call.op = op
     return call

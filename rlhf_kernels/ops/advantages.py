@@ -25,7 +25,7 @@ from torch import Tensor
 from .._dispatch import checks_enabled, implementation, native_extension_loaded, register, triton_installed
 from .._launch import acc_dtype
 from ..eager import advantages as _eager
-from ._op import _below_autograd, differentiable
+from ._op import differentiable, undifferentiated
 from .._validation import (
     FLOAT_DTYPES, check_finite, check_int, check_nonnegative, check_positive, check_same_device, check_tensor,
 )
@@ -120,14 +120,7 @@ def _advantages_triton(
 
 def _register_advantages(backends: tuple[str, ...], op) -> None:
     torch.library.register_fake(op)(_advantages_fake)
-
-    def call(*args):
-        if torch.compiler.is_compiling():
-            return op(*args)
-        with _below_autograd():  # nothing here is differentiated
-            return op(*args)
-
-    register("advantages", backends, call)
+    register("advantages", backends, undifferentiated(op))
 
 
 if native_extension_loaded():

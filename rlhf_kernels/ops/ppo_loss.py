@@ -505,12 +505,11 @@ def _check_tokens(shape_name: str, shape, **tensors: Tensor) -> None:
             raise ValueError(f"{name}: shape {tuple(t.shape)} does not match {shape_name} {tuple(shape)}")
 
 
-def _check_mask(mask: Tensor) -> Tensor:
-    """mask of any real dtype (nonzero = valid), as a bool tensor."""
+def _check_mask(mask: Tensor) -> None:
+    """A mask of any real dtype (nonzero = valid): the ops read it as it is."""
     check_tensor("mask", mask)
     if mask.is_complex():
         raise ValueError("mask: complex masks are not supported")
-    return mask if mask.dtype == torch.bool else mask != 0
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
