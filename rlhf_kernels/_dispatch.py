@@ -34,6 +34,7 @@ GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "ppo_loss_from_logits": ("cuda", "triton"),
     "advantages": ("cuda", "triton"),
     "kl_penalty": ("cuda", "triton"),
+    "logprobs_from_hidden": ("cuda", "triton"),
 }
 
 

@@ -1,0 +1,478 @@
+"""logprobs_from_hidden and ppo_loss_from_hidden: the log-probabilities (and
+entropy, and the PPO loss) of the sampled tokens straight from the last hidden
+state and the LM head, never building the (N, V) logits.
+
+The logits z = (hidden @ weight.T + bias) are made one tile at a time, a
+token block of ``tb`` rows by a vocabulary block of ``vb`` columns, into one
+float32 buffer (float64 for float64 inputs; bf16/fp16 products accumulate in
+float32 and are never rounded to the input dtype), and each tile goes through
+our logprobs row kernel (online softmax, the label, entropy) as it stands:
+
+Forward: per tile the kernel gives each row's raw max m_c, log s_c (the
+log-sum of exp((z - m_c) / T)), entropy H_c and, for the tile holding the
+label, logp_c. With M = max_c m_c and a_c = (m_c - M) / T + log s_c:
+    log_sum = logsumexp_c a_c,  w_c = exp(a_c - log_sum),
+    logp    = logp_c* + (a_c* - log_sum)          (c*: the label's tile)
+    entropy = sum_c w_c (H_c + log_sum - a_c)
+every term of which is <= 0 (logp) or >= 0 (entropy): no cancellation,
+exact for any V (a tile narrower than vb at the end is just narrower).
+Backward: each tile is made again (one GEMM) and the row kernel writes its
+gradient over it from the forward's (M, log_sum, entropy); then
+d hidden += dZ @ W_c and d W_c = dZ^T @ hidden (all of a token block in one
+GEMM, so a bf16 weight gradient is rounded once), d bias_c = sum(dZ): four
+GEMMs in all for a per-token output, whose upstream gradient is only known
+in the backward.
+
+A tile is a window of its rows: the buffer has one spare column past the
+vocabulary block, set to -inf (no weight in the softmax); a label outside the
+window points at it, so the row kernel adds its one-hot there, and the
+GEMMs never read it.
+
+Memory: the buffer, ``tb * (vb + 8) * 4`` bytes, chosen from a budget
+(``chunk_bytes``, default ``default_chunk_bytes``), plus O(N * H) for the
+float32 hidden gradient; the weight gradient is written in place, except for
+bf16/fp16 weights when N is more than one token block (a float32
+accumulator, V * H * 4 bytes). On CPU, bf16/fp16 operands are converted to
+float32 a tile at a time (weight tile: vb * H * 4 bytes), as CPU BLAS has no
+bf16 x bf16 -> float32 product.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .._dispatch import checks_enabled, implementation, native_extension_loaded, register, triton_installed
+from .._launch import acc_dtype, row_layout
+from .._validation import (
+    FLOAT_DTYPES, INDEX_DTYPES, check_int, check_labels_in_range, check_positive, check_same_device, check_tensor,
+)
+from .. import reference as _reference
+from ._op import differentiable
+
+if triton_installed():
+    from ..triton import logprobs as _triton
+
+# The smallest vocabulary block worth a GEMM, and the budget bounds.
+MIN_VOCAB_BLOCK = 1024
+_MIN_CHUNK_BYTES = 8 << 20
+_MAX_CHUNK_BYTES = 256 << 20
+# Spare columns per buffer row: one sentinel, rounded so rows stay 32-byte aligned.
+_PAD = 8
+
+
+def default_chunk_bytes(n_rows: int, vocab: int) -> int:
+    """The default tile budget: 1/32 of the float32 logits, within [8, 256] MiB.
+    (At N=1024, V=151936: 19 MiB, 0.03x the logits; at N=8192: 152 MiB.)"""
+    return int(min(_MAX_CHUNK_BYTES, max(_MIN_CHUNK_BYTES, n_rows * vocab * 4 // 32)))
+
+
+def tile_plan(n_rows: int, vocab: int, chunk_bytes: int, itemsize: int = 4) -> tuple[int, int]:
+    """(token block, vocabulary block) for a buffer of at most ``chunk_bytes``:
+    all tokens in one block unless a MIN_VOCAB_BLOCK-wide tile of them would
+    not fit; then the widest vocabulary block that does."""
+    vmin = min(vocab, MIN_VOCAB_BLOCK)
+    tb = max(1, min(n_rows, chunk_bytes // ((vmin + _PAD) * itemsize)))
+    vb = max(1, min(vocab, chunk_bytes // (tb * itemsize) - _PAD))
+    return tb, vb
+
+
+# --- the row kernels per backend: fwd(tile, labels, inv_t, entropy) and
+# bwd(g, g_entropy, tile, labels, row_max, log_sum, entropy, inv_t), in place ---
+
+_NO_LABEL = -1  # never a local label (those are in [0, vb]): the kernels' ignore_index
+
+
+def _native_fwd(tile, labels, inv_t, compute_entropy):
+    tensor, inner_rows, outer, inner = row_layout(tile)
+    return torch.ops.rlhf_kernels.logprobs_fwd_native(tensor, labels, inner_rows, outer, inner, inv_t, _NO_LABEL,
+                                                      compute_entropy)
+
+
+def _native_bwd(g, g_entropy, tile, labels, row_max, log_sum, entropy, inv_t):
+    tensor, inner_rows, outer, inner = row_layout(tile)
+    assert tensor is tile
+    torch.ops.rlhf_kernels.logprobs_bwd_native(g, g_entropy, tile, labels, row_max, log_sum, entropy, tile,
+                                               inner_rows, outer, inner, outer, inner, inv_t, _NO_LABEL)
+
+
+def _triton_fwd(tile, labels, inv_t, compute_entropy):
+    return _triton.forward(tile, labels, inv_t, _NO_LABEL, compute_entropy)
+
+
+def _triton_bwd(g, g_entropy, tile, labels, row_max, log_sum, entropy, inv_t):
+    _triton.backward(g, g_entropy, tile, labels, row_max, log_sum, entropy, tile, inv_t, _NO_LABEL)
+
+
+_ROWS: dict[str, tuple[Callable, Callable]] = {"native": (_native_fwd, _native_bwd)}
+if triton_installed():
+    _ROWS["triton"] = (_triton_fwd, _triton_bwd)
+
+
+# --- tiles ------------------------------------------------------------------
+
+
+def _low_precision(t: Tensor) -> bool:
+    return t.dtype in (torch.bfloat16, torch.float16)
+
+
+def _gemm(out: Tensor, a: Tensor, b: Tensor, accumulate: bool = False) -> None:
+    """out (=|+=) a @ b, out in the accumulation dtype. bf16/fp16 operands: on
+    CUDA, cuBLAS with a float32 output; elsewhere they were converted before."""
+    if a.dtype != out.dtype:
+        torch.addmm(out, a, b, out_dtype=out.dtype, beta=1 if accumulate else 0, out=out)
+    elif accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+class _Operands:
+    """hidden, weight and bias as the GEMMs take them, a block at a time."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], acc: torch.dtype):
+        self.acc = acc
+        # CUDA multiplies bf16/fp16 into a float32 output; CPU BLAS cannot: convert.
+        self.convert = hidden.device.type != "cuda" or not (_low_precision(hidden) and hidden.dtype == weight.dtype)
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+
+    def rows(self, t0: int, t1: int) -> Tensor:
+        h = self.hidden[t0:t1]
+        return h.to(self.acc) if self.convert else h
+
+    def cols(self, v0: int, v1: int) -> Tensor:
+        w = self.weight[v0:v1]
+        return w.to(self.acc) if self.convert else w
+
+    def logits_into(self, buf: Tensor, h: Tensor, w: Tensor, v0: int, v1: int) -> Tensor:
+        """Writes z = h @ w.T (+ bias) into buf's first v1 - v0 columns and -inf
+        into the sentinel column after them; returns the (n, vc + 1) window."""
+        n, vc = h.shape[0], v1 - v0
+        z = buf[:n, :vc]
+        _gemm(z, h, w.t())
+        if self.bias is not None:
+            z.add_(self.bias[v0:v1].to(self.acc))
+        buf[:n, vc].fill_(-math.inf)
+        return buf[:n, :vc + 1]
+
+
+def _local_labels(labels: Tensor, v0: int, vc: int) -> tuple[Tensor, Tensor]:
+    """Labels relative to a window [v0, v0 + vc); outside it, the sentinel column vc."""
+    local = labels - v0
+    inside = (local >= 0) & (local < vc)
+    return torch.where(inside, local, vc), inside
+
+
+def _forward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature: float,
+                  ignore_index: int, compute_entropy: bool, chunk_bytes: int, rows: str):
+    fwd, _ = _ROWS[rows]
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    if labels.device.type == "cpu":  # as the native CPU ops check (on a GPU: NaN, see the docstring)
+        check_labels_in_range(labels, vocab, ignore_index)
+    acc = acc_dtype(hidden.dtype)
+    dev = hidden.device
+    inv_t = 1.0 / temperature
+    logp = torch.full((n_rows,), math.nan, dtype=acc, device=dev)
+    entropy = torch.zeros(n_rows if compute_entropy else 0, dtype=acc, device=dev)
+    row_max = torch.empty(n_rows, dtype=acc, device=dev)
+    log_sum = torch.empty(n_rows, dtype=acc, device=dev)
+    if n_rows == 0:
+        return logp, entropy, row_max, log_sum
+    itemsize = torch.finfo(acc).bits // 8
+    tb, vb = tile_plan(n_rows, vocab, chunk_bytes, itemsize)
+    buf = torch.empty(tb, vb + _PAD, dtype=acc, device=dev)
+    ops = _Operands(hidden, weight, bias, acc)
+    n_tiles = -(-vocab // vb)
+    for t0 in range(0, n_rows, tb):
+        t1 = min(n_rows, t0 + tb)
+        h, lab = ops.rows(t0, t1), labels[t0:t1]
+        n = t1 - t0
+        maxes = torch.empty(n_tiles, n, dtype=acc, device=dev)
+        logs = torch.empty(n_tiles, n, dtype=acc, device=dev)
+        ents = torch.empty(n_tiles, n, dtype=acc, device=dev) if compute_entropy else None
+        label_logp = torch.full((n,), math.nan, dtype=acc, device=dev)
+        label_tile = torch.zeros(n, dtype=torch.int64, device=dev)
+        for c, v0 in enumerate(range(0, vocab, vb)):
+            v1 = min(vocab, v0 + vb)
+            tile = ops.logits_into(buf, h, ops.cols(v0, v1), v0, v1)
+            local, inside = _local_labels(lab, v0, v1 - v0)
+            lp, ent, mx, ls = fwd(tile, local, inv_t, compute_entropy)
+            maxes[c], logs[c] = mx, ls
+            if compute_entropy:
+                ents[c] = ent
+            label_logp = torch.where(inside, lp, label_logp)
+            label_tile = torch.where(inside, c, label_tile)
+        m = maxes.amax(0)
+        a = (maxes - m) * inv_t + logs  # log-sum of each tile relative to the row max
+        ls = torch.logsumexp(a, 0).clamp_min(0)  # >= the max tile's log s >= 0
+        ignored = lab == ignore_index
+        row_max[t0:t1], log_sum[t0:t1] = m, ls
+        a_label = a.gather(0, label_tile[None]).squeeze(0)
+        logp[t0:t1] = torch.where(ignored, 0.0, label_logp + (a_label - ls))
+        if compute_entropy:
+            w = torch.exp(a - ls)
+            entropy[t0:t1] = torch.where(ignored, 0.0, (w * (ents + (ls - a))).sum(0))
+    return logp, entropy, row_max, log_sum
+
+
+def _backward_impl(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor, weight: Tensor,
+                   bias: Optional[Tensor], labels: Tensor, row_max: Tensor, log_sum: Tensor,
+                   entropy: Optional[Tensor], temperature: float, ignore_index: int, chunk_bytes: int, rows: str,
+                   need_hidden: bool, need_weight: bool, need_bias: bool):
+    _, bwd = _ROWS[rows]
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    acc = row_max.dtype
+    dev = hidden.device
+    inv_t = 1.0 / temperature
+    itemsize = torch.finfo(acc).bits // 8
+    tb, vb = tile_plan(max(n_rows, 1), vocab, chunk_bytes, itemsize)
+    many_blocks = n_rows > tb
+    grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=dev) if need_hidden else None
+    # The weight gradient in place when every tile of it is one GEMM (one
+    # token block) or the weight is in the accumulation dtype; else float32.
+    direct_weight = weight.dtype == acc or not many_blocks
+    grad_weight = None
+    if need_weight:
+        grad_weight = torch.zeros(weight.shape, dtype=weight.dtype if direct_weight else acc, device=dev)
+    grad_bias = torch.zeros(vocab, dtype=acc, device=dev) if need_bias else None
+    ignored = labels == ignore_index
+    bad = ~ignored & ((labels < 0) | (labels >= vocab))  # NaN gradients, as logprobs_from_logits gives
+    zero = torch.zeros((), dtype=acc, device=dev)
+    g = grad_logp.to(acc) if grad_logp is not None else torch.zeros(n_rows, dtype=acc, device=dev)
+    g = torch.where(ignored, zero, torch.where(bad, math.nan, g)).contiguous()
+    g_ent = None
+    if grad_entropy is not None:
+        g_ent = torch.where(ignored, zero, grad_entropy.to(acc)).contiguous()
+    if n_rows == 0 or not (need_hidden or need_weight or need_bias):
+        return grad_hidden, grad_weight, grad_bias
+    buf = torch.empty(tb, vb + _PAD, dtype=acc, device=dev)
+    ops = _Operands(hidden, weight, bias, acc)
+    for t0 in range(0, n_rows, tb):
+        t1 = min(n_rows, t0 + tb)
+        n = t1 - t0
+        h = ops.rows(t0, t1)
+        lab = labels[t0:t1]
+        for v0 in range(0, vocab, vb):
+            v1 = min(vocab, v0 + vb)
+            w = ops.cols(v0, v1)
+            tile = ops.logits_into(buf, h, w, v0, v1)
+            local, _ = _local_labels(lab, v0, v1 - v0)
+            bwd(g[t0:t1], None if g_ent is None else g_ent[t0:t1], tile, local, row_max[t0:t1], log_sum[t0:t1],
+                None if entropy is None else entropy[t0:t1], inv_t)
+            dz = tile[:, :v1 - v0]
+            low = _low_precision(w)  # CUDA: bf16 operands, float32 products
+            if grad_hidden is not None:
+                _gemm(grad_hidden[t0:t1], dz.to(w.dtype) if low else dz, w, accumulate=True)
+            if grad_weight is not None:
+                gw = grad_weight[v0:v1]
+                dzt = (dz.to(h.dtype) if low else dz).t()
+                if gw.dtype == acc or gw.dtype == h.dtype and low:
+                    if many_blocks:
+                        _gemm(gw, dzt, h, accumulate=True)
+                    else:
+                        torch.mm(dzt, h, out=gw)
+                else:  # a bf16/fp16 weight from float32 operands (CPU): one rounding
+                    gw.copy_(dzt @ h)
+            if grad_bias is not None:
+                grad_bias[v0:v1] += dz.sum(0)
+    return grad_hidden, grad_weight, grad_bias
+
+
+# --- the ops ------------------------------------------------------------------
+# rlhf_kernels::logprobs_from_hidden(hidden (N, H), weight (V, H), bias (V,)?,
+# labels (N,) int64, ...) -> (logp, entropy, row_max, log_sum), each (N,) in
+# the accumulation dtype (entropy empty unless compute_entropy); rows names
+# the row kernels ("native": the extension's CPU or CUDA kernels; "triton").
+
+
+@torch.library.custom_op("rlhf_kernels::logprobs_from_hidden", mutates_args=())
+def _logprobs_from_hidden_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                             temperature: float, ignore_index: int, compute_entropy: bool, chunk_bytes: int,
+                             rows: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _forward_impl(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk_bytes,
+                         rows)
+
+
+@_logprobs_from_hidden_op.register_fake
+def _(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk_bytes, rows):
+    acc = acc_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n if compute_entropy else 0, dtype=acc),
+            hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc))
+
+
+@torch.library.custom_op("rlhf_kernels::logprobs_from_hidden_backward", mutates_args=())
+def _logprobs_from_hidden_backward_op(
+        grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor, weight: Tensor,
+        bias: Optional[Tensor], labels: Tensor, row_max: Tensor, log_sum: Tensor, entropy: Optional[Tensor],
+        temperature: float, ignore_index: int, chunk_bytes: int, rows: str, need_hidden: bool, need_weight: bool,
+        need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    grads = _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, labels, row_max, log_sum, entropy,
+                           temperature, ignore_index, chunk_bytes, rows, need_hidden, need_weight, need_bias)
+    like = (hidden, weight, weight)
+    return tuple(hidden.new_empty(0) if grad is None else grad.to(x.dtype) for grad, x in zip(grads, like))
+
+
+@_logprobs_from_hidden_backward_op.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, bias, labels, row_max, log_sum, entropy, temperature, ignore_index,
+      chunk_bytes, rows, need_hidden, need_weight, need_bias):
+    return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)),
+            weight.new_empty((weight.shape[0],) if need_bias else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk_bytes, rows = inputs
+    _, entropy, row_max, log_sum = output
+    ctx.mark_non_differentiable(row_max, log_sum)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(hidden, weight, bias, labels, row_max, log_sum, entropy if compute_entropy else None)
+    ctx.params = (temperature, ignore_index, compute_entropy, chunk_bytes, rows)
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_row_max, _grad_log_sum):
+    hidden, weight, bias, labels, row_max, log_sum, entropy = ctx.saved_tensors
+    temperature, ignore_index, compute_entropy, chunk_bytes, rows = ctx.params
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    need_bias = need_bias and bias is not None
+    if grad_logp is None and (grad_entropy is None or not compute_entropy):
+        return (None,) * 9
+    grads = _logprobs_from_hidden_backward_op(
+        grad_logp, grad_entropy if compute_entropy else None, hidden, weight, bias, labels, row_max, log_sum,
+        entropy, temperature, ignore_index, chunk_bytes, rows, need_hidden, need_weight, need_bias)
+    grad_hidden, grad_weight, grad_bias = (g if need else None
+                                           for g, need in zip(grads, (need_hidden, need_weight, need_bias)))
+    return (grad_hidden, grad_weight, grad_bias) + (None,) * 6
+
+
+_caller = differentiable(torch.ops.rlhf_kernels.logprobs_from_hidden.default, _setup_context, _backward)
+
+
+def _kernel_backend(rows: str) -> Callable:
+    def logprobs(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk_bytes):
+        logp, entropy, _, _ = _caller(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy,
+                                      chunk_bytes, rows)
+        return logp, entropy
+
+    return logprobs
+
+
+def _reference_backend(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk_bytes):
+    """Plain PyTorch with the (N, V) logits, in the accumulation dtype."""
+    acc = acc_dtype(hidden.dtype)
+    logits = torch.nn.functional.linear(hidden.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    logp, entropy = _reference.logprobs_from_logits(logits, labels, temperature=temperature,
+                                                    ignore_index=ignore_index, return_entropy=True)
+    return logp, entropy if compute_entropy else logp.new_empty(0)
+
+
+if native_extension_loaded():
+    register("logprobs_from_hidden", ("cpu", "cuda"), _kernel_backend("native"))
+if triton_installed():
+    register("logprobs_from_hidden", ("triton",), _kernel_backend("triton"))
+register("logprobs_from_hidden", ("reference",), _reference_backend)
+
+
+# --- public functions -----------------------------------------------------------
+
+
+def _check_head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor) -> None:
+    check_tensor("hidden", hidden, FLOAT_DTYPES)
+    check_tensor("weight", weight, FLOAT_DTYPES)
+    check_tensor("labels", labels, INDEX_DTYPES)
+    if bias is not None:
+        check_tensor("bias", bias, FLOAT_DTYPES)
+    check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    if hidden.dim() < 1:
+        raise ValueError("hidden: expected shape (..., H) with at least one dimension")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: expected shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight: the vocabulary dimension V must be > 0")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels: shape {tuple(labels.shape)} does not match hidden.shape[:-1] "
+                         f"{tuple(hidden.shape[:-1])}")
+    if (hidden.dtype == torch.float64) != (weight.dtype == torch.float64):
+        raise ValueError(f"weight: dtype {weight.dtype} with hidden {hidden.dtype}: float64 goes with float64 only")
+
+
+def _check_chunk_bytes(chunk_bytes: Optional[int], n_rows: int, vocab: int) -> int:
+    if chunk_bytes is None:
+        return default_chunk_bytes(n_rows, vocab)
+    chunk_bytes = check_int("chunk_bytes", chunk_bytes)
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes: must be > 0, got {chunk_bytes}")
+    return chunk_bytes
+
+
+def logprobs_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    chunk_bytes: int | None = None,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probabilities of ``labels`` under ``softmax((hidden @ weight.T + bias) / temperature)``,
+    without building the logits.
+
+    The same values and gradients as
+    ``logprobs_from_logits(hidden @ weight.T + bias, labels, ...)``, computed
+    a (token block x vocabulary block) tile at a time into one float32 buffer
+    of at most ``chunk_bytes``: extra memory is that buffer plus O(N * H)
+    (see the module docstring), not the (N, V) logits. Differentiable with
+    respect to hidden, weight (possibly tied to the input embedding) and
+    bias; the backward makes each tile again (no logits are kept).
+
+    Args:
+        hidden: (..., H) float32 | bfloat16 | float16 (float64 for gradcheck),
+            the last hidden state.
+        weight: (V, H), the LM head (any float dtype; float64 with float64 hidden).
+        labels: (...) int64 | int32, the sampled token ids in [0, V) or
+            ``ignore_index`` (logp = entropy = 0 and a zero gradient there).
+            On CPU an id out of range raises ValueError; on a GPU it gives NaN
+            unless ``RLHF_KERNELS_CHECK=1``.
+        bias: (V,) or None.
+        temperature: > 0, the logits are divided by it.
+        return_entropy: also return the entropy of each position (costs
+            nothing more when not asked; differentiable when it is).
+        ignore_index: label value that marks positions to skip.
+        chunk_bytes: budget of the tile buffer; default
+            ``default_chunk_bytes(N, V)`` = N * V * 4 / 32 within [8, 256] MiB.
+        backend: "cpu" | "cuda" | "triton" (the row kernels; GEMMs are BLAS /
+            cuBLAS) | "reference" (plain PyTorch, with the logits); default as
+            for every op.
+
+    Returns:
+        logp: (...) float32 (float64 for float64 hidden); with
+        ``return_entropy`` the tuple (logp, entropy).
+    """
+    _check_head(hidden, weight, bias, labels)
+    temperature = check_positive("temperature", temperature)
+    ignore_index = check_int("ignore_index", ignore_index)
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index: must fit in int64, got {ignore_index}")
+    vocab = weight.shape[0]
+    if labels.is_cuda and checks_enabled():
+        check_labels_in_range(labels, vocab, ignore_index)
+    shape = labels.shape
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1).to(torch.int64)
+    chunk_bytes = _check_chunk_bytes(chunk_bytes, flat_labels.numel(), vocab)
+    logp, entropy = implementation("logprobs_from_hidden", backend, hidden.device)(
+        flat_hidden, weight, bias, flat_labels, temperature, ignore_index, bool(return_entropy), chunk_bytes)
+    logp = logp.view(shape)
+    return (logp, entropy.view(shape)) if return_entropy else logp
+
+
+__all__ = ["default_chunk_bytes", "logprobs_from_hidden", "tile_plan"]
