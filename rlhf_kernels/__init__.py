@@ -14,7 +14,7 @@ from .ops.advantages import (
     kl_penalty,
     ppo_advantages,
 )
-from .ops.lm_head import logprobs_from_hidden
+from .ops.lm_head import logprobs_from_hidden, ppo_loss_from_hidden
 from .ops.logprobs import logprobs_from_logits
 from .ops.ppo_loss import ppo_loss_from_logits, ppo_policy_loss, ppo_value_loss
 
@@ -30,6 +30,7 @@ __all__ = [
     "kl_penalty",
     "logprobs_from_hidden",
     "logprobs_from_logits",
+    "ppo_loss_from_hidden",
     "ppo_loss_from_logits",
     "ppo_policy_loss",
     "ppo_value_loss",

@@ -475,4 +475,82 @@ def logprobs_from_hidden(
     return (logp, entropy.view(shape)) if return_entropy else logp
 
 
-__all__ = ["default_chunk_bytes", "logprobs_from_hidden", "tile_plan"]
+
+
+def ppo_loss_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    ref_logp: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    chunk_bytes: int | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The PPO policy loss, KL penalty and entropy bonus of ``ppo_loss_from_logits``
+    straight from the last hidden state and the LM head, never building the logits.
+
+    ``logp, H = logprobs_from_hidden(hidden, weight, labels, bias=bias,
+    temperature=temperature, return_entropy=True)``, then
+    ``loss = ppo_policy_loss(logp, ...) + kl_coef * agg(kl_penalty(logp, ref_logp))
+    - entropy_coef * agg(H)``: the same value, gradients and stats as
+    ``ppo_loss_from_logits(hidden @ weight.T + bias, ...)``. Extra memory is
+    logprobs_from_hidden's (one tile buffer + O(B * T * H)); the entropy's
+    gradient is computed only when ``entropy_coef != 0``.
+
+    Args:
+        hidden: (B, T, H) (or (..., T, H)); weight (V, H); bias (V,) or None.
+        labels: (B, T) int64 | int32 (``-100``: ignored, logp = entropy = 0).
+        old_logp, advantages, mask, ref_logp: (B, T) as in ``ppo_loss_from_logits``.
+        chunk_bytes, backend: as in ``logprobs_from_hidden``.
+        Others: as in ``ppo_loss_from_logits``.
+
+    Returns:
+        (loss, stats) as ``ppo_loss_from_logits``: the 0-dim loss and the
+        ``ppo_policy_loss`` stats plus pg_loss, kl and entropy.
+    """
+    from .advantages import kl_penalty
+    from .ppo_loss import ppo_policy_loss
+
+    if hidden.dim() < 3:
+        raise ValueError("hidden: expected shape (B, T, H) (or (..., T, H))")
+    entropy_coef = float(entropy_coef)
+    kl_coef = float(kl_coef)
+    logp, entropy = logprobs_from_hidden(hidden, weight, labels, bias=bias, temperature=temperature,
+                                         return_entropy=True, chunk_bytes=chunk_bytes, backend=backend)
+    pg_loss, stats = ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+                                     dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                                     backend=backend)
+
+    def aggregate(x: Tensor) -> Tensor:
+        return _reference.agg_loss(x, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs).to(pg_loss.dtype)
+
+    entropy_agg = aggregate(entropy if entropy_coef != 0 else entropy.detach())
+    loss = pg_loss - entropy_coef * entropy_agg if entropy_coef != 0 else pg_loss
+    if ref_logp is not None:
+        check_tensor("ref_logp", ref_logp, FLOAT_DTYPES)
+        if tuple(ref_logp.shape) != tuple(labels.shape):
+            raise ValueError(f"ref_logp: shape {tuple(ref_logp.shape)} does not match labels {tuple(labels.shape)}")
+        kl = aggregate(kl_penalty(logp, ref_logp.detach(), estimator=kl_estimator, backend=backend))
+        if kl_coef != 0:
+            loss = loss + kl_coef * kl
+    else:
+        kl = pg_loss.new_zeros(())
+    stats.update(pg_loss=pg_loss.detach(), kl=kl.detach(), entropy=entropy_agg.detach())
+    return loss, stats
+
+
+__all__ = ["default_chunk_bytes", "logprobs_from_hidden", "ppo_loss_from_hidden", "tile_plan"]

@@ -1,0 +1,340 @@
+"""logprobs_from_hidden against the float64 reference (the logits built in
+float64) on every backend present: values, the gradients of hidden, weight and
+bias, tied weights, low precision by the 2x rule, and the tiling itself."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rlhf_kernels
+from rlhf_kernels import reference
+from rlhf_kernels.ops import lm_head
+
+from helpers import assert_no_worse_than_torch
+
+# (N, H, V, chunk_bytes): one tile; many vocabulary tiles with an odd last
+# one; many token blocks (tb = 1); a real vocabulary.
+CASES = [
+    (7, 16, 123, None),
+    (37, 16, 3001, 37 * 4 * 700),
+    (5, 8, 2049, 4 * 1100),
+    (3, 32, 151936, None),
+]
+
+
+def _inputs(n, h, v, dtype=torch.float32, scale=1.0, seed=0, bias=True, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen, dtype=torch.float64) * scale
+    weight = torch.randn(v, h, generator=gen, dtype=torch.float64) / h ** 0.5
+    b = torch.randn(v, generator=gen, dtype=torch.float64) if bias else None
+    labels = torch.randint(0, v, (n,), generator=gen)
+    if n > 1:
+        labels[1] = -100
+    cast = lambda t: None if t is None else t.to(device, dtype).requires_grad_(True)  # noqa: E731
+    return cast(hidden), cast(weight), cast(b), labels.to(device)
+
+
+def _reference(hidden, weight, bias, labels, temperature=1.0, dtype=torch.float64, **kwargs):
+    logits = torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    return reference.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True, **kwargs)
+
+
+def _values_and_grads(fn, tensors, g, g_entropy):
+    tensors = [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
+    logp, ent = fn(*tensors)
+    (logp.double() * g + ent.double() * g_entropy).sum().backward()
+    return logp.detach(), ent.detach(), [None if t is None else t.grad for t in tensors]
+
+
+def _weights(n, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=gen, dtype=torch.float64), torch.randn(n, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("n,h,v,chunk", CASES, ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_float32_matches_float64(device_backend, n, h, v, chunk, temperature):
+    device, backend = device_backend
+    if backend == "triton" and v > 10000:
+        pytest.skip("the Triton interpreter at V=151936 takes minutes; the 3001-wide case covers the tiling")
+    hidden, weight, bias, labels = _inputs(n, h, v, scale=3.0, device=device)
+    g, g_entropy = (x.to(device) for x in _weights(n))
+    got = _values_and_grads(
+        lambda a, b, c: rlhf_kernels.logprobs_from_hidden(a, b, labels, bias=c, temperature=temperature,
+                                                          return_entropy=True, chunk_bytes=chunk, backend=backend),
+        (hidden, weight, bias), g, g_entropy)
+    want = _values_and_grads(lambda a, b, c: _reference(a, b, c, labels, temperature),
+                             (hidden.double(), weight.double(), bias.double()), g, g_entropy)
+    assert got[0].dtype == got[1].dtype == torch.float32
+    torch.testing.assert_close(got[0].double(), want[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1].double(), want[1], atol=2e-5, rtol=1e-5)
+    for name, a, b in zip(("hidden", "weight", "bias"), got[2], want[2]):
+        assert a.dtype == torch.float32, name
+        torch.testing.assert_close(a.double(), b, atol=1e-5 * b.abs().max().item(), rtol=1e-4, msg=name)
+    assert got[0][1] == 0 and got[1][1] == 0 and torch.all(got[2][0][1] == 0)  # the ignored position
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_no_worse_than_torch(device_backend, dtype):
+    """bf16/fp16 hidden and weight: each output and gradient within 2x the
+    error of the same computation in PyTorch in that dtype."""
+    device, backend = device_backend
+    n, h, v = 33, 64, 4099
+    hidden, weight, bias, labels = _inputs(n, h, v, dtype=dtype, scale=2.0, device=device)
+    g, g_entropy = (x.to(device) for x in _weights(n))
+    for chunk in (None, 4 * 1100):  # one token block; many (a float32 weight-gradient accumulator)
+        got = _values_and_grads(
+            lambda a, b, c: rlhf_kernels.logprobs_from_hidden(a, b, labels, bias=c, return_entropy=True,
+                                                              chunk_bytes=chunk, backend=backend),
+            (hidden, weight, bias), g, g_entropy)
+        want = _values_and_grads(lambda a, b, c: _reference(a, b, c, labels),
+                                 (hidden.double(), weight.double(), bias.double()), g, g_entropy)
+        eager = _values_and_grads(lambda a, b, c: _reference(a, b, c, labels, dtype=dtype, upcast=False),
+                                  (hidden, weight, bias), g, g_entropy)
+        for got_x, want_x, eager_x in zip(got[:2] + tuple(got[2]), want[:2] + tuple(want[2]),
+                                          eager[:2] + tuple(eager[2])):
+            assert_no_worse_than_torch(got_x, want_x, eager_x)
+        assert got[2][1].dtype == dtype
+
+
+@pytest.mark.parametrize("scale,temperature", [(30.0, 1.0), (3.0, 0.01)], ids=["h30", "T0.01"])
+def test_extreme_magnitudes(device_backend, scale, temperature):
+    """Logits / T in the thousands (peaked softmax): still the float64 values."""
+    device, backend = device_backend
+    n, h, v = 9, 32, 2500
+    hidden, weight, bias, labels = _inputs(n, h, v, scale=scale, device=device, seed=3)
+    g, g_entropy = (x.to(device) for x in _weights(n))
+    got = _values_and_grads(
+        lambda a, b, c: rlhf_kernels.logprobs_from_hidden(a, b, labels, bias=c, temperature=temperature,
+                                                          return_entropy=True, chunk_bytes=4 * 9 * 600,
+                                                          backend=backend),
+        (hidden, weight, bias), g, g_entropy)
+    want = _values_and_grads(lambda a, b, c: _reference(a, b, c, labels, temperature),
+                             (hidden.double(), weight.double(), bias.double()), g, g_entropy)
+    z = (hidden.double() @ weight.double().t() + bias.double()) / temperature
+    tol = 4e-7 * z.abs().max().item()  # float32 logits are rounded at ulp(|z|)
+    torch.testing.assert_close(got[0].double(), want[0], atol=tol, rtol=0)
+    torch.testing.assert_close(got[1].double(), want[1], atol=tol, rtol=0)
+    assert torch.all(got[0] <= 0) and torch.all(got[1] >= 0)
+    for a, b in zip(got[2], want[2]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, atol=1e-4 * b.abs().max().item() + 1e-6, rtol=0)
+
+
+def test_tied_weights_and_3d(device_backend):
+    """(B, T, H) hidden, the head tied to the input embedding: the weight's
+    gradient is the embedding's plus the head's."""
+    device, backend = device_backend
+    gen = torch.Generator().manual_seed(5)
+    v, h = 1500, 16
+    emb = torch.randn(v, h, generator=gen).to(device).requires_grad_(True)
+    tokens = torch.randint(0, v, (2, 6), generator=gen).to(device)
+    labels = torch.roll(tokens, -1, 1)
+    labels[:, -1] = -100
+
+    def run(logprobs):
+        emb.grad = None
+        hidden = torch.tanh(emb[tokens] * 2)  # (B, T, H) from the same weight
+        logp, ent = logprobs(hidden, emb)
+        assert logp.shape == ent.shape == (2, 6)
+        (logp.sum() + 0.5 * ent.sum()).backward()
+        return logp.detach(), emb.grad.clone()
+
+    got = run(lambda x, w: rlhf_kernels.logprobs_from_hidden(x, w, labels, return_entropy=True, chunk_bytes=40000,
+                                                             backend=backend))
+    want = run(lambda x, w: _reference(x, w, None, labels))
+    torch.testing.assert_close(got[0], want[0].float(), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1].float(), atol=2e-5, rtol=1e-4)
+
+
+def test_all_ignored_and_empty(device_backend):
+    device, backend = device_backend
+    hidden, weight, bias, _ = _inputs(4, 8, 300, device=device)
+    labels = torch.full((4,), -100, device=device)
+    logp, ent = rlhf_kernels.logprobs_from_hidden(hidden, weight, labels, bias=bias, return_entropy=True,
+                                                  backend=backend)
+    assert torch.all(logp == 0) and torch.all(ent == 0)
+    (logp.sum() + ent.sum()).backward()
+    assert torch.all(hidden.grad == 0) and torch.all(weight.grad == 0) and torch.all(bias.grad == 0)
+    empty = rlhf_kernels.logprobs_from_hidden(hidden[:0], weight, labels[:0], backend=backend)
+    assert empty.shape == (0,)
+
+
+def test_entropy_only_or_logp_only_gradient(device_backend):
+    """Entropy not asked: no entropy term; entropy asked but only logged (no
+    gradient through it): the logp gradient alone."""
+    device, backend = device_backend
+    hidden, weight, bias, labels = _inputs(6, 8, 700, device=device, seed=7)
+    logp = rlhf_kernels.logprobs_from_hidden(hidden, weight, labels, bias=bias, backend=backend)
+    (grad_h,) = torch.autograd.grad(logp.sum(), hidden)
+    logp2, ent = rlhf_kernels.logprobs_from_hidden(hidden, weight, labels, bias=bias, return_entropy=True,
+                                                   backend=backend)
+    (grad_h2,) = torch.autograd.grad(logp2.sum(), hidden, retain_graph=True)
+    torch.testing.assert_close(grad_h, grad_h2)
+    (grad_e,) = torch.autograd.grad(ent.sum(), hidden)
+    want = torch.autograd.grad(_reference(hidden, weight, bias, labels)[1].sum(), hidden)[0]
+    torch.testing.assert_close(grad_e.double(), want.double(), atol=1e-5, rtol=1e-4)
+
+
+def test_bad_input_raises():
+    hidden, weight, bias, labels = _inputs(4, 8, 50)
+    f = rlhf_kernels.logprobs_from_hidden
+    with pytest.raises(ValueError, match="weight"):
+        f(hidden, weight[:, :4], labels)
+    with pytest.raises(ValueError, match="bias"):
+        f(hidden, weight, labels, bias=bias[:3])
+    with pytest.raises(ValueError, match="labels"):
+        f(hidden, weight, labels[:2])
+    with pytest.raises(ValueError, match="labels"):
+        f(hidden, weight, torch.tensor([0, 1, 50, 2]))
+    with pytest.raises(ValueError, match="temperature"):
+        f(hidden, weight, labels, temperature=0.0)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        f(hidden, weight, labels, chunk_bytes=0)
+    with pytest.raises(ValueError, match="labels"):
+        f(hidden, weight, labels.float())
+    with pytest.raises(ValueError, match="weight"):
+        f(hidden.double(), weight, labels)
+
+
+def test_tile_plan_stays_in_budget():
+    for n, v, budget in ((1024, 151936, None), (8192, 152064, None), (100000, 151936, 32 << 20), (3, 50, 1)):
+        budget = budget or lm_head.default_chunk_bytes(n, v)
+        tb, vb = lm_head.tile_plan(n, v, budget)
+        assert 1 <= tb <= n and 1 <= vb <= v
+        assert tb * (vb + 8) * 4 <= max(budget, 4 * (8 + 1) * tb)
+    assert lm_head.tile_plan(1024, 151936, lm_head.default_chunk_bytes(1024, 151936))[0] == 1024
+
+
+class _Allocations(TorchDispatchMode):
+    """The largest tensor any op makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_tensor_of_the_logits_size():
+    """The forward and the backward, op by op: nothing near N x V is ever made
+    (the largest is the tile buffer, or the weight gradient)."""
+    n, h, v = 256, 16, 20000
+    hidden, weight, bias, labels = (t.detach() for t in _inputs(n, h, v))
+    budget = n * v * 4 // 32
+    with torch.no_grad(), _Allocations() as fwd:
+        logp, ent, row_max, log_sum = lm_head._forward_impl(hidden, weight, bias, labels, 1.0, -100, True, budget,
+                                                           "native")
+    with _Allocations() as bwd:
+        lm_head._backward_impl(torch.ones(n), torch.ones(n), hidden, weight, bias, labels, row_max, log_sum, ent,
+                               1.0, -100, budget, "native", True, True, True)
+    assert fwd.largest <= budget // 4
+    assert bwd.largest <= max(budget // 4, v * h)
+
+
+def test_gradcheck_float64(device_backend):
+    device, backend = device_backend
+    hidden, weight, bias, labels = _inputs(5, 4, 37, dtype=torch.float64, device=device)
+
+    def f(a, b, c):
+        logp, ent = rlhf_kernels.logprobs_from_hidden(a, b, labels, bias=c, temperature=0.8, return_entropy=True,
+                                                      chunk_bytes=8 * 5 * 20, backend=backend)
+        return logp, ent
+
+    assert torch.autograd.gradcheck(f, (hidden, weight, bias), eps=1e-6, atol=1e-6)
+
+
+def test_opcheck():
+    hidden, weight, bias, labels = _inputs(6, 8, 300)
+    args = (hidden, weight, bias, labels, 0.9, -100, True, 4 * 6 * 100, "native")
+    torch.library.opcheck(torch.ops.rlhf_kernels.logprobs_from_hidden.default, args)
+    with torch.no_grad():
+        logp, ent, row_max, log_sum = torch.ops.rlhf_kernels.logprobs_from_hidden(*args)
+    back = (torch.ones(6), torch.ones(6), hidden.detach(), weight.detach(), bias.detach(), labels, row_max, log_sum,
+            ent, 0.9, -100, 4 * 6 * 100, "native", True, True, True)
+    torch.library.opcheck(torch.ops.rlhf_kernels.logprobs_from_hidden_backward.default, back)
+
+
+def test_torch_compile_fullgraph(device_backend):
+    device, backend = device_backend
+    hidden, weight, bias, labels = _inputs(6, 8, 300, device=device)
+
+    def loss_fn(x, w, b):
+        logp, ent = rlhf_kernels.logprobs_from_hidden(x, w, labels, bias=b, return_entropy=True, backend=backend)
+        return -(logp.sum() + 0.1 * ent.sum())
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    got = compiled(hidden, weight, bias)
+    got.backward()
+    grads = [t.grad.clone() for t in (hidden, weight, bias)]
+    for t in (hidden, weight, bias):
+        t.grad = None
+    want = loss_fn(hidden, weight, bias)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    for a, t in zip(grads, (hidden, weight, bias)):
+        torch.testing.assert_close(a, t.grad)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_ppo_loss_from_hidden_matches_from_logits(device_backend, agg):
+    """ppo_loss_from_hidden == ppo_loss_from_logits on the float64 logits:
+    loss, stats and the gradients of hidden, weight and bias."""
+    device, backend = device_backend
+    gen = torch.Generator().manual_seed(11)
+    b, t, h, v = 2, 5, 16, 2100
+    hidden = torch.randn(b, t, h, generator=gen, dtype=torch.float64) * 2
+    weight = torch.randn(v, h, generator=gen, dtype=torch.float64) / 4
+    bias = torch.randn(v, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, v, (b, t), generator=gen)
+    labels[0, -1] = -100
+    mask = labels != -100
+    old_logp = -torch.rand(b, t, generator=gen, dtype=torch.float64) * 8
+    ref_logp = -torch.rand(b, t, generator=gen, dtype=torch.float64) * 8
+    adv = torch.randn(b, t, generator=gen, dtype=torch.float64)
+    kw = dict(temperature=0.9, clip_low=0.2, clip_high=0.28, dual_clip=3.0, agg=agg, ref_logp=ref_logp.to(device),
+              kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01)
+
+    def run(fn, dtype, dev):
+        xs = [x.to(dev, dtype).requires_grad_(True) for x in (hidden, weight, bias)]
+        loss, stats = fn(xs, dev)
+        loss.backward()
+        return loss.detach().double().cpu(), {k: s.double().cpu() for k, s in stats.items()}, \
+            [x.grad.double().cpu() for x in xs]
+
+    got = run(lambda xs, dev: rlhf_kernels.ppo_loss_from_hidden(
+        xs[0], xs[1], labels.to(dev), old_logp.to(dev), adv.to(dev), mask.to(dev), bias=xs[2],
+        chunk_bytes=4 * b * t * 700, backend=backend, **kw), torch.float32, device)
+    kw["ref_logp"] = ref_logp
+    want = run(lambda xs, dev: reference.ppo_loss_from_logits(
+        xs[0] @ xs[1].t() + xs[2], labels, old_logp, adv, mask, **kw), torch.float64, "cpu")
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    assert set(got[1]) == set(want[1])
+    for k in want[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], atol=1e-5, rtol=1e-5, msg=k)
+    for a, w in zip(got[2], want[2]):
+        torch.testing.assert_close(a, w, atol=1e-5 * w.abs().max().item(), rtol=1e-4)
+
+
+def test_ppo_loss_from_hidden_compiles():
+    hidden, weight, bias, labels = _inputs(6, 8, 300)
+    hidden = hidden.detach().view(2, 3, 8).requires_grad_(True)
+    labels = labels.view(2, 3)
+    old = torch.full((2, 3), -5.0)
+    adv = torch.randn(2, 3)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+
+    def loss_fn(x, w):
+        return rlhf_kernels.ppo_loss_from_hidden(x, w, labels, old, adv, mask, entropy_coef=0.01)[0]
+
+    got = torch.compile(loss_fn, fullgraph=True)(hidden, weight)
+    (gh,) = torch.autograd.grad(got, hidden)
+    want = loss_fn(hidden, weight)
+    (wh,) = torch.autograd.grad(want, hidden)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gh, wh)
