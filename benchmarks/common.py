@@ -157,6 +157,16 @@ def peak_rss_bytes() -> int:
     return _proc_status_bytes("VmHWM")
 
 
+def reset_peak_rss() -> None:
+    """Reset the high-water mark to the resident size now (Linux clear_refs 5),
+    so that a later peak_rss_bytes() is the peak of what runs after this call."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 @dataclass
 class Result:
     op: str

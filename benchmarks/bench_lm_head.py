@@ -1,0 +1,177 @@
+"""Benchmark of the fused LM head: per-token log-prob and entropy from the
+hidden state and the head's weight, forward + backward (random upstream
+gradients on both outputs; gradients of hidden and weight), against:
+
+- eager: ``hidden @ weight.T`` then the float32 log_softmax / gather and the
+  softmax entropy (what TRL and verl do without a fused head);
+- verl ``FusedLinearForPPO`` (torch, chunks of 512 tokens);
+- TRL ``ChunkedLogProbFunction`` (outputs logp and entropy, vocabulary tiles
+  of 4096), unpatched;
+- torch ``F.linear_cross_entropy`` (mean NLL only: no entropy, a scalar
+  loss), for reference.
+
+Peak memory (CPU): each provider once in a fresh process, the resident
+high-water mark (reset just before the call) minus the resident size before it and minus the bytes
+of the gradients it returns (which every provider must produce), reported as
+a multiple of the float32 logits (N * V * 4 bytes).
+
+    python -m benchmarks.bench_lm_head            # the issue's shapes
+    python -m benchmarks.bench_lm_head --quick    # tiny shapes (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from benchmarks import common
+
+import rlhf_kernels  # noqa: E402
+
+OP = "lm_head"
+
+
+def eager(hidden, weight, labels):
+    logits = (hidden @ weight.t()).float()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    probs = torch.softmax(logits, dim=-1)
+    entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    return logp, entropy
+
+
+def providers() -> dict[str, Callable]:
+    provs: dict[str, Callable] = {
+        "rlhf_kernels": lambda h, w, y: rlhf_kernels.logprobs_from_hidden(h, w, y, return_entropy=True),
+        "eager": eager,
+    }
+    try:
+        from verl.utils.experimental.torch_functional import FusedLinearForPPO  # type: ignore
+
+        head = FusedLinearForPPO()
+        provs["verl.FusedLinearForPPO"] = lambda h, w, y: head(h, w, y)
+    except Exception:  # noqa: BLE001 - not installed here
+        pass
+    try:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # type: ignore
+
+        def trl_chunked(h, w, y):
+            logp, entropy, *_ = ChunkedLogProbFunction.apply(h, w, None, y, 1.0, 4096, None, 1.0, ("entropy",))
+            return logp, entropy
+
+        provs["trl.ChunkedLogProbFunction"] = trl_chunked
+    except Exception:  # noqa: BLE001
+        pass
+    if hasattr(torch.nn.functional, "linear_cross_entropy"):
+        provs["torch.linear_cross_entropy (NLL only)"] = lambda h, w, y: (
+            -torch.nn.functional.linear_cross_entropy(h, w, y), None)
+    return provs
+
+
+def shapes() -> list[tuple[int, int, int, torch.dtype]]:
+    if common.is_quick():
+        return [(64, 32, 5003, torch.float32)]
+    return [(1024, 512, 151936, torch.float32), (1024, 512, 151936, torch.bfloat16),
+            (4096, 896, 151936, torch.bfloat16)]
+
+
+def inputs(n, h, v, dtype):
+    gen = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(n, h, generator=gen) * 2).to(dtype)
+    weight = (torch.randn(v, h, generator=gen) / h ** 0.5).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=gen)
+    return hidden, weight, labels
+
+
+def fwd_bwd(fn, hidden, weight, labels):
+    hidden = hidden.detach().requires_grad_(True)
+    weight = weight.detach().requires_grad_(True)
+    logp, entropy = fn(hidden, weight, labels)
+    outs = [o for o in (logp, entropy) if o is not None]
+    grads = [torch.full_like(o, 0.5) if o.dim() else torch.ones_like(o) for o in outs]
+    torch.autograd.backward(outs, grads)
+    return hidden.grad, weight.grad
+
+
+def cpu_peak_memory(provider: str, n: int, h: int, v: int, dtype: torch.dtype) -> int | None:
+    """Extra resident bytes of one forward + backward in a fresh process, less the gradients returned."""
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from benchmarks import bench_lm_head as b, common
+fn = b.providers()[{provider!r}]
+hidden, weight, labels = b.inputs({n}, {h}, {v}, torch.{str(dtype)[6:]})
+import gc; gc.collect()
+common.reset_peak_rss()
+before = common.rss_bytes()
+gh, gw = b.fwd_bwd(fn, hidden, weight, labels)
+grads = gh.numel() * gh.element_size() + gw.numel() * gw.element_size()
+print(max(0, common.peak_rss_bytes() - before - grads))
+"""
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200)
+        return int(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
+    parser.add_argument("--out-dir", default=str(common.RESULTS_DIR), help="where the JSON lines go")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--only", default=None, help="comma-separated provider names")
+    parser.add_argument("--shape", default=None, help="N,H,V,dtype (e.g. 1024,512,151936,float32)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        os.environ["RLHF_BENCH_QUICK"] = "1"
+    device = torch.device("cpu")
+    env = common.environment(device)
+    copy_bw = common.copy_bandwidth_gbps(device, 1 << 26 if common.is_quick() else 1 << 30)
+    provs = providers()
+    if args.only:
+        provs = {k: f for k, f in provs.items() if k in args.only.split(",")}
+    todo = shapes()
+    if args.shape:
+        n, h, v, dt = args.shape.split(",")
+        todo = [(int(n), int(h), int(v), getattr(torch, dt))]
+    rows = []
+    for n, h, v, dtype in todo:
+        hidden, weight, labels = inputs(n, h, v, dtype)
+        logits_bytes = n * v * 4
+        # A warm-up and 3 calls (1 at N=4096) per provider, median; all in
+        # one process, so that the ratios compare like with like.
+        for name, fn in provs.items():
+            common.progress(f"fwd_bwd {n}x{h}x{v} {str(dtype)[6:]} {name}")
+            try:
+                timing = common.time_fn(lambda f=fn: fwd_bwd(f, hidden, weight, labels), device,
+                                        min_runs=3 if n < 4096 else 1, max_seconds=0.0)
+            except Exception as exc:  # noqa: BLE001 - a failing peer must not stop the run
+                common.progress(f"  skipped: {type(exc).__name__}: {exc}")
+                continue
+            peak = None
+            if not args.no_memory and not common.is_quick():
+                peak = cpu_peak_memory(name, n, h, v, dtype)
+            res = common.Result(
+                op=OP, provider=name, mode="fwd_bwd", shape=[n, h, v], dtype=str(dtype).replace("torch.", ""),
+                timing=timing, min_bytes=logits_bytes, copy_gbps=copy_bw, peak_mem_bytes=peak,
+                input_bytes=logits_bytes,
+                extra={"extra_peak_over_logits": None if peak is None else round(peak / logits_bytes, 4),
+                       "entropy": "NLL only" not in name},
+            )
+            rows.append(res.record(env))
+            common.progress(f"  {timing.median_ms:.0f} ms" + ("" if peak is None else
+                                                            f", extra peak {peak / logits_bytes:.3f}x the logits"))
+    path = common.write_results(rows, env, Path(args.out_dir))
+    common.print_table(rows)
+    print(f"results appended to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
