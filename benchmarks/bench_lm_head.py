@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.shape:
         n, h, v, dt = args.shape.split(",")
         todo = [(int(n), int(h), int(v), getattr(torch, dt))]
-    rows = []
+    rows, path = [], None
     for n, h, v, dtype in todo:
+        shape_rows = []
         hidden, weight, labels = inputs(n, h, v, dtype)
         logits_bytes = n * v * 4
         # A warm-up and 3 calls (1 at N=4096) per provider, median; all in
@@ -164,10 +165,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 extra={"extra_peak_over_logits": None if peak is None else round(peak / logits_bytes, 4),
                        "entropy": "NLL only" not in name},
             )
-            rows.append(res.record(env))
+            shape_rows.append(res.record(env))
             common.progress(f"  {timing.median_ms:.0f} ms" + ("" if peak is None else
                                                             f", extra peak {peak / logits_bytes:.3f}x the logits"))
-    path = common.write_results(rows, env, Path(args.out_dir))
+        path = common.write_results(shape_rows, env, Path(args.out_dir))  # each shape as it ends
+        rows += shape_rows
+        del hidden, weight, labels
     common.print_table(rows)
     print(f"results appended to {path}")
     return rows

@@ -221,6 +221,28 @@ def _overhead_at_most_eager(rows):
     return not above, detail
 
 
+def _lm_head_goal(shape, dtype):
+    """Issue 13: extra peak <= 0.10x the float32 logits, faster than eager, verl
+    FusedLinearForPPO and TRL ChunkedLogProbFunction, within 1.15x of torch's
+    NLL-only linear_cross_entropy, all in one run (one results file)."""
+    def check(rows):
+        case = _pick(rows, "lm_head", "fwd_bwd", shape, dtype)
+        by = {r["provider"]: r for r in case}
+        ours = by.get("rlhf_kernels")
+        if ours is None:
+            return None
+        ms = ours["median_ms"]
+        peers = {k: r["median_ms"] for k, r in by.items() if k != "rlhf_kernels"}
+        lce = next((v for k, v in peers.items() if "linear_cross_entropy" in k), None)
+        beaten = [k for k, v in peers.items() if "linear_cross_entropy" not in k and v <= ms]
+        mem = ours.get("peak_mem_over_input")
+        ok = (mem is not None and mem <= 0.10 and not beaten and (lce is None or ms <= 1.15 * lce))
+        detail = (f"{ms / 1e3:.2f} s, extra peak {_fmt(mem)}x the logits; "
+                  + ", ".join(f"{k} {v / ms:.2f}x ours" for k, v in sorted(peers.items())))
+        return ok, detail
+    return check
+
+
 OVERHEAD = "overhead:"  # bench_overhead's rows: op = "overhead:<op>"
 LOGITS_GPU = (8192, 152064)
 GOALS = [
@@ -258,6 +280,12 @@ GOALS = [
                  _speedup_goal("ppo_value_loss", "fwd+bwd", (1024, 1024), "float32", 3.0))),
     Goal(7, "every op ahead of every installed peer on each standard shape", True, _ahead_of_peers),
     Goal(7, "memory-bound ops within 15% of the memory-bandwidth limit", True, _near_bandwidth),
+    Goal(13, "fused LM head N=1024 H=512 V=151936 float32 logp+entropy fwd+bwd: extra peak <= 0.10x the logits, "
+             "faster than eager / verl / TRL, <= 1.15x torch linear_cross_entropy (NLL only)", False,
+         _lm_head_goal((1024, 512, 151936), "float32")),
+    Goal(13, "fused LM head, the same at N=1024 H=512 bf16", False, _lm_head_goal((1024, 512, 151936), "bfloat16")),
+    Goal(13, "fused LM head, the same at N=4096 H=896 bf16 (the Qwen2.5-0.5B head)", False,
+         _lm_head_goal((4096, 896, 151936), "bfloat16")),
     Goal(12, "every op at 8 x 16 tokens costs no more than its eager composition (ours / eager <= 1.0)", False,
          _overhead_at_most_eager),
 ]

@@ -55,8 +55,6 @@ def _weights(n, seed=1):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_float32_matches_float64(device_backend, n, h, v, chunk, temperature):
     device, backend = device_backend
-    if backend == "triton" and v > 10000:
-        pytest.skip("the Triton interpreter at V=151936 takes minutes; the 3001-wide case covers the tiling")
     hidden, weight, bias, labels = _inputs(n, h, v, scale=3.0, device=device)
     g, g_entropy = (x.to(device) for x in _weights(n))
     got = _values_and_grads(
@@ -202,7 +200,7 @@ def test_tile_plan_stays_in_budget():
         budget = budget or lm_head.default_chunk_bytes(n, v)
         tb, vb = lm_head.tile_plan(n, v, budget)
         assert 1 <= tb <= n and 1 <= vb <= v
-        assert tb * (vb + 8) * 4 <= max(budget, 4 * (8 + 1) * tb)
+        assert tb * (vb + 8) * 4 <= max(budget, 4 * (8 + min(v, 128)))
     assert lm_head.tile_plan(1024, 151936, lm_head.default_chunk_bytes(1024, 151936))[0] == 1024
 
 

@@ -120,11 +120,47 @@ def test_logits_gradient_in_the_forward_gives_the_same_update():
     its own buffer) trains exactly like the default in-place backward."""
     params = {}
     for inplace in (True, False):
-        trainer, _ = _ppo_trainer(seed=5, entropy_coef=0.01, ptx_coef=0.1, logits_grad_inplace=inplace)
+        trainer, _ = _ppo_trainer(seed=5, entropy_coef=0.01, ptx_coef=0.1, logits_grad_inplace=inplace,
+                                  fused_lm_head=False)
         trainer.step()
         params[inplace] = [p.detach().clone() for p in trainer.policy.parameters()]
     for a, b in zip(params[True], params[False]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_lm_head_gives_the_same_iteration():
+    """fused_lm_head (log-probs and loss from the hidden state: no (B, T, V)
+    logits) gives the logits path's metrics and update, PPO-ptx and entropy
+    bonus included."""
+    metrics, params = {}, {}
+    for fused in (True, False):
+        trainer, _ = _ppo_trainer(seed=6, entropy_coef=0.01, ptx_coef=0.1, fused_lm_head=fused)
+        calls = []
+        import rlhf_kernels.trainer.ppo as ppo_module
+        originals = (ppo_module.logprobs_from_hidden, ppo_module.ppo_loss_from_hidden)
+        ppo_module.logprobs_from_hidden = lambda *a, **k: calls.append("logp") or originals[0](*a, **k)
+        ppo_module.ppo_loss_from_hidden = lambda *a, **k: calls.append("loss") or originals[1](*a, **k)
+        try:
+            metrics[fused] = _strip([trainer.step()])[0]
+        finally:
+            ppo_module.logprobs_from_hidden, ppo_module.ppo_loss_from_hidden = originals
+        params[fused] = [p.detach().clone() for p in trainer.policy.parameters()]
+        # rollout (policy, reference), ptx and the update's loss all through the hidden-state ops
+        assert (calls.count("logp") >= 3 and calls.count("loss") >= 1) if fused else not calls
+    for key in metrics[False]:
+        assert metrics[True][key] == pytest.approx(metrics[False][key], rel=1e-4, abs=1e-5), key
+    for a, b in zip(params[True], params[False]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_lm_head_falls_back_for_soft_capped_logits(caplog):
+    """A head the fused ops do not express (Gemma 2's final-logit soft-capping)
+    takes the logits path, with a warning naming the reason."""
+    trainer, _ = _ppo_trainer(seed=2)
+    trainer.policy.config.final_logit_softcapping = 30.0
+    with caplog.at_level("WARNING"):
+        head, _ = trainer._head(trainer.policy)
+    assert head is None and "final_logit_softcapping" in caplog.text
 
 
 def test_ptx_term_is_coef_times_mean_nll():

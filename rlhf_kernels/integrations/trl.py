@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 
 import rlhf_kernels
+from rlhf_kernels._dispatch import resolve_backend
+from rlhf_kernels.ops import lm_head as _lm_head
 
 from . import Patcher, _Target
 
@@ -225,22 +227,78 @@ def _make_chunked_logprob(original):
                 None, None, None, None, None, None,
             )
 
+    class HiddenStateFunction(torch.autograd.Function):
+        """TRL's ChunkedLogProbFunction on ``logprobs_from_hidden``'s tiles (our
+        row kernels between BLAS / cuBLAS products, no logits kept), every
+        output TRL computes: logp, entropy, log_sum_sq_probs, mean_logits,
+        is_top1. The logit scale is folded into the temperature."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, targets, temperature, logit_scale, outputs, rows):
+            ctx.set_materialize_grads(False)
+            device = hidden.device
+            compute_dtype = (
+                torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+            )
+            cast = lambda t: None if t is None else t.to(compute_dtype)  # noqa: E731
+            h, w, b = cast(hidden), cast(weight), cast(bias)
+            want_entropy = "entropy" in outputs
+            want_extras = bool(set(outputs) - {"log_probs", "entropy"})
+            inv_scale_t = temperature / logit_scale
+            with torch.autocast(device.type, enabled=False):
+                out = _lm_head._forward_impl(h, w, b, targets.to(torch.int64), inv_scale_t, _SKIP, want_entropy,
+                                             _lm_head.default_chunk_bytes(h.shape[0], w.shape[0]), rows,
+                                             extras=want_extras)
+            logp, entropy, row_max, log_sum = out[:4]
+            stats = out[4] if want_extras else {}
+            ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_sum, entropy if want_entropy else None)
+            ctx.args = (compute_dtype, inv_scale_t, rows)
+            extra = tuple(stats[k] if k in outputs else None for k in ("log_sum_sq_probs", "mean_logits", "is_top1"))
+            ctx.mark_non_differentiable(*(x for x in extra if x is not None))
+            return (logp, entropy if want_entropy else None) + extra
+
+        @staticmethod
+        def backward(ctx, grad_logp, grad_entropy, *_):
+            from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+            hidden, weight, bias, targets, row_max, log_sum, entropy = ctx.saved_tensors
+            compute_dtype, inv_scale_t, rows = ctx.args
+            need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+            with maybe_gather_lm_head_ctx(weight, bias):
+                cast = lambda t: None if t is None else t.to(compute_dtype)  # noqa: E731
+                grads = _lm_head._backward_impl(
+                    grad_logp, grad_entropy if entropy is not None else None, cast(hidden), cast(weight), cast(bias),
+                    targets.to(torch.int64), row_max, log_sum, entropy, inv_scale_t, _SKIP,
+                    _lm_head.default_chunk_bytes(hidden.shape[0], weight.shape[0]), rows,
+                    need_hidden, need_weight, need_bias and bias is not None)
+            grad_hidden, grad_weight, grad_bias = (
+                None if g is None else g.to(x.dtype) for g, x in zip(grads, (hidden, weight, weight)))
+            return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
     class _Dispatch:
         """What TRL calls: ``ChunkedLogProbFunction.apply(...)``."""
 
-        OURS = ChunkedLogProbFunction
+        OURS = HiddenStateFunction
 
         @staticmethod
         def apply(hidden, weight, bias, targets, temperature, chunk_size,
                   final_logit_softcapping=None, logit_scale=1.0, outputs=None):
             if outputs is None:
                 from trl.kernels.chunked_logprob import OPTIONAL_OUTPUTS as outputs
-            if set(outputs) - {"log_probs", "entropy"}:
-                # Statistics our op does not compute: TRL's own function.
+            outputs = tuple(outputs)
+            backend = resolve_backend(None, hidden.device, "logprobs_from_hidden")
+            if final_logit_softcapping is None and backend != "reference":
+                rows = "triton" if backend == "triton" else "native"
+                logp, entropy, *extra = HiddenStateFunction.apply(hidden, weight, bias, targets, temperature,
+                                                                  logit_scale, outputs, rows)
+                return (logp, entropy, *extra)
+            if set(outputs) - {"log_probs", "entropy"} or backend == "reference":
+                # Soft-capped logits with TRL's extra statistics, or no kernels built: TRL's own function.
                 return original.apply(hidden, weight, bias, targets, temperature, chunk_size,
                                       final_logit_softcapping, logit_scale, outputs)
+            # Soft-capped logits: row chunks of logits (tanh applied) through logprobs_from_logits.
             return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, temperature, chunk_size,
-                                                final_logit_softcapping, logit_scale, tuple(outputs))
+                                                final_logit_softcapping, logit_scale, outputs)
 
     _Dispatch.__name__ = _Dispatch.__qualname__ = "ChunkedLogProbFunction"
     return _Dispatch

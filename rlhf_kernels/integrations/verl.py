@@ -312,6 +312,29 @@ def _make_agg_loss(original):
     return agg_loss
 
 
+def _make_fused_linear_for_ppo(original):
+    class FusedLinearForPPO(original):
+        """verl's fused LM head (``hidden @ weight.T / temperature`` -> float32
+        log-probs, entropy in the hidden dtype) on ``logprobs_from_hidden``:
+        tiles through our row kernels, no logits kept. Liger's backend
+        (``impl_backend="liger"`` with Liger installed) stays verl's."""
+
+        def forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
+            from verl.utils.experimental import torch_functional as tf
+
+            if self.impl_backend == "liger" and tf._LIGER_FUSED_LINEAR_SCALED_CROSS_ENTROPY is not None:
+                return super().forward(hidden_states, vocab_weights, input_ids, temperature)
+            if hidden_states.ndim not in (2, 3):
+                raise ValueError(f"hidden_states: expected 2 or 3 dims, got shape {tuple(hidden_states.shape)}")
+            logp, entropy = rlhf_kernels.logprobs_from_hidden(
+                hidden_states, vocab_weights, input_ids.to(torch.int64), temperature=temperature,
+                return_entropy=True, ignore_index=-(2**63))  # verl ignores no token
+            return logp, entropy.to(hidden_states.dtype)
+
+    FusedLinearForPPO.__qualname__ = "FusedLinearForPPO"
+    return FusedLinearForPPO
+
+
 _patcher = Patcher(
     framework="verl",
     distribution="verl",
@@ -326,6 +349,7 @@ _patcher = Patcher(
         _Target(_CORE, "compute_policy_loss_vanilla", _make_policy_loss),
         _Target(_CORE, "compute_value_loss", _make_value_loss),
         _Target(_CORE, "agg_loss", _make_agg_loss),
+        _Target("verl.utils.experimental.torch_functional", "FusedLinearForPPO", _make_fused_linear_for_ppo),
     ],
     consumers=(
         "verl.workers.utils.losses",

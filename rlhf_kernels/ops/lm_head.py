@@ -28,13 +28,14 @@ vocabulary block, set to -inf (no weight in the softmax); a label outside the
 window points at it, so the row kernel adds its one-hot there, and the
 GEMMs never read it.
 
-Memory: the buffer, ``tb * (vb + 8) * 4`` bytes, chosen from a budget
-(``chunk_bytes``, default ``default_chunk_bytes``), plus O(N * H) for the
-float32 hidden gradient; the weight gradient is written in place, except for
-bf16/fp16 weights when N is more than one token block (a float32
-accumulator, V * H * 4 bytes). On CPU, bf16/fp16 operands are converted to
-float32 a tile at a time (weight tile: vb * H * 4 bytes), as CPU BLAS has no
-bf16 x bf16 -> float32 product.
+Memory: ``tb * (vb + 8) * 4`` bytes of buffer (on CPU with bf16/fp16
+weights, plus ``2 * vb * H * 4`` for the float32 copies of a weight tile and
+its gradient: CPU BLAS has no bf16 x bf16 -> float32 product), all within a
+budget (``chunk_bytes``, default ``default_chunk_bytes``: 1/32 of the float32
+logits within [8, 256] MiB; ``tile_plan`` is the formula), plus O(N * H) for
+the float32 hidden gradient. The weight gradient is written in place, except
+for bf16/fp16 weights when N is more than one token block (a float32
+accumulator, V * H * 4 bytes).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ if triton_installed():
 
 # The smallest vocabulary block worth a GEMM, and the budget bounds.
 MIN_VOCAB_BLOCK = 1024
+_MIN_TILE_COLS = 128
 _MIN_CHUNK_BYTES = 8 << 20
 _MAX_CHUNK_BYTES = 256 << 20
 # Spare columns per buffer row: one sentinel, rounded so rows stay 32-byte aligned.
@@ -70,14 +72,24 @@ def default_chunk_bytes(n_rows: int, vocab: int) -> int:
     return int(min(_MAX_CHUNK_BYTES, max(_MIN_CHUNK_BYTES, n_rows * vocab * 4 // 32)))
 
 
-def tile_plan(n_rows: int, vocab: int, chunk_bytes: int, itemsize: int = 4) -> tuple[int, int]:
-    """(token block, vocabulary block) for a buffer of at most ``chunk_bytes``:
-    all tokens in one block unless a MIN_VOCAB_BLOCK-wide tile of them would
-    not fit; then the widest vocabulary block that does."""
+def tile_plan(n_rows: int, vocab: int, chunk_bytes: int, itemsize: int = 4, col_bytes: int = 0) -> tuple[int, int]:
+    """(token block, vocabulary block) for tiles of at most ``chunk_bytes``:
+    the buffer (``itemsize`` bytes an element) plus ``col_bytes`` per
+    vocabulary column (the float32 copies of a bf16 weight tile and of its
+    gradient on CPU: 2 * H * 4). All tokens in one block unless a
+    MIN_VOCAB_BLOCK-wide tile of them would not fit; then the widest
+    vocabulary block that does, but never narrower than _MIN_TILE_COLS (a
+    budget below one such row is exceeded)."""
     vmin = min(vocab, MIN_VOCAB_BLOCK)
-    tb = max(1, min(n_rows, chunk_bytes // ((vmin + _PAD) * itemsize)))
-    vb = max(1, min(vocab, chunk_bytes // (tb * itemsize) - _PAD))
+    tb = max(1, min(n_rows, (chunk_bytes - vmin * col_bytes) // ((vmin + _PAD) * itemsize)))
+    vb = max(min(vocab, _MIN_TILE_COLS), min(vocab, chunk_bytes // (tb * itemsize + col_bytes) - _PAD))
     return tb, vb
+
+
+def _plan(hidden: Tensor, weight: Tensor, n_rows: int, chunk_bytes: int, acc: torch.dtype) -> tuple[int, int]:
+    converts = hidden.device.type != "cuda" and _low_precision(weight)
+    col_bytes = 2 * weight.shape[1] * 4 if converts else 0
+    return tile_plan(n_rows, weight.shape[0], chunk_bytes, torch.finfo(acc).bits // 8, col_bytes)
 
 
 # --- the row kernels per backend: fwd(tile, labels, inv_t, entropy) and
@@ -167,7 +179,11 @@ def _local_labels(labels: Tensor, v0: int, vc: int) -> tuple[Tensor, Tensor]:
 
 
 def _forward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature: float,
-                  ignore_index: int, compute_entropy: bool, chunk_bytes: int, rows: str):
+                  ignore_index: int, compute_entropy: bool, chunk_bytes: int, rows: str, extras: bool = False):
+    """(logp, entropy, row_max, log_sum), and with ``extras`` a dict of TRL's
+    ChunkedLogProbFunction statistics per row (float32 | bool, (N,)):
+    log_sum_sq_probs = log sum p^2, mean_logits = mean of z / T over V, and
+    is_top1 = the label is the first maximum of z."""
     fwd, _ = _ROWS[rows]
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     if labels.device.type == "cpu":  # as the native CPU ops check (on a GPU: NaN, see the docstring)
@@ -179,10 +195,12 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
     entropy = torch.zeros(n_rows if compute_entropy else 0, dtype=acc, device=dev)
     row_max = torch.empty(n_rows, dtype=acc, device=dev)
     log_sum = torch.empty(n_rows, dtype=acc, device=dev)
+    stats = {"log_sum_sq_probs": torch.empty(n_rows, dtype=acc, device=dev),
+             "mean_logits": torch.empty(n_rows, dtype=acc, device=dev),
+             "is_top1": torch.empty(n_rows, dtype=torch.bool, device=dev)} if extras else None
     if n_rows == 0:
-        return logp, entropy, row_max, log_sum
-    itemsize = torch.finfo(acc).bits // 8
-    tb, vb = tile_plan(n_rows, vocab, chunk_bytes, itemsize)
+        return (logp, entropy, row_max, log_sum) + ((stats,) if extras else ())
+    tb, vb = _plan(hidden, weight, n_rows, chunk_bytes, acc)
     buf = torch.empty(tb, vb + _PAD, dtype=acc, device=dev)
     ops = _Operands(hidden, weight, bias, acc)
     n_tiles = -(-vocab // vb)
@@ -195,6 +213,11 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
         ents = torch.empty(n_tiles, n, dtype=acc, device=dev) if compute_entropy else None
         label_logp = torch.full((n,), math.nan, dtype=acc, device=dev)
         label_tile = torch.zeros(n, dtype=torch.int64, device=dev)
+        if extras:
+            sq = torch.empty(n_tiles, n, dtype=acc, device=dev)
+            z_sum = torch.zeros(n, dtype=acc, device=dev)
+            z_label = torch.zeros(n, dtype=acc, device=dev)
+            max_before = torch.full((n,), -math.inf, dtype=acc, device=dev)
         for c, v0 in enumerate(range(0, vocab, vb)):
             v1 = min(vocab, v0 + vb)
             tile = ops.logits_into(buf, h, ops.cols(v0, v1), v0, v1)
@@ -205,6 +228,15 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
                 ents[c] = ent
             label_logp = torch.where(inside, lp, label_logp)
             label_tile = torch.where(inside, c, label_tile)
+            if extras:  # plain torch over the tile (only for TRL's optional outputs)
+                real = tile[:, :v1 - v0]
+                sq[c] = torch.logsumexp((real - mx[:, None]) * (2 * inv_t), 1)
+                z_sum += real.sum(1) * inv_t
+                z_label = torch.where(inside, real.gather(1, local.clamp(max=v1 - v0 - 1)[:, None])[:, 0], z_label)
+                cols = torch.arange(v1 - v0, device=dev)
+                prefix = torch.where(cols[None] < local[:, None], real, -math.inf).amax(1)
+                max_before = torch.maximum(max_before, torch.where(lab >= v1, mx, torch.where(inside, prefix,
+                                                                                             -math.inf)))
         m = maxes.amax(0)
         a = (maxes - m) * inv_t + logs  # log-sum of each tile relative to the row max
         ls = torch.logsumexp(a, 0).clamp_min(0)  # >= the max tile's log s >= 0
@@ -215,7 +247,11 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
         if compute_entropy:
             w = torch.exp(a - ls)
             entropy[t0:t1] = torch.where(ignored, 0.0, (w * (ents + (ls - a))).sum(0))
-    return logp, entropy, row_max, log_sum
+        if extras:  # sq_c = log sum exp(2 (z - m_c) / T) over tile c
+            stats["log_sum_sq_probs"][t0:t1] = torch.logsumexp(sq + (2 * inv_t) * (maxes - m), 0) - 2 * ls
+            stats["mean_logits"][t0:t1] = z_sum / vocab
+            stats["is_top1"][t0:t1] = (z_label >= m) & (z_label > max_before)
+    return (logp, entropy, row_max, log_sum) + ((stats,) if extras else ())
 
 
 def _backward_impl(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor, weight: Tensor,
@@ -227,8 +263,7 @@ def _backward_impl(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], 
     acc = row_max.dtype
     dev = hidden.device
     inv_t = 1.0 / temperature
-    itemsize = torch.finfo(acc).bits // 8
-    tb, vb = tile_plan(max(n_rows, 1), vocab, chunk_bytes, itemsize)
+    tb, vb = _plan(hidden, weight, max(n_rows, 1), chunk_bytes, acc)
     many_blocks = n_rows > tb
     grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=dev) if need_hidden else None
     # The weight gradient in place when every tile of it is one GEMM (one

@@ -74,6 +74,11 @@ class PPOConfig:
     # backward (no (B, T, V) gradient buffer; three passes over the logits), or
     # into a new buffer during the forward (one read and one write).
     logits_grad_inplace: bool = True
+    # Log-probs and the loss straight from the last hidden state and the LM
+    # head (logprobs_from_hidden / ppo_loss_from_hidden): no (B, T, V) logits in
+    # any pass. Off with backend "reference", and (with a warning) for heads the
+    # fused ops do not express (final-logit soft-capping).
+    fused_lm_head: bool = True
     # Dropout during the PPO update (rollouts and evaluation never use it).
     # Off by default: the ratio is exactly 1 before the first optimiser step.
     dropout_in_update: bool = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -93,3 +94,53 @@ def response_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     except TypeError:  # a model without logits_to_keep
         logits = model(**kwargs).logits
     return logits[:, -(response_len + 1) : -1]
+
+
+class LMHead:
+    """A causal LM's output layer as the fused LM-head ops take it: logits =
+    (hidden @ weight.T + bias) * logit_scale, the scale folded into the
+    temperature. ``None`` from ``of`` (with the reason) for heads the ops do not
+    express: final-logit soft-capping (Gemma 2), a head that is not a Linear."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], logit_scale: float):
+        self.weight, self.bias, self.logit_scale = weight, bias, logit_scale
+
+    @staticmethod
+    def of(model: nn.Module) -> tuple[Optional["LMHead"], str]:
+        model = getattr(model, "module", model)  # DDP
+        config = getattr(model, "config", None)
+        if getattr(config, "final_logit_softcapping", None):
+            return None, "final_logit_softcapping is set (tanh soft-capping of the logits)"
+        get = getattr(model, "get_output_embeddings", None)
+        head = get() if get is not None else None
+        if not isinstance(head, nn.Linear):
+            return None, f"the output layer is {type(head).__name__}, not an nn.Linear"
+        scale = float(getattr(config, "logit_scale", None) or 1.0)
+        return LMHead(head.weight, head.bias, scale), ""
+
+
+def response_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
+                    head: LMHead, check: bool = False) -> Tensor:
+    """(B, R, H) last hidden states predicting the response tokens (the inputs
+    of ``response_logits``'s head), without the (B, R, V) logits: the model
+    keeps the logits of one position only. ``check``: that position's logits
+    must equal the head applied to its hidden state (else ValueError: a model
+    whose last hidden state is not what its head reads)."""
+    from .data import position_ids
+
+    response_len = input_ids.shape[1] - prompt_len
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1]
+    if check:
+        with torch.no_grad():
+            want = out.logits[:, -1].float()
+            got = torch.nn.functional.linear(hidden[:, -1].float(), head.weight.float(),
+                                             None if head.bias is None else head.bias.float()) * head.logit_scale
+            tol = 1e-2 * max(1.0, want.abs().max().item()) if hidden.dtype != torch.float32 else \
+                1e-4 * max(1.0, want.abs().max().item())
+            if not torch.allclose(got, want, atol=tol, rtol=0):
+                raise ValueError(
+                    f"{type(getattr(model, 'module', model)).__name__}: its logits are not its output layer applied "
+                    "to the last hidden state; run with fused_lm_head=False")
+    return hidden[:, -(response_len + 1) : -1]

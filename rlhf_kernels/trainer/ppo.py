@@ -2,11 +2,13 @@
 policy and the pretraining mix (InstructGPT's PPO-ptx), on transformers models.
 
 One iteration: sample prompts -> generate responses -> no-grad passes for the
-rollout log-probs, reference log-probs and values (`logprobs_from_logits`) ->
+rollout log-probs, reference log-probs and values (`logprobs_from_hidden`:
+from the last hidden state and the LM head, no (B, T, V) logits) ->
 scores (reward model or a Python function) -> KL shaping + GAE + whitening
 (`ppo_advantages`) and the adaptive KL coefficient -> `ppo_epochs` over shuffled
 mini-batches with gradient accumulation: the clipped policy loss straight from
-the logits (`ppo_loss_from_logits`), the clipped value loss (`ppo_value_loss`),
+the hidden state (`ppo_loss_from_hidden`; `ppo_loss_from_logits` with
+``fused_lm_head=False`` or the reference backend), the clipped value loss (`ppo_value_loss`),
 the entropy bonus and `ptx_coef * mean(log pi(x))` on pretraining batches;
 gradient clipping, AdamW and a learning-rate schedule.
 
@@ -17,6 +19,7 @@ loss normalisation (global valid-token counts) and advantage whitening
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -27,14 +30,15 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import (
-    AdaptiveKLController, logprobs_from_logits, ppo_advantages, ppo_loss_from_logits, ppo_policy_loss, ppo_value_loss,
+    AdaptiveKLController, logprobs_from_hidden, logprobs_from_logits, ppo_advantages, ppo_loss_from_hidden,
+    ppo_loss_from_logits, ppo_policy_loss, ppo_value_loss,
 )
 from .config import PPOConfig, validate_ppo
 from .data import (
     Batch, decode_responses, encode_prompts, encode_responses, lm_targets, make_batch,
     response_mask_from_generation,
 )
-from .models import ScalarHeadModel, response_logits, sequence_scores
+from .models import LMHead, ScalarHeadModel, response_hidden, response_logits, sequence_scores
 from .utils import (
     Timer, all_gather_object, all_reduce_mean, all_reduce_sum, make_optimizer, process_group, rng_state,
     set_rng_state,
@@ -73,6 +77,9 @@ def _reduce_over_ranks(stats: dict[str, float], shares: set[str], world_size: in
     packed = torch.tensor([stats[k] * (1.0 if k in shares else 1.0 / world_size) for k in keys],
                           dtype=torch.float64, device=device)
     return dict(zip(keys, all_reduce_sum(packed).tolist()))
+
+
+logger = logging.getLogger(__name__)
 
 
 class PPOTrainer:
@@ -125,6 +132,7 @@ class PPOTrainer:
             torch.manual_seed(config.seed * 1000 + rank)
         self.iteration = 0
         self.timer = Timer()
+        self._heads_checked: dict[int, bool] = {}  # id(model) -> fused LM head usable
 
     # --- rollout -------------------------------------------------------------------
 
@@ -155,11 +163,39 @@ class PPOTrainer:
         texts = decode_responses(self.tokenizer, responses.cpu(), response_mask.cpu())
         return batch, texts, stopped.tolist()
 
+    def _head(self, model) -> tuple[Optional[LMHead], bool]:
+        """(the model's LM head for the fused ops or None: the logits path,
+        whether this is its first use: check it)."""
+        if not self.config.fused_lm_head or self.backend == "reference":
+            return None, False
+        key = id(model)
+        if self._heads_checked.get(key) is False:
+            return None, False
+        head, reason = LMHead.of(model)
+        if head is None:
+            logger.warning("fused LM head off for %s: %s; the (B, T, V) logits are built instead",
+                           type(getattr(model, "module", model)).__name__, reason)
+        first = key not in self._heads_checked
+        self._heads_checked[key] = head is not None
+        return head, first
+
+    def _token_logprobs(self, model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, labels: Tensor,
+                        temperature: float = 1.0, return_entropy: bool = False):
+        """logprobs_from_hidden on the last hidden state, or logprobs_from_logits."""
+        head, first = self._head(model)
+        if head is None:
+            logits = response_logits(model, input_ids, attention_mask, prompt_len)
+            return logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=return_entropy,
+                                        backend=self.backend)
+        hidden = response_hidden(model, input_ids, attention_mask, prompt_len, head, check=first)
+        return logprobs_from_hidden(hidden, head.weight, labels, bias=head.bias,
+                                    temperature=temperature / head.logit_scale, return_entropy=return_entropy,
+                                    backend=self.backend)
+
     @torch.no_grad()
     def _logprobs(self, model, batch: Batch) -> Tensor:
-        logits = response_logits(model, batch.input_ids, batch.attention_mask, batch.prompt_len)
-        return logprobs_from_logits(logits, batch.response_labels, temperature=self.config.temperature,
-                                    backend=self.backend)
+        return self._token_logprobs(model, batch.input_ids, batch.attention_mask, batch.prompt_len,
+                                    batch.response_labels, temperature=self.config.temperature)
 
     @torch.no_grad()
     def _values(self, batch: Batch) -> Tensor:
@@ -224,9 +260,8 @@ class PPOTrainer:
         batch = make_batch(prompt_ids, prompt_mask, resp_ids, resp_mask).to(self.device)
         # Every real token after a row's first is predicted (prompt and response alike).
         ids, attn = batch.input_ids, batch.attention_mask
-        logits = response_logits(_unwrap(self.policy), ids, attn, prompt_len=1)
         labels, mask = lm_targets(ids, attn)
-        logp = logprobs_from_logits(logits, labels, backend=self.backend)
+        logp = self._token_logprobs(_unwrap(self.policy), ids, attn, 1, labels)
         return -cfg.ptx_coef * (logp * mask).sum() / mask.sum().clamp_min(1)
 
     def _micro_step(self, r: Rollout, idx: Tensor, num_tokens: float, num_seqs: float, with_ptx: bool) -> dict:
@@ -236,18 +271,28 @@ class PPOTrainer:
         # DDP averages gradients over ranks; the losses are normalised by global
         # counts, so scale by the world size to get their gradient sum.
         scale = float(self.world_size)
-        logits = response_logits(self.policy, batch.input_ids, batch.attention_mask, batch.prompt_len)
         common = dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.loss_agg,
                       num_tokens=num_tokens, num_seqs=num_seqs, backend=self.backend)
-        if cfg.fused_loss:
+        head, first = self._head(self.policy) if cfg.fused_loss else (None, False)
+        if head is not None:
+            hidden = response_hidden(self.policy, batch.input_ids, batch.attention_mask, batch.prompt_len, head,
+                                     check=first)
+            pg_loss, pg_stats = ppo_loss_from_hidden(
+                hidden, head.weight, batch.response_labels, r.old_logp[idx], r.advantages[idx], mask,
+                bias=head.bias, temperature=cfg.temperature / head.logit_scale, entropy_coef=cfg.entropy_coef,
+                **common,
+            )
+        elif cfg.fused_loss:
+            logits = response_logits(self.policy, batch.input_ids, batch.attention_mask, batch.prompt_len)
             pg_loss, pg_stats = ppo_loss_from_logits(
                 logits, batch.response_labels, r.old_logp[idx], r.advantages[idx], mask,
                 temperature=cfg.temperature, entropy_coef=cfg.entropy_coef,
                 inplace_backward=cfg.logits_grad_inplace, **common,
             )
         else:
-            logp, entropy = logprobs_from_logits(logits, batch.response_labels, temperature=cfg.temperature,
-                                                 return_entropy=True, backend=self.backend)
+            logp, entropy = self._token_logprobs(self.policy, batch.input_ids, batch.attention_mask,
+                                                 batch.prompt_len, batch.response_labels,
+                                                 temperature=cfg.temperature, return_entropy=True)
             pg_loss, pg_stats = ppo_policy_loss(logp, r.old_logp[idx], r.advantages[idx], mask, **common)
             if cfg.entropy_coef:  # the bonus as a token mean over the global count
                 pg_loss = pg_loss - cfg.entropy_coef * (entropy * mask).sum() / num_tokens
