@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -113,11 +111,7 @@ gh, gw = b.fwd_bwd(fn, hidden, weight, labels)
 grads = gh.numel() * gh.element_size() + gw.numel() * gw.element_size()
 print(max(0, common.peak_rss_bytes() - before - grads))
 """
-    try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200)
-        return int(out.stdout.strip().splitlines()[-1])
-    except (subprocess.SubprocessError, ValueError, IndexError):
-        return None
+    return common.int_from_subprocess(code, timeout=1200)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -169,11 +167,7 @@ else:
     with torch.no_grad(): fn(x, y, {mode!r} != 'fwd_logp')
 print(max(0, common.peak_rss_bytes() - before))
 """
-    try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-        return int(out.stdout.strip().splitlines()[-1])
-    except (subprocess.SubprocessError, ValueError, IndexError):
-        return None
+    return common.int_from_subprocess(code, timeout=600)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

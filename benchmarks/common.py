@@ -157,6 +157,16 @@ def peak_rss_bytes() -> int:
     return _proc_status_bytes("VmHWM")
 
 
+def int_from_subprocess(code: str, timeout: float) -> int | None:
+    """Run ``python -c code`` in a fresh process; the integer on its last stdout
+    line, or None if it failed (a peer that crashes must not stop a run)."""
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+        return int(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def reset_peak_rss() -> None:
     """Reset the high-water mark to the resident size now (Linux clear_refs 5),
     so that a later peak_rss_bytes() is the peak of what runs after this call."""

@@ -245,14 +245,14 @@ def _make_chunked_logprob(original):
             want_entropy = "entropy" in outputs
             want_extras = bool(set(outputs) - {"log_probs", "entropy"})
             inv_scale_t = temperature / logit_scale
+            chunk_bytes = _lm_head.default_chunk_bytes(h.shape[0], w.shape[0])
             with torch.autocast(device.type, enabled=False):
                 out = _lm_head._forward_impl(h, w, b, targets.to(torch.int64), inv_scale_t, _SKIP, want_entropy,
-                                             _lm_head.default_chunk_bytes(h.shape[0], w.shape[0]), rows,
-                                             extras=want_extras)
+                                             chunk_bytes, rows, extras=want_extras)
             logp, entropy, row_max, log_sum = out[:4]
             stats = out[4] if want_extras else {}
             ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_sum, entropy if want_entropy else None)
-            ctx.args = (compute_dtype, inv_scale_t, rows)
+            ctx.args = (compute_dtype, inv_scale_t, chunk_bytes, rows)
             extra = tuple(stats[k] if k in outputs else None for k in ("log_sum_sq_probs", "mean_logits", "is_top1"))
             ctx.mark_non_differentiable(*(x for x in extra if x is not None))
             return (logp, entropy if want_entropy else None) + extra
@@ -262,14 +262,13 @@ def _make_chunked_logprob(original):
             from trl.trainer.utils import maybe_gather_lm_head_ctx
 
             hidden, weight, bias, targets, row_max, log_sum, entropy = ctx.saved_tensors
-            compute_dtype, inv_scale_t, rows = ctx.args
+            compute_dtype, inv_scale_t, chunk_bytes, rows = ctx.args
             need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
             with maybe_gather_lm_head_ctx(weight, bias):
                 cast = lambda t: None if t is None else t.to(compute_dtype)  # noqa: E731
                 grads = _lm_head._backward_impl(
                     grad_logp, grad_entropy if entropy is not None else None, cast(hidden), cast(weight), cast(bias),
-                    targets.to(torch.int64), row_max, log_sum, entropy, inv_scale_t, _SKIP,
-                    _lm_head.default_chunk_bytes(hidden.shape[0], weight.shape[0]), rows,
+                    targets.to(torch.int64), row_max, log_sum, entropy, inv_scale_t, _SKIP, chunk_bytes, rows,
                     need_hidden, need_weight, need_bias and bias is not None)
             grad_hidden, grad_weight, grad_bias = (
                 None if g is None else g.to(x.dtype) for g, x in zip(grads, (hidden, weight, weight)))
@@ -289,9 +288,8 @@ def _make_chunked_logprob(original):
             backend = resolve_backend(None, hidden.device, "logprobs_from_hidden")
             if final_logit_softcapping is None and backend != "reference":
                 rows = "triton" if backend == "triton" else "native"
-                logp, entropy, *extra = HiddenStateFunction.apply(hidden, weight, bias, targets, temperature,
-                                                                  logit_scale, outputs, rows)
-                return (logp, entropy, *extra)
+                return HiddenStateFunction.apply(hidden, weight, bias, targets, temperature, logit_scale, outputs,
+                                                 rows)
             if set(outputs) - {"log_probs", "entropy"} or backend == "reference":
                 # Soft-capped logits with TRL's extra statistics, or no kernels built: TRL's own function.
                 return original.apply(hidden, weight, bias, targets, temperature, chunk_size,

@@ -304,11 +304,8 @@ def _backward_impl(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], 
             if grad_weight is not None:
                 gw = grad_weight[v0:v1]
                 dzt = (dz.to(h.dtype) if low else dz).t()
-                if gw.dtype == acc or gw.dtype == h.dtype and low:
-                    if many_blocks:
-                        _gemm(gw, dzt, h, accumulate=True)
-                    else:
-                        torch.mm(dzt, h, out=gw)
+                if gw.dtype in (acc, dzt.dtype):
+                    _gemm(gw, dzt, h, accumulate=many_blocks)
                 else:  # a bf16/fp16 weight from float32 operands (CPU): one rounding
                     gw.copy_(dzt @ h)
             if grad_bias is not None:
@@ -510,8 +507,6 @@ def logprobs_from_hidden(
     return (logp, entropy.view(shape)) if return_entropy else logp
 
 
-
-
 def ppo_loss_from_hidden(
     hidden: Tensor,
     weight: Tensor,
@@ -562,6 +557,10 @@ def ppo_loss_from_hidden(
 
     if hidden.dim() < 3:
         raise ValueError("hidden: expected shape (B, T, H) (or (..., T, H))")
+    if ref_logp is not None:
+        check_tensor("ref_logp", ref_logp, FLOAT_DTYPES)
+        if tuple(ref_logp.shape) != tuple(labels.shape):
+            raise ValueError(f"ref_logp: shape {tuple(ref_logp.shape)} does not match labels {tuple(labels.shape)}")
     entropy_coef = float(entropy_coef)
     kl_coef = float(kl_coef)
     logp, entropy = logprobs_from_hidden(hidden, weight, labels, bias=bias, temperature=temperature,
@@ -576,9 +575,6 @@ def ppo_loss_from_hidden(
     entropy_agg = aggregate(entropy if entropy_coef != 0 else entropy.detach())
     loss = pg_loss - entropy_coef * entropy_agg if entropy_coef != 0 else pg_loss
     if ref_logp is not None:
-        check_tensor("ref_logp", ref_logp, FLOAT_DTYPES)
-        if tuple(ref_logp.shape) != tuple(labels.shape):
-            raise ValueError(f"ref_logp: shape {tuple(ref_logp.shape)} does not match labels {tuple(labels.shape)}")
         kl = aggregate(kl_penalty(logp, ref_logp.detach(), estimator=kl_estimator, backend=backend))
         if kl_coef != 0:
             loss = loss + kl_coef * kl
