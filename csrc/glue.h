@@ -145,8 +145,9 @@ struct PpoShape {
 };
 
 // Checks of the PPO kernels' token inputs: `first` and `others` contiguous
-// (N,) tensors of one floating dtype, mask a contiguous (N,) bool tensor, and
-// N a multiple of seq_len. Returns (B, T).
+// (N,) tensors of one floating dtype, mask a contiguous (N,) tensor, bool
+// (valid or not) or of that dtype (per-token weights, nonzero = valid), and N
+// a multiple of seq_len. Returns (B, T).
 inline PpoShape check_ppo_inputs(const at::Tensor& first,
                                  std::initializer_list<const at::Tensor*> others,
                                  const at::Tensor& mask, int64_t seq_len,
@@ -160,14 +161,34 @@ inline PpoShape check_ppo_inputs(const at::Tensor& first,
                     "seq_len: ", seq_len, " does not divide ", n, " tokens");
   auto name = names.begin();
   for (const at::Tensor* t : others) check_row_tensor(*t, n, first.scalar_type(), *name++);
-  check_row_tensor(mask, n, at::kBool, "mask");
+  check_row_tensor(mask, n, mask.scalar_type() == at::kBool ? at::kBool : first.scalar_type(), "mask");
   TORCH_CHECK(first.device() == mask.device(), "mask: must be on the device of the inputs");
   return PpoShape{seq_len == 0 ? 0 : n / seq_len, seq_len};
 }
 
-// A bool tensor's bytes (0 or 1), as the kernels read masks.
+// The kernels read a mask through two pointers, exactly one of them set: a
+// bool mask's bytes (0 or 1), or a weight mask's values (acc_t; nonzero = valid).
 inline const uint8_t* mask_data(const at::Tensor& mask) {
-  return reinterpret_cast<const uint8_t*>(mask.const_data_ptr());
+  return mask.scalar_type() == at::kBool ? reinterpret_cast<const uint8_t*>(mask.const_data_ptr()) : nullptr;
+}
+
+template <typename acc_t>
+const acc_t* weight_data(const at::Tensor& mask) {
+  return mask.scalar_type() == at::kBool ? nullptr : mask.const_data_ptr<acc_t>();
+}
+
+// A mask as the kernels read it, (N,) contiguous: bool stays bool, any other
+// dtype becomes per-token weights in `dtype` (0/1 weights give exactly the bool
+// results).
+inline at::Tensor kernel_mask(const at::Tensor& mask, at::ScalarType dtype) {
+  return (mask.scalar_type() == at::kBool ? mask : mask.to(dtype)).reshape({-1}).contiguous();
+}
+
+// Per-sequence (or total) counts as divisors: a count of 0 (no valid token)
+// divides by 1, so that its zero sum stays 0; weight counts in (0, 1) divide
+// as they are (a weighted mean).
+inline at::Tensor count_divisor(const at::Tensor& count) {
+  return at::where(count.gt(0), count, at::ones_like(count));
 }
 
 }  // namespace rlhf_kernels
@@ -295,8 +316,9 @@ namespace rlhf_kernels {
 
 // The token inputs of the public loss ops, (..., T) of any float dtype and a
 // mask of any dtype, as the kernels read them: contiguous (N,) tensors of the
-// computation dtype (float64 if any input is float64, else float32) and a bool
-// mask (nonzero = valid). The Python layer has checked shapes and devices.
+// computation dtype (float64 if any input is float64, else float32) and the
+// mask (kernel_mask: bool, or weights in the computation dtype). The Python
+// layer has checked shapes and devices.
 struct LossTokens {
   std::vector<at::Tensor> values;  // in the order given
   at::Tensor mask;
@@ -313,7 +335,7 @@ inline LossTokens loss_tokens(std::initializer_list<const at::Tensor*> values, c
   const at::ScalarType dtype = f64 ? at::kDouble : at::kFloat;
   LossTokens out;
   for (const at::Tensor* t : values) out.values.push_back(t->to(dtype).reshape({-1}).contiguous());
-  out.mask = (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).reshape({-1}).contiguous();
+  out.mask = kernel_mask(mask, dtype);
   TORCH_CHECK_VALUE(first.dim() >= 1, "expected token tensors of shape (..., T)");
   out.seq_len = first.size(-1);
   out.seqs = 1;
@@ -353,10 +375,10 @@ inline at::Tensor aggregation_weights(const at::Tensor& counts, const AggParams&
                                            : c.gt(0).sum().to(at::kDouble).clamp_min(1);
   at::Tensor w;
   switch (agg.mode) {
-    case kTokenMean: w = agg.num_tokens > 0 ? ones.div(agg.num_tokens) : ones.div(c.sum().clamp_min(1)); break;
+    case kTokenMean: w = agg.num_tokens > 0 ? ones.div(agg.num_tokens) : ones.div(count_divisor(c.sum())); break;
     case kTokenSum: w = ones; break;
     case kSeqMeanTokenSum: w = ones.div(seqs); break;
-    case kSeqMeanTokenMean: w = ones.div(c.clamp_min(1).mul(seqs)); break;
+    case kSeqMeanTokenMean: w = ones.div(count_divisor(c).mul(seqs)); break;
     default: w = ones.div(seqs.mul(static_cast<double>(std::max<int64_t>(seq_len, 1))));
   }
   if (divisor) w = w.div(divisor->to(w.device(), at::kDouble));
@@ -375,7 +397,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_policy_aten(
   const at::Tensor pg = weighted.select(0, kPgLossSum), kl = weighted.select(0, kKlPenaltySum);
   const at::Tensor entropy = weighted.select(0, kEntropySum);
   const at::Tensor loss = pg.add(kl, kl_coef).sub(entropy, entropy_coef);
-  const at::Tensor denom = total.clamp_min(1);
+  const at::Tensor denom = count_divisor(total);
   const at::Tensor any = total.gt(0);
   const at::Tensor zero = at::zeros({}, seq.options());
   const at::Tensor ratio_max = partial.numel() ? partial.select(2, kRatioMax).amax().to(at::kDouble) : zero;
@@ -396,7 +418,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_value_aten(const 
   const at::Tensor counts = seq.select(1, kVfValidCount);
   const at::Tensor weights = aggregation_weights(counts, agg, seq_len, at::kDouble, std::nullopt);
   const at::Tensor loss = weights.mul(seq.select(1, kVfLossSum)).sum();
-  const at::Tensor clipfrac = seq.select(1, kVfClipCount).sum().div(counts.sum().clamp_min(1)).reshape({1});
+  const at::Tensor clipfrac = seq.select(1, kVfClipCount).sum().div(count_divisor(counts.sum())).reshape({1});
   const at::ScalarType dtype = partial.scalar_type();
   return {loss.to(dtype), clipfrac.to(dtype), weights.to(dtype)};
 }
@@ -456,7 +478,7 @@ struct FromLogitsInputs {
   at::Tensor labels;  // (N,) int64
   at::Tensor old_logp, advantages;
   std::optional<at::Tensor> ref_logp;
-  at::Tensor mask;  // (N,) bool
+  at::Tensor mask;  // (N,) kernel_mask: bool, or weights in the accumulation dtype
   int64_t seqs, seq_len;
   bool fused;       // the logits gradient written in the forward (see fused_logits_grad)
 };
@@ -475,9 +497,7 @@ inline FromLogitsInputs from_logits_inputs(const at::Tensor& logits, const at::T
   const at::ScalarType acc = acc_dtype_for(logits);
   auto flat = [&](const at::Tensor& t) { return t.to(acc).reshape({-1}).contiguous(); };
   FromLogitsInputs in{logits_rows(logits), labels.reshape({-1}).to(at::kLong).contiguous(), flat(old_logp),
-                      flat(advantages), std::nullopt,
-                      (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).reshape({-1}).contiguous(),
-                      1, labels.size(-1), fused_logits_grad(logits, need_grad, inplace_backward)};
+                      flat(advantages), std::nullopt, kernel_mask(mask, acc), 1, labels.size(-1), fused_logits_grad(logits, need_grad, inplace_backward)};
   if (ref_logp) in.ref_logp = flat(*ref_logp);
   for (int64_t d = 0; d + 1 < labels.dim(); ++d) in.seqs *= labels.size(d);
   return in;
@@ -554,11 +574,13 @@ FromLogitsOutputs ppo_loss_from_logits_impl(
   at::Tensor logp, entropy, row_max, log_sum;
   if (in.fused) {
     // The weights first (they depend on the mask only): the gradient written
-    // now is the final one for a unit upstream gradient.
-    const at::Tensor valid = in.mask.view({in.seqs, in.seq_len});
-    weights = aggregation_weights(valid.sum(-1), agg, in.seq_len, in.old_logp.scalar_type(), count);
-    const at::Tensor row_weight =
-        at::where(valid, weights.unsqueeze(1), at::zeros({}, weights.options())).reshape({-1}).contiguous();
+    // now is the final one for a unit upstream gradient. A token's row weight
+    // is w_b, times its own weight for a weight mask.
+    const at::Tensor m = in.mask.view({in.seqs, in.seq_len});
+    weights = aggregation_weights(m.sum(-1, false, at::kDouble), agg, in.seq_len, in.old_logp.scalar_type(),
+                                  count);
+    const at::Tensor w = m.scalar_type() == at::kBool ? weights.unsqueeze(1) : weights.unsqueeze(1).mul(m);
+    const at::Tensor row_weight = at::where(m.ne(0), w, at::zeros({}, weights.options())).reshape({-1}).contiguous();
     grad_logits = at::empty(logits.sizes(), logits.options());
     std::tie(logp, entropy, row_max, log_sum) =
         ppo_logits_grad_native(in, row_weight, grad_logits, inv_temperature, ratio_low, ratio_high, dual_clip,

@@ -119,35 +119,64 @@ def agg_loss(
     The sequence means run over the sequences with at least one valid token
     (``num_seqs`` overrides that count). No valid token gives 0. Masked
     positions are selected away (``where``), so NaN there never leaks.
+
+    A mask of any dtype but bool holds per-token weights (nonzero = valid):
+    each token's loss counts times its weight and each count is the sum of
+    the weights, the weighted means verl and OpenRLHF compute with float
+    masks (``sum(w * l) / sum(w)``); 0/1 weights give the bool results.
     """
-    mask = mask.to(torch.bool)
-    values = torch.where(mask, loss_mat, torch.zeros_like(loss_mat))
+    valid, weight = mask_weights(mask, loss_mat.dtype)
+    values = torch.where(valid, loss_mat, torch.zeros_like(loss_mat))
+    if weight is not None:
+        values = values * weight
+        counts = weight.sum(-1)
+    else:
+        counts = valid.sum(-1)
     if agg == "token-mean":
-        denom = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
+        denom = num_tokens if num_tokens is not None else _divisor(counts.sum())
         return values.sum() / denom
     if agg == "token-sum":
         return values.sum()
     seq_sum = values.sum(-1)
-    counts = mask.sum(-1)
     seqs = num_seqs if num_seqs is not None else (counts > 0).sum().clamp(min=1)
     if agg == "seq-mean-token-sum":
         return seq_sum.sum() / seqs
     if agg == "seq-mean-token-mean":
-        return (seq_sum / counts.clamp(min=1)).sum() / seqs
+        return (seq_sum / _divisor(counts)).sum() / seqs
     if agg == "seq-mean-token-sum-norm":
         return seq_sum.sum() / seqs / max(loss_mat.shape[-1], 1)  # T = 0: 0, not 0 / 0
     raise ValueError(f"agg: unknown mode {agg!r}; expected one of {AGG_MODES}")
 
 
+def mask_weights(mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """(valid, weights): a bool mask is (mask, None); any other dtype holds
+    per-token weights, valid where nonzero, as ``dtype`` (0 where invalid)."""
+    if mask.dtype == torch.bool:
+        return mask, None
+    valid = mask != 0
+    return valid, torch.where(valid, mask.to(dtype), 0.0)
+
+
+def _divisor(count: Tensor) -> Tensor:
+    """A count as a divisor: 0 (no valid token) divides by 1; a weight count in
+    (0, 1) divides as it is."""
+    return torch.where(count > 0, count, torch.ones_like(count))
+
+
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    x = torch.where(mask, x, torch.zeros_like(x))
-    return x.sum() / mask.sum().clamp(min=1)
+    """The (weighted) mean of x over the valid tokens of mask (0 without any)."""
+    valid, weight = mask_weights(mask, x.dtype)
+    x = torch.where(valid, x, torch.zeros_like(x))
+    if weight is None:
+        return x.sum() / valid.sum().clamp(min=1)
+    return (x * weight).sum() / _divisor(weight.sum())
 
 
 def _masked_extreme(x: Tensor, mask: Tensor, largest: bool) -> Tensor:
     # 0 when no token is valid (never +-inf or NaN).
     if x.numel() == 0:
         return x.new_zeros(())
+    mask = mask != 0
     fill = float("-inf") if largest else float("inf")
     x = torch.where(mask, x, torch.full_like(x, fill))
     extreme = x.amax() if largest else x.amin()
@@ -179,7 +208,6 @@ def ppo_policy_loss(
     """
     dtype = _compute_dtype(logp.dtype, upcast)
     logp, old_logp, advantages = logp.to(dtype), old_logp.to(dtype), advantages.to(dtype)
-    mask = mask.to(torch.bool)
     clip_high = clip_low if clip_high is None else clip_high
     log_ratio = torch.clamp(logp - old_logp, min=-20.0, max=20.0)
     ratio = torch.exp(log_ratio)
@@ -227,7 +255,6 @@ def ppo_value_loss(
     rounded ``old + (values - old)`` would make ties look clipped."""
     dtype = _compute_dtype(values.dtype, upcast)
     values, old_values, returns = values.to(dtype), old_values.to(dtype), returns.to(dtype)
-    mask = mask.to(torch.bool)
     diff = values - old_values
     in_range = (diff >= -clip) & (diff <= clip)
     clipped = torch.where(in_range, values, old_values + torch.clamp(diff, -clip, clip))

@@ -36,7 +36,8 @@ std::tuple<at::Tensor, at::Tensor> policy_partials(
     at::parallel_for(0, shape.seqs * chunks, kGrainChunks, [&](int64_t begin, int64_t end) {
       cpu::ppo_policy_chunks<acc_t>(
           logp.const_data_ptr<acc_t>(), old_logp.const_data_ptr<acc_t>(),
-          advantages.const_data_ptr<acc_t>(), mask_data(mask), ref_data, entropy_data, seq_len,
+          advantages.const_data_ptr<acc_t>(), mask_data(mask), weight_data<acc_t>(mask), ref_data,
+          entropy_data, seq_len,
           params, grad_data, partial.mutable_data_ptr<acc_t>(), begin, end);
     });
   });
@@ -101,7 +102,8 @@ std::tuple<at::Tensor, at::Tensor> value_partials(const at::Tensor& values,
     at::parallel_for(0, shape.seqs * chunks, kGrainChunks, [&](int64_t begin, int64_t end) {
       cpu::ppo_value_chunks<acc_t>(values.const_data_ptr<acc_t>(),
                                    old_values.const_data_ptr<acc_t>(),
-                                   returns.const_data_ptr<acc_t>(), mask_data(mask), seq_len,
+                                   returns.const_data_ptr<acc_t>(), mask_data(mask),
+                                   weight_data<acc_t>(mask), seq_len,
                                    static_cast<acc_t>(clip), grad_data,
                                    partial.mutable_data_ptr<acc_t>(), begin, end);
     });

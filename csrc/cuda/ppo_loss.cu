@@ -55,11 +55,19 @@ __device__ __forceinline__ void block_reduce_store(acc_t (&v)[K], const Reduce (
   }
 }
 
+// Token i's weight: its mask byte as 0 / 1, or its weight (ppo_loss.cuh).
+template <typename acc_t>
+__device__ __forceinline__ acc_t token_weight(const uint8_t* __restrict__ mask,
+                                              const acc_t* __restrict__ weight, int64_t i) {
+  return weight ? weight[i] : (mask[i] ? acc_t(1) : acc_t(0));
+}
+
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     ppo_policy_fwd_kernel(const acc_t* __restrict__ logp, const acc_t* __restrict__ old_logp,
                           const acc_t* __restrict__ advantages, const uint8_t* __restrict__ mask,
-                          const acc_t* __restrict__ ref_logp, const acc_t* __restrict__ entropy,
+                          const acc_t* __restrict__ weight, const acc_t* __restrict__ ref_logp,
+                          const acc_t* __restrict__ entropy,
                           int64_t seq_len, int64_t chunks, PolicyParams<acc_t> params,
                           acc_t* __restrict__ grad, acc_t* __restrict__ partial) {
   const int64_t block = blockIdx.x;
@@ -69,23 +77,24 @@ __global__ void __launch_bounds__(kThreads)
   acc_t v[kPolicyStats] = {0, 0, 0, 0, 0, acc_t(-INFINITY), acc_t(INFINITY), 0, 0};
   for (int64_t t = start + threadIdx.x; t < end; t += kThreads) {
     const int64_t i = seq * seq_len + t;
-    if (!mask[i]) {
+    const acc_t w = token_weight(mask, weight, i);
+    if (w == acc_t(0)) {
       if (grad) grad[i] = acc_t(0);
       continue;
     }
     const acc_t lp = logp[i], old = old_logp[i];
     const PolicyToken<acc_t> tok =
         policy_token<acc_t>(lp, old, advantages[i], ref_logp ? ref_logp[i] : acc_t(0), params);
-    if (grad) grad[i] = tok.grad;
-    v[kPgLossSum] += tok.loss;
-    v[kValidCount] += acc_t(1);
-    v[kClipCount] += tok.clipped ? acc_t(1) : acc_t(0);
-    v[kDualClipCount] += tok.dual ? acc_t(1) : acc_t(0);
-    v[kApproxKlSum] += old - lp;
+    if (grad) grad[i] = w * tok.grad;
+    v[kPgLossSum] += w * tok.loss;
+    v[kValidCount] += w;
+    v[kClipCount] += tok.clipped ? w : acc_t(0);
+    v[kDualClipCount] += tok.dual ? w : acc_t(0);
+    v[kApproxKlSum] += w * (old - lp);
     v[kRatioMax] = tok.ratio > v[kRatioMax] ? tok.ratio : v[kRatioMax];
     v[kRatioMin] = tok.ratio < v[kRatioMin] ? tok.ratio : v[kRatioMin];
-    v[kKlPenaltySum] += tok.kl;
-    if (entropy) v[kEntropySum] += entropy[i];
+    v[kKlPenaltySum] += w * tok.kl;
+    if (entropy) v[kEntropySum] += w * entropy[i];
   }
   constexpr Reduce ops[kPolicyStats] = {Reduce::kSum, Reduce::kSum, Reduce::kSum,
                                         Reduce::kSum, Reduce::kSum, Reduce::kMax,
@@ -97,7 +106,7 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     ppo_value_fwd_kernel(const acc_t* __restrict__ values, const acc_t* __restrict__ old_values,
                          const acc_t* __restrict__ returns, const uint8_t* __restrict__ mask,
-                         int64_t seq_len, int64_t chunks, acc_t clip, acc_t* __restrict__ grad,
+                         const acc_t* __restrict__ weight, int64_t seq_len, int64_t chunks, acc_t clip, acc_t* __restrict__ grad,
                          acc_t* __restrict__ partial) {
   const int64_t block = blockIdx.x;
   const int64_t seq = block / chunks;
@@ -106,15 +115,16 @@ __global__ void __launch_bounds__(kThreads)
   acc_t v[kValueStats] = {0, 0, 0};
   for (int64_t t = start + threadIdx.x; t < end; t += kThreads) {
     const int64_t i = seq * seq_len + t;
-    if (!mask[i]) {
+    const acc_t w = token_weight(mask, weight, i);
+    if (w == acc_t(0)) {
       if (grad) grad[i] = acc_t(0);
       continue;
     }
     const ValueToken<acc_t> tok = value_token<acc_t>(values[i], old_values[i], returns[i], clip);
-    if (grad) grad[i] = tok.grad;
-    v[kVfLossSum] += tok.loss;
-    v[kVfValidCount] += acc_t(1);
-    v[kVfClipCount] += tok.clipped ? acc_t(1) : acc_t(0);
+    if (grad) grad[i] = w * tok.grad;
+    v[kVfLossSum] += w * tok.loss;
+    v[kVfValidCount] += w;
+    v[kVfClipCount] += tok.clipped ? w : acc_t(0);
   }
   constexpr Reduce ops[kValueStats] = {Reduce::kSum, Reduce::kSum, Reduce::kSum};
   block_reduce_store<acc_t, kValueStats>(v, ops, partial + block * kValueStats);
@@ -124,38 +134,41 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename acc_t>
 cudaError_t launch_ppo_policy_fwd(const acc_t* logp, const acc_t* old_logp, const acc_t* advantages,
-                                  const uint8_t* mask, const acc_t* ref_logp, const acc_t* entropy,
-                                  int64_t seqs, int64_t seq_len, PolicyParams<acc_t> params,
-                                  acc_t* grad, acc_t* partial, cudaStream_t stream) {
+                                  const uint8_t* mask, const acc_t* weight, const acc_t* ref_logp,
+                                  const acc_t* entropy, int64_t seqs, int64_t seq_len,
+                                  PolicyParams<acc_t> params, acc_t* grad, acc_t* partial,
+                                  cudaStream_t stream) {
   const int64_t chunks = ppo_chunks(seq_len);
   const int64_t blocks = seqs * chunks;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   ppo_policy_fwd_kernel<acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      logp, old_logp, advantages, mask, ref_logp, entropy, seq_len, chunks, params, grad, partial);
+      logp, old_logp, advantages, mask, weight, ref_logp, entropy, seq_len, chunks, params, grad,
+      partial);
   return cudaGetLastError();
 }
 
 template <typename acc_t>
 cudaError_t launch_ppo_value_fwd(const acc_t* values, const acc_t* old_values, const acc_t* returns,
-                                 const uint8_t* mask, int64_t seqs, int64_t seq_len, acc_t clip,
-                                 acc_t* grad, acc_t* partial, cudaStream_t stream) {
+                                 const uint8_t* mask, const acc_t* weight, int64_t seqs,
+                                 int64_t seq_len, acc_t clip, acc_t* grad, acc_t* partial,
+                                 cudaStream_t stream) {
   const int64_t chunks = ppo_chunks(seq_len);
   const int64_t blocks = seqs * chunks;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   ppo_value_fwd_kernel<acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      values, old_values, returns, mask, seq_len, chunks, clip, grad, partial);
+      values, old_values, returns, mask, weight, seq_len, chunks, clip, grad, partial);
   return cudaGetLastError();
 }
 
 #define RLHF_INSTANTIATE(acc_t)                                                                   \
   template cudaError_t launch_ppo_policy_fwd<acc_t>(                                              \
       const acc_t*, const acc_t*, const acc_t*, const uint8_t*, const acc_t*, const acc_t*,       \
-      int64_t, int64_t, PolicyParams<acc_t>, acc_t*, acc_t*, cudaStream_t);                       \
+      const acc_t*, int64_t, int64_t, PolicyParams<acc_t>, acc_t*, acc_t*, cudaStream_t);         \
   template cudaError_t launch_ppo_value_fwd<acc_t>(const acc_t*, const acc_t*, const acc_t*,      \
-                                                   const uint8_t*, int64_t, int64_t, acc_t,       \
-                                                   acc_t*, acc_t*, cudaStream_t);
+                                                   const uint8_t*, const acc_t*, int64_t, int64_t, \
+                                                   acc_t, acc_t*, acc_t*, cudaStream_t);
 RLHF_INSTANTIATE(float)
 RLHF_INSTANTIATE(double)
 #undef RLHF_INSTANTIATE

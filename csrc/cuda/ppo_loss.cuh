@@ -13,22 +13,24 @@ namespace rlhf_kernels::cuda {
 using ::rlhf_kernels::kPpoChunk;
 using ::rlhf_kernels::ppo_chunks;
 
-// acc_t: float or double. Token tensors (seqs * seq_len,) contiguous; mask 1
-// byte per token. Semantics as rlhf_kernels::cpu::ppo_policy_rows, except
+// acc_t: float or double. Token tensors (seqs * seq_len,) contiguous; the
+// mask is `mask` (1 byte per token) or `weight` (acc_t per token, the token's
+// weight), exactly one set (rlhf_kernels/cpu/ppo_loss.h). Semantics as rlhf_kernels::cpu::ppo_policy_rows, except
 // that statistics come per chunk: partial (seqs, ppo_chunks(seq_len),
 // kPolicyStats), summed (max / min for the ratio columns) by the caller.
 // ref_logp, entropy and grad may be null.
 template <typename acc_t>
 cudaError_t launch_ppo_policy_fwd(const acc_t* logp, const acc_t* old_logp, const acc_t* advantages,
-                                  const uint8_t* mask, const acc_t* ref_logp, const acc_t* entropy,
-                                  int64_t seqs, int64_t seq_len, PolicyParams<acc_t> params,
+                                  const uint8_t* mask, const acc_t* weight, const acc_t* ref_logp,
+                                  const acc_t* entropy, int64_t seqs, int64_t seq_len, PolicyParams<acc_t> params,
                                   acc_t* grad, acc_t* partial, cudaStream_t stream);
 
 // partial: (seqs, ppo_chunks(seq_len), kValueStats). grad may be null.
 template <typename acc_t>
 cudaError_t launch_ppo_value_fwd(const acc_t* values, const acc_t* old_values, const acc_t* returns,
-                                 const uint8_t* mask, int64_t seqs, int64_t seq_len, acc_t clip,
-                                 acc_t* grad, acc_t* partial, cudaStream_t stream);
+                                 const uint8_t* mask, const acc_t* weight, int64_t seqs,
+                                 int64_t seq_len, acc_t clip, acc_t* grad, acc_t* partial,
+                                 cudaStream_t stream);
 
 // x[i] = x[i] * (scale[0] / applied[0]) in acc_t, rounded once to scalar_t,
 // unless the factor is 1: then no element is touched. Both are read on the

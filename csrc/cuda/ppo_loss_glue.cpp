@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor> policy_partials(
         policy_params<acc_t>(ratio_low, ratio_high, dual_clip, kl_estimator, kl_coef);
     check_ppo_launch(cuda::launch_ppo_policy_fwd<acc_t>(
         logp.const_data_ptr<acc_t>(), old_logp.const_data_ptr<acc_t>(),
-        advantages.const_data_ptr<acc_t>(), mask_data(mask),
+        advantages.const_data_ptr<acc_t>(), mask_data(mask), weight_data<acc_t>(mask),
         ref_logp ? ref_logp->const_data_ptr<acc_t>() : nullptr,
         entropy ? entropy->const_data_ptr<acc_t>() : nullptr, shape.seqs, seq_len, params,
         need_grad ? grad.mutable_data_ptr<acc_t>() : nullptr, partial.mutable_data_ptr<acc_t>(),
@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> value_partials(const at::Tensor& values,
     using acc_t = scalar_t;
     check_ppo_launch(cuda::launch_ppo_value_fwd<acc_t>(
         values.const_data_ptr<acc_t>(), old_values.const_data_ptr<acc_t>(),
-        returns.const_data_ptr<acc_t>(), mask_data(mask), shape.seqs, seq_len,
+        returns.const_data_ptr<acc_t>(), mask_data(mask), weight_data<acc_t>(mask), shape.seqs, seq_len,
         static_cast<acc_t>(clip), need_grad ? grad.mutable_data_ptr<acc_t>() : nullptr,
         partial.mutable_data_ptr<acc_t>(), stream));
   });

@@ -90,7 +90,7 @@ void check_policy(const char* name, double atol, double rtol, int est, double du
   PolicyParams<acc_t> p{static_cast<acc_t>(lo), static_cast<acc_t>(hi), static_cast<acc_t>(dual_clip),
                         dual_clip > 0, est, static_cast<acc_t>(kl_coef)};
   std::vector<acc_t> grad(n), partial(seqs * chunks * kPolicyStats);
-  cpu::ppo_policy_chunks<acc_t>(logp.data(), old.data(), adv.data(), mask.data(),
+  cpu::ppo_policy_chunks<acc_t>(logp.data(), old.data(), adv.data(), mask.data(), nullptr,
                                 est == kKlNone ? nullptr : ref.data(), entropy.data(), seq_len, p,
                                 grad.data(), partial.data(), 0, seqs * chunks);
   const std::vector<double> stats =
@@ -150,7 +150,7 @@ void check_value(const char* name, double atol, double rtol, std::mt19937& gen) 
     mask[i] = i % 5 != 1;
   }
   std::vector<acc_t> grad(n), partial(seqs * chunks * kValueStats);
-  cpu::ppo_value_chunks<acc_t>(values.data(), old.data(), returns.data(), mask.data(), seq_len,
+  cpu::ppo_value_chunks<acc_t>(values.data(), old.data(), returns.data(), mask.data(), nullptr, seq_len,
                                static_cast<acc_t>(clip), grad.data(), partial.data(), 0,
                                seqs * chunks);
   const std::vector<double> stats = reduce_chunks(partial, seqs, chunks, kValueStats, -1, -1);

@@ -37,8 +37,8 @@ _SIGNATURES = {
     "emu_scale_unless_one": "p p p i64",
     "emu_kl_penalty_bwd": "p p p i32 p p i64",
     "emu_advantages": "p p p i64 i64 p p p p p d i32 d d p p p p p i64",
-    "emu_ppo_policy_fwd": "p p p p p p i64 i64 d d d d i32 p p",
-    "emu_ppo_value_fwd": "p p p p i64 i64 d p p",
+    "emu_ppo_policy_fwd": "p p p p p p p i64 i64 d d d d i32 p p",
+    "emu_ppo_value_fwd": "p p p p p i64 i64 d p p",
     "emu_selftest_shuffle": "p p i32 i32 i32 i32",
     "emu_selftest_bad": "i32 p i32",
     "emu_selftest_index": "p u32 u32 u32 u32 u32 u32",
@@ -322,6 +322,14 @@ class Emulator:
             stats[:, min_col] = partial[:, :, min_col].amin(1)
         return stats
 
+    @staticmethod
+    def _mask_args(arena, mask):
+        """(mask, weight) as the PPO kernels take them: a bool mask's bytes, or
+        per-token weights (any other dtype), the other pointer null."""
+        if mask.dtype == torch.bool:
+            return arena.place(mask, "mask"), None
+        return None, arena.place(mask, "weight")
+
     def ppo_policy_fwd(self, logp, old_logp, advantages, mask, ref_logp, entropy, seq_len, ratio_low,
                        ratio_high, dual_clip, kl_coef, kl_estimator, need_grad, *, raw_partials=False):
         """The policy token pass (csrc policy_partials, partials reduced): (grad or empty, (B, 9) stats)."""
@@ -334,7 +342,7 @@ class Emulator:
         self.call(
             f"emu_ppo_policy_fwd_{TAGS[logp.dtype]}", arena.place(logp, "logp"),
             arena.place(old_logp, "old_logp"), arena.place(advantages, "advantages"),
-            arena.place(mask, "mask"), arena.place(ref_logp, "ref_logp"), arena.place(entropy, "entropy"),
+            *self._mask_args(arena, mask), arena.place(ref_logp, "ref_logp"), arena.place(entropy, "entropy"),
             seqs, seq_len, ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator,
             grad if need_grad else None, partial,
         )
@@ -354,7 +362,7 @@ class Emulator:
         self.call(
             f"emu_ppo_value_fwd_{TAGS[values.dtype]}", arena.place(values, "values"),
             arena.place(old_values, "old_values"), arena.place(returns, "returns"),
-            arena.place(mask, "mask"), seqs, seq_len, clip, grad if need_grad else None, partial,
+            *self._mask_args(arena, mask), seqs, seq_len, clip, grad if need_grad else None, partial,
         )
         arena.check()
         if raw_partials:

@@ -126,8 +126,8 @@ namespace kernels = rlhf_kernels::cuda;
 
 #define EMU_PPO(tag, acc_t)                                                                      \
   int emu_ppo_policy_fwd_##tag(const void* logp, const void* old_logp, const void* advantages,  \
-                               const uint8_t* mask, const void* ref_logp, const void* entropy,  \
-                               int64_t seqs, int64_t seq_len, double ratio_low,                 \
+                               const uint8_t* mask, const void* weight, const void* ref_logp,   \
+                               const void* entropy, int64_t seqs, int64_t seq_len, double ratio_low,                 \
                                double ratio_high, double dual_clip, double kl_coef,             \
                                int kl_estimator, void* grad, void* partial) {                   \
     const PolicyParams<acc_t> params{static_cast<acc_t>(ratio_low),                             \
@@ -136,16 +136,19 @@ namespace kernels = rlhf_kernels::cuda;
                                      static_cast<acc_t>(kl_coef)};                              \
     return kernels::launch_ppo_policy_fwd<acc_t>(                                                \
         static_cast<const acc_t*>(logp), static_cast<const acc_t*>(old_logp),                    \
-        static_cast<const acc_t*>(advantages), mask, static_cast<const acc_t*>(ref_logp),        \
+        static_cast<const acc_t*>(advantages), mask, static_cast<const acc_t*>(weight),          \
+        static_cast<const acc_t*>(ref_logp),                                                     \
         static_cast<const acc_t*>(entropy), seqs, seq_len, params, static_cast<acc_t*>(grad),    \
         static_cast<acc_t*>(partial), nullptr);                                                  \
   }                                                                                              \
   int emu_ppo_value_fwd_##tag(const void* values, const void* old_values, const void* returns,  \
-                              const uint8_t* mask, int64_t seqs, int64_t seq_len, double clip,  \
+                              const uint8_t* mask, const void* weight, int64_t seqs,            \
+                              int64_t seq_len, double clip,                                     \
                               void* grad, void* partial) {                                      \
     return kernels::launch_ppo_value_fwd<acc_t>(                                                 \
         static_cast<const acc_t*>(values), static_cast<const acc_t*>(old_values),                \
-        static_cast<const acc_t*>(returns), mask, seqs, seq_len, static_cast<acc_t>(clip),       \
+        static_cast<const acc_t*>(returns), mask, static_cast<const acc_t*>(weight), seqs,       \
+        seq_len, static_cast<acc_t>(clip),                                                       \
         static_cast<acc_t*>(grad), static_cast<acc_t*>(partial), nullptr);                       \
   }
 

@@ -701,22 +701,24 @@ def _policy_reference(logp, old, adv, mask, ref, entropy, clip_low, clip_high, d
     B = logp.shape[0]
     rows = []
     for b in range(B):
-        m = mask[b]
-        x = logp[b].double().where(m, torch.zeros(())).requires_grad_(True)
+        m = mask[b]  # bool, or per-token weights
+        valid = m != 0
+        w = m.double()
+        x = logp[b].double().where(valid, torch.zeros(())).requires_grad_(True)
         loss, stats = reference.ppo_policy_loss(x, old[b].double(), adv[b].double(), m, clip_low=clip_low,
                                                 clip_high=clip_high, dual_clip=dual_clip, agg="token-sum")
-        count = float(m.sum())
+        count = float(w.sum())
         kl = torch.zeros(())
         if estimator is not None:
             kl_tok = reference.kl_penalty(x, ref[b].double(), estimator)
-            kl = torch.where(m, kl_tok, torch.zeros(())).sum()
+            kl = (torch.where(valid, kl_tok, torch.zeros(())) * w).sum()
         (loss + kl_coef * kl).backward()
         ratio_max = stats["ratio_max"].item() if count else -math.inf
         ratio_min = stats["ratio_min"].item() if count else math.inf
-        ent = torch.where(m, entropy[b].double(), torch.zeros(())).sum() if entropy is not None else 0.0
+        ent = (torch.where(valid, entropy[b].double(), torch.zeros(())) * w).sum() if entropy is not None else 0.0
         rows.append(([loss.item(), count, stats["clipfrac"].item() * count, stats["clipfrac_lower"].item() * count,
                       stats["approx_kl"].item() * count, ratio_max, ratio_min, kl.item(), float(ent)],
-                     torch.where(m, x.grad, torch.zeros(()))))
+                     torch.where(valid, x.grad, torch.zeros(()))))
     stats = torch.tensor([r[0] for r in rows], dtype=torch.float64)
     grad = torch.stack([r[1] for r in rows])
     return grad, stats
@@ -773,6 +775,40 @@ def test_ppo_policy(emu, seq_len, params, dtype):
         ESTIMATORS[estimator] if estimator is not None else -1, False,
     )
     assert no_grad.numel() == 0 and torch.equal(stats2, stats)
+
+
+@pytest.mark.parametrize("seq_len", [37, 1030])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_ppo_policy_and_value_weight_masks(emu, seq_len, dtype):
+    """The weight-mask path (weight pointer set, mask null): every token's
+    loss, gradient, count and statistics times its weight."""
+    clip_low, clip_high, dual_clip, estimator, kl_coef, _ = POLICY_PARAMS["kl-k3"]
+    B = 3
+    logp, old, adv, mask, ref, entropy = _tokens((B, seq_len), dtype, seed=seq_len + 1, scale=0.3)
+    weights = (torch.rand(B, seq_len, generator=_gen(seq_len + 2), dtype=torch.float64) * 2).to(dtype)
+    weights = torch.where(mask, weights, 0.0)
+    flat = lambda t: t.reshape(-1)  # noqa: E731
+    grad, stats = emu.ppo_policy_fwd(
+        flat(logp), flat(old), flat(adv), flat(weights), flat(ref), flat(entropy), seq_len, 1.0 - clip_low,
+        1.0 + clip_high, dual_clip, kl_coef, ESTIMATORS[estimator], True,
+    )
+    want_grad, want_stats = _policy_reference(logp, old, adv, weights, ref, entropy, clip_low, clip_high,
+                                              dual_clip, kl_coef, estimator)
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else F32
+    torch.testing.assert_close(grad.double().view(B, seq_len), want_grad, **tol)
+    stats_tol = dict(atol=1e-9, rtol=1e-9) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(stats.double(), want_stats, **stats_tol)
+    values = torch.where(mask, torch.randn(B, seq_len, generator=_gen(seq_len + 3), dtype=torch.float64), 0.0)
+    vgrad, vstats = emu.ppo_value_fwd(flat(values.to(dtype)), flat(old), flat(adv), flat(weights), seq_len, 0.2, True)
+    for b in range(B):
+        v = values[b].clone().requires_grad_(True)
+        loss, s = reference.ppo_value_loss(v, old[b].double(), adv[b].double(), weights[b].double(), clip=0.2,
+                                           agg="token-sum")
+        loss.backward()
+        count = float(weights[b].double().sum())
+        torch.testing.assert_close(vstats[b].double(), torch.tensor([loss.item(), count, s["vf_clipfrac"].item() * count],
+                                                                    dtype=torch.float64), **stats_tol)
+        torch.testing.assert_close(vgrad.view(B, seq_len)[b].double(), torch.where(mask[b], v.grad, 0.0), **tol)
 
 
 @pytest.mark.parametrize("seq_len", [37, 2500, 1])
@@ -833,10 +869,10 @@ def test_oversized_grids_are_refused_before_launch(emu):
     """More than 2^31 - 1 blocks: the launchers return
     cudaErrorInvalidConfiguration without launching (null data is never read)."""
     with pytest.raises(EmulatedLaunchError, match="cudaError 9"):
-        emu.call("emu_ppo_policy_fwd_f32", None, None, None, None, None, None, 2**31, 1, 0.8, 1.2, 0.0, 0.0,
+        emu.call("emu_ppo_policy_fwd_f32", None, None, None, None, None, None, None, 2**31, 1, 0.8, 1.2, 0.0, 0.0,
                  -1, None, None)
     with pytest.raises(EmulatedLaunchError, match="cudaError 9"):
-        emu.call("emu_ppo_value_fwd_f64", None, None, None, None, 2**30, 4096, 0.2, None, None)
+        emu.call("emu_ppo_value_fwd_f64", None, None, None, None, None, 2**30, 4096, 0.2, None, None)
     for tag in ("f32", "bf16"):
         # 2^32 + 1 rows: a launch of static_cast<unsigned>(n_rows) = 1 block would be wrong.
         with pytest.raises(EmulatedLaunchError, match="cudaError 9"):

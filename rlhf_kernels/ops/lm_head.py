@@ -527,6 +527,8 @@ def ppo_loss_from_hidden(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
+    token_weights: Tensor | None = None,
+    ratio_level: str = "token",
     chunk_bytes: int | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -552,8 +554,7 @@ def ppo_loss_from_hidden(
         (loss, stats) as ``ppo_loss_from_logits``: the 0-dim loss and the
         ``ppo_policy_loss`` stats plus pg_loss, kl and entropy.
     """
-    from .advantages import kl_penalty
-    from .ppo_loss import ppo_policy_loss
+    from .ppo_loss import composed_policy_loss
 
     if hidden.dim() < 3:
         raise ValueError("hidden: expected shape (B, T, H) (or (..., T, H))")
@@ -561,27 +562,13 @@ def ppo_loss_from_hidden(
         check_tensor("ref_logp", ref_logp, FLOAT_DTYPES)
         if tuple(ref_logp.shape) != tuple(labels.shape):
             raise ValueError(f"ref_logp: shape {tuple(ref_logp.shape)} does not match labels {tuple(labels.shape)}")
-    entropy_coef = float(entropy_coef)
-    kl_coef = float(kl_coef)
     logp, entropy = logprobs_from_hidden(hidden, weight, labels, bias=bias, temperature=temperature,
                                          return_entropy=True, chunk_bytes=chunk_bytes, backend=backend)
-    pg_loss, stats = ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-                                     dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                                     backend=backend)
-
-    def aggregate(x: Tensor) -> Tensor:
-        return _reference.agg_loss(x, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs).to(pg_loss.dtype)
-
-    entropy_agg = aggregate(entropy if entropy_coef != 0 else entropy.detach())
-    loss = pg_loss - entropy_coef * entropy_agg if entropy_coef != 0 else pg_loss
-    if ref_logp is not None:
-        kl = aggregate(kl_penalty(logp, ref_logp.detach(), estimator=kl_estimator, backend=backend))
-        if kl_coef != 0:
-            loss = loss + kl_coef * kl
-    else:
-        kl = pg_loss.new_zeros(())
-    stats.update(pg_loss=pg_loss.detach(), kl=kl.detach(), entropy=entropy_agg.detach())
-    return loss, stats
+    return composed_policy_loss(
+        logp, entropy, old_logp, advantages, mask, ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        entropy_coef=entropy_coef, backend=backend, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, token_weights=token_weights, ratio_level=ratio_level,
+    )
 
 
 __all__ = ["default_chunk_bytes", "logprobs_from_hidden", "ppo_loss_from_hidden", "tile_plan"]

@@ -56,11 +56,12 @@ def _aggregation_weights(counts: Tensor, seq_len: int, agg: str, num_tokens: Opt
     token-mean: 1 / (num_tokens or valid tokens); token-sum: 1;
     seq-mean-token-sum: 1 / S; seq-mean-token-mean: 1 / (S * valid_b);
     seq-mean-token-sum-norm: 1 / (S * T), with S = num_seqs or the number of
-    sequences with a valid token. Every count is clamped to >= 1, so a batch
-    without a valid token gives 0, never NaN."""
+    sequences with a valid token. A count is the sum of the token weights (1
+    per valid token of a bool mask); a count of 0 divides by 1 (``_divisor``),
+    so a batch without a valid token gives 0, never NaN."""
     ones = torch.ones_like(counts)
     if agg == "token-mean":
-        denom = num_tokens if num_tokens is not None else counts.sum().clamp(min=1)
+        denom = num_tokens if num_tokens is not None else _divisor(counts.sum())
         return ones / denom
     if agg == "token-sum":
         return ones
@@ -68,17 +69,30 @@ def _aggregation_weights(counts: Tensor, seq_len: int, agg: str, num_tokens: Opt
     if agg == "seq-mean-token-sum":
         return ones / seqs
     if agg == "seq-mean-token-mean":
-        return 1.0 / (counts.clamp(min=1) * seqs)
+        return 1.0 / (_divisor(counts) * seqs)
     if agg == "seq-mean-token-sum-norm":
         return ones / (seqs * max(seq_len, 1))  # T = 0: no token, a loss of 0
     raise ValueError(f"agg: unknown mode {agg!r}; expected one of {AGG_MODES}")
+
+
+def _divisor(count: Tensor) -> Tensor:
+    """A count as a divisor: 0 (no valid token) divides by 1, weight counts in
+    (0, 1) as they are (csrc/glue.h count_divisor)."""
+    return torch.where(count > 0, count, torch.ones_like(count))
+
+
+def _kernel_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A mask as the token kernels read it, flat: bool stays bool (valid or
+    not), any other dtype becomes per-token weights in ``dtype`` (csrc/glue.h
+    kernel_mask)."""
+    return _token_view(mask if mask.dtype == torch.bool else mask.to(dtype)).contiguous()
 
 
 def _policy_stats(seq_stats: Tensor) -> Tensor:
     """(5,) clipfrac, clipfrac_lower, approx_kl, ratio_max, ratio_min."""
     counts = seq_stats[:, COUNT]
     total = counts.sum()
-    denom = total.clamp(min=1)
+    denom = _divisor(total)
     any_valid = total > 0
     zero = torch.zeros((), dtype=seq_stats.dtype, device=seq_stats.device)
     if seq_stats.shape[0] == 0:
@@ -192,7 +206,7 @@ def _ppo_policy_loss_triton(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     tokens = _tokens(logp, old_logp, advantages)
     grad, seq_stats = _run_tokens(
-        _triton.policy, logp.shape, N_POLICY_STATS, tokens[0], need_grad, *tokens, _token_view(mask != 0),
+        _triton.policy, logp.shape, N_POLICY_STATS, tokens[0], need_grad, *tokens, _kernel_mask(mask, tokens[0].dtype),
         None, None, _seq_len(logp.shape), ratio_low, ratio_high, dual_clip, 0.0, -1, need_grad,
     )
     weights = _weights(seq_stats[:, COUNT], logp.shape, agg, num_tokens, num_seqs)
@@ -206,12 +220,12 @@ def _ppo_value_loss_triton(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     tokens = _tokens(values, old_values, returns)
     grad, seq_stats = _run_tokens(
-        _triton.value, values.shape, N_VALUE_STATS, tokens[0], need_grad, *tokens, _token_view(mask != 0),
+        _triton.value, values.shape, N_VALUE_STATS, tokens[0], need_grad, *tokens, _kernel_mask(mask, tokens[0].dtype),
         _seq_len(values.shape), clip, need_grad,
     )
     counts = seq_stats[:, VF_COUNT]
     weights = _weights(counts, values.shape, agg, num_tokens, num_seqs)
-    clipfrac = seq_stats[:, VF_CLIP].sum() / counts.sum().clamp(min=1)
+    clipfrac = seq_stats[:, VF_CLIP].sum() / _divisor(counts.sum())
     return (weights * seq_stats[:, VF_SUM]).sum(), clipfrac.reshape(1), grad, weights
 
 
@@ -301,7 +315,7 @@ def _ppo_loss_from_logits_triton(
     acc = acc_dtype(logits.dtype)
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     seq_len, seqs = _seq_len(labels.shape), _num_seqs(labels.shape)
-    token_mask = _token_view(mask != 0)
+    token_mask = _kernel_mask(mask, acc)
     old, adv = (t.to(acc).reshape(-1).contiguous() for t in (old_logp, advantages))
     ref = None if ref_logp is None else ref_logp.to(acc).reshape(-1).contiguous()
     kl_code = kl_estimator if ref is not None else -1
@@ -309,9 +323,10 @@ def _ppo_loss_from_logits_triton(
     grad_logits = logits.new_empty(0)
     fused = _grad_in_forward(logits.dtype, need_grad, inplace_backward)
     if fused:
-        counts = token_mask.view(seqs, seq_len).sum(-1).to(acc)
-        weights = _divide(_aggregation_weights(counts, seq_len, agg_mode, num_tokens, num_seqs), count)
-        row_weight = torch.where(token_mask.view(seqs, seq_len), weights.unsqueeze(-1), 0.0).reshape(-1)
+        m = token_mask.view(seqs, seq_len)
+        weights = _divide(_aggregation_weights(m.sum(-1, dtype=acc), seq_len, agg_mode, num_tokens, num_seqs), count)
+        w = weights.unsqueeze(-1) if m.dtype == torch.bool else weights.unsqueeze(-1) * m
+        row_weight = torch.where(m != 0, w, 0.0).reshape(-1)
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         logp, entropy, row_max, log_sum = _triton.logits_grad(
             logits, flat_labels, old, adv, row_weight.contiguous(), ref, grad_logits, 1.0 / temperature,
@@ -505,11 +520,83 @@ def _check_tokens(shape_name: str, shape, **tensors: Tensor) -> None:
             raise ValueError(f"{name}: shape {tuple(t.shape)} does not match {shape_name} {tuple(shape)}")
 
 
+def _check_weights(name: str, weights: Tensor) -> None:
+    """Per-token weights (a mask of a dtype other than bool, or token_weights)
+    must be finite and >= 0: checked on CPU tensors, and on GPU tensors with
+    RLHF_KERNELS_CHECK=1 (it synchronises); not while torch.compile traces."""
+    if weights.dtype == torch.bool or torch.compiler.is_compiling():
+        return
+    if weights.device.type != "cpu" and not checks_enabled():
+        return
+    bad = ~(torch.isfinite(weights) & (weights >= 0)) if weights.is_floating_point() else weights < 0
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}: weights must be finite and >= 0, got {weights[index].item()} at index {index}")
+
+
 def _check_mask(mask: Tensor) -> None:
-    """A mask of any real dtype (nonzero = valid): the ops read it as it is."""
+    """A bool mask (valid or not), or per-token weights of any real dtype
+    (nonzero = valid; the kernels weight each token's loss, gradient, count
+    and statistics by it)."""
     check_tensor("mask", mask)
     if mask.is_complex():
         raise ValueError("mask: complex masks are not supported")
+    _check_weights("mask", mask)
+
+
+RATIO_LEVELS = ("token", "sequence", "sequence-token")
+
+
+def _weighted_advantages(advantages: Tensor, token_weights: Optional[Tensor], shape) -> Tensor:
+    """advantages * token_weights (in the computation dtype), detached. The
+    clipped objective is positively homogeneous in A, per token: w * l(A) =
+    l(w * A) for w >= 0, the dual clip included (sign(w A) = sign(A)), and so
+    is its gradient; so the policy kernels weight a token's policy term by
+    scaling its advantage, and the KL and entropy terms stay unweighted (as
+    verl's rollout correction and OpenRLHF's IS correction weight them). A
+    token of weight 0 counts as unclipped in clipfrac."""
+    advantages = advantages.detach()
+    if token_weights is None:
+        return advantages
+    check_tensor("token_weights", token_weights, FLOAT_DTYPES)
+    check_same_device(advantages=advantages, token_weights=token_weights)
+    _check_tokens("advantages", shape, token_weights=token_weights)
+    _check_weights("token_weights", token_weights)
+    dtype = _compute_dtype(advantages, token_weights)
+    return advantages.to(dtype) * token_weights.detach().to(dtype)
+
+
+def _sequence_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str) -> tuple[Tensor, Tensor]:
+    """(logp', old') that make the token kernels compute GSPO's sequence-level
+    ratio (Zheng et al., 2025): s_b = the (weighted) mean of logp - old_logp
+    over the valid tokens of sequence b (divided by max(count, 1), as verl and
+    OpenRLHF), old' = sg(logp) - s_b, so that each token's ratio
+    exp(logp' - old') has the value exp(s_b).
+    "sequence-token" (GSPO-token, verl): logp' = logp, each token's gradient
+    through its own log-prob. "sequence" (GSPO, OpenRLHF): logp' = sg(logp) +
+    (m_b - sg(m_b)) with m_b the same mean of logp, equal in value, so that
+    the gradient flows through the sequence mean: d L / d logp_t = w_t /
+    max(count, 1) * (sum of the sequence's token gradients). The two agree when
+    the advantage is constant over a sequence. s_b in float64 (a float32 old'
+    costs half an ulp of |logp| in the log-ratio)."""
+    valid, weight = reference.mask_weights(mask, torch.float64)
+    w = weight if weight is not None else valid.to(torch.float64)
+    counts = w.sum(-1).clamp(min=1)
+    lp = logp.detach().to(torch.float64)
+    seq_log_ratio = (torch.where(valid, lp - old_logp.detach().to(torch.float64), 0.0) * w).sum(-1) / counts
+    dtype = _compute_dtype(logp, old_logp)
+    old_eff = (lp - seq_log_ratio.unsqueeze(-1)).to(dtype)
+    if level == "sequence":
+        x = logp.to(dtype)
+        mean = (torch.where(valid, x, 0.0) * w.to(dtype)).sum(-1) / counts.to(dtype)
+        logp = x.detach() + (mean - mean.detach()).unsqueeze(-1)
+    return logp, old_eff
+
+
+def _check_ratio_level(ratio_level: str) -> str:
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level: unknown level {ratio_level!r}; expected one of {RATIO_LEVELS}")
+    return ratio_level
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -528,6 +615,8 @@ def ppo_policy_loss(
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
+    token_weights: Tensor | None = None,
+    ratio_level: str = "token",
     backend: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped PPO policy loss (Schulman et al., 2017), fused in one pass.
@@ -541,7 +630,23 @@ def ppo_policy_loss(
         logp: (B, T) float32 | float64 (bf16 / fp16 are upcast to float32):
             log-probabilities under the current policy; differentiable.
         old_logp, advantages: (B, T), same; not differentiated.
-        mask: (B, T) bool (or any dtype; nonzero = valid token).
+        mask: (B, T) bool, or per-token weights of any other dtype (float
+            0/1 masks, fractional weights; finite, >= 0, nonzero = valid):
+            each token's loss, gradient and statistics count times its
+            weight, and every count (the token-mean denominator, a
+            sequence's length) is the sum of the weights: verl's and
+            OpenRLHF's weighted means, ``sum(w * l) / sum(w)``.
+        token_weights: (B, T) float, >= 0, or None: multiply each token's
+            loss and gradient but not the counts or the statistics (verl's
+            rollout importance-sampling weights, OpenRLHF's IS correction);
+            not differentiated.
+        ratio_level: "token" (PPO), "sequence" (GSPO, Zheng et al., 2025;
+            OpenRLHF's "gspo") or "sequence-token" (GSPO-token; verl's
+            "gspo"): every token of a sequence takes the ratio exp(mean over
+            its valid tokens of logp - old_logp); its gradient flows through
+            that mean ("sequence") or through the token's own logp
+            ("sequence-token"); the two agree when the advantage is constant
+            over the sequence. ratio_max / ratio_min are then sequence ratios.
         clip_low, clip_high: > 0; the ratio is clipped to
             [1 - clip_low, 1 + clip_high]; clip_high defaults to clip_low.
         dual_clip: None or c > 1.
@@ -577,8 +682,11 @@ def ppo_policy_loss(
     _check_tokens("logp", logp.shape, old_logp=old_logp, advantages=advantages, mask=mask)
     clip_low, clip_high, dual = _check_clip(clip_low, clip_high, dual_clip)
     agg_code, num_tokens, num_seqs, divisor = _check_agg(agg, num_tokens, num_seqs, logp.device)
+    advantages = _weighted_advantages(advantages, token_weights, logp.shape)
+    if _check_ratio_level(ratio_level) != "token":
+        logp, old_logp = _sequence_ratio(logp, old_logp, mask, ratio_level)
     loss, stats = implementation("ppo_policy_loss", backend, logp.device)(
-        logp, old_logp.detach(), advantages.detach(), mask, clip_low, clip_high, dual, agg_code, num_tokens, num_seqs,
+        logp, old_logp.detach(), advantages, mask, clip_low, clip_high, dual, agg_code, num_tokens, num_seqs,
     )
     return _divide(loss, divisor), dict(zip(POLICY_STAT_NAMES, stats.unbind()))
 
@@ -605,7 +713,8 @@ def ppo_value_loss(
         values: (B, T) float32 | float64 (bf16 / fp16 upcast): the critic's
             predictions; differentiable.
         old_values, returns: (B, T), same; not differentiated.
-        mask: (B, T) bool (nonzero = valid).
+        mask: (B, T) bool, or per-token weights (any other dtype), as in
+            ``ppo_policy_loss``.
         clip: > 0.
         agg, num_tokens, num_seqs: as in ``ppo_policy_loss``.
 
@@ -648,6 +757,8 @@ def ppo_loss_from_logits(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
+    token_weights: Tensor | None = None,
+    ratio_level: str = "token",
     inplace_backward: bool = False,
     backend: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -678,6 +789,14 @@ def ppo_loss_from_logits(
             penalty with ``kl_coef`` (estimator "k1" | "abs" | "k2" | "mse" |
             "k3" | "low_var_kl").
         entropy_coef: weight of the entropy bonus (subtracted).
+        token_weights: (B, T) weights of the policy term only (the KL and
+            entropy terms are weighted by the mask alone), as in
+            ``ppo_policy_loss``.
+        ratio_level: "token", "sequence" or "sequence-token" (GSPO), as in
+            ``ppo_policy_loss``.
+            The sequence ratio needs every logp of a sequence before any
+            token's gradient, so it runs as ``logprobs_from_logits`` then
+            ``ppo_policy_loss`` (the logits gradient in the backward).
         inplace_backward: write the logits gradient into the logits buffer
             (no (B, T, V) gradient buffer; the logits are consumed by the
             backward): three passes over the logits, as the gradient is then
@@ -711,20 +830,79 @@ def ppo_loss_from_logits(
         ref_logp = ref_logp.detach()
     temperature = check_positive("temperature", temperature)
     clip_low, clip_high, dual = _check_clip(clip_low, clip_high, dual_clip)
+    counts_given = dict(num_tokens=num_tokens, num_seqs=num_seqs)
     agg_code, num_tokens, num_seqs, divisor = _check_agg(agg, num_tokens, num_seqs, logits.device)
     kl_coef = check_finite("kl_coef", kl_coef)
     entropy_coef = check_finite("entropy_coef", entropy_coef)
     kl_code = _check_estimator(kl_estimator, "kl_estimator")
+    if _check_ratio_level(ratio_level) != "token":
+        from .logprobs import logprobs_from_logits
+
+        logp, entropy = logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True,
+                                             inplace_backward=inplace_backward, backend=backend)
+        return composed_policy_loss(
+            logp, entropy, old_logp, advantages, mask, ref_logp=ref_logp, kl_coef=kl_coef,
+            kl_estimator=kl_estimator, entropy_coef=entropy_coef, backend=backend, clip_low=clip_low,
+            clip_high=clip_high, dual_clip=dual_clip, agg=agg, token_weights=token_weights, ratio_level=ratio_level,
+            **counts_given,
+        )
+    advantages = _weighted_advantages(advantages, token_weights, tokens)
     if labels.is_cuda and checks_enabled():
         check_labels_in_range(labels, logits.shape[-1], -100)
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     in_flight = rows_in_flight(labels.numel(), logits.shape[-1] * logits.element_size(), logits.device)
     loss, stats = implementation("ppo_loss_from_logits", backend, logits.device)(
-        logits, labels, old_logp.detach(), advantages.detach(), mask, ref_logp, temperature, 1.0 - clip_low,
+        logits, labels, old_logp.detach(), advantages, mask, ref_logp, temperature, 1.0 - clip_low,
         1.0 + clip_high, dual, agg_code, num_tokens, num_seqs, kl_coef, kl_code, entropy_coef,
         bool(inplace_backward), need_grad, divisor, in_flight,
     )
     return loss, dict(zip(POLICY_STAT_NAMES + ("pg_loss", "kl", "entropy"), stats.unbind()))
+
+
+def composed_policy_loss(
+    logp: Tensor,
+    entropy: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    ref_logp: Tensor | None,
+    kl_coef: float,
+    kl_estimator: str,
+    entropy_coef: float,
+    backend: str | None,
+    agg: str = "token-mean",
+    num_tokens=None,
+    num_seqs=None,
+    **policy_kwargs,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``ppo_policy_loss(logp, ...) + kl_coef * agg(kl_penalty(logp, ref_logp))
+    - entropy_coef * agg(entropy)`` over our ops, with the stats of
+    ``ppo_loss_from_logits``: the fused LM head's loss, and
+    ``ppo_loss_from_logits`` at the sequence ratio level. The entropy's
+    gradient is taken only when ``entropy_coef != 0``."""
+    from .advantages import kl_penalty
+
+    if ref_logp is not None:
+        check_tensor("ref_logp", ref_logp, FLOAT_DTYPES)
+        _check_tokens("logp", logp.shape, ref_logp=ref_logp)
+    entropy_coef, kl_coef = float(entropy_coef), float(kl_coef)
+    pg_loss, stats = ppo_policy_loss(logp, old_logp, advantages, mask, agg=agg, num_tokens=num_tokens,
+                                     num_seqs=num_seqs, backend=backend, **policy_kwargs)
+
+    def aggregate(x: Tensor) -> Tensor:
+        return reference.agg_loss(x, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs).to(pg_loss.dtype)
+
+    entropy_agg = aggregate(entropy if entropy_coef != 0 else entropy.detach())
+    loss = pg_loss - entropy_coef * entropy_agg if entropy_coef != 0 else pg_loss
+    if ref_logp is not None:
+        kl = aggregate(kl_penalty(logp, ref_logp.detach(), estimator=kl_estimator, backend=backend))
+        if kl_coef != 0:
+            loss = loss + kl_coef * kl
+    else:
+        kl = pg_loss.new_zeros(())
+    stats.update(pg_loss=pg_loss.detach(), kl=kl.detach(), entropy=entropy_agg.detach())
+    return loss, stats
 
 
 __all__ = ["ppo_policy_loss", "ppo_value_loss", "ppo_loss_from_logits"]

@@ -169,6 +169,16 @@ def _chunk_tokens(mask_ptr, seq_len, n_chunks, BLOCK: tl.constexpr):
     valid = (tl.load(mask_ptr + offs, mask=in_seq, other=0) != 0) & in_seq
     return item, offs, in_seq, valid
 
+
+@triton.jit
+def _token_weight(mask_ptr, offs, valid, HAS_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    # Each token's weight: the mask's own value for a weight mask (HAS_WEIGHT),
+    # else 1 on valid tokens; 0 on the others either way.
+    if HAS_WEIGHT:
+        return tl.load(mask_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+    else:
+        return valid.to(ACC_DTYPE)
+
 @triton.jit
 def _kl_terms(logp, ref, ESTIMATOR: tl.constexpr):
     """Per-token KL estimate (Schulman, 2020) and d kl / d logp (d kl / d ref is

@@ -11,8 +11,8 @@ import triton.language as tl
 
 from .._launch import N_POLICY_STATS, N_VALUE_STATS, RATIO_MAX, RATIO_MIN, acc_dtype, layouts
 from ._device import (
-    _chunk_tokens, _clamp, _f64, _label_logp, _policy_terms, _row_grad, _row_softmax, f64_parts, on_tensor_device,
-    tl_acc,
+    _chunk_tokens, _clamp, _f64, _label_logp, _policy_terms, _row_grad, _row_softmax, _token_weight, f64_parts,
+    on_tensor_device, tl_acc,
 )
 from . import logprobs as _logprobs
 
@@ -22,11 +22,13 @@ def _ppo_policy_fwd_kernel(
     seq_len, n_chunks, low_hi, low_mid, low_lo, high_hi, high_mid, high_lo, dual_hi, dual_mid, dual_lo,
     kl_coef_hi, kl_coef_mid, kl_coef_lo,
     HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_ENTROPY: tl.constexpr,
-    NEED_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    NEED_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # PPO-clip (Schulman et al., 2017) + dual clip (Ye et al., 2020) per token;
-    # one program per (sequence, chunk) writes dl/dlogp and 9 partial sums.
+    # one program per (sequence, chunk) writes dl/dlogp and 9 partial sums,
+    # each token's terms times its weight (HAS_WEIGHT: the mask holds weights).
     item, offs, in_seq, valid = _chunk_tokens(mask_ptr, seq_len, n_chunks, BLOCK)
+    w = _token_weight(mask_ptr, offs, valid, HAS_WEIGHT, ACC_DTYPE)
     ratio_low = _f64(low_hi, low_mid, low_lo, ACC_DTYPE)
     ratio_high = _f64(high_hi, high_mid, high_lo, ACC_DTYPE)
     logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
@@ -41,19 +43,19 @@ def _ppo_policy_fwd_kernel(
         _f64(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE), HAS_DUAL, KL_ESTIMATOR,
     )
     if NEED_GRAD:
-        tl.store(grad_ptr + offs, tl.where(valid, grad, 0.0), mask=in_seq)
+        tl.store(grad_ptr + offs, tl.where(valid, w * grad, 0.0), mask=in_seq)
     out = partial_ptr + item * 9
-    tl.store(out + 0, tl.sum(tl.where(valid, loss, 0.0), axis=0))
-    tl.store(out + 1, tl.sum(valid.to(ACC_DTYPE), axis=0))
-    tl.store(out + 2, tl.sum((valid & clipped).to(ACC_DTYPE), axis=0))
-    tl.store(out + 3, tl.sum((valid & dual).to(ACC_DTYPE), axis=0))
-    tl.store(out + 4, tl.sum(tl.where(valid, old - logp, 0.0), axis=0))
+    tl.store(out + 0, tl.sum(tl.where(valid, w * loss, 0.0), axis=0))
+    tl.store(out + 1, tl.sum(w, axis=0))
+    tl.store(out + 2, tl.sum(tl.where(valid & clipped, w, 0.0), axis=0))
+    tl.store(out + 3, tl.sum(tl.where(valid & dual, w, 0.0), axis=0))
+    tl.store(out + 4, tl.sum(tl.where(valid, w * (old - logp), 0.0), axis=0))
     tl.store(out + 5, tl.max(tl.where(valid, ratio, float("-inf")), axis=0))
     tl.store(out + 6, tl.min(tl.where(valid, ratio, float("inf")), axis=0))
-    tl.store(out + 7, tl.sum(tl.where(valid, kl, 0.0), axis=0))
+    tl.store(out + 7, tl.sum(tl.where(valid, w * kl, 0.0), axis=0))
     if HAS_ENTROPY:
         entropy = tl.load(entropy_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
-        tl.store(out + 8, tl.sum(tl.where(valid, entropy, 0.0), axis=0))
+        tl.store(out + 8, tl.sum(tl.where(valid, w * entropy, 0.0), axis=0))
     else:
         tl.store(out + 8, tl.sum(tl.zeros((BLOCK,), ACC_DTYPE), axis=0))
 
@@ -112,11 +114,12 @@ def _ppo_logits_grad_kernel(
 def _ppo_value_fwd_kernel(
     values_ptr, old_ptr, returns_ptr, mask_ptr, grad_ptr, partial_ptr,
     seq_len, n_chunks, clip_hi, clip_mid, clip_lo,
-    NEED_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    NEED_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # 0.5 * max((v - R)^2, (v_clipped - R)^2) per token; v_clipped = old +
-    # clamp(v - old, -c, c), exactly v in range.
+    # 0.5 * max((v - R)^2, (v_clipped - R)^2) per token, times its weight;
+    # v_clipped = old + clamp(v - old, -c, c), exactly v in range.
     item, offs, in_seq, valid = _chunk_tokens(mask_ptr, seq_len, n_chunks, BLOCK)
+    w = _token_weight(mask_ptr, offs, valid, HAS_WEIGHT, ACC_DTYPE)
     clip = _f64(clip_hi, clip_mid, clip_lo, ACC_DTYPE)
     values = tl.load(values_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
     old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(ACC_DTYPE)
@@ -133,11 +136,11 @@ def _ppo_value_fwd_kernel(
     loss = 0.5 * tl.where(clipped, loss2, loss1)
     grad = 0.5 * tl.where(loss1 > loss2, dloss1, tl.where(clipped, dloss2, 0.5 * (dloss1 + dloss2)))
     if NEED_GRAD:
-        tl.store(grad_ptr + offs, tl.where(valid, grad, 0.0), mask=in_seq)
+        tl.store(grad_ptr + offs, tl.where(valid, w * grad, 0.0), mask=in_seq)
     out = partial_ptr + item * 3
-    tl.store(out + 0, tl.sum(tl.where(valid, loss, 0.0), axis=0))
-    tl.store(out + 1, tl.sum(valid.to(ACC_DTYPE), axis=0))
-    tl.store(out + 2, tl.sum((valid & clipped).to(ACC_DTYPE), axis=0))
+    tl.store(out + 0, tl.sum(tl.where(valid, w * loss, 0.0), axis=0))
+    tl.store(out + 1, tl.sum(w, axis=0))
+    tl.store(out + 2, tl.sum(tl.where(valid & clipped, w, 0.0), axis=0))
 
 
 def token_block(seq_len: int, device: torch.device) -> int:
@@ -153,6 +156,11 @@ def reduce_partials(partial: Tensor, max_col: int | None, min_col: int | None) -
         stats[:, max_col] = partial[:, :, max_col].amax(1)
         stats[:, min_col] = partial[:, :, min_col].amin(1)
     return stats
+
+
+def _mask_arg(mask: Tensor) -> Tensor:
+    """A kernel mask (bool, or weights of the computation dtype) as the token kernels read it."""
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
 def _token_outputs(x, seq_len: int, n_stats: int, need_grad: bool):
@@ -173,12 +181,12 @@ def policy(logp, old_logp, adv, mask, ref_logp, entropy, seq_len, ratio_low, rat
     seqs, chunks, block, grad, partial = _token_outputs(logp, seq_len, N_POLICY_STATS, need_grad)
     if seqs > 0:
         _ppo_policy_fwd_kernel[(seqs * chunks,)](
-            logp, old_logp, adv, mask.view(torch.uint8),
+            logp, old_logp, adv, _mask_arg(mask),
             ref_logp if ref_logp is not None else logp, entropy if entropy is not None else logp,
             grad if need_grad else logp, partial, seq_len, chunks,
             *f64_parts(ratio_low), *f64_parts(ratio_high), *f64_parts(dual_clip), *f64_parts(kl_coef),
             HAS_DUAL=dual_clip > 0, KL_ESTIMATOR=kl_code, HAS_ENTROPY=entropy is not None,
-            NEED_GRAD=need_grad, ACC_DTYPE=tl_acc(logp.dtype), BLOCK=block,
+            NEED_GRAD=need_grad, HAS_WEIGHT=mask.dtype != torch.bool, ACC_DTYPE=tl_acc(logp.dtype), BLOCK=block,
         )
     return grad, reduce_partials(partial, RATIO_MAX, RATIO_MIN)
 
@@ -188,9 +196,9 @@ def value(values, old_values, returns, mask, seq_len, clip, need_grad):
     seqs, chunks, block, grad, partial = _token_outputs(values, seq_len, N_VALUE_STATS, need_grad)
     if seqs > 0:
         _ppo_value_fwd_kernel[(seqs * chunks,)](
-            values, old_values, returns, mask.view(torch.uint8), grad if need_grad else values,
+            values, old_values, returns, _mask_arg(mask), grad if need_grad else values,
             partial, seq_len, chunks, *f64_parts(clip),
-            NEED_GRAD=need_grad, ACC_DTYPE=tl_acc(values.dtype), BLOCK=block,
+            NEED_GRAD=need_grad, HAS_WEIGHT=mask.dtype != torch.bool, ACC_DTYPE=tl_acc(values.dtype), BLOCK=block,
         )
     return grad, reduce_partials(partial, None, None)
 

@@ -9,8 +9,9 @@
 //   seq-mean-token-sum       1 / S
 //   seq-mean-token-mean      1 / (S * valid_b)
 //   seq-mean-token-sum-norm  1 / (S * T)
-// S = num_seqs or the number of sequences with a valid token; every count is
-// taken >= 1, so a batch without a valid token gives 0, never NaN. Sums run in
+// S = num_seqs or the number of sequences with a valid token. A count is the
+// sum of the token weights (1 per valid token of a bool mask); a count of 0
+// divides by 1, so a batch without a valid token gives 0, never NaN. Sums run in
 // double: B sequences of float32 partials lose nothing to the order.
 #pragma once
 
@@ -71,10 +72,10 @@ inline double seq_weight(const AggParams& agg, double count_b, double total, dou
                          int64_t seq_len) {
   const double seqs = agg.num_seqs > 0 ? agg.num_seqs : (nonempty > 1 ? nonempty : 1.0);
   switch (agg.mode) {
-    case kTokenMean: return 1.0 / (agg.num_tokens > 0 ? agg.num_tokens : (total > 1 ? total : 1.0));
+    case kTokenMean: return 1.0 / (agg.num_tokens > 0 ? agg.num_tokens : (total > 0 ? total : 1.0));
     case kTokenSum: return 1.0;
     case kSeqMeanTokenSum: return 1.0 / seqs;
-    case kSeqMeanTokenMean: return 1.0 / ((count_b > 1 ? count_b : 1.0) * seqs);
+    case kSeqMeanTokenMean: return 1.0 / ((count_b > 0 ? count_b : 1.0) * seqs);
     default: return 1.0 / (seqs * static_cast<double>(seq_len > 1 ? seq_len : 1));
   }
 }
@@ -114,7 +115,7 @@ void finalize_policy(const acc_t* partial, int64_t seqs, int64_t chunks, int64_t
     kl += w * detail::seq_sum(partial, b, chunks, kPolicyStats, kKlPenaltySum);
     entropy += w * detail::seq_sum(partial, b, chunks, kPolicyStats, kEntropySum);
   }
-  const double denom = total > 1 ? total : 1.0;
+  const double denom = total > 0 ? total : 1.0;
   const bool any = total > 0;
   *loss = static_cast<acc_t>(pg + kl_coef * kl - entropy_coef * entropy);
   stats[kClipFrac] = static_cast<acc_t>(clips / denom);
@@ -147,7 +148,7 @@ void finalize_value(const acc_t* partial, int64_t seqs, int64_t chunks, int64_t 
     sum += w * detail::seq_sum(partial, b, chunks, kValueStats, kVfLossSum);
   }
   *loss = static_cast<acc_t>(sum);
-  *vf_clipfrac = static_cast<acc_t>(clips / (total > 1 ? total : 1.0));
+  *vf_clipfrac = static_cast<acc_t>(clips / (total > 0 ? total : 1.0));
 }
 
 // grad (B, T) *= weights[b], rows [b_begin, b_end): the token gradient for a
