@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import rlhf_kernels
+from rlhf_kernels import integrations
 from rlhf_kernels.integrations import FrameworkNotInstalledError, Patcher, UntestedVersionError, _Target
 
 
@@ -60,6 +61,11 @@ def _assert_close(ours, theirs, atol=1e-5, rtol=1e-5):
         assert isinstance(ours, tuple) and len(ours) == len(theirs)
         for a, b in zip(ours, theirs):
             _assert_close(a, b, atol, rtol)
+        return
+    if isinstance(theirs, dict):  # metrics
+        assert isinstance(ours, dict) and ours.keys() == theirs.keys()
+        for key in theirs:
+            _assert_close(ours[key], theirs[key], atol, rtol)
         return
     if theirs is None or not isinstance(theirs, torch.Tensor):
         if isinstance(theirs, float):
@@ -368,8 +374,13 @@ def test_trl_grpo_end_to_end(trl_mods, tmp_path, monkeypatch):
 
     plain = run(False)
     assert not calls
+    integrations.reset_report()
     patched = run(True)
     assert calls, "the patched trainer never called our ops"
+    # coverage: every call of a patched function was served, none handed back
+    coverage = integrations.report()
+    assert coverage and coverage["trl.ChunkedLogProbFunction"]["served"] > 0, coverage
+    assert all(row["served"] > 0 and not row["handed_back"] for row in coverage.values()), coverage
     assert len(plain) == len(patched) == 3
     # Step 1 (same parameters, same samples): our fused head's log-probs equal
     # TRL's to ~5e-7 (test_trl_fused_lm_head); GRPO's step-1 gradient is a
@@ -521,7 +532,7 @@ def test_verl_policy_loss(verl_mods, agg, batch_info):
     if not batch_info and agg != "token-sum":
         assert torch.isnan(ours(old, new, adv, empty, agg, config)[0])
     _assert_close(ours(old, new, adv, empty, agg, config), original(old, new, adv, empty, agg, config))
-    weights = torch.rand(4, 10, generator=gen)  # rollout correction: verl's own code
+    weights = torch.rand(4, 10, generator=gen)  # rollout correction (served: token_weights)
     _assert_close(ours(old, new, adv, mask, agg, config, weights), original(old, new, adv, mask, agg, config, weights))
 
 
@@ -610,8 +621,8 @@ def test_verl_agg_loss_nonfinite_outside_mask(verl_mods, agg):
 
 
 def test_verl_agg_loss_falls_back_to_verl(verl_mods):
-    """Per-token float weights, tensor global counts, unknown modes, missing
-    global counts with dp_size > 1: verl's own code (or its error)."""
+    """Per-token float weights (served), tensor global counts (verl's own
+    code), unknown modes, missing global counts with dp_size > 1 (its error)."""
     _, _, rk_verl = verl_mods
     gen = torch.Generator().manual_seed(18)
     loss_mat = torch.randn(3, 7, generator=gen)
@@ -899,8 +910,9 @@ def test_openrlhf_policy_loss(openrlhf_real, dual_clip, token_level_loss, batch_
 
 
 def test_openrlhf_policy_loss_falls_back_to_openrlhf(openrlhf_real):
-    """GSPO, the IS correction, weighting masks, no mask and a gradient w.r.t.
-    the advantages: OpenRLHF's own code."""
+    """GSPO, the IS correction and weighting masks (served, see the coverage
+    tests below), no mask and a gradient w.r.t. the advantages (OpenRLHF's
+    own code): OpenRLHF's results."""
     loss_mod = openrlhf_real["openrlhf.models.loss"]
     original = loss_mod.PolicyLoss.forward
     original = getattr(original, "__wrapped_original__", original)
@@ -1055,3 +1067,225 @@ def test_openrlhf_patch_refuses_cleanly_where_it_cannot_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "REFUSED"
+
+
+# ---------------------------------------------------------------- coverage
+
+@pytest.fixture
+def fake_framework(monkeypatch):
+    """A framework ``fakefw`` whose ``f(x)`` our adapter serves for x >= 0 and
+    hands back (to the original, which returns -1) below."""
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.0")
+    fake = types.ModuleType("fakefw")
+    fake.f = lambda x: -1
+    monkeypatch.setitem(sys.modules, "fakefw", fake)
+
+    def make(original):
+        def f(x):
+            if x < 0:
+                return integrations.hand_back("fakefw.f", "a negative x", original, x)
+            return x
+
+        return f
+
+    patcher = Patcher("fakefw", "fakefw", frozenset({"1.0"}), [_Target("fakefw", "f", make)])
+    integrations.reset_report()
+    yield fake, patcher
+    patcher.unpatch()
+    integrations.reset_report()
+
+
+def test_report_counts_served_and_handed_back_calls(fake_framework, caplog):
+    fake, patcher = fake_framework
+    with patcher.patched():
+        with caplog.at_level("WARNING", logger="rlhf_kernels.integrations"):
+            assert [fake.f(x) for x in (1, 2, -3, -4, 5)] == [1, 2, -1, -1, 5]
+    assert integrations.report() == {"fakefw.f": {"served": 3, "handed_back": {"a negative x": 2}}}
+    # one warning for the first hand-back of the reason, none for the second
+    warned = [r.getMessage() for r in caplog.records if r.name == "rlhf_kernels.integrations"]
+    assert len(warned) == 1 and "fakefw.f: a negative x" in warned[0]
+    assert "served      3  handed back      2 (a negative x: 2)" in integrations.format_report()
+    integrations.reset_report()
+    assert integrations.report() == {} and integrations.format_report() == "no patched function was called"
+
+
+def test_strict_patch_raises_instead_of_handing_back(fake_framework):
+    fake, patcher = fake_framework
+    with patcher.patched(strict=True):
+        assert fake.f(2) == 2
+        with pytest.raises(integrations.HandBackError, match="fakefw.f: a negative x"):
+            fake.f(-1)
+    with patcher.patched():  # strictness ends with the patch
+        assert fake.f(-1) == -1
+
+
+def test_handing_back_inside_a_served_call_counts_each_function(fake_framework):
+    """A hand-back to a framework function that calls another patched function
+    counts the outer call as handed back and the inner one as served."""
+    fake, patcher = fake_framework
+    fake.g = lambda x: fake.f(-x)  # the framework's g calls its f
+
+    def make_g(original):
+        return lambda x: integrations.hand_back("fakefw.g", "always", original, x)
+
+    patcher.targets.append(_Target("fakefw", "g", make_g))
+    with patcher.patched():
+        assert fake.g(-3) == 3
+    assert integrations.report() == {"fakefw.f": {"served": 1, "handed_back": {}},
+                                     "fakefw.g": {"served": 0, "handed_back": {"always": 1}}}
+
+
+def _served_only(key: str, calls: int) -> None:
+    assert integrations.report().get(key) == {"served": calls, "handed_back": {}}, integrations.report()
+
+
+def _weight_masks(gen, batch, seq):
+    """The masks verl and OpenRLHF pass: float 0/1, and fractional weights with
+    zeros (a fully masked row, holes)."""
+    mask = _mask_with_holes(batch, seq, gen)
+    weights = torch.rand(batch, seq, generator=gen) * mask
+    weights[0, 4] = 0.0
+    return {"float01": mask.float(), "weights": weights, "int": mask.long()}
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+                                 "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("batch_info", [{}, {"dp_size": 2, "batch_num_tokens": 50, "global_batch_size": 9,
+                                             "loss_scale_factor": 16}])
+def test_verl_policy_losses_serve_float_masks_and_rollout_weights(verl_mods, agg, batch_info):
+    """verl's vanilla and GSPO losses with float masks and rollout IS weights
+    (zeros included): served by our kernels, verl's results and gradients."""
+    core, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(40)
+    old = -2 * torch.rand(4, 10, generator=gen)
+    new = old + 0.4 * torch.randn(4, 10, generator=gen)
+    adv = torch.randn(4, 10, generator=gen)
+    is_weights = 2 * torch.rand(4, 10, generator=gen)
+    zero_weight = is_weights.clone()
+    zero_weight[0, 0] = 0.0  # a valid token of weight 0: verl still counts its clipping
+    from verl.workers.config import FSDPActorConfig
+
+    # verl's GSPO asserts a real ActorConfig
+    config = FSDPActorConfig(clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                             strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2, rollout_n=1,
+                             global_batch_info=batch_info)
+    integrations.reset_report()
+    calls = 0
+    with rk_verl.patched():
+        for name in ("compute_policy_loss_vanilla", "compute_policy_loss_gspo"):
+            ours = getattr(core, name)
+            original = ours.__wrapped_original__
+            assert core.get_policy_loss_fn(name.rpartition("_")[2]) is ours
+            for mask in _weight_masks(gen, 4, 10).values():
+                for w in (None, is_weights, zero_weight):
+                    _compare(lambda n: original(old, n, adv, mask, agg, config, w),
+                             lambda n: ours(old, n, adv, mask, agg, config, w), [new])
+                    calls += 1
+            _served_only(f"verl.{name}", calls)
+            calls = 0
+        # GSPO past verl's clamp of the sequence log-ratio (10): verl's own code, counted
+        far = new.clone()
+        far[2] += 12.0
+        mask = _mask_with_holes(4, 10, gen)
+        _compare(lambda n: core.compute_policy_loss_gspo.__wrapped_original__(old, n, adv, mask, agg, config),
+                 lambda n: core.compute_policy_loss_gspo(old, n, adv, mask, agg, config), [far])
+    assert integrations.report()["verl.compute_policy_loss_gspo"]["handed_back"] == {
+        "a sequence log-ratio above verl's GSPO clamp of 10": 1}
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_verl_value_and_agg_loss_serve_float_masks(verl_mods, agg):
+    core, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(41)
+    values = torch.randn(4, 10, generator=gen)
+    vpreds = values + 0.5 * torch.randn(4, 10, generator=gen)
+    returns = torch.randn(4, 10, generator=gen)
+    loss_mat = torch.randn(4, 10, generator=gen)
+    integrations.reset_report()
+    calls = 0
+    with rk_verl.patched():
+        value_loss, aggregate = core.compute_value_loss, core.agg_loss
+        for mask in _weight_masks(gen, 4, 10).values():
+            for kw in ({}, {"dp_size": 2, "batch_num_tokens": 30, "global_batch_size": 8, "loss_scale_factor": 4}):
+                _compare(lambda v: value_loss.__wrapped_original__(v, returns, values, mask, 0.2, agg, **kw),
+                         lambda v: value_loss(v, returns, values, mask, 0.2, agg, **kw), [vpreds])
+                holed = loss_mat.clone()
+                holed[0, 1] = float("nan")  # NaN at a masked token leaks in verl's seq-mean modes, as in ours
+                _compare(lambda x: aggregate.__wrapped_original__(x, mask, agg, **kw),
+                         lambda x: aggregate(x, mask, agg, **kw), [holed])
+                calls += 1
+    report = integrations.report()
+    assert report["verl.compute_value_loss"] == {"served": calls, "handed_back": {}}
+    # verl's original value loss calls agg_loss too (patched, served): none handed back
+    assert report["verl.agg_loss"]["served"] >= 2 * calls and not report["verl.agg_loss"]["handed_back"]
+
+
+def _is_correction_cases():
+    cases = []
+    for level in ("token", "seq"):
+        for gating in ("ratio", "binary_kl", "tv"):
+            for mode in ("mask", "clip"):
+                if mode == "clip" and (level == "seq" or gating != "ratio"):
+                    continue  # OpenRLHF refuses these
+                threshold = (0.8, 1.25) if gating == "ratio" else (0.0, 0.02)
+                cases.append(dict(is_correction_level=level, is_correction_gating=gating, is_correction_mode=mode,
+                                  is_correction_threshold=threshold))
+    return cases
+
+
+@pytest.mark.parametrize("token_level_loss", [True, False])
+@pytest.mark.parametrize("batch_info", _OPENRLHF_BATCH_INFOS[:2])
+def test_openrlhf_policy_loss_serves_float_masks_gspo_and_is_correction(openrlhf_real, token_level_loss,
+                                                                        batch_info):
+    loss_mod = openrlhf_real["openrlhf.models.loss"]
+    from rlhf_kernels.integrations import openrlhf as rk_openrlhf
+
+    gen = torch.Generator().manual_seed(42)
+    new, old, adv = _policy_inputs(gen)
+    new[2, 1] = old[2, 1] - 5.0  # GSPO: OpenRLHF does not clamp its sequence log-ratio
+    rollout = old + 0.2 * torch.randn(5, 12, generator=gen)  # IS gates drop or clip some tokens
+    masks = _weight_masks(gen, 5, 12)
+    modules = [loss_mod.PolicyLoss(clip_eps_low=0.15, clip_eps_high=0.28, dual_clip=3.0,
+                                   token_level_loss=token_level_loss)]
+    modules += [loss_mod.PolicyLoss(token_level_loss=token_level_loss, **kw) for kw in _is_correction_cases()]
+    modules += [loss_mod.PolicyLoss(policy_loss_type="gspo"),
+                loss_mod.PolicyLoss(policy_loss_type="gspo", is_correction_level="token")]
+    integrations.reset_report()
+    calls = 0
+    with rk_openrlhf.patched():
+        forward = loss_mod.PolicyLoss.forward
+        original = forward.__wrapped_original__
+        for module in modules:
+            gspo = module.policy_loss_type == "gspo"
+            for name, mask in masks.items():
+                if gspo and name == "weights":
+                    continue  # fractional weights scale OpenRLHF's GSPO ratio: handed back (below)
+                call = lambda fn, m=mask: (lambda x: fn(module, x, old, adv, m, rollout, **batch_info))  # noqa: E731
+                _compare(call(original), call(forward), [new])
+                calls += 1
+        _served_only("openrlhf.PolicyLoss.forward", calls)
+        gspo = modules[-2]
+        _compare(lambda x: original(gspo, x, old, adv, masks["weights"]),
+                 lambda x: forward(gspo, x, old, adv, masks["weights"]), [new])
+    assert integrations.report()["openrlhf.PolicyLoss.forward"]["handed_back"] == {
+        "GSPO with fractional mask weights (OpenRLHF multiplies the ratio by them)": 1}
+
+
+@pytest.mark.parametrize("token_level_loss", [True, False])
+def test_openrlhf_value_loss_serves_float_masks(openrlhf_real, token_level_loss):
+    loss_mod = openrlhf_real["openrlhf.models.loss"]
+    from rlhf_kernels.integrations import openrlhf as rk_openrlhf
+
+    gen = torch.Generator().manual_seed(43)
+    values = torch.randn(5, 12, generator=gen)
+    vpreds = values + 0.5 * torch.randn(5, 12, generator=gen)
+    returns = torch.randn(5, 12, generator=gen)
+    module = loss_mod.ValueLoss(clip_eps=0.2, token_level_loss=token_level_loss)
+    integrations.reset_report()
+    with rk_openrlhf.patched():
+        forward = loss_mod.ValueLoss.forward
+        for mask in _weight_masks(gen, 5, 12).values():
+            for info in _OPENRLHF_BATCH_INFOS:
+                _compare(lambda v: forward.__wrapped_original__(module, v, values, returns, mask, **info),
+                         lambda v: forward(module, v, values, returns, mask, **info), [vpreds])
+    _served_only("openrlhf.ValueLoss.forward", 3 * len(_OPENRLHF_BATCH_INFOS))

@@ -13,20 +13,48 @@ differ. A framework version that is not in the tested set is refused before
 anything is patched (``allow_untested=True`` overrides), as is a framework
 that is not installed.
 
+Calls an adapter cannot serve with the same semantics go to the framework's
+own function ("hand-backs"). ``report()`` says, per patched function, how many
+calls our ops served and how many were handed back, by reason; the first
+hand-back of each reason logs one warning on the ``rlhf_kernels.integrations``
+logger, and ``patch(strict=True)`` raises ``HandBackError`` instead::
+
+    from rlhf_kernels import integrations
+    from rlhf_kernels.integrations import verl
+
+    verl.patch()
+    ...  # train
+    print(integrations.format_report())
+    # verl.compute_policy_loss_vanilla  served 412  handed back 0
+    # verl.agg_loss                     served 1236 handed back 4 (loss_mat is not a tensor: 4)
+
 Importing this package imports no framework.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.metadata
+import logging
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-__all__ = ["FrameworkNotInstalledError", "UntestedVersionError", "Patcher"]
+__all__ = [
+    "FrameworkNotInstalledError",
+    "UntestedVersionError",
+    "HandBackError",
+    "Patcher",
+    "report",
+    "reset_report",
+    "format_report",
+]
+
+logger = logging.getLogger(__name__)
 
 
 class FrameworkNotInstalledError(ImportError):
@@ -35,6 +63,97 @@ class FrameworkNotInstalledError(ImportError):
 
 class UntestedVersionError(RuntimeError):
     """The installed framework version is not one the adapters were tested against."""
+
+
+class HandBackError(ValueError):
+    """Under ``patch(strict=True)``: a call our adapter would hand back to the
+    framework's own function. The message names the function and the reason."""
+
+
+# Coverage, per "framework.function": calls served and hand-backs by reason.
+_report_lock = threading.Lock()
+_served: Counter[str] = Counter()
+_handed_back: dict[str, Counter[str]] = {}
+_warned: set[tuple[str, str]] = set()
+_strict: dict[str, bool] = {}  # framework -> patched with strict=True
+_frames = threading.local()  # the stack of adapter calls in progress on this thread
+
+
+def report() -> dict[str, dict]:
+    """Coverage of the patched functions since the last ``reset_report()``:
+    ``{"verl.agg_loss": {"served": 12, "handed_back": {reason: count}}, ...}``
+    for every function called at least once."""
+    with _report_lock:
+        keys = sorted(set(_served) | set(_handed_back))
+        return {k: {"served": _served[k], "handed_back": dict(_handed_back.get(k, {}))} for k in keys}
+
+
+def reset_report() -> None:
+    """Zero the counts of ``report()`` (and re-arm the one warning per reason)."""
+    with _report_lock:
+        _served.clear()
+        _handed_back.clear()
+        _warned.clear()
+
+
+def format_report() -> str:
+    """``report()`` as a table, one line per function."""
+    rows = report()
+    if not rows:
+        return "no patched function was called"
+    width = max(len(k) for k in rows)
+    lines = []
+    for key, row in rows.items():
+        back = row["handed_back"]
+        reasons = f" ({'; '.join(f'{r}: {n}' for r, n in back.items())})" if back else ""
+        lines.append(f"{key:<{width}}  served {row['served']:>6}  handed back {sum(back.values()):>6}{reasons}")
+    return "\n".join(lines)
+
+
+def hand_back(key: str, reason: str, original: Callable, *args, **kwargs):
+    """Give one call of the patched function ``key`` ("framework.function") to
+    the framework's ``original``, counted under ``reason``; raises
+    ``HandBackError`` where the framework was patched with ``strict=True``."""
+    stack = getattr(_frames, "stack", None)
+    if stack and stack[-1][0] == key:
+        stack[-1][1] = True  # this call was not served
+    with _report_lock:
+        _handed_back.setdefault(key, Counter())[reason] += 1
+        first = (key, reason) not in _warned
+        _warned.add((key, reason))
+    if _strict.get(key.partition(".")[0]):
+        raise HandBackError(f"{key}: {reason}; rlhf_kernels does not serve this call (patched with strict=True)")
+    if first:
+        logger.warning("%s: %s; handed back to the framework's own function (further such calls are counted "
+                       "in rlhf_kernels.integrations.report())", key, reason)
+    return original(*args, **kwargs)
+
+
+def count_served(key: str) -> None:
+    """Count one call of ``key`` served by our ops (for the replacements that
+    are classes; the function replacements are counted by the patcher)."""
+    with _report_lock:
+        _served[key] += 1
+
+
+def _counting(key: str, replacement: Callable) -> Callable:
+    """``replacement`` that counts each call that returns without a hand-back
+    as served (a call that raises is neither: the framework raises there too)."""
+
+    @functools.wraps(replacement)
+    def counted(*args, **kwargs):
+        stack = _frames.__dict__.setdefault("stack", [])
+        frame = [key, False]
+        stack.append(frame)
+        try:
+            out = replacement(*args, **kwargs)
+        finally:
+            stack.pop()
+        if not frame[1]:
+            count_served(key)
+        return out
+
+    return counted
 
 
 @dataclass
@@ -74,8 +193,11 @@ class Patcher:
     def is_patched(self) -> bool:
         return bool(self._saved)
 
-    def patch(self, *, allow_untested: bool = False) -> None:
+    def patch(self, *, allow_untested: bool = False, strict: bool = False) -> None:
+        """Patch the framework. ``strict=True``: a call the adapters would hand
+        back to the framework raises ``HandBackError`` instead."""
         with self._lock:
+            _strict[self.framework] = strict
             if self._saved:
                 return  # already patched: patch() is idempotent
             version = self.version()
@@ -109,6 +231,8 @@ class Patcher:
             swaps = {}
             for target, original, holder, attr in originals:
                 replacement = target.make(original)
+                if not isinstance(replacement, type):
+                    replacement = _counting(f"{self.framework}.{target.name}", replacement)
                 replacement.__wrapped_original__ = original
                 swaps[id(original)] = (original, replacement)
                 if isinstance(holder, type):  # a method: the class is its one lookup
@@ -132,10 +256,18 @@ class Patcher:
                     _set(namespace, name, hit[0])
             self._saved.clear()
             self._replacements = {}
+            _strict.pop(self.framework, None)
+
+    def hand_back(self, name: str, reason: str, original: Callable, *args, **kwargs):
+        """``hand_back`` for this framework's function ``name``."""
+        return hand_back(f"{self.framework}.{name}", reason, original, *args, **kwargs)
+
+    def count_served(self, name: str) -> None:
+        count_served(f"{self.framework}.{name}")
 
     @contextlib.contextmanager
-    def patched(self, *, allow_untested: bool = False) -> Iterator[None]:
-        self.patch(allow_untested=allow_untested)
+    def patched(self, *, allow_untested: bool = False, strict: bool = False) -> Iterator[None]:
+        self.patch(allow_untested=allow_untested, strict=strict)
         try:
             yield
         finally:

@@ -26,7 +26,7 @@ import rlhf_kernels
 from rlhf_kernels._dispatch import resolve_backend
 from rlhf_kernels.ops import lm_head as _lm_head
 
-from . import Patcher, _Target
+from . import Patcher, _Target, count_served, hand_back
 
 TESTED_VERSIONS = frozenset({"1.16.0"})
 
@@ -60,7 +60,8 @@ def _make_selective_log_softmax(original):
         if index.ndim == logits.ndim:
             # TRL semantics: an (..., K) index gathers K log-probs per row (top-K);
             # our op takes one label per row, so TRL's own code runs.
-            return original(logits, index, temperature, row_mask)
+            return hand_back("trl.selective_log_softmax", "an (..., K) index (K log-probs per row)", original,
+                             logits, index, temperature, row_mask)
         out_dtype = torch.float32 if _uses_trl_kernel(logits, index, row_mask) else logits.dtype
         # TRL semantics: rows where row_mask == 0 give 0 (and no gradient): we skip them.
         logp = rlhf_kernels.logprobs_from_logits(
@@ -286,14 +287,21 @@ def _make_chunked_logprob(original):
                 from trl.kernels.chunked_logprob import OPTIONAL_OUTPUTS as outputs
             outputs = tuple(outputs)
             backend = resolve_backend(None, hidden.device, "logprobs_from_hidden")
+            key = "trl.ChunkedLogProbFunction"
             if final_logit_softcapping is None and backend != "reference":
                 rows = "triton" if backend == "triton" else "native"
+                count_served(key)
                 return HiddenStateFunction.apply(hidden, weight, bias, targets, temperature, logit_scale, outputs,
                                                  rows)
-            if set(outputs) - {"log_probs", "entropy"} or backend == "reference":
-                # Soft-capped logits with TRL's extra statistics, or no kernels built: TRL's own function.
-                return original.apply(hidden, weight, bias, targets, temperature, chunk_size,
-                                      final_logit_softcapping, logit_scale, outputs)
+            if backend == "reference":
+                return hand_back(key, "no native or Triton kernels on this device", original.apply, hidden, weight,
+                                 bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale,
+                                 outputs)
+            if set(outputs) - {"log_probs", "entropy"}:
+                return hand_back(key, "soft-capped logits with log_sum_sq_probs / mean_logits / is_top1",
+                                 original.apply, hidden, weight, bias, targets, temperature, chunk_size,
+                                 final_logit_softcapping, logit_scale, outputs)
+            count_served(key)
             # Soft-capped logits: row chunks of logits (tanh applied) through logprobs_from_logits.
             return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, temperature, chunk_size,
                                                 final_logit_softcapping, logit_scale, outputs)

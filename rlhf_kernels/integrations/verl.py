@@ -9,7 +9,9 @@ up in, and wherever verl's modules imported them:
 - ``compute_gae_advantage_return`` -> ``compute_gae``;
 - ``compute_grpo_outcome_advantage``, ``compute_rloo_outcome_advantage``
   (registry names "grpo", "rloo") -> ``group_advantages``;
-- ``compute_policy_loss_vanilla`` (registry name "vanilla") -> ``ppo_policy_loss``;
+- ``compute_policy_loss_vanilla`` (registry name "vanilla") -> ``ppo_policy_loss``,
+  float masks and ``rollout_is_weights`` (``token_weights``) included;
+- ``compute_policy_loss_gspo`` ("gspo") -> ``ppo_policy_loss(ratio_level="sequence-token")``;
 - ``compute_value_loss`` -> ``ppo_value_loss``;
 - ``agg_loss`` (which verl's other policy losses, its entropy and KL losses
   and its trainers' metrics call) -> the aggregation of our losses
@@ -28,7 +30,7 @@ from torch import Tensor
 
 import rlhf_kernels
 
-from . import Patcher, _Target
+from . import Patcher, _Target, count_served, hand_back
 
 TESTED_VERSIONS = frozenset({"0.9.1"})
 
@@ -78,7 +80,9 @@ def _make_kl_penalty(original):
     def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty) -> Tensor:
         base = kl_penalty[:-1] if kl_penalty.endswith("+") else kl_penalty
         if base not in _KL_NAMES:
-            return original(logprob, ref_logprob, kl_penalty)  # "full" and unknown names raise there
+            # "full" (a KL over the vocabulary) and unknown names (verl raises there)
+            return hand_back("verl.kl_penalty", f"estimator {kl_penalty!r}", original, logprob, ref_logprob,
+                             kl_penalty)
         out_dtype = _float_dtype(logprob, ref_logprob)
         forward = rlhf_kernels.kl_penalty(logprob, ref_logprob, estimator=_KL_NAMES[base]).to(out_dtype)
         if not kl_penalty.endswith("+") or base in ("mse", "k2"):
@@ -205,66 +209,189 @@ def _finish(loss: Tensor, scale: float, count, dtype, agg: str) -> Tensor:
     return loss.to(torch.promote_types(dtype, torch.float32) if agg.startswith("seq-mean") else dtype)
 
 
+def _weights_ok(weights: Tensor) -> bool:
+    """A bool mask, or weights our kernels take: finite and >= 0 everywhere."""
+    if weights.dtype == torch.bool:
+        return True
+    ok = weights >= 0
+    if weights.is_floating_point():
+        ok &= torch.isfinite(weights)
+    return bool(ok.all())
+
+
+def _policy_loss_hand_back(old_log_prob, advantages, response_mask, loss_agg_mode, config) -> str | None:
+    """Why verl's own policy loss must run this call, or None."""
+    if config is None:
+        return "no config (verl asserts one)"
+    if loss_agg_mode not in _AGG_MODES:
+        return f"loss_agg_mode {loss_agg_mode!r} is not one of verl's modes (verl raises)"
+    if old_log_prob.requires_grad or advantages.requires_grad:
+        return "old_log_prob or advantages require a gradient (ours treats them as data)"
+    if _zero_count(**config.global_batch_info):
+        return "a global token or sequence count of 0 (verl divides by it)"
+    if not _weights_ok(response_mask):
+        return "response_mask holds negative or non-finite weights"
+    return None
+
+
+def _rollout_weights(rollout_is_weights, mask: Tensor):
+    """verl's rollout importance-sampling weights as our token_weights (0 at
+    the masked positions, which verl's aggregation drops), and whether every
+    valid token's weight is > 0 (else the clip statistics, which verl counts
+    unweighted, are computed here: ours count a weight-0 token as unclipped).
+    None where they are negative or non-finite at a valid token."""
+    if rollout_is_weights is None:
+        return None, True
+    valid = mask != 0
+    weights = torch.where(valid, rollout_is_weights.detach(), 0.0)
+    if not _weights_ok(weights):
+        return None, False
+    return weights, bool((weights > 0)[valid].all())
+
+
+def _eager_clip_stats(log_ratio, advantages, response_mask, clip_low, clip_high, clip_ratio_c):
+    """verl's pg_clipfrac and pg_clipfrac_lower, as verl computes them from
+    the (clamped, token or sequence) log-ratio."""
+    import verl.utils.torch_functional as verl_F
+
+    with torch.no_grad():
+        ratio = torch.exp(log_ratio)
+        loss1 = -advantages * ratio
+        loss2 = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+        clipfrac = verl_F.masked_mean(torch.gt(loss2, loss1).float(), response_mask)
+        if clip_ratio_c is None:
+            return clipfrac, torch.zeros_like(clipfrac)
+        lower = torch.gt(torch.maximum(loss1, loss2), -advantages * clip_ratio_c) * (advantages < 0).float()
+        return clipfrac, verl_F.masked_mean(lower, response_mask)
+
+
+def _clip_bounds(config) -> tuple[float, float]:
+    clip_ratio = config.clip_ratio
+    clip_low = config.clip_ratio_low if config.clip_ratio_low is not None else clip_ratio
+    clip_high = config.clip_ratio_high if config.clip_ratio_high is not None else clip_ratio
+    return clip_low, clip_high
+
+
+def _policy_loss_call(name: str, original, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
+                      config, rollout_is_weights, *, dual_clip, ratio_level):
+    """verl's ``compute_policy_loss_<name>`` on ``ppo_policy_loss``: the loss and
+    verl's metrics dict, or a hand-back to verl's code."""
+    key = f"verl.compute_policy_loss_{name}"
+    args = (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+    reason = _policy_loss_hand_back(old_log_prob, advantages, response_mask, loss_agg_mode, config)
+    if reason is not None:
+        return hand_back(key, reason, original, *args)
+    token_weights, all_weighted = _rollout_weights(rollout_is_weights, response_mask)
+    if rollout_is_weights is not None and token_weights is None:
+        return hand_back(key, "rollout_is_weights negative or non-finite at a valid token", original, *args)
+    import verl.utils.torch_functional as verl_F
+
+    clip_low, clip_high = _clip_bounds(config)
+    with torch.no_grad():
+        log_ratio = log_prob - old_log_prob
+        if ratio_level == "token":
+            log_ratio = log_ratio.clamp(min=-20.0, max=20.0)
+        else:
+            counts = response_mask.sum(-1).clamp(min=1)
+            log_ratio = ((log_ratio * response_mask).sum(-1) / counts).unsqueeze(-1).expand_as(log_prob)
+    # verl semantics: GSPO clamps the sequence log-ratio at 10 (ours at 20); past
+    # it verl's loss is constant, ours is not.
+    if ratio_level != "token" and bool((log_ratio > 10.0).any()):
+        return hand_back(key, "a sequence log-ratio above verl's GSPO clamp of 10", original, *args)
+    num_tokens, num_seqs, scale, count = _agg_args(response_mask, loss_agg_mode, **config.global_batch_info)
+    # Ours differentiates log_prob only; old_log_prob and advantages are data
+    # (verl's trainers pass them detached). A float mask weights each token,
+    # as verl's weighted means do.
+    loss, stats = rlhf_kernels.ppo_policy_loss(
+        log_prob, old_log_prob, advantages, response_mask, clip_low=clip_low, clip_high=clip_high,
+        dual_clip=dual_clip, agg=loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs,
+        token_weights=token_weights, ratio_level=ratio_level,
+    )
+    loss = _finish(loss, scale, count, _float_dtype(old_log_prob, log_prob, advantages), loss_agg_mode)
+    if all_weighted:
+        clipfrac, clipfrac_lower = stats["clipfrac"], stats["clipfrac_lower"]
+    else:
+        clipfrac, clipfrac_lower = _eager_clip_stats(log_ratio, advantages, response_mask, clip_low, clip_high,
+                                                     dual_clip)
+    with torch.no_grad():
+        # verl semantics: ppo_kl is the masked mean of the token log-ratio, clamped in
+        # the vanilla loss (ours is unclamped), unclamped in GSPO.
+        token_log_ratio = log_ratio if ratio_level == "token" else log_prob - old_log_prob
+        ppo_kl = verl_F.masked_mean(-token_log_ratio, response_mask)
+    metrics = {
+        "actor/pg_clipfrac": clipfrac.item(),
+        "actor/ppo_kl": ppo_kl.item(),
+        "actor/pg_clipfrac_lower": clipfrac_lower.item() if dual_clip is not None else 0.0,
+    }
+    return loss, metrics
+
+
 def _make_policy_loss(original):
     def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
                                     config=None, rollout_is_weights=None):
-        # Cases our kernel does not express go to verl's own code: per-token
-        # weights (rollout correction, or a float mask that weights tokens).
-        if (config is None or rollout_is_weights is not None or response_mask.is_floating_point()
-                or loss_agg_mode not in _AGG_MODES or old_log_prob.requires_grad or advantages.requires_grad
-                or _zero_count(**config.global_batch_info)):
-            return original(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                            rollout_is_weights)
-        import verl.utils.torch_functional as verl_F
-        from verl.trainer.config import AlgoConfig
-
-        assert not isinstance(config, AlgoConfig)
-        clip_ratio = config.clip_ratio
-        clip_low = config.clip_ratio_low if config.clip_ratio_low is not None else clip_ratio
-        clip_high = config.clip_ratio_high if config.clip_ratio_high is not None else clip_ratio
-        clip_ratio_c = config.get("clip_ratio_c", 3.0)
+        clip_ratio_c = config.get("clip_ratio_c", 3.0) if config is not None else 3.0
         assert clip_ratio_c > 1.0, (
             "The lower bound of the clip_ratio_c for dual-clip PPO should be greater than 1.0,"
             + f" but get the value: {clip_ratio_c}."
         )
-        mask = response_mask.bool()
-        num_tokens, num_seqs, scale, count = _agg_args(mask, loss_agg_mode, **config.global_batch_info)
-        # verl semantics: the dual clip is always on (clip_ratio_c, default 3).
-        # Ours differentiates log_prob only; old_log_prob and advantages are data
-        # (verl's trainers pass them detached).
-        loss, stats = rlhf_kernels.ppo_policy_loss(
-            log_prob, old_log_prob, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-            dual_clip=clip_ratio_c, agg=loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs,
-        )
-        loss = _finish(loss, scale, count, _float_dtype(old_log_prob, log_prob, advantages), loss_agg_mode)
-        # verl semantics: ppo_kl is the masked mean of the clamped log-ratio (ours is unclamped).
-        with torch.no_grad():
-            ppo_kl = verl_F.masked_mean(-torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0), response_mask)
-        metrics = {
-            "actor/pg_clipfrac": stats["clipfrac"].item(),
-            "actor/ppo_kl": ppo_kl.item(),
-            "actor/pg_clipfrac_lower": stats["clipfrac_lower"].item(),
-        }
-        return loss, metrics
+        # verl semantics: the dual clip is always on (clip_ratio_c, default 3);
+        # rollout_is_weights multiply the policy term (our token_weights).
+        return _policy_loss_call("vanilla", original, old_log_prob, log_prob, advantages, response_mask,
+                                 loss_agg_mode, config, rollout_is_weights, dual_clip=clip_ratio_c,
+                                 ratio_level="token")
 
     return compute_policy_loss_vanilla
+
+
+def _make_policy_loss_gspo(original):
+    def compute_policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask,
+                                 loss_agg_mode="seq-mean-token-mean", config=None, rollout_is_weights=None):
+        from verl.workers.config import ActorConfig
+
+        if not isinstance(config, ActorConfig):
+            return hand_back("verl.compute_policy_loss_gspo", "config is not an ActorConfig (verl asserts one)",
+                             original, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                             rollout_is_weights)
+        # verl semantics: GSPO-token (each token's gradient through its own
+        # log-prob, the ratio the sequence's), no dual clip, pg_clipfrac_lower 0.
+        return _policy_loss_call("gspo", original, old_log_prob, log_prob, advantages, response_mask,
+                                 loss_agg_mode, config, rollout_is_weights, dual_clip=None,
+                                 ratio_level="sequence-token")
+
+    return compute_policy_loss_gspo
+
+
+def _value_loss_hand_back(returns, values, response_mask, cliprange_value, loss_agg_mode, batch_num_tokens,
+                          global_batch_size) -> str | None:
+    """Why verl's own value loss must run this call, or None."""
+    if loss_agg_mode not in _AGG_MODES:
+        return f"loss_agg_mode {loss_agg_mode!r} is not one of verl's modes (verl raises)"
+    if not cliprange_value > 0:
+        return "cliprange_value <= 0 (ours clips with a positive range)"
+    if returns.requires_grad or values.requires_grad:
+        return "returns or values require a gradient (ours treats them as targets)"
+    if _zero_count(batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size):
+        return "a global token or sequence count of 0 (verl divides by it)"
+    if not _weights_ok(response_mask):
+        return "response_mask holds negative or non-finite weights"
+    return None
 
 
 def _make_value_loss(original):
     def compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode="token-mean",
                            dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
-        if (response_mask.is_floating_point() or loss_agg_mode not in _AGG_MODES or not cliprange_value > 0
-                or returns.requires_grad or values.requires_grad
-                or _zero_count(batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)):
-            return original(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode, dp_size,
-                            batch_num_tokens, global_batch_size, loss_scale_factor)
-        mask = response_mask.bool()
+        reason = _value_loss_hand_back(returns, values, response_mask, cliprange_value, loss_agg_mode,
+                                       batch_num_tokens, global_batch_size)
+        if reason is not None:
+            return hand_back("verl.compute_value_loss", reason, original, vpreds, returns, values, response_mask,
+                             cliprange_value, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
+                             loss_scale_factor)
         num_tokens, num_seqs, scale, count = _agg_args(
-            mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+            response_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
         )
         # Ours differentiates vpreds only; returns and the old values are targets.
         loss, stats = rlhf_kernels.ppo_value_loss(
-            vpreds, values, returns, mask, clip=cliprange_value, agg=loss_agg_mode,
+            vpreds, values, returns, response_mask, clip=cliprange_value, agg=loss_agg_mode,
             num_tokens=num_tokens, num_seqs=num_seqs,
         )
         loss = _finish(loss, scale, count, _float_dtype(vpreds, returns, values), loss_agg_mode)
@@ -273,36 +400,50 @@ def _make_value_loss(original):
     return compute_value_loss
 
 
+def _agg_loss_hand_back(loss_mat, loss_mask, loss_agg_mode, counts_given) -> str | None:
+    """Why verl's own agg_loss must run this call, or None."""
+    if loss_agg_mode not in _AGG_MODES:
+        return f"loss_agg_mode {loss_agg_mode!r} is not one of verl's modes (verl raises)"
+    if not isinstance(loss_mat, Tensor) or not loss_mat.is_floating_point():
+        return "loss_mat is not a floating tensor"
+    if loss_mat.is_nested or loss_mask.is_nested:
+        return "nested tensors"
+    if loss_mat.dim() == 0 or loss_mat.shape != loss_mask.shape:
+        return "loss_mat and loss_mask differ in shape (verl broadcasts)"
+    if any(isinstance(c, Tensor) for c in counts_given if c is not None):
+        return "a global count given as a tensor"
+    if any(c == 0 for c in counts_given if c is not None):
+        return "a global count of 0 (verl divides by it)"
+    if not _weights_ok(loss_mask):
+        return "loss_mask holds negative or non-finite weights"
+    return None
+
+
 def _make_agg_loss(original):
     from rlhf_kernels.reference import agg_loss as our_agg_loss
 
     def agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
                  loss_scale_factor=None):
-        # Cases our aggregation does not express go to verl's own code: a floating
-        # mask (per-token weights), unknown modes (verl raises), tensor-valued or zero
-        # global counts (verl divides by them as given), nested / broadcast shapes.
-        # An integer mask is taken as 0/1, as verl's response masks are.
-        counts_given = (batch_num_tokens, global_batch_size, loss_scale_factor)
-        if (loss_agg_mode not in _AGG_MODES or not isinstance(loss_mat, Tensor) or not loss_mat.is_floating_point()
-                or loss_mat.is_nested or loss_mask.is_nested or loss_mask.is_floating_point()
-                or loss_mat.dim() == 0 or loss_mat.shape != loss_mask.shape
-                or any(isinstance(c, Tensor) or c == 0 for c in counts_given if c is not None)):
-            return original(loss_mat, loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
-                            loss_scale_factor)
-        mask = loss_mask.bool()
+        reason = _agg_loss_hand_back(loss_mat, loss_mask, loss_agg_mode,
+                                     (batch_num_tokens, global_batch_size, loss_scale_factor))
+        if reason is not None:
+            return hand_back("verl.agg_loss", reason, original, loss_mat, loss_mask, loss_agg_mode, dp_size,
+                             batch_num_tokens, global_batch_size, loss_scale_factor)
         num_tokens, num_seqs, scale, count = _agg_args(
-            mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+            loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
         )
         seq_mode = loss_agg_mode.startswith("seq-mean")
         work = loss_mat.float() if loss_mat.dtype in (torch.bfloat16, torch.float16) else loss_mat
-        loss = our_agg_loss(work, mask, loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs)
+        # A float (or integer) mask weights each token, as verl's weighted sums.
+        loss = our_agg_loss(work, loss_mask, loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs)
         if seq_mode:
             # verl semantics: the seq-mean modes multiply by the mask (the token modes
             # select), so inf / NaN at a masked position of a sequence with a valid
             # token makes the loss NaN; its gradients stay finite, as here (detached).
             with torch.no_grad():
+                valid = loss_mask != 0
                 # 0, or NaN where a masked token is not finite (x * 0)
-                leak = torch.where(mask.any(-1), (loss_mat * 0).masked_fill(mask, 0).sum(-1), 0)
+                leak = torch.where(valid.any(-1), (loss_mat * 0).masked_fill(valid, 0).sum(-1), 0)
                 leak = leak.sum().to(loss.dtype)
             loss = loss + leak
         # verl semantics: times dp_size, and 0 / 0 = NaN for a micro-batch without a
@@ -323,9 +464,11 @@ def _make_fused_linear_for_ppo(original):
             from verl.utils.experimental import torch_functional as tf
 
             if self.impl_backend == "liger" and tf._LIGER_FUSED_LINEAR_SCALED_CROSS_ENTROPY is not None:
-                return super().forward(hidden_states, vocab_weights, input_ids, temperature)
+                return hand_back("verl.FusedLinearForPPO", "impl_backend='liger'", super().forward, hidden_states,
+                                 vocab_weights, input_ids, temperature)
             if hidden_states.ndim not in (2, 3):
                 raise ValueError(f"hidden_states: expected 2 or 3 dims, got shape {tuple(hidden_states.shape)}")
+            count_served("verl.FusedLinearForPPO")
             logp, entropy = rlhf_kernels.logprobs_from_hidden(
                 hidden_states, vocab_weights, input_ids.to(torch.int64), temperature=temperature,
                 return_entropy=True, ignore_index=-(2**63))  # verl ignores no token
@@ -347,6 +490,7 @@ _patcher = Patcher(
         _Target(_CORE, "compute_grpo_outcome_advantage", _make_grpo),
         _Target(_CORE, "compute_rloo_outcome_advantage", _make_rloo),
         _Target(_CORE, "compute_policy_loss_vanilla", _make_policy_loss),
+        _Target(_CORE, "compute_policy_loss_gspo", _make_policy_loss_gspo),
         _Target(_CORE, "compute_value_loss", _make_value_loss),
         _Target(_CORE, "agg_loss", _make_agg_loss),
         _Target("verl.utils.experimental.torch_functional", "FusedLinearForPPO", _make_fused_linear_for_ppo),
