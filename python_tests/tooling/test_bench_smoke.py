@@ -23,6 +23,30 @@ def test_bench_advantages_quick(tmp_path):
     assert all(line["median_ms"] > 0 and line["speedup_vs_loop"] > 0 for line in lines)
 
 
+def test_bench_integrations_quick_every_patched_call_served(tmp_path):
+    """Each case of bench_integrations (TRL, verl and OpenRLHF calls: float
+    masks, rollout IS weights, GSPO, the IS correction) runs our ops in every
+    patched call: none handed back to the framework."""
+    import pytest
+
+    for framework in ("trl", "verl"):
+        pytest.importorskip(framework)
+    from benchmarks import bench_integrations
+
+    before = set(sys.modules)
+    try:
+        rows = bench_integrations.main(["--quick", "--out-dir", str(tmp_path)])
+    finally:  # the benchmark's flash-attn / vLLM stand-ins and OpenRLHF leave with it
+        for name in set(sys.modules) - before:
+            if name.split(".")[0] in ("flash_attn", "vllm", "openrlhf"):
+                del sys.modules[name]
+    ours = [r for r in rows if r["provider"] == "rlhf_kernels"]
+    assert len(ours) >= 12 and all(r["median_ms"] > 0 for r in rows)
+    for row in ours:
+        assert row["served"] > 0 and not row["handed_back"], row["op"]
+    assert len(list(tmp_path.glob("*.jsonl"))) == 1
+
+
 def test_bench_overhead_writes_every_op_with_its_ratio(tmp_path, capsys):
     from benchmarks import bench_overhead, report
 
