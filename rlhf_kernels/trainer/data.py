@@ -92,10 +92,12 @@ def make_batch(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, re
     )
 
 
-def response_mask_from_generation(responses: Tensor, eos_id: int) -> tuple[Tensor, Tensor]:
+def response_mask_from_generation(responses: Tensor, eos_ids: int | list[int]) -> tuple[Tensor, Tensor]:
     """(mask, stopped) for generated responses: tokens up to and including the
-    first EOS (or all tokens when none), and whether an EOS was produced."""
-    is_eos = responses == eos_id
+    first EOS (any of ``eos_ids``; or all tokens when none), and whether an EOS
+    was produced."""
+    eos = torch.tensor([eos_ids] if isinstance(eos_ids, int) else list(eos_ids), device=responses.device)
+    is_eos = torch.isin(responses, eos)
     stopped = is_eos.any(dim=1)
     # Position of the first EOS (or R when none).
     positions = torch.arange(responses.shape[1], device=responses.device)

@@ -60,12 +60,14 @@ class ScalarHeadModel(nn.Module):
         return self.trunk.config
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(B, L) float32 scalars."""
+        """(B, L) float32 scalars: the head runs in float32 on the trunk's
+        hidden states (bf16 / fp16 trunks included)."""
         from .data import position_ids
 
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-        return self.head(hidden).squeeze(-1).float()
+        weight, bias = self.head.weight, self.head.bias
+        return nn.functional.linear(hidden.float(), weight.float(), bias.float()).squeeze(-1)
 
 
 def last_valid_index(attention_mask: Tensor) -> Tensor:
@@ -74,8 +76,28 @@ def last_valid_index(attention_mask: Tensor) -> Tensor:
     return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values.clamp_min(0)
 
 
-def sequence_scores(model: ScalarHeadModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """(B,) the scalar at each sequence's last valid token."""
+def is_hf_classifier(model: nn.Module) -> bool:
+    """An HF sequence-classification model (``AutoModelForSequenceClassification``)."""
+    model = getattr(model, "module", model)
+    return not isinstance(model, ScalarHeadModel) and hasattr(getattr(model, "config", None), "num_labels") \
+        and type(model).__name__.endswith("ForSequenceClassification")
+
+
+def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B,) float32 reward per sequence. A ScalarHeadModel: its scalar at each
+    sequence's last valid token. An HF sequence classifier (one label): its own
+    score, read as HF reads it (at the last token that is not its pad token,
+    so with pad == eos the token before the EOS), with positions counted over
+    the real tokens as in the other passes."""
+    if is_hf_classifier(model):
+        from .data import position_ids
+
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids(attention_mask), use_cache=False).logits
+        if logits.shape[-1] != 1:
+            raise ValueError(f"reward model: a sequence classifier with {logits.shape[-1]} labels; a reward model "
+                             "has one (num_labels=1)")
+        return logits[:, 0].float()
     values = model(input_ids, attention_mask)
     return values.gather(1, last_valid_index(attention_mask).unsqueeze(1)).squeeze(1)
 

@@ -19,6 +19,7 @@ loss normalisation (global valid-token counts) and advantage whitening
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -80,6 +81,45 @@ def _reduce_over_ranks(stats: dict[str, float], shares: set[str], world_size: in
 
 
 logger = logging.getLogger(__name__)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every end-of-sequence id of the model and its tokenizer (an instruct
+    checkpoint's generation config often lists several, e.g. <|im_end|> and
+    <|endoftext|>), tokenizer's first."""
+    ids = [tokenizer.eos_token_id]
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        found = getattr(source, "eos_token_id", None)
+        ids += found if isinstance(found, (list, tuple)) else [found]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def sampling_config(model, tokenizer, *, temperature: float, greedy: bool, max_new_tokens: int):
+    """A fresh GenerationConfig that samples exactly from softmax(logits / T)
+    of the policy (or takes its argmax): none of the logits processors a
+    checkpoint's generation config may ship (repetition penalty, min length,
+    top-k / top-p, bad words, ...), since the old log-probs and the KL are
+    computed for the plain policy; every EOS id of the model kept."""
+    from transformers import GenerationConfig
+
+    sample = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) if not greedy else \
+        dict(do_sample=False)
+    return GenerationConfig(**sample, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=eos_token_ids(model, tokenizer), bos_token_id=tokenizer.bos_token_id)
+
+
+@contextlib.contextmanager
+def _generation_config(model, config):
+    """``model.generation_config`` replaced by ``config`` for one generate():
+    generate() merges the model's own config into one passed as an argument
+    (so a checkpoint's repetition_penalty or min_new_tokens would still
+    apply); as the model's config nothing else is merged in."""
+    saved = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 class PPOTrainer:
@@ -149,15 +189,13 @@ class PPOTrainer:
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
         was_training = model.training
         model.eval()
-        out = model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=not greedy,
-            temperature=temperature or cfg.temperature, top_k=0, top_p=1.0,
-            max_new_tokens=cfg.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
+        sampling = sampling_config(model, self.tokenizer, temperature=temperature or cfg.temperature, greedy=greedy,
+                                   max_new_tokens=cfg.max_new_tokens)
+        with _generation_config(model, sampling):
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask)
         model.train(was_training)
         responses = out[:, prompt_ids.shape[1]:]
-        response_mask, stopped = response_mask_from_generation(responses, self.tokenizer.eos_token_id)
+        response_mask, stopped = response_mask_from_generation(responses, sampling.eos_token_id)
         responses = torch.where(response_mask.bool(), responses, self.tokenizer.pad_token_id)
         batch = make_batch(prompt_ids, prompt_mask, responses, response_mask)
         texts = decode_responses(self.tokenizer, responses.cpu(), response_mask.cpu())
@@ -243,7 +281,7 @@ class PPOTrainer:
             "kl": adv.kl_sum_mean,
             "kl_coef": kl_coef_used,
             "response_length": all_reduce_mean(lengths.mean()),
-            "stopped_frac": all_reduce_mean(torch.tensor(sum(stopped) / len(stopped))),
+            "stopped_frac": all_reduce_mean(torch.tensor(sum(stopped) / len(stopped), device=self.device)),
             "tokens": all_reduce_sum(lengths.sum()),
         }
         return Rollout(batch, prompts, responses, stopped, old_logp, ref_logp, old_values, scores,

@@ -1,0 +1,121 @@
+"""The PPO trainer on a checkpoint as users bring one (``conftest.py``: Qwen2
+architecture, 151936-row vocabulary, bf16, pad == eos, a trained byte-level
+BPE tokenizer, a chat template, an instruct generation config that sets
+repetition_penalty, min_new_tokens, top-k / top-p and two EOS ids) and an HF
+sequence-classification reward model, both loaded back with ``Auto*``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rlhf_kernels.trainer.config import OptimConfig, PPOConfig
+from rlhf_kernels.trainer.data import response_mask_from_generation
+from rlhf_kernels.trainer.models import ScalarHeadModel, sequence_scores
+from rlhf_kernels.trainer.ppo import PPOTrainer, eos_token_ids
+
+
+def _load(paths):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    policy = AutoModelForCausalLM.from_pretrained(paths["policy"], local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(paths["policy"], local_files_only=True)
+    rm = AutoModelForSequenceClassification.from_pretrained(paths["rm"], local_files_only=True)
+    assert policy.dtype == rm.dtype == torch.bfloat16 and tok.pad_token_id == tok.eos_token_id
+    assert policy.get_input_embeddings().weight.shape[0] == 151936
+    return policy, tok, rm
+
+
+def _prompts(tok, n):
+    topics = ["count to five", "a poem about the sea", "the quick brown fox", "digits and words"]
+    return [tok.apply_chat_template([{"role": "user", "content": topics[i % len(topics)]}], tokenize=False,
+                                    add_generation_prompt=True) for i in range(n)]
+
+
+def _trainer(paths, **overrides):
+    policy, tok, rm = _load(paths)
+    cfg = PPOConfig(iterations=1, rollout_batch_size=4, max_new_tokens=6, mini_batch_size=4, grad_accum_steps=1,
+                    ppo_epochs=1, temperature=0.9, policy_optim=OptimConfig(lr=1e-5),
+                    value_optim=OptimConfig(lr=1e-5), **overrides)
+    # the critic from the bf16 trunk: its float32 head on bf16 hidden states
+    critic = ScalarHeadModel.from_causal_lm(policy)
+    return PPOTrainer(policy, copy.deepcopy(policy), critic, tok, cfg,
+                      prompt_sampler=lambda n, rng: _prompts(tok, n), reward_model=rm), tok, rm
+
+
+def test_rollout_samples_exactly_from_the_policy(qwen_artefacts, monkeypatch):
+    """generate() must sample from softmax(logits / T) of the policy, the
+    distribution the old log-probs and the KL are computed for: the
+    checkpoint's repetition_penalty, min_new_tokens and top-k / top-p must not
+    shape the samples (they did: generate() merged the checkpoint's generation
+    config into the trainer's arguments). Every EOS id of the model stops."""
+    trainer, tok, _ = _trainer(qwen_artefacts)
+    policy = trainer.policy
+    assert policy.generation_config.repetition_penalty == 1.1  # the checkpoint's, kept on the model
+    seen = {}
+    real_generate = policy.generate
+
+    def generate(**kwargs):
+        out = real_generate(**kwargs, output_scores=True, output_logits=True, return_dict_in_generate=True)
+        seen.update(out=out, config=copy.deepcopy(policy.generation_config))
+        return out.sequences
+
+    monkeypatch.setattr(policy, "generate", generate)
+    torch.manual_seed(0)
+    batch, _, _ = trainer.generate(_prompts(tok, 4))
+    assert policy.generation_config.repetition_penalty == 1.1  # restored after the call
+    config = seen["config"]
+    assert config.repetition_penalty in (None, 1.0) and not config.min_new_tokens and config.top_k == 0
+    assert sorted(config.eos_token_id) == sorted(eos_token_ids(policy, tok)) == sorted(
+        {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")})
+    # the processed scores generate() sampled from are exactly logits / T at every step
+    for step, (scores, logits) in enumerate(zip(seen["out"].scores, seen["out"].logits)):
+        torch.testing.assert_close(scores.float(), logits.float() / 0.9, rtol=1e-6, atol=1e-6, msg=f"step {step}")
+    # and the rollout's old log-probs are the policy's log-probs of the sampled tokens
+    old_logp = trainer._logprobs(policy, batch)
+    sampled = torch.stack([torch.log_softmax(s.float(), -1) for s in seen["out"].scores], 1)
+    sampled = sampled.gather(-1, batch.responses[:, : sampled.shape[1]].unsqueeze(-1)).squeeze(-1)
+    mask = batch.response_mask[:, : sampled.shape[1]].bool()
+    # bf16 forwards (cached generation vs one full pass) differ by a few 1e-3;
+    # the repetition penalty alone moved them by ~0.1 before
+    assert (old_logp[:, : sampled.shape[1]] - sampled)[mask].abs().max() < 0.03
+
+
+def test_every_eos_id_ends_a_response():
+    im_end, eos, pad = 2, 0, 0
+    responses = torch.tensor([[5, 6, im_end, pad, pad], [7, eos, pad, pad, pad], [8, 9, 10, 11, 12]])
+    mask, stopped = response_mask_from_generation(responses, [im_end, eos])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert stopped.tolist() == [True, True, False]
+
+
+def test_hf_reward_model_scores_as_hf_reads_them(qwen_artefacts):
+    """With pad == eos, HF's sequence classifier reads its score at the last
+    token that is not the pad (= eos) token: the trainer must read it there
+    too (it read the EOS position), on its left-padded prompt + right-padded
+    response batches."""
+    trainer, tok, rm = _trainer(qwen_artefacts)
+    torch.manual_seed(1)
+    batch, responses, stopped = trainer.generate(_prompts(tok, 4))
+    ours = trainer.score(batch, [], responses, stopped)
+    assert ours.dtype == torch.float32 and ours.shape == (4,)
+    for i in range(4):
+        real = batch.attention_mask[i].bool()
+        ids = batch.input_ids[i][real].unsqueeze(0)  # the sequence alone, no padding at all
+        with torch.no_grad():
+            theirs = rm(input_ids=ids).logits[0, 0].float()
+        assert float(ours[i]) == pytest.approx(float(theirs), abs=2e-2), i
+    # sequence_scores reads HF classifiers through HF and ScalarHeadModel at the last valid token
+    assert torch.equal(sequence_scores(rm, batch.input_ids, batch.attention_mask), ours)
+
+
+def test_ppo_iteration_on_the_bf16_checkpoint(qwen_artefacts):
+    """One full PPO iteration (rollout, HF RM scoring, advantages, update) on
+    the bf16 checkpoint: finite statistics (it crashed in the reward stage)."""
+    trainer, _, _ = _trainer(qwen_artefacts)
+    torch.manual_seed(2)
+    metrics = trainer.step()
+    for key in ("reward", "kl", "policy_loss", "value_loss", "stopped_frac", "grad_norm"):
+        assert torch.isfinite(torch.tensor(metrics[key])), key
