@@ -181,6 +181,13 @@ def test_ptx_term_is_coef_times_mean_nll():
     assert got.item() == pytest.approx(want.item(), rel=1e-4)
 
 
+def test_prompts_get_one_bos_even_when_the_chat_template_writes_it():
+    tok = build_tokenizer()
+    assert tok.bos_token_id is not None
+    ids, mask = encode_prompts(tok, ["12", tok.bos_token + "12"])
+    assert ids[0].tolist() == ids[1].tolist() and (ids == tok.bos_token_id).sum(1).tolist() == [1, 1]
+
+
 def test_lm_targets_skip_left_padding():
     """Position t predicts token t + 1 when both are real: a left-padded row's
     first real token (<bos>) is not a target predicted from a pad position."""
@@ -213,6 +220,25 @@ def test_rollouts_never_use_dropout():
     trainer.config.dropout_in_update = True
     trainer.update(r)
     assert trainer.policy.training and trainer.value_model.training
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_entropy_bonus_follows_loss_agg_fused_or_not(loss_agg):
+    """The unfused path's entropy bonus is aggregated by loss_agg as the fused
+    loss's is (it was a token mean whatever loss_agg said): the same policy
+    loss and entropy on responses of unequal lengths."""
+    trainer, _ = _ppo_trainer(seed=7, entropy_coef=0.5, loss_agg=loss_agg)
+    r = trainer.rollout()
+    r.batch.response_mask[0, 1:] = 0  # unequal lengths: the aggregation modes differ
+    r.batch.response_mask[1, 3:] = 0
+    idx = torch.arange(4)
+    counts = dict(num_tokens=float(r.batch.response_mask[idx].sum()), num_seqs=4.0)
+    out = {}
+    for fused in (True, False):
+        trainer.config.fused_loss = fused
+        out[fused] = trainer._micro_step(r, idx, **counts, with_ptx=False)
+    for key in ("policy_loss", "entropy"):
+        assert float(out[False][key]) == pytest.approx(float(out[True][key]), rel=1e-5, abs=1e-7), key
 
 
 def test_logged_entropy_is_the_same_fused_or_not():
@@ -353,6 +379,10 @@ def test_bad_configurations_stop_at_start(tmp_path):
     cfg.task.num_digits = 2
     cfg.ppo.eval_prompts = 60  # of 100 prompts: the training stream would never end
     with pytest.raises(ConfigError, match="eval_prompts"):
+        pipeline.run(cfg)
+    cfg = tiny_config(tmp_path / "bad")
+    cfg.ppo.eval_prompts = 0  # crashed after SFT and the reward model
+    with pytest.raises(ConfigError, match="ppo.eval_prompts: 0"):
         pipeline.run(cfg)
     bad_json = tmp_path / "bad.json"
     bad_json.write_text(json.dumps({"ppo": {"itertions": 3}}))

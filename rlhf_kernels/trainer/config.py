@@ -50,8 +50,9 @@ class RewardConfig:
 
 @dataclass
 class PPOConfig:
-    """PPO with a per-token KL penalty to the reference (SFT) policy, GAE, a
-    separate critic and the pretraining mix (PPO-ptx)."""
+    """PPO with a per-token KL penalty to the reference (SFT) policy, GAE and a
+    separate critic; ``ptx_coef > 0`` adds InstructGPT's pretraining mix
+    (PPO-ptx), off by default (0: plain PPO, as InstructGPT's "PPO" models)."""
 
     iterations: int = 40
     rollout_batch_size: int = 64  # prompts per iteration (per process)

@@ -51,12 +51,14 @@ def check_tokenizer(tokenizer) -> None:
 
 def encode_prompts(tokenizer, texts: list[str]) -> tuple[Tensor, Tensor]:
     """(B, P) ids and mask, left-padded, each prompt starting with BOS if the
-    tokenizer has one."""
+    tokenizer has one (once: a prompt rendered by a chat template that writes
+    the BOS itself keeps just that one)."""
     rows = []
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if tokenizer.bos_token_id is not None:
-            ids = [tokenizer.bos_token_id] + ids
+        bos = tokenizer.bos_token_id
+        if bos is not None and ids[:1] != [bos]:
+            ids = [bos] + ids
         rows.append(ids)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)

@@ -65,6 +65,9 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     for name in ("sft", "reward"):
         if getattr(cfg, name).steps < 0:
             raise ConfigError(f"{name}.steps must be >= 0")
+    if cfg.ppo.eval_prompts < 1:
+        raise ConfigError(f"ppo.eval_prompts: {cfg.ppo.eval_prompts}; the pipeline's result is the held-out "
+                          "score of the SFT and PPO policies, which needs at least 1 prompt")
     if cfg.ppo.eval_prompts > 10 ** cfg.task.num_digits // 2:
         raise ConfigError(f"ppo.eval_prompts: {cfg.ppo.eval_prompts} held-out prompts leave too few of the task's "
                           f"{10 ** cfg.task.num_digits} for training (at most half)")

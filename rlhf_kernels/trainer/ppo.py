@@ -34,6 +34,7 @@ from .. import (
     AdaptiveKLController, logprobs_from_hidden, logprobs_from_logits, ppo_advantages, ppo_loss_from_hidden,
     ppo_loss_from_logits, ppo_policy_loss, ppo_value_loss,
 )
+from ..reference import agg_loss
 from .config import PPOConfig, validate_ppo
 from .data import (
     Batch, decode_responses, encode_prompts, encode_responses, lm_targets, make_batch,
@@ -332,9 +333,12 @@ class PPOTrainer:
                                                  batch.prompt_len, batch.response_labels,
                                                  temperature=cfg.temperature, return_entropy=True)
             pg_loss, pg_stats = ppo_policy_loss(logp, r.old_logp[idx], r.advantages[idx], mask, **common)
-            if cfg.entropy_coef:  # the bonus as a token mean over the global count
-                pg_loss = pg_loss - cfg.entropy_coef * (entropy * mask).sum() / num_tokens
-            pg_stats = dict(pg_stats, entropy=(entropy.detach() * mask).sum() / mask.sum().clamp_min(1))
+            # The bonus aggregated as the fused losses aggregate it: loss_agg over
+            # the step's global counts (this micro-batch's share).
+            entropy_agg = agg_loss(entropy, mask, cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+            if cfg.entropy_coef:
+                pg_loss = pg_loss - cfg.entropy_coef * entropy_agg
+            pg_stats = dict(pg_stats, entropy=entropy_agg.detach())
         total = pg_loss * scale
         stats = {}
         if with_ptx:
@@ -367,9 +371,9 @@ class PPOTrainer:
         # Losses add up over the micro-batches of a step (they are normalised by
         # the step's global counts; so are the fused loss's entropy and KL
         # terms); statistics average.
-        summed = {"policy_loss", "value_loss", "ptx_loss"}
+        summed = {"policy_loss", "value_loss", "ptx_loss", "entropy"}
         if cfg.fused_loss:
-            summed |= {"entropy", "kl_loss"}
+            summed |= {"kl_loss"}
         totals: dict[str, float] = {}
         steps = 0
         # Dropout off by default (ratio exactly 1 before the first step, as TRL's
