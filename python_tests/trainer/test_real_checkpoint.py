@@ -1,12 +1,14 @@
-"""The PPO trainer on a checkpoint as users bring one (``conftest.py``: Qwen2
-architecture, 151936-row vocabulary, bf16, pad == eos, a trained byte-level
-BPE tokenizer, a chat template, an instruct generation config that sets
-repetition_penalty, min_new_tokens, top-k / top-p and two EOS ids) and an HF
-sequence-classification reward model, both loaded back with ``Auto*``."""
+"""The PPO trainer on a checkpoint as users bring one, built here offline:
+Qwen2 architecture, 151936-row vocabulary, bf16, pad == eos, a byte-level BPE
+tokenizer trained with ``tokenizers``, a chat template, an instruct generation
+config that sets repetition_penalty, min_new_tokens, top-k / top-p and two EOS
+ids; and an HF sequence-classification reward model; each saved with
+``save_pretrained`` and loaded back with ``Auto*``."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,71 @@ from rlhf_kernels.trainer.config import OptimConfig, PPOConfig
 from rlhf_kernels.trainer.data import response_mask_from_generation
 from rlhf_kernels.trainer.models import ScalarHeadModel, sequence_scores
 from rlhf_kernels.trainer.ppo import PPOTrainer, eos_token_ids
+
+VOCAB = 151936  # Qwen2's embedding rows (the tokenizer has fewer, as Qwen's)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "count to five: one two three four five",
+    "write a short poem about the sea and the sky",
+    "digits 0 1 2 3 4 5 6 7 8 9 and words",
+    "a reward model scores the response of a policy",
+] * 20
+
+
+def build_tokenizer(path: Path):
+    """A byte-level BPE tokenizer trained here; pad == eos == <|endoftext|>
+    (Qwen base), <|im_start|> / <|im_end|> specials and a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=specials[1:])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_checkpoints(root: Path) -> dict[str, Path]:
+    """policy/ (Qwen2ForCausalLM, bf16, instruct generation config: sampling
+    with repetition_penalty, top-k / top-p, two EOS ids) and rm/
+    (Qwen2ForSequenceClassification, one label, bf16), each with the tokenizer."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
+
+    tok = build_tokenizer(root / "tokenizer")
+    eos, im_end = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    shape = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True,
+                 pad_token_id=eos, bos_token_id=None, eos_token_id=eos, torch_dtype="bfloat16")
+    config = Qwen2Config(**shape)
+    paths = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        policy = Qwen2ForCausalLM(config).to(torch.bfloat16)
+        policy.generation_config = GenerationConfig(
+            do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.1, min_new_tokens=2,
+            eos_token_id=[im_end, eos], pad_token_id=eos, bos_token_id=None,
+        )
+        rm = Qwen2ForSequenceClassification(Qwen2Config(**shape, num_labels=1)).to(torch.bfloat16)
+    for name, model in (("policy", policy), ("rm", rm)):
+        paths[name] = root / name
+        model.save_pretrained(paths[name])
+        tok.save_pretrained(paths[name])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def qwen_artefacts(tmp_path_factory) -> dict[str, Path]:
+    return build_checkpoints(tmp_path_factory.mktemp("qwen"))
 
 
 def _load(paths):
@@ -119,3 +186,71 @@ def test_ppo_iteration_on_the_bf16_checkpoint(qwen_artefacts):
     metrics = trainer.step()
     for key in ("reward", "kl", "policy_loss", "value_loss", "stopped_frac", "grad_norm"):
         assert torch.isfinite(torch.tensor(metrics[key])), key
+
+
+def test_bf16_checkpoint_trains_float32_master_weights(qwen_artefacts):
+    """AdamW stepped the bf16 weights directly: at lr 1e-6 most updates round
+    away (1.85% of the parameters changed in 10 steps). The trained models are
+    float32 master weights; the frozen reference and reward model stay bf16."""
+    trainer, _, rm = _trainer(qwen_artefacts)
+    assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
+    assert all(p.dtype == torch.float32 for p in trainer.value_model.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in trainer.ref_policy.parameters()) and rm.dtype == torch.bfloat16
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    torch.manual_seed(3)
+    trainer.step()
+    changed = sum(int((p.detach() != b).sum()) for p, b in zip(trainer.policy.parameters(), before))
+    total = sum(b.numel() for b in before)
+    assert changed / total > 0.9, changed / total
+
+
+def _count_layer_calls(model):
+    """Runs of the first decoder layer's MLP forward (inside the checkpointed
+    forward; module hooks do not fire in the recomputation)."""
+    calls = []
+    mlp = (model.model if hasattr(model, "model") else model.trunk).layers[0].mlp
+    forward = mlp.forward
+    mlp.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+    return calls
+
+
+def test_gradient_checkpointing_recomputes_in_the_update(qwen_artefacts):
+    """gradient_checkpointing=True: each decoder layer's forward runs again in
+    the backward (it was silently off: the update ran in eval mode, where
+    transformers skips checkpointing); the update's numbers are unchanged."""
+    updates = {}
+    calls = {}
+    for ckpt in (False, True):
+        torch.manual_seed(4)  # the critic's fresh head, then the rollout's samples
+        trainer, _, _ = _trainer(qwen_artefacts, gradient_checkpointing=ckpt)
+        r = trainer.rollout()
+        policy_calls, critic_calls = _count_layer_calls(trainer.policy), _count_layer_calls(trainer.value_model)
+        updates[ckpt] = trainer.update(r)
+        calls[ckpt] = (len(policy_calls), len(critic_calls))
+    assert calls[True] == (2 * calls[False][0], 2 * calls[False][1]), calls
+    for key in ("policy_loss", "value_loss", "grad_norm"):
+        assert updates[True][key] == pytest.approx(updates[False][key], rel=1e-4, abs=1e-6), key
+
+
+def test_rollout_passes_run_in_micro_batches(qwen_artefacts):
+    """The no-grad passes over the rollout (old and reference log-probs,
+    values, scores) run forward_batch_size rows at a time (they ran the whole
+    rollout batch at once: 64 x 513 tokens of logits at V = 152k is 10 GB),
+    with the same results."""
+    out = {}
+    for rows in (0, 1):
+        torch.manual_seed(5)
+        trainer, _, rm = _trainer(qwen_artefacts, forward_batch_size=rows)
+        seen = []
+        for model in (trainer.policy, trainer.ref_policy, trainer.value_model, rm):
+            model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
+                (kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).shape[0]), with_kwargs=True)
+        torch.manual_seed(5)
+        r = trainer.rollout()
+        out[rows] = r
+        # generate() runs the policy on all 4 prompts (its own incremental
+        # passes); every other pass takes forward_batch_size rows
+        generate_calls = trainer.config.max_new_tokens
+        assert seen[generate_calls:] == ([4] * 4 if rows == 0 else [1] * 16), seen
+    for key in ("old_logp", "ref_logp", "old_values", "scores"):
+        torch.testing.assert_close(getattr(out[1], key), getattr(out[0], key), rtol=0, atol=2e-2, msg=key)

@@ -83,6 +83,12 @@ class PPOConfig:
     # Dropout during the PPO update (rollouts and evaluation never use it).
     # Off by default: the ratio is exactly 1 before the first optimiser step.
     dropout_in_update: bool = False
+    # Activation checkpointing of the policy's and critic's decoder layers in
+    # the update (transformers' gradient_checkpointing_enable, non-reentrant).
+    gradient_checkpointing: bool = False
+    # Rows per no-grad pass of the rollout (old and reference log-probs,
+    # values, scores); 0: the update's micro-batch size.
+    forward_batch_size: int = 0
     init_kl_coef: float = 0.05
     target_kl: Optional[float] = 1.0  # None: a fixed coefficient
     kl_horizon: int = 2000
@@ -188,3 +194,5 @@ def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
         raise ConfigError("ppo: max_new_tokens must be > 0 and iterations >= 0")
     if world_size < 1:
         raise ConfigError("world size must be >= 1")
+    if cfg.forward_batch_size < 0:
+        raise ConfigError("ppo.forward_batch_size must be >= 0 (0: the update's micro-batch size)")

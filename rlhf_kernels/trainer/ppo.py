@@ -42,8 +42,8 @@ from .data import (
 )
 from .models import LMHead, ScalarHeadModel, response_hidden, response_logits, sequence_scores
 from .utils import (
-    Timer, all_gather_object, all_reduce_mean, all_reduce_sum, make_optimizer, process_group, rng_state,
-    set_rng_state,
+    Timer, all_gather_object, all_reduce_mean, all_reduce_sum, disable_dropout, float32_master, make_optimizer,
+    process_group, rng_state, set_rng_state,
 )
 
 # (prompt texts, response texts, stopped flags) -> (B,) scores
@@ -67,6 +67,16 @@ class Rollout:
 
 def _unwrap(model):
     return model.module if isinstance(model, DDP) else model
+
+
+def _enable_gradient_checkpointing(model) -> None:
+    """transformers' activation checkpointing on a causal LM or on a
+    ScalarHeadModel's trunk (non-reentrant: it works with frozen inputs)."""
+    target = model.trunk if isinstance(model, ScalarHeadModel) else model
+    enable = getattr(target, "gradient_checkpointing_enable", None)
+    if enable is None or not getattr(target, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient_checkpointing: {type(target).__name__} does not support it")
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _reduce_over_ranks(stats: dict[str, float], shares: set[str], world_size: int, device) -> dict[str, float]:
@@ -153,8 +163,16 @@ class PPOTrainer:
         self.rank, self.world_size = rank, world_size
         self.prompt_sampler, self.ptx_sampler = prompt_sampler, ptx_sampler
         self.reward_model, self.reward_fn = reward_model, reward_fn
-        self.policy = policy.to(self.device)
-        self.value_model = value_model.to(self.device)
+        # Float32 master weights for the models trained.
+        self.policy = float32_master(policy, "policy").to(self.device)
+        self.value_model = float32_master(value_model, "critic").to(self.device)
+        if config.gradient_checkpointing:
+            for model in (self.policy, self.value_model):
+                _enable_gradient_checkpointing(model)
+                # It runs only in train mode: the update's dropout goes off
+                # instead, unless asked for.
+                if not config.dropout_in_update:
+                    disable_dropout(model)
         self.ref_policy = ref_policy.to(self.device).eval().requires_grad_(False)
         if reward_model is not None:
             self.reward_model = reward_model.to(self.device).eval().requires_grad_(False)
@@ -248,6 +266,18 @@ class PPOTrainer:
             return self.reward_fn(prompts, responses, stopped).to(self.device, torch.float32)
         return sequence_scores(self.reward_model, batch.input_ids, batch.attention_mask)
 
+    def _in_rows(self, fn: Callable[[Batch], Tensor], batch: Batch) -> Tensor:
+        """fn over row chunks of ``forward_batch_size`` sequences (default: the
+        update's micro-batch), concatenated: the no-grad passes never hold the
+        activations of the whole rollout batch."""
+        cfg = self.config
+        rows = cfg.forward_batch_size or cfg.mini_batch_size // cfg.grad_accum_steps
+        n = batch.input_ids.shape[0]
+        if n <= rows:
+            return fn(batch)
+        return torch.cat([fn(batch.select(torch.arange(i, min(i + rows, n), device=batch.input_ids.device)))
+                          for i in range(0, n, rows)])
+
     def _eval_mode(self) -> None:
         """Rollout and evaluation without dropout: the old log-probs and values
         the update compares against, and the reference log-probs, all come from
@@ -262,11 +292,14 @@ class PPOTrainer:
         with self.timer.phase("rollout", self.device):
             prompts = self.prompt_sampler(cfg.rollout_batch_size, self.data_rng)
             batch, responses, stopped = self.generate(prompts)
-            old_logp = self._logprobs(_unwrap(self.policy), batch)
-            ref_logp = self._logprobs(self.ref_policy, batch)
-            old_values = self._values(batch)
+            old_logp = self._in_rows(lambda b: self._logprobs(_unwrap(self.policy), b), batch)
+            ref_logp = self._in_rows(lambda b: self._logprobs(self.ref_policy, b), batch)
+            old_values = self._in_rows(self._values, batch)
         with self.timer.phase("scoring", self.device):
-            scores = self.score(batch, prompts, responses, stopped)
+            if self.reward_fn is not None:
+                scores = self.score(batch, prompts, responses, stopped)
+            else:
+                scores = self._in_rows(lambda b: self.score(b, prompts, responses, stopped), batch)
         with self.timer.phase("advantages", self.device):
             adv = ppo_advantages(
                 scores, old_logp, ref_logp, old_values, batch.response_mask, kl_coef=self.kl_coef,
@@ -377,9 +410,11 @@ class PPOTrainer:
         totals: dict[str, float] = {}
         steps = 0
         # Dropout off by default (ratio exactly 1 before the first step, as TRL's
-        # disable_dropout); config.dropout_in_update turns it on.
-        self.policy.train(cfg.dropout_in_update)
-        self.value_model.train(cfg.dropout_in_update)
+        # disable_dropout); config.dropout_in_update turns it on. Gradient
+        # checkpointing runs only in train mode (its models' dropout is off).
+        train_mode = cfg.dropout_in_update or cfg.gradient_checkpointing
+        self.policy.train(train_mode)
+        self.value_model.train(train_mode)
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(n, generator=shuffle).to(self.device)
             for start in range(0, n, cfg.mini_batch_size):

@@ -4,6 +4,7 @@ metrics, interruption handling and atomic checkpoints."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -21,6 +22,37 @@ from .config import OptimConfig
 
 
 # --- optimisation ---------------------------------------------------------------------
+
+
+logger = logging.getLogger(__name__)
+
+
+def float32_master(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """A model to train, its bf16 / fp16 parameters upcast to float32 (in
+    place): AdamW on half-precision weights rounds most small updates away (at
+    lr 1e-6 on a bf16 checkpoint, 1.85% of the parameters changed at all in 10
+    steps). The frozen models (reference, reward) keep their dtype."""
+    half = [p for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)]
+    if half:
+        logger.info("%s: %d half-precision parameter tensors upcast to float32 master weights", name, len(half))
+        model.float()
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout of the model off (nn.Dropout p = 0, and the attention
+    dropout transformers configs carry), so that it can run in train mode
+    (which gradient checkpointing needs) with the deterministic forward of
+    eval mode."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        config = getattr(module, "config", None)
+        for key in ("attention_dropout", "attn_pdrop", "hidden_dropout", "resid_pdrop", "embd_pdrop"):
+            if isinstance(getattr(config, key, None), float):
+                setattr(config, key, 0.0)
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, total_steps: int):
