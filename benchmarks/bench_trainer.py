@@ -87,7 +87,7 @@ def run_one(backend: str | None, device: str, iterations: int, quick: bool) -> d
     for _ in range(iterations):
         metrics = trainer.step()
         for p in PHASES:
-            per_phase[p].append(metrics[f"time_{p}_s"] * 1e3)
+            per_phase[p].append(metrics[f"timing/{p}_s"] * 1e3)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else common.peak_rss_bytes()
     return {"phases_ms": {p: statistics.median(v) for p, v in per_phase.items()}, "peak_mem_bytes": peak,
             "base_rss_bytes": base_rss}

@@ -99,7 +99,8 @@ def test_ppo_iterations_on_tiny_model_change_the_policy():
     for _ in range(2):
         m = trainer.step()
         for key in ("reward", "kl", "kl_coef", "policy_loss", "value_loss", "clipfrac", "entropy",
-                    "response_length", "tokens_per_s", "ptx_loss", "time_rollout_s", "time_update_s"):
+                    "response_length", "tokens_per_s", "ptx_loss", "timing/rollout_s", "timing/update_s",
+                    "memory/update_peak_mb"):
             assert key in m and math.isfinite(m[key]), key
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
 

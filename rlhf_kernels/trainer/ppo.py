@@ -463,7 +463,7 @@ class PPOTrainer:
         stats = {k: float(v) for k, v in r.stats.items()}
         metrics = {"iteration": self.iteration, **stats, **update_stats,
                    "tokens_per_s": stats["tokens"] / elapsed, "time_s": elapsed,
-                   **{f"time_{k}_s": v for k, v in self.timer.pop().items()},
+                   **self.timer.pop(),
                    "lr": self.policy_sched.get_last_lr()[0]}
         self.iteration += 1
         return metrics

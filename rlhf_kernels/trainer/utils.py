@@ -249,22 +249,62 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak resident set (Linux: VmHWM via clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class Timer:
-    """Accumulates wall time per phase."""
+    """Accumulates, per phase, wall time and the extra peak memory of the
+    phase: on CUDA the allocator's peak above what was allocated at its
+    start, on the CPU (Linux) the resident set's peak above its size at the
+    start (measured with /proc/self/status' VmHWM, reset at each phase)."""
 
     def __init__(self):
         self.times: dict[str, float] = {}
+        self.peaks_mb: dict[str, float] = {}
 
     @contextmanager
     def phase(self, name: str, device: torch.device | None = None):
-        if device is not None and device.type == "cuda":
+        cuda = device is not None and device.type == "cuda"
+        if cuda:
             torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        else:
+            base = _status_kb("VmRSS") if _reset_peak_rss() else None
         start = time.perf_counter()
         yield
-        if device is not None and device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+        if cuda:
+            extra = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        else:
+            peak = _status_kb("VmHWM") if base is not None else None
+            extra = None if peak is None else max(0, peak - base) / 1024
+        if extra is not None:
+            self.peaks_mb[name] = max(self.peaks_mb.get(name, 0.0), extra)
 
     def pop(self) -> dict[str, float]:
-        out, self.times = self.times, {}
+        """``timing/<phase>_s`` and ``memory/<phase>_peak_mb`` since the last pop."""
+        out = {f"timing/{k}_s": v for k, v in self.times.items()}
+        out.update({f"memory/{k}_peak_mb": v for k, v in self.peaks_mb.items()})
+        self.times, self.peaks_mb = {}, {}
         return out
