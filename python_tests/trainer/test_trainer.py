@@ -27,7 +27,7 @@ from rlhf_kernels.trainer.reward import pairwise_loss
 from rlhf_kernels.trainer.sft import SFTTrainer
 from rlhf_kernels.trainer.task import DigitTask, build_tokenizer
 
-TIMING_KEYS = ("time", "tokens_per_s")
+TIMING_KEYS = ("time", "timing/", "memory/", "tokens_per_s")
 
 
 def tiny_config(out: Path, iterations: int = 4, **ppo) -> TrainConfig:

@@ -98,6 +98,12 @@ class PPOConfig:
     whiten_advantages: bool = True
     ptx_coef: float = 0.0
     ptx_batch_size: int = 16
+    # Score shaping: score - reward_bias (InstructGPT normalises its RM so the
+    # reference policy's mean score is 0: `rlhf-kernels ppo --reward-normalization
+    # reference-mean` sets the bias), minus missing_eos_penalty for responses
+    # cut off at max_new_tokens without an EOS.
+    reward_bias: float = 0.0
+    missing_eos_penalty: float = 0.0
     seed: int = 2
     log_every: int = 1
     checkpoint_every: int = 10

@@ -42,12 +42,13 @@ class ScalarHeadModel(nn.Module):
     """A causal LM trunk with a linear head giving one scalar per position:
     the reward model reads it at the last valid token, the critic everywhere."""
 
-    def __init__(self, trunk: nn.Module, hidden_size: int):
+    def __init__(self, trunk: nn.Module, hidden_size: int, bias: bool = True):
         super().__init__()
         self.trunk = trunk
-        self.head = nn.Linear(hidden_size, 1)
+        self.head = nn.Linear(hidden_size, 1, bias=bias)
         nn.init.normal_(self.head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
-        nn.init.zeros_(self.head.bias)
+        if bias:
+            nn.init.zeros_(self.head.bias)
 
     @classmethod
     def from_causal_lm(cls, lm: nn.Module) -> "ScalarHeadModel":
@@ -67,7 +68,7 @@ class ScalarHeadModel(nn.Module):
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
         weight, bias = self.head.weight, self.head.bias
-        return nn.functional.linear(hidden.float(), weight.float(), bias.float()).squeeze(-1)
+        return nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float()).squeeze(-1)
 
 
 def last_valid_index(attention_mask: Tensor) -> Tensor:

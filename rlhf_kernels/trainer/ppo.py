@@ -262,9 +262,24 @@ class PPOTrainer:
 
     @torch.no_grad()
     def score(self, batch: Batch, prompts: list[str], responses: list[str], stopped: list[bool]) -> Tensor:
+        """(B,) float32 scores of the responses: the reward function's or the
+        reward model's, minus config.reward_bias, minus
+        config.missing_eos_penalty where a response has no EOS."""
+        cfg = self.config
         if self.reward_fn is not None:
-            return self.reward_fn(prompts, responses, stopped).to(self.device, torch.float32)
-        return sequence_scores(self.reward_model, batch.input_ids, batch.attention_mask)
+            scores = torch.as_tensor(self.reward_fn(prompts, responses, stopped)).to(self.device, torch.float32)
+            if scores.shape != (len(responses),):
+                raise ValueError(f"reward function: returned shape {tuple(scores.shape)}, expected "
+                                 f"({len(responses)},), one score per response")
+        else:
+            scores = self._in_rows(lambda b: sequence_scores(self.reward_model, b.input_ids, b.attention_mask),
+                                   batch)
+        if cfg.reward_bias:
+            scores = scores - cfg.reward_bias
+        if cfg.missing_eos_penalty:
+            cut = ~torch.tensor(stopped, dtype=torch.bool, device=scores.device)
+            scores = scores - cfg.missing_eos_penalty * cut.to(scores.dtype)
+        return scores
 
     def _in_rows(self, fn: Callable[[Batch], Tensor], batch: Batch) -> Tensor:
         """fn over row chunks of ``forward_batch_size`` sequences (default: the
@@ -296,10 +311,7 @@ class PPOTrainer:
             ref_logp = self._in_rows(lambda b: self._logprobs(self.ref_policy, b), batch)
             old_values = self._in_rows(self._values, batch)
         with self.timer.phase("scoring", self.device):
-            if self.reward_fn is not None:
-                scores = self.score(batch, prompts, responses, stopped)
-            else:
-                scores = self._in_rows(lambda b: self.score(b, prompts, responses, stopped), batch)
+            scores = self.score(batch, prompts, responses, stopped)
         with self.timer.phase("advantages", self.device):
             adv = ppo_advantages(
                 scores, old_logp, ref_logp, old_values, batch.response_mask, kl_coef=self.kl_coef,

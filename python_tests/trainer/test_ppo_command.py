@@ -1,0 +1,104 @@
+"""`rlhf-kernels ppo` end to end on a checkpoint as users bring one
+(``qwen_checkpoint.py``), with an HF reward model or a reward function from a
+file, prompts as chat messages and plain text, the pretraining mix; its HF
+outputs loaded back with ``Auto*``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlhf_kernels import cli
+
+from qwen_checkpoint import build_checkpoints  # python_tests/trainer is on pytest's sys.path
+
+
+@pytest.fixture(scope="module")
+def artefacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo_command")
+    paths = build_checkpoints(root)
+    prompts = root / "prompts.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "count to five"}]}, {"prompt": "the quick brown fox"},
+            {"messages": [{"role": "system", "content": "be short"}, {"role": "user", "content": "a poem"}]}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ptx = root / "ptx.jsonl"
+    ptx.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("one two three", "the sea and the sky")))
+    return {**paths, "prompts": prompts, "ptx": ptx, "root": root}
+
+
+def _args(a, out, *extra):
+    return ["ppo", "--policy", str(a["policy"]), "--prompts", str(a["prompts"]), "--out", str(out),
+            "--rollout-batch-size", "4", "--max-new-tokens", "4", *extra]
+
+
+def test_ppo_command_with_an_hf_reward_model_writes_hf_checkpoints(artefacts, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "run"
+    code = cli.main(_args(artefacts, out, "--reward-model", str(artefacts["rm"]), "--iterations", "2",
+                          "--reward-normalization", "reference-mean", "--missing-eos-penalty", "0.5",
+                          "--ptx-data", str(artefacts["ptx"]), "--ptx-coef", "0.1"))
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    for key in ("reward", "kl", "policy_loss", "value_loss", "ptx_loss", "timing/rollout_s", "timing/scoring_s",
+                "timing/advantages_s", "timing/update_s", "memory/rollout_peak_mb", "memory/update_peak_mb"):
+        assert all(key in r and r[key] == r[key] for r in rows), key  # present and not NaN
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 2 and summary["reward_bias"] != 0.0
+    # the outputs are HF checkpoints in the input's dtype, with the tokenizer
+    policy = AutoModelForCausalLM.from_pretrained(out / "policy", local_files_only=True)
+    start = AutoModelForCausalLM.from_pretrained(artefacts["policy"], local_files_only=True)
+    assert policy.dtype == torch.bfloat16
+    assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), start.parameters()))
+    assert AutoTokenizer.from_pretrained(out / "policy").chat_template
+    critic = AutoModelForSequenceClassification.from_pretrained(out / "critic", local_files_only=True)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert critic.config.num_labels == 1 and critic.dtype == torch.bfloat16
+    # read back as our critic (its trunk and score), its value at the last token is HF's score
+    from rlhf_kernels.trainer.commands import critic_from
+
+    ours = critic_from(critic)(ids, torch.ones_like(ids))[0, -1]
+    assert float(ours) == pytest.approx(float(critic(input_ids=ids).logits[0, 0]), abs=1e-2)
+    assert (out / "checkpoint.pt").exists() and (out / "curves.png").exists()
+
+
+def test_ppo_command_with_a_reward_function_from_a_file_and_resume(artefacts, tmp_path):
+    reward_file = tmp_path / "my_reward.py"
+    log = tmp_path / "calls.jsonl"
+    reward_file.write_text(
+        "import json, torch\n"
+        f"LOG = {str(log)!r}\n"
+        "def score(prompts, responses, **info):\n"
+        "    with open(LOG, 'a') as f:\n"
+        "        f.write(json.dumps({'n': len(responses), 'stopped': list(info['stopped'])}) + '\\n')\n"
+        "    return torch.tensor([float(len(r)) for r in responses])\n")
+    out = tmp_path / "run"
+    args = _args(artefacts, out, "--reward-fn", f"{reward_file}:score")
+    assert cli.main(args + ["--iterations", "1"]) == 0
+    assert cli.main(args + ["--iterations", "2", "--resume"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1]  # resumed at iteration 1, not restarted
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(calls) == 2 and all(c["n"] == 4 and len(c["stopped"]) == 4 for c in calls)
+
+
+def test_ppo_command_refuses_bad_input_naming_it(artefacts, tmp_path, capsys):
+    a = artefacts
+    cases = [
+        (_args(a, tmp_path / "x"), "exactly one of --reward-model and --reward-fn"),
+        (_args(a, tmp_path / "x", "--reward-fn", "nowhere.py:f"), "--reward-fn: nowhere.py is not a file"),
+        (_args({**a, "prompts": tmp_path / "missing.jsonl"}, tmp_path / "x", "--reward-model", str(a["rm"])),
+         "--prompts"),
+        (_args(a, tmp_path / "x", "--reward-model", str(a["rm"]), "--ptx-coef", "0.5"), "needs --ptx-data"),
+        (_args({**a, "policy": tmp_path / "nope"}, tmp_path / "x", "--reward-model", str(a["rm"])), "--policy"),
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt here"}\n')
+    cases.append((_args({**a, "prompts": bad}, tmp_path / "x", "--reward-model", str(a["rm"])),
+                  'expected a "prompt" string or a "messages" list'))
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        assert message in capsys.readouterr().err, message

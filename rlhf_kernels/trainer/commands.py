@@ -1,0 +1,371 @@
+"""`rlhf-kernels ppo`: PPO on the user's own artefacts.
+
+    rlhf-kernels ppo --policy DIR (--reward-model DIR | --reward-fn FILE.py:function | module:function)
+                     --prompts FILE.jsonl --out DIR [--critic DIR] [--ptx-data FILE.jsonl --ptx-coef X]
+                     [--iterations N] [--rollout-batch-size N] [--max-new-tokens N]
+                     [--gradient-checkpointing] [--reward-normalization none|reference-mean]
+                     [--missing-eos-penalty X] [--config FILE] [--backend NAME] [--device cpu|cuda]
+                     [--resume]
+
+Inputs: ``--policy`` an HF causal LM directory with its tokenizer (a pad
+token is required; pad == eos is fine); ``--prompts`` JSON lines of
+``{"prompt": str}`` or ``{"messages": [{"role": ..., "content": ...}, ...]}``
+(rendered with the tokenizer's chat template, the generation prompt added);
+``--reward-model`` an HF sequence-classification model (one label), read
+as HF reads it; or ``--reward-fn`` a function ``(prompts, responses, **info)
+-> (B,) scores`` (``info``: ``stopped``, whether each response ended with an
+EOS); ``--critic`` an HF sequence classifier or causal LM (default: the
+reward model, as InstructGPT, else the policy's trunk with a fresh head);
+``--ptx-data`` JSON lines of ``{"text": str}`` for the pretraining mix.
+``--config`` a JSON file of ``PPOConfig`` fields; the flags override it.
+
+Outputs in ``--out``: ``policy/`` and ``critic/`` (HF ``save_pretrained``
+checkpoints in the policy checkpoint's dtype, with the tokenizer; the critic
+an ``AutoModelForSequenceClassification``), ``metrics.jsonl`` (one line per
+iteration, with ``timing/<phase>_s`` and ``memory/<phase>_peak_mb``),
+``curves.png``, TensorBoard logs in ``tb/`` when ``tensorboard`` is
+installed, ``config.json`` and ``checkpoint.pt`` (``--resume`` continues from
+it). SIGINT / SIGTERM write the checkpoint and stop.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import ConfigError, PPOConfig, _from_dict, to_dict, validate_ppo
+from .data import check_tokenizer
+from .models import ScalarHeadModel, is_hf_classifier
+from .ppo import PPOTrainer
+from .utils import MetricsLogger, StopRequested, load_checkpoint, progress_bar, save_checkpoint
+
+
+def _log(msg: str) -> None:
+    print(f"[ppo] {msg}", file=sys.stderr, flush=True)
+
+
+def _jsonl(path: str, name: str) -> list[dict]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{name}: {path} is not a file")
+    rows = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{name}: {path} line {number} is not JSON: {exc}") from exc
+        if not isinstance(row, dict):
+            raise ConfigError(f"{name}: {path} line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"{name}: {path} holds no example")
+    return rows
+
+
+def load_prompts(path: str, tokenizer) -> list[str]:
+    """Prompt texts from JSON lines of {"prompt": str} or {"messages": [...]}
+    (rendered with the tokenizer's chat template, generation prompt added)."""
+    prompts = []
+    for number, row in enumerate(_jsonl(path, "--prompts"), 1):
+        if isinstance(row.get("prompt"), str):
+            prompts.append(row["prompt"])
+        elif isinstance(row.get("messages"), list):
+            if not getattr(tokenizer, "chat_template", None):
+                raise ConfigError(f"--prompts: line {number} has messages but the tokenizer has no chat template")
+            prompts.append(tokenizer.apply_chat_template(row["messages"], tokenize=False,
+                                                         add_generation_prompt=True))
+        else:
+            raise ConfigError(f"--prompts: line {number}: expected a \"prompt\" string or a \"messages\" list, "
+                              f"got keys {sorted(row)}")
+    return prompts
+
+
+def load_texts(path: str) -> list[str]:
+    """Pretraining texts from JSON lines of {"text": str}."""
+    rows = _jsonl(path, "--ptx-data")
+    bad = [i for i, row in enumerate(rows, 1) if not isinstance(row.get("text"), str)]
+    if bad:
+        raise ConfigError(f"--ptx-data: line {bad[0]}: expected a \"text\" string")
+    return [row["text"] for row in rows]
+
+
+def load_reward_fn(spec: str) -> Callable:
+    """``file.py:function`` or ``module:function`` -> the function."""
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise ConfigError(f"--reward-fn: {spec!r}; expected FILE.py:function or module:function")
+    if where.endswith(".py"):
+        file = Path(where)
+        if not file.is_file():
+            raise ConfigError(f"--reward-fn: {where} is not a file")
+        module_spec = importlib.util.spec_from_file_location(f"_reward_fn_{file.stem}", file)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise ConfigError(f"--reward-fn: cannot import {where}: {exc}") from exc
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"--reward-fn: {where} has no function {name!r}")
+    return fn
+
+
+def _load_dir(path: str, what: str, loader):
+    if not Path(path).is_dir():
+        raise ConfigError(f"{what}: {path} is not a directory")
+    return loader.from_pretrained(path, local_files_only=True)
+
+
+def critic_from(model) -> ScalarHeadModel:
+    """The critic: a copy of an HF sequence classifier (its trunk and its score
+    weights: InstructGPT starts the value function from the reward model), or
+    of a causal LM's trunk with a fresh head. No bias, as HF's score heads."""
+    if is_hf_classifier(model):
+        critic = ScalarHeadModel(copy.deepcopy(model.base_model), model.config.hidden_size, bias=False)
+        with torch.no_grad():
+            critic.head.weight.copy_(model.score.weight.float())
+        return critic
+    return ScalarHeadModel(copy.deepcopy(model.base_model), model.config.hidden_size, bias=False)
+
+
+def save_policy(policy, tokenizer, path: Path, dtype: torch.dtype) -> None:
+    """An HF checkpoint of the policy, in ``dtype`` (the checkpoint's), with the tokenizer."""
+    policy = getattr(policy, "module", policy)
+    state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in policy.state_dict().items()}
+    _save_as(policy, path, state, dtype)
+    tokenizer.save_pretrained(path)
+
+
+def _save_as(model, path: Path, state: dict, dtype: torch.dtype) -> None:
+    """save_pretrained of ``state`` (tensors in ``dtype``), its config.json
+    saying ``dtype`` (save_pretrained writes the dtype of the model's own
+    parameters: float32, the master weights')."""
+    model.save_pretrained(path, state_dict=state)
+    config_file = Path(path) / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_critic(critic: ScalarHeadModel, tokenizer, path: Path, dtype: torch.dtype) -> None:
+    """The critic as an HF ``AutoModelForSequenceClassification`` checkpoint
+    (its trunk, its head as the one-label score), in ``dtype``."""
+    from transformers import AutoModelForSequenceClassification
+
+    critic = getattr(critic, "module", critic)
+    config = copy.deepcopy(critic.trunk.config)
+    config.num_labels = 1
+    config.architectures = None
+    with torch.device("meta"):
+        hf = AutoModelForSequenceClassification.from_config(config)
+    trunk = {f"{hf.base_model_prefix}.{k}": v for k, v in critic.trunk.state_dict().items()}
+    state = {**trunk, "score.weight": critic.head.weight}
+    state = {k: v.detach().to(dtype) for k, v in state.items()}
+    _save_as(hf, path, state, dtype)
+    tokenizer.save_pretrained(path)
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
+
+
+def reference_reward_mean(trainer: PPOTrainer, prompts: list[str], n: int) -> float:
+    """Mean score of the reference policy's samples on n prompts (InstructGPT's
+    RM normalisation: its bias makes this 0)."""
+    rng = random.Random(12345)
+    saved = trainer.policy
+    trainer.policy = trainer.ref_policy
+    try:
+        trainer._eval_mode()
+        picks = [prompts[rng.randrange(len(prompts))] for _ in range(n)]
+        batch, responses, stopped = trainer.generate(picks)
+        bias, penalty = trainer.config.reward_bias, trainer.config.missing_eos_penalty
+        trainer.config.reward_bias = trainer.config.missing_eos_penalty = 0.0
+        try:
+            return float(trainer.score(batch, picks, responses, stopped).mean())
+        finally:
+            trainer.config.reward_bias, trainer.config.missing_eos_penalty = bias, penalty
+    finally:
+        trainer.policy = saved
+
+
+def ppo_config(args) -> PPOConfig:
+    """PPOConfig from --config (JSON of its fields), then the flags."""
+    data = {}
+    if args.config:
+        file = Path(args.config)
+        if not file.is_file():
+            raise ConfigError(f"--config: {file} does not exist")
+        try:
+            data = json.loads(file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--config: {file} is not valid JSON: {exc}") from exc
+    cfg = _from_dict(PPOConfig, data, "config")
+    flags = {"iterations": args.iterations, "rollout_batch_size": args.rollout_batch_size,
+             "max_new_tokens": args.max_new_tokens, "ptx_coef": args.ptx_coef,
+             "missing_eos_penalty": args.missing_eos_penalty}
+    for key, value in flags.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    if args.gradient_checkpointing:
+        cfg.gradient_checkpointing = True
+    if cfg.rollout_batch_size < cfg.mini_batch_size:  # a small rollout: one mini-batch
+        cfg.mini_batch_size = cfg.rollout_batch_size
+        cfg.grad_accum_steps = 1
+    return cfg
+
+
+def run_ppo(args) -> dict:
+    """The ``ppo`` command; returns the summary (also in <out>/summary.json)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    if (args.reward_model is None) == (args.reward_fn is None):
+        raise ConfigError("give exactly one of --reward-model and --reward-fn")
+    if args.reward_normalization not in ("none", "reference-mean"):
+        raise ConfigError(f"--reward-normalization: {args.reward_normalization!r}; expected none or reference-mean")
+    cfg = ppo_config(args)
+    validate_ppo(cfg)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: no CUDA GPU is visible")
+    out = Path(args.out)
+    tokenizer = _load_dir(args.policy, "--policy", AutoTokenizer)
+    check_tokenizer(tokenizer)
+    prompts = load_prompts(args.prompts, tokenizer)
+    ptx_texts = load_texts(args.ptx_data) if args.ptx_data else None
+    if cfg.ptx_coef > 0 and ptx_texts is None:
+        raise ConfigError("--ptx-coef > 0 needs --ptx-data")
+    reward_fn = reward_model = None
+    if args.reward_fn:
+        fn = load_reward_fn(args.reward_fn)
+        reward_fn = lambda p, r, stopped: fn(p, r, stopped=stopped)  # noqa: E731
+    policy = _load_dir(args.policy, "--policy", AutoModelForCausalLM)
+    dtype = policy.dtype
+    if args.reward_model:
+        reward_model = _load_dir(args.reward_model, "--reward-model", AutoModelForSequenceClassification)
+        if reward_model.config.num_labels != 1:
+            raise ConfigError(f"--reward-model: {reward_model.config.num_labels} labels; a reward model has 1")
+        if reward_model.config.pad_token_id is None:
+            reward_model.config.pad_token_id = tokenizer.pad_token_id  # HF reads the last non-pad token
+    if args.critic:
+        source = _load_dir(args.critic, "--critic", AutoModelForSequenceClassification
+                           if "ForSequenceClassification" in str(json.loads(
+                               (Path(args.critic) / "config.json").read_text()).get("architectures"))
+                           else AutoModelForCausalLM)
+    else:
+        source = reward_model if reward_model is not None else policy
+    critic = critic_from(source)
+    ref_policy = copy.deepcopy(policy)
+    rng_prompts = lambda n, rng: [prompts[rng.randrange(len(prompts))] for _ in range(n)]  # noqa: E731
+    ptx_sampler = None
+    if ptx_texts:
+        ptx_sampler = lambda n, rng: [("", ptx_texts[rng.randrange(len(ptx_texts))]) for _ in range(n)]  # noqa: E731
+    trainer = PPOTrainer(policy, ref_policy, critic, tokenizer, cfg, prompt_sampler=rng_prompts,
+                         reward_model=reward_model, reward_fn=reward_fn, ptx_sampler=ptx_sampler,
+                         device=args.device, backend=args.backend)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    resume = args.resume and ckpt_path.exists()
+    if resume:
+        state = load_checkpoint(ckpt_path)
+        trainer.load_state_dict(state["trainer"])
+        cfg.reward_bias = state["config"]["reward_bias"]
+        _log(f"resumed from {ckpt_path} at iteration {trainer.iteration}")
+    elif args.reward_normalization == "reference-mean":
+        cfg.reward_bias = reference_reward_mean(trainer, prompts, cfg.rollout_batch_size)
+        _log(f"reward normalisation: the reference policy's mean score {cfg.reward_bias:.4f} is the bias")
+    (out / "config.json").write_text(json.dumps({**vars(args), "ppo": to_dict(cfg)}, indent=2, default=str))
+    metrics = MetricsLogger(out / "metrics.jsonl", resume=resume)
+    if resume:
+        kept = [r for r in metrics.read() if r["iteration"] < trainer.iteration]
+        metrics.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    board = _tensorboard(out / "tb")
+    stop = StopRequested(args.device)
+    bar = progress_bar(cfg.iterations, "ppo", True, initial=trainer.iteration)
+    with stop.installed():
+        while trainer.iteration < cfg.iterations:
+            record = trainer.step()
+            metrics.log(record)
+            if board is not None:
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and key != "iteration":
+                        board.add_scalar(key, value, record["iteration"])
+            bar.update()
+            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
+            stop_now = stop.agreed()
+            done = trainer.iteration == cfg.iterations
+            if stop_now or done or trainer.iteration % cfg.checkpoint_every == 0:
+                save_checkpoint(ckpt_path, {"trainer": trainer.state_dict(), "config": to_dict(cfg)})
+            if stop_now:
+                bar.close()
+                _log(f"interrupted at iteration {trainer.iteration}; resume with --resume --out {out}")
+                return {"interrupted": True, "iterations": trainer.iteration, "outputs": str(out.resolve())}
+    bar.close()
+    if board is not None:
+        board.close()
+    save_policy(trainer.policy, tokenizer, out / "policy", dtype)
+    save_critic(trainer.value_model, tokenizer, out / "critic", dtype)
+    from .pipeline import _plot
+
+    plot = _plot(metrics.read(), out / "curves.png")
+    rows = metrics.read()
+    summary = {"iterations": trainer.iteration, "reward_first": rows[0]["reward"] if rows else None,
+               "reward_last": rows[-1]["reward"] if rows else None, "reward_bias": cfg.reward_bias,
+               "outputs": str(out.resolve())}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _log(f"outputs in {out.resolve()}: policy/, critic/, metrics.jsonl{', curves.png' if plot else ''}, "
+         "checkpoint.pt, summary.json")
+    return summary
+
+
+def add_ppo_parser(sub) -> None:
+    p = sub.add_parser("ppo", help="PPO on your own policy, prompts and reward (model or function)",
+                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("--policy", required=True, help="HF causal LM directory (with its tokenizer)")
+    p.add_argument("--reward-model", default=None, help="HF sequence-classification directory (one label)")
+    p.add_argument("--reward-fn", default=None, help="FILE.py:function or module:function")
+    p.add_argument("--prompts", required=True, help="JSON lines: {\"prompt\": str} or {\"messages\": [...]}")
+    p.add_argument("--critic", default=None, help="HF directory the critic starts from (default: the RM)")
+    p.add_argument("--ptx-data", default=None, help="JSON lines of {\"text\": str} for the pretraining mix")
+    p.add_argument("--ptx-coef", type=float, default=None)
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--rollout-batch-size", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--reward-normalization", default="none", help="none | reference-mean (InstructGPT)")
+    p.add_argument("--missing-eos-penalty", type=float, default=None,
+                   help="subtracted from the score of responses cut off without EOS")
+    p.add_argument("--config", default=None, help="JSON file of PPOConfig fields")
+    p.add_argument("--backend", default=None, help="triton | cuda | cpu | reference")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.set_defaults(func=_ppo_main)
+
+
+def _ppo_main(args) -> int:
+    try:
+        summary = run_ppo(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"rlhf-kernels ppo: {exc}", file=sys.stderr)
+        return 2
+    return 130 if summary.get("interrupted") else 0
+
+
+__all__ = ["run_ppo", "load_prompts", "load_texts", "load_reward_fn", "critic_from", "save_policy",
+           "save_critic", "add_ppo_parser"]
