@@ -102,3 +102,14 @@ def test_ppo_command_refuses_bad_input_naming_it(artefacts, tmp_path, capsys):
     for argv, message in cases:
         assert cli.main(argv) == 2, argv
         assert message in capsys.readouterr().err, message
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_ppo_command_group_algorithms_train_no_critic(artefacts, tmp_path, algo):
+    out = tmp_path / algo
+    code = cli.main(_args(artefacts, out, "--reward-model", str(artefacts["rm"]), "--iterations", "1",
+                          "--algo", algo, "--group-size", "2"))
+    assert code == 0
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert "value_loss" not in row and row["policy_loss"] == row["policy_loss"]
+    assert (out / "policy" / "config.json").exists() and not (out / "critic").exists()

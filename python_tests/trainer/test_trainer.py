@@ -390,3 +390,65 @@ def test_bad_configurations_stop_at_start(tmp_path):
     bad_json.write_text(json.dumps({"ppo": {"itertions": 3}}))
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(bad_json)
+
+
+def _group_trainer(algo, seed=8, **cfg):
+    torch.manual_seed(seed)
+    tok, policy = _parts(seed)
+    task = DigitTask()
+    ppo_cfg = PPOConfig(algo=algo, group_size=4, rollout_batch_size=8, mini_batch_size=4, grad_accum_steps=2,
+                        ppo_epochs=1, **cfg)
+    return PPOTrainer(policy, copy.deepcopy(policy), None, tok, ppo_cfg,
+                      prompt_sampler=lambda n, rng: [task.prompt_text(d) for d in task.sample_digits(n, rng)],
+                      reward_fn=task.true_scores), task
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_grpo_and_rloo_sample_groups_and_use_outcome_advantages(algo):
+    """GRPO / RLOO: group_size samples of each prompt (consecutive), one
+    advantage per response from its group (GRPO: normalised scores; RLOO:
+    leave-one-out baseline of the KL-penalised score) on all its tokens, no
+    critic; an iteration trains the policy."""
+    from rlhf_kernels import group_advantages
+
+    trainer, _ = _group_trainer(algo)
+    assert trainer.value_model is None and trainer.value_opt is None
+    r = trainer.rollout()
+    assert all(len(set(r.prompts[i : i + 4])) == 1 for i in range(0, 8, 4))
+    mask = r.batch.response_mask
+    seq_kl = ((r.old_logp - r.ref_logp) * mask).sum(1)
+    outcome = r.scores if algo == "grpo" else r.scores - float(trainer.config.init_kl_coef) * seq_kl
+    want = group_advantages(outcome, 4, mode=algo).unsqueeze(1) * mask
+    torch.testing.assert_close(r.advantages, want)
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    stats = trainer.update(r)
+    assert "value_loss" not in stats and math.isfinite(stats["policy_loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
+
+
+def test_grpo_kl_term_is_the_same_fused_or_not():
+    """GRPO's k3 KL term of the loss: the fused loss (from the hidden state)
+    and the unfused one (log-probs, ppo_policy_loss, kl_penalty) agree."""
+    out = {}
+    for fused in (True, False):
+        trainer, _ = _group_trainer("grpo", seed=9, fused_loss=fused, init_kl_coef=0.5, target_kl=None)
+        r = trainer.rollout()
+        r.ref_logp = r.ref_logp - 0.3 * torch.rand_like(r.ref_logp)  # a reference that differs
+        idx = torch.arange(4)
+        out[fused] = trainer._micro_step(r, idx, float(r.batch.response_mask[idx].sum()), 4.0, with_ptx=False)
+    for key in ("policy_loss", "kl_loss"):
+        assert float(out[False][key]) == pytest.approx(float(out[True][key]), rel=1e-5, abs=1e-7), key
+    assert float(out[True]["kl_loss"]) > 0.01
+
+
+def test_group_algorithms_refuse_a_critic_and_bad_group_sizes():
+    tok, policy = _parts(0)
+    value = ScalarHeadModel.from_causal_lm(policy)
+    with pytest.raises(ValueError, match="value_model: algo 'grpo' takes none"):
+        PPOTrainer(policy, copy.deepcopy(policy), value, tok, PPOConfig(algo="grpo", rollout_batch_size=8,
+                                                                         mini_batch_size=4),
+                   prompt_sampler=lambda n, rng: [], reward_fn=lambda *a: None)
+    with pytest.raises(ConfigError, match="ppo.group_size: 3"):
+        PPOTrainer(policy, copy.deepcopy(policy), None, tok, PPOConfig(algo="rloo", group_size=3,
+                                                                        rollout_batch_size=8, mini_batch_size=4),
+                   prompt_sampler=lambda n, rng: [], reward_fn=lambda *a: None)

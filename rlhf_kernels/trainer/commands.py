@@ -2,6 +2,7 @@
 
     rlhf-kernels ppo --policy DIR (--reward-model DIR | --reward-fn FILE.py:function | module:function)
                      --prompts FILE.jsonl --out DIR [--critic DIR] [--ptx-data FILE.jsonl --ptx-coef X]
+                     [--algo ppo|grpo|rloo --group-size K]
                      [--iterations N] [--rollout-batch-size N] [--max-new-tokens N]
                      [--gradient-checkpointing] [--reward-normalization none|reference-mean]
                      [--missing-eos-penalty X] [--config FILE] [--backend NAME] [--device cpu|cuda]
@@ -19,7 +20,7 @@ reward model, as InstructGPT, else the policy's trunk with a fresh head);
 ``--ptx-data`` JSON lines of ``{"text": str}`` for the pretraining mix.
 ``--config`` a JSON file of ``PPOConfig`` fields; the flags override it.
 
-Outputs in ``--out``: ``policy/`` and ``critic/`` (HF ``save_pretrained``
+Outputs in ``--out``: ``policy/`` and (PPO) ``critic/`` (HF ``save_pretrained``
 checkpoints in the policy checkpoint's dtype, with the tokenizer; the critic
 an ``AutoModelForSequenceClassification``), ``metrics.jsonl`` (one line per
 iteration, with ``timing/<phase>_s`` and ``memory/<phase>_peak_mb``),
@@ -225,6 +226,10 @@ def ppo_config(args) -> PPOConfig:
             setattr(cfg, key, value)
     if args.gradient_checkpointing:
         cfg.gradient_checkpointing = True
+    if args.algo is not None:
+        cfg.algo = args.algo
+    if args.group_size is not None:
+        cfg.group_size = args.group_size
     if cfg.rollout_batch_size < cfg.mini_batch_size:  # a small rollout: one mini-batch
         cfg.mini_batch_size = cfg.rollout_batch_size
         cfg.grad_accum_steps = 1
@@ -262,14 +267,18 @@ def run_ppo(args) -> dict:
             raise ConfigError(f"--reward-model: {reward_model.config.num_labels} labels; a reward model has 1")
         if reward_model.config.pad_token_id is None:
             reward_model.config.pad_token_id = tokenizer.pad_token_id  # HF reads the last non-pad token
-    if args.critic:
+    if cfg.algo != "ppo" and args.critic:
+        raise ConfigError(f"--critic: --algo {cfg.algo} trains no critic")
+    if cfg.algo != "ppo":
+        source = None
+    elif args.critic:
         source = _load_dir(args.critic, "--critic", AutoModelForSequenceClassification
                            if "ForSequenceClassification" in str(json.loads(
                                (Path(args.critic) / "config.json").read_text()).get("architectures"))
                            else AutoModelForCausalLM)
     else:
         source = reward_model if reward_model is not None else policy
-    critic = critic_from(source)
+    critic = critic_from(source) if source is not None else None
     ref_policy = copy.deepcopy(policy)
     rng_prompts = lambda n, rng: [prompts[rng.randrange(len(prompts))] for _ in range(n)]  # noqa: E731
     ptx_sampler = None
@@ -319,7 +328,8 @@ def run_ppo(args) -> dict:
     if board is not None:
         board.close()
     save_policy(trainer.policy, tokenizer, out / "policy", dtype)
-    save_critic(trainer.value_model, tokenizer, out / "critic", dtype)
+    if trainer.value_model is not None:
+        save_critic(trainer.value_model, tokenizer, out / "critic", dtype)
     from .pipeline import _plot
 
     plot = _plot(metrics.read(), out / "curves.png")
@@ -343,6 +353,9 @@ def add_ppo_parser(sub) -> None:
     p.add_argument("--critic", default=None, help="HF directory the critic starts from (default: the RM)")
     p.add_argument("--ptx-data", default=None, help="JSON lines of {\"text\": str} for the pretraining mix")
     p.add_argument("--ptx-coef", type=float, default=None)
+    p.add_argument("--algo", default=None, choices=("ppo", "grpo", "rloo"),
+                   help="ppo (a critic, default) | grpo | rloo (group sampling, no critic)")
+    p.add_argument("--group-size", type=int, default=None, help="grpo / rloo: responses per prompt")
     p.add_argument("--iterations", type=int, default=None)
     p.add_argument("--rollout-batch-size", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)

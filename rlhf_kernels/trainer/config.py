@@ -54,8 +54,14 @@ class PPOConfig:
     separate critic; ``ptx_coef > 0`` adds InstructGPT's pretraining mix
     (PPO-ptx), off by default (0: plain PPO, as InstructGPT's "PPO" models)."""
 
+    # "ppo" (a critic, GAE, the KL penalty in the rewards), "grpo" (group
+    # sampling, group-normalised outcome advantages, no critic, a k3 KL term in
+    # the loss; Shao et al., 2024) or "rloo" (group sampling, leave-one-out
+    # baselines of the KL-penalised score, no critic; Ahmadian et al., 2024).
+    algo: str = "ppo"
+    group_size: int = 4  # grpo / rloo: responses per prompt
     iterations: int = 40
-    rollout_batch_size: int = 64  # prompts per iteration (per process)
+    rollout_batch_size: int = 64  # responses per iteration (per process)
     max_new_tokens: int = 8
     temperature: float = 1.0
     ppo_epochs: int = 2
@@ -200,5 +206,10 @@ def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
         raise ConfigError("ppo: max_new_tokens must be > 0 and iterations >= 0")
     if world_size < 1:
         raise ConfigError("world size must be >= 1")
+    if cfg.algo not in ("ppo", "grpo", "rloo"):
+        raise ConfigError(f"ppo.algo: unknown {cfg.algo!r}; expected ppo, grpo or rloo")
+    if cfg.algo != "ppo" and (cfg.group_size < 2 or cfg.rollout_batch_size % cfg.group_size):
+        raise ConfigError(f"ppo.group_size: {cfg.group_size}; {cfg.algo} needs groups of >= 2 responses that "
+                          f"divide rollout_batch_size ({cfg.rollout_batch_size})")
     if cfg.forward_batch_size < 0:
         raise ConfigError("ppo.forward_batch_size must be >= 0 (0: the update's micro-batch size)")

@@ -31,8 +31,8 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import (
-    AdaptiveKLController, logprobs_from_hidden, logprobs_from_logits, ppo_advantages, ppo_loss_from_hidden,
-    ppo_loss_from_logits, ppo_policy_loss, ppo_value_loss,
+    AdaptiveKLController, group_advantages, kl_penalty, logprobs_from_hidden, logprobs_from_logits, ppo_advantages,
+    ppo_loss_from_hidden, ppo_loss_from_logits, ppo_policy_loss, ppo_value_loss,
 )
 from ..reference import agg_loss
 from .config import PPOConfig, validate_ppo
@@ -134,11 +134,13 @@ def _generation_config(model, config):
 
 
 class PPOTrainer:
-    """PPO with a separate critic.
+    """PPO with a separate critic (``config.algo="ppo"``), or GRPO / RLOO
+    (group sampling, outcome advantages, no critic).
 
     Args:
         policy: causal LM being trained. ref_policy: frozen copy (the SFT model).
-        value_model: ScalarHeadModel critic. tokenizer: with pad and eos tokens.
+        value_model: ScalarHeadModel critic (PPO); None for GRPO / RLOO.
+        tokenizer: with pad and eos tokens.
         prompt_sampler: ``(n, rng) -> list of prompt texts``.
         reward_model / reward_fn: one of them gives the scores.
         ptx_sampler: ``(n, rng) -> list of (prompt, response)`` pretraining texts,
@@ -146,7 +148,7 @@ class PPOTrainer:
         backend: forwarded to every op (``"reference"``: eager PyTorch).
     """
 
-    def __init__(self, policy, ref_policy, value_model: ScalarHeadModel, tokenizer, config: PPOConfig, *,
+    def __init__(self, policy, ref_policy, value_model: Optional[ScalarHeadModel], tokenizer, config: PPOConfig, *,
                  prompt_sampler: Callable[[int, random.Random], list[str]],
                  reward_model: Optional[ScalarHeadModel] = None, reward_fn: Optional[RewardFn] = None,
                  ptx_sampler: Optional[Callable[[int, random.Random], list[tuple[str, str]]]] = None,
@@ -156,6 +158,9 @@ class PPOTrainer:
             raise ValueError("give exactly one of reward_model and reward_fn")
         if config.ptx_coef > 0 and ptx_sampler is None:
             raise ValueError("ptx_coef > 0 needs a ptx_sampler (pretraining batches)")
+        if (value_model is None) != (config.algo != "ppo"):
+            need = "takes none" if value_model is not None else "needs one"
+            raise ValueError(f"value_model: algo {config.algo!r} {need} (PPO has a critic, GRPO and RLOO do not)")
         self.config = config
         self.device = torch.device(device)
         self.backend = backend
@@ -165,9 +170,9 @@ class PPOTrainer:
         self.reward_model, self.reward_fn = reward_model, reward_fn
         # Float32 master weights for the models trained.
         self.policy = float32_master(policy, "policy").to(self.device)
-        self.value_model = float32_master(value_model, "critic").to(self.device)
+        self.value_model = float32_master(value_model, "critic").to(self.device) if value_model is not None else None
         if config.gradient_checkpointing:
-            for model in (self.policy, self.value_model):
+            for model in self._trained():
                 _enable_gradient_checkpointing(model)
                 # It runs only in train mode: the update's dropout goes off
                 # instead, unless asked for.
@@ -178,10 +183,14 @@ class PPOTrainer:
             self.reward_model = reward_model.to(self.device).eval().requires_grad_(False)
         if world_size > 1:
             self.policy = DDP(self.policy)
-            self.value_model = DDP(self.value_model)
+            if self.value_model is not None:
+                self.value_model = DDP(self.value_model)
         steps = config.iterations * config.ppo_epochs * (config.rollout_batch_size // config.mini_batch_size)
         self.policy_opt, self.policy_sched = make_optimizer(self.policy.parameters(), config.policy_optim, steps)
-        self.value_opt, self.value_sched = make_optimizer(self.value_model.parameters(), config.value_optim, steps)
+        self.value_opt = self.value_sched = None
+        if self.value_model is not None:
+            self.value_opt, self.value_sched = make_optimizer(self.value_model.parameters(), config.value_optim,
+                                                              steps)
         self.kl_ctl = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon) \
             if config.target_kl is not None else None
         # Each rank draws its own prompts and sampling noise (rank 0 keeps the
@@ -194,6 +203,10 @@ class PPOTrainer:
         self._heads_checked: dict[int, bool] = {}  # id(model) -> fused LM head usable
 
     # --- rollout -------------------------------------------------------------------
+
+    def _trained(self) -> list:
+        """The models the update trains: the policy, and the critic (PPO)."""
+        return [m for m in (self.policy, self.value_model) if m is not None]
 
     @property
     def kl_coef(self) -> float | Tensor:
@@ -297,41 +310,67 @@ class PPOTrainer:
         """Rollout and evaluation without dropout: the old log-probs and values
         the update compares against, and the reference log-probs, all come from
         deterministic passes."""
-        self.policy.eval()
-        self.value_model.eval()
+        for model in self._trained():
+            model.eval()
 
     @torch.no_grad()
     def rollout(self) -> Rollout:
         cfg = self.config
         self._eval_mode()
         with self.timer.phase("rollout", self.device):
-            prompts = self.prompt_sampler(cfg.rollout_batch_size, self.data_rng)
+            if cfg.algo == "ppo":
+                prompts = self.prompt_sampler(cfg.rollout_batch_size, self.data_rng)
+            else:  # group sampling: each prompt group_size times, consecutive
+                drawn = self.prompt_sampler(cfg.rollout_batch_size // cfg.group_size, self.data_rng)
+                prompts = [p for p in drawn for _ in range(cfg.group_size)]
             batch, responses, stopped = self.generate(prompts)
             old_logp = self._in_rows(lambda b: self._logprobs(_unwrap(self.policy), b), batch)
             ref_logp = self._in_rows(lambda b: self._logprobs(self.ref_policy, b), batch)
-            old_values = self._in_rows(self._values, batch)
+            old_values = self._in_rows(self._values, batch) if self.value_model is not None else \
+                torch.zeros_like(old_logp)
         with self.timer.phase("scoring", self.device):
             scores = self.score(batch, prompts, responses, stopped)
         with self.timer.phase("advantages", self.device):
-            adv = ppo_advantages(
-                scores, old_logp, ref_logp, old_values, batch.response_mask, kl_coef=self.kl_coef,
-                estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages,
-                process_group=process_group(), backend=self.backend,
-            )
+            if cfg.algo == "ppo":
+                adv = ppo_advantages(
+                    scores, old_logp, ref_logp, old_values, batch.response_mask, kl_coef=self.kl_coef,
+                    estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages,
+                    process_group=process_group(), backend=self.backend,
+                )
+                advantages, returns, kl_sum_mean = adv.advantages, adv.returns, adv.kl_sum_mean
+            else:
+                advantages, kl_sum_mean = self._outcome_advantages(scores, old_logp, ref_logp, batch.response_mask)
+                returns = torch.zeros_like(advantages)
         kl_coef_used = float(self.kl_coef)
         if self.kl_ctl is not None:
-            self.kl_ctl.update(adv.kl_sum_mean, cfg.rollout_batch_size * self.world_size)
+            self.kl_ctl.update(kl_sum_mean, cfg.rollout_batch_size * self.world_size)
         lengths = batch.response_mask.sum(1)
         stats = {
             "reward": all_reduce_mean(scores.mean()),
-            "kl": adv.kl_sum_mean,
+            "kl": kl_sum_mean,
             "kl_coef": kl_coef_used,
             "response_length": all_reduce_mean(lengths.mean()),
             "stopped_frac": all_reduce_mean(torch.tensor(sum(stopped) / len(stopped), device=self.device)),
             "tokens": all_reduce_sum(lengths.sum()),
         }
         return Rollout(batch, prompts, responses, stopped, old_logp, ref_logp, old_values, scores,
-                       adv.advantages, adv.returns, stats)
+                       advantages, returns, stats)
+
+    def _outcome_advantages(self, scores: Tensor, old_logp: Tensor, ref_logp: Tensor, mask: Tensor):
+        """GRPO / RLOO: one advantage per response, from its group of
+        group_size consecutive responses, on every token of the response.
+        GRPO: (s - mean) / (std + eps) of the scores; its KL to the reference
+        is a k3 term of the loss (Shao et al., 2024). RLOO: the score minus
+        kl_coef times the response's summed k1 KL, minus the mean of the
+        group's other members (Ahmadian et al., 2024). Returns (advantages,
+        the mean summed k1 KL per response, over ranks)."""
+        cfg = self.config
+        seq_kl = ((old_logp - ref_logp) * mask).sum(1)
+        if cfg.algo == "grpo":
+            outcome = group_advantages(scores, cfg.group_size, mode="grpo")
+        else:
+            outcome = group_advantages(scores - float(self.kl_coef) * seq_kl, cfg.group_size, mode="rloo")
+        return outcome.unsqueeze(1) * mask, all_reduce_mean(seq_kl.mean())
 
     # --- update --------------------------------------------------------------------
 
@@ -357,6 +396,10 @@ class PPOTrainer:
         scale = float(self.world_size)
         common = dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.loss_agg,
                       num_tokens=num_tokens, num_seqs=num_seqs, backend=self.backend)
+        # GRPO: the KL to the reference as a k3 term of the loss (PPO and RLOO
+        # put it in the rewards).
+        kl_term = dict(ref_logp=r.ref_logp[idx], kl_coef=float(self.kl_coef), kl_estimator="k3") \
+            if cfg.algo == "grpo" else {}
         head, first = self._head(self.policy) if cfg.fused_loss else (None, False)
         if head is not None:
             hidden = response_hidden(self.policy, batch.input_ids, batch.attention_mask, batch.prompt_len, head,
@@ -364,14 +407,14 @@ class PPOTrainer:
             pg_loss, pg_stats = ppo_loss_from_hidden(
                 hidden, head.weight, batch.response_labels, r.old_logp[idx], r.advantages[idx], mask,
                 bias=head.bias, temperature=cfg.temperature / head.logit_scale, entropy_coef=cfg.entropy_coef,
-                **common,
+                **kl_term, **common,
             )
         elif cfg.fused_loss:
             logits = response_logits(self.policy, batch.input_ids, batch.attention_mask, batch.prompt_len)
             pg_loss, pg_stats = ppo_loss_from_logits(
                 logits, batch.response_labels, r.old_logp[idx], r.advantages[idx], mask,
                 temperature=cfg.temperature, entropy_coef=cfg.entropy_coef,
-                inplace_backward=cfg.logits_grad_inplace, **common,
+                inplace_backward=cfg.logits_grad_inplace, **kl_term, **common,
             )
         else:
             logp, entropy = self._token_logprobs(self.policy, batch.input_ids, batch.attention_mask,
@@ -384,6 +427,11 @@ class PPOTrainer:
             if cfg.entropy_coef:
                 pg_loss = pg_loss - cfg.entropy_coef * entropy_agg
             pg_stats = dict(pg_stats, entropy=entropy_agg.detach())
+            if kl_term:
+                kl = agg_loss(kl_penalty(logp, kl_term["ref_logp"], estimator="k3", backend=self.backend), mask,
+                              cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+                pg_loss = pg_loss + kl_term["kl_coef"] * kl
+                pg_stats["kl"] = kl.detach()
         total = pg_loss * scale
         stats = {}
         if with_ptx:
@@ -394,16 +442,17 @@ class PPOTrainer:
             total = total + ptx
             stats["ptx_loss"] = ptx.detach()
         total.backward()
-        values = self.value_model(batch.input_ids, batch.attention_mask)[:, batch.prompt_len - 1 : -1]
-        vf_loss, vf_stats = ppo_value_loss(values, r.old_values[idx], r.returns[idx], mask, clip=cfg.value_clip,
-                                           agg=cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                                           backend=self.backend)
-        (cfg.vf_coef * vf_loss * scale).backward()
-        stats.update(policy_loss=pg_loss.detach(), value_loss=vf_loss.detach())
+        stats.update(policy_loss=pg_loss.detach())
+        if self.value_model is not None:
+            values = self.value_model(batch.input_ids, batch.attention_mask)[:, batch.prompt_len - 1 : -1]
+            vf_loss, vf_stats = ppo_value_loss(values, r.old_values[idx], r.returns[idx], mask, clip=cfg.value_clip,
+                                               agg=cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                                               backend=self.backend)
+            (cfg.vf_coef * vf_loss * scale).backward()
+            stats.update(value_loss=vf_loss.detach(), **{k: v.detach() for k, v in vf_stats.items()})
         # The loss's own "kl" (its KL term, unused here: the KL penalty is in the
         # rewards) must not shadow the rollout's KL.
         stats.update({("kl_loss" if k == "kl" else k): v.detach() for k, v in pg_stats.items()})
-        stats.update({k: v.detach() for k, v in vf_stats.items()})
         return stats
 
     def update(self, r: Rollout) -> dict:
@@ -417,7 +466,7 @@ class PPOTrainer:
         # the step's global counts; so are the fused loss's entropy and KL
         # terms); statistics average.
         summed = {"policy_loss", "value_loss", "ptx_loss", "entropy"}
-        if cfg.fused_loss:
+        if cfg.fused_loss or cfg.algo == "grpo":
             summed |= {"kl_loss"}
         totals: dict[str, float] = {}
         steps = 0
@@ -425,8 +474,8 @@ class PPOTrainer:
         # disable_dropout); config.dropout_in_update turns it on. Gradient
         # checkpointing runs only in train mode (its models' dropout is off).
         train_mode = cfg.dropout_in_update or cfg.gradient_checkpointing
-        self.policy.train(train_mode)
-        self.value_model.train(train_mode)
+        for model in self._trained():
+            model.train(train_mode)
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(n, generator=shuffle).to(self.device)
             for start in range(0, n, cfg.mini_batch_size):
@@ -443,9 +492,12 @@ class PPOTrainer:
                         weight = 1.0 if key in summed else 1.0 / cfg.grad_accum_steps
                         totals[key] = totals.get(key, 0.0) + float(v) * weight
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.policy_optim.max_grad_norm)
-                torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), cfg.value_optim.max_grad_norm)
+                if self.value_model is not None:
+                    torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), cfg.value_optim.max_grad_norm)
                 totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm)
                 for opt, sched in ((self.policy_opt, self.policy_sched), (self.value_opt, self.value_sched)):
+                    if opt is None:
+                        continue
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
@@ -460,8 +512,8 @@ class PPOTrainer:
 
         stack = ExitStack()
         if skip_sync and self.world_size > 1:
-            stack.enter_context(self.policy.no_sync())
-            stack.enter_context(self.value_model.no_sync())
+            for model in self._trained():
+                stack.enter_context(model.no_sync())
         return stack
 
     # --- driver --------------------------------------------------------------------
@@ -498,9 +550,11 @@ class PPOTrainer:
         return {
             "iteration": self.iteration,
             "policy": _unwrap(self.policy).state_dict(),
-            "value_model": _unwrap(self.value_model).state_dict(),
-            "policy_opt": self.policy_opt.state_dict(), "value_opt": self.value_opt.state_dict(),
-            "policy_sched": self.policy_sched.state_dict(), "value_sched": self.value_sched.state_dict(),
+            "value_model": _unwrap(self.value_model).state_dict() if self.value_model is not None else None,
+            "policy_opt": self.policy_opt.state_dict(),
+            "value_opt": self.value_opt.state_dict() if self.value_opt is not None else None,
+            "policy_sched": self.policy_sched.state_dict(),
+            "value_sched": self.value_sched.state_dict() if self.value_sched is not None else None,
             "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl is not None else None,
             # Every rank's streams (prompts, sampling noise), by rank: a collective,
             # so every rank calls state_dict; rank 0 writes it.
@@ -510,11 +564,12 @@ class PPOTrainer:
     def load_state_dict(self, state: dict) -> None:
         self.iteration = state["iteration"]
         _unwrap(self.policy).load_state_dict(state["policy"])
-        _unwrap(self.value_model).load_state_dict(state["value_model"])
         self.policy_opt.load_state_dict(state["policy_opt"])
-        self.value_opt.load_state_dict(state["value_opt"])
         self.policy_sched.load_state_dict(state["policy_sched"])
-        self.value_sched.load_state_dict(state["value_sched"])
+        if self.value_model is not None:
+            _unwrap(self.value_model).load_state_dict(state["value_model"])
+            self.value_opt.load_state_dict(state["value_opt"])
+            self.value_sched.load_state_dict(state["value_sched"])
         if self.kl_ctl is not None and state["kl_ctl"] is not None:
             self.kl_ctl.load_state_dict(state["kl_ctl"])
         saved = state["rank_rng"]
