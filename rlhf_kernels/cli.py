@@ -3,6 +3,8 @@
     rlhf-kernels train [--config FILE] [--model PATH] [--reward-model PATH]
                        [--device cpu|cuda] [--backend NAME] [--out DIR] [--resume]
                                                           SFT -> reward model -> PPO (the main job)
+    rlhf-kernels sft --model DIR --data FILE.jsonl --out DIR   supervised fine-tuning on your data
+    rlhf-kernels rm  --model DIR --data FILE.jsonl --out DIR   a reward model on your rankings
     rlhf-kernels ppo --policy DIR (--reward-model DIR | --reward-fn FILE.py:fn) --prompts FILE.jsonl --out DIR
                                                           PPO on your own model, prompts and reward
     rlhf-kernels bench [--quick] [--only logprobs,...]   microbenchmarks of the present device
@@ -130,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--out", default=None, help="output directory (default: runs/default)")
     p_train.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p_train.set_defaults(func=train)
-    from .trainer.commands import add_ppo_parser
+    from .trainer.commands import add_ppo_parser, add_stage_parsers
 
+    add_stage_parsers(sub)
     add_ppo_parser(sub)
     p_info = sub.add_parser("info", help="print the backends this install has")
     p_info.set_defaults(func=info)

@@ -1,4 +1,7 @@
-"""`rlhf-kernels ppo`: PPO on the user's own artefacts.
+"""`rlhf-kernels sft | rm | ppo`: the InstructGPT stages on the user's own artefacts.
+
+    rlhf-kernels sft --model DIR --data FILE.jsonl --out DIR [--steps N] [--batch-size N] [--lr X]
+    rlhf-kernels rm  --model DIR --data FILE.jsonl --out DIR [--steps N] [--batch-size N] [--lr X]
 
     rlhf-kernels ppo --policy DIR (--reward-model DIR | --reward-fn FILE.py:function | module:function)
                      --prompts FILE.jsonl --out DIR [--critic DIR] [--ptx-data FILE.jsonl --ptx-coef X]
@@ -8,7 +11,19 @@
                      [--missing-eos-penalty X] [--config FILE] [--backend NAME] [--device cpu|cuda]
                      [--resume]
 
-Inputs: ``--policy`` an HF causal LM directory with its tokenizer (a pad
+``sft`` data: JSON lines of ``{"prompt": str, "response": str}`` or
+``{"messages": [...]}`` (the last message, the assistant's, is the response;
+the ones before it are rendered with the chat template). Output: an HF
+causal LM checkpoint with the tokenizer in ``--out``, ``metrics.jsonl``.
+``rm`` data: JSON lines of a prompt (``"prompt"`` or ``"messages"``) with
+``"chosen"`` and ``"rejected"`` responses, or ``"responses"``, K of them
+ranked best first (every line the same K: all K-choose-2 pairs train).
+``--model`` a causal LM (the SFT model) or a sequence classifier. Output: an
+HF ``AutoModelForSequenceClassification`` checkpoint (one label), trained on
+the score HF reads (the last token that is not the pad token), with the
+tokenizer, and ``metrics.jsonl``.
+
+``ppo`` inputs: ``--policy`` an HF causal LM directory with its tokenizer (a pad
 token is required; pad == eos is fine); ``--prompts`` JSON lines of
 ``{"prompt": str}`` or ``{"messages": [{"role": ..., "content": ...}, ...]}``
 (rendered with the tokenizer's chat template, the generation prompt added);
@@ -25,7 +40,7 @@ checkpoints in the policy checkpoint's dtype, with the tokenizer; the critic
 an ``AutoModelForSequenceClassification``), ``metrics.jsonl`` (one line per
 iteration, with ``timing/<phase>_s`` and ``memory/<phase>_peak_mb``),
 ``curves.png``, TensorBoard logs in ``tb/`` when ``tensorboard`` is
-installed, ``config.json`` and ``checkpoint.pt`` (``--resume`` continues from
+installed, ``args.json`` (the flags and the PPOConfig) and ``checkpoint.pt`` (``--resume`` continues from
 it). SIGINT / SIGTERM write the checkpoint and stop.
 """
 
@@ -76,19 +91,62 @@ def _jsonl(path: str, name: str) -> list[dict]:
 def load_prompts(path: str, tokenizer) -> list[str]:
     """Prompt texts from JSON lines of {"prompt": str} or {"messages": [...]}
     (rendered with the tokenizer's chat template, generation prompt added)."""
-    prompts = []
-    for number, row in enumerate(_jsonl(path, "--prompts"), 1):
-        if isinstance(row.get("prompt"), str):
-            prompts.append(row["prompt"])
-        elif isinstance(row.get("messages"), list):
-            if not getattr(tokenizer, "chat_template", None):
-                raise ConfigError(f"--prompts: line {number} has messages but the tokenizer has no chat template")
-            prompts.append(tokenizer.apply_chat_template(row["messages"], tokenize=False,
-                                                         add_generation_prompt=True))
+    return [_prompt_of(row, tokenizer, number, "--prompts") for number, row in enumerate(_jsonl(path, "--prompts"), 1)]
+
+
+def _prompt_of(row: dict, tokenizer, number: int, name: str, messages: list | None = None) -> str:
+    """A row's prompt: its "prompt" string, or its messages rendered with the
+    chat template (generation prompt added)."""
+    messages = row.get("messages") if messages is None else messages
+    if isinstance(row.get("prompt"), str):
+        return row["prompt"]
+    if isinstance(messages, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"{name}: line {number} has messages but the tokenizer has no chat template")
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    raise ConfigError(f"{name}: line {number}: expected a \"prompt\" string or a \"messages\" list, "
+                      f"got keys {sorted(row)}")
+
+
+def load_sft_data(path: str, tokenizer) -> list[tuple[str, str]]:
+    """(prompt, response) pairs from {"prompt", "response"} or {"messages"}
+    lines (the last message is the response)."""
+    examples = []
+    for number, row in enumerate(_jsonl(path, "--data"), 1):
+        if isinstance(row.get("messages"), list) and "response" not in row:
+            messages = row["messages"]
+            last = messages[-1] if messages else None
+            if not isinstance(last, dict) or last.get("role") != "assistant":
+                raise ConfigError(f"--data: line {number}: the last message must be the assistant's response")
+            examples.append((_prompt_of({}, tokenizer, number, "--data", messages[:-1]), last["content"]))
+        elif isinstance(row.get("response"), str):
+            examples.append((_prompt_of(row, tokenizer, number, "--data"), row["response"]))
         else:
-            raise ConfigError(f"--prompts: line {number}: expected a \"prompt\" string or a \"messages\" list, "
-                              f"got keys {sorted(row)}")
-    return prompts
+            raise ConfigError(f"--data: line {number}: expected \"prompt\" and \"response\" strings or a "
+                              f"\"messages\" list, got keys {sorted(row)}")
+    return examples
+
+
+def load_rm_data(path: str, tokenizer) -> list[tuple[str, list[str]]]:
+    """(prompt, responses best first) from {"chosen", "rejected"} or
+    {"responses": [...]} lines, every line with the same number."""
+    examples = []
+    for number, row in enumerate(_jsonl(path, "--data"), 1):
+        prompt = _prompt_of(row, tokenizer, number, "--data")
+        if isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str):
+            ranked = [row["chosen"], row["rejected"]]
+        elif isinstance(row.get("responses"), list) and all(isinstance(r, str) for r in row["responses"]):
+            ranked = row["responses"]
+        else:
+            raise ConfigError(f"--data: line {number}: expected \"chosen\" and \"rejected\" strings or a "
+                              f"\"responses\" list, best first")
+        if len(ranked) < 2:
+            raise ConfigError(f"--data: line {number}: {len(ranked)} response; a ranking needs at least 2")
+        if examples and len(ranked) != len(examples[0][1]):
+            raise ConfigError(f"--data: line {number} ranks {len(ranked)} responses, line 1 {len(examples[0][1])}; "
+                              "every line must rank the same number")
+        examples.append((prompt, ranked))
+    return examples
 
 
 def load_texts(path: str) -> list[str]:
@@ -298,7 +356,8 @@ def run_ppo(args) -> dict:
     elif args.reward_normalization == "reference-mean":
         cfg.reward_bias = reference_reward_mean(trainer, prompts, cfg.rollout_batch_size)
         _log(f"reward normalisation: the reference policy's mean score {cfg.reward_bias:.4f} is the bias")
-    (out / "config.json").write_text(json.dumps({**vars(args), "ppo": to_dict(cfg)}, indent=2, default=str))
+    flags = {k: v for k, v in vars(args).items() if k != "func"}
+    (out / "args.json").write_text(json.dumps({**flags, "ppo": to_dict(cfg)}, indent=2, default=str))
     metrics = MetricsLogger(out / "metrics.jsonl", resume=resume)
     if resume:
         kept = [r for r in metrics.read() if r["iteration"] < trainer.iteration]
@@ -343,6 +402,107 @@ def run_ppo(args) -> dict:
     return summary
 
 
+def _stage_common(args):
+    from transformers import AutoTokenizer
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: no CUDA GPU is visible")
+    tokenizer = _load_dir(args.model, "--model", AutoTokenizer)
+    check_tokenizer(tokenizer)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2,
+                                              default=str))
+    return tokenizer, out
+
+
+def run_sft(args) -> dict:
+    """The ``sft`` command: supervised fine-tuning on (prompt, response) data."""
+    from transformers import AutoModelForCausalLM
+
+    from .config import OptimConfig, SFTConfig
+    from .sft import SFTTrainer
+
+    tokenizer, out = _stage_common(args)
+    examples = load_sft_data(args.data, tokenizer)
+    model = _load_dir(args.model, "--model", AutoModelForCausalLM)
+    dtype = model.dtype
+    cfg = SFTConfig(steps=args.steps, batch_size=args.batch_size, optim=OptimConfig(lr=args.lr), log_every=1)
+    stop = StopRequested(args.device)
+    with stop.installed():
+        history = SFTTrainer(model, tokenizer, cfg, device=args.device, backend=args.backend,
+                             logger=MetricsLogger(out / "metrics.jsonl"), should_stop=stop.agreed).train(
+            lambda rng: examples[rng.randrange(len(examples))])
+    save_policy(model, tokenizer, out, dtype)
+    _log(f"SFT: {len(history)} steps, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; "
+         f"the model in {out.resolve()}")
+    return {"steps": len(history), "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],
+            "interrupted": len(history) < cfg.steps}
+
+
+def run_rm(args) -> dict:
+    """The ``rm`` command: a reward model on ranked responses, as an HF
+    sequence classifier trained on the score HF reads."""
+    from transformers import AutoModelForSequenceClassification
+
+    from .config import OptimConfig, RewardConfig
+    from .reward import RewardTrainer
+
+    tokenizer, out = _stage_common(args)
+    examples = load_rm_data(args.data, tokenizer)
+    # A causal LM (the SFT model) gets a fresh one-label score head: HF's own
+    # sequence-classification model of its architecture.
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, local_files_only=True)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # HF reads the last token that is not the pad
+    dtype = model.dtype
+    k = len(examples[0][1])
+    cfg = RewardConfig(steps=args.steps, prompts_per_batch=args.batch_size, responses_per_prompt=k,
+                       optim=OptimConfig(lr=args.lr), log_every=1)
+
+    def sample(k, rng):
+        prompt, ranked = examples[rng.randrange(len(examples))]
+        return prompt, [(response, True) for response in ranked]
+
+    stop = StopRequested(args.device)
+    with stop.installed():
+        history = RewardTrainer(model, tokenizer, cfg, device=args.device,
+                                logger=MetricsLogger(out / "metrics.jsonl"), should_stop=stop.agreed).train(sample)
+    state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    _save_as(model, out, state, dtype)
+    tokenizer.save_pretrained(out)
+    _log(f"reward model: {len(history)} steps, pair accuracy {history[-1]['pair_accuracy']:.2f}; "
+         f"the model in {out.resolve()}")
+    return {"steps": len(history), "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],
+            "interrupted": len(history) < cfg.steps}
+
+
+def add_stage_parsers(sub) -> None:
+    """The ``sft`` and ``rm`` subcommands."""
+    for name, run, help_text in (("sft", run_sft, "supervised fine-tuning on JSONL (prompt, response) data"),
+                                 ("rm", run_rm, "a reward model (HF sequence classifier) on JSONL rankings")):
+        p = sub.add_parser(name, help=help_text, description=__doc__,
+                           formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+        p.add_argument("--model", required=True, help="HF model directory (with its tokenizer)")
+        p.add_argument("--data", required=True, help="JSON lines (see the formats above)")
+        p.add_argument("--out", required=True)
+        p.add_argument("--steps", type=int, default=100)
+        p.add_argument("--batch-size", type=int, default=8, help="examples (rm: prompts) per step")
+        p.add_argument("--lr", type=float, default=1e-5)
+        p.add_argument("--backend", default=None, help="triton | cuda | cpu | reference")
+        p.add_argument("--device", default="cpu")
+        p.set_defaults(func=lambda args, _run=run, _name=name: _stage_main(_run, _name, args))
+
+
+def _stage_main(run, name: str, args) -> int:
+    try:
+        summary = run(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"rlhf-kernels {name}: {exc}", file=sys.stderr)
+        return 2
+    return 130 if summary.get("interrupted") else 0
+
+
 def add_ppo_parser(sub) -> None:
     p = sub.add_parser("ppo", help="PPO on your own policy, prompts and reward (model or function)",
                        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
@@ -380,5 +540,5 @@ def _ppo_main(args) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
-__all__ = ["run_ppo", "load_prompts", "load_texts", "load_reward_fn", "critic_from", "save_policy",
-           "save_critic", "add_ppo_parser"]
+__all__ = ["run_sft", "run_rm", "run_ppo", "load_prompts", "load_sft_data", "load_rm_data", "load_texts",
+           "load_reward_fn", "critic_from", "save_policy", "save_critic", "add_stage_parsers", "add_ppo_parser"]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .config import RewardConfig
 from .data import encode_prompts, encode_responses, make_batch
 from .models import ScalarHeadModel, sequence_scores
-from .utils import MetricsLogger, make_optimizer, progress_bar
+from .utils import MetricsLogger, float32_master, make_optimizer, progress_bar
 
 
 def pairwise_loss(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +31,7 @@ class RewardTrainer:
     def __init__(self, model: ScalarHeadModel, tokenizer, config: RewardConfig, *, device: str = "cpu",
                  logger: MetricsLogger | None = None, verbose: bool = True,
                  should_stop: Callable[[], bool] | None = None):
-        self.model = model.to(device)
+        self.model = float32_master(model, "reward model").to(device)
         self.tokenizer = tokenizer
         self.config = config
         self.device = torch.device(device)

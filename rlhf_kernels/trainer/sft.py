@@ -11,7 +11,7 @@ from .. import logprobs_from_logits
 from .config import SFTConfig
 from .data import encode_prompts, encode_responses, make_batch
 from .models import response_logits
-from .utils import MetricsLogger, make_optimizer, progress_bar
+from .utils import MetricsLogger, float32_master, make_optimizer, progress_bar
 
 
 class SFTTrainer:
@@ -22,7 +22,7 @@ class SFTTrainer:
     def __init__(self, model, tokenizer, config: SFTConfig, *, device: str = "cpu",
                  backend: str | None = None, logger: MetricsLogger | None = None, verbose: bool = True,
                  should_stop: Callable[[], bool] | None = None):
-        self.model = model.to(device)
+        self.model = float32_master(model, "policy").to(device)
         self.tokenizer = tokenizer
         self.config = config
         self.device = torch.device(device)

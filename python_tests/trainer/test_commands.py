@@ -1,7 +1,7 @@
-"""`rlhf-kernels ppo` end to end on a checkpoint as users bring one
-(``qwen_checkpoint.py``), with an HF reward model or a reward function from a
-file, prompts as chat messages and plain text, the pretraining mix; its HF
-outputs loaded back with ``Auto*``."""
+"""`rlhf-kernels sft | rm | ppo` end to end on a checkpoint as users bring one
+(``qwen_checkpoint.py``): chat and plain-text data, an HF reward model or a
+reward function from a file, the pretraining mix, GRPO / RLOO; each stage's
+HF outputs loaded back with ``Auto*``; bad inputs named."""
 
 from __future__ import annotations
 
@@ -113,3 +113,60 @@ def test_ppo_command_group_algorithms_train_no_critic(artefacts, tmp_path, algo)
     row = json.loads((out / "metrics.jsonl").read_text())
     assert "value_loss" not in row and row["policy_loss"] == row["policy_loss"]
     assert (out / "policy" / "config.json").exists() and not (out / "critic").exists()
+
+
+def test_sft_then_rm_then_ppo_commands_chain_on_hf_checkpoints(artefacts, tmp_path):
+    """sft on chat and prompt/response lines, rm on chosen/rejected lines from
+    the SFT model (a fresh one-label head), ppo with that reward model: each
+    stage's output is an HF checkpoint the next loads with Auto*."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    sft_data = tmp_path / "sft.jsonl"
+    sft_rows = [{"messages": [{"role": "user", "content": "count to five"},
+                              {"role": "assistant", "content": "one two three four five"}]},
+                {"prompt": "the quick brown fox", "response": "jumps over the lazy dog"}]
+    sft_data.write_text("".join(json.dumps(r) + "\n" for r in sft_rows))
+    assert cli.main(["sft", "--model", str(artefacts["policy"]), "--data", str(sft_data), "--out",
+                     str(tmp_path / "sft"), "--steps", "8", "--batch-size", "2", "--lr", "3e-3"]) == 0
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.3, losses  # from log(151936) = 11.9
+    sft = AutoModelForCausalLM.from_pretrained(tmp_path / "sft", local_files_only=True)
+    assert sft.dtype == torch.bfloat16
+
+    rm_data = tmp_path / "rm.jsonl"
+    rm_rows = [{"prompt": "count to five", "chosen": "one two three four five", "rejected": "the lazy dog"},
+               {"messages": [{"role": "user", "content": "a poem"}], "chosen": "the sea and the sky",
+                "rejected": "digits 0 1 2"}]
+    rm_data.write_text("".join(json.dumps(r) + "\n" for r in rm_rows))
+    assert cli.main(["rm", "--model", str(tmp_path / "sft"), "--data", str(rm_data), "--out", str(tmp_path / "rm"),
+                     "--steps", "10", "--batch-size", "2", "--lr", "3e-3"]) == 0
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    assert rm.config.num_labels == 1 and rm.dtype == torch.bfloat16
+    # trained on the score HF reads: the chosen responses score above the rejected ones
+    def score(prompt, response):
+        ids = tok(prompt + response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            return float(rm(input_ids=torch.tensor([ids])).logits[0, 0])
+    assert score("count to five", "one two three four five") > score("count to five", "the lazy dog")
+
+    out = tmp_path / "ppo"
+    assert cli.main(["ppo", "--policy", str(tmp_path / "sft"), "--reward-model", str(tmp_path / "rm"),
+                     "--prompts", str(artefacts["prompts"]), "--out", str(out), "--iterations", "1",
+                     "--rollout-batch-size", "4", "--max-new-tokens", "4"]) == 0
+    assert (out / "critic" / "config.json").exists()
+
+
+def test_stage_commands_refuse_bad_data_naming_the_line(artefacts, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    for command, rows, message in (
+        ("sft", [{"prompt": "p"}], "line 1: expected \"prompt\" and \"response\""),
+        ("sft", [{"messages": [{"role": "user", "content": "hi"}]}], "the last message must be the assistant's"),
+        ("rm", [{"prompt": "p", "chosen": "a"}], "expected \"chosen\" and \"rejected\""),
+        ("rm", [{"prompt": "p", "responses": ["a", "b"]}, {"prompt": "q", "responses": ["a", "b", "c"]}],
+         "line 2 ranks 3 responses, line 1 2"),
+    ):
+        bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        argv = [command, "--model", str(artefacts["policy"]), "--data", str(bad), "--out", str(tmp_path / "o")]
+        assert cli.main(argv) == 2
+        assert message in capsys.readouterr().err, message
