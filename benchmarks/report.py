@@ -243,6 +243,23 @@ def _lm_head_goal(shape, dtype):
     return check
 
 
+def _trainer_update_goal(speedup: float, memory: float):
+    """bench_trainer --model qwen (V = 151936): the update phase of the
+    kernels against backend=reference, time and the phase's extra peak."""
+    def check(rows):
+        pick = lambda name: _best(_pick(rows, "ppo_trainer", "update", ("qwen",), "model",  # noqa: E731
+                                        lambda p, n=name: p == f"backend={n}"))
+        ref, ours = pick("reference"), pick("kernels")
+        if ref is None or ours is None or "phase_extra_peak_mb" not in ours:
+            return None
+        fast = ref["median_ms"] / ours["median_ms"]
+        lean = ref["phase_extra_peak_mb"] / max(ours["phase_extra_peak_mb"], 1e-9)
+        return (fast >= speedup and lean >= memory,
+                f"{fast:.1f}x faster, {lean:.1f}x less extra peak ({ours['phase_extra_peak_mb']:.0f} MiB vs "
+                f"{ref['phase_extra_peak_mb']:.0f} MiB)")
+    return check
+
+
 OVERHEAD = "overhead:"  # bench_overhead's rows: op = "overhead:<op>"
 LOGITS_GPU = (8192, 152064)
 GOALS = [
@@ -288,6 +305,8 @@ GOALS = [
          _lm_head_goal((4096, 896, 151936), "bfloat16")),
     Goal(12, "every op at 8 x 16 tokens costs no more than its eager composition (ours / eager <= 1.0)", False,
          _overhead_at_most_eager),
+    Goal(15, "trainer update phase at V=151936 (bench_trainer --model qwen): >= 3x faster and >= 10x less extra "
+             "peak memory than backend=reference", False, _trainer_update_goal(3.0, 10.0)),
 ]
 
 

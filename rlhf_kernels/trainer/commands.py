@@ -181,6 +181,13 @@ def load_reward_fn(spec: str) -> Callable:
     return fn
 
 
+def _is_classifier_dir(path: str) -> bool:
+    """Whether an HF checkpoint directory holds a sequence classifier."""
+    config = Path(path) / "config.json"
+    architectures = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
 def _load_dir(path: str, what: str, loader):
     if not Path(path).is_dir():
         raise ConfigError(f"{what}: {path} is not a directory")
@@ -331,9 +338,7 @@ def run_ppo(args) -> dict:
         source = None
     elif args.critic:
         source = _load_dir(args.critic, "--critic", AutoModelForSequenceClassification
-                           if "ForSequenceClassification" in str(json.loads(
-                               (Path(args.critic) / "config.json").read_text()).get("architectures"))
-                           else AutoModelForCausalLM)
+                           if _is_classifier_dir(args.critic) else AutoModelForCausalLM)
     else:
         source = reward_model if reward_model is not None else policy
     critic = critic_from(source) if source is not None else None
@@ -397,8 +402,9 @@ def run_ppo(args) -> dict:
                "reward_last": rows[-1]["reward"] if rows else None, "reward_bias": cfg.reward_bias,
                "outputs": str(out.resolve())}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _log(f"outputs in {out.resolve()}: policy/, critic/, metrics.jsonl{', curves.png' if plot else ''}, "
-         "checkpoint.pt, summary.json")
+    written = ["policy/"] + (["critic/"] if trainer.value_model is not None else []) + ["metrics.jsonl"]
+    written += (["curves.png"] if plot else []) + ["checkpoint.pt", "summary.json"]
+    _log(f"outputs in {out.resolve()}: {', '.join(written)}")
     return summary
 
 
