@@ -194,3 +194,17 @@ def test_rollout_passes_run_in_micro_batches(qwen_artefacts):
         assert seen[generate_calls:] == ([4] * 4 if rows == 0 else [1] * 16), seen
     for key in ("old_logp", "ref_logp", "old_values", "scores"):
         torch.testing.assert_close(getattr(out[1], key), getattr(out[0], key), rtol=0, atol=2e-2, msg=key)
+
+
+def test_bf16_precision_autocasts_the_forward_with_float32_master_weights(qwen_artefacts):
+    trainer, _, _ = _trainer(qwen_artefacts, precision="bf16")
+    dtypes = []
+    proj = trainer.policy.model.layers[0].mlp.up_proj
+    proj.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+    torch.manual_seed(6)
+    metrics = trainer.step()
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # rollout and update passes ran in bf16
+    assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in trainer.policy.parameters())
+    for key in ("policy_loss", "value_loss", "grad_norm"):
+        assert torch.isfinite(torch.tensor(metrics[key])), key

@@ -7,7 +7,8 @@
                      --prompts FILE.jsonl --out DIR [--critic DIR] [--ptx-data FILE.jsonl --ptx-coef X]
                      [--algo ppo|grpo|rloo --group-size K]
                      [--iterations N] [--rollout-batch-size N] [--max-new-tokens N]
-                     [--gradient-checkpointing] [--reward-normalization none|reference-mean]
+                     [--gradient-checkpointing] [--precision fp32|bf16]
+                     [--reward-normalization none|reference-mean]
                      [--missing-eos-penalty X] [--config FILE] [--backend NAME] [--device cpu|cuda]
                      [--resume]
 
@@ -293,6 +294,8 @@ def ppo_config(args) -> PPOConfig:
         cfg.gradient_checkpointing = True
     if args.algo is not None:
         cfg.algo = args.algo
+    if args.precision is not None:
+        cfg.precision = args.precision
     if args.group_size is not None:
         cfg.group_size = args.group_size
     if cfg.rollout_batch_size < cfg.mini_batch_size:  # a small rollout: one mini-batch
@@ -526,6 +529,8 @@ def add_ppo_parser(sub) -> None:
     p.add_argument("--rollout-batch-size", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16"),
+                   help="fp32 (default) or bf16 autocast of the forward passes; float32 master weights either way")
     p.add_argument("--reward-normalization", default="none", help="none | reference-mean (InstructGPT)")
     p.add_argument("--missing-eos-penalty", type=float, default=None,
                    help="subtracted from the score of responses cut off without EOS")

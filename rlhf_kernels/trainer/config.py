@@ -92,6 +92,10 @@ class PPOConfig:
     # Activation checkpointing of the policy's and critic's decoder layers in
     # the update (transformers' gradient_checkpointing_enable, non-reentrant).
     gradient_checkpointing: bool = False
+    # "fp32": the trained models' float32 master weights compute in float32;
+    # "bf16": their forward passes (rollout and update) run under bf16
+    # autocast, the weights, gradients and optimizer state staying float32.
+    precision: str = "fp32"
     # Rows per no-grad pass of the rollout (old and reference log-probs,
     # values, scores); 0: the update's micro-batch size.
     forward_batch_size: int = 0
@@ -206,6 +210,8 @@ def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
         raise ConfigError("ppo: max_new_tokens must be > 0 and iterations >= 0")
     if world_size < 1:
         raise ConfigError("world size must be >= 1")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"ppo.precision: unknown {cfg.precision!r}; expected fp32 or bf16")
     if cfg.algo not in ("ppo", "grpo", "rloo"):
         raise ConfigError(f"ppo.algo: unknown {cfg.algo!r}; expected ppo, grpo or rloo")
     if cfg.algo != "ppo" and (cfg.group_size < 2 or cfg.rollout_batch_size % cfg.group_size):

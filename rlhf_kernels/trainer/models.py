@@ -156,12 +156,13 @@ def response_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                 use_cache=False, output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1]
     if check:
-        with torch.no_grad():
+        # bf16 / fp16 hidden states or an autocast forward: the model's logits are a 16-bit product
+        low_precision = hidden.dtype != torch.float32 or torch.is_autocast_enabled(hidden.device.type)
+        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
             want = out.logits[:, -1].float()
             got = torch.nn.functional.linear(hidden[:, -1].float(), head.weight.float(),
                                              None if head.bias is None else head.bias.float()) * head.logit_scale
-            tol = 1e-2 * max(1.0, want.abs().max().item()) if hidden.dtype != torch.float32 else \
-                1e-4 * max(1.0, want.abs().max().item())
+            tol = (1e-2 if low_precision else 1e-4) * max(1.0, want.abs().max().item())
             if not torch.allclose(got, want, atol=tol, rtol=0):
                 raise ValueError(
                     f"{type(getattr(model, 'module', model)).__name__}: its logits are not its output layer applied "

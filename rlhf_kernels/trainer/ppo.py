@@ -73,10 +73,12 @@ def _enable_gradient_checkpointing(model) -> None:
     """transformers' activation checkpointing on a causal LM or on a
     ScalarHeadModel's trunk (non-reentrant: it works with frozen inputs)."""
     target = model.trunk if isinstance(model, ScalarHeadModel) else model
-    enable = getattr(target, "gradient_checkpointing_enable", None)
-    if enable is None or not getattr(target, "supports_gradient_checkpointing", False):
+    if not getattr(target, "supports_gradient_checkpointing", False):
         raise ValueError(f"gradient_checkpointing: {type(target).__name__} does not support it")
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(target, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _reduce_over_ranks(stats: dict[str, float], shares: set[str], world_size: int, device) -> dict[str, float]:
@@ -204,6 +206,12 @@ class PPOTrainer:
 
     # --- rollout -------------------------------------------------------------------
 
+    def _autocast(self):
+        """bf16 autocast of the forward passes with ``precision="bf16"``."""
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _trained(self) -> list:
         """The models the update trains: the policy, and the critic (PPO)."""
         return [m for m in (self.policy, self.value_model) if m is not None]
@@ -317,7 +325,7 @@ class PPOTrainer:
     def rollout(self) -> Rollout:
         cfg = self.config
         self._eval_mode()
-        with self.timer.phase("rollout", self.device):
+        with self.timer.phase("rollout", self.device), self._autocast():
             if cfg.algo == "ppo":
                 prompts = self.prompt_sampler(cfg.rollout_batch_size, self.data_rng)
             else:  # group sampling: each prompt group_size times, consecutive
@@ -486,7 +494,7 @@ class PPOTrainer:
                 for k in range(cfg.grad_accum_steps):
                     idx = mb[k * micro : (k + 1) * micro]
                     last = k == cfg.grad_accum_steps - 1
-                    with self._maybe_no_sync(not last):
+                    with self._maybe_no_sync(not last), self._autocast():
                         stats = self._micro_step(r, idx, num_tokens, num_seqs, with_ptx=cfg.ptx_coef > 0 and k == 0)
                     for key, v in stats.items():
                         weight = 1.0 if key in summed else 1.0 / cfg.grad_accum_steps
