@@ -77,7 +77,7 @@ def test_ppo_command_with_a_reward_function_from_a_file_and_resume(artefacts, tm
         "        f.write(json.dumps({'n': len(responses), 'stopped': list(info['stopped'])}) + '\\n')\n"
         "    return torch.tensor([float(len(r)) for r in responses])\n")
     out = tmp_path / "run"
-    args = _args(artefacts, out, "--reward-fn", f"{reward_file}:score")
+    args = _args(artefacts, out, "--reward-fn", f"{reward_file}:score", "--reward-normalization", "running")
     assert cli.main(args + ["--iterations", "1"]) == 0
     assert cli.main(args + ["--iterations", "2", "--resume"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

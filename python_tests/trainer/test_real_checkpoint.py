@@ -208,3 +208,20 @@ def test_bf16_precision_autocasts_the_forward_with_float32_master_weights(qwen_a
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in trainer.policy.parameters())
     for key in ("policy_loss", "value_loss", "grad_norm"):
         assert torch.isfinite(torch.tensor(metrics[key])), key
+
+
+def test_running_reward_whitening_uses_every_score_so_far(qwen_artefacts):
+    trainer, tok, _ = _trainer(qwen_artefacts, reward_running_whiten=True)
+    seen = []
+    for seed in (7, 8):
+        torch.manual_seed(seed)
+        batch, responses, stopped = trainer.generate(_prompts(tok, 4))
+        trainer.config.reward_running_whiten = False
+        raw = trainer.score(batch, [], responses, stopped)
+        trainer.config.reward_running_whiten = True
+        seen.append(raw.double())
+        got = trainer.score(batch, [], responses, stopped)
+        everything = torch.cat(seen)
+        want = (raw.double() - everything.mean()) / torch.sqrt(everything.var() + 1e-8)
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    assert trainer.state_dict()["score_moments"][0] == 8

@@ -8,7 +8,7 @@
                      [--algo ppo|grpo|rloo --group-size K]
                      [--iterations N] [--rollout-batch-size N] [--max-new-tokens N]
                      [--gradient-checkpointing] [--precision fp32|bf16]
-                     [--reward-normalization none|reference-mean]
+                     [--reward-normalization none|reference-mean|running]
                      [--missing-eos-penalty X] [--config FILE] [--backend NAME] [--device cpu|cuda]
                      [--resume]
 
@@ -292,6 +292,8 @@ def ppo_config(args) -> PPOConfig:
             setattr(cfg, key, value)
     if args.gradient_checkpointing:
         cfg.gradient_checkpointing = True
+    if args.reward_normalization == "running":
+        cfg.reward_running_whiten = True
     if args.algo is not None:
         cfg.algo = args.algo
     if args.precision is not None:
@@ -310,8 +312,9 @@ def run_ppo(args) -> dict:
 
     if (args.reward_model is None) == (args.reward_fn is None):
         raise ConfigError("give exactly one of --reward-model and --reward-fn")
-    if args.reward_normalization not in ("none", "reference-mean"):
-        raise ConfigError(f"--reward-normalization: {args.reward_normalization!r}; expected none or reference-mean")
+    if args.reward_normalization not in ("none", "reference-mean", "running"):
+        raise ConfigError(f"--reward-normalization: {args.reward_normalization!r}; expected none, reference-mean or "
+                          "running")
     cfg = ppo_config(args)
     validate_ppo(cfg)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -531,7 +534,9 @@ def add_ppo_parser(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16"),
                    help="fp32 (default) or bf16 autocast of the forward passes; float32 master weights either way")
-    p.add_argument("--reward-normalization", default="none", help="none | reference-mean (InstructGPT)")
+    p.add_argument("--reward-normalization", default="none",
+                   help="none | reference-mean (InstructGPT: the reference policy's mean score is the bias) | "
+                        "running (whiten by the running mean and std)")
     p.add_argument("--missing-eos-penalty", type=float, default=None,
                    help="subtracted from the score of responses cut off without EOS")
     p.add_argument("--config", default=None, help="JSON file of PPOConfig fields")

@@ -114,6 +114,9 @@ class PPOConfig:
     # cut off at max_new_tokens without an EOS.
     reward_bias: float = 0.0
     missing_eos_penalty: float = 0.0
+    # Whiten the scores by their running mean and std over every iteration so
+    # far (and every rank), before the missing-EOS penalty.
+    reward_running_whiten: bool = False
     seed: int = 2
     log_every: int = 1
     checkpoint_every: int = 10

@@ -201,6 +201,7 @@ class PPOTrainer:
         if rank > 0:
             torch.manual_seed(config.seed * 1000 + rank)
         self.iteration = 0
+        self._score_moments = torch.zeros(3, dtype=torch.float64)  # count, sum, sum of squares of the scores
         self.timer = Timer()
         self._heads_checked: dict[int, bool] = {}  # id(model) -> fused LM head usable
 
@@ -297,10 +298,23 @@ class PPOTrainer:
                                    batch)
         if cfg.reward_bias:
             scores = scores - cfg.reward_bias
+        if cfg.reward_running_whiten:
+            scores = self._running_whiten(scores)
         if cfg.missing_eos_penalty:
             cut = ~torch.tensor(stopped, dtype=torch.bool, device=scores.device)
             scores = scores - cfg.missing_eos_penalty * cut.to(scores.dtype)
         return scores
+
+    def _running_whiten(self, scores: Tensor) -> Tensor:
+        """(s - mean) / std with the running moments of every score so far,
+        this batch's included (all ranks'; float64, one all-reduce)."""
+        batch = torch.stack([torch.tensor(float(scores.numel()), device=scores.device, dtype=torch.float64),
+                             scores.double().sum(), scores.double().square().sum()])
+        self._score_moments = self._score_moments.to(scores.device) + all_reduce_sum(batch)
+        count, total, total_sq = self._score_moments
+        mean = total / count
+        var = (total_sq / count - mean * mean).clamp(min=0) * count / (count - 1).clamp(min=1)
+        return ((scores.double() - mean) / torch.sqrt(var + 1e-8)).float()
 
     def _in_rows(self, fn: Callable[[Batch], Tensor], batch: Batch) -> Tensor:
         """fn over row chunks of ``forward_batch_size`` sequences (default: the
@@ -564,6 +578,7 @@ class PPOTrainer:
             "policy_sched": self.policy_sched.state_dict(),
             "value_sched": self.value_sched.state_dict() if self.value_sched is not None else None,
             "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl is not None else None,
+            "score_moments": self._score_moments.cpu(),
             # Every rank's streams (prompts, sampling noise), by rank: a collective,
             # so every rank calls state_dict; rank 0 writes it.
             "rank_rng": all_gather_object({"data_rng": self.data_rng.getstate(), "rng": rng_state()}),
@@ -578,6 +593,8 @@ class PPOTrainer:
             _unwrap(self.value_model).load_state_dict(state["value_model"])
             self.value_opt.load_state_dict(state["value_opt"])
             self.value_sched.load_state_dict(state["value_sched"])
+        if "score_moments" in state:
+            self._score_moments = state["score_moments"].clone()
         if self.kl_ctl is not None and state["kl_ctl"] is not None:
             self.kl_ctl.load_state_dict(state["kl_ctl"])
         saved = state["rank_rng"]
