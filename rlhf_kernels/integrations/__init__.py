@@ -136,6 +136,19 @@ def count_served(key: str) -> None:
         _served[key] += 1
 
 
+def _weights_ok(weights) -> bool:
+    """A bool mask, or per-token weights our kernels take: finite and >= 0
+    everywhere (one reduction; the adapters hand the rest back)."""
+    import torch
+
+    if weights.dtype == torch.bool:
+        return True
+    ok = weights >= 0
+    if weights.is_floating_point():
+        ok &= torch.isfinite(weights)
+    return bool(ok.all())
+
+
 def _counting(key: str, replacement: Callable) -> Callable:
     """``replacement`` that counts each call that returns without a hand-back
     as served (a call that raises is neither: the framework raises there too)."""

@@ -31,7 +31,7 @@ from torch import Tensor
 
 import rlhf_kernels
 
-from . import Patcher, _Target, hand_back
+from . import Patcher, _Target, _weights_ok, hand_back
 
 TESTED_VERSIONS = frozenset({"0.11.2"})
 
@@ -139,16 +139,6 @@ def _nan_if_empty(x: Tensor, mask: Tensor, token_level_loss: bool, given) -> Ten
     if given is not None:
         return x
     return torch.where(mask.any(), x, x.new_tensor(float("nan")))
-
-
-def _weights_ok(weights: Tensor) -> bool:
-    """A bool mask, or weights our kernels take: finite and >= 0 everywhere."""
-    if weights.dtype == torch.bool:
-        return True
-    ok = weights >= 0
-    if weights.is_floating_point():
-        ok &= torch.isfinite(weights)
-    return bool(ok.all())
 
 
 def _policy_loss_hand_back(loss_fn, log_probs, old_log_probs, advantages, action_mask, rollout_log_probs):

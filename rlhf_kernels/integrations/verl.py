@@ -30,7 +30,7 @@ from torch import Tensor
 
 import rlhf_kernels
 
-from . import Patcher, _Target, count_served, hand_back
+from . import Patcher, _Target, _weights_ok, count_served, hand_back
 
 TESTED_VERSIONS = frozenset({"0.9.1"})
 
@@ -207,16 +207,6 @@ def _finish(loss: Tensor, scale: float, count, dtype, agg: str) -> Tensor:
     # verl semantics: the seq-mean modes weight sequences by a float32 mask, so
     # bf16 / fp16 inputs give a float32 loss; the token modes keep the dtype.
     return loss.to(torch.promote_types(dtype, torch.float32) if agg.startswith("seq-mean") else dtype)
-
-
-def _weights_ok(weights: Tensor) -> bool:
-    """A bool mask, or weights our kernels take: finite and >= 0 everywhere."""
-    if weights.dtype == torch.bool:
-        return True
-    ok = weights >= 0
-    if weights.is_floating_point():
-        ok &= torch.isfinite(weights)
-    return bool(ok.all())
 
 
 def _policy_loss_hand_back(old_log_prob, advantages, response_mask, loss_agg_mode, config) -> str | None:
