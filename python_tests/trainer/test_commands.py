@@ -171,3 +171,30 @@ def test_stage_commands_refuse_bad_data_naming_the_line(artefacts, tmp_path, cap
         argv = [command, "--model", str(artefacts["policy"]), "--data", str(bad), "--out", str(tmp_path / "o")]
         assert cli.main(argv) == 2
         assert message in capsys.readouterr().err, message
+
+
+def test_ppo_command_logs_to_tensorboard_when_installed(artefacts, tmp_path, monkeypatch):
+    """tensorboard is not installed here: a stand-in SummaryWriter records
+    what the command writes (every numeric metric of every iteration)."""
+    import sys
+    import types
+
+    written = []
+
+    class SummaryWriter:
+        def __init__(self, log_dir):
+            written.append(("dir", log_dir))
+
+        def add_scalar(self, key, value, step):
+            written.append((key, step))
+
+        def close(self):
+            written.append(("closed", None))
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    out = tmp_path / "tb_run"
+    assert cli.main(_args(artefacts, out, "--reward-model", str(artefacts["rm"]), "--iterations", "2")) == 0
+    assert written[0] == ("dir", str(out / "tb")) and written[-1] == ("closed", None)
+    assert {("reward", 0), ("reward", 1), ("timing/update_s", 1), ("policy_loss", 0)} <= set(written)
