@@ -198,3 +198,24 @@ def test_ppo_command_logs_to_tensorboard_when_installed(artefacts, tmp_path, mon
     assert cli.main(_args(artefacts, out, "--reward-model", str(artefacts["rm"]), "--iterations", "2")) == 0
     assert written[0] == ("dir", str(out / "tb")) and written[-1] == ("closed", None)
     assert {("reward", 0), ("reward", 1), ("timing/update_s", 1), ("policy_loss", 0)} <= set(written)
+
+
+def test_ppo_command_under_torchrun_on_two_gloo_ranks(artefacts, tmp_path):
+    """torchrun --nproc_per_node 2: DDP over gloo, global statistics, rank 0
+    writes the outputs, the checkpoint holds both ranks' random streams."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "rlhf_kernels.cli", *_args(artefacts, out, "--reward-model", str(artefacts["rm"]),
+                                            "--iterations", "1", "--reward-normalization", "reference-mean")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["tokens"] > 4 * 4  # responses of both ranks (4 each, >= 1 token) counted
+    assert json.loads((out / "args.json").read_text())["world_size"] == 2
+    ranks = torch.load(out / "checkpoint.pt", weights_only=False)["trainer"]["rank_rng"]
+    assert len(ranks) == 2 and ranks[0]["data_rng"] != ranks[1]["data_rng"]
+    assert (out / "policy" / "model.safetensors").exists() and (out / "critic" / "model.safetensors").exists()

@@ -42,7 +42,10 @@ an ``AutoModelForSequenceClassification``), ``metrics.jsonl`` (one line per
 iteration, with ``timing/<phase>_s`` and ``memory/<phase>_peak_mb``),
 ``curves.png``, TensorBoard logs in ``tb/`` when ``tensorboard`` is
 installed, ``args.json`` (the flags and the PPOConfig) and ``checkpoint.pt`` (``--resume`` continues from
-it). SIGINT / SIGTERM write the checkpoint and stop.
+it). SIGINT / SIGTERM write the checkpoint and stop. Under ``torchrun
+--nproc_per_node N -m rlhf_kernels.cli ppo ...`` the policy and critic train
+data-parallel (DDP; each rank samples its own prompts, the statistics are
+global) and rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -62,7 +65,9 @@ from .config import ConfigError, PPOConfig, _from_dict, to_dict, validate_ppo
 from .data import check_tokenizer
 from .models import ScalarHeadModel, is_hf_classifier
 from .ppo import PPOTrainer
-from .utils import MetricsLogger, StopRequested, load_checkpoint, progress_bar, save_checkpoint
+from .utils import (
+    MetricsLogger, StopRequested, all_reduce_mean, init_distributed, load_checkpoint, progress_bar, save_checkpoint,
+)
 
 
 def _log(msg: str) -> None:
@@ -316,9 +321,12 @@ def run_ppo(args) -> dict:
         raise ConfigError(f"--reward-normalization: {args.reward_normalization!r}; expected none, reference-mean or "
                           "running")
     cfg = ppo_config(args)
-    validate_ppo(cfg)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: no CUDA GPU is visible")
+    # Under torchrun: DDP over the ranks (gloo on CPU, NCCL on GPU); rank 0 writes the outputs.
+    rank, world = init_distributed(args.device)
+    main = rank == 0
+    validate_ppo(cfg, world)
     out = Path(args.out)
     tokenizer = _load_dir(args.policy, "--policy", AutoTokenizer)
     check_tokenizer(tokenizer)
@@ -355,8 +363,9 @@ def run_ppo(args) -> dict:
         ptx_sampler = lambda n, rng: [("", ptx_texts[rng.randrange(len(ptx_texts))]) for _ in range(n)]  # noqa: E731
     trainer = PPOTrainer(policy, ref_policy, critic, tokenizer, cfg, prompt_sampler=rng_prompts,
                          reward_model=reward_model, reward_fn=reward_fn, ptx_sampler=ptx_sampler,
-                         device=args.device, backend=args.backend)
-    out.mkdir(parents=True, exist_ok=True)
+                         device=args.device, backend=args.backend, rank=rank, world_size=world)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
     resume = args.resume and ckpt_path.exists()
     if resume:
@@ -365,17 +374,21 @@ def run_ppo(args) -> dict:
         cfg.reward_bias = state["config"]["reward_bias"]
         _log(f"resumed from {ckpt_path} at iteration {trainer.iteration}")
     elif args.reward_normalization == "reference-mean":
-        cfg.reward_bias = reference_reward_mean(trainer, prompts, cfg.rollout_batch_size)
-        _log(f"reward normalisation: the reference policy's mean score {cfg.reward_bias:.4f} is the bias")
-    flags = {k: v for k, v in vars(args).items() if k != "func"}
-    (out / "args.json").write_text(json.dumps({**flags, "ppo": to_dict(cfg)}, indent=2, default=str))
-    metrics = MetricsLogger(out / "metrics.jsonl", resume=resume)
-    if resume:
+        local = reference_reward_mean(trainer, prompts, cfg.rollout_batch_size)
+        cfg.reward_bias = float(all_reduce_mean(torch.tensor(local, dtype=torch.float64, device=trainer.device)))
+        if main:
+            _log(f"reward normalisation: the reference policy's mean score {cfg.reward_bias:.4f} is the bias")
+    if main:
+        flags = {k: v for k, v in vars(args).items() if k != "func"}
+        (out / "args.json").write_text(json.dumps({**flags, "world_size": world, "ppo": to_dict(cfg)}, indent=2,
+                                                  default=str))
+    metrics = MetricsLogger(out / "metrics.jsonl", main, resume=resume)
+    if resume and main:
         kept = [r for r in metrics.read() if r["iteration"] < trainer.iteration]
         metrics.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    board = _tensorboard(out / "tb")
+    board = _tensorboard(out / "tb") if main else None
     stop = StopRequested(args.device)
-    bar = progress_bar(cfg.iterations, "ppo", True, initial=trainer.iteration)
+    bar = progress_bar(cfg.iterations, "ppo", main, initial=trainer.iteration)
     with stop.installed():
         while trainer.iteration < cfg.iterations:
             record = trainer.step()
@@ -389,14 +402,19 @@ def run_ppo(args) -> dict:
             stop_now = stop.agreed()
             done = trainer.iteration == cfg.iterations
             if stop_now or done or trainer.iteration % cfg.checkpoint_every == 0:
-                save_checkpoint(ckpt_path, {"trainer": trainer.state_dict(), "config": to_dict(cfg)})
+                state = trainer.state_dict()  # on every rank: it gathers each rank's RNG state
+                if main:
+                    save_checkpoint(ckpt_path, {"trainer": state, "config": to_dict(cfg)})
             if stop_now:
                 bar.close()
-                _log(f"interrupted at iteration {trainer.iteration}; resume with --resume --out {out}")
+                if main:
+                    _log(f"interrupted at iteration {trainer.iteration}; resume with --resume --out {out}")
                 return {"interrupted": True, "iterations": trainer.iteration, "outputs": str(out.resolve())}
     bar.close()
     if board is not None:
         board.close()
+    if not main:
+        return {"iterations": trainer.iteration, "outputs": str(out.resolve())}
     save_policy(trainer.policy, tokenizer, out / "policy", dtype)
     if trainer.value_model is not None:
         save_critic(trainer.value_model, tokenizer, out / "critic", dtype)
