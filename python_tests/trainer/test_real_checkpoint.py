@@ -225,3 +225,25 @@ def test_running_reward_whitening_uses_every_score_so_far(qwen_artefacts):
         want = (raw.double() - everything.mean()) / torch.sqrt(everything.var() + 1e-8)
         torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
     assert trainer.state_dict()["score_moments"][0] == 8
+
+
+def test_fsdp_and_ddp_agree_on_the_first_update_of_a_fixed_rollout(qwen_artefacts):
+    """The same rollout, the same seeds: the update of strategy fsdp (a
+    one-process FSDP2 group; the logits path) equals the default one's."""
+    import torch.distributed as dist
+
+    from rlhf_kernels.trainer.utils import init_distributed
+
+    torch.manual_seed(11)
+    plain, _, _ = _trainer(qwen_artefacts)
+    r = plain.rollout()
+    init_distributed("cpu", always=True)
+    try:
+        torch.manual_seed(11)
+        sharded, _, _ = _trainer(qwen_artefacts, strategy="fsdp")
+        want = plain.update(r)
+        got = sharded.update(r)
+    finally:
+        dist.destroy_process_group()
+    for key in ("policy_loss", "value_loss", "grad_norm", "clipfrac", "entropy"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key

@@ -212,10 +212,12 @@ def critic_from(model) -> ScalarHeadModel:
     return ScalarHeadModel(copy.deepcopy(model.base_model), model.config.hidden_size, bias=False)
 
 
-def save_policy(policy, tokenizer, path: Path, dtype: torch.dtype) -> None:
-    """An HF checkpoint of the policy, in ``dtype`` (the checkpoint's), with the tokenizer."""
+def save_policy(policy, tokenizer, path: Path, dtype: torch.dtype, state: dict | None = None) -> None:
+    """An HF checkpoint of the policy, in ``dtype`` (the checkpoint's), with the
+    tokenizer; ``state``: its full state dict (default: the model's own)."""
     policy = getattr(policy, "module", policy)
-    state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in policy.state_dict().items()}
+    state = policy.state_dict() if state is None else state
+    state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     _save_as(policy, path, state, dtype)
     tokenizer.save_pretrained(path)
 
@@ -231,19 +233,21 @@ def _save_as(model, path: Path, state: dict, dtype: torch.dtype) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_critic(critic: ScalarHeadModel, tokenizer, path: Path, dtype: torch.dtype) -> None:
+def save_critic(critic: ScalarHeadModel, tokenizer, path: Path, dtype: torch.dtype, state: dict | None = None) -> None:
     """The critic as an HF ``AutoModelForSequenceClassification`` checkpoint
-    (its trunk, its head as the one-label score), in ``dtype``."""
+    (its trunk, its head as the one-label score), in ``dtype``; ``state``: its
+    full state dict (default: the model's own)."""
     from transformers import AutoModelForSequenceClassification
 
     critic = getattr(critic, "module", critic)
+    state = critic.state_dict() if state is None else state
     config = copy.deepcopy(critic.trunk.config)
     config.num_labels = 1
     config.architectures = None
     with torch.device("meta"):
         hf = AutoModelForSequenceClassification.from_config(config)
-    trunk = {f"{hf.base_model_prefix}.{k}": v for k, v in critic.trunk.state_dict().items()}
-    state = {**trunk, "score.weight": critic.head.weight}
+    trunk = {f"{hf.base_model_prefix}.{k[len('trunk.'):]}": v for k, v in state.items() if k.startswith("trunk.")}
+    state = {**trunk, "score.weight": state["head.weight"]}
     state = {k: v.detach().to(dtype) for k, v in state.items()}
     _save_as(hf, path, state, dtype)
     tokenizer.save_pretrained(path)
@@ -303,6 +307,8 @@ def ppo_config(args) -> PPOConfig:
         cfg.algo = args.algo
     if args.precision is not None:
         cfg.precision = args.precision
+    if args.strategy is not None:
+        cfg.strategy = args.strategy
     if args.group_size is not None:
         cfg.group_size = args.group_size
     if cfg.rollout_batch_size < cfg.mini_batch_size:  # a small rollout: one mini-batch
@@ -313,6 +319,17 @@ def ppo_config(args) -> PPOConfig:
 
 def run_ppo(args) -> dict:
     """The ``ppo`` command; returns the summary (also in <out>/summary.json)."""
+    import torch.distributed as dist
+
+    had_group = dist.is_initialized()
+    try:
+        return _run_ppo(args)
+    finally:
+        if not had_group and dist.is_initialized() and dist.get_world_size() == 1:
+            dist.destroy_process_group()  # the one-process group FSDP needed, ours to close
+
+
+def _run_ppo(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     if (args.reward_model is None) == (args.reward_fn is None):
@@ -324,7 +341,7 @@ def run_ppo(args) -> dict:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: no CUDA GPU is visible")
     # Under torchrun: DDP over the ranks (gloo on CPU, NCCL on GPU); rank 0 writes the outputs.
-    rank, world = init_distributed(args.device)
+    rank, world = init_distributed(args.device, always=cfg.strategy == "fsdp")
     main = rank == 0
     validate_ppo(cfg, world)
     out = Path(args.out)
@@ -413,11 +430,14 @@ def run_ppo(args) -> dict:
     bar.close()
     if board is not None:
         board.close()
+    # The full weights (under FSDP: gathered to rank 0, a collective on every rank).
+    policy_state = trainer._model_state(trainer.policy)
+    critic_state = trainer._model_state(trainer.value_model) if trainer.value_model is not None else None
     if not main:
         return {"iterations": trainer.iteration, "outputs": str(out.resolve())}
-    save_policy(trainer.policy, tokenizer, out / "policy", dtype)
-    if trainer.value_model is not None:
-        save_critic(trainer.value_model, tokenizer, out / "critic", dtype)
+    save_policy(trainer.policy, tokenizer, out / "policy", dtype, policy_state)
+    if critic_state is not None:
+        save_critic(trainer.value_model, tokenizer, out / "critic", dtype, critic_state)
     from .pipeline import _plot
 
     plot = _plot(metrics.read(), out / "curves.png")
@@ -550,6 +570,8 @@ def add_ppo_parser(sub) -> None:
     p.add_argument("--rollout-batch-size", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--strategy", default=None, choices=("ddp", "fsdp"),
+                   help="under torchrun: ddp (default; every rank holds every model) or fsdp (FSDP2 sharding)")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16"),
                    help="fp32 (default) or bf16 autocast of the forward passes; float32 master weights either way")
     p.add_argument("--reward-normalization", default="none",

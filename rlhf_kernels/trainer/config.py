@@ -92,6 +92,10 @@ class PPOConfig:
     # Activation checkpointing of the policy's and critic's decoder layers in
     # the update (transformers' gradient_checkpointing_enable, non-reentrant).
     gradient_checkpointing: bool = False
+    # Data parallelism under torchrun: "ddp" (every rank holds every model)
+    # or "fsdp" (FSDP2: parameters, gradients and optimizer state sharded
+    # per decoder layer over the ranks, the frozen models' parameters too).
+    strategy: str = "ddp"
     # "fp32": the trained models' float32 master weights compute in float32;
     # "bf16": their forward passes (rollout and update) run under bf16
     # autocast, the weights, gradients and optimizer state staying float32.
@@ -213,6 +217,8 @@ def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
         raise ConfigError("ppo: max_new_tokens must be > 0 and iterations >= 0")
     if world_size < 1:
         raise ConfigError("world size must be >= 1")
+    if cfg.strategy not in ("ddp", "fsdp"):
+        raise ConfigError(f"ppo.strategy: unknown {cfg.strategy!r}; expected ddp or fsdp")
     if cfg.precision not in ("fp32", "bf16"):
         raise ConfigError(f"ppo.precision: unknown {cfg.precision!r}; expected fp32 or bf16")
     if cfg.algo not in ("ppo", "grpo", "rloo"):

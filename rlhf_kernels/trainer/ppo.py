@@ -40,6 +40,7 @@ from .data import (
     Batch, decode_responses, encode_prompts, encode_responses, lm_targets, make_batch,
     response_mask_from_generation,
 )
+from . import fsdp
 from .models import LMHead, ScalarHeadModel, response_hidden, response_logits, sequence_scores
 from .utils import (
     Timer, all_gather_object, all_reduce_mean, all_reduce_sum, disable_dropout, float32_master, make_optimizer,
@@ -183,7 +184,13 @@ class PPOTrainer:
         self.ref_policy = ref_policy.to(self.device).eval().requires_grad_(False)
         if reward_model is not None:
             self.reward_model = reward_model.to(self.device).eval().requires_grad_(False)
-        if world_size > 1:
+        self.sharded = config.strategy == "fsdp"
+        if self.sharded:
+            # FSDP2 on every model: the optimizers below see the sharded parameters.
+            for model in (self.policy, self.value_model, self.ref_policy, self.reward_model):
+                if isinstance(model, torch.nn.Module) and fsdp.decoder_layers(model):
+                    fsdp.shard(model)
+        elif world_size > 1:
             self.policy = DDP(self.policy)
             if self.value_model is not None:
                 self.value_model = DDP(self.value_model)
@@ -232,7 +239,7 @@ class PPOTrainer:
         model.eval()
         sampling = sampling_config(model, self.tokenizer, temperature=temperature or cfg.temperature, greedy=greedy,
                                    max_new_tokens=cfg.max_new_tokens)
-        with _generation_config(model, sampling):
+        with _generation_config(model, sampling), fsdp.gathered(model):
             out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask)
         model.train(was_training)
         responses = out[:, prompt_ids.shape[1]:]
@@ -246,6 +253,13 @@ class PPOTrainer:
         """(the model's LM head for the fused ops or None: the logits path,
         whether this is its first use: check it)."""
         if not self.config.fused_lm_head or self.backend == "reference":
+            return None, False
+        if fsdp.is_sharded(model):
+            # The head's weight is a sharded DTensor outside the model's own forward.
+            if id(model) not in self._heads_checked:
+                logger.warning("fused LM head off for %s under FSDP: the (B, T, V) logits are built instead",
+                               type(model).__name__)
+                self._heads_checked[id(model)] = False
             return None, False
         key = id(model)
         if self._heads_checked.get(key) is False:
@@ -492,6 +506,7 @@ class PPOTrainer:
             summed |= {"kl_loss"}
         totals: dict[str, float] = {}
         steps = 0
+        model_state_mb = None
         # Dropout off by default (ratio exactly 1 before the first step, as TRL's
         # disable_dropout); config.dropout_in_update turns it on. Gradient
         # checkpointing runs only in train mode (its models' dropout is off).
@@ -516,24 +531,33 @@ class PPOTrainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.policy_optim.max_grad_norm)
                 if self.value_model is not None:
                     torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), cfg.value_optim.max_grad_norm)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+                    grad_norm = grad_norm.full_tensor()
                 totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm)
-                for opt, sched in ((self.policy_opt, self.policy_sched), (self.value_opt, self.value_sched)):
-                    if opt is None:
-                        continue
+                optimizers = [o for o in (self.policy_opt, self.value_opt) if o is not None]
+                for opt in optimizers:
                     opt.step()
+                if model_state_mb is None:
+                    # This rank's parameters, gradients and optimizer state, every model it trains.
+                    model_state_mb = fsdp.model_state_mb(self._trained(), optimizers)
+                for opt, sched in zip(optimizers, (s for s in (self.policy_sched, self.value_sched) if s is not None)):
                     sched.step()
                     opt.zero_grad(set_to_none=True)
                 steps += 1
         # ptx_loss is each rank's own mean: it averages over ranks.
-        return _reduce_over_ranks({k: v / steps for k, v in totals.items()}, summed - {"ptx_loss"},
+        totals = {k: v / steps for k, v in totals.items()}
+        totals["memory/model_state_mb"] = model_state_mb
+        return _reduce_over_ranks(totals, summed - {"ptx_loss"},
                                   self.world_size, self.device)
 
     def _maybe_no_sync(self, skip_sync: bool):
-        """DDP's no_sync on both models for all but the last micro-batch."""
-        from contextlib import ExitStack
-
-        stack = ExitStack()
-        if skip_sync and self.world_size > 1:
+        """No gradient all-reduce (DDP's no_sync) or reduce-scatter (FSDP) for
+        all but the last micro-batch."""
+        stack = contextlib.ExitStack()
+        if self.sharded:
+            for model in self._trained():
+                fsdp.set_gradient_sync(model, not skip_sync)
+        elif skip_sync and self.world_size > 1:
             for model in self._trained():
                 stack.enter_context(model.no_sync())
         return stack
@@ -568,13 +592,22 @@ class PPOTrainer:
         kl = ((logp - ref) * batch.response_mask).sum(1).mean()
         return {"true_score": float(true_score(prompts, texts, stopped).mean()), "kl_to_ref": float(kl)}
 
+    def _model_state(self, model) -> dict:
+        return fsdp.full_state_dict(model) if self.sharded else _unwrap(model).state_dict()
+
+    def _optim_state(self, model, opt) -> dict:
+        return fsdp.full_optimizer_state_dict(model, opt) if self.sharded else opt.state_dict()
+
     def state_dict(self) -> dict:
+        """Everything to resume (a collective: every rank calls it; rank 0 writes
+        it). Under FSDP the model and optimizer states are gathered in full
+        (on rank 0), so a run resumes on any number of ranks."""
         return {
             "iteration": self.iteration,
-            "policy": _unwrap(self.policy).state_dict(),
-            "value_model": _unwrap(self.value_model).state_dict() if self.value_model is not None else None,
-            "policy_opt": self.policy_opt.state_dict(),
-            "value_opt": self.value_opt.state_dict() if self.value_opt is not None else None,
+            "policy": self._model_state(self.policy),
+            "value_model": self._model_state(self.value_model) if self.value_model is not None else None,
+            "policy_opt": self._optim_state(self.policy, self.policy_opt),
+            "value_opt": self._optim_state(self.value_model, self.value_opt) if self.value_opt is not None else None,
             "policy_sched": self.policy_sched.state_dict(),
             "value_sched": self.value_sched.state_dict() if self.value_sched is not None else None,
             "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl is not None else None,
@@ -584,22 +617,36 @@ class PPOTrainer:
             "rank_rng": all_gather_object({"data_rng": self.data_rng.getstate(), "rng": rng_state()}),
         }
 
+    def _load_model(self, model, opt, state: dict, opt_state: dict) -> None:
+        if self.sharded:
+            fsdp.load_full_state_dict(model, opt, state, opt_state)
+        else:
+            _unwrap(model).load_state_dict(state)
+            opt.load_state_dict(opt_state)
+
     def load_state_dict(self, state: dict) -> None:
         self.iteration = state["iteration"]
-        _unwrap(self.policy).load_state_dict(state["policy"])
-        self.policy_opt.load_state_dict(state["policy_opt"])
+        self._load_model(self.policy, self.policy_opt, state["policy"], state["policy_opt"])
         self.policy_sched.load_state_dict(state["policy_sched"])
         if self.value_model is not None:
-            _unwrap(self.value_model).load_state_dict(state["value_model"])
-            self.value_opt.load_state_dict(state["value_opt"])
+            self._load_model(self.value_model, self.value_opt, state["value_model"], state["value_opt"])
             self.value_sched.load_state_dict(state["value_sched"])
         if "score_moments" in state:
             self._score_moments = state["score_moments"].clone()
         if self.kl_ctl is not None and state["kl_ctl"] is not None:
             self.kl_ctl.load_state_dict(state["kl_ctl"])
         saved = state["rank_rng"]
-        if len(saved) != self.world_size:
+        if len(saved) == self.world_size:
+            self.data_rng.setstate(saved[self.rank]["data_rng"])
+            set_rng_state(saved[self.rank]["rng"])
+        elif not self.sharded:
             raise ValueError(f"checkpoint: written by {len(saved)} processes, resumed with {self.world_size}; "
-                             "resume with the same number of processes")
-        self.data_rng.setstate(saved[self.rank]["data_rng"])
-        set_rng_state(saved[self.rank]["rng"])
+                             "resume with the same number of processes (or train with strategy fsdp)")
+        else:
+            # Another number of ranks: the models and optimizers continue exactly,
+            # the sampling streams start afresh (seeded by rank and iteration).
+            logger.warning("checkpoint: written by %d processes, resumed with %d; the prompt and sampling "
+                           "streams are reseeded", len(saved), self.world_size)
+            seed = (self.config.seed * 1000 + self.rank) * 100003 + self.iteration
+            self.data_rng = random.Random(seed)
+            torch.manual_seed(seed)

@@ -100,11 +100,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --- distributed ----------------------------------------------------------------------
 
 
-def init_distributed(device: str) -> tuple[int, int]:
+def init_distributed(device: str, always: bool = False) -> tuple[int, int]:
     """(rank, world_size); initialises the default process group under torchrun
-    (gloo on CPU, NCCL on GPU)."""
+    (gloo on CPU, NCCL on GPU). ``always``: a one-process group too (FSDP
+    needs one), on a free local port when not launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    if always and world == 1 and not dist.is_initialized() and "MASTER_ADDR" not in os.environ:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if (world > 1 or always) and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend=backend)
         if device.startswith("cuda"):

@@ -1,0 +1,122 @@
+"""FSDP2 for the trainer (``strategy="fsdp"``): ``torch.distributed.fsdp.fully_shard``
+on every decoder layer, then on the root, for the trained models (parameters,
+gradients and optimizer state sharded over the ranks) and the frozen ones
+(reference, reward model: parameters sharded, all-gathered layer by layer in
+their forwards). Generation gathers the policy's full parameters once per
+rollout (``gathered``) instead of once per token and layer."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+def _fsdp():
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    return FSDPModule, fully_shard
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks (transformers' ``*DecoderLayer`` modules)."""
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """fully_shard each decoder layer, then the root (the embeddings, the final
+    norm and the head: tied weights stay one parameter). In place; returns
+    the model."""
+    _, fully_shard = _fsdp()
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"strategy fsdp: {type(model).__name__} has no *DecoderLayer modules to shard")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def is_sharded(model) -> bool:
+    FSDPModule, _ = _fsdp()
+    return isinstance(model, FSDPModule)
+
+
+def _fsdp_modules(model: nn.Module):
+    FSDPModule, _ = _fsdp()
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """The model's full parameters all-gathered once and kept through every
+    forward inside (generation: one all-gather per rollout, not one per
+    token and layer), resharded on exit."""
+    if not is_sharded(model):
+        yield
+        return
+    modules = _fsdp_modules(model)
+    for m in modules:
+        m.set_reshard_after_forward(False)
+    model.unshard()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.set_reshard_after_forward(True)
+        model.reshard()
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """FSDP2's no_sync: skip the reduce-scatter for all but the last micro-batch."""
+    model.set_requires_gradient_sync(enabled)
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """The full (unsharded) state dict on rank 0, on the CPU; {} on the other ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's full state dict (keyed by parameter names) on rank 0, on the CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, optim_state: dict) -> None:
+    """Load full (unsharded) model and optimizer state dicts, as written by
+    ``full_state_dict`` / ``full_optimizer_state_dict`` on any number of
+    ranks, from rank 0 (the other ranks' copies are not read)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, state, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes this rank holds of the tensors (a DTensor's local shard)."""
+    return sum(_local(t).numel() * _local(t).element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def model_state_mb(models: Iterable[nn.Module], optimizers: Iterable[torch.optim.Optimizer]) -> float:
+    """This rank's parameters, gradients and optimizer state, MiB, over the models."""
+    total = 0
+    for model in models:
+        params = list(model.parameters())
+        total += local_bytes(params) + local_bytes(p.grad for p in params if p.grad is not None)
+    for opt in optimizers:
+        for state in opt.state.values():
+            total += local_bytes(v for v in state.values() if isinstance(v, torch.Tensor))
+    return total / 2**20
