@@ -258,3 +258,26 @@ def test_ppo_command_fsdp_on_two_gloo_ranks_shards_the_state_and_resumes_on_any_
     _torchrun(2, 29543, _args(artefacts, out, *base, "--iterations", "3", "--strategy", "fsdp", "--resume"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert json.loads((out / "policy" / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+
+
+def test_sft_and_rm_commands_data_parallel_under_torchrun(artefacts, tmp_path):
+    """sft (FSDP) and rm (DDP) on 2 gloo ranks: each rank its own examples, one
+    global loss per step, the HF checkpoint from rank 0."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    sft_data, rm_data = tmp_path / "sft.jsonl", tmp_path / "rm.jsonl"
+    sft_data.write_text("".join(json.dumps({"prompt": f"count {i}", "response": "one two three"}) + "\n"
+                                for i in range(6)))
+    rm_data.write_text("".join(json.dumps({"prompt": f"q {i}", "chosen": "the sea", "rejected": "digits"}) + "\n"
+                               for i in range(6)))
+    _torchrun(2, 29545, ["sft", "--model", str(artefacts["policy"]), "--data", str(sft_data), "--out",
+                         str(tmp_path / "sft"), "--steps", "3", "--batch-size", "2", "--lr", "3e-3",
+                         "--strategy", "fsdp"])
+    assert len((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert json.loads((tmp_path / "sft" / "args.json").read_text())["world_size"] == 2
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "sft", local_files_only=True).dtype == torch.bfloat16
+    _torchrun(2, 29547, ["rm", "--model", str(tmp_path / "sft"), "--data", str(rm_data), "--out",
+                         str(tmp_path / "rm"), "--steps", "3", "--batch-size", "2"])
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", local_files_only=True)
+    assert rm.config.num_labels == 1

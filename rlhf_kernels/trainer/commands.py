@@ -1,7 +1,7 @@
 """`rlhf-kernels sft | rm | ppo`: the InstructGPT stages on the user's own artefacts.
 
-    rlhf-kernels sft --model DIR --data FILE.jsonl --out DIR [--steps N] [--batch-size N] [--lr X]
-    rlhf-kernels rm  --model DIR --data FILE.jsonl --out DIR [--steps N] [--batch-size N] [--lr X]
+    rlhf-kernels sft --model DIR --data FILE.jsonl --out DIR [--steps N] [--batch-size N] [--lr X] [--strategy S]
+    rlhf-kernels rm  --model DIR --data FILE.jsonl --out DIR [--steps N] [--batch-size N] [--lr X] [--strategy S]
 
     rlhf-kernels ppo --policy DIR (--reward-model DIR | --reward-fn FILE.py:function | module:function)
                      --prompts FILE.jsonl --out DIR [--critic DIR] [--ptx-data FILE.jsonl --ptx-coef X]
@@ -65,6 +65,7 @@ from .config import ConfigError, PPOConfig, _from_dict, to_dict, validate_ppo
 from .data import check_tokenizer
 from .models import ScalarHeadModel, is_hf_classifier
 from .ppo import PPOTrainer
+from .fsdp import export_state_dict, unwrapped
 from .utils import (
     MetricsLogger, StopRequested, all_reduce_mean, init_distributed, load_checkpoint, progress_bar, save_checkpoint,
 )
@@ -230,6 +231,8 @@ def _save_as(model, path: Path, state: dict, dtype: torch.dtype) -> None:
     config_file = Path(path) / "config.json"
     config = json.loads(config_file.read_text())
     config["dtype"] = str(dtype).removeprefix("torch.")
+    # FSDP2 renames a sharded module's class FSDP<name>; the architecture is <name>
+    config["architectures"] = [a.removeprefix("FSDP") for a in config.get("architectures") or []] or None
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -317,16 +320,21 @@ def ppo_config(args) -> PPOConfig:
     return cfg
 
 
-def run_ppo(args) -> dict:
-    """The ``ppo`` command; returns the summary (also in <out>/summary.json)."""
+def _closing_own_group(run, args) -> dict:
+    """run(args), then the one-process group FSDP needed closed, if run made it."""
     import torch.distributed as dist
 
     had_group = dist.is_initialized()
     try:
-        return _run_ppo(args)
+        return run(args)
     finally:
         if not had_group and dist.is_initialized() and dist.get_world_size() == 1:
-            dist.destroy_process_group()  # the one-process group FSDP needed, ours to close
+            dist.destroy_process_group()
+
+
+def run_ppo(args) -> dict:
+    """The ``ppo`` command; returns the summary (also in <out>/summary.json)."""
+    return _closing_own_group(_run_ppo, args)
 
 
 def _run_ppo(args) -> dict:
@@ -453,17 +461,21 @@ def _run_ppo(args) -> dict:
 
 
 def _stage_common(args):
+    """(tokenizer, out, rank, world): checks, the process group under torchrun
+    (or a one-process one for FSDP), the output folder on rank 0."""
     from transformers import AutoTokenizer
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: no CUDA GPU is visible")
     tokenizer = _load_dir(args.model, "--model", AutoTokenizer)
     check_tokenizer(tokenizer)
+    rank, world = init_distributed(args.device, always=args.strategy == "fsdp")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2,
-                                              default=str))
-    return tokenizer, out
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        flags = {k: v for k, v in vars(args).items() if k != "func"}
+        (out / "args.json").write_text(json.dumps({**flags, "world_size": world}, indent=2, default=str))
+    return tokenizer, out, rank, world
 
 
 def run_sft(args) -> dict:
@@ -473,19 +485,22 @@ def run_sft(args) -> dict:
     from .config import OptimConfig, SFTConfig
     from .sft import SFTTrainer
 
-    tokenizer, out = _stage_common(args)
+    tokenizer, out, rank, world = _stage_common(args)
     examples = load_sft_data(args.data, tokenizer)
     model = _load_dir(args.model, "--model", AutoModelForCausalLM)
     dtype = model.dtype
     cfg = SFTConfig(steps=args.steps, batch_size=args.batch_size, optim=OptimConfig(lr=args.lr), log_every=1)
     stop = StopRequested(args.device)
     with stop.installed():
-        history = SFTTrainer(model, tokenizer, cfg, device=args.device, backend=args.backend,
-                             logger=MetricsLogger(out / "metrics.jsonl"), should_stop=stop.agreed).train(
-            lambda rng: examples[rng.randrange(len(examples))])
-    save_policy(model, tokenizer, out, dtype)
-    _log(f"SFT: {len(history)} steps, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; "
-         f"the model in {out.resolve()}")
+        trainer = SFTTrainer(model, tokenizer, cfg, device=args.device, backend=args.backend,
+                             logger=MetricsLogger(out / "metrics.jsonl", rank == 0), should_stop=stop.agreed,
+                             verbose=rank == 0, rank=rank, world_size=world, strategy=args.strategy)
+        history = trainer.train(lambda rng: examples[rng.randrange(len(examples))])
+    state = export_state_dict(trainer.model)  # a collective under FSDP
+    if rank == 0:
+        save_policy(unwrapped(trainer.model), tokenizer, out, dtype, state)
+        _log(f"SFT: {len(history)} steps on {world} rank(s), loss {history[0]['loss']:.4f} -> "
+             f"{history[-1]['loss']:.4f}; the model in {out.resolve()}")
     return {"steps": len(history), "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],
             "interrupted": len(history) < cfg.steps}
 
@@ -498,7 +513,7 @@ def run_rm(args) -> dict:
     from .config import OptimConfig, RewardConfig
     from .reward import RewardTrainer
 
-    tokenizer, out = _stage_common(args)
+    tokenizer, out, rank, world = _stage_common(args)
     examples = load_rm_data(args.data, tokenizer)
     # A causal LM (the SFT model) gets a fresh one-label score head: HF's own
     # sequence-classification model of its architecture.
@@ -516,13 +531,17 @@ def run_rm(args) -> dict:
 
     stop = StopRequested(args.device)
     with stop.installed():
-        history = RewardTrainer(model, tokenizer, cfg, device=args.device,
-                                logger=MetricsLogger(out / "metrics.jsonl"), should_stop=stop.agreed).train(sample)
-    state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    _save_as(model, out, state, dtype)
-    tokenizer.save_pretrained(out)
-    _log(f"reward model: {len(history)} steps, pair accuracy {history[-1]['pair_accuracy']:.2f}; "
-         f"the model in {out.resolve()}")
+        trainer = RewardTrainer(model, tokenizer, cfg, device=args.device,
+                                logger=MetricsLogger(out / "metrics.jsonl", rank == 0), should_stop=stop.agreed,
+                                verbose=rank == 0, rank=rank, world_size=world, strategy=args.strategy)
+        history = trainer.train(sample)
+    state = export_state_dict(trainer.model)  # a collective under FSDP
+    if rank == 0:
+        state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        _save_as(unwrapped(trainer.model), out, state, dtype)
+        tokenizer.save_pretrained(out)
+        _log(f"reward model: {len(history)} steps on {world} rank(s), pair accuracy "
+             f"{history[-1]['pair_accuracy']:.2f}; the model in {out.resolve()}")
     return {"steps": len(history), "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],
             "interrupted": len(history) < cfg.steps}
 
@@ -541,12 +560,14 @@ def add_stage_parsers(sub) -> None:
         p.add_argument("--lr", type=float, default=1e-5)
         p.add_argument("--backend", default=None, help="triton | cuda | cpu | reference")
         p.add_argument("--device", default="cpu")
+        p.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp"),
+                       help="under torchrun: ddp (default) or fsdp (FSDP2 sharding)")
         p.set_defaults(func=lambda args, _run=run, _name=name: _stage_main(_run, _name, args))
 
 
 def _stage_main(run, name: str, args) -> int:
     try:
-        summary = run(args)
+        summary = _closing_own_group(run, args)
     except (ConfigError, ValueError) as exc:
         print(f"rlhf-kernels {name}: {exc}", file=sys.stderr)
         return 2

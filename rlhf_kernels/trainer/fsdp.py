@@ -39,6 +39,29 @@ def shard(model: nn.Module) -> nn.Module:
     return model
 
 
+def data_parallel(model: nn.Module, strategy: str, world_size: int) -> nn.Module:
+    """The model to train on ``world_size`` ranks: FSDP2-sharded in place
+    (strategy "fsdp"), wrapped in DDP ("ddp", more than one rank), or as is."""
+    if strategy == "fsdp":
+        return shard(model)
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model)
+    return model
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (FSDP2 modules are their own)."""
+    return getattr(model, "module", model)
+
+
+def export_state_dict(model: nn.Module) -> dict:
+    """The full state dict to save on rank 0: gathered under FSDP (a
+    collective: every rank calls it), the model's own otherwise."""
+    return full_state_dict(model) if is_sharded(model) else unwrapped(model).state_dict()
+
+
 def is_sharded(model) -> bool:
     FSDPModule, _ = _fsdp()
     return isinstance(model, FSDPModule)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from .config import RewardConfig
 from .data import encode_prompts, encode_responses, make_batch
 from .models import ScalarHeadModel, sequence_scores
-from .utils import MetricsLogger, float32_master, make_optimizer, progress_bar
+from .fsdp import data_parallel
+from .utils import MetricsLogger, all_reduce_mean, float32_master, make_optimizer, progress_bar
 
 
 def pairwise_loss(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,17 +29,24 @@ def pairwise_loss(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class RewardTrainer:
+    """The pairwise loss over ranked responses. Data-parallel over
+    ``world_size`` ranks (``strategy`` "ddp" or "fsdp"): each rank draws its
+    own prompts, the same number per rank, so the gradient average over
+    ranks is the global mean's."""
+
     def __init__(self, model: ScalarHeadModel, tokenizer, config: RewardConfig, *, device: str = "cpu",
                  logger: MetricsLogger | None = None, verbose: bool = True,
-                 should_stop: Callable[[], bool] | None = None):
-        self.model = float32_master(model, "reward model").to(device)
+                 should_stop: Callable[[], bool] | None = None, rank: int = 0, world_size: int = 1,
+                 strategy: str = "ddp"):
+        self.rank, self.world_size = rank, world_size
+        self.model = data_parallel(float32_master(model, "reward model").to(device), strategy, world_size)
         self.tokenizer = tokenizer
         self.config = config
         self.device = torch.device(device)
         self.logger = logger
         self.verbose = verbose
         self.should_stop = should_stop or (lambda: False)
-        self.optimizer, self.scheduler = make_optimizer(model.parameters(), config.optim, config.steps)
+        self.optimizer, self.scheduler = make_optimizer(self.model.parameters(), config.optim, config.steps)
 
     def rewards(self, examples: list[tuple[str, list[tuple[str, bool]]]]) -> torch.Tensor:
         """(n, K) reward of each ranked response."""
@@ -54,7 +62,8 @@ class RewardTrainer:
     def train(self, sample: Callable[[int, random.Random], tuple[str, list[tuple[str, bool]]]]) -> list[dict]:
         """config.steps steps; `sample(k, rng)` gives a prompt and k responses, best first."""
         cfg = self.config
-        rng = random.Random(cfg.seed)
+        # Each rank its own examples; rank 0 keeps the single-process stream.
+        rng = random.Random(cfg.seed if self.rank == 0 else cfg.seed * 1000 + self.rank)
         self.model.train()
         history = []
         bar = progress_bar(cfg.steps, "reward model", self.verbose)
@@ -68,6 +77,8 @@ class RewardTrainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
+            if self.world_size > 1:
+                loss, accuracy = all_reduce_mean(loss.detach()), all_reduce_mean(accuracy)
             record = {"stage": "reward", "step": step, "loss": float(loss.detach()), "pair_accuracy": float(accuracy)}
             history.append(record)
             if self.logger is not None:
