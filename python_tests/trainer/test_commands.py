@@ -253,6 +253,9 @@ def test_ppo_command_fsdp_on_two_gloo_ranks_shards_the_state_and_resumes_on_any_
     policy = AutoModelForCausalLM.from_pretrained(out / "policy", local_files_only=True)
     assert policy.dtype == torch.bfloat16 and policy.get_input_embeddings().weight.shape[0] == 151936
     assert (out / "critic" / "model.safetensors").exists()
+    # torch.distributed.checkpoint shards, each rank's own, and the trainer state
+    shards = sorted(p.name for p in (out / "checkpoint").iterdir())
+    assert "trainer.pt" in shards and ".metadata" in shards and sum(n.endswith(".distcp") for n in shards) == 2
     # the 2-rank checkpoint on 1 rank (a one-process FSDP group), then on 2 again
     assert cli.main(_args(artefacts, out, *base, "--iterations", "2", "--strategy", "fsdp", "--resume")) == 0
     _torchrun(2, 29543, _args(artefacts, out, *base, "--iterations", "3", "--strategy", "fsdp", "--resume"))

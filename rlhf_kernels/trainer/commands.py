@@ -41,8 +41,9 @@ checkpoints in the policy checkpoint's dtype, with the tokenizer; the critic
 an ``AutoModelForSequenceClassification``), ``metrics.jsonl`` (one line per
 iteration, with ``timing/<phase>_s`` and ``memory/<phase>_peak_mb``),
 ``curves.png``, TensorBoard logs in ``tb/`` when ``tensorboard`` is
-installed, ``args.json`` (the flags and the PPOConfig) and ``checkpoint.pt`` (``--resume`` continues from
-it). SIGINT / SIGTERM write the checkpoint and stop. Under ``torchrun
+installed, ``args.json`` (the flags and the PPOConfig) and ``checkpoint.pt`` (with ``--strategy
+fsdp``: ``checkpoint/``, torch.distributed.checkpoint shards that resume on any number of ranks;
+``--resume`` continues from it). SIGINT / SIGTERM write the checkpoint and stop. Under ``torchrun
 --nproc_per_node N -m rlhf_kernels.cli ppo ...`` the policy and critic train
 data-parallel (DDP; each rank samples its own prompts, the statistics are
 global) and rank 0 writes the outputs.
@@ -67,7 +68,7 @@ from .models import ScalarHeadModel, is_hf_classifier
 from .ppo import PPOTrainer
 from .fsdp import export_state_dict, unwrapped
 from .utils import (
-    MetricsLogger, StopRequested, all_reduce_mean, init_distributed, load_checkpoint, progress_bar, save_checkpoint,
+    MetricsLogger, StopRequested, all_reduce_mean, init_distributed, progress_bar,
 )
 
 
@@ -391,13 +392,14 @@ def _run_ppo(args) -> dict:
                          device=args.device, backend=args.backend, rank=rank, world_size=world)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.pt"
-    resume = args.resume and ckpt_path.exists()
+    # DDP: one file; FSDP: a torch.distributed.checkpoint directory of shards.
+    ckpt_path = out / ("checkpoint" if cfg.strategy == "fsdp" else "checkpoint.pt")
+    resume = args.resume and (ckpt_path / "trainer.pt" if cfg.strategy == "fsdp" else ckpt_path).exists()
     if resume:
-        state = load_checkpoint(ckpt_path)
-        trainer.load_state_dict(state["trainer"])
+        state = trainer.load(ckpt_path)
         cfg.reward_bias = state["config"]["reward_bias"]
-        _log(f"resumed from {ckpt_path} at iteration {trainer.iteration}")
+        if main:
+            _log(f"resumed from {ckpt_path} at iteration {trainer.iteration} on {world} rank(s)")
     elif args.reward_normalization == "reference-mean":
         local = reference_reward_mean(trainer, prompts, cfg.rollout_batch_size)
         cfg.reward_bias = float(all_reduce_mean(torch.tensor(local, dtype=torch.float64, device=trainer.device)))
@@ -427,9 +429,7 @@ def _run_ppo(args) -> dict:
             stop_now = stop.agreed()
             done = trainer.iteration == cfg.iterations
             if stop_now or done or trainer.iteration % cfg.checkpoint_every == 0:
-                state = trainer.state_dict()  # on every rank: it gathers each rank's RNG state
-                if main:
-                    save_checkpoint(ckpt_path, {"trainer": state, "config": to_dict(cfg)})
+                trainer.save(ckpt_path, {"config": to_dict(cfg)})  # a collective
             if stop_now:
                 bar.close()
                 if main:

@@ -68,7 +68,8 @@ class ScalarHeadModel(nn.Module):
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
         weight, bias = self.head.weight, self.head.bias
-        return nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float()).squeeze(-1)
+        values = hidden.float() @ weight.float()[0]  # (B, L), a new tensor (not a view: FSDP2 hooks its output)
+        return values if bias is None else values + bias.float()
 
 
 def last_valid_index(attention_mask: Tensor) -> Tensor:

@@ -603,11 +603,18 @@ class PPOTrainer:
         it). Under FSDP the model and optimizer states are gathered in full
         (on rank 0), so a run resumes on any number of ranks."""
         return {
-            "iteration": self.iteration,
             "policy": self._model_state(self.policy),
             "value_model": self._model_state(self.value_model) if self.value_model is not None else None,
             "policy_opt": self._optim_state(self.policy, self.policy_opt),
             "value_opt": self._optim_state(self.value_model, self.value_opt) if self.value_opt is not None else None,
+            **self._training_state(),
+        }
+
+    def _training_state(self) -> dict:
+        """Everything but the models and optimizers (a collective: it gathers
+        every rank's random streams)."""
+        return {
+            "iteration": self.iteration,
             "policy_sched": self.policy_sched.state_dict(),
             "value_sched": self.value_sched.state_dict() if self.value_sched is not None else None,
             "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl is not None else None,
@@ -624,12 +631,88 @@ class PPOTrainer:
             _unwrap(model).load_state_dict(state)
             opt.load_state_dict(opt_state)
 
+    def save(self, path, extra: dict) -> None:
+        """Write a checkpoint (a collective: every rank calls it). DDP: one
+        file from rank 0 (``state_dict()`` and ``extra``). FSDP: a directory,
+        the models' and optimizers' shards through torch.distributed.checkpoint
+        (each rank writes its own; resumable on any number of ranks), the rest
+        in ``trainer.pt`` from rank 0."""
+        from pathlib import Path
+
+        from .utils import save_checkpoint
+
+        path = Path(path)
+        if not self.sharded:
+            state = self.state_dict()
+            if self.rank == 0:
+                save_checkpoint(path, {"trainer": state, **extra})
+            return
+        import shutil
+
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        training = self._training_state()
+        # Into a fresh directory, then swapped in: an interrupted save leaves the last checkpoint whole.
+        tmp = path.with_name(path.name + ".tmp")
+        if self.rank == 0 and tmp.exists():
+            shutil.rmtree(tmp)
+        dist.barrier()
+        dcp.save(self._sharded_states(), checkpoint_id=str(tmp))
+        if self.rank == 0:
+            save_checkpoint(tmp / "trainer.pt", {"trainer": training, **extra})
+            if path.exists():
+                shutil.rmtree(path)
+            tmp.rename(path)
+        dist.barrier()
+
+    def load(self, path) -> dict:
+        """Resume from ``save``'s checkpoint; returns its ``extra``."""
+        from pathlib import Path
+
+        from .utils import load_checkpoint
+
+        path = Path(path)
+        if not self.sharded:
+            state = load_checkpoint(path)
+            self.load_state_dict(state["trainer"])
+            return state
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        shards = self._sharded_states()
+        dcp.load(shards, checkpoint_id=str(path))  # resharded to this number of ranks
+        for name, model, opt in self._models_and_optimizers():
+            set_state_dict(model, opt, model_state_dict=shards[name], optim_state_dict=shards[f"{name}_opt"])
+        state = load_checkpoint(path / "trainer.pt")
+        self._load_training_state(state["trainer"])
+        return state
+
+    def _models_and_optimizers(self):
+        pairs = [("policy", self.policy, self.policy_opt)]
+        if self.value_model is not None:
+            pairs.append(("value_model", self.value_model, self.value_opt))
+        return pairs
+
+    def _sharded_states(self) -> dict:
+        """Model and optimizer state dicts of DTensor shards, by name."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        out = {}
+        for name, model, opt in self._models_and_optimizers():
+            out[name], out[f"{name}_opt"] = get_state_dict(model, opt)
+        return out
+
     def load_state_dict(self, state: dict) -> None:
-        self.iteration = state["iteration"]
         self._load_model(self.policy, self.policy_opt, state["policy"], state["policy_opt"])
-        self.policy_sched.load_state_dict(state["policy_sched"])
         if self.value_model is not None:
             self._load_model(self.value_model, self.value_opt, state["value_model"], state["value_opt"])
+        self._load_training_state(state)
+
+    def _load_training_state(self, state: dict) -> None:
+        self.iteration = state["iteration"]
+        self.policy_sched.load_state_dict(state["policy_sched"])
+        if self.value_model is not None:
             self.value_sched.load_state_dict(state["value_sched"])
         if "score_moments" in state:
             self._score_moments = state["score_moments"].clone()
