@@ -284,3 +284,51 @@ def test_sft_and_rm_commands_data_parallel_under_torchrun(artefacts, tmp_path):
                          str(tmp_path / "rm"), "--steps", "3", "--batch-size", "2"])
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", local_files_only=True)
     assert rm.config.num_labels == 1
+
+
+def test_fsdp_run_stopped_with_sigint_resumes_on_two_ranks_as_uninterrupted_and_on_one(artefacts, tmp_path):
+    """Ctrl-C (SIGINT to the process group) stops a 2-rank FSDP run at an
+    iteration boundary with a checkpoint; resumed on 2 ranks its metrics are
+    the uninterrupted run's, resumed on 1 rank it runs to the end."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = lambda out: _args(artefacts, out, "--reward-model", str(artefacts["rm"]), "--iterations", "5",  # noqa: E731
+                             "--strategy", "fsdp")
+    _torchrun(2, 29551, argv(tmp_path / "full"))
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29553",
+           "-m", "rlhf_kernels.cli", *argv(cut)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    metrics = cut / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=600)
+    stopped_at = len(metrics.read_text().splitlines())
+    assert 2 <= stopped_at < 5, out[-3000:]
+    assert (cut / "checkpoint" / "trainer.pt").exists(), out[-3000:]
+    shutil.copytree(cut, tmp_path / "cut_one")
+    _torchrun(2, 29555, argv(cut) + ["--resume"])
+
+    def rows(run):
+        keep = lambda k: not k.startswith(("timing/", "memory/", "time", "tokens_per_s"))  # noqa: E731
+        return [{k: v for k, v in json.loads(line).items() if keep(k)}
+                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    full, resumed = rows("full"), rows("cut")
+    assert len(full) == len(resumed) == 5
+    for a, b in zip(full, resumed):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["iteration"], key)
+    assert cli.main(argv(tmp_path / "cut_one") + ["--resume"]) == 0  # the 2-rank checkpoint on 1 rank
+    assert [r["iteration"] for r in rows("cut_one")] == [0, 1, 2, 3, 4]

@@ -68,7 +68,7 @@ from .models import ScalarHeadModel, is_hf_classifier
 from .ppo import PPOTrainer
 from .fsdp import export_state_dict, unwrapped
 from .utils import (
-    MetricsLogger, StopRequested, all_reduce_mean, init_distributed, progress_bar,
+    MetricsLogger, StopRequested, all_reduce_mean, init_distributed, progress_bar, seed_everything,
 )
 
 
@@ -353,6 +353,7 @@ def _run_ppo(args) -> dict:
     rank, world = init_distributed(args.device, always=cfg.strategy == "fsdp")
     main = rank == 0
     validate_ppo(cfg, world)
+    seed_everything(cfg.seed)  # the critic's fresh head, rank 0's sampling: the same run twice
     out = Path(args.out)
     tokenizer = _load_dir(args.policy, "--policy", AutoTokenizer)
     check_tokenizer(tokenizer)
@@ -470,6 +471,7 @@ def _stage_common(args):
     tokenizer = _load_dir(args.model, "--model", AutoTokenizer)
     check_tokenizer(tokenizer)
     rank, world = init_distributed(args.device, always=args.strategy == "fsdp")
+    seed_everything(0)  # a fresh score head (rm) and dropout: the same run twice
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
