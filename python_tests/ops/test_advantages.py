@@ -779,3 +779,47 @@ def test_float64_gamma_lam_kl_coef_keep_float64_precision(device_backend):
                                     whiten=False)
     for name in ("advantages", "returns", "token_rewards"):
         torch.testing.assert_close(getattr(out, name).cpu(), want[name], atol=1e-13, rtol=1e-13, msg=name)
+
+
+def _weighted_whiten_reference(adv, weights):
+    """verl's masked_whiten, float64: (A - m) / sqrt(v + 1e-8), m the weighted
+    mean, v the weighted variance with Bessel's sum(w) / (sum(w) - 1)."""
+    w = weights.double()
+    a = adv.double()
+    m = (a * w).sum() / w.sum()
+    v = ((a - m) ** 2 * w).sum() / w.sum() * w.sum() / (w.sum() - 1)
+    return torch.where(w != 0, (a - m) / torch.sqrt(v + 1e-8), 0.0)
+
+
+def test_whitening_weights_tokens_by_a_non_bool_mask(device_backend):
+    """A float mask weights each token in the whitening statistics (verl's
+    masked_whiten); 0/1 weights give the bool mask's results; the GAE
+    recursion reads nonzero as valid."""
+    device, backend = device_backend
+    gen = torch.Generator().manual_seed(31)
+    rewards, values = torch.randn(4, 12, generator=gen), torch.randn(4, 12, generator=gen)
+    valid = torch.rand(4, 12, generator=gen) > 0.2
+    weights = torch.where(valid, 0.25 + 2 * torch.rand(4, 12, generator=gen), 0.0)
+    to = lambda *ts: [t.to(device) for t in ts]  # noqa: E731
+    raw, _ = rlhf_kernels.compute_gae(*to(rewards, values, valid), gamma=1.0, lam=0.95, whiten=False,
+                                      backend=backend)
+    got, _ = rlhf_kernels.compute_gae(*to(rewards, values, weights), gamma=1.0, lam=0.95, backend=backend)
+    torch.testing.assert_close(got.cpu().double(), _weighted_whiten_reference(raw.cpu(), weights),
+                               rtol=1e-5, atol=1e-5)
+    bool_adv, _ = rlhf_kernels.compute_gae(*to(rewards, values, valid), gamma=1.0, lam=0.95, backend=backend)
+    float01, _ = rlhf_kernels.compute_gae(*to(rewards, values, valid.float()), gamma=1.0, lam=0.95, backend=backend)
+    torch.testing.assert_close(float01, bool_adv, rtol=1e-6, atol=1e-6)
+    # ppo_advantages: the same weighted whitening, its advantage_mean / std weighted, num_tokens counted
+    scores = torch.randn(4, generator=gen)
+    logp, ref = torch.randn(4, 12, generator=gen) - 2, torch.randn(4, 12, generator=gen) - 2
+    plain = rlhf_kernels.ppo_advantages(*to(scores, logp, ref, values, valid), kl_coef=0.1, whiten=False,
+                                        backend=backend)
+    out = rlhf_kernels.ppo_advantages(*to(scores, logp, ref, values, weights), kl_coef=0.1, backend=backend)
+    torch.testing.assert_close(out.advantages.cpu().double(),
+                               _weighted_whiten_reference(plain.advantages.cpu(), weights), rtol=1e-5, atol=1e-5)
+    w = weights.double()
+    mean = (plain.advantages.cpu().double() * w).sum() / w.sum()
+    assert float(out.advantage_mean) == pytest.approx(float(mean), rel=1e-6, abs=1e-9)
+    assert int(out.num_tokens) == int(valid.sum())
+    with pytest.raises(ValueError, match="mask: weights must be finite and >= 0"):
+        rlhf_kernels.compute_gae(*to(rewards, values, -weights), gamma=1.0, lam=0.95, backend=backend)

@@ -218,6 +218,33 @@ def _moments(count: Tensor, total: Tensor, total_sq: Tensor) -> tuple[Tensor, Te
     return mean, var
 
 
+def _whitening_weights(mask: Tensor | None) -> Tensor | None:
+    """Per-token weights of the whitening statistics: a mask of any dtype but
+    bool (verl's float response masks, fractional weights; finite, >= 0)
+    weights each token's advantage by its value, as verl's ``masked_whiten``;
+    None for a bool mask or none."""
+    if mask is None or mask.dtype == torch.bool:
+        return None
+    from .ppo_loss import _check_weights
+
+    _check_weights("mask", mask)
+    return torch.where(mask != 0, mask.to(torch.float64), 0.0)
+
+
+def _weighted_sums(advantages: Tensor, weights: Tensor) -> list[Tensor]:
+    """(sum w, sum w A, sum w A^2), 0-dim float64 (A is 0 at masked positions)."""
+    a = advantages.to(torch.float64)
+    wa = weights * a
+    return [weights.sum(), wa.sum(), (wa * a).sum()]
+
+
+def _whitening_moments(totals: Tensor, weighted: bool) -> tuple[Tensor, Tensor]:
+    """Mean and variance to whiten with: the weighted sums (the last three
+    totals) or the kernel's counts (the first three)."""
+    count, total, total_sq = totals[-3:] if weighted else totals[:3]
+    return _moments(count, total, total_sq)
+
+
 def _whiten(advantages: Tensor, mask: Tensor | None, mean: Tensor, var: Tensor) -> Tensor:
     dtype = advantages.dtype
     whitened = (advantages - mean.to(dtype)) * torch.rsqrt(var + _WHITEN_EPS).to(dtype)
@@ -291,7 +318,10 @@ def compute_gae(
         token_rewards: (B, T) padded, or (total,) packed with ``cu_seqlens``;
             float32 | bfloat16 | float16 | float64 (float32 accumulation).
         values: like ``token_rewards``, the critic's values.
-        mask: like ``token_rewards``, bool (or 0/1), True at valid tokens; None: all valid.
+        mask: like ``token_rewards``: bool, True at valid tokens; or of any other
+            dtype, nonzero at valid tokens, whose values weight each token in the
+            whitening's mean and variance (verl's ``masked_whiten``; 0/1 weights
+            give the bool results); None: all valid.
         gamma, lam: discount and GAE lambda, in [0, 1].
         cu_seqlens: (B + 1,) int32 offsets of the packed sequences, from 0 to total.
         process_group: a torch.distributed group to whiten over, or None.
@@ -303,6 +333,7 @@ def compute_gae(
     check_tensor("token_rewards", token_rewards, FLOAT_DTYPES)
     check_tensor("values", values, FLOAT_DTYPES)
     check_same_device(token_rewards=token_rewards, values=values, mask=mask, cu_seqlens=cu_seqlens)
+    weights = _whitening_weights(mask) if whiten else None
     mask, cu_seqlens = _prepare_layout("values", values, mask, cu_seqlens)
     _check_same_shape("values", values, token_rewards=token_rewards)
     gamma = _check_unit_interval("gamma", gamma)
@@ -313,8 +344,9 @@ def compute_gae(
         None, None, None, None, 0.0, 0, gamma, lam,
     )
     if whiten:
-        totals = _reduce_stats(stats, [], process_group)
-        mean, var = _moments(totals[0], totals[1], totals[2])
+        extra = _weighted_sums(advantages, weights) if weights is not None else []
+        totals = _reduce_stats(stats, extra, process_group)
+        mean, var = _whitening_moments(totals, weights is not None)
         advantages = _whiten(advantages, mask, mean, var)
     return advantages, returns
 
@@ -367,7 +399,9 @@ def ppo_advantages(
         scores: (B,) any float dtype, the sequence-level reward-model scores.
         logp, ref_logp, values: (B, T) padded, or (total,) packed with
             ``cu_seqlens``; float32 | bfloat16 | float16 | float64.
-        mask: like ``values``, bool (or 0/1); None: every token valid.
+        mask: like ``values``, as in ``compute_gae`` (a non-bool mask weights
+            the whitening; advantage_mean / advantage_std are then weighted);
+            None: every token valid.
         kl_coef: float >= 0, or a 0-dim tensor (e.g. ``AdaptiveKLController.value``)
             that the kernel reads on the device, without a host synchronisation.
         estimator, gamma, lam, whiten, cu_seqlens, process_group, backend: as in
@@ -382,6 +416,7 @@ def ppo_advantages(
     check_tensor("values", values, FLOAT_DTYPES)
     check_same_device(scores=scores, logp=logp, ref_logp=ref_logp, values=values, mask=mask,
                       cu_seqlens=cu_seqlens)
+    weights = _whitening_weights(mask)
     mask, cu_seqlens = _prepare_layout("values", values, mask, cu_seqlens)
     _check_same_shape("values", values, logp=logp, ref_logp=ref_logp)
     num_seqs = values.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -409,9 +444,11 @@ def ppo_advantages(
         kl_coef_scale, kl_coef, code, gamma, lam,
     )
     extra = [scores_acc.double().sum(), torch.full((), float(num_seqs), dtype=torch.float64, device=values.device)]
+    if weights is not None:
+        extra += _weighted_sums(advantages, weights)
     totals = _reduce_stats(stats, extra, process_group)
-    count, adv_sum, adv_sq, kl_sum, score_sum, seqs = totals.unbind(0)
-    mean, var = _moments(count, adv_sum, adv_sq)
+    count, adv_sum, adv_sq, kl_sum, score_sum, seqs = totals[:6].unbind(0)
+    mean, var = _whitening_moments(totals, weights is not None)
     if whiten:
         advantages = _whiten(advantages, mask, mean, var)
     return PPOAdvantages(
