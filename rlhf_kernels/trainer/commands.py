@@ -64,16 +64,16 @@ import torch
 
 from .config import ConfigError, PPOConfig, _from_dict, to_dict, validate_ppo
 from .data import check_tokenizer
+from .fsdp import export_state_dict, unwrapped
 from .models import ScalarHeadModel, is_hf_classifier
 from .ppo import PPOTrainer
-from .fsdp import export_state_dict, unwrapped
 from .utils import (
     MetricsLogger, StopRequested, all_reduce_mean, init_distributed, progress_bar, seed_everything,
 )
 
 
 def _log(msg: str) -> None:
-    print(f"[ppo] {msg}", file=sys.stderr, flush=True)
+    print(f"[rlhf-kernels] {msg}", file=sys.stderr, flush=True)
 
 
 def _jsonl(path: str, name: str) -> list[dict]:
