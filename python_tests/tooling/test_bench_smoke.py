@@ -47,6 +47,18 @@ def test_bench_integrations_quick_every_patched_call_served(tmp_path):
     assert len(list(tmp_path.glob("*.jsonl"))) == 1
 
 
+def test_bench_fsdp_generate_runs_in_one_process(tmp_path, capsys):
+    """bench_fsdp_generate on a one-process FSDP2 group: both ways of
+    generating run and are written."""
+    from benchmarks import bench_fsdp_generate
+
+    bench_fsdp_generate.main(["--new-tokens", "2", "--out-dir", str(tmp_path)])
+    lines = [json.loads(line) for f in tmp_path.glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert {r["provider"] for r in lines} == {"all-gather per step", "gathered once"}
+    assert all(r["median_ms"] > 0 and r["world_size"] == 1 for r in lines)
+    assert "gathered once" in capsys.readouterr().out
+
+
 def test_bench_overhead_writes_every_op_with_its_ratio(tmp_path, capsys):
     from benchmarks import bench_overhead, report
 
