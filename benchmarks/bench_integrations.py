@@ -11,20 +11,17 @@ a hand-back, not a slow kernel.
 One JSON line per (case, provider): provider "framework" (unpatched) or
 "rlhf_kernels" (patched), with ``speedup`` (framework / patched) and
 ``served`` / ``handed_back`` on the patched row; a table on stdout. Needs trl
-and verl; the OpenRLHF cases import openrlhf.models with benchmark-only
-stand-ins for flash-attn and vLLM, which OpenRLHF imports at module level but
-these CPU paths never call (python_tests/integrations does the same).
+and verl; the OpenRLHF cases import openrlhf.models with the stand-ins of
+``rlhf_kernels.integrations.stand_ins`` for flash-attn and vLLM, which
+OpenRLHF imports at module level but these CPU paths never call.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.machinery
 import statistics
-import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -44,22 +41,9 @@ def median_ms(fn, reps: int = 9) -> float:
 
 def _import_openrlhf_losses():
     """openrlhf.models.loss, with stand-ins for flash-attn / vLLM where they are not installed."""
-    names = {"flash_attn": (), "flash_attn.bert_padding": ("index_first_axis", "pad_input", "rearrange", "unpad_input"),
-             "flash_attn.utils": (), "flash_attn.utils.distributed": ("all_gather",),
-             "vllm": ("SamplingParams", "AsyncEngineArgs", "AsyncLLMEngine"), "vllm.inputs": ("TokensPrompt",),
-             "vllm.utils": ("random_uuid",)}
-    for name, attrs in names.items():
-        top = name.split(".")[0]
-        if top in sys.modules and not getattr(sys.modules[top], "_bench_stub", False):
-            continue
-        if importlib.util.find_spec(top) is not None and not getattr(sys.modules.get(top), "_bench_stub", False):
-            continue
-        module = types.ModuleType(name)
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        module._bench_stub = True
-        for attr in attrs:
-            setattr(module, attr, None)
-        sys.modules[name] = module
+    from rlhf_kernels.integrations import stand_ins
+
+    stand_ins.install()
     return importlib.import_module("openrlhf.models.loss")
 
 

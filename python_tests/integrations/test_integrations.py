@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-import importlib.machinery
 import importlib.metadata
 import importlib.util
 import sys
@@ -24,7 +23,7 @@ import torch
 
 import rlhf_kernels
 from rlhf_kernels import integrations
-from rlhf_kernels.integrations import FrameworkNotInstalledError, Patcher, UntestedVersionError, _Target
+from rlhf_kernels.integrations import FrameworkNotInstalledError, Patcher, UntestedVersionError, _Target, stand_ins
 
 
 def _require(module: str, framework: str):
@@ -782,35 +781,11 @@ def test_openrlhf_gae():
 # OpenRLHF's modules themselves. openrlhf.models imports DeepSpeed (installed by
 # setup_env.sh; it imports on CPU) and flash-attn (CUDA only, no CPU install);
 # its Ray trainer modules import vLLM (a GPU inference engine that pins its own
-# torch). The two are replaced, in these tests only, by stand-ins that have
-# just the names OpenRLHF imports at module level; each raises if called, and
-# neither is ever reached by the code under test (OpenRLHF's CPU paths: its
-# log-prob helper falls back when flash_attn.ops does not import).
-_OPENRLHF_STUBS = {
-    "flash_attn": {},
-    "flash_attn.bert_padding": {"index_first_axis": None, "pad_input": None, "rearrange": None, "unpad_input": None},
-    "flash_attn.utils": {},
-    "flash_attn.utils.distributed": {"all_gather": None},
-    "vllm": {"SamplingParams": None, "AsyncEngineArgs": None, "AsyncLLMEngine": None},
-    "vllm.inputs": {"TokensPrompt": None},
-    "vllm.utils": {"random_uuid": None},
-}
+# torch). The two are replaced, in these tests only, by the stand-ins of
+# rlhf_kernels.integrations.stand_ins.
 _OPENRLHF_MODULES = ("openrlhf.models", "openrlhf.models.loss", "openrlhf.models.utils", "openrlhf.models.actor",
                      "openrlhf.trainer.ray.ppo_actor", "openrlhf.trainer.ray.ppo_critic",
                      "openrlhf.trainer.ppo_utils.experience_maker")
-
-
-def _test_only_stub(name: str, names: dict) -> types.ModuleType:
-    def unavailable(*args, **kwargs):
-        raise NotImplementedError(f"{name} is a test-only stand-in (python_tests/integrations/test_integrations.py)")
-
-    module = types.ModuleType(name)
-    # A spec without a file or version: transformers' availability checks see
-    # the package as not installed (as on a machine without it).
-    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-    for attr in names:
-        setattr(module, attr, unavailable)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -822,15 +797,7 @@ def openrlhf_real():
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (scripts/setup_env.sh installs it)")
     before = set(sys.modules)
-    stubs = {}
-    real = {top for top in ("flash_attn", "vllm") if top in sys.modules or importlib.util.find_spec(top)}
-    for name, names in _OPENRLHF_STUBS.items():
-        if name.split(".")[0] in real:
-            continue  # installed (a GPU machine): the real package
-        stubs[name] = sys.modules[name] = _test_only_stub(name, names)
-        parent, _, child = name.rpartition(".")
-        if parent in stubs:
-            setattr(stubs[parent], child, stubs[name])
+    stubs = stand_ins.install()  # none where the real packages are installed (a GPU machine)
     try:
         modules = {name: importlib.import_module(name) for name in _OPENRLHF_MODULES}
     except Exception as exc:
@@ -842,11 +809,9 @@ def openrlhf_real():
 
 def _drop_modules(before, stubs):
     for name in list(sys.modules):
-        if name not in before and (name.split(".")[0] == "openrlhf" or name in stubs):
+        if name not in before and name.split(".")[0] == "openrlhf":
             del sys.modules[name]
-    for name, module in stubs.items():
-        if sys.modules.get(name) is module:
-            del sys.modules[name]
+    stand_ins.remove(stubs)
 
 
 def _compare_empty(original, patched, inputs, nan):

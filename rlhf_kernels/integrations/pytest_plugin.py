@@ -26,37 +26,15 @@ The terminal summary lists, per test file, the calls served and handed back.
 from __future__ import annotations
 
 import importlib
-import importlib.machinery
-import importlib.util
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
 
 from rlhf_kernels import integrations
+from rlhf_kernels.integrations import stand_ins
 
 FRAMEWORKS = ("verl", "openrlhf", "trl")
-
-# The modules, and the names in each, that OpenRLHF imports from flash-attn and
-# vLLM at module level (as python_tests/integrations/test_integrations.py
-# stands in for them). OpenRLHF's CPU paths reach none of them: its log-prob
-# helper falls back when flash_attn.ops does not import.
-STUBS = {
-    "flash_attn": {
-        "flash_attn": (),
-        "flash_attn.bert_padding": ("index_first_axis", "pad_input", "rearrange", "unpad_input"),
-        "flash_attn.utils": (),
-        "flash_attn.utils.distributed": ("all_gather",),
-    },
-    "vllm": {
-        "vllm": ("SamplingParams", "AsyncEngineArgs", "AsyncLLMEngine"),
-        "vllm.inputs": ("TokensPrompt",),
-        "vllm.utils": ("random_uuid",),
-    },
-}
-
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("rlhf_kernels", "rlhf_kernels integrations")
@@ -67,7 +45,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--rlhf-require-served", action="store_true", default=False,
                     help="fail the run if a test file ran tests but rlhf_kernels served none of its calls")
     group.addoption("--rlhf-stub-modules", default="", metavar="PACKAGES",
-                    help=f"comma-separated test-only stand-ins to install if absent ({', '.join(STUBS)})")
+                    help="comma-separated test-only stand-ins to install if absent "
+                         f"({', '.join(stand_ins.STAND_INS)})")
 
 
 def _names(value: str, known, option: str) -> list[str]:
@@ -80,22 +59,9 @@ def _names(value: str, known, option: str) -> list[str]:
 
 def pytest_configure(config: pytest.Config) -> None:
     frameworks = _names(config.getoption("rlhf_patch"), FRAMEWORKS, "--rlhf-patch")
-    stubs = _names(config.getoption("rlhf_stub_modules"), tuple(STUBS), "--rlhf-stub-modules")
+    stubs = _names(config.getoption("rlhf_stub_modules"), tuple(stand_ins.STAND_INS), "--rlhf-stub-modules")
     if frameworks or stubs or config.getoption("rlhf_report") or config.getoption("rlhf_require_served"):
         config.pluginmanager.register(_Coverage(config, frameworks, stubs), "rlhf_kernels_coverage")
-
-
-def _stand_in(name: str, attrs) -> types.ModuleType:
-    def unavailable(*args, **kwargs):
-        raise NotImplementedError(f"{name} is a test-only stand-in (rlhf_kernels.integrations.pytest_plugin)")
-
-    module = types.ModuleType(name)
-    # A spec without a file or version: transformers' availability checks see
-    # the package as not installed (as on a machine without it).
-    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-    for attr in attrs:
-        setattr(module, attr, unavailable)
-    return module
 
 
 # A test's outcome is its worst phase's: an error in the teardown of a passed test is an error.
@@ -123,7 +89,7 @@ class _Coverage:
         self.frameworks = frameworks
         self.files: dict[str, dict] = {}
         self.unserved: list[str] = []
-        self._stubs = self._install_stubs(stubs)
+        self._stubs = stand_ins.install(stubs)
         self._patched = []
         self._current: dict = {}
         try:
@@ -140,27 +106,12 @@ class _Coverage:
             self.close()
             raise
 
-    @staticmethod
-    def _install_stubs(packages: list[str]) -> dict[str, types.ModuleType]:
-        installed = {}
-        for package in packages:
-            if package in sys.modules or importlib.util.find_spec(package) is not None:
-                continue  # installed (a GPU machine): the real package
-            for name, attrs in STUBS[package].items():
-                installed[name] = sys.modules[name] = _stand_in(name, attrs)
-                parent, _, child = name.rpartition(".")
-                if parent in installed:
-                    setattr(installed[parent], child, installed[name])
-        return installed
-
     def close(self) -> None:
         """Unpatch what this run patched and take its stand-ins out of sys.modules."""
         for module in reversed(self._patched):
             module.unpatch()
         self._patched = []
-        for name, module in self._stubs.items():
-            if sys.modules.get(name) is module:
-                del sys.modules[name]
+        stand_ins.remove(self._stubs)
         self._stubs = {}
 
     def _file(self, path: Path) -> dict:
