@@ -62,7 +62,7 @@ from typing import Callable
 
 import torch
 
-from .config import ConfigError, PPOConfig, _from_dict, to_dict, validate_ppo
+from .config import ConfigError, PPOConfig, load_config, to_dict, validate_ppo
 from .data import check_tokenizer
 from .fsdp import export_state_dict, unwrapped
 from .models import ScalarHeadModel, is_hf_classifier
@@ -217,7 +217,7 @@ def critic_from(model) -> ScalarHeadModel:
 def save_policy(policy, tokenizer, path: Path, dtype: torch.dtype, state: dict | None = None) -> None:
     """An HF checkpoint of the policy, in ``dtype`` (the checkpoint's), with the
     tokenizer; ``state``: its full state dict (default: the model's own)."""
-    policy = getattr(policy, "module", policy)
+    policy = unwrapped(policy)
     state = policy.state_dict() if state is None else state
     state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     _save_as(policy, path, state, dtype)
@@ -243,7 +243,7 @@ def save_critic(critic: ScalarHeadModel, tokenizer, path: Path, dtype: torch.dty
     full state dict (default: the model's own)."""
     from transformers import AutoModelForSequenceClassification
 
-    critic = getattr(critic, "module", critic)
+    critic = unwrapped(critic)
     state = critic.state_dict() if state is None else state
     config = copy.deepcopy(critic.trunk.config)
     config.num_labels = 1
@@ -287,16 +287,7 @@ def reference_reward_mean(trainer: PPOTrainer, prompts: list[str], n: int) -> fl
 
 def ppo_config(args) -> PPOConfig:
     """PPOConfig from --config (JSON of its fields), then the flags."""
-    data = {}
-    if args.config:
-        file = Path(args.config)
-        if not file.is_file():
-            raise ConfigError(f"--config: {file} does not exist")
-        try:
-            data = json.loads(file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--config: {file} is not valid JSON: {exc}") from exc
-    cfg = _from_dict(PPOConfig, data, "config")
+    cfg = load_config(args.config, PPOConfig) if args.config else PPOConfig()
     flags = {"iterations": args.iterations, "rollout_batch_size": args.rollout_batch_size,
              "max_new_tokens": args.max_new_tokens, "ptx_coef": args.ptx_coef,
              "missing_eos_penalty": args.missing_eos_penalty}
@@ -440,8 +431,8 @@ def _run_ppo(args) -> dict:
     if board is not None:
         board.close()
     # The full weights (under FSDP: gathered to rank 0, a collective on every rank).
-    policy_state = trainer._model_state(trainer.policy)
-    critic_state = trainer._model_state(trainer.value_model) if trainer.value_model is not None else None
+    policy_state = export_state_dict(trainer.policy)
+    critic_state = export_state_dict(trainer.value_model) if trainer.value_model is not None else None
     if not main:
         return {"iterations": trainer.iteration, "outputs": str(out.resolve())}
     save_policy(trainer.policy, tokenizer, out / "policy", dtype, policy_state)

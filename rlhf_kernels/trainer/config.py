@@ -176,9 +176,10 @@ def _from_dict(cls, data: dict[str, Any], where: str):
     return cls(**kwargs)
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """A TrainConfig from a JSON file (nested sections as in the dataclasses);
-    keys left out keep their defaults."""
+def load_config(path: str | Path, cls=None):
+    """A ``cls`` (default TrainConfig; the ``ppo`` command reads a PPOConfig)
+    from a JSON file, nested sections as in the dataclasses; keys left out
+    keep their defaults."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: {path} does not exist")
@@ -186,7 +187,7 @@ def load_config(path: str | Path) -> TrainConfig:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--config: {path} is not valid JSON: {exc}") from exc
-    return _from_dict(TrainConfig, data, "config")
+    return _from_dict(cls or TrainConfig, data, "config")
 
 
 def to_dict(config) -> dict[str, Any]:

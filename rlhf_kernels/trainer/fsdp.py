@@ -104,26 +104,6 @@ def full_state_dict(model: nn.Module) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's full state dict (keyed by parameter names) on rank 0, on the CPU."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, optim_state: dict) -> None:
-    """Load full (unsharded) model and optimizer state dicts, as written by
-    ``full_state_dict`` / ``full_optimizer_state_dict`` on any number of
-    ranks, from rank 0 (the other ranks' copies are not read)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, state, options=options)
-    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
-
-
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 

@@ -80,7 +80,9 @@ def last_valid_index(attention_mask: Tensor) -> Tensor:
 
 def is_hf_classifier(model: nn.Module) -> bool:
     """An HF sequence-classification model (``AutoModelForSequenceClassification``)."""
-    model = getattr(model, "module", model)
+    from .fsdp import unwrapped
+
+    model = unwrapped(model)
     return not isinstance(model, ScalarHeadModel) and hasattr(getattr(model, "config", None), "num_labels") \
         and type(model).__name__.endswith("ForSequenceClassification")
 

@@ -24,6 +24,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -41,10 +42,11 @@ from .data import (
     response_mask_from_generation,
 )
 from . import fsdp
+from .fsdp import unwrapped as _unwrap
 from .models import LMHead, ScalarHeadModel, response_hidden, response_logits, sequence_scores
 from .utils import (
-    Timer, all_gather_object, all_reduce_mean, all_reduce_sum, disable_dropout, float32_master, make_optimizer,
-    process_group, rng_state, set_rng_state,
+    Timer, all_gather_object, all_reduce_mean, all_reduce_sum, disable_dropout, float32_master, load_checkpoint,
+    make_optimizer, process_group, rng_state, save_checkpoint, set_rng_state,
 )
 
 # (prompt texts, response texts, stopped flags) -> (B,) scores
@@ -64,10 +66,6 @@ class Rollout:
     advantages: Tensor  # (B, R)
     returns: Tensor  # (B, R)
     stats: dict
-
-
-def _unwrap(model):
-    return model.module if isinstance(model, DDP) else model
 
 
 def _enable_gradient_checkpointing(model) -> None:
@@ -267,7 +265,7 @@ class PPOTrainer:
         head, reason = LMHead.of(model)
         if head is None:
             logger.warning("fused LM head off for %s: %s; the (B, T, V) logits are built instead",
-                           type(getattr(model, "module", model)).__name__, reason)
+                           type(_unwrap(model)).__name__, reason)
         first = key not in self._heads_checked
         self._heads_checked[key] = head is not None
         return head, first
@@ -592,21 +590,19 @@ class PPOTrainer:
         kl = ((logp - ref) * batch.response_mask).sum(1).mean()
         return {"true_score": float(true_score(prompts, texts, stopped).mean()), "kl_to_ref": float(kl)}
 
-    def _model_state(self, model) -> dict:
-        return fsdp.full_state_dict(model) if self.sharded else _unwrap(model).state_dict()
-
-    def _optim_state(self, model, opt) -> dict:
-        return fsdp.full_optimizer_state_dict(model, opt) if self.sharded else opt.state_dict()
+    def _not_sharded(self, what: str) -> None:
+        if self.sharded:
+            raise ValueError(f"{what}: an FSDP trainer's models are sharded; checkpoint it with save() / load()")
 
     def state_dict(self) -> dict:
-        """Everything to resume (a collective: every rank calls it; rank 0 writes
-        it). Under FSDP the model and optimizer states are gathered in full
-        (on rank 0), so a run resumes on any number of ranks."""
+        """Everything to resume, DDP or one process (a collective: every rank
+        calls it; rank 0 writes it). FSDP trainers checkpoint with ``save``."""
+        self._not_sharded("state_dict")
         return {
-            "policy": self._model_state(self.policy),
-            "value_model": self._model_state(self.value_model) if self.value_model is not None else None,
-            "policy_opt": self._optim_state(self.policy, self.policy_opt),
-            "value_opt": self._optim_state(self.value_model, self.value_opt) if self.value_opt is not None else None,
+            "policy": _unwrap(self.policy).state_dict(),
+            "value_model": _unwrap(self.value_model).state_dict() if self.value_model is not None else None,
+            "policy_opt": self.policy_opt.state_dict(),
+            "value_opt": self.value_opt.state_dict() if self.value_opt is not None else None,
             **self._training_state(),
         }
 
@@ -624,23 +620,12 @@ class PPOTrainer:
             "rank_rng": all_gather_object({"data_rng": self.data_rng.getstate(), "rng": rng_state()}),
         }
 
-    def _load_model(self, model, opt, state: dict, opt_state: dict) -> None:
-        if self.sharded:
-            fsdp.load_full_state_dict(model, opt, state, opt_state)
-        else:
-            _unwrap(model).load_state_dict(state)
-            opt.load_state_dict(opt_state)
-
     def save(self, path, extra: dict) -> None:
         """Write a checkpoint (a collective: every rank calls it). DDP: one
         file from rank 0 (``state_dict()`` and ``extra``). FSDP: a directory,
         the models' and optimizers' shards through torch.distributed.checkpoint
         (each rank writes its own; resumable on any number of ranks), the rest
         in ``trainer.pt`` from rank 0."""
-        from pathlib import Path
-
-        from .utils import save_checkpoint
-
         path = Path(path)
         if not self.sharded:
             state = self.state_dict()
@@ -668,10 +653,6 @@ class PPOTrainer:
 
     def load(self, path) -> dict:
         """Resume from ``save``'s checkpoint; returns its ``extra``."""
-        from pathlib import Path
-
-        from .utils import load_checkpoint
-
         path = Path(path)
         if not self.sharded:
             state = load_checkpoint(path)
@@ -704,9 +685,13 @@ class PPOTrainer:
         return out
 
     def load_state_dict(self, state: dict) -> None:
-        self._load_model(self.policy, self.policy_opt, state["policy"], state["policy_opt"])
+        """``state_dict``'s inverse (DDP or one process; FSDP: ``load``)."""
+        self._not_sharded("load_state_dict")
+        _unwrap(self.policy).load_state_dict(state["policy"])
+        self.policy_opt.load_state_dict(state["policy_opt"])
         if self.value_model is not None:
-            self._load_model(self.value_model, self.value_opt, state["value_model"], state["value_opt"])
+            _unwrap(self.value_model).load_state_dict(state["value_model"])
+            self.value_opt.load_state_dict(state["value_opt"])
         self._load_training_state(state)
 
     def _load_training_state(self, state: dict) -> None:
