@@ -2,6 +2,7 @@
 
     rlhf-kernels train [--config FILE] [--model PATH] [--reward-model PATH]
                        [--device cpu|cuda] [--backend NAME] [--out DIR] [--resume]
+                       [--strategy ddp|fsdp] [--precision fp32|bf16] [--offload ref,reward]
                                                           SFT -> reward model -> PPO (the main job)
     rlhf-kernels sft --model DIR --data FILE.jsonl --out DIR   supervised fine-tuning on your data
     rlhf-kernels rm  --model DIR --data FILE.jsonl --out DIR   a reward model on your rankings
@@ -91,6 +92,13 @@ def train(args: argparse.Namespace) -> int:
             value = getattr(args, name)
             if value is not None:
                 setattr(cfg, name, value)
+        for name in ("strategy", "precision"):
+            if getattr(args, name) is not None:
+                setattr(cfg.ppo, name, getattr(args, name))
+        if args.offload is not None:
+            from .trainer.commands import parse_offload
+
+            cfg.ppo.offload = parse_offload(args.offload)
         from .trainer import pipeline
 
         summary = pipeline.run(cfg, resume=args.resume)
@@ -131,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--backend", default=None, help="triton | cuda | cpu | reference (default: best per device)")
     p_train.add_argument("--out", default=None, help="output directory (default: runs/default)")
     p_train.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p_train.add_argument("--strategy", default=None, choices=("ddp", "fsdp"),
+                         help="under torchrun, every stage: ddp (default) or fsdp (FSDP2 sharding)")
+    p_train.add_argument("--precision", default=None, choices=("fp32", "bf16"),
+                         help="PPO compute: fp32 (default) or bf16 (autocast; under fsdp MixedPrecisionPolicy)")
+    p_train.add_argument("--offload", default=None, metavar="ref,reward",
+                         help="PPO's frozen models kept in CPU memory: ref, reward")
     p_train.set_defaults(func=train)
     from .trainer.commands import add_ppo_parser, add_stage_parsers
 

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from conftest import gpu
 from rlhf_kernels import cli
 
 from qwen_checkpoint import build_checkpoints  # python_tests/trainer is on pytest's sys.path
@@ -238,12 +239,13 @@ def test_ppo_command_fsdp_on_two_gloo_ranks_shards_the_state_and_resumes_on_any_
     """--strategy fsdp under torchrun (2 CPU ranks, gloo): each rank holds
     about half the parameters, gradients and optimizer state of a single
     process; the HF checkpoints are gathered on rank 0; the checkpoint
-    resumes on 1 rank and on 2."""
+    resumes on 1 rank and on 2. bf16 (FSDP2 mixed precision) with the frozen
+    models offloaded to CPU memory."""
     from transformers import AutoModelForCausalLM
 
-    base = ["--reward-model", str(artefacts["rm"])]
     single = tmp_path / "single"
-    assert cli.main(_args(artefacts, single, *base, "--iterations", "1")) == 0
+    assert cli.main(_args(artefacts, single, "--reward-model", str(artefacts["rm"]), "--iterations", "1")) == 0
+    base = ["--reward-model", str(artefacts["rm"]), "--precision", "bf16", "--offload", "ref,reward"]
     alone = json.loads((single / "metrics.jsonl").read_text().splitlines()[0])["memory/model_state_mb"]
     out = tmp_path / "fsdp"
     _torchrun(2, 29541, _args(artefacts, out, *base, "--iterations", "1", "--strategy", "fsdp"))
@@ -332,3 +334,19 @@ def test_fsdp_run_stopped_with_sigint_resumes_on_two_ranks_as_uninterrupted_and_
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["iteration"], key)
     assert cli.main(argv(tmp_path / "cut_one") + ["--resume"]) == 0  # the 2-rank checkpoint on 1 rank
     assert [r["iteration"] for r in rows("cut_one")] == [0, 1, 2, 3, 4]
+
+
+@gpu
+def test_ppo_command_fsdp_bf16_offload_on_every_gpu_with_nccl(artefacts, tmp_path):
+    """The same FSDP run on the GPUs (NCCL, one rank per GPU), bf16 mixed
+    precision, the frozen models offloaded to CPU memory (moved per layer)."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "gpu"
+    _torchrun(torch.cuda.device_count(), 29561,
+              _args(artefacts, out, "--reward-model", str(artefacts["rm"]), "--iterations", "2", "--strategy", "fsdp",
+                    "--precision", "bf16", "--offload", "ref,reward", "--device", "cuda"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert all(torch.isfinite(torch.tensor(r["policy_loss"])) for r in rows)
+    assert AutoModelForCausalLM.from_pretrained(out / "policy", local_files_only=True).dtype == torch.bfloat16

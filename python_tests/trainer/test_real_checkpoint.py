@@ -227,23 +227,121 @@ def test_running_reward_whitening_uses_every_score_so_far(qwen_artefacts):
     assert trainer.state_dict()["score_moments"][0] == 8
 
 
-def test_fsdp_and_ddp_agree_on_the_first_update_of_a_fixed_rollout(qwen_artefacts):
+@pytest.mark.parametrize("fused_lm_head", [True, False])
+def test_fsdp_and_ddp_agree_on_the_first_update_of_a_fixed_rollout(qwen_artefacts, fused_lm_head, monkeypatch):
     """The same rollout, the same seeds: the update of strategy fsdp (a
-    one-process FSDP2 group; the logits path) equals the default one's."""
+    one-process FSDP2 group) equals the default one's, with the fused LM head
+    (the ops on the unsharded head inside a root forward: a head gradient
+    missing from the reduce-scatter would change grad_norm) and without."""
     import torch.distributed as dist
 
+    from rlhf_kernels.trainer import ppo as ppo_module
     from rlhf_kernels.trainer.utils import init_distributed
 
     torch.manual_seed(11)
-    plain, _, _ = _trainer(qwen_artefacts)
+    plain, _, _ = _trainer(qwen_artefacts, fused_lm_head=fused_lm_head)
     r = plain.rollout()
     init_distributed("cpu", always=True)
+    calls = []
+    for name in ("logprobs_from_hidden", "ppo_loss_from_hidden"):
+        real = getattr(ppo_module, name)
+        monkeypatch.setattr(ppo_module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     try:
         torch.manual_seed(11)
-        sharded, _, _ = _trainer(qwen_artefacts, strategy="fsdp")
+        sharded, _, _ = _trainer(qwen_artefacts, strategy="fsdp", fused_lm_head=fused_lm_head)
         want = plain.update(r)
+        calls.clear()
         got = sharded.update(r)
+        sharded_logp = sharded._logprobs(sharded.ref_policy, r.batch)  # a sharded frozen model, no grad
     finally:
         dist.destroy_process_group()
+    assert calls == (["ppo_loss_from_hidden", "logprobs_from_hidden"] if fused_lm_head else [])
+    torch.testing.assert_close(sharded_logp, r.ref_logp, rtol=0, atol=2e-5)
     for key in ("policy_loss", "value_loss", "grad_norm", "clipfrac", "entropy"):
         assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+
+
+def _one_process_group():
+    from rlhf_kernels.trainer.utils import init_distributed
+
+    init_distributed("cpu", always=True)
+
+
+def test_fsdp_bf16_is_fsdp2_mixed_precision_over_float32_master_weights(qwen_artefacts):
+    """strategy fsdp + precision bf16: FSDP2's MixedPrecisionPolicy, not
+    autocast. The layers see bf16 weights in their forwards (all-gathered in
+    bf16), the sharded parameters and gradients the optimizer steps stay
+    float32; the update agrees with the float32 one on a fixed rollout to bf16
+    accuracy."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    torch.manual_seed(12)
+    plain, _, _ = _trainer(qwen_artefacts)
+    r = plain.rollout()
+    _one_process_group()
+    try:
+        out = {}
+        for precision in ("fp32", "bf16"):
+            torch.manual_seed(12)
+            trainer, _, _ = _trainer(qwen_artefacts, strategy="fsdp", precision=precision)
+            seen = []
+            proj = trainer.policy.model.layers[0].mlp.up_proj
+            proj.register_forward_pre_hook(lambda m, args: seen.append(
+                (m.weight.dtype, args[0].dtype, torch.is_autocast_enabled("cpu"))))
+            out[precision] = trainer.update(r)
+            group = trainer.policy._get_fsdp_state()._fsdp_param_group
+            if precision == "bf16":
+                assert group.mp_policy == MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16, False)}, set(seen)
+                assert all(p.dtype == torch.float32 and type(p).__name__ == "DTensor"
+                           for p in trainer.policy.parameters())
+                assert all(s["exp_avg"].dtype == torch.float32 for s in trainer.policy_opt.state.values())
+            else:
+                assert set(seen) == {(torch.float32, torch.float32, False)}
+    finally:
+        dist.destroy_process_group()
+    for key in ("policy_loss", "value_loss", "entropy"):
+        assert torch.isfinite(torch.tensor(out["bf16"][key])), key
+        assert out["bf16"][key] == pytest.approx(out["fp32"][key], rel=5e-2, abs=5e-3), key
+
+
+def test_offload_keeps_the_frozen_models_in_cpu_memory_with_the_same_passes(qwen_artefacts, monkeypatch):
+    """offload ref, reward: under fsdp FSDP2's CPUOffloadPolicy on the
+    reference and the reward model only, their passes on a fixed rollout as
+    without; under ddp the trainer brings each one to the device for its
+    passes (recorded: this machine has no other device to move them to)."""
+    import torch.distributed as dist
+
+    from rlhf_kernels.trainer import fsdp
+
+    torch.manual_seed(13)
+    plain, _, _ = _trainer(qwen_artefacts)
+    r = plain.rollout()
+
+    def passes(trainer):
+        with trainer._frozen("ref") as ref:
+            ref_logp = trainer._logprobs(ref, r.batch)
+        return ref_logp, trainer.score(r.batch, r.prompts, r.responses, r.stopped)
+
+    _one_process_group()
+    try:
+        sharded, _, _ = _trainer(qwen_artefacts, strategy="fsdp", offload=["ref", "reward"])
+        policy = lambda m: m._get_fsdp_state()._fsdp_param_group.offload_policy  # noqa: E731
+        assert type(policy(sharded.ref_policy)).__name__ == "CPUOffloadPolicy"
+        assert type(policy(sharded.reward_model)).__name__ == "CPUOffloadPolicy"
+        assert type(policy(sharded.policy)).__name__ == "OffloadPolicy"  # the default: none
+        got = {"fsdp": passes(sharded)}
+    finally:
+        dist.destroy_process_group()
+    asked = []
+    real = fsdp.on_device
+    monkeypatch.setattr(fsdp, "on_device", lambda model, device, enabled=True: asked.append(
+        (type(model).__name__, enabled)) or real(model, device, enabled))
+    ddp, _, _ = _trainer(qwen_artefacts, offload=["ref"])
+    ddp.rollout()
+    assert asked == [("Qwen2ForCausalLM", True), ("Qwen2ForSequenceClassification", False)]
+    got["ddp"] = passes(ddp)
+    for name, (ref_logp, scores) in got.items():
+        torch.testing.assert_close(ref_logp, r.ref_logp, rtol=0, atol=2e-5, msg=name)
+        torch.testing.assert_close(scores, r.scores, rtol=0, atol=2e-5, msg=name)

@@ -314,6 +314,40 @@ def test_ddp_two_processes_on_gloo(tmp_path):
     assert not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])
 
 
+def test_train_fsdp_on_two_gloo_ranks_every_stage_data_parallel_and_resumes_on_one(tmp_path):
+    """`train --strategy fsdp` under torchrun: SFT, the reward model and PPO
+    each FSDP2-sharded over 2 ranks (each rank its own examples); the PPO
+    checkpoint is torch.distributed.checkpoint shards, resumed on 1 rank; the
+    SFT and RM checkpoints are gathered full state dicts."""
+    cfg = tiny_config(tmp_path / "fsdp", iterations=2)
+    cfg.sft.steps, cfg.reward.steps = 6, 4
+    cfg.ppo.checkpoint_every = 1
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(to_dict(cfg)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+           "-m", "rlhf_kernels.cli", "train", "--config", str(cfg_file), "--strategy", "fsdp"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = tmp_path / "fsdp"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["strategy"] == "fsdp" and summary["iterations"] == 2
+    assert len((out / "sft" / "metrics.jsonl").read_text().splitlines()) == 6
+    tok, policy = _parts()
+    policy.load_state_dict(torch.load(out / "sft" / "policy.pt"))  # a full state dict, not shards
+    ScalarHeadModel.from_causal_lm(policy).load_state_dict(torch.load(out / "reward" / "model.pt"))
+    policy.load_state_dict(torch.load(out / "ppo" / "policy.pt"))
+    shards = sorted(p.name for p in (out / "ppo" / "checkpoint").iterdir())
+    assert "trainer.pt" in shards and sum(n.endswith(".distcp") for n in shards) == 2
+    cfg.ppo.iterations = 3
+    cfg_file.write_text(json.dumps(to_dict(cfg)))
+    one = _run_cli(["--config", str(cfg_file), "--strategy", "fsdp", "--resume"])
+    log, _ = one.communicate(timeout=600)
+    assert one.returncode == 0, log
+    assert "resumed from" in log and "at iteration 2 on 1 rank(s)" in log
+    rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+
+
 def _stop_and_reduce_worker(rank, world, port, out):
     import torch.distributed as dist
 

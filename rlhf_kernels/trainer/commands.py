@@ -7,7 +7,8 @@
                      --prompts FILE.jsonl --out DIR [--critic DIR] [--ptx-data FILE.jsonl --ptx-coef X]
                      [--algo ppo|grpo|rloo --group-size K]
                      [--iterations N] [--rollout-batch-size N] [--max-new-tokens N]
-                     [--gradient-checkpointing] [--precision fp32|bf16]
+                     [--gradient-checkpointing] [--precision fp32|bf16] [--strategy ddp|fsdp]
+                     [--offload ref,reward]
                      [--reward-normalization none|reference-mean|running]
                      [--missing-eos-penalty X] [--config FILE] [--backend NAME] [--device cpu|cuda]
                      [--resume]
@@ -45,8 +46,9 @@ installed, ``args.json`` (the flags and the PPOConfig) and ``checkpoint.pt`` (wi
 fsdp``: ``checkpoint/``, torch.distributed.checkpoint shards that resume on any number of ranks;
 ``--resume`` continues from it). SIGINT / SIGTERM write the checkpoint and stop. Under ``torchrun
 --nproc_per_node N -m rlhf_kernels.cli ppo ...`` the policy and critic train
-data-parallel (DDP; each rank samples its own prompts, the statistics are
-global) and rank 0 writes the outputs.
+data-parallel (``--strategy ddp``, or ``fsdp``: FSDP2 sharding; each rank
+samples its own prompts, the statistics are global) and rank 0 writes the
+outputs. ``--offload ref,reward`` keeps the frozen models in CPU memory.
 """
 
 from __future__ import annotations
@@ -62,13 +64,14 @@ from typing import Callable
 
 import torch
 
-from .config import ConfigError, PPOConfig, load_config, to_dict, validate_ppo
+from .config import OFFLOADABLE, ConfigError, PPOConfig, load_config, to_dict, validate_ppo
 from .data import check_tokenizer
 from .fsdp import export_state_dict, unwrapped
 from .models import ScalarHeadModel, is_hf_classifier
 from .ppo import PPOTrainer
 from .utils import (
-    MetricsLogger, StopRequested, all_reduce_mean, init_distributed, progress_bar, seed_everything,
+    MetricsLogger, StopRequested, all_reduce_mean, closing_own_group, init_distributed, progress_bar,
+    seed_everything,
 )
 
 
@@ -269,9 +272,7 @@ def reference_reward_mean(trainer: PPOTrainer, prompts: list[str], n: int) -> fl
     """Mean score of the reference policy's samples on n prompts (InstructGPT's
     RM normalisation: its bias makes this 0)."""
     rng = random.Random(12345)
-    saved = trainer.policy
-    trainer.policy = trainer.ref_policy
-    try:
+    with trainer.reference_as_policy():
         trainer._eval_mode()
         picks = [prompts[rng.randrange(len(prompts))] for _ in range(n)]
         batch, responses, stopped = trainer.generate(picks)
@@ -281,8 +282,6 @@ def reference_reward_mean(trainer: PPOTrainer, prompts: list[str], n: int) -> fl
             return float(trainer.score(batch, picks, responses, stopped).mean())
         finally:
             trainer.config.reward_bias, trainer.config.missing_eos_penalty = bias, penalty
-    finally:
-        trainer.policy = saved
 
 
 def ppo_config(args) -> PPOConfig:
@@ -306,27 +305,27 @@ def ppo_config(args) -> PPOConfig:
         cfg.strategy = args.strategy
     if args.group_size is not None:
         cfg.group_size = args.group_size
+    if args.offload is not None:
+        cfg.offload = parse_offload(args.offload)
     if cfg.rollout_batch_size < cfg.mini_batch_size:  # a small rollout: one mini-batch
         cfg.mini_batch_size = cfg.rollout_batch_size
         cfg.grad_accum_steps = 1
     return cfg
 
 
-def _closing_own_group(run, args) -> dict:
-    """run(args), then the one-process group FSDP needed closed, if run made it."""
-    import torch.distributed as dist
-
-    had_group = dist.is_initialized()
-    try:
-        return run(args)
-    finally:
-        if not had_group and dist.is_initialized() and dist.get_world_size() == 1:
-            dist.destroy_process_group()
+def parse_offload(value: str) -> list[str]:
+    """``--offload ref,reward`` -> ["ref", "reward"] ("" or "none": [])."""
+    names = [n.strip() for n in value.split(",") if n.strip() and n.strip() != "none"]
+    unknown = [n for n in names if n not in OFFLOADABLE]
+    if unknown:
+        raise ConfigError(f"--offload: unknown {unknown}; expected a comma-separated list from {OFFLOADABLE}")
+    return names
 
 
 def run_ppo(args) -> dict:
     """The ``ppo`` command; returns the summary (also in <out>/summary.json)."""
-    return _closing_own_group(_run_ppo, args)
+    with closing_own_group():
+        return _run_ppo(args)
 
 
 def _run_ppo(args) -> dict:
@@ -560,7 +559,8 @@ def add_stage_parsers(sub) -> None:
 
 def _stage_main(run, name: str, args) -> int:
     try:
-        summary = _closing_own_group(run, args)
+        with closing_own_group():
+            summary = run(args)
     except (ConfigError, ValueError) as exc:
         print(f"rlhf-kernels {name}: {exc}", file=sys.stderr)
         return 2
@@ -587,7 +587,10 @@ def add_ppo_parser(sub) -> None:
     p.add_argument("--strategy", default=None, choices=("ddp", "fsdp"),
                    help="under torchrun: ddp (default; every rank holds every model) or fsdp (FSDP2 sharding)")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16"),
-                   help="fp32 (default) or bf16 autocast of the forward passes; float32 master weights either way")
+                   help="fp32 (default) or bf16 compute (autocast; under fsdp FSDP2's MixedPrecisionPolicy); "
+                        "float32 master weights either way")
+    p.add_argument("--offload", default=None, metavar="ref,reward",
+                   help="frozen models kept in CPU memory: ref (the reference policy), reward (the reward model)")
     p.add_argument("--reward-normalization", default="none",
                    help="none | reference-mean (InstructGPT: the reference policy's mean score is the bias) | "
                         "running (whiten by the running mean and std)")

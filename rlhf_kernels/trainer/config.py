@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+OFFLOADABLE = ("ref", "reward")  # PPOConfig.offload: the frozen models
 LOSS_AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
@@ -98,8 +99,16 @@ class PPOConfig:
     strategy: str = "ddp"
     # "fp32": the trained models' float32 master weights compute in float32;
     # "bf16": their forward passes (rollout and update) run under bf16
-    # autocast, the weights, gradients and optimizer state staying float32.
+    # autocast (strategy fsdp: FSDP2's MixedPrecisionPolicy, bf16 all-gathers
+    # and compute, float32 gradient reduction), the weights, gradients and
+    # optimizer state staying float32.
     precision: str = "fp32"
+    # Frozen models kept in CPU memory, from "ref" (the reference policy) and
+    # "reward" (the reward model): under fsdp FSDP2's CPUOffloadPolicy (their
+    # shards stay in CPU memory; each layer is copied to the device for its
+    # forward), under ddp the whole model is moved to the device for its passes
+    # of each rollout and back.
+    offload: list = field(default_factory=list)
     # Rows per no-grad pass of the rollout (old and reference log-probs,
     # values, scores); 0: the update's micro-batch size.
     forward_batch_size: int = 0
@@ -222,6 +231,8 @@ def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
         raise ConfigError(f"ppo.strategy: unknown {cfg.strategy!r}; expected ddp or fsdp")
     if cfg.precision not in ("fp32", "bf16"):
         raise ConfigError(f"ppo.precision: unknown {cfg.precision!r}; expected fp32 or bf16")
+    if not isinstance(cfg.offload, (list, tuple)) or any(name not in OFFLOADABLE for name in cfg.offload):
+        raise ConfigError(f"ppo.offload: {cfg.offload!r}; expected a list from {OFFLOADABLE}")
     if cfg.algo not in ("ppo", "grpo", "rloo"):
         raise ConfigError(f"ppo.algo: unknown {cfg.algo!r}; expected ppo, grpo or rloo")
     if cfg.algo != "ppo" and (cfg.group_size < 2 or cfg.rollout_batch_size % cfg.group_size):

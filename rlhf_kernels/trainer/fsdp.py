@@ -8,7 +8,8 @@ rollout (``gathered``) instead of once per token and layer."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+import types
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -25,18 +26,47 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
-def shard(model: nn.Module) -> nn.Module:
+def shard(model: nn.Module, *, bf16: bool = False, offload: bool = False) -> nn.Module:
     """fully_shard each decoder layer, then the root (the embeddings, the final
     norm and the head: tied weights stay one parameter). In place; returns
-    the model."""
+    the model. ``bf16``: FSDP2's MixedPrecisionPolicy, parameters all-gathered
+    in bf16 (the forward and backward compute in bf16), gradients
+    reduce-scattered in float32 into the float32 sharded parameters (the
+    master weights the optimizer steps). ``offload``: CPUOffloadPolicy, the
+    shards kept in CPU memory and each layer's copied to the device for its
+    forward (frozen models: no gradient, no optimizer step on the CPU)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
     _, fully_shard = _fsdp()
     layers = decoder_layers(model)
     if not layers:
         raise ValueError(f"strategy fsdp: {type(model).__name__} has no *DecoderLayer modules to shard")
+    options = {}
+    if bf16:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if offload:
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
     return model
+
+
+@contextlib.contextmanager
+def on_device(model: nn.Module, device: torch.device, enabled: bool = True) -> Iterator[nn.Module]:
+    """An offloaded model (kept in CPU memory) on ``device`` for the passes
+    inside, back in CPU memory after them. FSDP2 models offload through
+    ``shard(offload=True)`` and are left as they are."""
+    param = next(model.parameters(), None)
+    there = param is not None and param.device.type == device.type and device.index in (None, param.device.index)
+    if not enabled or is_sharded(model) or param is None or there:  # there: a nested call
+        yield model
+        return
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to("cpu")
 
 
 def data_parallel(model: nn.Module, strategy: str, world_size: int) -> nn.Module:
@@ -92,16 +122,40 @@ def gathered(model: nn.Module) -> Iterator[None]:
         model.reshard()
 
 
+_IN_ROOT_FORWARD = "_rlhf_kernels_in_root_forward"
+
+
+def in_root_forward(model: nn.Module, fn: Callable, *args):
+    """``fn(*args)`` run as a forward of the sharded root (FSDP2's
+    ``register_fsdp_forward_method``): inside it, the root's own parameters
+    (embeddings, final norm, LM head) are unsharded plain tensors that code
+    outside the model's ``forward`` can use, and the backward reduce-scatters
+    their gradients as after the model's forward. ``fn`` must not call the
+    model itself (its end would reshard them). Not sharded: ``fn(*args)``."""
+    if not is_sharded(model):
+        return fn(*args)
+    if _IN_ROOT_FORWARD not in model.__dict__:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        setattr(model, _IN_ROOT_FORWARD, types.MethodType(lambda self, fn, *a: fn(*a), model))
+        register_fsdp_forward_method(model, _IN_ROOT_FORWARD)
+    return getattr(model, _IN_ROOT_FORWARD)(fn, *args)
+
+
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """FSDP2's no_sync: skip the reduce-scatter for all but the last micro-batch."""
     model.set_requires_gradient_sync(enabled)
 
 
-def full_state_dict(model: nn.Module) -> dict:
-    """The full (unsharded) state dict on rank 0, on the CPU; {} on the other ranks."""
+def full_state_dict(model: nn.Module, every_rank: bool = False) -> dict:
+    """The full (unsharded) state dict on rank 0, on the CPU; {} on the other
+    ranks (``every_rank``: on every rank). A collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not every_rank:
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

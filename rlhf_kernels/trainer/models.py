@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -144,6 +144,13 @@ class LMHead:
         scale = float(getattr(config, "logit_scale", None) or 1.0)
         return LMHead(head.weight, head.bias, scale), ""
 
+    @torch.no_grad()
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(..., V) float32 logits of ``hidden`` (..., H), no gradient, autocast off (for checks)."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return torch.nn.functional.linear(hidden.float(), self.weight.float(), bias) * self.logit_scale
+
 
 def response_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
                     head: LMHead, check: bool = False) -> Tensor:
@@ -159,15 +166,56 @@ def response_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                 use_cache=False, output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1]
     if check:
-        # bf16 / fp16 hidden states or an autocast forward: the model's logits are a 16-bit product
-        low_precision = hidden.dtype != torch.float32 or torch.is_autocast_enabled(hidden.device.type)
-        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-            want = out.logits[:, -1].float()
-            got = torch.nn.functional.linear(hidden[:, -1].float(), head.weight.float(),
-                                             None if head.bias is None else head.bias.float()) * head.logit_scale
-            tol = (1e-2 if low_precision else 1e-4) * max(1.0, want.abs().max().item())
-            if not torch.allclose(got, want, atol=tol, rtol=0):
-                raise ValueError(
-                    f"{type(getattr(model, 'module', model)).__name__}: its logits are not its output layer applied "
-                    "to the last hidden state; run with fused_lm_head=False")
+        check_head(model, head.logits(hidden[:, -1]), out.logits[:, -1], hidden.dtype)
     return hidden[:, -(response_len + 1) : -1]
+
+
+def with_response_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
+                         op: Callable[[Tensor, LMHead], Any], check: bool = False) -> Any:
+    """``op(hidden, head)``: ``hidden`` (B, R, H) the last hidden states
+    predicting the response tokens (``response_hidden``), ``head`` the model's
+    ``LMHead``; no (B, R, V) logits. ``check`` as ``response_hidden``'s.
+
+    Under FSDP2 the head's weight is a sharded DTensor outside the model's
+    forward: the trunk (``model.base_model``: embeddings, decoder layers, final
+    norm) and ``op`` then run together inside one FSDP forward of the root
+    (``fsdp.in_root_forward``), where the root's parameters, the head's among
+    them, are unsharded, and their gradients reduce-scatter as a forward's do."""
+    from . import fsdp
+
+    if not fsdp.is_sharded(model):
+        head, _ = LMHead.of(model)
+        return op(response_hidden(model, input_ids, attention_mask, prompt_len, head, check=check), head)
+    from .data import position_ids
+
+    response_len = input_ids.shape[1] - prompt_len
+    want = None
+    if check:  # the model's own logits at the last position: a forward of its own
+        with torch.no_grad():
+            want = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                         use_cache=False, logits_to_keep=1).logits[:, -1]
+
+    def run(input_ids: Tensor, attention_mask: Tensor):
+        head, _ = LMHead.of(model)
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+        got = head.logits(hidden[:, -1]) if check else None
+        return op(hidden[:, -(response_len + 1) : -1], head), got, hidden.dtype
+
+    out, got, dtype = fsdp.in_root_forward(model, run, input_ids, attention_mask)
+    if check:
+        check_head(model, got, want, dtype)
+    return out
+
+
+def check_head(model: nn.Module, got: Tensor, want: Tensor, hidden_dtype: torch.dtype) -> None:
+    """ValueError unless ``got`` (the head applied to the last hidden state,
+    ``LMHead.logits``) equals ``want`` (the model's own logits there)."""
+    # bf16 / fp16 hidden states or an autocast forward: the model's logits are a 16-bit product
+    low_precision = hidden_dtype != torch.float32 or torch.is_autocast_enabled(want.device.type)
+    want = want.detach().float()
+    tol = (1e-2 if low_precision else 1e-4) * max(1.0, want.abs().max().item())
+    if not torch.allclose(got, want, atol=tol, rtol=0):
+        raise ValueError(
+            f"{type(getattr(model, 'module', model)).__name__}: its logits are not its output layer applied "
+            "to the last hidden state; run with fused_lm_head=False")

@@ -19,9 +19,9 @@ from .ppo import PPOTrainer
 from .reward import RewardTrainer
 from .sft import SFTTrainer
 from .task import DigitTask, build_tokenizer
+from . import fsdp
 from .utils import (
-    MetricsLogger, StopRequested, init_distributed, load_checkpoint, progress_bar, save_checkpoint,
-    seed_everything,
+    MetricsLogger, StopRequested, closing_own_group, init_distributed, progress_bar, save_checkpoint, seed_everything,
 )
 
 EVAL_SEED = 987654321
@@ -94,8 +94,26 @@ class HeldOut:
 
 def run(cfg: TrainConfig, *, resume: bool = False, verbose: bool = True) -> dict:
     """Runs the pipeline; returns the summary (also written to <out>/summary.json).
-    Returns early, with a checkpoint written, when SIGINT / SIGTERM arrives."""
-    rank, world = init_distributed(cfg.device)
+    Returns early, with a checkpoint written, when SIGINT / SIGTERM arrives.
+    Under torchrun every stage is data-parallel with ``cfg.ppo.strategy``
+    (ddp, or fsdp: FSDP2, a one-process group when not launched by torchrun)."""
+    with closing_own_group():
+        return _run(cfg, resume, verbose)
+
+
+def _unsharded(model: torch.nn.Module, build) -> torch.nn.Module:
+    """The trained model as a plain module on every rank: itself, or under
+    FSDP a fresh ``build()`` holding its gathered full state."""
+    if not fsdp.is_sharded(model):
+        return model
+    fresh = build()
+    fresh.load_state_dict(fsdp.full_state_dict(model, every_rank=True))
+    return fresh
+
+
+def _run(cfg: TrainConfig, resume: bool, verbose: bool) -> dict:
+    strategy = cfg.ppo.strategy
+    rank, world = init_distributed(cfg.device, always=strategy == "fsdp")
     check_config(cfg, world)
     out = Path(cfg.out)
     main_process = rank == 0
@@ -111,20 +129,24 @@ def run(cfg: TrainConfig, *, resume: bool = False, verbose: bool = True) -> dict
 
     stop = StopRequested(device)
     with stop.installed():
-        # 1. Supervised fine-tuning (every rank runs the same deterministic stage).
+        # 1. Supervised fine-tuning (data-parallel: each rank its own examples).
+        parallel = dict(rank=rank, world_size=world, strategy=strategy)
         sft_path = out / "sft" / "policy.pt"
         if resume and sft_path.exists():
             policy.load_state_dict(torch.load(sft_path, map_location="cpu"))
             _log(f"SFT: loaded {sft_path}", rank)
         else:
-            _log(f"SFT: {cfg.sft.steps} steps", rank)
-            SFTTrainer(policy, tokenizer, cfg.sft, device=device, backend=cfg.backend, verbose=verbose,
-                       logger=MetricsLogger(out / "sft" / "metrics.jsonl", main_process),
-                       should_stop=stop.agreed).train(task.sft_example)
+            _log(f"SFT: {cfg.sft.steps} steps on {world} rank(s) ({strategy})", rank)
+            sft = SFTTrainer(policy, tokenizer, cfg.sft, device=device, backend=cfg.backend, verbose=verbose,
+                             logger=MetricsLogger(out / "sft" / "metrics.jsonl", main_process),
+                             should_stop=stop.agreed, **parallel)
+            sft.train(task.sft_example)
             if stop.agreed():  # on every rank (a collective)
                 return _interrupted(out, "SFT", rank)
+            state = fsdp.export_state_dict(sft.model)  # a collective under FSDP
             if main_process:
-                save_checkpoint(sft_path, policy.state_dict())
+                save_checkpoint(sft_path, state)
+            policy = _unsharded(policy, lambda: _tokenizer_and_policy(cfg)[1])
         policy.to("cpu")
 
         # 2. Reward model on ranked comparisons, started from the SFT model.
@@ -136,13 +158,16 @@ def run(cfg: TrainConfig, *, resume: bool = False, verbose: bool = True) -> dict
             _log(f"reward model: loaded {rm_path}", rank)
         else:
             _log(f"reward model: {cfg.reward.steps} steps, {cfg.reward.responses_per_prompt} ranked responses per prompt", rank)
-            RewardTrainer(reward_model, tokenizer, cfg.reward, device=device, verbose=verbose,
-                          logger=MetricsLogger(out / "reward" / "metrics.jsonl", main_process),
-                          should_stop=stop.agreed).train(task.ranked_example)
+            rm = RewardTrainer(reward_model, tokenizer, cfg.reward, device=device, verbose=verbose,
+                               logger=MetricsLogger(out / "reward" / "metrics.jsonl", main_process),
+                               should_stop=stop.agreed, **parallel)
+            rm.train(task.ranked_example)
             if stop.agreed():  # on every rank (a collective)
                 return _interrupted(out, "reward model", rank)
+            state = fsdp.export_state_dict(rm.model)
             if main_process:
-                save_checkpoint(rm_path, reward_model.state_dict())
+                save_checkpoint(rm_path, state)
+            reward_model = _unsharded(reward_model, lambda: ScalarHeadModel.from_causal_lm(trunk_source))
         reward_model.to("cpu")
 
         # 3. PPO against the reward model, KL-penalised towards the SFT policy;
@@ -155,13 +180,15 @@ def run(cfg: TrainConfig, *, resume: bool = False, verbose: bool = True) -> dict
                              backend=cfg.backend, rank=rank, world_size=world)
         true_score = task.true_scores
         sft_eval = _evaluate_reference(trainer, held_out, true_score)
-        ckpt_path = out / "ppo" / "checkpoint.pt"
+        # DDP: one file; FSDP: a torch.distributed.checkpoint directory of shards.
+        ckpt_path = out / "ppo" / ("checkpoint" if strategy == "fsdp" else "checkpoint.pt")
         metrics = MetricsLogger(out / "ppo" / "metrics.jsonl", main_process, resume=resume)
-        if resume and ckpt_path.exists():
-            trainer.load_state_dict(load_checkpoint(ckpt_path)["trainer"])
+        if resume and (ckpt_path / "trainer.pt" if strategy == "fsdp" else ckpt_path).exists():
+            trainer.load(ckpt_path)
             _truncate_metrics(metrics, trainer.iteration)
-            _log(f"PPO: resumed from {ckpt_path} at iteration {trainer.iteration}", rank)
-        _log(f"PPO: {cfg.ppo.iterations} iterations of {cfg.ppo.rollout_batch_size * world} rollouts", rank)
+            _log(f"PPO: resumed from {ckpt_path} at iteration {trainer.iteration} on {world} rank(s)", rank)
+        _log(f"PPO: {cfg.ppo.iterations} iterations of {cfg.ppo.rollout_batch_size * world} rollouts ({strategy})",
+             rank)
         bar = progress_bar(cfg.ppo.iterations, "ppo", verbose, initial=trainer.iteration)
         while trainer.iteration < cfg.ppo.iterations:
             record = trainer.step()
@@ -172,9 +199,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, verbose: bool = True) -> dict
             done = trainer.iteration == cfg.ppo.iterations
             stop_now = stop.agreed()  # every rank stops at this step, or none
             if stop_now or done or trainer.iteration % cfg.ppo.checkpoint_every == 0:
-                state = trainer.state_dict()  # on every rank: it gathers each rank's RNG state
-                if main_process:
-                    save_checkpoint(ckpt_path, {"trainer": state, "config": to_dict(cfg)})
+                trainer.save(ckpt_path, {"config": to_dict(cfg)})  # on every rank (a collective)
             if stop_now:
                 bar.close()
                 return _interrupted(out, f"PPO at iteration {trainer.iteration}", rank)
@@ -188,32 +213,29 @@ def run(cfg: TrainConfig, *, resume: bool = False, verbose: bool = True) -> dict
         "held_out_prompts": len(held_out.prompts),
         "iterations": trainer.iteration,
         "world_size": world,
+        "strategy": strategy,
         "backend": cfg.backend or "auto",
         "device": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "outputs": str(out.resolve()),
     }
+    policy_state = fsdp.export_state_dict(trainer.policy)  # a collective under FSDP
     if main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        torch.save(trainer.policy.state_dict() if world == 1 else trainer.policy.module.state_dict(),
-                   out / "ppo" / "policy.pt")
+        torch.save(policy_state, out / "ppo" / "policy.pt")
         plot = _plot(metrics.read(), out / "ppo" / "curves.png")
         _log(f"held-out true score: SFT policy {summary['sft_true_score']:.3f} -> "
              f"PPO policy {summary['ppo_true_score']:.3f}; KL(PPO || SFT) per response "
              f"{summary['kl_to_sft']:.3f} nats", rank)
-        _log(f"outputs in {out.resolve()}: summary.json, ppo/metrics.jsonl, ppo/checkpoint.pt, "
+        _log(f"outputs in {out.resolve()}: summary.json, ppo/metrics.jsonl, {ckpt_path.relative_to(out)}, "
              f"ppo/policy.pt{', ppo/curves.png' if plot else ''}", rank)
     return summary
 
 
 def _evaluate_reference(trainer: PPOTrainer, held_out: HeldOut, true_score) -> dict:
     """The SFT policy's held-out score: the reference model is the SFT policy."""
-    saved = trainer.policy
-    trainer.policy = trainer.ref_policy
-    try:
+    with trainer.reference_as_policy():
         return trainer.evaluate(held_out.prompts, true_score)
-    finally:
-        trainer.policy = saved
 
 
 def _truncate_metrics(metrics: MetricsLogger, iteration: int) -> None:

@@ -43,7 +43,7 @@ from .data import (
 )
 from . import fsdp
 from .fsdp import unwrapped as _unwrap
-from .models import LMHead, ScalarHeadModel, response_hidden, response_logits, sequence_scores
+from .models import LMHead, ScalarHeadModel, response_logits, sequence_scores, with_response_hidden
 from .utils import (
     Timer, all_gather_object, all_reduce_mean, all_reduce_sum, disable_dropout, float32_master, load_checkpoint,
     make_optimizer, process_group, rng_state, save_checkpoint, set_rng_state,
@@ -179,15 +179,21 @@ class PPOTrainer:
                 # instead, unless asked for.
                 if not config.dropout_in_update:
                     disable_dropout(model)
-        self.ref_policy = ref_policy.to(self.device).eval().requires_grad_(False)
-        if reward_model is not None:
-            self.reward_model = reward_model.to(self.device).eval().requires_grad_(False)
+        # The frozen models: offloaded ones stay in CPU memory (config.offload).
         self.sharded = config.strategy == "fsdp"
+        home = lambda name: torch.device("cpu") if name in config.offload and not self.sharded else self.device  # noqa: E731
+        self.ref_policy = ref_policy.to(home("ref")).eval().requires_grad_(False)
+        if reward_model is not None:
+            self.reward_model = reward_model.to(home("reward")).eval().requires_grad_(False)
         if self.sharded:
-            # FSDP2 on every model: the optimizers below see the sharded parameters.
+            # FSDP2 on every model: the optimizers below see the sharded
+            # parameters. bf16: MixedPrecisionPolicy (bf16 compute, float32
+            # gradient reduction and master weights).
+            offloaded = {"ref": self.ref_policy, "reward": self.reward_model}
             for model in (self.policy, self.value_model, self.ref_policy, self.reward_model):
                 if isinstance(model, torch.nn.Module) and fsdp.decoder_layers(model):
-                    fsdp.shard(model)
+                    fsdp.shard(model, bf16=config.precision == "bf16",
+                               offload=any(offloaded[name] is model for name in config.offload))
         elif world_size > 1:
             self.policy = DDP(self.policy)
             if self.value_model is not None:
@@ -213,10 +219,29 @@ class PPOTrainer:
     # --- rollout -------------------------------------------------------------------
 
     def _autocast(self):
-        """bf16 autocast of the forward passes with ``precision="bf16"``."""
-        if self.config.precision == "bf16":
+        """bf16 autocast of the forward passes with ``precision="bf16"`` (under
+        FSDP the MixedPrecisionPolicy casts instead)."""
+        if self.config.precision == "bf16" and not self.sharded:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def _frozen(self, name: str):
+        """The reference policy ("ref") or the reward model ("reward") on the
+        device for the passes inside (config.offload: from CPU memory, and back)."""
+        model = self.ref_policy if name == "ref" else self.reward_model
+        return fsdp.on_device(model, self.device, enabled=name in self.config.offload)
+
+    @contextlib.contextmanager
+    def reference_as_policy(self):
+        """The reference policy in the policy's place (generate, evaluate: the
+        SFT policy's samples and scores), on the device."""
+        saved = self.policy
+        with self._frozen("ref") as ref:
+            self.policy = ref
+            try:
+                yield
+            finally:
+                self.policy = saved
 
     def _trained(self) -> list:
         """The models the update trains: the policy, and the critic (PPO)."""
@@ -252,13 +277,6 @@ class PPOTrainer:
         whether this is its first use: check it)."""
         if not self.config.fused_lm_head or self.backend == "reference":
             return None, False
-        if fsdp.is_sharded(model):
-            # The head's weight is a sharded DTensor outside the model's own forward.
-            if id(model) not in self._heads_checked:
-                logger.warning("fused LM head off for %s under FSDP: the (B, T, V) logits are built instead",
-                               type(model).__name__)
-                self._heads_checked[id(model)] = False
-            return None, False
         key = id(model)
         if self._heads_checked.get(key) is False:
             return None, False
@@ -278,10 +296,11 @@ class PPOTrainer:
             logits = response_logits(model, input_ids, attention_mask, prompt_len)
             return logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=return_entropy,
                                         backend=self.backend)
-        hidden = response_hidden(model, input_ids, attention_mask, prompt_len, head, check=first)
-        return logprobs_from_hidden(hidden, head.weight, labels, bias=head.bias,
-                                    temperature=temperature / head.logit_scale, return_entropy=return_entropy,
-                                    backend=self.backend)
+        return with_response_hidden(
+            model, input_ids, attention_mask, prompt_len, check=first,
+            op=lambda hidden, head: logprobs_from_hidden(
+                hidden, head.weight, labels, bias=head.bias, temperature=temperature / head.logit_scale,
+                return_entropy=return_entropy, backend=self.backend))
 
     @torch.no_grad()
     def _logprobs(self, model, batch: Batch) -> Tensor:
@@ -306,8 +325,8 @@ class PPOTrainer:
                 raise ValueError(f"reward function: returned shape {tuple(scores.shape)}, expected "
                                  f"({len(responses)},), one score per response")
         else:
-            scores = self._in_rows(lambda b: sequence_scores(self.reward_model, b.input_ids, b.attention_mask),
-                                   batch)
+            with self._frozen("reward") as rm:
+                scores = self._in_rows(lambda b: sequence_scores(rm, b.input_ids, b.attention_mask), batch)
         if cfg.reward_bias:
             scores = scores - cfg.reward_bias
         if cfg.reward_running_whiten:
@@ -359,7 +378,8 @@ class PPOTrainer:
                 prompts = [p for p in drawn for _ in range(cfg.group_size)]
             batch, responses, stopped = self.generate(prompts)
             old_logp = self._in_rows(lambda b: self._logprobs(_unwrap(self.policy), b), batch)
-            ref_logp = self._in_rows(lambda b: self._logprobs(self.ref_policy, b), batch)
+            with self._frozen("ref") as ref:
+                ref_logp = self._in_rows(lambda b: self._logprobs(ref, b), batch)
             old_values = self._in_rows(self._values, batch) if self.value_model is not None else \
                 torch.zeros_like(old_logp)
         with self.timer.phase("scoring", self.device):
@@ -436,13 +456,12 @@ class PPOTrainer:
             if cfg.algo == "grpo" else {}
         head, first = self._head(self.policy) if cfg.fused_loss else (None, False)
         if head is not None:
-            hidden = response_hidden(self.policy, batch.input_ids, batch.attention_mask, batch.prompt_len, head,
-                                     check=first)
-            pg_loss, pg_stats = ppo_loss_from_hidden(
-                hidden, head.weight, batch.response_labels, r.old_logp[idx], r.advantages[idx], mask,
-                bias=head.bias, temperature=cfg.temperature / head.logit_scale, entropy_coef=cfg.entropy_coef,
-                **kl_term, **common,
-            )
+            pg_loss, pg_stats = with_response_hidden(
+                self.policy, batch.input_ids, batch.attention_mask, batch.prompt_len, check=first,
+                op=lambda hidden, head: ppo_loss_from_hidden(
+                    hidden, head.weight, batch.response_labels, r.old_logp[idx], r.advantages[idx], mask,
+                    bias=head.bias, temperature=cfg.temperature / head.logit_scale, entropy_coef=cfg.entropy_coef,
+                    **kl_term, **common))
         elif cfg.fused_loss:
             logits = response_logits(self.policy, batch.input_ids, batch.attention_mask, batch.prompt_len)
             pg_loss, pg_stats = ppo_loss_from_logits(
@@ -586,7 +605,8 @@ class PPOTrainer:
             torch.manual_seed(seed)
             batch, texts, stopped = self.generate(prompts)
         logp = self._logprobs(_unwrap(self.policy), batch)
-        ref = self._logprobs(self.ref_policy, batch)
+        with self._frozen("ref") as ref_policy:
+            ref = self._logprobs(ref_policy, batch)
         kl = ((logp - ref) * batch.response_mask).sum(1).mean()
         return {"true_score": float(true_score(prompts, texts, stopped).mean()), "kl_to_ref": float(kl)}
 

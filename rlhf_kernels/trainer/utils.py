@@ -13,7 +13,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -105,21 +105,37 @@ def init_distributed(device: str, always: bool = False) -> tuple[int, int]:
     (gloo on CPU, NCCL on GPU). ``always``: a one-process group too (FSDP
     needs one), on a free local port when not launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if always and world == 1 and not dist.is_initialized() and "MASTER_ADDR" not in os.environ:
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if always and world == 1 and not dist.is_initialized() and "TORCHELASTIC_RUN_ID" not in os.environ:
+        # Not launched by torchrun: a group of its own on a free local port (the
+        # environment left untouched, so that processes started from this one
+        # do not inherit a rendezvous).
         import socket
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     if (world > 1 or always) and not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend=backend)
-        if device.startswith("cuda"):
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_initialized() and device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextmanager
+def closing_own_group() -> Iterator[None]:
+    """Destroys, on exit, the one-process group that ``init_distributed(...,
+    always=True)`` made inside (FSDP without torchrun); a group that was there
+    before, or torchrun's, stays."""
+    had_group = dist.is_initialized()
+    try:
+        yield
+    finally:
+        if not had_group and dist.is_initialized() and dist.get_world_size() == 1:
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
