@@ -15,8 +15,15 @@ high-water mark (reset just before the call) minus the resident size before it a
 of the gradients it returns (which every provider must produce), reported as
 a multiple of the float32 logits (N * V * 4 bytes).
 
+``--loss``: the scalar PPO loss instead (clipped policy loss + entropy
+bonus, token-mean, forward + backward): ``ppo_loss_from_hidden`` with its
+gradient in the forward (three GEMMs), the same with ``grad_in_forward=False``
+(four), and the eager logits with ``ppo_loss_from_logits`` of the reference
+(mode ``ppo_loss_fwd_bwd``).
+
     python -m benchmarks.bench_lm_head            # the issue's shapes
     python -m benchmarks.bench_lm_head --quick    # tiny shapes (smoke test)
+    python -m benchmarks.bench_lm_head --loss --shape 1024,512,151936,float32
 """
 
 from __future__ import annotations
@@ -71,6 +78,35 @@ def providers() -> dict[str, Callable]:
     return provs
 
 
+def _loss_inputs(labels):
+    gen = torch.Generator().manual_seed(1)
+    n = labels.numel()
+    old = -torch.rand(n, generator=gen) * 8
+    return old, torch.randn(n, generator=gen), torch.ones(n, dtype=torch.bool)
+
+
+def loss_providers() -> dict[str, Callable]:
+    """Scalar PPO losses (policy loss - 0.01 * entropy, token-mean) from (hidden, weight, labels)."""
+    from rlhf_kernels import reference
+
+    def ours(grad_in_forward):
+        def loss(h, w, y):
+            old, adv, mask = _loss_inputs(y)
+            return rlhf_kernels.ppo_loss_from_hidden(h[None], w, y[None], old[None], adv[None], mask[None],
+                                                     entropy_coef=0.01, grad_in_forward=grad_in_forward)[0]
+        return loss
+
+    def eager_loss(h, w, y):
+        old, adv, mask = _loss_inputs(y)
+        logits = (h @ w.t()).float()
+        return reference.ppo_loss_from_logits(logits[None], y[None], old[None], adv[None], mask[None],
+                                              entropy_coef=0.01)[0]
+
+    return {"rlhf_kernels (gradient in the forward, 3 GEMMs)": ours(True),
+            "rlhf_kernels (grad_in_forward=False, 4 GEMMs)": ours(False),
+            "eager logits + reference ppo_loss_from_logits": eager_loss}
+
+
 def shapes() -> list[tuple[int, int, int, torch.dtype]]:
     if common.is_quick():
         return [(64, 32, 5003, torch.float32)]
@@ -89,20 +125,21 @@ def inputs(n, h, v, dtype):
 def fwd_bwd(fn, hidden, weight, labels):
     hidden = hidden.detach().requires_grad_(True)
     weight = weight.detach().requires_grad_(True)
-    logp, entropy = fn(hidden, weight, labels)
+    out = fn(hidden, weight, labels)
+    logp, entropy = out if isinstance(out, tuple) else (out, None)
     outs = [o for o in (logp, entropy) if o is not None]
     grads = [torch.full_like(o, 0.5) if o.dim() else torch.ones_like(o) for o in outs]
     torch.autograd.backward(outs, grads)
     return hidden.grad, weight.grad
 
 
-def cpu_peak_memory(provider: str, n: int, h: int, v: int, dtype: torch.dtype) -> int | None:
+def cpu_peak_memory(provider: str, n: int, h: int, v: int, dtype: torch.dtype, loss: bool = False) -> int | None:
     """Extra resident bytes of one forward + backward in a fresh process, less the gradients returned."""
     code = f"""
 import sys, torch
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
 from benchmarks import bench_lm_head as b, common
-fn = b.providers()[{provider!r}]
+fn = (b.loss_providers() if {loss!r} else b.providers())[{provider!r}]
 hidden, weight, labels = b.inputs({n}, {h}, {v}, torch.{str(dtype)[6:]})
 import gc; gc.collect()
 common.reset_peak_rss()
@@ -121,13 +158,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--only", default=None, help="comma-separated provider names")
     parser.add_argument("--shape", default=None, help="N,H,V,dtype (e.g. 1024,512,151936,float32)")
+    parser.add_argument("--loss", action="store_true", help="the scalar PPO loss (see the docstring)")
     args = parser.parse_args(argv)
     if args.quick:
         os.environ["RLHF_BENCH_QUICK"] = "1"
     device = torch.device("cpu")
     env = common.environment(device)
     copy_bw = common.copy_bandwidth_gbps(device, 1 << 26 if common.is_quick() else 1 << 30)
-    provs = providers()
+    provs = loss_providers() if args.loss else providers()
+    mode = "ppo_loss_fwd_bwd" if args.loss else "fwd_bwd"
     if args.only:
         provs = {k: f for k, f in provs.items() if k in args.only.split(",")}
     todo = shapes()
@@ -142,7 +181,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # A warm-up and 3 calls (1 at N=4096) per provider, median; all in
         # one process, so that the ratios compare like with like.
         for name, fn in provs.items():
-            common.progress(f"fwd_bwd {n}x{h}x{v} {str(dtype)[6:]} {name}")
+            common.progress(f"{mode} {n}x{h}x{v} {str(dtype)[6:]} {name}")
             try:
                 timing = common.time_fn(lambda f=fn: fwd_bwd(f, hidden, weight, labels), device,
                                         min_runs=3 if n < 4096 else 1, max_seconds=0.0)
@@ -151,9 +190,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 continue
             peak = None
             if not args.no_memory and not common.is_quick():
-                peak = cpu_peak_memory(name, n, h, v, dtype)
+                peak = cpu_peak_memory(name, n, h, v, dtype, args.loss)
             res = common.Result(
-                op=OP, provider=name, mode="fwd_bwd", shape=[n, h, v], dtype=str(dtype).replace("torch.", ""),
+                op=OP, provider=name, mode=mode, shape=[n, h, v], dtype=str(dtype).replace("torch.", ""),
                 timing=timing, min_bytes=logits_bytes, copy_gbps=copy_bw, peak_mem_bytes=peak,
                 input_bytes=logits_bytes,
                 extra={"extra_peak_over_logits": None if peak is None else round(peak / logits_bytes, 4),

@@ -384,7 +384,11 @@ def test_main_job_improves_true_score_at_reduced_size(tmp_path):
     cfg = TrainConfig(out=str(tmp_path / "main"))
     cfg.sft.steps = 200
     cfg.reward.steps = 100
-    cfg.ppo.iterations = 20
+    # 30 iterations: at 20 the gain (+0.05 needed) was +0.085 with the
+    # four-GEMM fused loss and +0.046 with the three-GEMM one, whose gradients
+    # differ at float rounding (the sampled trajectories then diverge); at 30,
+    # +0.063 and +0.104.
+    cfg.ppo.iterations = 30
     cfg.ppo.eval_prompts = 128
     summary = pipeline.run(cfg, verbose=False)
     assert summary["ppo_true_score"] > summary["sft_true_score"] + 0.05, summary

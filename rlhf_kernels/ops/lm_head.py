@@ -21,7 +21,10 @@ gradient over it from the forward's (M, log_sum, entropy); then
 d hidden += dZ @ W_c and d W_c = dZ^T @ hidden (all of a token block in one
 GEMM, so a bf16 weight gradient is rounded once), d bias_c = sum(dZ): four
 GEMMs in all for a per-token output, whose upstream gradient is only known
-in the backward.
+in the backward. ``ppo_loss_from_hidden``, a scalar loss whose per-token
+gradient is known as soon as a token's log-prob is, computes its gradient
+in the forward instead (token blocks of whole-vocabulary rows, ``row_block``):
+three GEMMs (``_loss_grad_in_forward``).
 
 A tile is a window of its rows: the buffer has one spare column past the
 vocabulary block, set to -inf (no weight in the softmax); a label outside the
@@ -46,7 +49,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .._dispatch import checks_enabled, implementation, native_extension_loaded, register, triton_installed
+from .._dispatch import (
+    checks_enabled, implementation, native_extension_loaded, register, resolve_backend, triton_installed,
+)
 from .._launch import acc_dtype, row_layout
 from .._validation import (
     FLOAT_DTYPES, INDEX_DTYPES, check_int, check_labels_in_range, check_positive, check_same_device, check_tensor,
@@ -62,6 +67,10 @@ MIN_VOCAB_BLOCK = 1024
 _MIN_TILE_COLS = 128
 _MIN_CHUNK_BYTES = 8 << 20
 _MAX_CHUNK_BYTES = 256 << 20
+# The three-GEMM loss path's default budget, in default_chunk_bytes: 1/16 of
+# the float32 logits (token blocks of N/16 whole rows; the dW accumulation
+# over fewer, longer blocks runs faster than at N/32 on CPU BLAS).
+LOSS_BUDGET_FACTOR = 2
 # Spare columns per buffer row: one sentinel, rounded so rows stay 32-byte aligned.
 _PAD = 8
 
@@ -86,10 +95,20 @@ def tile_plan(n_rows: int, vocab: int, chunk_bytes: int, itemsize: int = 4, col_
     return tb, vb
 
 
-def _plan(hidden: Tensor, weight: Tensor, n_rows: int, chunk_bytes: int, acc: torch.dtype) -> tuple[int, int]:
+def _col_bytes(hidden: Tensor, weight: Tensor) -> int:
     converts = hidden.device.type != "cuda" and _low_precision(weight)
-    col_bytes = 2 * weight.shape[1] * 4 if converts else 0
-    return tile_plan(n_rows, weight.shape[0], chunk_bytes, torch.finfo(acc).bits // 8, col_bytes)
+    return 2 * weight.shape[1] * 4 if converts else 0
+
+
+def _plan(hidden: Tensor, weight: Tensor, n_rows: int, chunk_bytes: int, acc: torch.dtype) -> tuple[int, int]:
+    return tile_plan(n_rows, weight.shape[0], chunk_bytes, torch.finfo(acc).bits // 8, _col_bytes(hidden, weight))
+
+
+def row_block(n_rows: int, vocab: int, chunk_bytes: int, itemsize: int = 4, col_bytes: int = 0) -> int:
+    """Tokens per block of whole-vocabulary tiles within ``chunk_bytes`` (the
+    three-GEMM loss path): ``(chunk_bytes - vocab * col_bytes) // ((vocab + 8)
+    * itemsize)``, at most n_rows; 0 when not one row fits."""
+    return max(0, min(n_rows, (chunk_bytes - vocab * col_bytes) // ((vocab + _PAD) * itemsize)))
 
 
 # --- the row kernels per backend: fwd(tile, labels, inv_t, entropy) and
@@ -297,20 +316,112 @@ def _backward_impl(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], 
             local, _ = _local_labels(lab, v0, v1 - v0)
             bwd(g[t0:t1], None if g_ent is None else g_ent[t0:t1], tile, local, row_max[t0:t1], log_sum[t0:t1],
                 None if entropy is None else entropy[t0:t1], inv_t)
-            dz = tile[:, :v1 - v0]
-            low = _low_precision(w)  # CUDA: bf16 operands, float32 products
-            if grad_hidden is not None:
-                _gemm(grad_hidden[t0:t1], dz.to(w.dtype) if low else dz, w, accumulate=True)
-            if grad_weight is not None:
-                gw = grad_weight[v0:v1]
-                dzt = (dz.to(h.dtype) if low else dz).t()
-                if gw.dtype in (acc, dzt.dtype):
-                    _gemm(gw, dzt, h, accumulate=many_blocks)
-                else:  # a bf16/fp16 weight from float32 operands (CPU): one rounding
-                    gw.copy_(dzt @ h)
-            if grad_bias is not None:
-                grad_bias[v0:v1] += dz.sum(0)
+            _tile_grads(tile[:, :v1 - v0], h, w, grad_hidden, grad_weight, grad_bias, t0, t1, v0, v1, many_blocks)
     return grad_hidden, grad_weight, grad_bias
+
+
+def _tile_grads(dz: Tensor, h: Tensor, w: Tensor, grad_hidden: Optional[Tensor], grad_weight: Optional[Tensor],
+                grad_bias: Optional[Tensor], t0: int, t1: int, v0: int, v1: int, many_blocks: bool) -> None:
+    """The GEMMs of a tile's logits gradient dz (rows t0:t1, columns v0:v1):
+    d hidden += dz @ w, d weight (+)= dz^T @ h, d bias += sum(dz)."""
+    low = _low_precision(w)  # CUDA: bf16 operands, float32 products
+    if grad_hidden is not None:
+        _gemm(grad_hidden[t0:t1], dz.to(w.dtype) if low else dz, w, accumulate=True)
+    if grad_weight is not None:
+        gw = grad_weight[v0:v1]
+        dzt = (dz.to(h.dtype) if low else dz).t()
+        if gw.dtype in (dz.dtype, dzt.dtype):
+            _gemm(gw, dzt, h, accumulate=many_blocks)
+        else:  # a bf16/fp16 weight from float32 operands (CPU): one rounding
+            gw.copy_(dzt @ h)
+    if grad_bias is not None:
+        grad_bias[v0:v1] += dz.sum(0)
+
+
+# --- a scalar loss: its gradient during the forward (three GEMMs) ----------------
+
+
+def _agg_weights(mask: Tensor, agg: str, num_tokens, num_seqs, dtype: torch.dtype) -> Tensor:
+    """(B, T) w with agg_loss(x, mask, agg, ...) == sum(w * x) for every x
+    (the aggregation is linear in x: w is its gradient, taken once)."""
+    x = torch.zeros(mask.shape, dtype=dtype, device=mask.device, requires_grad=True)
+    with torch.enable_grad():
+        total = _reference.agg_loss(x, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)
+        (w,) = torch.autograd.grad(total, x, allow_unused=True)
+    return torch.zeros_like(x) if w is None else w.detach()
+
+
+def _loss_grad_in_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature: float,
+                          ignore_index: int, chunk_bytes: int, rows: str, token_grads: Callable,
+                          need: tuple[bool, bool, bool]):
+    """Forward of a per-token loss from the hidden state with its gradient
+    computed on the way: each token block's whole-vocabulary tile is made once
+    (GEMM 1), its rows give logp and entropy, ``token_grads(t0, t1, logp,
+    entropy) -> (g_logp, g_entropy or None)`` gives the loss's gradient at
+    those tokens, the row kernel writes the logits gradient over the tile, and
+    d hidden = dZ @ W (GEMM 2), d W += dZ^T @ h (GEMM 3). Returns (logp,
+    entropy, grad_hidden, grad_weight, grad_bias), the gradients in the
+    accumulation dtype (a bf16/fp16 weight's: in its dtype from one token
+    block, else float32)."""
+    fwd, bwd = _ROWS[rows]
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    if labels.device.type == "cpu":
+        check_labels_in_range(labels, vocab, ignore_index)
+    acc = acc_dtype(hidden.dtype)
+    dev = hidden.device
+    inv_t = 1.0 / temperature
+    tb, vb = row_block(n_rows, vocab, chunk_bytes, torch.finfo(acc).bits // 8, _col_bytes(hidden, weight)), vocab
+    assert tb > 0, "whole rows only"
+    many_blocks = n_rows > tb
+    need_hidden, need_weight, need_bias = need
+    logp = torch.empty(n_rows, dtype=acc, device=dev)
+    entropy = torch.empty(n_rows, dtype=acc, device=dev)
+    grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=dev) if need_hidden else None
+    direct_weight = weight.dtype == acc or not many_blocks
+    grad_weight = None
+    if need_weight:
+        grad_weight = torch.zeros(weight.shape, dtype=weight.dtype if direct_weight else acc, device=dev)
+    grad_bias = torch.zeros(vocab, dtype=acc, device=dev) if need_bias else None
+    buf = torch.empty(tb, vb + _PAD, dtype=acc, device=dev)
+    ops = _Operands(hidden, weight, bias, acc)
+    w = ops.cols(0, vocab)
+    zero = torch.zeros((), dtype=acc, device=dev)
+    for t0 in range(0, n_rows, tb):
+        t1 = min(n_rows, t0 + tb)
+        h, lab = ops.rows(t0, t1), labels[t0:t1]
+        tile = ops.logits_into(buf, h, w, 0, vocab)
+        local, _ = _local_labels(lab, 0, vocab)
+        lp, ent, mx, ls = fwd(tile, local, inv_t, True)
+        ignored = lab == ignore_index
+        logp[t0:t1] = torch.where(ignored, zero, lp)
+        entropy[t0:t1] = torch.where(ignored, zero, ent)
+        g, g_ent = token_grads(t0, t1, logp[t0:t1], entropy[t0:t1])
+        g = torch.where(ignored, zero, g.to(acc)).contiguous()
+        if g_ent is not None:
+            g_ent = torch.where(ignored, zero, g_ent.to(acc)).contiguous()
+        bwd(g, g_ent, tile, local, mx, ls, ent if g_ent is not None else None, inv_t)
+        _tile_grads(tile[:, :vocab], h, w, grad_hidden, grad_weight, grad_bias, t0, t1, 0, vocab, many_blocks)
+    return logp, entropy, grad_hidden, grad_weight, grad_bias
+
+
+class _PrecomputedGrad(torch.autograd.Function):
+    """A loss value tied to inputs whose gradients were computed in the
+    forward: the backward scales them by the upstream gradient (in place: one
+    backward through it)."""
+
+    @staticmethod
+    def forward(ctx, loss, grads, *inputs):
+        ctx.grads = grads
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("ppo_loss_from_hidden: the gradient computed in the forward was used by an earlier "
+                               "backward; pass grad_in_forward=False to backpropagate through it twice")
+        return (None, None) + tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)).to(x.dtype)
+                                    for g, x in grads)
 
 
 # --- the ops ------------------------------------------------------------------
@@ -434,9 +545,9 @@ def _check_head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: 
         raise ValueError(f"weight: dtype {weight.dtype} with hidden {hidden.dtype}: float64 goes with float64 only")
 
 
-def _check_chunk_bytes(chunk_bytes: Optional[int], n_rows: int, vocab: int) -> int:
+def _check_chunk_bytes(chunk_bytes: Optional[int], n_rows: int, vocab: int, factor: int = 1) -> int:
     if chunk_bytes is None:
-        return default_chunk_bytes(n_rows, vocab)
+        return factor * default_chunk_bytes(n_rows, vocab)
     chunk_bytes = check_int("chunk_bytes", chunk_bytes)
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes: must be > 0, got {chunk_bytes}")
@@ -530,6 +641,7 @@ def ppo_loss_from_hidden(
     token_weights: Tensor | None = None,
     ratio_level: str = "token",
     chunk_bytes: int | None = None,
+    grad_in_forward: bool = True,
     backend: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The PPO policy loss, KL penalty and entropy bonus of ``ppo_loss_from_logits``
@@ -543,11 +655,26 @@ def ppo_loss_from_hidden(
     logprobs_from_hidden's (one tile buffer + O(B * T * H)); the entropy's
     gradient is computed only when ``entropy_coef != 0``.
 
+    With ``grad_in_forward`` (the default) and a gradient wanted, at
+    ratio_level "token", when a token block's whole-vocabulary tile fits
+    ``chunk_bytes`` (default here: 2 * default_chunk_bytes, 1/16 of the
+    float32 logits within [16, 512] MiB: blocks of N / 16 tokens,
+    ``row_block``), and outside
+    ``torch.compile``: the gradient is computed during the forward, three
+    GEMMs in all (each token block's logits once, d hidden, d weight: the
+    loss's per-token gradient is known as soon as the block's log-probs are,
+    the aggregation being linear) and kept until the backward, which scales
+    it (one backward per forward). The weight's gradient (V x H; float32 for
+    a bf16/fp16 weight over several token blocks) is then held from the
+    forward on. Otherwise the backward makes each tile again (four GEMMs).
+
     Args:
         hidden: (B, T, H) (or (..., T, H)); weight (V, H); bias (V,) or None.
         labels: (B, T) int64 | int32 (``-100``: ignored, logp = entropy = 0).
         old_logp, advantages, mask, ref_logp: (B, T) as in ``ppo_loss_from_logits``.
         chunk_bytes, backend: as in ``logprobs_from_hidden``.
+        grad_in_forward: the three-GEMM path above where it applies (False:
+            always the four-GEMM backward).
         Others: as in ``ppo_loss_from_logits``.
 
     Returns:
@@ -562,13 +689,82 @@ def ppo_loss_from_hidden(
         check_tensor("ref_logp", ref_logp, FLOAT_DTYPES)
         if tuple(ref_logp.shape) != tuple(labels.shape):
             raise ValueError(f"ref_logp: shape {tuple(ref_logp.shape)} does not match labels {tuple(labels.shape)}")
-    logp, entropy = logprobs_from_hidden(hidden, weight, labels, bias=bias, temperature=temperature,
-                                         return_entropy=True, chunk_bytes=chunk_bytes, backend=backend)
-    return composed_policy_loss(
-        logp, entropy, old_logp, advantages, mask, ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator,
-        entropy_coef=entropy_coef, backend=backend, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, token_weights=token_weights, ratio_level=ratio_level,
-    )
+    loss_kwargs = dict(ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+                       backend=backend, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+                       num_tokens=num_tokens, num_seqs=num_seqs, token_weights=token_weights, ratio_level=ratio_level)
+    plan = _grad_in_forward_plan(hidden, weight, bias, labels, (old_logp, advantages, mask, ref_logp, token_weights),
+                                 ratio_level, chunk_bytes, grad_in_forward, backend)
+    if plan is None:
+        logp, entropy = logprobs_from_hidden(hidden, weight, labels, bias=bias, temperature=temperature,
+                                             return_entropy=True, chunk_bytes=chunk_bytes, backend=backend)
+        return composed_policy_loss(logp, entropy, old_logp, advantages, mask, **loss_kwargs)
+    return _ppo_loss_grad_in_forward(hidden, weight, bias, labels, old_logp, advantages, mask, temperature, *plan,
+                                     loss_kwargs)
 
 
-__all__ = ["default_chunk_bytes", "logprobs_from_hidden", "ppo_loss_from_hidden", "tile_plan"]
+def _grad_in_forward_plan(hidden, weight, bias, labels, per_token, ratio_level, chunk_bytes, grad_in_forward,
+                          backend) -> Optional[tuple[str, int]]:
+    """(the row kernels, "native" | "triton", and the budget) of the
+    three-GEMM path, or None where it does not apply (see ppo_loss_from_hidden)."""
+    _check_head(hidden, weight, bias, labels)
+    wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not (grad_in_forward and wanted and ratio_level == "token") or torch.compiler.is_compiling():
+        return None
+    rows = {"cpu": "native", "cuda": "native", "triton": "triton"}.get(
+        resolve_backend(backend, hidden.device, "logprobs_from_hidden"))
+    n_rows = labels.numel()
+    if rows not in _ROWS or n_rows == 0 or any(t is not None and tuple(t.shape) != tuple(labels.shape)
+                                               for t in per_token):
+        return None  # (the composition's checks name a misshapen argument)
+    budget = _check_chunk_bytes(chunk_bytes, n_rows, weight.shape[0], LOSS_BUDGET_FACTOR)
+    itemsize = torch.finfo(acc_dtype(hidden.dtype)).bits // 8
+    fits = row_block(n_rows, weight.shape[0], budget, itemsize, _col_bytes(hidden, weight)) > 0
+    return (rows, budget) if fits else None
+
+
+def _ppo_loss_grad_in_forward(hidden, weight, bias, labels, old_logp, advantages, mask, temperature, rows,
+                              chunk_bytes, kw):
+    """ppo_loss_from_hidden's three-GEMM path: the loss and stats of the
+    composition (``composed_policy_loss`` on the forward's logp and entropy),
+    the gradient from ``_loss_grad_in_forward``."""
+    from .advantages import kl_penalty
+    from .ppo_loss import composed_policy_loss, ppo_policy_loss
+
+    temperature = check_positive("temperature", temperature)
+    shape = labels.shape
+    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    acc = acc_dtype(hidden.dtype)
+    weights = flat(_agg_weights(mask, kw["agg"], kw["num_tokens"], kw["num_seqs"], acc))
+    old, adv, ref, tw = (flat(t) for t in (old_logp, advantages, kw["ref_logp"], kw["token_weights"]))
+    kl_coef, entropy_coef = float(kw["kl_coef"]), float(kw["entropy_coef"])
+    policy = dict(clip_low=kw["clip_low"], clip_high=kw["clip_high"], dual_clip=kw["dual_clip"], agg="token-sum",
+                  backend=kw["backend"])
+
+    def token_grads(t0: int, t1: int, logp: Tensor, entropy: Tensor):
+        # loss = sum_t w_t * loss_t(logp_t) - entropy_coef * sum_t w_t * H_t: each
+        # token's term depends on its own logp only.
+        x = logp.detach()[None].requires_grad_(True)
+        with torch.enable_grad():
+            total, _ = ppo_policy_loss(x, old[None, t0:t1], adv[None, t0:t1], torch.ones_like(x, dtype=torch.bool),
+                                       token_weights=None if tw is None else tw[None, t0:t1], **policy)
+            if ref is not None and kl_coef != 0:
+                total = total + kl_coef * kl_penalty(x, ref[None, t0:t1].detach(), estimator=kw["kl_estimator"],
+                                                     backend=kw["backend"]).sum()
+            (g,) = torch.autograd.grad(total, x)
+        w = weights[t0:t1]
+        g = torch.where(w != 0, w * g[0].to(acc), torch.zeros((), dtype=acc, device=w.device))
+        return g, (-entropy_coef * w if entropy_coef != 0 else None)
+
+    need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    with torch.no_grad():
+        logp, entropy, gh, gw, gb = _loss_grad_in_forward(
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1).to(torch.int64), temperature,
+            -100, chunk_bytes, rows, token_grads, need)
+        loss, stats = composed_policy_loss(logp.view(shape), entropy.view(shape), old_logp, advantages, mask, **kw)
+    pairs = [(None if gh is None else gh.view(hidden.shape), hidden), (gw, weight)]
+    if bias is not None:
+        pairs.append((gb, bias))
+    return _PrecomputedGrad.apply(loss, tuple(pairs), *(x for _, x in pairs)), stats
+
+
+__all__ = ["default_chunk_bytes", "logprobs_from_hidden", "ppo_loss_from_hidden", "row_block", "tile_plan"]
