@@ -24,6 +24,7 @@ from helpers import LARGE_LOGITS, TOLERANCES, assert_no_worse_than_torch, large_
 from rlhf_kernels import reference
 from rlhf_kernels._launch import row_layout
 from rlhf_kernels.eager import advantages as eager_adv
+from rlhf_kernels.ops import lm_head
 from rlhf_kernels.ops import ppo_loss as ppo_ops
 
 ESTIMATORS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
@@ -922,3 +923,261 @@ def test_ctypes_library_has_every_launcher(emu):
     for tag in ("f32", "f64"):
         for op in ("ppo_policy_fwd", "ppo_value_fwd"):
             assert isinstance(getattr(emu.lib, f"emu_{op}_{tag}"), ctypes._CFuncPtr)
+
+
+# --- logprobs_from_hidden's tiles through the CUDA row kernels ---------------------------
+
+
+class _EmulatedRows:
+    """lm_head's row kernels fwd / bwd with the signatures of _native_fwd /
+    _native_bwd and what they pass the native ops (the tile's row layout,
+    ignore_index _NO_LABEL, the gradient written over the tile), run by the
+    emulated CUDA kernels. Records (rows, window width vc, labels in the
+    window, labels at the sentinel column vc) for every tile, and which
+    backward path (vectorised or scalar) each tile took."""
+
+    def __init__(self, emu):
+        self.emu = emu
+        self.fwd_tiles, self.bwd_tiles = [], []
+        self.vectorized = set()
+
+    @staticmethod
+    def _record(log, tile, labels):
+        vc = tile.shape[1] - 1
+        assert labels.dtype == torch.int64 and tuple(labels.shape) == (tile.shape[0],)
+        assert torch.all((labels >= 0) & (labels <= vc)), "a local label outside [0, vc]"
+        assert torch.all(tile[:, vc] == -math.inf), "the sentinel column is not -inf"
+        log.append((tile.shape[0], vc, int((labels < vc).sum()), int((labels == vc).sum())))
+
+    @staticmethod
+    def _shift(t):  # the tile's misalignment, as the GPU would see its pointer
+        return (t.data_ptr() % 16) // t.element_size()
+
+    def fwd(self, tile, labels, inv_t, compute_entropy):
+        self._record(self.fwd_tiles, tile, labels)
+        tensor, inner_rows, outer, inner = row_layout(tile)
+        return self.emu.logprobs_fwd(tensor, labels, inner_rows, outer, inner, inv_t, lm_head._NO_LABEL,
+                                     compute_entropy, shift=self._shift(tensor))
+
+    def bwd(self, g, g_entropy, tile, labels, row_max, log_sum, entropy, inv_t):
+        self._record(self.bwd_tiles, tile, labels)
+        tensor, inner_rows, outer, inner = row_layout(tile)
+        assert tensor is tile
+        self.vectorized.add(_vectorized(tile, self._shift(tile), self._shift(tile), True))
+        out = self.emu.logprobs_bwd(g, g_entropy, tile, labels, row_max, log_sum, entropy, inner_rows, outer, inner,
+                                    outer, inner, inv_t, lm_head._NO_LABEL, inplace=True, shift=self._shift(tile))
+        tile.copy_(out)  # the emulator overwrote its placed copy of the tile
+
+
+@pytest.fixture
+def emulated_rows(emu, monkeypatch):
+    rows = _EmulatedRows(emu)
+    monkeypatch.setitem(lm_head._ROWS, "emulated", (rows.fwd, rows.bwd))
+    return rows
+
+
+HEAD_N, HEAD_H, HEAD_V = 13, 16, 1031
+# Every vocabulary tile of every plan below holds labels, the first and last
+# columns of tiles among them; rows 1 and 12 are ignored (row 12 alone is the
+# last token block of 4 rows).
+_HEAD_LABELS = [0, None, 299, 300, 1030, 599, 600, 899, 900, 1023, 1024, 1027, None]
+# (token block, vocabulary block), forced through chunk_bytes, and the
+# backward paths the tiles take (rows_aligned of logprobs.cu).
+HEAD_PLANS = {
+    # 13 token blocks x 4 tiles (300, 300, 300, 131 columns), one row each: the vectorised backward.
+    "tb1-vb300": (1, 300, {True}),
+    # 4 token blocks x 2 tiles (1027, 4 columns); rows 1035 elements apart: the scalar backward (the
+    # vectorised one for the last block, of one row).
+    "tb4-vb1027": (4, 1027, {False, True}),
+    # One token block x 2 tiles (1024, 7 columns), rows 16-byte aligned: the vectorised backward, and a
+    # bf16 weight's gradient written in place.
+    "tb13-vb1024": (13, 1024, {True}),
+}
+HEAD_PARAMS = {  # (temperature, compute_entropy, ignore_index)
+    "T0.7-entropy": (0.7, True, -100),
+    "T1-logp-only": (1.0, False, -100),
+    "T1.3-entropy-ignore-1": (1.3, True, -1),  # ignore_index == the kernels' _NO_LABEL
+}
+
+
+def _head_inputs(dtype, ignore_index, seed=17):
+    gen = _gen(seed)
+    hidden = (torch.randn(HEAD_N, HEAD_H, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    weight = (torch.randn(HEAD_V, HEAD_H, generator=gen, dtype=torch.float64) / HEAD_H ** 0.5).to(dtype)
+    bias = torch.randn(HEAD_V, generator=gen, dtype=torch.float64).to(dtype)
+    labels = torch.tensor([ignore_index if x is None else x for x in _HEAD_LABELS])
+    acc = cuda_emu.acc_dtype(dtype)
+    g = torch.randn(HEAD_N, generator=gen, dtype=torch.float64).to(acc)
+    g_entropy = torch.randn(HEAD_N, generator=gen, dtype=torch.float64).to(acc)
+    return hidden, weight, bias, labels, g, g_entropy
+
+
+def _head_chunk_bytes(hidden, weight, tb, vb):
+    """A budget that tile_plan turns into (tb, vb)."""
+    acc = cuda_emu.acc_dtype(hidden.dtype)
+    chunk = (vb + 8) * (tb * torch.finfo(acc).bits // 8 + lm_head._col_bytes(hidden, weight))
+    assert lm_head._plan(hidden, weight, hidden.shape[0], chunk, acc) == (tb, vb)
+    return chunk
+
+
+def _head_run(rows, hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk, g, g_entropy):
+    """lm_head's forward then backward (grad_logp g, grad_entropy g_entropy)
+    with the row kernels `rows`: (logp, entropy, row_max, log_sum), (d hidden, d weight, d bias)."""
+    with torch.no_grad():
+        out = lm_head._forward_impl(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk,
+                                    rows)
+        grads = lm_head._backward_impl(g, g_entropy if compute_entropy else None, hidden, weight, bias, labels,
+                                       out[2], out[3], out[1] if compute_entropy else None, temperature,
+                                       ignore_index, chunk, rows, True, True, True)
+    return out, grads
+
+
+def _head_torch(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, g, g_entropy, dtype):
+    """Plain torch in `dtype` on the same inputs: (logp, entropy, row_max,
+    log_sum), (d hidden, d weight, d bias) by autograd."""
+    xs = [t.detach().to(dtype).requires_grad_(True) for t in (hidden, weight, bias)]
+    z = xs[0] @ xs[1].t() + xs[2]
+    logp_all = torch.log_softmax(z / temperature, -1)
+    ignored = labels == ignore_index
+    logp = torch.where(ignored, 0.0, logp_all.gather(1, labels.clamp(min=0)[:, None])[:, 0])
+    entropy = torch.where(ignored, 0.0, -(logp_all.exp() * logp_all).sum(-1))
+    loss = (logp * g.to(dtype)).sum()
+    if compute_entropy:
+        loss = loss + (entropy * g_entropy.to(dtype)).sum()
+    loss.backward()
+    with torch.no_grad():
+        row_max = z.amax(-1)
+        log_sum = torch.logsumexp((z - row_max[:, None]) / temperature, -1)
+    return (logp.detach(), entropy.detach(), row_max, log_sum), [x.grad for x in xs]
+
+
+def _check_tiles(log, n_rows, vocab, tb, vb, labels, ignore_index):
+    """The tiles the row kernels saw, in lm_head's order (token blocks, then
+    vocabulary tiles): their widths, and each label in exactly its own tile
+    (every tile holding some), at the sentinel column elsewhere."""
+    starts = list(range(0, vocab, vb))
+    blocks = list(range(0, n_rows, tb))
+    assert len(log) == len(blocks) * len(starts)
+    in_tile = [0] * len(starts)
+    for i, (n, vc, inside, sentinel) in enumerate(log):
+        t0, c = blocks[i // len(starts)], i % len(starts)
+        v0 = starts[c]
+        lab = labels[t0:t0 + tb]
+        assert (n, vc) == (lab.numel(), min(vocab, v0 + vb) - v0)
+        assert inside == int(((lab >= v0) & (lab < v0 + vc)).sum()) and inside + sentinel == n, (i, inside, sentinel)
+        in_tile[c] += inside
+    assert all(k > 0 for k in in_tile), in_tile
+    assert sum(in_tile) == int((labels != ignore_index).sum())
+    assert sum(entry[3] for entry in log) > 0
+
+
+@pytest.mark.parametrize("dtype,plan,params", [
+    (dtype, plan, params) for dtype in (torch.float32, torch.bfloat16, torch.float64) for plan in HEAD_PLANS
+    for params in HEAD_PARAMS if dtype != torch.float64 or params == "T1.3-entropy-ignore-1"  # float64: a few
+], ids=lambda v: str(v) if isinstance(v, torch.dtype) else v)
+def test_lm_head_tiles_with_cuda_rows(emulated_rows, dtype, plan, params):
+    """logprobs_from_hidden's tile path (lm_head._forward_impl / _backward_impl)
+    with the emulated CUDA row kernels: odd V, several vocabulary tiles and
+    token blocks, labels in every tile (elsewhere at the sentinel column),
+    ignored rows, temperature, a bias, entropy on and off. Values and the
+    gradients of hidden, weight and bias against float64 (bf16: within 2x
+    the error of plain torch in float32 on the same inputs, a bf16 weight
+    gradient within 2x of that rounded to bf16), and against the native CPU
+    row kernels to float32 rounding."""
+    temperature, compute_entropy, ignore_index = HEAD_PARAMS[params]
+    tb, vb, vectorized = HEAD_PLANS[plan]
+    hidden, weight, bias, labels, g, g_entropy = _head_inputs(dtype, ignore_index)
+    chunk = _head_chunk_bytes(hidden, weight, tb, vb)
+    args = (hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk, g, g_entropy)
+    (logp, entropy, row_max, log_sum), grads = _head_run("emulated", *args)
+    _check_tiles(emulated_rows.fwd_tiles, HEAD_N, HEAD_V, tb, vb, labels, ignore_index)
+    _check_tiles(emulated_rows.bwd_tiles, HEAD_N, HEAD_V, tb, vb, labels, ignore_index)
+    assert emulated_rows.vectorized == vectorized
+
+    acc = cuda_emu.acc_dtype(dtype)
+    assert logp.dtype == row_max.dtype == log_sum.dtype == acc
+    assert entropy.shape == ((HEAD_N,) if compute_entropy else (0,))
+    many_blocks = HEAD_N > tb
+    want_weight_dtype = torch.float32 if dtype == torch.bfloat16 and many_blocks else dtype
+    assert [x.dtype for x in grads] == [acc, want_weight_dtype, acc]
+    ignored = labels == ignore_index
+    assert torch.all(logp[ignored] == 0) and torch.all(grads[0][ignored] == 0)
+    if compute_entropy:
+        assert torch.all(entropy[ignored] == 0)
+
+    ref = (hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, g, g_entropy)
+    want, want_grads = _head_torch(*ref, dtype=torch.float64)
+    got_values = [logp, entropy] if compute_entropy else [logp]
+    names = ("logp", "entropy")
+    if dtype == torch.bfloat16:
+        eager, eager_grads = _head_torch(*ref, dtype=torch.float32)
+        if want_weight_dtype == torch.bfloat16:  # rounded once from float32
+            eager_grads[1] = eager_grads[1].to(torch.bfloat16)
+        for got_x, want_x, eager_x in zip(got_values + list(grads), list(want[:len(got_values)]) + want_grads,
+                                          list(eager[:len(got_values)]) + eager_grads):
+            assert_no_worse_than_torch(got_x, want_x, eager_x)
+    else:
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+        for name, got_x, want_x in zip(names, got_values, want):
+            torch.testing.assert_close(got_x.double(), want_x, atol=2 * tol, rtol=tol, msg=name)
+        for name, got_x, want_x in zip(("hidden", "weight", "bias"), grads, want_grads):
+            torch.testing.assert_close(got_x.double(), want_x, atol=tol * want_x.abs().max().item(), rtol=10 * tol,
+                                       msg=name)
+        # row_max is one logit of the tile (rounded at its dtype), log_sum >= 0.
+        torch.testing.assert_close(row_max.double(), want[2], atol=4 * tol, rtol=tol)
+        torch.testing.assert_close(log_sum.double(), want[3], atol=2 * tol, rtol=tol)
+
+    # The native CPU row kernels on the same (bitwise equal) tiles.
+    (n_logp, n_entropy, n_row_max, n_log_sum), n_grads = _head_run("native", *args)
+    assert torch.equal(row_max, n_row_max)  # the max of the same float32 logits
+    tight = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-6, rtol=1e-5)
+    for name, a, b in (("logp", logp, n_logp), ("entropy", entropy, n_entropy), ("log_sum", log_sum, n_log_sum)):
+        torch.testing.assert_close(a, b, **tight, msg=name)
+    for name, a, b in zip(("hidden", "weight", "bias"), grads, n_grads):
+        assert a.dtype == b.dtype, name
+        if a.dtype == torch.bfloat16:  # float32 sums an ulp apart may round to neighbours
+            torch.testing.assert_close(a.float(), b.float(), atol=0, rtol=2 * ULP[torch.bfloat16], msg=name)
+        else:
+            torch.testing.assert_close(a, b, atol=tight["atol"] * b.abs().max().item(), rtol=tight["rtol"],
+                                       msg=name)
+
+
+@pytest.mark.parametrize("with_entropy_grad", [True, False], ids=["entropy-grad", "logp-grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lm_head_grad_in_forward_with_cuda_rows(emulated_rows, dtype, with_entropy_grad):
+    """ppo_loss_from_hidden's three-GEMM path (lm_head._loss_grad_in_forward:
+    whole-vocabulary tiles of 4 tokens, the gradient written over the tile in
+    the forward) with the emulated CUDA row kernels: logp, entropy and the
+    gradients of a per-token loss sum(g * logp + g_entropy * entropy)."""
+    temperature, ignore_index = 0.8, -100
+    hidden, weight, bias, labels, g, g_entropy = _head_inputs(dtype, ignore_index, seed=23)
+    col = lm_head._col_bytes(hidden, weight)
+    chunk = HEAD_V * col + 4 * (HEAD_V + 8) * 4
+    assert lm_head.row_block(HEAD_N, HEAD_V, chunk, 4, col) == 4
+
+    def token_grads(t0, t1, logp, entropy):
+        return g[t0:t1], (g_entropy[t0:t1] if with_entropy_grad else None)
+
+    def run(rows):
+        with torch.no_grad():
+            return lm_head._loss_grad_in_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk,
+                                                 rows, token_grads, (True, True, True))
+
+    got = run("emulated")
+    assert len(emulated_rows.fwd_tiles) == len(emulated_rows.bwd_tiles) == 4  # token blocks 4, 4, 4, 1
+    assert all(vc == HEAD_V for _, vc, _, _ in emulated_rows.fwd_tiles)
+    ref = (hidden, weight, bias, labels, temperature, ignore_index, with_entropy_grad, g, g_entropy)
+    want, want_grads = _head_torch(*ref, dtype=torch.float64)
+    if dtype == torch.bfloat16:
+        eager, eager_grads = _head_torch(*ref, dtype=torch.float32)
+        for got_x, want_x, eager_x in zip(got, list(want[:2]) + want_grads, list(eager[:2]) + eager_grads):
+            assert_no_worse_than_torch(got_x, want_x, eager_x)
+    else:
+        for got_x, want_x in zip(got[:2], want[:2]):
+            torch.testing.assert_close(got_x.double(), want_x, atol=2e-5, rtol=1e-5)
+        for got_x, want_x in zip(got[2:], want_grads):
+            torch.testing.assert_close(got_x.double(), want_x, atol=1e-5 * want_x.abs().max().item(), rtol=1e-4)
+    native = run("native")
+    for name, a, b in zip(("logp", "entropy", "hidden", "weight", "bias"), got, native):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, atol=1e-6 * b.abs().max().item(), rtol=1e-5, msg=name)
