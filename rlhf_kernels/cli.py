@@ -92,9 +92,10 @@ def train(args: argparse.Namespace) -> int:
             value = getattr(args, name)
             if value is not None:
                 setattr(cfg, name, value)
-        for name in ("strategy", "precision"):
-            if getattr(args, name) is not None:
-                setattr(cfg.ppo, name, getattr(args, name))
+        if args.strategy is not None:
+            cfg.ppo.strategy = args.strategy
+        if args.precision is not None:  # every stage
+            cfg.sft.precision = cfg.reward.precision = cfg.ppo.precision = args.precision
         if args.offload is not None:
             from .trainer.commands import parse_offload
 
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--strategy", default=None, choices=("ddp", "fsdp"),
                          help="under torchrun, every stage: ddp (default) or fsdp (FSDP2 sharding)")
     p_train.add_argument("--precision", default=None, choices=("fp32", "bf16"),
-                         help="PPO compute: fp32 (default) or bf16 (autocast; under fsdp MixedPrecisionPolicy)")
+                         help="every stage's compute: fp32 (default) or bf16 (autocast; under fsdp "
+                              "MixedPrecisionPolicy)")
     p_train.add_argument("--offload", default=None, metavar="ref,reward",
                          help="PPO's frozen models kept in CPU memory: ref, reward")
     p_train.set_defaults(func=train)

@@ -267,8 +267,8 @@ def test_ppo_command_fsdp_on_two_gloo_ranks_shards_the_state_and_resumes_on_any_
 
 
 def test_sft_and_rm_commands_data_parallel_under_torchrun(artefacts, tmp_path):
-    """sft (FSDP) and rm (DDP) on 2 gloo ranks: each rank its own examples, one
-    global loss per step, the HF checkpoint from rank 0."""
+    """sft (FSDP, bf16 mixed precision) and rm (DDP) on 2 gloo ranks: each rank
+    its own examples, one global loss per step, the HF checkpoint from rank 0."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     sft_data, rm_data = tmp_path / "sft.jsonl", tmp_path / "rm.jsonl"
@@ -278,7 +278,7 @@ def test_sft_and_rm_commands_data_parallel_under_torchrun(artefacts, tmp_path):
                                for i in range(6)))
     _torchrun(2, 29545, ["sft", "--model", str(artefacts["policy"]), "--data", str(sft_data), "--out",
                          str(tmp_path / "sft"), "--steps", "3", "--batch-size", "2", "--lr", "3e-3",
-                         "--strategy", "fsdp"])
+                         "--strategy", "fsdp", "--precision", "bf16"])
     assert len((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()) == 3
     assert json.loads((tmp_path / "sft" / "args.json").read_text())["world_size"] == 2
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "sft", local_files_only=True).dtype == torch.bfloat16

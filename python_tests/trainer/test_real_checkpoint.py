@@ -345,3 +345,39 @@ def test_offload_keeps_the_frozen_models_in_cpu_memory_with_the_same_passes(qwen
     for name, (ref_logp, scores) in got.items():
         torch.testing.assert_close(ref_logp, r.ref_logp, rtol=0, atol=2e-5, msg=name)
         torch.testing.assert_close(scores, r.scores, rtol=0, atol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_sft_and_reward_stages_in_bf16(qwen_artefacts, strategy):
+    """precision bf16 in the SFT and reward stages: bf16 autocast over float32
+    weights (ddp), or FSDP2's MixedPrecisionPolicy (fsdp: the layers see bf16
+    weights, autocast off); float32 master weights either way."""
+    import torch.distributed as dist
+
+    from rlhf_kernels.trainer.config import OptimConfig, RewardConfig, SFTConfig
+    from rlhf_kernels.trainer.reward import RewardTrainer
+    from rlhf_kernels.trainer.sft import SFTTrainer
+
+    policy, tok, _ = _load(qwen_artefacts)
+    if strategy == "fsdp":
+        _one_process_group()
+    try:
+        seen = []
+        hook = lambda m, args: seen.append((m.weight.dtype, torch.is_autocast_enabled("cpu")))  # noqa: E731
+        sft = SFTTrainer(copy.deepcopy(policy), tok, SFTConfig(steps=2, batch_size=2, optim=OptimConfig(lr=1e-4),
+                                                               precision="bf16"), strategy=strategy)
+        sft.model.model.layers[0].mlp.up_proj.register_forward_pre_hook(hook)
+        history = sft.train(lambda rng: ("count to", " five six"))
+        rm = RewardTrainer(ScalarHeadModel.from_causal_lm(policy), tok,
+                           RewardConfig(steps=2, prompts_per_batch=2, responses_per_prompt=2, precision="bf16"),
+                           strategy=strategy)
+        rm.model.trunk.layers[0].mlp.up_proj.register_forward_pre_hook(hook)
+        rm_history = rm.train(lambda k, rng: ("q", [("the sea", True), ("digits", True)]))
+        masters = {p.dtype for model in (sft.model, rm.model) for p in model.parameters()}
+    finally:
+        if strategy == "fsdp":
+            dist.destroy_process_group()
+    want = (torch.bfloat16, False) if strategy == "fsdp" else (torch.float32, True)
+    assert seen and set(seen) == {want}, set(seen)
+    assert masters == {torch.float32}
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in history + rm_history)

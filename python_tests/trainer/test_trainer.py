@@ -316,7 +316,7 @@ def test_ddp_two_processes_on_gloo(tmp_path):
 
 def test_train_fsdp_on_two_gloo_ranks_every_stage_data_parallel_and_resumes_on_one(tmp_path):
     """`train --strategy fsdp` under torchrun: SFT, the reward model and PPO
-    each FSDP2-sharded over 2 ranks (each rank its own examples); the PPO
+    each FSDP2-sharded over 2 ranks in bf16 mixed precision (each rank its own examples); the PPO
     checkpoint is torch.distributed.checkpoint shards, resumed on 1 rank; the
     SFT and RM checkpoints are gathered full state dicts."""
     cfg = tiny_config(tmp_path / "fsdp", iterations=2)
@@ -325,7 +325,7 @@ def test_train_fsdp_on_two_gloo_ranks_every_stage_data_parallel_and_resumes_on_o
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(to_dict(cfg)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
-           "-m", "rlhf_kernels.cli", "train", "--config", str(cfg_file), "--strategy", "fsdp"]
+           "-m", "rlhf_kernels.cli", "train", "--config", str(cfg_file), "--strategy", "fsdp", "--precision", "bf16"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = tmp_path / "fsdp"
@@ -340,7 +340,7 @@ def test_train_fsdp_on_two_gloo_ranks_every_stage_data_parallel_and_resumes_on_o
     assert "trainer.pt" in shards and sum(n.endswith(".distcp") for n in shards) == 2
     cfg.ppo.iterations = 3
     cfg_file.write_text(json.dumps(to_dict(cfg)))
-    one = _run_cli(["--config", str(cfg_file), "--strategy", "fsdp", "--resume"])
+    one = _run_cli(["--config", str(cfg_file), "--strategy", "fsdp", "--precision", "bf16", "--resume"])
     log, _ = one.communicate(timeout=600)
     assert one.returncode == 0, log
     assert "resumed from" in log and "at iteration 2 on 1 rank(s)" in log

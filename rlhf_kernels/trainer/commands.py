@@ -1,7 +1,9 @@
 """`rlhf-kernels sft | rm | ppo`: the InstructGPT stages on the user's own artefacts.
 
     rlhf-kernels sft --model DIR --data FILE.jsonl --out DIR [--steps N] [--batch-size N] [--lr X] [--strategy S]
+                     [--precision fp32|bf16]
     rlhf-kernels rm  --model DIR --data FILE.jsonl --out DIR [--steps N] [--batch-size N] [--lr X] [--strategy S]
+                     [--precision fp32|bf16]
 
     rlhf-kernels ppo --policy DIR (--reward-model DIR | --reward-fn FILE.py:function | module:function)
                      --prompts FILE.jsonl --out DIR [--critic DIR] [--ptx-data FILE.jsonl --ptx-coef X]
@@ -481,7 +483,8 @@ def run_sft(args) -> dict:
     examples = load_sft_data(args.data, tokenizer)
     model = _load_dir(args.model, "--model", AutoModelForCausalLM)
     dtype = model.dtype
-    cfg = SFTConfig(steps=args.steps, batch_size=args.batch_size, optim=OptimConfig(lr=args.lr), log_every=1)
+    cfg = SFTConfig(steps=args.steps, batch_size=args.batch_size, optim=OptimConfig(lr=args.lr), log_every=1,
+                    precision=args.precision)
     stop = StopRequested(args.device)
     with stop.installed():
         trainer = SFTTrainer(model, tokenizer, cfg, device=args.device, backend=args.backend,
@@ -515,7 +518,7 @@ def run_rm(args) -> dict:
     dtype = model.dtype
     k = len(examples[0][1])
     cfg = RewardConfig(steps=args.steps, prompts_per_batch=args.batch_size, responses_per_prompt=k,
-                       optim=OptimConfig(lr=args.lr), log_every=1)
+                       optim=OptimConfig(lr=args.lr), log_every=1, precision=args.precision)
 
     def sample(k, rng):
         prompt, ranked = examples[rng.randrange(len(examples))]
@@ -554,6 +557,9 @@ def add_stage_parsers(sub) -> None:
         p.add_argument("--device", default="cpu")
         p.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp"),
                        help="under torchrun: ddp (default) or fsdp (FSDP2 sharding)")
+        p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                       help="fp32 (default) or bf16 compute (autocast; under fsdp MixedPrecisionPolicy); "
+                            "float32 master weights either way")
         p.set_defaults(func=lambda args, _run=run, _name=name: _stage_main(_run, _name, args))
 
 

@@ -34,6 +34,9 @@ class SFTConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=20))
     seed: int = 0
     log_every: int = 50
+    # "bf16": forward and backward under bf16 autocast (strategy fsdp: FSDP2's
+    # MixedPrecisionPolicy), float32 master weights either way.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -47,6 +50,9 @@ class RewardConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
     seed: int = 1
     log_every: int = 50
+    # "bf16": forward and backward under bf16 autocast (strategy fsdp: FSDP2's
+    # MixedPrecisionPolicy), float32 master weights either way.
+    precision: str = "fp32"
 
 
 @dataclass

@@ -69,16 +69,27 @@ def on_device(model: nn.Module, device: torch.device, enabled: bool = True) -> I
         model.to("cpu")
 
 
-def data_parallel(model: nn.Module, strategy: str, world_size: int) -> nn.Module:
+def data_parallel(model: nn.Module, strategy: str, world_size: int, precision: str = "fp32") -> nn.Module:
     """The model to train on ``world_size`` ranks: FSDP2-sharded in place
-    (strategy "fsdp"), wrapped in DDP ("ddp", more than one rank), or as is."""
+    (strategy "fsdp"; precision "bf16": MixedPrecisionPolicy), wrapped in DDP
+    ("ddp", more than one rank), or as is."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision: unknown {precision!r}; expected fp32 or bf16")
     if strategy == "fsdp":
-        return shard(model)
+        return shard(model, bf16=precision == "bf16")
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model)
     return model
+
+
+def autocast(device: torch.device, precision: str, sharded: bool):
+    """bf16 autocast for precision "bf16", unless FSDP2's MixedPrecisionPolicy
+    casts instead (``sharded``); else a no-op context."""
+    if precision == "bf16" and not sharded:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def unwrapped(model: nn.Module) -> nn.Module:

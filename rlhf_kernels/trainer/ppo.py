@@ -221,9 +221,7 @@ class PPOTrainer:
     def _autocast(self):
         """bf16 autocast of the forward passes with ``precision="bf16"`` (under
         FSDP the MixedPrecisionPolicy casts instead)."""
-        if self.config.precision == "bf16" and not self.sharded:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return fsdp.autocast(self.device, self.config.precision, self.sharded)
 
     def _frozen(self, name: str):
         """The reference policy ("ref") or the reward model ("reward") on the

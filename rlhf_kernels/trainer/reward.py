@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .config import RewardConfig
 from .data import encode_prompts, encode_responses, make_batch
 from .models import ScalarHeadModel, sequence_scores
-from .fsdp import data_parallel
+from .fsdp import autocast, data_parallel
 from .utils import MetricsLogger, all_reduce_mean, float32_master, make_optimizer, progress_bar
 
 
@@ -39,7 +39,9 @@ class RewardTrainer:
                  should_stop: Callable[[], bool] | None = None, rank: int = 0, world_size: int = 1,
                  strategy: str = "ddp"):
         self.rank, self.world_size = rank, world_size
-        self.model = data_parallel(float32_master(model, "reward model").to(device), strategy, world_size)
+        self.model = data_parallel(float32_master(model, "reward model").to(device), strategy, world_size,
+                                   config.precision)
+        self.sharded = strategy == "fsdp"
         self.tokenizer = tokenizer
         self.config = config
         self.device = torch.device(device)
@@ -57,7 +59,9 @@ class RewardTrainer:
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts)
         resp_ids, resp_mask = encode_responses(self.tokenizer, texts, stopped)
         batch = make_batch(prompt_ids, prompt_mask, resp_ids, resp_mask).to(self.device)
-        return sequence_scores(self.model, batch.input_ids, batch.attention_mask).view(len(examples), k)
+        with autocast(self.device, self.config.precision, self.sharded):
+            scores = sequence_scores(self.model, batch.input_ids, batch.attention_mask)
+        return scores.view(len(examples), k)
 
     def train(self, sample: Callable[[int, random.Random], tuple[str, list[tuple[str, bool]]]]) -> list[dict]:
         """config.steps steps; `sample(k, rng)` gives a prompt and k responses, best first."""

@@ -11,7 +11,7 @@ from .. import logprobs_from_logits
 from .config import SFTConfig
 from .data import encode_prompts, encode_responses, make_batch
 from .models import response_logits
-from .fsdp import data_parallel
+from .fsdp import autocast, data_parallel
 from .utils import MetricsLogger, all_reduce_sum, float32_master, make_optimizer, progress_bar
 
 
@@ -27,7 +27,9 @@ class SFTTrainer:
                  should_stop: Callable[[], bool] | None = None, rank: int = 0, world_size: int = 1,
                  strategy: str = "ddp"):
         self.rank, self.world_size = rank, world_size
-        self.model = data_parallel(float32_master(model, "policy").to(device), strategy, world_size)
+        self.model = data_parallel(float32_master(model, "policy").to(device), strategy, world_size,
+                                   config.precision)
+        self.sharded = strategy == "fsdp"
         self.tokenizer = tokenizer
         self.config = config
         self.device = torch.device(device)
@@ -41,7 +43,8 @@ class SFTTrainer:
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts)
         resp_ids, resp_mask = encode_responses(self.tokenizer, responses, [True] * len(responses))
         batch = make_batch(prompt_ids, prompt_mask, resp_ids, resp_mask).to(self.device)
-        logits = response_logits(self.model, batch.input_ids, batch.attention_mask, batch.prompt_len)
+        with autocast(self.device, self.config.precision, self.sharded):
+            logits = response_logits(self.model, batch.input_ids, batch.attention_mask, batch.prompt_len)
         logp = logprobs_from_logits(logits, batch.response_labels, backend=self.backend)
         # The global mean: this rank's share of every rank's tokens (the
         # gradient average over ranks then divides by world_size: undone here).
