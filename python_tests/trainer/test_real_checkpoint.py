@@ -41,15 +41,15 @@ def _prompts(tok, n):
                                     add_generation_prompt=True) for i in range(n)]
 
 
-def _trainer(paths, **overrides):
+def _trainer(paths, rank=0, world_size=1, **overrides):
     policy, tok, rm = _load(paths)
     cfg = PPOConfig(iterations=1, rollout_batch_size=4, max_new_tokens=6, mini_batch_size=4, grad_accum_steps=1,
                     ppo_epochs=1, temperature=0.9, policy_optim=OptimConfig(lr=1e-5),
                     value_optim=OptimConfig(lr=1e-5), **overrides)
     # the critic from the bf16 trunk: its float32 head on bf16 hidden states
     critic = ScalarHeadModel.from_causal_lm(policy)
-    return PPOTrainer(policy, copy.deepcopy(policy), critic, tok, cfg,
-                      prompt_sampler=lambda n, rng: _prompts(tok, n), reward_model=rm), tok, rm
+    return PPOTrainer(policy, copy.deepcopy(policy), critic, tok, cfg, prompt_sampler=lambda n, rng: _prompts(tok, n),
+                      reward_model=rm, rank=rank, world_size=world_size), tok, rm
 
 
 def test_rollout_samples_exactly_from_the_policy(qwen_artefacts, monkeypatch):
@@ -381,3 +381,37 @@ def test_sft_and_reward_stages_in_bf16(qwen_artefacts, strategy):
     assert seen and set(seen) == {want}, set(seen)
     assert masters == {torch.float32}
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in history + rm_history)
+
+
+def _ddp_and_fsdp_worker(rank, world, port, paths, out):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(20 + rank)  # each rank its own rollout (global statistics over both)
+        r = _trainer(paths)[0].rollout()
+        got = {}
+        for strategy in ("ddp", "fsdp"):
+            torch.manual_seed(30)  # the critic's fresh head, the same on every rank
+            trainer, _, _ = _trainer(paths, rank=rank, world_size=world, strategy=strategy)
+            got[strategy] = trainer.update(r)
+        torch.save(got, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_and_fsdp_agree_on_two_ranks_on_a_fixed_rollout(qwen_artefacts, tmp_path):
+    """2 gloo ranks, each with its own fixed rollout: the first update's losses
+    and statistics with strategy ddp and with fsdp (FSDP2 over both ranks,
+    the fused LM head inside the root forward) agree, on every rank."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_and_fsdp_worker, args=(2, 29571, qwen_artefacts, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        for key in ("policy_loss", "value_loss", "grad_norm", "clipfrac", "entropy"):
+            assert got["fsdp"][key] == pytest.approx(got["ddp"][key], rel=1e-4, abs=1e-6), (rank, key)
+        assert got["fsdp"]["memory/model_state_mb"] <= 0.6 * got["ddp"]["memory/model_state_mb"]
