@@ -402,8 +402,10 @@ def test_loss_from_logits_strided_and_inplace(device_backend):
                                                     inplace_backward=inplace, **kwargs)
         loss.backward()
         grads[inplace] = (leaf.grad, work)
-    torch.testing.assert_close(grads[True][0], grads[False][0], atol=0, rtol=0)
-    torch.testing.assert_close(grads[True][1].detach()[:, :-1], grads[False][0][:, :-1], atol=0, rtol=0)
+    # The in-place and out-of-place backwards may vectorise differently:
+    # rounding-level differences (1.5e-8 absolute seen on an AMD EPYC).
+    torch.testing.assert_close(grads[True][0], grads[False][0], atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(grads[True][1].detach()[:, :-1], grads[False][0][:, :-1], atol=1e-7, rtol=1e-6)
     x64 = full[:, :-1].double().requires_grad_(True)
     kwargs.pop("backend")
     want, _ = reference.ppo_loss_from_logits(x64, labels, old.double(), adv.double(), mask, **kwargs)
