@@ -103,6 +103,13 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // the backward of a loss whose gradient was written in the forward (applied:
   // the scale already in it), without a host synchronisation.
   m.def("scale_grad_(Tensor(a!) grad, Tensor(b!) applied, Tensor scale) -> ()");
+  // out = beta * out + a @ b for bf16/fp16 a (m, k) and b (k, n) of one dtype,
+  // any strides with one of them 1, and out (m, n) float32 with unit column
+  // stride: products in float32, never rounded to the operands' dtype (CPU:
+  // MKL's cblas_gemm_bf16bf16f32 / f16f16f32). mixed_gemm_available says
+  // whether this torch build has it for the dtype.
+  m.def("mixed_gemm_(Tensor(a!) out, Tensor a, Tensor b, float beta) -> ()");
+  m.def("mixed_gemm_available(ScalarType dtype) -> bool");
   // The public KL estimate per token (rlhf_kernels.kl_penalty; estimator: 0 k1,
   // 1 abs, 2 k2, 3 k3); logp and ref_logp of one shape and dtype, any layout.
   // Returns float32 (float64 for float64).

@@ -1012,11 +1012,18 @@ def _head_inputs(dtype, ignore_index, seed=17):
     return hidden, weight, bias, labels, g, g_entropy
 
 
+def _mixed_products_as_on_cuda(monkeypatch):
+    """bf16 operands into the GEMMs as cuBLAS takes them (MKL's mixed GEMM),
+    whatever this CPU's default."""
+    if torch.ops.rlhf_kernels.mixed_gemm_available(torch.bfloat16):
+        monkeypatch.setattr(lm_head, "_cpu_mixed_gemm", lambda dtype: True)
+
+
 def _head_chunk_bytes(hidden, weight, tb, vb):
     """A budget that tile_plan turns into (tb, vb)."""
-    acc = cuda_emu.acc_dtype(hidden.dtype)
-    chunk = (vb + 8) * (tb * torch.finfo(acc).bits // 8 + lm_head._col_bytes(hidden, weight))
-    assert lm_head._plan(hidden, weight, hidden.shape[0], chunk, acc) == (tb, vb)
+    itemsize, col_bytes = lm_head._tile_bytes(hidden, weight)
+    chunk = (vb + 8) * (tb * itemsize + col_bytes)
+    assert lm_head._plan(hidden, weight, hidden.shape[0], chunk) == (tb, vb)
     return chunk
 
 
@@ -1075,17 +1082,18 @@ def _check_tiles(log, n_rows, vocab, tb, vb, labels, ignore_index):
     (dtype, plan, params) for dtype in (torch.float32, torch.bfloat16, torch.float64) for plan in HEAD_PLANS
     for params in HEAD_PARAMS if dtype != torch.float64 or params == "T1.3-entropy-ignore-1"  # float64: a few
 ], ids=lambda v: str(v) if isinstance(v, torch.dtype) else v)
-def test_lm_head_tiles_with_cuda_rows(emulated_rows, dtype, plan, params):
+def test_lm_head_tiles_with_cuda_rows(emulated_rows, dtype, plan, params, monkeypatch):
     """logprobs_from_hidden's tile path (lm_head._forward_impl / _backward_impl)
     with the emulated CUDA row kernels: odd V, several vocabulary tiles and
     token blocks, labels in every tile (elsewhere at the sentinel column),
     ignored rows, temperature, a bias, entropy on and off. Values and the
-    gradients of hidden, weight and bias against float64 (bf16: within 2x
-    the error of plain torch in float32 on the same inputs, a bf16 weight
-    gradient within 2x of that rounded to bf16), and against the native CPU
-    row kernels to float32 rounding."""
+    gradients of hidden, weight and bias against float64 (bf16: values
+    within 2x the error of plain torch in float32 on the same inputs,
+    gradients within 2x that of plain torch in bf16), and against the native
+    CPU row kernels to float32 rounding."""
     temperature, compute_entropy, ignore_index = HEAD_PARAMS[params]
     tb, vb, vectorized = HEAD_PLANS[plan]
+    _mixed_products_as_on_cuda(monkeypatch)
     hidden, weight, bias, labels, g, g_entropy = _head_inputs(dtype, ignore_index)
     chunk = _head_chunk_bytes(hidden, weight, tb, vb)
     args = (hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk, g, g_entropy)
@@ -1110,9 +1118,11 @@ def test_lm_head_tiles_with_cuda_rows(emulated_rows, dtype, plan, params):
     got_values = [logp, entropy] if compute_entropy else [logp]
     names = ("logp", "entropy")
     if dtype == torch.bfloat16:
-        eager, eager_grads = _head_torch(*ref, dtype=torch.float32)
-        if want_weight_dtype == torch.bfloat16:  # rounded once from float32
-            eager_grads[1] = eager_grads[1].to(torch.bfloat16)
+        # Values: float32 products of the bf16 operands, as plain torch in
+        # float32. Gradients: the logits gradient goes into the gradient GEMMs
+        # in bf16 (as on every GPU), so the bar is plain torch in bf16.
+        eager = _head_torch(*ref, dtype=torch.float32)[0]
+        eager_grads = _head_torch(*ref, dtype=torch.bfloat16)[1]
         for got_x, want_x, eager_x in zip(got_values + list(grads), list(want[:len(got_values)]) + want_grads,
                                           list(eager[:len(got_values)]) + eager_grads):
             assert_no_worse_than_torch(got_x, want_x, eager_x)
@@ -1127,7 +1137,12 @@ def test_lm_head_tiles_with_cuda_rows(emulated_rows, dtype, plan, params):
         torch.testing.assert_close(row_max.double(), want[2], atol=4 * tol, rtol=tol)
         torch.testing.assert_close(log_sum.double(), want[3], atol=2 * tol, rtol=tol)
 
-    # The native CPU row kernels on the same (bitwise equal) tiles.
+    # The native CPU row kernels on the same (bitwise equal) tiles. bf16: both
+    # on float32 copies of the operands, so that the logits gradient is not
+    # rounded to bf16 (where a float32 rounding difference flips a bf16 one).
+    if dtype == torch.bfloat16:
+        monkeypatch.setattr(lm_head, "_mixed_products", lambda hidden, weight: False)
+        (logp, entropy, row_max, log_sum), grads = _head_run("emulated", *args)
     (n_logp, n_entropy, n_row_max, n_log_sum), n_grads = _head_run("native", *args)
     assert torch.equal(row_max, n_row_max)  # the max of the same float32 logits
     tight = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-6, rtol=1e-5)
@@ -1144,16 +1159,17 @@ def test_lm_head_tiles_with_cuda_rows(emulated_rows, dtype, plan, params):
 
 @pytest.mark.parametrize("with_entropy_grad", [True, False], ids=["entropy-grad", "logp-grad"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_lm_head_grad_in_forward_with_cuda_rows(emulated_rows, dtype, with_entropy_grad):
+def test_lm_head_grad_in_forward_with_cuda_rows(emulated_rows, dtype, with_entropy_grad, monkeypatch):
     """ppo_loss_from_hidden's three-GEMM path (lm_head._loss_grad_in_forward:
     whole-vocabulary tiles of 4 tokens, the gradient written over the tile in
     the forward) with the emulated CUDA row kernels: logp, entropy and the
     gradients of a per-token loss sum(g * logp + g_entropy * entropy)."""
     temperature, ignore_index = 0.8, -100
+    _mixed_products_as_on_cuda(monkeypatch)
     hidden, weight, bias, labels, g, g_entropy = _head_inputs(dtype, ignore_index, seed=23)
-    col = lm_head._col_bytes(hidden, weight)
-    chunk = HEAD_V * col + 4 * (HEAD_V + 8) * 4
-    assert lm_head.row_block(HEAD_N, HEAD_V, chunk, 4, col) == 4
+    itemsize, col = lm_head._tile_bytes(hidden, weight)
+    chunk = HEAD_V * col + 4 * (HEAD_V + 8) * itemsize
+    assert lm_head.row_block(HEAD_N, HEAD_V, chunk, itemsize, col) == 4
 
     def token_grads(t0, t1, logp, entropy):
         return g[t0:t1], (g_entropy[t0:t1] if with_entropy_grad else None)
@@ -1168,10 +1184,15 @@ def test_lm_head_grad_in_forward_with_cuda_rows(emulated_rows, dtype, with_entro
     assert all(vc == HEAD_V for _, vc, _, _ in emulated_rows.fwd_tiles)
     ref = (hidden, weight, bias, labels, temperature, ignore_index, with_entropy_grad, g, g_entropy)
     want, want_grads = _head_torch(*ref, dtype=torch.float64)
-    if dtype == torch.bfloat16:
-        eager, eager_grads = _head_torch(*ref, dtype=torch.float32)
+    if dtype == torch.bfloat16:  # the bars of test_lm_head_tiles_with_cuda_rows
+        eager = _head_torch(*ref, dtype=torch.float32)[0]
+        eager_grads = _head_torch(*ref, dtype=torch.bfloat16)[1]
         for got_x, want_x, eager_x in zip(got, list(want[:2]) + want_grads, list(eager[:2]) + eager_grads):
             assert_no_worse_than_torch(got_x, want_x, eager_x)
+        monkeypatch.setattr(lm_head, "_mixed_products", lambda hidden, weight: False)  # as there
+        itemsize, col = lm_head._tile_bytes(hidden, weight)
+        chunk = HEAD_V * col + 4 * (HEAD_V + 8) * itemsize  # (run reads it) 4 tokens a block again
+        got = run("emulated")
     else:
         for got_x, want_x in zip(got[:2], want[:2]):
             torch.testing.assert_close(got_x.double(), want_x, atol=2e-5, rtol=1e-5)

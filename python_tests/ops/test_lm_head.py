@@ -76,10 +76,21 @@ def test_float32_matches_float64(device_backend, n, h, v, chunk, temperature):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_no_worse_than_torch(device_backend, dtype):
+@pytest.mark.parametrize("products", ["mixed", "converted"])
+def test_low_precision_no_worse_than_torch(device_backend, dtype, products, monkeypatch):
     """bf16/fp16 hidden and weight: each output and gradient within 2x the
-    error of the same computation in PyTorch in that dtype."""
+    error of the same computation in PyTorch in that dtype, with the operands
+    in the GEMMs as they are (float32 products: MKL on CPU, cuBLAS) and with
+    the float32 copies a torch without MKL makes."""
     device, backend = device_backend
+    if products == "converted":
+        if device == "cuda":
+            pytest.skip("CUDA always multiplies bf16/fp16 operands into float32")
+        monkeypatch.setattr(lm_head, "_mixed_products", lambda hidden, weight: False)
+    elif device == "cpu":
+        if not torch.ops.rlhf_kernels.mixed_gemm_available(dtype):
+            pytest.skip(f"this torch has no MKL {dtype} x {dtype} -> float32 GEMM")
+        monkeypatch.setattr(lm_head, "_cpu_mixed_gemm", lambda dtype: True)  # also where not the default
     n, h, v = 33, 64, 4099
     hidden, weight, bias, labels = _inputs(n, h, v, dtype=dtype, scale=2.0, device=device)
     g, g_entropy = (x.to(device) for x in _weights(n))
@@ -196,6 +207,87 @@ def test_bad_input_raises():
         f(hidden, weight, labels.float())
     with pytest.raises(ValueError, match="weight"):
         f(hidden.double(), weight, labels)
+
+
+class _CountOps(TorchDispatchMode):
+    """How often each op ran (by overload packet), the largest float32 tensor made."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.largest_float32 = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.overloadpacket] = self.calls.get(func.overloadpacket, 0) + 1
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                self.largest_float32 = max(self.largest_float32, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_gemm_matches_float64(dtype):
+    """The CPU mixed GEMM (MKL, bf16/fp16 operands, float32 products): out =
+    beta * out + a @ b against float64 for row-major, transposed and strided
+    operands (neither stride 1: copied), a strided out, k = 0 and m = 0."""
+    if not torch.ops.rlhf_kernels.mixed_gemm_available(dtype):
+        pytest.skip(f"this torch has no MKL {dtype} x {dtype} -> float32 GEMM")
+    gemm = torch.ops.rlhf_kernels.mixed_gemm_
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(37, 19, generator=gen).to(dtype)
+    b = torch.randn(23, 19, generator=gen).to(dtype)
+    for x, y in ((a, b.t()), (a, b.t().contiguous()), (a.t().contiguous().t(), b.t()), (a[::2], b.t()),
+                 (a.unsqueeze(2).expand(37, 19, 2)[:, :, 0], b.t())):
+        for beta in (0.0, 0.5):
+            out = torch.randn(x.shape[0], 23, generator=gen)
+            want = beta * out.double() + x.double() @ y.double()
+            if beta == 0.0:
+                out.fill_(float("nan"))  # beta = 0 never reads out
+            gemm(out, x, y, beta)
+            torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-6)
+    wide = torch.full((37, 30), 7.0)
+    gemm(wide[:, :23], a, b.t(), 0.0)
+    torch.testing.assert_close(wide[:, :23].double(), a.double() @ b.t().double(), atol=1e-5, rtol=1e-6)
+    assert torch.all(wide[:, 23:] == 7.0)
+    out = torch.ones(37, 23)
+    gemm(out, a[:, :0], b[:, :0].t(), 0.5)
+    assert torch.all(out == 0.5)
+    gemm(torch.empty(0, 23), a[:0], b.t(), 0.0)
+    with pytest.raises(RuntimeError, match="float32"):
+        gemm(torch.empty(37, 23, dtype=dtype), a, b.t(), 0.0)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        gemm(torch.empty(37, 23), a, b.t().float(), 0.0)
+    assert not torch.ops.rlhf_kernels.mixed_gemm_available(torch.float32)
+
+
+def test_bf16_head_multiplies_bf16_on_cpu(monkeypatch):
+    """With mixed products (the default on CPUs with bf16 dot products), a
+    bf16 head on CPU runs all four GEMMs of each tile as mixed GEMMs (no aten
+    GEMM) and never makes a float32 copy of a weight tile: the largest float32
+    tensor is the tile buffer or a weight-gradient tile. The default follows
+    the CPU's instructions."""
+    if not torch.ops.rlhf_kernels.mixed_gemm_available(torch.bfloat16):
+        pytest.skip("this torch has no MKL bf16 x bf16 -> float32 GEMM")
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert lm_head._cpu_mixed_gemm(torch.bfloat16) == native
+    monkeypatch.setattr(lm_head, "_cpu_mixed_gemm", lambda dtype: True)
+    n, h, v = 64, 32, 5003
+    chunk = 1300 * (64 * 6 + 32 * 4)  # tiles of 64 x 1292: the buffer, its bf16 copy, a weight-gradient tile
+    hidden, weight, _, labels = _inputs(n, h, v, dtype=torch.bfloat16)
+    tb, vb = lm_head._plan(hidden, weight, n, chunk)
+    assert tb == n and v // vb >= 3
+    hidden, weight = hidden.detach(), weight.detach()
+    with torch.no_grad(), _CountOps() as ops:  # the op's two halves, op by op
+        _, ent, row_max, log_sum = lm_head._forward_impl(hidden, weight, None, labels, 1.0, -100, True, chunk,
+                                                         "native")
+        grad_hidden, grad_weight, _ = lm_head._backward_impl(
+            torch.ones(n), torch.ones(n), hidden, weight, None, labels, row_max, log_sum, ent, 1.0, -100, chunk,
+            "native", True, True, False)
+    tiles = -(-v // vb)
+    assert ops.calls.get(torch.ops.rlhf_kernels.mixed_gemm_) == 4 * tiles
+    assert not any(ops.calls.get(op) for op in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_))
+    assert ops.largest_float32 <= max(tb * (vb + 8), vb * h) < v * h
+    assert grad_weight.dtype == torch.bfloat16 and grad_hidden.dtype == torch.float32
 
 
 def test_tile_plan_stays_in_budget():
