@@ -178,15 +178,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         shape_rows = []
         hidden, weight, labels = inputs(n, h, v, dtype)
         logits_bytes = n * v * 4
-        # A warm-up and 3 calls (1 at N=4096) per provider, median; all in
-        # one process, so that the ratios compare like with like.
-        for name, fn in provs.items():
-            common.progress(f"{mode} {n}x{h}x{v} {str(dtype)[6:]} {name}")
-            try:
-                timing = common.time_fn(lambda f=fn: fwd_bwd(f, hidden, weight, labels), device,
-                                        min_runs=3 if n < 4096 else 1, max_seconds=0.0)
-            except Exception as exc:  # noqa: BLE001 - a failing peer must not stop the run
-                common.progress(f"  skipped: {type(exc).__name__}: {exc}")
+        # A warm-up and 3 calls (1 at N=4096) per provider, round-robin
+        # (common.time_interleaved), median; all in one process, so that the
+        # ratios compare like with like.
+        common.progress(f"{mode} {n}x{h}x{v} {str(dtype)[6:]}: {', '.join(provs)}")
+        timings = common.time_interleaved(
+            {name: (lambda f=fn: fwd_bwd(f, hidden, weight, labels)) for name, fn in provs.items()},
+            rounds=3 if n < 4096 else 1)
+        for name, timing in timings.items():
+            if isinstance(timing, Exception):
+                common.progress(f"  {name} skipped: {type(timing).__name__}: {timing}")
                 continue
             peak = None
             if not args.no_memory and not common.is_quick():
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        "entropy": "NLL only" not in name},
             )
             shape_rows.append(res.record(env))
-            common.progress(f"  {timing.median_ms:.0f} ms" + ("" if peak is None else
+            common.progress(f"  {name}: {timing.median_ms:.0f} ms" + ("" if peak is None else
                                                             f", extra peak {peak / logits_bytes:.3f}x the logits"))
         path = common.write_results(shape_rows, env, Path(args.out_dir))  # each shape as it ends
         rows += shape_rows

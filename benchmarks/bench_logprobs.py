@@ -151,7 +151,8 @@ def run_mode(fn: Callable, mode: str, logits: torch.Tensor, labels: torch.Tensor
 
 def cpu_peak_memory(provider: str, n: int, v: int, mode: str) -> int | None:
     """Extra resident memory of one call, measured in a fresh process (the
-    high-water mark after the call minus the resident size before it)."""
+    high-water mark, reset just before the call, minus the resident size
+    before it)."""
     code = f"""
 import sys, torch
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
@@ -160,7 +161,9 @@ dev = torch.device('cpu')
 fn = b.providers(dev)[{provider!r}]
 x = torch.randn({n}, {v}); y = torch.randint(0, {v}, ({n},))
 x.add_(0)
-before = max(common.rss_bytes(), common.peak_rss_bytes())
+import gc; gc.collect()
+common.reset_peak_rss()  # the peak of the call, not of making its inputs
+before = common.rss_bytes()
 if {mode!r} == 'fwd_bwd':
     x.requires_grad_(True); lp, e = fn(x, y, True); torch.autograd.backward([lp, e], [torch.ones_like(lp)] * 2)
 else:

@@ -112,6 +112,30 @@ def time_fn(fn: Callable[[], object], device: torch.device, setup: Callable[[], 
     return Timing(*_quantiles(times))
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, Timing | Exception]:
+    """CPU timing of several providers of one workload, round-robin: a warm-up
+    call each, then ``rounds`` rounds calling each provider once in turn, so a
+    slow spell of a shared machine falls on every provider alike rather than
+    on whichever ran then. A provider that raises gets its exception instead of
+    a Timing and is left out of the later rounds."""
+    times: dict[str, list[float]] = {}
+    out: dict[str, Timing | Exception] = {}
+    for name, fn in fns.items():
+        try:
+            fn()
+            times[name] = []
+        except Exception as exc:  # noqa: BLE001 - a failing peer must not stop the run
+            out[name] = exc
+    for _ in range(rounds):
+        for name in list(times):
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    for name, ts in times.items():
+        out[name] = Timing(*_quantiles(ts))
+    return {name: out[name] for name in fns}
+
+
 def _quantiles(times: list[float]) -> tuple[float, float, float]:
     ordered = sorted(times)
     q = statistics.quantiles(ordered, n=10, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 9

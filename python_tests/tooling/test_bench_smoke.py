@@ -73,3 +73,35 @@ def test_bench_overhead_writes_every_op_with_its_ratio(tmp_path, capsys):
     met, detail = report._overhead_at_most_eager(report.latest(lines))
     assert ("above 1" in detail) == (not met)
     assert "ratio" in capsys.readouterr().out
+
+
+def test_bench_lm_head_quick_times_every_provider(tmp_path):
+    """bench_lm_head on a tiny shape, both workloads: every provider timed
+    (the peers that are installed included) and written."""
+    from benchmarks import bench_lm_head
+
+    for extra in ([], ["--loss"]):
+        rows = bench_lm_head.main(["--quick", "--no-memory", "--out-dir", str(tmp_path)] + extra)
+        names = {r["provider"] for r in rows}
+        expected = bench_lm_head.loss_providers() if extra else bench_lm_head.providers()
+        assert names == set(expected) and "rlhf_kernels" in " ".join(names)
+        assert all(r["median_ms"] > 0 and r["shape"] == [64, 32, 5003] for r in rows)
+    lines = [line for f in tmp_path.glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert len(lines) == len(bench_lm_head.providers()) + len(bench_lm_head.loss_providers())
+
+
+def test_time_interleaved_round_robin_and_a_failing_provider():
+    """common.time_interleaved calls the providers in turn (a warm-up, then
+    one call each per round) and hands back a provider's exception."""
+    from benchmarks import common
+
+    calls = []
+
+    def failing():
+        raise RuntimeError("peer broke")
+
+    out = common.time_interleaved({"a": lambda: calls.append("a"), "bad": failing,
+                                   "b": lambda: calls.append("b")}, rounds=3)
+    assert calls == ["a", "b"] * 4
+    assert list(out) == ["a", "bad", "b"] and isinstance(out["bad"], RuntimeError)
+    assert all(out[k].median_ms >= 0 for k in ("a", "b"))
