@@ -48,6 +48,13 @@ def device_name(device: torch.device) -> str:
     return f"CPU {cpu} x{torch.get_num_threads()} threads"
 
 
+def cpu_isa() -> str:
+    """The vector ISA torch's CPU kernels use here, and AMX where the CPU has it:
+    two CPUs of one model name can differ (bf16 GEMMs ~6x apart)."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    return isa + ("+AMX" if torch.cpu._is_amx_tile_supported() else "")
+
+
 def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
@@ -67,6 +74,7 @@ def environment(device: torch.device) -> dict:
         commit = None
     return {
         "device": device_name(device),
+        "cpu_isa": cpu_isa(),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,

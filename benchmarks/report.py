@@ -237,7 +237,8 @@ def _lm_head_goal(shape, dtype):
         beaten = [k for k, v in peers.items() if "linear_cross_entropy" not in k and v <= ms]
         mem = ours.get("peak_mem_over_input")
         ok = (mem is not None and mem <= 0.10 and not beaten and (lce is None or ms <= 1.15 * lce))
-        detail = (f"{ms / 1e3:.2f} s, extra peak {_fmt(mem)}x the logits; "
+        isa = f" ({ours['cpu_isa']})" if ours.get("cpu_isa") else ""  # bf16 GEMM speed depends on it
+        detail = (f"{ms / 1e3:.2f} s{isa}, extra peak {_fmt(mem)}x the logits; "
                   + ", ".join(f"{k} {v / ms:.2f}x ours" for k, v in sorted(peers.items())))
         return ok, detail
     return check
