@@ -1167,9 +1167,13 @@ def test_lm_head_grad_in_forward_with_cuda_rows(emulated_rows, dtype, with_entro
     temperature, ignore_index = 0.8, -100
     _mixed_products_as_on_cuda(monkeypatch)
     hidden, weight, bias, labels, g, g_entropy = _head_inputs(dtype, ignore_index, seed=23)
-    itemsize, col = lm_head._tile_bytes(hidden, weight)
-    chunk = HEAD_V * col + 4 * (HEAD_V + 8) * itemsize
-    assert lm_head.row_block(HEAD_N, HEAD_V, chunk, itemsize, col) == 4
+    def four_token_blocks():  # the budget of whole-vocabulary blocks of 4 tokens for this path's tile bytes
+        itemsize, col = lm_head._tile_bytes(hidden, weight)
+        chunk = HEAD_V * col + 4 * (HEAD_V + 8) * itemsize
+        assert lm_head.row_block(HEAD_N, HEAD_V, chunk, itemsize, col) == 4
+        return chunk
+
+    chunk = four_token_blocks()
 
     def token_grads(t0, t1, logp, entropy):
         return g[t0:t1], (g_entropy[t0:t1] if with_entropy_grad else None)
@@ -1190,8 +1194,7 @@ def test_lm_head_grad_in_forward_with_cuda_rows(emulated_rows, dtype, with_entro
         for got_x, want_x, eager_x in zip(got, list(want[:2]) + want_grads, list(eager[:2]) + eager_grads):
             assert_no_worse_than_torch(got_x, want_x, eager_x)
         monkeypatch.setattr(lm_head, "_mixed_products", lambda hidden, weight: False)  # as there
-        itemsize, col = lm_head._tile_bytes(hidden, weight)
-        chunk = HEAD_V * col + 4 * (HEAD_V + 8) * itemsize  # (run reads it) 4 tokens a block again
+        chunk = four_token_blocks()  # (run reads it) for the converted operands' tile bytes
         got = run("emulated")
     else:
         for got_x, want_x in zip(got[:2], want[:2]):

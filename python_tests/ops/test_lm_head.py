@@ -75,6 +75,11 @@ def test_float32_matches_float64(device_backend, n, h, v, chunk, temperature):
     assert got[0][1] == 0 and got[1][1] == 0 and torch.all(got[2][0][1] == 0)  # the ignored position
 
 
+def _skip_without_mixed_gemm(dtype):
+    if not torch.ops.rlhf_kernels.mixed_gemm_available(dtype):
+        pytest.skip(f"this torch has no MKL {dtype} x {dtype} -> float32 GEMM")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("products", ["mixed", "converted"])
 def test_low_precision_no_worse_than_torch(device_backend, dtype, products, monkeypatch):
@@ -88,8 +93,7 @@ def test_low_precision_no_worse_than_torch(device_backend, dtype, products, monk
             pytest.skip("CUDA always multiplies bf16/fp16 operands into float32")
         monkeypatch.setattr(lm_head, "_mixed_products", lambda hidden, weight: False)
     elif device == "cpu":
-        if not torch.ops.rlhf_kernels.mixed_gemm_available(dtype):
-            pytest.skip(f"this torch has no MKL {dtype} x {dtype} -> float32 GEMM")
+        _skip_without_mixed_gemm(dtype)
         monkeypatch.setattr(lm_head, "_cpu_mixed_gemm", lambda dtype: True)  # also where not the default
     n, h, v = 33, 64, 4099
     hidden, weight, bias, labels = _inputs(n, h, v, dtype=dtype, scale=2.0, device=device)
@@ -230,8 +234,7 @@ def test_mixed_gemm_matches_float64(dtype):
     """The CPU mixed GEMM (MKL, bf16/fp16 operands, float32 products): out =
     beta * out + a @ b against float64 for row-major, transposed and strided
     operands (neither stride 1: copied), a strided out, k = 0 and m = 0."""
-    if not torch.ops.rlhf_kernels.mixed_gemm_available(dtype):
-        pytest.skip(f"this torch has no MKL {dtype} x {dtype} -> float32 GEMM")
+    _skip_without_mixed_gemm(dtype)
     gemm = torch.ops.rlhf_kernels.mixed_gemm_
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(37, 19, generator=gen).to(dtype)
@@ -266,8 +269,7 @@ def test_bf16_head_multiplies_bf16_on_cpu(monkeypatch):
     GEMM) and never makes a float32 copy of a weight tile: the largest float32
     tensor is the tile buffer or a weight-gradient tile. The default follows
     the CPU's instructions."""
-    if not torch.ops.rlhf_kernels.mixed_gemm_available(torch.bfloat16):
-        pytest.skip("this torch has no MKL bf16 x bf16 -> float32 GEMM")
+    _skip_without_mixed_gemm(torch.bfloat16)
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert lm_head._cpu_mixed_gemm(torch.bfloat16) == native
     monkeypatch.setattr(lm_head, "_cpu_mixed_gemm", lambda dtype: True)

@@ -51,6 +51,7 @@ token block (a float32 accumulator, V * H * 4 bytes).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -114,6 +115,7 @@ def _mixed_products(hidden: Tensor, weight: Tensor) -> bool:
     return hidden.device.type == "cpu" and _cpu_mixed_gemm(hidden.dtype)
 
 
+@functools.lru_cache(maxsize=None)  # the CPU and the build do not change
 def _cpu_mixed_gemm(dtype: torch.dtype) -> bool:
     """MKL's bf16/fp16 -> float32 GEMM (mixed_gemm_) where it beats the
     float32 GEMM on float32 copies: a CPU with bf16 (fp16) dot products,
@@ -325,15 +327,8 @@ def _backward_impl(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], 
     inv_t = 1.0 / temperature
     tb, vb = _plan(hidden, weight, max(n_rows, 1), chunk_bytes)
     many_blocks = n_rows > tb
-    grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=dev) if need_hidden else None
-    # The weight gradient in place when every tile of it is one GEMM (one
-    # token block) or the weight is in the accumulation dtype; else float32.
-    direct_weight = weight.dtype == acc or not many_blocks
-    grad_weight = None
-    if need_weight:  # one token block writes each of its rows once: no zeros needed
-        grad_weight = (torch.empty if 0 < n_rows <= tb else torch.zeros)(
-            weight.shape, dtype=weight.dtype if direct_weight else acc, device=dev)
-    grad_bias = torch.zeros(vocab, dtype=acc, device=dev) if need_bias else None
+    grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden, weight, acc, tb, need_hidden, need_weight,
+                                                        need_bias)
     ignored = labels == ignore_index
     bad = ~ignored & ((labels < 0) | (labels >= vocab))  # NaN gradients, as logprobs_from_logits gives
     zero = torch.zeros((), dtype=acc, device=dev)
@@ -359,6 +354,24 @@ def _backward_impl(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], 
             bwd(g[t0:t1], None if g_ent is None else g_ent[t0:t1], tile, local, row_max[t0:t1], log_sum[t0:t1],
                 None if entropy is None else entropy[t0:t1], inv_t)
             _tile_grads(tile[:, :v1 - v0], h, w, grad_hidden, grad_weight, grad_bias, t0, t1, v0, v1, many_blocks)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _grad_buffers(hidden: Tensor, weight: Tensor, acc: torch.dtype, tb: int, need_hidden: bool,
+                  need_weight: bool, need_bias: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The gradients _tile_grads writes for token blocks of ``tb`` rows: hidden
+    and bias in the accumulation dtype; the weight's in place when every tile
+    of it is one GEMM (one token block) or the weight is in the accumulation
+    dtype, else float32; left unzeroed when one token block writes each of
+    its rows once."""
+    n_rows, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
+    grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=dev) if need_hidden else None
+    grad_weight = None
+    if need_weight:
+        one_block = 0 < n_rows <= tb
+        grad_weight = (torch.empty if one_block else torch.zeros)(
+            weight.shape, dtype=weight.dtype if weight.dtype == acc or n_rows <= tb else acc, device=dev)
+    grad_bias = torch.zeros(vocab, dtype=acc, device=dev) if need_bias else None
     return grad_hidden, grad_weight, grad_bias
 
 
@@ -421,13 +434,8 @@ def _loss_grad_in_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     need_hidden, need_weight, need_bias = need
     logp = torch.empty(n_rows, dtype=acc, device=dev)
     entropy = torch.empty(n_rows, dtype=acc, device=dev)
-    grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=dev) if need_hidden else None
-    direct_weight = weight.dtype == acc or not many_blocks
-    grad_weight = None
-    if need_weight:  # one token block writes it once: no zeros needed
-        grad_weight = (torch.empty if 0 < n_rows <= tb else torch.zeros)(
-            weight.shape, dtype=weight.dtype if direct_weight else acc, device=dev)
-    grad_bias = torch.zeros(vocab, dtype=acc, device=dev) if need_bias else None
+    grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden, weight, acc, tb, need_hidden, need_weight,
+                                                        need_bias)
     buf = torch.empty(tb, vb + _PAD, dtype=acc, device=dev)
     ops = _Operands(hidden, weight, bias, acc)
     w = ops.cols(0, vocab)
