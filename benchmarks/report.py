@@ -237,8 +237,9 @@ def _lm_head_goal(shape, dtype):
         beaten = [k for k, v in peers.items() if "linear_cross_entropy" not in k and v <= ms]
         mem = ours.get("peak_mem_over_input")
         ok = (mem is not None and mem <= 0.10 and not beaten and (lce is None or ms <= 1.15 * lce))
-        isa = f" ({ours['cpu_isa']})" if ours.get("cpu_isa") else ""  # bf16 GEMM speed depends on it
-        detail = (f"{ms / 1e3:.2f} s{isa}, extra peak {_fmt(mem)}x the logits; "
+        isa = f", {ours['cpu_isa']}" if ours.get("cpu_isa") else ""  # bf16 GEMM speed depends on it
+        when = f"commit {ours.get('git_commit')}, {str(ours.get('date', ''))[:10]}{isa}"  # the code it measured
+        detail = (f"{ms / 1e3:.2f} s ({when}), extra peak {_fmt(mem)}x the logits; "
                   + ", ".join(f"{k} {v / ms:.2f}x ours" for k, v in sorted(peers.items())))
         return ok, detail
     return check
@@ -320,7 +321,9 @@ def goal_status(goal: Goal, rows: list[dict]) -> tuple[str, str]:
             verdicts.append((device, *result))
     if not verdicts:
         return "not measured", "no results for this case on " + ("an H100-class GPU" if goal.gpu else "a CPU")
-    status = "met" if all(v[1] for v in verdicts) else "not met"
+    met = [v[0] for v in verdicts if v[1]]
+    status = ("met" if len(met) == len(verdicts) else "not met" if not met else
+              f"met on {', '.join(met)}; not met on {', '.join(v[0] for v in verdicts if not v[1])}")
     return status, "; ".join(f"{d}: {detail}" for d, _, detail in verdicts)
 
 

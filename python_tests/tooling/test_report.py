@@ -87,3 +87,21 @@ def test_report_without_gpu_results_says_so(tmp_path):
     text = report.main(["--results", str(results), "--out", str(tmp_path / "p.md"), "--no-plots"])
     assert "No GPU results exist yet" in text
     assert "not measured" in text and "baseline" in text
+
+
+def test_goal_met_on_one_device_and_not_another_says_which():
+    xeon = dict(ENV_CPU, device="CPU Intel Xeon x2 threads")
+    case = dict(op="ppo_advantages", mode="forward", shape=[64, 1024], dtype="float32")
+    rows = report.latest([
+        dict(ENV_CPU, provider="python_loop", median_ms=20.0, **case),
+        dict(ENV_CPU, provider="rlhf_kernels-cpu", median_ms=2.0, **case),  # 10x: not met
+        dict(xeon, provider="python_loop", median_ms=20.0, **case),
+        dict(xeon, provider="rlhf_kernels-cpu", median_ms=0.2, **case),  # 100x: met
+    ])
+    goal = next(g for g in report.GOALS if g.text == "ppo_advantages B=64 T=1024: >= 50x the Python loop")
+    status, detail = report.goal_status(goal, rows)
+    assert status == "met on CPU Intel Xeon x2 threads; not met on CPU AMD EPYC x2 threads"
+    assert "10.0x" in detail and "100.0x" in detail
+    # Every device meeting it (or none) is the plain verdict.
+    assert report.goal_status(goal, [r for r in rows if r["device"] == xeon["device"]])[0] == "met"
+    assert report.goal_status(goal, [r for r in rows if r["device"] == ENV_CPU["device"]])[0] == "not met"
