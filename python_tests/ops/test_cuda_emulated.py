@@ -1019,10 +1019,14 @@ def _mixed_products_as_on_cuda(monkeypatch):
         monkeypatch.setattr(lm_head, "_cpu_mixed_gemm", lambda dtype: True)
 
 
-def _head_chunk_bytes(hidden, weight, tb, vb):
-    """A budget that tile_plan turns into (tb, vb)."""
+def _head_chunk_bytes(hidden, weight, tb, vb, monkeypatch):
+    """A budget that tile_plan turns into (tb, vb). Token blocks shorter than
+    tile_plan's floor (col_bytes / itemsize rows: bf16 operands' per-column
+    bytes) are no budget's plan; those tests set the plan itself."""
     itemsize, col_bytes = lm_head._tile_bytes(hidden, weight)
     chunk = (vb + 8) * (tb * itemsize + col_bytes)
+    if tb < -(-col_bytes // itemsize):
+        monkeypatch.setattr(lm_head, "_plan", lambda hidden, weight, n_rows, chunk_bytes: (tb, vb))
     assert lm_head._plan(hidden, weight, hidden.shape[0], chunk) == (tb, vb)
     return chunk
 
@@ -1095,7 +1099,7 @@ def test_lm_head_tiles_with_cuda_rows(emulated_rows, dtype, plan, params, monkey
     tb, vb, vectorized = HEAD_PLANS[plan]
     _mixed_products_as_on_cuda(monkeypatch)
     hidden, weight, bias, labels, g, g_entropy = _head_inputs(dtype, ignore_index)
-    chunk = _head_chunk_bytes(hidden, weight, tb, vb)
+    chunk = _head_chunk_bytes(hidden, weight, tb, vb, monkeypatch)
     args = (hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk, g, g_entropy)
     (logp, entropy, row_max, log_sum), grads = _head_run("emulated", *args)
     _check_tiles(emulated_rows.fwd_tiles, HEAD_N, HEAD_V, tb, vb, labels, ignore_index)

@@ -301,6 +301,30 @@ def test_tile_plan_stays_in_budget():
     assert lm_head.tile_plan(1024, 151936, lm_head.default_chunk_bytes(1024, 151936))[0] == 1024
 
 
+@pytest.mark.parametrize("n,v,h,itemsize,cols", [
+    (1024, 151936, 8192, 6, 1),   # bf16 mixed products at H = 8192 (a float32 weight-gradient column)
+    (1024, 151936, 8192, 4, 2),   # bf16 converted to float32 copies (weight tile and its gradient)
+    (512, 32768, 4096, 6, 1),
+    (8192, 152064, 4096, 6, 1),
+    (300, 151936, 512, 4, 2),
+])
+def test_tile_plan_wide_hidden_keeps_the_tokens_together(n, v, h, itemsize, cols):
+    """The per-column operand bytes (H * 4 a copy) are paid by a tile whatever
+    its token count: at H = 8192 one MIN_VOCAB_BLOCK of them (32 MiB) is more
+    than the default budget at N = 1024, which once left one token per GEMM
+    (33 s instead of 1.4 s at N=512, H=4096 bf16 on a 2-core CPU). The plan
+    narrows the vocabulary block instead."""
+    budget = lm_head.default_chunk_bytes(n, v)
+    col_bytes = cols * h * 4
+    tb, vb = lm_head.tile_plan(n, v, budget, itemsize, col_bytes)
+    assert tb >= min(n, col_bytes // itemsize)
+    assert lm_head._MIN_TILE_COLS <= vb <= v
+    assert tb * (vb + 8) * itemsize + vb * col_bytes <= budget
+    # A smaller budget narrows the tiles before it shortens the token block below that.
+    tb_small, vb_small = lm_head.tile_plan(n, v, 4 << 20, itemsize, col_bytes)
+    assert tb_small >= min(n, col_bytes // itemsize) and vb_small < vb
+
+
 class _Allocations(TorchDispatchMode):
     """The largest tensor any op makes."""
 

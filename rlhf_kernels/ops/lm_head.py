@@ -97,9 +97,14 @@ def tile_plan(n_rows: int, vocab: int, chunk_bytes: int, itemsize: int = 4, col_
     vocabulary column (``_tile_bytes`` gives both for the operands). All tokens in one block unless a
     MIN_VOCAB_BLOCK-wide tile of them would not fit; then the widest
     vocabulary block that does, but never narrower than _MIN_TILE_COLS (a
-    budget below one such row is exceeded)."""
+    budget below one such row is exceeded). A token block is never shorter
+    than ``col_bytes / itemsize`` rows (or n_rows): the per-column operand
+    bytes, which a tile pays whatever its token count, take at most half of a
+    tile, so that a wide hidden state (H = 8192: 32 KiB a column) narrows the
+    vocabulary block instead of leaving one token per GEMM."""
     vmin = min(vocab, MIN_VOCAB_BLOCK)
-    tb = max(1, min(n_rows, (chunk_bytes - vmin * col_bytes) // ((vmin + _PAD) * itemsize)))
+    tb = (chunk_bytes - vmin * col_bytes) // ((vmin + _PAD) * itemsize)
+    tb = max(1, min(n_rows, max(tb, -(-col_bytes // itemsize))))
     vb = max(min(vocab, _MIN_TILE_COLS), min(vocab, chunk_bytes // (tb * itemsize + col_bytes) - _PAD))
     return tb, vb
 
