@@ -10,10 +10,16 @@ gradients on both outputs; gradients of hidden and weight), against:
 - torch ``F.linear_cross_entropy`` (mean NLL only: no entropy, a scalar
   loss), for reference.
 
-Peak memory (CPU): each provider once in a fresh process, the resident
-high-water mark (reset just before the call) minus the resident size before it and minus the bytes
-of the gradients it returns (which every provider must produce), reported as
-a multiple of the float32 logits (N * V * 4 bytes).
+Peak memory, less the bytes of the gradients a provider returns (which
+every provider must produce), as a multiple of the float32 logits
+(N * V * 4 bytes): on a CPU each provider once in a fresh process, the
+resident high-water mark (reset just before the call) minus the resident
+size before it; on a GPU the allocator's peak above what was allocated.
+
+GEMM rate: each row records ``tflops_3gemm`` (the three GEMMs a fused head
+cannot avoid, 6 N H V FLOP, over the row's time) and ``frac_gemm_peak``, that
+over the rate of one plain ``hidden @ weight.T`` of the same shape and dtype
+measured in the same run (cuBLAS's on a GPU: the issue's "bf16 GEMM peak").
 
 ``--loss``: the scalar PPO loss instead (clipped policy loss + entropy
 bonus, token-mean, forward + backward): ``ppo_loss_from_hidden`` with its
@@ -21,7 +27,7 @@ gradient in the forward (three GEMMs), the same with ``grad_in_forward=False``
 (four), and the eager logits with ``ppo_loss_from_logits`` of the reference
 (mode ``ppo_loss_fwd_bwd``).
 
-    python -m benchmarks.bench_lm_head            # the issue's shapes
+    python -m benchmarks.bench_lm_head            # the issue's shapes (CPU; on a GPU N=8192, H=4096, V=152064 bf16)
     python -m benchmarks.bench_lm_head --quick    # tiny shapes (smoke test)
     python -m benchmarks.bench_lm_head --loss --shape 1024,512,151936,float32
 """
@@ -93,7 +99,9 @@ def loss_providers() -> dict[str, Callable]:
         def loss(h, w, y):
             old, adv, mask = _loss_inputs(y)
             return rlhf_kernels.ppo_loss_from_hidden(h[None], w, y[None], old[None], adv[None], mask[None],
-                                                     entropy_coef=0.01, grad_in_forward=grad_in_forward)[0]
+                                                     entropy_coef=0.01, grad_in_forward=grad_in_forward,
+                                                     chunk_bytes=three_gemm_budget(h, w) if grad_in_forward
+                                                     else None)[0]
         return loss
 
     def eager_loss(h, w, y):
@@ -107,19 +115,45 @@ def loss_providers() -> dict[str, Callable]:
             "eager logits + reference ppo_loss_from_logits": eager_loss}
 
 
-def shapes() -> list[tuple[int, int, int, torch.dtype]]:
+def three_gemm_budget(hidden, weight) -> int:
+    """ppo_loss_from_hidden's default budget plus what a bf16/fp16 head's
+    three-GEMM path also needs (its float32 V x H weight gradient; nothing for
+    a float32 head), so that the "3 GEMMs" provider runs them."""
+    from rlhf_kernels.ops import lm_head
+
+    n, v = hidden.shape[0], weight.shape[0]
+    return lm_head.LOSS_BUDGET_FACTOR * lm_head.default_chunk_bytes(n, v) + v * lm_head._tile_bytes(hidden, weight)[1]
+
+
+def shapes(device: torch.device) -> list[tuple[int, int, int, torch.dtype]]:
     if common.is_quick():
         return [(64, 32, 5003, torch.float32)]
+    if device.type == "cuda":  # the issue's GPU goal
+        return [(8192, 4096, 152064, torch.bfloat16)]
     return [(1024, 512, 151936, torch.float32), (1024, 512, 151936, torch.bfloat16),
             (4096, 896, 151936, torch.bfloat16)]
 
 
-def inputs(n, h, v, dtype):
+def inputs(n, h, v, dtype, device="cpu"):
     gen = torch.Generator().manual_seed(0)
-    hidden = (torch.randn(n, h, generator=gen) * 2).to(dtype)
-    weight = (torch.randn(v, h, generator=gen) / h ** 0.5).to(dtype)
-    labels = torch.randint(0, v, (n,), generator=gen)
+    hidden = (torch.randn(n, h, generator=gen) * 2).to(device, dtype)
+    weight = (torch.randn(v, h, generator=gen) / h ** 0.5).to(device, dtype)
+    labels = torch.randint(0, v, (n,), generator=gen).to(device)
     return hidden, weight, labels
+
+
+def gemm_tflops(hidden, weight) -> float:
+    """The measured rate of one plain hidden @ weight.T (2 N H V FLOP)."""
+    out = torch.empty(hidden.shape[0], weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+    timing = common.time_fn(lambda: torch.mm(hidden, weight.t(), out=out), hidden.device)
+    return 2 * hidden.shape[0] * hidden.shape[1] * weight.shape[0] / (timing.median_ms * 1e-3) / 1e12
+
+
+def gpu_peak_memory(fn, hidden, weight, labels) -> int:
+    """Allocator peak of one forward + backward above what was allocated, less the gradients returned."""
+    grads = []
+    peak = common.peak_memory_gpu(lambda: grads.extend(fwd_bwd(fn, hidden, weight, labels)), hidden.device)
+    return max(0, peak - sum(g.numel() * g.element_size() for g in grads))
 
 
 def fwd_bwd(fn, hidden, weight, labels):
@@ -159,49 +193,57 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--only", default=None, help="comma-separated provider names")
     parser.add_argument("--shape", default=None, help="N,H,V,dtype (e.g. 1024,512,151936,float32)")
     parser.add_argument("--loss", action="store_true", help="the scalar PPO loss (see the docstring)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     args = parser.parse_args(argv)
     if args.quick:
         os.environ["RLHF_BENCH_QUICK"] = "1"
-    device = torch.device("cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     env = common.environment(device)
     copy_bw = common.copy_bandwidth_gbps(device, 1 << 26 if common.is_quick() else 1 << 30)
     provs = loss_providers() if args.loss else providers()
     mode = "ppo_loss_fwd_bwd" if args.loss else "fwd_bwd"
     if args.only:
         provs = {k: f for k, f in provs.items() if k in args.only.split(",")}
-    todo = shapes()
+    todo = shapes(device)
     if args.shape:
         n, h, v, dt = args.shape.split(",")
         todo = [(int(n), int(h), int(v), getattr(torch, dt))]
     rows, path = [], None
     for n, h, v, dtype in todo:
         shape_rows = []
-        hidden, weight, labels = inputs(n, h, v, dtype)
+        hidden, weight, labels = inputs(n, h, v, dtype, device)
         logits_bytes = n * v * 4
-        # A warm-up and 3 calls (1 at N=4096) per provider, round-robin
-        # (common.time_interleaved), median; all in one process, so that the
-        # ratios compare like with like.
-        common.progress(f"{mode} {n}x{h}x{v} {str(dtype)[6:]}: {', '.join(provs)}")
+        gemm = gemm_tflops(hidden, weight)
+        # A warm-up and 3 calls (1 at N=4096 on a CPU) per provider,
+        # round-robin (common.time_interleaved), median; all in one process,
+        # so that the ratios compare like with like.
+        common.progress(f"{mode} {n}x{h}x{v} {str(dtype)[6:]} on {env['device']} (one GEMM {gemm:.2f} TFLOP/s): "
+                        f"{', '.join(provs)}")
         timings = common.time_interleaved(
-            {name: (lambda f=fn: fwd_bwd(f, hidden, weight, labels)) for name, fn in provs.items()},
-            rounds=3 if n < 4096 else 1)
+            {name: (lambda f=fn: (fwd_bwd(f, hidden, weight, labels), sync())) for name, fn in provs.items()},
+            rounds=3 if n < 4096 or device.type == "cuda" else 1)
         for name, timing in timings.items():
             if isinstance(timing, Exception):
                 common.progress(f"  {name} skipped: {type(timing).__name__}: {timing}")
                 continue
             peak = None
-            if not args.no_memory and not common.is_quick():
+            if device.type == "cuda" and not args.no_memory:
+                peak = gpu_peak_memory(provs[name], hidden, weight, labels)
+            elif not args.no_memory and not common.is_quick():
                 peak = cpu_peak_memory(name, n, h, v, dtype, args.loss)
+            tflops = 6 * n * h * v / (timing.median_ms * 1e-3) / 1e12
             res = common.Result(
                 op=OP, provider=name, mode=mode, shape=[n, h, v], dtype=str(dtype).replace("torch.", ""),
                 timing=timing, min_bytes=logits_bytes, copy_gbps=copy_bw, peak_mem_bytes=peak,
                 input_bytes=logits_bytes,
                 extra={"extra_peak_over_logits": None if peak is None else round(peak / logits_bytes, 4),
-                       "entropy": "NLL only" not in name},
+                       "entropy": "NLL only" not in name, "gemm_tflops": round(gemm, 6),
+                       "tflops_3gemm": round(tflops, 6), "frac_gemm_peak": round(tflops / gemm, 4)},
             )
             shape_rows.append(res.record(env))
-            common.progress(f"  {name}: {timing.median_ms:.0f} ms" + ("" if peak is None else
-                                                            f", extra peak {peak / logits_bytes:.3f}x the logits"))
+            common.progress(f"  {name}: {timing.median_ms:.0f} ms, {tflops / gemm:.0%} of the GEMM rate"
+                            + ("" if peak is None else f", extra peak {peak / logits_bytes:.3f}x the logits"))
         path = common.write_results(shape_rows, env, Path(args.out_dir))  # each shape as it ends
         rows += shape_rows
         del hidden, weight, labels

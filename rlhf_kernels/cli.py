@@ -20,7 +20,7 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("logprobs", "advantages", "losses", "overhead", "trainer")
+BENCHMARKS = ("logprobs", "advantages", "losses", "overhead", "lm_head", "trainer")
 
 
 def _benchmarks_dir() -> Path:

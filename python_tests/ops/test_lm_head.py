@@ -542,14 +542,26 @@ def test_ppo_loss_gradient_in_the_forward_bf16_frozen_head_and_fallbacks():
     kw = dict(entropy_coef=0.01, kl_coef=0.05, **{k: t.float() for k, t in per_token.items()})
 
     def run(h, w, b, **extra):
+        # Whole-vocabulary blocks of 4 tokens, with a bf16 head's float32 V x H
+        # weight-gradient buffer (row_block's col_bytes) inside the budget.
+        itemsize, col_bytes = lm_head._tile_bytes(h, w)
+        chunk = 4099 * col_bytes + 4 * (4099 + 8) * itemsize
+        assert lm_head.row_block(labels.numel(), 4099, chunk, itemsize, col_bytes) == 4
         xs = [x.detach().clone().requires_grad_(x.requires_grad) for x in (h, w, b)]
         loss, _ = rlhf_kernels.ppo_loss_from_hidden(xs[0], xs[1], labels, mask=mask.bool(), bias=xs[2],
-                                                    chunk_bytes=4 * (4099 + 8) * 4, **kw, **extra)
+                                                    chunk_bytes=chunk, **kw, **extra)
         loss.backward()
         return loss.detach(), [x.grad for x in xs]
 
     low = [x.bfloat16().requires_grad_(True) for x in (hidden, weight, bias)]
-    fast, slow = run(*low), run(*low, grad_in_forward=False)
+    calls = []
+    real = lm_head._loss_grad_in_forward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lm_head, "_loss_grad_in_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+        fast = run(*low)
+        assert calls == [1]  # the three-GEMM path ran, for the bf16 head
+        slow = run(*low, grad_in_forward=False)
+        assert calls == [1]
     torch.testing.assert_close(fast[0], slow[0], atol=1e-5, rtol=1e-5)
     for a, b in zip(fast[1], slow[1]):
         assert a.dtype == torch.bfloat16
@@ -576,6 +588,26 @@ def test_ppo_loss_gradient_in_the_forward_bf16_frozen_head_and_fallbacks():
         assert calls == [1]
     finally:
         lm_head._loss_grad_in_forward = real
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_ppo_loss_bf16_head_takes_four_gemms_at_the_default_budget(mixed, monkeypatch):
+    """A bf16/fp16 head's three-GEMM path needs a float32 V x H weight-gradient
+    buffer (the one-block product or the many-block accumulator; with float32
+    copies also the weight's), which the default budget does not hold at a
+    real vocabulary: there the four-GEMM path runs (weight gradient in place,
+    rounded once). A float32 head takes the three GEMMs."""
+    monkeypatch.setattr(lm_head, "_cpu_mixed_gemm", lambda dtype: mixed)
+    n, v, h = 1024, 151936, 896
+    budget = lm_head.LOSS_BUDGET_FACTOR * lm_head.default_chunk_bytes(n, v)
+    x, w = torch.zeros(1, h, dtype=torch.bfloat16), torch.zeros(1, h, dtype=torch.bfloat16)
+    itemsize, col_bytes = lm_head._tile_bytes(x, w)
+    assert col_bytes == (1 if mixed else 2) * h * 4
+    assert lm_head.row_block(n, v, budget, itemsize, col_bytes) == 0
+    # With that buffer added to the budget, as many rows as the budget alone holds.
+    assert lm_head.row_block(n, v, budget + v * col_bytes, itemsize, col_bytes) == (
+        lm_head.row_block(n, v, budget, itemsize, 0)) > 0
+    assert lm_head.row_block(n, v, budget, *lm_head._tile_bytes(x.float(), w.float())) == 63  # ~N / 16
 
 
 def test_ppo_loss_gradient_in_the_forward_against_finite_differences():

@@ -5,6 +5,9 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 
@@ -86,8 +89,33 @@ def test_bench_lm_head_quick_times_every_provider(tmp_path):
         expected = bench_lm_head.loss_providers() if extra else bench_lm_head.providers()
         assert names == set(expected) and "rlhf_kernels" in " ".join(names)
         assert all(r["median_ms"] > 0 and r["shape"] == [64, 32, 5003] for r in rows)
+        for r in rows:  # the three GEMMs' rate against one measured GEMM of the shape
+            assert r["gemm_tflops"] > 0 and r["frac_gemm_peak"] == pytest.approx(
+                r["tflops_3gemm"] / r["gemm_tflops"], rel=1e-2)
+            assert r["tflops_3gemm"] == pytest.approx(6 * 64 * 32 * 5003 / (r["median_ms"] * 1e-3) / 1e12, rel=1e-2)
     lines = [line for f in tmp_path.glob("*.jsonl") for line in f.read_text().splitlines()]
     assert len(lines) == len(bench_lm_head.providers()) + len(bench_lm_head.loss_providers())
+
+
+def test_bench_lm_head_three_gemm_provider_runs_three_gemms_in_bf16(tmp_path, monkeypatch):
+    """The --loss "3 GEMMs" provider takes ppo_loss_from_hidden's three-GEMM
+    path for a bf16 head too (its budget holds the float32 weight gradient;
+    the default would not), and the "4 GEMMs" one does not."""
+    from benchmarks import bench_lm_head
+    from rlhf_kernels.ops import lm_head
+
+    calls = []
+    real = lm_head._loss_grad_in_forward
+    monkeypatch.setattr(lm_head, "_loss_grad_in_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hidden, weight, labels = bench_lm_head.inputs(64, 1024, 5003, torch.bfloat16)
+    # (V x H x 4 = 20 MB: more than the default budget holds besides the rows.)
+    default = lm_head.LOSS_BUDGET_FACTOR * lm_head.default_chunk_bytes(64, 5003)
+    assert lm_head.row_block(64, 5003, default, *lm_head._tile_bytes(hidden, weight)) == 0
+    provs = bench_lm_head.loss_providers()
+    bench_lm_head.fwd_bwd(provs["rlhf_kernels (gradient in the forward, 3 GEMMs)"], hidden, weight, labels)
+    assert calls == [1]
+    bench_lm_head.fwd_bwd(provs["rlhf_kernels (grad_in_forward=False, 4 GEMMs)"], hidden, weight, labels)
+    assert calls == [1]
 
 
 def test_time_interleaved_round_robin_and_a_failing_provider():

@@ -726,6 +726,12 @@ def ppo_loss_from_hidden(
     it (one backward per forward). The weight's gradient (V x H; float32 for
     a bf16/fp16 weight over several token blocks) is then held from the
     forward on. Otherwise the backward makes each tile again (four GEMMs).
+    A bf16/fp16 head's budget must also hold a float32 V x H buffer (its
+    weight gradient's product or accumulator, ``V * H * 4`` bytes; twice that
+    where the CPU multiplies float32 copies): at the default budget and a
+    real vocabulary it does not, and the four-GEMM path runs, which writes
+    the weight gradient in place, rounded once. ``chunk_bytes`` of
+    ``V * H * 4`` plus the rows' tiles chooses the three GEMMs.
 
     Args:
         hidden: (B, T, H) (or (..., T, H)); weight (V, H); bias (V,) or None.
