@@ -1025,7 +1025,7 @@ def _head_chunk_bytes(hidden, weight, tb, vb, monkeypatch):
     bytes) are no budget's plan; those tests set the plan itself."""
     itemsize, col_bytes = lm_head._tile_bytes(hidden, weight)
     chunk = (vb + 8) * (tb * itemsize + col_bytes)
-    if tb < -(-col_bytes // itemsize):
+    if tb < lm_head.min_token_block(itemsize, col_bytes):
         monkeypatch.setattr(lm_head, "_plan", lambda hidden, weight, n_rows, chunk_bytes: (tb, vb))
     assert lm_head._plan(hidden, weight, hidden.shape[0], chunk) == (tb, vb)
     return chunk
@@ -1173,7 +1173,7 @@ def test_lm_head_grad_in_forward_with_cuda_rows(emulated_rows, dtype, with_entro
     hidden, weight, bias, labels, g, g_entropy = _head_inputs(dtype, ignore_index, seed=23)
     def four_token_blocks():  # the budget of whole-vocabulary blocks of 4 tokens for this path's tile bytes
         itemsize, col = lm_head._tile_bytes(hidden, weight)
-        chunk = HEAD_V * col + 4 * (HEAD_V + 8) * itemsize
+        chunk = lm_head.row_block_bytes(4, HEAD_V, itemsize, col)
         assert lm_head.row_block(HEAD_N, HEAD_V, chunk, itemsize, col) == 4
         return chunk
 

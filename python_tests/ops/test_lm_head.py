@@ -545,7 +545,7 @@ def test_ppo_loss_gradient_in_the_forward_bf16_frozen_head_and_fallbacks():
         # Whole-vocabulary blocks of 4 tokens, with a bf16 head's float32 V x H
         # weight-gradient buffer (row_block's col_bytes) inside the budget.
         itemsize, col_bytes = lm_head._tile_bytes(h, w)
-        chunk = 4099 * col_bytes + 4 * (4099 + 8) * itemsize
+        chunk = lm_head.row_block_bytes(4, 4099, itemsize, col_bytes)
         assert lm_head.row_block(labels.numel(), 4099, chunk, itemsize, col_bytes) == 4
         xs = [x.detach().clone().requires_grad_(x.requires_grad) for x in (h, w, b)]
         loss, _ = rlhf_kernels.ppo_loss_from_hidden(xs[0], xs[1], labels, mask=mask.bool(), bias=xs[2],

@@ -104,9 +104,19 @@ def tile_plan(n_rows: int, vocab: int, chunk_bytes: int, itemsize: int = 4, col_
     vocabulary block instead of leaving one token per GEMM."""
     vmin = min(vocab, MIN_VOCAB_BLOCK)
     tb = (chunk_bytes - vmin * col_bytes) // ((vmin + _PAD) * itemsize)
-    tb = max(1, min(n_rows, max(tb, -(-col_bytes // itemsize))))
+    tb = max(1, min(n_rows, max(tb, min_token_block(itemsize, col_bytes))))
     vb = max(min(vocab, _MIN_TILE_COLS), min(vocab, chunk_bytes // (tb * itemsize + col_bytes) - _PAD))
     return tb, vb
+
+
+def min_token_block(itemsize: int, col_bytes: int) -> int:
+    """tile_plan's shortest token block: as many buffer bytes a column as operand bytes."""
+    return -(-col_bytes // itemsize)
+
+
+def row_block_bytes(rows: int, vocab: int, itemsize: int = 4, col_bytes: int = 0) -> int:
+    """The budget in which row_block gives ``rows`` tokens a block (its inverse)."""
+    return vocab * col_bytes + rows * (vocab + _PAD) * itemsize
 
 
 def _mixed_products(hidden: Tensor, weight: Tensor) -> bool:
