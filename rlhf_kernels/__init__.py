@@ -1,11 +1,11 @@
 """rlhf_kernels: fused Triton, CUDA and C++ kernels for PPO training of language models.
 
 Importing this package never initialises CUDA and works without a GPU, without
-Triton and without the compiled extension (the reference backend then runs).
+Triton and without the compiled extension (the eager backend then runs).
 """
 
-from . import reference
 from ._dispatch import BACKENDS, available_backends
+from .aggregation import AGG_MODES, agg_loss
 from .ops.advantages import (
     AdaptiveKLController,
     PPOAdvantages,
@@ -16,14 +16,16 @@ from .ops.advantages import (
 )
 from .ops.lm_head import logprobs_from_hidden, ppo_loss_from_hidden
 from .ops.logprobs import logprobs_from_logits
-from .ops.ppo_loss import ppo_loss_from_logits, ppo_policy_loss, ppo_value_loss
+from .ops.ppo_loss import ppo_loss_from_logits, ppo_loss_from_logprobs, ppo_policy_loss, ppo_value_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGG_MODES",
     "AdaptiveKLController",
     "BACKENDS",
     "PPOAdvantages",
+    "agg_loss",
     "available_backends",
     "compute_gae",
     "group_advantages",
@@ -32,8 +34,8 @@ __all__ = [
     "logprobs_from_logits",
     "ppo_loss_from_hidden",
     "ppo_loss_from_logits",
+    "ppo_loss_from_logprobs",
     "ppo_policy_loss",
     "ppo_value_loss",
     "ppo_advantages",
-    "reference",
 ]

@@ -1,5 +1,5 @@
 """Host-side launch geometry shared by the native and Triton launchers: the
-statistics columns, the accumulation dtype, the row layout of (..., V) logits, and the rows the fused
+accumulation dtype, the row layout of (..., V) logits, and the rows the fused
 GPU kernels keep in flight."""
 
 from __future__ import annotations
@@ -8,13 +8,6 @@ import os
 
 import torch
 from torch import Tensor
-
-# Columns of the per-sequence statistics of the PPO token kernels
-# (csrc/include/rlhf_kernels/ppo_math.h PolicyStat, ValueStat).
-PG_SUM, COUNT, CLIP, DUAL, APPROX_KL, RATIO_MAX, RATIO_MIN, KL_SUM, ENTROPY_SUM = range(9)
-N_POLICY_STATS = 9
-VF_SUM, VF_COUNT, VF_CLIP = range(3)
-N_VALUE_STATS = 3
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -77,3 +70,11 @@ def rows_in_flight(n_rows: int, row_bytes: int, device: torch.device) -> int:
     l2_bytes = getattr(props, "L2_cache_size", 0) or 50 * 2**20
     rows = max(props.multi_processor_count, (l2_bytes // 2) // max(row_bytes, 1))
     return 0 if rows >= n_rows else int(rows)
+
+
+def grad_in_forward(dtype: torch.dtype, need_grad: bool, inplace_backward: bool) -> bool:
+    """Whether ppo_loss_from_logits writes the logits gradient in its forward:
+    when one is needed and the logits are not to be overwritten, and not for
+    float16, whose gradient must be scaled (GradScaler) before it is rounded
+    to float16, or small values underflow (the native glue's fused_logits_grad)."""
+    return need_grad and not inplace_backward and dtype != torch.float16

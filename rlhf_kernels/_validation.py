@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
+from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ._dispatch import checks_enabled
+from .aggregation import AGG_MODES
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -70,8 +75,6 @@ def check_finite(name: str, value: float) -> float:
 
 def check_int(name: str, value: object) -> int:
     """A Python / numpy integer (not a bool, not a float that looks like one)."""
-    import numbers
-
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name}: expected an integer, got {value!r}")
     return int(value)
@@ -84,3 +87,106 @@ def check_labels_in_range(labels: Tensor, vocab: int, ignore_index: int) -> None
     if bool(bad.any()):
         first = labels[bad][0].item()
         raise ValueError(f"labels: value {first} is outside [0, {vocab}) and is not ignore_index")
+
+
+def check_unit_interval(name: str, value: float) -> float:
+    value = check_finite(name, value)
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"{name}: must be in [0, 1], got {value}")
+    return value
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32: the token kernels' dtype."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def check_tokens(shape_name: str, shape, **tensors: Tensor) -> None:
+    """Each tensor has the token shape ``shape`` (named ``shape_name`` in the error)."""
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not match {shape_name} {tuple(shape)}")
+
+
+def check_weights(name: str, weights: Tensor) -> None:
+    """Per-token weights (a mask of a dtype other than bool, or token_weights)
+    must be finite and >= 0: checked on CPU tensors, and on GPU tensors with
+    RLHF_KERNELS_CHECK=1 (it synchronises); not while torch.compile traces."""
+    if weights.dtype == torch.bool or torch.compiler.is_compiling():
+        return
+    if weights.device.type != "cpu" and not checks_enabled():
+        return
+    bad = ~(torch.isfinite(weights) & (weights >= 0)) if weights.is_floating_point() else weights < 0
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}: weights must be finite and >= 0, got {weights[index].item()} at index {index}")
+
+
+def check_mask(mask: Tensor) -> None:
+    """A bool mask (valid or not), or per-token weights of any real dtype
+    (nonzero = valid; the kernels weight each token's loss, gradient, count
+    and statistics by it)."""
+    check_tensor("mask", mask)
+    if mask.is_complex():
+        raise ValueError("mask: complex masks are not supported")
+    check_weights("mask", mask)
+
+
+# KL estimator name -> kernel code (csrc/include/rlhf_kernels/kl.h KlEstimator).
+KL_ESTIMATOR_CODES = {"k1": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
+
+
+def check_estimator(estimator: str, name: str = "estimator") -> int:
+    """The kernel code of a KL estimator name; ValueError naming the argument."""
+    if not isinstance(estimator, str) or estimator not in KL_ESTIMATOR_CODES:
+        raise ValueError(f"{name}: unknown KL estimator {estimator!r}; expected one of {tuple(KL_ESTIMATOR_CODES)}")
+    return KL_ESTIMATOR_CODES[estimator]
+
+
+def check_clip(clip_low: float, clip_high: float | None, dual_clip: float | None) -> tuple[float, float, float]:
+    """(clip_low, clip_high, dual): clip_high defaults to clip_low, dual 0.0 for no dual clip."""
+    clip_low = check_positive("clip_low", clip_low)
+    clip_high = clip_low if clip_high is None else check_positive("clip_high", clip_high)
+    if dual_clip is None:
+        dual = 0.0
+    else:
+        dual = check_finite("dual_clip", dual_clip)
+        if dual <= 1.0:
+            raise ValueError(f"dual_clip: must be > 1 (or None), got {dual}")
+    return clip_low, clip_high, dual
+
+
+def check_agg(agg: str, num_tokens, num_seqs,
+              device: torch.device) -> tuple[int, Optional[float], Optional[float], Optional[Tensor]]:
+    """(agg code, num_tokens, num_seqs, divisor): the mode's index in
+    AGG_MODES; float counts go to the kernels; a count
+    given as a 1-element tensor (a global count all-reduced on the GPU) is
+    replaced by 1 and returned as the divisor of the loss, so that nothing
+    synchronises with the host (it is then not checked for > 0). Only the count
+    the mode uses matters: num_tokens for token-mean, num_seqs for seq-mean-*."""
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg: unknown mode {agg!r}; expected one of {AGG_MODES}")
+    used = "num_tokens" if agg == "token-mean" else ("num_seqs" if agg.startswith("seq-mean") else None)
+    counts, divisor = {}, None
+    for name, value in (("num_tokens", num_tokens), ("num_seqs", num_seqs)):
+        if isinstance(value, Tensor):
+            if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+                raise ValueError(f"{name}: expected a number or a 1-element real tensor, got {value.dtype} "
+                                 f"of shape {tuple(value.shape)}")
+            if value.device not in (device, torch.device("cpu")):
+                raise ValueError(f"{name}: on {value.device}, the inputs on {device}")
+            counts[name] = None
+            if name == used:
+                counts[name], divisor = 1.0, value.detach().reshape(())
+        else:
+            counts[name] = None if value is None else check_positive(name, value)
+    return AGG_MODES.index(agg), counts["num_tokens"], counts["num_seqs"], divisor
+
+
+RATIO_LEVELS = ("token", "sequence", "sequence-token")
+
+
+def check_ratio_level(ratio_level: str) -> str:
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level: unknown level {ratio_level!r}; expected one of {RATIO_LEVELS}")
+    return ratio_level

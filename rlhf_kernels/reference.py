@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .aggregation import AGG_MODES, agg_loss, divisor as _divisor, mask_weights  # noqa: F401  (AGG_MODES: the tests')
+
 
 def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
     if not upcast or dtype == torch.float64:
@@ -92,76 +94,6 @@ def logprobs_grad(
 
 
 # --- PPO losses ---------------------------------------------------------------------
-
-AGG_MODES = (
-    "token-mean",
-    "token-sum",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-)
-
-
-def agg_loss(
-    loss_mat: Tensor,
-    mask: Tensor,
-    agg: str,
-    *,
-    num_tokens: float | None = None,
-    num_seqs: float | None = None,
-) -> Tensor:
-    """Aggregate a (..., T) per-token loss over the valid tokens of ``mask``.
-
-    ``token-mean``: sum / (``num_tokens`` or the number of valid tokens);
-    ``token-sum``: sum; ``seq-mean-token-sum``: mean over sequences of the
-    per-sequence sums; ``seq-mean-token-mean``: mean over sequences of the
-    per-sequence means; ``seq-mean-token-sum-norm``: seq-mean-token-sum / T.
-    The sequence means run over the sequences with at least one valid token
-    (``num_seqs`` overrides that count). No valid token gives 0. Masked
-    positions are selected away (``where``), so NaN there never leaks.
-
-    A mask of any dtype but bool holds per-token weights (nonzero = valid):
-    each token's loss counts times its weight and each count is the sum of
-    the weights, the weighted means verl and OpenRLHF compute with float
-    masks (``sum(w * l) / sum(w)``); 0/1 weights give the bool results.
-    """
-    valid, weight = mask_weights(mask, loss_mat.dtype)
-    values = torch.where(valid, loss_mat, torch.zeros_like(loss_mat))
-    if weight is not None:
-        values = values * weight
-        counts = weight.sum(-1)
-    else:
-        counts = valid.sum(-1)
-    if agg == "token-mean":
-        denom = num_tokens if num_tokens is not None else _divisor(counts.sum())
-        return values.sum() / denom
-    if agg == "token-sum":
-        return values.sum()
-    seq_sum = values.sum(-1)
-    seqs = num_seqs if num_seqs is not None else (counts > 0).sum().clamp(min=1)
-    if agg == "seq-mean-token-sum":
-        return seq_sum.sum() / seqs
-    if agg == "seq-mean-token-mean":
-        return (seq_sum / _divisor(counts)).sum() / seqs
-    if agg == "seq-mean-token-sum-norm":
-        return seq_sum.sum() / seqs / max(loss_mat.shape[-1], 1)  # T = 0: 0, not 0 / 0
-    raise ValueError(f"agg: unknown mode {agg!r}; expected one of {AGG_MODES}")
-
-
-def mask_weights(mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """(valid, weights): a bool mask is (mask, None); any other dtype holds
-    per-token weights, valid where nonzero, as ``dtype`` (0 where invalid)."""
-    if mask.dtype == torch.bool:
-        return mask, None
-    valid = mask != 0
-    return valid, torch.where(valid, mask.to(dtype), 0.0)
-
-
-def _divisor(count: Tensor) -> Tensor:
-    """A count as a divisor: 0 (no valid token) divides by 1; a weight count in
-    (0, 1) divides as it is."""
-    return torch.where(count > 0, count, torch.ones_like(count))
-
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """The (weighted) mean of x over the valid tokens of mask (0 without any)."""

@@ -24,7 +24,7 @@ from torch import Tensor
 
 import rlhf_kernels
 from rlhf_kernels._dispatch import resolve_backend
-from rlhf_kernels.ops import lm_head as _lm_head
+from rlhf_kernels.ops import lm_head_plan, lm_head_tiles
 
 from . import Patcher, _Target, count_served, hand_back
 
@@ -246,10 +246,10 @@ def _make_chunked_logprob(original):
             want_entropy = "entropy" in outputs
             want_extras = bool(set(outputs) - {"log_probs", "entropy"})
             inv_scale_t = temperature / logit_scale
-            chunk_bytes = _lm_head.default_chunk_bytes(h.shape[0], w.shape[0])
+            chunk_bytes = lm_head_plan.default_chunk_bytes(h.shape[0], w.shape[0])
             with torch.autocast(device.type, enabled=False):
-                out = _lm_head._forward_impl(h, w, b, targets.to(torch.int64), inv_scale_t, _SKIP, want_entropy,
-                                             chunk_bytes, rows, extras=want_extras)
+                out = lm_head_tiles.forward_tiles(h, w, b, targets.to(torch.int64), inv_scale_t, _SKIP, want_entropy,
+                                                chunk_bytes, rows, extras=want_extras)
             logp, entropy, row_max, log_sum = out[:4]
             stats = out[4] if want_extras else {}
             ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_sum, entropy if want_entropy else None)
@@ -267,7 +267,7 @@ def _make_chunked_logprob(original):
             need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
             with maybe_gather_lm_head_ctx(weight, bias):
                 cast = lambda t: None if t is None else t.to(compute_dtype)  # noqa: E731
-                grads = _lm_head._backward_impl(
+                grads = lm_head_tiles.backward_tiles(
                     grad_logp, grad_entropy if entropy is not None else None, cast(hidden), cast(weight), cast(bias),
                     targets.to(torch.int64), row_max, log_sum, entropy, inv_scale_t, _SKIP, chunk_bytes, rows,
                     need_hidden, need_weight, need_bias and bias is not None)

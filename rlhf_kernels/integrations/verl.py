@@ -15,7 +15,7 @@ up in, and wherever verl's modules imported them:
 - ``compute_value_loss`` -> ``ppo_value_loss``;
 - ``agg_loss`` (which verl's other policy losses, its entropy and KL losses
   and its trainers' metrics call) -> the aggregation of our losses
-  (``rlhf_kernels.reference.agg_loss``, the same weights the fused kernels
+  (``rlhf_kernels.agg_loss``, the same weights the fused kernels
   apply), with verl's dp_size / global-count normalisation around it.
 
 The adapters keep verl's semantics; each "verl semantics" comment marks a
@@ -410,7 +410,7 @@ def _agg_loss_hand_back(loss_mat, loss_mask, loss_agg_mode, counts_given) -> str
 
 
 def _make_agg_loss(original):
-    from rlhf_kernels.reference import agg_loss as our_agg_loss
+    our_agg_loss = rlhf_kernels.agg_loss
 
     def agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
                  loss_scale_factor=None):

@@ -17,9 +17,10 @@ elementwise pass over those sums (all-reduced in one collective across ranks).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .._dispatch import checks_enabled, implementation, native_extension_loaded, register, triton_installed
@@ -27,17 +28,15 @@ from .._launch import acc_dtype
 from ..eager import advantages as _eager
 from ._op import differentiable, undifferentiated
 from .._validation import (
-    FLOAT_DTYPES, check_finite, check_int, check_nonnegative, check_positive, check_same_device, check_tensor,
+    FLOAT_DTYPES, check_estimator, check_finite, check_int, check_nonnegative, check_positive, check_same_device,
+    check_tensor, check_unit_interval, check_weights,
 )
 
-# Estimator codes shared with csrc/include/rlhf_kernels/advantages.h.
-# KL estimator name -> kernel code (csrc/include/rlhf_kernels/kl.h KlEstimator).
-KL_ESTIMATOR_CODES = {"k1": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
 _WHITEN_EPS = 1e-8
 _N_STATS = 4  # per sequence: valid count, sum A, sum A^2, sum kl
 
 if triton_installed():
-    from ..triton import advantages as _triton
+    from ..triton import advantages as _triton  # noqa: F401  (defines the rlhf_kernels::*_triton ops)
 
 
 # --- KL penalty: one op each, native (csrc) or Triton; the reference backend is torch autograd ---
@@ -70,17 +69,6 @@ def _kl_backward_with(backward_op) -> Callable:
     return backward
 
 
-@torch.library.custom_op("rlhf_kernels::kl_penalty_triton", mutates_args=())
-def _kl_penalty_triton(logp: Tensor, ref_logp: Tensor, estimator: int) -> Tensor:
-    return _triton.kl_forward(logp.contiguous(), ref_logp.contiguous(), estimator)
-
-
-@torch.library.custom_op("rlhf_kernels::kl_penalty_triton_backward", mutates_args=())
-def _kl_penalty_triton_backward(grad: Tensor, logp: Tensor, ref_logp: Tensor, estimator: int) -> tuple[Tensor, Tensor]:
-    return _triton.kl_backward(grad.to(acc_dtype(logp.dtype)).contiguous(), logp.contiguous(), ref_logp.contiguous(),
-                               estimator)
-
-
 def _register_kl(backends: tuple[str, ...], op, backward_op) -> None:
     torch.library.register_fake(op)(_kl_fake)
     torch.library.register_fake(backward_op)(_kl_backward_fake)
@@ -90,8 +78,9 @@ def _register_kl(backends: tuple[str, ...], op, backward_op) -> None:
 if native_extension_loaded():
     _register_kl(("cpu", "cuda"), torch.ops.rlhf_kernels.kl_penalty.default,
                  torch.ops.rlhf_kernels.kl_penalty_backward.default)
-_register_kl(("triton",), torch.ops.rlhf_kernels.kl_penalty_triton.default,
-             torch.ops.rlhf_kernels.kl_penalty_triton_backward.default)
+if triton_installed():
+    _register_kl(("triton",), torch.ops.rlhf_kernels.kl_penalty_triton.default,
+                 torch.ops.rlhf_kernels.kl_penalty_triton_backward.default)
 register("kl_penalty", ("reference",), _eager.kl_penalty)
 
 
@@ -108,16 +97,6 @@ def _advantages_fake(values, mask, cu_seqlens, token_rewards, scores, logp, ref_
             values.new_empty((num_seqs, _N_STATS), dtype=torch.float64))
 
 
-@torch.library.custom_op("rlhf_kernels::advantages_triton", mutates_args=())
-def _advantages_triton(
-    values: Tensor, mask: Optional[Tensor], cu_seqlens: Optional[Tensor], token_rewards: Optional[Tensor],
-    scores: Optional[Tensor], logp: Optional[Tensor], ref_logp: Optional[Tensor],
-    kl_coef_scale: Optional[Tensor], kl_coef: float, estimator: int, gamma: float, lam: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _triton.advantages(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, kl_coef_scale,
-                              kl_coef, estimator, gamma, lam)
-
-
 def _register_advantages(backends: tuple[str, ...], op) -> None:
     torch.library.register_fake(op)(_advantages_fake)
     register("advantages", backends, undifferentiated(op))
@@ -125,25 +104,12 @@ def _register_advantages(backends: tuple[str, ...], op) -> None:
 
 if native_extension_loaded():
     _register_advantages(("cpu", "cuda"), torch.ops.rlhf_kernels.advantages.default)
-_register_advantages(("triton",), torch.ops.rlhf_kernels.advantages_triton.default)
+if triton_installed():
+    _register_advantages(("triton",), torch.ops.rlhf_kernels.advantages_triton.default)
 register("advantages", ("reference",), _eager.advantages)
 
 
 # --- validation and whitening -------------------------------------------------------
-
-
-def _check_unit_interval(name: str, value: float) -> float:
-    value = check_finite(name, value)
-    if not (0.0 <= value <= 1.0):
-        raise ValueError(f"{name}: must be in [0, 1], got {value}")
-    return value
-
-
-def _check_estimator(estimator: str, name: str = "estimator") -> int:
-    """The kernel code of a KL estimator name; ValueError naming the argument."""
-    if not isinstance(estimator, str) or estimator not in KL_ESTIMATOR_CODES:
-        raise ValueError(f"{name}: unknown KL estimator {estimator!r}; expected one of {tuple(KL_ESTIMATOR_CODES)}")
-    return KL_ESTIMATOR_CODES[estimator]
 
 
 def _check_cu_seqlens(cu_seqlens: Tensor, total: int) -> None:
@@ -203,8 +169,6 @@ def _reduce_stats(stats: Tensor, extra: list[Tensor], process_group) -> Tensor:
     if extra:
         totals = torch.cat([totals, torch.stack(extra)])
     if process_group is not None:
-        import torch.distributed as dist
-
         dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=process_group)
     return totals
 
@@ -225,9 +189,7 @@ def _whitening_weights(mask: Tensor | None) -> Tensor | None:
     None for a bool mask or none."""
     if mask is None or mask.dtype == torch.bool:
         return None
-    from .ppo_loss import _check_weights
-
-    _check_weights("mask", mask)
+    check_weights("mask", mask)
     return torch.where(mask != 0, mask.to(torch.float64), 0.0)
 
 
@@ -282,7 +244,7 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, *, estimator: str = "k1", backend
     check_same_device(logp=logp, ref_logp=ref_logp)
     if tuple(ref_logp.shape) != tuple(logp.shape):
         raise ValueError(f"ref_logp: shape {tuple(ref_logp.shape)} does not match logp {tuple(logp.shape)}")
-    code = _check_estimator(estimator)
+    code = check_estimator(estimator)
     if logp.dtype != ref_logp.dtype:
         dtype = _common_dtype(logp, ref_logp)
         logp, ref_logp = logp.to(dtype), ref_logp.to(dtype)
@@ -336,8 +298,8 @@ def compute_gae(
     weights = _whitening_weights(mask) if whiten else None
     mask, cu_seqlens = _prepare_layout("values", values, mask, cu_seqlens)
     _check_same_shape("values", values, token_rewards=token_rewards)
-    gamma = _check_unit_interval("gamma", gamma)
-    lam = _check_unit_interval("lam", lam)
+    gamma = check_unit_interval("gamma", gamma)
+    lam = check_unit_interval("lam", lam)
     dtype = _common_dtype(token_rewards, values)
     advantages, returns, _, _, stats = implementation("advantages", backend, values.device)(
         values.detach().to(dtype).contiguous(), mask, cu_seqlens, token_rewards.detach().to(dtype).contiguous(),
@@ -430,9 +392,9 @@ def ppo_advantages(
         check_tensor("kl_coef", kl_coef, FLOAT_DTYPES)
         kl_coef_scale, kl_coef = kl_coef.detach().reshape(1), 1.0
     kl_coef = check_nonnegative("kl_coef", kl_coef)
-    code = _check_estimator(estimator)
-    gamma = _check_unit_interval("gamma", gamma)
-    lam = _check_unit_interval("lam", lam)
+    code = check_estimator(estimator)
+    gamma = check_unit_interval("gamma", gamma)
+    lam = check_unit_interval("lam", lam)
     dtype = _common_dtype(logp, ref_logp, values)
     acc = acc_dtype(dtype)
     scores_acc = scores.detach().to(acc).contiguous()

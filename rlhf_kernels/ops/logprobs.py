@@ -14,7 +14,7 @@ x / T - lse, which cancels at large |x| / T).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -28,7 +28,7 @@ from ..eager import logprobs as _eager
 from ._op import differentiable
 
 if triton_installed():
-    from ..triton import logprobs as _triton
+    from ..triton import logprobs as _triton  # noqa: F401  (defines the rlhf_kernels::logprobs_triton* ops)
 
 
 # --- the ops: native (csrc logprobs, logprobs_backward, logprobs_backward_) and their Triton twins ---
@@ -79,48 +79,6 @@ def _backward_with(backward_op, backward_inplace_op) -> Callable:
     return backward
 
 
-@torch.library.custom_op("rlhf_kernels::logprobs_triton", mutates_args=())
-def _logprobs_triton(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, compute_entropy: bool,
-                     inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if labels.device.type == "cpu":  # the interpreter: as the native CPU op checks
-        check_labels_in_range(labels, logits.shape[-1], ignore_index)
-    flat = labels.reshape(-1).to(torch.int64).contiguous()
-    logp, entropy, row_max, log_sum = _triton.forward(logits, flat, 1.0 / temperature, ignore_index, compute_entropy)
-    return logp.view(labels.shape), entropy.view(labels.shape) if compute_entropy else entropy, row_max, log_sum
-
-
-def _triton_backward_into(out, grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature,
-                          ignore_index):
-    acc = row_max.dtype
-    if grad_entropy is not None:
-        grad_entropy, entropy = grad_entropy.reshape(-1).to(acc).contiguous(), entropy.reshape(-1)
-    _triton.backward(grad_logp.reshape(-1).to(acc).contiguous(), grad_entropy, logits,
-                     labels.reshape(-1).to(torch.int64).contiguous(), row_max, log_sum, entropy, out,
-                     1.0 / temperature, ignore_index)
-
-
-@torch.library.custom_op("rlhf_kernels::logprobs_triton_backward", mutates_args=())
-def _logprobs_triton_backward(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, labels: Tensor,
-                              row_max: Tensor, log_sum: Tensor, entropy: Optional[Tensor], temperature: float,
-                              ignore_index: int) -> Tensor:
-    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _triton_backward_into(out, grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature,
-                          ignore_index)
-    return out
-
-
-@torch.library.custom_op("rlhf_kernels::logprobs_triton_backward_", mutates_args=("logits",))
-def _logprobs_triton_backward_(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, labels: Tensor,
-                               row_max: Tensor, log_sum: Tensor, entropy: Optional[Tensor], temperature: float,
-                               ignore_index: int) -> None:
-    if _triton.addressable_in_place(logits):
-        _triton_backward_into(logits, grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy,
-                              temperature, ignore_index)
-    else:  # a layout the kernels cannot address in place: compute, then copy back
-        logits.copy_(_logprobs_triton_backward(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy,
-                                               temperature, ignore_index))
-
-
 def _register(backends: tuple[str, ...], op, backward_op, backward_inplace_op) -> None:
     torch.library.register_fake(op)(_logprobs_fake)
     torch.library.register_fake(backward_op)(_backward_fake)
@@ -137,9 +95,10 @@ def _register(backends: tuple[str, ...], op, backward_op, backward_inplace_op) -
 if native_extension_loaded():
     _ops = torch.ops.rlhf_kernels
     _register(("cpu", "cuda"), _ops.logprobs.default, _ops.logprobs_backward.default, _ops.logprobs_backward_.default)
-_register(("triton",), torch.ops.rlhf_kernels.logprobs_triton.default,
-          torch.ops.rlhf_kernels.logprobs_triton_backward.default,
-          torch.ops.rlhf_kernels.logprobs_triton_backward_.default)
+if triton_installed():
+    _ops = torch.ops.rlhf_kernels
+    _register(("triton",), _ops.logprobs_triton.default, _ops.logprobs_triton_backward.default,
+              _ops.logprobs_triton_backward_.default)
 register("logprobs", ("reference",), _eager.logprobs)
 
 

@@ -1,9 +1,13 @@
 """Triton kernels of the KL penalty and of the fused shaping + GAE scan
-(see rlhf_kernels/ops/advantages.py for the recurrence)."""
+(see rlhf_kernels/ops/advantages.py for the recurrence), their launchers and
+the custom ops ``rlhf_kernels::*_triton`` with the native ops' schemas."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 import triton
 import triton.language as tl
 
@@ -204,3 +208,24 @@ def advantages(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, 
             num_warps=4 if block <= 512 else 8,
         )
     return advantages, returns, rewards_out, kl_out, stats
+
+
+@torch.library.custom_op("rlhf_kernels::kl_penalty_triton", mutates_args=())
+def kl_penalty_op(logp: Tensor, ref_logp: Tensor, estimator: int) -> Tensor:
+    return kl_forward(logp.contiguous(), ref_logp.contiguous(), estimator)
+
+
+@torch.library.custom_op("rlhf_kernels::kl_penalty_triton_backward", mutates_args=())
+def kl_penalty_backward_op(grad: Tensor, logp: Tensor, ref_logp: Tensor, estimator: int) -> tuple[Tensor, Tensor]:
+    return kl_backward(grad.to(acc_dtype(logp.dtype)).contiguous(), logp.contiguous(), ref_logp.contiguous(),
+                       estimator)
+
+
+@torch.library.custom_op("rlhf_kernels::advantages_triton", mutates_args=())
+def advantages_op(
+    values: Tensor, mask: Optional[Tensor], cu_seqlens: Optional[Tensor], token_rewards: Optional[Tensor],
+    scores: Optional[Tensor], logp: Optional[Tensor], ref_logp: Optional[Tensor],
+    kl_coef_scale: Optional[Tensor], kl_coef: float, estimator: int, gamma: float, lam: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return advantages(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, kl_coef_scale,
+                      kl_coef, estimator, gamma, lam)

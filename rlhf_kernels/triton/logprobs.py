@@ -3,11 +3,15 @@ softmax of _device._row_softmax forward, _device._row_grad backward."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 import triton
 import triton.language as tl
 
 from .._launch import acc_dtype, layouts, row_layout
+from .._validation import check_labels_in_range
 from ._device import _f64, _label_logp, _row_grad, _row_softmax, f64_parts, on_tensor_device, tl_acc
 
 
@@ -109,3 +113,48 @@ def backward(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy,
         ACC_DTYPE=tl_acc(logits.dtype),
         BLOCK_V=block, num_warps=warps,
     )
+
+
+# --- the custom ops rlhf_kernels::logprobs_triton*, the native ops' schemas (fakes, autograd: ops/logprobs.py) ---
+
+
+@torch.library.custom_op("rlhf_kernels::logprobs_triton", mutates_args=())
+def logprobs_op(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, compute_entropy: bool,
+                inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if labels.device.type == "cpu":  # the interpreter: as the native CPU op checks
+        check_labels_in_range(labels, logits.shape[-1], ignore_index)
+    flat = labels.reshape(-1).to(torch.int64).contiguous()
+    logp, entropy, row_max, log_sum = forward(logits, flat, 1.0 / temperature, ignore_index, compute_entropy)
+    return logp.view(labels.shape), entropy.view(labels.shape) if compute_entropy else entropy, row_max, log_sum
+
+
+def _backward_into(out, grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature,
+                   ignore_index):
+    acc = row_max.dtype
+    if grad_entropy is not None:
+        grad_entropy, entropy = grad_entropy.reshape(-1).to(acc).contiguous(), entropy.reshape(-1)
+    backward(grad_logp.reshape(-1).to(acc).contiguous(), grad_entropy, logits,
+             labels.reshape(-1).to(torch.int64).contiguous(), row_max, log_sum, entropy, out,
+             1.0 / temperature, ignore_index)
+
+
+@torch.library.custom_op("rlhf_kernels::logprobs_triton_backward", mutates_args=())
+def logprobs_backward_op(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, labels: Tensor,
+                         row_max: Tensor, log_sum: Tensor, entropy: Optional[Tensor], temperature: float,
+                         ignore_index: int) -> Tensor:
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _backward_into(out, grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature,
+                   ignore_index)
+    return out
+
+
+@torch.library.custom_op("rlhf_kernels::logprobs_triton_backward_", mutates_args=("logits",))
+def logprobs_backward_inplace_op(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor,
+                                 labels: Tensor, row_max: Tensor, log_sum: Tensor, entropy: Optional[Tensor],
+                                 temperature: float, ignore_index: int) -> None:
+    if addressable_in_place(logits):
+        _backward_into(logits, grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy,
+                       temperature, ignore_index)
+    else:  # a layout the kernels cannot address in place: compute, then copy back
+        logits.copy_(logprobs_backward_op(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy,
+                                          temperature, ignore_index))

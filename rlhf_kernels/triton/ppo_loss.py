@@ -1,15 +1,25 @@
 """Triton kernels of the PPO losses: the per-token policy and value kernels
-(one program per chunk of a sequence, partial sums per chunk) and the
-from-logits kernel that writes the logits gradient in the forward."""
+(one program per chunk of a sequence, partial sums per chunk), the
+from-logits kernel that writes the logits gradient in the forward, their
+launchers, and the custom ops ``rlhf_kernels::*_triton`` with the native ops'
+schemas (their fakes, autograd and public functions: ``ops/ppo_loss.py``)."""
 
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 import triton
 import triton.language as tl
 
-from .._launch import N_POLICY_STATS, N_VALUE_STATS, RATIO_MAX, RATIO_MIN, acc_dtype, layouts
+from .._launch import acc_dtype, grad_in_forward, layouts
+from .._validation import check_labels_in_range, compute_dtype
+from ..aggregation import (
+    AGG_MODES, COUNT, ENTROPY_SUM, KL_SUM, N_POLICY_STATS, N_VALUE_STATS, PG_SUM, RATIO_MAX, RATIO_MIN, VF_CLIP,
+    VF_COUNT, VF_SUM, divide, divisor, policy_stats, sequence_weights,
+)
 from ._device import (
     _chunk_tokens, _clamp, _f64, _label_logp, _policy_terms, _row_grad, _row_softmax, _token_weight, f64_parts,
     on_tensor_device, tl_acc,
@@ -251,3 +261,129 @@ def scale_unless_one(x: Tensor, applied: Tensor, scale: Tensor) -> None:
             x, scale, applied, n, ACC_DTYPE=tl_acc(x.dtype), BLOCK=block,
         )
     applied.copy_(scale)
+
+
+# --- the custom ops: the native ops' composites (csrc/glue/ppo_loss.h) over these kernels ---
+
+
+def _kernel_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A mask as the token kernels read it, flat: bool stays bool (valid or
+    not), any other dtype becomes per-token weights in ``dtype`` (the native
+    glue's kernel_mask)."""
+    return (mask if mask.dtype == torch.bool else mask.to(dtype)).reshape(-1).contiguous()
+
+
+def _tokens(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The token tensors as the kernels read them: flat, contiguous, of the
+    computation dtype (the native ops do this in C++)."""
+    dtype = compute_dtype(*tensors)
+    return tuple(t.to(dtype).reshape(-1).contiguous() for t in tensors)
+
+
+def _num_seqs(shape) -> int:
+    return math.prod(shape[:-1])
+
+
+def _run_tokens(token_pass, shape, n_stats: int, like: Tensor, *args):
+    """token_pass(*args) (a token kernel: (grad, seq_stats)), or, without any
+    token, the statistics of B empty sequences (zero counts; ratio max / min at
+    -inf / +inf) without a launch."""
+    if like.numel() == 0:
+        stats = like.new_zeros((_num_seqs(shape), n_stats))
+        if n_stats == N_POLICY_STATS:
+            stats[:, RATIO_MAX] = float("-inf")
+            stats[:, RATIO_MIN] = float("inf")
+        return like.new_empty(0), stats
+    return token_pass(*args)
+
+
+def _weights(counts: Tensor, shape, agg: int, num_tokens, num_seqs, count: Optional[Tensor] = None) -> Tensor:
+    """The aggregation weights w_b, divided by a count given as a tensor."""
+    return divide(sequence_weights(counts, int(shape[-1]), AGG_MODES[agg], num_tokens, num_seqs), count)
+
+
+@torch.library.custom_op("rlhf_kernels::ppo_policy_loss_triton", mutates_args=())
+def ppo_policy_loss_op(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, ratio_low: float,
+    ratio_high: float, dual_clip: float, agg: int, num_tokens: Optional[float],
+    num_seqs: Optional[float], need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    tokens = _tokens(logp, old_logp, advantages)
+    grad, seq_stats = _run_tokens(
+        policy, logp.shape, N_POLICY_STATS, tokens[0], *tokens, _kernel_mask(mask, tokens[0].dtype),
+        None, None, int(logp.shape[-1]), ratio_low, ratio_high, dual_clip, 0.0, -1, need_grad,
+    )
+    weights = _weights(seq_stats[:, COUNT], logp.shape, agg, num_tokens, num_seqs)
+    return (weights * seq_stats[:, PG_SUM]).sum(), policy_stats(seq_stats), grad, weights
+
+
+@torch.library.custom_op("rlhf_kernels::ppo_value_loss_triton", mutates_args=())
+def ppo_value_loss_op(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float, agg: int,
+    num_tokens: Optional[float], num_seqs: Optional[float], need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    tokens = _tokens(values, old_values, returns)
+    grad, seq_stats = _run_tokens(
+        value, values.shape, N_VALUE_STATS, tokens[0], *tokens, _kernel_mask(mask, tokens[0].dtype),
+        int(values.shape[-1]), clip, need_grad,
+    )
+    counts = seq_stats[:, VF_COUNT]
+    weights = _weights(counts, values.shape, agg, num_tokens, num_seqs)
+    clipfrac = seq_stats[:, VF_CLIP].sum() / divisor(counts.sum())
+    return (weights * seq_stats[:, VF_SUM]).sum(), clipfrac.reshape(1), grad, weights
+
+
+@torch.library.custom_op("rlhf_kernels::ppo_loss_from_logits_triton", mutates_args=())
+def ppo_loss_from_logits_op(
+    logits: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, ref_logp: Optional[Tensor],
+    temperature: float, ratio_low: float, ratio_high: float, dual_clip: float, agg: int, num_tokens: Optional[float],
+    num_seqs: Optional[float], kl_coef: float, kl_estimator: int, entropy_coef: float, inplace_backward: bool,
+    need_grad: bool, count: Optional[Tensor], max_rows_in_flight: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The native op's composite (csrc/glue/ppo_loss.h ppo_loss_from_logits_impl) over the Triton kernels."""
+    if labels.device.type == "cpu":  # the interpreter: as the native CPU op checks
+        check_labels_in_range(labels, logits.shape[-1], -100)
+    acc = acc_dtype(logits.dtype)
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    seq_len, seqs = int(labels.shape[-1]), _num_seqs(labels.shape)
+    token_mask = _kernel_mask(mask, acc)
+    old, adv = (t.to(acc).reshape(-1).contiguous() for t in (old_logp, advantages))
+    ref = None if ref_logp is None else ref_logp.to(acc).reshape(-1).contiguous()
+    kl_code = kl_estimator if ref is not None else -1
+    grad_logits = logits.new_empty(0)
+    fused = grad_in_forward(logits.dtype, need_grad, inplace_backward)
+    if fused:
+        m = token_mask.view(seqs, seq_len)
+        weights = _weights(m.sum(-1, dtype=acc), labels.shape, agg, num_tokens, num_seqs, count)
+        w = weights.unsqueeze(-1) if m.dtype == torch.bool else weights.unsqueeze(-1) * m
+        row_weight = torch.where(m != 0, w, 0.0).reshape(-1)
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        logp, entropy, row_max, log_sum = logits_grad(
+            logits, flat_labels, old, adv, row_weight.contiguous(), ref, grad_logits, 1.0 / temperature,
+            ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef, max_rows_in_flight,
+        )
+    else:
+        logp, entropy, row_max, log_sum = _logprobs.forward(logits, flat_labels, 1.0 / temperature, -100, True)
+    token_grad = need_grad and not fused
+    grad, seq_stats = _run_tokens(
+        policy, labels.shape, N_POLICY_STATS, logp, logp, old, adv, token_mask, ref, entropy,
+        seq_len, ratio_low, ratio_high, dual_clip, kl_coef, kl_code, token_grad,
+    )
+    if not fused:
+        weights = _weights(seq_stats[:, COUNT], labels.shape, agg, num_tokens, num_seqs, count)
+    pg_loss = (weights * seq_stats[:, PG_SUM]).sum()
+    kl = (weights * seq_stats[:, KL_SUM]).sum()
+    entropy_agg = (weights * seq_stats[:, ENTROPY_SUM]).sum()
+    loss = pg_loss + kl_coef * kl - entropy_coef * entropy_agg
+    stats = torch.cat([policy_stats(seq_stats), torch.stack([pg_loss, kl, entropy_agg])])
+    return loss, stats, grad, weights, row_max, log_sum, entropy, grad_logits
+
+
+@torch.library.custom_op("rlhf_kernels::scale_grad_triton_", mutates_args=("grad", "applied"))
+def scale_grad_op(grad: Tensor, applied: Tensor, scale: Tensor) -> None:
+    scale_unless_one(grad, applied, scale)
+
+
+@scale_grad_op.register_fake
+def _(grad, applied, scale):
+    return None

@@ -1,0 +1,131 @@
+"""The PPO loss keywords, checked once: ``PPOLossOptions`` (built by
+``PPOLossOptions.checked`` from the public functions' keywords and passed
+through the composition and the fused paths of ``ops/ppo_loss.py`` and
+``ops/lm_head.py``), and the one text of their Args (``fill_args``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .._validation import (
+    check_agg, check_clip, check_estimator, check_finite, check_positive, check_ratio_level,
+)
+
+Count = Union[float, Tensor, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOLossOptions:
+    """The checked PPO loss keywords (see ``POLICY_ARGS`` for their meaning).
+
+    ``num_tokens`` / ``num_seqs`` are kept as given (a 1-element tensor is a
+    count on the device); ``agg_code``, ``kernel_num_tokens``,
+    ``kernel_num_seqs`` and ``divisor`` are what the kernels take (a tensor
+    count becomes 1.0 and the divisor of the loss: no host synchronisation).
+    """
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float = 0.0  # 0: no dual clip
+    agg: str = "token-mean"
+    num_tokens: Count = None
+    num_seqs: Count = None
+    ratio_level: str = "token"
+    temperature: float = 1.0
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    backend: Optional[str] = None
+    agg_code: int = 0
+    kernel_num_tokens: Optional[float] = None
+    kernel_num_seqs: Optional[float] = None
+    divisor: Optional[Tensor] = None
+    kl_code: int = 3
+
+    @classmethod
+    def checked(cls, device: torch.device, *, clip_low: float = 0.2, clip_high: float | None = None,
+                dual_clip: float | None = None, agg: str = "token-mean", num_tokens: Count = None,
+                num_seqs: Count = None, ratio_level: str = "token", temperature: float = 1.0,
+                kl_coef: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
+                backend: str | None = None) -> "PPOLossOptions":
+        """The options of a call on tensors of ``device``; ValueError naming a bad keyword."""
+        clip_low, clip_high, dual = check_clip(clip_low, clip_high, dual_clip)
+        agg_code, kernel_tokens, kernel_seqs, divisor = check_agg(agg, num_tokens, num_seqs, device)
+        return cls(
+            clip_low=clip_low, clip_high=clip_high, dual_clip=dual, agg=agg, num_tokens=num_tokens,
+            num_seqs=num_seqs, ratio_level=check_ratio_level(ratio_level),
+            temperature=check_positive("temperature", temperature), kl_coef=check_finite("kl_coef", kl_coef),
+            kl_estimator=kl_estimator, entropy_coef=check_finite("entropy_coef", entropy_coef), backend=backend,
+            agg_code=agg_code, kernel_num_tokens=kernel_tokens, kernel_num_seqs=kernel_seqs, divisor=divisor,
+            kl_code=check_estimator(kl_estimator, "kl_estimator"),
+        )
+
+    def replace(self, **changes) -> "PPOLossOptions":
+        return dataclasses.replace(self, **changes)
+
+
+# The Args of the PPO loss keywords, written once; ``fill_args`` puts each
+# where a docstring names it as ``{name}`` on a line of its own.
+POLICY_ARGS = """\
+        mask: (B, T) bool, or per-token weights of any other dtype (float
+            0/1 masks, fractional weights; finite, >= 0, nonzero = valid):
+            each token's loss, gradient and statistics count times its
+            weight, and every count (the token-mean denominator, a
+            sequence's length) is the sum of the weights: verl's and
+            OpenRLHF's weighted means, ``sum(w * l) / sum(w)``.
+        token_weights: (B, T) float, >= 0, or None: multiply each token's
+            policy loss and gradient but not the counts, the statistics or
+            the KL and entropy terms (verl's rollout importance-sampling
+            weights, OpenRLHF's IS correction); not differentiated.
+        ratio_level: "token" (PPO), "sequence" (GSPO, Zheng et al., 2025;
+            OpenRLHF's "gspo") or "sequence-token" (GSPO-token; verl's
+            "gspo"): every token of a sequence takes the ratio exp(mean over
+            its valid tokens of logp - old_logp); its gradient flows through
+            that mean ("sequence") or through the token's own logp
+            ("sequence-token"); the two agree when the advantage is constant
+            over the sequence. ratio_max / ratio_min are then sequence ratios.
+        clip_low, clip_high: > 0; the ratio is clipped to
+            [1 - clip_low, 1 + clip_high]; clip_high defaults to clip_low.
+        dual_clip: None or c > 1.
+        agg: "token-mean" | "token-sum" | "seq-mean-token-sum" |
+            "seq-mean-token-mean" | "seq-mean-token-sum-norm" (seq-mean-token-sum / T).
+        num_tokens: token-mean denominator instead of the number of valid
+            tokens (global normalisation under data parallelism).
+        num_seqs: the number of sequences the seq-mean modes divide by,
+            instead of the number with >= 1 valid token. Either count may be a
+            1-element tensor on the inputs' device (e.g. all-reduced there): it
+            then divides the loss on the device, with no host synchronisation
+            (and no check that it is > 0)."""
+
+PENALTY_ARGS = """\
+        ref_logp: (B, T) float, the reference policy's logp, or None; adds
+            the KL penalty ``kl_coef * agg(kl(logp, ref_logp))`` (estimator
+            ``kl_estimator``: "k1" | "abs" | "k2" | "mse" | "k3" |
+            "low_var_kl"); not differentiated.
+        entropy_coef: weight of the entropy bonus (subtracted); the entropy's
+            gradient is taken only when it is not 0."""
+
+BACKEND_ARG = """\
+        backend: "triton" | "cuda" | "cpu" | "reference"; default by device."""
+
+COMBINED_RETURNS = """\
+        (loss, stats): the 0-dim loss (float32; float64 for float64 inputs)
+        and 0-dim stats (no host synchronisation): the ``ppo_policy_loss``
+        stats plus pg_loss (the policy term), kl (the aggregated penalty, 0
+        without ref_logp) and entropy (aggregated)."""
+
+_FRAGMENTS = {"policy_args": POLICY_ARGS, "penalty_args": PENALTY_ARGS, "backend_arg": BACKEND_ARG,
+              "combined_returns": COMBINED_RETURNS}
+
+
+def fill_args(fn):
+    """Replace each line ``{name}`` of fn's docstring by the fragment ``name``."""
+    doc = fn.__doc__
+    for name, text in _FRAGMENTS.items():
+        doc = doc.replace(" " * 8 + "{" + name + "}", text)
+    fn.__doc__ = doc
+    return fn
