@@ -11,7 +11,7 @@ import torch
 import rlhf_kernels
 from rlhf_kernels import reference
 
-from conftest import gpu
+from helpers import gpu
 
 ESTIMATORS = ["k1", "abs", "k2", "mse", "k3", "low_var_kl"]
 

@@ -10,8 +10,7 @@ from rlhf_kernels import reference
 from rlhf_kernels import _dispatch
 from rlhf_kernels._launch import row_layout
 
-from conftest import gpu
-from helpers import LARGE_LOGITS, assert_close_to_reference, assert_no_worse_than_torch, large_logits
+from helpers import LARGE_LOGITS, assert_close_to_reference, assert_no_worse_than_torch, gpu, large_logits
 
 SHAPES = [
     (5, 123),  # odd N and V: tails everywhere

@@ -9,8 +9,7 @@ import rlhf_kernels
 from rlhf_kernels import reference
 from rlhf_kernels import _dispatch
 
-from conftest import gpu
-from helpers import LARGE_LOGITS, assert_no_worse_than_torch, large_logits, probable_labels
+from helpers import LARGE_LOGITS, assert_no_worse_than_torch, gpu, large_logits, probable_labels
 
 AGGS = reference.AGG_MODES
 # (clip_low, clip_high, dual_clip): symmetric; asymmetric (DAPO clip-higher) with dual clip.
