@@ -4,7 +4,7 @@
     python -m benchmarks.report --results DIR --out FILE --img-dir DIR
 
 Each benchmark writes slightly different fields (``speedup_vs_loop`` in
-bench_advantages, ``speedup_vs_eager`` in bench_losses, peak memory only where
+bench_advantages, ``speedup_vs_eager`` in bench_ppo_loss, peak memory only where
 measured); this report recomputes what it shows from the common ones: for each
 (device, op, mode, shape, dtype, provider) it keeps the latest line, and the
 speed-up is the eager baseline's median over the row's median, the baseline
