@@ -282,8 +282,8 @@ def test_openrlhf_value_loss(openrlhf_real, token_level_loss, batch_info, clip_e
 
 def test_openrlhf_losses_run_ours_with_the_trainers_tensor_counts(openrlhf_real, monkeypatch):
     """OpenRLHF's trainer always passes get_loss_batch_info's 0-dim float32 count
-    tensors: with them the patched losses must run our kernels (they fell back
-    to OpenRLHF's code before), without a host synchronisation."""
+    tensors: with them the patched losses run our kernels (each call reaches
+    ppo_policy_loss / ppo_value_loss), without a host synchronisation."""
     loss_mod = openrlhf_real["openrlhf.models.loss"]
     calls = []
     for name in ("ppo_policy_loss", "ppo_value_loss"):

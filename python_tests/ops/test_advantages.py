@@ -742,8 +742,9 @@ def test_triton_scan_order_is_reverse_time():
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_backends_real_shapes(dtype):
-    """The issue's GPU shape (B = 512, T = 2048) and a long one (T = 8192), with
-    holes, on every GPU backend, against the float64 loop."""
+    """Goal #3's GPU shape (B = 512, T = 2048, as bench_advantages times it) and
+    a long one (T = 8192), with holes, on every GPU backend, against the
+    float64 loop."""
     for shape in [(512, 2048), (8, 8192)]:
         mask = _mask_with_holes(shape, seed=shape[1])
         scores, logp, ref, values = _ppo_inputs(shape, seed=shape[1], dtype=dtype)
