@@ -74,6 +74,15 @@ def run_property(name: str, backend: str, strategy, check, native: int, triton: 
     settings(_BASE, max_examples=examples, derandomize=True, database=None)(given(strategy)(prop))()
 
 
+def run_backend_property(name: str, device_backend, cases, check, native: int, triton: int) -> None:
+    """``run_property`` on the (device, backend) of the ``device_backend``
+    fixture: the strategy ``cases(tiny=...)`` (tiny shapes for the Triton
+    interpreter) and ``check(device, backend, case)``."""
+    device, backend = device_backend
+    run_property(name, backend, cases(tiny=backend == "triton"),
+                 lambda c: check(device, backend, c), native=native, triton=triton)
+
+
 # --- shared strategies and helpers ------------------------------------------------------------
 
 

@@ -185,6 +185,18 @@ def _compare_empty(original, patched, inputs, nan):
             torch.testing.assert_close(a, b)
 
 
+def _compare_loss_module(original, ours, module, call, double, x, data, mask, batch_info):
+    """A loss module's forward, ours against OpenRLHF's, beyond float32: float64
+    (``call(fn, **double)``), bf16 (``x`` and ``data`` rounded, within twice
+    OpenRLHF's own bf16 error) and no valid token (``_compare_empty``)."""
+    compare_outputs(call(original, **double), call(ours, **double), [x.double()], atol=1e-7, rtol=1e-7)
+    bf16 = [t.bfloat16() for t in (x, *data)]
+    data_call = lambda fn: (lambda x, o, a: fn(module, x, o, a, mask, **batch_info))  # noqa: E731
+    compare_outputs_bf16(data_call(original), data_call(ours), [bf16[0]], data=bf16[1:])
+    empty = torch.zeros_like(mask)
+    _compare_empty(call(original, m=empty), call(ours, m=empty), [x], nan=not batch_info)
+
+
 def _policy_inputs(gen, batch=5, seq=12, dtype=torch.float32):
     old = -2 * torch.rand(batch, seq, generator=gen)
     new = old + 0.4 * torch.randn(batch, seq, generator=gen)
@@ -218,12 +230,7 @@ def test_openrlhf_policy_loss(openrlhf_real, dual_clip, token_level_loss, batch_
     call = lambda fn, m=mask, o=old, a=adv: (lambda x: fn(module, x, o, a, m, **batch_info))  # noqa: E731
     compare_outputs(call(original), call(ours), [new])
     double = dict(o=old.double(), a=adv.double())
-    compare_outputs(call(original, **double), call(ours, **double), [new.double()], atol=1e-7, rtol=1e-7)
-    bf16 = [t.bfloat16() for t in (new, old, adv)]
-    data_call = lambda fn: (lambda x, o, a: fn(module, x, o, a, mask, **batch_info))  # noqa: E731
-    compare_outputs_bf16(data_call(original), data_call(ours), [bf16[0]], data=bf16[1:])
-    empty = torch.zeros_like(mask)
-    _compare_empty(call(original, m=empty), call(ours, m=empty), [new], nan=not batch_info)
+    _compare_loss_module(original, ours, module, call, double, new, (old, adv), mask, batch_info)
 
 
 def test_openrlhf_policy_loss_falls_back_to_openrlhf(openrlhf_real):
@@ -272,12 +279,7 @@ def test_openrlhf_value_loss(openrlhf_real, token_level_loss, batch_info, clip_e
     # gradients w.r.t. the predictions: old values and returns are targets
     compare_outputs(call(original), call(ours), [vpreds])
     double = dict(m=mask.long(), o=values.double(), r=returns.double())
-    compare_outputs(call(original, **double), call(ours, **double), [vpreds.double()], atol=1e-7, rtol=1e-7)
-    bf16 = [t.bfloat16() for t in (vpreds, values, returns)]
-    data_call = lambda fn: (lambda v, o, r: fn(module, v, o, r, mask, **batch_info))  # noqa: E731
-    compare_outputs_bf16(data_call(original), data_call(ours), [bf16[0]], data=bf16[1:])
-    empty = torch.zeros_like(mask)
-    _compare_empty(call(original, m=empty), call(ours, m=empty), [vpreds], nan=not batch_info)
+    _compare_loss_module(original, ours, module, call, double, vpreds, (values, returns), mask, batch_info)
 
 
 def test_openrlhf_losses_run_ours_with_the_trainers_tensor_counts(openrlhf_real, monkeypatch):

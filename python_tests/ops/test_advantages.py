@@ -13,7 +13,8 @@ import rlhf_kernels
 from rlhf_kernels import reference
 
 from helpers import gpu
-from properties import check_close, dtypes_all, generator, grad_tols, random_mask, run_property, seeds
+from properties import (check_close, dtypes_all, generator, grad_tols, random_mask, run_backend_property, run_property,
+                        seeds)
 
 ESTIMATORS = ["k1", "abs", "k2", "mse", "k3", "low_var_kl"]
 
@@ -871,9 +872,7 @@ def _check_kl(device, backend, case):
 
 
 def test_kl_penalty_property(device_backend):
-    device, backend = device_backend
-    run_property("kl_penalty", backend, kl_cases(tiny=backend == "triton"),
-                 lambda c: _check_kl(device, backend, c), native=150, triton=40)
+    run_backend_property("kl_penalty", device_backend, kl_cases, _check_kl, native=150, triton=40)
 
 
 # --- compute_gae and ppo_advantages -------------------------------------------------------------
@@ -983,9 +982,7 @@ def _check_gae(device, backend, case):
 
 
 def test_compute_gae_property(device_backend):
-    device, backend = device_backend
-    run_property("compute_gae", backend, gae_cases(tiny=backend == "triton"),
-                 lambda c: _check_gae(device, backend, c), native=150, triton=25)
+    run_backend_property("compute_gae", device_backend, gae_cases, _check_gae, native=150, triton=25)
 
 
 @st.composite
@@ -1045,9 +1042,7 @@ def _check_ppo_advantages(device, backend, case):
 
 
 def test_ppo_advantages_property(device_backend):
-    device, backend = device_backend
-    run_property("ppo_advantages", backend, ppo_adv_cases(tiny=backend == "triton"),
-                 lambda c: _check_ppo_advantages(device, backend, c), native=120, triton=25)
+    run_backend_property("ppo_advantages", device_backend, ppo_adv_cases, _check_ppo_advantages, native=120, triton=25)
 
 
 # --- group_advantages and the adaptive KL controller (plain PyTorch, one backend) -------------

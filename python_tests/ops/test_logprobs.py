@@ -14,7 +14,7 @@ from rlhf_kernels import _dispatch
 from rlhf_kernels._launch import row_layout
 
 from helpers import LARGE_LOGITS, assert_close_to_reference, assert_no_worse_than_torch, gpu, large_logits
-from properties import check_close, dtypes_all, generator, grad_tols, run_property, seeds
+from properties import check_close, dtypes_all, generator, grad_tols, run_backend_property, seeds
 
 SHAPES = [
     (5, 123),  # odd N and V: tails everywhere
@@ -547,6 +547,4 @@ def _check_logprobs(device, backend, case: LogprobsCase):
 
 
 def test_logprobs_from_logits_property(device_backend):
-    device, backend = device_backend
-    run_property("logprobs", backend, logprobs_cases(tiny=backend == "triton"),
-                 lambda c: _check_logprobs(device, backend, c), native=150, triton=25)
+    run_backend_property("logprobs", device_backend, logprobs_cases, _check_logprobs, native=150, triton=25)

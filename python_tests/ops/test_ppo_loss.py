@@ -13,7 +13,7 @@ from rlhf_kernels import reference
 from rlhf_kernels import _dispatch
 
 from helpers import LARGE_LOGITS, assert_no_worse_than_torch, gpu, large_logits, probable_labels
-from properties import ESTIMATORS, check_close, generator, grad_tols, random_mask, run_property, seeds
+from properties import ESTIMATORS, check_close, generator, grad_tols, random_mask, run_backend_property, seeds
 
 AGGS = reference.AGG_MODES
 # (clip_low, clip_high, dual_clip): symmetric; asymmetric (DAPO clip-higher) with dual clip.
@@ -882,9 +882,7 @@ def _check_policy_loss(device, backend, case):
 
 
 def test_ppo_policy_loss_property(device_backend):
-    device, backend = device_backend
-    run_property("ppo_policy_loss", backend, token_loss_cases(tiny=backend == "triton"),
-                 lambda c: _check_policy_loss(device, backend, c), native=150, triton=25)
+    run_backend_property("ppo_policy_loss", device_backend, token_loss_cases, _check_policy_loss, native=150, triton=25)
 
 
 def _check_value_loss(device, backend, case):
@@ -925,9 +923,7 @@ def _check_value_loss(device, backend, case):
 
 
 def test_ppo_value_loss_property(device_backend):
-    device, backend = device_backend
-    run_property("ppo_value_loss", backend, token_loss_cases(tiny=backend == "triton"),
-                 lambda c: _check_value_loss(device, backend, c), native=150, triton=25)
+    run_backend_property("ppo_value_loss", device_backend, token_loss_cases, _check_value_loss, native=150, triton=25)
 
 
 @st.composite
@@ -991,6 +987,4 @@ def _check_loss_from_logits(device, backend, case):
 
 
 def test_ppo_loss_from_logits_property(device_backend):
-    device, backend = device_backend
-    run_property("ppo_loss_from_logits", backend, logits_loss_cases(tiny=backend == "triton"),
-                 lambda c: _check_loss_from_logits(device, backend, c), native=100, triton=20)
+    run_backend_property("ppo_loss_from_logits", device_backend, logits_loss_cases, _check_loss_from_logits, native=100, triton=20)
