@@ -19,7 +19,7 @@ size before it; on a GPU the allocator's peak above what was allocated.
 GEMM rate: each row records ``tflops_3gemm`` (the three GEMMs a fused head
 cannot avoid, 6 N H V FLOP, over the row's time) and ``frac_gemm_peak``, that
 over the rate of one plain ``hidden @ weight.T`` of the same shape and dtype
-measured in the same run (cuBLAS's on a GPU: the issue's "bf16 GEMM peak").
+measured in the same run (cuBLAS's on a GPU: goal #13's "bf16 GEMM rate" in benchmarks/report.py).
 
 ``--loss``: the scalar PPO loss instead (clipped policy loss + entropy
 bonus, token-mean, forward + backward): ``ppo_loss_from_hidden`` with its
@@ -27,7 +27,7 @@ gradient in the forward (three GEMMs), the same with ``grad_in_forward=False``
 (four), and the eager logits with ``ppo_loss_from_logits`` of the reference
 (mode ``ppo_loss_fwd_bwd``).
 
-    python -m benchmarks.bench_lm_head            # the issue's shapes (CPU; on a GPU N=8192, H=4096, V=152064 bf16)
+    python -m benchmarks.bench_lm_head            # goal #13's shapes (CPU; on a GPU N=8192, H=4096, V=152064 bf16)
     python -m benchmarks.bench_lm_head --quick    # tiny shapes (smoke test)
     python -m benchmarks.bench_lm_head --loss --shape 1024,512,151936,float32
 """
@@ -128,7 +128,7 @@ def three_gemm_budget(hidden, weight) -> int:
 def shapes(device: torch.device) -> list[tuple[int, int, int, torch.dtype]]:
     if common.is_quick():
         return [(64, 32, 5003, torch.float32)]
-    if device.type == "cuda":  # the issue's GPU goal
+    if device.type == "cuda":  # goal #13's GPU shape (benchmarks/report.py)
         return [(8192, 4096, 152064, torch.bfloat16)]
     return [(1024, 512, 151936, torch.float32), (1024, 512, 151936, torch.bfloat16),
             (4096, 896, 151936, torch.bfloat16)]

@@ -4,12 +4,12 @@
     python -m benchmarks.report --results DIR --out FILE --img-dir DIR
 
 Each benchmark writes slightly different fields (``speedup_vs_loop`` in
-bench_advantages, ``speedup_vs_eager`` in bench_losses, peak memory only where
+bench_advantages, ``speedup_vs_eager`` in bench_ppo_loss, peak memory only where
 measured); this report recomputes what it shows from the common ones: for each
 (device, op, mode, shape, dtype, provider) it keeps the latest line, and the
 speed-up is the eager baseline's median over the row's median, the baseline
 taken from the same run when that run has one. Nothing here is written by
-hand: the goals of the issues are data below, checked against the lines.
+hand: the goals are data (``GOALS`` below), checked against the lines.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ IMG_DIR = ROOT / "docs" / "img"
 
 # The eager formulation each benchmark calls its baseline.
 EAGER = ("eager", "eager (TRL/verl)", "python_loop")
-GPU_CLASS = ("H100", "H200", "H800", "GH200")  # "H100 class" in the issues
+GPU_CLASS = ("H100", "H200", "H800", "GH200")  # the devices an "H100-class GPU" goal accepts
 
 
 def is_eager(provider: str) -> bool:
@@ -222,7 +222,7 @@ def _overhead_at_most_eager(rows):
 
 
 def _lm_head_goal(shape, dtype):
-    """Issue 13: extra peak <= 0.10x the float32 logits, faster than eager, verl
+    """Goal 13: extra peak <= 0.10x the float32 logits, faster than eager, verl
     FusedLinearForPPO and TRL ChunkedLogProbFunction, within 1.15x of torch's
     NLL-only linear_cross_entropy, all in one run (one results file)."""
     def check(rows):
@@ -246,7 +246,7 @@ def _lm_head_goal(shape, dtype):
 
 
 def _lm_head_gemm_goal(shape, dtype, frac):
-    """Issue 13 on a GPU: the fused head's forward + backward (logp + entropy)
+    """Goal 13 on a GPU: the fused head's forward + backward (logp + entropy)
     at >= frac of the bf16 GEMM rate measured in the same run, counting the
     three GEMMs a fused head needs (bench_lm_head's frac_gemm_peak); the
     scalar loss's figure (ppo_loss_fwd_bwd) is shown beside it."""
@@ -416,7 +416,7 @@ def render(rows: list[dict], problems: list[str], img_names: dict[str, list[str]
             "dtype (the baseline of the same run where there is one). GB/s counts an explicit minimal number of "
             "bytes; *of copy* is that as a fraction of the same device's measured copy bandwidth. Peak memory "
             "is the extra peak above the inputs (GPU: allocator; CPU: resident set, where measured).", ""]
-    out += ["## Goals from the issues", "", "| issue | goal | status | measured |", "| --- | --- | --- | --- |"]
+    out += ["## Goals", "", "| # | goal | status | measured |", "| --- | --- | --- | --- |"]
     for goal in GOALS:
         status, detail = goal_status(goal, rows)
         where = "H100-class GPU" if goal.gpu else "CPU"

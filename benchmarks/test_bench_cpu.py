@@ -1,5 +1,5 @@
 """CPU timings through pytest-benchmark: the cases of bench_logprobs, bench_advantages
-and bench_losses, eager baseline against our C++ kernel.
+and bench_ppo_loss, eager baseline against our C++ kernel.
 
     pytest benchmarks/ --benchmark-only                       # CPU shapes of the scripts
     RLHF_BENCH_QUICK=1 pytest benchmarks/ --benchmark-only    # tiny shapes
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import bench_advantages, bench_logprobs, bench_losses, common
+from benchmarks import bench_advantages, bench_logprobs, bench_ppo_loss, common
 import rlhf_kernels
 from rlhf_kernels import reference
 
@@ -81,12 +81,12 @@ TOKENS = (4, 64) if QUICK else (1024, 1024)
 @pytest.mark.parametrize("op", ["ppo_policy_loss", "ppo_value_loss"])
 @pytest.mark.parametrize("provider", ["eager", "rlhf_kernels:cpu"])
 def test_token_losses(benchmark, record, mode, op, provider):
-    logp, old, adv, mask = bench_losses._token_inputs(TOKENS, torch.device("cpu"))
+    logp, old, adv, mask = bench_ppo_loss._token_inputs(TOKENS, torch.device("cpu"))
     leaf = logp.clone().requires_grad_(True)
     if op == "ppo_policy_loss":
         impl = reference.ppo_policy_loss if provider == "eager" else (
             lambda *a, **k: rlhf_kernels.ppo_policy_loss(*a, backend="cpu", **k))
-        kw = bench_losses.POLICY_KW
+        kw = bench_ppo_loss.POLICY_KW
     else:
         impl = reference.ppo_value_loss if provider == "eager" else (
             lambda *a, **k: rlhf_kernels.ppo_value_loss(*a, backend="cpu", **k))

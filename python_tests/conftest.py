@@ -82,9 +82,6 @@ def poison_uninitialized():
     det.fill_uninitialized_memory = old_fill
 
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 def pytest_unconfigure(config):
     if _INDUCTOR_CACHE is not None:
         import shutil

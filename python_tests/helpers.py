@@ -1,6 +1,13 @@
-"""Shared test helpers: tolerances and the bf16/fp16 accuracy rule."""
+"""Shared test helpers: the GPU-only mark, tolerances and the bf16/fp16 accuracy
+rule. Tests import them from here (``from helpers import ...``; pyproject.toml
+puts python_tests/ on pytest's ``pythonpath``); conftest.py holds only fixtures,
+hooks and pytest configuration."""
 
+import pytest
 import torch
+
+# A test that needs a CUDA GPU: skipped on machines without one.
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # (dtype, atol, rtol) for results computed with float32 accumulation from
 # inputs of that dtype, compared with float64 on the same (rounded) inputs.

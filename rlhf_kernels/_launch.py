@@ -56,7 +56,7 @@ def rows_in_flight(n_rows: int, row_bytes: int, device: torch.device) -> int:
     row's first read and its second, the other rows in flight stream through
     L2: keeping their bytes to about half of L2 lets the second read hit it,
     but at least one row per SM keeps every SM busy. A prediction, to be
-    measured (benchmarks/bench_losses.py sweeps it; RLHF_KERNELS_ROWS_IN_FLIGHT
+    measured (benchmarks/bench_ppo_loss.py sweeps it; RLHF_KERNELS_ROWS_IN_FLIGHT
     overrides it)."""
     override = os.environ.get("RLHF_KERNELS_ROWS_IN_FLIGHT")
     if override is not None:

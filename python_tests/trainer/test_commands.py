@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from conftest import gpu
 from rlhf_kernels import cli
 
+from helpers import gpu
 from qwen_checkpoint import build_checkpoints  # python_tests/trainer is on pytest's sys.path
 
 

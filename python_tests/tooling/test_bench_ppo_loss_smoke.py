@@ -1,4 +1,4 @@
-"""benchmarks/bench_losses.py runs end to end on tiny shapes and writes JSON lines."""
+"""benchmarks/bench_ppo_loss.py runs end to end on tiny shapes and writes JSON lines."""
 
 import json
 import sys
@@ -10,10 +10,10 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 def test_bench_losses_quick(tmp_path):
     sys.path.insert(0, str(ROOT))
     try:
-        from benchmarks import bench_losses
+        from benchmarks import bench_ppo_loss
     finally:
         sys.path.pop(0)
-    rows = bench_losses.main(["--quick", "--out-dir", str(tmp_path)])
+    rows = bench_ppo_loss.main(["--quick", "--out-dir", str(tmp_path)])
     files = list(tmp_path.glob("*.jsonl"))
     assert len(files) == 1
     lines = [json.loads(line) for line in files[0].read_text().splitlines()]

@@ -2,15 +2,18 @@
 references written from the formulas (rlhf_kernels.reference), on every backend
 present, gradients included."""
 
+import math
+
 import pytest
 import torch
+from hypothesis import strategies as st
 
 import rlhf_kernels
 from rlhf_kernels import reference
 from rlhf_kernels import _dispatch
 
-from conftest import gpu
-from helpers import LARGE_LOGITS, assert_no_worse_than_torch, large_logits, probable_labels
+from helpers import LARGE_LOGITS, assert_no_worse_than_torch, gpu, large_logits, probable_labels
+from properties import ESTIMATORS, check_close, generator, grad_tols, random_mask, run_backend_property, seeds
 
 AGGS = reference.AGG_MODES
 # (clip_low, clip_high, dual_clip): symmetric; asymmetric (DAPO clip-higher) with dual clip.
@@ -796,3 +799,192 @@ def test_native_logits_grad_op_checks_its_arguments():
     bad[6] = torch.empty(4, 10, dtype=torch.float64)
     with pytest.raises(ValueError, match="grad_logits"):
         op(*bad)
+
+
+# === property tests (hypothesis; run_property and the shared strategies: python_tests/properties.py) ===
+
+
+# --- PPO losses ------------------------------------------------------------------------------------
+
+
+@st.composite
+def clip_settings(draw):
+    clip_low = draw(st.sampled_from([0.1, 0.2, 0.5]))
+    clip_high = draw(st.sampled_from([None, 0.28, 1.0]))
+    dual = draw(st.sampled_from([None, 1.5, 3.0]))
+    return clip_low, clip_high, dual
+
+
+@st.composite
+def token_loss_cases(draw, tiny: bool):
+    B = draw(st.integers(1, 4 if tiny else 9))
+    T = draw(st.integers(1, 40 if tiny else 700))
+    return dict(
+        shape=(B, T), dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
+        clip=draw(clip_settings()), agg=draw(st.sampled_from(AGGS)),
+        num_tokens=draw(st.sampled_from([None, 7.0])), num_seqs=draw(st.sampled_from([None, 3.0])),
+        mask=draw(st.sampled_from(["full", "holes", "holes+edge-rows", "none-valid"])),
+        spread=draw(st.sampled_from([0.05, 0.5, 30.0])),  # 30: log-ratios past the +-20 clamp
+        value_clip=draw(st.sampled_from([0.1, 0.2, 10.0])), seed=draw(seeds),
+    )
+
+
+def _loss_mask(case, gen):
+    shape = case["shape"]
+    if case["mask"] == "full":
+        return torch.ones(shape, dtype=torch.bool)
+    if case["mask"] == "none-valid":
+        return torch.zeros(shape, dtype=torch.bool)
+    edge = case["mask"] == "holes+edge-rows"
+    return random_mask(shape, gen, 0.7, edge, edge)
+
+
+def _check_loss_stats(got, want, count, what):
+    assert set(got) == set(want), (set(got), set(want))
+    for name, w in want.items():
+        g = got[name]
+        assert g.dim() == 0, (what, name)
+        # Fractions count tokens: a float32 / float64 disagreement at a clip
+        # boundary moves them by 1 / count. Random data makes that rare.
+        check_close(g, w, 1e-5, 1e-6 * (1.0 + float(abs(w))), f"{what} stat {name}")
+
+
+def _check_policy_loss(device, backend, case):
+    gen = generator(case["seed"])
+    shape, dtype = case["shape"], case["dtype"]
+    mask = _loss_mask(case, gen)
+    logp = (-torch.rand(shape, generator=gen, dtype=torch.float64) * 3)
+    old = logp + torch.randn(shape, generator=gen, dtype=torch.float64) * case["spread"]
+    adv = torch.randn(shape, generator=gen, dtype=torch.float64)
+    logp, old, adv = logp.to(dtype), old.to(dtype), adv.to(dtype)
+    # Masked slots hold NaN: they must never be read into the loss or gradient.
+    logp = torch.where(mask, logp, torch.full_like(logp, float("nan")))
+    clip_low, clip_high, dual = case["clip"]
+    kwargs = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual, agg=case["agg"],
+                  num_tokens=case["num_tokens"], num_seqs=case["num_seqs"])
+    x = logp.clone().to(device).requires_grad_(True)
+    loss, stats = rlhf_kernels.ppo_policy_loss(x, old.to(device), adv.to(device), mask.to(device),
+                                               backend=backend, **kwargs)
+    x64 = logp.double().clone().requires_grad_(True)
+    want, want_stats = reference.ppo_policy_loss(x64, old.double(), adv.double(), mask, **kwargs)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    scale = 1.0 + float(torch.where(mask, adv.double().abs(), 0).max()) * math.exp(min(20, case["spread"] * 5))
+    f64 = dtype == torch.float64
+    check_close(loss, want, *((1e-10, 1e-12 * scale) if f64 else (1e-5, 1e-6 * scale)), "policy loss")
+    _check_loss_stats(stats, want_stats, int(mask.sum()), "policy")
+    loss.backward()
+    want.backward()
+    assert x.grad.dtype == dtype
+    assert torch.all(x.grad.cpu()[~mask] == 0)
+    got_grad = torch.where(mask, x.grad.cpu().double(), 0.0)
+    want_grad = torch.where(mask, x64.grad, 0.0)
+    check_close(got_grad, want_grad, *grad_tols(dtype, scale), "policy grad")
+
+
+def test_ppo_policy_loss_property(device_backend):
+    run_backend_property("ppo_policy_loss", device_backend, token_loss_cases, _check_policy_loss, native=150, triton=25)
+
+
+def _check_value_loss(device, backend, case):
+    gen = generator(case["seed"])
+    shape, dtype = case["shape"], case["dtype"]
+    mask = _loss_mask(case, gen)
+    old = torch.randn(shape, generator=gen, dtype=torch.float64)
+    values = old + torch.randn(shape, generator=gen, dtype=torch.float64) * min(case["spread"], 2.0)
+    returns = old + torch.randn(shape, generator=gen, dtype=torch.float64)
+    values, old, returns = values.to(dtype), old.to(dtype), returns.to(dtype)
+    values = torch.where(mask, values, torch.full_like(values, float("nan")))
+    kwargs = dict(clip=case["value_clip"], agg=case["agg"], num_tokens=case["num_tokens"], num_seqs=case["num_seqs"])
+    x = values.clone().to(device).requires_grad_(True)
+    loss, stats = rlhf_kernels.ppo_value_loss(x, old.to(device), returns.to(device), mask.to(device),
+                                              backend=backend, **kwargs)
+    x64 = values.double().clone().requires_grad_(True)
+    want, want_stats = reference.ppo_value_loss(x64, old.double(), returns.double(), mask, **kwargs)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    f64 = dtype == torch.float64
+    scale = 1.0 + float(want.detach().abs()) + 10.0
+    check_close(loss, want, *((1e-10, 1e-12 * scale) if f64 else (1e-5, 1e-6 * scale)), "value loss")
+    # vf_clipfrac counts loss2 > loss1, a tie inside the clip range (where
+    # old + (v - old) is v up to rounding) that rounding decides either way,
+    # in verl's formula as in ours: bound it by the unambiguous tokens.
+    v64, o64, r64 = values.double(), old.double(), returns.double()
+    d = v64 - o64
+    ambiguous = mask & (d.abs() <= case["value_clip"] * (1 + 1e-6))
+    clipped = mask & ~ambiguous & ((o64 + d.clamp(-case["value_clip"], case["value_clip"]) - r64).square() > (v64 - r64).square())
+    count = max(int(mask.sum()), 1)
+    low, high = int(clipped.sum()) / count, int((clipped | ambiguous).sum()) / count
+    assert set(stats) == {"vf_clipfrac"} and stats["vf_clipfrac"].dim() == 0
+    assert low - 1e-6 <= float(stats["vf_clipfrac"]) <= high + 1e-6, (float(stats["vf_clipfrac"]), low, high)
+    loss.backward()
+    want.backward()
+    assert x.grad.dtype == dtype and torch.all(x.grad.cpu()[~mask] == 0)
+    check_close(torch.where(mask, x.grad.cpu().double(), 0.0), torch.where(mask, x64.grad, 0.0),
+           *grad_tols(dtype, 10.0), "value grad")
+
+
+def test_ppo_value_loss_property(device_backend):
+    run_backend_property("ppo_value_loss", device_backend, token_loss_cases, _check_value_loss, native=150, triton=25)
+
+
+@st.composite
+def logits_loss_cases(draw, tiny: bool):
+    return dict(
+        B=draw(st.integers(1, 2 if tiny else 4)), T=draw(st.integers(1, 5 if tiny else 24)),
+        V=draw(st.one_of(st.integers(1, 64 if tiny else 700), st.sampled_from([1, 2049] if not tiny else [1, 3]))),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])),
+        strided=draw(st.booleans()), temperature=draw(st.sampled_from([1.0, 0.6, 1.7])),
+        clip=draw(clip_settings()), agg=draw(st.sampled_from(AGGS)),
+        num_tokens=draw(st.sampled_from([None, 5.0])),
+        mask=draw(st.sampled_from(["full", "holes", "holes+edge-rows", "none-valid"])),
+        ignore=draw(st.booleans()), ref=draw(st.booleans()), estimator=draw(st.sampled_from(ESTIMATORS)),
+        kl_coef=draw(st.sampled_from([0.0, 0.1])), entropy_coef=draw(st.sampled_from([0.0, 0.01])),
+        inplace=draw(st.booleans()), seed=draw(seeds),
+    )
+
+
+def _check_loss_from_logits(device, backend, case):
+    gen = generator(case["seed"])
+    B, T, V, dtype = case["B"], case["T"], case["V"], case["dtype"]
+    case = dict(case, shape=(B, T))
+    mask = _loss_mask(case, gen)
+    full = (torch.randn(B, T + 1, V, generator=gen, dtype=torch.float64) * 2).to(dtype)
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    if case["ignore"]:
+        labels = torch.where(torch.rand(B, T, generator=gen) < 0.2, torch.full_like(labels, -100), labels)
+    # Old log-probs near the current ones: ratios on both sides of the clip range.
+    with torch.no_grad():
+        cur = reference.logprobs_from_logits(full[:, :-1].double(), labels)
+    old = cur + torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.3
+    ref = cur + torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.3
+    adv = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    clip_low, clip_high, dual = case["clip"]
+    kwargs = dict(temperature=case["temperature"], clip_low=clip_low, clip_high=clip_high, dual_clip=dual,
+                  agg=case["agg"], num_tokens=case["num_tokens"], kl_coef=case["kl_coef"],
+                  kl_estimator=case["estimator"], entropy_coef=case["entropy_coef"])
+
+    leaf = full.clone().to(device).requires_grad_(True)
+    base = leaf * 1 if case["inplace"] else leaf
+    logits = base[:, :-1] if case["strided"] else base[:, :-1].contiguous()
+    loss, stats = rlhf_kernels.ppo_loss_from_logits(
+        logits, labels.to(device), old.to(device, acc), adv.to(device, acc), mask.to(device),
+        ref_logp=ref.to(device, acc) if case["ref"] else None, inplace_backward=case["inplace"],
+        backend=backend, **kwargs)
+    x64 = full.double().clone().requires_grad_(True)
+    want, want_stats = reference.ppo_loss_from_logits(
+        x64[:, :-1], labels, old.to(acc).double(), adv.to(acc).double(), mask,
+        ref_logp=ref.to(acc).double() if case["ref"] else None, **kwargs)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    f64 = dtype == torch.float64
+    scale = 1.0 + float(adv.abs().max()) * 5.0 + math.log(V + 1)
+    check_close(loss, want, *((1e-9, 1e-11 * scale) if f64 else (1e-5, 2e-5 * scale)), "loss from logits")
+    _check_loss_stats(stats, want_stats, int(mask.sum()), "from logits")
+    loss.backward()
+    want.backward()
+    assert leaf.grad.dtype == dtype
+    check_close(leaf.grad, x64.grad, *grad_tols(dtype, scale / case["temperature"]), "logits grad")
+    assert torch.all(leaf.grad[:, -1] == 0)
+
+
+def test_ppo_loss_from_logits_property(device_backend):
+    run_backend_property("ppo_loss_from_logits", device_backend, logits_loss_cases, _check_loss_from_logits, native=100, triton=20)

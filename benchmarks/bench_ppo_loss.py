@@ -2,8 +2,8 @@
 ``rlhf_kernels.reference``), ``torch.compile`` of that reference, and Liger's
 ``triton_grpo_loss`` where installed (GPU only).
 
-    python -m benchmarks.bench_losses            # full shapes (1M tokens; N = 8192, V = 152064 on GPU)
-    python -m benchmarks.bench_losses --quick    # tiny shapes, a smoke run
+    python -m benchmarks.bench_ppo_loss            # full shapes (1M tokens; N = 8192, V = 152064 on GPU)
+    python -m benchmarks.bench_ppo_loss --quick    # tiny shapes, a smoke run
 
 Forward and forward+backward are timed separately; each result is appended as
 one JSON line under benchmarks/results/ (or --out-dir) and printed as a table.

@@ -1,0 +1,386 @@
+"""The verl integration, against the installed verl.
+
+For each patched function: verl's original and our adapter give the same
+outputs and gradients (random inputs, masks with holes, all-masked rows, float
+masks and rollout weights, bf16 where verl takes it); patch() swaps every
+lookup the trainers use (and reaches Ray workers through the setup hook) and
+unpatch() restores identity; an untested version is refused before anything is
+patched. Skipped where verl is not installed."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import rlhf_kernels
+from rlhf_kernels import integrations
+from rlhf_kernels.integrations import UntestedVersionError
+
+from integration_helpers import (assert_outputs_close, assert_served_only, compare_outputs, compare_outputs_bf16,
+                                 mask_with_holes, require, weight_masks)
+
+
+@pytest.fixture(scope="module")
+def verl_mods():
+    core = require("verl.trainer.ppo.core_algos", "verl")
+    functional = require("verl.utils.torch_functional", "verl")
+    from rlhf_kernels.integrations import verl as rk_verl
+
+    return core, functional, rk_verl
+
+
+def _verl_adapter(rk_verl, name):
+    for target in rk_verl._patcher.targets:
+        if target.name == name:
+            module = importlib.import_module(target.module)
+            return getattr(module, name), target.make(getattr(module, name))
+    raise KeyError(name)
+
+
+def test_verl_patch_reaches_ray_workers_through_the_setup_hook(verl_mods):
+    """The README's recipe for verl's Ray workers (a patch() in the driver does
+    not reach them): Ray's worker_process_setup_hook runs it in every worker."""
+    ray = require("ray", "verl")
+
+    def _patched_in_worker():  # local: sent to the worker by value
+        import verl.trainer.ppo.core_algos as core_algos
+
+        return hasattr(core_algos.agg_loss, "__wrapped_original__")
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": "rlhf_kernels.integrations.verl.patch"})
+    try:
+        assert ray.get(ray.remote(_patched_in_worker).remote())
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verl_logprobs_and_entropy(verl_mods, dtype):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(10)
+    logits = (3 * torch.randn(3, 6, 211, generator=gen)).to(dtype)
+    labels = torch.randint(0, 211, (3, 6), generator=gen)
+    compare = compare_outputs if dtype == torch.float32 else compare_outputs_bf16
+    original, ours = _verl_adapter(rk_verl, "logprobs_from_logits")
+    compare(lambda x: original(x, labels), lambda x: ours(x, labels), [logits])
+    original, ours = _verl_adapter(rk_verl, "entropy_from_logits")
+    compare(original, ours, [logits])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verl_fused_linear_for_ppo(verl_mods, monkeypatch, dtype):
+    """verl's FusedLinearForPPO (the hidden-state head its dense models call)
+    on logprobs_from_hidden: verl's outputs and gradients (bf16 by the 2x
+    rule), and our op ran."""
+    _, _, rk_verl = verl_mods
+    original, ours = _verl_adapter(rk_verl, "FusedLinearForPPO")
+    gen = torch.Generator().manual_seed(12)
+    hidden = (2 * torch.randn(2, 7, 16, generator=gen)).to(dtype)
+    weight = (torch.randn(1201, 16, generator=gen) / 4).to(dtype)
+    ids = torch.randint(0, 1201, (2, 7), generator=gen)
+    calls = []
+    real = rlhf_kernels.logprobs_from_hidden
+    monkeypatch.setattr(rlhf_kernels, "logprobs_from_hidden", lambda *a, **k: calls.append(1) or real(*a, **k))
+    theirs_fn = lambda h, w: original(chunk_size=5)(h, w, ids, temperature=0.8)  # noqa: E731
+    ours_fn = lambda h, w: ours(chunk_size=5)(h, w, ids, temperature=0.8)  # noqa: E731
+    if dtype == torch.float32:
+        compare_outputs(theirs_fn, ours_fn, [hidden, weight], atol=2e-5, rtol=2e-5)
+    else:
+        compare_outputs_bf16(theirs_fn, ours_fn, [hidden, weight])
+    assert calls
+
+
+@pytest.mark.parametrize("name", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "k3+", "low_var_kl+"])
+def test_verl_kl_penalty(verl_mods, name):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(11)
+    logp = -3 * torch.rand(4, 9, generator=gen)
+    ref = logp + torch.randn(4, 9, generator=gen)
+    ref[0, :3] = logp[0, :3] + torch.tensor([30.0, -30.0, 0.0])  # the clamps
+    original, ours = _verl_adapter(rk_verl, "kl_penalty")
+    compare_outputs(lambda a, b: original(a, b, name), lambda a, b: ours(a, b, name), [logp, ref])
+    with pytest.raises(NotImplementedError):
+        ours(logp, ref, "full")
+
+
+def test_verl_gae(verl_mods):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(12)
+    rewards = torch.randn(5, 11, generator=gen)
+    values = torch.randn(5, 11, generator=gen)
+    mask = mask_with_holes(5, 11, gen).long()
+    original, ours = _verl_adapter(rk_verl, "compute_gae_advantage_return")
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.8)]:
+        assert_outputs_close(ours(rewards, values, mask, gamma, lam), original(rewards, values, mask, gamma, lam))
+    one = torch.zeros_like(mask)
+    one[2, 4] = 1
+    for m in (one, torch.zeros_like(mask)):  # verl's whitening refuses fewer than two tokens; so do we
+        with pytest.raises(ValueError):
+            original(rewards, values, m, 1.0, 0.95)
+        with pytest.raises(ValueError):
+            ours(rewards, values, m, 1.0, 0.95)
+
+
+@pytest.mark.parametrize("name", ["compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_verl_outcome_advantages(verl_mods, name, norm):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(13)
+    # groups of 4, 3, 1 (a singleton) and 2 with equal scores, ids as verl passes them (uuid strings), shuffled
+    ids = np.array(["a"] * 4 + ["b"] * 3 + ["c"] + ["d"] * 2, dtype=object)
+    order = torch.randperm(len(ids), generator=gen).numpy()
+    ids = ids[order]
+    rewards = torch.zeros(len(ids), 6)
+    rewards[:, -1] = torch.randn(len(ids), generator=gen)
+    rewards[ids == "d", -1] = 0.5
+    mask = mask_with_holes(len(ids), 6, gen).long()
+    original, ours = _verl_adapter(rk_verl, name)
+    kw = {"norm_adv_by_std_in_grpo": norm} if "grpo" in name else {}
+    assert_outputs_close(ours(rewards, mask, ids, **kw), original(rewards, mask, ids, **kw))
+
+
+class _ActorConfig(SimpleNamespace):
+    def get(self, key, default=None):
+        return getattr(self, key, default)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+                                 "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("batch_info", [{}, {"dp_size": 2, "batch_num_tokens": 50, "global_batch_size": 9,
+                                             "loss_scale_factor": 16}])
+def test_verl_policy_loss(verl_mods, agg, batch_info):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(14)
+    old = -2 * torch.rand(4, 10, generator=gen)
+    new = old + 0.4 * torch.randn(4, 10, generator=gen)
+    new[0, 0] = old[0, 0] + 25.0  # the log-ratio clamp
+    adv = torch.randn(4, 10, generator=gen)
+    mask = mask_with_holes(4, 10, gen).long()
+    config = _ActorConfig(clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                          global_batch_info=batch_info)
+    original, ours = _verl_adapter(rk_verl, "compute_policy_loss_vanilla")
+    # gradients w.r.t. log_prob only: old_log_prob and advantages are data (verl detaches them; ours takes no gradient)
+    compare_outputs(lambda n: original(old, n, adv, mask, agg, config), lambda n: ours(old, n, adv, mask, agg, config), [new])
+    # a fully masked micro-batch: verl divides by 0 (NaN), and so do we
+    empty = torch.zeros_like(mask)
+    if not batch_info and agg != "token-sum":
+        assert torch.isnan(ours(old, new, adv, empty, agg, config)[0])
+    assert_outputs_close(ours(old, new, adv, empty, agg, config), original(old, new, adv, empty, agg, config))
+    weights = torch.rand(4, 10, generator=gen)  # rollout correction (served: token_weights)
+    assert_outputs_close(ours(old, new, adv, mask, agg, config, weights), original(old, new, adv, mask, agg, config, weights))
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_verl_value_loss(verl_mods, agg):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(15)
+    values = torch.randn(4, 10, generator=gen)
+    vpreds = values + 0.5 * torch.randn(4, 10, generator=gen)
+    returns = torch.randn(4, 10, generator=gen)
+    mask = mask_with_holes(4, 10, gen)
+    original, ours = _verl_adapter(rk_verl, "compute_value_loss")
+    for kw in ({}, {"dp_size": 2, "batch_num_tokens": 30, "global_batch_size": 8, "loss_scale_factor": 4}):
+        # gradients w.r.t. vpreds only: returns and old values are targets
+        compare_outputs(lambda v: original(v, returns, values, mask, 0.2, agg, **kw),
+                 lambda v: ours(v, returns, values, mask, 0.2, agg, **kw), [vpreds])
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_verl_losses_dtype_and_fallbacks(verl_mods, agg):
+    """bf16 inputs: verl's seq-mean losses are float32 (token-mean keeps bf16),
+    and ours match the dtype; a gradient wanted w.r.t. the advantages or the
+    returns, or a global count of 0, runs verl's own code."""
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(16)
+    old = -2 * torch.rand(4, 10, generator=gen)
+    new = old + 0.4 * torch.randn(4, 10, generator=gen)
+    adv = torch.randn(4, 10, generator=gen)
+    mask = mask_with_holes(4, 10, gen).long()
+    config = _ActorConfig(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None, clip_ratio_c=3.0,
+                          global_batch_info={})
+    original, ours = _verl_adapter(rk_verl, "compute_policy_loss_vanilla")
+    bf = [t.bfloat16() for t in (old, new, adv)]
+    assert ours(*bf, mask, agg, config)[0].dtype == original(*bf, mask, agg, config)[0].dtype
+    compare_outputs(lambda a: original(old, new, a, mask, agg, config), lambda a: ours(old, new, a, mask, agg, config),
+             [adv])
+    v_original, v_ours = _verl_adapter(rk_verl, "compute_value_loss")
+    assert v_ours(new.bfloat16(), adv.bfloat16(), old.bfloat16(), mask, 0.2, agg)[0].dtype == \
+        v_original(new.bfloat16(), adv.bfloat16(), old.bfloat16(), mask, 0.2, agg)[0].dtype
+    compare_outputs(lambda r: v_original(new, r, old, mask, 0.2, agg), lambda r: v_ours(new, r, old, mask, 0.2, agg), [adv])
+    zero = {"dp_size": 2, "batch_num_tokens": 0, "global_batch_size": 0}
+    assert_outputs_close(v_ours(new, adv, old, mask, 0.2, agg, **zero), v_original(new, adv, old, mask, 0.2, agg, **zero))
+
+
+_VERL_AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+_VERL_BATCH_INFOS = [{}, {"dp_size": 2, "batch_num_tokens": 50, "global_batch_size": 9},
+                     {"dp_size": 4, "batch_num_tokens": 37, "global_batch_size": 6, "loss_scale_factor": 16},
+                     {"loss_scale_factor": 3}]
+
+
+@pytest.mark.parametrize("agg", _VERL_AGG_MODES)
+@pytest.mark.parametrize("batch_info", _VERL_BATCH_INFOS)
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.long])
+def test_verl_agg_loss(verl_mods, agg, batch_info, mask_dtype):
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(16)
+    loss_mat = torch.randn(5, 11, generator=gen)
+    mask = mask_with_holes(5, 11, gen).to(mask_dtype)
+    original, ours = _verl_adapter(rk_verl, "agg_loss")
+    call = lambda fn: (lambda x: fn(x, mask, agg, **batch_info))  # noqa: E731
+    compare_outputs(call(original), call(ours), [loss_mat])
+    compare_outputs(call(original), call(ours), [loss_mat.double()], atol=1e-7, rtol=1e-7)
+    # bf16: token modes stay bf16, seq-mean modes come out float32 (verl's float32 sequence mask)
+    compare_outputs_bf16(call(original), call(ours), [(3 * loss_mat).bfloat16()])
+    # a fully masked micro-batch: verl's 0 / 0 (NaN) without global counts, gradients 0
+    empty = torch.zeros_like(mask)
+    empty_call = lambda fn: (lambda x: fn(x, empty, agg, **batch_info))  # noqa: E731
+    compare_outputs(empty_call(original), empty_call(ours), [loss_mat])
+    if not batch_info.get("batch_num_tokens") and agg != "token-sum":
+        assert torch.isnan(ours(loss_mat, empty, agg, **batch_info))
+
+
+@pytest.mark.parametrize("agg", _VERL_AGG_MODES)
+def test_verl_agg_loss_nonfinite_outside_mask(verl_mods, agg):
+    """verl selects masked tokens away in the token modes but multiplies by the
+    mask in the seq-mean modes (NaN leaks into the loss, not the gradients)."""
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(17)
+    loss_mat = torch.randn(4, 9, generator=gen)
+    mask = mask_with_holes(4, 9, gen)
+    loss_mat[0, 1] = float("nan")  # a hole of a sequence with valid tokens
+    loss_mat[1, 3] = float("inf")  # the fully masked sequence
+    original, ours = _verl_adapter(rk_verl, "agg_loss")
+    compare_outputs(lambda x: original(x, mask, agg), lambda x: ours(x, mask, agg), [loss_mat])
+    assert torch.isnan(ours(loss_mat, mask, agg)) == agg.startswith("seq-mean")
+
+
+def test_verl_agg_loss_falls_back_to_verl(verl_mods):
+    """Per-token float weights (served), tensor global counts (verl's own
+    code), unknown modes, missing global counts with dp_size > 1 (its error)."""
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(18)
+    loss_mat = torch.randn(3, 7, generator=gen)
+    weights = torch.rand(3, 7, generator=gen)
+    original, ours = _verl_adapter(rk_verl, "agg_loss")
+    for agg in _VERL_AGG_MODES:
+        compare_outputs(lambda x: original(x, weights, agg), lambda x: ours(x, weights, agg), [loss_mat])
+        kw = {"dp_size": 2, "batch_num_tokens": torch.tensor(9), "global_batch_size": torch.tensor(3)}
+        mask = weights > 0.3
+        compare_outputs(lambda x: original(x, mask, agg, **kw), lambda x: ours(x, mask, agg, **kw), [loss_mat])
+        if agg != "token-sum":
+            with pytest.raises(ValueError, match="required when dp_size > 1"):
+                ours(loss_mat, mask, agg, dp_size=2)
+    with pytest.raises(ValueError, match="Invalid loss_agg_mode"):
+        ours(loss_mat, weights > 0.5, "seq-sum")
+
+
+def test_verl_patch_swaps_registries_and_trainer_lookups(verl_mods):
+    core, functional, rk_verl = verl_mods
+    losses = require("verl.workers.utils.losses", "verl")
+    names = ["compute_policy_loss_vanilla", "compute_value_loss", "kl_penalty", "compute_gae_advantage_return",
+             "compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage", "agg_loss"]
+    originals = {n: getattr(core, n) for n in names}
+    logprobs = functional.logprobs_from_logits
+    with rk_verl.patched():
+        for n in names:
+            assert getattr(core, n).__wrapped_original__ is originals[n]
+        assert core.get_policy_loss_fn("vanilla") is core.compute_policy_loss_vanilla
+        assert core.get_adv_estimator_fn("grpo") is core.compute_grpo_outcome_advantage
+        assert core.get_adv_estimator_fn("rloo") is core.compute_rloo_outcome_advantage
+        assert core.get_adv_estimator_fn("gae") is core.compute_gae_advantage_return
+        assert losses.compute_value_loss is core.compute_value_loss and losses.kl_penalty is core.kl_penalty
+        assert losses.agg_loss is core.agg_loss and "verl.workers.utils.losses.agg_loss" in rk_verl.patched_names()
+        assert functional.logprobs_from_logits is not logprobs
+    for n in names:
+        assert getattr(core, n) is originals[n]
+    assert core.get_policy_loss_fn("vanilla") is originals["compute_policy_loss_vanilla"]
+    assert core.get_adv_estimator_fn("grpo") is originals["compute_grpo_outcome_advantage"]
+    assert losses.compute_value_loss is originals["compute_value_loss"] and losses.agg_loss is originals["agg_loss"]
+    assert functional.logprobs_from_logits is logprobs
+
+
+def test_verl_unknown_version_refuses(verl_mods, monkeypatch):
+    core, _, rk_verl = verl_mods
+    before = core.kl_penalty
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.1.0")
+    with pytest.raises(UntestedVersionError, match=r"verl 0\.1\.0 is not a tested version"):
+        rk_verl.patch()
+    assert core.kl_penalty is before
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+                                 "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("batch_info", [{}, {"dp_size": 2, "batch_num_tokens": 50, "global_batch_size": 9,
+                                             "loss_scale_factor": 16}])
+def test_verl_policy_losses_serve_float_masks_and_rollout_weights(verl_mods, agg, batch_info):
+    """verl's vanilla and GSPO losses with float masks and rollout IS weights
+    (zeros included): served by our kernels, verl's results and gradients."""
+    core, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(40)
+    old = -2 * torch.rand(4, 10, generator=gen)
+    new = old + 0.4 * torch.randn(4, 10, generator=gen)
+    adv = torch.randn(4, 10, generator=gen)
+    is_weights = 2 * torch.rand(4, 10, generator=gen)
+    zero_weight = is_weights.clone()
+    zero_weight[0, 0] = 0.0  # a valid token of weight 0: verl still counts its clipping
+    from verl.workers.config import FSDPActorConfig
+
+    # verl's GSPO asserts a real ActorConfig
+    config = FSDPActorConfig(clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                             strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2, rollout_n=1,
+                             global_batch_info=batch_info)
+    integrations.reset_report()
+    calls = 0
+    with rk_verl.patched():
+        for name in ("compute_policy_loss_vanilla", "compute_policy_loss_gspo"):
+            ours = getattr(core, name)
+            original = ours.__wrapped_original__
+            assert core.get_policy_loss_fn(name.rpartition("_")[2]) is ours
+            for mask in weight_masks(gen, 4, 10).values():
+                for w in (None, is_weights, zero_weight):
+                    compare_outputs(lambda n: original(old, n, adv, mask, agg, config, w),
+                             lambda n: ours(old, n, adv, mask, agg, config, w), [new])
+                    calls += 1
+            assert_served_only(f"verl.{name}", calls)
+            calls = 0
+        # GSPO past verl's clamp of the sequence log-ratio (10): verl's own code, counted
+        far = new.clone()
+        far[2] += 12.0
+        mask = mask_with_holes(4, 10, gen)
+        compare_outputs(lambda n: core.compute_policy_loss_gspo.__wrapped_original__(old, n, adv, mask, agg, config),
+                 lambda n: core.compute_policy_loss_gspo(old, n, adv, mask, agg, config), [far])
+    assert integrations.report()["verl.compute_policy_loss_gspo"]["handed_back"] == {
+        "a sequence log-ratio above verl's GSPO clamp of 10": 1}
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_verl_value_and_agg_loss_serve_float_masks(verl_mods, agg):
+    core, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(41)
+    values = torch.randn(4, 10, generator=gen)
+    vpreds = values + 0.5 * torch.randn(4, 10, generator=gen)
+    returns = torch.randn(4, 10, generator=gen)
+    loss_mat = torch.randn(4, 10, generator=gen)
+    integrations.reset_report()
+    calls = 0
+    with rk_verl.patched():
+        value_loss, aggregate = core.compute_value_loss, core.agg_loss
+        for mask in weight_masks(gen, 4, 10).values():
+            for kw in ({}, {"dp_size": 2, "batch_num_tokens": 30, "global_batch_size": 8, "loss_scale_factor": 4}):
+                compare_outputs(lambda v: value_loss.__wrapped_original__(v, returns, values, mask, 0.2, agg, **kw),
+                         lambda v: value_loss(v, returns, values, mask, 0.2, agg, **kw), [vpreds])
+                holed = loss_mat.clone()
+                holed[0, 1] = float("nan")  # NaN at a masked token leaks in verl's seq-mean modes, as in ours
+                compare_outputs(lambda x: aggregate.__wrapped_original__(x, mask, agg, **kw),
+                         lambda x: aggregate(x, mask, agg, **kw), [holed])
+                calls += 1
+    report = integrations.report()
+    assert report["verl.compute_value_loss"] == {"served": calls, "handed_back": {}}
+    # verl's original value loss calls agg_loss too (patched, served): none handed back
+    assert report["verl.agg_loss"]["served"] >= 2 * calls and not report["verl.agg_loss"]["handed_back"]
