@@ -66,6 +66,7 @@ from typing import Callable
 
 import torch
 
+from .args import add_backend_flag, add_parallel_flags
 from .config import OFFLOADABLE, ConfigError, PPOConfig, load_config, to_dict, validate_ppo
 from .data import check_tokenizer, load_prompts, load_rm_data, load_sft_data, load_texts
 from .fsdp import export_state_dict, unwrapped
@@ -463,13 +464,9 @@ def add_stage_parsers(sub) -> None:
         p.add_argument("--steps", type=int, default=100)
         p.add_argument("--batch-size", type=int, default=8, help="examples (rm: prompts) per step")
         p.add_argument("--lr", type=float, default=1e-5)
-        p.add_argument("--backend", default=None, help="triton | cuda | cpu | reference")
+        add_backend_flag(p)
         p.add_argument("--device", default="cpu")
-        p.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp"),
-                       help="under torchrun: ddp (default) or fsdp (FSDP2 sharding)")
-        p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                       help="fp32 (default) or bf16 compute (autocast; under fsdp MixedPrecisionPolicy); "
-                            "float32 master weights either way")
+        add_parallel_flags(p, strategy="ddp", precision="fp32", offload=False)
         p.set_defaults(func=lambda args, _run=run, _name=name: _stage_main(_run, _name, args))
 
 
@@ -500,20 +497,14 @@ def add_ppo_parser(sub) -> None:
     p.add_argument("--rollout-batch-size", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--strategy", default=None, choices=("ddp", "fsdp"),
-                   help="under torchrun: ddp (default; every rank holds every model) or fsdp (FSDP2 sharding)")
-    p.add_argument("--precision", default=None, choices=("fp32", "bf16"),
-                   help="fp32 (default) or bf16 compute (autocast; under fsdp FSDP2's MixedPrecisionPolicy); "
-                        "float32 master weights either way")
-    p.add_argument("--offload", default=None, metavar="ref,reward",
-                   help="frozen models kept in CPU memory: ref (the reference policy), reward (the reward model)")
+    add_parallel_flags(p)
     p.add_argument("--reward-normalization", default="none",
                    help="none | reference-mean (InstructGPT: the reference policy's mean score is the bias) | "
                         "running (whiten by the running mean and std)")
     p.add_argument("--missing-eos-penalty", type=float, default=None,
                    help="subtracted from the score of responses cut off without EOS")
     p.add_argument("--config", default=None, help="JSON file of PPOConfig fields")
-    p.add_argument("--backend", default=None, help="triton | cuda | cpu | reference")
+    add_backend_flag(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
