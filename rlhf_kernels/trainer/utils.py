@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from .._memory import reset_peak_rss, status_kb
 from .config import OptimConfig
 
 
@@ -273,27 +274,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the process's peak resident set (Linux: VmHWM via clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class Timer:
     """Accumulates, per phase, wall time and the extra peak memory of the
     phase: on CUDA the allocator's peak above what was allocated at its
@@ -312,7 +292,7 @@ class Timer:
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
         else:
-            base = _status_kb("VmRSS") if _reset_peak_rss() else None
+            base = status_kb("VmRSS") if reset_peak_rss() else None
         start = time.perf_counter()
         yield
         if cuda:
@@ -321,7 +301,7 @@ class Timer:
         if cuda:
             extra = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         else:
-            peak = _status_kb("VmHWM") if base is not None else None
+            peak = status_kb("VmHWM") if base is not None else None
             extra = None if peak is None else max(0, peak - base) / 1024
         if extra is not None:
             self.peaks_mb[name] = max(self.peaks_mb.get(name, 0.0), extra)
