@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from rlhf_kernels import _memory
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -170,11 +172,10 @@ def peak_memory_gpu(fn: Callable[[], object], device: torch.device) -> int:
 
 
 def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # kB
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    kb = _memory.status_kb(field)
+    if kb is None:
+        raise RuntimeError(f"{field} not in /proc/self/status")
+    return kb * 1024
 
 
 def rss_bytes() -> int:
@@ -183,9 +184,8 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """High-water mark of this process's resident set. Not ru_maxrss: Linux
-    carries a parent's resident size at fork into its child's ru_maxrss, which
-    would hide a child's own peak below its parent's."""
+    """High-water mark of this process's resident set (VmHWM, not ru_maxrss:
+    see rlhf_kernels/_memory.py)."""
     return _proc_status_bytes("VmHWM")
 
 
@@ -202,11 +202,7 @@ def int_from_subprocess(code: str, timeout: float) -> int | None:
 def reset_peak_rss() -> None:
     """Reset the high-water mark to the resident size now (Linux clear_refs 5),
     so that a later peak_rss_bytes() is the peak of what runs after this call."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    _memory.reset_peak_rss()
 
 
 @dataclass

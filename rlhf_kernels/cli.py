@@ -132,21 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--pytest", action="store_true",
                          help="CPU only: time through pytest-benchmark (pytest benchmarks/ --benchmark-only)")
     p_bench.set_defaults(func=bench)
+    from .trainer.args import add_backend_flag, add_parallel_flags
+
     p_train = sub.add_parser("train", help="SFT -> reward model -> PPO on the embedded task (the main job)")
     p_train.add_argument("--config", default=None, help="JSON file with TrainConfig fields")
     p_train.add_argument("--model", default=None, help="local path of a causal LM (default: the embedded tiny Llama)")
     p_train.add_argument("--reward-model", dest="reward_model", default=None, help="local path of the reward model's trunk")
     p_train.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
-    p_train.add_argument("--backend", default=None, help="triton | cuda | cpu | reference (default: best per device)")
+    add_backend_flag(p_train)
     p_train.add_argument("--out", default=None, help="output directory (default: runs/default)")
     p_train.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    p_train.add_argument("--strategy", default=None, choices=("ddp", "fsdp"),
-                         help="under torchrun, every stage: ddp (default) or fsdp (FSDP2 sharding)")
-    p_train.add_argument("--precision", default=None, choices=("fp32", "bf16"),
-                         help="every stage's compute: fp32 (default) or bf16 (autocast; under fsdp "
-                              "MixedPrecisionPolicy)")
-    p_train.add_argument("--offload", default=None, metavar="ref,reward",
-                         help="PPO's frozen models kept in CPU memory: ref, reward")
+    add_parallel_flags(p_train, every_stage=True)
     p_train.set_defaults(func=train)
     from .trainer.commands import add_ppo_parser, add_stage_parsers
 

@@ -66,8 +66,9 @@ from typing import Callable
 
 import torch
 
+from .args import add_backend_flag, add_parallel_flags
 from .config import OFFLOADABLE, ConfigError, PPOConfig, load_config, to_dict, validate_ppo
-from .data import check_tokenizer
+from .data import check_tokenizer, load_prompts, load_rm_data, load_sft_data, load_texts
 from .fsdp import export_state_dict, unwrapped
 from .models import ScalarHeadModel, is_hf_classifier
 from .ppo import PPOTrainer
@@ -79,96 +80,6 @@ from .utils import (
 
 def _log(msg: str) -> None:
     print(f"[rlhf-kernels] {msg}", file=sys.stderr, flush=True)
-
-
-def _jsonl(path: str, name: str) -> list[dict]:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"{name}: {path} is not a file")
-    rows = []
-    for number, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{name}: {path} line {number} is not JSON: {exc}") from exc
-        if not isinstance(row, dict):
-            raise ConfigError(f"{name}: {path} line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    if not rows:
-        raise ConfigError(f"{name}: {path} holds no example")
-    return rows
-
-
-def load_prompts(path: str, tokenizer) -> list[str]:
-    """Prompt texts from JSON lines of {"prompt": str} or {"messages": [...]}
-    (rendered with the tokenizer's chat template, generation prompt added)."""
-    return [_prompt_of(row, tokenizer, number, "--prompts") for number, row in enumerate(_jsonl(path, "--prompts"), 1)]
-
-
-def _prompt_of(row: dict, tokenizer, number: int, name: str, messages: list | None = None) -> str:
-    """A row's prompt: its "prompt" string, or its messages rendered with the
-    chat template (generation prompt added)."""
-    messages = row.get("messages") if messages is None else messages
-    if isinstance(row.get("prompt"), str):
-        return row["prompt"]
-    if isinstance(messages, list):
-        if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError(f"{name}: line {number} has messages but the tokenizer has no chat template")
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    raise ConfigError(f"{name}: line {number}: expected a \"prompt\" string or a \"messages\" list, "
-                      f"got keys {sorted(row)}")
-
-
-def load_sft_data(path: str, tokenizer) -> list[tuple[str, str]]:
-    """(prompt, response) pairs from {"prompt", "response"} or {"messages"}
-    lines (the last message is the response)."""
-    examples = []
-    for number, row in enumerate(_jsonl(path, "--data"), 1):
-        if isinstance(row.get("messages"), list) and "response" not in row:
-            messages = row["messages"]
-            last = messages[-1] if messages else None
-            if not isinstance(last, dict) or last.get("role") != "assistant":
-                raise ConfigError(f"--data: line {number}: the last message must be the assistant's response")
-            examples.append((_prompt_of({}, tokenizer, number, "--data", messages[:-1]), last["content"]))
-        elif isinstance(row.get("response"), str):
-            examples.append((_prompt_of(row, tokenizer, number, "--data"), row["response"]))
-        else:
-            raise ConfigError(f"--data: line {number}: expected \"prompt\" and \"response\" strings or a "
-                              f"\"messages\" list, got keys {sorted(row)}")
-    return examples
-
-
-def load_rm_data(path: str, tokenizer) -> list[tuple[str, list[str]]]:
-    """(prompt, responses best first) from {"chosen", "rejected"} or
-    {"responses": [...]} lines, every line with the same number."""
-    examples = []
-    for number, row in enumerate(_jsonl(path, "--data"), 1):
-        prompt = _prompt_of(row, tokenizer, number, "--data")
-        if isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str):
-            ranked = [row["chosen"], row["rejected"]]
-        elif isinstance(row.get("responses"), list) and all(isinstance(r, str) for r in row["responses"]):
-            ranked = row["responses"]
-        else:
-            raise ConfigError(f"--data: line {number}: expected \"chosen\" and \"rejected\" strings or a "
-                              f"\"responses\" list, best first")
-        if len(ranked) < 2:
-            raise ConfigError(f"--data: line {number}: {len(ranked)} response; a ranking needs at least 2")
-        if examples and len(ranked) != len(examples[0][1]):
-            raise ConfigError(f"--data: line {number} ranks {len(ranked)} responses, line 1 {len(examples[0][1])}; "
-                              "every line must rank the same number")
-        examples.append((prompt, ranked))
-    return examples
-
-
-def load_texts(path: str) -> list[str]:
-    """Pretraining texts from JSON lines of {"text": str}."""
-    rows = _jsonl(path, "--ptx-data")
-    bad = [i for i, row in enumerate(rows, 1) if not isinstance(row.get("text"), str)]
-    if bad:
-        raise ConfigError(f"--ptx-data: line {bad[0]}: expected a \"text\" string")
-    return [row["text"] for row in rows]
 
 
 def load_reward_fn(spec: str) -> Callable:
@@ -553,13 +464,9 @@ def add_stage_parsers(sub) -> None:
         p.add_argument("--steps", type=int, default=100)
         p.add_argument("--batch-size", type=int, default=8, help="examples (rm: prompts) per step")
         p.add_argument("--lr", type=float, default=1e-5)
-        p.add_argument("--backend", default=None, help="triton | cuda | cpu | reference")
+        add_backend_flag(p)
         p.add_argument("--device", default="cpu")
-        p.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp"),
-                       help="under torchrun: ddp (default) or fsdp (FSDP2 sharding)")
-        p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                       help="fp32 (default) or bf16 compute (autocast; under fsdp MixedPrecisionPolicy); "
-                            "float32 master weights either way")
+        add_parallel_flags(p, strategy="ddp", precision="fp32", offload=False)
         p.set_defaults(func=lambda args, _run=run, _name=name: _stage_main(_run, _name, args))
 
 
@@ -590,20 +497,14 @@ def add_ppo_parser(sub) -> None:
     p.add_argument("--rollout-batch-size", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--strategy", default=None, choices=("ddp", "fsdp"),
-                   help="under torchrun: ddp (default; every rank holds every model) or fsdp (FSDP2 sharding)")
-    p.add_argument("--precision", default=None, choices=("fp32", "bf16"),
-                   help="fp32 (default) or bf16 compute (autocast; under fsdp FSDP2's MixedPrecisionPolicy); "
-                        "float32 master weights either way")
-    p.add_argument("--offload", default=None, metavar="ref,reward",
-                   help="frozen models kept in CPU memory: ref (the reference policy), reward (the reward model)")
+    add_parallel_flags(p)
     p.add_argument("--reward-normalization", default="none",
                    help="none | reference-mean (InstructGPT: the reference policy's mean score is the bias) | "
                         "running (whiten by the running mean and std)")
     p.add_argument("--missing-eos-penalty", type=float, default=None,
                    help="subtracted from the score of responses cut off without EOS")
     p.add_argument("--config", default=None, help="JSON file of PPOConfig fields")
-    p.add_argument("--backend", default=None, help="triton | cuda | cpu | reference")
+    add_backend_flag(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")

@@ -1,12 +1,18 @@
 """Text <-> padded token tensors for prompts (left-padded, for generation) and
-responses (right-padded, ending with the end-of-sequence token when they stop)."""
+responses (right-padded, ending with the end-of-sequence token when they stop);
+the JSON-lines readers of the commands' data (prompts, SFT examples, rankings,
+pretraining texts)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .config import ConfigError
 
 IGNORE_INDEX = -100
 
@@ -130,3 +136,96 @@ def lm_targets(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tenso
 def position_ids(attention_mask: Tensor) -> Tensor:
     """Positions counted over real tokens only, so left padding does not shift them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+# --- JSON-lines data of the sft / rm / ppo commands ---------------------------------
+
+
+def _jsonl(path: str, name: str) -> list[dict]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{name}: {path} is not a file")
+    rows = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{name}: {path} line {number} is not JSON: {exc}") from exc
+        if not isinstance(row, dict):
+            raise ConfigError(f"{name}: {path} line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"{name}: {path} holds no example")
+    return rows
+
+
+def load_prompts(path: str, tokenizer) -> list[str]:
+    """Prompt texts from JSON lines of {"prompt": str} or {"messages": [...]}
+    (rendered with the tokenizer's chat template, generation prompt added)."""
+    return [_prompt_of(row, tokenizer, number, "--prompts") for number, row in enumerate(_jsonl(path, "--prompts"), 1)]
+
+
+def _prompt_of(row: dict, tokenizer, number: int, name: str, messages: list | None = None) -> str:
+    """A row's prompt: its "prompt" string, or its messages rendered with the
+    chat template (generation prompt added)."""
+    messages = row.get("messages") if messages is None else messages
+    if isinstance(row.get("prompt"), str):
+        return row["prompt"]
+    if isinstance(messages, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"{name}: line {number} has messages but the tokenizer has no chat template")
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    raise ConfigError(f"{name}: line {number}: expected a \"prompt\" string or a \"messages\" list, "
+                      f"got keys {sorted(row)}")
+
+
+def load_sft_data(path: str, tokenizer) -> list[tuple[str, str]]:
+    """(prompt, response) pairs from {"prompt", "response"} or {"messages"}
+    lines (the last message is the response)."""
+    examples = []
+    for number, row in enumerate(_jsonl(path, "--data"), 1):
+        if isinstance(row.get("messages"), list) and "response" not in row:
+            messages = row["messages"]
+            last = messages[-1] if messages else None
+            if not isinstance(last, dict) or last.get("role") != "assistant":
+                raise ConfigError(f"--data: line {number}: the last message must be the assistant's response")
+            examples.append((_prompt_of({}, tokenizer, number, "--data", messages[:-1]), last["content"]))
+        elif isinstance(row.get("response"), str):
+            examples.append((_prompt_of(row, tokenizer, number, "--data"), row["response"]))
+        else:
+            raise ConfigError(f"--data: line {number}: expected \"prompt\" and \"response\" strings or a "
+                              f"\"messages\" list, got keys {sorted(row)}")
+    return examples
+
+
+def load_rm_data(path: str, tokenizer) -> list[tuple[str, list[str]]]:
+    """(prompt, responses best first) from {"chosen", "rejected"} or
+    {"responses": [...]} lines, every line with the same number."""
+    examples = []
+    for number, row in enumerate(_jsonl(path, "--data"), 1):
+        prompt = _prompt_of(row, tokenizer, number, "--data")
+        if isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str):
+            ranked = [row["chosen"], row["rejected"]]
+        elif isinstance(row.get("responses"), list) and all(isinstance(r, str) for r in row["responses"]):
+            ranked = row["responses"]
+        else:
+            raise ConfigError(f"--data: line {number}: expected \"chosen\" and \"rejected\" strings or a "
+                              f"\"responses\" list, best first")
+        if len(ranked) < 2:
+            raise ConfigError(f"--data: line {number}: {len(ranked)} response; a ranking needs at least 2")
+        if examples and len(ranked) != len(examples[0][1]):
+            raise ConfigError(f"--data: line {number} ranks {len(ranked)} responses, line 1 {len(examples[0][1])}; "
+                              "every line must rank the same number")
+        examples.append((prompt, ranked))
+    return examples
+
+
+def load_texts(path: str) -> list[str]:
+    """Pretraining texts from JSON lines of {"text": str}."""
+    rows = _jsonl(path, "--ptx-data")
+    bad = [i for i, row in enumerate(rows, 1) if not isinstance(row.get("text"), str)]
+    if bad:
+        raise ConfigError(f"--ptx-data: line {bad[0]}: expected a \"text\" string")
+    return [row["text"] for row in rows]

@@ -24,7 +24,6 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -41,12 +40,11 @@ from .data import (
     Batch, decode_responses, encode_prompts, encode_responses, lm_targets, make_batch,
     response_mask_from_generation,
 )
-from . import fsdp
+from . import checkpoint, fsdp
 from .fsdp import unwrapped as _unwrap
 from .models import LMHead, ScalarHeadModel, response_logits, sequence_scores, with_response_hidden
 from .utils import (
-    Timer, all_gather_object, all_reduce_mean, all_reduce_sum, disable_dropout, float32_master, load_checkpoint,
-    make_optimizer, process_group, rng_state, save_checkpoint, set_rng_state,
+    Timer, all_reduce_mean, all_reduce_sum, disable_dropout, float32_master, make_optimizer, process_group,
 )
 
 # (prompt texts, response texts, stopped flags) -> (B,) scores
@@ -608,131 +606,22 @@ class PPOTrainer:
         kl = ((logp - ref) * batch.response_mask).sum(1).mean()
         return {"true_score": float(true_score(prompts, texts, stopped).mean()), "kl_to_ref": float(kl)}
 
-    def _not_sharded(self, what: str) -> None:
-        if self.sharded:
-            raise ValueError(f"{what}: an FSDP trainer's models are sharded; checkpoint it with save() / load()")
+    # --- checkpoints (checkpoint.py) ------------------------------------------------
 
     def state_dict(self) -> dict:
         """Everything to resume, DDP or one process (a collective: every rank
         calls it; rank 0 writes it). FSDP trainers checkpoint with ``save``."""
-        self._not_sharded("state_dict")
-        return {
-            "policy": _unwrap(self.policy).state_dict(),
-            "value_model": _unwrap(self.value_model).state_dict() if self.value_model is not None else None,
-            "policy_opt": self.policy_opt.state_dict(),
-            "value_opt": self.value_opt.state_dict() if self.value_opt is not None else None,
-            **self._training_state(),
-        }
-
-    def _training_state(self) -> dict:
-        """Everything but the models and optimizers (a collective: it gathers
-        every rank's random streams)."""
-        return {
-            "iteration": self.iteration,
-            "policy_sched": self.policy_sched.state_dict(),
-            "value_sched": self.value_sched.state_dict() if self.value_sched is not None else None,
-            "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl is not None else None,
-            "score_moments": self._score_moments.cpu(),
-            # Every rank's streams (prompts, sampling noise), by rank: a collective,
-            # so every rank calls state_dict; rank 0 writes it.
-            "rank_rng": all_gather_object({"data_rng": self.data_rng.getstate(), "rng": rng_state()}),
-        }
-
-    def save(self, path, extra: dict) -> None:
-        """Write a checkpoint (a collective: every rank calls it). DDP: one
-        file from rank 0 (``state_dict()`` and ``extra``). FSDP: a directory,
-        the models' and optimizers' shards through torch.distributed.checkpoint
-        (each rank writes its own; resumable on any number of ranks), the rest
-        in ``trainer.pt`` from rank 0."""
-        path = Path(path)
-        if not self.sharded:
-            state = self.state_dict()
-            if self.rank == 0:
-                save_checkpoint(path, {"trainer": state, **extra})
-            return
-        import shutil
-
-        import torch.distributed as dist
-        import torch.distributed.checkpoint as dcp
-
-        training = self._training_state()
-        # Into a fresh directory, then swapped in: an interrupted save leaves the last checkpoint whole.
-        tmp = path.with_name(path.name + ".tmp")
-        if self.rank == 0 and tmp.exists():
-            shutil.rmtree(tmp)
-        dist.barrier()
-        dcp.save(self._sharded_states(), checkpoint_id=str(tmp))
-        if self.rank == 0:
-            save_checkpoint(tmp / "trainer.pt", {"trainer": training, **extra})
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.rename(path)
-        dist.barrier()
-
-    def load(self, path) -> dict:
-        """Resume from ``save``'s checkpoint; returns its ``extra``."""
-        path = Path(path)
-        if not self.sharded:
-            state = load_checkpoint(path)
-            self.load_state_dict(state["trainer"])
-            return state
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        shards = self._sharded_states()
-        dcp.load(shards, checkpoint_id=str(path))  # resharded to this number of ranks
-        for name, model, opt in self._models_and_optimizers():
-            set_state_dict(model, opt, model_state_dict=shards[name], optim_state_dict=shards[f"{name}_opt"])
-        state = load_checkpoint(path / "trainer.pt")
-        self._load_training_state(state["trainer"])
-        return state
-
-    def _models_and_optimizers(self):
-        pairs = [("policy", self.policy, self.policy_opt)]
-        if self.value_model is not None:
-            pairs.append(("value_model", self.value_model, self.value_opt))
-        return pairs
-
-    def _sharded_states(self) -> dict:
-        """Model and optimizer state dicts of DTensor shards, by name."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        out = {}
-        for name, model, opt in self._models_and_optimizers():
-            out[name], out[f"{name}_opt"] = get_state_dict(model, opt)
-        return out
+        return checkpoint.state_dict(self)
 
     def load_state_dict(self, state: dict) -> None:
         """``state_dict``'s inverse (DDP or one process; FSDP: ``load``)."""
-        self._not_sharded("load_state_dict")
-        _unwrap(self.policy).load_state_dict(state["policy"])
-        self.policy_opt.load_state_dict(state["policy_opt"])
-        if self.value_model is not None:
-            _unwrap(self.value_model).load_state_dict(state["value_model"])
-            self.value_opt.load_state_dict(state["value_opt"])
-        self._load_training_state(state)
+        checkpoint.load_state_dict(self, state)
 
-    def _load_training_state(self, state: dict) -> None:
-        self.iteration = state["iteration"]
-        self.policy_sched.load_state_dict(state["policy_sched"])
-        if self.value_model is not None:
-            self.value_sched.load_state_dict(state["value_sched"])
-        if "score_moments" in state:
-            self._score_moments = state["score_moments"].clone()
-        if self.kl_ctl is not None and state["kl_ctl"] is not None:
-            self.kl_ctl.load_state_dict(state["kl_ctl"])
-        saved = state["rank_rng"]
-        if len(saved) == self.world_size:
-            self.data_rng.setstate(saved[self.rank]["data_rng"])
-            set_rng_state(saved[self.rank]["rng"])
-        elif not self.sharded:
-            raise ValueError(f"checkpoint: written by {len(saved)} processes, resumed with {self.world_size}; "
-                             "resume with the same number of processes (or train with strategy fsdp)")
-        else:
-            # Another number of ranks: the models and optimizers continue exactly,
-            # the sampling streams start afresh (seeded by rank and iteration).
-            logger.warning("checkpoint: written by %d processes, resumed with %d; the prompt and sampling "
-                           "streams are reseeded", len(saved), self.world_size)
-            seed = (self.config.seed * 1000 + self.rank) * 100003 + self.iteration
-            self.data_rng = random.Random(seed)
-            torch.manual_seed(seed)
+    def save(self, path, extra: dict) -> None:
+        """Write a checkpoint (a collective: every rank calls it); see
+        ``checkpoint.save`` for the files."""
+        checkpoint.save(self, path, extra)
+
+    def load(self, path) -> dict:
+        """Resume from ``save``'s checkpoint; returns its ``extra``."""
+        return checkpoint.load(self, path)
