@@ -4,7 +4,8 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
-#include "../glue.h"
+#include "../glue/logprobs.h"
+#include "../glue/ppo_loss.h"  // ppo_logits_grad_native
 #include "logprobs.h"
 
 namespace rlhf_kernels {

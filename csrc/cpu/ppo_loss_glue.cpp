@@ -1,10 +1,10 @@
 // Torch glue for the CPU PPO loss kernels: checks, allocation, at::parallel_for
-// over the token chunks, and the reduction of per-chunk partials (glue.h).
+// over the token chunks, and the reduction of per-chunk partials (glue/ppo_loss.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
-#include "../glue.h"
+#include "../glue/ppo_loss.h"
 #include "ppo_loss.h"
 
 namespace rlhf_kernels {
@@ -75,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_value_host(const at::Ten
   return {loss, stats, weights};
 }
 
-// The public op ppo_policy_loss (csrc/ops.cpp; glue.h ppo_policy_loss_impl).
+// The public op ppo_policy_loss (csrc/ops.cpp; glue/ppo_loss.h ppo_policy_loss_impl).
 LossOutputs ppo_policy_loss_cpu(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
                                 const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip,
                                 int64_t agg, std::optional<double> num_tokens, std::optional<double> num_seqs,
@@ -112,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> value_partials(const at::Tensor& values,
 }
 
 
-// The public op ppo_value_loss (glue.h ppo_value_loss_impl).
+// The public op ppo_value_loss (glue/ppo_loss.h ppo_value_loss_impl).
 LossOutputs ppo_value_loss_cpu(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
                                const at::Tensor& mask, double clip, int64_t agg, std::optional<double> num_tokens,
                                std::optional<double> num_seqs, bool need_grad) {
@@ -120,7 +120,7 @@ LossOutputs ppo_value_loss_cpu(const at::Tensor& values, const at::Tensor& old_v
                              need_grad, value_partials, finalize_value_host);
 }
 
-// The public op ppo_loss_from_logits (csrc/ops.cpp; glue.h ppo_loss_from_logits_impl).
+// The public op ppo_loss_from_logits (csrc/ops.cpp; glue/ppo_loss.h ppo_loss_from_logits_impl).
 FromLogitsOutputs ppo_loss_from_logits_cpu(
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp, const at::Tensor& advantages,
     const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp, double temperature, double ratio_low,

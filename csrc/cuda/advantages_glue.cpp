@@ -9,7 +9,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
-#include "../glue.h"
+#include "../glue/advantages.h"
 #include "advantages.cuh"
 
 namespace rlhf_kernels {

@@ -1,6 +1,6 @@
 // Torch glue for the CUDA PPO loss kernels: checks, allocation, stream and
 // device guard, and the (cheap, O(B * chunks)) reduction of per-chunk partials
-// (glue.h).
+// (glue/ppo_loss.h).
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -8,7 +8,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
-#include "../glue.h"
+#include "../glue/ppo_loss.h"
 #include "ppo_loss.cuh"
 
 namespace rlhf_kernels {
@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> value_partials(const at::Tensor& values,
   return {grad, partial};
 }
 
-// The public ops ppo_policy_loss and ppo_value_loss (glue.h *_impl), aggregated
+// The public ops ppo_policy_loss and ppo_value_loss (glue/ppo_loss.h *_impl), aggregated
 // on the device with ATen ops: no host synchronisation.
 LossOutputs ppo_policy_loss_cuda(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
                                  const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip,
@@ -91,7 +91,7 @@ LossOutputs ppo_value_loss_cuda(const at::Tensor& values, const at::Tensor& old_
                              need_grad, value_partials, finalize_value_aten);
 }
 
-// The public op ppo_loss_from_logits (csrc/ops.cpp; glue.h ppo_loss_from_logits_impl),
+// The public op ppo_loss_from_logits (csrc/ops.cpp; glue/ppo_loss.h ppo_loss_from_logits_impl),
 // aggregated on the device without a host synchronisation.
 FromLogitsOutputs ppo_loss_from_logits_cuda(
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp, const at::Tensor& advantages,

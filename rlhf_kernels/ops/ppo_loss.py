@@ -77,13 +77,13 @@ def _aggregation_weights(counts: Tensor, seq_len: int, agg: str, num_tokens: Opt
 
 def _divisor(count: Tensor) -> Tensor:
     """A count as a divisor: 0 (no valid token) divides by 1, weight counts in
-    (0, 1) as they are (csrc/glue.h count_divisor)."""
+    (0, 1) as they are (csrc/glue/ppo_loss.h count_divisor)."""
     return torch.where(count > 0, count, torch.ones_like(count))
 
 
 def _kernel_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """A mask as the token kernels read it, flat: bool stays bool (valid or
-    not), any other dtype becomes per-token weights in ``dtype`` (csrc/glue.h
+    not), any other dtype becomes per-token weights in ``dtype`` (csrc/glue/ppo_loss.h
     kernel_mask)."""
     return _token_view(mask if mask.dtype == torch.bool else mask.to(dtype)).contiguous()
 
@@ -287,7 +287,7 @@ def _grad_in_forward(dtype: torch.dtype, need_grad: bool, inplace_backward: bool
     """Whether ppo_loss_from_logits writes the logits gradient in its forward:
     when one is needed and the logits are not to be overwritten, and not for
     float16, whose gradient must be scaled (GradScaler) before it is rounded
-    to float16, or small values underflow (csrc/glue.h fused_logits_grad)."""
+    to float16, or small values underflow (csrc/glue/ppo_loss.h fused_logits_grad)."""
     return need_grad and not inplace_backward and dtype != torch.float16
 
 
@@ -309,7 +309,7 @@ def _ppo_loss_from_logits_triton(
     num_seqs: Optional[float], kl_coef: float, kl_estimator: int, entropy_coef: float, inplace_backward: bool,
     need_grad: bool, count: Optional[Tensor], max_rows_in_flight: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The native op's composite (csrc/glue.h ppo_loss_from_logits_impl) over the Triton kernels."""
+    """The native op's composite (csrc/glue/ppo_loss.h ppo_loss_from_logits_impl) over the Triton kernels."""
     if labels.device.type == "cpu":  # the interpreter: as the native CPU op checks
         check_labels_in_range(labels, logits.shape[-1], -100)
     acc = acc_dtype(logits.dtype)
