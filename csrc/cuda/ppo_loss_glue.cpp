@@ -125,6 +125,45 @@ void scale_grad_cuda(at::Tensor& grad, at::Tensor& applied, const at::Tensor& sc
   applied.copy_(s);
 }
 
+// ppo_logits_grad_native (csrc/ops.cpp): one launch, softmax_rows.cuh's row
+// helpers around the token's weighted PPO derivative (ppo_loss.cu).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cuda(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp,
+    const at::Tensor& advantages, const at::Tensor& row_weight,
+    const std::optional<at::Tensor>& ref_logp, const at::Tensor& grad_logits, int64_t inner_rows,
+    int64_t in_outer_stride, int64_t in_inner_stride, int64_t out_outer_stride,
+    int64_t out_inner_stride, double inv_temperature, int64_t ignore_index, double ratio_low,
+    double ratio_high, double dual_clip, double kl_coef, int64_t kl_estimator,
+    double entropy_coef, int64_t max_rows_in_flight) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const RowLayout in_layout{inner_rows, in_outer_stride, in_inner_stride};
+  const RowLayout out_layout{inner_rows, out_outer_stride, out_inner_stride};
+  const PpoLogitsGradArgs checked = check_ppo_logits_grad(
+      logits, labels, grad_logits, in_layout, out_layout, old_logp, advantages, row_weight, ref_logp,
+      ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator);
+  const int64_t n_rows = checked.n_rows;
+  const at::ScalarType acc = acc_dtype_for(logits);
+  const auto opts = logits.options().dtype(acc);
+  at::Tensor logp = at::empty({n_rows}, opts), entropy = at::empty({n_rows}, opts);
+  at::Tensor row_max = at::empty({n_rows}, opts), log_sum = at::empty({n_rows}, opts);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float_dtype<__nv_bfloat16, __half>(logits.scalar_type(), "logits", [&](auto scalar, auto acc_v) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc_v);
+    check_ppo_launch(cuda::launch_ppo_logits_grad<scalar_t, acc_t>(
+        reinterpret_cast<const scalar_t*>(logits.const_data_ptr()), in_layout,
+        labels.const_data_ptr<int64_t>(), old_logp.const_data_ptr<acc_t>(),
+        advantages.const_data_ptr<acc_t>(), row_weight.const_data_ptr<acc_t>(),
+        ref_logp ? ref_logp->const_data_ptr<acc_t>() : nullptr, n_rows, logits.size(-1),
+        static_cast<acc_t>(inv_temperature), ignore_index, cast_params<acc_t>(checked.params),
+        static_cast<acc_t>(entropy_coef), logp.mutable_data_ptr<acc_t>(),
+        entropy.mutable_data_ptr<acc_t>(), row_max.mutable_data_ptr<acc_t>(),
+        log_sum.mutable_data_ptr<acc_t>(), reinterpret_cast<scalar_t*>(grad_logits.data_ptr()),
+        out_layout, max_rows_in_flight, stream));
+  });
+  return {logp, entropy, row_max, log_sum};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
@@ -132,6 +171,7 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
   m.impl("ppo_value_loss", &ppo_value_loss_cuda);
   m.impl("scale_grad_", &scale_grad_cuda);
   m.impl("ppo_loss_from_logits", &ppo_loss_from_logits_cuda);
+  m.impl("ppo_logits_grad_native", &ppo_logits_grad_cuda);
 }
 
 }  // namespace rlhf_kernels

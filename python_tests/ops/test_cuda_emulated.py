@@ -265,7 +265,7 @@ def test_logprobs_forward_signs_and_nan_rows(emu):
 
 
 def _vectorized(logits, shift, out_shift, inplace):
-    """Which backward path the launcher picks (rows_aligned of logprobs.cu)."""
+    """Which backward path the launcher picks (rows_aligned of softmax_rows.cuh)."""
     _, inner_rows, outer, inner = row_layout(logits)
     n_rows, elem = logits.numel() // logits.shape[-1], logits.element_size()
 
@@ -982,7 +982,7 @@ HEAD_N, HEAD_H, HEAD_V = 13, 16, 1031
 # last token block of 4 rows).
 _HEAD_LABELS = [0, None, 299, 300, 1030, 599, 600, 899, 900, 1023, 1024, 1027, None]
 # (token block, vocabulary block), forced through chunk_bytes, and the
-# backward paths the tiles take (rows_aligned of logprobs.cu).
+# backward paths the tiles take (rows_aligned of softmax_rows.cuh).
 HEAD_PLANS = {
     # 13 token blocks x 4 tiles (300, 300, 300, 131 columns), one row each: the vectorised backward.
     "tb1-vb300": (1, 300, {True}),
