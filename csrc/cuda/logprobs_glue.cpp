@@ -1,5 +1,9 @@
 // Torch glue for the CUDA kernels: checks, allocation, stream and device guard.
+// A launcher's cudaError_t (which includes a launch shape it refuses before
+// any launch, unseen by cudaGetLastError) goes to C10_CUDA_CHECK; the extra
+// parentheses keep a template argument list's comma inside its one argument.
 #include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -11,10 +15,6 @@
 
 namespace rlhf_kernels {
 namespace {
-
-void check_launch(cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "rlhf_kernels CUDA launch failed: ", cudaGetErrorString(err));
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& labels, int64_t inner_rows, int64_t outer_stride,
@@ -30,12 +30,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
   dispatch_float_dtype<__nv_bfloat16, __half>(logits.scalar_type(), "logits", [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
-    check_launch(cuda::launch_logprobs_fwd<scalar_t, acc_t>(
+    C10_CUDA_CHECK((cuda::launch_logprobs_fwd<scalar_t, acc_t>(
         reinterpret_cast<const scalar_t*>(logits.const_data_ptr()), layout,
         labels.const_data_ptr<int64_t>(), n_rows, logits.size(-1),
         static_cast<acc_t>(inv_temperature), ignore_index, logp.mutable_data_ptr<acc_t>(),
         compute_entropy ? entropy.mutable_data_ptr<acc_t>() : nullptr,
-        row_max.mutable_data_ptr<acc_t>(), log_sum.mutable_data_ptr<acc_t>(), stream));
+        row_max.mutable_data_ptr<acc_t>(), log_sum.mutable_data_ptr<acc_t>(), stream)));
   });
   return {logp, entropy, row_max, log_sum};
 }
@@ -56,7 +56,7 @@ void logprobs_bwd_cuda(const at::Tensor& grad_logp, const std::optional<at::Tens
   dispatch_float_dtype<__nv_bfloat16, __half>(logits.scalar_type(), "logits", [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
-    check_launch(cuda::launch_logprobs_bwd<scalar_t, acc_t>(
+    C10_CUDA_CHECK((cuda::launch_logprobs_bwd<scalar_t, acc_t>(
         grad_logp.const_data_ptr<acc_t>(),
         grad_entropy ? grad_entropy->const_data_ptr<acc_t>() : nullptr,
         reinterpret_cast<const scalar_t*>(logits.const_data_ptr()), in_layout,
@@ -64,7 +64,7 @@ void logprobs_bwd_cuda(const at::Tensor& grad_logp, const std::optional<at::Tens
         log_sum.const_data_ptr<acc_t>(), entropy ? entropy->const_data_ptr<acc_t>() : nullptr,
         n_rows, logits.size(-1),
         static_cast<acc_t>(inv_temperature), ignore_index,
-        reinterpret_cast<scalar_t*>(grad_logits.data_ptr()), out_layout, stream));
+        reinterpret_cast<scalar_t*>(grad_logits.data_ptr()), out_layout, stream)));
   });
 }
 

@@ -1,6 +1,10 @@
 // Torch glue for the CUDA PPO loss kernels: checks, allocation, stream and
 // device guard, and the (cheap, O(B * chunks)) reduction of per-chunk partials
 // (glue/ppo_loss.h).
+// A launcher's cudaError_t (which includes a launch shape it refuses before
+// any launch, unseen by cudaGetLastError) goes to C10_CUDA_CHECK; the extra
+// parentheses keep a template argument list's comma inside its one argument.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -13,10 +17,6 @@
 
 namespace rlhf_kernels {
 namespace {
-
-void check_ppo_launch(cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "rlhf_kernels CUDA launch failed: ", cudaGetErrorString(err));
-}
 
 // The token pass of the policy loss: grad (N,) and (B, chunks, kPolicyStats) partials.
 std::tuple<at::Tensor, at::Tensor> policy_partials(
@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> policy_partials(
     using acc_t = scalar_t;
     const auto params =
         policy_params<acc_t>(ratio_low, ratio_high, dual_clip, kl_estimator, kl_coef);
-    check_ppo_launch(cuda::launch_ppo_policy_fwd<acc_t>(
+    C10_CUDA_CHECK(cuda::launch_ppo_policy_fwd<acc_t>(
         logp.const_data_ptr<acc_t>(), old_logp.const_data_ptr<acc_t>(),
         advantages.const_data_ptr<acc_t>(), mask_data(mask), weight_data<acc_t>(mask),
         ref_logp ? ref_logp->const_data_ptr<acc_t>() : nullptr,
@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> value_partials(const at::Tensor& values,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "ppo_value_fwd_cuda", [&] {
     using acc_t = scalar_t;
-    check_ppo_launch(cuda::launch_ppo_value_fwd<acc_t>(
+    C10_CUDA_CHECK(cuda::launch_ppo_value_fwd<acc_t>(
         values.const_data_ptr<acc_t>(), old_values.const_data_ptr<acc_t>(),
         returns.const_data_ptr<acc_t>(), mask_data(mask), weight_data<acc_t>(mask), shape.seqs, seq_len,
         static_cast<acc_t>(clip), need_grad ? grad.mutable_data_ptr<acc_t>() : nullptr,
@@ -118,9 +118,9 @@ void scale_grad_cuda(at::Tensor& grad, at::Tensor& applied, const at::Tensor& sc
   dispatch_float_dtype<__nv_bfloat16, __half>(grad.scalar_type(), "grad", [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
-    check_ppo_launch(cuda::launch_scale_unless_one<scalar_t, acc_t>(
+    C10_CUDA_CHECK((cuda::launch_scale_unless_one<scalar_t, acc_t>(
         reinterpret_cast<scalar_t*>(grad.data_ptr()), s.const_data_ptr<acc_t>(), applied.const_data_ptr<acc_t>(),
-        grad.numel(), c10::cuda::getCurrentCUDAStream()));
+        grad.numel(), c10::cuda::getCurrentCUDAStream())));
   });
   applied.copy_(s);
 }
@@ -150,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cuda(
   dispatch_float_dtype<__nv_bfloat16, __half>(logits.scalar_type(), "logits", [&](auto scalar, auto acc_v) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc_v);
-    check_ppo_launch(cuda::launch_ppo_logits_grad<scalar_t, acc_t>(
+    C10_CUDA_CHECK((cuda::launch_ppo_logits_grad<scalar_t, acc_t>(
         reinterpret_cast<const scalar_t*>(logits.const_data_ptr()), in_layout,
         labels.const_data_ptr<int64_t>(), old_logp.const_data_ptr<acc_t>(),
         advantages.const_data_ptr<acc_t>(), row_weight.const_data_ptr<acc_t>(),
@@ -159,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cuda(
         static_cast<acc_t>(entropy_coef), logp.mutable_data_ptr<acc_t>(),
         entropy.mutable_data_ptr<acc_t>(), row_max.mutable_data_ptr<acc_t>(),
         log_sum.mutable_data_ptr<acc_t>(), reinterpret_cast<scalar_t*>(grad_logits.data_ptr()),
-        out_layout, max_rows_in_flight, stream));
+        out_layout, max_rows_in_flight, stream)));
   });
   return {logp, entropy, row_max, log_sum};
 }
