@@ -41,23 +41,7 @@ inline PpoLogitsGradArgs check_ppo_logits_grad(
   if (ref_logp) check_row_tensor(*ref_logp, n_rows, acc, "ref_logp");
   TORCH_CHECK_VALUE(kl_estimator >= kKlNone && kl_estimator <= kKlK3, "kl_estimator: bad code ", kl_estimator);
   TORCH_CHECK_VALUE(kl_estimator == kKlNone || ref_logp, "ref_logp: required with a KL estimator");
-  return {n_rows, PolicyParams<double>{ratio_low, ratio_high, dual_clip, dual_clip > 0,
-                                       static_cast<int>(kl_estimator), kl_coef}};
-}
-
-template <typename acc_t>
-PolicyParams<acc_t> cast_params(const PolicyParams<double>& p) {
-  return PolicyParams<acc_t>{static_cast<acc_t>(p.ratio_low), static_cast<acc_t>(p.ratio_high),
-                             static_cast<acc_t>(p.dual_clip), p.has_dual_clip, p.kl_estimator,
-                             static_cast<acc_t>(p.kl_coef)};
-}
-
-// PolicyParams from the ops' double arguments.
-template <typename acc_t>
-PolicyParams<acc_t> policy_params(double ratio_low, double ratio_high, double dual_clip,
-                                  int64_t kl_estimator, double kl_coef) {
-  return cast_params<acc_t>(PolicyParams<double>{ratio_low, ratio_high, dual_clip, dual_clip > 0,
-                                                 static_cast<int>(kl_estimator), kl_coef});
+  return {n_rows, policy_params<double>(ratio_low, ratio_high, dual_clip, kl_estimator, kl_coef)};
 }
 
 // The (B, T) token tensors of the PPO loss kernels, flattened to (B * T,).
