@@ -4,7 +4,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
-#include "../glue.h"
+#include "../glue/advantages.h"
 #include "advantages.h"
 
 namespace rlhf_kernels {

@@ -3,11 +3,15 @@
 // in the torch glue, a plain loop in the ctest harness).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "rlhf_kernels/common.h"
 
 namespace rlhf_kernels::cpu {
+
+// Rows per parallel task: enough work (>= ~64k elements) to amortise a task.
+inline int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(vocab, 1)); }
 
 // Forward, rows [row_begin, row_end), x = logits[row]:
 //   row_max = max(x); y = (x - row_max) * inv_temperature; log_sum = log sum exp(y)

@@ -1,10 +1,12 @@
 // Torch glue for the CPU PPO loss kernels: checks, allocation, at::parallel_for
-// over the token chunks, and the reduction of per-chunk partials (glue.h).
+// over the token chunks, and the reduction of per-chunk partials (glue/ppo_loss.h);
+// ppo_loss_from_logits's fused logits gradient over the logprobs row kernels.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
-#include "../glue.h"
+#include "../glue/ppo_loss.h"
+#include "logprobs.h"
 #include "ppo_loss.h"
 
 namespace rlhf_kernels {
@@ -75,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_value_host(const at::Ten
   return {loss, stats, weights};
 }
 
-// The public op ppo_policy_loss (csrc/ops.cpp; glue.h ppo_policy_loss_impl).
+// The public op ppo_policy_loss (csrc/ops.cpp; glue/ppo_loss.h ppo_policy_loss_impl).
 LossOutputs ppo_policy_loss_cpu(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
                                 const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip,
                                 int64_t agg, std::optional<double> num_tokens, std::optional<double> num_seqs,
@@ -112,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> value_partials(const at::Tensor& values,
 }
 
 
-// The public op ppo_value_loss (glue.h ppo_value_loss_impl).
+// The public op ppo_value_loss (glue/ppo_loss.h ppo_value_loss_impl).
 LossOutputs ppo_value_loss_cpu(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
                                const at::Tensor& mask, double clip, int64_t agg, std::optional<double> num_tokens,
                                std::optional<double> num_seqs, bool need_grad) {
@@ -120,7 +122,7 @@ LossOutputs ppo_value_loss_cpu(const at::Tensor& values, const at::Tensor& old_v
                              need_grad, value_partials, finalize_value_host);
 }
 
-// The public op ppo_loss_from_logits (csrc/ops.cpp; glue.h ppo_loss_from_logits_impl).
+// The public op ppo_loss_from_logits (csrc/ops.cpp; glue/ppo_loss.h ppo_loss_from_logits_impl).
 FromLogitsOutputs ppo_loss_from_logits_cpu(
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp, const at::Tensor& advantages,
     const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp, double temperature, double ratio_low,
@@ -152,6 +154,68 @@ void scale_grad_cpu(at::Tensor& grad, at::Tensor& applied, const at::Tensor& sca
   }
 }
 
+// ppo_logits_grad_native (csrc/ops.cpp): per row, logprobs_fwd_rows, the
+// token's weighted PPO derivative, then logprobs_bwd_rows (cpu/logprobs.h).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cpu(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp,
+    const at::Tensor& advantages, const at::Tensor& row_weight,
+    const std::optional<at::Tensor>& ref_logp, const at::Tensor& grad_logits, int64_t inner_rows,
+    int64_t in_outer_stride, int64_t in_inner_stride, int64_t out_outer_stride,
+    int64_t out_inner_stride, double inv_temperature, int64_t ignore_index, double ratio_low,
+    double ratio_high, double dual_clip, double kl_coef, int64_t kl_estimator,
+    double entropy_coef, int64_t /*max_rows_in_flight: rows are cached per thread*/) {
+  const RowLayout in_layout{inner_rows, in_outer_stride, in_inner_stride};
+  const RowLayout out_layout{inner_rows, out_outer_stride, out_inner_stride};
+  const PpoLogitsGradArgs checked = check_ppo_logits_grad(
+      logits, labels, grad_logits, in_layout, out_layout, old_logp, advantages, row_weight, ref_logp,
+      ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator);
+  const int64_t n_rows = checked.n_rows;
+  const at::ScalarType acc = acc_dtype_for(logits);
+  const int64_t vocab = logits.size(-1);
+  const auto opts = logits.options().dtype(acc);
+  at::Tensor logp = at::empty({n_rows}, opts), entropy = at::empty({n_rows}, opts);
+  at::Tensor row_max = at::empty({n_rows}, opts), log_sum = at::empty({n_rows}, opts);
+  at::Tensor g = at::empty({n_rows}, opts), g_entropy = at::empty({n_rows}, opts);
+  dispatch_float_dtype<bf16_t, fp16_t>(logits.scalar_type(), "logits", [&](auto scalar, auto acc_v) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc_v);
+    const auto* data = reinterpret_cast<const scalar_t*>(logits.const_data_ptr());
+    auto* out = reinterpret_cast<scalar_t*>(grad_logits.data_ptr());
+    const int64_t* label_data = labels.const_data_ptr<int64_t>();
+    const acc_t* old = old_logp.const_data_ptr<acc_t>();
+    const acc_t* adv = advantages.const_data_ptr<acc_t>();
+    const acc_t* weight = row_weight.const_data_ptr<acc_t>();
+    const acc_t* ref = ref_logp ? ref_logp->const_data_ptr<acc_t>() : nullptr;
+    acc_t *logp_d = logp.mutable_data_ptr<acc_t>(), *entropy_d = entropy.mutable_data_ptr<acc_t>();
+    acc_t* row_max_d = row_max.mutable_data_ptr<acc_t>();
+    acc_t *log_sum_d = log_sum.mutable_data_ptr<acc_t>(), *g_d = g.mutable_data_ptr<acc_t>();
+    acc_t* g_entropy_d = g_entropy.mutable_data_ptr<acc_t>();
+    const PolicyParams<acc_t> p = cast_params<acc_t>(checked.params);
+    const auto inv_t = static_cast<acc_t>(inv_temperature);
+    const auto entropy_c = static_cast<acc_t>(entropy_coef);
+    at::parallel_for(0, n_rows, cpu::grain_rows(vocab), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        cpu::logprobs_fwd_rows<scalar_t, acc_t>(data, in_layout, label_data, vocab, inv_t,
+                                                ignore_index, logp_d, entropy_d, row_max_d,
+                                                log_sum_d, r, r + 1);
+        const acc_t w = weight[r];
+        g_d[r] = acc_t(0);
+        g_entropy_d[r] = acc_t(0);
+        if (w != acc_t(0)) {  // a valid token: its weighted PPO derivative
+          g_d[r] = w * policy_token<acc_t>(logp_d[r], old[r], adv[r], ref ? ref[r] : acc_t(0), p).grad;
+          g_entropy_d[r] = -entropy_c * w;
+        }
+        // The row again, from cache, for its gradient.
+        const acc_t* g_entropy_arg = entropy_c != acc_t(0) ? g_entropy_d : nullptr;
+        cpu::logprobs_bwd_rows<scalar_t, acc_t>(g_d, g_entropy_arg, data, in_layout, label_data,
+                                                row_max_d, log_sum_d, entropy_d, vocab, inv_t,
+                                                ignore_index, out, out_layout, r, r + 1);
+      }
+    });
+  });
+  return {logp, entropy, row_max, log_sum};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
@@ -159,6 +223,7 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
   m.impl("ppo_value_loss", &ppo_value_loss_cpu);
   m.impl("scale_grad_", &scale_grad_cpu);
   m.impl("ppo_loss_from_logits", &ppo_loss_from_logits_cpu);
+  m.impl("ppo_logits_grad_native", &ppo_logits_grad_cpu);
 }
 
 }  // namespace rlhf_kernels

@@ -2,6 +2,10 @@
 // device guard. The packed offsets are not read here (that would synchronise):
 // the Python op checks them on request (RLHF_KERNELS_CHECK=1) and the kernel
 // clamps them, so a bad cu_seqlens never reads out of bounds.
+// A launcher's cudaError_t (which includes a launch shape it refuses before
+// any launch, unseen by cudaGetLastError) goes to C10_CUDA_CHECK; the extra
+// parentheses keep a template argument list's comma inside its one argument.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
@@ -9,15 +13,11 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
-#include "../glue.h"
+#include "../glue/advantages.h"
 #include "advantages.cuh"
 
 namespace rlhf_kernels {
 namespace {
-
-void check_advantages_launch(cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "rlhf_kernels CUDA launch failed: ", cudaGetErrorString(err));
-}
 
 // The public op kl_penalty (one crossing): any layouts of one dtype, read contiguous.
 at::Tensor kl_penalty_cuda(const at::Tensor& logp_in, const at::Tensor& ref_logp_in, int64_t estimator) {
@@ -29,10 +29,10 @@ at::Tensor kl_penalty_cuda(const at::Tensor& logp_in, const at::Tensor& ref_logp
   dispatch_float_dtype<__nv_bfloat16, __half>(logp.scalar_type(), "logp", [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
-    check_advantages_launch(cuda::launch_kl_penalty_fwd<scalar_t, acc_t>(
+    C10_CUDA_CHECK((cuda::launch_kl_penalty_fwd<scalar_t, acc_t>(
         reinterpret_cast<const scalar_t*>(logp.const_data_ptr()),
         reinterpret_cast<const scalar_t*>(ref_logp.const_data_ptr()), static_cast<int>(estimator),
-        kl.mutable_data_ptr<acc_t>(), logp.numel(), stream));
+        kl.mutable_data_ptr<acc_t>(), logp.numel(), stream)));
   });
   return kl;
 }
@@ -51,11 +51,11 @@ std::tuple<at::Tensor, at::Tensor> kl_penalty_backward_cuda(const at::Tensor& gr
   dispatch_float_dtype<__nv_bfloat16, __half>(logp.scalar_type(), "logp", [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
-    check_advantages_launch(cuda::launch_kl_penalty_bwd<scalar_t, acc_t>(
+    C10_CUDA_CHECK((cuda::launch_kl_penalty_bwd<scalar_t, acc_t>(
         grad.const_data_ptr<acc_t>(), reinterpret_cast<const scalar_t*>(logp.const_data_ptr()),
         reinterpret_cast<const scalar_t*>(ref_logp.const_data_ptr()), static_cast<int>(estimator),
         reinterpret_cast<scalar_t*>(grad_logp.data_ptr()),
-        reinterpret_cast<scalar_t*>(grad_ref.data_ptr()), logp.numel(), stream));
+        reinterpret_cast<scalar_t*>(grad_ref.data_ptr()), logp.numel(), stream)));
   });
   return {grad_logp, grad_ref};
 }
@@ -77,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> advantage
     const auto args = advantages_args<scalar_t, acc_t>(values, mask, cu_seqlens, token_rewards, scores,
                                                        logp, ref_logp, kl_coef_scale, kl_coef, estimator,
                                                        gamma, lam, seq_len, num_seqs, out);
-    check_advantages_launch(cuda::launch_advantages<scalar_t, acc_t>(args, values.numel(), stream));
+    C10_CUDA_CHECK((cuda::launch_advantages<scalar_t, acc_t>(args, values.numel(), stream)));
   });
   return {out.advantages, out.returns, out.token_rewards, out.kl, out.stats};
 }

@@ -6,7 +6,6 @@
 #include <cstdint>
 
 #include "rlhf_kernels/common.h"
-#include "rlhf_kernels/ppo_math.h"
 
 namespace rlhf_kernels::cuda {
 
@@ -27,18 +26,5 @@ cudaError_t launch_logprobs_bwd(const acc_t* grad_logp, const acc_t* grad_entrop
                                 const acc_t* entropy, int64_t n_rows, int64_t vocab,
                                 acc_t inv_temperature, int64_t ignore_index, scalar_t* grad_logits,
                                 RowLayout out_layout, cudaStream_t stream);
-
-// ppo_loss_from_logits's forward with its logits gradient; semantics of
-// ppo_logits_grad_native (csrc/ops.cpp). ref_logp may be null. One block per
-// row, at most max_blocks blocks (each then takes several rows; <= 0: no bound).
-template <typename scalar_t, typename acc_t>
-cudaError_t launch_ppo_logits_grad(const scalar_t* logits, RowLayout in_layout, const int64_t* labels,
-                                   const acc_t* old_logp, const acc_t* advantages,
-                                   const acc_t* row_weight, const acc_t* ref_logp, int64_t n_rows,
-                                   int64_t vocab, acc_t inv_temperature, int64_t ignore_index,
-                                   PolicyParams<acc_t> params, acc_t entropy_coef, acc_t* logp,
-                                   acc_t* entropy, acc_t* row_max, acc_t* log_sum,
-                                   scalar_t* grad_logits, RowLayout out_layout, int64_t max_blocks,
-                                   cudaStream_t stream);
 
 }  // namespace rlhf_kernels::cuda

@@ -1,20 +1,20 @@
 // Torch glue for the CUDA kernels: checks, allocation, stream and device guard.
+// A launcher's cudaError_t (which includes a launch shape it refuses before
+// any launch, unseen by cudaGetLastError) goes to C10_CUDA_CHECK; the extra
+// parentheses keep a template argument list's comma inside its one argument.
 #include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
-#include "../glue.h"
+#include "../glue/logprobs.h"
 #include "logprobs.cuh"
 
 namespace rlhf_kernels {
 namespace {
-
-void check_launch(cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "rlhf_kernels CUDA launch failed: ", cudaGetErrorString(err));
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& labels, int64_t inner_rows, int64_t outer_stride,
@@ -30,12 +30,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
   dispatch_float_dtype<__nv_bfloat16, __half>(logits.scalar_type(), "logits", [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
-    check_launch(cuda::launch_logprobs_fwd<scalar_t, acc_t>(
+    C10_CUDA_CHECK((cuda::launch_logprobs_fwd<scalar_t, acc_t>(
         reinterpret_cast<const scalar_t*>(logits.const_data_ptr()), layout,
         labels.const_data_ptr<int64_t>(), n_rows, logits.size(-1),
         static_cast<acc_t>(inv_temperature), ignore_index, logp.mutable_data_ptr<acc_t>(),
         compute_entropy ? entropy.mutable_data_ptr<acc_t>() : nullptr,
-        row_max.mutable_data_ptr<acc_t>(), log_sum.mutable_data_ptr<acc_t>(), stream));
+        row_max.mutable_data_ptr<acc_t>(), log_sum.mutable_data_ptr<acc_t>(), stream)));
   });
   return {logp, entropy, row_max, log_sum};
 }
@@ -56,7 +56,7 @@ void logprobs_bwd_cuda(const at::Tensor& grad_logp, const std::optional<at::Tens
   dispatch_float_dtype<__nv_bfloat16, __half>(logits.scalar_type(), "logits", [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
-    check_launch(cuda::launch_logprobs_bwd<scalar_t, acc_t>(
+    C10_CUDA_CHECK((cuda::launch_logprobs_bwd<scalar_t, acc_t>(
         grad_logp.const_data_ptr<acc_t>(),
         grad_entropy ? grad_entropy->const_data_ptr<acc_t>() : nullptr,
         reinterpret_cast<const scalar_t*>(logits.const_data_ptr()), in_layout,
@@ -64,45 +64,8 @@ void logprobs_bwd_cuda(const at::Tensor& grad_logp, const std::optional<at::Tens
         log_sum.const_data_ptr<acc_t>(), entropy ? entropy->const_data_ptr<acc_t>() : nullptr,
         n_rows, logits.size(-1),
         static_cast<acc_t>(inv_temperature), ignore_index,
-        reinterpret_cast<scalar_t*>(grad_logits.data_ptr()), out_layout, stream));
+        reinterpret_cast<scalar_t*>(grad_logits.data_ptr()), out_layout, stream)));
   });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cuda(
-    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp,
-    const at::Tensor& advantages, const at::Tensor& row_weight,
-    const std::optional<at::Tensor>& ref_logp, const at::Tensor& grad_logits, int64_t inner_rows,
-    int64_t in_outer_stride, int64_t in_inner_stride, int64_t out_outer_stride,
-    int64_t out_inner_stride, double inv_temperature, int64_t ignore_index, double ratio_low,
-    double ratio_high, double dual_clip, double kl_coef, int64_t kl_estimator,
-    double entropy_coef, int64_t max_rows_in_flight) {
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const RowLayout in_layout{inner_rows, in_outer_stride, in_inner_stride};
-  const RowLayout out_layout{inner_rows, out_outer_stride, out_inner_stride};
-  const PpoLogitsGradArgs checked = check_ppo_logits_grad(
-      logits, labels, grad_logits, in_layout, out_layout, old_logp, advantages, row_weight, ref_logp,
-      ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator);
-  const int64_t n_rows = checked.n_rows;
-  const at::ScalarType acc = acc_dtype_for(logits);
-  const auto opts = logits.options().dtype(acc);
-  at::Tensor logp = at::empty({n_rows}, opts), entropy = at::empty({n_rows}, opts);
-  at::Tensor row_max = at::empty({n_rows}, opts), log_sum = at::empty({n_rows}, opts);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_float_dtype<__nv_bfloat16, __half>(logits.scalar_type(), "logits", [&](auto scalar, auto acc_v) {
-    using scalar_t = decltype(scalar);
-    using acc_t = decltype(acc_v);
-    check_launch(cuda::launch_ppo_logits_grad<scalar_t, acc_t>(
-        reinterpret_cast<const scalar_t*>(logits.const_data_ptr()), in_layout,
-        labels.const_data_ptr<int64_t>(), old_logp.const_data_ptr<acc_t>(),
-        advantages.const_data_ptr<acc_t>(), row_weight.const_data_ptr<acc_t>(),
-        ref_logp ? ref_logp->const_data_ptr<acc_t>() : nullptr, n_rows, logits.size(-1),
-        static_cast<acc_t>(inv_temperature), ignore_index, cast_params<acc_t>(checked.params),
-        static_cast<acc_t>(entropy_coef), logp.mutable_data_ptr<acc_t>(),
-        entropy.mutable_data_ptr<acc_t>(), row_max.mutable_data_ptr<acc_t>(),
-        log_sum.mutable_data_ptr<acc_t>(), reinterpret_cast<scalar_t*>(grad_logits.data_ptr()),
-        out_layout, max_rows_in_flight, stream));
-  });
-  return {logp, entropy, row_max, log_sum};
 }
 
 }  // namespace
@@ -113,7 +76,6 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
   m.impl("logprobs_backward", &logprobs_backward_op<&logprobs_bwd_cuda>);
   m.impl("logprobs_backward_", &logprobs_backward_inplace_op<&logprobs_bwd_cuda>);
   m.impl("logprobs_bwd_native", &logprobs_bwd_cuda);
-  m.impl("ppo_logits_grad_native", &ppo_logits_grad_cuda);
 }
 
 }  // namespace rlhf_kernels

@@ -7,6 +7,7 @@
 
 #include "convert.cuh"
 #include "ppo_loss.cuh"
+#include "softmax_rows.cuh"
 
 namespace rlhf_kernels::cuda {
 namespace {
@@ -189,6 +190,50 @@ __global__ void __launch_bounds__(256) scale_unless_one_kernel(scalar_t* x, cons
   }
 }
 
+// ppo_loss_from_logits with the gradient in the same block, one per row: the
+// row's softmax (one read), its token's weighted PPO derivative
+// (rlhf_kernels/ppo_math.h, as every thread computes it), then the row's
+// gradient: a second read that finds the row in L2, and one write.
+template <typename scalar_t, typename acc_t, bool kVectorized>
+__global__ void __launch_bounds__(softmax_rows::kThreads)
+ppo_logits_grad_kernel(const scalar_t* logits, RowLayout in_layout,
+                       const int64_t* __restrict__ labels, const acc_t* __restrict__ old_logp,
+                       const acc_t* __restrict__ advantages, const acc_t* __restrict__ row_weight,
+                       const acc_t* __restrict__ ref_logp, int64_t n_rows, int64_t vocab,
+                       acc_t inv_temperature, int64_t ignore_index, PolicyParams<acc_t> params,
+                       acc_t entropy_coef, acc_t* __restrict__ logp, acc_t* __restrict__ entropy,
+                       acc_t* __restrict__ row_max, acc_t* __restrict__ log_sum,
+                       scalar_t* grad_logits, RowLayout out_layout) {
+  // Rows in a grid-stride loop: the grid size bounds the rows in flight, and
+  // so the bytes between a row's first read and its second (which should hit L2).
+  for (int64_t row_index = blockIdx.x; row_index < n_rows; row_index += gridDim.x) {
+    const scalar_t* row = logits + in_layout.offset(row_index);
+    const int64_t label = labels[row_index];
+    const softmax_rows::SoftmaxState<acc_t> st =
+        softmax_rows::row_softmax_state(row, vocab, inv_temperature);
+    acc_t row_logp, row_entropy, row_log_sum;
+    softmax_rows::row_outputs(st, row, label, vocab, inv_temperature, ignore_index, &row_logp,
+                              &row_entropy, &row_log_sum);
+    if (threadIdx.x == 0) {
+      logp[row_index] = row_logp;
+      entropy[row_index] = row_entropy;
+      row_max[row_index] = st.m;
+      log_sum[row_index] = row_log_sum;
+    }
+    const acc_t w = row_weight[row_index];
+    acc_t g = 0, g_entropy = 0;
+    if (w != acc_t(0)) {  // a valid token
+      const acc_t ref = ref_logp ? ref_logp[row_index] : acc_t(0);
+      g = w * policy_token<acc_t>(row_logp, old_logp[row_index], advantages[row_index], ref, params).grad;
+      g_entropy = -entropy_coef * w;
+    }
+    softmax_rows::write_row_grad<scalar_t, acc_t, kVectorized>(
+        row, grad_logits + out_layout.offset(row_index), vocab, label, ignore_index, g, g_entropy, st.m,
+        row_log_sum, row_entropy, inv_temperature);
+    __syncthreads();  // block_merge's shared partials are rewritten by the next row
+  }
+}
+
 }  // namespace
 
 template <typename scalar_t, typename acc_t>
@@ -202,9 +247,44 @@ cudaError_t launch_scale_unless_one(scalar_t* x, const acc_t* scale, const acc_t
   return cudaGetLastError();
 }
 
-#define RLHF_INSTANTIATE(scalar_t, acc_t)                                                      \
-  template cudaError_t launch_scale_unless_one<scalar_t, acc_t>(scalar_t*, const acc_t*, const acc_t*, \
-                                                                int64_t, cudaStream_t);
+template <typename scalar_t, typename acc_t>
+cudaError_t launch_ppo_logits_grad(const scalar_t* logits, RowLayout in_layout, const int64_t* labels,
+                                   const acc_t* old_logp, const acc_t* advantages,
+                                   const acc_t* row_weight, const acc_t* ref_logp, int64_t n_rows,
+                                   int64_t vocab, acc_t inv_temperature, int64_t ignore_index,
+                                   PolicyParams<acc_t> params, acc_t entropy_coef, acc_t* logp,
+                                   acc_t* entropy, acc_t* row_max, acc_t* log_sum,
+                                   scalar_t* grad_logits, RowLayout out_layout, int64_t max_blocks,
+                                   cudaStream_t stream) {
+  if (n_rows == 0) return cudaSuccess;
+  const int64_t grid = max_blocks > 0 && max_blocks < n_rows ? max_blocks : n_rows;
+  if (grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  const bool vectorized =
+      softmax_rows::rows_aligned(logits, in_layout, n_rows, sizeof(scalar_t)) &&
+      softmax_rows::rows_aligned(grad_logits, out_layout, n_rows, sizeof(scalar_t));
+  const unsigned blocks = static_cast<unsigned>(grid);
+  if (vectorized) {
+    ppo_logits_grad_kernel<scalar_t, acc_t, true><<<blocks, softmax_rows::kThreads, 0, stream>>>(
+        logits, in_layout, labels, old_logp, advantages, row_weight, ref_logp, n_rows, vocab,
+        inv_temperature, ignore_index, params, entropy_coef, logp, entropy, row_max, log_sum,
+        grad_logits, out_layout);
+  } else {
+    ppo_logits_grad_kernel<scalar_t, acc_t, false><<<blocks, softmax_rows::kThreads, 0, stream>>>(
+        logits, in_layout, labels, old_logp, advantages, row_weight, ref_logp, n_rows, vocab,
+        inv_temperature, ignore_index, params, entropy_coef, logp, entropy, row_max, log_sum,
+        grad_logits, out_layout);
+  }
+  return cudaGetLastError();
+}
+
+#define RLHF_INSTANTIATE(scalar_t, acc_t)                                                       \
+  template cudaError_t launch_scale_unless_one<scalar_t, acc_t>(scalar_t*, const acc_t*,        \
+                                                                const acc_t*, int64_t,         \
+                                                                cudaStream_t);                 \
+  template cudaError_t launch_ppo_logits_grad<scalar_t, acc_t>(                                \
+      const scalar_t*, RowLayout, const int64_t*, const acc_t*, const acc_t*, const acc_t*,    \
+      const acc_t*, int64_t, int64_t, acc_t, int64_t, PolicyParams<acc_t>, acc_t, acc_t*,      \
+      acc_t*, acc_t*, acc_t*, scalar_t*, RowLayout, int64_t, cudaStream_t);
 RLHF_INSTANTIATE(float, float)
 RLHF_INSTANTIATE(double, double)
 RLHF_INSTANTIATE(__half, float)

@@ -1,6 +1,10 @@
 // Torch glue for the CUDA PPO loss kernels: checks, allocation, stream and
 // device guard, and the (cheap, O(B * chunks)) reduction of per-chunk partials
-// (glue.h).
+// (glue/ppo_loss.h).
+// A launcher's cudaError_t (which includes a launch shape it refuses before
+// any launch, unseen by cudaGetLastError) goes to C10_CUDA_CHECK; the extra
+// parentheses keep a template argument list's comma inside its one argument.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -8,15 +12,11 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
-#include "../glue.h"
+#include "../glue/ppo_loss.h"
 #include "ppo_loss.cuh"
 
 namespace rlhf_kernels {
 namespace {
-
-void check_ppo_launch(cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "rlhf_kernels CUDA launch failed: ", cudaGetErrorString(err));
-}
 
 // The token pass of the policy loss: grad (N,) and (B, chunks, kPolicyStats) partials.
 std::tuple<at::Tensor, at::Tensor> policy_partials(
@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> policy_partials(
     using acc_t = scalar_t;
     const auto params =
         policy_params<acc_t>(ratio_low, ratio_high, dual_clip, kl_estimator, kl_coef);
-    check_ppo_launch(cuda::launch_ppo_policy_fwd<acc_t>(
+    C10_CUDA_CHECK(cuda::launch_ppo_policy_fwd<acc_t>(
         logp.const_data_ptr<acc_t>(), old_logp.const_data_ptr<acc_t>(),
         advantages.const_data_ptr<acc_t>(), mask_data(mask), weight_data<acc_t>(mask),
         ref_logp ? ref_logp->const_data_ptr<acc_t>() : nullptr,
@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> value_partials(const at::Tensor& values,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "ppo_value_fwd_cuda", [&] {
     using acc_t = scalar_t;
-    check_ppo_launch(cuda::launch_ppo_value_fwd<acc_t>(
+    C10_CUDA_CHECK(cuda::launch_ppo_value_fwd<acc_t>(
         values.const_data_ptr<acc_t>(), old_values.const_data_ptr<acc_t>(),
         returns.const_data_ptr<acc_t>(), mask_data(mask), weight_data<acc_t>(mask), shape.seqs, seq_len,
         static_cast<acc_t>(clip), need_grad ? grad.mutable_data_ptr<acc_t>() : nullptr,
@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> value_partials(const at::Tensor& values,
   return {grad, partial};
 }
 
-// The public ops ppo_policy_loss and ppo_value_loss (glue.h *_impl), aggregated
+// The public ops ppo_policy_loss and ppo_value_loss (glue/ppo_loss.h *_impl), aggregated
 // on the device with ATen ops: no host synchronisation.
 LossOutputs ppo_policy_loss_cuda(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
                                  const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip,
@@ -91,7 +91,7 @@ LossOutputs ppo_value_loss_cuda(const at::Tensor& values, const at::Tensor& old_
                              need_grad, value_partials, finalize_value_aten);
 }
 
-// The public op ppo_loss_from_logits (csrc/ops.cpp; glue.h ppo_loss_from_logits_impl),
+// The public op ppo_loss_from_logits (csrc/ops.cpp; glue/ppo_loss.h ppo_loss_from_logits_impl),
 // aggregated on the device without a host synchronisation.
 FromLogitsOutputs ppo_loss_from_logits_cuda(
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp, const at::Tensor& advantages,
@@ -118,11 +118,50 @@ void scale_grad_cuda(at::Tensor& grad, at::Tensor& applied, const at::Tensor& sc
   dispatch_float_dtype<__nv_bfloat16, __half>(grad.scalar_type(), "grad", [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
-    check_ppo_launch(cuda::launch_scale_unless_one<scalar_t, acc_t>(
+    C10_CUDA_CHECK((cuda::launch_scale_unless_one<scalar_t, acc_t>(
         reinterpret_cast<scalar_t*>(grad.data_ptr()), s.const_data_ptr<acc_t>(), applied.const_data_ptr<acc_t>(),
-        grad.numel(), c10::cuda::getCurrentCUDAStream()));
+        grad.numel(), c10::cuda::getCurrentCUDAStream())));
   });
   applied.copy_(s);
+}
+
+// ppo_logits_grad_native (csrc/ops.cpp): one launch, softmax_rows.cuh's row
+// helpers around the token's weighted PPO derivative (ppo_loss.cu).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cuda(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp,
+    const at::Tensor& advantages, const at::Tensor& row_weight,
+    const std::optional<at::Tensor>& ref_logp, const at::Tensor& grad_logits, int64_t inner_rows,
+    int64_t in_outer_stride, int64_t in_inner_stride, int64_t out_outer_stride,
+    int64_t out_inner_stride, double inv_temperature, int64_t ignore_index, double ratio_low,
+    double ratio_high, double dual_clip, double kl_coef, int64_t kl_estimator,
+    double entropy_coef, int64_t max_rows_in_flight) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const RowLayout in_layout{inner_rows, in_outer_stride, in_inner_stride};
+  const RowLayout out_layout{inner_rows, out_outer_stride, out_inner_stride};
+  const PpoLogitsGradArgs checked = check_ppo_logits_grad(
+      logits, labels, grad_logits, in_layout, out_layout, old_logp, advantages, row_weight, ref_logp,
+      ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator);
+  const int64_t n_rows = checked.n_rows;
+  const at::ScalarType acc = acc_dtype_for(logits);
+  const auto opts = logits.options().dtype(acc);
+  at::Tensor logp = at::empty({n_rows}, opts), entropy = at::empty({n_rows}, opts);
+  at::Tensor row_max = at::empty({n_rows}, opts), log_sum = at::empty({n_rows}, opts);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float_dtype<__nv_bfloat16, __half>(logits.scalar_type(), "logits", [&](auto scalar, auto acc_v) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc_v);
+    C10_CUDA_CHECK((cuda::launch_ppo_logits_grad<scalar_t, acc_t>(
+        reinterpret_cast<const scalar_t*>(logits.const_data_ptr()), in_layout,
+        labels.const_data_ptr<int64_t>(), old_logp.const_data_ptr<acc_t>(),
+        advantages.const_data_ptr<acc_t>(), row_weight.const_data_ptr<acc_t>(),
+        ref_logp ? ref_logp->const_data_ptr<acc_t>() : nullptr, n_rows, logits.size(-1),
+        static_cast<acc_t>(inv_temperature), ignore_index, cast_params<acc_t>(checked.params),
+        static_cast<acc_t>(entropy_coef), logp.mutable_data_ptr<acc_t>(),
+        entropy.mutable_data_ptr<acc_t>(), row_max.mutable_data_ptr<acc_t>(),
+        log_sum.mutable_data_ptr<acc_t>(), reinterpret_cast<scalar_t*>(grad_logits.data_ptr()),
+        out_layout, max_rows_in_flight, stream)));
+  });
+  return {logp, entropy, row_max, log_sum};
 }
 
 }  // namespace
@@ -132,6 +171,7 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
   m.impl("ppo_value_loss", &ppo_value_loss_cuda);
   m.impl("scale_grad_", &scale_grad_cuda);
   m.impl("ppo_loss_from_logits", &ppo_loss_from_logits_cuda);
+  m.impl("ppo_logits_grad_native", &ppo_logits_grad_cuda);
 }
 
 }  // namespace rlhf_kernels

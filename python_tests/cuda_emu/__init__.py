@@ -228,7 +228,7 @@ class Emulator:
         return out
 
     def ppo_logits_grad(self, logits, labels, old_logp, advantages, row_weight, ref_logp, inner_rows,
-                        outer_stride, inner_stride, inv_temperature, ignore_index, ratio_low, ratio_high,
+                        in_outer_stride, in_inner_stride, inv_temperature, ignore_index, ratio_low, ratio_high,
                         dual_clip, kl_coef, kl_estimator, entropy_coef, *, shift=0, out_shift=0,
                         max_blocks=0):
         """As ppo_logits_grad_native with a new contiguous gradient buffer:
@@ -242,7 +242,7 @@ class Emulator:
                                            for name in ("logp", "entropy", "row_max", "log_sum"))
         # The output's row layout: contiguous rows of the flattened leading dims.
         out_outer, out_inner = inner_rows * vocab, vocab
-        self.call(f"emu_ppo_logits_grad_{TAGS[logits.dtype]}", x, inner_rows, outer_stride, inner_stride,
+        self.call(f"emu_ppo_logits_grad_{TAGS[logits.dtype]}", x, inner_rows, in_outer_stride, in_inner_stride,
                   arena.place(labels, "labels"), arena.place(old_logp, "old_logp"),
                   arena.place(advantages, "advantages"), arena.place(row_weight, "row_weight"),
                   arena.place(ref_logp, "ref_logp"), n_rows, vocab, inv_temperature, ignore_index,

@@ -1,7 +1,8 @@
 """Build csrc/cuda/*.cu with g++ into one shared library that runs the kernels
 on the CPU under the CUDA emulation of this folder (cuda_emu.h).
 
-Each .cu is rewritten into a .cpp first: ``kernel<T><<<grid, block, smem,
+Each .cu is rewritten into a .cpp first, and each .cuh into a header of the
+same name that the build finds before the original: ``kernel<T><<<grid, block, smem,
 stream>>>(args)`` becomes ``::cuda_emu::launch("kernel<T>", __PRETTY_FUNCTION__,
 kernel<T>, grid, block, smem, stream)(args)``, and ``__shared__ T name[N];``
 becomes a function-local static that the first thread of each block poisons.
@@ -128,10 +129,13 @@ def build(cache_dir: Path) -> Path:
             dst = work / (src.stem + ".cpp")
             dst.write_text(rewrite(src.read_text(), f"csrc/cuda/{name}"))
             units.append(dst)
+        for src in sorted(CUDA_DIR.glob("*.cuh")):  # device code of the kernels' own headers
+            (work / src.name).write_text(rewrite(src.read_text(), f"csrc/cuda/{src.name}"))
         selftest = work / "selftest.cpp"
         selftest.write_text(rewrite((HERE / "selftest.cu").read_text(), "python_tests/cuda_emu/selftest.cu"))
         units += [selftest, HERE / "cuda_emu.cpp", HERE / "wrappers.cpp"]
-        includes = ["-include", "cuda_emu.h", "-I", str(HERE), "-I", str(INCLUDE_DIR), "-I", str(CUDA_DIR)]
+        includes = ["-include", "cuda_emu.h", "-I", str(HERE), "-I", str(INCLUDE_DIR), "-I", str(work),
+                    "-I", str(CUDA_DIR)]
 
         def compile_unit(unit: Path) -> tuple[Path, subprocess.CompletedProcess]:
             obj = work / (unit.stem + ".o")

@@ -1,8 +1,11 @@
 // C ABI over the host launchers of csrc/cuda/*.cuh, one function per launcher
 // and storage type, called by python_tests/cuda_emu/__init__.py through
-// ctypes. Each builds its arguments exactly as csrc/cuda/*_glue.cpp does
-// (RowLayout, AdvantagesArgs, PolicyParams) and returns the launcher's
-// cudaError_t.
+// ctypes. Each builds its arguments as csrc/cuda/*_glue.cpp does (RowLayout,
+// AdvantagesArgs; PolicyParams with the glue's own policy_params, from
+// rlhf_kernels/ppo_math.h) and returns the launcher's cudaError_t. The Python
+// side's argument codes (__init__.py _SIGNATURES) and methods
+// (Emulator.<op>, against csrc/ops.cpp's schemas) are pinned by
+// test_emulator_signatures_match_the_wrappers_and_the_op_schemas.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -61,10 +64,8 @@ namespace kernels = rlhf_kernels::cuda;
                                 void* grad_logits,                                              \
                                 int64_t out_outer_stride, int64_t out_inner_stride,             \
                                 int64_t max_blocks) {                                           \
-    const PolicyParams<acc_t> params{static_cast<acc_t>(ratio_low),                             \
-                                     static_cast<acc_t>(ratio_high),                            \
-                                     static_cast<acc_t>(dual_clip), dual_clip > 0, kl_estimator, \
-                                     static_cast<acc_t>(kl_coef)};                              \
+    const PolicyParams<acc_t> params =                                                           \
+        rlhf_kernels::policy_params<acc_t>(ratio_low, ratio_high, dual_clip, kl_estimator, kl_coef); \
     return kernels::launch_ppo_logits_grad<scalar_t, acc_t>(                                     \
         static_cast<const scalar_t*>(logits), RowLayout{inner_rows, in_outer_stride, in_inner_stride}, \
         labels, static_cast<const acc_t*>(old_logp), static_cast<const acc_t*>(advantages),     \
@@ -130,10 +131,8 @@ namespace kernels = rlhf_kernels::cuda;
                                const void* entropy, int64_t seqs, int64_t seq_len, double ratio_low,                 \
                                double ratio_high, double dual_clip, double kl_coef,             \
                                int kl_estimator, void* grad, void* partial) {                   \
-    const PolicyParams<acc_t> params{static_cast<acc_t>(ratio_low),                             \
-                                     static_cast<acc_t>(ratio_high),                            \
-                                     static_cast<acc_t>(dual_clip), dual_clip > 0, kl_estimator, \
-                                     static_cast<acc_t>(kl_coef)};                              \
+    const PolicyParams<acc_t> params =                                                           \
+        rlhf_kernels::policy_params<acc_t>(ratio_low, ratio_high, dual_clip, kl_estimator, kl_coef); \
     return kernels::launch_ppo_policy_fwd<acc_t>(                                                \
         static_cast<const acc_t*>(logp), static_cast<const acc_t*>(old_logp),                    \
         static_cast<const acc_t*>(advantages), mask, static_cast<const acc_t*>(weight),          \

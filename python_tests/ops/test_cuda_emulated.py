@@ -13,13 +13,16 @@ approximate exp / log units and FMA contraction.
 """
 
 import ctypes
+import inspect
 import math
+import re
 
 import pytest
 import torch
 
 import cuda_emu
 from cuda_emu import EmulatedLaunchError, Emulator
+from cuda_emu.build import HERE as EMU_DIR, ROOT
 from helpers import LARGE_LOGITS, TOLERANCES, assert_no_worse_than_torch, large_logits, probable_labels
 from rlhf_kernels import reference
 from rlhf_kernels._launch import row_layout
@@ -164,6 +167,60 @@ def test_index_builtins(emu):
     assert (out[..., 2] == n_threads).all() and (out[..., 3] == n_blocks).all()
 
 
+# --- the emulator's interfaces ----------------------------------------------------------
+
+# Each Emulator method that stands for a native op (csrc/ops.cpp), and the op's
+# arguments it does not take: the output buffer it allocates (poisoned) and the
+# layout of that buffer, and the launch bound it takes by keyword (max_blocks).
+EMULATED_OPS = {
+    "logprobs_fwd_native": ("logprobs_fwd", ()),
+    "logprobs_bwd_native": ("logprobs_bwd", ("grad_logits",)),
+    "ppo_logits_grad_native": ("ppo_logits_grad",
+                               ("grad_logits", "out_outer_stride", "out_inner_stride", "max_rows_in_flight")),
+    "kl_penalty": ("kl_penalty_fwd", ()),
+    "kl_penalty_backward": ("kl_penalty_bwd", ()),
+    "advantages": ("advantages", ()),
+}
+_C_ARG_CODES = {"int64_t": "i64", "double": "d", "int": "i32", "unsigned": "u32"}
+
+
+def _op_schemas() -> dict[str, list[str]]:
+    """Argument names of every m.def schema in csrc/ops.cpp."""
+    text = (ROOT / "csrc" / "ops.cpp").read_text()
+    schemas = {}
+    for m in re.finditer(r'm\.def\(\s*((?:"[^"]*"\s*)+)\)', text):
+        schema = "".join(re.findall(r'"([^"]*)"', m.group(1)))
+        name, args = re.fullmatch(r"(\w+)\((.*)\)\s*->.*", schema).groups()
+        schemas[name] = [a.split("=")[0].split()[-1] for a in args.split(",") if a.strip()]
+    return schemas
+
+
+def _c_entry_points() -> dict[str, list[str]]:
+    """ctypes codes of the parameters of each emu_* function of wrappers.cpp and selftest.cu."""
+    entries = {}
+    for name in ("wrappers.cpp", "selftest.cu"):
+        text = (EMU_DIR / name).read_text().replace("\\\n", " ")
+        for m in re.finditer(r"\bint (emu_\w+?)(?:_##tag)?\(([^)]*)\)\s*\{", text):
+            params = [" ".join(p.split()[:-1]) for p in m.group(2).split(",")]
+            entries[m.group(1)] = ["p" if "*" in t else _C_ARG_CODES[t.replace("const ", "")] for t in params]
+    return entries
+
+
+def test_emulator_signatures_match_the_wrappers_and_the_op_schemas():
+    """The emulator's Python methods take the arguments of the native ops they
+    stand for (csrc/ops.cpp), less the outputs they allocate, in the schema's
+    order and names; and ctypes declares every C entry point's parameters as
+    wrappers.cpp / selftest.cu define them. Parses the sources: no build."""
+    schemas = _op_schemas()
+    for op, (method, not_taken) in EMULATED_OPS.items():
+        params = inspect.signature(getattr(Emulator, method)).parameters.values()
+        positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD][1:]  # less self
+        assert positional == [a for a in schemas[op] if a not in not_taken], (op, method)
+    entries = _c_entry_points()
+    declared = {name: codes.split() for name, codes in cuda_emu._SIGNATURES.items()}
+    assert entries == declared
+
+
 # --- logprobs ----------------------------------------------------------------------------
 
 
@@ -265,7 +322,7 @@ def test_logprobs_forward_signs_and_nan_rows(emu):
 
 
 def _vectorized(logits, shift, out_shift, inplace):
-    """Which backward path the launcher picks (rows_aligned of logprobs.cu)."""
+    """Which backward path the launcher picks (rows_aligned of softmax_rows.cuh)."""
     _, inner_rows, outer, inner = row_layout(logits)
     n_rows, elem = logits.numel() // logits.shape[-1], logits.element_size()
 
@@ -982,7 +1039,7 @@ HEAD_N, HEAD_H, HEAD_V = 13, 16, 1031
 # last token block of 4 rows).
 _HEAD_LABELS = [0, None, 299, 300, 1030, 599, 600, 899, 900, 1023, 1024, 1027, None]
 # (token block, vocabulary block), forced through chunk_bytes, and the
-# backward paths the tiles take (rows_aligned of logprobs.cu).
+# backward paths the tiles take (rows_aligned of softmax_rows.cuh).
 HEAD_PLANS = {
     # 13 token blocks x 4 tiles (300, 300, 300, 131 columns), one row each: the vectorised backward.
     "tb1-vb300": (1, 300, {True}),

@@ -50,6 +50,23 @@ struct PolicyParams {
   acc_t kl_coef;
 };
 
+template <typename acc_t>
+PolicyParams<acc_t> cast_params(const PolicyParams<double>& p) {
+  return PolicyParams<acc_t>{static_cast<acc_t>(p.ratio_low), static_cast<acc_t>(p.ratio_high),
+                             static_cast<acc_t>(p.dual_clip), p.has_dual_clip, p.kl_estimator,
+                             static_cast<acc_t>(p.kl_coef)};
+}
+
+// PolicyParams from the ops' double arguments, on the host: the torch glue
+// (csrc/*/ppo_loss_glue.cpp) and the CUDA emulator's wrappers
+// (python_tests/cuda_emu/wrappers.cpp) build the kernels' parameters with it.
+template <typename acc_t>
+PolicyParams<acc_t> policy_params(double ratio_low, double ratio_high, double dual_clip,
+                                  int64_t kl_estimator, double kl_coef) {
+  return cast_params<acc_t>(PolicyParams<double>{ratio_low, ratio_high, dual_clip, dual_clip > 0,
+                                                 static_cast<int>(kl_estimator), kl_coef});
+}
+
 // One token's PPO terms (policy_token, ppo_token_math.h); mask_t<T> is bool for
 // a scalar T, an integer vector of 0 / -1 in the CPU vector loops.
 template <typename T>

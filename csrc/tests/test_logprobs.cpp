@@ -1,5 +1,5 @@
-// Standalone check of the CPU kernels against a double-precision reference
-// written from the formulas (no torch). Run by ctest.
+// Standalone check of the CPU logprobs kernels against a double-precision
+// reference written from the formulas (no torch). Run by ctest.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>

@@ -1,101 +1,24 @@
-// Shared by the torch glue of the native ops (csrc/cpu/*_glue.cpp and
-// csrc/cuda/*_glue.cpp): argument checks and the dtype dispatch.
+// The torch glue of the PPO loss ops (csrc/cpu/ppo_loss_glue.cpp,
+// csrc/cuda/ppo_loss_glue.cpp): argument checks, the token tensors as the
+// kernels read them, the aggregation with ATen ops and the public ops over a
+// device's token pass and finalisation.
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/types.h>
 
 #include <initializer_list>
+#include <limits>
+#include <optional>
+#include <tuple>
 #include <vector>
 
-#include "rlhf_kernels/common.h"
-#include "rlhf_kernels/advantages.h"
+#include "common.h"
+#include "logprobs.h"
 #include "rlhf_kernels/aggregation.h"
 #include "rlhf_kernels/ppo_math.h"
 
 namespace rlhf_kernels {
-
-// Calls f(scalar_t{}, acc_t{}) for the logits dtype; the 16-bit types are the
-// device's own (bf16_t / fp16_t on CPU, __nv_bfloat16 / __half on CUDA).
-template <typename bf16_type, typename fp16_type, typename F>
-void dispatch_float_dtype(at::ScalarType dtype, const char* name, const F& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}, float{}); break;
-    case at::kDouble: f(double{}, double{}); break;
-    case at::kBFloat16: f(bf16_type{}, float{}); break;
-    case at::kHalf: f(fp16_type{}, float{}); break;
-    default: TORCH_CHECK_VALUE(false, name, ": unsupported dtype ", dtype);
-  }
-}
-
-// A contiguous (n,) tensor of `dtype`, as every per-row input of a kernel is.
-inline void check_row_tensor(const at::Tensor& t, int64_t n, at::ScalarType dtype,
-                             const char* name) {
-  TORCH_CHECK_VALUE(t.numel() == n && t.is_contiguous() && t.scalar_type() == dtype, name,
-                    ": expected a contiguous (", n, ",) tensor of dtype ", dtype);
-}
-
-inline int64_t checked_rows(const at::Tensor& logits, const at::Tensor& labels,
-                            RowLayout layout) {
-  TORCH_CHECK_VALUE(logits.dim() >= 1 && logits.stride(-1) == 1,
-                    "logits: the last dimension must be contiguous");
-  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.scalar_type() == at::kLong &&
-                        labels.is_contiguous(),
-                    "labels: expected a contiguous (N,) int64 tensor");
-  TORCH_CHECK_VALUE(layout.inner_rows >= 1, "inner_rows must be >= 1");
-  const int64_t n_rows = labels.numel();
-  const int64_t vocab = logits.size(-1);
-  TORCH_CHECK_VALUE(vocab >= 1, "logits: the vocabulary dimension V must be >= 1");
-  if (n_rows > 0) {
-    // The layout must stay inside the tensor's storage.
-    // With non-negative strides the farthest row is the last one, or the last
-    // row of the previous (complete) outer block.
-    int64_t span = layout.offset(n_rows - 1) + vocab;
-    const int64_t last_block_start = ((n_rows - 1) / layout.inner_rows) * layout.inner_rows;
-    if (last_block_start > 0) span = std::max(span, layout.offset(last_block_start - 1) + vocab);
-    const int64_t available =
-        static_cast<int64_t>(logits.storage().nbytes() / logits.element_size()) -
-        logits.storage_offset();
-    TORCH_CHECK_VALUE(layout.outer_stride >= 0 && layout.inner_stride >= 0 && span <= available,
-                      "logits: row layout reaches outside the tensor's storage");
-  }
-  return n_rows;
-}
-
-inline at::ScalarType acc_dtype_for(const at::Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// The logits and the buffer their gradient goes to (same dtype, each inside
-// its storage by its layout); returns the number of rows.
-inline int64_t checked_grad_rows(const at::Tensor& logits, const at::Tensor& labels,
-                                 const at::Tensor& grad_logits, RowLayout in_layout,
-                                 RowLayout out_layout) {
-  const int64_t n_rows = checked_rows(logits, labels, in_layout);
-  checked_rows(grad_logits, labels, out_layout);
-  TORCH_CHECK_VALUE(grad_logits.scalar_type() == logits.scalar_type(),
-                    "grad_logits: dtype must match logits");
-  return n_rows;
-}
-
-// Checks of logprobs_bwd_native's arguments; returns the number of rows.
-inline int64_t check_logprobs_bwd(const at::Tensor& grad_logp,
-                                  const std::optional<at::Tensor>& grad_entropy,
-                                  const at::Tensor& logits, const at::Tensor& labels,
-                                  const at::Tensor& row_max, const at::Tensor& log_sum,
-                                  const std::optional<at::Tensor>& entropy,
-                                  const at::Tensor& grad_logits, RowLayout in_layout,
-                                  RowLayout out_layout) {
-  const int64_t n_rows = checked_grad_rows(logits, labels, grad_logits, in_layout, out_layout);
-  const at::ScalarType acc = acc_dtype_for(logits);
-  check_row_tensor(grad_logp, n_rows, acc, "grad_logp");
-  check_row_tensor(row_max, n_rows, acc, "row_max");
-  check_row_tensor(log_sum, n_rows, acc, "log_sum");
-  if (grad_entropy) check_row_tensor(*grad_entropy, n_rows, acc, "grad_entropy");
-  if (entropy) check_row_tensor(*entropy, n_rows, acc, "entropy");
-  return n_rows;
-}
-
 
 // Checks of ppo_logits_grad_native's arguments (both devices): the number of
 // rows and the PolicyParams they imply.
@@ -118,23 +41,7 @@ inline PpoLogitsGradArgs check_ppo_logits_grad(
   if (ref_logp) check_row_tensor(*ref_logp, n_rows, acc, "ref_logp");
   TORCH_CHECK_VALUE(kl_estimator >= kKlNone && kl_estimator <= kKlK3, "kl_estimator: bad code ", kl_estimator);
   TORCH_CHECK_VALUE(kl_estimator == kKlNone || ref_logp, "ref_logp: required with a KL estimator");
-  return {n_rows, PolicyParams<double>{ratio_low, ratio_high, dual_clip, dual_clip > 0,
-                                       static_cast<int>(kl_estimator), kl_coef}};
-}
-
-template <typename acc_t>
-PolicyParams<acc_t> cast_params(const PolicyParams<double>& p) {
-  return PolicyParams<acc_t>{static_cast<acc_t>(p.ratio_low), static_cast<acc_t>(p.ratio_high),
-                             static_cast<acc_t>(p.dual_clip), p.has_dual_clip, p.kl_estimator,
-                             static_cast<acc_t>(p.kl_coef)};
-}
-
-// PolicyParams from the ops' double arguments.
-template <typename acc_t>
-PolicyParams<acc_t> policy_params(double ratio_low, double ratio_high, double dual_clip,
-                                  int64_t kl_estimator, double kl_coef) {
-  return cast_params<acc_t>(PolicyParams<double>{ratio_low, ratio_high, dual_clip, dual_clip > 0,
-                                                 static_cast<int>(kl_estimator), kl_coef});
+  return {n_rows, policy_params<double>(ratio_low, ratio_high, dual_clip, kl_estimator, kl_coef)};
 }
 
 // The (B, T) token tensors of the PPO loss kernels, flattened to (B * T,).
@@ -191,54 +98,6 @@ inline at::Tensor count_divisor(const at::Tensor& count) {
   return at::where(count.gt(0), count, at::ones_like(count));
 }
 
-}  // namespace rlhf_kernels
-
-namespace rlhf_kernels {
-
-// Checks of advantages_native's arguments (CPU and CUDA glue). Returns
-// (num_seqs, seq_len); seq_len is 0 for the packed layout.
-inline std::pair<int64_t, int64_t> check_advantages(
-    const at::Tensor& values, const std::optional<at::Tensor>& mask,
-    const std::optional<at::Tensor>& cu_seqlens, const std::optional<at::Tensor>& token_rewards,
-    const std::optional<at::Tensor>& scores, const std::optional<at::Tensor>& logp,
-    const std::optional<at::Tensor>& ref_logp, const std::optional<at::Tensor>& kl_coef_scale,
-    int64_t estimator) {
-  TORCH_CHECK_VALUE(values.is_contiguous(), "values: must be contiguous");
-  int64_t num_seqs, seq_len = 0;
-  if (cu_seqlens) {
-    TORCH_CHECK_VALUE(values.dim() == 1, "values: expected (total,) with cu_seqlens");
-    TORCH_CHECK_VALUE(cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 1 &&
-                          cu_seqlens->scalar_type() == at::kInt && cu_seqlens->is_contiguous(),
-                      "cu_seqlens: expected a contiguous (B + 1,) int32 tensor");
-    num_seqs = cu_seqlens->numel() - 1;
-  } else {
-    TORCH_CHECK_VALUE(values.dim() == 2, "values: expected (B, T) without cu_seqlens");
-    num_seqs = values.size(0);
-    seq_len = values.size(1);
-  }
-  const int64_t n = values.numel();
-  if (mask) check_row_tensor(*mask, n, at::kBool, "mask");
-  TORCH_CHECK_VALUE(estimator >= 0 && estimator <= 3, "estimator: must be in [0, 3]");
-  if (token_rewards) {
-    check_row_tensor(*token_rewards, n, values.scalar_type(), "token_rewards");
-  } else {
-    TORCH_CHECK_VALUE(scores && logp && ref_logp,
-                      "advantages: needs token_rewards, or scores, logp and ref_logp");
-    check_row_tensor(*scores, num_seqs, acc_dtype_for(values), "scores");
-    check_row_tensor(*logp, n, values.scalar_type(), "logp");
-    check_row_tensor(*ref_logp, n, values.scalar_type(), "ref_logp");
-    if (kl_coef_scale) check_row_tensor(*kl_coef_scale, 1, acc_dtype_for(values), "kl_coef_scale");
-  }
-  return {num_seqs, seq_len};
-}
-
-inline void check_kl_inputs(const at::Tensor& logp, const at::Tensor& ref_logp, int64_t estimator) {
-  TORCH_CHECK_VALUE(logp.is_contiguous() && ref_logp.is_contiguous(),
-                    "logp, ref_logp: must be contiguous");
-  TORCH_CHECK_VALUE(logp.sizes() == ref_logp.sizes() && logp.scalar_type() == ref_logp.scalar_type(),
-                    "ref_logp: shape and dtype must match logp");
-  TORCH_CHECK_VALUE(estimator >= 0 && estimator <= 3, "estimator: must be in [0, 3]");
-}
 // Checks of the policy token pass's arguments (both devices).
 inline PpoShape check_ppo_policy_inputs(const at::Tensor& logp, const at::Tensor& old_logp,
                                         const at::Tensor& advantages, const at::Tensor& mask,
@@ -254,65 +113,6 @@ inline PpoShape check_ppo_policy_inputs(const at::Tensor& logp, const at::Tensor
   TORCH_CHECK_VALUE(kl_estimator == kKlNone || ref_logp, "ref_logp: required with a KL estimator");
   return shape;
 }
-
-
-// Outputs of advantages_native (both devices): advantages, returns, the shaped
-// rewards and the KL (empty without shaping), and the (B, kAdvantageStats)
-// float64 per-sequence partial sums.
-struct AdvantagesOutputs {
-  at::Tensor advantages, returns, token_rewards, kl, stats;
-};
-
-inline AdvantagesOutputs alloc_advantages_outputs(const at::Tensor& values, int64_t num_seqs,
-                                                  bool shaping) {
-  const auto opts = values.options().dtype(acc_dtype_for(values));
-  // An owning copy of the sizes: an IntArrayRef of a braced list would dangle.
-  const std::vector<int64_t> shaped = shaping ? values.sizes().vec() : std::vector<int64_t>{0};
-  return {at::empty(values.sizes(), opts), at::empty(values.sizes(), opts), at::empty(shaped, opts),
-          at::empty(shaped, opts),
-          at::empty({num_seqs, kAdvantageStats}, values.options().dtype(at::kDouble))};
-}
-
-// The kernels' argument block over the op's tensors; scalar_t is the device's
-// storage type (bf16_t / __nv_bfloat16, ...), acc_t its accumulator.
-template <typename scalar_t, typename acc_t>
-AdvantagesArgs<scalar_t, acc_t> advantages_args(
-    const at::Tensor& values, const std::optional<at::Tensor>& mask,
-    const std::optional<at::Tensor>& cu_seqlens, const std::optional<at::Tensor>& token_rewards,
-    const std::optional<at::Tensor>& scores, const std::optional<at::Tensor>& logp,
-    const std::optional<at::Tensor>& ref_logp, const std::optional<at::Tensor>& kl_coef_scale,
-    double kl_coef, int64_t estimator, double gamma, double lam, int64_t seq_len, int64_t num_seqs,
-    AdvantagesOutputs& out) {
-  const bool shaping = !token_rewards.has_value();
-  auto ptr = [](const std::optional<at::Tensor>& t) {
-    return t ? reinterpret_cast<const scalar_t*>(t->const_data_ptr()) : nullptr;
-  };
-  AdvantagesArgs<scalar_t, acc_t> args{};
-  args.values = reinterpret_cast<const scalar_t*>(values.const_data_ptr());
-  args.mask = mask ? reinterpret_cast<const uint8_t*>(mask->const_data_ptr()) : nullptr;
-  args.cu_seqlens = cu_seqlens ? cu_seqlens->const_data_ptr<int32_t>() : nullptr;
-  args.seq_len = seq_len;
-  args.num_seqs = num_seqs;
-  args.token_rewards = ptr(token_rewards);
-  args.scores = shaping ? scores->const_data_ptr<acc_t>() : nullptr;
-  args.logp = ptr(logp);
-  args.ref_logp = ptr(ref_logp);
-  args.kl_coef_scale = kl_coef_scale ? kl_coef_scale->const_data_ptr<acc_t>() : nullptr;
-  args.kl_coef = static_cast<acc_t>(kl_coef);
-  args.estimator = static_cast<int>(estimator);
-  args.gamma = static_cast<acc_t>(gamma);
-  args.lam = static_cast<acc_t>(lam);
-  args.advantages = out.advantages.mutable_data_ptr<acc_t>();
-  args.returns = out.returns.mutable_data_ptr<acc_t>();
-  args.token_rewards_out = shaping ? out.token_rewards.mutable_data_ptr<acc_t>() : nullptr;
-  args.kl_out = shaping ? out.kl.mutable_data_ptr<acc_t>() : nullptr;
-  args.stats = out.stats.mutable_data_ptr<double>();
-  return args;
-}
-
-}  // namespace rlhf_kernels
-
-namespace rlhf_kernels {
 
 // The token inputs of the public loss ops, (..., T) of any float dtype and a
 // mask of any dtype, as the kernels read them: contiguous (N,) tensors of the
@@ -359,10 +159,6 @@ inline at::Tensor empty_partials(int64_t seqs, int64_t n_stats, int64_t max_col,
   }
   return partial;
 }
-
-}  // namespace rlhf_kernels
-
-namespace rlhf_kernels {
 
 // aggregation.h's weights with ATen ops, on the device of `counts` (B,), in
 // double as the host loop computes them (so both give the same weights), then
@@ -422,55 +218,6 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_value_aten(const 
   const at::ScalarType dtype = partial.scalar_type();
   return {loss.to(dtype), clipfrac.to(dtype), weights.to(dtype)};
 }
-
-}  // namespace rlhf_kernels
-
-namespace rlhf_kernels {
-
-// The rows of (..., V) logits as the kernels address them (common.h
-// RowLayout): leading dims that collapse to at most two strided dims (any
-// slice of a (B, T, V) tensor, e.g. logits[:, :-1]) are read in place; any
-// other layout, or a non-contiguous last dim, is copied first.
-struct LogitsRows {
-  at::Tensor tensor;  // the logits, or their contiguous copy
-  RowLayout layout;
-};
-
-inline LogitsRows logits_rows(const at::Tensor& logits) {
-  at::Tensor t = logits.stride(-1) == 1 ? logits : logits.contiguous();
-  int64_t sizes[2], strides[2];
-  int dims = 0;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
-    const int64_t size = t.size(d), stride = t.stride(d);
-    if (size == 1) continue;
-    if (dims > 0 && strides[dims - 1] == size * stride) {
-      sizes[dims - 1] *= size;
-      strides[dims - 1] = stride;
-    } else if (dims < 2) {
-      sizes[dims] = size;
-      strides[dims++] = stride;
-    } else {
-      dims = 3;  // more than two strided dims: copy
-      break;
-    }
-  }
-  const int64_t vocab = t.size(-1);
-  if (dims == 0) return {t, RowLayout{1, 0, 0}};
-  if (dims == 1) return {t, RowLayout{std::max<int64_t>(1, sizes[0]), 0, strides[0]}};
-  if (dims == 2) return {t, RowLayout{std::max<int64_t>(1, sizes[1]), strides[0], strides[1]}};
-  t = t.contiguous();
-  return {t, RowLayout{std::max<int64_t>(1, t.numel() / std::max<int64_t>(vocab, 1)), 0, vocab}};
-}
-
-// The layout of a contiguous buffer of the logits' shape, with the same
-// inner_rows as `rows` (the kernels index both by one row number).
-inline RowLayout contiguous_rows(const LogitsRows& rows, int64_t vocab) {
-  return RowLayout{rows.layout.inner_rows, rows.layout.inner_rows * vocab, vocab};
-}
-
-}  // namespace rlhf_kernels
-
-namespace rlhf_kernels {
 
 // The inputs of the public ppo_loss_from_logits op as its kernels read them.
 struct FromLogitsInputs {
@@ -534,20 +281,6 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_logits_gra
                  kl_coef, kl_estimator, entropy_coef, max_rows_in_flight);
 }
 
-// Labels outside [0, V) that are not ignore_index: a ValueError naming them
-// (CPU tensors; on a GPU the kernels give NaN instead, never a bad read).
-inline void check_labels_in_range(const at::Tensor& labels, int64_t vocab, int64_t ignore_index) {
-  const int64_t* l = labels.const_data_ptr<int64_t>();
-  for (int64_t i = 0, n = labels.numel(); i < n; ++i) {
-    TORCH_CHECK_VALUE(l[i] == ignore_index || (l[i] >= 0 && l[i] < vocab), "labels: value ", l[i],
-                      " is outside [0, ", vocab, ") and is not ignore_index");
-  }
-}
-
-}  // namespace rlhf_kernels
-
-namespace rlhf_kernels {
-
 using FromLogitsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                      at::Tensor, at::Tensor>;
 
@@ -601,93 +334,6 @@ FromLogitsOutputs ppo_loss_from_logits_impl(
   if (!in.fused) weights = final_weights;
   return {loss, stats, grad, weights, row_max, log_sum, entropy, grad_logits};
 }
-
-}  // namespace rlhf_kernels
-
-namespace rlhf_kernels {
-
-// The public logprobs ops over a device's row kernels (the *_native ops'
-// implementations): the row layout and the labels as the kernels read them,
-// in C++, so that a call crosses the dispatcher once.
-//   fwd(logits, labels, inner_rows, outer, inner, inv_T, ignore_index, entropy) -> (logp, entropy, m, log s)
-//   bwd(g, g_H, logits, labels, m, log s, H, out, inner_rows, in_outer, in_inner, out_outer, out_inner, inv_T, ignore)
-using LogprobsFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
-    const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, double, int64_t, bool);
-using LogprobsBwd = void (*)(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const std::optional<at::Tensor>&, const at::Tensor&, int64_t, int64_t, int64_t,
-                             int64_t, int64_t, double, int64_t);
-
-inline at::Tensor flat_labels(const at::Tensor& labels) { return labels.reshape({-1}).to(at::kLong).contiguous(); }
-
-// logp and entropy (empty unless compute_entropy) shaped like labels, row_max and log_sum (N,).
-template <LogprobsFwd fwd>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_op(const at::Tensor& logits,
-                                                                       const at::Tensor& labels, double temperature,
-                                                                       int64_t ignore_index, bool compute_entropy,
-                                                                       bool /*inplace_backward: the backward's*/) {
-  const LogitsRows rows = logits_rows(logits);
-  const at::Tensor flat = flat_labels(labels);
-  if (logits.device().is_cpu()) check_labels_in_range(flat, logits.size(-1), ignore_index);
-  auto [logp, entropy, row_max, log_sum] =
-      fwd(rows.tensor, flat, rows.layout.inner_rows, rows.layout.outer_stride, rows.layout.inner_stride,
-          1.0 / temperature, ignore_index, compute_entropy);
-  return {logp.view(labels.sizes()), compute_entropy ? entropy.view(labels.sizes()) : entropy, row_max, log_sum};
-}
-
-// The upstream gradients as the kernels read them: (N,) contiguous, accumulation dtype.
-inline at::Tensor row_grad(const at::Tensor& g, at::ScalarType acc) { return g.reshape({-1}).to(acc).contiguous(); }
-
-template <LogprobsBwd bwd>
-void logprobs_backward_into(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
-                            const LogitsRows& rows, const at::Tensor& labels, const at::Tensor& row_max,
-                            const at::Tensor& log_sum, const std::optional<at::Tensor>& entropy,
-                            const at::Tensor& out, RowLayout out_layout, double temperature, int64_t ignore_index) {
-  const at::ScalarType acc = row_max.scalar_type();
-  std::optional<at::Tensor> g_entropy, h;
-  if (grad_entropy) {
-    g_entropy = row_grad(*grad_entropy, acc);
-    h = entropy->reshape({-1});
-  }
-  bwd(row_grad(grad_logp, acc), g_entropy, rows.tensor, flat_labels(labels), row_max, log_sum, h, out,
-      rows.layout.inner_rows, rows.layout.outer_stride, rows.layout.inner_stride, out_layout.outer_stride,
-      out_layout.inner_stride, 1.0 / temperature, ignore_index);
-}
-
-// The logits gradient, a new (contiguous) tensor.
-template <LogprobsBwd bwd>
-at::Tensor logprobs_backward_op(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
-                                const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& row_max,
-                                const at::Tensor& log_sum, const std::optional<at::Tensor>& entropy,
-                                double temperature, int64_t ignore_index) {
-  const LogitsRows rows = logits_rows(logits);
-  at::Tensor out = at::empty(logits.sizes(), logits.options());
-  logprobs_backward_into<bwd>(grad_logp, grad_entropy, rows, labels, row_max, log_sum, entropy, out,
-                              contiguous_rows(rows, logits.size(-1)), temperature, ignore_index);
-  return out;
-}
-
-// The logits gradient written over the logits (a layout the kernels cannot
-// address in place goes through a buffer, then is copied back).
-template <LogprobsBwd bwd>
-void logprobs_backward_inplace_op(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
-                                  const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& row_max,
-                                  const at::Tensor& log_sum, const std::optional<at::Tensor>& entropy,
-                                  double temperature, int64_t ignore_index) {
-  const LogitsRows rows = logits_rows(logits);
-  if (rows.tensor.is_same(logits)) {
-    logprobs_backward_into<bwd>(grad_logp, grad_entropy, rows, labels, row_max, log_sum, entropy, logits,
-                                rows.layout, temperature, ignore_index);
-  } else {
-    at::Tensor grad = logprobs_backward_op<bwd>(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy,
-                                                temperature, ignore_index);
-    const_cast<at::Tensor&>(logits).copy_(grad);
-  }
-}
-
-}  // namespace rlhf_kernels
-
-namespace rlhf_kernels {
 
 using LossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 

@@ -1,0 +1,204 @@
+// The torch glue of the logprobs ops (csrc/cpu/logprobs_glue.cpp,
+// csrc/cuda/logprobs_glue.cpp): the logits' row layout and its checks, and the
+// public ops over a device's row kernels. ppo_loss_from_logits reads its
+// logits through the same rows (glue/ppo_loss.h).
+#pragma once
+
+#include <torch/types.h>
+
+#include <optional>
+#include <tuple>
+
+#include "common.h"
+#include "rlhf_kernels/common.h"
+
+namespace rlhf_kernels {
+
+inline int64_t checked_rows(const at::Tensor& logits, const at::Tensor& labels,
+                            RowLayout layout) {
+  TORCH_CHECK_VALUE(logits.dim() >= 1 && logits.stride(-1) == 1,
+                    "logits: the last dimension must be contiguous");
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.scalar_type() == at::kLong &&
+                        labels.is_contiguous(),
+                    "labels: expected a contiguous (N,) int64 tensor");
+  TORCH_CHECK_VALUE(layout.inner_rows >= 1, "inner_rows must be >= 1");
+  const int64_t n_rows = labels.numel();
+  const int64_t vocab = logits.size(-1);
+  TORCH_CHECK_VALUE(vocab >= 1, "logits: the vocabulary dimension V must be >= 1");
+  if (n_rows > 0) {
+    // The layout must stay inside the tensor's storage.
+    // With non-negative strides the farthest row is the last one, or the last
+    // row of the previous (complete) outer block.
+    int64_t span = layout.offset(n_rows - 1) + vocab;
+    const int64_t last_block_start = ((n_rows - 1) / layout.inner_rows) * layout.inner_rows;
+    if (last_block_start > 0) span = std::max(span, layout.offset(last_block_start - 1) + vocab);
+    const int64_t available =
+        static_cast<int64_t>(logits.storage().nbytes() / logits.element_size()) -
+        logits.storage_offset();
+    TORCH_CHECK_VALUE(layout.outer_stride >= 0 && layout.inner_stride >= 0 && span <= available,
+                      "logits: row layout reaches outside the tensor's storage");
+  }
+  return n_rows;
+}
+
+// The logits and the buffer their gradient goes to (same dtype, each inside
+// its storage by its layout); returns the number of rows.
+inline int64_t checked_grad_rows(const at::Tensor& logits, const at::Tensor& labels,
+                                 const at::Tensor& grad_logits, RowLayout in_layout,
+                                 RowLayout out_layout) {
+  const int64_t n_rows = checked_rows(logits, labels, in_layout);
+  checked_rows(grad_logits, labels, out_layout);
+  TORCH_CHECK_VALUE(grad_logits.scalar_type() == logits.scalar_type(),
+                    "grad_logits: dtype must match logits");
+  return n_rows;
+}
+
+// Checks of logprobs_bwd_native's arguments; returns the number of rows.
+inline int64_t check_logprobs_bwd(const at::Tensor& grad_logp,
+                                  const std::optional<at::Tensor>& grad_entropy,
+                                  const at::Tensor& logits, const at::Tensor& labels,
+                                  const at::Tensor& row_max, const at::Tensor& log_sum,
+                                  const std::optional<at::Tensor>& entropy,
+                                  const at::Tensor& grad_logits, RowLayout in_layout,
+                                  RowLayout out_layout) {
+  const int64_t n_rows = checked_grad_rows(logits, labels, grad_logits, in_layout, out_layout);
+  const at::ScalarType acc = acc_dtype_for(logits);
+  check_row_tensor(grad_logp, n_rows, acc, "grad_logp");
+  check_row_tensor(row_max, n_rows, acc, "row_max");
+  check_row_tensor(log_sum, n_rows, acc, "log_sum");
+  if (grad_entropy) check_row_tensor(*grad_entropy, n_rows, acc, "grad_entropy");
+  if (entropy) check_row_tensor(*entropy, n_rows, acc, "entropy");
+  return n_rows;
+}
+
+// The rows of (..., V) logits as the kernels address them (rlhf_kernels/common.h
+// RowLayout): leading dims that collapse to at most two strided dims (any
+// slice of a (B, T, V) tensor, e.g. logits[:, :-1]) are read in place; any
+// other layout, or a non-contiguous last dim, is copied first.
+struct LogitsRows {
+  at::Tensor tensor;  // the logits, or their contiguous copy
+  RowLayout layout;
+};
+
+inline LogitsRows logits_rows(const at::Tensor& logits) {
+  at::Tensor t = logits.stride(-1) == 1 ? logits : logits.contiguous();
+  int64_t sizes[2], strides[2];
+  int dims = 0;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    const int64_t size = t.size(d), stride = t.stride(d);
+    if (size == 1) continue;
+    if (dims > 0 && strides[dims - 1] == size * stride) {
+      sizes[dims - 1] *= size;
+      strides[dims - 1] = stride;
+    } else if (dims < 2) {
+      sizes[dims] = size;
+      strides[dims++] = stride;
+    } else {
+      dims = 3;  // more than two strided dims: copy
+      break;
+    }
+  }
+  const int64_t vocab = t.size(-1);
+  if (dims == 0) return {t, RowLayout{1, 0, 0}};
+  if (dims == 1) return {t, RowLayout{std::max<int64_t>(1, sizes[0]), 0, strides[0]}};
+  if (dims == 2) return {t, RowLayout{std::max<int64_t>(1, sizes[1]), strides[0], strides[1]}};
+  t = t.contiguous();
+  return {t, RowLayout{std::max<int64_t>(1, t.numel() / std::max<int64_t>(vocab, 1)), 0, vocab}};
+}
+
+// The layout of a contiguous buffer of the logits' shape, with the same
+// inner_rows as `rows` (the kernels index both by one row number).
+inline RowLayout contiguous_rows(const LogitsRows& rows, int64_t vocab) {
+  return RowLayout{rows.layout.inner_rows, rows.layout.inner_rows * vocab, vocab};
+}
+
+// Labels outside [0, V) that are not ignore_index: a ValueError naming them
+// (CPU tensors; on a GPU the kernels give NaN instead, never a bad read).
+inline void check_labels_in_range(const at::Tensor& labels, int64_t vocab, int64_t ignore_index) {
+  const int64_t* l = labels.const_data_ptr<int64_t>();
+  for (int64_t i = 0, n = labels.numel(); i < n; ++i) {
+    TORCH_CHECK_VALUE(l[i] == ignore_index || (l[i] >= 0 && l[i] < vocab), "labels: value ", l[i],
+                      " is outside [0, ", vocab, ") and is not ignore_index");
+  }
+}
+
+// The public logprobs ops over a device's row kernels (the *_native ops'
+// implementations): the row layout and the labels as the kernels read them,
+// in C++, so that a call crosses the dispatcher once.
+//   fwd(logits, labels, inner_rows, outer, inner, inv_T, ignore_index, entropy) -> (logp, entropy, m, log s)
+//   bwd(g, g_H, logits, labels, m, log s, H, out, inner_rows, in_outer, in_inner, out_outer, out_inner, inv_T, ignore)
+using LogprobsFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
+    const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, double, int64_t, bool);
+using LogprobsBwd = void (*)(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const std::optional<at::Tensor>&, const at::Tensor&, int64_t, int64_t, int64_t,
+                             int64_t, int64_t, double, int64_t);
+
+inline at::Tensor flat_labels(const at::Tensor& labels) { return labels.reshape({-1}).to(at::kLong).contiguous(); }
+
+// logp and entropy (empty unless compute_entropy) shaped like labels, row_max and log_sum (N,).
+template <LogprobsFwd fwd>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_op(const at::Tensor& logits,
+                                                                       const at::Tensor& labels, double temperature,
+                                                                       int64_t ignore_index, bool compute_entropy,
+                                                                       bool /*inplace_backward: the backward's*/) {
+  const LogitsRows rows = logits_rows(logits);
+  const at::Tensor flat = flat_labels(labels);
+  if (logits.device().is_cpu()) check_labels_in_range(flat, logits.size(-1), ignore_index);
+  auto [logp, entropy, row_max, log_sum] =
+      fwd(rows.tensor, flat, rows.layout.inner_rows, rows.layout.outer_stride, rows.layout.inner_stride,
+          1.0 / temperature, ignore_index, compute_entropy);
+  return {logp.view(labels.sizes()), compute_entropy ? entropy.view(labels.sizes()) : entropy, row_max, log_sum};
+}
+
+// The upstream gradients as the kernels read them: (N,) contiguous, accumulation dtype.
+inline at::Tensor row_grad(const at::Tensor& g, at::ScalarType acc) { return g.reshape({-1}).to(acc).contiguous(); }
+
+template <LogprobsBwd bwd>
+void logprobs_backward_into(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+                            const LogitsRows& rows, const at::Tensor& labels, const at::Tensor& row_max,
+                            const at::Tensor& log_sum, const std::optional<at::Tensor>& entropy,
+                            const at::Tensor& out, RowLayout out_layout, double temperature, int64_t ignore_index) {
+  const at::ScalarType acc = row_max.scalar_type();
+  std::optional<at::Tensor> g_entropy, h;
+  if (grad_entropy) {
+    g_entropy = row_grad(*grad_entropy, acc);
+    h = entropy->reshape({-1});
+  }
+  bwd(row_grad(grad_logp, acc), g_entropy, rows.tensor, flat_labels(labels), row_max, log_sum, h, out,
+      rows.layout.inner_rows, rows.layout.outer_stride, rows.layout.inner_stride, out_layout.outer_stride,
+      out_layout.inner_stride, 1.0 / temperature, ignore_index);
+}
+
+// The logits gradient, a new (contiguous) tensor.
+template <LogprobsBwd bwd>
+at::Tensor logprobs_backward_op(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+                                const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& row_max,
+                                const at::Tensor& log_sum, const std::optional<at::Tensor>& entropy,
+                                double temperature, int64_t ignore_index) {
+  const LogitsRows rows = logits_rows(logits);
+  at::Tensor out = at::empty(logits.sizes(), logits.options());
+  logprobs_backward_into<bwd>(grad_logp, grad_entropy, rows, labels, row_max, log_sum, entropy, out,
+                              contiguous_rows(rows, logits.size(-1)), temperature, ignore_index);
+  return out;
+}
+
+// The logits gradient written over the logits (a layout the kernels cannot
+// address in place goes through a buffer, then is copied back).
+template <LogprobsBwd bwd>
+void logprobs_backward_inplace_op(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+                                  const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& row_max,
+                                  const at::Tensor& log_sum, const std::optional<at::Tensor>& entropy,
+                                  double temperature, int64_t ignore_index) {
+  const LogitsRows rows = logits_rows(logits);
+  if (rows.tensor.is_same(logits)) {
+    logprobs_backward_into<bwd>(grad_logp, grad_entropy, rows, labels, row_max, log_sum, entropy, logits,
+                                rows.layout, temperature, ignore_index);
+  } else {
+    at::Tensor grad = logprobs_backward_op<bwd>(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy,
+                                                temperature, ignore_index);
+    const_cast<at::Tensor&>(logits).copy_(grad);
+  }
+}
+
+}  // namespace rlhf_kernels
