@@ -31,10 +31,9 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import (
-    AdaptiveKLController, group_advantages, kl_penalty, logprobs_from_hidden, logprobs_from_logits, ppo_advantages,
-    ppo_loss_from_hidden, ppo_loss_from_logits, ppo_policy_loss, ppo_value_loss,
+    AdaptiveKLController, group_advantages, logprobs_from_hidden, logprobs_from_logits, ppo_advantages,
+    ppo_loss_from_hidden, ppo_loss_from_logits, ppo_loss_from_logprobs, ppo_value_loss,
 )
-from ..reference import agg_loss
 from .config import PPOConfig, validate_ppo
 from .data import (
     Batch, decode_responses, encode_prompts, encode_responses, lm_targets, make_batch,
@@ -469,18 +468,8 @@ class PPOTrainer:
             logp, entropy = self._token_logprobs(self.policy, batch.input_ids, batch.attention_mask,
                                                  batch.prompt_len, batch.response_labels,
                                                  temperature=cfg.temperature, return_entropy=True)
-            pg_loss, pg_stats = ppo_policy_loss(logp, r.old_logp[idx], r.advantages[idx], mask, **common)
-            # The bonus aggregated as the fused losses aggregate it: loss_agg over
-            # the step's global counts (this micro-batch's share).
-            entropy_agg = agg_loss(entropy, mask, cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
-            if cfg.entropy_coef:
-                pg_loss = pg_loss - cfg.entropy_coef * entropy_agg
-            pg_stats = dict(pg_stats, entropy=entropy_agg.detach())
-            if kl_term:
-                kl = agg_loss(kl_penalty(logp, kl_term["ref_logp"], estimator="k3", backend=self.backend), mask,
-                              cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
-                pg_loss = pg_loss + kl_term["kl_coef"] * kl
-                pg_stats["kl"] = kl.detach()
+            pg_loss, pg_stats = ppo_loss_from_logprobs(logp, entropy, r.old_logp[idx], r.advantages[idx], mask,
+                                                       entropy_coef=cfg.entropy_coef, **kl_term, **common)
         total = pg_loss * scale
         stats = {}
         if with_ptx:
@@ -512,11 +501,9 @@ class PPOTrainer:
         micro = cfg.mini_batch_size // cfg.grad_accum_steps
         shuffle = torch.Generator().manual_seed(self.data_rng.randrange(2**62))
         # Losses add up over the micro-batches of a step (they are normalised by
-        # the step's global counts; so are the fused loss's entropy and KL
+        # the step's global counts; so are the policy loss's entropy and KL
         # terms); statistics average.
-        summed = {"policy_loss", "value_loss", "ptx_loss", "entropy"}
-        if cfg.fused_loss or cfg.algo == "grpo":
-            summed |= {"kl_loss"}
+        summed = {"policy_loss", "value_loss", "ptx_loss", "entropy", "kl_loss"}
         totals: dict[str, float] = {}
         steps = 0
         model_state_mb = None
