@@ -119,10 +119,10 @@ def three_gemm_budget(hidden, weight) -> int:
     """ppo_loss_from_hidden's default budget plus what a bf16/fp16 head's
     three-GEMM path also needs (its float32 V x H weight gradient; nothing for
     a float32 head), so that the "3 GEMMs" provider runs them."""
-    from rlhf_kernels.ops import lm_head
+    from rlhf_kernels.ops import lm_head_plan as plan
 
     n, v = hidden.shape[0], weight.shape[0]
-    return lm_head.LOSS_BUDGET_FACTOR * lm_head.default_chunk_bytes(n, v) + v * lm_head._tile_bytes(hidden, weight)[1]
+    return plan.LOSS_BUDGET_FACTOR * plan.default_chunk_bytes(n, v) + v * plan.tile_bytes(hidden, weight)[1]
 
 
 def shapes(device: torch.device) -> list[tuple[int, int, int, torch.dtype]]:

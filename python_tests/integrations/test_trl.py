@@ -111,8 +111,8 @@ def test_trl_fused_lm_head(trl_mods, monkeypatch, bias, extra, outputs):
              inputs, atol=2e-5, rtol=2e-5)
     # TRL's default outputs (entropy, log_sum_sq_probs, mean_logits, is_top1): ours too, counted
     calls = []
-    real = rk_trl._lm_head._forward_impl
-    monkeypatch.setattr(rk_trl._lm_head, "_forward_impl", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = rk_trl.lm_head_tiles.forward_tiles
+    monkeypatch.setattr(rk_trl.lm_head_tiles, "forward_tiles", lambda *a, **k: calls.append(1) or real(*a, **k))
     weight_tied = weight.clone()
     weight_tied[5] = weight_tied[targets[0]]  # a tie for the maximum: is_top1 is the first maximum
     hidden[0] = weight_tied[5] * 50
@@ -214,8 +214,8 @@ def test_trl_grpo_end_to_end(trl_mods, tmp_path, monkeypatch):
     real = rlhf_kernels.logprobs_from_logits
     monkeypatch.setattr(rlhf_kernels, "logprobs_from_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
     # GRPO's fused LM head (ChunkedLogProbFunction) runs on logprobs_from_hidden's tiles
-    real_tiles = rk_trl._lm_head._forward_impl
-    monkeypatch.setattr(rk_trl._lm_head, "_forward_impl", lambda *a, **k: calls.append(2) or real_tiles(*a, **k))
+    real_tiles = rk_trl.lm_head_tiles.forward_tiles
+    monkeypatch.setattr(rk_trl.lm_head_tiles, "forward_tiles", lambda *a, **k: calls.append(2) or real_tiles(*a, **k))
 
     def run(patch: bool):
         tok = build_tokenizer()

@@ -27,8 +27,8 @@ from helpers import LARGE_LOGITS, TOLERANCES, assert_no_worse_than_torch, large_
 from rlhf_kernels import reference
 from rlhf_kernels._launch import row_layout
 from rlhf_kernels.eager import advantages as eager_adv
-from rlhf_kernels.ops import lm_head
-from rlhf_kernels.ops import ppo_loss as ppo_ops
+from rlhf_kernels.ops import lm_head_plan, lm_head_tiles
+from rlhf_kernels import _validation, aggregation
 
 ESTIMATORS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
 F32 = dict(atol=1e-6, rtol=1e-5)
@@ -474,13 +474,13 @@ def test_ppo_logits_grad(emu, dtype, params, layout, max_blocks):
     mask[2] = False  # a sequence without a valid token
     mask[0, 0] = True
     estimator = kwargs.pop("kl_estimator", None)
-    kl_code = -1 if estimator is None else ppo_ops._check_estimator(estimator, "kl_estimator")
+    kl_code = -1 if estimator is None else _validation.check_estimator(estimator, "kl_estimator")
     temperature = kwargs.get("temperature", 1.0)
-    clip_low, clip_high, dual = ppo_ops._check_clip(kwargs.get("clip_low", 0.2), kwargs.get("clip_high"),
+    clip_low, clip_high, dual = _validation.check_clip(kwargs.get("clip_low", 0.2), kwargs.get("clip_high"),
                                                     kwargs.get("dual_clip"))
     ratio_low, ratio_high = 1.0 - clip_low, 1.0 + clip_high
     agg = kwargs.get("agg", "token-mean")
-    weights = ppo_ops._aggregation_weights(mask.sum(-1).to(acc), T, agg, None, None)
+    weights = aggregation.sequence_weights(mask.sum(-1).to(acc), T, agg, None, None)
     row_weight = torch.where(mask, weights.unsqueeze(-1), 0.0).reshape(-1)
 
     tensor, inner_rows, outer, inner = row_layout(logits)
@@ -523,7 +523,7 @@ def test_ppo_logits_grad_at_large_logits_no_worse_than_torch(emu, scale, tempera
     adv = torch.randn(B, T, generator=gen)
     mask = torch.rand(B, T, generator=gen) > 0.2
     row_weight = mask.float().reshape(-1)  # token-sum
-    clip_low, clip_high, dual = ppo_ops._check_clip(0.2, None, None)
+    clip_low, clip_high, dual = _validation.check_clip(0.2, None, None)
     ratio_low, ratio_high = 1.0 - clip_low, 1.0 + clip_high
     *_, grad = emu.ppo_logits_grad(
         logits, labels.reshape(-1).contiguous(), old.reshape(-1), adv.reshape(-1), row_weight, ref.reshape(-1),
@@ -1013,7 +1013,7 @@ class _EmulatedRows:
     def fwd(self, tile, labels, inv_t, compute_entropy):
         self._record(self.fwd_tiles, tile, labels)
         tensor, inner_rows, outer, inner = row_layout(tile)
-        return self.emu.logprobs_fwd(tensor, labels, inner_rows, outer, inner, inv_t, lm_head._NO_LABEL,
+        return self.emu.logprobs_fwd(tensor, labels, inner_rows, outer, inner, inv_t, lm_head_tiles.NO_LABEL,
                                      compute_entropy, shift=self._shift(tensor))
 
     def bwd(self, g, g_entropy, tile, labels, row_max, log_sum, entropy, inv_t):
@@ -1022,14 +1022,14 @@ class _EmulatedRows:
         assert tensor is tile
         self.vectorized.add(_vectorized(tile, self._shift(tile), self._shift(tile), True))
         out = self.emu.logprobs_bwd(g, g_entropy, tile, labels, row_max, log_sum, entropy, inner_rows, outer, inner,
-                                    outer, inner, inv_t, lm_head._NO_LABEL, inplace=True, shift=self._shift(tile))
+                                    outer, inner, inv_t, lm_head_tiles.NO_LABEL, inplace=True, shift=self._shift(tile))
         tile.copy_(out)  # the emulator overwrote its placed copy of the tile
 
 
 @pytest.fixture
 def emulated_rows(emu, monkeypatch):
     rows = _EmulatedRows(emu)
-    monkeypatch.setitem(lm_head._ROWS, "emulated", (rows.fwd, rows.bwd))
+    monkeypatch.setitem(lm_head_tiles.ROWS, "emulated", (rows.fwd, rows.bwd))
     return rows
 
 
@@ -1073,18 +1073,18 @@ def _mixed_products_as_on_cuda(monkeypatch):
     """bf16 operands into the GEMMs as cuBLAS takes them (MKL's mixed GEMM),
     whatever this CPU's default."""
     if torch.ops.rlhf_kernels.mixed_gemm_available(torch.bfloat16):
-        monkeypatch.setattr(lm_head, "_cpu_mixed_gemm", lambda dtype: True)
+        monkeypatch.setattr(lm_head_plan, "cpu_mixed_gemm", lambda dtype: True)
 
 
 def _head_chunk_bytes(hidden, weight, tb, vb, monkeypatch):
     """A budget that tile_plan turns into (tb, vb). Token blocks shorter than
     tile_plan's floor (col_bytes / itemsize rows: bf16 operands' per-column
     bytes) are no budget's plan; those tests set the plan itself."""
-    itemsize, col_bytes = lm_head._tile_bytes(hidden, weight)
+    itemsize, col_bytes = lm_head_plan.tile_bytes(hidden, weight)
     chunk = (vb + 8) * (tb * itemsize + col_bytes)
-    if tb < lm_head.min_token_block(itemsize, col_bytes):
-        monkeypatch.setattr(lm_head, "_plan", lambda hidden, weight, n_rows, chunk_bytes: (tb, vb))
-    assert lm_head._plan(hidden, weight, hidden.shape[0], chunk) == (tb, vb)
+    if tb < lm_head_plan.min_token_block(itemsize, col_bytes):
+        monkeypatch.setattr(lm_head_plan, "plan", lambda hidden, weight, n_rows, chunk_bytes: (tb, vb))
+    assert lm_head_plan.plan(hidden, weight, hidden.shape[0], chunk) == (tb, vb)
     return chunk
 
 
@@ -1092,9 +1092,9 @@ def _head_run(rows, hidden, weight, bias, labels, temperature, ignore_index, com
     """lm_head's forward then backward (grad_logp g, grad_entropy g_entropy)
     with the row kernels `rows`: (logp, entropy, row_max, log_sum), (d hidden, d weight, d bias)."""
     with torch.no_grad():
-        out = lm_head._forward_impl(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk,
-                                    rows)
-        grads = lm_head._backward_impl(g, g_entropy if compute_entropy else None, hidden, weight, bias, labels,
+        out = lm_head_tiles.forward_tiles(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy,
+                                          chunk, rows)
+        grads = lm_head_tiles.backward_tiles(g, g_entropy if compute_entropy else None, hidden, weight, bias, labels,
                                        out[2], out[3], out[1] if compute_entropy else None, temperature,
                                        ignore_index, chunk, rows, True, True, True)
     return out, grads
@@ -1144,7 +1144,7 @@ def _check_tiles(log, n_rows, vocab, tb, vb, labels, ignore_index):
     for params in HEAD_PARAMS if dtype != torch.float64 or params == "T1.3-entropy-ignore-1"  # float64: a few
 ], ids=lambda v: str(v) if isinstance(v, torch.dtype) else v)
 def test_lm_head_tiles_with_cuda_rows(emulated_rows, dtype, plan, params, monkeypatch):
-    """logprobs_from_hidden's tile path (lm_head._forward_impl / _backward_impl)
+    """logprobs_from_hidden's tile path (lm_head_tiles.forward_tiles / _backward_impl)
     with the emulated CUDA row kernels: odd V, several vocabulary tiles and
     token blocks, labels in every tile (elsewhere at the sentinel column),
     ignored rows, temperature, a bias, entropy on and off. Values and the
@@ -1202,7 +1202,7 @@ def test_lm_head_tiles_with_cuda_rows(emulated_rows, dtype, plan, params, monkey
     # on float32 copies of the operands, so that the logits gradient is not
     # rounded to bf16 (where a float32 rounding difference flips a bf16 one).
     if dtype == torch.bfloat16:
-        monkeypatch.setattr(lm_head, "_mixed_products", lambda hidden, weight: False)
+        monkeypatch.setattr(lm_head_plan, "mixed_products", lambda hidden, weight: False)
         (logp, entropy, row_max, log_sum), grads = _head_run("emulated", *args)
     (n_logp, n_entropy, n_row_max, n_log_sum), n_grads = _head_run("native", *args)
     assert torch.equal(row_max, n_row_max)  # the max of the same float32 logits
@@ -1221,7 +1221,7 @@ def test_lm_head_tiles_with_cuda_rows(emulated_rows, dtype, plan, params, monkey
 @pytest.mark.parametrize("with_entropy_grad", [True, False], ids=["entropy-grad", "logp-grad"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_lm_head_grad_in_forward_with_cuda_rows(emulated_rows, dtype, with_entropy_grad, monkeypatch):
-    """ppo_loss_from_hidden's three-GEMM path (lm_head._loss_grad_in_forward:
+    """ppo_loss_from_hidden's three-GEMM path (lm_head_tiles.loss_grad_in_forward:
     whole-vocabulary tiles of 4 tokens, the gradient written over the tile in
     the forward) with the emulated CUDA row kernels: logp, entropy and the
     gradients of a per-token loss sum(g * logp + g_entropy * entropy)."""
@@ -1229,9 +1229,9 @@ def test_lm_head_grad_in_forward_with_cuda_rows(emulated_rows, dtype, with_entro
     _mixed_products_as_on_cuda(monkeypatch)
     hidden, weight, bias, labels, g, g_entropy = _head_inputs(dtype, ignore_index, seed=23)
     def four_token_blocks():  # the budget of whole-vocabulary blocks of 4 tokens for this path's tile bytes
-        itemsize, col = lm_head._tile_bytes(hidden, weight)
-        chunk = lm_head.row_block_bytes(4, HEAD_V, itemsize, col)
-        assert lm_head.row_block(HEAD_N, HEAD_V, chunk, itemsize, col) == 4
+        itemsize, col = lm_head_plan.tile_bytes(hidden, weight)
+        chunk = lm_head_plan.row_block_bytes(4, HEAD_V, itemsize, col)
+        assert lm_head_plan.row_block(HEAD_N, HEAD_V, chunk, itemsize, col) == 4
         return chunk
 
     chunk = four_token_blocks()
@@ -1241,7 +1241,7 @@ def test_lm_head_grad_in_forward_with_cuda_rows(emulated_rows, dtype, with_entro
 
     def run(rows):
         with torch.no_grad():
-            return lm_head._loss_grad_in_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk,
+            return lm_head_tiles.loss_grad_in_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk,
                                                  rows, token_grads, (True, True, True))
 
     got = run("emulated")
@@ -1254,7 +1254,7 @@ def test_lm_head_grad_in_forward_with_cuda_rows(emulated_rows, dtype, with_entro
         eager_grads = _head_torch(*ref, dtype=torch.bfloat16)[1]
         for got_x, want_x, eager_x in zip(got, list(want[:2]) + want_grads, list(eager[:2]) + eager_grads):
             assert_no_worse_than_torch(got_x, want_x, eager_x)
-        monkeypatch.setattr(lm_head, "_mixed_products", lambda hidden, weight: False)  # as there
+        monkeypatch.setattr(lm_head_plan, "mixed_products", lambda hidden, weight: False)  # as there
         chunk = four_token_blocks()  # (run reads it) for the converted operands' tile bytes
         got = run("emulated")
     else:

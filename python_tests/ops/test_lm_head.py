@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlhf_kernels
 from rlhf_kernels import reference
-from rlhf_kernels.ops import lm_head
+from rlhf_kernels.ops import lm_head, lm_head_plan, lm_head_tiles
 
 from helpers import assert_no_worse_than_torch
 
@@ -91,10 +91,10 @@ def test_low_precision_no_worse_than_torch(device_backend, dtype, products, monk
     if products == "converted":
         if device == "cuda":
             pytest.skip("CUDA always multiplies bf16/fp16 operands into float32")
-        monkeypatch.setattr(lm_head, "_mixed_products", lambda hidden, weight: False)
+        monkeypatch.setattr(lm_head_plan, "mixed_products", lambda hidden, weight: False)
     elif device == "cpu":
         _skip_without_mixed_gemm(dtype)
-        monkeypatch.setattr(lm_head, "_cpu_mixed_gemm", lambda dtype: True)  # also where not the default
+        monkeypatch.setattr(lm_head_plan, "cpu_mixed_gemm", lambda dtype: True)  # also where not the default
     n, h, v = 33, 64, 4099
     hidden, weight, bias, labels = _inputs(n, h, v, dtype=dtype, scale=2.0, device=device)
     g, g_entropy = (x.to(device) for x in _weights(n))
@@ -271,18 +271,18 @@ def test_bf16_head_multiplies_bf16_on_cpu(monkeypatch):
     the CPU's instructions."""
     _skip_without_mixed_gemm(torch.bfloat16)
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert lm_head._cpu_mixed_gemm(torch.bfloat16) == native
-    monkeypatch.setattr(lm_head, "_cpu_mixed_gemm", lambda dtype: True)
+    assert lm_head_plan.cpu_mixed_gemm(torch.bfloat16) == native
+    monkeypatch.setattr(lm_head_plan, "cpu_mixed_gemm", lambda dtype: True)
     n, h, v = 64, 32, 5003
     chunk = 1300 * (64 * 6 + 32 * 4)  # tiles of 64 x 1292: the buffer, its bf16 copy, a weight-gradient tile
     hidden, weight, _, labels = _inputs(n, h, v, dtype=torch.bfloat16)
-    tb, vb = lm_head._plan(hidden, weight, n, chunk)
+    tb, vb = lm_head_plan.plan(hidden, weight, n, chunk)
     assert tb == n and v // vb >= 3
     hidden, weight = hidden.detach(), weight.detach()
     with torch.no_grad(), _CountOps() as ops:  # the op's two halves, op by op
-        _, ent, row_max, log_sum = lm_head._forward_impl(hidden, weight, None, labels, 1.0, -100, True, chunk,
+        _, ent, row_max, log_sum = lm_head_tiles.forward_tiles(hidden, weight, None, labels, 1.0, -100, True, chunk,
                                                          "native")
-        grad_hidden, grad_weight, _ = lm_head._backward_impl(
+        grad_hidden, grad_weight, _ = lm_head_tiles.backward_tiles(
             torch.ones(n), torch.ones(n), hidden, weight, None, labels, row_max, log_sum, ent, 1.0, -100, chunk,
             "native", True, True, False)
     tiles = -(-v // vb)
@@ -294,11 +294,11 @@ def test_bf16_head_multiplies_bf16_on_cpu(monkeypatch):
 
 def test_tile_plan_stays_in_budget():
     for n, v, budget in ((1024, 151936, None), (8192, 152064, None), (100000, 151936, 32 << 20), (3, 50, 1)):
-        budget = budget or lm_head.default_chunk_bytes(n, v)
-        tb, vb = lm_head.tile_plan(n, v, budget)
+        budget = budget or lm_head_plan.default_chunk_bytes(n, v)
+        tb, vb = lm_head_plan.tile_plan(n, v, budget)
         assert 1 <= tb <= n and 1 <= vb <= v
         assert tb * (vb + 8) * 4 <= max(budget, 4 * (8 + min(v, 128)))
-    assert lm_head.tile_plan(1024, 151936, lm_head.default_chunk_bytes(1024, 151936))[0] == 1024
+    assert lm_head_plan.tile_plan(1024, 151936, lm_head_plan.default_chunk_bytes(1024, 151936))[0] == 1024
 
 
 @pytest.mark.parametrize("n,v,h,itemsize,cols", [
@@ -314,14 +314,14 @@ def test_tile_plan_wide_hidden_keeps_the_tokens_together(n, v, h, itemsize, cols
     than the default budget at N = 1024, which once left one token per GEMM
     (33 s instead of 1.4 s at N=512, H=4096 bf16 on a 2-core CPU). The plan
     narrows the vocabulary block instead."""
-    budget = lm_head.default_chunk_bytes(n, v)
+    budget = lm_head_plan.default_chunk_bytes(n, v)
     col_bytes = cols * h * 4
-    tb, vb = lm_head.tile_plan(n, v, budget, itemsize, col_bytes)
+    tb, vb = lm_head_plan.tile_plan(n, v, budget, itemsize, col_bytes)
     assert tb >= min(n, col_bytes // itemsize)
-    assert lm_head._MIN_TILE_COLS <= vb <= v
+    assert lm_head_plan.MIN_TILE_COLS <= vb <= v
     assert tb * (vb + 8) * itemsize + vb * col_bytes <= budget
     # A smaller budget narrows the tiles before it shortens the token block below that.
-    tb_small, vb_small = lm_head.tile_plan(n, v, 4 << 20, itemsize, col_bytes)
+    tb_small, vb_small = lm_head_plan.tile_plan(n, v, 4 << 20, itemsize, col_bytes)
     assert tb_small >= min(n, col_bytes // itemsize) and vb_small < vb
 
 
@@ -347,10 +347,10 @@ def test_no_tensor_of_the_logits_size():
     hidden, weight, bias, labels = (t.detach() for t in _inputs(n, h, v))
     budget = n * v * 4 // 32
     with torch.no_grad(), _Allocations() as fwd:
-        logp, ent, row_max, log_sum = lm_head._forward_impl(hidden, weight, bias, labels, 1.0, -100, True, budget,
+        logp, ent, row_max, log_sum = lm_head_tiles.forward_tiles(hidden, weight, bias, labels, 1.0, -100, True, budget,
                                                            "native")
     with _Allocations() as bwd:
-        lm_head._backward_impl(torch.ones(n), torch.ones(n), hidden, weight, bias, labels, row_max, log_sum, ent,
+        lm_head_tiles.backward_tiles(torch.ones(n), torch.ones(n), hidden, weight, bias, labels, row_max, log_sum, ent,
                                1.0, -100, budget, "native", True, True, True)
     assert fwd.largest <= budget // 4
     assert bwd.largest <= max(budget // 4, v * h)
@@ -505,8 +505,8 @@ def test_ppo_loss_from_hidden_gradient_in_the_forward(device_backend, agg, grad_
     kw = dict(temperature=0.9, clip_low=0.2, clip_high=0.28, dual_clip=3.0, agg=agg, kl_coef=0.1,
               kl_estimator="k3", entropy_coef=0.01)
     ran = []
-    real = lm_head._loss_grad_in_forward
-    monkeypatch.setattr(lm_head, "_loss_grad_in_forward", lambda *a, **k: ran.append(1) or real(*a, **k))
+    real = lm_head_tiles.loss_grad_in_forward
+    monkeypatch.setattr(lm_head_tiles, "loss_grad_in_forward", lambda *a, **k: ran.append(1) or real(*a, **k))
     xs = [x.to(device, torch.float32).requires_grad_(True) for x in (hidden, weight, bias)]
     counter = _CountGemms()
     with counter:
@@ -544,9 +544,9 @@ def test_ppo_loss_gradient_in_the_forward_bf16_frozen_head_and_fallbacks():
     def run(h, w, b, **extra):
         # Whole-vocabulary blocks of 4 tokens, with a bf16 head's float32 V x H
         # weight-gradient buffer (row_block's col_bytes) inside the budget.
-        itemsize, col_bytes = lm_head._tile_bytes(h, w)
-        chunk = lm_head.row_block_bytes(4, 4099, itemsize, col_bytes)
-        assert lm_head.row_block(labels.numel(), 4099, chunk, itemsize, col_bytes) == 4
+        itemsize, col_bytes = lm_head_plan.tile_bytes(h, w)
+        chunk = lm_head_plan.row_block_bytes(4, 4099, itemsize, col_bytes)
+        assert lm_head_plan.row_block(labels.numel(), 4099, chunk, itemsize, col_bytes) == 4
         xs = [x.detach().clone().requires_grad_(x.requires_grad) for x in (h, w, b)]
         loss, _ = rlhf_kernels.ppo_loss_from_hidden(xs[0], xs[1], labels, mask=mask.bool(), bias=xs[2],
                                                     chunk_bytes=chunk, **kw, **extra)
@@ -555,9 +555,9 @@ def test_ppo_loss_gradient_in_the_forward_bf16_frozen_head_and_fallbacks():
 
     low = [x.bfloat16().requires_grad_(True) for x in (hidden, weight, bias)]
     calls = []
-    real = lm_head._loss_grad_in_forward
+    real = lm_head_tiles.loss_grad_in_forward
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lm_head, "_loss_grad_in_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+        mp.setattr(lm_head_tiles, "loss_grad_in_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
         fast = run(*low)
         assert calls == [1]  # the three-GEMM path ran, for the bf16 head
         slow = run(*low, grad_in_forward=False)
@@ -576,8 +576,8 @@ def test_ppo_loss_gradient_in_the_forward_bf16_frozen_head_and_fallbacks():
     with pytest.raises(RuntimeError, match="grad_in_forward=False"):
         loss.backward()
     calls = []
-    real = lm_head._loss_grad_in_forward
-    lm_head._loss_grad_in_forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+    real = lm_head_tiles.loss_grad_in_forward
+    lm_head_tiles.loss_grad_in_forward = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
         with torch.no_grad():
             rlhf_kernels.ppo_loss_from_hidden(x, weight.float(), labels, mask=mask.bool(), **kw)
@@ -587,7 +587,7 @@ def test_ppo_loss_gradient_in_the_forward_bf16_frozen_head_and_fallbacks():
         rlhf_kernels.ppo_loss_from_hidden(x, weight.float(), labels, mask=mask.bool(), **kw)
         assert calls == [1]
     finally:
-        lm_head._loss_grad_in_forward = real
+        lm_head_tiles.loss_grad_in_forward = real
 
 
 @pytest.mark.parametrize("mixed", [True, False])
@@ -597,17 +597,17 @@ def test_ppo_loss_bf16_head_takes_four_gemms_at_the_default_budget(mixed, monkey
     copies also the weight's), which the default budget does not hold at a
     real vocabulary: there the four-GEMM path runs (weight gradient in place,
     rounded once). A float32 head takes the three GEMMs."""
-    monkeypatch.setattr(lm_head, "_cpu_mixed_gemm", lambda dtype: mixed)
+    monkeypatch.setattr(lm_head_plan, "cpu_mixed_gemm", lambda dtype: mixed)
     n, v, h = 1024, 151936, 896
-    budget = lm_head.LOSS_BUDGET_FACTOR * lm_head.default_chunk_bytes(n, v)
+    budget = lm_head_plan.LOSS_BUDGET_FACTOR * lm_head_plan.default_chunk_bytes(n, v)
     x, w = torch.zeros(1, h, dtype=torch.bfloat16), torch.zeros(1, h, dtype=torch.bfloat16)
-    itemsize, col_bytes = lm_head._tile_bytes(x, w)
+    itemsize, col_bytes = lm_head_plan.tile_bytes(x, w)
     assert col_bytes == (1 if mixed else 2) * h * 4
-    assert lm_head.row_block(n, v, budget, itemsize, col_bytes) == 0
+    assert lm_head_plan.row_block(n, v, budget, itemsize, col_bytes) == 0
     # With that buffer added to the budget, as many rows as the budget alone holds.
-    assert lm_head.row_block(n, v, budget + v * col_bytes, itemsize, col_bytes) == (
-        lm_head.row_block(n, v, budget, itemsize, 0)) > 0
-    assert lm_head.row_block(n, v, budget, *lm_head._tile_bytes(x.float(), w.float())) == 63  # ~N / 16
+    assert lm_head_plan.row_block(n, v, budget + v * col_bytes, itemsize, col_bytes) == (
+        lm_head_plan.row_block(n, v, budget, itemsize, 0)) > 0
+    assert lm_head_plan.row_block(n, v, budget, *lm_head_plan.tile_bytes(x.float(), w.float())) == 63  # ~N / 16
 
 
 def test_ppo_loss_gradient_in_the_forward_against_finite_differences():

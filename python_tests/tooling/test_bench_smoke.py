@@ -102,15 +102,15 @@ def test_bench_lm_head_three_gemm_provider_runs_three_gemms_in_bf16(tmp_path, mo
     path for a bf16 head too (its budget holds the float32 weight gradient;
     the default would not), and the "4 GEMMs" one does not."""
     from benchmarks import bench_lm_head
-    from rlhf_kernels.ops import lm_head
+    from rlhf_kernels.ops import lm_head_plan, lm_head_tiles
 
     calls = []
-    real = lm_head._loss_grad_in_forward
-    monkeypatch.setattr(lm_head, "_loss_grad_in_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = lm_head_tiles.loss_grad_in_forward
+    monkeypatch.setattr(lm_head_tiles, "loss_grad_in_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     hidden, weight, labels = bench_lm_head.inputs(64, 1024, 5003, torch.bfloat16)
     # (V x H x 4 = 20 MB: more than the default budget holds besides the rows.)
-    default = lm_head.LOSS_BUDGET_FACTOR * lm_head.default_chunk_bytes(64, 5003)
-    assert lm_head.row_block(64, 5003, default, *lm_head._tile_bytes(hidden, weight)) == 0
+    default = lm_head_plan.LOSS_BUDGET_FACTOR * lm_head_plan.default_chunk_bytes(64, 5003)
+    assert lm_head_plan.row_block(64, 5003, default, *lm_head_plan.tile_bytes(hidden, weight)) == 0
     provs = bench_lm_head.loss_providers()
     bench_lm_head.fwd_bwd(provs["rlhf_kernels (gradient in the forward, 3 GEMMs)"], hidden, weight, labels)
     assert calls == [1]

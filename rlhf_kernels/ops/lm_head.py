@@ -28,7 +28,8 @@ from ..eager import lm_head as _eager
 from ._op import differentiable
 from .advantages import kl_penalty
 from .lm_head_plan import LOSS_BUDGET_FACTOR, default_chunk_bytes, row_block, tile_bytes, tile_plan
-from .lm_head_tiles import ROWS, PrecomputedGrad, backward_tiles, forward_tiles, loss_grad_in_forward
+from . import lm_head_tiles
+from .lm_head_tiles import ROWS, PrecomputedGrad, backward_tiles, forward_tiles
 from .ppo_loss import _check_policy_inputs, _combined_loss, _policy_loss
 from .ppo_options import PPOLossOptions, fill_args
 
@@ -361,7 +362,7 @@ def _ppo_loss_grad_in_forward(hidden, weight, bias, labels, old_logp, advantages
 
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     with torch.no_grad():
-        logp, entropy, gh, gw, gb = loss_grad_in_forward(
+        logp, entropy, gh, gw, gb = lm_head_tiles.loss_grad_in_forward(
             hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1).to(torch.int64), o.temperature,
             -100, chunk_bytes, rows, token_grads, need)
         loss, stats = _combined_loss(logp.view(shape), entropy.view(shape), old_logp, advantages, mask, ref_logp,

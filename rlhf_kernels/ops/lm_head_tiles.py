@@ -50,7 +50,8 @@ from torch import Tensor
 from .._dispatch import triton_installed
 from .._launch import acc_dtype, row_layout
 from .._validation import check_labels_in_range
-from .lm_head_plan import PAD, low_precision, mixed_products, plan, row_block, tile_bytes
+from . import lm_head_plan
+from .lm_head_plan import PAD, low_precision, row_block, tile_bytes
 
 if triton_installed():
     from ..triton import logprobs as _triton
@@ -110,7 +111,7 @@ class _Operands:
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], acc: torch.dtype):
         self.acc = acc
-        self.convert = not mixed_products(hidden, weight)
+        self.convert = not lm_head_plan.mixed_products(hidden, weight)
         self.hidden, self.weight, self.bias = hidden, weight, bias
 
     def rows(self, t0: int, t1: int) -> Tensor:
@@ -162,7 +163,7 @@ def forward_tiles(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
              "is_top1": torch.empty(n_rows, dtype=torch.bool, device=dev)} if extras else None
     if n_rows == 0:
         return (logp, entropy, row_max, log_sum) + ((stats,) if extras else ())
-    tb, vb = plan(hidden, weight, n_rows, chunk_bytes)
+    tb, vb = lm_head_plan.plan(hidden, weight, n_rows, chunk_bytes)
     buf = torch.empty(tb, vb + PAD, dtype=acc, device=dev)
     ops = _Operands(hidden, weight, bias, acc)
     n_tiles = -(-vocab // vb)
@@ -225,7 +226,7 @@ def backward_tiles(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], 
     acc = row_max.dtype
     dev = hidden.device
     inv_t = 1.0 / temperature
-    tb, vb = plan(hidden, weight, max(n_rows, 1), chunk_bytes)
+    tb, vb = lm_head_plan.plan(hidden, weight, max(n_rows, 1), chunk_bytes)
     many_blocks = n_rows > tb
     grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden, weight, acc, tb, need_hidden, need_weight,
                                                         need_bias)
