@@ -23,10 +23,10 @@ BACKENDS = ("triton", "cuda", "cpu", "reference")
 ENV_BACKEND = "RLHF_KERNELS_BACKEND"
 ENV_CHECK = "RLHF_KERNELS_CHECK"
 
-# Default GPU kernel per op when both are built. Not yet measured on a GPU
-# (no GPU was available when these ops were written): the hand-written CUDA
-# kernels are the default until benchmarks/bench_*.py on an H100-class GPU say
-# otherwise; docs/performance.md records the measurements.
+# Default GPU kernel per op when both are built: the hand-written CUDA kernel
+# until benchmarks/bench_*.py on a GPU measure the Triton one faster
+# (`bash benchmarks/gpu_check.sh`; docs/performance.md lists the devices
+# measured, docs/gpu_notes.md the predictions).
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "logprobs": ("cuda", "triton"),
     "ppo_policy_loss": ("cuda", "triton"),
