@@ -342,7 +342,7 @@ def _ppo_loss_grad_in_forward(hidden, weight, bias, labels, old_logp, advantages
     weights = flat(token_weights(mask, o.agg, o.num_tokens, o.num_seqs, acc))
     old, adv, ref, tw_flat = (flat(t) for t in (old_logp, advantages, ref_logp, tw))
     # Each token's policy term alone: summed ("token-sum", no count), weighted below.
-    token_options = o.replace(agg="token-sum", agg_code=1, kernel_num_tokens=None, kernel_num_seqs=None,
+    token_options = o._replace(agg="token-sum", agg_code=1, kernel_num_tokens=None, kernel_num_seqs=None,
                               divisor=None)
 
     def token_grads(t0: int, t1: int, logp: Tensor, entropy: Tensor):

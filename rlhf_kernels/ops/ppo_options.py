@@ -5,8 +5,7 @@ through the composition and the fused paths of ``ops/ppo_loss.py`` and
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -18,9 +17,11 @@ from .._validation import (
 Count = Union[float, Tensor, None]
 
 
-@dataclasses.dataclass(frozen=True)
-class PPOLossOptions:
-    """The checked PPO loss keywords (see ``POLICY_ARGS`` for their meaning).
+class PPOLossOptions(NamedTuple):
+    """The checked PPO loss keywords (see ``POLICY_ARGS`` for their meaning),
+    immutable. A NamedTuple: it is built on every loss call, and a frozen
+    dataclass of 17 fields cost ~9 us more per call there
+    (``python -m benchmarks.bench_overhead --only ppo_policy_loss``).
 
     ``num_tokens`` / ``num_seqs`` are kept as given (a 1-element tensor is a
     count on the device); ``agg_code``, ``kernel_num_tokens``,
@@ -49,23 +50,29 @@ class PPOLossOptions:
     @classmethod
     def checked(cls, device: torch.device, *, clip_low: float = 0.2, clip_high: float | None = None,
                 dual_clip: float | None = None, agg: str = "token-mean", num_tokens: Count = None,
-                num_seqs: Count = None, ratio_level: str = "token", temperature: float = 1.0,
-                kl_coef: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
+                num_seqs: Count = None, ratio_level: str = "token", temperature: float | None = None,
+                kl_coef: float | None = None, kl_estimator: str | None = None, entropy_coef: float | None = None,
                 backend: str | None = None) -> "PPOLossOptions":
-        """The options of a call on tensors of ``device``; ValueError naming a bad keyword."""
+        """The options of a call on tensors of ``device``; ValueError naming a
+        bad keyword. The penalty keywords left at None keep their defaults
+        unchecked (the policy-only losses take none of them)."""
         clip_low, clip_high, dual = check_clip(clip_low, clip_high, dual_clip)
         agg_code, kernel_tokens, kernel_seqs, divisor = check_agg(agg, num_tokens, num_seqs, device)
+        penalty = {}
+        if temperature is not None:
+            penalty["temperature"] = check_positive("temperature", temperature)
+        if kl_coef is not None:
+            penalty["kl_coef"] = check_finite("kl_coef", kl_coef)
+        if kl_estimator is not None:
+            penalty["kl_code"] = check_estimator(kl_estimator, "kl_estimator")
+            penalty["kl_estimator"] = kl_estimator
+        if entropy_coef is not None:
+            penalty["entropy_coef"] = check_finite("entropy_coef", entropy_coef)
         return cls(
             clip_low=clip_low, clip_high=clip_high, dual_clip=dual, agg=agg, num_tokens=num_tokens,
-            num_seqs=num_seqs, ratio_level=check_ratio_level(ratio_level),
-            temperature=check_positive("temperature", temperature), kl_coef=check_finite("kl_coef", kl_coef),
-            kl_estimator=kl_estimator, entropy_coef=check_finite("entropy_coef", entropy_coef), backend=backend,
-            agg_code=agg_code, kernel_num_tokens=kernel_tokens, kernel_num_seqs=kernel_seqs, divisor=divisor,
-            kl_code=check_estimator(kl_estimator, "kl_estimator"),
+            num_seqs=num_seqs, ratio_level=check_ratio_level(ratio_level), backend=backend, agg_code=agg_code,
+            kernel_num_tokens=kernel_tokens, kernel_num_seqs=kernel_seqs, divisor=divisor, **penalty,
         )
-
-    def replace(self, **changes) -> "PPOLossOptions":
-        return dataclasses.replace(self, **changes)
 
 
 # The Args of the PPO loss keywords, written once; ``fill_args`` puts each
