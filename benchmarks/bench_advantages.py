@@ -91,7 +91,7 @@ def _providers(op: str, device: torch.device, compile_ok: bool):
     if compile_ok:
         out.append(("torch_compile_ref", torch.compile(loop)))
     for backend in rlhf_kernels.available_backends():
-        if backend == "reference":
+        if backend == "eager":
             continue  # that is python_loop
         if device.type == "cpu" and backend != "cpu":
             continue  # the Triton interpreter is a correctness tool, not a CPU backend

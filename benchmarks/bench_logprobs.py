@@ -75,7 +75,7 @@ def providers(device: torch.device) -> dict[str, Callable]:
         "torch.compile(reference)": _compiled_reference(),
     }
     for backend in rlhf_kernels.available_backends():
-        if backend == "reference":
+        if backend == "eager":
             continue
         if device.type == "cpu" and backend != "cpu":
             continue

@@ -60,7 +60,7 @@ def _logits_inputs(shape, dtype, device):
 
 
 def _backends(device: torch.device, quick: bool) -> list[str]:
-    names = [b for b in rlhf_kernels.available_backends() if b != "reference"]
+    names = [b for b in rlhf_kernels.available_backends() if b != "eager"]
     if device.type == "cpu":
         # The Triton interpreter is a correctness tool: only in the smoke run.
         names = [b for b in names if b == "cpu" or (quick and b == "triton")]

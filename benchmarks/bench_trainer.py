@@ -1,5 +1,5 @@
 """Time per PPO phase (rollout, scoring, advantages, update) and peak memory
-of the trainer with `backend="reference"` (every op eager PyTorch) against the
+of the trainer with `backend="eager"` (every op plain PyTorch) against the
 kernels.
 
 CPU: the tiny default model of `rlhf-kernels train`, or (``--model qwen``) a
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     env = common.environment(torch.device(device))
     rows = []
     results = {}
-    for name in ("reference", "kernels"):
+    for name in ("eager", "kernels"):
         common.progress(f"trainer {name} on {device}")
         cmd = [sys.executable, "-m", "benchmarks.bench_trainer", "--child", name, "--device", device,
                "--iterations", str(iterations), "--model", model]
@@ -149,13 +149,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        phase_extra_peak_mb=results[name]["phase_extra_peak_mb"][phase],
                        response_length=results[name]["response_length"])
             rows.append(row)
-    ref, ker = results["reference"], results["kernels"]
+    ref, ker = results["eager"], results["kernels"]
     for phase in PHASES:
         rm, km = ref["phase_extra_peak_mb"][phase], ker["phase_extra_peak_mb"][phase]
-        print(f"{phase:>10}: reference {ref['phases_ms'][phase]:9.2f} ms   kernels {ker['phases_ms'][phase]:9.2f} ms"
+        print(f"{phase:>10}: eager {ref['phases_ms'][phase]:9.2f} ms   kernels {ker['phases_ms'][phase]:9.2f} ms"
               f"   speed-up {ref['phases_ms'][phase] / max(ker['phases_ms'][phase], 1e-9):5.2f}x"
               f"   extra peak {rm:8.1f} MiB vs {km:8.1f} MiB ({rm / max(km, 1e-9):5.1f}x less)")
-    print(f"peak memory: reference {ref['peak_mem_bytes'] / 2**20:.0f} MiB, kernels {ker['peak_mem_bytes'] / 2**20:.0f} MiB"
+    print(f"peak memory: eager {ref['peak_mem_bytes'] / 2**20:.0f} MiB, kernels {ker['peak_mem_bytes'] / 2**20:.0f} MiB"
           + (" (process high-water mark)" if device == "cpu" else " (torch.cuda.max_memory_allocated)"))
     path = common.write_results(rows, env, Path(args.out_dir))
     print(f"results appended to {path}")

@@ -265,11 +265,12 @@ def _lm_head_gemm_goal(shape, dtype, frac):
 
 def _trainer_update_goal(speedup: float, memory: float):
     """bench_trainer --model qwen (V = 151936): the update phase of the
-    kernels against backend=reference, time and the phase's extra peak."""
+    kernels against backend=eager (older results files name it backend=reference),
+    time and the phase's extra peak."""
     def check(rows):
         pick = lambda name: _best(_pick(rows, "ppo_trainer", "update", ("qwen",), "model",  # noqa: E731
                                         lambda p, n=name: p == f"backend={n}"))
-        ref, ours = pick("reference"), pick("kernels")
+        ref, ours = pick("eager") or pick("reference"), pick("kernels")
         if ref is None or ours is None or "phase_extra_peak_mb" not in ours:
             return None
         fast = ref["median_ms"] / ours["median_ms"]
@@ -329,7 +330,7 @@ GOALS = [
     Goal(12, "every op at 8 x 16 tokens costs no more than its eager composition (ours / eager <= 1.0)", False,
          _overhead_at_most_eager),
     Goal(15, "trainer update phase at V=151936 (bench_trainer --model qwen): >= 3x faster and >= 10x less extra "
-             "peak memory than backend=reference", False, _trainer_update_goal(3.0, 10.0)),
+             "peak memory than backend=eager", False, _trainer_update_goal(3.0, 10.0)),
 ]
 
 

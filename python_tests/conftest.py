@@ -55,8 +55,8 @@ def backends_for(device: str) -> list[str]:
     """Every backend that can run tensors of `device` on this machine."""
     names = rlhf_kernels.available_backends()
     if device == "cpu":
-        return [b for b in names if b in ("cpu", "reference") or (b == "triton" and os.environ.get("TRITON_INTERPRET") == "1")]
-    return [b for b in names if b in ("cuda", "triton", "reference")]
+        return [b for b in names if b in ("cpu", "eager") or (b == "triton" and os.environ.get("TRITON_INTERPRET") == "1")]
+    return [b for b in names if b in ("cuda", "triton", "eager")]
 
 
 DEVICE_BACKENDS = [(d, b) for d in DEVICES for b in backends_for(d)]

@@ -3,8 +3,10 @@ the one registry of implementations.
 
 CUDA tensors take the CUDA or the Triton kernel (per op, whichever measured
 faster; see ``GPU_PREFERENCE``), CPU tensors take the C++ kernel, and the
-plain-PyTorch backend (``"reference"``, rlhf_kernels/eager) runs wherever
-neither is built. ``backend=`` on an op, or the environment variable
+plain-PyTorch backend (``"eager"``, rlhf_kernels/eager) runs wherever neither
+is built. (``rlhf_kernels.reference`` is the float64 oracle of the tests, not
+a backend; ``"reference"`` is still accepted as a deprecated name of
+``"eager"``.) ``backend=`` on an op, or the environment variable
 ``RLHF_KERNELS_BACKEND``, forces one. Each op module registers, per backend,
 one callable with the op's contract (``register``); the public function asks
 ``implementation`` for the one to call.
@@ -15,11 +17,14 @@ Nothing here initialises CUDA at import time.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable
 
 import torch
 
-BACKENDS = ("triton", "cuda", "cpu", "reference")
+BACKENDS = ("triton", "cuda", "cpu", "eager")
+# Old name -> backend; accepted with a FutureWarning.
+DEPRECATED_BACKENDS = {"reference": "eager"}
 ENV_BACKEND = "RLHF_KERNELS_BACKEND"
 ENV_CHECK = "RLHF_KERNELS_CHECK"
 
@@ -90,7 +95,7 @@ def checks_enabled() -> bool:
 def available_backends() -> list[str]:
     """The backends this install can run, best first.
 
-    ``"reference"`` is always there; ``"cpu"`` needs the built extension;
+    ``"eager"`` is always there; ``"cpu"`` needs the built extension;
     ``"cuda"`` needs the extension built with CUDA kernels and a visible GPU;
     ``"triton"`` needs Triton and a GPU (or ``TRITON_INTERPRET=1``).
     """
@@ -102,8 +107,18 @@ def available_backends() -> list[str]:
         names.append("cuda")
     if native_extension_loaded():
         names.append("cpu")
-    names.append("reference")
+    names.append("eager")
     return names
+
+
+def canonical_backend(backend: str | None, source: str = "backend") -> str | None:
+    """``backend`` with a deprecated name replaced (and warned about); None stays None."""
+    if backend in DEPRECATED_BACKENDS:
+        new = DEPRECATED_BACKENDS[backend]
+        warnings.warn(f"{source}: {backend!r} is a deprecated name of the {new!r} backend",
+                      FutureWarning, stacklevel=3)
+        return new
+    return backend
 
 
 def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
@@ -113,6 +128,7 @@ def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
     """
     requested = backend if backend is not None else os.environ.get(ENV_BACKEND) or None
     source = "backend" if backend is not None else ENV_BACKEND
+    requested = canonical_backend(requested, source)
     if requested is not None and requested not in BACKENDS:
         raise ValueError(f"{source}: unknown backend {requested!r}; expected one of {BACKENDS}")
     if device.type == "cuda":
@@ -122,7 +138,7 @@ def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
                     return name
                 if name == "triton" and triton_installed():
                     return name
-            return "reference"
+            return "eager"
         if requested == "cpu":
             raise ValueError(f"{source}: 'cpu' cannot run CUDA tensors")
         if requested == "cuda" and not native_cuda_built():
@@ -132,7 +148,7 @@ def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
         return requested
     if device.type == "cpu":
         if requested is None:
-            return "cpu" if native_extension_loaded() else "reference"
+            return "cpu" if native_extension_loaded() else "eager"
         if requested == "cuda":
             raise ValueError(f"{source}: 'cuda' cannot run CPU tensors")
         if requested == "cpu" and not native_extension_loaded():
@@ -142,9 +158,9 @@ def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
                 f"{source}: 'triton' on CPU tensors needs Triton and TRITON_INTERPRET=1"
             )
         return requested
-    if requested not in (None, "reference"):
-        raise ValueError(f"{source}: only 'reference' runs on {device.type} tensors")
-    return "reference"
+    if requested not in (None, "eager"):
+        raise ValueError(f"{source}: only 'eager' runs on {device.type} tensors")
+    return "eager"
 
 
 # (op, backend) -> the callable with the op's contract. "cpu" and "cuda" hold

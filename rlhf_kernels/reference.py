@@ -2,7 +2,7 @@
 
 Tests compare the kernels with these in float64, benchmarks time them as the
 eager baseline (the way TRL and verl compute the same quantities), and the
-``"reference"`` backend runs them where no kernel is built. ``upcast=True``
+``"eager"`` backend (rlhf_kernels/eager) runs them where no kernel is built. ``upcast=True``
 computes in float32 (float64 stays float64); ``upcast=False`` computes in the
 input dtype, which is what the bf16 accuracy rule of the tests compares to.
 """

@@ -143,7 +143,7 @@ def test_kl_penalty_k3_near_on_policy_keeps_float32_accuracy(device_backend):
     exact = torch.expm1(d) - d
     eager = reference.kl_penalty(logp, ref, "k3", upcast=False)
     assert ((eager.double() - exact).abs() / exact)[exact > 0].median() > 1e-3  # what the kernels do better
-    if backend == "reference":  # the eager formula itself, cancellation included
+    if backend == "eager":  # the eager formula itself, cancellation included
         assert torch.equal(kl.detach().cpu(), eager)
         return
     kl.sum().backward()
@@ -565,7 +565,7 @@ def test_adaptive_kl_controller_bad_args():
 def test_opcheck(device_backend):
     """The registered ops themselves (schema, fake, autograd, AOT dispatch): the
     native ops for the cpu / cuda backends, their Triton twins for triton (the
-    reference backend is plain torch: no op)."""
+    eager backend is plain torch: no op)."""
     device, backend = device_backend
     suffix = {"cpu": "", "cuda": "", "triton": "_triton"}.get(backend)
     if suffix is None:

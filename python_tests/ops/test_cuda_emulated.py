@@ -670,7 +670,7 @@ def _check_advantages(got, want, dtype, long_sequences):
 
 def _reference_advantages(values, mask, cu_seqlens, token_rewards, scores, logp, ref_logp, kl_coef_scale,
                           kl_coef, estimator, gamma, lam):
-    """The "reference" backend of the op, in float64 on the same (rounded) inputs."""
+    """The "eager" backend of the op, in float64 on the same (rounded) inputs."""
     d = lambda t: t.double() if t is not None else None  # noqa: E731
     return eager_adv.advantages(d(values), mask, cu_seqlens, d(token_rewards), d(scores), d(logp),
                                   d(ref_logp), d(kl_coef_scale), kl_coef, estimator, gamma, lam)

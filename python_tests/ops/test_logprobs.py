@@ -316,7 +316,7 @@ def test_gradcheck_float64(device_backend):
 def test_opcheck(device_backend):
     """The registered ops themselves (schema, fake, autograd, AOT dispatch): the
     native ops for the cpu / cuda backends, their Triton twins for triton (the
-    reference backend is plain torch: no op); strided and int32 inputs too."""
+    eager backend is plain torch: no op); strided and int32 inputs too."""
     device, backend = device_backend
     suffix = {"cpu": "", "cuda": "", "triton": "_triton"}.get(backend)
     if suffix is None:
@@ -407,12 +407,27 @@ def test_bad_backend_names(monkeypatch):
 
 def test_env_forces_backend(monkeypatch):
     calls = []
-    key = ("logprobs", "reference")
+    key = ("logprobs", "eager")
     original = _dispatch._REGISTRY[key]
     monkeypatch.setitem(_dispatch._REGISTRY, key, lambda *a: calls.append(1) or original(*a))
-    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "eager")
     rlhf_kernels.logprobs_from_logits(torch.randn(2, 5), torch.zeros(2, dtype=torch.long))
     assert calls == [1]
+
+
+def test_deprecated_backend_name_runs_the_eager_backend(monkeypatch):
+    """backend="reference" (the eager backend's former name) still runs it, with a FutureWarning."""
+    calls = []
+    key = ("logprobs", "eager")
+    original = _dispatch._REGISTRY[key]
+    monkeypatch.setitem(_dispatch._REGISTRY, key, lambda *a: calls.append(1) or original(*a))
+    x, labels = torch.randn(2, 5), torch.zeros(2, dtype=torch.long)
+    with pytest.warns(FutureWarning, match="backend: 'reference' is a deprecated name of the 'eager' backend"):
+        rlhf_kernels.logprobs_from_logits(x, labels, backend="reference")
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+    with pytest.warns(FutureWarning, match="RLHF_KERNELS_BACKEND: 'reference' is a deprecated name"):
+        rlhf_kernels.logprobs_from_logits(x, labels)
+    assert calls == [1, 1]
 
 
 @gpu

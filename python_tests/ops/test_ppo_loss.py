@@ -463,13 +463,13 @@ def test_loss_from_logits_float16_with_a_grad_scaler_sized_upstream_gradient(dev
 def test_loss_from_logits_no_double_backward(device_backend):
     """Every kernel loss computes its gradient in the forward: a second
     derivative (create_graph=True) is an error, never a silent 0. (The
-    reference backend's token losses are torch autograd: their second
+    eager backend's token losses are torch autograd: their second
     derivative is the true one.)"""
     device, backend = device_backend
     logits, labels, old, adv, mask, _ = _logits_inputs((2, 3, 41), device, seed=13)
     x = logits.clone().requires_grad_(True)
     loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, backend=backend)
-    if backend == "reference":
+    if backend == "eager":
         (g,) = torch.autograd.grad(loss, x, create_graph=True)
         x64 = logits.double().requires_grad_(True)
         want, _ = reference.ppo_loss_from_logits(x64, labels, old.double(), adv.double(), mask)
@@ -482,7 +482,7 @@ def test_loss_from_logits_no_double_backward(device_backend):
     for loss_fn in (rlhf_kernels.ppo_policy_loss, rlhf_kernels.ppo_value_loss):
         x = logp.clone().requires_grad_(True)
         loss, _ = loss_fn(x, old, adv, mask, backend=backend)
-        if backend == "reference":
+        if backend == "eager":
             (g,) = torch.autograd.grad(loss, x, create_graph=True)
             x64 = logp.double().requires_grad_(True)
             ref_fn = getattr(reference, loss_fn.__name__)
@@ -626,7 +626,7 @@ def test_loss_from_logits_all_masked(device_backend):
 def test_opcheck(device_backend):
     """The registered ops themselves (schema, fake, autograd, AOT dispatch): the
     native op for the cpu / cuda backends, its Triton twin for triton (the
-    reference backend is plain torch: no op)."""
+    eager backend is plain torch: no op)."""
     device, backend = device_backend
     logp, old, adv, mask = _tokens((3, 20), device, seed=13, scale=0.3)
     logp = torch.where(mask, logp, 0.0).requires_grad_(True)
@@ -756,10 +756,10 @@ def test_from_logits_bad_inputs(change, match):
 
 def test_env_forces_backend(monkeypatch):
     calls = []
-    key = ("ppo_policy_loss", "reference")
+    key = ("ppo_policy_loss", "eager")
     original = _dispatch._REGISTRY[key]
     monkeypatch.setitem(_dispatch._REGISTRY, key, lambda *a: calls.append(1) or original(*a))
-    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "eager")
     logp, old, adv, mask = _ok()
     rlhf_kernels.ppo_policy_loss(logp, old, adv, mask)
     assert calls == [1]

@@ -44,5 +44,5 @@ def test_sanitizer_cases_run_on_cpu():
         sys.path.pop(0)
     import rlhf_kernels
 
-    backend = "cpu" if "cpu" in rlhf_kernels.available_backends() else "reference"
+    backend = "cpu" if "cpu" in rlhf_kernels.available_backends() else "eager"
     assert sanitizer_cases.main(["--device", "cpu", "--backend", backend]) == 0

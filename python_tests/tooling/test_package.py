@@ -23,7 +23,7 @@ def _run(code: str) -> str:
     return out.stdout.strip()
 
 
-def test_import_without_triton_extension_or_gpu_uses_reference():
+def test_import_without_triton_extension_or_gpu_uses_eager():
     out = _run(
         BLOCK_IMPORTS
         + """
@@ -35,7 +35,7 @@ assert torch.allclose(rlhf_kernels.logprobs_from_logits(x, y), ref)
 print(torch.cuda.is_initialized())
 """
     )
-    assert out.splitlines() == ["['reference']", "False"]
+    assert out.splitlines() == ["['eager']", "False"]
 
 
 def test_import_does_not_initialise_cuda():
@@ -44,7 +44,7 @@ def test_import_does_not_initialise_cuda():
 
 def test_available_backends_lists_what_is_built():
     names = rlhf_kernels.available_backends()
-    assert names[-1] == "reference"
+    assert names[-1] == "eager"
     assert set(names) <= set(rlhf_kernels.BACKENDS)
     # CI and every development machine build the C++ extension.
     assert "cpu" in names

@@ -105,12 +105,12 @@ def test_ppo_iterations_on_tiny_model_change_the_policy():
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
 
 
-def test_reference_backend_gives_the_same_first_iteration():
+def test_eager_backend_gives_the_same_first_iteration():
     metrics = {}
-    for backend in ("reference", None):
+    for backend in ("eager", None):
         trainer, _ = _ppo_trainer(backend=backend, seed=3, entropy_coef=0.01)
         metrics[backend] = _strip([trainer.step()])[0]
-    ref, ker = metrics["reference"], metrics[None]
+    ref, ker = metrics["eager"], metrics[None]
     assert ref.keys() == ker.keys()
     for key in ref:
         assert ker[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), key

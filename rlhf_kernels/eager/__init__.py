@@ -1,3 +1,3 @@
-"""The plain-PyTorch backend ("reference"): the kernels' contract (same
+"""The plain-PyTorch backend ("eager"): the kernels' contract (same
 arguments, same outputs) computed with torch ops from ``rlhf_kernels.reference``.
 It runs wherever no kernel is built, and on devices no kernel serves."""

@@ -1,4 +1,4 @@
-"""The KL penalty and shaping + GAE in plain torch ops (the "reference"
+"""The KL penalty and shaping + GAE in plain torch ops (the "eager"
 backend), returning what the kernels return."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""logprobs_from_logits in plain torch ops (the "reference" backend):
+"""logprobs_from_logits in plain torch ops (the "eager" backend):
 ``rlhf_kernels.reference`` under torch autograd, with the op's in-place backward."""
 
 from __future__ import annotations

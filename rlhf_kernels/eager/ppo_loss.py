@@ -1,4 +1,4 @@
-"""The PPO losses in plain torch ops (the "reference" backend):
+"""The PPO losses in plain torch ops (the "eager" backend):
 ``rlhf_kernels.reference`` itself, differentiated by torch autograd (the
 kernels' gradients are defined as that autograd, tie rules included)."""
 

@@ -288,12 +288,12 @@ def _make_chunked_logprob(original):
             outputs = tuple(outputs)
             backend = resolve_backend(None, hidden.device, "logprobs_from_hidden")
             key = "trl.ChunkedLogProbFunction"
-            if final_logit_softcapping is None and backend != "reference":
+            if final_logit_softcapping is None and backend != "eager":
                 rows = "triton" if backend == "triton" else "native"
                 count_served(key)
                 return HiddenStateFunction.apply(hidden, weight, bias, targets, temperature, logit_scale, outputs,
                                                  rows)
-            if backend == "reference":
+            if backend == "eager":
                 return hand_back(key, "no native or Triton kernels on this device", original.apply, hidden, weight,
                                  bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale,
                                  outputs)

@@ -39,7 +39,7 @@ if triton_installed():
     from ..triton import advantages as _triton  # noqa: F401  (defines the rlhf_kernels::*_triton ops)
 
 
-# --- KL penalty: one op each, native (csrc) or Triton; the reference backend is torch autograd ---
+# --- KL penalty: one op each, native (csrc) or Triton; the eager backend is torch autograd ---
 
 
 def _kl_fake(logp, ref_logp, estimator):
@@ -81,7 +81,7 @@ if native_extension_loaded():
 if triton_installed():
     _register_kl(("triton",), torch.ops.rlhf_kernels.kl_penalty_triton.default,
                  torch.ops.rlhf_kernels.kl_penalty_triton_backward.default)
-register("kl_penalty", ("reference",), _eager.kl_penalty)
+register("kl_penalty", ("eager",), _eager.kl_penalty)
 
 
 # --- fused shaping + GAE: the native op (csrc advantages), its Triton twin, the eager composition ---
@@ -106,7 +106,7 @@ if native_extension_loaded():
     _register_advantages(("cpu", "cuda"), torch.ops.rlhf_kernels.advantages.default)
 if triton_installed():
     _register_advantages(("triton",), torch.ops.rlhf_kernels.advantages_triton.default)
-register("advantages", ("reference",), _eager.advantages)
+register("advantages", ("eager",), _eager.advantages)
 
 
 # --- validation and whitening -------------------------------------------------------
@@ -227,13 +227,13 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, *, estimator: str = "k1", backend
     and the result clamped to [-10, 10] (verl's ``low_var_kl``). The kernels
     evaluate k3 and its gradient without the cancellation of exp(x) - x - 1 near
     x = 0 (a series for |x| < 1/2), so near on-policy they keep float32 accuracy
-    where the eager formula (``backend="reference"``) keeps about 1e-7 absolute.
+    where the eager formula (``backend="eager"``) keeps about 1e-7 absolute.
 
     Args:
         logp: (...) float32 | bfloat16 | float16 | float64, policy log-probs.
         ref_logp: (...) like ``logp``, reference log-probs (dtypes are promoted).
         estimator: "k1" | "abs" | "k2" | "mse" | "k3" | "low_var_kl".
-        backend: "triton" | "cuda" | "cpu" | "reference"; default by device.
+        backend: "triton" | "cuda" | "cpu" | "eager"; default by device.
 
     Returns:
         kl: (...) float32 (float64 for float64 inputs). The gradients flow to
@@ -287,7 +287,7 @@ def compute_gae(
         gamma, lam: discount and GAE lambda, in [0, 1].
         cu_seqlens: (B + 1,) int32 offsets of the packed sequences, from 0 to total.
         process_group: a torch.distributed group to whiten over, or None.
-        backend: "triton" | "cuda" | "cpu" | "reference"; default by device.
+        backend: "triton" | "cuda" | "cpu" | "eager"; default by device.
 
     Returns:
         (advantages, returns), each like ``values``, float32 (float64 for float64 inputs).

@@ -117,7 +117,7 @@ if native_extension_loaded():
     register("logprobs_from_hidden", ("cpu", "cuda"), _kernel_backend("native"))
 if triton_installed():
     register("logprobs_from_hidden", ("triton",), _kernel_backend("triton"))
-register("logprobs_from_hidden", ("reference",), _eager.logprobs_from_hidden)
+register("logprobs_from_hidden", ("eager",), _eager.logprobs_from_hidden)
 
 
 # --- public functions -----------------------------------------------------------
@@ -194,7 +194,7 @@ def logprobs_from_hidden(
         chunk_bytes: budget of the tile buffer; default
             ``default_chunk_bytes(N, V)`` = N * V * 4 / 32 within [8, 256] MiB.
         backend: "cpu" | "cuda" | "triton" (the row kernels; GEMMs are BLAS /
-            cuBLAS) | "reference" (plain PyTorch, with the logits); default as
+            cuBLAS) | "eager" (plain PyTorch, with the logits); default as
             for every op.
 
     Returns:

@@ -99,7 +99,7 @@ if triton_installed():
     _ops = torch.ops.rlhf_kernels
     _register(("triton",), _ops.logprobs_triton.default, _ops.logprobs_triton_backward.default,
               _ops.logprobs_triton_backward_.default)
-register("logprobs", ("reference",), _eager.logprobs)
+register("logprobs", ("eager",), _eager.logprobs)
 
 
 # --- public function ----------------------------------------------------------------
@@ -138,7 +138,7 @@ def logprobs_from_logits(
         inplace_backward: write the logits gradient into the logits buffer
             instead of a new tensor (saves one (N, V) allocation). The logits
             are consumed: do not use them after backward.
-        backend: "triton" | "cuda" | "cpu" | "reference" to force one;
+        backend: "triton" | "cuda" | "cpu" | "eager" to force one;
             default: ``RLHF_KERNELS_BACKEND``, else the best for the device.
 
     Returns:

@@ -137,8 +137,8 @@ for _backend, _caller in _token_loss_ops("ppo_policy_loss", len(POLICY_STAT_NAME
     _register_policy_loss((_backend,), _caller)
 for _backend, _caller in _token_loss_ops("ppo_value_loss", 1).items():
     _register_value_loss((_backend,), _caller)
-register("ppo_policy_loss", ("reference",), _eager.policy_loss)
-register("ppo_value_loss", ("reference",), _eager.value_loss)
+register("ppo_policy_loss", ("eager",), _eager.policy_loss)
+register("ppo_value_loss", ("eager",), _eager.value_loss)
 
 
 # --- the loss from the logits: the native op, its Triton twin, the eager composition --------
@@ -269,7 +269,7 @@ if triton_installed():
     _ops = torch.ops.rlhf_kernels
     _register_from_logits(("triton",), _ops.ppo_loss_from_logits_triton.default, _ops.scale_grad_triton_.default,
                           _ops.logprobs_triton_backward.default, _ops.logprobs_triton_backward_.default)
-register("ppo_loss_from_logits", ("reference",), _eager.ppo_loss_from_logits)
+register("ppo_loss_from_logits", ("eager",), _eager.ppo_loss_from_logits)
 
 
 # --- public functions -------------------------------------------------------------------

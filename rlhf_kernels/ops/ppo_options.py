@@ -117,7 +117,7 @@ PENALTY_ARGS = """\
             gradient is taken only when it is not 0."""
 
 BACKEND_ARG = """\
-        backend: "triton" | "cuda" | "cpu" | "reference"; default by device."""
+        backend: "triton" | "cuda" | "cpu" | "eager"; default by device."""
 
 COMBINED_RETURNS = """\
         (loss, stats): the 0-dim loss (float32; float64 for float64 inputs)

@@ -30,4 +30,4 @@ def add_parallel_flags(parser: argparse.ArgumentParser, *, every_stage: bool = F
 
 def add_backend_flag(parser: argparse.ArgumentParser) -> None:
     """``--backend``: the ops' backend (None: the best one per device)."""
-    parser.add_argument("--backend", default=None, help="triton | cuda | cpu | reference (default: best per device)")
+    parser.add_argument("--backend", default=None, help="triton | cuda | cpu | eager (default: best per device)")

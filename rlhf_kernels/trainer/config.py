@@ -90,7 +90,7 @@ class PPOConfig:
     logits_grad_inplace: bool = True
     # Log-probs and the loss straight from the last hidden state and the LM
     # head (logprobs_from_hidden / ppo_loss_from_hidden): no (B, T, V) logits in
-    # any pass. Off with backend "reference", and (with a warning) for heads the
+    # any pass. Off with backend "eager", and (with a warning) for heads the
     # fused ops do not express (final-logit soft-capping).
     fused_lm_head: bool = True
     # Dropout during the PPO update (rollouts and evaluation never use it).
@@ -164,7 +164,7 @@ class TrainConfig:
 
     out: str = "runs/default"
     device: str = "cpu"
-    backend: Optional[str] = None  # None: the best per device; "reference": eager PyTorch everywhere
+    backend: Optional[str] = None  # None: the best per device; "eager": plain PyTorch everywhere
     model: Optional[str] = None  # local path of a causal LM; default: the embedded tiny Llama
     reward_model: Optional[str] = None  # local path of a causal LM trunk for the reward model
     task: TaskConfig = field(default_factory=TaskConfig)

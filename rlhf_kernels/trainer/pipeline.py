@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .._dispatch import BACKENDS, DEPRECATED_BACKENDS
 from .config import ConfigError, TrainConfig, to_dict, validate_ppo
 from .data import check_tokenizer
 from .models import ScalarHeadModel, load_causal_lm, tiny_llama
@@ -57,9 +58,7 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg.device}: no CUDA GPU is visible")
     if cfg.backend is not None:
-        from .. import BACKENDS
-
-        if cfg.backend not in BACKENDS:
+        if cfg.backend not in BACKENDS and cfg.backend not in DEPRECATED_BACKENDS:
             raise ConfigError(f"--backend: unknown {cfg.backend!r}; expected one of {BACKENDS}")
     validate_ppo(cfg.ppo, world_size)
     for name in ("sft", "reward"):

@@ -8,7 +8,7 @@ scores (reward model or a Python function) -> KL shaping + GAE + whitening
 (`ppo_advantages`) and the adaptive KL coefficient -> `ppo_epochs` over shuffled
 mini-batches with gradient accumulation: the clipped policy loss straight from
 the hidden state (`ppo_loss_from_hidden`; `ppo_loss_from_logits` with
-``fused_lm_head=False`` or the reference backend), the clipped value loss (`ppo_value_loss`),
+``fused_lm_head=False`` or the eager backend), the clipped value loss (`ppo_value_loss`),
 the entropy bonus and `ptx_coef * mean(log pi(x))` on pretraining batches;
 gradient clipping, AdamW and a learning-rate schedule.
 
@@ -34,6 +34,7 @@ from .. import (
     AdaptiveKLController, group_advantages, logprobs_from_hidden, logprobs_from_logits, ppo_advantages,
     ppo_loss_from_hidden, ppo_loss_from_logits, ppo_loss_from_logprobs, ppo_value_loss,
 )
+from .._dispatch import canonical_backend
 from .config import PPOConfig, validate_ppo
 from .data import (
     Batch, decode_responses, encode_prompts, encode_responses, lm_targets, make_batch,
@@ -143,7 +144,7 @@ class PPOTrainer:
         reward_model / reward_fn: one of them gives the scores.
         ptx_sampler: ``(n, rng) -> list of (prompt, response)`` pretraining texts,
             used when ``config.ptx_coef > 0``.
-        backend: forwarded to every op (``"reference"``: eager PyTorch).
+        backend: forwarded to every op (``"eager"``: plain PyTorch).
     """
 
     def __init__(self, policy, ref_policy, value_model: Optional[ScalarHeadModel], tokenizer, config: PPOConfig, *,
@@ -161,7 +162,7 @@ class PPOTrainer:
             raise ValueError(f"value_model: algo {config.algo!r} {need} (PPO has a critic, GRPO and RLOO do not)")
         self.config = config
         self.device = torch.device(device)
-        self.backend = backend
+        self.backend = canonical_backend(backend)
         self.tokenizer = tokenizer
         self.rank, self.world_size = rank, world_size
         self.prompt_sampler, self.ptx_sampler = prompt_sampler, ptx_sampler
@@ -270,7 +271,7 @@ class PPOTrainer:
     def _head(self, model) -> tuple[Optional[LMHead], bool]:
         """(the model's LM head for the fused ops or None: the logits path,
         whether this is its first use: check it)."""
-        if not self.config.fused_lm_head or self.backend == "reference":
+        if not self.config.fused_lm_head or self.backend == "eager":
             return None, False
         key = id(model)
         if self._heads_checked.get(key) is False:

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from .. import logprobs_from_logits
+from .._dispatch import canonical_backend
 from .config import SFTConfig
 from .data import encode_prompts, encode_responses, make_batch
 from .models import response_logits
@@ -33,7 +34,7 @@ class SFTTrainer:
         self.tokenizer = tokenizer
         self.config = config
         self.device = torch.device(device)
-        self.backend = backend
+        self.backend = canonical_backend(backend)
         self.logger = logger
         self.verbose = verbose
         self.should_stop = should_stop or (lambda: False)
