@@ -130,4 +130,15 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "Tensor? token_rewards, Tensor? scores, Tensor? logp, Tensor? ref_logp, "
       "Tensor? kl_coef_scale, float kl_coef, "
       "int estimator, float gamma, float lam) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The public rollout correction (rlhf_kernels.rollout_correction): logp and
+  // rollout_logp (B, T) of one float dtype, mask (B, T) bool or of the
+  // accumulation dtype (token weights, 0 = not valid). level / mode / the
+  // rules as csrc/include/rlhf_kernels/rollout_correction_math.h defines them
+  // (at most kRcMaxRules rules). Returns the importance weights (B, T) and the
+  // per-sequence statistics (B, 9) in the accumulation dtype (float32, float64
+  // for float64), and keep (B, T) bool: valid and passing every rule.
+  m.def(
+      "rollout_correction(Tensor logp, Tensor rollout_logp, Tensor mask, int level, int mode, "
+      "float lower, float upper, int[] rule_kinds, float[] rule_lo, float[] rule_hi) "
+      "-> (Tensor, Tensor, Tensor)");
 }

@@ -17,6 +17,7 @@ from .ops.advantages import (
 from .ops.lm_head import logprobs_from_hidden, ppo_loss_from_hidden
 from .ops.logprobs import logprobs_from_logits
 from .ops.ppo_loss import ppo_loss_from_logits, ppo_loss_from_logprobs, ppo_policy_loss, ppo_value_loss
+from .ops.rollout_correction import RolloutCorrection, rollout_correction
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "AdaptiveKLController",
     "BACKENDS",
     "PPOAdvantages",
+    "RolloutCorrection",
     "agg_loss",
     "available_backends",
     "compute_gae",
@@ -38,4 +40,5 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_value_loss",
     "ppo_advantages",
+    "rollout_correction",
 ]

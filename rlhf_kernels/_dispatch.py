@@ -40,6 +40,7 @@ GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "advantages": ("cuda", "triton"),
     "kl_penalty": ("cuda", "triton"),
     "logprobs_from_hidden": ("cuda", "triton"),
+    "rollout_correction": ("cuda", "triton"),
 }
 
 

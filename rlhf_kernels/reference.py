@@ -447,3 +447,66 @@ def group_advantages(
         else:
             raise ValueError(f"mode: unknown mode {mode!r}")
     return out
+
+
+# --- rollout correction ---------------------------------------------------------------------------
+
+ROLLOUT_SAFETY_BOUND = 20.0  # log-ratios clamped to +-20 before exp (verl's SAFETY_BOUND)
+
+
+def rollout_correction(logp: Tensor, rollout_logp: Tensor, mask: Tensor, *, level: str = "token",
+                       mode: str | None = "truncate", lower: float | None = None, upper: float | None = 2.0,
+                       rules: tuple = (), upcast: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """The importance weights of the trainer's log-probs against the
+    sampler's and the rejection mask, written from verl's formulas
+    (``rollout_corr_helper``) with TRL's lower bound: returns (weights (B, T),
+    keep (B, T) bool, per-sequence statistics (B, 9): n, sum w k1, sum w k3,
+    sum w |lr|, max |lr|, sum w weight, sum w [out of band], sum w [rejected],
+    [a valid token rejected]). ``rules``: (option, lo, hi) with option
+    "token_k1" ... "seq_max_k3" and the bounds on the statistic (k1's in log
+    space)."""
+    dtype = _compute_dtype(logp.dtype, upcast)
+    lr = logp.to(dtype) - rollout_logp.to(dtype)
+    w = mask.to(dtype)
+    valid = mask != 0
+    lr_safe = lr.clamp(-ROLLOUT_SAFETY_BOUND, ROLLOUT_SAFETY_BOUND)
+    k = {"k1": -lr_safe, "k2": 0.5 * lr_safe ** 2, "k3": torch.exp(lr_safe) - 1 - lr_safe}
+    n = w.sum(-1)
+    seq_lr = (lr * w).sum(-1, keepdim=True)
+    if level == "token":
+        x = lr
+    elif level == "sequence":
+        x = seq_lr.expand_as(lr)
+    else:
+        x = torch.where(n[:, None] > 0, seq_lr / n[:, None].clamp_min(1e-300), 0.0).expand_as(lr)
+    raw = torch.exp(x.clamp(-ROLLOUT_SAFETY_BOUND, ROLLOUT_SAFETY_BOUND))
+    lo = 0.0 if lower is None else lower
+    hi = float("inf") if upper is None else upper
+    out_of_band = (raw < lo) | (raw > hi)
+    if mode is None:
+        weights = torch.ones_like(raw)
+    elif mode == "truncate":
+        weights = raw.clamp(lo, hi)
+    else:
+        weights = torch.where(out_of_band, 0.0, raw)
+    weights = torch.where(valid, weights, 0.0)
+    keep = valid.clone()
+    for option, r_lo, r_hi in rules:
+        agg, est = option.rsplit("_", 1)
+        stat = k[est]
+        if agg == "seq_sum":
+            stat = (stat * w).sum(-1, keepdim=True)
+        elif agg == "seq_mean":
+            stat = torch.where(n[:, None] > 0, (stat * w).sum(-1, keepdim=True) / n[:, None].clamp_min(1e-300), 0.0)
+        elif agg == "seq_max":
+            top = stat.masked_fill(~valid, float("-inf")).amax(-1, keepdim=True)
+            stat = torch.where(valid.any(-1, keepdim=True), top, 0.0)
+        keep &= (stat >= r_lo) & (stat <= r_hi)
+    rejected = valid & ~keep
+    stats = torch.stack([
+        n, (k["k1"] * w).sum(-1), (k["k3"] * w).sum(-1), (lr.abs() * w).sum(-1),
+        torch.where(valid, lr.abs(), 0.0).amax(-1) if lr.shape[-1] > 0 else n * 0,
+        (weights * w).sum(-1), (out_of_band & valid).to(dtype).mul(w).sum(-1), rejected.to(dtype).mul(w).sum(-1),
+        rejected.any(-1).to(dtype),
+    ], dim=-1)
+    return weights, keep, stats
