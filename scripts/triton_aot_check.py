@@ -48,8 +48,9 @@ from rlhf_kernels import _dispatch  # noqa: E402
 from rlhf_kernels.triton import advantages as _adv  # noqa: E402
 from rlhf_kernels.triton import logprobs as _lp  # noqa: E402
 from rlhf_kernels.triton import ppo_loss as _pl  # noqa: E402
+from rlhf_kernels.triton import rollout_correction as _rc  # noqa: E402
 
-KERNEL_MODULES = (_lp, _adv, _pl)
+KERNEL_MODULES = (_lp, _adv, _pl, _rc)
 
 
 class _CompileOnlyDriver:
@@ -228,6 +229,15 @@ def _cases():
         F.ppo_loss_from_logits(logits, labels, old, adv, mask, dual_clip=3.0, inplace_backward=True,
                                backend="triton")[0].backward()
         F.ppo_loss_from_logits(logits, labels, old, adv, mask, dual_clip=3.0, backend="triton")[0].backward()
+
+    rules = {"token_k1": 1.5, "seq_mean_k3": 0.1, "seq_max_k2": 0.2}
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for seq_len in (7, 8192):
+            logp, rollout = randn(3, seq_len, dtype=dtype), randn(3, seq_len, dtype=dtype)
+            for mask in (torch.ones(3, seq_len, dtype=torch.bool), torch.rand(3, seq_len, generator=gen)):
+                F.rollout_correction(logp, rollout, mask, level="sequence", mode="mask", lower=0.5, upper=2.0,
+                                     rejection=rules, backend="triton")
+                F.rollout_correction(logp, rollout, mask, backend="triton")
 
 
 def main(argv=None) -> int:

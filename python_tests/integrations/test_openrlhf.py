@@ -457,3 +457,46 @@ def test_openrlhf_value_loss_serves_float_masks(openrlhf_real, token_level_loss)
                 compare_outputs(lambda v: forward.__wrapped_original__(module, v, values, returns, mask, **info),
                          lambda v: forward(module, v, values, returns, mask, **info), [vpreds])
     assert_served_only("openrlhf.ValueLoss.forward", 3 * len(_OPENRLHF_BATCH_INFOS))
+
+
+def _rc_inputs(shape, seed):
+    """Trainer and sampler log-probs 0.15 apart, a mask with holes."""
+    gen = torch.Generator().manual_seed(seed)
+    old = -3 * torch.rand(shape, generator=gen)
+    rollout = old + 0.15 * torch.randn(shape, generator=gen)
+    mask = torch.rand(shape, generator=gen) < 0.8
+    mask[:, 0] = True  # OpenRLHF's per-sequence mean divides by the count unguarded
+    return old, rollout, mask
+
+
+@pytest.mark.parametrize("level,mode,threshold", [("token", "mask", (0.5, 5.0)), ("token", "clip", (0.8, 1.2)),
+                                                  ("seq", "mask", (0.97, 1.03))])
+def test_openrlhf_is_correction_equals_rollout_correction(openrlhf_real, level, mode, threshold):
+    """OpenRLHF 0.11's PolicyLoss with is_correction_level / mode (gating
+    "ratio": TIS, ICEPOP, seq-mask-tis) against ppo_policy_loss with our
+    weights as token_weights and our kept mask: the same loss."""
+    loss_mod = openrlhf_real["openrlhf.models.loss"]
+    gen = torch.Generator().manual_seed(31)
+    shape = (6, 19)
+    old, rollout, mask = _rc_inputs(shape, seed=32)
+    logp = old + torch.randn(shape, generator=gen) * 0.1
+    adv = torch.randn(shape, generator=gen)
+    ref = loss_mod.PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, is_correction_level=level,
+                              is_correction_mode=mode, is_correction_threshold=list(threshold))
+    out = ref(logp, old, adv, action_mask=mask.float(), rollout_log_probs=rollout)
+    want = out[0] if isinstance(out, tuple) else out
+    if level == "seq":
+        # seq-mask-tis: sequences whose geometric mean ratio exp(mean lr) leaves [low, high] are dropped,
+        # the others keep their token weights exp(lr): verl's seq_mean_k1 rule (k1 = -lr, bounds on
+        # exp(mean k1) = 1 / the geometric mean) with unbounded token weights.
+        ours = rlhf_kernels.rollout_correction(old, rollout, mask, level="token", mode="mask", lower=None, upper=None,
+                                               rejection={"seq_mean_k1": (1 / threshold[1], 1 / threshold[0])})
+    else:
+        ours = rlhf_kernels.rollout_correction(old, rollout, mask, level="token",
+                                               mode="truncate" if mode == "clip" else "mask",
+                                               lower=threshold[0], upper=threshold[1])
+    weights = ours.weights * ours.mask  # the loss still counts every valid token, as OpenRLHF's
+    assert 0 < ours.stats["correction/rejected_token_frac"] < 1 or level != "seq"
+    got, _ = rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28,
+                                          token_weights=weights)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -151,7 +151,7 @@ def rollout_correction(
             >= 0, nonzero = valid); the sums above weight each token by it.
         level: "token" | "sequence" | "geometric".
         mode: "truncate" | "mask" | None.
-        upper: > 0, or None (no upper bound: with "mask" only).
+        upper: > 0, or None (no upper bound).
         lower: > 0, or None (0).
         rejection: None or ``{option: threshold}``, option one of
             ``token_k1`` ``token_k2`` ``token_k3`` ``seq_sum_k1`` ... ``seq_mean_k3``
@@ -194,8 +194,6 @@ def rollout_correction(
         raise ValueError(f"mode: expected one of {tuple(MODES)}, got {mode!r}")
     upper_value = math.inf if upper is None else _bound("upper", upper)
     lower_value = 0.0 if lower is None else _bound("lower", lower)
-    if upper is None and mode == "truncate":
-        raise ValueError("upper: truncate needs an upper bound")
     if lower_value > upper_value:
         raise ValueError(f"lower: {lower_value} > upper {upper_value}")
     rules = parse_rejection(rejection)
