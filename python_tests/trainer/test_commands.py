@@ -119,6 +119,26 @@ def test_ppo_command_group_algorithms_train_no_critic(artefacts, tmp_path, algo)
     assert (out / "policy" / "config.json").exists() and not (out / "critic").exists()
 
 
+def test_ppo_command_rollout_correction_flags(artefacts, tmp_path, capsys):
+    """--rollout-is / --rollout-rs (verl's spellings) on the Qwen2 checkpoint:
+    the mismatch statistics in metrics.jsonl (the HF sampler agrees with the
+    trainer to float rounding, so nothing is rejected); a bad threshold is
+    refused before training, naming the flag's field."""
+    out = tmp_path / "corrected"
+    code = cli.main(_args(artefacts, out, "--reward-model", str(artefacts["rm"]), "--iterations", "1",
+                          "--algo", "grpo", "--group-size", "2", "--rollout-is", "sequence",
+                          "--rollout-is-threshold", "0.5_2.0", "--rollout-rs", "token_k1,seq_max_k3",
+                          "--rollout-rs-threshold", "0.9_1.1,0.01"))
+    assert code == 0
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert 0 <= row["mismatch/abs_diff_max"] < 1e-3
+    assert row["correction/rejected_token_frac"] == 0 and row["correction/weight_mean"] == pytest.approx(1, abs=1e-3)
+    code = cli.main(_args(artefacts, tmp_path / "bad", "--reward-model", str(artefacts["rm"]), "--rollout-rs",
+                          "seq_sum_k2", "--rollout-rs-threshold", "1_2"))
+    assert code == 2
+    assert "ppo.rollout_correction.rollout_rs_threshold (seq_sum_k2)" in capsys.readouterr().err
+
+
 def test_sft_then_rm_then_ppo_commands_chain_on_hf_checkpoints(artefacts, tmp_path):
     """sft on chat and prompt/response lines, rm on chosen/rejected lines from
     the SFT model (a fresh one-label head), ppo with that reward model: each

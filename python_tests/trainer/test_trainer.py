@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import rlhf_kernels
 from rlhf_kernels.trainer import pipeline
 from rlhf_kernels.trainer.config import (
     ConfigError, OptimConfig, PPOConfig, RewardConfig, SFTConfig, TrainConfig, load_config, to_dict,
@@ -234,11 +235,12 @@ def test_entropy_bonus_follows_loss_agg_fused_or_not(loss_agg):
     r.batch.response_mask[0, 1:] = 0  # unequal lengths: the aggregation modes differ
     r.batch.response_mask[1, 3:] = 0
     idx = torch.arange(4)
-    counts = dict(num_tokens=float(r.batch.response_mask[idx].sum()), num_seqs=4.0)
+    tokens = float(r.batch.response_mask[idx].sum())
+    counts = dict(num_tokens=tokens, num_seqs=4.0, value_tokens=tokens, value_seqs=4.0)
     out = {}
     for fused in (True, False):
         trainer.config.fused_loss = fused
-        out[fused] = trainer._micro_step(r, idx, **counts, with_ptx=False)
+        out[fused] = trainer._micro_step(r, idx, counts, with_ptx=False)
     for key in ("policy_loss", "entropy"):
         assert float(out[False][key]) == pytest.approx(float(out[True][key]), rel=1e-5, abs=1e-7), key
 
@@ -473,7 +475,9 @@ def test_grpo_kl_term_is_the_same_fused_or_not():
         r = trainer.rollout()
         r.ref_logp = r.ref_logp - 0.3 * torch.rand_like(r.ref_logp)  # a reference that differs
         idx = torch.arange(4)
-        out[fused] = trainer._micro_step(r, idx, float(r.batch.response_mask[idx].sum()), 4.0, with_ptx=False)
+        tokens = float(r.batch.response_mask[idx].sum())
+        counts = dict(num_tokens=tokens, num_seqs=4.0, value_tokens=tokens, value_seqs=4.0)
+        out[fused] = trainer._micro_step(r, idx, counts, with_ptx=False)
     for key in ("policy_loss", "kl_loss"):
         assert float(out[False][key]) == pytest.approx(float(out[True][key]), rel=1e-5, abs=1e-7), key
     assert float(out[True]["kl_loss"]) > 0.01
@@ -490,3 +494,99 @@ def test_group_algorithms_refuse_a_critic_and_bad_group_sizes():
         PPOTrainer(policy, copy.deepcopy(policy), None, tok, PPOConfig(algo="rloo", group_size=3,
                                                                         rollout_batch_size=8, mini_batch_size=4),
                    prompt_sampler=lambda n, rng: [], reward_fn=lambda *a: None)
+
+
+# --- rollout correction (the sampler's log-probs against the trainer's) ------------------------
+
+
+def test_sampler_logprobs_from_generate_match_the_trainers():
+    """The sampler's log-probs (generate's processed scores, at T != 1) equal
+    the trainer's recompute of the same tokens to float32 rounding, and the
+    mismatch statistics of every iteration say so."""
+    from rlhf_kernels.trainer.config import RolloutCorrectionConfig
+
+    trainer, _ = _ppo_trainer(seed=11, temperature=0.7, rollout_correction=RolloutCorrectionConfig(measure=True))
+    r = trainer.rollout()
+    mask = r.batch.response_mask.bool()
+    assert mask.any()
+    torch.testing.assert_close(r.sampler_logp[mask], r.old_logp[mask], atol=1e-4, rtol=1e-4)
+    assert (r.sampler_logp[~mask] == 0).all()
+    assert r.is_weights is None and r.loss_mask is None  # measured only
+    assert 0 <= r.stats["mismatch/abs_diff_max"] < 1e-4
+    row = _strip([trainer.step()])[0]
+    for key in ("mismatch/k1", "mismatch/k3", "mismatch/abs_diff_mean", "mismatch/abs_diff_max",
+                "correction/weight_mean", "correction/rejected_token_frac", "correction/rejected_seq_frac"):
+        assert key in row and math.isfinite(row[key]), key
+
+
+def test_rollout_correction_weights_and_rejection_reach_the_policy_loss(monkeypatch):
+    """A sampler that disagrees with the policy: the importance weights
+    (rollout_is) become the policy loss's token_weights and the rejected
+    tokens (rollout_rs) leave its mask and its token count, as
+    rollout_correction computes them from the two log-probs."""
+    from rlhf_kernels.trainer.config import RolloutCorrectionConfig
+
+    rc = RolloutCorrectionConfig(rollout_is="token", rollout_is_threshold=1.5, rollout_rs="token_k2",
+                                 rollout_rs_threshold=0.02)
+    trainer, _ = _ppo_trainer(seed=12, rollout_correction=rc)
+    generate = trainer.generate
+    gen = torch.Generator().manual_seed(0)
+
+    def noisy(prompts, **kw):  # the sampler's log-probs 0.2 off the policy's
+        out = generate(prompts, **kw)
+        if not kw.get("sampler_logp"):
+            return out
+        noise = 0.2 * torch.randn(out[3].shape, generator=gen)
+        return (*out[:3], out[3] + noise * out[0].response_mask)
+
+    monkeypatch.setattr(trainer, "generate", noisy)
+    r = trainer.rollout()
+    mask = r.batch.response_mask.bool()
+    want = rlhf_kernels.rollout_correction(r.old_logp, r.sampler_logp, mask, mode="truncate", upper=1.5,
+                                           rejection={"token_k2": 0.02})
+    torch.testing.assert_close(r.is_weights, want.weights)
+    assert torch.equal(r.loss_mask.bool(), want.mask)
+    assert 0 < r.stats["correction/rejected_token_frac"] < 1
+    assert r.stats["mismatch/abs_diff_mean"] > 0.05
+    # The policy loss of a micro-batch: ppo_loss_from_hidden with those weights and that mask.
+    idx = torch.arange(4)
+    counts = dict(num_tokens=float(r.loss_mask[idx].sum()), num_seqs=float((r.loss_mask[idx].sum(1) > 0).sum()),
+                  value_tokens=float(r.batch.response_mask[idx].sum()), value_seqs=4.0)
+    got = trainer._micro_step(r, idx, counts, with_ptx=False)
+    trainer.config.fused_loss = False
+    batch = r.batch.select(idx)
+    with torch.no_grad():
+        logp = trainer._token_logprobs(trainer.policy, batch.input_ids, batch.attention_mask, batch.prompt_len,
+                                       batch.response_labels, temperature=trainer.config.temperature)
+    loss, _ = rlhf_kernels.ppo_policy_loss(logp, r.old_logp[idx], r.advantages[idx], r.loss_mask[idx],
+                                           token_weights=r.is_weights[idx], num_tokens=counts["num_tokens"])
+    assert float(got["policy_loss"]) == pytest.approx(float(loss), rel=1e-4, abs=1e-6)
+    trainer.update(r)  # the update runs on the corrected batch
+
+
+def test_bypass_mode_uses_the_samplers_logprobs_as_old():
+    from rlhf_kernels.trainer.config import RolloutCorrectionConfig
+
+    trainer, _ = _ppo_trainer(seed=13, rollout_correction=RolloutCorrectionConfig(bypass_mode=True))
+    calls = []
+    logprobs = trainer._logprobs
+    trainer._logprobs = lambda model, b: calls.append(model) or logprobs(model, b)
+    r = trainer.rollout()
+    assert r.old_logp is r.sampler_logp
+    assert calls and all(m is not trainer.policy for m in calls)  # the reference's passes only
+    assert r.stats["mismatch/abs_diff_max"] == 0
+
+
+def test_rollout_correction_config_errors_name_the_field():
+    from rlhf_kernels.trainer.config import ConfigError, RolloutCorrectionConfig, validate_ppo
+
+    for rc, match in ((RolloutCorrectionConfig(rollout_is="tok"), "rollout_correction.rollout_is"),
+                      (RolloutCorrectionConfig(rollout_is="token", rollout_is_threshold="a_b"),
+                       "rollout_correction.rollout_is_threshold"),
+                      (RolloutCorrectionConfig(rollout_rs="token_k2"), "rollout_correction.rollout_rs_threshold"),
+                      (RolloutCorrectionConfig(rollout_rs="seq_max_k1", rollout_rs_threshold=2.0),
+                       "unknown option 'seq_max_k1'"),
+                      (RolloutCorrectionConfig(rollout_rs="token_k3", rollout_rs_threshold="0.1_0.2"),
+                       "takes one upper bound")):
+        with pytest.raises(ConfigError, match=match):
+            validate_ppo(PPOConfig(rollout_correction=rc))

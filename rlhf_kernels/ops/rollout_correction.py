@@ -112,6 +112,59 @@ def parse_rejection(rejection: Mapping[str, object] | None) -> list[tuple[str, f
     return rules
 
 
+def _verl_bounds(name: str, spec: object) -> tuple[float | None, float]:
+    """verl's threshold spelling: a number (an upper bound) or "lower_upper"."""
+    if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
+        raise ValueError(f"{name}: expected a number or a 'lower_upper' string, got {spec!r}")
+    if isinstance(spec, str) and "_" in spec:
+        lo, _, hi = spec.partition("_")
+        try:
+            return float(lo), float(hi)
+        except ValueError:
+            raise ValueError(f"{name}: cannot read {spec!r} as 'lower_upper'") from None
+    try:
+        return None, float(spec)
+    except ValueError:
+        raise ValueError(f"{name}: cannot read {spec!r} as a number") from None
+
+
+def from_verl_config(rollout_is: str | None = None, rollout_is_threshold: object = 2.0,
+                     rollout_is_batch_normalize: bool = False, rollout_rs: str | None = None,
+                     rollout_rs_threshold: object = None) -> dict:
+    """``rollout_correction``'s keywords from verl's RolloutCorrectionConfig
+    fields: ``rollout_is`` "token" | "sequence" (and our "geometric") or None;
+    ``rollout_is_threshold`` a number (truncate, TIS) or "lower_upper" (mask,
+    IcePop); ``rollout_rs`` comma-separated options with
+    ``rollout_rs_threshold`` one spec shared by all or one per option (comma
+    separated; a k1 option's spec a ratio bound or "lower_upper").
+    ValueError naming the field."""
+    kwargs: dict = dict(mode=None, upper=None, lower=None, normalize=bool(rollout_is_batch_normalize))
+    if rollout_is is not None:
+        if rollout_is not in LEVELS:
+            raise ValueError(f"rollout_is: expected one of {tuple(LEVELS)} or None, got {rollout_is!r}")
+        lower, upper = _verl_bounds("rollout_is_threshold", rollout_is_threshold)
+        kwargs.update(level=rollout_is, mode="truncate" if lower is None else "mask", lower=lower, upper=upper)
+    if rollout_rs is not None:
+        options = [o.strip() for o in str(rollout_rs).split(",") if o.strip()]
+        if rollout_rs_threshold is None:
+            raise ValueError("rollout_rs_threshold: required with rollout_rs")
+        specs = [t.strip() for t in rollout_rs_threshold.split(",")] if isinstance(rollout_rs_threshold, str) \
+            else [rollout_rs_threshold]
+        if len(specs) == 1:
+            specs = specs * len(options)
+        if len(specs) != len(options):
+            raise ValueError(f"rollout_rs_threshold: {len(specs)} thresholds for {len(options)} options")
+        rejection = {}
+        for option, spec in zip(options, specs):
+            lower, upper = _verl_bounds(f"rollout_rs_threshold ({option})", spec)
+            if lower is not None and not option.endswith("k1"):
+                raise ValueError(f"rollout_rs_threshold ({option}): a k2 / k3 option takes one upper bound")
+            rejection[option] = (lower, upper) if lower is not None else upper
+        parse_rejection(rejection)  # the options and bounds checked here, before any training
+        kwargs["rejection"] = rejection
+    return kwargs
+
+
 def rollout_correction(
     logp: Tensor,
     rollout_logp: Tensor,
@@ -229,4 +282,4 @@ def rollout_correction(
     return RolloutCorrection(weights, kept, stats)
 
 
-__all__ = ["REJECTION_OPTIONS", "RolloutCorrection", "parse_rejection", "rollout_correction"]
+__all__ = ["REJECTION_OPTIONS", "RolloutCorrection", "from_verl_config", "parse_rejection", "rollout_correction"]

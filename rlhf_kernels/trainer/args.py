@@ -31,3 +31,32 @@ def add_parallel_flags(parser: argparse.ArgumentParser, *, every_stage: bool = F
 def add_backend_flag(parser: argparse.ArgumentParser) -> None:
     """``--backend``: the ops' backend (None: the best one per device)."""
     parser.add_argument("--backend", default=None, help="triton | cuda | cpu | eager (default: best per device)")
+
+
+def add_rollout_correction_flags(parser: argparse.ArgumentParser) -> None:
+    """The sampler / trainer mismatch correction (PPOConfig.rollout_correction, verl's names)."""
+    group = parser.add_argument_group("rollout correction (the sampler's log-probs against the trainer's)")
+    group.add_argument("--rollout-is", default=None, choices=("token", "sequence", "geometric"),
+                       help="importance weights into the policy loss, at this level")
+    group.add_argument("--rollout-is-threshold", default=None,
+                       help="UPPER (truncate: TIS) or LOWER_UPPER (mask: IcePop); default 2.0")
+    group.add_argument("--rollout-rs", default=None,
+                       help="rejection options, comma separated: token_k1..3, seq_sum_k1..3, seq_mean_k1..3, "
+                            "seq_max_k2, seq_max_k3")
+    group.add_argument("--rollout-rs-threshold", default=None,
+                       help="one threshold for every option or one per option, comma separated "
+                            "(a k1 option: UPPER or LOWER_UPPER ratio bounds)")
+    group.add_argument("--bypass-mode", action="store_true",
+                       help="the sampler's log-probs as the old log-probs (no recompute forward)")
+    group.add_argument("--measure-mismatch", action="store_true",
+                       help="keep the sampler's log-probs and log the mismatch/* statistics, no correction")
+
+
+def apply_rollout_correction_flags(args: argparse.Namespace, rc) -> None:
+    """The flags given onto a RolloutCorrectionConfig (a --config file's values stay otherwise)."""
+    for name in ("rollout_is", "rollout_is_threshold", "rollout_rs", "rollout_rs_threshold"):
+        if getattr(args, name) is not None:
+            setattr(rc, name, getattr(args, name))
+    rc.bypass_mode = rc.bypass_mode or args.bypass_mode
+    rc.measure = rc.measure or args.measure_mismatch
+

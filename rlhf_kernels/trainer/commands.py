@@ -66,7 +66,7 @@ from typing import Callable
 
 import torch
 
-from .args import add_backend_flag, add_parallel_flags
+from .args import add_backend_flag, add_parallel_flags, add_rollout_correction_flags, apply_rollout_correction_flags
 from .config import OFFLOADABLE, ConfigError, PPOConfig, load_config, to_dict, validate_ppo
 from .data import check_tokenizer, load_prompts, load_rm_data, load_sft_data, load_texts
 from .fsdp import export_state_dict, unwrapped
@@ -220,6 +220,7 @@ def ppo_config(args) -> PPOConfig:
         cfg.group_size = args.group_size
     if args.offload is not None:
         cfg.offload = parse_offload(args.offload)
+    apply_rollout_correction_flags(args, cfg.rollout_correction)
     if cfg.rollout_batch_size < cfg.mini_batch_size:  # a small rollout: one mini-batch
         cfg.mini_batch_size = cfg.rollout_batch_size
         cfg.grad_accum_steps = 1
@@ -504,6 +505,7 @@ def add_ppo_parser(sub) -> None:
     p.add_argument("--missing-eos-penalty", type=float, default=None,
                    help="subtracted from the score of responses cut off without EOS")
     p.add_argument("--config", default=None, help="JSON file of PPOConfig fields")
+    add_rollout_correction_flags(p)
     add_backend_flag(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..ops.rollout_correction import from_verl_config
+
 OFFLOADABLE = ("ref", "reward")  # PPOConfig.offload: the frozen models
 LOSS_AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -53,6 +55,37 @@ class RewardConfig:
     # "bf16": forward and backward under bf16 autocast (strategy fsdp: FSDP2's
     # MixedPrecisionPolicy), float32 master weights either way.
     precision: str = "fp32"
+
+
+@dataclass
+class RolloutCorrectionConfig:
+    """The sampler / trainer mismatch of the rollouts, measured and corrected
+    (rlhf_kernels.rollout_correction), with the field names of verl's
+    RolloutCorrectionConfig. Any field set makes the rollout keep the
+    sampler's log-prob of each sampled token and log the mismatch statistics
+    (mismatch/k1, mismatch/k3, mismatch/abs_diff_mean, mismatch/abs_diff_max,
+    correction/*) every iteration."""
+
+    # Importance weights of the trainer's old log-probs against the sampler's,
+    # into the policy loss's token_weights: None, "token", "sequence" or
+    # "geometric"; rollout_is_threshold a number (truncate: TIS) or
+    # "lower_upper" (mask: IcePop).
+    rollout_is: Optional[str] = None
+    rollout_is_threshold: Any = 2.0
+    rollout_is_batch_normalize: bool = False
+    # Rejection (tokens or sequences out of the policy loss): verl's options,
+    # comma separated ("token_k1", "seq_mean_k3", ...), and thresholds.
+    rollout_rs: Optional[str] = None
+    rollout_rs_threshold: Any = None
+    # The sampler's log-probs as the old log-probs: no recompute forward of
+    # the policy in the rollout (one forward pass fewer per iteration), at the
+    # cost of the mismatch entering the PPO ratio itself (verl's bypass_mode).
+    bypass_mode: bool = False
+    # Keep the sampler's log-probs and log the statistics with no correction.
+    measure: bool = False
+
+    def enabled(self) -> bool:
+        return self.measure or self.bypass_mode or self.rollout_is is not None or self.rollout_rs is not None
 
 
 @dataclass
@@ -136,6 +169,7 @@ class PPOConfig:
     # Whiten the scores by their running mean and std over every iteration so
     # far (and every rank), before the missing-EOS penalty.
     reward_running_whiten: bool = False
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     seed: int = 2
     log_every: int = 1
     checkpoint_every: int = 10
@@ -209,6 +243,12 @@ def to_dict(config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def correction_kwargs(rc: RolloutCorrectionConfig) -> dict:
+    """rlhf_kernels.rollout_correction's keywords for ``rc`` (ValueError naming the field)."""
+    return from_verl_config(rc.rollout_is, rc.rollout_is_threshold, rc.rollout_is_batch_normalize, rc.rollout_rs,
+                            rc.rollout_rs_threshold)
+
+
 def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
     """Stop at start-up on a configuration that cannot run."""
     if cfg.rollout_batch_size <= 0 or cfg.mini_batch_size <= 0 or cfg.grad_accum_steps <= 0:
@@ -244,5 +284,10 @@ def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
     if cfg.algo != "ppo" and (cfg.group_size < 2 or cfg.rollout_batch_size % cfg.group_size):
         raise ConfigError(f"ppo.group_size: {cfg.group_size}; {cfg.algo} needs groups of >= 2 responses that "
                           f"divide rollout_batch_size ({cfg.rollout_batch_size})")
+    rc = cfg.rollout_correction
+    try:
+        correction_kwargs(rc)
+    except ValueError as exc:
+        raise ConfigError(f"ppo.rollout_correction.{exc}") from None
     if cfg.forward_batch_size < 0:
         raise ConfigError("ppo.forward_batch_size must be >= 0 (0: the update's micro-batch size)")

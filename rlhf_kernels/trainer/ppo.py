@@ -32,10 +32,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import (
     AdaptiveKLController, group_advantages, logprobs_from_hidden, logprobs_from_logits, ppo_advantages,
-    ppo_loss_from_hidden, ppo_loss_from_logits, ppo_loss_from_logprobs, ppo_value_loss,
+    ppo_loss_from_hidden, ppo_loss_from_logits, ppo_loss_from_logprobs, ppo_value_loss, rollout_correction,
 )
 from .._dispatch import canonical_backend
-from .config import PPOConfig, validate_ppo
+from .config import PPOConfig, correction_kwargs, validate_ppo
 from .data import (
     Batch, decode_responses, encode_prompts, encode_responses, lm_targets, make_batch,
     response_mask_from_generation,
@@ -44,7 +44,8 @@ from . import checkpoint, fsdp
 from .fsdp import unwrapped as _unwrap
 from .models import LMHead, ScalarHeadModel, response_logits, sequence_scores, with_response_hidden
 from .utils import (
-    Timer, all_reduce_mean, all_reduce_sum, disable_dropout, float32_master, make_optimizer, process_group,
+    Timer, all_reduce_max, all_reduce_mean, all_reduce_sum, disable_dropout, float32_master, make_optimizer,
+    process_group,
 )
 
 # (prompt texts, response texts, stopped flags) -> (B,) scores
@@ -64,6 +65,12 @@ class Rollout:
     advantages: Tensor  # (B, R)
     returns: Tensor  # (B, R)
     stats: dict
+    # config.rollout_correction: the sampler's log-probs (B, R), the importance
+    # weights (the policy loss's token_weights) and the policy loss's mask
+    # (the response mask less the rejected tokens); None without it.
+    sampler_logp: Optional[Tensor] = None
+    is_weights: Optional[Tensor] = None
+    loss_mask: Optional[Tensor] = None
 
 
 def _enable_gradient_checkpointing(model) -> None:
@@ -248,8 +255,12 @@ class PPOTrainer:
         return self.kl_ctl.value if self.kl_ctl is not None else self.config.init_kl_coef
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], *, temperature: float | None = None, greedy: bool = False) -> tuple[Batch, list[str], list[bool]]:
-        """Sample responses: (batch of prompt + response, response texts, stopped)."""
+    def generate(self, prompts: list[str], *, temperature: float | None = None, greedy: bool = False,
+                 sampler_logp: bool = False):
+        """Sample responses: (batch of prompt + response, response texts,
+        stopped), and with ``sampler_logp`` the sampler's log-prob of each
+        sampled token (B, R), 0 past the response (from generate's processed
+        scores, softmax(logits / T): what the sampler drew from)."""
         cfg = self.config
         model = _unwrap(self.policy)
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts)
@@ -259,14 +270,21 @@ class PPOTrainer:
         sampling = sampling_config(model, self.tokenizer, temperature=temperature or cfg.temperature, greedy=greedy,
                                    max_new_tokens=cfg.max_new_tokens)
         with _generation_config(model, sampling), fsdp.gathered(model):
-            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask)
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, output_scores=sampler_logp,
+                                 return_dict_in_generate=sampler_logp)
         model.train(was_training)
-        responses = out[:, prompt_ids.shape[1]:]
+        sequences = out.sequences if sampler_logp else out
+        responses = sequences[:, prompt_ids.shape[1]:]
         response_mask, stopped = response_mask_from_generation(responses, sampling.eos_token_id)
         responses = torch.where(response_mask.bool(), responses, self.tokenizer.pad_token_id)
         batch = make_batch(prompt_ids, prompt_mask, responses, response_mask)
         texts = decode_responses(self.tokenizer, responses.cpu(), response_mask.cpu())
-        return batch, texts, stopped.tolist()
+        if not sampler_logp:
+            return batch, texts, stopped.tolist()
+        # The scores are the processed logits (logits / T: sampling_config adds no other processor).
+        logp = logprobs_from_logits(torch.stack(out.scores, 1).float(), responses, backend=self.backend)
+        return batch, texts, stopped.tolist(), logp * response_mask
+
 
     def _head(self, model) -> tuple[Optional[LMHead], bool]:
         """(the model's LM head for the fused ops or None: the logits path,
@@ -372,8 +390,16 @@ class PPOTrainer:
             else:  # group sampling: each prompt group_size times, consecutive
                 drawn = self.prompt_sampler(cfg.rollout_batch_size // cfg.group_size, self.data_rng)
                 prompts = [p for p in drawn for _ in range(cfg.group_size)]
-            batch, responses, stopped = self.generate(prompts)
-            old_logp = self._in_rows(lambda b: self._logprobs(_unwrap(self.policy), b), batch)
+            rc = cfg.rollout_correction
+            sampler_logp = None
+            if rc.enabled():
+                batch, responses, stopped, sampler_logp = self.generate(prompts, sampler_logp=True)
+            else:
+                batch, responses, stopped = self.generate(prompts)
+            if rc.bypass_mode:  # the sampler's log-probs stand for the policy's: no recompute forward
+                old_logp = sampler_logp
+            else:
+                old_logp = self._in_rows(lambda b: self._logprobs(_unwrap(self.policy), b), batch)
             with self._frozen("ref") as ref:
                 ref_logp = self._in_rows(lambda b: self._logprobs(ref, b), batch)
             old_values = self._in_rows(self._values, batch) if self.value_model is not None else \
@@ -403,8 +429,21 @@ class PPOTrainer:
             "stopped_frac": all_reduce_mean(torch.tensor(sum(stopped) / len(stopped), device=self.device)),
             "tokens": all_reduce_sum(lengths.sum()),
         }
+        is_weights = loss_mask = None
+        if sampler_logp is not None:
+            # The trainer's old log-probs against the sampler's (in bypass mode the
+            # same tensor: the statistics are then 0 and the weights 1).
+            with self.timer.phase("rollout_correction", self.device):
+                corr = rollout_correction(old_logp, sampler_logp, batch.response_mask.bool(),
+                                          backend=self.backend, **correction_kwargs(rc))
+            if rc.rollout_is is not None:
+                is_weights = corr.weights
+            if rc.rollout_rs is not None:
+                loss_mask = corr.mask.to(batch.response_mask.dtype)
+            for key, value in corr.stats.items():
+                stats[key] = all_reduce_max(value) if key == "mismatch/abs_diff_max" else all_reduce_mean(value)
         return Rollout(batch, prompts, responses, stopped, old_logp, ref_logp, old_values, scores,
-                       advantages, returns, stats)
+                       advantages, returns, stats, sampler_logp, is_weights, loss_mask)
 
     def _outcome_advantages(self, scores: Tensor, old_logp: Tensor, ref_logp: Tensor, mask: Tensor):
         """GRPO / RLOO: one advantage per response, from its group of
@@ -437,15 +476,21 @@ class PPOTrainer:
         logp = self._token_logprobs(_unwrap(self.policy), ids, attn, 1, labels)
         return -cfg.ptx_coef * (logp * mask).sum() / mask.sum().clamp_min(1)
 
-    def _micro_step(self, r: Rollout, idx: Tensor, num_tokens: float, num_seqs: float, with_ptx: bool) -> dict:
+    def _micro_step(self, r: Rollout, idx: Tensor, counts: dict, with_ptx: bool) -> dict:
+        """counts: the global normalisers of this step, policy loss ("num_tokens",
+        "num_seqs": over its mask) and value loss ("value_tokens", "value_seqs")."""
         cfg = self.config
         batch = r.batch.select(idx)
-        mask = batch.response_mask
+        # The policy loss's mask: the response mask less the rejected tokens
+        # (config.rollout_correction.rollout_rs); the value loss keeps every token.
+        mask = batch.response_mask if r.loss_mask is None else r.loss_mask[idx]
+        num_tokens, num_seqs = counts["num_tokens"], counts["num_seqs"]
         # DDP averages gradients over ranks; the losses are normalised by global
         # counts, so scale by the world size to get their gradient sum.
         scale = float(self.world_size)
         common = dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.loss_agg,
-                      num_tokens=num_tokens, num_seqs=num_seqs, backend=self.backend)
+                      num_tokens=num_tokens, num_seqs=num_seqs, backend=self.backend,
+                      token_weights=None if r.is_weights is None else r.is_weights[idx])
         # GRPO: the KL to the reference as a k3 term of the loss (PPO and RLOO
         # put it in the rewards).
         kl_term = dict(ref_logp=r.ref_logp[idx], kl_coef=float(self.kl_coef), kl_estimator="k3") \
@@ -484,8 +529,9 @@ class PPOTrainer:
         stats.update(policy_loss=pg_loss.detach())
         if self.value_model is not None:
             values = self.value_model(batch.input_ids, batch.attention_mask)[:, batch.prompt_len - 1 : -1]
-            vf_loss, vf_stats = ppo_value_loss(values, r.old_values[idx], r.returns[idx], mask, clip=cfg.value_clip,
-                                               agg=cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
+            vf_loss, vf_stats = ppo_value_loss(values, r.old_values[idx], r.returns[idx], batch.response_mask,
+                                               clip=cfg.value_clip, agg=cfg.loss_agg,
+                                               num_tokens=counts["value_tokens"], num_seqs=counts["value_seqs"],
                                                backend=self.backend)
             (cfg.vf_coef * vf_loss * scale).backward()
             stats.update(value_loss=vf_loss.detach(), **{k: v.detach() for k, v in vf_stats.items()})
@@ -519,13 +565,16 @@ class PPOTrainer:
             for start in range(0, n, cfg.mini_batch_size):
                 mb = perm[start : start + cfg.mini_batch_size]
                 # Global normalisers of this optimiser step (over micro-batches and ranks).
-                num_tokens = float(all_reduce_sum(r.batch.response_mask[mb].sum()))
-                num_seqs = float(all_reduce_sum((r.batch.response_mask[mb].sum(1) > 0).sum().float()))
+                counts = {}
+                for prefix, m in (("num", r.batch.response_mask if r.loss_mask is None else r.loss_mask),
+                                  ("value", r.batch.response_mask)):
+                    counts[f"{prefix}_tokens"] = float(all_reduce_sum(m[mb].sum()))
+                    counts[f"{prefix}_seqs"] = float(all_reduce_sum((m[mb].sum(1) > 0).sum().float()))
                 for k in range(cfg.grad_accum_steps):
                     idx = mb[k * micro : (k + 1) * micro]
                     last = k == cfg.grad_accum_steps - 1
                     with self._maybe_no_sync(not last), self._autocast():
-                        stats = self._micro_step(r, idx, num_tokens, num_seqs, with_ptx=cfg.ptx_coef > 0 and k == 0)
+                        stats = self._micro_step(r, idx, counts, with_ptx=cfg.ptx_coef > 0 and k == 0)
                     for key, v in stats.items():
                         weight = 1.0 if key in summed else 1.0 / cfg.grad_accum_steps
                         totals[key] = totals.get(key, 0.0) + float(v) * weight
