@@ -26,6 +26,19 @@ def test_bench_advantages_quick(tmp_path):
     assert all(line["median_ms"] > 0 and line["speedup_vs_loop"] > 0 for line in lines)
 
 
+def test_bench_rollout_correction_quick(tmp_path):
+    """Our op against verl's functions and bare torch ops, one JSON line each
+    (the Triton interpreter too, where the suite runs it)."""
+    from benchmarks import bench_rollout_correction
+
+    rows = bench_rollout_correction.main(["--quick", "--device", "cpu", "--out-dir", str(tmp_path)])
+    providers = {r["provider"] for r in rows}
+    assert {"bare torch ops", "verl (with its metrics)", "rlhf_kernels:cpu"} <= providers
+    assert all(r["median_ms"] > 0 and r["speedup_vs_verl"] > 0 for r in rows)
+    lines = (tmp_path / next(tmp_path.glob("*.jsonl")).name).read_text().splitlines()
+    assert len(lines) == len(rows)
+
+
 def test_bench_integrations_quick_every_patched_call_served(tmp_path):
     """Each case of bench_integrations (TRL, verl and OpenRLHF calls: float
     masks, rollout IS weights, GSPO, the IS correction) runs our ops in every
