@@ -39,6 +39,7 @@ _SIGNATURES = {
     "emu_advantages": "p p p i64 i64 p p p p p d i32 d d p p p p p i64",
     "emu_ppo_policy_fwd": "p p p p p p p i64 i64 d d d d i32 p p",
     "emu_ppo_value_fwd": "p p p p p i64 i64 d p p",
+    "emu_rollout_correction": "p p p p i64 i64 i32 i32 d d i32 p p p p p p",
     "emu_selftest_shuffle": "p p i32 i32 i32 i32",
     "emu_selftest_bad": "i32 p i32",
     "emu_selftest_index": "p u32 u32 u32 u32 u32 u32",
@@ -48,6 +49,7 @@ _CTYPES = {"p": ctypes.c_void_p, "i64": ctypes.c_int64, "i32": ctypes.c_int, "u3
 
 # Columns of the statistics (rlhf_kernels/ppo_math.h).
 POLICY_STATS, VALUE_STATS, ADVANTAGE_STATS = 9, 3, 4
+RC_STATS = 9  # kRcStatColumns (rlhf_kernels/rollout_correction_math.h)
 RATIO_MAX, RATIO_MIN = 5, 6
 
 
@@ -368,6 +370,31 @@ class Emulator:
         if raw_partials:
             return grad, partial
         return grad, self.reduce_partials(partial, -1, -1)
+
+    # --- rollout correction (csrc/cuda/rollout_correction_glue.cpp) -----------------------
+
+    def rollout_correction(self, logp, rollout_logp, mask, level, mode, lower, upper, rule_kinds, rule_lo,
+                           rule_hi):
+        """As rollout_correction (csrc/ops.cpp): (weights, keep, (B, 9) stats); inputs read
+        contiguous, the mask bool or of the accumulation dtype."""
+        assert logp.dim() == 2 and rollout_logp.shape == logp.shape and mask.shape == logp.shape
+        num_seqs, seq_len = logp.shape
+        acc = acc_dtype(logp.dtype)
+        assert rollout_logp.dtype == logp.dtype and mask.dtype in (torch.bool, acc)
+        assert len(rule_kinds) == len(rule_lo) == len(rule_hi)
+        arena = Arena()
+        weights = arena.empty(logp.shape, acc, "weights")
+        keep = arena.empty(logp.shape, torch.bool, "keep")
+        stats = arena.empty((num_seqs, RC_STATS), acc, "stats")
+        rules = [arena.place(torch.tensor(list(values), dtype=dtype), name) for values, dtype, name in
+                 ((rule_kinds, torch.int64, "rule_kinds"), (rule_lo, torch.float64, "rule_lo"),
+                  (rule_hi, torch.float64, "rule_hi"))]
+        self.call(f"emu_rollout_correction_{TAGS[logp.dtype]}", arena.place(logp.contiguous(), "logp"),
+                  arena.place(rollout_logp.contiguous(), "rollout_logp"),
+                  *self._mask_args(arena, mask.contiguous()), num_seqs, seq_len, level, mode, lower, upper,
+                  len(rule_kinds), *rules, weights, keep, stats)
+        arena.check()
+        return weights, keep, stats
 
 
 __all__ = ["Arena", "Emulator", "EmulatedLaunchError", "build", "compiler_available", "acc_dtype"]

@@ -2,7 +2,9 @@
 // and storage type, called by python_tests/cuda_emu/__init__.py through
 // ctypes. Each builds its arguments as csrc/cuda/*_glue.cpp does (RowLayout,
 // AdvantagesArgs; PolicyParams with the glue's own policy_params, from
-// rlhf_kernels/ppo_math.h) and returns the launcher's cudaError_t. The Python
+// rlhf_kernels/ppo_math.h; RcParams field by field, as
+// csrc/glue/rollout_correction.h's rollout_correction_params fills it) and
+// returns the launcher's cudaError_t. The Python
 // side's argument codes (__init__.py _SIGNATURES) and methods
 // (Emulator.<op>, against csrc/ops.cpp's schemas) are pinned by
 // test_emulator_signatures_match_the_wrappers_and_the_op_schemas.
@@ -14,9 +16,11 @@
 #include "advantages.cuh"
 #include "logprobs.cuh"
 #include "ppo_loss.cuh"
+#include "rollout_correction.cuh"
 
 using rlhf_kernels::AdvantagesArgs;
 using rlhf_kernels::PolicyParams;
+using rlhf_kernels::RcParams;
 using rlhf_kernels::RowLayout;
 namespace kernels = rlhf_kernels::cuda;
 
@@ -125,6 +129,39 @@ namespace kernels = rlhf_kernels::cuda;
     return kernels::launch_advantages<scalar_t, acc_t>(args, total_tokens, nullptr);             \
   }
 
+// rollout_correction: the mask is `mask` (bool per token) or `weight` (acc_t
+// per token), exactly one set, as the glue dispatches on the mask's dtype.
+#define EMU_ROLLOUT_CORRECTION(tag, scalar_t, acc_t)                                             \
+  int emu_rollout_correction_##tag(const void* logp, const void* rollout_logp, const bool* mask, \
+                                   const void* weight, int64_t num_seqs, int64_t seq_len,       \
+                                   int level, int mode, double lower, double upper,             \
+                                   int num_rules, const int64_t* rule_kinds,                    \
+                                   const double* rule_lo, const double* rule_hi, void* weights, \
+                                   bool* keep, void* stats) {                                   \
+    if (num_rules < 0 || num_rules > rlhf_kernels::kRcMaxRules) return cudaErrorInvalidValue;    \
+    RcParams p{};                                                                                \
+    p.level = level;                                                                             \
+    p.mode = mode;                                                                               \
+    p.lower = lower;                                                                             \
+    p.upper = upper;                                                                             \
+    p.num_rules = num_rules;                                                                     \
+    for (int r = 0; r < num_rules; ++r) {                                                        \
+      p.kind[r] = static_cast<int>(rule_kinds[r]);                                               \
+      p.lo[r] = rule_lo[r];                                                                      \
+      p.hi[r] = rule_hi[r];                                                                      \
+    }                                                                                            \
+    const auto* x = static_cast<const scalar_t*>(logp);                                          \
+    const auto* y = static_cast<const scalar_t*>(rollout_logp);                                  \
+    if (weight != nullptr) {                                                                     \
+      return kernels::launch_rollout_correction<scalar_t, acc_t, acc_t>(                        \
+          x, y, static_cast<const acc_t*>(weight), p, num_seqs, seq_len,                         \
+          static_cast<acc_t*>(weights), keep, static_cast<acc_t*>(stats), nullptr);              \
+    }                                                                                            \
+    return kernels::launch_rollout_correction<scalar_t, acc_t, bool>(                           \
+        x, y, mask, p, num_seqs, seq_len, static_cast<acc_t*>(weights), keep,                    \
+        static_cast<acc_t*>(stats), nullptr);                                                    \
+  }
+
 #define EMU_PPO(tag, acc_t)                                                                      \
   int emu_ppo_policy_fwd_##tag(const void* logp, const void* old_logp, const void* advantages,  \
                                const uint8_t* mask, const void* weight, const void* ref_logp,   \
@@ -154,6 +191,7 @@ namespace kernels = rlhf_kernels::cuda;
 extern "C" {
 
 EMU_FLOAT_TYPES(EMU_LOGPROBS_AND_ADVANTAGES)
+EMU_FLOAT_TYPES(EMU_ROLLOUT_CORRECTION)
 EMU_PPO(f32, float)
 EMU_PPO(f64, double)
 

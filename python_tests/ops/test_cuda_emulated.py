@@ -28,6 +28,8 @@ from rlhf_kernels import reference
 from rlhf_kernels._launch import row_layout
 from rlhf_kernels.eager import advantages as eager_adv
 from rlhf_kernels.ops import lm_head_plan, lm_head_tiles
+from rlhf_kernels.ops.rollout_correction import LEVELS as RC_LEVELS, MODES as RC_MODES
+from rlhf_kernels.ops.rollout_correction import REJECTION_OPTIONS, parse_rejection
 from rlhf_kernels import _validation, aggregation
 
 ESTIMATORS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
@@ -180,6 +182,7 @@ EMULATED_OPS = {
     "kl_penalty": ("kl_penalty_fwd", ()),
     "kl_penalty_backward": ("kl_penalty_bwd", ()),
     "advantages": ("advantages", ()),
+    "rollout_correction": ("rollout_correction", ()),
 }
 _C_ARG_CODES = {"int64_t": "i64", "double": "d", "int": "i32", "unsigned": "u32"}
 
@@ -920,6 +923,141 @@ def test_ppo_partials_per_chunk(emu):
     assert torch.all(partial[1, :, 5] == -math.inf) and torch.all(partial[1, :, 6] == math.inf)
 
 
+# --- rollout correction ------------------------------------------------------------------
+
+# Each mode's (lower, upper) as the public op takes them (None: no bound); the
+# band also decides the out-of-band statistic with mode None.
+RC_BANDS = {None: (0.8, 1.25), "truncate": (None, 2.0), "mask": (0.7, 1.5)}
+RC_REJECTIONS = {
+    "none": None,
+    "token": {"token_k1": 1.15, "token_k3": 0.01},
+    "sequence": {"seq_sum_k1": (0.5, 3.0), "seq_mean_k2": 0.004, "seq_max_k3": 0.1},
+    "all": {"token_k1": (0.7, 1.3), "token_k2": 0.05, "seq_sum_k1": 4.0, "seq_sum_k3": 2.0,
+            "seq_mean_k1": 1.05, "seq_mean_k3": 0.004, "seq_max_k2": 0.2, "seq_sum_k2": 3.0},
+}
+
+
+def _rc_inputs(shape, dtype, seed, float_mask):
+    """(logp, rollout_logp, mask) of B = 6 rows with holes and right padding
+    (_mask_with_holes); log-ratios bias + scale * N(0, 1) per row: row 0
+    (scale 0.1) has log-ratios of -50 at its last token and (T > 1) +50 and
+    -50 at its first two, row 1 is all masked, row 2 has one token (0.3), row
+    3 a NaN logp at a valid token (0.1), row 4 is close to on-policy (0.03)
+    and row 5 is off it (bias 0.5, scale 0.2), so that the rules and the band
+    keep one and reject the other. NaN logp at every masked slot (never used).
+    A float mask holds weights in [0.25, 1.75) where valid, in the
+    accumulation dtype."""
+    gen = _gen(seed)
+    B, T = shape
+    assert B == 6
+    mask = _mask_with_holes(shape, seed)
+    rollout = -torch.rand(shape, generator=gen, dtype=torch.float64) * 4
+    scale = torch.tensor([0.1, 0.1, 0.3, 0.1, 0.03, 0.2], dtype=torch.float64)[:, None]
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.5], dtype=torch.float64)[:, None]
+    lr = bias + torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    mask[0, -1] = True
+    lr[0, -1] = -50.0
+    if T > 1:
+        mask[0, :2] = True
+        lr[0, 0], lr[0, 1] = 50.0, -50.0
+    mask[4:, : min(T, 40)] = True  # rows 4 and 5 have valid tokens
+    logp = rollout + lr
+    mask[3, 0] = True
+    logp[3, 0] = float("nan")
+    logp = torch.where(mask, logp, float("nan"))
+    if float_mask:
+        weights = torch.rand(shape, generator=gen, dtype=torch.float64) * 1.5 + 0.25
+        mask = torch.where(mask, weights, 0.0).to(cuda_emu.acc_dtype(dtype))
+    return logp.to(dtype), rollout.to(dtype), mask
+
+
+def _rc_args(level, mode, rejection):
+    """The kernel's arguments after (logp, rollout_logp, mask), as the public op
+    passes them (rlhf_kernels/ops/rollout_correction.py), and the reference's
+    keywords."""
+    lower, upper = RC_BANDS[mode]
+    rules = parse_rejection(rejection)
+    args = (RC_LEVELS[level], RC_MODES[mode], 0.0 if lower is None else lower,
+            math.inf if upper is None else upper, [REJECTION_OPTIONS[o] for o, _, _ in rules],
+            [lo for _, lo, _ in rules], [hi for _, _, hi in rules])
+    return args, dict(level=level, mode=mode, lower=lower, upper=upper, rules=tuple(rules))
+
+
+def _rc_reference(logp, rollout, mask, **kwargs):
+    """rlhf_kernels.reference.rollout_correction in float64 on the same (rounded)
+    inputs; a masked slot's logp, never used by the kernel, is made finite
+    (the reference's sums multiply it by its zero weight)."""
+    x, y = logp.double(), rollout.double()
+    return reference.rollout_correction(torch.where(mask != 0, x, y), y, mask, **kwargs)
+
+
+def _check_rc(got, want, acc, what):
+    weights, keep, stats = got
+    assert weights.dtype == acc and stats.dtype == acc and keep.dtype == torch.bool, what
+    f64 = acc == torch.float64
+    torch.testing.assert_close(weights.double(), want[0], equal_nan=True, msg=lambda m: f"{what}: weights: {m}",
+                               **(dict(atol=1e-12, rtol=1e-10) if f64 else dict(atol=1e-6, rtol=2e-5)))
+    assert torch.equal(keep, want[1]), (what, (keep != want[1]).nonzero()[:8].tolist())
+    torch.testing.assert_close(stats.double(), want[2], equal_nan=True, msg=lambda m: f"{what}: stats: {m}",
+                               **(dict(atol=1e-9, rtol=1e-9) if f64 else dict(atol=1e-3, rtol=1e-4)))
+
+
+# Lengths: 1; below one warp (7); over the block's 256 threads (300); several
+# tokens per thread (2000).
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+@pytest.mark.parametrize("level", list(RC_LEVELS))
+@pytest.mark.parametrize("seq_len", [1, 7, 300, 2000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_rollout_correction(emu, dtype, seq_len, level, mask_kind):
+    logp, rollout, mask = _rc_inputs((6, seq_len), dtype, seed=seq_len, float_mask=mask_kind == "float")
+    acc = cuda_emu.acc_dtype(dtype)
+    for mode in RC_MODES:
+        for name, rejection in RC_REJECTIONS.items():
+            args, kwargs = _rc_args(level, mode, rejection)
+            got = emu.rollout_correction(logp, rollout, mask, *args)
+            want = _rc_reference(logp, rollout, mask, **kwargs)
+            what = f"mode={mode} rejection={name}"
+            _check_rc(got, want, acc, what)
+            assert not got[1][1].any() and torch.all(got[0][1] == 0) and torch.all(got[2][1] == 0), what
+            # The NaN token: its row's k1, k3 and |lr| sums and max are NaN; every rule rejects it.
+            assert torch.isnan(got[2][3, 1:5]).all() and (name == "none") == bool(got[1][3, 0]), what
+
+
+@pytest.mark.parametrize("seq_len", [300, 2000])
+def test_rollout_correction_data_exercises_the_rules_and_bands(emu, seq_len):
+    """On rows 4 (near on-policy) and 5 (off it) of _rc_inputs: each rejection
+    set keeps some valid tokens and rejects others, the sequence rules reject
+    row 5 whole and keep row 4, and at each level some weights fall outside
+    the band and some inside."""
+    logp, rollout, mask = _rc_inputs((6, seq_len), torch.float32, seed=seq_len, float_mask=False)
+    valid = mask[4:]
+    for name in ("token", "sequence", "all"):
+        _, keep, stats = emu.rollout_correction(logp, rollout, mask, *_rc_args("token", None, RC_REJECTIONS[name])[0])
+        assert 0 < (keep[4:] & valid).sum() < valid.sum(), name
+        if name == "sequence":
+            assert keep[4][valid[0]].all() and not keep[5].any() and stats[4:, 8].tolist() == [0.0, 1.0]
+    for level in RC_LEVELS:
+        _, _, stats = emu.rollout_correction(logp, rollout, mask, *_rc_args(level, "mask", None)[0])
+        assert 0 < stats[4:, 6].sum() < stats[4:, 0].sum(), level
+
+
+def test_rollout_correction_without_an_upper_bound_and_strided_inputs(emu):
+    """truncate and mask without an upper bound (inf), a lower bound only;
+    inputs read through .contiguous(), as the glue does (a column slice)."""
+    logp, rollout, mask = _rc_inputs((6, 601), torch.float32, seed=9, float_mask=True)
+    logp, rollout, mask = logp[:, ::2], rollout[:, ::2], mask[:, ::2]
+    rules = parse_rejection({"seq_max_k2": 0.05, "token_k1": (0.9, 1.5)})
+    kinds, lo, hi = [REJECTION_OPTIONS[o] for o, _, _ in rules], [r[1] for r in rules], [r[2] for r in rules]
+    for mode in ("truncate", "mask"):
+        for level in RC_LEVELS:
+            got = emu.rollout_correction(logp, rollout, mask, RC_LEVELS[level], RC_MODES[mode], 0.9, math.inf,
+                                         kinds, lo, hi)
+            want = _rc_reference(logp, rollout, mask, level=level, mode=mode, lower=0.9, upper=None,
+                                 rules=tuple(rules))
+            _check_rc(got, want, torch.float32, f"{mode} {level}")
+            assert got[0].nan_to_num(0.0).max() > 1.5, (mode, level)  # above 1.5: no upper bound applied
+
+
 # --- launches the launchers refuse, and thread order -----------------------------------
 
 
@@ -942,6 +1080,10 @@ def test_oversized_grids_are_refused_before_launch(emu):
     with pytest.raises(EmulatedLaunchError, match="cudaError 9"):
         emu.call("emu_advantages_f32", None, None, None, 1, 2**31, None, None, None, None, None, 0.0, 0, 1.0,
                  1.0, None, None, None, None, None, 2**31)
+    for tag in ("f32", "f64"):
+        with pytest.raises(EmulatedLaunchError, match="cudaError 9"):
+            emu.call(f"emu_rollout_correction_{tag}", None, None, None, None, 2**31, 1, 0, 1, 0.0, 2.0, 0, None,
+                     None, None, None, None, None)
 
 
 @pytest.mark.parametrize("mode", [1, 2, 3, 4], ids=["reversed", "shuffled", "run-ahead", "run-ahead-reversed"])
@@ -957,10 +1099,15 @@ def test_results_do_not_depend_on_thread_order(emu, mode):
     logp, old, adv, mask, ref, entropy = _tokens((2, 2100), torch.float32, seed=4, scale=0.3)
     ppo_args = (logp.reshape(-1), old.reshape(-1), adv.reshape(-1), mask.reshape(-1), ref.reshape(-1),
                 entropy.reshape(-1), 2100, 0.8, 1.28, 3.0, 0.1, 3, True)
+    rc_args = [(_rc_inputs((6, 2000), dtype, seed=5, float_mask=float_mask),
+                _rc_args(level, mode, RC_REJECTIONS["all"])[0])
+               for dtype, float_mask, level, mode in ((torch.float32, True, "geometric", "truncate"),
+                                                      (torch.bfloat16, False, "token", "mask"))]
 
     def run():
         fwd = _emulated_forward(emu, logits, labels)
-        return fwd + emu.advantages(*adv_args) + emu.ppo_policy_fwd(*ppo_args)
+        rc = sum((emu.rollout_correction(*inputs, *args) for inputs, args in rc_args), ())
+        return fwd + emu.advantages(*adv_args) + emu.ppo_policy_fwd(*ppo_args) + rc
 
     expected = run()
     emu.set_schedule(mode, seed=123)
@@ -975,7 +1122,7 @@ def test_results_do_not_depend_on_thread_order(emu, mode):
 def test_ctypes_library_has_every_launcher(emu):
     for tag in ("f32", "f64", "f16", "bf16"):
         for op in ("logprobs_fwd", "logprobs_bwd", "ppo_logits_grad", "kl_penalty_fwd", "kl_penalty_bwd",
-                   "advantages"):
+                   "advantages", "rollout_correction"):
             assert isinstance(getattr(emu.lib, f"emu_{op}_{tag}"), ctypes._CFuncPtr)
     for tag in ("f32", "f64"):
         for op in ("ppo_policy_fwd", "ppo_value_fwd"):
