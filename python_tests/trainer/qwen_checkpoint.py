@@ -44,15 +44,17 @@ def build_tokenizer(path: Path):
     return fast
 
 
-def build_checkpoints(root: Path) -> dict[str, Path]:
+def build_checkpoints(root: Path, hidden_size: int = 32) -> dict[str, Path]:
     """policy/ (Qwen2ForCausalLM, bf16, instruct generation config: sampling
     with repetition_penalty, top-k / top-p, two EOS ids) and rm/
-    (Qwen2ForSequenceClassification, one label, bf16), each with the tokenizer."""
+    (Qwen2ForSequenceClassification, one label, bf16), each with the tokenizer.
+    Two attention heads: head_dim = hidden_size / 2 (vLLM's CPU attention needs
+    64 or another of its sizes: hidden_size=128)."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
     tok = build_tokenizer(root / "tokenizer")
     eos, im_end = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
-    shape = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    shape = dict(vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True,
                  pad_token_id=eos, bos_token_id=None, eos_token_id=eos, torch_dtype="bfloat16")
     config = Qwen2Config(**shape)

@@ -85,8 +85,9 @@ def setup(tmp_path_factory):
     print(f"\nVLLMEngine start: {time.perf_counter() - start:.1f} s")
     side_effects = dict(set_num_threads_restored=torch.set_num_threads is set_num_threads,
                         rng_restored=torch.equal(torch.random.get_rng_state(), rng))
-    return dict(engine=engine, policy=policy, prompts=prompts, first=first, im_end=im_end, tok=tok,
-                side_effects=side_effects)
+    yield dict(engine=engine, policy=policy, prompts=prompts, first=first, im_end=im_end, tok=tok,
+               side_effects=side_effects)
+    engine.close()
 
 
 def _policy_logprobs(model, prompt, ids, temperature):

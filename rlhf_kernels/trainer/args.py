@@ -33,9 +33,13 @@ def add_backend_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None, help="triton | cuda | cpu | eager (default: best per device)")
 
 
-def add_rollout_correction_flags(parser: argparse.ArgumentParser) -> None:
-    """The sampler / trainer mismatch correction (PPOConfig.rollout_correction, verl's names)."""
-    group = parser.add_argument_group("rollout correction (the sampler's log-probs against the trainer's)")
+def add_rollout_flags(parser: argparse.ArgumentParser) -> None:
+    """The rollout engine and the sampler / trainer mismatch correction
+    (PPOConfig.rollout_engine, PPOConfig.rollout_correction with verl's names)."""
+    group = parser.add_argument_group("rollouts: the engine, and the sampler's log-probs against the trainer's")
+    group.add_argument("--rollout-engine", default=None, choices=("hf", "vllm"),
+                       help="hf: the policy's generate() (default); vllm: a vLLM engine in this process, "
+                            "built from the policy's checkpoint and given its weights after every update")
     group.add_argument("--rollout-is", default=None, choices=("token", "sequence", "geometric"),
                        help="importance weights into the policy loss, at this level")
     group.add_argument("--rollout-is-threshold", default=None,
@@ -52,8 +56,11 @@ def add_rollout_correction_flags(parser: argparse.ArgumentParser) -> None:
                        help="keep the sampler's log-probs and log the mismatch/* statistics, no correction")
 
 
-def apply_rollout_correction_flags(args: argparse.Namespace, rc) -> None:
-    """The flags given onto a RolloutCorrectionConfig (a --config file's values stay otherwise)."""
+def apply_rollout_flags(args: argparse.Namespace, cfg) -> None:
+    """The flags given onto a PPOConfig (a --config file's values stay otherwise)."""
+    if args.rollout_engine is not None:
+        cfg.rollout_engine = args.rollout_engine
+    rc = cfg.rollout_correction
     for name in ("rollout_is", "rollout_is_threshold", "rollout_rs", "rollout_rs_threshold"):
         if getattr(args, name) is not None:
             setattr(rc, name, getattr(args, name))

@@ -55,6 +55,7 @@ outputs. ``--offload ref,reward`` keeps the frozen models in CPU memory.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import importlib.util
@@ -66,7 +67,7 @@ from typing import Callable
 
 import torch
 
-from .args import add_backend_flag, add_parallel_flags, add_rollout_correction_flags, apply_rollout_correction_flags
+from .args import add_backend_flag, add_parallel_flags, add_rollout_flags, apply_rollout_flags
 from .config import OFFLOADABLE, ConfigError, PPOConfig, load_config, to_dict, validate_ppo
 from .data import check_tokenizer, load_prompts, load_rm_data, load_sft_data, load_texts
 from .fsdp import export_state_dict, unwrapped
@@ -220,7 +221,7 @@ def ppo_config(args) -> PPOConfig:
         cfg.group_size = args.group_size
     if args.offload is not None:
         cfg.offload = parse_offload(args.offload)
-    apply_rollout_correction_flags(args, cfg.rollout_correction)
+    apply_rollout_flags(args, cfg)
     if cfg.rollout_batch_size < cfg.mini_batch_size:  # a small rollout: one mini-batch
         cfg.mini_batch_size = cfg.rollout_batch_size
         cfg.grad_accum_steps = 1
@@ -238,11 +239,11 @@ def parse_offload(value: str) -> list[str]:
 
 def run_ppo(args) -> dict:
     """The ``ppo`` command; returns the summary (also in <out>/summary.json)."""
-    with closing_own_group():
-        return _run_ppo(args)
+    with closing_own_group(), contextlib.ExitStack() as cleanup:
+        return _run_ppo(args, cleanup)
 
 
-def _run_ppo(args) -> dict:
+def _run_ppo(args, cleanup: contextlib.ExitStack) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     if (args.reward_model is None) == (args.reward_fn is None):
@@ -292,9 +293,19 @@ def _run_ppo(args) -> dict:
     ptx_sampler = None
     if ptx_texts:
         ptx_sampler = lambda n, rng: [("", ptx_texts[rng.randrange(len(ptx_texts))]) for _ in range(n)]  # noqa: E731
+    engine = None
+    if cfg.rollout_engine == "vllm":  # before any training: a refused model or a missing vLLM stops here
+        from .rollout_engine import VLLMEngine
+
+        try:
+            engine = VLLMEngine(args.policy, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed)
+        except RuntimeError as exc:  # vLLM missing or broken, or the engine refused the model
+            raise ConfigError(f"--rollout-engine vllm: {exc}") from None
+        cleanup.callback(engine.close)  # before closing_own_group: vLLM tears down its groups first
     trainer = PPOTrainer(policy, ref_policy, critic, tokenizer, cfg, prompt_sampler=rng_prompts,
                          reward_model=reward_model, reward_fn=reward_fn, ptx_sampler=ptx_sampler,
-                         device=args.device, backend=args.backend, rank=rank, world_size=world)
+                         device=args.device, backend=args.backend, rank=rank, world_size=world,
+                         rollout_engine=engine)
     if main:
         out.mkdir(parents=True, exist_ok=True)
     # DDP: one file; FSDP: a torch.distributed.checkpoint directory of shards.
@@ -505,7 +516,7 @@ def add_ppo_parser(sub) -> None:
     p.add_argument("--missing-eos-penalty", type=float, default=None,
                    help="subtracted from the score of responses cut off without EOS")
     p.add_argument("--config", default=None, help="JSON file of PPOConfig fields")
-    add_rollout_correction_flags(p)
+    add_rollout_flags(p)
     add_backend_flag(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)

@@ -170,6 +170,13 @@ class PPOConfig:
     # far (and every rank), before the missing-EOS penalty.
     reward_running_whiten: bool = False
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    # Who samples the rollouts: "hf" (the policy's own generate()) or "vllm"
+    # (a vLLM engine colocated in the process, built from the policy's
+    # checkpoint, its weights replaced by the policy's after every update;
+    # the sampler's log-probs are then always kept and the mismatch logged).
+    rollout_engine: str = "hf"
+    # vLLM: the share of the GPU's memory (on CPU: of the host's) it reserves.
+    vllm_gpu_memory_utilization: float = 0.3
     seed: int = 2
     log_every: int = 1
     checkpoint_every: int = 10
@@ -284,6 +291,10 @@ def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
     if cfg.algo != "ppo" and (cfg.group_size < 2 or cfg.rollout_batch_size % cfg.group_size):
         raise ConfigError(f"ppo.group_size: {cfg.group_size}; {cfg.algo} needs groups of >= 2 responses that "
                           f"divide rollout_batch_size ({cfg.rollout_batch_size})")
+    if cfg.rollout_engine not in ("hf", "vllm"):
+        raise ConfigError(f"ppo.rollout_engine: unknown {cfg.rollout_engine!r}; expected hf or vllm")
+    if not 0 < cfg.vllm_gpu_memory_utilization <= 1:
+        raise ConfigError(f"ppo.vllm_gpu_memory_utilization: {cfg.vllm_gpu_memory_utilization}; expected (0, 1]")
     rc = cfg.rollout_correction
     try:
         correction_kwargs(rc)

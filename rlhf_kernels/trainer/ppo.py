@@ -152,14 +152,23 @@ class PPOTrainer:
         ptx_sampler: ``(n, rng) -> list of (prompt, response)`` pretraining texts,
             used when ``config.ptx_coef > 0``.
         backend: forwarded to every op (``"eager"``: plain PyTorch).
+        rollout_engine: a ``VLLMEngine`` (trainer/rollout_engine.py) of the
+            policy's checkpoint, with ``config.rollout_engine="vllm"``: it samples
+            the policy's rollouts (not the reference's, nor evaluation's), and
+            takes the policy's weights before the first rollout and after every
+            update.
     """
 
     def __init__(self, policy, ref_policy, value_model: Optional[ScalarHeadModel], tokenizer, config: PPOConfig, *,
                  prompt_sampler: Callable[[int, random.Random], list[str]],
                  reward_model: Optional[ScalarHeadModel] = None, reward_fn: Optional[RewardFn] = None,
                  ptx_sampler: Optional[Callable[[int, random.Random], list[tuple[str, str]]]] = None,
-                 device: str = "cpu", backend: Optional[str] = None, rank: int = 0, world_size: int = 1):
+                 device: str = "cpu", backend: Optional[str] = None, rank: int = 0, world_size: int = 1,
+                 rollout_engine=None):
         validate_ppo(config, world_size)
+        if (rollout_engine is None) != (config.rollout_engine == "hf"):
+            raise ValueError(f"rollout_engine: config.rollout_engine={config.rollout_engine!r} "
+                             f"{'needs an engine' if rollout_engine is None else 'takes none'}")
         if (reward_model is None) == (reward_fn is None):
             raise ValueError("give exactly one of reward_model and reward_fn")
         if config.ptx_coef > 0 and ptx_sampler is None:
@@ -220,6 +229,10 @@ class PPOTrainer:
         self._score_moments = torch.zeros(3, dtype=torch.float64)  # count, sum, sum of squares of the scores
         self.timer = Timer()
         self._heads_checked: dict[int, bool] = {}  # id(model) -> fused LM head usable
+        # The engine samples for this model only (reference_as_policy swaps
+        # self.policy: the reference then samples with its own generate()).
+        self.rollout_engine, self._engine_policy = rollout_engine, self.policy
+        self._engine_stale = rollout_engine is not None  # its weights: the checkpoint's, or a resumed policy's
 
     # --- rollout -------------------------------------------------------------------
 
@@ -256,11 +269,13 @@ class PPOTrainer:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], *, temperature: float | None = None, greedy: bool = False,
-                 sampler_logp: bool = False):
+                 sampler_logp: bool = False, seed: Optional[int] = None):
         """Sample responses: (batch of prompt + response, response texts,
         stopped), and with ``sampler_logp`` the sampler's log-prob of each
         sampled token (B, R), 0 past the response (from generate's processed
-        scores, softmax(logits / T): what the sampler drew from)."""
+        scores, softmax(logits / T): what the sampler drew from). ``seed``: the
+        vLLM engine's sampling seed (default: drawn from the data stream); HF
+        generate() samples from torch's RNG."""
         cfg = self.config
         model = _unwrap(self.policy)
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts)
@@ -269,6 +284,8 @@ class PPOTrainer:
         model.eval()
         sampling = sampling_config(model, self.tokenizer, temperature=temperature or cfg.temperature, greedy=greedy,
                                    max_new_tokens=cfg.max_new_tokens)
+        if self.rollout_engine is not None and self.policy is self._engine_policy:
+            return self._engine_generate(prompt_ids, prompt_mask, sampling, greedy, sampler_logp, seed)
         with _generation_config(model, sampling), fsdp.gathered(model):
             out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, output_scores=sampler_logp,
                                  return_dict_in_generate=sampler_logp)
@@ -285,6 +302,39 @@ class PPOTrainer:
         logp = logprobs_from_logits(torch.stack(out.scores, 1).float(), responses, backend=self.backend)
         return batch, texts, stopped.tolist(), logp * response_mask
 
+
+    def sync_rollout_engine(self) -> None:
+        """The policy's current weights into the rollout engine, if an update
+        (or a resume) changed them since it last took them."""
+        if self.rollout_engine is not None and self._engine_stale:
+            with self.timer.phase("weight_sync", self.device):
+                self.rollout_engine.load_weights(_unwrap(self._engine_policy))
+            self._engine_stale = False
+
+    def _engine_generate(self, prompt_ids: Tensor, prompt_mask: Tensor, sampling, greedy: bool, sampler_logp: bool,
+                         seed: Optional[int]):
+        """generate() through the vLLM engine: the same sampling (temperature,
+        max new tokens, every EOS id, nothing from the checkpoint's generation
+        config), the responses right-padded as generate() pads them."""
+        self.sync_rollout_engine()
+        prompts = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu())]
+        completions = self.rollout_engine.generate(
+            prompts, max_new_tokens=sampling.max_new_tokens, temperature=0.0 if greedy else sampling.temperature,
+            eos_token_ids=sampling.eos_token_id, seed=self.data_rng.getrandbits(62) if seed is None else seed)
+        width = max(1, max(len(c.token_ids) for c in completions))
+        responses = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        logp = torch.zeros(len(prompts), width)
+        for row, c in enumerate(completions):
+            responses[row, :len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
+            logp[row, :len(c.logprobs)] = torch.tensor(c.logprobs)
+        responses, logp = responses.to(self.device), logp.to(self.device)
+        response_mask, stopped = response_mask_from_generation(responses, sampling.eos_token_id)
+        responses = torch.where(response_mask.bool(), responses, self.tokenizer.pad_token_id)
+        batch = make_batch(prompt_ids, prompt_mask, responses, response_mask)
+        texts = decode_responses(self.tokenizer, responses.cpu(), response_mask.cpu())
+        if not sampler_logp:
+            return batch, texts, stopped.tolist()
+        return batch, texts, stopped.tolist(), logp * response_mask
 
     def _head(self, model) -> tuple[Optional[LMHead], bool]:
         """(the model's LM head for the fused ops or None: the logits path,
@@ -392,7 +442,7 @@ class PPOTrainer:
                 prompts = [p for p in drawn for _ in range(cfg.group_size)]
             rc = cfg.rollout_correction
             sampler_logp = None
-            if rc.enabled():
+            if rc.enabled() or self.rollout_engine is not None:
                 batch, responses, stopped, sampler_logp = self.generate(prompts, sampler_logp=True)
             else:
                 batch, responses, stopped = self.generate(prompts)
@@ -619,6 +669,7 @@ class PPOTrainer:
         r = self.rollout()
         with self.timer.phase("update", self.device):
             update_stats = self.update(r)
+        self._engine_stale = self.rollout_engine is not None
         elapsed = time.perf_counter() - start
         stats = {k: float(v) for k, v in r.stats.items()}
         metrics = {"iteration": self.iteration, **stats, **update_stats,
@@ -636,7 +687,7 @@ class PPOTrainer:
         self._eval_mode()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
-            batch, texts, stopped = self.generate(prompts)
+            batch, texts, stopped = self.generate(prompts, seed=seed)
         logp = self._logprobs(_unwrap(self.policy), batch)
         with self._frozen("ref") as ref_policy:
             ref = self._logprobs(ref_policy, batch)

@@ -184,6 +184,22 @@ class VLLMEngine:
                                   f"supports {sizes}: choose hidden_size / num_attention_heads (or head_dim) "
                                   "among those")
 
+    def close(self) -> None:
+        """Shut the engine down now (idempotent): its workers, its KV cache and
+        the parallel groups vLLM made in this process. Left to the garbage
+        collector, vLLM's finalizer runs at interpreter exit, after the trainer
+        may have destroyed the default process group it tears down with them
+        (a ValueError traceback at exit)."""
+        if getattr(self, "llm", None) is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
+    def __enter__(self) -> "VLLMEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- sampling ---------------------------------------------------------
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, max_new_tokens: int,

@@ -1,0 +1,106 @@
+"""The trainer with vLLM rollouts (config.rollout_engine="vllm"), end to end on
+the CPU: GRPO and PPO on the Qwen2 test checkpoint (vocabulary 151936,
+head_dim 64, bf16 on disk, float32 in the engine and the trainer), one engine
+for the module (trainer/rollout_engine.py's VLLMEngine, shared by the trainers
+in turn: each loads its policy's weights into it before its first rollout).
+
+After every update the engine samples from the updated policy: its log-probs
+of a fixed greedy continuation equal the policy's to <= 1e-3, the rollouts'
+mismatch/abs_diff_max stays <= 1e-3, and an engine whose weights are not
+replaced fails both."""
+
+from __future__ import annotations
+
+import copy
+import gc
+
+import pytest
+import torch
+
+from rlhf_kernels import logprobs_from_logits
+from rlhf_kernels.trainer.commands import critic_from
+from rlhf_kernels.trainer.config import OptimConfig, PPOConfig
+from rlhf_kernels.trainer.ppo import PPOTrainer
+
+from qwen_checkpoint import build_checkpoints  # python_tests/trainer is on pytest's sys.path
+
+TOL = 1e-3
+PROMPTS = ["count to five", "a poem about the sea", "the quick brown fox", "digits and words"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    pytest.importorskip("vllm", reason="vLLM is not installed here (scripts/setup_env.sh --test installs it)")
+    from rlhf_kernels.trainer.rollout_engine import VLLMEngine
+
+    root = tmp_path_factory.mktemp("vllm_rollouts")
+    paths = build_checkpoints(root, hidden_size=128)
+    engine = VLLMEngine(paths["policy"], seed=0)
+    yield paths, engine
+    engine.close()
+    del engine
+    gc.collect()
+
+
+def _trainer(paths, engine, algo, lr=3e-3, **cfg):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(paths["policy"])
+    policy = AutoModelForCausalLM.from_pretrained(paths["policy"])
+    config = PPOConfig(algo=algo, group_size=4, rollout_batch_size=8, mini_batch_size=8, grad_accum_steps=1,
+                       ppo_epochs=2, max_new_tokens=6, temperature=0.9, rollout_engine="vllm", target_kl=None,
+                       policy_optim=OptimConfig(lr=lr, schedule="constant"), seed=5, **cfg)
+    rm = AutoModelForSequenceClassification.from_pretrained(paths["rm"])
+    rm.config.pad_token_id = tok.pad_token_id
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+               for p in PROMPTS]
+    return PPOTrainer(policy, copy.deepcopy(policy), critic_from(rm) if algo == "ppo" else None, tok, config,
+                      prompt_sampler=lambda n, rng: [prompts[rng.randrange(len(prompts))] for _ in range(n)],
+                      reward_model=rm, rollout_engine=engine)
+
+
+def _fixed_check(trainer):
+    """The engine's greedy continuation of a fixed prompt, and the policy's
+    log-probs of it against the engine's (log_softmax(logits): temperature 0)."""
+    prompt = trainer.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], tokenize=True,
+                                                   add_generation_prompt=True, return_dict=False)
+    prompt = [int(t) for t in prompt]
+    (done,) = trainer.rollout_engine.generate([prompt], max_new_tokens=8, temperature=0.0, eos_token_ids=[])
+    ids = torch.tensor([prompt + done.token_ids])
+    with torch.no_grad():
+        logits = trainer.policy(ids).logits[:, len(prompt) - 1 : -1].float()
+    ours = logprobs_from_logits(logits, ids[:, len(prompt):])[0]
+    return (ours - torch.tensor(done.logprobs)).abs().max().item(), ours
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_vllm_rollouts_follow_the_policy_over_updates(setup, algo):
+    paths, engine = setup
+    trainer = _trainer(paths, engine, algo)
+    moved = []
+    previous = None
+    for _ in range(3):
+        row = trainer.step()
+        assert row["mismatch/abs_diff_max"] <= TOL, row
+        assert row["correction/rejected_token_frac"] == 0
+        assert "timing/weight_sync_s" in row  # the policy's weights went into the engine before the rollout
+        trainer.sync_rollout_engine()  # what the next rollout does first
+        gap, ours = _fixed_check(trainer)
+        assert gap <= TOL, gap
+        if previous is not None and ours.shape == previous.shape:
+            moved.append((ours - previous).abs().max().item())
+        previous = ours
+    assert moved and max(moved) > 10 * TOL  # the learning rate moves the policy: a stale engine would show
+
+
+def test_a_stale_engine_is_caught(setup, monkeypatch):
+    """The same run with the engine's weights never replaced after the first
+    load: the rollouts' mismatch leaves the tolerance once the policy moved."""
+    paths, engine = setup
+    trainer = _trainer(paths, engine, "grpo", lr=1e-2)
+    trainer.rollout()  # loads the initial weights
+    monkeypatch.setattr(engine, "load_weights", lambda model: None)
+    worst = max(trainer.step()["mismatch/abs_diff_max"] for _ in range(3))
+    assert worst > TOL, worst
+    trainer.sync_rollout_engine()
+    assert _fixed_check(trainer)[0] > TOL
