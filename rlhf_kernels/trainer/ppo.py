@@ -287,8 +287,8 @@ class PPOTrainer:
         if self.rollout_engine is not None and self.policy is self._engine_policy:
             return self._engine_generate(prompt_ids, prompt_mask, sampling, greedy, sampler_logp, seed)
         with _generation_config(model, sampling), fsdp.gathered(model):
-            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, output_scores=sampler_logp,
-                                 return_dict_in_generate=sampler_logp)
+            extra = dict(output_scores=True, return_dict_in_generate=True) if sampler_logp else {}
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **extra)
         model.train(was_training)
         sequences = out.sequences if sampler_logp else out
         responses = sequences[:, prompt_ids.shape[1]:]
