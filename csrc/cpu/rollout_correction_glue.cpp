@@ -77,11 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rollout_correction_cpu(
         rollout_correction_rows<scalar_t, acc_t>(x, y, m, p, seq_len, weights, keep, stats, begin, end);
       });
     };
-    if (mask.scalar_type() == at::kBool) {
-      run(mask.const_data_ptr<bool>());
-    } else {
-      run(mask.const_data_ptr<acc_t>());
-    }
+    with_mask_data<acc_t>(mask, run);
   });
   return {out.weights, out.keep, out.stats};
 }

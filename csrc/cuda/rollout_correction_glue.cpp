@@ -44,11 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rollout_correction_cuda(
           x, y, m, p, num_seqs, seq_len, out.weights.mutable_data_ptr<acc_t>(),
           out.keep.mutable_data_ptr<bool>(), out.stats.mutable_data_ptr<acc_t>(), stream)));
     };
-    if (mask.scalar_type() == at::kBool) {
-      run(mask.const_data_ptr<bool>());
-    } else {
-      run(mask.const_data_ptr<acc_t>());
-    }
+    with_mask_data<acc_t>(mask, run);
   });
   return {out.weights, out.keep, out.stats};
 }

@@ -46,6 +46,16 @@ inline RcParams rollout_correction_params(const at::Tensor& logp, const at::Tens
   return p;
 }
 
+// f(pointer to the mask's data): bool for a bool mask, acc_t for token weights.
+template <typename acc_t, typename F>
+void with_mask_data(const at::Tensor& mask, const F& f) {
+  if (mask.scalar_type() == at::kBool) {
+    f(mask.const_data_ptr<bool>());
+  } else {
+    f(mask.const_data_ptr<acc_t>());
+  }
+}
+
 inline RcOutputs alloc_rollout_correction_outputs(const at::Tensor& logp) {
   const auto opts = logp.options().dtype(acc_dtype_for(logp));
   return {at::empty(logp.sizes(), opts), at::empty(logp.sizes(), logp.options().dtype(at::kBool)),

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .._dispatch import implementation, native_extension_loaded, register, triton_installed
 from .._launch import acc_dtype
-from .._validation import FLOAT_DTYPES, check_mask, check_same_device, check_tensor
+from .._validation import FLOAT_DTYPES, check_mask, check_positive, check_same_device, check_tensor
 from ..eager import rollout_correction as _eager
 from ._op import undifferentiated
 
@@ -68,15 +68,6 @@ class RolloutCorrection(NamedTuple):
     stats: dict[str, Tensor]
 
 
-def _bound(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name}: expected a number, got {value!r}")
-    value = float(value)
-    if not (0 < value < math.inf):
-        raise ValueError(f"{name}: must be a finite number > 0, got {value}")
-    return value
-
-
 def parse_rejection(rejection: Mapping[str, object] | None) -> list[tuple[str, float, float]]:
     """``{option: threshold}`` -> [(option, lo, hi)] on the option's statistic.
 
@@ -98,9 +89,9 @@ def parse_rejection(rejection: Mapping[str, object] | None) -> list[tuple[str, f
             if isinstance(threshold, (tuple, list)):
                 if len(threshold) != 2:
                     raise ValueError(f"{name}: expected (lower, upper) ratio bounds, got {threshold!r}")
-                lo, hi = _bound(name, threshold[0]), _bound(name, threshold[1])
+                lo, hi = check_positive(name, threshold[0]), check_positive(name, threshold[1])
             else:
-                hi = _bound(name, threshold)
+                hi = check_positive(name, threshold)
                 lo = 1.0 / hi
             if lo > hi:
                 raise ValueError(f"{name}: lower bound {lo} > upper bound {hi}")
@@ -108,7 +99,7 @@ def parse_rejection(rejection: Mapping[str, object] | None) -> list[tuple[str, f
         else:
             if isinstance(threshold, (tuple, list)):
                 raise ValueError(f"{name}: a {option[-2:]} option takes one upper bound, got {threshold!r}")
-            rules.append((option, -math.inf, _bound(name, threshold)))
+            rules.append((option, -math.inf, check_positive(name, threshold)))
     return rules
 
 
@@ -245,8 +236,8 @@ def rollout_correction(
         raise ValueError(f"level: expected one of {tuple(LEVELS)}, got {level!r}")
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {tuple(MODES)}, got {mode!r}")
-    upper_value = math.inf if upper is None else _bound("upper", upper)
-    lower_value = 0.0 if lower is None else _bound("lower", lower)
+    upper_value = math.inf if upper is None else check_positive("upper", upper)
+    lower_value = 0.0 if lower is None else check_positive("lower", lower)
     if lower_value > upper_value:
         raise ValueError(f"lower: {lower_value} > upper {upper_value}")
     rules = parse_rejection(rejection)

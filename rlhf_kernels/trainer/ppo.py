@@ -292,14 +292,24 @@ class PPOTrainer:
         model.train(was_training)
         sequences = out.sequences if sampler_logp else out
         responses = sequences[:, prompt_ids.shape[1]:]
-        response_mask, stopped = response_mask_from_generation(responses, sampling.eos_token_id)
+        logp = None
+        if sampler_logp:
+            # The scores are the processed logits (logits / T: sampling_config adds no other processor).
+            logp = logprobs_from_logits(torch.stack(out.scores, 1).float(), responses, backend=self.backend)
+        return self._sampled_batch(prompt_ids, prompt_mask, responses, sampling.eos_token_id, logp)
+
+    def _sampled_batch(self, prompt_ids: Tensor, prompt_mask: Tensor, responses: Tensor, eos_ids: list[int],
+                       logp: Optional[Tensor]):
+        """generate()'s result from the sampled responses (B, R), either
+        sampler's: tokens after the first EOS padded, the batch, the texts, the
+        stopped flags and, with the sampler's log-probs ``logp``, those (0 past
+        each response)."""
+        response_mask, stopped = response_mask_from_generation(responses, eos_ids)
         responses = torch.where(response_mask.bool(), responses, self.tokenizer.pad_token_id)
         batch = make_batch(prompt_ids, prompt_mask, responses, response_mask)
         texts = decode_responses(self.tokenizer, responses.cpu(), response_mask.cpu())
-        if not sampler_logp:
+        if logp is None:
             return batch, texts, stopped.tolist()
-        # The scores are the processed logits (logits / T: sampling_config adds no other processor).
-        logp = logprobs_from_logits(torch.stack(out.scores, 1).float(), responses, backend=self.backend)
         return batch, texts, stopped.tolist(), logp * response_mask
 
 
@@ -327,14 +337,8 @@ class PPOTrainer:
         for row, c in enumerate(completions):
             responses[row, :len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
             logp[row, :len(c.logprobs)] = torch.tensor(c.logprobs)
-        responses, logp = responses.to(self.device), logp.to(self.device)
-        response_mask, stopped = response_mask_from_generation(responses, sampling.eos_token_id)
-        responses = torch.where(response_mask.bool(), responses, self.tokenizer.pad_token_id)
-        batch = make_batch(prompt_ids, prompt_mask, responses, response_mask)
-        texts = decode_responses(self.tokenizer, responses.cpu(), response_mask.cpu())
-        if not sampler_logp:
-            return batch, texts, stopped.tolist()
-        return batch, texts, stopped.tolist(), logp * response_mask
+        return self._sampled_batch(prompt_ids, prompt_mask, responses.to(self.device), sampling.eos_token_id,
+                                   logp.to(self.device) if sampler_logp else None)
 
     def _head(self, model) -> tuple[Optional[LMHead], bool]:
         """(the model's LM head for the fused ops or None: the logits path,

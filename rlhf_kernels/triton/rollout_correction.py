@@ -24,11 +24,12 @@ def _estimate(lr_safe, est):
 
 
 @triton.jit
-def _nan_max(values, valid):
-    # The max over the valid lanes, NaN if one is NaN (tl.max drops NaN).
-    top = tl.max(tl.where(valid, values, float("-inf")), axis=0)
-    has_nan = tl.sum(tl.where(valid & (values != values), 1, 0), axis=0) > 0
-    return tl.where(has_nan, float("nan"), top)
+def _load_chunk(logp_ptr, rollout_ptr, mask_ptr, offs, inside, ACC_DTYPE: tl.constexpr):
+    # One chunk of a sequence: both log-probs and the mask value, in ACC_DTYPE.
+    x = tl.load(logp_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
+    y = tl.load(rollout_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
+    w = tl.load(mask_ptr + offs, mask=inside, other=0).to(ACC_DTYPE)
+    return x, y, w
 
 
 @triton.jit
@@ -49,9 +50,7 @@ def _rollout_correction_kernel(
     for start in range(0, seq_len, BLOCK):
         offs = start + lanes
         inside = offs < seq_len
-        x = tl.load(logp_ptr + base + offs, mask=inside, other=0.0).to(ACC_DTYPE)
-        y = tl.load(rollout_ptr + base + offs, mask=inside, other=0.0).to(ACC_DTYPE)
-        w = tl.load(mask_ptr + base + offs, mask=inside, other=0).to(ACC_DTYPE)
+        x, y, w = _load_chunk(logp_ptr, rollout_ptr, mask_ptr, base + offs, inside, ACC_DTYPE)
         valid = w != 0.0
         lr = tl.where(valid, x - y, 0.0)
         lr_safe = _clamp(lr, -_SAFETY_BOUND, _SAFETY_BOUND)
@@ -103,9 +102,7 @@ def _rollout_correction_kernel(
     for start in range(0, seq_len, BLOCK):
         offs = start + lanes
         inside = offs < seq_len
-        x = tl.load(logp_ptr + base + offs, mask=inside, other=0.0).to(ACC_DTYPE)
-        y = tl.load(rollout_ptr + base + offs, mask=inside, other=0.0).to(ACC_DTYPE)
-        w = tl.load(mask_ptr + base + offs, mask=inside, other=0).to(ACC_DTYPE)
+        x, y, w = _load_chunk(logp_ptr, rollout_ptr, mask_ptr, base + offs, inside, ACC_DTYPE)
         valid = w != 0.0
         lr = x - y
         lr_safe = _clamp(lr, -_SAFETY_BOUND, _SAFETY_BOUND)
