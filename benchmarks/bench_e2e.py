@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row.update(median_s=None, error=res["error"], engine_start_s=res.get("engine_start_s"))
         else:
             median = statistics.median(res["times_s"])
-            row.update(median_s=median, times_s=res["times_s"],
+            row.update(median_s=median, median_ms=median * 1e3, times_s=res["times_s"],
                        **{f"phase_{k}_s": v for k, v in res["phases_s"].items()},
                        engine_start_s=res.get("engine_start_s"),
                        speedup_vs_trl_hf=base_s / median if base_s else None)

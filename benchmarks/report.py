@@ -281,6 +281,37 @@ def _trainer_update_goal(speedup: float, memory: float):
     return check
 
 
+def _rollout_goal(speedup: float):
+    """bench_rollout: the vLLM engine's tokens/s over HF generate's, same run."""
+    def check(rows):
+        pick = lambda name: _best(_pick(rows, "rollout", "generate", (64, 64), "float32",  # noqa: E731
+                                        lambda p, n=name: p == n))
+        hf, vllm = pick("hf generate"), pick("vllm")
+        if hf is None or vllm is None:
+            return None
+        ratio = vllm["tokens_per_s"] / hf["tokens_per_s"]
+        return ratio >= speedup, (f"{ratio:.2f}x ({vllm['tokens_per_s']:.0f} vs {hf['tokens_per_s']:.0f} tokens/s, "
+                                  f"engine start {vllm['engine_start_s']:.0f} s)")
+    return check
+
+
+def _e2e_goal(ours: str, theirs: str, speedup: float):
+    """bench_e2e: one GRPO iteration of ``theirs`` over ``ours``, same run."""
+    def check(rows):
+        pick = lambda name: _best([r for r in rows if r["op"] == "grpo_iteration"  # noqa: E731
+                                   and r["provider"] == name and r.get("median_ms") is not None])
+        a, b = pick(ours), pick(theirs)
+        if a is None:
+            return None
+        if b is None:
+            failed = [r for r in rows if r["op"] == "grpo_iteration" and r["provider"] == theirs and r.get("error")]
+            return (False, f"{theirs} failed here: {failed[-1]['error']}") if failed else None
+        ratio = b["median_ms"] / a["median_ms"]
+        return ratio >= speedup, (f"{ratio:.2f}x ({a['median_ms'] / 1e3:.2f} s vs {b['median_ms'] / 1e3:.2f} s "
+                                  "per iteration)")
+    return check
+
+
 OVERHEAD = "overhead:"  # bench_overhead's rows: op = "overhead:<op>"
 LOGITS_GPU = (8192, 152064)
 GOALS = [
@@ -331,6 +362,14 @@ GOALS = [
          _overhead_at_most_eager),
     Goal(15, "trainer update phase at V=151936 (bench_trainer --model qwen): >= 3x faster and >= 10x less extra "
              "peak memory than backend=eager", False, _trainer_update_goal(3.0, 10.0)),
+    Goal(28, "rollouts, Qwen2.5-0.5B shape, 64 prompts x 64 new tokens float32 (bench_rollout): the vLLM engine "
+             ">= 4x HF generate's tokens/s", False, _rollout_goal(4.0)),
+    Goal(28, "one GRPO iteration (bench_e2e), both on HF generate: ours >= 1.5x faster than TRL's GRPOTrainer",
+         False, _e2e_goal("rlhf_kernels (hf generate)", "trl (hf generate)", 1.5)),
+    Goal(28, "one GRPO iteration (bench_e2e), both on vLLM: ours >= 1.5x faster than TRL's (colocate)", False,
+         _e2e_goal("rlhf_kernels (vllm)", "trl (vllm colocate)", 1.5)),
+    Goal(28, "one GRPO iteration (bench_e2e): ours on vLLM >= 4x faster than TRL on HF generate", False,
+         _e2e_goal("rlhf_kernels (vllm)", "trl (hf generate)", 4.0)),
 ]
 
 

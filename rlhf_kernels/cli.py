@@ -84,6 +84,7 @@ def _bench_pytest(bench_dir: Path, names: list[str], args: argparse.Namespace) -
 
 
 def train(args: argparse.Namespace) -> int:
+    from .trainer.args import apply_rollout_flags
     from .trainer.config import ConfigError, TrainConfig, load_config
 
     try:
@@ -100,6 +101,7 @@ def train(args: argparse.Namespace) -> int:
             from .trainer.commands import parse_offload
 
             cfg.ppo.offload = parse_offload(args.offload)
+        apply_rollout_flags(args, cfg.ppo)
         from .trainer import pipeline
 
         summary = pipeline.run(cfg, resume=args.resume)
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--pytest", action="store_true",
                          help="CPU only: time through pytest-benchmark (pytest benchmarks/ --benchmark-only)")
     p_bench.set_defaults(func=bench)
-    from .trainer.args import add_backend_flag, add_parallel_flags
+    from .trainer.args import add_backend_flag, add_parallel_flags, add_rollout_flags
 
     p_train = sub.add_parser("train", help="SFT -> reward model -> PPO on the embedded task (the main job)")
     p_train.add_argument("--config", default=None, help="JSON file with TrainConfig fields")
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--out", default=None, help="output directory (default: runs/default)")
     p_train.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     add_parallel_flags(p_train, every_stage=True)
+    add_rollout_flags(p_train)
     p_train.set_defaults(func=train)
     from .trainer.commands import add_ppo_parser, add_stage_parsers
 

@@ -384,3 +384,70 @@ def test_verl_value_and_agg_loss_serve_float_masks(verl_mods, agg):
     assert report["verl.compute_value_loss"] == {"served": calls, "handed_back": {}}
     # verl's original value loss calls agg_loss too (patched, served): none handed back
     assert report["verl.agg_loss"]["served"] >= 2 * calls and not report["verl.agg_loss"]["handed_back"]
+
+
+@pytest.mark.parametrize("rollout_is", ["token", "sequence"])
+@pytest.mark.parametrize("threshold", [2.0, "1.5", "0.5_2.0", "0.9_1.1"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_verl_rollout_correction_weights(verl_mods, rollout_is, threshold, normalize):
+    """compute_rollout_correction_weights: our op's weights and verl's own
+    metrics of them, equal to verl's on bool and 0/1 float masks, log-ratios
+    up to +-50 (past verl's clamp of 20); fractional masks handed back."""
+    helper = require("verl.trainer.ppo.rollout_corr_helper", "verl")
+    _, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(5)
+    integrations.reset_report()
+    calls = 0
+    with rk_verl.patched():
+        ours = helper.compute_rollout_correction_weights
+        original = ours.__wrapped_original__
+        for spread in (0.1, 1.0, 50.0):
+            log_ratio = torch.randn(6, 17, generator=gen) * spread
+            holes = mask_with_holes(6, 17, gen)
+            for mask in (holes, holes.float()):
+                try:
+                    want_w, want_m = original(log_ratio, mask, rollout_is, threshold, normalize)
+                except ZeroDivisionError:  # verl's effective sample size when IcePop zeroes every weight
+                    with pytest.raises(ZeroDivisionError):  # its metrics: verl's, its error too
+                        ours(log_ratio, mask, rollout_is, threshold, normalize)
+                    continue
+                got_w, got_m = ours(log_ratio, mask, rollout_is, threshold, normalize)
+                calls += 1
+                assert got_w.dtype == want_w.dtype
+                torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-7)
+                assert got_m.keys() == want_m.keys()
+                for key, value in want_m.items():
+                    torch.testing.assert_close(got_m[key], value, rtol=1e-5, atol=1e-7, msg=key)
+        assert_served_only("verl.compute_rollout_correction_weights", calls)
+        fractional = torch.rand(6, 17, generator=gen) * holes
+        log_ratio = 0.05 * torch.randn(6, 17, generator=gen)
+        want_w, _ = original(log_ratio, fractional, rollout_is, threshold, normalize)
+        got_w, _ = ours(log_ratio, fractional, rollout_is, threshold, normalize)
+    torch.testing.assert_close(got_w, want_w)
+    assert integrations.report()["verl.compute_rollout_correction_weights"]["handed_back"] == {
+        "a mask not 0/1, or no valid token": 1}
+
+
+def test_verl_rollout_correction_through_the_helper(verl_mods):
+    """Patched, verl's compute_rollout_correction_and_rejection_mask (what its
+    trainers call) takes the weights from our op; verl's errors are kept."""
+    require("verl.trainer.ppo.rollout_corr_helper", "verl")
+    import verl.trainer.ppo.rollout_corr_helper as helper
+
+    gen = torch.Generator().manual_seed(6)
+    old, rollout = torch.randn(4, 12, generator=gen), torch.randn(4, 12, generator=gen)
+    mask = mask_with_holes(4, 12, gen).float()
+    kwargs = dict(rollout_is="sequence", rollout_is_threshold="0.2_5.0", rollout_rs="token_k1",
+                  rollout_rs_threshold="0.5_2.0")
+    want = helper.compute_rollout_correction_and_rejection_mask(old, rollout, mask, **kwargs)
+    integrations.reset_report()
+    with rlhf_kernels.integrations.verl.patched():
+        got = helper.compute_rollout_correction_and_rejection_mask(old, rollout, mask, **kwargs)
+        with pytest.raises(TypeError, match="boolean"):
+            helper.compute_rollout_correction_weights(old - rollout, mask, "token", True)
+    torch.testing.assert_close(got[0].batch["rollout_is_weights"], want[0].batch["rollout_is_weights"])
+    assert torch.equal(got[1], want[1])
+    assert got[2].keys() == want[2].keys()
+    for key, value in want[2].items():
+        torch.testing.assert_close(got[2][key], value, rtol=1e-5, atol=1e-7, msg=key)
+    assert integrations.report()["verl.compute_rollout_correction_weights"]["served"] == 1

@@ -13,6 +13,9 @@ up in, and wherever verl's modules imported them:
   float masks and ``rollout_is_weights`` (``token_weights``) included;
 - ``compute_policy_loss_gspo`` ("gspo") -> ``ppo_policy_loss(ratio_level="sequence-token")``;
 - ``compute_value_loss`` -> ``ppo_value_loss``;
+- ``compute_rollout_correction_weights`` (``rollout_corr_helper``; TIS and
+  IcePop, token and sequence levels) -> ``rollout_correction``, its metrics
+  from verl's own ``compute_is_metrics``;
 - ``agg_loss`` (which verl's other policy losses, its entropy and KL losses
   and its trainers' metrics call) -> the aggregation of our losses
   (``rlhf_kernels.agg_loss``, the same weights the fused kernels
@@ -409,6 +412,66 @@ def _agg_loss_hand_back(loss_mat, loss_mask, loss_agg_mode, counts_given) -> str
     return None
 
 
+_RC_KEY = "verl.compute_rollout_correction_weights"
+
+
+def _make_rollout_correction_weights(original):
+    def compute_rollout_correction_weights(log_ratio, response_mask, rollout_is="token", rollout_is_threshold=2.0,
+                                           rollout_is_batch_normalize=False):
+        import verl.trainer.ppo.rollout_corr_helper as helper
+
+        args = (log_ratio, response_mask, rollout_is, rollout_is_threshold, rollout_is_batch_normalize)
+        if rollout_is not in ("token", "sequence"):
+            return hand_back(_RC_KEY, f"rollout_is {rollout_is!r}", original, *args)  # verl raises
+        if log_ratio.dim() != 2 or response_mask.shape != log_ratio.shape or not log_ratio.is_floating_point():
+            return hand_back(_RC_KEY, "not a (B, T) float log_ratio with a mask of its shape", original, *args)
+        if rollout_is_batch_normalize and torch.distributed.is_available() and torch.distributed.is_initialized():
+            return hand_back(_RC_KEY, "batch normalisation across ranks", original, *args)
+        # verl semantics: the token weight is multiplied by the mask value, ours
+        # is not: a float mask is served when it is 0/1 (and has a valid token,
+        # where verl's metrics raise).
+        binary = response_mask.dtype == torch.bool or bool(((response_mask == 0) | (response_mask == 1)).all())
+        if not binary or not bool(response_mask.any()):
+            return hand_back(_RC_KEY, "a mask not 0/1, or no valid token", original, *args)
+        upper, lower = helper._parse_rollout_is_threshold(rollout_is_threshold)  # verl's errors
+        mask = response_mask if response_mask.dtype == torch.bool else response_mask.to(log_ratio.dtype)
+        zero = torch.zeros_like(log_ratio)
+        with torch.no_grad():
+            raw = rlhf_kernels.rollout_correction(log_ratio, zero, mask, level=rollout_is, upper=None).weights
+            corr = rlhf_kernels.rollout_correction(log_ratio, zero, mask, level=rollout_is,
+                                                   mode="truncate" if lower is None else "mask", lower=lower,
+                                                   upper=upper)
+        dtype = _float_dtype(log_ratio, response_mask)
+        weights, raw = corr.weights.to(dtype), raw.to(dtype)
+        lr_for_metrics = log_ratio if rollout_is == "token" else (log_ratio * mask).sum(-1, keepdim=True)
+        # verl semantics: its own statistics of the weights (the metrics' keys and
+        # definitions stay verl's).
+        metrics = helper.compute_is_metrics(
+            rollout_is_weights=weights, raw_rollout_is_weights=raw, log_ratio_for_metrics=lr_for_metrics,
+            response_mask=response_mask, rollout_is=rollout_is, rollout_is_threshold=upper,
+            rollout_is_threshold_lower=lower,
+        )
+        if lower is not None:
+            metrics["rollout_is_oob_ratio"] = corr.stats["correction/out_of_band_frac"].item()
+        if rollout_is_batch_normalize:
+            if rollout_is == "token":
+                mean = corr.stats["correction/weight_mean"]
+            else:  # verl semantics: the mean over the sequences with a valid token
+                import verl.utils.torch_functional as verl_F
+
+                seq_weights = verl_F.masked_mean(weights, response_mask, axis=-1)
+                valid = (response_mask.sum(dim=-1) > 0).to(dtype)
+                mean = (seq_weights * valid).sum() / valid.sum().clamp_min(1e-8)
+            if mean > 1e-8:
+                weights = weights / mean.to(dtype)
+                metrics["rollout_is_batch_norm_factor"] = mean.item()
+            else:
+                metrics["rollout_is_batch_norm_factor"] = 1.0
+        return weights, metrics
+
+    return compute_rollout_correction_weights
+
+
 def _make_agg_loss(original):
     our_agg_loss = rlhf_kernels.agg_loss
 
@@ -483,6 +546,8 @@ _patcher = Patcher(
         _Target(_CORE, "compute_policy_loss_gspo", _make_policy_loss_gspo),
         _Target(_CORE, "compute_value_loss", _make_value_loss),
         _Target(_CORE, "agg_loss", _make_agg_loss),
+        _Target("verl.trainer.ppo.rollout_corr_helper", "compute_rollout_correction_weights",
+                _make_rollout_correction_weights),
         _Target("verl.utils.experimental.torch_functional", "FusedLinearForPPO", _make_fused_linear_for_ppo),
     ],
     consumers=(

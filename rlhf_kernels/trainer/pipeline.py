@@ -4,10 +4,12 @@ true task score of the SFT and PPO policies on held-out prompts."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import random
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -110,6 +112,32 @@ def _unsharded(model: torch.nn.Module, build) -> torch.nn.Module:
     return fresh
 
 
+def _rollout_engine(cfg: TrainConfig, policy: torch.nn.Module, world: int, cleanup: contextlib.ExitStack):
+    """The PPO stage's vLLM engine (``ppo.rollout_engine="vllm"``), built
+    before any training from the initial policy saved in a temporary folder,
+    so that a missing vLLM or a model the engine refuses stops the run before
+    SFT; PPOTrainer gives it the PPO policy's weights before the first
+    rollout. None for the HF sampler."""
+    if cfg.ppo.rollout_engine != "vllm":
+        return None
+    if world > 1:
+        raise ConfigError("ppo.rollout_engine vllm: one process only (the engine runs beside the trainer in its "
+                          "process; several ranks would each start one on the same device)")
+    from .rollout_engine import VLLMEngine
+
+    folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="rlhf-kernels-engine-"))
+    policy.save_pretrained(folder)
+    try:
+        engine = VLLMEngine(folder, gpu_memory_utilization=cfg.ppo.vllm_gpu_memory_utilization, seed=cfg.ppo.seed)
+    except ConfigError as exc:
+        hint = " (the embedded model: model_config.hidden_size / model_config.num_heads)" if cfg.model is None else ""
+        raise ConfigError(f"ppo.rollout_engine vllm: {exc}{hint}") from None
+    except RuntimeError as exc:  # vLLM missing or broken
+        raise ConfigError(f"ppo.rollout_engine vllm: {exc}") from None
+    cleanup.callback(engine.close)
+    return engine
+
+
 def _run(cfg: TrainConfig, resume: bool, verbose: bool) -> dict:
     strategy = cfg.ppo.strategy
     rank, world = init_distributed(cfg.device, always=strategy == "fsdp")
@@ -127,7 +155,8 @@ def _run(cfg: TrainConfig, resume: bool, verbose: bool) -> dict:
     device = cfg.device
 
     stop = StopRequested(device)
-    with stop.installed():
+    with stop.installed(), contextlib.ExitStack() as cleanup:
+        engine = _rollout_engine(cfg, policy, world, cleanup)
         # 1. Supervised fine-tuning (data-parallel: each rank its own examples).
         parallel = dict(rank=rank, world_size=world, strategy=strategy)
         sft_path = out / "sft" / "policy.pt"
@@ -176,7 +205,7 @@ def _run(cfg: TrainConfig, resume: bool, verbose: bool) -> dict:
         ptx_sampler = (lambda n, rng: [task.sft_example(rng) for _ in range(n)]) if cfg.ppo.ptx_coef > 0 else None
         trainer = PPOTrainer(policy, ref_policy, value_model, tokenizer, cfg.ppo, prompt_sampler=held_out.sample_train,
                              reward_model=reward_model, ptx_sampler=ptx_sampler, device=device,
-                             backend=cfg.backend, rank=rank, world_size=world)
+                             backend=cfg.backend, rank=rank, world_size=world, rollout_engine=engine)
         true_score = task.true_scores
         sft_eval = _evaluate_reference(trainer, held_out, true_score)
         # DDP: one file; FSDP: a torch.distributed.checkpoint directory of shards.
@@ -203,8 +232,8 @@ def _run(cfg: TrainConfig, resume: bool, verbose: bool) -> dict:
                 bar.close()
                 return _interrupted(out, f"PPO at iteration {trainer.iteration}", rank)
         bar.close()
+        ppo_eval = trainer.evaluate(held_out.prompts, true_score)  # the engine samples it too
 
-    ppo_eval = trainer.evaluate(held_out.prompts, true_score)
     summary = {
         "sft_true_score": sft_eval["true_score"],
         "ppo_true_score": ppo_eval["true_score"],
@@ -260,10 +289,12 @@ def _plot(rows: list[dict], path: Path) -> bool:
         print("[train] matplotlib is not installed: no curves.png", file=sys.stderr)
         return False
     keys = [k for k in ("reward", "kl", "kl_coef", "policy_loss", "value_loss", "clipfrac", "entropy",
-                        "response_length", "tokens_per_s") if rows and k in rows[0]]
+                        "response_length", "tokens_per_s", "mismatch/k3", "mismatch/abs_diff_max",
+                        "correction/out_of_band_frac", "correction/rejected_token_frac") if rows and k in rows[0]]
     if not keys:
         return False
-    fig, axes = plt.subplots(3, 3, figsize=(12, 9))
+    grid = -(-len(keys) // 3)
+    fig, axes = plt.subplots(grid, 3, figsize=(12, 3 * grid), squeeze=False)
     steps = [r["iteration"] for r in rows]
     for ax, key in zip(axes.flat, keys):
         ax.plot(steps, [r[key] for r in rows])
