@@ -312,6 +312,23 @@ def _e2e_goal(ours: str, theirs: str, speedup: float):
     return check
 
 
+def _vocab_parallel_goal(ratio: float):
+    """bench_vocab_parallel: the per-rank extra peak of 2 ranks over one
+    process's, and the collectives of the ranks' forward."""
+    def check(rows):
+        pick = lambda ranks: _best([r for r in rows if r["op"] == "vocab_parallel_lm_head"  # noqa: E731
+                                    and r.get("ranks") == ranks and tuple(r["shape"]) == (1024, 512, 151936)])
+        one, two = pick(1), pick(2)
+        if one is None or two is None or not one.get("peak_mem_bytes"):
+            return None
+        frac = two["peak_mem_bytes"] / one["peak_mem_bytes"]
+        forward = two.get("collectives_forward", {})
+        ok = frac <= ratio and sum(forward.values()) == 1
+        return ok, (f"{frac:.2f}x ({two['peak_mem_bytes'] / 2**20:.0f} MiB vs {one['peak_mem_bytes'] / 2**20:.0f} "
+                    f"MiB); forward collectives {forward}, backward {two.get('collectives_backward')}")
+    return check
+
+
 OVERHEAD = "overhead:"  # bench_overhead's rows: op = "overhead:<op>"
 LOGITS_GPU = (8192, 152064)
 GOALS = [
@@ -362,6 +379,9 @@ GOALS = [
          _overhead_at_most_eager),
     Goal(15, "trainer update phase at V=151936 (bench_trainer --model qwen): >= 3x faster and >= 10x less extra "
              "peak memory than backend=eager", False, _trainer_update_goal(3.0, 10.0)),
+    Goal(29, "vocabulary-parallel LM head N=1024 H=512 V=151936 float32 on 2 gloo ranks (bench_vocab_parallel): "
+             "per-rank extra peak <= 0.6x one process's, one collective per forward", False,
+         _vocab_parallel_goal(0.6)),
     Goal(28, "rollouts, Qwen2.5-0.5B shape, 64 prompts x 64 new tokens float32 (bench_rollout): the vLLM engine "
              ">= 4x HF generate's tokens/s", False, _rollout_goal(4.0)),
     Goal(28, "one GRPO iteration (bench_e2e), both on HF generate: ours >= 1.5x faster than TRL's GRPOTrainer",

@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import rlhf_kernels  # noqa: E402
+from helpers import backends_for  # noqa: E402
 
 def _launch_floats_as_fp32():
     """A compiled Triton kernel receives every Python float argument as fp32;
@@ -49,14 +50,6 @@ if os.environ.get("TRITON_INTERPRET") == "1" and rlhf_kernels._dispatch.triton_i
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def backends_for(device: str) -> list[str]:
-    """Every backend that can run tensors of `device` on this machine."""
-    names = rlhf_kernels.available_backends()
-    if device == "cpu":
-        return [b for b in names if b in ("cpu", "eager") or (b == "triton" and os.environ.get("TRITON_INTERPRET") == "1")]
-    return [b for b in names if b in ("cuda", "triton", "eager")]
 
 
 DEVICE_BACKENDS = [(d, b) for d in DEVICES for b in backends_for(d)]

@@ -3,11 +3,26 @@ rule. Tests import them from here (``from helpers import ...``; pyproject.toml
 puts python_tests/ on pytest's ``pythonpath``); conftest.py holds only fixtures,
 hooks and pytest configuration."""
 
+import os
+
 import pytest
 import torch
 
+import rlhf_kernels
+
 # A test that needs a CUDA GPU: skipped on machines without one.
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+
+def backends_for(device: str) -> list[str]:
+    """Every backend that can run tensors of `device` on this machine (Triton
+    on the CPU through its interpreter)."""
+    names = rlhf_kernels.available_backends()
+    if device == "cpu":
+        return [b for b in names if b in ("cpu", "eager") or (b == "triton" and os.environ.get("TRITON_INTERPRET") == "1")]
+    return [b for b in names if b in ("cuda", "triton", "eager")]
+
 
 # (dtype, atol, rtol) for results computed with float32 accumulation from
 # inputs of that dtype, compared with float64 on the same (rounded) inputs.

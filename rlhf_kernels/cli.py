@@ -20,7 +20,8 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("logprobs", "advantages", "ppo_loss", "rollout_correction", "overhead", "lm_head", "trainer")
+BENCHMARKS = ("logprobs", "advantages", "ppo_loss", "rollout_correction", "overhead", "lm_head", "vocab_parallel",
+              "trainer")
 
 
 def _benchmarks_dir() -> Path:

@@ -39,6 +39,19 @@ def test_bench_rollout_correction_quick(tmp_path):
     assert len(lines) == len(rows)
 
 
+def test_bench_vocab_parallel_quick(tmp_path):
+    """One process and 2 gloo ranks, each a JSON line with its extra peak; the
+    ranks' one all_gather forward and one all_reduce backward counted."""
+    from benchmarks import bench_vocab_parallel
+
+    rows = bench_vocab_parallel.main(["--quick", "--out-dir", str(tmp_path)])
+    assert [r["ranks"] for r in rows] == [1, 2]
+    assert all(r["median_ms"] > 0 and r["peak_mem_bytes"] >= 0 for r in rows)
+    assert rows[1]["collectives_forward"] == {"all_gather": 1, "all_reduce": 0}
+    assert rows[1]["collectives_backward"] == {"all_gather": 0, "all_reduce": 1}
+    assert len((tmp_path / next(tmp_path.glob("*.jsonl")).name).read_text().splitlines()) == 2
+
+
 def test_bench_integrations_quick_every_patched_call_served(tmp_path):
     """Each case of bench_integrations (TRL, verl and OpenRLHF calls: float
     masks, rollout IS weights, GSPO, the IS correction) runs our ops in every

@@ -165,6 +165,8 @@ def logprobs_from_hidden(
     return_entropy: bool = False,
     ignore_index: int = -100,
     chunk_bytes: int | None = None,
+    vocab_parallel_group=None,
+    vocab_start: int | None = None,
     backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probabilities of ``labels`` under ``softmax((hidden @ weight.T + bias) / temperature)``,
@@ -193,6 +195,16 @@ def logprobs_from_hidden(
         ignore_index: label value that marks positions to skip.
         chunk_bytes: budget of the tile buffer; default
             ``default_chunk_bytes(N, V)`` = N * V * 4 / 32 within [8, 256] MiB.
+        vocab_parallel_group: a ``torch.distributed`` process group whose
+            ranks each hold a vocabulary shard of the head: ``weight`` (V_r, H)
+            and ``bias`` (V_r,) are this rank's rows, ``labels`` global ids
+            (the same on every rank, as is ``hidden``). One all_gather of
+            per-row partials in the forward; in the backward none for the
+            head rows, one all_reduce for hidden's gradient, which comes back
+            complete on every rank (every rank must backpropagate the same
+            gradients). The results are the whole vocabulary's, on every rank
+            (``ops/vocab_parallel.py``).
+        vocab_start: the shard's first global id; default rank x V_r.
         backend: "cpu" | "cuda" | "triton" (the row kernels; GEMMs are BLAS /
             cuBLAS) | "eager" (plain PyTorch, with the logits); default as
             for every op.
@@ -207,14 +219,23 @@ def logprobs_from_hidden(
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"ignore_index: must fit in int64, got {ignore_index}")
     vocab = weight.shape[0]
-    if labels.is_cuda and checks_enabled():
+    if vocab_parallel_group is None and vocab_start is not None:
+        raise ValueError("vocab_start: only with vocab_parallel_group")
+    if labels.is_cuda and checks_enabled() and vocab_parallel_group is None:
         check_labels_in_range(labels, vocab, ignore_index)
     shape = labels.shape
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1).to(torch.int64)
     chunk_bytes = _check_chunk_bytes(chunk_bytes, flat_labels.numel(), vocab)
-    logp, entropy = implementation("logprobs_from_hidden", backend, hidden.device)(
-        flat_hidden, weight, bias, flat_labels, temperature, ignore_index, bool(return_entropy), chunk_bytes)
+    if vocab_parallel_group is not None:
+        from .vocab_parallel import logprobs_from_hidden_vp
+
+        logp, entropy = logprobs_from_hidden_vp(flat_hidden, weight, bias, flat_labels, vocab_parallel_group,
+                                                vocab_start, temperature, ignore_index, bool(return_entropy),
+                                                chunk_bytes, backend)
+    else:
+        logp, entropy = implementation("logprobs_from_hidden", backend, hidden.device)(
+            flat_hidden, weight, bias, flat_labels, temperature, ignore_index, bool(return_entropy), chunk_bytes)
     logp = logp.view(shape)
     return (logp, entropy.view(shape)) if return_entropy else logp
 
@@ -244,6 +265,8 @@ def ppo_loss_from_hidden(
     ratio_level: str = "token",
     chunk_bytes: int | None = None,
     grad_in_forward: bool = True,
+    vocab_parallel_group=None,
+    vocab_start: int | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The PPO policy loss, KL penalty and entropy bonus of ``ppo_loss_from_logits``
@@ -289,6 +312,9 @@ def ppo_loss_from_hidden(
         chunk_bytes: as in ``logprobs_from_hidden``.
         grad_in_forward: the three-GEMM path above where it applies (False:
             always the four-GEMM backward).
+        vocab_parallel_group, vocab_start: a vocabulary-sharded head, as in
+            ``logprobs_from_hidden`` (then always logprobs_from_hidden and
+            ppo_loss_from_logprobs, the gradient in the backward).
         {backend_arg}
 
     Returns:
@@ -305,10 +331,13 @@ def ppo_loss_from_hidden(
                                dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
                                ratio_level=ratio_level, kl_coef=kl_coef, kl_estimator=kl_estimator,
                                entropy_coef=entropy_coef, backend=backend)
-    plan = _grad_in_forward_plan(hidden, weight, bias, labels, o, chunk_bytes, grad_in_forward)
+    plan = None if vocab_parallel_group is not None else \
+        _grad_in_forward_plan(hidden, weight, bias, labels, o, chunk_bytes, grad_in_forward)
     if plan is None:
         logp, entropy = logprobs_from_hidden(hidden, weight, labels, bias=bias, temperature=o.temperature,
-                                             return_entropy=True, chunk_bytes=chunk_bytes, backend=backend)
+                                             return_entropy=True, chunk_bytes=chunk_bytes,
+                                             vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,
+                                             backend=backend)
         return _combined_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, o)
     return _ppo_loss_grad_in_forward(hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp,
                                      token_weights, o, *plan)

@@ -142,15 +142,18 @@ def _local_labels(labels: Tensor, v0: int, vc: int) -> tuple[Tensor, Tensor]:
 
 
 def forward_tiles(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature: float,
-                  ignore_index: int, compute_entropy: bool, chunk_bytes: int, rows: str, extras: bool = False):
+                  ignore_index: int, compute_entropy: bool, chunk_bytes: int, rows: str, extras: bool = False,
+                  foreign_ok: bool = False):
     """(logp, entropy, row_max, log_sum), and with ``extras`` a dict of TRL's
     ChunkedLogProbFunction statistics per row (float32 | bool, (N,)):
     log_sum_sq_probs = log sum p^2, mean_logits = mean of z / T over V, and
-    is_top1 = the label is the first maximum of z."""
+    is_top1 = the label is the first maximum of z. ``foreign_ok``: a label V
+    is held by another vocabulary shard (its logp NaN, the rest of the row
+    computed; ops/vocab_parallel.py)."""
     fwd, _ = ROWS[rows]
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     if labels.device.type == "cpu":  # as the native CPU ops check (on a GPU: NaN, see the docstring)
-        check_labels_in_range(labels, vocab, ignore_index)
+        check_labels_in_range(labels, vocab + foreign_ok, ignore_index)
     acc = acc_dtype(hidden.dtype)
     dev = hidden.device
     inv_t = 1.0 / temperature
@@ -220,7 +223,9 @@ def forward_tiles(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
 def backward_tiles(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor, weight: Tensor,
                    bias: Optional[Tensor], labels: Tensor, row_max: Tensor, log_sum: Tensor,
                    entropy: Optional[Tensor], temperature: float, ignore_index: int, chunk_bytes: int, rows: str,
-                   need_hidden: bool, need_weight: bool, need_bias: bool):
+                   need_hidden: bool, need_weight: bool, need_bias: bool, foreign_ok: bool = False):
+    """The gradients of forward_tiles' logp and entropy; ``foreign_ok``: a
+    label V is another shard's (no one-hot term in this head's rows)."""
     _, bwd = ROWS[rows]
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     acc = row_max.dtype
@@ -231,7 +236,7 @@ def backward_tiles(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], 
     grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden, weight, acc, tb, need_hidden, need_weight,
                                                         need_bias)
     ignored = labels == ignore_index
-    bad = ~ignored & ((labels < 0) | (labels >= vocab))  # NaN gradients, as logprobs_from_logits gives
+    bad = ~ignored & ((labels < 0) | (labels >= vocab + foreign_ok))  # NaN gradients, as logprobs_from_logits
     zero = torch.zeros((), dtype=acc, device=dev)
     g = grad_logp.to(acc) if grad_logp is not None else torch.zeros(n_rows, dtype=acc, device=dev)
     g = torch.where(ignored, zero, torch.where(bad, math.nan, g)).contiguous()

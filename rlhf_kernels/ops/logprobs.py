@@ -113,6 +113,8 @@ def logprobs_from_logits(
     ignore_index: int = -100,
     return_entropy: bool = False,
     inplace_backward: bool = False,
+    vocab_parallel_group=None,
+    vocab_start: int | None = None,
     backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probabilities of ``labels`` under ``softmax(logits / temperature)``.
@@ -138,6 +140,14 @@ def logprobs_from_logits(
         inplace_backward: write the logits gradient into the logits buffer
             instead of a new tensor (saves one (N, V) allocation). The logits
             are consumed: do not use them after backward.
+        vocab_parallel_group: a ``torch.distributed`` process group whose
+            ranks each hold a vocabulary shard: ``logits`` (..., V_r) are this
+            rank's columns, ``labels`` global ids (the same on every rank).
+            One all_gather of per-row partials in the forward, none in the
+            backward (every rank must backpropagate the same gradients);
+            the results are the whole vocabulary's, on every rank
+            (``ops/vocab_parallel.py``). Not with ``inplace_backward``.
+        vocab_start: the shard's first global id; default rank x V_r.
         backend: "triton" | "cuda" | "cpu" | "eager" to force one;
             default: ``RLHF_KERNELS_BACKEND``, else the best for the device.
 
@@ -161,6 +171,19 @@ def logprobs_from_logits(
     ignore_index = check_int("ignore_index", ignore_index)
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"ignore_index: must fit in int64, got {ignore_index}")
+    if vocab_parallel_group is not None:
+        if inplace_backward:
+            raise ValueError("inplace_backward: not with vocab_parallel_group (the shard's gradient is fixed "
+                             "up after the kernel writes it)")
+        from .vocab_parallel import logprobs_from_logits_vp
+
+        logp, entropy = logprobs_from_logits_vp(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(torch.int64), vocab_parallel_group,
+            vocab_start, temperature, ignore_index, bool(return_entropy), backend)
+        logp = logp.view(labels.shape)
+        return (logp, entropy.view(labels.shape)) if return_entropy else logp
+    if vocab_start is not None:
+        raise ValueError("vocab_start: only with vocab_parallel_group")
     if labels.is_cuda and checks_enabled():
         check_labels_in_range(labels, logits.shape[-1], ignore_index)
     logp, entropy = implementation("logprobs", backend, logits.device)(

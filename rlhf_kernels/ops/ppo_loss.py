@@ -544,6 +544,8 @@ def ppo_loss_from_logits(
     token_weights: Tensor | None = None,
     ratio_level: str = "token",
     inplace_backward: bool = False,
+    vocab_parallel_group=None,
+    vocab_start: int | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO policy loss straight from the logits, with KL penalty and entropy bonus:
@@ -579,6 +581,10 @@ def ppo_loss_from_logits(
             (no (B, T, V) gradient buffer; the logits are consumed by the
             backward): three passes over the logits, as the gradient is then
             written in the backward.
+        vocab_parallel_group, vocab_start: vocabulary-sharded logits, as in
+            ``logprobs_from_logits`` (then logprobs_from_logits and
+            ppo_loss_from_logprobs, the gradient in the backward; not with
+            ``inplace_backward``).
         {backend_arg}
 
     Returns:
@@ -599,10 +605,14 @@ def ppo_loss_from_logits(
                                dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
                                ratio_level=ratio_level, kl_coef=kl_coef, kl_estimator=kl_estimator,
                                entropy_coef=entropy_coef, backend=backend)
-    if o.ratio_level != "token":
+    if o.ratio_level != "token" or vocab_parallel_group is not None:
         logp, entropy = logprobs_from_logits(logits, labels, temperature=o.temperature, return_entropy=True,
-                                             inplace_backward=inplace_backward, backend=backend)
+                                             inplace_backward=inplace_backward,
+                                             vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,
+                                             backend=backend)
         return _combined_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, o)
+    if vocab_start is not None:
+        raise ValueError("vocab_start: only with vocab_parallel_group")
     advantages = _weighted_advantages(advantages, token_weights, tokens)
     if labels.is_cuda and checks_enabled():
         check_labels_in_range(labels, logits.shape[-1], -100)
