@@ -190,3 +190,21 @@ def check_ratio_level(ratio_level: str) -> str:
     if ratio_level not in RATIO_LEVELS:
         raise ValueError(f"ratio_level: unknown level {ratio_level!r}; expected one of {RATIO_LEVELS}")
     return ratio_level
+
+
+def check_cu_seqlens(cu_seqlens: Tensor, total: int) -> None:
+    """cu_seqlens: (S + 1,) int32 offsets of S packed sequences in ``total``
+    tokens: 0, non-decreasing, ``total`` (flash-attention's varlen layout)."""
+    check_tensor("cu_seqlens", cu_seqlens, (torch.int32,))
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens: expected a (B + 1,) int32 tensor, got shape {tuple(cu_seqlens.shape)}")
+    # Reading the offsets synchronises: always on CPU, on a GPU only with
+    # RLHF_KERNELS_CHECK=1 (the kernels clamp the offsets, so never a bad read).
+    if cu_seqlens.device.type == "cpu" or checks_enabled():
+        offsets = cu_seqlens.to("cpu", torch.int64)
+        if int(offsets[0]) != 0:
+            raise ValueError(f"cu_seqlens: must start at 0, got {int(offsets[0])}")
+        if bool((offsets.diff() < 0).any()):
+            raise ValueError("cu_seqlens: offsets must be non-decreasing")
+        if int(offsets[-1]) != total:
+            raise ValueError(f"cu_seqlens: must end at the total number of tokens {total}, got {int(offsets[-1])}")

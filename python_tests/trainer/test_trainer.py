@@ -155,6 +155,41 @@ def test_fused_lm_head_gives_the_same_iteration():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_padding_free_update_equals_the_padded_one():
+    """padding_free: on a rollout whose responses are cut to ragged lengths,
+    the update's losses and statistics and the trained weights equal the
+    padded update's, with at least 30% of the padded tokens not run."""
+    padded, _ = _ppo_trainer(seed=8, entropy_coef=0.01)
+    packed, _ = _ppo_trainer(seed=8, entropy_coef=0.01, padding_free=True)
+    r = padded.rollout()
+    prompt_len, width = r.batch.prompt_len, r.batch.response_mask.shape[1]
+    for i in range(r.batch.response_mask.shape[0]):  # one full response in four, the rest 1 to 3 tokens
+        cut = width if i % 4 == 0 else 1 + i % 3
+        r.batch.response_mask[i, cut:] = 0
+        r.batch.attention_mask[i, prompt_len + cut:] = 0
+    packed.data_rng.setstate(padded.data_rng.getstate())  # the same mini-batch shuffle
+    want, got = padded.update(r), packed.update(r)
+    assert got["padding_free/tokens_saved_frac"] >= 0.3, got
+    for key in want:
+        if not key.startswith(("memory/", "grad_norm")):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-3)
+    for a, b in zip(packed.policy.parameters(), padded.policy.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_padding_free_refuses_a_model_whose_attention_crosses_sequences(monkeypatch):
+    """The first packed step checks the packed forward against the padded one:
+    a model that drops position_ids (so its attention spans the packed row)
+    stops with the reason."""
+    trainer, _ = _ppo_trainer(seed=9, padding_free=True)
+    r = trainer.rollout()
+    forward = trainer.policy.forward
+    monkeypatch.setattr(trainer.policy, "forward", lambda *a, position_ids=None, **k: forward(*a, **k))
+    with pytest.raises(ValueError, match="padding_free: .* differs from its padded one"):
+        trainer.update(r)
+
+
 def test_fused_lm_head_falls_back_for_soft_capped_logits(caplog):
     """A head the fused ops do not express (Gemma 2's final-logit soft-capping)
     takes the logits path, with a warning naming the reason."""

@@ -23,12 +23,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._dispatch import checks_enabled, implementation, native_extension_loaded, register, triton_installed
+from .._dispatch import implementation, native_extension_loaded, register, triton_installed
 from .._launch import acc_dtype
 from ..eager import advantages as _eager
 from ._op import differentiable, undifferentiated
 from .._validation import (
-    FLOAT_DTYPES, check_estimator, check_finite, check_int, check_nonnegative, check_positive, check_same_device,
+    FLOAT_DTYPES, check_cu_seqlens, check_estimator, check_finite, check_int, check_nonnegative, check_positive, check_same_device,
     check_tensor, check_unit_interval, check_weights,
 )
 
@@ -112,22 +112,6 @@ register("advantages", ("eager",), _eager.advantages)
 # --- validation and whitening -------------------------------------------------------
 
 
-def _check_cu_seqlens(cu_seqlens: Tensor, total: int) -> None:
-    check_tensor("cu_seqlens", cu_seqlens, (torch.int32,))
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens: expected a (B + 1,) int32 tensor, got shape {tuple(cu_seqlens.shape)}")
-    # Reading the offsets synchronises: always on CPU, on a GPU only with
-    # RLHF_KERNELS_CHECK=1 (the kernels clamp the offsets, so never a bad read).
-    if cu_seqlens.device.type == "cpu" or checks_enabled():
-        offsets = cu_seqlens.to("cpu", torch.int64)
-        if int(offsets[0]) != 0:
-            raise ValueError(f"cu_seqlens: must start at 0, got {int(offsets[0])}")
-        if bool((offsets.diff() < 0).any()):
-            raise ValueError("cu_seqlens: offsets must be non-decreasing")
-        if int(offsets[-1]) != total:
-            raise ValueError(f"cu_seqlens: must end at the total number of tokens {total}, got {int(offsets[-1])}")
-
-
 def _prepare_layout(name: str, ref: Tensor, mask: Tensor | None,
                     cu_seqlens: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """Checks the layout of the per-token tensors; returns the mask as a
@@ -138,7 +122,7 @@ def _prepare_layout(name: str, ref: Tensor, mask: Tensor | None,
     else:
         if ref.dim() != 1:
             raise ValueError(f"{name}: expected shape (total,) with cu_seqlens, got {tuple(ref.shape)}")
-        _check_cu_seqlens(cu_seqlens, ref.shape[0])
+        check_cu_seqlens(cu_seqlens, ref.shape[0])
         cu_seqlens = cu_seqlens.contiguous()  # the kernels read it with stride 1
     if mask is None:
         return None, cu_seqlens

@@ -30,7 +30,7 @@ from .advantages import kl_penalty
 from .lm_head_plan import LOSS_BUDGET_FACTOR, default_chunk_bytes, row_block, tile_bytes, tile_plan
 from . import lm_head_tiles
 from .lm_head_tiles import ROWS, PrecomputedGrad, backward_tiles, forward_tiles
-from .ppo_loss import _check_policy_inputs, _combined_loss, _policy_loss
+from .ppo_loss import _check_policy_inputs, _combined_loss, _policy_loss, ppo_loss_from_logprobs
 from .ppo_options import PPOLossOptions, fill_args
 
 
@@ -267,6 +267,8 @@ def ppo_loss_from_hidden(
     grad_in_forward: bool = True,
     vocab_parallel_group=None,
     vocab_start: int | None = None,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The PPO policy loss, KL penalty and entropy bonus of ``ppo_loss_from_logits``
@@ -303,7 +305,8 @@ def ppo_loss_from_hidden(
     0.20x for the four GEMMs).
 
     Args:
-        hidden: (B, T, H) (or (..., T, H)); weight (V, H); bias (V,) or None.
+        hidden: (B, T, H) (or (..., T, H); (N, H) with cu_seqlens); weight
+            (V, H); bias (V,) or None.
         labels: (B, T) int64 | int32 (``-100``: ignored, logp = entropy = 0).
         old_logp, advantages: (B, T), as in ``ppo_policy_loss``.
         temperature: > 0, the logits are divided by it.
@@ -315,13 +318,32 @@ def ppo_loss_from_hidden(
         vocab_parallel_group, vocab_start: a vocabulary-sharded head, as in
             ``logprobs_from_hidden`` (then always logprobs_from_hidden and
             ppo_loss_from_logprobs, the gradient in the backward).
+        {packed_args}
+            hidden (N, H) and labels (N,) packed alike; then
+            logprobs_from_hidden and ppo_loss_from_logprobs (the gradient in
+            the backward).
         {backend_arg}
 
     Returns:
         {combined_returns}
     """
+    if cu_seqlens is not None:
+        _check_head(hidden, weight, bias, labels)
+        if hidden.dim() != 2:
+            raise ValueError(f"hidden: expected shape (N, H) with cu_seqlens, got {tuple(hidden.shape)}")
+        logp, entropy = logprobs_from_hidden(hidden, weight, labels, bias=bias, temperature=temperature,
+                                             return_entropy=True, chunk_bytes=chunk_bytes,
+                                             vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,
+                                             backend=backend)
+        return ppo_loss_from_logprobs(
+            logp, entropy, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+            agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, ref_logp=ref_logp, kl_coef=kl_coef,
+            kl_estimator=kl_estimator, entropy_coef=entropy_coef, token_weights=token_weights,
+            ratio_level=ratio_level, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=backend)
+    if max_seqlen is not None:
+        raise ValueError("max_seqlen: only with cu_seqlens")
     if hidden.dim() < 3:
-        raise ValueError("hidden: expected shape (B, T, H) (or (..., T, H))")
+        raise ValueError("hidden: expected shape (B, T, H) (or (..., T, H); (N, H) with cu_seqlens)")
     _check_head(hidden, weight, bias, labels)
     _check_policy_inputs("labels", labels.shape, old_logp, advantages, mask, ref_logp)
     if token_weights is not None:

@@ -34,6 +34,7 @@ from .._validation import (
 from ..aggregation import POLICY_STAT_NAMES, agg_loss, divide, mask_weights
 from ..eager import ppo_loss as _eager
 from ._op import differentiable
+from ..packing import packed_rows
 from .ppo_options import PPOLossOptions, fill_args
 from .advantages import kl_penalty
 from .logprobs import logprobs_from_logits
@@ -385,6 +386,8 @@ def ppo_policy_loss(
     num_seqs: float | None = None,
     token_weights: Tensor | None = None,
     ratio_level: str = "token",
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped PPO policy loss (Schulman et al., 2017), fused in one pass.
@@ -399,6 +402,7 @@ def ppo_policy_loss(
             log-probabilities under the current policy; differentiable.
         old_logp, advantages: (B, T), same; not differentiated.
         {policy_args}
+        {packed_args}
         {backend_arg}
 
     Returns:
@@ -412,6 +416,9 @@ def ppo_policy_loss(
     including its tie rules (half the gradient to each side of max / min at
     a tie; clamp passes it on the closed interval).
     """
+    _, (logp, old_logp, advantages, mask, token_weights) = packed_rows(
+        cu_seqlens, max_seqlen, logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
+        token_weights=token_weights)
     check_tensor("logp", logp, FLOAT_DTYPES)
     if logp.dim() < 1:
         raise ValueError("logp: expected shape (B, T) (or (..., T)), got a 0-dim tensor")
@@ -441,6 +448,8 @@ def ppo_loss_from_logprobs(
     entropy_coef: float = 0.0,
     token_weights: Tensor | None = None,
     ratio_level: str = "token",
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss of ``ppo_loss_from_logits`` from log-probabilities and entropies
@@ -456,11 +465,15 @@ def ppo_loss_from_logprobs(
         old_logp, advantages: (B, T), as in ``ppo_policy_loss``.
         {policy_args}
         {penalty_args}
+        {packed_args}
         {backend_arg}
 
     Returns:
         {combined_returns}
     """
+    _, (logp, entropy, old_logp, advantages, mask, ref_logp, token_weights) = packed_rows(
+        cu_seqlens, max_seqlen, logp=logp, entropy=entropy, old_logp=old_logp, advantages=advantages, mask=mask,
+        ref_logp=ref_logp, token_weights=token_weights)
     check_tensor("logp", logp, FLOAT_DTYPES)
     if logp.dim() < 1:
         raise ValueError("logp: expected shape (B, T) (or (..., T)), got a 0-dim tensor")
@@ -483,6 +496,8 @@ def ppo_value_loss(
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss, fused in one pass:
@@ -499,13 +514,16 @@ def ppo_value_loss(
             ``ppo_policy_loss``.
         clip: > 0.
         agg, num_tokens, num_seqs: as in ``ppo_policy_loss``.
-{backend_arg}
+        {packed_args}
+        {backend_arg}
 
     Returns:
         (loss, stats): 0-dim loss (0 without valid tokens); stats
         ``vf_clipfrac``, the share of valid tokens where the clipped error is
         the larger one.
     """
+    _, (values, old_values, returns, mask) = packed_rows(cu_seqlens, max_seqlen, values=values,
+                                                         old_values=old_values, returns=returns, mask=mask)
     check_tensor("values", values, FLOAT_DTYPES)
     check_tensor("old_values", old_values, FLOAT_DTYPES)
     check_tensor("returns", returns, FLOAT_DTYPES)
@@ -546,6 +564,8 @@ def ppo_loss_from_logits(
     inplace_backward: bool = False,
     vocab_parallel_group=None,
     vocab_start: int | None = None,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO policy loss straight from the logits, with KL penalty and entropy bonus:
@@ -585,11 +605,30 @@ def ppo_loss_from_logits(
             ``logprobs_from_logits`` (then logprobs_from_logits and
             ppo_loss_from_logprobs, the gradient in the backward; not with
             ``inplace_backward``).
+        {packed_args}
+            logits (N, V) and labels (N,) packed alike; then
+            logprobs_from_logits and ppo_loss_from_logprobs (the gradient in
+            the backward).
         {backend_arg}
 
     Returns:
         {combined_returns}
     """
+    if cu_seqlens is not None:
+        check_tensor("logits", logits, FLOAT_DTYPES)
+        if logits.dim() != 2:
+            raise ValueError(f"logits: expected shape (N, V) with cu_seqlens, got {tuple(logits.shape)}")
+        logp, entropy = logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True,
+                                             inplace_backward=inplace_backward,
+                                             vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,
+                                             backend=backend)
+        return ppo_loss_from_logprobs(
+            logp, entropy, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+            agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, ref_logp=ref_logp, kl_coef=kl_coef,
+            kl_estimator=kl_estimator, entropy_coef=entropy_coef, token_weights=token_weights,
+            ratio_level=ratio_level, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=backend)
+    if max_seqlen is not None:
+        raise ValueError("max_seqlen: only with cu_seqlens")
     check_tensor("logits", logits, FLOAT_DTYPES)
     check_tensor("labels", labels, INDEX_DTYPES)
     if logits.dim() < 2:

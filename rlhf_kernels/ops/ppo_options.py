@@ -116,6 +116,15 @@ PENALTY_ARGS = """\
         entropy_coef: weight of the entropy bonus (subtracted); the entropy's
             gradient is taken only when it is not 0."""
 
+PACKED_ARGS = """\
+        cu_seqlens: None, or (S + 1,) int32 offsets of S packed sequences
+            (``rlhf_kernels.packing``): the per-token tensors are then (N,),
+            N = cu_seqlens[-1], and the sequence-level terms run per packed
+            sequence; the same results as the padded (S, T) layout.
+        max_seqlen: with cu_seqlens, the T of that layout (default: the
+            longest sequence; seq-mean-token-sum-norm divides by it); given,
+            nothing is read on the host."""
+
 BACKEND_ARG = """\
         backend: "triton" | "cuda" | "cpu" | "eager"; default by device."""
 
@@ -125,7 +134,8 @@ COMBINED_RETURNS = """\
         stats plus pg_loss (the policy term), kl (the aggregated penalty, 0
         without ref_logp) and entropy (aggregated)."""
 
-_FRAGMENTS = {"policy_args": POLICY_ARGS, "penalty_args": PENALTY_ARGS, "backend_arg": BACKEND_ARG,
+_FRAGMENTS = {"policy_args": POLICY_ARGS, "penalty_args": PENALTY_ARGS, "packed_args": PACKED_ARGS,
+              "backend_arg": BACKEND_ARG,
               "combined_returns": COMBINED_RETURNS}
 
 

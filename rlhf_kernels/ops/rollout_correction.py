@@ -24,6 +24,7 @@ from .._dispatch import implementation, native_extension_loaded, register, trito
 from .._launch import acc_dtype
 from .._validation import FLOAT_DTYPES, check_mask, check_positive, check_same_device, check_tensor
 from ..eager import rollout_correction as _eager
+from ..packing import from_rows, packed_rows
 from ._op import undifferentiated
 
 if triton_installed():
@@ -167,6 +168,8 @@ def rollout_correction(
     lower: float | None = None,
     rejection: Mapping[str, object] | None = None,
     normalize: bool = False,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
     backend: str | None = None,
 ) -> RolloutCorrection:
     """Importance weights and rejection for rollouts whose log-probs came from
@@ -205,6 +208,13 @@ def rollout_correction(
         normalize: divide the weights by their mean over the valid tokens
             (token level) or sequences (sequence and geometric levels) when
             that mean is > 1e-8 (verl's ``rollout_is_batch_normalize``).
+        cu_seqlens: None, or (S + 1,) int32 offsets of S packed sequences
+            (``rlhf_kernels.packing``): logp, rollout_logp and mask are then
+            (N,), and so are the weights and the mask returned; the
+            sequence levels, rejections and statistics run per packed
+            sequence, as on the padded (S, T) layout.
+        max_seqlen: with cu_seqlens, the longest sequence's length or more
+            (given, nothing is read on the host).
         backend: "triton" | "cuda" | "cpu" | "eager"; default by device.
 
     Returns:
@@ -221,6 +231,13 @@ def rollout_correction(
         with ``normalize``, ``correction/norm_factor``. An all-masked batch
         gives zeros, never NaN.
     """
+    if cu_seqlens is not None:
+        p, rows = packed_rows(cu_seqlens, max_seqlen, logp=logp, rollout_logp=rollout_logp, mask=mask)
+        out = rollout_correction(*rows, level=level, mode=mode, upper=upper, lower=lower, rejection=rejection,
+                                 normalize=normalize, backend=backend)
+        return RolloutCorrection(from_rows(out.weights, p), from_rows(out.mask, p), out.stats)
+    if max_seqlen is not None:
+        raise ValueError("max_seqlen: only with cu_seqlens")
     check_tensor("logp", logp, FLOAT_DTYPES)
     check_tensor("rollout_logp", rollout_logp, FLOAT_DTYPES)
     check_same_device(logp=logp, rollout_logp=rollout_logp, mask=mask)

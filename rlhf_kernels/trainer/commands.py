@@ -9,7 +9,7 @@
                      --prompts FILE.jsonl --out DIR [--critic DIR] [--ptx-data FILE.jsonl --ptx-coef X]
                      [--algo ppo|grpo|rloo --group-size K]
                      [--iterations N] [--rollout-batch-size N] [--max-new-tokens N]
-                     [--gradient-checkpointing] [--precision fp32|bf16] [--strategy ddp|fsdp]
+                     [--gradient-checkpointing] [--padding-free] [--precision fp32|bf16] [--strategy ddp|fsdp]
                      [--offload ref,reward]
                      [--reward-normalization none|reference-mean|running]
                      [--missing-eos-penalty X] [--config FILE] [--backend NAME] [--device cpu|cuda]
@@ -209,6 +209,8 @@ def ppo_config(args) -> PPOConfig:
             setattr(cfg, key, value)
     if args.gradient_checkpointing:
         cfg.gradient_checkpointing = True
+    if args.padding_free:
+        cfg.padding_free = True
     if args.reward_normalization == "running":
         cfg.reward_running_whiten = True
     if args.algo is not None:
@@ -509,6 +511,8 @@ def add_ppo_parser(sub) -> None:
     p.add_argument("--rollout-batch-size", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--padding-free", action="store_true",
+                   help="the policy's update forward packed: no padding tokens run (TRL's padding_free)")
     add_parallel_flags(p)
     p.add_argument("--reward-normalization", default="none",
                    help="none | reference-mean (InstructGPT: the reference policy's mean score is the bias) | "

@@ -126,6 +126,14 @@ class PPOConfig:
     # any pass. Off with backend "eager", and (with a warning) for heads the
     # fused ops do not express (final-logit soft-capping).
     fused_lm_head: bool = True
+    # The policy's update forward packed (TRL's padding_free): each micro-batch's
+    # real tokens in one row, positions restarting per sequence, and the loss
+    # over the packed response tokens (cu_seqlens); the same loss as the padded
+    # batch, without the padding's compute (metric padding_free/tokens_saved_frac).
+    # Needs the fused LM head and a model whose attention honours packed
+    # position_ids (checked against the padded forward at the first step);
+    # not under FSDP.
+    padding_free: bool = False
     # Dropout during the PPO update (rollouts and evaluation never use it).
     # Off by default: the ratio is exactly 1 before the first optimiser step.
     dropout_in_update: bool = False
@@ -291,6 +299,11 @@ def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
     if cfg.algo != "ppo" and (cfg.group_size < 2 or cfg.rollout_batch_size % cfg.group_size):
         raise ConfigError(f"ppo.group_size: {cfg.group_size}; {cfg.algo} needs groups of >= 2 responses that "
                           f"divide rollout_batch_size ({cfg.rollout_batch_size})")
+    if cfg.padding_free and cfg.strategy == "fsdp":
+        raise ConfigError("ppo.padding_free: not under strategy fsdp (its root forward runs the padded trunk)")
+    if cfg.padding_free and not (cfg.fused_loss and cfg.fused_lm_head):
+        raise ConfigError("ppo.padding_free: needs fused_loss and fused_lm_head (the packed loss runs from the "
+                          "hidden states)")
     if cfg.rollout_engine not in ("hf", "vllm"):
         raise ConfigError(f"ppo.rollout_engine: unknown {cfg.rollout_engine!r}; expected hf or vllm")
     if not 0 < cfg.vllm_gpu_memory_utilization <= 1:

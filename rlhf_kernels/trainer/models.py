@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -168,6 +168,61 @@ def response_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     if check:
         check_head(model, head.logits(hidden[:, -1]), out.logits[:, -1], hidden.dtype)
     return hidden[:, -(response_len + 1) : -1]
+
+
+class PackedResponse(NamedTuple):
+    """The response tokens of a padded batch, run packed: ``hidden`` (N, H)
+    the hidden states predicting them, ``valid`` (B, R) bool where they sit
+    in the padded responses (a row-major prefix per row: ``x[valid]`` packs a
+    (B, R) tensor), ``cu_seqlens`` (B + 1,) int32, ``tokens`` the tokens the
+    model ran (every real prompt and response token, no padding)."""
+
+    hidden: Tensor
+    valid: Tensor
+    cu_seqlens: Tensor
+    tokens: int
+
+
+def packed_response_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
+                           check: bool = False) -> PackedResponse:
+    """``response_hidden`` without the padding: each row's real tokens (its
+    left-padded prompt and right-padded response are contiguous) laid end to
+    end in one row, positions restarting at 0 per sequence and no attention
+    mask, which transformers' masking turns into a block-diagonal causal mask
+    (``masking_utils.find_packed_sequence_indices``; no KV cache). ``check``:
+    the packed hidden states must equal the padded forward's (else
+    ValueError: a model whose attention crosses the packed sequences)."""
+    from .data import position_ids
+
+    real = attention_mask.bool()
+    lengths = real.sum(1)
+    resp = real[:, prompt_len:].sum(1)
+    if bool((lengths - resp < 1).any()):
+        raise ValueError("padding_free: a row without a prompt token (nothing predicts its first response token)")
+    ids = input_ids[real].unsqueeze(0)
+    pos = position_ids(attention_mask)[real].unsqueeze(0)
+    out = model(input_ids=ids, position_ids=pos, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1][0]
+    zero = lengths.new_zeros(1)
+    starts = torch.cat([zero, lengths.cumsum(0)[:-1]])
+    cu = torch.cat([zero, resp.cumsum(0)])
+    row = torch.repeat_interleave(torch.arange(len(resp), device=resp.device), resp)
+    j = torch.arange(int(cu[-1]), device=resp.device) - cu[row]
+    picked = hidden[starts[row] + (lengths - resp)[row] - 1 + j]
+    valid = torch.arange(input_ids.shape[1] - prompt_len, device=resp.device)[None, :] < resp[:, None]
+    if check:
+        with torch.no_grad():
+            padded = model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids(attention_mask), use_cache=False, output_hidden_states=True,
+                           logits_to_keep=1).hidden_states[-1][:, prompt_len - 1:-1][valid]
+        scale = padded.abs().amax().clamp_min(1.0)
+        tol = 1e-3 if padded.dtype == torch.float32 else 5e-2
+        err = (picked.detach().float() - padded.float()).abs().amax()
+        if err > tol * scale:
+            raise ValueError(f"padding_free: {type(getattr(model, 'module', model)).__name__}'s packed forward "
+                             f"differs from its padded one by {float(err):.3g} (its attention crosses the packed "
+                             "sequences, or it ignores position_ids); run without padding_free")
+    return PackedResponse(picked, valid, cu.to(torch.int32), int(ids.shape[1]))
 
 
 def with_response_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,

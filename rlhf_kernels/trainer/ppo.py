@@ -42,7 +42,9 @@ from .data import (
 )
 from . import checkpoint, fsdp
 from .fsdp import unwrapped as _unwrap
-from .models import LMHead, ScalarHeadModel, response_logits, sequence_scores, with_response_hidden
+from .models import (
+    LMHead, ScalarHeadModel, packed_response_hidden, response_logits, sequence_scores, with_response_hidden,
+)
 from .utils import (
     Timer, all_reduce_max, all_reduce_mean, all_reduce_sum, disable_dropout, float32_master, make_optimizer,
     process_group,
@@ -231,6 +233,7 @@ class PPOTrainer:
         self._heads_checked: dict[int, bool] = {}  # id(model) -> fused LM head usable
         # The engine samples for this model only (reference_as_policy swaps
         # self.policy: the reference then samples with its own generate()).
+        self._packing_checked = False  # padding_free: the first packed forward is checked against the padded one
         self.rollout_engine, self._engine_policy = rollout_engine, self.policy
         self._engine_stale = rollout_engine is not None  # its weights: the checkpoint's, or a resumed policy's
 
@@ -550,7 +553,24 @@ class PPOTrainer:
         kl_term = dict(ref_logp=r.ref_logp[idx], kl_coef=float(self.kl_coef), kl_estimator="k3") \
             if cfg.algo == "grpo" else {}
         head, first = self._head(self.policy) if cfg.fused_loss else (None, False)
-        if head is not None:
+        stats = {}
+        if cfg.padding_free:
+            if head is None:
+                raise ValueError("padding_free: needs the fused LM head (fused_loss and fused_lm_head on, a "
+                                 "Linear head, a backend other than eager)")
+            packed = packed_response_hidden(self.policy, batch.input_ids, batch.attention_mask, batch.prompt_len,
+                                            check=not self._packing_checked)
+            self._packing_checked = True
+            v = packed.valid
+            packed_common = dict(common, token_weights=None if r.is_weights is None else r.is_weights[idx][v])
+            packed_kl = {**kl_term, "ref_logp": kl_term["ref_logp"][v]} if kl_term else {}
+            pg_loss, pg_stats = ppo_loss_from_hidden(
+                packed.hidden, head.weight, batch.response_labels[v], r.old_logp[idx][v], r.advantages[idx][v],
+                mask[v], bias=head.bias, temperature=cfg.temperature / head.logit_scale,
+                entropy_coef=cfg.entropy_coef, cu_seqlens=packed.cu_seqlens, max_seqlen=v.shape[1], **packed_kl,
+                **packed_common)
+            stats["padding_free/tokens_saved_frac"] = 1.0 - packed.tokens / batch.input_ids.numel()
+        elif head is not None:
             pg_loss, pg_stats = with_response_hidden(
                 self.policy, batch.input_ids, batch.attention_mask, batch.prompt_len, check=first,
                 op=lambda hidden, head: ppo_loss_from_hidden(
@@ -571,7 +591,6 @@ class PPOTrainer:
             pg_loss, pg_stats = ppo_loss_from_logprobs(logp, entropy, r.old_logp[idx], r.advantages[idx], mask,
                                                        entropy_coef=cfg.entropy_coef, **kl_term, **common)
         total = pg_loss * scale
-        stats = {}
         if with_ptx:
             # Through the unwrapped model: one backward (and one gradient
             # all-reduce) covers both terms; DDP's average of the local ptx
