@@ -262,3 +262,17 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_trl_padding_free_logprobs_served(trl_mods):
+    """TRL's padding-free batches (padding_free=True: the sequences packed in
+    one row, (1, N, V) logits): selective_log_softmax served and counted."""
+    utils, rk_trl = trl_mods
+    gen = torch.Generator().manual_seed(13)
+    logits = 3 * torch.randn(1, 31, 37, generator=gen)
+    index = torch.randint(0, 37, (1, 31), generator=gen)
+    integrations.reset_report()
+    with rk_trl.patched():
+        ours = utils.selective_log_softmax
+        compare_outputs(lambda x: ours.__wrapped_original__(x, index), lambda x: ours(x, index), [logits])
+    assert integrations.report()["trl.selective_log_softmax"] == {"served": 1, "handed_back": {}}

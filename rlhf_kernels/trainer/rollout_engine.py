@@ -95,11 +95,15 @@ class VLLMEngine:
         seed: vLLM's seed (its worker seeds the global RNGs with it at start-up;
             they are restored afterwards).
         enable_prefix_caching: vLLM's prefix cache (reset by load_weights).
+        sleep_mode: free the engine's accelerator memory between rollouts
+            (``sleep()`` / ``wake_up()``, vLLM's sleep mode level 1: weights
+            to host memory, KV cache dropped), as TRL's colocate mode does;
+            None: where the platform has it (CUDA; not vLLM's CPU backend).
     """
 
     def __init__(self, checkpoint: str | os.PathLike, *, dtype: str | None = None,
                  gpu_memory_utilization: float = 0.3, max_model_len: int | None = None, seed: int = 0,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, sleep_mode: bool | None = None):
         checkpoint = Path(checkpoint)
         if not (checkpoint / "config.json").is_file():
             raise ConfigError(f"VLLMEngine: {checkpoint} has no config.json (expected a save_pretrained directory)")
@@ -129,6 +133,11 @@ class VLLMEngine:
         self.is_cpu = bool(current_platform.is_cpu())
         self.dtype = dtype or ("float32" if self.is_cpu else "auto")
         self._check_model(checkpoint)
+        available = bool(current_platform.is_sleep_mode_available())
+        if sleep_mode and not available:
+            raise ConfigError(f"VLLMEngine: sleep_mode on {current_platform.device_name}: vLLM has no sleep mode there")
+        self.sleep_mode = available if sleep_mode is None else bool(sleep_mode)
+        self.asleep = False
 
         rng = (torch.random.get_rng_state(), random.getstate(), _numpy_rng_state())
         set_num_threads, num_threads = torch.set_num_threads, torch.get_num_threads()
@@ -152,6 +161,7 @@ class VLLMEngine:
                 # and ops/topk_topp_sampler.py (forward_cpu).
                 logprobs_mode="processed_logprobs",
                 enable_prefix_caching=enable_prefix_caching,
+                enable_sleep_mode=self.sleep_mode,
             )
         except Exception as exc:
             raise RuntimeError(f"vLLM could not start an engine from {checkpoint}: {type(exc).__name__}: {exc}") from exc
@@ -193,6 +203,20 @@ class VLLMEngine:
         if getattr(self, "llm", None) is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
+
+    def sleep(self) -> None:
+        """Free the engine's accelerator memory for the update (no-op without
+        sleep_mode): level 1 keeps the weights in host memory, so a wake_up
+        without a weight load samples from the same policy."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        """Take the accelerator memory back before a weight load or a rollout."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def __enter__(self) -> "VLLMEngine":
         return self

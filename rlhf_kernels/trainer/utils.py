@@ -132,14 +132,22 @@ def init_distributed(device: str, always: bool = False) -> tuple[int, int]:
 
 @contextmanager
 def closing_own_group() -> Iterator[None]:
-    """Destroys, on exit, the one-process group that ``init_distributed(...,
-    always=True)`` made inside (FSDP without torchrun); a group that was there
-    before, or torchrun's, stays."""
+    """Destroys, on exit, the default process group that ``init_distributed``
+    made inside (torchrun's ranks, or FSDP's one-process group); a group that
+    was there before stays. On a normal exit the ranks meet at a barrier
+    first, so that none tears its group down while another is still in a
+    collective; after an exception they do not wait for each other. Left to
+    the interpreter's exit, gloo's destructor can abort a rank whose work is
+    done ("terminate called without an active exception")."""
     had_group = dist.is_initialized()
+    ok = False
     try:
         yield
+        ok = True
     finally:
-        if not had_group and dist.is_initialized() and dist.get_world_size() == 1:
+        if not had_group and dist.is_initialized():
+            if ok and dist.get_world_size() > 1:
+                dist.barrier()
             dist.destroy_process_group()
 
 
