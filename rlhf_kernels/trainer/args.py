@@ -28,6 +28,13 @@ def add_parallel_flags(parser: argparse.ArgumentParser, *, every_stage: bool = F
                                  "reference policy), reward (the reward model)")
 
 
+def add_report_flag(parser: argparse.ArgumentParser) -> None:
+    """``--report-to``: the trackers (trainer/trackers.py)."""
+    parser.add_argument("--report-to", default=None, metavar="none|tensorboard|wandb",
+                        help="trackers, comma separated (default: tensorboard when installed); wandb runs "
+                             "offline with WANDB_MODE=offline")
+
+
 def add_backend_flag(parser: argparse.ArgumentParser) -> None:
     """``--backend``: the ops' backend (None: the best one per device)."""
     parser.add_argument("--backend", default=None, help="triton | cuda | cpu | eager (default: best per device)")
@@ -67,3 +74,21 @@ def apply_rollout_flags(args: argparse.Namespace, cfg) -> None:
     rc.bypass_mode = rc.bypass_mode or args.bypass_mode
     rc.measure = rc.measure or args.measure_mismatch
 
+
+DATA_COLUMNS = ("prompt", "response", "messages", "chosen", "rejected", "text")
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """``--split`` and the ``--<key>-column`` renames of the data sources
+    (JSON lines, or through `datasets`: save_to_disk folders, Parquet / JSON
+    files or folders)."""
+    group = parser.add_argument_group("data sources: JSON lines, or a datasets folder / Parquet / JSON file")
+    group.add_argument("--split", default="train", help="the split of a dataset with several (default train)")
+    for key in DATA_COLUMNS:
+        group.add_argument(f"--{key}-column", default=None, metavar="NAME",
+                           help=f"the source's column holding {key!r} (default {key!r})")
+
+
+def data_columns(args: argparse.Namespace) -> dict:
+    """{our key: the source's column} for the --<key>-column flags given."""
+    return {key: getattr(args, f"{key}_column") for key in DATA_COLUMNS if getattr(args, f"{key}_column", None)}

@@ -39,6 +39,14 @@ reward model, as InstructGPT, else the policy's trunk with a fresh head);
 ``--ptx-data`` JSON lines of ``{"text": str}`` for the pretraining mix.
 ``--config`` a JSON file of ``PPOConfig`` fields; the flags override it.
 
+Every ``--data`` / ``--prompts`` / ``--ptx-data`` may also be read through
+Hugging Face ``datasets``: a ``save_to_disk`` folder (``--split``, default
+train), a Parquet, JSON or Arrow file, or a folder of such files; and
+``--prompt-column``, ``--response-column``, ``--messages-column``,
+``--chosen-column``, ``--rejected-column``, ``--text-column`` name the
+source's columns for the keys above. A bad row stops the command before
+training, naming the source, the row (or line) and what it lacks.
+
 Outputs in ``--out``: ``policy/`` and (PPO) ``critic/`` (HF ``save_pretrained``
 checkpoints in the policy checkpoint's dtype, with the tokenizer; the critic
 an ``AutoModelForSequenceClassification``), ``metrics.jsonl`` (one line per
@@ -67,12 +75,16 @@ from typing import Callable
 
 import torch
 
-from .args import add_backend_flag, add_parallel_flags, add_rollout_flags, apply_rollout_flags
+from .args import (
+    add_backend_flag, add_data_flags, add_parallel_flags, add_report_flag, add_rollout_flags, apply_rollout_flags,
+    data_columns,
+)
 from .config import OFFLOADABLE, ConfigError, PPOConfig, load_config, to_dict, validate_ppo
 from .data import check_tokenizer, load_prompts, load_rm_data, load_sft_data, load_texts
 from .fsdp import export_state_dict, unwrapped
 from .models import ScalarHeadModel, is_hf_classifier
 from .ppo import PPOTrainer
+from .trackers import Trackers, parse_report_to
 from .utils import (
     MetricsLogger, StopRequested, all_reduce_mean, closing_own_group, init_distributed, progress_bar,
     seed_everything,
@@ -174,12 +186,9 @@ def save_critic(critic: ScalarHeadModel, tokenizer, path: Path, dtype: torch.dty
     tokenizer.save_pretrained(path)
 
 
-def _tensorboard(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(path))
+def _flags(args) -> dict:
+    """The command's flags, as args.json holds them."""
+    return {k: v for k, v in vars(args).items() if k != "func"}
 
 
 def reference_reward_mean(trainer: PPOTrainer, prompts: list[str], n: int) -> float:
@@ -264,8 +273,8 @@ def _run_ppo(args, cleanup: contextlib.ExitStack) -> dict:
     out = Path(args.out)
     tokenizer = _load_dir(args.policy, "--policy", AutoTokenizer)
     check_tokenizer(tokenizer)
-    prompts = load_prompts(args.prompts, tokenizer)
-    ptx_texts = load_texts(args.ptx_data) if args.ptx_data else None
+    prompts = load_prompts(args.prompts, tokenizer, args.split, data_columns(args))
+    ptx_texts = load_texts(args.ptx_data, args.split, data_columns(args)) if args.ptx_data else None
     if cfg.ptx_coef > 0 and ptx_texts is None:
         raise ConfigError("--ptx-coef > 0 needs --ptx-data")
     reward_fn = reward_model = None
@@ -324,24 +333,21 @@ def _run_ppo(args, cleanup: contextlib.ExitStack) -> dict:
         if main:
             _log(f"reward normalisation: the reference policy's mean score {cfg.reward_bias:.4f} is the bias")
     if main:
-        flags = {k: v for k, v in vars(args).items() if k != "func"}
+        flags = _flags(args)
         (out / "args.json").write_text(json.dumps({**flags, "world_size": world, "ppo": to_dict(cfg)}, indent=2,
                                                   default=str))
-    metrics = MetricsLogger(out / "metrics.jsonl", main, resume=resume)
+    trackers = Trackers(parse_report_to(args.report_to), out, {"args": _flags(args), "ppo": to_dict(cfg)}, main)
+    cleanup.callback(trackers.close)
+    metrics = MetricsLogger(out / "metrics.jsonl", main, resume=resume, trackers=trackers)
     if resume and main:
         kept = [r for r in metrics.read() if r["iteration"] < trainer.iteration]
         metrics.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    board = _tensorboard(out / "tb") if main else None
     stop = StopRequested(args.device)
     bar = progress_bar(cfg.iterations, "ppo", main, initial=trainer.iteration)
     with stop.installed():
         while trainer.iteration < cfg.iterations:
             record = trainer.step()
             metrics.log(record)
-            if board is not None:
-                for key, value in record.items():
-                    if isinstance(value, (int, float)) and key != "iteration":
-                        board.add_scalar(key, value, record["iteration"])
             bar.update()
             bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
             stop_now = stop.agreed()
@@ -354,8 +360,7 @@ def _run_ppo(args, cleanup: contextlib.ExitStack) -> dict:
                     _log(f"interrupted at iteration {trainer.iteration}; resume with --resume --out {out}")
                 return {"interrupted": True, "iterations": trainer.iteration, "outputs": str(out.resolve())}
     bar.close()
-    if board is not None:
-        board.close()
+    trackers.close()
     # The full weights (under FSDP: gathered to rank 0, a collective on every rank).
     policy_state = export_state_dict(trainer.policy)
     critic_state = export_state_dict(trainer.value_model) if trainer.value_model is not None else None
@@ -392,7 +397,7 @@ def _stage_common(args):
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        flags = {k: v for k, v in vars(args).items() if k != "func"}
+        flags = _flags(args)
         (out / "args.json").write_text(json.dumps({**flags, "world_size": world}, indent=2, default=str))
     return tokenizer, out, rank, world
 
@@ -405,16 +410,18 @@ def run_sft(args) -> dict:
     from .sft import SFTTrainer
 
     tokenizer, out, rank, world = _stage_common(args)
-    examples = load_sft_data(args.data, tokenizer)
+    examples = load_sft_data(args.data, tokenizer, args.split, data_columns(args))
     model = _load_dir(args.model, "--model", AutoModelForCausalLM)
     dtype = model.dtype
     cfg = SFTConfig(steps=args.steps, batch_size=args.batch_size, optim=OptimConfig(lr=args.lr), log_every=1,
                     precision=args.precision)
     stop = StopRequested(args.device)
-    with stop.installed():
+    trackers = Trackers(parse_report_to(args.report_to), out, {"args": _flags(args)}, rank == 0)
+    with stop.installed(), contextlib.closing(trackers):
         trainer = SFTTrainer(model, tokenizer, cfg, device=args.device, backend=args.backend,
-                             logger=MetricsLogger(out / "metrics.jsonl", rank == 0), should_stop=stop.agreed,
-                             verbose=rank == 0, rank=rank, world_size=world, strategy=args.strategy)
+                             logger=MetricsLogger(out / "metrics.jsonl", rank == 0, trackers=trackers),
+                             should_stop=stop.agreed, verbose=rank == 0, rank=rank, world_size=world,
+                             strategy=args.strategy)
         history = trainer.train(lambda rng: examples[rng.randrange(len(examples))])
     state = export_state_dict(trainer.model)  # a collective under FSDP
     if rank == 0:
@@ -434,7 +441,7 @@ def run_rm(args) -> dict:
     from .reward import RewardTrainer
 
     tokenizer, out, rank, world = _stage_common(args)
-    examples = load_rm_data(args.data, tokenizer)
+    examples = load_rm_data(args.data, tokenizer, args.split, data_columns(args))
     # A causal LM (the SFT model) gets a fresh one-label score head: HF's own
     # sequence-classification model of its architecture.
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, local_files_only=True)
@@ -450,10 +457,12 @@ def run_rm(args) -> dict:
         return prompt, [(response, True) for response in ranked]
 
     stop = StopRequested(args.device)
-    with stop.installed():
+    trackers = Trackers(parse_report_to(args.report_to), out, {"args": _flags(args)}, rank == 0)
+    with stop.installed(), contextlib.closing(trackers):
         trainer = RewardTrainer(model, tokenizer, cfg, device=args.device,
-                                logger=MetricsLogger(out / "metrics.jsonl", rank == 0), should_stop=stop.agreed,
-                                verbose=rank == 0, rank=rank, world_size=world, strategy=args.strategy)
+                                logger=MetricsLogger(out / "metrics.jsonl", rank == 0, trackers=trackers),
+                                should_stop=stop.agreed, verbose=rank == 0, rank=rank, world_size=world,
+                                strategy=args.strategy)
         history = trainer.train(sample)
     state = export_state_dict(trainer.model)  # a collective under FSDP
     if rank == 0:
@@ -473,12 +482,15 @@ def add_stage_parsers(sub) -> None:
         p = sub.add_parser(name, help=help_text, description=__doc__,
                            formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
         p.add_argument("--model", required=True, help="HF model directory (with its tokenizer)")
-        p.add_argument("--data", required=True, help="JSON lines (see the formats above)")
+        p.add_argument("--data", required=True, help="JSON lines (see the formats above), a datasets "
+                       "save_to_disk folder, a Parquet / JSON file or a folder of them")
+        add_data_flags(p)
         p.add_argument("--out", required=True)
         p.add_argument("--steps", type=int, default=100)
         p.add_argument("--batch-size", type=int, default=8, help="examples (rm: prompts) per step")
         p.add_argument("--lr", type=float, default=1e-5)
         add_backend_flag(p)
+        add_report_flag(p)
         p.add_argument("--device", default="cpu")
         add_parallel_flags(p, strategy="ddp", precision="fp32", offload=False)
         p.set_defaults(func=lambda args, _run=run, _name=name: _stage_main(_run, _name, args))
@@ -500,9 +512,12 @@ def add_ppo_parser(sub) -> None:
     p.add_argument("--policy", required=True, help="HF causal LM directory (with its tokenizer)")
     p.add_argument("--reward-model", default=None, help="HF sequence-classification directory (one label)")
     p.add_argument("--reward-fn", default=None, help="FILE.py:function or module:function")
-    p.add_argument("--prompts", required=True, help="JSON lines: {\"prompt\": str} or {\"messages\": [...]}")
+    p.add_argument("--prompts", required=True, help="JSON lines: {\"prompt\": str} or {\"messages\": [...]}; or "
+                   "a datasets save_to_disk folder, a Parquet / JSON file or a folder of them")
     p.add_argument("--critic", default=None, help="HF directory the critic starts from (default: the RM)")
-    p.add_argument("--ptx-data", default=None, help="JSON lines of {\"text\": str} for the pretraining mix")
+    p.add_argument("--ptx-data", default=None, help="JSON lines of {\"text\": str} (or a dataset, as --prompts) "
+                   "for the pretraining mix")
+    add_data_flags(p)
     p.add_argument("--ptx-coef", type=float, default=None)
     p.add_argument("--algo", default=None, choices=("ppo", "grpo", "rloo"),
                    help="ppo (a critic, default) | grpo | rloo (group sampling, no critic)")
@@ -522,6 +537,7 @@ def add_ppo_parser(sub) -> None:
     p.add_argument("--config", default=None, help="JSON file of PPOConfig fields")
     add_rollout_flags(p)
     add_backend_flag(p)
+    add_report_flag(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -138,15 +139,26 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-# --- JSON-lines data of the sft / rm / ppo commands ---------------------------------
+# --- the data of the sft / rm / ppo commands ----------------------------------------
+# Each source is a JSON-lines file (read here, line by line), or through
+# Hugging Face `datasets`: a folder written by save_to_disk, a Parquet / JSON(L)
+# file, or a folder of such files. ``columns`` renames the source's columns to
+# the keys below ({"chosen": "preferred", ...}: --chosen-column preferred).
+
+DATA_KEYS = ("prompt", "response", "messages", "chosen", "rejected", "responses", "text")
+_DATASET_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow", ".csv": "csv"}
 
 
-def _jsonl(path: str, name: str) -> list[dict]:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"{name}: {path} is not a file")
-    rows = []
-    for number, line in enumerate(file.read_text().splitlines(), 1):
+class Rows(NamedTuple):
+    """A source's rows, each with where it sits ("FILE line N", "DIR row N")."""
+
+    rows: list[dict]
+    where: list[str]
+
+
+def _jsonl(path: Path, name: str) -> Rows:
+    rows, where = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -156,18 +168,76 @@ def _jsonl(path: str, name: str) -> list[dict]:
         if not isinstance(row, dict):
             raise ConfigError(f"{name}: {path} line {number}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
-    if not rows:
+        where.append(f"{path} line {number}")
+    return Rows(rows, where)
+
+
+def _dataset(path: Path, name: str, split: str):
+    """A `datasets.Dataset` from a save_to_disk folder, a data file or a folder of them."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ConfigError(f"{name}: {path} is not a JSON-lines file, and reading it needs the `datasets` "
+                          "package (pip install datasets)") from exc
+    try:
+        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+            data = datasets.load_from_disk(str(path))
+        else:
+            files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.suffix in _DATASET_FORMATS)
+            formats = {_DATASET_FORMATS.get(f.suffix) for f in files}
+            if not files or len(formats) != 1 or None in formats:
+                raise ConfigError(f"{name}: {path}: expected a JSON-lines, JSON, Parquet, Arrow or CSV file, a "
+                                  "folder of one of those, or a save_to_disk folder")
+            data = datasets.load_dataset(formats.pop(), data_files=[str(f) for f in files])
+    except ConfigError:
+        raise
+    except Exception as exc:  # the reader's own errors: a bad file
+        raise ConfigError(f"{name}: {path}: `datasets` could not read it ({type(exc).__name__}: {exc})") from exc
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ConfigError(f"{name}: {path} has no split {split!r} (splits: {', '.join(data)}; --split)")
+        data = data[split]
+    return data
+
+
+def read_rows(path: str, name: str, split: str = "train", columns: dict | None = None,
+              keys: tuple[str, ...] = DATA_KEYS) -> Rows:
+    """The rows of a data source (see above), with the ``columns`` of our
+    ``keys`` (those this source is read for) renamed; ConfigError naming the
+    flag, the source and, for a missing column, the columns there are."""
+    source = Path(path)
+    if not source.exists():
+        raise ConfigError(f"{name}: {path} does not exist")
+    columns = {k: v for k, v in (columns or {}).items() if v and k in keys}
+    if source.is_file() and source.suffix == ".jsonl":
+        found = _jsonl(source, name)
+        if columns:
+            missing = sorted({c for c in columns.values() if not any(c in r for r in found.rows)})
+            if missing:
+                raise ConfigError(f"{name}: {path} has no column {missing[0]!r} on any line")
+    else:
+        data = _dataset(source, name, split)
+        missing = sorted(c for c in columns.values() if c not in data.column_names)
+        if missing:
+            raise ConfigError(f"{name}: {path} has no column {missing[0]!r} (columns: "
+                              f"{', '.join(data.column_names)})")
+        found = Rows([dict(r) for r in data], [f"{path} row {i}" for i in range(1, len(data) + 1)])
+    if not found.rows:
         raise ConfigError(f"{name}: {path} holds no example")
-    return rows
+    if columns:
+        found = Rows([{**{k: v for k, v in r.items() if k not in columns.values()},
+                       **{key: r.get(col) for key, col in columns.items()}} for r in found.rows], found.where)
+    return found
 
 
-def load_prompts(path: str, tokenizer) -> list[str]:
-    """Prompt texts from JSON lines of {"prompt": str} or {"messages": [...]}
+def load_prompts(path: str, tokenizer, split: str = "train", columns: dict | None = None) -> list[str]:
+    """Prompt texts from rows of {"prompt": str} or {"messages": [...]}
     (rendered with the tokenizer's chat template, generation prompt added)."""
-    return [_prompt_of(row, tokenizer, number, "--prompts") for number, row in enumerate(_jsonl(path, "--prompts"), 1)]
+    data = read_rows(path, "--prompts", split, columns, ("prompt", "messages"))
+    return [_prompt_of(row, tokenizer, where, "--prompts") for row, where in zip(*data)]
 
 
-def _prompt_of(row: dict, tokenizer, number: int, name: str, messages: list | None = None) -> str:
+def _prompt_of(row: dict, tokenizer, where: str, name: str, messages: list | None = None) -> str:
     """A row's prompt: its "prompt" string, or its messages rendered with the
     chat template (generation prompt added)."""
     messages = row.get("messages") if messages is None else messages
@@ -175,57 +245,60 @@ def _prompt_of(row: dict, tokenizer, number: int, name: str, messages: list | No
         return row["prompt"]
     if isinstance(messages, list):
         if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError(f"{name}: line {number} has messages but the tokenizer has no chat template")
+            raise ConfigError(f"{name}: {where} has messages but the tokenizer has no chat template")
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    raise ConfigError(f"{name}: line {number}: expected a \"prompt\" string or a \"messages\" list, "
-                      f"got keys {sorted(row)}")
+    raise ConfigError(f"{name}: {where}: expected a \"prompt\" string or a \"messages\" list, "
+                      f"got columns {sorted(row)}")
 
 
-def load_sft_data(path: str, tokenizer) -> list[tuple[str, str]]:
+def load_sft_data(path: str, tokenizer, split: str = "train", columns: dict | None = None) -> list[tuple[str, str]]:
     """(prompt, response) pairs from {"prompt", "response"} or {"messages"}
-    lines (the last message is the response)."""
+    rows (the last message is the response)."""
     examples = []
-    for number, row in enumerate(_jsonl(path, "--data"), 1):
-        if isinstance(row.get("messages"), list) and "response" not in row:
+    for row, where in zip(*read_rows(path, "--data", split, columns, ("prompt", "response", "messages"))):
+        if isinstance(row.get("messages"), list) and not isinstance(row.get("response"), str):
             messages = row["messages"]
             last = messages[-1] if messages else None
             if not isinstance(last, dict) or last.get("role") != "assistant":
-                raise ConfigError(f"--data: line {number}: the last message must be the assistant's response")
-            examples.append((_prompt_of({}, tokenizer, number, "--data", messages[:-1]), last["content"]))
+                raise ConfigError(f"--data: {where}: the last message must be the assistant's response")
+            examples.append((_prompt_of({}, tokenizer, where, "--data", messages[:-1]), last["content"]))
         elif isinstance(row.get("response"), str):
-            examples.append((_prompt_of(row, tokenizer, number, "--data"), row["response"]))
+            examples.append((_prompt_of(row, tokenizer, where, "--data"), row["response"]))
         else:
-            raise ConfigError(f"--data: line {number}: expected \"prompt\" and \"response\" strings or a "
-                              f"\"messages\" list, got keys {sorted(row)}")
+            raise ConfigError(f"--data: {where}: expected \"prompt\" and \"response\" strings or a "
+                              f"\"messages\" list, got columns {sorted(row)}")
     return examples
 
 
-def load_rm_data(path: str, tokenizer) -> list[tuple[str, list[str]]]:
+def load_rm_data(path: str, tokenizer, split: str = "train",
+                 columns: dict | None = None) -> list[tuple[str, list[str]]]:
     """(prompt, responses best first) from {"chosen", "rejected"} or
-    {"responses": [...]} lines, every line with the same number."""
+    {"responses": [...]} rows, every row with the same number."""
     examples = []
-    for number, row in enumerate(_jsonl(path, "--data"), 1):
-        prompt = _prompt_of(row, tokenizer, number, "--data")
+    keys = ("prompt", "messages", "chosen", "rejected", "responses")
+    for row, where in zip(*read_rows(path, "--data", split, columns, keys)):
+        prompt = _prompt_of(row, tokenizer, where, "--data")
         if isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str):
             ranked = [row["chosen"], row["rejected"]]
         elif isinstance(row.get("responses"), list) and all(isinstance(r, str) for r in row["responses"]):
             ranked = row["responses"]
         else:
-            raise ConfigError(f"--data: line {number}: expected \"chosen\" and \"rejected\" strings or a "
-                              f"\"responses\" list, best first")
+            missing = [k for k in ("chosen", "rejected") if not isinstance(row.get(k), str)]
+            raise ConfigError(f"--data: {where}: expected \"chosen\" and \"rejected\" strings or a "
+                              f"\"responses\" list, best first (missing {', '.join(missing)})")
         if len(ranked) < 2:
-            raise ConfigError(f"--data: line {number}: {len(ranked)} response; a ranking needs at least 2")
+            raise ConfigError(f"--data: {where}: {len(ranked)} response; a ranking needs at least 2")
         if examples and len(ranked) != len(examples[0][1]):
-            raise ConfigError(f"--data: line {number} ranks {len(ranked)} responses, line 1 {len(examples[0][1])}; "
-                              "every line must rank the same number")
+            raise ConfigError(f"--data: {where} ranks {len(ranked)} responses, the first row "
+                              f"{len(examples[0][1])}; every row must rank the same number")
         examples.append((prompt, ranked))
     return examples
 
 
-def load_texts(path: str) -> list[str]:
-    """Pretraining texts from JSON lines of {"text": str}."""
-    rows = _jsonl(path, "--ptx-data")
-    bad = [i for i, row in enumerate(rows, 1) if not isinstance(row.get("text"), str)]
+def load_texts(path: str, split: str = "train", columns: dict | None = None) -> list[str]:
+    """Pretraining texts from rows of {"text": str}."""
+    rows, where = read_rows(path, "--ptx-data", split, columns, ("text",))
+    bad = [w for row, w in zip(rows, where) if not isinstance(row.get("text"), str)]
     if bad:
-        raise ConfigError(f"--ptx-data: line {bad[0]}: expected a \"text\" string")
+        raise ConfigError(f"--ptx-data: {bad[0]}: expected a \"text\" string")
     return [row["text"] for row in rows]

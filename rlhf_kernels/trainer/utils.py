@@ -188,11 +188,14 @@ def process_group():
 
 
 class MetricsLogger:
-    """One JSON line per step to `path` (the console gets the progress bar)."""
+    """One JSON line per step to `path` (the console gets the progress bar),
+    and the same record to ``trackers`` (trainer/trackers.py) at its
+    "iteration" or "step"."""
 
-    def __init__(self, path: Path, enabled: bool = True, resume: bool = False):
+    def __init__(self, path: Path, enabled: bool = True, resume: bool = False, trackers=None):
         self.path = path
         self.enabled = enabled
+        self.trackers = trackers
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             if not resume and path.exists():
@@ -204,6 +207,8 @@ class MetricsLogger:
         clean = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(clean, int(clean.get("iteration", clean.get("step", 0))))
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
