@@ -199,8 +199,9 @@ def check_cu_seqlens(cu_seqlens: Tensor, total: int) -> None:
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"cu_seqlens: expected a (B + 1,) int32 tensor, got shape {tuple(cu_seqlens.shape)}")
     # Reading the offsets synchronises: always on CPU, on a GPU only with
-    # RLHF_KERNELS_CHECK=1 (the kernels clamp the offsets, so never a bad read).
-    if cu_seqlens.device.type == "cpu" or checks_enabled():
+    # RLHF_KERNELS_CHECK=1 (the kernels clamp the offsets, so never a bad read);
+    # never inside torch.compile (a value read would break the graph).
+    if (cu_seqlens.device.type == "cpu" or checks_enabled()) and not torch.compiler.is_compiling():
         offsets = cu_seqlens.to("cpu", torch.int64)
         if int(offsets[0]) != 0:
             raise ValueError(f"cu_seqlens: must start at 0, got {int(offsets[0])}")

@@ -38,12 +38,15 @@ class Packing(NamedTuple):
 
 def packing(cu_seqlens: Tensor, total: int, max_seqlen: Optional[int] = None) -> Packing:
     """The rows of ``total`` packed tokens; ValueError naming the argument.
-    ``max_seqlen`` (>= every length) avoids reading the lengths on the host."""
+    ``max_seqlen`` (>= every length) avoids reading the lengths on the host
+    (and, under ``torch.compile(fullgraph=True)``, is required)."""
     check_cu_seqlens(cu_seqlens, total)
     starts = cu_seqlens[:-1].to(torch.int64)
     lengths = cu_seqlens.diff().to(torch.int64)
-    longest = int(lengths.max()) if lengths.numel() and (max_seqlen is None or cu_seqlens.device.type == "cpu") \
-        else 0
+    # The longest length is read on the host where it is needed (no
+    # max_seqlen) or cheap (CPU), never inside torch.compile with max_seqlen.
+    read = max_seqlen is None or (cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling())
+    longest = int(lengths.max()) if lengths.numel() and read else 0
     if max_seqlen is None:
         width = longest
     else:
