@@ -28,6 +28,7 @@ the same outputs), as with Megatron's vocabulary-parallel cross-entropy.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -141,10 +142,12 @@ def _merge(shard: Shard, logp: Tensor, entropy: Tensor, row_max: Tensor, log_sum
     top = m.amax(0)
     total = torch.logsumexp((m - top) / temperature + s, 0)
     whole = (top - m) / temperature + total  # s'_r of every shard, (R, N)
-    if check and bool(((own.sum(0) != 1) & ~ignored).any()):
+    bad = (own.sum(0) != 1) & ~ignored
+    if check and bool(bad.any()):
         raise ValueError("labels: an id outside every rank's vocabulary shard, or in several "
                          "(check vocab_start and the shards' sizes)")
-    out_logp = torch.where(ignored, 0.0, (own * (lp + s - whole)).sum(0))
+    # unchecked (a GPU without RLHF_KERNELS_CHECK=1): NaN there, as the whole-vocabulary op gives
+    out_logp = torch.where(ignored, 0.0, torch.where(bad, math.nan, (own * (lp + s - whole)).sum(0)))
     out_entropy = row_max.new_empty(0)
     if compute_entropy:
         weights = torch.exp(s - whole)
@@ -170,8 +173,7 @@ class _FromLogits(torch.autograd.Function):
                                                            compute_entropy)
         out_logp, out_entropy, whole = _merge(shard, logp, entropy, row_max, log_sum, owned, ignored, temperature,
                                               compute_entropy, check)
-        # the whole row's entropy: the backward of the logp alone needs it too
-        # when entropy was asked (the kernel's entropy term)
+        # the whole row's entropy: the entropy term of the kernel's backward
         ctx.save_for_backward(logits, local, owned, ignored, row_max, whole, out_entropy if compute_entropy else None)
         ctx.params = (kernels, temperature, ignore_index, compute_entropy)
         ctx.mark_non_differentiable(*(() if compute_entropy else (out_entropy,)))
