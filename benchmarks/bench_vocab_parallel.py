@@ -87,6 +87,7 @@ for _ in range(4):
 if rank == 0:
     print(json.dumps(dict(peak=peak, times=times[1:], forward=forward, backward=backward)))
 if world > 1:
+    dist.barrier()  # no rank tears the group down while another is still in it
     dist.destroy_process_group()
 """
 

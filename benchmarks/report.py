@@ -329,6 +329,21 @@ def _vocab_parallel_goal(ratio: float):
     return check
 
 
+def _lora_goal(ratio: float):
+    """bench_lora: the LoRA run's extra peak over the full-weight run's (with
+    its reference), hidden 256, same run."""
+    def check(rows):
+        pick = lambda lora: _best([r for r in rows if r["op"] == "ppo_lora_memory"  # noqa: E731
+                                   and r.get("lora_r") == lora and tuple(r["shape"]) == (256, 151936)])
+        full, lora = pick(0), pick(16)
+        if full is None or lora is None or not full.get("peak_mem_bytes"):
+            return None
+        frac = lora["peak_mem_bytes"] / full["peak_mem_bytes"]
+        return frac <= ratio, (f"{frac:.2f}x ({lora['peak_mem_bytes'] / 2**20:.0f} MiB vs "
+                               f"{full['peak_mem_bytes'] / 2**20:.0f} MiB)")
+    return check
+
+
 OVERHEAD = "overhead:"  # bench_overhead's rows: op = "overhead:<op>"
 LOGITS_GPU = (8192, 152064)
 GOALS = [
@@ -382,6 +397,9 @@ GOALS = [
     Goal(29, "vocabulary-parallel LM head N=1024 H=512 V=151936 float32 on 2 gloo ranks (bench_vocab_parallel): "
              "per-rank extra peak <= 0.6x one process's, one collective per forward", False,
          _vocab_parallel_goal(0.6)),
+    Goal(31, "PPO with LoRA r=16 on the Qwen2 test checkpoint (bf16, V=151936, hidden 256; bench_lora): extra peak "
+             "of the trainer's set-up, rollout and update <= 0.6x the full-weight run with its reference", False,
+         _lora_goal(0.6)),
     Goal(28, "rollouts, Qwen2.5-0.5B shape, 64 prompts x 64 new tokens float32 (bench_rollout): the vLLM engine "
              ">= 4x HF generate's tokens/s", False, _rollout_goal(4.0)),
     Goal(28, "one GRPO iteration (bench_e2e), both on HF generate: ours >= 1.5x faster than TRL's GRPOTrainer",

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = ("logprobs", "advantages", "ppo_loss", "rollout_correction", "overhead", "lm_head", "vocab_parallel",
-              "trainer")
+              "trainer", "lora")
 
 
 def _benchmarks_dir() -> Path:

@@ -119,6 +119,7 @@ def _worker(rank, world, init_file, backends, results):
                 results[(rank, backend, "out_of_range")] = None
             except ValueError as exc:
                 results[(rank, backend, "out_of_range")] = str(exc)
+        dist.barrier()  # no rank tears the group down while another is still in it
     finally:
         dist.destroy_process_group()
 

@@ -52,6 +52,16 @@ def test_bench_vocab_parallel_quick(tmp_path):
     assert len((tmp_path / next(tmp_path.glob("*.jsonl")).name).read_text().splitlines()) == 2
 
 
+def test_bench_lora_quick(tmp_path):
+    """Full weights and LoRA, each a JSON line with its extra peak."""
+    from benchmarks import bench_lora
+
+    rows = bench_lora.main(["--quick", "--out-dir", str(tmp_path)])
+    assert [r["lora_r"] for r in rows] == [0, 16]
+    assert all(r["peak_mem_bytes"] > 0 for r in rows)
+    assert len((tmp_path / next(tmp_path.glob("*.jsonl")).name).read_text().splitlines()) == 2
+
+
 def test_bench_integrations_quick_every_patched_call_served(tmp_path):
     """Each case of bench_integrations (TRL, verl and OpenRLHF calls: float
     masks, rollout IS weights, GSPO, the IS correction) runs our ops in every

@@ -10,6 +10,7 @@
                      [--algo ppo|grpo|rloo --group-size K]
                      [--iterations N] [--rollout-batch-size N] [--max-new-tokens N]
                      [--gradient-checkpointing] [--padding-free] [--precision fp32|bf16] [--strategy ddp|fsdp]
+                     [--lora-r R [--lora-alpha A] [--lora-dropout P] [--lora-target-modules M] [--merge]]
                      [--offload ref,reward]
                      [--reward-normalization none|reference-mean|running]
                      [--missing-eos-penalty X] [--config FILE] [--backend NAME] [--device cpu|cuda]
@@ -82,7 +83,7 @@ from .args import (
 from .config import OFFLOADABLE, ConfigError, PPOConfig, load_config, to_dict, validate_ppo
 from .data import check_tokenizer, load_prompts, load_rm_data, load_sft_data, load_texts
 from .fsdp import export_state_dict, unwrapped
-from .models import ScalarHeadModel, is_hf_classifier
+from .models import ScalarHeadModel, is_hf_classifier, lora_critic, merged_critic, with_lora
 from .ppo import PPOTrainer
 from .trackers import Trackers, parse_report_to
 from .utils import (
@@ -153,6 +154,16 @@ def save_policy(policy, tokenizer, path: Path, dtype: torch.dtype, state: dict |
     tokenizer.save_pretrained(path)
 
 
+def save_adapters(policy, tokenizer, path: Path, dtype: torch.dtype) -> None:
+    """A PEFT model's adapters as PEFT writes them (adapter_config.json,
+    adapter_model.safetensors; loadable with ``PeftModel.from_pretrained`` over
+    the base checkpoint), in ``dtype``, with the tokenizer."""
+    model = unwrapped(policy)
+    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items() if "lora_" in k}
+    model.save_pretrained(path, state_dict=state)
+    tokenizer.save_pretrained(path)
+
+
 def _save_as(model, path: Path, state: dict, dtype: torch.dtype) -> None:
     """save_pretrained of ``state`` (tensors in ``dtype``), its config.json
     saying ``dtype`` (save_pretrained writes the dtype of the model's own
@@ -220,6 +231,11 @@ def ppo_config(args) -> PPOConfig:
         cfg.gradient_checkpointing = True
     if args.padding_free:
         cfg.padding_free = True
+    for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if args.merge and not cfg.lora_r:
+        raise ConfigError("--merge: only with --lora-r (the full weights are written as they are)")
     if args.reward_normalization == "running":
         cfg.reward_running_whiten = True
     if args.algo is not None:
@@ -299,7 +315,13 @@ def _run_ppo(args, cleanup: contextlib.ExitStack) -> dict:
     else:
         source = reward_model if reward_model is not None else policy
     critic = critic_from(source) if source is not None else None
-    ref_policy = copy.deepcopy(policy)
+    if cfg.lora_r:  # adapters on the policy (its reference: the same model with them off) and the critic's trunk
+        lora = (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        policy = with_lora(policy, *lora)
+        critic = lora_critic(critic, *lora) if critic is not None else None
+        ref_policy = None
+    else:
+        ref_policy = copy.deepcopy(policy)
     rng_prompts = lambda n, rng: [prompts[rng.randrange(len(prompts))] for _ in range(n)]  # noqa: E731
     ptx_sampler = None
     if ptx_texts:
@@ -363,10 +385,17 @@ def _run_ppo(args, cleanup: contextlib.ExitStack) -> dict:
     trackers.close()
     # The full weights (under FSDP: gathered to rank 0, a collective on every rank).
     policy_state = export_state_dict(trainer.policy)
+    if cfg.lora_r and trainer.value_model is not None:  # an HF classifier of the merged critic
+        merged_critic(unwrapped(trainer.value_model))
     critic_state = export_state_dict(trainer.value_model) if trainer.value_model is not None else None
     if not main:
         return {"iterations": trainer.iteration, "outputs": str(out.resolve())}
-    save_policy(trainer.policy, tokenizer, out / "policy", dtype, policy_state)
+    if cfg.lora_r:  # a PEFT adapter folder; --merge: the merged model too, a plain HF checkpoint
+        save_adapters(trainer.policy, tokenizer, out / "policy", dtype)
+        if args.merge:
+            save_policy(unwrapped(trainer.policy).merge_and_unload(), tokenizer, out / "policy_merged", dtype)
+    else:
+        save_policy(trainer.policy, tokenizer, out / "policy", dtype, policy_state)
     if critic_state is not None:
         save_critic(trainer.value_model, tokenizer, out / "critic", dtype, critic_state)
     from .pipeline import _plot
@@ -526,6 +555,14 @@ def add_ppo_parser(sub) -> None:
     p.add_argument("--rollout-batch-size", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    lora = p.add_argument_group("LoRA adapters on the policy (PEFT)")
+    lora.add_argument("--lora-r", type=int, default=None, help="adapter rank (default 0: full weights)")
+    lora.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default 16)")
+    lora.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout (default 0)")
+    lora.add_argument("--lora-target-modules", default=None,
+                      help="all-linear (default: every linear layer but the LM head) or module names, comma separated")
+    lora.add_argument("--merge", action="store_true",
+                      help="with LoRA: also write <out>/policy_merged, the adapters merged into a plain HF checkpoint")
     p.add_argument("--padding-free", action="store_true",
                    help="the policy's update forward packed: no padding tokens run (TRL's padding_free)")
     add_parallel_flags(p)

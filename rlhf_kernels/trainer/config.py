@@ -134,6 +134,16 @@ class PPOConfig:
     # position_ids (checked against the padded forward at the first step);
     # not under FSDP.
     padding_free: bool = False
+    # LoRA adapters through PEFT (lora_r 0: the full weights are trained): on
+    # the policy, whose reference log-probs come from the same model with its
+    # adapters off (no second copy), its LM head frozen and shared (the fused
+    # head ops unchanged); and, in the ppo command, on the critic's trunk (its
+    # scalar head trained in full; the critic saved merged).
+    # TRL's peft_config / OpenRLHF's --lora_rank. Not with FSDP or the vLLM engine.
+    lora_r: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"  # or comma-separated module names
     # Dropout during the PPO update (rollouts and evaluation never use it).
     # Off by default: the ratio is exactly 1 before the first optimiser step.
     dropout_in_update: bool = False
@@ -299,6 +309,18 @@ def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
     if cfg.algo != "ppo" and (cfg.group_size < 2 or cfg.rollout_batch_size % cfg.group_size):
         raise ConfigError(f"ppo.group_size: {cfg.group_size}; {cfg.algo} needs groups of >= 2 responses that "
                           f"divide rollout_batch_size ({cfg.rollout_batch_size})")
+    if not isinstance(cfg.lora_r, int) or cfg.lora_r < 0:
+        raise ConfigError(f"ppo.lora_r: {cfg.lora_r!r}; expected an int >= 0 (0: no adapters)")
+    if cfg.lora_r and (cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1):
+        raise ConfigError("ppo.lora_alpha must be > 0 and lora_dropout in [0, 1)")
+    if cfg.lora_r and cfg.strategy == "fsdp":
+        raise ConfigError("ppo.lora_r: LoRA is not supported under strategy fsdp yet (use ddp)")
+    if cfg.lora_r and cfg.rollout_engine == "vllm":
+        raise ConfigError("ppo.lora_r: LoRA with the vLLM engine is not supported yet (it would load the merged "
+                          "weights after every update); use rollout_engine hf")
+    if cfg.lora_r and "ref" in cfg.offload:
+        raise ConfigError("ppo.offload: ref has nothing to offload with LoRA (the reference is the policy with "
+                          "its adapters off)")
     if cfg.padding_free and cfg.strategy == "fsdp":
         raise ConfigError("ppo.padding_free: not under strategy fsdp (its root forward runs the padded trunk)")
     if cfg.padding_free and not (cfg.fused_loss and cfg.fused_lm_head):

@@ -274,3 +274,44 @@ def check_head(model: nn.Module, got: Tensor, want: Tensor, hidden_dtype: torch.
         raise ValueError(
             f"{type(getattr(model, 'module', model)).__name__}: its logits are not its output layer applied "
             "to the last hidden state; run with fused_lm_head=False")
+
+
+def is_peft(model: nn.Module) -> bool:
+    """Whether ``model`` (or the module DDP wraps) is a PEFT model."""
+    model = getattr(model, "module", model)
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def with_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: str,
+              task_type: Optional[str] = "CAUSAL_LM") -> nn.Module:
+    """``model`` with LoRA adapters (PEFT's ``get_peft_model``): only the
+    adapters train; "all-linear" targets every linear layer but the output
+    layer, so a causal LM's head stays the base model's."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        from .config import ConfigError
+
+        raise ConfigError("--lora-r: the peft package is not installed (pip install peft)") from None
+    targets = target_modules if target_modules == "all-linear" else \
+        [t.strip() for t in target_modules.split(",") if t.strip()]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type)
+    return get_peft_model(model, config)
+
+
+def lora_critic(critic: "ScalarHeadModel", r: int, alpha: int, dropout: float,
+                target_modules: str) -> "ScalarHeadModel":
+    """The critic with LoRA adapters on its trunk (which stays frozen in its
+    dtype) and its scalar head trained in full; ``merged_critic`` undoes it
+    for saving."""
+    critic.trunk = with_lora(critic.trunk, r, alpha, dropout, target_modules, task_type=None)
+    critic.head.requires_grad_(True)
+    return critic
+
+
+def merged_critic(critic: "ScalarHeadModel") -> "ScalarHeadModel":
+    """A LoRA critic's adapters merged into its trunk (in place), as a plain
+    ScalarHeadModel; any other critic as it is."""
+    if is_peft(critic.trunk):
+        critic.trunk = critic.trunk.merge_and_unload()
+    return critic

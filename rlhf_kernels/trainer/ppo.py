@@ -43,7 +43,8 @@ from .data import (
 from . import checkpoint, fsdp
 from .fsdp import unwrapped as _unwrap
 from .models import (
-    LMHead, ScalarHeadModel, packed_response_hidden, response_logits, sequence_scores, with_response_hidden,
+    LMHead, ScalarHeadModel, is_peft, packed_response_hidden, response_logits, sequence_scores,
+    with_response_hidden,
 )
 from .utils import (
     Timer, all_reduce_max, all_reduce_mean, all_reduce_sum, disable_dropout, float32_master, make_optimizer,
@@ -73,6 +74,19 @@ class Rollout:
     sampler_logp: Optional[Tensor] = None
     is_weights: Optional[Tensor] = None
     loss_mask: Optional[Tensor] = None
+
+
+@contextlib.contextmanager
+def _adapters_off(model):
+    """``model`` (a PEFT model) with its adapters disabled inside, in eval
+    mode (its dropout off), as the frozen reference is."""
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter(), torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def _enable_gradient_checkpointing(model) -> None:
@@ -146,7 +160,9 @@ class PPOTrainer:
     (group sampling, outcome advantages, no critic).
 
     Args:
-        policy: causal LM being trained. ref_policy: frozen copy (the SFT model).
+        policy: causal LM being trained (or a PEFT LoRA model of one). ref_policy:
+            frozen copy (the SFT model); None with a LoRA policy (its reference: the
+            same model with its adapters off).
         value_model: ScalarHeadModel critic (PPO); None for GRPO / RLOO.
         tokenizer: with pad and eos tokens.
         prompt_sampler: ``(n, rng) -> list of prompt texts``.
@@ -168,6 +184,10 @@ class PPOTrainer:
                  device: str = "cpu", backend: Optional[str] = None, rank: int = 0, world_size: int = 1,
                  rollout_engine=None):
         validate_ppo(config, world_size)
+        self.lora = is_peft(policy)
+        if self.lora != (ref_policy is None):
+            raise ValueError("ref_policy: None exactly when the policy is a PEFT (LoRA) model: its reference is "
+                             "the policy with its adapters off")
         if (rollout_engine is None) != (config.rollout_engine == "hf"):
             raise ValueError(f"rollout_engine: config.rollout_engine={config.rollout_engine!r} "
                              f"{'needs an engine' if rollout_engine is None else 'takes none'}")
@@ -198,7 +218,7 @@ class PPOTrainer:
         # The frozen models: offloaded ones stay in CPU memory (config.offload).
         self.sharded = config.strategy == "fsdp"
         home = lambda name: torch.device("cpu") if name in config.offload and not self.sharded else self.device  # noqa: E731
-        self.ref_policy = ref_policy.to(home("ref")).eval().requires_grad_(False)
+        self.ref_policy = None if self.lora else ref_policy.to(home("ref")).eval().requires_grad_(False)
         if reward_model is not None:
             self.reward_model = reward_model.to(home("reward")).eval().requires_grad_(False)
         if self.sharded:
@@ -246,7 +266,10 @@ class PPOTrainer:
 
     def _frozen(self, name: str):
         """The reference policy ("ref") or the reward model ("reward") on the
-        device for the passes inside (config.offload: from CPU memory, and back)."""
+        device for the passes inside (config.offload: from CPU memory, and back);
+        with LoRA the reference is the policy with its adapters off."""
+        if name == "ref" and self.lora:
+            return _adapters_off(_unwrap(self.policy))
         model = self.ref_policy if name == "ref" else self.reward_model
         return fsdp.on_device(model, self.device, enabled=name in self.config.offload)
 

@@ -36,9 +36,15 @@ def float32_master(model: torch.nn.Module, name: str) -> torch.nn.Module:
     of a bf16 checkpoint's parameters change in one iteration
     (python_tests/trainer/test_real_checkpoint.py::
     test_bf16_checkpoint_trains_float32_master_weights). The frozen models
-    (reference, reward) keep their dtype."""
+    (reference, reward) keep their dtype, and so do the frozen parameters of
+    a model partly trained (a LoRA model's base: its adapters become float32)."""
     half = [p for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)]
-    if half:
+    if hasattr(model, "peft_config") or not all(p.requires_grad for p in model.parameters()):
+        # adapters (LoRA): only the trained parameters; the frozen base keeps its dtype
+        for p in half:
+            if p.requires_grad:
+                p.data = p.data.float()
+    elif half:
         logger.info("%s: %d half-precision parameter tensors upcast to float32 master weights", name, len(half))
         model.float()
     return model
