@@ -25,15 +25,11 @@ from ._validation import check_cu_seqlens, check_int, check_same_device, check_t
 class Packing(NamedTuple):
     """The (S, T) rows of a packed batch: ``index`` the flat position of each
     slot (N, a padding slot, past a sequence's end), ``valid`` the slots that
-    hold a token."""
+    hold a token, ``total`` N."""
 
     index: Tensor
     valid: Tensor
     total: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.index.shape)
 
 
 def packing(cu_seqlens: Tensor, total: int, max_seqlen: Optional[int] = None) -> Packing:
