@@ -17,7 +17,7 @@ import torch
 from .._dispatch import BACKENDS, DEPRECATED_BACKENDS
 from .config import ConfigError, TrainConfig, to_dict, validate_ppo
 from .data import check_tokenizer
-from .models import ScalarHeadModel, load_causal_lm, tiny_llama
+from .models import ScalarHeadModel, load_causal_lm, lora_critic, tiny_llama, with_lora
 from .ppo import PPOTrainer
 from .reward import RewardTrainer
 from .sft import SFTTrainer
@@ -200,8 +200,12 @@ def _run(cfg: TrainConfig, resume: bool, verbose: bool) -> dict:
 
         # 3. PPO against the reward model, KL-penalised towards the SFT policy;
         #    the critic starts from the reward model (InstructGPT).
-        ref_policy = copy.deepcopy(policy)
         value_model = copy.deepcopy(reward_model)
+        if cfg.ppo.lora_r:  # adapters on the policy (its reference: the adapters off) and the critic's trunk
+            lora = (cfg.ppo.lora_r, cfg.ppo.lora_alpha, cfg.ppo.lora_dropout, cfg.ppo.lora_target_modules)
+            policy, value_model, ref_policy = with_lora(policy, *lora), lora_critic(value_model, *lora), None
+        else:
+            ref_policy = copy.deepcopy(policy)
         ptx_sampler = (lambda n, rng: [task.sft_example(rng) for _ in range(n)]) if cfg.ppo.ptx_coef > 0 else None
         trainer = PPOTrainer(policy, ref_policy, value_model, tokenizer, cfg.ppo, prompt_sampler=held_out.sample_train,
                              reward_model=reward_model, ptx_sampler=ptx_sampler, device=device,
