@@ -22,8 +22,6 @@ scores in both.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -74,10 +72,7 @@ print(json.dumps(dict(peak=common.peak_rss_bytes() - before, seconds=seconds)))
 def run(policy: Path, rm: Path, lora: int) -> dict:
     code = CHILD.format(root=str(common.REPO_ROOT), tests=str(common.REPO_ROOT / "python_tests" / "trainer"),
                         policy=str(policy), rm=str(rm), lora=lora)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return common.json_from_processes(code)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

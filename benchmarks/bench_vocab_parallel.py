@@ -18,13 +18,9 @@ the 2 ranks with half of them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -96,12 +92,7 @@ def run(world: int, n: int, h: int, v: int, threads: int) -> dict:
     """One provider in fresh processes: rank 0's figures."""
     with tempfile.TemporaryDirectory() as tmp:
         code = WORKER.format(root=ROOT, world=world, n=n, h=h, v=v, threads=threads, init=os.path.join(tmp, "init"))
-        procs = [subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, RANK=str(r)),
-                                  stdout=subprocess.PIPE, text=True) for r in range(world)]
-        outs = [p.communicate(timeout=1800)[0] for p in procs]
-        if any(p.returncode for p in procs):
-            raise RuntimeError(f"{world} rank(s): exit codes {[p.returncode for p in procs]}")
-    return json.loads(outs[0].strip().splitlines()[-1])
+        return common.json_from_processes(code, ranks=world)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -15,6 +15,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -197,6 +198,33 @@ def int_from_subprocess(code: str, timeout: float) -> int | None:
         return int(out.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError):
         return None
+
+
+def json_from_processes(code: str, ranks: int = 1, timeout: float = 1800) -> dict:
+    """Run ``python -c code`` in ``ranks`` fresh processes at once (environment
+    ``RANK`` = 0, 1, ...); the JSON object on rank 0's last stdout line.
+    RuntimeError with each failed rank's exit code and stderr tail. Output goes
+    to files, not pipes: a rank blocked on a full pipe would hang its peers."""
+    files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(ranks)]
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, RANK=str(r)), stdout=out,
+                                  stderr=err, text=True) for r, (out, err) in enumerate(files)]
+        for p in procs:
+            p.wait(timeout=timeout)
+        texts = []
+        for out, err in files:
+            out.seek(0)
+            err.seek(0)
+            texts.append((out.read(), err.read()))
+    finally:
+        for out, err in files:
+            out.close()
+            err.close()
+    failed = [f"rank {r}: exit code {p.returncode}\n{err[-2000:]}"
+              for r, (p, (_, err)) in enumerate(zip(procs, texts)) if p.returncode]
+    if failed:
+        raise RuntimeError("\n".join(failed))
+    return json.loads(texts[0][0].strip().splitlines()[-1])
 
 
 def reset_peak_rss() -> None:

@@ -30,7 +30,7 @@ from .advantages import kl_penalty
 from .lm_head_plan import LOSS_BUDGET_FACTOR, default_chunk_bytes, row_block, tile_bytes, tile_plan
 from . import lm_head_tiles
 from .lm_head_tiles import ROWS, PrecomputedGrad, backward_tiles, forward_tiles
-from .ppo_loss import _check_policy_inputs, _combined_loss, _policy_loss, ppo_loss_from_logprobs
+from .ppo_loss import _check_policy_inputs, _combined_loss, _logprobs_loss, _policy_loss
 from .ppo_options import PPOLossOptions, fill_args
 
 
@@ -327,32 +327,28 @@ def ppo_loss_from_hidden(
     Returns:
         {combined_returns}
     """
-    if cu_seqlens is not None:
-        _check_head(hidden, weight, bias, labels)
-        if hidden.dim() != 2:
-            raise ValueError(f"hidden: expected shape (N, H) with cu_seqlens, got {tuple(hidden.shape)}")
-        logp, entropy = logprobs_from_hidden(hidden, weight, labels, bias=bias, temperature=temperature,
-                                             return_entropy=True, chunk_bytes=chunk_bytes,
-                                             vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,
-                                             backend=backend)
-        return ppo_loss_from_logprobs(
-            logp, entropy, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-            agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, ref_logp=ref_logp, kl_coef=kl_coef,
-            kl_estimator=kl_estimator, entropy_coef=entropy_coef, token_weights=token_weights,
-            ratio_level=ratio_level, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=backend)
-    if max_seqlen is not None:
-        raise ValueError("max_seqlen: only with cu_seqlens")
-    if hidden.dim() < 3:
-        raise ValueError("hidden: expected shape (B, T, H) (or (..., T, H); (N, H) with cu_seqlens)")
     _check_head(hidden, weight, bias, labels)
-    _check_policy_inputs("labels", labels.shape, old_logp, advantages, mask, ref_logp)
-    if token_weights is not None:
-        check_tensor("token_weights", token_weights, FLOAT_DTYPES)
-        check_tokens("labels", labels.shape, token_weights=token_weights)
     o = PPOLossOptions.checked(hidden.device, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
                                dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
                                ratio_level=ratio_level, kl_coef=kl_coef, kl_estimator=kl_estimator,
                                entropy_coef=entropy_coef, backend=backend)
+    if cu_seqlens is not None:
+        if hidden.dim() != 2:
+            raise ValueError(f"hidden: expected shape (N, H) with cu_seqlens, got {tuple(hidden.shape)}")
+        logp, entropy = logprobs_from_hidden(hidden, weight, labels, bias=bias, temperature=o.temperature,
+                                             return_entropy=True, chunk_bytes=chunk_bytes,
+                                             vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,
+                                             backend=backend)
+        return _logprobs_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, cu_seqlens,
+                              max_seqlen, o)
+    if max_seqlen is not None:
+        raise ValueError("max_seqlen: only with cu_seqlens")
+    if hidden.dim() < 3:
+        raise ValueError("hidden: expected shape (B, T, H) (or (..., T, H); (N, H) with cu_seqlens)")
+    _check_policy_inputs("labels", labels.shape, old_logp, advantages, mask, ref_logp)
+    if token_weights is not None:
+        check_tensor("token_weights", token_weights, FLOAT_DTYPES)
+        check_tokens("labels", labels.shape, token_weights=token_weights)
     plan = None if vocab_parallel_group is not None else \
         _grad_in_forward_plan(hidden, weight, bias, labels, o, chunk_bytes, grad_in_forward)
     if plan is None:

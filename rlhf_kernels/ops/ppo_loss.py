@@ -371,6 +371,22 @@ def _combined_loss(logp: Tensor, entropy: Tensor, old_logp: Tensor, advantages: 
     return loss, stats
 
 
+def _logprobs_loss(logp: Tensor, entropy: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                   ref_logp: Optional[Tensor], token_weights: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                   max_seqlen: Optional[int], o: PPOLossOptions) -> tuple[Tensor, dict[str, Tensor]]:
+    """ppo_loss_from_logprobs with checked options ``o``: the inputs checked
+    (and, with ``cu_seqlens``, scattered from packed (N,) into (S, T) rows)."""
+    _, (logp, entropy, old_logp, advantages, mask, ref_logp, token_weights) = packed_rows(
+        cu_seqlens, max_seqlen, logp=logp, entropy=entropy, old_logp=old_logp, advantages=advantages, mask=mask,
+        ref_logp=ref_logp, token_weights=token_weights)
+    check_tensor("logp", logp, FLOAT_DTYPES)
+    if logp.dim() < 1:
+        raise ValueError("logp: expected shape (B, T) (or (..., T)), got a 0-dim tensor")
+    _check_policy_inputs("logp", logp.shape, old_logp, advantages, mask, ref_logp, logp=logp, entropy=entropy)
+    check_tokens("logp", logp.shape, entropy=entropy)
+    return _combined_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, o)
+
+
 @fill_args
 def ppo_policy_loss(
     logp: Tensor,
@@ -471,18 +487,12 @@ def ppo_loss_from_logprobs(
     Returns:
         {combined_returns}
     """
-    _, (logp, entropy, old_logp, advantages, mask, ref_logp, token_weights) = packed_rows(
-        cu_seqlens, max_seqlen, logp=logp, entropy=entropy, old_logp=old_logp, advantages=advantages, mask=mask,
-        ref_logp=ref_logp, token_weights=token_weights)
     check_tensor("logp", logp, FLOAT_DTYPES)
-    if logp.dim() < 1:
-        raise ValueError("logp: expected shape (B, T) (or (..., T)), got a 0-dim tensor")
-    _check_policy_inputs("logp", logp.shape, old_logp, advantages, mask, ref_logp, logp=logp, entropy=entropy)
-    check_tokens("logp", logp.shape, entropy=entropy)
     o = PPOLossOptions.checked(logp.device, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
                                num_tokens=num_tokens, num_seqs=num_seqs, ratio_level=ratio_level, kl_coef=kl_coef,
                                kl_estimator=kl_estimator, entropy_coef=entropy_coef, backend=backend)
-    return _combined_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, o)
+    return _logprobs_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, cu_seqlens, max_seqlen,
+                          o)
 
 
 @fill_args
@@ -614,22 +624,22 @@ def ppo_loss_from_logits(
     Returns:
         {combined_returns}
     """
+    check_tensor("logits", logits, FLOAT_DTYPES)
+    o = PPOLossOptions.checked(logits.device, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
+                               dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                               ratio_level=ratio_level, kl_coef=kl_coef, kl_estimator=kl_estimator,
+                               entropy_coef=entropy_coef, backend=backend)
     if cu_seqlens is not None:
-        check_tensor("logits", logits, FLOAT_DTYPES)
         if logits.dim() != 2:
             raise ValueError(f"logits: expected shape (N, V) with cu_seqlens, got {tuple(logits.shape)}")
-        logp, entropy = logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True,
+        logp, entropy = logprobs_from_logits(logits, labels, temperature=o.temperature, return_entropy=True,
                                              inplace_backward=inplace_backward,
                                              vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,
                                              backend=backend)
-        return ppo_loss_from_logprobs(
-            logp, entropy, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-            agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, ref_logp=ref_logp, kl_coef=kl_coef,
-            kl_estimator=kl_estimator, entropy_coef=entropy_coef, token_weights=token_weights,
-            ratio_level=ratio_level, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=backend)
+        return _logprobs_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, cu_seqlens,
+                              max_seqlen, o)
     if max_seqlen is not None:
         raise ValueError("max_seqlen: only with cu_seqlens")
-    check_tensor("logits", logits, FLOAT_DTYPES)
     check_tensor("labels", labels, INDEX_DTYPES)
     if logits.dim() < 2:
         raise ValueError("logits: expected shape (B, T, V) (or (..., T, V))")
@@ -640,10 +650,6 @@ def ppo_loss_from_logits(
     check_tokens("logits.shape[:-1]", tokens, labels=labels)
     check_same_device(logits=logits, labels=labels)
     ref_logp = None if ref_logp is None else ref_logp.detach()
-    o = PPOLossOptions.checked(logits.device, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
-                               dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                               ratio_level=ratio_level, kl_coef=kl_coef, kl_estimator=kl_estimator,
-                               entropy_coef=entropy_coef, backend=backend)
     if o.ratio_level != "token" or vocab_parallel_group is not None:
         logp, entropy = logprobs_from_logits(logits, labels, temperature=o.temperature, return_entropy=True,
                                              inplace_backward=inplace_backward,
