@@ -329,6 +329,25 @@ def _vocab_parallel_goal(ratio: float):
     return check
 
 
+def _truncation_goal(ratio: float):
+    """bench_truncation: each truncation option's time over the plain op's,
+    measured round-robin in one run (the latest run of each shape)."""
+    def check(rows):
+        rows = [r for r in rows if r["op"] == "truncated_logprobs" and r.get("vs_plain") is not None]
+        if not rows:
+            return None
+        latest = {}
+        for r in rows:
+            key = (r["base_op"], tuple(r["shape"]))
+            latest[key] = max(latest.get(key, ""), r.get("date", ""))
+        options = [r for r in rows if r.get("date", "") == latest[(r["base_op"], tuple(r["shape"]))]
+                   and not r["provider"].startswith(("plain", "truncation_threshold"))]
+        worst = max(options, key=lambda r: r["vs_plain"])
+        return worst["vs_plain"] <= ratio, "; ".join(
+            f"{r['base_op']} {'x'.join(map(str, r['shape']))} {r['provider']}: {r['vs_plain']:.2f}x" for r in options)
+    return check
+
+
 def _lora_goal(ratio: float):
     """bench_lora: the LoRA run's extra peak over the full-weight run's (with
     its reference), hidden 256, same run."""
@@ -397,6 +416,9 @@ GOALS = [
     Goal(29, "vocabulary-parallel LM head N=1024 H=512 V=151936 float32 on 2 gloo ranks (bench_vocab_parallel): "
              "per-rank extra peak <= 0.6x one process's, one collective per forward", False,
          _vocab_parallel_goal(0.6)),
+    Goal(29, "truncated sampling (bench_truncation): each option's forward + backward (top_k=50, top_p=0.9, "
+             "min_p=0.05, all three, a given min_logit; the fused head with min_logit) <= 1.3x the plain op, "
+             "measured round-robin in one run", False, _truncation_goal(1.3)),
     Goal(31, "PPO with LoRA r=16 on the Qwen2 test checkpoint (bf16, V=151936, hidden 256; bench_lora): extra peak "
              "of the trainer's set-up, rollout and update <= 0.6x the full-weight run with its reference", False,
          _lora_goal(0.6)),

@@ -21,18 +21,24 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // labels (...) int64 | int32. Returns logp and entropy (empty unless
   // compute_entropy) shaped like labels, and per row (N,) the raw max and the
   // log-sum the backward recomputes the softmax from; all float32 (float64 for
-  // float64 logits). inplace_backward is for the autograd formula.
+  // float64 logits). inplace_backward is for the autograd formula. min_logit
+  // (N,) in the accumulation dtype, optional: each row's kept set is its
+  // logits >= min_logit[row] (raw, before the temperature), the softmax,
+  // log-prob and entropy those of the renormalised kept set (a label outside
+  // it: logp -inf; a row whose max is below it: empty, NaN entropy).
   m.def(
       "logprobs(Tensor logits, Tensor labels, float temperature, int ignore_index, bool compute_entropy, "
-      "bool inplace_backward) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool inplace_backward, Tensor? min_logit=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // The logits gradient of logprobs, a new tensor like logits.
   m.def(
       "logprobs_backward(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor labels, "
-      "Tensor row_max, Tensor log_sum, Tensor? entropy, float temperature, int ignore_index) -> Tensor");
+      "Tensor row_max, Tensor log_sum, Tensor? entropy, float temperature, int ignore_index, "
+      "Tensor? min_logit=None) -> Tensor");
   // The same gradient written over the logits.
   m.def(
       "logprobs_backward_(Tensor grad_logp, Tensor? grad_entropy, Tensor(a!) logits, Tensor labels, "
-      "Tensor row_max, Tensor log_sum, Tensor? entropy, float temperature, int ignore_index) -> ()");
+      "Tensor row_max, Tensor log_sum, Tensor? entropy, float temperature, int ignore_index, "
+      "Tensor? min_logit=None) -> ()");
   // The row kernels: logits (..., V) read in place through the row layout
   // (inner_rows, outer_stride, inner_stride); labels (N,) int64. Returns logp, entropy
   // (empty unless compute_entropy), row_max (the max of the raw logits) and
@@ -40,8 +46,8 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // float64 logits): what the backward recomputes the softmax from.
   m.def(
       "logprobs_fwd_native(Tensor logits, Tensor labels, int inner_rows, int outer_stride, "
-      "int inner_stride, float inv_temperature, int ignore_index, bool compute_entropy) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "int inner_stride, float inv_temperature, int ignore_index, bool compute_entropy, "
+      "Tensor? min_logit=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // Writes the logits gradient into grad_logits (which may be logits itself),
   // with log p = (x - row_max) / T - log_sum (row_max and log_sum from the
   // forward; never x / T - lse, which cancels at large |x| / T).
@@ -49,7 +55,18 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "logprobs_bwd_native(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, "
       "Tensor labels, Tensor row_max, Tensor log_sum, Tensor? entropy, Tensor(a!) grad_logits, "
       "int inner_rows, int in_outer_stride, int in_inner_stride, int out_outer_stride, "
-      "int out_inner_stride, float inv_temperature, int ignore_index) -> ()");
+      "int out_inner_stride, float inv_temperature, int ignore_index, Tensor? min_logit=None) -> ()");
+  // The kept set of a sampler's truncation as a per-row threshold (the
+  // min_logit of the ops above): logits (..., V) of any layout; temperature
+  // > 0; top_k (0: off), top_p (1: off), min_p (0: off). Applied as
+  // transformers' warpers are (temperature, top-k, top-p on the top-k set's
+  // renormalised probabilities, then min-p), or with min_p_first as vLLM's
+  // sampler (min-p, then top-k and top-p on the min-p set). The kept set is
+  // {x >= threshold}: ties at the threshold are kept whole. Returns (N,)
+  // float32 (float64 for float64 logits), raw logits (before the temperature).
+  m.def(
+      "truncation_threshold(Tensor logits, float temperature, int top_k, float top_p, float min_p, "
+      "bool min_p_first) -> Tensor");
   // ppo_loss_from_logits with its gradient in the same pass: per row, the
   // forward of logprobs_fwd_native (with entropy), then the token's
   // g = row_weight * d(policy loss + kl_coef * kl)/d logp (PPO terms as in

@@ -18,6 +18,7 @@ from .ops.lm_head import logprobs_from_hidden, ppo_loss_from_hidden
 from .ops.logprobs import logprobs_from_logits
 from .ops.ppo_loss import ppo_loss_from_logits, ppo_loss_from_logprobs, ppo_policy_loss, ppo_value_loss
 from .ops.rollout_correction import RolloutCorrection, rollout_correction
+from .ops.truncation import truncation_threshold
 
 __version__ = "0.1.0"
 
@@ -41,4 +42,5 @@ __all__ = [
     "ppo_value_loss",
     "ppo_advantages",
     "rollout_correction",
+    "truncation_threshold",
 ]

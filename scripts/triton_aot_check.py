@@ -49,8 +49,9 @@ from rlhf_kernels.triton import advantages as _adv  # noqa: E402
 from rlhf_kernels.triton import logprobs as _lp  # noqa: E402
 from rlhf_kernels.triton import ppo_loss as _pl  # noqa: E402
 from rlhf_kernels.triton import rollout_correction as _rc  # noqa: E402
+from rlhf_kernels.triton import truncation as _tr  # noqa: E402
 
-KERNEL_MODULES = (_lp, _adv, _pl, _rc)
+KERNEL_MODULES = (_lp, _adv, _pl, _rc, _tr)
 
 
 class _CompileOnlyDriver:
@@ -166,6 +167,11 @@ def _cases():
         labels = torch.randint(0, 152064, (2,), generator=gen)
         out = F.logprobs_from_logits(logits, labels, return_entropy=True, backend="triton")
         (out[0].sum() + out[1].sum()).backward()
+        # Truncated sampling: the threshold kernel (both orders) and the row kernels with a threshold.
+        for order in ("hf", "vllm"):
+            out = F.logprobs_from_logits(logits, labels, return_entropy=True, top_k=50, top_p=0.9, min_p=0.05,
+                                         truncation_order=order, backend="triton")
+        (out[0].sum() + out[1].sum()).backward()
         for seq_len in (1024, 8192):
             rewards, values = randn(2, seq_len, dtype=dtype), randn(2, seq_len, dtype=dtype)
             F.compute_gae(rewards, values, torch.ones(2, seq_len, dtype=torch.bool), backend="triton")
@@ -184,6 +190,12 @@ def _cases():
             # strided rows
             x = logits.detach().clone().requires_grad_()
             F.logprobs_from_logits(x[:, :-1], labels[:, :-1], temperature=0.7, backend="triton").sum().backward()
+            # truncated (every dtype's threshold kernel and thresholded row kernels, in place too)
+            for inplace in (False, True):
+                x = logits.detach().clone().requires_grad_()
+                out = F.logprobs_from_logits(x, labels, return_entropy=True, top_p=0.9, inplace_backward=inplace,
+                                             backend="triton")
+                (out[0].sum() + out[1].sum()).backward()
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         logp, ref = randn(4, 33, dtype=dtype).requires_grad_(), randn(4, 33, dtype=dtype).requires_grad_()

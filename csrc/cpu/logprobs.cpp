@@ -14,7 +14,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <functional>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 namespace rlhf_kernels::cpu {
 namespace {
@@ -22,6 +25,9 @@ namespace {
 constexpr int64_t kChunk = 2048;
 // exp underflows below this (same constant as vec.h).
 constexpr float kMinExpArg = -87.3f;
+
+// truncation_threshold's top-p: levels of y per pass (chunk_mass_levels).
+constexpr int kMassLevels = 8;
 
 #define RLHF_ISA_LOOPS "logprobs_chunks.inc"
 #include "isa_copies.inc"
@@ -31,18 +37,31 @@ struct ChunkKernels {
   float (*max)(const float*, int64_t);
   void (*sum)(const float*, int64_t, float, float, float*, float*);
   void (*grad)(const float*, int64_t, float, float, float, float, float, float, float*);
+  void (*sum_kept)(const float*, int64_t, float, float, float, float*, float*);
+  void (*grad_kept)(const float*, int64_t, float, float, float, float, float, float, float, float*);
+  void (*mass_levels)(const float*, int64_t, float, float, float, const float*, float*);
+  bool (*has_nan)(const float*, int64_t);
+  void (*collect)(const float*, int64_t, float, float, float, float, float, float*, int64_t*);
 };
 
 const ChunkKernels& chunk_kernels() {
   static const ChunkKernels kernels = [] {
 #ifdef RLHF_HAVE_X86_COPIES
     switch (cpu_isa()) {
-      case Isa::kAvx512: return ChunkKernels{avx512::chunk_max, avx512::chunk_sum, avx512::chunk_grad};
-      case Isa::kAvx2: return ChunkKernels{avx2::chunk_max, avx2::chunk_sum, avx2::chunk_grad};
+      case Isa::kAvx512:
+        return ChunkKernels{avx512::chunk_max, avx512::chunk_sum, avx512::chunk_grad, avx512::chunk_sum_kept,
+                            avx512::chunk_grad_kept, avx512::chunk_mass_levels, avx512::chunk_has_nan,
+                            avx512::chunk_collect};
+      case Isa::kAvx2:
+        return ChunkKernels{avx2::chunk_max, avx2::chunk_sum, avx2::chunk_grad, avx2::chunk_sum_kept,
+                            avx2::chunk_grad_kept, avx2::chunk_mass_levels, avx2::chunk_has_nan,
+                            avx2::chunk_collect};
       default: break;
     }
 #endif
-    return ChunkKernels{baseline::chunk_max, baseline::chunk_sum, baseline::chunk_grad};
+    return ChunkKernels{baseline::chunk_max, baseline::chunk_sum, baseline::chunk_grad, baseline::chunk_sum_kept,
+                        baseline::chunk_grad_kept, baseline::chunk_mass_levels, baseline::chunk_has_nan,
+                            baseline::chunk_collect};
   }();
   return kernels;
 }
@@ -75,7 +94,7 @@ acc_t log_of_sum(acc_t s) {
 template <typename scalar_t>
 void fwd_rows_f32(const scalar_t* logits, RowLayout layout, const int64_t* labels,
                   int64_t vocab, float inv_temperature, int64_t ignore_index, float* logp,
-                  float* entropy, float* row_max, float* log_sum, int64_t row_begin,
+                  float* entropy, float* row_max, float* log_sum, const float* min_logit, int64_t row_begin,
                   int64_t row_end) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -83,6 +102,9 @@ void fwd_rows_f32(const scalar_t* logits, RowLayout layout, const int64_t* label
   const ChunkKernels& kernels = chunk_kernels();
   for (int64_t r = row_begin; r < row_end; ++r) {
     const scalar_t* row = logits + layout.offset(r);
+    // The kept set is x >= thr: a chunk whose max is below thr adds nothing,
+    // so m is the kept set's max (-inf when it is empty).
+    const float thr = min_logit ? min_logit[r] : neg_inf;
     // m: the running max of the raw logits; y = (x - m) * inv_T <= 0 exactly
     // (x * inv_T - m * inv_T could be contracted to a fused multiply-add and
     // exceed 0 at the max, giving logp > 0 at temperatures other than 1).
@@ -95,6 +117,7 @@ void fwd_rows_f32(const scalar_t* logits, RowLayout layout, const int64_t* label
         m = s = t = std::numeric_limits<float>::quiet_NaN();
         break;
       }
+      if (chunk_m < thr) continue;
       if (chunk_m > m) {
         if (s > 0.f) {
           // Rescale (s, t) from shift m to shift chunk_m.
@@ -106,7 +129,12 @@ void fwd_rows_f32(const scalar_t* logits, RowLayout layout, const int64_t* label
         }
         m = chunk_m;
       }
-      if (m != neg_inf) kernels.sum(x, n, inv_temperature, m, &s, &t);
+      if (m == neg_inf) continue;
+      if (min_logit) {
+        kernels.sum_kept(x, n, inv_temperature, m, thr, &s, &t);
+      } else {
+        kernels.sum(x, n, inv_temperature, m, &s, &t);
+      }
     }
     const float log_s = log_of_sum(s);
     row_max[r] = m;
@@ -116,8 +144,8 @@ void fwd_rows_f32(const scalar_t* logits, RowLayout layout, const int64_t* label
       logp[r] = 0.f;
       if (entropy) entropy[r] = 0.f;
     } else {
-      logp[r] = label_in_range(label, vocab) ? (to_float(row[label]) - m) * inv_temperature - log_s
-                                             : nan;
+      const float x_label = label_in_range(label, vocab) ? to_float(row[label]) : nan;
+      logp[r] = !(x_label >= thr) && x_label == x_label ? neg_inf : (x_label - m) * inv_temperature - log_s;
       if (entropy) entropy[r] = log_s - t / s;
     }
   }
@@ -128,16 +156,20 @@ void fwd_rows_f32(const scalar_t* logits, RowLayout layout, const int64_t* label
 template <typename scalar_t, typename acc_t>
 void fwd_rows_scalar(const scalar_t* logits, RowLayout layout, const int64_t* labels,
                      int64_t vocab, acc_t inv_temperature, int64_t ignore_index, acc_t* logp,
-                     acc_t* entropy, acc_t* row_max, acc_t* log_sum, int64_t row_begin,
-                     int64_t row_end) {
+                     acc_t* entropy, acc_t* row_max, acc_t* log_sum, const acc_t* min_logit,
+                     int64_t row_begin, int64_t row_end) {
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   for (int64_t r = row_begin; r < row_end; ++r) {
     const scalar_t* row = logits + layout.offset(r);
-    // Shifted by the raw max, as fwd_rows_f32.
-    acc_t m = -std::numeric_limits<acc_t>::infinity();
+    const acc_t thr = min_logit ? min_logit[r] : neg_inf;
+    // Shifted by the raw max, as fwd_rows_f32; the kept set x >= thr.
+    acc_t m = neg_inf;
     for (int64_t j = 0; j < vocab; ++j) m = std::max<acc_t>(m, to_float(row[j]));
+    if (m < thr) m = neg_inf;
     acc_t s = 0, t = 0;
-    for (int64_t j = 0; j < vocab; ++j) {
+    for (int64_t j = 0; m != neg_inf && j < vocab; ++j) {
+      if (to_float(row[j]) < thr) continue;
       const acc_t y = (to_float(row[j]) - m) * inv_temperature;
       const acc_t e = std::exp(y);
       s += e;
@@ -151,7 +183,8 @@ void fwd_rows_scalar(const scalar_t* logits, RowLayout layout, const int64_t* la
       logp[r] = 0;
       if (entropy) entropy[r] = 0;
     } else {
-      logp[r] = label_in_range(label, vocab) ? (to_float(row[label]) - m) * inv_temperature - log_s : nan;
+      const acc_t x_label = label_in_range(label, vocab) ? acc_t(to_float(row[label])) : nan;
+      logp[r] = x_label < thr ? neg_inf : (x_label - m) * inv_temperature - log_s;
       if (entropy) entropy[r] = log_s - t / s;
     }
   }
@@ -162,7 +195,7 @@ void bwd_rows_f32(const float* grad_logp, const float* grad_entropy, const scala
                   RowLayout in_layout, const int64_t* labels, const float* row_max,
                   const float* log_sum, const float* entropy, int64_t vocab,
                   float inv_temperature, int64_t ignore_index, scalar_t* grad_logits,
-                  RowLayout out_layout, int64_t row_begin, int64_t row_end) {
+                  RowLayout out_layout, const float* min_logit, int64_t row_begin, int64_t row_end) {
   alignas(64) float in_buffer[kChunk];
   alignas(64) float out_buffer[kChunk];
   const ChunkKernels& kernels = chunk_kernels();
@@ -184,8 +217,12 @@ void bwd_rows_f32(const float* grad_logp, const float* grad_entropy, const scala
         std::fill(out, out + n, fill);
       } else {
         const float* x = as_float(row + c, n, in_buffer);
-        kernels.grad(x, n, inv_temperature, row_max[r], log_sum[r], row_entropy, g, g_entropy,
-                     out);
+        if (min_logit) {
+          kernels.grad_kept(x, n, inv_temperature, row_max[r], log_sum[r], row_entropy, g, g_entropy,
+                            min_logit[r], out);
+        } else {
+          kernels.grad(x, n, inv_temperature, row_max[r], log_sum[r], row_entropy, g, g_entropy, out);
+        }
         if (label >= c && label < c + n) out[label - c] += inv_temperature * g;
       }
       if constexpr (!std::is_same_v<scalar_t, float>) {
@@ -200,8 +237,9 @@ void bwd_rows_scalar(const acc_t* grad_logp, const acc_t* grad_entropy, const sc
                      RowLayout in_layout, const int64_t* labels, const acc_t* row_max,
                      const acc_t* log_sum, const acc_t* entropy, int64_t vocab,
                      acc_t inv_temperature, int64_t ignore_index, scalar_t* grad_logits,
-                     RowLayout out_layout, int64_t row_begin, int64_t row_end) {
+                     RowLayout out_layout, const acc_t* min_logit, int64_t row_begin, int64_t row_end) {
   for (int64_t r = row_begin; r < row_end; ++r) {
+    const acc_t thr = min_logit ? min_logit[r] : -std::numeric_limits<acc_t>::infinity();
     const scalar_t* row = logits + in_layout.offset(r);
     scalar_t* out_row = grad_logits + out_layout.offset(r);
     const int64_t label = labels[r];
@@ -215,9 +253,10 @@ void bwd_rows_scalar(const acc_t* grad_logp, const acc_t* grad_entropy, const sc
         out_row[j] = bad_label ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
         continue;
       }
-      // Shifted by the raw max first, as chunk_grad (logprobs_chunks.inc).
-      const acc_t y = (to_float(row[j]) - row_max[r]) * inv_temperature - log_sum[r];
-      const acc_t p = std::exp(y);
+      // Shifted by the raw max first, as chunk_grad (logprobs_chunks.inc); p = 0 outside the kept set.
+      const acc_t x = to_float(row[j]);
+      const acc_t y = (x - row_max[r]) * inv_temperature - log_sum[r];
+      const acc_t p = x < thr ? acc_t(0) : std::exp(y);
       // p == 0 (y = -inf) would give 0 * inf; a NaN p stays NaN.
       acc_t grad = p != 0 ? -inv_temperature * p * (g + g_entropy * (y + row_entropy)) : acc_t(0);
       if (j == label) grad += inv_temperature * g;
@@ -226,19 +265,259 @@ void bwd_rows_scalar(const acc_t* grad_logp, const acc_t* grad_entropy, const sc
   }
 }
 
+
+// --- the truncation threshold (logprobs.h truncation_threshold_rows) ---------
+
+// sum exp((x - m) * inv_temperature) over x[0:n) (every x <= m).
+double mass_of(const double* x, int64_t n, double inv_temperature, double m) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += std::exp((x[i] - m) * inv_temperature);
+  return s;
+}
+
+// The largest value v among `items` (value, weight) with sum of the weights
+// of the values >= v at least `target`: a three-way quickselect on the mass
+// (expected O(n)), tie groups taken whole. If rounding leaves no such value,
+// the smallest (every item kept).
+template <typename acc_t>
+acc_t mass_threshold(std::vector<std::pair<acc_t, double>>& items, double target) {
+  using Item = std::pair<acc_t, double>;
+  auto begin = items.begin(), end = items.end();
+  acc_t smallest = std::numeric_limits<acc_t>::infinity();
+  for (const Item& e : items) smallest = std::min(smallest, e.first);
+  auto mass = [](auto a, auto b) {
+    double w = 0;
+    for (; a != b; ++a) w += a->second;
+    return w;
+  };
+  while (end - begin > 32) {
+    const acc_t a = begin->first, b = begin[(end - begin) / 2].first, c = end[-1].first;
+    const acc_t pivot = std::max(std::min(a, b), std::min(std::max(a, b), c));
+    auto above = std::partition(begin, end, [&](const Item& e) { return e.first > pivot; });
+    auto at = std::partition(above, end, [&](const Item& e) { return e.first == pivot; });
+    const double gt = mass(begin, above), eq = mass(above, at);
+    if (gt >= target) {
+      end = above;
+    } else if (gt + eq >= target) {
+      return pivot;
+    } else {
+      target -= gt + eq;
+      begin = at;
+      if (begin == end) return smallest;
+    }
+  }
+  std::sort(begin, end, [](const Item& x, const Item& y) { return x.first > y.first; });
+  double cum = 0;
+  for (auto i = begin; i != end;) {
+    const acc_t v = i->first;
+    for (; i != end && i->first == v; ++i) cum += i->second;
+    if (cum >= target) return v;
+  }
+  return smallest;
+}
+
+// Scratch buffers of the float row threshold, reused across a task's rows.
+struct ThresholdScratch {
+  std::vector<float> row, blocks, cand, members;
+  std::vector<std::pair<float, double>> items;
+};
+
+constexpr int64_t kBlock = 64;  // top-k's bound: the k-th largest of the maxima of 64-element blocks
+constexpr int64_t kExactMembers = 512;  // top-p: the exact selection once a bracket holds this few values
+
+// One float row (read in place), in the sampler's order:
+// - min-p: m + T log min_p;
+// - top-k: the k-th largest of the set so far, selected (nth_element) among
+//   the values >= the k-th largest block maximum only (at least k of them, a
+//   few k on real rows);
+// - top-p: one vectorised pass sums the set's mass above kMassLevels levels
+//   of y (-1/2 down to -32, and -inf: Z); the values of the bracket where the
+//   mass from the top reaches top_p Z are collected (a second pass), then
+//   bracketed again among themselves (levels spread over the bracket) while
+//   more than kExactMembers, then selected exactly.
+// Passes over the row, each vectorised: the max and a NaN check, top-k's
+// block maxima and candidates, top-p's levels and bracket.
+float row_threshold_f32(const float* x, int64_t vocab, float inv_temperature, int64_t top_k, double top_p,
+                        double min_p, bool min_p_first, ThresholdScratch& s) {
+  const ChunkKernels& kernels = chunk_kernels();
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float m = neg_inf;
+  for (int64_t c = 0; c < vocab; c += kChunk) {
+    const int64_t n = std::min(kChunk, vocab - c);
+    if (kernels.has_nan(x + c, n)) return std::numeric_limits<float>::quiet_NaN();
+    const float chunk_m = kernels.max(x + c, n);
+    m = chunk_m > m ? chunk_m : m;
+  }
+  if (m == neg_inf) return neg_inf;
+  float thr = neg_inf;
+  auto apply_min_p = [&]() {
+    if (min_p > 0) thr = std::max(thr, m + std::log(static_cast<float>(min_p)) / inv_temperature);
+  };
+  auto apply_top_k = [&]() {
+    if (top_k <= 0 || top_k >= vocab) return;
+    float bound = thr;
+    const int64_t n_blocks = (vocab + kBlock - 1) / kBlock;
+    if (n_blocks >= top_k) {
+      s.blocks.resize(n_blocks);
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        s.blocks[b] = kernels.max(x + b * kBlock, std::min(kBlock, vocab - b * kBlock));
+      }
+      std::nth_element(s.blocks.begin(), s.blocks.begin() + (top_k - 1), s.blocks.end(), std::greater<float>());
+      bound = std::max(bound, s.blocks[top_k - 1]);
+    }
+    s.cand.clear();
+    for (int64_t j = 0; j < vocab; ++j) {
+      if (x[j] >= bound) s.cand.push_back(x[j]);
+    }
+    if (static_cast<int64_t>(s.cand.size()) < top_k) return;  // fewer than k in the set: no cut
+    std::nth_element(s.cand.begin(), s.cand.begin() + (top_k - 1), s.cand.end(), std::greater<float>());
+    thr = std::max(thr, s.cand[top_k - 1]);
+  };
+  auto apply_top_p = [&]() {
+    if (top_p >= 1) return;
+    // The first pass's levels of y: -1/2, -1, -2, ..., -2^(L - 3), and -inf (its sum: the mass Z).
+    float levels[kMassLevels], sums[kMassLevels] = {};
+    for (int l = 0; l < kMassLevels - 1; ++l) levels[l] = l == 0 ? -0.5f : -std::ldexp(1.f, l - 1);
+    levels[kMassLevels - 1] = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < vocab; c += kChunk) {
+      kernels.mass_levels(x + c, std::min(kChunk, vocab - c), inv_temperature, m, thr, levels, sums);
+    }
+    const double z = sums[kMassLevels - 1];
+    const double target = top_p * z;
+    float y_low = -std::numeric_limits<float>::infinity(), y_high = std::numeric_limits<float>::infinity();
+    double above = 0;  // the mass above y_high
+    // Brackets (y_low, y_high] holding the threshold: first over the row, then over its members.
+    const float* values = x;
+    int64_t n_values = vocab;
+    float values_thr = thr;
+    s.members.resize(vocab);
+    for (int round = 0; round < 12; ++round) {
+      if (round > 0) {  // levels spread evenly over the bracket
+        const float top = std::min(y_high, 0.f);
+        const float bottom = std::isfinite(y_low) ? y_low : kMinExpArg;
+        for (int l = 0; l < kMassLevels; ++l) {
+          levels[l] = top + (bottom - top) * static_cast<float>(l + 1) / kMassLevels;
+        }
+        levels[kMassLevels - 1] = y_low;
+        std::fill(sums, sums + kMassLevels, 0.f);
+        for (int64_t c = 0; c < n_values; c += kChunk) {
+          kernels.mass_levels(values + c, std::min(kChunk, n_values - c), inv_temperature, m, values_thr, levels,
+                              sums);
+        }
+      }
+      int l = 0;
+      while (l < kMassLevels - 1 && above + sums[l] < target) ++l;
+      const float high = l == 0 ? y_high : levels[l - 1];
+      int64_t count = 0;
+      // Collected into the members buffer (from the row, or in place from the members themselves).
+      float* out = s.members.data();
+      for (int64_t c = 0; c < n_values; c += kChunk) {
+        kernels.collect(values + c, std::min(kChunk, n_values - c), inv_temperature, m, values_thr, levels[l],
+                        high, out, &count);
+      }
+      if (l > 0) above += sums[l - 1];
+      y_high = high;
+      y_low = levels[l];
+      values = s.members.data();
+      n_values = count;
+      values_thr = neg_inf;  // the members are all >= thr
+      const bool tied = std::isfinite(high) && std::isfinite(levels[l]) &&
+                        !(high - levels[l] > 1e-6f * (1.f + std::fabs(levels[l])));  // no finer bracket
+      if (n_values <= kExactMembers || tied) break;
+    }
+    s.items.clear();
+    for (int64_t i = 0; i < n_values; ++i) {
+      const float v = values[i];
+      if (!(v >= values_thr)) continue;
+      float y = (v - m) * inv_temperature;
+      y = y < kMinExpArg ? kMinExpArg : y;
+      if (y > y_low && y <= y_high) s.items.emplace_back(v, std::exp(static_cast<double>(y)));
+    }
+    if (!s.items.empty()) thr = std::max(thr, mass_threshold(s.items, target - above));
+  };
+  if (min_p_first) {
+    apply_min_p();
+    apply_top_k();
+    apply_top_p();
+  } else {
+    apply_top_k();
+    apply_top_p();
+    apply_min_p();
+  }
+  return thr;
+}
+
+// One float64 row (gradcheck-size inputs): thresholds of min-p (m + T log
+// min_p), top-k (the k-th largest of the set so far, nth_element) and top-p
+// (over the set so far, whose mass is Z; values with weight <= (1 - top_p) Z /
+// (2 n) cannot be kept and are dropped before the exact selection), in the
+// sampler's order.
+template <typename acc_t>
+acc_t row_threshold(std::vector<acc_t>& vals, std::vector<acc_t>& cand, std::vector<std::pair<acc_t, double>>& items,
+                    acc_t inv_temperature, int64_t top_k, double top_p, double min_p, bool min_p_first) {
+  const int64_t vocab = static_cast<int64_t>(vals.size());
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  acc_t m = neg_inf;
+  for (const acc_t x : vals) {
+    if (x != x) return x;
+    m = x > m ? x : m;
+  }
+  if (m == neg_inf) return neg_inf;
+  acc_t thr = neg_inf;
+  // The elements >= thr into cand; their count.
+  auto current = [&]() {
+    int64_t n = 0;
+    for (int64_t j = 0; j < vocab; ++j) {
+      if (vals[j] >= thr) cand[n++] = vals[j];
+    }
+    return n;
+  };
+  auto apply_min_p = [&]() {
+    if (min_p > 0) thr = std::max<acc_t>(thr, m + std::log(static_cast<acc_t>(min_p)) / inv_temperature);
+  };
+  auto apply_top_k = [&]() {
+    if (top_k <= 0) return;
+    const int64_t n = current();
+    if (top_k >= n) return;
+    std::nth_element(cand.begin(), cand.begin() + (top_k - 1), cand.begin() + n, std::greater<acc_t>());
+    thr = std::max(thr, cand[top_k - 1]);
+  };
+  auto apply_top_p = [&]() {
+    if (top_p >= 1) return;
+    const int64_t n = current();
+    const double z = mass_of(cand.data(), n, inv_temperature, m);
+    const double floor_w = (1.0 - top_p) * z / (2.0 * static_cast<double>(n));
+    const acc_t cutoff = floor_w > 0 ? m + static_cast<acc_t>(std::log(floor_w)) / inv_temperature : neg_inf;
+    items.clear();
+    for (int64_t j = 0; j < n; ++j) {
+      if (cand[j] > cutoff) items.emplace_back(cand[j], std::exp(static_cast<double>((cand[j] - m) * inv_temperature)));
+    }
+    thr = std::max(thr, mass_threshold(items, top_p * z));
+  };
+  if (min_p_first) {
+    apply_min_p();
+    apply_top_k();
+    apply_top_p();
+  } else {
+    apply_top_k();
+    apply_top_p();
+    apply_min_p();
+  }
+  return thr;
+}
 }  // namespace
 
 template <typename scalar_t, typename acc_t>
 void logprobs_fwd_rows(const scalar_t* logits, RowLayout layout, const int64_t* labels,
                        int64_t vocab, acc_t inv_temperature, int64_t ignore_index,
                        acc_t* logp, acc_t* entropy, acc_t* row_max, acc_t* log_sum,
-                       int64_t row_begin, int64_t row_end) {
+                       int64_t row_begin, int64_t row_end, const acc_t* min_logit) {
   if constexpr (std::is_same_v<acc_t, float>) {
     fwd_rows_f32(logits, layout, labels, vocab, inv_temperature, ignore_index, logp, entropy,
-                 row_max, log_sum, row_begin, row_end);
+                 row_max, log_sum, min_logit, row_begin, row_end);
   } else {
     fwd_rows_scalar(logits, layout, labels, vocab, inv_temperature, ignore_index, logp, entropy,
-                    row_max, log_sum, row_begin, row_end);
+                    row_max, log_sum, min_logit, row_begin, row_end);
   }
 }
 
@@ -248,26 +527,52 @@ void logprobs_bwd_rows(const acc_t* grad_logp, const acc_t* grad_entropy,
                        const acc_t* row_max, const acc_t* log_sum, const acc_t* entropy,
                        int64_t vocab, acc_t inv_temperature, int64_t ignore_index,
                        scalar_t* grad_logits, RowLayout out_layout, int64_t row_begin,
-                       int64_t row_end) {
+                       int64_t row_end, const acc_t* min_logit) {
   if constexpr (std::is_same_v<acc_t, float>) {
     bwd_rows_f32(grad_logp, grad_entropy, logits, in_layout, labels, row_max, log_sum, entropy,
-                 vocab, inv_temperature, ignore_index, grad_logits, out_layout, row_begin,
+                 vocab, inv_temperature, ignore_index, grad_logits, out_layout, min_logit, row_begin,
                  row_end);
   } else {
     bwd_rows_scalar(grad_logp, grad_entropy, logits, in_layout, labels, row_max, log_sum, entropy,
-                    vocab, inv_temperature, ignore_index, grad_logits, out_layout, row_begin,
+                    vocab, inv_temperature, ignore_index, grad_logits, out_layout, min_logit, row_begin,
                     row_end);
+  }
+}
+
+
+template <typename scalar_t, typename acc_t>
+void truncation_threshold_rows(const scalar_t* logits, RowLayout layout, int64_t vocab, acc_t inv_temperature,
+                               int64_t top_k, double top_p, double min_p, bool min_p_first, acc_t* out,
+                               int64_t row_begin, int64_t row_end) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    ThresholdScratch s;
+    if constexpr (!std::is_same_v<scalar_t, float>) s.row.resize(vocab);
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const float* x = as_float(logits + layout.offset(r), vocab, s.row.data());
+      out[r] = row_threshold_f32(x, vocab, inv_temperature, top_k, top_p, min_p, min_p_first, s);
+    }
+  } else {
+    std::vector<acc_t> vals(vocab), cand(vocab);
+    std::vector<std::pair<acc_t, double>> items;
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const scalar_t* row = logits + layout.offset(r);
+      for (int64_t j = 0; j < vocab; ++j) vals[j] = to_float(row[j]);
+      out[r] = row_threshold(vals, cand, items, inv_temperature, top_k, top_p, min_p, min_p_first);
+    }
   }
 }
 
 #define RLHF_INSTANTIATE(scalar_t, acc_t)                                                       \
   template void logprobs_fwd_rows<scalar_t, acc_t>(const scalar_t*, RowLayout, const int64_t*, \
                                                    int64_t, acc_t, int64_t, acc_t*, acc_t*,    \
-                                                   acc_t*, acc_t*, int64_t, int64_t);          \
+                                                   acc_t*, acc_t*, int64_t, int64_t,           \
+                                                   const acc_t*);                              \
   template void logprobs_bwd_rows<scalar_t, acc_t>(                                            \
       const acc_t*, const acc_t*, const scalar_t*, RowLayout, const int64_t*, const acc_t*,    \
       const acc_t*, const acc_t*, int64_t, acc_t, int64_t, scalar_t*, RowLayout, int64_t,      \
-      int64_t);
+      int64_t, const acc_t*);                                                                   \
+  template void truncation_threshold_rows<scalar_t, acc_t>(const scalar_t*, RowLayout, int64_t, acc_t, int64_t, \
+                                                           double, double, bool, acc_t*, int64_t, int64_t);
 
 RLHF_INSTANTIATE(float, float)
 RLHF_INSTANTIATE(bf16_t, float)

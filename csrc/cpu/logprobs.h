@@ -20,12 +20,15 @@ inline int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, 65536 / s
 // log p = y - log_sum from them. Ignored rows (label == ignore_index) get
 // logp = entropy = 0; a label outside [0, vocab) gives logp = NaN and is never
 // read. `entropy` may be null (not computed). acc_t is float, or double for
-// double logits.
+// double logits. With min_logit (per row, may be null) the softmax is over the
+// kept set x >= min_logit[row] only: row_max is the kept max (-inf when the
+// set is empty), a label outside it gets logp = -inf, and the backward's p is
+// 0 outside it.
 template <typename scalar_t, typename acc_t>
 void logprobs_fwd_rows(const scalar_t* logits, RowLayout layout, const int64_t* labels,
                        int64_t vocab, acc_t inv_temperature, int64_t ignore_index,
                        acc_t* logp, acc_t* entropy, acc_t* row_max, acc_t* log_sum,
-                       int64_t row_begin, int64_t row_end);
+                       int64_t row_begin, int64_t row_end, const acc_t* min_logit = nullptr);
 
 // Backward, rows [row_begin, row_end), one pass over the row, from the
 // forward's row_max and log_sum:
@@ -41,6 +44,13 @@ void logprobs_bwd_rows(const acc_t* grad_logp, const acc_t* grad_entropy,
                        const acc_t* row_max, const acc_t* log_sum, const acc_t* entropy,
                        int64_t vocab, acc_t inv_temperature, int64_t ignore_index,
                        scalar_t* grad_logits, RowLayout out_layout, int64_t row_begin,
-                       int64_t row_end);
+                       int64_t row_end, const acc_t* min_logit = nullptr);
+
+// The per-row threshold of a sampler's truncation (csrc/ops.cpp
+// truncation_threshold): top_k <= 0, top_p >= 1, min_p <= 0 are off.
+template <typename scalar_t, typename acc_t>
+void truncation_threshold_rows(const scalar_t* logits, RowLayout layout, int64_t vocab, acc_t inv_temperature,
+                               int64_t top_k, double top_p, double min_p, bool min_p_first, acc_t* out,
+                               int64_t row_begin, int64_t row_end);
 
 }  // namespace rlhf_kernels::cpu

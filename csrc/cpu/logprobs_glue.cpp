@@ -12,7 +12,8 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& labels, int64_t inner_rows, int64_t outer_stride,
-    int64_t inner_stride, double inv_temperature, int64_t ignore_index, bool compute_entropy) {
+    int64_t inner_stride, double inv_temperature, int64_t ignore_index, bool compute_entropy,
+    const std::optional<at::Tensor>& min_logit) {
   const RowLayout layout{inner_rows, outer_stride, inner_stride};
   const int64_t n_rows = checked_rows(logits, labels, layout);
   const int64_t vocab = logits.size(-1);
@@ -29,11 +30,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
     acc_t* row_max_data = row_max.mutable_data_ptr<acc_t>();
     acc_t* log_sum_data = log_sum.mutable_data_ptr<acc_t>();
     acc_t* entropy_data = compute_entropy ? entropy.mutable_data_ptr<acc_t>() : nullptr;
+    const acc_t* thr = threshold_data<acc_t>(min_logit, n_rows, acc_dtype_for(logits));
     at::parallel_for(0, n_rows, cpu::grain_rows(vocab), [&](int64_t begin, int64_t end) {
       cpu::logprobs_fwd_rows<scalar_t, acc_t>(data, layout, label_data, vocab,
                                               static_cast<acc_t>(inv_temperature), ignore_index,
                                               logp_data, entropy_data, row_max_data,
-                                              log_sum_data, begin, end);
+                                              log_sum_data, begin, end, thr);
     });
   });
   return {logp, entropy, row_max, log_sum};
@@ -45,7 +47,7 @@ void logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at::Tenso
                       const std::optional<at::Tensor>& entropy, const at::Tensor& grad_logits,
                       int64_t inner_rows, int64_t in_outer_stride, int64_t in_inner_stride,
                       int64_t out_outer_stride, int64_t out_inner_stride, double inv_temperature,
-                      int64_t ignore_index) {
+                      int64_t ignore_index, const std::optional<at::Tensor>& min_logit) {
   const RowLayout in_layout{inner_rows, in_outer_stride, in_inner_stride};
   const RowLayout out_layout{inner_rows, out_outer_stride, out_inner_stride};
   const int64_t n_rows = check_logprobs_bwd(grad_logp, grad_entropy, logits, labels, row_max,
@@ -62,13 +64,34 @@ void logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at::Tenso
     const acc_t* row_max_data = row_max.const_data_ptr<acc_t>();
     const acc_t* log_sum_data = log_sum.const_data_ptr<acc_t>();
     const int64_t* label_data = labels.const_data_ptr<int64_t>();
+    const acc_t* thr = threshold_data<acc_t>(min_logit, n_rows, row_max.scalar_type());
     at::parallel_for(0, n_rows, cpu::grain_rows(vocab), [&](int64_t begin, int64_t end) {
       cpu::logprobs_bwd_rows<scalar_t, acc_t>(g, g_entropy, data, in_layout, label_data,
                                               row_max_data, log_sum_data, entropy_data, vocab,
                                               static_cast<acc_t>(inv_temperature), ignore_index,
-                                              out, out_layout, begin, end);
+                                              out, out_layout, begin, end, thr);
     });
   });
+}
+
+at::Tensor truncation_threshold_cpu(const at::Tensor& logits, int64_t inner_rows, int64_t outer_stride,
+                                   int64_t inner_stride, double inv_temperature, int64_t top_k, double top_p,
+                                   double min_p, bool min_p_first) {
+  const RowLayout layout{inner_rows, outer_stride, inner_stride};
+  const int64_t vocab = logits.size(-1);
+  const int64_t n_rows = vocab > 0 ? logits.numel() / vocab : 0;
+  at::Tensor out = at::empty({n_rows}, logits.options().dtype(acc_dtype_for(logits)));
+  dispatch_float_dtype<bf16_t, fp16_t>(logits.scalar_type(), "logits", [&](auto scalar, auto acc) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    const auto* data = reinterpret_cast<const scalar_t*>(logits.const_data_ptr());
+    acc_t* out_data = out.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
+      cpu::truncation_threshold_rows<scalar_t, acc_t>(data, layout, vocab, static_cast<acc_t>(inv_temperature),
+                                                      top_k, top_p, min_p, min_p_first, out_data, begin, end);
+    });
+  });
+  return out;
 }
 
 }  // namespace
@@ -79,6 +102,7 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
   m.impl("logprobs_backward", &logprobs_backward_op<&logprobs_bwd_cpu>);
   m.impl("logprobs_backward_", &logprobs_backward_inplace_op<&logprobs_bwd_cpu>);
   m.impl("logprobs_bwd_native", &logprobs_bwd_cpu);
+  m.impl("truncation_threshold", &truncation_threshold_op<&truncation_threshold_cpu>);
 }
 
 }  // namespace rlhf_kernels

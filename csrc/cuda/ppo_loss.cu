@@ -210,10 +210,10 @@ ppo_logits_grad_kernel(const scalar_t* logits, RowLayout in_layout,
     const scalar_t* row = logits + in_layout.offset(row_index);
     const int64_t label = labels[row_index];
     const softmax_rows::SoftmaxState<acc_t> st =
-        softmax_rows::row_softmax_state(row, vocab, inv_temperature);
+        softmax_rows::row_softmax_state(row, vocab, inv_temperature, softmax_rows::KeepAll{});
     acc_t row_logp, row_entropy, row_log_sum;
-    softmax_rows::row_outputs(st, row, label, vocab, inv_temperature, ignore_index, &row_logp,
-                              &row_entropy, &row_log_sum);
+    softmax_rows::row_outputs(st, row, label, vocab, inv_temperature, ignore_index,
+                              softmax_rows::KeepAll{}, &row_logp, &row_entropy, &row_log_sum);
     if (threadIdx.x == 0) {
       logp[row_index] = row_logp;
       entropy[row_index] = row_entropy;
@@ -229,7 +229,7 @@ ppo_logits_grad_kernel(const scalar_t* logits, RowLayout in_layout,
     }
     softmax_rows::write_row_grad<scalar_t, acc_t, kVectorized>(
         row, grad_logits + out_layout.offset(row_index), vocab, label, ignore_index, g, g_entropy, st.m,
-        row_log_sum, row_entropy, inv_temperature);
+        row_log_sum, row_entropy, inv_temperature, softmax_rows::KeepAll{});
     __syncthreads();  // block_merge's shared partials are rewritten by the next row
   }
 }

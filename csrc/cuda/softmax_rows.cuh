@@ -1,7 +1,9 @@
 // Device helpers of the row kernels that read a row of logits with the online
 // softmax and write its gradient: the logprobs kernels (logprobs.cu) and the
 // fused PPO logits gradient (ppo_loss.cu). The method is described at the top
-// of logprobs.cu.
+// of logprobs.cu. Each helper takes the row's kept set as a predicate on the
+// logit (KeepAll, or KeepAtLeast: a truncated sampler's set); the softmax,
+// its sums and the gradient are those of the kept logits alone.
 #pragma once
 
 #include <cfloat>
@@ -41,6 +43,23 @@ __device__ __forceinline__ acc_t lowest() {
   return std::is_same_v<acc_t, float> ? -FLT_MAX : -DBL_MAX;
 }
 
+// Every logit is kept: the untruncated rows (the predicate folds away).
+struct KeepAll {
+  template <typename acc_t>
+  __device__ __forceinline__ bool operator()(acc_t) const {
+    return true;
+  }
+};
+
+// The logits x >= thr are kept, compared in acc_t (none for a NaN thr); a NaN
+// logit is kept too, so that it makes its row NaN as without a threshold.
+// thr = -inf keeps every logit, with the same arithmetic as KeepAll.
+template <typename acc_t>
+struct KeepAtLeast {
+  acc_t thr;
+  __device__ __forceinline__ bool operator()(acc_t x) const { return x >= thr || x != x; }
+};
+
 // (m1, s1, t1) + (m2, s2, t2) with both sums re-expressed at the larger max.
 // An empty state (s = 0) contributes nothing, even with m = -inf; a NaN one
 // (a NaN logit) makes the result NaN.
@@ -59,13 +78,16 @@ __device__ __forceinline__ SoftmaxState<acc_t> merge(SoftmaxState<acc_t> a, Soft
   return r;
 }
 
-// Add n raw logits to a thread's state.
-template <typename acc_t, int N>
+// Add the kept ones of n raw logits to a thread's state. The state's max is
+// that of kept logits only (a pack with none kept leaves it as it is); a
+// logit that is not kept adds nothing, by a select (its y may be +inf when
+// the state is still empty, and 0 * inf is NaN).
+template <typename acc_t, int N, typename Keep>
 __device__ __forceinline__ void accumulate(SoftmaxState<acc_t>& st, const acc_t (&x)[N],
-                                           acc_t inv_temperature) {
-  acc_t local = x[0];
+                                           acc_t inv_temperature, Keep keep) {
+  acc_t local = keep(x[0]) ? x[0] : lowest<acc_t>();
 #pragma unroll
-  for (int k = 1; k < N; ++k) local = x[k] > local ? x[k] : local;
+  for (int k = 1; k < N; ++k) local = keep(x[k]) && x[k] > local ? x[k] : local;
   if (local > st.m) {
     const acc_t d = clamp_exp_arg((st.m - local) * inv_temperature), a = fast_exp(d);
     st.t = st.s != 0 ? a * (st.t + d * st.s) : acc_t(0);
@@ -76,8 +98,9 @@ __device__ __forceinline__ void accumulate(SoftmaxState<acc_t>& st, const acc_t 
   for (int k = 0; k < N; ++k) {
     const acc_t y = clamp_exp_arg((x[k] - st.m) * inv_temperature);
     const acc_t e = fast_exp(y);
-    st.s += e;
-    st.t += e * y;
+    const bool kept = keep(x[k]);
+    st.s += kept ? e : acc_t(0);
+    st.t += kept ? e * y : acc_t(0);
   }
 }
 
@@ -117,10 +140,11 @@ __device__ __forceinline__ int64_t aligned_head(const scalar_t* row, int64_t voc
   return head < vocab ? head : vocab;
 }
 
-// One read of a row by the whole block: its merged (m, s, t).
-template <typename scalar_t, typename acc_t>
+// One read of a row by the whole block: the merged (m, s, t) of its kept
+// logits (s = 0 and m = lowest when none is kept).
+template <typename scalar_t, typename acc_t, typename Keep>
 __device__ SoftmaxState<acc_t> row_softmax_state(const scalar_t* row, int64_t vocab,
-                                                 acc_t inv_temperature) {
+                                                 acc_t inv_temperature, Keep keep) {
   constexpr int kPack = Pack<scalar_t>::kSize;
   SoftmaxState<acc_t> st{lowest<acc_t>(), acc_t(0), acc_t(0)};
   const int64_t head = aligned_head(row, vocab);
@@ -130,7 +154,7 @@ __device__ SoftmaxState<acc_t> row_softmax_state(const scalar_t* row, int64_t vo
   for (int64_t j = threadIdx.x; j < head + (vocab - body_end); j += kThreads) {
     const int64_t col = j < head ? j : body_end + (j - head);
     acc_t x[1] = {to_acc(row[col])};
-    accumulate(st, x, inv_temperature);
+    accumulate(st, x, inv_temperature, keep);
   }
   const Pack<scalar_t>* packs = reinterpret_cast<const Pack<scalar_t>*>(row + head);
   for (int64_t p = threadIdx.x; p < n_packs; p += kThreads) {
@@ -138,19 +162,32 @@ __device__ SoftmaxState<acc_t> row_softmax_state(const scalar_t* row, int64_t vo
     acc_t x[kPack];
 #pragma unroll
     for (int k = 0; k < kPack; ++k) x[k] = to_acc(pack.v[k]);
-    accumulate(st, x, inv_temperature);
+    accumulate(st, x, inv_temperature, keep);
   }
   return block_merge(st, inv_temperature);
 }
 
-// logp of the label (0 if ignored, NaN if out of range: never read) and
-// entropy (0 if ignored) from a row's merged state; also returns log s.
-template <typename scalar_t, typename acc_t>
+// The max of a row's kept logits from its merged state: -inf when none is
+// kept (s = 0, which KeepAll never has).
+template <typename Keep, typename acc_t>
+__device__ __forceinline__ acc_t kept_max(const SoftmaxState<acc_t>& st) {
+  if constexpr (std::is_same_v<Keep, KeepAll>) {
+    return st.m;
+  } else {
+    return st.s != acc_t(0) ? st.m : acc_t(-INFINITY);
+  }
+}
+
+// logp of the label (0 if ignored; NaN if out of range, a label never read;
+// -inf if not kept) and entropy (0 if ignored; NaN, 0 / 0, when no logit is
+// kept) from a row's merged state; also returns log s.
+template <typename scalar_t, typename acc_t, typename Keep>
 __device__ __forceinline__ void row_outputs(const SoftmaxState<acc_t>& st, const scalar_t* row,
                                             int64_t label, int64_t vocab, acc_t inv_temperature,
-                                            int64_t ignore_index, acc_t* logp, acc_t* entropy,
-                                            acc_t* log_sum) {
-  // s >= 1: an approximate log must not go below 0 (logp <= 0, entropy >= 0).
+                                            int64_t ignore_index, Keep keep, acc_t* logp,
+                                            acc_t* entropy, acc_t* log_sum) {
+  // s >= 1 when a logit is kept: an approximate log must not go below 0
+  // (logp <= 0, entropy >= 0); an empty kept set (s = 0) gives 0 too.
   acc_t log_s = fast_log(st.s);
   log_s = log_s < acc_t(0) ? acc_t(0) : log_s;
   *log_sum = log_s;
@@ -158,8 +195,12 @@ __device__ __forceinline__ void row_outputs(const SoftmaxState<acc_t>& st, const
     *logp = 0;
     *entropy = 0;
   } else {
-    *logp = (label >= 0 && label < vocab) ? (to_acc(row[label]) - st.m) * inv_temperature - log_s
-                                          : acc_t(NAN);
+    if (label >= 0 && label < vocab) {
+      const acc_t x = to_acc(row[label]);
+      *logp = keep(x) ? (x - st.m) * inv_temperature - log_s : acc_t(-INFINITY);
+    } else {
+      *logp = acc_t(NAN);
+    }
     *entropy = log_s - st.t / st.s;
   }
 }
@@ -172,12 +213,15 @@ __device__ __forceinline__ void row_outputs(const SoftmaxState<acc_t>& st, const
 // of size |x - m|. As x * inv_T - lse (lse = m * inv_T + log s) two values of
 // size |x| / T would cancel, each rounded by up to half its ulp: ~5e-4
 // absolute in log p at |x| / T ~ 1e4, and so relative in p.
+// A logit that is not kept gets p = 0 by a select, never exp(y) * 0 (its y is
+// +inf when the kept set is empty, m = -inf), and so only the label's
+// one-hot term.
 // No __restrict__ on row / out_row: they alias in the in-place case.
-template <typename scalar_t, typename acc_t, bool kVectorized>
+template <typename scalar_t, typename acc_t, bool kVectorized, typename Keep>
 __device__ __forceinline__ void write_row_grad(const scalar_t* row, scalar_t* out_row, int64_t vocab,
                                                int64_t label, int64_t ignore_index, acc_t g,
                                                acc_t g_entropy, acc_t row_max, acc_t row_log_sum,
-                                               acc_t row_entropy, acc_t inv_temperature) {
+                                               acc_t row_entropy, acc_t inv_temperature, Keep keep) {
   constexpr int kPack = kVectorized ? Pack<scalar_t>::kSize : 1;
   const bool ignored = label == ignore_index;
   const bool bad_label = !ignored && !(label >= 0 && label < vocab);
@@ -188,9 +232,12 @@ __device__ __forceinline__ void write_row_grad(const scalar_t* row, scalar_t* ou
     // The fill is chosen here rather than held in a register: the float64
     // fused kernel is at ptxas's 64-register budget on sm_90a (it spilled).
     if (zero_row) return bad_label ? acc_t(NAN) : acc_t(0);
-    const acc_t y = clamp_exp_arg((xv - row_max) * inv_temperature - row_log_sum);
-    const acc_t p = fast_exp(y);
-    acc_t d = -inv_temperature * p * (g + g_entropy * (y + row_entropy));
+    acc_t d = 0;
+    if (keep(xv)) {
+      const acc_t y = clamp_exp_arg((xv - row_max) * inv_temperature - row_log_sum);
+      const acc_t p = fast_exp(y);
+      d = -inv_temperature * p * (g + g_entropy * (y + row_entropy));
+    }
     if (col == label) d += inv_temperature * g;
     return d;
   };

@@ -125,14 +125,20 @@ inline void check_labels_in_range(const at::Tensor& labels, int64_t vocab, int64
 // The public logprobs ops over a device's row kernels (the *_native ops'
 // implementations): the row layout and the labels as the kernels read them,
 // in C++, so that a call crosses the dispatcher once.
-//   fwd(logits, labels, inner_rows, outer, inner, inv_T, ignore_index, entropy) -> (logp, entropy, m, log s)
-//   bwd(g, g_H, logits, labels, m, log s, H, out, inner_rows, in_outer, in_inner, out_outer, out_inner, inv_T, ignore)
+//   fwd(logits, labels, inner_rows, outer, inner, inv_T, ignore_index, entropy, min_logit)
+//       -> (logp, entropy, m, log s)
+//   bwd(g, g_H, logits, labels, m, log s, H, out, inner_rows, in_outer, in_inner, out_outer, out_inner, inv_T,
+//       ignore, min_logit)
+//   threshold(logits, inner_rows, outer, inner, inv_T, top_k, top_p, min_p, min_p_first) -> (N,) threshold
 using LogprobsFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
-    const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, double, int64_t, bool);
+    const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, double, int64_t, bool,
+    const std::optional<at::Tensor>&);
 using LogprobsBwd = void (*)(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const std::optional<at::Tensor>&, const at::Tensor&, int64_t, int64_t, int64_t,
-                             int64_t, int64_t, double, int64_t);
+                             int64_t, int64_t, double, int64_t, const std::optional<at::Tensor>&);
+using ThresholdRows = at::Tensor (*)(const at::Tensor&, int64_t, int64_t, int64_t, double, int64_t, double, double,
+                                     bool);
 
 inline at::Tensor flat_labels(const at::Tensor& labels) { return labels.reshape({-1}).to(at::kLong).contiguous(); }
 
@@ -141,13 +147,14 @@ template <LogprobsFwd fwd>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_op(const at::Tensor& logits,
                                                                        const at::Tensor& labels, double temperature,
                                                                        int64_t ignore_index, bool compute_entropy,
-                                                                       bool /*inplace_backward: the backward's*/) {
+                                                                       bool /*inplace_backward: the backward's*/,
+                                                                       const std::optional<at::Tensor>& min_logit) {
   const LogitsRows rows = logits_rows(logits);
   const at::Tensor flat = flat_labels(labels);
   if (logits.device().is_cpu()) check_labels_in_range(flat, logits.size(-1), ignore_index);
   auto [logp, entropy, row_max, log_sum] =
       fwd(rows.tensor, flat, rows.layout.inner_rows, rows.layout.outer_stride, rows.layout.inner_stride,
-          1.0 / temperature, ignore_index, compute_entropy);
+          1.0 / temperature, ignore_index, compute_entropy, min_logit);
   return {logp.view(labels.sizes()), compute_entropy ? entropy.view(labels.sizes()) : entropy, row_max, log_sum};
 }
 
@@ -158,7 +165,8 @@ template <LogprobsBwd bwd>
 void logprobs_backward_into(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
                             const LogitsRows& rows, const at::Tensor& labels, const at::Tensor& row_max,
                             const at::Tensor& log_sum, const std::optional<at::Tensor>& entropy,
-                            const at::Tensor& out, RowLayout out_layout, double temperature, int64_t ignore_index) {
+                            const at::Tensor& out, RowLayout out_layout, double temperature, int64_t ignore_index,
+                            const std::optional<at::Tensor>& min_logit) {
   const at::ScalarType acc = row_max.scalar_type();
   std::optional<at::Tensor> g_entropy, h;
   if (grad_entropy) {
@@ -167,7 +175,7 @@ void logprobs_backward_into(const at::Tensor& grad_logp, const std::optional<at:
   }
   bwd(row_grad(grad_logp, acc), g_entropy, rows.tensor, flat_labels(labels), row_max, log_sum, h, out,
       rows.layout.inner_rows, rows.layout.outer_stride, rows.layout.inner_stride, out_layout.outer_stride,
-      out_layout.inner_stride, 1.0 / temperature, ignore_index);
+      out_layout.inner_stride, 1.0 / temperature, ignore_index, min_logit);
 }
 
 // The logits gradient, a new (contiguous) tensor.
@@ -175,11 +183,12 @@ template <LogprobsBwd bwd>
 at::Tensor logprobs_backward_op(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
                                 const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& row_max,
                                 const at::Tensor& log_sum, const std::optional<at::Tensor>& entropy,
-                                double temperature, int64_t ignore_index) {
+                                double temperature, int64_t ignore_index,
+                                const std::optional<at::Tensor>& min_logit) {
   const LogitsRows rows = logits_rows(logits);
   at::Tensor out = at::empty(logits.sizes(), logits.options());
   logprobs_backward_into<bwd>(grad_logp, grad_entropy, rows, labels, row_max, log_sum, entropy, out,
-                              contiguous_rows(rows, logits.size(-1)), temperature, ignore_index);
+                              contiguous_rows(rows, logits.size(-1)), temperature, ignore_index, min_logit);
   return out;
 }
 
@@ -189,16 +198,40 @@ template <LogprobsBwd bwd>
 void logprobs_backward_inplace_op(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
                                   const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& row_max,
                                   const at::Tensor& log_sum, const std::optional<at::Tensor>& entropy,
-                                  double temperature, int64_t ignore_index) {
+                                  double temperature, int64_t ignore_index,
+                                  const std::optional<at::Tensor>& min_logit) {
   const LogitsRows rows = logits_rows(logits);
   if (rows.tensor.is_same(logits)) {
     logprobs_backward_into<bwd>(grad_logp, grad_entropy, rows, labels, row_max, log_sum, entropy, logits,
-                                rows.layout, temperature, ignore_index);
+                                rows.layout, temperature, ignore_index, min_logit);
   } else {
     at::Tensor grad = logprobs_backward_op<bwd>(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy,
-                                                temperature, ignore_index);
+                                                temperature, ignore_index, min_logit);
     const_cast<at::Tensor&>(logits).copy_(grad);
   }
+}
+
+// A per-row threshold as the kernels read it: (N,) contiguous, accumulation
+// dtype; none (nullptr) keeps every logit.
+template <typename acc_t>
+const acc_t* threshold_data(const std::optional<at::Tensor>& min_logit, int64_t n_rows, at::ScalarType acc) {
+  if (!min_logit) return nullptr;
+  check_row_tensor(*min_logit, n_rows, acc, "min_logit");
+  return min_logit->const_data_ptr<acc_t>();
+}
+
+// The public truncation_threshold over a device's row kernel.
+template <ThresholdRows threshold>
+at::Tensor truncation_threshold_op(const at::Tensor& logits, double temperature, int64_t top_k, double top_p,
+                                   double min_p, bool min_p_first) {
+  TORCH_CHECK_VALUE(temperature > 0, "temperature: must be > 0");
+  TORCH_CHECK_VALUE(top_k >= 0, "top_k: must be >= 0 (0: off)");
+  TORCH_CHECK_VALUE(top_p > 0 && top_p <= 1, "top_p: must be in (0, 1] (1: off)");
+  TORCH_CHECK_VALUE(min_p >= 0 && min_p <= 1, "min_p: must be in [0, 1] (0: off)");
+  TORCH_CHECK_VALUE(logits.dim() >= 1 && logits.size(-1) >= 1, "logits: expected shape (..., V) with V >= 1");
+  const LogitsRows rows = logits_rows(logits);
+  return threshold(rows.tensor, rows.layout.inner_rows, rows.layout.outer_stride, rows.layout.inner_stride,
+                   1.0 / temperature, top_k, top_p, min_p, min_p_first);
 }
 
 }  // namespace rlhf_kernels

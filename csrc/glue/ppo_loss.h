@@ -258,9 +258,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_rows_
                              .findSchemaOrThrow("rlhf_kernels::logprobs_fwd_native", "")
                              .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                                  const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, double,
-                                 int64_t, bool)>();
+                                 int64_t, bool, const std::optional<at::Tensor>&)>();
   return op.call(rows.tensor, labels, rows.layout.inner_rows, rows.layout.outer_stride, rows.layout.inner_stride,
-                 inv_temperature, ignore_index, compute_entropy);
+                 inv_temperature, ignore_index, compute_entropy, std::nullopt);
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_native(

@@ -30,8 +30,9 @@ TAGS = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.
 _BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 _SIGNATURES = {
-    "emu_logprobs_fwd": "p i64 i64 i64 p i64 i64 d i64 p p p p",
-    "emu_logprobs_bwd": "p p p i64 i64 i64 p p p p i64 i64 d i64 p i64 i64",
+    "emu_logprobs_fwd": "p i64 i64 i64 p i64 i64 d i64 p p p p p",
+    "emu_logprobs_bwd": "p p p i64 i64 i64 p p p p i64 i64 d i64 p i64 i64 p",
+    "emu_truncation_threshold": "p i64 i64 i64 i64 i64 d i64 d d i32 p",
     "emu_ppo_logits_grad": "p i64 i64 i64 p p p p p i64 i64 d i64 d d d d i32 d p p p p p i64 i64 i64",
     "emu_kl_penalty_fwd": "p p i32 p i64",
     "emu_scale_unless_one": "p p p i64",
@@ -188,9 +189,10 @@ class Emulator:
     # --- logprobs (csrc/cuda/logprobs_glue.cpp) -------------------------------------------
 
     def logprobs_fwd(self, logits, labels, inner_rows, outer_stride, inner_stride, inv_temperature,
-                     ignore_index, compute_entropy, *, shift=0):
+                     ignore_index, compute_entropy, min_logit=None, *, shift=0):
         """As logprobs_fwd_native: (logp, entropy or empty, row_max, log_sum). `logits` is the
-        tensor the layout describes; it is placed `shift` elements off alignment."""
+        tensor the layout describes; it is placed `shift` elements off alignment. min_logit:
+        (N,) per-row thresholds of the accumulation dtype, or None."""
         arena = Arena()
         x = arena.place(logits, "logits", shift)
         labels = arena.place(labels, "labels")
@@ -203,16 +205,18 @@ class Emulator:
         entropy = arena.empty((n_rows if compute_entropy else 0,), acc, "entropy")
         self.call(f"emu_logprobs_fwd_{TAGS[logits.dtype]}", x, inner_rows, outer_stride, inner_stride,
                   labels, n_rows, vocab, inv_temperature, ignore_index, logp,
-                  entropy if compute_entropy else None, row_max, log_sum)
+                  entropy if compute_entropy else None, row_max, log_sum,
+                  self._min_logit(arena, min_logit, n_rows, acc))
         arena.check()
         return logp, entropy, row_max, log_sum
 
     def logprobs_bwd(self, grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy,
                      inner_rows, in_outer_stride, in_inner_stride, out_outer_stride, out_inner_stride,
-                     inv_temperature, ignore_index, *, inplace=False, shift=0, out_shift=0):
+                     inv_temperature, ignore_index, min_logit=None, *, inplace=False, shift=0, out_shift=0):
         """As logprobs_bwd_native; returns grad_logits: a new contiguous tensor
         (placed `out_shift` elements off alignment), or with `inplace` the
-        placed logits themselves, overwritten (out strides = in strides)."""
+        placed logits themselves, overwritten (out strides = in strides).
+        min_logit as in logprobs_fwd."""
         arena = Arena()
         x = arena.place(logits, "logits", shift)
         if inplace:
@@ -225,7 +229,32 @@ class Emulator:
         self.call(f"emu_logprobs_bwd_{TAGS[logits.dtype]}", *args, x, inner_rows, in_outer_stride,
                   in_inner_stride, arena.place(labels, "labels"), arena.place(row_max, "row_max"),
                   arena.place(log_sum, "log_sum"), arena.place(entropy, "entropy"), n_rows, vocab,
-                  inv_temperature, ignore_index, out, out_outer_stride, out_inner_stride)
+                  inv_temperature, ignore_index, out, out_outer_stride, out_inner_stride,
+                  self._min_logit(arena, min_logit, n_rows, acc_dtype(logits.dtype)))
+        arena.check()
+        return out
+
+    @staticmethod
+    def _min_logit(arena, min_logit, n_rows, acc):
+        """The placed per-row thresholds (glue/logprobs.h threshold_data's checks), or None."""
+        if min_logit is None:
+            return None
+        assert min_logit.dtype == acc and min_logit.shape == (n_rows,) and min_logit.is_contiguous()
+        return arena.place(min_logit, "min_logit")
+
+    def truncation_threshold(self, logits, temperature, top_k, top_p, min_p, min_p_first, *, shift=0):
+        """As truncation_threshold: (N,) thresholds of the accumulation dtype, the
+        rows read in place where row_layout can (placed `shift` elements off alignment)."""
+        from rlhf_kernels._launch import row_layout  # the Python twin of glue/logprobs.h logits_rows
+
+        tensor, inner_rows, outer, inner = row_layout(logits)
+        arena = Arena()
+        x = arena.place(tensor, "logits", shift)
+        vocab = tensor.shape[-1]
+        n_rows = tensor.numel() // vocab
+        out = arena.empty((n_rows,), acc_dtype(logits.dtype), "threshold")
+        self.call(f"emu_truncation_threshold_{TAGS[logits.dtype]}", x, inner_rows, outer, inner, n_rows, vocab,
+                  1.0 / temperature, top_k, top_p, min_p, int(min_p_first), out)
         arena.check()
         return out
 

@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 INCLUDE_DIR = ROOT / "csrc" / "include"
-KERNEL_SOURCES = ("logprobs.cu", "advantages.cu", "ppo_loss.cu", "rollout_correction.cu")
+KERNEL_SOURCES = ("logprobs.cu", "advantages.cu", "ppo_loss.cu", "rollout_correction.cu", "truncation.cu")
 
 CXX = os.environ.get("CXX", "g++")
 CXXFLAGS = [

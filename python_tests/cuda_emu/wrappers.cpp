@@ -17,6 +17,7 @@
 #include "logprobs.cuh"
 #include "ppo_loss.cuh"
 #include "rollout_correction.cuh"
+#include "truncation.cuh"
 
 using rlhf_kernels::AdvantagesArgs;
 using rlhf_kernels::PolicyParams;
@@ -34,12 +35,13 @@ namespace kernels = rlhf_kernels::cuda;
   int emu_logprobs_fwd_##tag(const void* logits, int64_t inner_rows, int64_t outer_stride,      \
                              int64_t inner_stride, const int64_t* labels, int64_t n_rows,       \
                              int64_t vocab, double inv_temperature, int64_t ignore_index,       \
-                             void* logp, void* entropy, void* row_max, void* log_sum) {         \
+                             void* logp, void* entropy, void* row_max, void* log_sum,           \
+                             const void* min_logit) {                                           \
     return kernels::launch_logprobs_fwd<scalar_t, acc_t>(                                        \
         static_cast<const scalar_t*>(logits), RowLayout{inner_rows, outer_stride, inner_stride}, \
         labels, n_rows, vocab, static_cast<acc_t>(inv_temperature), ignore_index,                \
         static_cast<acc_t*>(logp), static_cast<acc_t*>(entropy), static_cast<acc_t*>(row_max),   \
-        static_cast<acc_t*>(log_sum), nullptr);                                                  \
+        static_cast<acc_t*>(log_sum), static_cast<const acc_t*>(min_logit), nullptr);            \
   }                                                                                              \
   int emu_logprobs_bwd_##tag(const void* grad_logp, const void* grad_entropy, const void* logits, \
                              int64_t inner_rows, int64_t in_outer_stride, int64_t in_inner_stride, \
@@ -47,7 +49,7 @@ namespace kernels = rlhf_kernels::cuda;
                              const void* entropy,                                               \
                              int64_t n_rows, int64_t vocab, double inv_temperature,             \
                              int64_t ignore_index, void* grad_logits, int64_t out_outer_stride, \
-                             int64_t out_inner_stride) {                                        \
+                             int64_t out_inner_stride, const void* min_logit) {                 \
     return kernels::launch_logprobs_bwd<scalar_t, acc_t>(                                        \
         static_cast<const acc_t*>(grad_logp), static_cast<const acc_t*>(grad_entropy),          \
         static_cast<const scalar_t*>(logits),                                                    \
@@ -55,7 +57,17 @@ namespace kernels = rlhf_kernels::cuda;
         static_cast<const acc_t*>(row_max), static_cast<const acc_t*>(log_sum),                  \
         static_cast<const acc_t*>(entropy), n_rows, vocab,                                       \
         static_cast<acc_t>(inv_temperature), ignore_index, static_cast<scalar_t*>(grad_logits),  \
-        RowLayout{inner_rows, out_outer_stride, out_inner_stride}, nullptr);                     \
+        RowLayout{inner_rows, out_outer_stride, out_inner_stride},                               \
+        static_cast<const acc_t*>(min_logit), nullptr);                                          \
+  }                                                                                              \
+  int emu_truncation_threshold_##tag(const void* logits, int64_t inner_rows, int64_t outer_stride, \
+                                     int64_t inner_stride, int64_t n_rows, int64_t vocab,       \
+                                     double inv_temperature, int64_t top_k, double top_p,       \
+                                     double min_p, int min_p_first, void* out) {                \
+    return kernels::launch_truncation_threshold<scalar_t, acc_t>(                                \
+        static_cast<const scalar_t*>(logits), RowLayout{inner_rows, outer_stride, inner_stride}, \
+        n_rows, vocab, static_cast<acc_t>(inv_temperature), top_k, static_cast<acc_t>(top_p),   \
+        static_cast<acc_t>(min_p), min_p_first != 0, static_cast<acc_t*>(out), nullptr);         \
   }                                                                                              \
   int emu_ppo_logits_grad_##tag(const void* logits, int64_t inner_rows, int64_t in_outer_stride, \
                                 int64_t in_inner_stride, const int64_t* labels,                 \

@@ -183,6 +183,7 @@ EMULATED_OPS = {
     "kl_penalty_backward": ("kl_penalty_bwd", ()),
     "advantages": ("advantages", ()),
     "rollout_correction": ("rollout_correction", ()),
+    "truncation_threshold": ("truncation_threshold", ()),
 }
 _C_ARG_CODES = {"int64_t": "i64", "double": "d", "int": "i32", "unsigned": "u32"}
 
@@ -441,6 +442,357 @@ def test_logprobs_backward_at_large_logits_no_worse_than_torch(emu, scale, tempe
 
     assert_no_worse_than_torch(grad, autograd(logits.double()), autograd(logits))
     assert torch.all(grad[4] == 0)
+
+
+# --- truncated sampling: the threshold, and the row kernels over its kept set -----------------
+
+
+def _spec_threshold(x, T, top_k, top_p, min_p, min_p_first):
+    """The shared spec's float64 reference (sort based, O(V^2)): the smallest kept logit."""
+    keep = torch.ones_like(x, dtype=torch.bool)
+    m = x.max()
+
+    def minp(keep):
+        return keep & (x >= m + T * math.log(min_p)) if min_p > 0 else keep
+
+    def topk(keep):
+        if top_k <= 0 or top_k >= int(keep.sum()):
+            return keep
+        kth = x[keep].sort(descending=True).values[top_k - 1]
+        return keep & (x >= kth)
+
+    def topp(keep):
+        if top_p >= 1:
+            return keep
+        q = torch.where(keep, ((x - m) / T).exp(), torch.zeros_like(x))
+        Z = q.sum()
+        above = torch.stack([q[x > v].sum() for v in x])  # mass strictly above x_j
+        return keep & (above < top_p * Z)
+
+    keep = topp(topk(minp(keep))) if min_p_first else minp(topp(topk(keep)))
+    return x[keep].min()
+
+
+def _ref_threshold(x, T, top_k, top_p, min_p, min_p_first):
+    """The threshold op on one float64 row as the spec states it: max(t_k, t_p, t_m), each
+    -inf when off; sorted masses (no O(V^2)). Returns (threshold, whether it is a logit)."""
+    inf = math.inf
+    if torch.isnan(x).any():
+        return math.nan, False
+    m = x.max().item()
+    if m == -inf:
+        return -inf, True
+    t_m = m + T * math.log(min_p) if min_p > 0 else -inf
+
+    def top_k_of(lo):
+        c = x[x >= lo]
+        if top_k <= 0 or top_k >= c.numel():
+            return -inf
+        return c.sort(descending=True).values[top_k - 1].item()
+
+    def top_p_of(lo):
+        if top_p >= 1:
+            return -inf
+        c = x[x >= lo].sort(descending=True).values
+        q = ((c - m) / T).exp()
+        before = torch.cat([q.new_zeros(1), q.cumsum(0)])  # mass of the first i sorted values
+        first = torch.searchsorted(-c, -c)  # the first index of each value's tie group
+        above = before[first]  # mass strictly above each value
+        return c[above < top_p * q.sum()].min().item()
+
+    lo = t_m if min_p_first else -inf
+    t_k = top_k_of(lo)
+    t_p = top_p_of(max(lo, t_k))
+    thr = max(t_k, t_p, t_m)
+    return thr, thr != t_m or thr == -inf
+
+
+def _truncation_rows(rows, vocab, seed):
+    """float64 (rows, vocab) logits, rows in turn: randn * 3; integer values in [-5, 5] (ties
+    everywhere); randn * 1e4; randn * 0.3 (a flat softmax); integers in [0, 2] (ties at the
+    k-th value); randn with one logit 30 (one token holds the mass)."""
+    gen = _gen(seed)
+    x = torch.randn(rows, vocab, generator=gen, dtype=torch.float64)
+    kinds = torch.arange(rows) % 6
+    x[kinds == 0] *= 3
+    x[kinds == 1] = torch.randint(-5, 6, (int((kinds == 1).sum()), vocab), generator=gen).double()
+    x[kinds == 2] *= 1e4
+    x[kinds == 3] *= 0.3
+    x[kinds == 4] = torch.randint(0, 3, (int((kinds == 4).sum()), vocab), generator=gen).double()
+    x[kinds == 5, vocab // 2] = 30.0
+    return x
+
+
+def _placed_rows(x, dtype, layout):
+    """The (rows, V) values as logits of `dtype` in a row layout: contiguous, or the rows of
+    a (2, rows / 2 + 1, V) tensor less its last position in each batch (NaN there)."""
+    rows, vocab = x.shape
+    if layout == "contiguous":
+        return x.to(dtype)
+    base = torch.full((2, rows // 2 + 1, vocab), math.nan, dtype=dtype)
+    view = base[:, :-1]
+    view.copy_(x.view(2, rows // 2, vocab))
+    return view
+
+
+# (top_k, top_p, min_p, min_p_first): every value of each knob, alone and together, in both
+# orders; None stands for top_k = V (off, as k >= V).
+TRUNCATIONS = [
+    (0, 1.0, 0.0, False),  # all off: -inf
+    (1, 1.0, 0.0, False),
+    (5, 1.0, 0.0, False),
+    (None, 0.9, 0.0, False),
+    (0, 0.5, 0.0, False),
+    (0, 1.0, 0.1, False),
+    (5, 0.9, 0.1, False),  # transformers: top-k, top-p on it, min-p
+    (5, 0.9, 0.1, True),  # vLLM: min-p, top-k on it, top-p on both
+    (1, 0.5, 0.1, True),
+    (0, 0.9, 0.1, True),
+    (5, 1.0, 0.1, True),  # top-k on the min-p set: a count pass first
+    (None, 0.5, 0.1, True),
+]
+
+
+def _check_thresholds(got, x, dtype, T, top_k, top_p, min_p, min_p_first, what):
+    """got (N,) of the accumulation dtype against _ref_threshold on x (N, V): the same kept set
+    {x >= thr}, the same threshold (exactly when it is a logit)."""
+    acc = cuda_emu.acc_dtype(dtype)
+    assert got.dtype == acc
+    x64 = x.to(dtype).to(acc).double()  # the values the kernel compares
+    for r in range(x64.shape[0]):
+        want, exact = _ref_threshold(x64[r], T, top_k, top_p, min_p, min_p_first)
+        thr = got[r].item()
+        context = f"{what} row {r}: got {thr!r}, want {want!r}"
+        if math.isnan(want):
+            assert math.isnan(thr), context
+            continue
+        assert torch.equal(x64[r] >= thr, x64[r] >= want), context
+        if exact:
+            assert thr == want, context
+        else:
+            assert abs(thr - want) <= (1e-6 if acc == torch.float32 else 1e-13) * (abs(want) + 1), context
+
+
+def test_reference_threshold_is_the_spec_reference():
+    """_ref_threshold (sorted masses) keeps the set of the spec's O(V^2) reference."""
+    x = _truncation_rows(6, 300, seed=5)
+    x[:, :7] = x[:, 7:14]  # more ties
+    for T in (0.7, 1.3):
+        for top_k, top_p, min_p, first in TRUNCATIONS:
+            top_k = 300 if top_k is None else top_k
+            for row in x:
+                thr, _ = _ref_threshold(row, T, top_k, top_p, min_p, first)
+                assert torch.equal(row >= thr, row >= _spec_threshold(row, T, top_k, top_p, min_p, first))
+
+
+# Vocabularies: 1; 7 (below a 16-byte pack of bf16, a head and a tail only); 1000 and 5003
+# (packs per thread, 5003 odd: an unaligned tail).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 5003])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_truncation_threshold(emu, dtype, vocab, layout):
+    x = _truncation_rows(6, vocab, seed=vocab + 7)
+    logits = _placed_rows(x, dtype, layout)
+    for i, (top_k, top_p, min_p, first) in enumerate(TRUNCATIONS):
+        top_k = vocab if top_k is None else top_k
+        T = (0.7, 1.3)[i % 2]  # each in turn: both meet every knob's values
+        got = emu.truncation_threshold(logits, T, top_k, top_p, min_p, first, shift=(vocab + i) % 3)
+        _check_thresholds(got, x, dtype, T, top_k, top_p, min_p, first,
+                          f"T={T} top_k={top_k} top_p={top_p} min_p={min_p} min_p_first={first}")
+        if (top_k, top_p, min_p) == (0, 1.0, 0.0):
+            assert torch.all(got == -math.inf)
+
+
+def test_truncation_threshold_edge_rows(emu):
+    """NaN anywhere in a row: NaN; an all -inf row: -inf; -inf entries; -0 and +0 one value;
+    min_p = 1 and a tiny top_p: the row max itself; temperature 0.01 at |x| ~ 1e4."""
+    x = torch.randn(8, 300, generator=_gen(3), dtype=torch.float64)
+    x[0, 0] = x[1, 150] = x[2, 299] = math.nan
+    x[3] = -math.inf
+    x[4, 10:290] = -math.inf
+    x[5] = -1.0
+    x[5, [3, 100]] = 0.0
+    x[5, [7, 200]] = -0.0
+    x[6] *= 1e4
+    logits = x.float()
+    for T, top_k, top_p, min_p, first in [(1.0, 3, 0.9, 0.1, False), (0.7, 1, 1.0, 0.0, True),
+                                          (0.01, 0, 0.9, 0.0, False), (1.3, 2, 0.5, 0.5, True)]:
+        got = emu.truncation_threshold(logits, T, top_k, top_p, min_p, first)
+        assert torch.isnan(got[:3]).all() and got[3] == -math.inf
+        _check_thresholds(got, x, torch.float32, T, top_k, top_p, min_p, first, f"T={T} top_k={top_k}")
+    got = emu.truncation_threshold(logits, 0.7, 1, 1.0, 0.0, False)
+    assert got[5] == 0.0  # both zeros kept: a tie
+    row_max = logits.double().amax(-1).float()
+    for top_p, min_p in ((1.0, 1.0), (1e-6, 0.0)):
+        got = emu.truncation_threshold(logits, 1.3, 0, top_p, min_p, False)
+        assert torch.equal(got[4:], row_max[4:])
+
+
+def _ref_truncated_rows(x, labels, thr, T, ignore_index, g=None, gh=None):
+    """The spec's forward over the kept sets {x >= thr} of float64 rows: (logp, entropy,
+    row_max, log_sum), and with g, gh the logits gradient d = -p / T (g + gh (log p + H)) on
+    the kept set, 0 elsewhere, plus g / T at the label."""
+    vocab = x.shape[-1]
+    kept = x >= thr[:, None]
+    m = torch.where(kept, x, -math.inf).amax(-1)
+    y = torch.where(kept, (x - m[:, None]) / T, -math.inf)
+    log_s = torch.logsumexp(y, -1).clamp(min=0)  # an empty set: log 0 = -inf, clamped
+    logq = torch.where(kept, y - log_s[:, None], 0.0)
+    p = torch.where(kept, logq.exp(), 0.0)
+    entropy = torch.where(kept.any(-1), -(p * logq).sum(-1), math.nan)
+    valid = (labels >= 0) & (labels < vocab)
+    index = labels.clamp(0, vocab - 1)[:, None]
+    logp = torch.where(kept.gather(1, index)[:, 0], logq.gather(1, index)[:, 0], -math.inf)
+    logp = torch.where(valid, logp, math.nan)
+    ignored = labels == ignore_index
+    logp, entropy = logp.masked_fill(ignored, 0.0), entropy.masked_fill(ignored, 0.0)
+    if g is None:
+        return logp, entropy, m, log_s
+    g, gh = g.double(), (gh.double() if gh is not None else torch.zeros_like(g.double()))
+    grad = torch.where(kept, -p / T * (g[:, None] + gh[:, None] * (logq + entropy[:, None])), 0.0)
+    grad += torch.zeros_like(grad).scatter(1, index, (g / T)[:, None]) * valid[:, None]
+    grad[ignored] = 0.0
+    grad[~valid & ~ignored] = math.nan
+    return logp, entropy, m, log_s, grad
+
+
+def test_truncated_gradient_reference_is_autograd():
+    """_ref_truncated_rows's gradient is autograd's through log_softmax over the kept set
+    (rows whose label is kept; a label outside it adds its one-hot term by the spec's rule)."""
+    gen = _gen(11)
+    x = torch.randn(5, 40, generator=gen, dtype=torch.float64) * 2
+    labels = x.argmax(-1)
+    labels[2] = (x[2] >= x[2].median()).nonzero()[0, 0]
+    thr = torch.stack([x[0].median(), x[1].sort().values[-3], x[2].median(), torch.tensor(-math.inf),
+                       x[4].sort().values[5]])
+    g, gh = torch.randn(5, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)
+    *_, grad = _ref_truncated_rows(x, labels, thr, 0.7, -100, g, gh)
+    xr = x.clone().requires_grad_(True)
+    kept = x >= thr[:, None]
+    logq = torch.log_softmax((xr / 0.7).masked_fill(~kept, -math.inf), -1)
+    safe = logq.masked_fill(~kept, 0.0)
+    entropy = -(safe.exp().masked_fill(~kept, 0.0) * safe).sum(-1)
+    ((logq.gather(1, labels[:, None])[:, 0] * g).sum() + (entropy * gh).sum()).backward()
+    torch.testing.assert_close(grad, xr.grad, rtol=1e-12, atol=1e-12)
+
+
+def _truncated_case(vocab, seed):
+    """(x (8, V) float64, labels, thresholds): rows in turn a top-k / top-p threshold; an
+    ignored label; a label below the threshold (logp -inf); a threshold above the max (an
+    empty set); integer logits cut at one of their values (ties at the threshold); -inf (all
+    kept); magnitude 1e4 with a min-p threshold; a label out of range (NaN)."""
+    gen = _gen(seed)
+    x = torch.randn(8, vocab, generator=gen, dtype=torch.float64) * 3
+    x[4] = torch.randint(-3, 4, (vocab,), generator=gen).double()
+    x[6] *= 1e4
+    labels = torch.randint(0, vocab, (8,), generator=gen)
+    labels[1], labels[7] = -100, vocab
+    thr = torch.full((8,), -math.inf, dtype=torch.float64)
+    thr[0] = _ref_threshold(x[0], 1.0, 5, 0.9, 0.0, False)[0]
+    thr[1] = x[1].median()
+    labels[2] = x[2].argmin()
+    thr[2] = x[2].max()  # the max alone (with its ties), or for V = 1 the label itself: kept
+    thr[3] = x[3].max() + 0.5
+    thr[4] = x[4].median()
+    thr[6] = _ref_threshold(x[6], 1.0, 0, 1.0, 0.1, False)[0]
+    thr[7] = x[7].median()
+    return x, labels, thr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 5003])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_truncated_logprobs(emu, dtype, vocab, layout):
+    """logprobs_fwd / bwd with min_logit: logp, entropy, row max, log-sum and the gradient of
+    log_softmax over each row's kept set, against float64 (_ref_truncated_rows)."""
+    x, labels, thr = _truncated_case(vocab, seed=vocab + 3)
+    acc = cuda_emu.acc_dtype(dtype)
+    logits = _placed_rows(x, dtype, layout)
+    x64 = x.to(dtype).to(acc).double()  # the values the kernels compare with the thresholds
+    min_logit = thr.to(acc)
+    tensor, inner_rows, outer, inner = row_layout(logits)
+    atol, rtol = TOLERANCES[dtype]
+    gen = _gen(vocab)
+    for T in (0.7, 1.3):
+        shift = vocab % 3
+        logp, entropy, row_max, log_sum = emu.logprobs_fwd(tensor, labels, inner_rows, outer, inner, 1.0 / T, -100,
+                                                           True, min_logit, shift=shift)
+        g, gh = torch.randn(8, generator=gen, dtype=acc), torch.randn(8, generator=gen, dtype=acc)
+        want = _ref_truncated_rows(x64, labels, min_logit.double(), T, -100, g, gh)
+        for got, w, name in zip((logp, entropy, row_max, log_sum), want, ("logp", "entropy", "row_max", "log_sum")):
+            assert got.dtype == acc
+            torch.testing.assert_close(got.double(), w, atol=atol, rtol=rtol, equal_nan=True, msg=name)
+        assert logp[3] == -math.inf and torch.isnan(entropy[3]) and row_max[3] == -math.inf and log_sum[3] == 0
+        assert logp[1] == 0 and entropy[1] == 0 and torch.isnan(logp[7])
+        if vocab > 1:
+            assert logp[2] == -math.inf
+
+        grad = emu.logprobs_bwd(g, gh, tensor, labels, row_max, log_sum, entropy, inner_rows, outer, inner,
+                                inner_rows * vocab, vocab, 1.0 / T, -100, min_logit, shift=shift)
+        want_grad = want[4].view(logits.shape)
+        if dtype == torch.bfloat16:
+            torch.testing.assert_close(grad.double(), want_grad, atol=1e-7, rtol=2 * ULP[dtype], equal_nan=True)
+        elif dtype == torch.float64:
+            torch.testing.assert_close(grad, want_grad, atol=1e-12, rtol=1e-10, equal_nan=True)
+        else:
+            torch.testing.assert_close(grad.double(), want_grad, atol=1e-7, rtol=1e-4, equal_nan=True)
+        # The empty set: only the label's one-hot term g / T.
+        empty = grad.reshape(8, vocab)[3]
+        label = labels[3].item()
+        assert torch.all(empty[:label] == 0) and torch.all(empty[label + 1:] == 0)
+        assert empty[label] == (g[3] * torch.tensor(1.0 / T, dtype=acc)).to(dtype)
+
+        # logp only, written over the logits.
+        *_, want_grad = _ref_truncated_rows(x64, labels, min_logit.double(), T, -100, g)
+        grad = emu.logprobs_bwd(g, None, tensor, labels, row_max, log_sum, None, inner_rows, outer, inner, outer,
+                                inner, 1.0 / T, -100, min_logit, inplace=True, shift=shift)
+        atol_g, rtol_g = {torch.bfloat16: (1e-7, 2 * ULP[torch.bfloat16]), torch.float64: (1e-12, 1e-10),
+                          torch.float32: (1e-7, 1e-4)}[dtype]
+        torch.testing.assert_close(grad.double(), want_grad.view(logits.shape), atol=atol_g, rtol=rtol_g,
+                                   equal_nan=True)
+
+
+def test_truncated_logprobs_without_a_threshold_are_the_untruncated_kernels(emu):
+    """min_logit = -inf everywhere keeps every logit: bit for bit the results of no min_logit
+    (the two instantiations of the row kernels)."""
+    logits, labels = _layout_input("strided", 6, 1001, torch.bfloat16, seed=4)
+    tensor, inner_rows, outer, inner = row_layout(logits)
+    labels = labels.reshape(-1).contiguous()
+    none = torch.full((6,), -math.inf)
+    a = emu.logprobs_fwd(tensor, labels, inner_rows, outer, inner, 1 / 0.7, -100, True)
+    b = emu.logprobs_fwd(tensor, labels, inner_rows, outer, inner, 1 / 0.7, -100, True, none)
+    for u, v in zip(a, b):
+        assert torch.equal(u.view(torch.int32), v.view(torch.int32))
+    g, gh = torch.randn(6, generator=_gen(1)), torch.randn(6, generator=_gen(2))
+    args = (g, gh, tensor, labels, a[2], a[3], a[1], inner_rows, outer, inner, inner_rows * 1001, 1001, 1 / 0.7,
+            -100)
+    assert torch.equal(emu.logprobs_bwd(*args).view(torch.int16), emu.logprobs_bwd(*args, none).view(torch.int16))
+
+
+@pytest.mark.parametrize("mode", [1, 2, 3, 4], ids=["reversed", "shuffled", "run-ahead", "run-ahead-reversed"])
+def test_truncation_results_do_not_depend_on_thread_order(emu, mode):
+    """The threshold's counts and masses and the truncated row kernels are fixed trees: any
+    resume order of the fibers gives the same bits."""
+    x = _truncation_rows(6, 3001, seed=9)
+    logits = _placed_rows(x, torch.bfloat16, "strided")
+    tensor, inner_rows, outer, inner = row_layout(logits)
+    labels = torch.randint(0, 3001, (6,), generator=_gen(9))
+
+    def run():
+        thr = emu.truncation_threshold(logits, 0.7, 5, 0.9, 0.1, True)
+        out = emu.logprobs_fwd(tensor, labels, inner_rows, outer, inner, 1 / 0.7, -100, True, thr)
+        grad = emu.logprobs_bwd(torch.ones(6), torch.ones(6), tensor, labels, out[2], out[3], out[1], inner_rows,
+                                outer, inner, inner_rows * 3001, 3001, 1 / 0.7, -100, thr)
+        return (thr,) + out + (grad.float(),)
+
+    expected = run()
+    emu.set_schedule(mode, seed=321)
+    try:
+        got = run()
+    finally:
+        emu.set_schedule(0)
+    for g, e in zip(got, expected):
+        assert torch.equal(g.view(-1).view(torch.uint8), e.view(-1).view(torch.uint8))
 
 
 # --- ppo_loss_from_logits with its gradient in the forward ---------------------------------
@@ -1073,10 +1425,12 @@ def test_oversized_grids_are_refused_before_launch(emu):
         # 2^32 + 1 rows: a launch of static_cast<unsigned>(n_rows) = 1 block would be wrong.
         with pytest.raises(EmulatedLaunchError, match="cudaError 9"):
             emu.call(f"emu_logprobs_fwd_{tag}", None, 1, 0, 1, None, 2**32 + 1, 1, 1.0, -100, None, None, None,
-                     None)
+                     None, None)
         with pytest.raises(EmulatedLaunchError, match="cudaError 9"):
             emu.call(f"emu_logprobs_bwd_{tag}", None, None, None, 1, 0, 1, None, None, None, None, 2**32 + 1, 1,
-                     1.0, -100, None, 0, 1)
+                     1.0, -100, None, 0, 1, None)
+        with pytest.raises(EmulatedLaunchError, match="cudaError 9"):
+            emu.call(f"emu_truncation_threshold_{tag}", None, 1, 0, 1, 2**32 + 1, 1, 1.0, 5, 0.9, 0.1, 1, None)
     with pytest.raises(EmulatedLaunchError, match="cudaError 9"):
         emu.call("emu_advantages_f32", None, None, None, 1, 2**31, None, None, None, None, None, 0.0, 0, 1.0,
                  1.0, None, None, None, None, None, 2**31)
@@ -1122,7 +1476,7 @@ def test_results_do_not_depend_on_thread_order(emu, mode):
 def test_ctypes_library_has_every_launcher(emu):
     for tag in ("f32", "f64", "f16", "bf16"):
         for op in ("logprobs_fwd", "logprobs_bwd", "ppo_logits_grad", "kl_penalty_fwd", "kl_penalty_bwd",
-                   "advantages", "rollout_correction"):
+                   "advantages", "rollout_correction", "truncation_threshold"):
             assert isinstance(getattr(emu.lib, f"emu_{op}_{tag}"), ctypes._CFuncPtr)
     for tag in ("f32", "f64"):
         for op in ("ppo_policy_fwd", "ppo_value_fwd"):
@@ -1157,19 +1511,20 @@ class _EmulatedRows:
     def _shift(t):  # the tile's misalignment, as the GPU would see its pointer
         return (t.data_ptr() % 16) // t.element_size()
 
-    def fwd(self, tile, labels, inv_t, compute_entropy):
+    def fwd(self, tile, labels, inv_t, compute_entropy, min_logit):
         self._record(self.fwd_tiles, tile, labels)
         tensor, inner_rows, outer, inner = row_layout(tile)
         return self.emu.logprobs_fwd(tensor, labels, inner_rows, outer, inner, inv_t, lm_head_tiles.NO_LABEL,
-                                     compute_entropy, shift=self._shift(tensor))
+                                     compute_entropy, min_logit, shift=self._shift(tensor))
 
-    def bwd(self, g, g_entropy, tile, labels, row_max, log_sum, entropy, inv_t):
+    def bwd(self, g, g_entropy, tile, labels, row_max, log_sum, entropy, inv_t, min_logit):
         self._record(self.bwd_tiles, tile, labels)
         tensor, inner_rows, outer, inner = row_layout(tile)
         assert tensor is tile
         self.vectorized.add(_vectorized(tile, self._shift(tile), self._shift(tile), True))
         out = self.emu.logprobs_bwd(g, g_entropy, tile, labels, row_max, log_sum, entropy, inner_rows, outer, inner,
-                                    outer, inner, inv_t, lm_head_tiles.NO_LABEL, inplace=True, shift=self._shift(tile))
+                                    outer, inner, inv_t, lm_head_tiles.NO_LABEL, min_logit, inplace=True,
+                                    shift=self._shift(tile))
         tile.copy_(out)  # the emulator overwrote its placed copy of the tile
 
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import reference
@@ -31,10 +33,22 @@ def grad_into_input(x: torch.Tensor, inplace_backward: bool) -> torch.Tensor:
     return _GradIntoInput.apply(x) if inplace_backward else x
 
 
-def logprobs(logits, labels, temperature, ignore_index, compute_entropy, inplace_backward):
-    """logprobs_from_logits' contract: (logp, entropy or empty), computed in float32 (float64 stays)."""
+def logprobs(logits, labels, temperature, ignore_index, compute_entropy, inplace_backward, min_logit=None):
+    """logprobs_from_logits' contract: (logp, entropy or empty), computed in float32 (float64 stays); with
+    min_logit (N,), over the kept set logits >= min_logit only (the others set to -inf)."""
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():  # raising needs a value
         check_labels_in_range(labels, logits.shape[-1], ignore_index)
-    out = reference.logprobs_from_logits(grad_into_input(logits, inplace_backward), labels, temperature=temperature,
-                                         ignore_index=ignore_index, return_entropy=compute_entropy)
+    x = grad_into_input(logits, inplace_backward)
+    cut = None
+    if min_logit is not None:
+        cut = x.to(min_logit.dtype) < min_logit.view(labels.shape)[..., None]
+        x = x.masked_fill(cut, -math.inf)
+    out = reference.logprobs_from_logits(x, labels, temperature=temperature, ignore_index=ignore_index,
+                                         return_entropy=compute_entropy)
+    if cut is not None:  # a label outside the kept set: -inf, also where nothing is kept (NaN above)
+        in_range = (labels >= 0) & (labels < logits.shape[-1])
+        label_cut = cut.gather(-1, torch.where(in_range, labels, 0).long()[..., None])[..., 0] & in_range
+        logp = out[0] if compute_entropy else out
+        logp = torch.where(label_cut & (labels != ignore_index), -math.inf, logp)
+        out = (logp, out[1]) if compute_entropy else logp
     return out if compute_entropy else (out, logits.new_empty(0, dtype=acc_dtype(logits.dtype)))

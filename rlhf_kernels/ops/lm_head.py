@@ -32,6 +32,7 @@ from . import lm_head_tiles
 from .lm_head_tiles import ROWS, PrecomputedGrad, backward_tiles, forward_tiles
 from .ppo_loss import _check_policy_inputs, _combined_loss, _logprobs_loss, _policy_loss
 from .ppo_options import PPOLossOptions, fill_args
+from .truncation import kept_threshold
 
 
 # --- the ops ------------------------------------------------------------------
@@ -44,13 +45,13 @@ from .ppo_options import PPOLossOptions, fill_args
 @torch.library.custom_op("rlhf_kernels::logprobs_from_hidden", mutates_args=())
 def _logprobs_from_hidden_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                              temperature: float, ignore_index: int, compute_entropy: bool, chunk_bytes: int,
-                             rows: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                             rows: str, min_logit: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return forward_tiles(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk_bytes,
-                         rows)
+                         rows, min_logit=min_logit)
 
 
 @_logprobs_from_hidden_op.register_fake
-def _(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk_bytes, rows):
+def _(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk_bytes, rows, min_logit=None):
     acc = acc_dtype(hidden.dtype)
     n = hidden.shape[0]
     return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n if compute_entropy else 0, dtype=acc),
@@ -62,52 +63,55 @@ def _logprobs_from_hidden_backward_op(
         grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor, weight: Tensor,
         bias: Optional[Tensor], labels: Tensor, row_max: Tensor, log_sum: Tensor, entropy: Optional[Tensor],
         temperature: float, ignore_index: int, chunk_bytes: int, rows: str, need_hidden: bool, need_weight: bool,
-        need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+        need_bias: bool, min_logit: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     grads = backward_tiles(grad_logp, grad_entropy, hidden, weight, bias, labels, row_max, log_sum, entropy,
-                           temperature, ignore_index, chunk_bytes, rows, need_hidden, need_weight, need_bias)
+                           temperature, ignore_index, chunk_bytes, rows, need_hidden, need_weight, need_bias,
+                           min_logit=min_logit)
     like = (hidden, weight, weight)
     return tuple(hidden.new_empty(0) if grad is None else grad.to(x.dtype) for grad, x in zip(grads, like))
 
 
 @_logprobs_from_hidden_backward_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, labels, row_max, log_sum, entropy, temperature, ignore_index,
-      chunk_bytes, rows, need_hidden, need_weight, need_bias):
+      chunk_bytes, rows, need_hidden, need_weight, need_bias, min_logit=None):
     return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
             weight.new_empty(weight.shape if need_weight else (0,)),
             weight.new_empty((weight.shape[0],) if need_bias else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk_bytes, rows = inputs
+    hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk_bytes, rows, min_logit = inputs
     _, entropy, row_max, log_sum = output
     ctx.mark_non_differentiable(row_max, log_sum)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(hidden, weight, bias, labels, row_max, log_sum, entropy if compute_entropy else None)
+    ctx.save_for_backward(hidden, weight, bias, labels, row_max, log_sum, entropy if compute_entropy else None,
+                          min_logit)
     ctx.params = (temperature, ignore_index, compute_entropy, chunk_bytes, rows)
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_row_max, _grad_log_sum):
-    hidden, weight, bias, labels, row_max, log_sum, entropy = ctx.saved_tensors
+    hidden, weight, bias, labels, row_max, log_sum, entropy, min_logit = ctx.saved_tensors
     temperature, ignore_index, compute_entropy, chunk_bytes, rows = ctx.params
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     need_bias = need_bias and bias is not None
     if grad_logp is None and (grad_entropy is None or not compute_entropy):
-        return (None,) * 9
+        return (None,) * 10
     grads = _logprobs_from_hidden_backward_op(
         grad_logp, grad_entropy if compute_entropy else None, hidden, weight, bias, labels, row_max, log_sum,
-        entropy, temperature, ignore_index, chunk_bytes, rows, need_hidden, need_weight, need_bias)
+        entropy, temperature, ignore_index, chunk_bytes, rows, need_hidden, need_weight, need_bias, min_logit)
     grad_hidden, grad_weight, grad_bias = (g if need else None
                                            for g, need in zip(grads, (need_hidden, need_weight, need_bias)))
-    return (grad_hidden, grad_weight, grad_bias) + (None,) * 6
+    return (grad_hidden, grad_weight, grad_bias) + (None,) * 7
 
 
 _caller = differentiable(torch.ops.rlhf_kernels.logprobs_from_hidden.default, _setup_context, _backward)
 
 
 def _kernel_backend(rows: str) -> Callable:
-    def logprobs(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk_bytes):
+    def logprobs(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk_bytes,
+                 min_logit=None):
         logp, entropy, _, _ = _caller(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy,
-                                      chunk_bytes, rows)
+                                      chunk_bytes, rows, min_logit)
         return logp, entropy
 
     return logprobs
@@ -165,6 +169,7 @@ def logprobs_from_hidden(
     return_entropy: bool = False,
     ignore_index: int = -100,
     chunk_bytes: int | None = None,
+    min_logit: float | Tensor | None = None,
     vocab_parallel_group=None,
     vocab_start: int | None = None,
     backend: str | None = None,
@@ -195,6 +200,12 @@ def logprobs_from_hidden(
         ignore_index: label value that marks positions to skip.
         chunk_bytes: budget of the tile buffer; default
             ``default_chunk_bytes(N, V)`` = N * V * 4 / 32 within [8, 256] MiB.
+        min_logit: a float or a tensor of the labels' shape: the sampler's
+            kept set, the logits (raw, before the temperature) >= it, as in
+            ``logprobs_from_logits``: logp and entropy of the renormalised
+            kept set, no gradient through the others (top_k / top_p / min_p
+            need the whole row: take them from ``truncation_threshold`` on
+            the sampler's logits). Not with vocab_parallel_group.
         vocab_parallel_group: a ``torch.distributed`` process group whose
             ranks each hold a vocabulary shard of the head: ``weight`` (V_r, H)
             and ``bias`` (V_r,) are this rank's rows, ``labels`` global ids
@@ -230,12 +241,16 @@ def logprobs_from_hidden(
     if vocab_parallel_group is not None:
         from .vocab_parallel import logprobs_from_hidden_vp
 
+        if min_logit is not None:
+            raise ValueError("min_logit: not with vocab_parallel_group")
         logp, entropy = logprobs_from_hidden_vp(flat_hidden, weight, bias, flat_labels, vocab_parallel_group,
                                                 vocab_start, temperature, ignore_index, bool(return_entropy),
                                                 chunk_bytes, backend)
     else:
+        thr = kept_threshold(hidden, shape, temperature, None, None, None, min_logit, "hf", backend)
         logp, entropy = implementation("logprobs_from_hidden", backend, hidden.device)(
-            flat_hidden, weight, bias, flat_labels, temperature, ignore_index, bool(return_entropy), chunk_bytes)
+            flat_hidden, weight, bias, flat_labels, temperature, ignore_index, bool(return_entropy), chunk_bytes,
+            thr)
     logp = logp.view(shape)
     return (logp, entropy.view(shape)) if return_entropy else logp
 
@@ -265,6 +280,7 @@ def ppo_loss_from_hidden(
     ratio_level: str = "token",
     chunk_bytes: int | None = None,
     grad_in_forward: bool = True,
+    min_logit: float | Tensor | None = None,
     vocab_parallel_group=None,
     vocab_start: int | None = None,
     cu_seqlens: Tensor | None = None,
@@ -315,6 +331,8 @@ def ppo_loss_from_hidden(
         chunk_bytes: as in ``logprobs_from_hidden``.
         grad_in_forward: the three-GEMM path above where it applies (False:
             always the four-GEMM backward).
+        min_logit: the sampler's kept set, as in ``logprobs_from_hidden``
+            (then always logprobs_from_hidden and ppo_loss_from_logprobs).
         vocab_parallel_group, vocab_start: a vocabulary-sharded head, as in
             ``logprobs_from_hidden`` (then always logprobs_from_hidden and
             ppo_loss_from_logprobs, the gradient in the backward).
@@ -336,7 +354,7 @@ def ppo_loss_from_hidden(
         if hidden.dim() != 2:
             raise ValueError(f"hidden: expected shape (N, H) with cu_seqlens, got {tuple(hidden.shape)}")
         logp, entropy = logprobs_from_hidden(hidden, weight, labels, bias=bias, temperature=o.temperature,
-                                             return_entropy=True, chunk_bytes=chunk_bytes,
+                                             return_entropy=True, chunk_bytes=chunk_bytes, min_logit=min_logit,
                                              vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,
                                              backend=backend)
         return _logprobs_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, cu_seqlens,
@@ -349,11 +367,11 @@ def ppo_loss_from_hidden(
     if token_weights is not None:
         check_tensor("token_weights", token_weights, FLOAT_DTYPES)
         check_tokens("labels", labels.shape, token_weights=token_weights)
-    plan = None if vocab_parallel_group is not None else \
+    plan = None if vocab_parallel_group is not None or min_logit is not None else \
         _grad_in_forward_plan(hidden, weight, bias, labels, o, chunk_bytes, grad_in_forward)
     if plan is None:
         logp, entropy = logprobs_from_hidden(hidden, weight, labels, bias=bias, temperature=o.temperature,
-                                             return_entropy=True, chunk_bytes=chunk_bytes,
+                                             return_entropy=True, chunk_bytes=chunk_bytes, min_logit=min_logit,
                                              vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,
                                              backend=backend)
         return _combined_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, o)

@@ -57,31 +57,32 @@ if triton_installed():
     from ..triton import logprobs as _triton
 
 
-# --- the row kernels per backend: fwd(tile, labels, inv_t, entropy) and
-# bwd(g, g_entropy, tile, labels, row_max, log_sum, entropy, inv_t), in place ---
+# --- the row kernels per backend: fwd(tile, labels, inv_t, entropy, min_logit) and
+# bwd(g, g_entropy, tile, labels, row_max, log_sum, entropy, inv_t, min_logit), in place;
+# min_logit: the rows' thresholds or None ---
 
 NO_LABEL = -1  # never a local label (those are in [0, vb]): the kernels' ignore_index
 
 
-def _native_fwd(tile, labels, inv_t, compute_entropy):
+def _native_fwd(tile, labels, inv_t, compute_entropy, min_logit):
     tensor, inner_rows, outer, inner = row_layout(tile)
     return torch.ops.rlhf_kernels.logprobs_fwd_native(tensor, labels, inner_rows, outer, inner, inv_t, NO_LABEL,
-                                                      compute_entropy)
+                                                      compute_entropy, min_logit)
 
 
-def _native_bwd(g, g_entropy, tile, labels, row_max, log_sum, entropy, inv_t):
+def _native_bwd(g, g_entropy, tile, labels, row_max, log_sum, entropy, inv_t, min_logit):
     tensor, inner_rows, outer, inner = row_layout(tile)
     assert tensor is tile
     torch.ops.rlhf_kernels.logprobs_bwd_native(g, g_entropy, tile, labels, row_max, log_sum, entropy, tile,
-                                               inner_rows, outer, inner, outer, inner, inv_t, NO_LABEL)
+                                               inner_rows, outer, inner, outer, inner, inv_t, NO_LABEL, min_logit)
 
 
-def _triton_fwd(tile, labels, inv_t, compute_entropy):
-    return _triton.forward(tile, labels, inv_t, NO_LABEL, compute_entropy)
+def _triton_fwd(tile, labels, inv_t, compute_entropy, min_logit):
+    return _triton.forward(tile, labels, inv_t, NO_LABEL, compute_entropy, min_logit)
 
 
-def _triton_bwd(g, g_entropy, tile, labels, row_max, log_sum, entropy, inv_t):
-    _triton.backward(g, g_entropy, tile, labels, row_max, log_sum, entropy, tile, inv_t, NO_LABEL)
+def _triton_bwd(g, g_entropy, tile, labels, row_max, log_sum, entropy, inv_t, min_logit):
+    _triton.backward(g, g_entropy, tile, labels, row_max, log_sum, entropy, tile, inv_t, NO_LABEL, min_logit)
 
 
 ROWS: dict[str, tuple[Callable, Callable]] = {"native": (_native_fwd, _native_bwd)}
@@ -143,13 +144,14 @@ def _local_labels(labels: Tensor, v0: int, vc: int) -> tuple[Tensor, Tensor]:
 
 def forward_tiles(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature: float,
                   ignore_index: int, compute_entropy: bool, chunk_bytes: int, rows: str, extras: bool = False,
-                  foreign_ok: bool = False):
+                  foreign_ok: bool = False, min_logit: Optional[Tensor] = None):
     """(logp, entropy, row_max, log_sum), and with ``extras`` a dict of TRL's
     ChunkedLogProbFunction statistics per row (float32 | bool, (N,)):
     log_sum_sq_probs = log sum p^2, mean_logits = mean of z / T over V, and
     is_top1 = the label is the first maximum of z. ``foreign_ok``: a label V
     is held by another vocabulary shard (its logp NaN, the rest of the row
-    computed; ops/vocab_parallel.py)."""
+    computed; ops/vocab_parallel.py). ``min_logit`` (N,): each row's kept set
+    is its logits >= it (a tile holding none of them has weight 0)."""
     fwd, _ = ROWS[rows]
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     if labels.device.type == "cpu":  # as the native CPU ops check (on a GPU: NaN, see the docstring)
@@ -188,7 +190,8 @@ def forward_tiles(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
             v1 = min(vocab, v0 + vb)
             tile = ops.logits_into(buf, h, ops.cols(v0, v1), v0, v1)
             local, inside = _local_labels(lab, v0, v1 - v0)
-            lp, ent, mx, ls = fwd(tile, local, inv_t, compute_entropy)
+            lp, ent, mx, ls = fwd(tile, local, inv_t, compute_entropy,
+                                  None if min_logit is None else min_logit[t0:t1])
             maxes[c], logs[c] = mx, ls
             if compute_entropy:
                 ents[c] = ent
@@ -212,7 +215,10 @@ def forward_tiles(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
         logp[t0:t1] = torch.where(ignored, 0.0, label_logp + (a_label - ls))
         if compute_entropy:
             w = torch.exp(a - ls)
-            entropy[t0:t1] = torch.where(ignored, 0.0, (w * (ents + (ls - a))).sum(0))
+            terms = w * (ents + (ls - a))
+            if min_logit is not None:  # a tile with nothing kept: w = 0, its entropy 0 / 0
+                terms = torch.where(w == 0, 0.0, terms)
+            entropy[t0:t1] = torch.where(ignored, 0.0, terms.sum(0))
         if extras:  # sq_c = log sum exp(2 (z - m_c) / T) over tile c
             stats["log_sum_sq_probs"][t0:t1] = torch.logsumexp(sq + (2 * inv_t) * (maxes - m), 0) - 2 * ls
             stats["mean_logits"][t0:t1] = z_sum / vocab
@@ -223,7 +229,8 @@ def forward_tiles(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
 def backward_tiles(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor, weight: Tensor,
                    bias: Optional[Tensor], labels: Tensor, row_max: Tensor, log_sum: Tensor,
                    entropy: Optional[Tensor], temperature: float, ignore_index: int, chunk_bytes: int, rows: str,
-                   need_hidden: bool, need_weight: bool, need_bias: bool, foreign_ok: bool = False):
+                   need_hidden: bool, need_weight: bool, need_bias: bool, foreign_ok: bool = False,
+                   min_logit: Optional[Tensor] = None):
     """The gradients of forward_tiles' logp and entropy; ``foreign_ok``: a
     label V is another shard's (no one-hot term in this head's rows)."""
     _, bwd = ROWS[rows]
@@ -257,7 +264,7 @@ def backward_tiles(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], 
             tile = ops.logits_into(buf, h, w, v0, v1)
             local, _ = _local_labels(lab, v0, v1 - v0)
             bwd(g[t0:t1], None if g_ent is None else g_ent[t0:t1], tile, local, row_max[t0:t1], log_sum[t0:t1],
-                None if entropy is None else entropy[t0:t1], inv_t)
+                None if entropy is None else entropy[t0:t1], inv_t, None if min_logit is None else min_logit[t0:t1])
             _tile_grads(tile[:, :v1 - v0], h, w, grad_hidden, grad_weight, grad_bias, t0, t1, v0, v1, many_blocks)
     return grad_hidden, grad_weight, grad_bias
 
@@ -340,7 +347,7 @@ def loss_grad_in_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
         h, lab = ops.rows(t0, t1), labels[t0:t1]
         tile = ops.logits_into(buf, h, w, 0, vocab)
         local, _ = _local_labels(lab, 0, vocab)
-        lp, ent, mx, ls = fwd(tile, local, inv_t, True)
+        lp, ent, mx, ls = fwd(tile, local, inv_t, True, None)
         ignored = lab == ignore_index
         logp[t0:t1] = torch.where(ignored, zero, lp)
         entropy[t0:t1] = torch.where(ignored, zero, ent)
@@ -348,7 +355,7 @@ def loss_grad_in_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
         g = torch.where(ignored, zero, g.to(acc)).contiguous()
         if g_ent is not None:
             g_ent = torch.where(ignored, zero, g_ent.to(acc)).contiguous()
-        bwd(g, g_ent, tile, local, mx, ls, ent if g_ent is not None else None, inv_t)
+        bwd(g, g_ent, tile, local, mx, ls, ent if g_ent is not None else None, inv_t, None)
         _tile_grads(tile[:, :vocab], h, w, grad_hidden, grad_weight, grad_bias, t0, t1, 0, vocab, many_blocks)
     return logp, entropy, grad_hidden, grad_weight, grad_bias
 

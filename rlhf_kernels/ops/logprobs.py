@@ -26,6 +26,7 @@ from .._validation import (
 )
 from ..eager import logprobs as _eager
 from ._op import differentiable
+from .truncation import kept_threshold
 
 if triton_installed():
     from ..triton import logprobs as _triton  # noqa: F401  (defines the rlhf_kernels::logprobs_triton* ops)
@@ -37,7 +38,7 @@ if triton_installed():
 # inplace_backward).
 
 
-def _logprobs_fake(logits, labels, temperature, ignore_index, compute_entropy, inplace_backward):
+def _logprobs_fake(logits, labels, temperature, ignore_index, compute_entropy, inplace_backward, min_logit=None):
     acc = acc_dtype(logits.dtype)
     rows = (labels.numel(),)
     return (logits.new_empty(labels.shape, dtype=acc),
@@ -45,36 +46,37 @@ def _logprobs_fake(logits, labels, temperature, ignore_index, compute_entropy, i
             logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc))
 
 
-def _backward_fake(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature, ignore_index):
+def _backward_fake(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature, ignore_index,
+                   min_logit=None):
     return logits.new_empty(logits.shape)
 
 
 def _backward_inplace_fake(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature,
-                           ignore_index):
+                           ignore_index, min_logit=None):
     return None
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, temperature, ignore_index, compute_entropy, inplace_backward = inputs
+    logits, labels, temperature, ignore_index, compute_entropy, inplace_backward, min_logit = inputs
     _, entropy, row_max, log_sum = output
     ctx.mark_non_differentiable(row_max, log_sum)
     if ctx.needs_input_grad[0]:
-        ctx.save_for_backward(logits, labels, row_max, log_sum, entropy if compute_entropy else None)
+        ctx.save_for_backward(logits, labels, row_max, log_sum, entropy if compute_entropy else None, min_logit)
         ctx.params = (temperature, ignore_index, compute_entropy, inplace_backward)
 
 
 def _backward_with(backward_op, backward_inplace_op) -> Callable:
     def backward(ctx, grad_logp, grad_entropy, _grad_row_max, _grad_log_sum):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
-        logits, labels, row_max, log_sum, entropy = ctx.saved_tensors
+            return None, None, None, None, None, None, None
+        logits, labels, row_max, log_sum, entropy, min_logit = ctx.saved_tensors
         temperature, ignore_index, compute_entropy, inplace_backward = ctx.params
         args = (grad_logp, grad_entropy if compute_entropy else None, logits, labels, row_max, log_sum, entropy,
-                temperature, ignore_index)
+                temperature, ignore_index, min_logit)
         if inplace_backward:
             backward_inplace_op(*args)
-            return logits, None, None, None, None, None
-        return backward_op(*args), None, None, None, None, None
+            return logits, None, None, None, None, None, None
+        return backward_op(*args), None, None, None, None, None, None
 
     return backward
 
@@ -85,8 +87,9 @@ def _register(backends: tuple[str, ...], op, backward_op, backward_inplace_op) -
     torch.library.register_fake(backward_inplace_op)(_backward_inplace_fake)
     caller = differentiable(op, _setup_context, _backward_with(backward_op, backward_inplace_op))
 
-    def logprobs(*args):
-        logp, entropy, _, _ = caller(*args)
+    def logprobs(logits, labels, temperature, ignore_index, compute_entropy, inplace_backward, min_logit=None):
+        logp, entropy, _, _ = caller(logits, labels, temperature, ignore_index, compute_entropy, inplace_backward,
+                                     min_logit)
         return logp, entropy
 
     register("logprobs", backends, logprobs)
@@ -113,6 +116,11 @@ def logprobs_from_logits(
     ignore_index: int = -100,
     return_entropy: bool = False,
     inplace_backward: bool = False,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    min_logit: float | Tensor | None = None,
+    truncation_order: str = "hf",
     vocab_parallel_group=None,
     vocab_start: int | None = None,
     backend: str | None = None,
@@ -140,6 +148,19 @@ def logprobs_from_logits(
         inplace_backward: write the logits gradient into the logits buffer
             instead of a new tensor (saves one (N, V) allocation). The logits
             are consumed: do not use them after backward.
+        top_k, top_p, min_p: the sampler's truncation: logp and entropy are
+            those of the renormalised kept set it sampled from, found from
+            each row (``truncation_threshold``; ties as documented there);
+            the gradient flows to the kept logits only. None: off.
+        min_logit: a float or a tensor of the labels' shape: keep only the
+            logits >= it (raw, before the temperature), for a sampler that
+            reports its kept set; with top_k / top_p / min_p, the larger of
+            the two thresholds. A label outside the kept set gets logp
+            -inf; a row whose every logit is below it, NaN. Not
+            differentiated.
+        truncation_order: "hf" (transformers: top-k, top-p, min-p) or
+            "vllm" (min-p, top-k, top-p); matters only when min_p is combined
+            with top_k or top_p.
         vocab_parallel_group: a ``torch.distributed`` process group whose
             ranks each hold a vocabulary shard: ``logits`` (..., V_r) are this
             rank's columns, ``labels`` global ids (the same on every rank).
@@ -147,7 +168,8 @@ def logprobs_from_logits(
             backward (every rank must backpropagate the same gradients);
             the results are the whole vocabulary's, on every rank
             (``ops/vocab_parallel.py``). Not with ``inplace_backward``.
-        vocab_start: the shard's first global id; default rank x V_r.
+        vocab_start: the shard's first global id; default rank x V_r. Not
+            with the truncation arguments (the kept set needs the whole row).
         backend: "triton" | "cuda" | "cpu" | "eager" to force one;
             default: ``RLHF_KERNELS_BACKEND``, else the best for the device.
 
@@ -171,7 +193,12 @@ def logprobs_from_logits(
     ignore_index = check_int("ignore_index", ignore_index)
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"ignore_index: must fit in int64, got {ignore_index}")
+    thr = kept_threshold(logits, labels.shape, temperature, top_k, top_p, min_p, min_logit, truncation_order,
+                         backend) if vocab_parallel_group is None else None
     if vocab_parallel_group is not None:
+        if any(a is not None for a in (top_k, top_p, min_p, min_logit)):
+            raise ValueError("top_k, top_p, min_p, min_logit: not with vocab_parallel_group (the kept set needs the "
+                             "whole row)")
         if inplace_backward:
             raise ValueError("inplace_backward: not with vocab_parallel_group (the shard's gradient is fixed "
                              "up after the kernel writes it)")
@@ -187,7 +214,7 @@ def logprobs_from_logits(
     if labels.is_cuda and checks_enabled():
         check_labels_in_range(labels, logits.shape[-1], ignore_index)
     logp, entropy = implementation("logprobs", backend, logits.device)(
-        logits, labels, temperature, ignore_index, bool(return_entropy), bool(inplace_backward),
+        logits, labels, temperature, ignore_index, bool(return_entropy), bool(inplace_backward), thr,
     )
     return (logp, entropy) if return_entropy else logp
 

@@ -38,6 +38,7 @@ from ..packing import packed_rows
 from .ppo_options import PPOLossOptions, fill_args
 from .advantages import kl_penalty
 from .logprobs import logprobs_from_logits
+from .truncation import truncates
 
 if triton_installed():
     from ..triton import ppo_loss as _triton  # noqa: F401  (defines the rlhf_kernels::*_triton ops)
@@ -572,6 +573,11 @@ def ppo_loss_from_logits(
     token_weights: Tensor | None = None,
     ratio_level: str = "token",
     inplace_backward: bool = False,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    min_logit: float | Tensor | None = None,
+    truncation_order: str = "hf",
     vocab_parallel_group=None,
     vocab_start: int | None = None,
     cu_seqlens: Tensor | None = None,
@@ -611,6 +617,10 @@ def ppo_loss_from_logits(
             (no (B, T, V) gradient buffer; the logits are consumed by the
             backward): three passes over the logits, as the gradient is then
             written in the backward.
+        top_k, top_p, min_p, min_logit, truncation_order: the sampler's
+            truncation, as in ``logprobs_from_logits``: log-probs and entropy
+            of the kept set (then logprobs_from_logits and
+            ppo_loss_from_logprobs, the gradient in the backward).
         vocab_parallel_group, vocab_start: vocabulary-sharded logits, as in
             ``logprobs_from_logits`` (then logprobs_from_logits and
             ppo_loss_from_logprobs, the gradient in the backward; not with
@@ -629,11 +639,13 @@ def ppo_loss_from_logits(
                                dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
                                ratio_level=ratio_level, kl_coef=kl_coef, kl_estimator=kl_estimator,
                                entropy_coef=entropy_coef, backend=backend)
+    truncation = dict(top_k=top_k, top_p=top_p, min_p=min_p, min_logit=min_logit, truncation_order=truncation_order)
+    truncated = truncates(top_k, top_p, min_p, min_logit)
     if cu_seqlens is not None:
         if logits.dim() != 2:
             raise ValueError(f"logits: expected shape (N, V) with cu_seqlens, got {tuple(logits.shape)}")
         logp, entropy = logprobs_from_logits(logits, labels, temperature=o.temperature, return_entropy=True,
-                                             inplace_backward=inplace_backward,
+                                             inplace_backward=inplace_backward, **truncation,
                                              vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,
                                              backend=backend)
         return _logprobs_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, cu_seqlens,
@@ -650,9 +662,9 @@ def ppo_loss_from_logits(
     check_tokens("logits.shape[:-1]", tokens, labels=labels)
     check_same_device(logits=logits, labels=labels)
     ref_logp = None if ref_logp is None else ref_logp.detach()
-    if o.ratio_level != "token" or vocab_parallel_group is not None:
+    if o.ratio_level != "token" or vocab_parallel_group is not None or truncated:
         logp, entropy = logprobs_from_logits(logits, labels, temperature=o.temperature, return_entropy=True,
-                                             inplace_backward=inplace_backward,
+                                             inplace_backward=inplace_backward, **truncation,
                                              vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,
                                              backend=backend)
         return _combined_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, o)
