@@ -22,7 +22,7 @@ from rlhf_kernels.trainer.config import (
     ConfigError, OptimConfig, PPOConfig, RewardConfig, SFTConfig, TrainConfig, load_config, to_dict,
 )
 from rlhf_kernels.trainer.data import IGNORE_INDEX, encode_prompts, encode_responses, lm_targets, make_batch
-from rlhf_kernels.trainer.models import ScalarHeadModel, tiny_llama
+from rlhf_kernels.trainer.models import ScalarHeadModel, response_logits, tiny_llama
 from rlhf_kernels.trainer.ppo import PPOTrainer
 from rlhf_kernels.trainer.reward import pairwise_loss
 from rlhf_kernels.trainer.sft import SFTTrainer
@@ -552,6 +552,47 @@ def test_sampler_logprobs_from_generate_match_the_trainers():
     for key in ("mismatch/k1", "mismatch/k3", "mismatch/abs_diff_mean", "mismatch/abs_diff_max",
                 "correction/weight_mean", "correction/rejected_token_frac", "correction/rejected_seq_frac"):
         assert key in row and math.isfinite(row[key]), key
+
+
+@pytest.mark.parametrize("sampler", [dict(top_p=0.9), dict(top_k=20, top_p=0.8, min_p=0.05)], ids=str)
+def test_truncated_sampling_logprobs_match_the_samplers(sampler):
+    """With top-k / top-p / min-p rollouts (HF generate), the trainer's old
+    and reference log-probs are those of the sampled (renormalised, kept)
+    distribution: the sampler's own processed log-probs to float32 rounding,
+    where the untruncated ones sit about -log P(kept) below; the update's
+    loss runs on the same truncation."""
+    from rlhf_kernels.trainer.config import RolloutCorrectionConfig
+
+    trainer, _ = _ppo_trainer(seed=13, temperature=0.7, rollout_correction=RolloutCorrectionConfig(measure=True),
+                              **sampler)
+    assert trainer._head(trainer.policy) == (None, False)  # the kept set needs whole rows: the logits path
+    r = trainer.rollout()
+    mask = r.batch.response_mask.bool()
+    assert mask.any()
+    torch.testing.assert_close(r.sampler_logp[mask], r.old_logp[mask], atol=1e-4, rtol=1e-4)
+    assert 0 <= r.stats["mismatch/abs_diff_max"] < 1e-4
+    batch = r.batch
+    with torch.no_grad():
+        logits = response_logits(trainer.policy, batch.input_ids, batch.attention_mask, batch.prompt_len)
+        full = rlhf_kernels.logprobs_from_logits(logits, batch.response_labels, temperature=0.7)
+        kept = rlhf_kernels.logprobs_from_logits(logits, batch.response_labels, temperature=0.7, **sampler)
+        with trainer._frozen("ref") as ref_model:
+            ref = rlhf_kernels.logprobs_from_logits(
+                response_logits(ref_model, batch.input_ids, batch.attention_mask, batch.prompt_len),
+                batch.response_labels, temperature=0.7, **sampler)
+    torch.testing.assert_close(kept[mask], r.old_logp[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref[mask], r.ref_logp[mask], atol=1e-5, rtol=1e-5)
+    gap = (kept - full)[mask]
+    assert (gap >= -1e-6).all() and gap.mean() > 0.01  # log 1 / P(kept) >= 0, and not negligible here
+    row = trainer.step()
+    assert math.isfinite(row["policy_loss"]) and row["mismatch/abs_diff_max"] < 1e-4
+
+
+def test_truncation_config_errors():
+    with pytest.raises(ConfigError, match="ppo.top_p must be in"):
+        _ppo_trainer(top_p=0.0)
+    with pytest.raises(ConfigError, match="ppo.padding_free: not with top_k"):
+        _ppo_trainer(top_k=5, padding_free=True)
 
 
 def test_rollout_correction_weights_and_rejection_reach_the_policy_loss(monkeypatch):

@@ -123,3 +123,28 @@ def test_the_engine_sleeps_through_the_update_and_wakes_for_sampling(setup, monk
     trainer.step()
     trainer.step()
     assert calls == ["wake_up", "load_weights", "wake_up", "generate", "sleep", "update"] * 2, calls
+
+
+def test_truncated_sampling_equals_the_engines_processed_logprobs(setup):
+    """top-k / top-p / min-p rollouts from the engine: its processed log-probs
+    (of the renormalised kept set, min-p applied first) equal the trainer's
+    old log-probs to <= 1e-3, where the untruncated ones sit about
+    -log P(kept) below."""
+    from rlhf_kernels.trainer.models import response_logits
+
+    paths, engine = setup
+    sampler = dict(top_k=40, top_p=0.9, min_p=0.01)
+    trainer = _trainer(paths, engine, "grpo", **sampler)
+    r = trainer.rollout()
+    mask = r.batch.response_mask.bool()
+    assert mask.any()
+    assert r.stats["mismatch/abs_diff_max"] <= TOL, r.stats
+    batch = r.batch
+    with torch.no_grad():
+        logits = response_logits(trainer.policy, batch.input_ids, batch.attention_mask, batch.prompt_len).float()
+    full = logprobs_from_logits(logits, batch.response_labels, temperature=0.9)
+    kept = logprobs_from_logits(logits, batch.response_labels, temperature=0.9, truncation_order="vllm", **sampler)
+    torch.testing.assert_close(kept[mask], r.sampler_logp[mask], atol=TOL, rtol=0)
+    assert ((kept - full)[mask]).mean() > 0.01  # what the untruncated recompute would be off by
+    row = trainer.step()
+    assert row["mismatch/abs_diff_max"] <= TOL, row

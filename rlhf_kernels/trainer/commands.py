@@ -8,7 +8,7 @@
     rlhf-kernels ppo --policy DIR (--reward-model DIR | --reward-fn FILE.py:function | module:function)
                      --prompts FILE.jsonl --out DIR [--critic DIR] [--ptx-data FILE.jsonl --ptx-coef X]
                      [--algo ppo|grpo|rloo --group-size K]
-                     [--iterations N] [--rollout-batch-size N] [--max-new-tokens N]
+                     [--iterations N] [--rollout-batch-size N] [--max-new-tokens N] [--top-k K] [--top-p P] [--min-p P]
                      [--gradient-checkpointing] [--padding-free] [--precision fp32|bf16] [--strategy ddp|fsdp]
                      [--lora-r R [--lora-alpha A] [--lora-dropout P] [--lora-target-modules M] [--merge]]
                      [--offload ref,reward]
@@ -223,7 +223,8 @@ def ppo_config(args) -> PPOConfig:
     cfg = load_config(args.config, PPOConfig) if args.config else PPOConfig()
     flags = {"iterations": args.iterations, "rollout_batch_size": args.rollout_batch_size,
              "max_new_tokens": args.max_new_tokens, "ptx_coef": args.ptx_coef,
-             "missing_eos_penalty": args.missing_eos_penalty}
+             "missing_eos_penalty": args.missing_eos_penalty, "top_k": args.top_k, "top_p": args.top_p,
+             "min_p": args.min_p}
     for key, value in flags.items():
         if value is not None:
             setattr(cfg, key, value)
@@ -554,6 +555,10 @@ def add_ppo_parser(sub) -> None:
     p.add_argument("--iterations", type=int, default=None)
     p.add_argument("--rollout-batch-size", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most probable tokens (default 0: off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default 1.0: off)")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="keep tokens of probability >= min_p x the largest (default 0: off)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     lora = p.add_argument_group("LoRA adapters on the policy (PEFT)")
     lora.add_argument("--lora-r", type=int, default=None, help="adapter rank (default 0: full weights)")

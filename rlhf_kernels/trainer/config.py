@@ -104,6 +104,14 @@ class PPOConfig:
     rollout_batch_size: int = 64  # responses per iteration (per process)
     max_new_tokens: int = 8
     temperature: float = 1.0
+    # The sampler's truncation (TRL's GRPOConfig names; 0 / 1.0 / 0.0: off).
+    # Rollouts sample from the renormalised kept set, and the old, new and
+    # reference log-probs are computed over each row's own kept set (the
+    # logits path: the kept set needs the whole row, so the fused LM head is
+    # off), in the engine's order (hf: top-k, top-p, min-p; vllm: min-p first).
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
     ppo_epochs: int = 2
     mini_batch_size: int = 32  # sequences per optimiser step (per process)
     grad_accum_steps: int = 2  # micro-batches per mini-batch
@@ -274,6 +282,11 @@ def correction_kwargs(rc: RolloutCorrectionConfig) -> dict:
                             rc.rollout_rs_threshold)
 
 
+def truncated(cfg: PPOConfig) -> bool:
+    """Whether the sampler truncates (top_k, top_p or min_p on)."""
+    return cfg.top_k > 0 or cfg.top_p < 1 or cfg.min_p > 0
+
+
 def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
     """Stop at start-up on a configuration that cannot run."""
     if cfg.rollout_batch_size <= 0 or cfg.mini_batch_size <= 0 or cfg.grad_accum_steps <= 0:
@@ -294,6 +307,15 @@ def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
         raise ConfigError("ppo: gamma and lam must lie in [0, 1]")
     if cfg.temperature <= 0:
         raise ConfigError("ppo.temperature must be > 0")
+    if cfg.top_k < 0:
+        raise ConfigError("ppo.top_k must be >= 0 (0: off)")
+    if not 0 < cfg.top_p <= 1:
+        raise ConfigError("ppo.top_p must be in (0, 1] (1: off)")
+    if not 0 <= cfg.min_p <= 1:
+        raise ConfigError("ppo.min_p must be in [0, 1] (0: off)")
+    if cfg.padding_free and truncated(cfg):
+        raise ConfigError("ppo.padding_free: not with top_k / top_p / min_p (the truncated log-probs run on the "
+                          "logits path)")
     if cfg.max_new_tokens <= 0 or cfg.iterations < 0:
         raise ConfigError("ppo: max_new_tokens must be > 0 and iterations >= 0")
     if world_size < 1:

@@ -35,7 +35,7 @@ from .. import (
     ppo_loss_from_hidden, ppo_loss_from_logits, ppo_loss_from_logprobs, ppo_value_loss, rollout_correction,
 )
 from .._dispatch import canonical_backend
-from .config import PPOConfig, correction_kwargs, validate_ppo
+from .config import PPOConfig, correction_kwargs, truncated, validate_ppo
 from .data import (
     Batch, decode_responses, encode_prompts, encode_responses, lm_targets, make_batch,
     response_mask_from_generation,
@@ -127,16 +127,18 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
-def sampling_config(model, tokenizer, *, temperature: float, greedy: bool, max_new_tokens: int):
+def sampling_config(model, tokenizer, *, temperature: float, greedy: bool, max_new_tokens: int, top_k: int = 0,
+                    top_p: float = 1.0, min_p: float = 0.0):
     """A fresh GenerationConfig that samples exactly from softmax(logits / T)
-    of the policy (or takes its argmax): none of the logits processors a
-    checkpoint's generation config may ship (repetition penalty, min length,
-    top-k / top-p, bad words, ...), since the old log-probs and the KL are
-    computed for the plain policy; every EOS id of the model kept."""
+    of the policy, truncated by top_k / top_p / min_p if given (or takes its
+    argmax): none of the logits processors a checkpoint's generation config
+    may ship (repetition penalty, min length, its own top-k / top-p, bad
+    words, ...), since the old log-probs and the KL are computed for this
+    sampler; every EOS id of the model kept."""
     from transformers import GenerationConfig
 
-    sample = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) if not greedy else \
-        dict(do_sample=False)
+    sample = dict(do_sample=True, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                  min_p=float(min_p) if min_p else None) if not greedy else dict(do_sample=False)
     return GenerationConfig(**sample, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                             eos_token_id=eos_token_ids(model, tokenizer), bos_token_id=tokenizer.bos_token_id)
 
@@ -309,7 +311,8 @@ class PPOTrainer:
         was_training = model.training
         model.eval()
         sampling = sampling_config(model, self.tokenizer, temperature=temperature or cfg.temperature, greedy=greedy,
-                                   max_new_tokens=cfg.max_new_tokens)
+                                   max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, top_p=cfg.top_p,
+                                   min_p=cfg.min_p)
         if self.rollout_engine is not None and self.policy is self._engine_policy:
             return self._engine_generate(prompt_ids, prompt_mask, sampling, greedy, sampler_logp, seed)
         with _generation_config(model, sampling), fsdp.gathered(model):
@@ -320,7 +323,8 @@ class PPOTrainer:
         responses = sequences[:, prompt_ids.shape[1]:]
         logp = None
         if sampler_logp:
-            # The scores are the processed logits (logits / T: sampling_config adds no other processor).
+            # The scores are the processed logits: logits / T, then top-k / top-p / min-p as -inf
+            # (sampling_config adds no other processor).
             logp = logprobs_from_logits(torch.stack(out.scores, 1).float(), responses, backend=self.backend)
         return self._sampled_batch(prompt_ids, prompt_mask, responses, sampling.eos_token_id, logp)
 
@@ -358,7 +362,8 @@ class PPOTrainer:
         prompts = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu())]
         completions = self.rollout_engine.generate(
             prompts, max_new_tokens=sampling.max_new_tokens, temperature=0.0 if greedy else sampling.temperature,
-            eos_token_ids=sampling.eos_token_id, seed=self.data_rng.getrandbits(62) if seed is None else seed)
+            eos_token_ids=sampling.eos_token_id, seed=self.data_rng.getrandbits(62) if seed is None else seed,
+            top_k=self.config.top_k, top_p=self.config.top_p, min_p=self.config.min_p)
         self.rollout_engine.sleep()  # its memory to the log-prob passes and the update (sleep_mode)
         width = max(1, max(len(c.token_ids) for c in completions))
         responses = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -369,10 +374,20 @@ class PPOTrainer:
         return self._sampled_batch(prompt_ids, prompt_mask, responses.to(self.device), sampling.eos_token_id,
                                    logp.to(self.device) if sampler_logp else None)
 
+    def _truncation(self) -> dict:
+        """The sampler's truncation as the log-prob ops take it ({} when off):
+        each row's kept set found in the kernels, in the engine's order."""
+        cfg = self.config
+        if not truncated(cfg):
+            return {}
+        return dict(top_k=cfg.top_k or None, top_p=cfg.top_p, min_p=cfg.min_p or None,
+                    truncation_order="vllm" if self.rollout_engine is not None else "hf")
+
     def _head(self, model) -> tuple[Optional[LMHead], bool]:
         """(the model's LM head for the fused ops or None: the logits path,
-        whether this is its first use: check it)."""
-        if not self.config.fused_lm_head or self.backend == "eager":
+        whether this is its first use: check it). A truncating sampler takes
+        the logits path: the kept set needs each whole row."""
+        if not self.config.fused_lm_head or self.backend == "eager" or truncated(self.config):
             return None, False
         key = id(model)
         if self._heads_checked.get(key) is False:
@@ -392,7 +407,7 @@ class PPOTrainer:
         if head is None:
             logits = response_logits(model, input_ids, attention_mask, prompt_len)
             return logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=return_entropy,
-                                        backend=self.backend)
+                                        backend=self.backend, **self._truncation())
         return with_response_hidden(
             model, input_ids, attention_mask, prompt_len, check=first,
             op=lambda hidden, head: logprobs_from_hidden(
@@ -608,7 +623,7 @@ class PPOTrainer:
             pg_loss, pg_stats = ppo_loss_from_logits(
                 logits, batch.response_labels, r.old_logp[idx], r.advantages[idx], mask,
                 temperature=cfg.temperature, entropy_coef=cfg.entropy_coef,
-                inplace_backward=cfg.logits_grad_inplace, **kl_term, **common,
+                inplace_backward=cfg.logits_grad_inplace, **kl_term, **common, **self._truncation(),
             )
         else:
             logp, entropy = self._token_logprobs(self.policy, batch.input_ids, batch.attention_mask,

@@ -228,11 +228,14 @@ class VLLMEngine:
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
                  temperature: float = 1.0, eos_token_ids: Iterable[int] = (),
-                 seed: int | None = None) -> list[Completion]:
+                 seed: int | None = None, top_k: int = 0, top_p: float = 1.0,
+                 min_p: float = 0.0) -> list[Completion]:
         """One response per prompt, sampled from softmax(logits / temperature)
-        of the engine's weights (temperature 0: the argmax, with log-probs of
-        log_softmax(logits)), no top-k / top-p / penalties, whatever the
-        checkpoint's generation config says; ending at the first of
+        of the engine's weights, truncated by top_k / top_p / min_p if given
+        (vLLM's order: min-p, then top-k and top-p; the log-probs are those of
+        the renormalised kept set; temperature 0: the argmax, with log-probs
+        of log_softmax(logits)), no penalties, whatever the checkpoint's
+        generation config says; ending at the first of
         ``eos_token_ids`` (and only those) or after ``max_new_tokens``.
 
         ``seed``: each prompt gets its own sampler seed drawn from it, so the
@@ -252,7 +255,8 @@ class VLLMEngine:
             draw = random.Random(seed)
             seeds = [draw.getrandbits(62) for _ in prompt_token_ids]
         params = [SamplingParams(
-            n=1, max_tokens=int(max_new_tokens), temperature=float(temperature), top_k=0, top_p=1.0, min_p=0.0,
+            n=1, max_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
+            top_p=float(top_p), min_p=float(min_p),
             # The sampled token's own log-prob only.
             logprobs=0,
             # ignore_eos: the request's stop ids are exactly eos_token_ids. Without
