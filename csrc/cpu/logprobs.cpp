@@ -316,6 +316,16 @@ acc_t mass_threshold(std::vector<std::pair<acc_t, double>>& items, double target
   return smallest;
 }
 
+// The truncation steps in the sampler's order: transformers' warpers (top-k,
+// top-p, min-p) or vLLM's sampler (min-p first).
+template <typename MinP, typename TopK, typename TopP>
+void in_sampler_order(bool min_p_first, MinP min_p, TopK top_k, TopP top_p) {
+  if (min_p_first) min_p();
+  top_k();
+  top_p();
+  if (!min_p_first) min_p();
+}
+
 // Scratch buffers of the float row threshold, reused across a task's rows.
 struct ThresholdScratch {
   std::vector<float> row, blocks, cand, members;
@@ -435,15 +445,7 @@ float row_threshold_f32(const float* x, int64_t vocab, float inv_temperature, in
     }
     if (!s.items.empty()) thr = std::max(thr, mass_threshold(s.items, target - above));
   };
-  if (min_p_first) {
-    apply_min_p();
-    apply_top_k();
-    apply_top_p();
-  } else {
-    apply_top_k();
-    apply_top_p();
-    apply_min_p();
-  }
+  in_sampler_order(min_p_first, apply_min_p, apply_top_k, apply_top_p);
   return thr;
 }
 
@@ -494,15 +496,7 @@ acc_t row_threshold(std::vector<acc_t>& vals, std::vector<acc_t>& cand, std::vec
     }
     thr = std::max(thr, mass_threshold(items, top_p * z));
   };
-  if (min_p_first) {
-    apply_min_p();
-    apply_top_k();
-    apply_top_p();
-  } else {
-    apply_top_k();
-    apply_top_p();
-    apply_min_p();
-  }
+  in_sampler_order(min_p_first, apply_min_p, apply_top_k, apply_top_p);
   return thr;
 }
 }  // namespace
