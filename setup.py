@@ -81,5 +81,5 @@ setup(
     },
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),
-    entry_points={"console_scripts": ["rlhf-kernels=rlhf_kernels.cli:main"]},
+    entry_points={"console_scripts": ["rlhf-kernels=rlhf_kernels.cli:run"]},
 )

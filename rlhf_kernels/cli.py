@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 BENCHMARKS = ("logprobs", "advantages", "ppo_loss", "rollout_correction", "overhead", "lm_head", "vocab_parallel",
               "trainer", "lora")
@@ -158,5 +160,30 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+def run(argv: list[str] | None = None) -> NoReturn:
+    """The command-line entry point (``rlhf-kernels``, ``python -m
+    rlhf_kernels.cli``): ``main``, then the process ends through
+    ``exit_process`` (which skips the interpreter's finalisation where a
+    process group was set up), an exception as Python reports it (traceback,
+    exit code 1; 130 for an interrupt)."""
+    from .trainer.utils import exit_process
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = 130
+    except BaseException:  # noqa: BLE001 -- reported, then the same exit path
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -37,6 +37,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .config import ConfigError
+from .utils import note_process_group
 
 # Name components the wrappers of an HF model add to its parameters
 # (torch.compile, activation checkpointing), and DDP's leading "module.",
@@ -141,6 +142,7 @@ class VLLMEngine:
 
         rng = (torch.random.get_rng_state(), random.getstate(), _numpy_rng_state())
         set_num_threads, num_threads = torch.set_num_threads, torch.get_num_threads()
+        note_process_group()  # vLLM sets up its own (world size 1) in this process
         try:
             self.llm = vllm.LLM(
                 model=str(checkpoint), dtype=self.dtype, gpu_memory_utilization=gpu_memory_utilization,

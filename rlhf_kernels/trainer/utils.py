@@ -8,12 +8,14 @@ import logging
 import math
 import os
 import random
+import atexit
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -111,6 +113,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --- distributed ----------------------------------------------------------------------
 
 
+_made_group = False  # a process group was set up in this process (exit_process)
+
+
+def note_process_group() -> None:
+    """Records that a process group (ours, or an in-process engine's) was set
+    up in this process: ``exit_process`` then skips the finalisation."""
+    global _made_group
+    _made_group = True
+
+
 def init_distributed(device: str, always: bool = False) -> tuple[int, int]:
     """(rank, world_size); initialises the default process group under torchrun
     (gloo on CPU, NCCL on GPU). ``always``: a one-process group too (FSDP
@@ -129,6 +141,8 @@ def init_distributed(device: str, always: bool = False) -> tuple[int, int]:
         dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     if (world > 1 or always) and not dist.is_initialized():
         dist.init_process_group(backend=backend)
+    if dist.is_initialized():
+        note_process_group()
     if dist.is_initialized() and device.startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if dist.is_initialized():
@@ -155,6 +169,37 @@ def closing_own_group() -> Iterator[None]:
             if ok and dist.get_world_size() > 1:
                 dist.barrier()
             dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """Ends the process with ``code``. Where a process group was set up here,
+    the interpreter's finalisation is skipped after its clean-up steps
+    (non-daemon threads joined, atexit handlers run, streams flushed).
+
+    c10d's worker threads outlive ``destroy_process_group`` (the group's C++
+    object lives while any module holds it) and may drop the last reference
+    to a Python-owned tensor late: a barrier's work keeps the works in flight
+    before it, and frees them when the worker lets it go. A thread that takes
+    the GIL once finalisation has begun is ended by pthread_exit, whose
+    unwinding through that noexcept destructor calls std::terminate: "terminate
+    called without an active exception", SIGABRT after the rank's work is done
+    (gdb on the core of a 2-rank ``sft --strategy fsdp`` run:
+    ProcessGroupGloo::runLoop -> ~AsyncBarrierWork ->
+    ~AsyncAllgatherCoalescedWork -> decref_pyobject -> take_gil ->
+    pthread_exit). Without finalisation there is no such point."""
+    if not _made_group:
+        sys.exit(code)
+    main = threading.main_thread()
+    for thread in threading.enumerate():
+        if thread is not main and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or a broken pipe
+            pass
+    os._exit(code)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
