@@ -120,6 +120,59 @@ def bench_token_losses(device, quick, compile_ref, copy_gbps):
     return rows
 
 
+# The objectives of loss_type against verl's functions of the same names (the
+# goal: fused forward + backward at 1M tokens >= 5x verl's eager function).
+# verl's config and our keywords for the same loss (verl's sapo aggregates by
+# seq-mean-token-mean whatever it is given).
+OBJECTIVES = {
+    "cispo": dict(clip_low=0.2, clip_high=0.28),
+    "sapo": dict(tau_pos=1.0, tau_neg=1.05, agg="seq-mean-token-mean"),
+    "gpg": {},
+    "dppo_tv": dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0),
+    "dppo_kl": dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0),
+}
+
+
+def _verl_objective(name: str):
+    """verl's own (unpatched) policy loss ``name`` with its config, or None."""
+    try:
+        from verl.trainer.ppo import core_algos
+        from verl.workers.config import FSDPActorConfig
+    except Exception:  # noqa: BLE001 -- verl or one of its dependencies missing
+        return None
+    config = FSDPActorConfig(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                             strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2, rollout_n=1,
+                             tau_pos=1.0, tau_neg=1.05, global_batch_info={})
+    fn = core_algos.get_policy_loss_fn(name)
+    fn = getattr(fn, "__wrapped_original__", fn)
+    return lambda logp, old, adv, mask: fn(old, logp, adv, mask, "token-mean", config)[0]
+
+
+def bench_objectives(device, quick, copy_gbps):
+    shape = (4, 64) if quick else (1024, 1024)  # 1M tokens
+    logp, old, adv, mask = _token_inputs(shape, device)
+    fmask = mask.float()
+    n = logp.numel()
+    rows = []
+    for name, kw in OBJECTIVES.items():
+        leaf = logp.clone().requires_grad_(True)
+        providers = {}
+        verl_fn = _verl_objective(name)
+        if verl_fn is not None:
+            providers["verl"] = lambda f=verl_fn: f(leaf, old, adv, fmask)
+        for backend in _backends(device, quick):
+            providers[f"rlhf_kernels:{backend}"] = (
+                lambda b=backend, k=kw, t=name: rlhf_kernels.ppo_policy_loss(leaf, old, adv, mask, loss_type=t,
+                                                                            backend=b, **k)[0])
+        for provider, fn in providers.items():
+            progress(f"policy_loss:{name} {shape} {provider}")
+            fwd, fwd_bwd = _timed(fn, device, [leaf])
+            for mode, timing, nbytes in (("fwd", fwd, 13 * n), ("fwd+bwd", fwd_bwd, 17 * n)):
+                rows.append(Result(f"policy_loss:{name}", provider, mode, list(shape), "float32", timing, nbytes,
+                                   copy_gbps))
+    return rows
+
+
 def _liger():
     try:
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
@@ -195,8 +248,10 @@ def bench_loss_from_logits(device, quick, compile_ref, copy_gbps):
 
 
 def _speedups(rows: list[dict]) -> None:
-    """Adds speedup_vs_eager to each row (same op, mode, shape)."""
-    eager = {(r["op"], r["mode"], tuple(r["shape"])): r["median_ms"] for r in rows if r["provider"] == "eager"}
+    """Adds speedup_vs_eager to each row (same op, mode, shape): against the
+    eager reference, or verl's own function for the objectives."""
+    eager = {(r["op"], r["mode"], tuple(r["shape"])): r["median_ms"] for r in rows
+             if r["provider"] in ("eager", "verl")}
     for r in rows:
         base = eager.get((r["op"], r["mode"], tuple(r["shape"])))
         r["speedup_vs_eager"] = round(base / r["median_ms"], 2) if base and r["median_ms"] > 0 else None
@@ -209,7 +264,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip torch.compile of the reference (always skipped with --quick: compile time)")
-    parser.add_argument("--ops", default="tokens,logits", help="comma list of: tokens, logits")
+    parser.add_argument("--ops", default="tokens,logits,objectives",
+                        help="comma list of: tokens, logits, objectives")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (a shared machine times more steadily with 1)")
     args = parser.parse_args(argv)
@@ -226,12 +282,14 @@ def main(argv=None) -> list[dict]:
         results += bench_token_losses(device, quick, compile_ref, copy_gbps)
     if "logits" in ops:
         results += bench_loss_from_logits(device, quick, compile_ref, copy_gbps)
+    if "objectives" in ops:
+        results += bench_objectives(device, quick, copy_gbps)
     rows = [r.record(env) for r in results]
     _speedups(rows)
     path = write_results(rows, env, args.out_dir)
     print_table(rows)
     for r in rows:
-        if r["speedup_vs_eager"] is not None and r["provider"] != "eager":
+        if r["speedup_vs_eager"] is not None and r["provider"] not in ("eager", "verl"):
             print(f"{r['op']:22s} {r['mode']:8s} {r['provider']:24s} {r['median_ms']:9.3f} ms  x{r['speedup_vs_eager']}")
     print(f"results appended to {path}")
     return rows

@@ -81,7 +81,7 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "Tensor row_weight, Tensor? ref_logp, Tensor(a!) grad_logits, int inner_rows, "
       "int in_outer_stride, int in_inner_stride, int out_outer_stride, int out_inner_stride, "
       "float inv_temperature, int ignore_index, float ratio_low, float ratio_high, "
-      "float dual_clip, float kl_coef, int kl_estimator, float entropy_coef, "
+      "float dual_clip, int loss_type, float kl_coef, int kl_estimator, float entropy_coef, "
       "int max_rows_in_flight) -> (Tensor, Tensor, Tensor, Tensor)");
   // The public PPO policy loss (rlhf_kernels.ppo_policy_loss), one crossing:
   // token tensors (..., T) of any float dtype (computed in float32, float64 if
@@ -93,7 +93,7 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // w_b * grad * the upstream gradient.
   m.def(
       "ppo_policy_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
-      "float ratio_low, float ratio_high, float dual_clip, int agg, float? num_tokens, "
+      "float ratio_low, float ratio_high, float dual_clip, int loss_type, int agg, float? num_tokens, "
       "float? num_seqs, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   // The public clipped value loss, as ppo_policy_loss; stats (1,) vf_clipfrac.
   m.def(
@@ -111,7 +111,7 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // (The token gradient d l / d logp is unscaled, as in ppo_policy_loss.)
   m.def(
       "ppo_loss_from_logits(Tensor logits, Tensor labels, Tensor old_logp, Tensor advantages, Tensor mask, "
-      "Tensor? ref_logp, float temperature, float ratio_low, float ratio_high, float dual_clip, int agg, "
+      "Tensor? ref_logp, float temperature, float ratio_low, float ratio_high, float dual_clip, int loss_type, int agg, "
       "float? num_tokens, float? num_seqs, float kl_coef, int kl_estimator, float entropy_coef, "
       "bool inplace_backward, bool need_grad, Tensor? count, int max_rows_in_flight) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");

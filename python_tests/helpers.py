@@ -74,3 +74,33 @@ def probable_labels(logits, gen):
     rows = logits.shape[0]
     group = torch.randint(0, 16, (rows,), generator=gen)
     return torch.where(torch.arange(rows) % 3 == 0, logits.argmax(-1), group)
+
+
+def policy_tokens(shape, device, seed=0, dtype=torch.float32, scale=1.0):
+    """The policy losses' test tokens: fresh random (logp, old_logp,
+    advantages, mask). Log-ratios of scale ~1 put most ratios far outside
+    [0.8, 1.28]; a few beyond +-20 hit the log-ratio clamp; row 1 is fully
+    masked and masked slots hold NaN (never read)."""
+    gen = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(shape, generator=gen, dtype=torch.float64) * 3
+    old = logp + torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    adv = torch.randn(shape, generator=gen, dtype=torch.float64)
+    mask = torch.rand(shape, generator=gen) > 0.25
+    flat_old = old.view(-1)
+    if flat_old.numel() > 8:
+        flat_old[3] = logp.view(-1)[3] - 25.0  # log-ratio clamped at +20
+        flat_old[5] = logp.view(-1)[5] + 23.0  # log-ratio clamped at -20
+        mask.view(-1)[3] = mask.view(-1)[5] = True
+    if len(shape) == 2 and shape[0] > 1:
+        mask[1] = False
+    logp = torch.where(mask, logp, torch.full_like(logp, float("nan")))
+    to = lambda x: x.to(dtype).to(device)  # noqa: E731
+    return to(logp), to(old), to(adv), mask.to(device)
+
+
+def check_stats(got, want, atol=1e-6, rtol=1e-5):
+    """A loss's stats dict against the reference's: the same names, 0-dim tensors, close."""
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dim() == 0 and isinstance(got[name], torch.Tensor), name
+        torch.testing.assert_close(got[name].double(), want[name].double(), atol=atol, rtol=rtol, msg=name)

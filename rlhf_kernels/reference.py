@@ -115,6 +115,50 @@ def _masked_extreme(x: Tensor, mask: Tensor, largest: bool) -> Tensor:
     return torch.where(mask.any(), extreme, torch.zeros_like(extreme))
 
 
+LOSS_TYPES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl")
+
+
+def _policy_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, ratio: Tensor, loss_type: str,
+                       clip_low: float, clip_high: float, dual_clip: float | None, tau_pos: float,
+                       tau_neg: float) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(token loss, clipped, dual active or None) of one objective, each as
+    verl's compute_policy_loss_<name> writes it (verl/trainer/ppo/core_algos.py)."""
+    if loss_type == "clip":
+        loss1 = -advantages * ratio
+        loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+        clipped_loss = torch.maximum(loss1, loss2)
+        if dual_clip is None:
+            return clipped_loss, loss2 > loss1, None
+        loss3 = -advantages * dual_clip
+        negative = advantages < 0
+        return (torch.where(negative, torch.minimum(clipped_loss, loss3), clipped_loss), loss2 > loss1,
+                (clipped_loss > loss3) & negative)
+    if loss_type == "cispo":
+        weight = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high).detach()
+        return -weight * advantages * logp, (ratio < 1.0 - clip_low) | (ratio > 1.0 + clip_high), None
+    if loss_type == "sapo":
+        tau = torch.where(advantages > 0, torch.as_tensor(tau_pos, dtype=ratio.dtype),
+                          torch.as_tensor(tau_neg, dtype=ratio.dtype))
+        gate = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
+        return -gate * advantages, torch.zeros_like(ratio, dtype=torch.bool), None
+    if loss_type == "gpg":
+        return -logp * advantages, torch.zeros_like(ratio, dtype=torch.bool), None
+    cap = 20.0 if dual_clip is None else dual_clip
+    weight = torch.clamp(ratio, max=cap).detach()
+    prob, old_prob = torch.exp(logp), torch.exp(old_logp)
+    if loss_type == "dppo_tv":
+        kept = torch.where(advantages > 0, (prob - old_prob) <= clip_high, (prob - old_prob) >= -clip_low)
+    elif loss_type == "dppo_kl":
+        binary_kl = old_prob * (old_logp - logp) + (1 - old_prob) * torch.log(
+            (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+        kept = torch.where(advantages > 0, (binary_kl <= clip_high) | (prob <= old_prob),
+                           (binary_kl <= clip_low) | (prob >= old_prob))
+    else:
+        raise ValueError(f"loss_type: unknown objective {loss_type!r}; expected one of {LOSS_TYPES}")
+    kept = kept.detach()
+    return -advantages * weight * logp * kept.to(ratio.dtype), ~kept, kept & (ratio > cap)
+
+
 def ppo_policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -127,34 +171,33 @@ def ppo_policy_loss(
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
+    loss_type: str = "clip",
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
     upcast: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The clipped PPO surrogate, eagerly, as verl/OpenRLHF compute it:
+    """The policy objective ``loss_type``, eagerly, as verl/OpenRLHF compute it:
 
-    ``ratio = exp(clamp(logp - old_logp, -20, 20))``, ``l1 = -A * ratio``,
-    ``l2 = -A * clamp(ratio, 1 - clip_low, 1 + clip_high)``, ``l = max(l1, l2)``;
-    with ``dual_clip = c``, tokens with A < 0 take ``min(l, -c * A)``; the loss is
-    ``agg_loss(l, mask, agg)``. Returns (loss, stats) with stats clipfrac
-    (l2 > l1), clipfrac_lower (dual clip active), approx_kl (masked mean of
-    old_logp - logp), ratio_max and ratio_min over valid tokens.
+    ``ratio = exp(clamp(logp - old_logp, -20, 20))``; "clip": ``l1 = -A *
+    ratio``, ``l2 = -A * clamp(ratio, 1 - clip_low, 1 + clip_high)``, ``l =
+    max(l1, l2)``; with ``dual_clip = c``, tokens with A < 0 take ``min(l, -c *
+    A)``. The other objectives as verl's functions of the same names
+    (_policy_token_loss; dppo's cap is dual_clip, default 20, its thresholds
+    clip_low / clip_high). The loss is ``agg_loss(l, mask, agg)``. Returns
+    (loss, stats) with stats clipfrac (l2 > l1; cispo: the ratio outside its
+    range; dppo: the tokens masked), clipfrac_lower (dual clip active; dppo:
+    ratio > cap on a kept token), approx_kl (masked mean of old_logp - logp),
+    ratio_max and ratio_min over valid tokens.
     """
     dtype = _compute_dtype(logp.dtype, upcast)
     logp, old_logp, advantages = logp.to(dtype), old_logp.to(dtype), advantages.to(dtype)
     clip_high = clip_low if clip_high is None else clip_high
     log_ratio = torch.clamp(logp - old_logp, min=-20.0, max=20.0)
     ratio = torch.exp(log_ratio)
-    loss1 = -advantages * ratio
-    loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    clipped_loss = torch.maximum(loss1, loss2)
-    clipfrac = _masked_mean((loss2 > loss1).to(dtype), mask)
-    if dual_clip is not None:
-        loss3 = -advantages * dual_clip
-        negative = advantages < 0
-        clipfrac_lower = _masked_mean(((clipped_loss > loss3) & negative).to(dtype), mask)
-        token_loss = torch.where(negative, torch.minimum(clipped_loss, loss3), clipped_loss)
-    else:
-        clipfrac_lower = clipfrac.new_zeros(())
-        token_loss = clipped_loss
+    token_loss, clipped, dual = _policy_token_loss(logp, old_logp, advantages, ratio, loss_type, clip_low,
+                                                   clip_high, dual_clip, tau_pos, tau_neg)
+    clipfrac = _masked_mean(clipped.to(dtype), mask)
+    clipfrac_lower = clipfrac.new_zeros(()) if dual is None else _masked_mean(dual.to(dtype), mask)
     loss = agg_loss(token_loss, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)
     ratio = ratio.detach()
     stats = {
@@ -216,6 +259,9 @@ def ppo_loss_from_logits(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
+    loss_type: str = "clip",
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
     upcast: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The composition ``logprobs_from_logits`` -> ``ppo_policy_loss``
@@ -226,7 +272,8 @@ def ppo_loss_from_logits(
     )
     pg_loss, stats = ppo_policy_loss(
         logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-        dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, upcast=upcast,
+        dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, loss_type=loss_type,
+        tau_pos=tau_pos, tau_neg=tau_neg, upcast=upcast,
     )
     aggregate = lambda x: agg_loss(x, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)  # noqa: E731
     entropy_agg = aggregate(entropy)

@@ -21,7 +21,7 @@ std::tuple<at::Tensor, at::Tensor> policy_partials(
     const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
     const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
     const std::optional<at::Tensor>& entropy, int64_t seq_len, double ratio_low, double ratio_high,
-    double dual_clip, double kl_coef, int64_t kl_estimator, bool need_grad) {
+    double dual_clip, int64_t loss_type, double kl_coef, int64_t kl_estimator, bool need_grad) {
   const PpoShape shape = check_ppo_policy_inputs(logp, old_logp, advantages, mask, ref_logp, entropy,
                                                  seq_len, kl_estimator);
   const at::ScalarType acc = logp.scalar_type();
@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor> policy_partials(
   AT_DISPATCH_FLOATING_TYPES(acc, "ppo_policy_fwd_cpu", [&] {
     using acc_t = scalar_t;
     const auto params =
-        policy_params<acc_t>(ratio_low, ratio_high, dual_clip, kl_estimator, kl_coef);
+        policy_params<acc_t>(ratio_low, ratio_high, dual_clip, loss_type, kl_estimator, kl_coef);
     const acc_t* ref_data = ref_logp ? ref_logp->const_data_ptr<acc_t>() : nullptr;
     const acc_t* entropy_data = entropy ? entropy->const_data_ptr<acc_t>() : nullptr;
     acc_t* grad_data = need_grad ? grad.mutable_data_ptr<acc_t>() : nullptr;
@@ -79,10 +79,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_value_host(const at::Ten
 
 // The public op ppo_policy_loss (csrc/ops.cpp; glue/ppo_loss.h ppo_policy_loss_impl).
 LossOutputs ppo_policy_loss_cpu(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
-                                const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip,
+                                const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip, int64_t loss_type,
                                 int64_t agg, std::optional<double> num_tokens, std::optional<double> num_seqs,
                                 bool need_grad) {
-  return ppo_policy_loss_impl(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip,
+  return ppo_policy_loss_impl(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip, loss_type,
                               agg_params(agg, num_tokens, num_seqs), need_grad, policy_partials,
                               finalize_policy_host);
 }
@@ -126,14 +126,14 @@ LossOutputs ppo_value_loss_cpu(const at::Tensor& values, const at::Tensor& old_v
 FromLogitsOutputs ppo_loss_from_logits_cpu(
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp, const at::Tensor& advantages,
     const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp, double temperature, double ratio_low,
-    double ratio_high, double dual_clip, int64_t agg, std::optional<double> num_tokens,
+    double ratio_high, double dual_clip, int64_t loss_type, int64_t agg, std::optional<double> num_tokens,
     std::optional<double> num_seqs, double kl_coef, int64_t kl_estimator, double entropy_coef,
     bool inplace_backward, bool need_grad, const std::optional<at::Tensor>& count, int64_t max_rows_in_flight) {
   const AggParams params = agg_params(agg, num_tokens, num_seqs);
   const FromLogitsInputs in =
       from_logits_inputs(logits, labels, old_logp, advantages, mask, ref_logp, inplace_backward, need_grad);
   check_labels_in_range(in.labels, logits.size(-1), -100);
-  return ppo_loss_from_logits_impl(logits, in, temperature, ratio_low, ratio_high, dual_clip, params, kl_coef,
+  return ppo_loss_from_logits_impl(logits, in, temperature, ratio_low, ratio_high, dual_clip, loss_type, params, kl_coef,
                                    kl_estimator, entropy_coef, need_grad, count, max_rows_in_flight,
                                    policy_partials, finalize_policy_host);
 }
@@ -162,13 +162,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cpu(
     const std::optional<at::Tensor>& ref_logp, const at::Tensor& grad_logits, int64_t inner_rows,
     int64_t in_outer_stride, int64_t in_inner_stride, int64_t out_outer_stride,
     int64_t out_inner_stride, double inv_temperature, int64_t ignore_index, double ratio_low,
-    double ratio_high, double dual_clip, double kl_coef, int64_t kl_estimator,
+    double ratio_high, double dual_clip, int64_t loss_type, double kl_coef, int64_t kl_estimator,
     double entropy_coef, int64_t /*max_rows_in_flight: rows are cached per thread*/) {
   const RowLayout in_layout{inner_rows, in_outer_stride, in_inner_stride};
   const RowLayout out_layout{inner_rows, out_outer_stride, out_inner_stride};
   const PpoLogitsGradArgs checked = check_ppo_logits_grad(
       logits, labels, grad_logits, in_layout, out_layout, old_logp, advantages, row_weight, ref_logp,
-      ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator);
+      ratio_low, ratio_high, dual_clip, loss_type, kl_coef, kl_estimator);
   const int64_t n_rows = checked.n_rows;
   const at::ScalarType acc = acc_dtype_for(logits);
   const int64_t vocab = logits.size(-1);

@@ -20,6 +20,11 @@
 
 namespace rlhf_kernels {
 
+// The objective's code (PolicyForm, ppo_math.h).
+inline void check_loss_type(int64_t loss_type) {
+  TORCH_CHECK_VALUE(loss_type >= 0 && loss_type < kPolicyForms, "loss_type: bad code ", loss_type);
+}
+
 // Checks of ppo_logits_grad_native's arguments (both devices): the number of
 // rows and the PolicyParams they imply.
 struct PpoLogitsGradArgs {
@@ -32,7 +37,7 @@ inline PpoLogitsGradArgs check_ppo_logits_grad(
     RowLayout in_layout, RowLayout out_layout, const at::Tensor& old_logp,
     const at::Tensor& advantages, const at::Tensor& row_weight,
     const std::optional<at::Tensor>& ref_logp, double ratio_low, double ratio_high,
-    double dual_clip, double kl_coef, int64_t kl_estimator) {
+    double dual_clip, int64_t loss_type, double kl_coef, int64_t kl_estimator) {
   const int64_t n_rows = checked_grad_rows(logits, labels, grad_logits, in_layout, out_layout);
   const at::ScalarType acc = acc_dtype_for(logits);
   check_row_tensor(old_logp, n_rows, acc, "old_logp");
@@ -41,7 +46,8 @@ inline PpoLogitsGradArgs check_ppo_logits_grad(
   if (ref_logp) check_row_tensor(*ref_logp, n_rows, acc, "ref_logp");
   TORCH_CHECK_VALUE(kl_estimator >= kKlNone && kl_estimator <= kKlK3, "kl_estimator: bad code ", kl_estimator);
   TORCH_CHECK_VALUE(kl_estimator == kKlNone || ref_logp, "ref_logp: required with a KL estimator");
-  return {n_rows, policy_params<double>(ratio_low, ratio_high, dual_clip, kl_estimator, kl_coef)};
+  check_loss_type(loss_type);
+  return {n_rows, policy_params<double>(ratio_low, ratio_high, dual_clip, loss_type, kl_estimator, kl_coef)};
 }
 
 // The (B, T) token tensors of the PPO loss kernels, flattened to (B * T,).
@@ -265,7 +271,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_rows_
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_native(
     const FromLogitsInputs& in, const at::Tensor& row_weight, const at::Tensor& grad_logits, double inv_temperature,
-    double ratio_low, double ratio_high, double dual_clip, double kl_coef, int64_t kl_estimator,
+    double ratio_low, double ratio_high, double dual_clip, int64_t loss_type, double kl_coef, int64_t kl_estimator,
     double entropy_coef, int64_t max_rows_in_flight) {
   static const auto op =
       c10::Dispatcher::singleton()
@@ -273,11 +279,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_logits_gra
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const std::optional<at::Tensor>&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t, int64_t,
-              double, int64_t, double, double, double, double, int64_t, double, int64_t)>();
+              double, int64_t, double, double, double, int64_t, double, int64_t, double, int64_t)>();
   const RowLayout out = contiguous_rows(in.rows, in.rows.tensor.size(-1));
   return op.call(in.rows.tensor, in.labels, in.old_logp, in.advantages, row_weight, in.ref_logp, grad_logits,
                  in.rows.layout.inner_rows, in.rows.layout.outer_stride, in.rows.layout.inner_stride,
-                 out.outer_stride, out.inner_stride, inv_temperature, -100, ratio_low, ratio_high, dual_clip,
+                 out.outer_stride, out.inner_stride, inv_temperature, -100, ratio_low, ratio_high, dual_clip, loss_type,
                  kl_coef, kl_estimator, entropy_coef, max_rows_in_flight);
 }
 
@@ -292,15 +298,16 @@ using FromLogitsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Ten
 // unfused, with a gradient wanted; else empty), the weights w_b (the backward
 // scales by them), row_max, log_sum, entropy (N,) and the logits gradient
 // (fused; else empty).
-//   partials(logp, old, adv, mask, ref, entropy, seq_len, lo, hi, dual, kl_coef, kl_code, need_grad)
+//   partials(logp, old, adv, mask, ref, entropy, seq_len, lo, hi, dual, loss_type, kl_coef, kl_code, need_grad)
 //     -> (grad, (B, chunks, kPolicyStats) partial)
 //   finalize(partial, seq_len, agg, kl_coef, entropy_coef, count) -> (loss, stats, weights)
 template <typename Partials, typename Finalize>
 FromLogitsOutputs ppo_loss_from_logits_impl(
     const at::Tensor& logits, const FromLogitsInputs& in, double temperature, double ratio_low, double ratio_high,
-    double dual_clip, const AggParams& agg, double kl_coef, int64_t kl_estimator, double entropy_coef,
+    double dual_clip, int64_t loss_type, const AggParams& agg, double kl_coef, int64_t kl_estimator, double entropy_coef,
     bool need_grad, const std::optional<at::Tensor>& count, int64_t max_rows_in_flight, Partials&& partials,
     Finalize&& finalize) {
+  check_loss_type(loss_type);
   const double inv_temperature = 1.0 / temperature;
   const int64_t kl_code = in.ref_logp ? kl_estimator : kKlNone;
   at::Tensor grad_logits = at::empty({0}, logits.options()), weights;
@@ -316,7 +323,7 @@ FromLogitsOutputs ppo_loss_from_logits_impl(
     const at::Tensor row_weight = at::where(m.ne(0), w, at::zeros({}, weights.options())).reshape({-1}).contiguous();
     grad_logits = at::empty(logits.sizes(), logits.options());
     std::tie(logp, entropy, row_max, log_sum) =
-        ppo_logits_grad_native(in, row_weight, grad_logits, inv_temperature, ratio_low, ratio_high, dual_clip,
+        ppo_logits_grad_native(in, row_weight, grad_logits, inv_temperature, ratio_low, ratio_high, dual_clip, loss_type,
                                kl_coef, kl_code, entropy_coef, max_rows_in_flight);
   } else {
     std::tie(logp, entropy, row_max, log_sum) = logprobs_rows_native(in.rows, in.labels, inv_temperature, -100, true);
@@ -328,7 +335,7 @@ FromLogitsOutputs ppo_loss_from_logits_impl(
     partial = empty_partials(in.seqs, kPolicyStats, kRatioMax, kRatioMin, in.old_logp.options());
   } else {
     std::tie(grad, partial) = partials(logp, in.old_logp, in.advantages, in.mask, in.ref_logp, entropy, in.seq_len,
-                                       ratio_low, ratio_high, dual_clip, kl_coef, kl_code, token_grad);
+                                       ratio_low, ratio_high, dual_clip, loss_type, kl_coef, kl_code, token_grad);
   }
   auto [loss, stats, final_weights] = finalize(partial, in.seq_len, agg, kl_coef, entropy_coef, count);
   if (!in.fused) weights = final_weights;
@@ -343,13 +350,14 @@ using LossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // weights w_b: the backward's gradient is w_b * dl/dlogp * upstream, one pass.
 template <typename Partials, typename Finalize>
 LossOutputs ppo_policy_loss_impl(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
-                                 const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip,
+                                 const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip, int64_t loss_type,
                                  const AggParams& agg, bool need_grad, Partials&& partials, Finalize&& finalize) {
+  check_loss_type(loss_type);
   const LossTokens tok = loss_tokens({&logp, &old_logp, &advantages}, mask);
   at::Tensor grad, partial;
   if (tok.numel() > 0) {
     std::tie(grad, partial) = partials(tok.values[0], tok.values[1], tok.values[2], tok.mask, std::nullopt,
-                                       std::nullopt, tok.seq_len, ratio_low, ratio_high, dual_clip, 0.0, kKlNone,
+                                       std::nullopt, tok.seq_len, ratio_low, ratio_high, dual_clip, loss_type, 0.0, kKlNone,
                                        need_grad);
   } else {
     grad = at::empty({0}, tok.options());

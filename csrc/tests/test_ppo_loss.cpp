@@ -88,7 +88,7 @@ void check_policy(const char* name, double atol, double rtol, int est, double du
   }
   const double lo = 0.8, hi = 1.28, kl_coef = 0.1;
   PolicyParams<acc_t> p{static_cast<acc_t>(lo), static_cast<acc_t>(hi), static_cast<acc_t>(dual_clip),
-                        dual_clip > 0, est, static_cast<acc_t>(kl_coef)};
+                        dual_clip > 0, kFormClip, est, static_cast<acc_t>(kl_coef)};
   std::vector<acc_t> grad(n), partial(seqs * chunks * kPolicyStats);
   cpu::ppo_policy_chunks<acc_t>(logp.data(), old.data(), adv.data(), mask.data(), nullptr,
                                 est == kKlNone ? nullptr : ref.data(), entropy.data(), seq_len, p,

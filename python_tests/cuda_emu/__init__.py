@@ -33,12 +33,12 @@ _SIGNATURES = {
     "emu_logprobs_fwd": "p i64 i64 i64 p i64 i64 d i64 p p p p p",
     "emu_logprobs_bwd": "p p p i64 i64 i64 p p p p i64 i64 d i64 p i64 i64 p",
     "emu_truncation_threshold": "p i64 i64 i64 i64 i64 d i64 d d i32 p",
-    "emu_ppo_logits_grad": "p i64 i64 i64 p p p p p i64 i64 d i64 d d d d i32 d p p p p p i64 i64 i64",
+    "emu_ppo_logits_grad": "p i64 i64 i64 p p p p p i64 i64 d i64 d d d i64 d i32 d p p p p p i64 i64 i64",
     "emu_kl_penalty_fwd": "p p i32 p i64",
     "emu_scale_unless_one": "p p p i64",
     "emu_kl_penalty_bwd": "p p p i32 p p i64",
     "emu_advantages": "p p p i64 i64 p p p p p d i32 d d p p p p p i64",
-    "emu_ppo_policy_fwd": "p p p p p p p i64 i64 d d d d i32 p p",
+    "emu_ppo_policy_fwd": "p p p p p p p i64 i64 d d d i64 d i32 p p",
     "emu_ppo_value_fwd": "p p p p p i64 i64 d p p",
     "emu_rollout_correction": "p p p p i64 i64 i32 i32 d d i32 p p p p p p",
     "emu_selftest_shuffle": "p p i32 i32 i32 i32",
@@ -260,10 +260,11 @@ class Emulator:
 
     def ppo_logits_grad(self, logits, labels, old_logp, advantages, row_weight, ref_logp, inner_rows,
                         in_outer_stride, in_inner_stride, inv_temperature, ignore_index, ratio_low, ratio_high,
-                        dual_clip, kl_coef, kl_estimator, entropy_coef, *, shift=0, out_shift=0,
+                        dual_clip, loss_type, kl_coef, kl_estimator, entropy_coef, *, shift=0, out_shift=0,
                         max_blocks=0):
         """As ppo_logits_grad_native with a new contiguous gradient buffer:
-        (logp, entropy, row_max, log_sum, grad_logits)."""
+        (logp, entropy, row_max, log_sum, grad_logits). loss_type: the PolicyForm code
+        (rlhf_kernels/ppo_math.h), ratio_low / ratio_high / dual_clip that form's numbers."""
         arena = Arena()
         x = arena.place(logits, "logits", shift)
         out = arena.empty(logits.shape, logits.dtype, "grad_logits", out_shift)
@@ -277,7 +278,7 @@ class Emulator:
                   arena.place(labels, "labels"), arena.place(old_logp, "old_logp"),
                   arena.place(advantages, "advantages"), arena.place(row_weight, "row_weight"),
                   arena.place(ref_logp, "ref_logp"), n_rows, vocab, inv_temperature, ignore_index,
-                  ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator, entropy_coef, logp, entropy,
+                  ratio_low, ratio_high, dual_clip, loss_type, kl_coef, kl_estimator, entropy_coef, logp, entropy,
                   row_max, log_sum, out, out_outer, out_inner, max_blocks)
         arena.check()
         return logp, entropy, row_max, log_sum, out
@@ -362,8 +363,10 @@ class Emulator:
         return None, arena.place(mask, "weight")
 
     def ppo_policy_fwd(self, logp, old_logp, advantages, mask, ref_logp, entropy, seq_len, ratio_low,
-                       ratio_high, dual_clip, kl_coef, kl_estimator, need_grad, *, raw_partials=False):
-        """The policy token pass (csrc policy_partials, partials reduced): (grad or empty, (B, 9) stats)."""
+                       ratio_high, dual_clip, loss_type, kl_coef, kl_estimator, need_grad, *, raw_partials=False):
+        """The policy token pass (csrc policy_partials, partials reduced): (grad or empty, (B, 9) stats).
+        loss_type: the PolicyForm code (rlhf_kernels/ppo_math.h), ratio_low / ratio_high / dual_clip
+        that form's numbers."""
         n = logp.numel()
         seqs = n // seq_len if seq_len > 0 else 0
         arena = Arena()
@@ -374,7 +377,7 @@ class Emulator:
             f"emu_ppo_policy_fwd_{TAGS[logp.dtype]}", arena.place(logp, "logp"),
             arena.place(old_logp, "old_logp"), arena.place(advantages, "advantages"),
             *self._mask_args(arena, mask), arena.place(ref_logp, "ref_logp"), arena.place(entropy, "entropy"),
-            seqs, seq_len, ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator,
+            seqs, seq_len, ratio_low, ratio_high, dual_clip, loss_type, kl_coef, kl_estimator,
             grad if need_grad else None, partial,
         )
         arena.check()

@@ -74,14 +74,14 @@ namespace kernels = rlhf_kernels::cuda;
                                 const void* old_logp, const void* advantages,                   \
                                 const void* row_weight, const void* ref_logp, int64_t n_rows,   \
                                 int64_t vocab, double inv_temperature, int64_t ignore_index,    \
-                                double ratio_low, double ratio_high, double dual_clip,          \
+                                double ratio_low, double ratio_high, double dual_clip, int64_t loss_type,          \
                                 double kl_coef, int kl_estimator, double entropy_coef,          \
                                 void* logp, void* entropy, void* row_max, void* log_sum,        \
                                 void* grad_logits,                                              \
                                 int64_t out_outer_stride, int64_t out_inner_stride,             \
                                 int64_t max_blocks) {                                           \
     const PolicyParams<acc_t> params =                                                           \
-        rlhf_kernels::policy_params<acc_t>(ratio_low, ratio_high, dual_clip, kl_estimator, kl_coef); \
+        rlhf_kernels::policy_params<acc_t>(ratio_low, ratio_high, dual_clip, loss_type, kl_estimator, kl_coef); \
     return kernels::launch_ppo_logits_grad<scalar_t, acc_t>(                                     \
         static_cast<const scalar_t*>(logits), RowLayout{inner_rows, in_outer_stride, in_inner_stride}, \
         labels, static_cast<const acc_t*>(old_logp), static_cast<const acc_t*>(advantages),     \
@@ -178,10 +178,10 @@ namespace kernels = rlhf_kernels::cuda;
   int emu_ppo_policy_fwd_##tag(const void* logp, const void* old_logp, const void* advantages,  \
                                const uint8_t* mask, const void* weight, const void* ref_logp,   \
                                const void* entropy, int64_t seqs, int64_t seq_len, double ratio_low,                 \
-                               double ratio_high, double dual_clip, double kl_coef,             \
+                               double ratio_high, double dual_clip, int64_t loss_type, double kl_coef,             \
                                int kl_estimator, void* grad, void* partial) {                   \
     const PolicyParams<acc_t> params =                                                           \
-        rlhf_kernels::policy_params<acc_t>(ratio_low, ratio_high, dual_clip, kl_estimator, kl_coef); \
+        rlhf_kernels::policy_params<acc_t>(ratio_low, ratio_high, dual_clip, loss_type, kl_estimator, kl_coef); \
     return kernels::launch_ppo_policy_fwd<acc_t>(                                                \
         static_cast<const acc_t*>(logp), static_cast<const acc_t*>(old_logp),                    \
         static_cast<const acc_t*>(advantages), mask, static_cast<const acc_t*>(weight),          \

@@ -469,3 +469,78 @@ def test_verl_remove_padding_logprobs_served(verl_mods):
                         [logits])
     assert_served_only("verl.logprobs_from_logits", 1)
     assert_served_only("verl.entropy_from_logits", 1)
+
+
+_OBJECTIVES = ("cispo", "sapo", "gpg", "dppo_tv", "dppo_kl")
+
+
+def _objective_inputs(gen):
+    """Ratios that clip, mask (dppo) and cap: old near new with log-ratios of
+    scale 0.6, one past verl's clamp of 20 each way."""
+    old = -2 * torch.rand(4, 10, generator=gen)
+    new = old + 0.6 * torch.randn(4, 10, generator=gen)
+    new[0, 0] = old[0, 0] + 25.0
+    new[2, 3] = old[2, 3] - 25.0
+    return old, new, torch.randn(4, 10, generator=gen)
+
+
+@pytest.mark.parametrize("name", _OBJECTIVES)
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("batch_info", [{}, {"dp_size": 2, "batch_num_tokens": 50, "global_batch_size": 9,
+                                             "loss_scale_factor": 16}])
+def test_verl_objectives_served(verl_mods, name, agg, batch_info):
+    """verl's cispo, sapo, gpg, dppo_tv and dppo_kl policy losses, looked up by
+    name in verl's registry after patch(): our kernels serve every call (bool,
+    float and weight masks; rollout IS weights, a zero among them), with
+    verl's loss, gradient and metrics; a fully masked batch as verl's."""
+    core, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(41)
+    old, new, adv = _objective_inputs(gen)
+    is_weights = 2 * torch.rand(4, 10, generator=gen)
+    is_weights[0, 1] = 0.0
+    from verl.workers.config import FSDPActorConfig
+
+    # thresholds that mask some tokens in dppo, a cap some ratios pass
+    clip = (0.05, 0.08) if name.startswith("dppo") else (0.15, 0.28)
+    config = FSDPActorConfig(clip_ratio=0.2, clip_ratio_low=clip[0], clip_ratio_high=clip[1], clip_ratio_c=1.5,
+                             strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2, rollout_n=1,
+                             tau_pos=1.0, tau_neg=1.05, global_batch_info=batch_info)
+    integrations.reset_report()
+    calls = 0
+    with rk_verl.patched():
+        ours = core.get_policy_loss_fn(name)
+        original = ours.__wrapped_original__
+        assert getattr(core, f"compute_policy_loss_{name}") is ours
+        for mask in (*weight_masks(gen, 4, 10).values(), mask_with_holes(4, 10, gen)):
+            for w in (None, is_weights):
+                compare_outputs(lambda n: original(old, n, adv, mask, agg, config, w),
+                                lambda n: ours(old, n, adv, mask, agg, config, w), [new])
+                calls += 1
+        empty = torch.zeros(4, 10)
+        assert_outputs_close(ours(old, new, adv, empty, agg, config), original(old, new, adv, empty, agg, config))
+        calls += 1
+        if name in ("cispo", "dppo_tv", "dppo_kl"):  # the statistics are not vacuous here
+            metrics = ours(old, new, adv, mask_with_holes(4, 10, gen), agg, config)[1]
+            calls += 1
+            assert 0.0 < metrics["actor/pg_clipfrac"] < 1.0, metrics
+            if name != "cispo":
+                assert 0.0 < metrics["actor/pg_clipfrac_lower"] < 1.0, metrics
+    assert_served_only(f"verl.compute_policy_loss_{name}", calls)
+
+
+def test_verl_objectives_hand_back_without_an_actor_config(verl_mods):
+    """cispo and sapo assert a real ActorConfig in verl: without one, verl's
+    own code runs (and raises as it does), counted as handed back."""
+    core, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(42)
+    old, new, adv = _objective_inputs(gen)
+    mask = mask_with_holes(4, 10, gen)
+    config = _ActorConfig(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None, clip_ratio_c=3.0,
+                          global_batch_info={})
+    integrations.reset_report()
+    with rk_verl.patched():
+        for name in ("cispo", "sapo"):
+            with pytest.raises(AssertionError):
+                core.get_policy_loss_fn(name)(old, new, adv, mask, "token-mean", config)
+            assert integrations.report()[f"verl.compute_policy_loss_{name}"]["handed_back"] == {
+                "config is not an ActorConfig (verl asserts one)": 1}

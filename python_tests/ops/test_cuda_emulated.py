@@ -797,12 +797,59 @@ def test_truncation_results_do_not_depend_on_thread_order(emu, mode):
 
 # --- ppo_loss_from_logits with its gradient in the forward ---------------------------------
 
+# The objectives (PolicyForm, rlhf_kernels/ppo_math.h): name -> (code, the
+# kernels' (ratio_low, ratio_high, dual_clip), the reference's keywords). The
+# kernels' numbers: clip and cispo 1 - clip_low, 1 + clip_high (clip's dual
+# clip c; 0 for none); sapo tau_neg, tau_pos; dppo the thresholds clip_low,
+# clip_high and the cap; gpg none (it is passed cispo's default range, which
+# it ignores). Every pair of numbers differs, so that a swap shows.
+POLICY_FORMS = {
+    "clip": (0, (0.8, 1.28, 3.0), dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0)),
+    "cispo": (1, (0.8, 1.28, 0.0), dict(clip_low=0.2, clip_high=0.28)),
+    "sapo": (2, (1.05, 1.0, 0.0), dict(tau_neg=1.05, tau_pos=1.0)),
+    "gpg": (3, (0.8, 1.2, 0.0), dict()),
+    "dppo_tv": (4, (0.05, 0.08, 1.5), dict(clip_low=0.05, clip_high=0.08, dual_clip=1.5)),
+    "dppo_kl": (5, (0.05, 0.08, 1.5), dict(clip_low=0.05, clip_high=0.08, dual_clip=1.5)),
+}
+# The objectives whose clip count is data-dependent (cispo: the ratio outside
+# its range; dppo: the tokens masked) and those with a cap count (dppo: the
+# ratio above the cap on a kept token).
+CLIPPING_FORMS = ("cispo", "dppo_tv", "dppo_kl")
+CAPPED_FORMS = ("dppo_tv", "dppo_kl")
+
+
+def _objective_kwargs(form):
+    """(clip_low, clip_high, dual_clip, the other keywords) of the reference for POLICY_FORMS[form]."""
+    kwargs = dict(POLICY_FORMS[form][2], loss_type=form)
+    return kwargs.pop("clip_low", 0.2), kwargs.pop("clip_high", None), kwargs.pop("dual_clip", None), kwargs
+
+
 LOGITS_GRAD_PARAMS = {
     "defaults": dict(),
     "k3-entropy-dual-T0.7": dict(clip_high=0.28, dual_clip=3.0, agg="seq-mean-token-mean", kl_estimator="k3",
                                  kl_coef=0.1, entropy_coef=0.01, temperature=0.7),
     "abs-sum": dict(agg="token-sum", kl_estimator="abs", kl_coef=0.2),
 }
+
+
+def _check_logits_grad(logits, labels, old, adv, mask, logp, entropy, grad, dtype, grad_rtol, **ref_kwargs):
+    """ppo_logits_grad's logp, entropy and logits gradient (B, T, V) against float64
+    autograd of reference.ppo_loss_from_logits(**ref_kwargs); masked rows and the
+    ignored label at (0, 2) get no gradient. Returns the reference's stats."""
+    B, T = labels.shape
+    x64 = logits.double().requires_grad_(True)
+    want, stats = reference.ppo_loss_from_logits(x64, labels, old.double(), adv.double(), mask, **ref_kwargs)
+    want.backward()
+    r_logp, r_entropy = reference.logprobs_from_logits(logits.double(), labels,
+                                                       temperature=ref_kwargs.get("temperature", 1.0),
+                                                       return_entropy=True)
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logp.double().view(B, T), r_logp, **tol)
+    torch.testing.assert_close(entropy.double().view(B, T), r_entropy, **tol)
+    gtol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-6, rtol=grad_rtol)
+    torch.testing.assert_close(grad.double(), x64.grad, **gtol)
+    assert torch.all(grad[~mask] == 0) and torch.all(grad[0, 2] == 0)
+    return stats
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
@@ -842,24 +889,15 @@ def test_ppo_logits_grad(emu, dtype, params, layout, max_blocks):
     logp, entropy, _, _, grad = emu.ppo_logits_grad(
         tensor, labels.reshape(-1).contiguous(), old.reshape(-1), adv.reshape(-1), row_weight,
         ref.reshape(-1) if kl_code >= 0 else None, inner_rows, outer, inner, 1.0 / temperature, -100,
-        ratio_low, ratio_high, dual, kwargs.get("kl_coef", 0.0), kl_code, kwargs.get("entropy_coef", 0.0),
+        ratio_low, ratio_high, dual, 0, kwargs.get("kl_coef", 0.0), kl_code, kwargs.get("entropy_coef", 0.0),
         max_blocks=max_blocks,
     )
 
-    x64 = logits.double().requires_grad_(True)
     ref_kwargs = dict(kwargs)
     if kl_code >= 0:
         ref_kwargs.update(ref_logp=ref.double(), kl_estimator=estimator)
-    want, _ = reference.ppo_loss_from_logits(x64, labels, old.double(), adv.double(), mask, **ref_kwargs)
-    want.backward()
-    r_logp, r_entropy = reference.logprobs_from_logits(logits.double(), labels, temperature=temperature,
-                                                       return_entropy=True)
-    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(logp.double().view(B, T), r_logp, **tol)
-    torch.testing.assert_close(entropy.double().view(B, T), r_entropy, **tol)
-    gtol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(
-        atol=1e-6, rtol=2 * ULP.get(dtype, 1e-5))
-    torch.testing.assert_close(grad.double(), x64.grad, **gtol)
+    _check_logits_grad(logits, labels, old, adv, mask, logp, entropy, grad, dtype, 2 * ULP.get(dtype, 1e-5),
+                       **ref_kwargs)
     assert torch.all(grad[~mask] == 0) and torch.all(grad[0, 2] == 0)
 
 
@@ -882,7 +920,7 @@ def test_ppo_logits_grad_at_large_logits_no_worse_than_torch(emu, scale, tempera
     ratio_low, ratio_high = 1.0 - clip_low, 1.0 + clip_high
     *_, grad = emu.ppo_logits_grad(
         logits, labels.reshape(-1).contiguous(), old.reshape(-1), adv.reshape(-1), row_weight, ref.reshape(-1),
-        B * T, 0, V, 1.0 / temperature, -100, ratio_low, ratio_high, dual, 0.1, ESTIMATORS["k3"], 0.1,
+        B * T, 0, V, 1.0 / temperature, -100, ratio_low, ratio_high, dual, 0, 0.1, ESTIMATORS["k3"], 0.1,
     )
 
     def autograd(x, **kwargs):
@@ -895,6 +933,62 @@ def test_ppo_logits_grad_at_large_logits_no_worse_than_torch(emu, scale, tempera
 
     assert_no_worse_than_torch(grad, autograd(logits.double()), autograd(logits, upcast=False))
     assert torch.all(grad[~mask] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("form", list(POLICY_FORMS))
+@pytest.mark.parametrize("params", ["token-mean", "k3-entropy-T0.7"])
+def test_ppo_logits_grad_loss_types(emu, dtype, form, params):
+    """Each objective in the fused kernel: logp, entropy and the logits
+    gradient against autograd through the float64 reference, on the strided
+    logits[:, :-1] rows. Each label's logit raised by U(0, 12) T, so that
+    label probabilities span (0, 1) and dppo's thresholds on them matter; old
+    log-probs -|logp + N(0, 0.5)|, one log-ratio beyond the +-20 clamp; the
+    data clip (cispo) and mask (dppo) some valid tokens but not all and reach
+    dppo's cap."""
+    code, (ratio_low, ratio_high, dual_clip), _ = POLICY_FORMS[form]
+    clip_low, clip_high, ref_dual, objective = _objective_kwargs(form)
+    penalty = params != "token-mean"
+    temperature, agg = (0.7, "seq-mean-token-mean") if penalty else (1.0, "token-mean")
+    kl_coef, entropy_coef = (0.1, 0.01) if penalty else (0.0, 0.0)
+    B, T, V = 3, 64, 523
+    gen = _gen(17)
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    full = torch.randn(B, T + 1, V, generator=gen, dtype=torch.float64) * 2.0
+    boost = torch.rand(B, T, 1, generator=gen, dtype=torch.float64) * 12 * temperature
+    full[:, :-1].scatter_add_(-1, labels.unsqueeze(-1), boost)
+    logits = full.to(dtype)[:, :-1]
+    labels[0, 2] = -100
+    acc = cuda_emu.acc_dtype(dtype)
+    with torch.no_grad():
+        logp64 = reference.logprobs_from_logits(logits.double(), labels.clamp(min=0), temperature=temperature)
+    old = -(logp64 + torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.5).abs()
+    old[0, 4] = logp64[0, 4] - 21.0
+    old = old.to(acc)
+    ref = (logp64 + torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.4).to(acc)
+    adv = torch.randn(B, T, generator=gen, dtype=torch.float64).to(acc)
+    mask = torch.rand(B, T, generator=gen) > 0.25
+    mask[2] = False  # a sequence without a valid token
+    mask[0, 0] = mask[0, 4] = True
+    weights = aggregation.sequence_weights(mask.sum(-1).to(acc), T, agg, None, None)
+    row_weight = torch.where(mask, weights.unsqueeze(-1), 0.0).reshape(-1)
+
+    tensor, inner_rows, outer, inner = row_layout(logits)
+    logp, entropy, _, _, grad = emu.ppo_logits_grad(
+        tensor, labels.reshape(-1).contiguous(), old.reshape(-1), adv.reshape(-1), row_weight,
+        ref.reshape(-1) if penalty else None, inner_rows, outer, inner, 1.0 / temperature, -100,
+        ratio_low, ratio_high, dual_clip, code, kl_coef, ESTIMATORS["k3"] if penalty else -1, entropy_coef,
+    )
+
+    stats = _check_logits_grad(logits, labels, old, adv, mask, logp, entropy, grad, dtype, 2e-5,
+                               temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=ref_dual,
+                               agg=agg, ref_logp=ref.double() if penalty else None, kl_coef=kl_coef,
+                               kl_estimator="k3", entropy_coef=entropy_coef, **objective)
+    # The data exercises what it claims to.
+    if form in CLIPPING_FORMS:
+        assert 0 < stats["clipfrac"] < 1, stats["clipfrac"]
+    if form in CAPPED_FORMS:
+        assert stats["clipfrac_lower"] > 0
 
 
 # --- KL penalty --------------------------------------------------------------------------
@@ -1108,9 +1202,11 @@ def _tokens(shape, dtype, seed, scale):
     return tuple(t.to(dtype) for t in (logp, old, adv)) + (mask,) + tuple(t.to(dtype) for t in (ref, entropy))
 
 
-def _policy_reference(logp, old, adv, mask, ref, entropy, clip_low, clip_high, dual_clip, kl_coef, estimator):
+def _policy_reference(logp, old, adv, mask, ref, entropy, clip_low, clip_high, dual_clip, kl_coef, estimator,
+                      **objective):
     """Per-sequence statistics and per-token gradient from rlhf_kernels.reference,
-    one sequence at a time, in float64."""
+    one sequence at a time, in float64. objective: the reference's loss_type /
+    tau_pos / tau_neg (default the clip objective)."""
     B = logp.shape[0]
     rows = []
     for b in range(B):
@@ -1119,7 +1215,8 @@ def _policy_reference(logp, old, adv, mask, ref, entropy, clip_low, clip_high, d
         w = m.double()
         x = logp[b].double().where(valid, torch.zeros(())).requires_grad_(True)
         loss, stats = reference.ppo_policy_loss(x, old[b].double(), adv[b].double(), m, clip_low=clip_low,
-                                                clip_high=clip_high, dual_clip=dual_clip, agg="token-sum")
+                                                clip_high=clip_high, dual_clip=dual_clip, agg="token-sum",
+                                                **objective)
         count = float(w.sum())
         kl = torch.zeros(())
         if estimator is not None:
@@ -1166,7 +1263,7 @@ def test_ppo_policy(emu, seq_len, params, dtype):
     flat = lambda t: t.reshape(-1) if t is not None else None  # noqa: E731
     grad, stats = emu.ppo_policy_fwd(
         flat(logp), flat(old), flat(adv), flat(mask), flat(ref), flat(entropy), seq_len, 1.0 - clip_low,
-        1.0 + clip_high, dual_clip if dual_clip is not None else 0.0, kl_coef,
+        1.0 + clip_high, dual_clip if dual_clip is not None else 0.0, 0, kl_coef,
         ESTIMATORS[estimator] if estimator is not None else -1, True,
     )
     want_grad, want_stats = _policy_reference(logp, old, adv, mask, ref, entropy, clip_low, clip_high,
@@ -1184,7 +1281,7 @@ def test_ppo_policy(emu, seq_len, params, dtype):
     # Without a gradient buffer the statistics are the same.
     no_grad, stats2 = emu.ppo_policy_fwd(
         flat(logp), flat(old), flat(adv), flat(mask), flat(ref), flat(entropy), seq_len, 1.0 - clip_low,
-        1.0 + clip_high, dual_clip if dual_clip is not None else 0.0, kl_coef,
+        1.0 + clip_high, dual_clip if dual_clip is not None else 0.0, 0, kl_coef,
         ESTIMATORS[estimator] if estimator is not None else -1, False,
     )
     assert no_grad.numel() == 0 and torch.equal(stats2, stats)
@@ -1203,7 +1300,7 @@ def test_ppo_policy_and_value_weight_masks(emu, seq_len, dtype):
     flat = lambda t: t.reshape(-1)  # noqa: E731
     grad, stats = emu.ppo_policy_fwd(
         flat(logp), flat(old), flat(adv), flat(weights), flat(ref), flat(entropy), seq_len, 1.0 - clip_low,
-        1.0 + clip_high, dual_clip, kl_coef, ESTIMATORS[estimator], True,
+        1.0 + clip_high, dual_clip, 0, kl_coef, ESTIMATORS[estimator], True,
     )
     want_grad, want_stats = _policy_reference(logp, old, adv, weights, ref, entropy, clip_low, clip_high,
                                               dual_clip, kl_coef, estimator)
@@ -1222,6 +1319,74 @@ def test_ppo_policy_and_value_weight_masks(emu, seq_len, dtype):
         torch.testing.assert_close(vstats[b].double(), torch.tensor([loss.item(), count, s["vf_clipfrac"].item() * count],
                                                                     dtype=torch.float64), **stats_tol)
         torch.testing.assert_close(vgrad.view(B, seq_len)[b].double(), torch.where(mask[b], v.grad, 0.0), **tol)
+
+
+def _form_tokens(shape, dtype, seed):
+    """(logp, old_logp, advantages, mask, ref_logp, entropy) of log-probs in
+    [-3, 0): old log-probs -|logp + N(0, 0.5)| (a fifth N(0, 1.5)), so that
+    ratios leave cispo's range and probabilities move past dppo's thresholds
+    and its cap, while every probability stays a probability; two log-ratios
+    beyond the +-20 clamp (logp -24 from old -0.5, logp -0.3 from old -22);
+    row 1 fully masked; NaN logp at the masked slots (never read)."""
+    gen = _gen(seed)
+    logp = -torch.rand(shape, generator=gen, dtype=torch.float64) * 3
+    wide = torch.rand(shape, generator=gen) < 0.2
+    old = -(logp + torch.randn(shape, generator=gen, dtype=torch.float64) * torch.where(wide, 1.5, 0.5)).abs()
+    adv = torch.randn(shape, generator=gen, dtype=torch.float64)
+    mask = torch.rand(shape, generator=gen) > 0.25
+    ref = logp + torch.randn(shape, generator=gen, dtype=torch.float64) * 0.5
+    entropy = torch.rand(shape, generator=gen, dtype=torch.float64) * 4
+    if logp.numel() > 8:
+        logp.view(-1)[3], old.view(-1)[3] = -24.0, -0.5
+        logp.view(-1)[5], old.view(-1)[5] = -0.3, -22.0
+        mask.view(-1)[3] = mask.view(-1)[5] = True
+    if shape[0] > 1:
+        mask[1] = False
+    logp = torch.where(mask, logp, torch.full_like(logp, float("nan")))
+    return tuple(t.to(dtype) for t in (logp, old, adv)) + (mask,) + tuple(t.to(dtype) for t in (ref, entropy))
+
+
+# T: within one chunk; several chunks with a partial one. The longer one adds
+# the k3 penalty and the entropy.
+@pytest.mark.parametrize("seq_len", [37, 2500])
+@pytest.mark.parametrize("form", list(POLICY_FORMS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_ppo_policy_loss_types(emu, seq_len, form, dtype):
+    """Each objective's token pass: the gradient and the (B, 9) statistics
+    against autograd through the float64 reference; the data clip (cispo) and
+    mask (dppo) some valid tokens but not all, and reach dppo's cap."""
+    code, (ratio_low, ratio_high, dual_clip), _ = POLICY_FORMS[form]
+    clip_low, clip_high, ref_dual, objective = _objective_kwargs(form)
+    penalty = seq_len > 100
+    estimator, kl_coef = ("k3", 0.1) if penalty else (None, 0.0)
+    B = 3
+    logp, old, adv, mask, ref, entropy = _form_tokens((B, seq_len), dtype, seed=seq_len + code)
+    if not penalty:
+        ref = entropy = None
+    flat = lambda t: t.reshape(-1) if t is not None else None  # noqa: E731
+    args = (flat(logp), flat(old), flat(adv), flat(mask), flat(ref), flat(entropy), seq_len, ratio_low, ratio_high,
+            dual_clip, code, kl_coef, ESTIMATORS[estimator] if penalty else -1)
+    grad, stats = emu.ppo_policy_fwd(*args, True)
+    want_grad, want_stats = _policy_reference(logp, old, adv, mask, ref, entropy, clip_low, clip_high, ref_dual,
+                                              kl_coef, estimator, **objective)
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else F32
+    torch.testing.assert_close(grad.double().view(B, seq_len), want_grad, **tol)
+    assert torch.all(grad.view(B, seq_len)[~mask] == 0)
+    stats_tol = dict(atol=1e-9, rtol=1e-9) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(stats.double(), want_stats, **stats_tol)
+    # The data exercises what it claims to.
+    clipped, valid, capped = (want_stats[:, col].sum() for col in (2, 1, 3))
+    if form in CLIPPING_FORMS:
+        assert 0 < clipped < valid, (clipped, valid)
+    if form in CAPPED_FORMS or form == "clip":
+        assert capped > 0
+    if form not in CLIPPING_FORMS + ("clip",):
+        assert clipped == 0 and capped == 0
+    assert want_stats[:, 5].max() == math.exp(20) and want_stats[:, 6].min() == math.exp(-20)  # the clamp
+
+    # Without a gradient buffer the statistics are the same.
+    no_grad, stats2 = emu.ppo_policy_fwd(*args, False)
+    assert no_grad.numel() == 0 and torch.equal(stats2, stats)
 
 
 @pytest.mark.parametrize("seq_len", [37, 2500, 1])
@@ -1268,7 +1433,7 @@ def test_ppo_partials_per_chunk(emu):
     seq_len = 2500
     logp, old, adv, mask, _, _ = _tokens((2, seq_len), torch.float32, seed=1, scale=0.3)
     _, partial = emu.ppo_policy_fwd(logp.reshape(-1), old.reshape(-1), adv.reshape(-1), mask.reshape(-1), None,
-                                    None, seq_len, 0.8, 1.2, 0.0, 0.0, -1, False, raw_partials=True)
+                                    None, seq_len, 0.8, 1.2, 0.0, 0, 0.0, -1, False, raw_partials=True)
     assert partial.shape == (2, 3, 9)
     counts = torch.stack([mask[:, i * 1024:(i + 1) * 1024].sum(-1) for i in range(3)], dim=-1)
     assert torch.equal(partial[:, :, 1], counts.float())
@@ -1417,8 +1582,8 @@ def test_oversized_grids_are_refused_before_launch(emu):
     """More than 2^31 - 1 blocks: the launchers return
     cudaErrorInvalidConfiguration without launching (null data is never read)."""
     with pytest.raises(EmulatedLaunchError, match="cudaError 9"):
-        emu.call("emu_ppo_policy_fwd_f32", None, None, None, None, None, None, None, 2**31, 1, 0.8, 1.2, 0.0, 0.0,
-                 -1, None, None)
+        emu.call("emu_ppo_policy_fwd_f32", None, None, None, None, None, None, None, 2**31, 1, 0.8, 1.2, 0.0, 0,
+                 0.0, -1, None, None)
     with pytest.raises(EmulatedLaunchError, match="cudaError 9"):
         emu.call("emu_ppo_value_fwd_f64", None, None, None, None, None, 2**30, 4096, 0.2, None, None)
     for tag in ("f32", "bf16"):
@@ -1452,7 +1617,7 @@ def test_results_do_not_depend_on_thread_order(emu, mode):
                 adv_inputs["logp"], adv_inputs["ref_logp"], None, 0.1, 3, 0.99, 0.95)
     logp, old, adv, mask, ref, entropy = _tokens((2, 2100), torch.float32, seed=4, scale=0.3)
     ppo_args = (logp.reshape(-1), old.reshape(-1), adv.reshape(-1), mask.reshape(-1), ref.reshape(-1),
-                entropy.reshape(-1), 2100, 0.8, 1.28, 3.0, 0.1, 3, True)
+                entropy.reshape(-1), 2100, 0.8, 1.28, 3.0, 0, 0.1, 3, True)
     rc_args = [(_rc_inputs((6, 2000), dtype, seed=5, float_mask=float_mask),
                 _rc_args(level, mode, RC_REJECTIONS["all"])[0])
                for dtype, float_mask, level, mode in ((torch.float32, True, "geometric", "truncate"),

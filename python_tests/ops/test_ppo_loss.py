@@ -12,7 +12,8 @@ import rlhf_kernels
 from rlhf_kernels import reference
 from rlhf_kernels import _dispatch
 
-from helpers import LARGE_LOGITS, assert_no_worse_than_torch, gpu, large_logits, probable_labels
+from helpers import (LARGE_LOGITS, assert_no_worse_than_torch, check_stats, gpu, large_logits, policy_tokens,
+                     probable_labels)
 from properties import ESTIMATORS, check_close, generator, grad_tols, random_mask, run_backend_property, seeds
 
 AGGS = reference.AGG_MODES
@@ -20,34 +21,6 @@ AGGS = reference.AGG_MODES
 CLIPS = [(0.2, None, None), (0.2, 0.28, 3.0)]
 # float32 kernels against float64 on the same inputs: loss and gradient.
 F32 = dict(atol=1e-6, rtol=1e-5)
-
-
-def _tokens(shape, device, seed=0, dtype=torch.float32, scale=1.0):
-    """Fresh random (logp, old_logp, advantages, mask). Log-ratios of scale ~1
-    put most ratios far outside [0.8, 1.28]; a few beyond +-20 hit the log-ratio
-    clamp; row 1 is fully masked and masked slots hold NaN (never read)."""
-    gen = torch.Generator().manual_seed(seed)
-    logp = -torch.rand(shape, generator=gen, dtype=torch.float64) * 3
-    old = logp + torch.randn(shape, generator=gen, dtype=torch.float64) * scale
-    adv = torch.randn(shape, generator=gen, dtype=torch.float64)
-    mask = torch.rand(shape, generator=gen) > 0.25
-    flat_old = old.view(-1)
-    if flat_old.numel() > 8:
-        flat_old[3] = logp.view(-1)[3] - 25.0  # log-ratio clamped at +20
-        flat_old[5] = logp.view(-1)[5] + 23.0  # log-ratio clamped at -20
-        mask.view(-1)[3] = mask.view(-1)[5] = True
-    if len(shape) == 2 and shape[0] > 1:
-        mask[1] = False
-    logp = torch.where(mask, logp, torch.full_like(logp, float("nan")))
-    to = lambda x: x.to(dtype).to(device)  # noqa: E731
-    return to(logp), to(old), to(adv), mask.to(device)
-
-
-def _check_stats(got, want, atol=1e-6, rtol=1e-5):
-    assert set(got) == set(want)
-    for name in want:
-        assert got[name].dim() == 0 and isinstance(got[name], torch.Tensor), name
-        torch.testing.assert_close(got[name].double(), want[name].double(), atol=atol, rtol=rtol, msg=name)
 
 
 # --- policy loss --------------------------------------------------------------------------
@@ -58,7 +31,7 @@ def _check_stats(got, want, atol=1e-6, rtol=1e-5):
 def test_policy_loss_matches_float64(device_backend, agg, clip):
     device, backend = device_backend
     clip_low, clip_high, dual = clip
-    logp, old, adv, mask = _tokens((5, 123), device)  # odd T: partial chunks everywhere
+    logp, old, adv, mask = policy_tokens((5, 123), device)  # odd T: partial chunks everywhere
     kwargs = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual, agg=agg)
     x = logp.clone().requires_grad_(True)
     loss, stats = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, backend=backend, **kwargs)
@@ -72,7 +45,7 @@ def test_policy_loss_matches_float64(device_backend, agg, clip):
     grad = torch.where(mask, x.grad, 0.0)
     torch.testing.assert_close(grad.double(), torch.where(mask, x64.grad, 0.0), **F32)
     assert torch.all(x.grad[~mask] == 0)  # no gradient to masked (NaN) slots
-    _check_stats(stats, want_stats)
+    check_stats(stats, want_stats)
     # The test data really exercises what it claims to.
     assert 0.1 < stats["clipfrac"] < 0.9 and stats["ratio_max"] > 1e8
     if dual is not None:
@@ -81,7 +54,7 @@ def test_policy_loss_matches_float64(device_backend, agg, clip):
 
 def test_policy_clipfrac_asymmetric_differs():
     """clip_high really is used: a wider upper clip clips fewer tokens."""
-    logp, old, adv, mask = _tokens((4, 200), "cpu", seed=3, scale=0.15)
+    logp, old, adv, mask = policy_tokens((4, 200), "cpu", seed=3, scale=0.15)
     _, sym = rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, clip_low=0.1)
     _, asym = rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, clip_low=0.1, clip_high=0.4)
     assert asym["clipfrac"] < sym["clipfrac"]
@@ -117,7 +90,7 @@ def test_policy_and_value_nan_token_gives_nan_loss(device_backend):
     """A NaN in a valid token makes the loss NaN (a diverged run must show), on every
     backend; NaN in masked tokens is never read."""
     device, backend = device_backend
-    logp, old, adv, mask = _tokens((3, 40), device, seed=9)
+    logp, old, adv, mask = policy_tokens((3, 40), device, seed=9)
     valid = mask.nonzero()[0].tolist()
     for name in ("logp", "old", "adv"):
         ins = {"logp": logp.clone(), "old": old.clone(), "adv": adv.clone()}
@@ -133,7 +106,7 @@ def test_policy_and_value_nan_token_gives_nan_loss(device_backend):
 
 def test_policy_gradcheck_float64(device_backend):
     device, backend = device_backend
-    logp, old, adv, mask = _tokens((3, 17), device, dtype=torch.float64, seed=5, scale=0.3)
+    logp, old, adv, mask = policy_tokens((3, 17), device, dtype=torch.float64, seed=5, scale=0.3)
     logp = torch.where(mask, logp, 0.0)
     for agg in ("token-mean", "seq-mean-token-mean"):
         def f(inp):
@@ -144,7 +117,7 @@ def test_policy_gradcheck_float64(device_backend):
 
 def test_policy_num_tokens_and_num_seqs(device_backend):
     device, backend = device_backend
-    logp, old, adv, mask = _tokens((4, 31), device, seed=7)
+    logp, old, adv, mask = policy_tokens((4, 31), device, seed=7)
     for agg, kw in (("token-mean", dict(num_tokens=1000)), ("seq-mean-token-sum", dict(num_seqs=16)),
                     ("seq-mean-token-mean", dict(num_seqs=9)), ("seq-mean-token-sum-norm", dict(num_seqs=5))):
         x = logp.clone().requires_grad_(True)
@@ -163,7 +136,7 @@ def test_counts_as_device_tensors_equal_float_counts(device_backend, agg):
     OpenRLHF pass them) give the float-count loss, gradient and aggregated stats,
     for the three losses, without a host synchronisation (compiles fullgraph)."""
     device, backend = device_backend
-    logp, old, adv, mask = _tokens((3, 23), device, seed=17)
+    logp, old, adv, mask = policy_tokens((3, 23), device, seed=17)
     counts = dict(num_tokens=57.0, num_seqs=5.0)
     tensors = {k: torch.tensor(v, device=device) for k, v in counts.items()}
     results = []
@@ -220,7 +193,7 @@ def test_empty_batch_and_length_one(device_backend):
     loss, _ = rlhf_kernels.ppo_loss_from_logits(x, z.long(), z, z, z.bool(), entropy_coef=0.1, backend=backend)
     loss.backward()
     assert loss.item() == 0 and x.grad.shape == (0, 4, 10)
-    logp, old, adv, mask = _tokens((6, 1), device, seed=2)  # length-1 sequences
+    logp, old, adv, mask = policy_tokens((6, 1), device, seed=2)  # length-1 sequences
     got, _ = rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, agg="seq-mean-token-mean", backend=backend)
     want, _ = reference.ppo_policy_loss(logp.double(), old.double(), adv.double(), mask, agg="seq-mean-token-mean")
     torch.testing.assert_close(got.double(), want, **F32)
@@ -228,7 +201,7 @@ def test_empty_batch_and_length_one(device_backend):
 
 def test_every_output_written(device_backend, poison_uninitialized):
     device, backend = device_backend
-    logp, old, adv, mask = _tokens((3, 70), device, seed=4)
+    logp, old, adv, mask = policy_tokens((3, 70), device, seed=4)
     x = logp.clone().requires_grad_(True)
     loss, stats = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, agg="seq-mean-token-mean", backend=backend)
     loss.backward()
@@ -242,7 +215,7 @@ def test_every_output_written(device_backend, poison_uninitialized):
 
 def test_bf16_inputs_no_worse_than_torch(device_backend):
     device, backend = device_backend
-    logp, old, adv, mask = _tokens((4, 100), device, seed=8, dtype=torch.bfloat16, scale=0.3)
+    logp, old, adv, mask = policy_tokens((4, 100), device, seed=8, dtype=torch.bfloat16, scale=0.3)
     logp = torch.where(mask, logp, 0.0)
     x = logp.clone().requires_grad_(True)
     loss, _ = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, agg="seq-mean-token-mean", backend=backend)
@@ -279,7 +252,7 @@ def test_value_loss_matches_float64(device_backend, agg):
     want.backward()
     torch.testing.assert_close(loss.double(), want.detach(), **F32)
     torch.testing.assert_close(v.grad.double(), torch.where(mask, v64.grad, 0.0), **F32)
-    _check_stats(stats, want_stats)
+    check_stats(stats, want_stats)
     assert 0.1 < stats["vf_clipfrac"] < 0.9
 
 
@@ -386,7 +359,7 @@ def test_loss_from_logits_matches_float64_composition(device_backend, kwargs):
     want.backward()
     torch.testing.assert_close(loss.double(), want.detach(), **F32)
     torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-6, rtol=1e-4)
-    _check_stats(stats, want_stats, atol=1e-5, rtol=1e-5)
+    check_stats(stats, want_stats, atol=1e-5, rtol=1e-5)
     assert torch.all(x.grad[~mask] == 0)
 
 
@@ -478,7 +451,7 @@ def test_loss_from_logits_no_double_backward(device_backend):
     else:
         with pytest.raises(RuntimeError, match="double backward"):
             torch.autograd.grad(loss, x, create_graph=True)
-    logp, old, adv, mask = _tokens((2, 9), device, seed=14)
+    logp, old, adv, mask = policy_tokens((2, 9), device, seed=14)
     for loss_fn in (rlhf_kernels.ppo_policy_loss, rlhf_kernels.ppo_value_loss):
         x = logp.clone().requires_grad_(True)
         loss, _ = loss_fn(x, old, adv, mask, backend=backend)
@@ -508,7 +481,7 @@ def test_compiled_loss_with_a_changing_float_count():
     """A float count that changes every step (a global token count) becomes a
     symbolic float under torch.compile: the checks must take it (math.isfinite
     could not), so one graph serves every step, fullgraph."""
-    logp, old, adv, mask = _tokens((2, 9), "cpu", seed=15)
+    logp, old, adv, mask = policy_tokens((2, 9), "cpu", seed=15)
     compiled = torch.compile(lambda n, c: rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, num_tokens=n,
                                                                        clip_low=c)[0], fullgraph=True)
     for n, c in ((100.0, 0.2), (101.0, 0.25), (37.5, 0.3)):
@@ -628,14 +601,14 @@ def test_opcheck(device_backend):
     native op for the cpu / cuda backends, its Triton twin for triton (the
     eager backend is plain torch: no op)."""
     device, backend = device_backend
-    logp, old, adv, mask = _tokens((3, 20), device, seed=13, scale=0.3)
+    logp, old, adv, mask = policy_tokens((3, 20), device, seed=13, scale=0.3)
     logp = torch.where(mask, logp, 0.0).requires_grad_(True)
     suffix = {"cpu": "", "cuda": "", "triton": "_triton"}.get(backend)
     for agg, num_tokens in (("seq-mean-token-mean", None), ("token-mean", 50.0)) if suffix is not None else ():
         code = reference.AGG_MODES.index(agg)
         for float_mask in (mask, mask.float()):
             torch.library.opcheck(getattr(torch.ops.rlhf_kernels, "ppo_policy_loss" + suffix).default,
-                                  (logp, old, adv, float_mask, 0.8, 1.28, 3.0, code, num_tokens, None, True))
+                                  (logp, old, adv, float_mask, 0.8, 1.28, 3.0, 0, code, num_tokens, None, True))
             torch.library.opcheck(getattr(torch.ops.rlhf_kernels, "ppo_value_loss" + suffix).default,
                                   (logp, old, adv, float_mask, 0.2, code, num_tokens, None, True))
     if suffix is None:
@@ -644,18 +617,18 @@ def test_opcheck(device_backend):
     logits.requires_grad_(True)
     op = getattr(torch.ops.rlhf_kernels, "ppo_loss_from_logits" + suffix).default
     for inplace, count in ((False, None), (True, None), (False, torch.tensor(7.0, device=device))):
-        torch.library.opcheck(op, (logits, labels, old, adv, mask.float(), ref, 0.9, 0.8, 1.2, 0.0, 0, None, None, 0.1,
-                                   3, 0.01, inplace, True, count, 0))
-    torch.library.opcheck(op, (logits, labels, old, adv, mask, None, 1.1, 0.8, 1.2, 3.0, 3, None, 4.0, 0.0, -1, 0.0,
-                               False, True, None, 0))
-    torch.library.opcheck(op, (logits.detach(), labels, old, adv, mask, None, 1.1, 0.8, 1.2, 3.0, 3, None, 4.0, 0.0,
-                               -1, 0.0, False, False, None, 0))
+        torch.library.opcheck(op, (logits, labels, old, adv, mask.float(), ref, 0.9, 0.8, 1.2, 0.0, 0, 0, None, None,
+                                   0.1, 3, 0.01, inplace, True, count, 0))
+    torch.library.opcheck(op, (logits, labels, old, adv, mask, None, 1.1, 0.8, 1.2, 3.0, 0, 3, None, 4.0, 0.0, -1,
+                               0.0, False, True, None, 0))
+    torch.library.opcheck(op, (logits.detach(), labels, old, adv, mask, None, 1.1, 0.8, 1.2, 3.0, 0, 3, None, 4.0,
+                               0.0, -1, 0.0, False, False, None, 0))
 
 
 def test_torch_compile_fullgraph(device_backend):
     device, backend = device_backend
     torch._dynamo.reset()
-    logp, old, adv, mask = _tokens((3, 40), device, seed=15, scale=0.3)
+    logp, old, adv, mask = policy_tokens((3, 40), device, seed=15, scale=0.3)
     logp = torch.where(mask, logp, 0.0)
     logits, labels, lold, ladv, lmask, ref = _logits_inputs((2, 5, 64), device, seed=16)
 
@@ -767,13 +740,13 @@ def test_env_forces_backend(monkeypatch):
 
 @gpu
 def test_gpu_backends_agree_large():
-    logp, old, adv, mask = _tokens((64, 4096), "cuda", seed=17)
+    logp, old, adv, mask = policy_tokens((64, 4096), "cuda", seed=17)
     want, want_stats = reference.ppo_policy_loss(logp.double(), old.double(), adv.double(), mask, dual_clip=3.0)
     for backend in ("cuda", "triton"):
         if backend in rlhf_kernels.available_backends():
             got, stats = rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, dual_clip=3.0, backend=backend)
             torch.testing.assert_close(got.double(), want, **F32)
-            _check_stats(stats, want_stats)
+            check_stats(stats, want_stats)
 
 
 @pytest.mark.skipif("cpu" not in rlhf_kernels.available_backends(), reason="the C++ extension is not built")
@@ -783,7 +756,7 @@ def test_native_logits_grad_op_checks_its_arguments():
     tok = torch.zeros(4)
     grad = torch.empty_like(logits)
     op = torch.ops.rlhf_kernels.ppo_logits_grad_native
-    args = [logits, labels, tok, tok, tok, None, grad, 4, 0, 10, 0, 10, 1.0, -100, 0.8, 1.2, 0.0, 0.0, -1, 0.0, 0]
+    args = [logits, labels, tok, tok, tok, None, grad, 4, 0, 10, 0, 10, 1.0, -100, 0.8, 1.2, 0.0, 0, 0.0, -1, 0.0, 0]
     logp, entropy, row_max, log_sum = op(*args)
     assert logp.shape == entropy.shape == row_max.shape == log_sum.shape == (4,)
     assert torch.equal(row_max, logits.amax(-1))
@@ -792,12 +765,16 @@ def test_native_logits_grad_op_checks_its_arguments():
     with pytest.raises(ValueError, match="old_logp"):
         op(*bad)
     bad = list(args)
-    bad[18] = 3  # k3 without ref_logp
+    bad[19] = 3  # k3 without ref_logp
     with pytest.raises(ValueError, match="ref_logp"):
         op(*bad)
     bad = list(args)
     bad[6] = torch.empty(4, 10, dtype=torch.float64)
     with pytest.raises(ValueError, match="grad_logits"):
+        op(*bad)
+    bad = list(args)
+    bad[17] = 6  # no such objective
+    with pytest.raises(ValueError, match="loss_type"):
         op(*bad)
 
 

@@ -666,3 +666,74 @@ def test_rollout_correction_config_errors_name_the_field():
                        "takes one upper bound")):
         with pytest.raises(ConfigError, match=match):
             validate_ppo(PPOConfig(rollout_correction=rc))
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dapo", "dr_grpo"])
+def test_loss_types_are_the_same_fused_or_not(loss_type):
+    """PPOConfig.loss_type reaches the policy loss on the fused path (from the
+    hidden state) and the unfused one (log-probs, then ppo_loss_from_logprobs):
+    the same loss; TRL's names bring their aggregation."""
+    from rlhf_kernels.trainer.config import objective
+
+    out = {}
+    for fused in (True, False):
+        # dppo's thresholds are on probabilities (the tiny model's are small)
+        thresholds = dict(clip_low=0.002, clip_high=0.002) if loss_type.startswith("dppo") else {}
+        trainer, _ = _group_trainer("grpo", seed=9, fused_loss=fused, loss_type=loss_type, init_kl_coef=0.1,
+                                    target_kl=None, **thresholds)
+        r = trainer.rollout()
+        r.old_logp = r.old_logp + 0.3 * torch.randn_like(r.old_logp)  # ratios away from 1
+        idx = torch.arange(4)
+        tokens = float(r.batch.response_mask[idx].sum())
+        counts = dict(num_tokens=tokens, num_seqs=4.0, value_tokens=tokens, value_seqs=4.0)
+        out[fused] = trainer._micro_step(r, idx, counts, with_ptx=False)
+        assert objective(trainer.config) == {
+            "dapo": ("clip", "token-mean"), "dr_grpo": ("clip", "seq-mean-token-sum-norm"),
+            "sapo": ("sapo", "seq-mean-token-mean")}.get(loss_type, (loss_type, "token-mean"))
+    for key in ("policy_loss", "clipfrac", "clipfrac_lower"):
+        assert float(out[False][key]) == pytest.approx(float(out[True][key]), rel=1e-5, abs=1e-7), key
+    if loss_type in ("cispo", "dppo_tv", "dppo_kl"):  # its selection happens on this data
+        assert 0 < float(out[True]["clipfrac"]) < 1
+
+
+def test_loss_type_config_errors():
+    tok, policy = _parts(0)
+    for cfg, match in ((dict(loss_type="vanilla"), "ppo.loss_type"), (dict(loss_type="sapo", dual_clip=3.0),
+                                                                      "ppo.dual_clip"),
+                       (dict(loss_type="sapo", tau_neg=0.0), "tau_pos and tau_neg")):
+        with pytest.raises(ConfigError, match=match):
+            PPOTrainer(policy, copy.deepcopy(policy), None, tok, PPOConfig(algo="grpo", rollout_batch_size=8,
+                                                                            mini_batch_size=4, **cfg),
+                       prompt_sampler=lambda n, rng: [], reward_fn=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def sft_policy():
+    """The tiny policy after 200 SFT steps on the embedded task (the main job's
+    first stage at reduced size), and its tokenizer."""
+    tok, policy = _parts(0)
+    sft = SFTTrainer(policy, tok, SFTConfig(steps=200, batch_size=32), verbose=False)
+    sft.train(DigitTask().sft_example)
+    return tok, sft.model
+
+
+@pytest.mark.parametrize("loss_type", ["clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl"])
+def test_grpo_with_each_loss_type_improves_the_true_score(sft_policy, loss_type):
+    """GRPO on the task's true score from the SFT policy, 15 iterations of 32
+    responses: the held-out true score rises by > 0.05 with each objective
+    (+0.095 for each on this seed; 0.716 before)."""
+    tok, base = sft_policy
+    task = DigitTask()
+    torch.manual_seed(1)
+    policy = copy.deepcopy(base)
+    cfg = PPOConfig(algo="grpo", group_size=4, rollout_batch_size=32, mini_batch_size=16, grad_accum_steps=1,
+                    ppo_epochs=1, loss_type=loss_type, iterations=15)
+    trainer = PPOTrainer(policy, copy.deepcopy(policy), None, tok, cfg,
+                         prompt_sampler=lambda n, rng: [task.prompt_text(d) for d in task.sample_digits(n, rng)],
+                         reward_fn=task.true_scores)
+    prompts = [task.prompt_text(d) for d in task.sample_digits(128, random.Random(0))]
+    before = trainer.evaluate(prompts, task.true_scores)["true_score"]
+    for _ in range(cfg.iterations):
+        trainer.update(trainer.rollout())
+    after = trainer.evaluate(prompts, task.true_scores)["true_score"]
+    assert after > before + 0.05, (before, after)

@@ -23,11 +23,24 @@ def _computed(mask: Tensor, *tensors: Tensor) -> list[Tensor]:
     return [torch.where(valid, t.to(dtype), 0.0) for t in tensors]
 
 
-def policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs):
-    """ppo_policy_loss's contract: (loss, stats (5,)); agg the index in AGG_MODES, dual_clip 0 for none."""
+def _objective(ratio_low: float, ratio_high: float, dual_clip: float, loss_type: int) -> dict:
+    """The reference's keywords of the kernels' numbers of an objective
+    (PolicyParams, csrc/include/rlhf_kernels/ppo_math.h; ops/ppo_options.py)."""
+    name = reference.LOSS_TYPES[loss_type]
+    if name == "sapo":
+        return dict(loss_type=name, tau_neg=ratio_low, tau_pos=ratio_high)
+    if name.startswith("dppo"):
+        return dict(loss_type=name, clip_low=ratio_low, clip_high=ratio_high, dual_clip=dual_clip)
+    return dict(loss_type=name, clip_low=1.0 - ratio_low, clip_high=ratio_high - 1.0, dual_clip=dual_clip or None)
+
+
+def policy_loss(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip, loss_type, agg, num_tokens,
+                num_seqs):
+    """ppo_policy_loss's contract: (loss, stats (5,)); the objective as the
+    kernels take it (_objective), agg the index in AGG_MODES."""
     loss, stats = reference.ppo_policy_loss(
-        *_computed(mask, logp, old_logp, advantages), mask, clip_low=clip_low, clip_high=clip_high,
-        dual_clip=dual_clip or None, agg=reference.AGG_MODES[agg], num_tokens=num_tokens, num_seqs=num_seqs,
+        *_computed(mask, logp, old_logp, advantages), mask, agg=reference.AGG_MODES[agg], num_tokens=num_tokens,
+        num_seqs=num_seqs, **_objective(ratio_low, ratio_high, dual_clip, loss_type),
     )
     return loss, torch.stack([stats[name] for name in _POLICY_STATS])
 
@@ -42,8 +55,8 @@ def value_loss(values, old_values, returns, mask, clip, agg, num_tokens, num_seq
 
 
 def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, ref_logp, temperature, ratio_low, ratio_high,
-                         dual_clip, agg, num_tokens, num_seqs, kl_coef, kl_estimator, entropy_coef, inplace_backward,
-                         need_grad, count, max_rows_in_flight):
+                         dual_clip, loss_type, agg, num_tokens, num_seqs, kl_coef, kl_estimator, entropy_coef,
+                         inplace_backward, need_grad, count, max_rows_in_flight):
     """ppo_loss_from_logits' contract: (loss, stats (8,)); count divides the loss
     and its aggregated terms (a global count given as a tensor)."""
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():  # raising needs a value
@@ -51,8 +64,8 @@ def ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, ref_logp, t
     tensors = _computed(mask, old_logp, advantages, *(() if ref_logp is None else (ref_logp,)))
     loss, stats = reference.ppo_loss_from_logits(
         grad_into_input(logits, inplace_backward), labels, tensors[0], tensors[1], mask, temperature=temperature,
-        clip_low=1.0 - ratio_low, clip_high=ratio_high - 1.0, dual_clip=dual_clip or None,
-        agg=reference.AGG_MODES[agg], num_tokens=num_tokens, num_seqs=num_seqs,
+        **_objective(ratio_low, ratio_high, dual_clip, loss_type), agg=reference.AGG_MODES[agg],
+        num_tokens=num_tokens, num_seqs=num_seqs,
         ref_logp=tensors[2] if ref_logp is not None else None, kl_coef=kl_coef,
         kl_estimator=ESTIMATOR_NAMES.get(kl_estimator, "k3"), entropy_coef=entropy_coef,
     )

@@ -12,6 +12,9 @@ up in, and wherever verl's modules imported them:
 - ``compute_policy_loss_vanilla`` (registry name "vanilla") -> ``ppo_policy_loss``,
   float masks and ``rollout_is_weights`` (``token_weights``) included;
 - ``compute_policy_loss_gspo`` ("gspo") -> ``ppo_policy_loss(ratio_level="sequence-token")``;
+- ``compute_policy_loss_cispo`` / ``_sapo`` / ``_gpg`` / ``_dppo_tv`` /
+  ``_dppo_kl`` (registry names "cispo", "sapo", "gpg", "dppo_tv",
+  "dppo_kl") -> ``ppo_policy_loss(loss_type=...)``;
 - ``compute_value_loss`` -> ``ppo_value_loss``;
 - ``compute_rollout_correction_weights`` (``rollout_corr_helper``; TIS and
   IcePop, token and sequence levels) -> ``rollout_correction``, its metrics
@@ -266,9 +269,12 @@ def _clip_bounds(config) -> tuple[float, float]:
 
 
 def _policy_loss_call(name: str, original, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
-                      config, rollout_is_weights, *, dual_clip, ratio_level):
+                      config, rollout_is_weights, *, dual_clip, ratio_level, loss_type="clip",
+                      clip_bounds=None, **objective):
     """verl's ``compute_policy_loss_<name>`` on ``ppo_policy_loss``: the loss and
-    verl's metrics dict, or a hand-back to verl's code."""
+    verl's metrics dict, or a hand-back to verl's code. ``loss_type`` and
+    ``objective`` (tau_pos / tau_neg) select the objective; ``clip_bounds``
+    (clip_low, clip_high) default to the config's clip ratios."""
     key = f"verl.compute_policy_loss_{name}"
     args = (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
     reason = _policy_loss_hand_back(old_log_prob, advantages, response_mask, loss_agg_mode, config)
@@ -279,7 +285,7 @@ def _policy_loss_call(name: str, original, old_log_prob, log_prob, advantages, r
         return hand_back(key, "rollout_is_weights negative or non-finite at a valid token", original, *args)
     import verl.utils.torch_functional as verl_F
 
-    clip_low, clip_high = _clip_bounds(config)
+    clip_low, clip_high = clip_bounds or _clip_bounds(config)
     with torch.no_grad():
         log_ratio = log_prob - old_log_prob
         if ratio_level == "token":
@@ -295,20 +301,28 @@ def _policy_loss_call(name: str, original, old_log_prob, log_prob, advantages, r
     # Ours differentiates log_prob only; old_log_prob and advantages are data
     # (verl's trainers pass them detached). A float mask weights each token,
     # as verl's weighted means do.
-    loss, stats = rlhf_kernels.ppo_policy_loss(
-        log_prob, old_log_prob, advantages, response_mask, clip_low=clip_low, clip_high=clip_high,
-        dual_clip=dual_clip, agg=loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs,
-        token_weights=token_weights, ratio_level=ratio_level,
-    )
+    options = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=loss_agg_mode,
+                   num_tokens=num_tokens, num_seqs=num_seqs, ratio_level=ratio_level, loss_type=loss_type,
+                   **objective)
+    loss, stats = rlhf_kernels.ppo_policy_loss(log_prob, old_log_prob, advantages, response_mask,
+                                               token_weights=token_weights, **options)
     loss = _finish(loss, scale, count, _float_dtype(old_log_prob, log_prob, advantages), loss_agg_mode)
+    if loss_type == "gpg":
+        return loss, {}  # verl semantics: GPG reports no metrics
     if all_weighted:
         clipfrac, clipfrac_lower = stats["clipfrac"], stats["clipfrac_lower"]
-    else:
+    elif loss_type == "clip":
         clipfrac, clipfrac_lower = _eager_clip_stats(log_ratio, advantages, response_mask, clip_low, clip_high,
                                                      dual_clip)
+    else:
+        # verl counts the statistics unweighted (ours take a weight-0 token's A as 0).
+        with torch.no_grad():
+            _, unweighted = rlhf_kernels.ppo_policy_loss(log_prob, old_log_prob, advantages, response_mask,
+                                                         **options)
+        clipfrac, clipfrac_lower = unweighted["clipfrac"], unweighted["clipfrac_lower"]
     with torch.no_grad():
         # verl semantics: ppo_kl is the masked mean of the token log-ratio, clamped in
-        # the vanilla loss (ours is unclamped), unclamped in GSPO.
+        # the token-level losses (ours is unclamped), unclamped in GSPO.
         token_log_ratio = log_ratio if ratio_level == "token" else log_prob - old_log_prob
         ppo_kl = verl_F.masked_mean(-token_log_ratio, response_mask)
     metrics = {
@@ -352,6 +366,74 @@ def _make_policy_loss_gspo(original):
                                  ratio_level="sequence-token")
 
     return compute_policy_loss_gspo
+
+
+def _needs_actor_config(key: str, config, original, *args):
+    """A hand-back where verl asserts a real ActorConfig, else None."""
+    from verl.workers.config import ActorConfig
+
+    if isinstance(config, ActorConfig):
+        return None
+    return hand_back(key, "config is not an ActorConfig (verl asserts one)", original, *args)
+
+
+def _make_policy_loss_cispo(original):
+    def compute_policy_loss_cispo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                  config=None, rollout_is_weights=None):
+        args = (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+        refused = _needs_actor_config("verl.compute_policy_loss_cispo", config, original, *args)
+        if refused is not None:
+            return refused
+        # verl semantics: pg_clipfrac counts ratio != clip(ratio) (a NaN ratio
+        # too; ours counts the ratio outside the range), pg_clipfrac_lower 0.
+        return _policy_loss_call("cispo", original, *args, dual_clip=None, ratio_level="token", loss_type="cispo")
+
+    return compute_policy_loss_cispo
+
+
+def _make_policy_loss_sapo(original):
+    def compute_policy_loss_sapo(old_log_prob, log_prob, advantages, response_mask,
+                                 loss_agg_mode="seq-mean-token-mean", config=None, rollout_is_weights=None):
+        args = (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+        refused = _needs_actor_config("verl.compute_policy_loss_sapo", config, original, *args)
+        if refused is not None:
+            return refused
+        # verl semantics: SAPO aggregates by seq-mean-token-mean whatever
+        # loss_agg_mode says; its clip fractions are 0.
+        return _policy_loss_call("sapo", original, old_log_prob, log_prob, advantages, response_mask,
+                                 "seq-mean-token-mean", config, rollout_is_weights, dual_clip=None,
+                                 ratio_level="token", loss_type="sapo", clip_bounds=(0.2, 0.2),
+                                 tau_pos=float(config.tau_pos), tau_neg=float(config.tau_neg))
+
+    return compute_policy_loss_sapo
+
+
+def _make_policy_loss_gpg(original):
+    def compute_policy_loss_gpg(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                config=None, rollout_is_weights=None):
+        return _policy_loss_call("gpg", original, old_log_prob, log_prob, advantages, response_mask,
+                                 loss_agg_mode, config, rollout_is_weights, dual_clip=None, ratio_level="token",
+                                 loss_type="gpg", clip_bounds=(0.2, 0.2))
+
+    return compute_policy_loss_gpg
+
+
+def _make_policy_loss_dppo(loss_type: str):
+    def make(original):
+        def compute_policy_loss_dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                     config=None, rollout_is_weights=None):
+            # verl semantics: the thresholds are the clip ratios, the cap of the
+            # stopped ratio is clip_ratio_c (20 where the config has none).
+            cap = config.get("clip_ratio_c", 20.0) if config is not None else 20.0
+            return _policy_loss_call(loss_type, original, old_log_prob, log_prob, advantages, response_mask,
+                                     loss_agg_mode, config, rollout_is_weights, dual_clip=float(cap),
+                                     ratio_level="token", loss_type=loss_type)
+
+        compute_policy_loss_dppo.__name__ = compute_policy_loss_dppo.__qualname__ = \
+            f"compute_policy_loss_{loss_type}"
+        return compute_policy_loss_dppo
+
+    return make
 
 
 def _value_loss_hand_back(returns, values, response_mask, cliprange_value, loss_agg_mode, batch_num_tokens,
@@ -544,6 +626,11 @@ _patcher = Patcher(
         _Target(_CORE, "compute_rloo_outcome_advantage", _make_rloo),
         _Target(_CORE, "compute_policy_loss_vanilla", _make_policy_loss),
         _Target(_CORE, "compute_policy_loss_gspo", _make_policy_loss_gspo),
+        _Target(_CORE, "compute_policy_loss_cispo", _make_policy_loss_cispo),
+        _Target(_CORE, "compute_policy_loss_sapo", _make_policy_loss_sapo),
+        _Target(_CORE, "compute_policy_loss_gpg", _make_policy_loss_gpg),
+        _Target(_CORE, "compute_policy_loss_dppo_tv", _make_policy_loss_dppo("dppo_tv")),
+        _Target(_CORE, "compute_policy_loss_dppo_kl", _make_policy_loss_dppo("dppo_kl")),
         _Target(_CORE, "compute_value_loss", _make_value_loss),
         _Target(_CORE, "agg_loss", _make_agg_loss),
         _Target("verl.trainer.ppo.rollout_corr_helper", "compute_rollout_correction_weights",

@@ -269,6 +269,9 @@ def ppo_loss_from_hidden(
     clip_low: float = 0.2,
     clip_high: float | None = None,
     dual_clip: float | None = None,
+    loss_type: str = "clip",
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
@@ -347,7 +350,8 @@ def ppo_loss_from_hidden(
     """
     _check_head(hidden, weight, bias, labels)
     o = PPOLossOptions.checked(hidden.device, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
-                               dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                               dual_clip=dual_clip, loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg, agg=agg,
+                               num_tokens=num_tokens, num_seqs=num_seqs,
                                ratio_level=ratio_level, kl_coef=kl_coef, kl_estimator=kl_estimator,
                                entropy_coef=entropy_coef, backend=backend)
     if cu_seqlens is not None:

@@ -117,9 +117,10 @@ def _token_loss_ops(name: str, n_stats: int) -> dict[str, Callable]:
 
 
 def _register_policy_loss(backends, caller):
-    def policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs):
+    def policy_loss(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip, loss_type, agg, num_tokens,
+                    num_seqs):
         need_grad = logp.requires_grad and torch.is_grad_enabled()
-        loss, stats, _, _ = caller(logp, old_logp, advantages, mask, 1.0 - clip_low, 1.0 + clip_high, dual_clip,
+        loss, stats, _, _ = caller(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip, loss_type,
                                    agg, num_tokens, num_seqs, need_grad)
         return loss, stats
 
@@ -155,8 +156,8 @@ register("ppo_value_loss", ("eager",), _eager.value_loss)
 
 
 def _from_logits_fake(logits, labels, old_logp, advantages, mask, ref_logp, temperature, ratio_low, ratio_high,
-                      dual_clip, agg, num_tokens, num_seqs, kl_coef, kl_estimator, entropy_coef, inplace_backward,
-                      need_grad, count, max_rows_in_flight):
+                      dual_clip, loss_type, agg, num_tokens, num_seqs, kl_coef, kl_estimator, entropy_coef,
+                      inplace_backward, need_grad, count, max_rows_in_flight):
     acc = acc_dtype(logits.dtype)
     n = labels.numel()
     new = lambda *shape: logits.new_empty(shape, dtype=acc)  # noqa: E731
@@ -177,9 +178,9 @@ def _tracing(t: Tensor) -> bool:
 
 
 def _from_logits_setup_context(ctx, inputs, output):
-    (logits, labels, _old_logp, _advantages, mask, _ref_logp, temperature, _ratio_low, _ratio_high, _dual_clip, _agg,
-     _num_tokens, _num_seqs, _kl_coef, _kl_estimator, entropy_coef, inplace_backward, need_grad, _count,
-     _max_rows_in_flight) = inputs
+    (logits, labels, _old_logp, _advantages, mask, _ref_logp, temperature, _ratio_low, _ratio_high, _dual_clip,
+     _loss_type, _agg, _num_tokens, _num_seqs, _kl_coef, _kl_estimator, entropy_coef, inplace_backward, need_grad,
+     _count, _max_rows_in_flight) = inputs
     _, _, grad, weights, row_max, log_sum, entropy, grad_logits = output
     ctx.mark_non_differentiable(*output[1:])
     if not ctx.needs_input_grad[0]:
@@ -344,7 +345,7 @@ def _policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tenso
     if o.ratio_level != "token":
         logp, old_logp = _sequence_ratio(logp, old_logp, mask, o.ratio_level)
     loss, stats = implementation("ppo_policy_loss", o.backend, logp.device)(
-        logp, old_logp.detach(), advantages, mask, o.clip_low, o.clip_high, o.dual_clip, o.agg_code,
+        logp, old_logp.detach(), advantages, mask, o.ratio_low, o.ratio_high, o.dual_clip, o.loss_code, o.agg_code,
         o.kernel_num_tokens, o.kernel_num_seqs,
     )
     return divide(loss, o.divisor), dict(zip(POLICY_STAT_NAMES, stats.unbind()))
@@ -398,6 +399,9 @@ def ppo_policy_loss(
     clip_low: float = 0.2,
     clip_high: float | None = None,
     dual_clip: float | None = None,
+    loss_type: str = "clip",
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
@@ -407,7 +411,8 @@ def ppo_policy_loss(
     max_seqlen: int | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped PPO policy loss (Schulman et al., 2017), fused in one pass.
+    """The policy loss, fused in one pass: PPO's clipped objective
+    (Schulman et al., 2017) by default, or another of ``loss_type``.
 
     ``ratio = exp(clamp(logp - old_logp, -20, 20))``, ``l1 = -A * ratio``,
     ``l2 = -A * clamp(ratio, 1 - clip_low, 1 + clip_high)``, ``l = max(l1, l2)``;
@@ -425,9 +430,11 @@ def ppo_policy_loss(
     Returns:
         (loss, stats): loss a 0-dim float32 (float64) tensor, 0 when no token is
         valid; stats 0-dim tensors (no host synchronisation): clipfrac (share of
-        valid tokens with l2 > l1), clipfrac_lower (dual clip active),
-        approx_kl (mean of old_logp - logp), ratio_max, ratio_min (0 when no
-        token is valid).
+        valid tokens with l2 > l1; cispo: the ratio outside its range; dppo:
+        the tokens masked; 0 for sapo and gpg), clipfrac_lower (dual clip
+        active; dppo: the ratio above the cap on a kept token), approx_kl
+        (mean of old_logp - logp), ratio_max, ratio_min (0 when no token is
+        valid).
 
     The gradient follows torch autograd of ``reference.ppo_policy_loss``,
     including its tie rules (half the gradient to each side of max / min at
@@ -440,8 +447,9 @@ def ppo_policy_loss(
     if logp.dim() < 1:
         raise ValueError("logp: expected shape (B, T) (or (..., T)), got a 0-dim tensor")
     _check_policy_inputs("logp", logp.shape, old_logp, advantages, mask, logp=logp)
-    o = PPOLossOptions.checked(logp.device, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
-                               num_tokens=num_tokens, num_seqs=num_seqs, ratio_level=ratio_level, backend=backend)
+    o = PPOLossOptions.checked(logp.device, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                               loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg, agg=agg, num_tokens=num_tokens,
+                               num_seqs=num_seqs, ratio_level=ratio_level, backend=backend)
     return _policy_loss(logp, old_logp, advantages, mask, token_weights, o)
 
 
@@ -456,6 +464,9 @@ def ppo_loss_from_logprobs(
     clip_low: float = 0.2,
     clip_high: float | None = None,
     dual_clip: float | None = None,
+    loss_type: str = "clip",
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
@@ -489,8 +500,9 @@ def ppo_loss_from_logprobs(
         {combined_returns}
     """
     check_tensor("logp", logp, FLOAT_DTYPES)
-    o = PPOLossOptions.checked(logp.device, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
-                               num_tokens=num_tokens, num_seqs=num_seqs, ratio_level=ratio_level, kl_coef=kl_coef,
+    o = PPOLossOptions.checked(logp.device, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                               loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg, agg=agg, num_tokens=num_tokens,
+                               num_seqs=num_seqs, ratio_level=ratio_level, kl_coef=kl_coef,
                                kl_estimator=kl_estimator, entropy_coef=entropy_coef, backend=backend)
     return _logprobs_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, cu_seqlens, max_seqlen,
                           o)
@@ -563,6 +575,9 @@ def ppo_loss_from_logits(
     clip_low: float = 0.2,
     clip_high: float | None = None,
     dual_clip: float | None = None,
+    loss_type: str = "clip",
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
@@ -636,7 +651,8 @@ def ppo_loss_from_logits(
     """
     check_tensor("logits", logits, FLOAT_DTYPES)
     o = PPOLossOptions.checked(logits.device, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
-                               dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                               dual_clip=dual_clip, loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg, agg=agg,
+                               num_tokens=num_tokens, num_seqs=num_seqs,
                                ratio_level=ratio_level, kl_coef=kl_coef, kl_estimator=kl_estimator,
                                entropy_coef=entropy_coef, backend=backend)
     truncation = dict(top_k=top_k, top_p=top_p, min_p=min_p, min_logit=min_logit, truncation_order=truncation_order)
@@ -676,8 +692,8 @@ def ppo_loss_from_logits(
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     in_flight = rows_in_flight(labels.numel(), logits.shape[-1] * logits.element_size(), logits.device)
     loss, stats = implementation("ppo_loss_from_logits", backend, logits.device)(
-        logits, labels, old_logp.detach(), advantages, mask, ref_logp, o.temperature, 1.0 - o.clip_low,
-        1.0 + o.clip_high, o.dual_clip, o.agg_code, o.kernel_num_tokens, o.kernel_num_seqs, o.kl_coef, o.kl_code,
+        logits, labels, old_logp.detach(), advantages, mask, ref_logp, o.temperature, o.ratio_low, o.ratio_high,
+        o.dual_clip, o.loss_code, o.agg_code, o.kernel_num_tokens, o.kernel_num_seqs, o.kl_coef, o.kl_code,
         o.entropy_coef, bool(inplace_backward), need_grad, o.divisor, in_flight,
     )
     return loss, dict(zip(POLICY_STAT_NAMES + ("pg_loss", "kl", "entropy"), stats.unbind()))

@@ -16,6 +16,38 @@ from .._validation import (
 
 Count = Union[float, Tensor, None]
 
+# The policy objectives, by their code in the kernels (PolicyForm in
+# csrc/include/rlhf_kernels/ppo_math.h); verl's names but "clip" (verl's
+# "vanilla") and "gpg" (verl's "gpg"; REINFORCE).
+LOSS_TYPES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl")
+DPPO_CAP = 20.0  # the cap of DPPO's stopped ratio when dual_clip is None (verl's clip_ratio_c default there)
+
+
+def _form_numbers(loss_type: str, clip_low: float, clip_high: float | None, dual_clip: float | None,
+                  tau_pos: float, tau_neg: float, ratio_level: str) -> tuple[float, float, float, float, float]:
+    """(clip_low, clip_high, dual_clip, ratio_low, ratio_high) of a checked
+    objective: the kernels' three numbers (PolicyParams) are ratio_low,
+    ratio_high and dual_clip."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type: unknown objective {loss_type!r}; expected one of {LOSS_TYPES}")
+    if loss_type != "clip" and ratio_level != "token":
+        raise ValueError(f"ratio_level: {ratio_level!r} is for loss_type='clip' (GSPO); {loss_type!r} takes "
+                         "token ratios")
+    if loss_type == "clip":
+        low, high, dual = check_clip(clip_low, clip_high, dual_clip)
+        return low, high, dual, 1.0 - low, 1.0 + high
+    low = check_positive("clip_low", clip_low)
+    high = low if clip_high is None else check_positive("clip_high", clip_high)
+    if loss_type.startswith("dppo"):
+        cap = DPPO_CAP if dual_clip is None else check_positive("dual_clip", dual_clip)
+        return low, high, cap, low, high
+    if dual_clip is not None:
+        raise ValueError(f"dual_clip: for loss_type 'clip' (the dual clip) or 'dppo_*' (the ratio's cap), "
+                         f"not {loss_type!r}")
+    if loss_type == "sapo":
+        return low, high, 0.0, check_positive("tau_neg", tau_neg), check_positive("tau_pos", tau_pos)
+    return low, high, 0.0, 1.0 - low, 1.0 + high  # cispo's range; gpg uses none
+
 
 class PPOLossOptions(NamedTuple):
     """The checked PPO loss keywords (see ``POLICY_ARGS`` for their meaning),
@@ -46,17 +78,24 @@ class PPOLossOptions(NamedTuple):
     kernel_num_seqs: Optional[float] = None
     divisor: Optional[Tensor] = None
     kl_code: int = 3
+    loss_type: str = "clip"
+    loss_code: int = 0
+    ratio_low: float = 0.8  # the kernels' numbers of the objective (_form_numbers)
+    ratio_high: float = 1.2
 
     @classmethod
     def checked(cls, device: torch.device, *, clip_low: float = 0.2, clip_high: float | None = None,
                 dual_clip: float | None = None, agg: str = "token-mean", num_tokens: Count = None,
                 num_seqs: Count = None, ratio_level: str = "token", temperature: float | None = None,
                 kl_coef: float | None = None, kl_estimator: str | None = None, entropy_coef: float | None = None,
+                loss_type: str = "clip", tau_pos: float = 1.0, tau_neg: float = 1.05,
                 backend: str | None = None) -> "PPOLossOptions":
         """The options of a call on tensors of ``device``; ValueError naming a
         bad keyword. The penalty keywords left at None keep their defaults
         unchecked (the policy-only losses take none of them)."""
-        clip_low, clip_high, dual = check_clip(clip_low, clip_high, dual_clip)
+        ratio_level = check_ratio_level(ratio_level)
+        clip_low, clip_high, dual, ratio_low, ratio_high = _form_numbers(
+            loss_type, clip_low, clip_high, dual_clip, tau_pos, tau_neg, ratio_level)
         agg_code, kernel_tokens, kernel_seqs, divisor = check_agg(agg, num_tokens, num_seqs, device)
         penalty = {}
         if temperature is not None:
@@ -70,8 +109,9 @@ class PPOLossOptions(NamedTuple):
             penalty["entropy_coef"] = check_finite("entropy_coef", entropy_coef)
         return cls(
             clip_low=clip_low, clip_high=clip_high, dual_clip=dual, agg=agg, num_tokens=num_tokens,
-            num_seqs=num_seqs, ratio_level=check_ratio_level(ratio_level), backend=backend, agg_code=agg_code,
-            kernel_num_tokens=kernel_tokens, kernel_num_seqs=kernel_seqs, divisor=divisor, **penalty,
+            num_seqs=num_seqs, ratio_level=ratio_level, backend=backend, agg_code=agg_code,
+            kernel_num_tokens=kernel_tokens, kernel_num_seqs=kernel_seqs, divisor=divisor, loss_type=loss_type,
+            loss_code=LOSS_TYPES.index(loss_type), ratio_low=ratio_low, ratio_high=ratio_high, **penalty,
         )
 
 
@@ -95,9 +135,25 @@ POLICY_ARGS = """\
             that mean ("sequence") or through the token's own logp
             ("sequence-token"); the two agree when the advantage is constant
             over the sequence. ratio_max / ratio_min are then sequence ratios.
+        loss_type: the per-token objective (r the ratio, A the advantage,
+            sg a stop-gradient): "clip" (PPO, the default), "cispo" (-A
+            sg(clip(r, 1 - clip_low, 1 + clip_high)) logp; MiniMax-M1),
+            "sapo" (-A (4 / tau) sigmoid(tau (r - 1)), tau = tau_pos where
+            A > 0, else tau_neg; Gao et al., 2025), "gpg" (-A logp; GPG,
+            REINFORCE), "dppo_tv" / "dppo_kl" (-A sg(min(r, dual_clip)) logp
+            on the tokens whose probability moved by less than clip_high
+            (A > 0) or clip_low (A <= 0) in total variation / binary KL, 0
+            elsewhere; DPPO, arXiv 2602.04879). Each as verl's policy loss of
+            that name (verl's "vanilla" for "clip"); the others take token
+            ratios only (ratio_level "token"). token_weights scale A, so a
+            weight-0 token takes dppo's A <= 0 branch in the statistics.
         clip_low, clip_high: > 0; the ratio is clipped to
-            [1 - clip_low, 1 + clip_high]; clip_high defaults to clip_low.
-        dual_clip: None or c > 1.
+            [1 - clip_low, 1 + clip_high] (clip; cispo's weight); dppo's
+            thresholds; clip_high defaults to clip_low.
+        dual_clip: None or c > 1 (clip); dppo: the cap of the stopped ratio
+            (verl's clip_ratio_c; default 20); not for the other objectives.
+        tau_pos, tau_neg: > 0, sapo's temperatures (verl's tau_pos /
+            tau_neg, TRL's sapo_temperature_pos / _neg; defaults 1.0 / 1.05).
         agg: "token-mean" | "token-sum" | "seq-mean-token-sum" |
             "seq-mean-token-mean" | "seq-mean-token-sum-norm" (seq-mean-token-sum / T).
         num_tokens: token-mean denominator instead of the number of valid

@@ -224,7 +224,7 @@ def ppo_config(args) -> PPOConfig:
     flags = {"iterations": args.iterations, "rollout_batch_size": args.rollout_batch_size,
              "max_new_tokens": args.max_new_tokens, "ptx_coef": args.ptx_coef,
              "missing_eos_penalty": args.missing_eos_penalty, "top_k": args.top_k, "top_p": args.top_p,
-             "min_p": args.min_p}
+             "min_p": args.min_p, "loss_type": args.loss_type}
     for key, value in flags.items():
         if value is not None:
             setattr(cfg, key, value)
@@ -552,6 +552,9 @@ def add_ppo_parser(sub) -> None:
     p.add_argument("--algo", default=None, choices=("ppo", "grpo", "rloo"),
                    help="ppo (a critic, default) | grpo | rloo (group sampling, no critic)")
     p.add_argument("--group-size", type=int, default=None, help="grpo / rloo: responses per prompt")
+    p.add_argument("--loss-type", default=None,
+                   help="the policy objective: clip (PPO, default) | cispo | sapo | gpg | dppo_tv | dppo_kl, or "
+                        "TRL's grpo | bnpo | dr_grpo | dapo (clip with TRL's aggregation), cispo, sapo")
     p.add_argument("--iterations", type=int, default=None)
     p.add_argument("--rollout-batch-size", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)

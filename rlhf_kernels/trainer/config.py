@@ -12,6 +12,15 @@ from ..ops.rollout_correction import from_verl_config
 
 OFFLOADABLE = ("ref", "reward")  # PPOConfig.offload: the frozen models
 LOSS_AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# PPOConfig.loss_type: the objectives of ppo_policy_loss (ops/ppo_options.py
+# LOSS_TYPES), kept with loss_agg, and TRL's GRPOConfig.loss_type names, each
+# an objective with TRL's aggregation (trl/trainer/grpo_trainer.py: grpo and
+# sapo per-sequence means, bnpo / dapo / cispo token means; dr_grpo's sum over
+# max_completion_length is seq-mean-token-sum-norm's over the padded length).
+TRL_LOSS_TYPES = {"grpo": ("clip", "seq-mean-token-mean"), "bnpo": ("clip", "token-mean"),
+                  "dr_grpo": ("clip", "seq-mean-token-sum-norm"), "dapo": ("clip", "token-mean"),
+                  "cispo": ("cispo", "token-mean"), "sapo": ("sapo", "seq-mean-token-mean")}
+OBJECTIVES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl")
 
 
 class ConfigError(ValueError):
@@ -124,6 +133,12 @@ class PPOConfig:
     vf_coef: float = 1.0
     entropy_coef: float = 0.0
     loss_agg: str = "token-mean"
+    # The policy objective: "clip" (PPO), "cispo", "sapo", "gpg", "dppo_tv",
+    # "dppo_kl" (ppo_policy_loss's loss_type; loss_agg kept), or a TRL name
+    # (TRL_LOSS_TYPES: its objective and aggregation, loss_agg ignored).
+    loss_type: str = "clip"
+    tau_pos: float = 1.0  # sapo's temperatures (TRL's sapo_temperature_pos / _neg)
+    tau_neg: float = 1.05
     fused_loss: bool = True  # ppo_loss_from_logits, else logprobs_from_logits + ppo_policy_loss
     # With fused_loss: the logits gradient written into the logits in the
     # backward (no (B, T, V) gradient buffer; three passes over the logits), or
@@ -282,6 +297,11 @@ def correction_kwargs(rc: RolloutCorrectionConfig) -> dict:
                             rc.rollout_rs_threshold)
 
 
+def objective(cfg: PPOConfig) -> tuple[str, str]:
+    """(loss_type of ppo_policy_loss, aggregation) of cfg.loss_type."""
+    return TRL_LOSS_TYPES.get(cfg.loss_type, (cfg.loss_type, cfg.loss_agg))
+
+
 def truncated(cfg: PPOConfig) -> bool:
     """Whether the sampler truncates (top_k, top_p or min_p on)."""
     return cfg.top_k > 0 or cfg.top_p < 1 or cfg.min_p > 0
@@ -303,6 +323,13 @@ def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
         )
     if cfg.loss_agg not in LOSS_AGGREGATIONS:
         raise ConfigError(f"ppo.loss_agg: unknown {cfg.loss_agg!r}; expected one of {LOSS_AGGREGATIONS}")
+    if cfg.loss_type not in OBJECTIVES and cfg.loss_type not in TRL_LOSS_TYPES:
+        raise ConfigError(f"ppo.loss_type: unknown {cfg.loss_type!r}; expected one of {OBJECTIVES} or TRL's "
+                          f"{tuple(TRL_LOSS_TYPES)}")
+    if objective(cfg)[0] in ("cispo", "sapo", "gpg") and cfg.dual_clip is not None:
+        raise ConfigError(f"ppo.dual_clip: for the clip and dppo objectives, not loss_type {cfg.loss_type!r}")
+    if not (cfg.tau_pos > 0 and cfg.tau_neg > 0):
+        raise ConfigError("ppo: tau_pos and tau_neg must be > 0")
     if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
         raise ConfigError("ppo: gamma and lam must lie in [0, 1]")
     if cfg.temperature <= 0:

@@ -35,7 +35,7 @@ from .. import (
     ppo_loss_from_hidden, ppo_loss_from_logits, ppo_loss_from_logprobs, ppo_value_loss, rollout_correction,
 )
 from .._dispatch import canonical_backend
-from .config import PPOConfig, correction_kwargs, truncated, validate_ppo
+from .config import PPOConfig, correction_kwargs, objective, truncated, validate_ppo
 from .data import (
     Batch, decode_responses, encode_prompts, encode_responses, lm_targets, make_batch,
     response_mask_from_generation,
@@ -586,8 +586,10 @@ class PPOTrainer:
         # DDP averages gradients over ranks; the losses are normalised by global
         # counts, so scale by the world size to get their gradient sum.
         scale = float(self.world_size)
-        common = dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.loss_agg,
-                      num_tokens=num_tokens, num_seqs=num_seqs, backend=self.backend,
+        loss_type, agg = objective(cfg)
+        common = dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=agg,
+                      loss_type=loss_type, tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg, num_tokens=num_tokens,
+                      num_seqs=num_seqs, backend=self.backend,
                       token_weights=None if r.is_weights is None else r.is_weights[idx])
         # GRPO: the KL to the reference as a k3 term of the loss (PPO and RLOO
         # put it in the rewards).

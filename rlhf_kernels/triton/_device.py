@@ -206,32 +206,84 @@ def _kl_terms(logp, ref, ESTIMATOR: tl.constexpr):
     return kl, dkl
 
 @triton.jit
+def _dppo_kept(logp, old, adv, ratio_low, ratio_high, FORM: tl.constexpr):
+    """DPPO's trust region (dppo_kept in ppo_token_math.h): whether the token is
+    kept, from p = exp(logp), p_old = exp(old). TV (FORM 4): p - p_old <= hi
+    for A > 0, >= -lo otherwise. KL (FORM 5): the binary KL p_old (old - logp)
+    + (1 - p_old) log((1 - p_old + 1e-8) / (1 - p + 1e-8)) <= hi for A > 0
+    unless p <= p_old, <= lo otherwise unless p >= p_old."""
+    prob = tl.exp(logp)
+    old_prob = tl.exp(old)
+    positive = adv > 0.0
+    if FORM == 4:
+        rise = prob - old_prob
+        kept = tl.where(positive, rise <= ratio_high, rise >= -ratio_low)
+    else:
+        binary_kl = old_prob * (old - logp) + (1.0 - old_prob) * tl.log((1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+        kept = tl.where(positive, (binary_kl <= ratio_high) | (prob <= old_prob),
+                        (binary_kl <= ratio_low) | (prob >= old_prob))
+    return kept
+
+@triton.jit
 def _policy_terms(logp, old, adv, ref, ratio_low, ratio_high, dual_c, kl_coef,
-                  HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr):
-    """PPO-clip (Schulman et al., 2017) + dual clip (Ye et al., 2020) per token
-    (policy_token in csrc/include/rlhf_kernels/ppo_token_math.h, with its tie
-    rules): (loss, d(loss + kl_coef * kl)/d logp, clipped, dual active, ratio,
-    kl), for a block of tokens or a single one."""
+                  HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, FORM: tl.constexpr):
+    """One token's policy objective FORM (PolicyForm in csrc/include/rlhf_kernels/
+    ppo_math.h: 0 clip, 1 cispo, 2 sapo, 3 gpg, 4 dppo_tv, 5 dppo_kl) plus
+    kl_coef times the KL penalty, as policy_token in ppo_token_math.h (with its
+    tie rules): (loss, d(loss + kl_coef * kl)/d logp, clipped, dual active,
+    ratio, kl), for a block of tokens or a single one. ratio_low / ratio_high /
+    dual_c are the form's three numbers (PolicyParams); HAS_DUAL only for clip.
+    Clip: PPO-clip (Schulman et al., 2017) + dual clip (Ye et al., 2020)."""
     diff = logp - old
     log_ratio = _clamp(diff, -20.0, 20.0)
     d_log_ratio = tl.where((diff >= -20.0) & (diff <= 20.0), 1.0, 0.0)
     ratio = tl.exp(log_ratio)
     neg_adv = -adv
-    loss1 = neg_adv * ratio
-    loss2 = neg_adv * _clamp(ratio, ratio_low, ratio_high)
-    dloss2 = tl.where((ratio >= ratio_low) & (ratio <= ratio_high), neg_adv, 0.0)
-    clipped = loss2 > loss1
-    loss = tl.where(clipped, loss2, loss1)
-    dloss = tl.where(loss1 > loss2, neg_adv, tl.where(clipped, dloss2, 0.5 * (neg_adv + dloss2)))
-    if HAS_DUAL:
-        loss3 = neg_adv * dual_c
-        negative = adv < 0.0
-        dual = negative & (loss > loss3)
-        dloss = tl.where(dual, 0.0, tl.where(negative & (loss == loss3), 0.5 * dloss, dloss))
-        loss = tl.where(dual, loss3, loss)
+    if FORM == 0:
+        loss1 = neg_adv * ratio
+        loss2 = neg_adv * _clamp(ratio, ratio_low, ratio_high)
+        dloss2 = tl.where((ratio >= ratio_low) & (ratio <= ratio_high), neg_adv, 0.0)
+        clipped = loss2 > loss1
+        loss = tl.where(clipped, loss2, loss1)
+        dloss = tl.where(loss1 > loss2, neg_adv, tl.where(clipped, dloss2, 0.5 * (neg_adv + dloss2)))
+        if HAS_DUAL:
+            loss3 = neg_adv * dual_c
+            negative = adv < 0.0
+            dual = negative & (loss > loss3)
+            dloss = tl.where(dual, 0.0, tl.where(negative & (loss == loss3), 0.5 * dloss, dloss))
+            loss = tl.where(dual, loss3, loss)
+        else:
+            dual = clipped & False
+        grad = dloss * ratio * d_log_ratio
+    elif FORM == 2:
+        # sapo: -A (4 / tau) sigmoid(tau (r - 1)), tau = ratio_high (tau_pos) for A > 0, else ratio_low.
+        tau = tl.where(adv > 0.0, ratio_high, ratio_low)
+        # gate = sigmoid(x), x = tau (r - 1), and its complement 1 / (1 + 1 / e)
+        # from the same e = exp(-x), as policy_token (no cancellation in 1 - gate).
+        e = tl.exp(-(tau * (ratio - 1.0)))
+        gate = 1.0 / (1.0 + e)
+        gate_c = 1.0 / (1.0 + 1.0 / e)
+        loss = neg_adv * (gate * (4.0 / tau))
+        grad = neg_adv * (4.0 / tau) * (gate * gate_c) * tau * tl.where(d_log_ratio != 0.0, ratio, 0.0)
+        clipped = tl.zeros_like(ratio) != 0.0  # none
+        dual = clipped
     else:
-        dual = clipped & False
-    grad = dloss * ratio * d_log_ratio
+        # -A w logp with a stopped weight w: cispo clamp(r, lo, hi); gpg 1; dppo min(r, c) on kept tokens, else 0.
+        if FORM == 1:
+            weight = _clamp(ratio, ratio_low, ratio_high)
+            clipped = (ratio < ratio_low) | (ratio > ratio_high)
+            dual = clipped & False
+        elif FORM == 3:
+            weight = tl.zeros_like(ratio) + 1.0
+            clipped = tl.zeros_like(ratio) != 0.0  # none
+            dual = clipped
+        else:
+            kept = _dppo_kept(logp, old, adv, ratio_low, ratio_high, FORM)
+            weight = tl.where(kept, tl.where(ratio > dual_c, dual_c, ratio), 0.0)
+            clipped = ~kept
+            dual = kept & (ratio > dual_c)
+        loss = neg_adv * weight * logp
+        grad = neg_adv * weight
     kl = tl.zeros_like(ratio)
     if KL_ESTIMATOR >= 0:
         kl, dkl = _kl_terms(logp, ref, KL_ESTIMATOR)

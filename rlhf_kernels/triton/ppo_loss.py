@@ -26,16 +26,18 @@ from ._device import (
 )
 from . import logprobs as _logprobs
 
+N_POLICY_FORMS = 6  # the objectives' codes, PolicyForm in csrc/include/rlhf_kernels/ppo_math.h (FORM of the kernels)
+
 @triton.jit
 def _ppo_policy_fwd_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, entropy_ptr, grad_ptr, partial_ptr,
     seq_len, n_chunks, low_hi, low_mid, low_lo, high_hi, high_mid, high_lo, dual_hi, dual_mid, dual_lo,
     kl_coef_hi, kl_coef_mid, kl_coef_lo,
-    HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+    HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, FORM: tl.constexpr, HAS_ENTROPY: tl.constexpr,
     NEED_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # PPO-clip (Schulman et al., 2017) + dual clip (Ye et al., 2020) per token;
-    # one program per (sequence, chunk) writes dl/dlogp and 9 partial sums,
+    # The policy objective FORM (_policy_terms) per token; one program per
+    # (sequence, chunk) writes dl/dlogp and 9 partial sums,
     # each token's terms times its weight (HAS_WEIGHT: the mask holds weights).
     item, offs, in_seq, valid = _chunk_tokens(mask_ptr, seq_len, n_chunks, BLOCK)
     w = _token_weight(mask_ptr, offs, valid, HAS_WEIGHT, ACC_DTYPE)
@@ -50,7 +52,7 @@ def _ppo_policy_fwd_kernel(
         ref = logp
     loss, grad, clipped, dual, ratio, kl = _policy_terms(
         logp, old, adv, ref, ratio_low, ratio_high, _f64(dual_hi, dual_mid, dual_lo, ACC_DTYPE),
-        _f64(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE), HAS_DUAL, KL_ESTIMATOR,
+        _f64(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE), HAS_DUAL, KL_ESTIMATOR, FORM,
     )
     if NEED_GRAD:
         tl.store(grad_ptr + offs, tl.where(valid, w * grad, 0.0), mask=in_seq)
@@ -76,7 +78,7 @@ def _ppo_logits_grad_kernel(
     out_inner_stride, vocab,
     inv_t_hi, inv_t_mid, inv_t_lo, ignore_index, low_hi, low_mid, low_lo, high_hi, high_mid, high_lo,
     dual_hi, dual_mid, dual_lo, kl_coef_hi, kl_coef_mid, kl_coef_lo, ent_hi, ent_mid, ent_lo,
-    HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+    HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, FORM: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # ppo_loss_from_logits with the gradient in the same program, row by
@@ -110,7 +112,7 @@ def _ppo_logits_grad_kernel(
         _, tok_grad, _, _, _, _ = _policy_terms(
             logp, old, adv, ref, _f64(low_hi, low_mid, low_lo, ACC_DTYPE),
             _f64(high_hi, high_mid, high_lo, ACC_DTYPE), _f64(dual_hi, dual_mid, dual_lo, ACC_DTYPE),
-            _f64(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE), HAS_DUAL, KL_ESTIMATOR,
+            _f64(kl_coef_hi, kl_coef_mid, kl_coef_lo, ACC_DTYPE), HAS_DUAL, KL_ESTIMATOR, FORM,
         )
         g = tl.where(valid, weight * tok_grad, 0.0)
         if HAS_ENTROPY_GRAD:
@@ -187,7 +189,8 @@ def _token_outputs(x, seq_len: int, n_stats: int, need_grad: bool):
 
 @on_tensor_device
 def policy(logp, old_logp, adv, mask, ref_logp, entropy, seq_len, ratio_low, ratio_high,
-           dual_clip, kl_coef, kl_code, need_grad):
+           dual_clip, loss_type, kl_coef, kl_code, need_grad):
+    """The policy token kernel of the objective loss_type (PolicyForm); HAS_DUAL only for clip (0)."""
     seqs, chunks, block, grad, partial = _token_outputs(logp, seq_len, N_POLICY_STATS, need_grad)
     if seqs > 0:
         _ppo_policy_fwd_kernel[(seqs * chunks,)](
@@ -195,7 +198,8 @@ def policy(logp, old_logp, adv, mask, ref_logp, entropy, seq_len, ratio_low, rat
             ref_logp if ref_logp is not None else logp, entropy if entropy is not None else logp,
             grad if need_grad else logp, partial, seq_len, chunks,
             *f64_parts(ratio_low), *f64_parts(ratio_high), *f64_parts(dual_clip), *f64_parts(kl_coef),
-            HAS_DUAL=dual_clip > 0, KL_ESTIMATOR=kl_code, HAS_ENTROPY=entropy is not None,
+            HAS_DUAL=loss_type == 0 and dual_clip > 0, KL_ESTIMATOR=kl_code, FORM=loss_type,
+            HAS_ENTROPY=entropy is not None,
             NEED_GRAD=need_grad, HAS_WEIGHT=mask.dtype != torch.bool, ACC_DTYPE=tl_acc(logp.dtype), BLOCK=block,
         )
     return grad, reduce_partials(partial, RATIO_MAX, RATIO_MIN)
@@ -215,8 +219,8 @@ def value(values, old_values, returns, mask, seq_len, clip, need_grad):
 
 @on_tensor_device
 def logits_grad(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits, inv_temperature,
-                ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef, max_rows_in_flight):
-    """The fused from-logits kernel; at most max_rows_in_flight rows at once (0: all)."""
+                ratio_low, ratio_high, dual_clip, loss_type, kl_coef, kl_code, entropy_coef, max_rows_in_flight):
+    """The fused from-logits kernel of the objective loss_type; at most max_rows_in_flight rows at once (0: all)."""
     tensor, inner_rows, in_outer, in_inner, out_outer, out_inner = layouts(logits, grad_logits)
     n_rows, vocab = labels.numel(), logits.shape[-1]
     acc = acc_dtype(logits.dtype)
@@ -230,7 +234,8 @@ def logits_grad(logits, labels, old_logp, adv, row_weight, ref_logp, grad_logits
             out_inner, vocab,
             *f64_parts(inv_temperature), -100, *f64_parts(ratio_low), *f64_parts(ratio_high),
             *f64_parts(dual_clip), *f64_parts(kl_coef), *f64_parts(entropy_coef),
-            HAS_DUAL=dual_clip > 0, KL_ESTIMATOR=kl_code, HAS_ENTROPY_GRAD=entropy_coef != 0.0,
+            HAS_DUAL=loss_type == 0 and dual_clip > 0, KL_ESTIMATOR=kl_code, FORM=loss_type,
+            HAS_ENTROPY_GRAD=entropy_coef != 0.0,
             ACC_DTYPE=tl_acc(logits.dtype), BLOCK_V=block, num_warps=warps,
         )
     return logp, entropy, row_max, log_sum
@@ -297,6 +302,12 @@ def _run_tokens(token_pass, shape, n_stats: int, like: Tensor, *args):
     return token_pass(*args)
 
 
+def _check_loss_type(loss_type: int) -> None:
+    """A PolicyForm code (0 clip ... 5 dppo_kl), as the native glue's check_loss_type."""
+    if not 0 <= loss_type < N_POLICY_FORMS:
+        raise ValueError(f"loss_type: bad code {loss_type}")
+
+
 def _weights(counts: Tensor, shape, agg: int, num_tokens, num_seqs, count: Optional[Tensor] = None) -> Tensor:
     """The aggregation weights w_b, divided by a count given as a tensor."""
     return divide(sequence_weights(counts, int(shape[-1]), AGG_MODES[agg], num_tokens, num_seqs), count)
@@ -305,13 +316,14 @@ def _weights(counts: Tensor, shape, agg: int, num_tokens, num_seqs, count: Optio
 @torch.library.custom_op("rlhf_kernels::ppo_policy_loss_triton", mutates_args=())
 def ppo_policy_loss_op(
     logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, ratio_low: float,
-    ratio_high: float, dual_clip: float, agg: int, num_tokens: Optional[float],
+    ratio_high: float, dual_clip: float, loss_type: int, agg: int, num_tokens: Optional[float],
     num_seqs: Optional[float], need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_loss_type(loss_type)
     tokens = _tokens(logp, old_logp, advantages)
     grad, seq_stats = _run_tokens(
         policy, logp.shape, N_POLICY_STATS, tokens[0], *tokens, _kernel_mask(mask, tokens[0].dtype),
-        None, None, int(logp.shape[-1]), ratio_low, ratio_high, dual_clip, 0.0, -1, need_grad,
+        None, None, int(logp.shape[-1]), ratio_low, ratio_high, dual_clip, loss_type, 0.0, -1, need_grad,
     )
     weights = _weights(seq_stats[:, COUNT], logp.shape, agg, num_tokens, num_seqs)
     return (weights * seq_stats[:, PG_SUM]).sum(), policy_stats(seq_stats), grad, weights
@@ -336,11 +348,12 @@ def ppo_value_loss_op(
 @torch.library.custom_op("rlhf_kernels::ppo_loss_from_logits_triton", mutates_args=())
 def ppo_loss_from_logits_op(
     logits: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, ref_logp: Optional[Tensor],
-    temperature: float, ratio_low: float, ratio_high: float, dual_clip: float, agg: int, num_tokens: Optional[float],
-    num_seqs: Optional[float], kl_coef: float, kl_estimator: int, entropy_coef: float, inplace_backward: bool,
-    need_grad: bool, count: Optional[Tensor], max_rows_in_flight: int,
+    temperature: float, ratio_low: float, ratio_high: float, dual_clip: float, loss_type: int, agg: int,
+    num_tokens: Optional[float], num_seqs: Optional[float], kl_coef: float, kl_estimator: int, entropy_coef: float,
+    inplace_backward: bool, need_grad: bool, count: Optional[Tensor], max_rows_in_flight: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The native op's composite (csrc/glue/ppo_loss.h ppo_loss_from_logits_impl) over the Triton kernels."""
+    _check_loss_type(loss_type)
     if labels.device.type == "cpu":  # the interpreter: as the native CPU op checks
         check_labels_in_range(labels, logits.shape[-1], -100)
     acc = acc_dtype(logits.dtype)
@@ -360,14 +373,14 @@ def ppo_loss_from_logits_op(
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         logp, entropy, row_max, log_sum = logits_grad(
             logits, flat_labels, old, adv, row_weight.contiguous(), ref, grad_logits, 1.0 / temperature,
-            ratio_low, ratio_high, dual_clip, kl_coef, kl_code, entropy_coef, max_rows_in_flight,
+            ratio_low, ratio_high, dual_clip, loss_type, kl_coef, kl_code, entropy_coef, max_rows_in_flight,
         )
     else:
         logp, entropy, row_max, log_sum = _logprobs.forward(logits, flat_labels, 1.0 / temperature, -100, True)
     token_grad = need_grad and not fused
     grad, seq_stats = _run_tokens(
         policy, labels.shape, N_POLICY_STATS, logp, logp, old, adv, token_mask, ref, entropy,
-        seq_len, ratio_low, ratio_high, dual_clip, kl_coef, kl_code, token_grad,
+        seq_len, ratio_low, ratio_high, dual_clip, loss_type, kl_coef, kl_code, token_grad,
     )
     if not fused:
         weights = _weights(seq_stats[:, COUNT], labels.shape, agg, num_tokens, num_seqs, count)

@@ -16,8 +16,8 @@ namespace rlhf_kernels {
 enum PolicyStat : int {
   kPgLossSum = 0,   // sum of the per-token surrogate l over valid tokens
   kValidCount,      // number of valid tokens
-  kClipCount,       // tokens with l2 > l1
-  kDualClipCount,   // tokens where the dual clip is active
+  kClipCount,       // tokens with l2 > l1 (cispo: r outside the range; dppo: masked)
+  kDualClipCount,   // tokens where the dual clip is active (dppo: r > c, not masked)
   kApproxKlSum,     // sum of old_logp - logp
   kRatioMax,        // -inf when no valid token
   kRatioMin,        // +inf when no valid token
@@ -40,12 +40,33 @@ RLHF_HOST_DEVICE inline int64_t ppo_chunks(int64_t seq_len) {
   return seq_len <= 0 ? 1 : (seq_len + kPpoChunk - 1) / kPpoChunk;
 }
 
+// The per-token policy objectives (policy_token, ppo_token_math.h), codes
+// shared with rlhf_kernels/ops/ppo_options.py (LOSS_TYPES). r = exp(clamp(logp
+// - old_logp, -20, 20)), A the advantage, sg() a stop-gradient:
+//   kFormClip:   PPO's max(-A r, -A clip(r, lo, hi)), dual clip c for A < 0;
+//   kFormCispo:  -A sg(clip(r, lo, hi)) logp (MiniMax-M1, 2025);
+//   kFormSapo:   -A (4 / tau) sigmoid(tau (r - 1)), tau = tau_pos for A > 0,
+//                tau_neg otherwise (Gao et al., 2025);
+//   kFormGpg:    -A logp (GPG, REINFORCE: no ratio);
+//   kFormDppoTv: -A sg(min(r, c)) logp where the probability moved less than
+//                the threshold in the advantage's direction, 0 elsewhere
+//                (DPPO-Binary-TV, arXiv 2602.04879);
+//   kFormDppoKl: the same with the binary KL of the token's probability
+//                (DPPO-Binary-KL).
+enum PolicyForm : int { kFormClip = 0, kFormCispo, kFormSapo, kFormGpg, kFormDppoTv, kFormDppoKl, kPolicyForms };
+
+// The objective's parameters. ratio_low / ratio_high / dual_clip are the
+// three numbers of the form: clip and cispo, the ratio's range [1 - clip_low,
+// 1 + clip_high] (and clip's dual clip c); sapo, tau_neg and tau_pos; dppo,
+// the thresholds of a fall (A <= 0) and of a rise (A > 0) and the cap c of
+// the stopped ratio. gpg takes none.
 template <typename acc_t>
 struct PolicyParams {
-  acc_t ratio_low;     // 1 - clip_low
-  acc_t ratio_high;    // 1 + clip_high
-  acc_t dual_clip;     // c > 1, used when has_dual_clip
+  acc_t ratio_low;     // see above
+  acc_t ratio_high;
+  acc_t dual_clip;     // clip: c > 1, used when has_dual_clip; dppo: the cap
   bool has_dual_clip;
+  int form;            // PolicyForm
   int kl_estimator;    // KlEstimator
   acc_t kl_coef;
 };
@@ -53,7 +74,7 @@ struct PolicyParams {
 template <typename acc_t>
 PolicyParams<acc_t> cast_params(const PolicyParams<double>& p) {
   return PolicyParams<acc_t>{static_cast<acc_t>(p.ratio_low), static_cast<acc_t>(p.ratio_high),
-                             static_cast<acc_t>(p.dual_clip), p.has_dual_clip, p.kl_estimator,
+                             static_cast<acc_t>(p.dual_clip), p.has_dual_clip, p.form, p.kl_estimator,
                              static_cast<acc_t>(p.kl_coef)};
 }
 
@@ -61,9 +82,10 @@ PolicyParams<acc_t> cast_params(const PolicyParams<double>& p) {
 // (csrc/*/ppo_loss_glue.cpp) and the CUDA emulator's wrappers
 // (python_tests/cuda_emu/wrappers.cpp) build the kernels' parameters with it.
 template <typename acc_t>
-PolicyParams<acc_t> policy_params(double ratio_low, double ratio_high, double dual_clip,
+PolicyParams<acc_t> policy_params(double ratio_low, double ratio_high, double dual_clip, int64_t form,
                                   int64_t kl_estimator, double kl_coef) {
-  return cast_params<acc_t>(PolicyParams<double>{ratio_low, ratio_high, dual_clip, dual_clip > 0,
+  return cast_params<acc_t>(PolicyParams<double>{ratio_low, ratio_high, dual_clip,
+                                                 form == kFormClip && dual_clip > 0, static_cast<int>(form),
                                                  static_cast<int>(kl_estimator), kl_coef});
 }
 
@@ -75,8 +97,8 @@ struct PolicyToken {
   T grad;               // d(l + kl_coef * kl) / d logp
   T ratio;
   T kl;                 // KL penalty (0 without an estimator)
-  mask_t<T> clipped;    // l2 > l1
-  mask_t<T> dual;       // dual clip active
+  mask_t<T> clipped;    // l2 > l1 (cispo: r outside [lo, hi]; dppo: the token masked)
+  mask_t<T> dual;       // dual clip active (dppo: r > c on a kept token)
 };
 
 template <typename T>

@@ -14,21 +14,27 @@
 // So inside the clip range (where clamp returns the ratio itself and l1 == l2
 // exactly) the derivative is 0.5 * (dl1 + dl2) = dl1, as in autograd.
 
-// One valid token. PPO (Schulman et al., 2017) with the dual clip of Ye et al.
-// (2020): ratio = exp(clamp(logp - old, -20, 20)), l = max(-A r, -A clamp(r, lo, hi)),
-// A < 0: min(l, -c A).
+// Logical not of a comparison's result: bool, or a vector mask of 0 / -1.
+template <typename M>
+RLHF_TOKEN_FN M mask_not(M m) {
+  if constexpr (std::is_same_v<M, bool>) {
+    return !m;
+  } else {
+    return ~m;
+  }
+}
+
+// PPO (Schulman et al., 2017) with the dual clip of Ye et al. (2020):
+// l = max(-A r, -A clamp(r, lo, hi)); A < 0: min(l, -c A). Sets loss,
+// clipped, dual and d loss / d ratio (returned).
 template <typename T>
-RLHF_TOKEN_FN PolicyToken<T> policy_token(T logp, T old_logp, T adv, T ref_logp,
-                                          const PolicyParams<lane_t<T>>& p) {
+RLHF_TOKEN_FN T clip_terms(PolicyToken<T>& out, T ratio, T adv, const PolicyParams<lane_t<T>>& p) {
   using S = lane_t<T>;
-  const T diff = logp - old_logp;
-  const T ratio = acc_exp(clamp_keep_nan(diff, S(-20), S(20)));
   const T neg_adv = -adv;
   const T loss1 = neg_adv * ratio;
   const T loss2 = neg_adv * clamp_keep_nan(ratio, p.ratio_low, p.ratio_high);
   // d l1 / d ratio = -A; d l2 / d ratio:
   const T dloss2 = within(ratio, p.ratio_low, p.ratio_high) ? neg_adv : T{};
-  PolicyToken<T> out;
   out.clipped = loss2 > loss1;
   // max(l1, l2), as the chain l1 > l2 / l2 > l1 / tie (nvcc allocates fewer
   // registers for it than for clipped ? l2 : l1).
@@ -44,8 +50,77 @@ RLHF_TOKEN_FN PolicyToken<T> policy_token(T logp, T old_logp, T adv, T ref_logp,
     loss = out.dual ? loss3 : loss;
   }
   out.loss = loss;
+  return dloss;
+}
+
+// DPPO's trust region (arXiv 2602.04879, verl's dppo_tv / dppo_kl): whether
+// the token is kept, from the probabilities p = exp(logp), p_old =
+// exp(old_logp). TV: p - p_old <= hi for A > 0, >= -lo otherwise. KL: the
+// binary KL p_old (old - logp) + (1 - p_old) log((1 - p_old + 1e-8) / (1 - p
+// + 1e-8)) <= hi for A > 0 unless p <= p_old, <= lo otherwise unless p >= p_old.
+template <typename T>
+RLHF_TOKEN_FN mask_t<T> dppo_kept(T logp, T old_logp, T adv, const PolicyParams<lane_t<T>>& p) {
+  using S = lane_t<T>;
+  const T prob = acc_exp(logp);
+  const T old_prob = acc_exp(old_logp);
+  const auto positive = adv > S(0);
+  if (p.form == kFormDppoTv) {
+    const T rise = prob - old_prob;
+    return positive ? (rise <= p.ratio_high) : (rise >= -p.ratio_low);
+  }
+  const T binary_kl = old_prob * (old_logp - logp) +
+                      (S(1) - old_prob) * acc_log((S(1) - old_prob + S(1e-8)) / (S(1) - prob + S(1e-8)));
+  return positive ? ((binary_kl <= p.ratio_high) | (prob <= old_prob))
+                  : ((binary_kl <= p.ratio_low) | (prob >= old_prob));
+}
+
+// (The helpers are called as (name)(...): no argument-dependent lookup, which
+// would also find rlhf_kernels' copies from a vector-loop copy's namespace.)
+// One valid token of the objective p.form (PolicyForm, ppo_math.h), plus
+// kl_coef times the KL penalty to the reference. grad is d / d logp of the
+// sum: through the ratio for clip and sapo, through logp with the stopped
+// weight for cispo, gpg and dppo.
+template <typename T>
+RLHF_TOKEN_FN PolicyToken<T> policy_token(T logp, T old_logp, T adv, T ref_logp,
+                                          const PolicyParams<lane_t<T>>& p) {
+  using S = lane_t<T>;
+  const T diff = logp - old_logp;
+  const T ratio = acc_exp(clamp_keep_nan(diff, S(-20), S(20)));
+  const T neg_adv = -adv;
+  PolicyToken<T> out;
   out.ratio = ratio;
-  out.grad = dloss * ratio * (within(diff, S(-20), S(20)) ? T{} + S(1) : T{});
+  out.clipped = mask_t<T>{};
+  out.dual = mask_t<T>{};
+  // d ratio / d logp = ratio inside the clamp, 0 beyond it (torch.clamp's).
+  const auto ratio_moves = within(diff, S(-20), S(20));
+  if (p.form == kFormClip) {
+    out.grad = (clip_terms)(out, ratio, adv, p) * ratio * (ratio_moves ? T{} + S(1) : T{});
+  } else if (p.form == kFormSapo) {
+    const T tau = adv > S(0) ? T{} + p.ratio_high : T{} + p.ratio_low;
+    // gate = sigmoid(x), x = tau (r - 1), as torch's; its complement
+    // sigmoid(-x) = 1 / (1 + 1 / e) from the same e = exp(-x) (1 - gate
+    // would cancel for large r; e = inf and e = 0 give 1 and 0).
+    const T e = acc_exp(-(tau * (ratio - S(1))));
+    const T gate = S(1) / (S(1) + e);
+    const T gate_c = S(1) / (S(1) + S(1) / e);
+    out.loss = neg_adv * (gate * (S(4) / tau));
+    out.grad = neg_adv * (S(4) / tau) * (gate * gate_c) * tau * (ratio_moves ? ratio : T{});
+  } else {
+    // -A w logp with a stopped weight w.
+    T weight = T{} + S(1);
+    if (p.form == kFormCispo) {
+      weight = clamp_keep_nan(ratio, p.ratio_low, p.ratio_high);
+      out.clipped = (ratio < p.ratio_low) | (ratio > p.ratio_high);
+    } else if (p.form != kFormGpg) {  // dppo
+      const auto kept = (dppo_kept)(logp, old_logp, adv, p);
+      const T capped = ratio > p.dual_clip ? T{} + p.dual_clip : ratio;
+      weight = kept ? capped : T{};
+      out.clipped = mask_not(kept);
+      out.dual = kept & (ratio > p.dual_clip);
+    }
+    out.loss = neg_adv * weight * logp;
+    out.grad = neg_adv * weight;
+  }
   out.kl = T{};
   if (p.kl_estimator != kKlNone) {
     // Two calls that the compiler merges (one kl_terms register-spills the

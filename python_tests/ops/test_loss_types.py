@@ -1,0 +1,200 @@
+"""The policy objectives of ``loss_type`` (clip, cispo, sapo, gpg, dppo_tv,
+dppo_kl) on ppo_policy_loss, ppo_loss_from_logits and ppo_loss_from_hidden,
+against the float64 reference (rlhf_kernels.reference, autograd) on every
+backend present: loss, statistics and gradients, at log-ratios past the
+clamp; the op registration, compile and the argument checks. (The Triton
+interpreter's run: test_loss_types_triton.py; the CUDA kernels':
+test_cuda_emulated.py; verl's own functions as oracles: test_verl.py.)"""
+
+import pytest
+import torch
+
+import rlhf_kernels
+from rlhf_kernels import reference
+
+from helpers import check_stats, policy_tokens
+
+LOSS_TYPES = reference.LOSS_TYPES
+F32 = dict(atol=1e-6, rtol=1e-5)
+
+# Per objective, keywords under which its selections happen on _tokens' data:
+# cispo's range clips, dppo's thresholds mask tokens and its cap binds.
+OBJECTIVE_KWARGS = {
+    "clip": dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0),
+    "cispo": dict(clip_low=0.2, clip_high=0.28),
+    "sapo": dict(tau_pos=1.0, tau_neg=1.05),
+    "gpg": {},
+    "dppo_tv": dict(clip_low=0.05, clip_high=0.08, dual_clip=1.5),
+    "dppo_kl": dict(clip_low=0.02, clip_high=0.03, dual_clip=1.5),
+}
+
+
+def _tokens(shape, device, seed=0, dtype=torch.float32):
+    """policy_tokens with log-ratios of scale 0.6 (near the clip range) and
+    valid old log-probabilities (<= 0: dppo reads exp(old_logp)); token 5's
+    log-ratio -22 still meets the clamp."""
+    logp, old, adv, mask = policy_tokens(shape, device, seed=seed, dtype=dtype, scale=0.6)
+    old = old.clamp(max=0.0)
+    logp.view(-1)[5], old.view(-1)[5] = -22.5, -0.5
+    return logp, old, adv, mask
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_policy_loss_types_match_float64(device_backend, loss_type, agg, dtype):
+    device, backend = device_backend
+    logp, old, adv, mask = _tokens((4, 67), device, dtype=dtype)
+    kwargs = dict(OBJECTIVE_KWARGS[loss_type], agg=agg, loss_type=loss_type)
+    x = logp.clone().requires_grad_(True)
+    loss, stats = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, backend=backend, **kwargs)
+    loss.backward()
+    x64 = logp.double().requires_grad_(True)
+    want, want_stats = reference.ppo_policy_loss(x64, old.double(), adv.double(), mask, **kwargs)
+    want.backward()
+    tol = F32 if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(loss.double(), want.detach(), **tol)
+    torch.testing.assert_close(torch.where(mask, x.grad, 0.0).double(), torch.where(mask, x64.grad, 0.0), **tol)
+    assert torch.all(x.grad[~mask] == 0)
+    check_stats(stats, want_stats, **tol)
+    # the selections really happen on this data
+    if loss_type in ("cispo", "dppo_tv", "dppo_kl"):
+        assert 0.05 < stats["clipfrac"] < 0.95, stats
+    if loss_type.startswith("dppo"):
+        assert 0.0 < stats["clipfrac_lower"] < 0.95, stats
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_loss_types_from_logits_and_hidden_match_float64(device_backend, loss_type):
+    """The fused logits gradient (and the unfused one with inplace_backward),
+    the KL penalty and the entropy bonus; the hidden path equals the logits
+    path on the same head."""
+    device, backend = device_backend
+    gen = torch.Generator().manual_seed(3)
+    B, T, H, V = 3, 9, 16, 53
+    hidden = torch.randn(B, T, H, generator=gen, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=gen, dtype=torch.float64) * 0.5
+    logits = hidden @ weight.T
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    logp = torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]
+    old = logp + 0.6 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    adv = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    ref = logp + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    mask = torch.rand(B, T, generator=gen) > 0.2
+    kwargs = dict(OBJECTIVE_KWARGS[loss_type], loss_type=loss_type, ref_logp=ref.float().to(device), kl_coef=0.1,
+                  entropy_coef=0.01, agg="seq-mean-token-mean")
+    x64 = logits.clone().requires_grad_(True)
+    want, want_stats = reference.ppo_loss_from_logits(x64, labels, old, adv, mask,
+                                                      **dict(kwargs, ref_logp=ref))
+    want.backward()
+    to = lambda t: t.float().to(device)  # noqa: E731
+    for inplace in (False, True):
+        x = to(logits).requires_grad_(True)
+        loss, stats = rlhf_kernels.ppo_loss_from_logits(x.clone() if inplace else x, labels.to(device), to(old),
+                                                        to(adv), mask.to(device), inplace_backward=inplace,
+                                                        backend=backend, **kwargs)
+        loss.backward()
+        torch.testing.assert_close(loss.double().cpu(), want.detach(), **F32)
+        torch.testing.assert_close(x.grad.double().cpu(), x64.grad, atol=1e-6, rtol=1e-4)
+        check_stats(stats, want_stats, atol=1e-5, rtol=1e-5)
+    h, w = to(hidden).requires_grad_(True), to(weight).requires_grad_(True)
+    loss_h, stats_h = rlhf_kernels.ppo_loss_from_hidden(h, w, labels.to(device), to(old), to(adv), mask.to(device),
+                                                        backend=backend, **kwargs)
+    loss_h.backward()
+    h64, w64 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    want_h, _ = reference.ppo_loss_from_logits(h64 @ w64.T, labels, old, adv, mask, **dict(kwargs, ref_logp=ref))
+    want_h.backward()
+    torch.testing.assert_close(loss_h.double().cpu(), want_h.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h.grad.double().cpu(), h64.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w.grad.double().cpu(), w64.grad, atol=1e-5, rtol=1e-4)
+    check_stats(stats_h, want_stats, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_loss_types_no_valid_token_gives_zero(device_backend, loss_type):
+    device, backend = device_backend
+    logp, old, adv, mask = _tokens((3, 8), device)
+    x = torch.where(mask, logp, 0.0).requires_grad_(True)
+    loss, stats = rlhf_kernels.ppo_policy_loss(x, old, adv, torch.zeros_like(mask), loss_type=loss_type,
+                                               backend=backend, **OBJECTIVE_KWARGS[loss_type])
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(x.grad == 0)
+    assert stats["clipfrac"].item() == 0.0 and stats["approx_kl"].item() == 0.0
+
+
+@pytest.mark.parametrize("loss_type", ["sapo", "gpg"])
+def test_loss_types_gradcheck_float64(device_backend, loss_type):
+    """The objectives without a stop-gradient (cispo's and dppo's stopped
+    weights make finite differences differ from the gradient by design)."""
+    device, backend = device_backend
+    logp, old, adv, mask = _tokens((3, 11), device, seed=5, dtype=torch.float64)
+    logp = torch.where(mask, logp, -1.0)
+    old = logp + 0.5 * (old - logp).clamp(-1, 1)  # inside the log-ratio clamp
+
+    def f(x):
+        return rlhf_kernels.ppo_policy_loss(x, old, adv, mask, loss_type=loss_type, backend=backend,
+                                            **OBJECTIVE_KWARGS[loss_type])[0]
+
+    assert torch.autograd.gradcheck(f, (logp.clone().requires_grad_(True),), eps=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES[1:])
+def test_loss_types_token_weights_scale_each_token(device_backend, loss_type):
+    """token_weights multiply each token's loss and gradient (the objectives
+    are positively homogeneous in A), not the counts."""
+    device, backend = device_backend
+    logp, old, adv, mask = _tokens((3, 20), device, seed=8, dtype=torch.float64)
+    logp = torch.where(mask, logp, 0.0)
+    w = torch.rand(3, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device) + 0.1
+    kw = dict(OBJECTIVE_KWARGS[loss_type], loss_type=loss_type, agg="token-sum")
+    x = logp.clone().requires_grad_(True)
+    loss = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, token_weights=w, backend=backend, **kw)[0]
+    loss.backward()
+    x64 = logp.clone().requires_grad_(True)
+    tok, _, _ = reference._policy_token_loss(
+        x64, old, adv, torch.exp(torch.clamp(x64 - old, -20, 20)), loss_type, kw.get("clip_low", 0.2),
+        kw.get("clip_high", kw.get("clip_low", 0.2)), kw.get("dual_clip"), kw.get("tau_pos", 1.0),
+        kw.get("tau_neg", 1.05))
+    want = (torch.where(mask, tok, 0.0) * w).sum()
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(x.grad, torch.where(mask, x64.grad, 0.0))
+
+
+def test_loss_type_argument_checks():
+    logp, old, adv, mask = _tokens((2, 6), "cpu")
+    call = lambda **kw: rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match="loss_type"):
+        call(loss_type="vanilla")
+    for name in ("cispo", "sapo", "gpg"):
+        with pytest.raises(ValueError, match="dual_clip"):
+            call(loss_type=name, dual_clip=3.0)
+    with pytest.raises(ValueError, match="ratio_level"):
+        call(loss_type="cispo", ratio_level="sequence")
+    with pytest.raises(ValueError, match="tau_pos"):
+        call(loss_type="sapo", tau_pos=0.0)
+    with pytest.raises(ValueError, match="tau_neg"):
+        call(loss_type="sapo", tau_neg=float("nan"))
+    with pytest.raises(ValueError, match="dual_clip"):
+        call(loss_type="dppo_tv", dual_clip=-1.0)
+    with pytest.raises(ValueError, match="clip_low"):
+        call(loss_type="dppo_kl", clip_low=0.0)
+    if "cpu" in rlhf_kernels.available_backends():
+        with pytest.raises(ValueError, match="loss_type"):
+            torch.ops.rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, 0.8, 1.2, 0.0, 6, 0, None, None, False)
+
+
+def test_loss_types_opcheck_and_compile(device_backend):
+    device, backend = device_backend
+    logp, old, adv, mask = _tokens((3, 20), device, seed=13)
+    logp = torch.where(mask, logp, 0.0).requires_grad_(True)
+    suffix = {"cpu": "", "cuda": "", "triton": "_triton"}.get(backend)
+    if suffix is not None:
+        op = getattr(torch.ops.rlhf_kernels, "ppo_policy_loss" + suffix).default
+        for code, numbers in ((1, (0.8, 1.28, 0.0)), (2, (1.05, 1.0, 0.0)), (5, (0.02, 0.03, 1.5))):
+            torch.library.opcheck(op, (logp, old, adv, mask, *numbers, code, 4, None, None, True))
+    torch._dynamo.reset()
+    for loss_type in ("cispo", "dppo_tv"):
+        fn = lambda x: rlhf_kernels.ppo_policy_loss(x, old, adv, mask, loss_type=loss_type,  # noqa: E731
+                                                    backend=backend, **OBJECTIVE_KWARGS[loss_type])[0]
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True)(logp), fn(logp))
