@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.common import (
     RESULTS_DIR, Result, copy_bandwidth_gbps, environment, is_quick, peak_memory_gpu, print_table,
-    progress, time_fn, write_results,
+    progress, time_fn, time_interleaved, write_results,
 )
 
 import rlhf_kernels  # noqa: E402
@@ -125,6 +125,7 @@ def bench_token_losses(device, quick, compile_ref, copy_gbps):
 # verl's config and our keywords for the same loss (verl's sapo aggregates by
 # seq-mean-token-mean whatever it is given).
 OBJECTIVES = {
+    "clip": dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0),  # verl's "vanilla" (its dual clip is always on)
     "cispo": dict(clip_low=0.2, clip_high=0.28),
     "sapo": dict(tau_pos=1.0, tau_neg=1.05, agg="seq-mean-token-mean"),
     "gpg": {},
@@ -143,12 +144,14 @@ def _verl_objective(name: str):
     config = FSDPActorConfig(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
                              strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2, rollout_n=1,
                              tau_pos=1.0, tau_neg=1.05, global_batch_info={})
-    fn = core_algos.get_policy_loss_fn(name)
+    fn = core_algos.get_policy_loss_fn("vanilla" if name == "clip" else name)
     fn = getattr(fn, "__wrapped_original__", fn)
     return lambda logp, old, adv, mask: fn(old, logp, adv, mask, "token-mean", config)[0]
 
 
 def bench_objectives(device, quick, copy_gbps):
+    """Each objective's forward and forward + backward against verl's function;
+    on the CPU round-robin (common.time_interleaved: verl and ours in turn)."""
     shape = (4, 64) if quick else (1024, 1024)  # 1M tokens
     logp, old, adv, mask = _token_inputs(shape, device)
     fmask = mask.float()
@@ -164,10 +167,29 @@ def bench_objectives(device, quick, copy_gbps):
             providers[f"rlhf_kernels:{backend}"] = (
                 lambda b=backend, k=kw, t=name: rlhf_kernels.ppo_policy_loss(leaf, old, adv, mask, loss_type=t,
                                                                             backend=b, **k)[0])
-        for provider, fn in providers.items():
-            progress(f"policy_loss:{name} {shape} {provider}")
-            fwd, fwd_bwd = _timed(fn, device, [leaf])
-            for mode, timing, nbytes in (("fwd", fwd, 13 * n), ("fwd+bwd", fwd_bwd, 17 * n)):
+        progress(f"policy_loss:{name} {shape} {', '.join(providers)}")
+        if device.type == "cpu":
+            def fwd_bwd(fn):
+                def run():
+                    leaf.grad = None
+                    fn().backward()
+                return run
+
+            def fwd(fn):
+                def run():
+                    with torch.no_grad():
+                        fn()
+                return run
+
+            rounds = 3 if quick else 20
+            timings = {"fwd": time_interleaved({p: fwd(f) for p, f in providers.items()}, rounds),
+                       "fwd+bwd": time_interleaved({p: fwd_bwd(f) for p, f in providers.items()}, rounds)}
+        else:
+            timings = {"fwd": {}, "fwd+bwd": {}}
+            for provider, fn in providers.items():
+                timings["fwd"][provider], timings["fwd+bwd"][provider] = _timed(fn, device, [leaf])
+        for mode, nbytes in (("fwd", 13 * n), ("fwd+bwd", 17 * n)):
+            for provider, timing in timings[mode].items():
                 rows.append(Result(f"policy_loss:{name}", provider, mode, list(shape), "float32", timing, nbytes,
                                    copy_gbps))
     return rows

@@ -29,7 +29,7 @@ DOC = ROOT / "docs" / "performance.md"
 IMG_DIR = ROOT / "docs" / "img"
 
 # The eager formulation each benchmark calls its baseline.
-EAGER = ("eager", "eager (TRL/verl)", "python_loop")
+EAGER = ("eager", "eager (TRL/verl)", "python_loop", "verl")  # "verl": its own eager function (objectives)
 GPU_CLASS = ("H100", "H200", "H800", "GH200")  # the devices an "H100-class GPU" goal accepts
 
 
@@ -170,6 +170,20 @@ def _all_of(*checks):
         if any(r is None for r in results):
             return None
         return all(r[0] for r in results), "; ".join(r[1] for r in results)
+    return check
+
+
+def _objectives_goal(factor: float):
+    """Each loss_type's fwd+bwd at 1M tokens against verl's function of that name."""
+    names = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl")
+
+    def check(rows):
+        found = [(name, _best(_pick(rows, f"policy_loss:{name}", "fwd+bwd", (1024, 1024), "float32", is_ours)))
+                 for name in names]
+        if any(r is None or r["speedup"] is None for _, r in found):
+            return None
+        return (all(r["speedup"] >= factor for _, r in found),
+                "; ".join(f"{name} {r['speedup']:.1f}x" for name, r in found))
     return check
 
 
@@ -398,6 +412,9 @@ GOALS = [
     Goal(4, "ppo_policy_loss and ppo_value_loss, 1M tokens fwd+bwd: >= 3x eager", False,
          _all_of(_speedup_goal("ppo_policy_loss", "fwd+bwd", (1024, 1024), "float32", 3.0),
                  _speedup_goal("ppo_value_loss", "fwd+bwd", (1024, 1024), "float32", 3.0))),
+    Goal(30, "each policy objective (loss_type clip, cispo, sapo, gpg, dppo_tv, dppo_kl), 1M tokens fwd+bwd: "
+             ">= 5x verl's own function of that name (bench_ppo_loss --ops objectives, round-robin)", False,
+         _objectives_goal(5.0)),
     Goal(7, "every op ahead of every installed peer on each standard shape", True, _ahead_of_peers),
     Goal(7, "memory-bound ops within 15% of the memory-bandwidth limit", True, _near_bandwidth),
     Goal(13, "fused LM head N=1024 H=512 V=151936 float32 logp+entropy fwd+bwd: extra peak <= 0.10x the logits, "

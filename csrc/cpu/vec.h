@@ -1,5 +1,5 @@
-// Float vectors on GCC/Clang vector extensions, plus a vector exp. Portable
-// C++ that the compiler lowers to SSE, AVX2 or AVX-512 depending on the target
+// Float vectors on GCC/Clang vector extensions, plus a vector exp and log.
+// Portable C++ that the compiler lowers to SSE, AVX2 or AVX-512 depending on the target
 // in force where this file is included: the kernels include it (through their
 // *.inc loops) once per instruction set, each copy inside its own namespace
 // and, for AVX-512, with RLHF_VEC_BYTES = 64 (16 lanes), and isa.h picks one
@@ -80,6 +80,39 @@ RLHF_VEC_INLINE fvec exp_in_range(fvec x) {
 RLHF_VEC_INLINE fvec exp(fvec x) {
   x = clamp_low(x, broadcast(kMinExpArg));
   return exp_in_range(x > kMaxExpArg ? broadcast(kMaxExpArg) : x);
+}
+
+// Cephes logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(x) = e ln 2 +
+// log(m), log(1 + t) = t - t^2 / 2 + t^3 P(t), P of degree 8; relative error
+// ~2 ulp for normal x > 0. 0 gives -inf, x < 0 and NaN give NaN, +inf gives
+// +inf; subnormal x is read as 0 (flushed: -inf).
+RLHF_VEC_INLINE fvec log(fvec x) {
+  ivec bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  ivec e = ((bits >> 23) & 0xff) - 126;                    // x = m 2^e, m in [0.5, 1)
+  ivec mbits = (bits & 0x007fffff) | 0x3f000000;
+  fvec m;
+  std::memcpy(&m, &mbits, sizeof(m));
+  const ivec low = m < 0.707106781186547524f;              // -1 where m < sqrt(1/2)
+  e += low;                                                // then m 2^(e - 1), 2m in [1, sqrt(2))
+  const fvec t = m - 1.0f + (low ? m : fvec{});
+  const fvec z = t * t;
+  fvec p = broadcast(7.0376836292e-2f);
+  p = p * t - 1.1514610310e-1f;
+  p = p * t + 1.1676998740e-1f;
+  p = p * t - 1.2420140846e-1f;
+  p = p * t + 1.4249322787e-1f;
+  p = p * t - 1.6668057665e-1f;
+  p = p * t + 2.0000714765e-1f;
+  p = p * t - 2.4999993993e-1f;
+  p = p * t + 3.3333331174e-1f;
+  const fvec fe = __builtin_convertvector(e, fvec);
+  fvec y = p * t * z + fe * -2.12194440e-4f - 0.5f * z;
+  fvec r = t + y + fe * 0.693359375f;
+  const fvec inf = broadcast(__builtin_inff());
+  r = x == inf ? inf : r;
+  r = x < broadcast(1.17549435e-38f) ? -inf : r;           // 0 and subnormals
+  return (x < 0.0f) | (x != x) ? broadcast(__builtin_nanf("")) : r;
 }
 
 }  // namespace vec
