@@ -127,7 +127,9 @@ def test_verl_gae(verl_mods):
             ours(rewards, values, m, 1.0, 0.95)
 
 
-@pytest.mark.parametrize("name", ["compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage"])
+@pytest.mark.parametrize("name", ["compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage",
+                                  "compute_grpo_vectorized_outcome_advantage",
+                                  "compute_rloo_vectorized_outcome_advantage"])
 @pytest.mark.parametrize("norm", [True, False])
 def test_verl_outcome_advantages(verl_mods, name, norm):
     _, _, rk_verl = verl_mods
@@ -293,6 +295,10 @@ def test_verl_patch_swaps_registries_and_trainer_lookups(verl_mods):
         assert core.get_policy_loss_fn("vanilla") is core.compute_policy_loss_vanilla
         assert core.get_adv_estimator_fn("grpo") is core.compute_grpo_outcome_advantage
         assert core.get_adv_estimator_fn("rloo") is core.compute_rloo_outcome_advantage
+        assert core.get_adv_estimator_fn("grpo_vectorized") is core.compute_grpo_vectorized_outcome_advantage
+        assert core.get_adv_estimator_fn("rloo_vectorized") is core.compute_rloo_vectorized_outcome_advantage
+        for name in ("cispo", "sapo", "gpg", "dppo_tv", "dppo_kl"):
+            assert core.get_policy_loss_fn(name) is getattr(core, f"compute_policy_loss_{name}")
         assert core.get_adv_estimator_fn("gae") is core.compute_gae_advantage_return
         assert losses.compute_value_loss is core.compute_value_loss and losses.kl_penalty is core.kl_penalty
         assert losses.agg_loss is core.agg_loss and "verl.workers.utils.losses.agg_loss" in rk_verl.patched_names()

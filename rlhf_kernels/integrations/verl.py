@@ -7,8 +7,9 @@ up in, and wherever verl's modules imported them:
 - ``logprobs_from_logits``, ``entropy_from_logits`` -> ``logprobs_from_logits``;
 - ``kl_penalty`` -> ``kl_penalty``;
 - ``compute_gae_advantage_return`` -> ``compute_gae``;
-- ``compute_grpo_outcome_advantage``, ``compute_rloo_outcome_advantage``
-  (registry names "grpo", "rloo") -> ``group_advantages``;
+- ``compute_grpo_outcome_advantage``, ``compute_rloo_outcome_advantage`` and
+  their vectorized twins (registry names "grpo", "rloo", "grpo_vectorized",
+  "rloo_vectorized") -> ``group_advantages``;
 - ``compute_policy_loss_vanilla`` (registry name "vanilla") -> ``ppo_policy_loss``,
   float masks and ``rollout_is_weights`` (``token_weights``) included;
 - ``compute_policy_loss_gspo`` ("gspo") -> ``ppo_policy_loss(ratio_level="sequence-token")``;
@@ -156,19 +157,33 @@ def _make_grpo(original):
     return compute_grpo_outcome_advantage
 
 
+def _rloo(token_level_rewards, response_mask, index, alone_keeps_score: bool):
+    with torch.no_grad():
+        scores = token_level_rewards.sum(dim=-1)
+        groups = _group_inverse(index, scores.device)
+        adv = rlhf_kernels.group_advantages(scores, group_ids=groups, mode="rloo").to(scores.dtype)
+        if alone_keeps_score:
+            adv = torch.where(torch.bincount(groups)[groups] == 1, scores, adv)
+        adv = adv.unsqueeze(-1) * response_mask
+    return adv, adv
+
+
 def _make_rloo(original):
     def compute_rloo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
                                        config=None, **kwargs):
-        with torch.no_grad():
-            scores = token_level_rewards.sum(dim=-1)
-            groups = _group_inverse(index, scores.device)
-            adv = rlhf_kernels.group_advantages(scores, group_ids=groups, mode="rloo").to(scores.dtype)
-            # verl semantics: a group of one keeps its raw score; ours gives it 0.
-            adv = torch.where(torch.bincount(groups)[groups] == 1, scores, adv)
-            adv = adv.unsqueeze(-1) * response_mask
-        return adv, adv
+        # verl semantics: a group of one keeps its raw score; ours gives it 0.
+        return _rloo(token_level_rewards, response_mask, index, alone_keeps_score=True)
 
     return compute_rloo_outcome_advantage
+
+
+def _make_rloo_vectorized(original):
+    def compute_rloo_vectorized_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
+                                                  config=None, **kwargs):
+        # verl semantics: the vectorized RLOO gives a group of one 0, as ours.
+        return _rloo(token_level_rewards, response_mask, index, alone_keeps_score=False)
+
+    return compute_rloo_vectorized_outcome_advantage
 
 
 _AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
@@ -624,6 +639,10 @@ _patcher = Patcher(
         _Target(_CORE, "compute_gae_advantage_return", _make_compute_gae),
         _Target(_CORE, "compute_grpo_outcome_advantage", _make_grpo),
         _Target(_CORE, "compute_rloo_outcome_advantage", _make_rloo),
+        # verl's vectorized GRPO: its grpo's maths (unbiased group std, a group of one
+        # keeps its score over 1 + eps) in float32 group sums.
+        _Target(_CORE, "compute_grpo_vectorized_outcome_advantage", _make_grpo),
+        _Target(_CORE, "compute_rloo_vectorized_outcome_advantage", _make_rloo_vectorized),
         _Target(_CORE, "compute_policy_loss_vanilla", _make_policy_loss),
         _Target(_CORE, "compute_policy_loss_gspo", _make_policy_loss_gspo),
         _Target(_CORE, "compute_policy_loss_cispo", _make_policy_loss_cispo),
