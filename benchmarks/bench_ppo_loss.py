@@ -131,6 +131,7 @@ OBJECTIVES = {
     "gpg": {},
     "dppo_tv": dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0),
     "dppo_kl": dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0),
+    "dro": dict(dro_beta=0.3),
 }
 
 
@@ -138,12 +139,13 @@ def _verl_objective(name: str):
     """verl's own (unpatched) policy loss ``name`` with its config, or None."""
     try:
         from verl.trainer.ppo import core_algos
-        from verl.workers.config import FSDPActorConfig
+        from verl.workers.config import FSDPActorConfig, PolicyLossConfig
     except Exception:  # noqa: BLE001 -- verl or one of its dependencies missing
         return None
     config = FSDPActorConfig(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
                              strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2, rollout_n=1,
-                             tau_pos=1.0, tau_neg=1.05, global_batch_info={})
+                             tau_pos=1.0, tau_neg=1.05, policy_loss=PolicyLossConfig(dro_beta=0.3),
+                             global_batch_info={})
     fn = core_algos.get_policy_loss_fn("vanilla" if name == "clip" else name)
     fn = getattr(fn, "__wrapped_original__", fn)
     return lambda logp, old, adv, mask: fn(old, logp, adv, mask, "token-mean", config)[0]

@@ -175,7 +175,7 @@ def _all_of(*checks):
 
 def _objectives_goal(factor: float):
     """Each loss_type's fwd+bwd at 1M tokens against verl's function of that name."""
-    names = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl")
+    names = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro")
 
     def check(rows):
         found = [(name, _best(_pick(rows, f"policy_loss:{name}", "fwd+bwd", (1024, 1024), "float32", is_ours)))
@@ -412,7 +412,7 @@ GOALS = [
     Goal(4, "ppo_policy_loss and ppo_value_loss, 1M tokens fwd+bwd: >= 3x eager", False,
          _all_of(_speedup_goal("ppo_policy_loss", "fwd+bwd", (1024, 1024), "float32", 3.0),
                  _speedup_goal("ppo_value_loss", "fwd+bwd", (1024, 1024), "float32", 3.0))),
-    Goal(30, "each policy objective (loss_type clip, cispo, sapo, gpg, dppo_tv, dppo_kl), 1M tokens fwd+bwd: "
+    Goal(30, "each policy objective (loss_type clip, cispo, sapo, gpg, dppo_tv, dppo_kl, dro), 1M tokens fwd+bwd: "
              ">= 5x verl's own function of that name (bench_ppo_loss --ops objectives, round-robin)", False,
          _objectives_goal(5.0)),
     Goal(7, "every op ahead of every installed peer on each standard shape", True, _ahead_of_peers),

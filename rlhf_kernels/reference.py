@@ -115,12 +115,12 @@ def _masked_extreme(x: Tensor, mask: Tensor, largest: bool) -> Tensor:
     return torch.where(mask.any(), extreme, torch.zeros_like(extreme))
 
 
-LOSS_TYPES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl")
+LOSS_TYPES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro")
 
 
 def _policy_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, ratio: Tensor, loss_type: str,
                        clip_low: float, clip_high: float, dual_clip: float | None, tau_pos: float,
-                       tau_neg: float) -> tuple[Tensor, Tensor, Tensor | None]:
+                       tau_neg: float, dro_beta: float | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """(token loss, clipped, dual active or None) of one objective, each as
     verl's compute_policy_loss_<name> writes it (verl/trainer/ppo/core_algos.py)."""
     if loss_type == "clip":
@@ -143,6 +143,10 @@ def _policy_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, ratio
         return -gate * advantages, torch.zeros_like(ratio, dtype=torch.bool), None
     if loss_type == "gpg":
         return -logp * advantages, torch.zeros_like(ratio, dtype=torch.bool), None
+    if loss_type == "dro":
+        log_ratio = logp - old_logp
+        return (-(logp * advantages - 0.5 * dro_beta * log_ratio.square()), torch.zeros_like(ratio, dtype=torch.bool),
+                None)
     cap = 20.0 if dual_clip is None else dual_clip
     weight = torch.clamp(ratio, max=cap).detach()
     prob, old_prob = torch.exp(logp), torch.exp(old_logp)
@@ -174,6 +178,7 @@ def ppo_policy_loss(
     loss_type: str = "clip",
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
+    dro_beta: float | None = None,
     upcast: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The policy objective ``loss_type``, eagerly, as verl/OpenRLHF compute it:
@@ -195,7 +200,7 @@ def ppo_policy_loss(
     log_ratio = torch.clamp(logp - old_logp, min=-20.0, max=20.0)
     ratio = torch.exp(log_ratio)
     token_loss, clipped, dual = _policy_token_loss(logp, old_logp, advantages, ratio, loss_type, clip_low,
-                                                   clip_high, dual_clip, tau_pos, tau_neg)
+                                                   clip_high, dual_clip, tau_pos, tau_neg, dro_beta)
     clipfrac = _masked_mean(clipped.to(dtype), mask)
     clipfrac_lower = clipfrac.new_zeros(()) if dual is None else _masked_mean(dual.to(dtype), mask)
     loss = agg_loss(token_loss, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)
@@ -262,6 +267,7 @@ def ppo_loss_from_logits(
     loss_type: str = "clip",
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
+    dro_beta: float | None = None,
     upcast: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The composition ``logprobs_from_logits`` -> ``ppo_policy_loss``
@@ -273,7 +279,7 @@ def ppo_loss_from_logits(
     pg_loss, stats = ppo_policy_loss(
         logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
         dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, loss_type=loss_type,
-        tau_pos=tau_pos, tau_neg=tau_neg, upcast=upcast,
+        tau_pos=tau_pos, tau_neg=tau_neg, dro_beta=dro_beta, upcast=upcast,
     )
     aggregate = lambda x: agg_loss(x, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)  # noqa: E731
     entropy_agg = aggregate(entropy)

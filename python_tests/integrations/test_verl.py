@@ -297,7 +297,7 @@ def test_verl_patch_swaps_registries_and_trainer_lookups(verl_mods):
         assert core.get_adv_estimator_fn("rloo") is core.compute_rloo_outcome_advantage
         assert core.get_adv_estimator_fn("grpo_vectorized") is core.compute_grpo_vectorized_outcome_advantage
         assert core.get_adv_estimator_fn("rloo_vectorized") is core.compute_rloo_vectorized_outcome_advantage
-        for name in ("cispo", "sapo", "gpg", "dppo_tv", "dppo_kl"):
+        for name in ("cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro"):
             assert core.get_policy_loss_fn(name) is getattr(core, f"compute_policy_loss_{name}")
         assert core.get_adv_estimator_fn("gae") is core.compute_gae_advantage_return
         assert losses.compute_value_loss is core.compute_value_loss and losses.kl_penalty is core.kl_penalty
@@ -550,3 +550,42 @@ def test_verl_objectives_hand_back_without_an_actor_config(verl_mods):
                 core.get_policy_loss_fn(name)(old, new, adv, mask, "token-mean", config)
             assert integrations.report()[f"verl.compute_policy_loss_{name}"]["handed_back"] == {
                 "config is not an ActorConfig (verl asserts one)": 1}
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("batch_info", [{}, {"dp_size": 2, "batch_num_tokens": 50, "global_batch_size": 9,
+                                             "loss_scale_factor": 16}])
+def test_verl_dro_served_and_handed_back(verl_mods, agg, batch_info):
+    """verl's DRO loss by name: served for bool, float and weight masks (loss,
+    gradient, its one metric); rollout IS weights (verl weights the penalty
+    too) and a missing dro_beta (verl raises) go to verl's own code."""
+    core, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(43)
+    old, new, adv = _objective_inputs(gen)
+    from verl.workers.config import FSDPActorConfig, PolicyLossConfig
+
+    config = FSDPActorConfig(clip_ratio=0.2, strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2,
+                             rollout_n=1, policy_loss=PolicyLossConfig(loss_mode="dro", dro_beta=0.3),
+                             global_batch_info=batch_info)
+    integrations.reset_report()
+    calls = 0
+    with rk_verl.patched():
+        ours = core.get_policy_loss_fn("dro")
+        original = ours.__wrapped_original__
+        for mask in (*weight_masks(gen, 4, 10).values(), mask_with_holes(4, 10, gen)):
+            compare_outputs(lambda n: original(old, n, adv, mask, agg, config),
+                            lambda n: ours(old, n, adv, mask, agg, config), [new])
+            calls += 1
+        assert_served_only("verl.compute_policy_loss_dro", calls)
+        mask = mask_with_holes(4, 10, gen)
+        weights = 2 * torch.rand(4, 10, generator=gen)
+        assert_outputs_close(ours(old, new, adv, mask, agg, config, weights),
+                             original(old, new, adv, mask, agg, config, weights))
+        no_beta = FSDPActorConfig(clip_ratio=0.2, strategy="fsdp", ppo_mini_batch_size=4,
+                                  ppo_micro_batch_size_per_gpu=2, rollout_n=1,
+                                  policy_loss=PolicyLossConfig(loss_mode="dro"), global_batch_info={})
+        with pytest.raises(ValueError, match="dro_beta"):
+            ours(old, new, adv, mask, agg, no_beta)
+    assert integrations.report()["verl.compute_policy_loss_dro"]["handed_back"] == {
+        "rollout_is_weights (verl weights the log-ratio penalty too)": 1,
+        "no positive policy_loss.dro_beta (verl raises)": 1}

@@ -801,8 +801,8 @@ def test_truncation_results_do_not_depend_on_thread_order(emu, mode):
 # kernels' (ratio_low, ratio_high, dual_clip), the reference's keywords). The
 # kernels' numbers: clip and cispo 1 - clip_low, 1 + clip_high (clip's dual
 # clip c; 0 for none); sapo tau_neg, tau_pos; dppo the thresholds clip_low,
-# clip_high and the cap; gpg none (it is passed cispo's default range, which
-# it ignores). Every pair of numbers differs, so that a swap shows.
+# clip_high and the cap; dro beta; gpg none (it is passed cispo's default
+# range, which it ignores). Every pair of numbers differs, so that a swap shows.
 POLICY_FORMS = {
     "clip": (0, (0.8, 1.28, 3.0), dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0)),
     "cispo": (1, (0.8, 1.28, 0.0), dict(clip_low=0.2, clip_high=0.28)),
@@ -810,6 +810,7 @@ POLICY_FORMS = {
     "gpg": (3, (0.8, 1.2, 0.0), dict()),
     "dppo_tv": (4, (0.05, 0.08, 1.5), dict(clip_low=0.05, clip_high=0.08, dual_clip=1.5)),
     "dppo_kl": (5, (0.05, 0.08, 1.5), dict(clip_low=0.05, clip_high=0.08, dual_clip=1.5)),
+    "dro": (6, (0.3, 0.0, 0.0), dict(dro_beta=0.3)),
 }
 # The objectives whose clip count is data-dependent (cispo: the ratio outside
 # its range; dppo: the tokens masked) and those with a cap count (dppo: the

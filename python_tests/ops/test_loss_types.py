@@ -1,5 +1,5 @@
 """The policy objectives of ``loss_type`` (clip, cispo, sapo, gpg, dppo_tv,
-dppo_kl) on ppo_policy_loss, ppo_loss_from_logits and ppo_loss_from_hidden,
+dppo_kl, dro) on ppo_policy_loss, ppo_loss_from_logits and ppo_loss_from_hidden,
 against the float64 reference (rlhf_kernels.reference, autograd) on every
 backend present: loss, statistics and gradients, at log-ratios past the
 clamp; the op registration, compile and the argument checks. (The Triton
@@ -26,6 +26,7 @@ OBJECTIVE_KWARGS = {
     "gpg": {},
     "dppo_tv": dict(clip_low=0.05, clip_high=0.08, dual_clip=1.5),
     "dppo_kl": dict(clip_low=0.02, clip_high=0.03, dual_clip=1.5),
+    "dro": dict(dro_beta=0.3),
 }
 
 
@@ -122,7 +123,7 @@ def test_loss_types_no_valid_token_gives_zero(device_backend, loss_type):
     assert stats["clipfrac"].item() == 0.0 and stats["approx_kl"].item() == 0.0
 
 
-@pytest.mark.parametrize("loss_type", ["sapo", "gpg"])
+@pytest.mark.parametrize("loss_type", ["sapo", "gpg", "dro"])
 def test_loss_types_gradcheck_float64(device_backend, loss_type):
     """The objectives without a stop-gradient (cispo's and dppo's stopped
     weights make finite differences differ from the gradient by design)."""
@@ -138,7 +139,7 @@ def test_loss_types_gradcheck_float64(device_backend, loss_type):
     assert torch.autograd.gradcheck(f, (logp.clone().requires_grad_(True),), eps=1e-7, atol=1e-7)
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES[1:])
+@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES[1:] if t != "dro"])
 def test_loss_types_token_weights_scale_each_token(device_backend, loss_type):
     """token_weights multiply each token's loss and gradient (the objectives
     are positively homogeneous in A), not the counts."""
@@ -154,7 +155,7 @@ def test_loss_types_token_weights_scale_each_token(device_backend, loss_type):
     tok, _, _ = reference._policy_token_loss(
         x64, old, adv, torch.exp(torch.clamp(x64 - old, -20, 20)), loss_type, kw.get("clip_low", 0.2),
         kw.get("clip_high", kw.get("clip_low", 0.2)), kw.get("dual_clip"), kw.get("tau_pos", 1.0),
-        kw.get("tau_neg", 1.05))
+        kw.get("tau_neg", 1.05), kw.get("dro_beta"))
     want = (torch.where(mask, tok, 0.0) * w).sum()
     want.backward()
     torch.testing.assert_close(loss, want)
@@ -179,9 +180,15 @@ def test_loss_type_argument_checks():
         call(loss_type="dppo_tv", dual_clip=-1.0)
     with pytest.raises(ValueError, match="clip_low"):
         call(loss_type="dppo_kl", clip_low=0.0)
+    with pytest.raises(ValueError, match="dro_beta"):
+        call(loss_type="dro")
+    with pytest.raises(ValueError, match="dro_beta"):
+        call(loss_type="dro", dro_beta=-0.1)
+    with pytest.raises(ValueError, match="token_weights"):
+        call(loss_type="dro", dro_beta=0.1, token_weights=torch.ones(2, 6))
     if "cpu" in rlhf_kernels.available_backends():
         with pytest.raises(ValueError, match="loss_type"):
-            torch.ops.rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, 0.8, 1.2, 0.0, 6, 0, None, None, False)
+            torch.ops.rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, 0.8, 1.2, 0.0, 7, 0, None, None, False)
 
 
 def test_loss_types_opcheck_and_compile(device_backend):
@@ -191,7 +198,8 @@ def test_loss_types_opcheck_and_compile(device_backend):
     suffix = {"cpu": "", "cuda": "", "triton": "_triton"}.get(backend)
     if suffix is not None:
         op = getattr(torch.ops.rlhf_kernels, "ppo_policy_loss" + suffix).default
-        for code, numbers in ((1, (0.8, 1.28, 0.0)), (2, (1.05, 1.0, 0.0)), (5, (0.02, 0.03, 1.5))):
+        for code, numbers in ((1, (0.8, 1.28, 0.0)), (2, (1.05, 1.0, 0.0)), (5, (0.02, 0.03, 1.5)),
+                              (6, (0.3, 0.0, 0.0))):
             torch.library.opcheck(op, (logp, old, adv, mask, *numbers, code, 4, None, None, True))
     torch._dynamo.reset()
     for loss_type in ("cispo", "dppo_tv"):

@@ -22,7 +22,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1", allow_module_level=True)
 
 B, T, V = 3, 7, 37
-LOSS_TYPES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl")
+LOSS_TYPES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro")
 # Each objective's keywords, each pair asymmetric (a swap shows): dppo's
 # thresholds small enough that some tokens are masked, its cap low enough
 # that some kept tokens are capped.
@@ -33,6 +33,7 @@ KEYWORDS = {
     "gpg": dict(),
     "dppo_tv": dict(clip_low=0.04, clip_high=0.08, dual_clip=1.5),
     "dppo_kl": dict(clip_low=0.04, clip_high=0.08, dual_clip=1.5),
+    "dro": dict(dro_beta=0.3),
 }
 # The relative tolerance against float64, also the absolute one scaled by the largest compared value (at least 1).
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}

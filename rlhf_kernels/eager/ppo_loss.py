@@ -29,6 +29,8 @@ def _objective(ratio_low: float, ratio_high: float, dual_clip: float, loss_type:
     name = reference.LOSS_TYPES[loss_type]
     if name == "sapo":
         return dict(loss_type=name, tau_neg=ratio_low, tau_pos=ratio_high)
+    if name == "dro":
+        return dict(loss_type=name, dro_beta=ratio_low)
     if name.startswith("dppo"):
         return dict(loss_type=name, clip_low=ratio_low, clip_high=ratio_high, dual_clip=dual_clip)
     return dict(loss_type=name, clip_low=1.0 - ratio_low, clip_high=ratio_high - 1.0, dual_clip=dual_clip or None)

@@ -14,8 +14,8 @@ up in, and wherever verl's modules imported them:
   float masks and ``rollout_is_weights`` (``token_weights``) included;
 - ``compute_policy_loss_gspo`` ("gspo") -> ``ppo_policy_loss(ratio_level="sequence-token")``;
 - ``compute_policy_loss_cispo`` / ``_sapo`` / ``_gpg`` / ``_dppo_tv`` /
-  ``_dppo_kl`` (registry names "cispo", "sapo", "gpg", "dppo_tv",
-  "dppo_kl") -> ``ppo_policy_loss(loss_type=...)``;
+  ``_dppo_kl`` / ``_dro`` (registry names "cispo", "sapo", "gpg", "dppo_tv",
+  "dppo_kl", "dro") -> ``ppo_policy_loss(loss_type=...)``;
 - ``compute_value_loss`` -> ``ppo_value_loss``;
 - ``compute_rollout_correction_weights`` (``rollout_corr_helper``; TIS and
   IcePop, token and sequence levels) -> ``rollout_correction``, its metrics
@@ -324,6 +324,10 @@ def _policy_loss_call(name: str, original, old_log_prob, log_prob, advantages, r
     loss = _finish(loss, scale, count, _float_dtype(old_log_prob, log_prob, advantages), loss_agg_mode)
     if loss_type == "gpg":
         return loss, {}  # verl semantics: GPG reports no metrics
+    if loss_type == "dro":
+        # verl semantics: DRO reports the mean of the unclamped log-ratio only.
+        with torch.no_grad():
+            return loss, {"actor/ppo_kl": verl_F.masked_mean(old_log_prob - log_prob, response_mask).item()}
     if all_weighted:
         clipfrac, clipfrac_lower = stats["clipfrac"], stats["clipfrac_lower"]
     elif loss_type == "clip":
@@ -449,6 +453,23 @@ def _make_policy_loss_dppo(loss_type: str):
         return compute_policy_loss_dppo
 
     return make
+
+
+def _make_policy_loss_dro(original):
+    def compute_policy_loss_dro(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                config=None, rollout_is_weights=None):
+        args = (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+        key = "verl.compute_policy_loss_dro"
+        beta = getattr(getattr(config, "policy_loss", None), "dro_beta", None)
+        if beta is None or beta <= 0:
+            return hand_back(key, "no positive policy_loss.dro_beta (verl raises)", original, *args)
+        if rollout_is_weights is not None:
+            # verl semantics: the weights multiply the log-ratio penalty too; ours scale A.
+            return hand_back(key, "rollout_is_weights (verl weights the log-ratio penalty too)", original, *args)
+        return _policy_loss_call("dro", original, *args, dual_clip=None, ratio_level="token", loss_type="dro",
+                                 clip_bounds=(0.2, 0.2), dro_beta=float(beta))
+
+    return compute_policy_loss_dro
 
 
 def _value_loss_hand_back(returns, values, response_mask, cliprange_value, loss_agg_mode, batch_num_tokens,
@@ -650,6 +671,7 @@ _patcher = Patcher(
         _Target(_CORE, "compute_policy_loss_gpg", _make_policy_loss_gpg),
         _Target(_CORE, "compute_policy_loss_dppo_tv", _make_policy_loss_dppo("dppo_tv")),
         _Target(_CORE, "compute_policy_loss_dppo_kl", _make_policy_loss_dppo("dppo_kl")),
+        _Target(_CORE, "compute_policy_loss_dro", _make_policy_loss_dro),
         _Target(_CORE, "compute_value_loss", _make_value_loss),
         _Target(_CORE, "agg_loss", _make_agg_loss),
         _Target("verl.trainer.ppo.rollout_corr_helper", "compute_rollout_correction_weights",

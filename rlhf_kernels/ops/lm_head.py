@@ -272,6 +272,7 @@ def ppo_loss_from_hidden(
     loss_type: str = "clip",
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
+    dro_beta: float | None = None,
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
@@ -350,7 +351,8 @@ def ppo_loss_from_hidden(
     """
     _check_head(hidden, weight, bias, labels)
     o = PPOLossOptions.checked(hidden.device, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
-                               dual_clip=dual_clip, loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg, agg=agg,
+                               dual_clip=dual_clip, loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg,
+                               dro_beta=dro_beta, agg=agg,
                                num_tokens=num_tokens, num_seqs=num_seqs,
                                ratio_level=ratio_level, kl_coef=kl_coef, kl_estimator=kl_estimator,
                                entropy_coef=entropy_coef, backend=backend)

@@ -278,7 +278,7 @@ register("ppo_loss_from_logits", ("eager",), _eager.ppo_loss_from_logits)
 # --- public functions -------------------------------------------------------------------
 
 
-def _weighted_advantages(advantages: Tensor, token_weights: Optional[Tensor], shape) -> Tensor:
+def _weighted_advantages(advantages: Tensor, token_weights: Optional[Tensor], shape, loss_type: str) -> Tensor:
     """advantages * token_weights (in the computation dtype), detached. The
     clipped objective is positively homogeneous in A, per token: w * l(A) =
     l(w * A) for w >= 0, the dual clip included (sign(w A) = sign(A)), and so
@@ -289,6 +289,8 @@ def _weighted_advantages(advantages: Tensor, token_weights: Optional[Tensor], sh
     advantages = advantages.detach()
     if token_weights is None:
         return advantages
+    if loss_type == "dro":
+        raise ValueError("token_weights: not with loss_type='dro' (its log-ratio penalty is not proportional to A)")
     check_tensor("token_weights", token_weights, FLOAT_DTYPES)
     check_same_device(advantages=advantages, token_weights=token_weights)
     check_tokens("advantages", shape, token_weights=token_weights)
@@ -341,7 +343,7 @@ def _check_policy_inputs(shape_name: str, shape, old_logp: Tensor, advantages: T
 def _policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, token_weights: Optional[Tensor],
                  o: PPOLossOptions) -> tuple[Tensor, dict[str, Tensor]]:
     """ppo_policy_loss on checked inputs."""
-    advantages = _weighted_advantages(advantages, token_weights, logp.shape)
+    advantages = _weighted_advantages(advantages, token_weights, logp.shape, o.loss_type)
     if o.ratio_level != "token":
         logp, old_logp = _sequence_ratio(logp, old_logp, mask, o.ratio_level)
     loss, stats = implementation("ppo_policy_loss", o.backend, logp.device)(
@@ -402,6 +404,7 @@ def ppo_policy_loss(
     loss_type: str = "clip",
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
+    dro_beta: float | None = None,
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
@@ -448,7 +451,8 @@ def ppo_policy_loss(
         raise ValueError("logp: expected shape (B, T) (or (..., T)), got a 0-dim tensor")
     _check_policy_inputs("logp", logp.shape, old_logp, advantages, mask, logp=logp)
     o = PPOLossOptions.checked(logp.device, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-                               loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg, agg=agg, num_tokens=num_tokens,
+                               loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg, dro_beta=dro_beta, agg=agg,
+                               num_tokens=num_tokens,
                                num_seqs=num_seqs, ratio_level=ratio_level, backend=backend)
     return _policy_loss(logp, old_logp, advantages, mask, token_weights, o)
 
@@ -467,6 +471,7 @@ def ppo_loss_from_logprobs(
     loss_type: str = "clip",
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
+    dro_beta: float | None = None,
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
@@ -501,7 +506,8 @@ def ppo_loss_from_logprobs(
     """
     check_tensor("logp", logp, FLOAT_DTYPES)
     o = PPOLossOptions.checked(logp.device, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-                               loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg, agg=agg, num_tokens=num_tokens,
+                               loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg, dro_beta=dro_beta, agg=agg,
+                               num_tokens=num_tokens,
                                num_seqs=num_seqs, ratio_level=ratio_level, kl_coef=kl_coef,
                                kl_estimator=kl_estimator, entropy_coef=entropy_coef, backend=backend)
     return _logprobs_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, cu_seqlens, max_seqlen,
@@ -578,6 +584,7 @@ def ppo_loss_from_logits(
     loss_type: str = "clip",
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
+    dro_beta: float | None = None,
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
@@ -651,7 +658,8 @@ def ppo_loss_from_logits(
     """
     check_tensor("logits", logits, FLOAT_DTYPES)
     o = PPOLossOptions.checked(logits.device, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
-                               dual_clip=dual_clip, loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg, agg=agg,
+                               dual_clip=dual_clip, loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg,
+                               dro_beta=dro_beta, agg=agg,
                                num_tokens=num_tokens, num_seqs=num_seqs,
                                ratio_level=ratio_level, kl_coef=kl_coef, kl_estimator=kl_estimator,
                                entropy_coef=entropy_coef, backend=backend)
@@ -686,7 +694,7 @@ def ppo_loss_from_logits(
         return _combined_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, o)
     if vocab_start is not None:
         raise ValueError("vocab_start: only with vocab_parallel_group")
-    advantages = _weighted_advantages(advantages, token_weights, tokens)
+    advantages = _weighted_advantages(advantages, token_weights, tokens, o.loss_type)
     if labels.is_cuda and checks_enabled():
         check_labels_in_range(labels, logits.shape[-1], -100)
     need_grad = logits.requires_grad and torch.is_grad_enabled()

@@ -19,12 +19,13 @@ Count = Union[float, Tensor, None]
 # The policy objectives, by their code in the kernels (PolicyForm in
 # csrc/include/rlhf_kernels/ppo_math.h); verl's names but "clip" (verl's
 # "vanilla") and "gpg" (verl's "gpg"; REINFORCE).
-LOSS_TYPES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl")
+LOSS_TYPES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro")
 DPPO_CAP = 20.0  # the cap of DPPO's stopped ratio when dual_clip is None (verl's clip_ratio_c default there)
 
 
 def _form_numbers(loss_type: str, clip_low: float, clip_high: float | None, dual_clip: float | None,
-                  tau_pos: float, tau_neg: float, ratio_level: str) -> tuple[float, float, float, float, float]:
+                  tau_pos: float, tau_neg: float, dro_beta: float | None,
+                  ratio_level: str) -> tuple[float, float, float, float, float]:
     """(clip_low, clip_high, dual_clip, ratio_low, ratio_high) of a checked
     objective: the kernels' three numbers (PolicyParams) are ratio_low,
     ratio_high and dual_clip."""
@@ -46,6 +47,10 @@ def _form_numbers(loss_type: str, clip_low: float, clip_high: float | None, dual
                          f"not {loss_type!r}")
     if loss_type == "sapo":
         return low, high, 0.0, check_positive("tau_neg", tau_neg), check_positive("tau_pos", tau_pos)
+    if loss_type == "dro":
+        if dro_beta is None:
+            raise ValueError("dro_beta: required with loss_type='dro' (verl's policy_loss.dro_beta), > 0")
+        return low, high, 0.0, check_positive("dro_beta", dro_beta), 0.0
     return low, high, 0.0, 1.0 - low, 1.0 + high  # cispo's range; gpg uses none
 
 
@@ -89,13 +94,13 @@ class PPOLossOptions(NamedTuple):
                 num_seqs: Count = None, ratio_level: str = "token", temperature: float | None = None,
                 kl_coef: float | None = None, kl_estimator: str | None = None, entropy_coef: float | None = None,
                 loss_type: str = "clip", tau_pos: float = 1.0, tau_neg: float = 1.05,
-                backend: str | None = None) -> "PPOLossOptions":
+                dro_beta: float | None = None, backend: str | None = None) -> "PPOLossOptions":
         """The options of a call on tensors of ``device``; ValueError naming a
         bad keyword. The penalty keywords left at None keep their defaults
         unchecked (the policy-only losses take none of them)."""
         ratio_level = check_ratio_level(ratio_level)
         clip_low, clip_high, dual, ratio_low, ratio_high = _form_numbers(
-            loss_type, clip_low, clip_high, dual_clip, tau_pos, tau_neg, ratio_level)
+            loss_type, clip_low, clip_high, dual_clip, tau_pos, tau_neg, dro_beta, ratio_level)
         agg_code, kernel_tokens, kernel_seqs, divisor = check_agg(agg, num_tokens, num_seqs, device)
         penalty = {}
         if temperature is not None:
@@ -143,10 +148,13 @@ POLICY_ARGS = """\
             REINFORCE), "dppo_tv" / "dppo_kl" (-A sg(min(r, dual_clip)) logp
             on the tokens whose probability moved by less than clip_high
             (A > 0) or clip_low (A <= 0) in total variation / binary KL, 0
-            elsewhere; DPPO, arXiv 2602.04879). Each as verl's policy loss of
-            that name (verl's "vanilla" for "clip"); the others take token
-            ratios only (ratio_level "token"). token_weights scale A, so a
-            weight-0 token takes dppo's A <= 0 branch in the statistics.
+            elsewhere; DPPO, arXiv 2602.04879), "dro" (-(A logp - dro_beta / 2
+            (logp - old_logp)^2), the log-ratio unclamped; verl's dro). Each
+            as verl's policy loss of that name (verl's "vanilla" for "clip");
+            the others take token ratios only (ratio_level "token").
+            token_weights scale A, so a weight-0 token takes dppo's A <= 0
+            branch in the statistics; not with "dro" (its penalty is not
+            proportional to A).
         clip_low, clip_high: > 0; the ratio is clipped to
             [1 - clip_low, 1 + clip_high] (clip; cispo's weight); dppo's
             thresholds; clip_high defaults to clip_low.
@@ -154,6 +162,7 @@ POLICY_ARGS = """\
             (verl's clip_ratio_c; default 20); not for the other objectives.
         tau_pos, tau_neg: > 0, sapo's temperatures (verl's tau_pos /
             tau_neg, TRL's sapo_temperature_pos / _neg; defaults 1.0 / 1.05).
+        dro_beta: > 0, dro's weight of the squared log-ratio (required there).
         agg: "token-mean" | "token-sum" | "seq-mean-token-sum" |
             "seq-mean-token-mean" | "seq-mean-token-sum-norm" (seq-mean-token-sum / T).
         num_tokens: token-mean denominator instead of the number of valid

@@ -228,7 +228,7 @@ def _dppo_kept(logp, old, adv, ratio_low, ratio_high, FORM: tl.constexpr):
 def _policy_terms(logp, old, adv, ref, ratio_low, ratio_high, dual_c, kl_coef,
                   HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, FORM: tl.constexpr):
     """One token's policy objective FORM (PolicyForm in csrc/include/rlhf_kernels/
-    ppo_math.h: 0 clip, 1 cispo, 2 sapo, 3 gpg, 4 dppo_tv, 5 dppo_kl) plus
+    ppo_math.h: 0 clip, 1 cispo, 2 sapo, 3 gpg, 4 dppo_tv, 5 dppo_kl, 6 dro) plus
     kl_coef times the KL penalty, as policy_token in ppo_token_math.h (with its
     tie rules): (loss, d(loss + kl_coef * kl)/d logp, clipped, dual active,
     ratio, kl), for a block of tokens or a single one. ratio_low / ratio_high /
@@ -265,6 +265,12 @@ def _policy_terms(logp, old, adv, ref, ratio_low, ratio_high, dual_c, kl_coef,
         gate_c = 1.0 / (1.0 + 1.0 / e)
         loss = neg_adv * (gate * (4.0 / tau))
         grad = neg_adv * (4.0 / tau) * (gate * gate_c) * tau * tl.where(d_log_ratio != 0.0, ratio, 0.0)
+        clipped = tl.zeros_like(ratio) != 0.0  # none
+        dual = clipped
+    elif FORM == 6:
+        # dro: -(A logp - beta / 2 d^2), beta = ratio_low, d = logp - old (unclamped).
+        loss = -(logp * adv - 0.5 * ratio_low * (diff * diff))
+        grad = -(adv - ratio_low * diff)
         clipped = tl.zeros_like(ratio) != 0.0  # none
         dual = clipped
     else:

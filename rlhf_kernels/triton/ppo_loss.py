@@ -26,7 +26,7 @@ from ._device import (
 )
 from . import logprobs as _logprobs
 
-N_POLICY_FORMS = 6  # the objectives' codes, PolicyForm in csrc/include/rlhf_kernels/ppo_math.h (FORM of the kernels)
+N_POLICY_FORMS = 7  # the objectives' codes, PolicyForm in csrc/include/rlhf_kernels/ppo_math.h (FORM of the kernels)
 
 @triton.jit
 def _ppo_policy_fwd_kernel(
@@ -303,7 +303,7 @@ def _run_tokens(token_pass, shape, n_stats: int, like: Tensor, *args):
 
 
 def _check_loss_type(loss_type: int) -> None:
-    """A PolicyForm code (0 clip ... 5 dppo_kl), as the native glue's check_loss_type."""
+    """A PolicyForm code (0 clip ... 6 dro), as the native glue's check_loss_type."""
     if not 0 <= loss_type < N_POLICY_FORMS:
         raise ValueError(f"loss_type: bad code {loss_type}")
 

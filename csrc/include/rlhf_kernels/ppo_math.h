@@ -52,14 +52,18 @@ RLHF_HOST_DEVICE inline int64_t ppo_chunks(int64_t seq_len) {
 //                the threshold in the advantage's direction, 0 elsewhere
 //                (DPPO-Binary-TV, arXiv 2602.04879);
 //   kFormDppoKl: the same with the binary KL of the token's probability
-//                (DPPO-Binary-KL).
-enum PolicyForm : int { kFormClip = 0, kFormCispo, kFormSapo, kFormGpg, kFormDppoTv, kFormDppoKl, kPolicyForms };
+//                (DPPO-Binary-KL);
+//   kFormDro:    -(A logp - beta / 2 (logp - old_logp)^2), the log-ratio
+//                unclamped (verl's dro: Direct Reward Optimization).
+enum PolicyForm : int {
+  kFormClip = 0, kFormCispo, kFormSapo, kFormGpg, kFormDppoTv, kFormDppoKl, kFormDro, kPolicyForms
+};
 
 // The objective's parameters. ratio_low / ratio_high / dual_clip are the
 // three numbers of the form: clip and cispo, the ratio's range [1 - clip_low,
 // 1 + clip_high] (and clip's dual clip c); sapo, tau_neg and tau_pos; dppo,
 // the thresholds of a fall (A <= 0) and of a rise (A > 0) and the cap c of
-// the stopped ratio. gpg takes none.
+// the stopped ratio; dro, beta in ratio_low. gpg takes none.
 template <typename acc_t>
 struct PolicyParams {
   acc_t ratio_low;     // see above

@@ -79,7 +79,7 @@ RLHF_TOKEN_FN mask_t<T> dppo_kept(T logp, T old_logp, T adv, const PolicyParams<
 // One valid token of the objective p.form (PolicyForm, ppo_math.h), plus
 // kl_coef times the KL penalty to the reference. grad is d / d logp of the
 // sum: through the ratio for clip and sapo, through logp with the stopped
-// weight for cispo, gpg and dppo.
+// weight for cispo, gpg and dppo, through logp and the log-ratio for dro.
 template <typename T>
 RLHF_TOKEN_FN PolicyToken<T> policy_token(T logp, T old_logp, T adv, T ref_logp,
                                           const PolicyParams<lane_t<T>>& p) {
@@ -105,6 +105,10 @@ RLHF_TOKEN_FN PolicyToken<T> policy_token(T logp, T old_logp, T adv, T ref_logp,
     const T gate_c = S(1) / (S(1) + S(1) / e);
     out.loss = neg_adv * (gate * (S(4) / tau));
     out.grad = neg_adv * (S(4) / tau) * (gate * gate_c) * tau * (ratio_moves ? ratio : T{});
+  } else if (p.form == kFormDro) {
+    // -(A logp - beta / 2 d^2), d = logp - old_logp: d / d logp = -(A - beta d).
+    out.loss = -(logp * adv - S(0.5) * p.ratio_low * (diff * diff));
+    out.grad = -(adv - p.ratio_low * diff);
   } else {
     // -A w logp with a stopped weight w.
     T weight = T{} + S(1);
