@@ -589,3 +589,30 @@ def test_verl_dro_served_and_handed_back(verl_mods, agg, batch_info):
     assert integrations.report()["verl.compute_policy_loss_dro"]["handed_back"] == {
         "rollout_is_weights (verl weights the log-ratio penalty too)": 1,
         "no positive policy_loss.dro_beta (verl raises)": 1}
+
+
+@pytest.mark.parametrize("name", ["reinforce_plus_plus_baseline", "reinforce_plus_plus", "gpg"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_verl_more_estimators_served(verl_mods, name, dtype):
+    """verl's REINFORCE++ (discounted returns, whitened), REINFORCE++ with the
+    group baseline and GPG's estimator, looked up by name after patch(): our
+    ops serve them, with verl's outputs on groups with a singleton and ties,
+    masks with holes and an all-zero score."""
+    core, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(44)
+    ids = np.array(["a"] * 4 + ["b"] * 3 + ["c"] + ["d"] * 2, dtype=object)
+    ids = ids[torch.randperm(len(ids), generator=gen).numpy()]
+    rewards = torch.zeros(len(ids), 7, dtype=dtype)
+    rewards[:, -1] = torch.randn(len(ids), generator=gen, dtype=dtype)
+    rewards[:, 2] = 0.3 * torch.randn(len(ids), generator=gen, dtype=dtype)  # a dense reward too
+    rewards[ids == "d"] = 0.0
+    mask = mask_with_holes(len(ids), 7, gen).to(dtype)
+    mask[1] = 1.0  # masked_whiten needs valid tokens
+    config = SimpleNamespace(gamma=0.9)
+    integrations.reset_report()
+    with rk_verl.patched():
+        ours = core.get_adv_estimator_fn(name)
+        original = ours.__wrapped_original__
+        args = (rewards, mask) if name == "reinforce_plus_plus" else (rewards, mask, ids)
+        assert_outputs_close(ours(*args, config=config), original(*args, config=config), atol=1e-6)
+    assert_served_only(f"verl.{ours.__name__}", 1)

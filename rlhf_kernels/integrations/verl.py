@@ -9,7 +9,9 @@ up in, and wherever verl's modules imported them:
 - ``compute_gae_advantage_return`` -> ``compute_gae``;
 - ``compute_grpo_outcome_advantage``, ``compute_rloo_outcome_advantage`` and
   their vectorized twins (registry names "grpo", "rloo", "grpo_vectorized",
-  "rloo_vectorized") -> ``group_advantages``;
+  "rloo_vectorized"), and the group baselines of "reinforce_plus_plus_baseline"
+  and "gpg" -> ``group_advantages``; "reinforce_plus_plus" -> ``compute_gae``
+  (V = 0, lam = 1);
 - ``compute_policy_loss_vanilla`` (registry name "vanilla") -> ``ppo_policy_loss``,
   float masks and ``rollout_is_weights`` (``token_weights``) included;
 - ``compute_policy_loss_gspo`` ("gspo") -> ``ppo_policy_loss(ratio_level="sequence-token")``;
@@ -175,6 +177,64 @@ def _make_rloo(original):
         return _rloo(token_level_rewards, response_mask, index, alone_keeps_score=True)
 
     return compute_rloo_outcome_advantage
+
+
+def _group_centred(scores: Tensor, index) -> Tensor:
+    """score - its group's mean (group_advantages "dr_grpo"), a group of one
+    keeping its score: verl's baselines give a lone response the mean 0."""
+    groups = _group_inverse(index, scores.device)
+    adv = rlhf_kernels.group_advantages(scores, group_ids=groups, mode="dr_grpo").to(scores.dtype)
+    return torch.where(torch.bincount(groups)[groups] == 1, scores, adv)
+
+
+def _make_reinforce_pp_baseline(original):
+    def compute_reinforce_plus_plus_baseline_outcome_advantage(token_level_rewards, response_mask, index,
+                                                               epsilon=1e-6, config=None, **kwargs):
+        import verl.utils.torch_functional as verl_F
+
+        with torch.no_grad():
+            centred = _group_centred(token_level_rewards.sum(dim=-1), index)
+            scores = centred.unsqueeze(-1) * response_mask
+            # verl semantics: whitened over the batch's valid tokens (its masked_whiten).
+            scores = verl_F.masked_whiten(scores, response_mask) * response_mask
+        return scores, scores
+
+    return compute_reinforce_plus_plus_baseline_outcome_advantage
+
+
+def _make_reinforce_pp(original):
+    def compute_reinforce_plus_plus_outcome_advantage(token_level_rewards, response_mask, config=None, **kwargs):
+        import verl.utils.torch_functional as verl_F
+
+        if config is None:
+            return hand_back("verl.compute_reinforce_plus_plus_outcome_advantage", "no config (verl asserts one)",
+                             original, token_level_rewards, response_mask, config, **kwargs)
+        with torch.no_grad():
+            # The discounted return over the valid tokens: GAE with V = 0 and lam = 1
+            # (a masked position's reward skipped, its return 0, as verl's loop).
+            returns, _ = rlhf_kernels.compute_gae(token_level_rewards, torch.zeros_like(token_level_rewards),
+                                                  response_mask.bool(), gamma=float(config.gamma), lam=1.0,
+                                                  whiten=False)
+            returns = returns.to(token_level_rewards.dtype)
+            advantages = verl_F.masked_whiten(returns, response_mask) * response_mask
+        return advantages, returns
+
+    return compute_reinforce_plus_plus_outcome_advantage
+
+
+def _make_gpg_estimator(original):
+    def compute_gpg_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6, f_norm=1.0,
+                                      alpha=1.0, config=None, **kwargs):
+        with torch.no_grad():
+            scores = token_level_rewards.sum(dim=-1)
+            # verl semantics: alpha is the batch size over the number of nonzero
+            # scores (the argument is overwritten).
+            alpha = scores.shape[0] / torch.count_nonzero(scores).clamp(min=1)
+            adv = alpha * _group_centred(scores, index) / f_norm
+            adv = adv.unsqueeze(-1) * response_mask
+        return adv, adv
+
+    return compute_gpg_outcome_advantage
 
 
 def _make_rloo_vectorized(original):
@@ -664,6 +724,9 @@ _patcher = Patcher(
         # keeps its score over 1 + eps) in float32 group sums.
         _Target(_CORE, "compute_grpo_vectorized_outcome_advantage", _make_grpo),
         _Target(_CORE, "compute_rloo_vectorized_outcome_advantage", _make_rloo_vectorized),
+        _Target(_CORE, "compute_reinforce_plus_plus_baseline_outcome_advantage", _make_reinforce_pp_baseline),
+        _Target(_CORE, "compute_reinforce_plus_plus_outcome_advantage", _make_reinforce_pp),
+        _Target(_CORE, "compute_gpg_outcome_advantage", _make_gpg_estimator),
         _Target(_CORE, "compute_policy_loss_vanilla", _make_policy_loss),
         _Target(_CORE, "compute_policy_loss_gspo", _make_policy_loss_gspo),
         _Target(_CORE, "compute_policy_loss_cispo", _make_policy_loss_cispo),
