@@ -17,8 +17,8 @@ from .._validation import (
 Count = Union[float, Tensor, None]
 
 # The policy objectives, by their code in the kernels (PolicyForm in
-# csrc/include/rlhf_kernels/ppo_math.h); verl's names but "clip" (verl's
-# "vanilla") and "gpg" (verl's "gpg"; REINFORCE).
+# csrc/include/rlhf_kernels/ppo_math.h): verl's policy-loss names, "clip" for
+# verl's "vanilla".
 LOSS_TYPES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro")
 DPPO_CAP = 20.0  # the cap of DPPO's stopped ratio when dual_clip is None (verl's clip_ratio_c default there)
 
