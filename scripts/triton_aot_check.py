@@ -226,7 +226,8 @@ def _cases():
                 F.ppo_policy_loss(logp, old, adv, mask, clip_high=0.28, dual_clip=dual,
                                   backend="triton")[0].backward()
             for loss_type in LOSS_TYPES[1:]:  # the other objectives (FORM)
-                F.ppo_policy_loss(logp, old, adv, mask, loss_type=loss_type, backend="triton")[0].backward()
+                F.ppo_policy_loss(logp, old, adv, mask, loss_type=loss_type, dro_beta=0.1,
+                                  backend="triton")[0].backward()
             values = randn(3, seq_len, dtype=dtype).requires_grad_()
             F.ppo_value_loss(values, randn(3, seq_len, dtype=dtype), randn(3, seq_len, dtype=dtype), mask,
                              backend="triton")[0].backward()
@@ -246,7 +247,7 @@ def _cases():
         F.ppo_loss_from_logits(logits, labels, old, adv, mask, dual_clip=3.0, backend="triton")[0].backward()
         for loss_type in LOSS_TYPES[1:]:
             F.ppo_loss_from_logits(logits, labels, old, adv, mask, ref_logp=ref, kl_coef=0.1, entropy_coef=0.01,
-                                   loss_type=loss_type, backend="triton")[0].backward()
+                                   loss_type=loss_type, dro_beta=0.1, backend="triton")[0].backward()
 
     rules = {"token_k1": 1.5, "seq_mean_k3": 0.1, "seq_max_k2": 0.2}
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
