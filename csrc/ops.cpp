@@ -111,8 +111,8 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // (The token gradient d l / d logp is unscaled, as in ppo_policy_loss.)
   m.def(
       "ppo_loss_from_logits(Tensor logits, Tensor labels, Tensor old_logp, Tensor advantages, Tensor mask, "
-      "Tensor? ref_logp, float temperature, float ratio_low, float ratio_high, float dual_clip, int loss_type, int agg, "
-      "float? num_tokens, float? num_seqs, float kl_coef, int kl_estimator, float entropy_coef, "
+      "Tensor? ref_logp, float temperature, float ratio_low, float ratio_high, float dual_clip, int loss_type, "
+      "int agg, float? num_tokens, float? num_seqs, float kl_coef, int kl_estimator, float entropy_coef, "
       "bool inplace_backward, bool need_grad, Tensor? count, int max_rows_in_flight) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // grad *= scale / applied (1-element tensors, read on the device) unless the

@@ -1,9 +1,9 @@
 // Float vectors on GCC/Clang vector extensions, plus a vector exp and log.
-// Portable C++ that the compiler lowers to SSE, AVX2 or AVX-512 depending on the target
-// in force where this file is included: the kernels include it (through their
-// *.inc loops) once per instruction set, each copy inside its own namespace
-// and, for AVX-512, with RLHF_VEC_BYTES = 64 (16 lanes), and isa.h picks one
-// at run time. No include guard, no namespace and no std headers here on
+// Portable C++ that the compiler lowers to SSE, AVX2 or AVX-512 depending on
+// the target in force where this file is included: the kernels include it
+// (through their *.inc loops) once per instruction set, each copy inside its
+// own namespace and, for AVX-512, with RLHF_VEC_BYTES = 64 (16 lanes), and
+// isa.h picks one at run time. No include guard, no namespace and no std headers here on
 // purpose: the includer provides them.
 
 // Helpers are always inlined into the loops that call them, so the AVX2 copy

@@ -74,9 +74,9 @@ std::tuple<at::Tensor, at::Tensor> value_partials(const at::Tensor& values,
 // The public ops ppo_policy_loss and ppo_value_loss (glue/ppo_loss.h *_impl), aggregated
 // on the device with ATen ops: no host synchronisation.
 LossOutputs ppo_policy_loss_cuda(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
-                                 const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip, int64_t loss_type,
-                                 int64_t agg, std::optional<double> num_tokens, std::optional<double> num_seqs,
-                                 bool need_grad) {
+                                 const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip,
+                                 int64_t loss_type, int64_t agg, std::optional<double> num_tokens,
+                                 std::optional<double> num_seqs, bool need_grad) {
   const c10::cuda::CUDAGuard guard(logp.device());
   return ppo_policy_loss_impl(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip, loss_type,
                               agg_params(agg, num_tokens, num_seqs), need_grad, policy_partials,
@@ -103,8 +103,8 @@ FromLogitsOutputs ppo_loss_from_logits_cuda(
   const AggParams params = agg_params(agg, num_tokens, num_seqs);
   const FromLogitsInputs in =
       from_logits_inputs(logits, labels, old_logp, advantages, mask, ref_logp, inplace_backward, need_grad);
-  return ppo_loss_from_logits_impl(logits, in, temperature, ratio_low, ratio_high, dual_clip, loss_type, params, kl_coef,
-                                   kl_estimator, entropy_coef, need_grad, count, max_rows_in_flight,
+  return ppo_loss_from_logits_impl(logits, in, temperature, ratio_low, ratio_high, dual_clip, loss_type, params,
+                                   kl_coef, kl_estimator, entropy_coef, need_grad, count, max_rows_in_flight,
                                    policy_partials, finalize_policy_aten);
 }
 

@@ -283,8 +283,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_logits_gra
   const RowLayout out = contiguous_rows(in.rows, in.rows.tensor.size(-1));
   return op.call(in.rows.tensor, in.labels, in.old_logp, in.advantages, row_weight, in.ref_logp, grad_logits,
                  in.rows.layout.inner_rows, in.rows.layout.outer_stride, in.rows.layout.inner_stride,
-                 out.outer_stride, out.inner_stride, inv_temperature, -100, ratio_low, ratio_high, dual_clip, loss_type,
-                 kl_coef, kl_estimator, entropy_coef, max_rows_in_flight);
+                 out.outer_stride, out.inner_stride, inv_temperature, -100, ratio_low, ratio_high, dual_clip,
+                 loss_type, kl_coef, kl_estimator, entropy_coef, max_rows_in_flight);
 }
 
 using FromLogitsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -304,9 +304,9 @@ using FromLogitsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Ten
 template <typename Partials, typename Finalize>
 FromLogitsOutputs ppo_loss_from_logits_impl(
     const at::Tensor& logits, const FromLogitsInputs& in, double temperature, double ratio_low, double ratio_high,
-    double dual_clip, int64_t loss_type, const AggParams& agg, double kl_coef, int64_t kl_estimator, double entropy_coef,
-    bool need_grad, const std::optional<at::Tensor>& count, int64_t max_rows_in_flight, Partials&& partials,
-    Finalize&& finalize) {
+    double dual_clip, int64_t loss_type, const AggParams& agg, double kl_coef, int64_t kl_estimator,
+    double entropy_coef, bool need_grad, const std::optional<at::Tensor>& count, int64_t max_rows_in_flight,
+    Partials&& partials, Finalize&& finalize) {
   check_loss_type(loss_type);
   const double inv_temperature = 1.0 / temperature;
   const int64_t kl_code = in.ref_logp ? kl_estimator : kKlNone;
@@ -323,8 +323,8 @@ FromLogitsOutputs ppo_loss_from_logits_impl(
     const at::Tensor row_weight = at::where(m.ne(0), w, at::zeros({}, weights.options())).reshape({-1}).contiguous();
     grad_logits = at::empty(logits.sizes(), logits.options());
     std::tie(logp, entropy, row_max, log_sum) =
-        ppo_logits_grad_native(in, row_weight, grad_logits, inv_temperature, ratio_low, ratio_high, dual_clip, loss_type,
-                               kl_coef, kl_code, entropy_coef, max_rows_in_flight);
+        ppo_logits_grad_native(in, row_weight, grad_logits, inv_temperature, ratio_low, ratio_high, dual_clip,
+                               loss_type, kl_coef, kl_code, entropy_coef, max_rows_in_flight);
   } else {
     std::tie(logp, entropy, row_max, log_sum) = logprobs_rows_native(in.rows, in.labels, inv_temperature, -100, true);
   }
@@ -350,15 +350,16 @@ using LossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // weights w_b: the backward's gradient is w_b * dl/dlogp * upstream, one pass.
 template <typename Partials, typename Finalize>
 LossOutputs ppo_policy_loss_impl(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
-                                 const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip, int64_t loss_type,
-                                 const AggParams& agg, bool need_grad, Partials&& partials, Finalize&& finalize) {
+                                 const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip,
+                                 int64_t loss_type, const AggParams& agg, bool need_grad, Partials&& partials,
+                                 Finalize&& finalize) {
   check_loss_type(loss_type);
   const LossTokens tok = loss_tokens({&logp, &old_logp, &advantages}, mask);
   at::Tensor grad, partial;
   if (tok.numel() > 0) {
     std::tie(grad, partial) = partials(tok.values[0], tok.values[1], tok.values[2], tok.mask, std::nullopt,
-                                       std::nullopt, tok.seq_len, ratio_low, ratio_high, dual_clip, loss_type, 0.0, kKlNone,
-                                       need_grad);
+                                       std::nullopt, tok.seq_len, ratio_low, ratio_high, dual_clip, loss_type, 0.0,
+                                       kKlNone, need_grad);
   } else {
     grad = at::empty({0}, tok.options());
     partial = empty_partials(tok.seqs, kPolicyStats, kRatioMax, kRatioMin, tok.options());

@@ -22,7 +22,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1", allow_module_level=True)
 
 B, T, V = 3, 7, 37
-LOSS_TYPES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro")
+LOSS_TYPES = reference.LOSS_TYPES
 # Each objective's keywords, each pair asymmetric (a swap shows): dppo's
 # thresholds small enough that some tokens are masked, its cap low enough
 # that some kept tokens are capped.

@@ -140,6 +140,12 @@ def _group_inverse(index, device) -> Tensor:
     return torch.from_numpy(np.unique(np.asarray(index), return_inverse=True)[1].reshape(-1)).to(device)
 
 
+def _alone(groups: Tensor) -> Tensor:
+    """Whether each response is the only one of its group (verl's baselines
+    give it the group mean 0 and std 1; ours give it the advantage 0)."""
+    return torch.bincount(groups)[groups] == 1
+
+
 def _make_grpo(original):
     def compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
                                        norm_adv_by_std_in_grpo=True, config=None):
@@ -150,7 +156,7 @@ def _make_grpo(original):
             adv = rlhf_kernels.group_advantages(scores, group_ids=groups, mode=mode, eps=epsilon).to(scores.dtype)
             # verl semantics: a group of one has mean 0 and std 1, so it keeps its
             # score (divided by 1 + eps); ours gives it 0.
-            alone = torch.bincount(groups)[groups] == 1
+            alone = _alone(groups)
             kept = scores / (1.0 + epsilon) if norm_adv_by_std_in_grpo else scores
             adv = torch.where(alone, kept, adv)
             adv = adv.unsqueeze(-1) * response_mask
@@ -165,7 +171,7 @@ def _rloo(token_level_rewards, response_mask, index, alone_keeps_score: bool):
         groups = _group_inverse(index, scores.device)
         adv = rlhf_kernels.group_advantages(scores, group_ids=groups, mode="rloo").to(scores.dtype)
         if alone_keeps_score:
-            adv = torch.where(torch.bincount(groups)[groups] == 1, scores, adv)
+            adv = torch.where(_alone(groups), scores, adv)
         adv = adv.unsqueeze(-1) * response_mask
     return adv, adv
 
@@ -184,7 +190,7 @@ def _group_centred(scores: Tensor, index) -> Tensor:
     keeping its score: verl's baselines give a lone response the mean 0."""
     groups = _group_inverse(index, scores.device)
     adv = rlhf_kernels.group_advantages(scores, group_ids=groups, mode="dr_grpo").to(scores.dtype)
-    return torch.where(torch.bincount(groups)[groups] == 1, scores, adv)
+    return torch.where(_alone(groups), scores, adv)
 
 
 def _make_reinforce_pp_baseline(original):
@@ -429,24 +435,6 @@ def _make_policy_loss(original):
     return compute_policy_loss_vanilla
 
 
-def _make_policy_loss_gspo(original):
-    def compute_policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask,
-                                 loss_agg_mode="seq-mean-token-mean", config=None, rollout_is_weights=None):
-        from verl.workers.config import ActorConfig
-
-        if not isinstance(config, ActorConfig):
-            return hand_back("verl.compute_policy_loss_gspo", "config is not an ActorConfig (verl asserts one)",
-                             original, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                             rollout_is_weights)
-        # verl semantics: GSPO-token (each token's gradient through its own
-        # log-prob, the ratio the sequence's), no dual clip, pg_clipfrac_lower 0.
-        return _policy_loss_call("gspo", original, old_log_prob, log_prob, advantages, response_mask,
-                                 loss_agg_mode, config, rollout_is_weights, dual_clip=None,
-                                 ratio_level="sequence-token")
-
-    return compute_policy_loss_gspo
-
-
 def _needs_actor_config(key: str, config, original, *args):
     """A hand-back where verl asserts a real ActorConfig, else None."""
     from verl.workers.config import ActorConfig
@@ -454,6 +442,20 @@ def _needs_actor_config(key: str, config, original, *args):
     if isinstance(config, ActorConfig):
         return None
     return hand_back(key, "config is not an ActorConfig (verl asserts one)", original, *args)
+
+
+def _make_policy_loss_gspo(original):
+    def compute_policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask,
+                                 loss_agg_mode="seq-mean-token-mean", config=None, rollout_is_weights=None):
+        args = (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+        refused = _needs_actor_config("verl.compute_policy_loss_gspo", config, original, *args)
+        if refused is not None:
+            return refused
+        # verl semantics: GSPO-token (each token's gradient through its own
+        # log-prob, the ratio the sequence's), no dual clip, pg_clipfrac_lower 0.
+        return _policy_loss_call("gspo", original, *args, dual_clip=None, ratio_level="sequence-token")
+
+    return compute_policy_loss_gspo
 
 
 def _make_policy_loss_cispo(original):

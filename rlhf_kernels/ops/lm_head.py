@@ -352,8 +352,7 @@ def ppo_loss_from_hidden(
     _check_head(hidden, weight, bias, labels)
     o = PPOLossOptions.checked(hidden.device, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
                                dual_clip=dual_clip, loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg,
-                               dro_beta=dro_beta, agg=agg,
-                               num_tokens=num_tokens, num_seqs=num_seqs,
+                               dro_beta=dro_beta, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
                                ratio_level=ratio_level, kl_coef=kl_coef, kl_estimator=kl_estimator,
                                entropy_coef=entropy_coef, backend=backend)
     if cu_seqlens is not None:

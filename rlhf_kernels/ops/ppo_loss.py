@@ -452,8 +452,7 @@ def ppo_policy_loss(
     _check_policy_inputs("logp", logp.shape, old_logp, advantages, mask, logp=logp)
     o = PPOLossOptions.checked(logp.device, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                                loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg, dro_beta=dro_beta, agg=agg,
-                               num_tokens=num_tokens,
-                               num_seqs=num_seqs, ratio_level=ratio_level, backend=backend)
+                               num_tokens=num_tokens, num_seqs=num_seqs, ratio_level=ratio_level, backend=backend)
     return _policy_loss(logp, old_logp, advantages, mask, token_weights, o)
 
 
@@ -507,8 +506,7 @@ def ppo_loss_from_logprobs(
     check_tensor("logp", logp, FLOAT_DTYPES)
     o = PPOLossOptions.checked(logp.device, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                                loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg, dro_beta=dro_beta, agg=agg,
-                               num_tokens=num_tokens,
-                               num_seqs=num_seqs, ratio_level=ratio_level, kl_coef=kl_coef,
+                               num_tokens=num_tokens, num_seqs=num_seqs, ratio_level=ratio_level, kl_coef=kl_coef,
                                kl_estimator=kl_estimator, entropy_coef=entropy_coef, backend=backend)
     return _logprobs_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, cu_seqlens, max_seqlen,
                           o)
@@ -659,8 +657,7 @@ def ppo_loss_from_logits(
     check_tensor("logits", logits, FLOAT_DTYPES)
     o = PPOLossOptions.checked(logits.device, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
                                dual_clip=dual_clip, loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg,
-                               dro_beta=dro_beta, agg=agg,
-                               num_tokens=num_tokens, num_seqs=num_seqs,
+                               dro_beta=dro_beta, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
                                ratio_level=ratio_level, kl_coef=kl_coef, kl_estimator=kl_estimator,
                                entropy_coef=entropy_coef, backend=backend)
     truncation = dict(top_k=top_k, top_p=top_p, min_p=min_p, min_logit=min_logit, truncation_order=truncation_order)

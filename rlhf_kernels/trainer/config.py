@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..ops.ppo_options import LOSS_TYPES
 from ..ops.rollout_correction import from_verl_config
 
 OFFLOADABLE = ("ref", "reward")  # PPOConfig.offload: the frozen models
@@ -20,7 +21,8 @@ LOSS_AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-
 TRL_LOSS_TYPES = {"grpo": ("clip", "seq-mean-token-mean"), "bnpo": ("clip", "token-mean"),
                   "dr_grpo": ("clip", "seq-mean-token-sum-norm"), "dapo": ("clip", "token-mean"),
                   "cispo": ("cispo", "token-mean"), "sapo": ("sapo", "seq-mean-token-mean")}
-OBJECTIVES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl")
+# dro needs a dro_beta, which PPOConfig does not take.
+OBJECTIVES = tuple(t for t in LOSS_TYPES if t != "dro")
 
 
 class ConfigError(ValueError):

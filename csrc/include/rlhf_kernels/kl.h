@@ -56,7 +56,7 @@ struct KlTerms {
 // CPU vector loops bring their own for their vectors (vec::exp).
 RLHF_HOST_DEVICE inline float acc_exp(float x) { return expf(x); }
 RLHF_HOST_DEVICE inline double acc_exp(double x) { return exp(x); }
-// log likewise (DPPO's binary KL); the CPU vector loops take it lane by lane.
+// log likewise (DPPO's binary KL); the CPU vector loops bring vec::log.
 RLHF_HOST_DEVICE inline float acc_log(float x) { return logf(x); }
 RLHF_HOST_DEVICE inline double acc_log(double x) { return log(x); }
 
