@@ -132,6 +132,7 @@ OBJECTIVES = {
     "dppo_tv": dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0),
     "dppo_kl": dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0),
     "dro": dict(dro_beta=0.3),
+    "geo_mean": dict(clip_low=0.2, clip_high=0.28, agg="seq-mean-token-mean"),  # verl's mean over sequences
 }
 
 

@@ -175,7 +175,7 @@ def _all_of(*checks):
 
 def _objectives_goal(factor: float):
     """Each loss_type's fwd+bwd at 1M tokens against verl's function of that name."""
-    names = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro")
+    names = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro", "geo_mean")
 
     def check(rows):
         found = [(name, _best(_pick(rows, f"policy_loss:{name}", "fwd+bwd", (1024, 1024), "float32", is_ours)))

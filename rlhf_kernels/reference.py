@@ -115,7 +115,27 @@ def _masked_extreme(x: Tensor, mask: Tensor, largest: bool) -> Tensor:
     return torch.where(mask.any(), extreme, torch.zeros_like(extreme))
 
 
-LOSS_TYPES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro")
+LOSS_TYPES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro", "geo_mean")
+
+
+def _geo_mean_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_low: float,
+                         clip_high: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """GMPO as verl's compute_policy_loss_geo_mean writes it, each sequence's
+    loss -mean(A) R_b spread over its tokens as -A_t R_b: (token loss, R_b per
+    token, clipped with A > 0, clipped with A < 0). The mean's count is the
+    sum of the weights (0 -> 1) where verl adds 1e-8."""
+    x = logp - old_logp
+    sgn = torch.sign(advantages)
+    clamped = torch.clamp(x, -clip_low, clip_high)
+    c = sgn * torch.minimum(sgn * x, sgn * clamped)
+    valid, weight = mask_weights(mask, x.dtype)
+    w = weight if weight is not None else valid.to(x.dtype)
+    c = torch.where(valid, c, torch.zeros_like(c))
+    count = w.sum(-1, keepdim=True)
+    ratio = torch.exp((c * w).sum(-1, keepdim=True) / torch.where(count > 0, count, torch.ones_like(count)))
+    ratio = ratio.expand_as(x)
+    outside = x != clamped
+    return -advantages * ratio, ratio, outside & (advantages > 0), outside & (advantages < 0)
 
 
 def _policy_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, ratio: Tensor, loss_type: str,
@@ -188,7 +208,9 @@ def ppo_policy_loss(
     max(l1, l2)``; with ``dual_clip = c``, tokens with A < 0 take ``min(l, -c *
     A)``. The other objectives as verl's functions of the same names
     (_policy_token_loss; dppo's cap is dual_clip, default 20, its thresholds
-    clip_low / clip_high). The loss is ``agg_loss(l, mask, agg)``. Returns
+    clip_low / clip_high; "geo_mean": _geo_mean_token_loss, its ratio
+    unclamped, its clipfrac / clipfrac_lower the log-ratio outside [-clip_low,
+    clip_high] where A > 0 / A < 0). The loss is ``agg_loss(l, mask, agg)``. Returns
     (loss, stats) with stats clipfrac (l2 > l1; cispo: the ratio outside its
     range; dppo: the tokens masked), clipfrac_lower (dual clip active; dppo:
     ratio > cap on a kept token), approx_kl (masked mean of old_logp - logp),
@@ -197,10 +219,12 @@ def ppo_policy_loss(
     dtype = _compute_dtype(logp.dtype, upcast)
     logp, old_logp, advantages = logp.to(dtype), old_logp.to(dtype), advantages.to(dtype)
     clip_high = clip_low if clip_high is None else clip_high
-    log_ratio = torch.clamp(logp - old_logp, min=-20.0, max=20.0)
-    ratio = torch.exp(log_ratio)
-    token_loss, clipped, dual = _policy_token_loss(logp, old_logp, advantages, ratio, loss_type, clip_low,
-                                                   clip_high, dual_clip, tau_pos, tau_neg, dro_beta)
+    if loss_type == "geo_mean":
+        token_loss, ratio, clipped, dual = _geo_mean_token_loss(logp, old_logp, advantages, mask, clip_low, clip_high)
+    else:
+        ratio = torch.exp(torch.clamp(logp - old_logp, min=-20.0, max=20.0))
+        token_loss, clipped, dual = _policy_token_loss(logp, old_logp, advantages, ratio, loss_type, clip_low,
+                                                       clip_high, dual_clip, tau_pos, tau_neg, dro_beta)
     clipfrac = _masked_mean(clipped.to(dtype), mask)
     clipfrac_lower = clipfrac.new_zeros(()) if dual is None else _masked_mean(dual.to(dtype), mask)
     loss = agg_loss(token_loss, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)

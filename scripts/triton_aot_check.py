@@ -45,7 +45,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import rlhf_kernels  # noqa: E402
 from rlhf_kernels import _dispatch  # noqa: E402
-from rlhf_kernels.ops.ppo_options import LOSS_TYPES  # noqa: E402
+from rlhf_kernels.ops.ppo_options import KERNEL_FORMS  # noqa: E402
 from rlhf_kernels.triton import advantages as _adv  # noqa: E402
 from rlhf_kernels.triton import logprobs as _lp  # noqa: E402
 from rlhf_kernels.triton import ppo_loss as _pl  # noqa: E402
@@ -225,7 +225,7 @@ def _cases():
             for dual in (None, 3.0):
                 F.ppo_policy_loss(logp, old, adv, mask, clip_high=0.28, dual_clip=dual,
                                   backend="triton")[0].backward()
-            for loss_type in LOSS_TYPES[1:]:  # the other objectives (FORM)
+            for loss_type in KERNEL_FORMS[1:]:  # the other objectives (FORM)
                 F.ppo_policy_loss(logp, old, adv, mask, loss_type=loss_type, dro_beta=0.1,
                                   backend="triton")[0].backward()
             values = randn(3, seq_len, dtype=dtype).requires_grad_()
@@ -245,7 +245,7 @@ def _cases():
         F.ppo_loss_from_logits(logits, labels, old, adv, mask, dual_clip=3.0, inplace_backward=True,
                                backend="triton")[0].backward()
         F.ppo_loss_from_logits(logits, labels, old, adv, mask, dual_clip=3.0, backend="triton")[0].backward()
-        for loss_type in LOSS_TYPES[1:]:
+        for loss_type in KERNEL_FORMS[1:]:
             F.ppo_loss_from_logits(logits, labels, old, adv, mask, ref_logp=ref, kl_coef=0.1, entropy_coef=0.01,
                                    loss_type=loss_type, dro_beta=0.1, backend="triton")[0].backward()
 

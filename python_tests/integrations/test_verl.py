@@ -477,7 +477,7 @@ def test_verl_remove_padding_logprobs_served(verl_mods):
     assert_served_only("verl.entropy_from_logits", 1)
 
 
-_OBJECTIVES = ("cispo", "sapo", "gpg", "dppo_tv", "dppo_kl")
+_OBJECTIVES = ("cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "geo_mean", "reinforce")
 
 
 def _objective_inputs(gen):
@@ -495,8 +495,9 @@ def _objective_inputs(gen):
 @pytest.mark.parametrize("batch_info", [{}, {"dp_size": 2, "batch_num_tokens": 50, "global_batch_size": 9,
                                              "loss_scale_factor": 16}])
 def test_verl_objectives_served(verl_mods, name, agg, batch_info):
-    """verl's cispo, sapo, gpg, dppo_tv and dppo_kl policy losses, looked up by
-    name in verl's registry after patch(): our kernels serve every call (bool,
+    """verl's cispo, sapo, gpg, dppo_tv, dppo_kl and geo_mean policy losses,
+    looked up by name in verl's registry after patch(), and its reinforce (which
+    bypass_mode calls): our kernels serve every call (bool,
     float and weight masks; rollout IS weights, a zero among them), with
     verl's loss, gradient and metrics; a fully masked batch as verl's."""
     core, _, rk_verl = verl_mods
@@ -514,7 +515,9 @@ def test_verl_objectives_served(verl_mods, name, agg, batch_info):
     integrations.reset_report()
     calls = 0
     with rk_verl.patched():
-        ours = core.get_policy_loss_fn(name)
+        # reinforce is no registry entry: bypass_mode calls it by its name
+        ours = getattr(core, "compute_policy_loss_reinforce") if name == "reinforce" else \
+            core.get_policy_loss_fn(name)
         original = ours.__wrapped_original__
         assert getattr(core, f"compute_policy_loss_{name}") is ours
         for mask in (*weight_masks(gen, 4, 10).values(), mask_with_holes(4, 10, gen)):
@@ -525,13 +528,67 @@ def test_verl_objectives_served(verl_mods, name, agg, batch_info):
         empty = torch.zeros(4, 10)
         assert_outputs_close(ours(old, new, adv, empty, agg, config), original(old, new, adv, empty, agg, config))
         calls += 1
-        if name in ("cispo", "dppo_tv", "dppo_kl"):  # the statistics are not vacuous here
+        if name in ("cispo", "dppo_tv", "dppo_kl", "geo_mean"):  # the statistics are not vacuous here
             metrics = ours(old, new, adv, mask_with_holes(4, 10, gen), agg, config)[1]
             calls += 1
             assert 0.0 < metrics["actor/pg_clipfrac"] < 1.0, metrics
             if name != "cispo":
                 assert 0.0 < metrics["actor/pg_clipfrac_lower"] < 1.0, metrics
     assert_served_only(f"verl.compute_policy_loss_{name}", calls)
+
+
+@pytest.mark.parametrize("loss_type", ["ppo_clip", "reinforce"])
+@pytest.mark.parametrize("rollout_is", ["token", "sequence", None])
+def test_verl_bypass_mode_served(verl_mods, loss_type, rollout_is):
+    """verl's bypass_mode (old_log_prob = the sampler's): its rollout
+    correction and its policy loss (vanilla, or reinforce with the IS
+    weights) run on our ops, verl's loss, gradient and metrics; counted
+    served only with its inner loss; no rollout_correction config: verl's."""
+    core, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(44)
+    old, new, adv = _objective_inputs(gen)
+    from verl.trainer.config.algorithm import RolloutCorrectionConfig
+    from verl.workers.config import FSDPActorConfig, PolicyLossConfig
+
+    correction = RolloutCorrectionConfig(rollout_is=rollout_is, rollout_is_threshold=2.0, loss_type=loss_type,
+                                         bypass_mode=True)
+    config = FSDPActorConfig(clip_ratio=0.2, strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2,
+                             rollout_n=1, global_batch_info={},
+                             policy_loss=PolicyLossConfig(loss_mode="bypass_mode", rollout_correction=correction))
+    integrations.reset_report()
+    with rk_verl.patched():
+        ours = core.get_policy_loss_fn("bypass_mode")
+        original = ours.__wrapped_original__
+        for mask in (mask_with_holes(4, 10, gen), torch.ones(4, 10)):
+            compare_outputs(lambda n: original(old, n, adv, mask, "token-mean", config),
+                            lambda n: ours(old, n, adv, mask, "token-mean", config), [new])
+    inner = "vanilla" if loss_type == "ppo_clip" else "reinforce"
+    assert_served_only("verl.compute_policy_loss_bypass_mode", 2)
+    # compare_outputs calls the original too: the patched inner loss serves it as well
+    assert integrations.report()[f"verl.compute_policy_loss_{inner}"]["served"] >= 2
+
+
+def test_verl_bypass_mode_hands_back_with_its_inner_loss(verl_mods):
+    core, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(45)
+    old, new, adv = _objective_inputs(gen)
+    from verl.trainer.config.algorithm import RolloutCorrectionConfig
+    from verl.workers.config import FSDPActorConfig, PolicyLossConfig
+
+    config = FSDPActorConfig(clip_ratio=0.2, strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2,
+                             rollout_n=1, global_batch_info={}, policy_loss=PolicyLossConfig(
+                                 loss_mode="bypass_mode",
+                                 rollout_correction=RolloutCorrectionConfig(rollout_is=None, bypass_mode=True)))
+    integrations.reset_report()
+    with rk_verl.patched():
+        ours = core.get_policy_loss_fn("bypass_mode")
+        mask = mask_with_holes(4, 10, gen)
+        bad = torch.where(mask > 0, mask, -1.0)  # a negative weight: vanilla hands back
+        assert_outputs_close(ours(old, new, adv, bad, "token-mean", config),
+                             ours.__wrapped_original__(old, new, adv, bad, "token-mean", config))
+    report = integrations.report()
+    assert report["verl.compute_policy_loss_bypass_mode"] == {
+        "served": 0, "handed_back": {"its compute_policy_loss_vanilla call was handed back": 1}}
 
 
 def test_verl_objectives_hand_back_without_an_actor_config(verl_mods):

@@ -1,5 +1,5 @@
 """The policy objectives of ``loss_type`` (clip, cispo, sapo, gpg, dppo_tv,
-dppo_kl, dro) on ppo_policy_loss, ppo_loss_from_logits and ppo_loss_from_hidden,
+dppo_kl, dro, geo_mean) on ppo_policy_loss, ppo_loss_from_logits and ppo_loss_from_hidden,
 against the float64 reference (rlhf_kernels.reference, autograd) on every
 backend present: loss, statistics and gradients, at log-ratios past the
 clamp; the op registration, compile and the argument checks. (The Triton
@@ -27,6 +27,7 @@ OBJECTIVE_KWARGS = {
     "dppo_tv": dict(clip_low=0.05, clip_high=0.08, dual_clip=1.5),
     "dppo_kl": dict(clip_low=0.02, clip_high=0.03, dual_clip=1.5),
     "dro": dict(dro_beta=0.3),
+    "geo_mean": dict(clip_low=0.2, clip_high=0.28),
 }
 
 
@@ -123,7 +124,7 @@ def test_loss_types_no_valid_token_gives_zero(device_backend, loss_type):
     assert stats["clipfrac"].item() == 0.0 and stats["approx_kl"].item() == 0.0
 
 
-@pytest.mark.parametrize("loss_type", ["sapo", "gpg", "dro"])
+@pytest.mark.parametrize("loss_type", ["sapo", "gpg", "dro", "geo_mean"])
 def test_loss_types_gradcheck_float64(device_backend, loss_type):
     """The objectives without a stop-gradient (cispo's and dppo's stopped
     weights make finite differences differ from the gradient by design)."""
@@ -152,10 +153,13 @@ def test_loss_types_token_weights_scale_each_token(device_backend, loss_type):
     loss = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, token_weights=w, backend=backend, **kw)[0]
     loss.backward()
     x64 = logp.clone().requires_grad_(True)
-    tok, _, _ = reference._policy_token_loss(
-        x64, old, adv, torch.exp(torch.clamp(x64 - old, -20, 20)), loss_type, kw.get("clip_low", 0.2),
-        kw.get("clip_high", kw.get("clip_low", 0.2)), kw.get("dual_clip"), kw.get("tau_pos", 1.0),
-        kw.get("tau_neg", 1.05), kw.get("dro_beta"))
+    low, high = kw.get("clip_low", 0.2), kw.get("clip_high", kw.get("clip_low", 0.2))
+    if loss_type == "geo_mean":  # -A_t R_b per token, R_b unweighted
+        tok = reference._geo_mean_token_loss(x64, old, adv, mask, low, high)[0]
+    else:
+        tok, _, _ = reference._policy_token_loss(
+            x64, old, adv, torch.exp(torch.clamp(x64 - old, -20, 20)), loss_type, low, high, kw.get("dual_clip"),
+            kw.get("tau_pos", 1.0), kw.get("tau_neg", 1.05), kw.get("dro_beta"))
     want = (torch.where(mask, tok, 0.0) * w).sum()
     want.backward()
     torch.testing.assert_close(loss, want)
@@ -182,6 +186,10 @@ def test_loss_type_argument_checks():
         call(loss_type="dppo_kl", clip_low=0.0)
     with pytest.raises(ValueError, match="dro_beta"):
         call(loss_type="dro")
+    with pytest.raises(ValueError, match="dual_clip"):
+        call(loss_type="geo_mean", dual_clip=3.0)
+    with pytest.raises(ValueError, match="ratio_level"):
+        call(loss_type="geo_mean", ratio_level="sequence")
     with pytest.raises(ValueError, match="dro_beta"):
         call(loss_type="dro", dro_beta=-0.1)
     with pytest.raises(ValueError, match="token_weights"):
@@ -202,7 +210,7 @@ def test_loss_types_opcheck_and_compile(device_backend):
                               (6, (0.3, 0.0, 0.0))):
             torch.library.opcheck(op, (logp, old, adv, mask, *numbers, code, 4, None, None, True))
     torch._dynamo.reset()
-    for loss_type in ("cispo", "dppo_tv"):
+    for loss_type in ("cispo", "dppo_tv", "geo_mean"):
         fn = lambda x: rlhf_kernels.ppo_policy_loss(x, old, adv, mask, loss_type=loss_type,  # noqa: E731
                                                     backend=backend, **OBJECTIVE_KWARGS[loss_type])[0]
         torch.testing.assert_close(torch.compile(fn, fullgraph=True)(logp), fn(logp))

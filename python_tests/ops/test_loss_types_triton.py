@@ -34,6 +34,7 @@ KEYWORDS = {
     "dppo_tv": dict(clip_low=0.04, clip_high=0.08, dual_clip=1.5),
     "dppo_kl": dict(clip_low=0.04, clip_high=0.08, dual_clip=1.5),
     "dro": dict(dro_beta=0.3),
+    "geo_mean": dict(clip_low=0.2, clip_high=0.28),
 }
 # The relative tolerance against float64, also the absolute one scaled by the largest compared value (at least 1).
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -117,11 +118,11 @@ def _check_stats(stats, want_stats, names, dtype):
 
 def _check_boundaries(loss_type, stats, extreme):
     """The inputs reach the objective's boundaries: the test cannot pass vacuously."""
-    if loss_type in ("clip", "cispo", "dppo_tv", "dppo_kl"):
+    if loss_type in ("clip", "cispo", "dppo_tv", "dppo_kl", "geo_mean"):
         assert 0.0 < float(stats["clipfrac"]) < 1.0, stats
-    if loss_type.startswith("dppo") and not extreme:
+    if (loss_type.startswith("dppo") or loss_type == "geo_mean") and not extreme:
         assert 0.0 < float(stats["clipfrac_lower"]) < 1.0, stats
-    if extreme:
+    if extreme and loss_type != "geo_mean":  # GMPO's ratio is a sequence mean, its tokens' clipped
         assert float(stats["ratio_max"]) > 1e8 and float(stats["ratio_min"]) < 1e-8, stats
 
 

@@ -668,7 +668,7 @@ def test_rollout_correction_config_errors_name_the_field():
             validate_ppo(PPOConfig(rollout_correction=rc))
 
 
-@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dapo", "dr_grpo", "gmpo"])
 def test_loss_types_are_the_same_fused_or_not(loss_type):
     """PPOConfig.loss_type reaches the policy loss on the fused path (from the
     hidden state) and the unfused one (log-probs, then ppo_loss_from_logprobs):
@@ -689,10 +689,11 @@ def test_loss_types_are_the_same_fused_or_not(loss_type):
         out[fused] = trainer._micro_step(r, idx, counts, with_ptx=False)
         assert objective(trainer.config) == {
             "dapo": ("clip", "token-mean"), "dr_grpo": ("clip", "seq-mean-token-sum-norm"),
-            "sapo": ("sapo", "seq-mean-token-mean")}.get(loss_type, (loss_type, "token-mean"))
+            "sapo": ("sapo", "seq-mean-token-mean"),
+            "gmpo": ("geo_mean", "seq-mean-token-mean")}.get(loss_type, (loss_type, "token-mean"))
     for key in ("policy_loss", "clipfrac", "clipfrac_lower"):
         assert float(out[False][key]) == pytest.approx(float(out[True][key]), rel=1e-5, abs=1e-7), key
-    if loss_type in ("cispo", "dppo_tv", "dppo_kl"):  # its selection happens on this data
+    if loss_type in ("cispo", "dppo_tv", "dppo_kl", "gmpo"):  # its selection happens on this data
         assert 0 < float(out[True]["clipfrac"]) < 1
 
 
@@ -717,7 +718,7 @@ def sft_policy():
     return tok, sft.model
 
 
-@pytest.mark.parametrize("loss_type", ["clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl"])
+@pytest.mark.parametrize("loss_type", ["clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "gmpo"])
 def test_grpo_with_each_loss_type_improves_the_true_score(sft_policy, loss_type):
     """GRPO on the task's true score from the SFT policy, 15 iterations of 32
     responses: the held-out true score rises by > 0.05 with each objective

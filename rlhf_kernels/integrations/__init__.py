@@ -136,6 +136,15 @@ def count_served(key: str) -> None:
         _served[key] += 1
 
 
+def served_call(key: str, fn: Callable, *args, **kwargs):
+    """(fn(*args, **kwargs), whether a call of the patched function ``key``
+    made inside it, in this thread, was served by our ops)."""
+    served = _frames.__dict__.setdefault("served", {})
+    served.pop(key, None)
+    out = fn(*args, **kwargs)
+    return out, served.pop(key, False)
+
+
 def _weights_ok(weights) -> bool:
     """A bool mask, or per-token weights our kernels take: finite and >= 0
     everywhere (one reduction; the adapters hand the rest back)."""
@@ -164,6 +173,7 @@ def _counting(key: str, replacement: Callable) -> Callable:
             stack.pop()
         if not frame[1]:
             count_served(key)
+            _frames.__dict__.setdefault("served", {})[key] = True
         return out
 
     return counted

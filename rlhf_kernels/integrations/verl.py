@@ -39,7 +39,7 @@ from torch import Tensor
 
 import rlhf_kernels
 
-from . import Patcher, _Target, _weights_ok, count_served, hand_back
+from . import Patcher, _Target, _weights_ok, count_served, hand_back, served_call
 
 TESTED_VERSIONS = frozenset({"0.9.1"})
 
@@ -388,10 +388,10 @@ def _policy_loss_call(name: str, original, old_log_prob, log_prob, advantages, r
     loss, stats = rlhf_kernels.ppo_policy_loss(log_prob, old_log_prob, advantages, response_mask,
                                                token_weights=token_weights, **options)
     loss = _finish(loss, scale, count, _float_dtype(old_log_prob, log_prob, advantages), loss_agg_mode)
-    if loss_type == "gpg":
+    if loss_type == "gpg" and name == "gpg":
         return loss, {}  # verl semantics: GPG reports no metrics
-    if loss_type == "dro":
-        # verl semantics: DRO reports the mean of the unclamped log-ratio only.
+    if loss_type in ("dro", "gpg"):
+        # verl semantics: DRO and REINFORCE report the mean of the unclamped log-ratio only.
         with torch.no_grad():
             return loss, {"actor/ppo_kl": verl_F.masked_mean(old_log_prob - log_prob, response_mask).item()}
     if all_weighted:
@@ -532,6 +532,85 @@ def _make_policy_loss_dro(original):
                                  clip_bounds=(0.2, 0.2), dro_beta=float(beta))
 
     return compute_policy_loss_dro
+
+
+def _make_policy_loss_geo_mean(original):
+    def compute_policy_loss_geo_mean(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                     config=None, rollout_is_weights=None):
+        args = (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+        key = "verl.compute_policy_loss_geo_mean"
+        refused = _needs_actor_config(key, config, original, *args)
+        if refused is not None:
+            return refused
+        if old_log_prob.requires_grad or advantages.requires_grad:
+            return hand_back(key, "old_log_prob or advantages require a gradient (ours treats them as data)",
+                             original, *args)
+        if not _weights_ok(response_mask):
+            return hand_back(key, "response_mask holds negative or non-finite weights", original, *args)
+        rows = log_prob[..., 0].numel() if log_prob.dim() else 0
+        if rows == 0:
+            return hand_back(key, "no sequence (verl's mean over none is NaN)", original, *args)
+        import verl.utils.torch_functional as verl_F
+
+        token_weights = None
+        if rollout_is_weights is not None:
+            # verl semantics: each sequence's loss times the geometric mean of its
+            # valid tokens' weights (+ 1e-10 in the log), as constant token weights.
+            with torch.no_grad():
+                m = response_mask.to(torch.float64)
+                log_w = (torch.log(rollout_is_weights.detach().to(torch.float64) + 1e-10) * m).sum(-1)
+                seq_w = torch.exp(log_w / (m.sum(-1) + 1e-8))
+            if not bool(torch.isfinite(seq_w).all()):
+                return hand_back(key, "rollout_is_weights negative or non-finite", original, *args)
+            token_weights = seq_w.unsqueeze(-1).expand(log_prob.shape).to(torch.float32)
+        clip_low, clip_high = _clip_bounds(config)
+        # verl semantics: the mean of the sequence losses over every row, whatever
+        # loss_agg_mode and the global batch say (ours: seq-mean-token-mean over all rows).
+        loss, stats = rlhf_kernels.ppo_policy_loss(
+            log_prob, old_log_prob, advantages, response_mask, token_weights=token_weights, loss_type="geo_mean",
+            clip_low=clip_low, clip_high=clip_high, agg="seq-mean-token-mean", num_seqs=float(rows))
+        with torch.no_grad():
+            ppo_kl = verl_F.masked_mean(old_log_prob - log_prob, response_mask)
+        metrics = {"actor/pg_clipfrac": stats["clipfrac"].item(), "actor/ppo_kl": ppo_kl.item(),
+                   "actor/pg_clipfrac_lower": stats["clipfrac_lower"].item()}
+        return loss.to(_float_dtype(old_log_prob, log_prob, advantages)), metrics
+
+    return compute_policy_loss_geo_mean
+
+
+def _make_policy_loss_reinforce(original):
+    def compute_policy_loss_reinforce(rollout_log_prob, log_prob, advantages, response_mask,
+                                      loss_agg_mode="seq-mean-token-sum", config=None, rollout_is_weights=None):
+        # verl semantics: -A logp times the (stopped) IS weights: our gpg objective
+        # with token_weights; its one metric the mean unclamped log-ratio.
+        return _policy_loss_call("reinforce", original, rollout_log_prob, log_prob, advantages, response_mask,
+                                 loss_agg_mode, config, rollout_is_weights, dual_clip=None, ratio_level="token",
+                                 loss_type="gpg", clip_bounds=(0.2, 0.2))
+
+    return compute_policy_loss_reinforce
+
+
+def _make_policy_loss_bypass_mode(original):
+    def compute_policy_loss_bypass_mode(old_log_prob, log_prob, advantages, response_mask,
+                                        loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
+        # verl's own function runs: its rollout correction (compute_rollout_correction_weights,
+        # patched) and its policy loss, compute_policy_loss_vanilla or _reinforce (both
+        # patched). Served when that policy loss was.
+        args = (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+        policy = getattr(config, "policy_loss", None)
+        correction = policy.get("rollout_correction", None) if policy is not None else None
+        loss_type = correction.get("loss_type", "ppo_clip") if correction is not None else None
+        inner = {"ppo_clip": "vanilla", "reinforce": "reinforce"}.get(loss_type)
+        if inner is None:
+            return hand_back("verl.compute_policy_loss_bypass_mode", "no rollout_correction or an unknown "
+                             "loss_type (verl raises)", original, *args)
+        out, served = served_call(f"verl.compute_policy_loss_{inner}", original, *args)
+        if not served:
+            return hand_back("verl.compute_policy_loss_bypass_mode",
+                             f"its compute_policy_loss_{inner} call was handed back", lambda *_: out)
+        return out
+
+    return compute_policy_loss_bypass_mode
 
 
 def _value_loss_hand_back(returns, values, response_mask, cliprange_value, loss_agg_mode, batch_num_tokens,
@@ -737,6 +816,9 @@ _patcher = Patcher(
         _Target(_CORE, "compute_policy_loss_dppo_tv", _make_policy_loss_dppo("dppo_tv")),
         _Target(_CORE, "compute_policy_loss_dppo_kl", _make_policy_loss_dppo("dppo_kl")),
         _Target(_CORE, "compute_policy_loss_dro", _make_policy_loss_dro),
+        _Target(_CORE, "compute_policy_loss_geo_mean", _make_policy_loss_geo_mean),
+        _Target(_CORE, "compute_policy_loss_reinforce", _make_policy_loss_reinforce),
+        _Target(_CORE, "compute_policy_loss_bypass_mode", _make_policy_loss_bypass_mode),
         _Target(_CORE, "compute_value_loss", _make_value_loss),
         _Target(_CORE, "agg_loss", _make_agg_loss),
         _Target("verl.trainer.ppo.rollout_corr_helper", "compute_rollout_correction_weights",

@@ -389,7 +389,7 @@ def _grad_in_forward_plan(hidden, weight, bias, labels, o: PPOLossOptions, chunk
     """(the row kernels, "native" | "triton", and the budget) of the
     three-GEMM path, or None where it does not apply (see ppo_loss_from_hidden)."""
     wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if not (grad_in_forward and wanted and o.ratio_level == "token") or torch.compiler.is_compiling():
+    if not (grad_in_forward and wanted and not o.sequence_terms) or torch.compiler.is_compiling():
         return None
     rows = {"cpu": "native", "cuda": "native", "triton": "triton"}.get(
         resolve_backend(o.backend, hidden.device, "logprobs_from_hidden"))

@@ -31,7 +31,7 @@ from .._validation import (
     FLOAT_DTYPES, INDEX_DTYPES, check_agg, check_labels_in_range, check_mask, check_positive, check_same_device,
     check_tensor, check_tokens, check_weights, compute_dtype,
 )
-from ..aggregation import POLICY_STAT_NAMES, agg_loss, divide, mask_weights
+from ..aggregation import POLICY_STAT_NAMES, agg_loss, divide, divisor, mask_weights
 from ..eager import ppo_loss as _eager
 from ._op import differentiable
 from ..packing import packed_rows
@@ -326,6 +326,58 @@ def _sequence_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str) ->
     return logp, old_eff
 
 
+def _geo_mean_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_low: float,
+                    clip_high: float) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """(logp', old', A', stats) that make the clip kernels compute GMPO
+    (Zhao et al., 2025, arXiv 2507.20673; verl's geo_mean): with x = logp -
+    old_logp (unclamped) and c_t = x clipped to <= clip_high where A > 0, to
+    >= -clip_low where A < 0 and 0 where A = 0, each sequence's ratio is
+    R_b = exp(sum_t w_t c_t / n_b) (n_b the sum of its weights, 0 -> 1) and
+    each token's loss -A_t R_b. A' = A R_b (not differentiated), logp' =
+    sg(logp) + (m_b - sg(m_b)) with m_b = sum over the unclipped tokens of
+    w_t logp_t / n_b, old' = sg(logp): the kernels' ratio is 1 in value, its
+    gradient that of R_b / R_b. R_b needs the whole sequence before any
+    token's term: a pass of its own (float64, in PyTorch) before the fused
+    token pass. The stats are GMPO's: clipfrac / clipfrac_lower the share of
+    valid tokens with x outside [-clip_low, clip_high] and A > 0 / A < 0
+    (verl's pg_clipfrac / pg_clipfrac_lower), ratio_max / ratio_min over R_b."""
+    valid, weight = mask_weights(mask, torch.float64)
+    w = weight if weight is not None else valid.to(torch.float64)
+    counts = divisor(w.sum(-1))
+    a = advantages.detach().to(torch.float64)
+    x = torch.where(valid, logp.detach().to(torch.float64) - old_logp.detach().to(torch.float64), 0.0)
+    clipped = torch.where(a > 0, x.clamp(max=clip_high), torch.where(a < 0, x.clamp(min=-clip_low), 0.0))
+    seq_ratio = torch.exp((clipped * w).sum(-1) / counts)
+    live = valid & (clipped == x) & (a != 0)
+    dtype = compute_dtype(logp, old_logp)
+    lp = logp.to(dtype)
+    m = (torch.where(live, lp, 0.0) * w.to(dtype)).sum(-1) / counts.to(dtype)
+    logp_eff = lp.detach() + (m - m.detach()).unsqueeze(-1)
+    adv_dtype = compute_dtype(advantages, logp)
+    adv_eff = (a * seq_ratio.unsqueeze(-1)).to(adv_dtype)
+    outside = valid & ((x < -clip_low) | (x > clip_high))
+    total = divisor(w.sum())
+    stat_dtype = acc_dtype(dtype) if dtype != torch.float64 else dtype
+    share = lambda sel: ((sel.to(torch.float64) * w).sum() / total).to(stat_dtype)  # noqa: E731
+    nonempty = valid.any(-1)
+
+    def extreme(largest: bool) -> Tensor:  # over the sequences with a valid token; 0 without any
+        if seq_ratio.numel() == 0:
+            return seq_ratio.new_zeros((), dtype=stat_dtype)
+        r = torch.where(nonempty, seq_ratio, -math.inf if largest else math.inf)
+        found = r.amax() if largest else r.amin()
+        return torch.where(nonempty.any(), found, 0.0).to(stat_dtype)
+
+    stats = {
+        "clipfrac": share(outside & (a > 0)),
+        "clipfrac_lower": share(outside & (a < 0)),
+        "approx_kl": (-(x * w).sum() / total).to(stat_dtype),
+        "ratio_max": extreme(True),
+        "ratio_min": extreme(False),
+    }
+    return logp_eff, lp.detach(), adv_eff, stats
+
+
 def _check_policy_inputs(shape_name: str, shape, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                          ref_logp: Optional[Tensor] = None, **others: Tensor) -> None:
     """The per-token inputs of a policy loss: float tensors (a bool or
@@ -343,6 +395,10 @@ def _check_policy_inputs(shape_name: str, shape, old_logp: Tensor, advantages: T
 def _policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, token_weights: Optional[Tensor],
                  o: PPOLossOptions) -> tuple[Tensor, dict[str, Tensor]]:
     """ppo_policy_loss on checked inputs."""
+    geo_stats = {}
+    if o.loss_type == "geo_mean":
+        logp, old_logp, advantages, geo_stats = _geo_mean_terms(logp, old_logp, advantages, mask, o.clip_low,
+                                                                o.clip_high)
     advantages = _weighted_advantages(advantages, token_weights, logp.shape, o.loss_type)
     if o.ratio_level != "token":
         logp, old_logp = _sequence_ratio(logp, old_logp, mask, o.ratio_level)
@@ -350,7 +406,7 @@ def _policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tenso
         logp, old_logp.detach(), advantages, mask, o.ratio_low, o.ratio_high, o.dual_clip, o.loss_code, o.agg_code,
         o.kernel_num_tokens, o.kernel_num_seqs,
     )
-    return divide(loss, o.divisor), dict(zip(POLICY_STAT_NAMES, stats.unbind()))
+    return divide(loss, o.divisor), dict(dict(zip(POLICY_STAT_NAMES, stats.unbind())), **geo_stats)
 
 
 def _combined_loss(logp: Tensor, entropy: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
@@ -683,7 +739,7 @@ def ppo_loss_from_logits(
     check_tokens("logits.shape[:-1]", tokens, labels=labels)
     check_same_device(logits=logits, labels=labels)
     ref_logp = None if ref_logp is None else ref_logp.detach()
-    if o.ratio_level != "token" or vocab_parallel_group is not None or truncated:
+    if o.sequence_terms or vocab_parallel_group is not None or truncated:
         logp, entropy = logprobs_from_logits(logits, labels, temperature=o.temperature, return_entropy=True,
                                              inplace_backward=inplace_backward, **truncation,
                                              vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,

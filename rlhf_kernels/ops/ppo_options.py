@@ -16,10 +16,12 @@ from .._validation import (
 
 Count = Union[float, Tensor, None]
 
-# The policy objectives, by their code in the kernels (PolicyForm in
-# csrc/include/rlhf_kernels/ppo_math.h): verl's policy-loss names, "clip" for
-# verl's "vanilla".
-LOSS_TYPES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro")
+# The per-token objectives, by their code in the kernels (PolicyForm in
+# csrc/include/rlhf_kernels/ppo_math.h), and the policy objectives: verl's
+# policy-loss names ("clip" for verl's "vanilla"); "geo_mean" (GMPO) runs on the
+# clip kernels after a sequence pass (ops/ppo_loss.py: _geo_mean_terms).
+KERNEL_FORMS = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro")
+LOSS_TYPES = KERNEL_FORMS + ("geo_mean",)
 DPPO_CAP = 20.0  # the cap of DPPO's stopped ratio when dual_clip is None (verl's clip_ratio_c default there)
 
 
@@ -47,6 +49,8 @@ def _form_numbers(loss_type: str, clip_low: float, clip_high: float | None, dual
                          f"not {loss_type!r}")
     if loss_type == "sapo":
         return low, high, 0.0, check_positive("tau_neg", tau_neg), check_positive("tau_pos", tau_pos)
+    if loss_type == "geo_mean":  # the clip kernels at a ratio of 1 (_geo_mean_terms)
+        return low, high, 0.0, 1.0 - low, 1.0 + high
     if loss_type == "dro":
         if dro_beta is None:
             raise ValueError("dro_beta: required with loss_type='dro' (verl's policy_loss.dro_beta), > 0")
@@ -88,6 +92,13 @@ class PPOLossOptions(NamedTuple):
     ratio_low: float = 0.8  # the kernels' numbers of the objective (_form_numbers)
     ratio_high: float = 1.2
 
+    @property
+    def sequence_terms(self) -> bool:
+        """Whether the objective needs each sequence whole before a token's
+        term (GSPO's ratio, GMPO): a pass over the log-probs before the token
+        kernels, so the fused logits / hidden gradients do not apply."""
+        return self.ratio_level != "token" or self.loss_type == "geo_mean"
+
     @classmethod
     def checked(cls, device: torch.device, *, clip_low: float = 0.2, clip_high: float | None = None,
                 dual_clip: float | None = None, agg: str = "token-mean", num_tokens: Count = None,
@@ -116,7 +127,7 @@ class PPOLossOptions(NamedTuple):
             clip_low=clip_low, clip_high=clip_high, dual_clip=dual, agg=agg, num_tokens=num_tokens,
             num_seqs=num_seqs, ratio_level=ratio_level, backend=backend, agg_code=agg_code,
             kernel_num_tokens=kernel_tokens, kernel_num_seqs=kernel_seqs, divisor=divisor, loss_type=loss_type,
-            loss_code=LOSS_TYPES.index(loss_type), ratio_low=ratio_low, ratio_high=ratio_high, **penalty,
+            loss_code=KERNEL_FORMS.index("clip" if loss_type == "geo_mean" else loss_type), ratio_low=ratio_low, ratio_high=ratio_high, **penalty,
         )
 
 
@@ -149,7 +160,12 @@ POLICY_ARGS = """\
             on the tokens whose probability moved by less than clip_high
             (A > 0) or clip_low (A <= 0) in total variation / binary KL, 0
             elsewhere; DPPO, arXiv 2602.04879), "dro" (-(A logp - dro_beta / 2
-            (logp - old_logp)^2), the log-ratio unclamped; verl's dro). Each
+            (logp - old_logp)^2), the log-ratio unclamped; verl's dro),
+            "geo_mean" (GMPO, arXiv 2507.20673: -A_t R_b, R_b = exp of the
+            sequence's mean log-ratio, each token's clipped to <= clip_high
+            where A > 0, >= -clip_low where A < 0, 0 where A = 0, unclamped;
+            a sequence pass before the token kernels; with agg
+            "seq-mean-token-mean" and num_seqs = B it is verl's geo_mean). Each
             as verl's policy loss of that name (verl's "vanilla" for "clip");
             the others take token ratios only (ratio_level "token").
             token_weights scale A, so a weight-0 token takes dppo's A <= 0

@@ -553,8 +553,9 @@ def add_ppo_parser(sub) -> None:
                    help="ppo (a critic, default) | grpo | rloo (group sampling, no critic)")
     p.add_argument("--group-size", type=int, default=None, help="grpo / rloo: responses per prompt")
     p.add_argument("--loss-type", default=None,
-                   help="the policy objective: clip (PPO, default) | cispo | sapo | gpg | dppo_tv | dppo_kl, or "
-                        "TRL's grpo | bnpo | dr_grpo | dapo (clip with TRL's aggregation), cispo, sapo")
+                   help="the policy objective: clip (PPO, default) | cispo | sapo | gpg | dppo_tv | dppo_kl | "
+                        "geo_mean, or TRL's grpo | bnpo | dr_grpo | dapo (clip with TRL's aggregation), cispo, "
+                        "sapo, or gmpo (geo_mean, a mean over sequences)")
     p.add_argument("--iterations", type=int, default=None)
     p.add_argument("--rollout-batch-size", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)

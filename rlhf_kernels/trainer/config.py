@@ -20,7 +20,8 @@ LOSS_AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-
 # max_completion_length is seq-mean-token-sum-norm's over the padded length).
 TRL_LOSS_TYPES = {"grpo": ("clip", "seq-mean-token-mean"), "bnpo": ("clip", "token-mean"),
                   "dr_grpo": ("clip", "seq-mean-token-sum-norm"), "dapo": ("clip", "token-mean"),
-                  "cispo": ("cispo", "token-mean"), "sapo": ("sapo", "seq-mean-token-mean")}
+                  "cispo": ("cispo", "token-mean"), "sapo": ("sapo", "seq-mean-token-mean"),
+                  "gmpo": ("geo_mean", "seq-mean-token-mean")}  # not TRL's: GMPO's mean over sequences
 # dro needs a dro_beta, which PPOConfig does not take.
 OBJECTIVES = tuple(t for t in LOSS_TYPES if t != "dro")
 
@@ -136,8 +137,9 @@ class PPOConfig:
     entropy_coef: float = 0.0
     loss_agg: str = "token-mean"
     # The policy objective: "clip" (PPO), "cispo", "sapo", "gpg", "dppo_tv",
-    # "dppo_kl" (ppo_policy_loss's loss_type; loss_agg kept), or a TRL name
-    # (TRL_LOSS_TYPES: its objective and aggregation, loss_agg ignored).
+    # "dppo_kl", "geo_mean" (ppo_policy_loss's loss_type; loss_agg kept), or a
+    # TRL name or "gmpo" (TRL_LOSS_TYPES: its objective and aggregation,
+    # loss_agg ignored).
     loss_type: str = "clip"
     tau_pos: float = 1.0  # sapo's temperatures (TRL's sapo_temperature_pos / _neg)
     tau_neg: float = 1.05
