@@ -99,8 +99,10 @@ def mask_with_holes(batch, seq, gen):
     return mask
 
 
-def assert_served_only(key: str, calls: int) -> None:
-    assert integrations.report().get(key) == {"served": calls, "handed_back": {}}, integrations.report()
+def assert_served_only(key: str, calls: int, handed_back: dict | None = None) -> None:
+    """``key`` served ``calls`` times, handed back only as ``handed_back`` says."""
+    want = {"served": calls, "handed_back": handed_back or {}}
+    assert integrations.report().get(key) == want, integrations.report()
 
 
 def weight_masks(gen, batch, seq):

@@ -115,7 +115,46 @@ def _masked_extreme(x: Tensor, mask: Tensor, largest: bool) -> Tensor:
     return torch.where(mask.any(), extreme, torch.zeros_like(extreme))
 
 
-LOSS_TYPES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro", "geo_mean")
+LOSS_TYPES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro", "geo_mean", "clip_cov", "kl_cov")
+
+
+def _cov_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, loss_type: str,
+                    clip_low: float, clip_high: float, cov_ratio: float, cov_bounds, kl_cov_coef: float,
+                    generator) -> tuple[Tensor, Tensor]:
+    """Clip-Cov / KL-Cov as verl's compute_policy_loss_clip_cov / _kl_cov write
+    them: (token loss, selected); the ratio clamped at e^+-20 as in the other
+    objectives (verl's is not: they differ past it), kl_cov's top-k by a
+    stable sort (verl: torch.topk, whose ties are unspecified)."""
+    valid = mask != 0
+    w = mask.to(logp.dtype) if mask.dtype != torch.bool else valid.to(logp.dtype)
+    ratio = torch.exp(torch.clamp(logp - old_logp, min=-20.0, max=20.0))
+    loss1 = -advantages * ratio
+    flat_valid = valid.reshape(-1)
+    if loss_type == "clip_cov":
+        def masked_mean(x):
+            return (torch.where(valid, x, torch.zeros_like(x)) * w).sum() / (w.sum() + 1e-300)
+
+        loss2 = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+        clipped = (loss2 > loss1) & valid
+        cov = (advantages - masked_mean(advantages)) * (logp - masked_mean(logp.detach()))
+        cov = cov.detach().masked_fill(~valid | clipped, -torch.inf)
+        clip_num = max(int(cov_ratio * float(w.sum())), 1)
+        found = torch.nonzero(((cov < cov_bounds[1]) & (cov > cov_bounds[0]) & valid).reshape(-1)).squeeze(-1)
+        perm = torch.randperm(len(found), generator=generator)
+        chosen = found[perm[:min(clip_num, len(found))]]
+        selected = torch.zeros_like(flat_valid)
+        selected[chosen] = True
+        selected = selected.reshape(valid.shape)
+        return torch.maximum(loss1, loss2) * (~selected).to(logp.dtype), selected
+    idx = torch.nonzero(flat_valid).squeeze(-1)
+    a, lp = advantages.detach().reshape(-1)[idx], logp.detach().reshape(-1)[idx]
+    selected = torch.zeros_like(flat_valid)
+    if len(idx):
+        cov = (a - a.mean()) * (lp - lp.mean())
+        k = max(1, int(len(idx) * cov_ratio))
+        selected[idx[torch.sort(cov, descending=True, stable=True).indices[:k]]] = True
+    selected = selected.reshape(valid.shape)
+    return torch.where(selected, loss1 + kl_cov_coef * (logp - old_logp).abs(), loss1), selected
 
 
 def _geo_mean_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_low: float,
@@ -199,6 +238,10 @@ def ppo_policy_loss(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     dro_beta: float | None = None,
+    cov_ratio: float = 2e-4,
+    cov_bounds: tuple[float, float] = (1.0, 5.0),
+    kl_cov_coef: float = 1.0,
+    generator: torch.Generator | None = None,
     upcast: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The policy objective ``loss_type``, eagerly, as verl/OpenRLHF compute it:
@@ -210,7 +253,9 @@ def ppo_policy_loss(
     (_policy_token_loss; dppo's cap is dual_clip, default 20, its thresholds
     clip_low / clip_high; "geo_mean": _geo_mean_token_loss, its ratio
     unclamped, its clipfrac / clipfrac_lower the log-ratio outside [-clip_low,
-    clip_high] where A > 0 / A < 0). The loss is ``agg_loss(l, mask, agg)``. Returns
+    clip_high] where A > 0 / A < 0; "clip_cov" / "kl_cov": _cov_token_loss,
+    clipfrac the share of valid tokens selected). The loss is ``agg_loss(l,
+    mask, agg)``. Returns
     (loss, stats) with stats clipfrac (l2 > l1; cispo: the ratio outside its
     range; dppo: the tokens masked), clipfrac_lower (dual clip active; dppo:
     ratio > cap on a kept token), approx_kl (masked mean of old_logp - logp),
@@ -221,6 +266,10 @@ def ppo_policy_loss(
     clip_high = clip_low if clip_high is None else clip_high
     if loss_type == "geo_mean":
         token_loss, ratio, clipped, dual = _geo_mean_token_loss(logp, old_logp, advantages, mask, clip_low, clip_high)
+    elif loss_type in ("clip_cov", "kl_cov"):
+        token_loss, clipped = _cov_token_loss(logp, old_logp, advantages, mask, loss_type, clip_low, clip_high,
+                                              cov_ratio, cov_bounds, kl_cov_coef, generator)
+        ratio, dual = torch.exp(torch.clamp(logp - old_logp, min=-20.0, max=20.0)), None
     else:
         ratio = torch.exp(torch.clamp(logp - old_logp, min=-20.0, max=20.0))
         token_loss, clipped, dual = _policy_token_loss(logp, old_logp, advantages, ratio, loss_type, clip_low,
@@ -292,6 +341,10 @@ def ppo_loss_from_logits(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     dro_beta: float | None = None,
+    cov_ratio: float = 2e-4,
+    cov_bounds: tuple[float, float] = (1.0, 5.0),
+    kl_cov_coef: float = 1.0,
+    generator: torch.Generator | None = None,
     upcast: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The composition ``logprobs_from_logits`` -> ``ppo_policy_loss``
@@ -303,7 +356,8 @@ def ppo_loss_from_logits(
     pg_loss, stats = ppo_policy_loss(
         logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
         dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, loss_type=loss_type,
-        tau_pos=tau_pos, tau_neg=tau_neg, dro_beta=dro_beta, upcast=upcast,
+        tau_pos=tau_pos, tau_neg=tau_neg, dro_beta=dro_beta, cov_ratio=cov_ratio, cov_bounds=cov_bounds,
+        kl_cov_coef=kl_cov_coef, generator=generator, upcast=upcast,
     )
     aggregate = lambda x: agg_loss(x, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)  # noqa: E731
     entropy_agg = aggregate(entropy)

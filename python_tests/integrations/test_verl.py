@@ -537,6 +537,63 @@ def test_verl_objectives_served(verl_mods, name, agg, batch_info):
     assert_served_only(f"verl.compute_policy_loss_{name}", calls)
 
 
+@pytest.mark.parametrize("name", ["clip_cov", "kl_cov"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("batch_info", [{}, {"dp_size": 2, "batch_num_tokens": 50, "global_batch_size": 9,
+                                             "loss_scale_factor": 16}])
+def test_verl_cov_losses_served(verl_mods, name, agg, batch_info):
+    """verl's Clip-Cov and KL-Cov by name: our ops select the same tokens
+    (clip_cov: the same torch.randperm draw on the default generator, seeded
+    alike before each call; kl_cov: the top covariances) and give verl's loss,
+    gradient and metrics on bool, float and weight masks with and without
+    rollout IS weights; a log-ratio past +-20 (verl's ratio is unclamped
+    there) goes to verl's code."""
+    core, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(46)
+    old, new, adv = _objective_inputs(gen)
+    new = torch.where((new - old).abs() > 20, old + 0.5, new)
+    is_weights = 2 * torch.rand(4, 10, generator=gen)
+    is_weights[0, 1] = 0.0
+    from verl.workers.config import FSDPActorConfig, PolicyLossConfig
+
+    policy = PolicyLossConfig(loss_mode=name, clip_cov_ratio=0.1, clip_cov_lb=0.0, clip_cov_ub=2.0, kl_cov_ratio=0.1,
+                              ppo_kl_coef=0.5)
+    config = FSDPActorConfig(clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28, strategy="fsdp",
+                             ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2, rollout_n=1, policy_loss=policy,
+                             global_batch_info=batch_info)
+
+    def seeded(fn):
+        def call(*a):
+            torch.manual_seed(7)
+            return fn(*a)
+        return call
+
+    integrations.reset_report()
+    calls = 0
+    with rk_verl.patched():
+        ours = core.get_policy_loss_fn(name)
+        original = ours.__wrapped_original__
+        assert getattr(core, f"compute_policy_loss_{name}") is ours
+        for mask in (*weight_masks(gen, 4, 10).values(), mask_with_holes(4, 10, gen)):
+            for w in (None, is_weights):
+                compare_outputs(seeded(lambda n: original(old, n, adv, mask, agg, config, w)),
+                                seeded(lambda n: ours(old, n, adv, mask, agg, config, w)), [new])
+                calls += 1
+        empty = torch.zeros(4, 10)
+        assert_outputs_close(ours(old, new, adv, empty, agg, config), original(old, new, adv, empty, agg, config))
+        calls += 1
+        if name == "clip_cov":  # the selection is not vacuous: 4 of the 40 tokens at most
+            metrics = seeded(ours)(old, new, adv, torch.ones(4, 10), agg, config)[1]
+            calls += 1
+            assert 0.0 < metrics["actor/pg_clipfrac"] < 0.11, metrics
+        far = new.clone()
+        far[1, 1] = old[1, 1] + 21.0
+        assert_outputs_close(seeded(ours)(old, far, adv, torch.ones(4, 10), agg, config),
+                             seeded(original)(old, far, adv, torch.ones(4, 10), agg, config))
+    assert_served_only(f"verl.compute_policy_loss_{name}", calls, handed_back={
+        "a log-ratio beyond +-20 (verl's ratio is unclamped there)": 1})
+
+
 @pytest.mark.parametrize("loss_type", ["ppo_clip", "reinforce"])
 @pytest.mark.parametrize("rollout_is", ["token", "sequence", None])
 def test_verl_bypass_mode_served(verl_mods, loss_type, rollout_is):

@@ -811,6 +811,8 @@ POLICY_FORMS = {
     "dppo_tv": (4, (0.05, 0.08, 1.5), dict(clip_low=0.05, clip_high=0.08, dual_clip=1.5)),
     "dppo_kl": (5, (0.05, 0.08, 1.5), dict(clip_low=0.05, clip_high=0.08, dual_clip=1.5)),
     "dro": (6, (0.3, 0.0, 0.0), dict(dro_beta=0.3)),
+    # kl_cov's call of the clip kernels: a ratio range no ratio leaves (-A r)
+    "unclipped": (0, (0.0, 1e30, 0.0), dict(clip_low=1.0, clip_high=1e30)),
 }
 # The objectives whose clip count is data-dependent (cispo: the ratio outside
 # its range; dppo: the tokens masked) and those with a cap count (dppo: the
@@ -821,7 +823,7 @@ CAPPED_FORMS = ("dppo_tv", "dppo_kl")
 
 def _objective_kwargs(form):
     """(clip_low, clip_high, dual_clip, the other keywords) of the reference for POLICY_FORMS[form]."""
-    kwargs = dict(POLICY_FORMS[form][2], loss_type=form)
+    kwargs = dict(POLICY_FORMS[form][2], loss_type="clip" if form == "unclipped" else form)
     return kwargs.pop("clip_low", 0.2), kwargs.pop("clip_high", None), kwargs.pop("dual_clip", None), kwargs
 
 

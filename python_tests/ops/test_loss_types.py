@@ -28,7 +28,18 @@ OBJECTIVE_KWARGS = {
     "dppo_kl": dict(clip_low=0.02, clip_high=0.03, dual_clip=1.5),
     "dro": dict(dro_beta=0.3),
     "geo_mean": dict(clip_low=0.2, clip_high=0.28),
+    # bounds and shares that select some tokens on this data
+    "clip_cov": dict(clip_low=0.2, clip_high=0.28, cov_ratio=0.05, cov_bounds=(0.0, 1.0)),
+    "kl_cov": dict(cov_ratio=0.05, kl_cov_coef=0.5),
 }
+
+
+def _fresh(kwargs: dict) -> dict:
+    """kwargs with clip_cov's generator seeded anew: each call draws the same
+    random choice."""
+    if kwargs.get("loss_type") != "clip_cov":
+        return kwargs
+    return dict(kwargs, generator=torch.Generator().manual_seed(11))
 
 
 def _tokens(shape, device, seed=0, dtype=torch.float32):
@@ -49,10 +60,10 @@ def test_policy_loss_types_match_float64(device_backend, loss_type, agg, dtype):
     logp, old, adv, mask = _tokens((4, 67), device, dtype=dtype)
     kwargs = dict(OBJECTIVE_KWARGS[loss_type], agg=agg, loss_type=loss_type)
     x = logp.clone().requires_grad_(True)
-    loss, stats = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, backend=backend, **kwargs)
+    loss, stats = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, backend=backend, **_fresh(kwargs))
     loss.backward()
     x64 = logp.double().requires_grad_(True)
-    want, want_stats = reference.ppo_policy_loss(x64, old.double(), adv.double(), mask, **kwargs)
+    want, want_stats = reference.ppo_policy_loss(x64, old.double(), adv.double(), mask, **_fresh(kwargs))
     want.backward()
     tol = F32 if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(loss.double(), want.detach(), **tol)
@@ -60,8 +71,8 @@ def test_policy_loss_types_match_float64(device_backend, loss_type, agg, dtype):
     assert torch.all(x.grad[~mask] == 0)
     check_stats(stats, want_stats, **tol)
     # the selections really happen on this data
-    if loss_type in ("cispo", "dppo_tv", "dppo_kl"):
-        assert 0.05 < stats["clipfrac"] < 0.95, stats
+    if loss_type in ("cispo", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov"):
+        assert 0.01 < stats["clipfrac"] < 0.95, stats
     if loss_type.startswith("dppo"):
         assert 0.0 < stats["clipfrac_lower"] < 0.95, stats
 
@@ -87,24 +98,25 @@ def test_loss_types_from_logits_and_hidden_match_float64(device_backend, loss_ty
                   entropy_coef=0.01, agg="seq-mean-token-mean")
     x64 = logits.clone().requires_grad_(True)
     want, want_stats = reference.ppo_loss_from_logits(x64, labels, old, adv, mask,
-                                                      **dict(kwargs, ref_logp=ref))
+                                                      **_fresh(dict(kwargs, ref_logp=ref)))
     want.backward()
     to = lambda t: t.float().to(device)  # noqa: E731
     for inplace in (False, True):
         x = to(logits).requires_grad_(True)
         loss, stats = rlhf_kernels.ppo_loss_from_logits(x.clone() if inplace else x, labels.to(device), to(old),
                                                         to(adv), mask.to(device), inplace_backward=inplace,
-                                                        backend=backend, **kwargs)
+                                                        backend=backend, **_fresh(kwargs))
         loss.backward()
         torch.testing.assert_close(loss.double().cpu(), want.detach(), **F32)
         torch.testing.assert_close(x.grad.double().cpu(), x64.grad, atol=1e-6, rtol=1e-4)
         check_stats(stats, want_stats, atol=1e-5, rtol=1e-5)
     h, w = to(hidden).requires_grad_(True), to(weight).requires_grad_(True)
     loss_h, stats_h = rlhf_kernels.ppo_loss_from_hidden(h, w, labels.to(device), to(old), to(adv), mask.to(device),
-                                                        backend=backend, **kwargs)
+                                                        backend=backend, **_fresh(kwargs))
     loss_h.backward()
     h64, w64 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    want_h, _ = reference.ppo_loss_from_logits(h64 @ w64.T, labels, old, adv, mask, **dict(kwargs, ref_logp=ref))
+    want_h, _ = reference.ppo_loss_from_logits(h64 @ w64.T, labels, old, adv, mask,
+                                               **_fresh(dict(kwargs, ref_logp=ref)))
     want_h.backward()
     torch.testing.assert_close(loss_h.double().cpu(), want_h.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h.grad.double().cpu(), h64.grad, atol=1e-5, rtol=1e-4)
@@ -150,12 +162,16 @@ def test_loss_types_token_weights_scale_each_token(device_backend, loss_type):
     w = torch.rand(3, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device) + 0.1
     kw = dict(OBJECTIVE_KWARGS[loss_type], loss_type=loss_type, agg="token-sum")
     x = logp.clone().requires_grad_(True)
-    loss = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, token_weights=w, backend=backend, **kw)[0]
+    loss = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, token_weights=w, backend=backend, **_fresh(kw))[0]
     loss.backward()
     x64 = logp.clone().requires_grad_(True)
     low, high = kw.get("clip_low", 0.2), kw.get("clip_high", kw.get("clip_low", 0.2))
     if loss_type == "geo_mean":  # -A_t R_b per token, R_b unweighted
         tok = reference._geo_mean_token_loss(x64, old, adv, mask, low, high)[0]
+    elif loss_type in ("clip_cov", "kl_cov"):  # the selection unweighted
+        tok = reference._cov_token_loss(x64, old, adv, mask, loss_type, low, high, kw["cov_ratio"],
+                                        kw.get("cov_bounds", (1.0, 5.0)), kw.get("kl_cov_coef", 1.0),
+                                        _fresh(kw).get("generator"))[0]
     else:
         tok, _, _ = reference._policy_token_loss(
             x64, old, adv, torch.exp(torch.clamp(x64 - old, -20, 20)), loss_type, low, high, kw.get("dual_clip"),
@@ -190,6 +206,13 @@ def test_loss_type_argument_checks():
         call(loss_type="geo_mean", dual_clip=3.0)
     with pytest.raises(ValueError, match="ratio_level"):
         call(loss_type="geo_mean", ratio_level="sequence")
+    for bad, match in ((dict(cov_ratio=0.0), "cov_ratio"), (dict(cov_ratio=1.5), "cov_ratio"),
+                       (dict(cov_bounds=(2.0, 1.0)), "cov_bounds"), (dict(cov_bounds="ab"), "cov_bounds"),
+                       (dict(kl_cov_coef=float("nan")), "kl_cov_coef"), (dict(generator=3), "generator")):
+        with pytest.raises(ValueError, match=match):
+            call(loss_type="clip_cov", **bad)
+    with pytest.raises(ValueError, match="dual_clip"):
+        call(loss_type="kl_cov", dual_clip=3.0)
     with pytest.raises(ValueError, match="dro_beta"):
         call(loss_type="dro", dro_beta=-0.1)
     with pytest.raises(ValueError, match="token_weights"):

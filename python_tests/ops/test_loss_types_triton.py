@@ -35,7 +35,18 @@ KEYWORDS = {
     "dppo_kl": dict(clip_low=0.04, clip_high=0.08, dual_clip=1.5),
     "dro": dict(dro_beta=0.3),
     "geo_mean": dict(clip_low=0.2, clip_high=0.28),
+    # bounds and shares that select some tokens on this data
+    "clip_cov": dict(clip_low=0.2, clip_high=0.28, cov_ratio=0.05, cov_bounds=(0.0, 1.0)),
+    "kl_cov": dict(cov_ratio=0.05, kl_cov_coef=0.5),
 }
+
+
+def _fresh(kwargs: dict) -> dict:
+    """kwargs with clip_cov's generator seeded anew: each call draws the same
+    random choice."""
+    if kwargs.get("loss_type") != "clip_cov":
+        return kwargs
+    return dict(kwargs, generator=torch.Generator().manual_seed(11))
 # The relative tolerance against float64, also the absolute one scaled by the largest compared value (at least 1).
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_max", "ratio_min")
@@ -134,10 +145,10 @@ def test_policy_loss_matches_float64(loss_type, dtype, extreme):
     kw = dict(KEYWORDS[loss_type], loss_type=loss_type)
     x = logp.clone().to(DEVICE).requires_grad_(True)
     loss, stats = rlhf_kernels.ppo_policy_loss(x, old.to(DEVICE), adv.to(DEVICE), mask.to(DEVICE),
-                                               backend="triton", **kw)
+                                               backend="triton", **_fresh(kw))
     loss.backward()
     x64 = logp.double().requires_grad_(True)
-    want, want_stats = reference.ppo_policy_loss(x64, old.double(), adv.double(), mask, **kw)
+    want, want_stats = reference.ppo_policy_loss(x64, old.double(), adv.double(), mask, **_fresh(kw))
     want.backward()
     _close(loss.cpu(), want, dtype, "loss")
     _check_stats({k: v.cpu() for k, v in stats.items()}, want_stats, POLICY_STATS, dtype)
@@ -158,11 +169,11 @@ def test_loss_from_logits_matches_float64(loss_type, dtype, extreme):
     x = logits.clone().to(DEVICE).requires_grad_(True)
     loss, stats = rlhf_kernels.ppo_loss_from_logits(
         x, labels.to(DEVICE), old.to(DEVICE), adv.to(DEVICE), mask.to(DEVICE), ref_logp=ref.to(DEVICE),
-        backend="triton", **kw)
+        backend="triton", **_fresh(kw))
     loss.backward()
     x64 = logits.double().requires_grad_(True)
     want, want_stats = reference.ppo_loss_from_logits(x64, labels, old.double(), adv.double(), mask,
-                                                      ref_logp=ref.double(), **kw)
+                                                      ref_logp=ref.double(), **_fresh(kw))
     want.backward()
     _close(loss.cpu(), want, dtype, "loss")
     _check_stats({k: v.cpu() for k, v in stats.items()}, want_stats, LOGITS_STATS, dtype)

@@ -668,7 +668,8 @@ def test_rollout_correction_config_errors_name_the_field():
             validate_ppo(PPOConfig(rollout_correction=rc))
 
 
-@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dapo", "dr_grpo", "gmpo"])
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dapo", "dr_grpo", "gmpo",
+                                       "kl_cov"])
 def test_loss_types_are_the_same_fused_or_not(loss_type):
     """PPOConfig.loss_type reaches the policy loss on the fused path (from the
     hidden state) and the unfused one (log-probs, then ppo_loss_from_logprobs):

@@ -390,6 +390,15 @@ def _policy_loss_call(name: str, original, old_log_prob, log_prob, advantages, r
     loss = _finish(loss, scale, count, _float_dtype(old_log_prob, log_prob, advantages), loss_agg_mode)
     if loss_type == "gpg" and name == "gpg":
         return loss, {}  # verl semantics: GPG reports no metrics
+    if loss_type == "kl_cov":
+        # verl semantics: KL-Cov reports the mean |log-ratio| only.
+        with torch.no_grad():
+            return loss, {"actor/ppo_kl": verl_F.masked_mean((log_prob - old_log_prob).abs(), response_mask).item()}
+    if loss_type == "clip_cov":
+        # verl semantics: Clip-Cov's pg_clipfrac is the share its selection detached; no pg_clipfrac_lower.
+        with torch.no_grad():
+            return loss, {"actor/pg_clipfrac": stats["clipfrac"].item(),
+                          "actor/ppo_kl": verl_F.masked_mean(old_log_prob - log_prob, response_mask).item()}
     if loss_type in ("dro", "gpg"):
         # verl semantics: DRO and REINFORCE report the mean of the unclamped log-ratio only.
         with torch.no_grad():
@@ -576,6 +585,45 @@ def _make_policy_loss_geo_mean(original):
         return loss.to(_float_dtype(old_log_prob, log_prob, advantages)), metrics
 
     return compute_policy_loss_geo_mean
+
+
+def _make_policy_loss_cov(loss_type: str):
+    def make(original):
+        def compute_policy_loss_cov(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                    config=None, rollout_is_weights=None):
+            args = (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+            key = f"verl.compute_policy_loss_{loss_type}"
+            refused = _needs_actor_config(key, config, original, *args)
+            if refused is not None:
+                return refused
+            policy = config.policy_loss
+            ratio = getattr(policy, f"{loss_type}_ratio", None)
+            ratio = 0.0002 if ratio is None else ratio
+            if not 0 < ratio <= 1:
+                return hand_back(key, f"{loss_type}_ratio outside (0, 1] (verl asserts > 0)", original, *args)
+            # verl semantics: its ratio is unclamped (ours clamps the log-ratio at +-20 as every objective).
+            with torch.no_grad():
+                beyond = ((log_prob - old_log_prob).abs() > 20.0) & (response_mask != 0)
+            if bool(beyond.any()):
+                return hand_back(key, "a log-ratio beyond +-20 (verl's ratio is unclamped there)", original, *args)
+            if loss_type == "clip_cov":
+                # verl semantics: the random choice is torch.randperm on the default generator,
+                # over the candidates in row-major order: ours draws the same.
+                lb = 1.0 if policy.clip_cov_lb is None else policy.clip_cov_lb
+                ub = 5.0 if policy.clip_cov_ub is None else policy.clip_cov_ub
+                if not lb < ub:
+                    return hand_back(key, "clip_cov_lb >= clip_cov_ub (no token can be chosen)", original, *args)
+                objective = dict(cov_bounds=(lb, ub))
+            else:
+                coef = 1.0 if policy.ppo_kl_coef is None else policy.ppo_kl_coef
+                objective = dict(kl_cov_coef=float(coef))
+            return _policy_loss_call(loss_type, original, *args, dual_clip=None, ratio_level="token",
+                                     loss_type=loss_type, cov_ratio=float(ratio), **objective)
+
+        compute_policy_loss_cov.__name__ = compute_policy_loss_cov.__qualname__ = f"compute_policy_loss_{loss_type}"
+        return compute_policy_loss_cov
+
+    return make
 
 
 def _make_policy_loss_reinforce(original):
@@ -817,6 +865,8 @@ _patcher = Patcher(
         _Target(_CORE, "compute_policy_loss_dppo_kl", _make_policy_loss_dppo("dppo_kl")),
         _Target(_CORE, "compute_policy_loss_dro", _make_policy_loss_dro),
         _Target(_CORE, "compute_policy_loss_geo_mean", _make_policy_loss_geo_mean),
+        _Target(_CORE, "compute_policy_loss_clip_cov", _make_policy_loss_cov("clip_cov")),
+        _Target(_CORE, "compute_policy_loss_kl_cov", _make_policy_loss_cov("kl_cov")),
         _Target(_CORE, "compute_policy_loss_reinforce", _make_policy_loss_reinforce),
         _Target(_CORE, "compute_policy_loss_bypass_mode", _make_policy_loss_bypass_mode),
         _Target(_CORE, "compute_value_loss", _make_value_loss),

@@ -273,6 +273,10 @@ def ppo_loss_from_hidden(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     dro_beta: float | None = None,
+    cov_ratio: float = 2e-4,
+    cov_bounds: tuple[float, float] = (1.0, 5.0),
+    kl_cov_coef: float = 1.0,
+    generator: torch.Generator | None = None,
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
@@ -352,9 +356,10 @@ def ppo_loss_from_hidden(
     _check_head(hidden, weight, bias, labels)
     o = PPOLossOptions.checked(hidden.device, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
                                dual_clip=dual_clip, loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg,
-                               dro_beta=dro_beta, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                               ratio_level=ratio_level, kl_coef=kl_coef, kl_estimator=kl_estimator,
-                               entropy_coef=entropy_coef, backend=backend)
+                               dro_beta=dro_beta, cov_ratio=cov_ratio, cov_bounds=cov_bounds,
+                               kl_cov_coef=kl_cov_coef, generator=generator, agg=agg, num_tokens=num_tokens,
+                               num_seqs=num_seqs, ratio_level=ratio_level, kl_coef=kl_coef,
+                               kl_estimator=kl_estimator, entropy_coef=entropy_coef, backend=backend)
     if cu_seqlens is not None:
         if hidden.dim() != 2:
             raise ValueError(f"hidden: expected shape (N, H) with cu_seqlens, got {tuple(hidden.shape)}")

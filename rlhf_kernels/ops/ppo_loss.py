@@ -378,6 +378,46 @@ def _geo_mean_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     return logp_eff, lp.detach(), adv_eff, stats
 
 
+def _cov_selected(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                  o: PPOLossOptions) -> tuple[Tensor, Tensor]:
+    """(the (..., T) bool tokens clip_cov / kl_cov select, their share of the
+    valid tokens as clipfrac). The covariance (A - mean A)(logp - mean logp)
+    over the whole batch in float64: clip_cov's means weighted by the mask, a
+    random choice among the valid unclipped tokens with the covariance inside
+    its bounds (torch.randperm over them in row-major order, one host read of
+    their count); kl_cov's means unweighted, the tokens of largest covariance
+    by a stable sort (ties to the lower row-major index; no host read)."""
+    cov = o.cov
+    valid, weight = mask_weights(mask, torch.float64)
+    w = weight if weight is not None else valid.to(torch.float64)
+    a = torch.where(valid, advantages.detach().to(torch.float64), 0.0)
+    lp = torch.where(valid, logp.detach().to(torch.float64), 0.0)
+    if o.loss_type == "clip_cov":
+        total = w.sum()
+        centred = (a - (a * w).sum() / total.clamp(min=1e-300)) * (lp - (lp * w).sum() / total.clamp(min=1e-300))
+        ratio = torch.exp(lp - old_logp.detach().to(torch.float64))
+        clipped = -a * ratio.clamp(1.0 - o.clip_low, 1.0 + o.clip_high) > -a * ratio
+        candidates = valid & ~clipped & (centred > cov.low) & (centred < cov.high)
+        flat = torch.nonzero(candidates.reshape(-1)).squeeze(-1)
+        n_found, mask_sum = flat.shape[0], float(total)
+        take = min(max(int(cov.ratio * mask_sum), 1), n_found)
+        device = cov.generator.device if cov.generator is not None else torch.device("cpu")
+        chosen = flat[torch.randperm(n_found, generator=cov.generator, device=device)[:take].to(flat.device)]
+        selected = torch.zeros(candidates.numel(), dtype=torch.bool, device=mask.device)
+        selected[chosen] = True
+        selected = selected.reshape(candidates.shape)
+    else:
+        n = valid.sum().to(torch.float64)
+        centred = (a - a.sum() / n.clamp(min=1)) * (lp - lp.sum() / n.clamp(min=1))
+        key = torch.where(valid, centred, -math.inf).reshape(-1)
+        order = torch.sort(key, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        k = torch.floor(n * cov.ratio).clamp(min=1)
+        selected = valid & (rank.reshape(valid.shape) < k)
+    share = (selected.to(torch.float64) * w).sum() / divisor(w.sum())
+    return selected, share
+
+
 def _check_policy_inputs(shape_name: str, shape, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                          ref_logp: Optional[Tensor] = None, **others: Tensor) -> None:
     """The per-token inputs of a policy loss: float tensors (a bool or
@@ -395,10 +435,21 @@ def _check_policy_inputs(shape_name: str, shape, old_logp: Tensor, advantages: T
 def _policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, token_weights: Optional[Tensor],
                  o: PPOLossOptions) -> tuple[Tensor, dict[str, Tensor]]:
     """ppo_policy_loss on checked inputs."""
-    geo_stats = {}
+    batch_stats, penalty = {}, None
     if o.loss_type == "geo_mean":
-        logp, old_logp, advantages, geo_stats = _geo_mean_terms(logp, old_logp, advantages, mask, o.clip_low,
-                                                                o.clip_high)
+        logp, old_logp, advantages, batch_stats = _geo_mean_terms(logp, old_logp, advantages, mask, o.clip_low,
+                                                                  o.clip_high)
+    elif o.cov is not None:
+        selected, share = _cov_selected(logp, old_logp, advantages, mask, o)
+        if o.loss_type == "clip_cov":  # the selected tokens' loss and gradient removed
+            keep = (~selected).to(compute_dtype(advantages))
+            token_weights = keep if token_weights is None else keep * token_weights.detach()
+        else:  # kl_cov: + kl_cov_coef |logp - old_logp| on the selected tokens, weighted as their policy term
+            dtype = compute_dtype(logp, old_logp)
+            penalty = torch.where(selected, o.cov.kl_coef * (logp.to(dtype) - old_logp.detach().to(dtype)).abs(), 0.0)
+            if token_weights is not None:
+                penalty = penalty * token_weights.detach()
+        batch_stats = {"clipfrac": share}
     advantages = _weighted_advantages(advantages, token_weights, logp.shape, o.loss_type)
     if o.ratio_level != "token":
         logp, old_logp = _sequence_ratio(logp, old_logp, mask, o.ratio_level)
@@ -406,7 +457,11 @@ def _policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tenso
         logp, old_logp.detach(), advantages, mask, o.ratio_low, o.ratio_high, o.dual_clip, o.loss_code, o.agg_code,
         o.kernel_num_tokens, o.kernel_num_seqs,
     )
-    return divide(loss, o.divisor), dict(dict(zip(POLICY_STAT_NAMES, stats.unbind())), **geo_stats)
+    loss = divide(loss, o.divisor)
+    if penalty is not None:
+        loss = loss + agg_loss(penalty, mask, o.agg, num_tokens=o.num_tokens, num_seqs=o.num_seqs).to(loss.dtype)
+    stats = dict(zip(POLICY_STAT_NAMES, stats.unbind()))
+    return loss, dict(stats, **{k: v.to(stats["clipfrac"].dtype) for k, v in batch_stats.items()})
 
 
 def _combined_loss(logp: Tensor, entropy: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
@@ -461,6 +516,10 @@ def ppo_policy_loss(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     dro_beta: float | None = None,
+    cov_ratio: float = 2e-4,
+    cov_bounds: tuple[float, float] = (1.0, 5.0),
+    kl_cov_coef: float = 1.0,
+    generator: torch.Generator | None = None,
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
@@ -507,8 +566,10 @@ def ppo_policy_loss(
         raise ValueError("logp: expected shape (B, T) (or (..., T)), got a 0-dim tensor")
     _check_policy_inputs("logp", logp.shape, old_logp, advantages, mask, logp=logp)
     o = PPOLossOptions.checked(logp.device, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-                               loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg, dro_beta=dro_beta, agg=agg,
-                               num_tokens=num_tokens, num_seqs=num_seqs, ratio_level=ratio_level, backend=backend)
+                               loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg, dro_beta=dro_beta,
+                               cov_ratio=cov_ratio, cov_bounds=cov_bounds, kl_cov_coef=kl_cov_coef,
+                               generator=generator, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                               ratio_level=ratio_level, backend=backend)
     return _policy_loss(logp, old_logp, advantages, mask, token_weights, o)
 
 
@@ -527,6 +588,10 @@ def ppo_loss_from_logprobs(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     dro_beta: float | None = None,
+    cov_ratio: float = 2e-4,
+    cov_bounds: tuple[float, float] = (1.0, 5.0),
+    kl_cov_coef: float = 1.0,
+    generator: torch.Generator | None = None,
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
@@ -561,8 +626,10 @@ def ppo_loss_from_logprobs(
     """
     check_tensor("logp", logp, FLOAT_DTYPES)
     o = PPOLossOptions.checked(logp.device, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-                               loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg, dro_beta=dro_beta, agg=agg,
-                               num_tokens=num_tokens, num_seqs=num_seqs, ratio_level=ratio_level, kl_coef=kl_coef,
+                               loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg, dro_beta=dro_beta,
+                               cov_ratio=cov_ratio, cov_bounds=cov_bounds, kl_cov_coef=kl_cov_coef,
+                               generator=generator, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                               ratio_level=ratio_level, kl_coef=kl_coef,
                                kl_estimator=kl_estimator, entropy_coef=entropy_coef, backend=backend)
     return _logprobs_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, cu_seqlens, max_seqlen,
                           o)
@@ -639,6 +706,10 @@ def ppo_loss_from_logits(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     dro_beta: float | None = None,
+    cov_ratio: float = 2e-4,
+    cov_bounds: tuple[float, float] = (1.0, 5.0),
+    kl_cov_coef: float = 1.0,
+    generator: torch.Generator | None = None,
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
@@ -713,9 +784,10 @@ def ppo_loss_from_logits(
     check_tensor("logits", logits, FLOAT_DTYPES)
     o = PPOLossOptions.checked(logits.device, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
                                dual_clip=dual_clip, loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg,
-                               dro_beta=dro_beta, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                               ratio_level=ratio_level, kl_coef=kl_coef, kl_estimator=kl_estimator,
-                               entropy_coef=entropy_coef, backend=backend)
+                               dro_beta=dro_beta, cov_ratio=cov_ratio, cov_bounds=cov_bounds,
+                               kl_cov_coef=kl_cov_coef, generator=generator, agg=agg, num_tokens=num_tokens,
+                               num_seqs=num_seqs, ratio_level=ratio_level, kl_coef=kl_coef,
+                               kl_estimator=kl_estimator, entropy_coef=entropy_coef, backend=backend)
     truncation = dict(top_k=top_k, top_p=top_p, min_p=min_p, min_logit=min_logit, truncation_order=truncation_order)
     truncated = truncates(top_k, top_p, min_p, min_logit)
     if cu_seqlens is not None:

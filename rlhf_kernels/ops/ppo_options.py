@@ -21,7 +21,11 @@ Count = Union[float, Tensor, None]
 # policy-loss names ("clip" for verl's "vanilla"); "geo_mean" (GMPO) runs on the
 # clip kernels after a sequence pass (ops/ppo_loss.py: _geo_mean_terms).
 KERNEL_FORMS = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro")
-LOSS_TYPES = KERNEL_FORMS + ("geo_mean",)
+LOSS_TYPES = KERNEL_FORMS + ("geo_mean", "clip_cov", "kl_cov")
+# The objectives that need a pass over the whole batch or each whole sequence
+# before the token kernels: on the clip kernels (_batch_terms in ops/ppo_loss.py).
+BATCH_FORMS = ("geo_mean", "clip_cov", "kl_cov")
+UNCLIPPED_HIGH = 1e30  # kl_cov's clip kernels: a ratio range no ratio leaves (<= e^20 after the clamp)
 DPPO_CAP = 20.0  # the cap of DPPO's stopped ratio when dual_clip is None (verl's clip_ratio_c default there)
 
 
@@ -49,13 +53,44 @@ def _form_numbers(loss_type: str, clip_low: float, clip_high: float | None, dual
                          f"not {loss_type!r}")
     if loss_type == "sapo":
         return low, high, 0.0, check_positive("tau_neg", tau_neg), check_positive("tau_pos", tau_pos)
-    if loss_type == "geo_mean":  # the clip kernels at a ratio of 1 (_geo_mean_terms)
+    if loss_type in ("geo_mean", "clip_cov"):  # the clip kernels (geo_mean's at a ratio of 1)
         return low, high, 0.0, 1.0 - low, 1.0 + high
+    if loss_type == "kl_cov":  # -A r unclipped: the clip kernels with a range no ratio leaves
+        return low, high, 0.0, 0.0, UNCLIPPED_HIGH
     if loss_type == "dro":
         if dro_beta is None:
             raise ValueError("dro_beta: required with loss_type='dro' (verl's policy_loss.dro_beta), > 0")
         return low, high, 0.0, check_positive("dro_beta", dro_beta), 0.0
     return low, high, 0.0, 1.0 - low, 1.0 + high  # cispo's range; gpg uses none
+
+
+class CovSelection(NamedTuple):
+    """clip_cov's / kl_cov's checked selection keywords (see POLICY_ARGS)."""
+
+    ratio: float
+    low: float
+    high: float
+    kl_coef: float
+    generator: Optional[torch.Generator]
+
+
+def _cov_selection(loss_type: str, cov_ratio: float, cov_bounds, kl_cov_coef: float,
+                   generator) -> Optional[CovSelection]:
+    if loss_type not in ("clip_cov", "kl_cov"):
+        return None
+    ratio = check_positive("cov_ratio", cov_ratio)
+    if ratio > 1:
+        raise ValueError(f"cov_ratio: the share of valid tokens selected, in (0, 1], got {ratio}")
+    try:
+        low, high = (float(b) for b in cov_bounds)
+    except (TypeError, ValueError):
+        raise ValueError(f"cov_bounds: expected (low, high), got {cov_bounds!r}") from None
+    if not low < high:
+        raise ValueError(f"cov_bounds: expected low < high, got {cov_bounds!r}")
+    coef = check_finite("kl_cov_coef", kl_cov_coef)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    return CovSelection(ratio, low, high, coef, generator)
 
 
 class PPOLossOptions(NamedTuple):
@@ -91,13 +126,14 @@ class PPOLossOptions(NamedTuple):
     loss_code: int = 0
     ratio_low: float = 0.8  # the kernels' numbers of the objective (_form_numbers)
     ratio_high: float = 1.2
+    cov: Optional[CovSelection] = None  # clip_cov / kl_cov
 
     @property
     def sequence_terms(self) -> bool:
         """Whether the objective needs each sequence whole before a token's
         term (GSPO's ratio, GMPO): a pass over the log-probs before the token
         kernels, so the fused logits / hidden gradients do not apply."""
-        return self.ratio_level != "token" or self.loss_type == "geo_mean"
+        return self.ratio_level != "token" or self.loss_type in BATCH_FORMS
 
     @classmethod
     def checked(cls, device: torch.device, *, clip_low: float = 0.2, clip_high: float | None = None,
@@ -105,13 +141,15 @@ class PPOLossOptions(NamedTuple):
                 num_seqs: Count = None, ratio_level: str = "token", temperature: float | None = None,
                 kl_coef: float | None = None, kl_estimator: str | None = None, entropy_coef: float | None = None,
                 loss_type: str = "clip", tau_pos: float = 1.0, tau_neg: float = 1.05,
-                dro_beta: float | None = None, backend: str | None = None) -> "PPOLossOptions":
+                dro_beta: float | None = None, cov_ratio: float = 2e-4, cov_bounds=(1.0, 5.0),
+                kl_cov_coef: float = 1.0, generator=None, backend: str | None = None) -> "PPOLossOptions":
         """The options of a call on tensors of ``device``; ValueError naming a
         bad keyword. The penalty keywords left at None keep their defaults
         unchecked (the policy-only losses take none of them)."""
         ratio_level = check_ratio_level(ratio_level)
         clip_low, clip_high, dual, ratio_low, ratio_high = _form_numbers(
             loss_type, clip_low, clip_high, dual_clip, tau_pos, tau_neg, dro_beta, ratio_level)
+        cov = _cov_selection(loss_type, cov_ratio, cov_bounds, kl_cov_coef, generator)
         agg_code, kernel_tokens, kernel_seqs, divisor = check_agg(agg, num_tokens, num_seqs, device)
         penalty = {}
         if temperature is not None:
@@ -127,7 +165,8 @@ class PPOLossOptions(NamedTuple):
             clip_low=clip_low, clip_high=clip_high, dual_clip=dual, agg=agg, num_tokens=num_tokens,
             num_seqs=num_seqs, ratio_level=ratio_level, backend=backend, agg_code=agg_code,
             kernel_num_tokens=kernel_tokens, kernel_num_seqs=kernel_seqs, divisor=divisor, loss_type=loss_type,
-            loss_code=KERNEL_FORMS.index("clip" if loss_type == "geo_mean" else loss_type), ratio_low=ratio_low, ratio_high=ratio_high, **penalty,
+            loss_code=KERNEL_FORMS.index("clip" if loss_type in BATCH_FORMS else loss_type), ratio_low=ratio_low,
+            ratio_high=ratio_high, cov=cov, **penalty,
         )
 
 
@@ -165,7 +204,20 @@ POLICY_ARGS = """\
             sequence's mean log-ratio, each token's clipped to <= clip_high
             where A > 0, >= -clip_low where A < 0, 0 where A = 0, unclamped;
             a sequence pass before the token kernels; with agg
-            "seq-mean-token-mean" and num_seqs = B it is verl's geo_mean). Each
+            "seq-mean-token-mean" and num_seqs = B it is verl's geo_mean),
+            "clip_cov" (clip without a dual clip, the loss and gradient of a
+            random subset of the tokens removed: of the valid, unclipped
+            tokens whose covariance (A - mean A)(logp - mean logp) lies in
+            cov_bounds, max(1, int(cov_ratio * sum of the mask)) chosen by
+            torch.randperm over them in row-major order with ``generator``
+            (the default generator when None), so a seeded generator
+            reproduces it; Cui et al., 2025), "kl_cov" (-A r unclipped, plus
+            kl_cov_coef |logp - old_logp| on the max(1, int(cov_ratio * valid
+            tokens)) tokens of largest covariance, ties to the lower row-major
+            index; the means over the valid tokens unweighted, as verl). Both
+            take the means over the whole batch and read one count on the
+            host (their selection sizes); their clipfrac is the share of
+            valid tokens selected. Each
             as verl's policy loss of that name (verl's "vanilla" for "clip");
             the others take token ratios only (ratio_level "token").
             token_weights scale A, so a weight-0 token takes dppo's A <= 0
@@ -179,6 +231,14 @@ POLICY_ARGS = """\
         tau_pos, tau_neg: > 0, sapo's temperatures (verl's tau_pos /
             tau_neg, TRL's sapo_temperature_pos / _neg; defaults 1.0 / 1.05).
         dro_beta: > 0, dro's weight of the squared log-ratio (required there).
+        cov_ratio: in (0, 1], the share of tokens clip_cov / kl_cov select
+            (verl's clip_cov_ratio / kl_cov_ratio, default 2e-4).
+        cov_bounds: (low, high), clip_cov's open covariance interval (verl's
+            clip_cov_lb / clip_cov_ub, default (1, 5)).
+        kl_cov_coef: kl_cov's weight of |logp - old_logp| (verl's
+            ppo_kl_coef, default 1).
+        generator: a torch.Generator (on the CPU) for clip_cov's random
+            choice, or None for torch's default one.
         agg: "token-mean" | "token-sum" | "seq-mean-token-sum" |
             "seq-mean-token-mean" | "seq-mean-token-sum-norm" (seq-mean-token-sum / T).
         num_tokens: token-mean denominator instead of the number of valid
