@@ -648,6 +648,70 @@ def test_verl_bypass_mode_hands_back_with_its_inner_loss(verl_mods):
         "served": 0, "handed_back": {"its compute_policy_loss_vanilla call was handed back": 1}}
 
 
+def _estimator_batch(gen, dtype, ids):
+    """Outcome (and one dense) rewards per response of the groups ``ids``, a
+    mask with holes."""
+    rewards = torch.zeros(len(ids), 7, dtype=dtype)
+    rewards[:, -1] = torch.randn(len(ids), generator=gen, dtype=dtype)
+    rewards[:, 2] = 0.3 * torch.randn(len(ids), generator=gen, dtype=dtype)
+    mask = mask_with_holes(len(ids), 7, gen).to(dtype)
+    mask[1] = 1.0  # masked_whiten needs valid tokens
+    return rewards, mask
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_verl_group_estimators_served(verl_mods, norm, dtype):
+    """verl's opo, grpo_passk, gdpo and remax estimators by name after patch():
+    our ops serve them with verl's outputs: groups of several sizes, a tie for
+    a group's best score (pass@k gives it 0), a singleton (opo and gdpo; pass@k
+    hands it back, verl raises), gdpo on its reward components with weights and
+    on the summed rewards, remax's returns over a mask with holes."""
+    from verl.trainer.config import AlgoConfig
+
+    core, _, rk_verl = verl_mods
+    gen = torch.Generator().manual_seed(47)
+    ids = np.array(["a"] * 4 + ["b"] * 3 + ["c"] + ["d"] * 2, dtype=object)
+    ids = ids[torch.randperm(len(ids), generator=gen).numpy()]
+    rewards, mask = _estimator_batch(gen, dtype, ids)
+    paired = np.array(["a"] * 4 + ["b"] * 3 + ["d"] * 3, dtype=object)  # pass@k needs two per group
+    tied = rewards.clone()
+    best = torch.nonzero(torch.from_numpy(paired == "b")).squeeze(-1)
+    tied[best[:2], -1] = tied[best].sum(-1).max() + 1.0
+    tied[best[:2], 2] = 0.0
+    config = AlgoConfig(gamma=0.9, norm_adv_by_std_in_grpo=norm, gdpo_reward_keys=["fmt", "acc"],
+                        gdpo_reward_weights=[0.5, 2.0])
+    components = {"fmt": torch.randn(len(ids), generator=gen).numpy(), "acc": (torch.rand(len(ids), generator=gen)
+                                                                              > 0.5).float().numpy()}
+    batch = {"prompts": torch.zeros(len(ids), 3, dtype=torch.long),
+             "attention_mask": torch.cat([torch.ones(len(ids), 3), mask], -1).long()}
+    baselines = torch.randn(len(ids), generator=gen, dtype=dtype)
+    integrations.reset_report()
+    with rk_verl.patched():
+        def check(name, *args, **kwargs):
+            ours = core.get_adv_estimator_fn(name)
+            assert_outputs_close(ours(*args, **kwargs), ours.__wrapped_original__(*args, **kwargs), atol=1e-6)
+
+        check("opo", rewards, mask, ids, config=config)
+        check("grpo_passk", tied, mask, paired, config=config)
+        check("grpo_passk", rewards, mask, paired, config=config)
+        check("gdpo", rewards, mask, ids, norm_adv_by_std_in_grpo=norm, config=config,
+              non_tensor_batch=components, batch=batch)
+        check("gdpo", rewards, mask, ids, norm_adv_by_std_in_grpo=norm)
+        check("remax", rewards, baselines, mask, config=config)
+        passk = core.get_adv_estimator_fn("grpo_passk")
+        with pytest.raises(ValueError, match="at least 2 samples"):
+            passk(rewards, mask, ids, config=config)
+    want = {"opo": 1, "grpo_passk": 2, "gdpo": 2, "remax": 1}
+    report = integrations.report()
+    for name, calls in want.items():
+        fn = {"opo": "compute_opo_outcome_advantage", "grpo_passk": "compute_grpo_passk_outcome_advantage",
+              "gdpo": "compute_gdpo_outcome_advantage", "remax": "compute_remax_outcome_advantage"}[name]
+        assert report[f"verl.{fn}"]["served"] == calls, report
+    assert report["verl.compute_grpo_passk_outcome_advantage"]["handed_back"] == {
+        "a group of one (verl raises)": 1}
+
+
 def test_verl_objectives_hand_back_without_an_actor_config(verl_mods):
     """cispo and sapo assert a real ActorConfig in verl: without one, verl's
     own code runs (and raises as it does), counted as handed back."""

@@ -1106,3 +1106,38 @@ def _check_kl_controller(case):
 
 def test_adaptive_kl_controller_property():
     run_property("kl_controller", "pytorch", kl_controller_cases(), _check_kl_controller, native=200, triton=0)
+
+
+def test_group_modes_opo_and_passk_match_a_float64_loop():
+    """group_advantages' opo, grpo_passk and passk against a per-group loop in
+    float64, on unsorted integer ids, ties and a group of one (0 in every mode)."""
+    gen = torch.Generator().manual_seed(48)
+    ids = torch.tensor([3, 1, 3, 7, 1, 3, 9, 7, 1, 3])
+    scores = torch.randn(10, generator=gen, dtype=torch.float64)
+    scores[[0, 2]] = scores[[0, 2, 5, 9]].max() + 0.5  # group 3's best tied
+    lengths = torch.randint(1, 9, (10,), generator=gen)
+    for mode in ("opo", "grpo_passk", "passk"):
+        kw = dict(lengths=lengths) if mode == "opo" else {}
+        got = rlhf_kernels.group_advantages(scores.float(), group_ids=ids, mode=mode, eps=1e-6, **kw)
+        want = torch.zeros(10, dtype=torch.float64)
+        for g in ids.unique():
+            idx = torch.nonzero(ids == g).squeeze(-1)
+            s = scores[idx]
+            if len(idx) < 2:
+                continue
+            if mode == "opo":
+                l64 = lengths[idx].double()
+                want[idx] = s - (l64 * s).sum() / l64.sum()
+            else:
+                top = torch.sort(s, descending=True).values
+                if top[0] > top[1]:
+                    gap = top[0] - top[1]
+                    want[idx[s.argmax()]] = gap / (s.std() + 1e-6) if mode == "grpo_passk" else gap
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+    assert torch.all(rlhf_kernels.group_advantages(scores, group_ids=ids, mode="passk")[ids == 3] == 0)
+    with pytest.raises(ValueError, match="lengths"):
+        rlhf_kernels.group_advantages(scores, group_ids=ids, mode="opo")
+    with pytest.raises(ValueError, match="lengths"):
+        rlhf_kernels.group_advantages(scores, group_ids=ids, mode="grpo", lengths=lengths)
+    with pytest.raises(ValueError, match="lengths"):
+        rlhf_kernels.group_advantages(scores, group_ids=ids, mode="opo", lengths=lengths[:5])

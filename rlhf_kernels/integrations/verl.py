@@ -146,23 +146,120 @@ def _alone(groups: Tensor) -> Tensor:
     return torch.bincount(groups)[groups] == 1
 
 
+def _grpo_scores(scores: Tensor, index, epsilon: float, norm_by_std: bool) -> Tensor:
+    """verl's GRPO advantage of each response (B,) on group_advantages."""
+    groups = _group_inverse(index, scores.device)
+    mode = "grpo" if norm_by_std else "dr_grpo"
+    adv = rlhf_kernels.group_advantages(scores, group_ids=groups, mode=mode, eps=epsilon).to(scores.dtype)
+    # verl semantics: a group of one has mean 0 and std 1, so it keeps its
+    # score (divided by 1 + eps); ours gives it 0.
+    kept = scores / (1.0 + epsilon) if norm_by_std else scores
+    return torch.where(_alone(groups), kept, adv)
+
+
 def _make_grpo(original):
     def compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
                                        norm_adv_by_std_in_grpo=True, config=None):
         with torch.no_grad():
-            scores = token_level_rewards.sum(dim=-1)
-            groups = _group_inverse(index, scores.device)
-            mode = "grpo" if norm_adv_by_std_in_grpo else "dr_grpo"
-            adv = rlhf_kernels.group_advantages(scores, group_ids=groups, mode=mode, eps=epsilon).to(scores.dtype)
-            # verl semantics: a group of one has mean 0 and std 1, so it keeps its
-            # score (divided by 1 + eps); ours gives it 0.
-            alone = _alone(groups)
-            kept = scores / (1.0 + epsilon) if norm_adv_by_std_in_grpo else scores
-            adv = torch.where(alone, kept, adv)
+            adv = _grpo_scores(token_level_rewards.sum(dim=-1), index, epsilon, norm_adv_by_std_in_grpo)
             adv = adv.unsqueeze(-1) * response_mask
         return adv, adv
 
     return compute_grpo_outcome_advantage
+
+
+def _make_gdpo(original):
+    def compute_gdpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
+                                       norm_adv_by_std_in_grpo=True, config=None, non_tensor_batch=None,
+                                       batch=None, **kwargs):
+        import verl.utils.torch_functional as verl_F
+
+        args = (token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo, config,
+                non_tensor_batch, batch)
+        # verl semantics: with a config and the batches, one GRPO advantage per reward
+        # component (algorithm.gdpo_reward_keys, each response's component score),
+        # weighted by gdpo_reward_weights; else the one of the summed rewards.
+        components, weights = [token_level_rewards.sum(dim=-1)], None
+        if config is not None and non_tensor_batch is not None and batch is not None:
+            keys = config.get("gdpo_reward_keys", None)
+            if not keys or any(key not in non_tensor_batch for key in keys):
+                return hand_back("verl.compute_gdpo_outcome_advantage", "gdpo_reward_keys missing or not in the "
+                                 "batch (verl asserts)", original, *args, **kwargs)
+            components = [torch.tensor(np.asarray(non_tensor_batch[key], dtype=np.float32),
+                                       device=token_level_rewards.device) for key in keys]
+            weights = config.get("gdpo_reward_weights", None)
+        weights = [1.0] * len(components) if weights is None else list(weights)
+        with torch.no_grad():
+            total = None
+            for weight, scores in zip(weights, components):
+                part = torch.tensor(weight, dtype=torch.float32, device=scores.device) * \
+                    _grpo_scores(scores, index, epsilon, norm_adv_by_std_in_grpo).unsqueeze(-1) * response_mask
+                total = part if total is None else total + part
+            # verl semantics: whitened over the batch's valid tokens (its masked_whiten).
+            advantages = verl_F.masked_whiten(total, response_mask) * response_mask
+        return advantages, advantages
+
+    return compute_gdpo_outcome_advantage
+
+
+def _make_grpo_passk(original):
+    def compute_grpo_passk_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
+                                             norm_adv_by_std_in_grpo=True, config=None, **kwargs):
+        args = (token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo, config)
+        key = "verl.compute_grpo_passk_outcome_advantage"
+        if config is None:
+            return hand_back(key, "no config (verl asserts one)", original, *args, **kwargs)
+        groups = _group_inverse(index, token_level_rewards.device)
+        if bool(_alone(groups).any()):
+            return hand_back(key, "a group of one (verl raises)", original, *args, **kwargs)
+        # verl semantics: the flag is read from the config, the argument ignored.
+        mode = "grpo_passk" if config.get("norm_adv_by_std_in_grpo", True) else "passk"
+        with torch.no_grad():
+            scores = token_level_rewards.sum(dim=-1)
+            adv = rlhf_kernels.group_advantages(scores, group_ids=groups, mode=mode, eps=epsilon).to(scores.dtype)
+            adv = adv.unsqueeze(-1) * response_mask
+        return adv, adv
+
+    return compute_grpo_passk_outcome_advantage
+
+
+def _make_opo(original):
+    def compute_opo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6, config=None,
+                                      **kwargs):
+        with torch.no_grad():
+            scores = token_level_rewards.sum(dim=-1)
+            lengths = response_mask.sum(dim=-1)
+            groups = _group_inverse(index, scores.device)
+            alone = _alone(groups)
+            totals = torch.zeros(int(groups.max()) + 1 if groups.numel() else 0, dtype=torch.float64,
+                                 device=scores.device).index_add_(0, groups, lengths.to(torch.float64))
+            if bool(((totals[groups] == 0) & ~alone).any()):
+                return hand_back("verl.compute_opo_outcome_advantage", "a group of responses of length 0 (verl's "
+                                 "baseline is 0 / 0)", original, token_level_rewards, response_mask, index, epsilon,
+                                 config, **kwargs)
+            adv = rlhf_kernels.group_advantages(scores, group_ids=groups, mode="opo", lengths=lengths)
+            # verl semantics: a group of one has the baseline 0 (it keeps its score); ours gives it 0.
+            adv = torch.where(alone, scores, adv.to(scores.dtype)).unsqueeze(-1) * response_mask
+        return adv, adv
+
+    return compute_opo_outcome_advantage
+
+
+def _make_remax(original):
+    def compute_remax_outcome_advantage(token_level_rewards, reward_baselines, response_mask, config=None,
+                                        **kwargs):
+        with torch.no_grad():
+            # verl semantics: the return is the reverse cumulative sum of the masked rewards
+            # over every position (a hole's counts the later rewards): GAE with V = 0,
+            # gamma = lam = 1 and no mask.
+            masked = token_level_rewards * response_mask
+            returns, _ = rlhf_kernels.compute_gae(masked, torch.zeros_like(masked), None, gamma=1.0, lam=1.0,
+                                                  whiten=False)
+            returns = returns.to(masked.dtype)
+            advantages = returns - reward_baselines.unsqueeze(-1) * response_mask
+        return advantages, returns
+
+    return compute_remax_outcome_advantage
 
 
 def _rloo(token_level_rewards, response_mask, index, alone_keeps_score: bool):
@@ -856,6 +953,10 @@ _patcher = Patcher(
         _Target(_CORE, "compute_reinforce_plus_plus_baseline_outcome_advantage", _make_reinforce_pp_baseline),
         _Target(_CORE, "compute_reinforce_plus_plus_outcome_advantage", _make_reinforce_pp),
         _Target(_CORE, "compute_gpg_outcome_advantage", _make_gpg_estimator),
+        _Target(_CORE, "compute_gdpo_outcome_advantage", _make_gdpo),
+        _Target(_CORE, "compute_grpo_passk_outcome_advantage", _make_grpo_passk),
+        _Target(_CORE, "compute_opo_outcome_advantage", _make_opo),
+        _Target(_CORE, "compute_remax_outcome_advantage", _make_remax),
         _Target(_CORE, "compute_policy_loss_vanilla", _make_policy_loss),
         _Target(_CORE, "compute_policy_loss_gspo", _make_policy_loss_gspo),
         _Target(_CORE, "compute_policy_loss_cispo", _make_policy_loss_cispo),

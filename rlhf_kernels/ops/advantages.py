@@ -17,6 +17,7 @@ elementwise pass over those sums (all-reduced in one collective across ranks).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -405,7 +406,7 @@ def ppo_advantages(
     )
 
 
-_GROUP_MODES = ("grpo", "dr_grpo", "rloo")
+_GROUP_MODES = ("grpo", "dr_grpo", "rloo", "opo", "grpo_passk", "passk")
 
 
 def group_advantages(
@@ -415,24 +416,33 @@ def group_advantages(
     *,
     mode: str = "grpo",
     eps: float = 1e-6,
+    lengths: Tensor | None = None,
 ) -> Tensor:
     """Outcome advantages within groups of responses to the same prompt.
 
     ``grpo`` = (s - mean_g) / (std_g + eps), unbiased std (Shao et al., 2024);
     ``dr_grpo`` = s - mean_g (Liu et al., 2025); ``rloo`` = s - mean of the
-    other members = n / (n - 1) * (s - mean_g) (Ahmadian et al., 2024).
+    other members = n / (n - 1) * (s - mean_g) (Ahmadian et al., 2024);
+    ``opo`` = s - sum_g(l s) / sum_g(l), the length-weighted baseline of OPO
+    (Hao et al., 2025; verl's "opo"), ``lengths`` l required (a group whose
+    lengths sum to 0 takes the baseline 0); ``grpo_passk`` (verl's
+    "grpo_passk", Pass@k training): the group's best response gets (its score
+    - the second best) / (std_g + eps), every other 0, so a tie for the best
+    gives the group 0; ``passk``: the same without the division by the std.
     A group of one gets 0 in every mode (its std is taken as 0 and it has no
     other members); a group of two gets +-1/sqrt(2) (grpo, unless equal) or
-    +-(s1 - s2) (rloo). Plain PyTorch segment sums (B scores are tiny): no
-    kernel and no host synchronisation, so it compiles into the caller's graph.
+    +-(s1 - s2) (rloo). Plain PyTorch segment sums and maxima (B scores are
+    tiny): no kernel and no host synchronisation, so it compiles into the
+    caller's graph.
 
     Args:
         scores: (B,) float, one score per response.
         group_size: responses per prompt, consecutive; B must be a multiple.
         group_ids: (B,) integer group of each response (any values, any order);
             give exactly one of group_size and group_ids.
-        mode: "grpo" | "dr_grpo" | "rloo".
-        eps: added to the std in grpo.
+        mode: "grpo" | "dr_grpo" | "rloo" | "opo" | "grpo_passk" | "passk".
+        eps: added to the std in grpo and grpo_passk.
+        lengths: (B,) float or integer, each response's length (opo only).
 
     Returns:
         (B,) advantages, in the scores' dtype (float32 for 16-bit scores).
@@ -461,21 +471,48 @@ def group_advantages(
         starts = torch.ones_like(ordered, dtype=torch.long)
         starts[1:] = (ordered[1:] != ordered[:-1]).long()
         dense = torch.empty_like(order).scatter_(0, order, torch.cumsum(starts, 0) - 1)
+    if (lengths is not None) != (mode == "opo"):
+        raise ValueError("lengths: required with mode 'opo' and only there")
     s = scores.to(acc_dtype(scores.dtype) if scores.dtype != torch.float64 else torch.float64)
     count = s.new_zeros(n).index_add_(0, dense, torch.ones_like(s))
     mean = s.new_zeros(n).index_add_(0, dense, s) / count.clamp(min=1)
     centred = s - mean[dense]
     n_g = count[dense]
+    zeros = torch.zeros_like(s)
+
+    def std() -> Tensor:  # unbiased, 0 for a group of one
+        m2 = s.new_zeros(n).index_add_(0, dense, centred.square())
+        return torch.where(n_g > 1, torch.sqrt(m2 / (count - 1).clamp(min=1))[dense], zeros)
+
     if mode == "dr_grpo":
         out = centred
     elif mode == "rloo":
-        out = torch.where(n_g > 1, centred * n_g / (n_g - 1).clamp(min=1), torch.zeros_like(s))
+        out = torch.where(n_g > 1, centred * n_g / (n_g - 1).clamp(min=1), zeros)
+    elif mode == "opo":
+        length = _checked_lengths(lengths, scores).to(s.dtype)
+        total = s.new_zeros(n).index_add_(0, dense, length)
+        baseline = s.new_zeros(n).index_add_(0, dense, length * s) / torch.where(total > 0, total, 1.0)
+        out = torch.where(n_g > 1, s - baseline[dense], zeros)
+    elif mode in ("grpo_passk", "passk"):
+        best = s.new_full((n,), -math.inf).scatter_reduce_(0, dense, s, "amax")[dense]
+        at_best = s == best
+        ties = s.new_zeros(n).index_add_(0, dense, at_best.to(s.dtype))[dense]
+        second = s.new_full((n,), -math.inf).scatter_reduce_(0, dense, torch.where(at_best, -math.inf, s),
+                                                             "amax")[dense]
+        gap = torch.where(at_best & (ties == 1) & (n_g > 1), best - second, zeros)
+        out = gap / (std() + eps) if mode == "grpo_passk" else gap
     else:
-        m2 = s.new_zeros(n).index_add_(0, dense, centred.square())
-        std = torch.sqrt(m2 / (count - 1).clamp(min=1))[dense]
-        std = torch.where(n_g > 1, std, torch.zeros_like(std))
-        out = centred / (std + eps)
+        out = centred / (std() + eps)
     return out.to(scores.dtype) if scores.dtype in (torch.float32, torch.float64) else out
+
+
+def _checked_lengths(lengths: Tensor, scores: Tensor) -> Tensor:
+    check_tensor("lengths", lengths, FLOAT_DTYPES + (torch.int64, torch.int32, torch.int16, torch.int8,
+                                                     torch.uint8))
+    check_same_device(scores=scores, lengths=lengths)
+    if tuple(lengths.shape) != tuple(scores.shape):
+        raise ValueError(f"lengths: shape {tuple(lengths.shape)} does not match scores {tuple(scores.shape)}")
+    return lengths
 
 
 class AdaptiveKLController:
