@@ -80,11 +80,11 @@ SUITES = (
             "tests/trainer/ppo/test_value_loss_normalization_on_cpu.py",  # compute_value_loss
             "tests/trainer/ppo/test_rollout_corr_integration.py",  # compute_policy_loss_vanilla
             "tests/trainer/ppo/test_rollout_corr.py",  # compute_rollout_correction_weights
+            "tests/trainer/ppo/test_reinforce_pp_multiturn_on_cpu.py",  # REINFORCE++ advantages
         ),
         excluded={
             "tests/trainer/test_multi_trajectories_advantage_on_cpu.py":
                 "imports verl.trainer.ppo.v1, which needs transfer_queue (not installed)",
-            "tests/trainer/ppo/test_reinforce_pp_multiturn_on_cpu.py": "REINFORCE++ advantages are not patched",
         },
     ),
     Suite(
