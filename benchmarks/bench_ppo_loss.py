@@ -152,7 +152,7 @@ def _verl_objective(name: str):
     return lambda logp, old, adv, mask: fn(old, logp, adv, mask, "token-mean", config)[0]
 
 
-def bench_objectives(device, quick, copy_gbps):
+def bench_objectives(device, quick, copy_gbps, names=tuple(OBJECTIVES)):
     """Each objective's forward and forward + backward against verl's function;
     on the CPU round-robin (common.time_interleaved: verl and ours in turn)."""
     shape = (4, 64) if quick else (1024, 1024)  # 1M tokens
@@ -160,7 +160,8 @@ def bench_objectives(device, quick, copy_gbps):
     fmask = mask.float()
     n = logp.numel()
     rows = []
-    for name, kw in OBJECTIVES.items():
+    for name in names:
+        kw = OBJECTIVES[name]
         leaf = logp.clone().requires_grad_(True)
         providers = {}
         verl_fn = _verl_objective(name)
@@ -291,6 +292,8 @@ def main(argv=None) -> list[dict]:
                         help="skip torch.compile of the reference (always skipped with --quick: compile time)")
     parser.add_argument("--ops", default="tokens,logits,objectives",
                         help="comma list of: tokens, logits, objectives")
+    parser.add_argument("--objectives", default=",".join(OBJECTIVES),
+                        help="with --ops objectives: comma list of loss types (default: all)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (a shared machine times more steadily with 1)")
     args = parser.parse_args(argv)
@@ -308,7 +311,11 @@ def main(argv=None) -> list[dict]:
     if "logits" in ops:
         results += bench_loss_from_logits(device, quick, compile_ref, copy_gbps)
     if "objectives" in ops:
-        results += bench_objectives(device, quick, copy_gbps)
+        names = [n for n in args.objectives.split(",") if n]
+        unknown = sorted(set(names) - set(OBJECTIVES))
+        if unknown:
+            parser.error(f"--objectives: unknown {unknown}; expected some of {list(OBJECTIVES)}")
+        results += bench_objectives(device, quick, copy_gbps, names)
     rows = [r.record(env) for r in results]
     _speedups(rows)
     path = write_results(rows, env, args.out_dir)

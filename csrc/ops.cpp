@@ -95,6 +95,13 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "ppo_policy_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
       "float ratio_low, float ratio_high, float dual_clip, int loss_type, int agg, float? num_tokens, "
       "float? num_seqs, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // ppo_policy_loss's token pass alone: (grad, rows), the token gradient as
+  // there and the per-sequence sums (B, 9) of the PolicyStat columns (the
+  // ratio columns max / min), for the objectives that need a sequence whole
+  // (GMPO, loss_type 7: ops/ppo_loss.py).
+  m.def(
+      "ppo_policy_rows(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, float ratio_low, "
+      "float ratio_high, float dual_clip, int loss_type, bool need_grad) -> (Tensor, Tensor)");
   // The public clipped value loss, as ppo_policy_loss; stats (1,) vf_clipfrac.
   m.def(
       "ppo_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip, "

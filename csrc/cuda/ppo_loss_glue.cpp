@@ -164,10 +164,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_logits_grad_cuda(
   return {logp, entropy, row_max, log_sum};
 }
 
+// The op ppo_policy_rows (glue/ppo_loss.h ppo_policy_rows_impl).
+std::tuple<at::Tensor, at::Tensor> ppo_policy_rows_cuda(const at::Tensor& logp, const at::Tensor& old_logp,
+                                                      const at::Tensor& advantages, const at::Tensor& mask,
+                                                      double ratio_low, double ratio_high, double dual_clip,
+                                                      int64_t loss_type, bool need_grad) {
+  return ppo_policy_rows_impl(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip, loss_type,
+                              need_grad, policy_partials);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
   m.impl("ppo_policy_loss", &ppo_policy_loss_cuda);
+  m.impl("ppo_policy_rows", &ppo_policy_rows_cuda);
   m.impl("ppo_value_loss", &ppo_value_loss_cuda);
   m.impl("scale_grad_", &scale_grad_cuda);
   m.impl("ppo_loss_from_logits", &ppo_loss_from_logits_cuda);

@@ -368,6 +368,31 @@ LossOutputs ppo_policy_loss_impl(const at::Tensor& logp, const at::Tensor& old_l
   return {loss, stats.narrow(0, 0, kPgLossOut), grad, weights};
 }
 
+// ppo_policy_rows: ppo_policy_loss_impl's token pass alone, its per-sequence
+// sums (B, kPolicyStats) (the chunks summed; max / min for the ratio columns)
+// and the token gradient dl/dlogp (0 on masked tokens; empty unless need_grad).
+template <typename Partials>
+std::tuple<at::Tensor, at::Tensor> ppo_policy_rows_impl(const at::Tensor& logp, const at::Tensor& old_logp,
+                                                        const at::Tensor& advantages, const at::Tensor& mask,
+                                                        double ratio_low, double ratio_high, double dual_clip,
+                                                        int64_t loss_type, bool need_grad, Partials&& partials) {
+  check_loss_type(loss_type);
+  const LossTokens tok = loss_tokens({&logp, &old_logp, &advantages}, mask);
+  at::Tensor grad, partial;
+  if (tok.numel() > 0) {
+    std::tie(grad, partial) = partials(tok.values[0], tok.values[1], tok.values[2], tok.mask, std::nullopt,
+                                       std::nullopt, tok.seq_len, ratio_low, ratio_high, dual_clip, loss_type, 0.0,
+                                       kKlNone, need_grad);
+  } else {
+    grad = at::empty({0}, tok.options());
+    partial = empty_partials(tok.seqs, kPolicyStats, kRatioMax, kRatioMin, tok.options());
+  }
+  at::Tensor rows = partial.sum(1);
+  rows.select(1, kRatioMax).copy_(std::get<0>(partial.select(2, kRatioMax).max(1)));
+  rows.select(1, kRatioMin).copy_(std::get<0>(partial.select(2, kRatioMin).min(1)));
+  return {grad, rows};
+}
+
 // The public ppo_value_loss, as ppo_policy_loss_impl; stats (1,) vf_clipfrac.
 template <typename Partials, typename Finalize>
 LossOutputs ppo_value_loss_impl(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,

@@ -1392,6 +1392,33 @@ def test_ppo_policy_loss_types(emu, seq_len, form, dtype):
     assert no_grad.numel() == 0 and torch.equal(stats2, stats)
 
 
+@pytest.mark.parametrize("seq_len", [37, 2500])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_ppo_policy_geo_mean_rows(emu, seq_len, dtype):
+    """GMPO's token form (7) as ppo_policy_rows reads it: the (B, 9)
+    per-sequence sums (the clipped log-ratio, the counts, the advantage in the
+    KL column) and d (the clipped log-ratio's sum) / d logp, against the eager
+    rows (verl's composition) by float64 autograd; log-ratios clip each way."""
+    from rlhf_kernels.eager.ppo_loss import policy_rows
+
+    B = 3
+    logp, old, adv, mask, _, _ = _form_tokens((B, seq_len), dtype, seed=seq_len + 7)
+    adv.view(-1)[:4] = 0.0  # A = 0: no term
+    flat = lambda t: t.reshape(-1)  # noqa: E731
+    args = (flat(logp), flat(old), flat(adv), flat(mask), None, None, seq_len, -0.2, 0.28, 0.0, 7, 0.0, -1)
+    grad, stats = emu.ppo_policy_fwd(*args, True)
+    x64 = logp.double().requires_grad_(True)
+    _, rows = policy_rows(x64, old.double(), adv.double(), mask, -0.2, 0.28, 0.0, 7, True)
+    rows[:, 0].sum().backward()
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else F32
+    torch.testing.assert_close(grad.double().view(B, seq_len), torch.where(mask, x64.grad, 0.0), **tol)
+    stats_tol = dict(atol=1e-9, rtol=1e-9) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(stats.double(), rows.detach(), **stats_tol)
+    assert rows[:, 2].sum() > 0 and rows[:, 3].sum() > 0  # clipped above (A > 0) and below (A < 0)
+    no_grad, stats2 = emu.ppo_policy_fwd(*args, False)
+    assert no_grad.numel() == 0 and torch.equal(stats2, stats)
+
+
 @pytest.mark.parametrize("seq_len", [37, 2500, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("clip", [0.2, 1e6], ids=["clip", "no-clip"])

@@ -219,7 +219,7 @@ def test_loss_type_argument_checks():
         call(loss_type="dro", dro_beta=0.1, token_weights=torch.ones(2, 6))
     if "cpu" in rlhf_kernels.available_backends():
         with pytest.raises(ValueError, match="loss_type"):
-            torch.ops.rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, 0.8, 1.2, 0.0, 7, 0, None, None, False)
+            torch.ops.rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, 0.8, 1.2, 0.0, 8, 0, None, None, False)
 
 
 def test_loss_types_opcheck_and_compile(device_backend):
@@ -232,6 +232,9 @@ def test_loss_types_opcheck_and_compile(device_backend):
         for code, numbers in ((1, (0.8, 1.28, 0.0)), (2, (1.05, 1.0, 0.0)), (5, (0.02, 0.03, 1.5)),
                               (6, (0.3, 0.0, 0.0))):
             torch.library.opcheck(op, (logp, old, adv, mask, *numbers, code, 4, None, None, True))
+        rows = getattr(torch.ops.rlhf_kernels, "ppo_policy_rows" + suffix).default  # GMPO's sums (form 7)
+        for x, need_grad in ((logp, True), (logp.detach(), False)):
+            torch.library.opcheck(rows, (x, old, adv, mask, -0.2, 0.28, 0.0, 7, need_grad))
     torch._dynamo.reset()
     for loss_type in ("cispo", "dppo_tv", "geo_mean"):
         fn = lambda x: rlhf_kernels.ppo_policy_loss(x, old, adv, mask, loss_type=loss_type,  # noqa: E731

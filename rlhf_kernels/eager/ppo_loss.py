@@ -47,6 +47,32 @@ def policy_loss(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_cl
     return loss, torch.stack([stats[name] for name in _POLICY_STATS])
 
 
+def policy_rows(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip, loss_type, need_grad):
+    """ppo_policy_rows's contract for the form that needs it, geo_mean (7):
+    (an empty grad, rows (B, 9) of the PolicyStat columns), the loss column
+    differentiated by autograd; GMPO's token term written as verl's
+    compute_policy_loss_geo_mean (its tie rules), ratio_low = -clip_low."""
+    if reference.LOSS_TYPES[loss_type] != "geo_mean":
+        raise ValueError(f"loss_type: the eager ppo_policy_rows serves geo_mean (7), not {loss_type}")
+    logp, old_logp, advantages = _computed(mask, logp, old_logp, advantages)
+    valid, weight = reference.mask_weights(mask, logp.dtype)
+    w = weight if weight is not None else valid.to(logp.dtype)
+    x = logp - old_logp
+    sgn = torch.sign(advantages)
+    clipped = sgn * torch.minimum(sgn * x, sgn * torch.clamp(x, ratio_low, ratio_high))
+    outside = ((x > ratio_high) | (x < ratio_low)) & valid
+    ratio = torch.exp(torch.clamp(x, -20.0, 20.0))
+    zeros = w.sum(-1) * 0.0
+    columns = [
+        (clipped * w).sum(-1), w.sum(-1), (outside & (advantages > 0)).to(w.dtype).mul(w).sum(-1),
+        (outside & (advantages < 0)).to(w.dtype).mul(w).sum(-1), ((old_logp - logp) * w).sum(-1),
+        torch.where(valid, ratio, -torch.inf).amax(-1) if x.shape[-1] else zeros - torch.inf,
+        torch.where(valid, ratio, torch.inf).amin(-1) if x.shape[-1] else zeros + torch.inf,
+        (advantages * w).sum(-1), zeros,
+    ]
+    return logp.new_empty(0), torch.stack(columns, -1).reshape(-1, len(columns))
+
+
 def value_loss(values, old_values, returns, mask, clip, agg, num_tokens, num_seqs):
     """ppo_value_loss's contract: (loss, stats (1,) = vf_clipfrac)."""
     loss, stats = reference.ppo_value_loss(

@@ -31,7 +31,10 @@ from .._validation import (
     FLOAT_DTYPES, INDEX_DTYPES, check_agg, check_labels_in_range, check_mask, check_positive, check_same_device,
     check_tensor, check_tokens, check_weights, compute_dtype,
 )
-from ..aggregation import POLICY_STAT_NAMES, agg_loss, divide, divisor, mask_weights
+from ..aggregation import (
+    APPROX_KL, CLIP, COUNT, DUAL, KL_SUM, N_POLICY_STATS, PG_SUM, POLICY_STAT_NAMES, agg_loss, divide, divisor,
+    mask_weights, sequence_weights,
+)
 from ..eager import ppo_loss as _eager
 from ._op import differentiable
 from ..packing import packed_rows
@@ -142,6 +145,47 @@ for _backend, _caller in _token_loss_ops("ppo_value_loss", 1).items():
     _register_value_loss((_backend,), _caller)
 register("ppo_policy_loss", ("eager",), _eager.policy_loss)
 register("ppo_value_loss", ("eager",), _eager.value_loss)
+
+
+# --- the policy token pass alone: (grad, rows), rows the per-sequence sums (B, 9) ---
+# (GMPO's sequence terms); differentiable through the loss column only: d
+# rows[b, PG_SUM] / d logp_t = grad_t, the other columns are statistics.
+
+
+def _policy_rows_fake(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip, loss_type, need_grad):
+    dtype = compute_dtype(logp, old_logp, advantages)
+    return (logp.new_empty((logp.numel() if need_grad else 0,), dtype=dtype),
+            logp.new_empty((_num_seqs(logp.shape), N_POLICY_STATS), dtype=dtype))
+
+
+def _policy_rows_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[0])
+    if ctx.needs_input_grad[0]:
+        ctx.shape, ctx.dtype = inputs[0].shape, inputs[0].dtype
+        ctx.save_for_backward(output[0])
+
+
+def _policy_rows_backward(ctx, _, grad_rows):
+    grads = [None] * len(ctx.needs_input_grad)
+    if ctx.needs_input_grad[0]:
+        _no_double_backward("ppo_policy_rows", grad_rows)
+        (grad,) = ctx.saved_tensors
+        if grad.numel() != math.prod(ctx.shape):
+            raise RuntimeError("ppo_policy_rows: called with need_grad=False, it kept no token gradient")
+        seqs = grad_rows.shape[0]
+        token = grad.view(seqs, -1) * grad_rows[:, PG_SUM].to(grad.dtype).unsqueeze(-1)
+        grads[0] = token.view(ctx.shape).to(ctx.dtype)
+    return tuple(grads)
+
+
+for _backends, _op in ((("cpu", "cuda"), _native_op("ppo_policy_rows")),
+                       (("triton",), torch.ops.rlhf_kernels.ppo_policy_rows_triton.default
+                        if triton_installed() else None)):
+    if _op is not None:
+        torch.library.register_fake(_op)(_policy_rows_fake)
+        register("ppo_policy_rows", _backends, differentiable(_op, _policy_rows_setup_context,
+                                                              _policy_rows_backward))
+register("ppo_policy_rows", ("eager",), _eager.policy_rows)
 
 
 # --- the loss from the logits: the native op, its Triton twin, the eager composition --------
@@ -326,56 +370,38 @@ def _sequence_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str) ->
     return logp, old_eff
 
 
-def _geo_mean_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_low: float,
-                    clip_high: float) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-    """(logp', old', A', stats) that make the clip kernels compute GMPO
-    (Zhao et al., 2025, arXiv 2507.20673; verl's geo_mean): with x = logp -
-    old_logp (unclamped) and c_t = x clipped to <= clip_high where A > 0, to
-    >= -clip_low where A < 0 and 0 where A = 0, each sequence's ratio is
-    R_b = exp(sum_t w_t c_t / n_b) (n_b the sum of its weights, 0 -> 1) and
-    each token's loss -A_t R_b. A' = A R_b (not differentiated), logp' =
-    sg(logp) + (m_b - sg(m_b)) with m_b = sum over the unclipped tokens of
-    w_t logp_t / n_b, old' = sg(logp): the kernels' ratio is 1 in value, its
-    gradient that of R_b / R_b. R_b needs the whole sequence before any
-    token's term: a pass of its own (float64, in PyTorch) before the fused
-    token pass. The stats are GMPO's: clipfrac / clipfrac_lower the share of
-    valid tokens with x outside [-clip_low, clip_high] and A > 0 / A < 0
-    (verl's pg_clipfrac / pg_clipfrac_lower), ratio_max / ratio_min over R_b."""
-    valid, weight = mask_weights(mask, torch.float64)
-    w = weight if weight is not None else valid.to(torch.float64)
-    counts = divisor(w.sum(-1))
-    a = advantages.detach().to(torch.float64)
-    x = torch.where(valid, logp.detach().to(torch.float64) - old_logp.detach().to(torch.float64), 0.0)
-    clipped = torch.where(a > 0, x.clamp(max=clip_high), torch.where(a < 0, x.clamp(min=-clip_low), 0.0))
-    seq_ratio = torch.exp((clipped * w).sum(-1) / counts)
-    live = valid & (clipped == x) & (a != 0)
-    dtype = compute_dtype(logp, old_logp)
-    lp = logp.to(dtype)
-    m = (torch.where(live, lp, 0.0) * w.to(dtype)).sum(-1) / counts.to(dtype)
-    logp_eff = lp.detach() + (m - m.detach()).unsqueeze(-1)
-    adv_dtype = compute_dtype(advantages, logp)
-    adv_eff = (a * seq_ratio.unsqueeze(-1)).to(adv_dtype)
-    outside = valid & ((x < -clip_low) | (x > clip_high))
-    total = divisor(w.sum())
-    stat_dtype = acc_dtype(dtype) if dtype != torch.float64 else dtype
-    share = lambda sel: ((sel.to(torch.float64) * w).sum() / total).to(stat_dtype)  # noqa: E731
-    nonempty = valid.any(-1)
-
-    def extreme(largest: bool) -> Tensor:  # over the sequences with a valid token; 0 without any
-        if seq_ratio.numel() == 0:
-            return seq_ratio.new_zeros((), dtype=stat_dtype)
-        r = torch.where(nonempty, seq_ratio, -math.inf if largest else math.inf)
-        found = r.amax() if largest else r.amin()
-        return torch.where(nonempty.any(), found, 0.0).to(stat_dtype)
-
-    stats = {
-        "clipfrac": share(outside & (a > 0)),
-        "clipfrac_lower": share(outside & (a < 0)),
-        "approx_kl": (-(x * w).sum() / total).to(stat_dtype),
-        "ratio_max": extreme(True),
-        "ratio_min": extreme(False),
+def _geo_mean_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, o: PPOLossOptions,
+                   seq_len: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """GMPO (Zhao et al., 2025, arXiv 2507.20673; verl's geo_mean) on the
+    kernels' per-sequence sums (ppo_policy_rows, form geo_mean): with c_t the
+    log-ratio clipped in A's direction, S_b = sum_t w_t c_t, n_b = sum_t w_t
+    (0 -> 1) and R_b = exp(S_b / n_b), each token's loss is -A_t R_b, so
+    ``agg`` gives sum_b w_b (-sum_t w_t A_t) R_b with the aggregation's
+    sequence weights w_b; d R_b / d logp_t = R_b w_t [c_t passes] / n_b, one
+    pass over the tokens each way. ``advantages`` already weighted
+    (token_weights). The stats are GMPO's: clipfrac / clipfrac_lower the
+    share of valid tokens with the log-ratio outside [-clip_low, clip_high]
+    and A > 0 / A < 0 (verl's pg_clipfrac / pg_clipfrac_lower), ratio_max /
+    ratio_min over the R_b of the sequences with a valid token."""
+    rows = implementation("ppo_policy_rows", o.backend, logp.device)(
+        logp, old_logp.detach(), advantages, mask, o.ratio_low, o.ratio_high, 0.0, o.loss_code,
+        logp.requires_grad and torch.is_grad_enabled())[1]
+    counts = rows[:, COUNT].detach()
+    seq_ratio = torch.exp(rows[:, PG_SUM] / divisor(counts))
+    weights = sequence_weights(counts, seq_len, o.agg, o.kernel_num_tokens, o.kernel_num_seqs)
+    loss = (weights * -rows[:, KL_SUM].detach() * seq_ratio).sum()
+    stats = rows.detach()
+    total = divisor(counts.sum())
+    nonempty = counts > 0
+    found = nonempty.any()
+    ratio = seq_ratio.detach()
+    ratio_max = torch.where(nonempty, ratio, -math.inf).amax() if ratio.numel() else ratio.new_zeros(())
+    ratio_min = torch.where(nonempty, ratio, math.inf).amin() if ratio.numel() else ratio.new_zeros(())
+    return loss, {
+        "clipfrac": stats[:, CLIP].sum() / total, "clipfrac_lower": stats[:, DUAL].sum() / total,
+        "approx_kl": stats[:, APPROX_KL].sum() / total, "ratio_max": torch.where(found, ratio_max, 0.0),
+        "ratio_min": torch.where(found, ratio_min, 0.0),
     }
-    return logp_eff, lp.detach(), adv_eff, stats
 
 
 def _cov_selected(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
@@ -435,11 +461,12 @@ def _check_policy_inputs(shape_name: str, shape, old_logp: Tensor, advantages: T
 def _policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, token_weights: Optional[Tensor],
                  o: PPOLossOptions) -> tuple[Tensor, dict[str, Tensor]]:
     """ppo_policy_loss on checked inputs."""
-    batch_stats, penalty = {}, None
     if o.loss_type == "geo_mean":
-        logp, old_logp, advantages, batch_stats = _geo_mean_terms(logp, old_logp, advantages, mask, o.clip_low,
-                                                                  o.clip_high)
-    elif o.cov is not None:
+        advantages = _weighted_advantages(advantages, token_weights, logp.shape, o.loss_type)
+        loss, stats = _geo_mean_loss(logp, old_logp, advantages, mask, o, logp.shape[-1] if logp.dim() else 1)
+        return divide(loss, o.divisor), stats
+    batch_stats, penalty = {}, None
+    if o.cov is not None:
         selected, share = _cov_selected(logp, old_logp, advantages, mask, o)
         if o.loss_type == "clip_cov":  # the selected tokens' loss and gradient removed
             keep = (~selected).to(compute_dtype(advantages))

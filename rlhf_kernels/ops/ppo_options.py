@@ -18,12 +18,13 @@ Count = Union[float, Tensor, None]
 
 # The per-token objectives, by their code in the kernels (PolicyForm in
 # csrc/include/rlhf_kernels/ppo_math.h), and the policy objectives: verl's
-# policy-loss names ("clip" for verl's "vanilla"); "geo_mean" (GMPO) runs on the
-# clip kernels after a sequence pass (ops/ppo_loss.py: _geo_mean_terms).
-KERNEL_FORMS = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro")
-LOSS_TYPES = KERNEL_FORMS + ("geo_mean", "clip_cov", "kl_cov")
-# The objectives that need a pass over the whole batch or each whole sequence
-# before the token kernels: on the clip kernels (_batch_terms in ops/ppo_loss.py).
+# policy-loss names ("clip" for verl's "vanilla"). "geo_mean" (GMPO) is the
+# kernels' per-sequence sums, then its loss in PyTorch; "clip_cov" and
+# "kl_cov" select tokens over the batch, then run the clip kernels
+# (ops/ppo_loss.py: _geo_mean_loss, _cov_selected).
+KERNEL_FORMS = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro", "geo_mean")
+LOSS_TYPES = KERNEL_FORMS + ("clip_cov", "kl_cov")
+# The objectives whose token terms need a whole sequence or the whole batch.
 BATCH_FORMS = ("geo_mean", "clip_cov", "kl_cov")
 UNCLIPPED_HIGH = 1e30  # kl_cov's clip kernels: a ratio range no ratio leaves (<= e^20 after the clamp)
 DPPO_CAP = 20.0  # the cap of DPPO's stopped ratio when dual_clip is None (verl's clip_ratio_c default there)
@@ -53,7 +54,9 @@ def _form_numbers(loss_type: str, clip_low: float, clip_high: float | None, dual
                          f"not {loss_type!r}")
     if loss_type == "sapo":
         return low, high, 0.0, check_positive("tau_neg", tau_neg), check_positive("tau_pos", tau_pos)
-    if loss_type in ("geo_mean", "clip_cov"):  # the clip kernels (geo_mean's at a ratio of 1)
+    if loss_type == "geo_mean":  # the log-ratio's bounds
+        return low, high, 0.0, -low, high
+    if loss_type == "clip_cov":
         return low, high, 0.0, 1.0 - low, 1.0 + high
     if loss_type == "kl_cov":  # -A r unclipped: the clip kernels with a range no ratio leaves
         return low, high, 0.0, 0.0, UNCLIPPED_HIGH
@@ -165,7 +168,8 @@ class PPOLossOptions(NamedTuple):
             clip_low=clip_low, clip_high=clip_high, dual_clip=dual, agg=agg, num_tokens=num_tokens,
             num_seqs=num_seqs, ratio_level=ratio_level, backend=backend, agg_code=agg_code,
             kernel_num_tokens=kernel_tokens, kernel_num_seqs=kernel_seqs, divisor=divisor, loss_type=loss_type,
-            loss_code=KERNEL_FORMS.index("clip" if loss_type in BATCH_FORMS else loss_type), ratio_low=ratio_low,
+            loss_code=KERNEL_FORMS.index("clip" if loss_type in ("clip_cov", "kl_cov") else loss_type),
+            ratio_low=ratio_low,
             ratio_high=ratio_high, cov=cov, **penalty,
         )
 
@@ -203,7 +207,7 @@ POLICY_ARGS = """\
             "geo_mean" (GMPO, arXiv 2507.20673: -A_t R_b, R_b = exp of the
             sequence's mean log-ratio, each token's clipped to <= clip_high
             where A > 0, >= -clip_low where A < 0, 0 where A = 0, unclamped;
-            a sequence pass before the token kernels; with agg
+            the kernels' per-sequence sums, then the loss of B numbers; with agg
             "seq-mean-token-mean" and num_seqs = B it is verl's geo_mean),
             "clip_cov" (clip without a dual clip, the loss and gradient of a
             random subset of the tokens removed: of the valid, unclipped

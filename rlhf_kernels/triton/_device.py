@@ -228,7 +228,8 @@ def _dppo_kept(logp, old, adv, ratio_low, ratio_high, FORM: tl.constexpr):
 def _policy_terms(logp, old, adv, ref, ratio_low, ratio_high, dual_c, kl_coef,
                   HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, FORM: tl.constexpr):
     """One token's policy objective FORM (PolicyForm in csrc/include/rlhf_kernels/
-    ppo_math.h: 0 clip, 1 cispo, 2 sapo, 3 gpg, 4 dppo_tv, 5 dppo_kl, 6 dro) plus
+    ppo_math.h: 0 clip, 1 cispo, 2 sapo, 3 gpg, 4 dppo_tv, 5 dppo_kl, 6 dro,
+    7 geo_mean) plus
     kl_coef times the KL penalty, as policy_token in ppo_token_math.h (with its
     tie rules): (loss, d(loss + kl_coef * kl)/d logp, clipped, dual active,
     ratio, kl), for a block of tokens or a single one. ratio_low / ratio_high /
@@ -267,6 +268,20 @@ def _policy_terms(logp, old, adv, ref, ratio_low, ratio_high, dual_c, kl_coef,
         grad = neg_adv * (4.0 / tau) * (gate * gate_c) * tau * tl.where(d_log_ratio != 0.0, ratio, 0.0)
         clipped = tl.zeros_like(ratio) != 0.0  # none
         dual = clipped
+    elif FORM == 7:
+        # geo_mean (GMPO's token term): d unclamped, clipped in A's direction
+        # (ratio_low = -clip_low, ratio_high = clip_high), 0 for A = 0; derivative
+        # 1 where d passes, a tie at the bound included.
+        positive = adv > 0.0
+        negative = adv < 0.0
+        upper = tl.where(diff < ratio_high, diff, ratio_high)
+        lower = tl.where(diff > ratio_low, diff, ratio_low)
+        loss = tl.where(positive, upper, tl.where(negative, lower, 0.0))
+        grad = tl.where(positive, tl.where(diff <= ratio_high, 1.0, 0.0),
+                        tl.where(negative, tl.where(diff >= ratio_low, 1.0, 0.0), 0.0))
+        outside = (diff > ratio_high) | (diff < ratio_low)
+        clipped = outside & positive
+        dual = outside & negative
     elif FORM == 6:
         # dro: -(A logp - beta / 2 d^2), beta = ratio_low, d = logp - old (unclamped).
         loss = -(logp * adv - 0.5 * ratio_low * (diff * diff))
@@ -294,4 +309,6 @@ def _policy_terms(logp, old, adv, ref, ratio_low, ratio_high, dual_c, kl_coef,
     if KL_ESTIMATOR >= 0:
         kl, dkl = _kl_terms(logp, ref, KL_ESTIMATOR)
         grad = grad + kl_coef * dkl
+    elif FORM == 7:
+        kl = adv + tl.zeros_like(ratio)  # geo_mean: the KL column sums A (ppo_math.h)
     return loss, grad, clipped, dual, ratio, kl

@@ -26,7 +26,7 @@ from ._device import (
 )
 from . import logprobs as _logprobs
 
-N_POLICY_FORMS = 7  # the objectives' codes, PolicyForm in csrc/include/rlhf_kernels/ppo_math.h (FORM of the kernels)
+N_POLICY_FORMS = 8  # the objectives' codes, PolicyForm in csrc/include/rlhf_kernels/ppo_math.h (FORM of the kernels)
 
 @triton.jit
 def _ppo_policy_fwd_kernel(
@@ -303,7 +303,7 @@ def _run_tokens(token_pass, shape, n_stats: int, like: Tensor, *args):
 
 
 def _check_loss_type(loss_type: int) -> None:
-    """A PolicyForm code (0 clip ... 6 dro), as the native glue's check_loss_type."""
+    """A PolicyForm code (0 clip ... 7 geo_mean), as the native glue's check_loss_type."""
     if not 0 <= loss_type < N_POLICY_FORMS:
         raise ValueError(f"loss_type: bad code {loss_type}")
 
@@ -311,6 +311,20 @@ def _check_loss_type(loss_type: int) -> None:
 def _weights(counts: Tensor, shape, agg: int, num_tokens, num_seqs, count: Optional[Tensor] = None) -> Tensor:
     """The aggregation weights w_b, divided by a count given as a tensor."""
     return divide(sequence_weights(counts, int(shape[-1]), AGG_MODES[agg], num_tokens, num_seqs), count)
+
+
+@torch.library.custom_op("rlhf_kernels::ppo_policy_rows_triton", mutates_args=())
+def ppo_policy_rows_op(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, ratio_low: float, ratio_high: float,
+    dual_clip: float, loss_type: int, need_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """The native ppo_policy_rows (csrc/glue/ppo_loss.h ppo_policy_rows_impl): the token pass alone."""
+    _check_loss_type(loss_type)
+    tokens = _tokens(logp, old_logp, advantages)
+    return _run_tokens(
+        policy, logp.shape, N_POLICY_STATS, tokens[0], *tokens, _kernel_mask(mask, tokens[0].dtype),
+        None, None, int(logp.shape[-1]), ratio_low, ratio_high, dual_clip, loss_type, 0.0, -1, need_grad,
+    )
 
 
 @torch.library.custom_op("rlhf_kernels::ppo_policy_loss_triton", mutates_args=())

@@ -54,9 +54,16 @@ RLHF_HOST_DEVICE inline int64_t ppo_chunks(int64_t seq_len) {
 //   kFormDppoKl: the same with the binary KL of the token's probability
 //                (DPPO-Binary-KL);
 //   kFormDro:    -(A logp - beta / 2 (logp - old_logp)^2), the log-ratio
-//                unclamped (verl's dro: Direct Reward Optimization).
+//                unclamped (verl's dro: Direct Reward Optimization);
+//   kFormGeoMean: GMPO's token term (arXiv 2507.20673, verl's geo_mean), for
+//                the per-sequence sums of ppo_policy_rows: l = the log-ratio
+//                d unclamped, clipped in A's direction (min(d, hi) for A > 0,
+//                max(d, lo) for A < 0, lo = -clip_low), 0 for A = 0; clipped /
+//                dual count d outside [lo, hi] with A > 0 / A < 0; without a
+//                KL estimator the KL column sums A (the sequence's mean
+//                advantage). The loss exp(mean l) needs the sums: in Python.
 enum PolicyForm : int {
-  kFormClip = 0, kFormCispo, kFormSapo, kFormGpg, kFormDppoTv, kFormDppoKl, kFormDro, kPolicyForms
+  kFormClip = 0, kFormCispo, kFormSapo, kFormGpg, kFormDppoTv, kFormDppoKl, kFormDro, kFormGeoMean, kPolicyForms
 };
 
 // The objective's parameters. ratio_low / ratio_high / dual_clip are the

@@ -105,6 +105,20 @@ RLHF_TOKEN_FN PolicyToken<T> policy_token(T logp, T old_logp, T adv, T ref_logp,
     const T gate_c = S(1) / (S(1) + S(1) / e);
     out.loss = neg_adv * (gate * (S(4) / tau));
     out.grad = neg_adv * (S(4) / tau) * (gate * gate_c) * tau * (ratio_moves ? ratio : T{});
+  } else if (p.form == kFormGeoMean) {
+    // GMPO: d clipped in A's direction (ratio_low = -clip_low, ratio_high =
+    // clip_high); derivative 1 where d passes, a tie at the bound included
+    // (torch's minimum splits it, its clamp passes both halves).
+    const auto positive = adv > S(0);
+    const auto negative = adv < S(0);
+    const T upper = diff < p.ratio_high ? diff : T{} + p.ratio_high;
+    const T lower = diff > p.ratio_low ? diff : T{} + p.ratio_low;
+    out.loss = positive ? upper : (negative ? lower : T{});
+    const T one = T{} + S(1);
+    out.grad = positive ? (diff <= p.ratio_high ? one : T{}) : (negative ? (diff >= p.ratio_low ? one : T{}) : T{});
+    const auto outside = (diff > p.ratio_high) | (diff < p.ratio_low);
+    out.clipped = outside & positive;
+    out.dual = outside & negative;
   } else if (p.form == kFormDro) {
     // -(A logp - beta / 2 d^2), d = logp - old_logp: d / d logp = -(A - beta d).
     out.loss = -(logp * adv - S(0.5) * p.ratio_low * (diff * diff));
@@ -131,6 +145,8 @@ RLHF_TOKEN_FN PolicyToken<T> policy_token(T logp, T old_logp, T adv, T ref_logp,
     // float64 CUDA kernel on sm_80).
     out.kl = kl_value(logp, ref_logp, p.kl_estimator);
     out.grad = out.grad + p.kl_coef * kl_grad_logp(logp, ref_logp, p.kl_estimator);
+  } else if (p.form == kFormGeoMean) {
+    out.kl = adv;  // the KL column sums A (ppo_math.h)
   }
   return out;
 }
