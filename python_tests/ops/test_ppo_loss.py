@@ -773,7 +773,7 @@ def test_native_logits_grad_op_checks_its_arguments():
     with pytest.raises(ValueError, match="grad_logits"):
         op(*bad)
     bad = list(args)
-    bad[17] = 7  # no such objective
+    bad[17] = 8  # no such objective
     with pytest.raises(ValueError, match="loss_type"):
         op(*bad)
 
