@@ -344,6 +344,25 @@ FromLogitsOutputs ppo_loss_from_logits_impl(
 
 using LossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The token pass of ppo_policy_loss and ppo_policy_rows on a device: (T, the
+// token gradient dl/dlogp (empty unless need_grad), the (B, chunks,
+// kPolicyStats) partials), the partials of B empty sequences without a token.
+template <typename Partials>
+std::tuple<int64_t, at::Tensor, at::Tensor> policy_token_pass(const at::Tensor& logp, const at::Tensor& old_logp,
+                                                              const at::Tensor& advantages, const at::Tensor& mask,
+                                                              double ratio_low, double ratio_high, double dual_clip,
+                                                              int64_t loss_type, bool need_grad, Partials&& partials) {
+  check_loss_type(loss_type);
+  const LossTokens tok = loss_tokens({&logp, &old_logp, &advantages}, mask);
+  if (tok.numel() == 0) {
+    return {tok.seq_len, at::empty({0}, tok.options()),
+            empty_partials(tok.seqs, kPolicyStats, kRatioMax, kRatioMin, tok.options())};
+  }
+  auto [grad, partial] = partials(tok.values[0], tok.values[1], tok.values[2], tok.mask, std::nullopt, std::nullopt,
+                                  tok.seq_len, ratio_low, ratio_high, dual_clip, loss_type, 0.0, kKlNone, need_grad);
+  return {tok.seq_len, grad, partial};
+}
+
 // The public ppo_policy_loss over a device's token pass (as in
 // ppo_loss_from_logits_impl) and finalisation; returns loss, stats (5,), the
 // token gradient dl/dlogp (0 on masked tokens; empty unless need_grad) and the
@@ -353,18 +372,9 @@ LossOutputs ppo_policy_loss_impl(const at::Tensor& logp, const at::Tensor& old_l
                                  const at::Tensor& mask, double ratio_low, double ratio_high, double dual_clip,
                                  int64_t loss_type, const AggParams& agg, bool need_grad, Partials&& partials,
                                  Finalize&& finalize) {
-  check_loss_type(loss_type);
-  const LossTokens tok = loss_tokens({&logp, &old_logp, &advantages}, mask);
-  at::Tensor grad, partial;
-  if (tok.numel() > 0) {
-    std::tie(grad, partial) = partials(tok.values[0], tok.values[1], tok.values[2], tok.mask, std::nullopt,
-                                       std::nullopt, tok.seq_len, ratio_low, ratio_high, dual_clip, loss_type, 0.0,
-                                       kKlNone, need_grad);
-  } else {
-    grad = at::empty({0}, tok.options());
-    partial = empty_partials(tok.seqs, kPolicyStats, kRatioMax, kRatioMin, tok.options());
-  }
-  auto [loss, stats, weights] = finalize(partial, tok.seq_len, agg, 0.0, 0.0, std::nullopt);
+  const auto [seq_len, grad, partial] = policy_token_pass(logp, old_logp, advantages, mask, ratio_low, ratio_high,
+                                                         dual_clip, loss_type, need_grad, partials);
+  auto [loss, stats, weights] = finalize(partial, seq_len, agg, 0.0, 0.0, std::nullopt);
   return {loss, stats.narrow(0, 0, kPgLossOut), grad, weights};
 }
 
@@ -376,17 +386,8 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_rows_impl(const at::Tensor& logp, 
                                                         const at::Tensor& advantages, const at::Tensor& mask,
                                                         double ratio_low, double ratio_high, double dual_clip,
                                                         int64_t loss_type, bool need_grad, Partials&& partials) {
-  check_loss_type(loss_type);
-  const LossTokens tok = loss_tokens({&logp, &old_logp, &advantages}, mask);
-  at::Tensor grad, partial;
-  if (tok.numel() > 0) {
-    std::tie(grad, partial) = partials(tok.values[0], tok.values[1], tok.values[2], tok.mask, std::nullopt,
-                                       std::nullopt, tok.seq_len, ratio_low, ratio_high, dual_clip, loss_type, 0.0,
-                                       kKlNone, need_grad);
-  } else {
-    grad = at::empty({0}, tok.options());
-    partial = empty_partials(tok.seqs, kPolicyStats, kRatioMax, kRatioMin, tok.options());
-  }
+  const auto [seq_len, grad, partial] = policy_token_pass(logp, old_logp, advantages, mask, ratio_low, ratio_high,
+                                                         dual_clip, loss_type, need_grad, partials);
   at::Tensor rows = partial.sum(1);
   rows.select(1, kRatioMax).copy_(std::get<0>(partial.select(2, kRatioMax).max(1)));
   rows.select(1, kRatioMin).copy_(std::get<0>(partial.select(2, kRatioMin).min(1)));

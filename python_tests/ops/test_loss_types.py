@@ -12,7 +12,7 @@ import torch
 import rlhf_kernels
 from rlhf_kernels import reference
 
-from helpers import check_stats, policy_tokens
+from helpers import check_stats, policy_tokens, seeded_draws
 
 LOSS_TYPES = reference.LOSS_TYPES
 F32 = dict(atol=1e-6, rtol=1e-5)
@@ -34,14 +34,6 @@ OBJECTIVE_KWARGS = {
 }
 
 
-def _fresh(kwargs: dict) -> dict:
-    """kwargs with clip_cov's generator seeded anew: each call draws the same
-    random choice."""
-    if kwargs.get("loss_type") != "clip_cov":
-        return kwargs
-    return dict(kwargs, generator=torch.Generator().manual_seed(11))
-
-
 def _tokens(shape, device, seed=0, dtype=torch.float32):
     """policy_tokens with log-ratios of scale 0.6 (near the clip range) and
     valid old log-probabilities (<= 0: dppo reads exp(old_logp)); token 5's
@@ -60,10 +52,10 @@ def test_policy_loss_types_match_float64(device_backend, loss_type, agg, dtype):
     logp, old, adv, mask = _tokens((4, 67), device, dtype=dtype)
     kwargs = dict(OBJECTIVE_KWARGS[loss_type], agg=agg, loss_type=loss_type)
     x = logp.clone().requires_grad_(True)
-    loss, stats = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, backend=backend, **_fresh(kwargs))
+    loss, stats = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, backend=backend, **seeded_draws(kwargs))
     loss.backward()
     x64 = logp.double().requires_grad_(True)
-    want, want_stats = reference.ppo_policy_loss(x64, old.double(), adv.double(), mask, **_fresh(kwargs))
+    want, want_stats = reference.ppo_policy_loss(x64, old.double(), adv.double(), mask, **seeded_draws(kwargs))
     want.backward()
     tol = F32 if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(loss.double(), want.detach(), **tol)
@@ -98,25 +90,25 @@ def test_loss_types_from_logits_and_hidden_match_float64(device_backend, loss_ty
                   entropy_coef=0.01, agg="seq-mean-token-mean")
     x64 = logits.clone().requires_grad_(True)
     want, want_stats = reference.ppo_loss_from_logits(x64, labels, old, adv, mask,
-                                                      **_fresh(dict(kwargs, ref_logp=ref)))
+                                                      **seeded_draws(dict(kwargs, ref_logp=ref)))
     want.backward()
     to = lambda t: t.float().to(device)  # noqa: E731
     for inplace in (False, True):
         x = to(logits).requires_grad_(True)
         loss, stats = rlhf_kernels.ppo_loss_from_logits(x.clone() if inplace else x, labels.to(device), to(old),
                                                         to(adv), mask.to(device), inplace_backward=inplace,
-                                                        backend=backend, **_fresh(kwargs))
+                                                        backend=backend, **seeded_draws(kwargs))
         loss.backward()
         torch.testing.assert_close(loss.double().cpu(), want.detach(), **F32)
         torch.testing.assert_close(x.grad.double().cpu(), x64.grad, atol=1e-6, rtol=1e-4)
         check_stats(stats, want_stats, atol=1e-5, rtol=1e-5)
     h, w = to(hidden).requires_grad_(True), to(weight).requires_grad_(True)
     loss_h, stats_h = rlhf_kernels.ppo_loss_from_hidden(h, w, labels.to(device), to(old), to(adv), mask.to(device),
-                                                        backend=backend, **_fresh(kwargs))
+                                                        backend=backend, **seeded_draws(kwargs))
     loss_h.backward()
     h64, w64 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     want_h, _ = reference.ppo_loss_from_logits(h64 @ w64.T, labels, old, adv, mask,
-                                               **_fresh(dict(kwargs, ref_logp=ref)))
+                                               **seeded_draws(dict(kwargs, ref_logp=ref)))
     want_h.backward()
     torch.testing.assert_close(loss_h.double().cpu(), want_h.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h.grad.double().cpu(), h64.grad, atol=1e-5, rtol=1e-4)
@@ -162,7 +154,7 @@ def test_loss_types_token_weights_scale_each_token(device_backend, loss_type):
     w = torch.rand(3, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device) + 0.1
     kw = dict(OBJECTIVE_KWARGS[loss_type], loss_type=loss_type, agg="token-sum")
     x = logp.clone().requires_grad_(True)
-    loss = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, token_weights=w, backend=backend, **_fresh(kw))[0]
+    loss = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, token_weights=w, backend=backend, **seeded_draws(kw))[0]
     loss.backward()
     x64 = logp.clone().requires_grad_(True)
     low, high = kw.get("clip_low", 0.2), kw.get("clip_high", kw.get("clip_low", 0.2))
@@ -171,7 +163,7 @@ def test_loss_types_token_weights_scale_each_token(device_backend, loss_type):
     elif loss_type in ("clip_cov", "kl_cov"):  # the selection unweighted
         tok = reference._cov_token_loss(x64, old, adv, mask, loss_type, low, high, kw["cov_ratio"],
                                         kw.get("cov_bounds", (1.0, 5.0)), kw.get("kl_cov_coef", 1.0),
-                                        _fresh(kw).get("generator"))[0]
+                                        seeded_draws(kw).get("generator"))[0]
     else:
         tok, _, _ = reference._policy_token_loss(
             x64, old, adv, torch.exp(torch.clamp(x64 - old, -20, 20)), loss_type, low, high, kw.get("dual_clip"),

@@ -14,6 +14,8 @@ import torch
 import rlhf_kernels
 from rlhf_kernels import _dispatch, reference
 
+from helpers import seeded_draws
+
 if not _dispatch.triton_installed():
     pytest.skip("Triton is not installed", allow_module_level=True)
 
@@ -39,14 +41,6 @@ KEYWORDS = {
     "clip_cov": dict(clip_low=0.2, clip_high=0.28, cov_ratio=0.05, cov_bounds=(0.0, 1.0)),
     "kl_cov": dict(cov_ratio=0.05, kl_cov_coef=0.5),
 }
-
-
-def _fresh(kwargs: dict) -> dict:
-    """kwargs with clip_cov's generator seeded anew: each call draws the same
-    random choice."""
-    if kwargs.get("loss_type") != "clip_cov":
-        return kwargs
-    return dict(kwargs, generator=torch.Generator().manual_seed(11))
 # The relative tolerance against float64, also the absolute one scaled by the largest compared value (at least 1).
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_max", "ratio_min")
@@ -145,10 +139,10 @@ def test_policy_loss_matches_float64(loss_type, dtype, extreme):
     kw = dict(KEYWORDS[loss_type], loss_type=loss_type)
     x = logp.clone().to(DEVICE).requires_grad_(True)
     loss, stats = rlhf_kernels.ppo_policy_loss(x, old.to(DEVICE), adv.to(DEVICE), mask.to(DEVICE),
-                                               backend="triton", **_fresh(kw))
+                                               backend="triton", **seeded_draws(kw))
     loss.backward()
     x64 = logp.double().requires_grad_(True)
-    want, want_stats = reference.ppo_policy_loss(x64, old.double(), adv.double(), mask, **_fresh(kw))
+    want, want_stats = reference.ppo_policy_loss(x64, old.double(), adv.double(), mask, **seeded_draws(kw))
     want.backward()
     _close(loss.cpu(), want, dtype, "loss")
     _check_stats({k: v.cpu() for k, v in stats.items()}, want_stats, POLICY_STATS, dtype)
@@ -169,11 +163,11 @@ def test_loss_from_logits_matches_float64(loss_type, dtype, extreme):
     x = logits.clone().to(DEVICE).requires_grad_(True)
     loss, stats = rlhf_kernels.ppo_loss_from_logits(
         x, labels.to(DEVICE), old.to(DEVICE), adv.to(DEVICE), mask.to(DEVICE), ref_logp=ref.to(DEVICE),
-        backend="triton", **_fresh(kw))
+        backend="triton", **seeded_draws(kw))
     loss.backward()
     x64 = logits.double().requires_grad_(True)
     want, want_stats = reference.ppo_loss_from_logits(x64, labels, old.double(), adv.double(), mask,
-                                                      ref_logp=ref.double(), **_fresh(kw))
+                                                      ref_logp=ref.double(), **seeded_draws(kw))
     want.backward()
     _close(loss.cpu(), want, dtype, "loss")
     _check_stats({k: v.cpu() for k, v in stats.items()}, want_stats, LOGITS_STATS, dtype)
