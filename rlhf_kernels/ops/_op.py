@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .._dispatch import native_extension_loaded
+
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 
 
@@ -59,3 +61,27 @@ def differentiable(op, setup_context: Callable, backward: Callable) -> Callable:
         return below(*args)
 
     return call
+
+
+def native_op(name: str):
+    """The native (csrc) op ``rlhf_kernels::name``, None without the extension."""
+    return getattr(torch.ops.rlhf_kernels, name).default if native_extension_loaded() else None
+
+
+def tracing(t: Tensor) -> bool:
+    """True while a graph is traced (torch.compile, AOT autograd, make_fx): t
+    has no value to branch on."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return (torch.compiler.is_compiling() or isinstance(t, (FakeTensor, FunctionalTensor))
+            or get_proxy_mode() is not None)
+
+
+def no_double_backward(op: str, grad_loss: Tensor) -> None:
+    """For ops whose gradient is computed in the forward, not by differentiable
+    ops: a second derivative (create_graph=True) would be 0, so it raises."""
+    if torch.is_grad_enabled() and not tracing(grad_loss):
+        raise RuntimeError(f"{op}: no double backward (create_graph=True): its gradient is computed in the "
+                           "forward, not by differentiable ops")

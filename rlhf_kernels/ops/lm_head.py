@@ -30,7 +30,8 @@ from .advantages import kl_penalty
 from .lm_head_plan import LOSS_BUDGET_FACTOR, default_chunk_bytes, row_block, tile_bytes, tile_plan
 from . import lm_head_tiles
 from .lm_head_tiles import ROWS, PrecomputedGrad, backward_tiles, forward_tiles
-from .ppo_loss import _check_policy_inputs, _combined_loss, _logprobs_loss, _policy_loss
+from .policy_objectives import policy_loss
+from .ppo_loss import _check_policy_inputs, _combined_loss, _logprobs_loss
 from .ppo_options import PPOLossOptions, fill_args
 from .truncation import kept_threshold
 
@@ -425,7 +426,7 @@ def _ppo_loss_grad_in_forward(hidden, weight, bias, labels, old_logp, advantages
         # token's term depends on its own logp only.
         x = logp.detach()[None].requires_grad_(True)
         with torch.enable_grad():
-            total, _ = _policy_loss(x, old[None, t0:t1], adv[None, t0:t1], torch.ones_like(x, dtype=torch.bool),
+            total, _ = policy_loss(x, old[None, t0:t1], adv[None, t0:t1], torch.ones_like(x, dtype=torch.bool),
                                     None if tw_flat is None else tw_flat[None, t0:t1], token_options)
             if ref is not None and o.kl_coef != 0:
                 total = total + o.kl_coef * kl_penalty(x, ref[None, t0:t1].detach(), estimator=o.kl_estimator,

@@ -29,18 +29,16 @@ from .._dispatch import checks_enabled, implementation, native_extension_loaded,
 from .._launch import acc_dtype, grad_in_forward, rows_in_flight
 from .._validation import (
     FLOAT_DTYPES, INDEX_DTYPES, check_agg, check_labels_in_range, check_mask, check_positive, check_same_device,
-    check_tensor, check_tokens, check_weights, compute_dtype,
+    check_tensor, check_tokens, compute_dtype,
 )
-from ..aggregation import (
-    APPROX_KL, CLIP, COUNT, DUAL, KL_SUM, N_POLICY_STATS, PG_SUM, POLICY_STAT_NAMES, agg_loss, divide, divisor,
-    mask_weights, sequence_weights,
-)
+from ..aggregation import POLICY_STAT_NAMES, agg_loss, divide
 from ..eager import ppo_loss as _eager
-from ._op import differentiable
 from ..packing import packed_rows
-from .ppo_options import PPOLossOptions, fill_args
+from ._op import differentiable, native_op, no_double_backward, tracing
 from .advantages import kl_penalty
 from .logprobs import logprobs_from_logits
+from .policy_objectives import policy_loss, weighted_advantages
+from .ppo_options import PPOLossOptions, fill_args
 from .truncation import truncates
 
 if triton_installed():
@@ -81,13 +79,6 @@ def _scaled_token_grad(grad: Tensor, weights: Tensor, grad_loss: Tensor, shape) 
     return (grad.view(weights.shape[0], shape[-1]) * (weights * grad_loss).unsqueeze(-1)).view(shape)
 
 
-def _no_double_backward(op: str, grad_loss: Tensor) -> None:
-    """The token / logits gradients are computed in the forward, not by
-    differentiable ops: a second derivative (create_graph=True) would be 0."""
-    if torch.is_grad_enabled() and not _tracing(grad_loss):
-        raise RuntimeError(f"{op}: no double backward (create_graph=True): its gradient is computed in the "
-                           "forward, not by differentiable ops")
-
 
 def _token_loss_backward(name: str) -> Callable:
     """The backward of the token loss op `name`: its saved gradient times the upstream one."""
@@ -95,7 +86,7 @@ def _token_loss_backward(name: str) -> Callable:
     def backward(ctx, grad_loss, *_):
         grads = [None] * len(ctx.needs_input_grad)
         if ctx.needs_input_grad[0]:
-            _no_double_backward(name, grad_loss)
+            no_double_backward(name, grad_loss)
             grad, weights = ctx.saved_tensors
             grads[0] = _scaled_token_grad(grad, weights, grad_loss, ctx.shape)
         return tuple(grads)
@@ -103,15 +94,11 @@ def _token_loss_backward(name: str) -> Callable:
     return backward
 
 
-def _native_op(name: str):
-    return getattr(torch.ops.rlhf_kernels, name).default if native_extension_loaded() else None
-
-
 def _token_loss_ops(name: str, n_stats: int) -> dict[str, Callable]:
     """backend -> the differentiable caller of the `name` op (native and Triton)."""
     callers = {}
     triton_op = getattr(torch.ops.rlhf_kernels, name + "_triton").default if triton_installed() else None
-    for backends, op in ((("cpu", "cuda"), _native_op(name)), (("triton",), triton_op)):
+    for backends, op in ((("cpu", "cuda"), native_op(name)), (("triton",), triton_op)):
         if op is not None:
             torch.library.register_fake(op)(_token_loss_fake(n_stats))
             caller = differentiable(op, _token_loss_setup_context, _token_loss_backward(name))
@@ -120,14 +107,14 @@ def _token_loss_ops(name: str, n_stats: int) -> dict[str, Callable]:
 
 
 def _register_policy_loss(backends, caller):
-    def policy_loss(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip, loss_type, agg, num_tokens,
-                    num_seqs):
+    def token_policy_loss(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip, loss_type, agg,
+                          num_tokens, num_seqs):
         need_grad = logp.requires_grad and torch.is_grad_enabled()
         loss, stats, _, _ = caller(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip, loss_type,
                                    agg, num_tokens, num_seqs, need_grad)
         return loss, stats
 
-    register("ppo_policy_loss", backends, policy_loss)
+    register("ppo_policy_loss", backends, token_policy_loss)
 
 
 def _register_value_loss(backends, caller):
@@ -145,47 +132,6 @@ for _backend, _caller in _token_loss_ops("ppo_value_loss", 1).items():
     _register_value_loss((_backend,), _caller)
 register("ppo_policy_loss", ("eager",), _eager.policy_loss)
 register("ppo_value_loss", ("eager",), _eager.value_loss)
-
-
-# --- the policy token pass alone: (grad, rows), rows the per-sequence sums (B, 9) ---
-# (GMPO's sequence terms); differentiable through the loss column only: d
-# rows[b, PG_SUM] / d logp_t = grad_t, the other columns are statistics.
-
-
-def _policy_rows_fake(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip, loss_type, need_grad):
-    dtype = compute_dtype(logp, old_logp, advantages)
-    return (logp.new_empty((logp.numel() if need_grad else 0,), dtype=dtype),
-            logp.new_empty((_num_seqs(logp.shape), N_POLICY_STATS), dtype=dtype))
-
-
-def _policy_rows_setup_context(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[0])
-    if ctx.needs_input_grad[0]:
-        ctx.shape, ctx.dtype = inputs[0].shape, inputs[0].dtype
-        ctx.save_for_backward(output[0])
-
-
-def _policy_rows_backward(ctx, _, grad_rows):
-    grads = [None] * len(ctx.needs_input_grad)
-    if ctx.needs_input_grad[0]:
-        _no_double_backward("ppo_policy_rows", grad_rows)
-        (grad,) = ctx.saved_tensors
-        if grad.numel() != math.prod(ctx.shape):
-            raise RuntimeError("ppo_policy_rows: called with need_grad=False, it kept no token gradient")
-        seqs = grad_rows.shape[0]
-        token = grad.view(seqs, -1) * grad_rows[:, PG_SUM].to(grad.dtype).unsqueeze(-1)
-        grads[0] = token.view(ctx.shape).to(ctx.dtype)
-    return tuple(grads)
-
-
-for _backends, _op in ((("cpu", "cuda"), _native_op("ppo_policy_rows")),
-                       (("triton",), torch.ops.rlhf_kernels.ppo_policy_rows_triton.default
-                        if triton_installed() else None)):
-    if _op is not None:
-        torch.library.register_fake(_op)(_policy_rows_fake)
-        register("ppo_policy_rows", _backends, differentiable(_op, _policy_rows_setup_context,
-                                                              _policy_rows_backward))
-register("ppo_policy_rows", ("eager",), _eager.policy_rows)
 
 
 # --- the loss from the logits: the native op, its Triton twin, the eager composition --------
@@ -210,16 +156,6 @@ def _from_logits_fake(logits, labels, old_logp, advantages, mask, ref_logp, temp
             new(n), logits.new_empty(logits.shape if fused else (0,)))
 
 
-def _tracing(t: Tensor) -> bool:
-    """True while a graph is traced (torch.compile, AOT autograd, make_fx): t
-    has no value to branch on."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
-
-    return (torch.compiler.is_compiling() or isinstance(t, (FakeTensor, FunctionalTensor))
-            or get_proxy_mode() is not None)
-
 
 def _from_logits_setup_context(ctx, inputs, output):
     (logits, labels, _old_logp, _advantages, mask, _ref_logp, temperature, _ratio_low, _ratio_high, _dual_clip,
@@ -234,7 +170,7 @@ def _from_logits_setup_context(ctx, inputs, output):
         # Only the gradient is kept, not the logits. No (N, V) zeros for the
         # outputs that get no gradient.
         ctx.set_materialize_grads(False)
-        ctx.traced = _tracing(grad_logits)
+        ctx.traced = tracing(grad_logits)
         if ctx.traced:
             ctx.save_for_backward(grad_logits)
         else:
@@ -257,7 +193,7 @@ def _from_logits_backward_with(scale_grad_, backward_op, backward_inplace_op) ->
         grads = [None] * len(ctx.needs_input_grad)
         if not ctx.needs_input_grad[0] or grad_loss is None:  # None: only if grads are not materialised
             return tuple(grads)
-        _no_double_backward("ppo_loss_from_logits", grad_loss)
+        no_double_backward("ppo_loss_from_logits", grad_loss)
         if ctx.fused:
             # Written for a unit upstream gradient: scaled in float32 (a bf16
             # scale would bias it), rounded once; eagerly on the device and
@@ -322,128 +258,6 @@ register("ppo_loss_from_logits", ("eager",), _eager.ppo_loss_from_logits)
 # --- public functions -------------------------------------------------------------------
 
 
-def _weighted_advantages(advantages: Tensor, token_weights: Optional[Tensor], shape, loss_type: str) -> Tensor:
-    """advantages * token_weights (in the computation dtype), detached. The
-    clipped objective is positively homogeneous in A, per token: w * l(A) =
-    l(w * A) for w >= 0, the dual clip included (sign(w A) = sign(A)), and so
-    is its gradient; so the policy kernels weight a token's policy term by
-    scaling its advantage, and the KL and entropy terms stay unweighted (as
-    verl's rollout correction and OpenRLHF's IS correction weight them). A
-    token of weight 0 counts as unclipped in clipfrac."""
-    advantages = advantages.detach()
-    if token_weights is None:
-        return advantages
-    if loss_type == "dro":
-        raise ValueError("token_weights: not with loss_type='dro' (its log-ratio penalty is not proportional to A)")
-    check_tensor("token_weights", token_weights, FLOAT_DTYPES)
-    check_same_device(advantages=advantages, token_weights=token_weights)
-    check_tokens("advantages", shape, token_weights=token_weights)
-    check_weights("token_weights", token_weights)
-    dtype = compute_dtype(advantages, token_weights)
-    return advantages.to(dtype) * token_weights.detach().to(dtype)
-
-
-def _sequence_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str) -> tuple[Tensor, Tensor]:
-    """(logp', old') that make the token kernels compute GSPO's sequence-level
-    ratio (Zheng et al., 2025): s_b = the (weighted) mean of logp - old_logp
-    over the valid tokens of sequence b (divided by max(count, 1), as verl and
-    OpenRLHF), old' = sg(logp) - s_b, so that each token's ratio
-    exp(logp' - old') has the value exp(s_b).
-    "sequence-token" (GSPO-token, verl): logp' = logp, each token's gradient
-    through its own log-prob. "sequence" (GSPO, OpenRLHF): logp' = sg(logp) +
-    (m_b - sg(m_b)) with m_b the same mean of logp, equal in value, so that
-    the gradient flows through the sequence mean: d L / d logp_t = w_t /
-    max(count, 1) * (sum of the sequence's token gradients). The two agree when
-    the advantage is constant over a sequence. s_b in float64 (a float32 old'
-    costs half an ulp of |logp| in the log-ratio)."""
-    valid, weight = mask_weights(mask, torch.float64)
-    w = weight if weight is not None else valid.to(torch.float64)
-    counts = w.sum(-1).clamp(min=1)
-    lp = logp.detach().to(torch.float64)
-    seq_log_ratio = (torch.where(valid, lp - old_logp.detach().to(torch.float64), 0.0) * w).sum(-1) / counts
-    dtype = compute_dtype(logp, old_logp)
-    old_eff = (lp - seq_log_ratio.unsqueeze(-1)).to(dtype)
-    if level == "sequence":
-        x = logp.to(dtype)
-        mean = (torch.where(valid, x, 0.0) * w.to(dtype)).sum(-1) / counts.to(dtype)
-        logp = x.detach() + (mean - mean.detach()).unsqueeze(-1)
-    return logp, old_eff
-
-
-def _geo_mean_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, o: PPOLossOptions,
-                   seq_len: int) -> tuple[Tensor, dict[str, Tensor]]:
-    """GMPO (Zhao et al., 2025, arXiv 2507.20673; verl's geo_mean) on the
-    kernels' per-sequence sums (ppo_policy_rows, form geo_mean): with c_t the
-    log-ratio clipped in A's direction, S_b = sum_t w_t c_t, n_b = sum_t w_t
-    (0 -> 1) and R_b = exp(S_b / n_b), each token's loss is -A_t R_b, so
-    ``agg`` gives sum_b w_b (-sum_t w_t A_t) R_b with the aggregation's
-    sequence weights w_b; d R_b / d logp_t = R_b w_t [c_t passes] / n_b, one
-    pass over the tokens each way. ``advantages`` already weighted
-    (token_weights). The stats are GMPO's: clipfrac / clipfrac_lower the
-    share of valid tokens with the log-ratio outside [-clip_low, clip_high]
-    and A > 0 / A < 0 (verl's pg_clipfrac / pg_clipfrac_lower), ratio_max /
-    ratio_min over the R_b of the sequences with a valid token."""
-    rows = implementation("ppo_policy_rows", o.backend, logp.device)(
-        logp, old_logp.detach(), advantages, mask, o.ratio_low, o.ratio_high, 0.0, o.loss_code,
-        logp.requires_grad and torch.is_grad_enabled())[1]
-    counts = rows[:, COUNT].detach()
-    seq_ratio = torch.exp(rows[:, PG_SUM] / divisor(counts))
-    weights = sequence_weights(counts, seq_len, o.agg, o.kernel_num_tokens, o.kernel_num_seqs)
-    loss = (weights * -rows[:, KL_SUM].detach() * seq_ratio).sum()
-    stats = rows.detach()
-    total = divisor(counts.sum())
-    nonempty = counts > 0
-    found = nonempty.any()
-    ratio = seq_ratio.detach()
-    ratio_max = torch.where(nonempty, ratio, -math.inf).amax() if ratio.numel() else ratio.new_zeros(())
-    ratio_min = torch.where(nonempty, ratio, math.inf).amin() if ratio.numel() else ratio.new_zeros(())
-    return loss, {
-        "clipfrac": stats[:, CLIP].sum() / total, "clipfrac_lower": stats[:, DUAL].sum() / total,
-        "approx_kl": stats[:, APPROX_KL].sum() / total, "ratio_max": torch.where(found, ratio_max, 0.0),
-        "ratio_min": torch.where(found, ratio_min, 0.0),
-    }
-
-
-def _cov_selected(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                  o: PPOLossOptions) -> tuple[Tensor, Tensor]:
-    """(the (..., T) bool tokens clip_cov / kl_cov select, their share of the
-    valid tokens as clipfrac). The covariance (A - mean A)(logp - mean logp)
-    over the whole batch in float64: clip_cov's means weighted by the mask, a
-    random choice among the valid unclipped tokens with the covariance inside
-    its bounds (torch.randperm over them in row-major order, one host read of
-    their count); kl_cov's means unweighted, the tokens of largest covariance
-    by a stable sort (ties to the lower row-major index; no host read)."""
-    cov = o.cov
-    valid, weight = mask_weights(mask, torch.float64)
-    w = weight if weight is not None else valid.to(torch.float64)
-    a = torch.where(valid, advantages.detach().to(torch.float64), 0.0)
-    lp = torch.where(valid, logp.detach().to(torch.float64), 0.0)
-    if o.loss_type == "clip_cov":
-        total = w.sum()
-        centred = (a - (a * w).sum() / total.clamp(min=1e-300)) * (lp - (lp * w).sum() / total.clamp(min=1e-300))
-        ratio = torch.exp(lp - old_logp.detach().to(torch.float64))
-        clipped = -a * ratio.clamp(1.0 - o.clip_low, 1.0 + o.clip_high) > -a * ratio
-        candidates = valid & ~clipped & (centred > cov.low) & (centred < cov.high)
-        flat = torch.nonzero(candidates.reshape(-1)).squeeze(-1)
-        n_found, mask_sum = flat.shape[0], float(total)
-        take = min(max(int(cov.ratio * mask_sum), 1), n_found)
-        device = cov.generator.device if cov.generator is not None else torch.device("cpu")
-        chosen = flat[torch.randperm(n_found, generator=cov.generator, device=device)[:take].to(flat.device)]
-        selected = torch.zeros(candidates.numel(), dtype=torch.bool, device=mask.device)
-        selected[chosen] = True
-        selected = selected.reshape(candidates.shape)
-    else:
-        n = valid.sum().to(torch.float64)
-        centred = (a - a.sum() / n.clamp(min=1)) * (lp - lp.sum() / n.clamp(min=1))
-        key = torch.where(valid, centred, -math.inf).reshape(-1)
-        order = torch.sort(key, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        k = torch.floor(n * cov.ratio).clamp(min=1)
-        selected = valid & (rank.reshape(valid.shape) < k)
-    share = (selected.to(torch.float64) * w).sum() / divisor(w.sum())
-    return selected, share
-
-
 def _check_policy_inputs(shape_name: str, shape, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                          ref_logp: Optional[Tensor] = None, **others: Tensor) -> None:
     """The per-token inputs of a policy loss: float tensors (a bool or
@@ -458,45 +272,13 @@ def _check_policy_inputs(shape_name: str, shape, old_logp: Tensor, advantages: T
                  **({} if ref_logp is None else {"ref_logp": ref_logp}))
 
 
-def _policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, token_weights: Optional[Tensor],
-                 o: PPOLossOptions) -> tuple[Tensor, dict[str, Tensor]]:
-    """ppo_policy_loss on checked inputs."""
-    if o.loss_type == "geo_mean":
-        advantages = _weighted_advantages(advantages, token_weights, logp.shape, o.loss_type)
-        loss, stats = _geo_mean_loss(logp, old_logp, advantages, mask, o, logp.shape[-1] if logp.dim() else 1)
-        return divide(loss, o.divisor), stats
-    batch_stats, penalty = {}, None
-    if o.cov is not None:
-        selected, share = _cov_selected(logp, old_logp, advantages, mask, o)
-        if o.loss_type == "clip_cov":  # the selected tokens' loss and gradient removed
-            keep = (~selected).to(compute_dtype(advantages))
-            token_weights = keep if token_weights is None else keep * token_weights.detach()
-        else:  # kl_cov: + kl_cov_coef |logp - old_logp| on the selected tokens, weighted as their policy term
-            dtype = compute_dtype(logp, old_logp)
-            penalty = torch.where(selected, o.cov.kl_coef * (logp.to(dtype) - old_logp.detach().to(dtype)).abs(), 0.0)
-            if token_weights is not None:
-                penalty = penalty * token_weights.detach()
-        batch_stats = {"clipfrac": share}
-    advantages = _weighted_advantages(advantages, token_weights, logp.shape, o.loss_type)
-    if o.ratio_level != "token":
-        logp, old_logp = _sequence_ratio(logp, old_logp, mask, o.ratio_level)
-    loss, stats = implementation("ppo_policy_loss", o.backend, logp.device)(
-        logp, old_logp.detach(), advantages, mask, o.ratio_low, o.ratio_high, o.dual_clip, o.loss_code, o.agg_code,
-        o.kernel_num_tokens, o.kernel_num_seqs,
-    )
-    loss = divide(loss, o.divisor)
-    if penalty is not None:
-        loss = loss + agg_loss(penalty, mask, o.agg, num_tokens=o.num_tokens, num_seqs=o.num_seqs).to(loss.dtype)
-    stats = dict(zip(POLICY_STAT_NAMES, stats.unbind()))
-    return loss, dict(stats, **{k: v.to(stats["clipfrac"].dtype) for k, v in batch_stats.items()})
-
 
 def _combined_loss(logp: Tensor, entropy: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                    ref_logp: Optional[Tensor], token_weights: Optional[Tensor],
                    o: PPOLossOptions) -> tuple[Tensor, dict[str, Tensor]]:
     """ppo_loss_from_logprobs on checked inputs: the policy op, then the KL and
     entropy terms aggregated as the policy term (``agg_loss``)."""
-    pg_loss, stats = _policy_loss(logp, old_logp, advantages, mask, token_weights, o)
+    pg_loss, stats = policy_loss(logp, old_logp, advantages, mask, token_weights, o)
 
     def aggregate(x: Tensor) -> Tensor:
         return agg_loss(x, mask, o.agg, num_tokens=o.num_tokens, num_seqs=o.num_seqs).to(pg_loss.dtype)
@@ -597,7 +379,7 @@ def ppo_policy_loss(
                                cov_ratio=cov_ratio, cov_bounds=cov_bounds, kl_cov_coef=kl_cov_coef,
                                generator=generator, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
                                ratio_level=ratio_level, backend=backend)
-    return _policy_loss(logp, old_logp, advantages, mask, token_weights, o)
+    return policy_loss(logp, old_logp, advantages, mask, token_weights, o)
 
 
 @fill_args
@@ -846,7 +628,7 @@ def ppo_loss_from_logits(
         return _combined_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, o)
     if vocab_start is not None:
         raise ValueError("vocab_start: only with vocab_parallel_group")
-    advantages = _weighted_advantages(advantages, token_weights, tokens, o.loss_type)
+    advantages = weighted_advantages(advantages, token_weights, tokens, o.loss_type)
     if labels.is_cuda and checks_enabled():
         check_labels_in_range(labels, logits.shape[-1], -100)
     need_grad = logits.requires_grad and torch.is_grad_enabled()

@@ -21,7 +21,7 @@ Count = Union[float, Tensor, None]
 # policy-loss names ("clip" for verl's "vanilla"). "geo_mean" (GMPO) is the
 # kernels' per-sequence sums, then its loss in PyTorch; "clip_cov" and
 # "kl_cov" select tokens over the batch, then run the clip kernels
-# (ops/ppo_loss.py: _geo_mean_loss, _cov_selected).
+# (ops/policy_objectives.py: _geo_mean_loss, _cov_selected).
 KERNEL_FORMS = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro", "geo_mean")
 LOSS_TYPES = KERNEL_FORMS + ("clip_cov", "kl_cov")
 # The objectives whose token terms need a whole sequence or the whole batch.

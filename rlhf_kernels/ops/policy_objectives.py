@@ -1,0 +1,224 @@
+"""The policy objectives composed around the token kernels of ppo_loss.py:
+each is either a token form of the policy kernels (``loss_code``), or the
+token kernels on transformed inputs (GSPO's sequence ratio, the token weights
+folded into the advantages, clip_cov / kl_cov's selected tokens), or a loss
+from the kernels' per-sequence sums (GMPO: ``ppo_policy_rows``). ``policy_loss``
+is ``ppo_policy_loss`` on checked inputs and options, for every loss type.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._dispatch import implementation, register, triton_installed
+from .._validation import FLOAT_DTYPES, check_same_device, check_tensor, check_tokens, check_weights, compute_dtype
+from ..aggregation import (
+    APPROX_KL, CLIP, COUNT, DUAL, KL_SUM, N_POLICY_STATS, PG_SUM, POLICY_STAT_NAMES, agg_loss, divide, divisor,
+    mask_weights, sequence_weights,
+)
+from ..eager import ppo_loss as _eager
+from ._op import differentiable, native_op, no_double_backward
+from .ppo_options import PPOLossOptions
+
+if triton_installed():
+    from ..triton import ppo_loss as _triton  # noqa: F401  (defines the rlhf_kernels::*_triton ops)
+
+
+# --- the policy token pass alone: (grad, rows), rows the per-sequence sums (B, 9) ---
+# (GMPO's sequence terms); differentiable through the loss column only: d
+# rows[b, PG_SUM] / d logp_t = grad_t, the other columns are statistics.
+
+
+def _policy_rows_fake(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip, loss_type, need_grad):
+    dtype = compute_dtype(logp, old_logp, advantages)
+    return (logp.new_empty((logp.numel() if need_grad else 0,), dtype=dtype),
+            logp.new_empty((math.prod(logp.shape[:-1]), N_POLICY_STATS), dtype=dtype))
+
+
+def _policy_rows_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[0])
+    if ctx.needs_input_grad[0]:
+        ctx.shape, ctx.dtype = inputs[0].shape, inputs[0].dtype
+        ctx.save_for_backward(output[0])
+
+
+def _policy_rows_backward(ctx, _, grad_rows):
+    grads = [None] * len(ctx.needs_input_grad)
+    if ctx.needs_input_grad[0]:
+        no_double_backward("ppo_policy_rows", grad_rows)
+        (grad,) = ctx.saved_tensors
+        if grad.numel() != math.prod(ctx.shape):
+            raise RuntimeError("ppo_policy_rows: called with need_grad=False, it kept no token gradient")
+        seqs = grad_rows.shape[0]
+        token = grad.view(seqs, -1) * grad_rows[:, PG_SUM].to(grad.dtype).unsqueeze(-1)
+        grads[0] = token.view(ctx.shape).to(ctx.dtype)
+    return tuple(grads)
+
+
+for _backends, _op in ((("cpu", "cuda"), native_op("ppo_policy_rows")),
+                       (("triton",), torch.ops.rlhf_kernels.ppo_policy_rows_triton.default
+                        if triton_installed() else None)):
+    if _op is not None:
+        torch.library.register_fake(_op)(_policy_rows_fake)
+        register("ppo_policy_rows", _backends, differentiable(_op, _policy_rows_setup_context,
+                                                              _policy_rows_backward))
+register("ppo_policy_rows", ("eager",), _eager.policy_rows)
+
+
+def weighted_advantages(advantages: Tensor, token_weights: Optional[Tensor], shape, loss_type: str) -> Tensor:
+    """advantages * token_weights (in the computation dtype), detached. The
+    clipped objective is positively homogeneous in A, per token: w * l(A) =
+    l(w * A) for w >= 0, the dual clip included (sign(w A) = sign(A)), and so
+    is its gradient; so the policy kernels weight a token's policy term by
+    scaling its advantage, and the KL and entropy terms stay unweighted (as
+    verl's rollout correction and OpenRLHF's IS correction weight them). A
+    token of weight 0 counts as unclipped in clipfrac."""
+    advantages = advantages.detach()
+    if token_weights is None:
+        return advantages
+    if loss_type == "dro":
+        raise ValueError("token_weights: not with loss_type='dro' (its log-ratio penalty is not proportional to A)")
+    check_tensor("token_weights", token_weights, FLOAT_DTYPES)
+    check_same_device(advantages=advantages, token_weights=token_weights)
+    check_tokens("advantages", shape, token_weights=token_weights)
+    check_weights("token_weights", token_weights)
+    dtype = compute_dtype(advantages, token_weights)
+    return advantages.to(dtype) * token_weights.detach().to(dtype)
+
+
+def _sequence_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str) -> tuple[Tensor, Tensor]:
+    """(logp', old') that make the token kernels compute GSPO's sequence-level
+    ratio (Zheng et al., 2025): s_b = the (weighted) mean of logp - old_logp
+    over the valid tokens of sequence b (divided by max(count, 1), as verl and
+    OpenRLHF), old' = sg(logp) - s_b, so that each token's ratio
+    exp(logp' - old') has the value exp(s_b).
+    "sequence-token" (GSPO-token, verl): logp' = logp, each token's gradient
+    through its own log-prob. "sequence" (GSPO, OpenRLHF): logp' = sg(logp) +
+    (m_b - sg(m_b)) with m_b the same mean of logp, equal in value, so that
+    the gradient flows through the sequence mean: d L / d logp_t = w_t /
+    max(count, 1) * (sum of the sequence's token gradients). The two agree when
+    the advantage is constant over a sequence. s_b in float64 (a float32 old'
+    costs half an ulp of |logp| in the log-ratio)."""
+    valid, weight = mask_weights(mask, torch.float64)
+    w = weight if weight is not None else valid.to(torch.float64)
+    counts = w.sum(-1).clamp(min=1)
+    lp = logp.detach().to(torch.float64)
+    seq_log_ratio = (torch.where(valid, lp - old_logp.detach().to(torch.float64), 0.0) * w).sum(-1) / counts
+    dtype = compute_dtype(logp, old_logp)
+    old_eff = (lp - seq_log_ratio.unsqueeze(-1)).to(dtype)
+    if level == "sequence":
+        x = logp.to(dtype)
+        mean = (torch.where(valid, x, 0.0) * w.to(dtype)).sum(-1) / counts.to(dtype)
+        logp = x.detach() + (mean - mean.detach()).unsqueeze(-1)
+    return logp, old_eff
+
+
+def _geo_mean_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, o: PPOLossOptions,
+                   seq_len: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """GMPO (Zhao et al., 2025, arXiv 2507.20673; verl's geo_mean) on the
+    kernels' per-sequence sums (ppo_policy_rows, form geo_mean): with c_t the
+    log-ratio clipped in A's direction, S_b = sum_t w_t c_t, n_b = sum_t w_t
+    (0 -> 1) and R_b = exp(S_b / n_b), each token's loss is -A_t R_b, so
+    ``agg`` gives sum_b w_b (-sum_t w_t A_t) R_b with the aggregation's
+    sequence weights w_b; d R_b / d logp_t = R_b w_t [c_t passes] / n_b, one
+    pass over the tokens each way. ``advantages`` already weighted
+    (token_weights). The stats are GMPO's: clipfrac / clipfrac_lower the
+    share of valid tokens with the log-ratio outside [-clip_low, clip_high]
+    and A > 0 / A < 0 (verl's pg_clipfrac / pg_clipfrac_lower), ratio_max /
+    ratio_min over the R_b of the sequences with a valid token."""
+    rows = implementation("ppo_policy_rows", o.backend, logp.device)(
+        logp, old_logp.detach(), advantages, mask, o.ratio_low, o.ratio_high, 0.0, o.loss_code,
+        logp.requires_grad and torch.is_grad_enabled())[1]
+    counts = rows[:, COUNT].detach()
+    seq_ratio = torch.exp(rows[:, PG_SUM] / divisor(counts))
+    weights = sequence_weights(counts, seq_len, o.agg, o.kernel_num_tokens, o.kernel_num_seqs)
+    loss = (weights * -rows[:, KL_SUM].detach() * seq_ratio).sum()
+    stats = rows.detach()
+    total = divisor(counts.sum())
+    nonempty = counts > 0
+    found = nonempty.any()
+    ratio = seq_ratio.detach()
+    ratio_max = torch.where(nonempty, ratio, -math.inf).amax() if ratio.numel() else ratio.new_zeros(())
+    ratio_min = torch.where(nonempty, ratio, math.inf).amin() if ratio.numel() else ratio.new_zeros(())
+    return loss, {
+        "clipfrac": stats[:, CLIP].sum() / total, "clipfrac_lower": stats[:, DUAL].sum() / total,
+        "approx_kl": stats[:, APPROX_KL].sum() / total, "ratio_max": torch.where(found, ratio_max, 0.0),
+        "ratio_min": torch.where(found, ratio_min, 0.0),
+    }
+
+
+def _cov_selected(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                  o: PPOLossOptions) -> tuple[Tensor, Tensor]:
+    """(the (..., T) bool tokens clip_cov / kl_cov select, their share of the
+    valid tokens as clipfrac). The covariance (A - mean A)(logp - mean logp)
+    over the whole batch in float64: clip_cov's means weighted by the mask, a
+    random choice among the valid unclipped tokens with the covariance inside
+    its bounds (torch.randperm over them in row-major order, one host read of
+    their count); kl_cov's means unweighted, the tokens of largest covariance
+    by a stable sort (ties to the lower row-major index; no host read)."""
+    cov = o.cov
+    valid, weight = mask_weights(mask, torch.float64)
+    w = weight if weight is not None else valid.to(torch.float64)
+    a = torch.where(valid, advantages.detach().to(torch.float64), 0.0)
+    lp = torch.where(valid, logp.detach().to(torch.float64), 0.0)
+    if o.loss_type == "clip_cov":
+        total = w.sum()
+        centred = (a - (a * w).sum() / total.clamp(min=1e-300)) * (lp - (lp * w).sum() / total.clamp(min=1e-300))
+        ratio = torch.exp(lp - old_logp.detach().to(torch.float64))
+        clipped = -a * ratio.clamp(1.0 - o.clip_low, 1.0 + o.clip_high) > -a * ratio
+        candidates = valid & ~clipped & (centred > cov.low) & (centred < cov.high)
+        flat = torch.nonzero(candidates.reshape(-1)).squeeze(-1)
+        n_found, mask_sum = flat.shape[0], float(total)
+        take = min(max(int(cov.ratio * mask_sum), 1), n_found)
+        device = cov.generator.device if cov.generator is not None else torch.device("cpu")
+        chosen = flat[torch.randperm(n_found, generator=cov.generator, device=device)[:take].to(flat.device)]
+        selected = torch.zeros(candidates.numel(), dtype=torch.bool, device=mask.device)
+        selected[chosen] = True
+        selected = selected.reshape(candidates.shape)
+    else:
+        n = valid.sum().to(torch.float64)
+        centred = (a - a.sum() / n.clamp(min=1)) * (lp - lp.sum() / n.clamp(min=1))
+        key = torch.where(valid, centred, -math.inf).reshape(-1)
+        order = torch.sort(key, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        k = torch.floor(n * cov.ratio).clamp(min=1)
+        selected = valid & (rank.reshape(valid.shape) < k)
+    share = (selected.to(torch.float64) * w).sum() / divisor(w.sum())
+    return selected, share
+
+
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, token_weights: Optional[Tensor],
+                 o: PPOLossOptions) -> tuple[Tensor, dict[str, Tensor]]:
+    """ppo_policy_loss on checked inputs."""
+    if o.loss_type == "geo_mean":
+        advantages = weighted_advantages(advantages, token_weights, logp.shape, o.loss_type)
+        loss, stats = _geo_mean_loss(logp, old_logp, advantages, mask, o, logp.shape[-1] if logp.dim() else 1)
+        return divide(loss, o.divisor), stats
+    batch_stats, penalty = {}, None
+    if o.cov is not None:
+        selected, share = _cov_selected(logp, old_logp, advantages, mask, o)
+        if o.loss_type == "clip_cov":  # the selected tokens' loss and gradient removed
+            keep = (~selected).to(compute_dtype(advantages))
+            token_weights = keep if token_weights is None else keep * token_weights.detach()
+        else:  # kl_cov: + kl_cov_coef |logp - old_logp| on the selected tokens, weighted as their policy term
+            dtype = compute_dtype(logp, old_logp)
+            penalty = torch.where(selected, o.cov.kl_coef * (logp.to(dtype) - old_logp.detach().to(dtype)).abs(), 0.0)
+            if token_weights is not None:
+                penalty = penalty * token_weights.detach()
+        batch_stats = {"clipfrac": share}
+    advantages = weighted_advantages(advantages, token_weights, logp.shape, o.loss_type)
+    if o.ratio_level != "token":
+        logp, old_logp = _sequence_ratio(logp, old_logp, mask, o.ratio_level)
+    loss, stats = implementation("ppo_policy_loss", o.backend, logp.device)(
+        logp, old_logp.detach(), advantages, mask, o.ratio_low, o.ratio_high, o.dual_clip, o.loss_code, o.agg_code,
+        o.kernel_num_tokens, o.kernel_num_seqs,
+    )
+    loss = divide(loss, o.divisor)
+    if penalty is not None:
+        loss = loss + agg_loss(penalty, mask, o.agg, num_tokens=o.num_tokens, num_seqs=o.num_seqs).to(loss.dtype)
+    stats = dict(zip(POLICY_STAT_NAMES, stats.unbind()))
+    return loss, dict(stats, **{k: v.to(stats["clipfrac"].dtype) for k, v in batch_stats.items()})
