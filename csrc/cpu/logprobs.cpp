@@ -130,10 +130,11 @@ void fwd_rows_f32(const scalar_t* logits, RowLayout layout, const int64_t* label
         m = chunk_m;
       }
       if (m == neg_inf) continue;
+      float* t_sum = entropy ? &t : nullptr;  // the entropy's sum only when it is returned
       if (min_logit) {
-        kernels.sum_kept(x, n, inv_temperature, m, thr, &s, &t);
+        kernels.sum_kept(x, n, inv_temperature, m, thr, &s, t_sum);
       } else {
-        kernels.sum(x, n, inv_temperature, m, &s, &t);
+        kernels.sum(x, n, inv_temperature, m, &s, t_sum);
       }
     }
     const float log_s = log_of_sum(s);

@@ -40,16 +40,24 @@ RLHF_VEC_INLINE fvec vmin(fvec a, fvec b) { return a < b ? a : b; }
 // max(a, lo) that keeps a NaN in a (vmax(a, lo) would drop it).
 RLHF_VEC_INLINE fvec clamp_low(fvec a, fvec lo) { return a < lo ? lo : a; }
 
+// Horizontal reductions as a tree of halves (log2(kLanes) dependent steps, not
+// kLanes): a row of a few vectors ends in one of each.
 RLHF_VEC_INLINE float hmax(fvec v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+  float a[kLanes];
+  std::memcpy(a, &v, sizeof(v));
+  for (int w = kLanes / 2; w >= 1; w /= 2) {
+    for (int i = 0; i < w; ++i) a[i] = a[i + w] > a[i] ? a[i + w] : a[i];
+  }
+  return a[0];
 }
 
 RLHF_VEC_INLINE float hsum(fvec v) {
-  float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
+  float a[kLanes];
+  std::memcpy(a, &v, sizeof(v));
+  for (int w = kLanes / 2; w >= 1; w /= 2) {
+    for (int i = 0; i < w; ++i) a[i] += a[i + w];
+  }
+  return a[0];
 }
 
 // Cephes expf: exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2,
@@ -57,10 +65,11 @@ RLHF_VEC_INLINE float hsum(fvec v) {
 // [kMinExpArg, kMaxExpArg] (or NaN, which gives NaN): the softmax loops clamp
 // y <= 0 from below once and reuse it.
 RLHF_VEC_INLINE fvec exp_in_range(fvec x) {
-  fvec fx = x * 1.44269504088896341f + 0.5f;
-  fvec n = __builtin_convertvector(__builtin_convertvector(fx, ivec), fvec);
-  // Truncation rounds toward zero; floor needs one step down for negatives.
-  n += __builtin_convertvector(n > fx, fvec);  // mask is -1 where true
+  // n = round(x / ln 2) by the float adder: |x / ln 2| < 2^22, so adding 1.5 *
+  // 2^23 leaves n in the low mantissa bits of `shifted` (an integer there).
+  constexpr float kShift = 12582912.0f;
+  const fvec shifted = x * 1.44269504088896341f + kShift;
+  const fvec n = shifted - kShift;
   fvec r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   fvec p = broadcast(1.9875691500e-4f);
@@ -70,7 +79,11 @@ RLHF_VEC_INLINE fvec exp_in_range(fvec x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  ivec bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  int32_t shift_bits;
+  std::memcpy(&shift_bits, &kShift, sizeof(shift_bits));
+  bits = (bits - shift_bits + 127) << 23;  // 2^n
   fvec scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
