@@ -9,8 +9,8 @@ At 8 x 16 tokens the work is a few microseconds: what is timed is the Python
 argument checks, the dispatcher, autograd and the allocations of each call.
 Forward is timed without a gradient (a rollout's call), forward+backward with
 inputs that require one and ``.backward()`` on the result. Each figure is the
-median over repeats of the mean per call in a loop of calls; ``ratio`` is
-ours / eager (goal: <= 1.0). One JSON line per (op, mode, provider) under
+median over repeats of the mean per call in a loop of calls, ours and eager
+alternating within each repeat; ``ratio`` is ours / eager (goal: <= 1.0). One JSON line per (op, mode, provider) under
 benchmarks/results/ (or --out-dir); a table on stdout.
 """
 
@@ -34,21 +34,27 @@ LOGITS_KW = dict(temperature=0.9, clip_low=0.2, clip_high=0.28, kl_coef=0.04, kl
                  entropy_coef=0.01)
 
 
-def per_call_us(fn: Callable[[], object], calls: int, repeats: int, device: torch.device) -> float:
-    """Median over `repeats` of the mean time of one call in a loop of `calls`
-    (on a GPU, until the last call's work is done)."""
+def per_call_us(fns: dict[str, Callable[[], object]], calls: int, repeats: int,
+                device: torch.device) -> dict[str, float]:
+    """Per provider, the median over `repeats` of the mean time of one call in
+    a loop of `calls` (on a GPU, until the last call's work is done). The
+    providers' loops alternate within each repeat (round-robin, as
+    benchmarks/common.py times), so a slow spell of a shared machine falls on
+    each alike."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(max(10, calls // 10)):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        for _ in range(calls):
+    for fn in fns.values():
+        for _ in range(max(10, calls // 10)):
             fn()
-        sync()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(samples)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            samples[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
 def _inputs(batch: int, seq: int, vocab: int, device: torch.device) -> dict:
@@ -142,8 +148,7 @@ def run(tokens: tuple[int, int], vocab: int, calls: int, repeats: int, device: t
         if only and only not in op:
             continue
         progress(f"{op} {mode}")
-        times = {"rlhf_kernels": per_call_us(ours, calls, repeats, device),
-                 "eager": per_call_us(eager, calls, repeats, device)}
+        times = per_call_us({"rlhf_kernels": ours, "eager": eager}, calls, repeats, device)
         for provider, us in times.items():
             row = dict(env, op=f"overhead:{op}", mode=mode, provider=provider, shape=[*tokens, vocab],
                        dtype="float32", per_call_us=round(us, 2), median_ms=us / 1e3, threads=torch.get_num_threads())

@@ -7,10 +7,16 @@
 #include <Python.h>
 #include <torch/library.h>
 
+namespace rlhf_kernels {
+PyMethodDef* python_call_methods();  // csrc/python_call.cpp
+}
+
 extern "C" {
-// Importing rlhf_kernels._C loads this library and so runs the registrations.
+// Importing rlhf_kernels._C loads this library and so runs the registrations;
+// its functions are the eager call path of csrc/python_call.cpp.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          rlhf_kernels::python_call_methods()};
   return PyModule_Create(&module_def);
 }
 }

@@ -29,11 +29,15 @@ def check_tensor(name: str, value: object, dtypes: Iterable[torch.dtype] | None 
 
 
 def check_same_device(**tensors: Tensor | None) -> None:
-    present = {name: t for name, t in tensors.items() if t is not None}
-    devices = {t.device for t in present.values()}
-    if len(devices) > 1:
-        where = ", ".join(f"{name} on {t.device}" for name, t in present.items())
-        raise ValueError(f"tensors must be on one device: {where}")
+    device = None
+    for t in tensors.values():
+        if t is None:
+            continue
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            where = ", ".join(f"{name} on {t.device}" for name, t in tensors.items() if t is not None)
+            raise ValueError(f"tensors must be on one device: {where}")
 
 
 def check_shape(name: str, tensor: Tensor, shape: tuple[int, ...] | torch.Size, expected: str) -> None:
@@ -75,6 +79,8 @@ def check_finite(name: str, value: float) -> float:
 
 def check_int(name: str, value: object) -> int:
     """A Python / numpy integer (not a bool, not a float that looks like one)."""
+    if type(value) is int:
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name}: expected an integer, got {value!r}")
     return int(value)

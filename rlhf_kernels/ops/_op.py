@@ -9,6 +9,13 @@ a small op's work): it applies one ``autograd.Function`` with the same
 ``setup_context`` and ``backward`` around a call of the op below the autograd
 key, the one crossing of the dispatcher. Without a gradient to track it calls
 the op below autograd directly. While compiling it calls the op as is.
+
+Below autograd, a native op (csrc) is called through
+``rlhf_kernels._C.call_below_autograd`` (csrc/python_call.cpp), which converts
+the arguments by the op's schema in C, where torch.ops' general parser costs
+more than a small op's work; it hands back NotImplemented for what needs that
+parser (a tensor subclass, a torch-function mode), and the op is then called
+through torch.ops.
 """
 
 from __future__ import annotations
@@ -23,42 +30,92 @@ from .._dispatch import native_extension_loaded
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 
 
-def undifferentiated(op) -> Callable:
-    """The caller of an op whose outputs are never differentiated: the op below
-    the autograd key in eager mode, the op as is while compiling."""
+def _below_autograd_call(op) -> Callable:
+    """The op called below the autograd keys (eager mode only)."""
+    if native_extension_loaded() and op.namespace == "rlhf_kernels":
+        from rlhf_kernels import _C
+
+        index = _C.op_index(op._schema.name, op._schema.overload_name)
+        if index is not None:
+            fast = _C.call_below_autograd
+
+            def call(*args):
+                out = fast(index, *args)
+                if out is NotImplemented:
+                    with _below_autograd():
+                        return op(*args)
+                return out
+
+            return call
 
     def call(*args):
-        if torch.compiler.is_compiling():
-            return op(*args)
         with _below_autograd():
             return op(*args)
 
     return call
 
 
-def differentiable(op, setup_context: Callable, backward: Callable) -> Callable:
+def undifferentiated(op) -> Callable:
+    """The caller of an op whose outputs are never differentiated: the op below
+    the autograd key in eager mode, the op as is while compiling."""
+    below = _below_autograd_call(op)
+
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return below(*args)
+
+    return call
+
+
+def in_backward(op) -> Callable:
+    """The caller of an op that a backward formula runs: below the autograd
+    key, unless a graph of the backward is being built (create_graph=True, or
+    tracing), where the op goes through the dispatcher as is."""
+    below = _below_autograd_call(op)
+
+    def call(*args):
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return op(*args)
+        return below(*args)
+
+    return call
+
+
+def differentiable(op, setup_context: Callable, backward: Callable, returns: int | None = None) -> Callable:
+    """The caller of ``op`` with its autograd formula (``setup_context`` and
+    ``backward`` over all of the op's outputs). With ``returns``, the caller
+    gives the first ``returns`` outputs only: the others are what
+    ``setup_context`` saves for the backward, and autograd does not track
+    them (each tracked output of an ``autograd.Function`` costs host time;
+    ``python -m benchmarks.bench_overhead``)."""
     torch.library.register_autograd(op, backward, setup_context=setup_context)
+    forward_op = _below_autograd_call(op)
+    n_outputs = len(op._schema.returns)
+    kept = n_outputs if returns is None else returns
+    untracked = (None,) * (n_outputs - kept)
 
     class Function(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
-            with _below_autograd():
-                output = op(*args)
+            output = forward_op(*args)
             setup_context(ctx, args, output)
-            return output
+            return output if returns is None else output[:returns]
 
         @staticmethod
         def backward(ctx, *grads):
-            return backward(ctx, *grads)
+            return backward(ctx, *grads, *untracked)
 
     apply = Function.apply
-    below = undifferentiated(op)
 
     def call(*args):
-        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args) \
-                and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            output = op(*args)
+        elif torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
             return apply(*args)
-        return below(*args)
+        else:
+            output = forward_op(*args)
+        return output if returns is None else output[:returns]
 
     return call
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from .._dispatch import implementation, native_extension_loaded, register, triton_installed
 from .._launch import acc_dtype
 from ..eager import advantages as _eager
-from ._op import differentiable, undifferentiated
+from ._op import differentiable, in_backward, undifferentiated
 from .._validation import (
     FLOAT_DTYPES, check_cu_seqlens, check_estimator, check_finite, check_int, check_nonnegative, check_positive, check_same_device,
     check_tensor, check_unit_interval, check_weights,
@@ -59,6 +59,8 @@ def _kl_setup_context(ctx, inputs, output):
 
 
 def _kl_backward_with(backward_op) -> Callable:
+    backward_op = in_backward(backward_op)
+
     def backward(ctx, grad):
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return None, None, None

@@ -25,7 +25,7 @@ from .._validation import (
     FLOAT_DTYPES, INDEX_DTYPES, check_int, check_labels_in_range, check_positive, check_same_device, check_tensor,
 )
 from ..eager import logprobs as _eager
-from ._op import differentiable
+from ._op import differentiable, in_backward
 from .truncation import kept_threshold
 
 if triton_installed():
@@ -66,6 +66,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward_with(backward_op, backward_inplace_op) -> Callable:
+    backward_op, backward_inplace_op = in_backward(backward_op), in_backward(backward_inplace_op)
+
     def backward(ctx, grad_logp, grad_entropy, _grad_row_max, _grad_log_sum):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None, None
@@ -85,14 +87,9 @@ def _register(backends: tuple[str, ...], op, backward_op, backward_inplace_op) -
     torch.library.register_fake(op)(_logprobs_fake)
     torch.library.register_fake(backward_op)(_backward_fake)
     torch.library.register_fake(backward_inplace_op)(_backward_inplace_fake)
-    caller = differentiable(op, _setup_context, _backward_with(backward_op, backward_inplace_op))
-
-    def logprobs(logits, labels, temperature, ignore_index, compute_entropy, inplace_backward, min_logit=None):
-        logp, entropy, _, _ = caller(logits, labels, temperature, ignore_index, compute_entropy, inplace_backward,
-                                     min_logit)
-        return logp, entropy
-
-    register("logprobs", backends, logprobs)
+    # (logp, entropy); row_max and log_sum are the backward's
+    register("logprobs", backends, differentiable(op, _setup_context, _backward_with(backward_op, backward_inplace_op),
+                                                  returns=2))
 
 
 if native_extension_loaded():
@@ -184,7 +181,7 @@ def logprobs_from_logits(
         raise ValueError("logits: expected shape (..., V) with at least one dimension")
     if logits.shape[-1] == 0:
         raise ValueError("logits: the vocabulary dimension V must be > 0")
-    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+    if labels.shape != logits.shape[:-1]:
         raise ValueError(
             f"labels: shape {tuple(labels.shape)} does not match logits.shape[:-1] "
             f"{tuple(logits.shape[:-1])}"

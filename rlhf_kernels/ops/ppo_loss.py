@@ -34,7 +34,7 @@ from .._validation import (
 from ..aggregation import POLICY_STAT_NAMES, agg_loss, divide
 from ..eager import ppo_loss as _eager
 from ..packing import packed_rows
-from ._op import differentiable, native_op, no_double_backward, tracing
+from ._op import differentiable, in_backward, native_op, no_double_backward, tracing
 from .advantages import kl_penalty
 from .logprobs import logprobs_from_logits
 from .policy_objectives import policy_loss, weighted_advantages
@@ -101,7 +101,7 @@ def _token_loss_ops(name: str, n_stats: int) -> dict[str, Callable]:
     for backends, op in ((("cpu", "cuda"), native_op(name)), (("triton",), triton_op)):
         if op is not None:
             torch.library.register_fake(op)(_token_loss_fake(n_stats))
-            caller = differentiable(op, _token_loss_setup_context, _token_loss_backward(name))
+            caller = differentiable(op, _token_loss_setup_context, _token_loss_backward(name), returns=2)
             callers.update(dict.fromkeys(backends, caller))
     return callers
 
@@ -110,9 +110,8 @@ def _register_policy_loss(backends, caller):
     def token_policy_loss(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip, loss_type, agg,
                           num_tokens, num_seqs):
         need_grad = logp.requires_grad and torch.is_grad_enabled()
-        loss, stats, _, _ = caller(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip, loss_type,
-                                   agg, num_tokens, num_seqs, need_grad)
-        return loss, stats
+        return caller(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip, loss_type, agg,
+                      num_tokens, num_seqs, need_grad)
 
     register("ppo_policy_loss", backends, token_policy_loss)
 
@@ -120,8 +119,7 @@ def _register_policy_loss(backends, caller):
 def _register_value_loss(backends, caller):
     def value_loss(values, old_values, returns, mask, clip, agg, num_tokens, num_seqs):
         need_grad = values.requires_grad and torch.is_grad_enabled()
-        loss, stats, _, _ = caller(values, old_values, returns, mask, clip, agg, num_tokens, num_seqs, need_grad)
-        return loss, stats
+        return caller(values, old_values, returns, mask, clip, agg, num_tokens, num_seqs, need_grad)
 
     register("ppo_value_loss", backends, value_loss)
 
@@ -188,6 +186,8 @@ def _from_logits_setup_context(ctx, inputs, output):
 
 def _from_logits_backward_with(scale_grad_, backward_op, backward_inplace_op) -> Callable:
     """The backward of a from-logits op over its backend's ops."""
+    scale_grad_, backward_op, backward_inplace_op = (
+        in_backward(scale_grad_), in_backward(backward_op), in_backward(backward_inplace_op))
 
     def backward(ctx, grad_loss, *_):
         grads = [None] * len(ctx.needs_input_grad)
@@ -233,14 +233,9 @@ def _from_logits_backward_with(scale_grad_, backward_op, backward_inplace_op) ->
 
 def _register_from_logits(backends: tuple[str, ...], op, scale_grad_, backward_op, backward_inplace_op) -> None:
     torch.library.register_fake(op)(_from_logits_fake)
-    caller = differentiable(op, _from_logits_setup_context,
-                            _from_logits_backward_with(scale_grad_, backward_op, backward_inplace_op))
-
-    def from_logits(*args):
-        loss, stats, *_ = caller(*args)
-        return loss, stats
-
-    register("ppo_loss_from_logits", backends, from_logits)
+    register("ppo_loss_from_logits", backends,
+             differentiable(op, _from_logits_setup_context,
+                            _from_logits_backward_with(scale_grad_, backward_op, backward_inplace_op), returns=2))
 
 
 if native_extension_loaded():
