@@ -9,6 +9,8 @@ input dtype, which is what the bf16 accuracy rule of the tests compares to.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -115,7 +117,34 @@ def _masked_extreme(x: Tensor, mask: Tensor, largest: bool) -> Tensor:
     return torch.where(mask.any(), extreme, torch.zeros_like(extreme))
 
 
-LOSS_TYPES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro", "geo_mean", "clip_cov", "kl_cov")
+LOSS_TYPES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro", "geo_mean", "clip_cov", "kl_cov", "luspo",
+              "vespo")
+
+
+def _sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """(B, 1): each sequence's mean of logp - old_logp over its valid tokens
+    (weighted by the mask's weights; count 0 -> 1), as TRL's / verl's GSPO."""
+    valid, weight = mask_weights(mask, logp.dtype)
+    w = weight if weight is not None else valid.to(logp.dtype)
+    x = torch.where(valid, logp - old_logp, torch.zeros_like(logp))
+    return (x * w).sum(-1, keepdim=True) / w.sum(-1, keepdim=True).clamp(min=1)
+
+
+def _vespo_phi(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+               params: tuple[float, float, float, float]) -> Tensor:
+    """VESPO's weight as TRL's GRPOTrainer.get_gamma_weights writes it (no
+    sampler ratio), per token (k, lambda by the token's advantage), detached."""
+    k_pos, lambda_pos, k_neg, lambda_neg = params
+    valid, weight = mask_weights(mask, logp.dtype)
+    w = weight if weight is not None else valid.to(logp.dtype)
+    log_ratio = torch.clamp((logp - old_logp).detach(), -20.0, 20.0)
+    seq = (torch.where(valid, log_ratio, torch.zeros_like(log_ratio)) * w).sum(-1, keepdim=True)
+    log_w = torch.clamp(seq, math.log(1e-8), 20.0)
+    nonneg = advantages >= 0
+    k = torch.where(nonneg, torch.as_tensor(k_pos, dtype=logp.dtype), torch.as_tensor(k_neg, dtype=logp.dtype))
+    lam = torch.where(nonneg, torch.as_tensor(lambda_pos, dtype=logp.dtype),
+                      torch.as_tensor(lambda_neg, dtype=logp.dtype)).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _cov_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, loss_type: str,
@@ -242,6 +271,7 @@ def ppo_policy_loss(
     cov_bounds: tuple[float, float] = (1.0, 5.0),
     kl_cov_coef: float = 1.0,
     generator: torch.Generator | None = None,
+    vespo_params: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
     upcast: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The policy objective ``loss_type``, eagerly, as verl/OpenRLHF compute it:
@@ -254,7 +284,10 @@ def ppo_policy_loss(
     clip_low / clip_high; "geo_mean": _geo_mean_token_loss, its ratio
     unclamped, its clipfrac / clipfrac_lower the log-ratio outside [-clip_low,
     clip_high] where A > 0 / A < 0; "clip_cov" / "kl_cov": _cov_token_loss,
-    clipfrac the share of valid tokens selected). The loss is ``agg_loss(l,
+    clipfrac the share of valid tokens selected; "luspo": clip on each
+    sequence's ratio exp(clamp(mean log-ratio, -20, 20)), the gradient through
+    the mean, as TRL's sequence-level importance weights; "vespo": -sg(phi) A
+    logp, phi from _vespo_phi, as TRL). The loss is ``agg_loss(l,
     mask, agg)``. Returns
     (loss, stats) with stats clipfrac (l2 > l1; cispo: the ratio outside its
     range; dppo: the tokens masked), clipfrac_lower (dual clip active; dppo:
@@ -266,6 +299,14 @@ def ppo_policy_loss(
     clip_high = clip_low if clip_high is None else clip_high
     if loss_type == "geo_mean":
         token_loss, ratio, clipped, dual = _geo_mean_token_loss(logp, old_logp, advantages, mask, clip_low, clip_high)
+    elif loss_type == "luspo":
+        ratio = torch.exp(torch.clamp(_sequence_log_ratio(logp, old_logp, mask), -20.0, 20.0)).expand_as(logp)
+        token_loss, clipped, dual = _policy_token_loss(logp, old_logp, advantages, ratio, "clip", clip_low,
+                                                       clip_high, dual_clip, tau_pos, tau_neg)
+    elif loss_type == "vespo":
+        ratio = torch.exp(torch.clamp(logp - old_logp, min=-20.0, max=20.0))
+        token_loss = -_vespo_phi(logp, old_logp, advantages, mask, vespo_params) * advantages * logp
+        clipped, dual = torch.zeros_like(ratio, dtype=torch.bool), None
     elif loss_type in ("clip_cov", "kl_cov"):
         token_loss, clipped = _cov_token_loss(logp, old_logp, advantages, mask, loss_type, clip_low, clip_high,
                                               cov_ratio, cov_bounds, kl_cov_coef, generator)
@@ -345,6 +386,7 @@ def ppo_loss_from_logits(
     cov_bounds: tuple[float, float] = (1.0, 5.0),
     kl_cov_coef: float = 1.0,
     generator: torch.Generator | None = None,
+    vespo_params: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
     upcast: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The composition ``logprobs_from_logits`` -> ``ppo_policy_loss``
@@ -357,7 +399,7 @@ def ppo_loss_from_logits(
         logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
         dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, loss_type=loss_type,
         tau_pos=tau_pos, tau_neg=tau_neg, dro_beta=dro_beta, cov_ratio=cov_ratio, cov_bounds=cov_bounds,
-        kl_cov_coef=kl_cov_coef, generator=generator, upcast=upcast,
+        kl_cov_coef=kl_cov_coef, generator=generator, vespo_params=vespo_params, upcast=upcast,
     )
     aggregate = lambda x: agg_loss(x, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)  # noqa: E731
     entropy_agg = aggregate(entropy)

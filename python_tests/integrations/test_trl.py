@@ -276,3 +276,73 @@ def test_trl_padding_free_logprobs_served(trl_mods):
         ours = utils.selective_log_softmax
         compare_outputs(lambda x: ours.__wrapped_original__(x, index), lambda x: ours(x, index), [logits])
     assert integrations.report()["trl.selective_log_softmax"] == {"served": 1, "handed_back": {}}
+
+
+def _grpo_tokens(seed: int, dtype=torch.float64):
+    """GRPO's shapes: (B, T) log-probs, one advantage per sequence (B, 1) as
+    TRL keeps it, a mask with holes."""
+    gen = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(6, 9, generator=gen, dtype=dtype) * 2
+    old = logp + torch.randn(6, 9, generator=gen, dtype=dtype) * 0.4
+    adv = torch.randn(6, 1, generator=gen, dtype=dtype)
+    mask = mask_with_holes(6, 9, gen)  # row 1 has no valid token
+    return logp, old, adv, mask
+
+
+@pytest.mark.parametrize("with_sampler_ratio", [False, True])
+def test_trl_vespo_equals_trls_gamma_weights(trl_mods, with_sampler_ratio):
+    """loss_type="vespo" against TRL's GRPOTrainer.get_gamma_weights and the
+    VESPO lines of GRPOTrainer._compute_loss (per_token_loss = -phi * A *
+    logp, summed over the mask / the token count), the sampler's importance
+    ratio (token_weights) inside phi as TRL's importance_sampling_ratio."""
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    logp, old, adv, mask = _grpo_tokens(3)
+    # a sequence whose summed log-ratio meets TRL's clamp at 20, one at log 1e-8
+    old[0] = logp[0] - 3.0
+    old[1] = logp[1] + 4.0
+    ratio = None
+    if with_sampler_ratio:
+        ratio = torch.rand(6, 9, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 1.5 + 0.2
+        ratio = torch.where(mask, ratio, 1.0)  # TRL sums its log over every position: 1 off the mask
+    params = dict(k_pos=2.5, lambda_pos=3.5, k_neg=3.0, lambda_neg=1.5)
+    x_trl = logp.clone().requires_grad_(True)
+    phi = GRPOTrainer.get_gamma_weights(adv, x_trl - old, mask.to(logp.dtype), ratio, **params)
+    want = ((-phi * adv * x_trl) * mask).sum() / mask.sum()
+    want.backward()
+    for backend in rlhf_kernels.available_backends():
+        x = logp.clone().requires_grad_(True)
+        loss, _ = rlhf_kernels.ppo_policy_loss(x, old, adv.expand(6, 9), mask, loss_type="vespo",
+                                               token_weights=ratio, vespo_params=tuple(params.values()),
+                                               backend=backend)
+        loss.backward()
+        torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(x.grad, x_trl.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_trl_luspo_equals_trls_sequence_level_clip(trl_mods):
+    """loss_type="luspo" with agg="seq-mean-token-sum" against the LUSPO lines
+    of GRPOTrainer._compute_loss (importance_sampling_level="sequence": the
+    mean log-ratio per sequence, the clip objective on its exp, each
+    sequence's (B, 1) loss times its token count, the mean over sequences),
+    the gradient through the sequence mean."""
+    logp, old, adv, mask = _grpo_tokens(5)
+    eps_low, eps_high = 0.2, 0.28
+    x_trl = logp.clone().requires_grad_(True)
+    m = mask.to(logp.dtype)
+    log_importance_weights = (((x_trl - old) * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_importance_weights)
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    want = (per_token_loss * m).sum(-1).mean()  # TRL divides by B: the empty sequence counts
+    want.backward()
+    for backend in rlhf_kernels.available_backends():
+        x = logp.clone().requires_grad_(True)
+        loss, stats = rlhf_kernels.ppo_policy_loss(x, old, adv.expand(6, 9), mask, loss_type="luspo",
+                                                   clip_low=eps_low, clip_high=eps_high, agg="seq-mean-token-sum",
+                                                   num_seqs=6, backend=backend)
+        loss.backward()
+        torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(x.grad, x_trl.grad, rtol=1e-12, atol=1e-12)
+        seq_ratio = coef_1.detach().squeeze(-1)[mask.any(-1)]
+        torch.testing.assert_close(stats["ratio_max"], seq_ratio.max())

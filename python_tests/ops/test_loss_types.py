@@ -1,5 +1,5 @@
 """The policy objectives of ``loss_type`` (clip, cispo, sapo, gpg, dppo_tv,
-dppo_kl, dro, geo_mean) on ppo_policy_loss, ppo_loss_from_logits and ppo_loss_from_hidden,
+dppo_kl, dro, geo_mean, clip_cov, kl_cov, luspo, vespo) on ppo_policy_loss, ppo_loss_from_logits and ppo_loss_from_hidden,
 against the float64 reference (rlhf_kernels.reference, autograd) on every
 backend present: loss, statistics and gradients, at log-ratios past the
 clamp; the op registration, compile and the argument checks. (The Triton
@@ -31,6 +31,8 @@ OBJECTIVE_KWARGS = {
     # bounds and shares that select some tokens on this data
     "clip_cov": dict(clip_low=0.2, clip_high=0.28, cov_ratio=0.05, cov_bounds=(0.0, 1.0)),
     "kl_cov": dict(cov_ratio=0.05, kl_cov_coef=0.5),
+    "luspo": dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0),
+    "vespo": dict(vespo_params=(2.5, 3.5, 3.0, 1.5)),
 }
 
 
@@ -128,7 +130,7 @@ def test_loss_types_no_valid_token_gives_zero(device_backend, loss_type):
     assert stats["clipfrac"].item() == 0.0 and stats["approx_kl"].item() == 0.0
 
 
-@pytest.mark.parametrize("loss_type", ["sapo", "gpg", "dro", "geo_mean"])
+@pytest.mark.parametrize("loss_type", ["sapo", "gpg", "dro", "geo_mean", "luspo"])  # not the stop-gradient weights
 def test_loss_types_gradcheck_float64(device_backend, loss_type):
     """The objectives without a stop-gradient (cispo's and dppo's stopped
     weights make finite differences differ from the gradient by design)."""
@@ -144,10 +146,12 @@ def test_loss_types_gradcheck_float64(device_backend, loss_type):
     assert torch.autograd.gradcheck(f, (logp.clone().requires_grad_(True),), eps=1e-7, atol=1e-7)
 
 
-@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES[1:] if t != "dro"])
+@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES[1:] if t not in ("dro", "luspo", "vespo")])
 def test_loss_types_token_weights_scale_each_token(device_backend, loss_type):
     """token_weights multiply each token's loss and gradient (the objectives
-    are positively homogeneous in A), not the counts."""
+    are positively homogeneous in A), not the counts. (luspo: clip's
+    sequence-level test in test_ppo_loss_weights.py; vespo's weights join its
+    phi: test_trl.py against TRL's.)"""
     device, backend = device_backend
     logp, old, adv, mask = _tokens((3, 20), device, seed=8, dtype=torch.float64)
     logp = torch.where(mask, logp, 0.0)
@@ -207,6 +211,13 @@ def test_loss_type_argument_checks():
         call(loss_type="kl_cov", dual_clip=3.0)
     with pytest.raises(ValueError, match="dro_beta"):
         call(loss_type="dro", dro_beta=-0.1)
+    with pytest.raises(ValueError, match="ratio_level"):
+        call(loss_type="luspo", ratio_level="sequence-token")
+    for bad in ((1.0, 2.0, 3.0), (1.0, float("inf"), 3.0, 2.0), "abcd", None):
+        with pytest.raises(ValueError, match="vespo_params"):
+            call(loss_type="vespo", vespo_params=bad)
+    with pytest.raises(ValueError, match="dual_clip"):
+        call(loss_type="vespo", dual_clip=3.0)
     with pytest.raises(ValueError, match="token_weights"):
         call(loss_type="dro", dro_beta=0.1, token_weights=torch.ones(2, 6))
     if "cpu" in rlhf_kernels.available_backends():

@@ -40,6 +40,8 @@ KEYWORDS = {
     # bounds and shares that select some tokens on this data
     "clip_cov": dict(clip_low=0.2, clip_high=0.28, cov_ratio=0.05, cov_bounds=(0.0, 1.0)),
     "kl_cov": dict(cov_ratio=0.05, kl_cov_coef=0.5),
+    "luspo": dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0),
+    "vespo": dict(vespo_params=(2.5, 3.5, 3.0, 1.5)),
 }
 # The relative tolerance against float64, also the absolute one scaled by the largest compared value (at least 1).
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -127,7 +129,7 @@ def _check_boundaries(loss_type, stats, extreme):
         assert 0.0 < float(stats["clipfrac"]) < 1.0, stats
     if (loss_type.startswith("dppo") or loss_type == "geo_mean") and not extreme:
         assert 0.0 < float(stats["clipfrac_lower"]) < 1.0, stats
-    if extreme and loss_type != "geo_mean":  # GMPO's ratio is a sequence mean, its tokens' clipped
+    if extreme and loss_type not in ("geo_mean", "luspo"):  # their ratios are sequence means
         assert float(stats["ratio_max"]) > 1e8 and float(stats["ratio_min"]) < 1e-8, stats
 
 

@@ -669,7 +669,7 @@ def test_rollout_correction_config_errors_name_the_field():
 
 
 @pytest.mark.parametrize("loss_type", ["cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dapo", "dr_grpo", "gmpo",
-                                       "kl_cov"])
+                                       "kl_cov", "luspo", "vespo"])
 def test_loss_types_are_the_same_fused_or_not(loss_type):
     """PPOConfig.loss_type reaches the policy loss on the fused path (from the
     hidden state) and the unfused one (log-probs, then ppo_loss_from_logprobs):
@@ -691,7 +691,8 @@ def test_loss_types_are_the_same_fused_or_not(loss_type):
         assert objective(trainer.config) == {
             "dapo": ("clip", "token-mean"), "dr_grpo": ("clip", "seq-mean-token-sum-norm"),
             "sapo": ("sapo", "seq-mean-token-mean"),
-            "gmpo": ("geo_mean", "seq-mean-token-mean")}.get(loss_type, (loss_type, "token-mean"))
+            "gmpo": ("geo_mean", "seq-mean-token-mean"),
+            "luspo": ("luspo", "seq-mean-token-sum")}.get(loss_type, (loss_type, "token-mean"))
     for key in ("policy_loss", "clipfrac", "clipfrac_lower"):
         assert float(out[False][key]) == pytest.approx(float(out[True][key]), rel=1e-5, abs=1e-7), key
     if loss_type in ("cispo", "dppo_tv", "dppo_kl", "gmpo"):  # its selection happens on this data
@@ -702,7 +703,8 @@ def test_loss_type_config_errors():
     tok, policy = _parts(0)
     for cfg, match in ((dict(loss_type="vanilla"), "ppo.loss_type"), (dict(loss_type="sapo", dual_clip=3.0),
                                                                       "ppo.dual_clip"),
-                       (dict(loss_type="sapo", tau_neg=0.0), "tau_pos and tau_neg")):
+                       (dict(loss_type="sapo", tau_neg=0.0), "tau_pos and tau_neg"),
+                       (dict(loss_type="vespo", vespo_params=(1.0, 2.0)), "vespo_params")):
         with pytest.raises(ConfigError, match=match):
             PPOTrainer(policy, copy.deepcopy(policy), None, tok, PPOConfig(algo="grpo", rollout_batch_size=8,
                                                                             mini_batch_size=4, **cfg),
@@ -719,7 +721,7 @@ def sft_policy():
     return tok, sft.model
 
 
-@pytest.mark.parametrize("loss_type", ["clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "gmpo"])
+@pytest.mark.parametrize("loss_type", ["clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "gmpo", "luspo", "vespo"])
 def test_grpo_with_each_loss_type_improves_the_true_score(sft_policy, loss_type):
     """GRPO on the task's true score from the SFT policy, 15 iterations of 32
     responses: the held-out true score rises by > 0.05 with each objective

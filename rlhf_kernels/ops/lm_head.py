@@ -32,7 +32,7 @@ from . import lm_head_tiles
 from .lm_head_tiles import ROWS, PrecomputedGrad, backward_tiles, forward_tiles
 from .policy_objectives import policy_loss
 from .ppo_loss import _check_policy_inputs, _combined_loss, _logprobs_loss
-from .ppo_options import PPOLossOptions, fill_args
+from .ppo_options import VESPO_PARAMS, PPOLossOptions, fill_args
 from .truncation import kept_threshold
 
 
@@ -278,6 +278,7 @@ def ppo_loss_from_hidden(
     cov_bounds: tuple[float, float] = (1.0, 5.0),
     kl_cov_coef: float = 1.0,
     generator: torch.Generator | None = None,
+    vespo_params: tuple[float, float, float, float] = VESPO_PARAMS,
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
@@ -358,8 +359,8 @@ def ppo_loss_from_hidden(
     o = PPOLossOptions.checked(hidden.device, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
                                dual_clip=dual_clip, loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg,
                                dro_beta=dro_beta, cov_ratio=cov_ratio, cov_bounds=cov_bounds,
-                               kl_cov_coef=kl_cov_coef, generator=generator, agg=agg, num_tokens=num_tokens,
-                               num_seqs=num_seqs, ratio_level=ratio_level, kl_coef=kl_coef,
+                               kl_cov_coef=kl_cov_coef, generator=generator, vespo_params=vespo_params, agg=agg,
+                               num_tokens=num_tokens, num_seqs=num_seqs, ratio_level=ratio_level, kl_coef=kl_coef,
                                kl_estimator=kl_estimator, entropy_coef=entropy_coef, backend=backend)
     if cu_seqlens is not None:
         if hidden.dim() != 2:

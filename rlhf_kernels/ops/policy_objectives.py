@@ -1,9 +1,10 @@
 """The policy objectives composed around the token kernels of ppo_loss.py:
 each is either a token form of the policy kernels (``loss_code``), or the
-token kernels on transformed inputs (GSPO's sequence ratio, the token weights
-folded into the advantages, clip_cov / kl_cov's selected tokens), or a loss
-from the kernels' per-sequence sums (GMPO: ``ppo_policy_rows``). ``policy_loss``
-is ``ppo_policy_loss`` on checked inputs and options, for every loss type.
+token kernels on transformed inputs (GSPO's and LUSPO's sequence ratio, the
+token weights folded into the advantages, clip_cov / kl_cov's selected
+tokens, VESPO's per-sequence weight), or a loss from the kernels'
+per-sequence sums (GMPO: ``ppo_policy_rows``). ``policy_loss`` is
+``ppo_policy_loss`` on checked inputs and options, for every loss type.
 """
 
 from __future__ import annotations
@@ -191,6 +192,35 @@ def _cov_selected(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tens
     return selected, share
 
 
+def _vespo_weights(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                   token_weights: Optional[Tensor], params: tuple[float, float, float, float]) -> Tensor:
+    """VESPO's (TRL's get_gamma_weights) phi, detached, in float64 of the
+    token shape: phi = exp(lambda + k log w - lambda w) with log w =
+    clamp(S_b, log 1e-8, 20), S_b the sum over sequence b's valid tokens of
+    clamp(logp - old_logp, -20, 20) (weighted by the mask's weights) plus,
+    with token_weights, of clamp(log token_weight, log 1e-8, 20); (k, lambda)
+    = (k_pos, lambda_pos) where A >= 0, else (k_neg, lambda_neg), lambda
+    clamped at >= 1e-4; NaN and +-inf phi give 0, as TRL's."""
+    k_pos, lambda_pos, k_neg, lambda_neg = params
+    valid, weight = mask_weights(mask, torch.float64)
+    w = weight if weight is not None else valid.to(torch.float64)
+    log_ratio = (logp.detach().to(torch.float64) - old_logp.detach().to(torch.float64)).clamp(-20.0, 20.0)
+    terms = torch.where(valid, log_ratio, 0.0) * w
+    if token_weights is not None:
+        check_tensor("token_weights", token_weights, FLOAT_DTYPES)
+        check_same_device(advantages=advantages, token_weights=token_weights)
+        check_tokens("advantages", logp.shape, token_weights=token_weights)
+        check_weights("token_weights", token_weights)
+        log_is = token_weights.detach().to(torch.float64).log().clamp(math.log(1e-8), 20.0)
+        terms = terms + torch.where(valid, log_is, 0.0)
+    log_w = terms.sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)
+    nonneg = advantages.detach() >= 0
+    k = torch.where(nonneg, k_pos, k_neg).to(torch.float64)
+    lam = torch.where(nonneg, lambda_pos, lambda_neg).to(torch.float64).clamp(min=1e-4)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, token_weights: Optional[Tensor],
                  o: PPOLossOptions) -> tuple[Tensor, dict[str, Tensor]]:
     """ppo_policy_loss on checked inputs."""
@@ -199,6 +229,9 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         loss, stats = _geo_mean_loss(logp, old_logp, advantages, mask, o, logp.shape[-1] if logp.dim() else 1)
         return divide(loss, o.divisor), stats
     batch_stats, penalty = {}, None
+    if o.vespo is not None:  # gpg's -A logp, A times phi (the weights joined phi's sum)
+        token_weights = _vespo_weights(logp, old_logp, advantages, mask, token_weights, o.vespo).to(
+            compute_dtype(advantages))
     if o.cov is not None:
         selected, share = _cov_selected(logp, old_logp, advantages, mask, o)
         if o.loss_type == "clip_cov":  # the selected tokens' loss and gradient removed

@@ -38,7 +38,7 @@ from ._op import differentiable, in_backward, native_op, no_double_backward, tra
 from .advantages import kl_penalty
 from .logprobs import logprobs_from_logits
 from .policy_objectives import policy_loss, weighted_advantages
-from .ppo_options import PPOLossOptions, fill_args
+from .ppo_options import VESPO_PARAMS, PPOLossOptions, fill_args
 from .truncation import truncates
 
 if triton_installed():
@@ -324,6 +324,7 @@ def ppo_policy_loss(
     cov_bounds: tuple[float, float] = (1.0, 5.0),
     kl_cov_coef: float = 1.0,
     generator: torch.Generator | None = None,
+    vespo_params: tuple[float, float, float, float] = VESPO_PARAMS,
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
@@ -372,7 +373,8 @@ def ppo_policy_loss(
     o = PPOLossOptions.checked(logp.device, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                                loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg, dro_beta=dro_beta,
                                cov_ratio=cov_ratio, cov_bounds=cov_bounds, kl_cov_coef=kl_cov_coef,
-                               generator=generator, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                               generator=generator, vespo_params=vespo_params, agg=agg, num_tokens=num_tokens,
+                               num_seqs=num_seqs,
                                ratio_level=ratio_level, backend=backend)
     return policy_loss(logp, old_logp, advantages, mask, token_weights, o)
 
@@ -396,6 +398,7 @@ def ppo_loss_from_logprobs(
     cov_bounds: tuple[float, float] = (1.0, 5.0),
     kl_cov_coef: float = 1.0,
     generator: torch.Generator | None = None,
+    vespo_params: tuple[float, float, float, float] = VESPO_PARAMS,
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
@@ -432,7 +435,8 @@ def ppo_loss_from_logprobs(
     o = PPOLossOptions.checked(logp.device, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                                loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg, dro_beta=dro_beta,
                                cov_ratio=cov_ratio, cov_bounds=cov_bounds, kl_cov_coef=kl_cov_coef,
-                               generator=generator, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                               generator=generator, vespo_params=vespo_params, agg=agg, num_tokens=num_tokens,
+                               num_seqs=num_seqs,
                                ratio_level=ratio_level, kl_coef=kl_coef,
                                kl_estimator=kl_estimator, entropy_coef=entropy_coef, backend=backend)
     return _logprobs_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, cu_seqlens, max_seqlen,
@@ -514,6 +518,7 @@ def ppo_loss_from_logits(
     cov_bounds: tuple[float, float] = (1.0, 5.0),
     kl_cov_coef: float = 1.0,
     generator: torch.Generator | None = None,
+    vespo_params: tuple[float, float, float, float] = VESPO_PARAMS,
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
@@ -589,8 +594,8 @@ def ppo_loss_from_logits(
     o = PPOLossOptions.checked(logits.device, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
                                dual_clip=dual_clip, loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg,
                                dro_beta=dro_beta, cov_ratio=cov_ratio, cov_bounds=cov_bounds,
-                               kl_cov_coef=kl_cov_coef, generator=generator, agg=agg, num_tokens=num_tokens,
-                               num_seqs=num_seqs, ratio_level=ratio_level, kl_coef=kl_coef,
+                               kl_cov_coef=kl_cov_coef, generator=generator, vespo_params=vespo_params, agg=agg,
+                               num_tokens=num_tokens, num_seqs=num_seqs, ratio_level=ratio_level, kl_coef=kl_coef,
                                kl_estimator=kl_estimator, entropy_coef=entropy_coef, backend=backend)
     truncation = dict(top_k=top_k, top_p=top_p, min_p=min_p, min_logit=min_logit, truncation_order=truncation_order)
     truncated = truncates(top_k, top_p, min_p, min_logit)

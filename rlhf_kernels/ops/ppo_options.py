@@ -21,11 +21,16 @@ Count = Union[float, Tensor, None]
 # policy-loss names ("clip" for verl's "vanilla"). "geo_mean" (GMPO) is the
 # kernels' per-sequence sums, then its loss in PyTorch; "clip_cov" and
 # "kl_cov" select tokens over the batch, then run the clip kernels
-# (ops/policy_objectives.py: _geo_mean_loss, _cov_selected).
+# (ops/policy_objectives.py: _geo_mean_loss, _cov_selected). TRL's "luspo"
+# is clip on GSPO's sequence ratio; TRL's "vespo" is gpg on advantages times
+# a per-sequence weight of the log-ratio's sum (_vespo_weights).
 KERNEL_FORMS = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro", "geo_mean")
-LOSS_TYPES = KERNEL_FORMS + ("clip_cov", "kl_cov")
+LOSS_TYPES = KERNEL_FORMS + ("clip_cov", "kl_cov", "luspo", "vespo")
 # The objectives whose token terms need a whole sequence or the whole batch.
-BATCH_FORMS = ("geo_mean", "clip_cov", "kl_cov")
+BATCH_FORMS = ("geo_mean", "clip_cov", "kl_cov", "vespo")
+# The kernel form each composed objective runs.
+COMPOSED_FORMS = {"clip_cov": "clip", "kl_cov": "clip", "luspo": "clip", "vespo": "gpg"}
+VESPO_PARAMS = (2.0, 3.0, 3.0, 2.0)  # TRL's vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg
 UNCLIPPED_HIGH = 1e30  # kl_cov's clip kernels: a ratio range no ratio leaves (<= e^20 after the clamp)
 DPPO_CAP = 20.0  # the cap of DPPO's stopped ratio when dual_clip is None (verl's clip_ratio_c default there)
 
@@ -38,10 +43,12 @@ def _form_numbers(loss_type: str, clip_low: float, clip_high: float | None, dual
     ratio_high and dual_clip."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type: unknown objective {loss_type!r}; expected one of {LOSS_TYPES}")
-    if loss_type != "clip" and ratio_level != "token":
+    if loss_type == "luspo" and ratio_level not in ("token", "sequence"):
+        raise ValueError(f"ratio_level: loss_type='luspo' takes the sequence ratio, not {ratio_level!r}")
+    if loss_type not in ("clip", "luspo") and ratio_level != "token":
         raise ValueError(f"ratio_level: {ratio_level!r} is for loss_type='clip' (GSPO); {loss_type!r} takes "
                          "token ratios")
-    if loss_type == "clip":
+    if loss_type in ("clip", "luspo"):
         low, high, dual = check_clip(clip_low, clip_high, dual_clip)
         return low, high, dual, 1.0 - low, 1.0 + high
     low = check_positive("clip_low", clip_low)
@@ -65,6 +72,18 @@ def _form_numbers(loss_type: str, clip_low: float, clip_high: float | None, dual
             raise ValueError("dro_beta: required with loss_type='dro' (verl's policy_loss.dro_beta), > 0")
         return low, high, 0.0, check_positive("dro_beta", dro_beta), 0.0
     return low, high, 0.0, 1.0 - low, 1.0 + high  # cispo's range; gpg uses none
+
+
+def _vespo_params(loss_type: str, params) -> Optional[tuple[float, float, float, float]]:
+    if loss_type != "vespo":
+        return None
+    try:
+        k_pos, lambda_pos, k_neg, lambda_neg = (float(p) for p in params)
+    except (TypeError, ValueError):
+        raise ValueError(f"vespo_params: expected (k_pos, lambda_pos, k_neg, lambda_neg), got {params!r}") from None
+    for name, value in (("k_pos", k_pos), ("lambda_pos", lambda_pos), ("k_neg", k_neg), ("lambda_neg", lambda_neg)):
+        check_finite(f"vespo_params ({name})", value)
+    return k_pos, lambda_pos, k_neg, lambda_neg
 
 
 class CovSelection(NamedTuple):
@@ -130,6 +149,7 @@ class PPOLossOptions(NamedTuple):
     ratio_low: float = 0.8  # the kernels' numbers of the objective (_form_numbers)
     ratio_high: float = 1.2
     cov: Optional[CovSelection] = None  # clip_cov / kl_cov
+    vespo: Optional[tuple[float, float, float, float]] = None  # (k_pos, lambda_pos, k_neg, lambda_neg)
 
     @property
     def sequence_terms(self) -> bool:
@@ -145,7 +165,8 @@ class PPOLossOptions(NamedTuple):
                 kl_coef: float | None = None, kl_estimator: str | None = None, entropy_coef: float | None = None,
                 loss_type: str = "clip", tau_pos: float = 1.0, tau_neg: float = 1.05,
                 dro_beta: float | None = None, cov_ratio: float = 2e-4, cov_bounds=(1.0, 5.0),
-                kl_cov_coef: float = 1.0, generator=None, backend: str | None = None) -> "PPOLossOptions":
+                kl_cov_coef: float = 1.0, generator=None, vespo_params=VESPO_PARAMS,
+                backend: str | None = None) -> "PPOLossOptions":
         """The options of a call on tensors of ``device``; ValueError naming a
         bad keyword. The penalty keywords left at None keep their defaults
         unchecked (the policy-only losses take none of them)."""
@@ -153,6 +174,9 @@ class PPOLossOptions(NamedTuple):
         clip_low, clip_high, dual, ratio_low, ratio_high = _form_numbers(
             loss_type, clip_low, clip_high, dual_clip, tau_pos, tau_neg, dro_beta, ratio_level)
         cov = _cov_selection(loss_type, cov_ratio, cov_bounds, kl_cov_coef, generator)
+        vespo = _vespo_params(loss_type, vespo_params)
+        if loss_type == "luspo":
+            ratio_level = "sequence"
         agg_code, kernel_tokens, kernel_seqs, divisor = check_agg(agg, num_tokens, num_seqs, device)
         penalty = {}
         if temperature is not None:
@@ -168,9 +192,8 @@ class PPOLossOptions(NamedTuple):
             clip_low=clip_low, clip_high=clip_high, dual_clip=dual, agg=agg, num_tokens=num_tokens,
             num_seqs=num_seqs, ratio_level=ratio_level, backend=backend, agg_code=agg_code,
             kernel_num_tokens=kernel_tokens, kernel_num_seqs=kernel_seqs, divisor=divisor, loss_type=loss_type,
-            loss_code=KERNEL_FORMS.index("clip" if loss_type in ("clip_cov", "kl_cov") else loss_type),
-            ratio_low=ratio_low,
-            ratio_high=ratio_high, cov=cov, **penalty,
+            loss_code=KERNEL_FORMS.index(COMPOSED_FORMS.get(loss_type, loss_type)), ratio_low=ratio_low,
+            ratio_high=ratio_high, cov=cov, vespo=vespo, **penalty,
         )
 
 
@@ -222,8 +245,17 @@ POLICY_ARGS = """\
             take the means over the whole batch and read one count on the
             host (their selection sizes); their clipfrac is the share of
             valid tokens selected. Each
-            as verl's policy loss of that name (verl's "vanilla" for "clip");
-            the others take token ratios only (ratio_level "token").
+            as verl's policy loss of that name (verl's "vanilla" for "clip").
+            TRL's "luspo" (clip on the sequence ratio of ratio_level
+            "sequence"; TRL's LUSPO aggregates with agg
+            "seq-mean-token-sum") and "vespo" (-A sg(phi_b) logp, phi_b =
+            e^lambda w^k e^(-lambda w) for the sequence's w = exp(clamp(sum over
+            its valid tokens of clamp(logp - old_logp, -20, 20), log 1e-8,
+            20)), (k, lambda) by A's sign from vespo_params; with
+            token_weights (the sampler's importance ratio) their clamped logs
+            join that sum instead of scaling the loss, as TRL's
+            importance_sampling_ratio, over the valid tokens). The others
+            take token ratios only (ratio_level "token").
             token_weights scale A, so a weight-0 token takes dppo's A <= 0
             branch in the statistics; not with "dro" (its penalty is not
             proportional to A).
@@ -243,6 +275,10 @@ POLICY_ARGS = """\
             ppo_kl_coef, default 1).
         generator: a torch.Generator (on the CPU) for clip_cov's random
             choice, or None for torch's default one.
+        vespo_params: vespo's (k_pos, lambda_pos, k_neg, lambda_neg), finite
+            (TRL's vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+            vespo_lambda_neg; default (2, 3, 3, 2)); each lambda is used
+            clamped at >= 1e-4, as TRL.
         agg: "token-mean" | "token-sum" | "seq-mean-token-sum" |
             "seq-mean-token-mean" | "seq-mean-token-sum-norm" (seq-mean-token-sum / T).
         num_tokens: token-mean denominator instead of the number of valid

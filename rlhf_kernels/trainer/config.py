@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ LOSS_AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-
 TRL_LOSS_TYPES = {"grpo": ("clip", "seq-mean-token-mean"), "bnpo": ("clip", "token-mean"),
                   "dr_grpo": ("clip", "seq-mean-token-sum-norm"), "dapo": ("clip", "token-mean"),
                   "cispo": ("cispo", "token-mean"), "sapo": ("sapo", "seq-mean-token-mean"),
+                  "luspo": ("luspo", "seq-mean-token-sum"), "vespo": ("vespo", "token-mean"),
                   "gmpo": ("geo_mean", "seq-mean-token-mean")}  # not TRL's: GMPO's mean over sequences
 # dro needs a dro_beta, which PPOConfig does not take.
 OBJECTIVES = tuple(t for t in LOSS_TYPES if t != "dro")
@@ -143,6 +145,8 @@ class PPOConfig:
     loss_type: str = "clip"
     tau_pos: float = 1.0  # sapo's temperatures (TRL's sapo_temperature_pos / _neg)
     tau_neg: float = 1.05
+    # vespo's (TRL's vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+    vespo_params: tuple = (2.0, 3.0, 3.0, 2.0)
     fused_loss: bool = True  # ppo_loss_from_logits, else logprobs_from_logits + ppo_policy_loss
     # With fused_loss: the logits gradient written into the logits in the
     # backward (no (B, T, V) gradient buffer; three passes over the logits), or
@@ -334,6 +338,9 @@ def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
         raise ConfigError(f"ppo.dual_clip: for the clip and dppo objectives, not loss_type {cfg.loss_type!r}")
     if not (cfg.tau_pos > 0 and cfg.tau_neg > 0):
         raise ConfigError("ppo: tau_pos and tau_neg must be > 0")
+    if not (isinstance(cfg.vespo_params, (list, tuple)) and len(cfg.vespo_params) == 4
+            and all(isinstance(p, (int, float)) and math.isfinite(p) for p in cfg.vespo_params)):
+        raise ConfigError("ppo: vespo_params must be four finite numbers (k_pos, lambda_pos, k_neg, lambda_neg)")
     if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
         raise ConfigError("ppo: gamma and lam must lie in [0, 1]")
     if cfg.temperature <= 0:
