@@ -133,7 +133,33 @@ OBJECTIVES = {
     "dppo_kl": dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0),
     "dro": dict(dro_beta=0.3),
     "geo_mean": dict(clip_low=0.2, clip_high=0.28, agg="seq-mean-token-mean"),  # verl's mean over sequences
+    # TRL's GRPO losses (no verl function): TRL's own lines are the peer
+    "luspo": dict(clip_low=0.2, clip_high=0.28, agg="seq-mean-token-sum"),
+    "vespo": {},
 }
+
+
+def _trl_objective(name: str):
+    """TRL 1.16's GRPO loss ``name`` as GRPOTrainer._compute_loss writes it
+    (its per-token lines, VESPO's weight by TRL's own get_gamma_weights),
+    eagerly, or None."""
+    if name not in ("luspo", "vespo"):
+        return None
+    try:
+        from trl.trainer.grpo_trainer import GRPOTrainer
+    except Exception:  # noqa: BLE001 -- TRL or one of its dependencies missing
+        return None
+
+    def loss(logp, old, adv, mask):
+        log_ratio = logp - old
+        if name == "vespo":
+            phi = GRPOTrainer.get_gamma_weights(adv, log_ratio, mask, None)
+            return ((-phi * adv * logp) * mask).sum() / mask.sum().clamp(min=1.0)
+        coef_1 = torch.exp(((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1))
+        coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.28)
+        return (-torch.min(coef_1 * adv, coef_2 * adv) * mask).sum(-1).mean()
+
+    return loss
 
 
 def _verl_objective(name: str):
@@ -147,14 +173,18 @@ def _verl_objective(name: str):
                              strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2, rollout_n=1,
                              tau_pos=1.0, tau_neg=1.05, policy_loss=PolicyLossConfig(dro_beta=0.3),
                              global_batch_info={})
-    fn = core_algos.get_policy_loss_fn("vanilla" if name == "clip" else name)
+    try:
+        fn = core_algos.get_policy_loss_fn("vanilla" if name == "clip" else name)
+    except (KeyError, ValueError):  # not one of verl's (TRL's luspo, vespo)
+        return None
     fn = getattr(fn, "__wrapped_original__", fn)
     return lambda logp, old, adv, mask: fn(old, logp, adv, mask, "token-mean", config)[0]
 
 
 def bench_objectives(device, quick, copy_gbps, names=tuple(OBJECTIVES)):
-    """Each objective's forward and forward + backward against verl's function;
-    on the CPU round-robin (common.time_interleaved: verl and ours in turn)."""
+    """Each objective's forward and forward + backward against verl's function
+    (TRL's lines for luspo / vespo); on the CPU round-robin
+    (common.time_interleaved: the peer and ours in turn)."""
     shape = (4, 64) if quick else (1024, 1024)  # 1M tokens
     logp, old, adv, mask = _token_inputs(shape, device)
     fmask = mask.float()
@@ -167,6 +197,9 @@ def bench_objectives(device, quick, copy_gbps, names=tuple(OBJECTIVES)):
         verl_fn = _verl_objective(name)
         if verl_fn is not None:
             providers["verl"] = lambda f=verl_fn: f(leaf, old, adv, fmask)
+        trl_fn = _trl_objective(name)
+        if trl_fn is not None:
+            providers["trl"] = lambda f=trl_fn: f(leaf, old, adv, fmask)
         for backend in _backends(device, quick):
             providers[f"rlhf_kernels:{backend}"] = (
                 lambda b=backend, k=kw, t=name: rlhf_kernels.ppo_policy_loss(leaf, old, adv, mask, loss_type=t,
