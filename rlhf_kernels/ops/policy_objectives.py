@@ -200,12 +200,14 @@ def _vespo_weights(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Ten
     clamp(logp - old_logp, -20, 20) (weighted by the mask's weights) plus,
     with token_weights, of clamp(log token_weight, log 1e-8, 20); (k, lambda)
     = (k_pos, lambda_pos) where A >= 0, else (k_neg, lambda_neg), lambda
-    clamped at >= 1e-4; NaN and +-inf phi give 0, as TRL's."""
+    clamped at >= 1e-4; NaN and +-inf phi give 0, as TRL's. Both signs' phi
+    per sequence, then one select per token."""
     k_pos, lambda_pos, k_neg, lambda_neg = params
     valid, weight = mask_weights(mask, torch.float64)
-    w = weight if weight is not None else valid.to(torch.float64)
     log_ratio = (logp.detach().to(torch.float64) - old_logp.detach().to(torch.float64)).clamp(-20.0, 20.0)
-    terms = torch.where(valid, log_ratio, 0.0) * w
+    terms = torch.where(valid, log_ratio, 0.0)
+    if weight is not None:
+        terms = terms * weight
     if token_weights is not None:
         check_tensor("token_weights", token_weights, FLOAT_DTYPES)
         check_same_device(advantages=advantages, token_weights=token_weights)
@@ -214,11 +216,13 @@ def _vespo_weights(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Ten
         log_is = token_weights.detach().to(torch.float64).log().clamp(math.log(1e-8), 20.0)
         terms = terms + torch.where(valid, log_is, 0.0)
     log_w = terms.sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)
-    nonneg = advantages.detach() >= 0
-    k = torch.where(nonneg, k_pos, k_neg).to(torch.float64)
-    lam = torch.where(nonneg, lambda_pos, lambda_neg).to(torch.float64).clamp(min=1e-4)
-    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
-    return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    w_seq = torch.exp(log_w)
+
+    def phi(k: float, lam: float) -> Tensor:  # (B, 1): one per sequence and sign
+        lam = max(lam, 1e-4)
+        return torch.exp(lam + k * log_w - lam * w_seq).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+    return torch.where(advantages.detach() >= 0, phi(k_pos, lambda_pos), phi(k_neg, lambda_neg))
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, token_weights: Optional[Tensor],
@@ -229,9 +233,11 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         loss, stats = _geo_mean_loss(logp, old_logp, advantages, mask, o, logp.shape[-1] if logp.dim() else 1)
         return divide(loss, o.divisor), stats
     batch_stats, penalty = {}, None
-    if o.vespo is not None:  # gpg's -A logp, A times phi (the weights joined phi's sum)
-        token_weights = _vespo_weights(logp, old_logp, advantages, mask, token_weights, o.vespo).to(
-            compute_dtype(advantages))
+    if o.vespo is not None:  # gpg's -A logp on A phi (the token weights joined phi's sum)
+        dtype = compute_dtype(advantages)
+        advantages = advantages.detach().to(dtype) * _vespo_weights(logp, old_logp, advantages, mask, token_weights,
+                                                                     o.vespo).to(dtype)
+        token_weights = None
     if o.cov is not None:
         selected, share = _cov_selected(logp, old_logp, advantages, mask, o)
         if o.loss_type == "clip_cov":  # the selected tokens' loss and gradient removed
