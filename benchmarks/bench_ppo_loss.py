@@ -308,9 +308,10 @@ def bench_loss_from_logits(device, quick, compile_ref, copy_gbps):
 
 def _speedups(rows: list[dict]) -> None:
     """Adds speedup_vs_eager to each row (same op, mode, shape): against the
-    eager reference, or verl's own function for the objectives."""
+    eager reference, or verl's own function for the objectives (TRL's lines
+    for luspo / vespo)."""
     eager = {(r["op"], r["mode"], tuple(r["shape"])): r["median_ms"] for r in rows
-             if r["provider"] in ("eager", "verl")}
+             if r["provider"] in ("eager", "verl", "trl")}
     for r in rows:
         base = eager.get((r["op"], r["mode"], tuple(r["shape"])))
         r["speedup_vs_eager"] = round(base / r["median_ms"], 2) if base and r["median_ms"] > 0 else None
@@ -354,7 +355,7 @@ def main(argv=None) -> list[dict]:
     path = write_results(rows, env, args.out_dir)
     print_table(rows)
     for r in rows:
-        if r["speedup_vs_eager"] is not None and r["provider"] not in ("eager", "verl"):
+        if r["speedup_vs_eager"] is not None and r["provider"] not in ("eager", "verl", "trl"):
             print(f"{r['op']:22s} {r['mode']:8s} {r['provider']:24s} {r['median_ms']:9.3f} ms  x{r['speedup_vs_eager']}")
     print(f"results appended to {path}")
     return rows

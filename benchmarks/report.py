@@ -29,7 +29,8 @@ DOC = ROOT / "docs" / "performance.md"
 IMG_DIR = ROOT / "docs" / "img"
 
 # The eager formulation each benchmark calls its baseline.
-EAGER = ("eager", "eager (TRL/verl)", "python_loop", "verl")  # "verl": its own eager function (objectives)
+# "verl": its own eager function (objectives); "trl": TRL's GRPO lines (luspo, vespo)
+EAGER = ("eager", "eager (TRL/verl)", "python_loop", "verl", "trl")
 GPU_CLASS = ("H100", "H200", "H800", "GH200")  # the devices an "H100-class GPU" goal accepts
 
 
@@ -174,8 +175,9 @@ def _all_of(*checks):
 
 
 def _objectives_goal(factor: float):
-    """Each loss_type's fwd+bwd at 1M tokens against verl's function of that name."""
-    names = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro", "geo_mean")
+    """Each loss_type's fwd+bwd at 1M tokens against verl's function of that
+    name (TRL's lines for luspo and vespo)."""
+    names = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro", "geo_mean", "luspo", "vespo")
 
     def check(rows):
         found = [(name, _best(_pick(rows, f"policy_loss:{name}", "fwd+bwd", (1024, 1024), "float32", is_ours)))
@@ -412,8 +414,9 @@ GOALS = [
     Goal(4, "ppo_policy_loss and ppo_value_loss, 1M tokens fwd+bwd: >= 3x eager", False,
          _all_of(_speedup_goal("ppo_policy_loss", "fwd+bwd", (1024, 1024), "float32", 3.0),
                  _speedup_goal("ppo_value_loss", "fwd+bwd", (1024, 1024), "float32", 3.0))),
-    Goal(30, "each policy objective (loss_type clip, cispo, sapo, gpg, dppo_tv, dppo_kl, dro), 1M tokens fwd+bwd: "
-             ">= 5x verl's own function of that name (bench_ppo_loss --ops objectives, round-robin)", False,
+    Goal(30, "each policy objective (loss_type clip, cispo, sapo, gpg, dppo_tv, dppo_kl, dro, geo_mean, luspo, "
+             "vespo), 1M tokens fwd+bwd: >= 5x verl's own function of that name, TRL's lines for luspo / vespo "
+             "(bench_ppo_loss --ops objectives, round-robin)", False,
          _objectives_goal(5.0)),
     Goal(7, "every op ahead of every installed peer on each standard shape", True, _ahead_of_peers),
     Goal(7, "memory-bound ops within 15% of the memory-bandwidth limit", True, _near_bandwidth),

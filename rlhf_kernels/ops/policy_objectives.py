@@ -105,15 +105,19 @@ def _sequence_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str) ->
     the advantage is constant over a sequence. s_b in float64 (a float32 old'
     costs half an ulp of |logp| in the log-ratio)."""
     valid, weight = mask_weights(mask, torch.float64)
-    w = weight if weight is not None else valid.to(torch.float64)
-    counts = w.sum(-1).clamp(min=1)
+
+    def weighted_sum(x: Tensor) -> Tensor:  # over each sequence's valid tokens (a bool mask: no product)
+        x = torch.where(valid, x, 0.0)
+        return (x if weight is None else x * weight.to(x.dtype)).sum(-1)
+
+    counts = (valid.sum(-1).to(torch.float64) if weight is None else weight.sum(-1)).clamp(min=1)
     lp = logp.detach().to(torch.float64)
-    seq_log_ratio = (torch.where(valid, lp - old_logp.detach().to(torch.float64), 0.0) * w).sum(-1) / counts
+    seq_log_ratio = weighted_sum(lp - old_logp.detach()) / counts
     dtype = compute_dtype(logp, old_logp)
     old_eff = (lp - seq_log_ratio.unsqueeze(-1)).to(dtype)
     if level == "sequence":
         x = logp.to(dtype)
-        mean = (torch.where(valid, x, 0.0) * w.to(dtype)).sum(-1) / counts.to(dtype)
+        mean = weighted_sum(x) / counts.to(dtype)
         logp = x.detach() + (mean - mean.detach()).unsqueeze(-1)
     return logp, old_eff
 
