@@ -27,14 +27,17 @@ from torch import Tensor
 
 from .._dispatch import native_extension_loaded
 
+if native_extension_loaded():
+    from .. import _C
+else:
+    _C = None
+
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 
 
 def _below_autograd_call(op) -> Callable:
     """The op called below the autograd keys (eager mode only)."""
-    if native_extension_loaded() and op.namespace == "rlhf_kernels":
-        from rlhf_kernels import _C
-
+    if _C is not None and op.namespace == "rlhf_kernels":
         index = _C.op_index(op._schema.name, op._schema.overload_name)
         if index is not None:
             fast = _C.call_below_autograd
