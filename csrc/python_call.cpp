@@ -109,7 +109,7 @@ PyObject* call_below_autograd(PyObject* /*module*/, PyObject* const* args, Py_ss
   const size_t index = PyLong_AsSize_t(args[0]);
   auto& ops = handles();
   if (PyErr_Occurred() || index >= ops.size()) return not_implemented();
-  const c10::OperatorHandle& op = ops[index];
+  const c10::OperatorHandle op = ops[index];  // a copy: op_index may grow the list
   const auto& arguments = op.schema().arguments();
   if (static_cast<size_t>(nargs - 1) != arguments.size()) return not_implemented();
   torch::jit::Stack stack;
