@@ -112,10 +112,12 @@ def test_ppo_command_refuses_bad_input_naming_it(artefacts, tmp_path, capsys):
 def test_ppo_command_group_algorithms_train_no_critic(artefacts, tmp_path, algo):
     out = tmp_path / algo
     code = cli.main(_args(artefacts, out, "--reward-model", str(artefacts["rm"]), "--iterations", "1",
-                          "--algo", algo, "--group-size", "2", "--precision", "bf16", "--gradient-checkpointing"))
+                          "--algo", algo, "--group-size", "2", "--precision", "bf16", "--gradient-checkpointing",
+                          "--adv-estimator", "dr_grpo", "--loss-type", "vespo"))
     assert code == 0
     row = json.loads((out / "metrics.jsonl").read_text())
     assert "value_loss" not in row and row["policy_loss"] == row["policy_loss"]
+    assert row["adv_estimator"] == "dr_grpo" and row["loss_type"] == "vespo"
     assert (out / "policy" / "config.json").exists() and not (out / "critic").exists()
 
 

@@ -501,6 +501,39 @@ def test_grpo_and_rloo_sample_groups_and_use_outcome_advantages(algo):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
 
 
+@pytest.mark.parametrize("algo, estimator", [("grpo", "dr_grpo"), ("grpo", "opo"), ("grpo", "grpo_passk"),
+                                             ("rloo", "passk"), ("grpo", "rloo")])
+def test_adv_estimator_picks_the_group_mode_and_is_recorded(algo, estimator):
+    """PPOConfig.adv_estimator: the group_advantages mode of the outcome
+    advantages (opo with the response lengths), the algo's KL placement
+    kept (rloo: in the score); step() records it and the loss type."""
+    from rlhf_kernels import group_advantages
+
+    trainer, _ = _group_trainer(algo, adv_estimator=estimator)
+    r = trainer.rollout()
+    mask = r.batch.response_mask
+    seq_kl = ((r.old_logp - r.ref_logp) * mask).sum(1)
+    outcome = r.scores if algo == "grpo" else r.scores - float(trainer.config.init_kl_coef) * seq_kl
+    lengths = mask.sum(1).to(outcome.dtype) if estimator == "opo" else None
+    want = group_advantages(outcome, 4, mode=estimator, lengths=lengths).unsqueeze(1) * mask
+    torch.testing.assert_close(r.advantages, want)
+    if estimator == "opo":  # the lengths matter on this rollout
+        assert not torch.allclose(want, group_advantages(outcome, 4, mode="grpo").unsqueeze(1) * mask)
+    record = trainer.step()
+    assert record["adv_estimator"] == estimator and record["loss_type"] == "clip"
+
+
+def test_adv_estimator_config_errors():
+    tok, policy = _parts(0)
+    for cfg, match in ((dict(algo="ppo", adv_estimator="grpo"), "ppo.adv_estimator"),
+                       (dict(algo="grpo", adv_estimator="gae"), "ppo.adv_estimator"),
+                       (dict(algo="grpo", adv_estimator="remax"), "ppo.adv_estimator")):
+        with pytest.raises(ConfigError, match=match):
+            PPOTrainer(policy, copy.deepcopy(policy), None, tok, PPOConfig(rollout_batch_size=8, mini_batch_size=4,
+                                                                            **cfg),
+                       prompt_sampler=lambda n, rng: [], reward_fn=lambda *a: None)
+
+
 def test_grpo_kl_term_is_the_same_fused_or_not():
     """GRPO's k3 KL term of the loss: the fused loss (from the hidden state)
     and the unfused one (log-probs, ppo_policy_loss, kl_penalty) agree."""

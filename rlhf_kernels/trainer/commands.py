@@ -189,6 +189,8 @@ def ppo_config(args) -> PPOConfig:
         cfg.reward_running_whiten = True
     if args.algo is not None:
         cfg.algo = args.algo
+    if args.adv_estimator is not None:
+        cfg.adv_estimator = args.adv_estimator
     if args.precision is not None:
         cfg.precision = args.precision
     if args.strategy is not None:
@@ -500,10 +502,13 @@ def add_ppo_parser(sub) -> None:
     p.add_argument("--algo", default=None, choices=("ppo", "grpo", "rloo"),
                    help="ppo (a critic, default) | grpo | rloo (group sampling, no critic)")
     p.add_argument("--group-size", type=int, default=None, help="grpo / rloo: responses per prompt")
+    p.add_argument("--adv-estimator", default=None,
+                   help="ppo: gae; grpo / rloo: grpo | dr_grpo | rloo | opo | grpo_passk | passk (verl's names; "
+                        "default: the algo's own); recorded in metrics.jsonl")
     p.add_argument("--loss-type", default=None,
                    help="the policy objective: clip (PPO, default) | cispo | sapo | gpg | dppo_tv | dppo_kl | "
-                        "geo_mean, or TRL's grpo | bnpo | dr_grpo | dapo (clip with TRL's aggregation), cispo, "
-                        "sapo, or gmpo (geo_mean, a mean over sequences)")
+                        "geo_mean | clip_cov | kl_cov, or TRL's grpo | bnpo | dr_grpo | dapo (clip with TRL's "
+                        "aggregation), cispo, sapo, luspo, vespo, or gmpo (geo_mean, a mean over sequences)")
     p.add_argument("--iterations", type=int, default=None)
     p.add_argument("--rollout-batch-size", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)

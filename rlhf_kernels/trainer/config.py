@@ -24,6 +24,8 @@ TRL_LOSS_TYPES = {"grpo": ("clip", "seq-mean-token-mean"), "bnpo": ("clip", "tok
                   "cispo": ("cispo", "token-mean"), "sapo": ("sapo", "seq-mean-token-mean"),
                   "luspo": ("luspo", "seq-mean-token-sum"), "vespo": ("vespo", "token-mean"),
                   "gmpo": ("geo_mean", "seq-mean-token-mean")}  # not TRL's: GMPO's mean over sequences
+# PPOConfig.adv_estimator for grpo / rloo: group_advantages' modes.
+ADV_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "opo", "grpo_passk", "passk")
 # dro needs a dro_beta, which PPOConfig does not take.
 OBJECTIVES = tuple(t for t in LOSS_TYPES if t != "dro")
 
@@ -114,6 +116,12 @@ class PPOConfig:
     # baselines of the KL-penalised score, no critic; Ahmadian et al., 2024).
     algo: str = "ppo"
     group_size: int = 4  # grpo / rloo: responses per prompt
+    # The advantage estimator (verl's algorithm.adv_estimator names): ppo's
+    # "gae"; for grpo / rloo a group_advantages mode (ADV_ESTIMATORS), the
+    # algo's KL placement kept (grpo: a loss term, rloo: in the score).
+    # None: the algo's own ("gae", "grpo", "rloo"). Each metrics.jsonl line
+    # records the one used, with the loss type.
+    adv_estimator: Optional[str] = None
     iterations: int = 40
     rollout_batch_size: int = 64  # responses per iteration (per process)
     max_new_tokens: int = 8
@@ -305,6 +313,11 @@ def correction_kwargs(rc: RolloutCorrectionConfig) -> dict:
                             rc.rollout_rs_threshold)
 
 
+def adv_estimator(cfg: PPOConfig) -> str:
+    """The advantage estimator cfg runs (its algo's own when not given)."""
+    return cfg.adv_estimator or {"ppo": "gae"}.get(cfg.algo, cfg.algo)
+
+
 def objective(cfg: PPOConfig) -> tuple[str, str]:
     """(loss_type of ppo_policy_loss, aggregation) of cfg.loss_type."""
     return TRL_LOSS_TYPES.get(cfg.loss_type, (cfg.loss_type, cfg.loss_agg))
@@ -366,6 +379,11 @@ def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
         raise ConfigError(f"ppo.offload: {cfg.offload!r}; expected a list from {OFFLOADABLE}")
     if cfg.algo not in ("ppo", "grpo", "rloo"):
         raise ConfigError(f"ppo.algo: unknown {cfg.algo!r}; expected ppo, grpo or rloo")
+    if cfg.adv_estimator is not None:
+        allowed = ("gae",) if cfg.algo == "ppo" else ADV_ESTIMATORS
+        if cfg.adv_estimator not in allowed:
+            raise ConfigError(f"ppo.adv_estimator: {cfg.adv_estimator!r} with algo {cfg.algo!r}; expected one of "
+                              f"{allowed}")
     if cfg.algo != "ppo" and (cfg.group_size < 2 or cfg.rollout_batch_size % cfg.group_size):
         raise ConfigError(f"ppo.group_size: {cfg.group_size}; {cfg.algo} needs groups of >= 2 responses that "
                           f"divide rollout_batch_size ({cfg.rollout_batch_size})")

@@ -35,7 +35,7 @@ from .. import (
     ppo_loss_from_hidden, ppo_loss_from_logits, ppo_loss_from_logprobs, ppo_value_loss, rollout_correction,
 )
 from .._dispatch import canonical_backend
-from .config import PPOConfig, correction_kwargs, objective, truncated, validate_ppo
+from .config import PPOConfig, adv_estimator, correction_kwargs, objective, truncated, validate_ppo
 from .data import (
     Batch, decode_responses, encode_prompts, encode_responses, lm_targets, make_batch,
     response_mask_from_generation,
@@ -553,10 +553,11 @@ class PPOTrainer:
         the mean summed k1 KL per response, over ranks)."""
         cfg = self.config
         seq_kl = ((old_logp - ref_logp) * mask).sum(1)
-        if cfg.algo == "grpo":
-            outcome = group_advantages(scores, cfg.group_size, mode="grpo")
-        else:
-            outcome = group_advantages(scores - float(self.kl_coef) * seq_kl, cfg.group_size, mode="rloo")
+        if cfg.algo == "rloo":
+            scores = scores - float(self.kl_coef) * seq_kl
+        mode = adv_estimator(cfg)
+        outcome = group_advantages(scores, cfg.group_size, mode=mode,
+                                   lengths=mask.sum(1).to(scores.dtype) if mode == "opo" else None)
         return outcome.unsqueeze(1) * mask, all_reduce_mean(seq_kl.mean())
 
     # --- update --------------------------------------------------------------------
@@ -739,7 +740,8 @@ class PPOTrainer:
         self._engine_stale = self.rollout_engine is not None
         elapsed = time.perf_counter() - start
         stats = {k: float(v) for k, v in r.stats.items()}
-        metrics = {"iteration": self.iteration, **stats, **update_stats,
+        metrics = {"iteration": self.iteration, "adv_estimator": adv_estimator(self.config),
+                   "loss_type": self.config.loss_type, **stats, **update_stats,
                    "tokens_per_s": stats["tokens"] / elapsed, "time_s": elapsed,
                    **self.timer.pop(),
                    "lr": self.policy_sched.get_last_lr()[0]}
