@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import rlhf_kernels
 from rlhf_kernels.trainer import pipeline
 from rlhf_kernels.trainer.config import (
-    ConfigError, OptimConfig, PPOConfig, RewardConfig, SFTConfig, TrainConfig, load_config, to_dict,
+    ConfigError, OptimConfig, PPOConfig, RewardConfig, RolloutCorrectionConfig, SFTConfig, TrainConfig, load_config,
+    to_dict,
 )
 from rlhf_kernels.trainer.data import IGNORE_INDEX, encode_prompts, encode_responses, lm_targets, make_batch
 from rlhf_kernels.trainer.models import ScalarHeadModel, response_logits, tiny_llama
@@ -571,7 +572,6 @@ def test_sampler_logprobs_from_generate_match_the_trainers():
     """The sampler's log-probs (generate's processed scores, at T != 1) equal
     the trainer's recompute of the same tokens to float32 rounding, and the
     mismatch statistics of every iteration say so."""
-    from rlhf_kernels.trainer.config import RolloutCorrectionConfig
 
     trainer, _ = _ppo_trainer(seed=11, temperature=0.7, rollout_correction=RolloutCorrectionConfig(measure=True))
     r = trainer.rollout()
@@ -594,7 +594,6 @@ def test_truncated_sampling_logprobs_match_the_samplers(sampler):
     distribution: the sampler's own processed log-probs to float32 rounding,
     where the untruncated ones sit about -log P(kept) below; the update's
     loss runs on the same truncation."""
-    from rlhf_kernels.trainer.config import RolloutCorrectionConfig
 
     trainer, _ = _ppo_trainer(seed=13, temperature=0.7, rollout_correction=RolloutCorrectionConfig(measure=True),
                               **sampler)
@@ -633,7 +632,6 @@ def test_rollout_correction_weights_and_rejection_reach_the_policy_loss(monkeypa
     (rollout_is) become the policy loss's token_weights and the rejected
     tokens (rollout_rs) leave its mask and its token count, as
     rollout_correction computes them from the two log-probs."""
-    from rlhf_kernels.trainer.config import RolloutCorrectionConfig
 
     rc = RolloutCorrectionConfig(rollout_is="token", rollout_is_threshold=1.5, rollout_rs="token_k2",
                                  rollout_rs_threshold=0.02)
@@ -674,7 +672,6 @@ def test_rollout_correction_weights_and_rejection_reach_the_policy_loss(monkeypa
 
 
 def test_bypass_mode_uses_the_samplers_logprobs_as_old():
-    from rlhf_kernels.trainer.config import RolloutCorrectionConfig
 
     trainer, _ = _ppo_trainer(seed=13, rollout_correction=RolloutCorrectionConfig(bypass_mode=True))
     calls = []
@@ -702,7 +699,7 @@ def test_rollout_correction_config_errors_name_the_field():
 
 
 @pytest.mark.parametrize("loss_type", ["cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dapo", "dr_grpo", "gmpo",
-                                       "kl_cov", "luspo", "vespo"])
+                                       "kl_cov", "luspo", "vespo", "dro"])
 def test_loss_types_are_the_same_fused_or_not(loss_type):
     """PPOConfig.loss_type reaches the policy loss on the fused path (from the
     hidden state) and the unfused one (log-probs, then ppo_loss_from_logprobs):
@@ -713,6 +710,8 @@ def test_loss_types_are_the_same_fused_or_not(loss_type):
     for fused in (True, False):
         # dppo's thresholds are on probabilities (the tiny model's are small)
         thresholds = dict(clip_low=0.002, clip_high=0.002) if loss_type.startswith("dppo") else {}
+        if loss_type == "dro":
+            thresholds = dict(dro_beta=0.3)
         trainer, _ = _group_trainer("grpo", seed=9, fused_loss=fused, loss_type=loss_type, init_kl_coef=0.1,
                                     target_kl=None, **thresholds)
         r = trainer.rollout()
@@ -737,7 +736,11 @@ def test_loss_type_config_errors():
     for cfg, match in ((dict(loss_type="vanilla"), "ppo.loss_type"), (dict(loss_type="sapo", dual_clip=3.0),
                                                                       "ppo.dual_clip"),
                        (dict(loss_type="sapo", tau_neg=0.0), "tau_pos and tau_neg"),
-                       (dict(loss_type="vespo", vespo_params=(1.0, 2.0)), "vespo_params")):
+                       (dict(loss_type="vespo", vespo_params=(1.0, 2.0)), "vespo_params"),
+                       (dict(loss_type="dro"), "ppo.dro_beta"), (dict(loss_type="dro", dro_beta=-1.0), "ppo.dro_beta"),
+                       (dict(loss_type="dro", dro_beta=0.1,
+                             rollout_correction=RolloutCorrectionConfig(rollout_is="token", rollout_is_threshold=2.0)),
+                        "rollout_is")):
         with pytest.raises(ConfigError, match=match):
             PPOTrainer(policy, copy.deepcopy(policy), None, tok, PPOConfig(algo="grpo", rollout_batch_size=8,
                                                                             mini_batch_size=4, **cfg),

@@ -26,8 +26,7 @@ TRL_LOSS_TYPES = {"grpo": ("clip", "seq-mean-token-mean"), "bnpo": ("clip", "tok
                   "gmpo": ("geo_mean", "seq-mean-token-mean")}  # not TRL's: GMPO's mean over sequences
 # PPOConfig.adv_estimator for grpo / rloo: group_advantages' modes.
 ADV_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "opo", "grpo_passk", "passk")
-# dro needs a dro_beta, which PPOConfig does not take.
-OBJECTIVES = tuple(t for t in LOSS_TYPES if t != "dro")
+OBJECTIVES = LOSS_TYPES
 
 
 class ConfigError(ValueError):
@@ -155,6 +154,7 @@ class PPOConfig:
     tau_neg: float = 1.05
     # vespo's (TRL's vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
     vespo_params: tuple = (2.0, 3.0, 3.0, 2.0)
+    dro_beta: Optional[float] = None  # dro's weight of the squared log-ratio (verl's policy_loss.dro_beta), > 0
     fused_loss: bool = True  # ppo_loss_from_logits, else logprobs_from_logits + ppo_policy_loss
     # With fused_loss: the logits gradient written into the logits in the
     # backward (no (B, T, V) gradient buffer; three passes over the logits), or
@@ -351,6 +351,11 @@ def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
         raise ConfigError(f"ppo.dual_clip: for the clip and dppo objectives, not loss_type {cfg.loss_type!r}")
     if not (cfg.tau_pos > 0 and cfg.tau_neg > 0):
         raise ConfigError("ppo: tau_pos and tau_neg must be > 0")
+    if cfg.loss_type == "dro" and not (isinstance(cfg.dro_beta, (int, float)) and 0 < cfg.dro_beta < math.inf):
+        raise ConfigError(f"ppo.dro_beta: loss_type 'dro' needs a finite dro_beta > 0, got {cfg.dro_beta!r}")
+    if cfg.loss_type == "dro" and cfg.rollout_correction.rollout_is is not None:
+        raise ConfigError("ppo.rollout_correction.rollout_is: not with loss_type 'dro' (its log-ratio penalty "
+                          "is not proportional to the advantage the weights scale)")
     if not (isinstance(cfg.vespo_params, (list, tuple)) and len(cfg.vespo_params) == 4
             and all(isinstance(p, (int, float)) and math.isfinite(p) for p in cfg.vespo_params)):
         raise ConfigError("ppo: vespo_params must be four finite numbers (k_pos, lambda_pos, k_neg, lambda_neg)")

@@ -590,7 +590,7 @@ class PPOTrainer:
         loss_type, agg = objective(cfg)
         common = dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=agg,
                       loss_type=loss_type, tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg,
-                      vespo_params=tuple(cfg.vespo_params), num_tokens=num_tokens,
+                      vespo_params=tuple(cfg.vespo_params), dro_beta=cfg.dro_beta, num_tokens=num_tokens,
                       num_seqs=num_seqs, backend=self.backend,
                       token_weights=None if r.is_weights is None else r.is_weights[idx])
         # GRPO: the KL to the reference as a k3 term of the loss (PPO and RLOO
