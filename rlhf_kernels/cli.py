@@ -92,7 +92,7 @@ def train(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config) if args.config else TrainConfig()
-        for name in ("model", "reward_model", "device", "backend", "out"):
+        for name in ("model", "reward_model", "device", "backend", "out", "report_to"):
             value = getattr(args, name)
             if value is not None:
                 setattr(cfg, name, value)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--pytest", action="store_true",
                          help="CPU only: time through pytest-benchmark (pytest benchmarks/ --benchmark-only)")
     p_bench.set_defaults(func=bench)
-    from .trainer.args import add_backend_flag, add_parallel_flags, add_rollout_flags
+    from .trainer.args import add_backend_flag, add_parallel_flags, add_report_flag, add_rollout_flags
 
     p_train = sub.add_parser("train", help="SFT -> reward model -> PPO on the embedded task (the main job)")
     p_train.add_argument("--config", default=None, help="JSON file with TrainConfig fields")
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     add_parallel_flags(p_train, every_stage=True)
     add_rollout_flags(p_train)
+    add_report_flag(p_train)
     p_train.set_defaults(func=train)
     from .trainer.commands import add_ppo_parser, add_stage_parsers
 

@@ -91,3 +91,32 @@ def test_report_to_none_and_errors(setup, tmp_path, capsys):
     except ImportError:  # not installed here: asked for by name, it stops the command
         assert cli.main(_sft(paths, data, tmp_path / "tb", "--report-to", "tensorboard")) == 2
         assert "--report-to tensorboard: tensorboard is not installed" in capsys.readouterr().err
+
+
+def test_train_pipeline_reports_each_stage(tmp_path, monkeypatch, capsys):
+    """`train --report-to wandb`: one offline run per stage (sft, reward, ppo),
+    each holding its metrics.jsonl's numeric keys at its steps; a bad name
+    stops the run before any stage."""
+    pytest.importorskip("wandb", reason="wandb is not installed (scripts/setup_env.sh --test installs it)")
+    from rlhf_kernels.trainer.config import PPOConfig, RewardConfig, SFTConfig, TrainConfig, to_dict
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "train"
+    cfg = TrainConfig(out=str(out))
+    cfg.model_config.hidden_size = 32
+    cfg.sft, cfg.reward = SFTConfig(steps=3, batch_size=8), RewardConfig(steps=2, prompts_per_batch=4)
+    cfg.ppo = PPOConfig(iterations=2, rollout_batch_size=8, mini_batch_size=4, eval_prompts=8)
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(to_dict(cfg)))
+    assert cli.main(["train", "--config", str(cfg_file), "--report-to", "wandb"]) == 0
+    for stage, step in (("sft", "step"), ("reward", "step"), ("ppo", "iteration")):
+        metrics = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+        (run_file,) = glob.glob(str(out / stage / "wandb" / "offline-run-*" / "run-*.wandb"))
+        history = _wandb_history(run_file)
+        assert [h["_step"] for h in history] == [m[step] for m in metrics], stage
+        for row, logged in zip(metrics, history):
+            numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("step", "iteration")}
+            assert numeric and numeric.keys() <= logged.keys(), stage
+    assert cli.main(["train", "--config", str(cfg_file), "--out", str(tmp_path / "bad"), "--report-to", "mlflow"]) == 2
+    assert "--report-to: 'mlflow'" in capsys.readouterr().err and not (tmp_path / "bad" / "sft").exists()

@@ -265,6 +265,10 @@ class TrainConfig:
     backend: Optional[str] = None  # None: the best per device; "eager": plain PyTorch everywhere
     model: Optional[str] = None  # local path of a causal LM; default: the embedded tiny Llama
     reward_model: Optional[str] = None  # local path of a causal LM trunk for the reward model
+    # trackers of each stage (trainer/trackers.py): "tensorboard", "wandb", both
+    # comma separated, or "none"; None: tensorboard when installed. Each stage
+    # reports under its own folder (<out>/sft, <out>/reward, <out>/ppo).
+    report_to: Optional[str] = None
     task: TaskConfig = field(default_factory=TaskConfig)
     model_config: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)

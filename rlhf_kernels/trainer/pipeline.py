@@ -23,6 +23,7 @@ from .reward import RewardTrainer
 from .sft import SFTTrainer
 from .task import DigitTask, build_tokenizer
 from . import fsdp
+from .trackers import Trackers, parse_report_to
 from .utils import (
     MetricsLogger, StopRequested, closing_own_group, init_distributed, progress_bar, save_checkpoint, seed_everything,
 )
@@ -154,6 +155,15 @@ def _run(cfg: TrainConfig, resume: bool, verbose: bool) -> dict:
     tokenizer, policy = _tokenizer_and_policy(cfg)
     device = cfg.device
 
+    report_to = parse_report_to(cfg.report_to)  # a bad name stops the run before any stage
+
+    def stage_logger(stage: str, **kwargs) -> MetricsLogger:
+        """The stage's metrics.jsonl and its trackers (closed at the stage's end,
+        or when the run ends otherwise)."""
+        trackers = Trackers(report_to, out / stage, {"train": to_dict(cfg)}, main_process)
+        cleanup.callback(trackers.close)
+        return MetricsLogger(out / stage / "metrics.jsonl", main_process, trackers=trackers, **kwargs)
+
     stop = StopRequested(device)
     with stop.installed(), contextlib.ExitStack() as cleanup:
         engine = _rollout_engine(cfg, policy, world, cleanup)
@@ -165,10 +175,11 @@ def _run(cfg: TrainConfig, resume: bool, verbose: bool) -> dict:
             _log(f"SFT: loaded {sft_path}", rank)
         else:
             _log(f"SFT: {cfg.sft.steps} steps on {world} rank(s) ({strategy})", rank)
+            logger = stage_logger("sft")
             sft = SFTTrainer(policy, tokenizer, cfg.sft, device=device, backend=cfg.backend, verbose=verbose,
-                             logger=MetricsLogger(out / "sft" / "metrics.jsonl", main_process),
-                             should_stop=stop.agreed, **parallel)
+                             logger=logger, should_stop=stop.agreed, **parallel)
             sft.train(task.sft_example)
+            logger.trackers.close()  # one tracker run per stage (W&B keeps one run active)
             if stop.agreed():  # on every rank (a collective)
                 return _interrupted(out, "SFT", rank)
             state = fsdp.export_state_dict(sft.model)  # a collective under FSDP
@@ -186,10 +197,11 @@ def _run(cfg: TrainConfig, resume: bool, verbose: bool) -> dict:
             _log(f"reward model: loaded {rm_path}", rank)
         else:
             _log(f"reward model: {cfg.reward.steps} steps, {cfg.reward.responses_per_prompt} ranked responses per prompt", rank)
-            rm = RewardTrainer(reward_model, tokenizer, cfg.reward, device=device, verbose=verbose,
-                               logger=MetricsLogger(out / "reward" / "metrics.jsonl", main_process),
+            logger = stage_logger("reward")
+            rm = RewardTrainer(reward_model, tokenizer, cfg.reward, device=device, verbose=verbose, logger=logger,
                                should_stop=stop.agreed, **parallel)
             rm.train(task.ranked_example)
+            logger.trackers.close()
             if stop.agreed():  # on every rank (a collective)
                 return _interrupted(out, "reward model", rank)
             state = fsdp.export_state_dict(rm.model)
@@ -214,7 +226,7 @@ def _run(cfg: TrainConfig, resume: bool, verbose: bool) -> dict:
         sft_eval = _evaluate_reference(trainer, held_out, true_score)
         # DDP: one file; FSDP: a torch.distributed.checkpoint directory of shards.
         ckpt_path = out / "ppo" / ("checkpoint" if strategy == "fsdp" else "checkpoint.pt")
-        metrics = MetricsLogger(out / "ppo" / "metrics.jsonl", main_process, resume=resume)
+        metrics = stage_logger("ppo", resume=resume)
         if resume and (ckpt_path / "trainer.pt" if strategy == "fsdp" else ckpt_path).exists():
             trainer.load(ckpt_path)
             _truncate_metrics(metrics, trainer.iteration)
