@@ -156,7 +156,8 @@ def _trl_objective(name: str):
             phi = GRPOTrainer.get_gamma_weights(adv, log_ratio, mask, None)
             return ((-phi * adv * logp) * mask).sum() / mask.sum().clamp(min=1.0)
         coef_1 = torch.exp(((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1))
-        coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.28)
+        kw = OBJECTIVES["luspo"]
+        coef_2 = torch.clamp(coef_1, 1 - kw["clip_low"], 1 + kw["clip_high"])
         return (-torch.min(coef_1 * adv, coef_2 * adv) * mask).sum(-1).mean()
 
     return loss

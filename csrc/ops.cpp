@@ -104,7 +104,7 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // ppo_policy_loss's token pass alone: (grad, rows), the token gradient as
   // there and the per-sequence sums (B, 9) of the PolicyStat columns (the
   // ratio columns max / min), for the objectives that need a sequence whole
-  // (GMPO, loss_type 7: ops/ppo_loss.py).
+  // (GMPO, loss_type 7: ops/policy_objectives.py).
   m.def(
       "ppo_policy_rows(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, float ratio_low, "
       "float ratio_high, float dual_clip, int loss_type, bool need_grad) -> (Tensor, Tensor)");

@@ -16,7 +16,6 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
-#include <string>
 #include <vector>
 
 namespace rlhf_kernels {
@@ -34,17 +33,24 @@ struct GilRelease {
   ~GilRelease() { PyEval_RestoreThread(state); }
 };
 
+// The kind of an argument's value (an Optional's contained type), and the
+// kinds to_ivalue converts.
+c10::TypeKind value_kind(const c10::TypePtr& type) {
+  return type->kind() == c10::TypeKind::OptionalType ? type->containedType(0)->kind() : type->kind();
+}
+
+bool converted(c10::TypeKind kind) {
+  return kind == c10::TypeKind::TensorType || kind == c10::TypeKind::FloatType || kind == c10::TypeKind::IntType ||
+         kind == c10::TypeKind::BoolType;
+}
+
 // One argument as the op's schema types it, or false (the caller falls back).
 bool to_ivalue(PyObject* obj, const c10::TypePtr& type, torch::jit::Stack& stack) {
-  c10::TypeKind kind = type->kind();
-  if (kind == c10::TypeKind::OptionalType) {
-    if (obj == Py_None) {
-      stack.emplace_back();
-      return true;
-    }
-    kind = type->containedType(0)->kind();
+  if (type->kind() == c10::TypeKind::OptionalType && obj == Py_None) {
+    stack.emplace_back();
+    return true;
   }
-  switch (kind) {
+  switch (value_kind(type)) {
     case c10::TypeKind::TensorType:
       if (!THPVariable_CheckExact(obj)) return false;
       stack.emplace_back(THPVariable_Unpack(obj));
@@ -90,12 +96,7 @@ PyObject* op_index(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs
     if (ops[i] == op) return PyLong_FromSize_t(i);
   }
   for (const auto& a : op.schema().arguments()) {
-    c10::TypePtr t = a.type()->kind() == c10::TypeKind::OptionalType ? a.type()->containedType(0) : a.type();
-    const auto kind = t->kind();
-    if (kind != c10::TypeKind::TensorType && kind != c10::TypeKind::FloatType && kind != c10::TypeKind::IntType &&
-        kind != c10::TypeKind::BoolType) {
-      Py_RETURN_NONE;  // an argument type call_below_autograd does not convert
-    }
+    if (!converted(value_kind(a.type()))) Py_RETURN_NONE;  // an argument type call_below_autograd does not convert
   }
   ops.push_back(op);
   return PyLong_FromSize_t(ops.size() - 1);

@@ -428,7 +428,7 @@ def _ppo_loss_grad_in_forward(hidden, weight, bias, labels, old_logp, advantages
         x = logp.detach()[None].requires_grad_(True)
         with torch.enable_grad():
             total, _ = policy_loss(x, old[None, t0:t1], adv[None, t0:t1], torch.ones_like(x, dtype=torch.bool),
-                                    None if tw_flat is None else tw_flat[None, t0:t1], token_options)
+                                   None if tw_flat is None else tw_flat[None, t0:t1], token_options)
             if ref is not None and o.kl_coef != 0:
                 total = total + o.kl_coef * kl_penalty(x, ref[None, t0:t1].detach(), estimator=o.kl_estimator,
                                                        backend=o.backend).sum()

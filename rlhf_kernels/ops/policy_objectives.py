@@ -70,6 +70,13 @@ for _backends, _op in ((("cpu", "cuda"), native_op("ppo_policy_rows")),
 register("ppo_policy_rows", ("eager",), _eager.policy_rows)
 
 
+def _check_token_weights(advantages: Tensor, token_weights: Tensor, shape) -> None:
+    check_tensor("token_weights", token_weights, FLOAT_DTYPES)
+    check_same_device(advantages=advantages, token_weights=token_weights)
+    check_tokens("advantages", shape, token_weights=token_weights)
+    check_weights("token_weights", token_weights)
+
+
 def weighted_advantages(advantages: Tensor, token_weights: Optional[Tensor], shape, loss_type: str) -> Tensor:
     """advantages * token_weights (in the computation dtype), detached. The
     clipped objective is positively homogeneous in A, per token: w * l(A) =
@@ -83,10 +90,7 @@ def weighted_advantages(advantages: Tensor, token_weights: Optional[Tensor], sha
         return advantages
     if loss_type == "dro":
         raise ValueError("token_weights: not with loss_type='dro' (its log-ratio penalty is not proportional to A)")
-    check_tensor("token_weights", token_weights, FLOAT_DTYPES)
-    check_same_device(advantages=advantages, token_weights=token_weights)
-    check_tokens("advantages", shape, token_weights=token_weights)
-    check_weights("token_weights", token_weights)
+    _check_token_weights(advantages, token_weights, shape)
     dtype = compute_dtype(advantages, token_weights)
     return advantages.to(dtype) * token_weights.detach().to(dtype)
 
@@ -213,10 +217,7 @@ def _vespo_weights(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Ten
     if weight is not None:
         terms = terms * weight
     if token_weights is not None:
-        check_tensor("token_weights", token_weights, FLOAT_DTYPES)
-        check_same_device(advantages=advantages, token_weights=token_weights)
-        check_tokens("advantages", logp.shape, token_weights=token_weights)
-        check_weights("token_weights", token_weights)
+        _check_token_weights(advantages, token_weights, logp.shape)
         log_is = token_weights.detach().to(torch.float64).log().clamp(math.log(1e-8), 20.0)
         terms = terms + torch.where(valid, log_is, 0.0)
     log_w = terms.sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)

@@ -26,7 +26,6 @@ TRL_LOSS_TYPES = {"grpo": ("clip", "seq-mean-token-mean"), "bnpo": ("clip", "tok
                   "gmpo": ("geo_mean", "seq-mean-token-mean")}  # not TRL's: GMPO's mean over sequences
 # PPOConfig.adv_estimator for grpo / rloo: group_advantages' modes.
 ADV_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "opo", "grpo_passk", "passk")
-OBJECTIVES = LOSS_TYPES
 
 
 class ConfigError(ValueError):
@@ -348,8 +347,8 @@ def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
         )
     if cfg.loss_agg not in LOSS_AGGREGATIONS:
         raise ConfigError(f"ppo.loss_agg: unknown {cfg.loss_agg!r}; expected one of {LOSS_AGGREGATIONS}")
-    if cfg.loss_type not in OBJECTIVES and cfg.loss_type not in TRL_LOSS_TYPES:
-        raise ConfigError(f"ppo.loss_type: unknown {cfg.loss_type!r}; expected one of {OBJECTIVES} or TRL's "
+    if cfg.loss_type not in LOSS_TYPES and cfg.loss_type not in TRL_LOSS_TYPES:
+        raise ConfigError(f"ppo.loss_type: unknown {cfg.loss_type!r}; expected one of {LOSS_TYPES} or TRL's "
                           f"{tuple(TRL_LOSS_TYPES)}")
     if objective(cfg)[0] in ("cispo", "sapo", "gpg") and cfg.dual_clip is not None:
         raise ConfigError(f"ppo.dual_clip: for the clip and dppo objectives, not loss_type {cfg.loss_type!r}")
