@@ -6,6 +6,7 @@ plain HF checkpoint of the merged model."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from rlhf_kernels import cli
 from rlhf_kernels.trainer.config import OptimConfig, PPOConfig
-from rlhf_kernels.trainer.models import with_lora
+from rlhf_kernels.trainer.models import merged_parameters, with_lora
 from rlhf_kernels.trainer.ppo import PPOTrainer
 
 from qwen_checkpoint import build_checkpoints  # python_tests/trainer is on pytest's sys.path
@@ -66,6 +67,29 @@ def test_reference_is_the_base_model_and_the_adapters_train(paths):
     assert (policy_logp[mask] - base_logp[mask]).abs().max() > 1e-3  # the adapters moved the policy
 
 
+def test_merged_parameters_are_the_merged_model(paths):
+    """What the vLLM engine loads for a LoRA policy: the base model's names,
+    each adapted weight W + scale B A, as PEFT's merge_and_unload computes it
+    (here in float32), and the policy itself left unmerged."""
+    torch.manual_seed(0)
+    policy = with_lora(_load(paths["policy"]).float(), r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # B starts at zero: a delta to see
+    before = {n: p.clone() for n, p in policy.named_parameters()}
+    got = dict(merged_parameters(policy))
+    want = dict(copy.deepcopy(policy).merge_and_unload().named_parameters())
+    assert got.keys() == want.keys()
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, want[name], rtol=0, atol=1e-6)
+    base = dict(_load(paths["policy"]).float().named_parameters())
+    adapted = [n for n in got if n.endswith("proj.weight")]
+    assert adapted and all((got[n] - base[n]).abs().max() > 1e-4 for n in adapted)  # the deltas merged
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())  # the model unchanged
+    assert not any(getattr(m, "merged", False) for m in policy.modules())
+
+
 def test_ppo_command_writes_adapters_and_the_merged_model(paths, tmp_path):
     out = tmp_path / "run"
     assert cli.main(["ppo", "--policy", str(paths["policy"]), "--reward-model", str(paths["rm"]), "--prompts",
@@ -84,6 +108,70 @@ def test_ppo_command_writes_adapters_and_the_merged_model(paths, tmp_path):
     assert (out / "critic" / "config.json").is_file()  # the critic trains full weights
 
 
+def test_sft_and_rm_commands_train_adapters(paths, tmp_path):
+    """sft --lora-r: a PEFT adapter folder that lowers the loss, --merge the
+    merged model in <out>/merged; rm --lora-r on that merged model: adapters
+    on the trunk plus the score head (PEFT's modules_to_save), the chosen
+    responses scored above the rejected ones through PeftModel.from_pretrained
+    and through the merged classifier alike; ppo then runs on both."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    sft_data, rm_data = tmp_path / "sft.jsonl", tmp_path / "rm.jsonl"
+    sft_data.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"prompt": "count to five", "response": "one two three four five"},
+        {"prompt": "the quick brown fox", "response": "jumps over the lazy dog"})))
+    rm_data.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"prompt": "count to five", "chosen": "one two three four five", "rejected": "the lazy dog"},
+        {"prompt": "a poem", "chosen": "the sea and the sky", "rejected": "digits 0 1 2"})))
+    sft = tmp_path / "sft"
+    assert cli.main(["sft", "--model", str(paths["policy"]), "--data", str(sft_data), "--out", str(sft),
+                     "--steps", "30", "--batch-size", "2", "--lr", "3e-2", "--lora-r", "16", "--merge"]) == 0
+    assert len((sft / "metrics.jsonl").read_text().splitlines()) == 30
+    config = json.loads((sft / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["task_type"] == "CAUSAL_LM"
+    assert not (sft / "config.json").exists()  # adapters only; the merged model is the full checkpoint
+    adapted = peft.PeftModel.from_pretrained(_load(paths["policy"]), sft).eval()
+    merged = _load(sft / "merged").eval()
+    assert merged.dtype == torch.bfloat16
+    tok = AutoTokenizer.from_pretrained(sft)
+    ids = torch.tensor([tok("count to five one two three four five")["input_ids"]])
+
+    def nll(model):  # of the trained text, a mean over its tokens
+        with torch.no_grad():
+            logits = model(ids).logits[:, :-1].float()
+        return float(torch.nn.functional.cross_entropy(logits[0], ids[0, 1:])), logits
+
+    (trained, a), (merged_nll, b) = nll(adapted), nll(merged)
+    assert (a - b).abs().max() <= 0.05 * a.abs().max()
+    assert trained < nll(_load(paths["policy"]))[0] - 0.1  # the adapters learnt the data
+
+    rm = tmp_path / "rm"
+    assert cli.main(["rm", "--model", str(sft / "merged"), "--data", str(rm_data), "--out", str(rm),
+                     "--steps", "10", "--batch-size", "2", "--lr", "1e-2", "--lora-r", "8", "--merge"]) == 0
+    config = json.loads((rm / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
+    tok = AutoTokenizer.from_pretrained(rm)
+
+    def classifier(path):
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, local_files_only=True)
+        model.config.pad_token_id = tok.pad_token_id
+        return model.eval()
+
+    adapted = peft.PeftModel.from_pretrained(classifier(sft / "merged"), rm).eval()
+    merged = classifier(rm / "merged")
+    assert merged.config.num_labels == 1 and merged.dtype == torch.bfloat16
+    for model in (adapted, merged):
+        def score(prompt, response):
+            ids = tok(prompt + response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            with torch.no_grad():
+                return float(model(input_ids=torch.tensor([ids])).logits[0, 0])
+        assert score("count to five", "one two three four five") > score("count to five", "the lazy dog")
+    out = tmp_path / "ppo"
+    assert cli.main(["ppo", "--policy", str(sft / "merged"), "--reward-model", str(rm / "merged"), "--prompts",
+                     str(paths["prompts"]), "--out", str(out), "--iterations", "1", "--rollout-batch-size", "4",
+                     "--max-new-tokens", "4", "--lora-r", "4"]) == 0
+
+
 def test_lora_configuration_errors(paths, tmp_path, capsys):
     base = ["ppo", "--policy", str(paths["policy"]), "--reward-model", str(paths["rm"]), "--prompts",
             str(paths["prompts"]), "--out", str(tmp_path / "x"), "--iterations", "1"]
@@ -93,3 +181,10 @@ def test_lora_configuration_errors(paths, tmp_path, capsys):
     assert "ppo.offload: ref has nothing to offload with LoRA" in capsys.readouterr().err
     assert cli.main(base + ["--lora-r", "4", "--strategy", "fsdp"]) == 2
     assert "LoRA is not supported under strategy fsdp" in capsys.readouterr().err
+    stage = ["sft", "--model", str(paths["policy"]), "--data", str(paths["prompts"]), "--out", str(tmp_path / "s")]
+    assert cli.main(stage + ["--merge"]) == 2
+    assert "--merge: only with --lora-r" in capsys.readouterr().err
+    assert cli.main(stage + ["--lora-r", "4", "--lora-alpha", "0"]) == 2
+    assert "lora_alpha must be > 0" in capsys.readouterr().err
+    assert cli.main(["rm"] + stage[1:] + ["--lora-r", "-1"]) == 2
+    assert "lora_r: -1; expected an int >= 0" in capsys.readouterr().err

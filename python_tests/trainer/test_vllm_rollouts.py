@@ -20,6 +20,7 @@ import torch
 from rlhf_kernels import logprobs_from_logits
 from rlhf_kernels.trainer.commands import critic_from
 from rlhf_kernels.trainer.config import OptimConfig, PPOConfig
+from rlhf_kernels.trainer.models import with_lora
 from rlhf_kernels.trainer.ppo import PPOTrainer
 
 from qwen_checkpoint import build_checkpoints  # python_tests/trainer is on pytest's sys.path
@@ -46,7 +47,10 @@ def _trainer(paths, engine, algo, lr=3e-3, **cfg):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(paths["policy"])
-    policy = AutoModelForCausalLM.from_pretrained(paths["policy"])
+    policy = AutoModelForCausalLM.from_pretrained(paths["policy"], dtype=torch.float32)
+    ref = copy.deepcopy(policy)
+    if cfg.get("lora_r"):  # adapters on the float32 base (the engine's dtype); the reference: them off
+        policy, ref = with_lora(policy, cfg["lora_r"], 16, 0.0, "all-linear"), None
     config = PPOConfig(algo=algo, group_size=4, rollout_batch_size=8, mini_batch_size=8, grad_accum_steps=1,
                        ppo_epochs=2, max_new_tokens=6, temperature=0.9, rollout_engine="vllm", target_kl=None,
                        policy_optim=OptimConfig(lr=lr, schedule="constant"), seed=5, **cfg)
@@ -54,7 +58,7 @@ def _trainer(paths, engine, algo, lr=3e-3, **cfg):
     rm.config.pad_token_id = tok.pad_token_id
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                for p in PROMPTS]
-    return PPOTrainer(policy, copy.deepcopy(policy), critic_from(rm) if algo == "ppo" else None, tok, config,
+    return PPOTrainer(policy, ref, critic_from(rm) if algo == "ppo" else None, tok, config,
                       prompt_sampler=lambda n, rng: [prompts[rng.randrange(len(prompts))] for _ in range(n)],
                       reward_model=rm, rollout_engine=engine)
 
@@ -73,10 +77,13 @@ def _fixed_check(trainer):
     return (ours - torch.tensor(done.logprobs)).abs().max().item(), ours
 
 
-@pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_vllm_rollouts_follow_the_policy_over_updates(setup, algo):
+@pytest.mark.parametrize("algo,lora_r", [("grpo", 0), ("ppo", 0), ("grpo", 8)], ids=["grpo", "ppo", "grpo-lora"])
+def test_vllm_rollouts_follow_the_policy_over_updates(setup, algo, lora_r):
+    """lora_r: LoRA adapters on the policy, the engine given the merged weights."""
     paths, engine = setup
-    trainer = _trainer(paths, engine, algo)
+    if lora_r:
+        pytest.importorskip("peft")
+    trainer = _trainer(paths, engine, algo, lora_r=lora_r)
     moved = []
     previous = None
     for _ in range(3):

@@ -28,6 +28,20 @@ def add_parallel_flags(parser: argparse.ArgumentParser, *, every_stage: bool = F
                                  "reference policy), reward (the reward model)")
 
 
+def add_lora_flags(parser: argparse.ArgumentParser, merged: str) -> None:
+    """``--lora-r`` and its options (PEFT LoRA adapters; PPOConfig's names and
+    defaults), and ``--merge`` (``merged``: where the merged model goes)."""
+    group = parser.add_argument_group("LoRA adapters (PEFT)")
+    group.add_argument("--lora-r", type=int, default=None, help="adapter rank (default 0: full weights)")
+    group.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default 16)")
+    group.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout (default 0)")
+    group.add_argument("--lora-target-modules", default=None,
+                       help="all-linear (default: every linear layer but the output layer) or module names, "
+                            "comma separated")
+    group.add_argument("--merge", action="store_true",
+                       help=f"with LoRA: also write {merged}, the adapters merged into a plain HF checkpoint")
+
+
 def add_report_flag(parser: argparse.ArgumentParser) -> None:
     """``--report-to``: the trackers (trainer/trackers.py)."""
     parser.add_argument("--report-to", default=None, metavar="none|tensorboard|wandb",

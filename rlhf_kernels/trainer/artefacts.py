@@ -27,9 +27,11 @@ def save_policy(policy, tokenizer, path: Path, dtype: torch.dtype, state: dict |
 def save_adapters(policy, tokenizer, path: Path, dtype: torch.dtype) -> None:
     """A PEFT model's adapters as PEFT writes them (adapter_config.json,
     adapter_model.safetensors; loadable with ``PeftModel.from_pretrained`` over
-    the base checkpoint), in ``dtype``, with the tokenizer."""
+    the base checkpoint), with the modules it trains in full (a classifier's
+    score head), in ``dtype``, with the tokenizer."""
     model = unwrapped(policy)
-    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items() if "lora_" in k}
+    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()
+             if "lora_" in k or ".modules_to_save." in k}
     model.save_pretrained(path, state_dict=state)
     tokenizer.save_pretrained(path)
 

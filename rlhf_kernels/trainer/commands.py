@@ -76,15 +76,15 @@ from typing import Callable
 
 import torch
 
-from .artefacts import save_adapters, save_as, save_critic, save_policy
+from .artefacts import save_adapters, save_critic, save_policy
 from .args import (
-    add_backend_flag, add_data_flags, add_parallel_flags, add_report_flag, add_rollout_flags, apply_rollout_flags,
-    data_columns,
+    add_backend_flag, add_data_flags, add_lora_flags, add_parallel_flags, add_report_flag, add_rollout_flags,
+    apply_rollout_flags, data_columns,
 )
-from .config import OFFLOADABLE, ConfigError, PPOConfig, load_config, to_dict, validate_ppo
+from .config import OFFLOADABLE, ConfigError, PPOConfig, check_lora, load_config, to_dict, validate_ppo
 from .data import check_tokenizer, load_prompts, load_rm_data, load_sft_data, load_texts
 from .fsdp import export_state_dict, unwrapped
-from .models import ScalarHeadModel, is_hf_classifier, lora_critic, merged_critic, with_lora
+from .models import ScalarHeadModel, is_hf_classifier, is_peft, lora_critic, merged_critic, with_lora
 from .ppo import PPOTrainer
 from .trackers import Trackers, parse_report_to
 from .utils import (
@@ -382,6 +382,33 @@ def _stage_common(args):
     return tokenizer, out, rank, world
 
 
+def stage_lora(args) -> tuple | None:
+    """The sft / rm command's ``--lora-*`` flags (PPOConfig's defaults):
+    (r, alpha, dropout, target modules), or None without ``--lora-r``."""
+    if not args.lora_r:
+        if args.merge:
+            raise ConfigError("--merge: only with --lora-r (the full weights are written as they are)")
+        return None
+    defaults = PPOConfig()
+    spec = tuple(getattr(defaults, name) if getattr(args, name) is None else getattr(args, name)
+                 for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"))
+    check_lora(*spec[:3], args.strategy)
+    return spec
+
+
+def _save_stage_model(model, tokenizer, out: Path, dtype: torch.dtype, state: dict, merge: bool) -> None:
+    """The sft / rm model in ``out``: an HF checkpoint, or for a LoRA model
+    its PEFT adapter folder (and with ``merge`` the merged model in
+    ``out/merged``)."""
+    model = unwrapped(model)
+    if not is_peft(model):
+        save_policy(model, tokenizer, out, dtype, state)
+        return
+    save_adapters(model, tokenizer, out, dtype)
+    if merge:
+        save_policy(model.merge_and_unload(), tokenizer, out / "merged", dtype)
+
+
 def run_sft(args) -> dict:
     """The ``sft`` command: supervised fine-tuning on (prompt, response) data."""
     from transformers import AutoModelForCausalLM
@@ -389,10 +416,13 @@ def run_sft(args) -> dict:
     from .config import OptimConfig, SFTConfig
     from .sft import SFTTrainer
 
+    lora = stage_lora(args)
     tokenizer, out, rank, world = _stage_common(args)
     examples = load_sft_data(args.data, tokenizer, args.split, data_columns(args))
     model = _load_dir(args.model, "--model", AutoModelForCausalLM)
     dtype = model.dtype
+    if lora:  # adapters train, the base and its LM head stay frozen in their dtype
+        model = with_lora(model, *lora)
     cfg = SFTConfig(steps=args.steps, batch_size=args.batch_size, optim=OptimConfig(lr=args.lr), log_every=1,
                     precision=args.precision)
     stop = StopRequested(args.device)
@@ -405,7 +435,7 @@ def run_sft(args) -> dict:
         history = trainer.train(lambda rng: examples[rng.randrange(len(examples))])
     state = export_state_dict(trainer.model)  # a collective under FSDP
     if rank == 0:
-        save_policy(unwrapped(trainer.model), tokenizer, out, dtype, state)
+        _save_stage_model(trainer.model, tokenizer, out, dtype, state, args.merge)
         _log(f"SFT: {len(history)} steps on {world} rank(s), loss {history[0]['loss']:.4f} -> "
              f"{history[-1]['loss']:.4f}; the model in {out.resolve()}")
     return {"steps": len(history), "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],
@@ -420,6 +450,7 @@ def run_rm(args) -> dict:
     from .config import OptimConfig, RewardConfig
     from .reward import RewardTrainer
 
+    lora = stage_lora(args)
     tokenizer, out, rank, world = _stage_common(args)
     examples = load_rm_data(args.data, tokenizer, args.split, data_columns(args))
     # A causal LM (the SFT model) gets a fresh one-label score head: HF's own
@@ -428,6 +459,8 @@ def run_rm(args) -> dict:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # HF reads the last token that is not the pad
     dtype = model.dtype
+    if lora:  # adapters on the trunk; the score head trains in full (PEFT's modules_to_save)
+        model = with_lora(model, *lora, task_type="SEQ_CLS")
     k = len(examples[0][1])
     cfg = RewardConfig(steps=args.steps, prompts_per_batch=args.batch_size, responses_per_prompt=k,
                        optim=OptimConfig(lr=args.lr), log_every=1, precision=args.precision)
@@ -446,9 +479,7 @@ def run_rm(args) -> dict:
         history = trainer.train(sample)
     state = export_state_dict(trainer.model)  # a collective under FSDP
     if rank == 0:
-        state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        save_as(unwrapped(trainer.model), out, state, dtype)
-        tokenizer.save_pretrained(out)
+        _save_stage_model(trainer.model, tokenizer, out, dtype, state, args.merge)
         _log(f"reward model: {len(history)} steps on {world} rank(s), pair accuracy "
              f"{history[-1]['pair_accuracy']:.2f}; the model in {out.resolve()}")
     return {"steps": len(history), "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],
@@ -473,6 +504,7 @@ def add_stage_parsers(sub) -> None:
         add_report_flag(p)
         p.add_argument("--device", default="cpu")
         add_parallel_flags(p, strategy="ddp", precision="fp32", offload=False)
+        add_lora_flags(p, "<out>/merged")
         p.set_defaults(func=lambda args, _run=run, _name=name: _stage_main(_run, _name, args))
 
 
@@ -517,14 +549,7 @@ def add_ppo_parser(sub) -> None:
     p.add_argument("--min-p", type=float, default=None,
                    help="keep tokens of probability >= min_p x the largest (default 0: off)")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    lora = p.add_argument_group("LoRA adapters on the policy (PEFT)")
-    lora.add_argument("--lora-r", type=int, default=None, help="adapter rank (default 0: full weights)")
-    lora.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default 16)")
-    lora.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout (default 0)")
-    lora.add_argument("--lora-target-modules", default=None,
-                      help="all-linear (default: every linear layer but the LM head) or module names, comma separated")
-    lora.add_argument("--merge", action="store_true",
-                      help="with LoRA: also write <out>/policy_merged, the adapters merged into a plain HF checkpoint")
+    add_lora_flags(p, "<out>/policy_merged")
     p.add_argument("--padding-free", action="store_true",
                    help="the policy's update forward packed: no padding tokens run (TRL's padding_free)")
     add_parallel_flags(p)

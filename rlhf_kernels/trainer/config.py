@@ -177,7 +177,8 @@ class PPOConfig:
     # adapters off (no second copy), its LM head frozen and shared (the fused
     # head ops unchanged); and, in the ppo command, on the critic's trunk (its
     # scalar head trained in full; the critic saved merged).
-    # TRL's peft_config / OpenRLHF's --lora_rank. Not with FSDP or the vLLM engine.
+    # With the vLLM engine, the merged weights are loaded after each update.
+    # TRL's peft_config / OpenRLHF's --lora_rank. Not with FSDP.
     lora_r: int = 0
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -331,6 +332,17 @@ def truncated(cfg: PPOConfig) -> bool:
     return cfg.top_k > 0 or cfg.top_p < 1 or cfg.min_p > 0
 
 
+def check_lora(r, alpha, dropout, strategy: str, prefix: str = "") -> None:
+    """ConfigError for LoRA options out of range (``prefix``: where they were
+    set, "ppo." for a PPOConfig); r 0: no adapters, nothing else checked."""
+    if not isinstance(r, int) or r < 0:
+        raise ConfigError(f"{prefix}lora_r: {r!r}; expected an int >= 0 (0: no adapters)")
+    if r and (alpha <= 0 or not 0 <= dropout < 1):
+        raise ConfigError(f"{prefix}lora_alpha must be > 0 and {prefix}lora_dropout in [0, 1)")
+    if r and strategy == "fsdp":
+        raise ConfigError(f"{prefix}lora_r: LoRA is not supported under strategy fsdp yet (use ddp)")
+
+
 def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
     """Stop at start-up on a configuration that cannot run."""
     if cfg.rollout_batch_size <= 0 or cfg.mini_batch_size <= 0 or cfg.grad_accum_steps <= 0:
@@ -395,15 +407,7 @@ def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
     if cfg.algo != "ppo" and (cfg.group_size < 2 or cfg.rollout_batch_size % cfg.group_size):
         raise ConfigError(f"ppo.group_size: {cfg.group_size}; {cfg.algo} needs groups of >= 2 responses that "
                           f"divide rollout_batch_size ({cfg.rollout_batch_size})")
-    if not isinstance(cfg.lora_r, int) or cfg.lora_r < 0:
-        raise ConfigError(f"ppo.lora_r: {cfg.lora_r!r}; expected an int >= 0 (0: no adapters)")
-    if cfg.lora_r and (cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1):
-        raise ConfigError("ppo.lora_alpha must be > 0 and lora_dropout in [0, 1)")
-    if cfg.lora_r and cfg.strategy == "fsdp":
-        raise ConfigError("ppo.lora_r: LoRA is not supported under strategy fsdp yet (use ddp)")
-    if cfg.lora_r and cfg.rollout_engine == "vllm":
-        raise ConfigError("ppo.lora_r: LoRA with the vLLM engine is not supported yet (it would load the merged "
-                          "weights after every update); use rollout_engine hf")
+    check_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.strategy, "ppo.")
     if cfg.lora_r and "ref" in cfg.offload:
         raise ConfigError("ppo.offload: ref has nothing to offload with LoRA (the reference is the policy with "
                           "its adapters off)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -285,8 +285,9 @@ def is_peft(model: nn.Module) -> bool:
 def with_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: str,
               task_type: Optional[str] = "CAUSAL_LM") -> nn.Module:
     """``model`` with LoRA adapters (PEFT's ``get_peft_model``): only the
-    adapters train; "all-linear" targets every linear layer but the output
-    layer, so a causal LM's head stays the base model's."""
+    adapters train (and, for ``task_type="SEQ_CLS"``, the score head, in
+    full); "all-linear" targets every linear layer but the output layer, so a
+    causal LM's head stays the base model's."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -296,7 +297,44 @@ def with_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modul
     targets = target_modules if target_modules == "all-linear" else \
         [t.strip() for t in target_modules.split(",") if t.strip()]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type)
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    # The modules PEFT trains in full (a classifier's score head) become float32
+    # master weights (float32_master) over a trunk that keeps its dtype: they
+    # read its hidden state in their own dtype.
+    for module in model.modules():
+        if type(module).__name__ == "ModulesToSaveWrapper":
+            for trained in module.modules_to_save.values():
+                trained.register_forward_pre_hook(_input_in_weight_dtype)
+    return model
+
+
+def _input_in_weight_dtype(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].to(module.weight.dtype), *args[1:])
+
+
+def merged_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """A PEFT LoRA model's parameters under its base model's names, each
+    adapted weight merged with its active adapters (``W + scale B A``, float32),
+    the model unchanged: what an inference engine of the base architecture
+    loads. Any other model: its ``named_parameters()``."""
+    if not is_peft(model):
+        yield from model.named_parameters()
+        return
+    base = getattr(model, "module", model).get_base_model()
+    modules = dict(base.named_modules())
+    for name, param in base.named_parameters():
+        if "lora_" in name:
+            continue
+        owner, adapted, leaf = name.rpartition(".base_layer.")
+        if not adapted:
+            yield name, param
+            continue
+        layer = modules[owner]
+        tensor = param.detach()
+        if leaf == "weight" and not layer.merged:
+            deltas = [layer.get_delta_weight(a).float() for a in layer.active_adapters if a in layer.lora_A]
+            tensor = sum(deltas, tensor.float())
+        yield f"{owner}.{leaf}", tensor
 
 
 def lora_critic(critic: "ScalarHeadModel", r: int, alpha: int, dropout: float,

@@ -37,6 +37,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .config import ConfigError
+from .models import merged_parameters
 from .utils import note_process_group
 
 # Name components the wrappers of an HF model add to its parameters
@@ -286,8 +287,9 @@ class VLLMEngine:
 
     def load_weights(self, model: torch.nn.Module | Iterable[tuple[str, torch.Tensor]]) -> None:
         """The engine's weights replaced in place by ``model``'s parameters (an
-        HF causal LM of the checkpoint's architecture, or its (name, tensor)
-        pairs under the checkpoint's names); every parameter must be given.
+        HF causal LM of the checkpoint's architecture, a PEFT LoRA model of one:
+        its adapters merged, or (name, tensor) pairs under the checkpoint's
+        names); every parameter must be given.
 
         How (vLLM 0.32): the worker's ``reload_weights(weights_iterator=...)``
         (vllm/model_executor/model_loader/reload/inplace.py) puts each layer
@@ -302,7 +304,8 @@ class VLLMEngine:
         AttributeError. The reload runs in this process
         (VLLM_ENABLE_V1_MULTIPROCESSING=0, see __init__), so the iterator is
         consumed here, tensor by tensor, with no copy through a pipe."""
-        pairs = model.named_parameters() if isinstance(model, torch.nn.Module) else model
+        # A LoRA policy: its base weights with the adapters merged (the model unchanged).
+        pairs = merged_parameters(model) if isinstance(model, torch.nn.Module) else model
         vllm_model = self._vllm_model()
         packed_before = {name: mod.cpu_linear for name, mod in vllm_model.named_modules() if hasattr(mod, "cpu_linear")}
         loaded = []
