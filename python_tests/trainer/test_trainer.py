@@ -777,3 +777,29 @@ def test_grpo_with_each_loss_type_improves_the_true_score(sft_policy, loss_type)
         trainer.update(trainer.rollout())
     after = trainer.evaluate(prompts, task.true_scores)["true_score"]
     assert after > before + 0.05, (before, after)
+
+
+def test_grpo_with_lora_adapters_improves_the_true_score(sft_policy):
+    """GRPO with LoRA adapters (r 16) on the SFT policy, its reference the SFT
+    policy itself (the adapters off), 20 iterations of 32 responses: the
+    held-out true score rises by > 0.05, as with the full weights above
+    (0.716 -> 0.803 on this seed, 0.796 on another)."""
+    pytest.importorskip("peft")
+    from rlhf_kernels.trainer.models import with_lora
+
+    tok, base = sft_policy
+    task = DigitTask()
+    torch.manual_seed(1)
+    policy = with_lora(copy.deepcopy(base), 16, 32, 0.0, "all-linear")
+    cfg = PPOConfig(algo="grpo", group_size=4, rollout_batch_size=32, mini_batch_size=16, grad_accum_steps=1,
+                    ppo_epochs=1, iterations=20, lora_r=16, policy_optim=OptimConfig(lr=3e-3, schedule="constant"))
+    trainer = PPOTrainer(policy, None, None, tok, cfg,
+                         prompt_sampler=lambda n, rng: [task.prompt_text(d) for d in task.sample_digits(n, rng)],
+                         reward_fn=task.true_scores)
+    prompts = [task.prompt_text(d) for d in task.sample_digits(128, random.Random(0))]
+    before = trainer.evaluate(prompts, task.true_scores)["true_score"]
+    for _ in range(cfg.iterations):
+        trainer.update(trainer.rollout())
+    after = trainer.evaluate(prompts, task.true_scores)["true_score"]
+    assert after > before + 0.05, (before, after)
+    assert all("lora_" in n for n, p in trainer.policy.named_parameters() if p.requires_grad)

@@ -1,9 +1,9 @@
 """`rlhf-kernels sft | rm | ppo`: the InstructGPT stages on the user's own artefacts.
 
     rlhf-kernels sft --model DIR --data FILE.jsonl --out DIR [--steps N] [--batch-size N] [--lr X] [--strategy S]
-                     [--precision fp32|bf16]
+                     [--precision fp32|bf16] [--lora-r R [--lora-alpha A] [...] [--merge]]
     rlhf-kernels rm  --model DIR --data FILE.jsonl --out DIR [--steps N] [--batch-size N] [--lr X] [--strategy S]
-                     [--precision fp32|bf16]
+                     [--precision fp32|bf16] [--lora-r R [--lora-alpha A] [...] [--merge]]
 
     rlhf-kernels ppo --policy DIR (--reward-model DIR | --reward-fn FILE.py:function | module:function)
                      --prompts FILE.jsonl --out DIR [--critic DIR] [--ptx-data FILE.jsonl --ptx-coef X]
@@ -47,6 +47,10 @@ train), a Parquet, JSON or Arrow file, or a folder of such files; and
 ``--chosen-column``, ``--rejected-column``, ``--text-column`` name the
 source's columns for the keys above. A bad row stops the command before
 training, naming the source, the row (or line) and what it lacks.
+
+``sft`` / ``rm`` with ``--lora-r``: PEFT LoRA adapters train (``rm``: with its
+score head in full), ``--out`` is their adapter folder, and ``--merge`` writes
+the merged model, a plain HF checkpoint, to ``<out>/merged``.
 
 Outputs in ``--out``: ``policy/`` and (PPO) ``critic/`` (HF ``save_pretrained``
 checkpoints in the policy checkpoint's dtype, with the tokenizer; the critic
