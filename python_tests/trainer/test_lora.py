@@ -179,8 +179,6 @@ def test_lora_configuration_errors(paths, tmp_path, capsys):
     assert "--merge: only with --lora-r" in capsys.readouterr().err
     assert cli.main(base + ["--lora-r", "4", "--offload", "ref"]) == 2
     assert "ppo.offload: ref has nothing to offload with LoRA" in capsys.readouterr().err
-    assert cli.main(base + ["--lora-r", "4", "--strategy", "fsdp"]) == 2
-    assert "LoRA is not supported under strategy fsdp" in capsys.readouterr().err
     stage = ["sft", "--model", str(paths["policy"]), "--data", str(paths["prompts"]), "--out", str(tmp_path / "s")]
     assert cli.main(stage + ["--merge"]) == 2
     assert "--merge: only with --lora-r" in capsys.readouterr().err
@@ -188,3 +186,64 @@ def test_lora_configuration_errors(paths, tmp_path, capsys):
     assert "lora_alpha must be > 0" in capsys.readouterr().err
     assert cli.main(["rm"] + stage[1:] + ["--lora-r", "-1"]) == 2
     assert "lora_r: -1; expected an int >= 0" in capsys.readouterr().err
+
+
+def _torchrun(port: int, argv: list[str]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "rlhf_kernels.cli", *argv]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def _same_model(adapters, merged_dir, base_dir, loader=None):
+    """The PEFT adapter folder over its base against the merged checkpoint:
+    the same logits to one bf16 rounding of each weight."""
+    loader = loader or _load
+    adapted = peft.PeftModel.from_pretrained(loader(base_dir), adapters).eval()
+    merged = loader(merged_dir).eval()
+    assert merged.dtype == torch.bfloat16
+    ids = torch.tensor([[5, 17, 42, 9, 3]])
+    with torch.no_grad():
+        a, b, base = adapted(ids).logits.float(), merged(ids).logits.float(), loader(base_dir)(ids).logits.float()
+    assert (a - b).abs().max() <= 0.05 * a.abs().max()
+    assert (a - base).abs().max() > 10 * (a - b).abs().max()  # the adapters moved the model; the merge kept it
+
+
+def test_lora_under_fsdp_on_two_gloo_ranks(paths, tmp_path):
+    """--strategy fsdp with --lora-r on 2 gloo ranks (FSDP2 shards the frozen
+    bf16 base and the float32 adapters alike): sft writes the adapters and
+    the merged model from the gathered state; ppo trains the policy's and the
+    critic's adapters, writes the adapter folder, the merged policy and the
+    merged critic, and resumes from its sharded checkpoint."""
+    sft_data = tmp_path / "sft.jsonl"
+    sft_data.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"prompt": "count to five", "response": "one two three four five"},
+        {"prompt": "the quick brown fox", "response": "jumps over the lazy dog"})))
+    sft = tmp_path / "sft"
+    _torchrun(29561, ["sft", "--model", str(paths["policy"]), "--data", str(sft_data), "--out", str(sft), "--steps",
+                      "4", "--batch-size", "2", "--lr", "3e-2", "--lora-r", "8", "--strategy", "fsdp", "--merge"])
+    assert json.loads((sft / "args.json").read_text())["world_size"] == 2
+    _same_model(sft, sft / "merged", paths["policy"])
+
+    out = tmp_path / "ppo"
+    argv = ["ppo", "--policy", str(paths["policy"]), "--reward-model", str(paths["rm"]), "--prompts",
+            str(paths["prompts"]), "--out", str(out), "--rollout-batch-size", "4", "--max-new-tokens", "4",
+            "--lora-r", "8", "--strategy", "fsdp", "--merge", "--config", str(tmp_path / "lr.json")]
+    (tmp_path / "lr.json").write_text(json.dumps({"policy_optim": {"lr": 3e-2, "schedule": "constant"}}))
+    _torchrun(29563, argv + ["--iterations", "1"])
+    _torchrun(29565, argv + ["--iterations", "2", "--resume"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert rows[1]["kl"] != 0  # the reference is the base (the adapters off under FSDP), the policy has moved
+    _same_model(out / "policy", out / "policy_merged", paths["policy"])
+    from transformers import AutoModelForSequenceClassification
+
+    critic = AutoModelForSequenceClassification.from_pretrained(out / "critic", local_files_only=True)
+    rm = AutoModelForSequenceClassification.from_pretrained(paths["rm"], local_files_only=True)
+    assert critic.config.num_labels == 1 and critic.dtype == torch.bfloat16
+    trunk = {k: v for k, v in critic.state_dict().items() if "layers.0.self_attn.q_proj.weight" in k}
+    assert trunk and all((v.float() - rm.state_dict()[k].float()).abs().max() > 0 for k, v in trunk.items())

@@ -24,14 +24,15 @@ def save_policy(policy, tokenizer, path: Path, dtype: torch.dtype, state: dict |
     tokenizer.save_pretrained(path)
 
 
-def save_adapters(policy, tokenizer, path: Path, dtype: torch.dtype) -> None:
+def save_adapters(policy, tokenizer, path: Path, dtype: torch.dtype, state: dict | None = None) -> None:
     """A PEFT model's adapters as PEFT writes them (adapter_config.json,
     adapter_model.safetensors; loadable with ``PeftModel.from_pretrained`` over
     the base checkpoint), with the modules it trains in full (a classifier's
-    score head), in ``dtype``, with the tokenizer."""
+    score head), in ``dtype``, with the tokenizer; ``state``: the model's full
+    state dict (default: its own; under FSDP, export_state_dict's)."""
     model = unwrapped(policy)
-    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()
-             if "lora_" in k or ".modules_to_save." in k}
+    state = model.state_dict() if state is None else state
+    state = {k: v.detach().to(dtype) for k, v in state.items() if "lora_" in k or ".modules_to_save." in k}
     model.save_pretrained(path, state_dict=state)
     tokenizer.save_pretrained(path)
 

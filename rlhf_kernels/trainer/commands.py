@@ -88,7 +88,9 @@ from .args import (
 from .config import OFFLOADABLE, ConfigError, PPOConfig, check_lora, load_config, to_dict, validate_ppo
 from .data import check_tokenizer, load_prompts, load_rm_data, load_sft_data, load_texts
 from .fsdp import export_state_dict, unwrapped
-from .models import ScalarHeadModel, is_hf_classifier, is_peft, lora_critic, merged_critic, with_lora
+from .models import (
+    ScalarHeadModel, is_hf_classifier, is_peft, lora_critic, merged_critic_state, merged_parameters, with_lora,
+)
 from .ppo import PPOTrainer
 from .trackers import Trackers, parse_report_to
 from .utils import (
@@ -340,19 +342,14 @@ def _run_ppo(args, cleanup: contextlib.ExitStack) -> dict:
     trackers.close()
     # The full weights (under FSDP: gathered to rank 0, a collective on every rank).
     policy_state = export_state_dict(trainer.policy)
-    if cfg.lora_r and trainer.value_model is not None:  # an HF classifier of the merged critic
-        merged_critic(unwrapped(trainer.value_model))
     critic_state = export_state_dict(trainer.value_model) if trainer.value_model is not None else None
     if not main:
         return {"iterations": trainer.iteration, "outputs": str(out.resolve())}
-    if cfg.lora_r:  # a PEFT adapter folder; --merge: the merged model too, a plain HF checkpoint
-        save_adapters(trainer.policy, tokenizer, out / "policy", dtype)
-        if args.merge:
-            save_policy(unwrapped(trainer.policy).merge_and_unload(), tokenizer, out / "policy_merged", dtype)
-    else:
-        save_policy(trainer.policy, tokenizer, out / "policy", dtype, policy_state)
-    if critic_state is not None:
-        save_critic(trainer.value_model, tokenizer, out / "critic", dtype, critic_state)
+    _save_trained(trainer.policy, tokenizer, out / "policy", dtype, policy_state, out / "policy_merged"
+                  if args.merge else None)
+    if critic_state is not None:  # an HF classifier (a LoRA critic's adapters merged)
+        critic = unwrapped(trainer.value_model)
+        save_critic(critic, tokenizer, out / "critic", dtype, merged_critic_state(critic, critic_state))
     from .pipeline import _plot
 
     plot = _plot(metrics.read(), out / "curves.png")
@@ -361,8 +358,9 @@ def _run_ppo(args, cleanup: contextlib.ExitStack) -> dict:
                "reward_last": rows[-1]["reward"] if rows else None, "reward_bias": cfg.reward_bias,
                "outputs": str(out.resolve())}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    written = ["policy/"] + (["critic/"] if trainer.value_model is not None else []) + ["metrics.jsonl"]
-    written += (["curves.png"] if plot else []) + ["checkpoint.pt", "summary.json"]
+    written = ["policy/"] + (["policy_merged/"] if cfg.lora_r and args.merge else [])
+    written += (["critic/"] if trainer.value_model is not None else []) + ["metrics.jsonl"]
+    written += (["curves.png"] if plot else []) + [ckpt_path.name + ("/" if ckpt_path.is_dir() else ""), "summary.json"]
     _log(f"outputs in {out.resolve()}: {', '.join(written)}")
     return summary
 
@@ -396,21 +394,21 @@ def stage_lora(args) -> tuple | None:
     defaults = PPOConfig()
     spec = tuple(getattr(defaults, name) if getattr(args, name) is None else getattr(args, name)
                  for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"))
-    check_lora(*spec[:3], args.strategy)
+    check_lora(*spec[:3])
     return spec
 
 
-def _save_stage_model(model, tokenizer, out: Path, dtype: torch.dtype, state: dict, merge: bool) -> None:
-    """The sft / rm model in ``out``: an HF checkpoint, or for a LoRA model
-    its PEFT adapter folder (and with ``merge`` the merged model in
-    ``out/merged``)."""
+def _save_trained(model, tokenizer, path: Path, dtype: torch.dtype, state: dict, merged: Path | None) -> None:
+    """A trained model in ``path``: an HF checkpoint, or for a LoRA model its
+    PEFT adapter folder (and with ``merged`` the merged model there, a plain
+    HF checkpoint). ``state``: its full state dict (export_state_dict's)."""
     model = unwrapped(model)
     if not is_peft(model):
-        save_policy(model, tokenizer, out, dtype, state)
+        save_policy(model, tokenizer, path, dtype, state)
         return
-    save_adapters(model, tokenizer, out, dtype)
-    if merge:
-        save_policy(model.merge_and_unload(), tokenizer, out / "merged", dtype)
+    save_adapters(model, tokenizer, path, dtype, state)
+    if merged is not None:
+        save_policy(model.get_base_model(), tokenizer, merged, dtype, dict(merged_parameters(model, state)))
 
 
 def run_sft(args) -> dict:
@@ -439,7 +437,7 @@ def run_sft(args) -> dict:
         history = trainer.train(lambda rng: examples[rng.randrange(len(examples))])
     state = export_state_dict(trainer.model)  # a collective under FSDP
     if rank == 0:
-        _save_stage_model(trainer.model, tokenizer, out, dtype, state, args.merge)
+        _save_trained(trainer.model, tokenizer, out, dtype, state, out / "merged" if args.merge else None)
         _log(f"SFT: {len(history)} steps on {world} rank(s), loss {history[0]['loss']:.4f} -> "
              f"{history[-1]['loss']:.4f}; the model in {out.resolve()}")
     return {"steps": len(history), "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],
@@ -483,7 +481,7 @@ def run_rm(args) -> dict:
         history = trainer.train(sample)
     state = export_state_dict(trainer.model)  # a collective under FSDP
     if rank == 0:
-        _save_stage_model(trainer.model, tokenizer, out, dtype, state, args.merge)
+        _save_trained(trainer.model, tokenizer, out, dtype, state, out / "merged" if args.merge else None)
         _log(f"reward model: {len(history)} steps on {world} rank(s), pair accuracy "
              f"{history[-1]['pair_accuracy']:.2f}; the model in {out.resolve()}")
     return {"steps": len(history), "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],

@@ -178,7 +178,7 @@ class PPOConfig:
     # head ops unchanged); and, in the ppo command, on the critic's trunk (its
     # scalar head trained in full; the critic saved merged).
     # With the vLLM engine, the merged weights are loaded after each update.
-    # TRL's peft_config / OpenRLHF's --lora_rank. Not with FSDP.
+    # TRL's peft_config / OpenRLHF's --lora_rank.
     lora_r: int = 0
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -332,15 +332,13 @@ def truncated(cfg: PPOConfig) -> bool:
     return cfg.top_k > 0 or cfg.top_p < 1 or cfg.min_p > 0
 
 
-def check_lora(r, alpha, dropout, strategy: str, prefix: str = "") -> None:
+def check_lora(r, alpha, dropout, prefix: str = "") -> None:
     """ConfigError for LoRA options out of range (``prefix``: where they were
     set, "ppo." for a PPOConfig); r 0: no adapters, nothing else checked."""
     if not isinstance(r, int) or r < 0:
         raise ConfigError(f"{prefix}lora_r: {r!r}; expected an int >= 0 (0: no adapters)")
     if r and (alpha <= 0 or not 0 <= dropout < 1):
         raise ConfigError(f"{prefix}lora_alpha must be > 0 and {prefix}lora_dropout in [0, 1)")
-    if r and strategy == "fsdp":
-        raise ConfigError(f"{prefix}lora_r: LoRA is not supported under strategy fsdp yet (use ddp)")
 
 
 def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
@@ -407,7 +405,7 @@ def validate_ppo(cfg: PPOConfig, world_size: int = 1) -> None:
     if cfg.algo != "ppo" and (cfg.group_size < 2 or cfg.rollout_batch_size % cfg.group_size):
         raise ConfigError(f"ppo.group_size: {cfg.group_size}; {cfg.algo} needs groups of >= 2 responses that "
                           f"divide rollout_batch_size ({cfg.rollout_batch_size})")
-    check_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.strategy, "ppo.")
+    check_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, "ppo.")
     if cfg.lora_r and "ref" in cfg.offload:
         raise ConfigError("ppo.offload: ref has nothing to offload with LoRA (the reference is the policy with "
                           "its adapters off)")

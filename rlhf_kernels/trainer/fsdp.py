@@ -48,8 +48,15 @@ def shard(model: nn.Module, *, bf16: bool = False, offload: bool = False) -> nn.
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for layer in layers:
         fully_shard(layer, **options)
-    fully_shard(model, **options)
+    fully_shard(fsdp_root(model), **options)
     return model
+
+
+def fsdp_root(model: nn.Module) -> nn.Module:
+    """The module sharded as FSDP2's root: a PEFT model's base model (its
+    generate() and forward run the base model's forward, where the root's
+    hooks unshard the parameters), any other model itself."""
+    return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
 
 
 @contextlib.contextmanager
@@ -105,7 +112,7 @@ def export_state_dict(model: nn.Module) -> dict:
 
 def is_sharded(model) -> bool:
     FSDPModule, _ = _fsdp()
-    return isinstance(model, FSDPModule)
+    return isinstance(fsdp_root(model), FSDPModule)
 
 
 def _fsdp_modules(model: nn.Module):
@@ -124,13 +131,13 @@ def gathered(model: nn.Module) -> Iterator[None]:
     modules = _fsdp_modules(model)
     for m in modules:
         m.set_reshard_after_forward(False)
-    model.unshard()
+    fsdp_root(model).unshard()
     try:
         yield
     finally:
         for m in modules:
             m.set_reshard_after_forward(True)
-        model.reshard()
+        fsdp_root(model).reshard()
 
 
 _IN_ROOT_FORWARD = "_rlhf_kernels_in_root_forward"
@@ -145,6 +152,7 @@ def in_root_forward(model: nn.Module, fn: Callable, *args):
     model itself (its end would reshard them). Not sharded: ``fn(*args)``."""
     if not is_sharded(model):
         return fn(*args)
+    model = fsdp_root(model)
     if _IN_ROOT_FORWARD not in model.__dict__:
         from torch.distributed.fsdp import register_fsdp_forward_method
 
@@ -155,7 +163,7 @@ def in_root_forward(model: nn.Module, fn: Callable, *args):
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """FSDP2's no_sync: skip the reduce-scatter for all but the last micro-batch."""
-    model.set_requires_gradient_sync(enabled)
+    fsdp_root(model).set_requires_gradient_sync(enabled)
 
 
 def full_state_dict(model: nn.Module, every_rank: bool = False) -> dict:

@@ -252,8 +252,9 @@ def with_response_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Te
 
     def run(input_ids: Tensor, attention_mask: Tensor):
         head, _ = LMHead.of(model)
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+        trunk = fsdp.fsdp_root(model).base_model  # a PEFT model's: its base model's (the adapters in it)
+        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                       use_cache=False).last_hidden_state
         got = head.logits(hidden[:, -1]) if check else None
         return op(hidden[:, -(response_len + 1) : -1], head), got, hidden.dtype
 
@@ -312,44 +313,69 @@ def _input_in_weight_dtype(module: nn.Module, args: tuple) -> tuple:
     return (args[0].to(module.weight.dtype), *args[1:])
 
 
-def merged_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """A PEFT LoRA model's parameters under its base model's names, each
-    adapted weight merged with its active adapters (``W + scale B A``, float32),
-    the model unchanged: what an inference engine of the base architecture
-    loads. Any other model: its ``named_parameters()``."""
+def merged_parameters(model: nn.Module, state: Optional[dict] = None) -> Iterator[tuple[str, Tensor]]:
+    """A PEFT LoRA model's tensors under its base model's names, each adapted
+    weight merged with its active adapters (``W + scale B A``, in float32)
+    and a fully trained module (PEFT's modules_to_save: a classifier's score)
+    in place of the original, the model unchanged: what an inference engine
+    of the base architecture loads, or ``save_pretrained`` writes. ``state``:
+    the PEFT model's full state dict to merge (under FSDP, the gathered one;
+    default: its parameters, each DTensor gathered). Any other model: its
+    ``named_parameters()`` (or ``state``)."""
     if not is_peft(model):
-        yield from model.named_parameters()
+        yield from (model.named_parameters() if state is None else state.items())
         return
-    base = getattr(model, "module", model).get_base_model()
+    peft_model = getattr(model, "module", model)
+    base = peft_model.get_base_model()
+    prefix = "base_model.model."
+    tensors = {prefix + n: p for n, p in base.named_parameters()} if state is None else state
     modules = dict(base.named_modules())
-    for name, param in base.named_parameters():
-        if "lora_" in name:
+
+    def full(name: str) -> Tensor:
+        tensor = tensors[name].detach()
+        return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+    for key in tensors:
+        name = key.removeprefix(prefix)
+        if "lora_" in name or ".original_module." in name:
+            continue
+        owner, trained, leaf = name.partition(".modules_to_save.")
+        if trained:  # "<owner>.modules_to_save.<adapter>.<leaf>"
+            adapter, _, leaf = leaf.partition(".")
+            if adapter in modules[owner].active_adapters:
+                yield f"{owner}.{leaf}", full(key)
             continue
         owner, adapted, leaf = name.rpartition(".base_layer.")
         if not adapted:
-            yield name, param
+            yield name, full(key)
             continue
-        layer = modules[owner]
-        tensor = param.detach()
+        layer, tensor = modules[owner], full(key)
         if leaf == "weight" and not layer.merged:
-            deltas = [layer.get_delta_weight(a).float() for a in layer.active_adapters if a in layer.lora_A]
-            tensor = sum(deltas, tensor.float())
+            tensor = tensor.float()
+            for a in layer.active_adapters:
+                if a in layer.lora_A:
+                    delta = full(f"{prefix}{owner}.lora_B.{a}.weight").float() @ \
+                        full(f"{prefix}{owner}.lora_A.{a}.weight").float()
+                    tensor = tensor + (delta.T if layer.fan_in_fan_out else delta) * layer.scaling[a]
         yield f"{owner}.{leaf}", tensor
 
 
 def lora_critic(critic: "ScalarHeadModel", r: int, alpha: int, dropout: float,
                 target_modules: str) -> "ScalarHeadModel":
     """The critic with LoRA adapters on its trunk (which stays frozen in its
-    dtype) and its scalar head trained in full; ``merged_critic`` undoes it
+    dtype) and its scalar head trained in full; ``merged_critic_state`` undoes it
     for saving."""
     critic.trunk = with_lora(critic.trunk, r, alpha, dropout, target_modules, task_type=None)
     critic.head.requires_grad_(True)
     return critic
 
 
-def merged_critic(critic: "ScalarHeadModel") -> "ScalarHeadModel":
-    """A LoRA critic's adapters merged into its trunk (in place), as a plain
-    ScalarHeadModel; any other critic as it is."""
-    if is_peft(critic.trunk):
-        critic.trunk = critic.trunk.merge_and_unload()
-    return critic
+def merged_critic_state(critic: "ScalarHeadModel", state: dict) -> dict:
+    """A LoRA critic's full state dict (``state``) with its trunk's adapters
+    merged, under a plain ScalarHeadModel's names (what save_critic writes);
+    any other critic's as it is."""
+    if not is_peft(critic.trunk):
+        return state
+    trunk = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}
+    merged = {f"trunk.{k}": v for k, v in merged_parameters(critic.trunk, trunk)}
+    return {**merged, **{k: v for k, v in state.items() if not k.startswith("trunk.")}}
