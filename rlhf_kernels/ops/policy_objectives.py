@@ -23,7 +23,7 @@ from ..aggregation import (
 )
 from ..eager import ppo_loss as _eager
 from ._op import differentiable, native_op, no_double_backward
-from .ppo_options import PPOLossOptions
+from .ppo_options import KERNEL_FORMS, PPOLossOptions
 
 if triton_installed():
     from ..triton import ppo_loss as _triton  # noqa: F401  (defines the rlhf_kernels::*_triton ops)
@@ -95,34 +95,50 @@ def weighted_advantages(advantages: Tensor, token_weights: Optional[Tensor], sha
     return advantages.to(dtype) * token_weights.detach().to(dtype)
 
 
-def _sequence_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str) -> tuple[Tensor, Tensor]:
+class _ThroughSequenceMean(torch.autograd.Function):
+    """``logp`` in value; backward, each valid token's gradient is its
+    sequence's summed gradient times w_t / n_b: the gradient of GSPO's
+    logp' = sg(logp) + (m_b - sg(m_b)), m_b the weighted mean of logp over the
+    sequence, without computing m_b (its value cancels)."""
+
+    @staticmethod
+    def forward(ctx, logp: Tensor, mask: Tensor, counts: Tensor) -> Tensor:
+        ctx.save_for_backward(mask, counts)
+        return logp.view_as(logp)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        mask, counts = ctx.saved_tensors
+        per_sequence = (grad.sum(-1) / counts.to(grad.dtype)).unsqueeze(-1)
+        if mask.dtype == torch.bool:
+            return torch.where(mask, per_sequence, 0.0), None, None
+        return per_sequence * mask.to(grad.dtype), None, None
+
+
+def _sequence_ratio(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, level: str,
+                    backend: Optional[str]) -> tuple[Tensor, Tensor]:
     """(logp', old') that make the token kernels compute GSPO's sequence-level
     ratio (Zheng et al., 2025): s_b = the (weighted) mean of logp - old_logp
     over the valid tokens of sequence b (divided by max(count, 1), as verl and
     OpenRLHF), old' = sg(logp) - s_b, so that each token's ratio
     exp(logp' - old') has the value exp(s_b).
     "sequence-token" (GSPO-token, verl): logp' = logp, each token's gradient
-    through its own log-prob. "sequence" (GSPO, OpenRLHF): logp' = sg(logp) +
-    (m_b - sg(m_b)) with m_b the same mean of logp, equal in value, so that
-    the gradient flows through the sequence mean: d L / d logp_t = w_t /
-    max(count, 1) * (sum of the sequence's token gradients). The two agree when
-    the advantage is constant over a sequence. s_b in float64 (a float32 old'
-    costs half an ulp of |logp| in the log-ratio)."""
-    valid, weight = mask_weights(mask, torch.float64)
-
-    def weighted_sum(x: Tensor) -> Tensor:  # over each sequence's valid tokens (a bool mask: no product)
-        x = torch.where(valid, x, 0.0)
-        return (x if weight is None else x * weight.to(x.dtype)).sum(-1)
-
-    counts = (valid.sum(-1).to(torch.float64) if weight is None else weight.sum(-1)).clamp(min=1)
-    lp = logp.detach().to(torch.float64)
-    seq_log_ratio = weighted_sum(lp - old_logp.detach()) / counts
+    through its own log-prob. "sequence" (GSPO, OpenRLHF): logp' = logp in
+    value, its gradient through the sequence mean (``_ThroughSequenceMean``):
+    d L / d logp_t = w_t / max(count, 1) * (sum of the sequence's token
+    gradients). The two agree when the advantage is constant over a sequence.
+    The sums in one token pass of the kernels (ppo_policy_rows, form
+    geo_mean: the count and the sum of old - logp per sequence, accumulated
+    in the computation dtype), then old' in one pass."""
+    rows = implementation("ppo_policy_rows", backend, logp.device)(
+        logp.detach(), old_logp.detach(), advantages.detach(), mask, 0.0, 0.0, 0.0,
+        KERNEL_FORMS.index("geo_mean"), False)[1]
+    counts = rows[:, COUNT].clamp(min=1).view(logp.shape[:-1])
+    seq_log_ratio = (-rows[:, APPROX_KL]).view(logp.shape[:-1]) / counts
     dtype = compute_dtype(logp, old_logp)
-    old_eff = (lp - seq_log_ratio.unsqueeze(-1)).to(dtype)
+    old_eff = logp.detach().to(dtype) - seq_log_ratio.to(dtype).unsqueeze(-1)
     if level == "sequence":
-        x = logp.to(dtype)
-        mean = weighted_sum(x) / counts.to(dtype)
-        logp = x.detach() + (mean - mean.detach()).unsqueeze(-1)
+        logp = _ThroughSequenceMean.apply(logp.to(dtype), mask, counts)
     return logp, old_eff
 
 
@@ -200,34 +216,38 @@ def _cov_selected(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tens
     return selected, share
 
 
-def _vespo_weights(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                   token_weights: Optional[Tensor], params: tuple[float, float, float, float]) -> Tensor:
-    """VESPO's (TRL's get_gamma_weights) phi, detached, in float64 of the
-    token shape: phi = exp(lambda + k log w - lambda w) with log w =
+def _vespo_advantages(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                      token_weights: Optional[Tensor], params: tuple[float, float, float, float]) -> Tensor:
+    """A phi, detached, in the computation dtype, with VESPO's (TRL's
+    get_gamma_weights) phi = exp(lambda + k log w - lambda w), log w =
     clamp(S_b, log 1e-8, 20), S_b the sum over sequence b's valid tokens of
     clamp(logp - old_logp, -20, 20) (weighted by the mask's weights) plus,
     with token_weights, of clamp(log token_weight, log 1e-8, 20); (k, lambda)
     = (k_pos, lambda_pos) where A >= 0, else (k_neg, lambda_neg), lambda
     clamped at >= 1e-4; NaN and +-inf phi give 0, as TRL's. Both signs' phi
-    per sequence, then one select per token."""
+    per sequence (float64), then max(A, 0) phi_pos + min(A, 0) phi_neg per
+    token: A phi exactly (a zero term adds nothing to a finite phi), in
+    same-dtype products (torch's CPU where over A's sign is several times
+    slower)."""
     k_pos, lambda_pos, k_neg, lambda_neg = params
-    valid, weight = mask_weights(mask, torch.float64)
-    log_ratio = (logp.detach().to(torch.float64) - old_logp.detach().to(torch.float64)).clamp(-20.0, 20.0)
-    terms = torch.where(valid, log_ratio, 0.0)
+    dtype = compute_dtype(logp, old_logp, advantages)
+    valid, weight = mask_weights(mask, dtype)
+    terms = (logp.detach().to(dtype) - old_logp.detach().to(dtype)).clamp_(-20.0, 20.0)
     if weight is not None:
-        terms = terms * weight
+        terms = terms.mul_(weight)
     if token_weights is not None:
         _check_token_weights(advantages, token_weights, logp.shape)
-        log_is = token_weights.detach().to(torch.float64).log().clamp(math.log(1e-8), 20.0)
-        terms = terms + torch.where(valid, log_is, 0.0)
-    log_w = terms.sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)
+        terms = terms.add_(token_weights.detach().to(dtype).log().clamp_(math.log(1e-8), 20.0))
+    # where, not a product with the mask: the tokens outside it may hold NaN
+    log_w = torch.where(valid, terms, 0.0).sum(-1, keepdim=True).to(torch.float64).clamp(math.log(1e-8), 20.0)
     w_seq = torch.exp(log_w)
 
     def phi(k: float, lam: float) -> Tensor:  # (B, 1): one per sequence and sign
         lam = max(lam, 1e-4)
-        return torch.exp(lam + k * log_w - lam * w_seq).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        return torch.exp(lam + k * log_w - lam * w_seq).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).to(dtype)
 
-    return torch.where(advantages.detach() >= 0, phi(k_pos, lambda_pos), phi(k_neg, lambda_neg))
+    a = advantages.detach().to(dtype)
+    return torch.addcmul(a.clamp(min=0) * phi(k_pos, lambda_pos), a.clamp(max=0), phi(k_neg, lambda_neg))
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, token_weights: Optional[Tensor],
@@ -239,9 +259,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         return divide(loss, o.divisor), stats
     batch_stats, penalty = {}, None
     if o.vespo is not None:  # gpg's -A logp on A phi (the token weights joined phi's sum)
-        dtype = compute_dtype(advantages)
-        advantages = advantages.detach().to(dtype) * _vespo_weights(logp, old_logp, advantages, mask, token_weights,
-                                                                     o.vespo).to(dtype)
+        advantages = _vespo_advantages(logp, old_logp, advantages, mask, token_weights, o.vespo)
         token_weights = None
     if o.cov is not None:
         selected, share = _cov_selected(logp, old_logp, advantages, mask, o)
@@ -256,7 +274,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         batch_stats = {"clipfrac": share}
     advantages = weighted_advantages(advantages, token_weights, logp.shape, o.loss_type)
     if o.ratio_level != "token":
-        logp, old_logp = _sequence_ratio(logp, old_logp, mask, o.ratio_level)
+        logp, old_logp = _sequence_ratio(logp, old_logp, advantages, mask, o.ratio_level, o.backend)
     loss, stats = implementation("ppo_policy_loss", o.backend, logp.device)(
         logp, old_logp.detach(), advantages, mask, o.ratio_low, o.ratio_high, o.dual_clip, o.loss_code, o.agg_code,
         o.kernel_num_tokens, o.kernel_num_seqs,

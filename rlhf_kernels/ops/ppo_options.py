@@ -23,7 +23,7 @@ Count = Union[float, Tensor, None]
 # "kl_cov" select tokens over the batch, then run the clip kernels
 # (ops/policy_objectives.py: _geo_mean_loss, _cov_selected). TRL's "luspo"
 # is clip on GSPO's sequence ratio; TRL's "vespo" is gpg on advantages times
-# a per-sequence weight of the log-ratio's sum (_vespo_weights).
+# a per-sequence weight of the log-ratio's sum (_vespo_advantages).
 KERNEL_FORMS = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "dro", "geo_mean")
 LOSS_TYPES = KERNEL_FORMS + ("clip_cov", "kl_cov", "luspo", "vespo")
 # The objectives whose token terms need a whole sequence or the whole batch.
