@@ -308,9 +308,9 @@ def _rollout_goal(speedup: float):
         ratio = vllm["tokens_per_s"] / hf["tokens_per_s"]
         detail = (f"{ratio:.2f}x ({vllm['tokens_per_s']:.0f} vs {hf['tokens_per_s']:.0f} tokens/s, "
                   f"engine start {vllm['engine_start_s']:.0f} s)")
-        if vllm.get("bound_tokens_per_s"):  # the float32 GEMM rate at the decode shapes over FLOP per token
-            detail += (f"; compute bound of the decode here {vllm['bound_tokens_per_s']:.0f} tokens/s "
-                       f"({vllm['gemm_gflops']:.0f} GFLOP/s GEMMs): {speedup:g}x HF would need "
+        if vllm.get("bound_tokens_per_s"):  # bench_rollout.decode_bound: a large GEMM's rate / FLOP per token
+            detail += (f"; the decode's compute bound here {vllm['bound_tokens_per_s']:.0f} tokens/s "
+                       f"({vllm['gemm_gflops']:.0f} GFLOP/s, a 2048^3 float32 GEMM): {speedup:g}x HF would need "
                        f"{speedup * hf['tokens_per_s']:.0f}")
         return ratio >= speedup, detail
     return check

@@ -169,3 +169,20 @@ def test_time_interleaved_round_robin_and_a_failing_provider():
     assert calls == ["a", "b"] * 4
     assert list(out) == ["a", "bad", "b"] and isinstance(out["bad"], RuntimeError)
     assert all(out[k].median_ms >= 0 for k in ("a", "b"))
+
+
+def test_bench_rollout_decode_bound_counts_the_model_weights():
+    """bench_rollout's compute bound: 2 FLOP per weight of the decoder's
+    projections and the (tied) LM head, counted on the model itself."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from benchmarks import bench_rollout
+
+    shape = bench_rollout.TINY
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=bench_rollout.VOCAB, tie_word_embeddings=True, **shape))
+    weights = sum(p.numel() for n, p in model.named_parameters() if n.endswith("proj.weight"))
+    bound = bench_rollout.decode_bound(shape)
+    assert bound["flop_per_token"] == 2 * (weights + model.lm_head.weight.numel())
+    assert bound["gemm_gflops"] > 0
+    rate = bound["gemm_gflops"] * 1e9 / bound["flop_per_token"]  # of the rounded GFLOP/s
+    assert abs(bound["bound_tokens_per_s"] - rate) <= 1e-3 * rate
