@@ -105,7 +105,7 @@ def test_ppo_command_writes_adapters_and_the_merged_model(paths, tmp_path):
         a, b = adapted(ids).logits.float(), merged(ids).logits.float()
     assert (a - b).abs().max() <= 0.05 * a.abs().max()  # bf16 merge: one rounding of each weight
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
-    assert (out / "critic" / "config.json").is_file()  # the critic trains full weights
+    assert (out / "critic" / "config.json").is_file()  # the critic: its trunk's adapters merged, an HF classifier
 
 
 def test_sft_and_rm_commands_train_adapters(paths, tmp_path):
