@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, environment, is_quick, print_table, progress, write_results
+from benchmarks.common import RESULTS_DIR, environment, is_quick, print_table, progress, time_fn, write_results
 
 QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2)
@@ -53,7 +53,7 @@ def decode_bound(shape: dict) -> dict:
     weight of the decoder layers and the LM head; attention over <= 90
     positions left out) against the rate of a 2048 x 2048 x 2048 float32 GEMM
     (the best rate torch reaches here: a proxy for the machine's float32 peak,
-    timed now, median of 5). At 64 sequences per step the decode is these
+    its median by common.time_fn). At 64 sequences per step the decode is these
     weights' GEMMs, so tokens/s above ``bound_tokens_per_s`` would need GEMMs
     faster than that proxy."""
     h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
@@ -61,13 +61,7 @@ def decode_bound(shape: dict) -> dict:
     macs = layers * (2 * h * h + 2 * kv * h + 3 * i * h) + VOCAB * h
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    seconds = []
-    for _ in range(5):
-        start = time.perf_counter()
-        a @ b
-        seconds.append(time.perf_counter() - start)
-    gflops = 2 * n ** 3 / sorted(seconds)[len(seconds) // 2] / 1e9
+    gflops = 2 * n ** 3 / time_fn(lambda: a @ b, torch.device("cpu")).median_ms / 1e6
     return dict(flop_per_token=2 * macs, gemm_gflops=round(gflops, 1),
                 bound_tokens_per_s=round(gflops * 1e9 / (2 * macs), 1))
 

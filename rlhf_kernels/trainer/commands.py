@@ -85,7 +85,9 @@ from .args import (
     add_backend_flag, add_data_flags, add_lora_flags, add_parallel_flags, add_report_flag, add_rollout_flags,
     apply_rollout_flags, data_columns,
 )
-from .config import OFFLOADABLE, ConfigError, PPOConfig, check_lora, load_config, to_dict, validate_ppo
+from .config import (
+    LORA_FIELDS, OFFLOADABLE, ConfigError, PPOConfig, check_lora, load_config, to_dict, validate_ppo,
+)
 from .data import check_tokenizer, load_prompts, load_rm_data, load_sft_data, load_texts
 from .fsdp import export_state_dict, unwrapped
 from .models import (
@@ -186,11 +188,10 @@ def ppo_config(args) -> PPOConfig:
         cfg.gradient_checkpointing = True
     if args.padding_free:
         cfg.padding_free = True
-    for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"):
+    for name in LORA_FIELDS:
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
-    if args.merge and not cfg.lora_r:
-        raise ConfigError("--merge: only with --lora-r (the full weights are written as they are)")
+    _check_merge(args, cfg.lora_r)
     if args.reward_normalization == "running":
         cfg.reward_running_whiten = True
     if args.algo is not None:
@@ -384,16 +385,20 @@ def _stage_common(args):
     return tokenizer, out, rank, world
 
 
+def _check_merge(args, lora_r) -> None:
+    if args.merge and not lora_r:
+        raise ConfigError("--merge: only with --lora-r (the full weights are written as they are)")
+
+
 def stage_lora(args) -> tuple | None:
     """The sft / rm command's ``--lora-*`` flags (PPOConfig's defaults):
     (r, alpha, dropout, target modules), or None without ``--lora-r``."""
+    _check_merge(args, args.lora_r)
     if not args.lora_r:
-        if args.merge:
-            raise ConfigError("--merge: only with --lora-r (the full weights are written as they are)")
         return None
     defaults = PPOConfig()
     spec = tuple(getattr(defaults, name) if getattr(args, name) is None else getattr(args, name)
-                 for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"))
+                 for name in LORA_FIELDS)
     check_lora(*spec[:3])
     return spec
 

@@ -332,6 +332,10 @@ def truncated(cfg: PPOConfig) -> bool:
     return cfg.top_k > 0 or cfg.top_p < 1 or cfg.min_p > 0
 
 
+# PPOConfig's LoRA fields, as the commands' --lora-* flags set them.
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+
+
 def check_lora(r, alpha, dropout, prefix: str = "") -> None:
     """ConfigError for LoRA options out of range (``prefix``: where they were
     set, "ppo." for a PPOConfig); r 0: no adapters, nothing else checked."""

@@ -14,6 +14,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from .models import is_peft
+
 
 def _fsdp():
     from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -56,7 +58,7 @@ def fsdp_root(model: nn.Module) -> nn.Module:
     """The module sharded as FSDP2's root: a PEFT model's base model (its
     generate() and forward run the base model's forward, where the root's
     hooks unshard the parameters), any other model itself."""
-    return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
+    return model.get_base_model() if is_peft(model) else model
 
 
 @contextlib.contextmanager
