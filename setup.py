@@ -32,7 +32,7 @@ def _extensions():
     with_cuda = (
         not skip_cuda and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     )
-    sources = ["csrc/ops.cpp", "csrc/python_call.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/python_call.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # The C++ standard is left to torch (C++17 or C++20 by version).
     # -fopenmp: at::parallel_for is an inline OpenMP loop in torch's headers,
     # serial unless the extension itself is compiled with OpenMP.

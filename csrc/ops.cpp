@@ -35,6 +35,11 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def(
       "logprobs(Tensor logits, Tensor labels, float temperature, int ignore_index, bool compute_entropy, "
       "bool inplace_backward, Tensor? min_logit=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // logprobs' first two outputs with its gradient formula in C++
+  // (csrc/autograd.cpp): the eager call of the native backends.
+  m.def(
+      "logprobs_autograd(Tensor logits, Tensor labels, float temperature, int ignore_index, "
+      "bool compute_entropy, bool inplace_backward, Tensor? min_logit=None) -> (Tensor, Tensor)");
   // The logits gradient of logprobs, a new tensor like logits.
   m.def(
       "logprobs_backward(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor labels, "

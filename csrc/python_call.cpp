@@ -3,11 +3,13 @@
 // the arguments by the op's schema (Tensor, Tensor?, float, float?, int, bool),
 // calls the op through the dispatcher below the autograd keys (the dispatch
 // keys of the tensors and of the thread, Python dispatch modes included) and
-// returns its outputs as torch.ops does. Anything it does not convert, a
-// tensor subclass or an active torch-function mode (which torch.ops' parser
-// would hand to __torch_function__) returns NotImplemented, and the caller
-// calls the op through torch.ops instead (rlhf_kernels/ops/_op.py). Per-call
-// host time against torch.ops: python -m benchmarks.bench_overhead.
+// returns its outputs as torch.ops does; call_op(index, *args) likewise from
+// the autograd keys on (an op with its autograd kernel in C++,
+// csrc/autograd.cpp). Anything it does not convert, a tensor subclass or an
+// active torch-function mode (which torch.ops' parser would hand to
+// __torch_function__) returns NotImplemented, and the caller calls the op
+// through torch.ops instead (rlhf_kernels/ops/_op.py). Per-call host time
+// against torch.ops: python -m benchmarks.bench_overhead.
 #include <Python.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -16,6 +18,7 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <optional>
 #include <vector>
 
 namespace rlhf_kernels {
@@ -103,9 +106,10 @@ PyObject* op_index(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs
   END_HANDLE_TH_ERRORS
 }
 
-// call_below_autograd(index, *args): every argument of the schema, positional.
-PyObject* call_below_autograd(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
+// The op's outputs for every argument of the schema, positional, called
+// through the dispatcher from the autograd keys on (with_autograd) or below
+// them; NotImplemented for what needs torch.ops' parser.
+PyObject* call(PyObject* const* args, Py_ssize_t nargs, bool with_autograd) {
   if (nargs < 1 || at::impl::torch_function_mode_enabled()) return not_implemented();
   const size_t index = PyLong_AsSize_t(args[0]);
   auto& ops = handles();
@@ -120,7 +124,8 @@ PyObject* call_below_autograd(PyObject* /*module*/, PyObject* const* args, Py_ss
   }
   {
     GilRelease no_gil;
-    at::AutoDispatchBelowAutograd below_autograd;
+    std::optional<at::AutoDispatchBelowAutograd> below_autograd;
+    if (!with_autograd) below_autograd.emplace();
     op.callBoxed(stack);
   }
   if (stack.empty()) Py_RETURN_NONE;
@@ -136,6 +141,19 @@ PyObject* call_below_autograd(PyObject* /*module*/, PyObject* const* args, Py_ss
     PyTuple_SET_ITEM(out, static_cast<Py_ssize_t>(i), item);
   }
   return out;
+}
+
+// call_below_autograd(index, *args)
+PyObject* call_below_autograd(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  return call(args, nargs, /*with_autograd=*/false);
+  END_HANDLE_TH_ERRORS
+}
+
+// call_op(index, *args): as torch.ops calls it, autograd included.
+PyObject* call_op(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  return call(args, nargs, /*with_autograd=*/true);
   END_HANDLE_TH_ERRORS
 }
 
@@ -145,6 +163,9 @@ PyMethodDef methods[] = {
     {"call_below_autograd", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(call_below_autograd)),
      METH_FASTCALL,
      "call_below_autograd(index, *args): the op's outputs, or NotImplemented when an argument needs torch.ops"},
+    {"call_op", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(call_op)), METH_FASTCALL,
+     "call_op(index, *args): the op's outputs with its autograd, or NotImplemented when an argument needs "
+     "torch.ops"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

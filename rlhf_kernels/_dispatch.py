@@ -173,31 +173,31 @@ def register(op: str, backends: tuple[str, ...], fn: Callable) -> Callable:
     """Record `fn` as the implementation of `op` on each of `backends`."""
     for name in backends:
         _REGISTRY[op, name] = fn
+    _RESOLVED.clear()
     return fn
 
 
-# resolve_backend's answers, by (op, backend, device type, RLHF_KERNELS_BACKEND):
-# what it reads besides them (what is built and installed) is fixed for the
-# process. A deprecated name is not kept (it warns on every call).
-_RESOLVED: dict[tuple, str] = {}
+# implementation's answers, by (op, backend, device, RLHF_KERNELS_BACKEND):
+# what resolve_backend reads besides them (what is built and installed) is
+# fixed for the process. A deprecated name is not kept (it warns on every call).
+_RESOLVED: dict[tuple, Callable] = {}
 # os.environ's own mapping, read without the KeyError os.environ.get raises
 # and catches for an unset variable (a per-call cost of every op).
 _ENVIRON_DATA = getattr(os.environ, "_data", None)
 _ENV_BACKEND_KEY = os.environ.encodekey(ENV_BACKEND) if _ENVIRON_DATA is not None else None
 
 
-def _env_backend():
-    if _ENVIRON_DATA is None:
-        return os.environ.get(ENV_BACKEND)
-    return _ENVIRON_DATA.get(_ENV_BACKEND_KEY)
-
-
 def implementation(op: str, backend: str | None, device: torch.device) -> Callable:
     """The implementation of `op` that runs tensors of `device` (``resolve_backend``'s rule)."""
-    key = (op, backend, device.type, _env_backend() if backend is None else None)
-    name = _RESOLVED.get(key)
-    if name is None:
-        name = resolve_backend(backend, device, op)
+    # keyed by the device itself: hashing it costs less than reading its type
+    if backend is None:
+        env = os.environ.get(ENV_BACKEND) if _ENVIRON_DATA is None else _ENVIRON_DATA.get(_ENV_BACKEND_KEY)
+        key = (op, None, device, env)
+    else:
+        key = (op, backend, device, None)
+    fn = _RESOLVED.get(key)
+    if fn is None:
+        fn = _REGISTRY[op, resolve_backend(backend, device, op)]
         if (backend if backend is not None else os.environ.get(ENV_BACKEND)) not in DEPRECATED_BACKENDS:
-            _RESOLVED[key] = name
-    return _REGISTRY[op, name]
+            _RESOLVED[key] = fn
+    return fn

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
 from typing import Optional
 
 import torch
@@ -13,18 +12,17 @@ from torch import Tensor
 from ._dispatch import checks_enabled
 from .aggregation import AGG_MODES
 
+_INF = math.inf
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
 
 
-def check_tensor(name: str, value: object, dtypes: Iterable[torch.dtype] | None = None) -> Tensor:
+def check_tensor(name: str, value: object, dtypes: tuple[torch.dtype, ...] | None = None) -> Tensor:
     if not isinstance(value, Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-    if dtypes is not None:
-        dtypes = tuple(dtypes)
-        if value.dtype not in dtypes:
-            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-            raise ValueError(f"{name}: dtype {value.dtype} is not supported (expected {names})")
+    if dtypes is not None and value.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{name}: dtype {value.dtype} is not supported (expected {names})")
     return value
 
 
@@ -57,8 +55,9 @@ def _as_float(name: str, value: object) -> float:
 # that changes between calls becomes a symbolic float, which math.isfinite
 # cannot take (a graph break, or an error with fullgraph=True).
 def check_positive(name: str, value: float) -> float:
-    value = _as_float(name, value)
-    if not (value > 0 and value < math.inf):
+    if type(value) is not float:
+        value = _as_float(name, value)
+    if not (value > 0 and value < _INF):
         raise ValueError(f"{name}: must be a finite number > 0, got {value}")
     return value
 

@@ -16,6 +16,7 @@ namespace vec {
 #define RLHF_VEC_BYTES 32
 #endif
 constexpr int kLanes = RLHF_VEC_BYTES / 4;
+static_assert(kLanes == 8 || kLanes == 16, "vec.h: 32- or 64-byte vectors");
 typedef float fvec __attribute__((vector_size(RLHF_VEC_BYTES)));
 typedef int32_t ivec __attribute__((vector_size(RLHF_VEC_BYTES)));
 
@@ -42,22 +43,37 @@ RLHF_VEC_INLINE fvec clamp_low(fvec a, fvec lo) { return a < lo ? lo : a; }
 
 // Horizontal reductions as a tree of halves (log2(kLanes) dependent steps, not
 // kLanes): a row of a few vectors ends in one of each.
-RLHF_VEC_INLINE float hmax(fvec v) {
-  float a[kLanes];
-  std::memcpy(a, &v, sizeof(v));
-  for (int w = kLanes / 2; w >= 1; w /= 2) {
-    for (int i = 0; i < w; ++i) a[i] = a[i + w] > a[i] ? a[i + w] : a[i];
+// v's lanes moved down by W (lane i takes lane i + W; the top W lanes wrap
+// around and are never read by the reductions below).
+template <int W>
+RLHF_VEC_INLINE fvec down(fvec v) {
+  if constexpr (kLanes == 16) {
+    return __builtin_shufflevector(v, v, W, (1 + W) & 15, (2 + W) & 15, (3 + W) & 15, (4 + W) & 15,
+                                   (5 + W) & 15, (6 + W) & 15, (7 + W) & 15, (8 + W) & 15, (9 + W) & 15,
+                                   (10 + W) & 15, (11 + W) & 15, (12 + W) & 15, (13 + W) & 15, (14 + W) & 15,
+                                   (15 + W) & 15);
+  } else {
+    return __builtin_shufflevector(v, v, W, (1 + W) & 7, (2 + W) & 7, (3 + W) & 7, (4 + W) & 7, (5 + W) & 7,
+                                   (6 + W) & 7, (7 + W) & 7);
   }
-  return a[0];
+}
+
+RLHF_VEC_INLINE fvec max_down(fvec v, fvec d) { return d > v ? d : v; }
+
+RLHF_VEC_INLINE float hmax(fvec v) {
+  if constexpr (kLanes == 16) v = max_down(v, down<8>(v));
+  v = max_down(v, down<4>(v));
+  v = max_down(v, down<2>(v));
+  v = max_down(v, down<1>(v));
+  return v[0];
 }
 
 RLHF_VEC_INLINE float hsum(fvec v) {
-  float a[kLanes];
-  std::memcpy(a, &v, sizeof(v));
-  for (int w = kLanes / 2; w >= 1; w /= 2) {
-    for (int i = 0; i < w; ++i) a[i] += a[i + w];
-  }
-  return a[0];
+  if constexpr (kLanes == 16) v += down<8>(v);
+  v += down<4>(v);
+  v += down<2>(v);
+  v += down<1>(v);
+  return v[0];
 }
 
 // Cephes expf: exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2,

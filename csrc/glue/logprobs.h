@@ -6,7 +6,11 @@
 
 #include <torch/types.h>
 
+#include <algorithm>
+#include <charconv>
+#include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "common.h"
@@ -18,9 +22,8 @@ inline int64_t checked_rows(const at::Tensor& logits, const at::Tensor& labels,
                             RowLayout layout) {
   TORCH_CHECK_VALUE(logits.dim() >= 1 && logits.stride(-1) == 1,
                     "logits: the last dimension must be contiguous");
-  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.scalar_type() == at::kLong &&
-                        labels.is_contiguous(),
-                    "labels: expected a contiguous (N,) int64 tensor");
+  TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong && labels.is_contiguous(),
+                    "labels: expected a contiguous int64 tensor (N = its numel rows)");
   TORCH_CHECK_VALUE(layout.inner_rows >= 1, "inner_rows must be >= 1");
   const int64_t n_rows = labels.numel();
   const int64_t vocab = logits.size(-1);
@@ -140,7 +143,65 @@ using LogprobsBwd = void (*)(const at::Tensor&, const std::optional<at::Tensor>&
 using ThresholdRows = at::Tensor (*)(const at::Tensor&, int64_t, int64_t, int64_t, double, int64_t, double, double,
                                      bool);
 
-inline at::Tensor flat_labels(const at::Tensor& labels) { return labels.reshape({-1}).to(at::kLong).contiguous(); }
+// The labels as the kernels read them: contiguous int64 of any shape, row r
+// the r-th element (not reshaped: a view per call is host time the kernels
+// do not need at a few rows, python -m benchmarks.bench_overhead).
+inline at::Tensor flat_labels(const at::Tensor& labels) {
+  return labels.scalar_type() == at::kLong && labels.is_contiguous() ? labels : labels.to(at::kLong).contiguous();
+}
+
+// A (N,) output the op has just allocated, given the labels' shape in place
+// (its own TensorImpl: no view).
+inline at::Tensor shaped_like(at::Tensor t, const at::Tensor& labels) {
+  if (t.dim() != labels.dim()) t.unsafeGetTensorImpl()->set_sizes_contiguous(labels.sizes());
+  return t;
+}
+
+// Python's spelling of a shape, a dtype and a float in the messages below,
+// so that the native op raises what rlhf_kernels.logprobs_from_logits raises
+// for the other backends (rlhf_kernels/ops/logprobs.py).
+inline std::string py_shape(c10::IntArrayRef sizes) {
+  std::string out = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + (sizes.size() == 1 ? ",)" : ")");
+}
+
+inline std::string py_dtype(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+
+inline std::string py_float(double x) {
+  char buf[32];
+  const auto end = std::to_chars(buf, buf + sizeof(buf), x).ptr;
+  std::string out(buf, end);
+  if (out.find_first_of(".eni") == std::string::npos) out += ".0";  // not for 1e+20, inf, nan
+  return out;
+}
+
+// Checked before the dispatcher picks a kernel by the tensors' devices (a
+// meta labels tensor would otherwise select the meta kernel).
+inline void check_one_device(const at::Tensor& logits, const at::Tensor& labels) {
+  TORCH_CHECK_VALUE(labels.device() == logits.device(), "tensors must be on one device: logits on ",
+                    logits.device().str(), ", labels on ", labels.device().str());
+}
+
+// The arguments of the public op, checked as logprobs_from_logits checks
+// them (ValueError naming the argument): a direct torch.ops call, and the
+// eager call of the native backends, which runs no Python checks.
+inline void check_logprobs_args(const at::Tensor& logits, const at::Tensor& labels, double temperature) {
+  const at::ScalarType dtype = logits.scalar_type();
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
+                    "logits: dtype ", py_dtype(dtype), " is not supported (expected float32, bfloat16, float16, "
+                    "float64)");
+  TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, "labels: dtype ",
+                    py_dtype(labels.scalar_type()), " is not supported (expected int64, int32)");
+  check_one_device(logits, labels);
+  TORCH_CHECK_VALUE(logits.dim() >= 1, "logits: expected shape (..., V) with at least one dimension");
+  TORCH_CHECK_VALUE(logits.size(-1) > 0, "logits: the vocabulary dimension V must be > 0");
+  const c10::IntArrayRef rows = logits.sizes().slice(0, logits.dim() - 1);
+  TORCH_CHECK_VALUE(labels.sizes() == rows, "labels: shape ", py_shape(labels.sizes()),
+                    " does not match logits.shape[:-1] ", py_shape(rows));
+  TORCH_CHECK_VALUE(temperature > 0 && temperature < std::numeric_limits<double>::infinity(),
+                    "temperature: must be a finite number > 0, got ", py_float(temperature));
+}
 
 // logp and entropy (empty unless compute_entropy) shaped like labels, row_max and log_sum (N,).
 template <LogprobsFwd fwd>
@@ -149,17 +210,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_op(const at:
                                                                        int64_t ignore_index, bool compute_entropy,
                                                                        bool /*inplace_backward: the backward's*/,
                                                                        const std::optional<at::Tensor>& min_logit) {
+  check_logprobs_args(logits, labels, temperature);
   const LogitsRows rows = logits_rows(logits);
   const at::Tensor flat = flat_labels(labels);
   if (logits.device().is_cpu()) check_labels_in_range(flat, logits.size(-1), ignore_index);
   auto [logp, entropy, row_max, log_sum] =
       fwd(rows.tensor, flat, rows.layout.inner_rows, rows.layout.outer_stride, rows.layout.inner_stride,
           1.0 / temperature, ignore_index, compute_entropy, min_logit);
-  return {logp.view(labels.sizes()), compute_entropy ? entropy.view(labels.sizes()) : entropy, row_max, log_sum};
+  return {shaped_like(std::move(logp), labels), compute_entropy ? shaped_like(std::move(entropy), labels) : entropy,
+          row_max, log_sum};
 }
 
-// The upstream gradients as the kernels read them: (N,) contiguous, accumulation dtype.
-inline at::Tensor row_grad(const at::Tensor& g, at::ScalarType acc) { return g.reshape({-1}).to(acc).contiguous(); }
+// One value broadcast to every element (all strides 0): the gradient of a
+// sum() or a mean().
+inline bool broadcast_value(const at::Tensor& g) {
+  for (int64_t d = 0; d < g.dim(); ++d) {
+    if (g.size(d) > 1 && g.stride(d) != 0) return false;
+  }
+  return true;
+}
+
+template <typename acc_t>
+at::Tensor filled_rows(const at::Tensor& g) {
+  at::Tensor out = at::empty({g.numel()}, g.options().memory_format(at::MemoryFormat::Contiguous));
+  std::fill_n(out.mutable_data_ptr<acc_t>(), g.numel(), *g.const_data_ptr<acc_t>());
+  return out;
+}
+
+// The upstream gradients as the kernels read them: N contiguous values,
+// accumulation dtype. A broadcast CPU gradient is filled in directly (its
+// strided copy through a TensorIterator costs more than the kernel at a few
+// rows: python -m benchmarks.bench_overhead).
+inline at::Tensor row_grad(const at::Tensor& g, at::ScalarType acc) {
+  if (g.is_cpu() && g.scalar_type() == acc && (acc == at::kFloat || acc == at::kDouble) && g.numel() > 1 &&
+      broadcast_value(g)) {
+    return acc == at::kDouble ? filled_rows<double>(g) : filled_rows<float>(g);
+  }
+  return g.scalar_type() == acc && g.is_contiguous() ? g : g.to(acc).contiguous();
+}
 
 template <LogprobsBwd bwd>
 void logprobs_backward_into(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
@@ -171,7 +259,7 @@ void logprobs_backward_into(const at::Tensor& grad_logp, const std::optional<at:
   std::optional<at::Tensor> g_entropy, h;
   if (grad_entropy) {
     g_entropy = row_grad(*grad_entropy, acc);
-    h = entropy->reshape({-1});
+    h = *entropy;
   }
   bwd(row_grad(grad_logp, acc), g_entropy, rows.tensor, flat_labels(labels), row_max, log_sum, h, out,
       rows.layout.inner_rows, rows.layout.outer_stride, rows.layout.inner_stride, out_layout.outer_stride,

@@ -85,13 +85,18 @@ def in_backward(op) -> Callable:
     return call
 
 
-def differentiable(op, setup_context: Callable, backward: Callable, returns: int | None = None) -> Callable:
+def differentiable(op, setup_context: Callable, backward: Callable, returns: int | None = None,
+                   native_autograd=None) -> Callable:
     """The caller of ``op`` with its autograd formula (``setup_context`` and
     ``backward`` over all of the op's outputs). With ``returns``, the caller
     gives the first ``returns`` outputs only: the others are what
     ``setup_context`` saves for the backward, and autograd does not track
     them (each tracked output of an ``autograd.Function`` costs host time;
-    ``python -m benchmarks.bench_overhead``)."""
+    ``python -m benchmarks.bench_overhead``). ``native_autograd``: the same
+    op with the same formula as its autograd kernel in C++ (csrc/autograd.cpp),
+    called in eager mode through ``rlhf_kernels._C.call_op``; the Python
+    formula is then what ``torch.compile`` and the fallback of
+    ``call_op`` (a tensor subclass, a torch-function mode) run."""
     torch.library.register_autograd(op, backward, setup_context=setup_context)
     forward_op = _below_autograd_call(op)
     n_outputs = len(op._schema.returns)
@@ -120,7 +125,21 @@ def differentiable(op, setup_context: Callable, backward: Callable, returns: int
             output = forward_op(*args)
         return output if returns is None else output[:returns]
 
-    return call
+    index = None
+    if native_autograd is not None and _C is not None:
+        index = _C.op_index(native_autograd._schema.name, native_autograd._schema.overload_name)
+    if index is None:
+        return call
+    call_op = _C.call_op
+
+    def call_native(*args):
+        if not torch.compiler.is_compiling():
+            output = call_op(index, *args)
+            if output is not NotImplemented:
+                return output
+        return call(*args)
+
+    return call_native
 
 
 def native_op(name: str):
@@ -139,9 +158,10 @@ def tracing(t: Tensor) -> bool:
             or get_proxy_mode() is not None)
 
 
-def no_double_backward(op: str, grad_loss: Tensor) -> None:
-    """For ops whose gradient is computed in the forward, not by differentiable
-    ops: a second derivative (create_graph=True) would be 0, so it raises."""
+def no_double_backward(op: str, grad_loss: Tensor,
+                       why: str = "its gradient is computed in the forward, not by differentiable ops") -> None:
+    """For ops whose gradient is not computed by differentiable ops (in the
+    forward, or by a backward kernel without a derivative): a second
+    derivative (create_graph=True) would be wrong, so it raises."""
     if torch.is_grad_enabled() and not tracing(grad_loss):
-        raise RuntimeError(f"{op}: no double backward (create_graph=True): its gradient is computed in the "
-                           "forward, not by differentiable ops")
+        raise RuntimeError(f"{op}: no double backward (create_graph=True): {why}")

@@ -25,7 +25,7 @@ from .._validation import (
     FLOAT_DTYPES, INDEX_DTYPES, check_int, check_labels_in_range, check_positive, check_same_device, check_tensor,
 )
 from ..eager import logprobs as _eager
-from ._op import differentiable, in_backward
+from ._op import differentiable, in_backward, no_double_backward
 from .truncation import kept_threshold
 
 if triton_installed():
@@ -65,12 +65,17 @@ def _setup_context(ctx, inputs, output):
         ctx.params = (temperature, ignore_index, compute_entropy, inplace_backward)
 
 
+# csrc/autograd.cpp raises the same error
+NO_DOUBLE_BACKWARD = "its backward is a kernel without a derivative"
+
+
 def _backward_with(backward_op, backward_inplace_op) -> Callable:
     backward_op, backward_inplace_op = in_backward(backward_op), in_backward(backward_inplace_op)
 
     def backward(ctx, grad_logp, grad_entropy, _grad_row_max, _grad_log_sum):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None, None
+        no_double_backward("logprobs_from_logits", grad_logp, NO_DOUBLE_BACKWARD)
         logits, labels, row_max, log_sum, entropy, min_logit = ctx.saved_tensors
         temperature, ignore_index, compute_entropy, inplace_backward = ctx.params
         args = (grad_logp, grad_entropy if compute_entropy else None, logits, labels, row_max, log_sum, entropy,
@@ -83,18 +88,28 @@ def _backward_with(backward_op, backward_inplace_op) -> Callable:
     return backward
 
 
-def _register(backends: tuple[str, ...], op, backward_op, backward_inplace_op) -> None:
+def _register(backends: tuple[str, ...], op, backward_op, backward_inplace_op, native_autograd=None) -> Callable:
     torch.library.register_fake(op)(_logprobs_fake)
     torch.library.register_fake(backward_op)(_backward_fake)
     torch.library.register_fake(backward_inplace_op)(_backward_inplace_fake)
     # (logp, entropy); row_max and log_sum are the backward's
-    register("logprobs", backends, differentiable(op, _setup_context, _backward_with(backward_op, backward_inplace_op),
-                                                  returns=2))
+    return register("logprobs", backends,
+                    differentiable(op, _setup_context, _backward_with(backward_op, backward_inplace_op), returns=2,
+                                   native_autograd=native_autograd))
 
 
+# The native backends' eager call: logprobs_autograd (logprobs with this
+# formula in C++, csrc/autograd.cpp) through _C.call_op; the op checks its own
+# arguments (csrc/glue/logprobs.h, check_logprobs_args).
+_native = _call_op = _autograd_index = None
 if native_extension_loaded():
+    from .. import _C
+
     _ops = torch.ops.rlhf_kernels
-    _register(("cpu", "cuda"), _ops.logprobs.default, _ops.logprobs_backward.default, _ops.logprobs_backward_.default)
+    torch.library.register_fake(_ops.logprobs_autograd.default)(lambda *args: _logprobs_fake(*args)[:2])
+    _native = _register(("cpu", "cuda"), _ops.logprobs.default, _ops.logprobs_backward.default,
+                        _ops.logprobs_backward_.default, _ops.logprobs_autograd.default)
+    _call_op, _autograd_index = _C.call_op, _C.op_index("rlhf_kernels::logprobs_autograd", "")
 if triton_installed():
     _ops = torch.ops.rlhf_kernels
     _register(("triton",), _ops.logprobs_triton.default, _ops.logprobs_triton_backward.default,
@@ -174,24 +189,32 @@ def logprobs_from_logits(
         logp: (...) float32 (float64 for float64 logits); with
         ``return_entropy``, the tuple (logp, entropy), entropy likewise.
     """
+    if (_native is not None and type(logits) is Tensor and backend is None and top_k is None and top_p is None
+            and min_p is None and min_logit is None and vocab_parallel_group is None and vocab_start is None
+            and truncation_order == "hf" and not torch.compiler.is_compiling()
+            and implementation("logprobs", None, logits.device) is _native
+            and not (logits.is_cuda and checks_enabled())):
+        # the native op checks the arguments as below; NotImplemented: one _C.call_op does not convert
+        out = _call_op(_autograd_index, logits, labels, temperature, ignore_index, bool(return_entropy),
+                       bool(inplace_backward), None)
+        if out is not NotImplemented:
+            return out if return_entropy else out[0]
     check_tensor("logits", logits, FLOAT_DTYPES)
     check_tensor("labels", labels, INDEX_DTYPES)
-    check_same_device(logits=logits, labels=labels)
-    if logits.dim() < 1:
+    device = logits.device
+    if labels.device != device:
+        check_same_device(logits=logits, labels=labels)
+    shape = logits.shape
+    if not shape:
         raise ValueError("logits: expected shape (..., V) with at least one dimension")
-    if logits.shape[-1] == 0:
+    if shape[-1] == 0:
         raise ValueError("logits: the vocabulary dimension V must be > 0")
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"labels: shape {tuple(labels.shape)} does not match logits.shape[:-1] "
-            f"{tuple(logits.shape[:-1])}"
-        )
+    if labels.shape != shape[:-1]:
+        raise ValueError(f"labels: shape {tuple(labels.shape)} does not match logits.shape[:-1] {tuple(shape[:-1])}")
     temperature = check_positive("temperature", temperature)
     ignore_index = check_int("ignore_index", ignore_index)
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"ignore_index: must fit in int64, got {ignore_index}")
-    thr = kept_threshold(logits, labels.shape, temperature, top_k, top_p, min_p, min_logit, truncation_order,
-                         backend) if vocab_parallel_group is None else None
     if vocab_parallel_group is not None:
         if any(a is not None for a in (top_k, top_p, min_p, min_logit)):
             raise ValueError("top_k, top_p, min_p, min_logit: not with vocab_parallel_group (the kept set needs the "
@@ -202,15 +225,20 @@ def logprobs_from_logits(
         from .vocab_parallel import logprobs_from_logits_vp
 
         logp, entropy = logprobs_from_logits_vp(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(torch.int64), vocab_parallel_group,
+            logits.reshape(-1, shape[-1]), labels.reshape(-1).to(torch.int64), vocab_parallel_group,
             vocab_start, temperature, ignore_index, bool(return_entropy), backend)
         logp = logp.view(labels.shape)
         return (logp, entropy.view(labels.shape)) if return_entropy else logp
     if vocab_start is not None:
         raise ValueError("vocab_start: only with vocab_parallel_group")
+    if top_k is None and top_p is None and min_p is None and min_logit is None and truncation_order == "hf":
+        thr = None
+    else:
+        thr = kept_threshold(logits, labels.shape, temperature, top_k, top_p, min_p, min_logit, truncation_order,
+                             backend)
     if labels.is_cuda and checks_enabled():
-        check_labels_in_range(labels, logits.shape[-1], ignore_index)
-    logp, entropy = implementation("logprobs", backend, logits.device)(
+        check_labels_in_range(labels, shape[-1], ignore_index)
+    logp, entropy = implementation("logprobs", backend, device)(
         logits, labels, temperature, ignore_index, bool(return_entropy), bool(inplace_backward), thr,
     )
     return (logp, entropy) if return_entropy else logp
