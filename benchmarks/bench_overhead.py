@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--calls", type=int, default=200)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=21)
     p.add_argument("--only", default=None, help="only ops whose name contains this")
     p.add_argument("--quick", action="store_true", help="a smoke run: few calls")
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
