@@ -12,7 +12,6 @@ from torch import Tensor
 from ._dispatch import checks_enabled
 from .aggregation import AGG_MODES
 
-_INF = math.inf
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -57,7 +56,7 @@ def _as_float(name: str, value: object) -> float:
 def check_positive(name: str, value: float) -> float:
     if type(value) is not float:
         value = _as_float(name, value)
-    if not (value > 0 and value < _INF):
+    if not (value > 0 and value < math.inf):
         raise ValueError(f"{name}: must be a finite number > 0, got {value}")
     return value
 

@@ -232,7 +232,7 @@ inline bool broadcast_value(const at::Tensor& g) {
 
 template <typename acc_t>
 at::Tensor filled_rows(const at::Tensor& g) {
-  at::Tensor out = at::empty({g.numel()}, g.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = at::empty({g.numel()}, g.options());
   std::fill_n(out.mutable_data_ptr<acc_t>(), g.numel(), *g.const_data_ptr<acc_t>());
   return out;
 }
