@@ -238,8 +238,8 @@ def _vespo_advantages(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: 
     if token_weights is not None:
         _check_token_weights(advantages, token_weights, logp.shape)
         terms = terms.add_(token_weights.detach().to(dtype).log().clamp_(math.log(1e-8), 20.0))
-    # where, not a product with the mask: the tokens outside it may hold NaN
-    log_w = torch.where(valid, terms, 0.0).sum(-1, keepdim=True).to(torch.float64).clamp(math.log(1e-8), 20.0)
+    # filled, not multiplied by the mask: the tokens outside it may hold NaN
+    log_w = terms.masked_fill_(~valid, 0.0).sum(-1, keepdim=True).to(torch.float64).clamp(math.log(1e-8), 20.0)
     w_seq = torch.exp(log_w)
 
     def phi(k: float, lam: float) -> Tensor:  # (B, 1): one per sequence and sign
@@ -247,7 +247,7 @@ def _vespo_advantages(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: 
         return torch.exp(lam + k * log_w - lam * w_seq).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).to(dtype)
 
     a = advantages.detach().to(dtype)
-    return torch.addcmul(a.clamp(min=0) * phi(k_pos, lambda_pos), a.clamp(max=0), phi(k_neg, lambda_neg))
+    return a.clamp(min=0).mul_(phi(k_pos, lambda_pos)).addcmul_(a.clamp(max=0), phi(k_neg, lambda_neg))
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, token_weights: Optional[Tensor],
