@@ -228,6 +228,8 @@ def _cases():
             for loss_type in KERNEL_FORMS[1:]:  # the other objectives (FORM)
                 F.ppo_policy_loss(logp, old, adv, mask, loss_type=loss_type, dro_beta=0.1,
                                   backend="triton")[0].backward()
+            for loss_type in ("luspo", "vespo"):  # the rows-only forms 8 and 9
+                F.ppo_policy_loss(logp, old, adv, mask, loss_type=loss_type, backend="triton")[0].backward()
             values = randn(3, seq_len, dtype=dtype).requires_grad_()
             F.ppo_value_loss(values, randn(3, seq_len, dtype=dtype), randn(3, seq_len, dtype=dtype), mask,
                              backend="triton")[0].backward()

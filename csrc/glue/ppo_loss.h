@@ -20,9 +20,10 @@
 
 namespace rlhf_kernels {
 
-// The objective's code (PolicyForm, ppo_math.h).
-inline void check_loss_type(int64_t loss_type) {
-  TORCH_CHECK_VALUE(loss_type >= 0 && loss_type < kPolicyForms, "loss_type: bad code ", loss_type);
+// The objective's code (PolicyForm, ppo_math.h): a loss form, or with
+// `forms` = kRowsForms also a rows-only form (ppo_policy_rows).
+inline void check_loss_type(int64_t loss_type, int forms = kPolicyForms) {
+  TORCH_CHECK_VALUE(loss_type >= 0 && loss_type < forms, "loss_type: bad code ", loss_type);
 }
 
 // Checks of ppo_logits_grad_native's arguments (both devices): the number of
@@ -351,8 +352,9 @@ template <typename Partials>
 std::tuple<int64_t, at::Tensor, at::Tensor> policy_token_pass(const at::Tensor& logp, const at::Tensor& old_logp,
                                                               const at::Tensor& advantages, const at::Tensor& mask,
                                                               double ratio_low, double ratio_high, double dual_clip,
-                                                              int64_t loss_type, bool need_grad, Partials&& partials) {
-  check_loss_type(loss_type);
+                                                              int64_t loss_type, bool need_grad, Partials&& partials,
+                                                              int forms = kPolicyForms) {
+  check_loss_type(loss_type, forms);
   const LossTokens tok = loss_tokens({&logp, &old_logp, &advantages}, mask);
   if (tok.numel() == 0) {
     return {tok.seq_len, at::empty({0}, tok.options()),
@@ -387,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_rows_impl(const at::Tensor& logp, 
                                                         double ratio_low, double ratio_high, double dual_clip,
                                                         int64_t loss_type, bool need_grad, Partials&& partials) {
   const auto [seq_len, grad, partial] = policy_token_pass(logp, old_logp, advantages, mask, ratio_low, ratio_high,
-                                                         dual_clip, loss_type, need_grad, partials);
+                                                         dual_clip, loss_type, need_grad, partials, kRowsForms);
   at::Tensor rows = partial.sum(1);
   rows.select(1, kRatioMax).copy_(std::get<0>(partial.select(2, kRatioMax).max(1)));
   rows.select(1, kRatioMin).copy_(std::get<0>(partial.select(2, kRatioMin).min(1)));

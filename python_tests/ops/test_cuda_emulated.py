@@ -1419,6 +1419,31 @@ def test_ppo_policy_geo_mean_rows(emu, seq_len, dtype):
     assert no_grad.numel() == 0 and torch.equal(stats2, stats)
 
 
+@pytest.mark.parametrize("seq_len", [37, 2500])
+@pytest.mark.parametrize("form", [8, 9], ids=["sequence-sums", "vespo-sums"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_ppo_policy_rows_only_forms(emu, seq_len, form, dtype):
+    """ppo_policy_rows' rows-only forms (8: A where A > 0 / A < 0 and their
+    counts; 9: the log-ratio clamped to +-20) against the eager rows in
+    float64; a zero gradient; log-ratios past the clamp, A = 0 tokens."""
+    from rlhf_kernels.eager.ppo_loss import policy_rows
+
+    B = 3
+    logp, old, adv, mask, _, _ = _form_tokens((B, seq_len), dtype, seed=seq_len + form)
+    adv.view(-1)[:4] = 0.0
+    flat = lambda t: t.reshape(-1)  # noqa: E731
+    args = (flat(logp), flat(old), flat(adv), flat(mask), None, None, seq_len, 0.0, 0.0, 0.0, form, 0.0, -1)
+    grad, stats = emu.ppo_policy_fwd(*args, True)
+    _, rows = policy_rows(logp.double(), old.double(), adv.double(), mask, 0.0, 0.0, 0.0, form, False)
+    assert torch.all(grad == 0)
+    stats_tol = dict(atol=1e-9, rtol=1e-9) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(stats.double(), rows, **stats_tol)
+    if form == 8:
+        assert rows[:, 2].sum() > 0 and rows[:, 3].sum() > 0 and rows[:, 7].sum() < 0
+    else:
+        assert not torch.equal(rows[:, 0], -rows[:, 4])  # the clamp changed a sum
+
+
 @pytest.mark.parametrize("seq_len", [37, 2500, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("clip", [0.2, 1e6], ids=["clip", "no-clip"])

@@ -243,3 +243,104 @@ def test_loss_types_opcheck_and_compile(device_backend):
         fn = lambda x: rlhf_kernels.ppo_policy_loss(x, old, adv, mask, loss_type=loss_type,  # noqa: E731
                                                     backend=backend, **OBJECTIVE_KWARGS[loss_type])[0]
         torch.testing.assert_close(torch.compile(fn, fullgraph=True)(logp), fn(logp))
+
+
+def _rows_reference(logp, old, adv, m, form):
+    """The (B, 9) sums of ppo_policy_rows' rows-only forms in float64, written
+    from their definitions (csrc/include/rlhf_kernels/ppo_math.h)."""
+    valid = m != 0
+    w = torch.where(valid, m.double(), 0.0)
+    a = torch.where(valid, adv.double(), 0.0)
+    x = torch.where(valid, logp.double() - old.double(), 0.0)
+    zeros = w.sum(-1) * 0
+    if form == 8:
+        pos, neg = torch.where(a > 0, a, 0.0), torch.where(a < 0, a, 0.0)
+        loss, kl, clipped, dual = (pos * w).sum(-1), (neg * w).sum(-1), ((a > 0) * w).sum(-1), ((a < 0) * w).sum(-1)
+    else:
+        loss, kl, clipped, dual = (x.clamp(-20.0, 20.0) * w).sum(-1), zeros, zeros, zeros
+    ratio = torch.exp(x.clamp(-20.0, 20.0))
+    return torch.stack([loss, w.sum(-1), clipped, dual, (-x * w).sum(-1),
+                        torch.where(valid, ratio, -torch.inf).amax(-1), torch.where(valid, ratio, torch.inf).amin(-1),
+                        kl, zeros], -1)
+
+
+@pytest.mark.parametrize("form", [8, 9])
+@pytest.mark.parametrize("weighted", [False, True], ids=["bool-mask", "weight-mask"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_only_forms_match_float64(device_backend, form, weighted, dtype):
+    """ppo_policy_rows' forms 8 (the sums of A where A > 0 / A < 0 and their
+    counts: GSPO's and LUSPO's sequence clip) and 9 (VESPO's clamped log-ratio
+    sums) against float64 sums, log-ratios past the +-20 clamp included, on
+    every backend; a NaN advantage stays in its sequence's sums; the loss ops
+    refuse the codes."""
+    from rlhf_kernels._dispatch import implementation
+
+    device, backend = device_backend
+    logp, old, adv, mask = _tokens((4, 1100), device, seed=form, dtype=dtype)
+    adv.view(-1)[:3] = 0.0
+    m = mask
+    if weighted:
+        gen = torch.Generator().manual_seed(21)
+        m = torch.where(mask, torch.rand(mask.shape, generator=gen, dtype=dtype).to(device) * 2, 0.0)
+    rows_op = implementation("ppo_policy_rows", backend, logp.device)
+    grad, rows = rows_op(logp, old, adv, m, 0.0, 0.0, 0.0, form, False)
+    want = _rows_reference(logp, old, adv, m, form)
+    tol = dict(atol=1e-3, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-9, rtol=1e-10)
+    torch.testing.assert_close(rows.double(), want, **tol)
+    assert grad.numel() == 0
+    if form == 9:
+        assert want[0, 0] != -want[0, 4]  # the clamp changed row 0's sum
+    else:
+        assert want[:, 2].sum() > 0 and want[:, 3].sum() > 0
+        nan_adv = adv.clone()
+        nan_adv[2, torch.nonzero(mask[2])[0, 0]] = float("nan")
+        nan_rows = rows_op(logp, old, nan_adv, m, 0.0, 0.0, 0.0, form, False)[1]
+        assert nan_rows[2, 0].isnan() and nan_rows[2, 7].isnan()
+        torch.testing.assert_close(nan_rows[[0, 3]], rows[[0, 3]])
+    if backend in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match="loss_type"):
+            torch.ops.rlhf_kernels.ppo_policy_loss(logp, old, adv, mask, 0.8, 1.2, 0.0, form, 0, None, None, False)
+        with pytest.raises(ValueError, match="loss_type"):
+            torch.ops.rlhf_kernels.ppo_policy_rows(logp, old, adv, mask, 0.0, 0.0, 0.0, 10, False)
+        torch.library.opcheck(torch.ops.rlhf_kernels.ppo_policy_rows.default,
+                              (logp, old, adv, m, 0.0, 0.0, 0.0, form, False))
+
+
+@pytest.mark.parametrize("loss_type, kwargs", [
+    ("luspo", dict(agg="seq-mean-token-sum")),
+    ("clip", dict(ratio_level="sequence", dual_clip=3.0, agg="seq-mean-token-mean")),
+])
+def test_sequence_clip_is_one_token_pass(device_backend, loss_type, kwargs):
+    """PPO's clip on the sequence ratio (GSPO's "sequence", LUSPO) runs one
+    kernel: the rows of form 8, forward and backward (its gradient a product
+    of the mask with per-sequence numbers), no token loss kernel."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "rlhf_kernels":
+                self.seen.append((func.overloadpacket.__name__, args[7]))
+            return func(*args, **(kwargs or {}))
+
+    device, backend = device_backend
+    logp, old, adv, mask = _tokens((3, 40), device)
+    x = logp.clone().requires_grad_(True)
+    with Ops() as ops:
+        loss, _ = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, loss_type=loss_type, backend=backend, **kwargs)
+        loss.backward()
+    if backend != "eager":
+        assert [name for name, _ in ops.seen] in (["ppo_policy_rows"], ["ppo_policy_rows_triton"])
+        assert ops.seen[0][1] == 8
+    # the values (the clip case: test_ppo_loss_weights.test_sequence_ratio_is_one_ratio_per_sequence)
+    if loss_type == "clip":
+        return
+    x64 = logp.double().requires_grad_(True)
+    want, _ = reference.ppo_policy_loss(x64, old.double(), adv.double(), mask, loss_type=loss_type,
+                                        **dict(OBJECTIVE_KWARGS[loss_type], **kwargs))
+    want.backward()
+    torch.testing.assert_close(loss.double(), want.detach(), **F32)
+    torch.testing.assert_close(torch.where(mask, x.grad, 0.0).double(), torch.where(mask, x64.grad, 0.0), **F32)

@@ -47,28 +47,45 @@ def policy_loss(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_cl
     return loss, torch.stack([stats[name] for name in _POLICY_STATS])
 
 
+GEO_MEAN, SEQUENCE_SUMS, VESPO_SUMS = 7, 8, 9  # the rows' forms (PolicyForm, csrc/include/rlhf_kernels/ppo_math.h)
+
+
 def policy_rows(logp, old_logp, advantages, mask, ratio_low, ratio_high, dual_clip, loss_type, need_grad):
-    """ppo_policy_rows's contract for the form that needs it, geo_mean (7):
-    (an empty grad, rows (B, 9) of the PolicyStat columns), the loss column
-    differentiated by autograd; GMPO's token term written as verl's
-    compute_policy_loss_geo_mean (its tie rules), ratio_low = -clip_low."""
-    if reference.LOSS_TYPES[loss_type] != "geo_mean":
-        raise ValueError(f"loss_type: the eager ppo_policy_rows serves geo_mean (7), not {loss_type}")
+    """ppo_policy_rows's contract for the forms that need it (an empty grad,
+    rows (B, 9) of the PolicyStat columns): geo_mean (7), the loss column
+    differentiated by autograd, GMPO's token term written as verl's
+    compute_policy_loss_geo_mean (its tie rules), ratio_low = -clip_low; the
+    sums of the rows-only forms 8 (A where A >= 0 in the loss column, A where
+    A <= 0 in the KL column, the tokens with A > 0 / A < 0 counted as clipped
+    / dual) and 9 (the log-ratio clamped to [-20, 20] in the loss column)."""
+    if loss_type not in (GEO_MEAN, SEQUENCE_SUMS, VESPO_SUMS):
+        raise ValueError(f"loss_type: the eager ppo_policy_rows serves geo_mean (7) and the rows forms 8 and 9, "
+                         f"not {loss_type}")
     logp, old_logp, advantages = _computed(mask, logp, old_logp, advantages)
     valid, weight = reference.mask_weights(mask, logp.dtype)
     w = weight if weight is not None else valid.to(logp.dtype)
     x = logp - old_logp
-    sgn = torch.sign(advantages)
-    clipped = sgn * torch.minimum(sgn * x, sgn * torch.clamp(x, ratio_low, ratio_high))
-    outside = ((x > ratio_high) | (x < ratio_low)) & valid
-    ratio = torch.exp(torch.clamp(x, -20.0, 20.0))
     zeros = w.sum(-1) * 0.0
+    if loss_type == GEO_MEAN:
+        sgn = torch.sign(advantages)
+        term = sgn * torch.minimum(sgn * x, sgn * torch.clamp(x, ratio_low, ratio_high))
+        outside = ((x > ratio_high) | (x < ratio_low)) & valid
+        clipped, dual, kl = outside & (advantages > 0), outside & (advantages < 0), advantages
+    elif loss_type == SEQUENCE_SUMS:
+        term = torch.where(advantages < 0, 0.0, advantages)
+        clipped, dual = (advantages > 0) & valid, (advantages < 0) & valid
+        kl = torch.where(advantages > 0, 0.0, advantages)
+    else:
+        term = torch.clamp(x, -20.0, 20.0)
+        clipped = dual = torch.zeros_like(valid)
+        kl = torch.zeros_like(x)
+    ratio = torch.exp(torch.clamp(x, -20.0, 20.0))
     columns = [
-        (clipped * w).sum(-1), w.sum(-1), (outside & (advantages > 0)).to(w.dtype).mul(w).sum(-1),
-        (outside & (advantages < 0)).to(w.dtype).mul(w).sum(-1), ((old_logp - logp) * w).sum(-1),
+        (term * w).sum(-1), w.sum(-1), clipped.to(w.dtype).mul(w).sum(-1), dual.to(w.dtype).mul(w).sum(-1),
+        ((old_logp - logp) * w).sum(-1),
         torch.where(valid, ratio, -torch.inf).amax(-1) if x.shape[-1] else zeros - torch.inf,
         torch.where(valid, ratio, torch.inf).amin(-1) if x.shape[-1] else zeros + torch.inf,
-        (advantages * w).sum(-1), zeros,
+        (kl * w).sum(-1), zeros,
     ]
     return logp.new_empty(0), torch.stack(columns, -1).reshape(-1, len(columns))
 

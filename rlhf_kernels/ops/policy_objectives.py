@@ -1,9 +1,10 @@
 """The policy objectives composed around the token kernels of ppo_loss.py:
 each is either a token form of the policy kernels (``loss_code``), or the
-token kernels on transformed inputs (GSPO's and LUSPO's sequence ratio, the
+token kernels on transformed inputs (GSPO-token's sequence ratio, the
 token weights folded into the advantages, clip_cov / kl_cov's selected
 tokens, VESPO's per-sequence weight), or a loss from the kernels'
-per-sequence sums (GMPO: ``ppo_policy_rows``). ``policy_loss`` is
+per-sequence sums (``ppo_policy_rows``: GMPO; PPO's clip on GSPO's and
+LUSPO's sequence ratio). ``policy_loss`` is
 ``ppo_policy_loss`` on checked inputs and options, for every loss type.
 """
 
@@ -19,7 +20,7 @@ from .._dispatch import implementation, register, triton_installed
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor, check_tokens, check_weights, compute_dtype
 from ..aggregation import (
     APPROX_KL, CLIP, COUNT, DUAL, KL_SUM, N_POLICY_STATS, PG_SUM, POLICY_STAT_NAMES, agg_loss, divide, divisor,
-    mask_weights, sequence_weights,
+    mask_weights, policy_stats, sequence_weights,
 )
 from ..eager import ppo_loss as _eager
 from ._op import differentiable, native_op, no_double_backward
@@ -95,51 +96,97 @@ def weighted_advantages(advantages: Tensor, token_weights: Optional[Tensor], sha
     return advantages.to(dtype) * token_weights.detach().to(dtype)
 
 
-class _ThroughSequenceMean(torch.autograd.Function):
-    """``logp`` in value; backward, each valid token's gradient is its
-    sequence's summed gradient times w_t / n_b: the gradient of GSPO's
-    logp' = sg(logp) + (m_b - sg(m_b)), m_b the weighted mean of logp over the
-    sequence, without computing m_b (its value cancels)."""
-
-    @staticmethod
-    def forward(ctx, logp: Tensor, mask: Tensor, counts: Tensor) -> Tensor:
-        ctx.save_for_backward(mask, counts)
-        return logp.view_as(logp)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        mask, counts = ctx.saved_tensors
-        per_sequence = (grad.sum(-1) / counts.to(grad.dtype)).unsqueeze(-1)
-        if mask.dtype == torch.bool:
-            return torch.where(mask, per_sequence, 0.0), None, None
-        return per_sequence * mask.to(grad.dtype), None, None
-
-
-def _sequence_ratio(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, level: str,
-                    backend: Optional[str]) -> tuple[Tensor, Tensor]:
-    """(logp', old') that make the token kernels compute GSPO's sequence-level
-    ratio (Zheng et al., 2025): s_b = the (weighted) mean of logp - old_logp
-    over the valid tokens of sequence b (divided by max(count, 1), as verl and
-    OpenRLHF), old' = sg(logp) - s_b, so that each token's ratio
-    exp(logp' - old') has the value exp(s_b).
-    "sequence-token" (GSPO-token, verl): logp' = logp, each token's gradient
-    through its own log-prob. "sequence" (GSPO, OpenRLHF): logp' = logp in
-    value, its gradient through the sequence mean (``_ThroughSequenceMean``):
-    d L / d logp_t = w_t / max(count, 1) * (sum of the sequence's token
-    gradients). The two agree when the advantage is constant over a sequence.
-    The sums in one token pass of the kernels (ppo_policy_rows, form
-    geo_mean: the count and the sum of old - logp per sequence, accumulated
-    in the computation dtype), then old' in one pass."""
+def _sequence_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, backend: Optional[str]) -> Tensor:
+    """old' that makes the token kernels compute GSPO-token's sequence ratio
+    (ratio_level "sequence-token", verl's gspo; Zheng et al., 2025): s_b =
+    the (weighted) mean of logp - old_logp over the valid tokens of sequence
+    b (divided by max(count, 1), as verl), old' = sg(logp) - s_b, so that
+    each token's ratio exp(logp - old') has the value exp(s_b) and its
+    gradient flows through the token's own log-prob. The sums in one token
+    pass of the kernels (ppo_policy_rows, form geo_mean: the count and the
+    sum of old - logp per sequence, accumulated in the computation dtype),
+    then old' in one pass. (The gradient through the sequence mean, level
+    "sequence", is _sequence_clip_loss.)"""
+    # the two columns read do not depend on A: old_logp in its place, no third tensor read
     rows = implementation("ppo_policy_rows", backend, logp.device)(
-        logp.detach(), old_logp.detach(), advantages.detach(), mask, 0.0, 0.0, 0.0,
+        logp.detach(), old_logp.detach(), old_logp.detach(), mask, 0.0, 0.0, 0.0,
         KERNEL_FORMS.index("geo_mean"), False)[1]
     counts = rows[:, COUNT].clamp(min=1).view(logp.shape[:-1])
     seq_log_ratio = (-rows[:, APPROX_KL]).view(logp.shape[:-1]) / counts
     dtype = compute_dtype(logp, old_logp)
-    old_eff = logp.detach().to(dtype) - seq_log_ratio.to(dtype).unsqueeze(-1)
-    if level == "sequence":
-        logp = _ThroughSequenceMean.apply(logp.to(dtype), mask, counts)
-    return logp, old_eff
+    return logp.detach().to(dtype) - seq_log_ratio.to(dtype).unsqueeze(-1)
+
+
+SEQUENCE_SUMS, VESPO_SUMS = 8, 9  # ppo_policy_rows' rows-only forms (PolicyForm, csrc/include/rlhf_kernels/ppo_math.h)
+
+
+class _PerSequenceGradient(torch.autograd.Function):
+    """``loss`` (computed) in value; backward, d loss / d logp_t = upstream *
+    c_b * w_t on the valid tokens of sequence b (w_t the mask's weight, 1
+    for a bool mask), 0 elsewhere: one pass over the mask."""
+
+    @staticmethod
+    def forward(ctx, logp: Tensor, loss: Tensor, coef: Tensor, mask: Tensor) -> Tensor:
+        ctx.save_for_backward(coef, mask)
+        ctx.shape, ctx.dtype = logp.shape, logp.dtype
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        no_double_backward("ppo_policy_loss", grad, "the sequence coefficients are computed without autograd")
+        coef, mask = ctx.saved_tensors
+        c = (coef * grad).to(ctx.dtype).unsqueeze(-1)
+        m = mask.reshape(c.shape[0], -1)
+        # a bool mask through its bytes: torch's CPU conversion from uint8 is
+        # vectorized, from bool it is not (about 5x slower at 1M tokens)
+        token = m.view(torch.uint8).to(ctx.dtype).mul_(c) if m.dtype == torch.bool else (m * c).to(ctx.dtype)
+        return token.view(ctx.shape), None, None, None
+
+
+def _sequence_clip_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, o: PPOLossOptions,
+                        seq_len: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clip on GSPO's sequence ratio with the gradient through the
+    sequence mean (ratio_level "sequence": GSPO, OpenRLHF's "gspo", TRL's
+    "luspo"), from the per-sequence sums of one token pass (ppo_policy_rows,
+    form 8): with s_b = sum_t w_t (logp - old_logp) / max(n_b, 1), r_b =
+    exp(clamp(s_b, -20, 20)) and P_b / N_b the weighted sums of A where A > 0
+    / A < 0, the sequence's loss is -(P_b min(r_b, hi) + N_b max(r_b, lo))
+    (A < 0 with the dual clip: -N_b c where max(r_b, lo) > c), the tie rules
+    of the token kernels' clip (a bound's derivative passes; half at the dual
+    clip's tie), and d L / d logp_t = w_b (d loss_b / d r_b) r_b w_t /
+    max(n_b, 1): the backward is one pass over the mask. ``advantages``
+    already weighted (token_weights). The stats are the token kernels' on the
+    same ratio: clipfrac the share of the valid tokens with A > 0 in
+    sequences with r_b > hi and A < 0 with r_b < lo, ratio_max / ratio_min
+    over the r_b."""
+    rows = implementation("ppo_policy_rows", o.backend, logp.device)(
+        logp.detach(), old_logp.detach(), advantages, mask, 0.0, 0.0, 0.0, SEQUENCE_SUMS, False)[1]
+    counts = rows[:, COUNT]
+    n = counts.clamp(min=1)
+    log_ratio = -rows[:, APPROX_KL] / n
+    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
+    pos, neg = rows[:, PG_SUM], rows[:, KL_SUM]
+    upper, lower = ratio.clamp(max=o.ratio_high), ratio.clamp(min=o.ratio_low)
+    d_upper, d_lower = (ratio <= o.ratio_high).to(ratio.dtype), (ratio >= o.ratio_low).to(ratio.dtype)
+    dual = torch.zeros_like(ratio, dtype=torch.bool)
+    if o.dual_clip > 0:
+        dual = lower > o.dual_clip
+        d_lower = torch.where(dual, 0.0, torch.where(lower == o.dual_clip, 0.5 * d_lower, d_lower))
+        lower = torch.where(dual, o.dual_clip, lower)
+    weights = sequence_weights(counts, seq_len, o.agg, o.kernel_num_tokens, o.kernel_num_seqs)
+    loss = (weights * -(pos * upper + neg * lower)).sum()
+    moves = ((log_ratio >= -20.0) & (log_ratio <= 20.0)).to(ratio.dtype)
+    coef = weights * -(pos * d_upper + neg * d_lower) * ratio * moves / n
+    loss = _PerSequenceGradient.apply(logp, loss, coef, mask)
+    nonempty = (counts > 0) & (ratio == ratio)
+    table = torch.stack([
+        torch.zeros_like(counts), counts,
+        torch.where(ratio > o.ratio_high, rows[:, CLIP], 0.0) + torch.where(ratio < o.ratio_low, rows[:, DUAL], 0.0),
+        torch.where(dual, rows[:, DUAL], 0.0), rows[:, APPROX_KL],
+        torch.where(nonempty, ratio, -math.inf), torch.where(nonempty, ratio, math.inf),
+        torch.zeros_like(counts), torch.zeros_like(counts),
+    ], -1)
+    return loss, dict(zip(POLICY_STAT_NAMES, policy_stats(table).unbind()))
 
 
 def _geo_mean_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, o: PPOLossOptions,
@@ -217,12 +264,14 @@ def _cov_selected(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tens
 
 
 def _vespo_advantages(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                      token_weights: Optional[Tensor], params: tuple[float, float, float, float]) -> Tensor:
+                      token_weights: Optional[Tensor], params: tuple[float, float, float, float],
+                      backend: Optional[str]) -> Tensor:
     """A phi, detached, in the computation dtype, with VESPO's (TRL's
     get_gamma_weights) phi = exp(lambda + k log w - lambda w), log w =
     clamp(S_b, log 1e-8, 20), S_b the sum over sequence b's valid tokens of
-    clamp(logp - old_logp, -20, 20) (weighted by the mask's weights) plus,
-    with token_weights, of clamp(log token_weight, log 1e-8, 20); (k, lambda)
+    clamp(logp - old_logp, -20, 20) (weighted by the mask's weights; one
+    token pass of the kernels, ppo_policy_rows form 9) plus, with
+    token_weights, of clamp(log token_weight, log 1e-8, 20); (k, lambda)
     = (k_pos, lambda_pos) where A >= 0, else (k_neg, lambda_neg), lambda
     clamped at >= 1e-4; NaN and +-inf phi give 0, as TRL's. Both signs' phi
     per sequence (float64), then max(A, 0) phi_pos + min(A, 0) phi_neg per
@@ -231,15 +280,17 @@ def _vespo_advantages(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: 
     slower)."""
     k_pos, lambda_pos, k_neg, lambda_neg = params
     dtype = compute_dtype(logp, old_logp, advantages)
-    valid, weight = mask_weights(mask, dtype)
-    terms = (logp.detach().to(dtype) - old_logp.detach().to(dtype)).clamp_(-20.0, 20.0)
-    if weight is not None:
-        terms = terms.mul_(weight)
+    # form 9 reads no advantage: old_logp in its place, no third tensor read
+    rows = implementation("ppo_policy_rows", backend, logp.device)(
+        logp.detach(), old_logp.detach(), old_logp.detach(), mask, 0.0, 0.0, 0.0, VESPO_SUMS, False)[1]
+    log_w = rows[:, PG_SUM].reshape(*logp.shape[:-1], 1)
     if token_weights is not None:
         _check_token_weights(advantages, token_weights, logp.shape)
-        terms = terms.add_(token_weights.detach().to(dtype).log().clamp_(math.log(1e-8), 20.0))
-    # filled, not multiplied by the mask: the tokens outside it may hold NaN
-    log_w = terms.masked_fill_(~valid, 0.0).sum(-1, keepdim=True).to(torch.float64).clamp(math.log(1e-8), 20.0)
+        valid, _ = mask_weights(mask, dtype)
+        # filled, not multiplied by the mask: the tokens outside it may hold NaN
+        log_tw = token_weights.detach().to(dtype).log().clamp_(math.log(1e-8), 20.0).masked_fill_(~valid, 0.0)
+        log_w = log_w + log_tw.sum(-1, keepdim=True)
+    log_w = log_w.to(torch.float64).clamp(math.log(1e-8), 20.0)
     w_seq = torch.exp(log_w)
 
     def phi(k: float, lam: float) -> Tensor:  # (B, 1): one per sequence and sign
@@ -259,7 +310,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         return divide(loss, o.divisor), stats
     batch_stats, penalty = {}, None
     if o.vespo is not None:  # gpg's -A logp on A phi (the token weights joined phi's sum)
-        advantages = _vespo_advantages(logp, old_logp, advantages, mask, token_weights, o.vespo)
+        advantages = _vespo_advantages(logp, old_logp, advantages, mask, token_weights, o.vespo, o.backend)
         token_weights = None
     if o.cov is not None:
         selected, share = _cov_selected(logp, old_logp, advantages, mask, o)
@@ -273,8 +324,11 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
                 penalty = penalty * token_weights.detach()
         batch_stats = {"clipfrac": share}
     advantages = weighted_advantages(advantages, token_weights, logp.shape, o.loss_type)
-    if o.ratio_level != "token":
-        logp, old_logp = _sequence_ratio(logp, old_logp, advantages, mask, o.ratio_level, o.backend)
+    if o.ratio_level == "sequence" and o.loss_code == KERNEL_FORMS.index("clip") and penalty is None:
+        loss, stats = _sequence_clip_loss(logp, old_logp, advantages, mask, o, logp.shape[-1] if logp.dim() else 1)
+        return divide(loss, o.divisor), dict(stats, **{k: v.to(stats["clipfrac"].dtype) for k, v in batch_stats.items()})
+    if o.ratio_level != "token":  # "sequence-token" (the clip's "sequence" returned above)
+        old_logp = _sequence_ratio(logp, old_logp, mask, o.backend)
     loss, stats = implementation("ppo_policy_loss", o.backend, logp.device)(
         logp, old_logp.detach(), advantages, mask, o.ratio_low, o.ratio_high, o.dual_clip, o.loss_code, o.agg_code,
         o.kernel_num_tokens, o.kernel_num_seqs,

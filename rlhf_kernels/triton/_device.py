@@ -229,7 +229,7 @@ def _policy_terms(logp, old, adv, ref, ratio_low, ratio_high, dual_c, kl_coef,
                   HAS_DUAL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, FORM: tl.constexpr):
     """One token's policy objective FORM (PolicyForm in csrc/include/rlhf_kernels/
     ppo_math.h: 0 clip, 1 cispo, 2 sapo, 3 gpg, 4 dppo_tv, 5 dppo_kl, 6 dro,
-    7 geo_mean) plus
+    7 geo_mean; the rows-only 8 sequence sums, 9 VESPO's sums) plus
     kl_coef times the KL penalty, as policy_token in ppo_token_math.h (with its
     tie rules): (loss, d(loss + kl_coef * kl)/d logp, clipped, dual active,
     ratio, kl), for a block of tokens or a single one. ratio_low / ratio_high /
@@ -282,6 +282,18 @@ def _policy_terms(logp, old, adv, ref, ratio_low, ratio_high, dual_c, kl_coef,
         outside = (diff > ratio_high) | (diff < ratio_low)
         clipped = outside & positive
         dual = outside & negative
+    elif FORM == 8:
+        # sequence sums: A where A >= 0 (NaN kept); the KL column A where A <= 0.
+        loss = tl.where(adv < 0.0, 0.0, adv)
+        grad = tl.zeros_like(ratio)
+        clipped = adv > 0.0
+        dual = adv < 0.0
+    elif FORM == 9:
+        # VESPO's sums: the log-ratio clamped to [-20, 20].
+        loss = _clamp(diff, -20.0, 20.0)
+        grad = tl.zeros_like(ratio)
+        clipped = tl.zeros_like(ratio) != 0.0  # none
+        dual = clipped
     elif FORM == 6:
         # dro: -(A logp - beta / 2 d^2), beta = ratio_low, d = logp - old (unclamped).
         loss = -(logp * adv - 0.5 * ratio_low * (diff * diff))
@@ -311,4 +323,6 @@ def _policy_terms(logp, old, adv, ref, ratio_low, ratio_high, dual_c, kl_coef,
         grad = grad + kl_coef * dkl
     elif FORM == 7:
         kl = adv + tl.zeros_like(ratio)  # geo_mean: the KL column sums A (ppo_math.h)
+    elif FORM == 8:
+        kl = tl.where(adv > 0.0, 0.0, adv)
     return loss, grad, clipped, dual, ratio, kl

@@ -27,6 +27,7 @@ from ._device import (
 from . import logprobs as _logprobs
 
 N_POLICY_FORMS = 8  # the objectives' codes, PolicyForm in csrc/include/rlhf_kernels/ppo_math.h (FORM of the kernels)
+N_ROWS_FORMS = 10  # and ppo_policy_rows' two more (kRowsForms)
 
 @triton.jit
 def _ppo_policy_fwd_kernel(
@@ -302,9 +303,10 @@ def _run_tokens(token_pass, shape, n_stats: int, like: Tensor, *args):
     return token_pass(*args)
 
 
-def _check_loss_type(loss_type: int) -> None:
-    """A PolicyForm code (0 clip ... 7 geo_mean), as the native glue's check_loss_type."""
-    if not 0 <= loss_type < N_POLICY_FORMS:
+def _check_loss_type(loss_type: int, forms: int = N_POLICY_FORMS) -> None:
+    """A PolicyForm code (0 clip ... 7 geo_mean; with forms = N_ROWS_FORMS also
+    the rows-only 8, 9), as the native glue's check_loss_type."""
+    if not 0 <= loss_type < forms:
         raise ValueError(f"loss_type: bad code {loss_type}")
 
 
@@ -319,7 +321,7 @@ def ppo_policy_rows_op(
     dual_clip: float, loss_type: int, need_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """The native ppo_policy_rows (csrc/glue/ppo_loss.h ppo_policy_rows_impl): the token pass alone."""
-    _check_loss_type(loss_type)
+    _check_loss_type(loss_type, N_ROWS_FORMS)
     tokens = _tokens(logp, old_logp, advantages)
     return _run_tokens(
         policy, logp.shape, N_POLICY_STATS, tokens[0], *tokens, _kernel_mask(mask, tokens[0].dtype),

@@ -62,8 +62,17 @@ RLHF_HOST_DEVICE inline int64_t ppo_chunks(int64_t seq_len) {
 //                dual count d outside [lo, hi] with A > 0 / A < 0; without a
 //                KL estimator the KL column sums A (the sequence's mean
 //                advantage). The loss exp(mean l) needs the sums: in Python.
+// Two more forms serve ppo_policy_rows only (no token loss, a zero gradient),
+// for the objectives whose loss is a function of per-sequence sums:
+//   kFormSequenceSums: the loss column sums A where A >= 0 (P_b), the KL
+//                column A where A <= 0 (N_b), clipped / dual count A > 0 /
+//                A < 0 (NaN kept in both sums): PPO's clip on one ratio per
+//                sequence (GSPO, LUSPO) is -(P_b min(r, hi) + N_b max(r, lo)).
+//   kFormVespoSums: the loss column sums clamp(logp - old_logp, -20, 20)
+//                (VESPO's per-sequence log-weight).
 enum PolicyForm : int {
-  kFormClip = 0, kFormCispo, kFormSapo, kFormGpg, kFormDppoTv, kFormDppoKl, kFormDro, kFormGeoMean, kPolicyForms
+  kFormClip = 0, kFormCispo, kFormSapo, kFormGpg, kFormDppoTv, kFormDppoKl, kFormDro, kFormGeoMean, kPolicyForms,
+  kFormSequenceSums = kPolicyForms, kFormVespoSums, kRowsForms
 };
 
 // The objective's parameters. ratio_low / ratio_high / dual_clip are the

@@ -119,6 +119,15 @@ RLHF_TOKEN_FN PolicyToken<T> policy_token(T logp, T old_logp, T adv, T ref_logp,
     const auto outside = (diff > p.ratio_high) | (diff < p.ratio_low);
     out.clipped = outside & positive;
     out.dual = outside & negative;
+  } else if (p.form == kFormSequenceSums) {
+    // A where A >= 0 (a NaN A kept); the KL column takes A where A <= 0.
+    out.loss = adv < S(0) ? T{} : adv;
+    out.grad = T{};
+    out.clipped = adv > S(0);
+    out.dual = adv < S(0);
+  } else if (p.form == kFormVespoSums) {
+    out.loss = clamp_keep_nan(diff, S(-20), S(20));
+    out.grad = T{};
   } else if (p.form == kFormDro) {
     // -(A logp - beta / 2 d^2), d = logp - old_logp: d / d logp = -(A - beta d).
     out.loss = -(logp * adv - S(0.5) * p.ratio_low * (diff * diff));
@@ -147,6 +156,8 @@ RLHF_TOKEN_FN PolicyToken<T> policy_token(T logp, T old_logp, T adv, T ref_logp,
     out.grad = out.grad + p.kl_coef * kl_grad_logp(logp, ref_logp, p.kl_estimator);
   } else if (p.form == kFormGeoMean) {
     out.kl = adv;  // the KL column sums A (ppo_math.h)
+  } else if (p.form == kFormSequenceSums) {
+    out.kl = adv > S(0) ? T{} : adv;
   }
   return out;
 }
