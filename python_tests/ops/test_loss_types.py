@@ -344,3 +344,26 @@ def test_sequence_clip_is_one_token_pass(device_backend, loss_type, kwargs):
     want.backward()
     torch.testing.assert_close(loss.double(), want.detach(), **F32)
     torch.testing.assert_close(torch.where(mask, x.grad, 0.0).double(), torch.where(mask, x64.grad, 0.0), **F32)
+
+
+@pytest.mark.parametrize("shape", [(0, 7), (3, 0), (6,), (2, 3, 9)])
+def test_sequence_clip_shapes(device_backend, shape):
+    """The sequence clip on empty batches, empty sequences, one flat sequence
+    and a 3-D batch: the value and gradient of the float64 reference (zero
+    without a token), the gradient in the input's shape."""
+    device, backend = device_backend
+    gen = torch.Generator().manual_seed(3)
+    logp = (-torch.rand(shape, generator=gen, dtype=torch.float64) * 3).to(device)
+    old = logp + (torch.randn(shape, generator=gen, dtype=torch.float64) * 0.3).to(device)
+    adv = torch.randn(shape, generator=gen, dtype=torch.float64).to(device)
+    mask = (torch.rand(shape, generator=gen) > 0.3).to(device)
+    x = logp.float().requires_grad_(True)
+    loss, stats = rlhf_kernels.ppo_policy_loss(x, old.float(), adv.float(), mask, loss_type="luspo", backend=backend)
+    loss.backward()
+    x64 = logp.clone().requires_grad_(True)
+    want, want_stats = reference.ppo_policy_loss(x64, old, adv, mask, loss_type="luspo")
+    want.backward()
+    assert x.grad.shape == x.shape
+    torch.testing.assert_close(loss.double(), want.detach(), **F32)
+    torch.testing.assert_close(x.grad.double(), torch.where(mask, x64.grad, 0.0), **F32)
+    check_stats(stats, want_stats, **F32)

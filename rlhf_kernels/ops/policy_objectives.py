@@ -136,7 +136,7 @@ class _PerSequenceGradient(torch.autograd.Function):
         no_double_backward("ppo_policy_loss", grad, "the sequence coefficients are computed without autograd")
         coef, mask = ctx.saved_tensors
         c = (coef * grad).to(ctx.dtype).unsqueeze(-1)
-        m = mask.reshape(c.shape[0], -1)
+        m = mask.reshape(c.shape[0], ctx.shape[-1])
         # a bool mask through its bytes: torch's CPU conversion from uint8 is
         # vectorized, from bool it is not (about 5x slower at 1M tokens)
         token = m.view(torch.uint8).to(ctx.dtype).mul_(c) if m.dtype == torch.bool else (m * c).to(ctx.dtype)
