@@ -6,6 +6,8 @@ clamp; the op registration, compile and the argument checks. (The Triton
 interpreter's run: test_loss_types_triton.py; the CUDA kernels':
 test_cuda_emulated.py; verl's own functions as oracles: test_verl.py.)"""
 
+import math
+
 import pytest
 import torch
 
@@ -367,3 +369,29 @@ def test_sequence_clip_shapes(device_backend, shape):
     torch.testing.assert_close(loss.double(), want.detach(), **F32)
     torch.testing.assert_close(x.grad.double(), torch.where(mask, x64.grad, 0.0), **F32)
     check_stats(stats, want_stats, **F32)
+
+
+def test_sequence_clip_ties(device_backend):
+    """The sequence clip at exact ties, float64: r_b equal to 1 + clip_high
+    (A > 0: the bound's derivative passes) and to the dual clip c (A < 0: half
+    of it), against the reference's autograd (torch.maximum / minimum split a
+    tie, clamp passes its bounds)."""
+    device, backend = device_backend
+    r = math.exp(1.0)
+    tie = float(torch.exp(torch.tensor(1.0, dtype=torch.float64)))
+    logp = torch.tensor([[1.0, 0.5], [1.0, 1.5]], dtype=torch.float64, device=device)
+    old = torch.tensor([[0.0, -0.5], [0.0, 0.5]], dtype=torch.float64, device=device)  # s_b = 1: r_b = e
+    adv = torch.tensor([[0.7, 1.3], [-0.4, -2.0]], dtype=torch.float64, device=device)
+    mask = torch.ones(2, 2, dtype=torch.bool, device=device)
+    kw = dict(loss_type="luspo", clip_low=0.2, clip_high=tie - 1.0, dual_clip=tie)
+    assert 1.0 + kw["clip_high"] == tie and abs(tie - r) < 1e-15
+    x = logp.clone().requires_grad_(True)
+    loss, stats = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, backend=backend, **kw)
+    loss.backward()
+    x64 = logp.clone().requires_grad_(True)
+    want, want_stats = reference.ppo_policy_loss(x64, old, adv, mask, **kw)
+    want.backward()
+    torch.testing.assert_close(loss, want.detach(), atol=1e-14, rtol=1e-14)
+    torch.testing.assert_close(x.grad, x64.grad, atol=1e-14, rtol=1e-14)
+    assert x.grad[0].abs().min() > 0 and x.grad[1].abs().min() > 0  # both ties pass a gradient
+    check_stats(stats, want_stats, atol=1e-14, rtol=1e-14)

@@ -324,10 +324,10 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
                 penalty = penalty * token_weights.detach()
         batch_stats = {"clipfrac": share}
     advantages = weighted_advantages(advantages, token_weights, logp.shape, o.loss_type)
-    if o.ratio_level == "sequence" and o.loss_code == KERNEL_FORMS.index("clip") and penalty is None:
+    if o.ratio_level == "sequence":  # clip and luspo, the objectives that take it (ppo_options)
         loss, stats = _sequence_clip_loss(logp, old_logp, advantages, mask, o, logp.shape[-1] if logp.dim() else 1)
-        return divide(loss, o.divisor), dict(stats, **{k: v.to(stats["clipfrac"].dtype) for k, v in batch_stats.items()})
-    if o.ratio_level != "token":  # "sequence-token" (the clip's "sequence" returned above)
+        return divide(loss, o.divisor), stats
+    if o.ratio_level != "token":  # "sequence-token"
         old_logp = _sequence_ratio(logp, old_logp, mask, o.backend)
     loss, stats = implementation("ppo_policy_loss", o.backend, logp.device)(
         logp, old_logp.detach(), advantages, mask, o.ratio_low, o.ratio_high, o.dual_clip, o.loss_code, o.agg_code,
