@@ -35,12 +35,14 @@ ENV_CHECK = "RLHF_KERNELS_CHECK"
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "logprobs": ("cuda", "triton"),
     "ppo_policy_loss": ("cuda", "triton"),
+    "ppo_policy_rows": ("cuda", "triton"),
     "ppo_value_loss": ("cuda", "triton"),
     "ppo_loss_from_logits": ("cuda", "triton"),
     "advantages": ("cuda", "triton"),
     "kl_penalty": ("cuda", "triton"),
     "logprobs_from_hidden": ("cuda", "triton"),
     "rollout_correction": ("cuda", "triton"),
+    "truncation_threshold": ("cuda", "triton"),
 }
 
 

@@ -405,6 +405,19 @@ def test_bad_backend_names(monkeypatch):
         rlhf_kernels.logprobs_from_logits(x, labels)
 
 
+@pytest.mark.parametrize("op", sorted({op for op, _ in _dispatch._REGISTRY}))
+def test_every_op_resolves_on_cuda_tensors_without_a_backend(op, monkeypatch):
+    """The GPU preference read for CUDA tensors without backend= names every
+    registered op, whichever GPU backends are built."""
+    monkeypatch.delenv("RLHF_KERNELS_BACKEND", raising=False)
+    for cuda_built, triton in ((True, True), (False, True), (False, False)):
+        monkeypatch.setattr(_dispatch, "native_cuda_built", lambda c=cuda_built: c)
+        monkeypatch.setattr(_dispatch, "triton_installed", lambda t=triton: t)
+        backend = _dispatch.resolve_backend(None, torch.device("cuda"), op)
+        assert backend == ("cuda" if cuda_built else "triton" if triton else "eager")
+        assert (op, backend) in _dispatch._REGISTRY
+
+
 def test_env_forces_backend(monkeypatch):
     calls = []
     key = ("logprobs", "eager")
