@@ -113,6 +113,14 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def(
       "ppo_policy_rows(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, float ratio_low, "
       "float ratio_high, float dual_clip, int loss_type, bool need_grad) -> (Tensor, Tensor)");
+  // PPO's clip on one ratio per sequence from ppo_policy_rows' rows (B, 9) of
+  // form 8 (aggregation.h finalize_sequence_clip): the 0-dim loss, coef (B,)
+  // = d loss / d logp_t on sequence b's valid tokens per unit token weight,
+  // stats (5,) (POLICY_STAT_NAMES); agg, num_tokens, num_seqs as
+  // ppo_policy_loss, seq_len the sequences' T.
+  m.def(
+      "ppo_sequence_clip(Tensor rows, float ratio_low, float ratio_high, float dual_clip, int agg, "
+      "float? num_tokens, float? num_seqs, int seq_len) -> (Tensor, Tensor, Tensor)");
   // The public clipped value loss, as ppo_policy_loss; stats (1,) vf_clipfrac.
   m.def(
       "ppo_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip, "

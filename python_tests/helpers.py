@@ -3,6 +3,7 @@ rule. Tests import them from here (``from helpers import ...``; pyproject.toml
 puts python_tests/ on pytest's ``pythonpath``); conftest.py holds only fixtures,
 hooks and pytest configuration."""
 
+import math
 import os
 
 import pytest
@@ -112,3 +113,25 @@ def seeded_draws(kwargs: dict) -> dict:
     if kwargs.get("loss_type") != "clip_cov":
         return kwargs
     return dict(kwargs, generator=torch.Generator().manual_seed(11))
+
+
+def sequence_clip_rows(b: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """(b, 9) rows of ppo_policy_rows' form 8 for ppo_sequence_clip (b >= 9),
+    with its edge cases: empty and fractional counts, log-ratios beyond +-20
+    (rows 3, 4), a NaN sum (row 5), ratios at hi = 1.28 (row 6), at lo = 0.8
+    (row 7) and at a dual clip of 3 (row 8), as close as float64 gets."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.zeros(b, 9, dtype=torch.float64)
+    rows[:, 1] = torch.randint(0, 30, (b,), generator=gen).double()  # counts, 0 among them
+    rows[:3, 1] = torch.tensor([0.25, 0.5, 1.5], dtype=torch.float64)  # weight sums below / near 1
+    rows[:, 0] = torch.rand(b, generator=gen, dtype=torch.float64) * rows[:, 1]  # P_b
+    rows[:, 7] = -torch.rand(b, generator=gen, dtype=torch.float64) * rows[:, 1]  # N_b
+    rows[:, 2] = torch.randint(0, 10, (b,), generator=gen).double()  # tokens with A > 0
+    rows[:, 3] = torch.randint(0, 10, (b,), generator=gen).double()  # A < 0
+    rows[:, 4] = torch.randn(b, generator=gen, dtype=torch.float64) * 0.5 * rows[:, 1]  # sum of old - logp
+    rows[3, 4], rows[4, 4] = -30.0 * rows[3, 1], 25.0 * rows[4, 1]  # |s_b| > 20: clamped, no gradient
+    rows[5, 0] = float("nan")  # a NaN advantage kept
+    rows[6, 1], rows[6, 4] = 1.0, -math.log(1.28)
+    rows[7, 1], rows[7, 4] = 1.0, -math.log(0.8)
+    rows[8, 1], rows[8, 4], rows[8, 7] = 1.0, -math.log(3.0), -1.0
+    return rows.to(dtype)

@@ -131,7 +131,67 @@ __global__ void __launch_bounds__(kThreads)
   block_reduce_store<acc_t, kValueStats>(v, ops, partial + block * kValueStats);
 }
 
+// ppo_sequence_clip: the rows strided over one block's threads twice, the
+// counts first (the aggregation's weights need their totals), then each
+// sequence (sequence_clip_row, aggregation.h); sums in double, thread 0 writes.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    ppo_sequence_clip_kernel(const acc_t* __restrict__ rows, int64_t seqs, int64_t seq_len, AggParams agg,
+                             acc_t ratio_low, acc_t ratio_high, acc_t dual_clip, acc_t* __restrict__ loss,
+                             acc_t* __restrict__ coef, acc_t* __restrict__ stats) {
+  __shared__ double totals[2];
+  double counts[2] = {0, 0};
+  for (int64_t b = threadIdx.x; b < seqs; b += kThreads) {
+    const double count = rows[b * kPolicyStats + kValidCount];
+    counts[0] += count;
+    counts[1] += count > 0 ? 1 : 0;
+  }
+  constexpr Reduce kSums[2] = {Reduce::kSum, Reduce::kSum};
+  block_reduce_store<double, 2>(counts, kSums, totals);
+  __syncthreads();
+  const double total = totals[0], nonempty = totals[1];
+  // loss, clipped, dual-clipped, approx_kl, ratio max, ratio min
+  double v[6] = {0, 0, 0, 0, -INFINITY, INFINITY};
+  for (int64_t b = threadIdx.x; b < seqs; b += kThreads) {
+    const acc_t* row = rows + b * kPolicyStats;
+    const acc_t w = static_cast<acc_t>(::rlhf_kernels::detail::seq_weight(agg, row[kValidCount], total, nonempty,
+                                                                          seq_len));
+    const SequenceClip<acc_t> s = sequence_clip_row(row, w, ratio_low, ratio_high, dual_clip);
+    coef[b] = s.coef;
+    v[0] += s.loss;
+    v[1] += s.clips;
+    v[2] += s.duals;
+    v[3] += row[kApproxKlSum];
+    if (row[kValidCount] > 0 && s.ratio == s.ratio) {
+      v[4] = s.ratio > v[4] ? s.ratio : v[4];
+      v[5] = s.ratio < v[5] ? s.ratio : v[5];
+    }
+  }
+  __shared__ double out[6];
+  constexpr Reduce kOps[6] = {Reduce::kSum, Reduce::kSum, Reduce::kSum, Reduce::kSum, Reduce::kMax, Reduce::kMin};
+  block_reduce_store<double, 6>(v, kOps, out);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const double denom = total > 0 ? total : 1.0;
+    *loss = static_cast<acc_t>(out[0]);
+    stats[kClipFrac] = static_cast<acc_t>(out[1] / denom);
+    stats[kClipFracLower] = static_cast<acc_t>(out[2] / denom);
+    stats[kApproxKl] = static_cast<acc_t>(out[3] / denom);
+    stats[kRatioMaxOut] = static_cast<acc_t>(total > 0 ? out[4] : 0.0);
+    stats[kRatioMinOut] = static_cast<acc_t>(total > 0 ? out[5] : 0.0);
+  }
+}
+
 }  // namespace
+
+template <typename acc_t>
+cudaError_t launch_ppo_sequence_clip(const acc_t* rows, int64_t seqs, int64_t seq_len, AggParams agg,
+                                     acc_t ratio_low, acc_t ratio_high, acc_t dual_clip, acc_t* loss, acc_t* coef,
+                                     acc_t* stats, cudaStream_t stream) {
+  ppo_sequence_clip_kernel<acc_t><<<1, kThreads, 0, stream>>>(rows, seqs, seq_len, agg, ratio_low, ratio_high,
+                                                              dual_clip, loss, coef, stats);
+  return cudaGetLastError();
+}
 
 template <typename acc_t>
 cudaError_t launch_ppo_policy_fwd(const acc_t* logp, const acc_t* old_logp, const acc_t* advantages,
@@ -164,6 +224,8 @@ cudaError_t launch_ppo_value_fwd(const acc_t* values, const acc_t* old_values, c
 }
 
 #define RLHF_INSTANTIATE(acc_t)                                                                   \
+  template cudaError_t launch_ppo_sequence_clip<acc_t>(const acc_t*, int64_t, int64_t, AggParams, acc_t, acc_t, \
+                                                       acc_t, acc_t*, acc_t*, acc_t*, cudaStream_t);         \
   template cudaError_t launch_ppo_policy_fwd<acc_t>(                                              \
       const acc_t*, const acc_t*, const acc_t*, const uint8_t*, const acc_t*, const acc_t*,       \
       const acc_t*, int64_t, int64_t, PolicyParams<acc_t>, acc_t*, acc_t*, cudaStream_t);         \

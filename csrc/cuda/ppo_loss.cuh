@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "rlhf_kernels/aggregation.h"
 #include "rlhf_kernels/common.h"
 #include "rlhf_kernels/ppo_math.h"
 
@@ -32,6 +33,14 @@ cudaError_t launch_ppo_value_fwd(const acc_t* values, const acc_t* old_values, c
                                  const uint8_t* mask, const acc_t* weight, int64_t seqs,
                                  int64_t seq_len, acc_t clip, acc_t* grad, acc_t* partial,
                                  cudaStream_t stream);
+
+// ppo_sequence_clip (aggregation.h finalize_sequence_clip) in one thread block:
+// rows (seqs, kPolicyStats) contiguous; writes loss (1), coef (seqs) and stats
+// (kPgLossOut); the sums over the rows in double.
+template <typename acc_t>
+cudaError_t launch_ppo_sequence_clip(const acc_t* rows, int64_t seqs, int64_t seq_len, AggParams agg,
+                                     acc_t ratio_low, acc_t ratio_high, acc_t dual_clip, acc_t* loss, acc_t* coef,
+                                     acc_t* stats, cudaStream_t stream);
 
 // x[i] = x[i] * (scale[0] / applied[0]) in acc_t, rounded once to scalar_t,
 // unless the factor is 1: then no element is touched. Both are read on the

@@ -173,11 +173,34 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_rows_cuda(const at::Tensor& logp, 
                               need_grad, policy_partials);
 }
 
+// The op ppo_sequence_clip: finalize_sequence_clip's maths in one thread block.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_sequence_clip_cuda(const at::Tensor& rows, double ratio_low,
+                                                                      double ratio_high, double dual_clip,
+                                                                      int64_t agg, std::optional<double> num_tokens,
+                                                                      std::optional<double> num_seqs,
+                                                                      int64_t seq_len) {
+  check_sequence_clip_rows(rows);
+  const c10::cuda::CUDAGuard guard(rows.device());
+  const AggParams params = agg_params(agg, num_tokens, num_seqs);
+  const at::Tensor in = rows.contiguous();
+  const auto options = in.options();
+  at::Tensor loss = at::empty({}, options), coef = at::empty({in.size(0)}, options);
+  at::Tensor stats = at::empty({kPgLossOut}, options);
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "ppo_sequence_clip_cuda", [&] {
+    C10_CUDA_CHECK(cuda::launch_ppo_sequence_clip<scalar_t>(
+        in.const_data_ptr<scalar_t>(), in.size(0), seq_len, params, static_cast<scalar_t>(ratio_low),
+        static_cast<scalar_t>(ratio_high), static_cast<scalar_t>(dual_clip), loss.mutable_data_ptr<scalar_t>(),
+        coef.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<scalar_t>(), c10::cuda::getCurrentCUDAStream()));
+  });
+  return {loss, coef, stats};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
   m.impl("ppo_policy_loss", &ppo_policy_loss_cuda);
   m.impl("ppo_policy_rows", &ppo_policy_rows_cuda);
+  m.impl("ppo_sequence_clip", &ppo_sequence_clip_cuda);
   m.impl("ppo_value_loss", &ppo_value_loss_cuda);
   m.impl("scale_grad_", &scale_grad_cuda);
   m.impl("ppo_loss_from_logits", &ppo_loss_from_logits_cuda);

@@ -155,6 +155,14 @@ inline AggParams agg_params(int64_t agg, std::optional<double> num_tokens, std::
   return AggParams{static_cast<int>(agg), num_tokens.value_or(0.0), num_seqs.value_or(0.0)};
 }
 
+// ppo_sequence_clip's rows: (B, kPolicyStats) float32 | float64.
+inline void check_sequence_clip_rows(const at::Tensor& rows) {
+  TORCH_CHECK_VALUE(rows.dim() == 2 && rows.size(1) == kPolicyStats, "rows: expected shape (B, ", kPolicyStats,
+                    "), got ", rows.sizes());
+  TORCH_CHECK_VALUE(rows.scalar_type() == at::kFloat || rows.scalar_type() == at::kDouble,
+                    "rows: expected float32 or float64, got ", rows.scalar_type());
+}
+
 // (B, 1, K) partials of B sequences without a token: zero sums, the ratio
 // extremes at -inf / +inf (max_col < 0: no extremes).
 inline at::Tensor empty_partials(int64_t seqs, int64_t n_stats, int64_t max_col, int64_t min_col,

@@ -40,6 +40,7 @@ _SIGNATURES = {
     "emu_advantages": "p p p i64 i64 p p p p p d i32 d d p p p p p i64",
     "emu_ppo_policy_fwd": "p p p p p p p i64 i64 d d d i64 d i32 p p",
     "emu_ppo_value_fwd": "p p p p p i64 i64 d p p",
+    "emu_ppo_sequence_clip": "p i64 i64 i32 d d d d d p p p",
     "emu_rollout_correction": "p p p p i64 i64 i32 i32 d d i32 p p p p p p",
     "emu_selftest_shuffle": "p p i32 i32 i32 i32",
     "emu_selftest_bad": "i32 p i32",
@@ -402,6 +403,18 @@ class Emulator:
         if raw_partials:
             return grad, partial
         return grad, self.reduce_partials(partial, -1, -1)
+
+    def ppo_sequence_clip(self, rows, ratio_low, ratio_high, dual_clip, agg, num_tokens, num_seqs, seq_len):
+        """As ppo_sequence_clip (csrc/ops.cpp): (loss, coef (B,), stats (5,)) from contiguous (B, 9) rows."""
+        arena = Arena()
+        loss = arena.empty((), rows.dtype, "loss")
+        coef = arena.empty((rows.shape[0],), rows.dtype, "coef")
+        stats = arena.empty((5,), rows.dtype, "stats")
+        self.call(f"emu_ppo_sequence_clip_{TAGS[rows.dtype]}", arena.place(rows.contiguous(), "rows"), rows.shape[0],
+                  seq_len, agg, num_tokens or 0.0, num_seqs or 0.0, ratio_low, ratio_high, dual_clip, loss, coef,
+                  stats)
+        arena.check()
+        return loss, coef, stats
 
     # --- rollout correction (csrc/cuda/rollout_correction_glue.cpp) -----------------------
 

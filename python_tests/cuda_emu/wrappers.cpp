@@ -198,6 +198,16 @@ namespace kernels = rlhf_kernels::cuda;
         static_cast<const acc_t*>(returns), mask, static_cast<const acc_t*>(weight), seqs,       \
         seq_len, static_cast<acc_t>(clip),                                                       \
         static_cast<acc_t*>(grad), static_cast<acc_t*>(partial), nullptr);                       \
+  }                                                                                              \
+  int emu_ppo_sequence_clip_##tag(const void* rows, int64_t seqs, int64_t seq_len, int agg_mode,  \
+                                  double num_tokens, double num_seqs, double ratio_low,         \
+                                  double ratio_high, double dual_clip, void* loss, void* coef,  \
+                                  void* stats) {                                                \
+    return kernels::launch_ppo_sequence_clip<acc_t>(                                             \
+        static_cast<const acc_t*>(rows), seqs, seq_len,                                          \
+        rlhf_kernels::AggParams{agg_mode, num_tokens, num_seqs}, static_cast<acc_t>(ratio_low),  \
+        static_cast<acc_t>(ratio_high), static_cast<acc_t>(dual_clip), static_cast<acc_t*>(loss), \
+        static_cast<acc_t*>(coef), static_cast<acc_t*>(stats), nullptr);                        \
   }
 
 extern "C" {

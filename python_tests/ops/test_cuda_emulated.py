@@ -1988,3 +1988,29 @@ def test_lm_head_grad_in_forward_with_cuda_rows(emulated_rows, dtype, with_entro
     for name, a, b in zip(("logp", "entropy", "hidden", "weight", "bias"), got, native):
         assert a.dtype == b.dtype, name
         torch.testing.assert_close(a, b, atol=1e-6 * b.abs().max().item(), rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("seqs", [0, 9, 700])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("agg, dual_clip, counts", [(0, 0.0, None), (3, 3.0, None), (4, 3.0, (100.0, 7.0)),
+                                                    (2, 0.0, (None, 5.0))])
+def test_ppo_sequence_clip(emu, seqs, dtype, agg, dual_clip, counts):
+    """ppo_sequence_clip's one-block kernel (the rows strided over 256
+    threads, reduced by shuffles) against the torch composition the eager
+    backend runs, on rows with NaN, clamped log-ratios and ties (helpers);
+    700 rows: several per thread; 0: the loss and statistics 0."""
+    from helpers import sequence_clip_rows
+    from rlhf_kernels.ops.policy_objectives import _sequence_clip_finish
+
+    rows = sequence_clip_rows(max(seqs, 9), seed=seqs + agg, dtype=dtype)[:seqs]
+    args = (0.8, 1.28, dual_clip, agg, *(counts or (None, None)), 40)
+    got = emu.ppo_sequence_clip(rows, *args)
+    want = _sequence_clip_finish(rows, *args)
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else F32
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and g.shape == w.shape
+        torch.testing.assert_close(g, w, equal_nan=True, **tol)
+    if seqs:
+        assert got[0].isnan() and got[1][5].isnan() and got[1][3] == 0
+    else:
+        assert torch.all(got[2] == 0) and got[0] == 0

@@ -14,7 +14,7 @@ import torch
 import rlhf_kernels
 from rlhf_kernels import reference
 
-from helpers import check_stats, policy_tokens, seeded_draws
+from helpers import check_stats, policy_tokens, seeded_draws, sequence_clip_rows
 
 LOSS_TYPES = reference.LOSS_TYPES
 F32 = dict(atol=1e-6, rtol=1e-5)
@@ -314,8 +314,9 @@ def test_rows_only_forms_match_float64(device_backend, form, weighted, dtype):
 ])
 def test_sequence_clip_is_one_token_pass(device_backend, loss_type, kwargs):
     """PPO's clip on the sequence ratio (GSPO's "sequence", LUSPO) runs one
-    kernel: the rows of form 8, forward and backward (its gradient a product
-    of the mask with per-sequence numbers), no token loss kernel."""
+    token kernel: the rows of form 8, forward and backward (its gradient a
+    product of the mask with per-sequence numbers), no token loss kernel;
+    natively the loss of the B rows is one more call (ppo_sequence_clip)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -335,8 +336,10 @@ def test_sequence_clip_is_one_token_pass(device_backend, loss_type, kwargs):
         loss, _ = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, loss_type=loss_type, backend=backend, **kwargs)
         loss.backward()
     if backend != "eager":
-        assert [name for name, _ in ops.seen] in (["ppo_policy_rows"], ["ppo_policy_rows_triton"])
+        names = [name for name, _ in ops.seen]
+        assert names in (["ppo_policy_rows", "ppo_sequence_clip"], ["ppo_policy_rows_triton"])
         assert ops.seen[0][1] == 8
+        assert (backend in ("cpu", "cuda")) == ("ppo_sequence_clip" in names)  # the loss of B numbers natively
     # the values (the clip case: test_ppo_loss_weights.test_sequence_ratio_is_one_ratio_per_sequence)
     if loss_type == "clip":
         return
@@ -395,3 +398,38 @@ def test_sequence_clip_ties(device_backend):
     torch.testing.assert_close(x.grad, x64.grad, atol=1e-14, rtol=1e-14)
     assert x.grad[0].abs().min() > 0 and x.grad[1].abs().min() > 0  # both ties pass a gradient
     check_stats(stats, want_stats, atol=1e-14, rtol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("agg", range(5))
+@pytest.mark.parametrize("dual_clip", [0.0, 3.0])
+def test_sequence_clip_host_loop_equals_its_composition(dtype, agg, dual_clip):
+    """ppo_sequence_clip's host loop (aggregation.h) against the torch
+    composition the other backends run, on rows with the edge cases: empty
+    and fractional counts, log-ratios beyond +-20, NaN sums, ratios at the
+    bounds and at the dual clip; opcheck of the op."""
+    if "cpu" not in rlhf_kernels.available_backends():
+        pytest.skip("the C++ extension is not built")
+    from rlhf_kernels.ops.policy_objectives import _sequence_clip_finish
+
+    rows = sequence_clip_rows(64, seed=agg, dtype=dtype)
+    args = (0.8, 1.28, dual_clip, agg)
+    for num_tokens, num_seqs in ((None, None), (100.0, 7.0)):
+        got = torch.ops.rlhf_kernels.ppo_sequence_clip(rows, *args, num_tokens, num_seqs, 40)
+        want = _sequence_clip_finish(rows, *args, num_tokens, num_seqs, 40)
+        tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-6, rtol=1e-5)
+        for g, w in zip(got, want):
+            assert g.dtype == dtype and g.shape == w.shape
+            torch.testing.assert_close(g, w, equal_nan=True, **tol)
+        assert got[0].isnan() and got[1][5].isnan()  # the NaN sequence's loss and coefficient
+        assert got[1][3] == 0 and got[1][4] == 0  # clamped log-ratios pass no gradient
+    for n in (0, 5):  # an empty batch: zeros
+        loss, coef, stats = torch.ops.rlhf_kernels.ppo_sequence_clip(rows[5:5 + n].nan_to_num(), *args, None,
+                                                                     None, 40)
+        torch.testing.assert_close(stats, _sequence_clip_finish(rows[5:5 + n].nan_to_num(), *args, None, None,
+                                                                40)[2], **tol)
+    assert loss.isfinite()
+    torch.library.opcheck(torch.ops.rlhf_kernels.ppo_sequence_clip.default,  # (opcheck compares NaN unequal)
+                          (rows.nan_to_num(), *args, None, 3.0, 40))
+    with pytest.raises(ValueError, match="rows: expected shape"):
+        torch.ops.rlhf_kernels.ppo_sequence_clip(rows[:, :8], *args, None, None, 40)

@@ -19,7 +19,7 @@ from torch import Tensor
 from .._dispatch import implementation, register, triton_installed
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor, check_tokens, check_weights, compute_dtype
 from ..aggregation import (
-    APPROX_KL, CLIP, COUNT, DUAL, KL_SUM, N_POLICY_STATS, PG_SUM, POLICY_STAT_NAMES, agg_loss, divide, divisor,
+    AGG_MODES, APPROX_KL, CLIP, COUNT, DUAL, KL_SUM, N_POLICY_STATS, PG_SUM, POLICY_STAT_NAMES, agg_loss, divide, divisor,
     mask_weights, policy_stats, sequence_weights,
 )
 from ..eager import ppo_loss as _eager
@@ -143,50 +143,71 @@ class _PerSequenceGradient(torch.autograd.Function):
         return token.view(ctx.shape), None, None, None
 
 
-def _sequence_clip_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, o: PPOLossOptions,
-                        seq_len: int) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO's clip on GSPO's sequence ratio with the gradient through the
-    sequence mean (ratio_level "sequence": GSPO, OpenRLHF's "gspo", TRL's
-    "luspo"), from the per-sequence sums of one token pass (ppo_policy_rows,
-    form 8): with s_b = sum_t w_t (logp - old_logp) / max(n_b, 1), r_b =
-    exp(clamp(s_b, -20, 20)) and P_b / N_b the weighted sums of A where A > 0
-    / A < 0, the sequence's loss is -(P_b min(r_b, hi) + N_b max(r_b, lo))
-    (A < 0 with the dual clip: -N_b c where max(r_b, lo) > c), the tie rules
-    of the token kernels' clip (a bound's derivative passes; half at the dual
-    clip's tie), and d L / d logp_t = w_b (d loss_b / d r_b) r_b w_t /
-    max(n_b, 1): the backward is one pass over the mask. ``advantages``
-    already weighted (token_weights). The stats are the token kernels' on the
-    same ratio: clipfrac the share of the valid tokens with A > 0 in
-    sequences with r_b > hi and A < 0 with r_b < lo, ratio_max / ratio_min
-    over the r_b."""
-    rows = implementation("ppo_policy_rows", o.backend, logp.device)(
-        logp.detach(), old_logp.detach(), advantages, mask, 0.0, 0.0, 0.0, SEQUENCE_SUMS, False)[1]
+def _sequence_clip_finish(rows: Tensor, ratio_low: float, ratio_high: float, dual_clip: float, agg: int,
+                          num_tokens: Optional[float], num_seqs: Optional[float],
+                          seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The op ppo_sequence_clip (csrc/ops.cpp) composed of torch ops: from
+    the (B, 9) rows of ppo_policy_rows' form 8, (loss, coef (B,), stats (5,))
+    as aggregation.h's finalize_sequence_clip writes them."""
     counts = rows[:, COUNT]
     n = counts.clamp(min=1)
     log_ratio = -rows[:, APPROX_KL] / n
     ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
     pos, neg = rows[:, PG_SUM], rows[:, KL_SUM]
-    upper, lower = ratio.clamp(max=o.ratio_high), ratio.clamp(min=o.ratio_low)
-    d_upper, d_lower = (ratio <= o.ratio_high).to(ratio.dtype), (ratio >= o.ratio_low).to(ratio.dtype)
+    upper, lower = ratio.clamp(max=ratio_high), ratio.clamp(min=ratio_low)
+    d_upper, d_lower = (ratio <= ratio_high).to(ratio.dtype), (ratio >= ratio_low).to(ratio.dtype)
     dual = torch.zeros_like(ratio, dtype=torch.bool)
-    if o.dual_clip > 0:
-        dual = lower > o.dual_clip
-        d_lower = torch.where(dual, 0.0, torch.where(lower == o.dual_clip, 0.5 * d_lower, d_lower))
-        lower = torch.where(dual, o.dual_clip, lower)
-    weights = sequence_weights(counts, seq_len, o.agg, o.kernel_num_tokens, o.kernel_num_seqs)
+    if dual_clip > 0:
+        dual = lower > dual_clip
+        d_lower = torch.where(dual, 0.0, torch.where(lower == dual_clip, 0.5 * d_lower, d_lower))
+        lower = torch.where(dual, dual_clip, lower)
+    weights = sequence_weights(counts, seq_len, AGG_MODES[agg], num_tokens, num_seqs)
     loss = (weights * -(pos * upper + neg * lower)).sum()
     moves = ((log_ratio >= -20.0) & (log_ratio <= 20.0)).to(ratio.dtype)
     coef = weights * -(pos * d_upper + neg * d_lower) * ratio * moves / n
-    loss = _PerSequenceGradient.apply(logp, loss, coef, mask)
     nonempty = (counts > 0) & (ratio == ratio)
     table = torch.stack([
         torch.zeros_like(counts), counts,
-        torch.where(ratio > o.ratio_high, rows[:, CLIP], 0.0) + torch.where(ratio < o.ratio_low, rows[:, DUAL], 0.0),
+        torch.where(ratio > ratio_high, rows[:, CLIP], 0.0) + torch.where(ratio < ratio_low, rows[:, DUAL], 0.0),
         torch.where(dual, rows[:, DUAL], 0.0), rows[:, APPROX_KL],
         torch.where(nonempty, ratio, -math.inf), torch.where(nonempty, ratio, math.inf),
         torch.zeros_like(counts), torch.zeros_like(counts),
     ], -1)
-    return loss, dict(zip(POLICY_STAT_NAMES, policy_stats(table).unbind()))
+    return loss, coef, policy_stats(table)
+
+
+def _sequence_clip_fake(rows, *args):
+    return rows.new_empty(()), rows.new_empty((rows.shape[0],)), rows.new_empty((len(POLICY_STAT_NAMES),))
+
+
+register("ppo_sequence_clip", ("triton", "eager"), _sequence_clip_finish)
+if native_op("ppo_sequence_clip") is not None:  # a host loop (CPU), one thread block (CUDA)
+    torch.library.register_fake(native_op("ppo_sequence_clip"))(_sequence_clip_fake)
+    register("ppo_sequence_clip", ("cpu", "cuda"), native_op("ppo_sequence_clip"))
+
+
+def _sequence_clip_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, o: PPOLossOptions,
+                        seq_len: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clip on GSPO's sequence ratio with the gradient through the
+    sequence mean (ratio_level "sequence": GSPO, OpenRLHF's "gspo", TRL's
+    "luspo"), from the per-sequence sums of one token pass (ppo_policy_rows,
+    form 8) and the loss of B numbers (ppo_sequence_clip): with s_b = sum_t
+    w_t (logp - old_logp) / max(n_b, 1), r_b = exp(clamp(s_b, -20, 20)) and
+    P_b / N_b the weighted sums of A where A > 0 / A < 0, the sequence's loss
+    is -(P_b min(r_b, hi) + N_b max(r_b, lo)) (A < 0 with the dual clip: -N_b
+    c where max(r_b, lo) > c), the tie rules of the token kernels' clip (a
+    bound's derivative passes; half at the dual clip's tie), and d L / d
+    logp_t = w_b (d loss_b / d r_b) r_b w_t / max(n_b, 1): the backward is one
+    pass over the mask. ``advantages`` already weighted (token_weights). The
+    stats are the token kernels' on the same ratio: clipfrac the share of the
+    valid tokens with A > 0 in sequences with r_b > hi and A < 0 with r_b <
+    lo, ratio_max / ratio_min over the r_b."""
+    rows = implementation("ppo_policy_rows", o.backend, logp.device)(
+        logp.detach(), old_logp.detach(), advantages, mask, 0.0, 0.0, 0.0, SEQUENCE_SUMS, False)[1]
+    loss, coef, stats = implementation("ppo_sequence_clip", o.backend, logp.device)(
+        rows, o.ratio_low, o.ratio_high, o.dual_clip, o.agg_code, o.kernel_num_tokens, o.kernel_num_seqs, seq_len)
+    loss = _PerSequenceGradient.apply(logp, loss, coef, mask)
+    return loss, dict(zip(POLICY_STAT_NAMES, stats.unbind()))
 
 
 def _geo_mean_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, o: PPOLossOptions,

@@ -68,8 +68,8 @@ double seq_sum(const acc_t* partial, int64_t b, int64_t chunks, int n_stats, int
   return s;
 }
 
-inline double seq_weight(const AggParams& agg, double count_b, double total, double nonempty,
-                         int64_t seq_len) {
+RLHF_HOST_DEVICE inline double seq_weight(const AggParams& agg, double count_b, double total, double nonempty,
+                                          int64_t seq_len) {
   const double seqs = agg.num_seqs > 0 ? agg.num_seqs : (nonempty > 1 ? nonempty : 1.0);
   switch (agg.mode) {
     case kTokenMean: return 1.0 / (agg.num_tokens > 0 ? agg.num_tokens : (total > 0 ? total : 1.0));
@@ -149,6 +149,94 @@ void finalize_value(const acc_t* partial, int64_t seqs, int64_t chunks, int64_t 
   }
   *loss = static_cast<acc_t>(sum);
   *vf_clipfrac = static_cast<acc_t>(clips / (total > 0 ? total : 1.0));
+}
+
+// PPO's clip on one ratio per sequence (GSPO's "sequence" level, LUSPO) from
+// the (B, kPolicyStats) rows of form kFormSequenceSums (ppo_math.h), in the
+// rows' type as rlhf_kernels/ops/policy_objectives.py's composition
+// (_sequence_clip_finish), the sums over B in double: with n_b = max(count_b,
+// 1), s_b = -approx_kl_b / n_b, r_b = exp(clamp(s_b, -20, 20)), P_b / N_b
+// the loss / KL columns and w_b the aggregation's weight,
+//   loss   = sum_b w_b -(P_b min(r_b, hi) + N_b max(r_b, lo)), a dual clip c
+//            replacing max(r_b, lo) by c where it exceeds c;
+//   coef_b = d loss / d s_b / n_b (a bound's derivative passes at a tie, half
+//            at the dual clip's; 0 where s_b is clamped);
+//   stats  = POLICY_STAT_NAMES: clipfrac the clip column's tokens of the
+//            sequences with r_b > hi plus the dual column's with r_b < lo,
+//            clipfrac_lower the dual column's where the dual clip holds, both
+//            over the valid tokens; approx_kl; ratio max / min over the
+//            sequences with a valid token and r_b not NaN (0 without a valid
+//            token).
+// sequence_clip_row is one sequence (the host loop below and the CUDA kernel).
+template <typename acc_t>
+struct SequenceClip {
+  acc_t loss, coef, clips, duals, ratio;
+};
+
+template <typename acc_t>
+RLHF_HOST_DEVICE inline SequenceClip<acc_t> sequence_clip_row(const acc_t* row, acc_t w, acc_t ratio_low,
+                                                              acc_t ratio_high, acc_t dual_clip) {
+  const acc_t one = 1, zero = 0, bound = 20;
+  const acc_t count = row[kValidCount];
+  const acc_t n = count < one ? one : count;  // clamp(min=1): a NaN stays
+  const acc_t log_ratio = -row[kApproxKlSum] / n;
+  const acc_t clamped = log_ratio < -bound ? -bound : (log_ratio > bound ? bound : log_ratio);
+  const acc_t ratio = std::exp(clamped);
+  const acc_t pos = row[kPgLossSum], neg = row[kKlPenaltySum];
+  const acc_t upper = ratio > ratio_high ? ratio_high : ratio;
+  acc_t lower = ratio < ratio_low ? ratio_low : ratio;
+  const acc_t d_upper = ratio <= ratio_high ? one : zero;
+  acc_t d_lower = ratio >= ratio_low ? one : zero;
+  bool dual = false;
+  if (dual_clip > 0) {
+    dual = lower > dual_clip;
+    d_lower = dual ? zero : (lower == dual_clip ? acc_t(0.5) * d_lower : d_lower);
+    lower = dual ? dual_clip : lower;
+  }
+  const acc_t moves = log_ratio >= -bound && log_ratio <= bound ? one : zero;
+  SequenceClip<acc_t> out;
+  out.loss = w * -(pos * upper + neg * lower);
+  out.coef = w * -(pos * d_upper + neg * d_lower) * ratio * moves / n;
+  out.clips = (ratio > ratio_high ? row[kClipCount] : zero) + (ratio < ratio_low ? row[kDualClipCount] : zero);
+  out.duals = dual ? row[kDualClipCount] : zero;
+  out.ratio = ratio;
+  return out;
+}
+
+template <typename acc_t>
+void finalize_sequence_clip(const acc_t* rows, int64_t seqs, int64_t seq_len, const AggParams& agg,
+                            acc_t ratio_low, acc_t ratio_high, acc_t dual_clip, acc_t* loss, acc_t* coef,
+                            acc_t* stats) {
+  double total = 0, nonempty = 0;
+  for (int64_t b = 0; b < seqs; ++b) {
+    const double count = rows[b * kPolicyStats + kValidCount];
+    total += count;
+    nonempty += count > 0 ? 1 : 0;
+  }
+  double sum = 0, clips = 0, duals = 0, approx_kl = 0;
+  double ratio_max = -std::numeric_limits<double>::infinity();
+  double ratio_min = std::numeric_limits<double>::infinity();
+  for (int64_t b = 0; b < seqs; ++b) {
+    const acc_t* row = rows + b * kPolicyStats;
+    const acc_t w = static_cast<acc_t>(detail::seq_weight(agg, row[kValidCount], total, nonempty, seq_len));
+    const SequenceClip<acc_t> s = sequence_clip_row(row, w, ratio_low, ratio_high, dual_clip);
+    sum += static_cast<double>(s.loss);
+    coef[b] = s.coef;
+    clips += static_cast<double>(s.clips);
+    duals += static_cast<double>(s.duals);
+    approx_kl += static_cast<double>(row[kApproxKlSum]);
+    if (row[kValidCount] > 0 && s.ratio == s.ratio) {
+      ratio_max = s.ratio > ratio_max ? s.ratio : ratio_max;
+      ratio_min = s.ratio < ratio_min ? s.ratio : ratio_min;
+    }
+  }
+  const double denom = total > 0 ? total : 1.0;
+  *loss = static_cast<acc_t>(sum);
+  stats[kClipFrac] = static_cast<acc_t>(clips / denom);
+  stats[kClipFracLower] = static_cast<acc_t>(duals / denom);
+  stats[kApproxKl] = static_cast<acc_t>(approx_kl / denom);
+  stats[kRatioMaxOut] = static_cast<acc_t>(total > 0 ? ratio_max : 0.0);
+  stats[kRatioMinOut] = static_cast<acc_t>(total > 0 ? ratio_min : 0.0);
 }
 
 // grad (B, T) *= weights[b], rows [b_begin, b_end): the token gradient for a
