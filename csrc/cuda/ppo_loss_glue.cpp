@@ -179,20 +179,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_sequence_clip_cuda(const at::
                                                                       int64_t agg, std::optional<double> num_tokens,
                                                                       std::optional<double> num_seqs,
                                                                       int64_t seq_len) {
-  check_sequence_clip_rows(rows);
   const c10::cuda::CUDAGuard guard(rows.device());
-  const AggParams params = agg_params(agg, num_tokens, num_seqs);
-  const at::Tensor in = rows.contiguous();
-  const auto options = in.options();
-  at::Tensor loss = at::empty({}, options), coef = at::empty({in.size(0)}, options);
-  at::Tensor stats = at::empty({kPgLossOut}, options);
-  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "ppo_sequence_clip_cuda", [&] {
-    C10_CUDA_CHECK(cuda::launch_ppo_sequence_clip<scalar_t>(
-        in.const_data_ptr<scalar_t>(), in.size(0), seq_len, params, static_cast<scalar_t>(ratio_low),
-        static_cast<scalar_t>(ratio_high), static_cast<scalar_t>(dual_clip), loss.mutable_data_ptr<scalar_t>(),
-        coef.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<scalar_t>(), c10::cuda::getCurrentCUDAStream()));
+  return ppo_sequence_clip_impl(rows, agg, num_tokens, num_seqs, [&](const at::Tensor& in, const AggParams& params,
+                                                                     at::Tensor& loss, at::Tensor& coef,
+                                                                     at::Tensor& stats) {
+    AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "ppo_sequence_clip_cuda", [&] {
+      C10_CUDA_CHECK(cuda::launch_ppo_sequence_clip<scalar_t>(
+          in.const_data_ptr<scalar_t>(), in.size(0), seq_len, params, static_cast<scalar_t>(ratio_low),
+          static_cast<scalar_t>(ratio_high), static_cast<scalar_t>(dual_clip), loss.mutable_data_ptr<scalar_t>(),
+          coef.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<scalar_t>(),
+          c10::cuda::getCurrentCUDAStream()));
+    });
   });
-  return {loss, coef, stats};
 }
 
 }  // namespace

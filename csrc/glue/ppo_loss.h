@@ -155,14 +155,6 @@ inline AggParams agg_params(int64_t agg, std::optional<double> num_tokens, std::
   return AggParams{static_cast<int>(agg), num_tokens.value_or(0.0), num_seqs.value_or(0.0)};
 }
 
-// ppo_sequence_clip's rows: (B, kPolicyStats) float32 | float64.
-inline void check_sequence_clip_rows(const at::Tensor& rows) {
-  TORCH_CHECK_VALUE(rows.dim() == 2 && rows.size(1) == kPolicyStats, "rows: expected shape (B, ", kPolicyStats,
-                    "), got ", rows.sizes());
-  TORCH_CHECK_VALUE(rows.scalar_type() == at::kFloat || rows.scalar_type() == at::kDouble,
-                    "rows: expected float32 or float64, got ", rows.scalar_type());
-}
-
 // (B, 1, K) partials of B sequences without a token: zero sums, the ratio
 // extremes at -inf / +inf (max_col < 0: no extremes).
 inline at::Tensor empty_partials(int64_t seqs, int64_t n_stats, int64_t max_col, int64_t min_col,
@@ -402,6 +394,27 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_rows_impl(const at::Tensor& logp, 
   rows.select(1, kRatioMax).copy_(std::get<0>(partial.select(2, kRatioMax).max(1)));
   rows.select(1, kRatioMin).copy_(std::get<0>(partial.select(2, kRatioMin).min(1)));
   return {grad, rows};
+}
+
+// ppo_sequence_clip on a device: rows (B, kPolicyStats) float32 | float64
+// checked and made contiguous, the outputs (loss, coef (B,), stats
+// (kPgLossOut,)) allocated, then finalize(rows, agg, loss, coef, stats) the
+// device's finalize_sequence_clip (aggregation.h).
+template <typename Finalize>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_sequence_clip_impl(const at::Tensor& rows, int64_t agg,
+                                                                      std::optional<double> num_tokens,
+                                                                      std::optional<double> num_seqs,
+                                                                      Finalize&& finalize) {
+  TORCH_CHECK_VALUE(rows.dim() == 2 && rows.size(1) == kPolicyStats, "rows: expected shape (B, ", kPolicyStats,
+                    "), got ", rows.sizes());
+  TORCH_CHECK_VALUE(rows.scalar_type() == at::kFloat || rows.scalar_type() == at::kDouble,
+                    "rows: expected float32 or float64, got ", rows.scalar_type());
+  const AggParams params = agg_params(agg, num_tokens, num_seqs);
+  const at::Tensor in = rows.contiguous();
+  at::Tensor loss = at::empty({}, in.options()), coef = at::empty({in.size(0)}, in.options());
+  at::Tensor stats = at::empty({kPgLossOut}, in.options());
+  finalize(in, params, loss, coef, stats);
+  return {loss, coef, stats};
 }
 
 // The public ppo_value_loss, as ppo_policy_loss_impl; stats (1,) vf_clipfrac.
