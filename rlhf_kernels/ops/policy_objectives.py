@@ -19,8 +19,8 @@ from torch import Tensor
 from .._dispatch import implementation, register, triton_installed
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor, check_tokens, check_weights, compute_dtype
 from ..aggregation import (
-    AGG_MODES, APPROX_KL, CLIP, COUNT, DUAL, KL_SUM, N_POLICY_STATS, PG_SUM, POLICY_STAT_NAMES, agg_loss, divide, divisor,
-    mask_weights, policy_stats, sequence_weights,
+    AGG_MODES, APPROX_KL, CLIP, COUNT, DUAL, KL_SUM, N_POLICY_STATS, PG_SUM, POLICY_STAT_NAMES, agg_loss, divide,
+    divisor, mask_weights, policy_stats, sequence_weights,
 )
 from ..eager import ppo_loss as _eager
 from ._op import differentiable, native_op, no_double_backward
