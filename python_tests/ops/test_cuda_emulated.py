@@ -1678,10 +1678,15 @@ def test_results_do_not_depend_on_thread_order(emu, mode):
                for dtype, float_mask, level, mode in ((torch.float32, True, "geometric", "truncate"),
                                                       (torch.bfloat16, False, "token", "mask"))]
 
+    from helpers import sequence_clip_rows
+
+    clip_rows = sequence_clip_rows(700, seed=6, dtype=torch.float32)
+
     def run():
         fwd = _emulated_forward(emu, logits, labels)
         rc = sum((emu.rollout_correction(*inputs, *args) for inputs, args in rc_args), ())
-        return fwd + emu.advantages(*adv_args) + emu.ppo_policy_fwd(*ppo_args) + rc
+        clip = emu.ppo_sequence_clip(clip_rows, 0.8, 1.28, 3.0, 3, None, None, 40)
+        return fwd + emu.advantages(*adv_args) + emu.ppo_policy_fwd(*ppo_args) + rc + clip
 
     expected = run()
     emu.set_schedule(mode, seed=123)
@@ -1699,7 +1704,7 @@ def test_ctypes_library_has_every_launcher(emu):
                    "advantages", "rollout_correction", "truncation_threshold"):
             assert isinstance(getattr(emu.lib, f"emu_{op}_{tag}"), ctypes._CFuncPtr)
     for tag in ("f32", "f64"):
-        for op in ("ppo_policy_fwd", "ppo_value_fwd"):
+        for op in ("ppo_policy_fwd", "ppo_value_fwd", "ppo_sequence_clip"):
             assert isinstance(getattr(emu.lib, f"emu_{op}_{tag}"), ctypes._CFuncPtr)
 
 
