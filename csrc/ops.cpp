@@ -121,6 +121,10 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def(
       "ppo_sequence_clip(Tensor rows, float ratio_low, float ratio_high, float dual_clip, int agg, "
       "float? num_tokens, float? num_seqs, int seq_len) -> (Tensor, Tensor, Tensor)");
+  // out = x * (x > 0 ? pos[r] : neg[r]) for each row r of x (..., T) float32 |
+  // float64 (any strides), pos and neg (R,) of x's dtype, R the rows: the
+  // advantages times a per-sequence weight of their sign (VESPO's A phi).
+  m.def("scale_by_sign(Tensor x, Tensor pos, Tensor neg) -> Tensor");
   // The public clipped value loss, as ppo_policy_loss; stats (1,) vf_clipfrac.
   m.def(
       "ppo_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip, "

@@ -37,6 +37,7 @@ GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "ppo_policy_loss": ("cuda", "triton"),
     "ppo_policy_rows": ("cuda", "triton"),
     "ppo_sequence_clip": ("cuda", "triton"),
+    "scale_by_sign": ("cuda", "triton"),
     "ppo_value_loss": ("cuda", "triton"),
     "ppo_loss_from_logits": ("cuda", "triton"),
     "advantages": ("cuda", "triton"),

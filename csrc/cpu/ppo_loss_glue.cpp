@@ -243,12 +243,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_sequence_clip_cpu(const at::T
   });
 }
 
+// The op scale_by_sign: rows split over the threads, each a loop the compiler vectorises.
+at::Tensor scale_by_sign_cpu(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& neg) {
+  return scale_by_sign_impl(x, pos, neg, [](const at::Tensor& in, const at::Tensor& p, const at::Tensor& n,
+                                            at::Tensor& out, int64_t rows, int64_t seq_len) {
+    AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "scale_by_sign_cpu", [&] {
+      const scalar_t* x = in.const_data_ptr<scalar_t>();
+      const scalar_t *pos = p.const_data_ptr<scalar_t>(), *neg = n.const_data_ptr<scalar_t>();
+      scalar_t* y = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / seq_len), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const scalar_t up = pos[r], down = neg[r];
+          const scalar_t* xr = x + r * seq_len;
+          scalar_t* yr = y + r * seq_len;
+          for (int64_t t = 0; t < seq_len; ++t) yr[t] = xr[t] * (xr[t] > scalar_t(0) ? up : down);
+        }
+      });
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
   m.impl("ppo_policy_loss", &ppo_policy_loss_cpu);
   m.impl("ppo_policy_rows", &ppo_policy_rows_cpu);
   m.impl("ppo_sequence_clip", &ppo_sequence_clip_cpu);
+  m.impl("scale_by_sign", &scale_by_sign_cpu);
   m.impl("ppo_value_loss", &ppo_value_loss_cpu);
   m.impl("scale_grad_", &scale_grad_cpu);
   m.impl("ppo_loss_from_logits", &ppo_loss_from_logits_cpu);

@@ -182,6 +182,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    scale_by_sign_kernel(const acc_t* __restrict__ x, const acc_t* __restrict__ pos, const acc_t* __restrict__ neg,
+                         int64_t n, int64_t seq_len, acc_t* __restrict__ y) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
+    const acc_t v = x[i];
+    const int64_t r = i / seq_len;
+    y[i] = v * (v > acc_t(0) ? pos[r] : neg[r]);
+  }
+}
+
 }  // namespace
 
 template <typename acc_t>
@@ -190,6 +202,16 @@ cudaError_t launch_ppo_sequence_clip(const acc_t* rows, int64_t seqs, int64_t se
                                      acc_t* stats, cudaStream_t stream) {
   ppo_sequence_clip_kernel<acc_t><<<1, kThreads, 0, stream>>>(rows, seqs, seq_len, agg, ratio_low, ratio_high,
                                                               dual_clip, loss, coef, stats);
+  return cudaGetLastError();
+}
+
+template <typename acc_t>
+cudaError_t launch_scale_by_sign(const acc_t* x, const acc_t* pos, const acc_t* neg, int64_t n, int64_t seq_len,
+                                 acc_t* y, cudaStream_t stream) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  constexpr int64_t kMaxBlocks = 65536;  // more elements: each thread strides over the grid
+  scale_by_sign_kernel<acc_t><<<static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks), kThreads, 0,
+                                 stream>>>(x, pos, neg, n, seq_len, y);
   return cudaGetLastError();
 }
 
@@ -224,6 +246,8 @@ cudaError_t launch_ppo_value_fwd(const acc_t* values, const acc_t* old_values, c
 }
 
 #define RLHF_INSTANTIATE(acc_t)                                                                   \
+  template cudaError_t launch_scale_by_sign<acc_t>(const acc_t*, const acc_t*, const acc_t*, int64_t, int64_t, \
+                                                   acc_t*, cudaStream_t);                                   \
   template cudaError_t launch_ppo_sequence_clip<acc_t>(const acc_t*, int64_t, int64_t, AggParams, acc_t, acc_t, \
                                                        acc_t, acc_t*, acc_t*, acc_t*, cudaStream_t);         \
   template cudaError_t launch_ppo_policy_fwd<acc_t>(                                              \

@@ -42,6 +42,12 @@ cudaError_t launch_ppo_sequence_clip(const acc_t* rows, int64_t seqs, int64_t se
                                      acc_t ratio_low, acc_t ratio_high, acc_t dual_clip, acc_t* loss, acc_t* coef,
                                      acc_t* stats, cudaStream_t stream);
 
+// scale_by_sign: y[i] = x[i] * (x[i] > 0 ? pos[r] : neg[r]), r = i / seq_len;
+// x and y (rows * seq_len) contiguous, n = rows * seq_len > 0.
+template <typename acc_t>
+cudaError_t launch_scale_by_sign(const acc_t* x, const acc_t* pos, const acc_t* neg, int64_t n, int64_t seq_len,
+                                 acc_t* y, cudaStream_t stream);
+
 // x[i] = x[i] * (scale[0] / applied[0]) in acc_t, rounded once to scalar_t,
 // unless the factor is 1: then no element is touched. Both are read on the
 // device, so the caller never synchronises (the backward of a loss whose

@@ -193,12 +193,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_sequence_clip_cuda(const at::
   });
 }
 
+// The op scale_by_sign: one grid-stride pass.
+at::Tensor scale_by_sign_cuda(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& neg) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return scale_by_sign_impl(x, pos, neg, [](const at::Tensor& in, const at::Tensor& p, const at::Tensor& n,
+                                            at::Tensor& out, int64_t, int64_t seq_len) {
+    AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "scale_by_sign_cuda", [&] {
+      C10_CUDA_CHECK(cuda::launch_scale_by_sign<scalar_t>(
+          in.const_data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(), n.const_data_ptr<scalar_t>(), in.numel(),
+          seq_len, out.mutable_data_ptr<scalar_t>(), c10::cuda::getCurrentCUDAStream()));
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
   m.impl("ppo_policy_loss", &ppo_policy_loss_cuda);
   m.impl("ppo_policy_rows", &ppo_policy_rows_cuda);
   m.impl("ppo_sequence_clip", &ppo_sequence_clip_cuda);
+  m.impl("scale_by_sign", &scale_by_sign_cuda);
   m.impl("ppo_value_loss", &ppo_value_loss_cuda);
   m.impl("scale_grad_", &scale_grad_cuda);
   m.impl("ppo_loss_from_logits", &ppo_loss_from_logits_cuda);

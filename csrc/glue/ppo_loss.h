@@ -417,6 +417,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_sequence_clip_impl(const at::
   return {loss, coef, stats};
 }
 
+// scale_by_sign on a device: x (..., T) float32 | float64 and pos, neg (R,) of
+// its dtype checked, x made contiguous and the output allocated, then
+// scale(x, pos, neg, out, rows, T) the device's loop.
+template <typename Scale>
+at::Tensor scale_by_sign_impl(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& neg, Scale&& scale) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected shape (..., T), got a 0-dim tensor");
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                    "x: expected float32 or float64, got ", x.scalar_type());
+  const int64_t seq_len = x.size(-1);
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"pos", &pos}, {"neg", &neg}}) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == rows, name, ": expected shape (", rows, ",), got ", t->sizes());
+    TORCH_CHECK_VALUE(t->scalar_type() == x.scalar_type(), name, ": expected ", x.scalar_type(), ", got ",
+                      t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == x.device(), name, ": expected device ", x.device(), ", got ", t->device());
+  }
+  const at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty_like(in);
+  if (in.numel() > 0) scale(in, pos.contiguous(), neg.contiguous(), out, rows, seq_len);
+  return out;
+}
+
 // The public ppo_value_loss, as ppo_policy_loss_impl; stats (1,) vf_clipfrac.
 template <typename Partials, typename Finalize>
 LossOutputs ppo_value_loss_impl(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,

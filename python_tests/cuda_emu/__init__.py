@@ -41,6 +41,7 @@ _SIGNATURES = {
     "emu_ppo_policy_fwd": "p p p p p p p i64 i64 d d d i64 d i32 p p",
     "emu_ppo_value_fwd": "p p p p p i64 i64 d p p",
     "emu_ppo_sequence_clip": "p i64 i64 i32 d d d d d p p p",
+    "emu_scale_by_sign": "p p p i64 i64 p",
     "emu_rollout_correction": "p p p p i64 i64 i32 i32 d d i32 p p p p p p",
     "emu_selftest_shuffle": "p p i32 i32 i32 i32",
     "emu_selftest_bad": "i32 p i32",
@@ -415,6 +416,15 @@ class Emulator:
                   stats)
         arena.check()
         return loss, coef, stats
+
+    def scale_by_sign(self, x, pos, neg):
+        """As scale_by_sign (csrc/ops.cpp) on contiguous (R, T) x and (R,) pos / neg."""
+        arena = Arena()
+        y = arena.empty(x.shape, x.dtype, "y")
+        self.call(f"emu_scale_by_sign_{TAGS[x.dtype]}", arena.place(x.contiguous(), "x"), arena.place(pos, "pos"),
+                  arena.place(neg, "neg"), x.numel(), x.shape[-1], y)
+        arena.check()
+        return y
 
     # --- rollout correction (csrc/cuda/rollout_correction_glue.cpp) -----------------------
 

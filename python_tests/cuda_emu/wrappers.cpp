@@ -208,6 +208,12 @@ namespace kernels = rlhf_kernels::cuda;
         rlhf_kernels::AggParams{agg_mode, num_tokens, num_seqs}, static_cast<acc_t>(ratio_low),  \
         static_cast<acc_t>(ratio_high), static_cast<acc_t>(dual_clip), static_cast<acc_t*>(loss), \
         static_cast<acc_t*>(coef), static_cast<acc_t*>(stats), nullptr);                        \
+  }                                                                                              \
+  int emu_scale_by_sign_##tag(const void* x, const void* pos, const void* neg, int64_t n,         \
+                              int64_t seq_len, void* y) {                                       \
+    return kernels::launch_scale_by_sign<acc_t>(                                                 \
+        static_cast<const acc_t*>(x), static_cast<const acc_t*>(pos),                            \
+        static_cast<const acc_t*>(neg), n, seq_len, static_cast<acc_t*>(y), nullptr);            \
   }
 
 extern "C" {

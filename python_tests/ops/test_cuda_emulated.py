@@ -2019,3 +2019,21 @@ def test_ppo_sequence_clip(emu, seqs, dtype, agg, dual_clip, counts):
         assert got[0].isnan() and got[1][5].isnan() and got[1][3] == 0
     else:
         assert torch.all(got[2] == 0) and got[0] == 0
+
+
+@pytest.mark.parametrize("shape", [(3, 300), (600, 7), (1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_scale_by_sign(emu, shape, dtype):
+    """scale_by_sign's grid-stride kernel against x times its row's weight of
+    x's sign (zeros, NaN, +-inf among x; a zero weight)."""
+    gen = _gen(shape[0])
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    pos = torch.rand(shape[0], generator=gen, dtype=torch.float64) * 3
+    neg = torch.rand(shape[0], generator=gen, dtype=torch.float64) * 3
+    if x.numel() >= 6:
+        x.view(-1)[:5] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf")], dtype=torch.float64)
+        neg[0] = 0.0
+    x, pos, neg = x.to(dtype), pos.to(dtype), neg.to(dtype)
+    got = emu.scale_by_sign(x, pos, neg)
+    want = x * torch.where(x > 0, pos.unsqueeze(-1), neg.unsqueeze(-1))
+    torch.testing.assert_close(got, want, equal_nan=True, atol=0, rtol=0)

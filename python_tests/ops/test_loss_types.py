@@ -433,3 +433,40 @@ def test_sequence_clip_host_loop_equals_its_composition(dtype, agg, dual_clip):
                           (rows.nan_to_num(), *args, None, 3.0, 40))
     with pytest.raises(ValueError, match="rows: expected shape"):
         torch.ops.rlhf_kernels.ppo_sequence_clip(rows[:, :8], *args, None, None, 40)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(5, 37), (2, 3, 8), (9,), (0, 4), (3, 0)])
+def test_scale_by_sign_equals_its_composition(device_backend, dtype, shape):
+    """scale_by_sign (VESPO's A phi) on the backend against the torch
+    composition the eager backend runs: x times pos[r] where x > 0, neg[r]
+    elsewhere, with zeros, NaN and +-inf in x and a zero weight; strided x;
+    opcheck and the arguments' ValueErrors."""
+    from rlhf_kernels._dispatch import implementation
+    from rlhf_kernels.ops.policy_objectives import _scale_by_sign
+
+    device, backend = device_backend
+    gen = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    rows = math.prod(shape[:-1])
+    pos = torch.rand(rows, generator=gen, dtype=torch.float64) * 3
+    neg = torch.rand(rows, generator=gen, dtype=torch.float64) * 3
+    if x.numel() >= 6:
+        x.view(-1)[:5] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf")], dtype=torch.float64)
+        neg[0] = 0.0
+    x, pos, neg = (t.to(dtype).to(device) for t in (x, pos, neg))
+    op = implementation("scale_by_sign", backend, x.device)
+    want = x * torch.where(x > 0, pos.view(*shape[:-1], 1), neg.view(*shape[:-1], 1))  # one rounding
+    for arg in (x, x.transpose(0, -1).contiguous().transpose(0, -1) if x.dim() > 1 else x):
+        got = op(arg, pos, neg)
+        assert got.shape == x.shape and got.dtype == dtype
+        torch.testing.assert_close(got, want, equal_nan=True, atol=0, rtol=0)
+        torch.testing.assert_close(got, _scale_by_sign(arg, pos, neg), equal_nan=True, atol=0, rtol=0)
+    if backend in ("cpu", "cuda"):
+        torch.library.opcheck(torch.ops.rlhf_kernels.scale_by_sign.default, (x.nan_to_num(), pos, neg))
+        with pytest.raises(ValueError, match="pos: expected shape"):
+            torch.ops.rlhf_kernels.scale_by_sign(x, pos[:-1] if rows else pos.new_zeros(1), neg)
+        with pytest.raises(ValueError, match="neg: expected"):
+            torch.ops.rlhf_kernels.scale_by_sign(x, pos, neg.to(torch.float16))
+        with pytest.raises(ValueError, match="x: expected float32 or float64"):
+            torch.ops.rlhf_kernels.scale_by_sign(x.half(), pos, neg)

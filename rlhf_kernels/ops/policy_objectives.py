@@ -295,10 +295,8 @@ def _vespo_advantages(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: 
     token_weights, of clamp(log token_weight, log 1e-8, 20); (k, lambda)
     = (k_pos, lambda_pos) where A >= 0, else (k_neg, lambda_neg), lambda
     clamped at >= 1e-4; NaN and +-inf phi give 0, as TRL's. Both signs' phi
-    per sequence (float64), then max(A, 0) phi_pos + min(A, 0) phi_neg per
-    token: A phi exactly (a zero term adds nothing to a finite phi), in
-    same-dtype products (torch's CPU where over A's sign is several times
-    slower)."""
+    per sequence (float64), then A phi_pos where A > 0, A phi_neg elsewhere
+    (scale_by_sign: one pass natively)."""
     k_pos, lambda_pos, k_neg, lambda_neg = params
     dtype = compute_dtype(logp, old_logp, advantages)
     # form 9 reads no advantage: old_logp in its place, no third tensor read
@@ -318,8 +316,26 @@ def _vespo_advantages(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: 
         lam = max(lam, 1e-4)
         return torch.exp(lam + k * log_w - lam * w_seq).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).to(dtype)
 
-    a = advantages.detach().to(dtype)
-    return a.clamp(min=0).mul_(phi(k_pos, lambda_pos)).addcmul_(a.clamp(max=0), phi(k_neg, lambda_neg))
+    return implementation("scale_by_sign", backend, logp.device)(
+        advantages.detach().to(dtype), phi(k_pos, lambda_pos).view(-1), phi(k_neg, lambda_neg).view(-1))
+
+
+def _scale_by_sign(x: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+    """The op scale_by_sign (csrc/ops.cpp) composed of torch ops: x (..., T)
+    times pos[r] where x > 0, neg[r] elsewhere, per row r, as max(x, 0) pos +
+    min(x, 0) neg (x times its weight: a zero term adds nothing to a finite
+    weight), in same-dtype products (torch's CPU where over x's sign is
+    several times slower)."""
+    pos, neg = pos.view(*x.shape[:-1], 1), neg.view(*x.shape[:-1], 1)
+    return x.clamp(min=0).mul_(pos).addcmul_(x.clamp(max=0), neg)
+
+
+register("scale_by_sign", ("eager",), _scale_by_sign)
+if triton_installed():
+    register("scale_by_sign", ("triton",), torch.ops.rlhf_kernels.scale_by_sign_triton.default)
+if native_op("scale_by_sign") is not None:  # one pass (CPU rows over threads; CUDA grid stride)
+    torch.library.register_fake(native_op("scale_by_sign"))(lambda x, pos, neg: x.new_empty(x.shape))
+    register("scale_by_sign", ("cpu", "cuda"), native_op("scale_by_sign"))
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, token_weights: Optional[Tensor],

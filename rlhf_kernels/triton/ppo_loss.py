@@ -24,6 +24,7 @@ from ._device import (
     _chunk_tokens, _clamp, _f64, _label_logp, _policy_terms, _row_grad, _row_softmax, _token_weight, f64_parts,
     on_tensor_device, tl_acc,
 )
+from . import advantages as _advantages
 from . import logprobs as _logprobs
 
 N_POLICY_FORMS = 8  # the objectives' codes, PolicyForm in csrc/include/rlhf_kernels/ppo_math.h (FORM of the kernels)
@@ -262,11 +263,24 @@ def scale_unless_one(x: Tensor, applied: Tensor, scale: Tensor) -> None:
     n = x.numel()
     scale = scale.to(applied.dtype).reshape(1)
     if n > 0:
-        block = 4096 if x.device.type != "cuda" else 1024
+        block = _advantages.elem_block(x.device)
         _scale_unless_one_kernel[(min(triton.cdiv(n, block), 1024),)](
             x, scale, applied, n, ACC_DTYPE=tl_acc(x.dtype), BLOCK=block,
         )
     applied.copy_(scale)
+
+
+@triton.jit
+def _scale_by_sign_kernel(x_ptr, pos_ptr, neg_ptr, y_ptr, n, seq_len, BLOCK: tl.constexpr):
+    # y = x * (x > 0 ? pos[r] : neg[r]), r = i // seq_len; a grid-stride loop over a bounded grid.
+    for start in range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK):
+        offs = start + tl.zeros((), tl.int64) + tl.arange(0, BLOCK)
+        inside = offs < n
+        x = tl.load(x_ptr + offs, mask=inside, other=0.0)
+        row = offs // seq_len
+        weight = tl.where(x > 0, tl.load(pos_ptr + row, mask=inside, other=0.0),
+                          tl.load(neg_ptr + row, mask=inside, other=0.0))
+        tl.store(y_ptr + offs, x * weight, mask=inside)
 
 
 # --- the custom ops: the native ops' composites (csrc/glue/ppo_loss.h) over these kernels ---
@@ -416,3 +430,35 @@ def scale_grad_op(grad: Tensor, applied: Tensor, scale: Tensor) -> None:
 @scale_grad_op.register_fake
 def _(grad, applied, scale):
     return None
+
+
+@torch.library.custom_op("rlhf_kernels::scale_by_sign_triton", mutates_args=())
+def scale_by_sign_op(x: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+    """The native scale_by_sign (csrc/glue/ppo_loss.h scale_by_sign_impl): one grid-stride pass."""
+    if x.dim() < 1:
+        raise ValueError("x: expected shape (..., T), got a 0-dim tensor")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"x: expected float32 or float64, got {x.dtype}")
+    rows = math.prod(x.shape[:-1])
+    for name, t in (("pos", pos), ("neg", neg)):
+        if tuple(t.shape) != (rows,):
+            raise ValueError(f"{name}: expected shape ({rows},), got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name}: expected {x.dtype}, got {t.dtype}")
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    if x.numel() > 0:
+        _launch_scale_by_sign(x, pos.contiguous(), neg.contiguous(), y)
+    return y
+
+
+@on_tensor_device
+def _launch_scale_by_sign(x: Tensor, pos: Tensor, neg: Tensor, y: Tensor) -> None:
+    n = x.numel()
+    block = _advantages.elem_block(x.device)
+    _scale_by_sign_kernel[(min(triton.cdiv(n, block), 1024),)](x, pos, neg, y, n, x.shape[-1], BLOCK=block)
+
+
+@scale_by_sign_op.register_fake
+def _(x, pos, neg):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
