@@ -1704,7 +1704,7 @@ def test_ctypes_library_has_every_launcher(emu):
                    "advantages", "rollout_correction", "truncation_threshold"):
             assert isinstance(getattr(emu.lib, f"emu_{op}_{tag}"), ctypes._CFuncPtr)
     for tag in ("f32", "f64"):
-        for op in ("ppo_policy_fwd", "ppo_value_fwd", "ppo_sequence_clip"):
+        for op in ("ppo_policy_fwd", "ppo_value_fwd", "ppo_sequence_clip", "scale_by_sign"):
             assert isinstance(getattr(emu.lib, f"emu_{op}_{tag}"), ctypes._CFuncPtr)
 
 
