@@ -29,12 +29,12 @@ def test_every_triton_kernel_compiles_for_sm90_and_sm80_without_spills():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     for arch in (90, 80):
         m = re.search(rf"sm_{arch}: (\d+) specialisations of (\d+) kernels", proc.stdout)
-        assert m and int(m.group(2)) == 11 and int(m.group(1)) > 50, proc.stdout[:2000]
+        assert m and int(m.group(2)) == 12 and int(m.group(1)) > 50, proc.stdout[:2000]
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("sm_")]
     kernels = {row[1] for row in rows if len(row) > 6}
     assert {"_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_advantages_kernel", "_kl_fwd_kernel",
             "_kl_bwd_kernel", "_ppo_policy_fwd_kernel", "_ppo_value_fwd_kernel", "_ppo_logits_grad_kernel",
-            "_scale_unless_one_kernel", "_truncation_threshold_kernel"} <= kernels
+            "_scale_unless_one_kernel", "_scale_by_sign_kernel", "_truncation_threshold_kernel"} <= kernels
     # The production logits shape streams with 16-byte loads.
     fwd = [row for row in rows if len(row) > 7 and row[1] == "_logprobs_fwd_kernel" and row[2] == "bfloat16"
            and "BLOCK_V=4096," in row]
