@@ -172,13 +172,8 @@ __global__ void __launch_bounds__(kThreads)
   block_reduce_store<double, 6>(v, kOps, out);
   __syncthreads();
   if (threadIdx.x == 0) {
-    const double denom = total > 0 ? total : 1.0;
     *loss = static_cast<acc_t>(out[0]);
-    stats[kClipFrac] = static_cast<acc_t>(out[1] / denom);
-    stats[kClipFracLower] = static_cast<acc_t>(out[2] / denom);
-    stats[kApproxKl] = static_cast<acc_t>(out[3] / denom);
-    stats[kRatioMaxOut] = static_cast<acc_t>(total > 0 ? out[4] : 0.0);
-    stats[kRatioMinOut] = static_cast<acc_t>(total > 0 ? out[5] : 0.0);
+    ::rlhf_kernels::detail::write_policy_stats(stats, total, out[1], out[2], out[3], out[4], out[5]);
   }
 }
 

@@ -80,6 +80,20 @@ RLHF_HOST_DEVICE inline double seq_weight(const AggParams& agg, double count_b, 
   }
 }
 
+// The policy statistics kClipFrac .. kRatioMinOut from their sums over the
+// valid tokens (total: their count): shares over the tokens, the ratio
+// extremes 0 without a valid token.
+template <typename acc_t>
+RLHF_HOST_DEVICE inline void write_policy_stats(acc_t* stats, double total, double clips, double duals,
+                                                double approx_kl, double ratio_max, double ratio_min) {
+  const double denom = total > 0 ? total : 1.0;
+  stats[kClipFrac] = static_cast<acc_t>(clips / denom);
+  stats[kClipFracLower] = static_cast<acc_t>(duals / denom);
+  stats[kApproxKl] = static_cast<acc_t>(approx_kl / denom);
+  stats[kRatioMaxOut] = static_cast<acc_t>(total > 0 ? ratio_max : 0.0);
+  stats[kRatioMinOut] = static_cast<acc_t>(total > 0 ? ratio_min : 0.0);
+}
+
 }  // namespace detail
 
 // The policy loss from (B, chunks, kPolicyStats) partials: loss = pg + kl_coef
@@ -115,14 +129,8 @@ void finalize_policy(const acc_t* partial, int64_t seqs, int64_t chunks, int64_t
     kl += w * detail::seq_sum(partial, b, chunks, kPolicyStats, kKlPenaltySum);
     entropy += w * detail::seq_sum(partial, b, chunks, kPolicyStats, kEntropySum);
   }
-  const double denom = total > 0 ? total : 1.0;
-  const bool any = total > 0;
   *loss = static_cast<acc_t>(pg + kl_coef * kl - entropy_coef * entropy);
-  stats[kClipFrac] = static_cast<acc_t>(clips / denom);
-  stats[kClipFracLower] = static_cast<acc_t>(duals / denom);
-  stats[kApproxKl] = static_cast<acc_t>(approx_kl / denom);
-  stats[kRatioMaxOut] = static_cast<acc_t>(any ? ratio_max : 0.0);
-  stats[kRatioMinOut] = static_cast<acc_t>(any ? ratio_min : 0.0);
+  detail::write_policy_stats(stats, total, clips, duals, approx_kl, ratio_max, ratio_min);
   stats[kPgLossOut] = static_cast<acc_t>(pg);
   stats[kKlOut] = static_cast<acc_t>(kl);
   stats[kEntropyOut] = static_cast<acc_t>(entropy);
@@ -230,13 +238,8 @@ void finalize_sequence_clip(const acc_t* rows, int64_t seqs, int64_t seq_len, co
       ratio_min = s.ratio < ratio_min ? s.ratio : ratio_min;
     }
   }
-  const double denom = total > 0 ? total : 1.0;
   *loss = static_cast<acc_t>(sum);
-  stats[kClipFrac] = static_cast<acc_t>(clips / denom);
-  stats[kClipFracLower] = static_cast<acc_t>(duals / denom);
-  stats[kApproxKl] = static_cast<acc_t>(approx_kl / denom);
-  stats[kRatioMaxOut] = static_cast<acc_t>(total > 0 ? ratio_max : 0.0);
-  stats[kRatioMinOut] = static_cast<acc_t>(total > 0 ? ratio_min : 0.0);
+  detail::write_policy_stats(stats, total, clips, duals, approx_kl, ratio_max, ratio_min);
 }
 
 // grad (B, T) *= weights[b], rows [b_begin, b_end): the token gradient for a
