@@ -470,3 +470,30 @@ def test_scale_by_sign_equals_its_composition(device_backend, dtype, shape):
             torch.ops.rlhf_kernels.scale_by_sign(x, pos, neg.to(torch.float16))
         with pytest.raises(ValueError, match="x: expected float32 or float64"):
             torch.ops.rlhf_kernels.scale_by_sign(x.half(), pos, neg)
+
+
+def test_vespo_runs_its_three_ops(device_backend):
+    """VESPO on a kernel backend is three ops: the rows of form 9 (its
+    log-weights), scale_by_sign (A phi) and the token loss (gpg's form 3)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "rlhf_kernels":
+                self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    device, backend = device_backend
+    logp, old, adv, mask = _tokens((3, 40), device)
+    with Ops() as ops:
+        rlhf_kernels.ppo_policy_loss(logp.clone().requires_grad_(True), old, adv, mask, loss_type="vespo",
+                                     backend=backend)[0].backward()
+    suffix = {"cpu": "", "cuda": "", "triton": "_triton"}.get(backend)
+    if suffix is None:
+        assert ops.seen == []
+    else:
+        assert ops.seen == [f"ppo_policy_rows{suffix}", f"scale_by_sign{suffix}", f"ppo_policy_loss{suffix}"]
