@@ -7,6 +7,10 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>  // vec.h's few intrinsics (the copies live inside namespaces)
+#endif
+
 namespace rlhf_kernels::cpu {
 
 enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };

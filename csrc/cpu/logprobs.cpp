@@ -29,6 +29,14 @@ constexpr float kMinExpArg = -87.3f;
 // truncation_threshold's top-p: levels of y per pass (chunk_mass_levels).
 constexpr int kMassLevels = 8;
 
+// What truncation_threshold's first read of a row gathers (chunk_scan).
+struct RowScan {
+  float max = -std::numeric_limits<float>::infinity();
+  bool nan = false;
+  double sum = 0, sum_sq = 0;  // of the finite values
+  int64_t finite = 0;
+};
+
 #define RLHF_ISA_LOOPS "logprobs_chunks.inc"
 #include "isa_copies.inc"
 
@@ -40,7 +48,7 @@ struct ChunkKernels {
   void (*sum_kept)(const float*, int64_t, float, float, float, float*, float*);
   void (*grad_kept)(const float*, int64_t, float, float, float, float, float, float, float, float*);
   void (*mass_levels)(const float*, int64_t, float, float, float, const float*, float*);
-  bool (*has_nan)(const float*, int64_t);
+  void (*scan)(const float*, int64_t, RowScan*);
   void (*collect)(const float*, int64_t, float, float, float, float, float, float*, int64_t*);
 };
 
@@ -50,17 +58,17 @@ const ChunkKernels& chunk_kernels() {
     switch (cpu_isa()) {
       case Isa::kAvx512:
         return ChunkKernels{avx512::chunk_max, avx512::chunk_sum, avx512::chunk_grad, avx512::chunk_sum_kept,
-                            avx512::chunk_grad_kept, avx512::chunk_mass_levels, avx512::chunk_has_nan,
+                            avx512::chunk_grad_kept, avx512::chunk_mass_levels, avx512::chunk_scan,
                             avx512::chunk_collect};
       case Isa::kAvx2:
         return ChunkKernels{avx2::chunk_max, avx2::chunk_sum, avx2::chunk_grad, avx2::chunk_sum_kept,
-                            avx2::chunk_grad_kept, avx2::chunk_mass_levels, avx2::chunk_has_nan,
+                            avx2::chunk_grad_kept, avx2::chunk_mass_levels, avx2::chunk_scan,
                             avx2::chunk_collect};
       default: break;
     }
 #endif
     return ChunkKernels{baseline::chunk_max, baseline::chunk_sum, baseline::chunk_grad, baseline::chunk_sum_kept,
-                        baseline::chunk_grad_kept, baseline::chunk_mass_levels, baseline::chunk_has_nan,
+                        baseline::chunk_grad_kept, baseline::chunk_mass_levels, baseline::chunk_scan,
                             baseline::chunk_collect};
   }();
   return kernels;
@@ -327,6 +335,35 @@ void in_sampler_order(bool min_p_first, MinP min_p, TopK top_k, TopP top_p) {
   if (!min_p_first) min_p();
 }
 
+// The first top-p pass's levels of y = (x - m) / T, descending, the last -inf
+// (its sum: the mass Z). Placed around an estimate of the threshold where the
+// row's finite values have a spread: were they normal N(mu, s^2), the mass
+// exp(x / T) would follow N(mu + s^2 / T, s^2) and the threshold would sit
+// z_p = Phi^-1(top_p) deviations below its mean (z_p by the logistic
+// approximation; an estimate only: the bracket is checked against the sums
+// and refined either way). The levels lie within +-1 s of it, a
+// tighter bracket than fixed levels for most rows; a row whose top tokens
+// hold the mass (a trained model's) finds the threshold above them, among
+// few values. Without a spread: -1/2, -1, -2, ..., -2^(L - 3).
+void first_mass_levels(const RowScan& scan, float inv_temperature, double top_p, float* levels) {
+  levels[kMassLevels - 1] = -std::numeric_limits<float>::infinity();
+  const double n = static_cast<double>(scan.finite);
+  const double mean = scan.sum / std::max(n, 1.0);
+  const double var = scan.sum_sq / std::max(n, 1.0) - mean * mean;
+  const double s = std::sqrt(std::max(var, 0.0));
+  const double z_p = 0.5513 * std::log(top_p / (1.0 - top_p));  // sqrt(3) / pi * logit(p)
+  const double y_hat = (mean + var * inv_temperature - z_p * s - scan.max) * inv_temperature;
+  const double d = s * inv_temperature;
+  if (n < 2 || !(d > 0) || !std::isfinite(y_hat) || !std::isfinite(d) || !std::isfinite(scan.max)) {
+    for (int l = 0; l < kMassLevels - 1; ++l) levels[l] = l == 0 ? -0.5f : -std::ldexp(1.f, l - 1);
+    return;
+  }
+  constexpr double kOffsets[kMassLevels - 1] = {1.0, 0.4, 0.15, 0.0, -0.15, -0.4, -1.0};
+  for (int l = 0; l < kMassLevels - 1; ++l) {
+    levels[l] = static_cast<float>(std::min(y_hat + kOffsets[l] * d, 0.0));
+  }
+}
+
 // Scratch buffers of the float row threshold, reused across a task's rows.
 struct ThresholdScratch {
   std::vector<float> row, blocks, cand, members;
@@ -342,25 +379,28 @@ constexpr int64_t kExactMembers = 512;  // top-p: the exact selection once a bra
 //   the values >= the k-th largest block maximum only (at least k of them, a
 //   few k on real rows);
 // - top-p: one vectorised pass sums the set's mass above kMassLevels levels
-//   of y (-1/2 down to -32, and -inf: Z); the values of the bracket where the
-//   mass from the top reaches top_p Z are collected (a second pass), then
+//   of y (first_mass_levels: around an estimate from the row's moments, and
+//   -inf: Z); the values of the bracket where the mass from the top reaches
+//   top_p Z are collected (a second pass, a compress per vector), then
 //   bracketed again among themselves (levels spread over the bracket) while
-//   more than kExactMembers, then selected exactly.
-// Passes over the row, each vectorised: the max and a NaN check, top-k's
-// block maxima and candidates, top-p's levels and bracket.
+//   more than kExactMembers, then selected exactly. After a top-k cut the set
+//   is top-k's candidates, not the row.
+// Passes over the row, each vectorised: the max, a NaN check and the moments
+// in one; top-k's block maxima and candidates; top-p's levels and bracket.
 float row_threshold_f32(const float* x, int64_t vocab, float inv_temperature, int64_t top_k, double top_p,
                         double min_p, bool min_p_first, ThresholdScratch& s) {
   const ChunkKernels& kernels = chunk_kernels();
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  float m = neg_inf;
-  for (int64_t c = 0; c < vocab; c += kChunk) {
-    const int64_t n = std::min(kChunk, vocab - c);
-    if (kernels.has_nan(x + c, n)) return std::numeric_limits<float>::quiet_NaN();
-    const float chunk_m = kernels.max(x + c, n);
-    m = chunk_m > m ? chunk_m : m;
-  }
+  RowScan scan;
+  for (int64_t c = 0; c < vocab; c += kChunk) kernels.scan(x + c, std::min(kChunk, vocab - c), &scan);
+  if (scan.nan) return std::numeric_limits<float>::quiet_NaN();
+  const float m = scan.max;
   if (m == neg_inf) return neg_inf;
   float thr = neg_inf;
+  // The values top-p chooses among: the row, or once top-k has cut, its
+  // candidates (a superset of its kept set, s.cand).
+  const float* set = x;
+  int64_t set_size = vocab;
   auto apply_min_p = [&]() {
     if (min_p > 0) thr = std::max(thr, m + std::log(static_cast<float>(min_p)) / inv_temperature);
   };
@@ -383,25 +423,25 @@ float row_threshold_f32(const float* x, int64_t vocab, float inv_temperature, in
     if (static_cast<int64_t>(s.cand.size()) < top_k) return;  // fewer than k in the set: no cut
     std::nth_element(s.cand.begin(), s.cand.begin() + (top_k - 1), s.cand.end(), std::greater<float>());
     thr = std::max(thr, s.cand[top_k - 1]);
+    set = s.cand.data();
+    set_size = static_cast<int64_t>(s.cand.size());
   };
   auto apply_top_p = [&]() {
     if (top_p >= 1) return;
-    // The first pass's levels of y: -1/2, -1, -2, ..., -2^(L - 3), and -inf (its sum: the mass Z).
     float levels[kMassLevels], sums[kMassLevels] = {};
-    for (int l = 0; l < kMassLevels - 1; ++l) levels[l] = l == 0 ? -0.5f : -std::ldexp(1.f, l - 1);
-    levels[kMassLevels - 1] = -std::numeric_limits<float>::infinity();
-    for (int64_t c = 0; c < vocab; c += kChunk) {
-      kernels.mass_levels(x + c, std::min(kChunk, vocab - c), inv_temperature, m, thr, levels, sums);
+    first_mass_levels(scan, inv_temperature, top_p, levels);
+    for (int64_t c = 0; c < set_size; c += kChunk) {
+      kernels.mass_levels(set + c, std::min(kChunk, set_size - c), inv_temperature, m, thr, levels, sums);
     }
     const double z = sums[kMassLevels - 1];
     const double target = top_p * z;
     float y_low = -std::numeric_limits<float>::infinity(), y_high = std::numeric_limits<float>::infinity();
     double above = 0;  // the mass above y_high
     // Brackets (y_low, y_high] holding the threshold: first over the row, then over its members.
-    const float* values = x;
-    int64_t n_values = vocab;
+    const float* values = set;
+    int64_t n_values = set_size;
     float values_thr = thr;
-    s.members.resize(vocab);
+    s.members.resize(set_size);
     for (int round = 0; round < 12; ++round) {
       if (round > 0) {  // levels spread evenly over the bracket
         const float top = std::min(y_high, 0.f);

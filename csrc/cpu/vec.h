@@ -68,6 +68,51 @@ RLHF_VEC_INLINE float hmax(fvec v) {
   return v[0];
 }
 
+// Stores the lanes of v whose keep is set (-1), in lane order, at out[0:);
+// returns how many. May write all kLanes floats at out: out must have room
+// for them, or lie at or behind the memory v was loaded from. AVX-512: one
+// compress into a register and a full store (a compress store straight to
+// memory is microcoded on AMD Zen 4: 1.6x slower for the whole top-p
+// threshold, `python -m benchmarks.bench_truncation`); AVX2: a permutation from a table of the 256 masks;
+// baseline: lane by lane without a branch.
+#if RLHF_VEC_ISA == 1
+struct CompressTable {
+  int32_t index[256][8];
+};
+constexpr CompressTable make_compress_table() {
+  CompressTable table{};
+  for (int mask = 0; mask < 256; ++mask) {
+    int k = 0;
+    for (int lane = 0; lane < 8; ++lane) {
+      if ((mask >> lane) & 1) table.index[mask][k++] = lane;
+    }
+  }
+  return table;
+}
+inline constexpr CompressTable kCompressTable = make_compress_table();
+#endif
+
+RLHF_VEC_INLINE int compress_store(float* out, fvec v, ivec keep) {
+#if RLHF_VEC_ISA == 2
+  const __mmask16 mask = _mm512_movepi32_mask(reinterpret_cast<__m512i>(keep));
+  _mm512_storeu_ps(out, _mm512_maskz_compress_ps(mask, reinterpret_cast<__m512>(v)));
+  return __builtin_popcount(mask);
+#elif RLHF_VEC_ISA == 1
+  const int mask = _mm256_movemask_ps(reinterpret_cast<__m256>(keep));
+  __m256i index;
+  std::memcpy(&index, kCompressTable.index[mask], sizeof(index));
+  _mm256_storeu_ps(out, _mm256_permutevar8x32_ps(reinterpret_cast<__m256>(v), index));
+  return __builtin_popcount(mask);
+#else
+  int k = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    out[k] = v[l];
+    k += keep[l] != 0;
+  }
+  return k;
+#endif
+}
+
 RLHF_VEC_INLINE float hsum(fvec v) {
   if constexpr (kLanes == 16) v += down<8>(v);
   v += down<4>(v);
@@ -148,3 +193,4 @@ RLHF_VEC_INLINE fvec log(fvec x) {
 
 #undef RLHF_VEC_INLINE
 #undef RLHF_VEC_BYTES
+#undef RLHF_VEC_ISA

@@ -1,5 +1,6 @@
 // Standalone check of the CPU logprobs kernels against a double-precision
 // reference written from the formulas (no torch). Run by ctest.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -155,6 +156,95 @@ void check_bad_label_and_extremes() {
   }
 }
 
+// The kept set of top-k (if top_k > 0) then top-p in double: sorted
+// descending, a tie group kept whole when the mass strictly above it is
+// below top_p Z (the rule of rlhf_kernels/ops/truncation.py).
+std::vector<bool> top_p_kept(const std::vector<float>& row, double temperature, double top_p, int64_t top_k) {
+  std::vector<double> sorted(row.begin(), row.end());
+  std::sort(sorted.begin(), sorted.end(), std::greater<double>());
+  if (top_k > 0 && top_k < static_cast<int64_t>(sorted.size())) {  // top-k first (ties at the k-th kept)
+    const double kth = sorted[top_k - 1];
+    while (!sorted.empty() && sorted.back() < kth) sorted.pop_back();
+  }
+  const double m = sorted[0];
+  double z = 0;
+  for (const double v : sorted) z += std::exp((v - m) / temperature);
+  double above = 0, cut = -INFINITY;
+  for (size_t i = 0; i < sorted.size();) {
+    const double v = sorted[i];
+    if (!(above < top_p * z)) break;
+    cut = v;
+    for (; i < sorted.size() && sorted[i] == v; ++i) above += std::exp((v - m) / temperature);
+  }
+  std::vector<bool> kept(row.size());
+  for (size_t j = 0; j < row.size(); ++j) kept[j] = row[j] >= cut;
+  return kept;
+}
+
+// truncation_threshold's float top-p (the vectorised levels, the compress
+// of each bracket's members, run by ctest on every copy of the loops) keeps
+// exactly the reference set: normal rows of several spreads (where the
+// levels follow the row's moments), rows whose few top tokens hold the mass,
+// rows of ties, of one value, with -inf entries, at three temperatures; and
+// after a top-k cut (top-p then runs over top-k's candidates).
+void check_top_p_threshold(std::mt19937& gen) {
+  struct Case {
+    const char* name;
+    int64_t vocab;
+    double scale, temperature, top_p;
+    int kind;  // 0 normal, 1 a few tokens above the bulk, 2 ties, 3 one value, 4 -inf entries
+    int64_t top_k = 0;
+  };
+  const Case cases[] = {
+      {"normal", 151936, 2.0, 1.0, 0.9, 0},    {"normal wide", 32000, 6.0, 0.7, 0.5, 0},
+      {"normal narrow", 4099, 0.1, 1.3, 0.99, 0}, {"peaked", 151936, 2.5, 1.0, 0.9, 1},
+      {"peaked T=0.6", 32000, 2.5, 0.6, 0.95, 1}, {"ties", 8191, 3.0, 1.0, 0.8, 2},
+      {"one value", 777, 1.0, 1.0, 0.3, 3},      {"-inf entries", 5003, 2.0, 1.0, 0.9, 4},
+      {"tiny", 37, 3.0, 1.0, 0.6, 0},           {"top-k 50", 151936, 2.0, 1.0, 0.9, 0, 50},
+      {"top-k 3000", 32000, 2.0, 0.8, 0.7, 0, 3000}, {"top-k 40 ties", 8191, 3.0, 1.0, 0.8, 2, 40},
+      {"top-k 5 peaked", 32000, 2.5, 1.0, 0.95, 1, 5},
+  };
+  for (const Case& c : cases) {
+    const int64_t rows = 3;
+    std::normal_distribution<double> normal(0.0, c.scale);
+    std::uniform_int_distribution<int64_t> pick(0, c.vocab - 1);
+    std::vector<float> x(rows * c.vocab);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = x.data() + r * c.vocab;
+      for (int64_t j = 0; j < c.vocab; ++j) {
+        double v = normal(gen);
+        if (c.kind == 2) v = std::round(v);
+        if (c.kind == 3) v = 1.5;
+        row[j] = static_cast<float>(v);
+      }
+      if (c.kind == 1) {
+        for (int k = 0; k < 6; ++k) row[pick(gen)] = static_cast<float>(12.0 + 1.5 * k + r);
+      }
+      if (c.kind == 4) {
+        for (int64_t j = 0; j < c.vocab; j += 3) row[j] = -INFINITY;
+      }
+    }
+    std::vector<float> thr(rows);
+    rlhf_kernels::cpu::truncation_threshold_rows<float, float>(
+        x.data(), RowLayout{rows, 0, c.vocab}, c.vocab, static_cast<float>(1.0 / c.temperature), c.top_k, c.top_p, 0.0,
+        false, thr.data(), 0, rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      const std::vector<float> row(x.begin() + r * c.vocab, x.begin() + (r + 1) * c.vocab);
+      const std::vector<bool> want = top_p_kept(row, c.temperature, c.top_p, c.top_k);
+      int64_t wrong = 0, kept = 0;
+      for (int64_t j = 0; j < c.vocab; ++j) {
+        kept += want[j];
+        wrong += (row[j] >= thr[r]) != want[j];
+      }
+      if (wrong != 0) {
+        std::printf("FAIL top-p %s row %lld: %lld of %lld kept tokens differ (threshold %.9g)\n", c.name,
+                    static_cast<long long>(r), static_cast<long long>(wrong), static_cast<long long>(kept), thr[r]);
+        ++failures;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -164,6 +254,7 @@ int main() {
   check_dtype<bf16_t>("bfloat16", 1e-2, 1e-2, 5, 2053, 1.3, gen);
   check_dtype<fp16_t>("float16", 1e-3, 1e-2, 5, 777, 1.0, gen);
   check_bad_label_and_extremes();
+  check_top_p_threshold(gen);
   std::printf("%d failures\n", failures);
   return failures == 0 ? 0 : 1;
 }
