@@ -26,8 +26,11 @@ constexpr int64_t kChunk = 2048;
 // exp underflows below this (same constant as vec.h).
 constexpr float kMinExpArg = -87.3f;
 
-// truncation_threshold's top-p: levels of y per pass (chunk_mass_levels).
-constexpr int kMassLevels = 8;
+// truncation_threshold's top-p: levels of y per pass (chunk_mass_levels;
+// the last -inf or the bracket's bottom). Each level costs a compare and an
+// add per element: the whole threshold is 8-11% faster with 5 than with 8,
+// no faster with 4 (randn * 2 rows at 512 x 151936 and 4096 x 32000).
+constexpr int kMassLevels = 5;
 
 // What truncation_threshold's first read of a row gathers (chunk_scan).
 struct RowScan {
@@ -341,10 +344,10 @@ void in_sampler_order(bool min_p_first, MinP min_p, TopK top_k, TopP top_p) {
 // exp(x / T) would follow N(mu + s^2 / T, s^2) and the threshold would sit
 // z_p = Phi^-1(top_p) deviations below its mean (z_p by the logistic
 // approximation; an estimate only: the bracket is checked against the sums
-// and refined either way). The levels lie within +-1 s of it, a
-// tighter bracket than fixed levels for most rows; a row whose top tokens
-// hold the mass (a trained model's) finds the threshold above them, among
-// few values. Without a spread: -1/2, -1, -2, ..., -2^(L - 3).
+// and refined either way). The levels lie within +-s/2 of it, a tighter
+// bracket than fixed levels for most rows; a row whose top tokens hold the
+// mass (a trained model's) finds the threshold above them, among few values.
+// Without a spread: -1/2, -2, -8, -32.
 void first_mass_levels(const RowScan& scan, float inv_temperature, double top_p, float* levels) {
   levels[kMassLevels - 1] = -std::numeric_limits<float>::infinity();
   const double n = static_cast<double>(scan.finite);
@@ -355,10 +358,10 @@ void first_mass_levels(const RowScan& scan, float inv_temperature, double top_p,
   const double y_hat = (mean + var * inv_temperature - z_p * s - scan.max) * inv_temperature;
   const double d = s * inv_temperature;
   if (n < 2 || !(d > 0) || !std::isfinite(y_hat) || !std::isfinite(d) || !std::isfinite(scan.max)) {
-    for (int l = 0; l < kMassLevels - 1; ++l) levels[l] = l == 0 ? -0.5f : -std::ldexp(1.f, l - 1);
+    for (int l = 0; l < kMassLevels - 1; ++l) levels[l] = -std::ldexp(1.f, 2 * l - 1);
     return;
   }
-  constexpr double kOffsets[kMassLevels - 1] = {1.0, 0.4, 0.15, 0.0, -0.15, -0.4, -1.0};
+  constexpr double kOffsets[kMassLevels - 1] = {0.5, 0.15, -0.15, -0.5};
   for (int l = 0; l < kMassLevels - 1; ++l) {
     levels[l] = static_cast<float>(std::min(y_hat + kOffsets[l] * d, 0.0));
   }
