@@ -50,7 +50,7 @@ struct ChunkKernels {
   void (*grad)(const float*, int64_t, float, float, float, float, float, float, float*);
   void (*sum_kept)(const float*, int64_t, float, float, float, float*, float*);
   void (*grad_kept)(const float*, int64_t, float, float, float, float, float, float, float, float*);
-  void (*mass_levels)(const float*, int64_t, float, float, float, const float*, float*);
+  void (*mass_levels)(const float*, int64_t, float, float, float, const float*, float*, const float*);
   void (*scan)(const float*, int64_t, RowScan*);
   void (*collect)(const float*, int64_t, float, float, float, float, float, float*, int64_t*);
 };
@@ -370,6 +370,9 @@ void first_mass_levels(const RowScan& scan, float inv_temperature, double top_p,
 // Scratch buffers of the float row threshold, reused across a task's rows.
 struct ThresholdScratch {
   std::vector<float> row, blocks, cand, members;
+  // The next row (float input) for top-p's level pass to prefetch: its first
+  // read (the max) then comes from cache, not DRAM.
+  const float* next_row = nullptr;
   std::vector<std::pair<float, double>> items;
 };
 
@@ -434,7 +437,8 @@ float row_threshold_f32(const float* x, int64_t vocab, float inv_temperature, in
     float levels[kMassLevels], sums[kMassLevels] = {};
     first_mass_levels(scan, inv_temperature, top_p, levels);
     for (int64_t c = 0; c < set_size; c += kChunk) {
-      kernels.mass_levels(set + c, std::min(kChunk, set_size - c), inv_temperature, m, thr, levels, sums);
+      kernels.mass_levels(set + c, std::min(kChunk, set_size - c), inv_temperature, m, thr, levels, sums,
+                          set == x && s.next_row != nullptr ? s.next_row + c : nullptr);
     }
     const double z = sums[kMassLevels - 1];
     const double target = top_p * z;
@@ -456,7 +460,7 @@ float row_threshold_f32(const float* x, int64_t vocab, float inv_temperature, in
         std::fill(sums, sums + kMassLevels, 0.f);
         for (int64_t c = 0; c < n_values; c += kChunk) {
           kernels.mass_levels(values + c, std::min(kChunk, n_values - c), inv_temperature, m, values_thr, levels,
-                              sums);
+                              sums, nullptr);
         }
       }
       int l = 0;
@@ -587,6 +591,9 @@ void truncation_threshold_rows(const scalar_t* logits, RowLayout layout, int64_t
     if constexpr (!std::is_same_v<scalar_t, float>) s.row.resize(vocab);
     for (int64_t r = row_begin; r < row_end; ++r) {
       const float* x = as_float(logits + layout.offset(r), vocab, s.row.data());
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        s.next_row = r + 1 < row_end ? logits + layout.offset(r + 1) : nullptr;
+      }
       out[r] = row_threshold_f32(x, vocab, inv_temperature, top_k, top_p, min_p, min_p_first, s);
     }
   } else {
