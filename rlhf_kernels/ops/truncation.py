@@ -145,9 +145,10 @@ def truncation_threshold(
         (...) float32 (float64 for float64 logits): -inf where nothing is cut,
         NaN for a row holding a NaN.
 
-    Costs per row: CPU, one pass for the max, one for top-p's mass, a compare
-    pass per step and an expected-linear selection over the values a step
-    can keep; Triton and CUDA, an exact bisection over the 32-bit keys (a
+    Costs per row: CPU, one pass for the max (with the NaN check and the
+    moments that place top-p's levels), one for top-p's mass, a compress pass
+    per step and an expected-linear selection over the values a step can
+    keep (after a top-k cut, top-p over top-k's candidates only); Triton and CUDA, an exact bisection over the 32-bit keys (a
     read of the row per bit); eager, a sort.
     """
     check_tensor("logits", logits, FLOAT_DTYPES)
