@@ -32,6 +32,10 @@ constexpr float kMinExpArg = -87.3f;
 // no faster with 4 (randn * 2 rows at 512 x 151936 and 4096 x 32000).
 constexpr int kMassLevels = 5;
 
+// top-k's bound: the k-th largest of the maxima of blocks of this many values.
+constexpr int64_t kBlock = 64;
+static_assert(kChunk % kBlock == 0, "chunk_scan's blocks tile the chunks");
+
 // What truncation_threshold's first read of a row gathers (chunk_scan).
 struct RowScan {
   float max = -std::numeric_limits<float>::infinity();
@@ -51,8 +55,9 @@ struct ChunkKernels {
   void (*sum_kept)(const float*, int64_t, float, float, float, float*, float*);
   void (*grad_kept)(const float*, int64_t, float, float, float, float, float, float, float, float*);
   void (*mass_levels)(const float*, int64_t, float, float, float, const float*, float*, const float*);
-  void (*scan)(const float*, int64_t, RowScan*);
+  void (*scan)(const float*, int64_t, RowScan*, float*);
   void (*collect)(const float*, int64_t, float, float, float, float, float, float*, int64_t*);
+  void (*collect_above)(const float*, int64_t, float, float*, int64_t*);
 };
 
 const ChunkKernels& chunk_kernels() {
@@ -62,17 +67,17 @@ const ChunkKernels& chunk_kernels() {
       case Isa::kAvx512:
         return ChunkKernels{avx512::chunk_max, avx512::chunk_sum, avx512::chunk_grad, avx512::chunk_sum_kept,
                             avx512::chunk_grad_kept, avx512::chunk_mass_levels, avx512::chunk_scan,
-                            avx512::chunk_collect};
+                            avx512::chunk_collect, avx512::chunk_collect_above};
       case Isa::kAvx2:
         return ChunkKernels{avx2::chunk_max, avx2::chunk_sum, avx2::chunk_grad, avx2::chunk_sum_kept,
                             avx2::chunk_grad_kept, avx2::chunk_mass_levels, avx2::chunk_scan,
-                            avx2::chunk_collect};
+                            avx2::chunk_collect, avx2::chunk_collect_above};
       default: break;
     }
 #endif
     return ChunkKernels{baseline::chunk_max, baseline::chunk_sum, baseline::chunk_grad, baseline::chunk_sum_kept,
                         baseline::chunk_grad_kept, baseline::chunk_mass_levels, baseline::chunk_scan,
-                            baseline::chunk_collect};
+                        baseline::chunk_collect, baseline::chunk_collect_above};
   }();
   return kernels;
 }
@@ -376,7 +381,6 @@ struct ThresholdScratch {
   std::vector<std::pair<float, double>> items;
 };
 
-constexpr int64_t kBlock = 64;  // top-k's bound: the k-th largest of the maxima of 64-element blocks
 constexpr int64_t kExactMembers = 512;  // top-p: the exact selection once a bracket holds this few values
 
 // One float row (read in place), in the sampler's order:
@@ -398,7 +402,12 @@ float row_threshold_f32(const float* x, int64_t vocab, float inv_temperature, in
   const ChunkKernels& kernels = chunk_kernels();
   const float neg_inf = -std::numeric_limits<float>::infinity();
   RowScan scan;
-  for (int64_t c = 0; c < vocab; c += kChunk) kernels.scan(x + c, std::min(kChunk, vocab - c), &scan);
+  const int64_t n_blocks = (vocab + kBlock - 1) / kBlock;
+  const bool top_k_blocks = top_k > 0 && top_k < vocab && n_blocks >= top_k;  // top-k's bound from the blocks
+  if (top_k_blocks && static_cast<int64_t>(s.blocks.size()) < n_blocks) s.blocks.resize(n_blocks);
+  for (int64_t c = 0; c < vocab; c += kChunk) {
+    kernels.scan(x + c, std::min(kChunk, vocab - c), &scan, top_k_blocks ? s.blocks.data() + c / kBlock : nullptr);
+  }
   if (scan.nan) return std::numeric_limits<float>::quiet_NaN();
   const float m = scan.max;
   if (m == neg_inf) return neg_inf;
@@ -413,24 +422,21 @@ float row_threshold_f32(const float* x, int64_t vocab, float inv_temperature, in
   auto apply_top_k = [&]() {
     if (top_k <= 0 || top_k >= vocab) return;
     float bound = thr;
-    const int64_t n_blocks = (vocab + kBlock - 1) / kBlock;
-    if (n_blocks >= top_k) {
-      s.blocks.resize(n_blocks);
-      for (int64_t b = 0; b < n_blocks; ++b) {
-        s.blocks[b] = kernels.max(x + b * kBlock, std::min(kBlock, vocab - b * kBlock));
-      }
-      std::nth_element(s.blocks.begin(), s.blocks.begin() + (top_k - 1), s.blocks.end(), std::greater<float>());
+    if (top_k_blocks) {
+      std::nth_element(s.blocks.begin(), s.blocks.begin() + (top_k - 1), s.blocks.begin() + n_blocks,
+                       std::greater<float>());
       bound = std::max(bound, s.blocks[top_k - 1]);
     }
-    s.cand.clear();
-    for (int64_t j = 0; j < vocab; ++j) {
-      if (x[j] >= bound) s.cand.push_back(x[j]);
+    if (static_cast<int64_t>(s.cand.size()) < vocab) s.cand.resize(vocab);
+    int64_t n_cand = 0;
+    for (int64_t c = 0; c < vocab; c += kChunk) {
+      kernels.collect_above(x + c, std::min(kChunk, vocab - c), bound, s.cand.data(), &n_cand);
     }
-    if (static_cast<int64_t>(s.cand.size()) < top_k) return;  // fewer than k in the set: no cut
-    std::nth_element(s.cand.begin(), s.cand.begin() + (top_k - 1), s.cand.end(), std::greater<float>());
+    if (n_cand < top_k) return;  // fewer than k in the set: no cut
+    std::nth_element(s.cand.begin(), s.cand.begin() + (top_k - 1), s.cand.begin() + n_cand, std::greater<float>());
     thr = std::max(thr, s.cand[top_k - 1]);
     set = s.cand.data();
-    set_size = static_cast<int64_t>(s.cand.size());
+    set_size = n_cand;
   };
   auto apply_top_p = [&]() {
     if (top_p >= 1) return;
@@ -448,7 +454,7 @@ float row_threshold_f32(const float* x, int64_t vocab, float inv_temperature, in
     const float* values = set;
     int64_t n_values = set_size;
     float values_thr = thr;
-    s.members.resize(set_size);
+    if (static_cast<int64_t>(s.members.size()) < set_size) s.members.resize(set_size);
     for (int round = 0; round < 12; ++round) {
       if (round > 0) {  // levels spread evenly over the bracket
         const float top = std::min(y_high, 0.f);

@@ -92,6 +92,19 @@ constexpr CompressTable make_compress_table() {
 inline constexpr CompressTable kCompressTable = make_compress_table();
 #endif
 
+// Whether any lane of keep is set.
+RLHF_VEC_INLINE bool any(ivec keep) {
+#if RLHF_VEC_ISA == 2
+  return _mm512_movepi32_mask(reinterpret_cast<__m512i>(keep)) != 0;
+#elif RLHF_VEC_ISA == 1
+  return _mm256_movemask_ps(reinterpret_cast<__m256>(keep)) != 0;
+#else
+  bool found = false;
+  for (int l = 0; l < kLanes; ++l) found |= keep[l] != 0;
+  return found;
+#endif
+}
+
 RLHF_VEC_INLINE int compress_store(float* out, fvec v, ivec keep) {
 #if RLHF_VEC_ISA == 2
   const __mmask16 mask = _mm512_movepi32_mask(reinterpret_cast<__m512i>(keep));

@@ -169,8 +169,8 @@ std::vector<bool> top_p_kept(const std::vector<float>& row, double temperature, 
   const double m = sorted[0];
   double z = 0;
   for (const double v : sorted) z += std::exp((v - m) / temperature);
-  double above = 0, cut = -INFINITY;
-  for (size_t i = 0; i < sorted.size();) {
+  double above = 0, cut = top_p < 1 ? -INFINITY : sorted.back();
+  for (size_t i = 0; i < sorted.size() && top_p < 1;) {
     const double v = sorted[i];
     if (!(above < top_p * z)) break;
     cut = v;
@@ -186,7 +186,8 @@ std::vector<bool> top_p_kept(const std::vector<float>& row, double temperature, 
 // exactly the reference set: normal rows of several spreads (where the
 // levels follow the row's moments), rows whose few top tokens hold the mass,
 // rows of ties, of one value, with -inf entries, at three temperatures; and
-// after a top-k cut (top-p then runs over top-k's candidates).
+// after a top-k cut (top-p then runs over top-k's candidates), and top-k
+// alone (its bound from the blocks' maxima of the first read).
 void check_top_p_threshold(std::mt19937& gen) {
   struct Case {
     const char* name;
@@ -202,7 +203,8 @@ void check_top_p_threshold(std::mt19937& gen) {
       {"one value", 777, 1.0, 1.0, 0.3, 3},      {"-inf entries", 5003, 2.0, 1.0, 0.9, 4},
       {"tiny", 37, 3.0, 1.0, 0.6, 0},           {"top-k 50", 151936, 2.0, 1.0, 0.9, 0, 50},
       {"top-k 3000", 32000, 2.0, 0.8, 0.7, 0, 3000}, {"top-k 40 ties", 8191, 3.0, 1.0, 0.8, 2, 40},
-      {"top-k 5 peaked", 32000, 2.5, 1.0, 0.95, 1, 5},
+      {"top-k 5 peaked", 32000, 2.5, 1.0, 0.95, 1, 5},   {"top-k 7 alone", 151936, 2.0, 1.0, 1.0, 0, 7},
+      {"top-k 300 alone, ties", 8191, 3.0, 1.0, 1.0, 2, 300}, {"top-k 2 alone, -inf entries", 1000, 2.0, 1.0, 1.0, 4, 2},
   };
   for (const Case& c : cases) {
     const int64_t rows = 3;
