@@ -395,8 +395,9 @@ constexpr int64_t kExactMembers = 512;  // top-p: the exact selection once a bra
 //   bracketed again among themselves (levels spread over the bracket) while
 //   more than kExactMembers, then selected exactly. After a top-k cut the set
 //   is top-k's candidates, not the row.
-// Passes over the row, each vectorised: the max, a NaN check and the moments
-// in one; top-k's block maxima and candidates; top-p's levels and bracket.
+// Passes over the row, each vectorised: the max, the NaN check, the moments
+// and top-k's block maxima in one; top-k's candidates; top-p's levels and
+// bracket.
 float row_threshold_f32(const float* x, int64_t vocab, float inv_temperature, int64_t top_k, double top_p,
                         double min_p, bool min_p_first, ThresholdScratch& s) {
   const ChunkKernels& kernels = chunk_kernels();

@@ -68,14 +68,21 @@ RLHF_VEC_INLINE float hmax(fvec v) {
   return v[0];
 }
 
-// Stores the lanes of v whose keep is set (-1), in lane order, at out[0:);
-// returns how many. May write all kLanes floats at out: out must have room
-// for them, or lie at or behind the memory v was loaded from. AVX-512: one
-// compress into a register and a full store (a compress store straight to
-// memory is microcoded on AMD Zen 4: 1.6x slower for the whole top-p
-// threshold, `python -m benchmarks.bench_truncation`); AVX2: a permutation from a table of the 256 masks;
-// baseline: lane by lane without a branch.
+// Whether any lane of keep is set.
+RLHF_VEC_INLINE bool any(ivec keep) {
+#if RLHF_VEC_ISA == 2
+  return _mm512_movepi32_mask(reinterpret_cast<__m512i>(keep)) != 0;
+#elif RLHF_VEC_ISA == 1
+  return _mm256_movemask_ps(reinterpret_cast<__m256>(keep)) != 0;
+#else
+  bool found = false;
+  for (int l = 0; l < kLanes; ++l) found |= keep[l] != 0;
+  return found;
+#endif
+}
+
 #if RLHF_VEC_ISA == 1
+// compress_store's AVX2 lane order for each 8-bit mask.
 struct CompressTable {
   int32_t index[256][8];
 };
@@ -92,19 +99,13 @@ constexpr CompressTable make_compress_table() {
 inline constexpr CompressTable kCompressTable = make_compress_table();
 #endif
 
-// Whether any lane of keep is set.
-RLHF_VEC_INLINE bool any(ivec keep) {
-#if RLHF_VEC_ISA == 2
-  return _mm512_movepi32_mask(reinterpret_cast<__m512i>(keep)) != 0;
-#elif RLHF_VEC_ISA == 1
-  return _mm256_movemask_ps(reinterpret_cast<__m256>(keep)) != 0;
-#else
-  bool found = false;
-  for (int l = 0; l < kLanes; ++l) found |= keep[l] != 0;
-  return found;
-#endif
-}
-
+// Stores the lanes of v whose keep is set (-1), in lane order, at out[0:);
+// returns how many. May write all kLanes floats at out: out must have room
+// for them, or lie at or behind the memory v was loaded from. AVX-512: a
+// compress into a register and a full store (a compress store straight to
+// memory is microcoded on AMD Zen 4: the whole top-p threshold 1.6x slower,
+// `python -m benchmarks.bench_truncation`); AVX2: a permutation from a table
+// of the 256 masks; baseline: lane by lane without a branch.
 RLHF_VEC_INLINE int compress_store(float* out, fvec v, ivec keep) {
 #if RLHF_VEC_ISA == 2
   const __mmask16 mask = _mm512_movepi32_mask(reinterpret_cast<__m512i>(keep));
