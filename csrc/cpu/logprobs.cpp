@@ -41,6 +41,7 @@ struct RowScan {
   float max = -std::numeric_limits<float>::infinity();
   bool nan = false;
   double sum = 0, sum_sq = 0;  // of the finite values
+  float min = std::numeric_limits<float>::infinity();  // of the finite values
   int64_t finite = 0;
 };
 
@@ -448,6 +449,7 @@ float row_threshold_f32(const float* x, int64_t vocab, float inv_temperature, in
                           set == x && s.next_row != nullptr ? s.next_row + c : nullptr);
     }
     const double z = sums[kMassLevels - 1];
+    const float y_floor = std::isfinite(scan.min) ? (scan.min - m) * inv_temperature : kMinExpArg;
     const double target = top_p * z;
     float y_low = -std::numeric_limits<float>::infinity(), y_high = std::numeric_limits<float>::infinity();
     double above = 0;  // the mass above y_high
@@ -459,7 +461,8 @@ float row_threshold_f32(const float* x, int64_t vocab, float inv_temperature, in
     for (int round = 0; round < 12; ++round) {
       if (round > 0) {  // levels spread evenly over the bracket
         const float top = std::min(y_high, 0.f);
-        const float bottom = std::isfinite(y_low) ? y_low : kMinExpArg;
+        // Below the lowest level: down to the row's least finite value (a lower bound of the members').
+        const float bottom = std::isfinite(y_low) ? y_low : std::max(y_floor, kMinExpArg);
         for (int l = 0; l < kMassLevels; ++l) {
           levels[l] = top + (bottom - top) * static_cast<float>(l + 1) / kMassLevels;
         }

@@ -185,7 +185,8 @@ std::vector<bool> top_p_kept(const std::vector<float>& row, double temperature, 
 // of each bracket's members, run by ctest on every copy of the loops) keeps
 // exactly the reference set: normal rows of several spreads (where the
 // levels follow the row's moments), rows whose few top tokens hold the mass,
-// rows of ties, of one value, with -inf entries, at three temperatures; and
+// rows of ties, of one value, with -inf entries, uniform rows (the threshold
+// below the levels the moments place), at several temperatures; and
 // after a top-k cut (top-p then runs over top-k's candidates), and top-k
 // alone (its bound from the blocks' maxima of the first read).
 void check_top_p_threshold(std::mt19937& gen) {
@@ -193,7 +194,7 @@ void check_top_p_threshold(std::mt19937& gen) {
     const char* name;
     int64_t vocab;
     double scale, temperature, top_p;
-    int kind;  // 0 normal, 1 a few tokens above the bulk, 2 ties, 3 one value, 4 -inf entries
+    int kind;  // 0 normal, 1 a few tokens above the bulk, 2 ties, 3 one value, 4 -inf entries, 5 uniform
     int64_t top_k = 0;
   };
   const Case cases[] = {
@@ -205,6 +206,8 @@ void check_top_p_threshold(std::mt19937& gen) {
       {"top-k 3000", 32000, 2.0, 0.8, 0.7, 0, 3000}, {"top-k 40 ties", 8191, 3.0, 1.0, 0.8, 2, 40},
       {"top-k 5 peaked", 32000, 2.5, 1.0, 0.95, 1, 5},   {"top-k 7 alone", 151936, 2.0, 1.0, 1.0, 0, 7},
       {"top-k 300 alone, ties", 8191, 3.0, 1.0, 1.0, 2, 300}, {"top-k 2 alone, -inf entries", 1000, 2.0, 1.0, 1.0, 4, 2},
+      {"uniform (the threshold below the levels)", 151936, 10.0, 1.0, 0.9, 5},
+      {"uniform T=3", 32000, 10.0, 3.0, 0.8, 5},
   };
   for (const Case& c : cases) {
     const int64_t rows = 3;
@@ -217,6 +220,7 @@ void check_top_p_threshold(std::mt19937& gen) {
         double v = normal(gen);
         if (c.kind == 2) v = std::round(v);
         if (c.kind == 3) v = 1.5;
+        if (c.kind == 5) v = c.scale * (std::fmod(std::fabs(v) * 977.0, 1.0) - 1.0);  // ~uniform on [-scale, 0]
         row[j] = static_cast<float>(v);
       }
       if (c.kind == 1) {
