@@ -186,9 +186,9 @@ std::vector<bool> top_p_kept(const std::vector<float>& row, double temperature, 
 // exactly the reference set: normal rows of several spreads (where the
 // levels follow the row's moments), rows whose few top tokens hold the mass,
 // rows of ties, of one value, with -inf entries, uniform rows (the threshold
-// below the levels the moments place), at several temperatures; and
-// after a top-k cut (top-p then runs over top-k's candidates), and top-k
-// alone (its bound from the blocks' maxima of the first read).
+// below the levels the moments place), at several temperatures; top-p after
+// a top-k cut (over top-k's candidates); and top-k alone (its bound from the
+// blocks' maxima of the first read).
 void check_top_p_threshold(std::mt19937& gen) {
   struct Case {
     const char* name;
