@@ -376,9 +376,6 @@ void first_mass_levels(const RowScan& scan, float inv_temperature, double top_p,
 // Scratch buffers of the float row threshold, reused across a task's rows.
 struct ThresholdScratch {
   std::vector<float> row, blocks, cand, members;
-  // The next row (float input) for top-p's level pass to prefetch: its first
-  // read (the max) then comes from cache, not DRAM.
-  const float* next_row = nullptr;
   std::vector<std::pair<float, double>> items;
 };
 
@@ -399,8 +396,10 @@ constexpr int64_t kExactMembers = 512;  // top-p: the exact selection once a bra
 // Passes over the row, each vectorised: the max, the NaN check, the moments
 // and top-k's block maxima in one; top-k's candidates; top-p's levels and
 // bracket.
-float row_threshold_f32(const float* x, int64_t vocab, float inv_temperature, int64_t top_k, double top_p,
-                        double min_p, bool min_p_first, ThresholdScratch& s) {
+// next_row (or null): the row after x, which top-p's level pass prefetches
+// so that its first read (the max) comes from cache, not DRAM.
+float row_threshold_f32(const float* x, const float* next_row, int64_t vocab, float inv_temperature, int64_t top_k,
+                        double top_p, double min_p, bool min_p_first, ThresholdScratch& s) {
   const ChunkKernels& kernels = chunk_kernels();
   const float neg_inf = -std::numeric_limits<float>::infinity();
   RowScan scan;
@@ -446,7 +445,7 @@ float row_threshold_f32(const float* x, int64_t vocab, float inv_temperature, in
     first_mass_levels(scan, inv_temperature, top_p, levels);
     for (int64_t c = 0; c < set_size; c += kChunk) {
       kernels.mass_levels(set + c, std::min(kChunk, set_size - c), inv_temperature, m, thr, levels, sums,
-                          set == x && s.next_row != nullptr ? s.next_row + c : nullptr);
+                          set == x && next_row != nullptr ? next_row + c : nullptr);
     }
     const double z = sums[kMassLevels - 1];
     const float y_floor = std::isfinite(scan.min) ? (scan.min - m) * inv_temperature : kMinExpArg;
@@ -601,10 +600,9 @@ void truncation_threshold_rows(const scalar_t* logits, RowLayout layout, int64_t
     if constexpr (!std::is_same_v<scalar_t, float>) s.row.resize(vocab);
     for (int64_t r = row_begin; r < row_end; ++r) {
       const float* x = as_float(logits + layout.offset(r), vocab, s.row.data());
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        s.next_row = r + 1 < row_end ? logits + layout.offset(r + 1) : nullptr;
-      }
-      out[r] = row_threshold_f32(x, vocab, inv_temperature, top_k, top_p, min_p, min_p_first, s);
+      const float* next = nullptr;  // float input only (other dtypes are converted row by row)
+      if constexpr (std::is_same_v<scalar_t, float>) next = r + 1 < row_end ? logits + layout.offset(r + 1) : nullptr;
+      out[r] = row_threshold_f32(x, next, vocab, inv_temperature, top_k, top_p, min_p, min_p_first, s);
     }
   } else {
     std::vector<acc_t> vals(vocab), cand(vocab);
