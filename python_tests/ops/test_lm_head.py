@@ -548,6 +548,7 @@ def test_ppo_loss_gradient_in_the_forward_bf16_frozen_head_and_fallbacks():
         chunk = lm_head_plan.row_block_bytes(4, 4099, itemsize, col_bytes)
         assert lm_head_plan.row_block(labels.numel(), 4099, chunk, itemsize, col_bytes) == 4
         xs = [x.detach().clone().requires_grad_(x.requires_grad) for x in (h, w, b)]
+        extra.setdefault("grad_in_forward", True)  # blocks of 4 tokens: by default the four GEMMs on a CPU
         loss, _ = rlhf_kernels.ppo_loss_from_hidden(xs[0], xs[1], labels, mask=mask.bool(), bias=xs[2],
                                                     chunk_bytes=chunk, **kw, **extra)
         loss.backward()
@@ -588,6 +589,38 @@ def test_ppo_loss_gradient_in_the_forward_bf16_frozen_head_and_fallbacks():
         assert calls == [1]
     finally:
         lm_head_tiles.loss_grad_in_forward = real
+
+
+@pytest.mark.parametrize("block, three_gemms", [(79, False), (80, True), (170, True)])
+def test_ppo_loss_from_hidden_default_path_by_token_block(block, three_gemms, monkeypatch):
+    """On a CPU the default (grad_in_forward=None) takes the three GEMMs where
+    the tokens make one block (170 of 170) or blocks of at least
+    MIN_LOSS_ROW_BLOCK = 80, the four GEMMs for smaller blocks; True takes the
+    three GEMMs at any block. Both give the same loss and gradients."""
+    assert lm_head_plan.MIN_LOSS_ROW_BLOCK == 80
+    hidden, weight, bias, labels, mask, per_token = _loss_case(b=2, t=85, h=8, v=257)
+    chunk = lm_head_plan.row_block_bytes(block, 257)
+    assert lm_head_plan.row_block(labels.numel(), 257, chunk) == block
+    calls = []
+    real = lm_head_tiles.loss_grad_in_forward
+    monkeypatch.setattr(lm_head_tiles, "loss_grad_in_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(**extra):
+        xs = [x.float().requires_grad_(True) for x in (hidden, weight, bias)]
+        loss, _ = rlhf_kernels.ppo_loss_from_hidden(xs[0], xs[1], labels, mask=mask.float(), bias=xs[2],
+                                                    chunk_bytes=chunk, entropy_coef=0.01, kl_coef=0.05,
+                                                    **{k: t.float() for k, t in per_token.items()}, **extra)
+        loss.backward()
+        return [loss.detach()] + [x.grad for x in xs]
+
+    default = run()
+    assert calls == ([1] if three_gemms else [])
+    forced = run(grad_in_forward=True)
+    assert len(calls) == (2 if three_gemms else 1)
+    for a, b in zip(default, forced):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="grad_in_forward"):
+        run(grad_in_forward="yes")
 
 
 @pytest.mark.parametrize("mixed", [True, False])

@@ -27,7 +27,7 @@ from ..aggregation import token_weights
 from ..eager import lm_head as _eager
 from ._op import differentiable
 from .advantages import kl_penalty
-from .lm_head_plan import LOSS_BUDGET_FACTOR, default_chunk_bytes, row_block, tile_bytes, tile_plan
+from .lm_head_plan import LOSS_BUDGET_FACTOR, MIN_LOSS_ROW_BLOCK, default_chunk_bytes, row_block, tile_bytes, tile_plan
 from . import lm_head_tiles
 from .lm_head_tiles import ROWS, PrecomputedGrad, backward_tiles, forward_tiles
 from .policy_objectives import policy_loss
@@ -289,7 +289,7 @@ def ppo_loss_from_hidden(
     token_weights: Tensor | None = None,
     ratio_level: str = "token",
     chunk_bytes: int | None = None,
-    grad_in_forward: bool = True,
+    grad_in_forward: bool | None = None,
     min_logit: float | Tensor | None = None,
     vocab_parallel_group=None,
     vocab_start: int | None = None,
@@ -307,18 +307,24 @@ def ppo_loss_from_hidden(
     memory is logprobs_from_hidden's (one tile buffer + O(B * T * H)); the
     entropy's gradient is computed only when ``entropy_coef != 0``.
 
-    With ``grad_in_forward`` (the default) and a gradient wanted, at
-    ratio_level "token", when a token block's whole-vocabulary tile fits
-    ``chunk_bytes`` (default here: 2 * default_chunk_bytes, 1/16 of the
-    float32 logits within [16, 512] MiB: blocks of N / 16 tokens,
-    ``row_block``), and outside
-    ``torch.compile``: the gradient is computed during the forward, three
-    GEMMs in all (each token block's logits once, d hidden, d weight: the
-    loss's per-token gradient is known as soon as the block's log-probs are,
-    the aggregation being linear) and kept until the backward, which scales
-    it (one backward per forward). The weight's gradient (V x H; float32 for
-    a bf16/fp16 weight over several token blocks) is then held from the
-    forward on. Otherwise the backward makes each tile again (four GEMMs).
+    With a gradient wanted, at ratio_level "token", when a token block's
+    whole-vocabulary tile fits ``chunk_bytes`` (default here: 2 *
+    default_chunk_bytes, 1/16 of the float32 logits within [16, 512] MiB:
+    blocks of N / 16 tokens, ``row_block``), and outside ``torch.compile``:
+    the gradient is computed during the forward, three GEMMs in all (each
+    token block's logits once, d hidden, d weight: the loss's per-token
+    gradient is known as soon as the block's log-probs are, the aggregation
+    being linear) and kept until the backward, which scales it (one backward
+    per forward). The weight's gradient (V x H; float32 for a bf16/fp16
+    weight over several token blocks) is then held from the forward on.
+    Otherwise the backward makes each tile again (four GEMMs). Each token
+    block of the three-GEMM path streams the weight and its gradient once
+    more, so on a CPU, by default, it runs only where the tokens make one
+    block or blocks of at least ``lm_head_plan.MIN_LOSS_ROW_BLOCK`` (80
+    tokens; at the default budget N >= 1280): below that the four GEMMs are
+    faster (N=512, H=256, V=151936 float32: 1.53 s against 2.20 s) and take
+    about twice the extra peak memory (0.32x the float32 logits against
+    0.16x there; benchmarks/bench_lm_head.py --loss).
     A bf16/fp16 head's budget must also hold a float32 V x H buffer (its
     weight gradient's product or accumulator, ``V * H * 4`` bytes; twice that
     where the CPU multiplies float32 copies): at the default budget and a
@@ -339,8 +345,9 @@ def ppo_loss_from_hidden(
         {policy_args}
         {penalty_args}
         chunk_bytes: as in ``logprobs_from_hidden``.
-        grad_in_forward: the three-GEMM path above where it applies (False:
-            always the four-GEMM backward).
+        grad_in_forward: None: the three-GEMM path above where it applies
+            and, on a CPU, is faster; True: wherever it applies, whatever the
+            block; False: always the four-GEMM backward.
         min_logit: the sampler's kept set, as in ``logprobs_from_hidden``
             (then always logprobs_from_hidden and ppo_loss_from_logprobs).
         vocab_parallel_group, vocab_start: a vocabulary-sharded head, as in
@@ -396,7 +403,9 @@ def _grad_in_forward_plan(hidden, weight, bias, labels, o: PPOLossOptions, chunk
     """(the row kernels, "native" | "triton", and the budget) of the
     three-GEMM path, or None where it does not apply (see ppo_loss_from_hidden)."""
     wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if not (grad_in_forward and wanted and not o.sequence_terms) or torch.compiler.is_compiling():
+    if grad_in_forward not in (None, True, False):
+        raise ValueError(f"grad_in_forward: expected None, True or False, got {grad_in_forward!r}")
+    if grad_in_forward is False or not wanted or o.sequence_terms or torch.compiler.is_compiling():
         return None
     rows = {"cpu": "native", "cuda": "native", "triton": "triton"}.get(
         resolve_backend(o.backend, hidden.device, "logprobs_from_hidden"))
@@ -404,8 +413,12 @@ def _grad_in_forward_plan(hidden, weight, bias, labels, o: PPOLossOptions, chunk
     if rows not in ROWS or n_rows == 0:
         return None
     budget = _check_chunk_bytes(chunk_bytes, n_rows, weight.shape[0], LOSS_BUDGET_FACTOR)
-    fits = row_block(n_rows, weight.shape[0], budget, *tile_bytes(hidden, weight)) > 0
-    return (rows, budget) if fits else None
+    block = row_block(n_rows, weight.shape[0], budget, *tile_bytes(hidden, weight))
+    if block == 0:
+        return None
+    if grad_in_forward is None and hidden.device.type == "cpu" and block < min(n_rows, MIN_LOSS_ROW_BLOCK):
+        return None
+    return rows, budget
 
 
 def _ppo_loss_grad_in_forward(hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, tw,

@@ -33,6 +33,13 @@ MAX_CHUNK_BYTES = 256 << 20
 # the float32 logits (token blocks of N/16 whole rows; the dW accumulation
 # over fewer, longer blocks runs faster than at N/32 on CPU BLAS).
 LOSS_BUDGET_FACTOR = 2
+# The three-GEMM loss path streams the weight and its gradient once per token
+# block; on a CPU, in blocks of fewer tokens than this (and more than one
+# block), the four-GEMM path is faster. bench_lm_head --loss, float32,
+# V=151936, EPYC x2 (benchmarks/results, default budgets: blocks of N / 16):
+# 3 GEMMs / 4 GEMMs, N=512 H=256 (blocks of 31) 2.20 / 1.53 s; H=896: N=1024
+# (63) 9.06 / 8.24 s, N=1280 (79) 10.78 / 10.34 s, N=1536 (95) 10.75 / 12.82 s.
+MIN_LOSS_ROW_BLOCK = 80
 # Spare columns per buffer row: one sentinel, rounded up to 8 (rows of a vb
 # that is a multiple of 8 stay 32-byte aligned).
 PAD = 8
