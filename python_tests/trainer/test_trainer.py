@@ -834,3 +834,68 @@ def test_make_optimizer_takes_fused_adamw_where_it_applies():
 
     opt, _ = make_optimizer([Sharded(torch.randn(3))], cfg, total_steps=6)
     assert opt.param_groups[0]["fused"] is None
+
+
+def _grpo_trainer(seed=7, **cfg):
+    torch.manual_seed(seed)
+    tok, policy = _parts(seed)
+    task = DigitTask()
+    settings = dict(algo="grpo", group_size=4, rollout_batch_size=8, mini_batch_size=8, grad_accum_steps=1,
+                    ppo_epochs=1, target_kl=None, init_kl_coef=0.05, entropy_coef=0.01)
+    settings.update(cfg)
+    return PPOTrainer(policy, copy.deepcopy(policy), None, tok, PPOConfig(**settings),
+                      prompt_sampler=lambda n, rng: [task.prompt_text(d) for d in task.sample_digits(n, rng)],
+                      reward_fn=task.true_scores)
+
+
+def test_grpo_old_logprobs_from_the_update_give_the_same_iterations():
+    """GRPO with one optimiser step per rollout: the update's own log-probs,
+    detached, stand for the old ones (no recompute forward in the rollout,
+    counted) and the iterations equal those with the recompute: every metric
+    (the KL and the sampler-mismatch statistics now from the update) and the
+    parameters."""
+    import rlhf_kernels.trainer.ppo as ppo_module
+
+    metrics, params = {}, {}
+    for reuse in (True, False):
+        trainer = _grpo_trainer(old_logp_from_update=reuse, rollout_correction=RolloutCorrectionConfig(measure=True))
+        assert trainer.old_logp_from_update() is reuse
+        rows = []
+        for _ in range(2):
+            passes = []
+            real = ppo_module.PPOTrainer._logprobs
+            ppo_module.PPOTrainer._logprobs = lambda self, model, b: passes.append(model) or real(self, model, b)
+            try:
+                r = trainer.rollout()
+            finally:
+                ppo_module.PPOTrainer._logprobs = real
+            assert (r.old_logp is None) is reuse
+            assert len(passes) == (1 if reuse else 2)  # the reference's pass; and the policy's recompute
+            assert "kl" in r.stats
+            update = trainer.update(r)
+            rows.append({**{k: float(v) for k, v in r.stats.items()}, **update})
+        metrics[reuse], params[reuse] = rows, [p.detach().clone() for p in trainer.policy.parameters()]
+    for got, want in zip(metrics[True], metrics[False]):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    assert metrics[True][1]["kl"] != 0.0 and "mismatch/abs_diff_max" in metrics[True][1]
+    for a, b in zip(params[True], params[False]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [dict(ppo_epochs=2), dict(mini_batch_size=4), dict(grad_accum_steps=2),
+                                 dict(target_kl=1.0), dict(dropout_in_update=True), dict(algo="rloo"),
+                                 dict(old_logp_from_update=False),
+                                 dict(rollout_correction=RolloutCorrectionConfig(rollout_is="token")),
+                                 dict(rollout_correction=RolloutCorrectionConfig(rollout_rs="token_k1",
+                                                                                 rollout_rs_threshold=2.0))])
+def test_grpo_old_logprobs_are_recomputed_where_the_update_would_differ(cfg):
+    """More than one optimiser step or micro-batch per rollout, an adaptive KL
+    coefficient (set from the rollout's KL before the update), dropout in the
+    update, RLOO (the KL in the rewards), importance weights or a rejection
+    mask (the loss's inputs, from the old log-probs) or the option off: the
+    recompute."""
+    trainer = _grpo_trainer(**cfg)
+    assert trainer.old_logp_from_update() is False
+    assert trainer.rollout().old_logp is not None

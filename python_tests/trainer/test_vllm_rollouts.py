@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 
 import pytest
 import torch
@@ -51,9 +52,10 @@ def _trainer(paths, engine, algo, lr=3e-3, **cfg):
     ref = copy.deepcopy(policy)
     if cfg.get("lora_r"):  # adapters on the float32 base (the engine's dtype); the reference: them off
         policy, ref = with_lora(policy, cfg["lora_r"], 16, 0.0, "all-linear"), None
-    config = PPOConfig(algo=algo, group_size=4, rollout_batch_size=8, mini_batch_size=8, grad_accum_steps=1,
-                       ppo_epochs=2, max_new_tokens=6, temperature=0.9, rollout_engine="vllm", target_kl=None,
-                       policy_optim=OptimConfig(lr=lr, schedule="constant"), seed=5, **cfg)
+    settings = dict(algo=algo, group_size=4, rollout_batch_size=8, mini_batch_size=8, grad_accum_steps=1,
+                    ppo_epochs=2, max_new_tokens=6, temperature=0.9, rollout_engine="vllm", target_kl=None,
+                    policy_optim=OptimConfig(lr=lr, schedule="constant"), seed=5)
+    config = PPOConfig(**{**settings, **cfg})
     rm = AutoModelForSequenceClassification.from_pretrained(paths["rm"])
     rm.config.pad_token_id = tok.pad_token_id
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
@@ -98,6 +100,26 @@ def test_vllm_rollouts_follow_the_policy_over_updates(setup, algo, lora_r):
             moved.append((ours - previous).abs().max().item())
         previous = ours
     assert moved and max(moved) > 10 * TOL  # the learning rate moves the policy: a stale engine would show
+
+
+def test_grpo_with_the_update_s_own_old_logprobs_measures_the_mismatch(setup):
+    """GRPO with one optimiser step per rollout (ppo_epochs 1): no recompute
+    forward (the update's log-probs stand for the old ones), and the mismatch
+    statistics, taken from the update's log-probs against the engine's, stay
+    within the tolerance while the policy moves."""
+    paths, engine = setup
+    trainer = _trainer(paths, engine, "grpo", lr=1e-2, ppo_epochs=1)
+    assert trainer.old_logp_from_update()
+    previous, moved = None, []
+    for _ in range(3):
+        row = trainer.step()
+        assert 0 <= row["mismatch/abs_diff_max"] <= TOL, row
+        assert math.isfinite(row["kl"]) and math.isfinite(row["mismatch/k3"])
+        ours = _fixed_check(trainer)[1]
+        if previous is not None and ours.shape == previous.shape:
+            moved.append((ours - previous).abs().max().item())
+        previous = ours
+    assert moved and max(moved) > 10 * TOL
 
 
 def test_a_stale_engine_is_caught(setup, monkeypatch):

@@ -208,6 +208,15 @@ class PPOConfig:
     # Rows per no-grad pass of the rollout (old and reference log-probs,
     # values, scores); 0: the update's micro-batch size.
     forward_batch_size: int = 0
+    # GRPO with one optimiser step per rollout over one micro-batch
+    # (ppo_epochs 1, mini_batch_size = rollout_batch_size, grad_accum_steps
+    # 1), a fixed KL coefficient (target_kl None), no dropout in the update and
+    # no rollout-correction weights or mask: the old log-probs are the update's
+    # own, detached (the policy has not moved since the rollout: the same
+    # values), and the rollout's recompute forward is skipped, as TRL's
+    # GRPOTrainer does at num_iterations=1. The KL and mismatch statistics
+    # then come from the update's log-probs. False: always the recompute.
+    old_logp_from_update: bool = True
     init_kl_coef: float = 0.05
     target_kl: Optional[float] = 1.0  # None: a fixed coefficient
     kl_horizon: int = 2000

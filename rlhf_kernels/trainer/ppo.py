@@ -61,7 +61,7 @@ class Rollout:
     prompts: list[str]
     responses: list[str]
     stopped: list[bool]
-    old_logp: Tensor  # (B, R) rollout policy log-probs
+    old_logp: Optional[Tensor]  # (B, R) rollout policy log-probs; None: the update's own (old_logp_from_update)
     ref_logp: Tensor  # (B, R)
     old_values: Tensor  # (B, R)
     scores: Tensor  # (B,)
@@ -496,12 +496,14 @@ class PPOTrainer:
                 batch, responses, stopped = self.generate(prompts)
             if rc.bypass_mode:  # the sampler's log-probs stand for the policy's: no recompute forward
                 old_logp = sampler_logp
+            elif self.old_logp_from_update():
+                old_logp = None
             else:
                 old_logp = self._in_rows(lambda b: self._logprobs(_unwrap(self.policy), b), batch)
             with self._frozen("ref") as ref:
                 ref_logp = self._in_rows(lambda b: self._logprobs(ref, b), batch)
             old_values = self._in_rows(self._values, batch) if self.value_model is not None else \
-                torch.zeros_like(old_logp)
+                torch.zeros_like(ref_logp)
         with self.timer.phase("scoring", self.device):
             scores = self.score(batch, prompts, responses, stopped)
         with self.timer.phase("advantages", self.device):
@@ -528,7 +530,7 @@ class PPOTrainer:
             "tokens": all_reduce_sum(lengths.sum()),
         }
         is_weights = loss_mask = None
-        if sampler_logp is not None:
+        if sampler_logp is not None and old_logp is not None:
             # The trainer's old log-probs against the sampler's (in bypass mode the
             # same tensor: the statistics are then 0 and the weights 1).
             with self.timer.phase("rollout_correction", self.device):
@@ -552,13 +554,24 @@ class PPOTrainer:
         group's other members (Ahmadian et al., 2024). Returns (advantages,
         the mean summed k1 KL per response, over ranks)."""
         cfg = self.config
-        seq_kl = ((old_logp - ref_logp) * mask).sum(1)
+        # old_logp None (old_logp_from_update, GRPO): the KL statistic comes from the update.
+        seq_kl = None if old_logp is None else ((old_logp - ref_logp) * mask).sum(1)
         if cfg.algo == "rloo":
             scores = scores - float(self.kl_coef) * seq_kl
         mode = adv_estimator(cfg)
         outcome = group_advantages(scores, cfg.group_size, mode=mode,
                                    lengths=mask.sum(1).to(scores.dtype) if mode == "opo" else None)
-        return outcome.unsqueeze(1) * mask, all_reduce_mean(seq_kl.mean())
+        return outcome.unsqueeze(1) * mask, None if seq_kl is None else all_reduce_mean(seq_kl.mean())
+
+    def old_logp_from_update(self) -> bool:
+        """Whether the update's own log-probs, detached, stand for the old
+        ones (config.old_logp_from_update; the conditions under which they are
+        the same values)."""
+        cfg, rc = self.config, self.config.rollout_correction
+        return (cfg.old_logp_from_update and cfg.algo == "grpo" and cfg.ppo_epochs == 1
+                and cfg.mini_batch_size == cfg.rollout_batch_size and cfg.grad_accum_steps == 1
+                and self.kl_ctl is None and not cfg.dropout_in_update and not cfg.padding_free
+                and not rc.bypass_mode and rc.rollout_is is None and rc.rollout_rs is None)
 
     # --- update --------------------------------------------------------------------
 
@@ -599,7 +612,15 @@ class PPOTrainer:
             if cfg.algo == "grpo" else {}
         head, first = self._head(self.policy) if cfg.fused_loss else (None, False)
         stats = {}
-        if cfg.padding_free:
+        if r.old_logp is None:  # old_logp_from_update: one micro-batch, the whole rollout
+            logp, entropy = self._token_logprobs(self.policy, batch.input_ids, batch.attention_mask,
+                                                 batch.prompt_len, batch.response_labels,
+                                                 temperature=cfg.temperature, return_entropy=True)
+            old_logp = logp.detach()
+            pg_loss, pg_stats = ppo_loss_from_logprobs(logp, entropy, old_logp, r.advantages[idx], mask,
+                                                       entropy_coef=cfg.entropy_coef, **kl_term, **common)
+            self._rollout_stats_from_update(r, idx, old_logp)
+        elif cfg.padding_free:
             if head is None:
                 raise ValueError("padding_free: needs the fused LM head (fused_loss and fused_lm_head on, a "
                                  "Linear head, a backend other than eager)")
@@ -657,6 +678,18 @@ class PPOTrainer:
         # rewards) must not shadow the rollout's KL.
         stats.update({("kl_loss" if k == "kl" else k): v.detach() for k, v in pg_stats.items()})
         return stats
+
+    def _rollout_stats_from_update(self, r: Rollout, idx: Tensor, old_logp: Tensor) -> None:
+        """The rollout's statistics of the old log-probs (its KL to the
+        reference; with an engine, the mismatch to the sampler), from the
+        update's own log-probs (old_logp_from_update), into r.stats."""
+        mask = r.batch.response_mask[idx]
+        r.stats["kl"] = all_reduce_mean(((old_logp - r.ref_logp[idx]) * mask).sum(1).mean())
+        if r.sampler_logp is not None:
+            corr = rollout_correction(old_logp, r.sampler_logp[idx], mask.bool(), backend=self.backend,
+                                      **correction_kwargs(self.config.rollout_correction))
+            for key, value in corr.stats.items():
+                r.stats[key] = all_reduce_max(value) if key == "mismatch/abs_diff_max" else all_reduce_mean(value)
 
     def update(self, r: Rollout) -> dict:
         """ppo_epochs passes over the rollout in shuffled mini-batches, one
