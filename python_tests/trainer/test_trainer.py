@@ -848,17 +848,19 @@ def _grpo_trainer(seed=7, **cfg):
                       reward_fn=task.true_scores)
 
 
-def test_grpo_old_logprobs_from_the_update_give_the_same_iterations():
+@pytest.mark.parametrize("grad_accum_steps", [1, 2])
+def test_grpo_old_logprobs_from_the_update_give_the_same_iterations(grad_accum_steps):
     """GRPO with one optimiser step per rollout: the update's own log-probs,
     detached, stand for the old ones (no recompute forward in the rollout,
     counted) and the iterations equal those with the recompute: every metric
-    (the KL and the sampler-mismatch statistics now from the update) and the
-    parameters."""
+    (the KL and the sampler-mismatch statistics now from the update, its
+    micro-batches' log-probs gathered) and the parameters."""
     import rlhf_kernels.trainer.ppo as ppo_module
 
     metrics, params = {}, {}
     for reuse in (True, False):
-        trainer = _grpo_trainer(old_logp_from_update=reuse, rollout_correction=RolloutCorrectionConfig(measure=True))
+        trainer = _grpo_trainer(old_logp_from_update=reuse, grad_accum_steps=grad_accum_steps,
+                                rollout_correction=RolloutCorrectionConfig(measure=True))
         assert trainer.old_logp_from_update() is reuse
         rows = []
         for _ in range(2):
@@ -870,7 +872,10 @@ def test_grpo_old_logprobs_from_the_update_give_the_same_iterations():
             finally:
                 ppo_module.PPOTrainer._logprobs = real
             assert (r.old_logp is None) is reuse
-            assert len(passes) == (1 if reuse else 2)  # the reference's pass; and the policy's recompute
+            # the reference's pass (in micro-batch chunks); and the policy's recompute
+            policy_passes = sum(model is trainer.policy for model in passes)
+            assert len(passes) - policy_passes == grad_accum_steps
+            assert policy_passes == (0 if reuse else grad_accum_steps)
             assert "kl" in r.stats
             update = trainer.update(r)
             rows.append({**{k: float(v) for k, v in r.stats.items()}, **update})
@@ -884,16 +889,16 @@ def test_grpo_old_logprobs_from_the_update_give_the_same_iterations():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cfg", [dict(ppo_epochs=2), dict(mini_batch_size=4), dict(grad_accum_steps=2),
+@pytest.mark.parametrize("cfg", [dict(ppo_epochs=2), dict(mini_batch_size=4), dict(padding_free=True),
                                  dict(target_kl=1.0), dict(dropout_in_update=True), dict(algo="rloo"),
                                  dict(old_logp_from_update=False),
                                  dict(rollout_correction=RolloutCorrectionConfig(rollout_is="token")),
                                  dict(rollout_correction=RolloutCorrectionConfig(rollout_rs="token_k1",
                                                                                  rollout_rs_threshold=2.0))])
 def test_grpo_old_logprobs_are_recomputed_where_the_update_would_differ(cfg):
-    """More than one optimiser step or micro-batch per rollout, an adaptive KL
-    coefficient (set from the rollout's KL before the update), dropout in the
-    update, RLOO (the KL in the rewards), importance weights or a rejection
+    """More than one optimiser step per rollout, an adaptive KL coefficient
+    (set from the rollout's KL before the update), dropout in the update, a
+    padding-free update, RLOO (the KL in the rewards), importance weights or a rejection
     mask (the loss's inputs, from the old log-probs) or the option off: the
     recompute."""
     trainer = _grpo_trainer(**cfg)

@@ -208,12 +208,12 @@ class PPOConfig:
     # Rows per no-grad pass of the rollout (old and reference log-probs,
     # values, scores); 0: the update's micro-batch size.
     forward_batch_size: int = 0
-    # GRPO with one optimiser step per rollout over one micro-batch
-    # (ppo_epochs 1, mini_batch_size = rollout_batch_size, grad_accum_steps
-    # 1), a fixed KL coefficient (target_kl None), no dropout in the update and
-    # no rollout-correction weights or mask: the old log-probs are the update's
-    # own, detached (the policy has not moved since the rollout: the same
-    # values), and the rollout's recompute forward is skipped, as TRL's
+    # GRPO with one optimiser step per rollout (ppo_epochs 1, mini_batch_size
+    # = rollout_batch_size, any grad_accum_steps), a fixed KL coefficient
+    # (target_kl None), no dropout in the update, no padding-free update and
+    # no rollout-correction weights or mask: the old log-probs are the
+    # update's own, detached (the policy has not moved since the rollout: the
+    # same values), and the rollout's recompute forward is skipped, as TRL's
     # GRPOTrainer does at num_iterations=1. The KL and mismatch statistics
     # then come from the update's log-probs. False: always the recompute.
     old_logp_from_update: bool = True

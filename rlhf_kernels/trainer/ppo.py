@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -74,6 +75,9 @@ class Rollout:
     sampler_logp: Optional[Tensor] = None
     is_weights: Optional[Tensor] = None
     loss_mask: Optional[Tensor] = None
+    # old_logp None: the update's own log-probs (B, R), detached, written as
+    # its micro-batches run; the rollout's statistics of them follow the update.
+    update_logp: Optional[Tensor] = None
 
 
 @contextlib.contextmanager
@@ -569,7 +573,7 @@ class PPOTrainer:
         the same values)."""
         cfg, rc = self.config, self.config.rollout_correction
         return (cfg.old_logp_from_update and cfg.algo == "grpo" and cfg.ppo_epochs == 1
-                and cfg.mini_batch_size == cfg.rollout_batch_size and cfg.grad_accum_steps == 1
+                and cfg.mini_batch_size == cfg.rollout_batch_size
                 and self.kl_ctl is None and not cfg.dropout_in_update and not cfg.padding_free
                 and not rc.bypass_mode and rc.rollout_is is None and rc.rollout_rs is None)
 
@@ -612,14 +616,14 @@ class PPOTrainer:
             if cfg.algo == "grpo" else {}
         head, first = self._head(self.policy) if cfg.fused_loss else (None, False)
         stats = {}
-        if r.old_logp is None:  # old_logp_from_update: one micro-batch, the whole rollout
+        if r.old_logp is None:  # old_logp_from_update: the policy has not moved since the rollout
             logp, entropy = self._token_logprobs(self.policy, batch.input_ids, batch.attention_mask,
                                                  batch.prompt_len, batch.response_labels,
                                                  temperature=cfg.temperature, return_entropy=True)
             old_logp = logp.detach()
             pg_loss, pg_stats = ppo_loss_from_logprobs(logp, entropy, old_logp, r.advantages[idx], mask,
                                                        entropy_coef=cfg.entropy_coef, **kl_term, **common)
-            self._rollout_stats_from_update(r, idx, old_logp)
+            r.update_logp[idx] = old_logp.to(r.update_logp.dtype)
         elif cfg.padding_free:
             if head is None:
                 raise ValueError("padding_free: needs the fused LM head (fused_loss and fused_lm_head on, a "
@@ -679,14 +683,15 @@ class PPOTrainer:
         stats.update({("kl_loss" if k == "kl" else k): v.detach() for k, v in pg_stats.items()})
         return stats
 
-    def _rollout_stats_from_update(self, r: Rollout, idx: Tensor, old_logp: Tensor) -> None:
+    def _rollout_stats_from_update(self, r: Rollout) -> None:
         """The rollout's statistics of the old log-probs (its KL to the
-        reference; with an engine, the mismatch to the sampler), from the
-        update's own log-probs (old_logp_from_update), into r.stats."""
-        mask = r.batch.response_mask[idx]
-        r.stats["kl"] = all_reduce_mean(((old_logp - r.ref_logp[idx]) * mask).sum(1).mean())
+        reference; with a sampler's log-probs, the mismatch to them), from the
+        update's own (old_logp_from_update: r.update_logp, every row written
+        once by the one optimiser step's micro-batches), into r.stats."""
+        old_logp, mask = r.update_logp, r.batch.response_mask
+        r.stats["kl"] = all_reduce_mean(((old_logp - r.ref_logp) * mask).sum(1).mean())
         if r.sampler_logp is not None:
-            corr = rollout_correction(old_logp, r.sampler_logp[idx], mask.bool(), backend=self.backend,
+            corr = rollout_correction(old_logp, r.sampler_logp, mask.bool(), backend=self.backend,
                                       **correction_kwargs(self.config.rollout_correction))
             for key, value in corr.stats.items():
                 r.stats[key] = all_reduce_max(value) if key == "mismatch/abs_diff_max" else all_reduce_mean(value)
@@ -711,6 +716,8 @@ class PPOTrainer:
         train_mode = cfg.dropout_in_update or cfg.gradient_checkpointing
         for model in self._trained():
             model.train(train_mode)
+        if r.old_logp is None:
+            r.update_logp = torch.full_like(r.ref_logp, math.nan)
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(n, generator=shuffle).to(self.device)
             for start in range(0, n, cfg.mini_batch_size):
@@ -745,6 +752,8 @@ class PPOTrainer:
                     sched.step()
                     opt.zero_grad(set_to_none=True)
                 steps += 1
+        if r.old_logp is None:
+            self._rollout_stats_from_update(r)
         # ptx_loss is each rank's own mean: it averages over ranks.
         totals = {k: v / steps for k, v in totals.items()}
         totals["memory/model_state_mb"] = model_state_mb
