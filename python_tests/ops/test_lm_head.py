@@ -621,6 +621,8 @@ def test_ppo_loss_from_hidden_default_path_by_token_block(block, three_gemms, mo
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="grad_in_forward"):
         run(grad_in_forward="yes")
+    with pytest.raises(ValueError, match="grad_in_forward"):  # also where the four GEMMs are the only path
+        run(grad_in_forward="yes", min_logit=-1e9)
 
 
 @pytest.mark.parametrize("mixed", [True, False])

@@ -363,6 +363,8 @@ def ppo_loss_from_hidden(
         {combined_returns}
     """
     _check_head(hidden, weight, bias, labels)
+    if grad_in_forward not in (None, True, False):
+        raise ValueError(f"grad_in_forward: expected None, True or False, got {grad_in_forward!r}")
     o = PPOLossOptions.checked(hidden.device, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
                                dual_clip=dual_clip, loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg,
                                dro_beta=dro_beta, cov_ratio=cov_ratio, cov_bounds=cov_bounds,
@@ -403,8 +405,6 @@ def _grad_in_forward_plan(hidden, weight, bias, labels, o: PPOLossOptions, chunk
     """(the row kernels, "native" | "triton", and the budget) of the
     three-GEMM path, or None where it does not apply (see ppo_loss_from_hidden)."""
     wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if grad_in_forward not in (None, True, False):
-        raise ValueError(f"grad_in_forward: expected None, True or False, got {grad_in_forward!r}")
     if grad_in_forward is False or not wanted or o.sequence_terms or torch.compiler.is_compiling():
         return None
     rows = {"cpu": "native", "cuda": "native", "triton": "triton"}.get(

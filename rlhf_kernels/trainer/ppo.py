@@ -80,6 +80,13 @@ class Rollout:
     update_logp: Optional[Tensor] = None
 
 
+def _over_ranks(correction_stats: dict) -> dict:
+    """rollout_correction's statistics over the ranks: the largest
+    |difference| by max, the means by mean."""
+    return {key: all_reduce_max(value) if key == "mismatch/abs_diff_max" else all_reduce_mean(value)
+            for key, value in correction_stats.items()}
+
+
 @contextlib.contextmanager
 def _adapters_off(model):
     """``model`` (a PEFT model) with its adapters disabled inside, in eval
@@ -544,8 +551,7 @@ class PPOTrainer:
                 is_weights = corr.weights
             if rc.rollout_rs is not None:
                 loss_mask = corr.mask.to(batch.response_mask.dtype)
-            for key, value in corr.stats.items():
-                stats[key] = all_reduce_max(value) if key == "mismatch/abs_diff_max" else all_reduce_mean(value)
+            stats.update(_over_ranks(corr.stats))
         return Rollout(batch, prompts, responses, stopped, old_logp, ref_logp, old_values, scores,
                        advantages, returns, stats, sampler_logp, is_weights, loss_mask)
 
@@ -616,15 +622,8 @@ class PPOTrainer:
             if cfg.algo == "grpo" else {}
         head, first = self._head(self.policy) if cfg.fused_loss else (None, False)
         stats = {}
-        if r.old_logp is None:  # old_logp_from_update: the policy has not moved since the rollout
-            logp, entropy = self._token_logprobs(self.policy, batch.input_ids, batch.attention_mask,
-                                                 batch.prompt_len, batch.response_labels,
-                                                 temperature=cfg.temperature, return_entropy=True)
-            old_logp = logp.detach()
-            pg_loss, pg_stats = ppo_loss_from_logprobs(logp, entropy, old_logp, r.advantages[idx], mask,
-                                                       entropy_coef=cfg.entropy_coef, **kl_term, **common)
-            r.update_logp[idx] = old_logp.to(r.update_logp.dtype)
-        elif cfg.padding_free:
+        own_old = r.old_logp is None  # old_logp_from_update: the policy has not moved since the rollout
+        if cfg.padding_free:  # never with own_old
             if head is None:
                 raise ValueError("padding_free: needs the fused LM head (fused_loss and fused_lm_head on, a "
                                  "Linear head, a backend other than eager)")
@@ -640,14 +639,14 @@ class PPOTrainer:
                 entropy_coef=cfg.entropy_coef, cu_seqlens=packed.cu_seqlens, max_seqlen=v.shape[1], **packed_kl,
                 **packed_common)
             stats["padding_free/tokens_saved_frac"] = 1.0 - packed.tokens / batch.input_ids.numel()
-        elif head is not None:
+        elif head is not None and not own_old:
             pg_loss, pg_stats = with_response_hidden(
                 self.policy, batch.input_ids, batch.attention_mask, batch.prompt_len, check=first,
                 op=lambda hidden, head: ppo_loss_from_hidden(
                     hidden, head.weight, batch.response_labels, r.old_logp[idx], r.advantages[idx], mask,
                     bias=head.bias, temperature=cfg.temperature / head.logit_scale, entropy_coef=cfg.entropy_coef,
                     **kl_term, **common))
-        elif cfg.fused_loss:
+        elif cfg.fused_loss and not own_old:
             logits = response_logits(self.policy, batch.input_ids, batch.attention_mask, batch.prompt_len)
             pg_loss, pg_stats = ppo_loss_from_logits(
                 logits, batch.response_labels, r.old_logp[idx], r.advantages[idx], mask,
@@ -658,8 +657,11 @@ class PPOTrainer:
             logp, entropy = self._token_logprobs(self.policy, batch.input_ids, batch.attention_mask,
                                                  batch.prompt_len, batch.response_labels,
                                                  temperature=cfg.temperature, return_entropy=True)
-            pg_loss, pg_stats = ppo_loss_from_logprobs(logp, entropy, r.old_logp[idx], r.advantages[idx], mask,
+            old_logp = logp.detach() if own_old else r.old_logp[idx]
+            pg_loss, pg_stats = ppo_loss_from_logprobs(logp, entropy, old_logp, r.advantages[idx], mask,
                                                        entropy_coef=cfg.entropy_coef, **kl_term, **common)
+            if own_old:
+                r.update_logp[idx] = old_logp.to(r.update_logp.dtype)
         total = pg_loss * scale
         if with_ptx:
             # Through the unwrapped model: one backward (and one gradient
@@ -693,8 +695,7 @@ class PPOTrainer:
         if r.sampler_logp is not None:
             corr = rollout_correction(old_logp, r.sampler_logp, mask.bool(), backend=self.backend,
                                       **correction_kwargs(self.config.rollout_correction))
-            for key, value in corr.stats.items():
-                r.stats[key] = all_reduce_max(value) if key == "mismatch/abs_diff_max" else all_reduce_mean(value)
+            r.stats.update(_over_ranks(corr.stats))
 
     def update(self, r: Rollout) -> dict:
         """ppo_epochs passes over the rollout in shuffled mini-batches, one
