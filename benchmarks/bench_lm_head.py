@@ -122,7 +122,8 @@ def three_gemm_budget(hidden, weight) -> int:
     from rlhf_kernels.ops import lm_head_plan as plan
 
     n, v = hidden.shape[0], weight.shape[0]
-    return plan.LOSS_BUDGET_FACTOR * plan.default_chunk_bytes(n, v) + v * plan.tile_bytes(hidden, weight)[1]
+    itemsize, col_bytes = plan.tile_bytes(hidden, weight)
+    return plan.loss_chunk_bytes(n, v, hidden.device.type, itemsize, col_bytes) + v * col_bytes
 
 
 def shapes(device: torch.device) -> list[tuple[int, int, int, torch.dtype]]:

@@ -591,6 +591,88 @@ def test_ppo_loss_gradient_in_the_forward_bf16_frozen_head_and_fallbacks():
         lm_head_tiles.loss_grad_in_forward = real
 
 
+@pytest.mark.parametrize("loss_type, ratio_level", [("clip", "token"), ("cispo", "token"), ("sapo", "token"),
+                                                    ("clip", "sequence")])
+@pytest.mark.parametrize("path", ["three GEMMs", "four GEMMs", "packed"])
+def test_ppo_loss_from_hidden_on_policy_without_old_logp(device_backend, path, loss_type, ratio_level,
+                                                         monkeypatch):
+    """old_logp=None: the loss, stats and gradients of the float64 composition
+    on the logits with old_logp = their own log-probs, detached (every ratio
+    1), on the three-GEMM path (blocks of 8 tokens, counted), the four-GEMM
+    one and packed rows; return_logp hands back those log-probs. Any other
+    old_logp gives another loss; ppo_loss_from_logprobs still requires one."""
+    device, backend = device_backend
+    hidden, weight, bias, labels, mask, per_token = _loss_case()
+    v = weight.shape[0]
+    per_token.pop("old_logp")
+    kw = dict(temperature=0.9, clip_low=0.2, clip_high=0.28, loss_type=loss_type, ratio_level=ratio_level,
+              kl_coef=0.1, entropy_coef=0.01)
+    ran = []
+    real = lm_head_tiles.loss_grad_in_forward
+    monkeypatch.setattr(lm_head_tiles, "loss_grad_in_forward", lambda *a, **k: ran.append(1) or real(*a, **k))
+    xs = [x.to(device, torch.float32).requires_grad_(True) for x in (hidden, weight, bias)]
+    args = {k: t.to(device, torch.float32) for k, t in per_token.items()}
+    h, y, m = xs[0], labels.to(device), mask.to(device, torch.float32)
+    packed = {}
+    if path == "packed":  # the three sequences back to back, the empty one included
+        lens = torch.tensor([40, 40, 40], dtype=torch.int32)
+        packed = dict(cu_seqlens=torch.cat([lens.new_zeros(1), lens.cumsum(0)]).int().to(device), max_seqlen=40)
+        h, y, m = h.reshape(-1, h.shape[-1]), y.reshape(-1), m.reshape(-1)
+        args = {k: t.reshape(-1) for k, t in args.items()}
+    loss, stats, logp = rlhf_kernels.ppo_loss_from_hidden(
+        h, xs[1], y, None, mask=m, bias=xs[2], backend=backend, chunk_bytes=8 * (v + 8) * 4,
+        grad_in_forward=path == "three GEMMs", return_logp=True, **packed, **args, **kw)
+    loss.backward()
+    fast = path == "three GEMMs" and backend != "eager" and ratio_level == "token"
+    assert ran == ([1] if fast else [])
+    ys = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    logits = ys[0] @ ys[1].t() + ys[2]
+    own = rlhf_kernels.logprobs_from_logits(logits.detach(), labels, temperature=0.9, backend="eager")
+    want, want_stats = rlhf_kernels.ppo_loss_from_logits(logits, labels, own, mask=mask, backend="eager",
+                                                         **per_token, **kw)
+    want.backward()
+    torch.testing.assert_close(logp.reshape(own.shape).double().cpu(), own, atol=1e-5, rtol=1e-5)
+    assert not logp.requires_grad
+    torch.testing.assert_close(loss.detach().double().cpu(), want.detach(), atol=1e-5, rtol=1e-5)
+    assert set(stats) == set(want_stats)
+    for k in want_stats:
+        torch.testing.assert_close(stats[k].double().cpu(), want_stats[k].double(), atol=1e-5, rtol=1e-5, msg=k)
+    for name, a, w in zip(("hidden", "weight", "bias"), xs, ys):
+        torch.testing.assert_close(a.grad.double().cpu(), w.grad, atol=1e-5 * w.grad.abs().max().item(), rtol=1e-4,
+                                   msg=name)
+    stale, _ = rlhf_kernels.ppo_loss_from_logits(logits.detach(), labels, own - 0.5, mask=mask, backend="eager",
+                                                 **per_token, **kw)
+    assert (stale - want.detach()).abs() > 1e-3
+    with pytest.raises(ValueError, match="old_logp"):
+        rlhf_kernels.ppo_loss_from_logprobs(own, own, None, per_token["advantages"], mask)
+
+
+def test_ppo_loss_from_hidden_cpu_default_budget_holds_128_token_blocks(monkeypatch):
+    """On a CPU the three-GEMM path's default budget holds blocks of
+    CPU_LOSS_ROW_BLOCK = 128 tokens for a float32 head where N / 16 would be
+    fewer (300 tokens, V = 40000: 104 a block at 1/16, 128 by the floor:
+    three blocks, nine GEMMs) and all the tokens where they are fewer; a
+    head whose GEMMs need per-column buffers (bf16 here) and a GPU keep N / 16."""
+    assert lm_head_plan.CPU_LOSS_ROW_BLOCK == 128
+    v = 40000
+    base = lm_head_plan.LOSS_BUDGET_FACTOR * lm_head_plan.default_chunk_bytes(300, v)
+    assert lm_head_plan.row_block(300, v, base) == 104
+    assert lm_head_plan.row_block(300, v, lm_head_plan.loss_chunk_bytes(300, v, "cpu")) == 128
+    assert lm_head_plan.row_block(90, v, lm_head_plan.loss_chunk_bytes(90, v, "cpu")) == 90
+    assert lm_head_plan.loss_chunk_bytes(300, v, "cuda") == base
+    assert lm_head_plan.loss_chunk_bytes(300, v, "cpu", 6, 4 * 64) == base
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 100, 8, generator=gen, requires_grad=True)
+    weight = (torch.randn(v, 8, generator=gen) / 4).requires_grad_(True)
+    labels = torch.randint(0, v, (3, 100), generator=gen)
+    old, adv = -torch.rand(3, 100, generator=gen) * 8, torch.randn(3, 100, generator=gen)
+    counter = _CountGemms()
+    with counter:
+        loss, _ = rlhf_kernels.ppo_loss_from_hidden(hidden, weight, labels, old, adv, torch.ones(3, 100))
+        loss.backward()
+    assert counter.gemms == 9, counter.gemms
+
+
 @pytest.mark.parametrize("block, three_gemms", [(79, False), (80, True), (170, True)])
 def test_ppo_loss_from_hidden_default_path_by_token_block(block, three_gemms, monkeypatch):
     """On a CPU the default (grad_in_forward=None) takes the three GEMMs where

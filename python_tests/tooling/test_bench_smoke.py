@@ -145,8 +145,9 @@ def test_bench_lm_head_three_gemm_provider_runs_three_gemms_in_bf16(tmp_path, mo
     monkeypatch.setattr(lm_head_tiles, "loss_grad_in_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     hidden, weight, labels = bench_lm_head.inputs(64, 1024, 5003, torch.bfloat16)
     # (V x H x 4 = 20 MB: more than the default budget holds besides the rows.)
-    default = lm_head_plan.LOSS_BUDGET_FACTOR * lm_head_plan.default_chunk_bytes(64, 5003)
-    assert lm_head_plan.row_block(64, 5003, default, *lm_head_plan.tile_bytes(hidden, weight)) == 0
+    operand_bytes = lm_head_plan.tile_bytes(hidden, weight)
+    default = lm_head_plan.loss_chunk_bytes(64, 5003, "cpu", *operand_bytes)
+    assert lm_head_plan.row_block(64, 5003, default, *operand_bytes) == 0
     provs = bench_lm_head.loss_providers()
     bench_lm_head.fwd_bwd(provs["rlhf_kernels (gradient in the forward, 3 GEMMs)"], hidden, weight, labels)
     assert calls == [1]

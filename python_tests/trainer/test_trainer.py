@@ -848,19 +848,20 @@ def _grpo_trainer(seed=7, **cfg):
                       reward_fn=task.true_scores)
 
 
-@pytest.mark.parametrize("grad_accum_steps", [1, 2])
-def test_grpo_old_logprobs_from_the_update_give_the_same_iterations(grad_accum_steps):
+@pytest.mark.parametrize("grad_accum_steps, padding_free", [(1, False), (2, False), (2, True)])
+def test_grpo_old_logprobs_from_the_update_give_the_same_iterations(grad_accum_steps, padding_free):
     """GRPO with one optimiser step per rollout: the update's own log-probs,
     detached, stand for the old ones (no recompute forward in the rollout,
-    counted) and the iterations equal those with the recompute: every metric
-    (the KL and the sampler-mismatch statistics now from the update, its
-    micro-batches' log-probs gathered) and the parameters."""
+    counted; the fused loss on the head with old_logp=None, counted) and the
+    iterations equal those with the recompute: every metric (the KL and the
+    sampler-mismatch statistics now from the update, its micro-batches'
+    log-probs gathered, packed or not) and the parameters."""
     import rlhf_kernels.trainer.ppo as ppo_module
 
     metrics, params = {}, {}
     for reuse in (True, False):
         trainer = _grpo_trainer(old_logp_from_update=reuse, grad_accum_steps=grad_accum_steps,
-                                rollout_correction=RolloutCorrectionConfig(measure=True))
+                                padding_free=padding_free, rollout_correction=RolloutCorrectionConfig(measure=True))
         assert trainer.old_logp_from_update() is reuse
         rows = []
         for _ in range(2):
@@ -877,7 +878,14 @@ def test_grpo_old_logprobs_from_the_update_give_the_same_iterations(grad_accum_s
             assert len(passes) - policy_passes == grad_accum_steps
             assert policy_passes == (0 if reuse else grad_accum_steps)
             assert "kl" in r.stats
-            update = trainer.update(r)
+            olds = []
+            real_loss = ppo_module.ppo_loss_from_hidden
+            ppo_module.ppo_loss_from_hidden = lambda *a, **k: olds.append(a[3]) or real_loss(*a, **k)
+            try:
+                update = trainer.update(r)
+            finally:
+                ppo_module.ppo_loss_from_hidden = real_loss
+            assert len(olds) == grad_accum_steps and all((old is None) is reuse for old in olds)
             rows.append({**{k: float(v) for k, v in r.stats.items()}, **update})
         metrics[reuse], params[reuse] = rows, [p.detach().clone() for p in trainer.policy.parameters()]
     for got, want in zip(metrics[True], metrics[False]):
@@ -889,16 +897,15 @@ def test_grpo_old_logprobs_from_the_update_give_the_same_iterations(grad_accum_s
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cfg", [dict(ppo_epochs=2), dict(mini_batch_size=4), dict(padding_free=True),
-                                 dict(target_kl=1.0), dict(dropout_in_update=True), dict(algo="rloo"),
+@pytest.mark.parametrize("cfg", [dict(ppo_epochs=2), dict(mini_batch_size=4), dict(target_kl=1.0), dict(dropout_in_update=True), dict(algo="rloo"),
                                  dict(old_logp_from_update=False),
                                  dict(rollout_correction=RolloutCorrectionConfig(rollout_is="token")),
                                  dict(rollout_correction=RolloutCorrectionConfig(rollout_rs="token_k1",
                                                                                  rollout_rs_threshold=2.0))])
 def test_grpo_old_logprobs_are_recomputed_where_the_update_would_differ(cfg):
     """More than one optimiser step per rollout, an adaptive KL coefficient
-    (set from the rollout's KL before the update), dropout in the update, a
-    padding-free update, RLOO (the KL in the rewards), importance weights or a rejection
+    (set from the rollout's KL before the update), dropout in the update,
+    RLOO (the KL in the rewards), importance weights or a rejection
     mask (the loss's inputs, from the old log-probs) or the option off: the
     recompute."""
     trainer = _grpo_trainer(**cfg)

@@ -27,7 +27,9 @@ from ..aggregation import token_weights
 from ..eager import lm_head as _eager
 from ._op import differentiable
 from .advantages import kl_penalty
-from .lm_head_plan import LOSS_BUDGET_FACTOR, MIN_LOSS_ROW_BLOCK, default_chunk_bytes, row_block, tile_bytes, tile_plan
+from .lm_head_plan import (
+    MIN_LOSS_ROW_BLOCK, default_chunk_bytes, loss_chunk_bytes, row_block, tile_bytes, tile_plan,
+)
 from . import lm_head_tiles
 from .lm_head_tiles import ROWS, PrecomputedGrad, backward_tiles, forward_tiles
 from .policy_objectives import policy_loss
@@ -151,9 +153,9 @@ def _check_head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: 
         raise ValueError(f"weight: dtype {weight.dtype} with hidden {hidden.dtype}: float64 goes with float64 only")
 
 
-def _check_chunk_bytes(chunk_bytes: Optional[int], n_rows: int, vocab: int, factor: int = 1) -> int:
+def _check_chunk_bytes(chunk_bytes: Optional[int], n_rows: int, vocab: int) -> int:
     if chunk_bytes is None:
-        return factor * default_chunk_bytes(n_rows, vocab)
+        return default_chunk_bytes(n_rows, vocab)
     chunk_bytes = check_int("chunk_bytes", chunk_bytes)
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes: must be > 0, got {chunk_bytes}")
@@ -261,7 +263,7 @@ def ppo_loss_from_hidden(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
-    old_logp: Tensor,
+    old_logp: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
     *,
@@ -295,8 +297,9 @@ def ppo_loss_from_hidden(
     vocab_start: int | None = None,
     cu_seqlens: Tensor | None = None,
     max_seqlen: int | None = None,
+    return_logp: bool = False,
     backend: str | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+) -> tuple[Tensor, dict[str, Tensor]] | tuple[Tensor, dict[str, Tensor], Tensor]:
     """The PPO policy loss, KL penalty and entropy bonus of ``ppo_loss_from_logits``
     straight from the last hidden state and the LM head, never building the logits.
 
@@ -308,9 +311,11 @@ def ppo_loss_from_hidden(
     entropy's gradient is computed only when ``entropy_coef != 0``.
 
     With a gradient wanted, at ratio_level "token", when a token block's
-    whole-vocabulary tile fits ``chunk_bytes`` (default here: 2 *
-    default_chunk_bytes, 1/16 of the float32 logits within [16, 512] MiB:
-    blocks of N / 16 tokens, ``row_block``), and outside ``torch.compile``:
+    whole-vocabulary tile fits ``chunk_bytes`` (default here:
+    ``lm_head_plan.loss_chunk_bytes``, 1/16 of the float32 logits within
+    [16, 512] MiB: blocks of N / 16 tokens, ``row_block``; on a CPU, for a
+    float32/float64 head, at least 128 tokens a block or all of them), and
+    outside ``torch.compile``:
     the gradient is computed during the forward, three GEMMs in all (each
     token block's logits once, d hidden, d weight: the loss's per-token
     gradient is known as soon as the block's log-probs are, the aggregation
@@ -319,12 +324,13 @@ def ppo_loss_from_hidden(
     weight over several token blocks) is then held from the forward on.
     Otherwise the backward makes each tile again (four GEMMs). Each token
     block of the three-GEMM path streams the weight and its gradient once
-    more, so on a CPU, by default, it runs only where the tokens make one
-    block or blocks of at least ``lm_head_plan.MIN_LOSS_ROW_BLOCK`` (80
-    tokens; at the default budget N >= 1280): below that the four GEMMs are
-    faster (N=512, H=256, V=151936 float32: 1.53 s against 2.20 s) and take
-    about twice the extra peak memory (0.32x the float32 logits against
-    0.16x there; benchmarks/bench_lm_head.py --loss).
+    more, so on a CPU, with a given ``chunk_bytes``, it runs by default only
+    where the tokens make one block or blocks of at least
+    ``lm_head_plan.MIN_LOSS_ROW_BLOCK`` (80 tokens): below that the four
+    GEMMs are faster (N=512, H=256, V=151936 float32, blocks of 31: 1.53 s
+    against 2.20 s; benchmarks/bench_lm_head.py --loss). The CPU default
+    budget's blocks of 128 tokens cost a fixed 128 x V x 4 bytes (74 MiB at
+    V=151936) and run 20-25% faster than the four GEMMs at N=256..1024.
     A bf16/fp16 head's budget must also hold a float32 V x H buffer (its
     weight gradient's product or accumulator, ``V * H * 4`` bytes; twice that
     where the CPU multiplies float32 copies): at the default budget and a
@@ -340,7 +346,12 @@ def ppo_loss_from_hidden(
         hidden: (B, T, H) (or (..., T, H); (N, H) with cu_seqlens); weight
             (V, H); bias (V,) or None.
         labels: (B, T) int64 | int32 (``-100``: ignored, logp = entropy = 0).
-        old_logp, advantages: (B, T), as in ``ppo_policy_loss``.
+        old_logp, advantages: (B, T), as in ``ppo_policy_loss``. old_logp
+            None: the log-probs this call computes, detached (on-policy, one
+            optimiser step per rollout: every ratio 1, the gradient that of
+            ``advantages * logp``; TRL's ``old_per_token_logps`` at
+            num_iterations=1, Liger's ``old_per_token_logps=None``), which
+            saves the caller a pass of the head before the loss.
         temperature: > 0, the logits are divided by it.
         {policy_args}
         {penalty_args}
@@ -357,10 +368,14 @@ def ppo_loss_from_hidden(
             hidden (N, H) and labels (N,) packed alike; then
             logprobs_from_hidden and ppo_loss_from_logprobs (the gradient in
             the backward).
+        return_logp: also return the log-probs of the labels, detached
+            (labels' shape; float32, float64 for float64 input): the old
+            log-probs where old_logp is None.
         {backend_arg}
 
     Returns:
         {combined_returns}
+        With return_logp, (loss, stats, logp).
     """
     _check_head(hidden, weight, bias, labels)
     if grad_in_forward not in (None, True, False):
@@ -378,13 +393,14 @@ def ppo_loss_from_hidden(
                                              return_entropy=True, chunk_bytes=chunk_bytes, min_logit=min_logit,
                                              vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,
                                              backend=backend)
-        return _logprobs_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, cu_seqlens,
-                              max_seqlen, o)
+        loss, stats = _logprobs_loss(logp, entropy, logp.detach() if old_logp is None else old_logp, advantages,
+                                     mask, ref_logp, token_weights, cu_seqlens, max_seqlen, o)
+        return (loss, stats, logp.detach()) if return_logp else (loss, stats)
     if max_seqlen is not None:
         raise ValueError("max_seqlen: only with cu_seqlens")
     if hidden.dim() < 3:
         raise ValueError("hidden: expected shape (B, T, H) (or (..., T, H); (N, H) with cu_seqlens)")
-    _check_policy_inputs("labels", labels.shape, old_logp, advantages, mask, ref_logp)
+    _check_policy_inputs("labels", labels.shape, old_logp, advantages, mask, ref_logp, old_optional=True)
     if token_weights is not None:
         check_tensor("token_weights", token_weights, FLOAT_DTYPES)
         check_tokens("labels", labels.shape, token_weights=token_weights)
@@ -395,9 +411,12 @@ def ppo_loss_from_hidden(
                                              return_entropy=True, chunk_bytes=chunk_bytes, min_logit=min_logit,
                                              vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,
                                              backend=backend)
-        return _combined_loss(logp, entropy, old_logp, advantages, mask, ref_logp, token_weights, o)
-    return _ppo_loss_grad_in_forward(hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp,
-                                     token_weights, o, *plan)
+        loss, stats = _combined_loss(logp, entropy, logp.detach() if old_logp is None else old_logp, advantages,
+                                     mask, ref_logp, token_weights, o)
+    else:
+        loss, stats, logp = _ppo_loss_grad_in_forward(hidden, weight, bias, labels, old_logp, advantages, mask,
+                                                      ref_logp, token_weights, o, *plan)
+    return (loss, stats, logp.detach()) if return_logp else (loss, stats)
 
 
 def _grad_in_forward_plan(hidden, weight, bias, labels, o: PPOLossOptions, chunk_bytes,
@@ -412,8 +431,10 @@ def _grad_in_forward_plan(hidden, weight, bias, labels, o: PPOLossOptions, chunk
     n_rows = labels.numel()
     if rows not in ROWS or n_rows == 0:
         return None
-    budget = _check_chunk_bytes(chunk_bytes, n_rows, weight.shape[0], LOSS_BUDGET_FACTOR)
-    block = row_block(n_rows, weight.shape[0], budget, *tile_bytes(hidden, weight))
+    operand_bytes = tile_bytes(hidden, weight)
+    budget = loss_chunk_bytes(n_rows, weight.shape[0], hidden.device.type, *operand_bytes) \
+        if chunk_bytes is None else _check_chunk_bytes(chunk_bytes, n_rows, weight.shape[0])
+    block = row_block(n_rows, weight.shape[0], budget, *operand_bytes)
     if block == 0:
         return None
     if grad_in_forward is None and hidden.device.type == "cpu" and block < min(n_rows, MIN_LOSS_ROW_BLOCK):
@@ -425,7 +446,8 @@ def _ppo_loss_grad_in_forward(hidden, weight, bias, labels, old_logp, advantages
                               o: PPOLossOptions, rows, chunk_bytes):
     """ppo_loss_from_hidden's three-GEMM path: the loss and stats of the
     composition (``_combined_loss`` on the forward's logp and entropy), the
-    gradient from ``loss_grad_in_forward``."""
+    gradient from ``loss_grad_in_forward``, and the logp (old_logp None:
+    the old log-probs too)."""
     shape = labels.shape
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     acc = acc_dtype(hidden.dtype)
@@ -440,7 +462,8 @@ def _ppo_loss_grad_in_forward(hidden, weight, bias, labels, old_logp, advantages
         # token's term depends on its own logp only.
         x = logp.detach()[None].requires_grad_(True)
         with torch.enable_grad():
-            total, _ = policy_loss(x, old[None, t0:t1], adv[None, t0:t1], torch.ones_like(x, dtype=torch.bool),
+            old_block = x.detach() if old is None else old[None, t0:t1]
+            total, _ = policy_loss(x, old_block, adv[None, t0:t1], torch.ones_like(x, dtype=torch.bool),
                                    None if tw_flat is None else tw_flat[None, t0:t1], token_options)
             if ref is not None and o.kl_coef != 0:
                 total = total + o.kl_coef * kl_penalty(x, ref[None, t0:t1].detach(), estimator=o.kl_estimator,
@@ -455,12 +478,13 @@ def _ppo_loss_grad_in_forward(hidden, weight, bias, labels, old_logp, advantages
         logp, entropy, gh, gw, gb = lm_head_tiles.loss_grad_in_forward(
             hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1).to(torch.int64), o.temperature,
             -100, chunk_bytes, rows, token_grads, need)
-        loss, stats = _combined_loss(logp.view(shape), entropy.view(shape), old_logp, advantages, mask, ref_logp,
-                                     tw, o)
+        logp = logp.view(shape)
+        loss, stats = _combined_loss(logp, entropy.view(shape), logp if old_logp is None else old_logp, advantages,
+                                     mask, ref_logp, tw, o)
     pairs = [(None if gh is None else gh.view(hidden.shape), hidden), (gw, weight)]
     if bias is not None:
         pairs.append((gb, bias))
-    return PrecomputedGrad.apply(loss, tuple(pairs), *(x for _, x in pairs)), stats
+    return PrecomputedGrad.apply(loss, tuple(pairs), *(x for _, x in pairs)), stats, logp
 
 
 __all__ = ["default_chunk_bytes", "logprobs_from_hidden", "ppo_loss_from_hidden", "row_block", "tile_plan"]

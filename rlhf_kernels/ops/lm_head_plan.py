@@ -40,6 +40,13 @@ LOSS_BUDGET_FACTOR = 2
 # 3 GEMMs / 4 GEMMs, N=512 H=256 (blocks of 31) 2.20 / 1.53 s; H=896: N=1024
 # (63) 9.06 / 8.24 s, N=1280 (79) 10.78 / 10.34 s, N=1536 (95) 10.75 / 12.82 s.
 MIN_LOSS_ROW_BLOCK = 80
+# On a CPU the three-GEMM path's default budget holds token blocks of at least
+# this many rows (or all of them) for a head whose GEMMs take float32/float64
+# operands as they are: below ~100 rows a block, the weight gradient's update
+# per block costs about as much as its GEMMs. Against the four GEMMs, float32,
+# H=256, V=151936, EPYC x2 (bench_lm_head --loss rows in benchmarks/results):
+# 20-25% faster at N=256..1024 for a fixed 128 x V x 4 bytes (74 MiB) buffer.
+CPU_LOSS_ROW_BLOCK = 128
 # Spare columns per buffer row: one sentinel, rounded up to 8 (rows of a vb
 # that is a multiple of 8 stay 32-byte aligned).
 PAD = 8
@@ -77,6 +84,17 @@ def min_token_block(itemsize: int, col_bytes: int) -> int:
 def row_block_bytes(rows: int, vocab: int, itemsize: int = 4, col_bytes: int = 0) -> int:
     """The budget in which row_block gives ``rows`` tokens a block (its inverse)."""
     return vocab * col_bytes + rows * (vocab + PAD) * itemsize
+
+
+def loss_chunk_bytes(n_rows: int, vocab: int, device_type: str, itemsize: int = 4, col_bytes: int = 0) -> int:
+    """The three-GEMM loss path's default budget: LOSS_BUDGET_FACTOR *
+    default_chunk_bytes (token blocks of N / 16), on a CPU raised to hold
+    blocks of CPU_LOSS_ROW_BLOCK rows (or all of them) where the operands need
+    no per-column buffers (``col_bytes == 0``: a float32/float64 head)."""
+    budget = LOSS_BUDGET_FACTOR * default_chunk_bytes(n_rows, vocab)
+    if device_type == "cpu" and col_bytes == 0:
+        budget = max(budget, row_block_bytes(min(n_rows, CPU_LOSS_ROW_BLOCK), vocab, itemsize))
+    return budget
 
 
 def low_precision(t: Tensor) -> bool:

@@ -253,18 +253,19 @@ register("ppo_loss_from_logits", ("eager",), _eager.ppo_loss_from_logits)
 # --- public functions -------------------------------------------------------------------
 
 
-def _check_policy_inputs(shape_name: str, shape, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                         ref_logp: Optional[Tensor] = None, **others: Tensor) -> None:
+def _check_policy_inputs(shape_name: str, shape, old_logp: Optional[Tensor], advantages: Tensor, mask: Tensor,
+                         ref_logp: Optional[Tensor] = None, old_optional: bool = False, **others: Tensor) -> None:
     """The per-token inputs of a policy loss: float tensors (a bool or
-    weight mask) of the token shape ``shape``, on one device."""
-    for name, t in dict(others, old_logp=old_logp, advantages=advantages).items():
+    weight mask) of the token shape ``shape``, on one device; old_logp may
+    be None where ``old_optional``."""
+    optional = dict(ref_logp=ref_logp, **({"old_logp": old_logp} if old_optional else {}))
+    given = {k: t for k, t in optional.items() if t is not None}
+    required = dict(others, **({} if old_optional else {"old_logp": old_logp}), advantages=advantages)
+    for name, t in dict(required, **given).items():
         check_tensor(name, t, FLOAT_DTYPES)
     check_mask(mask)
-    if ref_logp is not None:
-        check_tensor("ref_logp", ref_logp, FLOAT_DTYPES)
-    check_same_device(**others, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp)
-    check_tokens(shape_name, shape, old_logp=old_logp, advantages=advantages, mask=mask,
-                 **({} if ref_logp is None else {"ref_logp": ref_logp}))
+    check_same_device(**required, **given, mask=mask)
+    check_tokens(shape_name, shape, **{k: t for k, t in required.items() if k not in others}, mask=mask, **given)
 
 
 

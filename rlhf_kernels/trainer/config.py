@@ -210,12 +210,13 @@ class PPOConfig:
     forward_batch_size: int = 0
     # GRPO with one optimiser step per rollout (ppo_epochs 1, mini_batch_size
     # = rollout_batch_size, any grad_accum_steps), a fixed KL coefficient
-    # (target_kl None), no dropout in the update, no padding-free update and
-    # no rollout-correction weights or mask: the old log-probs are the
-    # update's own, detached (the policy has not moved since the rollout: the
-    # same values), and the rollout's recompute forward is skipped, as TRL's
-    # GRPOTrainer does at num_iterations=1. The KL and mismatch statistics
-    # then come from the update's log-probs. False: always the recompute.
+    # (target_kl None), no dropout in the update and no rollout-correction
+    # weights or mask: the old log-probs are the update's own, detached (the
+    # policy has not moved since the rollout: the same values; the fused loss
+    # takes old_logp=None), and the rollout's recompute forward is skipped, as
+    # TRL's GRPOTrainer does at num_iterations=1. The KL and mismatch
+    # statistics then come from the update's log-probs. False: always the
+    # recompute.
     old_logp_from_update: bool = True
     init_kl_coef: float = 0.05
     target_kl: Optional[float] = 1.0  # None: a fixed coefficient

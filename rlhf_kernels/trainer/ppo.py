@@ -580,7 +580,7 @@ class PPOTrainer:
         cfg, rc = self.config, self.config.rollout_correction
         return (cfg.old_logp_from_update and cfg.algo == "grpo" and cfg.ppo_epochs == 1
                 and cfg.mini_batch_size == cfg.rollout_batch_size
-                and self.kl_ctl is None and not cfg.dropout_in_update and not cfg.padding_free
+                and self.kl_ctl is None and not cfg.dropout_in_update
                 and not rc.bypass_mode and rc.rollout_is is None and rc.rollout_rs is None)
 
     # --- update --------------------------------------------------------------------
@@ -623,7 +623,7 @@ class PPOTrainer:
         head, first = self._head(self.policy) if cfg.fused_loss else (None, False)
         stats = {}
         own_old = r.old_logp is None  # old_logp_from_update: the policy has not moved since the rollout
-        if cfg.padding_free:  # never with own_old
+        if cfg.padding_free:
             if head is None:
                 raise ValueError("padding_free: needs the fused LM head (fused_loss and fused_lm_head on, a "
                                  "Linear head, a backend other than eager)")
@@ -633,19 +633,25 @@ class PPOTrainer:
             v = packed.valid
             packed_common = dict(common, token_weights=None if r.is_weights is None else r.is_weights[idx][v])
             packed_kl = {**kl_term, "ref_logp": kl_term["ref_logp"][v]} if kl_term else {}
-            pg_loss, pg_stats = ppo_loss_from_hidden(
-                packed.hidden, head.weight, batch.response_labels[v], r.old_logp[idx][v], r.advantages[idx][v],
-                mask[v], bias=head.bias, temperature=cfg.temperature / head.logit_scale,
-                entropy_coef=cfg.entropy_coef, cu_seqlens=packed.cu_seqlens, max_seqlen=v.shape[1], **packed_kl,
-                **packed_common)
+            pg_loss, pg_stats, *own = ppo_loss_from_hidden(
+                packed.hidden, head.weight, batch.response_labels[v], None if own_old else r.old_logp[idx][v],
+                r.advantages[idx][v], mask[v], bias=head.bias, temperature=cfg.temperature / head.logit_scale,
+                entropy_coef=cfg.entropy_coef, cu_seqlens=packed.cu_seqlens, max_seqlen=v.shape[1],
+                return_logp=own_old, **packed_kl, **packed_common)
+            if own_old:
+                rows = torch.zeros_like(r.update_logp[idx])
+                rows[v] = own[0].to(rows.dtype)
+                r.update_logp[idx] = rows
             stats["padding_free/tokens_saved_frac"] = 1.0 - packed.tokens / batch.input_ids.numel()
-        elif head is not None and not own_old:
-            pg_loss, pg_stats = with_response_hidden(
+        elif head is not None:  # own_old: the op's own log-probs, detached, as the old ones
+            pg_loss, pg_stats, *own = with_response_hidden(
                 self.policy, batch.input_ids, batch.attention_mask, batch.prompt_len, check=first,
                 op=lambda hidden, head: ppo_loss_from_hidden(
-                    hidden, head.weight, batch.response_labels, r.old_logp[idx], r.advantages[idx], mask,
-                    bias=head.bias, temperature=cfg.temperature / head.logit_scale, entropy_coef=cfg.entropy_coef,
-                    **kl_term, **common))
+                    hidden, head.weight, batch.response_labels, None if own_old else r.old_logp[idx],
+                    r.advantages[idx], mask, bias=head.bias, temperature=cfg.temperature / head.logit_scale,
+                    entropy_coef=cfg.entropy_coef, return_logp=own_old, **kl_term, **common))
+            if own_old:
+                r.update_logp[idx] = own[0].to(r.update_logp.dtype)
         elif cfg.fused_loss and not own_old:
             logits = response_logits(self.policy, batch.input_ids, batch.attention_mask, batch.prompt_len)
             pg_loss, pg_stats = ppo_loss_from_logits(
