@@ -330,7 +330,8 @@ def ppo_loss_from_hidden(
     GEMMs are faster (N=512, H=256, V=151936 float32, blocks of 31: 1.53 s
     against 2.20 s; benchmarks/bench_lm_head.py --loss). The CPU default
     budget's blocks of 128 tokens cost a fixed 128 x V x 4 bytes (74 MiB at
-    V=151936) and run 20-25% faster than the four GEMMs at N=256..1024.
+    V=151936) and take 0.73-0.85x the four GEMMs' time at N=256..1024 (H=256),
+    with less extra peak memory.
     A bf16/fp16 head's budget must also hold a float32 V x H buffer (its
     weight gradient's product or accumulator, ``V * H * 4`` bytes; twice that
     where the CPU multiplies float32 copies): at the default budget and a

@@ -43,9 +43,10 @@ MIN_LOSS_ROW_BLOCK = 80
 # On a CPU the three-GEMM path's default budget holds token blocks of at least
 # this many rows (or all of them) for a head whose GEMMs take float32/float64
 # operands as they are: below ~100 rows a block, the weight gradient's update
-# per block costs about as much as its GEMMs. Against the four GEMMs, float32,
-# H=256, V=151936, EPYC x2 (bench_lm_head --loss rows in benchmarks/results):
-# 20-25% faster at N=256..1024 for a fixed 128 x V x 4 bytes (74 MiB) buffer.
+# per block costs about as much as its GEMMs. bench_lm_head --loss, float32,
+# H=256, V=151936, EPYC x2 (benchmarks/results), 3 GEMMs / 4 GEMMs: N=256
+# 628 / 736 ms, N=512 1280 / 1498 ms, N=1024 1883 / 2577 ms, with less extra
+# peak each time (a fixed 128 x V x 4 bytes buffer, 74 MiB).
 CPU_LOSS_ROW_BLOCK = 128
 # Spare columns per buffer row: one sentinel, rounded up to 8 (rows of a vb
 # that is a multiple of 8 stay 32-byte aligned).
