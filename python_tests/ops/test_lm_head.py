@@ -440,23 +440,29 @@ def test_ppo_loss_from_hidden_matches_from_logits(device_backend, agg):
         torch.testing.assert_close(a, w, atol=1e-5 * w.abs().max().item(), rtol=1e-4)
 
 
-def test_ppo_loss_from_hidden_compiles():
+@pytest.mark.parametrize("on_policy", [False, True])
+def test_ppo_loss_from_hidden_compiles(on_policy):
+    """torch.compile(fullgraph=True): the loss and hidden gradient of the eager
+    call, with an old_logp or (on_policy) None and the returned log-probs."""
     hidden, weight, bias, labels = _inputs(6, 8, 300)
     hidden = hidden.detach().view(2, 3, 8).requires_grad_(True)
     labels = labels.view(2, 3)
-    old = torch.full((2, 3), -5.0)
+    old = None if on_policy else torch.full((2, 3), -5.0)
     adv = torch.randn(2, 3)
     mask = torch.ones(2, 3, dtype=torch.bool)
 
     def loss_fn(x, w):
-        return rlhf_kernels.ppo_loss_from_hidden(x, w, labels, old, adv, mask, entropy_coef=0.01)[0]
+        loss, _, logp = rlhf_kernels.ppo_loss_from_hidden(x, w, labels, old, adv, mask, entropy_coef=0.01,
+                                                          return_logp=True)
+        return loss, logp
 
-    got = torch.compile(loss_fn, fullgraph=True)(hidden, weight)
+    got, got_logp = torch.compile(loss_fn, fullgraph=True)(hidden, weight)
     (gh,) = torch.autograd.grad(got, hidden)
-    want = loss_fn(hidden, weight)
+    want, want_logp = loss_fn(hidden, weight)
     (wh,) = torch.autograd.grad(want, hidden)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(gh, wh)
+    torch.testing.assert_close(got_logp, want_logp)
 
 
 # --- ppo_loss_from_hidden's three-GEMM path (the gradient in the forward) ---------

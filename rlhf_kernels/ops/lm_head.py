@@ -349,8 +349,8 @@ def ppo_loss_from_hidden(
         labels: (B, T) int64 | int32 (``-100``: ignored, logp = entropy = 0).
         old_logp, advantages: (B, T), as in ``ppo_policy_loss``. old_logp
             None: the log-probs this call computes, detached (on-policy, one
-            optimiser step per rollout: every ratio 1, the gradient that of
-            ``advantages * logp``; TRL's ``old_per_token_logps`` at
+            optimiser step per rollout: every ratio 1, its gradient that of
+            logp; TRL's ``old_per_token_logps`` at
             num_iterations=1, Liger's ``old_per_token_logps=None``), which
             saves the caller a pass of the head before the loss.
         temperature: > 0, the logits are divided by it.
