@@ -80,6 +80,11 @@ class Rollout:
     update_logp: Optional[Tensor] = None
 
 
+def _seq_kl(old_logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
+    """(B,) each response's summed k1 KL of the old policy to the reference."""
+    return ((old_logp - ref_logp) * mask).sum(1)
+
+
 def _over_ranks(correction_stats: dict) -> dict:
     """rollout_correction's statistics over the ranks: the largest
     |difference| by max, the means by mean."""
@@ -545,8 +550,7 @@ class PPOTrainer:
             # The trainer's old log-probs against the sampler's (in bypass mode the
             # same tensor: the statistics are then 0 and the weights 1).
             with self.timer.phase("rollout_correction", self.device):
-                corr = rollout_correction(old_logp, sampler_logp, batch.response_mask.bool(),
-                                          backend=self.backend, **correction_kwargs(rc))
+                corr = self._correction(old_logp, sampler_logp, batch.response_mask)
             if rc.rollout_is is not None:
                 is_weights = corr.weights
             if rc.rollout_rs is not None:
@@ -565,13 +569,18 @@ class PPOTrainer:
         the mean summed k1 KL per response, over ranks)."""
         cfg = self.config
         # old_logp None (old_logp_from_update, GRPO): the KL statistic comes from the update.
-        seq_kl = None if old_logp is None else ((old_logp - ref_logp) * mask).sum(1)
+        seq_kl = None if old_logp is None else _seq_kl(old_logp, ref_logp, mask)
         if cfg.algo == "rloo":
             scores = scores - float(self.kl_coef) * seq_kl
         mode = adv_estimator(cfg)
         outcome = group_advantages(scores, cfg.group_size, mode=mode,
                                    lengths=mask.sum(1).to(scores.dtype) if mode == "opo" else None)
         return outcome.unsqueeze(1) * mask, None if seq_kl is None else all_reduce_mean(seq_kl.mean())
+
+    def _correction(self, old_logp: Tensor, sampler_logp: Tensor, mask: Tensor):
+        """rollout_correction of the old log-probs against the sampler's, as configured."""
+        return rollout_correction(old_logp, sampler_logp, mask.bool(), backend=self.backend,
+                                  **correction_kwargs(self.config.rollout_correction))
 
     def old_logp_from_update(self) -> bool:
         """Whether the update's own log-probs, detached, stand for the old
@@ -697,11 +706,9 @@ class PPOTrainer:
         update's own (old_logp_from_update: r.update_logp, every row written
         once by the one optimiser step's micro-batches), into r.stats."""
         old_logp, mask = r.update_logp, r.batch.response_mask
-        r.stats["kl"] = all_reduce_mean(((old_logp - r.ref_logp) * mask).sum(1).mean())
+        r.stats["kl"] = all_reduce_mean(_seq_kl(old_logp, r.ref_logp, mask).mean())
         if r.sampler_logp is not None:
-            corr = rollout_correction(old_logp, r.sampler_logp, mask.bool(), backend=self.backend,
-                                      **correction_kwargs(self.config.rollout_correction))
-            r.stats.update(_over_ranks(corr.stats))
+            r.stats.update(_over_ranks(self._correction(old_logp, r.sampler_logp, mask).stats))
 
     def update(self, r: Rollout) -> dict:
         """ppo_epochs passes over the rollout in shuffled mini-batches, one
