@@ -78,6 +78,15 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def(
       "truncation_threshold(Tensor logits, float temperature, int top_k, float top_p, float min_p, "
       "bool min_p_first) -> Tensor");
+  // logprobs over the kept set of truncation_threshold (its top_k, top_p,
+  // min_p, min_p_first), found in the same call: logprobs' four outputs and
+  // the threshold (N,), the min_logit its backward takes. CPU only, where
+  // the kept set's sums come out of the threshold's passes (csrc/cpu/logprobs.h
+  // truncated_fwd_rows); the other backends compose the two ops.
+  m.def(
+      "truncated_logprobs(Tensor logits, Tensor labels, float temperature, int ignore_index, bool compute_entropy, "
+      "bool inplace_backward, int top_k, float top_p, float min_p, bool min_p_first) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // ppo_loss_from_logits with its gradient in the same pass: per row, the
   // forward of logprobs_fwd_native (with entropy), then the token's
   // g = row_weight * d(policy loss + kl_coef * kl)/d logp (PPO terms as in

@@ -55,7 +55,7 @@ struct ChunkKernels {
   void (*grad)(const float*, int64_t, float, float, float, float, float, float, float*);
   void (*sum_kept)(const float*, int64_t, float, float, float, float*, float*);
   void (*grad_kept)(const float*, int64_t, float, float, float, float, float, float, float, float*);
-  void (*mass_levels)(const float*, int64_t, float, float, float, const float*, float*, const float*);
+  void (*mass_levels)(const float*, int64_t, float, float, float, const float*, float*, float*, const float*);
   void (*scan)(const float*, int64_t, RowScan*, float*);
   void (*collect)(const float*, int64_t, float, float, float, float, float, float*, int64_t*);
   void (*collect_above)(const float*, int64_t, float, float*, int64_t*);
@@ -107,6 +107,24 @@ acc_t log_of_sum(acc_t s) {
   return log_s < acc_t(0) ? acc_t(0) : log_s;
 }
 
+// Row r's outputs from its kept set's max m, sum s = sum exp(y) and t = sum
+// exp(y) * y (y = (x - m) * inv_temperature over x >= thr); x_label the
+// label's logit (NaN for a label outside the vocabulary).
+void finish_row_f32(int64_t r, bool ignored, float x_label, float thr, float m, float s, float t,
+                    float inv_temperature, float* logp, float* entropy, float* row_max, float* log_sum) {
+  const float log_s = log_of_sum(s);
+  row_max[r] = m;
+  log_sum[r] = log_s;
+  if (ignored) {
+    logp[r] = 0.f;
+    if (entropy) entropy[r] = 0.f;
+  } else {
+    logp[r] = !(x_label >= thr) && x_label == x_label ? -std::numeric_limits<float>::infinity()
+                                                      : (x_label - m) * inv_temperature - log_s;
+    if (entropy) entropy[r] = log_s - t / s;
+  }
+}
+
 // Vectorised float-accumulating forward for float, bf16 and fp16 logits.
 template <typename scalar_t>
 void fwd_rows_f32(const scalar_t* logits, RowLayout layout, const int64_t* labels,
@@ -154,18 +172,10 @@ void fwd_rows_f32(const scalar_t* logits, RowLayout layout, const int64_t* label
         kernels.sum(x, n, inv_temperature, m, &s, t_sum);
       }
     }
-    const float log_s = log_of_sum(s);
-    row_max[r] = m;
-    log_sum[r] = log_s;
     const int64_t label = labels[r];
-    if (label == ignore_index) {
-      logp[r] = 0.f;
-      if (entropy) entropy[r] = 0.f;
-    } else {
-      const float x_label = label_in_range(label, vocab) ? to_float(row[label]) : nan;
-      logp[r] = !(x_label >= thr) && x_label == x_label ? neg_inf : (x_label - m) * inv_temperature - log_s;
-      if (entropy) entropy[r] = log_s - t / s;
-    }
+    const float x_label = label_in_range(label, vocab) ? to_float(row[label]) : nan;
+    finish_row_f32(r, label == ignore_index, x_label, thr, m, s, t, inv_temperature, logp, entropy, row_max,
+                   log_sum);
   }
 }
 
@@ -373,6 +383,22 @@ void first_mass_levels(const RowScan& scan, float inv_temperature, double top_p,
   }
 }
 
+// The kept set's sums, s = sum exp(y) and t = sum exp(y) * y over the x >=
+// threshold (y = (x - max) / T, as fwd_rows_f32 sums them), where the row
+// threshold's own passes give them: after a top-k cut, from its candidates
+// (every kept value is one); when top-p over the whole row sets the threshold,
+// from its level sums and its exact selection. Else `valid` is false and the
+// forward sums the row itself.
+struct KeptSums {
+  bool valid = false;
+  float max = 0;  // the row's max (the kept set's)
+  double s = 0, t = 0;
+};
+
+// Top-k's candidates are summed one by one (KeptSums) up to this many; more
+// (a k near V) are left to the forward's vectorised pass.
+constexpr int64_t kKeptSumsCandidates = 4096;
+
 // Scratch buffers of the float row threshold, reused across a task's rows.
 struct ThresholdScratch {
   std::vector<float> row, blocks, cand, members;
@@ -397,11 +423,14 @@ constexpr int64_t kExactMembers = 512;  // top-p: the exact selection once a bra
 // and top-k's block maxima in one; top-k's candidates; top-p's levels and
 // bracket.
 // next_row (or null): the row after x, which top-p's level pass prefetches
-// so that its first read (the max) comes from cache, not DRAM.
+// so that its first read (the max) comes from cache, not DRAM. kept (or
+// null): the kept set's sums where these passes give them (KeptSums; top-p's
+// level pass then also sums exp(y) * y, a multiply-add per level).
 float row_threshold_f32(const float* x, const float* next_row, int64_t vocab, float inv_temperature, int64_t top_k,
-                        double top_p, double min_p, bool min_p_first, ThresholdScratch& s) {
+                        double top_p, double min_p, bool min_p_first, ThresholdScratch& s, KeptSums* kept) {
   const ChunkKernels& kernels = chunk_kernels();
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  if (kept != nullptr) *kept = KeptSums{};
   RowScan scan;
   const int64_t n_blocks = (vocab + kBlock - 1) / kBlock;
   const bool top_k_blocks = top_k > 0 && top_k < vocab && n_blocks >= top_k;  // top-k's bound from the blocks
@@ -439,19 +468,23 @@ float row_threshold_f32(const float* x, const float* next_row, int64_t vocab, fl
     set = s.cand.data();
     set_size = n_cand;
   };
+  // top-p over the whole row: its threshold and the kept set's sums (kept != null).
+  float top_p_thr = std::numeric_limits<float>::quiet_NaN();
+  double top_p_s = 0, top_p_t = 0;
   auto apply_top_p = [&]() {
     if (top_p >= 1) return;
-    float levels[kMassLevels], sums[kMassLevels] = {};
+    float levels[kMassLevels], sums[kMassLevels] = {}, t_level_sums[kMassLevels] = {};
+    float* t_sums = kept != nullptr && set == x ? t_level_sums : nullptr;
     first_mass_levels(scan, inv_temperature, top_p, levels);
     for (int64_t c = 0; c < set_size; c += kChunk) {
-      kernels.mass_levels(set + c, std::min(kChunk, set_size - c), inv_temperature, m, thr, levels, sums,
+      kernels.mass_levels(set + c, std::min(kChunk, set_size - c), inv_temperature, m, thr, levels, sums, t_sums,
                           set == x && next_row != nullptr ? next_row + c : nullptr);
     }
     const double z = sums[kMassLevels - 1];
     const float y_floor = std::isfinite(scan.min) ? (scan.min - m) * inv_temperature : kMinExpArg;
     const double target = top_p * z;
     float y_low = -std::numeric_limits<float>::infinity(), y_high = std::numeric_limits<float>::infinity();
-    double above = 0;  // the mass above y_high
+    double above = 0, t_above = 0;  // the mass above y_high, and its sum of exp(y) * y
     // Brackets (y_low, y_high] holding the threshold: first over the row, then over its members.
     const float* values = set;
     int64_t n_values = set_size;
@@ -467,9 +500,10 @@ float row_threshold_f32(const float* x, const float* next_row, int64_t vocab, fl
         }
         levels[kMassLevels - 1] = y_low;
         std::fill(sums, sums + kMassLevels, 0.f);
+        std::fill(t_level_sums, t_level_sums + kMassLevels, 0.f);
         for (int64_t c = 0; c < n_values; c += kChunk) {
           kernels.mass_levels(values + c, std::min(kChunk, n_values - c), inv_temperature, m, values_thr, levels,
-                              sums, nullptr);
+                              sums, t_sums, nullptr);
         }
       }
       int l = 0;
@@ -482,7 +516,10 @@ float row_threshold_f32(const float* x, const float* next_row, int64_t vocab, fl
         kernels.collect(values + c, std::min(kChunk, n_values - c), inv_temperature, m, values_thr, levels[l],
                         high, out, &count);
       }
-      if (l > 0) above += sums[l - 1];
+      if (l > 0) {
+        above += sums[l - 1];
+        t_above += t_level_sums[l - 1];
+      }
       y_high = high;
       y_low = levels[l];
       values = s.members.data();
@@ -500,9 +537,36 @@ float row_threshold_f32(const float* x, const float* next_row, int64_t vocab, fl
       y = y < kMinExpArg ? kMinExpArg : y;
       if (y > y_low && y <= y_high) s.items.emplace_back(v, std::exp(static_cast<double>(y)));
     }
-    if (!s.items.empty()) thr = std::max(thr, mass_threshold(s.items, target - above));
+    if (s.items.empty()) return;
+    thr = std::max(thr, mass_threshold(s.items, target - above));
+    if (t_sums == nullptr) return;
+    top_p_thr = thr;
+    top_p_s = above;
+    top_p_t = t_above;
+    for (const auto& [v, w] : s.items) {
+      if (!(v >= thr)) continue;
+      top_p_s += w;
+      top_p_t += w * static_cast<double>(std::max((v - m) * inv_temperature, kMinExpArg));
+    }
   };
   in_sampler_order(min_p_first, apply_min_p, apply_top_k, apply_top_p);
+  if (kept != nullptr) {
+    kept->max = m;
+    if (set != x && set_size <= kKeptSumsCandidates) {  // a top-k cut: every kept value is among its candidates
+      kept->valid = true;
+      for (int64_t i = 0; i < set_size; ++i) {
+        if (!(set[i] >= thr)) continue;
+        const double y = std::max((set[i] - m) * inv_temperature, kMinExpArg);
+        const double e = std::exp(y);
+        kept->s += e;
+        kept->t += e * y;
+      }
+    } else if (set == x && thr == top_p_thr) {  // top-p set the threshold (a later min-p did not raise it)
+      kept->valid = true;
+      kept->s = top_p_s;
+      kept->t = top_p_t;
+    }
+  }
   return thr;
 }
 
@@ -602,7 +666,7 @@ void truncation_threshold_rows(const scalar_t* logits, RowLayout layout, int64_t
       const float* x = as_float(logits + layout.offset(r), vocab, s.row.data());
       const float* next = nullptr;  // float input only (other dtypes are converted row by row)
       if constexpr (std::is_same_v<scalar_t, float>) next = r + 1 < row_end ? logits + layout.offset(r + 1) : nullptr;
-      out[r] = row_threshold_f32(x, next, vocab, inv_temperature, top_k, top_p, min_p, min_p_first, s);
+      out[r] = row_threshold_f32(x, next, vocab, inv_temperature, top_k, top_p, min_p, min_p_first, s, nullptr);
     }
   } else {
     std::vector<acc_t> vals(vocab), cand(vocab);
@@ -612,6 +676,39 @@ void truncation_threshold_rows(const scalar_t* logits, RowLayout layout, int64_t
       for (int64_t j = 0; j < vocab; ++j) vals[j] = to_float(row[j]);
       out[r] = row_threshold(vals, cand, items, inv_temperature, top_k, top_p, min_p, min_p_first);
     }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void truncated_fwd_rows(const scalar_t* logits, RowLayout layout, const int64_t* labels, int64_t vocab,
+                        acc_t inv_temperature, int64_t ignore_index, int64_t top_k, double top_p, double min_p,
+                        bool min_p_first, acc_t* logp, acc_t* entropy, acc_t* row_max, acc_t* log_sum,
+                        acc_t* min_logit, int64_t row_begin, int64_t row_end) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    ThresholdScratch s;
+    if constexpr (!std::is_same_v<scalar_t, float>) s.row.resize(vocab);
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const float* x = as_float(logits + layout.offset(r), vocab, s.row.data());
+      const float* next = nullptr;  // float input only, as truncation_threshold_rows
+      if constexpr (std::is_same_v<scalar_t, float>) next = r + 1 < row_end ? logits + layout.offset(r + 1) : nullptr;
+      KeptSums kept;
+      const float thr = row_threshold_f32(x, next, vocab, inv_temperature, top_k, top_p, min_p, min_p_first, s, &kept);
+      min_logit[r] = thr;
+      if (!kept.valid) {  // the forward's own pass over the kept set
+        fwd_rows_f32(logits, layout, labels, vocab, inv_temperature, ignore_index, logp, entropy, row_max, log_sum,
+                     min_logit, r, r + 1);
+        continue;
+      }
+      const int64_t label = labels[r];
+      const float x_label = label_in_range(label, vocab) ? x[label] : std::numeric_limits<float>::quiet_NaN();
+      finish_row_f32(r, label == ignore_index, x_label, thr, kept.max, static_cast<float>(kept.s),
+                     static_cast<float>(kept.t), inv_temperature, logp, entropy, row_max, log_sum);
+    }
+  } else {
+    truncation_threshold_rows(logits, layout, vocab, inv_temperature, top_k, top_p, min_p, min_p_first, min_logit,
+                              row_begin, row_end);
+    fwd_rows_scalar(logits, layout, labels, vocab, inv_temperature, ignore_index, logp, entropy, row_max, log_sum,
+                    min_logit, row_begin, row_end);
   }
 }
 
@@ -625,7 +722,10 @@ void truncation_threshold_rows(const scalar_t* logits, RowLayout layout, int64_t
       const acc_t*, const acc_t*, int64_t, acc_t, int64_t, scalar_t*, RowLayout, int64_t,      \
       int64_t, const acc_t*);                                                                   \
   template void truncation_threshold_rows<scalar_t, acc_t>(const scalar_t*, RowLayout, int64_t, acc_t, int64_t, \
-                                                           double, double, bool, acc_t*, int64_t, int64_t);
+                                                           double, double, bool, acc_t*, int64_t, int64_t); \
+  template void truncated_fwd_rows<scalar_t, acc_t>(const scalar_t*, RowLayout, const int64_t*, int64_t, acc_t,   \
+                                                    int64_t, int64_t, double, double, bool, acc_t*, acc_t*,      \
+                                                    acc_t*, acc_t*, acc_t*, int64_t, int64_t);
 
 RLHF_INSTANTIATE(float, float)
 RLHF_INSTANTIATE(bf16_t, float)

@@ -94,6 +94,40 @@ at::Tensor truncation_threshold_cpu(const at::Tensor& logits, int64_t inner_rows
   return out;
 }
 
+// The public truncated_logprobs (csrc/ops.cpp): logprobs' outputs shaped as
+// logprobs_op gives them, and the threshold (N,).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> truncated_logprobs_cpu(
+    const at::Tensor& logits, const at::Tensor& labels, double temperature, int64_t ignore_index,
+    bool compute_entropy, bool /*inplace_backward: the backward's*/, int64_t top_k, double top_p, double min_p,
+    bool min_p_first) {
+  check_logprobs_args(logits, labels, temperature);
+  check_truncation_args(top_k, top_p, min_p);
+  const LogitsRows rows = logits_rows(logits);
+  const at::Tensor flat = flat_labels(labels);
+  check_labels_in_range(flat, logits.size(-1), ignore_index);
+  const int64_t n_rows = checked_rows(rows.tensor, flat, rows.layout);
+  const int64_t vocab = logits.size(-1);
+  const auto opts = logits.options().dtype(acc_dtype_for(logits));
+  at::Tensor logp = at::empty({n_rows}, opts), min_logit = at::empty({n_rows}, opts);
+  at::Tensor row_max = at::empty({n_rows}, opts), log_sum = at::empty({n_rows}, opts);
+  at::Tensor entropy = at::empty({compute_entropy ? n_rows : 0}, opts);
+  dispatch_float_dtype<bf16_t, fp16_t>(logits.scalar_type(), "logits", [&](auto scalar, auto acc) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    const auto* data = reinterpret_cast<const scalar_t*>(rows.tensor.const_data_ptr());
+    const int64_t* label_data = flat.const_data_ptr<int64_t>();
+    acc_t* entropy_data = compute_entropy ? entropy.mutable_data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
+      cpu::truncated_fwd_rows<scalar_t, acc_t>(
+          data, rows.layout, label_data, vocab, static_cast<acc_t>(1.0 / temperature), ignore_index, top_k, top_p,
+          min_p, min_p_first, logp.mutable_data_ptr<acc_t>(), entropy_data, row_max.mutable_data_ptr<acc_t>(),
+          log_sum.mutable_data_ptr<acc_t>(), min_logit.mutable_data_ptr<acc_t>(), begin, end);
+    });
+  });
+  return {shaped_like(std::move(logp), labels), compute_entropy ? shaped_like(std::move(entropy), labels) : entropy,
+          row_max, log_sum, min_logit};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
@@ -103,6 +137,7 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
   m.impl("logprobs_backward_", &logprobs_backward_inplace_op<&logprobs_bwd_cpu>);
   m.impl("logprobs_bwd_native", &logprobs_bwd_cpu);
   m.impl("truncation_threshold", &truncation_threshold_op<&truncation_threshold_cpu>);
+  m.impl("truncated_logprobs", &truncated_logprobs_cpu);
 }
 
 }  // namespace rlhf_kernels

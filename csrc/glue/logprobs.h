@@ -308,14 +308,19 @@ const acc_t* threshold_data(const std::optional<at::Tensor>& min_logit, int64_t 
   return min_logit->const_data_ptr<acc_t>();
 }
 
+// A sampler's truncation as the kernels take it (off: 0, 1, 0).
+inline void check_truncation_args(int64_t top_k, double top_p, double min_p) {
+  TORCH_CHECK_VALUE(top_k >= 0, "top_k: must be >= 0 (0: off)");
+  TORCH_CHECK_VALUE(top_p > 0 && top_p <= 1, "top_p: must be in (0, 1] (1: off)");
+  TORCH_CHECK_VALUE(min_p >= 0 && min_p <= 1, "min_p: must be in [0, 1] (0: off)");
+}
+
 // The public truncation_threshold over a device's row kernel.
 template <ThresholdRows threshold>
 at::Tensor truncation_threshold_op(const at::Tensor& logits, double temperature, int64_t top_k, double top_p,
                                    double min_p, bool min_p_first) {
   TORCH_CHECK_VALUE(temperature > 0, "temperature: must be > 0");
-  TORCH_CHECK_VALUE(top_k >= 0, "top_k: must be >= 0 (0: off)");
-  TORCH_CHECK_VALUE(top_p > 0 && top_p <= 1, "top_p: must be in (0, 1] (1: off)");
-  TORCH_CHECK_VALUE(min_p >= 0 && min_p <= 1, "min_p: must be in [0, 1] (0: off)");
+  check_truncation_args(top_k, top_p, min_p);
   TORCH_CHECK_VALUE(logits.dim() >= 1 && logits.size(-1) >= 1, "logits: expected shape (..., V) with V >= 1");
   const LogitsRows rows = logits_rows(logits);
   return threshold(rows.tensor, rows.layout.inner_rows, rows.layout.outer_stride, rows.layout.inner_stride,

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlhf_kernels
 from rlhf_kernels import reference
@@ -160,6 +161,81 @@ def test_logprobs_of_the_kept_set(device_backend, sampler):
         (logp.nan_to_num(0.0, 0.0, 0.0) * g_logp.float().to(device) + ent * g_ent.float().to(device)).sum().backward()
         torch.testing.assert_close(logits.grad.double().cpu(), x64.grad, atol=2e-5, rtol=2e-5)
         assert (logits.grad.cpu()[~keep & (labels[:, None] != torch.arange(vocab))] == 0).all()
+
+
+class _Ops(TorchDispatchMode):
+    """The rlhf_kernels ops that ran, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "rlhf_kernels":
+            self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _fused_rows(vocab):
+    """Rows where each way of summing the kept set is taken: normal at three
+    spreads, a trained model's (one token holds most of the mass), ties, a
+    NaN row, a row of -inf, one finite value."""
+    gen = torch.Generator().manual_seed(vocab)
+    rows = [torch.randn(vocab, generator=gen) * s for s in (0.3, 3.0, 30.0)]
+    peaked = torch.randn(vocab, generator=gen) * 2
+    peaked[vocab // 3] = 12.0
+    rows += [peaked, (torch.randn(vocab, generator=gen) * 3).round()]
+    special = torch.randn(3, vocab, generator=gen)
+    special[0, vocab // 2] = math.nan
+    special[1] = -math.inf
+    special[2, 1:] = -math.inf
+    return torch.cat([torch.stack(rows), special])
+
+
+@pytest.mark.parametrize("sampler", [
+    (None, 0.9, None, "hf", 1.0), (None, 0.5, None, "hf", 0.7), (50, None, None, "hf", 1.0),
+    (5000, None, None, "hf", 1.0), (50, 0.9, 0.05, "hf", 1.0), (None, 0.9, 0.05, "hf", 1.0),
+    (None, 0.9, 0.5, "hf", 1.0), (None, 0.9, 0.05, "vllm", 1.3), (None, None, 0.1, "hf", 1.0),
+], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_fused_forward_equals_the_composition(sampler, dtype):
+    """On the CPU, logprobs_from_logits with top_k / top_p / min_p runs one op
+    (truncated_logprobs: the kept set's sums from the threshold's own passes
+    where they give them) instead of truncation_threshold then logprobs with
+    min_logit: the same logp, entropy and gradients as that composition, on
+    rows that take each way (top-k's candidates, top-p's level sums, a later
+    min-p raising the threshold, more candidates than are summed one by one,
+    min-p alone), strided logits, an ignored token, a label outside the kept
+    set and one outside the vocabulary."""
+    top_k, top_p, min_p, order, temperature = sampler
+    kw = dict(top_k=top_k, top_p=top_p, min_p=min_p, truncation_order=order, temperature=temperature)
+    for vocab in (1000, 32000):
+        x = _fused_rows(vocab)
+        n = x.shape[0]
+        padded = torch.cat([x, torch.zeros(n, 3)], 1).to(dtype)
+        logits = padded[:, :vocab]  # rows read in place through their stride
+        labels = torch.where(torch.isnan(x).any(-1), 0, x.nan_to_num(0).argmax(-1))
+        labels[6] = -100  # the row of -inf: ignored
+        labels[2] = x[2].argmin()
+        z1 = logits.detach().clone().requires_grad_(True)
+        with _Ops() as ops:
+            logp, ent = rlhf_kernels.logprobs_from_logits(z1, labels, return_entropy=True, backend="cpu", **kw)
+        assert ops.names == ["truncated_logprobs"]
+        z2 = logits.detach().clone().requires_grad_(True)
+        thr = rlhf_kernels.truncation_threshold(z2.detach(), backend="cpu", **{k: kw[k] for k in kw})
+        want_logp, want_ent = rlhf_kernels.logprobs_from_logits(z2, labels, return_entropy=True, min_logit=thr,
+                                                                temperature=temperature, backend="cpu")
+        tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-6, rtol=2e-6)
+        torch.testing.assert_close(logp, want_logp, equal_nan=True, **tol)
+        torch.testing.assert_close(ent, want_ent, equal_nan=True, **tol)
+        assert math.isnan(ent[5]) and logp[6] == 0 and ent[6] == 0  # the NaN row; the ignored token
+        assert (logp[2] == -math.inf) == bool(logits[2, labels[2]] < thr[2])  # a label outside the kept set
+        g = torch.randn(n, dtype=logp.dtype)
+        ((logp.nan_to_num(0.0, 0.0, 0.0) * g).sum() + ent.nan_to_num(0.0).sum()).backward()
+        ((want_logp.nan_to_num(0.0, 0.0, 0.0) * g).sum() + want_ent.nan_to_num(0.0).sum()).backward()
+        torch.testing.assert_close(z1.grad, z2.grad, equal_nan=True, **tol)
+    with pytest.raises(ValueError, match="labels"):
+        rlhf_kernels.logprobs_from_logits(x, torch.full((n,), vocab), top_p=0.9, backend="cpu")
 
 
 def test_min_logit_forms_and_empty_rows(device_backend):
@@ -343,6 +419,12 @@ def test_opcheck(device_backend):
     threshold = getattr(ops, "truncation_threshold" + suffix).default
     torch.library.opcheck(threshold, (x, 0.8, 5, 0.9, 0.05, False))
     torch.library.opcheck(threshold, (x.view(2, 2, 33)[:, :1], 1.0, 0, 0.5, 0.0, True))
+    if backend == "cpu":
+        for args in ((0.8, 5, 0.9, 0.05, False), (1.0, 0, 0.5, 0.0, True), (1.2, 0, 1.0, 0.1, False)):
+            for inplace, compute_entropy in ((False, True), (True, False)):
+                torch.library.opcheck(ops.truncated_logprobs.default,
+                                      (x.clone().requires_grad_(True), labels, args[0], -100, compute_entropy, inplace,
+                                       *args[1:]))
 
 
 def test_torch_compile_fullgraph(device_backend):

@@ -26,7 +26,7 @@ from .._validation import (
 )
 from ..eager import logprobs as _eager
 from ._op import differentiable, in_backward, no_double_backward
-from .truncation import kept_threshold
+from .truncation import kept_threshold, sampler_args, truncates
 
 if triton_installed():
     from ..triton import logprobs as _triton  # noqa: F401  (defines the rlhf_kernels::logprobs_triton* ops)
@@ -117,6 +117,37 @@ if triton_installed():
 register("logprobs", ("eager",), _eager.logprobs)
 
 
+# truncated_logprobs (CPU): logprobs over the kept set of a sampler's truncation found in the same call, with
+# logprobs' backward on the threshold it returns (the min_logit of the composition it stands for).
+def _truncated_fake(logits, labels, temperature, ignore_index, compute_entropy, inplace_backward, top_k, top_p,
+                    min_p, min_p_first):
+    logp, entropy, row_max, log_sum = _logprobs_fake(logits, labels, temperature, ignore_index, compute_entropy,
+                                                     inplace_backward)
+    return logp, entropy, row_max, log_sum, torch.empty_like(row_max)
+
+
+def _truncated_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[4])
+    _setup_context(ctx, (*inputs[:6], output[4]), output[:4])
+
+
+def _truncated_backward_with(backward) -> Callable:
+    def truncated_backward(ctx, grad_logp, grad_entropy, _grad_row_max, _grad_log_sum, _grad_min_logit):
+        return (*backward(ctx, grad_logp, grad_entropy, None, None), None, None, None)
+
+    return truncated_backward
+
+
+_truncated_native = None
+if native_extension_loaded():
+    _ops = torch.ops.rlhf_kernels
+    torch.library.register_fake(_ops.truncated_logprobs.default)(_truncated_fake)
+    _truncated_native = differentiable(
+        _ops.truncated_logprobs.default, _truncated_setup_context,
+        _truncated_backward_with(_backward_with(_ops.logprobs_backward.default, _ops.logprobs_backward_.default)),
+        returns=2)
+
+
 # --- public function ----------------------------------------------------------------
 
 
@@ -163,7 +194,11 @@ def logprobs_from_logits(
         top_k, top_p, min_p: the sampler's truncation: logp and entropy are
             those of the renormalised kept set it sampled from, found from
             each row (``truncation_threshold``; ties as documented there);
-            the gradient flows to the kept logits only. None: off.
+            the gradient flows to the kept logits only. None: off. On the
+            CPU backend the threshold and the forward are one op whose
+            kept-set sums come from the threshold's passes (after a top-k
+            cut, or when top-p sets the threshold): no second read of the
+            logits then.
         min_logit: a float or a tensor of the labels' shape: keep only the
             logits >= it (raw, before the temperature), for a sampler that
             reports its kept set; with top_k / top_p / min_p, the larger of
@@ -233,6 +268,13 @@ def logprobs_from_logits(
         raise ValueError("vocab_start: only with vocab_parallel_group")
     if top_k is None and top_p is None and min_p is None and min_logit is None and truncation_order == "hf":
         thr = None
+    elif (_truncated_native is not None and min_logit is None and device.type == "cpu"
+          and truncates(top_k, top_p, min_p, None) and implementation("logprobs", backend, device) is _native):
+        # the kept set's sums from the threshold's own passes (csrc/ops.cpp truncated_logprobs)
+        logp, entropy = _truncated_native(logits, labels, temperature, ignore_index, bool(return_entropy),
+                                          bool(inplace_backward), *sampler_args(top_k, top_p, min_p,
+                                                                                truncation_order))
+        return (logp, entropy) if return_entropy else logp
     else:
         thr = kept_threshold(logits, labels.shape, temperature, top_k, top_p, min_p, min_logit, truncation_order,
                              backend)

@@ -94,7 +94,7 @@ if triton_installed():
 register("truncation_threshold", ("eager",), _eager_threshold)
 
 
-def _sampler_args(top_k, top_p, min_p, order) -> tuple[int, float, float, bool]:
+def sampler_args(top_k, top_p, min_p, order) -> tuple[int, float, float, bool]:
     """(top_k, top_p, min_p, min_p_first) as the kernels take them, off as 0,
     1, 0; ValueError naming a bad one. top_k None, 0 or -1 (vLLM's) is off."""
     if top_k is None or top_k in (0, -1):
@@ -155,7 +155,7 @@ def truncation_threshold(
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError("logits: expected shape (..., V) with V >= 1")
     temperature = check_positive("temperature", temperature)
-    top_k, top_p, min_p, min_p_first = _sampler_args(top_k, top_p, min_p, truncation_order)
+    top_k, top_p, min_p, min_p_first = sampler_args(top_k, top_p, min_p, truncation_order)
     thr = implementation("truncation_threshold", backend, logits.device)(
         logits.detach(), temperature, top_k, top_p, min_p, min_p_first)
     return thr.view(logits.shape[:-1])
