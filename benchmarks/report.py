@@ -364,7 +364,8 @@ def _truncation_goal(ratio: float):
         options = [r for r in rows if r.get("date", "") == latest[(r["base_op"], tuple(r["shape"]))]
                    and not r["provider"].startswith(("plain", "truncation_threshold"))]
         worst = max(options, key=lambda r: r["vs_plain"])
-        return worst["vs_plain"] <= ratio, "; ".join(
+        runs = sorted({f"commit {r.get('git_commit')}, {str(r.get('date', ''))[:10]}" for r in options})
+        return worst["vs_plain"] <= ratio, f"({'; '.join(runs)}) " + "; ".join(
             f"{r['base_op']} {'x'.join(map(str, r['shape']))} {r['provider']}: {r['vs_plain']:.2f}x" for r in options)
     return check
 
