@@ -387,8 +387,8 @@ void first_mass_levels(const RowScan& scan, float inv_temperature, double top_p,
 // threshold (y = (x - max) / T, as fwd_rows_f32 sums them), where the row
 // threshold's own passes give them: after a top-k cut, from its candidates
 // (every kept value is one); when top-p over the whole row sets the threshold,
-// from its level sums and its exact selection. Else `valid` is false and the
-// forward sums the row itself.
+// from its level sums and its exact selection (t only when asked for). Else
+// `valid` is false and the forward sums the row itself.
 struct KeptSums {
   bool valid = false;
   float max = 0;  // the row's max (the kept set's)
@@ -424,10 +424,12 @@ constexpr int64_t kExactMembers = 512;  // top-p: the exact selection once a bra
 // bracket.
 // next_row (or null): the row after x, which top-p's level pass prefetches
 // so that its first read (the max) comes from cache, not DRAM. kept (or
-// null): the kept set's sums where these passes give them (KeptSums; top-p's
-// level pass then also sums exp(y) * y, a multiply-add per level).
+// null): the kept set's sums where these passes give them (KeptSums); t only
+// with kept_entropy (top-p's level pass then also sums exp(y) * y, a masked
+// multiply-add per level).
 float row_threshold_f32(const float* x, const float* next_row, int64_t vocab, float inv_temperature, int64_t top_k,
-                        double top_p, double min_p, bool min_p_first, ThresholdScratch& s, KeptSums* kept) {
+                        double top_p, double min_p, bool min_p_first, ThresholdScratch& s, KeptSums* kept,
+                        bool kept_entropy) {
   const ChunkKernels& kernels = chunk_kernels();
   const float neg_inf = -std::numeric_limits<float>::infinity();
   if (kept != nullptr) *kept = KeptSums{};
@@ -474,7 +476,8 @@ float row_threshold_f32(const float* x, const float* next_row, int64_t vocab, fl
   auto apply_top_p = [&]() {
     if (top_p >= 1) return;
     float levels[kMassLevels], sums[kMassLevels] = {}, t_level_sums[kMassLevels] = {};
-    float* t_sums = kept != nullptr && set == x ? t_level_sums : nullptr;
+    const bool sums_wanted = kept != nullptr && set == x;  // the kept sums from this pass
+    float* t_sums = sums_wanted && kept_entropy ? t_level_sums : nullptr;
     first_mass_levels(scan, inv_temperature, top_p, levels);
     for (int64_t c = 0; c < set_size; c += kChunk) {
       kernels.mass_levels(set + c, std::min(kChunk, set_size - c), inv_temperature, m, thr, levels, sums, t_sums,
@@ -539,7 +542,7 @@ float row_threshold_f32(const float* x, const float* next_row, int64_t vocab, fl
     }
     if (s.items.empty()) return;
     thr = std::max(thr, mass_threshold(s.items, target - above));
-    if (t_sums == nullptr) return;
+    if (!sums_wanted) return;
     top_p_thr = thr;
     top_p_s = above;
     top_p_t = t_above;
@@ -666,7 +669,8 @@ void truncation_threshold_rows(const scalar_t* logits, RowLayout layout, int64_t
       const float* x = as_float(logits + layout.offset(r), vocab, s.row.data());
       const float* next = nullptr;  // float input only (other dtypes are converted row by row)
       if constexpr (std::is_same_v<scalar_t, float>) next = r + 1 < row_end ? logits + layout.offset(r + 1) : nullptr;
-      out[r] = row_threshold_f32(x, next, vocab, inv_temperature, top_k, top_p, min_p, min_p_first, s, nullptr);
+      out[r] = row_threshold_f32(x, next, vocab, inv_temperature, top_k, top_p, min_p, min_p_first, s, nullptr,
+                                 false);
     }
   } else {
     std::vector<acc_t> vals(vocab), cand(vocab);
@@ -692,7 +696,8 @@ void truncated_fwd_rows(const scalar_t* logits, RowLayout layout, const int64_t*
       const float* next = nullptr;  // float input only, as truncation_threshold_rows
       if constexpr (std::is_same_v<scalar_t, float>) next = r + 1 < row_end ? logits + layout.offset(r + 1) : nullptr;
       KeptSums kept;
-      const float thr = row_threshold_f32(x, next, vocab, inv_temperature, top_k, top_p, min_p, min_p_first, s, &kept);
+      const float thr = row_threshold_f32(x, next, vocab, inv_temperature, top_k, top_p, min_p, min_p_first, s,
+                                          &kept, entropy != nullptr);
       min_logit[r] = thr;
       if (!kept.valid) {  // the forward's own pass over the kept set
         fwd_rows_f32(logits, layout, labels, vocab, inv_temperature, ignore_index, logp, entropy, row_max, log_sum,

@@ -206,7 +206,7 @@ def test_cpu_fused_forward_equals_the_composition(sampler, dtype):
     rows that take each way (top-k's candidates, top-p's level sums, a later
     min-p raising the threshold, more candidates than are summed one by one,
     min-p alone), strided logits, an ignored token, a label outside the kept
-    set and one outside the vocabulary."""
+    set and one outside the vocabulary; with and without the entropy."""
     top_k, top_p, min_p, order, temperature = sampler
     kw = dict(top_k=top_k, top_p=top_p, min_p=min_p, truncation_order=order, temperature=temperature)
     for vocab in (1000, 32000):
@@ -228,6 +228,8 @@ def test_cpu_fused_forward_equals_the_composition(sampler, dtype):
         tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-6, rtol=2e-6)
         torch.testing.assert_close(logp, want_logp, equal_nan=True, **tol)
         torch.testing.assert_close(ent, want_ent, equal_nan=True, **tol)
+        logp_only = rlhf_kernels.logprobs_from_logits(logits, labels, backend="cpu", **kw)  # no entropy's sums
+        torch.testing.assert_close(logp_only, want_logp.detach(), equal_nan=True, **tol)
         assert math.isnan(ent[5]) and logp[6] == 0 and ent[6] == 0  # the NaN row; the ignored token
         assert (logp[2] == -math.inf) == bool(logits[2, labels[2]] < thr[2])  # a label outside the kept set
         g = torch.randn(n, dtype=logp.dtype)
