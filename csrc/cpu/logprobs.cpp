@@ -424,9 +424,10 @@ constexpr int64_t kExactMembers = 512;  // top-p: the exact selection once a bra
 // bracket.
 // next_row (or null): the row after x, which top-p's level pass prefetches
 // so that its first read (the max) comes from cache, not DRAM. kept (or
-// null): the kept set's sums where these passes give them (KeptSums); t only
-// with kept_entropy (top-p's level pass then also sums exp(y) * y, a masked
-// multiply-add per level).
+// null): the kept set's sums where these passes give them (KeptSums; none
+// for a row whose max is +inf, where y = inf - inf is NaN); top-p's t only
+// with kept_entropy (its level pass then also sums exp(y) * y, a masked
+// multiply-add per level), top-k's candidates' always.
 float row_threshold_f32(const float* x, const float* next_row, int64_t vocab, float inv_temperature, int64_t top_k,
                         double top_p, double min_p, bool min_p_first, ThresholdScratch& s, KeptSums* kept,
                         bool kept_entropy) {
@@ -553,7 +554,7 @@ float row_threshold_f32(const float* x, const float* next_row, int64_t vocab, fl
     }
   };
   in_sampler_order(min_p_first, apply_min_p, apply_top_k, apply_top_p);
-  if (kept != nullptr) {
+  if (kept != nullptr && m != std::numeric_limits<float>::infinity()) {
     kept->max = m;
     if (set != x && set_size <= kKeptSumsCandidates) {  // a top-k cut: every kept value is among its candidates
       kept->valid = true;

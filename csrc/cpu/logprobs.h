@@ -56,8 +56,8 @@ void truncation_threshold_rows(const scalar_t* logits, RowLayout layout, int64_t
 // truncation_threshold_rows into min_logit, then logprobs_fwd_rows over each
 // row's kept set x >= min_logit[row], the same outputs. The kept set's sums
 // come out of the threshold's own passes where they can (float rows: after a
-// top-k cut, from its candidates; a threshold set by top-p over the whole
-// row, from its level sums): no second read of the row then.
+// top-k cut, from its candidates when at most 4096; a threshold set by top-p
+// over the whole row, from its level sums): no second read of the row then.
 template <typename scalar_t, typename acc_t>
 void truncated_fwd_rows(const scalar_t* logits, RowLayout layout, const int64_t* labels, int64_t vocab,
                         acc_t inv_temperature, int64_t ignore_index, int64_t top_k, double top_p, double min_p,

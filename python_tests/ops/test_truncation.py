@@ -179,16 +179,17 @@ class _Ops(TorchDispatchMode):
 def _fused_rows(vocab):
     """Rows where each way of summing the kept set is taken: normal at three
     spreads, a trained model's (one token holds most of the mass), ties, a
-    NaN row, a row of -inf, one finite value."""
+    NaN row, a row of -inf, one finite value, a row holding +inf."""
     gen = torch.Generator().manual_seed(vocab)
     rows = [torch.randn(vocab, generator=gen) * s for s in (0.3, 3.0, 30.0)]
     peaked = torch.randn(vocab, generator=gen) * 2
     peaked[vocab // 3] = 12.0
     rows += [peaked, (torch.randn(vocab, generator=gen) * 3).round()]
-    special = torch.randn(3, vocab, generator=gen)
+    special = torch.randn(4, vocab, generator=gen)
     special[0, vocab // 2] = math.nan
     special[1] = -math.inf
     special[2, 1:] = -math.inf
+    special[3, 7] = math.inf  # NaN outputs, as the plain op gives
     return torch.cat([torch.stack(rows), special])
 
 
@@ -231,6 +232,7 @@ def test_cpu_fused_forward_equals_the_composition(sampler, dtype):
         logp_only = rlhf_kernels.logprobs_from_logits(logits, labels, backend="cpu", **kw)  # no entropy's sums
         torch.testing.assert_close(logp_only, want_logp.detach(), equal_nan=True, **tol)
         assert math.isnan(ent[5]) and logp[6] == 0 and ent[6] == 0  # the NaN row; the ignored token
+        assert math.isnan(logp[8]) and math.isnan(ent[8])  # the row holding +inf
         assert (logp[2] == -math.inf) == bool(logits[2, labels[2]] < thr[2])  # a label outside the kept set
         g = torch.randn(n, dtype=logp.dtype)
         ((logp.nan_to_num(0.0, 0.0, 0.0) * g).sum() + ent.nan_to_num(0.0).sum()).backward()
@@ -422,6 +424,10 @@ def test_opcheck(device_backend):
     torch.library.opcheck(threshold, (x, 0.8, 5, 0.9, 0.05, False))
     torch.library.opcheck(threshold, (x.view(2, 2, 33)[:, :1], 1.0, 0, 0.5, 0.0, True))
     if backend == "cpu":
+        out = ops.truncated_logprobs(x.clone().requires_grad_(True), labels, 1.0, -100, True, False, 0, 0.9, 0.0,
+                                     False)
+        assert out[0].requires_grad and out[1].requires_grad
+        assert not any(t.requires_grad for t in out[2:])  # row_max, log_sum, the threshold
         for args in ((0.8, 5, 0.9, 0.05, False), (1.0, 0, 0.5, 0.0, True), (1.2, 0, 1.0, 0.1, False)):
             for inplace, compute_entropy in ((False, True), (True, False)):
                 torch.library.opcheck(ops.truncated_logprobs.default,

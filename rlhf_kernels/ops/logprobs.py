@@ -127,8 +127,8 @@ def _truncated_fake(logits, labels, temperature, ignore_index, compute_entropy, 
 
 
 def _truncated_setup_context(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[4])
     _setup_context(ctx, (*inputs[:6], output[4]), output[:4])
+    ctx.mark_non_differentiable(output[2], output[3], output[4])  # replaces _setup_context's marks
 
 
 def _truncated_backward_with(backward) -> Callable:
