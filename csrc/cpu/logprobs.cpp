@@ -659,20 +659,32 @@ void logprobs_bwd_rows(const acc_t* grad_logp, const acc_t* grad_entropy,
 }
 
 
+// Each row of [row_begin, row_end) through row_threshold_f32, one scratch for
+// them all, then row_done(r, x, threshold), x the row as floats: read in place
+// for float input (the level pass then prefetches the next row), converted
+// row by row for the other dtypes. kept: null, or where each row's sums go.
+template <typename scalar_t, typename RowDone>
+void threshold_rows_f32(const scalar_t* logits, RowLayout layout, int64_t vocab, float inv_temperature,
+                        int64_t top_k, double top_p, double min_p, bool min_p_first, KeptSums* kept,
+                        bool kept_entropy, int64_t row_begin, int64_t row_end, RowDone&& row_done) {
+  ThresholdScratch s;
+  if constexpr (!std::is_same_v<scalar_t, float>) s.row.resize(vocab);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const float* x = as_float(logits + layout.offset(r), vocab, s.row.data());
+    const float* next = nullptr;
+    if constexpr (std::is_same_v<scalar_t, float>) next = r + 1 < row_end ? logits + layout.offset(r + 1) : nullptr;
+    row_done(r, x, row_threshold_f32(x, next, vocab, inv_temperature, top_k, top_p, min_p, min_p_first, s, kept,
+                                     kept_entropy));
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void truncation_threshold_rows(const scalar_t* logits, RowLayout layout, int64_t vocab, acc_t inv_temperature,
                                int64_t top_k, double top_p, double min_p, bool min_p_first, acc_t* out,
                                int64_t row_begin, int64_t row_end) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    ThresholdScratch s;
-    if constexpr (!std::is_same_v<scalar_t, float>) s.row.resize(vocab);
-    for (int64_t r = row_begin; r < row_end; ++r) {
-      const float* x = as_float(logits + layout.offset(r), vocab, s.row.data());
-      const float* next = nullptr;  // float input only (other dtypes are converted row by row)
-      if constexpr (std::is_same_v<scalar_t, float>) next = r + 1 < row_end ? logits + layout.offset(r + 1) : nullptr;
-      out[r] = row_threshold_f32(x, next, vocab, inv_temperature, top_k, top_p, min_p, min_p_first, s, nullptr,
-                                 false);
-    }
+    threshold_rows_f32(logits, layout, vocab, inv_temperature, top_k, top_p, min_p, min_p_first, nullptr, false,
+                       row_begin, row_end, [&](int64_t r, const float*, float thr) { out[r] = thr; });
   } else {
     std::vector<acc_t> vals(vocab), cand(vocab);
     std::vector<std::pair<acc_t, double>> items;
@@ -690,26 +702,20 @@ void truncated_fwd_rows(const scalar_t* logits, RowLayout layout, const int64_t*
                         bool min_p_first, acc_t* logp, acc_t* entropy, acc_t* row_max, acc_t* log_sum,
                         acc_t* min_logit, int64_t row_begin, int64_t row_end) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    ThresholdScratch s;
-    if constexpr (!std::is_same_v<scalar_t, float>) s.row.resize(vocab);
-    for (int64_t r = row_begin; r < row_end; ++r) {
-      const float* x = as_float(logits + layout.offset(r), vocab, s.row.data());
-      const float* next = nullptr;  // float input only, as truncation_threshold_rows
-      if constexpr (std::is_same_v<scalar_t, float>) next = r + 1 < row_end ? logits + layout.offset(r + 1) : nullptr;
-      KeptSums kept;
-      const float thr = row_threshold_f32(x, next, vocab, inv_temperature, top_k, top_p, min_p, min_p_first, s,
-                                          &kept, entropy != nullptr);
+    KeptSums kept;
+    threshold_rows_f32(logits, layout, vocab, inv_temperature, top_k, top_p, min_p, min_p_first, &kept,
+                       entropy != nullptr, row_begin, row_end, [&](int64_t r, const float* x, float thr) {
       min_logit[r] = thr;
       if (!kept.valid) {  // the forward's own pass over the kept set
         fwd_rows_f32(logits, layout, labels, vocab, inv_temperature, ignore_index, logp, entropy, row_max, log_sum,
                      min_logit, r, r + 1);
-        continue;
+        return;
       }
       const int64_t label = labels[r];
       const float x_label = label_in_range(label, vocab) ? x[label] : std::numeric_limits<float>::quiet_NaN();
       finish_row_f32(r, label == ignore_index, x_label, thr, kept.max, static_cast<float>(kept.s),
                      static_cast<float>(kept.t), inv_temperature, logp, entropy, row_max, log_sum);
-    }
+    });
   } else {
     truncation_threshold_rows(logits, layout, vocab, inv_temperature, top_k, top_p, min_p, min_p_first, min_logit,
                               row_begin, row_end);

@@ -223,7 +223,7 @@ def test_cpu_fused_forward_equals_the_composition(sampler, dtype):
             logp, ent = rlhf_kernels.logprobs_from_logits(z1, labels, return_entropy=True, backend="cpu", **kw)
         assert ops.names == ["truncated_logprobs"]
         z2 = logits.detach().clone().requires_grad_(True)
-        thr = rlhf_kernels.truncation_threshold(z2.detach(), backend="cpu", **{k: kw[k] for k in kw})
+        thr = rlhf_kernels.truncation_threshold(z2.detach(), backend="cpu", **kw)
         want_logp, want_ent = rlhf_kernels.logprobs_from_logits(z2, labels, return_entropy=True, min_logit=thr,
                                                                 temperature=temperature, backend="cpu")
         tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-6, rtol=2e-6)
